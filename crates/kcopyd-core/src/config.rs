@@ -1,0 +1,76 @@
+//! Client configuration.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+use crate::{PAGE_SIZE, SECTOR_SIZE};
+
+/// Most bytes one sub-job may move (and so the largest I/O the engine issues).
+pub const SUB_JOB_SIZE_MAX: usize = 64 * 1024 * 1024;
+/// Most sub-jobs one job may keep in flight.
+pub const SUBJOBS_IN_FLIGHT_MAX: usize = 1024;
+
+/// How a [`Client`](crate::Client) runs its jobs. Every field has a default.
+///
+/// ```
+/// # use kcopyd_core::ClientConfig;
+/// let config = ClientConfig { page_budget: 1, ..ClientConfig::default() };
+/// assert!(config.validate().is_ok()); // one page is enough to finish any job
+/// assert!(ClientConfig { sub_job_size_bytes: 1000, ..config }.validate().is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Pages (4 KiB) reserved for copy buffers; at least 1. Default 2048 (8 MiB): eight
+    /// sub-jobs of two jobs in flight.
+    pub page_budget: usize,
+    /// Bytes per sub-job: a multiple of 512, at most 64 MiB. Default 512 KiB. A job whose
+    /// budget is smaller uses the whole budget per sub-job instead.
+    pub sub_job_size_bytes: usize,
+    /// Sub-jobs one job keeps in flight, at least 1. Default 8.
+    pub subjobs_in_flight: usize,
+    /// Jobs admitted (queued or running) at once; submitting waits while it is reached.
+    /// Default 1024.
+    pub queued_jobs_max: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> ClientConfig {
+        ClientConfig {
+            page_budget: 2048,
+            sub_job_size_bytes: 512 * 1024,
+            subjobs_in_flight: 8,
+            queued_jobs_max: 1024,
+        }
+    }
+}
+
+impl ClientConfig {
+    /// Checks every field against its bounds.
+    ///
+    /// # Errors
+    /// The first field out of bounds.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.page_budget == 0 || self.page_budget > u32::MAX as usize {
+            return Err(ConfigError::PageBudget { pages: self.page_budget });
+        }
+        if self.sub_job_size_bytes == 0
+            || self.sub_job_size_bytes % SECTOR_SIZE != 0
+            || self.sub_job_size_bytes > SUB_JOB_SIZE_MAX
+        {
+            return Err(ConfigError::SubJobSize { bytes: self.sub_job_size_bytes, max: SUB_JOB_SIZE_MAX });
+        }
+        if self.subjobs_in_flight == 0 || self.subjobs_in_flight > SUBJOBS_IN_FLIGHT_MAX {
+            return Err(ConfigError::SubjobsInFlight { count: self.subjobs_in_flight, max: SUBJOBS_IN_FLIGHT_MAX });
+        }
+        if self.queued_jobs_max == 0 || self.queued_jobs_max > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(ConfigError::QueuedJobs { count: self.queued_jobs_max });
+        }
+        Ok(())
+    }
+
+    /// The page budget in bytes.
+    pub fn page_budget_bytes(&self) -> usize {
+        self.page_budget * PAGE_SIZE
+    }
+}

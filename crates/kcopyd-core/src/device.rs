@@ -1,0 +1,87 @@
+//! The device contract: one async, object-safe trait with owned buffers.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::{ReadBuf, SECTOR_SIZE, WriteBuf};
+
+/// The future a [`BlockDevice`] operation returns.
+pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A shared device handle: one job may mix backends.
+pub type Device = Arc<dyn BlockDevice>;
+
+/// What a device is like: its size and its rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Geometry {
+    /// Length in 512-byte sectors.
+    pub len_sectors: u64,
+    /// Smallest unit of I/O in bytes: a power of two, at least 512. Every offset and length
+    /// sent to the device is a multiple of it.
+    pub logical_block_size: u32,
+    /// Whether [`BlockDevice::write_zeroes`] is offloaded (no data transfer).
+    pub write_zeroes: bool,
+    /// Whether writes must be sequential (a zoned or append-only device).
+    pub zoned: bool,
+}
+
+impl Geometry {
+    /// The logical block size in sectors.
+    ///
+    /// ```
+    /// # use kcopyd_core::Geometry;
+    /// let g = Geometry { len_sectors: 64, logical_block_size: 4096, write_zeroes: false, zoned: false };
+    /// assert_eq!(g.block_sectors(), 8);
+    /// ```
+    pub fn block_sectors(&self) -> u64 {
+        u64::from(self.logical_block_size) / SECTOR_SIZE as u64
+    }
+}
+
+/// Identity of the storage behind a device, to tell whether two regions can overlap.
+///
+/// Two handles with equal ids address the same bytes (two opens of one file, say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct DeviceId {
+    /// Which kind of backend minted the id ("mem", "file", "block", ...).
+    pub namespace: &'static str,
+    /// First half of the backend's key (a device number, a counter).
+    pub major: u64,
+    /// Second half of the backend's key (an inode number).
+    pub minor: u64,
+}
+
+/// A block device: geometry plus asynchronous read, write, write-zeroes and flush.
+///
+/// Offsets and lengths are in 512-byte sectors and must be aligned to the logical block
+/// size; a device refuses misaligned or out-of-range requests with an error and does no I/O.
+/// Buffers are owned: `read` takes a [`ReadBuf`], fills its window and gives it back with the
+/// result; `write` takes shared immutable bytes.
+pub trait BlockDevice: Send + Sync + fmt::Debug {
+    /// A name for messages (a path, or `sim:…`).
+    fn name(&self) -> &str;
+
+    /// Identity of the storage behind this handle.
+    fn id(&self) -> DeviceId;
+
+    /// Size and rules of the device.
+    fn geometry(&self) -> Geometry;
+
+    /// Reads `buf.len()` bytes at `offset_sectors` into the buffer's window.
+    fn read(&self, offset_sectors: u64, buf: ReadBuf) -> IoFuture<'_, (ReadBuf, io::Result<()>)>;
+
+    /// Writes `buf` at `offset_sectors`.
+    fn write(&self, offset_sectors: u64, buf: WriteBuf) -> IoFuture<'_, io::Result<()>>;
+
+    /// Writes `len_sectors` of zeroes at `offset_sectors`, offloaded where the geometry says
+    /// so; a device without offload may still implement it by writing zeroes.
+    fn write_zeroes(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>>;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> IoFuture<'_, io::Result<()>>;
+}

@@ -1,0 +1,142 @@
+//! Errors of the engine: configuration and submission (validation before any I/O).
+
+use std::io;
+use std::ops::Range;
+
+use thiserror::Error;
+
+/// A [`ClientConfig`](crate::ClientConfig) field out of bounds, or the client could not start.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The page budget is zero or too large.
+    #[error("page budget of {pages} pages: must be at least 1")]
+    PageBudget {
+        /// The budget given.
+        pages: usize,
+    },
+    /// The sub-job size is zero, not a multiple of 512 or too large.
+    #[error("sub-job size of {bytes} bytes: must be a non-zero multiple of 512 up to {max}")]
+    SubJobSize {
+        /// The size given.
+        bytes: usize,
+        /// The largest size allowed.
+        max: usize,
+    },
+    /// Sub-jobs in flight is zero or too large.
+    #[error("{count} sub-jobs in flight: must be between 1 and {max}")]
+    SubjobsInFlight {
+        /// The count given.
+        count: usize,
+        /// The largest count allowed.
+        max: usize,
+    },
+    /// The queued-jobs limit is zero or too large.
+    #[error("queued-jobs limit of {count}: must be at least 1")]
+    QueuedJobs {
+        /// The limit given.
+        count: usize,
+    },
+    /// The page arena could not be reserved.
+    #[error("reserving the page arena of {pages} pages")]
+    Arena {
+        /// The budget asked for.
+        pages: usize,
+        /// What the mapping said.
+        #[source]
+        source: io::Error,
+    },
+    /// The client's worker thread could not start.
+    #[error("starting the client's worker thread")]
+    Worker(#[source] io::Error),
+}
+
+/// Why a job was refused at submission. Nothing was read or written.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum SubmitError {
+    /// A copy or zero job without targets.
+    #[error("no targets given")]
+    NoTargets,
+    /// More targets than one job can report on.
+    #[error("{count} targets: at most {max} per job")]
+    TooManyTargets {
+        /// Targets given.
+        count: usize,
+        /// Most allowed.
+        max: usize,
+    },
+    /// A target's sector count differs from the source's.
+    #[error("target {target} ({device}) has {target_sectors} sectors, the source {source_sectors}")]
+    CountMismatch {
+        /// Index of the target.
+        target: usize,
+        /// Its device.
+        device: String,
+        /// Its sector count.
+        target_sectors: u64,
+        /// The source's sector count.
+        source_sectors: u64,
+    },
+    /// A region ends past the end of its device.
+    #[error("region {sectors:?} of {device} ends past the device's end at sector {device_sectors}")]
+    OutOfRange {
+        /// The device.
+        device: String,
+        /// The region's sectors.
+        sectors: Range<u64>,
+        /// The device's length in sectors.
+        device_sectors: u64,
+    },
+    /// A region's start or length is not a multiple of its device's logical block size.
+    #[error("region {sectors:?} of {device} is not aligned to its {block_size}-byte logical blocks")]
+    Misaligned {
+        /// The device.
+        device: String,
+        /// The region's sectors.
+        sectors: Range<u64>,
+        /// The device's logical block size in bytes.
+        block_size: u32,
+    },
+    /// A target overlaps the source on the same device.
+    #[error("target {target} overlaps the source on {device}: {target_sectors:?} and {source_sectors:?}")]
+    TargetOverlapsSource {
+        /// Index of the target.
+        target: usize,
+        /// The shared device.
+        device: String,
+        /// The target's sectors.
+        target_sectors: Range<u64>,
+        /// The source's sectors.
+        source_sectors: Range<u64>,
+    },
+    /// Two targets overlap on the same device.
+    #[error("targets {first} and {second} overlap on {device}")]
+    TargetsOverlap {
+        /// Index of the earlier target.
+        first: usize,
+        /// Index of the later target.
+        second: usize,
+        /// The shared device.
+        device: String,
+    },
+    /// The job's logical block (the largest of its devices') does not fit in the page budget.
+    #[error("logical block of {block_size} bytes does not fit in the page budget of {budget_bytes} bytes")]
+    BlockLargerThanBudget {
+        /// The job's logical block size.
+        block_size: u32,
+        /// The client's page budget in bytes.
+        budget_bytes: usize,
+    },
+    /// The client is shutting down.
+    #[error("the client is shut down")]
+    ShutDown,
+    /// The queued-jobs limit is reached (only from the non-waiting `try_submit`).
+    #[error("the queued-jobs limit of {max} is reached")]
+    QueueFull {
+        /// The limit.
+        max: usize,
+    },
+    /// A blocking submission from the client's own worker thread (a callback) would wait for
+    /// itself; use `try_submit` there.
+    #[error("a blocking submission on the client's worker thread would deadlock")]
+    WouldBlockWorker,
+}

@@ -1,0 +1,456 @@
+//! Jobs: validation at submit, and the job actor that runs sub-jobs.
+//!
+//! ```text
+//!  JobActor::started ──spawn──► slot 0 ┐   each slot loops:
+//!                     ──spawn──► slot 1 ├─   1. take the pages for one chunk (FIFO pool)
+//!                        …             │   2. take the next chunk from the shared cursor
+//!                     ──spawn──► slot N ┘   3. read the source once (narrow on error)
+//!  all slots done ──► Outcome ──► client    4. [WRITE_SEQ: wait for this chunk's turn]
+//!                                           5. write every target concurrently, record
+//! ```
+//!
+//! Pages are taken before the chunk, so chunks are handed out in the order their pages
+//! were granted: under WRITE_SEQ every chunk before the one waiting for its turn already
+//! holds its pages and can finish, so waiting for a turn never waits for pages.
+
+use std::cell::RefCell;
+use std::ops::Range;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use futures_util::future::join_all;
+use tokio::sync::Notify;
+
+use crate::client::{ClientActor, JobDone, JobShared};
+use crate::error::SubmitError;
+use crate::{
+    ClientConfig, Flags, Outcome, PAGE_SIZE, PagePool, RangeSet, ReadBuf, Region,
+    SECTOR_SIZE, TARGETS_MAX, TargetMask, TargetReport, WriteBuf,
+};
+
+/// What a job does.
+#[derive(Debug)]
+pub(crate) enum JobKind {
+    Copy { source: Region },
+    Zero,
+}
+
+/// A validated job: every region checked, sizes worked out.
+#[derive(Debug)]
+pub(crate) struct JobSpec {
+    pub(crate) kind: JobKind,
+    pub(crate) targets: Vec<Region>,
+    /// Effective flags: WRITE_SEQ added for zoned targets, IGNORE_ERROR dropped with WRITE_SEQ.
+    pub(crate) flags: Flags,
+    pub(crate) len_sectors: u64,
+    /// Sectors per sub-job: a multiple of `block_sectors`, within the page budget.
+    pub(crate) chunk_sectors: u64,
+    /// The job's logical block in sectors: the largest of its devices'.
+    pub(crate) block_sectors: u64,
+    /// Slots (sub-jobs in flight): no more than there are chunks.
+    pub(crate) slots: usize,
+}
+
+impl JobSpec {
+    /// Checks a job against its devices and the client's configuration, before any I/O.
+    pub(crate) fn validate(
+        kind: JobKind,
+        targets: Vec<Region>,
+        mut flags: Flags,
+        config: &ClientConfig,
+    ) -> Result<JobSpec, SubmitError> {
+        if targets.is_empty() {
+            return Err(SubmitError::NoTargets);
+        }
+        if targets.len() > TARGETS_MAX {
+            return Err(SubmitError::TooManyTargets { count: targets.len(), max: TARGETS_MAX });
+        }
+        let len_sectors = match &kind {
+            JobKind::Copy { source } => source.len_sectors,
+            JobKind::Zero => targets[0].len_sectors,
+        };
+        for (index, target) in targets.iter().enumerate() {
+            if target.len_sectors != len_sectors {
+                return Err(SubmitError::CountMismatch {
+                    target: index,
+                    device: target.device.name().to_owned(),
+                    target_sectors: target.len_sectors,
+                    source_sectors: len_sectors,
+                });
+            }
+        }
+        let source = match &kind {
+            JobKind::Copy { source } => Some(source),
+            JobKind::Zero => None,
+        };
+        let mut block_sectors = 1;
+        for region in source.into_iter().chain(&targets) {
+            block_sectors = block_sectors.max(check_region(region)?);
+        }
+        for (index, target) in targets.iter().enumerate() {
+            if let Some(source) = source {
+                if overlaps(source, target) {
+                    return Err(SubmitError::TargetOverlapsSource {
+                        target: index,
+                        device: target.device.name().to_owned(),
+                        target_sectors: target.sectors(),
+                        source_sectors: source.sectors(),
+                    });
+                }
+            }
+            if let Some(first) = targets[..index].iter().position(|earlier| overlaps(earlier, target)) {
+                return Err(SubmitError::TargetsOverlap {
+                    first,
+                    second: index,
+                    device: target.device.name().to_owned(),
+                });
+            }
+        }
+        let budget_sectors = (config.page_budget_bytes() / SECTOR_SIZE) as u64;
+        if block_sectors > budget_sectors {
+            return Err(SubmitError::BlockLargerThanBudget {
+                block_size: (block_sectors * SECTOR_SIZE as u64) as u32,
+                budget_bytes: config.page_budget_bytes(),
+            });
+        }
+        let wanted_sectors = (config.sub_job_size_bytes / SECTOR_SIZE) as u64;
+        let chunk_sectors = (wanted_sectors.min(budget_sectors) / block_sectors * block_sectors).max(block_sectors);
+        if targets.iter().any(|t| t.device.geometry().zoned) {
+            flags |= Flags::WRITE_SEQ;
+        }
+        if flags.contains(Flags::WRITE_SEQ) {
+            flags = Flags::WRITE_SEQ;
+        }
+        let chunks = len_sectors.div_ceil(chunk_sectors);
+        let slots = chunks.min(config.subjobs_in_flight as u64) as usize;
+        Ok(JobSpec { kind, targets, flags, len_sectors, chunk_sectors, block_sectors, slots })
+    }
+
+    fn chunk_pages(&self) -> usize {
+        (self.chunk_sectors as usize * SECTOR_SIZE).div_ceil(PAGE_SIZE)
+    }
+
+    fn ignore_error(&self) -> bool {
+        self.flags.contains(Flags::IGNORE_ERROR)
+    }
+
+    fn write_seq(&self) -> bool {
+        self.flags.contains(Flags::WRITE_SEQ)
+    }
+}
+
+/// Checks one region against its device; returns the device's logical block in sectors.
+fn check_region(region: &Region) -> Result<u64, SubmitError> {
+    let geometry = region.device.geometry();
+    let block_sectors = geometry.block_sectors().max(1);
+    let end = region.start_sector.checked_add(region.len_sectors);
+    if end.is_none_or(|end| end > geometry.len_sectors) {
+        return Err(SubmitError::OutOfRange {
+            device: region.device.name().to_owned(),
+            sectors: region.sectors(),
+            device_sectors: geometry.len_sectors,
+        });
+    }
+    if region.start_sector % block_sectors != 0 || region.len_sectors % block_sectors != 0 {
+        return Err(SubmitError::Misaligned {
+            device: region.device.name().to_owned(),
+            sectors: region.sectors(),
+            block_size: geometry.logical_block_size,
+        });
+    }
+    Ok(block_sectors)
+}
+
+fn overlaps(a: &Region, b: &Region) -> bool {
+    let (ra, rb) = (a.sectors(), b.sectors());
+    a.device.id() == b.device.id() && ra.start < rb.end && rb.start < ra.end
+}
+
+/// What the slots of one job share. Single-threaded: the borrow is never held across an await.
+struct JobState {
+    /// Next job-relative sector to hand out.
+    cursor: u64,
+    /// An error stopped the job (without IGNORE_ERROR).
+    stopped: bool,
+    /// A cancel request left chunks that were never handed out.
+    cancelled: bool,
+    /// WRITE_SEQ: the job-relative sector whose writes go next.
+    write_turn: u64,
+    read_err: bool,
+    write_err: TargetMask,
+    /// Source sectors (job-relative) that could not be read.
+    read_failed: RangeSet,
+    /// Per target, job-relative sectors whose write failed.
+    write_failed: Vec<RangeSet>,
+    /// Per target, job-relative sectors written with the source's data.
+    copied: Vec<RangeSet>,
+}
+
+/// One job's context, shared by its slots.
+struct JobRun {
+    spec: Arc<JobSpec>,
+    pool: PagePool,
+    shared: Arc<JobShared>,
+    state: RefCell<JobState>,
+    turn_changed: Notify,
+}
+
+impl JobRun {
+    /// The next chunk, or `None` when the job is done, stopped or cancelled.
+    fn take_chunk(&self) -> Option<Range<u64>> {
+        let mut state = self.state.borrow_mut();
+        if state.cursor >= self.spec.len_sectors || state.stopped {
+            return None;
+        }
+        if self.shared.cancel_requested() {
+            state.cancelled = true;
+            return None;
+        }
+        let start = state.cursor;
+        let end = (start + self.spec.chunk_sectors).min(self.spec.len_sectors);
+        state.cursor = end;
+        Some(start..end)
+    }
+
+    fn finished(&self) -> bool {
+        let state = self.state.borrow();
+        state.cursor >= self.spec.len_sectors || state.stopped || self.shared.cancel_requested()
+    }
+
+    /// One slot: chunk after chunk until none is left.
+    async fn run_slot(self: Rc<Self>) {
+        while !self.finished() {
+            match &self.spec.kind {
+                JobKind::Copy { source } => {
+                    let mut pages = self.pool.alloc(self.spec.chunk_pages()).await;
+                    let Some(chunk) = self.take_chunk() else { break };
+                    let len_bytes = (chunk.end - chunk.start) as usize * SECTOR_SIZE;
+                    pages.truncate(len_bytes.div_ceil(PAGE_SIZE));
+                    self.copy_chunk(source, chunk, ReadBuf::new(pages, len_bytes)).await;
+                }
+                JobKind::Zero => {
+                    let Some(chunk) = self.take_chunk() else { break };
+                    let data = WriteBuf::zeroes((chunk.end - chunk.start) as usize * SECTOR_SIZE);
+                    self.write_chunk(chunk.clone(), data, RangeSet::from_range(chunk)).await;
+                }
+            }
+        }
+    }
+
+    /// Reads one chunk of the source and writes it to every target.
+    async fn copy_chunk(&self, source: &Region, chunk: Range<u64>, buf: ReadBuf) {
+        let (buf, result) = source.device.read(source.start_sector + chunk.start, buf).await;
+        let whole = RangeSet::from_range(chunk.clone());
+        if result.is_ok() {
+            return self.write_chunk(chunk, buf.freeze(), whole).await;
+        }
+        self.state.borrow_mut().read_err = true;
+        if !self.spec.ignore_error() {
+            drop(buf);
+            let mut state = self.state.borrow_mut();
+            state.stopped = true;
+            state.read_failed.insert(chunk.clone());
+            drop(state);
+            // Nothing to write, but under WRITE_SEQ later chunks wait for this one's turn.
+            return self.write_chunk(chunk, WriteBuf::default(), RangeSet::new()).await;
+        }
+        let (buf, unreadable) = self.narrow(source, chunk.clone(), buf).await;
+        self.state.borrow_mut().read_failed.extend(&unreadable);
+        self.write_chunk(chunk, buf.freeze(), whole.difference(&unreadable)).await;
+    }
+
+    /// Re-reads a chunk that failed in halves, down to the job's logical block, into the same
+    /// pages. Returns the buffer and the job-relative sectors that stayed unreadable.
+    async fn narrow(&self, source: &Region, chunk: Range<u64>, mut buf: ReadBuf) -> (ReadBuf, RangeSet) {
+        let block = self.spec.block_sectors;
+        let mut unreadable = RangeSet::new();
+        let mut pending = vec![chunk.clone()];
+        let mut known_bad = true; // the whole chunk already failed once
+        while let Some(piece) = pending.pop() {
+            if !known_bad {
+                let bytes = (piece.start - chunk.start) as usize * SECTOR_SIZE..(piece.end - chunk.start) as usize * SECTOR_SIZE;
+                buf.set_window(bytes);
+                let (back, result) = source.device.read(source.start_sector + piece.start, buf).await;
+                buf = back;
+                if result.is_ok() {
+                    continue;
+                }
+            }
+            known_bad = false;
+            let blocks = (piece.end - piece.start) / block;
+            if blocks <= 1 {
+                unreadable.insert(piece);
+                continue;
+            }
+            let middle = piece.start + blocks / 2 * block;
+            pending.push(middle..piece.end);
+            pending.push(piece.start..middle);
+        }
+        buf.reset_window();
+        (buf, unreadable)
+    }
+
+    /// Writes the `readable` parts of `chunk` (job-relative) from `data` to every target.
+    async fn write_chunk(&self, chunk: Range<u64>, data: WriteBuf, readable: RangeSet) {
+        if self.spec.write_seq() {
+            loop {
+                let turn = self.turn_changed.notified();
+                if self.state.borrow().write_turn == chunk.start {
+                    break;
+                }
+                turn.await;
+            }
+        }
+        // Under WRITE_SEQ a stopped job writes nothing more: a later chunk would leave a hole.
+        let skip = self.spec.write_seq() && self.state.borrow().stopped;
+        if !skip && !readable.is_empty() {
+            let writes = self.spec.targets.iter().map(|target| {
+                let data = &data;
+                let readable = &readable;
+                async move {
+                    for piece in readable.ranges() {
+                        let bytes = (piece.start - chunk.start) as usize * SECTOR_SIZE..(piece.end - chunk.start) as usize * SECTOR_SIZE;
+                        let result = target.device.write(target.start_sector + piece.start, data.slice(bytes)).await;
+                        if result.is_err() {
+                            return Err(piece.clone());
+                        }
+                    }
+                    Ok(())
+                }
+            });
+            let results = join_all(writes).await;
+            let mut state = self.state.borrow_mut();
+            for (index, result) in results.into_iter().enumerate() {
+                match result {
+                    Ok(()) => state.copied[index].extend(&readable),
+                    Err(failed) => {
+                        state.write_err.set(index);
+                        state.write_failed[index].insert(failed.clone());
+                        // The pieces before the failed one did land.
+                        let landed = readable.difference(&RangeSet::from_range(failed.start..chunk.end));
+                        state.copied[index].extend(&landed);
+                        if !self.spec.ignore_error() {
+                            state.stopped = true;
+                        }
+                    }
+                }
+            }
+        }
+        drop(data);
+        self.shared.add_done(chunk.end - chunk.start);
+        if self.spec.write_seq() {
+            self.state.borrow_mut().write_turn = chunk.end;
+            self.turn_changed.notify_waiters();
+        }
+    }
+
+    /// Zeroes every target with one offloaded request each.
+    async fn zero_offloaded(self: Rc<Self>) {
+        let len = self.spec.len_sectors;
+        let requests = self.spec.targets.iter().map(|t| t.device.write_zeroes(t.start_sector, len));
+        let results = join_all(requests).await;
+        let mut state = self.state.borrow_mut();
+        state.cursor = len;
+        for (index, result) in results.into_iter().enumerate() {
+            match result {
+                Ok(()) => state.copied[index].insert(0..len),
+                Err(_) => {
+                    state.write_err.set(index);
+                    state.write_failed[index].insert(0..len);
+                }
+            }
+        }
+        self.shared.add_done(len);
+    }
+
+    /// The job's outcome, in device coordinates.
+    fn outcome(&self) -> Outcome {
+        let state = self.state.borrow();
+        let whole = RangeSet::from_range(0..self.spec.len_sectors);
+        let read_failed = match &self.spec.kind {
+            JobKind::Copy { source } => state.read_failed.shifted(0, source.start_sector),
+            JobKind::Zero => RangeSet::new(),
+        };
+        let targets = self
+            .spec
+            .targets
+            .iter()
+            .enumerate()
+            .map(|(index, target)| TargetReport {
+                write_failed: state.write_failed[index].shifted(0, target.start_sector),
+                not_copied: whole.difference(&state.copied[index]).shifted(0, target.start_sector),
+            })
+            .collect();
+        Outcome {
+            read_err: state.read_err,
+            write_err: state.write_err,
+            read_failed,
+            targets,
+            cancelled: state.cancelled,
+        }
+    }
+}
+
+/// The actor that runs one job on the client's arbiter.
+pub(crate) struct JobActor {
+    id: u64,
+    run: Rc<JobRun>,
+    slots_running: usize,
+    client: Addr<ClientActor>,
+}
+
+impl JobActor {
+    pub(crate) fn new(id: u64, spec: Arc<JobSpec>, pool: PagePool, shared: Arc<JobShared>, client: Addr<ClientActor>) -> JobActor {
+        let targets = spec.targets.len();
+        let state = JobState {
+            cursor: 0,
+            stopped: false,
+            cancelled: false,
+            write_turn: 0,
+            read_err: false,
+            write_err: TargetMask::default(),
+            read_failed: RangeSet::new(),
+            write_failed: vec![RangeSet::new(); targets],
+            copied: vec![RangeSet::new(); targets],
+        };
+        let run = Rc::new(JobRun { spec, pool, shared, state: RefCell::new(state), turn_changed: Notify::new() });
+        JobActor { id, run, slots_running: 0, client }
+    }
+
+    fn slot_done(&mut self, ctx: &mut Context<Self>) {
+        self.slots_running -= 1;
+        if self.slots_running == 0 {
+            let outcome = self.run.outcome();
+            debug_assert!(
+                outcome.cancelled || self.run.state.borrow().stopped || self.run.shared.progress().done_sectors == self.run.spec.len_sectors
+            );
+            self.client.do_send(JobDone { id: self.id, outcome });
+            ctx.stop();
+        }
+    }
+}
+
+impl Actor for JobActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let spec = &self.run.spec;
+        let offload = matches!(spec.kind, JobKind::Zero) && spec.targets.iter().all(|t| t.device.geometry().write_zeroes);
+        if offload && !self.run.shared.cancel_requested() {
+            self.slots_running = 1;
+            ctx.spawn(self.run.clone().zero_offloaded().into_actor(self).map(|(), actor, ctx| actor.slot_done(ctx)));
+            return;
+        }
+        let slots = spec.slots;
+        self.slots_running = slots.max(1);
+        if slots == 0 {
+            // Nothing to do: complete on the next turn of the mailbox.
+            ctx.spawn(async {}.into_actor(self).map(|(), actor, ctx| actor.slot_done(ctx)));
+            return;
+        }
+        for _ in 0..slots {
+            ctx.spawn(self.run.clone().run_slot().into_actor(self).map(|(), actor, ctx| actor.slot_done(ctx)));
+        }
+    }
+}

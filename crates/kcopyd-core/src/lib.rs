@@ -1,0 +1,72 @@
+//! `kcopyd-core`: a userspace block-copy engine in the manner of device-mapper's kcopyd.
+//!
+//! Copy a range of sectors from one [`BlockDevice`] to one or more others, or zero ranges,
+//! with asynchronous completion, a bounded page budget and exact per-target error reports.
+//!
+//! ```text
+//!  submit(copy/zero) ──► ClientActor ──► JobActor ──► slots (≤ subjobs_in_flight)
+//!      │ validation          │ admission     │        take pages (FIFO) → take next chunk
+//!      │ (before any I/O)    │ callbacks     │        read the source once into the pages
+//!      ▼                     ▼               │        freeze → write every target at once
+//!  JobHandle (await / wait)  one completion ◄┘        merge errors into the job's Outcome
+//! ```
+//!
+//! The crate touches no files and no devices: its one OS resource is the page arena, an
+//! anonymous mapping reserved when the client starts. Everything device-specific lives
+//! behind [`BlockDevice`].
+//!
+//! ```
+//! use std::sync::Arc;
+//! use kcopyd_core::{Client, ClientConfig, Flags, Job, Region};
+//! use kcopyd_sim::MemDisk;
+//!
+//! let source = Arc::new(MemDisk::with_pattern("source", 1024, 512, 7));
+//! let target = Arc::new(MemDisk::zeroed("target", 2048, 512));
+//! let client = Client::new(ClientConfig::default()).unwrap();
+//! let job = client
+//!     .submit_blocking(kcopyd_core::Job::copy(
+//!         Region::new(source.clone(), 0, 1024),
+//!         vec![Region::new(target.clone(), 1024, 1024)],
+//!         Flags::empty(),
+//!     ))
+//!     .unwrap();
+//! let outcome = job.wait();
+//! assert!(outcome.is_ok());
+//! assert_eq!(source.snapshot(0, 1024), target.snapshot(1024, 1024));
+//! client.shutdown_blocking();
+//! ```
+#![warn(missing_docs)]
+
+mod block_on;
+mod buffer;
+mod client;
+mod config;
+mod device;
+mod error;
+mod job;
+mod outcome;
+mod pool;
+mod region;
+
+
+pub use buffer::{ReadBuf, WriteBuf};
+pub use client::{Client, Job, JobHandle, Progress, ShutdownReport};
+pub use config::ClientConfig;
+pub use device::{BlockDevice, Device, DeviceId, Geometry, IoFuture};
+pub use error::{ConfigError, SubmitError};
+pub use outcome::{Outcome, TargetMask, TargetReport};
+pub use pool::{PagePool, Pages, PoolStats};
+pub use region::{Flags, RangeSet, Region};
+
+/// Bytes in a sector, the unit of every offset and length in this crate.
+pub const SECTOR_SIZE: usize = 512;
+/// Bytes in a page of the page arena.
+pub const PAGE_SIZE: usize = 4096;
+/// Sectors in a page.
+pub const SECTORS_PER_PAGE: u64 = (PAGE_SIZE / SECTOR_SIZE) as u64;
+/// Most targets one job may have (the width of [`TargetMask`]).
+pub const TARGETS_MAX: usize = 128;
+
+const _: () = assert!(PAGE_SIZE % SECTOR_SIZE == 0);
+const _: () = assert!(PAGE_SIZE.is_power_of_two() && SECTOR_SIZE.is_power_of_two());
+const _: () = assert!(TARGETS_MAX <= u128::BITS as usize);
