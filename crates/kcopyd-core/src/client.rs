@@ -455,7 +455,9 @@ impl Client {
         let prepared = self.prepare(job)?;
         let permit = self.inner.admission.clone().try_acquire_owned().map_err(|error| match error {
             tokio::sync::TryAcquireError::Closed => SubmitError::ShutDown,
-            tokio::sync::TryAcquireError::NoPermits => SubmitError::QueueFull { max: self.inner.config.queued_jobs_max },
+            tokio::sync::TryAcquireError::NoPermits => {
+                SubmitError::QueueFull { max: self.inner.config.queued_jobs_max }
+            }
         })?;
         Ok(self.send(prepared, permit))
     }

@@ -36,12 +36,7 @@ pub struct ClientConfig {
 
 impl Default for ClientConfig {
     fn default() -> ClientConfig {
-        ClientConfig {
-            page_budget: 2048,
-            sub_job_size_bytes: 512 * 1024,
-            subjobs_in_flight: 8,
-            queued_jobs_max: 1024,
-        }
+        ClientConfig { page_budget: 2048, sub_job_size_bytes: 512 * 1024, subjobs_in_flight: 8, queued_jobs_max: 1024 }
     }
 }
 

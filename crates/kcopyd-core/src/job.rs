@@ -25,8 +25,8 @@ use tokio::sync::Notify;
 use crate::client::{ClientActor, JobDone, JobShared};
 use crate::error::SubmitError;
 use crate::{
-    ClientConfig, Flags, Outcome, PAGE_SIZE, PagePool, RangeSet, ReadBuf, Region,
-    SECTOR_SIZE, TARGETS_MAX, TargetMask, TargetReport, WriteBuf,
+    ClientConfig, Flags, Outcome, PAGE_SIZE, PagePool, RangeSet, ReadBuf, Region, SECTOR_SIZE, TARGETS_MAX, TargetMask,
+    TargetReport, WriteBuf,
 };
 
 /// What a job does.
@@ -269,7 +269,8 @@ impl JobRun {
         let mut known_bad = true; // the whole chunk already failed once
         while let Some(piece) = pending.pop() {
             if !known_bad {
-                let bytes = (piece.start - chunk.start) as usize * SECTOR_SIZE..(piece.end - chunk.start) as usize * SECTOR_SIZE;
+                let bytes = (piece.start - chunk.start) as usize * SECTOR_SIZE
+                    ..(piece.end - chunk.start) as usize * SECTOR_SIZE;
                 buf.set_window(bytes);
                 let (back, result) = source.device.read(source.start_sector + piece.start, buf).await;
                 buf = back;
@@ -310,7 +311,8 @@ impl JobRun {
                 let readable = &readable;
                 async move {
                     for piece in readable.ranges() {
-                        let bytes = (piece.start - chunk.start) as usize * SECTOR_SIZE..(piece.end - chunk.start) as usize * SECTOR_SIZE;
+                        let bytes = (piece.start - chunk.start) as usize * SECTOR_SIZE
+                            ..(piece.end - chunk.start) as usize * SECTOR_SIZE;
                         let result = target.device.write(target.start_sector + piece.start, data.slice(bytes)).await;
                         if result.is_err() {
                             return Err(piece.clone());
@@ -401,7 +403,13 @@ pub(crate) struct JobActor {
 }
 
 impl JobActor {
-    pub(crate) fn new(id: u64, spec: Arc<JobSpec>, pool: PagePool, shared: Arc<JobShared>, client: Addr<ClientActor>) -> JobActor {
+    pub(crate) fn new(
+        id: u64,
+        spec: Arc<JobSpec>,
+        pool: PagePool,
+        shared: Arc<JobShared>,
+        client: Addr<ClientActor>,
+    ) -> JobActor {
         let targets = spec.targets.len();
         let state = JobState {
             cursor: 0,
@@ -423,7 +431,9 @@ impl JobActor {
         if self.slots_running == 0 {
             let outcome = self.run.outcome();
             debug_assert!(
-                outcome.cancelled || self.run.state.borrow().stopped || self.run.shared.progress().done_sectors == self.run.spec.len_sectors
+                outcome.cancelled
+                    || self.run.state.borrow().stopped
+                    || self.run.shared.progress().done_sectors == self.run.spec.len_sectors
             );
             self.client.do_send(JobDone { id: self.id, outcome });
             ctx.stop();
@@ -436,7 +446,8 @@ impl Actor for JobActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         let spec = &self.run.spec;
-        let offload = matches!(spec.kind, JobKind::Zero) && spec.targets.iter().all(|t| t.device.geometry().write_zeroes);
+        let offload =
+            matches!(spec.kind, JobKind::Zero) && spec.targets.iter().all(|t| t.device.geometry().write_zeroes);
         if offload && !self.run.shared.cancel_requested() {
             self.slots_running = 1;
             ctx.spawn(self.run.clone().zero_offloaded().into_actor(self).map(|(), actor, ctx| actor.slot_done(ctx)));

@@ -48,7 +48,6 @@ mod outcome;
 mod pool;
 mod region;
 
-
 pub use buffer::{ReadBuf, WriteBuf};
 pub use client::{Client, Job, JobHandle, Progress, ShutdownReport};
 pub use config::ClientConfig;

@@ -73,9 +73,9 @@ impl PagePool {
                 format!("page pool of {pages} pages: must be between 1 and {}", u32::MAX),
             ));
         }
-        let len_bytes = pages.checked_mul(PAGE_SIZE).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "page pool size overflows")
-        })?;
+        let len_bytes = pages
+            .checked_mul(PAGE_SIZE)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "page pool size overflows"))?;
         let mut arena = MmapMut::map_anon(len_bytes)?;
         let base = NonNull::new(arena.as_mut_ptr()).expect("mmap never returns null");
         assert_eq!(base.as_ptr() as usize % PAGE_SIZE, 0, "mmap returns page-aligned memory");
@@ -115,12 +115,7 @@ impl PagePool {
     /// If `count` is zero or larger than the pool: such a request could never be served.
     pub async fn alloc(&self, count: usize) -> Pages {
         assert!(count >= 1 && count <= self.inner.pages_total, "alloc({count}) from {}", self.inner.pages_total);
-        let permit = self
-            .inner
-            .permits
-            .acquire_many(count as u32)
-            .await
-            .expect("the page semaphore is never closed");
+        let permit = self.inner.permits.acquire_many(count as u32).await.expect("the page semaphore is never closed");
         permit.forget();
         self.take(count)
     }
