@@ -1,1 +1,13 @@
-//! placeholder
+//! Workspace-level tests of kcopyd: integration tests of the engine through its public API,
+//! the conformance suite every backend runs, and property tests.
+//!
+//! ```text
+//!  tests/tests/*.rs ──► kcopyd-core (Client, Job) ──► kcopyd-sim / kcopyd-os devices
+//!        │                                                   ▲
+//!        └── helpers here (disks, regions, checks) ──────────┘
+//! ```
+#![warn(missing_docs)]
+
+pub mod conformance;
+pub mod fixtures;
+pub mod util;

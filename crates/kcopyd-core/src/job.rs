@@ -173,8 +173,6 @@ struct JobState {
     cursor: u64,
     /// An error stopped the job (without IGNORE_ERROR).
     stopped: bool,
-    /// A cancel request left chunks that were never handed out.
-    cancelled: bool,
     /// WRITE_SEQ: the job-relative sector whose writes go next.
     write_turn: u64,
     read_err: bool,
@@ -204,7 +202,6 @@ impl JobRun {
             return None;
         }
         if self.shared.cancel_requested() {
-            state.cancelled = true;
             return None;
         }
         let start = state.cursor;
@@ -389,7 +386,8 @@ impl JobRun {
             write_err: state.write_err,
             read_failed,
             targets,
-            cancelled: state.cancelled,
+            // Cancelled only if the request left part of the job never started.
+            cancelled: self.shared.cancel_requested() && state.cursor < self.spec.len_sectors,
         }
     }
 }
@@ -414,7 +412,6 @@ impl JobActor {
         let state = JobState {
             cursor: 0,
             stopped: false,
-            cancelled: false,
             write_turn: 0,
             read_err: false,
             write_err: TargetMask::default(),

@@ -1,1 +1,35 @@
-//! placeholder
+//! `kcopyd-os`: real regular files and block devices as [`kcopyd_core::BlockDevice`]s,
+//! through O_DIRECT.
+//!
+//! ```text
+//!  OsDevice::open(path, options)
+//!    stat ─► regular file ─► open(O_DIRECT [, O_CREAT]) ─► size, statx DIOALIGN (or probe)
+//!         └► block device ─► open(O_DIRECT [, O_EXCL if writing]) ─► BLKGETSIZE64, BLKSSZGET
+//!
+//!  read / write / write_zeroes / flush   (caller's thread: checks only, never blocks)
+//!    check: writable? aligned to the logical block? inside the device?  ── no: refused, no I/O
+//!    └► engine_sync: queue ─► ≤ queue_depth threads ─► preadv / pwritev (EINTR, short I/O)
+//!                                                   ├► misaligned user memory: bounce buffer
+//!                                                   ├► BLKZEROOUT / fallocate(ZERO_RANGE)
+//!                                                   └► fdatasync
+//!       ◄── oneshot: the buffer comes back with the result
+//! ```
+//!
+//! Safety rules: sources are opened read-only; a block device opened for writing is opened
+//! exclusively, so a mounted or claimed device is refused ([`OpenError::Busy`]); a target
+//! file is never truncated, and only extended when [`OpenOptions::create_len`] asks for it.
+//! A filesystem that refuses O_DIRECT gets [`OpenError::DirectIoUnsupported`], which points to
+//! the buffered mode ([`OpenOptions::buffered`]).
+#![warn(missing_docs)]
+
+mod aligned;
+mod device;
+mod engine_sync;
+mod error;
+mod sys;
+
+pub use device::{
+    ALIGNMENT_BYTES_MAX, DeviceKind, OpenOptions, OsDevice, OsIoStats, QUEUE_DEPTH_DEFAULT, QUEUE_DEPTH_MAX,
+};
+pub use engine_sync::{BOUNCE_BYTES_MAX, IOVECS_PER_CALL_MAX, ZEROES_BYTES_PER_WRITE_MAX};
+pub use error::OpenError;

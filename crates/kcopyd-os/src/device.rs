@@ -1,0 +1,633 @@
+//! [`OsDevice`]: a regular file or block device behind the [`BlockDevice`] trait.
+
+use std::fmt;
+use std::fs::{File, Metadata};
+use std::future::ready;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use kcopyd_core::{BlockDevice, DeviceId, Geometry, IoFuture, ReadBuf, SECTOR_SIZE, WriteBuf};
+use rustix::fs::OFlags;
+
+use crate::engine_sync::{self, MemoryRules, SyncEngine, Transfer};
+use crate::error::{OpenError, classify};
+use crate::sys;
+
+/// Queue depth (I/O threads per device) when none is given.
+pub const QUEUE_DEPTH_DEFAULT: usize = 16;
+/// Largest queue depth accepted.
+pub const QUEUE_DEPTH_MAX: usize = 256;
+/// Largest logical block size or direct-I/O alignment accepted, in bytes.
+pub const ALIGNMENT_BYTES_MAX: u64 = 65536;
+
+/// The name of the I/O threads (at most 15 bytes, the kernel's limit).
+const THREAD_NAME: &str = "kcopyd-io";
+
+/// How to open a path. The default opens read-only, with O_DIRECT, at the default queue depth.
+///
+/// ```
+/// # use kcopyd_os::OpenOptions;
+/// // A target file that is created (or extended) to 1 GiB if it is shorter; never truncated.
+/// let target = OpenOptions { write: true, create_len: Some(1 << 30), ..OpenOptions::default() };
+/// assert!(!target.buffered);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Open for writing as well as reading. A block device opened for writing is opened with
+    /// O_EXCL, so that a mounted or otherwise claimed device is refused
+    /// ([`OpenError::Busy`]). Sources are opened without it: read-only.
+    pub write: bool,
+    /// Use the page cache instead of O_DIRECT: for filesystems that refuse direct I/O (tmpfs
+    /// before Linux 6.6). Logical blocks are then 512 bytes on files.
+    pub buffered: bool,
+    /// I/O threads (requests in flight) for this device: 1 to [`QUEUE_DEPTH_MAX`], default
+    /// [`QUEUE_DEPTH_DEFAULT`]. Threads start on demand.
+    pub queue_depth: usize,
+    /// Regular files only, with `write`: create the file if it is missing and extend it to
+    /// this many bytes (a multiple of 512) if it is shorter. A longer file is left as it is:
+    /// nothing is ever truncated. Without it a missing target is [`OpenError::NotFound`] and
+    /// the file keeps its length.
+    pub create_len: Option<u64>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> OpenOptions {
+        OpenOptions { write: false, buffered: false, queue_depth: QUEUE_DEPTH_DEFAULT, create_len: None }
+    }
+}
+
+impl OpenOptions {
+    fn validate(&self, path: &Path) -> Result<(), OpenError> {
+        let invalid = |reason: String| Err(OpenError::InvalidOptions { path: path.to_path_buf(), reason });
+        if self.queue_depth == 0 || self.queue_depth > QUEUE_DEPTH_MAX {
+            return invalid(format!("queue depth {} (must be 1 to {QUEUE_DEPTH_MAX})", self.queue_depth));
+        }
+        match self.create_len {
+            Some(_) if !self.write => invalid("create_len needs write access".into()),
+            Some(len_bytes) if len_bytes % SECTOR_SIZE as u64 != 0 => {
+                invalid(format!("create_len of {len_bytes} bytes is not a multiple of {SECTOR_SIZE}"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What kind of path an [`OsDevice`] has open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// A regular file.
+    File,
+    /// A block device.
+    BlockDevice,
+}
+
+/// Requests an [`OsDevice`] has served, including refused ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OsIoStats {
+    /// Read requests that completed.
+    pub reads: u64,
+    /// Write requests that completed.
+    pub writes: u64,
+    /// Write-zeroes requests offloaded (BLKZEROOUT, `FALLOC_FL_ZERO_RANGE`).
+    pub write_zeroes_offloaded: u64,
+    /// Write-zeroes requests served by writing zeroes.
+    pub write_zeroes_written: u64,
+    /// Flushes that completed.
+    pub flushes: u64,
+    /// Reads and writes that went through a bounce buffer (misaligned user memory).
+    pub bounced: u64,
+    /// Requests refused before any I/O (misaligned, out of range, read-only).
+    pub refused: u64,
+    /// Requests whose I/O failed.
+    pub failed: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    write_zeroes_offloaded: AtomicU64,
+    write_zeroes_written: AtomicU64,
+    flushes: AtomicU64,
+    bounced: AtomicU64,
+    refused: AtomicU64,
+    failed: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The kinds of request, for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Read,
+    Write,
+    WriteZeroes,
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::WriteZeroes => "write-zeroes",
+        })
+    }
+}
+
+/// How a write-zeroes request was served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Zeroed {
+    Offloaded,
+    Written,
+    /// Written after the filesystem refused the offload: do not ask it again.
+    WrittenAfterRefusal,
+}
+
+/// A regular file or block device, read and written with O_DIRECT (or through the page cache
+/// when asked) by a pool of I/O threads.
+///
+/// ```no_run
+/// # use std::{path::Path, sync::Arc};
+/// # use kcopyd_core::Device;
+/// use kcopyd_os::{OpenOptions, OsDevice};
+/// let source: Device = Arc::new(OsDevice::open(Path::new("/dev/sdb"), &OpenOptions::default())?);
+/// let target = OsDevice::open(Path::new("/var/tmp/copy.img"), &OpenOptions {
+///     write: true,
+///     create_len: Some(source.geometry().len_sectors * 512),
+///     ..OpenOptions::default()
+/// })?;
+/// # Ok::<(), kcopyd_os::OpenError>(())
+/// ```
+pub struct OsDevice {
+    path: PathBuf,
+    name: String,
+    kind: DeviceKind,
+    options: OpenOptions,
+    /// Shared with the I/O threads; each request holds a clone only while it runs.
+    file: Arc<File>,
+    geometry: Geometry,
+    id: DeviceId,
+    /// What user memory must look like for O_DIRECT; `None` when buffered.
+    rules: Option<MemoryRules>,
+    /// Files: whether `FALLOC_FL_ZERO_RANGE` is still believed to work.
+    zero_range: AtomicBool,
+    engine: SyncEngine,
+    counters: Counters,
+}
+
+impl OsDevice {
+    /// Opens a regular file or block device.
+    ///
+    /// Files get their size and the filesystem's direct-I/O alignment (the logical block);
+    /// block devices their size (BLKGETSIZE64) and logical block size (BLKSSZGET). A file's
+    /// bytes past its last whole logical block are not part of the device.
+    ///
+    /// # Errors
+    /// See [`OpenError`]: a missing path, refused access, a busy block device, a filesystem
+    /// without direct I/O, a path of another kind, or a failing ioctl.
+    pub fn open(path: &Path, options: &OpenOptions) -> Result<OsDevice, OpenError> {
+        options.validate(path)?;
+        let direct = !options.buffered;
+        let kind = match std::fs::metadata(path) {
+            Ok(metadata) => kind_of(path, &metadata)?,
+            Err(error) if error.kind() == io::ErrorKind::NotFound && options.create_len.is_some() => DeviceKind::File,
+            Err(error) => {
+                return Err(classify(path, error, false, String::new, |path, source| OpenError::Metadata {
+                    path,
+                    source,
+                }));
+            }
+        };
+        if kind == DeviceKind::BlockDevice && options.create_len.is_some() {
+            return Err(OpenError::InvalidOptions {
+                path: path.to_path_buf(),
+                reason: "create_len applies to regular files, not block devices".into(),
+            });
+        }
+
+        let mut flags = OFlags::empty();
+        if direct {
+            flags |= OFlags::DIRECT;
+        }
+        if kind == DeviceKind::BlockDevice && options.write {
+            // Exclusive open: EBUSY if the device is mounted or claimed (and nobody else may
+            // mount or claim it while we write).
+            flags |= OFlags::EXCL;
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(options.write)
+            .create(kind == DeviceKind::File && options.create_len.is_some())
+            .custom_flags(flags.bits() as i32)
+            .open(path)
+            .map_err(|error| {
+                classify(
+                    path,
+                    error,
+                    direct,
+                    || sys::filesystem_name(path),
+                    |path, source| OpenError::Open { path, source },
+                )
+            })?;
+        let metadata = file.metadata().map_err(|source| OpenError::Metadata { path: path.to_path_buf(), source })?;
+        if kind_of(path, &metadata)? != kind {
+            return Err(OpenError::Open {
+                path: path.to_path_buf(),
+                source: io::Error::other("the path changed type while it was being opened"),
+            });
+        }
+
+        let (geometry, rules, id) = match kind {
+            DeviceKind::File => {
+                let mut size_bytes = metadata.len();
+                if let Some(len_bytes) = options.create_len.filter(|&len_bytes| len_bytes > size_bytes) {
+                    file.set_len(len_bytes).map_err(|source| OpenError::Extend {
+                        path: path.to_path_buf(),
+                        len_bytes,
+                        source,
+                    })?;
+                    size_bytes = len_bytes;
+                }
+                let (block_bytes, rules) = if direct { file_alignment(path, &file)? } else { (512, None) };
+                let geometry = Geometry {
+                    len_sectors: whole_blocks_sectors(size_bytes, block_bytes),
+                    logical_block_size: block_bytes as u32,
+                    write_zeroes: sys::filesystem_zeroes_ranges(&file),
+                    zoned: false,
+                };
+                (geometry, rules, DeviceId { namespace: "file", major: metadata.dev(), minor: metadata.ino() })
+            }
+            DeviceKind::BlockDevice => {
+                let block_bytes = sys::block_device_logical_block_size(&file)
+                    .map_err(|source| OpenError::LogicalBlockSize { path: path.to_path_buf(), source })?;
+                let block_bytes = check_alignment(path, u64::from(block_bytes))?;
+                let size_bytes = sys::block_device_size_bytes(&file)
+                    .map_err(|source| OpenError::DeviceSize { path: path.to_path_buf(), source })?;
+                let rules = direct
+                    .then_some(MemoryRules { memory_bytes: block_bytes as usize, length_bytes: block_bytes as usize });
+                let geometry = Geometry {
+                    len_sectors: whole_blocks_sectors(size_bytes, block_bytes),
+                    logical_block_size: block_bytes as u32,
+                    write_zeroes: true,
+                    zoned: sys::block_device_is_zoned(metadata.rdev()),
+                };
+                (geometry, rules, DeviceId { namespace: "block", major: metadata.rdev(), minor: 0 })
+            }
+        };
+
+        let engine = SyncEngine::new(THREAD_NAME, options.queue_depth)
+            .map_err(|source| OpenError::Engine { path: path.to_path_buf(), source })?;
+        Ok(OsDevice {
+            path: path.to_path_buf(),
+            name: path.display().to_string(),
+            kind,
+            options: options.clone(),
+            file: Arc::new(file),
+            zero_range: AtomicBool::new(kind == DeviceKind::File && geometry.write_zeroes),
+            geometry,
+            id,
+            rules,
+            engine,
+            counters: Counters::default(),
+        })
+    }
+
+    /// The path it was opened with.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A regular file or a block device.
+    pub fn kind(&self) -> DeviceKind {
+        self.kind
+    }
+
+    /// The options it was opened with.
+    pub fn options(&self) -> &OpenOptions {
+        &self.options
+    }
+
+    /// Whether I/O bypasses the page cache (O_DIRECT).
+    pub fn is_direct(&self) -> bool {
+        self.rules.is_some()
+    }
+
+    /// The alignment user memory needs for direct I/O, in bytes (1 when buffered). Writes
+    /// from memory that breaks it go through a bounce buffer.
+    pub fn memory_alignment_bytes(&self) -> usize {
+        self.rules.map_or(1, |rules| rules.memory_bytes)
+    }
+
+    /// Requests served so far.
+    pub fn stats(&self) -> OsIoStats {
+        let c = &self.counters;
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        OsIoStats {
+            reads: load(&c.reads),
+            writes: load(&c.writes),
+            write_zeroes_offloaded: load(&c.write_zeroes_offloaded),
+            write_zeroes_written: load(&c.write_zeroes_written),
+            flushes: load(&c.flushes),
+            bounced: load(&c.bounced),
+            refused: load(&c.refused),
+            failed: load(&c.failed),
+        }
+    }
+
+    /// Refuses a request before any I/O unless the device is writable (for writes), the
+    /// request is aligned to the logical block and lies inside the device. Returns the
+    /// offset in bytes.
+    ///
+    /// Worked example, 4096-byte blocks: sector 8 → byte 4096, aligned; sector 4 → byte
+    /// 2048, refused; 4096 bytes at sector 8 on a 16-sector device end at byte 8192, the end:
+    /// accepted; at sector 16, refused.
+    fn check(&self, op: Op, offset_sectors: u64, len_bytes: Option<u64>) -> io::Result<u64> {
+        let result = self.check_inner(op, offset_sectors, len_bytes);
+        if result.is_err() {
+            bump(&self.counters.refused);
+        }
+        result
+    }
+
+    fn check_inner(&self, op: Op, offset_sectors: u64, len_bytes: Option<u64>) -> io::Result<u64> {
+        let name = &self.name;
+        if op != Op::Read && !self.options.write {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("{name}: {op} refused: the device was opened read-only"),
+            ));
+        }
+        let block_bytes = u64::from(self.geometry.logical_block_size);
+        let offset_bytes = offset_sectors.checked_mul(SECTOR_SIZE as u64);
+        let (offset_bytes, len_bytes) = match (offset_bytes, len_bytes) {
+            (Some(offset_bytes), Some(len_bytes))
+                if offset_bytes % block_bytes == 0 && len_bytes % block_bytes == 0 =>
+            {
+                (offset_bytes, len_bytes)
+            }
+            _ => {
+                let len = len_bytes.map_or_else(|| "too many".to_string(), |len_bytes| len_bytes.to_string());
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "{name}: {op} of {len} bytes at sector {offset_sectors} refused: \
+                         not aligned to the {block_bytes}-byte logical block"
+                    ),
+                ));
+            }
+        };
+        let device_bytes = self.geometry.len_sectors * SECTOR_SIZE as u64;
+        if offset_bytes.checked_add(len_bytes).is_none_or(|end_bytes| end_bytes > device_bytes) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{name}: {op} of {len_bytes} bytes at sector {offset_sectors} refused: past the end of the \
+                     device ({} sectors)",
+                    self.geometry.len_sectors
+                ),
+            ));
+        }
+        Ok(offset_bytes)
+    }
+
+    /// Counts a finished read or write.
+    fn finish_transfer(&self, counter: &AtomicU64, result: io::Result<Transfer>) -> io::Result<()> {
+        match result {
+            Ok(transfer) => {
+                bump(counter);
+                if transfer == Transfer::Bounced {
+                    bump(&self.counters.bounced);
+                }
+                Ok(())
+            }
+            Err(error) => {
+                bump(&self.counters.failed);
+                Err(error)
+            }
+        }
+    }
+}
+
+/// What kind of path `metadata` describes, or the error for a kind we do not open.
+fn kind_of(path: &Path, metadata: &Metadata) -> Result<DeviceKind, OpenError> {
+    let file_type = metadata.file_type();
+    let other = |kind| Err(OpenError::NotABlockDeviceOrFile { path: path.to_path_buf(), kind });
+    if file_type.is_file() {
+        Ok(DeviceKind::File)
+    } else if file_type.is_block_device() {
+        Ok(DeviceKind::BlockDevice)
+    } else if file_type.is_dir() {
+        other("directory")
+    } else if file_type.is_char_device() {
+        other("character device")
+    } else if file_type.is_fifo() {
+        other("FIFO")
+    } else if file_type.is_socket() {
+        other("socket")
+    } else {
+        other("special file")
+    }
+}
+
+/// Checks that an alignment is a power of two up to [`ALIGNMENT_BYTES_MAX`]; at least 512.
+fn check_alignment(path: &Path, bytes: u64) -> Result<u64, OpenError> {
+    if !bytes.is_power_of_two() || bytes > ALIGNMENT_BYTES_MAX {
+        return Err(OpenError::UnsupportedAlignment { path: path.to_path_buf(), bytes });
+    }
+    Ok(bytes.max(SECTOR_SIZE as u64))
+}
+
+/// The logical block and memory rules of a file opened with O_DIRECT.
+fn file_alignment(path: &Path, file: &File) -> Result<(u64, Option<MemoryRules>), OpenError> {
+    let alignment = sys::file_direct_io_alignment(file)
+        .map_err(|source| OpenError::DirectIoAlignment { path: path.to_path_buf(), source })?
+        .ok_or_else(|| OpenError::DirectIoUnsupported {
+            path: path.to_path_buf(),
+            filesystem: sys::filesystem_name(path),
+            source: io::Error::new(io::ErrorKind::Unsupported, "the filesystem reports no direct-I/O alignment"),
+        })?;
+    let block_bytes = check_alignment(path, alignment.offset_bytes)?;
+    let memory_bytes = alignment.memory_bytes;
+    if !memory_bytes.is_power_of_two() || memory_bytes > ALIGNMENT_BYTES_MAX {
+        return Err(OpenError::UnsupportedAlignment { path: path.to_path_buf(), bytes: memory_bytes });
+    }
+    Ok((block_bytes, Some(MemoryRules { memory_bytes: memory_bytes as usize, length_bytes: block_bytes as usize })))
+}
+
+/// Sectors in the whole logical blocks of `size_bytes`: 4096-byte blocks, 10000 bytes → two
+/// blocks → 16 sectors.
+fn whole_blocks_sectors(size_bytes: u64, block_bytes: u64) -> u64 {
+    size_bytes / block_bytes * block_bytes / SECTOR_SIZE as u64
+}
+
+/// The message of a reply that never came: only a panicking I/O thread drops one.
+const WORKER_REPLIES: &str = "an I/O thread replies to every request";
+
+impl BlockDevice for OsDevice {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn id(&self) -> DeviceId {
+        self.id
+    }
+
+    fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    fn read(&self, offset_sectors: u64, buf: ReadBuf) -> IoFuture<'_, (ReadBuf, io::Result<()>)> {
+        let offset_bytes = match self.check(Op::Read, offset_sectors, Some(buf.len() as u64)) {
+            Ok(offset_bytes) => offset_bytes,
+            Err(error) => return Box::pin(ready((buf, Err(error)))),
+        };
+        if buf.is_empty() {
+            return Box::pin(ready((buf, Ok(()))));
+        }
+        let (file, rules) = (self.file.clone(), self.rules);
+        let reply = self.engine.submit(move || {
+            let mut buf = buf;
+            let result = engine_sync::read_at(&file, offset_bytes, &mut buf, rules);
+            drop(file);
+            (buf, result)
+        });
+        Box::pin(async move {
+            let (buf, result) = reply.await.expect(WORKER_REPLIES);
+            (buf, self.finish_transfer(&self.counters.reads, result))
+        })
+    }
+
+    fn write(&self, offset_sectors: u64, buf: WriteBuf) -> IoFuture<'_, io::Result<()>> {
+        let offset_bytes = match self.check(Op::Write, offset_sectors, Some(buf.len() as u64)) {
+            Ok(offset_bytes) => offset_bytes,
+            Err(error) => return Box::pin(ready(Err(error))),
+        };
+        if buf.is_empty() {
+            return Box::pin(ready(Ok(())));
+        }
+        let (file, rules) = (self.file.clone(), self.rules);
+        let reply = self.engine.submit(move || {
+            let result = engine_sync::write_at(&file, offset_bytes, &buf, rules);
+            drop(file);
+            result
+        });
+        Box::pin(async move {
+            let result = reply.await.expect(WORKER_REPLIES);
+            self.finish_transfer(&self.counters.writes, result)
+        })
+    }
+
+    fn write_zeroes(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
+        let len_bytes = len_sectors.checked_mul(SECTOR_SIZE as u64);
+        let offset_bytes = match self.check(Op::WriteZeroes, offset_sectors, len_bytes) {
+            Ok(offset_bytes) => offset_bytes,
+            Err(error) => return Box::pin(ready(Err(error))),
+        };
+        let len_bytes = len_bytes.expect("checked");
+        if len_bytes == 0 {
+            return Box::pin(ready(Ok(())));
+        }
+        let offload = match self.kind {
+            DeviceKind::BlockDevice => Some(sys::block_device_zero_out as fn(&File, u64, u64) -> io::Result<()>),
+            DeviceKind::File if self.zero_range.load(Ordering::Relaxed) => Some(sys::file_zero_range as _),
+            DeviceKind::File => None,
+        };
+        let (file, rules) = (self.file.clone(), self.rules);
+        let reply = self.engine.submit(move || {
+            let result = match offload.map(|offload| offload(&file, offset_bytes, len_bytes)) {
+                Some(Ok(())) => Ok(Zeroed::Offloaded),
+                Some(Err(error)) if sys::is_unsupported(&error) => {
+                    engine_sync::write_zeroes_at(&file, offset_bytes, len_bytes, rules)
+                        .map(|()| Zeroed::WrittenAfterRefusal)
+                }
+                Some(Err(error)) => Err(error),
+                None => engine_sync::write_zeroes_at(&file, offset_bytes, len_bytes, rules).map(|()| Zeroed::Written),
+            };
+            drop(file);
+            result
+        });
+        Box::pin(async move {
+            match reply.await.expect(WORKER_REPLIES) {
+                Ok(Zeroed::Offloaded) => bump(&self.counters.write_zeroes_offloaded),
+                Ok(Zeroed::Written) => bump(&self.counters.write_zeroes_written),
+                Ok(Zeroed::WrittenAfterRefusal) => {
+                    self.zero_range.store(false, Ordering::Relaxed);
+                    bump(&self.counters.write_zeroes_written);
+                }
+                Err(error) => {
+                    bump(&self.counters.failed);
+                    return Err(error);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn flush(&self) -> IoFuture<'_, io::Result<()>> {
+        let file = self.file.clone();
+        let reply = self.engine.submit(move || {
+            let result = file.sync_data();
+            drop(file);
+            result
+        });
+        Box::pin(async move {
+            let result = reply.await.expect(WORKER_REPLIES);
+            bump(if result.is_ok() { &self.counters.flushes } else { &self.counters.failed });
+            result
+        })
+    }
+}
+
+impl fmt::Debug for OsDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OsDevice")
+            .field("path", &self.path)
+            .field("kind", &self.kind)
+            .field("geometry", &self.geometry)
+            .field("direct", &self.is_direct())
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_out_of_bounds_are_refused_before_anything_is_opened() {
+        let path = Path::new("/nonexistent/kcopyd");
+        let open = |options: OpenOptions| OsDevice::open(path, &options).unwrap_err();
+        for depth in [0, QUEUE_DEPTH_MAX + 1] {
+            let error = open(OpenOptions { queue_depth: depth, ..OpenOptions::default() });
+            assert!(matches!(error, OpenError::InvalidOptions { .. }), "{error}");
+        }
+        let error = open(OpenOptions { create_len: Some(4096), ..OpenOptions::default() });
+        assert!(matches!(error, OpenError::InvalidOptions { .. }), "create_len without write: {error}");
+        let error = open(OpenOptions { write: true, create_len: Some(1000), ..OpenOptions::default() });
+        assert!(matches!(error, OpenError::InvalidOptions { .. }), "create_len of 1000 bytes: {error}");
+        // At the edge the options are fine and the missing path is what fails.
+        let error = open(OpenOptions { queue_depth: QUEUE_DEPTH_MAX, ..OpenOptions::default() });
+        assert!(matches!(error, OpenError::NotFound { .. }), "{error}");
+    }
+
+    #[test]
+    fn only_files_and_block_devices_are_opened() {
+        for (path, kind) in [("/", "directory"), ("/dev/null", "character device")] {
+            let error = OsDevice::open(Path::new(path), &OpenOptions::default()).unwrap_err();
+            assert!(matches!(error, OpenError::NotABlockDeviceOrFile { kind: k, .. } if k == kind), "{path}: {error}");
+        }
+    }
+
+    #[test]
+    fn whole_blocks_only() {
+        assert_eq!(whole_blocks_sectors(10000, 4096), 16);
+        assert_eq!(whole_blocks_sectors(4095, 4096), 0);
+        assert_eq!(whole_blocks_sectors(1024 + 511, 512), 2);
+    }
+}

@@ -1,0 +1,200 @@
+//! Thin wrappers over the system calls that the standard library lacks: block-device ioctls,
+//! statx's direct-I/O alignment, fallocate and statfs.
+//!
+//! The only `unsafe` code of the crate is here, in the two ioctls rustix has no safe wrapper
+//! for.
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+
+use rustix::fs::{AtFlags, FallocateFlags, StatxFlags};
+use rustix::io::Errno;
+use rustix::ioctl::{Getter, Opcode, Setter, ioctl, opcode};
+
+use crate::aligned::AlignedBuf;
+
+/// `BLKGETSIZE64`: `_IOR(0x12, 114, size_t)`; the kernel writes the size in bytes as a u64.
+const BLKGETSIZE64: Opcode = opcode::read::<usize>(0x12, 114);
+/// `BLKZEROOUT`: `_IO(0x12, 127)`; the argument points to `u64 range[2] = { start, len }` in
+/// bytes, both multiples of the logical block size.
+const BLKZEROOUT: Opcode = opcode::none(0x12, 127);
+
+/// Size of a block device in bytes (BLKGETSIZE64).
+pub(crate) fn block_device_size_bytes(file: &File) -> io::Result<u64> {
+    // SAFETY: BLKGETSIZE64 is a read-direction ioctl whose argument is a pointer to a u64 the
+    // kernel fills in (`put_u64`); `Getter<_, u64>` passes a pointer to such a u64 and reads it
+    // only after a successful call. `file` is a valid open descriptor for the whole call.
+    let size_bytes = unsafe { ioctl(file, Getter::<BLKGETSIZE64, u64>::new()) }?;
+    Ok(size_bytes)
+}
+
+/// Logical block size of a block device in bytes (BLKSSZGET).
+pub(crate) fn block_device_logical_block_size(file: &File) -> io::Result<u32> {
+    Ok(rustix::fs::ioctl_blksszget(file)?)
+}
+
+/// Zeroes `len_bytes` from `offset_bytes` on a block device (BLKZEROOUT): the device offloads
+/// it (WRITE ZEROES, UNMAP) or the kernel writes zero pages itself.
+pub(crate) fn block_device_zero_out(file: &File, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
+    // SAFETY: BLKZEROOUT reads exactly `u64 range[2]` (start, length) through its pointer
+    // argument and writes nothing back; `Setter<_, [u64; 2]>` owns such an array for the call.
+    // `file` is a valid open descriptor for the whole call.
+    unsafe { ioctl(file, Setter::<BLKZEROOUT, [u64; 2]>::new([offset_bytes, len_bytes])) }?;
+    Ok(())
+}
+
+/// Zeroes `len_bytes` from `offset_bytes` of a regular file with
+/// `fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)`: no data moves and the file never
+/// grows. EOPNOTSUPP when the filesystem (or this file's layout) cannot do it.
+pub(crate) fn file_zero_range(file: &File, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
+    Ok(rustix::fs::fallocate(file, FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE, offset_bytes, len_bytes)?)
+}
+
+/// Whether `error` says that an operation is not supported here.
+pub(crate) fn is_unsupported(error: &io::Error) -> bool {
+    matches!(Errno::from_io_error(error), Some(Errno::OPNOTSUPP | Errno::NOSYS))
+}
+
+/// What direct I/O on a file requires, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DirectIoAlignment {
+    /// Alignment of file offsets and transfer lengths.
+    pub(crate) offset_bytes: u64,
+    /// Alignment of user memory.
+    pub(crate) memory_bytes: u64,
+}
+
+/// The direct-I/O alignment of an open regular file: `statx(STATX_DIOALIGN)` where the kernel
+/// (6.1+) and filesystem report it, else a probe read of 512 bytes, then 4096 bytes, at offset
+/// 0 into a page-aligned buffer (the first accepted size wins; memory is then assumed to need
+/// the same alignment). `Ok(None)`: the filesystem does not support direct I/O on this file.
+pub(crate) fn file_direct_io_alignment(file: &File) -> io::Result<Option<DirectIoAlignment>> {
+    match rustix::fs::statx(file, "", AtFlags::EMPTY_PATH, StatxFlags::DIOALIGN) {
+        Ok(stat) if StatxFlags::from_bits_retain(stat.stx_mask).contains(StatxFlags::DIOALIGN) => {
+            if stat.stx_dio_offset_align == 0 {
+                return Ok(None);
+            }
+            return Ok(Some(DirectIoAlignment {
+                offset_bytes: u64::from(stat.stx_dio_offset_align),
+                memory_bytes: u64::from(stat.stx_dio_mem_align.max(1)),
+            }));
+        }
+        Ok(_) | Err(Errno::NOSYS | Errno::INVAL | Errno::PERM) => {}
+        Err(error) => return Err(error.into()),
+    }
+    probe_direct_io_alignment(file)
+}
+
+/// The probe half of [`file_direct_io_alignment`].
+fn probe_direct_io_alignment(file: &File) -> io::Result<Option<DirectIoAlignment>> {
+    const PROBE_SIZES: [usize; 2] = [512, 4096];
+    let mut buf = AlignedBuf::new(4096, 4096);
+    for size in PROBE_SIZES {
+        loop {
+            match rustix::io::pread(file, &mut buf.as_mut_slice()[..size], 0) {
+                // A short or empty read (a small or empty file) still proves the alignment.
+                Ok(_) => {
+                    let bytes = size as u64;
+                    return Ok(Some(DirectIoAlignment { offset_bytes: bytes, memory_bytes: bytes }));
+                }
+                Err(Errno::INTR) => continue,
+                Err(Errno::INVAL) => break,
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Whether the filesystem holding `file` implements `FALLOC_FL_ZERO_RANGE` (decided by its
+/// type; a file that still refuses it is zeroed by plain writes).
+pub(crate) fn filesystem_zeroes_ranges(file: &File) -> bool {
+    rustix::fs::fstatfs(file).is_ok_and(|stat| {
+        matches!(magic(f_type(&stat)), EXT4_MAGIC | XFS_MAGIC | BTRFS_MAGIC | F2FS_MAGIC | BCACHEFS_MAGIC)
+    })
+}
+
+const EXT4_MAGIC: u32 = 0xef53;
+const XFS_MAGIC: u32 = 0x5846_5342;
+const BTRFS_MAGIC: u32 = 0x9123_683e;
+const F2FS_MAGIC: u32 = 0xf2f5_2010;
+const BCACHEFS_MAGIC: u32 = 0xca45_1a4e;
+const TMPFS_MAGIC: u32 = 0x0102_1994;
+const RAMFS_MAGIC: u32 = 0x8584_58f6;
+const NFS_MAGIC: u32 = 0x6969;
+const FUSE_MAGIC: u32 = 0x6573_5546;
+const OVERLAYFS_MAGIC: u32 = 0x794c_7630;
+const ZFS_MAGIC: u32 = 0x2fc1_2fc1;
+const PROC_MAGIC: u32 = 0x9fa0;
+const SYSFS_MAGIC: u32 = 0x6265_6572;
+
+/// `f_type` widened to i64: its C type differs between architectures (a long on x86_64, an
+/// unsigned int on s390x).
+#[allow(clippy::unnecessary_cast)]
+fn f_type(stat: &rustix::fs::StatFs) -> i64 {
+    stat.f_type as i64
+}
+
+/// The low 32 bits of `f_type`: the kernel's magic numbers are 32-bit, but some C libraries
+/// sign-extend them.
+fn magic(f_type: i64) -> u32 {
+    f_type as u32
+}
+
+/// The name of the filesystem holding `path` (or, when `path` does not exist, its directory),
+/// for messages: "tmpfs", or the magic number.
+pub(crate) fn filesystem_name(path: &Path) -> String {
+    let stat = rustix::fs::statfs(path).or_else(|error| match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => rustix::fs::statfs(parent),
+        _ => Err(error),
+    });
+    let Ok(stat) = stat else { return "unknown".into() };
+    let name = match magic(f_type(&stat)) {
+        EXT4_MAGIC => "ext2/3/4",
+        XFS_MAGIC => "xfs",
+        BTRFS_MAGIC => "btrfs",
+        F2FS_MAGIC => "f2fs",
+        BCACHEFS_MAGIC => "bcachefs",
+        TMPFS_MAGIC => "tmpfs",
+        RAMFS_MAGIC => "ramfs",
+        NFS_MAGIC => "nfs",
+        FUSE_MAGIC => "fuse",
+        OVERLAYFS_MAGIC => "overlayfs",
+        ZFS_MAGIC => "zfs",
+        PROC_MAGIC => "proc",
+        SYSFS_MAGIC => "sysfs",
+        other => return format!("type {other:#x}"),
+    };
+    name.into()
+}
+
+/// Whether the block device `rdev` is zoned, from `/sys/dev/block/MAJOR:MINOR/queue/zoned`
+/// ("none" or absent: not zoned).
+pub(crate) fn block_device_is_zoned(rdev: u64) -> bool {
+    let sysfs = format!("/sys/dev/block/{}:{}/queue/zoned", rustix::fs::major(rdev), rustix::fs::minor(rdev));
+    std::fs::read_to_string(sysfs).is_ok_and(|model| !matches!(model.trim(), "" | "none"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_the_kernel_headers() {
+        // From <linux/fs.h> on x86_64 and arm64 (generic ioctl encoding, 64-bit size_t).
+        #[cfg(all(any(target_arch = "x86_64", target_arch = "aarch64"), target_pointer_width = "64"))]
+        {
+            assert_eq!(BLKGETSIZE64 as u64, 0x8008_1272);
+            assert_eq!(BLKZEROOUT as u64, 0x127f);
+        }
+        assert_eq!(BLKZEROOUT as u64 & 0xffff, 0x127f);
+        assert_eq!(BLKGETSIZE64 as u64 & 0xffff, 0x1272);
+    }
+
+    #[test]
+    fn magic_numbers_ignore_sign_extension() {
+        assert_eq!(magic(0x8584_58f6_u32 as i32 as i64), RAMFS_MAGIC);
+        assert_eq!(magic(i64::from(TMPFS_MAGIC)), TMPFS_MAGIC);
+    }
+}

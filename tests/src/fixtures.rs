@@ -1,0 +1,222 @@
+//! Real files, loop devices and mounts for the tests of `kcopyd-os`, each undone when dropped
+//! (also when the test fails), and the `SKIPPED:` line for a backend that cannot run here.
+//!
+//! ```text
+//!  TempDir (/var/tmp/kcopyd-test-PID-N-label, removed on drop)
+//!    └─ backing.img ──losetup --find --show --direct-io=on──► LoopDevice (/dev/loopN, detached on drop)
+//!    └─ mnt/ ──mount──► Mount (unmounted on drop, before the directory goes)
+//! ```
+
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use kcopyd_sim::mix64;
+
+/// Says, on stderr, that a backend or check is skipped and why: a skip is never silent.
+///
+/// Written to the stderr handle rather than with `eprintln!`, which the test harness
+/// captures and shows only for failing tests.
+pub fn skip(test: &str, reason: impl fmt::Display) {
+    note(&format!("SKIPPED: {test}: {reason}"));
+}
+
+/// Writes one line to stderr past the test harness's capture.
+pub fn note(line: &str) {
+    let _ = writeln!(io::stderr(), "{line}");
+}
+
+/// Whether this process runs with effective user id 0 (from `/proc/self/status`).
+pub fn is_root() -> bool {
+    let Ok(status) = fs::read_to_string("/proc/self/status") else { return false };
+    // "Uid:\treal\teffective\tsaved\tfs"
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1).map(|effective| effective == "0"))
+        .unwrap_or(false)
+}
+
+/// `len` bytes of the pattern of `seed`: eight bytes at a time from [`mix64`].
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    let mut index = 0u64;
+    while out.len() < len {
+        out.extend_from_slice(&mix64(seed ^ mix64(index)).to_le_bytes());
+        index += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
+
+/// A scratch directory, removed with its contents when dropped.
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// A fresh directory under `$KCOPYD_TEST_DIR`, else `/var/tmp` (a disk filesystem that
+    /// supports O_DIRECT, unlike `/tmp` on some systems and `/dev/shm`).
+    pub fn new(label: &str) -> TempDir {
+        let base = std::env::var_os("KCOPYD_TEST_DIR").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
+        TempDir::new_in(&base, label)
+            .unwrap_or_else(|error| panic!("scratch directory under {}: {error}", base.display()))
+    }
+
+    /// A fresh directory under `base`.
+    ///
+    /// # Errors
+    /// The directory cannot be made.
+    pub fn new_in(base: &Path, label: &str) -> io::Result<TempDir> {
+        let n = NEXT_DIR.fetch_add(1, Ordering::Relaxed);
+        let path = base.join(format!("kcopyd-test-{}-{n}-{label}", std::process::id()));
+        fs::create_dir_all(&path)?;
+        Ok(TempDir { path })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A path inside the directory.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Writes `data` to a new file `name` and returns its path.
+    pub fn file_with(&self, name: &str, data: &[u8]) -> PathBuf {
+        let path = self.join(name);
+        fs::write(&path, data).unwrap_or_else(|error| panic!("writing {}: {error}", path.display()));
+        path
+    }
+
+    /// A new file `name` of `len_bytes` zeroes (sparse) and its path.
+    pub fn zero_file(&self, name: &str, len_bytes: u64) -> PathBuf {
+        let path = self.join(name);
+        File::create(&path)
+            .and_then(|file| file.set_len(len_bytes))
+            .unwrap_or_else(|error| panic!("creating {}: {error}", path.display()));
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Runs a command, returning its standard output or a message with its standard error.
+fn run(program: &str, args: &[&str]) -> Result<String, String> {
+    let output = Command::new(program).args(args).output().map_err(|error| format!("running {program}: {error}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "{program} {}: {}: {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
+/// Why loop devices cannot be used here, if they cannot: not root, no `losetup`, no loop
+/// driver.
+pub fn loop_devices_unavailable() -> Option<String> {
+    if !is_root() {
+        return Some("loop devices need root".into());
+    }
+    if let Err(error) = run("losetup", &["--version"]) {
+        return Some(format!("losetup is missing ({error})"));
+    }
+    if !Path::new("/dev/loop-control").exists() {
+        return Some("no /dev/loop-control (loop driver not loaded)".into());
+    }
+    None
+}
+
+/// A loop device over a backing file with direct I/O on, detached when dropped.
+#[derive(Debug)]
+pub struct LoopDevice {
+    path: PathBuf,
+}
+
+impl LoopDevice {
+    /// Attaches `backing` with `--direct-io=on` and `--sector-size sector_size`, or says
+    /// `SKIPPED` (naming `test`) and returns `None` where loop devices cannot be used.
+    ///
+    /// # Panics
+    /// If loop devices are available but `losetup` fails.
+    pub fn attach_or_skip(test: &str, backing: &Path, sector_size: u32) -> Option<LoopDevice> {
+        if let Some(reason) = loop_devices_unavailable() {
+            skip(test, reason);
+            return None;
+        }
+        let backing = backing.to_str().expect("a UTF-8 path");
+        let sector_size = sector_size.to_string();
+        let args = ["--find", "--show", "--direct-io=on", "--sector-size", &sector_size, backing];
+        let path = run("losetup", &args).unwrap_or_else(|error| panic!("attaching a loop device: {error}"));
+        assert!(path.starts_with("/dev/loop"), "losetup printed {path:?}");
+        Some(LoopDevice { path: PathBuf::from(path) })
+    }
+
+    /// The device node (`/dev/loopN`).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let path = self.path.to_str().expect("a UTF-8 path");
+        if let Err(error) = run("losetup", &["--detach", path]) {
+            eprintln!("detaching {path}: {error}");
+        }
+    }
+}
+
+/// A mount, unmounted when dropped.
+#[derive(Debug)]
+pub struct Mount {
+    target: PathBuf,
+}
+
+impl Mount {
+    /// Runs `mount ARGS... TARGET` (root only).
+    ///
+    /// # Errors
+    /// `mount`'s message.
+    pub fn new(args: &[&str], target: &Path) -> Result<Mount, String> {
+        let target_str = target.to_str().expect("a UTF-8 path");
+        let mut all = args.to_vec();
+        all.push(target_str);
+        run("mount", &all)?;
+        Ok(Mount { target: target.to_path_buf() })
+    }
+
+    /// Remounts the bind mount at `target` read-only.
+    ///
+    /// # Errors
+    /// `mount`'s message.
+    pub fn remount_read_only(&self) -> Result<(), String> {
+        let target = self.target.to_str().expect("a UTF-8 path");
+        run("mount", &["-o", "remount,bind,ro", target]).map(drop)
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let target = self.target.to_str().expect("a UTF-8 path");
+        if run("umount", &[target]).is_err() {
+            // Still busy (an open file): detach it now, the kernel finishes later.
+            let _ = run("umount", &["--lazy", target]);
+        }
+    }
+}

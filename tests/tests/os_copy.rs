@@ -1,0 +1,364 @@
+//! End-to-end tests through the real engine on real files and loop devices: copies to one and
+//! three targets checked byte for byte, zeroing with BLKZEROOUT, and the safety rules of
+//! `kcopyd-os` (busy devices, read-only sources, targets never extended).
+//!
+//! Loop-device tests need root and `losetup`; elsewhere they print `SKIPPED: reason`.
+
+use std::fs;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use kcopyd_core::{BlockDevice, Client, ClientConfig, Device, Flags, Job, Outcome, Region, SubmitError, WriteBuf};
+use kcopyd_os::{OpenError, OpenOptions, OsDevice};
+use kcopyd_tests::conformance::{block_on, read_ok, write_ok};
+use kcopyd_tests::fixtures::{LoopDevice, Mount, TempDir, is_root, pattern, skip};
+
+/// 8 MiB: long enough for many sub-jobs of the default 512 KiB.
+const LEN_BYTES: usize = 8 * 1024 * 1024;
+const LEN_SECTORS: u64 = (LEN_BYTES / 512) as u64;
+
+fn read_only() -> OpenOptions {
+    OpenOptions::default()
+}
+
+fn writable() -> OpenOptions {
+    OpenOptions { write: true, ..OpenOptions::default() }
+}
+
+fn open(path: &Path, options: &OpenOptions) -> Arc<OsDevice> {
+    Arc::new(OsDevice::open(path, options).unwrap_or_else(|error| panic!("opening {}: {error}", path.display())))
+}
+
+fn run(job: Job) -> Outcome {
+    let client = Client::new(ClientConfig::default()).expect("a client");
+    let outcome = client.submit_blocking(job).expect("the job is valid").wait();
+    let report = client.shutdown_blocking();
+    assert_eq!(report.pool.pages_in_use, 0);
+    outcome
+}
+
+fn region(device: &Arc<OsDevice>, start_sector: u64, len_sectors: u64) -> Region {
+    Region::new(device.clone() as Device, start_sector, len_sectors)
+}
+
+/// Asserts that `actual` equals `expected`, naming the first differing byte rather than
+/// printing megabytes.
+fn assert_same_bytes(actual: &[u8], expected: &[u8], what: &str) {
+    assert_eq!(actual.len(), expected.len(), "{what}: length");
+    if let Some(at) = actual.iter().zip(expected).position(|(a, e)| a != e) {
+        panic!("{what}: byte {at} (sector {}) differs", at / 512);
+    }
+}
+
+fn contents(path: &Path) -> Vec<u8> {
+    fs::read(path).unwrap_or_else(|error| panic!("reading {}: {error}", path.display()))
+}
+
+#[test]
+fn copy_file_to_one_file() {
+    let dir = TempDir::new("copy-file-file");
+    let data = pattern(1, LEN_BYTES);
+    let source_path = dir.file_with("source.img", &data);
+    // The target is 1 MiB longer and takes the copy at 1 MiB in.
+    let target_path = dir.zero_file("target.img", (LEN_BYTES + 1024 * 1024) as u64);
+    let source = open(&source_path, &read_only());
+    let target = open(&target_path, &writable());
+    assert!(source.is_direct() && target.is_direct());
+
+    let outcome =
+        run(Job::copy(region(&source, 0, LEN_SECTORS), vec![region(&target, 2048, LEN_SECTORS)], Flags::empty()));
+    assert!(outcome.is_ok(), "{outcome:?}");
+    assert!(source.stats().reads > 0 && target.stats().writes > 0);
+    drop((source, target));
+
+    let copied = contents(&target_path);
+    assert!(copied[..1024 * 1024].iter().all(|&b| b == 0), "the target before the copy is untouched");
+    assert_same_bytes(&copied[1024 * 1024..], &data, "target");
+    assert_same_bytes(&contents(&source_path), &data, "source (unchanged)");
+}
+
+#[test]
+fn copy_file_to_three_files_with_a_small_page_budget() {
+    let dir = TempDir::new("copy-file-3-files");
+    let data = pattern(2, LEN_BYTES);
+    let source = open(&dir.file_with("source.img", &data), &read_only());
+    let paths: Vec<_> = (0..3).map(|i| dir.zero_file(&format!("target-{i}.img"), LEN_BYTES as u64)).collect();
+    let targets: Vec<_> = paths.iter().map(|path| open(path, &writable())).collect();
+    let job = Job::copy(
+        region(&source, 0, LEN_SECTORS),
+        targets.iter().map(|target| region(target, 0, LEN_SECTORS)).collect(),
+        Flags::empty(),
+    );
+    let client =
+        Client::new(ClientConfig { page_budget: 16, sub_job_size_bytes: 64 * 1024, ..ClientConfig::default() })
+            .expect("a client");
+    let outcome = client.submit_blocking(job).unwrap().wait();
+    client.shutdown_blocking();
+    assert!(outcome.is_ok(), "{outcome:?}");
+    drop(targets);
+    for path in &paths {
+        assert_same_bytes(&contents(path), &data, &path.display().to_string());
+    }
+}
+
+#[test]
+fn copy_between_files_and_loop_devices() {
+    let test = "copy_between_files_and_loop_devices";
+    let dir = TempDir::new("copy-loop");
+    let data = pattern(3, LEN_BYTES);
+    let source_path = dir.file_with("source.img", &data);
+    let Some(loop_512) = LoopDevice::attach_or_skip(test, &dir.zero_file("loop-512.img", LEN_BYTES as u64), 512) else {
+        return;
+    };
+    let Some(loop_4096) = LoopDevice::attach_or_skip(test, &dir.zero_file("loop-4096.img", LEN_BYTES as u64), 4096)
+    else {
+        return;
+    };
+
+    // File → loop device (512-byte sectors), one target.
+    let source = open(&source_path, &read_only());
+    let first = open(loop_512.path(), &writable());
+    let outcome = run(Job::copy(region(&source, 0, LEN_SECTORS), vec![region(&first, 0, LEN_SECTORS)], Flags::empty()));
+    assert!(outcome.is_ok(), "{outcome:?}");
+    drop((source, first));
+    assert_same_bytes(&contents(loop_512.path()), &data, "file → loop-512");
+
+    // Loop device → a file, a 4096-byte-sector loop device and a second file at an offset:
+    // three targets, the job's block is 4096 bytes.
+    let source = open(loop_512.path(), &read_only());
+    let file_target_path = dir.zero_file("target-file.img", LEN_BYTES as u64);
+    let offset_target_path = dir.zero_file("target-offset.img", (LEN_BYTES * 2) as u64);
+    let file_target = open(&file_target_path, &writable());
+    let loop_target = open(loop_4096.path(), &writable());
+    let offset_target = open(&offset_target_path, &writable());
+    let half = LEN_SECTORS / 2;
+    let outcome = run(Job::copy(
+        region(&source, 0, LEN_SECTORS),
+        vec![
+            region(&file_target, 0, LEN_SECTORS),
+            region(&loop_target, 0, LEN_SECTORS),
+            region(&offset_target, half, LEN_SECTORS),
+        ],
+        Flags::empty(),
+    ));
+    assert!(outcome.is_ok(), "{outcome:?}");
+    drop((source, file_target, loop_target, offset_target));
+    assert_same_bytes(&contents(&file_target_path), &data, "loop-512 → file");
+    assert_same_bytes(&contents(loop_4096.path()), &data, "loop-512 → loop-4096");
+    let offset_copy = contents(&offset_target_path);
+    let start = half as usize * 512;
+    assert!(offset_copy[..start].iter().all(|&b| b == 0) && offset_copy[start + LEN_BYTES..].iter().all(|&b| b == 0));
+    assert_same_bytes(&offset_copy[start..start + LEN_BYTES], &data, "loop-512 → file at an offset");
+}
+
+#[test]
+fn zero_on_a_loop_device_is_offloaded_with_blkzeroout() {
+    let test = "zero_on_a_loop_device_is_offloaded_with_blkzeroout";
+    let dir = TempDir::new("zero-loop");
+    let data = pattern(4, LEN_BYTES);
+    let backing = dir.file_with("backing.img", &data);
+    let Some(loop_device) = LoopDevice::attach_or_skip(test, &backing, 4096) else { return };
+    let device = open(loop_device.path(), &writable());
+    assert!(device.geometry().write_zeroes, "block devices offload write-zeroes");
+    // Zero 1 MiB .. 5 MiB.
+    let outcome = run(Job::zero(vec![region(&device, 2048, 8192)], Flags::empty()));
+    assert!(outcome.is_ok(), "{outcome:?}");
+    let stats = device.stats();
+    assert_eq!((stats.write_zeroes_offloaded, stats.write_zeroes_written, stats.writes), (1, 0, 0), "{stats:?}");
+    drop(device);
+    let after = contents(loop_device.path());
+    let (start, end) = (1024 * 1024, 5 * 1024 * 1024);
+    assert!(after[start..end].iter().all(|&b| b == 0), "the range is zero");
+    assert_same_bytes(&after[..start], &data[..start], "before the range");
+    assert_same_bytes(&after[end..], &data[end..], "after the range");
+}
+
+#[test]
+fn zero_on_a_file_uses_zero_range_where_the_filesystem_has_it() {
+    let dir = TempDir::new("zero-file");
+    let data = pattern(5, LEN_BYTES);
+    let path = dir.file_with("target.img", &data);
+    let device = open(&path, &writable());
+    let offloaded = device.geometry().write_zeroes;
+    let outcome = run(Job::zero(vec![region(&device, 2048, 8192)], Flags::empty()));
+    assert!(outcome.is_ok(), "{outcome:?}");
+    let stats = device.stats();
+    if offloaded {
+        assert_eq!((stats.write_zeroes_offloaded, stats.write_zeroes_written, stats.writes), (1, 0, 0), "{stats:?}");
+    } else {
+        skip("zero_on_a_file_uses_zero_range", "this filesystem has no FALLOC_FL_ZERO_RANGE: zeroed by writes");
+        assert!(stats.writes > 0, "{stats:?}");
+    }
+    drop(device);
+    let after = contents(&path);
+    assert_eq!(after.len(), LEN_BYTES, "zeroing never changes the file's length");
+    let (start, end) = (1024 * 1024, 5 * 1024 * 1024);
+    assert!(after[start..end].iter().all(|&b| b == 0), "the range is zero");
+    assert_same_bytes(&after[..start], &data[..start], "before the range");
+    assert_same_bytes(&after[end..], &data[end..], "after the range");
+}
+
+#[test]
+fn a_busy_block_device_is_refused_for_writing() {
+    let test = "a_busy_block_device_is_refused_for_writing";
+    let dir = TempDir::new("busy");
+    let Some(loop_device) = LoopDevice::attach_or_skip(test, &dir.zero_file("backing.img", LEN_BYTES as u64), 512)
+    else {
+        return;
+    };
+    let path = loop_device.path();
+    let assert_busy = |holder: &str| match OsDevice::open(path, &writable()) {
+        Err(error @ OpenError::Busy { .. }) => {
+            assert_eq!(error.path(), path);
+            let message = error.to_string();
+            assert!(message.contains(&path.display().to_string()) && message.contains("busy"), "{message}");
+        }
+        other => panic!("{}: held by {holder}, expected Busy, got {other:?}", path.display()),
+    };
+
+    // Held by a plain exclusive open (what mount, md or device-mapper do).
+    let holder = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::EXCL.bits() as i32)
+        .open(path)
+        .expect("an exclusive open");
+    assert_busy("an O_EXCL descriptor");
+    // A source is opened without O_EXCL: reading a claimed device is allowed.
+    let reader = open(path, &read_only());
+    assert_eq!(reader.geometry().len_sectors, LEN_SECTORS);
+    drop(reader);
+    drop(holder);
+
+    // Held by a writable OsDevice: a second writer is refused, and released on drop.
+    let writer = open(path, &writable());
+    assert_busy("a writable OsDevice");
+    write_ok(writer.as_ref(), 0, &pattern(6, 4096));
+    drop(writer);
+    let again = open(path, &writable());
+    assert_eq!(read_ok(again.as_ref(), 0, 4096), pattern(6, 4096));
+}
+
+#[test]
+fn a_read_only_source_file_is_refused_for_writing() {
+    let test = "a_read_only_source_file_is_refused_for_writing";
+    let dir = TempDir::new("read-only");
+    let data = pattern(7, 1024 * 1024);
+    let path = dir.file_with("source.img", &data);
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o444)).unwrap();
+
+    // Read-only access works and reads the data.
+    let source = open(&path, &read_only());
+    assert_eq!(read_ok(source.as_ref(), 0, 4096), data[..4096]);
+    // A device opened read-only refuses writes before any I/O.
+    let error = block_on(source.write(0, WriteBuf::zeroes(4096))).unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::PermissionDenied, "{error}");
+    let error = block_on(source.write_zeroes(0, 8)).unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::PermissionDenied, "{error}");
+    drop(source);
+    assert_same_bytes(&contents(&path), &data, "the read-only source");
+
+    if !is_root() {
+        // Mode 0444 stops anyone but root.
+        match OsDevice::open(&path, &writable()) {
+            Err(error @ OpenError::PermissionDenied { .. }) => assert_eq!(error.path(), path),
+            other => panic!("expected PermissionDenied, got {other:?}"),
+        }
+        return;
+    }
+    // Root ignores mode bits: make the file read-only with a read-only bind mount instead.
+    let mount_point = dir.join("ro");
+    fs::create_dir(&mount_point).unwrap();
+    let mount = match Mount::new(&["--bind", dir.path().to_str().unwrap()], &mount_point) {
+        Ok(mount) => mount,
+        Err(error) => return skip(test, format!("cannot bind-mount: {error}")),
+    };
+    if let Err(error) = mount.remount_read_only() {
+        return skip(test, format!("cannot remount read-only: {error}"));
+    }
+    let read_only_path = mount_point.join("source.img");
+    match OsDevice::open(&read_only_path, &writable()) {
+        Err(error @ OpenError::ReadOnly { .. }) => {
+            assert_eq!(error.path(), read_only_path);
+            assert!(error.to_string().contains("read-only"), "{error}");
+        }
+        other => panic!("expected ReadOnly, got {other:?}"),
+    }
+    assert!(OsDevice::open(&read_only_path, &read_only()).is_ok(), "reading from a read-only mount works");
+}
+
+#[test]
+fn a_target_file_is_never_extended_or_truncated() {
+    let dir = TempDir::new("never-extended");
+    let data = pattern(8, LEN_BYTES);
+    let source = open(&dir.file_with("source.img", &data), &read_only());
+
+    // A target of 1 MiB + 300 bytes: the device is its 2048 whole sectors; the tail is not
+    // part of it and keeps its bytes.
+    let tail = vec![0x5a; 300];
+    let mut initial = vec![0u8; 1024 * 1024];
+    initial.extend_from_slice(&tail);
+    let target_path = dir.file_with("target.img", &initial);
+    let target = open(&target_path, &writable());
+    assert_eq!(target.geometry().len_sectors, 2048);
+
+    let outcome = run(Job::copy(region(&source, 0, 2048), vec![region(&target, 0, 2048)], Flags::empty()));
+    assert!(outcome.is_ok(), "{outcome:?}");
+
+    // A job reaching past the end is refused at submission: nothing is written.
+    let client = Client::new(ClientConfig::default()).unwrap();
+    let error = client
+        .submit_blocking(Job::copy(region(&source, 0, 4096), vec![region(&target, 0, 4096)], Flags::empty()))
+        .unwrap_err();
+    assert!(matches!(error, SubmitError::OutOfRange { .. }), "{error:?}");
+    client.shutdown_blocking();
+    // So is a write past the end sent to the device directly.
+    assert!(block_on(target.write(2048, WriteBuf::zeroes(4096))).is_err());
+    assert!(block_on(target.write_zeroes(2040, 16)).is_err());
+    drop(target);
+
+    let after = contents(&target_path);
+    assert_eq!(after.len(), initial.len(), "the target keeps its length");
+    assert_same_bytes(&after[..1024 * 1024], &data[..1024 * 1024], "the copied part");
+    assert_eq!(after[1024 * 1024..], tail, "the tail past the last whole sector is untouched");
+}
+
+#[test]
+fn create_len_creates_and_extends_but_never_truncates() {
+    let dir = TempDir::new("create-len");
+    let missing = dir.join("missing.img");
+    match OsDevice::open(&missing, &writable()) {
+        Err(error @ OpenError::NotFound { .. }) => assert_eq!(error.path(), missing),
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    assert!(!missing.exists(), "a missing target is not created without create_len");
+
+    let created = open(&missing, &OpenOptions { create_len: Some(1024 * 1024), ..writable() });
+    assert_eq!(created.geometry().len_sectors, 2048);
+    drop(created);
+    assert_eq!(fs::metadata(&missing).unwrap().len(), 1024 * 1024);
+
+    let extended = open(&missing, &OpenOptions { create_len: Some(2 * 1024 * 1024), ..writable() });
+    assert_eq!(extended.geometry().len_sectors, 4096);
+    drop(extended);
+    assert_eq!(fs::metadata(&missing).unwrap().len(), 2 * 1024 * 1024);
+
+    let longer = open(&missing, &OpenOptions { create_len: Some(4096), ..writable() });
+    assert_eq!(longer.geometry().len_sectors, 4096, "a longer file keeps its length");
+    drop(longer);
+    assert_eq!(fs::metadata(&missing).unwrap().len(), 2 * 1024 * 1024, "never truncated");
+}
+
+#[test]
+fn a_file_that_shrank_gives_a_read_error_not_short_data() {
+    let dir = TempDir::new("shrunk");
+    let data = pattern(9, 1024 * 1024);
+    let path = dir.file_with("source.img", &data);
+    let device = open(&path, &read_only());
+    fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(512 * 1024).unwrap();
+    // The first half reads; a read crossing the new end stops short and fails.
+    assert_eq!(read_ok(device.as_ref(), 0, 4096), data[..4096]);
+    let (_, result) = block_on(device.read(1000, kcopyd_tests::conformance::read_buf(64 * 1024)));
+    let error = result.expect_err("a read past the shrunk end fails");
+    assert_eq!(error.kind(), std::io::ErrorKind::UnexpectedEof, "{error}");
+}
