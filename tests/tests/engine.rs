@@ -6,7 +6,7 @@ use std::thread;
 use std::time::Duration;
 
 use kcopyd_core::{Client, ClientConfig, Flags, Job, Outcome, RangeSet, SubmitError, TargetMask};
-use kcopyd_sim::{Latency, MemDisk, MemDiskOptions};
+use kcopyd_sim::{IoModel, Latency, MemDisk, MemDiskOptions};
 use kcopyd_tests::util::{assert_same, patterned, region, zeroed};
 
 fn client(config: ClientConfig) -> Client {
@@ -251,7 +251,11 @@ fn jittery_source(seed: u64) -> Arc<MemDisk> {
     let disk = MemDisk::new(MemDiskOptions {
         name: "jittery".into(),
         len_sectors: 1024,
-        latency: Latency { read_us: 10, jitter_us: 2000, seed, ..Latency::default() },
+        latency: Latency {
+            read: IoModel { cost_us: 10, jitter_us: 2000, ..IoModel::default() },
+            seed,
+            ..Latency::default()
+        },
         ..MemDiskOptions::default()
     });
     disk.fill_pattern(seed);

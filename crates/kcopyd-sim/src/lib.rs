@@ -5,7 +5,8 @@
 //!            ┌──────────────── MemDisk ────────────────┐
 //!  request ──► check: aligned? in range? zoned WP? │ EINVAL / EIO as the kernel says
 //!            │ fault map: bad read / bad write ranges │ EIO, nothing transferred
-//!            │ latency: per-I/O cost + seeded jitter  │ tokio sleep (virtual when paused)
+//!            │ timing: queue slots, cost, bandwidth,  │ tokio sleep (virtual when paused)
+//!            │         seeded jitter                  │
 //!            │ memory: the true bytes                 │ copied into / out of the buffer
 //!            └─────────────────────────────────────────┘
 //! ```
@@ -16,7 +17,7 @@
 
 mod mem_disk;
 
-pub use mem_disk::{IoStats, Latency, MemDisk, MemDiskOptions};
+pub use mem_disk::{IoModel, IoStats, Latency, MemDisk, MemDiskOptions};
 
 /// A deterministic 64-bit mixer (splitmix64): the same input gives the same output.
 pub fn mix64(mut x: u64) -> u64 {

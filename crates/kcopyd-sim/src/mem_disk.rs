@@ -7,6 +7,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use kcopyd_core::{BlockDevice, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf};
 use serde::{Deserialize, Serialize};
 
@@ -19,19 +21,54 @@ const EIO: i32 = 5;
 
 static NEXT_DISK: AtomicU64 = AtomicU64::new(1);
 
-/// Delay added to every request, in microseconds of (possibly virtual) tokio time.
-/// Every field defaults to zero: no delay.
+/// The timing of one kind of request (reads, or writes and write-zeroes). Every field
+/// defaults to zero: instant completion.
+///
+/// A request waits for a free queue slot (`queue_depth` of them, 0 = unlimited), pays
+/// `cost_us`, then moves its bytes over the device's one data path at
+/// `bandwidth_bytes_per_s` (0 = unlimited) behind earlier transfers, and completes after up
+/// to `jitter_us` more, drawn from the disk's seed.
+///
+/// Worked example: cost 100 µs, 100 MB/s, queue depth 1, no jitter: two 1 MB reads issued
+/// together complete at 10.1 ms and 20.2 ms.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IoModel {
+    /// Fixed cost of one request (seek, command overhead).
+    pub cost_us: u64,
+    /// Transfer rate of the data path; 0 means no transfer time.
+    pub bandwidth_bytes_per_s: u64,
+    /// Requests served at once; 0 means no limit.
+    pub queue_depth: u32,
+    /// Up to this much extra delay per request, drawn from the seed.
+    pub jitter_us: u64,
+}
+
+impl IoModel {
+    fn is_instant(&self) -> bool {
+        self.cost_us == 0 && self.bandwidth_bytes_per_s == 0 && self.jitter_us == 0
+    }
+}
+
+/// The timing model of a disk, in (possibly virtual) tokio time. Defaults: instant.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Latency {
-    /// Cost of one read.
-    pub read_us: u64,
-    /// Cost of one write or write-zeroes.
-    pub write_us: u64,
-    /// Up to this much extra per request, drawn from `seed`.
-    pub jitter_us: u64,
+    /// Reads.
+    pub read: IoModel,
+    /// Writes and write-zeroes.
+    pub write: IoModel,
     /// Seed of the jitter.
     pub seed: u64,
+}
+
+/// The busy-until times of one direction of a disk.
+#[derive(Default)]
+struct Timeline {
+    /// When each queue slot frees up.
+    slots: Vec<Instant>,
+    /// When the data path frees up.
+    path_free: Option<Instant>,
 }
 
 /// How to build a [`MemDisk`]. Defaults: 512-byte blocks, no offload, not zoned, no latency.
@@ -95,6 +132,8 @@ struct State {
     write_pointers: Vec<u64>,
     stats: IoStats,
     jitter_draws: u64,
+    reads: Timeline,
+    writes: Timeline,
 }
 
 /// An in-memory block device holding its bytes densely.
@@ -128,6 +167,8 @@ impl MemDisk {
                 write_pointers,
                 stats: IoStats::default(),
                 jitter_draws: 0,
+                reads: Timeline::default(),
+                writes: Timeline::default(),
             }),
             options: MemDiskOptions { zone_sectors, ..options },
         }
@@ -233,19 +274,49 @@ impl MemDisk {
         Ok(())
     }
 
-    fn delay(&self, base_us: u64) -> Option<Duration> {
+    /// When a request of `len_bytes` issued now completes, or `None` for an instant disk.
+    fn schedule(&self, write: bool, len_bytes: usize) -> Option<Instant> {
         let latency = &self.options.latency;
-        if base_us == 0 && latency.jitter_us == 0 {
+        let model = if write { latency.write } else { latency.read };
+        if model.is_instant() {
             return None;
         }
-        let jitter = if latency.jitter_us == 0 {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let jitter_us = if model.jitter_us == 0 {
             0
         } else {
-            let mut state = self.lock();
             state.jitter_draws += 1;
-            mix64(latency.seed ^ mix64(state.jitter_draws)) % (latency.jitter_us + 1)
+            mix64(latency.seed ^ mix64(state.jitter_draws)) % (model.jitter_us + 1)
         };
-        Some(Duration::from_micros(base_us + jitter))
+        let timeline = if write { &mut state.writes } else { &mut state.reads };
+        let slot = if model.queue_depth == 0 {
+            None
+        } else {
+            if timeline.slots.is_empty() {
+                timeline.slots = vec![now; model.queue_depth as usize];
+            }
+            // The slot that frees first; ties go to the lowest index, for determinism.
+            let (index, _) = timeline.slots.iter().enumerate().min_by_key(|&(i, t)| (*t, i)).expect("depth >= 1");
+            Some(index)
+        };
+        let start = slot.map_or(now, |i| timeline.slots[i].max(now));
+        let transfer_start = start + Duration::from_micros(model.cost_us);
+        let transfer_end = if model.bandwidth_bytes_per_s == 0 {
+            transfer_start
+        } else {
+            let transfer = Duration::from_nanos(
+                (len_bytes as u128 * 1_000_000_000 / u128::from(model.bandwidth_bytes_per_s)) as u64,
+            );
+            let begin = timeline.path_free.map_or(transfer_start, |free| free.max(transfer_start));
+            timeline.path_free = Some(begin + transfer);
+            begin + transfer
+        };
+        let done = transfer_end + Duration::from_micros(jitter_us);
+        if let Some(i) = slot {
+            timeline.slots[i] = done;
+        }
+        Some(done)
     }
 
     fn do_read(&self, offset_sectors: u64, buf: &mut ReadBuf) -> io::Result<()> {
@@ -323,10 +394,10 @@ impl BlockDevice for MemDisk {
     }
 
     fn read(&self, offset_sectors: u64, mut buf: ReadBuf) -> IoFuture<'_, (ReadBuf, io::Result<()>)> {
-        let delay = self.delay(self.options.latency.read_us);
+        let done = self.schedule(false, buf.len());
         Box::pin(async move {
-            if let Some(delay) = delay {
-                tokio::time::sleep(delay).await;
+            if let Some(done) = done {
+                tokio::time::sleep_until(done).await;
             }
             let result = self.do_read(offset_sectors, &mut buf);
             (buf, result)
@@ -334,20 +405,21 @@ impl BlockDevice for MemDisk {
     }
 
     fn write(&self, offset_sectors: u64, buf: WriteBuf) -> IoFuture<'_, io::Result<()>> {
-        let delay = self.delay(self.options.latency.write_us);
+        let done = self.schedule(true, buf.len());
         Box::pin(async move {
-            if let Some(delay) = delay {
-                tokio::time::sleep(delay).await;
+            if let Some(done) = done {
+                tokio::time::sleep_until(done).await;
             }
             self.do_write(offset_sectors, Some(&buf), buf.len())
         })
     }
 
     fn write_zeroes(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
-        let delay = self.delay(self.options.latency.write_us);
+        // Offloaded zeroing moves no data: it costs one request, not bandwidth.
+        let done = self.schedule(true, 0);
         Box::pin(async move {
-            if let Some(delay) = delay {
-                tokio::time::sleep(delay).await;
+            if let Some(done) = done {
+                tokio::time::sleep_until(done).await;
             }
             let len_bytes = usize::try_from(len_sectors).map_or(usize::MAX, |s| s.saturating_mul(SECTOR_SIZE));
             self.do_write(offset_sectors, None, len_bytes)
