@@ -17,7 +17,7 @@
 
 mod mem_disk;
 
-pub use mem_disk::{IoModel, IoStats, Latency, MemDisk, MemDiskOptions};
+pub use mem_disk::{FaultKind, FaultRecord, IoModel, IoStats, Latency, MemDisk, MemDiskOptions, Operation};
 
 /// A deterministic 64-bit mixer (splitmix64): the same input gives the same output.
 pub fn mix64(mut x: u64) -> u64 {

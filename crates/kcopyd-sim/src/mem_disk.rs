@@ -124,7 +124,43 @@ pub struct IoStats {
     pub written_bytes: u64,
 }
 
+/// The operation a fault hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Operation {
+    /// A read.
+    Read,
+    /// A write.
+    Write,
+    /// A write-zeroes.
+    WriteZeroes,
+}
+
+/// What kind of fault fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FaultKind {
+    /// A read touched a latent sector error.
+    LatentSectorError,
+    /// A write touched a sector set to fail writes.
+    WriteError,
+}
+
+/// One fault that actually fired: the oracle tests compare outcomes with.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FaultRecord {
+    /// Virtual (or real) time since the disk was made, in microseconds.
+    pub at_us: u64,
+    /// The device's name.
+    pub device: String,
+    /// The operation that failed.
+    pub operation: Operation,
+    /// The sectors of the failed request.
+    pub sectors: Range<u64>,
+    /// What fired.
+    pub kind: FaultKind,
+}
+
 struct State {
+    faults_fired: Vec<FaultRecord>,
     data: Vec<u8>,
     bad_reads: RangeSet,
     bad_writes: RangeSet,
@@ -139,6 +175,7 @@ struct State {
 /// An in-memory block device holding its bytes densely.
 pub struct MemDisk {
     options: MemDiskOptions,
+    created: Instant,
     id: DeviceId,
     state: Mutex<State>,
 }
@@ -160,7 +197,9 @@ impl MemDisk {
         let len_bytes = usize::try_from(options.len_sectors).expect("fits in memory") * SECTOR_SIZE;
         MemDisk {
             id: DeviceId { namespace: "mem", major: NEXT_DISK.fetch_add(1, Ordering::Relaxed), minor: 0 },
+            created: Instant::now(),
             state: Mutex::new(State {
+                faults_fired: Vec::new(),
                 data: vec![0; len_bytes],
                 bad_reads: RangeSet::new(),
                 bad_writes: RangeSet::new(),
@@ -228,6 +267,16 @@ impl MemDisk {
         assert_eq!(data.len() % SECTOR_SIZE, 0);
         let len_sectors = (data.len() / SECTOR_SIZE) as u64;
         self.lock().data[byte_range(start_sector, len_sectors)].copy_from_slice(data);
+    }
+
+    /// Every fault that fired so far, in order.
+    pub fn fault_log(&self) -> Vec<FaultRecord> {
+        self.lock().faults_fired.clone()
+    }
+
+    fn record_fault(&self, state: &mut State, operation: Operation, sectors: Range<u64>, kind: FaultKind) {
+        let at_us = Instant::now().saturating_duration_since(self.created).as_micros() as u64;
+        state.faults_fired.push(FaultRecord { at_us, device: self.options.name.clone(), operation, sectors, kind });
     }
 
     /// Requests served so far.
@@ -325,6 +374,7 @@ impl MemDisk {
         state.stats.reads += 1;
         let result = sectors.and_then(|sectors| {
             if state.bad_reads.intersects(&sectors) {
+                self.record_fault(&mut state, Operation::Read, sectors, FaultKind::LatentSectorError);
                 return Err(io::Error::from_raw_os_error(EIO));
             }
             let mut at = sectors.start as usize * SECTOR_SIZE;
@@ -350,6 +400,8 @@ impl MemDisk {
         }
         let result = sectors.and_then(|sectors| {
             if state.bad_writes.intersects(&sectors) {
+                let operation = if data.is_some() { Operation::Write } else { Operation::WriteZeroes };
+                self.record_fault(&mut state, operation, sectors, FaultKind::WriteError);
                 return Err(io::Error::from_raw_os_error(EIO));
             }
             self.advance_write_pointer(&mut state, &sectors)?;
