@@ -5,6 +5,7 @@
 //!  TempDir (/var/tmp/kcopyd-test-PID-N-label, removed on drop)
 //!    └─ backing.img ──losetup --find --show --direct-io=on──► LoopDevice (/dev/loopN, detached on drop)
 //!    └─ mnt/ ──mount──► Mount (unmounted on drop, before the directory goes)
+//!  Ext4OnLoop = LoopDevice + mkfs.ext4 + Mount (unmounted, then detached)
 //! ```
 
 use std::fmt;
@@ -114,7 +115,10 @@ impl Drop for TempDir {
 }
 
 /// Runs a command, returning its standard output or a message with its standard error.
-fn run(program: &str, args: &[&str]) -> Result<String, String> {
+///
+/// # Errors
+/// The command is missing or fails.
+pub fn run(program: &str, args: &[&str]) -> Result<String, String> {
     let output = Command::new(program).args(args).output().map_err(|error| format!("running {program}: {error}"))?;
     if !output.status.success() {
         return Err(format!(
@@ -218,5 +222,50 @@ impl Drop for Mount {
             // Still busy (an open file): detach it now, the kernel finishes later.
             let _ = run("umount", &["--lazy", target]);
         }
+    }
+}
+
+/// An ext4 filesystem on a loop device, mounted; unmounted and detached when dropped.
+#[derive(Debug)]
+pub struct Ext4OnLoop {
+    // Fields drop in order: unmount first, then detach.
+    mount: Mount,
+    loop_device: LoopDevice,
+}
+
+impl Ext4OnLoop {
+    /// Makes a `len_bytes` backing file in `dir`, attaches it with `sector_size`-byte sectors,
+    /// formats it ext4 and mounts it at `dir/mnt`; or says `SKIPPED` (naming `test`) and
+    /// returns `None` where loop devices, `mkfs.ext4` or mounting are not available.
+    ///
+    /// # Panics
+    /// If loop devices are available but `losetup` fails.
+    pub fn new_or_skip(test: &str, dir: &TempDir, len_bytes: u64, sector_size: u32) -> Option<Ext4OnLoop> {
+        let backing = dir.zero_file("ext4.img", len_bytes);
+        let loop_device = LoopDevice::attach_or_skip(test, &backing, sector_size)?;
+        let device = loop_device.path().to_str().expect("a UTF-8 path");
+        if let Err(error) = run("mkfs.ext4", &["-q", "-F", device]) {
+            skip(test, format!("cannot make an ext4 filesystem: {error}"));
+            return None;
+        }
+        let mount_point = dir.join("mnt");
+        fs::create_dir_all(&mount_point).expect("a mount point");
+        match Mount::new(&["-t", "ext4", device], &mount_point) {
+            Ok(mount) => Some(Ext4OnLoop { mount, loop_device }),
+            Err(error) => {
+                skip(test, format!("cannot mount ext4: {error}"));
+                None
+            }
+        }
+    }
+
+    /// The loop device (mounted, so busy).
+    pub fn device(&self) -> &Path {
+        self.loop_device.path()
+    }
+
+    /// A path inside the mounted filesystem.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.mount.target.join(name)
     }
 }

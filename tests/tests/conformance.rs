@@ -3,13 +3,14 @@
 //! direct-I/O refusal. A backend that cannot run here prints `SKIPPED: reason`.
 
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use kcopyd_core::{BlockDevice, Geometry};
 use kcopyd_os::{DeviceKind, OpenError, OpenOptions, OsDevice};
 use kcopyd_sim::{MemDisk, MemDiskOptions};
 use kcopyd_tests::conformance::{self, DEVICE_SECTORS_MIN};
-use kcopyd_tests::fixtures::{LoopDevice, Mount, TempDir, is_root, note, skip};
+use kcopyd_tests::fixtures::{Ext4OnLoop, LoopDevice, Mount, TempDir, is_root, note, skip};
 
 /// Bytes of every file and loop device the suite runs on.
 const DEVICE_BYTES: u64 = DEVICE_SECTORS_MIN * 512;
@@ -55,7 +56,6 @@ fn os_file_direct() {
     assert_eq!(geometry.len_sectors, DEVICE_SECTORS_MIN);
     assert!(geometry.logical_block_size >= 512);
     let metadata = fs::metadata(&path).unwrap();
-    use std::os::unix::fs::MetadataExt;
     assert_eq!(
         (device.id().namespace, device.id().major, device.id().minor),
         ("file", metadata.dev(), metadata.ino()),
@@ -87,6 +87,20 @@ fn os_file_buffered() {
     assert_eq!(device.stats().bounced, 0, "buffered I/O takes any memory");
 }
 
+#[test]
+fn os_file_direct_on_a_filesystem_with_4096_byte_sectors() {
+    let test = "os_file_direct_on_a_filesystem_with_4096_byte_sectors";
+    let dir = TempDir::new("conformance-ext4-4096");
+    let Some(ext4) = Ext4OnLoop::new_or_skip(test, &dir, 64 * 1024 * 1024, 4096) else { return };
+    let path = ext4.join("device.img");
+    fs::File::create(&path).and_then(|file| file.set_len(DEVICE_BYTES)).unwrap();
+    let device = open(&path, &writable());
+    assert_eq!(device.geometry().logical_block_size, 4096, "the filesystem's direct-I/O alignment");
+    conformance::run_all(&device);
+    drop(device);
+    assert_eq!(fs::metadata(&path).unwrap().len(), DEVICE_BYTES, "the file kept its length");
+}
+
 /// Attaches a loop device of `sector_size` over a fresh file and runs the suite on it.
 fn loop_device_conformance(test: &str, sector_size: u32) {
     let dir = TempDir::new(test);
@@ -99,7 +113,6 @@ fn loop_device_conformance(test: &str, sector_size: u32) {
         Geometry { len_sectors: DEVICE_SECTORS_MIN, logical_block_size: sector_size, write_zeroes: true, zoned: false },
         "geometry from BLKGETSIZE64 and BLKSSZGET"
     );
-    use std::os::unix::fs::MetadataExt;
     let rdev = fs::metadata(loop_device.path()).unwrap().rdev();
     assert_eq!((device.id().namespace, device.id().major, device.id().minor), ("block", rdev, 0));
     conformance::run_all(&device);

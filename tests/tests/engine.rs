@@ -154,8 +154,8 @@ fn a_read_error_without_ignore_error_stops_the_job_and_reports_the_chunk() {
     assert!(outcome.read_err);
     assert!(outcome.write_err.is_empty());
     // Chunks are 16 sectors: the one holding sector 100 is 96..112.
-    assert_eq!(outcome.read_failed.ranges(), &[96..112]);
-    assert_eq!(outcome.targets[0].not_copied.ranges(), &[96..256]);
+    assert_eq!(outcome.read_failed, RangeSet::from_range(96..112));
+    assert_eq!(outcome.targets[0].not_copied, RangeSet::from_range(96..256));
     assert_same(&source, 0, &target, 0, 96);
     // Targets past the failure keep their old data.
     assert_eq!(target.snapshot(96, 160), before[96 * 512..]);
@@ -223,9 +223,9 @@ fn write_errors_name_the_failing_target_and_range() {
     let mut expected = TargetMask::default();
     expected.set(1);
     assert_eq!(outcome.write_err, expected);
-    assert_eq!(outcome.targets[1].write_failed.ranges(), &[32..48]);
-    assert_eq!(outcome.targets[1].not_copied.ranges(), &[32..128]);
-    assert_eq!(outcome.targets[0].not_copied.ranges(), &[48..128]);
+    assert_eq!(outcome.targets[1].write_failed, RangeSet::from_range(32..48));
+    assert_eq!(outcome.targets[1].not_copied, RangeSet::from_range(32..128));
+    assert_eq!(outcome.targets[0].not_copied, RangeSet::from_range(48..128));
     assert!(bad.snapshot(48, 80).iter().all(|&b| b == 0), "nothing written past the failure");
 
     // With IGNORE_ERROR the copy goes on: only the failing write is missing.
@@ -239,8 +239,8 @@ fn write_errors_name_the_failing_target_and_range() {
         .wait();
     assert_eq!(outcome.write_err, expected);
     assert!(outcome.targets[0].not_copied.is_empty());
-    assert_eq!(outcome.targets[1].write_failed.ranges(), &[32..48]);
-    assert_eq!(outcome.targets[1].not_copied.ranges(), &[32..48]);
+    assert_eq!(outcome.targets[1].write_failed, RangeSet::from_range(32..48));
+    assert_eq!(outcome.targets[1].not_copied, RangeSet::from_range(32..48));
     assert_same(&source, 0, &good, 0, 128);
     assert_same(&source, 0, &bad, 0, 32);
     assert_same(&source, 48, &bad, 48, 80);
@@ -335,8 +335,7 @@ fn without_write_seq_a_jittery_copy_writes_out_of_order() {
             .unwrap()
             .wait();
         client.shutdown_blocking();
-        let order = order.lock().unwrap().clone();
-        order
+        order.lock().unwrap().clone()
     };
     assert!(sorted_order.windows(2).all(|w| w[0] < w[1]), "{sorted_order:?}");
     client.shutdown_blocking();

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use kcopyd_core::{BlockDevice, Client, ClientConfig, Device, Flags, Job, Outcome, Region, SubmitError, WriteBuf};
 use kcopyd_os::{OpenError, OpenOptions, OsDevice};
 use kcopyd_tests::conformance::{block_on, read_ok, write_ok};
-use kcopyd_tests::fixtures::{LoopDevice, Mount, TempDir, is_root, pattern, skip};
+use kcopyd_tests::fixtures::{Ext4OnLoop, LoopDevice, Mount, TempDir, is_root, pattern, skip};
 
 /// 8 MiB: long enough for many sub-jobs of the default 512 KiB.
 const LEN_BYTES: usize = 8 * 1024 * 1024;
@@ -237,6 +237,22 @@ fn a_busy_block_device_is_refused_for_writing() {
     drop(writer);
     let again = open(path, &writable());
     assert_eq!(read_ok(again.as_ref(), 0, 4096), pattern(6, 4096));
+}
+
+#[test]
+fn a_mounted_block_device_is_refused_for_writing_but_readable() {
+    let test = "a_mounted_block_device_is_refused_for_writing_but_readable";
+    let dir = TempDir::new("mounted");
+    let Some(ext4) = Ext4OnLoop::new_or_skip(test, &dir, 32 * 1024 * 1024, 512) else { return };
+    match OsDevice::open(ext4.device(), &writable()) {
+        Err(error @ OpenError::Busy { .. }) => assert_eq!(error.path(), ext4.device()),
+        other => panic!("{}: mounted, expected Busy, got {other:?}", ext4.device().display()),
+    }
+    let source = open(ext4.device(), &read_only());
+    assert_eq!(source.geometry().len_sectors, 65536);
+    // ext4's superblock magic (0xef53) sits at byte 1080.
+    let start = read_ok(source.as_ref(), 0, 4096);
+    assert_eq!(start[1080..1082], [0x53, 0xef]);
 }
 
 #[test]

@@ -54,6 +54,10 @@ fn main() {
         .collect();
     failed.sort();
     let report = client.shutdown_blocking();
-    println!("{} regions copied, failed: {failed:?}; {} jobs in all", REGIONS as usize - failed.len(), report.jobs_completed);
+    println!(
+        "{} regions copied, failed: {failed:?}; {} jobs in all",
+        REGIONS as usize - failed.len(),
+        report.jobs_completed
+    );
     assert_eq!(failed, vec![10]);
 }

@@ -245,10 +245,11 @@ impl JobRun {
         self.state.borrow_mut().read_err = true;
         if !self.spec.ignore_error() {
             drop(buf);
-            let mut state = self.state.borrow_mut();
-            state.stopped = true;
-            state.read_failed.insert(chunk.clone());
-            drop(state);
+            {
+                let mut state = self.state.borrow_mut();
+                state.stopped = true;
+                state.read_failed.insert(chunk.clone());
+            }
             // Nothing to write, but under WRITE_SEQ later chunks wait for this one's turn.
             return self.write_chunk(chunk, WriteBuf::default(), RangeSet::new()).await;
         }

@@ -49,7 +49,8 @@ pub struct OpenOptions {
     /// Regular files only, with `write`: create the file if it is missing and extend it to
     /// this many bytes (a multiple of 512) if it is shorter. A longer file is left as it is:
     /// nothing is ever truncated. Without it a missing target is [`OpenError::NotFound`] and
-    /// the file keeps its length.
+    /// the file keeps its length. A file created here stays if the open fails afterwards
+    /// (a filesystem refusing O_DIRECT, say).
     pub create_len: Option<u64>,
 }
 
@@ -192,15 +193,12 @@ impl OsDevice {
     /// without direct I/O, a path of another kind, or a failing ioctl.
     pub fn open(path: &Path, options: &OpenOptions) -> Result<OsDevice, OpenError> {
         options.validate(path)?;
-        let direct = !options.buffered;
         let kind = match std::fs::metadata(path) {
             Ok(metadata) => kind_of(path, &metadata)?,
             Err(error) if error.kind() == io::ErrorKind::NotFound && options.create_len.is_some() => DeviceKind::File,
             Err(error) => {
-                return Err(classify(path, error, false, String::new, |path, source| OpenError::Metadata {
-                    path,
-                    source,
-                }));
+                let metadata_error = |path, source| OpenError::Metadata { path, source };
+                return Err(classify(path, error, false, String::new, metadata_error));
             }
         };
         if kind == DeviceKind::BlockDevice && options.create_len.is_some() {
@@ -209,31 +207,7 @@ impl OsDevice {
                 reason: "create_len applies to regular files, not block devices".into(),
             });
         }
-
-        let mut flags = OFlags::empty();
-        if direct {
-            flags |= OFlags::DIRECT;
-        }
-        if kind == DeviceKind::BlockDevice && options.write {
-            // Exclusive open: EBUSY if the device is mounted or claimed (and nobody else may
-            // mount or claim it while we write).
-            flags |= OFlags::EXCL;
-        }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(options.write)
-            .create(kind == DeviceKind::File && options.create_len.is_some())
-            .custom_flags(flags.bits() as i32)
-            .open(path)
-            .map_err(|error| {
-                classify(
-                    path,
-                    error,
-                    direct,
-                    || sys::filesystem_name(path),
-                    |path, source| OpenError::Open { path, source },
-                )
-            })?;
+        let file = open_descriptor(path, kind, options)?;
         let metadata = file.metadata().map_err(|source| OpenError::Metadata { path: path.to_path_buf(), source })?;
         if kind_of(path, &metadata)? != kind {
             return Err(OpenError::Open {
@@ -241,45 +215,16 @@ impl OsDevice {
                 source: io::Error::other("the path changed type while it was being opened"),
             });
         }
-
         let (geometry, rules, id) = match kind {
             DeviceKind::File => {
-                let mut size_bytes = metadata.len();
-                if let Some(len_bytes) = options.create_len.filter(|&len_bytes| len_bytes > size_bytes) {
-                    file.set_len(len_bytes).map_err(|source| OpenError::Extend {
-                        path: path.to_path_buf(),
-                        len_bytes,
-                        source,
-                    })?;
-                    size_bytes = len_bytes;
-                }
-                let (block_bytes, rules) = if direct { file_alignment(path, &file)? } else { (512, None) };
-                let geometry = Geometry {
-                    len_sectors: whole_blocks_sectors(size_bytes, block_bytes),
-                    logical_block_size: block_bytes as u32,
-                    write_zeroes: sys::filesystem_zeroes_ranges(&file),
-                    zoned: false,
-                };
+                let (geometry, rules) = file_geometry(path, &file, metadata.len(), options)?;
                 (geometry, rules, DeviceId { namespace: "file", major: metadata.dev(), minor: metadata.ino() })
             }
             DeviceKind::BlockDevice => {
-                let block_bytes = sys::block_device_logical_block_size(&file)
-                    .map_err(|source| OpenError::LogicalBlockSize { path: path.to_path_buf(), source })?;
-                let block_bytes = check_alignment(path, u64::from(block_bytes))?;
-                let size_bytes = sys::block_device_size_bytes(&file)
-                    .map_err(|source| OpenError::DeviceSize { path: path.to_path_buf(), source })?;
-                let rules = direct
-                    .then_some(MemoryRules { memory_bytes: block_bytes as usize, length_bytes: block_bytes as usize });
-                let geometry = Geometry {
-                    len_sectors: whole_blocks_sectors(size_bytes, block_bytes),
-                    logical_block_size: block_bytes as u32,
-                    write_zeroes: true,
-                    zoned: sys::block_device_is_zoned(metadata.rdev()),
-                };
+                let (geometry, rules) = block_device_geometry(path, &file, metadata.rdev(), options)?;
                 (geometry, rules, DeviceId { namespace: "block", major: metadata.rdev(), minor: 0 })
             }
         };
-
         let engine = SyncEngine::new(THREAD_NAME, options.queue_depth)
             .map_err(|source| OpenError::Engine { path: path.to_path_buf(), source })?;
         Ok(OsDevice {
@@ -432,6 +377,78 @@ fn kind_of(path: &Path, metadata: &Metadata) -> Result<DeviceKind, OpenError> {
     } else {
         other("special file")
     }
+}
+
+/// Opens the descriptor: read-only or read-write, O_DIRECT unless buffered, O_EXCL for a block
+/// device opened for writing, O_CREAT for a file with `create_len`. Never O_TRUNC.
+fn open_descriptor(path: &Path, kind: DeviceKind, options: &OpenOptions) -> Result<File, OpenError> {
+    let direct = !options.buffered;
+    let mut flags = OFlags::empty();
+    if direct {
+        flags |= OFlags::DIRECT;
+    }
+    if kind == DeviceKind::BlockDevice && options.write {
+        // Exclusive open: EBUSY if the device is mounted or claimed, and nobody else may
+        // mount or claim it while we write.
+        flags |= OFlags::EXCL;
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(options.write)
+        .create(kind == DeviceKind::File && options.create_len.is_some())
+        .custom_flags(flags.bits() as i32)
+        .open(path)
+        .map_err(|error| {
+            let open_error = |path, source| OpenError::Open { path, source };
+            classify(path, error, direct, || sys::filesystem_name(path), open_error)
+        })
+}
+
+/// A regular file's geometry and memory rules, after extending it to `create_len` if it is
+/// shorter.
+fn file_geometry(
+    path: &Path,
+    file: &File,
+    mut size_bytes: u64,
+    options: &OpenOptions,
+) -> Result<(Geometry, Option<MemoryRules>), OpenError> {
+    if let Some(len_bytes) = options.create_len.filter(|&len_bytes| len_bytes > size_bytes) {
+        file.set_len(len_bytes).map_err(|source| OpenError::Extend { path: path.to_path_buf(), len_bytes, source })?;
+        size_bytes = len_bytes;
+    }
+    let (block_bytes, rules) = if options.buffered { (SECTOR_SIZE as u64, None) } else { file_alignment(path, file)? };
+    let geometry = Geometry {
+        len_sectors: whole_blocks_sectors(size_bytes, block_bytes),
+        logical_block_size: block_bytes as u32,
+        write_zeroes: sys::filesystem_zeroes_ranges(file),
+        zoned: false,
+    };
+    Ok((geometry, rules))
+}
+
+/// A block device's geometry (BLKSSZGET, BLKGETSIZE64, sysfs) and memory rules.
+fn block_device_geometry(
+    path: &Path,
+    file: &File,
+    rdev: u64,
+    options: &OpenOptions,
+) -> Result<(Geometry, Option<MemoryRules>), OpenError> {
+    let block_bytes = sys::block_device_logical_block_size(file)
+        .map_err(|source| OpenError::LogicalBlockSize { path: path.to_path_buf(), source })?;
+    let block_bytes = check_alignment(path, u64::from(block_bytes))?;
+    let size_bytes = sys::block_device_size_bytes(file)
+        .map_err(|source| OpenError::DeviceSize { path: path.to_path_buf(), source })?;
+    // Memory aligned to the logical block satisfies every device's DMA alignment (which is
+    // at most the logical block size).
+    let rules = (!options.buffered)
+        .then_some(MemoryRules { memory_bytes: block_bytes as usize, length_bytes: block_bytes as usize });
+    let geometry = Geometry {
+        len_sectors: whole_blocks_sectors(size_bytes, block_bytes),
+        logical_block_size: block_bytes as u32,
+        write_zeroes: true,
+        zoned: sys::block_device_is_zoned(rdev),
+    };
+    Ok((geometry, rules))
 }
 
 /// Checks that an alignment is a power of two up to [`ALIGNMENT_BYTES_MAX`]; at least 512.

@@ -193,6 +193,26 @@ mod tests {
     }
 
     #[test]
+    fn the_probe_finds_an_alignment_statx_agrees_with() {
+        use std::os::unix::fs::OpenOptionsExt;
+        // /var/tmp: a disk filesystem with O_DIRECT on the machines this runs on.
+        let path = std::path::PathBuf::from(format!("/var/tmp/kcopyd-os-probe-{}", std::process::id()));
+        for len_bytes in [0, 8192] {
+            std::fs::write(&path, vec![7u8; len_bytes]).unwrap();
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+                .open(&path)
+                .unwrap();
+            let probed = probe_direct_io_alignment(&file).unwrap().expect("O_DIRECT works here");
+            assert!([512, 4096].contains(&probed.offset_bytes), "{probed:?}");
+            let reported = file_direct_io_alignment(&file).unwrap().expect("O_DIRECT works here");
+            assert!(probed.offset_bytes >= reported.offset_bytes, "{probed:?} vs {reported:?}");
+        }
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
     fn magic_numbers_ignore_sign_extension() {
         assert_eq!(magic(0x8584_58f6_u32 as i32 as i64), RAMFS_MAGIC);
         assert_eq!(magic(i64::from(TMPFS_MAGIC)), TMPFS_MAGIC);
