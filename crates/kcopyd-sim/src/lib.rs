@@ -1,23 +1,37 @@
-//! `kcopyd-sim`: in-memory block devices with injected faults, for tests, demos and design
-//! exploration.
+//! `kcopyd-sim`: deterministic, fault-injecting in-memory block devices in virtual time, for
+//! tests, demos and design exploration.
 //!
 //! ```text
-//!            ┌──────────────── MemDisk ────────────────┐
-//!  request ──► check: aligned? in range? zoned WP? │ EINVAL / EIO as the kernel says
-//!            │ fault map: bad read / bad write ranges │ EIO, nothing transferred
-//!            │ timing: queue slots, cost, bandwidth,  │ tokio sleep (virtual when paused)
-//!            │         seeded jitter                  │
-//!            │ memory: the true bytes                 │ copied into / out of the buffer
-//!            └─────────────────────────────────────────┘
+//!            ┌──────────────────── MemDisk ─────────────────────┐
+//!  request ──► check: aligned? in range?          → EINVAL / EIO │ before any transfer
+//!            │ timing: queue slot, cost, data path, jitter       │ tokio sleep (virtual when paused)
+//!            │ fault plan: latent errors, write errors, device   │ EIO, logged in the fault log
+//!            │   failure, slow spikes, misdirects, short I/O     │
+//!            │ zoned: write pointer per zone                     │
+//!            │ storage: the true bytes (dense, or sparse extents │ volatile cache: undo log that a
+//!            │   of provenance)                                  │   crash may replay or tear
+//!            └───────────────────────────────────────────────────┘
 //! ```
 //!
-//! Memory always holds the clean data; faults are a separate map consulted on each access,
-//! so a test can compare what a job reported with what was injected.
+//! Memory always holds the clean data; faults are a separate map consulted on each access, so
+//! a test can compare what a job reported with what fired ([`MemDisk::fault_log`]). Run under
+//! [`Simulation`], every actor and every simulated I/O shares one thread and paused tokio
+//! time, so a seed replays the same [`Trace`] bit for bit.
 #![warn(missing_docs)]
 
+mod faults;
 mod mem_disk;
+mod simulation;
+mod storage;
+mod timing;
+mod trace;
 
-pub use mem_disk::{FaultKind, FaultRecord, IoModel, IoStats, Latency, MemDisk, MemDiskOptions, Operation};
+pub use faults::{FaultKind, FaultOdds, FaultPlan, FaultRecord, Misdirect, Operation, SlowSpike, WriteFault};
+pub use mem_disk::{IoStats, MemDisk, MemDiskOptions};
+pub use simulation::Simulation;
+pub use storage::{Provenance, pattern_sector, provenance_of};
+pub use timing::{IoModel, Latency};
+pub use trace::{Trace, TraceEvent};
 
 /// A deterministic 64-bit mixer (splitmix64): the same input gives the same output.
 pub fn mix64(mut x: u64) -> u64 {

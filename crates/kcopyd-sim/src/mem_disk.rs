@@ -1,18 +1,23 @@
-//! A dense in-memory disk with a fault map, zoned mode and a simple latency model.
+//! The simulated disk: true data in memory, a separate fault map applied on access, zoned
+//! mode, a timing model and a volatile write cache that a crash can tear.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::ops::Range;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
-
-use tokio::time::Instant;
 
 use kcopyd_core::{BlockDevice, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf};
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 
+use crate::faults::{FaultKind, FaultPlan, FaultRecord, Operation, WriteFault};
 use crate::mix64;
+use crate::storage::{Provenance, Storage};
+use crate::timing::{Latency, Timeline};
+use crate::trace::Trace;
 
 /// The errno the kernel gives for misaligned direct I/O.
 const EINVAL: i32 = 22;
@@ -21,86 +26,47 @@ const EIO: i32 = 5;
 
 static NEXT_DISK: AtomicU64 = AtomicU64::new(1);
 
-/// The timing of one kind of request (reads, or writes and write-zeroes). Every field
-/// defaults to zero: instant completion.
-///
-/// A request waits for a free queue slot (`queue_depth` of them, 0 = unlimited), pays
-/// `cost_us`, then moves its bytes over the device's one data path at
-/// `bandwidth_bytes_per_s` (0 = unlimited) behind earlier transfers, and completes after up
-/// to `jitter_us` more, drawn from the disk's seed.
-///
-/// Worked example: cost 100 µs, 100 MB/s, queue depth 1, no jitter: two 1 MB reads issued
-/// together complete at 10.1 ms and 20.2 ms.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct IoModel {
-    /// Fixed cost of one request (seek, command overhead).
-    pub cost_us: u64,
-    /// Transfer rate of the data path; 0 means no transfer time.
-    pub bandwidth_bytes_per_s: u64,
-    /// Requests served at once; 0 means no limit.
-    pub queue_depth: u32,
-    /// Up to this much extra delay per request, drawn from the seed.
-    pub jitter_us: u64,
-}
-
-impl IoModel {
-    fn is_instant(&self) -> bool {
-        self.cost_us == 0 && self.bandwidth_bytes_per_s == 0 && self.jitter_us == 0
-    }
-}
-
-/// The timing model of a disk, in (possibly virtual) tokio time. Defaults: instant.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Latency {
-    /// Reads.
-    pub read: IoModel,
-    /// Writes and write-zeroes.
-    pub write: IoModel,
-    /// Seed of the jitter.
-    pub seed: u64,
-}
-
-/// The busy-until times of one direction of a disk.
-#[derive(Default)]
-struct Timeline {
-    /// When each queue slot frees up.
-    slots: Vec<Instant>,
-    /// When the data path frees up.
-    path_free: Option<Instant>,
-}
-
-/// How to build a [`MemDisk`]. Defaults: 512-byte blocks, no offload, not zoned, no latency.
+/// How to build a [`MemDisk`]: a serde value, so that scenarios can be saved and replayed.
+/// Defaults: 512-byte blocks, dense, no offload, not zoned, no latency, no faults.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MemDiskOptions {
-    /// Name used in messages.
+    /// Name used in messages and traces.
     pub name: String,
+    /// Seed of everything drawn at random on this disk (jitter, fault odds, crash tearing).
+    pub seed: u64,
     /// Length in 512-byte sectors; a multiple of the logical block.
     pub len_sectors: u64,
     /// Logical block size in bytes: a power of two from 512 to 65536.
     pub logical_block_size: u32,
+    /// Keep content as extents of provenance instead of bytes: unwritten sectors cost
+    /// nothing and copied pattern data costs one extent per run.
+    pub sparse: bool,
     /// Whether write-zeroes is reported as offloaded.
     pub write_zeroes: bool,
     /// Whether writes must follow each zone's write pointer.
     pub zoned: bool,
     /// Zone length in sectors when zoned; 0 means one zone for the whole disk.
     pub zone_sectors: u64,
-    /// Delay per request.
+    /// The timing model.
     pub latency: Latency,
+    /// What goes wrong.
+    pub faults: FaultPlan,
 }
 
 impl Default for MemDiskOptions {
     fn default() -> MemDiskOptions {
         MemDiskOptions {
             name: "mem".into(),
+            seed: 0,
             len_sectors: 0,
             logical_block_size: 512,
+            sparse: false,
             write_zeroes: false,
             zoned: false,
             zone_sectors: 0,
             latency: Latency::default(),
+            faults: FaultPlan::default(),
         }
     }
 }
@@ -124,59 +90,64 @@ pub struct IoStats {
     pub written_bytes: u64,
 }
 
-/// The operation a fault hit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Operation {
-    /// A read.
-    Read,
-    /// A write.
-    Write,
-    /// A write-zeroes.
-    WriteZeroes,
+/// A write issued and not yet applied: what a crash may tear.
+struct InFlight {
+    sectors: Range<u64>,
+    data: Option<WriteBuf>,
 }
 
-/// What kind of fault fired.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum FaultKind {
-    /// A read touched a latent sector error.
-    LatentSectorError,
-    /// A write touched a sector set to fail writes.
-    WriteError,
-}
-
-/// One fault that actually fired: the oracle tests compare outcomes with.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct FaultRecord {
-    /// Virtual (or real) time since the disk was made, in microseconds.
-    pub at_us: u64,
-    /// The device's name.
-    pub device: String,
-    /// The operation that failed.
-    pub operation: Operation,
-    /// The sectors of the failed request.
-    pub sectors: Range<u64>,
-    /// What fired.
-    pub kind: FaultKind,
+/// A completed write not yet flushed, with what it overwrote: what a crash may lose.
+struct Unflushed {
+    sectors: Range<u64>,
+    old: Vec<u8>,
 }
 
 struct State {
+    storage: Storage,
+    plan: FaultPlan,
+    latent: RangeSet,
     faults_fired: Vec<FaultRecord>,
-    data: Vec<u8>,
-    bad_reads: RangeSet,
-    bad_writes: RangeSet,
     /// Next sector to write in each zone (zoned disks only).
     write_pointers: Vec<u64>,
     stats: IoStats,
-    jitter_draws: u64,
+    draws: u64,
+    ios_issued: u64,
+    writes_issued: u64,
     reads: Timeline,
     writes: Timeline,
+    next_in_flight: u64,
+    in_flight: BTreeMap<u64, InFlight>,
+    unflushed: Vec<Unflushed>,
+    crashed: bool,
+    trace: Option<Trace>,
 }
 
-/// An in-memory block device holding its bytes densely.
+impl State {
+    /// The next seeded draw of this disk.
+    fn draw(&mut self, seed: u64) -> u64 {
+        self.draws += 1;
+        mix64(seed ^ mix64(self.draws))
+    }
+
+    fn hits(&mut self, seed: u64, ppm: u32) -> bool {
+        ppm > 0 && self.draw(seed) % 1_000_000 < u64::from(ppm)
+    }
+}
+
+/// What was decided about a request when it was issued.
+struct Issued {
+    done: Option<Instant>,
+    io_index: u64,
+    in_flight: Option<u64>,
+    misdirect_to: Option<u64>,
+}
+
+/// An in-memory block device: true data plus a fault map, in (virtual) tokio time.
 pub struct MemDisk {
     options: MemDiskOptions,
     created: Instant,
     id: DeviceId,
+    block_sectors: u64,
     state: Mutex<State>,
 }
 
@@ -193,21 +164,28 @@ impl MemDisk {
         assert_eq!(options.len_sectors % block_sectors, 0, "length is a whole number of blocks");
         let zone_sectors = if options.zone_sectors == 0 { options.len_sectors.max(1) } else { options.zone_sectors };
         let zones = if options.zoned { options.len_sectors.div_ceil(zone_sectors) } else { 0 };
-        let write_pointers = (0..zones).map(|zone| zone * zone_sectors).collect();
-        let len_bytes = usize::try_from(options.len_sectors).expect("fits in memory") * SECTOR_SIZE;
+        let latent = options.faults.latent_sectors.iter().cloned().collect();
         MemDisk {
             id: DeviceId { namespace: "mem", major: NEXT_DISK.fetch_add(1, Ordering::Relaxed), minor: 0 },
             created: Instant::now(),
+            block_sectors,
             state: Mutex::new(State {
+                storage: Storage::new(options.len_sectors, options.sparse),
+                plan: options.faults.clone(),
+                latent,
                 faults_fired: Vec::new(),
-                data: vec![0; len_bytes],
-                bad_reads: RangeSet::new(),
-                bad_writes: RangeSet::new(),
-                write_pointers,
+                write_pointers: (0..zones).map(|zone| zone * zone_sectors).collect(),
                 stats: IoStats::default(),
-                jitter_draws: 0,
+                draws: 0,
+                ios_issued: 0,
+                writes_issued: 0,
                 reads: Timeline::default(),
                 writes: Timeline::default(),
+                next_in_flight: 0,
+                in_flight: BTreeMap::new(),
+                unflushed: Vec::new(),
+                crashed: false,
+                trace: None,
             }),
             options: MemDiskOptions { zone_sectors, ..options },
         }
@@ -218,20 +196,24 @@ impl MemDisk {
         MemDisk::new(MemDiskOptions { name: name.into(), len_sectors, logical_block_size, ..MemDiskOptions::default() })
     }
 
-    /// A plain disk whose every byte comes from `seed` (see [`MemDisk::fill_pattern`]).
+    /// A plain disk filled with generation 0 of the pattern of `seed`.
     pub fn with_pattern(name: &str, len_sectors: u64, logical_block_size: u32, seed: u64) -> MemDisk {
         let disk = MemDisk::zeroed(name, len_sectors, logical_block_size);
         disk.fill_pattern(seed);
         disk
     }
 
-    /// Overwrites the whole disk with the pattern of `seed`, eight bytes at a time.
+    /// Overwrites the whole disk with generation 0 of the pattern of `seed` (see
+    /// [`pattern_sector`](crate::pattern_sector)): each sector names its seed and number.
     pub fn fill_pattern(&self, seed: u64) {
-        let mut state = self.lock();
-        for (index, word) in state.data.chunks_mut(8).enumerate() {
-            let value = mix64(seed ^ mix64(index as u64)).to_le_bytes();
-            word.copy_from_slice(&value[..word.len()]);
-        }
+        self.fill_pattern_range(0..self.options.len_sectors, seed, 0);
+    }
+
+    /// Overwrites `sectors` with generation `generation` of the pattern of `seed`, bypassing
+    /// faults and latency.
+    pub fn fill_pattern_range(&self, sectors: Range<u64>, seed: u64, generation: u64) {
+        assert!(sectors.end <= self.options.len_sectors);
+        self.lock().storage.fill_pattern(sectors, seed, generation);
     }
 
     /// The options the disk was built with.
@@ -242,41 +224,49 @@ impl MemDisk {
     /// Makes reads touching `sectors` fail (a latent sector error); a successful write over
     /// a sector clears it.
     pub fn fail_reads(&self, sectors: Range<u64>) {
-        self.lock().bad_reads.insert(sectors);
+        self.lock().latent.insert(sectors);
     }
 
-    /// Makes writes touching `sectors` fail; nothing of a failing write lands.
+    /// Makes every write touching `sectors` fail; nothing of a failing write lands.
     pub fn fail_writes(&self, sectors: Range<u64>) {
-        self.lock().bad_writes.insert(sectors);
+        self.lock().plan.write_faults.push(WriteFault { sectors, attempts: 0 });
     }
 
-    /// Clears every injected fault.
+    /// Clears every injected fault: the plan, latent errors, a failed device and a crash.
+    /// The log of faults that fired stays.
     pub fn heal(&self) {
         let mut state = self.lock();
-        state.bad_reads = RangeSet::new();
-        state.bad_writes = RangeSet::new();
+        state.plan = FaultPlan { volatile_cache: state.plan.volatile_cache, ..FaultPlan::default() };
+        state.latent = RangeSet::new();
+        state.crashed = false;
     }
 
     /// A copy of `len_sectors` sectors from `start_sector`, bypassing faults and latency.
     pub fn snapshot(&self, start_sector: u64, len_sectors: u64) -> Vec<u8> {
-        self.lock().data[byte_range(start_sector, len_sectors)].to_vec()
+        let mut out = vec![0; usize::try_from(len_sectors).expect("fits in memory") * SECTOR_SIZE];
+        self.lock().storage.read(start_sector, &mut out);
+        out
+    }
+
+    /// What each run of `sectors` holds, without materialising bytes: cheap on sparse disks.
+    pub fn provenance(&self, sectors: Range<u64>) -> Vec<(Range<u64>, Provenance)> {
+        self.lock().storage.provenance(sectors)
+    }
+
+    /// Runs of content a sparse disk holds (0 for a dense disk): its memory in units.
+    pub fn extents(&self) -> usize {
+        self.lock().storage.extents()
     }
 
     /// Overwrites sectors from `start_sector` with `data`, bypassing faults and latency.
     pub fn poke(&self, start_sector: u64, data: &[u8]) {
         assert_eq!(data.len() % SECTOR_SIZE, 0);
-        let len_sectors = (data.len() / SECTOR_SIZE) as u64;
-        self.lock().data[byte_range(start_sector, len_sectors)].copy_from_slice(data);
+        self.lock().storage.write(start_sector, data);
     }
 
     /// Every fault that fired so far, in order.
     pub fn fault_log(&self) -> Vec<FaultRecord> {
         self.lock().faults_fired.clone()
-    }
-
-    fn record_fault(&self, state: &mut State, operation: Operation, sectors: Range<u64>, kind: FaultKind) {
-        let at_us = Instant::now().saturating_duration_since(self.created).as_micros() as u64;
-        state.faults_fired.push(FaultRecord { at_us, device: self.options.name.clone(), operation, sectors, kind });
     }
 
     /// Requests served so far.
@@ -290,141 +280,368 @@ impl MemDisk {
         self.lock().write_pointers.get(zone).copied()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    /// Records every completed request of this disk in `trace`.
+    pub fn set_trace(&self, trace: Trace) {
+        self.lock().trace = Some(trace);
+    }
+
+    /// Crashes the disk: with a volatile cache, each write in flight lands only in part (each
+    /// block with even odds) and each completed write not yet flushed is lost with even odds,
+    /// newest first; without one, writes in flight are dropped. Every later request fails
+    /// until [`restart`](MemDisk::restart). Every torn or lost write is in the fault log.
+    pub fn crash(&self) {
+        let mut state = self.lock();
+        let seed = self.options.seed;
+        let in_flight = std::mem::take(&mut state.in_flight);
+        for (_, write) in in_flight {
+            if !state.plan.volatile_cache {
+                continue;
+            }
+            let mut landed = RangeSet::new();
+            for block in (write.sectors.start..write.sectors.end).step_by(self.block_sectors as usize) {
+                if state.draw(seed) % 2 == 0 {
+                    continue;
+                }
+                let block_range = block..block + self.block_sectors;
+                match &write.data {
+                    Some(data) => {
+                        let at = (block - write.sectors.start) as usize * SECTOR_SIZE;
+                        let bytes = data.slice(at..at + self.block_sectors as usize * SECTOR_SIZE).to_vec();
+                        state.storage.write(block, &bytes);
+                    }
+                    None => state.storage.zero(block_range.clone()),
+                }
+                landed.insert(block_range);
+            }
+            let kind = FaultKind::Torn { landed: landed.ranges().to_vec() };
+            self.record_fault(&mut state, Operation::Write, write.sectors, kind);
+        }
+        let unflushed = std::mem::take(&mut state.unflushed);
+        for write in unflushed.into_iter().rev() {
+            if state.draw(seed) % 2 == 0 {
+                state.storage.write(write.sectors.start, &write.old);
+                self.record_fault(&mut state, Operation::Write, write.sectors, FaultKind::Lost);
+            }
+        }
+        state.crashed = true;
+        self.trace(&state, format!("{} crash", self.options.name));
+    }
+
+    /// Brings a crashed disk back: requests work again (the fault plan still applies).
+    pub fn restart(&self) {
+        self.lock().crashed = false;
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("disk lock")
     }
 
+    fn now_us(&self) -> u64 {
+        Instant::now().saturating_duration_since(self.created).as_micros() as u64
+    }
+
+    fn record_fault(&self, state: &mut State, operation: Operation, sectors: Range<u64>, kind: FaultKind) {
+        let at_us = self.now_us();
+        state.faults_fired.push(FaultRecord { at_us, device: self.options.name.clone(), operation, sectors, kind });
+    }
+
+    fn trace(&self, state: &State, what: String) {
+        if let Some(trace) = &state.trace {
+            trace.record(what);
+        }
+    }
+
     /// Refuses misaligned (EINVAL) and out-of-range (EIO) requests before any transfer.
-    fn check(&self, offset_sectors: u64, len_bytes: usize) -> io::Result<Range<u64>> {
+    fn check(&self, offset_sectors: u64, len_bytes: u64) -> io::Result<Range<u64>> {
         let block = u64::from(self.options.logical_block_size);
         let offset_bytes = offset_sectors.checked_mul(SECTOR_SIZE as u64);
-        if offset_bytes.is_none_or(|o| o % block != 0) || len_bytes as u64 % block != 0 {
+        if offset_bytes.is_none_or(|o| o % block != 0) || len_bytes % block != 0 {
             return Err(io::Error::from_raw_os_error(EINVAL));
         }
-        let len_sectors = len_bytes as u64 / SECTOR_SIZE as u64;
+        let len_sectors = len_bytes / SECTOR_SIZE as u64;
         match offset_sectors.checked_add(len_sectors) {
             Some(end) if end <= self.options.len_sectors => Ok(offset_sectors..end),
             _ => Err(io::Error::from_raw_os_error(EIO)),
         }
     }
 
-    /// Checks the zone rules for a write of `sectors` and advances the write pointer.
-    fn advance_write_pointer(&self, state: &mut State, sectors: &Range<u64>) -> io::Result<()> {
-        if !self.options.zoned {
-            return Ok(());
+    /// Decides, at issue time, when a request completes and what the plan does to it.
+    fn issue(
+        &self,
+        operation: Operation,
+        sectors: Option<&Range<u64>>,
+        len_bytes: usize,
+        data: Option<&WriteBuf>,
+    ) -> Issued {
+        let seed = self.options.seed;
+        let now = Instant::now();
+        let mut state = self.lock();
+        let io_index = state.ios_issued;
+        state.ios_issued += 1;
+        let write = operation != Operation::Read;
+        let mut extra_us: u64 =
+            state.plan.slow_spikes.iter().filter(|s| s.io_index == io_index).map(|s| s.extra_us).sum();
+        let (slow_ppm, slow_us) = (state.plan.odds.slow_ppm, state.plan.odds.slow_us);
+        if state.hits(seed, slow_ppm) {
+            extra_us += slow_us;
         }
-        let zone = (sectors.start / self.options.zone_sectors) as usize;
-        let zone_end = (zone as u64 + 1) * self.options.zone_sectors;
-        if state.write_pointers[zone] != sectors.start || sectors.end > zone_end {
-            // An unaligned write to a sequential zone, as the kernel reports it.
+        let mut misdirect_to = None;
+        let mut in_flight = None;
+        if write {
+            let write_index = state.writes_issued;
+            state.writes_issued += 1;
+            if let (Some(sectors), Some(_)) = (sectors, data) {
+                let mut shift =
+                    state.plan.misdirects.iter().find(|m| m.write_index == write_index).map(|m| m.shift_sectors);
+                let misdirect_ppm = state.plan.odds.misdirect_ppm;
+                if shift.is_none() && state.hits(seed, misdirect_ppm) {
+                    let blocks = (state.draw(seed) % 8 + 1) as i64;
+                    shift = Some(if state.draw(seed) % 2 == 0 { blocks } else { -blocks } * self.block_sectors as i64);
+                }
+                misdirect_to = shift.and_then(|shift| self.misdirected_start(sectors, shift));
+            }
+            if let Some(sectors) = sectors {
+                let id = state.next_in_flight;
+                state.next_in_flight += 1;
+                state.in_flight.insert(id, InFlight { sectors: sectors.clone(), data: data.cloned() });
+                in_flight = Some(id);
+            }
+        }
+        let model = if write { self.options.latency.write } else { self.options.latency.read };
+        let done = if model.is_instant() && extra_us == 0 {
+            None
+        } else {
+            let jitter_us = if model.jitter_us == 0 { 0 } else { state.draw(seed) % (model.jitter_us + 1) };
+            let timeline = if write { &mut state.writes } else { &mut state.reads };
+            Some(timeline.schedule(&model, now, len_bytes, jitter_us) + Duration::from_micros(extra_us))
+        };
+        if extra_us > 0 {
+            if let Some(sectors) = sectors {
+                self.record_fault(&mut state, operation, sectors.clone(), FaultKind::Slow { extra_us });
+            }
+        }
+        Issued { done, io_index, in_flight, misdirect_to }
+    }
+
+    /// Where a write of `sectors` shifted by `shift` lands: whole blocks, inside the disk, and
+    /// not where it was aimed.
+    fn misdirected_start(&self, sectors: &Range<u64>, shift: i64) -> Option<u64> {
+        let len = sectors.end - sectors.start;
+        let block = self.block_sectors as i64;
+        let shift = shift / block * block;
+        let start = (sectors.start as i64 + shift).clamp(0, (self.options.len_sectors - len) as i64) as u64;
+        let start = start / self.block_sectors * self.block_sectors;
+        (start != sectors.start && !self.options.zoned).then_some(start)
+    }
+
+    /// A whole-device failure or crash in force for request `io_index`, if any.
+    fn device_down(&self, state: &State, io_index: u64) -> Option<FaultKind> {
+        if state.crashed {
+            return Some(FaultKind::Crashed);
+        }
+        let failed_by_count = state.plan.fail_after_ios.is_some_and(|n| io_index >= n);
+        let failed_by_time = state.plan.fail_at_us.is_some_and(|t| self.now_us() >= t);
+        (failed_by_count || failed_by_time).then_some(FaultKind::DeviceFailed)
+    }
+
+    /// The read of `sectors` into `buf` (the whole window, or the part for `sectors`).
+    fn complete_read(
+        &self,
+        issued: &Issued,
+        sectors: Range<u64>,
+        buf: &mut ReadBuf,
+        window_offset: usize,
+    ) -> io::Result<()> {
+        let seed = self.options.seed;
+        let mut state = self.lock();
+        if let Some(kind) = self.device_down(&state, issued.io_index) {
+            self.record_fault(&mut state, Operation::Read, sectors, kind);
             return Err(io::Error::from_raw_os_error(EIO));
         }
-        state.write_pointers[zone] = sectors.end;
+        let read_error_ppm = state.plan.odds.read_error_ppm;
+        if state.hits(seed, read_error_ppm) {
+            let blocks = (sectors.end - sectors.start) / self.block_sectors;
+            let block = sectors.start + state.draw(seed) % blocks * self.block_sectors;
+            state.latent.insert(block..block + self.block_sectors);
+        }
+        if state.latent.intersects(&sectors) {
+            self.record_fault(&mut state, Operation::Read, sectors, FaultKind::LatentSectorError);
+            return Err(io::Error::from_raw_os_error(EIO));
+        }
+        let len = (sectors.end - sectors.start) as usize * SECTOR_SIZE;
+        if buf.segments().any(|s| s.len() % SECTOR_SIZE != 0) {
+            // Segments that split sectors: read whole sectors, then scatter.
+            let mut bounce = vec![0; len];
+            state.storage.read(sectors.start, &mut bounce);
+            let mut skip = window_offset;
+            let mut from = 0;
+            for segment in buf.segments_mut() {
+                if skip >= segment.len() {
+                    skip -= segment.len();
+                    continue;
+                }
+                let piece = &mut segment[skip..];
+                skip = 0;
+                let take = piece.len().min(len - from);
+                piece[..take].copy_from_slice(&bounce[from..from + take]);
+                from += take;
+                if from == len {
+                    break;
+                }
+            }
+            state.stats.read_bytes += len as u64;
+            return Ok(());
+        }
+        let mut at = sectors.start;
+        let mut skip = window_offset;
+        let mut left = len;
+        for segment in buf.segments_mut() {
+            if skip >= segment.len() {
+                skip -= segment.len();
+                continue;
+            }
+            let piece = &mut segment[skip..];
+            skip = 0;
+            let take = piece.len().min(left);
+            state.storage.read(at, &mut piece[..take]);
+            at += (take / SECTOR_SIZE) as u64;
+            left -= take;
+            if left == 0 {
+                break;
+            }
+        }
+        state.stats.read_bytes += (sectors.end - sectors.start) * SECTOR_SIZE as u64;
         Ok(())
     }
 
-    /// When a request of `len_bytes` issued now completes, or `None` for an instant disk.
-    fn schedule(&self, write: bool, len_bytes: usize) -> Option<Instant> {
-        let latency = &self.options.latency;
-        let model = if write { latency.write } else { latency.read };
-        if model.is_instant() {
-            return None;
-        }
-        let now = Instant::now();
+    /// The write of `sectors` (data at `data_offset` bytes of `data`, or zeroes).
+    fn complete_write(
+        &self,
+        issued: &Issued,
+        operation: Operation,
+        sectors: Range<u64>,
+        data: Option<(&WriteBuf, usize)>,
+        last_piece: bool,
+    ) -> io::Result<()> {
+        let seed = self.options.seed;
         let mut state = self.lock();
-        let jitter_us = if model.jitter_us == 0 {
-            0
-        } else {
-            state.jitter_draws += 1;
-            mix64(latency.seed ^ mix64(state.jitter_draws)) % (model.jitter_us + 1)
-        };
-        let timeline = if write { &mut state.writes } else { &mut state.reads };
-        let slot = if model.queue_depth == 0 {
-            None
-        } else {
-            if timeline.slots.is_empty() {
-                timeline.slots = vec![now; model.queue_depth as usize];
-            }
-            // The slot that frees first; ties go to the lowest index, for determinism.
-            let (index, _) = timeline.slots.iter().enumerate().min_by_key(|&(i, t)| (*t, i)).expect("depth >= 1");
-            Some(index)
-        };
-        let start = slot.map_or(now, |i| timeline.slots[i].max(now));
-        let transfer_start = start + Duration::from_micros(model.cost_us);
-        let transfer_end = if model.bandwidth_bytes_per_s == 0 {
-            transfer_start
-        } else {
-            let transfer = Duration::from_nanos(
-                (len_bytes as u128 * 1_000_000_000 / u128::from(model.bandwidth_bytes_per_s)) as u64,
-            );
-            let begin = timeline.path_free.map_or(transfer_start, |free| free.max(transfer_start));
-            timeline.path_free = Some(begin + transfer);
-            begin + transfer
-        };
-        let done = transfer_end + Duration::from_micros(jitter_us);
-        if let Some(i) = slot {
-            timeline.slots[i] = done;
-        }
-        Some(done)
-    }
-
-    fn do_read(&self, offset_sectors: u64, buf: &mut ReadBuf) -> io::Result<()> {
-        let sectors = self.check(offset_sectors, buf.len());
-        let mut state = self.lock();
-        state.stats.reads += 1;
-        let result = sectors.and_then(|sectors| {
-            if state.bad_reads.intersects(&sectors) {
-                self.record_fault(&mut state, Operation::Read, sectors, FaultKind::LatentSectorError);
+        if let Some(id) = issued.in_flight {
+            let known =
+                if last_piece { state.in_flight.remove(&id).is_some() } else { state.in_flight.contains_key(&id) };
+            if !known {
+                // A crash took this write while it was in flight.
+                self.record_fault(&mut state, operation, sectors, FaultKind::Crashed);
                 return Err(io::Error::from_raw_os_error(EIO));
             }
-            let mut at = sectors.start as usize * SECTOR_SIZE;
-            for segment in buf.segments_mut() {
-                segment.copy_from_slice(&state.data[at..at + segment.len()]);
-                at += segment.len();
-            }
-            Ok(())
-        });
-        match &result {
-            Ok(()) => state.stats.read_bytes += buf.len() as u64,
-            Err(_) => state.stats.errors += 1,
         }
-        result
-    }
-
-    fn do_write(&self, offset_sectors: u64, data: Option<&WriteBuf>, len_bytes: usize) -> io::Result<()> {
-        let sectors = self.check(offset_sectors, len_bytes);
-        let mut state = self.lock();
+        if let Some(kind) = self.device_down(&state, issued.io_index) {
+            self.record_fault(&mut state, operation, sectors, kind);
+            return Err(io::Error::from_raw_os_error(EIO));
+        }
+        let mut failed = false;
+        for fault in state.plan.write_faults.iter_mut() {
+            if fault.sectors.start < sectors.end && sectors.start < fault.sectors.end {
+                if fault.attempts == 0 {
+                    failed = true;
+                } else if fault.attempts != u32::MAX {
+                    failed = true;
+                    fault.attempts -= 1;
+                    if fault.attempts == 0 {
+                        fault.attempts = u32::MAX; // spent: never fires again
+                    }
+                }
+            }
+        }
+        let write_error_ppm = state.plan.odds.write_error_ppm;
+        if failed || state.hits(seed, write_error_ppm) {
+            self.record_fault(&mut state, operation, sectors, FaultKind::WriteError);
+            return Err(io::Error::from_raw_os_error(EIO));
+        }
+        if self.options.zoned {
+            let zone = (sectors.start / self.options.zone_sectors) as usize;
+            let zone_end = (zone as u64 + 1) * self.options.zone_sectors;
+            if state.write_pointers[zone] != sectors.start || sectors.end > zone_end {
+                // An unaligned write to a sequential zone, as the kernel reports it.
+                return Err(io::Error::from_raw_os_error(EIO));
+            }
+            state.write_pointers[zone] = sectors.end;
+        }
+        let landed = match issued.misdirect_to {
+            Some(start) => {
+                let landed = start..start + (sectors.end - sectors.start);
+                self.record_fault(
+                    &mut state,
+                    operation,
+                    sectors.clone(),
+                    FaultKind::Misdirected { landed: landed.clone() },
+                );
+                landed
+            }
+            None => sectors.clone(),
+        };
+        if state.plan.volatile_cache {
+            let mut old = vec![0; (landed.end - landed.start) as usize * SECTOR_SIZE];
+            state.storage.read(landed.start, &mut old);
+            state.unflushed.push(Unflushed { sectors: landed.clone(), old });
+        }
         match data {
-            Some(_) => state.stats.writes += 1,
-            None => state.stats.write_zeroes += 1,
-        }
-        let result = sectors.and_then(|sectors| {
-            if state.bad_writes.intersects(&sectors) {
-                let operation = if data.is_some() { Operation::Write } else { Operation::WriteZeroes };
-                self.record_fault(&mut state, operation, sectors, FaultKind::WriteError);
-                return Err(io::Error::from_raw_os_error(EIO));
+            Some((data, offset)) => {
+                let len = (landed.end - landed.start) as usize * SECTOR_SIZE;
+                let bytes = data.slice(offset..offset + len);
+                if bytes.segments().iter().all(|s| s.len() % SECTOR_SIZE == 0) {
+                    let mut at = landed.start;
+                    for segment in bytes.segments() {
+                        state.storage.write(at, segment);
+                        at += (segment.len() / SECTOR_SIZE) as u64;
+                    }
+                } else {
+                    // Segments that split sectors (user data): gather them first.
+                    state.storage.write(landed.start, &bytes.to_vec());
+                }
             }
-            self.advance_write_pointer(&mut state, &sectors)?;
-            let start = sectors.start as usize * SECTOR_SIZE;
-            let target = &mut state.data[start..start + len_bytes];
-            match data {
-                Some(data) => data.copy_to_slice(target),
-                None => target.fill(0),
-            }
-            // A successful write repairs latent errors under it.
-            state.bad_reads = state.bad_reads.difference(&RangeSet::from_range(sectors));
-            Ok(())
-        });
-        match &result {
-            Ok(()) => state.stats.written_bytes += len_bytes as u64,
-            Err(_) => state.stats.errors += 1,
+            None => state.storage.zero(landed.clone()),
         }
-        result
+        // A successful write repairs latent errors under it.
+        state.latent = state.latent.difference(&RangeSet::from_range(landed));
+        state.stats.written_bytes += (sectors.end - sectors.start) * SECTOR_SIZE as u64;
+        Ok(())
+    }
+
+    /// Counts a finished request and traces it.
+    fn finish(&self, operation: Operation, sectors: &Range<u64>, result: &io::Result<()>) {
+        let mut state = self.lock();
+        match operation {
+            Operation::Read => state.stats.reads += 1,
+            Operation::Write => state.stats.writes += 1,
+            Operation::WriteZeroes => state.stats.write_zeroes += 1,
+            Operation::Crash => {}
+        }
+        if result.is_err() {
+            state.stats.errors += 1;
+        }
+        if state.trace.is_some() {
+            let verdict = if result.is_ok() { "ok" } else { "err" };
+            self.trace(&state, format!("{} {operation:?} {sectors:?} {verdict}", self.options.name));
+        }
+    }
+
+    /// The pieces a request is served in: the whole, or one block each on a short-I/O disk.
+    fn pieces(&self, sectors: &Range<u64>) -> Vec<Range<u64>> {
+        if self.lock().plan.short_io && sectors.end - sectors.start > self.block_sectors {
+            (sectors.start..sectors.end)
+                .step_by(self.block_sectors as usize)
+                .map(|s| s..s + self.block_sectors)
+                .collect()
+        } else {
+            vec![sectors.clone()]
+        }
     }
 }
 
-fn byte_range(start_sector: u64, len_sectors: u64) -> Range<usize> {
-    start_sector as usize * SECTOR_SIZE..(start_sector + len_sectors) as usize * SECTOR_SIZE
+async fn wait_until(done: Option<Instant>) {
+    if let Some(done) = done {
+        tokio::time::sleep_until(done).await;
+    }
 }
 
 impl BlockDevice for MemDisk {
@@ -446,48 +663,130 @@ impl BlockDevice for MemDisk {
     }
 
     fn read(&self, offset_sectors: u64, mut buf: ReadBuf) -> IoFuture<'_, (ReadBuf, io::Result<()>)> {
-        let done = self.schedule(false, buf.len());
+        let checked = self.check(offset_sectors, buf.len() as u64);
+        let issued = self.issue(Operation::Read, checked.as_ref().ok(), buf.len(), None);
         Box::pin(async move {
-            if let Some(done) = done {
-                tokio::time::sleep_until(done).await;
+            wait_until(issued.done).await;
+            let sectors = match checked {
+                Ok(sectors) => sectors,
+                Err(error) => {
+                    self.finish(
+                        Operation::Read,
+                        &(offset_sectors..offset_sectors),
+                        &Err(io::Error::from_raw_os_error(EINVAL)),
+                    );
+                    return (buf, Err(error));
+                }
+            };
+            let mut result = Ok(());
+            let pieces = self.pieces(&sectors);
+            let short = pieces.len() > 1;
+            for piece in pieces {
+                let offset = (piece.start - sectors.start) as usize * SECTOR_SIZE;
+                result = self.complete_read(&issued, piece, &mut buf, offset);
+                if result.is_err() {
+                    break;
+                }
+                if short {
+                    tokio::task::yield_now().await;
+                }
             }
-            let result = self.do_read(offset_sectors, &mut buf);
+            self.finish(Operation::Read, &sectors, &result);
             (buf, result)
         })
     }
 
     fn write(&self, offset_sectors: u64, buf: WriteBuf) -> IoFuture<'_, io::Result<()>> {
-        let done = self.schedule(true, buf.len());
+        let checked = self.check(offset_sectors, buf.len() as u64);
+        let issued = self.issue(Operation::Write, checked.as_ref().ok(), buf.len(), Some(&buf));
         Box::pin(async move {
-            if let Some(done) = done {
-                tokio::time::sleep_until(done).await;
-            }
-            self.do_write(offset_sectors, Some(&buf), buf.len())
+            wait_until(issued.done).await;
+            let sectors = match checked {
+                Ok(sectors) => sectors,
+                Err(error) => {
+                    self.finish(
+                        Operation::Write,
+                        &(offset_sectors..offset_sectors),
+                        &Err(io::Error::from_raw_os_error(EINVAL)),
+                    );
+                    return Err(error);
+                }
+            };
+            self.serve_write(&issued, Operation::Write, sectors, Some(&buf)).await
         })
     }
 
     fn write_zeroes(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
+        let len_bytes = len_sectors.saturating_mul(SECTOR_SIZE as u64);
+        let checked = self.check(offset_sectors, len_bytes);
         // Offloaded zeroing moves no data: it costs one request, not bandwidth.
-        let done = self.schedule(true, 0);
+        let issued = self.issue(Operation::WriteZeroes, checked.as_ref().ok(), 0, None);
         Box::pin(async move {
-            if let Some(done) = done {
-                tokio::time::sleep_until(done).await;
-            }
-            let len_bytes = usize::try_from(len_sectors).map_or(usize::MAX, |s| s.saturating_mul(SECTOR_SIZE));
-            self.do_write(offset_sectors, None, len_bytes)
+            wait_until(issued.done).await;
+            let sectors = match checked {
+                Ok(sectors) => sectors,
+                Err(error) => {
+                    self.finish(
+                        Operation::WriteZeroes,
+                        &(offset_sectors..offset_sectors),
+                        &Err(io::Error::from_raw_os_error(EINVAL)),
+                    );
+                    return Err(error);
+                }
+            };
+            self.serve_write(&issued, Operation::WriteZeroes, sectors, None).await
         })
     }
 
     fn flush(&self) -> IoFuture<'_, io::Result<()>> {
         Box::pin(async move {
-            self.lock().stats.flushes += 1;
+            let mut state = self.lock();
+            state.stats.flushes += 1;
+            if state.crashed {
+                return Err(io::Error::from_raw_os_error(EIO));
+            }
+            state.unflushed.clear();
             Ok(())
         })
     }
 }
 
+impl MemDisk {
+    async fn serve_write(
+        &self,
+        issued: &Issued,
+        operation: Operation,
+        sectors: Range<u64>,
+        data: Option<&WriteBuf>,
+    ) -> io::Result<()> {
+        let pieces = self.pieces(&sectors);
+        let count = pieces.len();
+        let mut result = Ok(());
+        for (i, piece) in pieces.into_iter().enumerate() {
+            let offset = (piece.start - sectors.start) as usize * SECTOR_SIZE;
+            result = self.complete_write(issued, operation, piece, data.map(|d| (d, offset)), i + 1 == count);
+            if result.is_err() {
+                break;
+            }
+            if count > 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        if result.is_err() {
+            if let Some(id) = issued.in_flight {
+                self.lock().in_flight.remove(&id);
+            }
+        }
+        self.finish(operation, &sectors, &result);
+        result
+    }
+}
+
 impl fmt::Debug for MemDisk {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MemDisk").field("options", &self.options).finish()
+        f.debug_struct("MemDisk")
+            .field("name", &self.options.name)
+            .field("len_sectors", &self.options.len_sectors)
+            .finish()
     }
 }
