@@ -145,7 +145,8 @@ pub struct FaultRecord {
     pub device: String,
     /// The operation hit.
     pub operation: Operation,
-    /// The sectors of the request (for a short-I/O disk, of the block that failed).
+    /// The sectors of the request (the whole request, also on a short-I/O disk, where only
+    /// the blocks before the failing one moved).
     pub sectors: Range<u64>,
     /// What fired.
     pub kind: FaultKind,

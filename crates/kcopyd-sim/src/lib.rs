@@ -28,7 +28,7 @@ mod trace;
 
 pub use faults::{FaultKind, FaultOdds, FaultPlan, FaultRecord, Misdirect, Operation, SlowSpike, WriteFault};
 pub use mem_disk::{IoStats, MemDisk, MemDiskOptions};
-pub use simulation::Simulation;
+pub use simulation::{Simulation, time_scale, to_model, to_tokio};
 pub use storage::{Provenance, pattern_sector, provenance_of};
 pub use timing::{IoModel, Latency};
 pub use trace::{Trace, TraceEvent};

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::faults::{FaultKind, FaultPlan, FaultRecord, Operation, WriteFault};
 use crate::mix64;
+use crate::simulation::{time_scale, to_model};
 use crate::storage::{Provenance, Storage};
 use crate::timing::{Latency, Timeline};
 use crate::trace::Trace;
@@ -336,8 +337,9 @@ impl MemDisk {
         self.state.lock().expect("disk lock")
     }
 
+    /// Model time since the disk was made.
     fn now_us(&self) -> u64 {
-        Instant::now().saturating_duration_since(self.created).as_micros() as u64
+        to_model(Instant::now().saturating_duration_since(self.created)).as_micros() as u64
     }
 
     fn record_fault(&self, state: &mut State, operation: Operation, sectors: Range<u64>, kind: FaultKind) {
@@ -413,7 +415,8 @@ impl MemDisk {
         } else {
             let jitter_us = if model.jitter_us == 0 { 0 } else { state.draw(seed) % (model.jitter_us + 1) };
             let timeline = if write { &mut state.writes } else { &mut state.reads };
-            Some(timeline.schedule(&model, now, len_bytes, jitter_us) + Duration::from_micros(extra_us))
+            let scale = time_scale();
+            Some(timeline.schedule(&model, now, len_bytes, jitter_us, scale) + Duration::from_micros(extra_us) * scale)
         };
         if extra_us > 0 {
             if let Some(sectors) = sectors {
@@ -448,6 +451,7 @@ impl MemDisk {
     fn complete_read(
         &self,
         issued: &Issued,
+        request: &Range<u64>,
         sectors: Range<u64>,
         buf: &mut ReadBuf,
         window_offset: usize,
@@ -455,7 +459,7 @@ impl MemDisk {
         let seed = self.options.seed;
         let mut state = self.lock();
         if let Some(kind) = self.device_down(&state, issued.io_index) {
-            self.record_fault(&mut state, Operation::Read, sectors, kind);
+            self.record_fault(&mut state, Operation::Read, request.clone(), kind);
             return Err(io::Error::from_raw_os_error(EIO));
         }
         let read_error_ppm = state.plan.odds.read_error_ppm;
@@ -465,7 +469,7 @@ impl MemDisk {
             state.latent.insert(block..block + self.block_sectors);
         }
         if state.latent.intersects(&sectors) {
-            self.record_fault(&mut state, Operation::Read, sectors, FaultKind::LatentSectorError);
+            self.record_fault(&mut state, Operation::Read, request.clone(), FaultKind::LatentSectorError);
             return Err(io::Error::from_raw_os_error(EIO));
         }
         let len = (sectors.end - sectors.start) as usize * SECTOR_SIZE;
@@ -519,6 +523,7 @@ impl MemDisk {
         &self,
         issued: &Issued,
         operation: Operation,
+        request: &Range<u64>,
         sectors: Range<u64>,
         data: Option<(&WriteBuf, usize)>,
         last_piece: bool,
@@ -530,12 +535,12 @@ impl MemDisk {
                 if last_piece { state.in_flight.remove(&id).is_some() } else { state.in_flight.contains_key(&id) };
             if !known {
                 // A crash took this write while it was in flight.
-                self.record_fault(&mut state, operation, sectors, FaultKind::Crashed);
+                self.record_fault(&mut state, operation, request.clone(), FaultKind::Crashed);
                 return Err(io::Error::from_raw_os_error(EIO));
             }
         }
         if let Some(kind) = self.device_down(&state, issued.io_index) {
-            self.record_fault(&mut state, operation, sectors, kind);
+            self.record_fault(&mut state, operation, request.clone(), kind);
             return Err(io::Error::from_raw_os_error(EIO));
         }
         let mut failed = false;
@@ -554,7 +559,7 @@ impl MemDisk {
         }
         let write_error_ppm = state.plan.odds.write_error_ppm;
         if failed || state.hits(seed, write_error_ppm) {
-            self.record_fault(&mut state, operation, sectors, FaultKind::WriteError);
+            self.record_fault(&mut state, operation, request.clone(), FaultKind::WriteError);
             return Err(io::Error::from_raw_os_error(EIO));
         }
         if self.options.zoned {
@@ -567,7 +572,8 @@ impl MemDisk {
             state.write_pointers[zone] = sectors.end;
         }
         let landed = match issued.misdirect_to {
-            Some(start) => {
+            Some(request_start) => {
+                let start = request_start + (sectors.start - request.start);
                 let landed = start..start + (sectors.end - sectors.start);
                 self.record_fault(
                     &mut state,
@@ -683,7 +689,7 @@ impl BlockDevice for MemDisk {
             let short = pieces.len() > 1;
             for piece in pieces {
                 let offset = (piece.start - sectors.start) as usize * SECTOR_SIZE;
-                result = self.complete_read(&issued, piece, &mut buf, offset);
+                result = self.complete_read(&issued, &sectors, piece, &mut buf, offset);
                 if result.is_err() {
                     break;
                 }
@@ -764,7 +770,7 @@ impl MemDisk {
         let mut result = Ok(());
         for (i, piece) in pieces.into_iter().enumerate() {
             let offset = (piece.start - sectors.start) as usize * SECTOR_SIZE;
-            result = self.complete_write(issued, operation, piece, data.map(|d| (d, offset)), i + 1 == count);
+            result = self.complete_write(issued, operation, &sectors, piece, data.map(|d| (d, offset)), i + 1 == count);
             if result.is_err() {
                 break;
             }

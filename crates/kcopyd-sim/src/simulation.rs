@@ -8,8 +8,52 @@
 //!
 //! Nothing reads the real clock and nothing runs on another thread, so the order of events
 //! is a function of the inputs alone: the same seed replays the same trace.
+//!
+//! tokio's timer counts whole milliseconds, so inside a simulation one microsecond of the disk
+//! model lasts one millisecond of tokio time ([`time_scale`] is 1000): completions keep
+//! microsecond resolution. [`to_tokio`] and [`to_model`] convert.
 
+thread_local! {
+    static TIME_SCALE: Cell<u32> = const { Cell::new(1) };
+}
+
+/// Tokio time units per unit of model time on this thread: 1, or 1000 inside a
+/// [`Simulation`].
+pub fn time_scale() -> u32 {
+    TIME_SCALE.with(Cell::get)
+}
+
+/// A model duration as tokio time on this thread.
+pub fn to_tokio(model: Duration) -> Duration {
+    model * time_scale()
+}
+
+/// A tokio duration as model time on this thread.
+pub fn to_model(tokio: Duration) -> Duration {
+    tokio / time_scale()
+}
+
+/// Sets the scale for the life of the guard.
+struct ScaleGuard(u32);
+
+impl ScaleGuard {
+    fn set(scale: u32) -> ScaleGuard {
+        ScaleGuard(TIME_SCALE.with(|cell| cell.replace(scale)))
+    }
+}
+
+impl Drop for ScaleGuard {
+    fn drop(&mut self) {
+        TIME_SCALE.with(|cell| cell.set(self.0));
+    }
+}
+
+/// Model microseconds per tokio millisecond inside a simulation.
+const SIMULATION_SCALE: u32 = 1000;
+
+use std::cell::Cell;
 use std::future::Future;
+use std::time::Duration;
 
 use kcopyd_core::{Client, ClientConfig, ConfigError};
 
@@ -30,6 +74,7 @@ impl Simulation {
         F: FnOnce(Client, Trace) -> Fut,
         Fut: Future<Output = T>,
     {
+        let _scale = ScaleGuard::set(SIMULATION_SCALE);
         let system = actix_rt::System::with_tokio_rt(|| {
             tokio::runtime::Builder::new_current_thread()
                 .enable_time()
@@ -49,6 +94,7 @@ impl Simulation {
     /// Runs `body` on a fresh single-threaded actix System over paused tokio time, without a
     /// client (for tests that make their own).
     pub fn block_on<Fut: Future>(body: Fut) -> Fut::Output {
+        let _scale = ScaleGuard::set(SIMULATION_SCALE);
         let system = actix_rt::System::with_tokio_rt(|| {
             tokio::runtime::Builder::new_current_thread()
                 .enable_time()

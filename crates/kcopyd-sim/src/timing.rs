@@ -62,8 +62,16 @@ pub(crate) struct Timeline {
 }
 
 impl Timeline {
-    /// When a request of `len_bytes` issued `now` under `model` completes, given `jitter_us`.
-    pub(crate) fn schedule(&mut self, model: &IoModel, now: Instant, len_bytes: usize, jitter_us: u64) -> Instant {
+    /// When a request of `len_bytes` issued `now` under `model` completes, given `jitter_us`;
+    /// every model duration lasts `scale` times as long in tokio time.
+    pub(crate) fn schedule(
+        &mut self,
+        model: &IoModel,
+        now: Instant,
+        len_bytes: usize,
+        jitter_us: u64,
+        scale: u32,
+    ) -> Instant {
         let slot = if model.queue_depth == 0 {
             None
         } else {
@@ -75,17 +83,17 @@ impl Timeline {
             Some(index)
         };
         let start = slot.map_or(now, |i| self.slots[i].max(now));
-        let transfer_start = start + Duration::from_micros(model.cost_us);
+        let transfer_start = start + Duration::from_micros(model.cost_us) * scale;
         let transfer_end = if model.bandwidth_bytes_per_s == 0 {
             transfer_start
         } else {
             let nanos = len_bytes as u128 * 1_000_000_000 / u128::from(model.bandwidth_bytes_per_s);
-            let transfer = Duration::from_nanos(nanos as u64);
+            let transfer = Duration::from_nanos(nanos as u64) * scale;
             let begin = self.path_free.map_or(transfer_start, |free| free.max(transfer_start));
             self.path_free = Some(begin + transfer);
             begin + transfer
         };
-        let done = transfer_end + Duration::from_micros(jitter_us);
+        let done = transfer_end + Duration::from_micros(jitter_us) * scale;
         if let Some(i) = slot {
             self.slots[i] = done;
         }
@@ -102,8 +110,8 @@ mod tests {
         let model = IoModel { cost_us: 100, bandwidth_bytes_per_s: 100_000_000, queue_depth: 1, jitter_us: 0 };
         let mut timeline = Timeline::default();
         let now = Instant::now();
-        let first = timeline.schedule(&model, now, 1_000_000, 0);
-        let second = timeline.schedule(&model, now, 1_000_000, 0);
+        let first = timeline.schedule(&model, now, 1_000_000, 0, 1);
+        let second = timeline.schedule(&model, now, 1_000_000, 0, 1);
         assert_eq!(first - now, Duration::from_micros(10_100));
         assert_eq!(second - now, Duration::from_micros(20_200));
     }
@@ -113,7 +121,7 @@ mod tests {
         let model = IoModel { cost_us: 1000, bandwidth_bytes_per_s: 1_000_000_000, queue_depth: 4, jitter_us: 0 };
         let mut timeline = Timeline::default();
         let now = Instant::now();
-        let done: Vec<Duration> = (0..4).map(|_| timeline.schedule(&model, now, 1_000_000, 0) - now).collect();
+        let done: Vec<Duration> = (0..4).map(|_| timeline.schedule(&model, now, 1_000_000, 0, 1) - now).collect();
         // All four pay their cost at once, then transfer one after another (1 ms each).
         assert_eq!(done, [2, 3, 4, 5].map(|ms| Duration::from_millis(ms)));
     }

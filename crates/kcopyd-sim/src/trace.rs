@@ -11,13 +11,14 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::mix64;
+use crate::simulation::to_model;
 
 /// One event of a trace.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TraceEvent {
     /// Position in the trace: orders events with equal timestamps.
     pub sequence: u64,
-    /// Time since the trace began, in nanoseconds of (virtual) time.
+    /// Model time since the trace began, in nanoseconds.
     pub at_ns: u64,
     /// What happened, as stable text (`"disk0 read 0..16 ok"`).
     pub what: String,
@@ -45,7 +46,7 @@ impl Trace {
     /// Appends an event.
     pub fn record(&self, what: impl Into<String>) {
         let mut inner = self.inner.lock().expect("trace lock");
-        let at_ns = Instant::now().saturating_duration_since(inner.began).as_nanos() as u64;
+        let at_ns = to_model(Instant::now().saturating_duration_since(inner.began)).as_nanos() as u64;
         let sequence = inner.events.len() as u64;
         let what = what.into();
         let mut line = String::new();

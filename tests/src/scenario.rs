@@ -1,0 +1,812 @@
+//! Random scenarios for the engine on simulated disks, and the oracle that checks them.
+//!
+//! ```text
+//!  Inputs (numbers only: from proptest, so they shrink; or from one seed, as the swarm does)
+//!     │ layout(): disjoint source and target regions, disk sizes, fault plans
+//!     ▼
+//!  Scenario ──run()──► one thread, paused time: disks + client, jobs submitted at virtual
+//!     │                times, an optional crash, then a liveness phase (faults off, resubmit)
+//!     ▼
+//!  Report ──check()──► the brief's invariants, each violation named
+//! ```
+//!
+//! Every source region and every target region belongs to one job only, so each fault in a
+//! disk's log belongs to exactly one job, and a target sector's content has exactly two
+//! legal values: its old content (the target's own pattern) and its new content (the
+//! source's pattern, or zeroes).
+
+use std::cell::RefCell;
+use std::ops::Range;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kcopyd_core::{Client, ClientConfig, Device, Flags, Job, Outcome, RangeSet, Region, SECTOR_SIZE};
+use kcopyd_sim::{
+    FaultKind, FaultOdds, FaultPlan, FaultRecord, IoModel, Latency, MemDisk, MemDiskOptions, Misdirect, Operation,
+    Provenance, Simulation, SlowSpike, Trace, WriteFault, mix64, to_model, to_tokio,
+};
+use proptest::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// How long a run may take in virtual time before it counts as a deadlock.
+pub const DEADLOCK_AFTER: Duration = Duration::from_secs(3600);
+/// Sectors per zone of a zoned target (in units; see [`Inputs::unit_sectors`]).
+const ZONE_UNITS: u64 = 64;
+
+/// The timing of one direction of a disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimingInputs {
+    /// Cost per request in µs.
+    pub cost_us: u64,
+    /// Bandwidth in MB/s (0 = unlimited).
+    pub bandwidth_mb_per_s: u64,
+    /// Queue depth (0 = unlimited).
+    pub queue_depth: u32,
+    /// Jitter in µs.
+    pub jitter_us: u64,
+}
+
+/// Faults of one disk, in units of the scenario (offsets wrap around the disk).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultInputs {
+    /// Latent sector errors: (offset, length) in units.
+    pub latent: Vec<(u64, u64)>,
+    /// Write faults: (offset, length, attempts; 0 = persistent).
+    pub write_faults: Vec<(u64, u64, u32)>,
+    /// The device fails from this request on.
+    pub fail_after_ios: Option<u64>,
+    /// Slow spikes: (request index, extra µs).
+    pub slow: Vec<(u64, u64)>,
+    /// Misdirected writes: (write index, shift in units).
+    pub misdirects: Vec<(u64, i64)>,
+    /// One block per underlying call.
+    pub short_io: bool,
+    /// Odds per request in ppm: read error, write error, misdirect, slow.
+    pub odds: (u32, u32, u32, u32),
+}
+
+/// One disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInputs {
+    /// 4096-byte logical blocks (only when the scenario uses 8-sector units).
+    pub block_4k: bool,
+    /// Write-zeroes offload.
+    pub write_zeroes: bool,
+    /// Zoned (targets only).
+    pub zoned: bool,
+    /// Read timing.
+    pub read: TimingInputs,
+    /// Write timing.
+    pub write: TimingInputs,
+    /// Faults.
+    pub faults: FaultInputs,
+}
+
+/// One job.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobInputs {
+    /// Zero instead of copy.
+    pub zero: bool,
+    /// Source disk (modulo the number of sources).
+    pub source: usize,
+    /// Target disks (modulo the number of targets; duplicates dropped).
+    pub targets: Vec<usize>,
+    /// Length in units, at least 1.
+    pub len_units: u64,
+    /// Gap before each of its regions, in units.
+    pub gap_units: u64,
+    /// IGNORE_ERROR.
+    pub ignore_error: bool,
+    /// WRITE_SEQ.
+    pub write_seq: bool,
+    /// Virtual time of submission, µs after the start.
+    pub submit_at_us: u64,
+}
+
+/// Everything a scenario is made of: plain numbers, so that proptest can shrink them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inputs {
+    /// Seed of the disks' own draws (jitter, odds, tearing).
+    pub seed: u64,
+    /// Page budget, at least 1.
+    pub page_budget: usize,
+    /// Sub-job size in units.
+    pub sub_job_units: u64,
+    /// Sub-jobs in flight per job.
+    pub subjobs_in_flight: usize,
+    /// Units of 8 sectors (and some 4096-byte disks) instead of 1.
+    pub big_units: bool,
+    /// Source disks.
+    pub sources: Vec<DiskInputs>,
+    /// Target disks.
+    pub targets: Vec<DiskInputs>,
+    /// Jobs.
+    pub jobs: Vec<JobInputs>,
+    /// Crash every disk at this virtual time (µs), then run a liveness phase.
+    pub crash_at_us: Option<u64>,
+}
+
+impl Inputs {
+    /// Sectors per unit of offsets and lengths.
+    pub fn unit_sectors(&self) -> u64 {
+        if self.big_units { 8 } else { 1 }
+    }
+
+    /// Every option and every fault probability drawn from `seed` (as VOPR does): some
+    /// scenarios are calm, some are stormy.
+    pub fn from_seed(seed: u64) -> Inputs {
+        let mut rng = Draw(mix64(seed));
+        let big_units = rng.below(2) == 0;
+        let storm = rng.below(4); // 0 calm .. 3 stormy
+        let crash = rng.below(5) == 0;
+        let disk = |rng: &mut Draw, target: bool| DiskInputs {
+            block_4k: big_units && rng.below(2) == 0,
+            write_zeroes: rng.below(2) == 0,
+            zoned: target && !crash && rng.below(6) == 0,
+            read: rng.timing(),
+            write: rng.timing(),
+            faults: rng.faults(storm, target),
+        };
+        let sources = (0..1 + rng.below(3)).map(|_| disk(&mut rng, false)).collect();
+        let targets = (0..1 + rng.below(8)).map(|_| disk(&mut rng, true)).collect();
+        let jobs = (0..1 + rng.below(10))
+            .map(|_| JobInputs {
+                zero: rng.below(5) == 0,
+                source: rng.below(3) as usize,
+                targets: (0..1 + rng.below(8)).map(|_| rng.below(8) as usize).collect(),
+                len_units: 1 + rng.below(64),
+                gap_units: rng.below(8),
+                ignore_error: rng.below(2) == 0,
+                write_seq: rng.below(4) == 0,
+                submit_at_us: rng.below(4) * rng.below(5000),
+            })
+            .collect();
+        Inputs {
+            seed,
+            page_budget: [1, 2, 3, 8, 16, 64, 256][rng.below(7) as usize],
+            sub_job_units: [1, 2, 3, 8, 16, 64][rng.below(6) as usize],
+            subjobs_in_flight: 1 + rng.below(8) as usize,
+            big_units,
+            sources,
+            targets,
+            jobs,
+            crash_at_us: crash.then(|| rng.below(20_000)),
+        }
+    }
+
+    /// The concrete scenario: disk options, regions and flags.
+    pub fn layout(&self) -> Scenario {
+        let unit = self.unit_sectors();
+        let mut source_cursor = vec![0u64; self.sources.len()];
+        let mut target_cursor = vec![0u64; self.targets.len()];
+        let mut jobs = Vec::new();
+        for job in &self.jobs {
+            let len = job.len_units.clamp(1, ZONE_UNITS) * unit;
+            let source = job.source % self.sources.len();
+            let source_start = source_cursor[source] + job.gap_units * unit;
+            if !job.zero {
+                source_cursor[source] = source_start + len;
+            }
+            let mut targets: Vec<usize> = Vec::new();
+            for &t in &job.targets {
+                let t = t % self.targets.len();
+                if !targets.contains(&t) {
+                    targets.push(t);
+                }
+            }
+            let regions = targets
+                .iter()
+                .map(|&t| {
+                    let mut start = target_cursor[t] + job.gap_units * unit;
+                    if self.targets[t].zoned {
+                        start = start.div_ceil(ZONE_UNITS * unit) * ZONE_UNITS * unit;
+                    }
+                    target_cursor[t] = start + len;
+                    (t, start)
+                })
+                .collect();
+            let mut flags = Flags::empty();
+            if job.ignore_error {
+                flags |= Flags::IGNORE_ERROR;
+            }
+            if job.write_seq {
+                flags |= Flags::WRITE_SEQ;
+            }
+            jobs.push(JobLayout {
+                zero: job.zero,
+                source: (!job.zero).then_some((source, source_start)),
+                targets: regions,
+                len_sectors: len,
+                flags,
+                submit_at_us: job.submit_at_us,
+            });
+        }
+        let slack = 4 * unit;
+        let zone = ZONE_UNITS * unit;
+        let disk_options = |inputs: &DiskInputs, cursor: u64, name: String, index: u64| {
+            let block: u32 = if inputs.block_4k && self.big_units { 4096 } else { 512 };
+            let mut len = cursor + slack;
+            if inputs.zoned {
+                len = len.div_ceil(zone) * zone;
+            }
+            let wrap = |offset: u64, count: u64| {
+                let start = offset * unit % len;
+                start..(start + count.max(1) * unit).min(len)
+            };
+            let faults = &inputs.faults;
+            MemDiskOptions {
+                name,
+                seed: mix64(self.seed ^ index),
+                len_sectors: len,
+                logical_block_size: block,
+                sparse: false,
+                write_zeroes: inputs.write_zeroes,
+                zoned: inputs.zoned,
+                zone_sectors: if inputs.zoned { zone } else { 0 },
+                latency: Latency {
+                    read: inputs.read.model(),
+                    write: inputs.write.model(),
+                    seed: mix64(self.seed ^ index ^ 7),
+                },
+                faults: FaultPlan {
+                    latent_sectors: faults.latent.iter().map(|&(o, n)| wrap(o, n)).collect(),
+                    write_faults: faults
+                        .write_faults
+                        .iter()
+                        .map(|&(o, n, attempts)| WriteFault { sectors: wrap(o, n), attempts })
+                        .collect(),
+                    fail_after_ios: faults.fail_after_ios,
+                    fail_at_us: None,
+                    slow_spikes: faults
+                        .slow
+                        .iter()
+                        .map(|&(io_index, extra_us)| SlowSpike { io_index, extra_us })
+                        .collect(),
+                    misdirects: faults
+                        .misdirects
+                        .iter()
+                        .map(|&(write_index, shift)| Misdirect { write_index, shift_sectors: shift * unit as i64 })
+                        .collect(),
+                    short_io: faults.short_io,
+                    volatile_cache: self.crash_at_us.is_some(),
+                    odds: FaultOdds {
+                        read_error_ppm: faults.odds.0,
+                        write_error_ppm: faults.odds.1,
+                        misdirect_ppm: faults.odds.2,
+                        slow_ppm: faults.odds.3,
+                        slow_us: 5000,
+                    },
+                },
+            }
+        };
+        Scenario {
+            config: ClientConfig {
+                page_budget: self.page_budget.max(1),
+                sub_job_size_bytes: (self.sub_job_units.max(1) * unit) as usize * SECTOR_SIZE,
+                subjobs_in_flight: self.subjobs_in_flight.clamp(1, 64),
+                queued_jobs_max: 1024,
+            },
+            sources: self
+                .sources
+                .iter()
+                .enumerate()
+                .map(|(i, d)| disk_options(d, source_cursor[i], format!("source{i}"), i as u64))
+                .collect(),
+            targets: self
+                .targets
+                .iter()
+                .enumerate()
+                .map(|(i, d)| disk_options(d, target_cursor[i], format!("target{i}"), 100 + i as u64))
+                .collect(),
+            jobs,
+            crash_at_us: self.crash_at_us,
+        }
+    }
+}
+
+impl TimingInputs {
+    fn model(&self) -> IoModel {
+        IoModel {
+            cost_us: self.cost_us,
+            bandwidth_bytes_per_s: self.bandwidth_mb_per_s * 1_000_000,
+            queue_depth: self.queue_depth,
+            jitter_us: self.jitter_us,
+        }
+    }
+}
+
+/// A small seeded generator for [`Inputs::from_seed`].
+struct Draw(u64);
+
+impl Draw {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = mix64(self.0);
+        self.0 % n.max(1)
+    }
+
+    fn timing(&mut self) -> TimingInputs {
+        TimingInputs {
+            cost_us: [0, 10, 100, 1000][self.below(4) as usize],
+            bandwidth_mb_per_s: [0, 50, 500, 3000][self.below(4) as usize],
+            queue_depth: [0, 1, 4, 32][self.below(4) as usize],
+            jitter_us: [0, 0, 50, 2000][self.below(4) as usize],
+        }
+    }
+
+    fn faults(&mut self, storm: u64, target: bool) -> FaultInputs {
+        let many = |d: &mut Draw| if storm == 0 { 0 } else { d.below(storm + 1) };
+        let latent = (0..many(self)).map(|_| (self.below(1000), 1 + self.below(3))).collect();
+        let write_faults = if target {
+            (0..many(self)).map(|_| (self.below(1000), 1 + self.below(3), self.below(3) as u32)).collect()
+        } else {
+            vec![]
+        };
+        let misdirects = if target && storm >= 2 {
+            (0..self.below(2)).map(|_| (self.below(40), self.below(9) as i64 - 4)).collect()
+        } else {
+            vec![]
+        };
+        let ppm = |d: &mut Draw, scale: u64| if storm == 0 { 0 } else { (d.below(storm + 1) * scale) as u32 };
+        FaultInputs {
+            latent,
+            write_faults,
+            fail_after_ios: (storm == 3 && self.below(4) == 0).then(|| self.below(200)),
+            slow: (0..self.below(3)).map(|_| (self.below(100), self.below(20_000))).collect(),
+            misdirects,
+            short_io: self.below(6) == 0,
+            odds: (
+                ppm(self, 3000),
+                if target { ppm(self, 3000) } else { 0 },
+                if target { ppm(self, 1000) } else { 0 },
+                ppm(self, 20_000),
+            ),
+        }
+    }
+}
+
+/// A job placed on the disks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobLayout {
+    /// A zero job.
+    pub zero: bool,
+    /// Source disk and start sector (copies).
+    pub source: Option<(usize, u64)>,
+    /// Target disks and start sectors.
+    pub targets: Vec<(usize, u64)>,
+    /// Length in sectors.
+    pub len_sectors: u64,
+    /// Flags as submitted.
+    pub flags: Flags,
+    /// Virtual submission time, µs.
+    pub submit_at_us: u64,
+}
+
+/// A concrete scenario: a serde value that can be saved and replayed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scenario {
+    /// The client's configuration.
+    pub config: ClientConfig,
+    /// Source disks (pattern-filled with their own seeds, never written).
+    pub sources: Vec<MemDiskOptions>,
+    /// Target disks (pattern-filled: their old content).
+    pub targets: Vec<MemDiskOptions>,
+    /// Jobs.
+    pub jobs: Vec<JobLayout>,
+    /// Crash every disk at this virtual time (µs).
+    pub crash_at_us: Option<u64>,
+}
+
+/// Seed of the pattern of source disk `i` (old content of its sectors).
+fn source_seed(i: usize) -> u64 {
+    1000 + i as u64
+}
+
+/// Seed of the pattern of target disk `i` (old content of its sectors).
+fn target_seed(i: usize) -> u64 {
+    2000 + i as u64
+}
+
+/// What one job did.
+#[derive(Debug, Clone, Default)]
+pub struct JobResult {
+    /// Completions seen by the callback.
+    pub callbacks: usize,
+    /// The outcome the handle gave.
+    pub outcome: Option<Outcome>,
+    /// The outcome of the resubmission in the liveness phase, if any.
+    pub retry: Option<Outcome>,
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct Report {
+    /// Per job.
+    pub jobs: Vec<JobResult>,
+    /// The trace's hash.
+    pub trace_hash: u64,
+    /// Events in the trace.
+    pub trace_events: usize,
+    /// The trace itself.
+    pub trace: Trace,
+    /// The run did not finish within [`DEADLOCK_AFTER`] of virtual time.
+    pub deadlocked: bool,
+    /// Most pages in use at once.
+    pub pages_in_use_max: usize,
+    /// Virtual time the run took.
+    pub virtual_time: Duration,
+    /// The disks, for the oracle.
+    pub sources: Vec<Arc<MemDisk>>,
+    /// The disks, for the oracle.
+    pub targets: Vec<Arc<MemDisk>>,
+    /// Fault logs right after the first phase (before the liveness phase), per target.
+    pub target_logs_before_retry: Vec<Vec<FaultRecord>>,
+}
+
+fn job_of(layout: &JobLayout, sources: &[Arc<MemDisk>], targets: &[Arc<MemDisk>]) -> Job {
+    let regions = layout
+        .targets
+        .iter()
+        .map(|&(t, start)| Region::new(targets[t].clone() as Device, start, layout.len_sectors))
+        .collect();
+    match layout.source {
+        Some((s, start)) => {
+            Job::copy(Region::new(sources[s].clone(), start, layout.len_sectors), regions, layout.flags)
+        }
+        None => Job::zero(regions, layout.flags),
+    }
+}
+
+/// Runs a scenario on one thread in virtual time.
+pub fn run(scenario: &Scenario) -> Report {
+    Simulation::block_on(async {
+        let began = tokio::time::Instant::now();
+        let trace = Trace::new();
+        let make = |options: &MemDiskOptions, seed: u64| {
+            let disk = Arc::new(MemDisk::new(options.clone()));
+            disk.fill_pattern(seed);
+            disk.set_trace(trace.clone());
+            disk
+        };
+        let sources: Vec<_> = scenario.sources.iter().enumerate().map(|(i, o)| make(o, source_seed(i))).collect();
+        let targets: Vec<_> = scenario.targets.iter().enumerate().map(|(i, o)| make(o, target_seed(i))).collect();
+        let client =
+            Client::start_in_current_system(scenario.config.clone()).expect("generated configurations are valid");
+        let results: Rc<RefCell<Vec<JobResult>>> =
+            Rc::new(RefCell::new(vec![JobResult::default(); scenario.jobs.len()]));
+        let callbacks: Arc<Vec<std::sync::atomic::AtomicUsize>> =
+            Arc::new((0..scenario.jobs.len()).map(|_| Default::default()).collect());
+
+        if let Some(at) = scenario.crash_at_us {
+            let (sources, targets, trace) = (sources.clone(), targets.clone(), trace.clone());
+            actix_rt::spawn(async move {
+                tokio::time::sleep_until(began + to_tokio(Duration::from_micros(at))).await;
+                trace.record("crash");
+                sources.iter().chain(&targets).for_each(|d| d.crash());
+            });
+        }
+
+        let mut order: Vec<usize> = (0..scenario.jobs.len()).collect();
+        order.sort_by_key(|&j| (scenario.jobs[j].submit_at_us, j));
+        let phase_one = async {
+            let mut handles = Vec::new();
+            for j in order {
+                let layout = &scenario.jobs[j];
+                tokio::time::sleep_until(began + to_tokio(Duration::from_micros(layout.submit_at_us))).await;
+                let counter = callbacks.clone();
+                let trace_done = trace.clone();
+                let job = job_of(layout, &sources, &targets).on_complete(move |outcome| {
+                    counter[j].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    trace_done.record(format!(
+                        "job {j} done ok={} read_err={} write_err={:?}",
+                        outcome.is_ok(),
+                        outcome.read_err,
+                        outcome.write_err
+                    ));
+                });
+                trace.record(format!("job {j} submit"));
+                handles.push((j, client.submit(job).await.expect("generated jobs are valid")));
+            }
+            for (j, handle) in handles {
+                let outcome = handle.await;
+                results.borrow_mut()[j].outcome = Some(outcome);
+            }
+        };
+        let deadlocked = tokio::time::timeout(to_tokio(DEADLOCK_AFTER), phase_one).await.is_err();
+        let target_logs_before_retry = targets.iter().map(|t| t.fault_log()).collect();
+
+        let mut deadlocked_retry = false;
+        if let (false, Some(at)) = (deadlocked, scenario.crash_at_us) {
+            // Liveness: once the crash has happened, faults off, disks back, and every job
+            // that did not finish cleanly submitted again.
+            tokio::time::sleep_until(began + to_tokio(Duration::from_micros(at + 1))).await;
+            trace.record("heal");
+            for disk in sources.iter().chain(&targets) {
+                disk.heal();
+                disk.restart();
+            }
+            let retry = async {
+                for (j, layout) in scenario.jobs.iter().enumerate() {
+                    let ok = results.borrow()[j].outcome.as_ref().is_some_and(Outcome::is_ok);
+                    if !ok {
+                        let job = job_of(layout, &sources, &targets);
+                        let outcome = client.submit(job).await.expect("valid").await;
+                        results.borrow_mut()[j].retry = Some(outcome);
+                    }
+                }
+            };
+            deadlocked_retry = tokio::time::timeout(to_tokio(DEADLOCK_AFTER), retry).await.is_err();
+        }
+        let deadlocked = deadlocked || deadlocked_retry;
+        let pages_in_use_max = client.pool_stats().pages_in_use_max;
+        if !deadlocked {
+            // Asserts that every page is back.
+            client.shutdown().await;
+        }
+        let mut jobs = results.borrow().clone();
+        for (j, job) in jobs.iter_mut().enumerate() {
+            job.callbacks = callbacks[j].load(std::sync::atomic::Ordering::SeqCst);
+        }
+        Report {
+            jobs,
+            trace_hash: trace.hash(),
+            trace_events: trace.len(),
+            trace: trace.clone(),
+            deadlocked,
+            pages_in_use_max,
+            virtual_time: to_model(tokio::time::Instant::now() - began),
+            sources,
+            targets,
+            target_logs_before_retry,
+        }
+    })
+}
+
+/// The content a target sector may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Old,
+    New,
+    Other,
+}
+
+/// Checks the invariants; returns every violation, named.
+pub fn check(scenario: &Scenario, report: &Report) -> Vec<String> {
+    let mut violations = Vec::new();
+    if report.deadlocked {
+        violations.push(format!("deadlock: jobs still running after {DEADLOCK_AFTER:?} of virtual time"));
+        return violations;
+    }
+    if report.pages_in_use_max > scenario.config.page_budget {
+        violations.push(format!(
+            "pages in use reached {} over a budget of {}",
+            report.pages_in_use_max, scenario.config.page_budget
+        ));
+    }
+    let crashed = scenario.crash_at_us.is_some();
+    for (j, (layout, result)) in scenario.jobs.iter().zip(&report.jobs).enumerate() {
+        // The callback is on the first submission only; the retry is awaited.
+        if result.callbacks != 1 {
+            violations.push(format!("job {j}: {} completions, expected exactly 1", result.callbacks));
+        }
+        let Some(outcome) = &result.outcome else {
+            violations.push(format!("job {j}: no outcome"));
+            continue;
+        };
+        if !crashed {
+            check_reports(j, layout, outcome, report, &mut violations);
+        }
+        if let Some(retry) = &result.retry {
+            if !retry.is_ok() {
+                violations.push(format!("job {j}: resubmitted with faults off, still failed: {retry:?}"));
+            }
+        }
+    }
+    check_contents(scenario, report, &mut violations);
+    violations
+}
+
+/// Union of the ranges of the failed-request faults of `log` that overlap `region`.
+fn failures_in(log: &[FaultRecord], operations: &[Operation], region: &Range<u64>) -> RangeSet {
+    log.iter()
+        .filter(|r| r.kind.failed_request() && operations.contains(&r.operation))
+        .filter(|r| r.sectors.start < region.end && region.start < r.sectors.end)
+        .map(|r| r.sectors.clone())
+        .collect()
+}
+
+/// Invariant 3: the reported errors and ranges equal the faults that fired.
+fn check_reports(j: usize, layout: &JobLayout, outcome: &Outcome, report: &Report, violations: &mut Vec<String>) {
+    if let Some((s, start)) = layout.source {
+        let region = start..start + layout.len_sectors;
+        let logged = failures_in(&report.sources[s].fault_log(), &[Operation::Read], &region);
+        if outcome.read_err != !logged.is_empty() {
+            violations.push(format!("job {j}: read_err {} but the source log has {logged:?}", outcome.read_err));
+        }
+        if !outcome.read_failed.difference(&logged).is_empty() {
+            violations.push(format!(
+                "job {j}: read_failed {:?} is not all in logged failures {logged:?}",
+                outcome.read_failed
+            ));
+        }
+        for range in logged.ranges() {
+            if !outcome.read_failed.intersects(range) {
+                violations.push(format!(
+                    "job {j}: logged read failure {range:?} missing from read_failed {:?}",
+                    outcome.read_failed
+                ));
+            }
+        }
+    } else if outcome.read_err {
+        violations.push(format!("job {j}: a zero job reported a read error"));
+    }
+    for (i, &(t, start)) in layout.targets.iter().enumerate() {
+        let region = start..start + layout.len_sectors;
+        let logged =
+            failures_in(&report.target_logs_before_retry[t], &[Operation::Write, Operation::WriteZeroes], &region);
+        let reported = &outcome.targets[i].write_failed;
+        if outcome.write_err.contains(i) != !logged.is_empty() {
+            violations.push(format!(
+                "job {j} target {i}: write_err {} but the log has {logged:?}",
+                outcome.write_err.contains(i)
+            ));
+        }
+        if *reported != logged {
+            violations.push(format!("job {j} target {i}: write_failed {reported:?}, logged {logged:?}"));
+        }
+    }
+}
+
+/// Invariant 2: targets hold old or new content as the outcome says; nothing else changed.
+fn check_contents(scenario: &Scenario, report: &Report, violations: &mut Vec<String>) {
+    for (t, disk) in report.targets.iter().enumerate() {
+        let log = disk.fault_log();
+        // Sectors where a fault may leave anything: misdirected writes (both ends), torn and
+        // lost writes.
+        let excused: RangeSet = log
+            .iter()
+            .flat_map(|r| match &r.kind {
+                FaultKind::Misdirected { landed } => vec![r.sectors.clone(), landed.clone()],
+                FaultKind::Torn { .. } | FaultKind::Lost => vec![r.sectors.clone()],
+                _ => vec![],
+            })
+            .collect();
+        let len = disk.options().len_sectors;
+        let mut owner: Vec<Option<(usize, usize, u64)>> = vec![None; len as usize];
+        for (j, layout) in scenario.jobs.iter().enumerate() {
+            for (i, &(tt, start)) in layout.targets.iter().enumerate() {
+                if tt == t {
+                    for k in 0..layout.len_sectors {
+                        owner[(start + k) as usize] = Some((j, i, k));
+                    }
+                }
+            }
+        }
+        for (range, run) in disk.provenance(0..len) {
+            for sector in range.clone() {
+                // A pattern run names its first sector; the others follow on.
+                let provenance = match run {
+                    Provenance::Pattern { seed, generation, sector: first } => {
+                        Provenance::Pattern { seed, generation, sector: first + (sector - range.start) }
+                    }
+                    other => other,
+                };
+                let old = Provenance::Pattern { seed: target_seed(t), generation: 0, sector };
+                let Some((j, i, k)) = owner[sector as usize] else {
+                    if provenance != old && !excused.contains(sector) {
+                        violations
+                            .push(format!("target{t} sector {sector} outside every job changed to {provenance:?}"));
+                    }
+                    continue;
+                };
+                let layout = &scenario.jobs[j];
+                let new = match layout.source {
+                    Some((s, start)) => Provenance::Pattern { seed: source_seed(s), generation: 0, sector: start + k },
+                    None => Provenance::Zero,
+                };
+                let verdict = if provenance == new {
+                    Verdict::New
+                } else if provenance == old {
+                    Verdict::Old
+                } else {
+                    Verdict::Other
+                };
+                let result = &report.jobs[j];
+                let final_outcome = result.retry.as_ref().or(result.outcome.as_ref());
+                let copied = final_outcome.is_some_and(|o| !o.targets[i].not_copied.contains(sector));
+                let legal = match verdict {
+                    Verdict::New => true,
+                    Verdict::Old => !copied,
+                    Verdict::Other => false,
+                };
+                if !legal && !excused.contains(sector) {
+                    violations.push(format!(
+                        "job {j} target {i} (target{t}) sector {sector}: holds {verdict:?} ({provenance:?}) but the outcome says {}",
+                        if copied { "copied" } else { "not copied" }
+                    ));
+                }
+            }
+        }
+    }
+    for (s, disk) in report.sources.iter().enumerate() {
+        let len = disk.options().len_sectors;
+        let expected = vec![(0..len, Provenance::Pattern { seed: source_seed(s), generation: 0, sector: 0 })];
+        if disk.provenance(0..len) != expected {
+            violations.push(format!("source{s} changed"));
+        }
+    }
+}
+
+/// A proptest strategy for [`Inputs`]: small, shrinkable scenarios.
+pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
+    let timing = (0u64..3, 0u64..3, 0u32..3, 0u64..3).prop_map(|(c, b, q, j)| TimingInputs {
+        cost_us: [0, 20, 500][c as usize],
+        bandwidth_mb_per_s: [0, 100, 2000][b as usize],
+        queue_depth: [0, 1, 8][q as usize],
+        jitter_us: [0, 100, 3000][j as usize],
+    });
+    let faults = (
+        proptest::collection::vec((0u64..400, 1u64..4), 0..3),
+        proptest::collection::vec((0u64..400, 1u64..4, 0u32..3), 0..3),
+        proptest::option::weighted(0.1, 0u64..100),
+        proptest::collection::vec((0u64..50, 0u64..10_000), 0..2),
+        proptest::collection::vec((0u64..30, -4i64..5), 0..2),
+        proptest::bool::weighted(0.2),
+        (0u32..5000, 0u32..5000, 0u32..2000, 0u32..50_000),
+    )
+        .prop_map(|(latent, write_faults, fail_after_ios, slow, misdirects, short_io, odds)| FaultInputs {
+            latent,
+            write_faults,
+            fail_after_ios,
+            slow,
+            misdirects,
+            short_io,
+            odds,
+        });
+    let disk = (any::<bool>(), any::<bool>(), proptest::bool::weighted(0.15), timing.clone(), timing, faults).prop_map(
+        |(block_4k, write_zeroes, zoned, read, write, faults)| DiskInputs {
+            block_4k,
+            write_zeroes,
+            zoned,
+            read,
+            write,
+            faults,
+        },
+    );
+    let job = (
+        proptest::bool::weighted(0.2),
+        0usize..3,
+        proptest::collection::vec(0usize..8, 1..=8),
+        1u64..48,
+        0u64..4,
+        any::<bool>(),
+        proptest::bool::weighted(0.25),
+        0u64..5000,
+    )
+        .prop_map(|(zero, source, targets, len_units, gap_units, ignore_error, write_seq, submit_at_us)| {
+            JobInputs { zero, source, targets, len_units, gap_units, ignore_error, write_seq, submit_at_us }
+        });
+    (
+        any::<u64>(),
+        prop_oneof![Just(1usize), 1usize..8, 8usize..300],
+        1u64..40,
+        1usize..9,
+        any::<bool>(),
+        proptest::collection::vec(disk.clone(), 1..3),
+        proptest::collection::vec(disk, 1..8),
+        proptest::collection::vec(job, 1..8),
+    )
+        .prop_map(|(seed, page_budget, sub_job_units, subjobs_in_flight, big_units, sources, targets, jobs)| {
+            Inputs {
+                seed,
+                page_budget,
+                sub_job_units,
+                subjobs_in_flight,
+                big_units,
+                sources,
+                targets,
+                jobs,
+                crash_at_us: None,
+            }
+        })
+}
