@@ -620,7 +620,7 @@ fn check_reports(j: usize, layout: &JobLayout, outcome: &Outcome, report: &Repor
     if let Some((s, start)) = layout.source {
         let region = start..start + layout.len_sectors;
         let logged = failures_in(&report.sources[s].fault_log(), &[Operation::Read], &region);
-        if outcome.read_err != !logged.is_empty() {
+        if outcome.read_err == logged.is_empty() {
             violations.push(format!("job {j}: read_err {} but the source log has {logged:?}", outcome.read_err));
         }
         if !outcome.read_failed.difference(&logged).is_empty() {
@@ -645,7 +645,7 @@ fn check_reports(j: usize, layout: &JobLayout, outcome: &Outcome, report: &Repor
         let logged =
             failures_in(&report.target_logs_before_retry[t], &[Operation::Write, Operation::WriteZeroes], &region);
         let reported = &outcome.targets[i].write_failed;
-        if outcome.write_err.contains(i) != !logged.is_empty() {
+        if outcome.write_err.contains(i) == logged.is_empty() {
             violations.push(format!(
                 "job {j} target {i}: write_err {} but the log has {logged:?}",
                 outcome.write_err.contains(i)

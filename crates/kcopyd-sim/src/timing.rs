@@ -123,6 +123,6 @@ mod tests {
         let now = Instant::now();
         let done: Vec<Duration> = (0..4).map(|_| timeline.schedule(&model, now, 1_000_000, 0, 1) - now).collect();
         // All four pay their cost at once, then transfer one after another (1 ms each).
-        assert_eq!(done, [2, 3, 4, 5].map(|ms| Duration::from_millis(ms)));
+        assert_eq!(done, [2, 3, 4, 5].map(Duration::from_millis));
     }
 }

@@ -1,0 +1,260 @@
+//! The simulator itself: virtual time against the analytic model, determinism, sparse
+//! terabyte-scale disks, crashes and the fault kinds.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kcopyd_core::{BlockDevice, ClientConfig, Device, Flags, Job, PagePool, ReadBuf, Region, WriteBuf};
+use kcopyd_sim::{
+    FaultKind, FaultPlan, IoModel, Latency, MemDisk, MemDiskOptions, Misdirect, Provenance, Simulation, to_model,
+};
+use kcopyd_tests::scenario::{Inputs, run};
+
+/// Copies `len_sectors` from a source with `read` timing to a target with `write` timing, in
+/// virtual time; returns the model time the job took.
+fn timed_copy(read: IoModel, write: IoModel, len_sectors: u64) -> Duration {
+    Simulation::run(ClientConfig::default(), |client, _trace| async move {
+        let source = Arc::new(MemDisk::new(MemDiskOptions {
+            name: "source".into(),
+            len_sectors,
+            latency: Latency { read, ..Latency::default() },
+            ..MemDiskOptions::default()
+        }));
+        let target = Arc::new(MemDisk::new(MemDiskOptions {
+            name: "target".into(),
+            len_sectors,
+            latency: Latency { write, ..Latency::default() },
+            ..MemDiskOptions::default()
+        }));
+        let began = tokio::time::Instant::now();
+        let job =
+            Job::copy(Region::new(source, 0, len_sectors), vec![Region::new(target, 0, len_sectors)], Flags::empty());
+        let outcome = client.submit(job).await.unwrap().await;
+        assert!(outcome.is_ok());
+        to_model(began.elapsed())
+    })
+    .unwrap()
+}
+
+fn assert_within_5_percent(measured: Duration, model_us: f64) {
+    let measured_us = measured.as_secs_f64() * 1e6;
+    let error = (measured_us - model_us).abs() / model_us;
+    assert!(
+        error <= 0.05,
+        "virtual {measured_us:.0} µs against the model's {model_us:.0} µs ({:.1} % off)",
+        error * 100.0
+    );
+}
+
+#[test]
+fn virtual_duration_matches_the_analytic_model_when_writes_are_the_bottleneck() {
+    // 64 MiB in 128 sub-jobs of 512 KiB; reads stay ahead, so the copy takes one read and
+    // then one write after another: r + 128 w.
+    let read = IoModel { cost_us: 100, bandwidth_bytes_per_s: 200_000_000, queue_depth: 1, jitter_us: 0 };
+    let write = IoModel { cost_us: 200, bandwidth_bytes_per_s: 100_000_000, queue_depth: 1, jitter_us: 0 };
+    let chunk = 512.0 * 1024.0;
+    let r = 100.0 + chunk / 200.0; // bytes / (bytes per µs)
+    let w = 200.0 + chunk / 100.0;
+    assert_within_5_percent(timed_copy(read, write, 64 * 2048), r + 128.0 * w);
+}
+
+#[test]
+fn virtual_duration_matches_the_analytic_model_when_reads_are_the_bottleneck() {
+    let read = IoModel { cost_us: 300, bandwidth_bytes_per_s: 50_000_000, queue_depth: 1, jitter_us: 0 };
+    let write = IoModel { cost_us: 50, bandwidth_bytes_per_s: 1_000_000_000, queue_depth: 1, jitter_us: 0 };
+    let chunk = 512.0 * 1024.0;
+    let r = 300.0 + chunk / 50.0;
+    let w = 50.0 + chunk / 1000.0;
+    assert_within_5_percent(timed_copy(read, write, 32 * 2048), 64.0 * r + w);
+}
+
+#[test]
+fn the_same_seed_gives_the_same_trace_and_another_seed_another() {
+    for seed in [1, 7, 42] {
+        let scenario = Inputs::from_seed(seed).layout();
+        let (first, second) = (run(&scenario), run(&scenario));
+        assert!(first.trace_events > 0);
+        assert_eq!(first.trace.events(), second.trace.events(), "seed {seed}");
+        assert_eq!(first.trace_hash, second.trace_hash);
+        let other = run(&Inputs::from_seed(seed + 1000).layout());
+        assert_ne!(first.trace_hash, other.trace_hash);
+    }
+}
+
+#[test]
+fn a_terabyte_sparse_copy_region_costs_a_few_extents_and_verifies() {
+    let len_sectors = 1u64 << 31; // 1 TiB
+    let sparse =
+        |name: &str| MemDiskOptions { name: name.into(), len_sectors, sparse: true, ..MemDiskOptions::default() };
+    let source = Arc::new(MemDisk::new(sparse("source")));
+    source.fill_pattern(77);
+    let target = Arc::new(MemDisk::new(sparse("target")));
+    // 64 MiB at the very end of the source, into the middle of the target.
+    let copy_sectors = 64 * 2048;
+    let (from, to) = (len_sectors - copy_sectors, len_sectors / 2);
+    let outcome = Simulation::run(ClientConfig::default(), |client, _| {
+        let (source, target) = (source.clone(), target.clone());
+        async move {
+            let job = Job::copy(
+                Region::new(source, from, copy_sectors),
+                vec![Region::new(target as Device, to, copy_sectors)],
+                Flags::empty(),
+            );
+            client.submit(job).await.unwrap().await
+        }
+    })
+    .unwrap();
+    assert!(outcome.is_ok());
+    assert_eq!(source.extents(), 1);
+    assert_eq!(target.extents(), 3, "zero, one run of copied pattern, zero");
+    assert_eq!(
+        target.provenance(to..to + copy_sectors),
+        vec![(to..to + copy_sectors, Provenance::Pattern { seed: 77, generation: 0, sector: from })]
+    );
+    assert_eq!(target.provenance(0..to), vec![(0..to, Provenance::Zero)]);
+}
+
+fn read_all(disk: &MemDisk, start: u64, sectors: u64) -> std::io::Result<Vec<u8>> {
+    let pool = PagePool::new((sectors as usize * 512).div_ceil(4096)).unwrap();
+    let buf = ReadBuf::new(pool.try_alloc(pool.pages_total()).unwrap(), sectors as usize * 512);
+    let (buf, result) = Simulation::block_on(disk.read(start, buf));
+    result.map(|()| buf.to_vec())
+}
+
+#[test]
+fn short_io_moves_one_block_per_call_so_a_failing_block_leaves_a_partial_write() {
+    let disk = MemDisk::new(MemDiskOptions {
+        name: "short".into(),
+        len_sectors: 64,
+        faults: FaultPlan { short_io: true, ..FaultPlan::default() },
+        ..MemDiskOptions::default()
+    });
+    disk.fail_writes(5..6);
+    let result = Simulation::block_on(disk.write(0, WriteBuf::from_bytes(vec![7u8; 8 * 512].into())));
+    assert!(result.is_err());
+    let data = disk.snapshot(0, 8);
+    assert!(data[..5 * 512].iter().all(|&b| b == 7), "blocks before the failure landed");
+    assert!(data[5 * 512..].iter().all(|&b| b == 0), "the failing block and those after did not");
+    let log = disk.fault_log();
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].sectors, 0..8, "the log names the whole request");
+    assert!(read_all(&disk, 0, 8).is_ok());
+}
+
+#[test]
+fn latent_errors_clear_on_write_and_write_faults_spend_their_attempts() {
+    let disk = MemDisk::new(MemDiskOptions {
+        name: "faulty".into(),
+        len_sectors: 64,
+        faults: FaultPlan {
+            latent_sectors: std::iter::once(3..4).collect(),
+            write_faults: vec![kcopyd_sim::WriteFault { sectors: 10..12, attempts: 2 }],
+            ..FaultPlan::default()
+        },
+        ..MemDiskOptions::default()
+    });
+    assert!(read_all(&disk, 0, 8).is_err());
+    assert!(read_all(&disk, 4, 4).is_ok());
+    Simulation::block_on(disk.write(0, WriteBuf::zeroes(8 * 512))).unwrap();
+    assert!(read_all(&disk, 0, 8).is_ok(), "the write cleared the latent error");
+    for attempt in 0..3 {
+        let result = Simulation::block_on(disk.write(8, WriteBuf::zeroes(8 * 512)));
+        assert_eq!(result.is_ok(), attempt == 2, "attempt {attempt}");
+    }
+    let kinds: Vec<FaultKind> = disk.fault_log().into_iter().map(|r| r.kind).collect();
+    assert_eq!(kinds, vec![FaultKind::LatentSectorError, FaultKind::WriteError, FaultKind::WriteError]);
+}
+
+#[test]
+fn a_device_fails_after_n_requests_and_at_a_virtual_time() {
+    let disk = MemDisk::new(MemDiskOptions {
+        name: "dying".into(),
+        len_sectors: 64,
+        faults: FaultPlan { fail_after_ios: Some(2), ..FaultPlan::default() },
+        ..MemDiskOptions::default()
+    });
+    assert!(read_all(&disk, 0, 1).is_ok());
+    assert!(read_all(&disk, 0, 1).is_ok());
+    assert!(read_all(&disk, 0, 1).is_err());
+    assert_eq!(disk.fault_log()[0].kind, FaultKind::DeviceFailed);
+
+    Simulation::block_on(async {
+        let disk = MemDisk::new(MemDiskOptions {
+            name: "timed".into(),
+            len_sectors: 64,
+            faults: FaultPlan { fail_at_us: Some(5_000), ..FaultPlan::default() },
+            ..MemDiskOptions::default()
+        });
+        assert!(disk.write(0, WriteBuf::zeroes(512)).await.is_ok());
+        tokio::time::sleep(kcopyd_sim::to_tokio(Duration::from_millis(6))).await;
+        assert!(disk.write(0, WriteBuf::zeroes(512)).await.is_err());
+        assert_eq!(disk.fault_log()[0].at_us, 6_000);
+    });
+}
+
+#[test]
+fn a_misdirected_write_lands_elsewhere_and_is_logged() {
+    let disk = MemDisk::new(MemDiskOptions {
+        name: "astray".into(),
+        len_sectors: 64,
+        faults: FaultPlan { misdirects: vec![Misdirect { write_index: 1, shift_sectors: 16 }], ..FaultPlan::default() },
+        ..MemDiskOptions::default()
+    });
+    Simulation::block_on(disk.write(0, WriteBuf::from_bytes(vec![1u8; 512].into()))).unwrap();
+    Simulation::block_on(disk.write(8, WriteBuf::from_bytes(vec![2u8; 512].into()))).unwrap();
+    assert!(disk.snapshot(8, 1).iter().all(|&b| b == 0), "not where it was aimed");
+    assert!(disk.snapshot(24, 1).iter().all(|&b| b == 2), "16 sectors further");
+    assert_eq!(disk.fault_log()[0].kind, FaultKind::Misdirected { landed: 24..25 });
+}
+
+#[test]
+fn a_crash_loses_unflushed_writes_or_tears_the_ones_in_flight() {
+    Simulation::block_on(async {
+        let disk = Arc::new(MemDisk::new(MemDiskOptions {
+            name: "cached".into(),
+            seed: 3,
+            len_sectors: 256,
+            latency: Latency { write: IoModel { cost_us: 1000, ..IoModel::default() }, ..Latency::default() },
+            faults: FaultPlan { volatile_cache: true, ..FaultPlan::default() },
+            ..MemDiskOptions::default()
+        }));
+        // Flushed data survives any crash.
+        disk.write(0, WriteBuf::from_bytes(vec![1u8; 64 * 512].into())).await.unwrap();
+        disk.flush().await.unwrap();
+        // Unflushed writes may be lost; a write in flight may be torn.
+        for i in 0..8u64 {
+            disk.write(64 + i * 8, WriteBuf::from_bytes(vec![2u8; 8 * 512].into())).await.unwrap();
+        }
+        let in_flight = {
+            let disk = disk.clone();
+            actix_rt::spawn(async move { disk.write(128, WriteBuf::from_bytes(vec![3u8; 64 * 512].into())).await })
+        };
+        tokio::task::yield_now().await;
+        disk.crash();
+        assert!(in_flight.await.unwrap().is_err(), "a write cut by the crash fails");
+        assert!(disk.write(0, WriteBuf::zeroes(512)).await.is_err(), "a crashed disk refuses requests");
+        disk.restart();
+        assert!(disk.snapshot(0, 64).iter().all(|&b| b == 1));
+        let log = disk.fault_log();
+        for i in 0..8u64 {
+            let sectors = 64 + i * 8..64 + (i + 1) * 8;
+            let data = disk.snapshot(sectors.start, 8);
+            let lost = log.iter().any(|r| r.kind == FaultKind::Lost && r.sectors == sectors);
+            let expected = if lost { 0 } else { 2 };
+            assert!(data.iter().all(|&b| b == expected), "sectors {sectors:?}: lost={lost}");
+        }
+        let landed = log
+            .iter()
+            .find_map(|r| match &r.kind {
+                FaultKind::Torn { landed } => Some(landed.clone()),
+                _ => None,
+            })
+            .expect("the write in flight was torn");
+        for sector in 128..192u64 {
+            let byte = disk.snapshot(sector, 1)[0];
+            let in_landed = landed.iter().any(|r| r.contains(&sector));
+            assert_eq!(byte, if in_landed { 3 } else { 0 }, "sector {sector}");
+        }
+        assert!(log.iter().any(|r| r.kind == FaultKind::Lost), "with 8 writes at even odds, some are lost");
+    });
+}
