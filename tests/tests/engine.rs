@@ -623,3 +623,19 @@ fn a_client_runs_in_the_callers_actix_system() {
     });
     assert!(outcome.is_ok());
 }
+
+#[test]
+fn a_panicking_callback_does_not_stop_the_client() {
+    let client = client(small_chunks());
+    let source = patterned("source", 64, 512, 1);
+    let target = zeroed("target", 64, 512);
+    let job = Job::copy(region(&source, 0, 32), vec![region(&target, 0, 32)], Flags::empty())
+        .on_complete(|_| panic!("a user's bug"));
+    assert!(client.submit_blocking(job).unwrap().wait().is_ok());
+    let after = client
+        .submit_blocking(Job::copy(region(&source, 32, 32), vec![region(&target, 32, 32)], Flags::empty()))
+        .unwrap()
+        .wait();
+    assert!(after.is_ok());
+    assert_eq!(client.shutdown_blocking().jobs_completed, 2);
+}

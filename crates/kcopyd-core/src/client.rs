@@ -206,7 +206,16 @@ impl Pending {
     fn finish(mut self, outcome: Outcome) {
         self.shared.complete(outcome.clone());
         if let Some(callback) = self.callback.take() {
-            callback(outcome);
+            // A panicking callback must not take the client (and every later job) down with
+            // it: report it and go on.
+            if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| callback(outcome))) {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                eprintln!("kcopyd: a completion callback panicked: {message}");
+            }
         }
         // `_permit` drops here, after the callback: admission counts a job until it is done.
     }
