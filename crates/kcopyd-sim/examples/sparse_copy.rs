@@ -66,7 +66,12 @@ fn main() -> ExitCode {
     source.fill_pattern(9);
     let target = Arc::new(MemDisk::new(disk("target")));
     let started = Instant::now();
-    let config = ClientConfig { page_budget: 4096, sub_job_size_bytes: 1 << 20, subjobs_in_flight: 16, ..ClientConfig::default() };
+    let config = ClientConfig {
+        page_budget: 4096,
+        sub_job_size_bytes: 1 << 20,
+        subjobs_in_flight: 16,
+        ..ClientConfig::default()
+    };
     let (outcome, virtual_time) = Simulation::run(config, |client, _| {
         let (source, target) = (source.clone(), target.clone());
         async move {
@@ -81,8 +86,8 @@ fn main() -> ExitCode {
         }
     })
     .expect("valid configuration");
-    let verified =
-        target.provenance(0..len_sectors) == vec![(0..len_sectors, Provenance::Pattern { seed: 9, generation: 0, sector: 0 })];
+    let verified = target.provenance(0..len_sectors)
+        == vec![(0..len_sectors, Provenance::Pattern { seed: 9, generation: 0, sector: 0 })];
     println!(
         "{{\"bytes\":{size_bytes},\"ok\":{},\"verified\":{verified},\"wall_seconds\":{:.1},\"virtual_seconds\":{:.3},\"target_extents\":{},\"peak_rss_mib\":{}}}",
         outcome.is_ok(),
