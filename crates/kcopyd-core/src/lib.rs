@@ -50,7 +50,7 @@ mod region;
 
 pub use buffer::{ReadBuf, WriteBuf};
 pub use client::{Client, Job, JobHandle, Progress, ShutdownReport};
-pub use config::ClientConfig;
+pub use config::{ClientConfig, SUB_JOB_SIZE_MAX, SUBJOBS_IN_FLIGHT_MAX};
 pub use device::{BlockDevice, Device, DeviceId, Geometry, IoFuture};
 pub use error::{ConfigError, SubmitError};
 pub use outcome::{Outcome, TargetMask, TargetReport};

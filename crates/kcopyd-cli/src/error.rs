@@ -1,0 +1,161 @@
+//! Errors of the command, each one line naming the argument at fault, and the exit codes.
+
+use std::io;
+use std::process::ExitCode;
+
+use kcopyd_core::{ConfigError, SubmitError};
+use kcopyd_os::OpenError;
+use thiserror::Error;
+
+/// The command's exit statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Everything was copied, zeroed or found identical.
+    Success,
+    /// The job ran but had read or write errors, or verification found differences.
+    Failed,
+    /// Bad usage or a validation failure: nothing was written.
+    Usage,
+    /// Stopped by a signal (130 for SIGINT, as shells report it).
+    Interrupted(u8),
+}
+
+impl Status {
+    /// The process exit code.
+    pub fn code(self) -> u8 {
+        match self {
+            Status::Success => 0,
+            Status::Failed => 1,
+            Status::Usage => 2,
+            Status::Interrupted(code) => code,
+        }
+    }
+}
+
+impl From<Status> for ExitCode {
+    fn from(status: Status) -> ExitCode {
+        ExitCode::from(status.code())
+    }
+}
+
+/// Why the command stopped before (or instead of) running a job.
+#[derive(Debug, Error)]
+pub enum CliError {
+    /// An argument is malformed, out of range or inconsistent with a device.
+    #[error("{what} '{text}': {problem}")]
+    Argument {
+        /// Which argument (`SOURCE`, `TARGET`, `--length`, ...).
+        what: String,
+        /// The argument as given.
+        text: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// Too many or too few arguments of a kind.
+    #[error("{what}: {problem}")]
+    Arguments {
+        /// Which arguments.
+        what: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A file or block device could not be opened.
+    #[error("{what} '{text}': {reason}")]
+    Open {
+        /// `SOURCE` or `TARGET`.
+        what: &'static str,
+        /// The argument as given.
+        text: String,
+        /// What went wrong, in a few words.
+        reason: String,
+        /// The device layer's error.
+        #[source]
+        source: OpenError,
+    },
+    /// The engine could not start with the options given.
+    #[error("{option}: {source}")]
+    Config {
+        /// The option at fault (or `--memory` for the arena).
+        option: &'static str,
+        /// The engine's error.
+        #[source]
+        source: ConfigError,
+    },
+    /// The engine refused the job at submission; nothing was read or written.
+    #[error("the job was refused: {source}")]
+    Submit {
+        /// The engine's error.
+        #[source]
+        source: SubmitError,
+    },
+    /// The async runtime or the signal handler could not start.
+    #[error("starting {what}: {source}")]
+    Start {
+        /// What could not start.
+        what: &'static str,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl CliError {
+    /// The exit status the error leads to.
+    pub fn status(&self) -> Status {
+        match self {
+            CliError::Argument { .. }
+            | CliError::Arguments { .. }
+            | CliError::Open { .. }
+            | CliError::Config { .. }
+            | CliError::Submit { .. } => Status::Usage,
+            CliError::Start { .. } => Status::Failed,
+        }
+    }
+
+    /// An argument error.
+    pub fn argument(what: impl Into<String>, text: impl Into<String>, problem: impl Into<String>) -> CliError {
+        CliError::Argument { what: what.into(), text: text.into(), problem: problem.into() }
+    }
+}
+
+/// What an open error means, in a few words, without the path (the message names the
+/// argument already) and with the command's own way out where there is one.
+pub fn open_reason(error: &OpenError) -> String {
+    let with_cause = |what: &str, cause: &io::Error| format!("{what} ({cause})");
+    match error {
+        OpenError::NotFound { .. } => "no such file or device".into(),
+        OpenError::PermissionDenied { source, .. } => with_cause("permission denied", source),
+        OpenError::ReadOnly { .. } => "read-only filesystem or device: cannot write to it".into(),
+        OpenError::Busy { .. } => {
+            "device is busy (mounted or opened exclusively elsewhere): refusing to write to it".into()
+        }
+        OpenError::DirectIoUnsupported { filesystem, .. } => {
+            format!("the {filesystem} filesystem does not support direct I/O (O_DIRECT); use --buffered")
+        }
+        OpenError::NotABlockDeviceOrFile { kind, .. } => format!("is a {kind}, not a regular file or block device"),
+        other => {
+            // The device layer's message starts with the path: keep what follows it.
+            let message = other.to_string();
+            let path = other.path().display().to_string();
+            let what = message.strip_prefix(&path).map_or(message.as_str(), |rest| rest.trim_start_matches(": "));
+            match std::error::Error::source(other) {
+                Some(cause) => format!("{what}: {cause}"),
+                None => what.to_owned(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_order_and_codes() {
+        assert_eq!(Status::Interrupted(130).code(), 130);
+        assert_eq!([Status::Success, Status::Failed, Status::Usage].map(Status::code), [0, 1, 2]);
+        let error = CliError::argument("--length", "1Q", "bad");
+        assert_eq!(error.to_string(), "--length '1Q': bad");
+        assert_eq!(error.status(), Status::Usage);
+    }
+}

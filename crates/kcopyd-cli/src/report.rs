@@ -1,0 +1,302 @@
+//! What a command reports: one JSON object (`--json`) or a few lines for people.
+//!
+//! Ranges are in 512-byte sectors of the device they name, `START-END` with END excluded
+//! (`[start, end]` pairs in JSON), so that a failed range can be pasted into a `sim:` fault.
+
+use std::fmt::Write as _;
+
+use kcopyd_core::{RangeSet, SECTOR_SIZE};
+use serde::Serialize;
+
+use crate::compare::{Comparison, TargetDiff};
+use crate::size::Bytes;
+
+/// Ranges listed per line in the summary; `--json` lists all.
+pub const RANGES_SHOWN_MAX: usize = 16;
+
+/// The whole result of a command.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// `copy`, `zero` or `verify`.
+    pub command: &'static str,
+    /// `ok`, `errors`, `differences` or `cancelled`.
+    pub status: &'static str,
+    /// The process exit code.
+    pub exit_code: u8,
+    /// Bytes done (copied, zeroed or compared, failed blocks included).
+    pub bytes: u64,
+    /// Bytes in the range.
+    pub bytes_total: u64,
+    /// Wall-clock seconds of the job (with the final flush, without verification).
+    pub seconds: f64,
+    /// `bytes / seconds`.
+    pub throughput_bytes_per_s: f64,
+    /// The job was cancelled (Ctrl-C) before it finished.
+    pub cancelled: bool,
+    /// The source (`copy`, `verify`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceReport>,
+    /// One entry per target, in the order given.
+    pub targets: Vec<TargetReport>,
+    /// The read-back comparison (`copy --verify`, `verify`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifyReport>,
+}
+
+/// The source's part of a report.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceReport {
+    /// The argument as given.
+    pub device: String,
+    /// Where the range starts, in bytes.
+    pub offset_bytes: u64,
+    /// Source sectors that could not be read.
+    pub read_failed_sectors: Vec<[u64; 2]>,
+}
+
+/// One target's part of a report.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetReport {
+    /// The argument as given.
+    pub device: String,
+    /// Where the range starts, in bytes.
+    pub offset_bytes: u64,
+    /// `ok`, `write_errors`, `incomplete`, `flush_failed`, `differs`, `unreadable` or
+    /// `identical` (verify).
+    pub status: &'static str,
+    /// Target sectors whose write failed (`copy`, `zero`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub write_failed_sectors: Option<Vec<[u64; 2]>>,
+    /// Target sectors that do not hold the source's data (`copy`) or zeroes (`zero`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_copied_sectors: Option<Vec<[u64; 2]>>,
+    /// The final flush failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flush_error: Option<String>,
+    /// The read-back comparison of this target.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<TargetVerify>,
+}
+
+/// A comparison's summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    /// Bytes compared.
+    pub bytes: u64,
+    /// Wall-clock seconds of the comparison.
+    pub seconds: f64,
+    /// `bytes / seconds`.
+    pub throughput_bytes_per_s: f64,
+    /// The unit blocks are counted in.
+    pub block_bytes: u64,
+    /// Every target matched and every sector could be read.
+    pub identical: bool,
+}
+
+/// One target's comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetVerify {
+    /// `identical`, `differs` or `unreadable`.
+    pub status: &'static str,
+    /// Blocks that differ.
+    pub differing_blocks: u64,
+    /// The first differing sector of the target device.
+    pub first_differing_sector: Option<u64>,
+    /// The same place, in bytes from the start of the range.
+    pub first_differing_offset_bytes: Option<u64>,
+    /// Target sectors that differ (whole blocks).
+    pub differing_sectors: Vec<[u64; 2]>,
+    /// Target sectors that could not be read.
+    pub read_failed_sectors: Vec<[u64; 2]>,
+}
+
+/// Ranges as `[start, end]` pairs.
+pub fn pairs(set: &RangeSet) -> Vec<[u64; 2]> {
+    set.ranges().iter().map(|r| [r.start, r.end]).collect()
+}
+
+/// `throughput = bytes / seconds`, 0 for an instant job.
+pub fn throughput(bytes: u64, seconds: f64) -> f64 {
+    if seconds > 0.0 { bytes as f64 / seconds } else { 0.0 }
+}
+
+/// A target's comparison in device sectors (`diff` is relative to the range).
+pub fn target_verify(diff: &TargetDiff, start_sector: u64) -> TargetVerify {
+    let status = if !diff.unreadable.is_empty() {
+        "unreadable"
+    } else if diff.differing_blocks > 0 {
+        "differs"
+    } else {
+        "identical"
+    };
+    let first = diff.first_differing_sector();
+    TargetVerify {
+        status,
+        differing_blocks: diff.differing_blocks,
+        first_differing_sector: first.map(|s| s + start_sector),
+        first_differing_offset_bytes: first.map(|s| s * SECTOR_SIZE as u64),
+        differing_sectors: pairs(&diff.differing.shifted(0, start_sector)),
+        read_failed_sectors: pairs(&diff.unreadable.shifted(0, start_sector)),
+    }
+}
+
+/// A comparison's summary.
+pub fn verify_report(comparison: &Comparison, bytes: u64, seconds: f64) -> VerifyReport {
+    VerifyReport {
+        bytes,
+        seconds,
+        throughput_bytes_per_s: throughput(bytes, seconds),
+        block_bytes: comparison.block_bytes,
+        identical: comparison.identical(),
+    }
+}
+
+/// `100-108, 4000-4001 (2 ranges, 4.50 KiB)`, at most [`RANGES_SHOWN_MAX`] ranges.
+pub fn describe_ranges(ranges: &[[u64; 2]]) -> String {
+    let mut out = String::new();
+    for (i, [start, end]) in ranges.iter().take(RANGES_SHOWN_MAX).enumerate() {
+        let _ = write!(out, "{}{start}-{end}", if i == 0 { "" } else { ", " });
+    }
+    if ranges.len() > RANGES_SHOWN_MAX {
+        let _ = write!(out, ", ... ({} more; --json lists all)", ranges.len() - RANGES_SHOWN_MAX);
+    }
+    let sectors: u64 = ranges.iter().map(|[start, end]| end - start).sum();
+    let plural = if ranges.len() == 1 { "" } else { "s" };
+    let _ = write!(out, " ({} range{plural}, {})", ranges.len(), Bytes(sectors * SECTOR_SIZE as u64));
+    out
+}
+
+/// `identical`, or how a target differs: the block count, the first differing sector and the
+/// ranges, and what could not be read.
+fn verify_details(verify: &TargetVerify, block_bytes: u64) -> String {
+    let mut out = String::from(verify.status);
+    if let (Some(sector), Some(offset)) = (verify.first_differing_sector, verify.first_differing_offset_bytes) {
+        let plural = if verify.differing_blocks == 1 { "" } else { "s" };
+        let _ = write!(
+            out,
+            ": {} block{plural} of {block_bytes} bytes differ{}, \
+             the first at sector {sector} ({offset} bytes into the range): {}",
+            verify.differing_blocks,
+            if verify.differing_blocks == 1 { "s" } else { "" },
+            describe_ranges(&verify.differing_sectors)
+        );
+    }
+    if !verify.read_failed_sectors.is_empty() {
+        let _ = write!(out, "; unreadable at {}", describe_ranges(&verify.read_failed_sectors));
+    }
+    out
+}
+
+fn verb(command: &str) -> &'static str {
+    match command {
+        "copy" => "copied",
+        "zero" => "zeroed",
+        _ => "compared",
+    }
+}
+
+/// The summary for people: a headline, the source's failures, one line per target.
+pub fn human(report: &Report) -> String {
+    let mut out = String::new();
+    let rate = Bytes(report.throughput_bytes_per_s as u64);
+    if report.cancelled {
+        let percent =
+            if report.bytes_total == 0 { 100.0 } else { report.bytes as f64 * 100.0 / report.bytes_total as f64 };
+        let _ = writeln!(
+            out,
+            "cancelled: {} {} of {} ({percent:.1}%) in {:.2} s ({rate}/s)",
+            verb(report.command),
+            Bytes(report.bytes),
+            Bytes(report.bytes_total),
+            report.seconds
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "{} {} in {:.2} s ({rate}/s){}",
+            verb(report.command),
+            Bytes(report.bytes_total),
+            report.seconds,
+            match report.status {
+                "ok" => "",
+                "differences" => ": differences found",
+                _ => ", with errors",
+            }
+        );
+    }
+    let any_ranges = report.source.as_ref().is_some_and(|s| !s.read_failed_sectors.is_empty())
+        || report.targets.iter().any(|t| t.status != "ok" && t.status != "identical");
+    if any_ranges {
+        let _ = writeln!(out, "(ranges are 512-byte sectors of each device, START-END with END excluded)");
+    }
+    if let Some(source) = &report.source {
+        if !source.read_failed_sectors.is_empty() {
+            let _ = writeln!(
+                out,
+                "source {}: read errors at {}",
+                source.device,
+                describe_ranges(&source.read_failed_sectors)
+            );
+        }
+    }
+    let block_bytes = report.verify.as_ref().map_or(SECTOR_SIZE as u64, |v| v.block_bytes);
+    for target in &report.targets {
+        let _ = write!(out, "target {}: ", target.device);
+        if report.command == "verify" {
+            match &target.verify {
+                Some(verify) => out.push_str(&verify_details(verify, block_bytes)),
+                None => out.push_str(&target.status.replace('_', " ")),
+            }
+            out.push('\n');
+            continue;
+        }
+        out.push_str(&target.status.replace('_', " "));
+        if let Some(write_failed) = target.write_failed_sectors.as_ref().filter(|r| !r.is_empty()) {
+            let _ = write!(out, "; write failed at {}", describe_ranges(write_failed));
+        }
+        if let Some(not_copied) = target.not_copied_sectors.as_ref().filter(|r| !r.is_empty()) {
+            let what = if report.command == "zero" { "not zeroed" } else { "not copied" };
+            let _ = write!(out, "; {what}: {}", describe_ranges(not_copied));
+        }
+        if let Some(error) = &target.flush_error {
+            let _ = write!(out, "; flush failed: {error}");
+        }
+        if let Some(verify) = &target.verify {
+            let _ = write!(out, "; verify: {}", verify_details(verify, block_bytes));
+        }
+        out.push('\n');
+    }
+    if let Some(verify) = &report.verify {
+        if report.command != "verify" {
+            let _ = writeln!(
+                out,
+                "verified {} in {:.2} s ({}/s): {}",
+                Bytes(verify.bytes),
+                verify.seconds,
+                Bytes(verify.throughput_bytes_per_s as u64),
+                if verify.identical { "identical" } else { "differences found" }
+            );
+        }
+    }
+    if report.cancelled {
+        for target in &report.targets {
+            if let Some(first) = target.not_copied_sectors.as_ref().and_then(|r| r.first()) {
+                let _ = writeln!(out, "target {}: first sector not done: {}", target.device, first[0]);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_listed_with_a_total_and_capped() {
+        assert_eq!(describe_ranges(&[[100, 108], [4000, 4001]]), "100-108, 4000-4001 (2 ranges, 4.50 KiB)");
+        let many: Vec<[u64; 2]> = (0..20).map(|i| [i * 10, i * 10 + 1]).collect();
+        let text = describe_ranges(&many);
+        assert!(text.contains("(4 more; --json lists all)") && text.ends_with("(20 ranges, 10 KiB)"), "{text}");
+    }
+}

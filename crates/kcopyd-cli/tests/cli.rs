@@ -1,0 +1,736 @@
+//! The `kcopyd` command, run as a program: copies, zeroes, comparisons, the demo, Ctrl-C,
+//! progress, exit codes and one-line errors that leave every target as it was.
+//!
+//! Tests that need root, a loop device, `chattr`, `script` or `strace` print `SKIPPED: reason`
+//! where they cannot run.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kcopyd_tests::fixtures::{LoopDevice, Mount, TempDir, is_root, pattern, run, skip};
+use serde_json::Value;
+
+const KIB: usize = 1024;
+const MIB: usize = 1024 * 1024;
+
+/// What one run of the command did.
+#[derive(Debug)]
+struct Ran {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn kcopyd(args: &[&str]) -> Ran {
+    let output = Command::new(env!("CARGO_BIN_EXE_kcopyd")).args(args).output().expect("the kcopyd binary runs");
+    ran(output)
+}
+
+fn ran(output: Output) -> Ran {
+    Ran {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn s(path: &Path) -> &str {
+    path.to_str().expect("a UTF-8 path")
+}
+
+fn json(ran: &Ran) -> Value {
+    serde_json::from_str(&ran.stdout).unwrap_or_else(|e| panic!("one JSON object on stdout ({e}): {ran:?}"))
+}
+
+/// Exit 2, nothing on stdout, and exactly one line on stderr holding every needle.
+fn assert_usage_error(ran: &Ran, needles: &[&str]) {
+    assert_eq!(ran.code, 2, "{ran:?}");
+    assert!(ran.stdout.is_empty(), "nothing on stdout: {ran:?}");
+    let lines: Vec<&str> = ran.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line on stderr: {:?}", ran.stderr);
+    for needle in needles {
+        assert!(lines[0].contains(needle), "{needle:?} in {:?}", lines[0]);
+    }
+}
+
+/// The bytes of each path (`None` if it does not exist).
+fn contents(paths: &[&Path]) -> Vec<Option<Vec<u8>>> {
+    paths.iter().map(|p| fs::read(p).ok()).collect()
+}
+
+fn ranges(value: &Value) -> Vec<[u64; 2]> {
+    value
+        .as_array()
+        .expect("an array of ranges")
+        .iter()
+        .map(|r| [r[0].as_u64().unwrap(), r[1].as_u64().unwrap()])
+        .collect()
+}
+
+fn covers(outer: &[[u64; 2]], inner: [u64; 2]) -> bool {
+    outer.iter().any(|[start, end]| *start <= inner[0] && inner[1] <= *end)
+}
+
+// ---- copy ---------------------------------------------------------------------------------
+
+#[test]
+fn copy_to_a_new_file_and_an_offset_then_verify() {
+    let dir = TempDir::new("cli-copy");
+    let data = pattern(1, 3 * MIB);
+    let source = dir.file_with("source.img", &data);
+    let old = pattern(2, 5 * MIB);
+    let existing = dir.file_with("existing.img", &old);
+    let created = dir.join("created.img");
+    let target_at_1m = format!("{}@1M", s(&existing));
+    let ran = kcopyd(&["copy", s(&source), s(&created), &target_at_1m, "--verify"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert!(ran.stderr.is_empty(), "no progress off a terminal: {ran:?}");
+    assert!(ran.stdout.contains("copied 3 MiB"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("verify: identical"), "{}", ran.stdout);
+    assert_eq!(fs::read(&created).unwrap(), data, "a missing target is created with the length it needs");
+    let after = fs::read(&existing).unwrap();
+    assert_eq!(after.len(), old.len(), "an existing target keeps its length");
+    assert_eq!(&after[..MIB], &old[..MIB]);
+    assert_eq!(&after[MIB..4 * MIB], &data[..]);
+    assert_eq!(&after[4 * MIB..], &old[4 * MIB..]);
+}
+
+#[test]
+fn sizes_and_offsets_take_binary_units_and_sectors() {
+    let dir = TempDir::new("cli-units");
+    let data = pattern(3, 2 * MIB);
+    let source = dir.file_with("source.img", &data);
+    let old = pattern(4, 2 * MIB);
+    let target = dir.file_with("target.img", &old);
+    let cases: [(&str, &str, &str, usize, usize, usize); 4] = [
+        // source offset, target offset, length, and the same in bytes
+        ("@8s", "@1KiB", "1.5K", 4096, 1024, 1536),
+        ("@0", "@1M", "4K", 0, MIB, 4096),
+        ("@64K", "@0", "16s", 64 * KIB, 0, 8192),
+        ("@1MiB", "@512K", "512", MIB, 512 * KIB, 512),
+    ];
+    let mut expected = old.clone();
+    for (source_at, target_at, length, source_offset, target_offset, len) in cases {
+        let ran = kcopyd(&[
+            "copy",
+            &format!("{}{source_at}", s(&source)),
+            &format!("{}{target_at}", s(&target)),
+            "--length",
+            length,
+            "--json",
+        ]);
+        assert_eq!(ran.code, 0, "{ran:?}");
+        assert_eq!(json(&ran)["bytes"], len as u64, "{length}");
+        expected[target_offset..target_offset + len].copy_from_slice(&data[source_offset..source_offset + len]);
+        assert_eq!(fs::read(&target).unwrap(), expected, "{source_at} {target_at} {length}");
+    }
+}
+
+#[test]
+fn engine_options_and_buffered_mode_copy_the_same_bytes() {
+    let dir = TempDir::new("cli-options");
+    let data = pattern(5, 3 * MIB + 4 * KIB);
+    let source = dir.file_with("source.img", &data);
+    for (name, extra) in [
+        ("small.img", vec!["--sub-job-size", "64K", "--subjobs-in-flight", "3", "--memory", "128K"]),
+        ("one-page.img", vec!["--sub-job-size", "4K", "--subjobs-in-flight", "1", "--memory", "4K"]),
+        ("buffered.img", vec!["--buffered", "--write-seq"]),
+        ("ignore.img", vec!["--ignore-errors", "--quiet"]),
+    ] {
+        let target = dir.join(name);
+        let mut args = vec!["copy", s(&source), s(&target)];
+        args.extend(extra.iter().copied());
+        let ran = kcopyd(&args);
+        assert_eq!(ran.code, 0, "{extra:?}: {ran:?}");
+        assert_eq!(fs::read(&target).unwrap(), data, "{extra:?}");
+        if extra.contains(&"--quiet") {
+            assert!(ran.stdout.is_empty() && ran.stderr.is_empty(), "quiet: {ran:?}");
+        }
+    }
+}
+
+#[test]
+fn json_report_has_bytes_seconds_throughput_and_per_target_status() {
+    let dir = TempDir::new("cli-json");
+    let source = dir.file_with("source.img", &pattern(6, 2 * MIB));
+    let target = dir.join("target.img");
+    let ran = kcopyd(&["copy", s(&source), s(&target), "sim:", "--json", "--verify"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    let report = json(&ran);
+    assert_eq!(report["command"], "copy");
+    assert_eq!(report["status"], "ok");
+    assert_eq!(report["exit_code"], 0);
+    assert_eq!(report["bytes"], 2 * MIB as u64);
+    assert_eq!(report["bytes_total"], 2 * MIB as u64);
+    assert!(report["seconds"].as_f64().unwrap() > 0.0);
+    assert!(report["throughput_bytes_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["cancelled"], false);
+    assert_eq!(report["source"]["device"], s(&source));
+    assert!(ranges(&report["source"]["read_failed_sectors"]).is_empty());
+    let targets = report["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 2);
+    assert_eq!(targets[0]["device"], s(&target));
+    assert_eq!(targets[1]["device"], "sim:");
+    for target in targets {
+        assert_eq!(target["status"], "ok");
+        assert!(ranges(&target["write_failed_sectors"]).is_empty());
+        assert!(ranges(&target["not_copied_sectors"]).is_empty());
+        assert_eq!(target["verify"]["status"], "identical");
+    }
+    assert_eq!(report["verify"]["identical"], true);
+    assert_eq!(report["verify"]["bytes"], 2 * MIB as u64);
+}
+
+#[test]
+fn simulated_faults_give_exit_1_and_the_failed_ranges() {
+    // 8 MiB in 2 MiB sub-jobs: a latent error in the first chunk, a bad write in the third.
+    let source = "sim:size=8M,seed=3,bad-read=100-108";
+    let ran = kcopyd(&["copy", source, "sim:", "sim:bad-write=9000-9010", "--ignore-errors", "--json", "--verify"]);
+    assert_eq!(ran.code, 1, "{ran:?}");
+    let report = json(&ran);
+    assert_eq!(report["status"], "errors");
+    assert_eq!(report["exit_code"], 1);
+    assert_eq!(ranges(&report["source"]["read_failed_sectors"]), vec![[100, 108]], "narrowed to the bad sectors");
+    let targets = report["targets"].as_array().unwrap();
+    assert_eq!(targets[0]["status"], "incomplete");
+    assert_eq!(ranges(&targets[0]["not_copied_sectors"]), vec![[100, 108]]);
+    assert!(ranges(&targets[0]["write_failed_sectors"]).is_empty());
+    assert_eq!(targets[1]["status"], "write_errors");
+    let write_failed = ranges(&targets[1]["write_failed_sectors"]);
+    assert!(covers(&write_failed, [9000, 9010]), "{write_failed:?}");
+    let not_copied = ranges(&targets[1]["not_copied_sectors"]);
+    assert!(covers(&not_copied, [100, 108]) && covers(&not_copied, [9000, 9010]), "{not_copied:?}");
+    // Read back, the targets match wherever the copy said it copied.
+    assert_eq!(report["verify"]["identical"], true, "{report}");
+
+    let text = kcopyd(&["copy", source, "sim:", "sim:bad-write=9000-9010", "--ignore-errors"]);
+    assert_eq!(text.code, 1, "{text:?}");
+    assert!(text.stdout.contains("with errors"), "{}", text.stdout);
+    assert!(text.stdout.contains("read errors at 100-108"), "{}", text.stdout);
+    assert!(text.stdout.contains("target sim:bad-write=9000-9010: write errors; write failed at"), "{}", text.stdout);
+
+    // Without --ignore-errors the job stops at the first error: still exit 1, with a report.
+    let stopped = kcopyd(&["copy", source, "sim:", "--json"]);
+    assert_eq!(stopped.code, 1, "{stopped:?}");
+    let report = json(&stopped);
+    assert_eq!(report["status"], "errors");
+    assert!(!ranges(&report["targets"][0]["not_copied_sectors"]).is_empty());
+}
+
+#[test]
+fn a_short_last_block_of_the_source_file_is_named() {
+    let dir = TempDir::new("cli-trailing");
+    let source = dir.file_with("source.img", &pattern(7, 1000));
+    let target = dir.join("target.img");
+    // Buffered: 512-byte logical blocks on any filesystem.
+    let ran = kcopyd(&["copy", s(&source), s(&target), "--buffered"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert!(ran.stderr.contains("warning") && ran.stderr.contains("last 488 bytes"), "{ran:?}");
+    assert_eq!(fs::read(&target).unwrap(), pattern(7, 512));
+}
+
+#[test]
+fn the_engine_limit_of_128_targets_is_reachable() {
+    let mut args = vec!["copy", "sim:size=1M,seed=9", "--json"];
+    args.extend(std::iter::repeat_n("sim:", 128));
+    let ran = kcopyd(&args);
+    assert_eq!(ran.code, 0, "{}", ran.stderr);
+    assert_eq!(json(&ran)["targets"].as_array().unwrap().len(), 128);
+}
+
+// ---- bad input: exit 2, one line, nothing written -----------------------------------------
+
+#[test]
+fn a_missing_source_changes_nothing() {
+    let dir = TempDir::new("cli-missing");
+    let existing = dir.file_with("existing.img", &pattern(8, MIB));
+    let would_be_created = dir.join("new.img");
+    let missing = dir.join("missing.img");
+    let before = contents(&[&existing, &would_be_created]);
+    let ran = kcopyd(&["copy", s(&missing), s(&existing), s(&would_be_created)]);
+    assert_usage_error(&ran, &["SOURCE", "missing.img", "no such file"]);
+    assert_eq!(contents(&[&existing, &would_be_created]), before);
+    // A target in a missing directory: the file created for the other target goes again.
+    let source = dir.file_with("source.img", &pattern(9, MIB));
+    let in_missing_dir = dir.join("no-such-dir/target.img");
+    let ran = kcopyd(&["copy", s(&source), s(&existing), s(&would_be_created), s(&in_missing_dir)]);
+    assert_usage_error(&ran, &["TARGET", "no-such-dir/target.img", "no such file"]);
+    assert_eq!(contents(&[&existing, &would_be_created]), before);
+}
+
+/// Makes `path` impossible to open for writing, also for root; undone on drop.
+enum ReadOnly {
+    Immutable(PathBuf),
+    Mount(#[allow(dead_code)] Mount),
+    Mode,
+}
+
+impl ReadOnly {
+    /// `chattr +i` as root (permission bits do not stop root), a read-only bind mount of the
+    /// directory where `chattr` fails, mode 0444 for other users.
+    fn make(test: &str, dir: &Path, path: &Path) -> Option<ReadOnly> {
+        if !is_root() {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(path, fs::Permissions::from_mode(0o444)).unwrap();
+            return Some(ReadOnly::Mode);
+        }
+        match run("chattr", &["+i", s(path)]) {
+            Ok(_) => return Some(ReadOnly::Immutable(path.to_path_buf())),
+            Err(error) => eprintln!("chattr +i failed ({error}); trying a read-only bind mount"),
+        }
+        let mount = match Mount::new(&["--bind", s(dir)], dir) {
+            Ok(mount) => mount,
+            Err(error) => {
+                skip(test, format!("neither chattr +i nor a bind mount works here: {error}"));
+                return None;
+            }
+        };
+        if let Err(error) = mount.remount_read_only() {
+            skip(test, format!("cannot remount read-only: {error}"));
+            return None;
+        }
+        Some(ReadOnly::Mount(mount))
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        if let ReadOnly::Immutable(path) = self {
+            let _ = run("chattr", &["-i", s(path)]);
+        }
+    }
+}
+
+#[test]
+fn a_read_only_target_is_refused_and_no_target_is_written() {
+    let test = "a_read_only_target_is_refused_and_no_target_is_written";
+    let dir = TempDir::new("cli-readonly");
+    let other_dir = TempDir::new("cli-readonly-other");
+    let source = other_dir.file_with("source.img", &pattern(10, MIB));
+    let writable = other_dir.file_with("writable.img", &pattern(11, MIB));
+    let read_only = dir.file_with("read-only.img", &pattern(12, MIB));
+    let before = contents(&[&writable, &read_only]);
+    let Some(_guard) = ReadOnly::make(test, dir.path(), &read_only) else { return };
+    assert!(fs::OpenOptions::new().write(true).open(&read_only).is_err(), "the file really is read-only");
+    let ran = kcopyd(&["copy", s(&source), s(&writable), s(&read_only)]);
+    assert_usage_error(&ran, &["TARGET", "read-only.img"]);
+    assert!(ran.stderr.contains("permission denied") || ran.stderr.contains("read-only"), "{}", ran.stderr);
+    assert_eq!(contents(&[&writable, &read_only]), before, "no target was written");
+}
+
+#[test]
+fn a_target_smaller_than_the_range_is_refused() {
+    let dir = TempDir::new("cli-small");
+    let source = dir.file_with("source.img", &pattern(13, 2 * MIB));
+    let big = dir.file_with("big.img", &pattern(14, 4 * MIB));
+    let small = dir.file_with("small.img", &pattern(15, MIB));
+    let before = contents(&[&big, &small]);
+    let ran = kcopyd(&["copy", s(&source), s(&big), s(&small)]);
+    assert_usage_error(&ran, &["TARGET", "small.img", "too small", "2 MiB"]);
+    // The same with room, but not from the offset given.
+    let offset = format!("{}@3M", s(&big));
+    let ran = kcopyd(&["copy", s(&source), &offset]);
+    assert_usage_error(&ran, &["TARGET", "big.img@3M", "too small"]);
+    let ran = kcopyd(&["copy", s(&source), "sim:size=1M"]);
+    assert_usage_error(&ran, &["TARGET", "sim:size=1M", "too small"]);
+    assert_eq!(contents(&[&big, &small]), before);
+}
+
+#[test]
+fn offsets_misaligned_for_the_device_are_refused() {
+    let dir = TempDir::new("cli-misaligned");
+    let source = dir.file_with("source.img", &pattern(16, MIB));
+    let target = dir.file_with("target.img", &pattern(17, 2 * MIB));
+    let before = contents(&[&target]);
+    // Not a whole sector, on a 512-byte device.
+    let ran = kcopyd(&["copy", s(&source), &format!("{}@100", s(&target))]);
+    assert_usage_error(&ran, &["TARGET", "target.img@100", "512-byte sector"]);
+    let ran = kcopyd(&["copy", s(&source), s(&target), "--length", "1000"]);
+    assert_usage_error(&ran, &["--length", "1000"]);
+    // A whole sector, but not a whole block of a 4096-byte device.
+    let ran = kcopyd(&["copy", "sim:size=1M,seed=1", "sim:size=2M,block=4096@512"]);
+    assert_usage_error(&ran, &["TARGET", "sim:size=2M,block=4096@512", "4096-byte logical block"]);
+    let ran = kcopyd(&["copy", "sim:size=1M,seed=1,block=4096@4K", s(&target), "--length", "2K"]);
+    assert_usage_error(&ran, &["--length", "4096-byte logical block", "SOURCE"]);
+    assert_eq!(contents(&[&target]), before);
+    let ran = kcopyd(&["copy", "sim:size=1M,seed=1", "sim:size=2M,block=4096@4K"]);
+    assert_eq!(ran.code, 0, "aligned: {ran:?}");
+}
+
+#[test]
+fn offsets_misaligned_on_a_4096_byte_loop_device_are_refused() {
+    let test = "offsets_misaligned_on_a_4096_byte_loop_device_are_refused";
+    let dir = TempDir::new("cli-loop4k");
+    let backing = dir.file_with("backing.img", &pattern(18, 4 * MIB));
+    let Some(device) = LoopDevice::attach_or_skip(test, &backing, 4096) else { return };
+    let source = dir.file_with("source.img", &pattern(19, MIB));
+    let before = fs::read(&backing).unwrap();
+    let ran = kcopyd(&["copy", s(&source), &format!("{}@512", s(device.path()))]);
+    assert_usage_error(&ran, &["TARGET", "@512", "4096-byte logical block"]);
+    let ran = kcopyd(&["copy", s(&source), s(device.path()), "--length", "2K"]);
+    assert_usage_error(&ran, &["--length", "4096-byte logical block"]);
+    assert_eq!(fs::read(&backing).unwrap(), before, "the device is unchanged");
+    // Aligned, the copy lands where asked.
+    let ran = kcopyd(&["copy", s(&source), &format!("{}@8K", s(device.path())), "--verify"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    let mut device_bytes = vec![0; 8 * KIB + MIB];
+    fs::File::open(device.path()).unwrap().read_exact(&mut device_bytes).unwrap();
+    assert_eq!(&device_bytes[8 * KIB..], &pattern(19, MIB)[..]);
+}
+
+#[test]
+fn a_target_overlapping_the_source_in_the_same_file_is_refused() {
+    let dir = TempDir::new("cli-overlap");
+    let data = pattern(20, 4 * MIB);
+    let file = dir.file_with("disk.img", &data);
+    let ran = kcopyd(&["copy", s(&file), &format!("{}@1M", s(&file)), "--length", "2M"]);
+    assert_usage_error(&ran, &["TARGET", "disk.img@1M", "overlaps SOURCE"]);
+    // Through another name of the same file, too.
+    let link = dir.join("link.img");
+    fs::hard_link(&file, &link).unwrap();
+    let ran = kcopyd(&["copy", &format!("{}@1M", s(&file)), s(&link), "--length", "2M"]);
+    assert_usage_error(&ran, &["TARGET", "link.img", "overlaps SOURCE"]);
+    // Two targets overlapping each other.
+    let ran = kcopyd(&["copy", "sim:size=1M,seed=1", &format!("{}@2M", s(&file)), &format!("{}@2560K", s(&file))]);
+    assert_usage_error(&ran, &["TARGET", "overlaps TARGET"]);
+    assert_eq!(fs::read(&file).unwrap(), data);
+    // A new file named twice: refused, and not left behind.
+    let new = dir.join("new.img");
+    let ran = kcopyd(&["copy", s(&file), s(&new), s(&new)]);
+    assert_usage_error(&ran, &["TARGET", "new.img", "overlaps TARGET"]);
+    assert!(!new.exists(), "the file created for the job is removed again");
+    // Side by side in one file is fine.
+    let ran = kcopyd(&["copy", s(&file), &format!("{}@2M", s(&file)), "--length", "2M"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    let after = fs::read(&file).unwrap();
+    assert_eq!(&after[2 * MIB..], &data[..2 * MIB]);
+}
+
+#[test]
+fn more_targets_than_the_engine_takes_are_refused_before_any_file_is_made() {
+    let dir = TempDir::new("cli-129");
+    let source = dir.file_with("source.img", &pattern(21, 64 * KIB));
+    let targets: Vec<String> = (0..129).map(|i| s(&dir.join(&format!("t{i}.img"))).to_owned()).collect();
+    let mut args = vec!["copy", s(&source)];
+    args.extend(targets.iter().map(String::as_str));
+    let ran = kcopyd(&args);
+    assert_usage_error(&ran, &["TARGET", "129 targets", "at most 128"]);
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "only the source is there");
+}
+
+#[test]
+fn malformed_sizes_are_usage_errors_naming_the_option() {
+    let dir = TempDir::new("cli-sizes");
+    let source = dir.file_with("source.img", &pattern(22, MIB));
+    let target = dir.file_with("target.img", &pattern(23, MIB));
+    let before = contents(&[&target]);
+    let cases: [(&[&str], &[&str]); 8] = [
+        (&["--length", "12Q"], &["--length", "12Q", "unknown unit"]),
+        (&["--length", "1MB"], &["--length", "1MB"]),
+        (&["--length", "-5"], &["--length"]),
+        (&["--memory", "lots"], &["--memory", "lots", "not a number"]),
+        (&["--memory", "1K"], &["--memory", "less than one 4096-byte page"]),
+        (&["--sub-job-size", "1000"], &["--sub-job-size", "multiple of 512"]),
+        (&["--subjobs-in-flight", "0"], &["--subjobs-in-flight"]),
+        (&["--sub-job-size", "0.3K"], &["--sub-job-size", "whole number of bytes"]),
+    ];
+    for (options, needles) in cases {
+        let mut args = vec!["copy", s(&source), s(&target)];
+        args.extend(options);
+        assert_usage_error(&kcopyd(&args), needles);
+    }
+    let ran = kcopyd(&["copy", s(&source), &format!("{}@1Q", s(&target))]);
+    assert_usage_error(&ran, &["TARGET", "offset '1Q'"]);
+    let ran = kcopyd(&["copy", s(&source)]);
+    assert_usage_error(&ran, &["TARGET", "not provided"]);
+    assert_eq!(contents(&[&target]), before);
+}
+
+#[test]
+fn malformed_sim_options_are_usage_errors_naming_the_key() {
+    let dir = TempDir::new("cli-sim-options");
+    let target = dir.file_with("target.img", &pattern(24, MIB));
+    let before = contents(&[&target]);
+    let cases = [
+        ("sim:sise=1M", "'sise'"),
+        ("sim:size=1Q", "'size'"),
+        ("sim:size=1M,seed=minus", "'seed'"),
+        ("sim:size=1M,block=1000", "'block'"),
+        ("sim:size=1M,latency=100", "'latency'"),
+        ("sim:size=1M,bandwidth=fast", "'bandwidth'"),
+        ("sim:size=1M,queue=deep", "'queue'"),
+        ("sim:size=1M,jitter=5", "'jitter'"),
+        ("sim:size=1M,bad-read=9-3", "'bad-read'"),
+        ("sim:size=1M,bad-write=x", "'bad-write'"),
+        ("sim:size=1M,bad-read=4000-4100", "'bad-read'"),
+        ("sim:size=1M,size=2M", "'size'"),
+        ("sim:size", "'size'"),
+        ("sim:size=1000", "'size'"),
+    ];
+    for (source, key) in cases {
+        let ran = kcopyd(&["copy", source, s(&target)]);
+        assert_usage_error(&ran, &[key]);
+    }
+    let ran = kcopyd(&["copy", "sim:seed=1", s(&target)]);
+    assert_usage_error(&ran, &["SOURCE", "sim key 'size' is needed"]);
+    assert_eq!(contents(&[&target]), before);
+}
+
+// ---- zero ---------------------------------------------------------------------------------
+
+#[test]
+fn zero_writes_zeroes_over_exactly_the_range() {
+    let dir = TempDir::new("cli-zero");
+    let old = pattern(25, 2 * MIB);
+    let a = dir.file_with("a.img", &old);
+    let b = dir.file_with("b.img", &old);
+    let ran = kcopyd(&["zero", &format!("{}@4K", s(&a)), &format!("{}@1M", s(&b)), "--length", "12K"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert!(ran.stdout.contains("zeroed 12 KiB"), "{}", ran.stdout);
+    for (path, offset) in [(&a, 4 * KIB), (&b, MIB)] {
+        let after = fs::read(path).unwrap();
+        assert_eq!(&after[..offset], &old[..offset]);
+        assert!(after[offset..offset + 12 * KIB].iter().all(|&b| b == 0));
+        assert_eq!(&after[offset + 12 * KIB..], &old[offset + 12 * KIB..]);
+    }
+    // Whole devices of one length.
+    let ran = kcopyd(&["zero", s(&a), s(&b), "--json"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert_eq!(json(&ran)["bytes"], 2 * MIB as u64);
+    assert!(fs::read(&a).unwrap().iter().chain(&fs::read(&b).unwrap()).all(|&b| b == 0));
+}
+
+#[test]
+fn zero_refuses_unequal_lengths_and_missing_targets() {
+    let dir = TempDir::new("cli-zero-bad");
+    let a = dir.file_with("a.img", &pattern(26, MIB));
+    let b = dir.file_with("b.img", &pattern(27, 2 * MIB));
+    let missing = dir.join("missing.img");
+    let before = contents(&[&a, &b, &missing]);
+    assert_usage_error(&kcopyd(&["zero", s(&a), s(&b)]), &["TARGET", "b.img", "give --length"]);
+    assert_usage_error(&kcopyd(&["zero", s(&a), s(&missing), "--length", "4K"]), &["missing.img", "no such file"]);
+    assert_usage_error(&kcopyd(&["zero", s(&a), "--length", "2M"]), &["a.img", "too small"]);
+    assert_eq!(contents(&[&a, &b, &missing]), before);
+    let ran = kcopyd(&["zero", "sim:size=1M,bad-write=8-9", "--ignore-errors", "--json"]);
+    assert_eq!(ran.code, 1, "{ran:?}");
+    assert!(covers(&ranges(&json(&ran)["targets"][0]["write_failed_sectors"]), [8, 9]));
+}
+
+// ---- verify -------------------------------------------------------------------------------
+
+#[test]
+fn verify_reports_the_first_differing_sector_and_the_blocks() {
+    let dir = TempDir::new("cli-verify");
+    let data = pattern(28, 4 * MIB);
+    let source = dir.file_with("source.img", &data);
+    let same = dir.file_with("same.img", &data);
+    let mut changed_data = data.clone();
+    for sector in [3000usize, 3001, 6000] {
+        changed_data[sector * 512 + 17] ^= 0xff;
+    }
+    let changed = dir.file_with("changed.img", &changed_data);
+    let identical = kcopyd(&["verify", s(&source), s(&same)]);
+    assert_eq!(identical.code, 0, "{identical:?}");
+    assert!(identical.stdout.contains(": identical"), "{}", identical.stdout);
+
+    let ran = kcopyd(&["verify", s(&source), s(&same), s(&changed)]);
+    assert_eq!(ran.code, 1, "{ran:?}");
+    assert!(ran.stdout.contains("3 blocks of 512 bytes differ, the first at sector 3000"), "{}", ran.stdout);
+    let report = json(&kcopyd(&["verify", s(&source), s(&same), s(&changed), "--json"]));
+    assert_eq!(report["status"], "differences");
+    assert_eq!(report["exit_code"], 1);
+    assert_eq!(report["targets"][0]["status"], "identical");
+    let diff = &report["targets"][1]["verify"];
+    assert_eq!(diff["differing_blocks"], 3);
+    assert_eq!(diff["first_differing_sector"], 3000);
+    assert_eq!(diff["first_differing_offset_bytes"], 3000 * 512);
+    assert_eq!(ranges(&diff["differing_sectors"]), vec![[3000, 3002], [6000, 6001]]);
+
+    // With offsets: the range of the source at 1 MiB against the target at 0.
+    let ran = kcopyd(&["verify", &format!("{}@1M", s(&source)), s(&changed), "--length", "1M", "--json"]);
+    assert_eq!(json(&ran)["targets"][0]["verify"]["first_differing_sector"], 0, "everything differs");
+    let ran = kcopyd(&["verify", &format!("{}@3M", s(&source)), &format!("{}@3M", s(&changed)), "--length", "1M"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+}
+
+#[test]
+fn verify_counts_logical_blocks_and_reports_unreadable_ones() {
+    let ran = kcopyd(&["verify", "sim:size=1M,seed=1,block=4096", "sim:size=1M,seed=2,block=4096", "--json"]);
+    assert_eq!(ran.code, 1, "{ran:?}");
+    let report = json(&ran);
+    assert_eq!(report["verify"]["block_bytes"], 4096);
+    assert_eq!(report["targets"][0]["verify"]["differing_blocks"], 256);
+
+    let ran = kcopyd(&["verify", "sim:size=1M,seed=1,bad-read=8-9", "sim:size=1M,seed=1", "--json"]);
+    assert_eq!(ran.code, 1, "{ran:?}");
+    let report = json(&ran);
+    assert_eq!(report["status"], "errors");
+    assert_eq!(ranges(&report["source"]["read_failed_sectors"]), vec![[8, 9]], "narrowed to the bad block");
+    assert_eq!(report["targets"][0]["verify"]["differing_blocks"], 0);
+    assert_usage_error(&kcopyd(&["verify", "sim:size=1M", "sim:size=512K"]), &["TARGET", "too small"]);
+}
+
+#[test]
+fn verify_reads_in_large_chunks_with_several_in_flight() {
+    // Every read costs 100 ms, 8 at a time. 64 MiB in 2 MiB reads, 16 in flight: 32 reads a
+    // disk, 4 rounds, about 0.4 s. One read at a time would take 3.2 s; 4 KiB reads, minutes.
+    let disk = "sim:size=64M,seed=5,latency=100ms,queue=8";
+    let ran = kcopyd(&["verify", disk, disk, "--json"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    let report = json(&ran);
+    assert_eq!(report["bytes"], 64 * MIB as u64);
+    let seconds = report["seconds"].as_f64().unwrap();
+    assert!(seconds < 2.0, "compared in {seconds} s");
+}
+
+// ---- demo, progress, Ctrl-C, flush --------------------------------------------------------
+
+#[test]
+fn demo_matches_the_fault_log_and_a_tampered_target_fails_the_check() {
+    let started = Instant::now();
+    let ran = kcopyd(&["demo", "--size", "32M"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    for needle in [
+        "target     status",
+        "mirror-a   incomplete",
+        "mirror-b   write errors",
+        "source read_failed:",
+        "mirror-b write_failed:",
+        "[ ok ] every read_failed range is covered",
+        "[ ok ] every write_failed range is covered",
+        "[ ok ] every sector outside the failed ranges equals the source",
+        "PASS",
+    ] {
+        assert!(ran.stdout.contains(needle), "{needle:?} in\n{}", ran.stdout);
+    }
+    assert!(started.elapsed() < Duration::from_secs(50), "took {:?}", started.elapsed());
+
+    assert_usage_error(&kcopyd(&["demo", "--size", "1M"]), &["--size", "16 MiB"]);
+    let tampered = kcopyd(&["demo", "--size", "32M", "--tamper"]);
+    assert_eq!(tampered.code, 1, "{tampered:?}");
+    assert!(tampered.stdout.contains("[FAIL] every sector outside the failed ranges"), "{}", tampered.stdout);
+    assert!(tampered.stdout.contains("mirror-a differs at sector 8"), "{}", tampered.stdout);
+}
+
+/// Runs `command` under a pseudo-terminal (`script`), returning what the terminal showed.
+fn on_a_terminal(test: &str, command: &str) -> Option<String> {
+    if run("script", &["--version"]).is_err() {
+        skip(test, "`script` (util-linux) is missing: no pseudo-terminal");
+        return None;
+    }
+    // A terminal that can redraw: without TERM (or with TERM=dumb) bars stay hidden.
+    let output =
+        Command::new("script").env("TERM", "xterm").args(["-qec", command, "/dev/null"]).output().expect("script runs");
+    assert!(output.status.success(), "{output:?}");
+    Some(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[test]
+fn progress_shows_on_a_terminal_only() {
+    let test = "progress_shows_on_a_terminal_only";
+    let bin = env!("CARGO_BIN_EXE_kcopyd");
+    let copy = "copy sim:size=16M,seed=1,bandwidth=32M sim:";
+    let Some(shown) = on_a_terminal(test, &format!("{bin} {copy}")) else { return };
+    assert!(shown.contains("ETA") && shown.contains("MiB/s") && shown.contains("/16.00 MiB"), "{shown}");
+    let quiet = on_a_terminal(test, &format!("{bin} {copy} --quiet")).unwrap();
+    assert!(!quiet.contains("ETA") && !quiet.contains("copied"), "{quiet}");
+    let piped = kcopyd(&copy.split(' ').collect::<Vec<_>>());
+    assert_eq!(piped.code, 0, "{piped:?}");
+    assert!(piped.stderr.is_empty(), "no progress when stderr is not a terminal: {piped:?}");
+}
+
+/// Waits until process `pid` catches SIGINT (its handler is installed).
+fn wait_for_sigint_handler(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let caught = status
+            .lines()
+            .find_map(|line| line.strip_prefix("SigCgt:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .unwrap_or(0);
+        if caught & (1 << (2 - 1)) != 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the SIGINT handler never appeared: {status}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn ctrl_c_cancels_the_job_reports_how_far_it_got_and_exits_130() {
+    // 16 MiB at 2 MiB/s would take 8 s; interrupted after about one.
+    let child = Command::new(env!("CARGO_BIN_EXE_kcopyd"))
+        .args(["copy", "sim:size=16M,seed=1,bandwidth=2M", "sim:", "--sub-job-size", "64K", "--subjobs-in-flight", "2"])
+        .arg("--json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kcopyd starts");
+    let started = Instant::now();
+    wait_for_sigint_handler(child.id());
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let interrupted_at = Instant::now();
+    let ran = ran(child.wait_with_output().unwrap());
+    assert_eq!(ran.code, 130, "{ran:?}");
+    assert!(interrupted_at.elapsed() < Duration::from_secs(3), "in-flight I/O only: {:?}", interrupted_at.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(ran.stderr.contains("interrupted"), "{ran:?}");
+    let report = json(&ran);
+    assert_eq!(report["status"], "cancelled");
+    assert_eq!(report["cancelled"], true);
+    assert_eq!(report["exit_code"], 130);
+    let (bytes, total) = (report["bytes"].as_u64().unwrap(), report["bytes_total"].as_u64().unwrap());
+    assert!(bytes > 0 && bytes < total, "{bytes} of {total}");
+    let not_copied = ranges(&report["targets"][0]["not_copied_sectors"]);
+    let not_copied_sectors: u64 = not_copied.iter().map(|[a, b]| b - a).sum();
+    assert_eq!(not_copied_sectors * 512, total - bytes, "what was not done is listed");
+    assert_eq!(not_copied.last().unwrap()[1], total / 512);
+}
+
+#[test]
+fn every_target_is_flushed_after_the_copy() {
+    let test = "every_target_is_flushed_after_the_copy";
+    if run("strace", &["-V"]).is_err() {
+        skip(test, "strace is missing");
+        return;
+    }
+    let dir = TempDir::new("cli-flush");
+    let source = dir.file_with("source.img", &pattern(29, 4 * MIB));
+    let targets = [dir.join("a.img"), dir.join("b.img")];
+    let log = dir.join("strace.log");
+    let output = Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=openat,pwritev,pwrite64,fdatasync,fsync", "-o", s(&log)])
+        .args([env!("CARGO_BIN_EXE_kcopyd"), "copy", s(&source), s(&targets[0]), s(&targets[1])])
+        .output()
+        .unwrap();
+    if !output.status.success() && String::from_utf8_lossy(&output.stderr).contains("ptrace") {
+        skip(test, format!("strace cannot trace here: {}", String::from_utf8_lossy(&output.stderr).trim()));
+        return;
+    }
+    assert!(output.status.success(), "{output:?}");
+    let log = fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    for target in &targets {
+        let opened = format!("\"{}\"", s(target));
+        let fd = lines
+            .iter()
+            .filter(|l| l.contains(&opened) && l.contains("O_RDWR"))
+            .find_map(|l| l.rsplit("= ").next().and_then(|fd| fd.trim().parse::<i32>().ok()))
+            .unwrap_or_else(|| panic!("{opened} opened for writing in\n{log}"));
+        let last_write = lines.iter().rposition(|l| l.contains(&format!("pwritev({fd},")));
+        // "fdatasync(11) = 0", or "fdatasync(11 <unfinished ...>" when threads interleave.
+        let calls =
+            [format!("fdatasync({fd})"), format!("fdatasync({fd} "), format!("fsync({fd})"), format!("fsync({fd} ")];
+        let flush = lines.iter().rposition(|l| calls.iter().any(|call| l.contains(call.as_str())));
+        let (Some(last_write), Some(flush)) = (last_write, flush) else {
+            panic!("fd {fd} of {opened}: a write and a flush in\n{log}");
+        };
+        assert!(flush > last_write, "the flush of {opened} comes after its last write");
+    }
+}
