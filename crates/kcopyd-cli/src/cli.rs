@@ -7,15 +7,16 @@ use crate::size;
 
 /// Bytes per sub-job by default: one read of the source and one write per target.
 ///
-/// With the default of [`SUBJOBS_IN_FLIGHT_DEFAULT`] in flight this keeps 64 MiB moving: on
-/// a real disk, fio copied 1 GiB in about 0.85 s with 16 × 1 MiB in flight and in about
-/// 0.53 s with 32 × 2 MiB, so the defaults take the faster shape.
-pub const SUB_JOB_SIZE_DEFAULT: &str = "2M";
+/// Chosen by measurement (docs/BENCHMARKS.md): on this project's machines, alternating
+/// shapes in one run, 4 × 1 MiB in flight copied fastest to 1 and to 3 targets; deeper
+/// queues (8 × 2 MiB, 32 × 2 MiB) were 5–25 % slower there, because the virtual disk shares
+/// one bandwidth between reads and writes. Faster storage may want more in flight.
+pub const SUB_JOB_SIZE_DEFAULT: &str = "1M";
 /// Sub-jobs kept in flight by default (see [`SUB_JOB_SIZE_DEFAULT`]).
-pub const SUBJOBS_IN_FLIGHT_DEFAULT: usize = 32;
-/// The page budget by default: exactly the default sub-jobs in flight, so that none waits for
-/// pages; a smaller budget keeps fewer in flight.
-pub const MEMORY_DEFAULT: &str = "64M";
+pub const SUBJOBS_IN_FLIGHT_DEFAULT: usize = 4;
+/// The page budget by default: four times what the default sub-jobs in flight take, so that
+/// reads can run ahead while several targets are still being written.
+pub const MEMORY_DEFAULT: &str = "16M";
 
 /// kcopyd: copy, zero and compare block ranges on files, block devices and simulated disks,
 /// with the kcopyd engine.
