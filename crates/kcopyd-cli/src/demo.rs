@@ -56,6 +56,8 @@ fn disk(name: &str, len_sectors: u64, seed: u64) -> Arc<MemDisk> {
         seed,
         len_sectors,
         logical_block_size: 512,
+        // Sparse: the disks keep extents of provenance, not bytes, so the demo needs little memory.
+        sparse: true,
         latency: Latency { read: READ_MODEL, write: WRITE_MODEL, seed },
         ..MemDiskOptions::default()
     }));
