@@ -532,6 +532,13 @@ impl fmt::Debug for Client {
     }
 }
 
+// The handles are for any thread and any runtime.
+const _: () = {
+    const fn assert_shareable<T: Send + Sync + Clone + 'static>() {}
+    assert_shareable::<Client>();
+    assert_shareable::<JobHandle>();
+};
+
 fn new_pool(config: &ClientConfig) -> Result<PagePool, ConfigError> {
     PagePool::new(config.page_budget).map_err(|source| ConfigError::Arena { pages: config.page_budget, source })
 }
