@@ -368,13 +368,7 @@ impl MemDisk {
     }
 
     /// Decides, at issue time, when a request completes and what the plan does to it.
-    fn issue(
-        &self,
-        operation: Operation,
-        sectors: Option<&Range<u64>>,
-        len_bytes: usize,
-        data: Option<&WriteBuf>,
-    ) -> Issued {
+    fn issue(&self, operation: Operation, sectors: &Range<u64>, len_bytes: usize, data: Option<&WriteBuf>) -> Issued {
         let seed = self.options.seed;
         let now = Instant::now();
         let mut state = self.lock();
@@ -392,7 +386,7 @@ impl MemDisk {
         if write {
             let write_index = state.writes_issued;
             state.writes_issued += 1;
-            if let (Some(sectors), Some(_)) = (sectors, data) {
+            if data.is_some() {
                 let mut shift =
                     state.plan.misdirects.iter().find(|m| m.write_index == write_index).map(|m| m.shift_sectors);
                 let misdirect_ppm = state.plan.odds.misdirect_ppm;
@@ -402,12 +396,10 @@ impl MemDisk {
                 }
                 misdirect_to = shift.and_then(|shift| self.misdirected_start(sectors, shift));
             }
-            if let Some(sectors) = sectors {
-                let id = state.next_in_flight;
-                state.next_in_flight += 1;
-                state.in_flight.insert(id, InFlight { sectors: sectors.clone(), data: data.cloned() });
-                in_flight = Some(id);
-            }
+            let id = state.next_in_flight;
+            state.next_in_flight += 1;
+            state.in_flight.insert(id, InFlight { sectors: sectors.clone(), data: data.cloned() });
+            in_flight = Some(id);
         }
         let model = if write { self.options.latency.write } else { self.options.latency.read };
         let done = if model.is_instant() && extra_us == 0 {
@@ -419,11 +411,16 @@ impl MemDisk {
             Some(timeline.schedule(&model, now, len_bytes, jitter_us, scale) + Duration::from_micros(extra_us) * scale)
         };
         if extra_us > 0 {
-            if let Some(sectors) = sectors {
-                self.record_fault(&mut state, operation, sectors.clone(), FaultKind::Slow { extra_us });
-            }
+            self.record_fault(&mut state, operation, sectors.clone(), FaultKind::Slow { extra_us });
         }
         Issued { done, io_index, in_flight, misdirect_to }
+    }
+
+    /// Counts and traces a request refused before any transfer (misaligned or out of range),
+    /// as the kernel refuses it: at once, with no queueing and no fault drawn.
+    fn refuse(&self, operation: Operation, offset_sectors: u64, error: io::Error) -> io::Error {
+        self.finish(operation, &(offset_sectors..offset_sectors), &Err(io::Error::from_raw_os_error(EINVAL)));
+        error
     }
 
     /// Where a write of `sectors` shifted by `shift` lands: whole blocks, inside the disk, and
@@ -669,21 +666,15 @@ impl BlockDevice for MemDisk {
     }
 
     fn read(&self, offset_sectors: u64, mut buf: ReadBuf) -> IoFuture<'_, (ReadBuf, io::Result<()>)> {
-        let checked = self.check(offset_sectors, buf.len() as u64);
-        let issued = self.issue(Operation::Read, checked.as_ref().ok(), buf.len(), None);
+        let sectors = match self.check(offset_sectors, buf.len() as u64) {
+            Ok(sectors) => sectors,
+            Err(error) => {
+                return Box::pin(async move { (buf, Err(self.refuse(Operation::Read, offset_sectors, error))) });
+            }
+        };
+        let issued = self.issue(Operation::Read, &sectors, buf.len(), None);
         Box::pin(async move {
             wait_until(issued.done).await;
-            let sectors = match checked {
-                Ok(sectors) => sectors,
-                Err(error) => {
-                    self.finish(
-                        Operation::Read,
-                        &(offset_sectors..offset_sectors),
-                        &Err(io::Error::from_raw_os_error(EINVAL)),
-                    );
-                    return (buf, Err(error));
-                }
-            };
             let mut result = Ok(());
             let pieces = self.pieces(&sectors);
             let short = pieces.len() > 1;
@@ -703,43 +694,28 @@ impl BlockDevice for MemDisk {
     }
 
     fn write(&self, offset_sectors: u64, buf: WriteBuf) -> IoFuture<'_, io::Result<()>> {
-        let checked = self.check(offset_sectors, buf.len() as u64);
-        let issued = self.issue(Operation::Write, checked.as_ref().ok(), buf.len(), Some(&buf));
+        let sectors = match self.check(offset_sectors, buf.len() as u64) {
+            Ok(sectors) => sectors,
+            Err(error) => return Box::pin(async move { Err(self.refuse(Operation::Write, offset_sectors, error)) }),
+        };
+        let issued = self.issue(Operation::Write, &sectors, buf.len(), Some(&buf));
         Box::pin(async move {
             wait_until(issued.done).await;
-            let sectors = match checked {
-                Ok(sectors) => sectors,
-                Err(error) => {
-                    self.finish(
-                        Operation::Write,
-                        &(offset_sectors..offset_sectors),
-                        &Err(io::Error::from_raw_os_error(EINVAL)),
-                    );
-                    return Err(error);
-                }
-            };
             self.serve_write(&issued, Operation::Write, sectors, Some(&buf)).await
         })
     }
 
     fn write_zeroes(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
-        let len_bytes = len_sectors.saturating_mul(SECTOR_SIZE as u64);
-        let checked = self.check(offset_sectors, len_bytes);
+        let sectors = match self.check(offset_sectors, len_sectors.saturating_mul(SECTOR_SIZE as u64)) {
+            Ok(sectors) => sectors,
+            Err(error) => {
+                return Box::pin(async move { Err(self.refuse(Operation::WriteZeroes, offset_sectors, error)) });
+            }
+        };
         // Offloaded zeroing moves no data: it costs one request, not bandwidth.
-        let issued = self.issue(Operation::WriteZeroes, checked.as_ref().ok(), 0, None);
+        let issued = self.issue(Operation::WriteZeroes, &sectors, 0, None);
         Box::pin(async move {
             wait_until(issued.done).await;
-            let sectors = match checked {
-                Ok(sectors) => sectors,
-                Err(error) => {
-                    self.finish(
-                        Operation::WriteZeroes,
-                        &(offset_sectors..offset_sectors),
-                        &Err(io::Error::from_raw_os_error(EINVAL)),
-                    );
-                    return Err(error);
-                }
-            };
             self.serve_write(&issued, Operation::WriteZeroes, sectors, None).await
         })
     }

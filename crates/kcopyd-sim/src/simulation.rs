@@ -75,13 +75,7 @@ impl Simulation {
         Fut: Future<Output = T>,
     {
         let _scale = ScaleGuard::set(SIMULATION_SCALE);
-        let system = actix_rt::System::with_tokio_rt(|| {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .start_paused(true)
-                .build()
-                .expect("a current-thread runtime builds")
-        });
+        let system = paused_system();
         system.block_on(async move {
             let client = Client::start_in_current_system(config)?;
             let trace = Trace::new();
@@ -95,13 +89,18 @@ impl Simulation {
     /// client (for tests that make their own).
     pub fn block_on<Fut: Future>(body: Fut) -> Fut::Output {
         let _scale = ScaleGuard::set(SIMULATION_SCALE);
-        let system = actix_rt::System::with_tokio_rt(|| {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .start_paused(true)
-                .build()
-                .expect("a current-thread runtime builds")
-        });
+        let system = paused_system();
         system.block_on(body)
     }
+}
+
+/// An actix System on a current-thread tokio runtime whose time starts paused.
+fn paused_system() -> actix_rt::SystemRunner {
+    actix_rt::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("a current-thread runtime builds")
+    })
 }
