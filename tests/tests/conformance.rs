@@ -190,3 +190,91 @@ fn ramfs_refuses_direct_io_and_buffered_mode_works() {
     let device = open(&path, &OpenOptions { buffered: true, ..writable() });
     conformance::run_all(&device);
 }
+
+/// The io_uring engine against the same suite: an O_DIRECT file (at the default queue depth
+/// and at depth 1) and loop devices with 512- and 4096-byte sectors.
+#[cfg(feature = "io-uring")]
+mod uring {
+    use kcopyd_os::IoEngine;
+
+    use super::*;
+
+    fn writable_uring() -> OpenOptions {
+        OpenOptions { engine: IoEngine::Uring, ..writable() }
+    }
+
+    /// Opens with the io_uring engine, or prints `SKIPPED` and returns `None` where the kernel
+    /// refuses io_uring.
+    fn open_or_skip(test: &str, path: &Path, options: &OpenOptions) -> Option<OsDevice> {
+        match OsDevice::open(path, options) {
+            Ok(device) => Some(device),
+            Err(error) if error.is_io_uring_unavailable() => {
+                skip(test, format!("io_uring is not available here: {}", std::error::Error::source(&error).unwrap()));
+                None
+            }
+            Err(error) => panic!("opening {}: {error}", path.display()),
+        }
+    }
+
+    #[test]
+    fn uring_file_direct() {
+        let test = "uring_file_direct";
+        let dir = TempDir::new("conformance-uring-direct");
+        let path = dir.zero_file("device.img", DEVICE_BYTES);
+        let Some(device) = open_or_skip(test, &path, &writable_uring()) else { return };
+        assert!(device.is_direct());
+        assert_eq!(device.options().engine, IoEngine::Uring);
+        conformance::run_all(&device);
+        let stats = device.stats();
+        assert!(stats.bounced > 0, "the unaligned-memory check went through the bounce buffer: {stats:?}");
+        assert!(stats.refused > 0 && stats.flushes > 0 && stats.failed == 0, "{stats:?}");
+        drop(device);
+        assert_eq!(fs::metadata(&path).unwrap().len(), DEVICE_BYTES, "the file kept its length");
+    }
+
+    #[test]
+    fn uring_file_direct_queue_depth_one() {
+        let test = "uring_file_direct_queue_depth_one";
+        let dir = TempDir::new("conformance-uring-depth-1");
+        let path = dir.zero_file("device.img", DEVICE_BYTES);
+        let Some(device) = open_or_skip(test, &path, &OpenOptions { queue_depth: 1, ..writable_uring() }) else {
+            return;
+        };
+        conformance::run_all(&device);
+    }
+
+    #[test]
+    fn uring_file_buffered() {
+        let test = "uring_file_buffered";
+        let dir = TempDir::new("conformance-uring-buffered");
+        let path = dir.zero_file("device.img", DEVICE_BYTES);
+        let Some(device) = open_or_skip(test, &path, &OpenOptions { buffered: true, ..writable_uring() }) else {
+            return;
+        };
+        conformance::run_all(&device);
+        assert_eq!(device.stats().bounced, 0, "buffered I/O takes any memory");
+    }
+
+    fn uring_loop_device_conformance(test: &str, sector_size: u32) {
+        let dir = TempDir::new(test);
+        let backing = dir.zero_file("backing.img", DEVICE_BYTES);
+        let Some(loop_device) = LoopDevice::attach_or_skip(test, &backing, sector_size) else { return };
+        let Some(device) = open_or_skip(test, loop_device.path(), &writable_uring()) else { return };
+        assert_eq!(device.kind(), DeviceKind::BlockDevice);
+        assert_eq!(device.geometry().logical_block_size, sector_size);
+        conformance::run_all(&device);
+        let stats = device.stats();
+        assert!(stats.write_zeroes_offloaded > 0 && stats.write_zeroes_written == 0, "BLKZEROOUT served: {stats:?}");
+        assert_eq!(stats.failed, 0, "{stats:?}");
+    }
+
+    #[test]
+    fn uring_loop_device_512() {
+        uring_loop_device_conformance("uring_loop_device_512", 512);
+    }
+
+    #[test]
+    fn uring_loop_device_4096() {
+        uring_loop_device_conformance("uring_loop_device_4096", 4096);
+    }
+}

@@ -378,3 +378,110 @@ fn a_file_that_shrank_gives_a_read_error_not_short_data() {
     let error = result.expect_err("a read past the shrunk end fails");
     assert_eq!(error.kind(), std::io::ErrorKind::UnexpectedEof, "{error}");
 }
+
+/// The same copies with every device on the io_uring engine.
+#[cfg(feature = "io-uring")]
+mod uring {
+    use kcopyd_os::IoEngine;
+
+    use super::*;
+
+    /// Opens with the io_uring engine, or prints `SKIPPED` and returns `None` where the kernel
+    /// refuses io_uring.
+    fn open_or_skip(test: &str, path: &Path, options: &OpenOptions) -> Option<Arc<OsDevice>> {
+        let options = OpenOptions { engine: IoEngine::Uring, ..options.clone() };
+        match OsDevice::open(path, &options) {
+            Ok(device) => Some(Arc::new(device)),
+            Err(error) if error.is_io_uring_unavailable() => {
+                skip(test, format!("io_uring is not available here: {}", std::error::Error::source(&error).unwrap()));
+                None
+            }
+            Err(error) => panic!("opening {}: {error}", path.display()),
+        }
+    }
+
+    #[test]
+    fn uring_copy_file_to_three_files() {
+        let test = "uring_copy_file_to_three_files";
+        let dir = TempDir::new("uring-copy-file-3-files");
+        let data = pattern(21, LEN_BYTES);
+        let Some(source) = open_or_skip(test, &dir.file_with("source.img", &data), &read_only()) else { return };
+        // The third target is longer and takes the copy at 1 MiB in.
+        let paths: Vec<_> =
+            (0..3).map(|i| dir.zero_file(&format!("target-{i}.img"), (LEN_BYTES + i * 512 * 1024) as u64)).collect();
+        let targets: Vec<_> = paths
+            .iter()
+            .map(|path| open_or_skip(test, path, &writable()).expect("io_uring worked for the source"))
+            .collect();
+        let job = Job::copy(
+            region(&source, 0, LEN_SECTORS),
+            targets.iter().enumerate().map(|(i, target)| region(target, i as u64 * 1024, LEN_SECTORS)).collect(),
+            Flags::empty(),
+        );
+        // Small sub-jobs, several in flight, and a budget that makes reads wait for writes.
+        let client =
+            Client::new(ClientConfig { page_budget: 64, sub_job_size_bytes: 128 * 1024, ..ClientConfig::default() })
+                .expect("a client");
+        let outcome = client.submit_blocking(job).unwrap().wait();
+        assert_eq!(client.shutdown_blocking().pool.pages_in_use, 0);
+        assert!(outcome.is_ok(), "{outcome:?}");
+        let reads = source.stats().reads;
+        assert!(reads >= (LEN_BYTES / (128 * 1024)) as u64, "{reads} reads");
+        for target in &targets {
+            let stats = target.stats();
+            assert!(stats.writes > 0 && stats.failed == 0, "{stats:?}");
+        }
+        drop((source, targets));
+        for (i, path) in paths.iter().enumerate() {
+            let copied = contents(path);
+            let start = i * 512 * 1024;
+            assert!(copied[..start].iter().all(|&b| b == 0), "target {i} before the copy is untouched");
+            assert_same_bytes(&copied[start..], &data, &path.display().to_string());
+        }
+    }
+
+    #[test]
+    fn uring_copy_file_to_a_loop_device_and_back() {
+        let test = "uring_copy_file_to_a_loop_device_and_back";
+        let dir = TempDir::new("uring-copy-loop");
+        let data = pattern(22, LEN_BYTES);
+        let source_path = dir.file_with("source.img", &data);
+        let Some(loop_4096) = LoopDevice::attach_or_skip(test, &dir.zero_file("loop.img", LEN_BYTES as u64), 4096)
+        else {
+            return;
+        };
+        let Some(source) = open_or_skip(test, &source_path, &read_only()) else { return };
+        let target = open_or_skip(test, loop_4096.path(), &writable()).expect("io_uring worked for the source");
+        let outcome =
+            run(Job::copy(region(&source, 0, LEN_SECTORS), vec![region(&target, 0, LEN_SECTORS)], Flags::empty()));
+        assert!(outcome.is_ok(), "{outcome:?}");
+        drop((source, target));
+        assert_same_bytes(&contents(loop_4096.path()), &data, "file → loop-4096");
+
+        // Back: the loop device (reopened read-only, so the exclusive open above is gone) to a file.
+        let back_path = dir.zero_file("back.img", LEN_BYTES as u64);
+        let source = open_or_skip(test, loop_4096.path(), &read_only()).expect("io_uring worked before");
+        let target = open_or_skip(test, &back_path, &writable()).expect("io_uring worked before");
+        let outcome =
+            run(Job::copy(region(&source, 0, LEN_SECTORS), vec![region(&target, 0, LEN_SECTORS)], Flags::empty()));
+        assert!(outcome.is_ok(), "{outcome:?}");
+        drop((source, target));
+        assert_same_bytes(&contents(&back_path), &data, "loop-4096 → file");
+    }
+
+    #[test]
+    fn uring_a_file_that_shrank_gives_a_read_error_not_short_data() {
+        let test = "uring_a_file_that_shrank_gives_a_read_error_not_short_data";
+        let dir = TempDir::new("uring-shrunk");
+        let data = pattern(23, 1024 * 1024);
+        let path = dir.file_with("source.img", &data);
+        let Some(device) = open_or_skip(test, &path, &read_only()) else { return };
+        fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(512 * 1024).unwrap();
+        // A read crossing the new end comes back short; the rest, resubmitted, reads nothing.
+        assert_eq!(read_ok(device.as_ref(), 0, 4096), data[..4096]);
+        let (_, result) = block_on(device.read(1000, kcopyd_tests::conformance::read_buf(64 * 1024)));
+        let error = result.expect_err("a read past the shrunk end fails");
+        assert_eq!(error.kind(), std::io::ErrorKind::UnexpectedEof, "{error}");
+        assert_eq!(device.stats().failed, 1);
+    }
+}

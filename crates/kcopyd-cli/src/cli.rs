@@ -1,6 +1,6 @@
 //! The command line: subcommands and options (clap derive).
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::device_arg::DeviceArg;
 use crate::size;
@@ -73,6 +73,21 @@ pub struct EngineArgs {
     /// Go through the page cache instead of O_DIRECT (for filesystems without direct I/O).
     #[arg(long)]
     pub buffered: bool,
+    /// How files and block devices do I/O: `sync` (blocking preadv/pwritev, a thread per
+    /// sub-job in flight) or `uring` (io_uring, one ring per device; needs a kcopyd built with
+    /// the `io-uring` feature).
+    #[arg(long = "io-engine", value_name = "ENGINE", value_enum, default_value_t = IoEngineArg::Sync)]
+    pub io_engine: IoEngineArg,
+}
+
+/// The values of `--io-engine`. Both always parse, so that a build without io_uring can name
+/// the flag when it refuses `uring`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IoEngineArg {
+    /// Blocking `preadv`/`pwritev` on a pool of threads.
+    Sync,
+    /// io_uring.
+    Uring,
 }
 
 /// Options of the report.

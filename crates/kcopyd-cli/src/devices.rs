@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kcopyd_core::{BlockDevice, ClientConfig, Device, PAGE_SIZE, SECTOR_SIZE, TARGETS_MAX};
-use kcopyd_os::{DeviceKind, OpenOptions, OsDevice, QUEUE_DEPTH_MAX};
+use kcopyd_os::{DeviceKind, IoEngine, OpenOptions, OsDevice, QUEUE_DEPTH_MAX};
 
-use crate::cli::EngineArgs;
+use crate::cli::{EngineArgs, IoEngineArg};
 use crate::device_arg::{Backend, DeviceArg};
 use crate::error::{CliError, open_reason};
 use crate::size::Bytes;
@@ -26,8 +26,10 @@ pub struct Settings {
     pub config: ClientConfig,
     /// Use the page cache instead of O_DIRECT.
     pub buffered: bool,
-    /// I/O threads per opened device: one per sub-job in flight.
+    /// I/O threads (or ring slots) per opened device: one per sub-job in flight.
     pub queue_depth: usize,
+    /// The I/O engine of opened files and block devices.
+    pub io_engine: IoEngine,
 }
 
 impl Settings {
@@ -59,7 +61,18 @@ impl Settings {
             CliError::Config { option, source }
         })?;
         let queue_depth = args.subjobs_in_flight.clamp(1, QUEUE_DEPTH_MAX);
-        Ok(Settings { config, buffered: args.buffered, queue_depth })
+        let io_engine = match args.io_engine {
+            IoEngineArg::Sync => IoEngine::Sync,
+            IoEngineArg::Uring if cfg!(feature = "io-uring") => IoEngine::Uring,
+            IoEngineArg::Uring => {
+                return Err(CliError::argument(
+                    "--io-engine",
+                    "uring",
+                    "this kcopyd was built without io_uring support (cargo feature io-uring); use --io-engine sync",
+                ));
+            }
+        };
+        Ok(Settings { config, buffered: args.buffered, queue_depth, io_engine })
     }
 }
 
@@ -256,6 +269,7 @@ pub fn open(
                 buffered: settings.buffered,
                 queue_depth: settings.queue_depth,
                 create_len: if write { create_len_bytes } else { None },
+                engine: settings.io_engine,
             };
             let device = OsDevice::open(path, &options).map_err(|source| CliError::Open {
                 what: role.name(),

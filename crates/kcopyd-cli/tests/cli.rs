@@ -153,6 +153,57 @@ fn engine_options_and_buffered_mode_copy_the_same_bytes() {
 }
 
 #[test]
+fn io_engine_takes_sync_or_uring_and_names_the_flag_otherwise() {
+    let dir = TempDir::new("cli-io-engine");
+    let data = pattern(25, 2 * MIB);
+    let source = dir.file_with("source.img", &data);
+    let target = dir.join("sync.img");
+    let ran = kcopyd(&["copy", s(&source), s(&target), "--io-engine", "sync"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert_eq!(fs::read(&target).unwrap(), data);
+    let other = dir.join("other.img");
+    let ran = kcopyd(&["copy", s(&source), s(&other), "--io-engine", "aio"]);
+    assert_usage_error(&ran, &["--io-engine", "aio"]);
+    assert!(!other.exists(), "nothing was created");
+}
+
+/// Built without the `io-uring` feature, `--io-engine uring` is a usage error naming the flag,
+/// and no target is created.
+#[cfg(not(feature = "io-uring"))]
+#[test]
+fn io_engine_uring_without_the_feature_is_a_usage_error() {
+    let dir = TempDir::new("cli-io-engine-uring");
+    let source = dir.file_with("source.img", &pattern(26, MIB));
+    let target = dir.join("target.img");
+    let ran = kcopyd(&["copy", s(&source), s(&target), "--io-engine", "uring"]);
+    assert_usage_error(&ran, &["--io-engine", "uring", "io-uring"]);
+    assert!(!target.exists(), "nothing was created");
+}
+
+/// Built with the `io-uring` feature, `--io-engine uring` copies to three targets byte for
+/// byte (or, where the kernel refuses io_uring, fails to open naming it).
+#[cfg(feature = "io-uring")]
+#[test]
+fn io_engine_uring_copies_to_three_targets() {
+    let dir = TempDir::new("cli-io-engine-uring");
+    let data = pattern(27, 5 * MIB + 4 * KIB);
+    let source = dir.file_with("source.img", &data);
+    let targets: Vec<PathBuf> = (0..3).map(|i| dir.join(&format!("target-{i}.img"))).collect();
+    let mut args = vec!["copy", s(&source)];
+    args.extend(targets.iter().map(|target| s(target)));
+    args.extend(["--io-engine", "uring", "--sub-job-size", "256K", "--verify"]);
+    let ran = kcopyd(&args);
+    if ran.code == 2 && ran.stderr.contains("setting up io_uring") {
+        return skip("io_engine_uring_copies_to_three_targets", format!("io_uring is not available: {}", ran.stderr));
+    }
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert!(ran.stdout.contains("verify: identical"), "{}", ran.stdout);
+    for target in &targets {
+        assert_eq!(fs::read(target).unwrap(), data, "{}", target.display());
+    }
+}
+
+#[test]
 fn json_report_has_bytes_seconds_throughput_and_per_target_status() {
     let dir = TempDir::new("cli-json");
     let source = dir.file_with("source.img", &pattern(6, 2 * MIB));

@@ -13,6 +13,8 @@ use kcopyd_core::{BlockDevice, DeviceId, Geometry, IoFuture, ReadBuf, SECTOR_SIZ
 use rustix::fs::OFlags;
 
 use crate::engine_sync::{self, MemoryRules, SyncEngine, Transfer};
+#[cfg(feature = "io-uring")]
+use crate::engine_uring::UringEngine;
 use crate::error::{OpenError, classify};
 use crate::sys;
 
@@ -25,6 +27,40 @@ pub const ALIGNMENT_BYTES_MAX: u64 = 65536;
 
 /// The name of the I/O threads (at most 15 bytes, the kernel's limit).
 const THREAD_NAME: &str = "kcopyd-io";
+/// The name of a device's io_uring thread.
+#[cfg(feature = "io-uring")]
+const URING_THREAD_NAME: &str = "kcopyd-uring";
+
+/// Which engine serves a device's reads, writes and flushes.
+///
+/// ```
+/// # use kcopyd_os::{IoEngine, OpenOptions};
+/// assert_eq!(OpenOptions::default().engine, IoEngine::Sync);
+/// // Without the `io-uring` feature, `Uring` exists but opening with it is refused.
+/// assert_eq!(IoEngine::Uring.is_available(), cfg!(feature = "io-uring"));
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum IoEngine {
+    /// Blocking `preadv`/`pwritev`/`fdatasync` on a pool of up to `queue_depth` threads.
+    #[default]
+    Sync,
+    /// One io_uring per device, driven by one thread: READV/WRITEV/FSYNC submissions, at most
+    /// `queue_depth` in flight. Write-zeroes (BLKZEROOUT, fallocate, or plain writes of zeroes)
+    /// stays on the thread pool: io_uring has no BLKZEROOUT. Needs the `io-uring` cargo
+    /// feature: without it opening is refused ([`OpenError::InvalidOptions`]); where the kernel
+    /// refuses io_uring, opening fails with [`OpenError::IoUringSetup`].
+    Uring,
+}
+
+impl IoEngine {
+    /// Whether this build can open devices with the engine.
+    pub const fn is_available(self) -> bool {
+        match self {
+            IoEngine::Sync => true,
+            IoEngine::Uring => cfg!(feature = "io-uring"),
+        }
+    }
+}
 
 /// How to open a path. The default opens read-only, with O_DIRECT, at the default queue depth.
 ///
@@ -52,11 +88,19 @@ pub struct OpenOptions {
     /// the file keeps its length. A file created here stays if the open fails afterwards
     /// (a filesystem refusing O_DIRECT, say).
     pub create_len: Option<u64>,
+    /// The I/O engine, default [`IoEngine::Sync`].
+    pub engine: IoEngine,
 }
 
 impl Default for OpenOptions {
     fn default() -> OpenOptions {
-        OpenOptions { write: false, buffered: false, queue_depth: QUEUE_DEPTH_DEFAULT, create_len: None }
+        OpenOptions {
+            write: false,
+            buffered: false,
+            queue_depth: QUEUE_DEPTH_DEFAULT,
+            create_len: None,
+            engine: IoEngine::Sync,
+        }
     }
 }
 
@@ -65,6 +109,9 @@ impl OpenOptions {
         let invalid = |reason: String| Err(OpenError::InvalidOptions { path: path.to_path_buf(), reason });
         if self.queue_depth == 0 || self.queue_depth > QUEUE_DEPTH_MAX {
             return invalid(format!("queue depth {} (must be 1 to {QUEUE_DEPTH_MAX})", self.queue_depth));
+        }
+        if !self.engine.is_available() {
+            return invalid(format!("the {:?} I/O engine is not built in (cargo feature io-uring)", self.engine));
         }
         match self.create_len {
             Some(_) if !self.write => invalid("create_len needs write access".into()),
@@ -177,7 +224,11 @@ pub struct OsDevice {
     rules: Option<MemoryRules>,
     /// Files: whether `FALLOC_FL_ZERO_RANGE` is still believed to work.
     zero_range: AtomicBool,
+    /// Serves every request with [`IoEngine::Sync`], and write-zeroes with [`IoEngine::Uring`].
     engine: SyncEngine,
+    /// Serves reads, writes and flushes with [`IoEngine::Uring`].
+    #[cfg(feature = "io-uring")]
+    uring: Option<UringEngine>,
     counters: Counters,
 }
 
@@ -225,6 +276,14 @@ impl OsDevice {
                 (geometry, rules, DeviceId { namespace: "block", major: metadata.rdev(), minor: 0 })
             }
         };
+        #[cfg(feature = "io-uring")]
+        let uring = match options.engine {
+            IoEngine::Sync => None,
+            IoEngine::Uring => Some(
+                UringEngine::new(URING_THREAD_NAME, options.queue_depth)
+                    .map_err(|source| OpenError::IoUringSetup { path: path.to_path_buf(), source })?,
+            ),
+        };
         let engine = SyncEngine::new(THREAD_NAME, options.queue_depth)
             .map_err(|source| OpenError::Engine { path: path.to_path_buf(), source })?;
         Ok(OsDevice {
@@ -238,6 +297,8 @@ impl OsDevice {
             id,
             rules,
             engine,
+            #[cfg(feature = "io-uring")]
+            uring,
             counters: Counters::default(),
         })
     }
@@ -482,7 +543,7 @@ fn whole_blocks_sectors(size_bytes: u64, block_bytes: u64) -> u64 {
     size_bytes / block_bytes * block_bytes / SECTOR_SIZE as u64
 }
 
-/// The message of a reply that never came: only a panicking I/O thread drops one.
+/// The message of a reply that never came: only a panicking I/O or ring thread drops one.
 const WORKER_REPLIES: &str = "an I/O thread replies to every request";
 
 impl BlockDevice for OsDevice {
@@ -507,6 +568,14 @@ impl BlockDevice for OsDevice {
             return Box::pin(ready((buf, Ok(()))));
         }
         let (file, rules) = (self.file.clone(), self.rules);
+        #[cfg(feature = "io-uring")]
+        if let Some(uring) = &self.uring {
+            let reply = uring.read(file, offset_bytes, buf, rules);
+            return Box::pin(async move {
+                let (buf, result) = reply.await.expect(WORKER_REPLIES);
+                (buf, self.finish_transfer(&self.counters.reads, result))
+            });
+        }
         let reply = self.engine.submit(move || {
             let mut buf = buf;
             let result = engine_sync::read_at(&file, offset_bytes, &mut buf, rules);
@@ -528,6 +597,14 @@ impl BlockDevice for OsDevice {
             return Box::pin(ready(Ok(())));
         }
         let (file, rules) = (self.file.clone(), self.rules);
+        #[cfg(feature = "io-uring")]
+        if let Some(uring) = &self.uring {
+            let reply = uring.write(file, offset_bytes, buf, rules);
+            return Box::pin(async move {
+                let result = reply.await.expect(WORKER_REPLIES);
+                self.finish_transfer(&self.counters.writes, result)
+            });
+        }
         let reply = self.engine.submit(move || {
             let result = engine_sync::write_at(&file, offset_bytes, &buf, rules);
             drop(file);
@@ -587,6 +664,15 @@ impl BlockDevice for OsDevice {
 
     fn flush(&self) -> IoFuture<'_, io::Result<()>> {
         let file = self.file.clone();
+        #[cfg(feature = "io-uring")]
+        if let Some(uring) = &self.uring {
+            let reply = uring.flush(file);
+            return Box::pin(async move {
+                let result = reply.await.expect(WORKER_REPLIES);
+                bump(if result.is_ok() { &self.counters.flushes } else { &self.counters.failed });
+                result
+            });
+        }
         let reply = self.engine.submit(move || {
             let result = file.sync_data();
             drop(file);

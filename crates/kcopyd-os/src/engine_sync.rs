@@ -157,7 +157,7 @@ pub(crate) struct MemoryRules {
 }
 
 impl MemoryRules {
-    fn accepts(&self, segment: &[u8]) -> bool {
+    pub(crate) fn accepts(&self, segment: &[u8]) -> bool {
         segment.as_ptr() as usize % self.memory_bytes == 0 && segment.len() % self.length_bytes == 0
     }
 }

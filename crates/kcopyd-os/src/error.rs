@@ -145,6 +145,18 @@ pub enum OpenError {
         #[source]
         source: io::Error,
     },
+    /// Setting up the io_uring of [`IoEngine::Uring`](crate::IoEngine::Uring) failed:
+    /// `io_uring_setup` refused (EPERM where io_uring is disabled by
+    /// `kernel.io_uring_disabled` or a seccomp filter, ENOSYS on kernels without it, ENOMEM
+    /// past the locked-memory limit), or its eventfd or thread could not be made.
+    #[error("{}: setting up io_uring", .path.display())]
+    IoUringSetup {
+        /// The path given.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
     /// The first I/O thread could not be started.
     #[error("{}: starting the I/O threads", .path.display())]
     Engine {
@@ -157,6 +169,17 @@ pub enum OpenError {
 }
 
 impl OpenError {
+    /// Whether this is [`OpenError::IoUringSetup`] because the kernel has no io_uring for us
+    /// (EPERM: disabled; ENOSYS: missing), rather than a failure worth reporting as a bug.
+    pub fn is_io_uring_unavailable(&self) -> bool {
+        match self {
+            OpenError::IoUringSetup { source, .. } => {
+                matches!(Errno::from_io_error(source), Some(Errno::PERM | Errno::NOSYS))
+            }
+            _ => false,
+        }
+    }
+
     /// The path the error is about.
     pub fn path(&self) -> &Path {
         match self {
@@ -174,6 +197,7 @@ impl OpenError {
             | OpenError::UnsupportedAlignment { path, .. }
             | OpenError::DirectIoAlignment { path, .. }
             | OpenError::Extend { path, .. }
+            | OpenError::IoUringSetup { path, .. }
             | OpenError::Engine { path, .. } => path,
         }
     }

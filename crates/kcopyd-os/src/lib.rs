@@ -13,6 +13,9 @@
 //!                                                   ├► BLKZEROOUT / fallocate(ZERO_RANGE)
 //!                                                   └► fdatasync
 //!       ◄── oneshot: the buffer comes back with the result
+//!    └► engine_uring (IoEngine::Uring, feature `io-uring`): channel ─► one ring thread
+//!         ─► READV / WRITEV / FSYNC, ≤ queue_depth in flight (short I/O, EINTR, EAGAIN)
+//!       ◄── oneshot: the buffer comes back after its CQE
 //! ```
 //!
 //! Safety rules: sources are opened read-only; a block device opened for writing is opened
@@ -25,11 +28,13 @@
 mod aligned;
 mod device;
 mod engine_sync;
+#[cfg(feature = "io-uring")]
+mod engine_uring;
 mod error;
 mod sys;
 
 pub use device::{
-    ALIGNMENT_BYTES_MAX, DeviceKind, OpenOptions, OsDevice, OsIoStats, QUEUE_DEPTH_DEFAULT, QUEUE_DEPTH_MAX,
+    ALIGNMENT_BYTES_MAX, DeviceKind, IoEngine, OpenOptions, OsDevice, OsIoStats, QUEUE_DEPTH_DEFAULT, QUEUE_DEPTH_MAX,
 };
 pub use engine_sync::{BOUNCE_BYTES_MAX, IOVECS_PER_CALL_MAX, ZEROES_BYTES_PER_WRITE_MAX};
 pub use error::OpenError;
