@@ -87,7 +87,11 @@ pub(crate) struct JobShared {
 #[derive(Default)]
 struct OutcomeSlot {
     outcome: Option<Outcome>,
-    wakers: Vec<Waker>,
+    /// The latest waker of each handle that is waiting, keyed by handle: a handle polled
+    /// again replaces its waker, so polling never grows this.
+    wakers: BTreeMap<u64, Waker>,
+    /// Identity for the next handle made of this job.
+    next_handle: u64,
 }
 
 impl JobShared {
@@ -119,16 +123,42 @@ impl JobShared {
         let mut slot = self.slot.lock().expect("outcome lock");
         assert!(slot.outcome.is_none(), "a job completed twice");
         slot.outcome = Some(outcome);
-        slot.wakers.drain(..).for_each(Waker::wake);
+        std::mem::take(&mut slot.wakers).into_values().for_each(Waker::wake);
         self.completed.notify_all();
     }
 }
 
 /// A submitted job: await it (or [`wait`](JobHandle::wait)) for its [`Outcome`], watch its
 /// progress, or cancel it. Cloning gives another handle to the same job.
-#[derive(Clone)]
 pub struct JobHandle {
     shared: Arc<JobShared>,
+    /// Which handle of the job this is, to keep one waker per handle.
+    id: u64,
+}
+
+impl JobHandle {
+    fn new(shared: Arc<JobShared>) -> JobHandle {
+        let id = {
+            let mut slot = shared.slot.lock().expect("outcome lock");
+            slot.next_handle += 1;
+            slot.next_handle
+        };
+        JobHandle { shared, id }
+    }
+}
+
+impl Clone for JobHandle {
+    fn clone(&self) -> JobHandle {
+        JobHandle::new(self.shared.clone())
+    }
+}
+
+impl Drop for JobHandle {
+    fn drop(&mut self) {
+        if let Ok(mut slot) = self.shared.slot.lock() {
+            slot.wakers.remove(&self.id);
+        }
+    }
 }
 
 impl JobHandle {
@@ -169,8 +199,13 @@ impl Future for JobHandle {
         match &slot.outcome {
             Some(outcome) => Poll::Ready(outcome.clone()),
             None => {
-                if !slot.wakers.iter().any(|w| w.will_wake(cx.waker())) {
-                    slot.wakers.push(cx.waker().clone());
+                let id = self.id;
+                match slot.wakers.get_mut(&id) {
+                    Some(waker) if waker.will_wake(cx.waker()) => {}
+                    Some(waker) => waker.clone_from(cx.waker()),
+                    None => {
+                        slot.wakers.insert(id, cx.waker().clone());
+                    }
                 }
                 Poll::Pending
             }
@@ -481,7 +516,7 @@ impl Client {
 
     fn send(&self, (spec, callback): (Arc<JobSpec>, Option<Callback>), permit: OwnedSemaphorePermit) -> JobHandle {
         let shared = Arc::new(JobShared::new(spec.len_sectors));
-        let handle = JobHandle { shared: shared.clone() };
+        let handle = JobHandle::new(shared.clone());
         self.inner.addr.do_send(Submit(Some(Pending { spec, shared, callback, _permit: permit })));
         handle
     }
@@ -552,5 +587,42 @@ fn new_actor(pool: PagePool, owns_system: bool) -> ClientActor {
         shutdown_replies: Vec::new(),
         shutting_down: false,
         owns_system,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polling_a_handle_again_and_again_keeps_one_waker() {
+        let shared = Arc::new(JobShared::new(8));
+        let mut handle = JobHandle::new(shared.clone());
+        let other = handle.clone();
+        for _ in 0..10_000 {
+            // A fresh waker every time, as some executors give.
+            let waker = Waker::from(Arc::new(CountingWaker(AtomicU64::new(0))));
+            let mut cx = TaskContext::from_waker(&waker);
+            assert!(Pin::new(&mut handle).poll(&mut cx).is_pending());
+        }
+        assert_eq!(shared.slot.lock().unwrap().wakers.len(), 1);
+        drop(other);
+        let waker = Arc::new(CountingWaker(AtomicU64::new(0)));
+        let std_waker = Waker::from(waker.clone());
+        let mut cx = TaskContext::from_waker(&std_waker);
+        assert!(Pin::new(&mut handle).poll(&mut cx).is_pending());
+        shared.complete(Outcome::default());
+        assert_eq!(waker.0.load(Ordering::SeqCst), 1, "the latest waker is woken");
+        assert!(Pin::new(&mut handle).poll(&mut cx).is_ready());
+        drop(handle);
+        assert!(shared.slot.lock().unwrap().wakers.is_empty());
+    }
+
+    struct CountingWaker(AtomicU64);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
     }
 }
