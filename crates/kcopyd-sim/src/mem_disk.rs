@@ -470,32 +470,14 @@ impl MemDisk {
             return Err(io::Error::from_raw_os_error(EIO));
         }
         let len = (sectors.end - sectors.start) as usize * SECTOR_SIZE;
-        if buf.segments().any(|s| s.len() % SECTOR_SIZE != 0) {
-            // Segments that split sectors: read whole sectors, then scatter.
+        // Segments that split sectors (a user's window): read whole sectors once, then scatter.
+        let bounce = buf.segments().any(|s| s.len() % SECTOR_SIZE != 0).then(|| {
             let mut bounce = vec![0; len];
             state.storage.read(sectors.start, &mut bounce);
-            let mut skip = window_offset;
-            let mut from = 0;
-            for segment in buf.segments_mut() {
-                if skip >= segment.len() {
-                    skip -= segment.len();
-                    continue;
-                }
-                let piece = &mut segment[skip..];
-                skip = 0;
-                let take = piece.len().min(len - from);
-                piece[..take].copy_from_slice(&bounce[from..from + take]);
-                from += take;
-                if from == len {
-                    break;
-                }
-            }
-            state.stats.read_bytes += len as u64;
-            return Ok(());
-        }
-        let mut at = sectors.start;
+            bounce
+        });
         let mut skip = window_offset;
-        let mut left = len;
+        let mut done = 0;
         for segment in buf.segments_mut() {
             if skip >= segment.len() {
                 skip -= segment.len();
@@ -503,15 +485,17 @@ impl MemDisk {
             }
             let piece = &mut segment[skip..];
             skip = 0;
-            let take = piece.len().min(left);
-            state.storage.read(at, &mut piece[..take]);
-            at += (take / SECTOR_SIZE) as u64;
-            left -= take;
-            if left == 0 {
+            let take = piece.len().min(len - done);
+            match &bounce {
+                Some(bounce) => piece[..take].copy_from_slice(&bounce[done..done + take]),
+                None => state.storage.read(sectors.start + (done / SECTOR_SIZE) as u64, &mut piece[..take]),
+            }
+            done += take;
+            if done == len {
                 break;
             }
         }
-        state.stats.read_bytes += (sectors.end - sectors.start) * SECTOR_SIZE as u64;
+        state.stats.read_bytes += len as u64;
         Ok(())
     }
 
