@@ -286,6 +286,7 @@ impl Inputs {
                 sub_job_size_bytes: (self.sub_job_units.max(1) * unit) as usize * SECTOR_SIZE,
                 subjobs_in_flight: self.subjobs_in_flight.clamp(1, 64),
                 queued_jobs_max: 1024,
+                huge_pages: true,
             },
             sources: self
                 .sources

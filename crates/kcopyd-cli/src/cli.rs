@@ -78,6 +78,10 @@ pub struct EngineArgs {
     /// the `io-uring` feature).
     #[arg(long = "io-engine", value_name = "ENGINE", value_enum, default_value_t = IoEngineArg::Sync)]
     pub io_engine: IoEngineArg,
+    /// Keep copy buffers on 4 KiB pages instead of transparent huge pages (each I/O then
+    /// carries one scatter-gather segment per 4 KiB; for comparisons).
+    #[arg(long)]
+    pub no_huge_pages: bool,
 }
 
 /// The values of `--io-engine`. Both always parse, so that a build without io_uring can name

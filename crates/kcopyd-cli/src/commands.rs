@@ -127,10 +127,13 @@ async fn run_compare(
         settings.config.subjobs_in_flight,
     )
     .map_err(|problem| CliError::argument("--memory", engine.memory_bytes.to_string(), problem))?;
-    let pool = PagePool::new(settings.config.page_budget).map_err(|source| CliError::Config {
-        option: "--memory",
-        source: kcopyd_core::ConfigError::Arena { pages: settings.config.page_budget, source },
-    })?;
+    let pool =
+        PagePool::with_huge_pages(settings.config.page_budget, settings.config.huge_pages).map_err(|source| {
+            CliError::Config {
+                option: "--memory",
+                source: kcopyd_core::ConfigError::Arena { pages: settings.config.page_budget, source },
+            }
+        })?;
     let bar = progress::byte_bar(progress::bars_wanted(output.quiet), len_bytes, "verify");
     let compared = Cell::new(0u64);
     let on_chunk = |bytes: u64| {

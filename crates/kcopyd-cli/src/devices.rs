@@ -50,6 +50,7 @@ impl Settings {
             page_budget: usize::try_from(args.memory_bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX),
             sub_job_size_bytes,
             subjobs_in_flight: args.subjobs_in_flight,
+            huge_pages: !args.no_huge_pages,
             ..ClientConfig::default()
         };
         config.validate().map_err(|source| {

@@ -575,7 +575,8 @@ const _: () = {
 };
 
 fn new_pool(config: &ClientConfig) -> Result<PagePool, ConfigError> {
-    PagePool::new(config.page_budget).map_err(|source| ConfigError::Arena { pages: config.page_budget, source })
+    PagePool::with_huge_pages(config.page_budget, config.huge_pages)
+        .map_err(|source| ConfigError::Arena { pages: config.page_budget, source })
 }
 
 fn new_actor(pool: PagePool, owns_system: bool) -> ClientActor {

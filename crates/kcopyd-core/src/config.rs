@@ -32,11 +32,21 @@ pub struct ClientConfig {
     /// Jobs admitted (queued or running) at once; submitting waits while it is reached.
     /// Default 1024.
     pub queued_jobs_max: usize,
+    /// Align the page arena to 2 MiB and advise it for transparent huge pages, so that
+    /// adjacent pages are physically adjacent and each I/O is a few scatter-gather segments
+    /// instead of one per page. Default `true`; see [`PagePool`](crate::PagePool).
+    pub huge_pages: bool,
 }
 
 impl Default for ClientConfig {
     fn default() -> ClientConfig {
-        ClientConfig { page_budget: 2048, sub_job_size_bytes: 512 * 1024, subjobs_in_flight: 8, queued_jobs_max: 1024 }
+        ClientConfig {
+            page_budget: 2048,
+            sub_job_size_bytes: 512 * 1024,
+            subjobs_in_flight: 8,
+            queued_jobs_max: 1024,
+            huge_pages: true,
+        }
     }
 }
 

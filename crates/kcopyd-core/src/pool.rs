@@ -11,6 +11,13 @@
 //!
 //! A request for `n` pages never takes part of them and waits for the rest, so any budget of
 //! at least one page makes progress as long as every holder eventually drops its pages.
+//!
+//! **Huge pages.** By default the arena starts on a 2 MiB boundary and is advised for
+//! transparent huge pages. Adjacent pages in the arena are then adjacent in physical memory
+//! too, so a 1 MiB read is one scatter-gather segment instead of 256: fewer DMA descriptors
+//! on real hardware, and on a virtual disk one host request instead of one per 4 KiB page
+//! (measured in docs/BENCHMARKS.md: reads 1.7× and writes 1.5× faster on a virtio disk).
+//! The advice is a hint; where the kernel declines it, the pool works the same with small pages.
 
 use std::fmt;
 use std::io;
@@ -19,11 +26,14 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use memmap2::MmapMut;
+use memmap2::{Advice, MmapMut};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
 use crate::PAGE_SIZE;
+
+/// The size and alignment of a transparent huge page on x86-64 and on 4K-page arm64.
+pub const HUGE_PAGE_SIZE: usize = 2 * 1024 * 1024;
 
 /// A fixed pool of page-aligned 4 KiB pages. Cloning shares the same pool.
 #[derive(Clone)]
@@ -36,6 +46,7 @@ pub(crate) struct PoolInner {
     base: NonNull<u8>,
     _arena: MmapMut,
     pages_total: usize,
+    huge_pages: bool,
     free: Mutex<Vec<u32>>,
     permits: Semaphore,
     in_use: AtomicUsize,
@@ -62,11 +73,21 @@ pub struct PoolStats {
 }
 
 impl PagePool {
-    /// Reserves an arena of `pages` pages.
+    /// Reserves an arena of `pages` pages, backed by transparent huge pages where the kernel
+    /// grants them (see the module notes).
     ///
     /// # Errors
     /// `pages` is zero, too large for the allocator, or the mapping cannot be made.
     pub fn new(pages: usize) -> io::Result<PagePool> {
+        PagePool::with_huge_pages(pages, true)
+    }
+
+    /// Reserves an arena of `pages` pages; `huge_pages` chooses whether the arena is aligned to
+    /// 2 MiB and advised for transparent huge pages, or left to 4 KiB pages.
+    ///
+    /// # Errors
+    /// As for [`PagePool::new`].
+    pub fn with_huge_pages(pages: usize, huge_pages: bool) -> io::Result<PagePool> {
         if pages == 0 || pages > u32::MAX as usize || pages > Semaphore::MAX_PERMITS {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -76,8 +97,21 @@ impl PagePool {
         let len_bytes = pages
             .checked_mul(PAGE_SIZE)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "page pool size overflows"))?;
-        let mut arena = MmapMut::map_anon(len_bytes)?;
-        let base = NonNull::new(arena.as_mut_ptr()).expect("mmap never returns null");
+        // A huge-page arena is rounded up to whole huge pages and reserves one more, so that
+        // it can start on a 2 MiB boundary; the slack before it is never touched and costs no
+        // memory, the slack after it at most the rest of the last huge page.
+        let huge_pages = huge_pages && len_bytes >= HUGE_PAGE_SIZE;
+        let huge_len = len_bytes.next_multiple_of(HUGE_PAGE_SIZE);
+        let mut arena = MmapMut::map_anon(if huge_pages { huge_len + HUGE_PAGE_SIZE } else { len_bytes })?;
+        let start = arena.as_ptr() as usize;
+        let offset = if huge_pages { start.next_multiple_of(HUGE_PAGE_SIZE) - start } else { 0 };
+        #[cfg(target_os = "linux")]
+        if huge_pages {
+            // A hint: a kernel without transparent huge pages refuses it, and the arena works
+            // the same with small pages.
+            let _ = arena.advise_range(Advice::HugePage, offset, huge_len);
+        }
+        let base = NonNull::new(arena[offset..].as_mut_ptr()).expect("mmap never returns null");
         assert_eq!(base.as_ptr() as usize % PAGE_SIZE, 0, "mmap returns page-aligned memory");
         // A stack popped from its end: lowest index on top, so that pages go out in ascending,
         // adjacent runs and devices can copy them in long pieces.
@@ -87,6 +121,7 @@ impl PagePool {
                 base,
                 _arena: arena,
                 pages_total: pages,
+                huge_pages,
                 free: Mutex::new(free),
                 permits: Semaphore::new(pages),
                 in_use: AtomicUsize::new(0),
@@ -98,6 +133,12 @@ impl PagePool {
     /// Pages in the pool.
     pub fn pages_total(&self) -> usize {
         self.inner.pages_total
+    }
+
+    /// Whether the arena starts on a huge-page boundary and was advised for huge pages (the
+    /// kernel may still back it with small pages).
+    pub fn huge_pages(&self) -> bool {
+        self.inner.huge_pages
     }
 
     /// Occupancy now, and the high-water mark.
@@ -308,6 +349,46 @@ mod tests {
         drop(b);
         let stats = pool.stats();
         assert_eq!((stats.pages_in_use, stats.pages_in_use_max), (0, 8));
+    }
+
+    /// Kilobytes of `AnonHugePages` that /proc/self/smaps reports for the mapping holding `addr`.
+    fn anon_huge_kib(addr: usize) -> Option<u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((lo, hi)) = range.split_once('-')
+                && let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+            {
+                inside = (lo..hi).contains(&addr);
+            } else if inside && let Some(kib) = line.strip_prefix("AnonHugePages:") {
+                return kib.trim().trim_end_matches("kB").trim().parse().ok();
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn the_arena_starts_on_a_huge_page_and_is_backed_by_huge_pages_where_the_kernel_allows() {
+        let pool = PagePool::new(1024).unwrap();
+        assert!(pool.huge_pages());
+        let mut pages = pool.try_alloc(1024).unwrap();
+        let first = pages.page_mut(0).as_ptr() as usize;
+        assert_eq!(first % HUGE_PAGE_SIZE, 0, "the arena starts on a huge-page boundary");
+        for page in pages.segments_mut(0..1024 * PAGE_SIZE) {
+            page.fill(0x5a);
+        }
+        let small = PagePool::with_huge_pages(1024, false).unwrap();
+        assert!(!small.huge_pages());
+        assert!(!PagePool::new(511).unwrap().huge_pages(), "an arena under 2 MiB stays on small pages");
+
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+        if !(thp.contains("[always]") || thp.contains("[madvise]")) {
+            eprintln!("SKIP huge-page backing: transparent huge pages are off here ({:?})", thp.trim());
+            return;
+        }
+        let huge = anon_huge_kib(first).expect("the arena appears in /proc/self/smaps");
+        assert!(huge >= 2048, "the 4 MiB arena holds {huge} KiB of huge pages");
     }
 
     #[test]
