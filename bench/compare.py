@@ -16,27 +16,32 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 
 def run(command):
-    """Runs `command` (argv list); returns (seconds, peak RSS in MiB)."""
-    start = time.monotonic()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.monotonic() - start
-    stderr = process.stderr.read().decode(errors="replace")
-    process.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"compare: {shlex.join(command)} failed: {stderr.strip()}")
-    return seconds, usage.ru_maxrss / 1024
+    """Runs `command` (argv list); returns (seconds, peak RSS in MiB).
+
+    The peak RSS comes from GNU time, not from this script's own wait4: Linux carries a
+    process's high-water mark across exec, so a child forked from Python would report at
+    least Python's own size."""
+    with tempfile.NamedTemporaryFile("r") as rss_file:
+        start = time.monotonic()
+        process = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss_file.name] + command,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        seconds = time.monotonic() - start
+        if process.returncode != 0:
+            sys.exit(f"compare: {shlex.join(command)} failed: {process.stderr.decode(errors='replace').strip()}")
+        return seconds, int(rss_file.read().split()[-1]) / 1024
 
 
-def fio_ceiling(source, target, size_mib):
-    """Seconds fio takes to read the source and write the target at once (1 MiB, 16 deep)."""
+def fio_ceiling(source, target, size_mib, huge=False):
+    """Seconds fio takes to read the source and write the target at once (1 MiB, 16 deep),
+    with its buffers on 4 KiB pages or, with `huge`, on reserved 2 MiB huge pages."""
     command = [
         "fio", "--output-format=json", "--ioengine=libaio", "--direct=1", "--bs=1M", "--iodepth=16",
-        f"--size={size_mib}M",
+        f"--size={size_mib}M", *(["--iomem=shmhuge", "--hugepage-size=2M"] if huge else []),
         "--name=read", f"--filename={source}", "--rw=read",
         "--name=write", f"--filename={target}", "--rw=write",
     ]
@@ -46,6 +51,26 @@ def fio_ceiling(source, target, size_mib):
     jobs = json.loads(out)["jobs"]
     runtime = max(job["read"]["runtime"] + job["write"]["runtime"] for job in jobs) / 1000
     return runtime or seconds
+
+
+HUGEPAGES = "/proc/sys/vm/nr_hugepages"
+
+
+def reserve_huge_pages(count):
+    """Reserves `count` 2 MiB huge pages for fio's buffers; returns the old reservation to
+    restore, or None (with the reason printed) where that cannot be done."""
+    try:
+        with open(HUGEPAGES) as f:
+            old = int(f.read())
+        with open(HUGEPAGES, "w") as f:
+            f.write(str(max(old, count)))
+        with open(HUGEPAGES) as f:
+            if int(f.read()) < count:
+                raise OSError("the kernel reserved fewer than asked")
+        return old
+    except OSError as error:
+        print(f"compare: no fio ceiling with huge-page buffers: cannot reserve huge pages ({error})", file=sys.stderr)
+        return None
 
 
 def main():
@@ -80,6 +105,8 @@ def main():
     three_qemu = ["sh", "-c", " && ".join(shlex.join(qemu(t)) for t in targets)]
     commands = {
         "kcopyd 1 target": kcopyd + [source, targets[0]],
+        "kcopyd 1 target, 4K pages": kcopyd + ["--no-huge-pages", source, targets[0]],
+        "kcopyd 2M x 8 (whole budget)": kcopyd + ["--sub-job-size", "2M", "--subjobs-in-flight", "8", source, targets[0]],
         "dd": dd,
         "qemu-img": qemu(targets[0]),
         "kcopyd 3 targets": kcopyd + [source] + targets,
@@ -88,35 +115,49 @@ def main():
     times = {name: [] for name in commands}
     rss = {name: [] for name in commands}
     ceilings = []
+    huge_ceilings = []
+    # fio's two jobs hold 16 buffers of 1 MiB each; a margin for its other allocations.
+    old_huge_pages = reserve_huge_pages(48)
     for round_ in range(args.runs):
         for name, command in commands.items():
             seconds, peak = run(command)
             times[name].append(seconds)
             rss[name].append(peak)
         ceilings.append(fio_ceiling(source, targets[1], args.size_mib))
+        if old_huge_pages is not None:
+            huge_ceilings.append(fio_ceiling(source, targets[1], args.size_mib, huge=True))
         print(f"round {round_ + 1}/{args.runs}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()), file=sys.stderr)
 
+    if old_huge_pages is not None:
+        with open(HUGEPAGES, "w") as f:
+            f.write(str(old_huge_pages))
     median = {name: statistics.median(values) for name, values in times.items()}
+    huge_ceiling = statistics.median(huge_ceilings) if huge_ceilings else None
     results = {
         "size_mib": args.size_mib,
         "runs": args.runs,
         "median_seconds": median,
         "peak_rss_mib": {name: max(values) for name, values in rss.items()},
         "fio_ceiling_seconds": statistics.median(ceilings),
+        "fio_ceiling_huge_pages_seconds": huge_ceiling,
         "ratios": {
             "kcopyd / qemu-img (1 target)": median["kcopyd 1 target"] / median["qemu-img"],
             "kcopyd / dd (1 target)": median["kcopyd 1 target"] / median["dd"],
             "kcopyd 3 targets / qemu-img x3": median["kcopyd 3 targets"] / median["qemu-img x3"],
             "kcopyd / fio ceiling (1 target)": median["kcopyd 1 target"] / statistics.median(ceilings),
+            "kcopyd huge pages / 4K pages (1 target)": median["kcopyd 1 target"] / median["kcopyd 1 target, 4K pages"],
         },
         "commands": {name: shlex.join(command) for name, command in commands.items()},
     }
-    print(f"{'command':<20} {'median s':>9} {'MiB/s':>8} {'peak RSS MiB':>13}")
+    print(f"{'command':<26} {'median s':>9} {'MiB/s':>8} {'peak RSS MiB':>13}")
     for name in commands:
-        print(f"{name:<20} {median[name]:>9.3f} {args.size_mib / median[name]:>8.0f} {results['peak_rss_mib'][name]:>13.1f}")
-    print(f"{'fio ceiling':<20} {results['fio_ceiling_seconds']:>9.3f}")
+        print(f"{name:<26} {median[name]:>9.3f} {args.size_mib / median[name]:>8.0f} {results['peak_rss_mib'][name]:>13.1f}")
+    print(f"{'fio ceiling':<26} {results['fio_ceiling_seconds']:>9.3f}")
+    if huge_ceiling is not None:
+        print(f"{'fio ceiling, huge pages':<26} {huge_ceiling:>9.3f}")
+        results["ratios"]["kcopyd / fio ceiling with huge pages (1 target)"] = median["kcopyd 1 target"] / huge_ceiling
     for name, ratio in results["ratios"].items():
-        print(f"{name:<34} {ratio:.3f}")
+        print(f"{name:<48} {ratio:.3f}")
     if args.json:
         with open(args.json, "w") as out:
             json.dump(results, out, indent=2)
