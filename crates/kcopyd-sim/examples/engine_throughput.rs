@@ -30,8 +30,13 @@ fn main() -> ExitCode {
     let mut size_bytes = 1u64 << 30;
     let mut targets = 1usize;
     let mut runs = 3usize;
+    let mut huge_pages = true;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
+        if arg == "--no-huge-pages" {
+            huge_pages = false;
+            continue;
+        }
         let value = args.next();
         match (arg.as_str(), value) {
             ("--size", Some(v)) => match parse_size(&v) {
@@ -58,7 +63,7 @@ fn main() -> ExitCode {
             Arc::new(MemDisk::with_pattern(&format!("target{i}"), len_sectors, 512, 100 + i as u64))
         })
         .collect();
-    let client = Client::new(ClientConfig::default()).expect("default configuration");
+    let client = Client::new(ClientConfig { huge_pages, ..ClientConfig::default() }).expect("default configuration");
     let mut seconds = Vec::new();
     for run in 0..runs {
         let regions = target_disks.iter().map(|t| Region::new(t.clone() as Device, 0, len_sectors)).collect();
@@ -89,6 +94,6 @@ fn main() -> ExitCode {
 
 fn usage(problem: &str) -> ExitCode {
     eprintln!("engine_throughput: {problem}");
-    eprintln!("usage: engine_throughput [--size SIZE] [--targets N] [--runs N]");
+    eprintln!("usage: engine_throughput [--size SIZE] [--targets N] [--runs N] [--no-huge-pages]");
     ExitCode::from(2)
 }
