@@ -1,8 +1,9 @@
 //! Small helpers shared by the integration tests.
 
+use std::io;
 use std::sync::Arc;
 
-use kcopyd_core::{Device, Region, SECTOR_SIZE};
+use kcopyd_core::{BlockDevice, Device, DeviceId, Geometry, IoFuture, ReadBuf, Region, SECTOR_SIZE, WriteBuf};
 use kcopyd_sim::MemDisk;
 
 /// A zero-filled in-memory disk.
@@ -32,5 +33,71 @@ pub fn assert_same(source: &MemDisk, source_start: u64, target: &MemDisk, target
             source_start + (at / SECTOR_SIZE) as u64,
             source
         );
+    }
+}
+
+/// What a [`HookedDisk`] runs on an I/O: `(offset_sectors, len_bytes)`.
+pub type Hook = Box<dyn Fn(u64, usize) + Send + Sync>;
+
+/// An in-memory disk that runs `on_read` when a read is called and `on_write` when a write is
+/// called, before passing the I/O on: for recording the order of I/Os, or for a device that
+/// panics as a buggy implementation would.
+pub struct HookedDisk {
+    inner: Arc<MemDisk>,
+    on_read: Hook,
+    on_write: Hook,
+}
+
+impl HookedDisk {
+    /// `inner` with no hooks yet.
+    pub fn new(inner: Arc<MemDisk>) -> HookedDisk {
+        HookedDisk { inner, on_read: Box::new(|_, _| {}), on_write: Box::new(|_, _| {}) }
+    }
+
+    /// Runs `hook` on every read.
+    pub fn on_read(self, hook: impl Fn(u64, usize) + Send + Sync + 'static) -> HookedDisk {
+        HookedDisk { on_read: Box::new(hook), ..self }
+    }
+
+    /// Runs `hook` on every write.
+    pub fn on_write(self, hook: impl Fn(u64, usize) + Send + Sync + 'static) -> HookedDisk {
+        HookedDisk { on_write: Box::new(hook), ..self }
+    }
+
+    /// A region of this disk.
+    pub fn region(self, start_sector: u64, len_sectors: u64) -> Region {
+        Region::new(Arc::new(self) as Device, start_sector, len_sectors)
+    }
+}
+
+impl std::fmt::Debug for HookedDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HookedDisk").field("inner", &self.inner).finish_non_exhaustive()
+    }
+}
+
+impl BlockDevice for HookedDisk {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn id(&self) -> DeviceId {
+        self.inner.id()
+    }
+    fn geometry(&self) -> Geometry {
+        self.inner.geometry()
+    }
+    fn read(&self, offset_sectors: u64, buf: ReadBuf) -> IoFuture<'_, (ReadBuf, io::Result<()>)> {
+        (self.on_read)(offset_sectors, buf.len());
+        self.inner.read(offset_sectors, buf)
+    }
+    fn write(&self, offset_sectors: u64, buf: WriteBuf) -> IoFuture<'_, io::Result<()>> {
+        (self.on_write)(offset_sectors, buf.len());
+        self.inner.write(offset_sectors, buf)
+    }
+    fn write_zeroes(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
+        self.inner.write_zeroes(offset_sectors, len_sectors)
+    }
+    fn flush(&self) -> IoFuture<'_, io::Result<()>> {
+        self.inner.flush()
     }
 }

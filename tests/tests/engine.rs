@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use kcopyd_core::{Client, ClientConfig, Flags, Job, Outcome, RangeSet, SubmitError, TargetMask};
 use kcopyd_sim::{IoModel, Latency, MemDisk, MemDiskOptions};
-use kcopyd_tests::util::{assert_same, patterned, region, zeroed};
+use kcopyd_tests::util::{HookedDisk, assert_same, patterned, region, zeroed};
 
 fn client(config: ClientConfig) -> Client {
     Client::new(config).expect("valid configuration")
@@ -310,13 +310,11 @@ fn without_write_seq_a_jittery_copy_writes_out_of_order() {
     let client = client(small_chunks());
     let source = jittery_source(12);
     let order = Arc::new(Mutex::new(Vec::new()));
-    let target = Arc::new(RecordingDisk { inner: MemDisk::zeroed("rec", 1024, 512), order: order.clone() });
+    let recorded = order.clone();
+    let target =
+        HookedDisk::new(zeroed("rec", 1024, 512)).on_write(move |offset, _| recorded.lock().unwrap().push(offset));
     let outcome = client
-        .submit_blocking(Job::copy(
-            region(&source, 0, 1024),
-            vec![kcopyd_core::Region::new(target.clone(), 0, 1024)],
-            Flags::empty(),
-        ))
+        .submit_blocking(Job::copy(region(&source, 0, 1024), vec![target.region(0, 1024)], Flags::empty()))
         .unwrap()
         .wait();
     assert!(outcome.is_ok());
@@ -325,13 +323,11 @@ fn without_write_seq_a_jittery_copy_writes_out_of_order() {
     let sorted_order = {
         let client = self::client(small_chunks());
         let order = Arc::new(Mutex::new(Vec::new()));
-        let target = Arc::new(RecordingDisk { inner: MemDisk::zeroed("rec", 1024, 512), order: order.clone() });
+        let recorded = order.clone();
+        let target =
+            HookedDisk::new(zeroed("rec", 1024, 512)).on_write(move |offset, _| recorded.lock().unwrap().push(offset));
         client
-            .submit_blocking(Job::copy(
-                region(&source, 0, 1024),
-                vec![kcopyd_core::Region::new(target, 0, 1024)],
-                Flags::WRITE_SEQ,
-            ))
+            .submit_blocking(Job::copy(region(&source, 0, 1024), vec![target.region(0, 1024)], Flags::WRITE_SEQ))
             .unwrap()
             .wait();
         client.shutdown_blocking();
@@ -339,42 +335,6 @@ fn without_write_seq_a_jittery_copy_writes_out_of_order() {
     };
     assert!(sorted_order.windows(2).all(|w| w[0] < w[1]), "{sorted_order:?}");
     client.shutdown_blocking();
-}
-
-/// A disk that records the offset of every write as it is issued.
-#[derive(Debug)]
-struct RecordingDisk {
-    inner: MemDisk,
-    order: Arc<Mutex<Vec<u64>>>,
-}
-
-impl kcopyd_core::BlockDevice for RecordingDisk {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-    fn id(&self) -> kcopyd_core::DeviceId {
-        self.inner.id()
-    }
-    fn geometry(&self) -> kcopyd_core::Geometry {
-        self.inner.geometry()
-    }
-    fn read(
-        &self,
-        offset: u64,
-        buf: kcopyd_core::ReadBuf,
-    ) -> kcopyd_core::IoFuture<'_, (kcopyd_core::ReadBuf, std::io::Result<()>)> {
-        self.inner.read(offset, buf)
-    }
-    fn write(&self, offset: u64, buf: kcopyd_core::WriteBuf) -> kcopyd_core::IoFuture<'_, std::io::Result<()>> {
-        self.order.lock().unwrap().push(offset);
-        self.inner.write(offset, buf)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> kcopyd_core::IoFuture<'_, std::io::Result<()>> {
-        self.inner.write_zeroes(offset, len)
-    }
-    fn flush(&self) -> kcopyd_core::IoFuture<'_, std::io::Result<()>> {
-        self.inner.flush()
-    }
 }
 
 #[test]
@@ -638,4 +598,67 @@ fn a_panicking_callback_does_not_stop_the_client() {
         .wait();
     assert!(after.is_ok());
     assert_eq!(client.shutdown_blocking().jobs_completed, 2);
+}
+
+/// A region of `disk` whose reads and writes panic when they cover `panic_sector`, as a buggy
+/// device implementation would.
+fn panicky(disk: &Arc<MemDisk>, panic_sector: u64, start_sector: u64, len_sectors: u64) -> kcopyd_core::Region {
+    let hits = move |offset: u64, len_bytes: usize| (offset..offset + (len_bytes / 512) as u64).contains(&panic_sector);
+    HookedDisk::new(disk.clone())
+        .on_read(move |offset, len| assert!(!hits(offset, len), "a device's bug reading sector {panic_sector}"))
+        .on_write(move |offset, len| assert!(!hits(offset, len), "a device's bug writing sector {panic_sector}"))
+        .region(start_sector, len_sectors)
+}
+
+#[test]
+fn a_panicking_device_stops_its_job_with_a_report_and_the_client_goes_on() {
+    let client = client(small_chunks()); // 16-sector chunks, 8 in flight
+    let len = 512;
+    let source = patterned("source", len, 512, 7);
+    for flags in [Flags::empty(), Flags::IGNORE_ERROR, Flags::WRITE_SEQ] {
+        // Target 1 panics writing sector 200 (chunk 192..208); target 0 is healthy.
+        let (t0, t1) = (zeroed("t0", len, 512), zeroed("t1", len, 512));
+        let outcome = client
+            .submit_blocking(Job::copy(
+                region(&source, 0, len),
+                vec![region(&t0, 0, len), panicky(&t1, 200, 0, len)],
+                flags,
+            ))
+            .unwrap()
+            .wait();
+        let message = outcome.panicked.as_deref().unwrap_or_else(|| panic!("{flags:?}: no panic reported"));
+        assert!(message.contains("writing sector 200"), "{flags:?}: {message}");
+        assert!(!outcome.is_ok());
+        for (index, (report, disk)) in outcome.targets.iter().zip([&t0, &t1]).enumerate() {
+            assert!(report.not_copied.contains(200), "{flags:?}: target {index} claims the panicking chunk");
+            // Whatever is not reported as not copied holds the source's data.
+            for range in RangeSet::from_range(0..len).difference(&report.not_copied).ranges() {
+                assert_same(&source, range.start, disk, range.start, range.end - range.start);
+            }
+        }
+        if flags == Flags::WRITE_SEQ {
+            // In order, and nothing after the panicking chunk.
+            assert!(t1.snapshot(208, len - 208).iter().all(|&b| b == 0), "WRITE_SEQ wrote past the stop");
+            assert!(outcome.targets[1].not_copied.contains(len - 1));
+        }
+    }
+    // The source panics reading sector 100: the job stops, nothing claims that chunk.
+    let target = zeroed("target", len, 512);
+    let outcome = client
+        .submit_blocking(Job::copy(panicky(&source, 100, 0, len), vec![region(&target, 0, len)], Flags::IGNORE_ERROR))
+        .unwrap()
+        .wait();
+    assert!(outcome.panicked.as_deref().is_some_and(|m| m.contains("reading sector 100")), "{outcome:?}");
+    assert!(outcome.targets[0].not_copied.contains(100));
+    // The client still copies, and every page came back.
+    let after = zeroed("after", len, 512);
+    let ok = client
+        .submit_blocking(Job::copy(region(&source, 0, len), vec![region(&after, 0, len)], Flags::empty()))
+        .unwrap()
+        .wait();
+    assert!(ok.is_ok() && ok.panicked.is_none(), "{ok:?}");
+    assert_same(&source, 0, &after, 0, len);
+    let report = client.shutdown_blocking();
+    assert_eq!(report.jobs_completed, 5);
+    assert_eq!(report.pool.pages_in_use, 0);
 }

@@ -33,6 +33,9 @@ pub struct Report {
     pub throughput_bytes_per_s: f64,
     /// The job was cancelled (Ctrl-C) before it finished.
     pub cancelled: bool,
+    /// The engine or a device panicked and the job stopped there (a bug; the message).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub panicked: Option<String>,
     /// The source (`copy`, `verify`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<SourceReport>,
@@ -223,6 +226,9 @@ pub fn human(report: &Report) -> String {
                 _ => ", with errors",
             }
         );
+    }
+    if let Some(message) = &report.panicked {
+        let _ = writeln!(out, "internal error: the job stopped after a panic: {message}");
     }
     let any_ranges = report.source.as_ref().is_some_and(|s| !s.read_failed_sectors.is_empty())
         || report.targets.iter().any(|t| t.status != "ok" && t.status != "identical");

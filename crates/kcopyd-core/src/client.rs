@@ -244,12 +244,7 @@ impl Pending {
             // A panicking callback must not take the client (and every later job) down with
             // it: report it and go on.
             if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| callback(outcome))) {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                eprintln!("kcopyd: a completion callback panicked: {message}");
+                eprintln!("kcopyd: a completion callback panicked: {}", panic_message(&*panic));
             }
         }
         // `_permit` drops here, after the callback: admission counts a job until it is done.
@@ -267,6 +262,16 @@ impl Drop for Submit {
             pending.finish(outcome);
         }
     }
+}
+
+/// The message a panic carried (`panic!` with a literal or a formatted string), or a
+/// placeholder for other payloads.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
 }
 
 /// The outcome of a job that never ran: nothing copied, and cancelled unless it was empty.

@@ -14,15 +14,18 @@
 //! holds its pages and can finish, so waiting for a turn never waits for pages.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::ops::Range;
+use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use actix::prelude::*;
+use futures_util::FutureExt;
 use futures_util::future::join_all;
 use tokio::sync::Notify;
 
-use crate::client::{ClientActor, JobDone, JobShared};
+use crate::client::{ClientActor, JobDone, JobShared, panic_message};
 use crate::error::SubmitError;
 use crate::{
     ClientConfig, Flags, Outcome, PAGE_SIZE, PagePool, RangeSet, ReadBuf, Region, SECTOR_SIZE, TARGETS_MAX, TargetMask,
@@ -183,6 +186,8 @@ struct JobState {
     write_failed: Vec<RangeSet>,
     /// Per target, job-relative sectors written with the source's data.
     copied: Vec<RangeSet>,
+    /// The message of the first panic in a slot (a device's or the engine's).
+    panicked: Option<String>,
 }
 
 /// One job's context, shared by its slots.
@@ -213,6 +218,19 @@ impl JobRun {
     fn finished(&self) -> bool {
         let state = self.state.borrow();
         state.cursor >= self.spec.len_sectors || state.stopped || self.shared.cancel_requested()
+    }
+
+    /// Runs one slot's `work`; a panic in it (a device's or the engine's own) stops the job
+    /// instead of taking the actor, and the job's completion, down with it.
+    async fn guarded(self: Rc<Self>, work: impl Future<Output = ()>) {
+        if let Err(payload) = AssertUnwindSafe(work).catch_unwind().await {
+            let mut state = self.state.borrow_mut();
+            state.stopped = true;
+            state.panicked.get_or_insert_with(|| panic_message(&*payload));
+            drop(state);
+            // WRITE_SEQ: the panicking chunk never takes its turn; release those waiting for it.
+            self.turn_changed.notify_waiters();
+        }
     }
 
     /// One slot: chunk after chunk until none is left.
@@ -295,7 +313,11 @@ impl JobRun {
         if self.spec.write_seq() {
             loop {
                 let turn = self.turn_changed.notified();
-                if self.state.borrow().write_turn == chunk.start {
+                let my_turn = {
+                    let state = self.state.borrow();
+                    state.write_turn == chunk.start || state.panicked.is_some()
+                };
+                if my_turn {
                     break;
                 }
                 turn.await;
@@ -389,6 +411,7 @@ impl JobRun {
             targets,
             // Cancelled only if the request left part of the job never started.
             cancelled: self.shared.cancel_requested() && state.cursor < self.spec.len_sectors,
+            panicked: state.panicked.clone(),
         }
     }
 }
@@ -419,6 +442,7 @@ impl JobActor {
             read_failed: RangeSet::new(),
             write_failed: vec![RangeSet::new(); targets],
             copied: vec![RangeSet::new(); targets],
+            panicked: None,
         };
         let run = Rc::new(JobRun { spec, pool, shared, state: RefCell::new(state), turn_changed: Notify::new() });
         JobActor { id, run, slots_running: 0, client }
@@ -448,7 +472,8 @@ impl Actor for JobActor {
             matches!(spec.kind, JobKind::Zero) && spec.targets.iter().all(|t| t.device.geometry().write_zeroes);
         if offload && !self.run.shared.cancel_requested() {
             self.slots_running = 1;
-            ctx.spawn(self.run.clone().zero_offloaded().into_actor(self).map(|(), actor, ctx| actor.slot_done(ctx)));
+            let work = self.run.clone().guarded(self.run.clone().zero_offloaded());
+            ctx.spawn(work.into_actor(self).map(|(), actor, ctx| actor.slot_done(ctx)));
             return;
         }
         let slots = spec.slots;
@@ -459,7 +484,8 @@ impl Actor for JobActor {
             return;
         }
         for _ in 0..slots {
-            ctx.spawn(self.run.clone().run_slot().into_actor(self).map(|(), actor, ctx| actor.slot_done(ctx)));
+            let work = self.run.clone().guarded(self.run.clone().run_slot());
+            ctx.spawn(work.into_actor(self).map(|(), actor, ctx| actor.slot_done(ctx)));
         }
     }
 }

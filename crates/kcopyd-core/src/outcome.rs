@@ -67,6 +67,12 @@ pub struct Outcome {
     pub targets: Vec<TargetReport>,
     /// The job was cancelled before it finished.
     pub cancelled: bool,
+    /// A device or the engine panicked while running the job, with the panic's message. The
+    /// job stopped there: the chunk being worked on counts as not copied on every target, and
+    /// writes that other targets had in flight for it were abandoned (they may still land).
+    /// The client goes on serving other jobs.
+    #[serde(default)]
+    pub panicked: Option<String>,
 }
 
 impl Outcome {
@@ -75,6 +81,7 @@ impl Outcome {
         !self.read_err
             && self.write_err.is_empty()
             && !self.cancelled
+            && self.panicked.is_none()
             && self.targets.iter().all(|t| t.not_copied.is_empty())
     }
 }
