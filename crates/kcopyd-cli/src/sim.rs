@@ -15,11 +15,18 @@
 //! Keys apply to reads and writes alike; `write-latency`, `write-bandwidth` override the
 //! write side. Fault ranges are in 512-byte sectors, half-open (`START-END`, or one sector
 //! `N`), joined with `+`; a fault key may also be repeated.
+//!
+//! Faults beyond bad sectors: `flaky-write=RANGES` (fails once, then works), `fail-after=N`
+//! (the whole device fails from its N-th request on), `fail-at=2s` (from that long after the
+//! disk was made), `misdirect=W:SHIFT+...` (write number W lands SHIFT sectors away and reports
+//! success), `slow=I:DURATION+...` (request number I takes that much longer), `short-io=on`
+//! (requests move one block at a time), and odds drawn from the seed:
+//! `read-error-ppm`, `write-error-ppm`, `misdirect-ppm`, `slow-ppm` with `slow-by=DURATION`.
 
 use std::ops::Range;
 use std::sync::Arc;
 
-use kcopyd_sim::{Latency, MemDisk, MemDiskOptions};
+use kcopyd_sim::{FaultPlan, Latency, MemDisk, MemDiskOptions, Misdirect, SlowSpike, WriteFault};
 use thiserror::Error;
 
 use crate::size::{self, SECTOR_BYTES, SizeError};
@@ -32,7 +39,10 @@ pub const SIM_LEN_BYTES_MAX: u64 = 16 << 30;
 pub const SIM_SPARSE_LEN_BYTES_MAX: u64 = 1 << 50;
 /// The keys a `sim:` device takes, for messages.
 pub const KEYS: &str = "size, seed, block, sparse, latency, write-latency, bandwidth, write-bandwidth, queue, \
-                        jitter, bad-read, bad-write";
+                        jitter, bad-read, bad-write, flaky-write, fail-after, fail-at, misdirect, slow, short-io, \
+                        read-error-ppm, write-error-ppm, misdirect-ppm, slow-ppm, slow-by";
+/// The keys that may be given more than once (their lists add up).
+const REPEATABLE: [&str; 5] = ["bad-read", "bad-write", "flaky-write", "misdirect", "slow"];
 
 /// Why a `sim:` device could not be read or built. Each names the key at fault.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -89,10 +99,9 @@ pub struct SimSpec {
     pub sparse: bool,
     /// The timing of reads and writes.
     pub latency: Latency,
-    /// `bad-read`: latent read errors, in sectors.
-    pub bad_reads: Vec<Range<u64>>,
-    /// `bad-write`: sectors whose writes fail.
-    pub bad_writes: Vec<Range<u64>>,
+    /// Every fault key: `bad-read` are the latent sectors, `bad-write` and `flaky-write` the
+    /// write faults (every attempt, or the first), and so on.
+    pub faults: FaultPlan,
 }
 
 impl SimSpec {
@@ -108,8 +117,7 @@ impl SimSpec {
             block_bytes: 512,
             sparse: false,
             latency: Latency::default(),
-            bad_reads: Vec::new(),
-            bad_writes: Vec::new(),
+            faults: FaultPlan::default(),
         };
         let mut seen: Vec<&str> = Vec::new();
         let (mut write_cost, mut write_bandwidth) = (None, None);
@@ -119,8 +127,7 @@ impl SimSpec {
             };
             let key = key.trim();
             let value = value.trim();
-            let repeatable = matches!(key, "bad-read" | "bad-write");
-            if !repeatable && seen.contains(&key) {
+            if !REPEATABLE.contains(&key) && seen.contains(&key) {
                 return Err(SimError::Repeated { key: key.to_owned() });
             }
             seen.push(key);
@@ -142,18 +149,7 @@ impl SimSpec {
                     }
                     spec.block_bytes = bytes as u32;
                 }
-                "sparse" => {
-                    spec.sparse = match value {
-                        "on" | "yes" | "true" | "1" => true,
-                        "off" | "no" | "false" | "0" => false,
-                        _ => {
-                            return Err(SimError::Invalid {
-                                key: "sparse",
-                                problem: format!("'{value}' is not on or off"),
-                            });
-                        }
-                    }
-                }
+                "sparse" => spec.sparse = on_off("sparse", value)?,
                 "latency" => {
                     let us = sized("latency", size::parse_duration_us(value))?;
                     spec.latency.read.cost_us = us;
@@ -179,8 +175,36 @@ impl SimSpec {
                     spec.latency.read.jitter_us = us;
                     spec.latency.write.jitter_us = us;
                 }
-                "bad-read" => spec.bad_reads.extend(parse_ranges("bad-read", value)?),
-                "bad-write" => spec.bad_writes.extend(parse_ranges("bad-write", value)?),
+                "bad-read" => spec.faults.latent_sectors.extend(parse_ranges("bad-read", value)?),
+                "bad-write" | "flaky-write" => {
+                    let (key, attempts) = if key == "bad-write" { ("bad-write", 0) } else { ("flaky-write", 1) };
+                    let ranges = parse_ranges(key, value)?;
+                    spec.faults.write_faults.extend(ranges.into_iter().map(|sectors| WriteFault { sectors, attempts }));
+                }
+                "fail-after" => spec.faults.fail_after_ios = Some(whole("fail-after", value, "a request count")?),
+                "fail-at" => spec.faults.fail_at_us = Some(sized("fail-at", size::parse_duration_us(value))?),
+                "misdirect" => {
+                    for (index, shift) in parse_pairs("misdirect", value, "W:SHIFT (write number, sectors)")? {
+                        let shift_sectors =
+                            shift.parse().ok().filter(|&s: &i64| s != 0).ok_or_else(|| SimError::Invalid {
+                                key: "misdirect",
+                                problem: format!("shift '{shift}' is not a non-zero whole number of sectors"),
+                            })?;
+                        spec.faults.misdirects.push(Misdirect { write_index: index, shift_sectors });
+                    }
+                }
+                "slow" => {
+                    for (index, delay) in parse_pairs("slow", value, "I:DURATION (request number, delay)")? {
+                        let extra_us = sized("slow", size::parse_duration_us(&delay))?;
+                        spec.faults.slow_spikes.push(SlowSpike { io_index: index, extra_us });
+                    }
+                }
+                "short-io" => spec.faults.short_io = on_off("short-io", value)?,
+                "read-error-ppm" => spec.faults.odds.read_error_ppm = ppm("read-error-ppm", value)?,
+                "write-error-ppm" => spec.faults.odds.write_error_ppm = ppm("write-error-ppm", value)?,
+                "misdirect-ppm" => spec.faults.odds.misdirect_ppm = ppm("misdirect-ppm", value)?,
+                "slow-ppm" => spec.faults.odds.slow_ppm = ppm("slow-ppm", value)?,
+                "slow-by" => spec.faults.odds.slow_us = sized("slow-by", size::parse_duration_us(value))?,
                 _ => return Err(SimError::UnknownKey { key: key.to_owned() }),
             }
         }
@@ -189,6 +213,9 @@ impl SimSpec {
         }
         if let Some(rate) = write_bandwidth {
             spec.latency.write.bandwidth_bytes_per_s = rate;
+        }
+        if spec.faults.odds.slow_ppm > 0 && spec.faults.odds.slow_us == 0 {
+            return Err(SimError::Invalid { key: "slow-ppm", problem: "needs slow-by=DURATION, the delay".into() });
         }
         if let Some(len_bytes) = spec.len_bytes {
             spec.check_len(len_bytes)?;
@@ -221,7 +248,8 @@ impl SimSpec {
             });
         }
         let len_sectors = len_bytes / SECTOR_BYTES;
-        for (key, ranges) in [("bad-read", &self.bad_reads), ("bad-write", &self.bad_writes)] {
+        let writes: Vec<Range<u64>> = self.faults.write_faults.iter().map(|f| f.sectors.clone()).collect();
+        for (key, ranges) in [("bad-read", &self.faults.latent_sectors), ("bad-write or flaky-write", &writes)] {
             if let Some(range) = ranges.iter().find(|r| r.end > len_sectors) {
                 return Err(SimError::Invalid {
                     key,
@@ -245,19 +273,54 @@ impl SimSpec {
             logical_block_size: self.block_bytes,
             sparse: self.sparse,
             latency: Latency { seed: self.seed.unwrap_or(0), ..self.latency.clone() },
+            faults: self.faults.clone(),
             ..MemDiskOptions::default()
         }));
         if let Some(seed) = self.seed {
+            // Filling bypasses faults: the latent sectors stay latent.
             disk.fill_pattern(seed);
         }
-        self.bad_reads.iter().for_each(|r| disk.fail_reads(r.clone()));
-        self.bad_writes.iter().for_each(|r| disk.fail_writes(r.clone()));
         disk
     }
 }
 
 fn sized(key: &'static str, result: Result<u64, SizeError>) -> Result<u64, SimError> {
     result.map_err(|source| SimError::Value { key, source })
+}
+
+/// Reads a whole number.
+fn whole(key: &'static str, value: &str, what: &str) -> Result<u64, SimError> {
+    value.parse().map_err(|_| SimError::Invalid { key, problem: format!("'{value}' is not {what} (a whole number)") })
+}
+
+/// Reads parts per million, 0 to 1000000.
+fn ppm(key: &'static str, value: &str) -> Result<u32, SimError> {
+    value.parse().ok().filter(|&n| n <= 1_000_000).ok_or_else(|| SimError::Invalid {
+        key,
+        problem: format!("'{value}' is not a count of parts per million from 0 to 1000000"),
+    })
+}
+
+/// Reads `on` or `off`.
+fn on_off(key: &'static str, value: &str) -> Result<bool, SimError> {
+    match value {
+        "on" | "yes" | "true" | "1" => Ok(true),
+        "off" | "no" | "false" | "0" => Ok(false),
+        _ => Err(SimError::Invalid { key, problem: format!("'{value}' is not on or off") }),
+    }
+}
+
+/// Reads `N:VALUE+N:VALUE+...` into request numbers and the text after each colon.
+fn parse_pairs(key: &'static str, value: &str, form: &str) -> Result<Vec<(u64, String)>, SimError> {
+    value
+        .split('+')
+        .map(|piece| {
+            let (index, rest) = piece
+                .split_once(':')
+                .ok_or_else(|| SimError::Invalid { key, problem: format!("'{piece}' is not {form}") })?;
+            Ok((whole(key, index.trim(), "a request number")?, rest.trim().to_owned()))
+        })
+        .collect()
 }
 
 /// Reads `START-END+N+...` (sectors, half-open; `N` alone is one sector).
@@ -309,8 +372,8 @@ mod tests {
         );
         assert_eq!(spec.latency.write.cost_us, 2000);
         assert_eq!(spec.latency.write.bandwidth_bytes_per_s, 500 << 20);
-        assert_eq!(spec.bad_reads, vec![8..16, 100..101, 200..208]);
-        assert_eq!(spec.bad_writes, vec![64..72]);
+        assert_eq!(spec.faults.latent_sectors, vec![8..16, 100..101, 200..208]);
+        assert_eq!(spec.faults.write_faults, vec![WriteFault { sectors: 64..72, attempts: 0 }]);
         let disk = spec.build(1 << 20);
         assert_eq!(disk.options().logical_block_size, 4096);
         assert_eq!(disk.options().len_sectors, 2048);
@@ -335,11 +398,51 @@ mod tests {
             ("size=1000", "'size'"),
             ("size=1T", "'size'"),
             ("sparse=maybe", "'sparse'"),
+            ("flaky-write=5-5", "'flaky-write'"),
+            ("size=1M,flaky-write=2040-2050", "'bad-write or flaky-write'"),
+            ("fail-after=soon", "'fail-after'"),
+            ("fail-at=3", "'fail-at'"),
+            ("misdirect=3", "'misdirect'"),
+            ("misdirect=3:0", "'misdirect'"),
+            ("misdirect=x:8", "'misdirect'"),
+            ("slow=2:fast", "'slow'"),
+            ("short-io=sometimes", "'short-io'"),
+            ("read-error-ppm=2000000", "'read-error-ppm'"),
+            ("slow-ppm=10", "'slow-ppm'"),
+            ("fail-after=1,fail-after=2", "'fail-after'"),
         ];
         for (text, key) in cases {
             let message = SimSpec::parse(text).unwrap_err().to_string();
             assert!(message.contains(key), "{text}: {message}");
         }
+    }
+
+    #[test]
+    fn fault_keys_build_the_fault_plan() {
+        let spec = SimSpec::parse(
+            "size=1M,seed=3,flaky-write=10-20,fail-after=500,fail-at=2s,misdirect=3:16+7:-8,misdirect=9:1,\
+             slow=0:5ms+4:1s,short-io=on,read-error-ppm=10,write-error-ppm=20,misdirect-ppm=30,slow-ppm=40,\
+             slow-by=3ms",
+        )
+        .unwrap();
+        let plan = &spec.faults;
+        assert_eq!(plan.write_faults, vec![WriteFault { sectors: 10..20, attempts: 1 }]);
+        assert_eq!((plan.fail_after_ios, plan.fail_at_us), (Some(500), Some(2_000_000)));
+        assert_eq!(
+            plan.misdirects,
+            [(3, 16), (7, -8), (9, 1)].map(|(w, s)| Misdirect { write_index: w, shift_sectors: s }).to_vec()
+        );
+        assert_eq!(
+            plan.slow_spikes,
+            [(0, 5000), (4, 1_000_000)].map(|(i, us)| SlowSpike { io_index: i, extra_us: us }).to_vec()
+        );
+        assert!(plan.short_io);
+        let odds = &plan.odds;
+        assert_eq!(
+            (odds.read_error_ppm, odds.write_error_ppm, odds.misdirect_ppm, odds.slow_ppm, odds.slow_us),
+            (10, 20, 30, 40, 3000)
+        );
+        assert_eq!(&spec.build(1 << 20).options().faults, plan, "the disk gets the whole plan");
     }
 
     #[test]

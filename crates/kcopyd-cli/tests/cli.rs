@@ -272,6 +272,34 @@ fn simulated_faults_give_exit_1_and_the_failed_ranges() {
 }
 
 #[test]
+fn a_failing_device_and_a_misdirected_write_are_reported_and_caught_by_verify() {
+    // The target fails from its fourth request on: 1 MiB sub-jobs, so 3 MiB land and 5 MiB
+    // fail, and the report says exactly which.
+    let ran = kcopyd(&["copy", "sim:size=8M,seed=3", "sim:fail-after=3", "--ignore-errors", "--json", "--verify"]);
+    assert_eq!(ran.code, 1, "{ran:?}");
+    let report = json(&ran);
+    let target = &report["targets"][0];
+    assert_eq!(target["status"], "write_errors", "{report}");
+    let failed = ranges(&target["write_failed_sectors"]);
+    assert_eq!(failed.iter().map(|[a, b]| b - a).sum::<u64>(), 5 * 2048, "{failed:?}");
+    assert_eq!(ranges(&target["not_copied_sectors"]), failed);
+    // The failed device cannot be read back either, and verify says so.
+    assert_eq!(target["verify"]["status"], "unreadable", "{report}");
+    assert_eq!(ranges(&target["verify"]["read_failed_sectors"]), vec![[0, 16384]]);
+
+    // The second write (sectors 2048-4096) lands 8 MiB further on and reports success: the
+    // copy believes it, the read-back does not.
+    let ran = kcopyd(&["copy", "sim:size=8M,seed=3", "sim:size=16M,misdirect=1:16384", "--json", "--verify"]);
+    assert_eq!(ran.code, 1, "{ran:?}");
+    let report = json(&ran);
+    assert_eq!(report["status"], "differences", "{report}");
+    let target = &report["targets"][0];
+    assert!(ranges(&target["not_copied_sectors"]).is_empty(), "the engine saw no error: {report}");
+    let differing = ranges(&target["verify"]["differing_sectors"]);
+    assert_eq!(differing, vec![[2048, 4096]], "{report}");
+}
+
+#[test]
 fn a_short_last_block_of_the_source_file_is_named() {
     let dir = TempDir::new("cli-trailing");
     let source = dir.file_with("source.img", &pattern(7, 1000));
