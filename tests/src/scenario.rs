@@ -594,6 +594,9 @@ pub fn check(scenario: &Scenario, report: &Report) -> Vec<String> {
             violations.push(format!("job {j}: no outcome"));
             continue;
         };
+        if let Some(message) = &outcome.panicked {
+            violations.push(format!("job {j}: the engine panicked: {message}"));
+        }
         if !crashed {
             check_reports(j, layout, outcome, report, &mut violations);
         }
