@@ -642,6 +642,17 @@ fn a_panicking_device_stops_its_job_with_a_report_and_the_client_goes_on() {
             assert!(outcome.targets[1].not_copied.contains(len - 1));
         }
     }
+    // WRITE_SEQ with reads finishing out of order: later chunks are already waiting for their
+    // turn when the panicking chunk's write dies, and must be released, not left hanging.
+    let jittery = jittery_source(5);
+    let target = zeroed("seq", 1024, 512);
+    let outcome = client
+        .submit_blocking(Job::copy(region(&jittery, 0, 1024), vec![panicky(&target, 200, 0, 1024)], Flags::WRITE_SEQ))
+        .unwrap()
+        .wait();
+    assert!(outcome.panicked.is_some(), "{outcome:?}");
+    assert!(target.snapshot(208, 1024 - 208).iter().all(|&b| b == 0), "WRITE_SEQ wrote past the stop");
+    assert_same(&jittery, 0, &target, 0, 192);
     // The source panics reading sector 100: the job stops, nothing claims that chunk.
     let target = zeroed("target", len, 512);
     let outcome = client
@@ -659,6 +670,6 @@ fn a_panicking_device_stops_its_job_with_a_report_and_the_client_goes_on() {
     assert!(ok.is_ok() && ok.panicked.is_none(), "{ok:?}");
     assert_same(&source, 0, &after, 0, len);
     let report = client.shutdown_blocking();
-    assert_eq!(report.jobs_completed, 5);
+    assert_eq!(report.jobs_completed, 6);
     assert_eq!(report.pool.pages_in_use, 0);
 }

@@ -17,7 +17,7 @@
 //! `N`), joined with `+`; a fault key may also be repeated.
 //!
 //! Faults beyond bad sectors: `flaky-write=RANGES` (fails once, then works), `fail-after=N`
-//! (the whole device fails from its N-th request on), `fail-at=2s` (from that long after the
+//! (the whole device fails once N requests have been served), `fail-at=2s` (from that long after the
 //! disk was made), `misdirect=W:SHIFT+...` (write number W lands SHIFT sectors away and reports
 //! success), `slow=I:DURATION+...` (request number I takes that much longer), `short-io=on`
 //! (requests move one block at a time), and odds drawn from the seed:
@@ -41,6 +41,9 @@ pub const SIM_SPARSE_LEN_BYTES_MAX: u64 = 1 << 50;
 pub const KEYS: &str = "size, seed, block, sparse, latency, write-latency, bandwidth, write-bandwidth, queue, \
                         jitter, bad-read, bad-write, flaky-write, fail-after, fail-at, misdirect, slow, short-io, \
                         read-error-ppm, write-error-ppm, misdirect-ppm, slow-ppm, slow-by";
+/// The longest delay `slow` and `slow-by` take: a simulated request must not outlast the
+/// user's patience (a sleeping request is not interrupted by Ctrl-C).
+pub const SLOW_MAX_US: u64 = 3_600_000_000;
 /// The keys that may be given more than once (their lists add up).
 const REPEATABLE: [&str; 5] = ["bad-read", "bad-write", "flaky-write", "misdirect", "slow"];
 
@@ -190,12 +193,18 @@ impl SimSpec {
                                 key: "misdirect",
                                 problem: format!("shift '{shift}' is not a non-zero whole number of sectors"),
                             })?;
+                        if spec.faults.misdirects.iter().any(|m| m.write_index == index) {
+                            return Err(SimError::Invalid {
+                                key: "misdirect",
+                                problem: format!("write {index} is sent astray twice"),
+                            });
+                        }
                         spec.faults.misdirects.push(Misdirect { write_index: index, shift_sectors });
                     }
                 }
                 "slow" => {
                     for (index, delay) in parse_pairs("slow", value, "I:DURATION (request number, delay)")? {
-                        let extra_us = sized("slow", size::parse_duration_us(&delay))?;
+                        let extra_us = slow_delay("slow", &delay)?;
                         spec.faults.slow_spikes.push(SlowSpike { io_index: index, extra_us });
                     }
                 }
@@ -204,7 +213,7 @@ impl SimSpec {
                 "write-error-ppm" => spec.faults.odds.write_error_ppm = ppm("write-error-ppm", value)?,
                 "misdirect-ppm" => spec.faults.odds.misdirect_ppm = ppm("misdirect-ppm", value)?,
                 "slow-ppm" => spec.faults.odds.slow_ppm = ppm("slow-ppm", value)?,
-                "slow-by" => spec.faults.odds.slow_us = sized("slow-by", size::parse_duration_us(value))?,
+                "slow-by" => spec.faults.odds.slow_us = slow_delay("slow-by", value)?,
                 _ => return Err(SimError::UnknownKey { key: key.to_owned() }),
             }
         }
@@ -248,14 +257,31 @@ impl SimSpec {
             });
         }
         let len_sectors = len_bytes / SECTOR_BYTES;
-        let writes: Vec<Range<u64>> = self.faults.write_faults.iter().map(|f| f.sectors.clone()).collect();
-        for (key, ranges) in [("bad-read", &self.faults.latent_sectors), ("bad-write or flaky-write", &writes)] {
-            if let Some(range) = ranges.iter().find(|r| r.end > len_sectors) {
+        let writes = self
+            .faults
+            .write_faults
+            .iter()
+            .map(|f| (if f.attempts == 0 { "bad-write" } else { "flaky-write" }, &f.sectors));
+        for (key, range) in self.faults.latent_sectors.iter().map(|r| ("bad-read", r)).chain(writes) {
+            if range.end > len_sectors {
                 return Err(SimError::Invalid {
                     key,
                     problem: format!(
                         "sectors {}-{} lie past the end of the {len_sectors}-sector disk",
                         range.start, range.end
+                    ),
+                });
+            }
+        }
+        let block_sectors = i64::from(self.block_bytes) / SECTOR_BYTES as i64;
+        for misdirect in &self.faults.misdirects {
+            let shift = misdirect.shift_sectors;
+            if shift % block_sectors != 0 || shift.unsigned_abs() >= len_sectors {
+                return Err(SimError::Invalid {
+                    key: "misdirect",
+                    problem: format!(
+                        "shift {shift}: must be a whole number of {block_sectors}-sector blocks, shorter than the \
+                         {len_sectors}-sector disk"
                     ),
                 });
             }
@@ -286,6 +312,18 @@ impl SimSpec {
 
 fn sized(key: &'static str, result: Result<u64, SizeError>) -> Result<u64, SimError> {
     result.map_err(|source| SimError::Value { key, source })
+}
+
+/// Reads a delay of at most [`SLOW_MAX_US`].
+fn slow_delay(key: &'static str, value: &str) -> Result<u64, SimError> {
+    let us = sized(key, size::parse_duration_us(value))?;
+    if us > SLOW_MAX_US {
+        return Err(SimError::Invalid {
+            key,
+            problem: format!("'{value}' is longer than the 1 hour a delay may last"),
+        });
+    }
+    Ok(us)
 }
 
 /// Reads a whole number.
@@ -399,7 +437,14 @@ mod tests {
             ("size=1T", "'size'"),
             ("sparse=maybe", "'sparse'"),
             ("flaky-write=5-5", "'flaky-write'"),
-            ("size=1M,flaky-write=2040-2050", "'bad-write or flaky-write'"),
+            ("size=1M,flaky-write=2040-2050", "'flaky-write'"),
+            ("size=1M,bad-write=1-2,flaky-write=2040-2050", "'flaky-write'"),
+            ("size=1M,misdirect=1:2048", "'misdirect'"),
+            ("size=1M,misdirect=1:-4096", "'misdirect'"),
+            ("size=1M,block=4096,misdirect=1:1", "'misdirect'"),
+            ("misdirect=1:8+1:16", "'misdirect'"),
+            ("slow=0:7200s", "longer than the 1 hour"),
+            ("slow-by=5400s", "longer than the 1 hour"),
             ("fail-after=soon", "'fail-after'"),
             ("fail-at=3", "'fail-at'"),
             ("misdirect=3", "'misdirect'"),

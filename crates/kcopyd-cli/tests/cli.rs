@@ -287,16 +287,18 @@ fn a_failing_device_and_a_misdirected_write_are_reported_and_caught_by_verify() 
     assert_eq!(target["verify"]["status"], "unreadable", "{report}");
     assert_eq!(ranges(&target["verify"]["read_failed_sectors"]), vec![[0, 16384]]);
 
-    // The second write (sectors 2048-4096) lands 8 MiB further on and reports success: the
-    // copy believes it, the read-back does not.
+    // The second write lands 8 MiB further on, past the copied range, and reports success:
+    // the copy believes it, the read-back does not.
     let ran = kcopyd(&["copy", "sim:size=8M,seed=3", "sim:size=16M,misdirect=1:16384", "--json", "--verify"]);
     assert_eq!(ran.code, 1, "{ran:?}");
     let report = json(&ran);
     assert_eq!(report["status"], "differences", "{report}");
     let target = &report["targets"][0];
     assert!(ranges(&target["not_copied_sectors"]).is_empty(), "the engine saw no error: {report}");
+    // Exactly one 1 MiB sub-job never arrived (the second write issued; which chunk that is
+    // depends on the order the slots run in).
     let differing = ranges(&target["verify"]["differing_sectors"]);
-    assert_eq!(differing, vec![[2048, 4096]], "{report}");
+    assert!(matches!(differing[..], [[start, end]] if start % 2048 == 0 && end == start + 2048), "{report}");
 }
 
 #[test]

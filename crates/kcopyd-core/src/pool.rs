@@ -26,7 +26,9 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use memmap2::{Advice, MmapMut};
+#[cfg(target_os = "linux")]
+use memmap2::Advice;
+use memmap2::MmapMut;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
@@ -94,15 +96,15 @@ impl PagePool {
                 format!("page pool of {pages} pages: must be between 1 and {}", u32::MAX),
             ));
         }
-        let len_bytes = pages
-            .checked_mul(PAGE_SIZE)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "page pool size overflows"))?;
+        let too_large = || io::Error::new(io::ErrorKind::InvalidInput, "page pool size overflows");
+        let len_bytes = pages.checked_mul(PAGE_SIZE).ok_or_else(too_large)?;
         // A huge-page arena is rounded up to whole huge pages and reserves one more, so that
         // it can start on a 2 MiB boundary; the slack before it is never touched and costs no
         // memory, the slack after it at most the rest of the last huge page.
-        let huge_pages = huge_pages && len_bytes >= HUGE_PAGE_SIZE;
-        let huge_len = len_bytes.next_multiple_of(HUGE_PAGE_SIZE);
-        let mut arena = MmapMut::map_anon(if huge_pages { huge_len + HUGE_PAGE_SIZE } else { len_bytes })?;
+        let huge_pages = huge_pages && cfg!(target_os = "linux") && len_bytes >= HUGE_PAGE_SIZE;
+        let huge_len = len_bytes.checked_next_multiple_of(HUGE_PAGE_SIZE).ok_or_else(too_large)?;
+        let map_len = if huge_pages { huge_len.checked_add(HUGE_PAGE_SIZE).ok_or_else(too_large)? } else { len_bytes };
+        let mut arena = MmapMut::map_anon(map_len)?;
         let start = arena.as_ptr() as usize;
         let offset = if huge_pages { start.next_multiple_of(HUGE_PAGE_SIZE) - start } else { 0 };
         #[cfg(target_os = "linux")]
@@ -174,7 +176,7 @@ impl PagePool {
     /// Moves `count` indices off the free list; the caller holds `count` permits.
     fn take(&self, count: usize) -> Pages {
         let indices = {
-            let mut free = self.inner.free.lock().expect("pool lock");
+            let mut free = self.inner.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             assert!(free.len() >= count, "permits and free list agree");
             let at = free.len() - count;
             let mut taken = free.split_off(at);
@@ -304,7 +306,9 @@ impl Drop for Pages {
         }
         // Indices first, permits second: whoever gets the permits finds the indices there.
         // Pushed in reverse so that the next taker pops them in ascending order again.
-        self.pool.free.lock().expect("pool lock").extend(self.indices.drain(..).rev());
+        // The list is never left half-changed, so a poisoned lock (a panic elsewhere while it
+        // was held) is still safe to use; failing here would abort during unwinding.
+        self.pool.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(self.indices.drain(..).rev());
         let before = self.pool.in_use.fetch_sub(count, Ordering::AcqRel);
         assert!(before >= count, "pages returned twice");
         self.pool.permits.add_permits(count);
@@ -351,23 +355,28 @@ mod tests {
         assert_eq!((stats.pages_in_use, stats.pages_in_use_max), (0, 8));
     }
 
-    /// Kilobytes of `AnonHugePages` that /proc/self/smaps reports for the mapping holding `addr`.
-    fn anon_huge_kib(addr: usize) -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    /// The `THPeligible` flag and the kilobytes of `AnonHugePages` that /proc/self/smaps reports
+    /// for the mapping holding `addr`.
+    fn smaps_huge(addr: usize) -> Option<(bool, u64)> {
         let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
-        let mut inside = false;
+        let (mut inside, mut kib, mut eligible) = (false, None, None);
         for line in smaps.lines() {
             if let Some((range, _)) = line.split_once(' ')
                 && let Some((lo, hi)) = range.split_once('-')
                 && let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
             {
                 inside = (lo..hi).contains(&addr);
-            } else if inside && let Some(kib) = line.strip_prefix("AnonHugePages:") {
-                return kib.trim().trim_end_matches("kB").trim().parse().ok();
+            } else if inside && let Some(value) = line.strip_prefix("AnonHugePages:") {
+                kib = value.trim().trim_end_matches("kB").trim().parse().ok();
+            } else if inside && let Some(value) = line.strip_prefix("THPeligible:") {
+                eligible = Some(value.trim() == "1");
             }
         }
-        None
+        Some((eligible?, kib?))
     }
 
+    #[cfg(target_os = "linux")]
     #[test]
     fn the_arena_starts_on_a_huge_page_and_is_backed_by_huge_pages_where_the_kernel_allows() {
         let pool = PagePool::new(1024).unwrap();
@@ -387,7 +396,11 @@ mod tests {
             eprintln!("SKIP huge-page backing: transparent huge pages are off here ({:?})", thp.trim());
             return;
         }
-        let huge = anon_huge_kib(first).expect("the arena appears in /proc/self/smaps");
+        let (eligible, huge) = smaps_huge(first).expect("the arena appears in /proc/self/smaps");
+        if !eligible {
+            eprintln!("SKIP huge-page backing: this process may not use transparent huge pages (THPeligible 0)");
+            return;
+        }
         assert!(huge >= 2048, "the 4 MiB arena holds {huge} KiB of huge pages");
     }
 

@@ -334,7 +334,9 @@ impl MemDisk {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().expect("disk lock")
+        // A panic while the lock was held (a bug, or a caller's panic) leaves the state as
+        // consistent as any fault would: keep serving rather than cascade the panic.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Model time since the disk was made.
@@ -429,7 +431,8 @@ impl MemDisk {
         let len = sectors.end - sectors.start;
         let block = self.block_sectors as i64;
         let shift = shift / block * block;
-        let start = (sectors.start as i64 + shift).clamp(0, (self.options.len_sectors - len) as i64) as u64;
+        let last_start = i64::try_from(self.options.len_sectors - len).unwrap_or(i64::MAX);
+        let start = i64::try_from(sectors.start).unwrap_or(i64::MAX).saturating_add(shift).clamp(0, last_start) as u64;
         let start = start / self.block_sectors * self.block_sectors;
         (start != sectors.start && !self.options.zoned).then_some(start)
     }
