@@ -54,7 +54,7 @@ pub use config::{ClientConfig, SUB_JOB_SIZE_MAX, SUBJOBS_IN_FLIGHT_MAX};
 pub use device::{BlockDevice, Device, DeviceId, Geometry, IoFuture};
 pub use error::{ConfigError, SubmitError};
 pub use outcome::{Outcome, TargetMask, TargetReport};
-pub use pool::{PagePool, Pages, PoolStats};
+pub use pool::{HUGE_PAGE_SIZE, PagePool, Pages, PoolStats};
 pub use region::{Flags, RangeSet, Region};
 
 /// Bytes in a sector, the unit of every offset and length in this crate.
