@@ -106,17 +106,19 @@ async fn run_job(
     })
 }
 
-/// Compares, with a bar, stopping at a signal. Returns the comparison (partial when
-/// interrupted), the bytes compared, the seconds and the signal's exit code.
-async fn run_compare(
-    context: Context<'_>,
-    source: &Opened,
-    targets: &[Opened],
-    len_bytes: u64,
-    skip: Option<&[RangeSet]>,
-    interrupts: &mut Interrupts,
-) -> Result<(Comparison, u64, f64, Option<u8>), CliError> {
-    let Context { settings, engine, output } = context;
+/// What a comparison needs, made before anything is written so that it cannot refuse
+/// afterwards: its shape within the budget and its pages.
+struct CompareSetup {
+    shape: CompareShape,
+    pool: PagePool,
+}
+
+/// Fits the comparison of `source` with `targets` into the budget and reserves its pages.
+///
+/// # Errors
+/// One block does not fit in the budget, or the pages cannot be reserved.
+fn prepare_compare(context: Context<'_>, source: &Opened, targets: &[Opened]) -> Result<CompareSetup, CliError> {
+    let Context { settings, engine, .. } = context;
     let devices = targets.len() + 1;
     let block_bytes = std::iter::once(source).chain(targets).map(Opened::block_bytes).max().unwrap_or(512);
     let shape = CompareShape::fit(
@@ -134,7 +136,21 @@ async fn run_compare(
                 source: kcopyd_core::ConfigError::Arena { pages: settings.config.page_budget, source },
             }
         })?;
-    let bar = progress::byte_bar(progress::bars_wanted(output.quiet), len_bytes, "verify");
+    Ok(CompareSetup { shape, pool })
+}
+
+/// Compares, with a bar, stopping at a signal. Returns the comparison (partial when
+/// interrupted), the bytes compared, the seconds and the signal's exit code.
+async fn run_compare(
+    context: Context<'_>,
+    setup: &CompareSetup,
+    source: &Opened,
+    targets: &[Opened],
+    len_bytes: u64,
+    skip: Option<&[RangeSet]>,
+    interrupts: &mut Interrupts,
+) -> (Comparison, u64, f64, Option<u8>) {
+    let bar = progress::byte_bar(progress::bars_wanted(context.output.quiet), len_bytes, "verify");
     let compared = Cell::new(0u64);
     let on_chunk = |bytes: u64| {
         compared.set(compared.get() + bytes);
@@ -143,13 +159,14 @@ async fn run_compare(
     let targets: Vec<Side> = targets.iter().map(side).collect();
     let source = side(source);
     let started = Instant::now();
-    let comparing = compare::compare(&source, &targets, len_bytes / SECTOR_SIZE as u64, skip, shape, &pool, &on_chunk);
+    let len_sectors = len_bytes / SECTOR_SIZE as u64;
+    let comparing = compare::compare(&source, &targets, len_sectors, skip, setup.shape, &setup.pool, &on_chunk);
     let (comparison, interrupted) = tokio::select! {
         comparison = comparing => (comparison, None),
         code = interrupts.recv() => (Comparison::default(), Some(code)),
     };
     bar.finish_and_clear();
-    Ok((comparison, compared.get(), started.elapsed().as_secs_f64(), interrupted))
+    (comparison, compared.get(), started.elapsed().as_secs_f64(), interrupted)
 }
 
 fn target_status(target: &TargetReport) -> &'static str {
@@ -214,11 +231,13 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
         plan.targets.iter().map(|t| region(t, len_sectors)).collect(),
         flags(args.ignore_errors, args.write_seq),
     );
+    // Checked before anything is written: a comparison that cannot run must refuse the command.
+    let compare_setup = if args.verify { Some(prepare_compare(context, &plan.source, &plan.targets)?) } else { None };
     let run = run_job(context, job, &plan.targets, plan.len_bytes, "copy", interrupts, &mut plan.created).await?;
     let mut targets = job_targets(&plan.targets, &run);
     let mut verify = None;
     let mut interrupted = run.interrupted;
-    if args.verify && interrupted.is_none() {
+    if let (Some(setup), None) = (&compare_setup, interrupted) {
         // Leave out what the copy itself reported as not copied: those differences are known.
         let skip: Vec<RangeSet> = plan
             .targets
@@ -227,7 +246,7 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
             .map(|(target, outcome)| outcome.not_copied.shifted(target.start_sector(), 0))
             .collect();
         let (mut comparison, bytes, seconds, signal) =
-            run_compare(context, &plan.source, &plan.targets, plan.len_bytes, Some(&skip), interrupts).await?;
+            run_compare(context, setup, &plan.source, &plan.targets, plan.len_bytes, Some(&skip), interrupts).await;
         interrupted = signal;
         if signal.is_none() {
             // The source's unreadable blocks were reported by the copy already.
@@ -311,8 +330,9 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
     let plan = devices::plan_with_source(&args.source, &args.targets, args.length_bytes, false, &settings)?;
     warn_trailing(&plan.source, args.length_bytes.is_some(), &args.output);
+    let setup = prepare_compare(context, &plan.source, &plan.targets)?;
     let (comparison, bytes, seconds, interrupted) =
-        run_compare(context, &plan.source, &plan.targets, plan.len_bytes, None, interrupts).await?;
+        run_compare(context, &setup, &plan.source, &plan.targets, plan.len_bytes, None, interrupts).await;
     let (status_name, status) = match interrupted {
         Some(code) => ("cancelled", Status::Interrupted(code)),
         None if comparison.identical() => ("ok", Status::Success),

@@ -667,6 +667,52 @@ fn verify_reads_in_large_chunks_with_several_in_flight() {
     assert!(seconds < 2.0, "compared in {seconds} s");
 }
 
+#[test]
+fn verify_takes_every_target_count_and_every_budget_copy_takes() {
+    for memory in ["4K", "64K", "16M"] {
+        for count in [1usize, 2, 16, 17, 128] {
+            let mut args = vec!["verify", "sim:size=1M,seed=1", "--memory", memory, "--json"];
+            args.extend(std::iter::repeat_n("sim:size=1M,seed=1", count));
+            let ran = kcopyd(&args);
+            assert_eq!(ran.code, 0, "{count} targets, --memory {memory}: {}", ran.stderr);
+            let report = json(&ran);
+            assert_eq!(report["bytes"], MIB as u64);
+            assert_eq!(report["targets"].as_array().unwrap().len(), count);
+        }
+    }
+    // A difference in the last of 128 targets, read in groups of one page's worth.
+    let mut args = vec!["verify", "sim:size=1M,seed=1", "--memory", "64K", "--json"];
+    args.extend(std::iter::repeat_n("sim:size=1M,seed=1", 127));
+    args.push("sim:size=1M,seed=2");
+    let report = json(&kcopyd(&args));
+    assert_eq!(report["status"], "differences");
+    assert_eq!(report["targets"][127]["verify"]["first_differing_sector"], 0);
+    assert_eq!(report["targets"][126]["status"], "identical");
+}
+
+#[test]
+fn copy_verify_to_many_targets_in_a_small_budget_then_nothing_refused_after_writing() {
+    let dir = TempDir::new("cli-verify-many");
+    let data = pattern(40, 256 * KIB);
+    let source = dir.file_with("source.img", &data);
+    let targets: Vec<PathBuf> = (0..17).map(|i| dir.join(&format!("t{i}.img"))).collect();
+    for memory in ["4K", "64K"] {
+        let mut args = vec!["copy", s(&source), "--verify", "--memory", memory, "--buffered"];
+        args.extend(targets.iter().map(|t| s(t)));
+        let ran = kcopyd(&args);
+        assert_eq!(ran.code, 0, "--memory {memory}: {ran:?}");
+        assert!(ran.stdout.contains("identical"), "{}", ran.stdout);
+    }
+    for target in &targets {
+        assert_eq!(fs::read(target).unwrap(), data);
+    }
+    // A block larger than the budget is refused before anything is written.
+    let fresh = dir.join("fresh.img");
+    let ran = kcopyd(&["copy", "sim:size=1M,seed=1,block=8192", s(&fresh), "--verify", "--memory", "4K"]);
+    assert_usage_error(&ran, &["8192"]);
+    assert!(!fresh.exists(), "nothing was written: {ran:?}");
+}
+
 // ---- demo, progress, Ctrl-C, flush --------------------------------------------------------
 
 #[test]
