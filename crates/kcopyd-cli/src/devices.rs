@@ -19,6 +19,10 @@ use crate::device_arg::{Backend, DeviceArg};
 use crate::error::{CliError, open_reason};
 use crate::size::Bytes;
 
+/// The largest page budget the engine takes (`ClientConfig::validate` counts pages in 32 bits):
+/// 16 TiB less one page.
+pub const MEMORY_PAGES_MAX: u64 = u32::MAX as u64;
+
 /// The engine's configuration and how to open devices, from the engine options.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -43,6 +47,18 @@ impl Settings {
                 "--memory",
                 args.memory_bytes.to_string(),
                 format!("{} is less than one {PAGE_SIZE}-byte page", Bytes(args.memory_bytes)),
+            ));
+        }
+        let memory_bytes_max = MEMORY_PAGES_MAX * PAGE_SIZE as u64;
+        if args.memory_bytes > memory_bytes_max {
+            return Err(CliError::argument(
+                "--memory",
+                args.memory_bytes.to_string(),
+                format!(
+                    "{} is more than the largest budget, {} ({memory_bytes_max} bytes)",
+                    Bytes(args.memory_bytes),
+                    Bytes(memory_bytes_max)
+                ),
             ));
         }
         let sub_job_size_bytes = usize::try_from(args.sub_job_size_bytes).unwrap_or(usize::MAX);
@@ -289,8 +305,15 @@ pub fn open(
     }
 }
 
-/// Refuses an offset that is not a whole number of sectors, before anything is opened.
+/// Refuses, before anything is opened, an offset that is not a whole number of sectors and a
+/// path ending in `/` that is not a directory (the system would call it missing, or create a
+/// file of another name).
 fn check_sector_offset(arg: &DeviceArg, role: Role) -> Result<(), CliError> {
+    if let Backend::Path(path) = &arg.backend {
+        if path.as_os_str().as_encoded_bytes().ends_with(b"/") && !path.is_dir() {
+            return Err(CliError::argument(role.name(), &arg.text, "not a directory (the name ends in '/')"));
+        }
+    }
     if arg.offset_bytes % SECTOR_SIZE as u64 != 0 {
         return Err(CliError::argument(
             role.name(),
@@ -373,9 +396,12 @@ pub fn plan_with_source(
             }
             let target = open(arg, Role::Target, write, create_len, settings)?;
             target.check_range(len_bytes)?;
-            target.check_overlap(&source, len_bytes)?;
-            for other in opened.iter().flatten() {
-                target.check_overlap(other, len_bytes)?;
+            // Reading the same bytes twice is harmless: only a copy checks for overlaps.
+            if write {
+                target.check_overlap(&source, len_bytes)?;
+                for other in opened.iter().flatten() {
+                    target.check_overlap(other, len_bytes)?;
+                }
             }
             opened[index] = Some(target);
         }

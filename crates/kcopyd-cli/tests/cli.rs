@@ -508,8 +508,9 @@ fn malformed_sizes_are_usage_errors_naming_the_option() {
     let source = dir.file_with("source.img", &pattern(22, MIB));
     let target = dir.file_with("target.img", &pattern(23, MIB));
     let before = contents(&[&target]);
-    let cases: [(&[&str], &[&str]); 8] = [
+    let cases: [(&[&str], &[&str]); 9] = [
         (&["--length", "12Q"], &["--length", "12Q", "unknown unit"]),
+        (&["--memory", "100T"], &["--memory", "100 TiB", "more than the largest budget, 15.99 TiB"]),
         (&["--length", "1MB"], &["--length", "1MB"]),
         (&["--length", "-5"], &["--length"]),
         (&["--memory", "lots"], &["--memory", "lots", "not a number"]),
@@ -527,6 +528,15 @@ fn malformed_sizes_are_usage_errors_naming_the_option() {
     assert_usage_error(&ran, &["TARGET", "offset '1Q'"]);
     let ran = kcopyd(&["copy", s(&source)]);
     assert_usage_error(&ran, &["TARGET", "not provided"]);
+    // A name ending in '/' asks for a directory.
+    for (role, args) in [
+        ("TARGET", vec!["copy", s(&source), &format!("{}/", s(&target))[..]]),
+        ("TARGET", vec!["copy", s(&source), &format!("{}/", s(&dir.join("new.img")))[..]]),
+        ("SOURCE", vec!["verify", &format!("{}/", s(&source))[..], s(&target)]),
+    ] {
+        assert_usage_error(&kcopyd(&args), &[role, "not a directory"]);
+    }
+    assert!(!dir.join("new.img").exists());
     assert_eq!(contents(&[&target]), before);
 }
 
@@ -652,6 +662,18 @@ fn verify_counts_logical_blocks_and_reports_unreadable_ones() {
     assert_eq!(ranges(&report["source"]["read_failed_sectors"]), vec![[8, 9]], "narrowed to the bad block");
     assert_eq!(report["targets"][0]["verify"]["differing_blocks"], 0);
     assert_usage_error(&kcopyd(&["verify", "sim:size=1M", "sim:size=512K"]), &["TARGET", "too small"]);
+}
+
+#[test]
+fn verify_compares_a_file_with_itself() {
+    let dir = TempDir::new("cli-verify-self");
+    let file = dir.file_with("x.img", &pattern(41, 2 * MIB));
+    let ran = kcopyd(&["verify", s(&file), s(&file)]);
+    assert_eq!(ran.code, 0, "reading twice is harmless: {ran:?}");
+    assert!(ran.stdout.contains("identical"), "{}", ran.stdout);
+    let ran = kcopyd(&["verify", s(&file), &format!("{}@512K", s(&file)), "--length", "1M", "--json"]);
+    assert_eq!(ran.code, 1, "overlapping ranges are compared: {ran:?}");
+    assert_eq!(json(&ran)["targets"][0]["verify"]["first_differing_sector"], 1024);
 }
 
 #[test]
@@ -859,5 +881,37 @@ fn every_target_is_flushed_after_the_copy() {
             panic!("fd {fd} of {opened}: a write and a flush in\n{log}");
         };
         assert!(flush > last_write, "the flush of {opened} comes after its last write");
+    }
+}
+
+// ---- the project's own instructions -------------------------------------------------------
+
+#[test]
+fn the_readme_test_command_needs_only_rust_and_ci_runs_it_without_nextest() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let readme = fs::read_to_string(root.join("README.md")).unwrap();
+    let commands = readme.split("## Two commands").nth(1).and_then(|rest| rest.split("## ").next()).unwrap();
+    let block = commands.split("```").nth(1).expect("a code block of commands");
+    assert!(block.lines().any(|line| line.starts_with("cargo test --workspace")), "{block}");
+    assert!(!block.contains("nextest"), "a fresh machine has no cargo-nextest: {block}");
+    let ci = fs::read_to_string(root.join(".ci/run")).unwrap();
+    assert!(ci.contains("command -v cargo-nextest"), ".ci/run checks for nextest before using it");
+    assert!(ci.contains("cargo test --no-fail-fast \"$@\""), ".ci/run falls back to cargo test");
+}
+
+#[test]
+fn help_shows_examples_for_every_command() {
+    let ran = kcopyd(&["--help"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert!(
+        ran.stdout.contains("Examples:") && ran.stdout.contains("kcopyd copy disk.img backup.img"),
+        "{}",
+        ran.stdout
+    );
+    for command in ["copy", "zero", "verify", "demo"] {
+        let ran = kcopyd(&[command, "--help"]);
+        assert_eq!(ran.code, 0, "{ran:?}");
+        let examples = ran.stdout.split("Examples:").nth(1).unwrap_or_else(|| panic!("{command}: {}", ran.stdout));
+        assert!(examples.contains(&format!("kcopyd {command} ")), "{command}: {examples}");
     }
 }
