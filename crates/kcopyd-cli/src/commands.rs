@@ -293,13 +293,14 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
 pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, CliError> {
     let settings = Settings::from_args(&args.engine)?;
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
-    let (opened, len_bytes) = devices::plan_zero(&args.targets, args.length_bytes, &settings)?;
+    let plan = devices::plan_zero(&args.targets, args.length_bytes, &settings)?;
+    let (opened, len_bytes) = (&plan.targets, plan.len_bytes);
     let len_sectors = len_bytes / SECTOR_SIZE as u64;
     let job =
         Job::zero(opened.iter().map(|t| region(t, len_sectors)).collect(), flags(args.ignore_errors, args.write_seq));
     let mut nothing_created = devices::CreatedFiles::default();
-    let run = run_job(context, job, &opened, len_bytes, "zero", interrupts, &mut nothing_created).await?;
-    let mut targets = job_targets(&opened, &run);
+    let run = run_job(context, job, opened, len_bytes, "zero", interrupts, &mut nothing_created).await?;
+    let mut targets = job_targets(opened, &run);
     for target in &mut targets {
         target.status = target_status(target);
     }

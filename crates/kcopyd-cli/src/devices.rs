@@ -17,6 +17,7 @@ use kcopyd_os::{DeviceKind, IoEngine, OpenOptions, OsDevice, QUEUE_DEPTH_MAX};
 use crate::cli::{EngineArgs, IoEngineArg};
 use crate::device_arg::{Backend, DeviceArg};
 use crate::error::{CliError, open_reason};
+use crate::locks::{FileLocks, LockError, LockKind};
 use crate::size::Bytes;
 
 /// The largest page budget the engine takes (`ClientConfig::validate` counts pages in 32 bits):
@@ -123,6 +124,17 @@ pub struct Opened {
     pub device: Device,
     /// Bytes at the end of a file that do not fill a logical block: not part of the device.
     pub trailing_bytes: u64,
+    /// Files and block devices: what was opened.
+    pub os: Option<OsFacts>,
+}
+
+/// What a file or block device argument opened.
+#[derive(Debug, Clone)]
+pub struct OsFacts {
+    /// The path given.
+    pub path: PathBuf,
+    /// A regular file or a block device.
+    pub kind: DeviceKind,
 }
 
 impl Opened {
@@ -260,16 +272,18 @@ pub fn check_target_count(count: usize) -> Result<(), CliError> {
 }
 
 /// Opens `arg`. `write` opens for writing; `create_len_bytes` creates (or sizes) a missing
-/// file or a `sim:` device without `size`.
+/// file or a `sim:` device without `size`. A file is locked in `locks`: exclusively when
+/// written, shared when read.
 ///
 /// # Errors
-/// The device cannot be opened, or a `sim:` source has no size.
+/// The device cannot be opened or locked, or a `sim:` source has no size.
 pub fn open(
     arg: &DeviceArg,
     role: Role,
     write: bool,
     create_len_bytes: Option<u64>,
     settings: &Settings,
+    locks: &mut FileLocks,
 ) -> Result<Opened, CliError> {
     match &arg.backend {
         Backend::Sim(spec) => {
@@ -278,7 +292,7 @@ pub fn open(
             };
             spec.check_len(len_bytes).map_err(|error| CliError::argument(role.name(), &arg.text, error.to_string()))?;
             let disk = spec.build(len_bytes);
-            Ok(Opened { arg: arg.clone(), role, device: disk, trailing_bytes: 0 })
+            Ok(Opened { arg: arg.clone(), role, device: disk, trailing_bytes: 0, os: None })
         }
         Backend::Path(path) => {
             let options = OpenOptions {
@@ -300,7 +314,24 @@ pub fn open(
                     .unwrap_or(0),
                 DeviceKind::BlockDevice => 0,
             };
-            Ok(Opened { arg: arg.clone(), role, device: Arc::new(device), trailing_bytes })
+            if device.kind() == DeviceKind::File {
+                let id = device.id();
+                let kind = if write { LockKind::Exclusive } else { LockKind::Shared };
+                locks.lock(path, (id.major, id.minor), kind).map_err(|error| {
+                    let problem = match error {
+                        LockError::Busy => format!(
+                            "{} busy: another kcopyd (or a program holding a flock lock on it) is {} it",
+                            role.name().to_lowercase(),
+                            if write { "using" } else { "writing" }
+                        ),
+                        LockError::Replaced => "the file was replaced while it was being opened".to_owned(),
+                        LockError::Io(error) => format!("cannot lock the file: {error}"),
+                    };
+                    CliError::argument(role.name(), &arg.text, problem)
+                })?;
+            }
+            let os = Some(OsFacts { path: path.clone(), kind: device.kind() });
+            Ok(Opened { arg: arg.clone(), role, device: Arc::new(device), trailing_bytes, os })
         }
     }
 }
@@ -340,6 +371,9 @@ pub struct Plan {
     pub len_bytes: u64,
     /// Files created for missing targets.
     pub created: CreatedFiles,
+    /// The locks on the files: held, never read, until the plan is dropped.
+    #[allow(dead_code)]
+    pub locks: FileLocks,
 }
 
 /// Opens and checks a source and its targets. `write` opens the targets for writing and
@@ -359,7 +393,8 @@ pub fn plan_with_source(
     for target in targets {
         check_sector_offset(target, Role::Target)?;
     }
-    let source = open(source, Role::Source, false, None, settings)?;
+    let mut locks = FileLocks::default();
+    let source = open(source, Role::Source, false, None, settings, &mut locks)?;
     let len_bytes = match length {
         Some(len_bytes) => len_bytes,
         None => source.remaining_bytes()?,
@@ -394,7 +429,7 @@ pub fn plan_with_source(
                 // Before the open: a file created by an open that then fails is removed too.
                 created.paths.push(path.clone());
             }
-            let target = open(arg, Role::Target, write, create_len, settings)?;
+            let target = open(arg, Role::Target, write, create_len, settings, &mut locks)?;
             target.check_range(len_bytes)?;
             // Reading the same bytes twice is harmless: only a copy checks for overlaps.
             if write {
@@ -407,19 +442,28 @@ pub fn plan_with_source(
         }
     }
     let targets = opened.into_iter().map(|t| t.expect("every target opened in one of the passes")).collect();
-    Ok(Plan { source, targets, len_bytes, created })
+    Ok(Plan { source, targets, len_bytes, created, locks })
+}
+
+/// A checked zero job: the targets and the length.
+#[derive(Debug)]
+pub struct ZeroPlan {
+    /// The targets, in the order given.
+    pub targets: Vec<Opened>,
+    /// Bytes in the range.
+    pub len_bytes: u64,
+    /// The locks on the files: held, never read, until the plan is dropped.
+    #[allow(dead_code)]
+    pub locks: FileLocks,
 }
 
 /// Opens and checks the targets of a zero job and works out the length.
 ///
 /// # Errors
 /// Any check failing, or targets of different lengths without `--length`.
-pub fn plan_zero(
-    targets: &[DeviceArg],
-    length: Option<u64>,
-    settings: &Settings,
-) -> Result<(Vec<Opened>, u64), CliError> {
+pub fn plan_zero(targets: &[DeviceArg], length: Option<u64>, settings: &Settings) -> Result<ZeroPlan, CliError> {
     check_target_count(targets.len())?;
+    let mut locks = FileLocks::default();
     let mut opened: Vec<Opened> = Vec::with_capacity(targets.len());
     for arg in targets {
         check_sector_offset(arg, Role::Target)?;
@@ -428,7 +472,7 @@ pub fn plan_zero(
             Backend::Sim(_) => length.map(|len_bytes| arg.offset_bytes.saturating_add(len_bytes)),
             Backend::Path(_) => None,
         };
-        opened.push(open(arg, Role::Target, true, create_len, settings)?);
+        opened.push(open(arg, Role::Target, true, create_len, settings, &mut locks)?);
     }
     let len_bytes = match length {
         Some(len_bytes) => len_bytes,
@@ -460,5 +504,5 @@ pub fn plan_zero(
             target.check_overlap(other, len_bytes)?;
         }
     }
-    Ok((opened, len_bytes))
+    Ok(ZeroPlan { targets: opened, len_bytes, locks })
 }

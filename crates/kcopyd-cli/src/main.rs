@@ -19,6 +19,7 @@ mod demo;
 mod device_arg;
 mod devices;
 mod error;
+mod locks;
 mod progress;
 mod report;
 mod sim;
