@@ -304,6 +304,27 @@ fn a_read_only_source_file_is_refused_for_writing() {
 }
 
 #[test]
+fn a_read_only_loop_device_is_refused_for_writing_at_open() {
+    let test = "a_read_only_loop_device_is_refused_for_writing_at_open";
+    let dir = TempDir::new("read-only-loop");
+    let data = pattern(9, 1024 * 1024);
+    let backing = dir.file_with("backing.img", &data);
+    let Some(device) = LoopDevice::attach_with_or_skip(test, &backing, 512, &["--read-only"]) else { return };
+    // The kernel lets the open succeed and fails every write (EPERM): refused at open instead.
+    match OsDevice::open(device.path(), &writable()) {
+        Err(error @ OpenError::ReadOnly { .. }) => {
+            assert_eq!(error.path(), device.path());
+            assert!(error.to_string().contains("read-only"), "{error}");
+        }
+        other => panic!("expected ReadOnly, got {other:?}"),
+    }
+    let source = open(device.path(), &read_only());
+    assert_eq!(read_ok(source.as_ref(), 0, 4096), data[..4096], "reading works");
+    drop(source);
+    assert_same_bytes(&contents(&backing), &data, "the backing file");
+}
+
+#[test]
 fn a_target_file_is_never_extended_or_truncated() {
     let dir = TempDir::new("never-extended");
     let data = pattern(8, LEN_BYTES);

@@ -314,6 +314,9 @@ pub fn open(
                     .unwrap_or(0),
                 DeviceKind::BlockDevice => 0,
             };
+            if write && device.kind() == DeviceKind::File {
+                check_writable_mode(path, role, &arg.text)?;
+            }
             if device.kind() == DeviceKind::File {
                 let id = device.id();
                 let kind = if write { LockKind::Exclusive } else { LockKind::Shared };
@@ -334,6 +337,21 @@ pub fn open(
             Ok(Opened { arg: arg.clone(), role, device: Arc::new(device), trailing_bytes, os })
         }
     }
+}
+
+/// Refuses a target file whose mode gives nobody write permission (`chmod a-w`): a file
+/// marked read-only is not written, also by root, who could.
+fn check_writable_mode(path: &Path, role: Role, text: &str) -> Result<(), CliError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(path).map(|m| m.permissions().mode()).unwrap_or(0o200);
+    if mode & 0o222 == 0 {
+        return Err(CliError::argument(
+            role.name(),
+            text,
+            format!("read-only file (mode {:o}): refusing to write to it; make it writable first", mode & 0o7777),
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses, before anything is opened, an offset that is not a whole number of sectors and a

@@ -962,3 +962,34 @@ fn a_second_run_writing_the_same_file_is_refused_as_busy() {
     let ran = kcopyd(&["zero", &format!("{}@1M", s(&target))]);
     assert_eq!(ran.code, 0, "{ran:?}");
 }
+
+#[test]
+fn read_only_targets_are_refused_before_any_io() {
+    let test = "read_only_targets_are_refused_before_any_io";
+    let dir = TempDir::new("cli-ro-targets");
+    let source = dir.file_with("source.img", &pattern(43, MIB));
+    let writable = dir.file_with("writable.img", &pattern(44, MIB));
+    // A file nobody may write: refused also for root.
+    let marked = dir.file_with("marked.img", &pattern(45, MIB));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&marked, fs::Permissions::from_mode(0o444)).unwrap();
+    }
+    let before = contents(&[&writable, &marked]);
+    let ran = kcopyd(&["copy", s(&source), s(&writable), s(&marked)]);
+    assert_usage_error(&ran, &["TARGET", "marked.img"]);
+    assert!(ran.stderr.contains("read-only") || ran.stderr.contains("permission denied"), "{}", ran.stderr);
+    assert_usage_error(&kcopyd(&["zero", s(&marked)]), &["TARGET", "marked.img"]);
+    assert_eq!(contents(&[&writable, &marked]), before, "nothing written");
+    // A read-only loop device: the open succeeds but every write would fail.
+    let backing = dir.file_with("backing.img", &pattern(46, MIB));
+    let Some(device) = LoopDevice::attach_with_or_skip(test, &backing, 512, &["--read-only"]) else { return };
+    let before = contents(&[&writable, &backing]);
+    let ran = kcopyd(&["copy", s(&source), s(&writable), s(device.path())]);
+    assert_usage_error(&ran, &["TARGET", s(device.path()), "read-only"]);
+    assert_usage_error(&kcopyd(&["zero", s(device.path())]), &["TARGET", "read-only"]);
+    assert_eq!(contents(&[&writable, &backing]), before, "nothing written");
+    // Reading from it is fine.
+    let ran = kcopyd(&["verify", s(device.path()), s(&backing)]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+}

@@ -259,6 +259,18 @@ impl OsDevice {
             });
         }
         let file = open_descriptor(path, kind, options)?;
+        if kind == DeviceKind::BlockDevice && options.write {
+            // The open succeeds on a read-only device, and then every write fails (EPERM):
+            // refuse it now, before any I/O.
+            let read_only = sys::block_device_is_read_only(&file)
+                .map_err(|source| OpenError::ReadOnlyFlag { path: path.to_path_buf(), source })?;
+            if read_only {
+                return Err(OpenError::ReadOnly {
+                    path: path.to_path_buf(),
+                    source: io::Error::new(io::ErrorKind::PermissionDenied, "the block device is read-only (BLKROGET)"),
+                });
+            }
+        }
         let metadata = file.metadata().map_err(|source| OpenError::Metadata { path: path.to_path_buf(), source })?;
         if kind_of(path, &metadata)? != kind {
             return Err(OpenError::Open {
