@@ -41,6 +41,15 @@ fn side(opened: &Opened) -> Side {
     Side { device: opened.device.clone(), start_sector: opened.start_sector() }
 }
 
+/// Warns when the source lies on a device mounted read-write.
+fn warn_mounted(source: &Opened, len_bytes: u64, output: &OutputArgs) {
+    if let Some(warning) = source.mounted_warning(len_bytes) {
+        if !output.quiet {
+            eprintln!("kcopyd: warning: {warning}");
+        }
+    }
+}
+
 /// Says that the end of a file is left out when the length was taken from it.
 fn warn_trailing(opened: &Opened, length_given: bool, output: &OutputArgs) {
     if opened.trailing_bytes > 0 && !length_given && !output.quiet {
@@ -225,6 +234,7 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
     let mut plan = devices::plan_with_source(&args.source, &args.targets, args.length_bytes, true, &settings)?;
     warn_trailing(&plan.source, args.length_bytes.is_some(), &args.output);
+    warn_mounted(&plan.source, plan.len_bytes, &args.output);
     let len_sectors = plan.len_bytes / SECTOR_SIZE as u64;
     let job = Job::copy(
         region(&plan.source, len_sectors),
@@ -331,6 +341,7 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
     let plan = devices::plan_with_source(&args.source, &args.targets, args.length_bytes, false, &settings)?;
     warn_trailing(&plan.source, args.length_bytes.is_some(), &args.output);
+    warn_mounted(&plan.source, plan.len_bytes, &args.output);
     let setup = prepare_compare(context, &plan.source, &plan.targets)?;
     let (comparison, bytes, seconds, interrupted) =
         run_compare(context, &setup, &plan.source, &plan.targets, plan.len_bytes, None, interrupts).await;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kcopyd_core::{BlockDevice, ClientConfig, Device, PAGE_SIZE, SECTOR_SIZE, TARGETS_MAX};
-use kcopyd_os::{DeviceKind, IoEngine, OpenOptions, OsDevice, QUEUE_DEPTH_MAX};
+use kcopyd_os::{DeviceKind, IoEngine, OpenOptions, OsDevice, QUEUE_DEPTH_MAX, Storage};
 
 use crate::cli::{EngineArgs, IoEngineArg};
 use crate::device_arg::{Backend, DeviceArg};
@@ -135,6 +135,8 @@ pub struct OsFacts {
     pub path: PathBuf,
     /// A regular file or a block device.
     pub kind: DeviceKind,
+    /// The file or whole disk underneath (through partitions and loop devices).
+    pub storage: Storage,
 }
 
 impl Opened {
@@ -217,22 +219,74 @@ impl Opened {
         })
     }
 
-    /// Refuses `self` if its range overlaps `other`'s on the same storage.
+    /// Refuses `self` if its range overlaps `other`'s on the same storage, whatever names
+    /// reach it: the same file through a hard link, a loop device over it, a partition of a
+    /// disk and the disk itself.
     ///
     /// # Errors
     /// The ranges overlap.
     pub fn check_overlap(&self, other: &Opened, len_bytes: u64) -> Result<(), CliError> {
         let (a, b) = (self.arg.offset_bytes, other.arg.offset_bytes);
-        if len_bytes > 0 && self.device.id() == other.device.id() && a < b + len_bytes && b < a + len_bytes {
-            return Err(self.error(format!(
-                "overlaps {} '{}' on the same device: bytes {a}-{} and {b}-{}",
-                other.role.name(),
-                other.arg.text,
-                a + len_bytes,
-                b + len_bytes
-            )));
+        let problem = match (&self.os, &other.os) {
+            (Some(mine), Some(theirs)) => {
+                mine.storage.overlaps(a, len_bytes, &theirs.storage, b, len_bytes).then(|| {
+                    let (a, b) = (a + mine.storage.offset_bytes, b + theirs.storage.offset_bytes);
+                    let mut problem = format!(
+                        "overlaps {} '{}' on the same storage: bytes {a}-{} and {b}-{} of it",
+                        other.role.name(),
+                        other.arg.text,
+                        a + len_bytes,
+                        b + len_bytes
+                    );
+                    for (opened, facts) in [(self, mine), (other, theirs)] {
+                        if !facts.storage.layers.is_empty() {
+                            problem.push_str(&format!(
+                                "; '{}' is a {}",
+                                opened.arg.text,
+                                facts.storage.layers.join(", a ")
+                            ));
+                        }
+                    }
+                    problem
+                })
+            }
+            (None, None) => {
+                (len_bytes > 0 && self.device.id() == other.device.id() && a < b + len_bytes && b < a + len_bytes).then(
+                    || {
+                        format!(
+                            "overlaps {} '{}' on the same device: bytes {a}-{} and {b}-{}",
+                            other.role.name(),
+                            other.arg.text,
+                            a + len_bytes,
+                            b + len_bytes
+                        )
+                    },
+                )
+            }
+            _ => None,
+        };
+        match problem {
+            Some(problem) => Err(self.error(problem)),
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// A warning when the range of this device (a source) lies on a block device mounted
+    /// read-write: its content may change while it is read.
+    pub fn mounted_warning(&self, len_bytes: u64) -> Option<String> {
+        let facts = self.os.as_ref()?;
+        let mounted = kcopyd_os::mounted_read_write();
+        let mount = mounted
+            .iter()
+            .find(|m| facts.storage.overlaps(self.arg.offset_bytes, len_bytes, &m.storage, 0, m.len_bytes))?;
+        Some(format!(
+            "{} '{}' lies on {}, mounted read-write at {}: its content may change while it is read; \
+             unmount it or remount it read-only for a consistent copy",
+            self.role.name(),
+            self.arg.text,
+            mount.device,
+            mount.mount_point,
+        ))
     }
 }
 
@@ -333,7 +387,7 @@ pub fn open(
                     CliError::argument(role.name(), &arg.text, problem)
                 })?;
             }
-            let os = Some(OsFacts { path: path.clone(), kind: device.kind() });
+            let os = Some(OsFacts { path: path.clone(), kind: device.kind(), storage: device.storage().clone() });
             Ok(Opened { arg: arg.clone(), role, device: Arc::new(device), trailing_bytes, os })
         }
     }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use kcopyd_tests::fixtures::{LoopDevice, Mount, TempDir, is_root, pattern, run, skip};
+use kcopyd_tests::fixtures::{Ext4OnLoop, LoopDevice, Mount, TempDir, is_root, pattern, run, skip};
 use serde_json::Value;
 
 const KIB: usize = 1024;
@@ -992,4 +992,74 @@ fn read_only_targets_are_refused_before_any_io() {
     // Reading from it is fine.
     let ran = kcopyd(&["verify", s(device.path()), s(&backing)]);
     assert_eq!(ran.code, 0, "{ran:?}");
+}
+
+/// An image with an MBR whose one partition starts at `start_sectors` and holds `len_sectors`.
+fn partitioned_image(data: &mut [u8], start_sectors: u32, len_sectors: u32) {
+    // Four 16-byte entries; the last three empty.
+    data[446..510].fill(0);
+    let entry = &mut data[446..462];
+    entry[4] = 0x83; // Linux
+    entry[8..12].copy_from_slice(&start_sectors.to_le_bytes());
+    entry[12..16].copy_from_slice(&len_sectors.to_le_bytes());
+    data[510] = 0x55;
+    data[511] = 0xaa;
+}
+
+#[test]
+fn overlap_is_seen_through_loop_devices_and_partitions() {
+    let test = "overlap_is_seen_through_loop_devices_and_partitions";
+    let dir = TempDir::new("cli-overlap-names");
+    let mut data = pattern(47, 8 * MIB);
+    // One partition from 1 MiB (sector 2048) to 5 MiB.
+    partitioned_image(&mut data, 2048, 8192);
+    let disk = dir.file_with("disk.img", &data);
+    let Some(whole) = LoopDevice::attach_with_or_skip(test, &disk, 512, &["--partscan"]) else { return };
+    let partition = PathBuf::from(format!("{}p1", s(whole.path())));
+    let started = Instant::now();
+    while !partition.exists() && started.elapsed() < Duration::from_secs(1) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !partition.exists() {
+        // A kernel without the MBR parser: partx reads the table and adds the partition.
+        if let Err(error) = run("partx", &["--add", s(whole.path())]) {
+            return skip(test, format!("{} did not appear and partx cannot add it: {error}", partition.display()));
+        }
+    }
+    let cases: [(String, String, &str); 4] = [
+        // A loop device over the source file, written 512 KiB in.
+        (s(&disk).into(), format!("{}@512K", s(whole.path())), "loop device over"),
+        // The partition's byte 0 is byte 1 MiB of the file.
+        (format!("{}@1536K", s(&disk)), s(&partition).into(), "partition of"),
+        (s(&partition).into(), format!("{}@1536K", s(&disk)), "partition of"),
+        (format!("{}@2M", s(whole.path())), format!("{}@512K", s(&partition)), "partition of"),
+    ];
+    for (source, target, layer) in cases {
+        let ran = kcopyd(&["copy", &source, &target, "--length", "1M"]);
+        assert_usage_error(&ran, &["TARGET", "overlaps SOURCE", "on the same storage", layer]);
+    }
+    assert_eq!(fs::read(&disk).unwrap(), data, "nothing was written");
+    // Ranges side by side on the same storage are fine: the partition's first MiB lies at
+    // 1-2 MiB of the file, copied to 6 MiB of the file.
+    let ran = kcopyd(&["copy", s(&partition), &format!("{}@6M", s(&disk)), "--length", "1M", "--verify"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert_eq!(&fs::read(&disk).unwrap()[6 * MIB..7 * MIB], &data[MIB..2 * MIB]);
+}
+
+#[test]
+fn a_source_mounted_read_write_gets_a_warning() {
+    let test = "a_source_mounted_read_write_gets_a_warning";
+    let dir = TempDir::new("cli-mounted-source");
+    let Some(ext4) = Ext4OnLoop::new_or_skip(test, &dir, 16 * MIB as u64, 512) else { return };
+    let target = dir.join("copy.img");
+    let ran = kcopyd(&["copy", s(ext4.device()), s(&target), "--length", "1M"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert!(ran.stderr.contains("warning") && ran.stderr.contains("mounted read-write"), "{ran:?}");
+    // Through the image file under the loop device, too.
+    let ran = kcopyd(&["verify", s(&dir.join("ext4.img")), s(&target), "--length", "1M"]);
+    assert!(ran.stderr.contains("mounted read-write"), "{ran:?}");
+    // An unmounted device reads without a warning.
+    let plain = dir.file_with("plain.img", &pattern(48, MIB));
+    let ran = kcopyd(&["copy", s(&plain), s(&dir.join("plain-copy.img"))]);
+    assert!(ran.stderr.is_empty(), "{ran:?}");
 }
