@@ -12,6 +12,7 @@ use crate::devices::{self, Opened, Settings};
 use crate::error::{CliError, Status};
 use crate::progress::{self, Interrupts};
 use crate::report::{self, Report, SourceReport, TargetReport, TargetVerify};
+use crate::tail::Tail;
 
 /// What a command hands back to `main`: its report and exit status.
 #[derive(Debug)]
@@ -47,19 +48,6 @@ fn warn_mounted(source: &Opened, len_bytes: u64, output: &OutputArgs) {
         if !output.quiet {
             eprintln!("kcopyd: warning: {warning}");
         }
-    }
-}
-
-/// Says that the end of a file is left out when the length was taken from it.
-fn warn_trailing(opened: &Opened, length_given: bool, output: &OutputArgs) {
-    if opened.trailing_bytes > 0 && !length_given && !output.quiet {
-        eprintln!(
-            "kcopyd: warning: {} '{}': its last {} bytes do not fill a {}-byte logical block and are left out",
-            opened.role.name(),
-            opened.arg.text,
-            opened.trailing_bytes,
-            opened.block_bytes()
-        );
     }
 }
 
@@ -155,7 +143,7 @@ async fn run_compare(
     setup: &CompareSetup,
     source: &Opened,
     targets: &[Opened],
-    len_bytes: u64,
+    (len_bytes, tail): (u64, Tail),
     skip: Option<&[RangeSet]>,
     interrupts: &mut Interrupts,
 ) -> (Comparison, u64, f64, Option<u8>) {
@@ -165,17 +153,91 @@ async fn run_compare(
         compared.set(compared.get() + bytes);
         bar.set_position(compared.get());
     };
-    let targets: Vec<Side> = targets.iter().map(side).collect();
-    let source = side(source);
+    let sides: Vec<Side> = targets.iter().map(side).collect();
     let started = Instant::now();
-    let len_sectors = len_bytes / SECTOR_SIZE as u64;
-    let comparing = compare::compare(&source, &targets, len_sectors, skip, setup.shape, &setup.pool, &on_chunk);
-    let (comparison, interrupted) = tokio::select! {
+    let len_sectors = tail.offset_in_range_bytes / SECTOR_SIZE as u64;
+    let source_side = side(source);
+    let comparing = compare::compare(&source_side, &sides, len_sectors, skip, setup.shape, &setup.pool, &on_chunk);
+    let (mut comparison, interrupted) = tokio::select! {
         comparison = comparing => (comparison, None),
         code = interrupts.recv() => (Comparison::default(), Some(code)),
     };
+    if interrupted.is_none() && !tail.is_empty() {
+        compare_tail(source, targets, tail, skip, &mut comparison);
+        on_chunk(tail.len_bytes);
+    }
     bar.finish_and_clear();
     (comparison, compared.get(), started.elapsed().as_secs_f64(), interrupted)
+}
+
+/// Compares the tail of the range (regular files, through the page cache): a differing tail
+/// counts as one differing block, its sectors those the tail touches.
+fn compare_tail(source: &Opened, targets: &[Opened], tail: Tail, skip: Option<&[RangeSet]>, found: &mut Comparison) {
+    let sectors = tail.range_sectors();
+    let expected = match tail.read(source) {
+        Ok(bytes) => bytes,
+        Err(_) => {
+            found.source_unreadable.insert(sectors);
+            return;
+        }
+    };
+    for (index, (target, diff)) in targets.iter().zip(&mut found.targets).enumerate() {
+        if skip.is_some_and(|skip| skip[index].intersects(&sectors)) {
+            continue;
+        }
+        match tail.read(target) {
+            Ok(bytes) if bytes == expected => {}
+            Ok(_) => {
+                diff.differing_blocks += 1;
+                diff.differing.insert(sectors.clone());
+            }
+            Err(_) => diff.unreadable.insert(sectors.clone()),
+        }
+    }
+}
+
+/// After a copy or zero job, writes the tail of the range (regular files) with `bytes` read
+/// from the source (`None`: zeroes), if the job went on to its end: finished, or failed with
+/// `--ignore-errors`. Otherwise, or where it fails, the tail is reported as the job reports
+/// blocks: read failed, write failed, not copied.
+fn finish_tail(tail: Tail, source: Option<&Opened>, targets: &[Opened], keep_going: bool, run: &mut JobRun) {
+    if tail.is_empty() {
+        return;
+    }
+    let outcome = &mut run.outcome;
+    let went_on = run.interrupted.is_none()
+        && !outcome.cancelled
+        && outcome.panicked.is_none()
+        && (keep_going || outcome.is_ok());
+    let bytes = match (went_on, source) {
+        (false, _) => None,
+        (true, None) => Some(vec![0; tail.len_bytes as usize]),
+        (true, Some(source)) => match tail.read(source) {
+            Ok(bytes) => Some(bytes),
+            Err(_) => {
+                outcome.read_err = true;
+                outcome.read_failed.insert(tail.sectors(source));
+                None
+            }
+        },
+    };
+    let mut written = 0;
+    for (target, report) in targets.iter().zip(&mut outcome.targets) {
+        let sectors = tail.sectors(target);
+        match &bytes {
+            Some(bytes) => match tail.write(target, bytes) {
+                Ok(()) => written += 1,
+                Err(_) => {
+                    report.write_failed.insert(sectors.clone());
+                    report.not_copied.insert(sectors);
+                }
+            },
+            None => report.not_copied.insert(sectors),
+        }
+    }
+    if written == targets.len() {
+        run.done_bytes += tail.len_bytes;
+    }
 }
 
 fn target_status(target: &TargetReport) -> &'static str {
@@ -233,9 +295,9 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
     let settings = Settings::from_args(&args.engine)?;
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
     let mut plan = devices::plan_with_source(&args.source, &args.targets, args.length_bytes, true, &settings)?;
-    warn_trailing(&plan.source, args.length_bytes.is_some(), &args.output);
     warn_mounted(&plan.source, plan.len_bytes, &args.output);
-    let len_sectors = plan.len_bytes / SECTOR_SIZE as u64;
+    // The whole blocks go through the engine, a partial last block of files after it.
+    let len_sectors = plan.tail.offset_in_range_bytes / SECTOR_SIZE as u64;
     let job = Job::copy(
         region(&plan.source, len_sectors),
         plan.targets.iter().map(|t| region(t, len_sectors)).collect(),
@@ -243,7 +305,8 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
     );
     // Checked before anything is written: a comparison that cannot run must refuse the command.
     let compare_setup = if args.verify { Some(prepare_compare(context, &plan.source, &plan.targets)?) } else { None };
-    let run = run_job(context, job, &plan.targets, plan.len_bytes, "copy", interrupts, &mut plan.created).await?;
+    let mut run = run_job(context, job, &plan.targets, plan.len_bytes, "copy", interrupts, &mut plan.created).await?;
+    finish_tail(plan.tail, Some(&plan.source), &plan.targets, args.ignore_errors, &mut run);
     let mut targets = job_targets(&plan.targets, &run);
     let mut verify = None;
     let mut interrupted = run.interrupted;
@@ -255,8 +318,16 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
             .zip(&run.outcome.targets)
             .map(|(target, outcome)| outcome.not_copied.shifted(target.start_sector(), 0))
             .collect();
-        let (mut comparison, bytes, seconds, signal) =
-            run_compare(context, setup, &plan.source, &plan.targets, plan.len_bytes, Some(&skip), interrupts).await;
+        let (mut comparison, bytes, seconds, signal) = run_compare(
+            context,
+            setup,
+            &plan.source,
+            &plan.targets,
+            (plan.len_bytes, plan.tail),
+            Some(&skip),
+            interrupts,
+        )
+        .await;
         interrupted = signal;
         if signal.is_none() {
             // The source's unreadable blocks were reported by the copy already.
@@ -305,11 +376,12 @@ pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, 
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
     let plan = devices::plan_zero(&args.targets, args.length_bytes, &settings)?;
     let (opened, len_bytes) = (&plan.targets, plan.len_bytes);
-    let len_sectors = len_bytes / SECTOR_SIZE as u64;
+    let len_sectors = plan.tail.offset_in_range_bytes / SECTOR_SIZE as u64;
     let job =
         Job::zero(opened.iter().map(|t| region(t, len_sectors)).collect(), flags(args.ignore_errors, args.write_seq));
     let mut nothing_created = devices::CreatedFiles::default();
-    let run = run_job(context, job, opened, len_bytes, "zero", interrupts, &mut nothing_created).await?;
+    let mut run = run_job(context, job, opened, len_bytes, "zero", interrupts, &mut nothing_created).await?;
+    finish_tail(plan.tail, None, opened, args.ignore_errors, &mut run);
     let mut targets = job_targets(opened, &run);
     for target in &mut targets {
         target.status = target_status(target);
@@ -340,11 +412,10 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
     let settings = Settings::from_args(&args.engine)?;
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
     let plan = devices::plan_with_source(&args.source, &args.targets, args.length_bytes, false, &settings)?;
-    warn_trailing(&plan.source, args.length_bytes.is_some(), &args.output);
     warn_mounted(&plan.source, plan.len_bytes, &args.output);
     let setup = prepare_compare(context, &plan.source, &plan.targets)?;
     let (comparison, bytes, seconds, interrupted) =
-        run_compare(context, &setup, &plan.source, &plan.targets, plan.len_bytes, None, interrupts).await;
+        run_compare(context, &setup, &plan.source, &plan.targets, (plan.len_bytes, plan.tail), None, interrupts).await;
     let (status_name, status) = match interrupted {
         Some(code) => ("cancelled", Status::Interrupted(code)),
         None if comparison.identical() => ("ok", Status::Success),

@@ -19,6 +19,7 @@ use crate::device_arg::{Backend, DeviceArg};
 use crate::error::{CliError, open_reason};
 use crate::locks::{FileLocks, LockError, LockKind};
 use crate::size::Bytes;
+use crate::tail::Tail;
 
 /// The largest page budget the engine takes (`ClientConfig::validate` counts pages in 32 bits):
 /// 16 TiB less one page.
@@ -122,8 +123,6 @@ pub struct Opened {
     pub role: Role,
     /// The device.
     pub device: Device,
-    /// Bytes at the end of a file that do not fill a logical block: not part of the device.
-    pub trailing_bytes: u64,
     /// Files and block devices: what was opened.
     pub os: Option<OsFacts>,
 }
@@ -137,12 +136,25 @@ pub struct OsFacts {
     pub kind: DeviceKind,
     /// The file or whole disk underneath (through partitions and loop devices).
     pub storage: Storage,
+    /// The bytes a range may use: a file's whole length (its partial last block too), a
+    /// block device's length.
+    pub len_bytes: u64,
 }
 
 impl Opened {
-    /// The device's length in bytes.
+    /// The bytes a range may use: a regular file's whole length, partial last block
+    /// included; a block device's or simulated disk's length.
     pub fn len_bytes(&self) -> u64 {
-        self.device.geometry().len_sectors * SECTOR_SIZE as u64
+        match &self.os {
+            Some(facts) => facts.len_bytes,
+            None => self.device.geometry().len_sectors * SECTOR_SIZE as u64,
+        }
+    }
+
+    /// Whether this is a regular file, which takes a partial last block (through the page
+    /// cache, see [`crate::tail`]).
+    pub fn is_file(&self) -> bool {
+        self.os.as_ref().is_some_and(|facts| facts.kind == DeviceKind::File)
     }
 
     /// The device's logical block size in bytes.
@@ -159,8 +171,9 @@ impl Opened {
         CliError::argument(self.role.name(), &self.arg.text, problem)
     }
 
-    /// Checks that `len_bytes` from the argument's offset lie on the device, aligned to its
-    /// logical block.
+    /// Checks that `len_bytes` from the argument's offset lie on the device, the offset
+    /// aligned to its logical block, and the length too unless this is a regular file (whose
+    /// partial last block [`check_tail`] checks).
     ///
     /// Worked example, 4096-byte blocks: offset 8K, length 1M: aligned; offset 512: refused,
     /// although 512 is a whole sector.
@@ -175,14 +188,17 @@ impl Opened {
                 "offset of {offset} bytes is not a multiple of the device's {block}-byte logical block"
             )));
         }
-        if len_bytes % block != 0 {
+        if len_bytes % block != 0 && !self.is_file() {
             return Err(CliError::argument(
                 "--length",
                 len_bytes.to_string(),
                 format!(
-                    "{len_bytes} bytes is not a multiple of the {block}-byte logical block of {} '{}'",
+                    "{len_bytes} bytes is not a multiple of the {block}-byte logical block of {} '{}', \
+                     which takes whole blocks (--length {} leaves the last {} bytes out)",
                     self.role.name(),
-                    self.arg.text
+                    self.arg.text,
+                    len_bytes / block * block,
+                    len_bytes % block
                 ),
             ));
         }
@@ -203,6 +219,11 @@ impl Opened {
             return Err(self.error(problem));
         }
         Ok(())
+    }
+
+    /// Whether the range of `len_bytes` ends at the end of this regular file.
+    fn ends_at_end_of_file(&self, len_bytes: u64) -> bool {
+        self.is_file() && self.arg.offset_bytes.checked_add(len_bytes) == Some(self.len_bytes())
     }
 
     /// The largest length the source offers from its offset.
@@ -341,19 +362,27 @@ pub fn open(
 ) -> Result<Opened, CliError> {
     match &arg.backend {
         Backend::Sim(spec) => {
+            // A disk of whole sectors; a length that ends inside one is refused by the checks.
+            let create_len_bytes =
+                create_len_bytes.map(|len_bytes| len_bytes / SECTOR_SIZE as u64 * SECTOR_SIZE as u64);
             let Some(len_bytes) = spec.len_bytes.or(create_len_bytes) else {
                 return Err(CliError::argument(role.name(), &arg.text, "sim key 'size' is needed here"));
             };
             spec.check_len(len_bytes).map_err(|error| CliError::argument(role.name(), &arg.text, error.to_string()))?;
             let disk = spec.build(len_bytes);
-            Ok(Opened { arg: arg.clone(), role, device: disk, trailing_bytes: 0, os: None })
+            Ok(Opened { arg: arg.clone(), role, device: disk, os: None })
         }
         Backend::Path(path) => {
             let options = OpenOptions {
                 write,
                 buffered: settings.buffered,
                 queue_depth: settings.queue_depth,
-                create_len: if write { create_len_bytes } else { None },
+                // Whole sectors here; a partial last sector is added below.
+                create_len: if write {
+                    create_len_bytes.map(|len_bytes| len_bytes / SECTOR_SIZE as u64 * SECTOR_SIZE as u64)
+                } else {
+                    None
+                },
                 engine: settings.io_engine,
             };
             let device = OsDevice::open(path, &options).map_err(|source| CliError::Open {
@@ -362,11 +391,22 @@ pub fn open(
                 reason: open_reason(&source),
                 source,
             })?;
-            let trailing_bytes = match device.kind() {
+            if let (true, Some(len_bytes), DeviceKind::File) = (write, create_len_bytes, device.kind()) {
+                extend_file(path, len_bytes).map_err(|error| {
+                    CliError::argument(
+                        role.name(),
+                        &arg.text,
+                        format!("extending the file to {len_bytes} bytes: {error}"),
+                    )
+                })?;
+            }
+            let len_bytes = match device.kind() {
                 DeviceKind::File => fs::metadata(path)
-                    .map(|m| m.len().saturating_sub(device.geometry().len_sectors * SECTOR_SIZE as u64))
-                    .unwrap_or(0),
-                DeviceKind::BlockDevice => 0,
+                    .map_err(|error| {
+                        CliError::argument(role.name(), &arg.text, format!("reading the file's length: {error}"))
+                    })?
+                    .len(),
+                DeviceKind::BlockDevice => device.geometry().len_sectors * SECTOR_SIZE as u64,
             };
             if write && device.kind() == DeviceKind::File {
                 check_writable_mode(path, role, &arg.text)?;
@@ -387,10 +427,68 @@ pub fn open(
                     CliError::argument(role.name(), &arg.text, problem)
                 })?;
             }
-            let os = Some(OsFacts { path: path.clone(), kind: device.kind(), storage: device.storage().clone() });
-            Ok(Opened { arg: arg.clone(), role, device: Arc::new(device), trailing_bytes, os })
+            let storage = device.storage().clone();
+            let os = Some(OsFacts { path: path.clone(), kind: device.kind(), storage, len_bytes });
+            Ok(Opened { arg: arg.clone(), role, device: Arc::new(device), os })
         }
     }
+}
+
+/// The tail of a range of `len_bytes` on `source` (copy, verify; `None` for zero) and
+/// `targets`, moved in blocks of the largest logical block among them; refused unless every
+/// device is a regular file and the range ends at the end of the source file (for zero: of
+/// every target file). Block devices and simulated disks always move whole blocks.
+///
+/// Worked example: a 1,000,001-byte source file copied to a new file, 512-byte blocks: the
+/// engine copies 999,936 bytes, the tail 65. The same source to a block device: refused,
+/// naming `--length 999936`.
+///
+/// # Errors
+/// A partial last block where one is not allowed.
+fn check_tail(source: Option<&Opened>, targets: &[Opened], len_bytes: u64) -> Result<Tail, CliError> {
+    let devices: Vec<&Opened> = source.into_iter().chain(targets).collect();
+    let block_bytes = devices.iter().map(|d| d.block_bytes()).max().unwrap_or(SECTOR_SIZE as u64);
+    let tail = Tail::of(len_bytes, block_bytes);
+    if tail.is_empty() {
+        return Ok(tail);
+    }
+    let ends_at_end_of_file = match source {
+        Some(source) => source.ends_at_end_of_file(len_bytes),
+        None => targets.iter().all(|target| target.ends_at_end_of_file(len_bytes)),
+    };
+    if !ends_at_end_of_file {
+        return Err(CliError::argument(
+            "--length",
+            len_bytes.to_string(),
+            format!(
+                "{len_bytes} bytes is not a whole number of the {block_bytes}-byte blocks the job moves (the largest \
+                 logical block of its devices); only a range that ends at the end of a regular {} file may end \
+                 in a partial block",
+                if source.is_some() { "source" } else { "target" }
+            ),
+        ));
+    }
+    if let Some(whole_blocks_only) = devices.iter().find(|d| !d.is_file()) {
+        let what = if whole_blocks_only.os.is_some() { "a block device" } else { "a simulated disk" };
+        return Err(whole_blocks_only.error(format!(
+            "is {what}, which takes whole {}-byte blocks, but the range of {len_bytes} bytes ends {} bytes into a \
+             {block_bytes}-byte block: give --length {} to leave the last {} bytes out",
+            whole_blocks_only.block_bytes(),
+            tail.len_bytes,
+            tail.offset_in_range_bytes,
+            tail.len_bytes
+        )));
+    }
+    Ok(tail)
+}
+
+/// Extends the file at `path` to `len_bytes` if it is shorter (never truncates).
+fn extend_file(path: &Path, len_bytes: u64) -> io::Result<()> {
+    let file = fs::OpenOptions::new().write(true).open(path)?;
+    if file.metadata()?.len() < len_bytes {
+        file.set_len(len_bytes)?;
+    }
+    Ok(())
 }
 
 /// Refuses a target file whose mode gives nobody write permission (`chmod a-w`): a file
@@ -441,6 +539,8 @@ pub struct Plan {
     pub targets: Vec<Opened>,
     /// Bytes in the range.
     pub len_bytes: u64,
+    /// The bytes after the range's whole blocks (regular files only).
+    pub tail: Tail,
     /// Files created for missing targets.
     pub created: CreatedFiles,
     /// The locks on the files: held, never read, until the plan is dropped.
@@ -471,13 +571,6 @@ pub fn plan_with_source(
         Some(len_bytes) => len_bytes,
         None => source.remaining_bytes()?,
     };
-    if len_bytes % SECTOR_SIZE as u64 != 0 {
-        return Err(CliError::argument(
-            "--length",
-            len_bytes.to_string(),
-            format!("{len_bytes} bytes is not a whole number of {SECTOR_SIZE}-byte sectors"),
-        ));
-    }
     source.check_range(len_bytes)?;
     let mut created = CreatedFiles::default();
     let mut opened: Vec<Option<Opened>> = vec![None; targets.len()];
@@ -513,8 +606,10 @@ pub fn plan_with_source(
             opened[index] = Some(target);
         }
     }
-    let targets = opened.into_iter().map(|t| t.expect("every target opened in one of the passes")).collect();
-    Ok(Plan { source, targets, len_bytes, created, locks })
+    let targets: Vec<Opened> =
+        opened.into_iter().map(|t| t.expect("every target opened in one of the passes")).collect();
+    let tail = check_tail(Some(&source), &targets, len_bytes)?;
+    Ok(Plan { source, targets, len_bytes, tail, created, locks })
 }
 
 /// A checked zero job: the targets and the length.
@@ -524,6 +619,8 @@ pub struct ZeroPlan {
     pub targets: Vec<Opened>,
     /// Bytes in the range.
     pub len_bytes: u64,
+    /// The bytes after the range's whole blocks (regular files only).
+    pub tail: Tail,
     /// The locks on the files: held, never read, until the plan is dropped.
     #[allow(dead_code)]
     pub locks: FileLocks,
@@ -563,18 +660,12 @@ pub fn plan_zero(targets: &[DeviceArg], length: Option<u64>, settings: &Settings
             len_bytes
         }
     };
-    if len_bytes % SECTOR_SIZE as u64 != 0 {
-        return Err(CliError::argument(
-            "--length",
-            len_bytes.to_string(),
-            format!("{len_bytes} bytes is not a whole number of {SECTOR_SIZE}-byte sectors"),
-        ));
-    }
     for (index, target) in opened.iter().enumerate() {
         target.check_range(len_bytes)?;
         for other in &opened[..index] {
             target.check_overlap(other, len_bytes)?;
         }
     }
-    Ok(ZeroPlan { targets: opened, len_bytes, locks })
+    let tail = check_tail(None, &opened, len_bytes)?;
+    Ok(ZeroPlan { targets: opened, len_bytes, tail, locks })
 }

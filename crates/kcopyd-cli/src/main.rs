@@ -24,6 +24,7 @@ mod progress;
 mod report;
 mod sim;
 mod size;
+mod tail;
 
 use std::process::ExitCode;
 

@@ -302,15 +302,58 @@ fn a_failing_device_and_a_misdirected_write_are_reported_and_caught_by_verify() 
 }
 
 #[test]
-fn a_short_last_block_of_the_source_file_is_named() {
-    let dir = TempDir::new("cli-trailing");
-    let source = dir.file_with("source.img", &pattern(7, 1000));
-    let target = dir.join("target.img");
-    // Buffered: 512-byte logical blocks on any filesystem.
-    let ran = kcopyd(&["copy", s(&source), s(&target), "--buffered"]);
+fn files_of_any_size_are_copied_zeroed_and_verified_whole() {
+    let test = "files_of_any_size_are_copied_zeroed_and_verified_whole";
+    let dir = TempDir::new("cli-any-size");
+    let data = pattern(7, 1_000_001);
+    let source = dir.file_with("source.img", &data);
+    for (name, mode) in [("direct.img", None), ("buffered.img", Some("--buffered"))] {
+        let target = dir.join(name);
+        let mut args = vec!["copy", s(&source), s(&target), "--verify", "--json"];
+        args.extend(mode);
+        let ran = kcopyd(&args);
+        assert_eq!(ran.code, 0, "{ran:?}");
+        assert!(ran.stderr.is_empty(), "nothing left out, nothing to warn about: {ran:?}");
+        let report = json(&ran);
+        assert_eq!((report["bytes"].as_u64(), report["bytes_total"].as_u64()), (Some(1_000_001), Some(1_000_001)));
+        assert_eq!(report["verify"]["bytes"], 1_000_001);
+        assert_eq!(fs::read(&target).unwrap(), data, "{name}: every byte, and the same length");
+    }
+    // A file of under one block, into an existing longer file at an offset.
+    let small = dir.file_with("small.img", &pattern(8, 1000));
+    let old = pattern(9, 8192);
+    let existing = dir.file_with("existing.img", &old);
+    let ran = kcopyd(&["copy", s(&small), &format!("{}@4K", s(&existing)), "--verify"]);
     assert_eq!(ran.code, 0, "{ran:?}");
-    assert!(ran.stderr.contains("warning") && ran.stderr.contains("last 488 bytes"), "{ran:?}");
-    assert_eq!(fs::read(&target).unwrap(), pattern(7, 512));
+    let after = fs::read(&existing).unwrap();
+    assert_eq!(
+        (&after[..4096], &after[4096..5096], &after[5096..]),
+        (&old[..4096], &pattern(8, 1000)[..], &old[5096..])
+    );
+    // A difference in the last, partial block is found.
+    let target = dir.join("direct.img");
+    let mut changed = data.clone();
+    changed[1_000_000] ^= 1;
+    fs::write(&target, &changed).unwrap();
+    let report = json(&kcopyd(&["verify", s(&source), s(&target), "--json"]));
+    assert_eq!(report["status"], "differences");
+    assert_eq!(report["targets"][0]["verify"]["differing_blocks"], 1);
+    assert_eq!(report["targets"][0]["verify"]["first_differing_sector"], 1_000_000 / 512);
+    // Zeroed whole, partial last block too.
+    let ran = kcopyd(&["zero", s(&target)]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert_eq!(fs::read(&target).unwrap(), vec![0; 1_000_001]);
+    // A length that ends inside a block and not at the end of the source: refused as before.
+    let ran = kcopyd(&["copy", s(&source), s(&dir.join("short.img")), "--length", "1000"]);
+    assert_usage_error(&ran, &["--length", "1000", "partial block"]);
+    // A block device takes whole blocks only: refused, naming the length that fits.
+    let backing = dir.zero_file("backing.img", 2 * MIB as u64);
+    let Some(device) = LoopDevice::attach_or_skip(test, &backing, 512) else { return };
+    let ran = kcopyd(&["copy", s(&source), s(device.path())]);
+    assert_usage_error(&ran, &["--length", "1000001", "whole blocks", "--length 999936"]);
+    assert_eq!(fs::read(&backing).unwrap(), vec![0; 2 * MIB], "nothing written");
+    let ran = kcopyd(&["copy", s(&source), s(device.path()), "--length", "999936"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
 }
 
 #[test]
