@@ -256,7 +256,16 @@ fn target_status(target: &TargetReport) -> &'static str {
     }
 }
 
-fn job_targets(opened: &[Opened], run: &JobRun) -> Vec<TargetReport> {
+/// Bytes of the range that at least one target does not hold.
+fn not_copied_bytes(opened: &[Opened], run: &JobRun, len_bytes: u64) -> u64 {
+    let mut union = RangeSet::new();
+    for (target, outcome) in opened.iter().zip(&run.outcome.targets) {
+        union.extend(&outcome.not_copied.shifted(target.start_sector(), 0));
+    }
+    report::range_bytes(&union, len_bytes)
+}
+
+fn job_targets(opened: &[Opened], run: &JobRun, len_bytes: u64) -> Vec<TargetReport> {
     opened
         .iter()
         .zip(&run.outcome.targets)
@@ -267,6 +276,10 @@ fn job_targets(opened: &[Opened], run: &JobRun) -> Vec<TargetReport> {
             status: "ok",
             write_failed_sectors: Some(report::pairs(&outcome.write_failed)),
             not_copied_sectors: Some(report::pairs(&outcome.not_copied)),
+            bytes_not_copied: Some(report::range_bytes(
+                &outcome.not_copied.shifted(target.start_sector(), 0),
+                len_bytes,
+            )),
             flush_error: flush_error.clone(),
             verify: None,
         })
@@ -307,7 +320,8 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
     let compare_setup = if args.verify { Some(prepare_compare(context, &plan.source, &plan.targets)?) } else { None };
     let mut run = run_job(context, job, &plan.targets, plan.len_bytes, "copy", interrupts, &mut plan.created).await?;
     finish_tail(plan.tail, Some(&plan.source), &plan.targets, args.ignore_errors, &mut run);
-    let mut targets = job_targets(&plan.targets, &run);
+    let mut targets = job_targets(&plan.targets, &run, plan.len_bytes);
+    let not_copied = not_copied_bytes(&plan.targets, &run, plan.len_bytes);
     let mut verify = None;
     let mut interrupted = run.interrupted;
     if let (Some(setup), None) = (&compare_setup, interrupted) {
@@ -336,7 +350,12 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
             for ((target, opened), diff) in targets.iter_mut().zip(&plan.targets).zip(&comparison.targets) {
                 target.verify = Some(report::target_verify(diff, opened.start_sector()));
             }
-            verify = Some(report::verify_report(&comparison, bytes, seconds));
+            let mut skipped = RangeSet::new();
+            for set in &skip {
+                skipped.extend(set);
+            }
+            verify =
+                Some(report::verify_report(&comparison, bytes, report::range_bytes(&skipped, plan.len_bytes), seconds));
         }
     }
     for target in &mut targets {
@@ -352,6 +371,8 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
         exit_code: status.code(),
         bytes: run.done_bytes,
         bytes_total: plan.len_bytes,
+        bytes_copied: Some(plan.len_bytes - not_copied),
+        bytes_not_copied: Some(not_copied),
         seconds: run.seconds,
         throughput_bytes_per_s: report::throughput(run.done_bytes, run.seconds),
         cancelled: run.outcome.cancelled || interrupted.is_some(),
@@ -382,7 +403,8 @@ pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, 
     let mut nothing_created = devices::CreatedFiles::default();
     let mut run = run_job(context, job, opened, len_bytes, "zero", interrupts, &mut nothing_created).await?;
     finish_tail(plan.tail, None, opened, args.ignore_errors, &mut run);
-    let mut targets = job_targets(opened, &run);
+    let mut targets = job_targets(opened, &run, len_bytes);
+    let not_copied = not_copied_bytes(opened, &run, len_bytes);
     for target in &mut targets {
         target.status = target_status(target);
     }
@@ -393,6 +415,8 @@ pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, 
         exit_code: status.code(),
         bytes: run.done_bytes,
         bytes_total: len_bytes,
+        bytes_copied: Some(len_bytes - not_copied),
+        bytes_not_copied: Some(not_copied),
         seconds: run.seconds,
         throughput_bytes_per_s: report::throughput(run.done_bytes, run.seconds),
         cancelled: run.outcome.cancelled || run.interrupted.is_some(),
@@ -438,6 +462,7 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
                 status: verify.as_ref().map_or("not_compared", |v| v.status),
                 write_failed_sectors: None,
                 not_copied_sectors: None,
+                bytes_not_copied: None,
                 flush_error: None,
                 verify,
             }
@@ -449,6 +474,8 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
         exit_code: status.code(),
         bytes,
         bytes_total: plan.len_bytes,
+        bytes_copied: None,
+        bytes_not_copied: None,
         seconds,
         throughput_bytes_per_s: report::throughput(bytes, seconds),
         cancelled: interrupted.is_some(),
@@ -459,7 +486,7 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
             read_failed_sectors: report::pairs(&comparison.source_unreadable.shifted(0, plan.source.start_sector())),
         }),
         targets,
-        verify: interrupted.is_none().then(|| report::verify_report(&comparison, bytes, seconds)),
+        verify: interrupted.is_none().then(|| report::verify_report(&comparison, bytes, 0, seconds)),
     };
     Ok(Done { report, status })
 }

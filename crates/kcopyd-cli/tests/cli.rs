@@ -272,6 +272,34 @@ fn simulated_faults_give_exit_1_and_the_failed_ranges() {
 }
 
 #[test]
+fn the_summary_says_how_much_was_copied_and_verified() {
+    // Without --ignore-errors the first sub-job fails and nothing lands.
+    let failing = "sim:size=64M,seed=1,bad-read=100-108";
+    let ran = kcopyd(&["copy", failing, "sim:"]);
+    assert_eq!(ran.code, 1, "{ran:?}");
+    let headline = ran.stdout.lines().next().unwrap();
+    assert!(headline.starts_with("copied 0 B of 64 MiB") && headline.contains("64 MiB not copied"), "{headline}");
+    let report = json(&kcopyd(&["copy", failing, "sim:", "--json"]));
+    assert_eq!((report["bytes_copied"].as_u64(), report["bytes_not_copied"].as_u64()), (Some(0), Some(64 << 20)));
+    assert_eq!(report["targets"][0]["bytes_not_copied"], 64 << 20);
+    // With it, all but the unreadable 4 KiB; the verification says what it skipped.
+    let ran = kcopyd(&["copy", failing, "sim:", "--ignore-errors", "--verify"]);
+    assert_eq!(ran.code, 1, "{ran:?}");
+    assert!(ran.stdout.starts_with("copied 63.99 MiB of 64 MiB"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("with errors: 4 KiB not copied"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("verified 63.99 MiB (4 KiB skipped: not copied)"), "{}", ran.stdout);
+    let report = json(&kcopyd(&["copy", failing, "sim:", "--ignore-errors", "--verify", "--json"]));
+    assert_eq!(report["bytes_copied"].as_u64(), Some((64 << 20) - 4096));
+    assert_eq!(
+        (report["verify"]["bytes_skipped"].as_u64(), report["verify"]["bytes_verified"].as_u64()),
+        (Some(4096), Some((64 << 20) - 4096))
+    );
+    // A clean copy says so.
+    let report = json(&kcopyd(&["copy", "sim:size=1M,seed=1", "sim:", "--json"]));
+    assert_eq!((report["bytes_copied"].as_u64(), report["bytes_not_copied"].as_u64()), (Some(MIB as u64), Some(0)));
+}
+
+#[test]
 fn a_failing_device_and_a_misdirected_write_are_reported_and_caught_by_verify() {
     // The target fails from its fourth request on: 1 MiB sub-jobs, so 3 MiB land and 5 MiB
     // fail, and the report says exactly which.
