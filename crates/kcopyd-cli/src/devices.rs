@@ -509,7 +509,7 @@ fn check_writable_mode(path: &Path, role: Role, text: &str) -> Result<(), CliErr
 /// Refuses, before anything is opened, an offset that is not a whole number of sectors and a
 /// path ending in `/` that is not a directory (the system would call it missing, or create a
 /// file of another name).
-fn check_sector_offset(arg: &DeviceArg, role: Role) -> Result<(), CliError> {
+fn check_before_open(arg: &DeviceArg, role: Role) -> Result<(), CliError> {
     if let Backend::Path(path) = &arg.backend {
         if path.as_os_str().as_encoded_bytes().ends_with(b"/") && !path.is_dir() {
             return Err(CliError::argument(role.name(), &arg.text, "not a directory (the name ends in '/')"));
@@ -561,9 +561,9 @@ pub fn plan_with_source(
     settings: &Settings,
 ) -> Result<Plan, CliError> {
     check_target_count(targets.len())?;
-    check_sector_offset(source, Role::Source)?;
+    check_before_open(source, Role::Source)?;
     for target in targets {
-        check_sector_offset(target, Role::Target)?;
+        check_before_open(target, Role::Target)?;
     }
     let mut locks = FileLocks::default();
     let source = open(source, Role::Source, false, None, settings, &mut locks)?;
@@ -635,7 +635,7 @@ pub fn plan_zero(targets: &[DeviceArg], length: Option<u64>, settings: &Settings
     let mut locks = FileLocks::default();
     let mut opened: Vec<Opened> = Vec::with_capacity(targets.len());
     for arg in targets {
-        check_sector_offset(arg, Role::Target)?;
+        check_before_open(arg, Role::Target)?;
         // Only a `sim:` device without `size` is sized here: files are neither made nor grown.
         let create_len = match arg.backend {
             Backend::Sim(_) => length.map(|len_bytes| arg.offset_bytes.saturating_add(len_bytes)),

@@ -6,6 +6,7 @@
 //!  the same file twice          ─► one lock per file: shared, raised to exclusive if written
 //! ```
 //!
+//! Where the filesystem has no locks at all (`ENOLCK`, `EOPNOTSUPP`), the file is used unlocked.
 //! Block devices are not locked here: a block device opened for writing is opened with O_EXCL
 //! (see `kcopyd-os`), which the kernel enforces. The locks are advisory: they keep two kcopyd
 //! runs (or any program that takes `flock` locks, such as `flock(1)`) from mixing their
@@ -83,6 +84,9 @@ fn try_lock(file: &File, kind: LockKind) -> Result<(), LockError> {
             Ok(()) => return Ok(()),
             Err(Errno::INTR) => continue,
             Err(Errno::WOULDBLOCK) => return Err(LockError::Busy),
+            // A filesystem without locks (NFS without lockd, say): nothing to take, nothing
+            // to keep other runs out with; the copy itself works as before.
+            Err(Errno::NOLCK | Errno::OPNOTSUPP | Errno::NOSYS) => return Ok(()),
             Err(error) => return Err(LockError::Io(error.into())),
         }
     }
