@@ -1003,11 +1003,11 @@ fn write_locked(path: &Path) -> bool {
 #[test]
 fn a_second_run_writing_the_same_file_is_refused_as_busy() {
     let dir = TempDir::new("cli-lock");
-    let old = pattern(42, 2 * MIB);
+    let old = pattern(42, 4 * MIB);
     let target = dir.file_with("target.img", &old);
-    // 16 reads of 64 KiB, one at a time, 100 ms each: the first run holds the file 1.6 s.
+    // 32 reads of 64 KiB, one at a time, 100 ms each: the first run holds the file 3.2 s.
     let mut first = Command::new(env!("CARGO_BIN_EXE_kcopyd"))
-        .args(["copy", "sim:size=1M,seed=1,latency=100ms", s(&target), "--sub-job-size", "64K"])
+        .args(["copy", "sim:size=2M,seed=1,latency=100ms", s(&target), "--sub-job-size", "64K"])
         .args(["--subjobs-in-flight", "1", "--quiet"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1019,18 +1019,18 @@ fn a_second_run_writing_the_same_file_is_refused_as_busy() {
         assert!(first.try_wait().unwrap().is_none(), "the first run is still running");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let second = kcopyd(&["copy", "sim:size=1M,seed=2", &format!("{}@1M", s(&target))]);
+    let second = kcopyd(&["copy", "sim:size=1M,seed=2", &format!("{}@2M", s(&target))]);
     assert_usage_error(&second, &["TARGET", "target busy"]);
-    let zero = kcopyd(&["zero", &format!("{}@1M", s(&target))]);
+    let zero = kcopyd(&["zero", &format!("{}@2M", s(&target))]);
     assert_usage_error(&zero, &["TARGET", "target busy"]);
     let reader = kcopyd(&["copy", s(&target), "sim:"]);
     assert_usage_error(&reader, &["SOURCE", "busy"]);
     let first = ran(first.wait_with_output().unwrap());
     assert_eq!(first.code, 0, "{first:?}");
     let after = fs::read(&target).unwrap();
-    assert_eq!(&after[MIB..], &old[MIB..], "the second run wrote nothing");
+    assert_eq!(&after[2 * MIB..], &old[2 * MIB..], "the second run wrote nothing");
     // Once the first run is over, the file is free again.
-    let ran = kcopyd(&["zero", &format!("{}@1M", s(&target))]);
+    let ran = kcopyd(&["zero", &format!("{}@2M", s(&target))]);
     assert_eq!(ran.code, 0, "{ran:?}");
 }
 
