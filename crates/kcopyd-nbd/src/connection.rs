@@ -84,6 +84,8 @@ struct Pending {
     reply: Option<oneshot::Sender<Completion>>,
     /// The first error chunk of a structured reply.
     error: Option<io::Error>,
+    /// Bytes of a structured read reply's data and hole chunks so far.
+    covered_bytes: u64,
     extents: Vec<(u32, u32)>,
     server: Arc<str>,
     /// Why the connection ended, when it did with this request unanswered.
@@ -335,6 +337,7 @@ async fn write_request(writer: &mut Writer, request: Request, cookie: u64, share
         window,
         reply: Some(reply),
         error: None,
+        covered_bytes: 0,
         extents: Vec::new(),
         server: shared.server.clone(),
         lost: None,
@@ -423,6 +426,15 @@ async fn structured_chunk(reader: &mut Reader, shared: &Shared) -> Result<(), St
     if flags & NBD_REPLY_FLAG_DONE != 0 {
         let result = match pending.error.take() {
             Some(error) => Err(error),
+            // A successful read covers its whole range (chunks never overlap).
+            None if pending.command == NBD_CMD_READ && pending.covered_bytes != u64::from(pending.len_bytes) => {
+                let reason = format!(
+                    "a successful structured read reply covered {} of {} bytes: protocol violation",
+                    pending.covered_bytes, pending.len_bytes
+                );
+                pending.lost = Some(reason.clone());
+                return Err(reason);
+            }
             None => Ok(()),
         };
         pending.complete(result);
@@ -444,6 +456,7 @@ async fn chunk_payload(
         NBD_REPLY_TYPE_OFFSET_DATA if pending.command == NBD_CMD_READ && len_bytes >= 8 => {
             let offset = reader.read_u64().await.map_err(io_reason)?;
             let data = window_of(&request, offset, u64::from(len_bytes - 8), pending)?;
+            pending.covered_bytes += data.len() as u64;
             let buf = pending.buf.as_mut().expect("a read carries its buffer");
             read_into(reader, buf, data).await.map_err(io_reason)
         }
@@ -451,6 +464,7 @@ async fn chunk_payload(
             let offset = reader.read_u64().await.map_err(io_reason)?;
             let hole_bytes = reader.read_u32().await.map_err(io_reason)?;
             let hole = window_of(&request, offset, u64::from(hole_bytes), pending)?;
+            pending.covered_bytes += hole.len() as u64;
             let buf = pending.buf.as_mut().expect("a read carries its buffer");
             let saved = buf.window();
             buf.set_window(hole);
