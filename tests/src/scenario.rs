@@ -287,6 +287,7 @@ impl Inputs {
                 subjobs_in_flight: self.subjobs_in_flight.clamp(1, 64),
                 queued_jobs_max: 1024,
                 huge_pages: true,
+                throttle: kcopyd_core::Throttle::OFF,
             },
             sources: self
                 .sources

@@ -18,11 +18,12 @@ use std::thread::{self, ThreadId};
 
 use actix::prelude::*;
 use serde::Serialize;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::block_on::block_on;
 use crate::error::{ConfigError, SubmitError};
 use crate::job::{JobActor, JobKind, JobSpec};
+use crate::throttle::{Throttle, Throttler};
 use crate::{ClientConfig, Flags, Outcome, PagePool, PoolStats, RangeSet, Region, TargetReport};
 
 type Callback = Box<dyn FnOnce(Outcome) + Send + 'static>;
@@ -80,6 +81,8 @@ pub(crate) struct JobShared {
     total_sectors: u64,
     done_sectors: AtomicU64,
     cancel: AtomicBool,
+    /// Woken when the job is cancelled, for sub-jobs waiting on the throttle.
+    cancel_requested: Notify,
     slot: Mutex<OutcomeSlot>,
     completed: Condvar,
 }
@@ -100,6 +103,7 @@ impl JobShared {
             total_sectors,
             done_sectors: AtomicU64::new(0),
             cancel: AtomicBool::new(false),
+            cancel_requested: Notify::new(),
             slot: Mutex::new(OutcomeSlot::default()),
             completed: Condvar::new(),
         }
@@ -112,6 +116,20 @@ impl JobShared {
 
     pub(crate) fn cancel_requested(&self) -> bool {
         self.cancel.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the job is cancelled (at once if it already is).
+    pub(crate) async fn cancelled(&self) {
+        loop {
+            let notified = self.cancel_requested.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the check, so a cancel between the two still wakes it.
+            notified.as_mut().enable();
+            if self.cancel_requested() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     pub(crate) fn progress(&self) -> Progress {
@@ -171,6 +189,7 @@ impl JobHandle {
     /// says `cancelled` if some part was never started.
     pub fn cancel(&self) {
         self.shared.cancel.store(true, Ordering::Release);
+        self.shared.cancel_requested.notify_waiters();
     }
 
     /// The outcome, if the job has completed.
@@ -301,6 +320,7 @@ struct Shutdown(Option<oneshot::Sender<ShutdownReport>>);
 /// The actor that owns the pool, starts job actors and runs completions.
 pub(crate) struct ClientActor {
     pool: PagePool,
+    throttler: Arc<Throttler>,
     next_id: u64,
     running: BTreeMap<u64, Pending>,
     jobs_completed: u64,
@@ -345,7 +365,15 @@ impl Handler<Submit> for ClientActor {
         }
         let id = self.next_id;
         self.next_id += 1;
-        JobActor::new(id, pending.spec.clone(), self.pool.clone(), pending.shared.clone(), ctx.address()).start();
+        JobActor::new(
+            id,
+            pending.spec.clone(),
+            self.pool.clone(),
+            self.throttler.clone(),
+            pending.shared.clone(),
+            ctx.address(),
+        )
+        .start();
         self.running.insert(id, pending);
     }
 }
@@ -375,6 +403,7 @@ struct ClientInner {
     addr: Addr<ClientActor>,
     config: ClientConfig,
     pool: PagePool,
+    throttler: Arc<Throttler>,
     admission: Arc<Semaphore>,
     closed: AtomicBool,
     worker: Mutex<Option<thread::JoinHandle<()>>>,
@@ -409,20 +438,22 @@ impl Client {
     pub fn new(config: ClientConfig) -> Result<Client, ConfigError> {
         config.validate()?;
         let pool = new_pool(&config)?;
+        let throttler = new_throttler(&config);
         let (sender, receiver) = std::sync::mpsc::channel();
         let actor_pool = pool.clone();
+        let actor_throttler = throttler.clone();
         let worker = thread::Builder::new()
             .name("kcopyd-client".into())
             .spawn(move || {
                 let system = System::new();
-                let addr = system.block_on(async move { new_actor(actor_pool, true).start() });
+                let addr = system.block_on(async move { new_actor(actor_pool, actor_throttler, true).start() });
                 sender.send(addr).expect("the starting thread waits for the address");
                 system.run().expect("the client's actix system runs");
             })
             .map_err(ConfigError::Worker)?;
         let worker_thread = worker.thread().id();
         let addr = receiver.recv().expect("the worker sends its address");
-        Ok(Client::from_parts(addr, config, pool, Some(worker), worker_thread))
+        Ok(Client::from_parts(addr, config, pool, throttler, Some(worker), worker_thread))
     }
 
     /// Starts a client on the current actix arbiter, sharing the caller's thread (what the
@@ -436,14 +467,16 @@ impl Client {
     pub fn start_in_current_system(config: ClientConfig) -> Result<Client, ConfigError> {
         config.validate()?;
         let pool = new_pool(&config)?;
-        let addr = new_actor(pool.clone(), false).start();
-        Ok(Client::from_parts(addr, config, pool, None, thread::current().id()))
+        let throttler = new_throttler(&config);
+        let addr = new_actor(pool.clone(), throttler.clone(), false).start();
+        Ok(Client::from_parts(addr, config, pool, throttler, None, thread::current().id()))
     }
 
     fn from_parts(
         addr: Addr<ClientActor>,
         config: ClientConfig,
         pool: PagePool,
+        throttler: Arc<Throttler>,
         worker: Option<thread::JoinHandle<()>>,
         worker_thread: ThreadId,
     ) -> Client {
@@ -453,6 +486,7 @@ impl Client {
                 addr,
                 config,
                 pool,
+                throttler,
                 admission,
                 closed: AtomicBool::new(false),
                 worker: Mutex::new(worker),
@@ -465,6 +499,24 @@ impl Client {
     /// The configuration the client runs with.
     pub fn config(&self) -> &ClientConfig {
         &self.inner.config
+    }
+
+    /// The throttle in force now (the configuration's, or the last one set).
+    pub fn throttle(&self) -> Throttle {
+        self.inner.throttler.get()
+    }
+
+    /// Changes the throttle while jobs run. Sub-jobs waiting for the throttle re-check at once;
+    /// sub-jobs already issued are not affected. The busy history and the rate's bucket carry
+    /// over, so a new limit applies from now on, not retroactively.
+    ///
+    /// # Errors
+    /// [`ConfigError::ThrottleBusy`] or [`ConfigError::ThrottleRate`]; the throttle is then
+    /// unchanged.
+    pub fn set_throttle(&self, throttle: Throttle) -> Result<(), ConfigError> {
+        throttle.validate()?;
+        self.inner.throttler.set(throttle);
+        Ok(())
     }
 
     /// The page pool's occupancy and high-water mark.
@@ -584,9 +636,14 @@ fn new_pool(config: &ClientConfig) -> Result<PagePool, ConfigError> {
         .map_err(|source| ConfigError::Arena { pages: config.page_budget, source })
 }
 
-fn new_actor(pool: PagePool, owns_system: bool) -> ClientActor {
+fn new_throttler(config: &ClientConfig) -> Arc<Throttler> {
+    Arc::new(Throttler::new(config.throttle, config.sub_job_size_bytes as u64))
+}
+
+fn new_actor(pool: PagePool, throttler: Arc<Throttler>, owns_system: bool) -> ClientActor {
     ClientActor {
         pool,
+        throttler,
         next_id: 0,
         running: BTreeMap::new(),
         jobs_completed: 0,

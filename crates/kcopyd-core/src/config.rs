@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+use crate::throttle::Throttle;
 use crate::{PAGE_SIZE, SECTOR_SIZE};
 
 /// Most bytes one sub-job may move (and so the largest I/O the engine issues).
@@ -36,6 +37,11 @@ pub struct ClientConfig {
     /// adjacent pages are physically adjacent and each I/O is a few scatter-gather segments
     /// instead of one per page. Default `true`; see [`PagePool`](crate::PagePool).
     pub huge_pages: bool,
+    /// Limits on the share of time the client's I/O is busy and on its bytes per second;
+    /// both off by default. Change them while jobs run with
+    /// [`Client::set_throttle`](crate::Client::set_throttle) (this field keeps the value the
+    /// client started with).
+    pub throttle: Throttle,
 }
 
 impl Default for ClientConfig {
@@ -46,6 +52,7 @@ impl Default for ClientConfig {
             subjobs_in_flight: 8,
             queued_jobs_max: 1024,
             huge_pages: true,
+            throttle: Throttle::OFF,
         }
     }
 }
@@ -71,7 +78,7 @@ impl ClientConfig {
         if self.queued_jobs_max == 0 || self.queued_jobs_max > tokio::sync::Semaphore::MAX_PERMITS {
             return Err(ConfigError::QueuedJobs { count: self.queued_jobs_max });
         }
-        Ok(())
+        self.throttle.validate()
     }
 
     /// The page budget in bytes.

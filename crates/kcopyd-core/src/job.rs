@@ -4,9 +4,10 @@
 //!  JobActor::started ──spawn──► slot 0 ┐   each slot loops:
 //!                     ──spawn──► slot 1 ├─   1. take the pages for one chunk (FIFO pool)
 //!                        …             │   2. take the next chunk from the shared cursor
-//!                     ──spawn──► slot N ┘   3. read the source once (narrow on error)
-//!  all slots done ──► Outcome ──► client    4. [WRITE_SEQ: wait for this chunk's turn]
-//!                                           5. write every target concurrently, record
+//!                     ──spawn──► slot N ┘   3. wait for the client's throttle (issue only)
+//!  all slots done ──► Outcome ──► client    4. read the source once (narrow on error)
+//!                                           5. [WRITE_SEQ: wait for this chunk's turn]
+//!                                           6. write every target concurrently, record
 //! ```
 //!
 //! Pages are taken before the chunk, so chunks are handed out in the order their pages
@@ -22,11 +23,12 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use futures_util::FutureExt;
-use futures_util::future::join_all;
+use futures_util::future::{Either, join_all, select};
 use tokio::sync::Notify;
 
 use crate::client::{ClientActor, JobDone, JobShared, panic_message};
 use crate::error::SubmitError;
+use crate::throttle::Throttler;
 use crate::{
     ClientConfig, Flags, Outcome, PAGE_SIZE, PagePool, RangeSet, ReadBuf, Region, SECTOR_SIZE, TARGETS_MAX, TargetMask,
     TargetReport, WriteBuf,
@@ -188,12 +190,16 @@ struct JobState {
     copied: Vec<RangeSet>,
     /// The message of the first panic in a slot (a device's or the engine's).
     panicked: Option<String>,
+    /// A sub-job already taken was given up because the job was cancelled while it waited
+    /// for the throttle.
+    sub_job_given_up: bool,
 }
 
 /// One job's context, shared by its slots.
 struct JobRun {
     spec: Arc<JobSpec>,
     pool: PagePool,
+    throttler: Arc<Throttler>,
     shared: Arc<JobShared>,
     state: RefCell<JobState>,
     turn_changed: Notify,
@@ -240,12 +246,21 @@ impl JobRun {
                 JobKind::Copy { source } => {
                     let mut pages = self.pool.alloc(self.spec.chunk_pages()).await;
                     let Some(chunk) = self.take_chunk() else { break };
+                    if !self.throttle_sub_job(&chunk).await {
+                        drop(pages);
+                        self.give_up_sub_job(chunk).await;
+                        break;
+                    }
                     let len_bytes = (chunk.end - chunk.start) as usize * SECTOR_SIZE;
                     pages.truncate(len_bytes.div_ceil(PAGE_SIZE));
                     self.copy_chunk(source, chunk, ReadBuf::new(pages, len_bytes)).await;
                 }
                 JobKind::Zero => {
                     let Some(chunk) = self.take_chunk() else { break };
+                    if !self.throttle_sub_job(&chunk).await {
+                        self.give_up_sub_job(chunk).await;
+                        break;
+                    }
                     let data = WriteBuf::zeroes((chunk.end - chunk.start) as usize * SECTOR_SIZE);
                     self.write_chunk(chunk.clone(), data, RangeSet::from_range(chunk)).await;
                 }
@@ -253,9 +268,38 @@ impl JobRun {
         }
     }
 
+    /// The throttle's hook: waits until the client's throttle lets a sub-job of these
+    /// (job-relative) sectors be issued. Only this sub-job's task waits; `false` if the job
+    /// was cancelled meanwhile.
+    async fn throttle_sub_job(&self, sub_job: &Range<u64>) -> bool {
+        let len_bytes = (sub_job.end - sub_job.start) * SECTOR_SIZE as u64;
+        let admitted = std::pin::pin!(self.throttler.admit_sub_job(len_bytes));
+        let cancelled = std::pin::pin!(self.shared.cancelled());
+        matches!(select(admitted, cancelled).await, Either::Left(_))
+    }
+
+    /// Gives up a sub-job that was taken but never issued (the job was cancelled): nothing is
+    /// written, and under WRITE_SEQ later sub-jobs get their turn.
+    async fn give_up_sub_job(&self, sub_job: Range<u64>) {
+        self.state.borrow_mut().sub_job_given_up = true;
+        self.write_chunk(sub_job, WriteBuf::default(), RangeSet::new()).await;
+    }
+
+    /// Reads `buf.len()` bytes of `source` from device sector `offset_sectors`: the one place
+    /// the job reads, counted as busy time by the throttle.
+    async fn read_source(&self, source: &Region, offset_sectors: u64, buf: ReadBuf) -> (ReadBuf, std::io::Result<()>) {
+        self.throttler.busy(source.device.read(offset_sectors, buf)).await
+    }
+
+    /// Writes `data` to `target` at device sector `offset_sectors`: the one place the job
+    /// writes, counted as busy time by the throttle.
+    async fn write_target(&self, target: &Region, offset_sectors: u64, data: WriteBuf) -> std::io::Result<()> {
+        self.throttler.busy(target.device.write(offset_sectors, data)).await
+    }
+
     /// Reads one chunk of the source and writes it to every target.
     async fn copy_chunk(&self, source: &Region, chunk: Range<u64>, buf: ReadBuf) {
-        let (buf, result) = source.device.read(source.start_sector + chunk.start, buf).await;
+        let (buf, result) = self.read_source(source, source.start_sector + chunk.start, buf).await;
         let whole = RangeSet::from_range(chunk.clone());
         if result.is_ok() {
             return self.write_chunk(chunk, buf.freeze(), whole).await;
@@ -288,7 +332,7 @@ impl JobRun {
                 let bytes = (piece.start - chunk.start) as usize * SECTOR_SIZE
                     ..(piece.end - chunk.start) as usize * SECTOR_SIZE;
                 buf.set_window(bytes);
-                let (back, result) = source.device.read(source.start_sector + piece.start, buf).await;
+                let (back, result) = self.read_source(source, source.start_sector + piece.start, buf).await;
                 buf = back;
                 if result.is_ok() {
                     continue;
@@ -333,7 +377,8 @@ impl JobRun {
                     for piece in readable.ranges() {
                         let bytes = (piece.start - chunk.start) as usize * SECTOR_SIZE
                             ..(piece.end - chunk.start) as usize * SECTOR_SIZE;
-                        let result = target.device.write(target.start_sector + piece.start, data.slice(bytes)).await;
+                        let result =
+                            self.write_target(target, target.start_sector + piece.start, data.slice(bytes)).await;
                         if result.is_err() {
                             return Err(piece.clone());
                         }
@@ -370,7 +415,14 @@ impl JobRun {
     /// Zeroes every target with one offloaded request each.
     async fn zero_offloaded(self: Rc<Self>) {
         let len = self.spec.len_sectors;
-        let requests = self.spec.targets.iter().map(|t| t.device.write_zeroes(t.start_sector, len));
+        // One request per target that moves no data through the engine, and cannot be paced:
+        // it waits for the busy limit only (the rate counts the bytes the engine moves).
+        if !self.throttle_sub_job(&(0..0)).await {
+            self.state.borrow_mut().sub_job_given_up = true;
+            return;
+        }
+        let requests =
+            self.spec.targets.iter().map(|t| self.throttler.busy(t.device.write_zeroes(t.start_sector, len)));
         let results = join_all(requests).await;
         let mut state = self.state.borrow_mut();
         state.cursor = len;
@@ -410,7 +462,8 @@ impl JobRun {
             read_failed,
             targets,
             // Cancelled only if the request left part of the job never started.
-            cancelled: self.shared.cancel_requested() && state.cursor < self.spec.len_sectors,
+            cancelled: self.shared.cancel_requested()
+                && (state.cursor < self.spec.len_sectors || state.sub_job_given_up),
             panicked: state.panicked.clone(),
         }
     }
@@ -429,6 +482,7 @@ impl JobActor {
         id: u64,
         spec: Arc<JobSpec>,
         pool: PagePool,
+        throttler: Arc<Throttler>,
         shared: Arc<JobShared>,
         client: Addr<ClientActor>,
     ) -> JobActor {
@@ -443,8 +497,10 @@ impl JobActor {
             write_failed: vec![RangeSet::new(); targets],
             copied: vec![RangeSet::new(); targets],
             panicked: None,
+            sub_job_given_up: false,
         };
-        let run = Rc::new(JobRun { spec, pool, shared, state: RefCell::new(state), turn_changed: Notify::new() });
+        let run =
+            Rc::new(JobRun { spec, pool, throttler, shared, state: RefCell::new(state), turn_changed: Notify::new() });
         JobActor { id, run, slots_running: 0, client }
     }
 

@@ -47,6 +47,8 @@ mod job;
 mod outcome;
 mod pool;
 mod region;
+mod throttle;
+mod time_scale;
 
 pub use buffer::{ReadBuf, WriteBuf};
 pub use client::{Client, Job, JobHandle, Progress, ShutdownReport};
@@ -56,6 +58,8 @@ pub use error::{ConfigError, SubmitError};
 pub use outcome::{Outcome, TargetMask, TargetReport};
 pub use pool::{HUGE_PAGE_SIZE, PagePool, Pages, PoolStats};
 pub use region::{Flags, RangeSet, Region};
+pub use throttle::{BUSY_WINDOW, Throttle};
+pub use time_scale::{set_time_scale, time_scale, to_model, to_tokio};
 
 /// Bytes in a sector, the unit of every offset and length in this crate.
 pub const SECTOR_SIZE: usize = 512;
