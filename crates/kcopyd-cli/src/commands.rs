@@ -204,7 +204,7 @@ fn job_status(run: &JobRun, targets: &[TargetReport], verify_identical: Option<b
 /// # Errors
 /// Bad options or devices (nothing written).
 pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, CliError> {
-    let settings = Settings::from_args(&args.engine)?;
+    let settings = Settings::from_args(&args.engine)?.with_throttle(&args.throttle)?;
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
     let mut plan = devices::plan_with_source(&args.source, &args.targets, args.length_bytes, true, &settings)?;
     warn_trailing(&plan.source, args.length_bytes.is_some(), &args.output);
@@ -272,7 +272,7 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
 /// # Errors
 /// Bad options or devices (nothing written).
 pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, CliError> {
-    let settings = Settings::from_args(&args.engine)?;
+    let settings = Settings::from_args(&args.engine)?.with_throttle(&args.throttle)?;
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
     let (opened, len_bytes) = devices::plan_zero(&args.targets, args.length_bytes, &settings)?;
     let len_sectors = len_bytes / SECTOR_SIZE as u64;

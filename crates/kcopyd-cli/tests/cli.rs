@@ -815,3 +815,37 @@ fn every_target_is_flushed_after_the_copy() {
         assert!(flush > last_write, "the flush of {opened} comes after its last write");
     }
 }
+
+#[test]
+fn throttle_options_limit_the_rate_and_bad_values_are_usage_errors() {
+    // 4 MiB at 4 MiB/s in 1 MiB sub-jobs: the first goes at once, the other three a quarter
+    // of a second apart, so the copy cannot take less than 0.75 s; unthrottled it takes a
+    // fraction of that.
+    let (source, target) = ("sim:size=4M,seed=3", "sim:size=4M");
+    let ran = kcopyd(&["copy", source, target, "--json", "--throttle-rate", "4M/s", "--throttle-busy", "100"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    let report = json(&ran);
+    assert_eq!(report["bytes"], 4 * MIB as u64);
+    let seconds = report["seconds"].as_f64().unwrap();
+    assert!(seconds >= 0.74, "a 4 MiB/s throttle copied 4 MiB in {seconds} s");
+    let ran = kcopyd(&["zero", "sim:size=4M", "--json", "--throttle-rate", "8M"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert!(json(&ran)["seconds"].as_f64().unwrap() >= 0.37, "three 1 MiB sub-jobs an eighth of a second apart");
+
+    let dir = TempDir::new("cli-throttle");
+    let file_source = dir.file_with("source.img", &pattern(31, MIB));
+    let file_target = dir.file_with("target.img", &pattern(32, MIB));
+    let before = contents(&[&file_target]);
+    let cases: [(&[&str], &[&str]); 4] = [
+        (&["--throttle-busy", "0"], &["--throttle-busy", "between 1 and 100"]),
+        (&["--throttle-busy", "101"], &["--throttle-busy", "between 1 and 100"]),
+        (&["--throttle-rate", "0"], &["--throttle-rate", "at least 1"]),
+        (&["--throttle-rate", "fast"], &["--throttle-rate", "fast"]),
+    ];
+    for (options, needles) in cases {
+        let mut args = vec!["copy", s(&file_source), s(&file_target)];
+        args.extend(options);
+        assert_usage_error(&kcopyd(&args), needles);
+    }
+    assert_eq!(contents(&[&file_target]), before);
+}
