@@ -163,6 +163,38 @@ fn a_read_error_without_ignore_error_stops_the_job_and_reports_the_chunk() {
 }
 
 #[test]
+fn write_seq_with_a_read_error_still_writes_the_sub_jobs_read_before_it() {
+    // 64 KiB (128-sector) sub-jobs, 8 in flight. Reads are instant and writes take 10 ms, so
+    // sub-jobs 128..256 and 256..384 are read while 0..128 is being written; 256..384 fails.
+    // 128..256 was read successfully and waits for its turn: it must still land. Nothing
+    // from 256 on is written, so the target stays sequential.
+    let config = ClientConfig { sub_job_size_bytes: 64 * 1024, ..ClientConfig::default() };
+    let len = 1024;
+    let source = patterned("source", len, 512, 8);
+    source.fail_reads(300..301);
+    let target = Arc::new(MemDisk::new(MemDiskOptions {
+        name: "target".into(),
+        len_sectors: len,
+        latency: Latency {
+            write: IoModel { cost_us: 10_000, queue_depth: 1, ..IoModel::default() },
+            ..Latency::default()
+        },
+        ..MemDiskOptions::default()
+    }));
+    let outcome = kcopyd_sim::Simulation::run(config, |client, _trace| {
+        let job = Job::copy(region(&source, 0, len), vec![region(&target, 0, len)], Flags::WRITE_SEQ);
+        async move { client.submit(job).await.unwrap().await }
+    })
+    .unwrap();
+    assert!(outcome.read_err);
+    assert_eq!(outcome.read_failed, RangeSet::from_range(256..384));
+    assert_eq!(outcome.targets[0].not_copied, RangeSet::from_range(256..len), "{outcome:?}");
+    assert_same(&source, 0, &target, 0, 256);
+    assert!(target.snapshot(256, len - 256).iter().all(|&b| b == 0), "nothing written past the failure");
+    assert_eq!(target.stats().written_bytes, 256 * 512);
+}
+
+#[test]
 fn a_read_error_with_ignore_error_is_narrowed_to_single_blocks() {
     for block in [512u32, 4096] {
         let client = client(small_chunks());

@@ -178,6 +178,10 @@ struct JobState {
     cursor: u64,
     /// An error stopped the job (without IGNORE_ERROR).
     stopped: bool,
+    /// The job-relative start of the earliest sub-job that stopped the job (a failed read or
+    /// write, or one given up on cancel). Under WRITE_SEQ, sub-jobs before it are still
+    /// written and sub-jobs from it on are not: they would leave a hole.
+    stopped_at: u64,
     /// WRITE_SEQ: the job-relative sector whose writes go next.
     write_turn: u64,
     read_err: bool,
@@ -193,6 +197,14 @@ struct JobState {
     /// A sub-job already taken was given up because the job was cancelled while it waited
     /// for the throttle.
     sub_job_given_up: bool,
+}
+
+impl JobState {
+    /// Stops the job because of the sub-job starting at job-relative sector `sector`.
+    fn stop_at(&mut self, sector: u64) {
+        self.stopped = true;
+        self.stopped_at = self.stopped_at.min(sector);
+    }
 }
 
 /// One job's context, shared by its slots.
@@ -231,7 +243,9 @@ impl JobRun {
     async fn guarded(self: Rc<Self>, work: impl Future<Output = ()>) {
         if let Err(payload) = AssertUnwindSafe(work).catch_unwind().await {
             let mut state = self.state.borrow_mut();
-            state.stopped = true;
+            // Which sub-job panicked is not known, and the WRITE_SEQ waiters released below no
+            // longer keep their order: nothing more is written.
+            state.stop_at(0);
             state.panicked.get_or_insert_with(|| panic_message(&*payload));
             drop(state);
             // WRITE_SEQ: the panicking chunk never takes its turn; release those waiting for it.
@@ -281,7 +295,13 @@ impl JobRun {
     /// Gives up a sub-job that was taken but never issued (the job was cancelled): nothing is
     /// written, and under WRITE_SEQ later sub-jobs get their turn.
     async fn give_up_sub_job(&self, sub_job: Range<u64>) {
-        self.state.borrow_mut().sub_job_given_up = true;
+        {
+            let mut state = self.state.borrow_mut();
+            state.sub_job_given_up = true;
+            if self.spec.write_seq() {
+                state.stop_at(sub_job.start);
+            }
+        }
         self.write_chunk(sub_job, WriteBuf::default(), RangeSet::new()).await;
     }
 
@@ -309,7 +329,7 @@ impl JobRun {
             drop(buf);
             {
                 let mut state = self.state.borrow_mut();
-                state.stopped = true;
+                state.stop_at(chunk.start);
                 state.read_failed.insert(chunk.clone());
             }
             // Nothing to write, but under WRITE_SEQ later chunks wait for this one's turn.
@@ -367,8 +387,9 @@ impl JobRun {
                 turn.await;
             }
         }
-        // Under WRITE_SEQ a stopped job writes nothing more: a later chunk would leave a hole.
-        let skip = self.spec.write_seq() && self.state.borrow().stopped;
+        // Under WRITE_SEQ a stopped job writes nothing from the sub-job that stopped it on: a
+        // later one would leave a hole. The ones before it were read and still land.
+        let skip = self.spec.write_seq() && chunk.start >= self.state.borrow().stopped_at;
         if !skip && !readable.is_empty() {
             let writes = self.spec.targets.iter().map(|target| {
                 let data = &data;
@@ -398,7 +419,7 @@ impl JobRun {
                         let landed = readable.difference(&RangeSet::from_range(failed.start..chunk.end));
                         state.copied[index].extend(&landed);
                         if !self.spec.ignore_error() {
-                            state.stopped = true;
+                            state.stop_at(chunk.start);
                         }
                     }
                 }
@@ -490,6 +511,7 @@ impl JobActor {
         let state = JobState {
             cursor: 0,
             stopped: false,
+            stopped_at: u64::MAX,
             write_turn: 0,
             read_err: false,
             write_err: TargetMask::default(),
