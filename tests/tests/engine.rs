@@ -506,6 +506,42 @@ fn submitting_waits_at_the_queued_jobs_limit() {
 }
 
 #[test]
+fn a_resolved_handle_has_freed_its_admission_and_run_its_callback() {
+    // One job admitted at a time: as soon as a handle resolves, the next try_submit must be
+    // admitted, and the job's callback must have run. Many rounds, from a thread that is not
+    // the worker, in both the blocking and the async way of waiting.
+    let client = client(ClientConfig { queued_jobs_max: 1, ..small_chunks() });
+    let source = patterned("source", 64, 512, 2);
+    let target = zeroed("target", 64, 512);
+    let called = Arc::new(AtomicUsize::new(0));
+    let job = |round: usize| {
+        let called = called.clone();
+        let sector = (round % 64) as u64;
+        Job::copy(region(&source, sector, 1), vec![region(&target, sector, 1)], Flags::empty()).on_complete(
+            move |outcome| {
+                assert!(outcome.is_ok());
+                called.fetch_add(1, Ordering::SeqCst);
+            },
+        )
+    };
+    for round in 0..2000 {
+        let handle = client.try_submit(job(round)).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert!(handle.wait().is_ok());
+        assert_eq!(called.load(Ordering::SeqCst), round + 1, "round {round}: the callback ran first");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    runtime.block_on(async {
+        for round in 2000..3000 {
+            let handle = client.try_submit(job(round)).unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert!(handle.await.is_ok());
+            assert_eq!(called.load(Ordering::SeqCst), round + 1);
+        }
+    });
+    assert_same(&source, 0, &target, 0, 64);
+    assert_eq!(client.shutdown_blocking().jobs_completed, 3000);
+}
+
+#[test]
 fn progress_grows_to_the_total_and_cancel_stops_new_sub_jobs() {
     let client = client(ClientConfig { subjobs_in_flight: 2, ..small_chunks() });
     let source = jittery_source(4);

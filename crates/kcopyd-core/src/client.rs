@@ -49,7 +49,8 @@ impl Job {
 
     /// Calls `callback` with the outcome when the job completes, on the client's worker.
     /// Callbacks of one client never run concurrently with one another. The job's handle
-    /// still resolves as well.
+    /// still resolves as well, after the callback has returned (so a callback that asks its
+    /// own job's handle for the outcome finds none yet).
     pub fn on_complete(mut self, callback: impl FnOnce(Outcome) + Send + 'static) -> Job {
         self.callback = Some(Box::new(callback));
         self
@@ -257,16 +258,21 @@ struct Pending {
 }
 
 impl Pending {
-    fn finish(mut self, outcome: Outcome) {
-        self.shared.complete(outcome.clone());
-        if let Some(callback) = self.callback.take() {
+    /// Completes the job: runs the callback, frees the admission permit, and only then
+    /// resolves the handles, so that a caller that saw its handle resolve can submit again
+    /// at once (even with `queued_jobs_max: 1`) and finds the callback's effects done.
+    fn finish(self, outcome: Outcome) {
+        let Pending { spec: _, shared, callback, _permit: permit } = self;
+        if let Some(callback) = callback {
             // A panicking callback must not take the client (and every later job) down with
             // it: report it and go on.
-            if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| callback(outcome))) {
+            if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| callback(outcome.clone()))) {
                 eprintln!("kcopyd: a completion callback panicked: {}", panic_message(&*panic));
             }
         }
-        // `_permit` drops here, after the callback: admission counts a job until it is done.
+        // Admission counts a job until its callback has run, and no longer than that.
+        drop(permit);
+        shared.complete(outcome);
     }
 }
 
