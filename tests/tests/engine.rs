@@ -659,13 +659,65 @@ fn a_panicking_callback_does_not_stop_the_client() {
     let target = zeroed("target", 64, 512);
     let job = Job::copy(region(&source, 0, 32), vec![region(&target, 0, 32)], Flags::empty())
         .on_complete(|_| panic!("a user's bug"));
-    assert!(client.submit_blocking(job).unwrap().wait().is_ok());
+    let outcome = client.submit_blocking(job).unwrap().wait();
+    // The copy was fine; the handle says the callback was not.
+    assert!(outcome.is_ok());
+    assert_eq!(outcome.callback_panicked.as_deref(), Some("a user's bug"));
     let after = client
         .submit_blocking(Job::copy(region(&source, 32, 32), vec![region(&target, 32, 32)], Flags::empty()))
         .unwrap()
         .wait();
     assert!(after.is_ok());
     assert_eq!(client.shutdown_blocking().jobs_completed, 2);
+}
+
+/// Records the `message` and `panic` fields of every event, and the level.
+#[derive(Default)]
+struct EventLog(Mutex<Vec<(tracing::Level, String)>>);
+
+impl tracing::Subscriber for EventLog {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Text(String);
+        impl tracing::field::Visit for Text {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0 += &format!("{}={value:?} ", field.name());
+            }
+        }
+        let mut text = Text(String::new());
+        event.record(&mut text);
+        self.0.lock().unwrap().push((*event.metadata().level(), text.0));
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[test]
+fn a_panicking_callback_is_reported_through_tracing_not_printed() {
+    // The callback runs on the caller's thread here, where the subscriber is installed.
+    let log = Arc::new(EventLog::default());
+    let source = patterned("source", 64, 512, 1);
+    let target = zeroed("target", 64, 512);
+    let outcome = tracing::subscriber::with_default(log.clone(), || {
+        kcopyd_sim::Simulation::run(small_chunks(), |client, _trace| {
+            let job = Job::copy(region(&source, 0, 32), vec![region(&target, 0, 32)], Flags::empty())
+                .on_complete(|_| panic!("callback bug {}", 42));
+            async move { client.submit(job).await.unwrap().await }
+        })
+        .unwrap()
+    });
+    assert_eq!(outcome.callback_panicked.as_deref(), Some("callback bug 42"));
+    let events = log.0.lock().unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].0, tracing::Level::ERROR);
+    assert!(events[0].1.contains("callback bug 42") && events[0].1.contains("completion callback"), "{events:?}");
 }
 
 /// A region of `disk` whose reads and writes panic when they cover `panic_sector`, as a buggy

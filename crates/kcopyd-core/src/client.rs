@@ -261,13 +261,19 @@ impl Pending {
     /// Completes the job: runs the callback, frees the admission permit, and only then
     /// resolves the handles, so that a caller that saw its handle resolve can submit again
     /// at once (even with `queued_jobs_max: 1`) and finds the callback's effects done.
-    fn finish(self, outcome: Outcome) {
-        let Pending { spec: _, shared, callback, _permit: permit } = self;
+    fn finish(self, mut outcome: Outcome) {
+        let Pending { spec, shared, callback, _permit: permit } = self;
         if let Some(callback) = callback {
             // A panicking callback must not take the client (and every later job) down with
-            // it: report it and go on.
+            // it: report it in the outcome and as a diagnostic event, and go on.
             if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| callback(outcome.clone()))) {
-                eprintln!("kcopyd: a completion callback panicked: {}", panic_message(&*panic));
+                let message = panic_message(&*panic);
+                tracing::error!(
+                    panic = %message,
+                    first_target = spec.targets.first().map(|t| t.device.name()).unwrap_or(""),
+                    "kcopyd: a job's completion callback panicked"
+                );
+                outcome.callback_panicked = Some(message);
             }
         }
         // Admission counts a job until its callback has run, and no longer than that.

@@ -486,6 +486,7 @@ impl JobRun {
             cancelled: self.shared.cancel_requested()
                 && (state.cursor < self.spec.len_sectors || state.sub_job_given_up),
             panicked: state.panicked.clone(),
+            callback_panicked: None,
         }
     }
 }

@@ -36,6 +36,8 @@
 //! client.shutdown_blocking();
 //! ```
 #![warn(missing_docs)]
+// A library does not print: diagnostics go through `tracing`, results through outcomes.
+#![cfg_attr(not(test), deny(clippy::print_stderr, clippy::print_stdout))]
 
 mod block_on;
 mod buffer;
