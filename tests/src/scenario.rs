@@ -288,6 +288,7 @@ impl Inputs {
                 queued_jobs_max: 1024,
                 huge_pages: true,
                 throttle: kcopyd_core::Throttle::OFF,
+                io_timeout_ms: None,
             },
             sources: self
                 .sources

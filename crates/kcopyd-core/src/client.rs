@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context as TaskContext, Poll, Waker};
 use std::thread::{self, ThreadId};
+use std::time::Duration;
 
 use actix::prelude::*;
 use serde::Serialize;
@@ -22,7 +23,9 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::block_on::block_on;
 use crate::error::{ConfigError, SubmitError};
+use crate::io::SubJobIo;
 use crate::job::{JobActor, JobKind, JobSpec};
+use crate::stats::{ClientStats, StatsRecorder};
 use crate::throttle::{Throttle, Throttler};
 use crate::{ClientConfig, Flags, Outcome, PagePool, PoolStats, RangeSet, Region, TargetReport};
 
@@ -254,6 +257,7 @@ struct Pending {
     spec: Arc<JobSpec>,
     shared: Arc<JobShared>,
     callback: Option<Callback>,
+    stats: Arc<StatsRecorder>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -262,7 +266,8 @@ impl Pending {
     /// resolves the handles, so that a caller that saw its handle resolve can submit again
     /// at once (even with `queued_jobs_max: 1`) and finds the callback's effects done.
     fn finish(self, mut outcome: Outcome) {
-        let Pending { spec, shared, callback, _permit: permit } = self;
+        let Pending { spec, shared, callback, stats, _permit: permit } = self;
+        stats.job_completed(&outcome);
         if let Some(callback) = callback {
             // A panicking callback must not take the client (and every later job) down with
             // it: report it in the outcome and as a diagnostic event, and go on.
@@ -332,7 +337,7 @@ struct Shutdown(Option<oneshot::Sender<ShutdownReport>>);
 /// The actor that owns the pool, starts job actors and runs completions.
 pub(crate) struct ClientActor {
     pool: PagePool,
-    throttler: Arc<Throttler>,
+    io: Arc<SubJobIo>,
     next_id: u64,
     running: BTreeMap<u64, Pending>,
     jobs_completed: u64,
@@ -381,7 +386,7 @@ impl Handler<Submit> for ClientActor {
             id,
             pending.spec.clone(),
             self.pool.clone(),
-            self.throttler.clone(),
+            self.io.clone(),
             pending.shared.clone(),
             ctx.address(),
         )
@@ -415,7 +420,7 @@ struct ClientInner {
     addr: Addr<ClientActor>,
     config: ClientConfig,
     pool: PagePool,
-    throttler: Arc<Throttler>,
+    io: Arc<SubJobIo>,
     admission: Arc<Semaphore>,
     closed: AtomicBool,
     worker: Mutex<Option<thread::JoinHandle<()>>>,
@@ -450,22 +455,22 @@ impl Client {
     pub fn new(config: ClientConfig) -> Result<Client, ConfigError> {
         config.validate()?;
         let pool = new_pool(&config)?;
-        let throttler = new_throttler(&config);
+        let io = new_io(&config);
         let (sender, receiver) = std::sync::mpsc::channel();
         let actor_pool = pool.clone();
-        let actor_throttler = throttler.clone();
+        let actor_io = io.clone();
         let worker = thread::Builder::new()
             .name("kcopyd-client".into())
             .spawn(move || {
                 let system = System::new();
-                let addr = system.block_on(async move { new_actor(actor_pool, actor_throttler, true).start() });
+                let addr = system.block_on(async move { new_actor(actor_pool, actor_io, true).start() });
                 sender.send(addr).expect("the starting thread waits for the address");
                 system.run().expect("the client's actix system runs");
             })
             .map_err(ConfigError::Worker)?;
         let worker_thread = worker.thread().id();
         let addr = receiver.recv().expect("the worker sends its address");
-        Ok(Client::from_parts(addr, config, pool, throttler, Some(worker), worker_thread))
+        Ok(Client::from_parts(addr, config, pool, io, Some(worker), worker_thread))
     }
 
     /// Starts a client on the current actix arbiter, sharing the caller's thread (what the
@@ -479,16 +484,16 @@ impl Client {
     pub fn start_in_current_system(config: ClientConfig) -> Result<Client, ConfigError> {
         config.validate()?;
         let pool = new_pool(&config)?;
-        let throttler = new_throttler(&config);
-        let addr = new_actor(pool.clone(), throttler.clone(), false).start();
-        Ok(Client::from_parts(addr, config, pool, throttler, None, thread::current().id()))
+        let io = new_io(&config);
+        let addr = new_actor(pool.clone(), io.clone(), false).start();
+        Ok(Client::from_parts(addr, config, pool, io, None, thread::current().id()))
     }
 
     fn from_parts(
         addr: Addr<ClientActor>,
         config: ClientConfig,
         pool: PagePool,
-        throttler: Arc<Throttler>,
+        io: Arc<SubJobIo>,
         worker: Option<thread::JoinHandle<()>>,
         worker_thread: ThreadId,
     ) -> Client {
@@ -498,7 +503,7 @@ impl Client {
                 addr,
                 config,
                 pool,
-                throttler,
+                io,
                 admission,
                 closed: AtomicBool::new(false),
                 worker: Mutex::new(worker),
@@ -515,7 +520,7 @@ impl Client {
 
     /// The throttle in force now (the configuration's, or the last one set).
     pub fn throttle(&self) -> Throttle {
-        self.inner.throttler.get()
+        self.inner.io.throttler.get()
     }
 
     /// Changes the throttle while jobs run. Sub-jobs waiting for the throttle re-check at once;
@@ -527,8 +532,15 @@ impl Client {
     /// unchanged.
     pub fn set_throttle(&self, throttle: Throttle) -> Result<(), ConfigError> {
         throttle.validate()?;
-        self.inner.throttler.set(throttle);
+        self.inner.io.throttler.set(throttle);
         Ok(())
+    }
+
+    /// What the client has done since it started: jobs, per-device I/O with latency
+    /// histograms, the pool's high-water mark, time waiting for pages and for the throttle.
+    /// A consistent snapshot of each counter, taken without stopping the client.
+    pub fn stats(&self) -> ClientStats {
+        self.inner.io.stats.snapshot(self.inner.pool.stats())
     }
 
     /// The page pool's occupancy and high-water mark.
@@ -586,7 +598,9 @@ impl Client {
     fn send(&self, (spec, callback): (Arc<JobSpec>, Option<Callback>), permit: OwnedSemaphorePermit) -> JobHandle {
         let shared = Arc::new(JobShared::new(spec.len_sectors));
         let handle = JobHandle::new(shared.clone());
-        self.inner.addr.do_send(Submit(Some(Pending { spec, shared, callback, _permit: permit })));
+        let stats = self.inner.io.stats.clone();
+        stats.job_submitted();
+        self.inner.addr.do_send(Submit(Some(Pending { spec, shared, callback, stats, _permit: permit })));
         handle
     }
 
@@ -648,14 +662,18 @@ fn new_pool(config: &ClientConfig) -> Result<PagePool, ConfigError> {
         .map_err(|source| ConfigError::Arena { pages: config.page_budget, source })
 }
 
-fn new_throttler(config: &ClientConfig) -> Arc<Throttler> {
-    Arc::new(Throttler::new(config.throttle, config.sub_job_size_bytes as u64))
+fn new_io(config: &ClientConfig) -> Arc<SubJobIo> {
+    Arc::new(SubJobIo {
+        throttler: Arc::new(Throttler::new(config.throttle, config.sub_job_size_bytes as u64)),
+        stats: Arc::new(StatsRecorder::default()),
+        timeout: config.io_timeout_ms.map(Duration::from_millis),
+    })
 }
 
-fn new_actor(pool: PagePool, throttler: Arc<Throttler>, owns_system: bool) -> ClientActor {
+fn new_actor(pool: PagePool, io: Arc<SubJobIo>, owns_system: bool) -> ClientActor {
     ClientActor {
         pool,
-        throttler,
+        io,
         next_id: 0,
         running: BTreeMap::new(),
         jobs_completed: 0,

@@ -42,6 +42,11 @@ pub struct ClientConfig {
     /// [`Client::set_throttle`](crate::Client::set_throttle) (this field keeps the value the
     /// client started with).
     pub throttle: Throttle,
+    /// Most milliseconds one device request may take before it fails with `TimedOut`
+    /// (`ETIMEDOUT`) and is reported in the outcome's ranges like any error; `None` (the
+    /// default) waits for ever. A timed-out request is not abandoned by the device: its buffer
+    /// and pages come back to the pool only when the device completes it.
+    pub io_timeout_ms: Option<u64>,
 }
 
 impl Default for ClientConfig {
@@ -53,6 +58,7 @@ impl Default for ClientConfig {
             queued_jobs_max: 1024,
             huge_pages: true,
             throttle: Throttle::OFF,
+            io_timeout_ms: None,
         }
     }
 }
@@ -77,6 +83,9 @@ impl ClientConfig {
         }
         if self.queued_jobs_max == 0 || self.queued_jobs_max > tokio::sync::Semaphore::MAX_PERMITS {
             return Err(ConfigError::QueuedJobs { count: self.queued_jobs_max });
+        }
+        if self.io_timeout_ms == Some(0) {
+            return Err(ConfigError::IoTimeout { ms: 0 });
         }
         self.throttle.validate()
     }

@@ -48,6 +48,12 @@ pub enum ConfigError {
         /// The rate given.
         bytes_per_s: u64,
     },
+    /// The per-I/O timeout is zero.
+    #[error("I/O timeout of {ms} ms: must be at least 1 (leave it unset to wait for ever)")]
+    IoTimeout {
+        /// The timeout given.
+        ms: u64,
+    },
     /// The page arena could not be reserved.
     #[error("reserving the page arena of {pages} pages")]
     Arena {

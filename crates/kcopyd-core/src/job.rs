@@ -28,10 +28,13 @@ use tokio::sync::Notify;
 
 use crate::client::{ClientActor, JobDone, JobShared, panic_message};
 use crate::error::SubmitError;
-use crate::throttle::Throttler;
+use crate::io::SubJobIo;
+use tokio::time::Instant;
+
+use crate::time_scale::to_model;
 use crate::{
-    ClientConfig, Flags, Outcome, PAGE_SIZE, PagePool, RangeSet, ReadBuf, Region, SECTOR_SIZE, TARGETS_MAX, TargetMask,
-    TargetReport, WriteBuf,
+    ClientConfig, Flags, Outcome, PAGE_SIZE, PagePool, Pages, RangeSet, ReadBuf, Region, SECTOR_SIZE, TARGETS_MAX,
+    TargetMask, TargetReport, WriteBuf,
 };
 
 /// What a job does.
@@ -211,7 +214,7 @@ impl JobState {
 struct JobRun {
     spec: Arc<JobSpec>,
     pool: PagePool,
-    throttler: Arc<Throttler>,
+    io: Arc<SubJobIo>,
     shared: Arc<JobShared>,
     state: RefCell<JobState>,
     turn_changed: Notify,
@@ -258,7 +261,7 @@ impl JobRun {
         while !self.finished() {
             match &self.spec.kind {
                 JobKind::Copy { source } => {
-                    let mut pages = self.pool.alloc(self.spec.chunk_pages()).await;
+                    let Some(mut pages) = self.alloc_pages().await else { break };
                     let Some(chunk) = self.take_chunk() else { break };
                     if !self.throttle_sub_job(&chunk).await {
                         drop(pages);
@@ -282,14 +285,31 @@ impl JobRun {
         }
     }
 
+    /// Waits for the pages of one sub-job; `None` if the job was cancelled meanwhile (so that
+    /// a cancelled job completes even while other jobs hold every page).
+    async fn alloc_pages(&self) -> Option<Pages> {
+        let began = Instant::now();
+        let alloc = std::pin::pin!(self.pool.alloc(self.spec.chunk_pages()));
+        let cancelled = std::pin::pin!(self.shared.cancelled());
+        let pages = match select(alloc, cancelled).await {
+            Either::Left((pages, _)) => Some(pages),
+            Either::Right(_) => None,
+        };
+        self.io.stats.waited_for_pages(to_model(began.elapsed()));
+        pages
+    }
+
     /// The throttle's hook: waits until the client's throttle lets a sub-job of these
     /// (job-relative) sectors be issued. Only this sub-job's task waits; `false` if the job
     /// was cancelled meanwhile.
     async fn throttle_sub_job(&self, sub_job: &Range<u64>) -> bool {
+        let began = Instant::now();
         let len_bytes = (sub_job.end - sub_job.start) * SECTOR_SIZE as u64;
-        let admitted = std::pin::pin!(self.throttler.admit_sub_job(len_bytes));
+        let admitted = std::pin::pin!(self.io.throttler.admit_sub_job(len_bytes));
         let cancelled = std::pin::pin!(self.shared.cancelled());
-        matches!(select(admitted, cancelled).await, Either::Left(_))
+        let admitted = matches!(select(admitted, cancelled).await, Either::Left(_));
+        self.io.stats.waited_for_throttle(to_model(began.elapsed()));
+        admitted
     }
 
     /// Gives up a sub-job that was taken but never issued (the job was cancelled): nothing is
@@ -305,44 +325,41 @@ impl JobRun {
         self.write_chunk(sub_job, WriteBuf::default(), RangeSet::new()).await;
     }
 
-    /// Reads `buf.len()` bytes of `source` from device sector `offset_sectors`: the one place
-    /// the job reads, counted as busy time by the throttle.
-    async fn read_source(&self, source: &Region, offset_sectors: u64, buf: ReadBuf) -> (ReadBuf, std::io::Result<()>) {
-        self.throttler.busy(source.device.read(offset_sectors, buf)).await
-    }
-
-    /// Writes `data` to `target` at device sector `offset_sectors`: the one place the job
-    /// writes, counted as busy time by the throttle.
-    async fn write_target(&self, target: &Region, offset_sectors: u64, data: WriteBuf) -> std::io::Result<()> {
-        self.throttler.busy(target.device.write(offset_sectors, data)).await
-    }
-
     /// Reads one chunk of the source and writes it to every target.
     async fn copy_chunk(&self, source: &Region, chunk: Range<u64>, buf: ReadBuf) {
-        let (buf, result) = self.read_source(source, source.start_sector + chunk.start, buf).await;
+        let (buf, result) = self.io.read(&source.device, source.start_sector + chunk.start, buf).await;
         let whole = RangeSet::from_range(chunk.clone());
-        if result.is_ok() {
-            return self.write_chunk(chunk, buf.freeze(), whole).await;
-        }
+        let buf = match (buf, result) {
+            (Some(buf), Ok(())) => return self.write_chunk(chunk, buf.freeze(), whole).await,
+            (buf, Err(_)) => buf,
+            (None, Ok(())) => unreachable!("a read that kept its buffer timed out"),
+        };
         self.state.borrow_mut().read_err = true;
-        if !self.spec.ignore_error() {
-            drop(buf);
+        // A timed-out read took the buffer with it: without it there is nothing to narrow
+        // into, and re-reading a stuck device would only wait again. The whole chunk failed.
+        let Some(buf) = buf.filter(|_| self.spec.ignore_error()) else {
             {
                 let mut state = self.state.borrow_mut();
-                state.stop_at(chunk.start);
+                if !self.spec.ignore_error() {
+                    state.stop_at(chunk.start);
+                }
                 state.read_failed.insert(chunk.clone());
             }
             // Nothing to write, but under WRITE_SEQ later chunks wait for this one's turn.
             return self.write_chunk(chunk, WriteBuf::default(), RangeSet::new()).await;
-        }
+        };
         let (buf, unreadable) = self.narrow(source, chunk.clone(), buf).await;
         self.state.borrow_mut().read_failed.extend(&unreadable);
-        self.write_chunk(chunk, buf.freeze(), whole.difference(&unreadable)).await;
+        match buf {
+            Some(buf) => self.write_chunk(chunk, buf.freeze(), whole.difference(&unreadable)).await,
+            None => self.write_chunk(chunk, WriteBuf::default(), RangeSet::new()).await,
+        }
     }
 
     /// Re-reads a chunk that failed in halves, down to the job's logical block, into the same
-    /// pages. Returns the buffer and the job-relative sectors that stayed unreadable.
-    async fn narrow(&self, source: &Region, chunk: Range<u64>, mut buf: ReadBuf) -> (ReadBuf, RangeSet) {
+    /// pages. Returns the buffer and the job-relative sectors that stayed unreadable; if a
+    /// re-read timed out, the buffer stays with the device and the whole chunk is unreadable.
+    async fn narrow(&self, source: &Region, chunk: Range<u64>, mut buf: ReadBuf) -> (Option<ReadBuf>, RangeSet) {
         let block = self.spec.block_sectors;
         let mut unreadable = RangeSet::new();
         let mut pending = vec![chunk.clone()];
@@ -352,7 +369,8 @@ impl JobRun {
                 let bytes = (piece.start - chunk.start) as usize * SECTOR_SIZE
                     ..(piece.end - chunk.start) as usize * SECTOR_SIZE;
                 buf.set_window(bytes);
-                let (back, result) = self.read_source(source, source.start_sector + piece.start, buf).await;
+                let (back, result) = self.io.read(&source.device, source.start_sector + piece.start, buf).await;
+                let Some(back) = back else { return (None, RangeSet::from_range(chunk)) };
                 buf = back;
                 if result.is_ok() {
                     continue;
@@ -369,7 +387,7 @@ impl JobRun {
             pending.push(piece.start..middle);
         }
         buf.reset_window();
-        (buf, unreadable)
+        (Some(buf), unreadable)
     }
 
     /// Writes the `readable` parts of `chunk` (job-relative) from `data` to every target.
@@ -399,7 +417,7 @@ impl JobRun {
                         let bytes = (piece.start - chunk.start) as usize * SECTOR_SIZE
                             ..(piece.end - chunk.start) as usize * SECTOR_SIZE;
                         let result =
-                            self.write_target(target, target.start_sector + piece.start, data.slice(bytes)).await;
+                            self.io.write(&target.device, target.start_sector + piece.start, data.slice(bytes)).await;
                         if result.is_err() {
                             return Err(piece.clone());
                         }
@@ -442,8 +460,7 @@ impl JobRun {
             self.state.borrow_mut().sub_job_given_up = true;
             return;
         }
-        let requests =
-            self.spec.targets.iter().map(|t| self.throttler.busy(t.device.write_zeroes(t.start_sector, len)));
+        let requests = self.spec.targets.iter().map(|t| self.io.write_zeroes(&t.device, t.start_sector, len));
         let results = join_all(requests).await;
         let mut state = self.state.borrow_mut();
         state.cursor = len;
@@ -504,7 +521,7 @@ impl JobActor {
         id: u64,
         spec: Arc<JobSpec>,
         pool: PagePool,
-        throttler: Arc<Throttler>,
+        io: Arc<SubJobIo>,
         shared: Arc<JobShared>,
         client: Addr<ClientActor>,
     ) -> JobActor {
@@ -522,8 +539,7 @@ impl JobActor {
             panicked: None,
             sub_job_given_up: false,
         };
-        let run =
-            Rc::new(JobRun { spec, pool, throttler, shared, state: RefCell::new(state), turn_changed: Notify::new() });
+        let run = Rc::new(JobRun { spec, pool, io, shared, state: RefCell::new(state), turn_changed: Notify::new() });
         JobActor { id, run, slots_running: 0, client }
     }
 

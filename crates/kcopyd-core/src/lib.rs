@@ -45,10 +45,12 @@ mod client;
 mod config;
 mod device;
 mod error;
+mod io;
 mod job;
 mod outcome;
 mod pool;
 mod region;
+mod stats;
 mod throttle;
 mod time_scale;
 
@@ -60,6 +62,7 @@ pub use error::{ConfigError, SubmitError};
 pub use outcome::{Outcome, TargetMask, TargetReport};
 pub use pool::{HUGE_PAGE_SIZE, PagePool, Pages, PoolStats};
 pub use region::{Flags, RangeSet, Region};
+pub use stats::{ClientStats, DeviceStats, LATENCY_BUCKETS, LatencyHistogram, OpStats};
 pub use throttle::{BUSY_WINDOW, Throttle};
 pub use time_scale::{set_time_scale, time_scale, to_model, to_tokio};
 

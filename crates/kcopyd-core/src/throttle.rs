@@ -37,7 +37,6 @@
 //! All durations are model time ([`crate::time_scale`]): in a simulation the limits mean
 //! the same as on real disks.
 
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -229,12 +228,6 @@ impl Throttler {
         state.account(Instant::now());
         state.ios_in_flight += 1;
         BusyGuard { throttler: self.clone() }
-    }
-
-    /// Runs one device I/O, counting it as busy time while it is in flight.
-    pub(crate) async fn busy<T>(self: &Arc<Self>, io: impl Future<Output = T>) -> T {
-        let _busy = self.io_started();
-        io.await
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ThrottleState> {
