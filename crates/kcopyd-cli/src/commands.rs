@@ -74,6 +74,7 @@ struct JobRun {
     done_bytes: u64,
     seconds: f64,
     flush_errors: Vec<Option<String>>,
+    stats: kcopyd_core::ClientStats,
 }
 
 /// Submits `job`, shows progress, waits (cancelling on Ctrl-C), then flushes every target.
@@ -96,6 +97,7 @@ async fn run_job(
     // Whatever was written is made durable, also after errors or a cancellation.
     let flushes = join_all(targets.iter().map(|t| t.device.flush())).await;
     let seconds = started.elapsed().as_secs_f64();
+    let stats = client.stats();
     client.shutdown().await;
     Ok(JobRun {
         outcome: watched.outcome,
@@ -103,6 +105,7 @@ async fn run_job(
         done_bytes: handle.progress().done_sectors * SECTOR_SIZE as u64,
         seconds,
         flush_errors: flushes.into_iter().map(|r| r.err().map(|e| e.to_string())).collect(),
+        stats,
     })
 }
 
@@ -263,6 +266,7 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
         }),
         targets,
         verify,
+        stats: Some(run.stats),
     };
     Ok(Done { report, status })
 }
@@ -298,6 +302,7 @@ pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, 
         source: None,
         targets,
         verify: None,
+        stats: Some(run.stats),
     };
     Ok(Done { report, status })
 }
@@ -357,6 +362,7 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
         }),
         targets,
         verify: interrupted.is_none().then(|| report::verify_report(&comparison, bytes, seconds)),
+        stats: None,
     };
     Ok(Done { report, status })
 }

@@ -849,3 +849,28 @@ fn throttle_options_limit_the_rate_and_bad_values_are_usage_errors() {
     }
     assert_eq!(contents(&[&file_target]), before);
 }
+
+#[test]
+fn the_json_report_of_copy_and_zero_carries_the_engine_statistics() {
+    let ran = kcopyd(&["copy", "sim:size=2M,seed=4", "sim:", "sim:", "--json", "--sub-job-size", "512K"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    let stats = &json(&ran)["stats"];
+    assert_eq!(stats["jobs_submitted"], 1);
+    assert_eq!(stats["jobs_completed"], 1);
+    assert_eq!(stats["jobs_failed"], 0);
+    let devices = stats["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 3, "the source and two targets, though two share a name");
+    assert_eq!(devices[0]["read"]["count"], 4);
+    assert_eq!(devices[0]["read"]["bytes"], 2 * MIB as u64);
+    for target in &devices[1..] {
+        assert_eq!(target["write"]["bytes"], 2 * MIB as u64);
+        let buckets: u64 =
+            target["write"]["latency"]["buckets"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap()).sum();
+        assert_eq!(buckets, 4, "one latency per write");
+    }
+    assert!(stats["pool"]["pages_in_use_max"].as_u64().unwrap() >= 128);
+    let ran = kcopyd(&["zero", "sim:size=1M", "--json"]);
+    assert_eq!(json(&ran)["stats"]["jobs_completed"], 1);
+    let ran = kcopyd(&["verify", "sim:size=1M", "sim:size=1M", "--json"]);
+    assert!(json(&ran).get("stats").is_none(), "verify runs no engine job");
+}

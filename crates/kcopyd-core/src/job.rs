@@ -18,8 +18,10 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::ops::Range;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::Poll;
 
 use actix::prelude::*;
 use futures_util::FutureExt;
@@ -146,6 +148,11 @@ impl JobSpec {
     fn write_seq(&self) -> bool {
         self.flags.contains(Flags::WRITE_SEQ)
     }
+}
+
+/// Polls `future` once: `Ready` if it needed no wait (for counting only real waits).
+async fn poll_once<F: Future + Unpin>(mut future: F) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut future).poll(cx))).await
 }
 
 /// Checks one region against its device; returns the device's logical block in sectors.
@@ -288,8 +295,11 @@ impl JobRun {
     /// Waits for the pages of one sub-job; `None` if the job was cancelled meanwhile (so that
     /// a cancelled job completes even while other jobs hold every page).
     async fn alloc_pages(&self) -> Option<Pages> {
+        let mut alloc = std::pin::pin!(self.pool.alloc(self.spec.chunk_pages()));
+        if let Poll::Ready(pages) = poll_once(alloc.as_mut()).await {
+            return Some(pages);
+        }
         let began = Instant::now();
-        let alloc = std::pin::pin!(self.pool.alloc(self.spec.chunk_pages()));
         let cancelled = std::pin::pin!(self.shared.cancelled());
         let pages = match select(alloc, cancelled).await {
             Either::Left((pages, _)) => Some(pages),
@@ -303,9 +313,12 @@ impl JobRun {
     /// (job-relative) sectors be issued. Only this sub-job's task waits; `false` if the job
     /// was cancelled meanwhile.
     async fn throttle_sub_job(&self, sub_job: &Range<u64>) -> bool {
-        let began = Instant::now();
         let len_bytes = (sub_job.end - sub_job.start) * SECTOR_SIZE as u64;
-        let admitted = std::pin::pin!(self.io.throttler.admit_sub_job(len_bytes));
+        let mut admitted = std::pin::pin!(self.io.throttler.admit_sub_job(len_bytes));
+        if poll_once(admitted.as_mut()).await.is_ready() {
+            return true;
+        }
+        let began = Instant::now();
         let cancelled = std::pin::pin!(self.shared.cancelled());
         let admitted = matches!(select(admitted, cancelled).await, Either::Left(_));
         self.io.stats.waited_for_throttle(to_model(began.elapsed()));
