@@ -189,8 +189,9 @@ impl JobHandle {
         self.shared.progress()
     }
 
-    /// Asks the job to stop: no new sub-job starts, the ones in flight finish, and the outcome
-    /// says `cancelled` if some part was never started.
+    /// Asks the job to stop: no new sub-job starts, the ones in flight finish, sub-jobs waiting
+    /// for pages or for the throttle give up at once, and the outcome says `cancelled` if some
+    /// part was never started.
     pub fn cancel(&self) {
         self.shared.cancel.store(true, Ordering::Release);
         self.shared.cancel_requested.notify_waiters();
