@@ -27,6 +27,7 @@ use crate::io::SubJobIo;
 use crate::job::{JobActor, JobKind, JobSpec};
 use crate::stats::{ClientStats, StatsRecorder};
 use crate::throttle::{Throttle, Throttler};
+use crate::time_scale::Clock;
 use crate::{ClientConfig, Flags, Outcome, PagePool, PoolStats, RangeSet, Region, TargetReport};
 
 type Callback = Box<dyn FnOnce(Outcome) + Send + 'static>;
@@ -456,7 +457,8 @@ impl Client {
     pub fn new(config: ClientConfig) -> Result<Client, ConfigError> {
         config.validate()?;
         let pool = new_pool(&config)?;
-        let io = new_io(&config);
+        // The worker is a fresh thread: real time.
+        let io = new_io(&config, Clock::REAL);
         let (sender, receiver) = std::sync::mpsc::channel();
         let actor_pool = pool.clone();
         let actor_io = io.clone();
@@ -485,7 +487,7 @@ impl Client {
     pub fn start_in_current_system(config: ClientConfig) -> Result<Client, ConfigError> {
         config.validate()?;
         let pool = new_pool(&config)?;
-        let io = new_io(&config);
+        let io = new_io(&config, Clock::of_this_thread());
         let addr = new_actor(pool.clone(), io.clone(), false).start();
         Ok(Client::from_parts(addr, config, pool, io, None, thread::current().id()))
     }
@@ -663,11 +665,12 @@ fn new_pool(config: &ClientConfig) -> Result<PagePool, ConfigError> {
         .map_err(|source| ConfigError::Arena { pages: config.page_budget, source })
 }
 
-fn new_io(config: &ClientConfig) -> Arc<SubJobIo> {
+fn new_io(config: &ClientConfig, clock: Clock) -> Arc<SubJobIo> {
     Arc::new(SubJobIo {
-        throttler: Arc::new(Throttler::new(config.throttle, config.sub_job_size_bytes as u64)),
+        throttler: Arc::new(Throttler::new(config.throttle, config.sub_job_size_bytes as u64, clock)),
         stats: Arc::new(StatsRecorder::default()),
         timeout: config.io_timeout_ms.map(Duration::from_millis),
+        clock,
     })
 }
 

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 
 use crate::stats::{Ended, Op, StatsRecorder};
 use crate::throttle::Throttler;
-use crate::time_scale::{to_model, to_tokio};
+use crate::time_scale::Clock;
 use crate::{Device, ReadBuf, SECTOR_SIZE, WriteBuf};
 
 /// What every sub-job of a client shares for its device I/O.
@@ -41,6 +41,8 @@ pub(crate) struct SubJobIo {
     pub(crate) stats: Arc<StatsRecorder>,
     /// Most model time one request may take; `None` waits for ever.
     pub(crate) timeout: Option<Duration>,
+    /// Model time on the client's arbiter.
+    pub(crate) clock: Clock,
 }
 
 /// The error of a request that timed out.
@@ -97,7 +99,7 @@ impl SubJobIo {
             let _busy = self.throttler.io_started();
             match self.timeout {
                 None => Ok(request.await),
-                Some(timeout) => bounded(request, timeout).await,
+                Some(timeout) => bounded(request, self.clock.to_tokio(timeout), timeout).await,
             }
         };
         let ended = match &result {
@@ -105,23 +107,27 @@ impl SubJobIo {
             Ok(_) => Ended::Failed,
             Err(_) => Ended::TimedOut,
         };
-        self.stats.io(device.id(), device.name(), op, len_bytes, to_model(began.elapsed()), ended);
+        self.stats.io(device.id(), device.name(), op, len_bytes, self.clock.to_model(began.elapsed()), ended);
         result
     }
 }
 
-/// Runs `request` as a task of its own on this arbiter and waits for it at most `timeout`
-/// (model time). On time out the task goes on, holding whatever the request owns, and its
+/// Runs `request` as a task of its own on this arbiter and waits for it at most
+/// `timeout_tokio` (`timeout` in model time, for the error). On time out the task goes on, holding whatever the request owns, and its
 /// result is dropped when it comes. A panic in the request is raised here, in the sub-job,
 /// as if the request had run inline.
-async fn bounded<T: 'static>(request: impl Future<Output = T> + 'static, timeout: Duration) -> io::Result<T> {
+async fn bounded<T: 'static>(
+    request: impl Future<Output = T> + 'static,
+    timeout_tokio: Duration,
+    timeout: Duration,
+) -> io::Result<T> {
     let (sender, receiver) = oneshot::channel();
     actix_rt::spawn(async move {
         let result = AssertUnwindSafe(request).catch_unwind().await;
         // The sub-job may have stopped waiting: then the result (and the buffer) drop here.
         let _ = sender.send(result);
     });
-    match tokio::time::timeout(to_tokio(timeout), receiver).await {
+    match tokio::time::timeout(timeout_tokio, receiver).await {
         Ok(Ok(Ok(value))) => Ok(value),
         Ok(Ok(Err(panic))) => std::panic::resume_unwind(panic),
         // The runtime dropped the task (it is going away): the request never completed.

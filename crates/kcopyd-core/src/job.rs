@@ -33,7 +33,6 @@ use crate::error::SubmitError;
 use crate::io::SubJobIo;
 use tokio::time::Instant;
 
-use crate::time_scale::to_model;
 use crate::{
     ClientConfig, Flags, Outcome, PAGE_SIZE, PagePool, Pages, RangeSet, ReadBuf, Region, SECTOR_SIZE, TARGETS_MAX,
     TargetMask, TargetReport, WriteBuf,
@@ -305,7 +304,7 @@ impl JobRun {
             Either::Left((pages, _)) => Some(pages),
             Either::Right(_) => None,
         };
-        self.io.stats.waited_for_pages(to_model(began.elapsed()));
+        self.io.stats.waited_for_pages(self.io.clock.to_model(began.elapsed()));
         pages
     }
 
@@ -321,7 +320,7 @@ impl JobRun {
         let began = Instant::now();
         let cancelled = std::pin::pin!(self.shared.cancelled());
         let admitted = matches!(select(admitted, cancelled).await, Either::Left(_));
-        self.io.stats.waited_for_throttle(to_model(began.elapsed()));
+        self.io.stats.waited_for_throttle(self.io.clock.to_model(began.elapsed()));
         admitted
     }
 

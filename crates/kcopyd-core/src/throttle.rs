@@ -45,7 +45,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::error::ConfigError;
-use crate::time_scale::{to_model, to_tokio};
+use crate::time_scale::Clock;
 
 /// The window over which the busy share is kept (model time): when the total time reaches
 /// it, busy and total time are halved.
@@ -118,6 +118,8 @@ pub(crate) struct Throttler {
 
 #[derive(Debug)]
 struct ThrottleState {
+    /// Model time on the client's arbiter.
+    clock: Clock,
     throttle: Throttle,
     /// Device I/Os in flight now.
     ios_in_flight: u64,
@@ -140,10 +142,11 @@ struct ThrottleState {
 }
 
 impl Throttler {
-    pub(crate) fn new(throttle: Throttle, burst_bytes: u64) -> Throttler {
+    pub(crate) fn new(throttle: Throttle, burst_bytes: u64, clock: Clock) -> Throttler {
         throttle.validate().expect("the throttle is validated with the client's configuration");
         Throttler {
             state: Mutex::new(ThrottleState {
+                clock,
                 throttle,
                 ios_in_flight: 0,
                 accounted_at: None,
@@ -208,14 +211,14 @@ impl Throttler {
                             self.changed.notify_waiters();
                             return;
                         }
-                        Some(wait) => Some(wait),
+                        Some(wait) => Some(state.clock.to_tokio(wait)),
                     }
                 }
             };
             match wait {
                 None => changed.await,
-                Some(wait) => {
-                    let sleep = tokio::time::sleep(to_tokio(wait));
+                Some(wait_tokio) => {
+                    let sleep = tokio::time::sleep(wait_tokio);
                     futures_util::future::select(std::pin::pin!(sleep), changed).await;
                 }
             }
@@ -291,7 +294,7 @@ impl ThrottleState {
     /// Brings busy and total time up to `now`, halving both when the window is full.
     fn account(&mut self, now: Instant) {
         let since = self.accounted_at.replace(now).unwrap_or(now);
-        let elapsed = to_model(now.saturating_duration_since(since));
+        let elapsed = self.clock.to_model(now.saturating_duration_since(since));
         if self.ios_in_flight > 0 {
             self.busy += elapsed;
         }
@@ -312,7 +315,7 @@ impl ThrottleState {
             return;
         };
         let since = self.refilled_at.replace(now).unwrap_or(now);
-        let elapsed_ns = to_model(now.saturating_duration_since(since)).as_nanos() as i128;
+        let elapsed_ns = self.clock.to_model(now.saturating_duration_since(since)).as_nanos() as i128;
         self.tokens = (self.tokens + elapsed_ns * i128::from(rate)).min(capacity);
     }
 
@@ -354,6 +357,7 @@ mod tests {
 
     fn state(throttle: Throttle) -> ThrottleState {
         ThrottleState {
+            clock: Clock::REAL,
             throttle,
             ios_in_flight: 0,
             accounted_at: None,

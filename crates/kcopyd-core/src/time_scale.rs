@@ -8,9 +8,10 @@
 //!
 //! Normally the scale is 1. A virtual-time harness (kcopyd-sim's `Simulation`) sets it to
 //! 1000 on its thread, so that one model microsecond lasts one tokio millisecond and
-//! sub-millisecond events keep their resolution under tokio's millisecond timer. The engine
-//! reads the scale on the thread its actors run on, so a throttle rate or an I/O timeout
-//! means the same model time inside a simulation as outside one.
+//! sub-millisecond events keep their resolution under tokio's millisecond timer. A client
+//! fixes its scale when it starts — 1 on a worker thread of its own, the calling thread's for
+//! `Client::start_in_current_system` — so a throttle rate, an I/O timeout or a latency in its
+//! statistics means the same model time inside a simulation as outside one.
 
 use std::cell::Cell;
 use std::time::Duration;
@@ -43,6 +44,33 @@ pub fn to_tokio(model: Duration) -> Duration {
 /// A tokio duration as model time on this thread.
 pub fn to_model(tokio: Duration) -> Duration {
     tokio / time_scale()
+}
+
+/// The time scale of the thread a client's actors run on, fixed when the client starts, so
+/// that every conversion the engine makes (also from a handle on another thread) uses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Clock {
+    scale: u32,
+}
+
+impl Clock {
+    /// Real time: a worker thread of the client's own.
+    pub(crate) const REAL: Clock = Clock { scale: 1 };
+
+    /// The scale of the calling thread (for actors started on it).
+    pub(crate) fn of_this_thread() -> Clock {
+        Clock { scale: time_scale() }
+    }
+
+    /// A model duration as tokio time.
+    pub(crate) fn to_tokio(self, model: Duration) -> Duration {
+        model.saturating_mul(self.scale)
+    }
+
+    /// A tokio duration as model time.
+    pub(crate) fn to_model(self, tokio: Duration) -> Duration {
+        tokio / self.scale
+    }
 }
 
 #[cfg(test)]
