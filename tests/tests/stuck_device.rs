@@ -46,8 +46,10 @@ fn a_read_that_never_completes_times_out_and_keeps_its_pages_until_the_device_re
                 // The device still holds both buffers: 2 × 16 pages.
                 assert_eq!(client.pool_stats().pages_in_use, 32);
                 assert_eq!(gate.held(), 2);
+                assert_eq!(stats.requests_outstanding, 2);
                 gate.open();
                 pass_ms(1).await;
+                assert_eq!(client.stats().requests_outstanding, 0);
                 assert_eq!(client.pool_stats().pages_in_use, 0, "the pages came back with the buffers");
                 // The late reads changed nothing on the target.
                 assert!(target.snapshot(0, 256).iter().all(|&b| b == 0));
@@ -133,4 +135,28 @@ fn a_zero_timeout_is_refused() {
     let config = ClientConfig { io_timeout_ms: Some(0), ..ClientConfig::default() };
     assert!(matches!(config.validate(), Err(ConfigError::IoTimeout { ms: 0 })));
     assert!(ClientConfig { io_timeout_ms: Some(1), ..ClientConfig::default() }.validate().is_ok());
+}
+
+#[test]
+fn shutdown_reports_requests_still_held_by_a_stuck_device_instead_of_failing() {
+    let source = patterned("source", 128, 512, 4);
+    let target = zeroed("target", 128, 512);
+    let gate = Arc::new(Gate::new());
+    let stuck = HookedDisk::new(source.clone()).hold_reads(gate.clone()).region(0, 128);
+    Simulation::block_on(async move {
+        let client = kcopyd_core::Client::start_in_current_system(config()).unwrap();
+        let outcome =
+            client.submit(Job::copy(stuck, vec![region(&target, 0, 128)], Flags::empty())).await.unwrap().await;
+        assert!(outcome.read_err);
+        let report = client.shutdown().await;
+        assert_eq!(report.requests_outstanding, 1);
+        assert_eq!(report.pool.pages_in_use, 16, "the stuck read's buffer");
+        assert_eq!(report.jobs_completed, 1);
+        // The device returns the buffer late: the pages come back and nothing is outstanding.
+        assert_eq!(client.stats().requests_outstanding, 1);
+        gate.open();
+        pass_ms(1).await;
+        assert_eq!(client.pool_stats().pages_in_use, 0);
+        assert_eq!(client.stats().requests_outstanding, 0);
+    });
 }

@@ -247,10 +247,14 @@ impl fmt::Debug for JobHandle {
 /// What the client saw when it shut down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct ShutdownReport {
-    /// The pool at shutdown: `pages_in_use` is 0 (asserted).
+    /// The pool at shutdown: `pages_in_use` is 0 (asserted) unless requests are outstanding.
     pub pool: PoolStats,
     /// Jobs completed over the client's life.
     pub jobs_completed: u64,
+    /// Requests that timed out ([`ClientConfig::io_timeout_ms`]) and that their devices have not
+    /// completed yet: they hold the buffers, and so the `pool.pages_in_use` pages, that a
+    /// device may still be using. Zero without a timeout.
+    pub requests_outstanding: u64,
 }
 
 /// A submission travelling to the client actor. If it is dropped undelivered (the actor is
@@ -359,8 +363,13 @@ impl ClientActor {
             return;
         }
         let pool = self.pool.stats();
-        assert_eq!(pool.pages_in_use, 0, "every page is back in the pool once all jobs completed");
-        let report = ShutdownReport { pool, jobs_completed: self.jobs_completed };
+        // Only timed-out requests still in their devices may hold pages now.
+        let requests_outstanding = self.io.requests_outstanding();
+        assert!(
+            pool.pages_in_use == 0 || requests_outstanding > 0,
+            "every page is back in the pool once all jobs completed: {pool:?}"
+        );
+        let report = ShutdownReport { pool, jobs_completed: self.jobs_completed, requests_outstanding };
         for reply in self.shutdown_replies.drain(..) {
             let _ = reply.send(report);
         }
@@ -543,7 +552,7 @@ impl Client {
     /// histograms, the pool's high-water mark, time waiting for pages and for the throttle.
     /// A consistent snapshot of each counter, taken without stopping the client.
     pub fn stats(&self) -> ClientStats {
-        self.inner.io.stats.snapshot(self.inner.pool.stats())
+        self.inner.io.stats.snapshot(self.inner.pool.stats(), self.inner.io.requests_outstanding())
     }
 
     /// The page pool's occupancy and high-water mark.
@@ -671,6 +680,7 @@ fn new_io(config: &ClientConfig, clock: Clock) -> Arc<SubJobIo> {
         stats: Arc::new(StatsRecorder::default()),
         timeout: config.io_timeout_ms.map(Duration::from_millis),
         clock,
+        outstanding: Arc::default(),
     })
 }
 

@@ -23,6 +23,7 @@ use std::future::Future;
 use std::io;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -43,6 +44,8 @@ pub(crate) struct SubJobIo {
     pub(crate) timeout: Option<Duration>,
     /// Model time on the client's arbiter.
     pub(crate) clock: Clock,
+    /// Requests that timed out and that their devices have not completed yet.
+    pub(crate) outstanding: Arc<AtomicU64>,
 }
 
 /// The error of a request that timed out.
@@ -51,6 +54,11 @@ fn timed_out(timeout: Duration) -> io::Error {
 }
 
 impl SubJobIo {
+    /// Timed-out requests that their devices still hold.
+    pub(crate) fn requests_outstanding(&self) -> u64 {
+        self.outstanding.load(Ordering::Acquire)
+    }
+
     /// Reads `buf.len()` bytes of `device` at `offset_sectors`. The buffer comes back unless
     /// the request timed out (it then stays with the device until it completes).
     pub(crate) async fn read(
@@ -99,7 +107,7 @@ impl SubJobIo {
             let _busy = self.throttler.io_started();
             match self.timeout {
                 None => Ok(request.await),
-                Some(timeout) => bounded(request, self.clock.to_tokio(timeout), timeout).await,
+                Some(timeout) => bounded(request, self.clock.to_tokio(timeout), timeout, &self.outstanding).await,
             }
         };
         let ended = match &result {
@@ -120,18 +128,28 @@ async fn bounded<T: 'static>(
     request: impl Future<Output = T> + 'static,
     timeout_tokio: Duration,
     timeout: Duration,
+    outstanding: &Arc<AtomicU64>,
 ) -> io::Result<T> {
     let (sender, receiver) = oneshot::channel();
+    let task_outstanding = outstanding.clone();
     actix_rt::spawn(async move {
         let result = AssertUnwindSafe(request).catch_unwind().await;
         // The sub-job may have stopped waiting: then the result (and the buffer) drop here.
-        let _ = sender.send(result);
+        if sender.send(result).is_err() {
+            let before = task_outstanding.fetch_sub(1, Ordering::AcqRel);
+            assert!(before > 0, "a timed-out request completed twice");
+        }
     });
     match tokio::time::timeout(timeout_tokio, receiver).await {
         Ok(Ok(Ok(value))) => Ok(value),
         Ok(Ok(Err(panic))) => std::panic::resume_unwind(panic),
         // The runtime dropped the task (it is going away): the request never completed.
         Ok(Err(_)) => Err(io::Error::other("the request's task was dropped before it completed")),
-        Err(_) => Err(timed_out(timeout)),
+        Err(_) => {
+            // The receiver is gone; the task, on this same thread, has not run since: it will
+            // find the send failing and count this request back.
+            outstanding.fetch_add(1, Ordering::AcqRel);
+            Err(timed_out(timeout))
+        }
     }
 }

@@ -150,6 +150,8 @@ pub struct ClientStats {
     pub page_wait_us: u64,
     /// Total time sub-jobs spent waiting for the throttle, in microseconds, summed likewise.
     pub throttle_wait_us: u64,
+    /// Requests that timed out and that their devices still hold (with their buffers' pages).
+    pub requests_outstanding: u64,
     /// Per device the client did I/O on, in the order of their identities.
     pub devices: Vec<DeviceStats>,
 }
@@ -243,7 +245,7 @@ impl StatsRecorder {
         op.latency.record(latency);
     }
 
-    pub(crate) fn snapshot(&self, pool: PoolStats) -> ClientStats {
+    pub(crate) fn snapshot(&self, pool: PoolStats, requests_outstanding: u64) -> ClientStats {
         let counters = self.lock();
         ClientStats {
             jobs_submitted: counters.jobs_submitted,
@@ -253,6 +255,7 @@ impl StatsRecorder {
             pool,
             page_wait_us: u64::try_from(counters.page_wait.as_micros()).unwrap_or(u64::MAX),
             throttle_wait_us: u64::try_from(counters.throttle_wait.as_micros()).unwrap_or(u64::MAX),
+            requests_outstanding,
             devices: counters.devices.values().cloned().collect(),
         }
     }
