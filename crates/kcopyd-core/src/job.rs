@@ -27,12 +27,11 @@ use actix::prelude::*;
 use futures_util::FutureExt;
 use futures_util::future::{Either, join_all, select};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::client::{ClientActor, JobDone, JobShared, panic_message};
 use crate::error::SubmitError;
 use crate::io::SubJobIo;
-use tokio::time::Instant;
-
 use crate::{
     ClientConfig, Flags, Outcome, PAGE_SIZE, PagePool, Pages, RangeSet, ReadBuf, Region, SECTOR_SIZE, TARGETS_MAX,
     TargetMask, TargetReport, WriteBuf,
