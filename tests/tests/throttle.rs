@@ -7,6 +7,7 @@ use std::time::Duration;
 use kcopyd_core::{Client, ClientConfig, ConfigError, Flags, Job, Region, Throttle};
 use kcopyd_sim::{IoModel, Latency, MemDisk, MemDiskOptions, Simulation, Trace, to_model, to_tokio};
 use kcopyd_tests::util::assert_same;
+use proptest::prelude::*;
 use tokio::time::Instant;
 
 /// 32 MiB.
@@ -258,4 +259,100 @@ fn the_throttle_is_part_of_the_serde_config_and_off_by_default() {
         serde_json::from_str(r#"{"throttle": {"busy_percent": 50, "rate_bytes_per_s": 1000}}"#).unwrap();
     assert_eq!(config.throttle, Throttle { busy_percent: Some(50), rate_bytes_per_s: Some(1000) });
     assert!(serde_json::from_str::<ClientConfig>(r#"{"throttle": {"busy": 50}}"#).is_err());
+}
+
+/// One job of a random mix: where it copies from and to, whether to cancel it and when.
+#[derive(Debug, Clone)]
+struct MixJob {
+    start_sector: u64,
+    len_sectors: u64,
+    write_seq: bool,
+    cancel_after_us: Option<u64>,
+}
+
+fn arb_throttle() -> impl Strategy<Value = Throttle> {
+    (proptest::option::of(1u32..=100), proptest::option::of(1_000_000u64..2_000_000_000))
+        .prop_map(|(busy_percent, rate_bytes_per_s)| Throttle { busy_percent, rate_bytes_per_s })
+}
+
+fn arb_job() -> impl Strategy<Value = MixJob> {
+    (0u64..16, 1u64..=16, any::<bool>(), proptest::option::of(0u64..20_000)).prop_map(
+        |(start, len, write_seq, cancel_after_us)| MixJob {
+            start_sector: start * 128,
+            len_sectors: len * 128,
+            write_seq,
+            cancel_after_us,
+        },
+    )
+}
+
+/// Runs `jobs` on one client under `throttle`, changed to `changed` after `change_after_us`;
+/// checks that every job completes once, that what a job reports copied is the source's data,
+/// and (in `Simulation::run`'s shutdown) that every page came back.
+fn run_mix(throttle: Throttle, changed: Throttle, change_after_us: u64, page_budget: usize, jobs: Vec<MixJob>) {
+    let config = ClientConfig {
+        throttle,
+        page_budget,
+        sub_job_size_bytes: 64 * 1024,
+        subjobs_in_flight: 4,
+        ..ClientConfig::default()
+    };
+    Simulation::run(config, |client, _trace| async move {
+        let source = disk_with("source", 4096, 1, slow());
+        let mut handles = Vec::new();
+        for (index, job) in jobs.iter().enumerate() {
+            // Each job its own target, so that reports can be checked one by one.
+            let target = disk_with(&format!("target{index}"), 4096, 100 + index as u64, slow());
+            let flags = if job.write_seq { Flags::WRITE_SEQ } else { Flags::empty() };
+            let region = |disk: &Arc<MemDisk>| Region::new(disk.clone(), job.start_sector, job.len_sectors);
+            let handle = client.submit(Job::copy(region(&source), vec![region(&target)], flags)).await.unwrap();
+            if let Some(after) = job.cancel_after_us {
+                let handle = handle.clone();
+                actix_rt::spawn(async move {
+                    tokio::time::sleep(to_tokio(Duration::from_micros(after))).await;
+                    handle.cancel();
+                });
+            }
+            handles.push((handle, target, job.clone()));
+        }
+        actix_rt::spawn({
+            let client = client.clone();
+            async move {
+                tokio::time::sleep(to_tokio(Duration::from_micros(change_after_us))).await;
+                client.set_throttle(changed).unwrap();
+            }
+        });
+        for (handle, target, job) in handles {
+            let outcome = handle.await;
+            assert!(!outcome.read_err && outcome.write_err.is_empty() && outcome.panicked.is_none(), "{outcome:?}");
+            assert!(outcome.cancelled || outcome.targets[0].not_copied.is_empty(), "{job:?}: {outcome:?}");
+            let all = kcopyd_core::RangeSet::from_range(job.start_sector..job.start_sector + job.len_sectors);
+            for copied in all.difference(&outcome.targets[0].not_copied).ranges() {
+                assert_same(&source, copied.start, &target, copied.start, copied.end - copied.start);
+            }
+            if job.write_seq {
+                // Sequential: what was copied is one run from the start.
+                assert!(outcome.targets[0].not_copied.ranges().len() <= 1, "{outcome:?}");
+                assert!(outcome.targets[0].not_copied.ranges().iter().all(|r| r.end == all.ranges()[0].end));
+            }
+        }
+        let stats = client.stats();
+        assert_eq!(stats.jobs_completed, jobs.len() as u64);
+    })
+    .unwrap();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(24), ..ProptestConfig::default() })]
+
+    #[test]
+    fn any_throttle_and_any_change_complete_every_job_once_with_true_reports(
+        throttle in arb_throttle(),
+        changed in arb_throttle(),
+        change_after_us in 0u64..50_000,
+        page_budget in 16usize..64,
+        jobs in proptest::collection::vec(arb_job(), 1..6),
+    ) {
+        run_mix(throttle, changed, change_after_us, page_budget, jobs);
+    }
 }
