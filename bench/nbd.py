@@ -98,8 +98,10 @@ def main():
                 server.wait()
         median = {name: statistics.median(values) for name, values in times.items()}
         print(f"\n{args.size_mib} MiB, medians of {args.runs} runs (kcopyd {shlex.join(extra) or 'defaults'}):")
+        print(f"  {'command':18} {'median':>8}  {'MiB/s':>7}  {'fastest':>8}  {'slowest':>8}")
         for name, seconds in median.items():
-            print(f"  {name:18} {seconds:6.2f} s  {args.size_mib / seconds:7.0f} MiB/s")
+            print(f"  {name:18} {seconds:6.2f} s  {args.size_mib / seconds:7.0f}  {min(times[name]):6.2f} s"
+                  f"  {max(times[name]):6.2f} s")
         print(f"  kcopyd / nbdcopy            {median['kcopyd'] / median['nbdcopy']:.2f}")
         print(f"  kcopyd 3 targets / 3 nbdcopy {median['kcopyd 3 targets'] / median['nbdcopy x3']:.2f}")
 

@@ -20,7 +20,7 @@
 //! server's replies would stall behind an idle caller.
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, IoSlice};
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
@@ -352,11 +352,28 @@ async fn write_request(writer: &mut Writer, request: Request, cookie: u64, share
         }
         state.inflight.insert(cookie, pending);
     }
-    writer.write_all(&request_header(0, command, cookie, offset_bytes, len_bytes)).await?;
-    if let Some(payload) = payload {
-        for segment in payload.segments() {
-            writer.write_all(segment).await?;
+    let header = request_header(0, command, cookie, offset_bytes, len_bytes);
+    match payload {
+        // Header and data in one vectored write: a payload as large as the socket buffer goes
+        // straight to the socket, in as few system calls as it takes.
+        Some(payload) => {
+            let mut parts: Vec<IoSlice<'_>> = Vec::with_capacity(1 + payload.segments().len());
+            parts.push(IoSlice::new(&header));
+            parts.extend(payload.segments().iter().map(|segment| IoSlice::new(segment)));
+            write_all_vectored(writer, &mut parts).await
         }
+        None => writer.write_all(&header).await,
+    }
+}
+
+/// Writes every byte of `parts`, as few calls as the socket takes.
+async fn write_all_vectored(writer: &mut Writer, mut parts: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !parts.is_empty() {
+        let written = writer.write_vectored(parts).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut parts, written);
     }
     Ok(())
 }
