@@ -180,7 +180,7 @@ impl Shared {
 }
 
 /// The caller's side of a connection: where requests go.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Connection {
     requests: mpsc::UnboundedSender<Request>,
     server: Arc<str>,
