@@ -494,3 +494,32 @@ fn a_server_killed_mid_copy_fails_the_io_in_flight_and_nothing_hangs() {
     assert!(later.to_string().contains("connection lost"), "{later}");
     client.shutdown_blocking();
 }
+
+/// A server that stays connected but does not answer (the delay filter holding every read for
+/// a minute): the engine's per-I/O timeout fails the reads, and the buffers come back once the
+/// server is gone.
+#[test]
+fn a_server_that_never_answers_is_cut_off_by_the_engines_io_timeout() {
+    let test = "a_server_that_never_answers_is_cut_off_by_the_engines_io_timeout";
+    let size = (1 << 20).to_string();
+    let args = ["--filter=delay", "memory", &size, "rdelay=60"];
+    let Some(mut server) = NbdServer::nbdkit(test, Listen::Unix, &args) else { return };
+    let source: Device = Arc::new(open(&server.uri(""), &ConnectOptions::default()));
+    let target: Device = Arc::new(kcopyd_sim::MemDisk::zeroed("target", 2048, 512));
+    let config = ClientConfig { io_timeout_ms: Some(300), ..ClientConfig::default() };
+    let client = Client::new(config).unwrap();
+    let job = client
+        .submit_blocking(Job::copy(Region::new(source, 0, 2048), vec![Region::new(target, 0, 2048)], Flags::empty()))
+        .unwrap();
+    let outcome = wait_within(job, Duration::from_secs(30));
+    assert!(outcome.read_err && !outcome.read_failed.is_empty(), "{outcome:?}");
+    server.kill();
+    // The lost connection completes the held reads: their pages return to the pool.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while client.pool_stats().pages_in_use > 0 {
+        assert!(std::time::Instant::now() < deadline, "pages still held: {:?}", client.pool_stats());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let report = client.shutdown_blocking();
+    assert_eq!(report.requests_outstanding, 0, "{report:?}");
+}
