@@ -241,6 +241,7 @@ impl Inputs {
                 len_sectors: len,
                 logical_block_size: block,
                 sparse: false,
+                headers_only: false,
                 write_zeroes: inputs.write_zeroes,
                 zoned: inputs.zoned,
                 zone_sectors: if inputs.zoned { zone } else { 0 },

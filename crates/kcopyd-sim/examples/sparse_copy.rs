@@ -1,11 +1,12 @@
 //! A terabyte-scale copy on sparse, pattern-backed disks, in virtual time.
 //!
 //! ```text
-//! cargo run --release -p kcopyd-sim --example sparse_copy -- --size 1TiB
+//! cargo run --release -p kcopyd-sim --example sparse_copy -- --size 1TiB [--headers-only]
 //! ```
 //!
 //! The source holds a pattern; the target keeps one extent per contiguous run of copied
-//! pattern, so memory stays flat however large the copy. Prints wall time, virtual time,
+//! pattern, so memory stays flat however large the copy. With `--headers-only` both disks
+//! move and check only each sector's provenance header, not its body. Prints wall time, virtual time,
 //! extents and the process's peak resident memory as one JSON line.
 
 use std::process::ExitCode;
@@ -38,20 +39,24 @@ fn peak_rss_kib() -> u64 {
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
-    let size_bytes = match (args.next().as_deref(), args.next()) {
-        (None, _) => 16 << 30,
-        (Some("--size"), Some(v)) => match parse_size(&v) {
-            Some(bytes) if bytes > 0 && bytes % (1 << 20) == 0 => bytes,
+    let mut size_bytes = 16 << 30;
+    let mut headers_only = false;
+    while let Some(arg) = args.next() {
+        match (arg.as_str(), arg.as_str().eq("--size").then(|| args.next()).flatten()) {
+            ("--headers-only", _) => headers_only = true,
+            ("--size", Some(v)) => match parse_size(&v) {
+                Some(bytes) if bytes > 0 && bytes % (1 << 20) == 0 => size_bytes = bytes,
+                _ => {
+                    eprintln!("sparse_copy: --size {v}: want a positive number of MiB like 1TiB");
+                    return ExitCode::from(2);
+                }
+            },
             _ => {
-                eprintln!("sparse_copy: --size {v}: want a positive number of MiB like 1TiB");
+                eprintln!("usage: sparse_copy [--size SIZE] [--headers-only]");
                 return ExitCode::from(2);
             }
-        },
-        _ => {
-            eprintln!("usage: sparse_copy [--size SIZE]");
-            return ExitCode::from(2);
         }
-    };
+    }
     let len_sectors = size_bytes / SECTOR_SIZE as u64;
     // A fast NVMe-like model: 20 µs per request, 3 GB/s reads, 2 GB/s writes, 32 deep.
     let model = |bandwidth| IoModel { cost_us: 20, bandwidth_bytes_per_s: bandwidth, queue_depth: 32, jitter_us: 5 };
@@ -59,6 +64,7 @@ fn main() -> ExitCode {
         name: name.into(),
         len_sectors,
         sparse: true,
+        headers_only,
         latency: Latency { read: model(3_000_000_000), write: model(2_000_000_000), seed: 1 },
         ..MemDiskOptions::default()
     };
@@ -89,7 +95,7 @@ fn main() -> ExitCode {
     let verified = target.provenance(0..len_sectors)
         == vec![(0..len_sectors, Provenance::Pattern { seed: 9, generation: 0, sector: 0 })];
     println!(
-        "{{\"bytes\":{size_bytes},\"ok\":{},\"verified\":{verified},\"wall_seconds\":{:.1},\"virtual_seconds\":{:.3},\"target_extents\":{},\"peak_rss_mib\":{}}}",
+        "{{\"bytes\":{size_bytes},\"headers_only\":{headers_only},\"ok\":{},\"verified\":{verified},\"wall_seconds\":{:.1},\"virtual_seconds\":{:.3},\"target_extents\":{},\"peak_rss_mib\":{}}}",
         outcome.is_ok(),
         started.elapsed().as_secs_f64(),
         virtual_time.as_secs_f64(),
