@@ -38,10 +38,64 @@ const HEADER_WORDS: usize = 5;
 pub(crate) const HEADER_BYTES: usize = HEADER_WORDS * 8;
 const _: () = assert!(HEADER_BYTES < SECTOR_SIZE && SECTOR_SIZE % 8 == 0);
 
-/// The check word of pattern sector `sector` of (`seed`, generation), given
-/// `generation_mixed = mix64(generation)` (constant over a run, so computed once per run).
-fn check_word(seed: u64, generation_mixed: u64, sector: u64) -> u64 {
-    mix64(MAGIC ^ seed ^ mix64(sector ^ generation_mixed))
+/// Spreads a sector number over the check word. Odd, so multiplying by it is a bijection:
+/// two sector numbers never give the same product.
+const SECTOR_SPREAD: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// The constants of one run of pattern sectors: its seed and generation, and the part of
+/// the check word that all its sectors share (computed once per run, not once per sector).
+#[derive(Debug, Clone, Copy)]
+struct PatternRun {
+    seed: u64,
+    generation: u64,
+    run_check: u64,
+}
+
+impl PatternRun {
+    fn new(seed: u64, generation: u64) -> PatternRun {
+        PatternRun { seed, generation, run_check: mix64(MAGIC ^ seed ^ mix64(generation)) }
+    }
+
+    /// The check word of sector `sector`. Damage to any one header word breaks the match:
+    /// the seed and generation go through `mix64` (a bijection), the sector number through
+    /// an odd multiplier (a bijection too).
+    fn check_word(&self, sector: u64) -> u64 {
+        self.run_check ^ sector.wrapping_mul(SECTOR_SPREAD)
+    }
+
+    /// Writes sector `sector` of the run into `out` (512 bytes): the header, and the body
+    /// unless `header_only`.
+    fn fill(&self, sector: u64, out: &mut [u8], header_only: bool) {
+        let check = self.check_word(sector);
+        write_header(self.seed, self.generation, sector, check, out);
+        if !header_only {
+            let body = mix64(check).to_le_bytes();
+            for word in out[HEADER_BYTES..].chunks_exact_mut(8) {
+                word.copy_from_slice(&body);
+            }
+        }
+    }
+
+    /// How many sectors from the start of `sectors` are sectors `first`, `first + 1`, … of
+    /// the run: headers always checked, bodies unless `header_only`.
+    fn continued_by(&self, sectors: &[u8], first: u64, header_only: bool) -> u64 {
+        let mut count = 0;
+        for sector in sectors.chunks_exact(SECTOR_SIZE) {
+            let number = first + count;
+            let check = self.check_word(number);
+            let expected = [MAGIC, self.seed, number, self.generation, check];
+            let mut words = sector.chunks_exact(8).map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")));
+            if !expected.iter().all(|&value| words.next() == Some(value)) {
+                break;
+            }
+            let body = mix64(check);
+            if !header_only && !words.all(|word| word == body) {
+                break;
+            }
+            count += 1;
+        }
+        count
+    }
 }
 
 /// Writes the 40-byte header of pattern sector `sector` into the start of `out`.
@@ -60,7 +114,7 @@ fn header_provenance(sector: &[u8]) -> Option<Provenance> {
         return None;
     }
     let (seed, sector_number, generation, check) = (word(1), word(2), word(3), word(4));
-    (check == check_word(seed, mix64(generation), sector_number)).then_some(Provenance::Pattern {
+    (check == PatternRun::new(seed, generation).check_word(sector_number)).then_some(Provenance::Pattern {
         seed,
         generation,
         sector: sector_number,
@@ -97,27 +151,7 @@ pub enum Provenance {
 /// ```
 pub fn pattern_sector(seed: u64, generation: u64, sector: u64, out: &mut [u8]) {
     assert_eq!(out.len(), SECTOR_SIZE);
-    fill_pattern_sector(seed, generation, mix64(generation), sector, out, false);
-}
-
-/// Writes pattern sector `sector` into `out` (512 bytes): the header, and the body unless
-/// `header_only`.
-fn fill_pattern_sector(
-    seed: u64,
-    generation: u64,
-    generation_mixed: u64,
-    sector: u64,
-    out: &mut [u8],
-    header_only: bool,
-) {
-    let check = check_word(seed, generation_mixed, sector);
-    write_header(seed, generation, sector, check, out);
-    if !header_only {
-        let body = mix64(check).to_le_bytes();
-        for word in out[HEADER_BYTES..].chunks_exact_mut(8) {
-            word.copy_from_slice(&body);
-        }
-    }
+    PatternRun::new(seed, generation).fill(sector, out, false);
 }
 
 /// Tells what a 512-byte sector holds.
@@ -217,18 +251,10 @@ impl Storage {
                     match content {
                         Content::Zero => piece.fill(0),
                         Content::Pattern { seed, generation, origin } => {
-                            let generation_mixed = mix64(*generation);
+                            let run = PatternRun::new(*seed, *generation);
                             let first = origin + (lo - run_start);
                             for (i, sector) in piece.chunks_exact_mut(SECTOR_SIZE).enumerate() {
-                                let number = first + i as u64;
-                                fill_pattern_sector(
-                                    *seed,
-                                    *generation,
-                                    generation_mixed,
-                                    number,
-                                    sector,
-                                    self.headers_only,
-                                );
+                                run.fill(first + i as u64, sector, self.headers_only);
                             }
                         }
                         Content::Data(data) => {
@@ -272,7 +298,8 @@ impl Storage {
             let (content, len) = match self.classify(sector_at(i)) {
                 Provenance::Zero => (Content::Zero, 1),
                 Provenance::Pattern { seed, generation, sector } => {
-                    let more = self.pattern_continues(&data[(i + 1) * SECTOR_SIZE..], seed, generation, sector + 1);
+                    let rest = &data[(i + 1) * SECTOR_SIZE..];
+                    let more = PatternRun::new(seed, generation).continued_by(rest, sector + 1, self.headers_only);
                     (Content::Pattern { seed, generation, origin: sector }, 1 + more)
                 }
                 Provenance::Data(_) => {
@@ -297,28 +324,6 @@ impl Storage {
         for (run_start, run_len, content) in runs {
             self.set(run_start..run_start + run_len, content);
         }
-    }
-
-    /// How many sectors from the start of `sectors` continue the pattern run of (`seed`,
-    /// `generation`) at sector number `first`, as this storage checks them.
-    fn pattern_continues(&self, sectors: &[u8], seed: u64, generation: u64, first: u64) -> u64 {
-        let generation_mixed = mix64(generation);
-        let mut count = 0;
-        for sector in sectors.chunks_exact(SECTOR_SIZE) {
-            let number = first + count;
-            let check = check_word(seed, generation_mixed, number);
-            let expected = [MAGIC, seed, number, generation, check];
-            let mut words = sector.chunks_exact(8).map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")));
-            if !expected.iter().all(|&value| words.next() == Some(value)) {
-                break;
-            }
-            let body = mix64(check);
-            if !self.headers_only && !words.all(|word| word == body) {
-                break;
-            }
-            count += 1;
-        }
-        count
     }
 
     /// Zeroes `sectors`.
