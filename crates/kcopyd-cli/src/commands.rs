@@ -38,7 +38,11 @@ fn region(opened: &Opened, len_sectors: u64) -> Region {
 }
 
 fn side(opened: &Opened) -> Side {
-    Side { device: opened.device.clone(), start_sector: opened.start_sector() }
+    Side {
+        device: opened.device.clone(),
+        start_sector: opened.start_sector(),
+        zero_before_read: devices::is_headers_only(&opened.arg),
+    }
 }
 
 /// Says that the end of a file is left out when the length was taken from it.
