@@ -448,7 +448,7 @@ mod tests {
             ("size=1000", "'size'"),
             ("size=1T", "'size'"),
             ("sparse=maybe", "'sparse'"),
-            ("headers-only=yes", "'headers-only'"),
+            ("headers-only=maybe", "'headers-only'"),
             ("flaky-write=5-5", "'flaky-write'"),
             ("size=1M,flaky-write=2040-2050", "'flaky-write'"),
             ("size=1M,bad-write=1-2,flaky-write=2040-2050", "'flaky-write'"),
