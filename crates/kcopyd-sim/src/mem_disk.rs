@@ -269,7 +269,9 @@ impl MemDisk {
         self.lock().storage.extents()
     }
 
-    /// Overwrites sectors from `start_sector` with `data`, bypassing faults and latency.
+    /// Overwrites sectors from `start_sector` with `data`, bypassing faults and latency. A
+    /// [`headers_only`](MemDiskOptions::headers_only) disk takes a sector with a valid pattern
+    /// header for that whole pattern sector, whatever its body holds.
     pub fn poke(&self, start_sector: u64, data: &[u8]) {
         assert_eq!(data.len() % SECTOR_SIZE, 0);
         self.lock().storage.write(start_sector, data);
