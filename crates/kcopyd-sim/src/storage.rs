@@ -35,7 +35,7 @@ const MAGIC: u64 = 0x6b63_6f70_7964_2d73; // "kcopyd-s"
 const WORDS: usize = SECTOR_SIZE / 8;
 const HEADER_WORDS: usize = 5;
 /// Bytes of a pattern sector's header: all that a `headers_only` disk fills and checks.
-pub(crate) const HEADER_BYTES: usize = HEADER_WORDS * 8;
+const HEADER_BYTES: usize = HEADER_WORDS * 8;
 const _: () = assert!(HEADER_BYTES < SECTOR_SIZE && SECTOR_SIZE % 8 == 0);
 
 /// Spreads a sector number over the check word. Odd, so multiplying by it is a bijection:
