@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kcopyd_core::{BlockDevice, ClientConfig, Device, Flags, Job, PagePool, ReadBuf, Region, WriteBuf};
+use kcopyd_core::{BlockDevice, ClientConfig, Flags, Job, PagePool, ReadBuf, Region, WriteBuf};
 use kcopyd_sim::{
     FaultKind, FaultPlan, IoModel, Latency, MemDisk, MemDiskOptions, Misdirect, Provenance, Simulation, to_model,
 };
@@ -97,7 +97,7 @@ fn a_terabyte_sparse_copy_region_costs_a_few_extents_and_verifies() {
         async move {
             let job = Job::copy(
                 Region::new(source, from, copy_sectors),
-                vec![Region::new(target as Device, to, copy_sectors)],
+                vec![Region::new(target, to, copy_sectors)],
                 Flags::empty(),
             );
             client.submit(job).await.unwrap().await

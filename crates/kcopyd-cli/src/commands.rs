@@ -224,14 +224,20 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
             .targets
             .iter()
             .zip(&run.outcome.targets)
-            .map(|(target, outcome)| outcome.not_copied.shifted(target.start_sector(), 0))
+            .map(|(target, outcome)| {
+                outcome.not_copied.shifted(target.start_sector(), 0).expect("not_copied lies inside the target region")
+            })
             .collect();
         let (mut comparison, bytes, seconds, signal) =
             run_compare(context, &plan.source, &plan.targets, plan.len_bytes, Some(&skip), interrupts).await?;
         interrupted = signal;
         if signal.is_none() {
             // The source's unreadable blocks were reported by the copy already.
-            let read_failed = run.outcome.read_failed.shifted(plan.source.start_sector(), 0);
+            let read_failed = run
+                .outcome
+                .read_failed
+                .shifted(plan.source.start_sector(), 0)
+                .expect("read_failed lies inside the source region");
             comparison.source_unreadable = comparison.source_unreadable.difference(&read_failed);
             for ((target, opened), diff) in targets.iter_mut().zip(&plan.targets).zip(&comparison.targets) {
                 target.verify = Some(report::target_verify(diff, opened.start_sector()));
@@ -353,7 +359,12 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
         source: Some(SourceReport {
             device: plan.source.arg.text.clone(),
             offset_bytes: plan.source.arg.offset_bytes,
-            read_failed_sectors: report::pairs(&comparison.source_unreadable.shifted(0, plan.source.start_sector())),
+            read_failed_sectors: report::pairs(
+                &comparison
+                    .source_unreadable
+                    .shifted(0, plan.source.start_sector())
+                    .expect("the source region lies inside its device"),
+            ),
         }),
         targets,
         verify: interrupted.is_none().then(|| report::verify_report(&comparison, bytes, seconds)),

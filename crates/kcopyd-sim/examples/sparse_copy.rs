@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-use kcopyd_core::{ClientConfig, Device, Flags, Job, Region, SECTOR_SIZE};
+use kcopyd_core::{ClientConfig, Flags, Job, Region, SECTOR_SIZE};
 use kcopyd_sim::{IoModel, Latency, MemDisk, MemDiskOptions, Provenance, Simulation, to_model};
 
 fn parse_size(text: &str) -> Option<u64> {
@@ -78,7 +78,7 @@ fn main() -> ExitCode {
             let began = tokio::time::Instant::now();
             let job = Job::copy(
                 Region::new(source, 0, len_sectors),
-                vec![Region::new(target as Device, 0, len_sectors)],
+                vec![Region::new(target, 0, len_sectors)],
                 Flags::empty(),
             );
             let outcome = client.submit(job).await.expect("valid job").await;

@@ -644,12 +644,9 @@ impl BlockDevice for MemDisk {
     }
 
     fn geometry(&self) -> Geometry {
-        Geometry {
-            len_sectors: self.options.len_sectors,
-            logical_block_size: self.options.logical_block_size,
-            write_zeroes: self.options.write_zeroes,
-            zoned: self.options.zoned,
-        }
+        Geometry::new(self.options.len_sectors, self.options.logical_block_size)
+            .with_write_zeroes(self.options.write_zeroes)
+            .with_zoned(self.options.zoned)
     }
 
     fn read(&self, offset_sectors: u64, mut buf: ReadBuf) -> IoFuture<'_, (ReadBuf, io::Result<()>)> {
