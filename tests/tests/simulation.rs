@@ -277,8 +277,7 @@ fn mem_disk_errors_name_the_device_the_operation_and_the_sectors() {
     };
     // Refused before any transfer: misaligned (EINVAL), past the end (EIO).
     let error = io(disk.write(4, WriteBuf::zeroes(4096))).unwrap_err();
-    let inner =
-        check(error, "sim-a: write of sectors 4..12 refused: not aligned to the 4096-byte logical block", 22);
+    let inner = check(error, "sim-a: write of sectors 4..12 refused: not aligned to the 4096-byte logical block", 22);
     assert_eq!(inner.operation, Operation::Write);
     assert_eq!(inner.reason, DiskFailure::Misaligned { block_size: 4096 });
     let (_, result) = io(disk.read(64, ReadBuf::with_capacity(4096)));

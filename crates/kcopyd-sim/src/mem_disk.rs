@@ -21,7 +21,6 @@ use crate::storage::{Provenance, Storage};
 use crate::timing::{Latency, Timeline};
 use crate::trace::Trace;
 
-
 static NEXT_DISK: AtomicU64 = AtomicU64::new(1);
 
 /// How to build a [`MemDisk`]: a serde value, so that scenarios can be saved and replayed.
@@ -369,7 +368,9 @@ impl MemDisk {
         }
         match offset_sectors.checked_add(len_sectors) {
             Some(end) if end <= self.options.len_sectors => Ok(offset_sectors..end),
-            _ => Err(self.error(operation, asked, DiskFailure::OutOfRange { device_sectors: self.options.len_sectors })),
+            _ => {
+                Err(self.error(operation, asked, DiskFailure::OutOfRange { device_sectors: self.options.len_sectors }))
+            }
         }
     }
 
@@ -705,12 +706,13 @@ impl BlockDevice for MemDisk {
     }
 
     fn write_zeroes(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
-        let sectors = match self.check(Operation::WriteZeroes, offset_sectors, len_sectors.saturating_mul(SECTOR_SIZE as u64)) {
-            Ok(sectors) => sectors,
-            Err(error) => {
-                return Box::pin(async move { Err(self.refuse(Operation::WriteZeroes, offset_sectors, error)) });
-            }
-        };
+        let sectors =
+            match self.check(Operation::WriteZeroes, offset_sectors, len_sectors.saturating_mul(SECTOR_SIZE as u64)) {
+                Ok(sectors) => sectors,
+                Err(error) => {
+                    return Box::pin(async move { Err(self.refuse(Operation::WriteZeroes, offset_sectors, error)) });
+                }
+            };
         // Offloaded zeroing moves no data: it costs one request, not bandwidth.
         let issued = self.issue(Operation::WriteZeroes, &sectors, 0, None);
         Box::pin(async move {
