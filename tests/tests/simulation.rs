@@ -13,7 +13,9 @@ use kcopyd_tests::scenario::{Inputs, run};
 /// Copies `len_sectors` from a source with `read` timing to a target with `write` timing, in
 /// virtual time; returns the model time the job took.
 fn timed_copy(read: IoModel, write: IoModel, len_sectors: u64) -> Duration {
-    Simulation::run(ClientConfig::default(), |client, _trace| async move {
+    // The kernel's shape, which the models below are worked out for.
+    let config = ClientConfig { sub_job_size_bytes: 512 * 1024, subjobs_in_flight: 8, ..ClientConfig::default() };
+    Simulation::run(config, |client, _trace| async move {
         let source = Arc::new(MemDisk::new(MemDiskOptions {
             name: "source".into(),
             len_sectors,

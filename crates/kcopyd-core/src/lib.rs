@@ -50,7 +50,10 @@ mod region;
 
 pub use buffer::{ReadBuf, WriteBuf};
 pub use client::{Client, Job, JobHandle, PreparedCallback, Progress, RunningJob, ShutdownReport};
-pub use config::{ClientConfig, SUB_JOB_SIZE_MAX, SUBJOBS_IN_FLIGHT_MAX};
+pub use config::{
+    ClientConfig, PAGE_BUDGET_DEFAULT, SUB_JOB_SIZE_DEFAULT_BYTES, SUB_JOB_SIZE_MAX, SUBJOBS_IN_FLIGHT_DEFAULT,
+    SUBJOBS_IN_FLIGHT_MAX,
+};
 pub use device::{BlockDevice, Device, DeviceId, Geometry, IntoDevice, IoFuture};
 pub use error::{ConfigError, ShiftError, ShutdownError, SubmitError};
 pub use outcome::{Outcome, TargetMask, TargetReport};
