@@ -176,6 +176,7 @@ pub enum ShutdownError {
 /// A sector shift that would take a range below sector 0 or past `u64::MAX`.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 #[error("shifting sectors {range:?} so that sector {from} lands on {to} leaves the sector numbers")]
+#[non_exhaustive]
 pub struct ShiftError {
     /// The first range that did not fit.
     pub range: Range<u64>,
