@@ -155,6 +155,33 @@ fn concurrent_shutdowns_from_many_threads_all_get_the_report() {
 }
 
 #[test]
+fn shutdowns_racing_the_actors_stop_all_get_the_report() {
+    // With nothing running the first shutdown stops the actor at once, so the others arrive
+    // while it stops or after: every one of them must still get the same report.
+    for round in 0..20 {
+        let client = Client::new(ClientConfig { page_budget: 1, ..ClientConfig::default() }).unwrap();
+        let callers = 8;
+        let barrier = Arc::new(Barrier::new(callers));
+        let threads: Vec<_> = (0..callers)
+            .map(|_| {
+                let (client, barrier) = (client.clone(), barrier.clone());
+                thread::spawn(move || {
+                    barrier.wait();
+                    client.shutdown_blocking()
+                })
+            })
+            .collect();
+        let reports: Vec<_> = within_hang("racing shutdowns", move || {
+            threads.into_iter().map(|t| t.join().map_err(|_| "a caller panicked")).collect::<Vec<_>>()
+        });
+        let first = reports[0].clone().unwrap_or_else(|e| panic!("round {round}: {e}"));
+        for report in reports {
+            assert_eq!(report, Ok(first), "round {round}");
+        }
+    }
+}
+
+#[test]
 fn a_device_that_keeps_its_buffers_is_reported_at_shutdown_instead_of_hanging() {
     let client = Client::new(small_chunks()).unwrap();
     let source = patterned("source", 64, 512, 2);
