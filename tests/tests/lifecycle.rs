@@ -174,7 +174,7 @@ fn shutdowns_racing_the_actors_stop_all_get_the_report() {
         let reports: Vec<_> = within_hang("racing shutdowns", move || {
             threads.into_iter().map(|t| t.join().map_err(|_| "a caller panicked")).collect::<Vec<_>>()
         });
-        let first = reports[0].clone().unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let first = reports[0].unwrap_or_else(|e| panic!("round {round}: {e}"));
         for report in reports {
             assert_eq!(report, Ok(first), "round {round}");
         }
