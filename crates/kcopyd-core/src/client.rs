@@ -26,11 +26,15 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use serde::Serialize;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::block_on::{block_on, block_on_timeout};
 use crate::error::{ConfigError, ShutdownError, SubmitError};
+use crate::io::SubJobIo;
 use crate::job::{JobActor, JobKind, JobRun, JobSpec};
+use crate::stats::{ClientStats, StatsRecorder};
+use crate::throttle::{Throttle, Throttler};
+use crate::time_scale::Clock;
 use crate::{ClientConfig, Flags, Outcome, PagePool, PoolStats, RangeSet, Region, TargetMask, TargetReport};
 
 type Callback = Box<dyn FnOnce(Outcome) + Send + 'static>;
@@ -56,7 +60,8 @@ impl Job {
 
     /// Calls `callback` with the outcome when the job completes, on the client's worker.
     /// Callbacks of one client never run concurrently with one another. The job's handle
-    /// still resolves as well.
+    /// still resolves as well, after the callback has returned (so a callback that asks its
+    /// own job's handle for the outcome finds none yet).
     pub fn on_complete(mut self, callback: impl FnOnce(Outcome) + Send + 'static) -> Job {
         self.callback = Some(Box::new(callback));
         self
@@ -91,6 +96,8 @@ pub(crate) struct JobShared {
     total_sectors: u64,
     done_sectors: AtomicU64,
     cancel: AtomicBool,
+    /// Woken when the job is cancelled, for sub-jobs waiting on the throttle.
+    cancel_requested: Notify,
     slot: Mutex<OutcomeSlot>,
     completed: Condvar,
 }
@@ -112,6 +119,7 @@ impl JobShared {
             total_sectors,
             done_sectors: AtomicU64::new(0),
             cancel: AtomicBool::new(false),
+            cancel_requested: Notify::new(),
             slot: Mutex::new(OutcomeSlot::default()),
             completed: Condvar::new(),
         }
@@ -124,6 +132,20 @@ impl JobShared {
 
     pub(crate) fn cancel_requested(&self) -> bool {
         self.cancel.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the job is cancelled (at once if it already is).
+    pub(crate) async fn cancelled(&self) {
+        loop {
+            let notified = self.cancel_requested.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the check, so a cancel between the two still wakes it.
+            notified.as_mut().enable();
+            if self.cancel_requested() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     pub(crate) fn progress(&self) -> Progress {
@@ -193,10 +215,12 @@ impl JobHandle {
         self.shared.progress()
     }
 
-    /// Asks the job to stop: no new sub-job starts, the ones in flight finish, and the outcome
-    /// says `cancelled` if some part was never started.
+    /// Asks the job to stop: no new sub-job starts, the ones in flight finish, sub-jobs waiting
+    /// for pages or for the throttle give up at once, and the outcome says `cancelled` if some
+    /// part was never started.
     pub fn cancel(&self) {
         self.shared.cancel.store(true, Ordering::Release);
+        self.shared.cancel_requested.notify_waiters();
     }
 
     /// The outcome, if the job has completed.
@@ -250,12 +274,17 @@ impl fmt::Debug for JobHandle {
 #[non_exhaustive]
 pub struct ShutdownReport {
     /// The pool when the last job completed. `pages_in_use` is the pages still held by
-    /// someone else: 0 unless a device kept buffers it was given after its future completed,
-    /// which breaks the [`BlockDevice`](crate::BlockDevice) contract. Those pages return to the
-    /// pool when the device drops them.
+    /// someone else: 0 unless requests are outstanding (below), or a device kept buffers it
+    /// was given after its future completed, which breaks the
+    /// [`BlockDevice`](crate::BlockDevice) contract. Those pages return to the pool when the
+    /// device drops them.
     pub pool: PoolStats,
     /// Jobs completed over the client's life.
     pub jobs_completed: u64,
+    /// Requests that timed out ([`ClientConfig::io_timeout_ms`]) and that their devices have not
+    /// completed yet: they hold the buffers, and so pages of `pool.pages_in_use`, that a
+    /// device may still be using. Zero without a timeout.
+    pub requests_outstanding: u64,
 }
 
 /// A job that had not completed when [`Client::shutdown_timeout`] gave up waiting.
@@ -281,6 +310,8 @@ struct Registered {
 /// What every handle of a client and its actor share, from any thread.
 pub(crate) struct ClientShared {
     pool: PagePool,
+    /// What sub-jobs share for their device I/O: the throttle, statistics, the timeout.
+    io: Arc<SubJobIo>,
     /// Set once shutdown begins, the last handle is dropped or the actor is gone: no job is
     /// taken after it.
     closed: AtomicBool,
@@ -296,9 +327,10 @@ pub(crate) struct ClientShared {
 }
 
 impl ClientShared {
-    fn new(pool: PagePool, config: &ClientConfig) -> Arc<ClientShared> {
+    fn new(pool: PagePool, io: Arc<SubJobIo>, config: &ClientConfig) -> Arc<ClientShared> {
         Arc::new(ClientShared {
             pool,
+            io,
             closed: AtomicBool::new(false),
             admission: Arc::new(Semaphore::new(config.queued_jobs_max)),
             next_job_id: AtomicU64::new(0),
@@ -322,8 +354,11 @@ impl ClientShared {
 
     /// Publishes the shutdown report, once; later calls change nothing.
     fn publish_report(&self) {
-        let report =
-            ShutdownReport { pool: self.pool.stats(), jobs_completed: self.jobs_completed.load(Ordering::Acquire) };
+        let report = ShutdownReport {
+            pool: self.pool.stats(),
+            jobs_completed: self.jobs_completed.load(Ordering::Acquire),
+            requests_outstanding: self.io.requests_outstanding(),
+        };
         self.report.send_if_modified(|slot| {
             if slot.is_some() {
                 return false;
@@ -367,23 +402,32 @@ struct Pending {
 }
 
 impl Pending {
-    fn finish(mut self, outcome: Outcome) {
-        self.client.running().remove(&self.shared.job_id);
-        self.client.jobs_completed.fetch_add(1, Ordering::AcqRel);
-        self.shared.complete(outcome.clone());
-        if let Some(callback) = self.callback.take() {
-            run_callback(callback, outcome);
+    /// Completes the job: runs the callback, frees the admission permit, and only then
+    /// resolves the handles, so that a caller that saw its handle resolve can submit again
+    /// at once (even with `queued_jobs_max: 1`) and finds the callback's effects done.
+    fn finish(self, mut outcome: Outcome) {
+        let Pending { spec, shared, callback, client, _permit: permit } = self;
+        client.io.stats.job_completed(&outcome);
+        if let Some(callback) = callback {
+            let first_target = spec.targets.first().map(|t| t.device.name()).unwrap_or("");
+            outcome.callback_panicked = run_callback(callback, outcome.clone(), first_target);
         }
-        // `_permit` drops here, after the callback: admission counts a job until it is done.
+        // Admission counts a job until its callback has run, and no longer than that.
+        drop(permit);
+        client.running().remove(&shared.job_id);
+        client.jobs_completed.fetch_add(1, Ordering::AcqRel);
+        shared.complete(outcome);
     }
 }
 
-/// Runs a completion callback. A panicking callback must not take the client (and every later
-/// job) down with it: report it and go on.
-fn run_callback(callback: Callback, outcome: Outcome) {
-    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| callback(outcome))) {
-        eprintln!("kcopyd: a completion callback panicked: {}", panic_message(&*panic));
-    }
+/// Runs a completion callback (a job's, or a prepared one with no target). A panicking
+/// callback must not take the client (and every later job) down with it: report it as a
+/// diagnostic event, return its message, and go on.
+fn run_callback(callback: Callback, outcome: Outcome, first_target: &str) -> Option<String> {
+    let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| callback(outcome))).err()?;
+    let message = panic_message(&*panic);
+    tracing::error!(panic = %message, first_target, "kcopyd: a completion callback panicked");
+    Some(message)
 }
 
 #[derive(Message)]
@@ -453,7 +497,7 @@ impl Drop for RunCallback {
         // Undelivered (the actor is gone): the callback still runs, once, here.
         if let Some((callback, outcome, shared)) = self.0.take() {
             shared.prepared_callbacks.fetch_sub(1, Ordering::SeqCst);
-            run_callback(callback, outcome);
+            run_callback(callback, outcome, "");
         }
     }
 }
@@ -519,8 +563,14 @@ impl Handler<Submit> for ClientActor {
             return;
         }
         let id = pending.shared.job_id;
-        let actor =
-            JobActor::new(id, pending.spec.clone(), self.shared.pool.clone(), pending.shared.clone(), ctx.address());
+        let actor = JobActor::new(
+            id,
+            pending.spec.clone(),
+            self.shared.pool.clone(),
+            self.shared.io.clone(),
+            pending.shared.clone(),
+            ctx.address(),
+        );
         let run = actor.run();
         actor.start();
         self.running.insert(id, (pending, run));
@@ -553,7 +603,7 @@ impl Handler<RunCallback> for ClientActor {
 
     fn handle(&mut self, mut message: RunCallback, ctx: &mut Context<Self>) {
         let (callback, outcome, shared) = message.0.take().expect("a callback is handled once");
-        run_callback(callback, outcome);
+        run_callback(callback, outcome, "");
         shared.prepared_callbacks.fetch_sub(1, Ordering::SeqCst);
         self.maybe_stop(ctx);
     }
@@ -610,7 +660,8 @@ impl Client {
     pub fn new(config: ClientConfig) -> Result<Client, ConfigError> {
         config.validate()?;
         let pool = new_pool(&config)?;
-        let shared = ClientShared::new(pool, &config);
+        // The worker is a fresh thread: real time.
+        let shared = ClientShared::new(pool, new_io(&config, Clock::REAL), &config);
         let (sender, receiver) = std::sync::mpsc::channel();
         let actor_shared = shared.clone();
         let worker = thread::Builder::new()
@@ -645,7 +696,7 @@ impl Client {
         config.validate()?;
         let arbiter = actix_rt::Arbiter::try_current().ok_or(ConfigError::NoActixSystem)?;
         let pool = new_pool(&config)?;
-        let shared = ClientShared::new(pool, &config);
+        let shared = ClientShared::new(pool, new_io(&config, Clock::of_this_thread()), &config);
         let actor_shared = shared.clone();
         // Started through the arbiter rather than spawned here, so that this works anywhere on
         // the System's thread, inside or outside its `block_on`.
@@ -666,6 +717,32 @@ impl Client {
     /// The configuration the client runs with.
     pub fn config(&self) -> &ClientConfig {
         &self.inner.config
+    }
+
+    /// The throttle in force now (the configuration's, or the last one set).
+    pub fn throttle(&self) -> Throttle {
+        self.inner.shared.io.throttler.get()
+    }
+
+    /// Changes the throttle while jobs run. Sub-jobs waiting for the throttle re-check at once;
+    /// sub-jobs already issued are not affected. The busy history and the rate's bucket carry
+    /// over, so a new limit applies from now on, not retroactively.
+    ///
+    /// # Errors
+    /// [`ConfigError::ThrottleBusy`] or [`ConfigError::ThrottleRate`]; the throttle is then
+    /// unchanged.
+    pub fn set_throttle(&self, throttle: Throttle) -> Result<(), ConfigError> {
+        throttle.validate()?;
+        self.inner.shared.io.throttler.set(throttle);
+        Ok(())
+    }
+
+    /// What the client has done since it started: jobs, per-device I/O with latency
+    /// histograms, the pool's high-water mark, time waiting for pages and for the throttle.
+    /// A consistent snapshot of each counter, taken without stopping the client.
+    pub fn stats(&self) -> ClientStats {
+        let shared = &self.inner.shared;
+        shared.io.stats.snapshot(shared.pool.stats(), shared.io.requests_outstanding())
     }
 
     /// The page pool's occupancy and high-water mark.
@@ -726,6 +803,7 @@ impl Client {
         let id = client.next_job_id.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(JobShared::new(id, spec.len_sectors));
         let handle = JobHandle::new(shared.clone());
+        client.io.stats.job_submitted();
         client.running().insert(id, Registered { spec: spec.clone(), shared: shared.clone() });
         let pending = Pending { spec, shared, callback, client: client.clone(), _permit: permit };
         // A closed mailbox drops the message, and dropping it completes the job.
@@ -892,6 +970,16 @@ const _: () = {
 fn new_pool(config: &ClientConfig) -> Result<PagePool, ConfigError> {
     PagePool::with_huge_pages(config.page_budget, config.huge_pages)
         .map_err(|source| ConfigError::Arena { pages: config.page_budget, source })
+}
+
+fn new_io(config: &ClientConfig, clock: Clock) -> Arc<SubJobIo> {
+    Arc::new(SubJobIo {
+        throttler: Arc::new(Throttler::new(config.throttle, config.sub_job_size_bytes as u64, clock)),
+        stats: Arc::new(StatsRecorder::default()),
+        timeout: config.io_timeout_ms.map(Duration::from_millis),
+        clock,
+        outstanding: Arc::default(),
+    })
 }
 
 fn new_actor(shared: Arc<ClientShared>, owns_system: bool) -> ClientActor {
