@@ -258,3 +258,134 @@ fn a_crash_loses_unflushed_writes_or_tears_the_ones_in_flight() {
         assert!(log.iter().any(|r| r.kind == FaultKind::Lost), "with 8 writes at even odds, some are lost");
     });
 }
+
+/// Copies 64 MiB from a source to a target in 1 MiB sub-jobs, one in flight, with both disks
+/// built by `make`; returns the model time.
+fn timed_copy_with(make: impl Fn(MemDiskOptions) -> MemDisk + 'static, latency: Latency) -> Duration {
+    let len_sectors = 64 * 2048;
+    let config = ClientConfig { sub_job_size_bytes: 1 << 20, subjobs_in_flight: 1, ..ClientConfig::default() };
+    Simulation::run(config, |client, _trace| async move {
+        let options = |name: &str| MemDiskOptions {
+            name: name.into(),
+            len_sectors,
+            latency: latency.clone(),
+            ..MemDiskOptions::default()
+        };
+        let source = Arc::new(make(options("source")));
+        let target = Arc::new(make(options("target")));
+        let began = tokio::time::Instant::now();
+        let job =
+            Job::copy(Region::new(source, 0, len_sectors), vec![Region::new(target, 0, len_sectors)], Flags::empty());
+        assert!(client.submit(job).await.unwrap().await.is_ok());
+        to_model(began.elapsed())
+    })
+    .unwrap()
+}
+
+#[test]
+fn two_disks_on_one_medium_take_turns_on_its_data_path() {
+    // Reads 200 MB/s, writes 100 MB/s; 64 sub-jobs of 1 MiB, one at a time: each reads then
+    // writes, so separate disks and one medium agree (no overlap to lose) …
+    let model = |bandwidth| IoModel { bandwidth_bytes_per_s: bandwidth, ..IoModel::default() };
+    let latency = Latency { read: model(200_000_000), write: model(100_000_000), ..Latency::default() };
+    let mib = 1_048_576.0;
+    let serial_us = 64.0 * (mib / 200.0 + mib / 100.0);
+    assert_within_5_percent(timed_copy_with(MemDisk::new, latency.clone()), serial_us);
+    let medium = kcopyd_sim::Medium::new();
+    let on_medium = move |options| MemDisk::on_medium(options, &medium);
+    assert_within_5_percent(timed_copy_with(on_medium, latency.clone()), serial_us);
+    // … but with 4 sub-jobs in flight, separate disks overlap reads with writes (the writes
+    // bound the copy: 64 w) and one medium cannot (64 r + 64 w).
+    let overlapped = |make: Box<dyn Fn(MemDiskOptions) -> MemDisk>| {
+        let latency = latency.clone();
+        let config = ClientConfig { sub_job_size_bytes: 1 << 20, subjobs_in_flight: 4, ..ClientConfig::default() };
+        Simulation::run(config, |client, _trace| async move {
+            let len_sectors = 64 * 2048;
+            let options = |name: &str| MemDiskOptions {
+                name: name.into(),
+                len_sectors,
+                latency: latency.clone(),
+                ..MemDiskOptions::default()
+            };
+            let (source, target) = (Arc::new(make(options("source"))), Arc::new(make(options("target"))));
+            let began = tokio::time::Instant::now();
+            let job = Job::copy(
+                Region::new(source, 0, len_sectors),
+                vec![Region::new(target, 0, len_sectors)],
+                Flags::empty(),
+            );
+            assert!(client.submit(job).await.unwrap().await.is_ok());
+            to_model(began.elapsed())
+        })
+        .unwrap()
+    };
+    assert_within_5_percent(overlapped(Box::new(MemDisk::new)), 64.0 * mib / 100.0 + mib / 200.0);
+    let medium = kcopyd_sim::Medium::new();
+    assert_within_5_percent(overlapped(Box::new(move |o| MemDisk::on_medium(o, &medium))), serial_us);
+}
+
+#[test]
+fn a_shared_path_on_one_disk_serialises_its_reads_and_writes() {
+    // A copy within one disk (source and target ranges apart), 4 sub-jobs in flight: with
+    // `shared` the reads and writes take turns.
+    let model = IoModel { bandwidth_bytes_per_s: 100_000_000, ..IoModel::default() };
+    let copy_within = |shared: bool| {
+        let latency = Latency {
+            read: model,
+            write: model,
+            path: kcopyd_sim::PathModel { shared, ..kcopyd_sim::PathModel::default() },
+            ..Latency::default()
+        };
+        let config = ClientConfig { sub_job_size_bytes: 1 << 20, subjobs_in_flight: 4, ..ClientConfig::default() };
+        Simulation::run(config, |client, _trace| async move {
+            let half = 64 * 2048;
+            let disk: Device = Arc::new(MemDisk::new(MemDiskOptions {
+                len_sectors: 2 * half,
+                latency,
+                ..MemDiskOptions::default()
+            }));
+            let began = tokio::time::Instant::now();
+            let job =
+                Job::copy(Region::new(disk.clone(), 0, half), vec![Region::new(disk, half, half)], Flags::empty());
+            assert!(client.submit(job).await.unwrap().await.is_ok());
+            to_model(began.elapsed())
+        })
+        .unwrap()
+    };
+    let mib_us = 1_048_576.0 / 100.0;
+    assert_within_5_percent(copy_within(false), 65.0 * mib_us);
+    assert_within_5_percent(copy_within(true), 128.0 * mib_us);
+}
+
+#[test]
+fn a_spinning_disk_pays_a_seek_each_time_a_copy_switches_between_two_areas() {
+    // One disk, source in the first half, target in the second, one sub-job at a time: every
+    // request after the first moves the head half the disk (√½ of the stroke); reads and
+    // writes both follow on from where the previous one of their area ended, but the head
+    // was elsewhere in between.
+    let seek = kcopyd_sim::SeekModel { track_us: 500, full_stroke_us: 8500, rotation_us: 8000 };
+    let latency = Latency {
+        path: kcopyd_sim::PathModel { shared: true, seek, ..kcopyd_sim::PathModel::default() },
+        ..Latency::default()
+    };
+    let config = ClientConfig { sub_job_size_bytes: 1 << 20, subjobs_in_flight: 1, ..ClientConfig::default() };
+    let elapsed = Simulation::run(config, |client, _trace| async move {
+        let half = 16 * 2048;
+        let disk: Device =
+            Arc::new(MemDisk::new(MemDiskOptions { len_sectors: 2 * half, latency, ..MemDiskOptions::default() }));
+        let began = tokio::time::Instant::now();
+        let job = Job::copy(Region::new(disk.clone(), 0, half), vec![Region::new(disk, half, half)], Flags::empty());
+        assert!(client.submit(job).await.unwrap().await.is_ok());
+        to_model(began.elapsed())
+    })
+    .unwrap();
+    // 16 reads and 16 writes of 2048 sectors; the first read pays nothing (the head starts
+    // there). Each write seeks from the end of the read before it to the target area
+    // (32768 - 2048 sectors away), each later read from the end of the write before it back
+    // to the source area (32768 + 2048 - 2048 sectors away).
+    let seek_us = |distance: u64| seek.seek_us(distance, 32 * 2048) as f64;
+    let expected = 16.0 * seek_us(32768 - 2048) + 15.0 * seek_us(32768);
+    assert_within_5_percent(elapsed, expected);
+    // With the head moving 0 sectors there is no cost: sequential reads of one area are free.
+    assert_eq!(seek.seek_us(0, 32 * 2048), 0);
+}

@@ -59,7 +59,7 @@ fn main() -> ExitCode {
         name: name.into(),
         len_sectors,
         sparse: true,
-        latency: Latency { read: model(3_000_000_000), write: model(2_000_000_000), seed: 1 },
+        latency: Latency { read: model(3_000_000_000), write: model(2_000_000_000), seed: 1, ..Latency::default() },
         ..MemDiskOptions::default()
     };
     let source = Arc::new(MemDisk::new(disk("source")));
