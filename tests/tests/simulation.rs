@@ -339,11 +339,8 @@ fn a_shared_path_on_one_disk_serialises_its_reads_and_writes() {
         let config = ClientConfig { sub_job_size_bytes: 1 << 20, subjobs_in_flight: 4, ..ClientConfig::default() };
         Simulation::run(config, |client, _trace| async move {
             let half = 64 * 2048;
-            let disk: Device = Arc::new(MemDisk::new(MemDiskOptions {
-                len_sectors: 2 * half,
-                latency,
-                ..MemDiskOptions::default()
-            }));
+            let disk: Device =
+                Arc::new(MemDisk::new(MemDiskOptions { len_sectors: 2 * half, latency, ..MemDiskOptions::default() }));
             let began = tokio::time::Instant::now();
             let job =
                 Job::copy(Region::new(disk.clone(), 0, half), vec![Region::new(disk, half, half)], Flags::empty());

@@ -1,12 +1,12 @@
 //! `copy`, `zero` and `verify`: check, run the job with progress, flush, report.
 
 use std::cell::Cell;
-use std::time::Instant;
 
 use futures_util::future::join_all;
 use kcopyd_core::{Client, Flags, Job, Outcome, PagePool, RangeSet, Region, SECTOR_SIZE};
 
 use crate::cli::{CopyArgs, EngineArgs, OutputArgs, VerifyArgs, ZeroArgs};
+use crate::clock::Instant;
 use crate::compare::{self, CompareShape, Comparison, Side};
 use crate::devices::{self, Opened, Settings};
 use crate::error::{CliError, Status};
@@ -54,9 +54,13 @@ fn warn_trailing(opened: &Opened, length_given: bool, output: &OutputArgs) {
     }
 }
 
-/// Starts a client with the checked settings.
+/// Starts a client with the checked settings: on its own worker thread, or on this thread's
+/// actix System when the command runs in virtual time.
 fn start_client(settings: &Settings) -> Result<Client, CliError> {
-    Client::new(settings.config.clone()).map_err(|source| CliError::Config { option: "--memory", source })
+    let config = settings.config.clone();
+    let started =
+        if kcopyd_sim::in_virtual_time() { Client::start_in_current_system(config) } else { Client::new(config) };
+    started.map_err(|source| CliError::Config { option: "--memory", source })
 }
 
 /// What every phase of a command needs to know about its options.
@@ -263,6 +267,7 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
         }),
         targets,
         verify,
+        wall_seconds: None,
     };
     Ok(Done { report, status })
 }
@@ -298,6 +303,7 @@ pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, 
         source: None,
         targets,
         verify: None,
+        wall_seconds: None,
     };
     Ok(Done { report, status })
 }
@@ -357,6 +363,7 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
         }),
         targets,
         verify: interrupted.is_none().then(|| report::verify_report(&comparison, bytes, seconds)),
+        wall_seconds: None,
     };
     Ok(Done { report, status })
 }

@@ -27,7 +27,8 @@ pub struct Report {
     pub bytes: u64,
     /// Bytes in the range.
     pub bytes_total: u64,
-    /// Wall-clock seconds of the job (with the final flush, without verification).
+    /// Seconds of the job (with the final flush, without verification): wall-clock time, or
+    /// the simulator's model time when every device is simulated (then `wall_seconds` is set).
     pub seconds: f64,
     /// `bytes / seconds`.
     pub throughput_bytes_per_s: f64,
@@ -44,6 +45,10 @@ pub struct Report {
     /// The read-back comparison (`copy --verify`, `verify`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verify: Option<VerifyReport>,
+    /// Set when every device was simulated and the command ran in virtual time: the wall-clock
+    /// seconds of the whole command, beside the model `seconds`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wall_seconds: Option<f64>,
 }
 
 /// The source's part of a report.
@@ -86,7 +91,7 @@ pub struct TargetReport {
 pub struct VerifyReport {
     /// Bytes compared.
     pub bytes: u64,
-    /// Wall-clock seconds of the comparison.
+    /// Seconds of the comparison (model time when every device is simulated).
     pub seconds: f64,
     /// `bytes / seconds`.
     pub throughput_bytes_per_s: f64,
@@ -226,6 +231,9 @@ pub fn human(report: &Report) -> String {
                 _ => ", with errors",
             }
         );
+    }
+    if let Some(wall_seconds) = report.wall_seconds {
+        let _ = writeln!(out, "(simulated: {:.3} s of model time, {wall_seconds:.2} s wall)", report.seconds);
     }
     if let Some(message) = &report.panicked {
         let _ = writeln!(out, "internal error: the job stopped after a panic: {message}");

@@ -743,9 +743,21 @@ fn wait_for_sigint_handler(pid: u32) {
 
 #[test]
 fn ctrl_c_cancels_the_job_reports_how_far_it_got_and_exits_130() {
-    // 16 MiB at 2 MiB/s would take 8 s; interrupted after about one.
+    // 16 MiB at 2 MiB/s would take 8 s; interrupted after about one. The target is a file,
+    // so the command runs in real time (with only simulated disks it would run in virtual
+    // time and finish at once).
+    let dir = TempDir::new("cli-ctrl-c");
+    let target = dir.join("target.img");
     let child = Command::new(env!("CARGO_BIN_EXE_kcopyd"))
-        .args(["copy", "sim:size=16M,seed=1,bandwidth=2M", "sim:", "--sub-job-size", "64K", "--subjobs-in-flight", "2"])
+        .args([
+            "copy",
+            "sim:size=16M,seed=1,bandwidth=2M",
+            s(&target),
+            "--sub-job-size",
+            "64K",
+            "--subjobs-in-flight",
+            "2",
+        ])
         .arg("--json")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -814,4 +826,37 @@ fn every_target_is_flushed_after_the_copy() {
         };
         assert!(flush > last_write, "the flush of {opened} comes after its last write");
     }
+}
+
+#[test]
+fn a_copy_between_simulated_disks_runs_in_virtual_time() {
+    // 16 MiB read at 1 MiB/s: 16 s of model time, reported as such, in far less wall time;
+    // 4 KiB requests of 50 µs each keep their length (a millisecond timer would round them up).
+    let ran = kcopyd(&["copy", "sim:size=16M,seed=1,bandwidth=1M", "sim:", "--json"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    let report = json(&ran);
+    let (seconds, wall) = (report["seconds"].as_f64().unwrap(), report["wall_seconds"].as_f64().unwrap());
+    assert!((seconds - 16.0).abs() < 0.1, "model seconds {seconds}");
+    assert!(wall < 8.0, "wall seconds {wall}");
+    let small = kcopyd(&[
+        "copy",
+        "sim:size=4M,seed=1,latency=50us,queue=1",
+        "sim:",
+        "--sub-job-size",
+        "4K",
+        "--subjobs-in-flight",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(small.code, 0, "{small:?}");
+    // 1024 reads of 50 µs one after another.
+    let seconds = json(&small)["seconds"].as_f64().unwrap();
+    assert!((seconds - 0.0512).abs() < 0.001, "model seconds {seconds}");
+    let human = kcopyd(&["copy", "sim:size=1M,seed=1,bandwidth=1M", "sim:"]);
+    assert!(human.stdout.contains("(simulated: 1.000 s of model time"), "{}", human.stdout);
+    // A real file among the devices keeps real time: no wall_seconds.
+    let dir = TempDir::new("cli-virtual");
+    let target = dir.join("t.img");
+    let real = kcopyd(&["copy", "sim:size=1M,seed=1", s(&target), "--json"]);
+    assert!(json(&real).get("wall_seconds").is_none(), "{real:?}");
 }
