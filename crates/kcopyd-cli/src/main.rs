@@ -14,6 +14,7 @@
 //! errors or differences, 2 bad usage, 130 interrupted. See `docs/CLI.md`.
 #![warn(missing_docs)]
 
+mod calibrate;
 mod cli;
 mod clock;
 mod commands;
@@ -25,6 +26,7 @@ mod error;
 mod progress;
 mod report;
 mod sim;
+mod validate;
 mod size;
 
 use std::process::ExitCode;
@@ -32,7 +34,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use clap::error::ErrorKind;
 
-use crate::cli::{Cli, Command, OutputArgs};
+use crate::cli::{Cli, Command, OutputArgs, SimCommand};
 use crate::commands::Done;
 use crate::error::{CliError, Status};
 use crate::progress::Interrupts;
@@ -64,7 +66,7 @@ fn all_simulated(command: &Command) -> bool {
         Command::Copy(args) => sim(&args.source) && args.targets.iter().all(sim),
         Command::Zero(args) => args.targets.iter().all(sim),
         Command::Verify(args) => sim(&args.source) && args.targets.iter().all(sim),
-        Command::Demo(_) => false,
+        Command::Demo(_) | Command::Sim { .. } => false,
     }
 }
 
@@ -81,6 +83,8 @@ async fn run(cli: Cli) -> Status {
         Command::Zero(args) => commands::zero(args, &mut interrupts).await.map(|done| emit(done, &args.output)),
         Command::Verify(args) => commands::verify(args, &mut interrupts).await.map(|done| emit(done, &args.output)),
         Command::Demo(args) => demo::run(args, &mut interrupts).await,
+        Command::Sim { command: SimCommand::Calibrate(args) } => calibrate::run(args).await,
+        Command::Sim { command: SimCommand::Validate(args) } => validate::run(args, &mut interrupts).await,
     };
     result.unwrap_or_else(|error| fail_status(&error))
 }

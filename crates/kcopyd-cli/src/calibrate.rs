@@ -1,0 +1,586 @@
+//! `kcopyd sim calibrate`: measure a real device through O_DIRECT and fit the simulator's
+//! timing model to it.
+//!
+//! ```text
+//!  scratch range (a file created here, or --scratch-* of an existing device)
+//!    ─► fill it (sequential 1 MiB writes: reads must not hit holes)
+//!    ─► points: read, write × io size × requests in flight, sequential, each for --point-time
+//!    ─► mixed: reads and writes at once (do they share one data path?)
+//!    ─► random 4 KiB reads, one at a time (does distance cost? a seek)
+//!    ─► fit: bandwidth, path overhead, cost, shared path, seek ─► DiskModel (TOML)
+//! ```
+//!
+//! The fit follows the model's structure (kcopyd-sim `timing.rs`): at the deepest queue a
+//! request holds the data path for `overhead + size / bandwidth`, so the time per request
+//! there gives the overhead once the bandwidth is known from the largest requests; alone, one
+//! request takes `cost + overhead + size / bandwidth`, which gives the cost.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use kcopyd_core::{BlockDevice, PAGE_SIZE, PagePool, ReadBuf, SECTOR_SIZE, WriteBuf};
+use std::future::Future;
+use kcopyd_os::{OpenOptions, OsDevice};
+use kcopyd_sim::{DiskModel, IoModel, Latency, Measurement, PathModel, SeekModel, mix64};
+
+use crate::cli::CalibrateArgs;
+use crate::error::{CliError, Status, open_reason};
+use crate::progress;
+use crate::size::Bytes;
+
+/// The largest I/O size measured.
+pub const IO_SIZE_MAX_BYTES: u64 = 64 << 20;
+/// The most requests in flight measured.
+pub const QUEUE_DEPTH_MAX: usize = 32;
+/// The smallest scratch range: room for the largest requests of a point to move on.
+pub const SCRATCH_BYTES_MIN: u64 = 16 << 20;
+/// Mixed reads and writes are at least this much slower than alone (sum of the shares of
+/// each alone-bandwidth they reach below this) when they share one data path.
+const SHARED_SHARE_MAX: f64 = 1.5;
+/// Random one-at-a-time reads slower than sequential ones by this factor reveal a seek.
+const SEEK_FACTOR_MIN: f64 = 1.5;
+/// The mean of `√|u - v|` for `u`, `v` uniform on [0, 1]: the mean arm travel of random
+/// requests as a share of a full stroke, in the seek model's square-root law.
+const MEAN_SQRT_DISTANCE: f64 = 8.0 / 15.0;
+
+/// What calibration measures, and where.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// I/O sizes.
+    pub io_sizes_bytes: Vec<u64>,
+    /// Requests in flight.
+    pub queue_depths: Vec<usize>,
+    /// How long each point runs.
+    pub point_time: Duration,
+    /// Show a progress bar.
+    pub bars: bool,
+}
+
+/// The range calibration may overwrite, and the file it created, removed when dropped
+/// unless kept.
+#[derive(Debug)]
+pub struct Scratch {
+    /// The device.
+    pub device: Arc<OsDevice>,
+    /// Where the range starts.
+    pub offset_bytes: u64,
+    /// Its length.
+    pub len_bytes: u64,
+    /// The file created for it, if any.
+    created: Option<PathBuf>,
+    keep: bool,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let (Some(path), false) = (&self.created, self.keep) {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+impl Scratch {
+    /// Opens the scratch range: a new file of `size_bytes` at `path` if nothing is there,
+    /// else `scratch_length_bytes` of the existing device from `scratch_offset_bytes`.
+    ///
+    /// # Errors
+    /// An existing device without a scratch length, a range off the device or misaligned, a
+    /// size too small, or a failed open.
+    pub fn open(
+        path: &Path,
+        size_bytes: u64,
+        scratch_offset_bytes: u64,
+        scratch_length_bytes: Option<u64>,
+        keep: bool,
+    ) -> Result<Scratch, CliError> {
+        let text = path.display().to_string();
+        let exists = fs::symlink_metadata(path).is_ok();
+        let open_error = |source| CliError::Open { what: "DEVICE", text: text.clone(), reason: open_reason(&source), source };
+        let options = OpenOptions { write: true, queue_depth: QUEUE_DEPTH_MAX * 2, ..OpenOptions::default() };
+        let (device, offset_bytes, len_bytes, created) = if exists {
+            let Some(len_bytes) = scratch_length_bytes else {
+                return Err(CliError::argument(
+                    "DEVICE",
+                    &text,
+                    "exists: calibration writes over what it measures; name the bytes it may overwrite with \
+                     --scratch-length (and --scratch-offset), or give a path that does not exist",
+                ));
+            };
+            let device = OsDevice::open(path, &options).map_err(open_error)?;
+            (device, scratch_offset_bytes, len_bytes, None)
+        } else {
+            if scratch_length_bytes.is_some() || scratch_offset_bytes != 0 {
+                return Err(CliError::argument(
+                    "--scratch-length",
+                    &text,
+                    "applies to an existing device; a new file is created with --size",
+                ));
+            }
+            if size_bytes % SECTOR_SIZE as u64 != 0 {
+                return Err(CliError::argument("--size", size_bytes.to_string(), "not a multiple of 512 bytes"));
+            }
+            let options = OpenOptions { create_len: Some(size_bytes), ..options };
+            let opened = OsDevice::open(path, &options);
+            // Created (or half-created) here: removed on every way out unless kept.
+            let created = Some(path.to_path_buf());
+            let device = match opened {
+                Ok(device) => device,
+                Err(source) => {
+                    let _ = fs::remove_file(path);
+                    return Err(open_error(source));
+                }
+            };
+            (device, 0, size_bytes, created)
+        };
+        let scratch = Scratch { device: Arc::new(device), offset_bytes, len_bytes, created, keep };
+        scratch.check(&text)?;
+        Ok(scratch)
+    }
+
+    fn check(&self, text: &str) -> Result<(), CliError> {
+        let geometry = self.device.geometry();
+        let block = u64::from(geometry.logical_block_size);
+        let device_bytes = geometry.len_sectors * SECTOR_SIZE as u64;
+        let what = if self.created.is_some() { "--size" } else { "--scratch-length" };
+        if self.len_bytes < SCRATCH_BYTES_MIN {
+            return Err(CliError::argument(what, self.len_bytes.to_string(), format!("less than {}", Bytes(SCRATCH_BYTES_MIN))));
+        }
+        if self.offset_bytes % block != 0 || self.len_bytes % block != 0 {
+            return Err(CliError::argument(
+                "--scratch-offset",
+                self.offset_bytes.to_string(),
+                format!("the scratch range must be aligned to the {block}-byte logical block of '{text}'"),
+            ));
+        }
+        if self.offset_bytes.checked_add(self.len_bytes).is_none_or(|end| end > device_bytes) {
+            return Err(CliError::argument(
+                what,
+                self.len_bytes.to_string(),
+                format!("the scratch range runs past the end of '{text}' at {device_bytes} bytes"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a request of a point does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+}
+
+/// How a point walks the scratch range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Walk {
+    Sequential,
+    Random,
+}
+
+/// One point: which kinds run at once, how big and how deep.
+#[derive(Debug, Clone, Copy)]
+struct PointSpec {
+    name: &'static str,
+    kinds: &'static [Kind],
+    io_size_bytes: u64,
+    queue_depth: usize,
+    walk: Walk,
+}
+
+/// What one kind did during a point.
+#[derive(Debug, Default)]
+struct Tally {
+    requests: u64,
+    bytes: u64,
+    latencies_us: Vec<u64>,
+}
+
+type Pending<'a> = Pin<Box<dyn Future<Output = (Kind, Instant, io::Result<()>)> + 'a>>;
+
+/// Runs one point on the scratch range: `queue_depth` requests of each kind in flight (reads
+/// in the first half, writes in the second when both run) for `time`.
+async fn measure(scratch: &Scratch, pool: &PagePool, spec: PointSpec, time: Duration) -> Result<Measurement, CliError> {
+    let device = &*scratch.device;
+    let size = spec.io_size_bytes;
+    let slots = scratch.len_bytes / size;
+    let halves = spec.kinds.len() as u64;
+    let stream_slots = (slots / halves).max(1);
+    let pages = usize::try_from(size).expect("io size fits").div_ceil(PAGE_SIZE);
+    let template = {
+        let mut buf = ReadBuf::new(pool.alloc(pages).await, size as usize);
+        let noise: Vec<u8> = (0..size).map(|i| mix64(i / 8) as u8).collect();
+        buf.copy_from_slice(&noise);
+        buf.freeze()
+    };
+    let mut cursors = [0u64; 2];
+    let mut draws = 0u64;
+    let mut next_offset = |kind: Kind| -> u64 {
+        let stream = usize::from(kind == Kind::Write && halves == 2);
+        let slot = match spec.walk {
+            Walk::Sequential => {
+                let slot = cursors[stream] % stream_slots;
+                cursors[stream] += 1;
+                slot
+            }
+            Walk::Random => {
+                draws += 1;
+                mix64(draws) % stream_slots
+            }
+        };
+        scratch.offset_bytes + (stream as u64 * stream_slots + slot) * size
+    };
+    let issue = |kind: Kind, offset: u64, buf: Option<ReadBuf>, write: &WriteBuf| -> Pending<'_> {
+        let at = offset / SECTOR_SIZE as u64;
+        let started = Instant::now();
+        match kind {
+            Kind::Read => {
+                let buf = buf.expect("a read has a buffer");
+                Box::pin(async move { (kind, started, device.read(at, buf).await.1) })
+            }
+            Kind::Write => {
+                let write = write.clone();
+                Box::pin(async move { (kind, started, device.write(at, write).await) })
+            }
+        }
+    };
+    let mut in_flight = FuturesUnordered::new();
+    let began = Instant::now();
+    for &kind in spec.kinds {
+        for _ in 0..spec.queue_depth {
+            let buf = match kind {
+                Kind::Read => Some(ReadBuf::new(pool.alloc(pages).await, size as usize)),
+                Kind::Write => None,
+            };
+            in_flight.push(issue(kind, next_offset(kind), buf, &template));
+        }
+    }
+    let mut tallies = [Tally::default(), Tally::default()];
+    let mut failure = None;
+    while let Some((kind, started, result)) = in_flight.next().await {
+        let tally = &mut tallies[usize::from(kind == Kind::Write)];
+        if let Err(source) = result {
+            failure.get_or_insert(source);
+            continue;
+        }
+        tally.requests += 1;
+        tally.bytes += size;
+        tally.latencies_us.push(started.elapsed().as_micros() as u64);
+        if began.elapsed() < time && failure.is_none() {
+            let buf = match kind {
+                Kind::Read => Some(ReadBuf::new(pool.alloc(pages).await, size as usize)),
+                Kind::Write => None,
+            };
+            in_flight.push(issue(kind, next_offset(kind), buf, &template));
+        }
+    }
+    let seconds = began.elapsed().as_secs_f64();
+    if let Some(source) = failure {
+        return Err(CliError::Io { operation: spec.name, path: device.path().display().to_string(), source });
+    }
+    let requests: u64 = tallies.iter().map(|t| t.requests).sum();
+    let bytes: u64 = tallies.iter().map(|t| t.bytes).sum();
+    let mut latencies: Vec<u64> = tallies.into_iter().flat_map(|t| t.latencies_us).collect();
+    latencies.sort_unstable();
+    Ok(Measurement {
+        kind: spec.name.into(),
+        io_size_bytes: size,
+        queue_depth: spec.queue_depth as u32,
+        iops: requests as f64 / seconds,
+        bandwidth_bytes_per_s: bytes as f64 / seconds,
+        latency_us_p50: latencies.get(latencies.len() / 2).copied().unwrap_or(0) as f64,
+    })
+}
+
+/// Fills the scratch range with sequential 1 MiB writes, 4 in flight.
+async fn fill(scratch: &Scratch, pool: &PagePool) -> Result<(), CliError> {
+    let size = (1u64 << 20).min(scratch.len_bytes);
+    let template = ReadBuf::new(pool.alloc((size as usize).div_ceil(PAGE_SIZE)).await, size as usize).freeze();
+    let device = &*scratch.device;
+    let mut in_flight = FuturesUnordered::new();
+    let mut offset = scratch.offset_bytes;
+    let end = scratch.offset_bytes + scratch.len_bytes;
+    loop {
+        while in_flight.len() < 4 && offset < end {
+            let len = size.min(end - offset) as usize;
+            in_flight.push(device.write(offset / SECTOR_SIZE as u64, template.slice(0..len)));
+            offset += len as u64;
+        }
+        match in_flight.next().await {
+            Some(Ok(())) => {}
+            Some(Err(source)) => {
+                return Err(CliError::Io { operation: "fill", path: device.path().display().to_string(), source });
+            }
+            None => break,
+        }
+    }
+    device
+        .flush()
+        .await
+        .map_err(|source| CliError::Io { operation: "flush", path: device.path().display().to_string(), source })
+}
+
+/// The points of a plan, in the order they run.
+fn points(plan: &Plan) -> Vec<PointSpec> {
+    let mut specs = Vec::new();
+    for &io_size_bytes in &plan.io_sizes_bytes {
+        for &queue_depth in &plan.queue_depths {
+            for (name, kinds) in [("read", &[Kind::Read][..]), ("write", &[Kind::Write][..])] {
+                specs.push(PointSpec { name, kinds, io_size_bytes, queue_depth, walk: Walk::Sequential });
+            }
+        }
+    }
+    let largest = plan.io_sizes_bytes.iter().copied().filter(|&s| s <= 1 << 20).max().unwrap_or(1 << 20);
+    let deepest = plan.queue_depths.iter().copied().max().unwrap_or(1).min(8);
+    for queue_depth in [1, deepest] {
+        specs.push(PointSpec {
+            name: "mixed",
+            kinds: &[Kind::Read, Kind::Write],
+            io_size_bytes: largest,
+            queue_depth,
+            walk: Walk::Sequential,
+        });
+    }
+    let smallest = plan.io_sizes_bytes.iter().copied().min().unwrap_or(4096);
+    specs.push(PointSpec {
+        name: "random-read",
+        kinds: &[Kind::Read],
+        io_size_bytes: smallest,
+        queue_depth: 1,
+        walk: Walk::Random,
+    });
+    specs
+}
+
+/// Checks a plan's sizes and depths against the device and the limits.
+fn check_plan(plan: &Plan, scratch: &Scratch) -> Result<(), CliError> {
+    let block = u64::from(scratch.device.geometry().logical_block_size).max(PAGE_SIZE as u64);
+    for &size in &plan.io_sizes_bytes {
+        if size == 0 || size % block != 0 || size > IO_SIZE_MAX_BYTES || size * 2 > scratch.len_bytes {
+            return Err(CliError::argument(
+                "--io-sizes",
+                size.to_string(),
+                format!(
+                    "each size must be a multiple of {block} bytes, at most {} and at most half the scratch range",
+                    Bytes(IO_SIZE_MAX_BYTES)
+                ),
+            ));
+        }
+    }
+    if plan.io_sizes_bytes.is_empty() || plan.queue_depths.is_empty() {
+        return Err(CliError::Arguments { what: "--io-sizes, --queue-depths", problem: "nothing to measure".into() });
+    }
+    if let Some(&depth) = plan.queue_depths.iter().find(|&&d| d == 0 || d > QUEUE_DEPTH_MAX) {
+        return Err(CliError::argument("--queue-depths", depth.to_string(), format!("must be 1 to {QUEUE_DEPTH_MAX}")));
+    }
+    Ok(())
+}
+
+/// Measures every point of `plan` on `scratch` and fits a model.
+///
+/// # Errors
+/// A plan out of bounds, or an I/O error on the device.
+pub async fn calibrate(scratch: &Scratch, plan: &Plan) -> Result<DiskModel, CliError> {
+    check_plan(plan, scratch)?;
+    let specs = points(plan);
+    let largest = plan.io_sizes_bytes.iter().copied().max().unwrap_or(0);
+    let deepest = plan.queue_depths.iter().copied().max().unwrap_or(1);
+    // Reads of the deepest point, each in its own buffer, plus one write buffer.
+    let pages = (largest as usize).div_ceil(PAGE_SIZE) * (2 * deepest + 2);
+    let pool = PagePool::new(pages).map_err(|source| CliError::Start { what: "the buffer arena", source })?;
+    let bar = progress::byte_bar(plan.bars, specs.len() as u64 + 1, "calibrate");
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:<28} [{wide_bar}] {pos}/{len} points ETA {eta}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message("fill the scratch range");
+    fill(scratch, &pool).await?;
+    bar.inc(1);
+    let mut measurements = Vec::new();
+    for spec in specs {
+        bar.set_message(format!("{} {} ×{}", spec.name, Bytes(spec.io_size_bytes), spec.queue_depth));
+        measurements.push(measure(scratch, &pool, spec, plan.point_time).await?);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let description = format!(
+        "calibrated on {} ({} scratch bytes from offset {}) by kcopyd sim calibrate",
+        scratch.device.path().display(),
+        scratch.len_bytes,
+        scratch.offset_bytes
+    );
+    let mut model = fit(&measurements);
+    model.description = description;
+    model.one_device = scratch.device.kind() == kcopyd_os::DeviceKind::File;
+    Ok(model)
+}
+
+/// The median of `values` (0 when empty).
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Fits the timing model to the measurements (see the module's overview).
+///
+/// Worked example: reads at 4 MiB reach 3.6 GB/s; at the deepest queue 64 KiB reads run at
+/// 40 000 per second, 25 µs each, of which 18.2 µs move bytes: the overhead is 6.8 µs; one
+/// 4 KiB read alone takes 70 µs, so the cost is 70 − 6.8 − 1.1 = 62 µs.
+pub fn fit(measurements: &[Measurement]) -> DiskModel {
+    let of = |kind: &'static str| measurements.iter().filter(move |m| m.kind == kind);
+    let direction = |kind: &'static str| -> (IoModel, u64) {
+        let bandwidth = of(kind).map(|m| m.bandwidth_bytes_per_s).fold(0.0, f64::max);
+        let transfer_us = |size: u64| if bandwidth > 0.0 { size as f64 * 1e6 / bandwidth } else { 0.0 };
+        let deepest = of(kind).map(|m| m.queue_depth).max().unwrap_or(1);
+        let overhead_us = median(
+            of(kind)
+                .filter(|m| m.queue_depth == deepest && m.queue_depth > 1 && m.io_size_bytes <= 256 << 10 && m.iops > 0.0)
+                .map(|m| (1e6 / m.iops - transfer_us(m.io_size_bytes)).max(0.0))
+                .collect(),
+        );
+        let cost_us = median(
+            of(kind)
+                .filter(|m| m.queue_depth == 1 && m.io_size_bytes <= 64 << 10)
+                .map(|m| (m.latency_us_p50 - overhead_us - transfer_us(m.io_size_bytes)).max(0.0))
+                .collect(),
+        );
+        let model = IoModel {
+            cost_us: cost_us.round() as u64,
+            bandwidth_bytes_per_s: bandwidth.round() as u64,
+            queue_depth: 0,
+            jitter_us: 0,
+        };
+        (model, overhead_us.round() as u64)
+    };
+    let (read, read_overhead_us) = direction("read");
+    let (write, write_overhead_us) = direction("write");
+    // Mixed: the share of each direction's alone-bandwidth reached together (reads and
+    // writes move equal bytes). Two independent paths reach about 1 + 1; one shared path
+    // about 1.
+    let shares: Vec<f64> = of("mixed")
+        .filter_map(|m| {
+            let alone = |kind: &'static str| {
+                of(kind)
+                    .filter(|a| a.io_size_bytes == m.io_size_bytes && a.queue_depth == m.queue_depth)
+                    .map(|a| a.bandwidth_bytes_per_s)
+                    .next()
+            };
+            let (r, w) = (alone("read")?, alone("write")?);
+            (r > 0.0 && w > 0.0).then(|| m.bandwidth_bytes_per_s / 2.0 * (1.0 / r + 1.0 / w))
+        })
+        .collect();
+    let shared = shares.iter().any(|&share| share < SHARED_SHARE_MAX);
+    // Random small reads much slower than sequential ones at the same depth: the difference
+    // is a seek, spread over the square-root law (no separate rotation can be told apart).
+    let sequential = of("read")
+        .filter(|m| m.queue_depth == 1)
+        .min_by_key(|m| m.io_size_bytes)
+        .map(|m| m.latency_us_p50);
+    let random = of("random-read").map(|m| m.latency_us_p50).next();
+    let seek = match (sequential, random) {
+        (Some(s), Some(r)) if s > 0.0 && r > s * SEEK_FACTOR_MIN => {
+            SeekModel { track_us: 0, full_stroke_us: ((r - s) / MEAN_SQRT_DISTANCE).round() as u64, rotation_us: 0 }
+        }
+        _ => SeekModel::default(),
+    };
+    DiskModel {
+        description: String::new(),
+        latency: Latency {
+            read,
+            write,
+            path: PathModel { shared, read_overhead_us, write_overhead_us, seek },
+            seed: 0,
+        },
+        one_device: false,
+        measurements: measurements.to_vec(),
+    }
+}
+
+/// The model as TOML, with a header saying what it is.
+pub fn to_toml(model: &DiskModel) -> String {
+    let body = toml::to_string(model).expect("a disk model serializes");
+    format!("# kcopyd disk model: load it with `kcopyd sim validate --model` or in a scenario.\n{body}")
+}
+
+/// Reads a model file.
+///
+/// # Errors
+/// The file cannot be read or is not a disk model.
+pub fn load(path: &Path) -> Result<DiskModel, CliError> {
+    let text = path.display().to_string();
+    let body = fs::read_to_string(path).map_err(|source| CliError::Io { operation: "read the model", path: text.clone(), source })?;
+    toml::from_str(&body).map_err(|error| CliError::argument("--model", text, error.to_string().trim_end().replace('\n', " ")))
+}
+
+/// A table of the measurements and the fitted model, for people.
+pub fn human(model: &DiskModel) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "{:<12} {:>8} {:>6} {:>12} {:>10} {:>10}", "kind", "io size", "depth", "MB/s", "IOPS", "p50 µs");
+    for m in &model.measurements {
+        let _ = writeln!(
+            out,
+            "{:<12} {:>8} {:>6} {:>12.1} {:>10.0} {:>10.0}",
+            m.kind,
+            Bytes(m.io_size_bytes).to_string(),
+            m.queue_depth,
+            m.bandwidth_bytes_per_s / 1e6,
+            m.iops,
+            m.latency_us_p50
+        );
+    }
+    let l = &model.latency;
+    let _ = writeln!(
+        out,
+        "model: reads {:.0} MB/s, cost {} µs, path overhead {} µs; writes {:.0} MB/s, cost {} µs, path overhead {} µs; \
+         reads and writes {}; seek {}",
+        l.read.bandwidth_bytes_per_s as f64 / 1e6,
+        l.read.cost_us,
+        l.path.read_overhead_us,
+        l.write.bandwidth_bytes_per_s as f64 / 1e6,
+        l.write.cost_us,
+        l.path.write_overhead_us,
+        if l.path.shared { "share one data path" } else { "have a path each" },
+        if l.path.seek.is_zero() { "none".to_owned() } else { format!("{} µs full stroke", l.path.seek.full_stroke_us) },
+    );
+    out
+}
+
+/// `kcopyd sim calibrate`.
+///
+/// # Errors
+/// Bad arguments (nothing written), or an I/O error while measuring.
+pub async fn run(args: &CalibrateArgs) -> Result<Status, CliError> {
+    let plan = Plan {
+        io_sizes_bytes: args.io_sizes_bytes.clone(),
+        queue_depths: args.queue_depths.clone(),
+        point_time: Duration::from_micros(args.point_time_us),
+        bars: progress::bars_wanted(args.quiet),
+    };
+    let scratch =
+        Scratch::open(&args.device, args.size_bytes, args.scratch_offset_bytes, args.scratch_length_bytes, args.keep)?;
+    let model = calibrate(&scratch, &plan).await?;
+    drop(scratch);
+    let text = to_toml(&model);
+    match &args.out {
+        Some(path) => fs::write(path, &text).map_err(|source| CliError::Io {
+            operation: "write the model",
+            path: path.display().to_string(),
+            source,
+        })?,
+        None => print!("{text}"),
+    }
+    if !args.quiet {
+        eprint!("{}", human(&model));
+    }
+    Ok(Status::Success)
+}
