@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use kcopyd_core::{BlockDevice, PAGE_SIZE, PagePool, ReadBuf, SECTOR_SIZE, WriteBuf};
-use std::future::Future;
 use kcopyd_os::{OpenOptions, OsDevice};
 use kcopyd_sim::{DiskModel, IoModel, Latency, Measurement, PathModel, SeekModel, mix64};
+use std::future::Future;
 
 use crate::cli::CalibrateArgs;
 use crate::error::{CliError, Status, open_reason};
@@ -101,7 +101,8 @@ impl Scratch {
     ) -> Result<Scratch, CliError> {
         let text = path.display().to_string();
         let exists = fs::symlink_metadata(path).is_ok();
-        let open_error = |source| CliError::Open { what: "DEVICE", text: text.clone(), reason: open_reason(&source), source };
+        let open_error =
+            |source| CliError::Open { what: "DEVICE", text: text.clone(), reason: open_reason(&source), source };
         let options = OpenOptions { write: true, queue_depth: QUEUE_DEPTH_MAX * 2, ..OpenOptions::default() };
         let (device, offset_bytes, len_bytes, created) = if exists {
             let Some(len_bytes) = scratch_length_bytes else {
@@ -149,7 +150,11 @@ impl Scratch {
         let device_bytes = geometry.len_sectors * SECTOR_SIZE as u64;
         let what = if self.created.is_some() { "--size" } else { "--scratch-length" };
         if self.len_bytes < SCRATCH_BYTES_MIN {
-            return Err(CliError::argument(what, self.len_bytes.to_string(), format!("less than {}", Bytes(SCRATCH_BYTES_MIN))));
+            return Err(CliError::argument(
+                what,
+                self.len_bytes.to_string(),
+                format!("less than {}", Bytes(SCRATCH_BYTES_MIN)),
+            ));
         }
         if self.offset_bytes % block != 0 || self.len_bytes % block != 0 {
             return Err(CliError::argument(
@@ -319,10 +324,11 @@ async fn fill(scratch: &Scratch, pool: &PagePool) -> Result<(), CliError> {
             None => break,
         }
     }
-    device
-        .flush()
-        .await
-        .map_err(|source| CliError::Io { operation: "flush", path: device.path().display().to_string(), source })
+    device.flush().await.map_err(|source| CliError::Io {
+        operation: "flush",
+        path: device.path().display().to_string(),
+        source,
+    })
 }
 
 /// The points of a plan, in the order they run.
@@ -443,7 +449,9 @@ pub fn fit(measurements: &[Measurement]) -> DiskModel {
         let deepest = of(kind).map(|m| m.queue_depth).max().unwrap_or(1);
         let overhead_us = median(
             of(kind)
-                .filter(|m| m.queue_depth == deepest && m.queue_depth > 1 && m.io_size_bytes <= 256 << 10 && m.iops > 0.0)
+                .filter(|m| {
+                    m.queue_depth == deepest && m.queue_depth > 1 && m.io_size_bytes <= 256 << 10 && m.iops > 0.0
+                })
                 .map(|m| (1e6 / m.iops - transfer_us(m.io_size_bytes)).max(0.0))
                 .collect(),
         );
@@ -481,10 +489,8 @@ pub fn fit(measurements: &[Measurement]) -> DiskModel {
     let shared = shares.iter().any(|&share| share < SHARED_SHARE_MAX);
     // Random small reads much slower than sequential ones at the same depth: the difference
     // is a seek, spread over the square-root law (no separate rotation can be told apart).
-    let sequential = of("read")
-        .filter(|m| m.queue_depth == 1)
-        .min_by_key(|m| m.io_size_bytes)
-        .map(|m| m.latency_us_p50);
+    let sequential =
+        of("read").filter(|m| m.queue_depth == 1).min_by_key(|m| m.io_size_bytes).map(|m| m.latency_us_p50);
     let random = of("random-read").map(|m| m.latency_us_p50).next();
     let seek = match (sequential, random) {
         (Some(s), Some(r)) if s > 0.0 && r > s * SEEK_FACTOR_MIN => {
@@ -517,15 +523,18 @@ pub fn to_toml(model: &DiskModel) -> String {
 /// The file cannot be read or is not a disk model.
 pub fn load(path: &Path) -> Result<DiskModel, CliError> {
     let text = path.display().to_string();
-    let body = fs::read_to_string(path).map_err(|source| CliError::Io { operation: "read the model", path: text.clone(), source })?;
-    toml::from_str(&body).map_err(|error| CliError::argument("--model", text, error.to_string().trim_end().replace('\n', " ")))
+    let body = fs::read_to_string(path)
+        .map_err(|error| CliError::argument("--model", text.clone(), format!("cannot be read: {error}")))?;
+    toml::from_str(&body)
+        .map_err(|error| CliError::argument("--model", text, error.to_string().trim_end().replace('\n', " ")))
 }
 
 /// A table of the measurements and the fitted model, for people.
 pub fn human(model: &DiskModel) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    let _ = writeln!(out, "{:<12} {:>8} {:>6} {:>12} {:>10} {:>10}", "kind", "io size", "depth", "MB/s", "IOPS", "p50 µs");
+    let _ =
+        writeln!(out, "{:<12} {:>8} {:>6} {:>12} {:>10} {:>10}", "kind", "io size", "depth", "MB/s", "IOPS", "p50 µs");
     for m in &model.measurements {
         let _ = writeln!(
             out,
@@ -550,7 +559,11 @@ pub fn human(model: &DiskModel) -> String {
         l.write.cost_us,
         l.path.write_overhead_us,
         if l.path.shared { "share one data path" } else { "have a path each" },
-        if l.path.seek.is_zero() { "none".to_owned() } else { format!("{} µs full stroke", l.path.seek.full_stroke_us) },
+        if l.path.seek.is_zero() {
+            "none".to_owned()
+        } else {
+            format!("{} µs full stroke", l.path.seek.full_stroke_us)
+        },
     );
     out
 }

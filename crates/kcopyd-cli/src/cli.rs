@@ -130,7 +130,12 @@ pub struct ValidateArgs {
     #[arg(long, value_name = "MODEL.toml")]
     pub model: Option<PathBuf>,
     /// Configurations to run, comma-separated, each SUB_JOB_SIZExIN_FLIGHTxTARGETS.
-    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "1Mx4x1,256Kx4x1,64Kx8x1,1Mx1x1,2Mx8x1,1Mx4x3")]
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "1Mx4x1,256Kx4x1,64Kx8x1,1Mx1x1,2Mx8x1,1Mx4x3"
+    )]
     pub configs: Vec<String>,
     /// Rounds of real copies; each configuration's median counts.
     #[arg(long, value_name = "COUNT", default_value_t = 3)]

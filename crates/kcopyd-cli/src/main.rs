@@ -26,8 +26,8 @@ mod error;
 mod progress;
 mod report;
 mod sim;
-mod validate;
 mod size;
+mod validate;
 
 use std::process::ExitCode;
 

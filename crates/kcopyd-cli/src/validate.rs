@@ -151,10 +151,11 @@ impl Drop for Targets {
     }
 }
 
-/// The device a path lives on (a block device's own number, a file's filesystem).
+/// The device a path lives on: a block device's own number, else its filesystem's.
 fn device_number(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::FileTypeExt;
     let metadata = fs::metadata(path).ok()?;
-    if metadata.file_type().is_file() { Some(metadata.dev()) } else { Some(metadata.rdev()) }
+    Some(if metadata.file_type().is_block_device() { metadata.rdev() } else { metadata.dev() })
 }
 
 /// Runs the copy of `config` through `kcopyd copy` and returns its seconds.
@@ -196,7 +197,14 @@ async fn real_copy(
 
 /// The model seconds of `config` in the simulator: sparse pattern disks of the source's
 /// length and block, on one medium when `one_device`.
-fn simulated_copy(model: &DiskModel, config: Config, len_bytes: u64, block_bytes: u32, one_device: bool, memory_bytes: u64) -> f64 {
+fn simulated_copy(
+    model: &DiskModel,
+    config: Config,
+    len_bytes: u64,
+    block_bytes: u32,
+    one_device: bool,
+    memory_bytes: u64,
+) -> f64 {
     let len_sectors = len_bytes / SECTOR_SIZE as u64;
     let client_config = ClientConfig {
         page_budget: usize::try_from(memory_bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX),
@@ -351,7 +359,11 @@ pub fn human(validation: &Validation) -> String {
         validation.model,
         if validation.one_device { " (disks on one device)" } else { "" }
     );
-    let _ = writeln!(out, "{:<12} {:>9} {:>8} {:>12} {:>12} {:>9}", "sub-job", "in flight", "targets", "measured s", "predicted s", "error");
+    let _ = writeln!(
+        out,
+        "{:<12} {:>9} {:>8} {:>12} {:>12} {:>9}",
+        "sub-job", "in flight", "targets", "measured s", "predicted s", "error"
+    );
     for row in &validation.configs {
         let _ = writeln!(
             out,
