@@ -283,21 +283,22 @@ fn timed_copy_with(make: impl Fn(MemDiskOptions) -> MemDisk + 'static, latency: 
 }
 
 #[test]
-fn two_disks_on_one_medium_take_turns_on_its_data_path() {
-    // Reads 200 MB/s, writes 100 MB/s; 64 sub-jobs of 1 MiB, one at a time: each reads then
-    // writes, so separate disks and one medium agree (no overlap to lose) …
+fn two_disks_on_one_medium_take_turns_on_its_data_paths() {
+    // Reads 200 MB/s, writes 100 MB/s; 64 sub-jobs of 1 MiB.
     let model = |bandwidth| IoModel { bandwidth_bytes_per_s: bandwidth, ..IoModel::default() };
     let latency = Latency { read: model(200_000_000), write: model(100_000_000), ..Latency::default() };
+    let shared =
+        Latency { path: kcopyd_sim::PathModel { shared: true, ..kcopyd_sim::PathModel::default() }, ..latency.clone() };
     let mib = 1_048_576.0;
     let serial_us = 64.0 * (mib / 200.0 + mib / 100.0);
+    // One sub-job at a time reads then writes: nothing to overlap, every layout agrees.
     assert_within_5_percent(timed_copy_with(MemDisk::new, latency.clone()), serial_us);
     let medium = kcopyd_sim::Medium::new();
-    let on_medium = move |options| MemDisk::on_medium(options, &medium);
-    assert_within_5_percent(timed_copy_with(on_medium, latency.clone()), serial_us);
-    // … but with 4 sub-jobs in flight, separate disks overlap reads with writes (the writes
-    // bound the copy: 64 w) and one medium cannot (64 r + 64 w).
-    let overlapped = |make: Box<dyn Fn(MemDiskOptions) -> MemDisk>| {
-        let latency = latency.clone();
+    assert_within_5_percent(timed_copy_with(move |o| MemDisk::on_medium(o, &medium), shared.clone()), serial_us);
+    // Four in flight: the reads of the source overlap the writes of the target unless the
+    // two disks are on one medium whose model shares one path for reads and writes. Apart,
+    // or on a medium with a path per direction, the writes bound the copy (64 w + one r).
+    let overlapped = |make: Box<dyn Fn(MemDiskOptions) -> MemDisk>, latency: Latency| {
         let config = ClientConfig { sub_job_size_bytes: 1 << 20, subjobs_in_flight: 4, ..ClientConfig::default() };
         Simulation::run(config, |client, _trace| async move {
             let len_sectors = 64 * 2048;
@@ -319,9 +320,13 @@ fn two_disks_on_one_medium_take_turns_on_its_data_path() {
         })
         .unwrap()
     };
-    assert_within_5_percent(overlapped(Box::new(MemDisk::new)), 64.0 * mib / 100.0 + mib / 200.0);
+    let writes_bound_us = 64.0 * mib / 100.0 + mib / 200.0;
+    assert_within_5_percent(overlapped(Box::new(MemDisk::new), latency.clone()), writes_bound_us);
+    assert_within_5_percent(overlapped(Box::new(MemDisk::new), shared.clone()), writes_bound_us);
     let medium = kcopyd_sim::Medium::new();
-    assert_within_5_percent(overlapped(Box::new(move |o| MemDisk::on_medium(o, &medium))), serial_us);
+    assert_within_5_percent(overlapped(Box::new(move |o| MemDisk::on_medium(o, &medium)), latency), writes_bound_us);
+    let medium = kcopyd_sim::Medium::new();
+    assert_within_5_percent(overlapped(Box::new(move |o| MemDisk::on_medium(o, &medium)), shared), serial_us);
 }
 
 #[test]

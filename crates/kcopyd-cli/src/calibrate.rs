@@ -40,6 +40,8 @@ pub const IO_SIZE_MAX_BYTES: u64 = 64 << 20;
 pub const QUEUE_DEPTH_MAX: usize = 32;
 /// The smallest scratch range: room for the largest requests of a point to move on.
 pub const SCRATCH_BYTES_MIN: u64 = 16 << 20;
+/// Bytes per write while filling the scratch range.
+const FILL_IO_BYTES: u64 = 1 << 20;
 /// Mixed reads and writes are at least this much slower than alone (sum of the shares of
 /// each alone-bandwidth they reach below this) when they share one data path.
 const SHARED_SHARE_MAX: f64 = 1.5;
@@ -304,7 +306,7 @@ async fn measure(scratch: &Scratch, pool: &PagePool, spec: PointSpec, time: Dura
 
 /// Fills the scratch range with sequential 1 MiB writes, 4 in flight.
 async fn fill(scratch: &Scratch, pool: &PagePool) -> Result<(), CliError> {
-    let size = (1u64 << 20).min(scratch.len_bytes);
+    let size = FILL_IO_BYTES.min(scratch.len_bytes);
     let template = ReadBuf::new(pool.alloc((size as usize).div_ceil(PAGE_SIZE)).await, size as usize).freeze();
     let device = &*scratch.device;
     let mut in_flight = FuturesUnordered::new();
@@ -396,8 +398,9 @@ pub async fn calibrate(scratch: &Scratch, plan: &Plan) -> Result<DiskModel, CliE
     let specs = points(plan);
     let largest = plan.io_sizes_bytes.iter().copied().max().unwrap_or(0);
     let deepest = plan.queue_depths.iter().copied().max().unwrap_or(1);
-    // Reads of the deepest point, each in its own buffer, plus one write buffer.
-    let pages = (largest as usize).div_ceil(PAGE_SIZE) * (2 * deepest + 2);
+    // Reads of the deepest point, each in its own buffer, plus one write buffer (and the
+    // fill's 1 MiB buffer).
+    let pages = (largest.max(FILL_IO_BYTES) as usize).div_ceil(PAGE_SIZE) * (2 * deepest + 2);
     let pool = PagePool::new(pages).map_err(|source| CliError::Start { what: "the buffer arena", source })?;
     let bar = progress::byte_bar(plan.bars, specs.len() as u64 + 1, "calibrate");
     bar.set_style(

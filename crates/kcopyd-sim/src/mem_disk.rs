@@ -17,7 +17,7 @@ use crate::faults::{FaultKind, FaultPlan, FaultRecord, Operation, WriteFault};
 use crate::mix64;
 use crate::simulation::{time_scale, to_model};
 use crate::storage::{Provenance, Storage};
-use crate::timing::{self, DataPath, Latency, Medium, Paths, Request, Slots};
+use crate::timing::{self, DevicePaths, Latency, Medium, Paths, Request, Slots};
 use crate::trace::Trace;
 
 /// The errno the kernel gives for misaligned direct I/O.
@@ -160,11 +160,11 @@ impl MemDisk {
     /// If the block size is not a power of two from 512 to 65536 or the length is not a
     /// multiple of it.
     pub fn new(options: MemDiskOptions) -> MemDisk {
-        MemDisk::build(options, Paths::Own { read: DataPath::default(), write: DataPath::default() })
+        MemDisk::build(options, Paths::Own(DevicePaths::default()))
     }
 
-    /// A zero-filled disk whose transfers share `medium`'s data path with every other disk
-    /// on it, reads and writes alike (files on one device; see [`Medium`]).
+    /// A zero-filled disk whose transfers share `medium`'s data paths with every other disk
+    /// on it (files on one device; see [`Medium`]).
     ///
     /// # Panics
     /// As [`MemDisk::new`].

@@ -153,19 +153,21 @@ pub(crate) struct DataPath {
     head: Option<(u64, u64)>,
 }
 
-/// One data path that several disks move their bytes over, one request at a time: files on
-/// one device, disks behind one controller or link. Clones share the path.
+/// The data paths of one device that several disks move their bytes over, one request at a
+/// time: files on one device, disks behind one controller or link. Clones share the paths.
 ///
 /// A disk made with [`MemDisk::on_medium`](crate::MemDisk::on_medium) keeps its own queue
-/// slots and costs, and its own bandwidths set how long each of its transfers holds the
-/// path; the medium only serialises the transfers of all its disks, reads and writes alike.
+/// slots and costs, and its own bandwidths set how long each of its transfers holds a path;
+/// the medium serialises the transfers of all its disks: the reads of all of them on one
+/// path and the writes on another, or everything on one path when the disks' model says
+/// [`PathModel::shared`].
 ///
 /// Worked example: two disks on one medium, each with 100 MB/s writes and no cost; a 1 MB
-/// write to each, issued together, completes at 10 ms and 20 ms (on separate paths both
+/// write to each, issued together, completes at 10 ms and 20 ms (on separate disks both
 /// would complete at 10 ms).
 #[derive(Debug, Clone, Default)]
 pub struct Medium {
-    path: Arc<Mutex<DataPath>>,
+    paths: Arc<Mutex<DevicePaths>>,
 }
 
 impl Medium {
@@ -174,8 +176,8 @@ impl Medium {
         Medium::default()
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, DataPath> {
-        self.path.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    pub(crate) fn lock(&self) -> MutexGuard<'_, DevicePaths> {
+        self.paths.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -185,12 +187,26 @@ pub(crate) struct Slots {
     free_at: Vec<Instant>,
 }
 
-/// The data paths of a disk.
+/// The data paths of a device: one per direction; writes use the read path too when the
+/// model says `shared`.
+#[derive(Debug, Default)]
+pub(crate) struct DevicePaths {
+    read: DataPath,
+    write: DataPath,
+}
+
+impl DevicePaths {
+    fn select(&mut self, write: bool, shared: bool) -> &mut DataPath {
+        if write && !shared { &mut self.write } else { &mut self.read }
+    }
+}
+
+/// The data paths a disk uses.
 #[derive(Debug)]
 pub(crate) enum Paths {
-    /// One per direction (the default), or one for both when `shared`.
-    Own { read: DataPath, write: DataPath },
-    /// The disk is on a medium shared with others.
+    /// Its own.
+    Own(DevicePaths),
+    /// Those of a medium shared with other disks.
     Medium(Medium),
 }
 
@@ -239,19 +255,14 @@ pub(crate) fn schedule(latency: &Latency, slots: &mut Slots, paths: &mut Paths, 
     let uses_path = model.bandwidth_bytes_per_s > 0 || overhead_us > 0 || !latency.path.seek.is_zero();
     let released = if uses_path {
         let mut medium_guard;
-        let path = match paths {
-            Paths::Own { read, write } => {
-                if request.write && !latency.path.shared {
-                    write
-                } else {
-                    read
-                }
-            }
+        let device_paths = match paths {
+            Paths::Own(own) => own,
             Paths::Medium(medium) => {
                 medium_guard = medium.lock();
                 &mut *medium_guard
             }
         };
+        let path = device_paths.select(request.write, latency.path.shared);
         let begin = path.free_at.map_or(ready, |free| free.max(ready));
         let seek_us = match path.head {
             None => 0,
@@ -280,7 +291,7 @@ mod tests {
     use super::*;
 
     fn own() -> Paths {
-        Paths::Own { read: DataPath::default(), write: DataPath::default() }
+        Paths::Own(DevicePaths::default())
     }
 
     fn request(now: Instant, write: bool, len_bytes: usize, start_sector: u64) -> Request {
@@ -417,6 +428,22 @@ mod tests {
         let first = schedule(&latency, &mut Slots::default(), &mut a, request(now, true, 1_000_000, 0));
         let second = schedule(&latency, &mut Slots::default(), &mut b, other);
         assert_eq!(first, second);
+        // A read on one disk and a write on the other overlap on a medium with a path per
+        // direction, and queue when the model shares one path.
+        for (shared, write_done_ms) in [(false, 10), (true, 20)] {
+            let latency = Latency {
+                read: IoModel { bandwidth_bytes_per_s: 100_000_000, ..IoModel::default() },
+                write: IoModel { bandwidth_bytes_per_s: 100_000_000, ..IoModel::default() },
+                path: PathModel { shared, ..PathModel::default() },
+                ..Latency::default()
+            };
+            let medium = Medium::new();
+            let (mut a, mut b) = (Paths::Medium(medium.clone()), Paths::Medium(medium));
+            let read = schedule(&latency, &mut Slots::default(), &mut a, request(now, false, 1_000_000, 0));
+            let write = schedule(&latency, &mut Slots::default(), &mut b, other);
+            assert_eq!(read - now, Duration::from_millis(10));
+            assert_eq!(write - now, Duration::from_millis(write_done_ms), "shared: {shared}");
+        }
     }
 
     #[test]
