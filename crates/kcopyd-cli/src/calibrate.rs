@@ -7,13 +7,17 @@
 //!    ─► points: read, write × io size × requests in flight, sequential, each for --point-time
 //!    ─► mixed: reads and writes at once (do they share one data path?)
 //!    ─► random 4 KiB reads, one at a time (does distance cost? a seek)
+//!    ─► the engine: copies of 256 KiB sub-jobs, one at a time, inside the range
 //!    ─► fit: bandwidth, path overhead, cost, shared path, seek ─► DiskModel (TOML)
 //! ```
 //!
 //! The fit follows the model's structure (kcopyd-sim `timing.rs`): at the deepest queue a
 //! request holds the data path for `overhead + size / bandwidth`, so the time per request
 //! there gives the overhead once the bandwidth is known from the largest requests; alone, one
-//! request takes `cost + overhead + size / bandwidth`, which gives the cost.
+//! request takes `cost + overhead + size / bandwidth`, which gives the cost. The simulated
+//! engine spends no time between a completion and the request it leads to; the real one
+//! does (actor messages, waking threads), and a copy with one sub-job in flight shows how
+//! much: that time is added to the cost of reads and writes, half each.
 
 use std::fs;
 use std::io;
@@ -24,7 +28,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use kcopyd_core::{BlockDevice, PAGE_SIZE, PagePool, ReadBuf, SECTOR_SIZE, WriteBuf};
+use kcopyd_core::{
+    BlockDevice, Client, ClientConfig, Device, Flags, Job, PAGE_SIZE, PagePool, ReadBuf, Region, SECTOR_SIZE, WriteBuf,
+};
 use kcopyd_os::{OpenOptions, OsDevice};
 use kcopyd_sim::{DiskModel, IoModel, Latency, Measurement, PathModel, SeekModel, mix64};
 use std::future::Future;
@@ -40,6 +46,12 @@ pub const IO_SIZE_MAX_BYTES: u64 = 64 << 20;
 pub const QUEUE_DEPTH_MAX: usize = 32;
 /// The smallest scratch range: room for the largest requests of a point to move on.
 pub const SCRATCH_BYTES_MIN: u64 = 16 << 20;
+/// Sub-job size of the engine's copies.
+const ENGINE_SUB_JOB_BYTES: u64 = 256 << 10;
+/// Bytes each engine copy moves (at most half the scratch range).
+const ENGINE_COPY_BYTES_MAX: u64 = 32 << 20;
+/// Engine copies; the median counts.
+const ENGINE_COPIES: usize = 5;
 /// Windows a point's time is cut into (see [`window_rate`]).
 const WINDOWS: usize = 5;
 /// Bytes per write while filling the scratch range.
@@ -324,6 +336,51 @@ fn window_rate(completed_at: &[Duration], time: Duration) -> f64 {
     counts[WINDOWS / 2] as f64 / window.as_secs_f64()
 }
 
+/// Copies the first part of the scratch range to the next with the engine, one
+/// [`ENGINE_SUB_JOB_BYTES`] sub-job at a time, [`ENGINE_COPIES`] times; the median time per
+/// sub-job is the measurement's `latency_us_p50`.
+async fn engine_copies(scratch: &Scratch) -> Result<Measurement, CliError> {
+    let size = ENGINE_SUB_JOB_BYTES;
+    let len_bytes = (scratch.len_bytes / 2).min(ENGINE_COPY_BYTES_MAX) / size * size;
+    let config = ClientConfig {
+        sub_job_size_bytes: size as usize,
+        subjobs_in_flight: 1,
+        page_budget: (4 * size as usize).div_ceil(PAGE_SIZE),
+        ..ClientConfig::default()
+    };
+    let client = Client::new(config).map_err(|source| CliError::Config { option: "calibrate", source })?;
+    let device: Device = scratch.device.clone();
+    let (start, len) = (scratch.offset_bytes / SECTOR_SIZE as u64, len_bytes / SECTOR_SIZE as u64);
+    let path = scratch.device.path().display().to_string();
+    let mut per_subjob_us = Vec::new();
+    for _ in 0..ENGINE_COPIES {
+        let job = Job::copy(
+            Region::new(device.clone(), start, len),
+            vec![Region::new(device.clone(), start + len, len)],
+            Flags::empty(),
+        );
+        let began = Instant::now();
+        let handle = client.submit(job).await.map_err(|source| CliError::Submit { source })?;
+        let outcome = handle.await;
+        let seconds = began.elapsed().as_secs_f64();
+        if !outcome.is_ok() {
+            let source = std::io::Error::other(format!("the engine's copy failed: {outcome:?}"));
+            return Err(CliError::Io { operation: "copy", path, source });
+        }
+        per_subjob_us.push(seconds * 1e6 / (len_bytes / size) as f64);
+    }
+    client.shutdown().await;
+    let latency_us_p50 = median(per_subjob_us);
+    Ok(Measurement {
+        kind: "copy".into(),
+        io_size_bytes: size,
+        queue_depth: 1,
+        iops: 1e6 / latency_us_p50,
+        bandwidth_bytes_per_s: size as f64 * 1e6 / latency_us_p50,
+        latency_us_p50,
+    })
+}
+
 /// Fills the scratch range with sequential 1 MiB writes, 4 in flight.
 async fn fill(scratch: &Scratch, pool: &PagePool) -> Result<(), CliError> {
     let size = FILL_IO_BYTES.min(scratch.len_bytes);
@@ -426,7 +483,7 @@ pub async fn calibrate(scratch: &Scratch, plan: &Plan) -> Result<DiskModel, CliE
     // fill's 1 MiB buffer).
     let pages = (largest.max(FILL_IO_BYTES) as usize).div_ceil(PAGE_SIZE) * (2 * deepest + 2);
     let pool = PagePool::new(pages).map_err(|source| CliError::Start { what: "the buffer arena", source })?;
-    let bar = progress::byte_bar(plan.bars, specs.len() as u64 + 1, "calibrate");
+    let bar = progress::byte_bar(plan.bars, specs.len() as u64 + 2, "calibrate");
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg:<28} [{wide_bar}] {pos}/{len} points ETA {eta}")
             .expect("a valid template")
@@ -441,6 +498,9 @@ pub async fn calibrate(scratch: &Scratch, plan: &Plan) -> Result<DiskModel, CliE
         measurements.push(measure(scratch, &pool, spec, plan.point_time).await?);
         bar.inc(1);
     }
+    bar.set_message("engine copies");
+    measurements.push(engine_copies(scratch).await?);
+    bar.inc(1);
     bar.finish_and_clear();
     let description = format!(
         "calibrated on {} ({} scratch bytes from offset {}) by kcopyd sim calibrate",
@@ -526,6 +586,24 @@ pub fn fit(measurements: &[Measurement]) -> DiskModel {
         }
         _ => SeekModel::default(),
     };
+    // The engine's time between requests: what a copy with one sub-job in flight takes
+    // beyond one read and one write alone.
+    let (mut read, mut write) = (read, write);
+    if let Some(copy) = of("copy").next() {
+        let alone_us = |model: &IoModel, overhead_us: u64| {
+            let transfer_us = if model.bandwidth_bytes_per_s > 0 {
+                copy.io_size_bytes as f64 * 1e6 / model.bandwidth_bytes_per_s as f64
+            } else {
+                0.0
+            };
+            model.cost_us as f64 + overhead_us as f64 + transfer_us
+        };
+        let gap_us = copy.latency_us_p50 - alone_us(&read, read_overhead_us) - alone_us(&write, write_overhead_us);
+        if gap_us > 0.0 {
+            read.cost_us += (gap_us / 2.0).round() as u64;
+            write.cost_us += (gap_us / 2.0).round() as u64;
+        }
+    }
     DiskModel {
         description: String::new(),
         latency: Latency {
@@ -677,6 +755,13 @@ mod tests {
         let last = points.len() - 1;
         points[last] = point("mixed", 4 << 20, 8, 7.2e9 / (4 << 20) as f64, 4000.0);
         assert!(!fit(&points).latency.path.shared);
+        // The engine copies 256 KiB sub-jobs one at a time in 500 µs each, where a read and
+        // a write alone take 2 × (62 + 7 + 72.8) = 283.6 µs: the 216.4 µs between requests go
+        // to the cost, half each.
+        points.push(point("copy", 256 << 10, 1, 2000.0, 500.0));
+        let with_engine = fit(&points);
+        assert_eq!((with_engine.latency.read.cost_us, with_engine.latency.write.cost_us), (170, 170));
+        points.pop();
         // Random 4 KiB reads one at a time in 5 ms instead of 70 µs: a seek.
         points.push(point("random-read", 4 << 10, 1, 200.0, 5070.0));
         let seek = fit(&points).latency.path.seek;
