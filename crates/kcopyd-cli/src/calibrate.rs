@@ -54,6 +54,8 @@ const ENGINE_COPY_BYTES_MAX: u64 = 32 << 20;
 const ENGINE_COPIES: usize = 5;
 /// Windows a point's time is cut into (see [`window_rate`]).
 const WINDOWS: usize = 5;
+/// Completions the median window needs; with fewer the whole point's mean rate counts.
+const WINDOW_COMPLETIONS_MIN: u64 = 4;
 /// Bytes per write while filling the scratch range.
 const FILL_IO_BYTES: u64 = 1 << 20;
 /// Mixed reads and writes are at least this much slower than alone (sum of the shares of
@@ -319,7 +321,9 @@ async fn measure(scratch: &Scratch, pool: &PagePool, spec: PointSpec, time: Dura
 /// count. Requests drained after the point's time are left out.
 ///
 /// Worked example: 100 completions in each of four windows of 10 ms and 20 in the fifth: the
-/// median window has 100, 10 000 per second (the mean would say 8 400).
+/// median window has 100, 10 000 per second (the mean would say 8 400). With 3, 3, 0, 0, 0
+/// the median window has too few: the mean, 120 per second; with one completion at 70 ms,
+/// after a point of 50 ms, 1 / 70 ms.
 fn window_rate(completed_at: &[Duration], time: Duration) -> f64 {
     let window = time / WINDOWS as u32;
     if window.is_zero() {
@@ -333,6 +337,12 @@ fn window_rate(completed_at: &[Duration], time: Duration) -> f64 {
         }
     }
     counts.sort_unstable();
+    if counts[WINDOWS / 2] < WINDOW_COMPLETIONS_MIN {
+        // Too few completions for windows to mean anything (a short point, large requests):
+        // every completion, drained ones too, over the whole time.
+        let end = completed_at.iter().copied().max().unwrap_or_default().max(window * WINDOWS as u32);
+        return completed_at.len() as f64 / end.as_secs_f64();
+    }
     counts[WINDOWS / 2] as f64 / window.as_secs_f64()
 }
 
@@ -717,6 +727,9 @@ mod tests {
         }
         completed_at.push(window * 7); // drained after the point's time: left out
         assert!((window_rate(&completed_at, window * 5) - 10_000.0).abs() < 1e-6);
+        let sparse: Vec<Duration> = (0..6).map(|i| window * (i / 3) + window / 2).collect();
+        assert!((window_rate(&sparse, window * 5) - 120.0).abs() < 1e-6);
+        assert!((window_rate(&[window * 7], window * 5) - 1.0 / 0.07).abs() < 1e-6);
     }
 
     fn point(kind: &str, io_size_bytes: u64, queue_depth: u32, iops: f64, latency_us_p50: f64) -> Measurement {

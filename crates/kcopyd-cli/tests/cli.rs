@@ -881,7 +881,11 @@ fn calibrate_measures_a_file_it_creates_and_removes_it() {
     let kinds: Vec<&str> = model.measurements.iter().map(|m| m.kind.as_str()).collect();
     assert_eq!(kinds.iter().filter(|&&k| k == "mixed").count(), 2);
     assert_eq!(kinds.iter().filter(|&&k| k == "random-read" || k == "copy").count(), 2);
-    assert!(model.measurements.iter().all(|m| m.iops > 0.0 && m.bandwidth_bytes_per_s > 0.0 && m.latency_us_p50 > 0.0));
+    assert!(
+        model.measurements.iter().all(|m| m.iops > 0.0 && m.bandwidth_bytes_per_s > 0.0 && m.latency_us_p50 > 0.0),
+        "{:?}",
+        model.measurements
+    );
     assert!(model.latency.read.bandwidth_bytes_per_s > 0 && model.latency.write.bandwidth_bytes_per_s > 0);
     assert!(model.one_device, "calibrated on a file");
     // --keep keeps the file; the model goes to stdout without --out.
