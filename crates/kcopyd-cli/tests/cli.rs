@@ -970,6 +970,7 @@ fn validate_runs_real_and_simulated_copies_and_computes_each_error() {
         assert!(measured.iter().all(|&m| m > 0.0));
         let median = row["measured_median_seconds"].as_f64().unwrap();
         assert_eq!(median, measured[0].max(measured[1]), "the upper median of two");
+        assert_eq!(row["measured_min_seconds"].as_f64().unwrap(), measured[0].min(measured[1]));
         let predicted = row["predicted_seconds"].as_f64().unwrap();
         let expected = bytes_on_path / 1e9;
         assert!(
