@@ -23,10 +23,12 @@ mod demo;
 mod device_arg;
 mod devices;
 mod error;
+mod locks;
 mod progress;
 mod report;
 mod sim;
 mod size;
+mod tail;
 mod validate;
 
 use std::process::ExitCode;
