@@ -620,7 +620,7 @@ pub fn fit(measurements: &[Measurement]) -> DiskModel {
             read,
             write,
             path: PathModel { shared, read_overhead_us, write_overhead_us, seek },
-            seed: 0,
+            ..Latency::default()
         },
         one_device: false,
         measurements: measurements.to_vec(),

@@ -18,7 +18,9 @@
 //! transfer; `write-path-overhead` for writes), `seek=TRACK:FULL` with `rpm=N` (a spinning
 //! disk: a request away from the previous one seeks, `TRACK` for the shortest distance up to
 //! `FULL` across the disk, then waits half a revolution), `medium=NAME` (every disk of the
-//! command with that name moves its bytes over one data path: files on one device). Fault ranges are in 512-byte sectors, half-open (`START-END`, or one sector
+//! command with that name moves its bytes over one data path: files on one device). A remote
+//! disk: `link-rtt=DURATION` (round trip of a network link in front of it) and
+//! `link-bandwidth=RATE` (the link's payload rate each way). Fault ranges are in 512-byte sectors, half-open (`START-END`, or one sector
 //! `N`), joined with `+`; a fault key may also be repeated.
 //!
 //! Faults beyond bad sectors: `flaky-write=RANGES` (fails once, then works), `fail-after=N`
@@ -47,7 +49,8 @@ pub const SIM_LEN_BYTES_MAX: u64 = 16 << 30;
 pub const SIM_SPARSE_LEN_BYTES_MAX: u64 = 1 << 50;
 /// The keys a `sim:` device takes, for messages.
 pub const KEYS: &str = "size, seed, block, sparse, latency, write-latency, bandwidth, write-bandwidth, queue, \
-                        jitter, shared-path, path-overhead, write-path-overhead, seek, rpm, medium, \
+                        jitter, shared-path, path-overhead, write-path-overhead, seek, rpm, medium, link-rtt, \
+                        link-bandwidth, \
                         bad-read, bad-write, flaky-write, fail-after, fail-at, misdirect, slow, short-io, \
                         read-error-ppm, write-error-ppm, misdirect-ppm, slow-ppm, slow-by";
 /// The longest delay `slow` and `slow-by` take: a simulated request must not outlast the
@@ -220,6 +223,10 @@ impl SimSpec {
                         return Err(SimError::Invalid { key: "rpm", problem: "0 revolutions per minute".into() });
                     }
                     spec.latency.path.seek.rotation_us = 60_000_000 / rpm;
+                }
+                "link-rtt" => spec.latency.link.round_trip_us = sized("link-rtt", size::parse_duration_us(value))?,
+                "link-bandwidth" => {
+                    spec.latency.link.bandwidth_bytes_per_s = sized("link-bandwidth", size::parse_rate(value))?;
                 }
                 "medium" => {
                     if value.is_empty() {
@@ -495,6 +502,8 @@ mod tests {
         assert_eq!((path.read_overhead_us, path.write_overhead_us), (20, 30));
         assert_eq!(path.seek, kcopyd_sim::SeekModel { track_us: 1000, full_stroke_us: 9000, rotation_us: 8333 });
         assert_eq!(spec.medium.as_deref(), Some("a"));
+        let remote = SimSpec::parse("link-rtt=200us,link-bandwidth=100M").unwrap();
+        assert_eq!(remote.latency.link, kcopyd_sim::LinkModel { round_trip_us: 200, bandwidth_bytes_per_s: 100 << 20 });
         assert_eq!(SimSpec::parse("").unwrap().latency.path, kcopyd_sim::PathModel::default());
     }
 
@@ -544,6 +553,8 @@ mod tests {
             ("seek=9ms:1ms", "'seek'"),
             ("rpm=0", "'rpm'"),
             ("medium=", "'medium'"),
+            ("link-rtt=5", "'link-rtt'"),
+            ("link-bandwidth=fast", "'link-bandwidth'"),
             ("flaky-write=5-5", "'flaky-write'"),
             ("size=1M,flaky-write=2040-2050", "'flaky-write'"),
             ("size=1M,bad-write=1-2,flaky-write=2040-2050", "'flaky-write'"),

@@ -32,7 +32,7 @@ pub use faults::{FaultKind, FaultOdds, FaultPlan, FaultRecord, Misdirect, Operat
 pub use mem_disk::{IoStats, MemDisk, MemDiskOptions};
 pub use simulation::{Simulation, in_virtual_time, time_scale, to_model, to_tokio};
 pub use storage::{Provenance, pattern_sector, provenance_of};
-pub use timing::{IoModel, Latency, Medium, PathModel, SeekModel};
+pub use timing::{IoModel, Latency, LinkModel, Medium, PathModel, SeekModel};
 pub use trace::{Trace, TraceEvent};
 
 /// A deterministic 64-bit mixer (splitmix64): the same input gives the same output.

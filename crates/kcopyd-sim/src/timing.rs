@@ -1,14 +1,15 @@
 //! The timing model of a simulated disk: queue slots, per-request cost, a data path (its own
 //! per direction, shared by reads and writes, or a [`Medium`] shared by several disks) with
-//! a per-request overhead and a seek that grows with distance, and seeded jitter, in
-//! (possibly virtual) tokio time.
+//! a per-request overhead and a seek that grows with distance, and seeded jitter, behind an
+//! optional network link, in (possibly virtual) tokio time.
 //!
 //! ```text
-//!  issue ─► wait for a queue slot ─► cost_us ─► hold the data path: ─► jitter ─► done
-//!           (queue_depth slots)      overlaps   overhead + seek + bytes/bandwidth
-//!                                    with other (one request at a time; per direction,
-//!                                    requests    or shared by reads and writes, or by
-//!                                                every disk on one Medium)
+//!  issue ─► wait for a queue slot ─► [link out] ─► cost_us ─► hold the data path: ─► [link back] ─► jitter ─► done
+//!           (queue_depth slots)     ½ round trip  overlaps   overhead + seek +       ½ round trip
+//!                                   + a write's   with other bytes/bandwidth        + a read's bytes
+//!                                   bytes         requests   (one request at a time; per direction,
+//!                                                            or shared by reads and writes, or by
+//!                                                            every disk on one Medium)
 //! ```
 //!
 //! Everything defaults to zero and to separate paths per direction: a default model is
@@ -118,6 +119,36 @@ pub struct PathModel {
     pub seek: SeekModel,
 }
 
+/// A network link in front of the disk (a remote disk: NBD, iSCSI, a cloud volume). Defaults:
+/// none.
+///
+/// A request crosses to the server in half the round trip, a write's bytes first crossing at
+/// the link's bandwidth behind earlier writes; the disk model serves it; it comes back in
+/// half the round trip, a read's bytes first crossing back behind earlier reads. The link is
+/// full duplex: reads and writes do not wait for each other on it.
+///
+/// Worked example: round trip 200 µs, 125 MB/s (1 Gbit/s), a disk that takes no time: a 1 MB
+/// read completes after 100 + 8000 + 100 = 8200 µs, and a second one issued with it at
+/// 16 200 µs, its bytes behind the first's; a 4 KiB read after 232.8 µs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LinkModel {
+    /// Time for a message to the server and back, without payload.
+    pub round_trip_us: u64,
+    /// Payload bytes per second in each direction; 0 means no transfer time.
+    pub bandwidth_bytes_per_s: u64,
+}
+
+impl LinkModel {
+    fn is_none(&self) -> bool {
+        self.round_trip_us == 0 && self.bandwidth_bytes_per_s == 0
+    }
+
+    fn transfer(&self, len_bytes: usize) -> Duration {
+        IoModel { bandwidth_bytes_per_s: self.bandwidth_bytes_per_s, ..IoModel::default() }.transfer(len_bytes)
+    }
+}
+
 /// The timing model of a disk, in (possibly virtual) tokio time. Defaults: instant.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -128,6 +159,8 @@ pub struct Latency {
     pub write: IoModel,
     /// How requests share the data path.
     pub path: PathModel,
+    /// A network link in front of the disk.
+    pub link: LinkModel,
     /// Seed of the jitter.
     pub seed: u64,
 }
@@ -142,6 +175,7 @@ impl Latency {
             && model.jitter_us == 0
             && overhead_us == 0
             && self.path.seek.is_zero()
+            && self.link.is_none()
     }
 }
 
@@ -188,11 +222,13 @@ pub(crate) struct Slots {
 }
 
 /// The data paths of a device: one per direction; writes use the read path too when the
-/// model says `shared`.
+/// model says `shared`. And when its link is free again in each direction.
 #[derive(Debug, Default)]
 pub(crate) struct DevicePaths {
     read: DataPath,
     write: DataPath,
+    link_read_free: Option<Instant>,
+    link_write_free: Option<Instant>,
 }
 
 impl DevicePaths {
@@ -251,17 +287,28 @@ pub(crate) fn schedule(latency: &Latency, slots: &mut Slots, paths: &mut Paths, 
         Some(index)
     };
     let start = slot.map_or(request.now, |i| slots.free_at[i].max(request.now));
-    let ready = start + Duration::from_micros(model.cost_us) * scale;
+    let link = &latency.link;
+    let half_trip = Duration::from_micros(link.round_trip_us) * scale / 2;
+    let mut medium_guard;
+    let device_paths = match paths {
+        Paths::Own(own) => own,
+        Paths::Medium(medium) => {
+            medium_guard = medium.lock();
+            &mut *medium_guard
+        }
+    };
+    // Out over the link: a write's bytes cross first, behind earlier writes.
+    let arrived = if request.write && link.bandwidth_bytes_per_s > 0 {
+        let begin = device_paths.link_write_free.map_or(start, |free| free.max(start));
+        let end = begin + link.transfer(request.len_bytes) * scale;
+        device_paths.link_write_free = Some(end);
+        end + half_trip
+    } else {
+        start + half_trip
+    };
+    let ready = arrived + Duration::from_micros(model.cost_us) * scale;
     let uses_path = model.bandwidth_bytes_per_s > 0 || overhead_us > 0 || !latency.path.seek.is_zero();
     let released = if uses_path {
-        let mut medium_guard;
-        let device_paths = match paths {
-            Paths::Own(own) => own,
-            Paths::Medium(medium) => {
-                medium_guard = medium.lock();
-                &mut *medium_guard
-            }
-        };
         let path = device_paths.select(request.write, latency.path.shared);
         let begin = path.free_at.map_or(ready, |free| free.max(ready));
         let seek_us = match path.head {
@@ -279,7 +326,16 @@ pub(crate) fn schedule(latency: &Latency, slots: &mut Slots, paths: &mut Paths, 
     } else {
         ready
     };
-    let done = released + Duration::from_micros(request.jitter_us) * scale;
+    // Back over the link: a read's bytes cross first, behind earlier reads.
+    let returned = if !request.write && link.bandwidth_bytes_per_s > 0 {
+        let begin = device_paths.link_read_free.map_or(released, |free| free.max(released));
+        let end = begin + link.transfer(request.len_bytes) * scale;
+        device_paths.link_read_free = Some(end);
+        end + half_trip
+    } else {
+        released + half_trip
+    };
+    let done = returned + Duration::from_micros(request.jitter_us) * scale;
     if let Some(i) = slot {
         slots.free_at[i] = done;
     }
@@ -340,7 +396,7 @@ mod tests {
     /// 100 MB/s both ways: a 1 MB read and a 1 MB write issued together.
     fn read_and_write_together(path: PathModel) -> (Duration, Duration) {
         let model = IoModel { bandwidth_bytes_per_s: 100_000_000, ..IoModel::default() };
-        let latency = Latency { read: model, write: model, path, seed: 0 };
+        let latency = Latency { read: model, write: model, path, ..Latency::default() };
         let (mut read_slots, mut write_slots, mut paths) = (Slots::default(), Slots::default(), own());
         let now = Instant::now();
         let read = schedule(&latency, &mut read_slots, &mut paths, request(now, false, 1_000_000, 0));
@@ -459,6 +515,34 @@ mod tests {
         let second = schedule(&latency, &mut Slots::default(), &mut paths, other);
         // 9000 × √(1/3) = 5196.2 µs.
         assert_eq!((second - first).as_micros(), 5196);
+    }
+
+    #[test]
+    fn the_link_worked_example_holds() {
+        let latency = Latency {
+            link: LinkModel { round_trip_us: 200, bandwidth_bytes_per_s: 125_000_000 },
+            ..Latency::default()
+        };
+        assert!(!latency.is_instant(false));
+        let (mut slots, mut paths) = (Slots::default(), own());
+        let now = Instant::now();
+        let mut at = |write: bool, len_bytes: usize| {
+            (schedule(&latency, &mut slots, &mut paths, request(now, write, len_bytes, 0)) - now).as_nanos()
+        };
+        assert_eq!(at(false, 1_000_000), 8_200_000);
+        assert_eq!(at(false, 1_000_000), 16_200_000, "behind the first read's bytes");
+        assert_eq!(at(true, 1_000_000), 8_200_000, "writes cross the other way, at once");
+        let (mut slots, mut paths) = (Slots::default(), own());
+        let small = schedule(&latency, &mut slots, &mut paths, request(now, false, 4096, 0)) - now;
+        assert_eq!(small.as_nanos(), 232_768);
+        // A round trip alone delays, but does not serialise.
+        let latency =
+            Latency { link: LinkModel { round_trip_us: 200, bandwidth_bytes_per_s: 0 }, ..Latency::default() };
+        let (mut slots, mut paths) = (Slots::default(), own());
+        for _ in 0..3 {
+            let done = schedule(&latency, &mut slots, &mut paths, request(now, true, 1 << 20, 0));
+            assert_eq!(done - now, Duration::from_micros(200));
+        }
     }
 
     #[test]
