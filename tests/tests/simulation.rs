@@ -391,3 +391,38 @@ fn a_spinning_disk_pays_a_seek_each_time_a_copy_switches_between_two_areas() {
     // With the head moving 0 sectors there is no cost: sequential reads of one area are free.
     assert_eq!(seek.seek_us(0, 32 * 2048), 0);
 }
+
+#[test]
+fn a_remote_source_needs_requests_in_flight_to_fill_its_link() {
+    // A 10 Gbit/s link (1.25 GB/s) with a 0.5 ms round trip in front of an instant disk;
+    // 64 MiB in 1 MiB sub-jobs to a local, instant target. One read at a time pays the round
+    // trip every time: 64 × (500 + 838.9) µs. Eight in flight keep the link busy: its bytes
+    // bound the copy, 64 × 838.9 µs plus one round trip.
+    let remote = Latency {
+        link: kcopyd_sim::LinkModel { round_trip_us: 500, bandwidth_bytes_per_s: 1_250_000_000 },
+        ..Latency::default()
+    };
+    let copy_with = |in_flight: usize| {
+        let latency = remote.clone();
+        let config =
+            ClientConfig { sub_job_size_bytes: 1 << 20, subjobs_in_flight: in_flight, ..ClientConfig::default() };
+        Simulation::run(config, |client, _trace| async move {
+            let len_sectors = 64 * 2048;
+            let source: Device =
+                Arc::new(MemDisk::new(MemDiskOptions { len_sectors, latency, ..MemDiskOptions::default() }));
+            let target: Device = Arc::new(MemDisk::zeroed("target", len_sectors, 512));
+            let began = tokio::time::Instant::now();
+            let job = Job::copy(
+                Region::new(source, 0, len_sectors),
+                vec![Region::new(target, 0, len_sectors)],
+                Flags::empty(),
+            );
+            assert!(client.submit(job).await.unwrap().await.is_ok());
+            to_model(began.elapsed())
+        })
+        .unwrap()
+    };
+    let transfer_us = 1_048_576.0 / 1250.0;
+    assert_within_5_percent(copy_with(1), 64.0 * (500.0 + transfer_us));
+    assert_within_5_percent(copy_with(8), 64.0 * transfer_us + 500.0);
+}
