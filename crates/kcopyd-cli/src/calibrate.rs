@@ -80,6 +80,8 @@ pub struct Plan {
     pub queue_depths: Vec<usize>,
     /// How long each point runs.
     pub point_time: Duration,
+    /// Rounds over every point; each point's median counts.
+    pub rounds: usize,
     /// Show a progress bar.
     pub bars: bool,
 }
@@ -497,7 +499,8 @@ pub async fn calibrate(scratch: &Scratch, plan: &Plan) -> Result<DiskModel, CliE
     // fill's 1 MiB buffer).
     let pages = (largest.max(FILL_IO_BYTES) as usize).div_ceil(PAGE_SIZE) * (2 * deepest + 2);
     let pool = PagePool::new(pages).map_err(|source| CliError::Start { what: "the buffer arena", source })?;
-    let bar = progress::byte_bar(plan.bars, specs.len() as u64 + 2, "calibrate");
+    let rounds = plan.rounds.max(1);
+    let bar = progress::byte_bar(plan.bars, (rounds * (specs.len() + 1) + 1) as u64, "calibrate");
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg:<28} [{wide_bar}] {pos}/{len} points ETA {eta}")
             .expect("a valid template")
@@ -506,16 +509,27 @@ pub async fn calibrate(scratch: &Scratch, plan: &Plan) -> Result<DiskModel, CliE
     bar.set_message("fill the scratch range");
     fill(scratch, &pool).await?;
     bar.inc(1);
-    let mut measurements = Vec::new();
-    for spec in specs {
-        bar.set_message(format!("{} {} ×{}", spec.name, Bytes(spec.io_size_bytes), spec.queue_depth));
-        measurements.push(measure(scratch, &pool, spec, plan.point_time).await?);
+    // Rounds over all points, so that a busy spell of the machine falls on one round of a
+    // point rather than on all of it; each point's median round counts.
+    let mut rounds_of: Vec<Vec<Measurement>> = vec![Vec::new(); specs.len() + 1];
+    for round in 0..rounds {
+        for (i, &spec) in specs.iter().enumerate() {
+            bar.set_message(format!(
+                "{}/{rounds} {} {} ×{}",
+                round + 1,
+                spec.name,
+                Bytes(spec.io_size_bytes),
+                spec.queue_depth
+            ));
+            rounds_of[i].push(measure(scratch, &pool, spec, plan.point_time).await?);
+            bar.inc(1);
+        }
+        bar.set_message(format!("{}/{rounds} engine copies", round + 1));
+        rounds_of[specs.len()].push(engine_copies(scratch).await?);
         bar.inc(1);
     }
-    bar.set_message("engine copies");
-    measurements.push(engine_copies(scratch).await?);
-    bar.inc(1);
     bar.finish_and_clear();
+    let measurements: Vec<Measurement> = rounds_of.into_iter().map(median_round).collect();
     let description = format!(
         "calibrated on {} ({} scratch bytes from offset {}) by kcopyd sim calibrate",
         scratch.device.path().display(),
@@ -526,6 +540,17 @@ pub async fn calibrate(scratch: &Scratch, plan: &Plan) -> Result<DiskModel, CliE
     model.description = description;
     model.one_device = scratch.device.kind() == kcopyd_os::DeviceKind::File;
     Ok(model)
+}
+
+/// One point's rounds as one measurement: the median of each figure.
+fn median_round(rounds: Vec<Measurement>) -> Measurement {
+    let figure = |f: fn(&Measurement) -> f64| median(rounds.iter().map(f).collect());
+    Measurement {
+        iops: figure(|m| m.iops),
+        bandwidth_bytes_per_s: figure(|m| m.bandwidth_bytes_per_s),
+        latency_us_p50: figure(|m| m.latency_us_p50),
+        ..rounds[0].clone()
+    }
 }
 
 /// The median of `values` (0 when empty).
@@ -710,6 +735,7 @@ pub async fn run(args: &CalibrateArgs) -> Result<Status, CliError> {
         io_sizes_bytes: args.io_sizes_bytes.clone(),
         queue_depths: args.queue_depths.clone(),
         point_time: Duration::from_micros(args.point_time_us),
+        rounds: usize::from(args.rounds),
         bars: progress::bars_wanted(args.quiet),
     };
     let scratch =
@@ -734,6 +760,15 @@ pub async fn run(args: &CalibrateArgs) -> Result<Status, CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rounds_of_a_point_give_their_median() {
+        let rounds =
+            [(100.0, 30.0), (300.0, 10.0), (200.0, 20.0)].map(|(iops, p50)| point("read", 4096, 2, iops, p50)).to_vec();
+        let one = median_round(rounds);
+        assert_eq!((one.kind.as_str(), one.io_size_bytes, one.queue_depth), ("read", 4096, 2));
+        assert_eq!((one.iops, one.bandwidth_bytes_per_s, one.latency_us_p50), (200.0, 200.0 * 4096.0, 20.0));
+    }
 
     #[test]
     fn the_window_rate_worked_example_holds() {

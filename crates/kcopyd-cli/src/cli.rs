@@ -171,6 +171,9 @@ pub struct CalibrateArgs {
     /// How long each point runs.
     #[arg(long = "point-time", value_name = "DURATION", default_value = "250ms", value_parser = size::parse_duration_us)]
     pub point_time_us: u64,
+    /// Rounds over every point (1 to 20); each point's median round counts.
+    #[arg(long, value_name = "COUNT", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=20))]
+    pub rounds: u16,
     /// No progress bar and no table.
     #[arg(long, short)]
     pub quiet: bool,

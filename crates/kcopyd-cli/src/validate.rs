@@ -281,6 +281,7 @@ pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Sta
                 io_sizes_bytes: vec![4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20],
                 queue_depths: vec![1, 4, 16, 32],
                 point_time: std::time::Duration::from_millis(250),
+                rounds: 3,
                 bars,
             };
             calibrate::calibrate(&scratch, &plan).await?

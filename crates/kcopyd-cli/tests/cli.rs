@@ -1002,8 +1002,9 @@ fn a_copy_between_simulated_disks_runs_in_virtual_time() {
 
 // ---- sim calibrate, sim validate ------------------------------------------------------------
 
-/// A quick calibration: two sizes, two depths, 10 ms a point.
-const QUICK_CALIBRATION: [&str; 6] = ["--io-sizes", "64K,1M", "--queue-depths", "1,2", "--point-time", "10ms"];
+/// A quick calibration: two sizes, two depths, 10 ms a point, two rounds.
+const QUICK_CALIBRATION: [&str; 8] =
+    ["--io-sizes", "64K,1M", "--queue-depths", "1,2", "--point-time", "10ms", "--rounds", "2"];
 
 #[test]
 fn calibrate_measures_a_file_it_creates_and_removes_it() {
