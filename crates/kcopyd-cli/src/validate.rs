@@ -288,6 +288,16 @@ pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Sta
         }
     };
     let target_count = configs.iter().map(|c| c.targets).max().unwrap_or(1);
+    // TARGET.2, TARGET.3, … are files next to TARGET: only next to a file.
+    let target_is_other = fs::metadata(&args.target).is_ok_and(|m| !m.is_file());
+    if target_is_other && target_count > 1 {
+        return Err(CliError::argument(
+            "TARGET",
+            args.target.display().to_string(),
+            "is not a regular file: configurations with more than one target write TARGET.2, TARGET.3, … \
+             next to TARGET, which needs TARGET to be a file",
+        ));
+    }
     let targets = Targets::new(&args.target, target_count);
     let target_dir = args.target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let one_device = device_number(&args.source).is_some() && device_number(&args.source) == device_number(target_dir);

@@ -1149,6 +1149,10 @@ fn validate_runs_real_and_simulated_copies_and_computes_each_error() {
         &kcopyd(&["sim", "validate", s(&source), s(&target), "--model", s(&dir.join("none.toml"))]),
         &["--model"],
     );
+    assert_usage_error(
+        &kcopyd(&["sim", "validate", s(&source), s(dir.path()), "--model", s(&model), "--configs", "1Mx4x3"]),
+        &["TARGET", "not a regular file"],
+    );
     let unknown = dir.file_with("unknown.toml", b"[latency.read]\nbandwith_bytes_per_s = 1\n");
     assert_usage_error(
         &kcopyd(&["sim", "validate", s(&source), s(&target), "--model", s(&unknown)]),
