@@ -23,7 +23,7 @@ use kcopyd_sim::{DiskModel, Simulation};
 use serde::Serialize;
 
 use crate::calibrate::{self, Plan, Scratch};
-use crate::cli::{CopyArgs, EngineArgs, IoEngineArg, OutputArgs, ValidateArgs};
+use crate::cli::{CopyArgs, EngineArgs, IoEngineArg, OutputArgs, ThrottleArgs, ValidateArgs};
 use crate::commands;
 use crate::device_arg::{Backend, DeviceArg};
 use crate::error::{CliError, Status, open_reason};
@@ -187,6 +187,7 @@ async fn real_copy(
             io_engine: IoEngineArg::Sync,
             no_huge_pages: false,
         },
+        throttle: ThrottleArgs { busy_percent: None, rate_bytes_per_s: None },
         output: OutputArgs { json: false, quiet: true },
     };
     let done = commands::copy(&copy, interrupts).await?;
