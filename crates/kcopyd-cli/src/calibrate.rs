@@ -490,7 +490,7 @@ fn check_plan(plan: &Plan, scratch: &Scratch) -> Result<(), CliError> {
 ///
 /// # Errors
 /// A plan out of bounds, or an I/O error on the device.
-pub async fn calibrate(scratch: &Scratch, plan: &Plan) -> Result<DiskModel, CliError> {
+pub async fn calibrate(scratch: &Scratch, plan: &Plan) -> Result<Calibrated, CliError> {
     check_plan(plan, scratch)?;
     let specs = points(plan);
     let largest = plan.io_sizes_bytes.iter().copied().max().unwrap_or(0);
@@ -529,17 +529,55 @@ pub async fn calibrate(scratch: &Scratch, plan: &Plan) -> Result<DiskModel, CliE
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let spread = median(rounds_of.iter().map(|rounds| spread(rounds)).collect());
     let measurements: Vec<Measurement> = rounds_of.into_iter().map(median_round).collect();
     let description = format!(
-        "calibrated on {} ({} scratch bytes from offset {}) by kcopyd sim calibrate",
+        "calibrated on {} ({} scratch bytes from offset {}) by kcopyd sim calibrate; {rounds} rounds, \
+         their spread {:.0} %",
         scratch.device.path().display(),
         scratch.len_bytes,
-        scratch.offset_bytes
+        scratch.offset_bytes,
+        spread * 100.0
     );
     let mut model = fit(&measurements);
     model.description = description;
     model.one_device = scratch.device.kind() == kcopyd_os::DeviceKind::File;
-    Ok(model)
+    Ok(Calibrated { model, spread })
+}
+
+/// A calibration's result.
+#[derive(Debug, Clone)]
+pub struct Calibrated {
+    /// The fitted model.
+    pub model: DiskModel,
+    /// How much the rounds of a point disagree: `(max − min) / median` of its rates, the median
+    /// over points (0 with one round). Above [`SPREAD_WARNING`] something else was using the
+    /// machine or the device.
+    pub spread: f64,
+}
+
+/// The spread of rounds above which calibration warns that the model is of a busy machine.
+pub const SPREAD_WARNING: f64 = 0.25;
+
+/// `(max − min) / median` of the rates of one point's rounds.
+///
+/// Worked example: 900, 1000 and 1200 requests per second: 300 / 1000 = 30 %.
+fn spread(rounds: &[Measurement]) -> f64 {
+    let rates: Vec<f64> = rounds.iter().map(|m| m.iops).collect();
+    let middle = median(rates.clone());
+    let (low, high) = rates.iter().fold((f64::INFINITY, 0.0f64), |(l, h), &r| (l.min(r), h.max(r)));
+    if middle > 0.0 { (high - low) / middle } else { 0.0 }
+}
+
+/// Warns on stderr when the rounds of a calibration disagree.
+pub fn warn_if_busy(calibrated: &Calibrated) {
+    if calibrated.spread > SPREAD_WARNING {
+        eprintln!(
+            "kcopyd: warning: the rounds of a point differ by {:.0} % (the median over points): other work was using \
+             the machine or the device, and the model describes it so; calibrate again when it is idle",
+            calibrated.spread * 100.0
+        );
+    }
 }
 
 /// One point's rounds as one measurement: the median of each figure.
@@ -740,8 +778,10 @@ pub async fn run(args: &CalibrateArgs) -> Result<Status, CliError> {
     };
     let scratch =
         Scratch::open(&args.device, args.size_bytes, args.scratch_offset_bytes, args.scratch_length_bytes, args.keep)?;
-    let model = calibrate(&scratch, &plan).await?;
+    let calibrated = calibrate(&scratch, &plan).await?;
     drop(scratch);
+    warn_if_busy(&calibrated);
+    let model = calibrated.model;
     let text = to_toml(&model);
     match &args.out {
         Some(path) => fs::write(path, &text).map_err(|source| CliError::Io {
@@ -760,6 +800,13 @@ pub async fn run(args: &CalibrateArgs) -> Result<Status, CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_spread_worked_example_holds() {
+        let rounds = [900.0, 1000.0, 1200.0].map(|iops| point("read", 4096, 2, iops, 10.0)).to_vec();
+        assert!((spread(&rounds) - 0.3).abs() < 1e-9);
+        assert_eq!(spread(&rounds[..1]), 0.0);
+    }
 
     #[test]
     fn rounds_of_a_point_give_their_median() {

@@ -285,7 +285,9 @@ pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Sta
                 rounds: 3,
                 bars,
             };
-            calibrate::calibrate(&scratch, &plan).await?
+            let calibrated = calibrate::calibrate(&scratch, &plan).await?;
+            calibrate::warn_if_busy(&calibrated);
+            calibrated.model
         }
     };
     let target_count = configs.iter().map(|c| c.targets).max().unwrap_or(1);
