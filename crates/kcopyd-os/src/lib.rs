@@ -30,6 +30,7 @@
 
 mod aligned;
 mod device;
+mod engine;
 mod engine_sync;
 #[cfg(feature = "io-uring")]
 mod engine_uring;
@@ -37,9 +38,10 @@ mod error;
 mod storage;
 mod sys;
 
+pub use aligned::{BOUNCE_BYTES_MAX, IOVECS_PER_CALL_MAX};
 pub use device::{
     ALIGNMENT_BYTES_MAX, DeviceKind, IoEngine, OpenOptions, OsDevice, OsIoStats, QUEUE_DEPTH_DEFAULT, QUEUE_DEPTH_MAX,
 };
-pub use engine_sync::{BOUNCE_BYTES_MAX, IOVECS_PER_CALL_MAX, ZEROES_BYTES_PER_WRITE_MAX};
+pub use engine_sync::ZEROES_BYTES_PER_WRITE_MAX;
 pub use error::OpenError;
 pub use storage::{Mounted, Storage, StorageId, mounted_read_write};

@@ -1,0 +1,111 @@
+//! The [`Engine`] a device's reads, writes and flushes go through, chosen once when the
+//! device opens ([`open`]), and the thread pool every engine keeps for the blocking work no
+//! engine has an asynchronous form of (BLKZEROOUT, fallocate, SEEK_DATA).
+//!
+//! ```text
+//!  OsDevice ── checks ──► Box<dyn Engine> ──► SyncEngine  (engine_sync.rs):  thread pool
+//!                                        └──► UringEngine (engine_uring.rs): ring thread
+//!                                                           + a thread pool for write-zeroes
+//!     ◄── oneshot: the buffer comes back with the result
+//! ```
+//!
+//! A trait object rather than an enum: each backend is a file of its own and the `io-uring`
+//! feature appears in exactly one place (`open`), not in a variant and an arm of every match;
+//! the cost, one indirect call per request, is nothing beside the syscall behind it. The
+//! generic "run this closure on the pool" that a trait object cannot carry is an inherent
+//! method on `dyn Engine` ([`submit`](trait.Engine.html#method.submit)) over [`Engine::pool`].
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use kcopyd_core::{ReadBuf, WriteBuf};
+use tokio::sync::oneshot;
+
+use crate::aligned::{MemoryRules, Transfer};
+use crate::device::IoEngine;
+use crate::engine_sync::SyncEngine;
+use crate::error::OpenError;
+
+/// The name of a device's I/O threads (at most 15 bytes, the kernel's limit).
+const THREAD_NAME: &str = "kcopyd-io";
+/// The name of a device's io_uring thread.
+#[cfg(feature = "io-uring")]
+const URING_THREAD_NAME: &str = "kcopyd-uring";
+
+/// What the caller gets back from a read: its buffer, and how the transfer went.
+pub(crate) type ReadReply = (ReadBuf, io::Result<Transfer>);
+
+/// One way of moving a device's bytes. Every request is already checked by the device:
+/// aligned to the logical block, inside the device, not empty. Buffers are owned: each moves
+/// into the engine with its request and comes back (or is dropped) only once the kernel is
+/// done with it, so a caller that drops its future early leaves the engine holding the pages.
+///
+/// `file` is held until the request completes, so that its descriptor stays open.
+pub(crate) trait Engine: Send + Sync {
+    /// Which [`IoEngine`] this is.
+    fn kind(&self) -> IoEngine;
+
+    /// Fills `buf`'s window from `offset_bytes`; through a bounce buffer if its segments break
+    /// `rules` (`None`: buffered I/O, any memory will do).
+    fn read(
+        &self,
+        file: Arc<File>,
+        offset_bytes: u64,
+        buf: ReadBuf,
+        rules: Option<MemoryRules>,
+    ) -> oneshot::Receiver<ReadReply>;
+
+    /// Writes all of `buf` at `offset_bytes`; through a bounce buffer if its segments break
+    /// `rules`.
+    fn write(
+        &self,
+        file: Arc<File>,
+        offset_bytes: u64,
+        buf: WriteBuf,
+        rules: Option<MemoryRules>,
+    ) -> oneshot::Receiver<io::Result<Transfer>>;
+
+    /// `fdatasync`.
+    fn flush(&self, file: Arc<File>) -> oneshot::Receiver<io::Result<()>>;
+
+    /// The thread pool for blocking work.
+    fn pool(&self) -> &SyncEngine;
+}
+
+impl dyn Engine {
+    /// Runs blocking `work` on the engine's thread pool; never blocks the caller. The work
+    /// drops what it captured (the file handle) before its result goes out.
+    pub(crate) fn submit<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> oneshot::Receiver<T> {
+        self.pool().submit(work)
+    }
+}
+
+/// Starts the engine `kind` for `queue_depth` requests in flight. The options were validated:
+/// an engine that is not built in never gets here.
+///
+/// # Errors
+/// [`OpenError::IoUringSetup`] where the kernel refuses io_uring; [`OpenError::Engine`] when
+/// no I/O thread can be started.
+pub(crate) fn open(path: &Path, kind: IoEngine, queue_depth: usize) -> Result<Box<dyn Engine>, OpenError> {
+    assert!(kind.is_available(), "{kind:?} was validated");
+    let pool = || {
+        SyncEngine::new(THREAD_NAME, queue_depth)
+            .map_err(|source| OpenError::Engine { path: path.to_path_buf(), source })
+    };
+    let engine: Box<dyn Engine> = match kind {
+        IoEngine::Sync => Box::new(pool()?),
+        #[cfg(feature = "io-uring")]
+        IoEngine::Uring => {
+            use crate::engine_uring::{Ring, UringEngine};
+            let ring = Ring::start(URING_THREAD_NAME, queue_depth)
+                .map_err(|source| OpenError::IoUringSetup { path: path.to_path_buf(), source })?;
+            Box::new(UringEngine::new(ring, pool()?))
+        }
+        #[cfg(not(feature = "io-uring"))]
+        IoEngine::Uring => unreachable!("refused by OpenOptions::validate"),
+    };
+    assert_eq!(engine.kind(), kind);
+    Ok(engine)
+}
