@@ -255,16 +255,7 @@ impl OsDevice {
         }
         let file = open_descriptor(path, kind, options)?;
         if kind == DeviceKind::BlockDevice && options.write {
-            // The open succeeds on a read-only device, and then every write fails (EPERM):
-            // refuse it now, before any I/O.
-            let read_only = sys::block_device_is_read_only(&file)
-                .map_err(|source| OpenError::ReadOnlyFlag { path: path.to_path_buf(), source })?;
-            if read_only {
-                return Err(OpenError::ReadOnly {
-                    path: path.to_path_buf(),
-                    source: io::Error::new(io::ErrorKind::PermissionDenied, "the block device is read-only (BLKROGET)"),
-                });
-            }
+            refuse_read_only_block_device(path, &file)?;
         }
         let metadata = file.metadata().map_err(|source| OpenError::Metadata { path: path.to_path_buf(), source })?;
         if kind_of(path, &metadata)? != kind {
@@ -443,6 +434,20 @@ fn kind_of(path: &Path, metadata: &Metadata) -> Result<DeviceKind, OpenError> {
     } else {
         other("special file")
     }
+}
+
+/// Refuses a block device marked read-only (BLKROGET) that is to be written: the open
+/// succeeds on it, and then every write fails (EPERM), so refuse it now, before any I/O.
+fn refuse_read_only_block_device(path: &Path, file: &File) -> Result<(), OpenError> {
+    let read_only = sys::block_device_is_read_only(file)
+        .map_err(|source| OpenError::ReadOnlyFlag { path: path.to_path_buf(), source })?;
+    if read_only {
+        return Err(OpenError::ReadOnly {
+            path: path.to_path_buf(),
+            source: io::Error::new(io::ErrorKind::PermissionDenied, "the block device is read-only (BLKROGET)"),
+        });
+    }
+    Ok(())
 }
 
 /// Opens the descriptor: read-only or read-write, O_DIRECT unless buffered, O_EXCL for a block

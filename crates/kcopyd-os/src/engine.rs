@@ -13,7 +13,7 @@
 //! feature appears in exactly one place (`open`), not in a variant and an arm of every match;
 //! the cost, one indirect call per request, is nothing beside the syscall behind it. The
 //! generic "run this closure on the pool" that a trait object cannot carry is an inherent
-//! method on `dyn Engine` ([`submit`](trait.Engine.html#method.submit)) over [`Engine::pool`].
+//! method on `dyn Engine` (`submit`) over [`Engine::pool`].
 
 use std::fs::File;
 use std::io;
@@ -108,4 +108,44 @@ pub(crate) fn open(path: &Path, kind: IoEngine, queue_depth: usize) -> Result<Bo
     };
     assert_eq!(engine.kind(), kind);
     Ok(engine)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_engine_asked_for_is_the_engine_started() {
+        let path = Path::new("/nonexistent/kcopyd");
+        let engine = open(path, IoEngine::Sync, 2).unwrap();
+        assert_eq!(engine.kind(), IoEngine::Sync);
+        assert!(std::ptr::eq(engine.pool(), engine.pool()), "one pool for the device's lifetime");
+        if !IoEngine::Uring.is_available() {
+            println!("SKIPPED: the io_uring half (built without the io-uring feature)");
+            return;
+        }
+        match open(path, IoEngine::Uring, 2) {
+            Ok(engine) => assert_eq!(engine.kind(), IoEngine::Uring),
+            Err(OpenError::IoUringSetup { source, .. }) => println!("SKIPPED: io_uring is not available: {source}"),
+            Err(error) => panic!("{error}"),
+        }
+    }
+
+    #[test]
+    fn blocking_work_runs_on_the_pool_of_either_engine() {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        for kind in [IoEngine::Sync, IoEngine::Uring].into_iter().filter(|kind| kind.is_available()) {
+            let engine = match open(Path::new("/nonexistent/kcopyd"), kind, 1) {
+                Ok(engine) => engine,
+                Err(OpenError::IoUringSetup { source, .. }) => {
+                    println!("SKIPPED: {kind:?}: io_uring is not available: {source}");
+                    continue;
+                }
+                Err(error) => panic!("{kind:?}: {error}"),
+            };
+            let receiver = engine.submit(|| std::thread::current().name().map(str::to_owned));
+            let thread_name = runtime.block_on(receiver).unwrap();
+            assert_eq!(thread_name.as_deref(), Some(THREAD_NAME), "{kind:?}");
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! The synchronous I/O engine: blocking positioned vectored I/O (`preadv`/`pwritev`) run on a
 //! bounded pool of threads, so that the caller's thread (the copy engine's actors) never
-//! blocks.
+//! blocks. The pool is also every engine's [`Engine::pool`], for blocking work such as
+//! write-zeroes; which memory goes to the kernel, and in which pieces, is `aligned.rs`'s.
 //!
 //! ```text
 //!  caller thread                     pool (≤ threads_max std threads, started on demand)

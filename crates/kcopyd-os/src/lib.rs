@@ -8,14 +8,13 @@
 //!
 //!  read / write / write_zeroes / flush   (caller's thread: checks only, never blocks)
 //!    check: writable? aligned to the logical block? inside the device?  ── no: refused, no I/O
-//!    └► engine_sync: queue ─► ≤ queue_depth threads ─► preadv / pwritev (EINTR, short I/O)
-//!                                                   ├► misaligned user memory: bounce buffer
-//!                                                   ├► BLKZEROOUT / fallocate(ZERO_RANGE)
-//!                                                   └► fdatasync
+//!    └► Box<dyn Engine>, chosen once at open (engine.rs)
+//!       ├► engine_sync: queue ─► ≤ queue_depth threads ─► preadv / pwritev (EINTR, short I/O)
+//!       └► engine_uring (IoEngine::Uring, feature `io-uring`): channel ─► one ring thread
+//!            ─► READV / WRITEV / FSYNC, ≤ queue_depth in flight (short I/O, EINTR, EAGAIN)
+//!       both: misaligned user memory ─► bounce buffer in pieces (aligned.rs, shared rules)
+//!       the engine's thread pool: BLKZEROOUT / fallocate(ZERO_RANGE) / writes of zeroes
 //!       ◄── oneshot: the buffer comes back with the result
-//!    └► engine_uring (IoEngine::Uring, feature `io-uring`): channel ─► one ring thread
-//!         ─► READV / WRITEV / FSYNC, ≤ queue_depth in flight (short I/O, EINTR, EAGAIN)
-//!       ◄── oneshot: the buffer comes back after its CQE
 //! ```
 //!
 //! Safety rules: sources are opened read-only; a block device opened for writing is opened
