@@ -148,4 +148,53 @@ mod tests {
             assert_eq!(thread_name.as_deref(), Some(THREAD_NAME), "{kind:?}");
         }
     }
+
+    /// Both engines bounce memory that breaks the rules, over several pieces, through the
+    /// same shared rules: a write from memory at odd addresses and a read into a window that
+    /// starts inside a page move the same bytes as plain I/O would. The file is
+    /// buffered so that any filesystem takes it; the rules alone decide the bounce.
+    #[test]
+    fn both_engines_bounce_misaligned_memory_over_several_pieces() {
+        use bytes::Bytes;
+        use kcopyd_core::PagePool;
+
+        use crate::aligned::BOUNCE_BYTES_MAX;
+
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let len_bytes = 2 * BOUNCE_BYTES_MAX + 64 * 1024;
+        let data: Vec<u8> = (0..len_bytes).map(|i| (i * 7 % 251) as u8).collect();
+        for kind in [IoEngine::Sync, IoEngine::Uring].into_iter().filter(|kind| kind.is_available()) {
+            let path = std::env::temp_dir().join(format!("kcopyd-os-bounce-{kind:?}-{}", std::process::id()));
+            let file = Arc::new(
+                std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap(),
+            );
+            std::fs::remove_file(&path).unwrap();
+            let engine = match open(&path, kind, 2) {
+                Ok(engine) => engine,
+                Err(OpenError::IoUringSetup { source, .. }) => {
+                    println!("SKIPPED: {kind:?}: io_uring is not available: {source}");
+                    continue;
+                }
+                Err(error) => panic!("{kind:?}: {error}"),
+            };
+            // One byte of slack in front: the second segment starts at an odd address.
+            let mut backing = vec![0u8; 1];
+            backing.extend_from_slice(&data[4096..]);
+            let buf =
+                WriteBuf::from_segments(vec![Bytes::copy_from_slice(&data[..4096]), Bytes::from(backing).slice(1..)]);
+            let rules = MemoryRules { memory_bytes: 4096, length_bytes: 4096 };
+            let written = runtime.block_on(engine.write(file.clone(), 8192, buf, Some(rules))).unwrap();
+            assert_eq!(written.unwrap(), Transfer::Bounced, "{kind:?}");
+            // A window 512 bytes into the pages breaks 4096-byte memory alignment: the read
+            // is bounced too.
+            let pages = len_bytes / 4096 + 1;
+            let pool = PagePool::new(pages).unwrap();
+            let mut buf = ReadBuf::new(pool.try_alloc(pages).unwrap(), pages * 4096);
+            buf.set_window(512..512 + len_bytes);
+            let (buf, result) = runtime.block_on(engine.read(file.clone(), 8192, buf, Some(rules))).unwrap();
+            assert_eq!(result.unwrap(), Transfer::Bounced, "{kind:?}");
+            let read: Vec<u8> = buf.segments().flatten().copied().collect();
+            assert!(read == data, "{kind:?}: the bytes read back differ from those written");
+        }
+    }
 }
