@@ -88,6 +88,17 @@ pub enum CliError {
         #[source]
         source: SubmitError,
     },
+    /// Reading or writing a device or file failed while measuring (`kcopyd sim`).
+    #[error("{operation} '{path}': {source}")]
+    Io {
+        /// What was being done.
+        operation: &'static str,
+        /// The device or file.
+        path: String,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
     /// The async runtime or the signal handler could not start.
     #[error("starting {what}: {source}")]
     Start {
@@ -108,7 +119,7 @@ impl CliError {
             | CliError::Open { .. }
             | CliError::Config { .. }
             | CliError::Submit { .. } => Status::Usage,
-            CliError::Start { .. } => Status::Failed,
+            CliError::Start { .. } | CliError::Io { .. } => Status::Failed,
         }
     }
 
