@@ -152,12 +152,7 @@ impl NbdDevice {
             )));
         }
         let len_sectors = info.size_bytes / u64::from(block_bytes) * u64::from(block_bytes) / SECTOR_SIZE as u64;
-        let geometry = Geometry {
-            len_sectors,
-            logical_block_size: block_bytes,
-            write_zeroes: info.has(NBD_FLAG_SEND_WRITE_ZEROES),
-            zoned: false,
-        };
+        let geometry = Geometry::new(len_sectors, block_bytes).with_write_zeroes(info.has(NBD_FLAG_SEND_WRITE_ZEROES));
         let mut connections = vec![first];
         if info.has(NBD_FLAG_CAN_MULTI_CONN) {
             for index in 1..options.connections_max {
