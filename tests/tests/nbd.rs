@@ -405,7 +405,8 @@ fn read_faults_at_chosen_offsets_are_reported_exactly() {
     let target_file = dir.zero_file("target.img", data.len() as u64);
     let target: Device =
         Arc::new(OsDevice::open(&target_file, &OpenOptions { write: true, ..OpenOptions::default() }).unwrap());
-    let outcome = copy(source, vec![target], 4096, Flags::IGNORE_ERROR, ClientConfig::default());
+    let config = ClientConfig { sub_job_size_bytes: 512 * 1024, ..ClientConfig::default() };
+    let outcome = copy(source, vec![target], 4096, Flags::IGNORE_ERROR, config);
     assert!(outcome.read_err && outcome.write_err.is_empty(), "{outcome:?}");
     let mut expected = RangeSet::new();
     for (start, end) in bad {
@@ -437,10 +438,12 @@ fn write_faults_at_chosen_offsets_are_reported_exactly() {
     let source: Device = Arc::new(OsDevice::open(&source_file, &OpenOptions::default()).unwrap());
     let failing: Device = Arc::new(open(&server.uri(""), &writable()));
     let good_device = Arc::new(open(&good.uri(""), &writable()));
-    let outcome = copy(source, vec![failing, good_device.clone()], 4096, Flags::IGNORE_ERROR, ClientConfig::default());
+    // Sub-jobs of 1024 sectors: the failing write is the one of sectors 2048..3072.
+    let config = ClientConfig { sub_job_size_bytes: 512 * 1024, ..ClientConfig::default() };
+    let outcome = copy(source, vec![failing, good_device.clone()], 4096, Flags::IGNORE_ERROR, config);
     assert!(!outcome.read_err, "{outcome:?}");
     assert_eq!(outcome.write_err.iter().collect::<Vec<_>>(), vec![0], "only the failing server's target");
-    // The engine reports a failed write as the whole sub-job it was writing (1024 sectors).
+    // The engine reports a failed write as the whole sub-job it was writing.
     assert_eq!(outcome.targets[0].write_failed, RangeSet::from_range(2048..3072), "{outcome:?}");
     assert!(outcome.targets[1].write_failed.is_empty());
     assert!(read_ok(good_device.as_ref(), 0, data.len()) == data, "the other target got everything");
