@@ -44,6 +44,8 @@ pub enum Command {
     Verify(VerifyArgs),
     /// A mirror resync with injected faults on simulated disks, checked against the fault log.
     Demo(DemoArgs),
+    /// Design exploration on simulated disks in virtual time: run a scenario, sweep its keys.
+    Sim(SimArgs),
 }
 
 /// Options of the engine, shared by `copy`, `zero` and `verify`.
@@ -197,4 +199,68 @@ pub struct DemoArgs {
     /// No progress bars.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+/// `kcopyd sim`.
+#[derive(Debug, Clone, Args)]
+pub struct SimArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: SimCommand,
+}
+
+/// The subcommands of `kcopyd sim`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum SimCommand {
+    /// Run a scenario file in virtual time and report duration, throughput, outcomes, queue
+    /// depth and foreground latency with and without the jobs.
+    Run(SimRunArgs),
+    /// Run a scenario for every combination of values of some of its keys, in parallel, and
+    /// rank them by a metric.
+    Sweep(SimSweepArgs),
+}
+
+/// `kcopyd sim run`.
+#[derive(Debug, Clone, Args)]
+pub struct SimRunArgs {
+    /// The scenario (TOML; see docs/EXPLORATION.md).
+    #[arg(value_name = "SCENARIO")]
+    pub scenario: std::path::PathBuf,
+    /// Change a key of the scenario before running, by dotted path (e.g.
+    /// `disks.primary.len_sectors=1G`); may be repeated.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Print one JSON object instead of the summary.
+    #[arg(long)]
+    pub json: bool,
+    /// Draw throughput and foreground latency over virtual time into this SVG file.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<std::path::PathBuf>,
+}
+
+/// `kcopyd sim sweep`.
+#[derive(Debug, Clone, Args)]
+pub struct SimSweepArgs {
+    /// The scenario (TOML; see docs/EXPLORATION.md).
+    #[arg(value_name = "SCENARIO")]
+    pub scenario: std::path::PathBuf,
+    /// A key by dotted path and its values, e.g. `client.sub_job_size_bytes=64K,256K,1M`;
+    /// repeat for a cross product.
+    #[arg(long = "vary", value_name = "KEY=V1,V2,...", required = true)]
+    pub vary: Vec<String>,
+    /// Change a key of the scenario for every point, as `run --set`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// The metric the table is sorted by, best first (see docs/EXPLORATION.md for the list).
+    #[arg(long, value_name = "NAME", default_value = "throughput_mb_per_s")]
+    pub metric: String,
+    /// Simulations run at once [default: the number of cores].
+    #[arg(long, value_name = "COUNT")]
+    pub threads: Option<usize>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Plot the metric into this SVG file: a line for one varied key, a heat map for two.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<std::path::PathBuf>,
 }

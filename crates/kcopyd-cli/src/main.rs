@@ -5,6 +5,7 @@
 //!  kcopyd zero TARGET...           │  (exit 2, nothing written) ─► engine job with progress and
 //!  kcopyd verify SOURCE TARGET...  │  Ctrl-C ─► flush ─► [read back] ─► summary or --json
 //!  kcopyd demo                    ─┘ simulated disks, injected faults, checked against the log
+//!  kcopyd sim run|sweep SCENARIO     scenarios in virtual time (kcopyd-sim's explore module)
 //! ```
 //!
 //! Devices are files and block devices (through `kcopyd-os`, O_DIRECT unless `--buffered`)
@@ -19,6 +20,8 @@ mod demo;
 mod device_arg;
 mod devices;
 mod error;
+mod explore;
+mod plot;
 mod progress;
 mod report;
 mod sim;
@@ -57,6 +60,7 @@ async fn run(cli: Cli) -> Status {
         Command::Zero(args) => commands::zero(args, &mut interrupts).await.map(|done| emit(done, &args.output)),
         Command::Verify(args) => commands::verify(args, &mut interrupts).await.map(|done| emit(done, &args.output)),
         Command::Demo(args) => demo::run(args, &mut interrupts).await,
+        Command::Sim(args) => explore::run(args),
     };
     result.unwrap_or_else(|error| fail_status(&error))
 }

@@ -25,6 +25,8 @@ mod simulation;
 mod storage;
 mod timing;
 mod trace;
+pub mod explore;
+pub mod units;
 
 pub use faults::{FaultKind, FaultOdds, FaultPlan, FaultRecord, Misdirect, Operation, SlowSpike, WriteFault};
 pub use mem_disk::{IoStats, MemDisk, MemDiskOptions};
