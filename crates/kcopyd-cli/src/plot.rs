@@ -123,7 +123,7 @@ fn draw_line(path: &Path, key: &Vary, points: &[SweepPoint], metric: Metric) -> 
         .margin(16)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d((0..n).into_segmented(), 0.0..y_max * 1.1)?;
+        .build_cartesian_2d((0..(n - 1).max(0)).into_segmented(), 0.0..y_max * 1.1)?;
     let format_x = |at: &SegmentValue<i32>| label(&key.values, at);
     chart
         .configure_mesh()
@@ -154,7 +154,7 @@ fn draw_heat_map(path: &Path, x: &Vary, y: &Vary, points: &[SweepPoint], metric:
         .margin(16)
         .x_label_area_size(40)
         .y_label_area_size(90)
-        .build_cartesian_2d((0..nx).into_segmented(), (0..ny).into_segmented())?;
+        .build_cartesian_2d((0..(nx - 1).max(0)).into_segmented(), (0..(ny - 1).max(0)).into_segmented())?;
     let format_x = |at: &SegmentValue<i32>| label(&x.values, at);
     let format_y = |at: &SegmentValue<i32>| label(&y.values, at);
     chart

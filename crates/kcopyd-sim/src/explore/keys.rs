@@ -9,8 +9,8 @@
 //!  "disks.hdd.latency.read.cost_us" = "8ms"   _us: a duration → 8000
 //! ```
 //!
-//! A string value under a key ending in `_bytes`, `_bytes_per_s`, `_sectors` or `_us` is read
-//! as a size, a rate or a duration ([`units`](crate::units)); numbers stay as they are. Keys
+//! A string value under a key ending in `_bytes`, `_bytes_per_s`, `_sectors` (or `_sector`) or
+//! `_us` is read as a size, a rate, a sector count (the size over 512) or a duration ([`units`](crate::units)); numbers stay as they are. Keys
 //! that do not exist are not refused here: the typed scenario refuses them when it is read,
 //! naming the key (`deny_unknown_fields`).
 
@@ -34,7 +34,7 @@ fn unit_of(key: &str) -> Option<Unit> {
         Some(Unit::BytesPerSecond)
     } else if key.ends_with("_bytes") {
         Some(Unit::Bytes)
-    } else if key.ends_with("_sectors") {
+    } else if key.ends_with("_sectors") || key.ends_with("_sector") {
         Some(Unit::Sectors)
     } else if key.ends_with("_us") {
         Some(Unit::Microseconds)

@@ -71,7 +71,7 @@ pub enum Content {
 /// `faults`, …), so the scenario format follows the disk model. In a scenario, `name` comes
 /// from the table's key, the disk's seed is mixed with the scenario's, and `sparse` defaults
 /// to `true`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DiskSpec {
     /// What the disk holds at the start.
     #[serde(default)]
@@ -79,6 +79,21 @@ pub struct DiskSpec {
     /// The simulated disk.
     #[serde(flatten)]
     pub options: MemDiskOptions,
+}
+
+impl<'de> Deserialize<'de> for DiskSpec {
+    /// `content`, then every other key as [`MemDiskOptions`], which refuses unknown keys.
+    /// (serde's `flatten` would let unknown keys through silently.)
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<DiskSpec, D::Error> {
+        use serde::de::Error;
+        let mut table = toml::Table::deserialize(deserializer)?;
+        let content = match table.remove("content") {
+            Some(value) => Content::deserialize(value).map_err(D::Error::custom)?,
+            None => Content::default(),
+        };
+        let options = MemDiskOptions::deserialize(Value::Table(table)).map_err(D::Error::custom)?;
+        Ok(DiskSpec { content, options })
+    }
 }
 
 /// Copy or zero.
