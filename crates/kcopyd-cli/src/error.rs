@@ -99,7 +99,7 @@ pub enum CliError {
         #[source]
         source: ScenarioError,
     },
-    /// A scenario file or output file that cannot be read or written.
+    /// A scenario file that cannot be read.
     #[error("{what} '{path}': {source}")]
     File {
         /// What the file is for.
@@ -137,8 +137,9 @@ impl CliError {
             | CliError::Open { .. }
             | CliError::Config { .. }
             | CliError::Submit { .. }
-            | CliError::Scenario { .. } => Status::Usage,
-            CliError::Start { .. } | CliError::File { .. } | CliError::Plot { .. } => Status::Failed,
+            | CliError::Scenario { .. }
+            | CliError::File { .. } => Status::Usage,
+            CliError::Start { .. } | CliError::Plot { .. } => Status::Failed,
         }
     }
 
