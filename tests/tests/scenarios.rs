@@ -45,7 +45,9 @@ fn every_shipped_scenario_parses() {
         }
     }
     names.sort();
-    for wanted in ["hdd-mirror-resync", "nvme-resync", "snapshot-cow", "three-target-mixed", "subjob-study", "subjob-study-hdd"] {
+    for wanted in
+        ["hdd-mirror-resync", "nvme-resync", "snapshot-cow", "three-target-mixed", "subjob-study", "subjob-study-hdd"]
+    {
         assert!(names.iter().any(|n| n == wanted), "scenarios/{wanted}.toml is shipped (found {names:?})");
     }
 }
@@ -55,7 +57,9 @@ fn subjob_study_on_the_ssd_model_shows_the_kernels_shape() {
     // The kernel measured about 240 → 540 MB/s (+96 %) from 64 KiB to 512 KiB sub-jobs.
     let throughput: Vec<f64> = ["64K", "128K", "256K", "512K"]
         .iter()
-        .map(|size| run("subjob-study", &[("jobs.0.count", "24"), ("client.sub_job_size_bytes", size)]).throughput_mb_per_s)
+        .map(|size| {
+            run("subjob-study", &[("jobs.0.count", "24"), ("client.sub_job_size_bytes", size)]).throughput_mb_per_s
+        })
         .collect();
     assert!(throughput.windows(2).all(|w| w[1] > w[0] * 0.97), "grows from 64K to 512K: {throughput:?}");
     let gain = throughput[3] / throughput[0];
@@ -66,8 +70,11 @@ fn subjob_study_on_the_ssd_model_shows_the_kernels_shape() {
 #[test]
 fn subjob_study_on_the_hdd_model_wants_size_not_depth() {
     let at = |size: &str, depth: &str| {
-        run("subjob-study-hdd", &[("jobs.0.count", "4"), ("client.sub_job_size_bytes", size), ("client.subjobs_in_flight", depth)])
-            .throughput_mb_per_s
+        run(
+            "subjob-study-hdd",
+            &[("jobs.0.count", "4"), ("client.sub_job_size_bytes", size), ("client.subjobs_in_flight", depth)],
+        )
+        .throughput_mb_per_s
     };
     // One head: past two in flight (a read and a write overlapping), depth buys nothing...
     let (shallow, deep) = (at("512K", "2"), at("512K", "16"));
@@ -105,7 +112,11 @@ fn hdd_mirror_resync_reports_what_latent_errors_left_uncopied() {
 fn nvme_resync_runs_at_the_write_bandwidth() {
     let report = run("nvme-resync", &[("disks.primary.len_sectors", "256M"), ("disks.mirror.len_sectors", "256M")]);
     assert!(report.all_ok);
-    assert!((1800.0..=2000.0).contains(&report.throughput_mb_per_s), "bounded by 2 GB/s writes: {}", report.throughput_mb_per_s);
+    assert!(
+        (1800.0..=2000.0).contains(&report.throughput_mb_per_s),
+        "bounded by 2 GB/s writes: {}",
+        report.throughput_mb_per_s
+    );
     assert!(disk(&report, "mirror").busy_percent > 95.0);
     assert_eq!(report.io_sizes.len(), 1, "every request is one 512 KiB sub-job: {:?}", report.io_sizes);
     assert_eq!(report.io_sizes[0].size_bytes, 512 * 1024);
@@ -182,13 +193,18 @@ fn bad_scenarios_name_what_is_wrong() {
     assert!(unknown_key.contains("sub_job_size"), "{unknown_key}");
     let unknown_disk_key = error(&SMALL.replace("content = \"zero\"", "colour = \"zero\"")).to_string();
     assert!(unknown_disk_key.contains("colour"), "{unknown_disk_key}");
-    assert!(matches!(error(&SMALL.replace("targets = [\"b\"]", "targets = [\"c\"]")), ScenarioError::UnknownDisk { disk, .. } if disk == "c"));
+    assert!(
+        matches!(error(&SMALL.replace("targets = [\"b\"]", "targets = [\"c\"]")), ScenarioError::UnknownDisk { disk, .. } if disk == "c")
+    );
     assert!(matches!(
         error(&format!("{SMALL}len_sectors = \"2M\"\nsource_start_sector = \"3M\"\n")),
         ScenarioError::OutOfRange { start_sector: 6144, .. }
     ));
     assert!(matches!(error(&format!("{SMALL}count = 0\n")), ScenarioError::Invalid { .. }));
-    assert!(matches!(error(&SMALL.replace("len_sectors = \"4M\"", "len_sectors = \"1000\"")), ScenarioError::Unit { .. } | ScenarioError::Key { .. }));
+    assert!(matches!(
+        error(&SMALL.replace("len_sectors = \"4M\"", "len_sectors = \"1000\"")),
+        ScenarioError::Unit { .. } | ScenarioError::Key { .. }
+    ));
     assert!(matches!(
         error(&format!("{SMALL}[foreground]\ndisk = \"a\"\nio_size_bytes = 1000\n")),
         ScenarioError::Invalid { what, .. } if what == "foreground"
@@ -198,13 +214,19 @@ fn bad_scenarios_name_what_is_wrong() {
     let dense = SMALL.replace("[disks.a]\nlen_sectors = \"4M\"", "[disks.a]\nsparse = false\nlen_sectors = \"8G\"");
     assert!(error(&dense).to_string().contains("dense"));
     assert!(matches!(error("[disks.a]\nlen_sectors = 8\n"), ScenarioError::Invalid { .. }), "nothing to run");
-    assert!(matches!(error(&SMALL.replace("seed = 1", "seed = 1\n[client]\npage_budget = 0")), ScenarioError::Client { .. }));
+    assert!(matches!(
+        error(&SMALL.replace("seed = 1", "seed = 1\n[client]\npage_budget = 0")),
+        ScenarioError::Client { .. }
+    ));
 }
 
 #[test]
 fn a_sweep_runs_the_cross_product_in_order() {
     let tree = parse_tree(SMALL).unwrap();
-    let varies = [Vary::parse("client.sub_job_size_bytes=64K,256K").unwrap(), Vary::parse("client.subjobs_in_flight=1,4").unwrap()];
+    let varies = [
+        Vary::parse("client.sub_job_size_bytes=64K,256K").unwrap(),
+        Vary::parse("client.subjobs_in_flight=1,4").unwrap(),
+    ];
     let done = std::sync::atomic::AtomicUsize::new(0);
     let points = explore::sweep(&tree, &varies, 2, &|_| {
         done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -41,8 +41,11 @@ pub fn run(args: &SimArgs) -> Result<Status, CliError> {
 /// The scenario file as a value tree, with the `--set` edits applied.
 fn load(path: &Path, set: &[String]) -> Result<Value, CliError> {
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| CliError::File { what: "scenario", path: shown.clone(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| CliError::File {
+        what: "scenario",
+        path: shown.clone(),
+        source,
+    })?;
     let scenario_error = |source: ScenarioError| CliError::Scenario { path: shown.clone(), source };
     let mut tree = explore::parse_tree(&text).map_err(scenario_error)?;
     for edit in set {
@@ -93,8 +96,15 @@ pub fn summary(report: &Report) -> String {
         let _ = writeln!(
             out,
             "job '{}': {} × {}, {} ok; latency p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms; {} read errors, {} sectors unreadable",
-            job.name, job.jobs, job.kind, job.ok, job.latency.p50_ms, job.latency.p99_ms, job.latency.max_ms,
-            job.jobs_with_read_errors, job.read_failed_sectors,
+            job.name,
+            job.jobs,
+            job.kind,
+            job.ok,
+            job.latency.p50_ms,
+            job.latency.p99_ms,
+            job.latency.max_ms,
+            job.jobs_with_read_errors,
+            job.read_failed_sectors,
         );
         for target in &job.targets {
             let _ = writeln!(
@@ -111,7 +121,17 @@ pub fn summary(report: &Report) -> String {
     let _ = writeln!(
         out,
         "  {:<12} {:>9} {:>10} {:>9} {:>9} {:>10} {:>9} {:>6} {:>7} {:>5} {:>6}",
-        "disk", "reads", "read MB", "read ms", "writes", "written MB", "write ms", "busy%", "qd mean", "qd max", "errors"
+        "disk",
+        "reads",
+        "read MB",
+        "read ms",
+        "writes",
+        "written MB",
+        "write ms",
+        "busy%",
+        "qd mean",
+        "qd max",
+        "errors"
     );
     for disk in &report.disks {
         let _ = writeln!(
@@ -132,7 +152,13 @@ pub fn summary(report: &Report) -> String {
     }
     let _ = writeln!(out, "I/O sizes (the engine's requests):");
     for size in &report.io_sizes {
-        let _ = writeln!(out, "  {:>10}  {:>9} reads  {:>9} writes", Bytes(size.size_bytes).to_string(), size.reads, size.writes);
+        let _ = writeln!(
+            out,
+            "  {:>10}  {:>9} reads  {:>9} writes",
+            Bytes(size.size_bytes).to_string(),
+            size.reads,
+            size.writes
+        );
     }
     out += &queue_table(report);
     if let Some(foreground) = &report.foreground {
@@ -195,7 +221,8 @@ fn run_sweep(args: &SimSweepArgs) -> Result<Status, CliError> {
         return Err(CliError::argument("--threads", "0", "at least 1"));
     }
     let total: usize = varies.iter().map(|v| v.values.len()).product();
-    let target = if bars_wanted(args.json) { ProgressDrawTarget::stderr_with_hz(10) } else { ProgressDrawTarget::hidden() };
+    let target =
+        if bars_wanted(args.json) { ProgressDrawTarget::stderr_with_hz(10) } else { ProgressDrawTarget::hidden() };
     let bar = ProgressBar::with_draw_target(Some(total as u64), target);
     bar.set_style(
         ProgressStyle::with_template("sweep [{wide_bar}] {pos}/{len} points, {elapsed} ETA {eta}")
@@ -250,8 +277,9 @@ fn sweep_table(varies: &[Vary], points: &[SweepPoint], order: &[usize], metric: 
             row
         })
         .collect();
-    let widths: Vec<usize> =
-        (0..header.len()).map(|c| rows.iter().map(|r| r[c].len()).chain([header[c].len()]).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| rows.iter().map(|r| r[c].len()).chain([header[c].len()]).max().unwrap_or(0))
+        .collect();
     let line = |cells: &[String]| {
         cells.iter().zip(&widths).map(|(cell, w)| format!("{cell:>w$}")).collect::<Vec<_>>().join("  ")
     };

@@ -53,10 +53,16 @@ fn draw_run(path: &Path, report: &Report) -> Result<(), Box<dyn Error>> {
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
     chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
 
-    let with_jobs: Vec<(f64, f64)> =
-        report.timeline.iter().filter_map(|s| s.foreground_ms_mean.map(|v| (s.at_s + report.bucket_s / 2.0, v))).collect();
-    let maxes: Vec<(f64, f64)> =
-        report.timeline.iter().filter_map(|s| s.foreground_ms_max.map(|v| (s.at_s + report.bucket_s / 2.0, v))).collect();
+    let with_jobs: Vec<(f64, f64)> = report
+        .timeline
+        .iter()
+        .filter_map(|s| s.foreground_ms_mean.map(|v| (s.at_s + report.bucket_s / 2.0, v)))
+        .collect();
+    let maxes: Vec<(f64, f64)> = report
+        .timeline
+        .iter()
+        .filter_map(|s| s.foreground_ms_max.map(|v| (s.at_s + report.bucket_s / 2.0, v)))
+        .collect();
     let alone: Vec<(f64, f64)> = report
         .timeline
         .iter()
@@ -135,9 +141,10 @@ fn draw_line(path: &Path, key: &Vary, points: &[SweepPoint], metric: Metric) -> 
     let line: Vec<(SegmentValue<i32>, f64)> = values.iter().map(|&(i, v)| (SegmentValue::CenterOf(i), v)).collect();
     chart.draw_series(LineSeries::new(line.clone(), BLUE.stroke_width(2)))?;
     chart.draw_series(line.iter().map(|(x, y)| Circle::new((x.clone(), *y), 4, BLUE.filled())))?;
-    chart.draw_series(line.iter().map(|(x, y)| {
-        Text::new(format!("{y:.1}"), (x.clone(), *y), ("sans-serif", 13).into_font().color(&BLACK))
-    }))?;
+    chart
+        .draw_series(line.iter().map(|(x, y)| {
+            Text::new(format!("{y:.1}"), (x.clone(), *y), ("sans-serif", 13).into_font().color(&BLACK))
+        }))?;
     root.present()?;
     Ok(())
 }
@@ -184,13 +191,20 @@ fn draw_heat_map(path: &Path, x: &Vary, y: &Vary, points: &[SweepPoint], metric:
     };
     chart.draw_series(cells.iter().map(|&(i, j, v)| {
         Rectangle::new(
-            [(SegmentValue::Exact(i), SegmentValue::Exact(j)), (SegmentValue::Exact(i + 1), SegmentValue::Exact(j + 1))],
+            [
+                (SegmentValue::Exact(i), SegmentValue::Exact(j)),
+                (SegmentValue::Exact(i + 1), SegmentValue::Exact(j + 1)),
+            ],
             colour(v).filled(),
         )
     }))?;
     chart.draw_series(cells.iter().map(|&(i, j, v)| {
         let text = v.map_or("-".to_owned(), |v| format!("{v:.1}"));
-        Text::new(text, (SegmentValue::CenterOf(i), SegmentValue::CenterOf(j)), ("sans-serif", 14).into_font().color(&BLACK))
+        Text::new(
+            text,
+            (SegmentValue::CenterOf(i), SegmentValue::CenterOf(j)),
+            ("sans-serif", 14).into_font().color(&BLACK),
+        )
     }))?;
     root.present()?;
     Ok(())

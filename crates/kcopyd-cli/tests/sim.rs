@@ -20,15 +20,16 @@ fn kcopyd(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-const SMALL_NVME: [&str; 4] =
-    ["--set", "disks.primary.len_sectors=64M", "--set", "disks.mirror.len_sectors=64M"];
+const SMALL_NVME: [&str; 4] = ["--set", "disks.primary.len_sectors=64M", "--set", "disks.mirror.len_sectors=64M"];
 
 #[test]
 fn run_prints_a_summary_json_and_a_picture() {
     let nvme = scenario("nvme-resync");
     let (code, out, err) = kcopyd(&[&["sim", "run", nvme.as_str()][..], &SMALL_NVME[..]].concat());
     assert_eq!(code, 0, "{err}");
-    for needle in ["64 MiB in", "MB/s", "pages:", "I/O sizes", "512 KiB", "queue depth over time", "with the jobs: p50", "alone:"] {
+    for needle in
+        ["64 MiB in", "MB/s", "pages:", "I/O sizes", "512 KiB", "queue depth over time", "with the jobs: p50", "alone:"]
+    {
         assert!(out.contains(needle), "summary has '{needle}':\n{out}");
     }
 
@@ -36,7 +37,8 @@ fn run_prints_a_summary_json_and_a_picture() {
     std::fs::create_dir_all(&dir).unwrap();
     let svg = dir.join("run.svg");
     let svg_arg = svg.display().to_string();
-    let (code, out, err) = kcopyd(&[&["sim", "run", nvme.as_str(), "--json", "--svg", svg_arg.as_str()][..], &SMALL_NVME[..]].concat());
+    let (code, out, err) =
+        kcopyd(&[&["sim", "run", nvme.as_str(), "--json", "--svg", svg_arg.as_str()][..], &SMALL_NVME[..]].concat());
     assert_eq!(code, 0, "{err}");
     let report: Value = serde_json::from_str(&out).expect("one JSON object");
     assert_eq!(report["job_bytes"], 64 << 20);
@@ -44,7 +46,9 @@ fn run_prints_a_summary_json_and_a_picture() {
     assert!(report["foreground"]["alone"]["p99_ms"].as_f64().is_some());
     assert!(report["timeline"].as_array().unwrap().len() > 10);
     let picture = std::fs::read_to_string(&svg).expect("the SVG is written");
-    assert!(picture.starts_with("<svg") && picture.contains("Engine throughput") && picture.contains("Foreground latency"));
+    assert!(
+        picture.starts_with("<svg") && picture.contains("Engine throughput") && picture.contains("Foreground latency")
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -56,9 +60,18 @@ fn sweep_ranks_points_by_the_metric_and_draws_a_heat_map() {
     let svg = dir.join("sweep.svg");
     let svg_arg = svg.display().to_string();
     let args = [
-        "sim", "sweep", study.as_str(), "--set", "jobs.0.count=4",
-        "--vary", "client.sub_job_size_bytes=64K,512K", "--vary", "client.subjobs_in_flight=1,8",
-        "--json", "--svg", svg_arg.as_str(),
+        "sim",
+        "sweep",
+        study.as_str(),
+        "--set",
+        "jobs.0.count=4",
+        "--vary",
+        "client.sub_job_size_bytes=64K,512K",
+        "--vary",
+        "client.subjobs_in_flight=1,8",
+        "--json",
+        "--svg",
+        svg_arg.as_str(),
     ];
     let (code, out, err) = kcopyd(&args);
     assert_eq!(code, 0, "{err}");
@@ -75,8 +88,15 @@ fn sweep_ranks_points_by_the_metric_and_draws_a_heat_map() {
 
     // The table, sorted the other way for a lower-is-better metric.
     let (code, out, err) = kcopyd(&[
-        "sim", "sweep", study.as_str(), "--set", "jobs.0.count=2", "--vary", "client.sub_job_size_bytes=64K,512K",
-        "--metric", "copy_seconds",
+        "sim",
+        "sweep",
+        study.as_str(),
+        "--set",
+        "jobs.0.count=2",
+        "--vary",
+        "client.sub_job_size_bytes=64K,512K",
+        "--metric",
+        "copy_seconds",
     ]);
     assert_eq!(code, 0, "{err}");
     let rows: Vec<&str> = out.lines().collect();
@@ -97,7 +117,8 @@ fn bad_scenarios_keys_and_metrics_are_usage_errors() {
     let (code, _, err) = kcopyd(&["sim", "sweep", study.as_str(), "--vary", "client.sub_job_size_bytes=64Q"]);
     assert_eq!(code, 2);
     assert!(err.contains("client.sub_job_size_bytes") && err.contains("64Q"), "{err}");
-    let (code, _, err) = kcopyd(&["sim", "sweep", study.as_str(), "--vary", "client.subjobs_in_flight=1", "--metric", "speed"]);
+    let (code, _, err) =
+        kcopyd(&["sim", "sweep", study.as_str(), "--vary", "client.subjobs_in_flight=1", "--metric", "speed"]);
     assert_eq!(code, 2);
     assert!(err.contains("speed") && err.contains("throughput_mb_per_s"), "lists the metrics: {err}");
 }

@@ -19,13 +19,13 @@
 //! time, so a seed replays the same [`Trace`] bit for bit.
 #![warn(missing_docs)]
 
+pub mod explore;
 mod faults;
 mod mem_disk;
 mod simulation;
 mod storage;
 mod timing;
 mod trace;
-pub mod explore;
 pub mod units;
 
 pub use faults::{FaultKind, FaultOdds, FaultPlan, FaultRecord, Misdirect, Operation, SlowSpike, WriteFault};

@@ -61,7 +61,8 @@ fn convert(path: &str, unit: Unit, text: &str) -> Result<i64, ScenarioError> {
             bytes / SECTOR_BYTES
         }
     };
-    i64::try_from(value).map_err(|_| ScenarioError::Key { key: path.to_owned(), problem: format!("'{text}' is too large") })
+    i64::try_from(value)
+        .map_err(|_| ScenarioError::Key { key: path.to_owned(), problem: format!("'{text}' is too large") })
 }
 
 /// Replaces every string under a unit-suffixed key by its number, in place.
@@ -198,7 +199,12 @@ mod tests {
         normalize_units(&mut value).unwrap();
         assert_eq!(value["client"]["subjobs_in_flight"].as_integer(), Some(4));
         assert_eq!(value["jobs"][0]["len_sectors"].as_integer(), Some(2048));
-        assert!(set_path(&mut value, "jobs.3.len_sectors", parse_value("1")).unwrap_err().to_string().contains("past the end"));
+        assert!(
+            set_path(&mut value, "jobs.3.len_sectors", parse_value("1"))
+                .unwrap_err()
+                .to_string()
+                .contains("past the end")
+        );
         assert!(set_path(&mut value, "seed.x", parse_value("1")).unwrap_err().to_string().contains("integer"));
         assert!(set_path(&mut value, "client..x", parse_value("1")).is_err());
     }

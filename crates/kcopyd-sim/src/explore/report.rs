@@ -202,11 +202,23 @@ pub const METRICS: [Metric; 9] = [
     Metric { name: "copy_seconds", meaning: "virtual seconds until the last job completes", higher_is_better: false },
     Metric { name: "fg_p50_ms", meaning: "foreground median latency with the jobs", higher_is_better: false },
     Metric { name: "fg_p99_ms", meaning: "foreground 99th percentile latency with the jobs", higher_is_better: false },
-    Metric { name: "fg_p999_ms", meaning: "foreground 99.9th percentile latency with the jobs", higher_is_better: false },
-    Metric { name: "job_p50_ms", meaning: "median job latency (submission to completion), worst entry", higher_is_better: false },
+    Metric {
+        name: "fg_p999_ms",
+        meaning: "foreground 99.9th percentile latency with the jobs",
+        higher_is_better: false,
+    },
+    Metric {
+        name: "job_p50_ms",
+        meaning: "median job latency (submission to completion), worst entry",
+        higher_is_better: false,
+    },
     Metric { name: "job_p99_ms", meaning: "99th percentile job latency, worst entry", higher_is_better: false },
     Metric { name: "pages_in_use_max", meaning: "most pages in use at once", higher_is_better: false },
-    Metric { name: "not_copied_sectors", meaning: "target sectors left without the source's data", higher_is_better: false },
+    Metric {
+        name: "not_copied_sectors",
+        meaning: "target sectors left without the source's data",
+        higher_is_better: false,
+    },
 ];
 
 /// The metric called `name`.

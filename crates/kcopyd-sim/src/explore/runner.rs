@@ -22,13 +22,11 @@ use kcopyd_core::{BlockDevice, Client, Device, Flags, Job, Outcome, PagePool, Re
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use super::ScenarioError;
 use super::probe::{Observed, model_us_since};
-use super::report::{
-    DiskReport, ForegroundReport, IoSizeCount, JobReport, Latencies, Report, Sample, TargetOutcome,
-};
+use super::report::{DiskReport, ForegroundReport, IoSizeCount, JobReport, Latencies, Report, Sample, TargetOutcome};
 use super::scenario::{Access, Content, JobKind, Scenario};
 use super::series::Series;
-use super::ScenarioError;
 use crate::{MemDisk, Simulation, mix64, to_tokio};
 
 /// Failures listed per job entry in the report.
@@ -105,7 +103,7 @@ fn simulate(scenario: &Scenario, with_jobs: bool, foreground_us: Option<u64>) ->
             .map(|(name, spec)| {
                 let mut options = spec.options.clone();
                 options.seed = mix64(scenario.seed ^ name_hash(name) ^ mix64(options.seed));
-                options.latency.seed = mix64(options.seed ^ options.latency.seed ^ 0x6c61_7465_6e63_79);
+                options.latency.seed = mix64(options.seed ^ options.latency.seed ^ 0x006c_6174_656e_6379);
                 let disk = Arc::new(MemDisk::new(options));
                 if spec.content == Content::Pattern {
                     disk.fill_pattern(disk.options().seed);
@@ -127,8 +125,10 @@ fn simulate(scenario: &Scenario, with_jobs: bool, foreground_us: Option<u64>) ->
         if with_jobs {
             let drivers: Vec<_> = (0..scenario.jobs.len())
                 .map(|index| {
-                    let devices: BTreeMap<String, Device> =
-                        by_name.iter().map(|(name, (observed, _))| (name.to_string(), observed.clone() as Device)).collect();
+                    let devices: BTreeMap<String, Device> = by_name
+                        .iter()
+                        .map(|(name, (observed, _))| (name.to_string(), observed.clone() as Device))
+                        .collect();
                     actix_rt::spawn(drive_entry(scenario.clone(), index, client.clone(), devices, origin))
                 })
                 .collect();
@@ -176,7 +176,11 @@ async fn drive_entry(
                 JobKind::Zero => "zero".into(),
             },
             bytes: len_sectors * SECTOR_SIZE as u64 * spec.count,
-            targets: spec.targets.iter().map(|t| TargetOutcome { disk: t.clone(), ..TargetOutcome::default() }).collect(),
+            targets: spec
+                .targets
+                .iter()
+                .map(|t| TargetOutcome { disk: t.clone(), ..TargetOutcome::default() })
+                .collect(),
             ..JobReport::default()
         },
         latencies: histogram(),
@@ -205,9 +209,11 @@ async fn drive_entry(
             .map(|t| Region::new(devices[t].clone(), spec.target_start_sector + shift, len_sectors))
             .collect();
         let job = match (&spec.kind, &spec.source) {
-            (JobKind::Copy, Some(source)) => {
-                Job::copy(Region::new(devices[source].clone(), spec.source_start_sector + shift, len_sectors), targets, flags)
-            }
+            (JobKind::Copy, Some(source)) => Job::copy(
+                Region::new(devices[source].clone(), spec.source_start_sector + shift, len_sectors),
+                targets,
+                flags,
+            ),
             _ => Job::zero(targets, flags),
         };
         let submitted_us = model_us_since(origin);
@@ -309,8 +315,7 @@ async fn run_foreground(
     let mut tasks = Vec::new();
     for n in 0u64.. {
         // Open loop: request n is due at n / rate; closed loop: as soon as a slot is free.
-        if spec.rate_per_s > 0 {
-            let due_us = n.saturating_mul(1_000_000) / spec.rate_per_s;
+        if let Some(due_us) = n.saturating_mul(1_000_000).checked_div(spec.rate_per_s) {
             if end_us.is_some_and(|end| due_us >= end) {
                 break;
             }
@@ -449,7 +454,8 @@ fn assemble(scenario: &Scenario, main: RunData, baseline: Option<RunData>, wall:
         .iter()
         .zip(&probes)
         .map(|((name, _, disk), probe)| {
-            let mean_ms = |total_us: u64, count: u64| if count == 0 { 0.0 } else { total_us as f64 / count as f64 / 1000.0 };
+            let mean_ms =
+                |total_us: u64, count: u64| if count == 0 { 0.0 } else { total_us as f64 / count as f64 / 1000.0 };
             DiskReport {
                 disk: name.clone(),
                 reads: probe.reads.requests,

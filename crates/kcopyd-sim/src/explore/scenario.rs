@@ -256,7 +256,10 @@ impl Scenario {
     pub fn validate(&self) -> Result<(), ScenarioError> {
         self.client.validate().map_err(|source| ScenarioError::Client { source })?;
         if self.disks.is_empty() || self.disks.len() > DISKS_MAX {
-            return Err(ScenarioError::Invalid { what: "disks".into(), problem: format!("{} disks: 1 to {DISKS_MAX}", self.disks.len()) });
+            return Err(ScenarioError::Invalid {
+                what: "disks".into(),
+                problem: format!("{} disks: 1 to {DISKS_MAX}", self.disks.len()),
+            });
         }
         for (name, disk) in &self.disks {
             let invalid = |problem: String| ScenarioError::Invalid { what: format!("disk '{name}'"), problem };
@@ -266,7 +269,10 @@ impl Scenario {
             }
             let block_sectors = u64::from(block) / SECTOR_SIZE as u64;
             if disk.options.len_sectors == 0 || disk.options.len_sectors % block_sectors != 0 {
-                return Err(invalid(format!("len_sectors {}: a positive multiple of the block", disk.options.len_sectors)));
+                return Err(invalid(format!(
+                    "len_sectors {}: a positive multiple of the block",
+                    disk.options.len_sectors
+                )));
             }
             let len_bytes = disk.options.len_sectors.saturating_mul(SECTOR_SIZE as u64);
             if !disk.options.sparse && len_bytes > DENSE_LEN_BYTES_MAX {
@@ -322,7 +328,12 @@ impl Scenario {
             Some(len) => len,
             None => match source {
                 Some(source) => source.options.len_sectors.saturating_sub(job.source_start_sector),
-                None => targets.iter().map(|t| t.options.len_sectors).min().unwrap_or(0).saturating_sub(job.target_start_sector),
+                None => targets
+                    .iter()
+                    .map(|t| t.options.len_sectors)
+                    .min()
+                    .unwrap_or(0)
+                    .saturating_sub(job.target_start_sector),
             },
         };
         let stride = job.stride_sectors.unwrap_or(len_sectors);
@@ -354,7 +365,10 @@ impl Scenario {
         let disk = self.disk("foreground", &foreground.disk)?;
         let invalid = |problem: String| ScenarioError::Invalid { what: "foreground".into(), problem };
         let block = u64::from(disk.options.logical_block_size);
-        if foreground.io_size_bytes == 0 || foreground.io_size_bytes % block != 0 || foreground.io_size_bytes > FOREGROUND_IO_BYTES_MAX {
+        if foreground.io_size_bytes == 0
+            || foreground.io_size_bytes % block != 0
+            || foreground.io_size_bytes > FOREGROUND_IO_BYTES_MAX
+        {
             return Err(invalid(format!(
                 "io_size_bytes {}: a multiple of the disk's {block}-byte block, at most {FOREGROUND_IO_BYTES_MAX}",
                 foreground.io_size_bytes
@@ -366,7 +380,10 @@ impl Scenario {
         let latency = &disk.options.latency;
         if foreground.rate_per_s == 0 && latency.read.is_instant() && latency.write.is_instant() {
             // A closed loop on a disk without a timing model never lets virtual time pass.
-            return Err(invalid(format!("disk '{}' has no timing model: give it a latency or a rate_per_s", foreground.disk)));
+            return Err(invalid(format!(
+                "disk '{}' has no timing model: give it a latency or a rate_per_s",
+                foreground.disk
+            )));
         }
         if foreground.read_percent > 100 {
             return Err(invalid(format!("read_percent {}: 0 to 100", foreground.read_percent)));
@@ -374,7 +391,10 @@ impl Scenario {
         let start = foreground.start_sector;
         let len = foreground.len_sectors.unwrap_or(disk.options.len_sectors.saturating_sub(start));
         let io_sectors = foreground.io_size_bytes / SECTOR_SIZE as u64;
-        if start % (block / SECTOR_SIZE as u64) != 0 || len < io_sectors || start.checked_add(len).is_none_or(|end| end > disk.options.len_sectors) {
+        if start % (block / SECTOR_SIZE as u64) != 0
+            || len < io_sectors
+            || start.checked_add(len).is_none_or(|end| end > disk.options.len_sectors)
+        {
             return Err(ScenarioError::OutOfRange {
                 user: "foreground".into(),
                 disk: foreground.disk.clone(),

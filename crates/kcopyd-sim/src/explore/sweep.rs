@@ -54,7 +54,10 @@ pub struct SweepPoint {
 }
 
 /// The scenario of every point, in order (the last key varies fastest).
-fn points(tree: &Value, varies: &[Vary]) -> Result<Vec<(Vec<(String, String)>, Scenario)>, ScenarioError> {
+/// The value of each varied key at one point, and the scenario they make.
+type Point = (Vec<(String, String)>, Scenario);
+
+fn points(tree: &Value, varies: &[Vary]) -> Result<Vec<Point>, ScenarioError> {
     let total = varies.iter().try_fold(1usize, |n, v| n.checked_mul(v.values.len())).filter(|&n| n <= POINTS_MAX);
     let Some(total) = total else {
         return Err(ScenarioError::Sweep { problem: format!("more than {POINTS_MAX} points") });
@@ -71,7 +74,10 @@ fn points(tree: &Value, varies: &[Vary]) -> Result<Vec<(Vec<(String, String)>, S
             set_path(&mut point, key, parse_value(value))?;
         }
         let scenario = Scenario::from_value(point).map_err(|error| ScenarioError::Sweep {
-            problem: format!("at {}: {error}", chosen.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")),
+            problem: format!(
+                "at {}: {error}",
+                chosen.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+            ),
         })?;
         out.push((chosen, scenario));
     }
@@ -110,5 +116,10 @@ pub fn sweep(
             });
         }
     });
-    results.into_inner().expect("no panic while holding the results").into_iter().map(|r| r.expect("every point ran")).collect()
+    results
+        .into_inner()
+        .expect("no panic while holding the results")
+        .into_iter()
+        .map(|r| r.expect("every point ran"))
+        .collect()
 }
