@@ -95,7 +95,7 @@ fn normalize_at(value: &mut Value, path: &str, unit: Option<Unit>) -> Result<(),
 }
 
 /// A value typed on the command line: `true`/`false`, an integer, a float, or else a string
-/// (which [`normalize_units`] reads by the key's unit).
+/// (which the scenario reads by the unit of its key: see the module notes).
 pub fn parse_value(text: &str) -> Value {
     let text = text.trim();
     match text {
