@@ -270,7 +270,11 @@ fn sweep_table(varies: &[Vary], points: &[SweepPoint], order: &[usize], metric: 
         .iter()
         .map(|&i| {
             let point = &points[i];
-            let show = |name: &str| point.report.metric(name).map_or("-".to_owned(), |v| format!("{v:.3}"));
+            let show = |name: &str| match point.report.metric(name) {
+                None => "-".to_owned(),
+                Some(v) if v.fract() == 0.0 && v.abs() < 1e15 => format!("{v:.0}"),
+                Some(v) => format!("{v:.3}"),
+            };
             let mut row: Vec<String> = point.values.iter().map(|(_, v)| v.clone()).collect();
             row.push(show(metric));
             row.extend(columns.iter().filter(|c| **c != metric).map(|c| show(c)));

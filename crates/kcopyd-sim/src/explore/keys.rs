@@ -94,24 +94,15 @@ fn normalize_at(value: &mut Value, path: &str, unit: Option<Unit>) -> Result<(),
     Ok(())
 }
 
-/// A value typed on the command line: `true`/`false`, an integer, a float, or else a string
-/// (which the scenario reads by the unit of its key: see the module notes).
+/// A value typed on the command line: anything TOML reads as a value (`true`, `12`, `0.5`,
+/// `["a", "b"]`, `{ cost_us = 10 }`, `"text"`), or else the text as a string (which the
+/// scenario reads by the unit of its key, e.g. `64K` under `_bytes`: see the module notes).
 pub fn parse_value(text: &str) -> Value {
     let text = text.trim();
-    match text {
-        "true" => return Value::Boolean(true),
-        "false" => return Value::Boolean(false),
-        _ => {}
+    match format!("value = {text}").parse::<toml::Table>() {
+        Ok(mut table) => table.remove("value").unwrap_or_else(|| Value::String(text.to_owned())),
+        Err(_) => Value::String(text.to_owned()),
     }
-    if let Ok(integer) = text.parse::<i64>() {
-        return Value::Integer(integer);
-    }
-    if let Ok(float) = text.parse::<f64>() {
-        if text.contains('.') {
-            return Value::Float(float);
-        }
-    }
-    Value::String(text.to_owned())
 }
 
 /// Sets the value at dotted `path` (tables by key, arrays by index), creating missing tables.
@@ -215,5 +206,10 @@ mod tests {
         assert_eq!(parse_value("12"), Value::Integer(12));
         assert_eq!(parse_value("0.5"), Value::Float(0.5));
         assert_eq!(parse_value("512K"), Value::String("512K".into()));
+        assert_eq!(parse_value("8ms"), Value::String("8ms".into()));
+        assert_eq!(parse_value("nvme"), Value::String("nvme".into()));
+        let list = parse_value(r#"["nvme", "ssd"]"#);
+        assert_eq!(list.as_array().map(Vec::len), Some(2));
+        assert_eq!(parse_value("{ cost_us = 10 }")["cost_us"].as_integer(), Some(10));
     }
 }
