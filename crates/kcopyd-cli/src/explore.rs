@@ -23,6 +23,8 @@ use crate::size::Bytes;
 
 /// Rows of the queue-depth table in the summary.
 const QUEUE_ROWS: usize = 10;
+/// Request sizes listed in the summary (narrowed-down reads make many).
+const IO_SIZES_SHOWN: usize = 6;
 
 /// Runs `kcopyd sim …`.
 pub fn run(args: &SimArgs) -> Result<Status, CliError> {
@@ -95,7 +97,7 @@ pub fn summary(report: &Report) -> String {
     for job in &report.jobs {
         let _ = writeln!(
             out,
-            "job '{}': {} × {}, {} ok; latency p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms; {} read errors, {} sectors unreadable",
+            "job '{}': {} × {}, {} ok; latency p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms; {} with read errors, {} sectors unreadable",
             job.name,
             job.jobs,
             job.kind,
@@ -150,14 +152,20 @@ pub fn summary(report: &Report) -> String {
             disk.errors
         );
     }
-    let _ = writeln!(out, "I/O sizes (the engine's requests):");
-    for size in &report.io_sizes {
+    let _ = writeln!(out, "I/O sizes (the engine's requests, most common first):");
+    let mut sizes = report.io_sizes.clone();
+    sizes.sort_by_key(|s| std::cmp::Reverse(s.reads + s.writes));
+    for size in sizes.iter().take(IO_SIZES_SHOWN) {
+        let _ = writeln!(out, "  {:>10}  {:>9} reads  {:>9} writes", Bytes(size.size_bytes).to_string(), size.reads, size.writes);
+    }
+    if sizes.len() > IO_SIZES_SHOWN {
+        let rest = &sizes[IO_SIZES_SHOWN..];
         let _ = writeln!(
             out,
-            "  {:>10}  {:>9} reads  {:>9} writes",
-            Bytes(size.size_bytes).to_string(),
-            size.reads,
-            size.writes
+            "  and {} other sizes: {} reads, {} writes (--json lists them)",
+            rest.len(),
+            rest.iter().map(|s| s.reads).sum::<u64>(),
+            rest.iter().map(|s| s.writes).sum::<u64>()
         );
     }
     out += &queue_table(report);

@@ -465,7 +465,8 @@ fn assemble(scenario: &Scenario, main: RunData, baseline: Option<RunData>, wall:
                 written_bytes: probe.writes.bytes,
                 write_latency_ms_mean: mean_ms(probe.writes.latency_us_total, probe.writes.requests),
                 busy_percent: probe.busy_us as f64 / jobs_us * 100.0,
-                queue_depth_mean: probe.in_flight_series.sums(0).iter().sum::<f64>() / jobs_us,
+                // `+ 0.0`: a sum of nothing is -0.0.
+                queue_depth_mean: probe.in_flight_series.sums(0).iter().sum::<f64>() / jobs_us + 0.0,
                 queue_depth_max: probe.in_flight_max,
                 errors: disk.stats().errors,
             }
