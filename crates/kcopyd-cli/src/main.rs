@@ -21,11 +21,13 @@ mod device_arg;
 mod devices;
 mod error;
 mod explore;
+mod locks;
 mod plot;
 mod progress;
 mod report;
 mod sim;
 mod size;
+mod tail;
 
 use std::process::ExitCode;
 
