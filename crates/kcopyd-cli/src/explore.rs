@@ -156,7 +156,13 @@ pub fn summary(report: &Report) -> String {
     let mut sizes = report.io_sizes.clone();
     sizes.sort_by_key(|s| std::cmp::Reverse(s.reads + s.writes));
     for size in sizes.iter().take(IO_SIZES_SHOWN) {
-        let _ = writeln!(out, "  {:>10}  {:>9} reads  {:>9} writes", Bytes(size.size_bytes).to_string(), size.reads, size.writes);
+        let _ = writeln!(
+            out,
+            "  {:>10}  {:>9} reads  {:>9} writes",
+            Bytes(size.size_bytes).to_string(),
+            size.reads,
+            size.writes
+        );
     }
     if sizes.len() > IO_SIZES_SHOWN {
         let rest = &sizes[IO_SIZES_SHOWN..];
