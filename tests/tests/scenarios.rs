@@ -104,6 +104,11 @@ fn hdd_mirror_resync_reports_what_latent_errors_left_uncopied() {
     let foreground = report.foreground.as_ref().expect("a foreground");
     let alone = foreground.alone.expect("a baseline");
     assert!(foreground.with_jobs.p99_ms > 2.0 * alone.p99_ms, "the resync hurts the reader: {foreground:?}");
+    // The open loop keeps its rate (50 per second) and the baseline runs as long.
+    assert!((foreground.iops - 50.0).abs() < 2.5, "{foreground:?}");
+    assert!(alone.count.abs_diff(foreground.with_jobs.count) <= 1, "{foreground:?}");
+    // The narrowing re-reads show in the request sizes: halves of 512 KiB down to 512 bytes.
+    assert!(report.io_sizes.iter().any(|s| s.size_bytes == 512 && s.reads > 0), "{:?}", report.io_sizes);
     // 180 MB/s at best; a 4 ms cost per 512 KiB request keeps it well under.
     assert!(report.throughput_mb_per_s > 30.0 && report.throughput_mb_per_s < 180.0, "{}", report.throughput_mb_per_s);
 }
@@ -118,6 +123,11 @@ fn nvme_resync_runs_at_the_write_bandwidth() {
         report.throughput_mb_per_s
     );
     assert!(disk(&report, "mirror").busy_percent > 95.0);
+    // Over time: the writes keep about seven of the eight sub-jobs queued on the mirror.
+    let index = report.disks.iter().position(|d| d.disk == "mirror").unwrap();
+    let middle = &report.timeline[report.timeline.len() / 2];
+    assert!((6.0..=8.0).contains(&middle.queue_depth[index]), "{middle:?}");
+    assert!(middle.foreground_ms_mean.is_some() && middle.foreground_alone_ms_mean.is_some());
     assert_eq!(report.io_sizes.len(), 1, "every request is one 512 KiB sub-job: {:?}", report.io_sizes);
     assert_eq!(report.io_sizes[0].size_bytes, 512 * 1024);
 }

@@ -17,6 +17,9 @@
 //! a test can compare what a job reported with what fired ([`MemDisk::fault_log`]). Run under
 //! [`Simulation`], every actor and every simulated I/O shares one thread and paused tokio
 //! time, so a seed replays the same [`Trace`] bit for bit.
+//!
+//! [`explore`] runs scenario files (disks, client, jobs, a foreground workload) and sweeps over
+//! their keys, for design exploration.
 #![warn(missing_docs)]
 
 pub mod explore;
