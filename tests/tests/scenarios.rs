@@ -256,3 +256,29 @@ fn a_sweep_runs_the_cross_product_in_order() {
     assert!(Vary::parse("client.subjobs_in_flight").is_err());
     assert!(Vary::parse("=1,2").is_err());
 }
+
+#[test]
+fn a_throttled_resync_hurts_the_reader_less() {
+    let edits = [("disks.primary.len_sectors", "1G"), ("disks.mirror.len_sectors", "1G")];
+    let mut tree = parse_tree(&text("hdd-mirror-resync")).unwrap();
+    for (key, value) in edits.iter().chain(&[("client.throttle.rate_bytes_per_s", "10M")]) {
+        set_path(&mut tree, key, parse_value(value)).unwrap();
+    }
+    let throttled = match Scenario::from_value(tree) {
+        Ok(scenario) => explore::run(&scenario).unwrap(),
+        Err(error) if error.to_string().contains("throttle") => {
+            println!("SKIPPED: this engine's ClientConfig has no throttle ({error})");
+            return;
+        }
+        Err(error) => panic!("{error}"),
+    };
+    let free = run("hdd-mirror-resync", &edits);
+    let (throttled_p99, free_p99) =
+        (throttled.foreground.unwrap().with_jobs.p99_ms, free.foreground.unwrap().with_jobs.p99_ms);
+    assert!(throttled_p99 < free_p99, "throttled p99 {throttled_p99} ms, unthrottled {free_p99} ms");
+    assert!(
+        (throttled.throughput_mb_per_s - 10.0 * 1.048_576).abs() < 1.0,
+        "10 MiB/s: {}",
+        throttled.throughput_mb_per_s
+    );
+}
