@@ -100,6 +100,9 @@ fn hdd_mirror_resync_reports_what_latent_errors_left_uncopied() {
     assert!(job.read_failed_sectors > 0, "some latent errors fired: {job:?}");
     // IGNORE_ERROR: exactly the unreadable blocks are left, narrowed to 512-byte blocks.
     assert_eq!(job.targets[0].not_copied_sectors, job.read_failed_sectors);
+    // Everything else on the mirror is the primary's data (checked through provenance).
+    assert!(job.verification.checked && job.verification.mismatched_sectors == 0, "{:?}", job.verification);
+    assert_eq!(job.verification.sectors, 256 * 2048 - job.targets[0].not_copied_sectors);
     assert!(job.read_failed_sectors < 256 * 2048 / 100, "narrowed down, not whole chunks: {job:?}");
     let foreground = report.foreground.as_ref().expect("a foreground");
     let alone = foreground.alone.expect("a baseline");
@@ -117,6 +120,7 @@ fn hdd_mirror_resync_reports_what_latent_errors_left_uncopied() {
 fn nvme_resync_runs_at_the_write_bandwidth() {
     let report = run("nvme-resync", &[("disks.primary.len_sectors", "256M"), ("disks.mirror.len_sectors", "256M")]);
     assert!(report.all_ok);
+    assert_eq!(report.jobs[0].verification.sectors, 256 * 2048);
     assert!(
         (1800.0..=2000.0).contains(&report.throughput_mb_per_s),
         "bounded by 2 GB/s writes: {}",
@@ -137,6 +141,7 @@ fn snapshot_cow_writers_wait_on_chunk_copies() {
     let report = run("snapshot-cow", &[("jobs.0.count", "512")]);
     let job = &report.jobs[0];
     assert_eq!((job.jobs, job.ok), (512, 512));
+    assert_eq!((job.verification.sectors, job.verification.mismatched_sectors), (512 * 128, 0));
     // A 64 KiB chunk: one read (80 µs + 22 µs) then one write (20 µs + 44 µs), under 1 ms.
     assert!(job.latency.p50_ms > 0.15 && job.latency.p99_ms < 1.0, "{:?}", job.latency);
     // Four copies of 16 pages at most; a sub-job first takes a whole sub-job's pages (128) and
@@ -160,12 +165,42 @@ fn three_targets_the_slowest_bounds_the_copy() {
     assert!(hdd.busy_percent > 95.0 && ssd.busy_percent < 50.0 && nvme.busy_percent < 50.0, "{:?}", report.disks);
     assert!(hdd.write_latency_ms_mean > 10.0 * ssd.write_latency_ms_mean);
     assert!(report.throughput_mb_per_s < 180.0, "no faster than the HDD: {}", report.throughput_mb_per_s);
+    assert_eq!(report.jobs[0].verification.sectors, 3 * 128 * 2048, "every target checked");
     // More sub-jobs in flight wait in the HDD's queue: the copy is no faster.
     let mut deeper = edits.to_vec();
     deeper.push(("client.subjobs_in_flight", "32"));
     let deep = run("three-target-mixed", &deeper);
     assert!((deep.throughput_mb_per_s / report.throughput_mb_per_s - 1.0).abs() < 0.05);
     assert!(disk(&deep, "hdd").queue_depth_mean > 3.0 * hdd.queue_depth_mean, "only the HDD's queue grows");
+}
+
+#[test]
+fn a_write_that_lands_elsewhere_is_found_by_the_check() {
+    // The mirror sends its fourth write 1 MiB off and reports success: the engine cannot know,
+    // the check after the run does.
+    let clean = run("nvme-resync", &[("disks.primary.len_sectors", "64M"), ("disks.mirror.len_sectors", "64M")]);
+    assert!(clean.all_ok && clean.jobs[0].verification.mismatched_sectors == 0);
+    let report = run(
+        "nvme-resync",
+        &[
+            ("disks.primary.len_sectors", "64M"),
+            ("disks.mirror.len_sectors", "64M"),
+            ("disks.mirror.faults.misdirects", "[{ write_index = 3, shift_sectors = 2048 }]"),
+        ],
+    );
+    let job = &report.jobs[0];
+    assert_eq!(job.ok, 1, "the engine saw no error");
+    // The 512 KiB never written where it belonged, and the 512 KiB it overwrote further on
+    // (unless a later write of the copy covered it again).
+    assert!(job.verification.mismatched_sectors >= 1024, "{:?}", job.verification);
+    assert!(!report.all_ok);
+    // Writes of the foreground or of another job make an entry unverifiable, with the reason.
+    let written = run(
+        "nvme-resync",
+        &[("disks.primary.len_sectors", "64M"), ("disks.mirror.len_sectors", "64M"), ("foreground.read_percent", "50")],
+    );
+    assert!(!written.jobs[0].verification.checked);
+    assert!(written.jobs[0].verification.note.contains("foreground writes disk 'primary'"));
 }
 
 #[test]

@@ -118,6 +118,16 @@ pub fn summary(report: &Report) -> String {
         for failure in &job.failures {
             let _ = writeln!(out, "  {failure}");
         }
+        let check = &job.verification;
+        if check.checked {
+            let _ = writeln!(
+                out,
+                "  checked: {} target sectors against the source, {} mismatched",
+                check.sectors, check.mismatched_sectors
+            );
+        } else {
+            let _ = writeln!(out, "  not checked: {}", check.note);
+        }
     }
     let _ = writeln!(out, "disks (the engine's requests):");
     let _ = writeln!(

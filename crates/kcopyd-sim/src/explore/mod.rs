@@ -22,6 +22,7 @@ mod runner;
 mod scenario;
 mod series;
 mod sweep;
+mod verify;
 
 use kcopyd_core::{ConfigError, SubmitError};
 use thiserror::Error;
@@ -40,6 +41,7 @@ pub use scenario::{
 };
 pub use series::BUCKETS_MAX;
 pub use sweep::{POINTS_MAX, SweepPoint, Vary, sweep};
+pub use verify::Verification;
 
 /// Why a scenario could not be read or run. Each names the key, disk or job at fault.
 #[derive(Debug, Error)]

@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+use super::verify::Verification;
+
 /// Latency percentiles of a set of requests or jobs, in milliseconds of virtual time.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Latencies {
@@ -75,6 +77,8 @@ pub struct JobReport {
     pub targets: Vec<TargetOutcome>,
     /// The first few jobs that did not finish cleanly, one line each.
     pub failures: Vec<String>,
+    /// The targets checked against the sources after the run.
+    pub verification: Verification,
 }
 
 /// The engine's requests on one disk.
@@ -165,7 +169,8 @@ pub struct Report {
     /// `job_bytes` over the time from the first submission to the last completion, in
     /// decimal megabytes per second.
     pub throughput_mb_per_s: f64,
-    /// Whether every job copied every sector to every target.
+    /// Whether every job copied every sector to every target, and the targets checked hold
+    /// what the jobs reported.
     pub all_ok: bool,
     /// Pages of the budget.
     pub page_budget: usize,

@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use kcopyd_core::{BlockDevice, Client, Device, Flags, Job, Outcome, PagePool, ReadBuf, Region, SECTOR_SIZE, WriteBuf};
+use kcopyd_core::{
+    BlockDevice, Client, Device, Flags, Job, Outcome, PagePool, RangeSet, ReadBuf, Region, SECTOR_SIZE, WriteBuf,
+};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
@@ -27,6 +29,7 @@ use super::probe::{Observed, model_us_since};
 use super::report::{DiskReport, ForegroundReport, IoSizeCount, JobReport, Latencies, Report, Sample, TargetOutcome};
 use super::scenario::{Access, Content, JobKind, Scenario};
 use super::series::Series;
+use super::verify::verify_entry;
 use crate::{MemDisk, Simulation, mix64, to_tokio};
 
 /// Failures listed per job entry in the report.
@@ -52,6 +55,8 @@ struct EntryResult {
     report: JobReport,
     latencies: Histogram<u64>,
     submit_error: Option<kcopyd_core::SubmitError>,
+    /// Per job that left sectors not copied: each target's not-copied sectors.
+    holes: BTreeMap<u64, Vec<RangeSet>>,
 }
 
 /// What the foreground recorded.
@@ -143,6 +148,10 @@ fn simulate(scenario: &Scenario, with_jobs: bool, foreground_us: Option<u64>) ->
             None => None,
         };
         let end_us = model_us_since(origin);
+        let by_disk: BTreeMap<&str, &MemDisk> = disks.iter().map(|(name, _, disk)| (name.as_str(), &**disk)).collect();
+        for (index, entry) in entries.iter_mut().enumerate() {
+            entry.report.verification = verify_entry(scenario, index, &by_disk, &entry.holes);
+        }
         for (_, observed, _) in &disks {
             observed.probe().finish(jobs_end_us.max(1));
         }
@@ -185,6 +194,7 @@ async fn drive_entry(
         },
         latencies: histogram(),
         submit_error: None,
+        holes: BTreeMap::new(),
     }));
     let limit = (spec.concurrency > 0).then(|| Arc::new(Semaphore::new(spec.concurrency as usize)));
     let mut flags = Flags::empty();
@@ -250,6 +260,9 @@ fn record_outcome(result: &mut EntryResult, index: u64, outcome: &Outcome, laten
     if outcome.is_ok() {
         report.ok += 1;
         return;
+    }
+    if outcome.targets.iter().any(|t| !t.not_copied.is_empty()) {
+        result.holes.insert(index, outcome.targets.iter().map(|t| t.not_copied.clone()).collect());
     }
     if outcome.read_err {
         report.jobs_with_read_errors += 1;
@@ -379,7 +392,7 @@ fn assemble(scenario: &Scenario, main: RunData, baseline: Option<RunData>, wall:
     let copy_seconds = main.jobs_end_us as f64 / 1e6;
     let span_s = copy_seconds - first_submit_s;
     let throughput_mb_per_s = if span_s > 0.0 { job_bytes as f64 / span_s / 1e6 } else { 0.0 };
-    let all_ok = jobs.iter().all(|j| j.ok == j.jobs);
+    let all_ok = jobs.iter().all(|j| j.ok == j.jobs && j.verification.mismatched_sectors == 0);
 
     // One bucket width for every series: the widest any of them reached.
     let mut probes: Vec<_> = main.disks.iter().map(|(_, observed, _)| observed.probe().clone()).collect();
