@@ -84,8 +84,11 @@ fn mismatched(expected: &[(Range<u64>, Key)], found: &[(Range<u64>, Key)]) -> u6
     total(expected).max(total(found)) - agreeing
 }
 
-/// The span each entry covers on each disk: (disk, sectors) for sources and for targets.
-fn spans(scenario: &Scenario, index: usize) -> (Vec<(String, Range<u64>)>, Vec<(String, Range<u64>)>) {
+/// Sectors of one disk, by name.
+type Span = (String, Range<u64>);
+
+/// The span each entry covers on each disk: for its source, and for its targets.
+fn spans(scenario: &Scenario, index: usize) -> (Vec<Span>, Vec<Span>) {
     let job = &scenario.jobs[index];
     let (len, stride) = scenario.job_regions(index).expect("validated");
     let span = stride * (job.count - 1) + len;
@@ -94,7 +97,7 @@ fn spans(scenario: &Scenario, index: usize) -> (Vec<(String, Range<u64>)>, Vec<(
     (sources.collect(), targets.collect())
 }
 
-fn overlaps(a: &[(String, Range<u64>)], b: &[(String, Range<u64>)]) -> Option<String> {
+fn overlaps(a: &[Span], b: &[Span]) -> Option<String> {
     a.iter()
         .find(|(disk, range)| b.iter().any(|(other, r)| other == disk && r.start < range.end && range.start < r.end))
         .map(|(disk, _)| disk.clone())
