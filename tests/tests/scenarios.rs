@@ -294,7 +294,7 @@ fn a_sweep_runs_the_cross_product_in_order() {
 
 #[test]
 fn a_throttled_resync_hurts_the_reader_less() {
-    let edits = [("disks.primary.len_sectors", "1G"), ("disks.mirror.len_sectors", "1G")];
+    let edits = [("disks.primary.len_sectors", "256M"), ("disks.mirror.len_sectors", "256M")];
     let mut tree = parse_tree(&text("hdd-mirror-resync")).unwrap();
     for (key, value) in edits.iter().chain(&[("client.throttle.rate_bytes_per_s", "10M")]) {
         set_path(&mut tree, key, parse_value(value)).unwrap();
