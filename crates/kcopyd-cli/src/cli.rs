@@ -329,7 +329,9 @@ pub struct SimSweepArgs {
     /// Change a key of the scenario for every point, as `run --set`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    /// The metric the table is sorted by, best first (see docs/EXPLORATION.md for the list).
+    /// The metric the table is sorted by, best first: throughput_mb_per_s, copy_seconds,
+    /// fg_p50_ms, fg_p99_ms, fg_p999_ms, job_p50_ms, job_p99_ms, pages_in_use_max or
+    /// not_copied_sectors (see docs/EXPLORATION.md).
     #[arg(long, value_name = "NAME", default_value = "throughput_mb_per_s")]
     pub metric: String,
     /// Simulations run at once [default: the number of cores].

@@ -317,3 +317,16 @@ fn sweep_table(varies: &[Vary], points: &[SweepPoint], order: &[usize], metric: 
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use kcopyd_sim::explore::METRICS;
+
+    #[test]
+    fn the_help_of_metric_names_every_metric() {
+        let help = include_str!("cli.rs");
+        for metric in METRICS {
+            assert!(help.contains(metric.name), "--metric's help names {}", metric.name);
+        }
+    }
+}
