@@ -78,6 +78,11 @@ fn mb(bytes: f64) -> f64 {
     bytes / 1e6
 }
 
+/// Milliseconds for people: `0.192 ms`, `83.455 ms`, `5553.26 s`.
+fn duration(ms: f64) -> String {
+    if ms < 10_000.0 { format!("{ms:.3} ms") } else { format!("{:.2} s", ms / 1000.0) }
+}
+
 /// The human summary of a run.
 pub fn summary(report: &Report) -> String {
     let mut out = String::new();
@@ -97,14 +102,14 @@ pub fn summary(report: &Report) -> String {
     for job in &report.jobs {
         let _ = writeln!(
             out,
-            "job '{}': {} × {}, {} ok; latency p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms; {} with read errors, {} sectors unreadable",
+            "job '{}': {} × {}, {} ok; latency p50 {}, p99 {}, max {}; {} with read errors, {} sectors unreadable",
             job.name,
             job.jobs,
             job.kind,
             job.ok,
-            job.latency.p50_ms,
-            job.latency.p99_ms,
-            job.latency.max_ms,
+            duration(job.latency.p50_ms),
+            duration(job.latency.p99_ms),
+            duration(job.latency.max_ms),
             job.jobs_with_read_errors,
             job.read_failed_sectors,
         );
@@ -188,8 +193,12 @@ pub fn summary(report: &Report) -> String {
     if let Some(foreground) = &report.foreground {
         let line = |l: &explore::Latencies| {
             format!(
-                "p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms ({} requests)",
-                l.p50_ms, l.p99_ms, l.p999_ms, l.max_ms, l.count
+                "p50 {}, p99 {}, p99.9 {}, max {} ({} requests)",
+                duration(l.p50_ms),
+                duration(l.p99_ms),
+                duration(l.p999_ms),
+                duration(l.max_ms),
+                l.count
             )
         };
         let _ = writeln!(out, "foreground on {} ({:.0} requests/s with the jobs):", foreground.disk, foreground.iops);
@@ -321,6 +330,13 @@ fn sweep_table(varies: &[Vary], points: &[SweepPoint], order: &[usize], metric: 
 #[cfg(test)]
 mod tests {
     use kcopyd_sim::explore::METRICS;
+
+    #[test]
+    fn durations_read_in_milliseconds_or_seconds() {
+        assert_eq!(super::duration(0.192), "0.192 ms");
+        assert_eq!(super::duration(9_999.0), "9999.000 ms");
+        assert_eq!(super::duration(5_553_258.495), "5553.26 s");
+    }
 
     #[test]
     fn the_help_of_metric_names_every_metric() {
