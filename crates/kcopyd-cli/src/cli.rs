@@ -104,8 +104,12 @@ pub enum Command {
     /// A mirror resync with injected faults on simulated disks, checked against the fault log.
     #[command(after_help = DEMO_EXAMPLES)]
     Demo(DemoArgs),
-    /// Design exploration on simulated disks in virtual time: run a scenario, sweep its keys.
-    Sim(SimArgs),
+    /// The simulator as a design tool: run a scenario in virtual time, sweep its keys.
+    Sim {
+        /// What to do.
+        #[command(subcommand)]
+        command: SimCommand,
+    },
 }
 
 /// Options of the engine, shared by `copy`, `zero` and `verify`.
@@ -279,16 +283,8 @@ pub struct DemoArgs {
     pub quiet: bool,
 }
 
-/// `kcopyd sim`.
-#[derive(Debug, Clone, Args)]
-pub struct SimArgs {
-    /// What to do.
-    #[command(subcommand)]
-    pub command: SimCommand,
-}
-
-/// The subcommands of `kcopyd sim`.
-#[derive(Debug, Clone, Subcommand)]
+/// `kcopyd sim ...`.
+#[derive(Debug, Subcommand)]
 pub enum SimCommand {
     /// Run a scenario file in virtual time and report duration, throughput, outcomes, queue
     /// depth and foreground latency with and without the jobs.

@@ -15,7 +15,7 @@ use kcopyd_sim::explore::{self, METRICS, Report, Scenario, ScenarioError, SweepP
 use serde_json::json;
 use toml::Value;
 
-use crate::cli::{SimArgs, SimCommand, SimRunArgs, SimSweepArgs};
+use crate::cli::{SimRunArgs, SimSweepArgs};
 use crate::error::{CliError, Status};
 use crate::plot;
 use crate::progress::bars_wanted;
@@ -26,18 +26,20 @@ const QUEUE_ROWS: usize = 10;
 /// Request sizes listed in the summary (narrowed-down reads make many).
 const IO_SIZES_SHOWN: usize = 6;
 
-/// Runs `kcopyd sim …`.
-pub fn run(args: &SimArgs) -> Result<Status, CliError> {
-    // The simulations build their own runtimes: run them off the command's runtime thread.
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| match &args.command {
-                SimCommand::Run(args) => run_scenario(args),
-                SimCommand::Sweep(args) => run_sweep(args),
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
+/// Runs `kcopyd sim run`.
+pub fn run(args: &SimRunArgs) -> Result<Status, CliError> {
+    off_runtime(|| run_scenario(args))
+}
+
+/// Runs `kcopyd sim sweep`.
+pub fn sweep(args: &SimSweepArgs) -> Result<Status, CliError> {
+    off_runtime(|| run_sweep(args))
+}
+
+/// Runs `work` on a thread of its own: the simulations build their own runtimes, which cannot
+/// start on the command's runtime thread.
+fn off_runtime(work: impl FnOnce() -> Result<Status, CliError> + Send) -> Result<Status, CliError> {
+    std::thread::scope(|scope| scope.spawn(work).join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
 }
 
 /// The scenario file as a value tree, with the `--set` edits applied.

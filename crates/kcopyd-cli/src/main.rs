@@ -34,7 +34,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use clap::error::ErrorKind;
 
-use crate::cli::{Cli, Command, OutputArgs};
+use crate::cli::{Cli, Command, OutputArgs, SimCommand};
 use crate::commands::Done;
 use crate::error::{CliError, Status};
 use crate::progress::Interrupts;
@@ -62,7 +62,8 @@ async fn run(cli: Cli) -> Status {
         Command::Zero(args) => commands::zero(args, &mut interrupts).await.map(|done| emit(done, &args.output)),
         Command::Verify(args) => commands::verify(args, &mut interrupts).await.map(|done| emit(done, &args.output)),
         Command::Demo(args) => demo::run(args, &mut interrupts).await,
-        Command::Sim(args) => explore::run(args),
+        Command::Sim { command: SimCommand::Run(args) } => explore::run(args),
+        Command::Sim { command: SimCommand::Sweep(args) } => explore::sweep(args),
     };
     result.unwrap_or_else(|error| fail_status(&error))
 }
