@@ -259,10 +259,31 @@ fn bad_scenarios_name_what_is_wrong() {
     let dense = SMALL.replace("[disks.a]\nlen_sectors = \"4M\"", "[disks.a]\nsparse = false\nlen_sectors = \"8G\"");
     assert!(error(&dense).to_string().contains("dense"));
     assert!(matches!(error("[disks.a]\nlen_sectors = 8\n"), ScenarioError::Invalid { .. }), "nothing to run");
+    let mixed =
+        SMALL.replace("[disks.a]\nlen_sectors = \"4M\"", "[disks.a]\nheaders_only = true\nlen_sectors = \"4M\"");
+    assert!(error(&mixed).to_string().contains("headers_only"), "one disk alone cannot be headers-only");
     assert!(matches!(
         error(&SMALL.replace("seed = 1", "seed = 1\n[client]\npage_budget = 0")),
         ScenarioError::Client { .. }
     ));
+}
+
+#[test]
+fn sparse_scenarios_run_headers_only_unless_told_and_the_answer_is_the_same() {
+    let fast = Scenario::from_toml(SMALL).unwrap();
+    assert!(fast.disks.values().all(|d| d.options.sparse && d.options.headers_only));
+    let whole = Scenario::from_toml(&SMALL.replace("seed = 1", "seed = 1\n[disks.c]\nlen_sectors = 8\nsparse = false"))
+        .unwrap();
+    assert!(whole.disks.values().all(|d| !d.options.headers_only), "a dense disk: whole sectors everywhere");
+    let told = SMALL
+        .replace("[disks.b]\n", "[disks.b]\nheaders_only = false\n")
+        .replace("[disks.a]\n", "[disks.a]\nheaders_only = false\n");
+    let told = Scenario::from_toml(&told).unwrap();
+    assert!(told.disks.values().all(|d| !d.options.headers_only));
+    let (mut a, mut b) = (explore::run(&fast).unwrap(), explore::run(&told).unwrap());
+    a.wall_seconds = 0.0;
+    b.wall_seconds = 0.0;
+    assert_eq!(serde_json::to_string(&a).unwrap(), serde_json::to_string(&b).unwrap(), "same requests, same times");
 }
 
 #[test]

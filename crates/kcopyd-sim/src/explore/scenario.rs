@@ -69,8 +69,8 @@ pub enum Content {
 ///
 /// Every field of [`MemDiskOptions`] is a key of the disk's table (`len_sectors`, `latency`,
 /// `faults`, …), so the scenario format follows the disk model. In a scenario, `name` comes
-/// from the table's key, the disk's seed is mixed with the scenario's, and `sparse` defaults
-/// to `true`.
+/// from the table's key, the disk's seed is mixed with the scenario's, `sparse` defaults to
+/// `true`, and `headers_only` to `true` when every disk is sparse and none sets it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DiskSpec {
     /// What the disk holds at the start.
@@ -217,8 +217,9 @@ fn one_u32() -> u32 {
 }
 
 impl Scenario {
-    /// Reads a scenario from TOML text: units by key suffix, `sparse = true` unless given,
-    /// then the typed checks of [`Scenario::validate`].
+    /// Reads a scenario from TOML text: units by key suffix, `sparse = true` unless given (and
+    /// then `headers_only = true` unless a disk says), then the typed checks of
+    /// [`Scenario::validate`].
     ///
     /// # Errors
     /// A TOML syntax error, an unknown key, a bad unit, or a scenario that does not hold
@@ -238,6 +239,18 @@ impl Scenario {
             for (_, disk) in disks.iter_mut() {
                 if let Value::Table(disk) = disk {
                     disk.entry("sparse").or_insert(Value::Boolean(true));
+                }
+            }
+            // Headers-only pattern sectors (fast, still verified by provenance) when every disk
+            // is sparse and none says otherwise: the mode must be the same on every disk.
+            let tables = || disks.iter().filter_map(|(_, d)| d.as_table());
+            let all_sparse = tables().all(|d| d.get("sparse").and_then(Value::as_bool) == Some(true));
+            let none_given = tables().all(|d| !d.contains_key("headers_only"));
+            if all_sparse && none_given {
+                for (_, disk) in disks.iter_mut() {
+                    if let Value::Table(disk) = disk {
+                        disk.insert("headers_only".into(), Value::Boolean(true));
+                    }
                 }
             }
         }
@@ -261,8 +274,13 @@ impl Scenario {
                 problem: format!("{} disks: 1 to {DISKS_MAX}", self.disks.len()),
             });
         }
+        let headers_only = self.disks.values().next().is_some_and(|d| d.options.headers_only);
         for (name, disk) in &self.disks {
             let invalid = |problem: String| ScenarioError::Invalid { what: format!("disk '{name}'"), problem };
+            if disk.options.headers_only != headers_only {
+                // A whole-sector disk would take a header-only sector for data.
+                return Err(invalid("headers_only must be the same on every disk".into()));
+            }
             let block = disk.options.logical_block_size;
             if !block.is_power_of_two() || !(512..=65536).contains(&block) {
                 return Err(invalid(format!("logical_block_size {block}: a power of two from 512 to 65536")));
