@@ -22,6 +22,7 @@
 //! their keys, for design exploration.
 #![warn(missing_docs)]
 
+mod error;
 pub mod explore;
 mod faults;
 mod mem_disk;
@@ -31,6 +32,7 @@ mod timing;
 mod trace;
 pub mod units;
 
+pub use error::{DiskError, DiskFailure};
 pub use faults::{FaultKind, FaultOdds, FaultPlan, FaultRecord, Misdirect, Operation, SlowSpike, WriteFault};
 pub use mem_disk::{IoStats, MemDisk, MemDiskOptions};
 pub use simulation::{Simulation, time_scale, to_model, to_tokio};

@@ -149,7 +149,8 @@ pub(crate) fn verify_entry(
         for (t, target) in job.targets.iter().enumerate() {
             let job_holes = holes.get(&i).and_then(|per_target| per_target.get(t)).unwrap_or(&no_holes);
             let target_start = job.target_start_sector + shift;
-            let holes_relative = job_holes.shifted(target_start, 0);
+            let holes_relative =
+                job_holes.shifted(target_start, 0).expect("not-copied sectors lie in the target range");
             let expected = match (job.kind, &job.source) {
                 (JobKind::Copy, Some(source)) => {
                     let start = job.source_start_sector + shift;
