@@ -1,5 +1,7 @@
 //! The command line: subcommands and options (clap derive).
 
+use std::path::PathBuf;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::device_arg::DeviceArg;
@@ -106,12 +108,119 @@ pub enum Command {
     /// A mirror resync with injected faults on simulated disks, checked against the fault log.
     #[command(after_help = DEMO_EXAMPLES)]
     Demo(DemoArgs),
-    /// The simulator as a design tool: run a scenario in virtual time, sweep its keys.
+    /// The simulator as a design tool: scenarios run and swept in virtual time, disk models
+    /// measured on real devices, and checked against them.
     Sim {
         /// What to do.
         #[command(subcommand)]
         command: SimCommand,
     },
+}
+
+/// `kcopyd sim ...`.
+#[derive(Debug, Subcommand)]
+pub enum SimCommand {
+    /// Measure a real file or block device and write a disk model (TOML) for the simulator.
+    ///
+    /// Reads and writes through O_DIRECT at I/O sizes from 4 KiB to 4 MiB and 1 to 32 requests
+    /// in flight, then reads and writes at once, and fits the simulator's timing model to what
+    /// it saw (see docs/SIMULATION.md).
+    ///
+    /// What it writes: a DEVICE that does not exist is created (--size bytes), filled, measured
+    /// and removed again (--keep keeps it). A DEVICE that exists is written only between
+    /// --scratch-offset and --scratch-offset + --scratch-length, and only when
+    /// --scratch-length is given: everything in that range is overwritten; nothing outside it
+    /// is read or written. The model goes to --out (replaced if it exists) or to stdout.
+    Calibrate(CalibrateArgs),
+    /// Copy SOURCE to TARGET for real and in the simulator, and compare the times.
+    ///
+    /// Runs several configurations (sub-job size × sub-jobs in flight × 1 or 3 targets),
+    /// alternating them over --runs rounds, and prints each one's measured median time, the
+    /// time the simulator predicts from the disk model, and the error of the prediction.
+    ///
+    /// What it writes: the whole length of SOURCE to TARGET and, for three-target
+    /// configurations, to TARGET.2 and TARGET.3. Missing files are created and removed again at
+    /// the end; an existing TARGET is overwritten.
+    Validate(ValidateArgs),
+    /// Run a scenario file in virtual time and report duration, throughput, outcomes, queue
+    /// depth and foreground latency with and without the jobs.
+    Run(SimRunArgs),
+    /// Run a scenario for every combination of values of some of its keys, in parallel, and
+    /// rank them by a metric.
+    Sweep(SimSweepArgs),
+}
+
+/// `kcopyd sim calibrate`.
+#[derive(Debug, Clone, Args)]
+pub struct CalibrateArgs {
+    /// The file or block device to measure (see above for what is written).
+    #[arg(value_name = "DEVICE")]
+    pub device: PathBuf,
+    /// Write the model here (TOML) instead of to stdout.
+    #[arg(long, value_name = "MODEL.toml")]
+    pub out: Option<PathBuf>,
+    /// Length of the file created when DEVICE does not exist.
+    #[arg(long = "size", value_name = "SIZE", default_value = "1G", value_parser = size::parse_size)]
+    pub size_bytes: u64,
+    /// Keep the file created when DEVICE did not exist.
+    #[arg(long)]
+    pub keep: bool,
+    /// Where the scratch range of an existing DEVICE starts.
+    #[arg(long = "scratch-offset", value_name = "OFFSET", default_value = "0", value_parser = size::parse_size)]
+    pub scratch_offset_bytes: u64,
+    /// Bytes of an existing DEVICE that calibration may overwrite (required for one).
+    #[arg(long = "scratch-length", value_name = "LEN", value_parser = size::parse_size)]
+    pub scratch_length_bytes: Option<u64>,
+    /// I/O sizes to measure, comma-separated.
+    #[arg(long = "io-sizes", value_name = "SIZES", value_delimiter = ',', default_value = "4K,16K,64K,256K,1M,4M", value_parser = size::parse_size)]
+    pub io_sizes_bytes: Vec<u64>,
+    /// Requests in flight to measure, comma-separated (1 to 32).
+    #[arg(long = "queue-depths", value_name = "DEPTHS", value_delimiter = ',', default_value = "1,4,16,32")]
+    pub queue_depths: Vec<usize>,
+    /// How long each point runs.
+    #[arg(long = "point-time", value_name = "DURATION", default_value = "250ms", value_parser = size::parse_duration_us)]
+    pub point_time_us: u64,
+    /// Rounds over every point (1 to 20); each point's median round counts.
+    #[arg(long, value_name = "COUNT", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=20))]
+    pub rounds: u16,
+    /// No progress bar and no table.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// `kcopyd sim validate`.
+#[derive(Debug, Clone, Args)]
+pub struct ValidateArgs {
+    /// The file or block device to copy from (read only).
+    #[arg(value_name = "SOURCE")]
+    pub source: PathBuf,
+    /// The file to copy to (see above for what is written).
+    #[arg(value_name = "TARGET")]
+    pub target: PathBuf,
+    /// The disk model (from `kcopyd sim calibrate`); without it SOURCE's device is
+    /// calibrated first, in a scratch file next to TARGET.
+    #[arg(long, value_name = "MODEL.toml")]
+    pub model: Option<PathBuf>,
+    /// Configurations to run, comma-separated, each SUB_JOB_SIZExIN_FLIGHTxTARGETS.
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "1Mx4x1,256Kx4x1,64Kx8x1,1Mx1x1,2Mx8x1,1Mx4x3"
+    )]
+    pub configs: Vec<String>,
+    /// Rounds of real copies; each configuration's median counts.
+    #[arg(long, value_name = "COUNT", default_value_t = 3)]
+    pub runs: usize,
+    /// Memory for copy buffers (the page budget) of every copy, real and simulated.
+    #[arg(long = "memory", value_name = "SIZE", default_value = MEMORY_DEFAULT, value_parser = size::parse_size)]
+    pub memory_bytes: u64,
+    /// Print one JSON object with the results instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
 }
 
 /// Options of the engine, shared by `copy`, `zero` and `verify`.
@@ -283,17 +392,6 @@ pub struct DemoArgs {
     /// No progress bars.
     #[arg(long, short)]
     pub quiet: bool,
-}
-
-/// `kcopyd sim ...`.
-#[derive(Debug, Subcommand)]
-pub enum SimCommand {
-    /// Run a scenario file in virtual time and report duration, throughput, outcomes, queue
-    /// depth and foreground latency with and without the jobs.
-    Run(SimRunArgs),
-    /// Run a scenario for every combination of values of some of its keys, in parallel, and
-    /// rank them by a metric.
-    Sweep(SimSweepArgs),
 }
 
 /// `kcopyd sim run`.

@@ -1,12 +1,12 @@
 //! `copy`, `zero` and `verify`: check, run the job with progress, flush, report.
 
 use std::cell::Cell;
-use std::time::Instant;
 
 use futures_util::future::join_all;
 use kcopyd_core::{Client, Flags, Job, Outcome, PagePool, RangeSet, Region, SECTOR_SIZE};
 
 use crate::cli::{CopyArgs, EngineArgs, OutputArgs, VerifyArgs, ZeroArgs};
+use crate::clock::Instant;
 use crate::compare::{self, CompareShape, Comparison, Side};
 use crate::devices::{self, Opened, Settings};
 use crate::error::{CliError, Status};
@@ -55,9 +55,13 @@ fn warn_mounted(source: &Opened, len_bytes: u64, output: &OutputArgs) {
     }
 }
 
-/// Starts a client with the checked settings.
+/// Starts a client with the checked settings: on its own worker thread, or on this thread's
+/// actix System when the command runs in virtual time.
 fn start_client(settings: &Settings) -> Result<Client, CliError> {
-    Client::new(settings.config.clone()).map_err(|source| CliError::Config { option: "--memory", source })
+    let config = settings.config.clone();
+    let started =
+        if kcopyd_sim::in_virtual_time() { Client::start_in_current_system(config) } else { Client::new(config) };
+    started.map_err(|source| CliError::Config { option: "--memory", source })
 }
 
 /// What every phase of a command needs to know about its options.
@@ -398,6 +402,7 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
         targets,
         verify,
         stats: Some(run.stats),
+        wall_seconds: None,
     };
     Ok(Done { report, status })
 }
@@ -439,6 +444,7 @@ pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, 
         targets,
         verify: None,
         stats: Some(run.stats),
+        wall_seconds: None,
     };
     Ok(Done { report, status })
 }
@@ -508,6 +514,7 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
         targets,
         verify: interrupted.is_none().then(|| report::verify_report(&comparison, bytes, 0, seconds)),
         stats: None,
+        wall_seconds: None,
     };
     Ok(Done { report, status })
 }

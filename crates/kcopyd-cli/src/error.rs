@@ -89,6 +89,17 @@ pub enum CliError {
         #[source]
         source: SubmitError,
     },
+    /// Reading or writing a device or file failed while measuring (`kcopyd sim`).
+    #[error("{operation} '{path}': {source}")]
+    Io {
+        /// What was being done.
+        operation: &'static str,
+        /// The device or file.
+        path: String,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
     /// The async runtime or the signal handler could not start.
     /// A scenario file that cannot be read, does not hold together, or whose run failed.
     #[error("scenario '{path}': {source}")]
@@ -139,7 +150,7 @@ impl CliError {
             | CliError::Submit { .. }
             | CliError::Scenario { .. }
             | CliError::File { .. } => Status::Usage,
-            CliError::Start { .. } | CliError::Plot { .. } => Status::Failed,
+            CliError::Start { .. } | CliError::Io { .. } | CliError::Plot { .. } => Status::Failed,
         }
     }
 

@@ -396,7 +396,7 @@ impl Scenario {
             return Err(invalid(format!("queue_depth {}: 1 to {FOREGROUND_QUEUE_DEPTH_MAX}", foreground.queue_depth)));
         }
         let latency = &disk.options.latency;
-        if foreground.rate_per_s == 0 && latency.read.is_instant() && latency.write.is_instant() {
+        if foreground.rate_per_s == 0 && latency.is_instant(false) && latency.is_instant(true) {
             // A closed loop on a disk without a timing model never lets virtual time pass.
             return Err(invalid(format!(
                 "disk '{}' has no timing model: give it a latency or a rate_per_s",
