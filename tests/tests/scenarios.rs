@@ -294,7 +294,7 @@ fn a_sweep_runs_the_cross_product_in_order() {
         Vary::parse("client.subjobs_in_flight=1,4").unwrap(),
     ];
     let done = std::sync::atomic::AtomicUsize::new(0);
-    let points = explore::sweep(&tree, &varies, 2, &|_| {
+    let points = explore::sweep(&tree, std::path::Path::new("."), &varies, 2, &|_| {
         done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     })
     .unwrap();
@@ -307,7 +307,8 @@ fn a_sweep_runs_the_cross_product_in_order() {
     assert!(points[1].report.throughput_mb_per_s > points[0].report.throughput_mb_per_s, "deeper is faster here");
     // A bad value is found before anything runs, and the point is named.
     let bad = [Vary::parse("client.subjobs_in_flight=4,0").unwrap()];
-    let error = explore::sweep(&tree, &bad, 2, &|_| panic!("nothing runs")).unwrap_err().to_string();
+    let error =
+        explore::sweep(&tree, std::path::Path::new("."), &bad, 2, &|_| panic!("nothing runs")).unwrap_err().to_string();
     assert!(error.contains("client.subjobs_in_flight=0"), "{error}");
     assert!(Vary::parse("client.subjobs_in_flight").is_err());
     assert!(Vary::parse("=1,2").is_err());
@@ -337,4 +338,46 @@ fn a_throttled_resync_hurts_the_reader_less() {
         "10 MiB/s: {}",
         throttled.throughput_mb_per_s
     );
+}
+
+#[test]
+fn disks_take_their_timing_from_a_model_file_and_may_share_one_device() {
+    let dir = std::env::temp_dir().join(format!("kcopyd-scenario-models-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = "description = \"test\"\n[latency.read]\ncost_us = 10\nbandwidth_bytes_per_s = 1_000_000_000\n\
+                 [latency.write]\ncost_us = 10\nbandwidth_bytes_per_s = 1_000_000_000\n[latency.path]\nshared = true\n";
+    std::fs::write(dir.join("ssd.toml"), model).unwrap();
+    std::fs::write(dir.join("one-device.toml"), format!("one_device = true\n{model}")).unwrap();
+    std::fs::write(dir.join("bad.toml"), format!("{model}colour = 1\n")).unwrap();
+    let scenario = |a: &str, b: &str| {
+        format!(
+            "[disks.a]\nlen_sectors = \"64M\"\n{a}\n[disks.b]\nlen_sectors = \"64M\"\ncontent = \"zero\"\n{b}\n\
+             [[jobs]]\nkind = \"copy\"\nsource = \"a\"\ntargets = [\"b\"]\n"
+        )
+    };
+    let throughput = |a: &str, b: &str| {
+        let scenario = Scenario::from_value_in(parse_tree(&scenario(a, b)).unwrap(), &dir).unwrap();
+        explore::run(&scenario).unwrap().throughput_mb_per_s
+    };
+    // Two devices: reads of one and writes of the other overlap, near 1 GB/s.
+    let separate = throughput("model = \"ssd.toml\"", "model = \"ssd.toml\"");
+    assert!(separate > 900.0, "{separate}");
+    // One device whose reads and writes share a path: half.
+    let shared = throughput("model = \"ssd.toml\"\nmedium = \"dev\"", "model = \"ssd.toml\"\nmedium = \"dev\"");
+    assert!((shared / separate - 0.5).abs() < 0.05, "{shared} vs {separate}");
+    // A model measured as one device puts its disks on one medium by itself.
+    let one_device = throughput("model = \"one-device.toml\"", "model = \"one-device.toml\"");
+    assert!((one_device / shared - 1.0).abs() < 0.01, "{one_device} vs {shared}");
+    // The disk's own keys override the model's.
+    let slow =
+        throughput("model = \"ssd.toml\"", "model = \"ssd.toml\"\nlatency.write.bandwidth_bytes_per_s = 100_000_000");
+    assert!((slow - 100.0).abs() < 5.0, "{slow}");
+    // A model file with a key the model does not have, or no file at all, is refused by name.
+    for (file, needle) in [("bad.toml", "colour"), ("missing.toml", "missing.toml")] {
+        let error = Scenario::from_value_in(parse_tree(&scenario(&format!("model = \"{file}\""), "")).unwrap(), &dir)
+            .unwrap_err();
+        assert!(matches!(&error, ScenarioError::Model { disk, .. } if disk == "a"), "{error}");
+        assert!(error.to_string().contains(needle), "{error}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }

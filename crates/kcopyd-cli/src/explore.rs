@@ -42,6 +42,14 @@ fn off_runtime(work: impl FnOnce() -> Result<Status, CliError> + Send) -> Result
     std::thread::scope(|scope| scope.spawn(work).join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
 }
 
+/// The folder a scenario's disk model files are relative to: the scenario file's own.
+fn folder_of(scenario: &Path) -> std::path::PathBuf {
+    match scenario.parent() {
+        Some(folder) if !folder.as_os_str().is_empty() => folder.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    }
+}
+
 /// The scenario file as a value tree, with the `--set` edits applied.
 fn load(path: &Path, set: &[String]) -> Result<Value, CliError> {
     let shown = path.display().to_string();
@@ -63,7 +71,7 @@ fn run_scenario(args: &SimRunArgs) -> Result<Status, CliError> {
     let shown = args.scenario.display().to_string();
     let tree = load(&args.scenario, &args.set)?;
     let scenario_error = |source: ScenarioError| CliError::Scenario { path: shown.clone(), source };
-    let scenario = Scenario::from_value(tree).map_err(scenario_error)?;
+    let scenario = Scenario::from_value_in(tree, &folder_of(&args.scenario)).map_err(scenario_error)?;
     let report = explore::run(&scenario).map_err(scenario_error)?;
     if let Some(svg) = &args.svg {
         plot::run_svg(svg, &report)?;
@@ -264,7 +272,7 @@ fn run_sweep(args: &SimSweepArgs) -> Result<Status, CliError> {
             .expect("a valid template")
             .progress_chars("=> "),
     );
-    let points = explore::sweep(&tree, &varies, threads, &|_: &SweepPoint| bar.inc(1))
+    let points = explore::sweep(&tree, &folder_of(&args.scenario), &varies, threads, &|_: &SweepPoint| bar.inc(1))
         .map_err(|source| CliError::Scenario { path: shown.clone(), source })?;
     bar.finish_and_clear();
     let value_of = |point: &SweepPoint| point.report.metric(metric.name);

@@ -14,6 +14,8 @@
 //! that do not exist are not refused here: the typed scenario refuses them when it is read,
 //! naming the key (`deny_unknown_fields`).
 
+use std::path::Path;
+
 use toml::Value;
 
 use crate::units::{self, SECTOR_BYTES, SizeError};
@@ -92,6 +94,54 @@ fn normalize_at(value: &mut Value, path: &str, unit: Option<Unit>) -> Result<(),
         _ => {}
     }
     Ok(())
+}
+
+/// Replaces each disk's `model = "FILE.toml"` (relative to `base`) by the model's timing:
+/// the model's `latency` table with the disk's own `latency` keys over it, and, for a model
+/// measured as `one_device`, `medium = "FILE.toml"` unless the disk names one.
+pub(crate) fn inline_models(tree: &mut Value, base: &Path) -> Result<(), ScenarioError> {
+    let Some(Value::Table(disks)) = tree.get_mut("disks") else { return Ok(()) };
+    for (name, disk) in disks.iter_mut() {
+        let Value::Table(disk) = disk else { continue };
+        let Some(model) = disk.remove("model") else { continue };
+        let Value::String(path) = model else {
+            return Err(ScenarioError::Key { key: format!("disks.{name}.model"), problem: "not a file name".into() });
+        };
+        let model_error = |problem: String| ScenarioError::Model { disk: name.clone(), path: path.clone(), problem };
+        let text = std::fs::read_to_string(base.join(&path)).map_err(|e| model_error(e.to_string()))?;
+        // Read as the simulator's own type first: unknown keys and wrong types are refused.
+        let typed: crate::DiskModel = toml::from_str(&text).map_err(|e| model_error(e.to_string()))?;
+        let mut latency = text
+            .parse::<toml::Table>()
+            .map_err(|e| model_error(e.to_string()))?
+            .remove("latency")
+            .unwrap_or_else(|| Value::Table(toml::Table::new()));
+        if let Some(own) = disk.remove("latency") {
+            merge(&mut latency, own);
+        }
+        disk.insert("latency".into(), latency);
+        if typed.one_device {
+            disk.entry("medium").or_insert_with(|| Value::String(path.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Puts every key of `over` into `under`, tables merged key by key.
+fn merge(under: &mut Value, over: Value) {
+    match (under, over) {
+        (Value::Table(under), Value::Table(over)) => {
+            for (key, value) in over {
+                match under.get_mut(&key) {
+                    Some(existing) => merge(existing, value),
+                    None => {
+                        under.insert(key, value);
+                    }
+                }
+            }
+        }
+        (under, over) => *under = over,
+    }
 }
 
 /// A value typed on the command line: anything TOML reads as a value (`true`, `12`, `0.5`,
@@ -198,6 +248,16 @@ mod tests {
         );
         assert!(set_path(&mut value, "seed.x", parse_value("1")).unwrap_err().to_string().contains("integer"));
         assert!(set_path(&mut value, "client..x", parse_value("1")).is_err());
+    }
+
+    #[test]
+    fn tables_merge_key_by_key() {
+        let mut under = tree("[read]\ncost_us = 60\nqueue_depth = 32\n[write]\ncost_us = 60\n");
+        merge(&mut under, tree("[read]\ncost_us = 10\n[path]\nshared = true\n"));
+        assert_eq!(under["read"]["cost_us"].as_integer(), Some(10));
+        assert_eq!(under["read"]["queue_depth"].as_integer(), Some(32));
+        assert_eq!(under["write"]["cost_us"].as_integer(), Some(60));
+        assert_eq!(under["path"]["shared"].as_bool(), Some(true));
     }
 
     #[test]

@@ -119,6 +119,16 @@ pub enum ScenarioError {
         #[source]
         source: SubmitError,
     },
+    /// A disk's model file cannot be read or is not a disk model.
+    #[error("scenario disk '{disk}': model '{path}': {problem}")]
+    Model {
+        /// The disk.
+        disk: String,
+        /// The file, as given.
+        path: String,
+        /// What is wrong.
+        problem: String,
+    },
     /// A sweep that does not hold together (no values, too many points, an unknown metric).
     #[error("sweep: {problem}")]
     Sweep {

@@ -30,7 +30,7 @@ use super::report::{DiskReport, ForegroundReport, IoSizeCount, JobReport, Latenc
 use super::scenario::{Access, Content, JobKind, Scenario};
 use super::series::Series;
 use super::verify::verify_entry;
-use crate::{MemDisk, Simulation, mix64, to_tokio};
+use crate::{Medium, MemDisk, Simulation, mix64, to_tokio};
 
 /// Failures listed per job entry in the report.
 const FAILURES_LISTED: usize = 5;
@@ -102,6 +102,8 @@ pub fn run(scenario: &Scenario) -> Result<Report, ScenarioError> {
 fn simulate(scenario: &Scenario, with_jobs: bool, foreground_us: Option<u64>) -> Result<RunData, ScenarioError> {
     let outcome = Simulation::run(scenario.client.clone(), |client, _trace| async move {
         let origin = Instant::now();
+        let media: BTreeMap<&str, Medium> =
+            scenario.disks.values().filter_map(|d| d.medium.as_deref()).map(|m| (m, Medium::new())).collect();
         let disks: Vec<(String, Arc<Observed>, Arc<MemDisk>)> = scenario
             .disks
             .iter()
@@ -109,7 +111,10 @@ fn simulate(scenario: &Scenario, with_jobs: bool, foreground_us: Option<u64>) ->
                 let mut options = spec.options.clone();
                 options.seed = mix64(scenario.seed ^ name_hash(name) ^ mix64(options.seed));
                 options.latency.seed = mix64(options.seed ^ options.latency.seed ^ 0x006c_6174_656e_6379);
-                let disk = Arc::new(MemDisk::new(options));
+                let disk = Arc::new(match spec.medium.as_deref() {
+                    Some(medium) => MemDisk::on_medium(options, &media[medium]),
+                    None => MemDisk::new(options),
+                });
                 if spec.content == Content::Pattern {
                     disk.fill_pattern(disk.options().seed);
                 }

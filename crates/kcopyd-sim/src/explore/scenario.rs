@@ -9,6 +9,7 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use kcopyd_core::{ClientConfig, SECTOR_SIZE};
 use serde::{Deserialize, Serialize};
@@ -65,17 +66,26 @@ pub enum Content {
     Zero,
 }
 
-/// One disk: the simulator's own options plus what it holds at the start.
+/// One disk: the simulator's own options plus what it holds at the start and the device it
+/// shares.
 ///
 /// Every field of [`MemDiskOptions`] is a key of the disk's table (`len_sectors`, `latency`,
 /// `faults`, …), so the scenario format follows the disk model. In a scenario, `name` comes
 /// from the table's key, the disk's seed is mixed with the scenario's, `sparse` defaults to
 /// `true`, and `headers_only` to `true` when every disk is sparse and none sets it.
+/// `model = "FILE.toml"` takes the timing from a [`DiskModel`](crate::DiskModel) file (as
+/// `kcopyd sim calibrate` writes it; the disk's own `latency` keys override it), and disks
+/// with the same `medium` name share one [`Medium`](crate::Medium): one device's data paths
+/// (a model measured as `one_device` puts the disks made from it on one medium).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DiskSpec {
     /// What the disk holds at the start.
     #[serde(default)]
     pub content: Content,
+    /// The name of the device whose data paths this disk shares with the other disks that
+    /// name it; `None`: its own.
+    #[serde(default)]
+    pub medium: Option<String>,
     /// The simulated disk.
     #[serde(flatten)]
     pub options: MemDiskOptions,
@@ -91,8 +101,12 @@ impl<'de> Deserialize<'de> for DiskSpec {
             Some(value) => Content::deserialize(value).map_err(D::Error::custom)?,
             None => Content::default(),
         };
+        let medium = match table.remove("medium") {
+            Some(value) => Some(String::deserialize(value).map_err(D::Error::custom)?),
+            None => None,
+        };
         let options = MemDiskOptions::deserialize(Value::Table(table)).map_err(D::Error::custom)?;
-        Ok(DiskSpec { content, options })
+        Ok(DiskSpec { content, medium, options })
     }
 }
 
@@ -229,11 +243,21 @@ impl Scenario {
     }
 
     /// Reads a scenario from a TOML value tree (e.g. one edited with
-    /// [`set_path`](super::set_path)).
+    /// [`set_path`](super::set_path)); disk model files are found from the current directory.
     ///
     /// # Errors
     /// As [`Scenario::from_toml`].
-    pub fn from_value(mut tree: Value) -> Result<Scenario, ScenarioError> {
+    pub fn from_value(tree: Value) -> Result<Scenario, ScenarioError> {
+        Scenario::from_value_in(tree, Path::new("."))
+    }
+
+    /// Reads a scenario from a TOML value tree whose disk model files (`model = "…"`) are
+    /// relative to `base` (the scenario file's folder).
+    ///
+    /// # Errors
+    /// As [`Scenario::from_toml`], or a model file that cannot be read or is not a disk model.
+    pub fn from_value_in(mut tree: Value, base: &Path) -> Result<Scenario, ScenarioError> {
+        keys::inline_models(&mut tree, base)?;
         keys::normalize_units(&mut tree)?;
         if let Some(Value::Table(disks)) = tree.get_mut("disks") {
             for (_, disk) in disks.iter_mut() {

@@ -7,6 +7,7 @@
 //!     → threads take the next point from a shared counter; results keep the points' order
 //! ```
 
+use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -57,7 +58,7 @@ pub struct SweepPoint {
 /// The value of each varied key at one point, and the scenario they make.
 type Point = (Vec<(String, String)>, Scenario);
 
-fn points(tree: &Value, varies: &[Vary]) -> Result<Vec<Point>, ScenarioError> {
+fn points(tree: &Value, base: &Path, varies: &[Vary]) -> Result<Vec<Point>, ScenarioError> {
     let total = varies.iter().try_fold(1usize, |n, v| n.checked_mul(v.values.len())).filter(|&n| n <= POINTS_MAX);
     let Some(total) = total else {
         return Err(ScenarioError::Sweep { problem: format!("more than {POINTS_MAX} points") });
@@ -73,7 +74,7 @@ fn points(tree: &Value, varies: &[Vary]) -> Result<Vec<Point>, ScenarioError> {
         for (key, value) in &chosen {
             set_path(&mut point, key, parse_value(value))?;
         }
-        let scenario = Scenario::from_value(point).map_err(|error| ScenarioError::Sweep {
+        let scenario = Scenario::from_value_in(point, base).map_err(|error| ScenarioError::Sweep {
             problem: format!(
                 "at {}: {error}",
                 chosen.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
@@ -84,20 +85,21 @@ fn points(tree: &Value, varies: &[Vary]) -> Result<Vec<Point>, ScenarioError> {
     Ok(out)
 }
 
-/// Runs every point of the cross product of `varies` over `tree` (a scenario's value tree) on
-/// `threads` threads, calling `on_done` after each point. Every point is read and checked
-/// before any runs.
+/// Runs every point of the cross product of `varies` over `tree` (a scenario's value tree,
+/// whose disk model files are relative to `base`) on `threads` threads, calling `on_done`
+/// after each point. Every point is read and checked before any runs.
 ///
 /// # Errors
 /// A varied key or value that makes a scenario invalid (naming the point), too many points,
 /// or a run that failed.
 pub fn sweep(
     tree: &Value,
+    base: &Path,
     varies: &[Vary],
     threads: usize,
     on_done: &(dyn Fn(&SweepPoint) + Sync),
 ) -> Result<Vec<SweepPoint>, ScenarioError> {
-    let points = points(tree, varies)?;
+    let points = points(tree, base, varies)?;
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Result<SweepPoint, ScenarioError>>>> =
         Mutex::new((0..points.len()).map(|_| None).collect());
