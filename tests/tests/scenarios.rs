@@ -68,20 +68,25 @@ fn subjob_study_on_the_ssd_model_shows_the_kernels_shape() {
 }
 
 #[test]
-fn subjob_study_on_the_hdd_model_wants_size_not_depth() {
+fn subjob_study_on_the_hdd_model_wants_bytes_in_flight() {
     let at = |size: &str, depth: &str| {
         run(
             "subjob-study-hdd",
-            &[("jobs.0.count", "4"), ("client.sub_job_size_bytes", size), ("client.subjobs_in_flight", depth)],
+            &[("jobs.0.count", "2"), ("client.sub_job_size_bytes", size), ("client.subjobs_in_flight", depth)],
         )
         .throughput_mb_per_s
     };
-    // One head: past two in flight (a read and a write overlapping), depth buys nothing...
-    let (shallow, deep) = (at("512K", "2"), at("512K", "16"));
-    assert!((deep / shallow - 1.0).abs() < 0.05, "depth 2 {shallow} vs 16 {deep}");
-    // ...while size keeps paying, well past the SSD's 512 KiB.
-    let (small, large) = (at("512K", "8"), at("2M", "8"));
-    assert!(large > small * 1.4, "512K {small} vs 2M {large}");
+    // The head seeks between the shared block and the fresh one: each turn costs ~9-16 ms, and
+    // what it moves per turn is the bytes in flight, however they are cut.
+    let (one_big, two, four_small) = (at("1M", "1"), at("512K", "2"), at("256K", "4"));
+    for other in [two, four_small] {
+        assert!((other / one_big - 1.0).abs() < 0.03, "1M×1 {one_big}, 512K×2 {two}, 256K×4 {four_small}");
+    }
+    // Unlike the SSD model, where 1 × 2 MiB ran at half the speed of 8 × 256 KiB.
+    let (one_2m, eight_256k) = (at("2M", "1"), at("256K", "8"));
+    assert!((one_2m / eight_256k - 1.0).abs() < 0.03, "2M×1 {one_2m} vs 256K×8 {eight_256k}");
+    // More in flight keeps paying, far past the SSD's best (the page budget is the limit).
+    assert!(at("1M", "4") > 1.5 * one_big, "4 MiB in flight beats 1 MiB");
 }
 
 #[test]
