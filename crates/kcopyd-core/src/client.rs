@@ -28,7 +28,7 @@ use crate::job::{JobActor, JobKind, JobSpec};
 use crate::stats::{ClientStats, StatsRecorder};
 use crate::throttle::{Throttle, Throttler};
 use crate::time_scale::Clock;
-use crate::{ClientConfig, Flags, Outcome, PagePool, PoolStats, RangeSet, Region, TargetReport};
+use crate::{ClientConfig, Flags, Outcome, PagePool, PoolStats, RangeSet, Region, Sparse, TargetReport};
 
 type Callback = Box<dyn FnOnce(Outcome) + Send + 'static>;
 
@@ -43,7 +43,16 @@ pub struct Job {
 impl Job {
     /// Copy `source` to every target; every target's count must equal the source's.
     pub fn copy(source: Region, targets: Vec<Region>, flags: Flags) -> Job {
-        Job { kind: JobKind::Copy { source }, targets, flags, callback: None }
+        Job { kind: JobKind::Copy { source, sparse: Sparse::OFF }, targets, flags, callback: None }
+    }
+
+    /// Makes a copy sparse-aware: holes of the source are not read, zero blocks not written
+    /// as data (see [`Sparse`]). A zero job ignores it.
+    pub fn sparse(mut self, sparse: Sparse) -> Job {
+        if let JobKind::Copy { sparse: ours, .. } = &mut self.kind {
+            *ours = sparse;
+        }
+        self
     }
 
     /// Zero every target (all of the same count).
