@@ -14,6 +14,8 @@ use crate::size;
 pub const SUB_JOB_SIZE_DEFAULT: &str = "1M";
 /// Sub-jobs kept in flight by default (see [`SUB_JOB_SIZE_DEFAULT`]).
 pub const SUBJOBS_IN_FLIGHT_DEFAULT: usize = 4;
+/// The zero-scan block of sparse copies by default (as `qemu-img convert -S`).
+pub const SPARSE_SIZE_DEFAULT: &str = "4K";
 /// The page budget by default: four times what the default sub-jobs in flight take, so that
 /// reads can run ahead while several targets are still being written.
 pub const MEMORY_DEFAULT: &str = "16M";
@@ -156,6 +158,15 @@ pub struct ThrottleArgs {
     pub rate_bytes_per_s: Option<u64>,
 }
 
+/// Parses `on` or `off` (and their usual synonyms).
+fn parse_on_off(text: &str) -> Result<bool, String> {
+    match text {
+        "on" | "yes" | "true" | "1" => Ok(true),
+        "off" | "no" | "false" | "0" => Ok(false),
+        _ => Err(format!("{text:?}: expected on or off")),
+    }
+}
+
 /// The values of `--io-engine`. Both always parse, so that a build without io_uring can name
 /// the flag when it refuses `uring`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -198,6 +209,39 @@ pub struct CopyArgs {
     /// Read the targets back after copying and compare them with the source.
     #[arg(long)]
     pub verify: bool,
+    /// Sparse copy, `on` by default (as qemu-img): read only what the source has allocated
+    /// (files: SEEK_DATA), and where the source reads as zeroes (holes, and zero blocks of
+    /// --sparse-size) punch holes in file targets, or write-zeroes elsewhere. Never leaves old
+    /// target data where the source reads as zeroes. `--sparse=off` reads and writes every byte.
+    #[arg(
+        long,
+        value_name = "on|off",
+        default_value = "on",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "on",
+        value_parser = parse_on_off,
+    )]
+    pub sparse: bool,
+    /// The same as `--sparse=off`.
+    #[arg(long, conflicts_with = "sparse")]
+    pub no_sparse: bool,
+    /// With --sparse: blocks of this size that read as all zeroes are written as zeroes (a
+    /// hole), as `qemu-img -S`; a power of two of at least 512, or 0 to scan for none.
+    #[arg(
+        long = "sparse-size",
+        short = 'S',
+        value_name = "SIZE",
+        default_value = SPARSE_SIZE_DEFAULT,
+        value_parser = size::parse_size,
+        allow_negative_numbers = true,
+    )]
+    pub sparse_size_bytes: u64,
+    /// Every target already reads as zeroes (a new file, a fresh thin volume): write nothing
+    /// where the source reads as zeroes. Needs --sparse. Wrong, and the copy is wrong, if a
+    /// target holds anything else.
+    #[arg(long)]
+    pub target_is_zero: bool,
     /// Engine options.
     #[command(flatten)]
     pub engine: EngineArgs,

@@ -4,7 +4,7 @@ use std::cell::Cell;
 use std::time::Instant;
 
 use futures_util::future::join_all;
-use kcopyd_core::{Client, Flags, Job, Outcome, PagePool, RangeSet, Region, SECTOR_SIZE};
+use kcopyd_core::{Client, Flags, Job, Outcome, PagePool, RangeSet, Region, SECTOR_SIZE, Sparse, TargetZeroes};
 
 use crate::cli::{CopyArgs, EngineArgs, OutputArgs, VerifyArgs, ZeroArgs};
 use crate::compare::{self, CompareShape, Comparison, Side};
@@ -303,11 +303,36 @@ fn job_status(run: &JobRun, targets: &[TargetReport], verify_identical: Option<b
     ("ok", Status::Success)
 }
 
+/// The sparse-copy options of `copy`, checked.
+///
+/// # Errors
+/// A bad --sparse-size, or --target-is-zero without --sparse.
+fn sparse_of(args: &CopyArgs) -> Result<Sparse, CliError> {
+    let on = args.sparse && !args.no_sparse;
+    let size = args.sparse_size_bytes;
+    if size != 0 && (!size.is_power_of_two() || size < SECTOR_SIZE as u64 || size > u64::from(u32::MAX / 2 + 1)) {
+        return Err(CliError::argument(
+            "--sparse-size",
+            size.to_string(),
+            "must be 0 (no zero scan) or a power of two from 512 to 2G",
+        ));
+    }
+    if args.target_is_zero && !on {
+        return Err(CliError::argument("--target-is-zero", "", "needs a sparse copy (not --sparse=off / --no-sparse)"));
+    }
+    if !on {
+        return Ok(Sparse::OFF);
+    }
+    let target_zeroes = if args.target_is_zero { TargetZeroes::Skip } else { TargetZeroes::Deallocate };
+    Ok(Sparse { skip_holes: true, zero_block_bytes: size as u32, target_zeroes })
+}
+
 /// `kcopyd copy`.
 ///
 /// # Errors
 /// Bad options or devices (nothing written).
 pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, CliError> {
+    let sparse = sparse_of(args)?;
     let settings = Settings::from_args(&args.engine)?.with_throttle(&args.throttle)?;
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
     let mut plan = devices::plan_with_source(&args.source, &args.targets, args.length_bytes, true, &settings)?;
@@ -318,7 +343,8 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
         region(&plan.source, len_sectors),
         plan.targets.iter().map(|t| region(t, len_sectors)).collect(),
         flags(args.ignore_errors, args.write_seq),
-    );
+    )
+    .sparse(sparse);
     // Checked before anything is written: a comparison that cannot run must refuse the command.
     let compare_setup = if args.verify { Some(prepare_compare(context, &plan.source, &plan.targets)?) } else { None };
     let mut run = run_job(context, job, &plan.targets, plan.len_bytes, "copy", interrupts, &mut plan.created).await?;
