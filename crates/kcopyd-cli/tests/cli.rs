@@ -1193,3 +1193,74 @@ fn a_source_mounted_read_write_gets_a_warning() {
     let ran = kcopyd(&["copy", s(&plain), s(&dir.join("plain-copy.img"))]);
     assert!(ran.stderr.is_empty(), "{ran:?}");
 }
+
+// ---- sparse copies ------------------------------------------------------------------------
+
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// A 16 MiB file with 192 KiB of data in three places; holes elsewhere.
+fn sparse_file(dir: &TempDir) -> PathBuf {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join("sparse.img");
+    let file = fs::File::create(&path).unwrap();
+    file.set_len(16 * MIB as u64).unwrap();
+    for (i, at) in [0, 5 * MIB, 16 * MIB - 64 * KIB].into_iter().enumerate() {
+        file.write_all_at(&pattern(i as u64 + 1, 64 * KIB), at as u64).unwrap();
+    }
+    file.sync_all().unwrap();
+    path
+}
+
+#[test]
+fn copy_is_sparse_by_default_and_replaces_stale_data_with_holes() {
+    let dir = TempDir::new("cli-sparse");
+    let source = sparse_file(&dir);
+    if allocated_bytes(&source) >= 16 * MIB as u64 {
+        return skip("copy_is_sparse_by_default_and_replaces_stale_data_with_holes", "the filesystem keeps no holes");
+    }
+    let stale = dir.join("stale.img");
+    fs::write(&stale, pattern(9, 16 * MIB)).unwrap();
+    let fresh = dir.join("fresh.img");
+    let ran = kcopyd(&["copy", s(&source), s(&stale), s(&fresh), "--verify", "--json"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert_eq!(json(&ran)["verify"]["identical"], true);
+    let expected = fs::read(&source).unwrap();
+    for target in [&stale, &fresh] {
+        assert!(fs::read(target).unwrap() == expected, "{} holds the source", target.display());
+        let (source_bytes, target_bytes) = (allocated_bytes(&source), allocated_bytes(target));
+        assert!(target_bytes <= source_bytes + 64 * KIB as u64, "{}: {target_bytes} allocated", target.display());
+    }
+    // --sparse=off and --no-sparse write every byte: the new target is fully allocated.
+    for off in ["--sparse=off", "--no-sparse"] {
+        let full = dir.join(&format!("full{off}.img"));
+        let ran = kcopyd(&["copy", s(&source), s(&full), off, "-q"]);
+        assert_eq!(ran.code, 0, "{ran:?}");
+        assert!(fs::read(&full).unwrap() == expected);
+        assert!(allocated_bytes(&full) >= 16 * MIB as u64, "{off}: {} allocated", allocated_bytes(&full));
+    }
+    // --target-is-zero writes nothing for zeroes: right on a new file.
+    let zero = dir.join("zero.img");
+    let ran = kcopyd(&["copy", s(&source), s(&zero), "--target-is-zero", "-q"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert!(fs::read(&zero).unwrap() == expected);
+}
+
+#[test]
+fn sparse_options_are_checked_before_anything_is_written() {
+    let dir = TempDir::new("cli-sparse-options");
+    let source = dir.file_with("source.img", &pattern(1, 64 * KIB));
+    let target = dir.file_with("target.img", &pattern(2, 64 * KIB));
+    let before = contents(&[&target]);
+    let ran = kcopyd(&["copy", s(&source), s(&target), "--sparse-size", "3000"]);
+    assert_usage_error(&ran, &["--sparse-size", "3000", "power of two"]);
+    let ran = kcopyd(&["copy", s(&source), s(&target), "--sparse=off", "--target-is-zero"]);
+    assert_usage_error(&ran, &["--target-is-zero", "--sparse=off"]);
+    let ran = kcopyd(&["copy", s(&source), s(&target), "--sparse=maybe"]);
+    assert_eq!(ran.code, 2, "{ran:?}");
+    let ran = kcopyd(&["copy", s(&source), s(&target), "--sparse=on", "--no-sparse"]);
+    assert_eq!(ran.code, 2, "{ran:?}");
+    assert_eq!(contents(&[&target]), before);
+}
