@@ -106,6 +106,20 @@ pub enum Command {
     /// A mirror resync with injected faults on simulated disks, checked against the fault log.
     #[command(after_help = DEMO_EXAMPLES)]
     Demo(DemoArgs),
+    /// Look at a copy map (`copy --map FILE`).
+    #[command(subcommand)]
+    Map(MapCommand),
+}
+
+/// `kcopyd map ...`.
+#[derive(Debug, Subcommand)]
+pub enum MapCommand {
+    /// Print what a copy map records: its copy, then done, failed and remaining byte ranges.
+    Show {
+        /// The map file.
+        #[arg(value_name = "FILE")]
+        file: std::path::PathBuf,
+    },
 }
 
 /// Options of the engine, shared by `copy`, `zero` and `verify`.
@@ -237,6 +251,25 @@ pub struct CopyArgs {
         allow_negative_numbers = true,
     )]
     pub sparse_size_bytes: u64,
+    /// Record in FILE which ranges are copied, failed to read and failed to write (appended
+    /// and fsynced after every batch); run the same command with the same FILE again to copy
+    /// only what is not done. A FILE written for another copy is refused.
+    #[arg(long, value_name = "FILE")]
+    pub map: Option<std::path::PathBuf>,
+    /// With --map: bytes per batch (one flush of the targets and one fsync of the map); a
+    /// crash redoes at most one batch.
+    #[arg(
+        long = "map-batch",
+        value_name = "SIZE",
+        default_value = crate::map::BATCH_DEFAULT,
+        value_parser = size::parse_size,
+        allow_negative_numbers = true,
+    )]
+    pub map_batch_bytes: u64,
+    /// With --map: copy only the ranges the map records as failed, with --ignore-errors (so
+    /// that unreadable blocks are narrowed down again).
+    #[arg(long, requires = "map")]
+    pub retry_failed: bool,
     /// Every target already reads as zeroes (a new file, a fresh thin volume): write nothing
     /// where the source reads as zeroes. Needs --sparse. Wrong, and the copy is wrong, if a
     /// target holds anything else.

@@ -10,6 +10,7 @@ use crate::cli::{CopyArgs, EngineArgs, OutputArgs, VerifyArgs, ZeroArgs};
 use crate::compare::{self, CompareShape, Comparison, Side};
 use crate::devices::{self, Opened, Settings};
 use crate::error::{CliError, Status};
+use crate::map::{CopyMap, MapHeader};
 use crate::progress::{self, Interrupts};
 use crate::report::{self, Report, SourceReport, TargetReport, TargetVerify};
 use crate::tail::Tail;
@@ -108,6 +109,109 @@ async fn run_job(
         flush_errors: flushes.into_iter().map(|r| r.err().map(|e| e.to_string())).collect(),
         stats,
     })
+}
+
+/// A copy run in batches recorded in a map.
+struct Mapped<'a> {
+    map: &'a mut CopyMap,
+    len_sectors: u64,
+    batch_sectors: u64,
+    flags: Flags,
+    sparse: Sparse,
+    retry_failed: bool,
+}
+
+/// A progress bar that starts at `base` bytes (the batches before this one, and what the map
+/// already had done).
+struct OffsetBar<'a> {
+    bar: &'a indicatif::ProgressBar,
+    base: u64,
+}
+
+impl progress::WatchUi for OffsetBar<'_> {
+    fn tick(&self, done_bytes: u64) {
+        self.bar.set_position(self.base + done_bytes);
+    }
+
+    fn note(&self, line: &str) {
+        self.bar.suspend(|| eprintln!("{line}"));
+    }
+}
+
+/// `copy --map`: copies what the map says is not done (or, with --retry-failed, what failed)
+/// in batches, one job each; after each batch flushes the targets, then records the batch in
+/// the map. Stops at the first batch with errors unless errors are ignored, and at Ctrl-C.
+async fn run_mapped(
+    context: Context<'_>,
+    mapped: Mapped<'_>,
+    source: &Opened,
+    targets: &[Opened],
+    len_bytes: u64,
+    interrupts: &mut Interrupts,
+    created: &mut devices::CreatedFiles,
+) -> Result<JobRun, CliError> {
+    let Mapped { map, len_sectors, batch_sectors, flags, sparse, retry_failed } = mapped;
+    let work = if retry_failed { map.state.failed() } else { map.state.remaining(len_sectors) };
+    let client = start_client(context.settings)?;
+    let started = Instant::now();
+    let bar = progress::byte_bar(progress::bars_wanted(context.output.quiet), len_bytes, "copy");
+    let already_bytes = RangeSet::from_range(0..len_sectors).difference(&work).len_sectors() * SECTOR_SIZE as u64;
+    bar.set_position(already_bytes);
+    let target_starts: Vec<u64> = targets.iter().map(Opened::start_sector).collect();
+    let mut outcome = Outcome { targets: vec![Default::default(); targets.len()], ..Outcome::default() };
+    let (mut interrupted, mut done_bytes, mut flush_errors) = (None, 0, vec![None; targets.len()]);
+    let batches = work.ranges().iter().flat_map(|piece| {
+        (piece.start..piece.end).step_by(batch_sectors as usize).map(move |at| at..(at + batch_sectors).min(piece.end))
+    });
+    for batch in batches {
+        let len = batch.end - batch.start;
+        let job = Job::copy(
+            Region::new(source.device.clone(), source.start_sector() + batch.start, len),
+            targets.iter().map(|t| Region::new(t.device.clone(), t.start_sector() + batch.start, len)).collect(),
+            flags,
+        )
+        .sparse(sparse);
+        let handle = client.submit(job).await.map_err(|source| CliError::Submit { source })?;
+        created.keep();
+        let ui = OffsetBar { bar: &bar, base: bar.position() };
+        let watched = progress::watch(&handle, &ui, interrupts).await;
+        done_bytes += handle.progress().done_sectors * SECTOR_SIZE as u64;
+        // Durable on every target before the map says so.
+        let flushes = join_all(targets.iter().map(|t| t.device.flush())).await;
+        let flushed = flushes.iter().all(Result::is_ok);
+        for (slot, result) in flush_errors.iter_mut().zip(flushes) {
+            if let Err(error) = result {
+                *slot = Some(error.to_string());
+            }
+        }
+        let batch_outcome = watched.outcome;
+        if flushed {
+            map.record(batch.clone(), &batch_outcome, source.start_sector(), &target_starts)?;
+        }
+        outcome.read_err |= batch_outcome.read_err;
+        outcome.write_err.0 |= batch_outcome.write_err.0;
+        outcome.read_failed.extend(&batch_outcome.read_failed);
+        for (merged, report) in outcome.targets.iter_mut().zip(&batch_outcome.targets) {
+            merged.write_failed.extend(&report.write_failed);
+        }
+        outcome.cancelled |= batch_outcome.cancelled;
+        outcome.panicked = outcome.panicked.or(batch_outcome.panicked.clone());
+        interrupted = watched.interrupted;
+        let stop = !batch_outcome.is_ok() && !flags.contains(Flags::IGNORE_ERROR);
+        if interrupted.is_some() || stop || !flushed || batch_outcome.cancelled {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    // Whatever the map does not hold as done is not copied, on every target.
+    let not_done = RangeSet::from_range(0..len_sectors).difference(&map.state.done);
+    for (report, start) in outcome.targets.iter_mut().zip(&target_starts) {
+        report.not_copied = not_done.shifted(0, *start);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let stats = client.stats();
+    client.shutdown().await;
+    Ok(JobRun { outcome, interrupted, done_bytes, seconds, flush_errors, stats })
 }
 
 /// What a comparison needs, made before anything is written so that it cannot refuse
@@ -351,7 +455,36 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
     .sparse(sparse);
     // Checked before anything is written: a comparison that cannot run must refuse the command.
     let compare_setup = if args.verify { Some(prepare_compare(context, &plan.source, &plan.targets)?) } else { None };
-    let mut run = run_job(context, job, &plan.targets, plan.len_bytes, "copy", interrupts, &mut plan.created).await?;
+    let mut run = match &args.map {
+        None => run_job(context, job, &plan.targets, plan.len_bytes, "copy", interrupts, &mut plan.created).await?,
+        Some(path) => {
+            let header = MapHeader {
+                source: (plan.source.arg.offset_bytes, plan.source.arg.text.clone()),
+                targets: plan.targets.iter().map(|t| (t.arg.offset_bytes, t.arg.text.clone())).collect(),
+                len_bytes: plan.len_bytes,
+            };
+            let mut map = CopyMap::open(path, &header)?;
+            let block_bytes = std::iter::once(&plan.source).chain(&plan.targets).map(Opened::block_bytes).max();
+            let batch_bytes = args.map_batch_bytes / block_bytes.unwrap_or(512) * block_bytes.unwrap_or(512);
+            if batch_bytes == 0 {
+                return Err(CliError::argument(
+                    "--map-batch",
+                    args.map_batch_bytes.to_string(),
+                    "smaller than one logical block",
+                ));
+            }
+            let mapped = Mapped {
+                map: &mut map,
+                len_sectors,
+                batch_sectors: batch_bytes / SECTOR_SIZE as u64,
+                flags: flags(args.ignore_errors || args.retry_failed, args.write_seq),
+                sparse,
+                retry_failed: args.retry_failed,
+            };
+            run_mapped(context, mapped, &plan.source, &plan.targets, plan.len_bytes, interrupts, &mut plan.created)
+                .await?
+        }
+    };
     finish_tail(plan.tail, Some(&plan.source), &plan.targets, args.ignore_errors, &mut run);
     let mut targets = job_targets(&plan.targets, &run, plan.len_bytes);
     let not_copied = not_copied_bytes(&plan.targets, &run, plan.len_bytes);

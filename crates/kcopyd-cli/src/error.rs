@@ -97,6 +97,15 @@ pub enum CliError {
         #[source]
         source: io::Error,
     },
+    /// Appending to the copy map failed during the copy (the copy stops).
+    #[error("writing the map {}: {source}", path.display())]
+    MapWrite {
+        /// The map.
+        path: std::path::PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl CliError {
@@ -108,7 +117,7 @@ impl CliError {
             | CliError::Open { .. }
             | CliError::Config { .. }
             | CliError::Submit { .. } => Status::Usage,
-            CliError::Start { .. } => Status::Failed,
+            CliError::Start { .. } | CliError::MapWrite { .. } => Status::Failed,
         }
     }
 

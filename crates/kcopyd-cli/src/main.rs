@@ -20,6 +20,7 @@ mod device_arg;
 mod devices;
 mod error;
 mod locks;
+mod map;
 mod progress;
 mod report;
 mod sim;
@@ -31,7 +32,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use clap::error::ErrorKind;
 
-use crate::cli::{Cli, Command, OutputArgs};
+use crate::cli::{Cli, Command, MapCommand, OutputArgs};
 use crate::commands::Done;
 use crate::error::{CliError, Status};
 use crate::progress::Interrupts;
@@ -59,6 +60,10 @@ async fn run(cli: Cli) -> Status {
         Command::Zero(args) => commands::zero(args, &mut interrupts).await.map(|done| emit(done, &args.output)),
         Command::Verify(args) => commands::verify(args, &mut interrupts).await.map(|done| emit(done, &args.output)),
         Command::Demo(args) => demo::run(args, &mut interrupts).await,
+        Command::Map(MapCommand::Show { file }) => map::show(file).map(|text| {
+            print!("{text}");
+            Status::Success
+        }),
     };
     result.unwrap_or_else(|error| fail_status(&error))
 }
