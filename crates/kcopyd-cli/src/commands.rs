@@ -4,13 +4,13 @@ use std::cell::Cell;
 use std::time::Instant;
 
 use futures_util::future::join_all;
-use kcopyd_core::{Client, Flags, Job, Outcome, PagePool, RangeSet, Region, SECTOR_SIZE, Sparse, TargetZeroes};
+use kcopyd_core::{Client, Device, Flags, Job, Outcome, PagePool, RangeSet, Region, SECTOR_SIZE, Sparse, TargetZeroes};
 
 use crate::cli::{CopyArgs, EngineArgs, OutputArgs, VerifyArgs, ZeroArgs};
 use crate::compare::{self, CompareShape, Comparison, Side};
 use crate::devices::{self, Opened, Settings};
 use crate::error::{CliError, Status};
-use crate::map::{CopyMap, MapHeader};
+use crate::map::{self, CopyMap, MapHeader};
 use crate::progress::{self, Interrupts};
 use crate::report::{self, Report, SourceReport, TargetReport, TargetVerify};
 use crate::tail::Tail;
@@ -158,35 +158,24 @@ async fn run_mapped(
     let already_bytes = RangeSet::from_range(0..len_sectors).difference(&work).len_sectors() * SECTOR_SIZE as u64;
     bar.set_position(already_bytes);
     let target_starts: Vec<u64> = targets.iter().map(Opened::start_sector).collect();
+    let devices: Vec<(Device, u64)> = targets.iter().map(|t| (t.device.clone(), t.start_sector())).collect();
     let mut outcome = Outcome { targets: vec![Default::default(); targets.len()], ..Outcome::default() };
     let (mut interrupted, mut done_bytes, mut flush_errors) = (None, 0, vec![None; targets.len()]);
-    let batches = work.ranges().iter().flat_map(|piece| {
-        (piece.start..piece.end).step_by(batch_sectors as usize).map(move |at| at..(at + batch_sectors).min(piece.end))
-    });
-    for batch in batches {
-        let len = batch.end - batch.start;
-        let job = Job::copy(
-            Region::new(source.device.clone(), source.start_sector() + batch.start, len),
-            targets.iter().map(|t| Region::new(t.device.clone(), t.start_sector() + batch.start, len)).collect(),
-            flags,
-        )
-        .sparse(sparse);
+    for batch in map::batches(&work, batch_sectors) {
+        let job = map::batch_job(&batch, (&source.device, source.start_sector()), &devices, flags, sparse);
         let handle = client.submit(job).await.map_err(|source| CliError::Submit { source })?;
         created.keep();
         let ui = OffsetBar { bar: &bar, base: bar.position() };
         let watched = progress::watch(&handle, &ui, interrupts).await;
         done_bytes += handle.progress().done_sectors * SECTOR_SIZE as u64;
+        let batch_outcome = watched.outcome;
         // Durable on every target before the map says so.
-        let flushes = join_all(targets.iter().map(|t| t.device.flush())).await;
-        let flushed = flushes.iter().all(Result::is_ok);
-        for (slot, result) in flush_errors.iter_mut().zip(flushes) {
-            if let Err(error) = result {
+        let flushes = map::finish_batch(map, batch, &batch_outcome, source.start_sector(), &devices).await?;
+        let flushed = flushes.iter().all(Option::is_none);
+        for (slot, error) in flush_errors.iter_mut().zip(flushes) {
+            if let Some(error) = error {
                 *slot = Some(error.to_string());
             }
-        }
-        let batch_outcome = watched.outcome;
-        if flushed {
-            map.record(batch.clone(), &batch_outcome, source.start_sector(), &target_starts)?;
         }
         outcome.read_err |= batch_outcome.read_err;
         outcome.write_err.0 |= batch_outcome.write_err.0;
