@@ -59,6 +59,12 @@ Examples:
       Copy what can be read; the report lists the unreadable sectors, never written over.
   kcopyd copy sim:size=64M,seed=1,bad-read=100-108 sim: --ignore-errors
       Try the error reports on simulated disks.
+  kcopyd copy disk.img backup.img --map backup.map
+      Record progress in backup.map; after a crash or Ctrl-C, the same command goes on.
+  kcopyd copy disk.img backup.img --map backup.map --retry-failed
+      Go over the ranges that failed before, narrowing unreadable ones down to blocks.
+  kcopyd copy thin.img fresh.img --target-is-zero
+      Holes and zero blocks of the source are not written at all (fresh.img reads zeroes).
 
 Targets are locked while the copy runs; overlapping ranges, read-only or busy targets and bad
 options are refused before anything is written (exit 2).";
