@@ -21,7 +21,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kcopyd_core::{Client, ClientConfig, Device, Flags, Job, Outcome, RangeSet, Region, SECTOR_SIZE};
+use kcopyd_core::{Client, ClientConfig, Flags, Job, Outcome, RangeSet, Region, SECTOR_SIZE};
 use kcopyd_sim::{
     FaultKind, FaultOdds, FaultPlan, FaultRecord, IoModel, Latency, MemDisk, MemDiskOptions, Misdirect, Operation,
     Provenance, Simulation, SlowSpike, Trace, WriteFault, mix64, to_model, to_tokio,
@@ -255,6 +255,7 @@ impl Inputs {
                     read: inputs.read.model(),
                     write: inputs.write.model(),
                     seed: mix64(self.seed ^ index ^ 7),
+                    ..Latency::default()
                 },
                 faults: FaultPlan {
                     latent_sectors: faults.latent.iter().map(|&(o, n)| wrap(o, n)).collect(),
@@ -454,11 +455,8 @@ pub struct Report {
 }
 
 fn job_of(layout: &JobLayout, sources: &[Arc<MemDisk>], targets: &[Arc<MemDisk>]) -> Job {
-    let regions = layout
-        .targets
-        .iter()
-        .map(|&(t, start)| Region::new(targets[t].clone() as Device, start, layout.len_sectors))
-        .collect();
+    let regions =
+        layout.targets.iter().map(|&(t, start)| Region::new(targets[t].clone(), start, layout.len_sectors)).collect();
     match layout.source {
         Some((s, start)) => {
             Job::copy(Region::new(sources[s].clone(), start, layout.len_sectors), regions, layout.flags)

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use kcopyd_core::{
-    BlockDevice, Client, ClientConfig, Device, Flags, Job, Outcome, Region, Sparse, SubmitError, TargetZeroes, WriteBuf,
+    BlockDevice, Client, ClientConfig, Flags, Job, Outcome, Region, Sparse, SubmitError, TargetZeroes, WriteBuf,
 };
 use kcopyd_os::{OpenError, OpenOptions, OsDevice, Storage, StorageId};
 use kcopyd_tests::conformance::{block_on, read_ok, write_ok};
@@ -41,7 +41,7 @@ fn run(job: Job) -> Outcome {
 }
 
 fn region(device: &Arc<OsDevice>, start_sector: u64, len_sectors: u64) -> Region {
-    Region::new(device.clone() as Device, start_sector, len_sectors)
+    Region::new(device.clone(), start_sector, len_sectors)
 }
 
 /// Asserts that `actual` equals `expected`, naming the first differing byte rather than

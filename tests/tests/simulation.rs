@@ -13,7 +13,9 @@ use kcopyd_tests::scenario::{Inputs, run};
 /// Copies `len_sectors` from a source with `read` timing to a target with `write` timing, in
 /// virtual time; returns the model time the job took.
 fn timed_copy(read: IoModel, write: IoModel, len_sectors: u64) -> Duration {
-    Simulation::run(ClientConfig::default(), |client, _trace| async move {
+    // The kernel's shape, which the models below are worked out for.
+    let config = ClientConfig { sub_job_size_bytes: 512 * 1024, subjobs_in_flight: 8, ..ClientConfig::default() };
+    Simulation::run(config, |client, _trace| async move {
         let source = Arc::new(MemDisk::new(MemDiskOptions {
             name: "source".into(),
             len_sectors,
@@ -97,7 +99,7 @@ fn a_terabyte_sparse_copy_region_costs_a_few_extents_and_verifies() {
         async move {
             let job = Job::copy(
                 Region::new(source, from, copy_sectors),
-                vec![Region::new(target as Device, to, copy_sectors)],
+                vec![Region::new(target, to, copy_sectors)],
                 Flags::empty(),
             );
             client.submit(job).await.unwrap().await
@@ -257,4 +259,219 @@ fn a_crash_loses_unflushed_writes_or_tears_the_ones_in_flight() {
         }
         assert!(log.iter().any(|r| r.kind == FaultKind::Lost), "with 8 writes at even odds, some are lost");
     });
+}
+
+/// Runs one device operation to its end on a throwaway runtime.
+fn io<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(future)
+}
+
+#[test]
+fn mem_disk_errors_name_the_device_the_operation_and_the_sectors() {
+    use kcopyd_sim::{DiskError, DiskFailure, Operation};
+    let disk = MemDisk::zeroed("sim-a", 64, 4096);
+    let check = |error: std::io::Error, message: &str, errno: i32| {
+        assert_eq!(error.to_string(), message);
+        let inner = DiskError::of(&error).expect("a MemDisk error carries a DiskError");
+        assert_eq!(inner.errno(), errno);
+        assert_eq!(error.kind(), std::io::Error::from_raw_os_error(errno).kind());
+        inner.clone()
+    };
+    // Refused before any transfer: misaligned (EINVAL), past the end (EIO).
+    let error = io(disk.write(4, WriteBuf::zeroes(4096))).unwrap_err();
+    let inner = check(error, "sim-a: write of sectors 4..12 refused: not aligned to the 4096-byte logical block", 22);
+    assert_eq!(inner.operation, Operation::Write);
+    assert_eq!(inner.reason, DiskFailure::Misaligned { block_size: 4096 });
+    let (_, result) = io(disk.read(64, ReadBuf::with_capacity(4096)));
+    check(result.unwrap_err(), "sim-a: read of sectors 64..72 refused: past the end of the device (64 sectors)", 5);
+    let error = io(disk.write_zeroes(0, 3)).unwrap_err();
+    check(error, "sim-a: write-zeroes of sectors 0..3 refused: not aligned to the 4096-byte logical block", 22);
+    // Faults of the plan: the request's sectors, not only the failing block.
+    disk.fail_reads(16..24);
+    let (_, result) = io(disk.read(8, ReadBuf::with_capacity(3 * 4096)));
+    check(result.unwrap_err(), "sim-a: read of sectors 8..32 failed: latent sector error", 5);
+    disk.fail_writes(40..48);
+    let error = io(disk.write(40, WriteBuf::zeroes(4096))).unwrap_err();
+    check(error, "sim-a: write of sectors 40..48 failed: write error", 5);
+    disk.crash();
+    let error = io(disk.flush()).unwrap_err();
+    check(error, "sim-a: flush of sectors 0..64 failed: the disk has crashed", 5);
+    // A zoned disk names the write pointer.
+    let zoned = MemDisk::new(MemDiskOptions {
+        name: "sim-z".into(),
+        len_sectors: 64,
+        zoned: true,
+        zone_sectors: 32,
+        ..MemDiskOptions::default()
+    });
+    let error = io(zoned.write(8, WriteBuf::zeroes(512))).unwrap_err();
+    check(error, "sim-z: write of sectors 8..9 failed: not at the zone's write pointer (sector 0)", 5);
+}
+
+/// Copies 64 MiB from a source to a target in 1 MiB sub-jobs, one in flight, with both disks
+/// built by `make`; returns the model time.
+fn timed_copy_with(make: impl Fn(MemDiskOptions) -> MemDisk + 'static, latency: Latency) -> Duration {
+    let len_sectors = 64 * 2048;
+    let config = ClientConfig { sub_job_size_bytes: 1 << 20, subjobs_in_flight: 1, ..ClientConfig::default() };
+    Simulation::run(config, |client, _trace| async move {
+        let options = |name: &str| MemDiskOptions {
+            name: name.into(),
+            len_sectors,
+            latency: latency.clone(),
+            ..MemDiskOptions::default()
+        };
+        let source = Arc::new(make(options("source")));
+        let target = Arc::new(make(options("target")));
+        let began = tokio::time::Instant::now();
+        let job =
+            Job::copy(Region::new(source, 0, len_sectors), vec![Region::new(target, 0, len_sectors)], Flags::empty());
+        assert!(client.submit(job).await.unwrap().await.is_ok());
+        to_model(began.elapsed())
+    })
+    .unwrap()
+}
+
+#[test]
+fn two_disks_on_one_medium_take_turns_on_its_data_paths() {
+    // Reads 200 MB/s, writes 100 MB/s; 64 sub-jobs of 1 MiB.
+    let model = |bandwidth| IoModel { bandwidth_bytes_per_s: bandwidth, ..IoModel::default() };
+    let latency = Latency { read: model(200_000_000), write: model(100_000_000), ..Latency::default() };
+    let shared =
+        Latency { path: kcopyd_sim::PathModel { shared: true, ..kcopyd_sim::PathModel::default() }, ..latency.clone() };
+    let mib = 1_048_576.0;
+    let serial_us = 64.0 * (mib / 200.0 + mib / 100.0);
+    // One sub-job at a time reads then writes: nothing to overlap, every layout agrees.
+    assert_within_5_percent(timed_copy_with(MemDisk::new, latency.clone()), serial_us);
+    let medium = kcopyd_sim::Medium::new();
+    assert_within_5_percent(timed_copy_with(move |o| MemDisk::on_medium(o, &medium), shared.clone()), serial_us);
+    // Four in flight: the reads of the source overlap the writes of the target unless the
+    // two disks are on one medium whose model shares one path for reads and writes. Apart,
+    // or on a medium with a path per direction, the writes bound the copy (64 w + one r).
+    let overlapped = |make: Box<dyn Fn(MemDiskOptions) -> MemDisk>, latency: Latency| {
+        let config = ClientConfig { sub_job_size_bytes: 1 << 20, subjobs_in_flight: 4, ..ClientConfig::default() };
+        Simulation::run(config, |client, _trace| async move {
+            let len_sectors = 64 * 2048;
+            let options = |name: &str| MemDiskOptions {
+                name: name.into(),
+                len_sectors,
+                latency: latency.clone(),
+                ..MemDiskOptions::default()
+            };
+            let (source, target) = (Arc::new(make(options("source"))), Arc::new(make(options("target"))));
+            let began = tokio::time::Instant::now();
+            let job = Job::copy(
+                Region::new(source, 0, len_sectors),
+                vec![Region::new(target, 0, len_sectors)],
+                Flags::empty(),
+            );
+            assert!(client.submit(job).await.unwrap().await.is_ok());
+            to_model(began.elapsed())
+        })
+        .unwrap()
+    };
+    let writes_bound_us = 64.0 * mib / 100.0 + mib / 200.0;
+    assert_within_5_percent(overlapped(Box::new(MemDisk::new), latency.clone()), writes_bound_us);
+    assert_within_5_percent(overlapped(Box::new(MemDisk::new), shared.clone()), writes_bound_us);
+    let medium = kcopyd_sim::Medium::new();
+    assert_within_5_percent(overlapped(Box::new(move |o| MemDisk::on_medium(o, &medium)), latency), writes_bound_us);
+    let medium = kcopyd_sim::Medium::new();
+    assert_within_5_percent(overlapped(Box::new(move |o| MemDisk::on_medium(o, &medium)), shared), serial_us);
+}
+
+#[test]
+fn a_shared_path_on_one_disk_serialises_its_reads_and_writes() {
+    // A copy within one disk (source and target ranges apart), 4 sub-jobs in flight: with
+    // `shared` the reads and writes take turns.
+    let model = IoModel { bandwidth_bytes_per_s: 100_000_000, ..IoModel::default() };
+    let copy_within = |shared: bool| {
+        let latency = Latency {
+            read: model,
+            write: model,
+            path: kcopyd_sim::PathModel { shared, ..kcopyd_sim::PathModel::default() },
+            ..Latency::default()
+        };
+        let config = ClientConfig { sub_job_size_bytes: 1 << 20, subjobs_in_flight: 4, ..ClientConfig::default() };
+        Simulation::run(config, |client, _trace| async move {
+            let half = 64 * 2048;
+            let disk: Device =
+                Arc::new(MemDisk::new(MemDiskOptions { len_sectors: 2 * half, latency, ..MemDiskOptions::default() }));
+            let began = tokio::time::Instant::now();
+            let job =
+                Job::copy(Region::new(disk.clone(), 0, half), vec![Region::new(disk, half, half)], Flags::empty());
+            assert!(client.submit(job).await.unwrap().await.is_ok());
+            to_model(began.elapsed())
+        })
+        .unwrap()
+    };
+    let mib_us = 1_048_576.0 / 100.0;
+    assert_within_5_percent(copy_within(false), 65.0 * mib_us);
+    assert_within_5_percent(copy_within(true), 128.0 * mib_us);
+}
+
+#[test]
+fn a_spinning_disk_pays_a_seek_each_time_a_copy_switches_between_two_areas() {
+    // One disk, source in the first half, target in the second, one sub-job at a time: every
+    // request after the first moves the head half the disk (√½ of the stroke); reads and
+    // writes both follow on from where the previous one of their area ended, but the head
+    // was elsewhere in between.
+    let seek = kcopyd_sim::SeekModel { track_us: 500, full_stroke_us: 8500, rotation_us: 8000 };
+    let latency = Latency {
+        path: kcopyd_sim::PathModel { shared: true, seek, ..kcopyd_sim::PathModel::default() },
+        ..Latency::default()
+    };
+    let config = ClientConfig { sub_job_size_bytes: 1 << 20, subjobs_in_flight: 1, ..ClientConfig::default() };
+    let elapsed = Simulation::run(config, |client, _trace| async move {
+        let half = 16 * 2048;
+        let disk: Device =
+            Arc::new(MemDisk::new(MemDiskOptions { len_sectors: 2 * half, latency, ..MemDiskOptions::default() }));
+        let began = tokio::time::Instant::now();
+        let job = Job::copy(Region::new(disk.clone(), 0, half), vec![Region::new(disk, half, half)], Flags::empty());
+        assert!(client.submit(job).await.unwrap().await.is_ok());
+        to_model(began.elapsed())
+    })
+    .unwrap();
+    // 16 reads and 16 writes of 2048 sectors; the first read pays nothing (the head starts
+    // there). Each write seeks from the end of the read before it to the target area
+    // (32768 - 2048 sectors away), each later read from the end of the write before it back
+    // to the source area (32768 + 2048 - 2048 sectors away).
+    let seek_us = |distance: u64| seek.seek_us(distance, 32 * 2048) as f64;
+    let expected = 16.0 * seek_us(32768 - 2048) + 15.0 * seek_us(32768);
+    assert_within_5_percent(elapsed, expected);
+    // With the head moving 0 sectors there is no cost: sequential reads of one area are free.
+    assert_eq!(seek.seek_us(0, 32 * 2048), 0);
+}
+
+#[test]
+fn a_remote_source_needs_requests_in_flight_to_fill_its_link() {
+    // A 10 Gbit/s link (1.25 GB/s) with a 0.5 ms round trip in front of an instant disk;
+    // 64 MiB in 1 MiB sub-jobs to a local, instant target. One read at a time pays the round
+    // trip every time: 64 × (500 + 838.9) µs. Eight in flight keep the link busy: its bytes
+    // bound the copy, 64 × 838.9 µs plus one round trip.
+    let remote = Latency {
+        link: kcopyd_sim::LinkModel { round_trip_us: 500, bandwidth_bytes_per_s: 1_250_000_000 },
+        ..Latency::default()
+    };
+    let copy_with = |in_flight: usize| {
+        let latency = remote.clone();
+        let config =
+            ClientConfig { sub_job_size_bytes: 1 << 20, subjobs_in_flight: in_flight, ..ClientConfig::default() };
+        Simulation::run(config, |client, _trace| async move {
+            let len_sectors = 64 * 2048;
+            let source: Device =
+                Arc::new(MemDisk::new(MemDiskOptions { len_sectors, latency, ..MemDiskOptions::default() }));
+            let target: Device = Arc::new(MemDisk::zeroed("target", len_sectors, 512));
+            let began = tokio::time::Instant::now();
+            let job = Job::copy(
+                Region::new(source, 0, len_sectors),
+                vec![Region::new(target, 0, len_sectors)],
+                Flags::empty(),
+            );
+            assert!(client.submit(job).await.unwrap().await.is_ok());
+            to_model(began.elapsed())
+        })
+        .unwrap()
+    };
+    let transfer_us = 1_048_576.0 / 1250.0;
+    assert_within_5_percent(copy_with(1), 64.0 * (500.0 + transfer_us));
+    assert_within_5_percent(copy_with(8), 64.0 * transfer_us + 500.0);
 }

@@ -203,7 +203,7 @@ fn resync_time(allocated_percent: u64, sparse: Sparse) -> Duration {
         name: name.into(),
         len_sectors,
         sparse: true,
-        latency: Latency { read: model, write: model, seed: 1 },
+        latency: Latency { read: model, write: model, seed: 1, ..Latency::default() },
         ..MemDiskOptions::default()
     };
     Simulation::run(ClientConfig::default(), |client, _| async move {

@@ -1,23 +1,27 @@
 //! The command line: subcommands and options (clap derive).
 
+use std::path::PathBuf;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::device_arg::DeviceArg;
 use crate::size;
 
-/// Bytes per sub-job by default: one read of the source and one write per target.
+/// Bytes per sub-job by default: one read of the source and one write per target. The
+/// library's [`kcopyd_core::SUB_JOB_SIZE_DEFAULT_BYTES`], written for `--help`.
 ///
 /// Chosen by measurement (docs/BENCHMARKS.md): on this project's machines, alternating
 /// shapes in one run, 4 × 1 MiB in flight copied fastest to 1 and to 3 targets; deeper
 /// queues (8 × 2 MiB, 32 × 2 MiB) were 5–25 % slower there, because the virtual disk shares
 /// one bandwidth between reads and writes. Faster storage may want more in flight.
 pub const SUB_JOB_SIZE_DEFAULT: &str = "1M";
-/// Sub-jobs kept in flight by default (see [`SUB_JOB_SIZE_DEFAULT`]).
-pub const SUBJOBS_IN_FLIGHT_DEFAULT: usize = 4;
+/// Sub-jobs kept in flight by default: the library's.
+pub const SUBJOBS_IN_FLIGHT_DEFAULT: usize = kcopyd_core::SUBJOBS_IN_FLIGHT_DEFAULT;
 /// The zero-scan block of sparse copies by default (as `qemu-img convert -S`).
 pub const SPARSE_SIZE_DEFAULT: &str = "4K";
-/// The page budget by default: four times what the default sub-jobs in flight take, so that
-/// reads can run ahead while several targets are still being written.
+/// The page budget by default: the library's [`kcopyd_core::PAGE_BUDGET_DEFAULT`] (four times
+/// what the default sub-jobs in flight take, so that reads can run ahead while several
+/// targets are still being written), written for `--help`.
 pub const MEMORY_DEFAULT: &str = "16M";
 
 /// kcopyd: copy, zero and compare block ranges on files, block devices and simulated disks,
@@ -115,6 +119,112 @@ pub enum Command {
     /// Look at a copy map (`copy --map FILE`).
     #[command(subcommand)]
     Map(MapCommand),
+    /// The simulator as a design tool: disk models measured on real devices, and checked.
+    Sim {
+        /// What to do.
+        #[command(subcommand)]
+        command: SimCommand,
+    },
+}
+
+/// `kcopyd sim ...`.
+#[derive(Debug, Subcommand)]
+pub enum SimCommand {
+    /// Measure a real file or block device and write a disk model (TOML) for the simulator.
+    ///
+    /// Reads and writes through O_DIRECT at I/O sizes from 4 KiB to 4 MiB and 1 to 32 requests
+    /// in flight, then reads and writes at once, and fits the simulator's timing model to what
+    /// it saw (see docs/SIMULATION.md).
+    ///
+    /// What it writes: a DEVICE that does not exist is created (--size bytes), filled, measured
+    /// and removed again (--keep keeps it). A DEVICE that exists is written only between
+    /// --scratch-offset and --scratch-offset + --scratch-length, and only when
+    /// --scratch-length is given: everything in that range is overwritten; nothing outside it
+    /// is read or written. The model goes to --out (replaced if it exists) or to stdout.
+    Calibrate(CalibrateArgs),
+    /// Copy SOURCE to TARGET for real and in the simulator, and compare the times.
+    ///
+    /// Runs several configurations (sub-job size × sub-jobs in flight × 1 or 3 targets),
+    /// alternating them over --runs rounds, and prints each one's measured median time, the
+    /// time the simulator predicts from the disk model, and the error of the prediction.
+    ///
+    /// What it writes: the whole length of SOURCE to TARGET and, for three-target
+    /// configurations, to TARGET.2 and TARGET.3. Missing files are created and removed again at
+    /// the end; an existing TARGET is overwritten.
+    Validate(ValidateArgs),
+}
+
+/// `kcopyd sim calibrate`.
+#[derive(Debug, Clone, Args)]
+pub struct CalibrateArgs {
+    /// The file or block device to measure (see above for what is written).
+    #[arg(value_name = "DEVICE")]
+    pub device: PathBuf,
+    /// Write the model here (TOML) instead of to stdout.
+    #[arg(long, value_name = "MODEL.toml")]
+    pub out: Option<PathBuf>,
+    /// Length of the file created when DEVICE does not exist.
+    #[arg(long = "size", value_name = "SIZE", default_value = "1G", value_parser = size::parse_size)]
+    pub size_bytes: u64,
+    /// Keep the file created when DEVICE did not exist.
+    #[arg(long)]
+    pub keep: bool,
+    /// Where the scratch range of an existing DEVICE starts.
+    #[arg(long = "scratch-offset", value_name = "OFFSET", default_value = "0", value_parser = size::parse_size)]
+    pub scratch_offset_bytes: u64,
+    /// Bytes of an existing DEVICE that calibration may overwrite (required for one).
+    #[arg(long = "scratch-length", value_name = "LEN", value_parser = size::parse_size)]
+    pub scratch_length_bytes: Option<u64>,
+    /// I/O sizes to measure, comma-separated.
+    #[arg(long = "io-sizes", value_name = "SIZES", value_delimiter = ',', default_value = "4K,16K,64K,256K,1M,4M", value_parser = size::parse_size)]
+    pub io_sizes_bytes: Vec<u64>,
+    /// Requests in flight to measure, comma-separated (1 to 32).
+    #[arg(long = "queue-depths", value_name = "DEPTHS", value_delimiter = ',', default_value = "1,4,16,32")]
+    pub queue_depths: Vec<usize>,
+    /// How long each point runs.
+    #[arg(long = "point-time", value_name = "DURATION", default_value = "250ms", value_parser = size::parse_duration_us)]
+    pub point_time_us: u64,
+    /// Rounds over every point (1 to 20); each point's median round counts.
+    #[arg(long, value_name = "COUNT", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=20))]
+    pub rounds: u16,
+    /// No progress bar and no table.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// `kcopyd sim validate`.
+#[derive(Debug, Clone, Args)]
+pub struct ValidateArgs {
+    /// The file or block device to copy from (read only).
+    #[arg(value_name = "SOURCE")]
+    pub source: PathBuf,
+    /// The file to copy to (see above for what is written).
+    #[arg(value_name = "TARGET")]
+    pub target: PathBuf,
+    /// The disk model (from `kcopyd sim calibrate`); without it SOURCE's device is
+    /// calibrated first, in a scratch file next to TARGET.
+    #[arg(long, value_name = "MODEL.toml")]
+    pub model: Option<PathBuf>,
+    /// Configurations to run, comma-separated, each SUB_JOB_SIZExIN_FLIGHTxTARGETS.
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "1Mx4x1,256Kx4x1,64Kx8x1,1Mx1x1,2Mx8x1,1Mx4x3"
+    )]
+    pub configs: Vec<String>,
+    /// Rounds of real copies; each configuration's median counts.
+    #[arg(long, value_name = "COUNT", default_value_t = 3)]
+    pub runs: usize,
+    /// Memory for copy buffers (the page budget) of every copy, real and simulated.
+    #[arg(long = "memory", value_name = "SIZE", default_value = MEMORY_DEFAULT, value_parser = size::parse_size)]
+    pub memory_bytes: u64,
+    /// Print one JSON object with the results instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
 }
 
 /// `kcopyd map ...`.
@@ -358,4 +468,17 @@ pub struct DemoArgs {
     /// No progress bars.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_commands_defaults_are_the_librarys() {
+        let library = kcopyd_core::ClientConfig::default();
+        assert_eq!(size::parse_size(SUB_JOB_SIZE_DEFAULT).unwrap(), library.sub_job_size_bytes as u64);
+        assert_eq!(SUBJOBS_IN_FLIGHT_DEFAULT, library.subjobs_in_flight);
+        assert_eq!(size::parse_size(MEMORY_DEFAULT).unwrap(), library.page_budget_bytes() as u64);
+    }
 }

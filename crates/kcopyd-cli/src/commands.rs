@@ -1,12 +1,12 @@
 //! `copy`, `zero` and `verify`: check, run the job with progress, flush, report.
 
 use std::cell::Cell;
-use std::time::Instant;
 
 use futures_util::future::join_all;
 use kcopyd_core::{Client, Device, Flags, Job, Outcome, PagePool, RangeSet, Region, SECTOR_SIZE, Sparse, TargetZeroes};
 
 use crate::cli::{CopyArgs, EngineArgs, OutputArgs, VerifyArgs, ZeroArgs};
+use crate::clock::Instant;
 use crate::compare::{self, CompareShape, Comparison, Side};
 use crate::devices::{self, Opened, Settings};
 use crate::error::{CliError, Status};
@@ -56,9 +56,13 @@ fn warn_mounted(source: &Opened, len_bytes: u64, output: &OutputArgs) {
     }
 }
 
-/// Starts a client with the checked settings.
+/// Starts a client with the checked settings: on its own worker thread, or on this thread's
+/// actix System when the command runs in virtual time.
 fn start_client(settings: &Settings) -> Result<Client, CliError> {
-    Client::new(settings.config.clone()).map_err(|source| CliError::Config { option: "--memory", source })
+    let config = settings.config.clone();
+    let started =
+        if kcopyd_sim::in_virtual_time() { Client::start_in_current_system(config) } else { Client::new(config) };
+    started.map_err(|source| CliError::Config { option: "--memory", source })
 }
 
 /// What every phase of a command needs to know about its options.
@@ -159,7 +163,8 @@ async fn run_mapped(
     bar.set_position(already_bytes);
     let target_starts: Vec<u64> = targets.iter().map(Opened::start_sector).collect();
     let devices: Vec<(Device, u64)> = targets.iter().map(|t| (t.device.clone(), t.start_sector())).collect();
-    let mut outcome = Outcome { targets: vec![Default::default(); targets.len()], ..Outcome::default() };
+    let mut outcome = Outcome::default();
+    outcome.targets = vec![Default::default(); targets.len()];
     let (mut interrupted, mut done_bytes, mut flush_errors) = (None, 0, vec![None; targets.len()]);
     for batch in map::batches(&work, batch_sectors) {
         let job = map::batch_job(&batch, (&source.device, source.start_sector()), &devices, flags, sparse);
@@ -178,7 +183,9 @@ async fn run_mapped(
             }
         }
         outcome.read_err |= batch_outcome.read_err;
-        outcome.write_err.0 |= batch_outcome.write_err.0;
+        for index in batch_outcome.write_err.iter() {
+            outcome.write_err.set(index);
+        }
         outcome.read_failed.extend(&batch_outcome.read_failed);
         for (merged, report) in outcome.targets.iter_mut().zip(&batch_outcome.targets) {
             merged.write_failed.extend(&report.write_failed);
@@ -195,7 +202,7 @@ async fn run_mapped(
     // Whatever the map does not hold as done is not copied, on every target.
     let not_done = RangeSet::from_range(0..len_sectors).difference(&map.state.done);
     for (report, start) in outcome.targets.iter_mut().zip(&target_starts) {
-        report.not_copied = not_done.shifted(0, *start);
+        report.not_copied = not_done.shifted(0, *start).expect("the copy lies inside every target");
     }
     let seconds = started.elapsed().as_secs_f64();
     let stats = client.stats();
@@ -356,11 +363,16 @@ fn target_status(target: &TargetReport) -> &'static str {
     }
 }
 
+/// A target's `not_copied` (target-device sectors) relative to the start of its region.
+fn not_copied_in_region(target: &Opened, outcome: &kcopyd_core::TargetReport) -> RangeSet {
+    outcome.not_copied.shifted(target.start_sector(), 0).expect("not_copied lies inside the target region")
+}
+
 /// Bytes of the range that at least one target does not hold.
 fn not_copied_bytes(opened: &[Opened], run: &JobRun, len_bytes: u64) -> u64 {
     let mut union = RangeSet::new();
     for (target, outcome) in opened.iter().zip(&run.outcome.targets) {
-        union.extend(&outcome.not_copied.shifted(target.start_sector(), 0));
+        union.extend(&not_copied_in_region(target, outcome));
     }
     report::range_bytes(&union, len_bytes)
 }
@@ -376,10 +388,7 @@ fn job_targets(opened: &[Opened], run: &JobRun, len_bytes: u64) -> Vec<TargetRep
             status: "ok",
             write_failed_sectors: Some(report::pairs(&outcome.write_failed)),
             not_copied_sectors: Some(report::pairs(&outcome.not_copied)),
-            bytes_not_copied: Some(report::range_bytes(
-                &outcome.not_copied.shifted(target.start_sector(), 0),
-                len_bytes,
-            )),
+            bytes_not_copied: Some(report::range_bytes(&not_copied_in_region(target, outcome), len_bytes)),
             flush_error: flush_error.clone(),
             verify: None,
         })
@@ -485,7 +494,7 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
             .targets
             .iter()
             .zip(&run.outcome.targets)
-            .map(|(target, outcome)| outcome.not_copied.shifted(target.start_sector(), 0))
+            .map(|(target, outcome)| not_copied_in_region(target, outcome))
             .collect();
         let (mut comparison, bytes, seconds, signal) = run_compare(
             context,
@@ -500,7 +509,11 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
         interrupted = signal;
         if signal.is_none() {
             // The source's unreadable blocks were reported by the copy already.
-            let read_failed = run.outcome.read_failed.shifted(plan.source.start_sector(), 0);
+            let read_failed = run
+                .outcome
+                .read_failed
+                .shifted(plan.source.start_sector(), 0)
+                .expect("read_failed lies inside the source region");
             comparison.source_unreadable = comparison.source_unreadable.difference(&read_failed);
             for ((target, opened), diff) in targets.iter_mut().zip(&plan.targets).zip(&comparison.targets) {
                 target.verify = Some(report::target_verify(diff, opened.start_sector()));
@@ -540,6 +553,7 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
         targets,
         verify,
         stats: Some(run.stats),
+        wall_seconds: None,
     };
     Ok(Done { report, status })
 }
@@ -581,6 +595,7 @@ pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, 
         targets,
         verify: None,
         stats: Some(run.stats),
+        wall_seconds: None,
     };
     Ok(Done { report, status })
 }
@@ -640,11 +655,17 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
         source: Some(SourceReport {
             device: plan.source.arg.text.clone(),
             offset_bytes: plan.source.arg.offset_bytes,
-            read_failed_sectors: report::pairs(&comparison.source_unreadable.shifted(0, plan.source.start_sector())),
+            read_failed_sectors: report::pairs(
+                &comparison
+                    .source_unreadable
+                    .shifted(0, plan.source.start_sector())
+                    .expect("the source region lies inside its device"),
+            ),
         }),
         targets,
         verify: interrupted.is_none().then(|| report::verify_report(&comparison, bytes, 0, seconds)),
         stats: None,
+        wall_seconds: None,
     };
     Ok(Done { report, status })
 }

@@ -88,20 +88,23 @@ pub enum CliError {
         #[source]
         source: SubmitError,
     },
+    /// Reading or writing a device or file failed while measuring (`kcopyd sim`), or
+    /// appending to a copy map (`copy --map`).
+    #[error("{operation} '{path}': {source}")]
+    Io {
+        /// What was being done.
+        operation: &'static str,
+        /// The device or file.
+        path: String,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
     /// The async runtime or the signal handler could not start.
     #[error("starting {what}: {source}")]
     Start {
         /// What could not start.
         what: &'static str,
-        /// What the system said.
-        #[source]
-        source: io::Error,
-    },
-    /// Appending to the copy map failed during the copy (the copy stops).
-    #[error("writing the map {}: {source}", path.display())]
-    MapWrite {
-        /// The map.
-        path: std::path::PathBuf,
         /// What the system said.
         #[source]
         source: io::Error,
@@ -117,7 +120,7 @@ impl CliError {
             | CliError::Open { .. }
             | CliError::Config { .. }
             | CliError::Submit { .. } => Status::Usage,
-            CliError::Start { .. } | CliError::MapWrite { .. } => Status::Failed,
+            CliError::Start { .. } | CliError::Io { .. } => Status::Failed,
         }
     }
 

@@ -234,12 +234,13 @@ impl CopyMap {
         target_starts: &[u64],
     ) -> Result<(), CliError> {
         let mut text = String::new();
-        let read_failed = outcome.read_failed.shifted(source_start, 0);
+        const INSIDE: &str = "an outcome's ranges lie inside the batch's regions";
+        let read_failed = outcome.read_failed.shifted(source_start, 0).expect(INSIDE);
         let mut not_done = read_failed.clone();
         let mut write_failed = Vec::new();
         for ((index, report), &start) in outcome.targets.iter().enumerate().zip(target_starts) {
-            not_done.extend(&report.not_copied.shifted(start, 0));
-            write_failed.push((index, report.write_failed.shifted(start, 0)));
+            not_done.extend(&report.not_copied.shifted(start, 0).expect(INSIDE));
+            write_failed.push((index, report.write_failed.shifted(start, 0).expect(INSIDE)));
         }
         let done = RangeSet::from_range(batch).difference(&not_done);
         for range in done.ranges() {
@@ -260,9 +261,11 @@ impl CopyMap {
             return Ok(());
         }
         let mut file = &self.file;
-        file.write_all(text.as_bytes())
-            .and_then(|()| file.sync_data())
-            .map_err(|source| CliError::MapWrite { path: self.path.clone(), source })
+        file.write_all(text.as_bytes()).and_then(|()| file.sync_data()).map_err(|source| CliError::Io {
+            operation: "appending to the map",
+            path: self.path.display().to_string(),
+            source,
+        })
     }
 }
 

@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use kcopyd_core::{BlockDevice, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf};
 use rustix::fs::OFlags;
 
-use crate::engine_sync::{self, MemoryRules, SyncEngine, Transfer};
-#[cfg(feature = "io-uring")]
-use crate::engine_uring::UringEngine;
+use crate::aligned::{MemoryRules, Transfer};
+use crate::engine::{self, Engine};
+use crate::engine_sync;
 use crate::error::{OpenError, classify};
 use crate::storage::Storage;
 use crate::sys;
@@ -25,12 +25,6 @@ pub const QUEUE_DEPTH_DEFAULT: usize = 16;
 pub const QUEUE_DEPTH_MAX: usize = 256;
 /// Largest logical block size or direct-I/O alignment accepted, in bytes.
 pub const ALIGNMENT_BYTES_MAX: u64 = 65536;
-
-/// The name of the I/O threads (at most 15 bytes, the kernel's limit).
-const THREAD_NAME: &str = "kcopyd-io";
-/// The name of a device's io_uring thread.
-#[cfg(feature = "io-uring")]
-const URING_THREAD_NAME: &str = "kcopyd-uring";
 
 /// Which engine serves a device's reads, writes and flushes.
 ///
@@ -232,11 +226,9 @@ pub struct OsDevice {
     zero_range: AtomicBool,
     /// Files: whether `FALLOC_FL_PUNCH_HOLE` is still believed to work.
     punch_hole: AtomicBool,
-    /// Serves every request with [`IoEngine::Sync`], and write-zeroes with [`IoEngine::Uring`].
-    engine: SyncEngine,
-    /// Serves reads, writes and flushes with [`IoEngine::Uring`].
-    #[cfg(feature = "io-uring")]
-    uring: Option<UringEngine>,
+    /// Serves reads, writes and flushes ([`OpenOptions::engine`], chosen at open), and runs
+    /// the blocking work (write-zeroes) on its thread pool.
+    engine: Box<dyn Engine>,
     counters: Counters,
 }
 
@@ -268,16 +260,7 @@ impl OsDevice {
         }
         let file = open_descriptor(path, kind, options)?;
         if kind == DeviceKind::BlockDevice && options.write {
-            // The open succeeds on a read-only device, and then every write fails (EPERM):
-            // refuse it now, before any I/O.
-            let read_only = sys::block_device_is_read_only(&file)
-                .map_err(|source| OpenError::ReadOnlyFlag { path: path.to_path_buf(), source })?;
-            if read_only {
-                return Err(OpenError::ReadOnly {
-                    path: path.to_path_buf(),
-                    source: io::Error::new(io::ErrorKind::PermissionDenied, "the block device is read-only (BLKROGET)"),
-                });
-            }
+            refuse_read_only_block_device(path, &file)?;
         }
         let metadata = file.metadata().map_err(|source| OpenError::Metadata { path: path.to_path_buf(), source })?;
         if kind_of(path, &metadata)? != kind {
@@ -298,16 +281,7 @@ impl OsDevice {
                 (geometry, rules, id, Storage::of_block_device(metadata.rdev()))
             }
         };
-        #[cfg(feature = "io-uring")]
-        let uring = match options.engine {
-            IoEngine::Sync => None,
-            IoEngine::Uring => Some(
-                UringEngine::new(URING_THREAD_NAME, options.queue_depth)
-                    .map_err(|source| OpenError::IoUringSetup { path: path.to_path_buf(), source })?,
-            ),
-        };
-        let engine = SyncEngine::new(THREAD_NAME, options.queue_depth)
-            .map_err(|source| OpenError::Engine { path: path.to_path_buf(), source })?;
+        let engine = engine::open(path, options.engine, options.queue_depth)?;
         Ok(OsDevice {
             path: path.to_path_buf(),
             name: path.display().to_string(),
@@ -321,8 +295,6 @@ impl OsDevice {
             storage,
             rules,
             engine,
-            #[cfg(feature = "io-uring")]
-            uring,
             counters: Counters::default(),
         })
     }
@@ -471,6 +443,20 @@ fn kind_of(path: &Path, metadata: &Metadata) -> Result<DeviceKind, OpenError> {
     }
 }
 
+/// Refuses a block device marked read-only (BLKROGET) that is to be written: the open
+/// succeeds on it, and then every write fails (EPERM), so refuse it now, before any I/O.
+fn refuse_read_only_block_device(path: &Path, file: &File) -> Result<(), OpenError> {
+    let read_only = sys::block_device_is_read_only(file)
+        .map_err(|source| OpenError::ReadOnlyFlag { path: path.to_path_buf(), source })?;
+    if read_only {
+        return Err(OpenError::ReadOnly {
+            path: path.to_path_buf(),
+            source: io::Error::new(io::ErrorKind::PermissionDenied, "the block device is read-only (BLKROGET)"),
+        });
+    }
+    Ok(())
+}
+
 /// Opens the descriptor: read-only or read-write, O_DIRECT unless buffered, O_EXCL for a block
 /// device opened for writing, O_CREAT for a file with `create_len`. Never O_TRUNC.
 fn open_descriptor(path: &Path, kind: DeviceKind, options: &OpenOptions) -> Result<File, OpenError> {
@@ -509,12 +495,8 @@ fn file_geometry(
         size_bytes = len_bytes;
     }
     let (block_bytes, rules) = if options.buffered { (SECTOR_SIZE as u64, None) } else { file_alignment(path, file)? };
-    let geometry = Geometry {
-        len_sectors: whole_blocks_sectors(size_bytes, block_bytes),
-        logical_block_size: block_bytes as u32,
-        write_zeroes: sys::filesystem_zeroes_ranges(file),
-        zoned: false,
-    };
+    let geometry = Geometry::new(whole_blocks_sectors(size_bytes, block_bytes), block_bytes as u32)
+        .with_write_zeroes(sys::filesystem_zeroes_ranges(file));
     Ok((geometry, rules))
 }
 
@@ -534,12 +516,9 @@ fn block_device_geometry(
     // at most the logical block size).
     let rules = (!options.buffered)
         .then_some(MemoryRules { memory_bytes: block_bytes as usize, length_bytes: block_bytes as usize });
-    let geometry = Geometry {
-        len_sectors: whole_blocks_sectors(size_bytes, block_bytes),
-        logical_block_size: block_bytes as u32,
-        write_zeroes: true,
-        zoned: sys::block_device_is_zoned(rdev),
-    };
+    let geometry = Geometry::new(whole_blocks_sectors(size_bytes, block_bytes), block_bytes as u32)
+        .with_write_zeroes(true)
+        .with_zoned(sys::block_device_is_zoned(rdev));
     Ok((geometry, rules))
 }
 
@@ -598,21 +577,7 @@ impl BlockDevice for OsDevice {
         if buf.is_empty() {
             return Box::pin(ready((buf, Ok(()))));
         }
-        let (file, rules) = (self.file.clone(), self.rules);
-        #[cfg(feature = "io-uring")]
-        if let Some(uring) = &self.uring {
-            let reply = uring.read(file, offset_bytes, buf, rules);
-            return Box::pin(async move {
-                let (buf, result) = reply.await.expect(WORKER_REPLIES);
-                (buf, self.finish_transfer(&self.counters.reads, result))
-            });
-        }
-        let reply = self.engine.submit(move || {
-            let mut buf = buf;
-            let result = engine_sync::read_at(&file, offset_bytes, &mut buf, rules);
-            drop(file);
-            (buf, result)
-        });
+        let reply = self.engine.read(self.file.clone(), offset_bytes, buf, self.rules);
         Box::pin(async move {
             let (buf, result) = reply.await.expect(WORKER_REPLIES);
             (buf, self.finish_transfer(&self.counters.reads, result))
@@ -627,20 +592,7 @@ impl BlockDevice for OsDevice {
         if buf.is_empty() {
             return Box::pin(ready(Ok(())));
         }
-        let (file, rules) = (self.file.clone(), self.rules);
-        #[cfg(feature = "io-uring")]
-        if let Some(uring) = &self.uring {
-            let reply = uring.write(file, offset_bytes, buf, rules);
-            return Box::pin(async move {
-                let result = reply.await.expect(WORKER_REPLIES);
-                self.finish_transfer(&self.counters.writes, result)
-            });
-        }
-        let reply = self.engine.submit(move || {
-            let result = engine_sync::write_at(&file, offset_bytes, &buf, rules);
-            drop(file);
-            result
-        });
+        let reply = self.engine.write(self.file.clone(), offset_bytes, buf, self.rules);
         Box::pin(async move {
             let result = reply.await.expect(WORKER_REPLIES);
             self.finish_transfer(&self.counters.writes, result)
@@ -762,21 +714,7 @@ impl BlockDevice for OsDevice {
     }
 
     fn flush(&self) -> IoFuture<'_, io::Result<()>> {
-        let file = self.file.clone();
-        #[cfg(feature = "io-uring")]
-        if let Some(uring) = &self.uring {
-            let reply = uring.flush(file);
-            return Box::pin(async move {
-                let result = reply.await.expect(WORKER_REPLIES);
-                bump(if result.is_ok() { &self.counters.flushes } else { &self.counters.failed });
-                result
-            });
-        }
-        let reply = self.engine.submit(move || {
-            let result = file.sync_data();
-            drop(file);
-            result
-        });
+        let reply = self.engine.flush(self.file.clone());
         Box::pin(async move {
             let result = reply.await.expect(WORKER_REPLIES);
             bump(if result.is_ok() { &self.counters.flushes } else { &self.counters.failed });

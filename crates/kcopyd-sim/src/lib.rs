@@ -19,6 +19,8 @@
 //! time, so a seed replays the same [`Trace`] bit for bit.
 #![warn(missing_docs)]
 
+mod disk_model;
+mod error;
 mod faults;
 mod mem_disk;
 mod simulation;
@@ -26,11 +28,13 @@ mod storage;
 mod timing;
 mod trace;
 
+pub use disk_model::{DiskModel, Measurement};
+pub use error::{DiskError, DiskFailure};
 pub use faults::{FaultKind, FaultOdds, FaultPlan, FaultRecord, Misdirect, Operation, SlowSpike, WriteFault};
 pub use mem_disk::{IoStats, MemDisk, MemDiskOptions};
-pub use simulation::{Simulation, time_scale, to_model, to_tokio};
+pub use simulation::{Simulation, in_virtual_time, time_scale, to_model, to_tokio};
 pub use storage::{Provenance, pattern_sector, provenance_of};
-pub use timing::{IoModel, Latency};
+pub use timing::{IoModel, Latency, LinkModel, Medium, PathModel, SeekModel};
 pub use trace::{Trace, TraceEvent};
 
 /// A deterministic 64-bit mixer (splitmix64): the same input gives the same output.

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use kcopyd_core::{ClientConfig, Device, Flags, Job, Region, SECTOR_SIZE};
+use kcopyd_core::{ClientConfig, Flags, Job, Region, SECTOR_SIZE};
 use kcopyd_sim::{IoModel, Latency, MemDisk, MemDiskOptions, Provenance, Simulation, to_model};
 
 /// The pattern seed of the source disk.
@@ -41,7 +41,7 @@ fn nvme_disk(name: &str, len_sectors: u64, headers_only: bool) -> MemDisk {
         len_sectors,
         sparse: true,
         headers_only,
-        latency: Latency { read: model(3_000_000_000), write: model(2_000_000_000), seed: 1 },
+        latency: Latency { read: model(3_000_000_000), write: model(2_000_000_000), seed: 1, ..Latency::default() },
         ..MemDiskOptions::default()
     })
 }
@@ -70,7 +70,7 @@ pub fn copy_and_verify(len_sectors: u64, config: ClientConfig, headers_only: boo
             let began = tokio::time::Instant::now();
             let job = Job::copy(
                 Region::new(source, 0, len_sectors),
-                vec![Region::new(target as Device, 0, len_sectors)],
+                vec![Region::new(target, 0, len_sectors)],
                 Flags::empty(),
             );
             let outcome = client.submit(job).await.expect("valid job").await;
