@@ -390,9 +390,9 @@ mod tests {
         text += "done 0 100\nread-failed 100 108\nwrite-failed 0 200 208\ndone 100 104\ndone 300 30";
         let (found, state) = parse(&text).unwrap();
         assert_eq!(found, header());
-        assert_eq!(state.done.ranges(), &[0..104]);
-        assert_eq!(state.read_failed.ranges(), &[104..108]);
-        assert_eq!(state.write_failed[0].ranges(), &[200..208]);
+        assert_eq!(state.done, RangeSet::from_range(0..104));
+        assert_eq!(state.read_failed, RangeSet::from_range(104..108));
+        assert_eq!(state.write_failed[0], RangeSet::from_range(200..208));
         assert_eq!(state.remaining(2048).ranges(), &[108..200, 208..2048]);
     }
 
