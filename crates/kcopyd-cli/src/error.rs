@@ -89,7 +89,8 @@ pub enum CliError {
         #[source]
         source: SubmitError,
     },
-    /// Reading or writing a device or file failed while measuring (`kcopyd sim`).
+    /// Reading or writing a device or file failed while measuring (`kcopyd sim`), or
+    /// appending to a copy map (`copy --map`).
     #[error("{operation} '{path}': {source}")]
     Io {
         /// What was being done.
