@@ -313,6 +313,9 @@ fn block_status_reports_data_and_holes() {
     }
     assert_eq!(expected_at, 8 << 20);
     assert_eq!(data, RangeSet::from_range(8192..10240), "only the written MiB is allocated: {extents:?}");
+    // The same through the device contract, as sparse copies ask.
+    let allocated = block_on(device.allocated(0, 16384)).unwrap();
+    assert_eq!(allocated, RangeSet::from_range(8192..10240), "allocated() from base:allocation");
     // Out of range: refused here.
     let refused = block_on(device.block_status(16384, 8)).unwrap_err();
     assert_eq!(refused.kind(), io::ErrorKind::InvalidInput);

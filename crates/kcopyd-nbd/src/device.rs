@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use kcopyd_core::{BlockDevice, DeviceId, Geometry, IoFuture, ReadBuf, SECTOR_SIZE, WriteBuf};
+use kcopyd_core::{BlockDevice, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf};
 use tokio::sync::oneshot;
 
 use crate::connection::{Completion, Connection, Request};
@@ -467,6 +467,38 @@ impl NbdDevice {
         Ok(())
     }
 
+    /// The sectors that do not read as zeroes, from `base:allocation` (`NBD_STATE_ZERO` runs
+    /// are left out, holes or not); everything when the server offers no block status.
+    /// Unaligned extent edges are rounded outwards: over-reporting data is allowed.
+    async fn allocated_sectors(&self, offset_sectors: u64, len_sectors: u64) -> io::Result<RangeSet> {
+        let end = offset_sectors.saturating_add(len_sectors);
+        if !self.has_block_status() || len_sectors == 0 {
+            return Ok(RangeSet::from_range(offset_sectors..end));
+        }
+        let block_sectors = self.geometry.block_sectors();
+        let sector = SECTOR_SIZE as u64;
+        let mut data = RangeSet::new();
+        let mut at = offset_sectors;
+        while at < end {
+            let extents = self.block_status(at, end - at).await?;
+            for extent in &extents {
+                if !extent.zero {
+                    let extent_end = (extent.offset_bytes + extent.len_bytes).div_ceil(sector);
+                    data.insert(extent.offset_bytes / sector..extent_end.min(end));
+                }
+            }
+            let answered = extents.last().map_or(at, |e| (e.offset_bytes + e.len_bytes) / sector);
+            let next = answered / block_sectors * block_sectors;
+            if next <= at {
+                // No progress (an empty or sub-block answer): call the rest data.
+                data.insert(at..end);
+                break;
+            }
+            at = next;
+        }
+        Ok(data)
+    }
+
     async fn flush_all(&self) -> io::Result<()> {
         if !self.info.has(NBD_FLAG_SEND_FLUSH) {
             // The server does not take NBD_CMD_FLUSH: it has nothing to flush.
@@ -504,6 +536,10 @@ impl BlockDevice for NbdDevice {
 
     fn flush(&self) -> IoFuture<'_, io::Result<()>> {
         Box::pin(self.flush_all())
+    }
+
+    fn allocated(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<RangeSet>> {
+        Box::pin(self.allocated_sectors(offset_sectors, len_sectors))
     }
 }
 
