@@ -10,5 +10,8 @@
 
 pub mod conformance;
 pub mod fixtures;
+pub mod io_log;
+pub mod oracle;
 pub mod scenario;
+pub mod sectors;
 pub mod util;
