@@ -15,3 +15,4 @@ pub mod oracle;
 pub mod scenario;
 pub mod sectors;
 pub mod util;
+pub mod validation;

@@ -146,7 +146,7 @@ mod tests {
         (0..*state % 5)
             .map(|_| {
                 *state = kcopyd_sim::mix64(*state);
-                let start = *state % 60;
+                let start = *state % 56;
                 start..start + (*state >> 20) % 8
             })
             .collect()
