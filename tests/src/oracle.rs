@@ -75,6 +75,14 @@ impl JobView<'_> {
     }
 }
 
+/// A region of a job on a disk: (sectors, job, role, first sector).
+type Owner = (Range<u64>, usize, Role, u64);
+
+/// The set of one range.
+fn span(range: Range<u64>) -> Sectors {
+    Sectors::from_ranges(std::iter::once(range))
+}
+
 /// The logical block of a disk, in sectors.
 fn block_sectors(options: &kcopyd_sim::MemDiskOptions) -> u64 {
     u64::from(options.logical_block_size).div_ceil(SECTOR_SIZE as u64).max(1)
@@ -139,7 +147,7 @@ fn attribute<'a>(scenario: &'a Scenario, report: &'a Report, violations: &mut Ve
         })
         .collect();
     // Every region: (disk, sectors) -> (job, role, region start).
-    let mut owners: BTreeMap<DiskRef, Vec<(Range<u64>, usize, Role, u64)>> = BTreeMap::new();
+    let mut owners: BTreeMap<DiskRef, Vec<Owner>> = BTreeMap::new();
     for (j, layout) in scenario.jobs.iter().enumerate() {
         let len = layout.len_sectors;
         if let Some((s, start)) = layout.source {
@@ -227,22 +235,29 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
         return;
     }
     if outcome.targets.len() != layout.targets.len() {
-        violations.push(format!("job {j}: {} target reports for {} targets", outcome.targets.len(), layout.targets.len()));
+        violations.push(format!(
+            "job {j}: {} target reports for {} targets",
+            outcome.targets.len(),
+            layout.targets.len()
+        ));
         return;
     }
     let len = layout.len_sectors;
-    let whole = Sectors::from_ranges([0..len]);
+    let whole = span(0..len);
     let source_start = layout.source.map_or(0, |(_, start)| start);
 
     // Reads: exactly the failed requests (without IGNORE_ERROR: whole sub-jobs), or exactly
     // the logical blocks that stayed unreadable once narrowed down (with it).
     let failed_reads: Vec<(&IoRecord, &Range<u64>)> = view.failed(|r| r == Role::Source).collect();
     let read_failed = relative(&outcome.read_failed, source_start, &format!("job {j}: read_failed"), violations);
-    if outcome.read_err != !failed_reads.is_empty() {
+    if outcome.read_err == failed_reads.is_empty() {
         violations.push(format!("job {j}: read_err {} but {} reads failed", outcome.read_err, failed_reads.len()));
     }
     let expected_read_failed = Sectors::from_ranges(
-        failed_reads.iter().filter(|(_, rel)| !view.ignore || rel.end - rel.start == view.block).map(|(_, rel)| (*rel).clone()),
+        failed_reads
+            .iter()
+            .filter(|(_, rel)| !view.ignore || rel.end - rel.start == view.block)
+            .map(|(_, rel)| (*rel).clone()),
     );
     if read_failed != expected_read_failed {
         violations.push(format!(
@@ -337,14 +352,17 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
     }
 
     // Writes, per target.
-    let read_failed_chunks = view.whole_chunks(&Sectors::from_ranges(failed_reads.iter().map(|(_, rel)| (*rel).clone())));
+    let read_failed_chunks =
+        view.whole_chunks(&Sectors::from_ranges(failed_reads.iter().map(|(_, rel)| (*rel).clone())));
     let failed_write_chunks: Vec<Sectors> = (0..layout.targets.len())
-        .map(|i| view.whole_chunks(&Sectors::from_ranges(view.failed(|r| r == Role::Target(i)).map(|(_, rel)| rel.clone()))))
+        .map(|i| {
+            view.whole_chunks(&Sectors::from_ranges(view.failed(|r| r == Role::Target(i)).map(|(_, rel)| rel.clone())))
+        })
         .collect();
     // WRITE_SEQ: the first failing sub-job; later ones are not written (earlier ones are).
     let all_failed_chunks = failed_write_chunks.iter().fold(read_failed_chunks.clone(), |acc, s| acc.union(s));
     let after_first_failure = match all_failed_chunks.ranges().first() {
-        Some(first) if view.seq => Sectors::from_ranges([first.end..len]).difference(&untaken),
+        Some(first) if view.seq => span(first.end..len).difference(&untaken),
         _ => Sectors::new(),
     };
     for (i, &(t, start)) in layout.targets.iter().enumerate() {
@@ -355,7 +373,11 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
         let failed: Vec<Range<u64>> = view.failed(|r| r == Role::Target(i)).map(|(_, rel)| rel.clone()).collect();
         let expected_write_failed = Sectors::from_ranges(failed.iter().cloned());
         if outcome.write_err.contains(i) == failed.is_empty() {
-            violations.push(format!("{name}: write_err {} but {} writes failed", outcome.write_err.contains(i), failed.len()));
+            violations.push(format!(
+                "{name}: write_err {} but {} writes failed",
+                outcome.write_err.contains(i),
+                failed.len()
+            ));
         }
         if write_failed != expected_write_failed {
             violations.push(format!(
@@ -389,7 +411,8 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
                 ));
             }
         } else {
-            let expected = untaken.union(&read_failed_chunks).union(&failed_write_chunks[i]).union(&after_first_failure);
+            let expected =
+                untaken.union(&read_failed_chunks).union(&failed_write_chunks[i]).union(&after_first_failure);
             if not_copied != expected {
                 violations.push(format!(
                     "{name}: not_copied {:?}, expected {:?} (sub-jobs never taken, unreadable, failed on this target{})",
@@ -400,7 +423,10 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
             }
         }
         if !untaken.is_empty() && cancel_at.is_none() && (view.ignore || !any_failure) {
-            violations.push(format!("job {j}: sectors {:?} of the source never read, with no cancel", at(&untaken, source_start)));
+            violations.push(format!(
+                "job {j}: sectors {:?} of the source never read, with no cancel",
+                at(&untaken, source_start)
+            ));
         }
         // WRITE_SEQ: a write is issued only once the job's previous write to this target has
         // completed, and at a higher sector.
@@ -491,10 +517,7 @@ fn check_contents(scenario: &Scenario, report: &Report, violations: &mut Vec<Str
             let outcome: Option<&Outcome> = result.retry.as_ref().or(result.outcome.as_ref());
             outcome
                 .map(|o| {
-                    o.targets
-                        .iter()
-                        .map(|t| Sectors::from_ranges(t.not_copied.ranges().iter().cloned()))
-                        .collect()
+                    o.targets.iter().map(|t| Sectors::from_ranges(t.not_copied.ranges().iter().cloned())).collect()
                 })
                 .unwrap_or_default()
         })

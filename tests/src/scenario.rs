@@ -29,8 +29,8 @@ use kcopyd_sim::{
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
 
-pub use crate::oracle::check;
 use crate::io_log::{DiskRef, IoLog, IoRecord, Mark, Watched};
+pub use crate::oracle::check;
 
 /// How long a run may take in virtual time before it counts as a deadlock.
 pub const DEADLOCK_AFTER: Duration = Duration::from_secs(3600);
@@ -230,8 +230,11 @@ impl Inputs {
                     targets.push(t);
                 }
             }
-            let len_units_max =
-                if targets.iter().any(|&t| self.targets[t].zoned) { ZONE_UNITS } else { JOB_BYTES_MAX / SECTOR_SIZE as u64 / unit };
+            let len_units_max = if targets.iter().any(|&t| self.targets[t].zoned) {
+                ZONE_UNITS
+            } else {
+                JOB_BYTES_MAX / SECTOR_SIZE as u64 / unit
+            };
             let len = job.len_units.min(len_units_max) * unit;
             let source_start = source_cursor[source] + job.gap_units * unit;
             if !job.zero {

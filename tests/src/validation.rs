@@ -202,7 +202,8 @@ impl Case {
                 .enumerate()
                 .map(|(i, &(len, block))| Arc::new(MemDisk::zeroed(&device_name(i), len, block)))
                 .collect();
-            let region = |r: &RegionInputs| Region::new(disks[r.device].clone() as Device, r.start_sector, r.len_sectors);
+            let region =
+                |r: &RegionInputs| Region::new(disks[r.device].clone() as Device, r.start_sector, r.len_sectors);
             let targets = self.targets.iter().map(region).collect();
             let job = match &self.source {
                 Some(source) => Job::copy(region(source), targets, Flags::empty()),
@@ -221,7 +222,9 @@ impl Case {
                 Err(error) => {
                     match self.named(&error) {
                         Some(rule) if expected.contains(&rule) => {}
-                        Some(rule) => problems.push(format!("refused with {error} ({rule:?}), expected one of {expected:?}")),
+                        Some(rule) => {
+                            problems.push(format!("refused with {error} ({rule:?}), expected one of {expected:?}"))
+                        }
                         None => problems.push(format!("refused with {error}, expected one of {expected:?}")),
                     }
                     for (i, disk) in disks.iter().enumerate() {
@@ -276,7 +279,11 @@ mod tests {
     fn the_reference_names_each_rule() {
         let case = |source: Option<(usize, u64, u64)>, targets: &[(usize, u64, u64)]| Case {
             devices: vec![(64, 512), (64, 4096)],
-            source: source.map(|(device, start_sector, len_sectors)| RegionInputs { device, start_sector, len_sectors }),
+            source: source.map(|(device, start_sector, len_sectors)| RegionInputs {
+                device,
+                start_sector,
+                len_sectors,
+            }),
             targets: targets
                 .iter()
                 .map(|&(device, start_sector, len_sectors)| RegionInputs { device, start_sector, len_sectors })
@@ -290,16 +297,17 @@ mod tests {
             vec![Broken::CountMismatch(0), Broken::TargetOverlapsSource(0)],
             "strictly inside"
         );
-        assert_eq!(case(None, &[(1, 8, 8), (1, 0, 16)]).reference(), vec![
-            Broken::CountMismatch(1),
-            Broken::TargetsOverlap(0, 1)
-        ]);
+        assert_eq!(
+            case(None, &[(1, 8, 8), (1, 0, 16)]).reference(),
+            vec![Broken::CountMismatch(1), Broken::TargetsOverlap(0, 1)]
+        );
         assert_eq!(case(Some((0, 3, 0)), &[(0, 3, 0)]).reference(), vec![], "zero-length regions share no sector");
         assert_eq!(case(Some((0, 0, 8)), &[(1, 4, 8)]).reference(), vec![Broken::Misaligned(1, 4..12)]);
         assert_eq!(case(Some((0, 60, 8)), &[(1, 0, 8)]).reference(), vec![Broken::OutOfRange(0, 60..68)]);
-        assert_eq!(case(Some((0, u64::MAX - 1, 8)), &[(1, 0, 8)]).reference(), vec![
-            Broken::OutOfRange(0, u64::MAX - 1..u64::MAX)
-        ]);
+        assert_eq!(
+            case(Some((0, u64::MAX - 1, 8)), &[(1, 0, 8)]).reference(),
+            vec![Broken::OutOfRange(0, u64::MAX - 1..u64::MAX)]
+        );
         assert_eq!(case(Some((0, 0, 8)), &[]).reference(), vec![Broken::NoTargets]);
     }
 
