@@ -7,6 +7,7 @@
 #   tests/mutants.sh                         # every mutant of job.rs
 #   tests/mutants.sh --re 'JobRun::narrow'   # one function; any cargo-mutants option goes on
 #   KCOPYD_SWARM_SEEDS=100 tests/mutants.sh  # more seeds per mutant (default 30)
+#   MUTANT_TIMEOUT_S=120 tests/mutants.sh    # a mutant's tests are stopped after this (default 300)
 #
 # Results land in mutants.out/ (caught.txt, missed.txt, timeout.txt, unviable.txt).
 set -euo pipefail
@@ -17,4 +18,8 @@ if ! command -v cargo-mutants >/dev/null; then
 fi
 export KCOPYD_SWARM_SEEDS="${KCOPYD_SWARM_SEEDS:-30}"
 export PROPTEST_CASES="${PROPTEST_CASES:-16}"
-exec cargo mutants "$@"
+# The baseline, run here: cargo-mutants would run its baseline on the mutated package
+# (kcopyd-core), which has no swarm test. This also warms the build the mutants reuse.
+echo "mutants.sh: baseline: the swarm test ($KCOPYD_SWARM_SEEDS seeds) and the property tests ($PROPTEST_CASES cases)"
+cargo test -p kcopyd-tests --test swarm --test properties
+exec cargo mutants --baseline=skip --timeout "${MUTANT_TIMEOUT_S:-300}" "$@"
