@@ -159,13 +159,24 @@ impl LoopDevice {
     /// # Panics
     /// If loop devices are available but `losetup` fails.
     pub fn attach_or_skip(test: &str, backing: &Path, sector_size: u32) -> Option<LoopDevice> {
+        LoopDevice::attach_with_or_skip(test, backing, sector_size, &[])
+    }
+
+    /// As [`LoopDevice::attach_or_skip`], with more `losetup` options: `--read-only`,
+    /// `--offset BYTES`, `--partscan`.
+    ///
+    /// # Panics
+    /// If loop devices are available but `losetup` fails.
+    pub fn attach_with_or_skip(test: &str, backing: &Path, sector_size: u32, options: &[&str]) -> Option<LoopDevice> {
         if let Some(reason) = loop_devices_unavailable() {
             skip(test, reason);
             return None;
         }
         let backing = backing.to_str().expect("a UTF-8 path");
         let sector_size = sector_size.to_string();
-        let args = ["--find", "--show", "--direct-io=on", "--sector-size", &sector_size, backing];
+        let mut args = vec!["--find", "--show", "--direct-io=on", "--sector-size", &sector_size];
+        args.extend_from_slice(options);
+        args.push(backing);
         let path = run("losetup", &args).unwrap_or_else(|error| panic!("attaching a loop device: {error}"));
         assert!(path.starts_with("/dev/loop"), "losetup printed {path:?}");
         Some(LoopDevice { path: PathBuf::from(path) })

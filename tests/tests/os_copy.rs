@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use kcopyd_core::{BlockDevice, Client, ClientConfig, Device, Flags, Job, Outcome, Region, SubmitError, WriteBuf};
-use kcopyd_os::{OpenError, OpenOptions, OsDevice};
+use kcopyd_os::{OpenError, OpenOptions, OsDevice, Storage, StorageId};
 use kcopyd_tests::conformance::{block_on, read_ok, write_ok};
 use kcopyd_tests::fixtures::{Ext4OnLoop, LoopDevice, Mount, TempDir, is_root, pattern, skip};
 
@@ -301,6 +301,50 @@ fn a_read_only_source_file_is_refused_for_writing() {
         other => panic!("expected ReadOnly, got {other:?}"),
     }
     assert!(OsDevice::open(&read_only_path, &read_only()).is_ok(), "reading from a read-only mount works");
+}
+
+#[test]
+fn a_read_only_loop_device_is_refused_for_writing_at_open() {
+    let test = "a_read_only_loop_device_is_refused_for_writing_at_open";
+    let dir = TempDir::new("read-only-loop");
+    let data = pattern(9, 1024 * 1024);
+    let backing = dir.file_with("backing.img", &data);
+    let Some(device) = LoopDevice::attach_with_or_skip(test, &backing, 512, &["--read-only"]) else { return };
+    // The kernel lets the open succeed and fails every write (EPERM): refused at open instead.
+    match OsDevice::open(device.path(), &writable()) {
+        Err(error @ OpenError::ReadOnly { .. }) => {
+            assert_eq!(error.path(), device.path());
+            assert!(error.to_string().contains("read-only"), "{error}");
+        }
+        other => panic!("expected ReadOnly, got {other:?}"),
+    }
+    let source = open(device.path(), &read_only());
+    assert_eq!(read_ok(source.as_ref(), 0, 4096), data[..4096], "reading works");
+    drop(source);
+    assert_same_bytes(&contents(&backing), &data, "the backing file");
+}
+
+#[test]
+fn storage_follows_loop_devices_to_their_backing_file_and_offset() {
+    use std::os::unix::fs::MetadataExt;
+    let test = "storage_follows_loop_devices_to_their_backing_file_and_offset";
+    let dir = TempDir::new("storage-loop");
+    let backing = dir.zero_file("backing.img", 4 * 1024 * 1024);
+    let metadata = fs::metadata(&backing).unwrap();
+    let file = StorageId::File { dev: metadata.dev(), inode: metadata.ino() };
+    assert_eq!(open(&backing, &read_only()).storage(), &Storage::of_file(metadata.dev(), metadata.ino()));
+    let Some(plain) = LoopDevice::attach_or_skip(test, &backing, 512) else { return };
+    let Some(shifted) = LoopDevice::attach_with_or_skip(test, &backing, 512, &["--offset", "1048576"]) else {
+        return;
+    };
+    let plain_storage = open(plain.path(), &read_only()).storage().clone();
+    assert_eq!((plain_storage.id, plain_storage.offset_bytes), (file, 0));
+    assert!(plain_storage.layers[0].starts_with("loop device over"), "{plain_storage:?}");
+    let shifted_storage = open(shifted.path(), &read_only()).storage().clone();
+    assert_eq!((shifted_storage.id, shifted_storage.offset_bytes), (file, 1024 * 1024));
+    // Byte 0 of the shifted device is byte 1 MiB of the plain one.
+    assert!(shifted_storage.overlaps(0, 512, &plain_storage, 1024 * 1024, 512));
+    assert!(!shifted_storage.overlaps(0, 512, &plain_storage, 0, 1024 * 1024));
 }
 
 #[test]

@@ -24,25 +24,85 @@ pub const MEMORY_DEFAULT: &str = "16M";
 /// Devices are `PATH`, `PATH@OFFSET` or `sim:KEY=VALUE,...` (also with `@OFFSET`). Sizes and
 /// offsets are bytes, or take binary units: K, M, G, T (or KiB, MiB, ...), s for 512-byte
 /// sectors. Exit status: 0 success, 1 read or write errors or differences, 2 bad usage (nothing
-/// written), 130 interrupted. See docs/CLI.md.
+/// written), 130 interrupted.
 #[derive(Debug, Parser)]
-#[command(name = "kcopyd", version, propagate_version = true)]
+#[command(name = "kcopyd", version, propagate_version = true, after_help = EXAMPLES)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// Examples shown under `kcopyd --help`.
+pub const EXAMPLES: &str = "\
+Examples:
+  kcopyd copy disk.img backup.img                  copy a whole file (a missing target is created)
+  kcopyd copy /dev/sdb /dev/sdc /dev/sdd --verify  one read, two mirrors, then compare
+  kcopyd zero /dev/sdc@1G --length 4G              zero 4 GiB from 1 GiB in
+  kcopyd verify disk.img backup.img                compare, exit 1 on any difference
+  kcopyd demo                                      a mirror resync with injected faults
+
+Each command's --help shows more examples.";
+
+/// Examples shown under `kcopyd copy --help`.
+pub const COPY_EXAMPLES: &str = "\
+Examples:
+  kcopyd copy disk.img backup.img
+      Copy every byte of disk.img (any length) to backup.img, created if missing.
+  kcopyd copy /dev/sdb /dev/sdc /dev/sdd --verify
+      Read /dev/sdb once, write both mirrors, then read them back and compare.
+  kcopyd copy disk.img@1M /dev/sdc@64K --length 100M
+      Copy 100 MiB from 1 MiB into disk.img to 64 KiB into /dev/sdc.
+  kcopyd copy failing.img rescue.img --ignore-errors --json
+      Copy what can be read; the report lists the unreadable sectors, never written over.
+  kcopyd copy sim:size=64M,seed=1,bad-read=100-108 sim: --ignore-errors
+      Try the error reports on simulated disks.
+
+Targets are locked while the copy runs; overlapping ranges, read-only or busy targets and bad
+options are refused before anything is written (exit 2).";
+
+/// Examples shown under `kcopyd zero --help`.
+pub const ZERO_EXAMPLES: &str = "\
+Examples:
+  kcopyd zero scratch.img
+      Zero the whole file (every byte, also a partial last block).
+  kcopyd zero /dev/sdc@1G --length 4G
+      Zero 4 GiB from 1 GiB in (BLKZEROOUT where the device offloads it).
+  kcopyd zero a.img b.img --length 1M --json
+      Zero the first MiB of two files, report as JSON.";
+
+/// Examples shown under `kcopyd verify --help`.
+pub const VERIFY_EXAMPLES: &str = "\
+Examples:
+  kcopyd verify disk.img backup.img
+      Compare two files whole; exit 0 identical, 1 different or unreadable.
+  kcopyd verify /dev/sdb /dev/sdc /dev/sdd --json
+      Compare two mirrors with their source; the first differing sector of each.
+  kcopyd verify disk.img@1M copy.img --length 100M
+      Compare 100 MiB from 1 MiB into disk.img with the start of copy.img.";
+
+/// Examples shown under `kcopyd demo --help`.
+pub const DEMO_EXAMPLES: &str = "\
+Examples:
+  kcopyd demo
+      Resync a 256 MiB mirror with faults injected, and check the report against the fault log.
+  kcopyd demo --size 32M --tamper
+      Change a copied sector behind the engine's back: the check must fail (exit 1).";
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Copy a range of SOURCE to every TARGET.
+    #[command(after_help = COPY_EXAMPLES)]
     Copy(CopyArgs),
     /// Write zeroes over a range of every TARGET.
+    #[command(after_help = ZERO_EXAMPLES)]
     Zero(ZeroArgs),
     /// Compare a range of SOURCE with every TARGET.
+    #[command(after_help = VERIFY_EXAMPLES)]
     Verify(VerifyArgs),
     /// A mirror resync with injected faults on simulated disks, checked against the fault log.
+    #[command(after_help = DEMO_EXAMPLES)]
     Demo(DemoArgs),
 }
 

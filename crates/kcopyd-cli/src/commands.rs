@@ -12,6 +12,7 @@ use crate::devices::{self, Opened, Settings};
 use crate::error::{CliError, Status};
 use crate::progress::{self, Interrupts};
 use crate::report::{self, Report, SourceReport, TargetReport, TargetVerify};
+use crate::tail::Tail;
 
 /// What a command hands back to `main`: its report and exit status.
 #[derive(Debug)]
@@ -41,16 +42,12 @@ fn side(opened: &Opened) -> Side {
     Side { device: opened.device.clone(), start_sector: opened.start_sector() }
 }
 
-/// Says that the end of a file is left out when the length was taken from it.
-fn warn_trailing(opened: &Opened, length_given: bool, output: &OutputArgs) {
-    if opened.trailing_bytes > 0 && !length_given && !output.quiet {
-        eprintln!(
-            "kcopyd: warning: {} '{}': its last {} bytes do not fill a {}-byte logical block and are left out",
-            opened.role.name(),
-            opened.arg.text,
-            opened.trailing_bytes,
-            opened.block_bytes()
-        );
+/// Warns when the source lies on a device mounted read-write.
+fn warn_mounted(source: &Opened, len_bytes: u64, output: &OutputArgs) {
+    if let Some(warning) = source.mounted_warning(len_bytes) {
+        if !output.quiet {
+            eprintln!("kcopyd: warning: {warning}");
+        }
     }
 }
 
@@ -106,17 +103,19 @@ async fn run_job(
     })
 }
 
-/// Compares, with a bar, stopping at a signal. Returns the comparison (partial when
-/// interrupted), the bytes compared, the seconds and the signal's exit code.
-async fn run_compare(
-    context: Context<'_>,
-    source: &Opened,
-    targets: &[Opened],
-    len_bytes: u64,
-    skip: Option<&[RangeSet]>,
-    interrupts: &mut Interrupts,
-) -> Result<(Comparison, u64, f64, Option<u8>), CliError> {
-    let Context { settings, engine, output } = context;
+/// What a comparison needs, made before anything is written so that it cannot refuse
+/// afterwards: its shape within the budget and its pages.
+struct CompareSetup {
+    shape: CompareShape,
+    pool: PagePool,
+}
+
+/// Fits the comparison of `source` with `targets` into the budget and reserves its pages.
+///
+/// # Errors
+/// One block does not fit in the budget, or the pages cannot be reserved.
+fn prepare_compare(context: Context<'_>, source: &Opened, targets: &[Opened]) -> Result<CompareSetup, CliError> {
+    let Context { settings, engine, .. } = context;
     let devices = targets.len() + 1;
     let block_bytes = std::iter::once(source).chain(targets).map(Opened::block_bytes).max().unwrap_or(512);
     let shape = CompareShape::fit(
@@ -134,22 +133,111 @@ async fn run_compare(
                 source: kcopyd_core::ConfigError::Arena { pages: settings.config.page_budget, source },
             }
         })?;
-    let bar = progress::byte_bar(progress::bars_wanted(output.quiet), len_bytes, "verify");
+    Ok(CompareSetup { shape, pool })
+}
+
+/// Compares, with a bar, stopping at a signal. Returns the comparison (partial when
+/// interrupted), the bytes compared, the seconds and the signal's exit code.
+async fn run_compare(
+    context: Context<'_>,
+    setup: &CompareSetup,
+    source: &Opened,
+    targets: &[Opened],
+    (len_bytes, tail): (u64, Tail),
+    skip: Option<&[RangeSet]>,
+    interrupts: &mut Interrupts,
+) -> (Comparison, u64, f64, Option<u8>) {
+    let bar = progress::byte_bar(progress::bars_wanted(context.output.quiet), len_bytes, "verify");
     let compared = Cell::new(0u64);
     let on_chunk = |bytes: u64| {
         compared.set(compared.get() + bytes);
         bar.set_position(compared.get());
     };
-    let targets: Vec<Side> = targets.iter().map(side).collect();
-    let source = side(source);
+    let sides: Vec<Side> = targets.iter().map(side).collect();
     let started = Instant::now();
-    let comparing = compare::compare(&source, &targets, len_bytes / SECTOR_SIZE as u64, skip, shape, &pool, &on_chunk);
-    let (comparison, interrupted) = tokio::select! {
+    let len_sectors = tail.offset_in_range_bytes / SECTOR_SIZE as u64;
+    let source_side = side(source);
+    let comparing = compare::compare(&source_side, &sides, len_sectors, skip, setup.shape, &setup.pool, &on_chunk);
+    let (mut comparison, interrupted) = tokio::select! {
         comparison = comparing => (comparison, None),
         code = interrupts.recv() => (Comparison::default(), Some(code)),
     };
+    if interrupted.is_none() && !tail.is_empty() {
+        compare_tail(source, targets, tail, skip, &mut comparison);
+        on_chunk(tail.len_bytes);
+    }
     bar.finish_and_clear();
-    Ok((comparison, compared.get(), started.elapsed().as_secs_f64(), interrupted))
+    (comparison, compared.get(), started.elapsed().as_secs_f64(), interrupted)
+}
+
+/// Compares the tail of the range (regular files, through the page cache): a differing tail
+/// counts as one differing block, its sectors those the tail touches.
+fn compare_tail(source: &Opened, targets: &[Opened], tail: Tail, skip: Option<&[RangeSet]>, found: &mut Comparison) {
+    let sectors = tail.range_sectors();
+    let expected = match tail.read(source) {
+        Ok(bytes) => bytes,
+        Err(_) => {
+            found.source_unreadable.insert(sectors);
+            return;
+        }
+    };
+    for (index, (target, diff)) in targets.iter().zip(&mut found.targets).enumerate() {
+        if skip.is_some_and(|skip| skip[index].intersects(&sectors)) {
+            continue;
+        }
+        match tail.read(target) {
+            Ok(bytes) if bytes == expected => {}
+            Ok(_) => {
+                diff.differing_blocks += 1;
+                diff.differing.insert(sectors.clone());
+            }
+            Err(_) => diff.unreadable.insert(sectors.clone()),
+        }
+    }
+}
+
+/// After a copy or zero job, writes the tail of the range (regular files) with `bytes` read
+/// from the source (`None`: zeroes), if the job went on to its end: finished, or failed with
+/// `--ignore-errors`. Otherwise, or where it fails, the tail is reported as the job reports
+/// blocks: read failed, write failed, not copied.
+fn finish_tail(tail: Tail, source: Option<&Opened>, targets: &[Opened], keep_going: bool, run: &mut JobRun) {
+    if tail.is_empty() {
+        return;
+    }
+    let outcome = &mut run.outcome;
+    let went_on = run.interrupted.is_none()
+        && !outcome.cancelled
+        && outcome.panicked.is_none()
+        && (keep_going || outcome.is_ok());
+    let bytes = match (went_on, source) {
+        (false, _) => None,
+        (true, None) => Some(vec![0; tail.len_bytes as usize]),
+        (true, Some(source)) => match tail.read(source) {
+            Ok(bytes) => Some(bytes),
+            Err(_) => {
+                outcome.read_err = true;
+                outcome.read_failed.insert(tail.sectors(source));
+                None
+            }
+        },
+    };
+    let mut written = 0;
+    for (target, report) in targets.iter().zip(&mut outcome.targets) {
+        let sectors = tail.sectors(target);
+        match &bytes {
+            Some(bytes) => match tail.write(target, bytes) {
+                Ok(()) => written += 1,
+                Err(_) => {
+                    report.write_failed.insert(sectors.clone());
+                    report.not_copied.insert(sectors);
+                }
+            },
+            None => report.not_copied.insert(sectors),
+        }
+    }
+    if written == targets.len() {
+        run.done_bytes += tail.len_bytes;
+    }
 }
 
 fn target_status(target: &TargetReport) -> &'static str {
@@ -168,7 +256,16 @@ fn target_status(target: &TargetReport) -> &'static str {
     }
 }
 
-fn job_targets(opened: &[Opened], run: &JobRun) -> Vec<TargetReport> {
+/// Bytes of the range that at least one target does not hold.
+fn not_copied_bytes(opened: &[Opened], run: &JobRun, len_bytes: u64) -> u64 {
+    let mut union = RangeSet::new();
+    for (target, outcome) in opened.iter().zip(&run.outcome.targets) {
+        union.extend(&outcome.not_copied.shifted(target.start_sector(), 0));
+    }
+    report::range_bytes(&union, len_bytes)
+}
+
+fn job_targets(opened: &[Opened], run: &JobRun, len_bytes: u64) -> Vec<TargetReport> {
     opened
         .iter()
         .zip(&run.outcome.targets)
@@ -179,6 +276,10 @@ fn job_targets(opened: &[Opened], run: &JobRun) -> Vec<TargetReport> {
             status: "ok",
             write_failed_sectors: Some(report::pairs(&outcome.write_failed)),
             not_copied_sectors: Some(report::pairs(&outcome.not_copied)),
+            bytes_not_copied: Some(report::range_bytes(
+                &outcome.not_copied.shifted(target.start_sector(), 0),
+                len_bytes,
+            )),
             flush_error: flush_error.clone(),
             verify: None,
         })
@@ -207,18 +308,23 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
     let settings = Settings::from_args(&args.engine)?;
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
     let mut plan = devices::plan_with_source(&args.source, &args.targets, args.length_bytes, true, &settings)?;
-    warn_trailing(&plan.source, args.length_bytes.is_some(), &args.output);
-    let len_sectors = plan.len_bytes / SECTOR_SIZE as u64;
+    warn_mounted(&plan.source, plan.len_bytes, &args.output);
+    // The whole blocks go through the engine, a partial last block of files after it.
+    let len_sectors = plan.tail.offset_in_range_bytes / SECTOR_SIZE as u64;
     let job = Job::copy(
         region(&plan.source, len_sectors),
         plan.targets.iter().map(|t| region(t, len_sectors)).collect(),
         flags(args.ignore_errors, args.write_seq),
     );
-    let run = run_job(context, job, &plan.targets, plan.len_bytes, "copy", interrupts, &mut plan.created).await?;
-    let mut targets = job_targets(&plan.targets, &run);
+    // Checked before anything is written: a comparison that cannot run must refuse the command.
+    let compare_setup = if args.verify { Some(prepare_compare(context, &plan.source, &plan.targets)?) } else { None };
+    let mut run = run_job(context, job, &plan.targets, plan.len_bytes, "copy", interrupts, &mut plan.created).await?;
+    finish_tail(plan.tail, Some(&plan.source), &plan.targets, args.ignore_errors, &mut run);
+    let mut targets = job_targets(&plan.targets, &run, plan.len_bytes);
+    let not_copied = not_copied_bytes(&plan.targets, &run, plan.len_bytes);
     let mut verify = None;
     let mut interrupted = run.interrupted;
-    if args.verify && interrupted.is_none() {
+    if let (Some(setup), None) = (&compare_setup, interrupted) {
         // Leave out what the copy itself reported as not copied: those differences are known.
         let skip: Vec<RangeSet> = plan
             .targets
@@ -226,8 +332,16 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
             .zip(&run.outcome.targets)
             .map(|(target, outcome)| outcome.not_copied.shifted(target.start_sector(), 0))
             .collect();
-        let (mut comparison, bytes, seconds, signal) =
-            run_compare(context, &plan.source, &plan.targets, plan.len_bytes, Some(&skip), interrupts).await?;
+        let (mut comparison, bytes, seconds, signal) = run_compare(
+            context,
+            setup,
+            &plan.source,
+            &plan.targets,
+            (plan.len_bytes, plan.tail),
+            Some(&skip),
+            interrupts,
+        )
+        .await;
         interrupted = signal;
         if signal.is_none() {
             // The source's unreadable blocks were reported by the copy already.
@@ -236,7 +350,12 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
             for ((target, opened), diff) in targets.iter_mut().zip(&plan.targets).zip(&comparison.targets) {
                 target.verify = Some(report::target_verify(diff, opened.start_sector()));
             }
-            verify = Some(report::verify_report(&comparison, bytes, seconds));
+            let mut skipped = RangeSet::new();
+            for set in &skip {
+                skipped.extend(set);
+            }
+            verify =
+                Some(report::verify_report(&comparison, bytes, report::range_bytes(&skipped, plan.len_bytes), seconds));
         }
     }
     for target in &mut targets {
@@ -252,6 +371,8 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
         exit_code: status.code(),
         bytes: run.done_bytes,
         bytes_total: plan.len_bytes,
+        bytes_copied: Some(plan.len_bytes - not_copied),
+        bytes_not_copied: Some(not_copied),
         seconds: run.seconds,
         throughput_bytes_per_s: report::throughput(run.done_bytes, run.seconds),
         cancelled: run.outcome.cancelled || interrupted.is_some(),
@@ -274,13 +395,16 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
 pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, CliError> {
     let settings = Settings::from_args(&args.engine)?;
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
-    let (opened, len_bytes) = devices::plan_zero(&args.targets, args.length_bytes, &settings)?;
-    let len_sectors = len_bytes / SECTOR_SIZE as u64;
+    let plan = devices::plan_zero(&args.targets, args.length_bytes, &settings)?;
+    let (opened, len_bytes) = (&plan.targets, plan.len_bytes);
+    let len_sectors = plan.tail.offset_in_range_bytes / SECTOR_SIZE as u64;
     let job =
         Job::zero(opened.iter().map(|t| region(t, len_sectors)).collect(), flags(args.ignore_errors, args.write_seq));
     let mut nothing_created = devices::CreatedFiles::default();
-    let run = run_job(context, job, &opened, len_bytes, "zero", interrupts, &mut nothing_created).await?;
-    let mut targets = job_targets(&opened, &run);
+    let mut run = run_job(context, job, opened, len_bytes, "zero", interrupts, &mut nothing_created).await?;
+    finish_tail(plan.tail, None, opened, args.ignore_errors, &mut run);
+    let mut targets = job_targets(opened, &run, len_bytes);
+    let not_copied = not_copied_bytes(opened, &run, len_bytes);
     for target in &mut targets {
         target.status = target_status(target);
     }
@@ -291,6 +415,8 @@ pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, 
         exit_code: status.code(),
         bytes: run.done_bytes,
         bytes_total: len_bytes,
+        bytes_copied: Some(len_bytes - not_copied),
+        bytes_not_copied: Some(not_copied),
         seconds: run.seconds,
         throughput_bytes_per_s: report::throughput(run.done_bytes, run.seconds),
         cancelled: run.outcome.cancelled || run.interrupted.is_some(),
@@ -310,9 +436,10 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
     let settings = Settings::from_args(&args.engine)?;
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
     let plan = devices::plan_with_source(&args.source, &args.targets, args.length_bytes, false, &settings)?;
-    warn_trailing(&plan.source, args.length_bytes.is_some(), &args.output);
+    warn_mounted(&plan.source, plan.len_bytes, &args.output);
+    let setup = prepare_compare(context, &plan.source, &plan.targets)?;
     let (comparison, bytes, seconds, interrupted) =
-        run_compare(context, &plan.source, &plan.targets, plan.len_bytes, None, interrupts).await?;
+        run_compare(context, &setup, &plan.source, &plan.targets, (plan.len_bytes, plan.tail), None, interrupts).await;
     let (status_name, status) = match interrupted {
         Some(code) => ("cancelled", Status::Interrupted(code)),
         None if comparison.identical() => ("ok", Status::Success),
@@ -335,6 +462,7 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
                 status: verify.as_ref().map_or("not_compared", |v| v.status),
                 write_failed_sectors: None,
                 not_copied_sectors: None,
+                bytes_not_copied: None,
                 flush_error: None,
                 verify,
             }
@@ -346,6 +474,8 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
         exit_code: status.code(),
         bytes,
         bytes_total: plan.len_bytes,
+        bytes_copied: None,
+        bytes_not_copied: None,
         seconds,
         throughput_bytes_per_s: report::throughput(bytes, seconds),
         cancelled: interrupted.is_some(),
@@ -356,7 +486,7 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
             read_failed_sectors: report::pairs(&comparison.source_unreadable.shifted(0, plan.source.start_sector())),
         }),
         targets,
-        verify: interrupted.is_none().then(|| report::verify_report(&comparison, bytes, seconds)),
+        verify: interrupted.is_none().then(|| report::verify_report(&comparison, bytes, 0, seconds)),
     };
     Ok(Done { report, status })
 }

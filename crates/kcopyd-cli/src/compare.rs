@@ -21,24 +21,31 @@ use futures_util::future::join_all;
 use futures_util::stream;
 use kcopyd_core::{Device, PAGE_SIZE, PagePool, RangeSet, ReadBuf, SECTOR_SIZE};
 
-/// How a comparison reads: bytes per read and reads in flight per device.
+/// How a comparison reads: bytes per read, devices read at once, chunks in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CompareShape {
     /// Bytes per read: a multiple of the block size.
     pub chunk_bytes: u64,
+    /// Devices read at once for one chunk: every device when the budget holds a chunk for
+    /// each, else groups of this many (the source in the first group).
+    pub devices_at_once: usize,
     /// Chunks read at once.
     pub in_flight: usize,
 }
 
 impl CompareShape {
-    /// The largest chunks (up to `chunk_bytes_max`) and the most of them in flight (up to
-    /// `in_flight_max`) that fit in `budget_pages` for `devices` devices.
+    /// The largest chunks (up to `chunk_bytes_max`, at least one block) and the most of them in
+    /// flight (up to `in_flight_max`) that fit in `budget_pages` for `devices` devices, so that
+    /// `in_flight × devices_at_once × chunk pages ≤ budget_pages`: no read ever waits for pages.
     ///
-    /// Worked example: 64 MiB (16384 pages), 2 MiB chunks, 2 devices: 512 pages a chunk and
-    /// device, 1024 a chunk, so 16 chunks in flight.
+    /// Worked examples: 64 MiB (16384 pages), 2 MiB chunks, 2 devices: 512 pages a chunk and
+    /// device, 1024 a chunk, so 16 chunks in flight. 16 MiB (4096 pages), 1 MiB chunks, 17
+    /// devices: 240 whole pages a device, so 960 KiB chunks (a multiple of 512), 4080 pages, one
+    /// chunk in flight. 64 KiB (16 pages) and 129 devices of 4 KiB blocks: not one page a
+    /// device, so 4 KiB chunks read 16 devices at a time.
     ///
     /// # Errors
-    /// Not even one block per device fits in the budget.
+    /// One logical block does not fit in the budget (the engine refuses such a copy too).
     pub fn fit(
         budget_pages: usize,
         devices: usize,
@@ -46,17 +53,22 @@ impl CompareShape {
         chunk_bytes_max: u64,
         in_flight_max: usize,
     ) -> Result<CompareShape, String> {
-        let budget_bytes = budget_pages as u64 * PAGE_SIZE as u64;
-        let per_device_bytes = budget_bytes / devices as u64;
-        let chunk_bytes = chunk_bytes_max.min(per_device_bytes) / block_bytes * block_bytes;
-        let chunk_pages = usize::try_from(chunk_bytes.div_ceil(PAGE_SIZE as u64)).unwrap_or(usize::MAX);
-        if chunk_bytes == 0 || chunk_pages.saturating_mul(devices) > budget_pages {
-            return Err(format!(
-                "{budget_bytes} bytes cannot hold one {block_bytes}-byte block for each of {devices} devices"
-            ));
+        assert!(devices > 0 && block_bytes > 0 && block_bytes % SECTOR_SIZE as u64 == 0);
+        let page_bytes = PAGE_SIZE as u64;
+        let budget_bytes = budget_pages as u64 * page_bytes;
+        if block_bytes > budget_bytes {
+            return Err(format!("{budget_bytes} bytes cannot hold one {block_bytes}-byte logical block"));
         }
-        let in_flight = (budget_pages / (chunk_pages * devices)).clamp(1, in_flight_max.max(1));
-        Ok(CompareShape { chunk_bytes, in_flight })
+        // Whole pages per device: a read of `n` bytes takes `ceil(n / 4096)` pages.
+        let per_device_bytes = (budget_pages / devices) as u64 * page_bytes;
+        let all_at_once = per_device_bytes >= block_bytes;
+        let room_bytes = if all_at_once { per_device_bytes } else { block_bytes.next_multiple_of(page_bytes) };
+        let chunk_bytes = (chunk_bytes_max.min(room_bytes) / block_bytes * block_bytes).max(block_bytes);
+        let chunk_pages = usize::try_from(chunk_bytes.div_ceil(page_bytes)).expect("a chunk fits in the budget");
+        let devices_at_once = if all_at_once { devices } else { (budget_pages / chunk_pages).min(devices) };
+        let in_flight = (budget_pages / (chunk_pages * devices_at_once)).clamp(1, in_flight_max.max(1));
+        assert!(devices_at_once >= 1 && in_flight * devices_at_once * chunk_pages <= budget_pages);
+        Ok(CompareShape { chunk_bytes, devices_at_once, in_flight })
     }
 }
 
@@ -126,6 +138,7 @@ pub async fn compare(
         sides.iter().map(|s| u64::from(s.device.geometry().logical_block_size)).max().unwrap_or(512) / 512;
     let chunk_sectors = shape.chunk_bytes / SECTOR_SIZE as u64;
     assert!(chunk_sectors > 0 && chunk_sectors % block_sectors == 0, "chunks are whole blocks");
+    assert!(shape.devices_at_once >= 1, "at least one device is read at a time");
     let mut found = Comparison {
         block_bytes: block_sectors * SECTOR_SIZE as u64,
         source_unreadable: RangeSet::new(),
@@ -133,32 +146,77 @@ pub async fn compare(
     };
     let chunks =
         (0..len_sectors.div_ceil(chunk_sectors)).map(|i| i * chunk_sectors..((i + 1) * chunk_sectors).min(len_sectors));
-    let sides = &sides;
-    let mut reads = stream::iter(chunks)
-        .map(|chunk| async move {
-            let reads =
-                join_all(sides.iter().map(|side| read_narrowed(side, chunk.clone(), block_sectors, pool))).await;
-            (chunk, reads)
-        })
-        .buffered(shape.in_flight);
-    while let Some((chunk, mut buffers)) = reads.next().await {
-        let (source_buf, source_bad) = buffers.remove(0);
-        let source_bytes = source_buf.to_vec();
-        drop(source_buf);
-        found.source_unreadable.extend(&source_bad);
-        for (index, (buf, bad)) in buffers.into_iter().enumerate() {
-            let diff = &mut found.targets[index];
-            diff.unreadable.extend(&bad);
-            let left_out = |sectors: &Range<u64>| {
-                source_bad.intersects(sectors)
-                    || bad.intersects(sectors)
-                    || skip.is_some_and(|skip| skip[index].intersects(sectors))
-            };
-            compare_chunk(&source_bytes, &buf, chunk.start, block_sectors, left_out, diff);
+    let reader = ChunkReader { sides: &sides, block_sectors, skip, devices_at_once: shape.devices_at_once, pool };
+    let reader = &reader;
+    let mut compared = stream::iter(chunks).map(|chunk| reader.compare(chunk)).buffered(shape.in_flight);
+    while let Some(chunk) = compared.next().await {
+        found.source_unreadable.extend(&chunk.source_unreadable);
+        for (total, part) in found.targets.iter_mut().zip(chunk.targets) {
+            total.differing_blocks += part.differing_blocks;
+            total.differing.extend(&part.differing);
+            total.unreadable.extend(&part.unreadable);
         }
-        progress((chunk.end - chunk.start) * SECTOR_SIZE as u64);
+        progress((chunk.sectors.end - chunk.sectors.start) * SECTOR_SIZE as u64);
     }
     found
+}
+
+/// What one chunk's comparison found.
+struct ChunkFound {
+    sectors: Range<u64>,
+    source_unreadable: RangeSet,
+    targets: Vec<TargetDiff>,
+}
+
+/// Reads and compares one chunk at a time, in groups of `devices_at_once` devices.
+struct ChunkReader<'a> {
+    /// The source, then the targets.
+    sides: &'a [&'a Side],
+    block_sectors: u64,
+    skip: Option<&'a [RangeSet]>,
+    devices_at_once: usize,
+    pool: &'a PagePool,
+}
+
+impl ChunkReader<'_> {
+    /// Reads `chunk` (relative sectors) of every device, a group at a time (the source with
+    /// the first group), and compares each target with the source. A group's pages are
+    /// returned before the next group reads, so the chunk never holds more than
+    /// `devices_at_once` reads' pages.
+    async fn compare(&self, chunk: Range<u64>) -> ChunkFound {
+        let mut found = ChunkFound {
+            sectors: chunk.clone(),
+            source_unreadable: RangeSet::new(),
+            targets: vec![TargetDiff::default(); self.sides.len() - 1],
+        };
+        let mut source_bytes = Vec::new();
+        for (group_index, group) in self.sides.chunks(self.devices_at_once).enumerate() {
+            let reads =
+                join_all(group.iter().map(|side| read_narrowed(side, chunk.clone(), self.block_sectors, self.pool)));
+            let mut buffers = reads.await.into_iter();
+            // Target `first_target + i` is the group's `i`th target.
+            let first_target = if group_index == 0 {
+                let (source_buf, source_bad) = buffers.next().expect("the first group holds the source");
+                source_bytes = source_buf.to_vec();
+                found.source_unreadable = source_bad;
+                0
+            } else {
+                group_index * self.devices_at_once - 1
+            };
+            for (offset, (buf, bad)) in buffers.enumerate() {
+                let index = first_target + offset;
+                let diff = &mut found.targets[index];
+                let left_out = |sectors: &Range<u64>| {
+                    found.source_unreadable.intersects(sectors)
+                        || bad.intersects(sectors)
+                        || self.skip.is_some_and(|skip| skip[index].intersects(sectors))
+                };
+                compare_chunk(&source_bytes, &buf, chunk.start, self.block_sectors, left_out, diff);
+                diff.unreadable = bad;
+            }
+        }
+        found
+    }
 }
 
 /// Compares one chunk of one target with the source's bytes, segment by segment, and looks at
@@ -242,16 +300,66 @@ mod tests {
 
     #[test]
     fn shapes_fit_the_budget() {
-        assert_eq!(
-            CompareShape::fit(16384, 2, 512, 2 << 20, 32),
-            Ok(CompareShape { chunk_bytes: 2 << 20, in_flight: 16 })
-        );
+        let all = |chunk_bytes, in_flight, devices_at_once| CompareShape { chunk_bytes, devices_at_once, in_flight };
+        assert_eq!(CompareShape::fit(16384, 2, 512, 2 << 20, 32), Ok(all(2 << 20, 16, 2)));
         // 129 devices in 64 MiB: 508 KiB chunks (a whole number of 4 KiB blocks), one at a time.
         let many = CompareShape::fit(16384, 129, 4096, 2 << 20, 32).unwrap();
-        assert_eq!(many.chunk_bytes, 127 * 4096);
-        assert!(many.in_flight * 129 * 127 <= 16384);
-        assert!(CompareShape::fit(1, 2, 4096, 2 << 20, 32).is_err());
-        assert_eq!(CompareShape::fit(2, 2, 4096, 2 << 20, 32), Ok(CompareShape { chunk_bytes: 4096, in_flight: 1 }));
+        assert_eq!(many, all(127 * 4096, 1, 129));
+        assert!(CompareShape::fit(1, 2, 8192, 2 << 20, 32).is_err(), "a block larger than the budget");
+        assert_eq!(CompareShape::fit(2, 2, 4096, 2 << 20, 32), Ok(all(4096, 1, 2)));
+        // The default 16 MiB, 1 MiB chunks and 17 devices: rounding bytes down to sectors but
+        // pages up once refused this.
+        assert_eq!(CompareShape::fit(4096, 17, 512, 1 << 20, 4), Ok(all(240 * 4096, 1, 17)));
+        // Fewer pages than devices: one block per read, in groups.
+        assert_eq!(CompareShape::fit(16, 129, 4096, 1 << 20, 4), Ok(all(4096, 1, 16)));
+        assert_eq!(CompareShape::fit(1, 3, 512, 1 << 20, 4), Ok(all(4096, 1, 1)));
+        // A sub-job smaller than a block reads whole blocks.
+        assert_eq!(CompareShape::fit(64, 2, 4096, 512, 4), Ok(all(4096, 4, 2)));
+    }
+
+    #[test]
+    fn every_budget_and_device_count_fits() {
+        for budget_pages in [1, 2, 3, 16, 17, 255, 4096] {
+            for devices in [1, 2, 3, 16, 17, 64, 129] {
+                for block_bytes in [512, 4096] {
+                    for chunk_bytes_max in [512, 4096, 65536, 1 << 20] {
+                        let Ok(shape) = CompareShape::fit(budget_pages, devices, block_bytes, chunk_bytes_max, 8)
+                        else {
+                            assert!(block_bytes > budget_pages as u64 * 4096);
+                            continue;
+                        };
+                        let chunk_pages = shape.chunk_bytes.div_ceil(4096) as usize;
+                        assert!(shape.in_flight * shape.devices_at_once * chunk_pages <= budget_pages, "{shape:?}");
+                        assert!(shape.chunk_bytes % block_bytes == 0 && shape.chunk_bytes >= block_bytes);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn devices_read_in_groups_compare_the_same() {
+        let source = Arc::new(MemDisk::with_pattern("source", 1024, 512, 1));
+        let targets: Vec<Arc<MemDisk>> =
+            (0..5).map(|i| Arc::new(MemDisk::with_pattern(&format!("t{i}"), 1024, 512, 1))).collect();
+        targets[3].poke(700, &[9; 512]);
+        targets[4].fail_reads(10..11);
+        source.fail_reads(20..21);
+        let side = |disk: &Arc<MemDisk>| Side { device: disk.clone(), start_sector: 0 };
+        let target_sides: Vec<Side> = targets.iter().map(side).collect();
+        let pool = PagePool::new(2).unwrap();
+        let shape = CompareShape::fit(2, 6, 512, 1 << 20, 4).unwrap();
+        assert_eq!((shape.devices_at_once, shape.chunk_bytes), (2, 4096));
+        let found = run(compare(&side(&source), &target_sides, 1024, None, shape, &pool, &|_| {}));
+        assert_eq!(found.source_unreadable, RangeSet::from_range(20..21));
+        for (index, diff) in found.targets.iter().enumerate() {
+            match index {
+                3 => assert_eq!(diff.differing, RangeSet::from_range(700..701)),
+                4 => assert_eq!((diff.differing_blocks, diff.unreadable.clone()), (0, RangeSet::from_range(10..11))),
+                _ => assert!(diff.identical(), "target {index}: {diff:?}"),
+            }
+        }
+        assert_eq!(pool.stats().pages_in_use, 0);
     }
 
     #[test]
@@ -265,7 +373,7 @@ mod tests {
         source.fail_reads(2000..2001);
         let side = |disk: &Arc<MemDisk>| Side { device: disk.clone(), start_sector: 0 };
         let pool = PagePool::new(256).unwrap();
-        let shape = CompareShape { chunk_bytes: 64 * 1024, in_flight: 2 };
+        let shape = CompareShape { chunk_bytes: 64 * 1024, devices_at_once: 3, in_flight: 2 };
         let total = std::cell::Cell::new(0);
         let found = run(compare(&side(&source), &[side(&same), side(&changed)], 4096, None, shape, &pool, &|bytes| {
             total.set(total.get() + bytes)
@@ -294,7 +402,7 @@ mod tests {
         target.poke(23, &[0; 512]); // the last sector of the next block
         let side = |disk: &Arc<MemDisk>| Side { device: disk.clone(), start_sector: 0 };
         let pool = PagePool::new(64).unwrap();
-        let shape = CompareShape { chunk_bytes: 32 * 1024, in_flight: 1 };
+        let shape = CompareShape { chunk_bytes: 32 * 1024, devices_at_once: 2, in_flight: 1 };
         let found = run(compare(&side(&source), &[side(&target)], 256, None, shape, &pool, &|_| {}));
         assert_eq!(found.block_bytes, 4096);
         assert_eq!(found.targets[0].differing_blocks, 2);

@@ -12,12 +12,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kcopyd_core::{BlockDevice, ClientConfig, Device, PAGE_SIZE, SECTOR_SIZE, TARGETS_MAX};
-use kcopyd_os::{DeviceKind, IoEngine, OpenOptions, OsDevice, QUEUE_DEPTH_MAX};
+use kcopyd_os::{DeviceKind, IoEngine, OpenOptions, OsDevice, QUEUE_DEPTH_MAX, Storage};
 
 use crate::cli::{EngineArgs, IoEngineArg};
 use crate::device_arg::{Backend, DeviceArg};
 use crate::error::{CliError, open_reason};
+use crate::locks::{FileLocks, LockError, LockKind};
 use crate::size::Bytes;
+use crate::tail::Tail;
+
+/// The largest page budget the engine takes (`ClientConfig::validate` counts pages in 32 bits):
+/// 16 TiB less one page.
+pub const MEMORY_PAGES_MAX: u64 = u32::MAX as u64;
 
 /// The engine's configuration and how to open devices, from the engine options.
 #[derive(Debug, Clone)]
@@ -43,6 +49,18 @@ impl Settings {
                 "--memory",
                 args.memory_bytes.to_string(),
                 format!("{} is less than one {PAGE_SIZE}-byte page", Bytes(args.memory_bytes)),
+            ));
+        }
+        let memory_bytes_max = MEMORY_PAGES_MAX * PAGE_SIZE as u64;
+        if args.memory_bytes > memory_bytes_max {
+            return Err(CliError::argument(
+                "--memory",
+                args.memory_bytes.to_string(),
+                format!(
+                    "{} is more than the largest budget, {} ({memory_bytes_max} bytes)",
+                    Bytes(args.memory_bytes),
+                    Bytes(memory_bytes_max)
+                ),
             ));
         }
         let sub_job_size_bytes = usize::try_from(args.sub_job_size_bytes).unwrap_or(usize::MAX);
@@ -105,14 +123,38 @@ pub struct Opened {
     pub role: Role,
     /// The device.
     pub device: Device,
-    /// Bytes at the end of a file that do not fill a logical block: not part of the device.
-    pub trailing_bytes: u64,
+    /// Files and block devices: what was opened.
+    pub os: Option<OsFacts>,
+}
+
+/// What a file or block device argument opened.
+#[derive(Debug, Clone)]
+pub struct OsFacts {
+    /// The path given.
+    pub path: PathBuf,
+    /// A regular file or a block device.
+    pub kind: DeviceKind,
+    /// The file or whole disk underneath (through partitions and loop devices).
+    pub storage: Storage,
+    /// The bytes a range may use: a file's whole length (its partial last block too), a
+    /// block device's length.
+    pub len_bytes: u64,
 }
 
 impl Opened {
-    /// The device's length in bytes.
+    /// The bytes a range may use: a regular file's whole length, partial last block
+    /// included; a block device's or simulated disk's length.
     pub fn len_bytes(&self) -> u64 {
-        self.device.geometry().len_sectors * SECTOR_SIZE as u64
+        match &self.os {
+            Some(facts) => facts.len_bytes,
+            None => self.device.geometry().len_sectors * SECTOR_SIZE as u64,
+        }
+    }
+
+    /// Whether this is a regular file, which takes a partial last block (through the page
+    /// cache, see [`crate::tail`]).
+    pub fn is_file(&self) -> bool {
+        self.os.as_ref().is_some_and(|facts| facts.kind == DeviceKind::File)
     }
 
     /// The device's logical block size in bytes.
@@ -129,8 +171,9 @@ impl Opened {
         CliError::argument(self.role.name(), &self.arg.text, problem)
     }
 
-    /// Checks that `len_bytes` from the argument's offset lie on the device, aligned to its
-    /// logical block.
+    /// Checks that `len_bytes` from the argument's offset lie on the device, the offset
+    /// aligned to its logical block, and the length too unless this is a regular file (whose
+    /// partial last block [`check_tail`] checks).
     ///
     /// Worked example, 4096-byte blocks: offset 8K, length 1M: aligned; offset 512: refused,
     /// although 512 is a whole sector.
@@ -145,14 +188,17 @@ impl Opened {
                 "offset of {offset} bytes is not a multiple of the device's {block}-byte logical block"
             )));
         }
-        if len_bytes % block != 0 {
+        if len_bytes % block != 0 && !self.is_file() {
             return Err(CliError::argument(
                 "--length",
                 len_bytes.to_string(),
                 format!(
-                    "{len_bytes} bytes is not a multiple of the {block}-byte logical block of {} '{}'",
+                    "{len_bytes} bytes is not a multiple of the {block}-byte logical block of {} '{}', \
+                     which takes whole blocks (--length {} leaves the last {} bytes out)",
                     self.role.name(),
-                    self.arg.text
+                    self.arg.text,
+                    len_bytes / block * block,
+                    len_bytes % block
                 ),
             ));
         }
@@ -175,6 +221,11 @@ impl Opened {
         Ok(())
     }
 
+    /// Whether the range of `len_bytes` ends at the end of this regular file.
+    fn ends_at_end_of_file(&self, len_bytes: u64) -> bool {
+        self.is_file() && self.arg.offset_bytes.checked_add(len_bytes) == Some(self.len_bytes())
+    }
+
     /// The largest length the source offers from its offset.
     ///
     /// # Errors
@@ -189,22 +240,74 @@ impl Opened {
         })
     }
 
-    /// Refuses `self` if its range overlaps `other`'s on the same storage.
+    /// Refuses `self` if its range overlaps `other`'s on the same storage, whatever names
+    /// reach it: the same file through a hard link, a loop device over it, a partition of a
+    /// disk and the disk itself.
     ///
     /// # Errors
     /// The ranges overlap.
     pub fn check_overlap(&self, other: &Opened, len_bytes: u64) -> Result<(), CliError> {
         let (a, b) = (self.arg.offset_bytes, other.arg.offset_bytes);
-        if len_bytes > 0 && self.device.id() == other.device.id() && a < b + len_bytes && b < a + len_bytes {
-            return Err(self.error(format!(
-                "overlaps {} '{}' on the same device: bytes {a}-{} and {b}-{}",
-                other.role.name(),
-                other.arg.text,
-                a + len_bytes,
-                b + len_bytes
-            )));
+        let problem = match (&self.os, &other.os) {
+            (Some(mine), Some(theirs)) => {
+                mine.storage.overlaps(a, len_bytes, &theirs.storage, b, len_bytes).then(|| {
+                    let (a, b) = (a + mine.storage.offset_bytes, b + theirs.storage.offset_bytes);
+                    let mut problem = format!(
+                        "overlaps {} '{}' on the same storage: bytes {a}-{} and {b}-{} of it",
+                        other.role.name(),
+                        other.arg.text,
+                        a + len_bytes,
+                        b + len_bytes
+                    );
+                    for (opened, facts) in [(self, mine), (other, theirs)] {
+                        if !facts.storage.layers.is_empty() {
+                            problem.push_str(&format!(
+                                "; '{}' is a {}",
+                                opened.arg.text,
+                                facts.storage.layers.join(", a ")
+                            ));
+                        }
+                    }
+                    problem
+                })
+            }
+            (None, None) => {
+                (len_bytes > 0 && self.device.id() == other.device.id() && a < b + len_bytes && b < a + len_bytes).then(
+                    || {
+                        format!(
+                            "overlaps {} '{}' on the same device: bytes {a}-{} and {b}-{}",
+                            other.role.name(),
+                            other.arg.text,
+                            a + len_bytes,
+                            b + len_bytes
+                        )
+                    },
+                )
+            }
+            _ => None,
+        };
+        match problem {
+            Some(problem) => Err(self.error(problem)),
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// A warning when the range of this device (a source) lies on a block device mounted
+    /// read-write: its content may change while it is read.
+    pub fn mounted_warning(&self, len_bytes: u64) -> Option<String> {
+        let facts = self.os.as_ref()?;
+        let mounted = kcopyd_os::mounted_read_write();
+        let mount = mounted
+            .iter()
+            .find(|m| facts.storage.overlaps(self.arg.offset_bytes, len_bytes, &m.storage, 0, m.len_bytes))?;
+        Some(format!(
+            "{} '{}' lies on {}, mounted read-write at {}: its content may change while it is read; \
+             unmount it or remount it read-only for a consistent copy",
+            self.role.name(),
+            self.arg.text,
+            mount.device,
+            mount.mount_point,
+        ))
     }
 }
 
@@ -244,32 +347,42 @@ pub fn check_target_count(count: usize) -> Result<(), CliError> {
 }
 
 /// Opens `arg`. `write` opens for writing; `create_len_bytes` creates (or sizes) a missing
-/// file or a `sim:` device without `size`.
+/// file or a `sim:` device without `size`. A file is locked in `locks`: exclusively when
+/// written, shared when read.
 ///
 /// # Errors
-/// The device cannot be opened, or a `sim:` source has no size.
+/// The device cannot be opened or locked, or a `sim:` source has no size.
 pub fn open(
     arg: &DeviceArg,
     role: Role,
     write: bool,
     create_len_bytes: Option<u64>,
     settings: &Settings,
+    locks: &mut FileLocks,
 ) -> Result<Opened, CliError> {
     match &arg.backend {
         Backend::Sim(spec) => {
+            // A disk of whole sectors; a length that ends inside one is refused by the checks.
+            let create_len_bytes =
+                create_len_bytes.map(|len_bytes| len_bytes / SECTOR_SIZE as u64 * SECTOR_SIZE as u64);
             let Some(len_bytes) = spec.len_bytes.or(create_len_bytes) else {
                 return Err(CliError::argument(role.name(), &arg.text, "sim key 'size' is needed here"));
             };
             spec.check_len(len_bytes).map_err(|error| CliError::argument(role.name(), &arg.text, error.to_string()))?;
             let disk = spec.build(len_bytes);
-            Ok(Opened { arg: arg.clone(), role, device: disk, trailing_bytes: 0 })
+            Ok(Opened { arg: arg.clone(), role, device: disk, os: None })
         }
         Backend::Path(path) => {
             let options = OpenOptions {
                 write,
                 buffered: settings.buffered,
                 queue_depth: settings.queue_depth,
-                create_len: if write { create_len_bytes } else { None },
+                // Whole sectors here; a partial last sector is added below.
+                create_len: if write {
+                    create_len_bytes.map(|len_bytes| len_bytes / SECTOR_SIZE as u64 * SECTOR_SIZE as u64)
+                } else {
+                    None
+                },
                 engine: settings.io_engine,
             };
             let device = OsDevice::open(path, &options).map_err(|source| CliError::Open {
@@ -278,19 +391,130 @@ pub fn open(
                 reason: open_reason(&source),
                 source,
             })?;
-            let trailing_bytes = match device.kind() {
+            if let (true, Some(len_bytes), DeviceKind::File) = (write, create_len_bytes, device.kind()) {
+                extend_file(path, len_bytes).map_err(|error| {
+                    CliError::argument(
+                        role.name(),
+                        &arg.text,
+                        format!("extending the file to {len_bytes} bytes: {error}"),
+                    )
+                })?;
+            }
+            let len_bytes = match device.kind() {
                 DeviceKind::File => fs::metadata(path)
-                    .map(|m| m.len().saturating_sub(device.geometry().len_sectors * SECTOR_SIZE as u64))
-                    .unwrap_or(0),
-                DeviceKind::BlockDevice => 0,
+                    .map_err(|error| {
+                        CliError::argument(role.name(), &arg.text, format!("reading the file's length: {error}"))
+                    })?
+                    .len(),
+                DeviceKind::BlockDevice => device.geometry().len_sectors * SECTOR_SIZE as u64,
             };
-            Ok(Opened { arg: arg.clone(), role, device: Arc::new(device), trailing_bytes })
+            if write && device.kind() == DeviceKind::File {
+                check_writable_mode(path, role, &arg.text)?;
+            }
+            if device.kind() == DeviceKind::File {
+                let id = device.id();
+                let kind = if write { LockKind::Exclusive } else { LockKind::Shared };
+                locks.lock(path, (id.major, id.minor), kind).map_err(|error| {
+                    let problem = match error {
+                        LockError::Busy => format!(
+                            "{} busy: another kcopyd (or a program holding a flock lock on it) is {} it",
+                            role.name().to_lowercase(),
+                            if write { "using" } else { "writing" }
+                        ),
+                        LockError::Replaced => "the file was replaced while it was being opened".to_owned(),
+                        LockError::Io(error) => format!("cannot lock the file: {error}"),
+                    };
+                    CliError::argument(role.name(), &arg.text, problem)
+                })?;
+            }
+            let storage = device.storage().clone();
+            let os = Some(OsFacts { path: path.clone(), kind: device.kind(), storage, len_bytes });
+            Ok(Opened { arg: arg.clone(), role, device: Arc::new(device), os })
         }
     }
 }
 
-/// Refuses an offset that is not a whole number of sectors, before anything is opened.
-fn check_sector_offset(arg: &DeviceArg, role: Role) -> Result<(), CliError> {
+/// The tail of a range of `len_bytes` on `source` (copy, verify; `None` for zero) and
+/// `targets`, moved in blocks of the largest logical block among them; refused unless every
+/// device is a regular file and the range ends at the end of the source file (for zero: of
+/// every target file). Block devices and simulated disks always move whole blocks.
+///
+/// Worked example: a 1,000,001-byte source file copied to a new file, 512-byte blocks: the
+/// engine copies 999,936 bytes, the tail 65. The same source to a block device: refused,
+/// naming `--length 999936`.
+///
+/// # Errors
+/// A partial last block where one is not allowed.
+fn check_tail(source: Option<&Opened>, targets: &[Opened], len_bytes: u64) -> Result<Tail, CliError> {
+    let devices: Vec<&Opened> = source.into_iter().chain(targets).collect();
+    let block_bytes = devices.iter().map(|d| d.block_bytes()).max().unwrap_or(SECTOR_SIZE as u64);
+    let tail = Tail::of(len_bytes, block_bytes);
+    if tail.is_empty() {
+        return Ok(tail);
+    }
+    let ends_at_end_of_file = match source {
+        Some(source) => source.ends_at_end_of_file(len_bytes),
+        None => targets.iter().all(|target| target.ends_at_end_of_file(len_bytes)),
+    };
+    if !ends_at_end_of_file {
+        return Err(CliError::argument(
+            "--length",
+            len_bytes.to_string(),
+            format!(
+                "{len_bytes} bytes is not a whole number of the {block_bytes}-byte blocks the job moves (the largest \
+                 logical block of its devices); only a range that ends at the end of a regular {} file may end \
+                 in a partial block",
+                if source.is_some() { "source" } else { "target" }
+            ),
+        ));
+    }
+    if let Some(whole_blocks_only) = devices.iter().find(|d| !d.is_file()) {
+        let what = if whole_blocks_only.os.is_some() { "a block device" } else { "a simulated disk" };
+        return Err(whole_blocks_only.error(format!(
+            "is {what}, which takes whole {}-byte blocks, but the range of {len_bytes} bytes ends {} bytes into a \
+             {block_bytes}-byte block: give --length {} to leave the last {} bytes out",
+            whole_blocks_only.block_bytes(),
+            tail.len_bytes,
+            tail.offset_in_range_bytes,
+            tail.len_bytes
+        )));
+    }
+    Ok(tail)
+}
+
+/// Extends the file at `path` to `len_bytes` if it is shorter (never truncates).
+fn extend_file(path: &Path, len_bytes: u64) -> io::Result<()> {
+    let file = fs::OpenOptions::new().write(true).open(path)?;
+    if file.metadata()?.len() < len_bytes {
+        file.set_len(len_bytes)?;
+    }
+    Ok(())
+}
+
+/// Refuses a target file whose mode gives nobody write permission (`chmod a-w`): a file
+/// marked read-only is not written, also by root, who could.
+fn check_writable_mode(path: &Path, role: Role, text: &str) -> Result<(), CliError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(path).map(|m| m.permissions().mode()).unwrap_or(0o200);
+    if mode & 0o222 == 0 {
+        return Err(CliError::argument(
+            role.name(),
+            text,
+            format!("read-only file (mode {:o}): refusing to write to it; make it writable first", mode & 0o7777),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses, before anything is opened, an offset that is not a whole number of sectors and a
+/// path ending in `/` that is not a directory (the system would call it missing, or create a
+/// file of another name).
+fn check_before_open(arg: &DeviceArg, role: Role) -> Result<(), CliError> {
+    if let Backend::Path(path) = &arg.backend {
+        if path.as_os_str().as_encoded_bytes().ends_with(b"/") && !path.is_dir() {
+            return Err(CliError::argument(role.name(), &arg.text, "not a directory (the name ends in '/')"));
+        }
+    }
     if arg.offset_bytes % SECTOR_SIZE as u64 != 0 {
         return Err(CliError::argument(
             role.name(),
@@ -315,8 +539,13 @@ pub struct Plan {
     pub targets: Vec<Opened>,
     /// Bytes in the range.
     pub len_bytes: u64,
+    /// The bytes after the range's whole blocks (regular files only).
+    pub tail: Tail,
     /// Files created for missing targets.
     pub created: CreatedFiles,
+    /// The locks on the files: held, never read, until the plan is dropped.
+    #[allow(dead_code)]
+    pub locks: FileLocks,
 }
 
 /// Opens and checks a source and its targets. `write` opens the targets for writing and
@@ -332,22 +561,16 @@ pub fn plan_with_source(
     settings: &Settings,
 ) -> Result<Plan, CliError> {
     check_target_count(targets.len())?;
-    check_sector_offset(source, Role::Source)?;
+    check_before_open(source, Role::Source)?;
     for target in targets {
-        check_sector_offset(target, Role::Target)?;
+        check_before_open(target, Role::Target)?;
     }
-    let source = open(source, Role::Source, false, None, settings)?;
+    let mut locks = FileLocks::default();
+    let source = open(source, Role::Source, false, None, settings, &mut locks)?;
     let len_bytes = match length {
         Some(len_bytes) => len_bytes,
         None => source.remaining_bytes()?,
     };
-    if len_bytes % SECTOR_SIZE as u64 != 0 {
-        return Err(CliError::argument(
-            "--length",
-            len_bytes.to_string(),
-            format!("{len_bytes} bytes is not a whole number of {SECTOR_SIZE}-byte sectors"),
-        ));
-    }
     source.check_range(len_bytes)?;
     let mut created = CreatedFiles::default();
     let mut opened: Vec<Option<Opened>> = vec![None; targets.len()];
@@ -371,38 +594,54 @@ pub fn plan_with_source(
                 // Before the open: a file created by an open that then fails is removed too.
                 created.paths.push(path.clone());
             }
-            let target = open(arg, Role::Target, write, create_len, settings)?;
+            let target = open(arg, Role::Target, write, create_len, settings, &mut locks)?;
             target.check_range(len_bytes)?;
-            target.check_overlap(&source, len_bytes)?;
-            for other in opened.iter().flatten() {
-                target.check_overlap(other, len_bytes)?;
+            // Reading the same bytes twice is harmless: only a copy checks for overlaps.
+            if write {
+                target.check_overlap(&source, len_bytes)?;
+                for other in opened.iter().flatten() {
+                    target.check_overlap(other, len_bytes)?;
+                }
             }
             opened[index] = Some(target);
         }
     }
-    let targets = opened.into_iter().map(|t| t.expect("every target opened in one of the passes")).collect();
-    Ok(Plan { source, targets, len_bytes, created })
+    let targets: Vec<Opened> =
+        opened.into_iter().map(|t| t.expect("every target opened in one of the passes")).collect();
+    let tail = check_tail(Some(&source), &targets, len_bytes)?;
+    Ok(Plan { source, targets, len_bytes, tail, created, locks })
+}
+
+/// A checked zero job: the targets and the length.
+#[derive(Debug)]
+pub struct ZeroPlan {
+    /// The targets, in the order given.
+    pub targets: Vec<Opened>,
+    /// Bytes in the range.
+    pub len_bytes: u64,
+    /// The bytes after the range's whole blocks (regular files only).
+    pub tail: Tail,
+    /// The locks on the files: held, never read, until the plan is dropped.
+    #[allow(dead_code)]
+    pub locks: FileLocks,
 }
 
 /// Opens and checks the targets of a zero job and works out the length.
 ///
 /// # Errors
 /// Any check failing, or targets of different lengths without `--length`.
-pub fn plan_zero(
-    targets: &[DeviceArg],
-    length: Option<u64>,
-    settings: &Settings,
-) -> Result<(Vec<Opened>, u64), CliError> {
+pub fn plan_zero(targets: &[DeviceArg], length: Option<u64>, settings: &Settings) -> Result<ZeroPlan, CliError> {
     check_target_count(targets.len())?;
+    let mut locks = FileLocks::default();
     let mut opened: Vec<Opened> = Vec::with_capacity(targets.len());
     for arg in targets {
-        check_sector_offset(arg, Role::Target)?;
+        check_before_open(arg, Role::Target)?;
         // Only a `sim:` device without `size` is sized here: files are neither made nor grown.
         let create_len = match arg.backend {
             Backend::Sim(_) => length.map(|len_bytes| arg.offset_bytes.saturating_add(len_bytes)),
             Backend::Path(_) => None,
         };
-        opened.push(open(arg, Role::Target, true, create_len, settings)?);
+        opened.push(open(arg, Role::Target, true, create_len, settings, &mut locks)?);
     }
     let len_bytes = match length {
         Some(len_bytes) => len_bytes,
@@ -421,18 +660,12 @@ pub fn plan_zero(
             len_bytes
         }
     };
-    if len_bytes % SECTOR_SIZE as u64 != 0 {
-        return Err(CliError::argument(
-            "--length",
-            len_bytes.to_string(),
-            format!("{len_bytes} bytes is not a whole number of {SECTOR_SIZE}-byte sectors"),
-        ));
-    }
     for (index, target) in opened.iter().enumerate() {
         target.check_range(len_bytes)?;
         for other in &opened[..index] {
             target.check_overlap(other, len_bytes)?;
         }
     }
-    Ok((opened, len_bytes))
+    let tail = check_tail(None, &opened, len_bytes)?;
+    Ok(ZeroPlan { targets: opened, len_bytes, tail, locks })
 }

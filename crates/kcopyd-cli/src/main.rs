@@ -19,10 +19,12 @@ mod demo;
 mod device_arg;
 mod devices;
 mod error;
+mod locks;
 mod progress;
 mod report;
 mod sim;
 mod size;
+mod tail;
 
 use std::process::ExitCode;
 

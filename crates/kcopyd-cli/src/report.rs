@@ -27,6 +27,14 @@ pub struct Report {
     pub bytes: u64,
     /// Bytes in the range.
     pub bytes_total: u64,
+    /// `copy`, `zero`: bytes of the range that every target now holds (copied or zeroed):
+    /// `bytes_total - bytes_not_copied`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_copied: Option<u64>,
+    /// `copy`, `zero`: bytes of the range that at least one target does not hold (the union
+    /// of the targets' `not_copied_sectors`, in bytes of the range).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_not_copied: Option<u64>,
     /// Wall-clock seconds of the job (with the final flush, without verification).
     pub seconds: f64,
     /// `bytes / seconds`.
@@ -73,6 +81,9 @@ pub struct TargetReport {
     /// Target sectors that do not hold the source's data (`copy`) or zeroes (`zero`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub not_copied_sectors: Option<Vec<[u64; 2]>>,
+    /// The same in bytes of the range (a partial last sector counts its bytes only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_not_copied: Option<u64>,
     /// The final flush failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flush_error: Option<String>,
@@ -84,8 +95,13 @@ pub struct TargetReport {
 /// A comparison's summary.
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifyReport {
-    /// Bytes compared.
+    /// Bytes of the range read back (skipped ones included).
     pub bytes: u64,
+    /// Bytes of the range left out for at least one target because the copy reported them
+    /// not copied (`copy --verify`; 0 for `verify`).
+    pub bytes_skipped: u64,
+    /// `bytes - bytes_skipped`: compared on every target.
+    pub bytes_verified: u64,
     /// Wall-clock seconds of the comparison.
     pub seconds: f64,
     /// `bytes / seconds`.
@@ -143,10 +159,25 @@ pub fn target_verify(diff: &TargetDiff, start_sector: u64) -> TargetVerify {
     }
 }
 
-/// A comparison's summary.
-pub fn verify_report(comparison: &Comparison, bytes: u64, seconds: f64) -> VerifyReport {
+/// Bytes of a range of `len_bytes` in `sectors` (relative to the range): whole sectors, but
+/// only the bytes of the range in a partial last sector.
+///
+/// Worked example: a range of 1000 bytes, sectors 0..2: 1000 bytes, not 1024.
+pub fn range_bytes(sectors: &RangeSet, len_bytes: u64) -> u64 {
+    let sector = SECTOR_SIZE as u64;
+    sectors
+        .ranges()
+        .iter()
+        .map(|r| r.end.saturating_mul(sector).min(len_bytes).saturating_sub(r.start.saturating_mul(sector)))
+        .sum()
+}
+
+/// A comparison's summary; `skipped_bytes` were left out as not copied.
+pub fn verify_report(comparison: &Comparison, bytes: u64, skipped_bytes: u64, seconds: f64) -> VerifyReport {
     VerifyReport {
         bytes,
+        bytes_skipped: skipped_bytes,
+        bytes_verified: bytes.saturating_sub(skipped_bytes),
         seconds,
         throughput_bytes_per_s: throughput(bytes, seconds),
         block_bytes: comparison.block_bytes,
@@ -202,16 +233,27 @@ fn verb(command: &str) -> &'static str {
 pub fn human(report: &Report) -> String {
     let mut out = String::new();
     let rate = Bytes(report.throughput_bytes_per_s as u64);
+    let done = report.bytes_copied.unwrap_or(report.bytes);
     if report.cancelled {
-        let percent =
-            if report.bytes_total == 0 { 100.0 } else { report.bytes as f64 * 100.0 / report.bytes_total as f64 };
+        let percent = if report.bytes_total == 0 { 100.0 } else { done as f64 * 100.0 / report.bytes_total as f64 };
         let _ = writeln!(
             out,
             "cancelled: {} {} of {} ({percent:.1}%) in {:.2} s ({rate}/s)",
             verb(report.command),
-            Bytes(report.bytes),
+            Bytes(done),
             Bytes(report.bytes_total),
             report.seconds
+        );
+    } else if let Some(not_copied) = report.bytes_not_copied.filter(|&bytes| bytes > 0) {
+        let _ = writeln!(
+            out,
+            "{} {} of {} in {:.2} s, with errors: {} {}",
+            verb(report.command),
+            Bytes(done),
+            Bytes(report.bytes_total),
+            report.seconds,
+            Bytes(not_copied),
+            if report.command == "zero" { "not zeroed" } else { "not copied" }
         );
     } else {
         let _ = writeln!(
@@ -274,10 +316,15 @@ pub fn human(report: &Report) -> String {
     }
     if let Some(verify) = &report.verify {
         if report.command != "verify" {
+            let skipped = if verify.bytes_skipped > 0 {
+                format!(" ({} skipped: not copied)", Bytes(verify.bytes_skipped))
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 out,
-                "verified {} in {:.2} s ({}/s): {}",
-                Bytes(verify.bytes),
+                "verified {}{skipped} in {:.2} s ({}/s): {}",
+                Bytes(verify.bytes_verified),
                 verify.seconds,
                 Bytes(verify.throughput_bytes_per_s as u64),
                 if verify.identical { "identical" } else { "differences found" }
@@ -297,6 +344,14 @@ pub fn human(report: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn range_bytes_count_only_the_range() {
+        assert_eq!(range_bytes(&RangeSet::from_range(0..2), 1000), 1000);
+        assert_eq!(range_bytes(&RangeSet::from_range(1..2), 1000), 488);
+        assert_eq!(range_bytes(&RangeSet::from_range(0..8), 1 << 20), 4096);
+        assert_eq!(range_bytes(&RangeSet::new(), 1 << 20), 0);
+    }
 
     #[test]
     fn ranges_are_listed_with_a_total_and_capped() {

@@ -378,7 +378,11 @@ fn parse_ranges(key: &'static str, value: &str) -> Result<Vec<Range<u64>>, SimEr
                 Some((start, end)) => number(start)?..number(end)?,
                 None => {
                     let sector = number(piece)?;
-                    sector..sector.saturating_add(1)
+                    // u64::MAX itself has no end sector: no disk reaches it.
+                    let end = sector.checked_add(1).ok_or_else(|| {
+                        invalid(format!("sector {sector} is out of range: sectors go up to {}", u64::MAX - 1))
+                    })?;
+                    sector..end
                 }
             };
             if range.start >= range.end {
@@ -455,6 +459,9 @@ mod tests {
             ("read-error-ppm=2000000", "'read-error-ppm'"),
             ("slow-ppm=10", "'slow-ppm'"),
             ("fail-after=1,fail-after=2", "'fail-after'"),
+            ("latency=10h", "us, ms or s"),
+            ("slow=0:2h", "us, ms or s"),
+            ("bad-read=18446744073709551615", "out of range"),
         ];
         for (text, key) in cases {
             let message = SimSpec::parse(text).unwrap_err().to_string();

@@ -50,6 +50,14 @@ pub enum SizeError {
         /// What was given.
         text: String,
     },
+    /// The unit after a duration's number is not a duration unit.
+    #[error("unknown duration unit '{unit}' in '{text}' (use us, ms or s)")]
+    UnknownDurationUnit {
+        /// What was given.
+        text: String,
+        /// The unit.
+        unit: String,
+    },
     /// A duration without a unit.
     #[error("'{text}' needs a unit: us, ms or s")]
     DurationUnit {
@@ -123,7 +131,7 @@ pub fn parse_duration_us(text: &str) -> Result<u64, SizeError> {
         "ms" => 1_000,
         "s" => 1_000_000,
         "" => return Err(SizeError::DurationUnit { text: text.trim().to_owned() }),
-        _ => return Err(SizeError::UnknownUnit { text: text.trim().to_owned(), unit: unit.to_owned() }),
+        _ => return Err(SizeError::UnknownDurationUnit { text: text.trim().to_owned(), unit: unit.to_owned() }),
     };
     scale(text.trim(), number, multiplier)
 }
@@ -212,7 +220,9 @@ mod tests {
         assert_eq!(parse_duration_us("2ms"), Ok(2000));
         assert_eq!(parse_duration_us("1.5s"), Ok(1_500_000));
         assert!(matches!(parse_duration_us("100"), Err(SizeError::DurationUnit { .. })));
-        assert!(matches!(parse_duration_us("1h"), Err(SizeError::UnknownUnit { .. })));
+        assert!(matches!(parse_duration_us("1h"), Err(SizeError::UnknownDurationUnit { .. })));
+        let message = parse_duration_us("10h").unwrap_err().to_string();
+        assert!(message.contains("'h'") && message.contains("us, ms or s") && !message.contains("KiB"), "{message}");
         assert_eq!(parse_rate("500M"), Ok(500 << 20));
         assert_eq!(parse_rate("500M/s"), Ok(500 << 20));
     }

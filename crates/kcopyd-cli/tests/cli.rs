@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use kcopyd_tests::fixtures::{LoopDevice, Mount, TempDir, is_root, pattern, run, skip};
+use kcopyd_tests::fixtures::{Ext4OnLoop, LoopDevice, Mount, TempDir, is_root, pattern, run, skip};
 use serde_json::Value;
 
 const KIB: usize = 1024;
@@ -272,6 +272,34 @@ fn simulated_faults_give_exit_1_and_the_failed_ranges() {
 }
 
 #[test]
+fn the_summary_says_how_much_was_copied_and_verified() {
+    // Without --ignore-errors the first sub-job fails and nothing lands.
+    let failing = "sim:size=64M,seed=1,bad-read=100-108";
+    let ran = kcopyd(&["copy", failing, "sim:"]);
+    assert_eq!(ran.code, 1, "{ran:?}");
+    let headline = ran.stdout.lines().next().unwrap();
+    assert!(headline.starts_with("copied 0 B of 64 MiB") && headline.contains("64 MiB not copied"), "{headline}");
+    let report = json(&kcopyd(&["copy", failing, "sim:", "--json"]));
+    assert_eq!((report["bytes_copied"].as_u64(), report["bytes_not_copied"].as_u64()), (Some(0), Some(64 << 20)));
+    assert_eq!(report["targets"][0]["bytes_not_copied"], 64 << 20);
+    // With it, all but the unreadable 4 KiB; the verification says what it skipped.
+    let ran = kcopyd(&["copy", failing, "sim:", "--ignore-errors", "--verify"]);
+    assert_eq!(ran.code, 1, "{ran:?}");
+    assert!(ran.stdout.starts_with("copied 63.99 MiB of 64 MiB"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("with errors: 4 KiB not copied"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("verified 63.99 MiB (4 KiB skipped: not copied)"), "{}", ran.stdout);
+    let report = json(&kcopyd(&["copy", failing, "sim:", "--ignore-errors", "--verify", "--json"]));
+    assert_eq!(report["bytes_copied"].as_u64(), Some((64 << 20) - 4096));
+    assert_eq!(
+        (report["verify"]["bytes_skipped"].as_u64(), report["verify"]["bytes_verified"].as_u64()),
+        (Some(4096), Some((64 << 20) - 4096))
+    );
+    // A clean copy says so.
+    let report = json(&kcopyd(&["copy", "sim:size=1M,seed=1", "sim:", "--json"]));
+    assert_eq!((report["bytes_copied"].as_u64(), report["bytes_not_copied"].as_u64()), (Some(MIB as u64), Some(0)));
+}
+
+#[test]
 fn a_failing_device_and_a_misdirected_write_are_reported_and_caught_by_verify() {
     // The target fails from its fourth request on: 1 MiB sub-jobs, so 3 MiB land and 5 MiB
     // fail, and the report says exactly which.
@@ -302,15 +330,58 @@ fn a_failing_device_and_a_misdirected_write_are_reported_and_caught_by_verify() 
 }
 
 #[test]
-fn a_short_last_block_of_the_source_file_is_named() {
-    let dir = TempDir::new("cli-trailing");
-    let source = dir.file_with("source.img", &pattern(7, 1000));
-    let target = dir.join("target.img");
-    // Buffered: 512-byte logical blocks on any filesystem.
-    let ran = kcopyd(&["copy", s(&source), s(&target), "--buffered"]);
+fn files_of_any_size_are_copied_zeroed_and_verified_whole() {
+    let test = "files_of_any_size_are_copied_zeroed_and_verified_whole";
+    let dir = TempDir::new("cli-any-size");
+    let data = pattern(7, 1_000_001);
+    let source = dir.file_with("source.img", &data);
+    for (name, mode) in [("direct.img", None), ("buffered.img", Some("--buffered"))] {
+        let target = dir.join(name);
+        let mut args = vec!["copy", s(&source), s(&target), "--verify", "--json"];
+        args.extend(mode);
+        let ran = kcopyd(&args);
+        assert_eq!(ran.code, 0, "{ran:?}");
+        assert!(ran.stderr.is_empty(), "nothing left out, nothing to warn about: {ran:?}");
+        let report = json(&ran);
+        assert_eq!((report["bytes"].as_u64(), report["bytes_total"].as_u64()), (Some(1_000_001), Some(1_000_001)));
+        assert_eq!(report["verify"]["bytes"], 1_000_001);
+        assert_eq!(fs::read(&target).unwrap(), data, "{name}: every byte, and the same length");
+    }
+    // A file of under one block, into an existing longer file at an offset.
+    let small = dir.file_with("small.img", &pattern(8, 1000));
+    let old = pattern(9, 8192);
+    let existing = dir.file_with("existing.img", &old);
+    let ran = kcopyd(&["copy", s(&small), &format!("{}@4K", s(&existing)), "--verify"]);
     assert_eq!(ran.code, 0, "{ran:?}");
-    assert!(ran.stderr.contains("warning") && ran.stderr.contains("last 488 bytes"), "{ran:?}");
-    assert_eq!(fs::read(&target).unwrap(), pattern(7, 512));
+    let after = fs::read(&existing).unwrap();
+    assert_eq!(
+        (&after[..4096], &after[4096..5096], &after[5096..]),
+        (&old[..4096], &pattern(8, 1000)[..], &old[5096..])
+    );
+    // A difference in the last, partial block is found.
+    let target = dir.join("direct.img");
+    let mut changed = data.clone();
+    changed[1_000_000] ^= 1;
+    fs::write(&target, &changed).unwrap();
+    let report = json(&kcopyd(&["verify", s(&source), s(&target), "--json"]));
+    assert_eq!(report["status"], "differences");
+    assert_eq!(report["targets"][0]["verify"]["differing_blocks"], 1);
+    assert_eq!(report["targets"][0]["verify"]["first_differing_sector"], 1_000_000 / 512);
+    // Zeroed whole, partial last block too.
+    let ran = kcopyd(&["zero", s(&target)]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert_eq!(fs::read(&target).unwrap(), vec![0; 1_000_001]);
+    // A length that ends inside a block and not at the end of the source: refused as before.
+    let ran = kcopyd(&["copy", s(&source), s(&dir.join("short.img")), "--length", "1000"]);
+    assert_usage_error(&ran, &["--length", "1000", "partial block"]);
+    // A block device takes whole blocks only: refused, naming the length that fits.
+    let backing = dir.zero_file("backing.img", 2 * MIB as u64);
+    let Some(device) = LoopDevice::attach_or_skip(test, &backing, 512) else { return };
+    let ran = kcopyd(&["copy", s(&source), s(device.path())]);
+    assert_usage_error(&ran, &["--length", "1000001", "whole blocks", "--length 999936"]);
+    assert_eq!(fs::read(&backing).unwrap(), vec![0; 2 * MIB], "nothing written");
+    let ran = kcopyd(&["copy", s(&source), s(device.path()), "--length", "999936"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
 }
 
 #[test]
@@ -508,8 +579,9 @@ fn malformed_sizes_are_usage_errors_naming_the_option() {
     let source = dir.file_with("source.img", &pattern(22, MIB));
     let target = dir.file_with("target.img", &pattern(23, MIB));
     let before = contents(&[&target]);
-    let cases: [(&[&str], &[&str]); 8] = [
+    let cases: [(&[&str], &[&str]); 9] = [
         (&["--length", "12Q"], &["--length", "12Q", "unknown unit"]),
+        (&["--memory", "100T"], &["--memory", "100 TiB", "more than the largest budget, 15.99 TiB"]),
         (&["--length", "1MB"], &["--length", "1MB"]),
         (&["--length", "-5"], &["--length"]),
         (&["--memory", "lots"], &["--memory", "lots", "not a number"]),
@@ -527,6 +599,15 @@ fn malformed_sizes_are_usage_errors_naming_the_option() {
     assert_usage_error(&ran, &["TARGET", "offset '1Q'"]);
     let ran = kcopyd(&["copy", s(&source)]);
     assert_usage_error(&ran, &["TARGET", "not provided"]);
+    // A name ending in '/' asks for a directory.
+    for (role, args) in [
+        ("TARGET", vec!["copy", s(&source), &format!("{}/", s(&target))[..]]),
+        ("TARGET", vec!["copy", s(&source), &format!("{}/", s(&dir.join("new.img")))[..]]),
+        ("SOURCE", vec!["verify", &format!("{}/", s(&source))[..], s(&target)]),
+    ] {
+        assert_usage_error(&kcopyd(&args), &[role, "not a directory"]);
+    }
+    assert!(!dir.join("new.img").exists());
     assert_eq!(contents(&[&target]), before);
 }
 
@@ -655,6 +736,18 @@ fn verify_counts_logical_blocks_and_reports_unreadable_ones() {
 }
 
 #[test]
+fn verify_compares_a_file_with_itself() {
+    let dir = TempDir::new("cli-verify-self");
+    let file = dir.file_with("x.img", &pattern(41, 2 * MIB));
+    let ran = kcopyd(&["verify", s(&file), s(&file)]);
+    assert_eq!(ran.code, 0, "reading twice is harmless: {ran:?}");
+    assert!(ran.stdout.contains("identical"), "{}", ran.stdout);
+    let ran = kcopyd(&["verify", s(&file), &format!("{}@512K", s(&file)), "--length", "1M", "--json"]);
+    assert_eq!(ran.code, 1, "overlapping ranges are compared: {ran:?}");
+    assert_eq!(json(&ran)["targets"][0]["verify"]["first_differing_sector"], 1024);
+}
+
+#[test]
 fn verify_reads_in_large_chunks_with_several_in_flight() {
     // Every read costs 100 ms, 8 at a time. 64 MiB in 2 MiB reads, 16 in flight: 32 reads a
     // disk, 4 rounds, about 0.4 s. One read at a time would take 3.2 s; 4 KiB reads, minutes.
@@ -665,6 +758,52 @@ fn verify_reads_in_large_chunks_with_several_in_flight() {
     assert_eq!(report["bytes"], 64 * MIB as u64);
     let seconds = report["seconds"].as_f64().unwrap();
     assert!(seconds < 2.0, "compared in {seconds} s");
+}
+
+#[test]
+fn verify_takes_every_target_count_and_every_budget_copy_takes() {
+    for memory in ["4K", "64K", "16M"] {
+        for count in [1usize, 2, 16, 17, 128] {
+            let mut args = vec!["verify", "sim:size=1M,seed=1", "--memory", memory, "--json"];
+            args.extend(std::iter::repeat_n("sim:size=1M,seed=1", count));
+            let ran = kcopyd(&args);
+            assert_eq!(ran.code, 0, "{count} targets, --memory {memory}: {}", ran.stderr);
+            let report = json(&ran);
+            assert_eq!(report["bytes"], MIB as u64);
+            assert_eq!(report["targets"].as_array().unwrap().len(), count);
+        }
+    }
+    // A difference in the last of 128 targets, read in groups of one page's worth.
+    let mut args = vec!["verify", "sim:size=1M,seed=1", "--memory", "64K", "--json"];
+    args.extend(std::iter::repeat_n("sim:size=1M,seed=1", 127));
+    args.push("sim:size=1M,seed=2");
+    let report = json(&kcopyd(&args));
+    assert_eq!(report["status"], "differences");
+    assert_eq!(report["targets"][127]["verify"]["first_differing_sector"], 0);
+    assert_eq!(report["targets"][126]["status"], "identical");
+}
+
+#[test]
+fn copy_verify_to_many_targets_in_a_small_budget_then_nothing_refused_after_writing() {
+    let dir = TempDir::new("cli-verify-many");
+    let data = pattern(40, 256 * KIB);
+    let source = dir.file_with("source.img", &data);
+    let targets: Vec<PathBuf> = (0..17).map(|i| dir.join(&format!("t{i}.img"))).collect();
+    for memory in ["4K", "64K"] {
+        let mut args = vec!["copy", s(&source), "--verify", "--memory", memory, "--buffered"];
+        args.extend(targets.iter().map(|t| s(t)));
+        let ran = kcopyd(&args);
+        assert_eq!(ran.code, 0, "--memory {memory}: {ran:?}");
+        assert!(ran.stdout.contains("identical"), "{}", ran.stdout);
+    }
+    for target in &targets {
+        assert_eq!(fs::read(target).unwrap(), data);
+    }
+    // A block larger than the budget is refused before anything is written.
+    let fresh = dir.join("fresh.img");
+    let ran = kcopyd(&["copy", "sim:size=1M,seed=1,block=8192", s(&fresh), "--verify", "--memory", "4K"]);
+    assert_usage_error(&ran, &["8192"]);
+    assert!(!fresh.exists(), "nothing was written: {ran:?}");
 }
 
 // ---- demo, progress, Ctrl-C, flush --------------------------------------------------------
@@ -814,4 +953,184 @@ fn every_target_is_flushed_after_the_copy() {
         };
         assert!(flush > last_write, "the flush of {opened} comes after its last write");
     }
+}
+
+// ---- the project's own instructions -------------------------------------------------------
+
+#[test]
+fn the_readme_test_command_needs_only_rust_and_ci_runs_it_without_nextest() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let readme = fs::read_to_string(root.join("README.md")).unwrap();
+    let commands = readme.split("## Two commands").nth(1).and_then(|rest| rest.split("## ").next()).unwrap();
+    let block = commands.split("```").nth(1).expect("a code block of commands");
+    assert!(block.lines().any(|line| line.starts_with("cargo test --workspace")), "{block}");
+    assert!(!block.contains("nextest"), "a fresh machine has no cargo-nextest: {block}");
+    let ci = fs::read_to_string(root.join(".ci/run")).unwrap();
+    assert!(ci.contains("command -v cargo-nextest"), ".ci/run checks for nextest before using it");
+    assert!(ci.contains("cargo test --no-fail-fast \"$@\""), ".ci/run falls back to cargo test");
+}
+
+#[test]
+fn help_shows_examples_for_every_command() {
+    let ran = kcopyd(&["--help"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert!(
+        ran.stdout.contains("Examples:") && ran.stdout.contains("kcopyd copy disk.img backup.img"),
+        "{}",
+        ran.stdout
+    );
+    for command in ["copy", "zero", "verify", "demo"] {
+        let ran = kcopyd(&[command, "--help"]);
+        assert_eq!(ran.code, 0, "{ran:?}");
+        let examples = ran.stdout.split("Examples:").nth(1).unwrap_or_else(|| panic!("{command}: {}", ran.stdout));
+        assert!(examples.contains(&format!("kcopyd {command} ")), "{command}: {examples}");
+    }
+}
+
+// ---- safety against other programs and other names -----------------------------------------
+
+/// Whether `/proc/locks` shows a write lock on the file at `path`.
+fn write_locked(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let inode = fs::metadata(path).unwrap().ino();
+    let locks = fs::read_to_string("/proc/locks").unwrap_or_default();
+    locks.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.contains(&"WRITE") && fields.iter().any(|f| f.rsplit(':').next() == Some(&inode.to_string()))
+    })
+}
+
+#[test]
+fn a_second_run_writing_the_same_file_is_refused_as_busy() {
+    let dir = TempDir::new("cli-lock");
+    let old = pattern(42, 4 * MIB);
+    let target = dir.file_with("target.img", &old);
+    // 32 reads of 64 KiB, one at a time, 100 ms each: the first run holds the file 3.2 s.
+    let mut first = Command::new(env!("CARGO_BIN_EXE_kcopyd"))
+        .args(["copy", "sim:size=2M,seed=1,latency=100ms", s(&target), "--sub-job-size", "64K"])
+        .args(["--subjobs-in-flight", "1", "--quiet"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !write_locked(&target) {
+        assert!(started.elapsed() < Duration::from_secs(10), "the first run locks its target");
+        assert!(first.try_wait().unwrap().is_none(), "the first run is still running");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let second = kcopyd(&["copy", "sim:size=1M,seed=2", &format!("{}@2M", s(&target))]);
+    assert_usage_error(&second, &["TARGET", "target busy"]);
+    let zero = kcopyd(&["zero", &format!("{}@2M", s(&target))]);
+    assert_usage_error(&zero, &["TARGET", "target busy"]);
+    let reader = kcopyd(&["copy", s(&target), "sim:"]);
+    assert_usage_error(&reader, &["SOURCE", "busy"]);
+    let first = ran(first.wait_with_output().unwrap());
+    assert_eq!(first.code, 0, "{first:?}");
+    let after = fs::read(&target).unwrap();
+    assert_eq!(&after[2 * MIB..], &old[2 * MIB..], "the second run wrote nothing");
+    // Once the first run is over, the file is free again.
+    let ran = kcopyd(&["zero", &format!("{}@2M", s(&target))]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+}
+
+#[test]
+fn read_only_targets_are_refused_before_any_io() {
+    let test = "read_only_targets_are_refused_before_any_io";
+    let dir = TempDir::new("cli-ro-targets");
+    let source = dir.file_with("source.img", &pattern(43, MIB));
+    let writable = dir.file_with("writable.img", &pattern(44, MIB));
+    // A file nobody may write: refused also for root.
+    let marked = dir.file_with("marked.img", &pattern(45, MIB));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&marked, fs::Permissions::from_mode(0o444)).unwrap();
+    }
+    let before = contents(&[&writable, &marked]);
+    let ran = kcopyd(&["copy", s(&source), s(&writable), s(&marked)]);
+    assert_usage_error(&ran, &["TARGET", "marked.img"]);
+    assert!(ran.stderr.contains("read-only") || ran.stderr.contains("permission denied"), "{}", ran.stderr);
+    assert_usage_error(&kcopyd(&["zero", s(&marked)]), &["TARGET", "marked.img"]);
+    assert_eq!(contents(&[&writable, &marked]), before, "nothing written");
+    // A read-only loop device: the open succeeds but every write would fail.
+    let backing = dir.file_with("backing.img", &pattern(46, MIB));
+    let Some(device) = LoopDevice::attach_with_or_skip(test, &backing, 512, &["--read-only"]) else { return };
+    let before = contents(&[&writable, &backing]);
+    let ran = kcopyd(&["copy", s(&source), s(&writable), s(device.path())]);
+    assert_usage_error(&ran, &["TARGET", s(device.path()), "read-only"]);
+    assert_usage_error(&kcopyd(&["zero", s(device.path())]), &["TARGET", "read-only"]);
+    assert_eq!(contents(&[&writable, &backing]), before, "nothing written");
+    // Reading from it is fine.
+    let ran = kcopyd(&["verify", s(device.path()), s(&backing)]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+}
+
+/// An image with an MBR whose one partition starts at `start_sectors` and holds `len_sectors`.
+fn partitioned_image(data: &mut [u8], start_sectors: u32, len_sectors: u32) {
+    // Four 16-byte entries; the last three empty.
+    data[446..510].fill(0);
+    let entry = &mut data[446..462];
+    entry[4] = 0x83; // Linux
+    entry[8..12].copy_from_slice(&start_sectors.to_le_bytes());
+    entry[12..16].copy_from_slice(&len_sectors.to_le_bytes());
+    data[510] = 0x55;
+    data[511] = 0xaa;
+}
+
+#[test]
+fn overlap_is_seen_through_loop_devices_and_partitions() {
+    let test = "overlap_is_seen_through_loop_devices_and_partitions";
+    let dir = TempDir::new("cli-overlap-names");
+    let mut data = pattern(47, 8 * MIB);
+    // One partition from 1 MiB (sector 2048) to 5 MiB.
+    partitioned_image(&mut data, 2048, 8192);
+    let disk = dir.file_with("disk.img", &data);
+    let Some(whole) = LoopDevice::attach_with_or_skip(test, &disk, 512, &["--partscan"]) else { return };
+    let partition = PathBuf::from(format!("{}p1", s(whole.path())));
+    let started = Instant::now();
+    while !partition.exists() && started.elapsed() < Duration::from_secs(1) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !partition.exists() {
+        // A kernel without the MBR parser: partx reads the table and adds the partition.
+        if let Err(error) = run("partx", &["--add", s(whole.path())]) {
+            return skip(test, format!("{} did not appear and partx cannot add it: {error}", partition.display()));
+        }
+    }
+    let cases: [(String, String, &str); 4] = [
+        // A loop device over the source file, written 512 KiB in.
+        (s(&disk).into(), format!("{}@512K", s(whole.path())), "loop device over"),
+        // The partition's byte 0 is byte 1 MiB of the file.
+        (format!("{}@1536K", s(&disk)), s(&partition).into(), "partition of"),
+        (s(&partition).into(), format!("{}@1536K", s(&disk)), "partition of"),
+        (format!("{}@2M", s(whole.path())), format!("{}@512K", s(&partition)), "partition of"),
+    ];
+    for (source, target, layer) in cases {
+        let ran = kcopyd(&["copy", &source, &target, "--length", "1M"]);
+        assert_usage_error(&ran, &["TARGET", "overlaps SOURCE", "on the same storage", layer]);
+    }
+    assert_eq!(fs::read(&disk).unwrap(), data, "nothing was written");
+    // Ranges side by side on the same storage are fine: the partition's first MiB lies at
+    // 1-2 MiB of the file, copied to 6 MiB of the file.
+    let ran = kcopyd(&["copy", s(&partition), &format!("{}@6M", s(&disk)), "--length", "1M", "--verify"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert_eq!(&fs::read(&disk).unwrap()[6 * MIB..7 * MIB], &data[MIB..2 * MIB]);
+}
+
+#[test]
+fn a_source_mounted_read_write_gets_a_warning() {
+    let test = "a_source_mounted_read_write_gets_a_warning";
+    let dir = TempDir::new("cli-mounted-source");
+    let Some(ext4) = Ext4OnLoop::new_or_skip(test, &dir, 16 * MIB as u64, 512) else { return };
+    let target = dir.join("copy.img");
+    let ran = kcopyd(&["copy", s(ext4.device()), s(&target), "--length", "1M"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert!(ran.stderr.contains("warning") && ran.stderr.contains("mounted read-write"), "{ran:?}");
+    // Through the image file under the loop device, too.
+    let ran = kcopyd(&["verify", s(&dir.join("ext4.img")), s(&target), "--length", "1M"]);
+    assert!(ran.stderr.contains("mounted read-write"), "{ran:?}");
+    // An unmounted device reads without a warning.
+    let plain = dir.file_with("plain.img", &pattern(48, MIB));
+    let ran = kcopyd(&["copy", s(&plain), s(&dir.join("plain-copy.img"))]);
+    assert!(ran.stderr.is_empty(), "{ran:?}");
 }

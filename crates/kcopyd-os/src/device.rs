@@ -16,6 +16,7 @@ use crate::engine_sync::{self, MemoryRules, SyncEngine, Transfer};
 #[cfg(feature = "io-uring")]
 use crate::engine_uring::UringEngine;
 use crate::error::{OpenError, classify};
+use crate::storage::Storage;
 use crate::sys;
 
 /// Queue depth (I/O threads per device) when none is given.
@@ -220,6 +221,8 @@ pub struct OsDevice {
     file: Arc<File>,
     geometry: Geometry,
     id: DeviceId,
+    /// The file or whole disk underneath, and where byte 0 lies on it.
+    storage: Storage,
     /// What user memory must look like for O_DIRECT; `None` when buffered.
     rules: Option<MemoryRules>,
     /// Files: whether `FALLOC_FL_ZERO_RANGE` is still believed to work.
@@ -259,6 +262,18 @@ impl OsDevice {
             });
         }
         let file = open_descriptor(path, kind, options)?;
+        if kind == DeviceKind::BlockDevice && options.write {
+            // The open succeeds on a read-only device, and then every write fails (EPERM):
+            // refuse it now, before any I/O.
+            let read_only = sys::block_device_is_read_only(&file)
+                .map_err(|source| OpenError::ReadOnlyFlag { path: path.to_path_buf(), source })?;
+            if read_only {
+                return Err(OpenError::ReadOnly {
+                    path: path.to_path_buf(),
+                    source: io::Error::new(io::ErrorKind::PermissionDenied, "the block device is read-only (BLKROGET)"),
+                });
+            }
+        }
         let metadata = file.metadata().map_err(|source| OpenError::Metadata { path: path.to_path_buf(), source })?;
         if kind_of(path, &metadata)? != kind {
             return Err(OpenError::Open {
@@ -266,14 +281,16 @@ impl OsDevice {
                 source: io::Error::other("the path changed type while it was being opened"),
             });
         }
-        let (geometry, rules, id) = match kind {
+        let (geometry, rules, id, storage) = match kind {
             DeviceKind::File => {
                 let (geometry, rules) = file_geometry(path, &file, metadata.len(), options)?;
-                (geometry, rules, DeviceId { namespace: "file", major: metadata.dev(), minor: metadata.ino() })
+                let id = DeviceId { namespace: "file", major: metadata.dev(), minor: metadata.ino() };
+                (geometry, rules, id, Storage::of_file(metadata.dev(), metadata.ino()))
             }
             DeviceKind::BlockDevice => {
                 let (geometry, rules) = block_device_geometry(path, &file, metadata.rdev(), options)?;
-                (geometry, rules, DeviceId { namespace: "block", major: metadata.rdev(), minor: 0 })
+                let id = DeviceId { namespace: "block", major: metadata.rdev(), minor: 0 };
+                (geometry, rules, id, Storage::of_block_device(metadata.rdev()))
             }
         };
         #[cfg(feature = "io-uring")]
@@ -295,6 +312,7 @@ impl OsDevice {
             zero_range: AtomicBool::new(kind == DeviceKind::File && geometry.write_zeroes),
             geometry,
             id,
+            storage,
             rules,
             engine,
             #[cfg(feature = "io-uring")]
@@ -316,6 +334,12 @@ impl OsDevice {
     /// The options it was opened with.
     pub fn options(&self) -> &OpenOptions {
         &self.options
+    }
+
+    /// The file or whole disk that holds this device's bytes, through partitions and loop
+    /// devices, and where byte 0 lies on it (found when the device opened).
+    pub fn storage(&self) -> &Storage {
+        &self.storage
     }
 
     /// Whether I/O bypasses the page cache (O_DIRECT).

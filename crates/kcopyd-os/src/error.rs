@@ -36,8 +36,8 @@ pub enum OpenError {
         #[source]
         source: io::Error,
     },
-    /// The file lies on a read-only filesystem, or the block device is read-only, and write
-    /// access was asked for.
+    /// The file lies on a read-only filesystem, or the block device is read-only (refused
+    /// at open, or marked read-only: BLKROGET), and write access was asked for.
     #[error("{}: read-only filesystem or device, cannot open it for writing", .path.display())]
     ReadOnly {
         /// The path given.
@@ -100,6 +100,15 @@ pub enum OpenError {
     /// The BLKGETSIZE64 ioctl (device size) failed.
     #[error("{}: reading the device size (BLKGETSIZE64)", .path.display())]
     DeviceSize {
+        /// The path given.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// The BLKROGET ioctl (read-only flag of a block device opened for writing) failed.
+    #[error("{}: reading the read-only flag (BLKROGET)", .path.display())]
+    ReadOnlyFlag {
         /// The path given.
         path: PathBuf,
         /// What the system said.
@@ -194,6 +203,7 @@ impl OpenError {
             | OpenError::Open { path, .. }
             | OpenError::DeviceSize { path, .. }
             | OpenError::LogicalBlockSize { path, .. }
+            | OpenError::ReadOnlyFlag { path, .. }
             | OpenError::UnsupportedAlignment { path, .. }
             | OpenError::DirectIoAlignment { path, .. }
             | OpenError::Extend { path, .. }

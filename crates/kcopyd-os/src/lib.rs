@@ -21,6 +21,9 @@
 //! Safety rules: sources are opened read-only; a block device opened for writing is opened
 //! exclusively, so a mounted or claimed device is refused ([`OpenError::Busy`]); a target
 //! file is never truncated, and only extended when [`OpenOptions::create_len`] asks for it.
+//! A block device opened for writing that is marked read-only (BLKROGET) is refused at open.
+//! [`OsDevice::storage`] follows partitions and loop devices down to the file or whole disk
+//! that holds the bytes, so that callers can see two names of the same storage.
 //! A filesystem that refuses O_DIRECT gets [`OpenError::DirectIoUnsupported`], which points to
 //! the buffered mode ([`OpenOptions::buffered`]).
 #![warn(missing_docs)]
@@ -31,6 +34,7 @@ mod engine_sync;
 #[cfg(feature = "io-uring")]
 mod engine_uring;
 mod error;
+mod storage;
 mod sys;
 
 pub use device::{
@@ -38,3 +42,4 @@ pub use device::{
 };
 pub use engine_sync::{BOUNCE_BYTES_MAX, IOVECS_PER_CALL_MAX, ZEROES_BYTES_PER_WRITE_MAX};
 pub use error::OpenError;
+pub use storage::{Mounted, Storage, StorageId, mounted_read_write};

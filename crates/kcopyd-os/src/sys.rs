@@ -20,6 +20,20 @@ const BLKGETSIZE64: Opcode = opcode::read::<usize>(0x12, 114);
 /// bytes, both multiples of the logical block size.
 const BLKZEROOUT: Opcode = opcode::none(0x12, 127);
 
+/// `BLKROGET`: `_IO(0x12, 94)`; the kernel writes 1 (read-only) or 0 as a C int through the
+/// pointer argument.
+const BLKROGET: Opcode = opcode::none(0x12, 94);
+
+/// Whether a block device is read-only (BLKROGET): `losetup -r`, `blockdev --setro`, a
+/// write-protected medium. Opening such a device for writing succeeds; every write fails.
+pub(crate) fn block_device_is_read_only(file: &File) -> io::Result<bool> {
+    // SAFETY: BLKROGET writes one C int through its pointer argument (`put_int`) and reads
+    // nothing; `Getter<_, c_int>` passes a pointer to such an int and reads it only after a
+    // successful call. `file` is a valid open descriptor for the whole call.
+    let read_only = unsafe { ioctl(file, Getter::<BLKROGET, std::ffi::c_int>::new()) }?;
+    Ok(read_only != 0)
+}
+
 /// Size of a block device in bytes (BLKGETSIZE64).
 pub(crate) fn block_device_size_bytes(file: &File) -> io::Result<u64> {
     // SAFETY: BLKGETSIZE64 is a read-direction ioctl whose argument is a pointer to a u64 the
@@ -187,6 +201,7 @@ mod tests {
         {
             assert_eq!(BLKGETSIZE64 as u64, 0x8008_1272);
             assert_eq!(BLKZEROOUT as u64, 0x127f);
+            assert_eq!(BLKROGET as u64, 0x125e);
         }
         assert_eq!(BLKZEROOUT as u64 & 0xffff, 0x127f);
         assert_eq!(BLKGETSIZE64 as u64 & 0xffff, 0x1272);
