@@ -202,15 +202,20 @@ fn at(set: &Sectors, start: u64) -> Vec<Range<u64>> {
     set.ranges().iter().map(|r| r.start + start..r.end + start).collect()
 }
 
-/// A device-coordinate `RangeSet` of the engine, as a job-relative `Sectors`, or a violation.
-fn relative(set: &RangeSet, start: u64, what: &str, violations: &mut Vec<String>) -> Sectors {
-    match Sectors::of(set) {
-        Ok(sectors) => Sectors::from_ranges(sectors.ranges().iter().map(|r| r.start - start..r.end - start)),
-        Err(problem) => {
-            violations.push(format!("{what}: malformed: {problem}"));
-            Sectors::from_ranges(set.ranges().iter().map(|r| r.start.saturating_sub(start)..r.end - start))
-        }
+/// A device-coordinate `RangeSet` of the engine for the region `start..start + len`, as a
+/// job-relative `Sectors`; a malformed set, or sectors outside the region, are violations.
+fn relative(set: &RangeSet, start: u64, len: u64, what: &str, violations: &mut Vec<String>) -> Sectors {
+    let sectors = Sectors::of(set).unwrap_or_else(|problem| {
+        violations.push(format!("{what}: malformed: {problem}"));
+        Sectors::from_ranges(set.ranges().iter().cloned())
+    });
+    let region = span(start..start + len);
+    let outside = sectors.difference(&region);
+    if !outside.is_empty() {
+        violations.push(format!("{what}: {outside:?} lie outside the region {:?}", start..start + len));
     }
+    let inside = sectors.intersection(&region);
+    Sectors::from_ranges(inside.ranges().iter().map(|r| r.start - start..r.end - start))
 }
 
 /// The rules for one job's first outcome.
@@ -249,7 +254,7 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
     // Reads: exactly the failed requests (without IGNORE_ERROR: whole sub-jobs), or exactly
     // the logical blocks that stayed unreadable once narrowed down (with it).
     let failed_reads: Vec<(&IoRecord, &Range<u64>)> = view.failed(|r| r == Role::Source).collect();
-    let read_failed = relative(&outcome.read_failed, source_start, &format!("job {j}: read_failed"), violations);
+    let read_failed = relative(&outcome.read_failed, source_start, len, &format!("job {j}: read_failed"), violations);
     if outcome.read_err == failed_reads.is_empty() {
         violations.push(format!("job {j}: read_err {} but {} reads failed", outcome.read_err, failed_reads.len()));
     }
@@ -368,8 +373,8 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
     for (i, &(t, start)) in layout.targets.iter().enumerate() {
         let name = format!("job {j} target {i} (target{t})");
         let report_i = &outcome.targets[i];
-        let write_failed = relative(&report_i.write_failed, start, &format!("{name}: write_failed"), violations);
-        let not_copied = relative(&report_i.not_copied, start, &format!("{name}: not_copied"), violations);
+        let write_failed = relative(&report_i.write_failed, start, len, &format!("{name}: write_failed"), violations);
+        let not_copied = relative(&report_i.not_copied, start, len, &format!("{name}: not_copied"), violations);
         let failed: Vec<Range<u64>> = view.failed(|r| r == Role::Target(i)).map(|(_, rel)| rel.clone()).collect();
         let expected_write_failed = Sectors::from_ranges(failed.iter().cloned());
         if outcome.write_err.contains(i) == failed.is_empty() {
@@ -592,5 +597,78 @@ fn check_contents(scenario: &Scenario, report: &Report, violations: &mut Vec<Str
         if disk.provenance(0..len) != expected {
             violations.push(format!("source{s} changed"));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::{Inputs, run};
+
+    /// A clean run of a seed with a copy job of several sub-jobs, and that job's index.
+    fn clean_run() -> (Scenario, Report, usize) {
+        for seed in 0.. {
+            let mut inputs = Inputs::from_seed(seed);
+            inputs.crash_at_us = None;
+            for disk in inputs.sources.iter_mut().chain(&mut inputs.targets) {
+                disk.faults = Default::default();
+            }
+            inputs.jobs.iter_mut().for_each(|job| job.cancel_after_us = None);
+            let scenario = inputs.layout();
+            let job = scenario.jobs.iter().position(|j| j.source.is_some() && j.len_sectors >= 8);
+            if let (Some(job), true) = (job, scenario.jobs.len() < 20) {
+                let report = run(&scenario);
+                assert_eq!(check(&scenario, &report), Vec::<String>::new(), "seed {seed} without faults");
+                return (scenario, report, job);
+            }
+        }
+        unreachable!()
+    }
+
+    fn tampered(change: impl FnOnce(&mut Outcome)) -> Vec<String> {
+        let (scenario, mut report, j) = clean_run();
+        change(report.jobs[j].outcome.as_mut().unwrap());
+        check(&scenario, &report)
+    }
+
+    #[test]
+    fn the_oracle_flags_every_kind_of_wrong_outcome() {
+        let (scenario, _, j) = clean_run();
+        let first = scenario.jobs[j].targets[0].1;
+        let cases: Vec<(&str, Vec<String>)> = vec![
+            ("not_copied", tampered(|o| o.targets[0].not_copied = RangeSet::from_range(first..first + 1))),
+            ("read_err", tampered(|o| o.read_err = true)),
+            ("cancelled", tampered(|o| o.cancelled = true)),
+            ("write_err", tampered(|o| o.write_err.set(0))),
+            (
+                "touching",
+                tampered(|o| {
+                    o.read_failed =
+                        serde_json::from_str(r#"{"ranges":[{"start":0,"end":1},{"start":1,"end":2}]}"#).unwrap()
+                }),
+            ),
+        ];
+        for (what, violations) in cases {
+            assert!(
+                violations.iter().any(|v| v.contains(what)),
+                "tampering with {what} went unnoticed: {violations:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_oracle_measures_sub_jobs_in_flight_from_the_trace() {
+        let (mut scenario, report, _) = clean_run();
+        // The same trace checked against a lower limit than the run had: sub-jobs that ran
+        // side by side are now too many.
+        let most = report.io.len();
+        assert!(most > 1);
+        scenario.config.subjobs_in_flight = 0;
+        let violations = check(&scenario, &report);
+        assert!(violations.iter().any(|v| v.contains("over subjobs_in_flight 0")), "{violations:?}");
+        scenario.config.subjobs_in_flight = 64;
+        scenario.config.page_budget = 0;
+        let violations = check(&scenario, &report);
+        assert!(violations.iter().any(|v| v.contains("over the budget of 0")), "{violations:?}");
     }
 }
