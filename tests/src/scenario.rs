@@ -333,6 +333,8 @@ impl Inputs {
                 subjobs_in_flight: self.subjobs_in_flight.clamp(1, 64),
                 queued_jobs_max: 1024,
                 huge_pages: true,
+                throttle: kcopyd_core::Throttle::OFF,
+                io_timeout_ms: None,
             },
             sources: self
                 .sources

@@ -39,19 +39,76 @@ pub fn assert_same(source: &MemDisk, source_start: u64, target: &MemDisk, target
 /// What a [`HookedDisk`] runs on an I/O: `(offset_sectors, len_bytes)`.
 pub type Hook = Box<dyn Fn(u64, usize) + Send + Sync>;
 
+/// Holds the I/Os of a [`HookedDisk`] until opened: a device that does not complete, for as
+/// long as the test likes (for ever, if it never opens the gate).
+#[derive(Debug)]
+pub struct Gate(tokio::sync::watch::Sender<bool>);
+
+impl Gate {
+    /// A closed gate.
+    pub fn new() -> Gate {
+        Gate(tokio::sync::watch::channel(false).0)
+    }
+
+    /// Lets every held I/O, and every later one, go on to the disk.
+    pub fn open(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// I/Os waiting at the gate now.
+    pub fn held(&self) -> usize {
+        self.0.receiver_count()
+    }
+
+    fn pass(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut receiver = self.0.subscribe();
+        async move {
+            // An error means the gate was dropped: it can never open, so hold for ever.
+            if receiver.wait_for(|open| *open).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+impl Default for Gate {
+    fn default() -> Gate {
+        Gate::new()
+    }
+}
+
 /// An in-memory disk that runs `on_read` when a read is called and `on_write` when a write is
 /// called, before passing the I/O on: for recording the order of I/Os, or for a device that
-/// panics as a buggy implementation would.
+/// panics as a buggy implementation would. Its reads or writes can also be held at a
+/// [`Gate`], as a stuck device's.
 pub struct HookedDisk {
     inner: Arc<MemDisk>,
     on_read: Hook,
     on_write: Hook,
+    read_gate: Option<Arc<Gate>>,
+    write_gate: Option<Arc<Gate>>,
 }
 
 impl HookedDisk {
     /// `inner` with no hooks yet.
     pub fn new(inner: Arc<MemDisk>) -> HookedDisk {
-        HookedDisk { inner, on_read: Box::new(|_, _| {}), on_write: Box::new(|_, _| {}) }
+        HookedDisk {
+            inner,
+            on_read: Box::new(|_, _| {}),
+            on_write: Box::new(|_, _| {}),
+            read_gate: None,
+            write_gate: None,
+        }
+    }
+
+    /// Holds every read at `gate` (the buffer stays with the disk) until it opens.
+    pub fn hold_reads(self, gate: Arc<Gate>) -> HookedDisk {
+        HookedDisk { read_gate: Some(gate), ..self }
+    }
+
+    /// Holds every write at `gate` until it opens.
+    pub fn hold_writes(self, gate: Arc<Gate>) -> HookedDisk {
+        HookedDisk { write_gate: Some(gate), ..self }
     }
 
     /// Runs `hook` on every read.
@@ -88,11 +145,29 @@ impl BlockDevice for HookedDisk {
     }
     fn read(&self, offset_sectors: u64, buf: ReadBuf) -> IoFuture<'_, (ReadBuf, io::Result<()>)> {
         (self.on_read)(offset_sectors, buf.len());
-        self.inner.read(offset_sectors, buf)
+        match &self.read_gate {
+            None => self.inner.read(offset_sectors, buf),
+            Some(gate) => {
+                let pass = gate.pass();
+                Box::pin(async move {
+                    pass.await;
+                    self.inner.read(offset_sectors, buf).await
+                })
+            }
+        }
     }
     fn write(&self, offset_sectors: u64, buf: WriteBuf) -> IoFuture<'_, io::Result<()>> {
         (self.on_write)(offset_sectors, buf.len());
-        self.inner.write(offset_sectors, buf)
+        match &self.write_gate {
+            None => self.inner.write(offset_sectors, buf),
+            Some(gate) => {
+                let pass = gate.pass();
+                Box::pin(async move {
+                    pass.await;
+                    self.inner.write(offset_sectors, buf).await
+                })
+            }
+        }
     }
     fn write_zeroes(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
         self.inner.write_zeroes(offset_sectors, len_sectors)

@@ -163,6 +163,38 @@ fn a_read_error_without_ignore_error_stops_the_job_and_reports_the_chunk() {
 }
 
 #[test]
+fn write_seq_with_a_read_error_still_writes_the_sub_jobs_read_before_it() {
+    // 64 KiB (128-sector) sub-jobs, 8 in flight. Reads are instant and writes take 10 ms, so
+    // sub-jobs 128..256 and 256..384 are read while 0..128 is being written; 256..384 fails.
+    // 128..256 was read successfully and waits for its turn: it must still land. Nothing
+    // from 256 on is written, so the target stays sequential.
+    let config = ClientConfig { sub_job_size_bytes: 64 * 1024, ..ClientConfig::default() };
+    let len = 1024;
+    let source = patterned("source", len, 512, 8);
+    source.fail_reads(300..301);
+    let target = Arc::new(MemDisk::new(MemDiskOptions {
+        name: "target".into(),
+        len_sectors: len,
+        latency: Latency {
+            write: IoModel { cost_us: 10_000, queue_depth: 1, ..IoModel::default() },
+            ..Latency::default()
+        },
+        ..MemDiskOptions::default()
+    }));
+    let outcome = kcopyd_sim::Simulation::run(config, |client, _trace| {
+        let job = Job::copy(region(&source, 0, len), vec![region(&target, 0, len)], Flags::WRITE_SEQ);
+        async move { client.submit(job).await.unwrap().await }
+    })
+    .unwrap();
+    assert!(outcome.read_err);
+    assert_eq!(outcome.read_failed, RangeSet::from_range(256..384));
+    assert_eq!(outcome.targets[0].not_copied, RangeSet::from_range(256..len), "{outcome:?}");
+    assert_same(&source, 0, &target, 0, 256);
+    assert!(target.snapshot(256, len - 256).iter().all(|&b| b == 0), "nothing written past the failure");
+    assert_eq!(target.stats().written_bytes, 256 * 512);
+}
+
+#[test]
 fn a_read_error_with_ignore_error_is_narrowed_to_single_blocks() {
     for block in [512u32, 4096] {
         let client = client(small_chunks());
@@ -480,6 +512,42 @@ fn submitting_waits_at_the_queued_jobs_limit() {
 }
 
 #[test]
+fn a_resolved_handle_has_freed_its_admission_and_run_its_callback() {
+    // One job admitted at a time: as soon as a handle resolves, the next try_submit must be
+    // admitted, and the job's callback must have run. Many rounds, from a thread that is not
+    // the worker, in both the blocking and the async way of waiting.
+    let client = client(ClientConfig { queued_jobs_max: 1, ..small_chunks() });
+    let source = patterned("source", 64, 512, 2);
+    let target = zeroed("target", 64, 512);
+    let called = Arc::new(AtomicUsize::new(0));
+    let job = |round: usize| {
+        let called = called.clone();
+        let sector = (round % 64) as u64;
+        Job::copy(region(&source, sector, 1), vec![region(&target, sector, 1)], Flags::empty()).on_complete(
+            move |outcome| {
+                assert!(outcome.is_ok());
+                called.fetch_add(1, Ordering::SeqCst);
+            },
+        )
+    };
+    for round in 0..2000 {
+        let handle = client.try_submit(job(round)).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert!(handle.wait().is_ok());
+        assert_eq!(called.load(Ordering::SeqCst), round + 1, "round {round}: the callback ran first");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    runtime.block_on(async {
+        for round in 2000..3000 {
+            let handle = client.try_submit(job(round)).unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert!(handle.await.is_ok());
+            assert_eq!(called.load(Ordering::SeqCst), round + 1);
+        }
+    });
+    assert_same(&source, 0, &target, 0, 64);
+    assert_eq!(client.shutdown_blocking().jobs_completed, 3000);
+}
+
+#[test]
 fn progress_grows_to_the_total_and_cancel_stops_new_sub_jobs() {
     let client = client(ClientConfig { subjobs_in_flight: 2, ..small_chunks() });
     let source = jittery_source(4);
@@ -597,13 +665,65 @@ fn a_panicking_callback_does_not_stop_the_client() {
     let target = zeroed("target", 64, 512);
     let job = Job::copy(region(&source, 0, 32), vec![region(&target, 0, 32)], Flags::empty())
         .on_complete(|_| panic!("a user's bug"));
-    assert!(client.submit_blocking(job).unwrap().wait().is_ok());
+    let outcome = client.submit_blocking(job).unwrap().wait();
+    // The copy was fine; the handle says the callback was not.
+    assert!(outcome.is_ok());
+    assert_eq!(outcome.callback_panicked.as_deref(), Some("a user's bug"));
     let after = client
         .submit_blocking(Job::copy(region(&source, 32, 32), vec![region(&target, 32, 32)], Flags::empty()))
         .unwrap()
         .wait();
     assert!(after.is_ok());
     assert_eq!(client.shutdown_blocking().jobs_completed, 2);
+}
+
+/// Records the `message` and `panic` fields of every event, and the level.
+#[derive(Default)]
+struct EventLog(Mutex<Vec<(tracing::Level, String)>>);
+
+impl tracing::Subscriber for EventLog {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Text(String);
+        impl tracing::field::Visit for Text {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0 += &format!("{}={value:?} ", field.name());
+            }
+        }
+        let mut text = Text(String::new());
+        event.record(&mut text);
+        self.0.lock().unwrap().push((*event.metadata().level(), text.0));
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[test]
+fn a_panicking_callback_is_reported_through_tracing_not_printed() {
+    // The callback runs on the caller's thread here, where the subscriber is installed.
+    let log = Arc::new(EventLog::default());
+    let source = patterned("source", 64, 512, 1);
+    let target = zeroed("target", 64, 512);
+    let outcome = tracing::subscriber::with_default(log.clone(), || {
+        kcopyd_sim::Simulation::run(small_chunks(), |client, _trace| {
+            let job = Job::copy(region(&source, 0, 32), vec![region(&target, 0, 32)], Flags::empty())
+                .on_complete(|_| panic!("callback bug {}", 42));
+            async move { client.submit(job).await.unwrap().await }
+        })
+        .unwrap()
+    });
+    assert_eq!(outcome.callback_panicked.as_deref(), Some("callback bug 42"));
+    let events = log.0.lock().unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].0, tracing::Level::ERROR);
+    assert!(events[0].1.contains("callback bug 42") && events[0].1.contains("completion callback"), "{events:?}");
 }
 
 /// A region of `disk` whose reads and writes panic when they cover `panic_sector`, as a buggy

@@ -144,6 +144,18 @@ pub struct EngineArgs {
     pub no_huge_pages: bool,
 }
 
+/// The engine's throttle, for `copy` and `zero`: both limits off unless given.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ThrottleArgs {
+    /// Most share of time, in percent (1 to 100), that the copy's I/O may be active, leaving
+    /// the rest to other users of the devices (as dm-kcopyd's throttle).
+    #[arg(long = "throttle-busy", value_name = "PERCENT")]
+    pub busy_percent: Option<u32>,
+    /// Most bytes per second the copy moves, e.g. 100M (sizes as elsewhere; `/s` allowed).
+    #[arg(long = "throttle-rate", value_name = "SIZE", value_parser = size::parse_rate, allow_negative_numbers = true)]
+    pub rate_bytes_per_s: Option<u64>,
+}
+
 /// The values of `--io-engine`. Both always parse, so that a build without io_uring can name
 /// the flag when it refuses `uring`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -189,6 +201,9 @@ pub struct CopyArgs {
     /// Engine options.
     #[command(flatten)]
     pub engine: EngineArgs,
+    /// Throttle options.
+    #[command(flatten)]
+    pub throttle: ThrottleArgs,
     /// Report options.
     #[command(flatten)]
     pub output: OutputArgs,
@@ -213,6 +228,9 @@ pub struct ZeroArgs {
     /// Engine options.
     #[command(flatten)]
     pub engine: EngineArgs,
+    /// Throttle options.
+    #[command(flatten)]
+    pub throttle: ThrottleArgs,
     /// Report options.
     #[command(flatten)]
     pub output: OutputArgs,

@@ -71,6 +71,7 @@ struct JobRun {
     done_bytes: u64,
     seconds: f64,
     flush_errors: Vec<Option<String>>,
+    stats: kcopyd_core::ClientStats,
 }
 
 /// Submits `job`, shows progress, waits (cancelling on Ctrl-C), then flushes every target.
@@ -93,6 +94,7 @@ async fn run_job(
     // Whatever was written is made durable, also after errors or a cancellation.
     let flushes = join_all(targets.iter().map(|t| t.device.flush())).await;
     let seconds = started.elapsed().as_secs_f64();
+    let stats = client.stats();
     client.shutdown().await;
     Ok(JobRun {
         outcome: watched.outcome,
@@ -100,6 +102,7 @@ async fn run_job(
         done_bytes: handle.progress().done_sectors * SECTOR_SIZE as u64,
         seconds,
         flush_errors: flushes.into_iter().map(|r| r.err().map(|e| e.to_string())).collect(),
+        stats,
     })
 }
 
@@ -305,7 +308,7 @@ fn job_status(run: &JobRun, targets: &[TargetReport], verify_identical: Option<b
 /// # Errors
 /// Bad options or devices (nothing written).
 pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, CliError> {
-    let settings = Settings::from_args(&args.engine)?;
+    let settings = Settings::from_args(&args.engine)?.with_throttle(&args.throttle)?;
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
     let mut plan = devices::plan_with_source(&args.source, &args.targets, args.length_bytes, true, &settings)?;
     warn_mounted(&plan.source, plan.len_bytes, &args.output);
@@ -384,6 +387,7 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
         }),
         targets,
         verify,
+        stats: Some(run.stats),
     };
     Ok(Done { report, status })
 }
@@ -393,7 +397,7 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
 /// # Errors
 /// Bad options or devices (nothing written).
 pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, CliError> {
-    let settings = Settings::from_args(&args.engine)?;
+    let settings = Settings::from_args(&args.engine)?.with_throttle(&args.throttle)?;
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
     let plan = devices::plan_zero(&args.targets, args.length_bytes, &settings)?;
     let (opened, len_bytes) = (&plan.targets, plan.len_bytes);
@@ -424,6 +428,7 @@ pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, 
         source: None,
         targets,
         verify: None,
+        stats: Some(run.stats),
     };
     Ok(Done { report, status })
 }
@@ -487,6 +492,7 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
         }),
         targets,
         verify: interrupted.is_none().then(|| report::verify_report(&comparison, bytes, 0, seconds)),
+        stats: None,
     };
     Ok(Done { report, status })
 }

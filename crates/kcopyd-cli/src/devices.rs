@@ -14,7 +14,7 @@ use std::sync::Arc;
 use kcopyd_core::{BlockDevice, ClientConfig, Device, PAGE_SIZE, SECTOR_SIZE, TARGETS_MAX};
 use kcopyd_os::{DeviceKind, IoEngine, OpenOptions, OsDevice, QUEUE_DEPTH_MAX, Storage};
 
-use crate::cli::{EngineArgs, IoEngineArg};
+use crate::cli::{EngineArgs, IoEngineArg, ThrottleArgs};
 use crate::device_arg::{Backend, DeviceArg};
 use crate::error::{CliError, open_reason};
 use crate::locks::{FileLocks, LockError, LockKind};
@@ -39,6 +39,24 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// These settings with the throttle of `args`.
+    ///
+    /// # Errors
+    /// A limit out of bounds, named by its option.
+    pub fn with_throttle(mut self, args: &ThrottleArgs) -> Result<Settings, CliError> {
+        let throttle =
+            kcopyd_core::Throttle { busy_percent: args.busy_percent, rate_bytes_per_s: args.rate_bytes_per_s };
+        throttle.validate().map_err(|source| {
+            let option = match source {
+                kcopyd_core::ConfigError::ThrottleBusy { .. } => "--throttle-busy",
+                _ => "--throttle-rate",
+            };
+            CliError::Config { option, source }
+        })?;
+        self.config.throttle = throttle;
+        Ok(self)
+    }
+
     /// Checks the engine options.
     ///
     /// # Errors

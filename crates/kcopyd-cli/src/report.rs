@@ -52,6 +52,10 @@ pub struct Report {
     /// The read-back comparison (`copy --verify`, `verify`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verify: Option<VerifyReport>,
+    /// The engine's statistics for the job (`copy`, `zero`): per-device I/O counts, bytes and
+    /// latency histograms, the page high-water mark, time waiting for pages and the throttle.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats: Option<kcopyd_core::ClientStats>,
 }
 
 /// The source's part of a report.

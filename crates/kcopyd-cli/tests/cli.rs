@@ -955,6 +955,65 @@ fn every_target_is_flushed_after_the_copy() {
     }
 }
 
+#[test]
+fn throttle_options_limit_the_rate_and_bad_values_are_usage_errors() {
+    // 4 MiB at 4 MiB/s in 1 MiB sub-jobs: the first goes at once, the other three a quarter
+    // of a second apart, so the copy cannot take less than 0.75 s; unthrottled it takes a
+    // fraction of that.
+    let (source, target) = ("sim:size=4M,seed=3", "sim:size=4M");
+    let ran = kcopyd(&["copy", source, target, "--json", "--throttle-rate", "4M/s", "--throttle-busy", "100"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    let report = json(&ran);
+    assert_eq!(report["bytes"], 4 * MIB as u64);
+    let seconds = report["seconds"].as_f64().unwrap();
+    assert!(seconds >= 0.74, "a 4 MiB/s throttle copied 4 MiB in {seconds} s");
+    let ran = kcopyd(&["zero", "sim:size=4M", "--json", "--throttle-rate", "8M"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert!(json(&ran)["seconds"].as_f64().unwrap() >= 0.37, "three 1 MiB sub-jobs an eighth of a second apart");
+
+    let dir = TempDir::new("cli-throttle");
+    let file_source = dir.file_with("source.img", &pattern(31, MIB));
+    let file_target = dir.file_with("target.img", &pattern(32, MIB));
+    let before = contents(&[&file_target]);
+    let cases: [(&[&str], &[&str]); 4] = [
+        (&["--throttle-busy", "0"], &["--throttle-busy", "between 1 and 100"]),
+        (&["--throttle-busy", "101"], &["--throttle-busy", "between 1 and 100"]),
+        (&["--throttle-rate", "0"], &["--throttle-rate", "at least 1"]),
+        (&["--throttle-rate", "fast"], &["--throttle-rate", "fast"]),
+    ];
+    for (options, needles) in cases {
+        let mut args = vec!["copy", s(&file_source), s(&file_target)];
+        args.extend(options);
+        assert_usage_error(&kcopyd(&args), needles);
+    }
+    assert_eq!(contents(&[&file_target]), before);
+}
+
+#[test]
+fn the_json_report_of_copy_and_zero_carries_the_engine_statistics() {
+    let ran = kcopyd(&["copy", "sim:size=2M,seed=4", "sim:", "sim:", "--json", "--sub-job-size", "512K"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    let stats = &json(&ran)["stats"];
+    assert_eq!(stats["jobs_submitted"], 1);
+    assert_eq!(stats["jobs_completed"], 1);
+    assert_eq!(stats["jobs_failed"], 0);
+    let devices = stats["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 3, "the source and two targets, though two share a name");
+    assert_eq!(devices[0]["read"]["count"], 4);
+    assert_eq!(devices[0]["read"]["bytes"], 2 * MIB as u64);
+    for target in &devices[1..] {
+        assert_eq!(target["write"]["bytes"], 2 * MIB as u64);
+        let buckets: u64 =
+            target["write"]["latency"]["buckets"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap()).sum();
+        assert_eq!(buckets, 4, "one latency per write");
+    }
+    assert!(stats["pool"]["pages_in_use_max"].as_u64().unwrap() >= 128);
+    let ran = kcopyd(&["zero", "sim:size=1M", "--json"]);
+    assert_eq!(json(&ran)["stats"]["jobs_completed"], 1);
+    let ran = kcopyd(&["verify", "sim:size=1M", "sim:size=1M", "--json"]);
+    assert!(json(&ran).get("stats").is_none(), "verify runs no engine job");
+}
+
 // ---- the project's own instructions -------------------------------------------------------
 
 #[test]

@@ -15,14 +15,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context as TaskContext, Poll, Waker};
 use std::thread::{self, ThreadId};
+use std::time::Duration;
 
 use actix::prelude::*;
 use serde::Serialize;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::block_on::block_on;
 use crate::error::{ConfigError, SubmitError};
+use crate::io::SubJobIo;
 use crate::job::{JobActor, JobKind, JobSpec};
+use crate::stats::{ClientStats, StatsRecorder};
+use crate::throttle::{Throttle, Throttler};
+use crate::time_scale::Clock;
 use crate::{ClientConfig, Flags, Outcome, PagePool, PoolStats, RangeSet, Region, TargetReport};
 
 type Callback = Box<dyn FnOnce(Outcome) + Send + 'static>;
@@ -48,7 +53,8 @@ impl Job {
 
     /// Calls `callback` with the outcome when the job completes, on the client's worker.
     /// Callbacks of one client never run concurrently with one another. The job's handle
-    /// still resolves as well.
+    /// still resolves as well, after the callback has returned (so a callback that asks its
+    /// own job's handle for the outcome finds none yet).
     pub fn on_complete(mut self, callback: impl FnOnce(Outcome) + Send + 'static) -> Job {
         self.callback = Some(Box::new(callback));
         self
@@ -80,6 +86,8 @@ pub(crate) struct JobShared {
     total_sectors: u64,
     done_sectors: AtomicU64,
     cancel: AtomicBool,
+    /// Woken when the job is cancelled, for sub-jobs waiting on the throttle.
+    cancel_requested: Notify,
     slot: Mutex<OutcomeSlot>,
     completed: Condvar,
 }
@@ -100,6 +108,7 @@ impl JobShared {
             total_sectors,
             done_sectors: AtomicU64::new(0),
             cancel: AtomicBool::new(false),
+            cancel_requested: Notify::new(),
             slot: Mutex::new(OutcomeSlot::default()),
             completed: Condvar::new(),
         }
@@ -112,6 +121,20 @@ impl JobShared {
 
     pub(crate) fn cancel_requested(&self) -> bool {
         self.cancel.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the job is cancelled (at once if it already is).
+    pub(crate) async fn cancelled(&self) {
+        loop {
+            let notified = self.cancel_requested.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the check, so a cancel between the two still wakes it.
+            notified.as_mut().enable();
+            if self.cancel_requested() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     pub(crate) fn progress(&self) -> Progress {
@@ -167,10 +190,12 @@ impl JobHandle {
         self.shared.progress()
     }
 
-    /// Asks the job to stop: no new sub-job starts, the ones in flight finish, and the outcome
-    /// says `cancelled` if some part was never started.
+    /// Asks the job to stop: no new sub-job starts, the ones in flight finish, sub-jobs waiting
+    /// for pages or for the throttle give up at once, and the outcome says `cancelled` if some
+    /// part was never started.
     pub fn cancel(&self) {
         self.shared.cancel.store(true, Ordering::Release);
+        self.shared.cancel_requested.notify_waiters();
     }
 
     /// The outcome, if the job has completed.
@@ -222,10 +247,14 @@ impl fmt::Debug for JobHandle {
 /// What the client saw when it shut down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct ShutdownReport {
-    /// The pool at shutdown: `pages_in_use` is 0 (asserted).
+    /// The pool at shutdown: `pages_in_use` is 0 (asserted) unless requests are outstanding.
     pub pool: PoolStats,
     /// Jobs completed over the client's life.
     pub jobs_completed: u64,
+    /// Requests that timed out ([`ClientConfig::io_timeout_ms`]) and that their devices have not
+    /// completed yet: they hold the buffers, and so the `pool.pages_in_use` pages, that a
+    /// device may still be using. Zero without a timeout.
+    pub requests_outstanding: u64,
 }
 
 /// A submission travelling to the client actor. If it is dropped undelivered (the actor is
@@ -234,20 +263,33 @@ struct Pending {
     spec: Arc<JobSpec>,
     shared: Arc<JobShared>,
     callback: Option<Callback>,
+    stats: Arc<StatsRecorder>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Pending {
-    fn finish(mut self, outcome: Outcome) {
-        self.shared.complete(outcome.clone());
-        if let Some(callback) = self.callback.take() {
+    /// Completes the job: runs the callback, frees the admission permit, and only then
+    /// resolves the handles, so that a caller that saw its handle resolve can submit again
+    /// at once (even with `queued_jobs_max: 1`) and finds the callback's effects done.
+    fn finish(self, mut outcome: Outcome) {
+        let Pending { spec, shared, callback, stats, _permit: permit } = self;
+        stats.job_completed(&outcome);
+        if let Some(callback) = callback {
             // A panicking callback must not take the client (and every later job) down with
-            // it: report it and go on.
-            if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| callback(outcome))) {
-                eprintln!("kcopyd: a completion callback panicked: {}", panic_message(&*panic));
+            // it: report it in the outcome and as a diagnostic event, and go on.
+            if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| callback(outcome.clone()))) {
+                let message = panic_message(&*panic);
+                tracing::error!(
+                    panic = %message,
+                    first_target = spec.targets.first().map(|t| t.device.name()).unwrap_or(""),
+                    "kcopyd: a job's completion callback panicked"
+                );
+                outcome.callback_panicked = Some(message);
             }
         }
-        // `_permit` drops here, after the callback: admission counts a job until it is done.
+        // Admission counts a job until its callback has run, and no longer than that.
+        drop(permit);
+        shared.complete(outcome);
     }
 }
 
@@ -301,6 +343,7 @@ struct Shutdown(Option<oneshot::Sender<ShutdownReport>>);
 /// The actor that owns the pool, starts job actors and runs completions.
 pub(crate) struct ClientActor {
     pool: PagePool,
+    io: Arc<SubJobIo>,
     next_id: u64,
     running: BTreeMap<u64, Pending>,
     jobs_completed: u64,
@@ -320,8 +363,13 @@ impl ClientActor {
             return;
         }
         let pool = self.pool.stats();
-        assert_eq!(pool.pages_in_use, 0, "every page is back in the pool once all jobs completed");
-        let report = ShutdownReport { pool, jobs_completed: self.jobs_completed };
+        // Only timed-out requests still in their devices may hold pages now.
+        let requests_outstanding = self.io.requests_outstanding();
+        assert!(
+            pool.pages_in_use == 0 || requests_outstanding > 0,
+            "every page is back in the pool once all jobs completed: {pool:?}"
+        );
+        let report = ShutdownReport { pool, jobs_completed: self.jobs_completed, requests_outstanding };
         for reply in self.shutdown_replies.drain(..) {
             let _ = reply.send(report);
         }
@@ -345,7 +393,15 @@ impl Handler<Submit> for ClientActor {
         }
         let id = self.next_id;
         self.next_id += 1;
-        JobActor::new(id, pending.spec.clone(), self.pool.clone(), pending.shared.clone(), ctx.address()).start();
+        JobActor::new(
+            id,
+            pending.spec.clone(),
+            self.pool.clone(),
+            self.io.clone(),
+            pending.shared.clone(),
+            ctx.address(),
+        )
+        .start();
         self.running.insert(id, pending);
     }
 }
@@ -375,6 +431,7 @@ struct ClientInner {
     addr: Addr<ClientActor>,
     config: ClientConfig,
     pool: PagePool,
+    io: Arc<SubJobIo>,
     admission: Arc<Semaphore>,
     closed: AtomicBool,
     worker: Mutex<Option<thread::JoinHandle<()>>>,
@@ -409,20 +466,23 @@ impl Client {
     pub fn new(config: ClientConfig) -> Result<Client, ConfigError> {
         config.validate()?;
         let pool = new_pool(&config)?;
+        // The worker is a fresh thread: real time.
+        let io = new_io(&config, Clock::REAL);
         let (sender, receiver) = std::sync::mpsc::channel();
         let actor_pool = pool.clone();
+        let actor_io = io.clone();
         let worker = thread::Builder::new()
             .name("kcopyd-client".into())
             .spawn(move || {
                 let system = System::new();
-                let addr = system.block_on(async move { new_actor(actor_pool, true).start() });
+                let addr = system.block_on(async move { new_actor(actor_pool, actor_io, true).start() });
                 sender.send(addr).expect("the starting thread waits for the address");
                 system.run().expect("the client's actix system runs");
             })
             .map_err(ConfigError::Worker)?;
         let worker_thread = worker.thread().id();
         let addr = receiver.recv().expect("the worker sends its address");
-        Ok(Client::from_parts(addr, config, pool, Some(worker), worker_thread))
+        Ok(Client::from_parts(addr, config, pool, io, Some(worker), worker_thread))
     }
 
     /// Starts a client on the current actix arbiter, sharing the caller's thread (what the
@@ -436,14 +496,16 @@ impl Client {
     pub fn start_in_current_system(config: ClientConfig) -> Result<Client, ConfigError> {
         config.validate()?;
         let pool = new_pool(&config)?;
-        let addr = new_actor(pool.clone(), false).start();
-        Ok(Client::from_parts(addr, config, pool, None, thread::current().id()))
+        let io = new_io(&config, Clock::of_this_thread());
+        let addr = new_actor(pool.clone(), io.clone(), false).start();
+        Ok(Client::from_parts(addr, config, pool, io, None, thread::current().id()))
     }
 
     fn from_parts(
         addr: Addr<ClientActor>,
         config: ClientConfig,
         pool: PagePool,
+        io: Arc<SubJobIo>,
         worker: Option<thread::JoinHandle<()>>,
         worker_thread: ThreadId,
     ) -> Client {
@@ -453,6 +515,7 @@ impl Client {
                 addr,
                 config,
                 pool,
+                io,
                 admission,
                 closed: AtomicBool::new(false),
                 worker: Mutex::new(worker),
@@ -465,6 +528,31 @@ impl Client {
     /// The configuration the client runs with.
     pub fn config(&self) -> &ClientConfig {
         &self.inner.config
+    }
+
+    /// The throttle in force now (the configuration's, or the last one set).
+    pub fn throttle(&self) -> Throttle {
+        self.inner.io.throttler.get()
+    }
+
+    /// Changes the throttle while jobs run. Sub-jobs waiting for the throttle re-check at once;
+    /// sub-jobs already issued are not affected. The busy history and the rate's bucket carry
+    /// over, so a new limit applies from now on, not retroactively.
+    ///
+    /// # Errors
+    /// [`ConfigError::ThrottleBusy`] or [`ConfigError::ThrottleRate`]; the throttle is then
+    /// unchanged.
+    pub fn set_throttle(&self, throttle: Throttle) -> Result<(), ConfigError> {
+        throttle.validate()?;
+        self.inner.io.throttler.set(throttle);
+        Ok(())
+    }
+
+    /// What the client has done since it started: jobs, per-device I/O with latency
+    /// histograms, the pool's high-water mark, time waiting for pages and for the throttle.
+    /// A consistent snapshot of each counter, taken without stopping the client.
+    pub fn stats(&self) -> ClientStats {
+        self.inner.io.stats.snapshot(self.inner.pool.stats(), self.inner.io.requests_outstanding())
     }
 
     /// The page pool's occupancy and high-water mark.
@@ -522,7 +610,9 @@ impl Client {
     fn send(&self, (spec, callback): (Arc<JobSpec>, Option<Callback>), permit: OwnedSemaphorePermit) -> JobHandle {
         let shared = Arc::new(JobShared::new(spec.len_sectors));
         let handle = JobHandle::new(shared.clone());
-        self.inner.addr.do_send(Submit(Some(Pending { spec, shared, callback, _permit: permit })));
+        let stats = self.inner.io.stats.clone();
+        stats.job_submitted();
+        self.inner.addr.do_send(Submit(Some(Pending { spec, shared, callback, stats, _permit: permit })));
         handle
     }
 
@@ -584,9 +674,20 @@ fn new_pool(config: &ClientConfig) -> Result<PagePool, ConfigError> {
         .map_err(|source| ConfigError::Arena { pages: config.page_budget, source })
 }
 
-fn new_actor(pool: PagePool, owns_system: bool) -> ClientActor {
+fn new_io(config: &ClientConfig, clock: Clock) -> Arc<SubJobIo> {
+    Arc::new(SubJobIo {
+        throttler: Arc::new(Throttler::new(config.throttle, config.sub_job_size_bytes as u64, clock)),
+        stats: Arc::new(StatsRecorder::default()),
+        timeout: config.io_timeout_ms.map(Duration::from_millis),
+        clock,
+        outstanding: Arc::default(),
+    })
+}
+
+fn new_actor(pool: PagePool, io: Arc<SubJobIo>, owns_system: bool) -> ClientActor {
     ClientActor {
         pool,
+        io,
         next_id: 0,
         running: BTreeMap::new(),
         jobs_completed: 0,

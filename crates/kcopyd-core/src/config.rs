@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+use crate::throttle::Throttle;
 use crate::{PAGE_SIZE, SECTOR_SIZE};
 
 /// Most bytes one sub-job may move (and so the largest I/O the engine issues).
@@ -36,6 +37,16 @@ pub struct ClientConfig {
     /// adjacent pages are physically adjacent and each I/O is a few scatter-gather segments
     /// instead of one per page. Default `true`; see [`PagePool`](crate::PagePool).
     pub huge_pages: bool,
+    /// Limits on the share of time the client's I/O is busy and on its bytes per second;
+    /// both off by default. Change them while jobs run with
+    /// [`Client::set_throttle`](crate::Client::set_throttle) (this field keeps the value the
+    /// client started with).
+    pub throttle: Throttle,
+    /// Most milliseconds one device request may take before it fails with `TimedOut`
+    /// (`ETIMEDOUT`) and is reported in the outcome's ranges like any error; `None` (the
+    /// default) waits for ever. A timed-out request is not abandoned by the device: its buffer
+    /// and pages come back to the pool only when the device completes it.
+    pub io_timeout_ms: Option<u64>,
 }
 
 impl Default for ClientConfig {
@@ -46,6 +57,8 @@ impl Default for ClientConfig {
             subjobs_in_flight: 8,
             queued_jobs_max: 1024,
             huge_pages: true,
+            throttle: Throttle::OFF,
+            io_timeout_ms: None,
         }
     }
 }
@@ -71,7 +84,10 @@ impl ClientConfig {
         if self.queued_jobs_max == 0 || self.queued_jobs_max > tokio::sync::Semaphore::MAX_PERMITS {
             return Err(ConfigError::QueuedJobs { count: self.queued_jobs_max });
         }
-        Ok(())
+        if self.io_timeout_ms == Some(0) {
+            return Err(ConfigError::IoTimeout { ms: 0 });
+        }
+        self.throttle.validate()
     }
 
     /// The page budget in bytes.

@@ -36,6 +36,24 @@ pub enum ConfigError {
         /// The limit given.
         count: usize,
     },
+    /// The throttle's busy percentage is outside 1..=100.
+    #[error("throttle of {percent} % busy: must be between 1 and 100 (leave it unset for no limit)")]
+    ThrottleBusy {
+        /// The percentage given.
+        percent: u32,
+    },
+    /// The throttle's rate is zero.
+    #[error("throttle rate of {bytes_per_s} bytes/s: must be at least 1 (leave it unset for no limit)")]
+    ThrottleRate {
+        /// The rate given.
+        bytes_per_s: u64,
+    },
+    /// The per-I/O timeout is zero.
+    #[error("I/O timeout of {ms} ms: must be at least 1 (leave it unset to wait for ever)")]
+    IoTimeout {
+        /// The timeout given.
+        ms: u64,
+    },
     /// The page arena could not be reserved.
     #[error("reserving the page arena of {pages} pages")]
     Arena {

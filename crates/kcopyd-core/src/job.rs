@@ -4,9 +4,10 @@
 //!  JobActor::started ──spawn──► slot 0 ┐   each slot loops:
 //!                     ──spawn──► slot 1 ├─   1. take the pages for one chunk (FIFO pool)
 //!                        …             │   2. take the next chunk from the shared cursor
-//!                     ──spawn──► slot N ┘   3. read the source once (narrow on error)
-//!  all slots done ──► Outcome ──► client    4. [WRITE_SEQ: wait for this chunk's turn]
-//!                                           5. write every target concurrently, record
+//!                     ──spawn──► slot N ┘   3. wait for the client's throttle (issue only)
+//!  all slots done ──► Outcome ──► client    4. read the source once (narrow on error)
+//!                                           5. [WRITE_SEQ: wait for this chunk's turn]
+//!                                           6. write every target concurrently, record
 //! ```
 //!
 //! Pages are taken before the chunk, so chunks are handed out in the order their pages
@@ -17,19 +18,23 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::ops::Range;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::Poll;
 
 use actix::prelude::*;
 use futures_util::FutureExt;
-use futures_util::future::join_all;
+use futures_util::future::{Either, join_all, select};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::client::{ClientActor, JobDone, JobShared, panic_message};
 use crate::error::SubmitError;
+use crate::io::SubJobIo;
 use crate::{
-    ClientConfig, Flags, Outcome, PAGE_SIZE, PagePool, RangeSet, ReadBuf, Region, SECTOR_SIZE, TARGETS_MAX, TargetMask,
-    TargetReport, WriteBuf,
+    ClientConfig, Flags, Outcome, PAGE_SIZE, PagePool, Pages, RangeSet, ReadBuf, Region, SECTOR_SIZE, TARGETS_MAX,
+    TargetMask, TargetReport, WriteBuf,
 };
 
 /// What a job does.
@@ -143,6 +148,11 @@ impl JobSpec {
     }
 }
 
+/// Polls `future` once: `Ready` if it needed no wait (for counting only real waits).
+async fn poll_once<F: Future + Unpin>(mut future: F) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut future).poll(cx))).await
+}
+
 /// Checks one region against its device; returns the device's logical block in sectors.
 fn check_region(region: &Region) -> Result<u64, SubmitError> {
     let geometry = region.device.geometry();
@@ -176,6 +186,10 @@ struct JobState {
     cursor: u64,
     /// An error stopped the job (without IGNORE_ERROR).
     stopped: bool,
+    /// The job-relative start of the earliest sub-job that stopped the job (a failed read or
+    /// write, or one given up on cancel). Under WRITE_SEQ, sub-jobs before it are still
+    /// written and sub-jobs from it on are not: they would leave a hole.
+    stopped_at: u64,
     /// WRITE_SEQ: the job-relative sector whose writes go next.
     write_turn: u64,
     read_err: bool,
@@ -188,12 +202,24 @@ struct JobState {
     copied: Vec<RangeSet>,
     /// The message of the first panic in a slot (a device's or the engine's).
     panicked: Option<String>,
+    /// A sub-job already taken was given up because the job was cancelled while it waited
+    /// for the throttle.
+    sub_job_given_up: bool,
+}
+
+impl JobState {
+    /// Stops the job because of the sub-job starting at job-relative sector `sector`.
+    fn stop_at(&mut self, sector: u64) {
+        self.stopped = true;
+        self.stopped_at = self.stopped_at.min(sector);
+    }
 }
 
 /// One job's context, shared by its slots.
 struct JobRun {
     spec: Arc<JobSpec>,
     pool: PagePool,
+    io: Arc<SubJobIo>,
     shared: Arc<JobShared>,
     state: RefCell<JobState>,
     turn_changed: Notify,
@@ -225,7 +251,9 @@ impl JobRun {
     async fn guarded(self: Rc<Self>, work: impl Future<Output = ()>) {
         if let Err(payload) = AssertUnwindSafe(work).catch_unwind().await {
             let mut state = self.state.borrow_mut();
-            state.stopped = true;
+            // Which sub-job panicked is not known, and the WRITE_SEQ waiters released below no
+            // longer keep their order: nothing more is written.
+            state.stop_at(0);
             state.panicked.get_or_insert_with(|| panic_message(&*payload));
             drop(state);
             // WRITE_SEQ: the panicking chunk never takes its turn; release those waiting for it.
@@ -238,14 +266,23 @@ impl JobRun {
         while !self.finished() {
             match &self.spec.kind {
                 JobKind::Copy { source } => {
-                    let mut pages = self.pool.alloc(self.spec.chunk_pages()).await;
+                    let Some(mut pages) = self.alloc_pages().await else { break };
                     let Some(chunk) = self.take_chunk() else { break };
+                    if !self.throttle_sub_job(&chunk).await {
+                        drop(pages);
+                        self.give_up_sub_job(chunk).await;
+                        break;
+                    }
                     let len_bytes = (chunk.end - chunk.start) as usize * SECTOR_SIZE;
                     pages.truncate(len_bytes.div_ceil(PAGE_SIZE));
                     self.copy_chunk(source, chunk, ReadBuf::new(pages, len_bytes)).await;
                 }
                 JobKind::Zero => {
                     let Some(chunk) = self.take_chunk() else { break };
+                    if !self.throttle_sub_job(&chunk).await {
+                        self.give_up_sub_job(chunk).await;
+                        break;
+                    }
                     let data = WriteBuf::zeroes((chunk.end - chunk.start) as usize * SECTOR_SIZE);
                     self.write_chunk(chunk.clone(), data, RangeSet::from_range(chunk)).await;
                 }
@@ -253,32 +290,87 @@ impl JobRun {
         }
     }
 
+    /// Waits for the pages of one sub-job; `None` if the job was cancelled meanwhile (so that
+    /// a cancelled job completes even while other jobs hold every page).
+    async fn alloc_pages(&self) -> Option<Pages> {
+        let mut alloc = std::pin::pin!(self.pool.alloc(self.spec.chunk_pages()));
+        if let Poll::Ready(pages) = poll_once(alloc.as_mut()).await {
+            return Some(pages);
+        }
+        let began = Instant::now();
+        let cancelled = std::pin::pin!(self.shared.cancelled());
+        let pages = match select(alloc, cancelled).await {
+            Either::Left((pages, _)) => Some(pages),
+            Either::Right(_) => None,
+        };
+        self.io.stats.waited_for_pages(self.io.clock.to_model(began.elapsed()));
+        pages
+    }
+
+    /// The throttle's hook: waits until the client's throttle lets a sub-job of these
+    /// (job-relative) sectors be issued. Only this sub-job's task waits; `false` if the job
+    /// was cancelled meanwhile.
+    async fn throttle_sub_job(&self, sub_job: &Range<u64>) -> bool {
+        let len_bytes = (sub_job.end - sub_job.start) * SECTOR_SIZE as u64;
+        let mut admitted = std::pin::pin!(self.io.throttler.admit_sub_job(len_bytes));
+        if poll_once(admitted.as_mut()).await.is_ready() {
+            return true;
+        }
+        let began = Instant::now();
+        let cancelled = std::pin::pin!(self.shared.cancelled());
+        let admitted = matches!(select(admitted, cancelled).await, Either::Left(_));
+        self.io.stats.waited_for_throttle(self.io.clock.to_model(began.elapsed()));
+        admitted
+    }
+
+    /// Gives up a sub-job that was taken but never issued (the job was cancelled): nothing is
+    /// written, and under WRITE_SEQ later sub-jobs get their turn.
+    async fn give_up_sub_job(&self, sub_job: Range<u64>) {
+        {
+            let mut state = self.state.borrow_mut();
+            state.sub_job_given_up = true;
+            if self.spec.write_seq() {
+                state.stop_at(sub_job.start);
+            }
+        }
+        self.write_chunk(sub_job, WriteBuf::default(), RangeSet::new()).await;
+    }
+
     /// Reads one chunk of the source and writes it to every target.
     async fn copy_chunk(&self, source: &Region, chunk: Range<u64>, buf: ReadBuf) {
-        let (buf, result) = source.device.read(source.start_sector + chunk.start, buf).await;
+        let (buf, result) = self.io.read(&source.device, source.start_sector + chunk.start, buf).await;
         let whole = RangeSet::from_range(chunk.clone());
-        if result.is_ok() {
-            return self.write_chunk(chunk, buf.freeze(), whole).await;
-        }
+        let buf = match (buf, result) {
+            (Some(buf), Ok(())) => return self.write_chunk(chunk, buf.freeze(), whole).await,
+            (buf, Err(_)) => buf,
+            (None, Ok(())) => unreachable!("a read that kept its buffer timed out"),
+        };
         self.state.borrow_mut().read_err = true;
-        if !self.spec.ignore_error() {
-            drop(buf);
+        // A timed-out read took the buffer with it: without it there is nothing to narrow
+        // into, and re-reading a stuck device would only wait again. The whole chunk failed.
+        let Some(buf) = buf.filter(|_| self.spec.ignore_error()) else {
             {
                 let mut state = self.state.borrow_mut();
-                state.stopped = true;
+                if !self.spec.ignore_error() {
+                    state.stop_at(chunk.start);
+                }
                 state.read_failed.insert(chunk.clone());
             }
             // Nothing to write, but under WRITE_SEQ later chunks wait for this one's turn.
             return self.write_chunk(chunk, WriteBuf::default(), RangeSet::new()).await;
-        }
+        };
         let (buf, unreadable) = self.narrow(source, chunk.clone(), buf).await;
         self.state.borrow_mut().read_failed.extend(&unreadable);
-        self.write_chunk(chunk, buf.freeze(), whole.difference(&unreadable)).await;
+        match buf {
+            Some(buf) => self.write_chunk(chunk, buf.freeze(), whole.difference(&unreadable)).await,
+            None => self.write_chunk(chunk, WriteBuf::default(), RangeSet::new()).await,
+        }
     }
 
     /// Re-reads a chunk that failed in halves, down to the job's logical block, into the same
-    /// pages. Returns the buffer and the job-relative sectors that stayed unreadable.
-    async fn narrow(&self, source: &Region, chunk: Range<u64>, mut buf: ReadBuf) -> (ReadBuf, RangeSet) {
+    /// pages. Returns the buffer and the job-relative sectors that stayed unreadable; if a
+    /// re-read timed out, the buffer stays with the device and the whole chunk is unreadable.
+    async fn narrow(&self, source: &Region, chunk: Range<u64>, mut buf: ReadBuf) -> (Option<ReadBuf>, RangeSet) {
         let block = self.spec.block_sectors;
         let mut unreadable = RangeSet::new();
         let mut pending = vec![chunk.clone()];
@@ -288,7 +380,8 @@ impl JobRun {
                 let bytes = (piece.start - chunk.start) as usize * SECTOR_SIZE
                     ..(piece.end - chunk.start) as usize * SECTOR_SIZE;
                 buf.set_window(bytes);
-                let (back, result) = source.device.read(source.start_sector + piece.start, buf).await;
+                let (back, result) = self.io.read(&source.device, source.start_sector + piece.start, buf).await;
+                let Some(back) = back else { return (None, RangeSet::from_range(chunk)) };
                 buf = back;
                 if result.is_ok() {
                     continue;
@@ -305,7 +398,7 @@ impl JobRun {
             pending.push(piece.start..middle);
         }
         buf.reset_window();
-        (buf, unreadable)
+        (Some(buf), unreadable)
     }
 
     /// Writes the `readable` parts of `chunk` (job-relative) from `data` to every target.
@@ -323,8 +416,9 @@ impl JobRun {
                 turn.await;
             }
         }
-        // Under WRITE_SEQ a stopped job writes nothing more: a later chunk would leave a hole.
-        let skip = self.spec.write_seq() && self.state.borrow().stopped;
+        // Under WRITE_SEQ a stopped job writes nothing from the sub-job that stopped it on: a
+        // later one would leave a hole. The ones before it were read and still land.
+        let skip = self.spec.write_seq() && chunk.start >= self.state.borrow().stopped_at;
         if !skip && !readable.is_empty() {
             let writes = self.spec.targets.iter().map(|target| {
                 let data = &data;
@@ -333,7 +427,8 @@ impl JobRun {
                     for piece in readable.ranges() {
                         let bytes = (piece.start - chunk.start) as usize * SECTOR_SIZE
                             ..(piece.end - chunk.start) as usize * SECTOR_SIZE;
-                        let result = target.device.write(target.start_sector + piece.start, data.slice(bytes)).await;
+                        let result =
+                            self.io.write(&target.device, target.start_sector + piece.start, data.slice(bytes)).await;
                         if result.is_err() {
                             return Err(piece.clone());
                         }
@@ -353,7 +448,7 @@ impl JobRun {
                         let landed = readable.difference(&RangeSet::from_range(failed.start..chunk.end));
                         state.copied[index].extend(&landed);
                         if !self.spec.ignore_error() {
-                            state.stopped = true;
+                            state.stop_at(chunk.start);
                         }
                     }
                 }
@@ -370,7 +465,13 @@ impl JobRun {
     /// Zeroes every target with one offloaded request each.
     async fn zero_offloaded(self: Rc<Self>) {
         let len = self.spec.len_sectors;
-        let requests = self.spec.targets.iter().map(|t| t.device.write_zeroes(t.start_sector, len));
+        // One request per target that moves no data through the engine, and cannot be paced:
+        // it waits for the busy limit only (the rate counts the bytes the engine moves).
+        if !self.throttle_sub_job(&(0..0)).await {
+            self.state.borrow_mut().sub_job_given_up = true;
+            return;
+        }
+        let requests = self.spec.targets.iter().map(|t| self.io.write_zeroes(&t.device, t.start_sector, len));
         let results = join_all(requests).await;
         let mut state = self.state.borrow_mut();
         state.cursor = len;
@@ -410,8 +511,10 @@ impl JobRun {
             read_failed,
             targets,
             // Cancelled only if the request left part of the job never started.
-            cancelled: self.shared.cancel_requested() && state.cursor < self.spec.len_sectors,
+            cancelled: self.shared.cancel_requested()
+                && (state.cursor < self.spec.len_sectors || state.sub_job_given_up),
             panicked: state.panicked.clone(),
+            callback_panicked: None,
         }
     }
 }
@@ -429,6 +532,7 @@ impl JobActor {
         id: u64,
         spec: Arc<JobSpec>,
         pool: PagePool,
+        io: Arc<SubJobIo>,
         shared: Arc<JobShared>,
         client: Addr<ClientActor>,
     ) -> JobActor {
@@ -436,6 +540,7 @@ impl JobActor {
         let state = JobState {
             cursor: 0,
             stopped: false,
+            stopped_at: u64::MAX,
             write_turn: 0,
             read_err: false,
             write_err: TargetMask::default(),
@@ -443,8 +548,9 @@ impl JobActor {
             write_failed: vec![RangeSet::new(); targets],
             copied: vec![RangeSet::new(); targets],
             panicked: None,
+            sub_job_given_up: false,
         };
-        let run = Rc::new(JobRun { spec, pool, shared, state: RefCell::new(state), turn_changed: Notify::new() });
+        let run = Rc::new(JobRun { spec, pool, io, shared, state: RefCell::new(state), turn_changed: Notify::new() });
         JobActor { id, run, slots_running: 0, client }
     }
 

@@ -36,6 +36,8 @@
 //! client.shutdown_blocking();
 //! ```
 #![warn(missing_docs)]
+// A library does not print: diagnostics go through `tracing`, results through outcomes.
+#![cfg_attr(not(test), deny(clippy::print_stderr, clippy::print_stdout))]
 
 mod block_on;
 mod buffer;
@@ -43,10 +45,14 @@ mod client;
 mod config;
 mod device;
 mod error;
+mod io;
 mod job;
 mod outcome;
 mod pool;
 mod region;
+mod stats;
+mod throttle;
+mod time_scale;
 
 pub use buffer::{ReadBuf, WriteBuf};
 pub use client::{Client, Job, JobHandle, Progress, ShutdownReport};
@@ -56,6 +62,9 @@ pub use error::{ConfigError, SubmitError};
 pub use outcome::{Outcome, TargetMask, TargetReport};
 pub use pool::{HUGE_PAGE_SIZE, PagePool, Pages, PoolStats};
 pub use region::{Flags, RangeSet, Region};
+pub use stats::{ClientStats, DeviceStats, LATENCY_BUCKETS, LatencyHistogram, OpStats};
+pub use throttle::{BUSY_WINDOW, Throttle};
+pub use time_scale::{set_time_scale, time_scale, to_model, to_tokio};
 
 /// Bytes in a sector, the unit of every offset and length in this crate.
 pub const SECTOR_SIZE: usize = 512;

@@ -73,6 +73,12 @@ pub struct Outcome {
     /// The client goes on serving other jobs.
     #[serde(default)]
     pub panicked: Option<String>,
+    /// The job's completion callback panicked, with the panic's message. The copy itself is
+    /// what the other fields say ([`is_ok`](Outcome::is_ok) does not look at this); the
+    /// callback gets the outcome without it, the job's handles with it. The panic is also
+    /// reported as a `tracing` error event. The client goes on.
+    #[serde(default)]
+    pub callback_panicked: Option<String>,
 }
 
 impl Outcome {

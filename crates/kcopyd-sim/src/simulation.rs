@@ -11,49 +11,30 @@
 //!
 //! tokio's timer counts whole milliseconds, so inside a simulation one microsecond of the disk
 //! model lasts one millisecond of tokio time ([`time_scale`] is 1000): completions keep
-//! microsecond resolution. [`to_tokio`] and [`to_model`] convert.
+//! microsecond resolution. [`to_tokio`] and [`to_model`] convert (they live in kcopyd-core, which
+//! reads the same scale for its throttle and I/O timeouts).
 
-thread_local! {
-    static TIME_SCALE: Cell<u32> = const { Cell::new(1) };
-}
-
-/// Tokio time units per unit of model time on this thread: 1, or 1000 inside a
-/// [`Simulation`].
-pub fn time_scale() -> u32 {
-    TIME_SCALE.with(Cell::get)
-}
-
-/// A model duration as tokio time on this thread.
-pub fn to_tokio(model: Duration) -> Duration {
-    model * time_scale()
-}
-
-/// A tokio duration as model time on this thread.
-pub fn to_model(tokio: Duration) -> Duration {
-    tokio / time_scale()
-}
+pub use kcopyd_core::{time_scale, to_model, to_tokio};
 
 /// Sets the scale for the life of the guard.
 struct ScaleGuard(u32);
 
 impl ScaleGuard {
     fn set(scale: u32) -> ScaleGuard {
-        ScaleGuard(TIME_SCALE.with(|cell| cell.replace(scale)))
+        ScaleGuard(kcopyd_core::set_time_scale(scale))
     }
 }
 
 impl Drop for ScaleGuard {
     fn drop(&mut self) {
-        TIME_SCALE.with(|cell| cell.set(self.0));
+        kcopyd_core::set_time_scale(self.0);
     }
 }
 
 /// Model microseconds per tokio millisecond inside a simulation.
 const SIMULATION_SCALE: u32 = 1000;
 
-use std::cell::Cell;
 use std::future::Future;
-use std::time::Duration;
 
 use kcopyd_core::{Client, ClientConfig, ConfigError};
 
