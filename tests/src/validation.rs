@@ -18,8 +18,10 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use kcopyd_core::{Client, ClientConfig, Device, Flags, Job, Region, SECTOR_SIZE, SubmitError, TARGETS_MAX};
-use kcopyd_sim::{MemDisk, Simulation, mix64};
+use kcopyd_sim::{MemDisk, Simulation, mix64, to_tokio};
 use serde::{Deserialize, Serialize};
+
+use crate::scenario::DEADLOCK_AFTER;
 
 /// A region of a case.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,7 +214,10 @@ impl Case {
             let mut problems = Vec::new();
             match client.submit(job).await {
                 Ok(handle) => {
-                    let outcome = handle.await;
+                    let Ok(outcome) = tokio::time::timeout(to_tokio(DEADLOCK_AFTER), handle).await else {
+                        // A job that never completes: leave the client as it is.
+                        return vec![format!("accepted, and still running after {DEADLOCK_AFTER:?} of virtual time")];
+                    };
                     if !expected.is_empty() {
                         problems.push(format!("accepted, but it breaks {expected:?} (outcome {outcome:?})"));
                     } else if !outcome.is_ok() {
