@@ -134,6 +134,10 @@ pub struct Inputs {
     pub jobs: Vec<JobInputs>,
     /// Crash every disk at this virtual time (µs), then run a liveness phase.
     pub crash_at_us: Option<u64>,
+    /// Sparse, headers-only disks (`MemDiskOptions::headers_only`) instead of dense,
+    /// whole-sector ones: the oracle's provenance checks must hold the same in both.
+    #[serde(default)]
+    pub headers_only: bool,
 }
 
 impl Inputs {
@@ -212,6 +216,8 @@ impl Inputs {
             targets,
             jobs,
             crash_at_us: crash.then(|| rng.below(20_000)),
+            // Drawn last, so that every earlier draw of a seed stays what it was.
+            headers_only: rng.below(3) == 0,
         }
     }
 
@@ -286,7 +292,8 @@ impl Inputs {
                 seed: mix64(self.seed ^ index),
                 len_sectors: len,
                 logical_block_size: block,
-                sparse: false,
+                sparse: self.headers_only,
+                headers_only: self.headers_only,
                 write_zeroes: inputs.write_zeroes,
                 zoned: inputs.zoned,
                 zone_sectors: if inputs.zoned { zone } else { 0 },
@@ -735,6 +742,8 @@ pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
                 targets,
                 jobs,
                 crash_at_us: None,
+                // From the seed, so that the strategy and its saved regressions keep their shape.
+                headers_only: seed % 3 == 0,
             }
         })
 }

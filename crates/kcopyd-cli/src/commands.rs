@@ -39,7 +39,11 @@ fn region(opened: &Opened, len_sectors: u64) -> Region {
 }
 
 fn side(opened: &Opened) -> Side {
-    Side { device: opened.device.clone(), start_sector: opened.start_sector() }
+    Side {
+        device: opened.device.clone(),
+        start_sector: opened.start_sector(),
+        zero_before_read: devices::is_headers_only(&opened.arg),
+    }
 }
 
 /// Warns when the source lies on a device mounted read-write.

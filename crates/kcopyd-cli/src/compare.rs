@@ -79,6 +79,10 @@ pub struct Side {
     pub device: Device,
     /// The first sector of the range.
     pub start_sector: u64,
+    /// Zero each buffer before reading into it: for devices that fill only part of each
+    /// sector (headers-only simulated disks), so that what a read leaves untouched is the
+    /// same on both sides instead of whatever the pages held before.
+    pub zero_before_read: bool,
 }
 
 /// What a comparison found for one target. Sectors are relative to the range.
@@ -262,6 +266,9 @@ async fn read_narrowed(side: &Side, chunk: Range<u64>, block_sectors: u64, pool:
     let len_bytes = (chunk.end - chunk.start) as usize * SECTOR_SIZE;
     let pages = pool.alloc(len_bytes.div_ceil(PAGE_SIZE)).await;
     let mut buf = ReadBuf::new(pages, len_bytes);
+    if side.zero_before_read {
+        buf.fill(0);
+    }
     let mut unreadable = RangeSet::new();
     let mut pending = vec![chunk.clone()];
     while let Some(piece) = pending.pop() {
@@ -345,7 +352,7 @@ mod tests {
         targets[3].poke(700, &[9; 512]);
         targets[4].fail_reads(10..11);
         source.fail_reads(20..21);
-        let side = |disk: &Arc<MemDisk>| Side { device: disk.clone(), start_sector: 0 };
+        let side = |disk: &Arc<MemDisk>| Side { device: disk.clone(), start_sector: 0, zero_before_read: false };
         let target_sides: Vec<Side> = targets.iter().map(side).collect();
         let pool = PagePool::new(2).unwrap();
         let shape = CompareShape::fit(2, 6, 512, 1 << 20, 4).unwrap();
@@ -371,7 +378,7 @@ mod tests {
         changed.poke(1001, &[1; 1024]); // sectors 1000..1003: three blocks
         changed.poke(4095, &[7; 512]);
         source.fail_reads(2000..2001);
-        let side = |disk: &Arc<MemDisk>| Side { device: disk.clone(), start_sector: 0 };
+        let side = |disk: &Arc<MemDisk>| Side { device: disk.clone(), start_sector: 0, zero_before_read: false };
         let pool = PagePool::new(256).unwrap();
         let shape = CompareShape { chunk_bytes: 64 * 1024, devices_at_once: 3, in_flight: 2 };
         let total = std::cell::Cell::new(0);
@@ -400,12 +407,40 @@ mod tests {
         let target = Arc::new(MemDisk::with_pattern("target", 256, 4096, 1));
         target.poke(8, &[0; 4096]); // one whole 4 KiB block
         target.poke(23, &[0; 512]); // the last sector of the next block
-        let side = |disk: &Arc<MemDisk>| Side { device: disk.clone(), start_sector: 0 };
+        let side = |disk: &Arc<MemDisk>| Side { device: disk.clone(), start_sector: 0, zero_before_read: false };
         let pool = PagePool::new(64).unwrap();
         let shape = CompareShape { chunk_bytes: 32 * 1024, devices_at_once: 2, in_flight: 1 };
         let found = run(compare(&side(&source), &[side(&target)], 256, None, shape, &pool, &|_| {}));
         assert_eq!(found.block_bytes, 4096);
         assert_eq!(found.targets[0].differing_blocks, 2);
         assert_eq!(found.targets[0].differing, RangeSet::from_range(8..24));
+    }
+
+    #[test]
+    fn headers_only_sides_compare_headers_not_what_earlier_chunks_left() {
+        // Sector 0 holds different data on each side (a difference); every other sector is
+        // the same pattern, of which a headers-only disk fills only the header. The second
+        // chunk reads into pages that held the first one's data.
+        let disk = |name: &str, data: u8| {
+            let disk = MemDisk::new(kcopyd_sim::MemDiskOptions {
+                name: name.into(),
+                len_sectors: 16,
+                sparse: true,
+                headers_only: true,
+                ..kcopyd_sim::MemDiskOptions::default()
+            });
+            disk.fill_pattern(5);
+            disk.poke(0, &[data; 4096]);
+            Arc::new(disk)
+        };
+        let (source, target) = (disk("source", 1), disk("target", 2));
+        let pool = PagePool::new(2).unwrap();
+        let shape = CompareShape { chunk_bytes: 4096, devices_at_once: 2, in_flight: 1 };
+        for zero_before_read in [false, true] {
+            let side = |disk: &Arc<MemDisk>| Side { device: disk.clone(), start_sector: 0, zero_before_read };
+            let found = run(compare(&side(&source), &[side(&target)], 16, None, shape, &pool, &|_| {}));
+            let only_the_data_differs = found.targets[0].differing == RangeSet::from_range(0..8);
+            assert_eq!(only_the_data_differs, zero_before_read, "{found:?}");
+        }
     }
 }

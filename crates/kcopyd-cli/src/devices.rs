@@ -583,6 +583,7 @@ pub fn plan_with_source(
     for target in targets {
         check_before_open(target, Role::Target)?;
     }
+    check_headers_only(source, targets)?;
     let mut locks = FileLocks::default();
     let source = open(source, Role::Source, false, None, settings, &mut locks)?;
     let len_bytes = match length {
@@ -642,6 +643,35 @@ pub struct ZeroPlan {
     /// The locks on the files: held, never read, until the plan is dropped.
     #[allow(dead_code)]
     pub locks: FileLocks,
+}
+
+/// Whether `arg` is a `sim:` device with `headers-only=on`.
+pub fn is_headers_only(arg: &DeviceArg) -> bool {
+    matches!(&arg.backend, Backend::Sim(spec) if spec.headers_only)
+}
+
+/// Refuses a copy or verify that mixes headers-only `sim:` devices with others, before
+/// anything is opened: a headers-only disk moves only the header of each pattern sector, so
+/// a whole-sector device on the other end would take the untouched rest for data (and a
+/// file would be written with it).
+fn check_headers_only(source: &DeviceArg, targets: &[DeviceArg]) -> Result<(), CliError> {
+    let args: Vec<(Role, &DeviceArg)> =
+        std::iter::once((Role::Source, source)).chain(targets.iter().map(|t| (Role::Target, t))).collect();
+    let (Some((role, fast)), Some((other_role, other))) =
+        (args.iter().find(|(_, arg)| is_headers_only(arg)), args.iter().find(|(_, arg)| !is_headers_only(arg)))
+    else {
+        return Ok(());
+    };
+    Err(CliError::argument(
+        other_role.name(),
+        &other.text,
+        format!(
+            "{} '{}' has headers-only=on, so every device of the command must be a sim device with \
+             headers-only=on (it fills only the header of each pattern sector)",
+            role.name(),
+            fast.text
+        ),
+    ))
 }
 
 /// Opens and checks the targets of a zero job and works out the length.

@@ -330,6 +330,32 @@ fn a_failing_device_and_a_misdirected_write_are_reported_and_caught_by_verify() 
 }
 
 #[test]
+fn headers_only_sim_devices_copy_verify_and_catch_a_misdirected_write() {
+    // 32 MiB through 2 MiB of pages: copy and read-back reuse their pages many times over.
+    let fast = ["--memory", "2M", "--sub-job-size", "256K", "--json", "--verify"];
+    let ran = kcopyd(
+        &[&["copy", "sim:size=32M,seed=3,sparse=on,headers-only=on", "sim:headers-only=on"][..], &fast].concat(),
+    );
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert_eq!(json(&ran)["targets"][0]["verify"]["status"], "identical", "{ran:?}");
+
+    let astray = "sim:size=32M,headers-only=on,misdirect=1:1024";
+    let ran = kcopyd(&[&["copy", "sim:size=32M,seed=3,headers-only=on", astray][..], &fast].concat());
+    assert_eq!(ran.code, 1, "{ran:?}");
+    let report = json(&ran);
+    assert_eq!(report["status"], "differences", "{report}");
+    // Where the second write was aimed nothing else writes: at least its 512 sectors differ.
+    let differing = ranges(&report["targets"][0]["verify"]["differing_sectors"]);
+    assert!(differing.iter().map(|[a, b]| b - a).sum::<u64>() >= 512, "{report}");
+
+    // Mixed with a whole-sector device: refused before anything is opened.
+    let ran = kcopyd(&["copy", "sim:size=1M,seed=3,headers-only=on", "sim:"]);
+    assert_usage_error(&ran, &["TARGET 'sim:'", "headers-only=on"]);
+    let ran = kcopyd(&["verify", "sim:size=1M,seed=3", "sim:size=1M,headers-only=on"]);
+    assert_usage_error(&ran, &["SOURCE 'sim:size=1M,seed=3'", "headers-only=on"]);
+}
+
+#[test]
 fn files_of_any_size_are_copied_zeroed_and_verified_whole() {
     let test = "files_of_any_size_are_copied_zeroed_and_verified_whole";
     let dir = TempDir::new("cli-any-size");

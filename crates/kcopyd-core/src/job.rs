@@ -24,8 +24,9 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use actix::prelude::*;
-use futures_util::FutureExt;
 use futures_util::future::{Either, join_all, select};
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -583,15 +584,19 @@ impl Actor for JobActor {
             return;
         }
         let slots = spec.slots;
-        self.slots_running = slots.max(1);
+        self.slots_running = 1;
         if slots == 0 {
             // Nothing to do: complete on the next turn of the mailbox.
             ctx.spawn(async {}.into_actor(self).map(|(), actor, ctx| actor.slot_done(ctx)));
             return;
         }
-        for _ in 0..slots {
-            let work = self.run.clone().guarded(self.run.clone().run_slot());
-            ctx.spawn(work.into_actor(self).map(|(), actor, ctx| actor.slot_done(ctx)));
-        }
+        // All slots in one actor future. An actor context polls every future spawned on it
+        // whenever any of them is woken, so slots spawned one by one would cost a poll of
+        // every slot (and of every request it waits on) per completion; a FuturesUnordered
+        // polls only the slots that were woken.
+        let all: FuturesUnordered<_> =
+            (0..slots).map(|_| self.run.clone().guarded(self.run.clone().run_slot())).collect();
+        let work = all.for_each(|()| async {});
+        ctx.spawn(work.into_actor(self).map(|(), actor, ctx| actor.slot_done(ctx)));
     }
 }

@@ -43,6 +43,13 @@ pub struct MemDiskOptions {
     /// Keep content as extents of provenance instead of bytes: unwritten sectors cost
     /// nothing and copied pattern data costs one extent per run.
     pub sparse: bool,
+    /// Move only the 40-byte provenance header of each pattern sector on reads and look only
+    /// at the header on writes; bodies are neither filled nor checked. Copies of pattern
+    /// data stay verified by provenance (disk seed, sector, generation: a misdirected,
+    /// skipped or stale write is caught) at a fraction of the cost, but damage to a body is
+    /// not seen. Give it to every disk of a copy: a whole-sector disk takes a header-only
+    /// sector for data. Zero and data sectors move whole either way.
+    pub headers_only: bool,
     /// Whether write-zeroes is reported as offloaded.
     pub write_zeroes: bool,
     /// Whether writes must follow each zone's write pointer.
@@ -63,6 +70,7 @@ impl Default for MemDiskOptions {
             len_sectors: 0,
             logical_block_size: 512,
             sparse: false,
+            headers_only: false,
             write_zeroes: false,
             zoned: false,
             zone_sectors: 0,
@@ -171,7 +179,7 @@ impl MemDisk {
             created: Instant::now(),
             block_sectors,
             state: Mutex::new(State {
-                storage: Storage::new(options.len_sectors, options.sparse),
+                storage: Storage::new(options.len_sectors, options.sparse, options.headers_only),
                 plan: options.faults.clone(),
                 latent,
                 faults_fired: Vec::new(),
@@ -242,10 +250,12 @@ impl MemDisk {
         state.crashed = false;
     }
 
-    /// A copy of `len_sectors` sectors from `start_sector`, bypassing faults and latency.
+    /// A copy of `len_sectors` sectors from `start_sector`, bypassing faults and latency:
+    /// whole sectors, also on a [`headers_only`](MemDiskOptions::headers_only) disk (whose
+    /// pattern sectors come with the bodies their headers name).
     pub fn snapshot(&self, start_sector: u64, len_sectors: u64) -> Vec<u8> {
         let mut out = vec![0; usize::try_from(len_sectors).expect("fits in memory") * SECTOR_SIZE];
-        self.lock().storage.read(start_sector, &mut out);
+        self.lock().storage.read_whole(start_sector, &mut out);
         out
     }
 
@@ -259,7 +269,9 @@ impl MemDisk {
         self.lock().storage.extents()
     }
 
-    /// Overwrites sectors from `start_sector` with `data`, bypassing faults and latency.
+    /// Overwrites sectors from `start_sector` with `data`, bypassing faults and latency. A
+    /// [`headers_only`](MemDiskOptions::headers_only) disk takes a sector with a valid pattern
+    /// header for that whole pattern sector, whatever its body holds.
     pub fn poke(&self, start_sector: u64, data: &[u8]) {
         assert_eq!(data.len() % SECTOR_SIZE, 0);
         self.lock().storage.write(start_sector, data);

@@ -9,6 +9,18 @@
 //! checked header, and its body is derived from the header. A sparse disk that receives
 //! pattern sectors recognises them and keeps one extent per run instead of the bytes, so a
 //! terabyte-scale copy takes memory in proportion to its runs, and can still be verified.
+//!
+//! With `headers_only`, a disk fills and checks only the 40-byte header of each pattern
+//! sector on its data path; the 472-byte body of a read is left as the buffer held it:
+//!
+//! ```text
+//!  whole sector:  [ MAGIC seed sector generation check | body body body … body ]  512 bytes
+//!  headers_only:  [ MAGIC seed sector generation check | (untouched)           ]  40 bytes moved
+//! ```
+//!
+//! Provenance (which disk, sector and generation a sector came from) still travels with
+//! every sector, so a misdirected, skipped or stale write is still caught; damage to a body
+//! is not. Zero and data sectors move whole in both modes.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -22,6 +34,92 @@ use crate::mix64;
 const MAGIC: u64 = 0x6b63_6f70_7964_2d73; // "kcopyd-s"
 const WORDS: usize = SECTOR_SIZE / 8;
 const HEADER_WORDS: usize = 5;
+/// Bytes of a pattern sector's header: all that a `headers_only` disk fills and checks.
+const HEADER_BYTES: usize = HEADER_WORDS * 8;
+const _: () = assert!(HEADER_BYTES < SECTOR_SIZE && SECTOR_SIZE % 8 == 0);
+
+/// Spreads a sector number over the check word. Odd, so multiplying by it is a bijection:
+/// two sector numbers never give the same product.
+const SECTOR_SPREAD: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// The constants of one run of pattern sectors: its seed and generation, and the part of
+/// the check word that all its sectors share (computed once per run, not once per sector).
+#[derive(Debug, Clone, Copy)]
+struct PatternRun {
+    seed: u64,
+    generation: u64,
+    run_check: u64,
+}
+
+impl PatternRun {
+    fn new(seed: u64, generation: u64) -> PatternRun {
+        PatternRun { seed, generation, run_check: mix64(MAGIC ^ seed ^ mix64(generation)) }
+    }
+
+    /// The check word of sector `sector`. Damage to any one header word breaks the match:
+    /// the seed and generation go through `mix64` (a bijection), the sector number through
+    /// an odd multiplier (a bijection too).
+    fn check_word(&self, sector: u64) -> u64 {
+        self.run_check ^ sector.wrapping_mul(SECTOR_SPREAD)
+    }
+
+    /// Writes sector `sector` of the run into `out` (512 bytes): the header, and the body
+    /// unless `header_only`.
+    fn fill(&self, sector: u64, out: &mut [u8], header_only: bool) {
+        let check = self.check_word(sector);
+        write_header(self.seed, self.generation, sector, check, out);
+        if !header_only {
+            let body = mix64(check).to_le_bytes();
+            for word in out[HEADER_BYTES..].chunks_exact_mut(8) {
+                word.copy_from_slice(&body);
+            }
+        }
+    }
+
+    /// How many sectors from the start of `sectors` are sectors `first`, `first + 1`, … of
+    /// the run: headers always checked, bodies unless `header_only`.
+    fn continued_by(&self, sectors: &[u8], first: u64, header_only: bool) -> u64 {
+        let mut count = 0;
+        for sector in sectors.chunks_exact(SECTOR_SIZE) {
+            let number = first + count;
+            let check = self.check_word(number);
+            let expected = [MAGIC, self.seed, number, self.generation, check];
+            let mut words = sector.chunks_exact(8).map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")));
+            if !expected.iter().all(|&value| words.next() == Some(value)) {
+                break;
+            }
+            let body = mix64(check);
+            if !header_only && !words.all(|word| word == body) {
+                break;
+            }
+            count += 1;
+        }
+        count
+    }
+}
+
+/// Writes the 40-byte header of pattern sector `sector` into the start of `out`.
+fn write_header(seed: u64, generation: u64, sector: u64, check: u64, out: &mut [u8]) {
+    let header = [MAGIC, seed, sector, generation, check];
+    for (word, value) in out[..HEADER_BYTES].chunks_exact_mut(8).zip(header) {
+        word.copy_from_slice(&value.to_le_bytes());
+    }
+}
+
+/// The pattern sector named by a sector's header, if the header is a valid one (the body
+/// is not looked at).
+fn header_provenance(sector: &[u8]) -> Option<Provenance> {
+    let word = |i: usize| u64::from_le_bytes(sector[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    if word(0) != MAGIC {
+        return None;
+    }
+    let (seed, sector_number, generation, check) = (word(1), word(2), word(3), word(4));
+    (check == PatternRun::new(seed, generation).check_word(sector_number)).then_some(Provenance::Pattern {
+        seed,
+        generation,
+        sector: sector_number,
+    })
+}
 
 /// What one sector holds, as far as the simulator can tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -53,28 +151,17 @@ pub enum Provenance {
 /// ```
 pub fn pattern_sector(seed: u64, generation: u64, sector: u64, out: &mut [u8]) {
     assert_eq!(out.len(), SECTOR_SIZE);
-    let check = mix64(MAGIC ^ seed ^ mix64(sector ^ mix64(generation)));
-    let body = mix64(check).to_le_bytes();
-    let header = [MAGIC, seed, sector, generation, check];
-    for (i, word) in out.chunks_exact_mut(8).enumerate() {
-        if i < HEADER_WORDS {
-            word.copy_from_slice(&header[i].to_le_bytes());
-        } else {
-            word.copy_from_slice(&body);
-        }
-    }
+    PatternRun::new(seed, generation).fill(sector, out, false);
 }
 
 /// Tells what a 512-byte sector holds.
 pub fn provenance_of(sector: &[u8]) -> Provenance {
     assert_eq!(sector.len(), SECTOR_SIZE);
     let word = |i: usize| u64::from_le_bytes(sector[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-    if word(0) == MAGIC {
-        let (seed, sector_number, generation, check) = (word(1), word(2), word(3), word(4));
-        let expected = mix64(MAGIC ^ seed ^ mix64(sector_number ^ mix64(generation)));
-        let body = mix64(check);
-        if check == expected && (HEADER_WORDS..WORDS).all(|i| word(i) == body) {
-            return Provenance::Pattern { seed, generation, sector: sector_number };
+    if let Some(pattern) = header_provenance(sector) {
+        let body = mix64(word(4));
+        if (HEADER_WORDS..WORDS).all(|i| word(i) == body) {
+            return pattern;
         }
     }
     if sector.iter().all(|&b| b == 0) {
@@ -100,44 +187,62 @@ pub(crate) enum Content {
     Data(Bytes),
 }
 
-/// A disk's bytes.
-pub(crate) enum Storage {
+/// How a disk holds its sectors.
+enum Layout {
     Dense(Vec<u8>),
     /// Runs keyed by start sector; they cover the disk without gaps or overlaps.
     Extents(BTreeMap<u64, (u64, Content)>),
 }
 
+/// A disk's bytes, and how much of each pattern sector its data path moves.
+pub(crate) struct Storage {
+    layout: Layout,
+    /// Fill and check only the header of pattern sectors (see the module's overview).
+    headers_only: bool,
+}
+
 impl Storage {
-    pub(crate) fn new(len_sectors: u64, sparse: bool) -> Storage {
-        if sparse {
+    pub(crate) fn new(len_sectors: u64, sparse: bool, headers_only: bool) -> Storage {
+        let layout = if sparse {
             let mut map = BTreeMap::new();
             if len_sectors > 0 {
                 map.insert(0, (len_sectors, Content::Zero));
             }
-            Storage::Extents(map)
+            Layout::Extents(map)
         } else {
             let len_bytes = usize::try_from(len_sectors).expect("fits in memory") * SECTOR_SIZE;
-            Storage::Dense(vec![0; len_bytes])
-        }
+            Layout::Dense(vec![0; len_bytes])
+        };
+        Storage { layout, headers_only }
     }
 
     /// Number of runs held (1 per contiguous provenance run); 0 for dense storage.
     pub(crate) fn extents(&self) -> usize {
-        match self {
-            Storage::Dense(_) => 0,
-            Storage::Extents(map) => map.len(),
+        match &self.layout {
+            Layout::Dense(_) => 0,
+            Layout::Extents(map) => map.len(),
         }
     }
 
-    /// Reads sectors from `start` into `out` (a whole number of sectors).
+    /// What one written sector holds, as this storage looks at it: a `headers_only` storage
+    /// takes a valid pattern header for the whole pattern sector.
+    fn classify(&self, sector: &[u8]) -> Provenance {
+        match self.headers_only.then(|| header_provenance(sector)).flatten() {
+            Some(pattern) => pattern,
+            None => provenance_of(sector),
+        }
+    }
+
+    /// Reads sectors from `start` into `out` (a whole number of sectors), as the data path
+    /// does: a `headers_only` storage fills only the header of each pattern sector.
     pub(crate) fn read(&self, start: u64, out: &mut [u8]) {
         assert_eq!(out.len() % SECTOR_SIZE, 0);
-        match self {
-            Storage::Dense(bytes) => {
+        match &self.layout {
+            Layout::Dense(bytes) => {
                 let at = start as usize * SECTOR_SIZE;
                 out.copy_from_slice(&bytes[at..at + out.len()]);
             }
-            Storage::Extents(map) => {
+            Layout::Extents(map) => {
                 let end = start + (out.len() / SECTOR_SIZE) as u64;
                 for (run_start, (run_len, content)) in overlapping(map, start..end) {
                     let lo = run_start.max(start);
@@ -146,8 +251,10 @@ impl Storage {
                     match content {
                         Content::Zero => piece.fill(0),
                         Content::Pattern { seed, generation, origin } => {
+                            let run = PatternRun::new(*seed, *generation);
+                            let first = origin + (lo - run_start);
                             for (i, sector) in piece.chunks_exact_mut(SECTOR_SIZE).enumerate() {
-                                pattern_sector(*seed, *generation, origin + (lo - run_start) + i as u64, sector);
+                                run.fill(first + i as u64, sector, self.headers_only);
                             }
                         }
                         Content::Data(data) => {
@@ -160,68 +267,86 @@ impl Storage {
         }
     }
 
-    /// Writes `data` (a whole number of sectors) at `start`.
-    pub(crate) fn write(&mut self, start: u64, data: &[u8]) {
-        assert_eq!(data.len() % SECTOR_SIZE, 0);
-        match self {
-            Storage::Dense(bytes) => {
-                let at = start as usize * SECTOR_SIZE;
-                bytes[at..at + data.len()].copy_from_slice(data);
-            }
-            Storage::Extents(_) => {
-                // Split the data into runs of one provenance each.
-                let mut runs: Vec<(u64, u64, Content)> = Vec::new();
-                for (i, sector) in data.chunks_exact(SECTOR_SIZE).enumerate() {
-                    let at = start + i as u64;
-                    let content = match provenance_of(sector) {
-                        Provenance::Zero => Content::Zero,
-                        Provenance::Pattern { seed, generation, sector } => {
-                            Content::Pattern { seed, generation, origin: sector }
-                        }
-                        Provenance::Data(_) => Content::Data(Bytes::copy_from_slice(sector)),
-                    };
-                    match runs.last_mut() {
-                        Some((run_start, run_len, last)) if continues(last, *run_len, &content) => {
-                            if let (Content::Data(bytes), Content::Data(more)) = (last, &content) {
-                                let mut joined = Vec::with_capacity(bytes.len() + more.len());
-                                joined.extend_from_slice(bytes);
-                                joined.extend_from_slice(more);
-                                *bytes = Bytes::from(joined);
-                            }
-                            debug_assert_eq!(*run_start + *run_len, at);
-                            *run_len += 1;
-                        }
-                        _ => runs.push((at, 1, content)),
-                    }
-                }
-                for (run_start, run_len, content) in runs {
-                    self.set(run_start..run_start + run_len, content);
+    /// Reads sectors from `start` into `out` whole: what the disk holds, every pattern
+    /// sector with its body (for snapshots, whatever the data path moves).
+    pub(crate) fn read_whole(&self, start: u64, out: &mut [u8]) {
+        self.read(start, out);
+        if self.headers_only {
+            for sector in out.chunks_exact_mut(SECTOR_SIZE) {
+                if let Some(Provenance::Pattern { seed, generation, sector: number }) = header_provenance(sector) {
+                    pattern_sector(seed, generation, number, sector);
                 }
             }
         }
     }
 
+    /// Writes `data` (a whole number of sectors) at `start`.
+    pub(crate) fn write(&mut self, start: u64, data: &[u8]) {
+        assert_eq!(data.len() % SECTOR_SIZE, 0);
+        if let Layout::Dense(bytes) = &mut self.layout {
+            let at = start as usize * SECTOR_SIZE;
+            bytes[at..at + data.len()].copy_from_slice(data);
+            return;
+        }
+        // Split the data into runs of one provenance each: classify a sector, then take
+        // every following sector that continues its pattern run in one sweep.
+        let count = data.len() / SECTOR_SIZE;
+        let sector_at = |i: usize| &data[i * SECTOR_SIZE..(i + 1) * SECTOR_SIZE];
+        let mut runs: Vec<(u64, u64, Content)> = Vec::new();
+        let mut i = 0;
+        while i < count {
+            let (content, len) = match self.classify(sector_at(i)) {
+                Provenance::Zero => (Content::Zero, 1),
+                Provenance::Pattern { seed, generation, sector } => {
+                    let rest = &data[(i + 1) * SECTOR_SIZE..];
+                    let more = PatternRun::new(seed, generation).continued_by(rest, sector + 1, self.headers_only);
+                    (Content::Pattern { seed, generation, origin: sector }, 1 + more)
+                }
+                Provenance::Data(_) => {
+                    // Data runs on to the next sector that is not data; copied once.
+                    let mut end = i + 1;
+                    while end < count && matches!(self.classify(sector_at(end)), Provenance::Data(_)) {
+                        end += 1;
+                    }
+                    let bytes = Bytes::copy_from_slice(&data[i * SECTOR_SIZE..end * SECTOR_SIZE]);
+                    (Content::Data(bytes), (end - i) as u64)
+                }
+            };
+            let at = start + i as u64;
+            match runs.last_mut() {
+                Some((_, run_len, last)) if matches!((&*last, &content), (Content::Zero, Content::Zero)) => {
+                    *run_len += len
+                }
+                _ => runs.push((at, len, content)),
+            }
+            i += len as usize;
+        }
+        for (run_start, run_len, content) in runs {
+            self.set(run_start..run_start + run_len, content);
+        }
+    }
+
     /// Zeroes `sectors`.
     pub(crate) fn zero(&mut self, sectors: Range<u64>) {
-        match self {
-            Storage::Dense(bytes) => {
+        match &mut self.layout {
+            Layout::Dense(bytes) => {
                 bytes[sectors.start as usize * SECTOR_SIZE..sectors.end as usize * SECTOR_SIZE].fill(0)
             }
-            Storage::Extents(_) => self.set(sectors, Content::Zero),
+            Layout::Extents(_) => self.set(sectors, Content::Zero),
         }
     }
 
     /// Fills `sectors` with generation `generation` of the pattern of `seed`, each sector
     /// holding its own number.
     pub(crate) fn fill_pattern(&mut self, sectors: Range<u64>, seed: u64, generation: u64) {
-        match self {
-            Storage::Dense(bytes) => {
+        match &mut self.layout {
+            Layout::Dense(bytes) => {
                 let area = &mut bytes[sectors.start as usize * SECTOR_SIZE..sectors.end as usize * SECTOR_SIZE];
                 for (i, sector) in area.chunks_exact_mut(SECTOR_SIZE).enumerate() {
                     pattern_sector(seed, generation, sectors.start + i as u64, sector);
                 }
             }
-            Storage::Extents(_) => {
+            Layout::Extents(_) => {
                 let origin = sectors.start;
                 self.set(sectors, Content::Pattern { seed, generation, origin })
             }
@@ -230,7 +355,7 @@ impl Storage {
 
     /// Replaces the content of `sectors` with `content`, merging with neighbours.
     fn set(&mut self, sectors: Range<u64>, content: Content) {
-        let Storage::Extents(map) = self else { unreachable!("set is for extents") };
+        let Layout::Extents(map) = &mut self.layout else { unreachable!("set is for extents") };
         if sectors.is_empty() {
             return;
         }
@@ -282,14 +407,14 @@ impl Storage {
             }
             _ => out.push((range, provenance)),
         };
-        match self {
-            Storage::Dense(bytes) => {
+        match &self.layout {
+            Layout::Dense(bytes) => {
                 for sector in sectors {
                     let at = sector as usize * SECTOR_SIZE;
-                    push(sector..sector + 1, provenance_of(&bytes[at..at + SECTOR_SIZE]));
+                    push(sector..sector + 1, self.classify(&bytes[at..at + SECTOR_SIZE]));
                 }
             }
-            Storage::Extents(map) => {
+            Layout::Extents(map) => {
                 for (run_start, (run_len, content)) in overlapping(map, sectors.clone()) {
                     let lo = run_start.max(sectors.start);
                     let hi = (run_start + run_len).min(sectors.end);
@@ -306,7 +431,7 @@ impl Storage {
                         Content::Data(data) => {
                             for sector in lo..hi {
                                 let at = (sector - run_start) as usize * SECTOR_SIZE;
-                                push(sector..sector + 1, provenance_of(&data[at..at + SECTOR_SIZE]));
+                                push(sector..sector + 1, self.classify(&data[at..at + SECTOR_SIZE]));
                             }
                         }
                     }
@@ -378,49 +503,51 @@ fn overlapping(
 mod tests {
     use super::*;
 
-    /// A flat model of sectors as bytes, against which both storages must agree.
+    /// Every layout and mode against dense whole-sector storage (the flat model of sectors
+    /// as bytes): the same content as the disk holds it, the same provenance. Copies go
+    /// through one buffer per storage that keeps whatever earlier copies left in it, as pool
+    /// pages do, so a `headers_only` storage sees stale bodies behind fresh headers.
     fn check_against_dense(ops: &[(u8, u64, u64)]) {
         let len = 64u64;
-        let mut sparse = Storage::new(len, true);
-        let mut dense = Storage::new(len, false);
+        let len_bytes = len as usize * SECTOR_SIZE;
+        let mut reference = Storage::new(len, false, false);
+        let mut others = [(true, false), (true, true), (false, true)]
+            .map(|(sparse, headers_only)| (Storage::new(len, sparse, headers_only), vec![0xa5; len_bytes]));
         for &(kind, start, count) in ops {
             let start = start % len;
             let count = count % (len - start) + 1;
-            match kind % 4 {
-                0 => {
-                    sparse.zero(start..start + count);
-                    dense.zero(start..start + count);
-                }
-                1 => {
-                    sparse.fill_pattern(start..start + count, 9, u64::from(kind));
-                    dense.fill_pattern(start..start + count, 9, u64::from(kind));
-                }
-                2 => {
-                    let data: Vec<u8> =
-                        (0..count as usize * SECTOR_SIZE).map(|i| (i as u64 ^ start) as u8 | 1).collect();
-                    sparse.write(start, &data);
-                    dense.write(start, &data);
-                }
-                _ => {
-                    // Copy a range within the disk, as the engine would: read then write.
-                    let mut buf = vec![0; count as usize * SECTOR_SIZE];
-                    let to = (start * 7) % (len - count + 1);
-                    sparse.read(start, &mut buf);
-                    sparse.write(to, &buf);
-                    dense.read(start, &mut buf);
-                    dense.write(to, &buf);
+            let sectors = start..start + count;
+            let bytes = count as usize * SECTOR_SIZE;
+            let to = (start * 7) % (len - count + 1);
+            let data: Vec<u8> = (0..bytes).map(|i| (i as u64 ^ start) as u8 | 1).collect();
+            let storages = std::iter::once((&mut reference, None)).chain(others.iter_mut().map(|(s, b)| (s, Some(b))));
+            for (storage, stale) in storages {
+                match kind % 4 {
+                    0 => storage.zero(sectors.clone()),
+                    1 => storage.fill_pattern(sectors.clone(), 9, u64::from(kind)),
+                    2 => storage.write(start, &data),
+                    _ => {
+                        // Copy a range within the disk, as the engine would: read then write.
+                        let mut fresh = vec![0; bytes];
+                        let buf = stale.map_or(&mut fresh[..], |stale| &mut stale[..bytes]);
+                        storage.read(start, buf);
+                        storage.write(to, buf);
+                    }
                 }
             }
-            let (mut a, mut b) = (vec![0; len as usize * SECTOR_SIZE], vec![0; len as usize * SECTOR_SIZE]);
-            sparse.read(0, &mut a);
-            dense.read(0, &mut b);
-            assert_eq!(a, b, "after {ops:?}");
-            assert_eq!(sparse.provenance(0..len), dense.provenance(0..len));
+            let mut expected = vec![0; len_bytes];
+            reference.read_whole(0, &mut expected);
+            for (storage, _) in &others {
+                let mut actual = vec![0; len_bytes];
+                storage.read_whole(0, &mut actual);
+                assert!(actual == expected, "content after {ops:?}");
+                assert_eq!(storage.provenance(0..len), reference.provenance(0..len), "after {ops:?}");
+            }
         }
     }
 
     #[test]
-    fn sparse_and_dense_storage_agree() {
+    fn every_layout_and_mode_agrees_with_dense_whole_sectors() {
         let mut state = 1u64;
         for _ in 0..200 {
             let ops: Vec<(u8, u64, u64)> = (0..12)
@@ -434,11 +561,46 @@ mod tests {
     }
 
     #[test]
+    fn a_headers_only_read_fills_the_header_and_leaves_the_body() {
+        let mut storage = Storage::new(4, true, true);
+        storage.fill_pattern(0..4, 3, 1);
+        let mut buf = vec![0xee; 2 * SECTOR_SIZE];
+        storage.read(1, &mut buf);
+        for (i, sector) in buf.chunks_exact(SECTOR_SIZE).enumerate() {
+            let mut whole = [0; SECTOR_SIZE];
+            pattern_sector(3, 1, 1 + i as u64, &mut whole);
+            assert_eq!(sector[..HEADER_BYTES], whole[..HEADER_BYTES], "the header is the pattern's");
+            assert!(sector[HEADER_BYTES..].iter().all(|&b| b == 0xee), "the body is untouched");
+        }
+        let mut whole = vec![0; 2 * SECTOR_SIZE];
+        storage.read_whole(1, &mut whole);
+        assert_eq!(provenance_of(&whole[..SECTOR_SIZE]), Provenance::Pattern { seed: 3, generation: 1, sector: 1 });
+    }
+
+    #[test]
+    fn a_headers_only_write_checks_the_header_and_not_the_body() {
+        let mut sector = [0; SECTOR_SIZE];
+        pattern_sector(3, 0, 10, &mut sector);
+        sector[HEADER_BYTES + 7] ^= 1; // damage in the body
+        let (mut headers, mut whole) = (Storage::new(1, true, true), Storage::new(1, true, false));
+        headers.write(0, &sector);
+        whole.write(0, &sector);
+        assert_eq!(headers.provenance(0..1), vec![(0..1, Provenance::Pattern { seed: 3, generation: 0, sector: 10 })]);
+        assert!(matches!(whole.provenance(0..1)[..], [(_, Provenance::Data(_))]), "whole sectors see the damage");
+        for byte in 0..HEADER_BYTES {
+            let mut damaged = sector;
+            damaged[byte] ^= 0x10; // damage in the header: the sector is no pattern sector
+            headers.write(0, &damaged);
+            assert!(matches!(headers.provenance(0..1)[..], [(_, Provenance::Data(_))]), "header byte {byte}");
+        }
+    }
+
+    #[test]
     fn a_copied_pattern_is_kept_as_one_extent() {
         let len = 1 << 30; // 512 GiB of sectors, in a few hundred bytes
-        let mut source = Storage::new(len, true);
+        let mut source = Storage::new(len, true, false);
         source.fill_pattern(0..len, 5, 0);
-        let mut target = Storage::new(len, true);
+        let mut target = Storage::new(len, true, false);
         let mut buf = vec![0; 1024 * SECTOR_SIZE];
         for chunk in 0..256u64 {
             source.read(chunk * 1024, &mut buf);
