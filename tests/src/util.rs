@@ -3,7 +3,7 @@
 use std::io;
 use std::sync::Arc;
 
-use kcopyd_core::{BlockDevice, Device, DeviceId, Geometry, IoFuture, ReadBuf, Region, SECTOR_SIZE, WriteBuf};
+use kcopyd_core::{BlockDevice, DeviceId, Geometry, IoFuture, ReadBuf, Region, SECTOR_SIZE, WriteBuf};
 use kcopyd_sim::MemDisk;
 
 /// A zero-filled in-memory disk.
@@ -18,7 +18,7 @@ pub fn patterned(name: &str, len_sectors: u64, logical_block_size: u32, seed: u6
 
 /// A region over an in-memory disk.
 pub fn region(disk: &Arc<MemDisk>, start_sector: u64, len_sectors: u64) -> Region {
-    Region::new(disk.clone() as Device, start_sector, len_sectors)
+    Region::new(disk.clone(), start_sector, len_sectors)
 }
 
 /// Asserts that `len` sectors of `target` from `target_start` equal `source` from
@@ -123,7 +123,7 @@ impl HookedDisk {
 
     /// A region of this disk.
     pub fn region(self, start_sector: u64, len_sectors: u64) -> Region {
-        Region::new(Arc::new(self) as Device, start_sector, len_sectors)
+        Region::new(Arc::new(self), start_sector, len_sectors)
     }
 }
 

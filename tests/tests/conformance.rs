@@ -110,7 +110,7 @@ fn loop_device_conformance(test: &str, sector_size: u32) {
     assert_eq!(device.kind(), DeviceKind::BlockDevice);
     assert_eq!(
         device.geometry(),
-        Geometry { len_sectors: DEVICE_SECTORS_MIN, logical_block_size: sector_size, write_zeroes: true, zoned: false },
+        Geometry::new(DEVICE_SECTORS_MIN, sector_size).with_write_zeroes(true),
         "geometry from BLKGETSIZE64 and BLKSSZGET"
     );
     let rdev = fs::metadata(loop_device.path()).unwrap().rdev();

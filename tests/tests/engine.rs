@@ -21,13 +21,13 @@ fn small_chunks() -> ClientConfig {
 #[test]
 fn multi_target_copy_with_ragged_length_to_different_offsets() {
     let client = client(ClientConfig::default());
-    // 2.5 sub-jobs of 512 KiB plus 3 sectors.
-    let len = 1024 * 2 + 512 + 3;
-    let source = patterned("source", 4000, 512, 1);
+    // 2.5 sub-jobs of the default 1 MiB plus 3 sectors.
+    let len = 2048 * 2 + 1024 + 3;
+    let source = patterned("source", 8000, 512, 1);
     let t0 = zeroed("t0", len, 512);
-    let t1 = patterned("t1", 8000, 512, 2);
-    let t2 = zeroed("t2", 6000, 512);
-    let before_t1 = t1.snapshot(0, 8000);
+    let t1 = patterned("t1", 12000, 512, 2);
+    let t2 = zeroed("t2", 8000, 512);
+    let before_t1 = t1.snapshot(0, 12000);
     let outcome = client
         .submit_blocking(Job::copy(
             region(&source, 17, len),
@@ -42,13 +42,13 @@ fn multi_target_copy_with_ragged_length_to_different_offsets() {
     assert_same(&source, 17, &t1, 4001, len);
     assert_same(&source, 17, &t2, 2, len);
     // Nothing outside the target ranges changed.
-    let after_t1 = t1.snapshot(0, 8000);
+    let after_t1 = t1.snapshot(0, 12000);
     assert_eq!(after_t1[..4001 * 512], before_t1[..4001 * 512]);
     assert_eq!(after_t1[(4001 + len as usize) * 512..], before_t1[(4001 + len as usize) * 512..]);
     assert!(t2.snapshot(0, 2).iter().all(|&b| b == 0));
-    assert!(t2.snapshot(2 + len, 6000 - 2 - len).iter().all(|&b| b == 0));
+    assert!(t2.snapshot(2 + len, 8000 - 2 - len).iter().all(|&b| b == 0));
     // The source was read once per chunk, whatever the number of targets.
-    assert_eq!(source.stats().reads, len.div_ceil(1024));
+    assert_eq!(source.stats().reads, len.div_ceil(2048));
     client.shutdown_blocking();
 }
 

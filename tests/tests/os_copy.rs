@@ -9,7 +9,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
-use kcopyd_core::{BlockDevice, Client, ClientConfig, Device, Flags, Job, Outcome, Region, SubmitError, WriteBuf};
+use kcopyd_core::{BlockDevice, Client, ClientConfig, Flags, Job, Outcome, Region, SubmitError, WriteBuf};
 use kcopyd_os::{OpenError, OpenOptions, OsDevice, Storage, StorageId};
 use kcopyd_tests::conformance::{block_on, read_ok, write_ok};
 use kcopyd_tests::fixtures::{Ext4OnLoop, LoopDevice, Mount, TempDir, is_root, pattern, skip};
@@ -39,7 +39,7 @@ fn run(job: Job) -> Outcome {
 }
 
 fn region(device: &Arc<OsDevice>, start_sector: u64, len_sectors: u64) -> Region {
-    Region::new(device.clone() as Device, start_sector, len_sectors)
+    Region::new(device.clone(), start_sector, len_sectors)
 }
 
 /// Asserts that `actual` equals `expected`, naming the first differing byte rather than

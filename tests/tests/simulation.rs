@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kcopyd_core::{BlockDevice, ClientConfig, Device, Flags, Job, PagePool, ReadBuf, Region, WriteBuf};
+use kcopyd_core::{BlockDevice, ClientConfig, Flags, Job, PagePool, ReadBuf, Region, WriteBuf};
 use kcopyd_sim::{
     FaultKind, FaultPlan, IoModel, Latency, MemDisk, MemDiskOptions, Misdirect, Provenance, Simulation, to_model,
 };
@@ -13,7 +13,9 @@ use kcopyd_tests::scenario::{Inputs, run};
 /// Copies `len_sectors` from a source with `read` timing to a target with `write` timing, in
 /// virtual time; returns the model time the job took.
 fn timed_copy(read: IoModel, write: IoModel, len_sectors: u64) -> Duration {
-    Simulation::run(ClientConfig::default(), |client, _trace| async move {
+    // The kernel's shape, which the models below are worked out for.
+    let config = ClientConfig { sub_job_size_bytes: 512 * 1024, subjobs_in_flight: 8, ..ClientConfig::default() };
+    Simulation::run(config, |client, _trace| async move {
         let source = Arc::new(MemDisk::new(MemDiskOptions {
             name: "source".into(),
             len_sectors,
@@ -97,7 +99,7 @@ fn a_terabyte_sparse_copy_region_costs_a_few_extents_and_verifies() {
         async move {
             let job = Job::copy(
                 Region::new(source, from, copy_sectors),
-                vec![Region::new(target as Device, to, copy_sectors)],
+                vec![Region::new(target, to, copy_sectors)],
                 Flags::empty(),
             );
             client.submit(job).await.unwrap().await
@@ -257,4 +259,51 @@ fn a_crash_loses_unflushed_writes_or_tears_the_ones_in_flight() {
         }
         assert!(log.iter().any(|r| r.kind == FaultKind::Lost), "with 8 writes at even odds, some are lost");
     });
+}
+
+/// Runs one device operation to its end on a throwaway runtime.
+fn io<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(future)
+}
+
+#[test]
+fn mem_disk_errors_name_the_device_the_operation_and_the_sectors() {
+    use kcopyd_sim::{DiskError, DiskFailure, Operation};
+    let disk = MemDisk::zeroed("sim-a", 64, 4096);
+    let check = |error: std::io::Error, message: &str, errno: i32| {
+        assert_eq!(error.to_string(), message);
+        let inner = DiskError::of(&error).expect("a MemDisk error carries a DiskError");
+        assert_eq!(inner.errno(), errno);
+        assert_eq!(error.kind(), std::io::Error::from_raw_os_error(errno).kind());
+        inner.clone()
+    };
+    // Refused before any transfer: misaligned (EINVAL), past the end (EIO).
+    let error = io(disk.write(4, WriteBuf::zeroes(4096))).unwrap_err();
+    let inner = check(error, "sim-a: write of sectors 4..12 refused: not aligned to the 4096-byte logical block", 22);
+    assert_eq!(inner.operation, Operation::Write);
+    assert_eq!(inner.reason, DiskFailure::Misaligned { block_size: 4096 });
+    let (_, result) = io(disk.read(64, ReadBuf::with_capacity(4096)));
+    check(result.unwrap_err(), "sim-a: read of sectors 64..72 refused: past the end of the device (64 sectors)", 5);
+    let error = io(disk.write_zeroes(0, 3)).unwrap_err();
+    check(error, "sim-a: write-zeroes of sectors 0..3 refused: not aligned to the 4096-byte logical block", 22);
+    // Faults of the plan: the request's sectors, not only the failing block.
+    disk.fail_reads(16..24);
+    let (_, result) = io(disk.read(8, ReadBuf::with_capacity(3 * 4096)));
+    check(result.unwrap_err(), "sim-a: read of sectors 8..32 failed: latent sector error", 5);
+    disk.fail_writes(40..48);
+    let error = io(disk.write(40, WriteBuf::zeroes(4096))).unwrap_err();
+    check(error, "sim-a: write of sectors 40..48 failed: write error", 5);
+    disk.crash();
+    let error = io(disk.flush()).unwrap_err();
+    check(error, "sim-a: flush of sectors 0..64 failed: the disk has crashed", 5);
+    // A zoned disk names the write pointer.
+    let zoned = MemDisk::new(MemDiskOptions {
+        name: "sim-z".into(),
+        len_sectors: 64,
+        zoned: true,
+        zone_sectors: 32,
+        ..MemDiskOptions::default()
+    });
+    let error = io(zoned.write(8, WriteBuf::zeroes(512))).unwrap_err();
+    check(error, "sim-z: write of sectors 8..9 failed: not at the zone's write pointer (sector 0)", 5);
 }

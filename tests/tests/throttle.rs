@@ -59,7 +59,8 @@ fn copy_job(source: &Arc<MemDisk>, target: &Arc<MemDisk>, len_sectors: u64) -> J
 }
 
 fn config(throttle: Throttle) -> ClientConfig {
-    ClientConfig { throttle, ..ClientConfig::default() }
+    // The kernel's shape (512 KiB sub-jobs, 8 in flight), which the expectations below count in.
+    ClientConfig { throttle, sub_job_size_bytes: 512 * 1024, subjobs_in_flight: 8, ..ClientConfig::default() }
 }
 
 /// Copies `len_sectors` between disks of timing `latency` with `throttle` and returns the
@@ -160,7 +161,7 @@ fn another_unthrottled_client_is_not_slowed() {
     let throttled = Throttle { busy_percent: Some(10), rate_bytes_per_s: Some(10_000_000) };
     let other_alone = timed_copy(ssd(), Throttle::OFF, LEN_SECTORS, nothing);
     let other_beside = Simulation::run(config(throttled), |slow_client, _trace| async move {
-        let fast_client = Client::start_in_current_system(ClientConfig::default()).unwrap();
+        let fast_client = Client::start_in_current_system(config(Throttle::OFF)).unwrap();
         let (slow_source, slow_target) = (disk("slow-source", LEN_SECTORS, 3), disk("slow-target", LEN_SECTORS, 4));
         let (source, target) = (disk("source", LEN_SECTORS, 1), disk("target", LEN_SECTORS, 2));
         let slow = slow_client.submit(copy_job(&slow_source, &slow_target, LEN_SECTORS)).await.unwrap();

@@ -5,17 +5,19 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::device_arg::DeviceArg;
 use crate::size;
 
-/// Bytes per sub-job by default: one read of the source and one write per target.
+/// Bytes per sub-job by default: one read of the source and one write per target. The
+/// library's [`kcopyd_core::SUB_JOB_SIZE_DEFAULT_BYTES`], written for `--help`.
 ///
 /// Chosen by measurement (docs/BENCHMARKS.md): on this project's machines, alternating
 /// shapes in one run, 4 × 1 MiB in flight copied fastest to 1 and to 3 targets; deeper
 /// queues (8 × 2 MiB, 32 × 2 MiB) were 5–25 % slower there, because the virtual disk shares
 /// one bandwidth between reads and writes. Faster storage may want more in flight.
 pub const SUB_JOB_SIZE_DEFAULT: &str = "1M";
-/// Sub-jobs kept in flight by default (see [`SUB_JOB_SIZE_DEFAULT`]).
-pub const SUBJOBS_IN_FLIGHT_DEFAULT: usize = 4;
-/// The page budget by default: four times what the default sub-jobs in flight take, so that
-/// reads can run ahead while several targets are still being written.
+/// Sub-jobs kept in flight by default: the library's.
+pub const SUBJOBS_IN_FLIGHT_DEFAULT: usize = kcopyd_core::SUBJOBS_IN_FLIGHT_DEFAULT;
+/// The page budget by default: the library's [`kcopyd_core::PAGE_BUDGET_DEFAULT`] (four times
+/// what the default sub-jobs in flight take, so that reads can run ahead while several
+/// targets are still being written), written for `--help`.
 pub const MEMORY_DEFAULT: &str = "16M";
 
 /// kcopyd: copy, zero and compare block ranges on files, block devices and simulated disks,
@@ -275,4 +277,17 @@ pub struct DemoArgs {
     /// No progress bars.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_commands_defaults_are_the_librarys() {
+        let library = kcopyd_core::ClientConfig::default();
+        assert_eq!(size::parse_size(SUB_JOB_SIZE_DEFAULT).unwrap(), library.sub_job_size_bytes as u64);
+        assert_eq!(SUBJOBS_IN_FLIGHT_DEFAULT, library.subjobs_in_flight);
+        assert_eq!(size::parse_size(MEMORY_DEFAULT).unwrap(), library.page_budget_bytes() as u64);
+    }
 }

@@ -263,11 +263,16 @@ fn target_status(target: &TargetReport) -> &'static str {
     }
 }
 
+/// A target's `not_copied` (target-device sectors) relative to the start of its region.
+fn not_copied_in_region(target: &Opened, outcome: &kcopyd_core::TargetReport) -> RangeSet {
+    outcome.not_copied.shifted(target.start_sector(), 0).expect("not_copied lies inside the target region")
+}
+
 /// Bytes of the range that at least one target does not hold.
 fn not_copied_bytes(opened: &[Opened], run: &JobRun, len_bytes: u64) -> u64 {
     let mut union = RangeSet::new();
     for (target, outcome) in opened.iter().zip(&run.outcome.targets) {
-        union.extend(&outcome.not_copied.shifted(target.start_sector(), 0));
+        union.extend(&not_copied_in_region(target, outcome));
     }
     report::range_bytes(&union, len_bytes)
 }
@@ -283,10 +288,7 @@ fn job_targets(opened: &[Opened], run: &JobRun, len_bytes: u64) -> Vec<TargetRep
             status: "ok",
             write_failed_sectors: Some(report::pairs(&outcome.write_failed)),
             not_copied_sectors: Some(report::pairs(&outcome.not_copied)),
-            bytes_not_copied: Some(report::range_bytes(
-                &outcome.not_copied.shifted(target.start_sector(), 0),
-                len_bytes,
-            )),
+            bytes_not_copied: Some(report::range_bytes(&not_copied_in_region(target, outcome), len_bytes)),
             flush_error: flush_error.clone(),
             verify: None,
         })
@@ -337,7 +339,7 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
             .targets
             .iter()
             .zip(&run.outcome.targets)
-            .map(|(target, outcome)| outcome.not_copied.shifted(target.start_sector(), 0))
+            .map(|(target, outcome)| not_copied_in_region(target, outcome))
             .collect();
         let (mut comparison, bytes, seconds, signal) = run_compare(
             context,
@@ -352,7 +354,11 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
         interrupted = signal;
         if signal.is_none() {
             // The source's unreadable blocks were reported by the copy already.
-            let read_failed = run.outcome.read_failed.shifted(plan.source.start_sector(), 0);
+            let read_failed = run
+                .outcome
+                .read_failed
+                .shifted(plan.source.start_sector(), 0)
+                .expect("read_failed lies inside the source region");
             comparison.source_unreadable = comparison.source_unreadable.difference(&read_failed);
             for ((target, opened), diff) in targets.iter_mut().zip(&plan.targets).zip(&comparison.targets) {
                 target.verify = Some(report::target_verify(diff, opened.start_sector()));
@@ -492,7 +498,12 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
         source: Some(SourceReport {
             device: plan.source.arg.text.clone(),
             offset_bytes: plan.source.arg.offset_bytes,
-            read_failed_sectors: report::pairs(&comparison.source_unreadable.shifted(0, plan.source.start_sector())),
+            read_failed_sectors: report::pairs(
+                &comparison
+                    .source_unreadable
+                    .shifted(0, plan.source.start_sector())
+                    .expect("the source region lies inside its device"),
+            ),
         }),
         targets,
         verify: interrupted.is_none().then(|| report::verify_report(&comparison, bytes, 0, seconds)),

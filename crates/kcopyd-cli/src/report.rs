@@ -152,14 +152,15 @@ pub fn target_verify(diff: &TargetDiff, start_sector: u64) -> TargetVerify {
     } else {
         "identical"
     };
+    const INSIDE_THE_DEVICE: &str = "a compared region lies inside its device";
     let first = diff.first_differing_sector();
     TargetVerify {
         status,
         differing_blocks: diff.differing_blocks,
         first_differing_sector: first.map(|s| s + start_sector),
         first_differing_offset_bytes: first.map(|s| s * SECTOR_SIZE as u64),
-        differing_sectors: pairs(&diff.differing.shifted(0, start_sector)),
-        read_failed_sectors: pairs(&diff.unreadable.shifted(0, start_sector)),
+        differing_sectors: pairs(&diff.differing.shifted(0, start_sector).expect(INSIDE_THE_DEVICE)),
+        read_failed_sectors: pairs(&diff.unreadable.shifted(0, start_sector).expect(INSIDE_THE_DEVICE)),
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use kcopyd_core::{Client, ClientConfig, Device, Flags, Job, Region};
+use kcopyd_core::{Client, ClientConfig, Flags, Job, Region};
 use kcopyd_sim::MemDisk;
 
 #[tokio::main]
@@ -17,7 +17,7 @@ async fn main() {
         (0..2).map(|i| Arc::new(MemDisk::zeroed(&format!("mirror{i}"), len_sectors, 512))).collect();
     let client = Client::new(ClientConfig::default()).expect("default configuration");
 
-    let targets = mirrors.iter().map(|m| Region::new(m.clone() as Device, 0, len_sectors)).collect();
+    let targets = mirrors.iter().map(|m| Region::new(m.clone(), 0, len_sectors)).collect();
     let handle = client.submit(Job::copy(Region::new(source.clone(), 0, len_sectors), targets, Flags::empty())).await;
     let copy = handle.expect("valid job");
     let outcome = copy.await;

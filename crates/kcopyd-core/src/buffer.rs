@@ -19,7 +19,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::PAGE_SIZE;
-use crate::pool::Pages;
+use crate::pool::{PagePool, Pages};
 
 /// A writable buffer made of pool pages, filled by [`BlockDevice::read`](crate::BlockDevice::read).
 ///
@@ -39,6 +39,28 @@ impl ReadBuf {
     pub fn new(pages: Pages, len_bytes: usize) -> ReadBuf {
         assert!(len_bytes <= pages.len() * PAGE_SIZE, "{len_bytes} bytes in {} pages", pages.len());
         ReadBuf { pages, len_bytes, window: 0..len_bytes }
+    }
+
+    /// A buffer of `len_bytes` on pages of its own, page aligned like the engine's (so fit for
+    /// O_DIRECT), outside any client's budget: for testing a device without a client.
+    ///
+    /// ```
+    /// # use kcopyd_core::ReadBuf;
+    /// let mut buf = ReadBuf::with_capacity(1536); // three sectors, one page
+    /// assert_eq!(buf.len(), 1536);
+    /// buf.fill(7);
+    /// assert!(buf.to_vec().iter().all(|&b| b == 7));
+    /// assert_eq!(ReadBuf::with_capacity(0).len(), 0);
+    /// ```
+    ///
+    /// # Panics
+    /// If the memory cannot be mapped, as `Vec::with_capacity` does when it cannot allocate.
+    pub fn with_capacity(len_bytes: usize) -> ReadBuf {
+        let pages = len_bytes.div_ceil(PAGE_SIZE).max(1);
+        let pool = PagePool::with_huge_pages(pages, false)
+            .unwrap_or_else(|error| panic!("mapping {pages} pages for a {len_bytes}-byte buffer: {error}"));
+        let pages = pool.try_alloc(pages).expect("a fresh pool has every page free");
+        ReadBuf::new(pages, len_bytes)
     }
 
     /// Bytes in the window, which is what a read fills.
@@ -239,7 +261,6 @@ impl fmt::Debug for WriteBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::PagePool;
 
     #[test]
     fn window_reads_land_in_place_and_freeze_shares_pages_until_last_drop() {

@@ -3,32 +3,39 @@
 //!
 //! ```text
 //!  Client (any thread) ──admission permit──► ClientActor (one arbiter) ──start──► JobActor
-//!        ▲                                       │ callbacks run here, one at a time
-//!  JobHandle ◄──── outcome slot + progress ──────┘ permit dropped after the callback
+//!        │                                       │ callbacks (and prepared callbacks)
+//!        │ ClientShared: running jobs,           │ run here, one at a time
+//!        │ shutdown report (any thread)          │ permit dropped after the callback
+//!  JobHandle ◄──── outcome slot + progress ──────┘
 //! ```
+//!
+//! Every job completes exactly once, whatever happens to the runtime: a submission that never
+//! reaches the actor completes from the message's `Drop`, and an actor dropped with jobs still
+//! running (its actix System was dropped) completes them from its own `Drop`, as cancelled.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::task::{Context as TaskContext, Poll, Waker};
 use std::thread::{self, ThreadId};
 use std::time::Duration;
 
 use actix::prelude::*;
 use serde::Serialize;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
-use crate::block_on::block_on;
-use crate::error::{ConfigError, SubmitError};
+use crate::block_on::{block_on, block_on_timeout};
+use crate::error::{ConfigError, ShutdownError, SubmitError};
 use crate::io::SubJobIo;
-use crate::job::{JobActor, JobKind, JobSpec};
+use crate::job::{JobActor, JobKind, JobRun, JobSpec};
 use crate::stats::{ClientStats, StatsRecorder};
 use crate::throttle::{Throttle, Throttler};
 use crate::time_scale::Clock;
-use crate::{ClientConfig, Flags, Outcome, PagePool, PoolStats, RangeSet, Region, TargetReport};
+use crate::{ClientConfig, Flags, Outcome, PagePool, PoolStats, RangeSet, Region, TargetMask, TargetReport};
 
 type Callback = Box<dyn FnOnce(Outcome) + Send + 'static>;
 
@@ -74,6 +81,7 @@ impl fmt::Debug for Job {
 
 /// How far a job got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct Progress {
     /// Sectors finished (written, or given up on).
     pub done_sectors: u64,
@@ -83,6 +91,8 @@ pub struct Progress {
 
 /// State shared between a job's handle, its actor and the client actor.
 pub(crate) struct JobShared {
+    /// The job's number in its client, in submission order.
+    job_id: u64,
     total_sectors: u64,
     done_sectors: AtomicU64,
     cancel: AtomicBool,
@@ -103,8 +113,9 @@ struct OutcomeSlot {
 }
 
 impl JobShared {
-    fn new(total_sectors: u64) -> JobShared {
+    fn new(job_id: u64, total_sectors: u64) -> JobShared {
         JobShared {
+            job_id,
             total_sectors,
             done_sectors: AtomicU64::new(0),
             cancel: AtomicBool::new(false),
@@ -141,9 +152,14 @@ impl JobShared {
         Progress { done_sectors: self.done_sectors.load(Ordering::Acquire), total_sectors: self.total_sectors }
     }
 
+    fn slot(&self) -> std::sync::MutexGuard<'_, OutcomeSlot> {
+        // The slot is consistent at every unlock: a panic elsewhere does not spoil it.
+        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Stores the outcome and wakes every waiter. Exactly once per job.
     fn complete(&self, outcome: Outcome) {
-        let mut slot = self.slot.lock().expect("outcome lock");
+        let mut slot = self.slot();
         assert!(slot.outcome.is_none(), "a job completed twice");
         slot.outcome = Some(outcome);
         std::mem::take(&mut slot.wakers).into_values().for_each(Waker::wake);
@@ -153,20 +169,25 @@ impl JobShared {
 
 /// A submitted job: await it (or [`wait`](JobHandle::wait)) for its [`Outcome`], watch its
 /// progress, or cancel it. Cloning gives another handle to the same job.
+///
+/// A handle always resolves, exactly once per job: when the job completes, when the client
+/// stops before running it (as cancelled), or when the actix System running a
+/// [`start_in_current_system`](Client::start_in_current_system) client is dropped with the job
+/// unfinished (as cancelled, `not_copied` holding every sector not written).
 pub struct JobHandle {
     shared: Arc<JobShared>,
     /// Which handle of the job this is, to keep one waker per handle.
-    id: u64,
+    waker_key: u64,
 }
 
 impl JobHandle {
     fn new(shared: Arc<JobShared>) -> JobHandle {
-        let id = {
-            let mut slot = shared.slot.lock().expect("outcome lock");
+        let waker_key = {
+            let mut slot = shared.slot();
             slot.next_handle += 1;
             slot.next_handle
         };
-        JobHandle { shared, id }
+        JobHandle { shared, waker_key }
     }
 }
 
@@ -178,13 +199,17 @@ impl Clone for JobHandle {
 
 impl Drop for JobHandle {
     fn drop(&mut self) {
-        if let Ok(mut slot) = self.shared.slot.lock() {
-            slot.wakers.remove(&self.id);
-        }
+        self.shared.slot().wakers.remove(&self.waker_key);
     }
 }
 
 impl JobHandle {
+    /// The job's number in its client (0, 1, 2, … in submission order), as
+    /// [`RunningJob::id`] names it.
+    pub fn id(&self) -> u64 {
+        self.shared.job_id
+    }
+
     /// Sectors done and total, without blocking.
     pub fn progress(&self) -> Progress {
         self.shared.progress()
@@ -200,18 +225,18 @@ impl JobHandle {
 
     /// The outcome, if the job has completed.
     pub fn try_outcome(&self) -> Option<Outcome> {
-        self.shared.slot.lock().expect("outcome lock").outcome.clone()
+        self.shared.slot().outcome.clone()
     }
 
     /// Blocks this thread until the job completes. Do not call it on the client's worker
     /// (from a callback): the job could never complete.
     pub fn wait(self) -> Outcome {
-        let mut slot = self.shared.slot.lock().expect("outcome lock");
+        let mut slot = self.shared.slot();
         loop {
             if let Some(outcome) = &slot.outcome {
                 return outcome.clone();
             }
-            slot = self.shared.completed.wait(slot).expect("outcome lock");
+            slot = self.shared.completed.wait(slot).unwrap_or_else(PoisonError::into_inner);
         }
     }
 }
@@ -220,16 +245,16 @@ impl Future for JobHandle {
     type Output = Outcome;
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Outcome> {
-        let mut slot = self.shared.slot.lock().expect("outcome lock");
+        let mut slot = self.shared.slot();
         match &slot.outcome {
             Some(outcome) => Poll::Ready(outcome.clone()),
             None => {
-                let id = self.id;
-                match slot.wakers.get_mut(&id) {
+                let key = self.waker_key;
+                match slot.wakers.get_mut(&key) {
                     Some(waker) if waker.will_wake(cx.waker()) => {}
                     Some(waker) => waker.clone_from(cx.waker()),
                     None => {
-                        slot.wakers.insert(id, cx.waker().clone());
+                        slot.wakers.insert(key, cx.waker().clone());
                     }
                 }
                 Poll::Pending
@@ -240,21 +265,130 @@ impl Future for JobHandle {
 
 impl fmt::Debug for JobHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JobHandle").field("progress", &self.progress()).finish()
+        f.debug_struct("JobHandle").field("id", &self.id()).field("progress", &self.progress()).finish()
     }
 }
 
-/// What the client saw when it shut down.
+/// What the client saw when it stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct ShutdownReport {
-    /// The pool at shutdown: `pages_in_use` is 0 (asserted) unless requests are outstanding.
+    /// The pool when the last job completed. `pages_in_use` is the pages still held by
+    /// someone else: 0 unless requests are outstanding (below), or a device kept buffers it
+    /// was given after its future completed, which breaks the
+    /// [`BlockDevice`](crate::BlockDevice) contract. Those pages return to the pool when the
+    /// device drops them.
     pub pool: PoolStats,
     /// Jobs completed over the client's life.
     pub jobs_completed: u64,
     /// Requests that timed out ([`ClientConfig::io_timeout_ms`]) and that their devices have not
-    /// completed yet: they hold the buffers, and so the `pool.pages_in_use` pages, that a
+    /// completed yet: they hold the buffers, and so pages of `pool.pages_in_use`, that a
     /// device may still be using. Zero without a timeout.
     pub requests_outstanding: u64,
+}
+
+/// A job that had not completed when [`Client::shutdown_timeout`] gave up waiting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct RunningJob {
+    /// The job's number, as [`JobHandle::id`] gives it.
+    pub id: u64,
+    /// The source device's name (`None` for a zero job).
+    pub source: Option<String>,
+    /// The target devices' names, in the order given.
+    pub targets: Vec<String>,
+    /// How far it got.
+    pub progress: Progress,
+}
+
+/// A submitted job as the client's shared registry keeps it until it completes.
+struct Registered {
+    spec: Arc<JobSpec>,
+    shared: Arc<JobShared>,
+}
+
+/// What every handle of a client and its actor share, from any thread.
+pub(crate) struct ClientShared {
+    pool: PagePool,
+    /// What sub-jobs share for their device I/O: the throttle, statistics, the timeout.
+    io: Arc<SubJobIo>,
+    /// Set once shutdown begins, the last handle is dropped or the actor is gone: no job is
+    /// taken after it.
+    closed: AtomicBool,
+    admission: Arc<Semaphore>,
+    next_job_id: AtomicU64,
+    /// Jobs submitted and not yet completed, by id: what a timed-out shutdown names.
+    running: Mutex<BTreeMap<u64, Registered>>,
+    jobs_completed: AtomicU64,
+    /// Prepared callbacks whose message the actor has not handled yet: shutdown waits for them.
+    prepared_callbacks: AtomicUsize,
+    /// The report, published once when the client has stopped (or its actor is gone).
+    report: watch::Sender<Option<ShutdownReport>>,
+}
+
+impl ClientShared {
+    fn new(pool: PagePool, io: Arc<SubJobIo>, config: &ClientConfig) -> Arc<ClientShared> {
+        Arc::new(ClientShared {
+            pool,
+            io,
+            closed: AtomicBool::new(false),
+            admission: Arc::new(Semaphore::new(config.queued_jobs_max)),
+            next_job_id: AtomicU64::new(0),
+            running: Mutex::new(BTreeMap::new()),
+            jobs_completed: AtomicU64::new(0),
+            prepared_callbacks: AtomicUsize::new(0),
+            report: watch::Sender::new(None),
+        })
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Registered>> {
+        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes no more jobs. Returns whether this call closed the client.
+    fn close(&self) -> bool {
+        let first = !self.closed.swap(true, Ordering::SeqCst);
+        self.admission.close();
+        first
+    }
+
+    /// Publishes the shutdown report, once; later calls change nothing.
+    fn publish_report(&self) {
+        let report = ShutdownReport {
+            pool: self.pool.stats(),
+            jobs_completed: self.jobs_completed.load(Ordering::Acquire),
+            requests_outstanding: self.io.requests_outstanding(),
+        };
+        self.report.send_if_modified(|slot| {
+            if slot.is_some() {
+                return false;
+            }
+            *slot = Some(report);
+            true
+        });
+    }
+
+    /// Waits for the published report.
+    async fn report_ready(&self) -> ShutdownReport {
+        let mut receiver = self.report.subscribe();
+        let report = *receiver.wait_for(Option::is_some).await.expect("the sender lives as long as `self`");
+        report.expect("waited for it")
+    }
+
+    fn running_jobs(&self) -> Vec<RunningJob> {
+        self.running()
+            .iter()
+            .map(|(&id, job)| RunningJob {
+                id,
+                source: match &job.spec.kind {
+                    JobKind::Copy { source } => Some(source.device.name().to_owned()),
+                    JobKind::Zero => None,
+                },
+                targets: job.spec.targets.iter().map(|t| t.device.name().to_owned()).collect(),
+                progress: job.shared.progress(),
+            })
+            .collect()
+    }
 }
 
 /// A submission travelling to the client actor. If it is dropped undelivered (the actor is
@@ -263,7 +397,7 @@ struct Pending {
     spec: Arc<JobSpec>,
     shared: Arc<JobShared>,
     callback: Option<Callback>,
-    stats: Arc<StatsRecorder>,
+    client: Arc<ClientShared>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -272,25 +406,28 @@ impl Pending {
     /// resolves the handles, so that a caller that saw its handle resolve can submit again
     /// at once (even with `queued_jobs_max: 1`) and finds the callback's effects done.
     fn finish(self, mut outcome: Outcome) {
-        let Pending { spec, shared, callback, stats, _permit: permit } = self;
-        stats.job_completed(&outcome);
+        let Pending { spec, shared, callback, client, _permit: permit } = self;
+        client.io.stats.job_completed(&outcome);
         if let Some(callback) = callback {
-            // A panicking callback must not take the client (and every later job) down with
-            // it: report it in the outcome and as a diagnostic event, and go on.
-            if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| callback(outcome.clone()))) {
-                let message = panic_message(&*panic);
-                tracing::error!(
-                    panic = %message,
-                    first_target = spec.targets.first().map(|t| t.device.name()).unwrap_or(""),
-                    "kcopyd: a job's completion callback panicked"
-                );
-                outcome.callback_panicked = Some(message);
-            }
+            let first_target = spec.targets.first().map(|t| t.device.name()).unwrap_or("");
+            outcome.callback_panicked = run_callback(callback, outcome.clone(), first_target);
         }
         // Admission counts a job until its callback has run, and no longer than that.
         drop(permit);
+        client.running().remove(&shared.job_id);
+        client.jobs_completed.fetch_add(1, Ordering::AcqRel);
         shared.complete(outcome);
     }
+}
+
+/// Runs a completion callback (a job's, or a prepared one with no target). A panicking
+/// callback must not take the client (and every later job) down with it: report it as a
+/// diagnostic event, return its message, and go on.
+fn run_callback(callback: Callback, outcome: Outcome, first_target: &str) -> Option<String> {
+    let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| callback(outcome))).err()?;
+    let message = panic_message(&*panic);
+    tracing::error!(panic = %message, first_target, "kcopyd: a completion callback panicked");
+    Some(message)
 }
 
 #[derive(Message)]
@@ -329,25 +466,47 @@ fn not_started_outcome(spec: &JobSpec) -> Outcome {
     }
 }
 
+/// A job actor finished: its outcome is in its [`JobRun`].
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(crate) struct JobDone {
     pub(crate) id: u64,
-    pub(crate) outcome: Outcome,
 }
 
+/// Begin stopping. Carries the shared state so that a message dropped undelivered (the actor
+/// is gone) still publishes a report and no shutdown waits for ever.
 #[derive(Message)]
 #[rtype(result = "()")]
-struct Shutdown(Option<oneshot::Sender<ShutdownReport>>);
+struct Shutdown(Option<Arc<ClientShared>>);
+
+impl Drop for Shutdown {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.take() {
+            shared.publish_report();
+        }
+    }
+}
+
+/// A prepared callback, queued: run it in turn with job completions.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct RunCallback(Option<(Callback, Outcome, Arc<ClientShared>)>);
+
+impl Drop for RunCallback {
+    fn drop(&mut self) {
+        // Undelivered (the actor is gone): the callback still runs, once, here.
+        if let Some((callback, outcome, shared)) = self.0.take() {
+            shared.prepared_callbacks.fetch_sub(1, Ordering::SeqCst);
+            run_callback(callback, outcome, "");
+        }
+    }
+}
 
 /// The actor that owns the pool, starts job actors and runs completions.
 pub(crate) struct ClientActor {
-    pool: PagePool,
-    io: Arc<SubJobIo>,
-    next_id: u64,
-    running: BTreeMap<u64, Pending>,
-    jobs_completed: u64,
-    shutdown_replies: Vec<oneshot::Sender<ShutdownReport>>,
+    shared: Arc<ClientShared>,
+    /// Jobs started and not completed, with their state (read if the actor is dropped first).
+    running: BTreeMap<u64, (Pending, Rc<JobRun>)>,
     shutting_down: bool,
     /// Stop the actix System when done (the client owns its worker thread).
     owns_system: bool,
@@ -359,23 +518,36 @@ impl Actor for ClientActor {
 
 impl ClientActor {
     fn maybe_stop(&mut self, ctx: &mut Context<Self>) {
-        if !self.shutting_down || !self.running.is_empty() {
+        if !self.shutting_down || !self.running.is_empty() || self.shared.prepared_callbacks.load(Ordering::SeqCst) > 0
+        {
             return;
         }
-        let pool = self.pool.stats();
-        // Only timed-out requests still in their devices may hold pages now.
-        let requests_outstanding = self.io.requests_outstanding();
-        assert!(
-            pool.pages_in_use == 0 || requests_outstanding > 0,
-            "every page is back in the pool once all jobs completed: {pool:?}"
-        );
-        let report = ShutdownReport { pool, jobs_completed: self.jobs_completed, requests_outstanding };
-        for reply in self.shutdown_replies.drain(..) {
-            let _ = reply.send(report);
-        }
+        // Pages still in use are reported, not asserted: a device that keeps its buffers
+        // breaks its contract, and the shutdown still has to return.
+        self.shared.publish_report();
         ctx.stop();
         if self.owns_system {
             System::current().stop();
+        }
+    }
+}
+
+impl Drop for ClientActor {
+    /// The actor goes away: normally after shutdown with nothing running, but also when the
+    /// actix System running it is dropped, or a handler panicked. Jobs still running complete
+    /// here, as cancelled, with what they wrote; nobody waits for ever.
+    fn drop(&mut self) {
+        self.shared.close();
+        for (_, (pending, run)) in std::mem::take(&mut self.running) {
+            pending.shared.cancel.store(true, Ordering::Release);
+            let outcome = run.take_outcome().unwrap_or_else(|| run.abandoned_outcome());
+            pending.finish(outcome);
+        }
+        self.shared.publish_report();
+        if self.owns_system {
+            if let Some(system) = System::try_current() {
+                system.stop();
+            }
         }
     }
 }
@@ -386,23 +558,22 @@ impl Handler<Submit> for ClientActor {
     fn handle(&mut self, mut message: Submit, ctx: &mut Context<Self>) {
         let pending = message.0.take().expect("a submission is handled once");
         if pending.spec.len_sectors == 0 {
-            self.jobs_completed += 1;
             let outcome = not_started_outcome(&pending.spec);
             pending.finish(outcome);
             return;
         }
-        let id = self.next_id;
-        self.next_id += 1;
-        JobActor::new(
+        let id = pending.shared.job_id;
+        let actor = JobActor::new(
             id,
             pending.spec.clone(),
-            self.pool.clone(),
-            self.io.clone(),
+            self.shared.pool.clone(),
+            self.shared.io.clone(),
             pending.shared.clone(),
             ctx.address(),
-        )
-        .start();
-        self.running.insert(id, pending);
+        );
+        let run = actor.run();
+        actor.start();
+        self.running.insert(id, (pending, run));
     }
 }
 
@@ -410,9 +581,9 @@ impl Handler<JobDone> for ClientActor {
     type Result = ();
 
     fn handle(&mut self, done: JobDone, ctx: &mut Context<Self>) {
-        let pending = self.running.remove(&done.id).expect("a job completes once");
-        self.jobs_completed += 1;
-        pending.finish(done.outcome);
+        let (pending, run) = self.running.remove(&done.id).expect("a job completes once");
+        let outcome = run.take_outcome().expect("a job actor stores its outcome before it reports");
+        pending.finish(outcome);
         self.maybe_stop(ctx);
     }
 }
@@ -420,9 +591,20 @@ impl Handler<JobDone> for ClientActor {
 impl Handler<Shutdown> for ClientActor {
     type Result = ();
 
-    fn handle(&mut self, message: Shutdown, ctx: &mut Context<Self>) {
+    fn handle(&mut self, mut message: Shutdown, ctx: &mut Context<Self>) {
+        message.0 = None;
         self.shutting_down = true;
-        self.shutdown_replies.extend(message.0);
+        self.maybe_stop(ctx);
+    }
+}
+
+impl Handler<RunCallback> for ClientActor {
+    type Result = ();
+
+    fn handle(&mut self, mut message: RunCallback, ctx: &mut Context<Self>) {
+        let (callback, outcome, shared) = message.0.take().expect("a callback is handled once");
+        run_callback(callback, outcome, "");
+        shared.prepared_callbacks.fetch_sub(1, Ordering::SeqCst);
         self.maybe_stop(ctx);
     }
 }
@@ -430,21 +612,25 @@ impl Handler<Shutdown> for ClientActor {
 struct ClientInner {
     addr: Addr<ClientActor>,
     config: ClientConfig,
-    pool: PagePool,
-    io: Arc<SubJobIo>,
-    admission: Arc<Semaphore>,
-    closed: AtomicBool,
+    shared: Arc<ClientShared>,
     worker: Mutex<Option<thread::JoinHandle<()>>>,
     worker_thread: ThreadId,
-    last_report: Mutex<Option<ShutdownReport>>,
+}
+
+impl ClientInner {
+    /// Closes the client and asks the actor to stop once every job is done (the first time).
+    fn begin_shutdown(&self) {
+        if self.shared.close() {
+            self.addr.do_send(Shutdown(Some(self.shared.clone())));
+        }
+    }
 }
 
 impl Drop for ClientInner {
     fn drop(&mut self) {
-        if !self.closed.load(Ordering::Acquire) {
-            // Let running jobs finish, then stop; nobody is left to wait for the report.
-            self.addr.do_send(Shutdown(None));
-        }
+        // Let running jobs finish, then stop; nobody is left to wait for the report, and the
+        // worker thread (if any) exits on its own.
+        self.begin_shutdown();
     }
 }
 
@@ -453,6 +639,14 @@ impl Drop for ClientInner {
 /// The handle is `Send + Sync + Clone`; use it from async code ([`submit`](Client::submit)),
 /// from plain threads ([`submit_blocking`](Client::submit_blocking)) or from a callback
 /// ([`try_submit`](Client::try_submit)).
+///
+/// **Dropped without shutdown.** When the last handle is dropped the client takes no new job
+/// and stops as [`shutdown`](Client::shutdown) would, without anyone waiting: jobs already
+/// submitted run to the end, their handles resolve and their callbacks run; then the actor
+/// stops and a worker thread of its own exits by itself (nobody joins it).
+///
+/// **Shutdown** may be called from any thread except the client's worker, any number of times,
+/// concurrently: every caller gets the same [`ShutdownReport`].
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<ClientInner>,
@@ -467,62 +661,57 @@ impl Client {
         config.validate()?;
         let pool = new_pool(&config)?;
         // The worker is a fresh thread: real time.
-        let io = new_io(&config, Clock::REAL);
+        let shared = ClientShared::new(pool, new_io(&config, Clock::REAL), &config);
         let (sender, receiver) = std::sync::mpsc::channel();
-        let actor_pool = pool.clone();
-        let actor_io = io.clone();
+        let actor_shared = shared.clone();
         let worker = thread::Builder::new()
             .name("kcopyd-client".into())
             .spawn(move || {
                 let system = System::new();
-                let addr = system.block_on(async move { new_actor(actor_pool, actor_io, true).start() });
+                let published = actor_shared.clone();
+                let addr = system.block_on(async move { new_actor(actor_shared, true).start() });
                 sender.send(addr).expect("the starting thread waits for the address");
-                system.run().expect("the client's actix system runs");
+                let _ = system.run();
+                // Normally the actor published the report before stopping the system; if the
+                // system stopped some other way, shutdown still returns.
+                published.publish_report();
             })
             .map_err(ConfigError::Worker)?;
         let worker_thread = worker.thread().id();
         let addr = receiver.recv().expect("the worker sends its address");
-        Ok(Client::from_parts(addr, config, pool, io, Some(worker), worker_thread))
+        Ok(Client::from_parts(addr, config, shared, Some(worker), worker_thread))
     }
 
     /// Starts a client on the current actix arbiter, sharing the caller's thread (what the
     /// deterministic simulator does). Callbacks then run on this thread.
     ///
-    /// # Errors
-    /// The configuration is out of bounds, or the arena cannot be had.
+    /// If that actix System is dropped while jobs are still running, every one of them
+    /// completes (as cancelled, with `not_copied` = every sector not written) and shutdown
+    /// returns.
     ///
-    /// # Panics
-    /// Outside a running actix `System`.
+    /// # Errors
+    /// The configuration is out of bounds, the arena cannot be had, or this thread runs no
+    /// actix System ([`ConfigError::NoActixSystem`]).
     pub fn start_in_current_system(config: ClientConfig) -> Result<Client, ConfigError> {
         config.validate()?;
+        let arbiter = actix_rt::Arbiter::try_current().ok_or(ConfigError::NoActixSystem)?;
         let pool = new_pool(&config)?;
-        let io = new_io(&config, Clock::of_this_thread());
-        let addr = new_actor(pool.clone(), io.clone(), false).start();
-        Ok(Client::from_parts(addr, config, pool, io, None, thread::current().id()))
+        let shared = ClientShared::new(pool, new_io(&config, Clock::of_this_thread()), &config);
+        let actor_shared = shared.clone();
+        // Started through the arbiter rather than spawned here, so that this works anywhere on
+        // the System's thread, inside or outside its `block_on`.
+        let addr = ClientActor::start_in_arbiter(&arbiter, move |_| new_actor(actor_shared, false));
+        Ok(Client::from_parts(addr, config, shared, None, thread::current().id()))
     }
 
     fn from_parts(
         addr: Addr<ClientActor>,
         config: ClientConfig,
-        pool: PagePool,
-        io: Arc<SubJobIo>,
+        shared: Arc<ClientShared>,
         worker: Option<thread::JoinHandle<()>>,
         worker_thread: ThreadId,
     ) -> Client {
-        let admission = Arc::new(Semaphore::new(config.queued_jobs_max));
-        Client {
-            inner: Arc::new(ClientInner {
-                addr,
-                config,
-                pool,
-                io,
-                admission,
-                closed: AtomicBool::new(false),
-                worker: Mutex::new(worker),
-                worker_thread,
-                last_report: Mutex::new(None),
-            }),
-        }
+        Client { inner: Arc::new(ClientInner { addr, config, shared, worker: Mutex::new(worker), worker_thread }) }
     }
 
     /// The configuration the client runs with.
@@ -532,7 +721,7 @@ impl Client {
 
     /// The throttle in force now (the configuration's, or the last one set).
     pub fn throttle(&self) -> Throttle {
-        self.inner.io.throttler.get()
+        self.inner.shared.io.throttler.get()
     }
 
     /// Changes the throttle while jobs run. Sub-jobs waiting for the throttle re-check at once;
@@ -544,7 +733,7 @@ impl Client {
     /// unchanged.
     pub fn set_throttle(&self, throttle: Throttle) -> Result<(), ConfigError> {
         throttle.validate()?;
-        self.inner.io.throttler.set(throttle);
+        self.inner.shared.io.throttler.set(throttle);
         Ok(())
     }
 
@@ -552,12 +741,13 @@ impl Client {
     /// histograms, the pool's high-water mark, time waiting for pages and for the throttle.
     /// A consistent snapshot of each counter, taken without stopping the client.
     pub fn stats(&self) -> ClientStats {
-        self.inner.io.stats.snapshot(self.inner.pool.stats(), self.inner.io.requests_outstanding())
+        let shared = &self.inner.shared;
+        shared.io.stats.snapshot(shared.pool.stats(), shared.io.requests_outstanding())
     }
 
     /// The page pool's occupancy and high-water mark.
     pub fn pool_stats(&self) -> PoolStats {
-        self.inner.pool.stats()
+        self.inner.shared.pool.stats()
     }
 
     /// Validates `job` and submits it, waiting while the queued-jobs limit is reached.
@@ -566,7 +756,7 @@ impl Client {
     /// A validation error (nothing was read or written), or the client is shut down.
     pub async fn submit(&self, job: Job) -> Result<JobHandle, SubmitError> {
         let prepared = self.prepare(job)?;
-        let permit = self.inner.admission.clone().acquire_owned().await.map_err(|_| SubmitError::ShutDown)?;
+        let permit = self.inner.shared.admission.clone().acquire_owned().await.map_err(|_| SubmitError::ShutDown)?;
         Ok(self.send(prepared, permit))
     }
 
@@ -579,7 +769,8 @@ impl Client {
             return Err(SubmitError::WouldBlockWorker);
         }
         let prepared = self.prepare(job)?;
-        let permit = block_on(self.inner.admission.clone().acquire_owned()).map_err(|_| SubmitError::ShutDown)?;
+        let permit =
+            block_on(self.inner.shared.admission.clone().acquire_owned()).map_err(|_| SubmitError::ShutDown)?;
         Ok(self.send(prepared, permit))
     }
 
@@ -590,7 +781,7 @@ impl Client {
     /// As `submit`, and `QueueFull`.
     pub fn try_submit(&self, job: Job) -> Result<JobHandle, SubmitError> {
         let prepared = self.prepare(job)?;
-        let permit = self.inner.admission.clone().try_acquire_owned().map_err(|error| match error {
+        let permit = self.inner.shared.admission.clone().try_acquire_owned().map_err(|error| match error {
             tokio::sync::TryAcquireError::Closed => SubmitError::ShutDown,
             tokio::sync::TryAcquireError::NoPermits => {
                 SubmitError::QueueFull { max: self.inner.config.queued_jobs_max }
@@ -600,7 +791,7 @@ impl Client {
     }
 
     fn prepare(&self, job: Job) -> Result<(Arc<JobSpec>, Option<Callback>), SubmitError> {
-        if self.inner.closed.load(Ordering::Acquire) {
+        if self.inner.shared.closed.load(Ordering::Acquire) {
             return Err(SubmitError::ShutDown);
         }
         let spec = JobSpec::validate(job.kind, job.targets, job.flags, &self.inner.config)?;
@@ -608,65 +799,172 @@ impl Client {
     }
 
     fn send(&self, (spec, callback): (Arc<JobSpec>, Option<Callback>), permit: OwnedSemaphorePermit) -> JobHandle {
-        let shared = Arc::new(JobShared::new(spec.len_sectors));
+        let client = &self.inner.shared;
+        let id = client.next_job_id.fetch_add(1, Ordering::Relaxed);
+        let shared = Arc::new(JobShared::new(id, spec.len_sectors));
         let handle = JobHandle::new(shared.clone());
-        let stats = self.inner.io.stats.clone();
-        stats.job_submitted();
-        self.inner.addr.do_send(Submit(Some(Pending { spec, shared, callback, stats, _permit: permit })));
+        client.io.stats.job_submitted();
+        client.running().insert(id, Registered { spec: spec.clone(), shared: shared.clone() });
+        let pending = Pending { spec, shared, callback, client: client.clone(), _permit: permit };
+        // A closed mailbox drops the message, and dropping it completes the job.
+        self.inner.addr.do_send(Submit(Some(pending)));
         handle
     }
 
-    /// Stops taking jobs, waits for every job to complete, checks that every page is back in
-    /// the pool and stops the worker.
-    pub async fn shutdown(&self) -> ShutdownReport {
-        let receiver = self.begin_shutdown();
-        let report = receiver.await;
-        self.end_shutdown(report.ok())
+    /// Prepares a callback that runs on the client's completion context, like device-mapper's
+    /// `dm_kcopyd_prepare_callback`: for work that needed no I/O but must complete in order
+    /// with the client's jobs. [`PreparedCallback::complete`] (the kernel's
+    /// `dm_kcopyd_do_callback`) then queues it with the `read_err` and `write_err` to pass on.
+    ///
+    /// The callback runs on the client's worker, never concurrently with a job's callback, and
+    /// after the callbacks of every job that completed before `complete` was called. Shutdown
+    /// waits for prepared callbacks as it waits for jobs.
+    ///
+    /// ```
+    /// # use kcopyd_core::{Client, ClientConfig, TargetMask};
+    /// let client = Client::new(ClientConfig { page_budget: 1, ..ClientConfig::default() }).unwrap();
+    /// let (sender, receiver) = std::sync::mpsc::channel();
+    /// let prepared = client.prepare_callback(move |outcome| sender.send(outcome.read_err).unwrap()).unwrap();
+    /// prepared.complete(true, TargetMask::new());
+    /// assert!(receiver.recv().unwrap());
+    /// client.shutdown_blocking();
+    /// ```
+    ///
+    /// # Errors
+    /// [`SubmitError::ShutDown`] once shutdown has begun.
+    pub fn prepare_callback(
+        &self,
+        callback: impl FnOnce(Outcome) + Send + 'static,
+    ) -> Result<PreparedCallback, SubmitError> {
+        let shared = &self.inner.shared;
+        // Counted before the check: a shutdown that closes the client after this sees the
+        // count and waits for the callback (both sides use SeqCst).
+        shared.prepared_callbacks.fetch_add(1, Ordering::SeqCst);
+        if shared.closed.load(Ordering::SeqCst) {
+            shared.prepared_callbacks.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::ShutDown);
+        }
+        Ok(PreparedCallback {
+            callback: Some(Box::new(callback)),
+            addr: self.inner.addr.clone(),
+            shared: shared.clone(),
+        })
     }
 
-    /// As [`shutdown`](Client::shutdown), blocking this thread.
+    /// Stops taking jobs, waits for every job to complete and for the client's actor to stop.
+    /// Never blocks the executor's thread. Every caller gets the report; after the first
+    /// shutdown, later calls return it at once.
+    ///
+    /// To bound the wait, wrap it in your runtime's timeout or use
+    /// [`shutdown_timeout`](Client::shutdown_timeout).
+    pub async fn shutdown(&self) -> ShutdownReport {
+        self.inner.begin_shutdown();
+        self.inner.shared.report_ready().await
+    }
+
+    /// As [`shutdown`](Client::shutdown), blocking this thread, and then joining the client's
+    /// worker thread.
     ///
     /// # Panics
     /// On the client's worker thread (from a callback): it would wait for itself.
     pub fn shutdown_blocking(&self) -> ShutdownReport {
         assert_ne!(thread::current().id(), self.inner.worker_thread, "shutdown_blocking on the client's worker");
-        let receiver = self.begin_shutdown();
-        let report = block_on(receiver);
-        self.end_shutdown(report.ok())
+        self.inner.begin_shutdown();
+        let report = block_on(self.inner.shared.report_ready());
+        self.join_worker();
+        report
     }
 
-    fn begin_shutdown(&self) -> oneshot::Receiver<ShutdownReport> {
-        self.inner.closed.store(true, Ordering::Release);
-        self.inner.admission.close();
-        let (sender, receiver) = oneshot::channel();
-        self.inner.addr.do_send(Shutdown(Some(sender)));
-        receiver
+    /// As [`shutdown_blocking`](Client::shutdown_blocking), giving up after `timeout`. The
+    /// client stays shut (it takes no new job) and its jobs go on; a later shutdown call can
+    /// wait again.
+    ///
+    /// # Errors
+    /// [`ShutdownError::TimedOut`] with the jobs still running and the prepared callbacks
+    /// not yet run; [`ShutdownError::OnWorker`] on the client's worker thread (nothing is
+    /// done then).
+    pub fn shutdown_timeout(&self, timeout: Duration) -> Result<ShutdownReport, ShutdownError> {
+        if thread::current().id() == self.inner.worker_thread {
+            return Err(ShutdownError::OnWorker);
+        }
+        self.inner.begin_shutdown();
+        let shared = &self.inner.shared;
+        match block_on_timeout(shared.report_ready(), timeout) {
+            Some(report) => {
+                self.join_worker();
+                Ok(report)
+            }
+            None => Err(ShutdownError::TimedOut {
+                waited: timeout,
+                running: shared.running_jobs(),
+                prepared_callbacks: shared.prepared_callbacks.load(Ordering::SeqCst),
+            }),
+        }
     }
 
-    fn end_shutdown(&self, report: Option<ShutdownReport>) -> ShutdownReport {
-        let mut last = self.inner.last_report.lock().expect("report lock");
-        if let Some(report) = report {
-            *last = Some(report);
+    /// Joins the worker thread, if this client has one and nobody joined it yet. Called once
+    /// the report is out: the worker's system is stopping, so the wait is short.
+    fn join_worker(&self) {
+        let worker = self.inner.worker.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(worker) = worker {
+            // The report is already out; a panic while the thread tore down changes nothing.
+            let _ = worker.join();
         }
-        if let Some(worker) = self.inner.worker.lock().expect("worker lock").take() {
-            // The system stops right after the reply, so this join is short.
-            worker.join().expect("the client's worker does not panic");
-        }
-        last.expect("the client actor reported when it stopped")
     }
 }
 
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Client").field("config", &self.inner.config).field("pool", &self.inner.pool).finish()
+        f.debug_struct("Client").field("config", &self.inner.config).field("pool", &self.inner.shared.pool).finish()
+    }
+}
+
+/// A callback prepared with [`Client::prepare_callback`], not yet queued.
+///
+/// Dropping it without [`complete`](PreparedCallback::complete) queues it all the same, with
+/// an outcome that says `cancelled`: the callback runs exactly once either way.
+pub struct PreparedCallback {
+    callback: Option<Callback>,
+    addr: Addr<ClientActor>,
+    shared: Arc<ClientShared>,
+}
+
+impl PreparedCallback {
+    /// Queues the callback (the kernel's `dm_kcopyd_do_callback`): it runs on the client's
+    /// worker with an [`Outcome`] carrying `read_err` and `write_err` (and no targets), after
+    /// the callbacks of every job completed before this call. Never blocks.
+    pub fn complete(mut self, read_err: bool, write_err: TargetMask) {
+        let outcome = Outcome { read_err, write_err, ..Outcome::default() };
+        self.queue(outcome);
+    }
+
+    fn queue(&mut self, outcome: Outcome) {
+        if let Some(callback) = self.callback.take() {
+            // Undelivered, the message runs the callback from its `Drop`.
+            self.addr.do_send(RunCallback(Some((callback, outcome, self.shared.clone()))));
+        }
+    }
+}
+
+impl Drop for PreparedCallback {
+    fn drop(&mut self) {
+        self.queue(Outcome { cancelled: true, ..Outcome::default() });
+    }
+}
+
+impl fmt::Debug for PreparedCallback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PreparedCallback").field("queued", &self.callback.is_none()).finish()
     }
 }
 
 // The handles are for any thread and any runtime.
 const _: () = {
     const fn assert_shareable<T: Send + Sync + Clone + 'static>() {}
+    const fn assert_sendable<T: Send + 'static>() {}
     assert_shareable::<Client>();
     assert_shareable::<JobHandle>();
+    assert_sendable::<PreparedCallback>();
 };
 
 fn new_pool(config: &ClientConfig) -> Result<PagePool, ConfigError> {
@@ -684,17 +982,8 @@ fn new_io(config: &ClientConfig, clock: Clock) -> Arc<SubJobIo> {
     })
 }
 
-fn new_actor(pool: PagePool, io: Arc<SubJobIo>, owns_system: bool) -> ClientActor {
-    ClientActor {
-        pool,
-        io,
-        next_id: 0,
-        running: BTreeMap::new(),
-        jobs_completed: 0,
-        shutdown_replies: Vec::new(),
-        shutting_down: false,
-        owns_system,
-    }
+fn new_actor(shared: Arc<ClientShared>, owns_system: bool) -> ClientActor {
+    ClientActor { shared, running: BTreeMap::new(), shutting_down: false, owns_system }
 }
 
 #[cfg(test)]
@@ -703,7 +992,7 @@ mod tests {
 
     #[test]
     fn polling_a_handle_again_and_again_keeps_one_waker() {
-        let shared = Arc::new(JobShared::new(8));
+        let shared = Arc::new(JobShared::new(0, 8));
         let mut handle = JobHandle::new(shared.clone());
         let other = handle.clone();
         for _ in 0..10_000 {

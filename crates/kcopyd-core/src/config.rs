@@ -11,6 +11,21 @@ pub const SUB_JOB_SIZE_MAX: usize = 64 * 1024 * 1024;
 /// Most sub-jobs one job may keep in flight.
 pub const SUBJOBS_IN_FLIGHT_MAX: usize = 1024;
 
+/// Bytes per sub-job by default: 1 MiB. The kernel uses 512 KiB (since 2019) with 8 in flight;
+/// on this project's measurements (docs/BENCHMARKS.md) 4 × 1 MiB copied fastest to one and to
+/// three targets, and the `kcopyd` command uses the same defaults. Storage that gains from
+/// deeper queues (NVMe, striped arrays) wants more in flight.
+pub const SUB_JOB_SIZE_DEFAULT_BYTES: usize = 1024 * 1024;
+/// Sub-jobs one job keeps in flight by default (see [`SUB_JOB_SIZE_DEFAULT_BYTES`]).
+pub const SUBJOBS_IN_FLIGHT_DEFAULT: usize = 4;
+/// Pages in the budget by default: 4096 (16 MiB), the sub-jobs in flight of four jobs, so that
+/// reads run ahead while several targets are still being written.
+pub const PAGE_BUDGET_DEFAULT: usize = 4096;
+
+const _: () = assert!(SUB_JOB_SIZE_DEFAULT_BYTES % SECTOR_SIZE == 0 && SUB_JOB_SIZE_DEFAULT_BYTES <= SUB_JOB_SIZE_MAX);
+const _: () = assert!(SUBJOBS_IN_FLIGHT_DEFAULT >= 1 && SUBJOBS_IN_FLIGHT_DEFAULT <= SUBJOBS_IN_FLIGHT_MAX);
+const _: () = assert!(PAGE_BUDGET_DEFAULT * PAGE_SIZE >= SUB_JOB_SIZE_DEFAULT_BYTES * SUBJOBS_IN_FLIGHT_DEFAULT);
+
 /// How a [`Client`](crate::Client) runs its jobs. Every field has a default.
 ///
 /// ```
@@ -22,13 +37,14 @@ pub const SUBJOBS_IN_FLIGHT_MAX: usize = 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientConfig {
-    /// Pages (4 KiB) reserved for copy buffers; at least 1. Default 2048 (8 MiB): eight
-    /// sub-jobs of two jobs in flight.
+    /// Pages (4 KiB) reserved for copy buffers; at least 1. Default
+    /// [`PAGE_BUDGET_DEFAULT`] (16 MiB).
     pub page_budget: usize,
-    /// Bytes per sub-job: a multiple of 512, at most 64 MiB. Default 512 KiB. A job whose
-    /// budget is smaller uses the whole budget per sub-job instead.
+    /// Bytes per sub-job: a multiple of 512, at most 64 MiB. Default
+    /// [`SUB_JOB_SIZE_DEFAULT_BYTES`] (1 MiB). A job whose budget is smaller uses the whole
+    /// budget per sub-job instead.
     pub sub_job_size_bytes: usize,
-    /// Sub-jobs one job keeps in flight, at least 1. Default 8.
+    /// Sub-jobs one job keeps in flight, at least 1. Default [`SUBJOBS_IN_FLIGHT_DEFAULT`] (4).
     pub subjobs_in_flight: usize,
     /// Jobs admitted (queued or running) at once; submitting waits while it is reached.
     /// Default 1024.
@@ -52,9 +68,9 @@ pub struct ClientConfig {
 impl Default for ClientConfig {
     fn default() -> ClientConfig {
         ClientConfig {
-            page_budget: 2048,
-            sub_job_size_bytes: 512 * 1024,
-            subjobs_in_flight: 8,
+            page_budget: PAGE_BUDGET_DEFAULT,
+            sub_job_size_bytes: SUB_JOB_SIZE_DEFAULT_BYTES,
+            subjobs_in_flight: SUBJOBS_IN_FLIGHT_DEFAULT,
             queued_jobs_max: 1024,
             huge_pages: true,
             throttle: Throttle::OFF,

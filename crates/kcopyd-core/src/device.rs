@@ -16,8 +16,29 @@ pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// A shared device handle: one job may mix backends.
 pub type Device = Arc<dyn BlockDevice>;
 
-/// What a device is like: its size and its rules.
+/// What [`Region::new`](crate::Region::new) accepts as a device: any `Arc<D>` of a
+/// [`BlockDevice`], or an already shared [`Device`].
+pub trait IntoDevice {
+    /// The shared device handle.
+    fn into_device(self) -> Device;
+}
+
+impl<D: BlockDevice + 'static> IntoDevice for Arc<D> {
+    fn into_device(self) -> Device {
+        self
+    }
+}
+
+impl IntoDevice for Device {
+    fn into_device(self) -> Device {
+        self
+    }
+}
+
+/// What a device is like: its size and its rules. Made with [`Geometry::new`] and the
+/// `with_` methods, so that a field added later breaks no device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct Geometry {
     /// Length in 512-byte sectors.
     pub len_sectors: u64,
@@ -31,13 +52,30 @@ pub struct Geometry {
 }
 
 impl Geometry {
-    /// The logical block size in sectors.
+    /// A device of `len_sectors` sectors and `logical_block_size`-byte blocks, without
+    /// write-zeroes offload, not zoned.
     ///
     /// ```
     /// # use kcopyd_core::Geometry;
-    /// let g = Geometry { len_sectors: 64, logical_block_size: 4096, write_zeroes: false, zoned: false };
+    /// let g = Geometry::new(64, 4096).with_write_zeroes(true);
     /// assert_eq!(g.block_sectors(), 8);
+    /// assert!(g.write_zeroes && !g.zoned);
     /// ```
+    pub const fn new(len_sectors: u64, logical_block_size: u32) -> Geometry {
+        Geometry { len_sectors, logical_block_size, write_zeroes: false, zoned: false }
+    }
+
+    /// The same geometry, with write-zeroes offload on or off.
+    pub const fn with_write_zeroes(self, write_zeroes: bool) -> Geometry {
+        Geometry { write_zeroes, ..self }
+    }
+
+    /// The same geometry, zoned (sequential writes only) or not.
+    pub const fn with_zoned(self, zoned: bool) -> Geometry {
+        Geometry { zoned, ..self }
+    }
+
+    /// The logical block size in sectors.
     pub fn block_sectors(&self) -> u64 {
         u64::from(self.logical_block_size) / SECTOR_SIZE as u64
     }
@@ -62,6 +100,17 @@ pub struct DeviceId {
 /// size; a device refuses misaligned or out-of-range requests with an error and does no I/O.
 /// Buffers are owned: `read` takes a [`ReadBuf`], fills its window and gives it back with the
 /// result; `write` takes shared immutable bytes.
+///
+/// **Buffers are the engine's pages.** A device must drop every buffer it was given (the
+/// `WriteBuf` of a write and every clone or slice of it, the `ReadBuf` of a read, which goes
+/// back in the result) by the time the operation's future completes or is dropped: they are
+/// pages of the client's fixed budget, and a device that keeps them (a zero-copy cache, say)
+/// starves later jobs. A device that needs the data longer copies it out
+/// ([`WriteBuf::to_vec`]). Pages kept past shutdown show in
+/// [`ShutdownReport::pool`](crate::ShutdownReport::pool) as `pages_in_use`.
+///
+/// A device written outside this workspace can be tested without a client: give it buffers
+/// from [`ReadBuf::with_capacity`] and [`WriteBuf::from_bytes`].
 pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// A name for messages (a path, or `sim:…`).
     fn name(&self) -> &str;

@@ -2,11 +2,15 @@
 
 use std::io;
 use std::ops::Range;
+use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::RunningJob;
+
 /// A [`ClientConfig`](crate::ClientConfig) field out of bounds, or the client could not start.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum ConfigError {
     /// The page budget is zero or too large.
     #[error("page budget of {pages} pages: must be at least 1")]
@@ -66,10 +70,15 @@ pub enum ConfigError {
     /// The client's worker thread could not start.
     #[error("starting the client's worker thread")]
     Worker(#[source] io::Error),
+    /// [`Client::start_in_current_system`](crate::Client::start_in_current_system) on a thread
+    /// that runs no actix System.
+    #[error("starting a client in the current actix System: this thread runs none")]
+    NoActixSystem,
 }
 
 /// Why a job was refused at submission. Nothing was read or written.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SubmitError {
     /// A copy or zero job without targets.
     #[error("no targets given")]
@@ -157,4 +166,40 @@ pub enum SubmitError {
     /// itself; use `try_submit` there.
     #[error("a blocking submission on the client's worker thread would deadlock")]
     WouldBlockWorker,
+}
+
+/// Why [`Client::shutdown_timeout`](crate::Client::shutdown_timeout) returned without a report.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ShutdownError {
+    /// Jobs or prepared callbacks were still running when the time was up. The client takes
+    /// no new job; the running ones go on.
+    #[error(
+        "shutdown gave up after {waited:?}: {} jobs and {prepared_callbacks} prepared callbacks still running",
+        running.len()
+    )]
+    TimedOut {
+        /// How long it waited.
+        waited: Duration,
+        /// The jobs not yet completed, in submission order.
+        running: Vec<RunningJob>,
+        /// Prepared callbacks not yet run (or not yet completed by their owner).
+        prepared_callbacks: usize,
+    },
+    /// Called on the client's worker thread (from a callback): it would wait for itself.
+    #[error("shutdown on the client's worker thread would wait for itself")]
+    OnWorker,
+}
+
+/// A sector shift that would take a range below sector 0 or past `u64::MAX`.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("shifting sectors {range:?} so that sector {from} lands on {to} leaves the sector numbers")]
+#[non_exhaustive]
+pub struct ShiftError {
+    /// The first range that did not fit.
+    pub range: Range<u64>,
+    /// The sector that was to move.
+    pub from: u64,
+    /// Where it was to land.
+    pub to: u64,
 }

@@ -216,17 +216,42 @@ impl JobState {
     }
 }
 
-/// One job's context, shared by its slots.
-struct JobRun {
+/// One job's context, shared by its slots (and held by the client actor, which reads it if the
+/// job actor is dropped before it finishes).
+pub(crate) struct JobRun {
     spec: Arc<JobSpec>,
     pool: PagePool,
     io: Arc<SubJobIo>,
     shared: Arc<JobShared>,
     state: RefCell<JobState>,
     turn_changed: Notify,
+    /// The outcome, stored by the job actor when its last slot is done.
+    finished: RefCell<Option<Outcome>>,
 }
 
 impl JobRun {
+    /// The outcome the job actor stored when it finished, taken once.
+    pub(crate) fn take_outcome(&self) -> Option<Outcome> {
+        self.finished.borrow_mut().take()
+    }
+
+    /// The outcome of a job whose actor went away before it finished (its actix System was
+    /// dropped): cancelled, with every sector not yet written reported as not copied. Writes
+    /// that were in flight may still land; they count as not copied.
+    pub(crate) fn abandoned_outcome(&self) -> Outcome {
+        if self.state.try_borrow().is_err() {
+            // Dropped in the middle of a state change (a panic unwinding): claim nothing.
+            let targets = self
+                .spec
+                .targets
+                .iter()
+                .map(|t| TargetReport { write_failed: RangeSet::new(), not_copied: RangeSet::from_range(t.sectors()) })
+                .collect();
+            return Outcome { targets, cancelled: true, ..Outcome::default() };
+        }
+        Outcome { cancelled: true, ..self.outcome() }
+    }
+
     /// The next chunk, or `None` when the job is done, stopped or cancelled.
     fn take_chunk(&self) -> Option<Range<u64>> {
         let mut state = self.state.borrow_mut();
@@ -493,7 +518,7 @@ impl JobRun {
         let state = self.state.borrow();
         let whole = RangeSet::from_range(0..self.spec.len_sectors);
         let read_failed = match &self.spec.kind {
-            JobKind::Copy { source } => state.read_failed.shifted(0, source.start_sector),
+            JobKind::Copy { source } => on_device(&state.read_failed, source),
             JobKind::Zero => RangeSet::new(),
         };
         let targets = self
@@ -502,8 +527,8 @@ impl JobRun {
             .iter()
             .enumerate()
             .map(|(index, target)| TargetReport {
-                write_failed: state.write_failed[index].shifted(0, target.start_sector),
-                not_copied: whole.difference(&state.copied[index]).shifted(0, target.start_sector),
+                write_failed: on_device(&state.write_failed[index], target),
+                not_copied: on_device(&whole.difference(&state.copied[index]), target),
             })
             .collect();
         Outcome {
@@ -518,6 +543,12 @@ impl JobRun {
             callback_panicked: None,
         }
     }
+}
+
+/// Job-relative sectors in `region`'s device coordinates. Validation checked that the region
+/// lies inside its device, so the shift cannot leave the sector numbers.
+fn on_device(sectors: &RangeSet, region: &Region) -> RangeSet {
+    sectors.shifted(0, region.start_sector).expect("a validated region lies inside its device")
 }
 
 /// The actor that runs one job on the client's arbiter.
@@ -551,8 +582,21 @@ impl JobActor {
             panicked: None,
             sub_job_given_up: false,
         };
-        let run = Rc::new(JobRun { spec, pool, io, shared, state: RefCell::new(state), turn_changed: Notify::new() });
+        let run = Rc::new(JobRun {
+            spec,
+            pool,
+            io,
+            shared,
+            state: RefCell::new(state),
+            turn_changed: Notify::new(),
+            finished: RefCell::new(None),
+        });
         JobActor { id, run, slots_running: 0, client }
+    }
+
+    /// The job's context, which the client actor keeps until the job completes.
+    pub(crate) fn run(&self) -> Rc<JobRun> {
+        self.run.clone()
     }
 
     fn slot_done(&mut self, ctx: &mut Context<Self>) {
@@ -564,7 +608,8 @@ impl JobActor {
                     || self.run.state.borrow().stopped
                     || self.run.shared.progress().done_sectors == self.run.spec.len_sectors
             );
-            self.client.do_send(JobDone { id: self.id, outcome });
+            *self.run.finished.borrow_mut() = Some(outcome);
+            self.client.do_send(JobDone { id: self.id });
             ctx.stop();
         }
     }

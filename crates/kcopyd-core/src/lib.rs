@@ -55,10 +55,13 @@ mod throttle;
 mod time_scale;
 
 pub use buffer::{ReadBuf, WriteBuf};
-pub use client::{Client, Job, JobHandle, Progress, ShutdownReport};
-pub use config::{ClientConfig, SUB_JOB_SIZE_MAX, SUBJOBS_IN_FLIGHT_MAX};
-pub use device::{BlockDevice, Device, DeviceId, Geometry, IoFuture};
-pub use error::{ConfigError, SubmitError};
+pub use client::{Client, Job, JobHandle, PreparedCallback, Progress, RunningJob, ShutdownReport};
+pub use config::{
+    ClientConfig, PAGE_BUDGET_DEFAULT, SUB_JOB_SIZE_DEFAULT_BYTES, SUB_JOB_SIZE_MAX, SUBJOBS_IN_FLIGHT_DEFAULT,
+    SUBJOBS_IN_FLIGHT_MAX,
+};
+pub use device::{BlockDevice, Device, DeviceId, Geometry, IntoDevice, IoFuture};
+pub use error::{ConfigError, ShiftError, ShutdownError, SubmitError};
 pub use outcome::{Outcome, TargetMask, TargetReport};
 pub use pool::{HUGE_PAGE_SIZE, PagePool, Pages, PoolStats};
 pub use region::{Flags, RangeSet, Region};

@@ -6,11 +6,33 @@ use serde::{Deserialize, Serialize};
 
 use crate::{RangeSet, TARGETS_MAX};
 
-/// A set of target indices (bit `i` = target `i`), as the kernel's `write_err`.
+/// A set of target indices (bit `i` = target `i`), as the kernel's `write_err`; up to
+/// [`TARGETS_MAX`] targets.
+///
+/// ```
+/// # use kcopyd_core::TargetMask;
+/// let mut mask = TargetMask::new();
+/// mask.set(0);
+/// mask.set(127); // the last target a job may have
+/// assert_eq!(mask.iter().collect::<Vec<_>>(), [0, 127]);
+/// assert_eq!(mask.len(), 2);
+/// assert!(!mask.contains(128)); // past the end: never in the set
+/// assert_eq!(mask, [0, 127].into_iter().collect());
+/// ```
 #[derive(Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct TargetMask(pub u128);
+pub struct TargetMask(u128);
 
 impl TargetMask {
+    /// The empty set.
+    pub const fn new() -> TargetMask {
+        TargetMask(0)
+    }
+
+    /// Number of targets in the set.
+    pub fn len(&self) -> usize {
+        self.0.count_ones() as usize
+    }
+
     /// Adds target `index`.
     ///
     /// # Panics
@@ -36,32 +58,50 @@ impl TargetMask {
     }
 }
 
+impl FromIterator<usize> for TargetMask {
+    /// # Panics
+    /// If an index is `TARGETS_MAX` or more.
+    fn from_iter<I: IntoIterator<Item = usize>>(indices: I) -> TargetMask {
+        let mut mask = TargetMask::new();
+        indices.into_iter().for_each(|index| mask.set(index));
+        mask
+    }
+}
+
 impl fmt::Debug for TargetMask {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_set().entries(self.iter()).finish()
     }
 }
 
-/// The result of one target of a job.
+/// The result of one target of a job. Its ranges are sectors of the *target* device, in that
+/// device's own numbering (a target region starting at sector 1000 reports its first sector
+/// as 1000, not 0).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct TargetReport {
-    /// Target sectors whose write failed.
+    /// Target-device sectors whose write failed.
     pub write_failed: RangeSet,
-    /// Target sectors that do not hold the source's data after the job: failed writes,
-    /// blocks skipped because the source could not read them, and what a stopped or
+    /// Target-device sectors that do not hold the source's data after the job: failed
+    /// writes, blocks skipped because the source could not read them, and what a stopped or
     /// cancelled job never reached. Empty when the target got every sector.
     pub not_copied: RangeSet,
 }
 
 /// The one completion of a job.
+///
+/// Sector ranges are in device coordinates: `read_failed` in the source device's sectors,
+/// each [`TargetReport`] in its target device's sectors.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Outcome {
     /// A read of the source failed.
     pub read_err: bool,
     /// The targets where a write failed.
     pub write_err: TargetMask,
-    /// Source sectors that could not be read (narrowed down to logical blocks with
-    /// `IGNORE_ERROR`, whole chunks without it).
+    /// Source-device sectors that could not be read (narrowed down to logical blocks with
+    /// `IGNORE_ERROR`, whole chunks without it). To find them on a target, shift by the
+    /// difference of the regions' starts.
     pub read_failed: RangeSet,
     /// One report per target, in the order the targets were given.
     pub targets: Vec<TargetReport>,

@@ -65,6 +65,7 @@ unsafe impl Sync for PoolInner {}
 
 /// Occupancy of a [`PagePool`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct PoolStats {
     /// Pages in the pool.
     pub pages_total: usize,

@@ -5,7 +5,7 @@ use std::ops::{BitOr, BitOrAssign, Range};
 
 use serde::{Deserialize, Serialize};
 
-use crate::Device;
+use crate::{Device, IntoDevice, ShiftError};
 
 /// A range of sectors on a device: `(device, start sector, sector count)`.
 #[derive(Clone)]
@@ -19,9 +19,21 @@ pub struct Region {
 }
 
 impl Region {
-    /// A region of `len_sectors` sectors from `start_sector` on `device`.
-    pub fn new(device: Device, start_sector: u64, len_sectors: u64) -> Region {
-        Region { device, start_sector, len_sectors }
+    /// A region of `len_sectors` sectors from `start_sector` on `device`: any
+    /// `Arc<D: BlockDevice>`, or an already shared [`Device`].
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use kcopyd_core::{Device, Region};
+    /// # use kcopyd_sim::MemDisk;
+    /// let disk = Arc::new(MemDisk::zeroed("disk", 64, 512));
+    /// let first = Region::new(disk.clone(), 0, 8); // no `as Device` needed
+    /// let shared: Device = disk;
+    /// let second = Region::new(shared, 8, 8);
+    /// assert_eq!(first.device.id(), second.device.id());
+    /// ```
+    pub fn new(device: impl IntoDevice, start_sector: u64, len_sectors: u64) -> Region {
+        Region { device: device.into_device(), start_sector, len_sectors }
     }
 
     /// The sectors, as a range (saturating at `u64::MAX`).
@@ -198,11 +210,29 @@ impl RangeSet {
     /// Every range moved so that sector `from` lands on sector `to` (from one device's
     /// coordinates to another's).
     ///
-    /// # Panics
-    /// If a range starts before `from`.
-    pub fn shifted(&self, from: u64, to: u64) -> RangeSet {
-        let ranges = self.ranges.iter().map(|r| (r.start - from + to)..(r.end - from + to)).collect();
-        RangeSet { ranges }
+    /// ```
+    /// # use kcopyd_core::RangeSet;
+    /// let on_source = RangeSet::from_range(1000..1008);
+    /// // The source region starts at 1000, the target region at 0.
+    /// assert_eq!(on_source.shifted(1000, 0).unwrap().ranges(), &[0..8]);
+    /// // A range before `from` would land below sector 0.
+    /// assert!(on_source.shifted(1004, 0).is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// A range would start below sector 0 or end past `u64::MAX`; the error names it.
+    pub fn shifted(&self, from: u64, to: u64) -> Result<RangeSet, ShiftError> {
+        let shift = |r: &Range<u64>| {
+            let start = r.start.checked_sub(from)?.checked_add(to)?;
+            let end = r.end.checked_sub(from)?.checked_add(to)?;
+            Some(start..end)
+        };
+        let ranges = self
+            .ranges
+            .iter()
+            .map(|r| shift(r).ok_or(ShiftError { range: r.clone(), from, to }))
+            .collect::<Result<_, _>>()?;
+        Ok(RangeSet { ranges })
     }
 }
 
@@ -237,6 +267,16 @@ mod tests {
         assert_eq!(set.ranges(), &[0..2, 10..60]);
         assert!(set.contains(1) && !set.contains(2) && set.contains(59) && !set.contains(60));
         assert!(set.intersects(&(2..11)) && !set.intersects(&(2..10)));
+    }
+
+    #[test]
+    fn shifting_out_of_the_sector_numbers_is_an_error_not_a_panic() {
+        let set: RangeSet = [10..20, 30..40].into_iter().collect();
+        assert_eq!(set.shifted(10, 100).unwrap().ranges(), &[100..110, 120..130]);
+        assert_eq!(set.shifted(10, 0).unwrap().ranges(), &[0..10, 20..30]);
+        assert_eq!(set.shifted(11, 0), Err(ShiftError { range: 10..20, from: 11, to: 0 }));
+        assert_eq!(set.shifted(0, u64::MAX - 35), Err(ShiftError { range: 30..40, from: 0, to: u64::MAX - 35 }));
+        assert_eq!(RangeSet::new().shifted(5, 0), Ok(RangeSet::new()));
     }
 
     #[test]

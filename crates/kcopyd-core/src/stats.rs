@@ -45,6 +45,7 @@ pub const LATENCY_BUCKETS: usize = 40;
 /// assert_eq!(histogram.max_us, 3000);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct LatencyHistogram {
     /// Counts per bucket (see [`LATENCY_BUCKETS`]).
     pub buckets: Vec<u64>,
@@ -101,6 +102,7 @@ impl LatencyHistogram {
 
 /// The I/Os of one kind on one device.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct OpStats {
     /// Requests completed (successful or not, timed out included).
     pub count: u64,
@@ -116,6 +118,7 @@ pub struct OpStats {
 
 /// One device's I/O, by operation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct DeviceStats {
     /// The device's name.
     pub name: String,
@@ -131,6 +134,7 @@ pub struct DeviceStats {
 
 /// What a client has done since it started. See docs/DESIGN.md for how to read it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct ClientStats {
     /// Jobs accepted by `submit`, `submit_blocking` or `try_submit`.
     pub jobs_submitted: u64,

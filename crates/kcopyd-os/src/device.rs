@@ -502,12 +502,8 @@ fn file_geometry(
         size_bytes = len_bytes;
     }
     let (block_bytes, rules) = if options.buffered { (SECTOR_SIZE as u64, None) } else { file_alignment(path, file)? };
-    let geometry = Geometry {
-        len_sectors: whole_blocks_sectors(size_bytes, block_bytes),
-        logical_block_size: block_bytes as u32,
-        write_zeroes: sys::filesystem_zeroes_ranges(file),
-        zoned: false,
-    };
+    let geometry = Geometry::new(whole_blocks_sectors(size_bytes, block_bytes), block_bytes as u32)
+        .with_write_zeroes(sys::filesystem_zeroes_ranges(file));
     Ok((geometry, rules))
 }
 
@@ -527,12 +523,9 @@ fn block_device_geometry(
     // at most the logical block size).
     let rules = (!options.buffered)
         .then_some(MemoryRules { memory_bytes: block_bytes as usize, length_bytes: block_bytes as usize });
-    let geometry = Geometry {
-        len_sectors: whole_blocks_sectors(size_bytes, block_bytes),
-        logical_block_size: block_bytes as u32,
-        write_zeroes: true,
-        zoned: sys::block_device_is_zoned(rdev),
-    };
+    let geometry = Geometry::new(whole_blocks_sectors(size_bytes, block_bytes), block_bytes as u32)
+        .with_write_zeroes(true)
+        .with_zoned(sys::block_device_is_zoned(rdev));
     Ok((geometry, rules))
 }
 

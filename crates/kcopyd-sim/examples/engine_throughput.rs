@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-use kcopyd_core::{Client, ClientConfig, Device, Flags, Job, Region, SECTOR_SIZE};
+use kcopyd_core::{Client, ClientConfig, Flags, Job, Region, SECTOR_SIZE};
 use kcopyd_sim::MemDisk;
 
 fn parse_size(text: &str) -> Option<u64> {
@@ -66,7 +66,7 @@ fn main() -> ExitCode {
     let client = Client::new(ClientConfig { huge_pages, ..ClientConfig::default() }).expect("default configuration");
     let mut seconds = Vec::new();
     for run in 0..runs {
-        let regions = target_disks.iter().map(|t| Region::new(t.clone() as Device, 0, len_sectors)).collect();
+        let regions = target_disks.iter().map(|t| Region::new(t.clone(), 0, len_sectors)).collect();
         let job = Job::copy(Region::new(source.clone(), 0, len_sectors), regions, Flags::empty());
         let start = Instant::now();
         let outcome = client.submit_blocking(job).expect("valid job").wait();

@@ -93,6 +93,20 @@ pub enum Operation {
     WriteZeroes,
     /// A crash of the disk (no request).
     Crash,
+    /// A flush.
+    Flush,
+}
+
+impl std::fmt::Display for Operation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Operation::Read => "read",
+            Operation::Write => "write",
+            Operation::WriteZeroes => "write-zeroes",
+            Operation::Crash => "crash",
+            Operation::Flush => "flush",
+        })
+    }
 }
 
 /// What kind of fault fired.

@@ -19,6 +19,7 @@
 //! time, so a seed replays the same [`Trace`] bit for bit.
 #![warn(missing_docs)]
 
+mod error;
 mod faults;
 mod mem_disk;
 mod simulation;
@@ -26,6 +27,7 @@ mod storage;
 mod timing;
 mod trace;
 
+pub use error::{DiskError, DiskFailure};
 pub use faults::{FaultKind, FaultOdds, FaultPlan, FaultRecord, Misdirect, Operation, SlowSpike, WriteFault};
 pub use mem_disk::{IoStats, MemDisk, MemDiskOptions};
 pub use simulation::{Simulation, time_scale, to_model, to_tokio};

@@ -13,17 +13,13 @@ use kcopyd_core::{BlockDevice, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, 
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use crate::error::{DiskError, DiskFailure, EINVAL};
 use crate::faults::{FaultKind, FaultPlan, FaultRecord, Operation, WriteFault};
 use crate::mix64;
 use crate::simulation::{time_scale, to_model};
 use crate::storage::{Provenance, Storage};
 use crate::timing::{Latency, Timeline};
 use crate::trace::Trace;
-
-/// The errno the kernel gives for misaligned direct I/O.
-const EINVAL: i32 = 22;
-/// The errno of a failed or out-of-range transfer.
-const EIO: i32 = 5;
 
 static NEXT_DISK: AtomicU64 = AtomicU64::new(1);
 
@@ -367,17 +363,26 @@ impl MemDisk {
         }
     }
 
+    /// The error of `operation` on `sectors`, naming this device.
+    fn error(&self, operation: Operation, sectors: Range<u64>, reason: DiskFailure) -> io::Error {
+        DiskError { device: self.options.name.clone(), operation, sectors, reason }.into_io()
+    }
+
     /// Refuses misaligned (EINVAL) and out-of-range (EIO) requests before any transfer.
-    fn check(&self, offset_sectors: u64, len_bytes: u64) -> io::Result<Range<u64>> {
+    fn check(&self, operation: Operation, offset_sectors: u64, len_bytes: u64) -> io::Result<Range<u64>> {
         let block = u64::from(self.options.logical_block_size);
         let offset_bytes = offset_sectors.checked_mul(SECTOR_SIZE as u64);
-        if offset_bytes.is_none_or(|o| o % block != 0) || len_bytes % block != 0 {
-            return Err(io::Error::from_raw_os_error(EINVAL));
-        }
         let len_sectors = len_bytes / SECTOR_SIZE as u64;
+        let asked = offset_sectors..offset_sectors.saturating_add(len_bytes.div_ceil(SECTOR_SIZE as u64));
+        if offset_bytes.is_none_or(|o| o % block != 0) || len_bytes % block != 0 {
+            let block_size = self.options.logical_block_size;
+            return Err(self.error(operation, asked, DiskFailure::Misaligned { block_size }));
+        }
         match offset_sectors.checked_add(len_sectors) {
             Some(end) if end <= self.options.len_sectors => Ok(offset_sectors..end),
-            _ => Err(io::Error::from_raw_os_error(EIO)),
+            _ => {
+                Err(self.error(operation, asked, DiskFailure::OutOfRange { device_sectors: self.options.len_sectors }))
+            }
         }
     }
 
@@ -471,8 +476,9 @@ impl MemDisk {
         let seed = self.options.seed;
         let mut state = self.lock();
         if let Some(kind) = self.device_down(&state, issued.io_index) {
+            let reason = down_failure(&kind);
             self.record_fault(&mut state, Operation::Read, request.clone(), kind);
-            return Err(io::Error::from_raw_os_error(EIO));
+            return Err(self.error(Operation::Read, request.clone(), reason));
         }
         let read_error_ppm = state.plan.odds.read_error_ppm;
         if state.hits(seed, read_error_ppm) {
@@ -482,7 +488,7 @@ impl MemDisk {
         }
         if state.latent.intersects(&sectors) {
             self.record_fault(&mut state, Operation::Read, request.clone(), FaultKind::LatentSectorError);
-            return Err(io::Error::from_raw_os_error(EIO));
+            return Err(self.error(Operation::Read, request.clone(), DiskFailure::LatentSectorError));
         }
         let len = (sectors.end - sectors.start) as usize * SECTOR_SIZE;
         // Segments that split sectors (a user's window): read whole sectors once, then scatter.
@@ -532,12 +538,13 @@ impl MemDisk {
             if !known {
                 // A crash took this write while it was in flight.
                 self.record_fault(&mut state, operation, request.clone(), FaultKind::Crashed);
-                return Err(io::Error::from_raw_os_error(EIO));
+                return Err(self.error(operation, request.clone(), DiskFailure::Crashed));
             }
         }
         if let Some(kind) = self.device_down(&state, issued.io_index) {
+            let reason = down_failure(&kind);
             self.record_fault(&mut state, operation, request.clone(), kind);
-            return Err(io::Error::from_raw_os_error(EIO));
+            return Err(self.error(operation, request.clone(), reason));
         }
         let mut failed = false;
         for fault in state.plan.write_faults.iter_mut() {
@@ -556,7 +563,7 @@ impl MemDisk {
         let write_error_ppm = state.plan.odds.write_error_ppm;
         if failed || state.hits(seed, write_error_ppm) {
             self.record_fault(&mut state, operation, request.clone(), FaultKind::WriteError);
-            return Err(io::Error::from_raw_os_error(EIO));
+            return Err(self.error(operation, request.clone(), DiskFailure::WriteError));
         }
         if self.options.zoned {
             let zone = (sectors.start / self.options.zone_sectors) as usize;
@@ -566,7 +573,7 @@ impl MemDisk {
                 // An unaligned write to a sequential zone, as the kernel reports it; logged, so
                 // that an oracle sees an engine's out-of-order write as the fault it caused.
                 self.record_fault(&mut state, operation, request.clone(), FaultKind::ZoneViolation { write_pointer });
-                return Err(io::Error::from_raw_os_error(EIO));
+                return Err(self.error(operation, request.clone(), DiskFailure::NotAtWritePointer { write_pointer }));
             }
             state.write_pointers[zone] = sectors.end;
         }
@@ -619,7 +626,7 @@ impl MemDisk {
             Operation::Read => state.stats.reads += 1,
             Operation::Write => state.stats.writes += 1,
             Operation::WriteZeroes => state.stats.write_zeroes += 1,
-            Operation::Crash => {}
+            Operation::Crash | Operation::Flush => {}
         }
         if result.is_err() {
             state.stats.errors += 1;
@@ -643,6 +650,14 @@ impl MemDisk {
     }
 }
 
+/// The failure a whole-device fault gives a request.
+fn down_failure(kind: &FaultKind) -> DiskFailure {
+    match kind {
+        FaultKind::Crashed => DiskFailure::Crashed,
+        _ => DiskFailure::DeviceFailed,
+    }
+}
+
 async fn wait_until(done: Option<Instant>) {
     if let Some(done) = done {
         tokio::time::sleep_until(done).await;
@@ -659,16 +674,13 @@ impl BlockDevice for MemDisk {
     }
 
     fn geometry(&self) -> Geometry {
-        Geometry {
-            len_sectors: self.options.len_sectors,
-            logical_block_size: self.options.logical_block_size,
-            write_zeroes: self.options.write_zeroes,
-            zoned: self.options.zoned,
-        }
+        Geometry::new(self.options.len_sectors, self.options.logical_block_size)
+            .with_write_zeroes(self.options.write_zeroes)
+            .with_zoned(self.options.zoned)
     }
 
     fn read(&self, offset_sectors: u64, mut buf: ReadBuf) -> IoFuture<'_, (ReadBuf, io::Result<()>)> {
-        let sectors = match self.check(offset_sectors, buf.len() as u64) {
+        let sectors = match self.check(Operation::Read, offset_sectors, buf.len() as u64) {
             Ok(sectors) => sectors,
             Err(error) => {
                 return Box::pin(async move { (buf, Err(self.refuse(Operation::Read, offset_sectors, error))) });
@@ -696,7 +708,7 @@ impl BlockDevice for MemDisk {
     }
 
     fn write(&self, offset_sectors: u64, buf: WriteBuf) -> IoFuture<'_, io::Result<()>> {
-        let sectors = match self.check(offset_sectors, buf.len() as u64) {
+        let sectors = match self.check(Operation::Write, offset_sectors, buf.len() as u64) {
             Ok(sectors) => sectors,
             Err(error) => return Box::pin(async move { Err(self.refuse(Operation::Write, offset_sectors, error)) }),
         };
@@ -708,12 +720,13 @@ impl BlockDevice for MemDisk {
     }
 
     fn write_zeroes(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
-        let sectors = match self.check(offset_sectors, len_sectors.saturating_mul(SECTOR_SIZE as u64)) {
-            Ok(sectors) => sectors,
-            Err(error) => {
-                return Box::pin(async move { Err(self.refuse(Operation::WriteZeroes, offset_sectors, error)) });
-            }
-        };
+        let sectors =
+            match self.check(Operation::WriteZeroes, offset_sectors, len_sectors.saturating_mul(SECTOR_SIZE as u64)) {
+                Ok(sectors) => sectors,
+                Err(error) => {
+                    return Box::pin(async move { Err(self.refuse(Operation::WriteZeroes, offset_sectors, error)) });
+                }
+            };
         // Offloaded zeroing moves no data: it costs one request, not bandwidth.
         let issued = self.issue(Operation::WriteZeroes, &sectors, 0, None);
         Box::pin(async move {
@@ -727,7 +740,7 @@ impl BlockDevice for MemDisk {
             let mut state = self.lock();
             state.stats.flushes += 1;
             if state.crashed {
-                return Err(io::Error::from_raw_os_error(EIO));
+                return Err(self.error(Operation::Flush, 0..self.options.len_sectors, DiskFailure::Crashed));
             }
             state.unflushed.clear();
             Ok(())

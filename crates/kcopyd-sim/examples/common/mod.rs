@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use kcopyd_core::{ClientConfig, Device, Flags, Job, Region, SECTOR_SIZE};
+use kcopyd_core::{ClientConfig, Flags, Job, Region, SECTOR_SIZE};
 use kcopyd_sim::{IoModel, Latency, MemDisk, MemDiskOptions, Provenance, Simulation, to_model};
 
 /// The pattern seed of the source disk.
@@ -70,7 +70,7 @@ pub fn copy_and_verify(len_sectors: u64, config: ClientConfig, headers_only: boo
             let began = tokio::time::Instant::now();
             let job = Job::copy(
                 Region::new(source, 0, len_sectors),
-                vec![Region::new(target as Device, 0, len_sectors)],
+                vec![Region::new(target, 0, len_sectors)],
                 Flags::empty(),
             );
             let outcome = client.submit(job).await.expect("valid job").await;
