@@ -301,6 +301,7 @@ impl Inputs {
                     read: inputs.read.model(),
                     write: inputs.write.model(),
                     seed: mix64(self.seed ^ index ^ 7),
+                    ..Latency::default()
                 },
                 faults: FaultPlan {
                     latent_sectors: faults.latent.iter().map(|&(o, n)| wrap(o, n)).collect(),

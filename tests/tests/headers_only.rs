@@ -26,7 +26,7 @@ fn disk(name: &str, headers_only: bool, faults: FaultPlan) -> Arc<MemDisk> {
         len_sectors: LEN_SECTORS,
         sparse: true,
         headers_only,
-        latency: Latency { read: model, write: model, seed: 5 },
+        latency: Latency { read: model, write: model, seed: 5, ..Latency::default() },
         faults,
         ..MemDiskOptions::default()
     }))

@@ -90,7 +90,7 @@ fn a_request_is_polled_a_few_times_however_many_sub_jobs_are_in_flight() {
         MemDisk::new(MemDiskOptions {
             name: name.into(),
             len_sectors,
-            latency: Latency { read: model, write: model, seed: 3 },
+            latency: Latency { read: model, write: model, seed: 3, ..Latency::default() },
             ..MemDiskOptions::default()
         })
     };

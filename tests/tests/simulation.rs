@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kcopyd_core::{BlockDevice, ClientConfig, Flags, Job, PagePool, ReadBuf, Region, WriteBuf};
+use kcopyd_core::{BlockDevice, ClientConfig, Device, Flags, Job, PagePool, ReadBuf, Region, WriteBuf};
 use kcopyd_sim::{
     FaultKind, FaultPlan, IoModel, Latency, MemDisk, MemDiskOptions, Misdirect, Provenance, Simulation, to_model,
 };
@@ -306,4 +306,172 @@ fn mem_disk_errors_name_the_device_the_operation_and_the_sectors() {
     });
     let error = io(zoned.write(8, WriteBuf::zeroes(512))).unwrap_err();
     check(error, "sim-z: write of sectors 8..9 failed: not at the zone's write pointer (sector 0)", 5);
+}
+
+/// Copies 64 MiB from a source to a target in 1 MiB sub-jobs, one in flight, with both disks
+/// built by `make`; returns the model time.
+fn timed_copy_with(make: impl Fn(MemDiskOptions) -> MemDisk + 'static, latency: Latency) -> Duration {
+    let len_sectors = 64 * 2048;
+    let config = ClientConfig { sub_job_size_bytes: 1 << 20, subjobs_in_flight: 1, ..ClientConfig::default() };
+    Simulation::run(config, |client, _trace| async move {
+        let options = |name: &str| MemDiskOptions {
+            name: name.into(),
+            len_sectors,
+            latency: latency.clone(),
+            ..MemDiskOptions::default()
+        };
+        let source = Arc::new(make(options("source")));
+        let target = Arc::new(make(options("target")));
+        let began = tokio::time::Instant::now();
+        let job =
+            Job::copy(Region::new(source, 0, len_sectors), vec![Region::new(target, 0, len_sectors)], Flags::empty());
+        assert!(client.submit(job).await.unwrap().await.is_ok());
+        to_model(began.elapsed())
+    })
+    .unwrap()
+}
+
+#[test]
+fn two_disks_on_one_medium_take_turns_on_its_data_paths() {
+    // Reads 200 MB/s, writes 100 MB/s; 64 sub-jobs of 1 MiB.
+    let model = |bandwidth| IoModel { bandwidth_bytes_per_s: bandwidth, ..IoModel::default() };
+    let latency = Latency { read: model(200_000_000), write: model(100_000_000), ..Latency::default() };
+    let shared =
+        Latency { path: kcopyd_sim::PathModel { shared: true, ..kcopyd_sim::PathModel::default() }, ..latency.clone() };
+    let mib = 1_048_576.0;
+    let serial_us = 64.0 * (mib / 200.0 + mib / 100.0);
+    // One sub-job at a time reads then writes: nothing to overlap, every layout agrees.
+    assert_within_5_percent(timed_copy_with(MemDisk::new, latency.clone()), serial_us);
+    let medium = kcopyd_sim::Medium::new();
+    assert_within_5_percent(timed_copy_with(move |o| MemDisk::on_medium(o, &medium), shared.clone()), serial_us);
+    // Four in flight: the reads of the source overlap the writes of the target unless the
+    // two disks are on one medium whose model shares one path for reads and writes. Apart,
+    // or on a medium with a path per direction, the writes bound the copy (64 w + one r).
+    let overlapped = |make: Box<dyn Fn(MemDiskOptions) -> MemDisk>, latency: Latency| {
+        let config = ClientConfig { sub_job_size_bytes: 1 << 20, subjobs_in_flight: 4, ..ClientConfig::default() };
+        Simulation::run(config, |client, _trace| async move {
+            let len_sectors = 64 * 2048;
+            let options = |name: &str| MemDiskOptions {
+                name: name.into(),
+                len_sectors,
+                latency: latency.clone(),
+                ..MemDiskOptions::default()
+            };
+            let (source, target) = (Arc::new(make(options("source"))), Arc::new(make(options("target"))));
+            let began = tokio::time::Instant::now();
+            let job = Job::copy(
+                Region::new(source, 0, len_sectors),
+                vec![Region::new(target, 0, len_sectors)],
+                Flags::empty(),
+            );
+            assert!(client.submit(job).await.unwrap().await.is_ok());
+            to_model(began.elapsed())
+        })
+        .unwrap()
+    };
+    let writes_bound_us = 64.0 * mib / 100.0 + mib / 200.0;
+    assert_within_5_percent(overlapped(Box::new(MemDisk::new), latency.clone()), writes_bound_us);
+    assert_within_5_percent(overlapped(Box::new(MemDisk::new), shared.clone()), writes_bound_us);
+    let medium = kcopyd_sim::Medium::new();
+    assert_within_5_percent(overlapped(Box::new(move |o| MemDisk::on_medium(o, &medium)), latency), writes_bound_us);
+    let medium = kcopyd_sim::Medium::new();
+    assert_within_5_percent(overlapped(Box::new(move |o| MemDisk::on_medium(o, &medium)), shared), serial_us);
+}
+
+#[test]
+fn a_shared_path_on_one_disk_serialises_its_reads_and_writes() {
+    // A copy within one disk (source and target ranges apart), 4 sub-jobs in flight: with
+    // `shared` the reads and writes take turns.
+    let model = IoModel { bandwidth_bytes_per_s: 100_000_000, ..IoModel::default() };
+    let copy_within = |shared: bool| {
+        let latency = Latency {
+            read: model,
+            write: model,
+            path: kcopyd_sim::PathModel { shared, ..kcopyd_sim::PathModel::default() },
+            ..Latency::default()
+        };
+        let config = ClientConfig { sub_job_size_bytes: 1 << 20, subjobs_in_flight: 4, ..ClientConfig::default() };
+        Simulation::run(config, |client, _trace| async move {
+            let half = 64 * 2048;
+            let disk: Device =
+                Arc::new(MemDisk::new(MemDiskOptions { len_sectors: 2 * half, latency, ..MemDiskOptions::default() }));
+            let began = tokio::time::Instant::now();
+            let job =
+                Job::copy(Region::new(disk.clone(), 0, half), vec![Region::new(disk, half, half)], Flags::empty());
+            assert!(client.submit(job).await.unwrap().await.is_ok());
+            to_model(began.elapsed())
+        })
+        .unwrap()
+    };
+    let mib_us = 1_048_576.0 / 100.0;
+    assert_within_5_percent(copy_within(false), 65.0 * mib_us);
+    assert_within_5_percent(copy_within(true), 128.0 * mib_us);
+}
+
+#[test]
+fn a_spinning_disk_pays_a_seek_each_time_a_copy_switches_between_two_areas() {
+    // One disk, source in the first half, target in the second, one sub-job at a time: every
+    // request after the first moves the head half the disk (√½ of the stroke); reads and
+    // writes both follow on from where the previous one of their area ended, but the head
+    // was elsewhere in between.
+    let seek = kcopyd_sim::SeekModel { track_us: 500, full_stroke_us: 8500, rotation_us: 8000 };
+    let latency = Latency {
+        path: kcopyd_sim::PathModel { shared: true, seek, ..kcopyd_sim::PathModel::default() },
+        ..Latency::default()
+    };
+    let config = ClientConfig { sub_job_size_bytes: 1 << 20, subjobs_in_flight: 1, ..ClientConfig::default() };
+    let elapsed = Simulation::run(config, |client, _trace| async move {
+        let half = 16 * 2048;
+        let disk: Device =
+            Arc::new(MemDisk::new(MemDiskOptions { len_sectors: 2 * half, latency, ..MemDiskOptions::default() }));
+        let began = tokio::time::Instant::now();
+        let job = Job::copy(Region::new(disk.clone(), 0, half), vec![Region::new(disk, half, half)], Flags::empty());
+        assert!(client.submit(job).await.unwrap().await.is_ok());
+        to_model(began.elapsed())
+    })
+    .unwrap();
+    // 16 reads and 16 writes of 2048 sectors; the first read pays nothing (the head starts
+    // there). Each write seeks from the end of the read before it to the target area
+    // (32768 - 2048 sectors away), each later read from the end of the write before it back
+    // to the source area (32768 + 2048 - 2048 sectors away).
+    let seek_us = |distance: u64| seek.seek_us(distance, 32 * 2048) as f64;
+    let expected = 16.0 * seek_us(32768 - 2048) + 15.0 * seek_us(32768);
+    assert_within_5_percent(elapsed, expected);
+    // With the head moving 0 sectors there is no cost: sequential reads of one area are free.
+    assert_eq!(seek.seek_us(0, 32 * 2048), 0);
+}
+
+#[test]
+fn a_remote_source_needs_requests_in_flight_to_fill_its_link() {
+    // A 10 Gbit/s link (1.25 GB/s) with a 0.5 ms round trip in front of an instant disk;
+    // 64 MiB in 1 MiB sub-jobs to a local, instant target. One read at a time pays the round
+    // trip every time: 64 × (500 + 838.9) µs. Eight in flight keep the link busy: its bytes
+    // bound the copy, 64 × 838.9 µs plus one round trip.
+    let remote = Latency {
+        link: kcopyd_sim::LinkModel { round_trip_us: 500, bandwidth_bytes_per_s: 1_250_000_000 },
+        ..Latency::default()
+    };
+    let copy_with = |in_flight: usize| {
+        let latency = remote.clone();
+        let config =
+            ClientConfig { sub_job_size_bytes: 1 << 20, subjobs_in_flight: in_flight, ..ClientConfig::default() };
+        Simulation::run(config, |client, _trace| async move {
+            let len_sectors = 64 * 2048;
+            let source: Device =
+                Arc::new(MemDisk::new(MemDiskOptions { len_sectors, latency, ..MemDiskOptions::default() }));
+            let target: Device = Arc::new(MemDisk::zeroed("target", len_sectors, 512));
+            let began = tokio::time::Instant::now();
+            let job = Job::copy(
+                Region::new(source, 0, len_sectors),
+                vec![Region::new(target, 0, len_sectors)],
+                Flags::empty(),
+            );
+            assert!(client.submit(job).await.unwrap().await.is_ok());
+            to_model(began.elapsed())
+        })
+        .unwrap()
+    };
+    let transfer_us = 1_048_576.0 / 1250.0;
+    assert_within_5_percent(copy_with(1), 64.0 * (500.0 + transfer_us));
+    assert_within_5_percent(copy_with(8), 64.0 * transfer_us + 500.0);
 }

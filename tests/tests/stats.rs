@@ -13,7 +13,7 @@ fn disk(name: &str, len_sectors: u64, cost_us: u64, write_zeroes: bool) -> Arc<M
         name: name.into(),
         len_sectors,
         write_zeroes,
-        latency: Latency { read: model, write: model, seed: 0 },
+        latency: Latency { read: model, write: model, ..Latency::default() },
         ..MemDiskOptions::default()
     }));
     disk.fill_pattern(9);

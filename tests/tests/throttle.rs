@@ -19,6 +19,7 @@ fn ssd() -> Latency {
         read: IoModel { cost_us: 50, bandwidth_bytes_per_s: 2_000_000_000, queue_depth: 8, jitter_us: 0 },
         write: IoModel { cost_us: 50, bandwidth_bytes_per_s: 1_000_000_000, queue_depth: 8, jitter_us: 0 },
         seed: 0,
+        ..Latency::default()
     }
 }
 
@@ -29,6 +30,7 @@ fn slow() -> Latency {
         read: IoModel { cost_us: 100, bandwidth_bytes_per_s: 200_000_000, queue_depth: 4, jitter_us: 20 },
         write: IoModel { cost_us: 100, bandwidth_bytes_per_s: 100_000_000, queue_depth: 4, jitter_us: 20 },
         seed: 5,
+        ..Latency::default()
     }
 }
 

@@ -58,7 +58,7 @@ fn disk(name: &str, len_sectors: u64, seed: u64) -> Arc<MemDisk> {
         logical_block_size: 512,
         // Sparse: the disks keep extents of provenance, not bytes, so the demo needs little memory.
         sparse: true,
-        latency: Latency { read: READ_MODEL, write: WRITE_MODEL, seed },
+        latency: Latency { read: READ_MODEL, write: WRITE_MODEL, seed, ..Latency::default() },
         ..MemDiskOptions::default()
     }));
     disk.fill_pattern(seed);

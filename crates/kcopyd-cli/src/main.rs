@@ -5,33 +5,42 @@
 //!  kcopyd zero TARGET...           │  (exit 2, nothing written) ─► engine job with progress and
 //!  kcopyd verify SOURCE TARGET...  │  Ctrl-C ─► flush ─► [read back] ─► summary or --json
 //!  kcopyd demo                    ─┘ simulated disks, injected faults, checked against the log
+//!  kcopyd sim run|sweep SCENARIO     scenarios in virtual time (kcopyd-sim's explore module)
 //! ```
 //!
 //! Devices are files and block devices (through `kcopyd-os`, O_DIRECT unless `--buffered`)
-//! or `sim:KEY=VALUE,...` disks from `kcopyd-sim`. Exit status: 0 success, 1 read or write
+//! or `sim:KEY=VALUE,...` disks from `kcopyd-sim`. A command whose devices are all simulated
+//! runs in the simulator's virtual time and reports model seconds, with wall seconds beside
+//! them. Exit status: 0 success, 1 read or write
 //! errors or differences, 2 bad usage, 130 interrupted. See `docs/CLI.md`.
 #![warn(missing_docs)]
 
+mod calibrate;
 mod cli;
+mod clock;
 mod commands;
 mod compare;
 mod demo;
 mod device_arg;
 mod devices;
 mod error;
+mod explore;
 mod locks;
+mod map;
+mod plot;
 mod progress;
 mod report;
 mod sim;
 mod size;
 mod tail;
+mod validate;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use clap::error::ErrorKind;
 
-use crate::cli::{Cli, Command, OutputArgs};
+use crate::cli::{Cli, Command, MapCommand, OutputArgs, SimCommand};
 use crate::commands::Done;
 use crate::error::{CliError, Status};
 use crate::progress::Interrupts;
@@ -41,11 +50,30 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => return usage_error(&error),
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    builder.enable_all();
+    if all_simulated(&cli.command) {
+        // Nothing real to wait for: run on paused time, one model µs per tokio ms, so that
+        // sub-millisecond requests keep their length and the copy takes model time, not wall.
+        return kcopyd_sim::Simulation::block_on_with(builder, run(cli)).into();
+    }
+    let runtime = match builder.build() {
         Ok(runtime) => runtime,
         Err(source) => return fail(&CliError::Start { what: "the async runtime", source }),
     };
     runtime.block_on(run(cli)).into()
+}
+
+/// Whether every device of `command` is a `sim:` disk (the demo keeps real time: it shows
+/// progress at the speed a user watches).
+fn all_simulated(command: &Command) -> bool {
+    let sim = |arg: &device_arg::DeviceArg| matches!(arg.backend, device_arg::Backend::Sim(_));
+    match command {
+        Command::Copy(args) => sim(&args.source) && args.targets.iter().all(sim),
+        Command::Zero(args) => args.targets.iter().all(sim),
+        Command::Verify(args) => sim(&args.source) && args.targets.iter().all(sim),
+        Command::Demo(_) | Command::Sim { .. } | Command::Map(_) => false,
+    }
 }
 
 async fn run(cli: Cli) -> Status {
@@ -54,17 +82,31 @@ async fn run(cli: Cli) -> Status {
         Ok(interrupts) => interrupts,
         Err(source) => return fail_status(&CliError::Start { what: "the Ctrl-C handler", source }),
     };
+    let started = std::time::Instant::now();
+    let emit = |done, output| emit(done, output, started);
     let result = match &cli.command {
         Command::Copy(args) => commands::copy(args, &mut interrupts).await.map(|done| emit(done, &args.output)),
         Command::Zero(args) => commands::zero(args, &mut interrupts).await.map(|done| emit(done, &args.output)),
         Command::Verify(args) => commands::verify(args, &mut interrupts).await.map(|done| emit(done, &args.output)),
         Command::Demo(args) => demo::run(args, &mut interrupts).await,
+        Command::Map(MapCommand::Show { file }) => map::show(file).map(|text| {
+            print!("{text}");
+            Status::Success
+        }),
+        Command::Sim { command: SimCommand::Calibrate(args) } => calibrate::run(args).await,
+        Command::Sim { command: SimCommand::Validate(args) } => validate::run(args, &mut interrupts).await,
+        Command::Sim { command: SimCommand::Run(args) } => explore::run(args),
+        Command::Sim { command: SimCommand::Sweep(args) } => explore::sweep(args),
     };
     result.unwrap_or_else(|error| fail_status(&error))
 }
 
-/// Prints the report: JSON, or the summary unless quiet and successful.
-fn emit(done: Done, output: &OutputArgs) -> Status {
+/// Prints the report: JSON, or the summary unless quiet and successful. In virtual time the
+/// report carries the wall seconds since `started` beside its model seconds.
+fn emit(mut done: Done, output: &OutputArgs, started: std::time::Instant) -> Status {
+    if kcopyd_sim::in_virtual_time() {
+        done.report.wall_seconds = Some(started.elapsed().as_secs_f64());
+    }
     if output.json {
         println!("{}", serde_json::to_string(&done.report).expect("a report serializes"));
     } else if !output.quiet || done.status != Status::Success {

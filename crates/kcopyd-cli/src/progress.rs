@@ -105,7 +105,9 @@ impl WatchUi for ProgressBar {
 /// Waits for `handle`, ticking `ui` every [`REFRESH_INTERVAL`] and cancelling the job on the
 /// first signal; a second signal exits at once.
 pub async fn watch(handle: &JobHandle, ui: &dyn WatchUi, interrupts: &mut Interrupts) -> Watched {
-    let mut ticker = tokio::time::interval(REFRESH_INTERVAL);
+    // Every REFRESH_INTERVAL of the job's time: in virtual time, of model time (a tokio
+    // interval of 100 ms there would tick every 100 model µs, thousands of times a second).
+    let mut ticker = tokio::time::interval(kcopyd_sim::to_tokio(REFRESH_INTERVAL));
     let mut waiting = handle.clone();
     let mut interrupted = None;
     let done_bytes = |handle: &JobHandle| handle.progress().done_sectors * SECTOR_SIZE as u64;

@@ -35,7 +35,8 @@ pub struct Report {
     /// of the targets' `not_copied_sectors`, in bytes of the range).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes_not_copied: Option<u64>,
-    /// Wall-clock seconds of the job (with the final flush, without verification).
+    /// Seconds of the job (with the final flush, without verification): wall-clock time, or
+    /// the simulator's model time when every device is simulated (then `wall_seconds` is set).
     pub seconds: f64,
     /// `bytes / seconds`.
     pub throughput_bytes_per_s: f64,
@@ -56,6 +57,10 @@ pub struct Report {
     /// latency histograms, the page high-water mark, time waiting for pages and the throttle.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stats: Option<kcopyd_core::ClientStats>,
+    /// Set when every device was simulated and the command ran in virtual time: the wall-clock
+    /// seconds of the whole command, beside the model `seconds`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wall_seconds: Option<f64>,
 }
 
 /// The source's part of a report.
@@ -106,7 +111,7 @@ pub struct VerifyReport {
     pub bytes_skipped: u64,
     /// `bytes - bytes_skipped`: compared on every target.
     pub bytes_verified: u64,
-    /// Wall-clock seconds of the comparison.
+    /// Seconds of the comparison (model time when every device is simulated).
     pub seconds: f64,
     /// `bytes / seconds`.
     pub throughput_bytes_per_s: f64,
@@ -273,6 +278,9 @@ pub fn human(report: &Report) -> String {
                 _ => ", with errors",
             }
         );
+    }
+    if let Some(wall_seconds) = report.wall_seconds {
+        let _ = writeln!(out, "(simulated: {:.3} s of model time, {wall_seconds:.2} s wall)", report.seconds);
     }
     if let Some(message) = &report.panicked {
         let _ = writeln!(out, "internal error: the job stopped after a panic: {message}");

@@ -18,7 +18,14 @@
 //! device.
 //!
 //! Keys apply to reads and writes alike; `write-latency`, `write-bandwidth` override the
-//! write side. Fault ranges are in 512-byte sectors, half-open (`START-END`, or one sector
+//! write side. How requests share the data path: `shared-path=on` (reads and writes take turns
+//! on one path), `path-overhead=DURATION` (each request holds the path that long besides its
+//! transfer; `write-path-overhead` for writes), `seek=TRACK:FULL` with `rpm=N` (a spinning
+//! disk: a request away from the previous one seeks, `TRACK` for the shortest distance up to
+//! `FULL` across the disk, then waits half a revolution), `medium=NAME` (every disk of the
+//! command with that name moves its bytes over one data path: files on one device). A remote
+//! disk: `link-rtt=DURATION` (round trip of a network link in front of it) and
+//! `link-bandwidth=RATE` (the link's payload rate each way). Fault ranges are in 512-byte sectors, half-open (`START-END`, or one sector
 //! `N`), joined with `+`; a fault key may also be repeated.
 //!
 //! Faults beyond bad sectors: `flaky-write=RANGES` (fails once, then works), `fail-after=N`
@@ -31,7 +38,10 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use kcopyd_sim::{FaultPlan, Latency, MemDisk, MemDiskOptions, Misdirect, SlowSpike, WriteFault};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use kcopyd_sim::{FaultPlan, Latency, Medium, MemDisk, MemDiskOptions, Misdirect, SlowSpike, WriteFault};
 use thiserror::Error;
 
 use crate::size::{self, SECTOR_BYTES, SizeError};
@@ -43,8 +53,9 @@ pub const SIM_LEN_BYTES_MAX: u64 = 16 << 30;
 /// The largest sparse simulated disk: it holds runs of content, not bytes.
 pub const SIM_SPARSE_LEN_BYTES_MAX: u64 = 1 << 50;
 /// The keys a `sim:` device takes, for messages.
-pub const KEYS: &str = "size, seed, block, sparse, headers-only, latency, write-latency, bandwidth, write-bandwidth, queue, \
-                        jitter, bad-read, bad-write, flaky-write, fail-after, fail-at, misdirect, slow, short-io, \
+pub const KEYS: &str = "size, seed, block, sparse, headers-only, latency, write-latency, bandwidth, write-bandwidth, \
+                        queue, jitter, shared-path, path-overhead, write-path-overhead, seek, rpm, medium, link-rtt, \
+                        link-bandwidth, bad-read, bad-write, flaky-write, fail-after, fail-at, misdirect, slow, short-io, \
                         read-error-ppm, write-error-ppm, misdirect-ppm, slow-ppm, slow-by";
 /// The longest delay `slow` and `slow-by` take: a simulated request must not outlast the
 /// user's patience (a sleeping request is not interrupted by Ctrl-C).
@@ -110,6 +121,8 @@ pub struct SimSpec {
     pub headers_only: bool,
     /// The timing of reads and writes.
     pub latency: Latency,
+    /// `medium`: disks of the command with the same name share one data path.
+    pub medium: Option<String>,
     /// Every fault key: `bad-read` are the latent sectors, `bad-write` and `flaky-write` the
     /// write faults (every attempt, or the first), and so on.
     pub faults: FaultPlan,
@@ -129,10 +142,11 @@ impl SimSpec {
             sparse: false,
             headers_only: false,
             latency: Latency::default(),
+            medium: None,
             faults: FaultPlan::default(),
         };
         let mut seen: Vec<&str> = Vec::new();
-        let (mut write_cost, mut write_bandwidth) = (None, None);
+        let (mut write_cost, mut write_bandwidth, mut write_overhead) = (None, None, None);
         for option in options.split(',').filter(|o| !o.trim().is_empty()) {
             let Some((key, value)) = option.split_once('=') else {
                 return Err(SimError::NotKeyValue { option: option.to_owned() });
@@ -188,6 +202,47 @@ impl SimSpec {
                     spec.latency.read.jitter_us = us;
                     spec.latency.write.jitter_us = us;
                 }
+                "shared-path" => spec.latency.path.shared = on_off("shared-path", value)?,
+                "path-overhead" => {
+                    let us = sized("path-overhead", size::parse_duration_us(value))?;
+                    spec.latency.path.read_overhead_us = us;
+                    spec.latency.path.write_overhead_us = us;
+                }
+                "write-path-overhead" => {
+                    write_overhead = Some(sized("write-path-overhead", size::parse_duration_us(value))?);
+                }
+                "seek" => {
+                    let (track, full) = value.split_once(':').ok_or_else(|| SimError::Invalid {
+                        key: "seek",
+                        problem: format!("'{value}' is not TRACK:FULL (two durations, e.g. 1ms:9ms)"),
+                    })?;
+                    let seek = &mut spec.latency.path.seek;
+                    seek.track_us = sized("seek", size::parse_duration_us(track.trim()))?;
+                    seek.full_stroke_us = sized("seek", size::parse_duration_us(full.trim()))?;
+                    if seek.full_stroke_us < seek.track_us {
+                        return Err(SimError::Invalid {
+                            key: "seek",
+                            problem: format!("the full stroke '{full}' is shorter than the track seek '{track}'"),
+                        });
+                    }
+                }
+                "rpm" => {
+                    let rpm = whole("rpm", value, "revolutions per minute")?;
+                    if rpm == 0 {
+                        return Err(SimError::Invalid { key: "rpm", problem: "0 revolutions per minute".into() });
+                    }
+                    spec.latency.path.seek.rotation_us = 60_000_000 / rpm;
+                }
+                "link-rtt" => spec.latency.link.round_trip_us = sized("link-rtt", size::parse_duration_us(value))?,
+                "link-bandwidth" => {
+                    spec.latency.link.bandwidth_bytes_per_s = sized("link-bandwidth", size::parse_rate(value))?;
+                }
+                "medium" => {
+                    if value.is_empty() {
+                        return Err(SimError::Invalid { key: "medium", problem: "an empty name".into() });
+                    }
+                    spec.medium = Some(value.to_owned());
+                }
                 "bad-read" => spec.faults.latent_sectors.extend(parse_ranges("bad-read", value)?),
                 "bad-write" | "flaky-write" => {
                     let (key, attempts) = if key == "bad-write" { ("bad-write", 0) } else { ("flaky-write", 1) };
@@ -232,6 +287,9 @@ impl SimSpec {
         }
         if let Some(rate) = write_bandwidth {
             spec.latency.write.bandwidth_bytes_per_s = rate;
+        }
+        if let Some(us) = write_overhead {
+            spec.latency.path.write_overhead_us = us;
         }
         if spec.faults.odds.slow_ppm > 0 && spec.faults.odds.slow_us == 0 {
             return Err(SimError::Invalid { key: "slow-ppm", problem: "needs slow-by=DURATION, the delay".into() });
@@ -302,7 +360,7 @@ impl SimSpec {
     /// Builds the disk with `len_bytes` (checked with [`SimSpec::check_len`]), filled and
     /// with its faults in place.
     pub fn build(&self, len_bytes: u64) -> Arc<MemDisk> {
-        let disk = Arc::new(MemDisk::new(MemDiskOptions {
+        let options = MemDiskOptions {
             name: self.text.clone(),
             seed: self.seed.unwrap_or(0),
             len_sectors: len_bytes / SECTOR_BYTES,
@@ -312,13 +370,24 @@ impl SimSpec {
             latency: Latency { seed: self.seed.unwrap_or(0), ..self.latency.clone() },
             faults: self.faults.clone(),
             ..MemDiskOptions::default()
-        }));
+        };
+        let disk = Arc::new(match &self.medium {
+            Some(name) => MemDisk::on_medium(options, &medium(name)),
+            None => MemDisk::new(options),
+        });
         if let Some(seed) = self.seed {
             // Filling bypasses faults: the latent sectors stay latent.
             disk.fill_pattern(seed);
         }
         disk
     }
+}
+
+/// The medium called `name` in this process: one command's disks that name it share it.
+fn medium(name: &str) -> Medium {
+    static MEDIA: Mutex<BTreeMap<String, Medium>> = Mutex::new(BTreeMap::new());
+    let mut media = MEDIA.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    media.entry(name.to_owned()).or_default().clone()
 }
 
 fn sized(key: &'static str, result: Result<u64, SizeError>) -> Result<u64, SimError> {
@@ -435,6 +504,43 @@ mod tests {
     }
 
     #[test]
+    fn path_keys_land_in_the_path_model() {
+        let spec =
+            SimSpec::parse("shared-path=on,path-overhead=20us,write-path-overhead=30us,seek=1ms:9ms,rpm=7200,medium=a")
+                .unwrap();
+        let path = spec.latency.path;
+        assert!(path.shared);
+        assert_eq!((path.read_overhead_us, path.write_overhead_us), (20, 30));
+        assert_eq!(path.seek, kcopyd_sim::SeekModel { track_us: 1000, full_stroke_us: 9000, rotation_us: 8333 });
+        assert_eq!(spec.medium.as_deref(), Some("a"));
+        let remote = SimSpec::parse("link-rtt=200us,link-bandwidth=100M").unwrap();
+        assert_eq!(remote.latency.link, kcopyd_sim::LinkModel { round_trip_us: 200, bandwidth_bytes_per_s: 100 << 20 });
+        assert_eq!(SimSpec::parse("").unwrap().latency.path, kcopyd_sim::PathModel::default());
+    }
+
+    #[test]
+    fn disks_naming_one_medium_share_its_data_path() {
+        use kcopyd_core::{BlockDevice, WriteBuf};
+        // Two disks at 4 KiB/s, a 4 KiB write to each at once: apart both end after 1 s; on
+        // one medium the second ends after 2 s.
+        let ends = |first: &str, second: &str| {
+            let (a, b) =
+                (SimSpec::parse(first).unwrap().build(1 << 20), SimSpec::parse(second).unwrap().build(1 << 20));
+            kcopyd_sim::Simulation::block_on(async move {
+                let began = tokio::time::Instant::now();
+                let write = |disk: Arc<MemDisk>| async move {
+                    disk.write(0, WriteBuf::zeroes(4096)).await.unwrap();
+                    kcopyd_sim::to_model(began.elapsed()).as_micros()
+                };
+                futures_util::future::join(write(a), write(b)).await
+            })
+        };
+        assert_eq!(ends("bandwidth=4K", "bandwidth=4K"), (1_000_000, 1_000_000));
+        assert_eq!(ends("bandwidth=4K,medium=m1", "bandwidth=4K,medium=m1"), (1_000_000, 2_000_000));
+        assert_eq!(ends("bandwidth=4K,medium=m2", "bandwidth=4K,medium=m3"), (1_000_000, 1_000_000));
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let cases = [
             ("sise=1M", "'sise'"),
@@ -452,6 +558,14 @@ mod tests {
             ("size=1000", "'size'"),
             ("size=1T", "'size'"),
             ("sparse=maybe", "'sparse'"),
+            ("shared-path=2", "'shared-path'"),
+            ("path-overhead=5", "'path-overhead'"),
+            ("seek=1ms", "'seek'"),
+            ("seek=9ms:1ms", "'seek'"),
+            ("rpm=0", "'rpm'"),
+            ("medium=", "'medium'"),
+            ("link-rtt=5", "'link-rtt'"),
+            ("link-bandwidth=fast", "'link-bandwidth'"),
             ("headers-only=maybe", "'headers-only'"),
             ("flaky-write=5-5", "'flaky-write'"),
             ("size=1M,flaky-write=2040-2050", "'flaky-write'"),

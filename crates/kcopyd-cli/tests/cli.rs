@@ -908,9 +908,21 @@ fn wait_for_sigint_handler(pid: u32) {
 
 #[test]
 fn ctrl_c_cancels_the_job_reports_how_far_it_got_and_exits_130() {
-    // 16 MiB at 2 MiB/s would take 8 s; interrupted after about one.
+    // 16 MiB at 2 MiB/s would take 8 s; interrupted after about one. The target is a file,
+    // so the command runs in real time (with only simulated disks it would run in virtual
+    // time and finish at once).
+    let dir = TempDir::new("cli-ctrl-c");
+    let target = dir.join("target.img");
     let child = Command::new(env!("CARGO_BIN_EXE_kcopyd"))
-        .args(["copy", "sim:size=16M,seed=1,bandwidth=2M", "sim:", "--sub-job-size", "64K", "--subjobs-in-flight", "2"])
+        .args([
+            "copy",
+            "sim:size=16M,seed=1,bandwidth=2M",
+            s(&target),
+            "--sub-job-size",
+            "64K",
+            "--subjobs-in-flight",
+            "2",
+        ])
         .arg("--json")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -979,6 +991,200 @@ fn every_target_is_flushed_after_the_copy() {
         };
         assert!(flush > last_write, "the flush of {opened} comes after its last write");
     }
+}
+
+#[test]
+fn a_copy_between_simulated_disks_runs_in_virtual_time() {
+    // 16 MiB read at 1 MiB/s: 16 s of model time, reported as such, in far less wall time;
+    // 4 KiB requests of 50 µs each keep their length (a millisecond timer would round them up).
+    let ran = kcopyd(&["copy", "sim:size=16M,seed=1,bandwidth=1M", "sim:", "--json"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    let report = json(&ran);
+    let (seconds, wall) = (report["seconds"].as_f64().unwrap(), report["wall_seconds"].as_f64().unwrap());
+    assert!((seconds - 16.0).abs() < 0.1, "model seconds {seconds}");
+    assert!(wall < 8.0, "wall seconds {wall}");
+    let small = kcopyd(&[
+        "copy",
+        "sim:size=4M,seed=1,latency=50us,queue=1",
+        "sim:",
+        "--sub-job-size",
+        "4K",
+        "--subjobs-in-flight",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(small.code, 0, "{small:?}");
+    // 1024 reads of 50 µs one after another.
+    let seconds = json(&small)["seconds"].as_f64().unwrap();
+    assert!((seconds - 0.0512).abs() < 0.001, "model seconds {seconds}");
+    let human = kcopyd(&["copy", "sim:size=1M,seed=1,bandwidth=1M", "sim:"]);
+    assert!(human.stdout.contains("(simulated: 1.000 s of model time"), "{}", human.stdout);
+    // A real file among the devices keeps real time: no wall_seconds.
+    let dir = TempDir::new("cli-virtual");
+    let target = dir.join("t.img");
+    let real = kcopyd(&["copy", "sim:size=1M,seed=1", s(&target), "--json"]);
+    assert!(json(&real).get("wall_seconds").is_none(), "{real:?}");
+}
+
+// ---- sim calibrate, sim validate ------------------------------------------------------------
+
+/// A quick calibration: two sizes, two depths, 10 ms a point, two rounds.
+const QUICK_CALIBRATION: [&str; 8] =
+    ["--io-sizes", "64K,1M", "--queue-depths", "1,2", "--point-time", "10ms", "--rounds", "2"];
+
+#[test]
+fn calibrate_measures_a_file_it_creates_and_removes_it() {
+    let dir = TempDir::new("cli-calibrate");
+    let (device, out) = (dir.join("scratch.img"), dir.join("model.toml"));
+    let mut args = vec!["sim", "calibrate", s(&device), "--size", "16M", "--out", s(&out), "-q"];
+    args.extend(QUICK_CALIBRATION);
+    let ran = kcopyd(&args);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert!(!device.exists(), "the scratch file is removed");
+    let model: kcopyd_sim::DiskModel = toml::from_str(&fs::read_to_string(&out).unwrap()).unwrap();
+    // read and write × 2 sizes × 2 depths, mixed at 2 depths, random reads, engine copies.
+    assert_eq!(model.measurements.len(), 12, "{model:?}");
+    let kinds: Vec<&str> = model.measurements.iter().map(|m| m.kind.as_str()).collect();
+    assert_eq!(kinds.iter().filter(|&&k| k == "mixed").count(), 2);
+    assert_eq!(kinds.iter().filter(|&&k| k == "random-read" || k == "copy").count(), 2);
+    assert!(
+        model.measurements.iter().all(|m| m.iops > 0.0 && m.bandwidth_bytes_per_s > 0.0 && m.latency_us_p50 > 0.0),
+        "{:?}",
+        model.measurements
+    );
+    assert!(model.latency.read.bandwidth_bytes_per_s > 0 && model.latency.write.bandwidth_bytes_per_s > 0);
+    assert!(model.one_device, "calibrated on a file");
+    // --keep keeps the file; the model goes to stdout without --out.
+    let mut args = vec!["sim", "calibrate", s(&device), "--size", "16M", "--keep", "-q"];
+    args.extend(QUICK_CALIBRATION);
+    let kept = kcopyd(&args);
+    assert_eq!(kept.code, 0, "{kept:?}");
+    assert_eq!(fs::metadata(&device).unwrap().len(), 16 * MIB as u64);
+    assert!(toml::from_str::<kcopyd_sim::DiskModel>(&kept.stdout).is_ok(), "{}", kept.stdout);
+}
+
+#[test]
+fn calibrate_writes_an_existing_device_only_inside_the_scratch_range_it_is_given() {
+    let dir = TempDir::new("cli-calibrate-existing");
+    let before = pattern(41, 32 * MIB);
+    let device = dir.file_with("data.img", &before);
+    let mut args = vec!["sim", "calibrate", s(&device), "-q"];
+    args.extend(QUICK_CALIBRATION);
+    assert_usage_error(&kcopyd(&args), &["DEVICE", "exists", "--scratch-length"]);
+    assert_eq!(fs::read(&device).unwrap(), before, "untouched");
+    let mut too_far = vec!["sim", "calibrate", s(&device), "--scratch-offset", "24M", "--scratch-length", "16M", "-q"];
+    too_far.extend(QUICK_CALIBRATION);
+    assert_usage_error(&kcopyd(&too_far), &["--scratch-length", "past the end"]);
+    assert_eq!(fs::read(&device).unwrap(), before, "untouched");
+    let mut args = vec!["sim", "calibrate", s(&device), "--scratch-offset", "8M", "--scratch-length", "16M", "-q"];
+    args.extend(QUICK_CALIBRATION);
+    let ran = kcopyd(&args);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    let after = fs::read(&device).unwrap();
+    assert_eq!(after.len(), before.len());
+    assert_eq!(after[..8 * MIB], before[..8 * MIB], "before the scratch range");
+    assert_eq!(after[24 * MIB..], before[24 * MIB..], "after the scratch range");
+    assert_ne!(after[8 * MIB..24 * MIB], before[8 * MIB..24 * MIB], "the scratch range was written");
+    let mut no_scratch_for_new = vec!["sim", "calibrate", "--scratch-length", "16M"];
+    let new = dir.join("new.img");
+    no_scratch_for_new.push(s(&new));
+    assert_usage_error(&kcopyd(&no_scratch_for_new), &["--scratch-length", "existing device"]);
+    assert!(!new.exists());
+}
+
+#[test]
+fn validate_runs_real_and_simulated_copies_and_computes_each_error() {
+    let dir = TempDir::new("cli-validate");
+    let source = dir.file_with("source.img", &pattern(43, 16 * MIB));
+    let target = dir.join("target.img");
+    // A model with an analytic answer: 1 GB/s each way on one shared path, nothing else. The
+    // disks are files on one device, so source and targets share it: one target moves
+    // 2 × 16 MiB over the path, three targets 4 × 16 MiB.
+    let model = dir.file_with(
+        "model.toml",
+        b"description = \"by hand\"\n[latency.read]\nbandwidth_bytes_per_s = 1000000000\n\
+          [latency.write]\nbandwidth_bytes_per_s = 1000000000\n[latency.path]\nshared = true\n",
+    );
+    let ran = kcopyd(&[
+        "sim",
+        "validate",
+        s(&source),
+        s(&target),
+        "--model",
+        s(&model),
+        "--runs",
+        "2",
+        "--configs",
+        "1Mx4x1,256Kx2x3",
+        "--json",
+        "-q",
+    ]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    let report = json(&ran);
+    assert_eq!(report["model"], "by hand");
+    assert_eq!(report["len_bytes"], 16 * MIB as u64);
+    assert_eq!(report["one_device"], true);
+    let rows = report["configs"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!((rows[0]["sub_job_size_bytes"].as_u64(), rows[0]["targets"].as_u64()), (Some(MIB as u64), Some(1)));
+    assert_eq!((rows[1]["subjobs_in_flight"].as_u64(), rows[1]["targets"].as_u64()), (Some(2), Some(3)));
+    let mib = MIB as f64;
+    for (row, bytes_on_path) in rows.iter().zip([2.0 * 16.0 * mib, 4.0 * 16.0 * mib]) {
+        let measured: Vec<f64> =
+            row["measured_seconds"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(measured.len(), 2);
+        assert!(measured.iter().all(|&m| m > 0.0));
+        let median = row["measured_median_seconds"].as_f64().unwrap();
+        assert_eq!(median, measured[0].max(measured[1]), "the upper median of two");
+        assert_eq!(row["measured_min_seconds"].as_f64().unwrap(), measured[0].min(measured[1]));
+        let predicted = row["predicted_seconds"].as_f64().unwrap();
+        let expected = bytes_on_path / 1e9;
+        assert!(
+            (predicted - expected).abs() / expected < 0.05,
+            "predicted {predicted} s, the model gives {expected} s"
+        );
+        let error = row["error_percent"].as_f64().unwrap();
+        assert!((error - (predicted - median) / median * 100.0).abs() < 1e-6, "{row}");
+    }
+    let largest = rows.iter().map(|r| r["error_percent"].as_f64().unwrap().abs()).fold(0.0, f64::max);
+    assert_eq!(report["max_abs_error_percent"].as_f64().unwrap(), largest);
+    for created in ["target.img", "target.img.2", "target.img.3"] {
+        assert!(!dir.join(created).exists(), "{created} was created by validate and removed");
+    }
+    // The table for people, and a bad configuration refused before anything runs.
+    let human = kcopyd(&[
+        "sim",
+        "validate",
+        s(&source),
+        s(&target),
+        "--model",
+        s(&model),
+        "--runs",
+        "1",
+        "--configs",
+        "1Mx4x1",
+        "-q",
+    ]);
+    assert_eq!(human.code, 0, "{human:?}");
+    assert!(human.stdout.contains("predicted s") && human.stdout.contains("largest error"), "{}", human.stdout);
+    assert_usage_error(
+        &kcopyd(&["sim", "validate", s(&source), s(&target), "--model", s(&model), "--configs", "1Mx4"]),
+        &["--configs", "1Mx4"],
+    );
+    assert_usage_error(
+        &kcopyd(&["sim", "validate", s(&source), s(&target), "--model", s(&dir.join("none.toml"))]),
+        &["--model"],
+    );
+    assert_usage_error(
+        &kcopyd(&["sim", "validate", s(&source), s(dir.path()), "--model", s(&model), "--configs", "1Mx4x3"]),
+        &["TARGET", "not a regular file"],
+    );
+    let unknown = dir.file_with("unknown.toml", b"[latency.read]\nbandwith_bytes_per_s = 1\n");
+    assert_usage_error(
+        &kcopyd(&["sim", "validate", s(&source), s(&target), "--model", s(&unknown)]),
+        &["--model", "bandwith"],
+    );
+    assert!(!target.exists());
 }
 
 #[test]
@@ -1218,4 +1424,201 @@ fn a_source_mounted_read_write_gets_a_warning() {
     let plain = dir.file_with("plain.img", &pattern(48, MIB));
     let ran = kcopyd(&["copy", s(&plain), s(&dir.join("plain-copy.img"))]);
     assert!(ran.stderr.is_empty(), "{ran:?}");
+}
+
+// ---- sparse copies ------------------------------------------------------------------------
+
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// A 16 MiB file with 192 KiB of data in three places; holes elsewhere.
+fn sparse_file(dir: &TempDir) -> PathBuf {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join("sparse.img");
+    let file = fs::File::create(&path).unwrap();
+    file.set_len(16 * MIB as u64).unwrap();
+    for (i, at) in [0, 5 * MIB, 16 * MIB - 64 * KIB].into_iter().enumerate() {
+        file.write_all_at(&pattern(i as u64 + 1, 64 * KIB), at as u64).unwrap();
+    }
+    file.sync_all().unwrap();
+    path
+}
+
+#[test]
+fn copy_is_sparse_by_default_and_replaces_stale_data_with_holes() {
+    let dir = TempDir::new("cli-sparse");
+    let source = sparse_file(&dir);
+    if allocated_bytes(&source) >= 16 * MIB as u64 {
+        return skip("copy_is_sparse_by_default_and_replaces_stale_data_with_holes", "the filesystem keeps no holes");
+    }
+    let stale = dir.join("stale.img");
+    fs::write(&stale, pattern(9, 16 * MIB)).unwrap();
+    let fresh = dir.join("fresh.img");
+    let ran = kcopyd(&["copy", s(&source), s(&stale), s(&fresh), "--verify", "--json"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert_eq!(json(&ran)["verify"]["identical"], true);
+    let expected = fs::read(&source).unwrap();
+    for target in [&stale, &fresh] {
+        assert!(fs::read(target).unwrap() == expected, "{} holds the source", target.display());
+        let (source_bytes, target_bytes) = (allocated_bytes(&source), allocated_bytes(target));
+        assert!(target_bytes <= source_bytes + 64 * KIB as u64, "{}: {target_bytes} allocated", target.display());
+    }
+    // --sparse=off and --no-sparse write every byte: the new target is fully allocated.
+    for off in ["--sparse=off", "--no-sparse"] {
+        let full = dir.join(&format!("full{off}.img"));
+        let ran = kcopyd(&["copy", s(&source), s(&full), off, "-q"]);
+        assert_eq!(ran.code, 0, "{ran:?}");
+        assert!(fs::read(&full).unwrap() == expected);
+        assert!(allocated_bytes(&full) >= 16 * MIB as u64, "{off}: {} allocated", allocated_bytes(&full));
+    }
+    // --target-is-zero writes nothing for zeroes: right on a new file.
+    let zero = dir.join("zero.img");
+    let ran = kcopyd(&["copy", s(&source), s(&zero), "--target-is-zero", "-q"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert!(fs::read(&zero).unwrap() == expected);
+}
+
+#[test]
+fn sparse_options_are_checked_before_anything_is_written() {
+    let dir = TempDir::new("cli-sparse-options");
+    let source = dir.file_with("source.img", &pattern(1, 64 * KIB));
+    let target = dir.file_with("target.img", &pattern(2, 64 * KIB));
+    let before = contents(&[&target]);
+    let ran = kcopyd(&["copy", s(&source), s(&target), "--sparse-size", "3000"]);
+    assert_usage_error(&ran, &["--sparse-size", "3000", "power of two"]);
+    let ran = kcopyd(&["copy", s(&source), s(&target), "--sparse=off", "--target-is-zero"]);
+    assert_usage_error(&ran, &["--target-is-zero", "--sparse=off"]);
+    let ran = kcopyd(&["copy", s(&source), s(&target), "--sparse=maybe"]);
+    assert_eq!(ran.code, 2, "{ran:?}");
+    let ran = kcopyd(&["copy", s(&source), s(&target), "--sparse=on", "--no-sparse"]);
+    assert_eq!(ran.code, 2, "{ran:?}");
+    assert_eq!(contents(&[&target]), before);
+}
+
+// ---- copy maps ----------------------------------------------------------------------------
+
+/// The line of `map show` output starting with `label`, its spaces collapsed.
+fn show_line(stdout: &str, label: &str) -> String {
+    let line =
+        stdout.lines().map(str::trim).find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("{label}: {stdout}"));
+    line.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The map's `done` lines as sector ranges, replayed (later lines win, as the format says).
+fn map_done_bytes(map: &Path) -> Vec<[u64; 2]> {
+    let text = fs::read_to_string(map).unwrap();
+    let mut done: Vec<[u64; 2]> = Vec::new();
+    for line in text.lines().filter(|l| l.starts_with("done ")) {
+        let v: Vec<u64> = line.split(' ').skip(1).map(|n| n.parse().unwrap()).collect();
+        done.push([v[0] * 512, v[1] * 512]);
+    }
+    done
+}
+
+#[test]
+fn a_copy_killed_at_random_points_resumes_from_its_map_and_redoes_at_most_one_batch() {
+    let dir = TempDir::new("cli-map-kill");
+    let len = 96 * MIB;
+    let batch = 4 * MIB;
+    let source_bytes = pattern(77, len);
+    let source = dir.file_with("source.img", &source_bytes);
+    let marker = pattern(78, len);
+    // Random kill points from a fixed seed, between 0 and 400 ms into the copy.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for round in 0..4 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let delay = Duration::from_millis(seed % 400);
+        let target = dir.file_with(&format!("target{round}.img"), &marker);
+        let map = dir.join(&format!("copy{round}.map"));
+        let args = ["copy", s(&source), s(&target), "--map", s(&map), "--map-batch", "4M", "-q", "--sparse=off"];
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kcopyd")).args(args).spawn().unwrap();
+        std::thread::sleep(delay);
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let after_kill = fs::read(&target).unwrap();
+        let done = map_done_bytes(&map);
+        // What the map says is done is on the target.
+        for [start, end] in &done {
+            let (start, end) = (*start as usize, *end as usize);
+            assert!(after_kill[start..end] == source_bytes[start..end], "round {round}: done {start}..{end} differs");
+        }
+        // Batches run in order, one at a time: nothing past the end of the done prefix plus one
+        // batch was written, so resuming redoes at most one batch.
+        let done_end = done.iter().map(|[_, end]| *end as usize).max().unwrap_or(0);
+        let untouched = (done_end + batch).min(len);
+        assert!(after_kill[untouched..] == marker[untouched..], "round {round}: written past one batch");
+        let done_bytes: u64 = done.iter().map(|[a, b]| b - a).sum();
+        let ran = kcopyd(&["copy", s(&source), s(&target), "--map", s(&map), "--map-batch", "4M", "--json"]);
+        assert_eq!(ran.code, 0, "round {round} after {delay:?}: {ran:?}");
+        let report = json(&ran);
+        assert_eq!(report["bytes"].as_u64().unwrap(), len as u64 - done_bytes, "only what was not done is copied");
+        assert!(fs::read(&target).unwrap() == source_bytes, "round {round}: the target ends identical");
+        let shown = kcopyd(&["map", "show", s(&map)]);
+        assert_eq!(shown.code, 0);
+        assert_eq!(show_line(&shown.stdout, "done"), format!("done {len} bytes in 1 ranges 0..{len}"));
+        assert_eq!(show_line(&shown.stdout, "remaining"), "remaining 0 bytes in 0 ranges");
+    }
+}
+
+#[test]
+fn a_map_for_another_copy_is_refused_and_nothing_is_written() {
+    let dir = TempDir::new("cli-map-other");
+    let source = dir.file_with("source.img", &pattern(1, 4 * MIB));
+    let target = dir.file_with("target.img", &pattern(2, 4 * MIB));
+    let other = dir.file_with("other.img", &pattern(3, 4 * MIB));
+    let map = dir.join("copy.map");
+    let ran = kcopyd(&["copy", s(&source), s(&target), "--map", s(&map), "--length", "2M", "-q"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    let before = contents(&[&target, &other]);
+    for args in [
+        vec!["copy", s(&source), s(&other), "--map", s(&map), "--length", "2M"],
+        vec!["copy", s(&source), s(&target), "--map", s(&map), "--length", "1M"],
+        vec!["copy", &format!("{}@1M", s(&source)), s(&target), "--map", s(&map), "--length", "2M"],
+    ] {
+        let ran = kcopyd(&args);
+        assert_usage_error(&ran, &["--map", "another copy"]);
+    }
+    assert_eq!(contents(&[&target, &other]), before);
+    let ran = kcopyd(&["copy", s(&source), s(&target), "--map", s(&dir.join("missing/x.map"))]);
+    assert_eq!(ran.code, 2, "{ran:?}");
+    let ran = kcopyd(&["copy", s(&source), s(&target), "--retry-failed"]);
+    assert_eq!(ran.code, 2, "--retry-failed needs --map: {ran:?}");
+    let ran = kcopyd(&["map", "show", s(&source)]);
+    assert_usage_error(&ran, &["not a kcopyd map"]);
+}
+
+#[test]
+fn retry_failed_copies_only_the_failed_ranges_and_a_torn_last_line_is_ignored() {
+    let dir = TempDir::new("cli-map-retry");
+    let source_bytes = pattern(5, 4 * MIB);
+    let source = dir.file_with("source.img", &source_bytes);
+    let marker = pattern(6, 4 * MIB);
+    let target = dir.file_with("target.img", &marker);
+    // A map as a failed run leaves it: most done, a read failure and a write failure, and a
+    // last line torn by a crash.
+    let map = dir.join("copy.map");
+    let header = format!("kcopyd-map 1\nsource 0 {}\ntarget 0 {}\nlength {}\n", s(&source), s(&target), 4 * MIB);
+    let records = "done 0 8192\nread-failed 2048 2056\nwrite-failed 0 4000 4008\ndone 81";
+    fs::write(&map, header + records).unwrap();
+    let shown = kcopyd(&["map", "show", s(&map)]);
+    assert_eq!(show_line(&shown.stdout, "read failed"), "read failed 4096 bytes in 1 ranges 1048576..1052672");
+    assert_eq!(show_line(&shown.stdout, "write failed"), "write failed 4096 bytes in 1 ranges 2048000..2052096");
+    assert_eq!(show_line(&shown.stdout, "remaining"), "remaining 0 bytes in 0 ranges", "the torn line is ignored");
+    let ran = kcopyd(&["copy", s(&source), s(&target), "--map", s(&map), "--retry-failed", "--json"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert_eq!(json(&ran)["bytes"], 8192);
+    let after = fs::read(&target).unwrap();
+    for (range, from) in [(2048 * 512..2056 * 512, &source_bytes), (4000 * 512..4008 * 512, &source_bytes)] {
+        assert!(after[range.clone()] == from[range.clone()], "{range:?} retried");
+    }
+    // Everything else was done before: not written again.
+    assert!(after[..2048 * 512] == marker[..2048 * 512]);
+    assert!(after[2056 * 512..4000 * 512] == marker[2056 * 512..4000 * 512]);
+    let shown = kcopyd(&["map", "show", s(&map)]);
+    assert_eq!(show_line(&shown.stdout, "read failed"), "read failed 0 bytes in 0 ranges");
+    assert_eq!(show_line(&shown.stdout, "done"), format!("done {} bytes in 1 ranges 0..{}", 4 * MIB, 4 * MIB));
 }

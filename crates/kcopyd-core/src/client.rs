@@ -35,7 +35,7 @@ use crate::job::{JobActor, JobKind, JobRun, JobSpec};
 use crate::stats::{ClientStats, StatsRecorder};
 use crate::throttle::{Throttle, Throttler};
 use crate::time_scale::Clock;
-use crate::{ClientConfig, Flags, Outcome, PagePool, PoolStats, RangeSet, Region, TargetMask, TargetReport};
+use crate::{ClientConfig, Flags, Outcome, PagePool, PoolStats, RangeSet, Region, Sparse, TargetMask, TargetReport};
 
 type Callback = Box<dyn FnOnce(Outcome) + Send + 'static>;
 
@@ -50,7 +50,16 @@ pub struct Job {
 impl Job {
     /// Copy `source` to every target; every target's count must equal the source's.
     pub fn copy(source: Region, targets: Vec<Region>, flags: Flags) -> Job {
-        Job { kind: JobKind::Copy { source }, targets, flags, callback: None }
+        Job { kind: JobKind::Copy { source, sparse: Sparse::OFF }, targets, flags, callback: None }
+    }
+
+    /// Makes a copy sparse-aware: holes of the source are not read, zero blocks not written
+    /// as data (see [`Sparse`]). A zero job ignores it.
+    pub fn sparse(mut self, sparse: Sparse) -> Job {
+        if let JobKind::Copy { sparse: ours, .. } = &mut self.kind {
+            *ours = sparse;
+        }
+        self
     }
 
     /// Zero every target (all of the same count).
@@ -381,7 +390,7 @@ impl ClientShared {
             .map(|(&id, job)| RunningJob {
                 id,
                 source: match &job.spec.kind {
-                    JobKind::Copy { source } => Some(source.device.name().to_owned()),
+                    JobKind::Copy { source, .. } => Some(source.device.name().to_owned()),
                     JobKind::Zero => None,
                 },
                 targets: job.spec.targets.iter().map(|t| t.device.name().to_owned()).collect(),

@@ -14,7 +14,7 @@
 //! were granted: under WRITE_SEQ every chunk before the one waiting for its turn already
 //! holds its pages and can finish, so waiting for a turn never waits for pages.
 
-use std::cell::RefCell;
+use std::cell::{OnceCell, RefCell};
 use std::future::Future;
 use std::ops::Range;
 use std::panic::AssertUnwindSafe;
@@ -33,15 +33,16 @@ use tokio::time::Instant;
 use crate::client::{ClientActor, JobDone, JobShared, panic_message};
 use crate::error::SubmitError;
 use crate::io::SubJobIo;
+use crate::sparse::{Allocation, HOLE_SUB_JOB_SECTORS_MAX, SparseSubJob, zero_blocks};
 use crate::{
-    ClientConfig, Flags, Outcome, PAGE_SIZE, PagePool, Pages, RangeSet, ReadBuf, Region, SECTOR_SIZE, TARGETS_MAX,
-    TargetMask, TargetReport, WriteBuf,
+    ClientConfig, Flags, Outcome, PAGE_SIZE, PagePool, Pages, RangeSet, ReadBuf, Region, SECTOR_SIZE, Sparse,
+    TARGETS_MAX, TargetMask, TargetReport, TargetZeroes, WriteBuf,
 };
 
 /// What a job does.
 #[derive(Debug)]
 pub(crate) enum JobKind {
-    Copy { source: Region },
+    Copy { source: Region, sparse: Sparse },
     Zero,
 }
 
@@ -76,7 +77,12 @@ impl JobSpec {
             return Err(SubmitError::TooManyTargets { count: targets.len(), max: TARGETS_MAX });
         }
         let len_sectors = match &kind {
-            JobKind::Copy { source } => source.len_sectors,
+            JobKind::Copy { source, sparse } => {
+                if !sparse.zero_block_is_valid() {
+                    return Err(SubmitError::ZeroBlockSize { bytes: sparse.zero_block_bytes });
+                }
+                source.len_sectors
+            }
             JobKind::Zero => targets[0].len_sectors,
         };
         for (index, target) in targets.iter().enumerate() {
@@ -90,7 +96,7 @@ impl JobSpec {
             }
         }
         let source = match &kind {
-            JobKind::Copy { source } => Some(source),
+            JobKind::Copy { source, .. } => Some(source),
             JobKind::Zero => None,
         };
         let mut block_sectors = 1;
@@ -146,6 +152,30 @@ impl JobSpec {
 
     fn write_seq(&self) -> bool {
         self.flags.contains(Flags::WRITE_SEQ)
+    }
+
+    /// How the copy treats zeroes ([`Sparse::OFF`] for a zero job).
+    fn sparse(&self) -> Sparse {
+        match &self.kind {
+            JobKind::Copy { sparse, .. } => *sparse,
+            JobKind::Zero => Sparse::OFF,
+        }
+    }
+
+    /// Whether every target takes a hole without data moving through the engine.
+    fn holes_are_cheap(&self) -> bool {
+        let sparse = self.sparse();
+        self.targets.iter().all(|t| sparse.zeroes_are_cheap(&t.device.geometry(), t.device.deallocates()))
+    }
+
+    /// Most sectors of one hole sub-job: a hole is written as a zero buffer (and so within a
+    /// sub-job's size) to a target whose zeroes are not cheap.
+    fn hole_sectors_max(&self) -> u64 {
+        if self.holes_are_cheap() {
+            HOLE_SUB_JOB_SECTORS_MAX / self.block_sectors * self.block_sectors
+        } else {
+            self.chunk_sectors
+        }
     }
 }
 
@@ -227,6 +257,8 @@ pub(crate) struct JobRun {
     turn_changed: Notify,
     /// The outcome, stored by the job actor when its last slot is done.
     finished: RefCell<Option<Outcome>>,
+    /// A sparse copy skipping holes: the source's allocation, known before any slot starts.
+    allocation: OnceCell<Allocation>,
 }
 
 impl JobRun {
@@ -252,8 +284,9 @@ impl JobRun {
         Outcome { cancelled: true, ..self.outcome() }
     }
 
-    /// The next chunk, or `None` when the job is done, stopped or cancelled.
-    fn take_chunk(&self) -> Option<Range<u64>> {
+    /// The next chunk, or `None` when the job is done, stopped or cancelled. A sparse copy's
+    /// chunks follow the source's allocation: data, or a hole (nothing to read).
+    fn take_chunk(&self) -> Option<SparseSubJob> {
         let mut state = self.state.borrow_mut();
         if state.cursor >= self.spec.len_sectors || state.stopped {
             return None;
@@ -262,9 +295,19 @@ impl JobRun {
             return None;
         }
         let start = state.cursor;
-        let end = (start + self.spec.chunk_sectors).min(self.spec.len_sectors);
-        state.cursor = end;
-        Some(start..end)
+        let sub_job = match self.allocation.get() {
+            Some(allocation) => {
+                allocation.next(start, self.spec.len_sectors, self.spec.chunk_sectors, self.spec.hole_sectors_max())
+            }
+            None => SparseSubJob {
+                sectors: start..(start + self.spec.chunk_sectors).min(self.spec.len_sectors),
+                hole: false,
+            },
+        };
+        assert!(sub_job.sectors.start == start && sub_job.sectors.end > start);
+        assert!(sub_job.sectors.end - start <= self.spec.chunk_sectors || sub_job.hole);
+        state.cursor = sub_job.sectors.end;
+        Some(sub_job)
     }
 
     fn finished(&self) -> bool {
@@ -291,9 +334,21 @@ impl JobRun {
     async fn run_slot(self: Rc<Self>) {
         while !self.finished() {
             match &self.spec.kind {
-                JobKind::Copy { source } => {
+                JobKind::Copy { source, .. } => {
                     let Some(mut pages) = self.alloc_pages().await else { break };
-                    let Some(chunk) = self.take_chunk() else { break };
+                    let Some(SparseSubJob { sectors: chunk, hole }) = self.take_chunk() else { break };
+                    if hole {
+                        // A hole reads nothing: its pages go back at once.
+                        drop(pages);
+                        // Paced by the bytes it moves: none where every target's zeroes are cheap.
+                        let paced = if self.spec.holes_are_cheap() { chunk.start..chunk.start } else { chunk.clone() };
+                        if !self.throttle_sub_job(&paced).await {
+                            self.give_up_sub_job(chunk).await;
+                            break;
+                        }
+                        self.write_hole(chunk).await;
+                        continue;
+                    }
                     if !self.throttle_sub_job(&chunk).await {
                         drop(pages);
                         self.give_up_sub_job(chunk).await;
@@ -304,13 +359,13 @@ impl JobRun {
                     self.copy_chunk(source, chunk, ReadBuf::new(pages, len_bytes)).await;
                 }
                 JobKind::Zero => {
-                    let Some(chunk) = self.take_chunk() else { break };
+                    let Some(SparseSubJob { sectors: chunk, .. }) = self.take_chunk() else { break };
                     if !self.throttle_sub_job(&chunk).await {
                         self.give_up_sub_job(chunk).await;
                         break;
                     }
                     let data = WriteBuf::zeroes((chunk.end - chunk.start) as usize * SECTOR_SIZE);
-                    self.write_chunk(chunk.clone(), data, RangeSet::from_range(chunk)).await;
+                    self.write_chunk(chunk.clone(), data, RangeSet::from_range(chunk), RangeSet::new()).await;
                 }
             }
         }
@@ -359,7 +414,27 @@ impl JobRun {
                 state.stop_at(sub_job.start);
             }
         }
-        self.write_chunk(sub_job, WriteBuf::default(), RangeSet::new()).await;
+        self.write_chunk(sub_job, WriteBuf::default(), RangeSet::new(), RangeSet::new()).await;
+    }
+
+    /// Writes a hole of the source (job-relative `hole`) to every target as zeroes.
+    async fn write_hole(&self, hole: Range<u64>) {
+        let whole = RangeSet::from_range(hole.clone());
+        // A zero buffer only for targets that must be written with data (within a sub-job).
+        let data = if self.spec.holes_are_cheap() {
+            WriteBuf::default()
+        } else {
+            WriteBuf::zeroes((hole.end - hole.start) as usize * SECTOR_SIZE)
+        };
+        self.write_chunk(hole, data, whole.clone(), whole).await;
+    }
+
+    /// The zero blocks of a chunk just read (job-relative), if the copy scans for them.
+    fn zero_blocks(&self, chunk: &Range<u64>, data: &WriteBuf) -> RangeSet {
+        match self.spec.sparse().zero_block_sectors(self.spec.block_sectors) {
+            Some(zero_block_sectors) => zero_blocks(data, chunk.start, zero_block_sectors),
+            None => RangeSet::new(),
+        }
     }
 
     /// Reads one chunk of the source and writes it to every target.
@@ -367,7 +442,11 @@ impl JobRun {
         let (buf, result) = self.io.read(&source.device, source.start_sector + chunk.start, buf).await;
         let whole = RangeSet::from_range(chunk.clone());
         let buf = match (buf, result) {
-            (Some(buf), Ok(())) => return self.write_chunk(chunk, buf.freeze(), whole).await,
+            (Some(buf), Ok(())) => {
+                let data = buf.freeze();
+                let zeroes = self.zero_blocks(&chunk, &data);
+                return self.write_chunk(chunk, data, whole, zeroes).await;
+            }
             (buf, Err(_)) => buf,
             (None, Ok(())) => unreachable!("a read that kept its buffer timed out"),
         };
@@ -383,13 +462,17 @@ impl JobRun {
                 state.read_failed.insert(chunk.clone());
             }
             // Nothing to write, but under WRITE_SEQ later chunks wait for this one's turn.
-            return self.write_chunk(chunk, WriteBuf::default(), RangeSet::new()).await;
+            return self.write_chunk(chunk, WriteBuf::default(), RangeSet::new(), RangeSet::new()).await;
         };
         let (buf, unreadable) = self.narrow(source, chunk.clone(), buf).await;
         self.state.borrow_mut().read_failed.extend(&unreadable);
         match buf {
-            Some(buf) => self.write_chunk(chunk, buf.freeze(), whole.difference(&unreadable)).await,
-            None => self.write_chunk(chunk, WriteBuf::default(), RangeSet::new()).await,
+            Some(buf) => {
+                let data = buf.freeze();
+                let zeroes = self.zero_blocks(&chunk, &data).difference(&unreadable);
+                self.write_chunk(chunk, data, whole.difference(&unreadable), zeroes).await
+            }
+            None => self.write_chunk(chunk, WriteBuf::default(), RangeSet::new(), RangeSet::new()).await,
         }
     }
 
@@ -427,8 +510,12 @@ impl JobRun {
         (Some(buf), unreadable)
     }
 
-    /// Writes the `readable` parts of `chunk` (job-relative) from `data` to every target.
-    async fn write_chunk(&self, chunk: Range<u64>, data: WriteBuf, readable: RangeSet) {
+    /// Writes the `readable` parts of `chunk` (job-relative) from `data` to every target; the
+    /// `zeroes` among them (holes, zero blocks) as the copy's [`TargetZeroes`] says where that
+    /// is cheap for the target, and as data (from `data`) where it is not.
+    async fn write_chunk(&self, chunk: Range<u64>, data: WriteBuf, readable: RangeSet, zeroes: RangeSet) {
+        debug_assert!(zeroes.difference(&readable).is_empty());
+        let sparse = self.spec.sparse();
         if self.spec.write_seq() {
             loop {
                 let turn = self.turn_changed.notified();
@@ -448,15 +535,25 @@ impl JobRun {
         if !skip && !readable.is_empty() {
             let writes = self.spec.targets.iter().map(|target| {
                 let data = &data;
-                let readable = &readable;
+                let cheap = sparse.zeroes_are_cheap(&target.device.geometry(), target.device.deallocates());
+                let pieces = pieces_in_order(&readable, if cheap { &zeroes } else { &EMPTY });
                 async move {
-                    for piece in readable.ranges() {
-                        let bytes = (piece.start - chunk.start) as usize * SECTOR_SIZE
-                            ..(piece.end - chunk.start) as usize * SECTOR_SIZE;
-                        let result =
-                            self.io.write(&target.device, target.start_sector + piece.start, data.slice(bytes)).await;
+                    for (piece, zero) in pieces {
+                        let at = target.start_sector + piece.start;
+                        let result = match (zero, sparse.target_zeroes) {
+                            (true, TargetZeroes::Skip) => Ok(()),
+                            (true, TargetZeroes::Deallocate) if target.device.deallocates() => {
+                                self.io.deallocate(&target.device, at, piece.end - piece.start).await
+                            }
+                            (true, _) => self.io.write_zeroes(&target.device, at, piece.end - piece.start).await,
+                            (false, _) => {
+                                let bytes = (piece.start - chunk.start) as usize * SECTOR_SIZE
+                                    ..(piece.end - chunk.start) as usize * SECTOR_SIZE;
+                                self.io.write(&target.device, at, data.slice(bytes)).await
+                            }
+                        };
                         if result.is_err() {
-                            return Err(piece.clone());
+                            return Err(piece);
                         }
                     }
                     Ok(())
@@ -518,7 +615,7 @@ impl JobRun {
         let state = self.state.borrow();
         let whole = RangeSet::from_range(0..self.spec.len_sectors);
         let read_failed = match &self.spec.kind {
-            JobKind::Copy { source } => on_device(&state.read_failed, source),
+            JobKind::Copy { source, .. } => on_device(&state.read_failed, source),
             JobKind::Zero => RangeSet::new(),
         };
         let targets = self
@@ -543,6 +640,22 @@ impl JobRun {
             callback_panicked: None,
         }
     }
+}
+
+/// An empty set, for targets that take every zero as data.
+static EMPTY: RangeSet = RangeSet::new();
+
+/// The pieces of `readable` in sector order, each marked whether it is in `zeroes` (a subset).
+fn pieces_in_order(readable: &RangeSet, zeroes: &RangeSet) -> Vec<(Range<u64>, bool)> {
+    let data = readable.difference(zeroes);
+    let mut pieces: Vec<(Range<u64>, bool)> = data
+        .ranges()
+        .iter()
+        .map(|r| (r.clone(), false))
+        .chain(zeroes.ranges().iter().map(|r| (r.clone(), true)))
+        .collect();
+    pieces.sort_by_key(|(range, _)| range.start);
+    pieces
 }
 
 /// Job-relative sectors in `region`'s device coordinates. Validation checked that the region
@@ -589,6 +702,7 @@ impl JobActor {
             shared,
             state: RefCell::new(state),
             turn_changed: Notify::new(),
+            allocation: OnceCell::new(),
             finished: RefCell::new(None),
         });
         JobActor { id, run, slots_running: 0, client }
@@ -628,7 +742,26 @@ impl Actor for JobActor {
             ctx.spawn(work.into_actor(self).map(|(), actor, ctx| actor.slot_done(ctx)));
             return;
         }
-        let slots = spec.slots;
+        if let JobKind::Copy { source, sparse } = &spec.kind {
+            if sparse.skip_holes && spec.len_sectors > 0 {
+                // Ask the source for its allocation first; the slots follow it.
+                let (run, source) = (self.run.clone(), source.clone());
+                let query = async move {
+                    let allocation = Allocation::query(&source, run.spec.len_sectors, run.spec.block_sectors).await;
+                    run.allocation.set(allocation).expect("queried once");
+                };
+                ctx.spawn(query.into_actor(self).map(|(), actor, ctx| actor.start_slots(ctx)));
+                return;
+            }
+        }
+        self.start_slots(ctx);
+    }
+}
+
+impl JobActor {
+    /// Starts the job's slots (sub-jobs in flight).
+    fn start_slots(&mut self, ctx: &mut Context<Self>) {
+        let slots = self.run.spec.slots;
         self.slots_running = 1;
         if slots == 0 {
             // Nothing to do: complete on the next turn of the mailbox.

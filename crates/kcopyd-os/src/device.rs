@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use kcopyd_core::{BlockDevice, DeviceId, Geometry, IoFuture, ReadBuf, SECTOR_SIZE, WriteBuf};
+use kcopyd_core::{BlockDevice, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf};
 use rustix::fs::OFlags;
 
-use crate::engine_sync::{self, MemoryRules, SyncEngine, Transfer};
-#[cfg(feature = "io-uring")]
-use crate::engine_uring::UringEngine;
+use crate::aligned::{MemoryRules, Transfer};
+use crate::engine::{self, Engine};
+use crate::engine_sync;
 use crate::error::{OpenError, classify};
 use crate::storage::Storage;
 use crate::sys;
@@ -25,12 +25,6 @@ pub const QUEUE_DEPTH_DEFAULT: usize = 16;
 pub const QUEUE_DEPTH_MAX: usize = 256;
 /// Largest logical block size or direct-I/O alignment accepted, in bytes.
 pub const ALIGNMENT_BYTES_MAX: u64 = 65536;
-
-/// The name of the I/O threads (at most 15 bytes, the kernel's limit).
-const THREAD_NAME: &str = "kcopyd-io";
-/// The name of a device's io_uring thread.
-#[cfg(feature = "io-uring")]
-const URING_THREAD_NAME: &str = "kcopyd-uring";
 
 /// Which engine serves a device's reads, writes and flushes.
 ///
@@ -144,6 +138,8 @@ pub struct OsIoStats {
     pub write_zeroes_offloaded: u64,
     /// Write-zeroes requests served by writing zeroes.
     pub write_zeroes_written: u64,
+    /// Holes punched in a file (`FALLOC_FL_PUNCH_HOLE`) by deallocate requests.
+    pub holes_punched: u64,
     /// Flushes that completed.
     pub flushes: u64,
     /// Reads and writes that went through a bounce buffer (misaligned user memory).
@@ -160,6 +156,7 @@ struct Counters {
     writes: AtomicU64,
     write_zeroes_offloaded: AtomicU64,
     write_zeroes_written: AtomicU64,
+    holes_punched: AtomicU64,
     flushes: AtomicU64,
     bounced: AtomicU64,
     refused: AtomicU64,
@@ -227,11 +224,11 @@ pub struct OsDevice {
     rules: Option<MemoryRules>,
     /// Files: whether `FALLOC_FL_ZERO_RANGE` is still believed to work.
     zero_range: AtomicBool,
-    /// Serves every request with [`IoEngine::Sync`], and write-zeroes with [`IoEngine::Uring`].
-    engine: SyncEngine,
-    /// Serves reads, writes and flushes with [`IoEngine::Uring`].
-    #[cfg(feature = "io-uring")]
-    uring: Option<UringEngine>,
+    /// Files: whether `FALLOC_FL_PUNCH_HOLE` is still believed to work.
+    punch_hole: AtomicBool,
+    /// Serves reads, writes and flushes ([`OpenOptions::engine`], chosen at open), and runs
+    /// the blocking work (write-zeroes) on its thread pool.
+    engine: Box<dyn Engine>,
     counters: Counters,
 }
 
@@ -263,16 +260,7 @@ impl OsDevice {
         }
         let file = open_descriptor(path, kind, options)?;
         if kind == DeviceKind::BlockDevice && options.write {
-            // The open succeeds on a read-only device, and then every write fails (EPERM):
-            // refuse it now, before any I/O.
-            let read_only = sys::block_device_is_read_only(&file)
-                .map_err(|source| OpenError::ReadOnlyFlag { path: path.to_path_buf(), source })?;
-            if read_only {
-                return Err(OpenError::ReadOnly {
-                    path: path.to_path_buf(),
-                    source: io::Error::new(io::ErrorKind::PermissionDenied, "the block device is read-only (BLKROGET)"),
-                });
-            }
+            refuse_read_only_block_device(path, &file)?;
         }
         let metadata = file.metadata().map_err(|source| OpenError::Metadata { path: path.to_path_buf(), source })?;
         if kind_of(path, &metadata)? != kind {
@@ -293,16 +281,7 @@ impl OsDevice {
                 (geometry, rules, id, Storage::of_block_device(metadata.rdev()))
             }
         };
-        #[cfg(feature = "io-uring")]
-        let uring = match options.engine {
-            IoEngine::Sync => None,
-            IoEngine::Uring => Some(
-                UringEngine::new(URING_THREAD_NAME, options.queue_depth)
-                    .map_err(|source| OpenError::IoUringSetup { path: path.to_path_buf(), source })?,
-            ),
-        };
-        let engine = SyncEngine::new(THREAD_NAME, options.queue_depth)
-            .map_err(|source| OpenError::Engine { path: path.to_path_buf(), source })?;
+        let engine = engine::open(path, options.engine, options.queue_depth)?;
         Ok(OsDevice {
             path: path.to_path_buf(),
             name: path.display().to_string(),
@@ -310,13 +289,12 @@ impl OsDevice {
             options: options.clone(),
             file: Arc::new(file),
             zero_range: AtomicBool::new(kind == DeviceKind::File && geometry.write_zeroes),
+            punch_hole: AtomicBool::new(kind == DeviceKind::File),
             geometry,
             id,
             storage,
             rules,
             engine,
-            #[cfg(feature = "io-uring")]
-            uring,
             counters: Counters::default(),
         })
     }
@@ -362,6 +340,7 @@ impl OsDevice {
             writes: load(&c.writes),
             write_zeroes_offloaded: load(&c.write_zeroes_offloaded),
             write_zeroes_written: load(&c.write_zeroes_written),
+            holes_punched: load(&c.holes_punched),
             flushes: load(&c.flushes),
             bounced: load(&c.bounced),
             refused: load(&c.refused),
@@ -462,6 +441,20 @@ fn kind_of(path: &Path, metadata: &Metadata) -> Result<DeviceKind, OpenError> {
     } else {
         other("special file")
     }
+}
+
+/// Refuses a block device marked read-only (BLKROGET) that is to be written: the open
+/// succeeds on it, and then every write fails (EPERM), so refuse it now, before any I/O.
+fn refuse_read_only_block_device(path: &Path, file: &File) -> Result<(), OpenError> {
+    let read_only = sys::block_device_is_read_only(file)
+        .map_err(|source| OpenError::ReadOnlyFlag { path: path.to_path_buf(), source })?;
+    if read_only {
+        return Err(OpenError::ReadOnly {
+            path: path.to_path_buf(),
+            source: io::Error::new(io::ErrorKind::PermissionDenied, "the block device is read-only (BLKROGET)"),
+        });
+    }
+    Ok(())
 }
 
 /// Opens the descriptor: read-only or read-write, O_DIRECT unless buffered, O_EXCL for a block
@@ -584,21 +577,7 @@ impl BlockDevice for OsDevice {
         if buf.is_empty() {
             return Box::pin(ready((buf, Ok(()))));
         }
-        let (file, rules) = (self.file.clone(), self.rules);
-        #[cfg(feature = "io-uring")]
-        if let Some(uring) = &self.uring {
-            let reply = uring.read(file, offset_bytes, buf, rules);
-            return Box::pin(async move {
-                let (buf, result) = reply.await.expect(WORKER_REPLIES);
-                (buf, self.finish_transfer(&self.counters.reads, result))
-            });
-        }
-        let reply = self.engine.submit(move || {
-            let mut buf = buf;
-            let result = engine_sync::read_at(&file, offset_bytes, &mut buf, rules);
-            drop(file);
-            (buf, result)
-        });
+        let reply = self.engine.read(self.file.clone(), offset_bytes, buf, self.rules);
         Box::pin(async move {
             let (buf, result) = reply.await.expect(WORKER_REPLIES);
             (buf, self.finish_transfer(&self.counters.reads, result))
@@ -613,20 +592,7 @@ impl BlockDevice for OsDevice {
         if buf.is_empty() {
             return Box::pin(ready(Ok(())));
         }
-        let (file, rules) = (self.file.clone(), self.rules);
-        #[cfg(feature = "io-uring")]
-        if let Some(uring) = &self.uring {
-            let reply = uring.write(file, offset_bytes, buf, rules);
-            return Box::pin(async move {
-                let result = reply.await.expect(WORKER_REPLIES);
-                self.finish_transfer(&self.counters.writes, result)
-            });
-        }
-        let reply = self.engine.submit(move || {
-            let result = engine_sync::write_at(&file, offset_bytes, &buf, rules);
-            drop(file);
-            result
-        });
+        let reply = self.engine.write(self.file.clone(), offset_bytes, buf, self.rules);
         Box::pin(async move {
             let result = reply.await.expect(WORKER_REPLIES);
             self.finish_transfer(&self.counters.writes, result)
@@ -679,22 +645,76 @@ impl BlockDevice for OsDevice {
         })
     }
 
-    fn flush(&self) -> IoFuture<'_, io::Result<()>> {
-        let file = self.file.clone();
-        #[cfg(feature = "io-uring")]
-        if let Some(uring) = &self.uring {
-            let reply = uring.flush(file);
-            return Box::pin(async move {
-                let result = reply.await.expect(WORKER_REPLIES);
-                bump(if result.is_ok() { &self.counters.flushes } else { &self.counters.failed });
-                result
-            });
+    fn allocated(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<RangeSet>> {
+        let sector_bytes = SECTOR_SIZE as u64;
+        let end_sectors = offset_sectors.saturating_add(len_sectors).min(self.geometry.len_sectors);
+        if self.kind == DeviceKind::BlockDevice || offset_sectors >= end_sectors {
+            // A block device says nothing about allocation: all of it holds data.
+            return Box::pin(ready(Ok(RangeSet::from_range(
+                offset_sectors..offset_sectors.saturating_add(len_sectors),
+            ))));
         }
+        let file = self.file.clone();
         let reply = self.engine.submit(move || {
-            let result = file.sync_data();
+            let ranges = sys::file_data_ranges(&file, offset_sectors * sector_bytes, end_sectors * sector_bytes);
+            drop(file);
+            ranges
+        });
+        Box::pin(async move {
+            let ranges = reply.await.expect(WORKER_REPLIES)?;
+            let mut set = RangeSet::new();
+            for range in ranges {
+                // Rounded out to whole sectors: data is never reported as a hole.
+                set.insert(range.start / sector_bytes..range.end.div_ceil(sector_bytes));
+            }
+            Ok(set)
+        })
+    }
+
+    fn deallocates(&self) -> bool {
+        self.kind == DeviceKind::File
+    }
+
+    fn deallocate(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
+        if self.kind != DeviceKind::File || !self.punch_hole.load(Ordering::Relaxed) {
+            return self.write_zeroes(offset_sectors, len_sectors);
+        }
+        let len_bytes = len_sectors.checked_mul(SECTOR_SIZE as u64);
+        let offset_bytes = match self.check(Op::WriteZeroes, offset_sectors, len_bytes) {
+            Ok(offset_bytes) => offset_bytes,
+            Err(error) => return Box::pin(ready(Err(error))),
+        };
+        let len_bytes = len_bytes.expect("checked");
+        if len_bytes == 0 {
+            return Box::pin(ready(Ok(())));
+        }
+        let file = self.file.clone();
+        let reply = self.engine.submit(move || {
+            let result = sys::file_punch_hole(&file, offset_bytes, len_bytes);
             drop(file);
             result
         });
+        Box::pin(async move {
+            match reply.await.expect(WORKER_REPLIES) {
+                Ok(()) => {
+                    bump(&self.counters.holes_punched);
+                    Ok(())
+                }
+                Err(error) if sys::is_unsupported(&error) => {
+                    // The filesystem cannot punch holes: zero the range instead, from now on.
+                    self.punch_hole.store(false, Ordering::Relaxed);
+                    self.write_zeroes(offset_sectors, len_sectors).await
+                }
+                Err(error) => {
+                    bump(&self.counters.failed);
+                    Err(error)
+                }
+            }
+        })
+    }
+
+    fn flush(&self) -> IoFuture<'_, io::Result<()>> {
+        let reply = self.engine.flush(self.file.clone());
         Box::pin(async move {
             let result = reply.await.expect(WORKER_REPLIES);
             bump(if result.is_ok() { &self.counters.flushes } else { &self.counters.failed });

@@ -1,6 +1,7 @@
 //! The synchronous I/O engine: blocking positioned vectored I/O (`preadv`/`pwritev`) run on a
 //! bounded pool of threads, so that the caller's thread (the copy engine's actors) never
-//! blocks.
+//! blocks. The pool is also every engine's [`Engine::pool`], for blocking work such as
+//! write-zeroes; which memory goes to the kernel, and in which pieces, is `aligned.rs`'s.
 //!
 //! ```text
 //!  caller thread                     pool (≤ threads_max std threads, started on demand)
@@ -24,18 +25,14 @@ use kcopyd_core::{ReadBuf, WriteBuf};
 use rustix::io::Errno;
 use tokio::sync::oneshot;
 
-use crate::aligned::AlignedBuf;
+use crate::aligned::{Bounce, Direction, IOVECS_PER_CALL_MAX, MemoryRules, Transfer, bounce_rules, ended_early};
+use crate::device::IoEngine;
+use crate::engine::{Engine, ReadReply};
 
-/// Most iovecs one `preadv`/`pwritev` call takes (the kernel's UIO_MAXIOV); longer lists are
-/// sent in several calls.
-pub const IOVECS_PER_CALL_MAX: usize = 1024;
-/// Largest bounce buffer one request allocates; a longer misaligned request goes through it
-/// in pieces. A multiple of every supported block size (up to 65536).
-pub const BOUNCE_BYTES_MAX: usize = 1024 * 1024;
 /// Largest write of zeroes one call issues when zeroing without offload.
 pub const ZEROES_BYTES_PER_WRITE_MAX: usize = 1024 * 1024;
 
-const _: () = assert!(BOUNCE_BYTES_MAX % 65536 == 0 && ZEROES_BYTES_PER_WRITE_MAX % 65536 == 0);
+const _: () = assert!(ZEROES_BYTES_PER_WRITE_MAX % crate::device::ALIGNMENT_BYTES_MAX as usize == 0);
 
 type Work = Box<dyn FnOnce() + Send + 'static>;
 
@@ -117,6 +114,53 @@ impl Drop for SyncEngine {
     }
 }
 
+/// The synchronous engine: every request is blocking work on the pool.
+impl Engine for SyncEngine {
+    fn kind(&self) -> IoEngine {
+        IoEngine::Sync
+    }
+
+    fn read(
+        &self,
+        file: Arc<File>,
+        offset_bytes: u64,
+        mut buf: ReadBuf,
+        rules: Option<MemoryRules>,
+    ) -> oneshot::Receiver<ReadReply> {
+        self.submit(move || {
+            let result = read_at(&file, offset_bytes, &mut buf, rules);
+            drop(file);
+            (buf, result)
+        })
+    }
+
+    fn write(
+        &self,
+        file: Arc<File>,
+        offset_bytes: u64,
+        buf: WriteBuf,
+        rules: Option<MemoryRules>,
+    ) -> oneshot::Receiver<io::Result<Transfer>> {
+        self.submit(move || {
+            let result = write_at(&file, offset_bytes, &buf, rules);
+            drop(file);
+            result
+        })
+    }
+
+    fn flush(&self, file: Arc<File>) -> oneshot::Receiver<io::Result<()>> {
+        self.submit(move || {
+            let result = file.sync_data();
+            drop(file);
+            result
+        })
+    }
+
+    fn pool(&self) -> &SyncEngine {
+        self
+    }
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("engine lock")
@@ -148,29 +192,6 @@ fn worker(shared: &Shared) {
     }
 }
 
-/// What direct I/O requires of user memory, in bytes: every segment must start at a multiple
-/// of `memory_bytes` and be a multiple of `length_bytes` long.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct MemoryRules {
-    pub(crate) memory_bytes: usize,
-    pub(crate) length_bytes: usize,
-}
-
-impl MemoryRules {
-    pub(crate) fn accepts(&self, segment: &[u8]) -> bool {
-        segment.as_ptr() as usize % self.memory_bytes == 0 && segment.len() % self.length_bytes == 0
-    }
-}
-
-/// How a transfer went through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Transfer {
-    /// Straight from or into the caller's buffer.
-    Direct,
-    /// Through an aligned bounce buffer, because a segment broke the memory rules.
-    Bounced,
-}
-
 /// Fills `buf`'s window from `offset_bytes`, through a bounce buffer if its segments break
 /// `rules` (`None`: buffered I/O, any memory will do).
 pub(crate) fn read_at(
@@ -179,22 +200,22 @@ pub(crate) fn read_at(
     buf: &mut ReadBuf,
     rules: Option<MemoryRules>,
 ) -> io::Result<Transfer> {
-    let mut segments: Vec<&mut [u8]> = buf.segments_mut().collect();
-    let Some(rules) = rules.filter(|rules| !segments.iter().all(|segment| rules.accepts(segment))) else {
-        let mut slices: Vec<IoSliceMut<'_>> = segments.into_iter().map(IoSliceMut::new).collect();
+    let len_bytes = buf.len();
+    if let Some(rules) = rules {
+        rules.assert_request(offset_bytes, len_bytes);
+    }
+    let Some(rules) = bounce_rules(rules, buf.segments()) else {
+        let mut slices: Vec<IoSliceMut<'_>> = buf.segments_mut().map(IoSliceMut::new).collect();
         preadv_exact(file, &mut slices, offset_bytes)?;
         return Ok(Transfer::Direct);
     };
-    let len_bytes: usize = segments.iter().map(|segment| segment.len()).sum();
-    let mut bounce = AlignedBuf::new(len_bytes.min(BOUNCE_BYTES_MAX), rules.memory_bytes);
-    let mut scatter = Scatter { segments: &mut segments, index: 0, within: 0 };
+    let mut bounce = Bounce::new(len_bytes, rules);
     let mut done_bytes = 0;
     while done_bytes < len_bytes {
-        let piece_bytes = (len_bytes - done_bytes).min(BOUNCE_BYTES_MAX);
-        let piece = &mut bounce.as_mut_slice()[..piece_bytes];
-        preadv_exact(file, &mut [IoSliceMut::new(piece)], offset_bytes + done_bytes as u64)?;
-        scatter.copy_in(piece);
-        done_bytes += piece_bytes;
+        let piece = bounce.piece_from(done_bytes);
+        preadv_exact(file, &mut [IoSliceMut::new(bounce.memory(&piece))], offset_bytes + piece.start as u64)?;
+        bounce.unload(buf.segments_mut(), &piece);
+        done_bytes = piece.end;
     }
     Ok(Transfer::Bounced)
 }
@@ -207,21 +228,23 @@ pub(crate) fn write_at(
     buf: &WriteBuf,
     rules: Option<MemoryRules>,
 ) -> io::Result<Transfer> {
+    let len_bytes = buf.len();
+    if let Some(rules) = rules {
+        rules.assert_request(offset_bytes, len_bytes);
+    }
     let segments = buf.segments();
-    let Some(rules) = rules.filter(|rules| !segments.iter().all(|segment| rules.accepts(segment))) else {
+    let Some(rules) = bounce_rules(rules, segments.iter().map(|segment| &segment[..])) else {
         let mut slices: Vec<IoSlice<'_>> = segments.iter().map(|segment| IoSlice::new(segment)).collect();
         pwritev_exact(file, &mut slices, offset_bytes)?;
         return Ok(Transfer::Direct);
     };
-    let len_bytes = buf.len();
-    let mut bounce = AlignedBuf::new(len_bytes.min(BOUNCE_BYTES_MAX), rules.memory_bytes);
+    let mut bounce = Bounce::new(len_bytes, rules);
     let mut done_bytes = 0;
     while done_bytes < len_bytes {
-        let piece_bytes = (len_bytes - done_bytes).min(BOUNCE_BYTES_MAX);
-        let piece = &mut bounce.as_mut_slice()[..piece_bytes];
-        buf.slice(done_bytes..done_bytes + piece_bytes).copy_to_slice(piece);
-        pwritev_exact(file, &mut [IoSlice::new(piece)], offset_bytes + done_bytes as u64)?;
-        done_bytes += piece_bytes;
+        let piece = bounce.piece_from(done_bytes);
+        let memory = bounce.load(buf, &piece);
+        pwritev_exact(file, &mut [IoSlice::new(memory)], offset_bytes + piece.start as u64)?;
+        done_bytes = piece.end;
     }
     Ok(Transfer::Bounced)
 }
@@ -243,29 +266,6 @@ pub(crate) fn write_zeroes_at(
     Ok(())
 }
 
-/// Copies bytes into a list of segments, one piece after the other.
-struct Scatter<'a, 'b> {
-    segments: &'a mut [&'b mut [u8]],
-    index: usize,
-    within: usize,
-}
-
-impl Scatter<'_, '_> {
-    fn copy_in(&mut self, mut data: &[u8]) {
-        while !data.is_empty() {
-            let segment = &mut self.segments[self.index][self.within..];
-            let n = segment.len().min(data.len());
-            segment[..n].copy_from_slice(&data[..n]);
-            data = &data[n..];
-            self.within += n;
-            if self.within == self.segments[self.index].len() {
-                self.index += 1;
-                self.within = 0;
-            }
-        }
-    }
-}
-
 /// `preadv` until every slice is full: retried on EINTR, continued after a short read, at
 /// most [`IOVECS_PER_CALL_MAX`] slices per call. A read returning 0 (end of file) before the
 /// slices are full is an error: the file shrank under the device.
@@ -275,12 +275,7 @@ fn preadv_exact(file: &File, mut slices: &mut [IoSliceMut<'_>], mut offset_bytes
     while done_bytes < wanted_bytes {
         let batch = slices.len().min(IOVECS_PER_CALL_MAX);
         match rustix::io::preadv(file, &mut slices[..batch], offset_bytes) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("read ended at byte {offset_bytes}, {} bytes short", wanted_bytes - done_bytes),
-                ));
-            }
+            Ok(0) => return Err(ended_early(Direction::Read, offset_bytes, wanted_bytes - done_bytes)),
             Ok(n) => {
                 done_bytes += n;
                 offset_bytes += n as u64;
@@ -301,12 +296,7 @@ fn pwritev_exact(file: &File, mut slices: &mut [IoSlice<'_>], mut offset_bytes: 
     while done_bytes < wanted_bytes {
         let batch = slices.len().min(IOVECS_PER_CALL_MAX);
         match rustix::io::pwritev(file, &slices[..batch], offset_bytes) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    format!("write stopped at byte {offset_bytes}, {} bytes short", wanted_bytes - done_bytes),
-                ));
-            }
+            Ok(0) => return Err(ended_early(Direction::Write, offset_bytes, wanted_bytes - done_bytes)),
             Ok(n) => {
                 done_bytes += n;
                 offset_bytes += n as u64;
@@ -384,16 +374,5 @@ mod tests {
         drop(engine);
         let results: Vec<usize> = receivers.into_iter().map(|r| block_on(r).unwrap()).collect();
         assert_eq!(results, vec![0, 2, 4, 6]);
-    }
-
-    #[test]
-    fn scatter_crosses_segment_boundaries() {
-        let (mut a, mut b, mut c) = ([0u8; 3], [0u8; 1], [0u8; 4]);
-        let mut segments: Vec<&mut [u8]> = vec![&mut a, &mut b, &mut c];
-        let mut scatter = Scatter { segments: &mut segments, index: 0, within: 0 };
-        scatter.copy_in(&[1, 2]);
-        scatter.copy_in(&[3, 4, 5, 6]);
-        scatter.copy_in(&[7, 8]);
-        assert_eq!((a, b, c), ([1, 2, 3], [4], [5, 6, 7, 8]));
     }
 }

@@ -34,8 +34,10 @@ use kcopyd_core::{ReadBuf, WriteBuf};
 use rustix::event::{EventfdFlags, eventfd};
 use tokio::sync::oneshot;
 
-use crate::aligned::AlignedBuf;
-use crate::engine_sync::{BOUNCE_BYTES_MAX, IOVECS_PER_CALL_MAX, MemoryRules, Transfer};
+use crate::aligned::{Bounce, Direction, IOVECS_PER_CALL_MAX, MemoryRules, Transfer, bounce_rules, ended_early};
+use crate::device::IoEngine;
+use crate::engine::{Engine, ReadReply};
+use crate::engine_sync::SyncEngine;
 
 /// Resubmissions of one request after EINTR or EAGAIN before it fails with that error: the
 /// kernel retries EAGAIN itself almost always, so a request that keeps getting it is stuck.
@@ -43,9 +45,6 @@ pub(crate) const RETRIES_MAX: u32 = 64;
 
 /// The `user_data` of the wake-up poll on the eventfd; slots use their index.
 const WAKE_TAG: u64 = u64::MAX;
-
-/// What the caller gets back from a read.
-pub(crate) type ReadReply = (ReadBuf, io::Result<Transfer>);
 
 /// One request for the ring thread.
 struct Submission {
@@ -62,20 +61,75 @@ enum Op {
     Flush { reply: oneshot::Sender<io::Result<()>> },
 }
 
-/// The caller's side: a channel to the ring thread and the eventfd that wakes it.
+/// The io_uring engine: reads, writes and flushes on the ring; blocking work (write-zeroes)
+/// on a thread pool beside it, since io_uring has no BLKZEROOUT.
 pub(crate) struct UringEngine {
+    ring: Ring,
+    pool: SyncEngine,
+}
+
+impl UringEngine {
+    /// The engine over a started ring and the pool for blocking work.
+    pub(crate) fn new(ring: Ring, pool: SyncEngine) -> UringEngine {
+        UringEngine { ring, pool }
+    }
+}
+
+impl Engine for UringEngine {
+    fn kind(&self) -> IoEngine {
+        IoEngine::Uring
+    }
+
+    fn read(
+        &self,
+        file: Arc<File>,
+        offset_bytes: u64,
+        buf: ReadBuf,
+        rules: Option<MemoryRules>,
+    ) -> oneshot::Receiver<ReadReply> {
+        let (reply, receiver) = oneshot::channel();
+        self.ring.submit(Submission { file, offset_bytes, rules, op: Op::Read { buf, reply } });
+        receiver
+    }
+
+    fn write(
+        &self,
+        file: Arc<File>,
+        offset_bytes: u64,
+        buf: WriteBuf,
+        rules: Option<MemoryRules>,
+    ) -> oneshot::Receiver<io::Result<Transfer>> {
+        let (reply, receiver) = oneshot::channel();
+        self.ring.submit(Submission { file, offset_bytes, rules, op: Op::Write { buf, reply } });
+        receiver
+    }
+
+    /// `fdatasync` through the ring (FSYNC with DATASYNC).
+    fn flush(&self, file: Arc<File>) -> oneshot::Receiver<io::Result<()>> {
+        let (reply, receiver) = oneshot::channel();
+        self.ring.submit(Submission { file, offset_bytes: 0, rules: None, op: Op::Flush { reply } });
+        receiver
+    }
+
+    fn pool(&self) -> &SyncEngine {
+        &self.pool
+    }
+}
+
+/// The caller's side of a ring: a channel to the ring thread and the eventfd that wakes it.
+pub(crate) struct Ring {
     /// `None` only while dropping: dropping it tells the ring thread to finish and exit.
     sender: Option<mpsc::Sender<Submission>>,
     wake: Arc<OwnedFd>,
 }
 
-impl UringEngine {
+impl Ring {
     /// Sets up a ring for `queue_depth` requests in flight and starts its thread.
     ///
     /// # Errors
     /// `io_uring_setup` failed (EPERM where io_uring is disabled, ENOSYS on old kernels), or the
     /// eventfd or the thread could not be made.
-    pub(crate) fn new(thread_name: &str, queue_depth: usize) -> io::Result<UringEngine> {
+    pub(crate) fn start(thread_name: &str, queue_depth: usize) -> io::Result<Ring> {
         assert!(queue_depth >= 1, "an engine needs a slot");
         // Slots plus the wake-up poll; io_uring wants a power of two.
         let entries = u32::try_from(queue_depth + 1).expect("queue depths are bounded").next_power_of_two();
@@ -102,40 +156,7 @@ impl UringEngine {
             ring_thread.run();
         };
         thread::Builder::new().name(thread_name.into()).spawn(run)?;
-        Ok(UringEngine { sender: Some(sender), wake })
-    }
-
-    /// Reads into `buf`'s window from `offset_bytes`; the buffer comes back with the result.
-    pub(crate) fn read(
-        &self,
-        file: Arc<File>,
-        offset_bytes: u64,
-        buf: ReadBuf,
-        rules: Option<MemoryRules>,
-    ) -> oneshot::Receiver<ReadReply> {
-        let (reply, receiver) = oneshot::channel();
-        self.submit(Submission { file, offset_bytes, rules, op: Op::Read { buf, reply } });
-        receiver
-    }
-
-    /// Writes all of `buf` at `offset_bytes`.
-    pub(crate) fn write(
-        &self,
-        file: Arc<File>,
-        offset_bytes: u64,
-        buf: WriteBuf,
-        rules: Option<MemoryRules>,
-    ) -> oneshot::Receiver<io::Result<Transfer>> {
-        let (reply, receiver) = oneshot::channel();
-        self.submit(Submission { file, offset_bytes, rules, op: Op::Write { buf, reply } });
-        receiver
-    }
-
-    /// `fdatasync` through the ring (FSYNC with DATASYNC).
-    pub(crate) fn flush(&self, file: Arc<File>) -> oneshot::Receiver<io::Result<()>> {
-        let (reply, receiver) = oneshot::channel();
-        self.submit(Submission { file, offset_bytes: 0, rules: None, op: Op::Flush { reply } });
-        receiver
+        Ok(Ring { sender: Some(sender), wake })
     }
 
     fn submit(&self, submission: Submission) {
@@ -148,7 +169,7 @@ impl UringEngine {
     }
 }
 
-impl Drop for UringEngine {
+impl Drop for Ring {
     fn drop(&mut self) {
         // Disconnect first, then wake: the thread then sees the disconnection, finishes what is
         // queued or in flight (those buffers belong to the kernel until their CQEs) and exits.
@@ -315,7 +336,7 @@ struct InFlight {
     retries: u32,
     op: Op,
     /// Aligned memory the transfer goes through when the buffer breaks the memory rules.
-    bounce: Option<AlignedBuf>,
+    bounce: Option<Bounce>,
     /// The iovecs still to transfer, from `first`; consumed ones are left in place.
     iovecs: Vec<libc::iovec>,
     first: usize,
@@ -324,29 +345,31 @@ struct InFlight {
 impl InFlight {
     fn new(submission: Submission) -> InFlight {
         let Submission { file, offset_bytes, rules, mut op } = submission;
-        let mut iovecs = Vec::new();
-        let (len_bytes, bounced) = match &mut op {
+        let (len_bytes, bounce_for, iovecs) = match &mut op {
             Op::Read { buf, .. } => {
-                let len_bytes = buf.len();
-                let mut segments: Vec<&mut [u8]> = buf.segments_mut().collect();
-                let bounced = rules.is_some_and(|rules| !segments.iter().all(|segment| rules.accepts(segment)));
-                if !bounced {
-                    iovecs = segments.iter_mut().map(|segment| iovec(segment.as_mut_ptr(), segment.len())).collect();
-                }
-                (len_bytes, bounced.then_some(rules).flatten())
+                let bounce_for = bounce_rules(rules, buf.segments());
+                let iovecs = match bounce_for {
+                    Some(_) => Vec::new(),
+                    None => buf.segments_mut().map(|segment| iovec(segment.as_mut_ptr(), segment.len())).collect(),
+                };
+                (buf.len(), bounce_for, iovecs)
             }
             Op::Write { buf, .. } => {
                 let segments = buf.segments();
-                let bounced = rules.is_some_and(|rules| !segments.iter().all(|segment| rules.accepts(segment)));
-                if !bounced {
+                let bounce_for = bounce_rules(rules, segments.iter().map(|segment| &segment[..]));
+                let iovecs = match bounce_for {
+                    Some(_) => Vec::new(),
                     // The kernel only reads through these (WRITEV): the `*mut` is the iovec's type.
-                    iovecs = segments.iter().map(|segment| iovec(segment.as_ptr().cast_mut(), segment.len())).collect();
-                }
-                (buf.len(), bounced.then_some(rules).flatten())
+                    None => segments.iter().map(|segment| iovec(segment.as_ptr().cast_mut(), segment.len())).collect(),
+                };
+                (buf.len(), bounce_for, iovecs)
             }
-            Op::Flush { .. } => (0, None),
+            Op::Flush { .. } => (0, None, Vec::new()),
         };
-        let bounce = bounced.map(|rules| AlignedBuf::new(len_bytes.min(BOUNCE_BYTES_MAX), rules.memory_bytes));
+        if let (Some(rules), false) = (rules, matches!(op, Op::Flush { .. })) {
+            rules.assert_request(offset_bytes, len_bytes);
+        }
+        let bounce = bounce_for.map(|rules| Bounce::new(len_bytes, rules));
         let mut in_flight =
             InFlight { file, offset_bytes, len_bytes, done_bytes: 0, retries: 0, op, bounce, iovecs, first: 0 };
         if in_flight.bounce.is_some() {
@@ -378,23 +401,15 @@ impl InFlight {
             }
             return Step::Done(Err(io::Error::from_raw_os_error(errno)));
         }
-        if matches!(self.op, Op::Flush { .. }) {
-            return Step::Done(Ok(()));
-        }
+        let direction = match self.op {
+            Op::Flush { .. } => return Step::Done(Ok(())),
+            Op::Read { .. } => Direction::Read,
+            Op::Write { .. } => Direction::Write,
+        };
         let n = result as usize;
         if n == 0 {
-            let at = self.offset_bytes + self.done_bytes as u64;
-            let short_bytes = self.len_bytes - self.done_bytes;
-            return Step::Done(Err(match self.op {
-                Op::Read { .. } => io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("read ended at byte {at}, {short_bytes} bytes short"),
-                ),
-                _ => io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    format!("write stopped at byte {at}, {short_bytes} bytes short"),
-                ),
-            }));
+            let at_bytes = self.offset_bytes + self.done_bytes as u64;
+            return Step::Done(Err(ended_early(direction, at_bytes, self.len_bytes - self.done_bytes)));
         }
         self.retries = 0;
         self.first = advance_iovecs(&mut self.iovecs, self.first, n);
@@ -419,24 +434,24 @@ impl InFlight {
     /// Bounced: the piece that ends at `done_bytes` has been transferred; a read copies it
     /// from the bounce buffer into the caller's buffer.
     fn piece_done(&mut self) {
-        let piece_bytes = piece_len(self.done_bytes);
-        let start = self.done_bytes - piece_bytes;
-        if let (Op::Read { buf, .. }, Some(bounce)) = (&mut self.op, &mut self.bounce) {
-            copy_into_window(buf, start, &bounce.as_mut_slice()[..piece_bytes]);
+        let bounce = self.bounce.as_mut().expect("bounced");
+        let piece = bounce.piece_to(self.done_bytes);
+        if let Op::Read { buf, .. } = &mut self.op {
+            bounce.unload(buf.segments_mut(), &piece);
         }
     }
 
     /// Bounced: points the iovecs at the next piece (from `done_bytes`); a write copies it into
     /// the bounce buffer first.
     fn next_piece(&mut self) {
-        let piece_bytes = (self.len_bytes - self.done_bytes).min(BOUNCE_BYTES_MAX);
         let bounce = self.bounce.as_mut().expect("bounced");
-        let piece = &mut bounce.as_mut_slice()[..piece_bytes];
-        if let Op::Write { buf, .. } = &self.op {
-            buf.slice(self.done_bytes..self.done_bytes + piece_bytes).copy_to_slice(piece);
-        }
+        let piece = bounce.piece_from(self.done_bytes);
+        let memory = match &self.op {
+            Op::Write { buf, .. } => bounce.load(buf, &piece),
+            _ => bounce.memory(&piece),
+        };
         self.iovecs.clear();
-        self.iovecs.push(iovec(piece.as_mut_ptr(), piece_bytes));
+        self.iovecs.push(iovec(memory.as_mut_ptr(), memory.len()));
         self.first = 0;
     }
 
@@ -454,15 +469,6 @@ impl InFlight {
             }
             Op::Flush { reply } => drop(reply.send(result)),
         }
-    }
-}
-
-/// Bytes of the bounced piece that ends at `done_bytes` (pieces are [`BOUNCE_BYTES_MAX`] long,
-/// the last one shorter): 2.5 MiB done → the piece from 2 MiB, 0.5 MiB long.
-fn piece_len(done_bytes: usize) -> usize {
-    match done_bytes % BOUNCE_BYTES_MAX {
-        0 => BOUNCE_BYTES_MAX.min(done_bytes),
-        rest => rest,
     }
 }
 
@@ -494,25 +500,6 @@ fn advance_iovecs(iovecs: &mut [libc::iovec], mut first: usize, mut n: usize) ->
     first
 }
 
-/// Copies `data` into `buf`'s window from byte `at` of the window.
-fn copy_into_window(buf: &mut ReadBuf, at: usize, mut data: &[u8]) {
-    let mut segment_start = 0;
-    for segment in buf.segments_mut() {
-        let segment_end = segment_start + segment.len();
-        if data.is_empty() {
-            return;
-        }
-        if segment_end > at {
-            let within = at.max(segment_start) - segment_start;
-            let n = (segment.len() - within).min(data.len());
-            segment[within..within + n].copy_from_slice(&data[..n]);
-            data = &data[n..];
-        }
-        segment_start = segment_end;
-    }
-    assert!(data.is_empty(), "copy past the end of the window");
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -533,12 +520,5 @@ mod tests {
         assert_eq!((first, lengths(&iovecs, first)), (2, vec![4096]));
         let first = advance_iovecs(&mut iovecs, first, 4096);
         assert_eq!(first, 3, "all consumed");
-    }
-
-    #[test]
-    fn bounced_pieces_end_where_expected() {
-        assert_eq!(piece_len(BOUNCE_BYTES_MAX), BOUNCE_BYTES_MAX);
-        assert_eq!(piece_len(2 * BOUNCE_BYTES_MAX + 4096), 4096);
-        assert_eq!(piece_len(4096), 4096);
     }
 }

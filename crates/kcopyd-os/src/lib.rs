@@ -8,14 +8,13 @@
 //!
 //!  read / write / write_zeroes / flush   (caller's thread: checks only, never blocks)
 //!    check: writable? aligned to the logical block? inside the device?  ── no: refused, no I/O
-//!    └► engine_sync: queue ─► ≤ queue_depth threads ─► preadv / pwritev (EINTR, short I/O)
-//!                                                   ├► misaligned user memory: bounce buffer
-//!                                                   ├► BLKZEROOUT / fallocate(ZERO_RANGE)
-//!                                                   └► fdatasync
+//!    └► Box<dyn Engine>, chosen once at open (engine.rs)
+//!       ├► engine_sync: queue ─► ≤ queue_depth threads ─► preadv / pwritev (EINTR, short I/O)
+//!       └► engine_uring (IoEngine::Uring, feature `io-uring`): channel ─► one ring thread
+//!            ─► READV / WRITEV / FSYNC, ≤ queue_depth in flight (short I/O, EINTR, EAGAIN)
+//!       both: misaligned user memory ─► bounce buffer in pieces (aligned.rs, shared rules)
+//!       the engine's thread pool: BLKZEROOUT / fallocate(ZERO_RANGE) / writes of zeroes
 //!       ◄── oneshot: the buffer comes back with the result
-//!    └► engine_uring (IoEngine::Uring, feature `io-uring`): channel ─► one ring thread
-//!         ─► READV / WRITEV / FSYNC, ≤ queue_depth in flight (short I/O, EINTR, EAGAIN)
-//!       ◄── oneshot: the buffer comes back after its CQE
 //! ```
 //!
 //! Safety rules: sources are opened read-only; a block device opened for writing is opened
@@ -30,6 +29,7 @@
 
 mod aligned;
 mod device;
+mod engine;
 mod engine_sync;
 #[cfg(feature = "io-uring")]
 mod engine_uring;
@@ -37,9 +37,10 @@ mod error;
 mod storage;
 mod sys;
 
+pub use aligned::{BOUNCE_BYTES_MAX, IOVECS_PER_CALL_MAX};
 pub use device::{
     ALIGNMENT_BYTES_MAX, DeviceKind, IoEngine, OpenOptions, OsDevice, OsIoStats, QUEUE_DEPTH_DEFAULT, QUEUE_DEPTH_MAX,
 };
-pub use engine_sync::{BOUNCE_BYTES_MAX, IOVECS_PER_CALL_MAX, ZEROES_BYTES_PER_WRITE_MAX};
+pub use engine_sync::ZEROES_BYTES_PER_WRITE_MAX;
 pub use error::OpenError;
 pub use storage::{Mounted, Storage, StorageId, mounted_read_write};

@@ -17,22 +17,29 @@
 //! a test can compare what a job reported with what fired ([`MemDisk::fault_log`]). Run under
 //! [`Simulation`], every actor and every simulated I/O shares one thread and paused tokio
 //! time, so a seed replays the same [`Trace`] bit for bit.
+//!
+//! [`explore`] runs scenario files (disks, client, jobs, a foreground workload) and sweeps over
+//! their keys, for design exploration.
 #![warn(missing_docs)]
 
+mod disk_model;
 mod error;
+pub mod explore;
 mod faults;
 mod mem_disk;
 mod simulation;
 mod storage;
 mod timing;
 mod trace;
+pub mod units;
 
+pub use disk_model::{DiskModel, Measurement};
 pub use error::{DiskError, DiskFailure};
 pub use faults::{FaultKind, FaultOdds, FaultPlan, FaultRecord, Misdirect, Operation, SlowSpike, WriteFault};
 pub use mem_disk::{IoStats, MemDisk, MemDiskOptions};
-pub use simulation::{Simulation, time_scale, to_model, to_tokio};
+pub use simulation::{Simulation, in_virtual_time, time_scale, to_model, to_tokio};
 pub use storage::{Provenance, pattern_sector, provenance_of};
-pub use timing::{IoModel, Latency};
+pub use timing::{IoModel, Latency, LinkModel, Medium, PathModel, SeekModel};
 pub use trace::{Trace, TraceEvent};
 
 /// A deterministic 64-bit mixer (splitmix64): the same input gives the same output.

@@ -18,7 +18,7 @@ use crate::faults::{FaultKind, FaultPlan, FaultRecord, Operation, WriteFault};
 use crate::mix64;
 use crate::simulation::{time_scale, to_model};
 use crate::storage::{Provenance, Storage};
-use crate::timing::{Latency, Timeline};
+use crate::timing::{self, DevicePaths, Latency, Medium, Paths, Request, Slots};
 use crate::trace::Trace;
 
 static NEXT_DISK: AtomicU64 = AtomicU64::new(1);
@@ -118,8 +118,9 @@ struct State {
     draws: u64,
     ios_issued: u64,
     writes_issued: u64,
-    reads: Timeline,
-    writes: Timeline,
+    read_slots: Slots,
+    write_slots: Slots,
+    paths: Paths,
     next_in_flight: u64,
     in_flight: BTreeMap<u64, InFlight>,
     unflushed: Vec<Unflushed>,
@@ -163,6 +164,19 @@ impl MemDisk {
     /// If the block size is not a power of two from 512 to 65536 or the length is not a
     /// multiple of it.
     pub fn new(options: MemDiskOptions) -> MemDisk {
+        MemDisk::build(options, Paths::Own(DevicePaths::default()))
+    }
+
+    /// A zero-filled disk whose transfers share `medium`'s data paths with every other disk
+    /// on it (files on one device; see [`Medium`]).
+    ///
+    /// # Panics
+    /// As [`MemDisk::new`].
+    pub fn on_medium(options: MemDiskOptions, medium: &Medium) -> MemDisk {
+        MemDisk::build(options, Paths::Medium(medium.clone()))
+    }
+
+    fn build(options: MemDiskOptions, paths: Paths) -> MemDisk {
         let block = options.logical_block_size;
         assert!(block.is_power_of_two() && (512..=65536).contains(&block), "logical block size {block}");
         let block_sectors = u64::from(block) / SECTOR_SIZE as u64;
@@ -184,8 +198,9 @@ impl MemDisk {
                 draws: 0,
                 ios_issued: 0,
                 writes_issued: 0,
-                reads: Timeline::default(),
-                writes: Timeline::default(),
+                read_slots: Slots::default(),
+                write_slots: Slots::default(),
+                paths,
                 next_in_flight: 0,
                 in_flight: BTreeMap::new(),
                 unflushed: Vec::new(),
@@ -258,6 +273,12 @@ impl MemDisk {
     /// What each run of `sectors` holds, without materialising bytes: cheap on sparse disks.
     pub fn provenance(&self, sectors: Range<u64>) -> Vec<(Range<u64>, Provenance)> {
         self.lock().storage.provenance(sectors)
+    }
+
+    /// Sectors of `sectors` holding anything but zero extents (see [`BlockDevice::allocated`]):
+    /// what a thin volume would have mapped.
+    pub fn allocated_sectors(&self, sectors: Range<u64>) -> u64 {
+        self.lock().storage.allocated(sectors).len_sectors()
     }
 
     /// Runs of content a sparse disk holds (0 for a dense disk): its memory in units.
@@ -420,14 +441,27 @@ impl MemDisk {
             state.in_flight.insert(id, InFlight { sectors: sectors.clone(), data: data.cloned() });
             in_flight = Some(id);
         }
-        let model = if write { self.options.latency.write } else { self.options.latency.read };
-        let done = if model.is_instant() && extra_us == 0 {
+        let latency = &self.options.latency;
+        let done = if latency.is_instant(write) && extra_us == 0 {
             None
         } else {
+            let model = if write { latency.write } else { latency.read };
             let jitter_us = if model.jitter_us == 0 { 0 } else { state.draw(seed) % (model.jitter_us + 1) };
-            let timeline = if write { &mut state.writes } else { &mut state.reads };
             let scale = time_scale();
-            Some(timeline.schedule(&model, now, len_bytes, jitter_us, scale) + Duration::from_micros(extra_us) * scale)
+            let request = Request {
+                now,
+                write,
+                len_bytes,
+                start_sector: sectors.start,
+                end_sector: sectors.end,
+                disk: self.id.major,
+                disk_len_sectors: self.options.len_sectors,
+                jitter_us,
+                scale,
+            };
+            let state = &mut *state;
+            let slots = if write { &mut state.write_slots } else { &mut state.read_slots };
+            Some(timing::schedule(latency, slots, &mut state.paths, request) + Duration::from_micros(extra_us) * scale)
         };
         if extra_us > 0 {
             self.record_fault(&mut state, operation, sectors.clone(), FaultKind::Slow { extra_us });
@@ -733,6 +767,20 @@ impl BlockDevice for MemDisk {
             wait_until(issued.done).await;
             self.serve_write(&issued, Operation::WriteZeroes, sectors, None).await
         })
+    }
+
+    /// A sparse disk's allocation is its non-zero extents (a thin volume's mapped blocks);
+    /// a dense disk is all allocated. Answering costs no virtual time (metadata).
+    fn allocated(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<RangeSet>> {
+        let end = offset_sectors.saturating_add(len_sectors).min(self.options.len_sectors);
+        let set =
+            if offset_sectors < end { self.lock().storage.allocated(offset_sectors..end) } else { RangeSet::new() };
+        Box::pin(std::future::ready(Ok(set)))
+    }
+
+    /// A sparse disk frees what it zeroes (its write-zeroes drops the extents).
+    fn deallocates(&self) -> bool {
+        self.options.sparse
     }
 
     fn flush(&self) -> IoFuture<'_, io::Result<()>> {

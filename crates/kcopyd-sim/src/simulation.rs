@@ -16,6 +16,11 @@
 
 pub use kcopyd_core::{time_scale, to_model, to_tokio};
 
+/// Whether this thread runs in virtual time (inside a [`Simulation`]).
+pub fn in_virtual_time() -> bool {
+    time_scale() != 1
+}
+
 /// Sets the scale for the life of the guard.
 struct ScaleGuard(u32);
 
@@ -56,7 +61,7 @@ impl Simulation {
         Fut: Future<Output = T>,
     {
         let _scale = ScaleGuard::set(SIMULATION_SCALE);
-        let system = paused_system();
+        let system = paused_system(tokio::runtime::Builder::new_current_thread());
         system.block_on(async move {
             let client = Client::start_in_current_system(config)?;
             let trace = Trace::new();
@@ -69,19 +74,24 @@ impl Simulation {
     /// Runs `body` on a fresh single-threaded actix System over paused tokio time, without a
     /// client (for tests that make their own).
     pub fn block_on<Fut: Future>(body: Fut) -> Fut::Output {
+        Simulation::block_on_with(tokio::runtime::Builder::new_current_thread(), body)
+    }
+
+    /// As [`Simulation::block_on`], on a runtime from `builder` (a current-thread builder;
+    /// time is enabled and paused here), e.g. with the I/O driver that signals need.
+    ///
+    /// # Panics
+    /// The runtime does not build.
+    pub fn block_on_with<Fut: Future>(builder: tokio::runtime::Builder, body: Fut) -> Fut::Output {
         let _scale = ScaleGuard::set(SIMULATION_SCALE);
-        let system = paused_system();
+        let system = paused_system(builder);
         system.block_on(body)
     }
 }
 
 /// An actix System on a current-thread tokio runtime whose time starts paused.
-fn paused_system() -> actix_rt::SystemRunner {
-    actix_rt::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .expect("a current-thread runtime builds")
+fn paused_system(mut builder: tokio::runtime::Builder) -> actix_rt::SystemRunner {
+    actix_rt::System::with_tokio_rt(move || {
+        builder.enable_time().start_paused(true).build().expect("a current-thread runtime builds")
     })
 }

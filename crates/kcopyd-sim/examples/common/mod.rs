@@ -41,7 +41,7 @@ fn nvme_disk(name: &str, len_sectors: u64, headers_only: bool) -> MemDisk {
         len_sectors,
         sparse: true,
         headers_only,
-        latency: Latency { read: model(3_000_000_000), write: model(2_000_000_000), seed: 1 },
+        latency: Latency { read: model(3_000_000_000), write: model(2_000_000_000), seed: 1, ..Latency::default() },
         ..MemDiskOptions::default()
     })
 }
