@@ -17,7 +17,7 @@ use std::io;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use kcopyd_core::{BlockDevice, DeviceId, Geometry, IoFuture, ReadBuf, SECTOR_SIZE, WriteBuf};
+use kcopyd_core::{BlockDevice, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf};
 use kcopyd_sim::MemDisk;
 
 /// Which disk of a scenario.
@@ -193,6 +193,26 @@ impl BlockDevice for Watched {
         let sectors = offset_sectors..offset_sectors.saturating_add(len_sectors);
         let index = self.log.issue(self.which, IoKind::WriteZeroes, sectors);
         let inner = self.disk.write_zeroes(offset_sectors, len_sectors);
+        Box::pin(async move {
+            let result = inner.await;
+            self.log.done(index, result.is_ok());
+            result
+        })
+    }
+
+    fn allocated(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<RangeSet>> {
+        self.disk.allocated(offset_sectors, len_sectors)
+    }
+
+    fn deallocates(&self) -> bool {
+        self.disk.deallocates()
+    }
+
+    /// Logged as a write-zeroes: the range reads as zeroes afterwards either way.
+    fn deallocate(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
+        let sectors = offset_sectors..offset_sectors.saturating_add(len_sectors);
+        let index = self.log.issue(self.which, IoKind::WriteZeroes, sectors);
+        let inner = self.disk.deallocate(offset_sectors, len_sectors);
         Box::pin(async move {
             let result = inner.await;
             self.log.done(index, result.is_ok());
