@@ -10,6 +10,10 @@
 
 pub mod conformance;
 pub mod fixtures;
+pub mod io_log;
 pub mod nbd_servers;
+pub mod oracle;
 pub mod scenario;
+pub mod sectors;
 pub mod util;
+pub mod validation;

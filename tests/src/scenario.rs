@@ -7,32 +7,38 @@
 //!  Scenario ──run()──► one thread, paused time: disks + client, jobs submitted at virtual
 //!     │                times, an optional crash, then a liveness phase (faults off, resubmit)
 //!     ▼
-//!  Report ──check()──► the brief's invariants, each violation named
+//!  Report ──check()──► the brief's invariants, each violation named (see `oracle`)
 //! ```
 //!
-//! Every source region and every target region belongs to one job only, so each fault in a
-//! disk's log belongs to exactly one job, and a target sector's content has exactly two
-//! legal values: its old content (the target's own pattern) and its new content (the
-//! source's pattern, or zeroes).
+//! Every source region and every target region belongs to one job only, so each request and
+//! each fault on a disk belongs to exactly one job, and a target sector's content has exactly
+//! two legal values: its old content (the target's own pattern) and its new content (the
+//! source's pattern, or zeroes). The engine sees the disks through [`Watched`], which logs
+//! every request's issue and completion for the oracle.
 
 use std::cell::RefCell;
-use std::ops::Range;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kcopyd_core::{Client, ClientConfig, Flags, Job, Outcome, RangeSet, Region, SECTOR_SIZE};
+use kcopyd_core::{Client, ClientConfig, Device, Flags, Job, Outcome, Region, SECTOR_SIZE};
 use kcopyd_sim::{
-    FaultKind, FaultOdds, FaultPlan, FaultRecord, IoModel, Latency, MemDisk, MemDiskOptions, Misdirect, Operation,
-    Provenance, Simulation, SlowSpike, Trace, WriteFault, mix64, to_model, to_tokio,
+    FaultOdds, FaultPlan, FaultRecord, IoModel, Latency, MemDisk, MemDiskOptions, Misdirect, Simulation, SlowSpike,
+    Trace, WriteFault, mix64, to_model, to_tokio,
 };
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::io_log::{DiskRef, IoLog, IoRecord, Mark, Watched};
+pub use crate::oracle::check;
+
 /// How long a run may take in virtual time before it counts as a deadlock.
 pub const DEADLOCK_AFTER: Duration = Duration::from_secs(3600);
-/// Sectors per zone of a zoned target (in units; see [`Inputs::unit_sectors`]).
+/// Sectors per zone of a zoned target (in units; see [`Inputs::unit_sectors`]); also the
+/// longest job on a zoned target.
 const ZONE_UNITS: u64 = 64;
+/// The longest job on conventional targets, in bytes.
+const JOB_BYTES_MAX: u64 = 8 << 20;
 
 /// The timing of one direction of a disk.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,7 +98,7 @@ pub struct JobInputs {
     pub source: usize,
     /// Target disks (modulo the number of targets; duplicates dropped).
     pub targets: Vec<usize>,
-    /// Length in units, at least 1.
+    /// Length in units (0: a zero-length job).
     pub len_units: u64,
     /// Gap before each of its regions, in units.
     pub gap_units: u64,
@@ -102,6 +108,9 @@ pub struct JobInputs {
     pub write_seq: bool,
     /// Virtual time of submission, µs after the start.
     pub submit_at_us: u64,
+    /// Cancel the job this many µs after its submission.
+    #[serde(default)]
+    pub cancel_after_us: Option<u64>,
 }
 
 /// Everything a scenario is made of: plain numbers, so that proptest can shrink them.
@@ -138,12 +147,20 @@ impl Inputs {
     }
 
     /// Every option and every fault probability drawn from `seed` (as VOPR does): some
-    /// scenarios are calm, some are stormy.
+    /// scenarios are calm, some are stormy; most are small, some are wide (64 or more targets
+    /// per job), big (jobs and sub-jobs of MiBs) or long (up to 120 jobs).
     pub fn from_seed(seed: u64) -> Inputs {
         let mut rng = Draw(mix64(seed));
         let big_units = rng.below(2) == 0;
         let storm = rng.below(4); // 0 calm .. 3 stormy
         let crash = rng.below(5) == 0;
+        let shape = match rng.below(10) {
+            0 => Shape::Wide,
+            1 => Shape::Big,
+            2 => Shape::Long,
+            _ => Shape::Small,
+        };
+        let unit_bytes = if big_units { 8 * SECTOR_SIZE as u64 } else { SECTOR_SIZE as u64 };
         let disk = |rng: &mut Draw, target: bool| DiskInputs {
             block_4k: big_units && rng.below(2) == 0,
             write_zeroes: rng.below(2) == 0,
@@ -153,24 +170,47 @@ impl Inputs {
             faults: rng.faults(storm, target),
         };
         let sources = (0..1 + rng.below(3)).map(|_| disk(&mut rng, false)).collect();
-        let targets = (0..1 + rng.below(8)).map(|_| disk(&mut rng, true)).collect();
-        let jobs = (0..1 + rng.below(10))
+        let target_disks = match shape {
+            Shape::Wide => 64 + rng.below(33),
+            _ => 1 + rng.below(8),
+        };
+        let targets = (0..target_disks).map(|_| disk(&mut rng, true)).collect();
+        let job_count = match shape {
+            Shape::Long => 40 + rng.below(81),
+            _ => 1 + rng.below(10),
+        };
+        let jobs = (0..job_count)
             .map(|_| JobInputs {
                 zero: rng.below(5) == 0,
                 source: rng.below(3) as usize,
-                targets: (0..1 + rng.below(8)).map(|_| rng.below(8) as usize).collect(),
-                len_units: 1 + rng.below(64),
+                targets: match shape {
+                    Shape::Wide => (0..1 + rng.below(96)).map(|_| rng.below(target_disks) as usize).collect(),
+                    _ => (0..1 + rng.below(8)).map(|_| rng.below(8) as usize).collect(),
+                },
+                len_units: match (rng.below(20), shape) {
+                    (0, _) => 0,
+                    (_, Shape::Big) => 1 + rng.below(JOB_BYTES_MAX / unit_bytes),
+                    _ => 1 + rng.below(64),
+                },
                 gap_units: rng.below(8),
                 ignore_error: rng.below(2) == 0,
                 write_seq: rng.below(4) == 0,
                 submit_at_us: rng.below(4) * rng.below(5000),
+                cancel_after_us: (rng.below(6) == 0).then(|| rng.below(3) * rng.below(3000)),
             })
             .collect();
+        let (page_budget, sub_job_units) = match shape {
+            Shape::Big => (
+                [16, 256, 1024, 2048][rng.below(4) as usize],
+                [128 << 10, 512 << 10, 1 << 20, 4 << 20][rng.below(4) as usize] / unit_bytes,
+            ),
+            _ => ([1, 2, 3, 8, 16, 64, 256][rng.below(7) as usize], [1, 2, 3, 8, 16, 64][rng.below(6) as usize]),
+        };
         Inputs {
             seed,
-            page_budget: [1, 2, 3, 8, 16, 64, 256][rng.below(7) as usize],
-            sub_job_units: [1, 2, 3, 8, 16, 64][rng.below(6) as usize],
-            subjobs_in_flight: 1 + rng.below(8) as usize,
+            page_budget,
+            sub_job_units,
+            subjobs_in_flight: [1, 1 + rng.below(8), 1 + rng.below(32)][rng.below(3) as usize] as usize,
             big_units,
             sources,
             targets,
@@ -188,18 +228,23 @@ impl Inputs {
         let mut target_cursor = vec![0u64; self.targets.len()];
         let mut jobs = Vec::new();
         for job in &self.jobs {
-            let len = job.len_units.clamp(1, ZONE_UNITS) * unit;
             let source = job.source % self.sources.len();
-            let source_start = source_cursor[source] + job.gap_units * unit;
-            if !job.zero {
-                source_cursor[source] = source_start + len;
-            }
             let mut targets: Vec<usize> = Vec::new();
             for &t in &job.targets {
                 let t = t % self.targets.len();
                 if !targets.contains(&t) {
                     targets.push(t);
                 }
+            }
+            let len_units_max = if targets.iter().any(|&t| self.targets[t].zoned) {
+                ZONE_UNITS
+            } else {
+                JOB_BYTES_MAX / SECTOR_SIZE as u64 / unit
+            };
+            let len = job.len_units.min(len_units_max) * unit;
+            let source_start = source_cursor[source] + job.gap_units * unit;
+            if !job.zero {
+                source_cursor[source] = source_start + len;
             }
             let regions = targets
                 .iter()
@@ -226,6 +271,7 @@ impl Inputs {
                 len_sectors: len,
                 flags,
                 submit_at_us: job.submit_at_us,
+                cancel_at_us: job.cancel_after_us.map(|after| job.submit_at_us + after),
             });
         }
         let slack = 4 * unit;
@@ -327,6 +373,19 @@ impl TimingInputs {
     }
 }
 
+/// The shape of a scenario drawn by [`Inputs::from_seed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// Up to 10 jobs of up to 64 units, 1–8 targets each.
+    Small,
+    /// 64–96 target disks; jobs with up to 96 targets.
+    Wide,
+    /// Jobs of up to 8 MiB, sub-jobs of 128 KiB to 4 MiB, budgets up to 8 MiB.
+    Big,
+    /// 40–120 small jobs.
+    Long,
+}
+
 /// A small seeded generator for [`Inputs::from_seed`].
 struct Draw(u64);
 
@@ -391,6 +450,9 @@ pub struct JobLayout {
     pub flags: Flags,
     /// Virtual submission time, µs.
     pub submit_at_us: u64,
+    /// Virtual time at which the job is asked to cancel, µs.
+    #[serde(default)]
+    pub cancel_at_us: Option<u64>,
 }
 
 /// A concrete scenario: a serde value that can be saved and replayed.
@@ -409,12 +471,12 @@ pub struct Scenario {
 }
 
 /// Seed of the pattern of source disk `i` (old content of its sectors).
-fn source_seed(i: usize) -> u64 {
+pub(crate) fn source_seed(i: usize) -> u64 {
     1000 + i as u64
 }
 
 /// Seed of the pattern of target disk `i` (old content of its sectors).
-fn target_seed(i: usize) -> u64 {
+pub(crate) fn target_seed(i: usize) -> u64 {
     2000 + i as u64
 }
 
@@ -452,9 +514,13 @@ pub struct Report {
     pub targets: Vec<Arc<MemDisk>>,
     /// Fault logs right after the first phase (before the liveness phase), per target.
     pub target_logs_before_retry: Vec<Vec<FaultRecord>>,
+    /// Every request the engine issued, in the order issued.
+    pub io: Vec<IoRecord>,
+    /// The harness's marks (cancels, completions) on the requests' sequence.
+    pub marks: Vec<(u64, Mark)>,
 }
 
-fn job_of(layout: &JobLayout, sources: &[Arc<MemDisk>], targets: &[Arc<MemDisk>]) -> Job {
+fn job_of(layout: &JobLayout, sources: &[Device], targets: &[Device]) -> Job {
     let regions =
         layout.targets.iter().map(|&(t, start)| Region::new(targets[t].clone(), start, layout.len_sectors)).collect();
     match layout.source {
@@ -470,6 +536,7 @@ pub fn run(scenario: &Scenario) -> Report {
     Simulation::block_on(async {
         let began = tokio::time::Instant::now();
         let trace = Trace::new();
+        let log = IoLog::new();
         let make = |options: &MemDiskOptions, seed: u64| {
             let disk = Arc::new(MemDisk::new(options.clone()));
             disk.fill_pattern(seed);
@@ -478,6 +545,14 @@ pub fn run(scenario: &Scenario) -> Report {
         };
         let sources: Vec<_> = scenario.sources.iter().enumerate().map(|(i, o)| make(o, source_seed(i))).collect();
         let targets: Vec<_> = scenario.targets.iter().enumerate().map(|(i, o)| make(o, target_seed(i))).collect();
+        let watched = |disks: &[Arc<MemDisk>], which: fn(usize) -> DiskRef| -> Vec<Device> {
+            disks
+                .iter()
+                .enumerate()
+                .map(|(i, d)| Arc::new(Watched::new(d.clone(), which(i), log.clone())) as Device)
+                .collect()
+        };
+        let (source_devices, target_devices) = (watched(&sources, DiskRef::Source), watched(&targets, DiskRef::Target));
         let client =
             Client::start_in_current_system(scenario.config.clone()).expect("generated configurations are valid");
         let results: Rc<RefCell<Vec<JobResult>>> =
@@ -503,8 +578,10 @@ pub fn run(scenario: &Scenario) -> Report {
                 tokio::time::sleep_until(began + to_tokio(Duration::from_micros(layout.submit_at_us))).await;
                 let counter = callbacks.clone();
                 let trace_done = trace.clone();
-                let job = job_of(layout, &sources, &targets).on_complete(move |outcome| {
+                let log_done = log.clone();
+                let job = job_of(layout, &source_devices, &target_devices).on_complete(move |outcome| {
                     counter[j].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    log_done.mark(Mark::Completed(j));
                     trace_done.record(format!(
                         "job {j} done ok={} read_err={} write_err={:?}",
                         outcome.is_ok(),
@@ -513,7 +590,17 @@ pub fn run(scenario: &Scenario) -> Report {
                     ));
                 });
                 trace.record(format!("job {j} submit"));
-                handles.push((j, client.submit(job).await.expect("generated jobs are valid")));
+                let handle = client.submit(job).await.expect("generated jobs are valid");
+                if let Some(at) = layout.cancel_at_us {
+                    let (handle, log, trace) = (handle.clone(), log.clone(), trace.clone());
+                    actix_rt::spawn(async move {
+                        tokio::time::sleep_until(began + to_tokio(Duration::from_micros(at))).await;
+                        trace.record(format!("job {j} cancel"));
+                        log.mark(Mark::Cancel(j));
+                        handle.cancel();
+                    });
+                }
+                handles.push((j, handle));
             }
             for (j, handle) in handles {
                 let outcome = handle.await;
@@ -529,6 +616,7 @@ pub fn run(scenario: &Scenario) -> Report {
             // that did not finish cleanly submitted again.
             tokio::time::sleep_until(began + to_tokio(Duration::from_micros(at + 1))).await;
             trace.record("heal");
+            log.set_phase(2);
             for disk in sources.iter().chain(&targets) {
                 disk.heal();
                 disk.restart();
@@ -537,7 +625,7 @@ pub fn run(scenario: &Scenario) -> Report {
                 for (j, layout) in scenario.jobs.iter().enumerate() {
                     let ok = results.borrow()[j].outcome.as_ref().is_some_and(Outcome::is_ok);
                     if !ok {
-                        let job = job_of(layout, &sources, &targets);
+                        let job = job_of(layout, &source_devices, &target_devices);
                         let outcome = client.submit(job).await.expect("valid").await;
                         results.borrow_mut()[j].retry = Some(outcome);
                     }
@@ -566,186 +654,10 @@ pub fn run(scenario: &Scenario) -> Report {
             sources,
             targets,
             target_logs_before_retry,
+            io: log.records(),
+            marks: log.marks(),
         }
     })
-}
-
-/// The content a target sector may hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Verdict {
-    Old,
-    New,
-    Other,
-}
-
-/// Checks the invariants; returns every violation, named.
-pub fn check(scenario: &Scenario, report: &Report) -> Vec<String> {
-    let mut violations = Vec::new();
-    if report.deadlocked {
-        violations.push(format!("deadlock: jobs still running after {DEADLOCK_AFTER:?} of virtual time"));
-        return violations;
-    }
-    if report.pages_in_use_max > scenario.config.page_budget {
-        violations.push(format!(
-            "pages in use reached {} over a budget of {}",
-            report.pages_in_use_max, scenario.config.page_budget
-        ));
-    }
-    let crashed = scenario.crash_at_us.is_some();
-    for (j, (layout, result)) in scenario.jobs.iter().zip(&report.jobs).enumerate() {
-        // The callback is on the first submission only; the retry is awaited.
-        if result.callbacks != 1 {
-            violations.push(format!("job {j}: {} completions, expected exactly 1", result.callbacks));
-        }
-        let Some(outcome) = &result.outcome else {
-            violations.push(format!("job {j}: no outcome"));
-            continue;
-        };
-        if let Some(message) = &outcome.panicked {
-            violations.push(format!("job {j}: the engine panicked: {message}"));
-        }
-        if !crashed {
-            check_reports(j, layout, outcome, report, &mut violations);
-        }
-        if let Some(retry) = &result.retry {
-            if !retry.is_ok() {
-                violations.push(format!("job {j}: resubmitted with faults off, still failed: {retry:?}"));
-            }
-        }
-    }
-    check_contents(scenario, report, &mut violations);
-    violations
-}
-
-/// Union of the ranges of the failed-request faults of `log` that overlap `region`.
-fn failures_in(log: &[FaultRecord], operations: &[Operation], region: &Range<u64>) -> RangeSet {
-    log.iter()
-        .filter(|r| r.kind.failed_request() && operations.contains(&r.operation))
-        .filter(|r| r.sectors.start < region.end && region.start < r.sectors.end)
-        .map(|r| r.sectors.clone())
-        .collect()
-}
-
-/// Invariant 3: the reported errors and ranges equal the faults that fired.
-fn check_reports(j: usize, layout: &JobLayout, outcome: &Outcome, report: &Report, violations: &mut Vec<String>) {
-    if let Some((s, start)) = layout.source {
-        let region = start..start + layout.len_sectors;
-        let logged = failures_in(&report.sources[s].fault_log(), &[Operation::Read], &region);
-        if outcome.read_err == logged.is_empty() {
-            violations.push(format!("job {j}: read_err {} but the source log has {logged:?}", outcome.read_err));
-        }
-        if !outcome.read_failed.difference(&logged).is_empty() {
-            violations.push(format!(
-                "job {j}: read_failed {:?} is not all in logged failures {logged:?}",
-                outcome.read_failed
-            ));
-        }
-        for range in logged.ranges() {
-            if !outcome.read_failed.intersects(range) {
-                violations.push(format!(
-                    "job {j}: logged read failure {range:?} missing from read_failed {:?}",
-                    outcome.read_failed
-                ));
-            }
-        }
-    } else if outcome.read_err {
-        violations.push(format!("job {j}: a zero job reported a read error"));
-    }
-    for (i, &(t, start)) in layout.targets.iter().enumerate() {
-        let region = start..start + layout.len_sectors;
-        let logged =
-            failures_in(&report.target_logs_before_retry[t], &[Operation::Write, Operation::WriteZeroes], &region);
-        let reported = &outcome.targets[i].write_failed;
-        if outcome.write_err.contains(i) == logged.is_empty() {
-            violations.push(format!(
-                "job {j} target {i}: write_err {} but the log has {logged:?}",
-                outcome.write_err.contains(i)
-            ));
-        }
-        if *reported != logged {
-            violations.push(format!("job {j} target {i}: write_failed {reported:?}, logged {logged:?}"));
-        }
-    }
-}
-
-/// Invariant 2: targets hold old or new content as the outcome says; nothing else changed.
-fn check_contents(scenario: &Scenario, report: &Report, violations: &mut Vec<String>) {
-    for (t, disk) in report.targets.iter().enumerate() {
-        let log = disk.fault_log();
-        // Sectors where a fault may leave anything: misdirected writes (both ends), torn and
-        // lost writes.
-        let excused: RangeSet = log
-            .iter()
-            .flat_map(|r| match &r.kind {
-                FaultKind::Misdirected { landed } => vec![r.sectors.clone(), landed.clone()],
-                FaultKind::Torn { .. } | FaultKind::Lost => vec![r.sectors.clone()],
-                _ => vec![],
-            })
-            .collect();
-        let len = disk.options().len_sectors;
-        let mut owner: Vec<Option<(usize, usize, u64)>> = vec![None; len as usize];
-        for (j, layout) in scenario.jobs.iter().enumerate() {
-            for (i, &(tt, start)) in layout.targets.iter().enumerate() {
-                if tt == t {
-                    for k in 0..layout.len_sectors {
-                        owner[(start + k) as usize] = Some((j, i, k));
-                    }
-                }
-            }
-        }
-        for (range, run) in disk.provenance(0..len) {
-            for sector in range.clone() {
-                // A pattern run names its first sector; the others follow on.
-                let provenance = match run {
-                    Provenance::Pattern { seed, generation, sector: first } => {
-                        Provenance::Pattern { seed, generation, sector: first + (sector - range.start) }
-                    }
-                    other => other,
-                };
-                let old = Provenance::Pattern { seed: target_seed(t), generation: 0, sector };
-                let Some((j, i, k)) = owner[sector as usize] else {
-                    if provenance != old && !excused.contains(sector) {
-                        violations
-                            .push(format!("target{t} sector {sector} outside every job changed to {provenance:?}"));
-                    }
-                    continue;
-                };
-                let layout = &scenario.jobs[j];
-                let new = match layout.source {
-                    Some((s, start)) => Provenance::Pattern { seed: source_seed(s), generation: 0, sector: start + k },
-                    None => Provenance::Zero,
-                };
-                let verdict = if provenance == new {
-                    Verdict::New
-                } else if provenance == old {
-                    Verdict::Old
-                } else {
-                    Verdict::Other
-                };
-                let result = &report.jobs[j];
-                let final_outcome = result.retry.as_ref().or(result.outcome.as_ref());
-                let copied = final_outcome.is_some_and(|o| !o.targets[i].not_copied.contains(sector));
-                let legal = match verdict {
-                    Verdict::New => true,
-                    Verdict::Old => !copied,
-                    Verdict::Other => false,
-                };
-                if !legal && !excused.contains(sector) {
-                    violations.push(format!(
-                        "job {j} target {i} (target{t}) sector {sector}: holds {verdict:?} ({provenance:?}) but the outcome says {}",
-                        if copied { "copied" } else { "not copied" }
-                    ));
-                }
-            }
-        }
-    }
-    for (s, disk) in report.sources.iter().enumerate() {
-        let len = disk.options().len_sectors;
-        let expected = vec![(0..len, Provenance::Pattern { seed: source_seed(s), generation: 0, sector: 0 })];
-        if disk.provenance(0..len) != expected {
-            violations.push(format!("source{s} changed"));
-        }
-    }
 }
 
 /// A proptest strategy for [`Inputs`]: small, shrinkable scenarios.
@@ -788,15 +700,28 @@ pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
         proptest::bool::weighted(0.2),
         0usize..3,
         proptest::collection::vec(0usize..8, 1..=8),
-        1u64..48,
+        prop_oneof![1 => Just(0u64), 20 => 1u64..48],
         0u64..4,
         any::<bool>(),
         proptest::bool::weighted(0.25),
         0u64..5000,
+        proptest::option::weighted(0.15, 0u64..3000),
     )
-        .prop_map(|(zero, source, targets, len_units, gap_units, ignore_error, write_seq, submit_at_us)| {
-            JobInputs { zero, source, targets, len_units, gap_units, ignore_error, write_seq, submit_at_us }
-        });
+        .prop_map(
+            |(zero, source, targets, len_units, gap_units, ignore_error, write_seq, submit_at_us, cancel_after_us)| {
+                JobInputs {
+                    zero,
+                    source,
+                    targets,
+                    len_units,
+                    gap_units,
+                    ignore_error,
+                    write_seq,
+                    submit_at_us,
+                    cancel_after_us,
+                }
+            },
+        );
     (
         any::<u64>(),
         prop_oneof![Just(1usize), 1usize..8, 8usize..300],

@@ -313,6 +313,12 @@ fn a_zoned_target_refuses_unordered_writes_and_write_seq_orders_them() {
     let refused = rt.block_on(kcopyd_core::BlockDevice::write(&*target, 16, kcopyd_core::WriteBuf::zeroes(512)));
     assert!(refused.is_err());
     assert_eq!(target.write_pointer(0), Some(0));
+    // The refusal is a fault of the log, so an oracle sees an out-of-order write.
+    let log = target.fault_log();
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!(log[0].sectors, 16..17);
+    assert_eq!(log[0].kind, kcopyd_sim::FaultKind::ZoneViolation { write_pointer: 0 });
+    assert!(log[0].kind.failed_request());
 
     // Reads complete out of order (jitter up to 2 ms), yet WRITE_SEQ lands every write.
     for flags in [Flags::WRITE_SEQ, Flags::empty()] {

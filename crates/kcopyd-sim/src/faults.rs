@@ -138,6 +138,12 @@ pub enum FaultKind {
     /// A completed but unflushed write lost at a crash: its sectors went back to their old
     /// content.
     Lost,
+    /// A write to a zoned disk that did not start at its zone's write pointer (or ran past the
+    /// zone's end) was refused, as the kernel refuses it.
+    ZoneViolation {
+        /// The zone's write pointer when the write came.
+        write_pointer: u64,
+    },
 }
 
 impl FaultKind {
@@ -145,7 +151,11 @@ impl FaultKind {
     pub fn failed_request(&self) -> bool {
         matches!(
             self,
-            FaultKind::LatentSectorError | FaultKind::WriteError | FaultKind::DeviceFailed | FaultKind::Crashed
+            FaultKind::LatentSectorError
+                | FaultKind::WriteError
+                | FaultKind::DeviceFailed
+                | FaultKind::Crashed
+                | FaultKind::ZoneViolation { .. }
         )
     }
 }

@@ -602,9 +602,11 @@ impl MemDisk {
         if self.options.zoned {
             let zone = (sectors.start / self.options.zone_sectors) as usize;
             let zone_end = (zone as u64 + 1) * self.options.zone_sectors;
-            if state.write_pointers[zone] != sectors.start || sectors.end > zone_end {
-                // An unaligned write to a sequential zone, as the kernel reports it.
-                let write_pointer = state.write_pointers[zone];
+            let write_pointer = state.write_pointers[zone];
+            if write_pointer != sectors.start || sectors.end > zone_end {
+                // An unaligned write to a sequential zone, as the kernel reports it; logged, so
+                // that an oracle sees an engine's out-of-order write as the fault it caused.
+                self.record_fault(&mut state, operation, request.clone(), FaultKind::ZoneViolation { write_pointer });
                 return Err(self.error(operation, request.clone(), DiskFailure::NotAtWritePointer { write_pointer }));
             }
             state.write_pointers[zone] = sectors.end;

@@ -1,5 +1,6 @@
 //! The swarm: many random scenarios, each with every option and fault probability drawn from
-//! its seed, checked against the engine's invariants.
+//! its seed, checked against the engine's invariants (see docs/SIMULATION.md), and with each seed a
+//! few validation cases (random regions on shared devices against a reference predicate).
 //!
 //! ```text
 //! cargo run --release -p kcopyd-tests --bin swarm -- --seeds 300 [--seed S] [--check-determinism]
@@ -14,6 +15,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use kcopyd_tests::scenario::{Inputs, check, run};
+use kcopyd_tests::validation;
+
+/// Validation cases per seed (random regions on shared devices, checked against a reference).
+const VALIDATION_CASES: u64 = 8;
 
 struct Args {
     seeds: u64,
@@ -58,6 +63,7 @@ fn main() -> ExitCode {
         let verdict = catch_unwind(AssertUnwindSafe(|| {
             let report = run(&scenario);
             let mut violations = check(&scenario, &report);
+            violations.extend(validation::check_seed(seed, VALIDATION_CASES));
             if args.check_determinism {
                 let again = run(&scenario);
                 if again.trace_hash != report.trace_hash || again.trace_events != report.trace_events {

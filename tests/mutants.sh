@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Mutation testing of the engine's job code (crates/kcopyd-core/src/job.rs): cargo-mutants
+# plants one bug at a time and runs the swarm test and the property tests against it; every
+# mutant they miss is a gap in the oracle or the generator, or an equivalent mutant to explain
+# in .cargo/mutants.toml. On demand, not in CI: it rebuilds the engine once per mutant.
+#
+#   tests/mutants.sh                         # every mutant of job.rs
+#   tests/mutants.sh --re 'JobRun::narrow'   # one function; any cargo-mutants option goes on
+#   KCOPYD_SWARM_SEEDS=100 tests/mutants.sh  # more seeds per mutant (default 30)
+#   MUTANT_TIMEOUT_S=120 tests/mutants.sh    # a mutant's tests are stopped after this (default 300)
+#
+# Results land in mutants.out/ (caught.txt, missed.txt, timeout.txt, unviable.txt).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v cargo-mutants >/dev/null; then
+    echo "mutants.sh: cargo-mutants is not installed (cargo install cargo-mutants)" >&2
+    exit 2
+fi
+export KCOPYD_SWARM_SEEDS="${KCOPYD_SWARM_SEEDS:-30}"
+export PROPTEST_CASES="${PROPTEST_CASES:-16}"
+# The baseline, run here: cargo-mutants would run its baseline on the mutated package
+# (kcopyd-core), which has no swarm test. This also warms the build the mutants reuse.
+echo "mutants.sh: baseline: the swarm test ($KCOPYD_SWARM_SEEDS seeds) and the property tests ($PROPTEST_CASES cases)"
+cargo test -p kcopyd-tests --test swarm --test properties
+exec cargo mutants --baseline=skip --timeout "${MUTANT_TIMEOUT_S:-300}" "$@"

@@ -1,0 +1,226 @@
+//! The I/O trace the oracle reads: every request a job issued to a device, when it was issued
+//! and when it completed, on one sequence shared with the harness's own marks (cancels).
+//!
+//! ```text
+//!  engine ──read/write──► Watched(disk) ──► MemDisk
+//!                            │  issue: push an IoRecord { issued: seq }
+//!                            │  done:  set done: seq, ok
+//!                            ▼
+//!                         IoLog  ◄── marks from the harness (cancel job j: seq)
+//! ```
+//!
+//! A request's life is `issued..done` on the sequence; two requests were in flight together
+//! exactly when their lives overlap. That is what lets the oracle measure concurrency and
+//! order (sub-jobs in flight, pages held, WRITE_SEQ) instead of trusting the engine's word.
+
+use std::io;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kcopyd_core::{BlockDevice, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf};
+use kcopyd_sim::MemDisk;
+
+/// Which disk of a scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DiskRef {
+    /// Source disk `i`.
+    Source(usize),
+    /// Target disk `i`.
+    Target(usize),
+}
+
+/// The kind of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IoKind {
+    /// A read.
+    Read,
+    /// A write of data.
+    Write,
+    /// A write-zeroes (offloaded zeroing).
+    WriteZeroes,
+}
+
+/// One request: what, where, and its life on the log's sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoRecord {
+    /// The disk.
+    pub disk: DiskRef,
+    /// The kind.
+    pub kind: IoKind,
+    /// The sectors asked for.
+    pub sectors: Range<u64>,
+    /// The phase of the run (1: the jobs; 2: the resubmissions after a crash).
+    pub phase: u8,
+    /// Sequence number of the issue.
+    pub issued: u64,
+    /// Sequence number of the completion (`u64::MAX` while in flight).
+    pub done: u64,
+    /// Whether it succeeded.
+    pub ok: bool,
+}
+
+/// A harness event on the same sequence as the requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    /// Job `j` was asked to cancel.
+    Cancel(usize),
+    /// Job `j`'s completion callback ran.
+    Completed(usize),
+}
+
+#[derive(Debug, Default)]
+struct LogInner {
+    next: u64,
+    phase: u8,
+    records: Vec<IoRecord>,
+    marks: Vec<(u64, Mark)>,
+}
+
+/// The shared log. Cloning shares it.
+#[derive(Debug, Clone, Default)]
+pub struct IoLog {
+    inner: Arc<Mutex<LogInner>>,
+}
+
+impl IoLog {
+    /// An empty log in phase 1.
+    pub fn new() -> IoLog {
+        let log = IoLog::default();
+        log.lock().phase = 1;
+        log
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LogInner> {
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Requests issued from now on belong to `phase`.
+    pub fn set_phase(&self, phase: u8) {
+        self.lock().phase = phase;
+    }
+
+    /// Records a harness event; returns its sequence number.
+    pub fn mark(&self, mark: Mark) -> u64 {
+        let mut inner = self.lock();
+        let seq = inner.next;
+        inner.next += 1;
+        inner.marks.push((seq, mark));
+        seq
+    }
+
+    fn issue(&self, disk: DiskRef, kind: IoKind, sectors: Range<u64>) -> usize {
+        let mut inner = self.lock();
+        let issued = inner.next;
+        inner.next += 1;
+        let phase = inner.phase;
+        inner.records.push(IoRecord { disk, kind, sectors, phase, issued, done: u64::MAX, ok: false });
+        inner.records.len() - 1
+    }
+
+    fn done(&self, index: usize, ok: bool) {
+        let mut inner = self.lock();
+        let done = inner.next;
+        inner.next += 1;
+        let record = &mut inner.records[index];
+        record.done = done;
+        record.ok = ok;
+    }
+
+    /// Every request so far, in the order issued.
+    pub fn records(&self) -> Vec<IoRecord> {
+        self.lock().records.clone()
+    }
+
+    /// Every harness mark so far, with its sequence number.
+    pub fn marks(&self) -> Vec<(u64, Mark)> {
+        self.lock().marks.clone()
+    }
+}
+
+/// A simulated disk whose every request is logged in an [`IoLog`]; the rest is the disk's.
+#[derive(Debug)]
+pub struct Watched {
+    disk: Arc<MemDisk>,
+    which: DiskRef,
+    log: IoLog,
+}
+
+impl Watched {
+    /// `disk`, known as `which`, logging into `log`.
+    pub fn new(disk: Arc<MemDisk>, which: DiskRef, log: IoLog) -> Watched {
+        Watched { disk, which, log }
+    }
+
+    fn sectors(offset_sectors: u64, len_bytes: usize) -> Range<u64> {
+        offset_sectors..offset_sectors.saturating_add(len_bytes.div_ceil(SECTOR_SIZE) as u64)
+    }
+}
+
+impl BlockDevice for Watched {
+    fn name(&self) -> &str {
+        self.disk.name()
+    }
+
+    fn id(&self) -> DeviceId {
+        self.disk.id()
+    }
+
+    fn geometry(&self) -> Geometry {
+        self.disk.geometry()
+    }
+
+    fn read(&self, offset_sectors: u64, buf: ReadBuf) -> IoFuture<'_, (ReadBuf, io::Result<()>)> {
+        let index = self.log.issue(self.which, IoKind::Read, Watched::sectors(offset_sectors, buf.len()));
+        let inner = self.disk.read(offset_sectors, buf);
+        Box::pin(async move {
+            let (buf, result) = inner.await;
+            self.log.done(index, result.is_ok());
+            (buf, result)
+        })
+    }
+
+    fn write(&self, offset_sectors: u64, buf: WriteBuf) -> IoFuture<'_, io::Result<()>> {
+        let index = self.log.issue(self.which, IoKind::Write, Watched::sectors(offset_sectors, buf.len()));
+        let inner = self.disk.write(offset_sectors, buf);
+        Box::pin(async move {
+            let result = inner.await;
+            self.log.done(index, result.is_ok());
+            result
+        })
+    }
+
+    fn write_zeroes(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
+        let sectors = offset_sectors..offset_sectors.saturating_add(len_sectors);
+        let index = self.log.issue(self.which, IoKind::WriteZeroes, sectors);
+        let inner = self.disk.write_zeroes(offset_sectors, len_sectors);
+        Box::pin(async move {
+            let result = inner.await;
+            self.log.done(index, result.is_ok());
+            result
+        })
+    }
+
+    fn allocated(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<RangeSet>> {
+        self.disk.allocated(offset_sectors, len_sectors)
+    }
+
+    fn deallocates(&self) -> bool {
+        self.disk.deallocates()
+    }
+
+    /// Logged as a write-zeroes: the range reads as zeroes afterwards either way.
+    fn deallocate(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
+        let sectors = offset_sectors..offset_sectors.saturating_add(len_sectors);
+        let index = self.log.issue(self.which, IoKind::WriteZeroes, sectors);
+        let inner = self.disk.deallocate(offset_sectors, len_sectors);
+        Box::pin(async move {
+            let result = inner.await;
+            self.log.done(index, result.is_ok());
+            result
+        })
+    }
+
+    fn flush(&self) -> IoFuture<'_, io::Result<()>> {
+        self.disk.flush()
+    }
+}

@@ -1,0 +1,674 @@
+//! The oracle: what a run must look like, checked from the disks, the fault logs and the I/O
+//! trace, never from the engine's own bookkeeping.
+//!
+//! ```text
+//!  Report ─┬─ I/O trace (IoLog) ──► per job: its requests, by sub-job ─┬─► reads, writes, stop,
+//!          │                                                           │   cancel, WRITE_SEQ,
+//!          │                                                           │   completeness
+//!          │                         per run: lives of sub-jobs ───────┴─► in flight, pages
+//!          ├─ outcomes ──► well-formed RangeSets ──► Sectors (own model) ──► compared
+//!          └─ disks ──► provenance of every target sector ──► old / new / other
+//! ```
+//!
+//! The oracle works out each job's sub-jobs as the engine's documented contract defines them
+//! (`chunk = max(min(sub_job_size, page_budget) rounded down to the job's logical block, one
+//! block)`), attributes every request to the job and sub-job whose region it falls in, and
+//! derives what the outcome must say. Every rule is listed, with its reason, in
+//! docs/SIMULATION.md.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use kcopyd_core::{Flags, Outcome, PAGE_SIZE, RangeSet, SECTOR_SIZE};
+use kcopyd_sim::{FaultKind, Provenance};
+
+use crate::io_log::{DiskRef, IoKind, IoRecord, Mark};
+use crate::scenario::{DEADLOCK_AFTER, JobLayout, Report, Scenario, source_seed, target_seed};
+use crate::sectors::Sectors;
+
+/// Which region of its job a request falls in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Source,
+    Target(usize),
+}
+
+/// A job as the oracle sees it: its shape, worked out independently, and its requests.
+struct JobView<'a> {
+    layout: &'a JobLayout,
+    /// IGNORE_ERROR in effect: asked for, and neither WRITE_SEQ nor a zoned target.
+    ignore: bool,
+    /// WRITE_SEQ in effect: asked for, or implied by a zoned target.
+    seq: bool,
+    /// The job's logical block in sectors (the largest of its devices').
+    block: u64,
+    /// Sectors per sub-job.
+    chunk: u64,
+    /// Number of sub-jobs.
+    chunks: u64,
+    /// Its requests of phase 1, with their role and job-relative sectors.
+    ios: Vec<(&'a IoRecord, Role, Range<u64>)>,
+    /// Its requests of every phase (the resubmission after a crash is phase 2).
+    all: Vec<(&'a IoRecord, Role, Range<u64>)>,
+}
+
+impl JobView<'_> {
+    fn chunk_range(&self, k: u64) -> Range<u64> {
+        k * self.chunk..((k + 1) * self.chunk).min(self.layout.len_sectors)
+    }
+
+    /// The sub-jobs a job-relative range touches.
+    fn chunks_of(&self, range: &Range<u64>) -> Range<u64> {
+        if range.start >= range.end {
+            return range.start / self.chunk..range.start / self.chunk;
+        }
+        range.start / self.chunk..(range.end - 1) / self.chunk + 1
+    }
+
+    /// The whole sub-jobs holding any sector of `set`.
+    fn whole_chunks(&self, set: &Sectors) -> Sectors {
+        Sectors::from_ranges(set.ranges().iter().flat_map(|r| self.chunks_of(r)).map(|k| self.chunk_range(k)))
+    }
+
+    fn failed(&self, role: impl Fn(Role) -> bool) -> impl Iterator<Item = (&IoRecord, &Range<u64>)> {
+        self.ios.iter().filter(move |(r, ro, _)| !r.ok && role(*ro)).map(|(r, _, rel)| (*r, rel))
+    }
+}
+
+/// A region of a job on a disk: (sectors, job, role, first sector).
+type Owner = (Range<u64>, usize, Role, u64);
+
+/// The set of one range.
+fn span(range: Range<u64>) -> Sectors {
+    Sectors::from_ranges(std::iter::once(range))
+}
+
+/// The logical block of a disk, in sectors.
+fn block_sectors(options: &kcopyd_sim::MemDiskOptions) -> u64 {
+    u64::from(options.logical_block_size).div_ceil(SECTOR_SIZE as u64).max(1)
+}
+
+/// Checks the invariants; returns every violation, named.
+pub fn check(scenario: &Scenario, report: &Report) -> Vec<String> {
+    let mut violations = Vec::new();
+    if report.deadlocked {
+        violations.push(format!("deadlock: jobs still running after {DEADLOCK_AFTER:?} of virtual time"));
+        return violations;
+    }
+    if report.pages_in_use_max > scenario.config.page_budget {
+        violations.push(format!(
+            "the pool reports {} pages in use at once over a budget of {}",
+            report.pages_in_use_max, scenario.config.page_budget
+        ));
+    }
+    let views = attribute(scenario, report, &mut violations);
+    for (j, view) in views.iter().enumerate() {
+        check_job(j, view, report, &mut violations);
+    }
+    for phase in [1, 2] {
+        check_concurrency(scenario, &views, phase, &mut violations);
+    }
+    for (t, disk) in report.targets.iter().enumerate() {
+        for fault in disk.fault_log() {
+            if let FaultKind::ZoneViolation { write_pointer } = fault.kind {
+                violations.push(format!(
+                    "target{t}: write {:?} refused by the zone (write pointer at {write_pointer})",
+                    fault.sectors
+                ));
+            }
+        }
+    }
+    check_contents(scenario, report, &mut violations);
+    violations
+}
+
+/// Works out every job's shape and attributes every request to the job whose region holds
+/// it. A request outside every region, misaligned, or across two sub-jobs is a violation.
+fn attribute<'a>(scenario: &'a Scenario, report: &'a Report, violations: &mut Vec<String>) -> Vec<JobView<'a>> {
+    let mut views: Vec<JobView<'a>> = scenario
+        .jobs
+        .iter()
+        .map(|layout| {
+            let zoned = layout.targets.iter().any(|&(t, _)| scenario.targets[t].zoned);
+            let seq = layout.flags.contains(Flags::WRITE_SEQ) || zoned;
+            let ignore = layout.flags.contains(Flags::IGNORE_ERROR) && !seq;
+            let block = layout
+                .source
+                .iter()
+                .map(|&(s, _)| block_sectors(&scenario.sources[s]))
+                .chain(layout.targets.iter().map(|&(t, _)| block_sectors(&scenario.targets[t])))
+                .max()
+                .unwrap_or(1);
+            let wanted = (scenario.config.sub_job_size_bytes / SECTOR_SIZE) as u64;
+            let budget = (scenario.config.page_budget * PAGE_SIZE / SECTOR_SIZE) as u64;
+            let chunk = (wanted.min(budget) / block * block).max(block);
+            let chunks = layout.len_sectors.div_ceil(chunk);
+            JobView { layout, ignore, seq, block, chunk, chunks, ios: Vec::new(), all: Vec::new() }
+        })
+        .collect();
+    // Every region: (disk, sectors) -> (job, role, region start).
+    let mut owners: BTreeMap<DiskRef, Vec<Owner>> = BTreeMap::new();
+    for (j, layout) in scenario.jobs.iter().enumerate() {
+        let len = layout.len_sectors;
+        if let Some((s, start)) = layout.source {
+            owners.entry(DiskRef::Source(s)).or_default().push((start..start + len, j, Role::Source, start));
+        }
+        for (i, &(t, start)) in layout.targets.iter().enumerate() {
+            owners.entry(DiskRef::Target(t)).or_default().push((start..start + len, j, Role::Target(i), start));
+        }
+    }
+    for record in &report.io {
+        let options = match record.disk {
+            DiskRef::Source(s) => &scenario.sources[s],
+            DiskRef::Target(t) => &scenario.targets[t],
+        };
+        let block = block_sectors(options);
+        let sectors = &record.sectors;
+        if sectors.start % block != 0 || sectors.end % block != 0 || sectors.start >= sectors.end {
+            violations.push(format!("{:?} {:?} {sectors:?}: not whole logical blocks", record.disk, record.kind));
+        }
+        let owner = owners.get(&record.disk).and_then(|regions| {
+            regions.iter().find(|(range, ..)| range.start <= sectors.start && sectors.end <= range.end)
+        });
+        let Some(&(_, j, role, start)) = owner else {
+            violations.push(format!(
+                "{:?} {:?} {sectors:?} (phase {}): outside every job's region",
+                record.disk, record.kind, record.phase
+            ));
+            continue;
+        };
+        let view = &mut views[j];
+        let relative = sectors.start - start..sectors.end - start;
+        let whole_job = record.kind == IoKind::WriteZeroes && relative == (0..view.layout.len_sectors);
+        if !whole_job && view.chunks_of(&relative).count() != 1 {
+            violations.push(format!(
+                "job {j}: {:?} {:?} {sectors:?} spans sub-jobs of {} sectors",
+                record.disk, record.kind, view.chunk
+            ));
+        }
+        if (role == Role::Source) != (record.kind == IoKind::Read) {
+            violations.push(format!("job {j}: {:?} {:?} {sectors:?} on its {role:?}", record.disk, record.kind));
+        }
+        if record.phase == 1 {
+            view.ios.push((record, role, relative.clone()));
+        }
+        view.all.push((record, role, relative));
+    }
+    views
+}
+
+/// Formats a job-relative set in a region's device coordinates.
+fn at(set: &Sectors, start: u64) -> Vec<Range<u64>> {
+    set.ranges().iter().map(|r| r.start + start..r.end + start).collect()
+}
+
+/// A device-coordinate `RangeSet` of the engine for the region `start..start + len`, as a
+/// job-relative `Sectors`; a malformed set, or sectors outside the region, are violations.
+fn relative(set: &RangeSet, start: u64, len: u64, what: &str, violations: &mut Vec<String>) -> Sectors {
+    let sectors = Sectors::of(set).unwrap_or_else(|problem| {
+        violations.push(format!("{what}: malformed: {problem}"));
+        Sectors::from_ranges(set.ranges().iter().cloned())
+    });
+    let region = span(start..start + len);
+    let outside = sectors.difference(&region);
+    if !outside.is_empty() {
+        violations.push(format!("{what}: {outside:?} lie outside the region {:?}", start..start + len));
+    }
+    let inside = sectors.intersection(&region);
+    Sectors::from_ranges(inside.ranges().iter().map(|r| r.start - start..r.end - start))
+}
+
+/// The rules for one job's first outcome.
+fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<String>) {
+    let layout = view.layout;
+    let result = &report.jobs[j];
+    // The callback is on the first submission only; the retry is awaited.
+    if result.callbacks != 1 {
+        violations.push(format!("job {j}: {} completions, expected exactly 1", result.callbacks));
+    }
+    if let Some(retry) = &result.retry {
+        if !retry.is_ok() {
+            violations.push(format!("job {j}: resubmitted with faults off, still failed: {retry:?}"));
+        }
+    }
+    let Some(outcome) = &result.outcome else {
+        violations.push(format!("job {j}: no outcome"));
+        return;
+    };
+    if let Some(message) = &outcome.panicked {
+        violations.push(format!("job {j}: the engine panicked: {message}"));
+        return;
+    }
+    if outcome.targets.len() != layout.targets.len() {
+        violations.push(format!(
+            "job {j}: {} target reports for {} targets",
+            outcome.targets.len(),
+            layout.targets.len()
+        ));
+        return;
+    }
+    let len = layout.len_sectors;
+    let whole = span(0..len);
+    let source_start = layout.source.map_or(0, |(_, start)| start);
+
+    // Reads: exactly the failed requests (without IGNORE_ERROR: whole sub-jobs), or exactly
+    // the logical blocks that stayed unreadable once narrowed down (with it).
+    let failed_reads: Vec<(&IoRecord, &Range<u64>)> = view.failed(|r| r == Role::Source).collect();
+    let read_failed = relative(&outcome.read_failed, source_start, len, &format!("job {j}: read_failed"), violations);
+    if outcome.read_err == failed_reads.is_empty() {
+        violations.push(format!("job {j}: read_err {} but {} reads failed", outcome.read_err, failed_reads.len()));
+    }
+    let expected_read_failed = Sectors::from_ranges(
+        failed_reads
+            .iter()
+            .filter(|(_, rel)| !view.ignore || rel.end - rel.start == view.block)
+            .map(|(_, rel)| (*rel).clone()),
+    );
+    if read_failed != expected_read_failed {
+        violations.push(format!(
+            "job {j}: read_failed {:?}, but the failed {} are {:?}",
+            outcome.read_failed,
+            if view.ignore { "single-block reads" } else { "reads" },
+            at(&expected_read_failed, source_start)
+        ));
+    }
+
+    // Sub-jobs: which were taken (any request), when, and how they ended.
+    let mut taken_at: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut ended_at: BTreeMap<u64, u64> = BTreeMap::new();
+    for (record, _, rel) in &view.ios {
+        for k in view.chunks_of(rel) {
+            let first = taken_at.entry(k).or_insert(record.issued);
+            *first = (*first).min(record.issued);
+            let last = ended_at.entry(k).or_insert(record.done);
+            *last = (*last).max(record.done);
+        }
+    }
+    let untaken = whole.difference(&Sectors::from_ranges(taken_at.keys().map(|&k| view.chunk_range(k))));
+    let last_done = view.ios.iter().map(|(r, ..)| r.done).max();
+    let any_failure = view.ios.iter().any(|(r, ..)| !r.ok);
+    let completed_at = report.marks.iter().find(|(_, m)| *m == Mark::Completed(j)).map(|&(seq, _)| seq);
+    let cancel_at = report
+        .marks
+        .iter()
+        .find(|(_, m)| *m == Mark::Cancel(j))
+        .map(|&(seq, _)| seq)
+        .filter(|&seq| completed_at.is_none_or(|done| seq < done));
+
+    // Stop: without IGNORE_ERROR, no sub-job is taken once an error is known (a failed read
+    // at its completion, a failed write once its sub-job's writes have all completed).
+    if !view.ignore {
+        let known = view
+            .ios
+            .iter()
+            .filter(|(r, ..)| !r.ok)
+            .map(|(r, role, rel)| match role {
+                Role::Source => r.done,
+                Role::Target(_) => view.chunks_of(rel).map(|k| ended_at[&k]).max().unwrap_or(r.done),
+            })
+            .min();
+        if let Some(known) = known {
+            if let Some((k, _)) = taken_at.iter().find(|&(_, &seq)| seq > known) {
+                violations.push(format!("job {j}: sub-job {k} started after an error had stopped the job"));
+            }
+        }
+    }
+
+    // Cancel: no sub-job is taken after the cancel; `cancelled` is set exactly when the cancel
+    // came before the last sub-job was taken.
+    let zero_seq = layout.source.is_none() && view.seq; // a zero sub-job's first write waits for its turn
+    if let Some(cancel) = cancel_at {
+        if !zero_seq {
+            if let Some((k, _)) = taken_at.iter().find(|&(_, &seq)| seq > cancel) {
+                violations.push(format!("job {j}: sub-job {k} started after the job was cancelled"));
+            }
+        }
+    }
+    if view.chunks == 0 {
+        if outcome.cancelled {
+            violations.push(format!("job {j}: a zero-length job reported cancelled"));
+        }
+    } else {
+        let last_taken = taken_at.get(&(view.chunks - 1)).copied();
+        let expected = match (cancel_at, last_taken) {
+            (None, _) => Some(false),
+            (Some(cancel), Some(taken)) => (!zero_seq || cancel > taken).then_some(cancel < taken),
+            // The job may have finished (stopped) just before the cancel came; and a zero
+            // sub-job taken under WRITE_SEQ shows no request until its turn, which a stopped
+            // job never gives it.
+            (Some(cancel), None) => (!zero_seq && last_done.is_none_or(|done| cancel < done)).then_some(true),
+        };
+        if expected.is_some_and(|expected| expected != outcome.cancelled) {
+            violations.push(format!(
+                "job {j}: cancelled {} but the cancel came {}",
+                outcome.cancelled,
+                match (cancel_at, last_taken) {
+                    (None, _) => "never (or after completion)".to_owned(),
+                    (Some(c), Some(t)) if c > t => "after its last sub-job was taken".to_owned(),
+                    _ => "before its last sub-job was taken".to_owned(),
+                }
+            ));
+        }
+    }
+
+    // A job that met no error and no cancel copied everything.
+    if !any_failure && cancel_at.is_none() && (outcome.read_err || !outcome.write_err.is_empty() || !outcome.is_ok()) {
+        violations.push(format!("job {j}: no request failed and no cancel came, yet the outcome is {outcome:?}"));
+    }
+
+    // Writes, per target.
+    let read_failed_chunks =
+        view.whole_chunks(&Sectors::from_ranges(failed_reads.iter().map(|(_, rel)| (*rel).clone())));
+    let failed_write_chunks: Vec<Sectors> = (0..layout.targets.len())
+        .map(|i| {
+            view.whole_chunks(&Sectors::from_ranges(view.failed(|r| r == Role::Target(i)).map(|(_, rel)| rel.clone())))
+        })
+        .collect();
+    // WRITE_SEQ: the first failing sub-job; later ones are not written (earlier ones are).
+    let all_failed_chunks = failed_write_chunks.iter().fold(read_failed_chunks.clone(), |acc, s| acc.union(s));
+    let after_first_failure = match all_failed_chunks.ranges().first() {
+        Some(first) if view.seq => span(first.end..len).difference(&untaken),
+        _ => Sectors::new(),
+    };
+    for (i, &(t, start)) in layout.targets.iter().enumerate() {
+        let name = format!("job {j} target {i} (target{t})");
+        let report_i = &outcome.targets[i];
+        let write_failed = relative(&report_i.write_failed, start, len, &format!("{name}: write_failed"), violations);
+        let not_copied = relative(&report_i.not_copied, start, len, &format!("{name}: not_copied"), violations);
+        let failed: Vec<Range<u64>> = view.failed(|r| r == Role::Target(i)).map(|(_, rel)| rel.clone()).collect();
+        let expected_write_failed = Sectors::from_ranges(failed.iter().cloned());
+        if outcome.write_err.contains(i) == failed.is_empty() {
+            violations.push(format!(
+                "{name}: write_err {} but {} writes failed",
+                outcome.write_err.contains(i),
+                failed.len()
+            ));
+        }
+        if write_failed != expected_write_failed {
+            violations.push(format!(
+                "{name}: write_failed {:?}, the failed writes are {:?}",
+                report_i.write_failed,
+                at(&expected_write_failed, start)
+            ));
+        }
+        // What the trace says landed is what the outcome calls copied.
+        let landed = Sectors::from_ranges(
+            view.ios.iter().filter(|(r, role, _)| r.ok && *role == Role::Target(i)).map(|(_, _, rel)| rel.clone()),
+        );
+        let not_landed = whole.difference(&landed);
+        if not_copied != not_landed {
+            violations.push(format!(
+                "{name}: not_copied {:?}, but the writes that did not succeed leave {:?}",
+                report_i.not_copied,
+                at(&not_landed, start)
+            ));
+        }
+        // Completeness: not copied only for a reason.
+        if view.ignore {
+            let lower = read_failed.union(&expected_write_failed).union(&untaken);
+            let upper = read_failed.union(&failed_write_chunks[i]).union(&untaken);
+            if !lower.is_subset(&not_copied) || !not_copied.is_subset(&upper) {
+                violations.push(format!(
+                    "{name} (IGNORE_ERROR): not_copied {:?} must hold read_failed and the failed writes {:?} and lie within them and their sub-jobs {:?}",
+                    report_i.not_copied,
+                    at(&lower, start),
+                    at(&upper, start)
+                ));
+            }
+        } else {
+            let expected =
+                untaken.union(&read_failed_chunks).union(&failed_write_chunks[i]).union(&after_first_failure);
+            if not_copied != expected {
+                violations.push(format!(
+                    "{name}: not_copied {:?}, expected {:?} (sub-jobs never taken, unreadable, failed on this target{})",
+                    report_i.not_copied,
+                    at(&expected, start),
+                    if view.seq { ", or after the first failure under WRITE_SEQ" } else { "" }
+                ));
+            }
+        }
+        if !untaken.is_empty() && cancel_at.is_none() && (view.ignore || !any_failure) {
+            violations.push(format!(
+                "job {j}: sectors {:?} of the source never read, with no cancel",
+                at(&untaken, source_start)
+            ));
+        }
+        // WRITE_SEQ: a write is issued only once the job's previous write to this target has
+        // completed, and at a higher sector.
+        if view.seq {
+            let mut writes: Vec<&(&IoRecord, Role, Range<u64>)> =
+                view.ios.iter().filter(|(_, role, _)| *role == Role::Target(i)).collect();
+            writes.sort_by_key(|(r, ..)| r.issued);
+            for pair in writes.windows(2) {
+                let ((before, _, before_rel), (after, _, after_rel)) = (pair[0], pair[1]);
+                if before.done > after.issued || before_rel.end > after_rel.start {
+                    violations.push(format!(
+                        "{name} (WRITE_SEQ): write {:?} issued before write {:?} completed or below it",
+                        after.sectors, before.sectors
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Sub-jobs in flight per job never exceed `subjobs_in_flight`, and pages held by copy
+/// sub-jobs never exceed the budget: measured from the lives of the requests, where a
+/// sub-job lives from its first request's issue to its last request's completion (a lower
+/// bound of how long it holds its slot and its pages).
+fn check_concurrency(scenario: &Scenario, views: &[JobView], phase: u8, violations: &mut Vec<String>) {
+    // (job, sub-job) -> (first issue, last completion, pages).
+    let mut lives: BTreeMap<(usize, u64), (u64, u64, usize)> = BTreeMap::new();
+    for (j, view) in views.iter().enumerate() {
+        for (record, _, rel) in view.all.iter().filter(|(r, ..)| r.phase == phase) {
+            let k = rel.start / view.chunk;
+            let pages = if view.layout.source.is_some() {
+                let chunk = view.chunk_range(k);
+                ((chunk.end - chunk.start) as usize * SECTOR_SIZE).div_ceil(PAGE_SIZE)
+            } else {
+                0
+            };
+            let life = lives.entry((j, k)).or_insert((record.issued, record.done, pages));
+            life.0 = life.0.min(record.issued);
+            life.1 = life.1.max(record.done);
+        }
+    }
+    let mut events: Vec<(u64, usize, i64, i64)> = Vec::new(); // (seq, job, sub-jobs, pages)
+    for (&(j, _), &(from, to, pages)) in &lives {
+        events.push((from, j, 1, pages as i64));
+        events.push((to, j, -1, -(pages as i64)));
+    }
+    events.sort_by_key(|&(seq, ..)| seq);
+    let mut in_flight = vec![0i64; views.len()];
+    let mut reported = vec![false; views.len()];
+    let mut pages = 0i64;
+    let mut pages_reported = false;
+    let limit = scenario.config.subjobs_in_flight as i64;
+    for (seq, j, delta, page_delta) in events {
+        in_flight[j] += delta;
+        pages += page_delta;
+        if in_flight[j] > limit && !reported[j] {
+            reported[j] = true;
+            violations.push(format!(
+                "job {j} (phase {phase}): {} sub-jobs in flight at trace position {seq}, over subjobs_in_flight {limit}",
+                in_flight[j]
+            ));
+        }
+        if pages > scenario.config.page_budget as i64 && !pages_reported {
+            pages_reported = true;
+            violations.push(format!(
+                "phase {phase}: copy sub-jobs in flight hold at least {pages} pages at trace position {seq}, over the budget of {}",
+                scenario.config.page_budget
+            ));
+        }
+    }
+}
+
+/// The content a target sector may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Old,
+    New,
+    Other,
+}
+
+/// Targets hold old or new content as the outcome says; nothing else changed.
+fn check_contents(scenario: &Scenario, report: &Report, violations: &mut Vec<String>) {
+    // Per job and target, the final outcome's not_copied, in the oracle's own model.
+    let not_copied: Vec<Vec<Sectors>> = report
+        .jobs
+        .iter()
+        .map(|result| {
+            let outcome: Option<&Outcome> = result.retry.as_ref().or(result.outcome.as_ref());
+            outcome
+                .map(|o| {
+                    o.targets.iter().map(|t| Sectors::from_ranges(t.not_copied.ranges().iter().cloned())).collect()
+                })
+                .unwrap_or_default()
+        })
+        .collect();
+    for (t, disk) in report.targets.iter().enumerate() {
+        let log = disk.fault_log();
+        // Sectors where a fault may leave anything: misdirected writes (both ends), torn and
+        // lost writes.
+        let excused = Sectors::from_ranges(log.iter().flat_map(|r| match &r.kind {
+            FaultKind::Misdirected { landed } => vec![r.sectors.clone(), landed.clone()],
+            FaultKind::Torn { .. } | FaultKind::Lost => vec![r.sectors.clone()],
+            _ => vec![],
+        }));
+        let len = disk.options().len_sectors;
+        let mut owner: Vec<Option<(usize, usize, u64)>> = vec![None; len as usize];
+        for (j, layout) in scenario.jobs.iter().enumerate() {
+            for (i, &(tt, start)) in layout.targets.iter().enumerate() {
+                if tt == t {
+                    for k in 0..layout.len_sectors {
+                        owner[(start + k) as usize] = Some((j, i, k));
+                    }
+                }
+            }
+        }
+        for (range, run) in disk.provenance(0..len) {
+            for sector in range.clone() {
+                // A pattern run names its first sector; the others follow on.
+                let provenance = match run {
+                    Provenance::Pattern { seed, generation, sector: first } => {
+                        Provenance::Pattern { seed, generation, sector: first + (sector - range.start) }
+                    }
+                    other => other,
+                };
+                let old = Provenance::Pattern { seed: target_seed(t), generation: 0, sector };
+                let Some((j, i, k)) = owner[sector as usize] else {
+                    if provenance != old && !excused.contains(sector) {
+                        violations
+                            .push(format!("target{t} sector {sector} outside every job changed to {provenance:?}"));
+                    }
+                    continue;
+                };
+                let layout = &scenario.jobs[j];
+                let new = match layout.source {
+                    Some((s, start)) => Provenance::Pattern { seed: source_seed(s), generation: 0, sector: start + k },
+                    None => Provenance::Zero,
+                };
+                let verdict = if provenance == new {
+                    Verdict::New
+                } else if provenance == old {
+                    Verdict::Old
+                } else {
+                    Verdict::Other
+                };
+                let copied = not_copied[j].get(i).is_some_and(|set| !set.contains(sector));
+                let legal = match verdict {
+                    Verdict::New => true,
+                    Verdict::Old => !copied,
+                    Verdict::Other => false,
+                };
+                if !legal && !excused.contains(sector) {
+                    violations.push(format!(
+                        "job {j} target {i} (target{t}) sector {sector}: holds {verdict:?} ({provenance:?}) but the outcome says {}",
+                        if copied { "copied" } else { "not copied" }
+                    ));
+                }
+            }
+        }
+    }
+    for (s, disk) in report.sources.iter().enumerate() {
+        let len = disk.options().len_sectors;
+        let expected = vec![(0..len, Provenance::Pattern { seed: source_seed(s), generation: 0, sector: 0 })];
+        if disk.provenance(0..len) != expected {
+            violations.push(format!("source{s} changed"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::{Inputs, run};
+
+    /// A clean run of a seed with a copy job of several sub-jobs, and that job's index.
+    fn clean_run() -> (Scenario, Report, usize) {
+        for seed in 0.. {
+            let mut inputs = Inputs::from_seed(seed);
+            inputs.crash_at_us = None;
+            for disk in inputs.sources.iter_mut().chain(&mut inputs.targets) {
+                disk.faults = Default::default();
+            }
+            inputs.jobs.iter_mut().for_each(|job| job.cancel_after_us = None);
+            let scenario = inputs.layout();
+            let job = scenario.jobs.iter().position(|j| j.source.is_some() && j.len_sectors >= 8);
+            if let (Some(job), true) = (job, scenario.jobs.len() < 20) {
+                let report = run(&scenario);
+                assert_eq!(check(&scenario, &report), Vec::<String>::new(), "seed {seed} without faults");
+                return (scenario, report, job);
+            }
+        }
+        unreachable!()
+    }
+
+    fn tampered(change: impl FnOnce(&mut Outcome)) -> Vec<String> {
+        let (scenario, mut report, j) = clean_run();
+        change(report.jobs[j].outcome.as_mut().unwrap());
+        check(&scenario, &report)
+    }
+
+    #[test]
+    fn the_oracle_flags_every_kind_of_wrong_outcome() {
+        let (scenario, _, j) = clean_run();
+        let first = scenario.jobs[j].targets[0].1;
+        let cases: Vec<(&str, Vec<String>)> = vec![
+            ("not_copied", tampered(|o| o.targets[0].not_copied = RangeSet::from_range(first..first + 1))),
+            ("read_err", tampered(|o| o.read_err = true)),
+            ("cancelled", tampered(|o| o.cancelled = true)),
+            ("write_err", tampered(|o| o.write_err.set(0))),
+            (
+                "touching",
+                tampered(|o| {
+                    o.read_failed =
+                        serde_json::from_str(r#"{"ranges":[{"start":0,"end":1},{"start":1,"end":2}]}"#).unwrap()
+                }),
+            ),
+        ];
+        for (what, violations) in cases {
+            assert!(
+                violations.iter().any(|v| v.contains(what)),
+                "tampering with {what} went unnoticed: {violations:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_oracle_measures_sub_jobs_in_flight_from_the_trace() {
+        let (mut scenario, report, _) = clean_run();
+        // The same trace checked against a lower limit than the run had: sub-jobs that ran
+        // side by side are now too many.
+        let most = report.io.len();
+        assert!(most > 1);
+        scenario.config.subjobs_in_flight = 0;
+        let violations = check(&scenario, &report);
+        assert!(violations.iter().any(|v| v.contains("over subjobs_in_flight 0")), "{violations:?}");
+        scenario.config.subjobs_in_flight = 64;
+        scenario.config.page_budget = 0;
+        let violations = check(&scenario, &report);
+        assert!(violations.iter().any(|v| v.contains("over the budget of 0")), "{violations:?}");
+    }
+}

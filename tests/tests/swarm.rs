@@ -1,0 +1,30 @@
+//! The swarm as a test: seeds `0..KCOPYD_SWARM_SEEDS` (default 30) through the same scenarios
+//! and oracle as the `swarm` binary, so that `cargo test` runs them too — and so does
+//! mutation testing (`tests/mutants.sh`), which can only run tests. The binary remains the
+//! tool for long runs and replays.
+
+use kcopyd_tests::scenario::{Inputs, check, run};
+use kcopyd_tests::validation;
+
+/// Validation cases per seed, as in the binary.
+const VALIDATION_CASES: u64 = 8;
+
+#[test]
+fn random_scenarios_pass_the_oracle() {
+    let seeds: u64 = std::env::var("KCOPYD_SWARM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+    let mut failures = Vec::new();
+    for seed in 0..seeds {
+        let scenario = Inputs::from_seed(seed).layout();
+        let mut violations = check(&scenario, &run(&scenario));
+        violations.extend(validation::check_seed(seed, VALIDATION_CASES));
+        if let Some(first) = violations.first() {
+            failures.push(format!("seed {seed}: {} violations, first: {first}", violations.len()));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {seeds} seeds failed (replay one with `swarm --seeds 1 --seed S --verbose`):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
