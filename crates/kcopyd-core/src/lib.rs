@@ -39,32 +39,40 @@
 // A library does not print: diagnostics go through `tracing`, results through outcomes.
 #![cfg_attr(not(test), deny(clippy::print_stderr, clippy::print_stdout))]
 
+mod actors;
 mod block_on;
 mod buffer;
 mod client;
 mod config;
 mod device;
 mod error;
+mod handle;
 mod io;
 mod job;
 mod outcome;
 mod pool;
 mod region;
+mod run;
+mod shared;
 mod stats;
 mod throttle;
 mod time_scale;
 
 pub use buffer::{ReadBuf, WriteBuf};
-pub use client::{Client, Job, JobHandle, PreparedCallback, Progress, RunningJob, ShutdownReport};
+pub use client::{Client, PreparedCallback};
 pub use config::{
     ClientConfig, PAGE_BUDGET_DEFAULT, SUB_JOB_SIZE_DEFAULT_BYTES, SUB_JOB_SIZE_MAX, SUBJOBS_IN_FLIGHT_DEFAULT,
     SUBJOBS_IN_FLIGHT_MAX,
 };
 pub use device::{BlockDevice, Device, DeviceId, Geometry, IntoDevice, IoFuture};
 pub use error::{ConfigError, ShiftError, ShutdownError, SubmitError};
+pub use handle::{JobHandle, Progress};
+pub use job::Job;
 pub use outcome::{Outcome, TargetMask, TargetReport};
 pub use pool::{HUGE_PAGE_SIZE, PagePool, Pages, PoolStats};
 pub use region::{Flags, RangeSet, Region};
+pub use run::read_narrowed;
+pub use shared::{RunningJob, ShutdownReport};
 pub use stats::{ClientStats, DeviceStats, LATENCY_BUCKETS, LatencyHistogram, OpStats};
 pub use throttle::{BUSY_WINDOW, Throttle};
 pub use time_scale::{set_time_scale, time_scale, to_model, to_tokio};
