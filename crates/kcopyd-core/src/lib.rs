@@ -4,12 +4,22 @@
 //! with asynchronous completion, a bounded page budget and exact per-target error reports.
 //!
 //! ```text
-//!  submit(copy/zero) ──► ClientActor ──► JobActor ──► slots (≤ subjobs_in_flight)
-//!      │ validation          │ admission     │        take pages (FIFO) → take next chunk
-//!      │ (before any I/O)    │ callbacks     │        read the source once into the pages
-//!      ▼                     ▼               │        freeze → write every target at once
-//!  JobHandle (await / wait)  one completion ◄┘        merge errors into the job's Outcome
+//!  Job::copy / Job::zero ─► Client::submit ─► JobSpec::validate (job.rs; before any I/O)
+//!                              │ admission permit (queued_jobs_max)
+//!                              ▼
+//!  JobHandle ◄─ outcome slot ─ ClientActor ─start─► JobActor ─► JobRun::run (run.rs, no actix)
+//!  (handle.rs: await, wait,    (actors.rs: one       │           min(subjobs_in_flight, sub-jobs)
+//!   progress, cancel)           arbiter; callbacks   │           loops, each sub-job after sub-job:
+//!                               one at a time) ◄─────┘           pages (FIFO) → next sub-job →
+//!                                   JobDone                      throttle → read the source once
+//!                                                                (narrow on error) → [WRITE_SEQ
+//!                                                                turn] → write every target
 //! ```
+//!
+//! One file per concern, each using only those before it: `job.rs` (what a job is),
+//! `handle.rs` (its handle and outcome slot), `run.rs` (the algorithm), `shared.rs` (what a
+//! client's threads share), `actors.rs` (all actix code), `client.rs` (admission and
+//! shutdown). Device I/O for sub-jobs goes through `io.rs`, pages through `pool.rs`.
 //!
 //! The crate touches no files and no devices: its one OS resource is the page arena, an
 //! anonymous mapping reserved when the client starts. Everything device-specific lives
