@@ -114,7 +114,7 @@ impl JobShared {
 ///
 /// A handle always resolves, exactly once per job: when the job completes, when the client
 /// stops before running it (as cancelled), or when the actix System running a
-/// [`start_in_current_system`](Client::start_in_current_system) client is dropped with the job
+/// [`start_in_current_system`](crate::Client::start_in_current_system) client is dropped with the job
 /// unfinished (as cancelled, `not_copied` holding every sector not written).
 pub struct JobHandle {
     shared: Arc<JobShared>,
@@ -147,7 +147,7 @@ impl Drop for JobHandle {
 
 impl JobHandle {
     /// The job's number in its client (0, 1, 2, … in submission order), as
-    /// [`RunningJob::id`] names it.
+    /// [`RunningJob::id`](crate::RunningJob::id) names it.
     pub fn id(&self) -> u64 {
         self.shared.job_id
     }

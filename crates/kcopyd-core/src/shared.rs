@@ -38,11 +38,11 @@ pub struct ShutdownReport {
     pub requests_outstanding: u64,
 }
 
-/// A job that had not completed when [`Client::shutdown_timeout`] gave up waiting.
+/// A job that had not completed when [`Client::shutdown_timeout`](crate::Client::shutdown_timeout) gave up waiting.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct RunningJob {
-    /// The job's number, as [`JobHandle::id`] gives it.
+    /// The job's number, as [`JobHandle::id`](crate::JobHandle::id) gives it.
     pub id: u64,
     /// The source device's name (`None` for a zero job).
     pub source: Option<String>,
