@@ -45,6 +45,7 @@ pub fn run_all(device: &dyn BlockDevice) {
     misaligned_requests_are_refused(device);
     out_of_range_requests_are_refused(device);
     write_zeroes_zeroes_exactly_the_range(device);
+    deallocate_zeroes_exactly_the_range_and_allocation_covers_data(device);
     flush_succeeds(device);
     concurrent_requests_complete(device);
 }
@@ -326,6 +327,32 @@ pub fn write_zeroes_zeroes_exactly_the_range(device: &dyn BlockDevice) {
     );
 
     block_on(device.write_zeroes(0, 0)).unwrap_or_else(|error| panic!("{name}: empty write-zeroes: {error}"));
+}
+
+/// Deallocate makes exactly its range read as zeroes (a hole punched, or zeroes written), and
+/// `allocated` never reports written data as a hole, before or after.
+pub fn deallocate_zeroes_exactly_the_range_and_allocation_covers_data(device: &dyn BlockDevice) {
+    let name = device.name();
+    let (bytes, sectors) = (block_bytes(device), block_sectors(device));
+    let base = 8 * sectors;
+    let data = pattern(13, 6 * bytes);
+    write_ok(device, base, &data);
+    let covers = |range: std::ops::Range<u64>, what: &str| {
+        let allocated =
+            block_on(device.allocated(base, 6 * sectors)).unwrap_or_else(|error| panic!("{name}: allocated: {error}"));
+        let missing = kcopyd_core::RangeSet::from_range(range).difference(&allocated);
+        assert!(missing.is_empty(), "{name}: {what}: data at {:?} reported as a hole", missing.ranges());
+    };
+    covers(base..base + 6 * sectors, "after the write");
+    block_on(device.deallocate(base + sectors, 4 * sectors))
+        .unwrap_or_else(|error| panic!("{name}: deallocate: {error}"));
+    let after = read_ok(device, base, 6 * bytes);
+    assert_eq!(after[..bytes], data[..bytes], "{name}: the block before the range is intact");
+    assert!(after[bytes..5 * bytes].iter().all(|&b| b == 0), "{name}: the deallocated range reads zeroes");
+    assert_eq!(after[5 * bytes..], data[5 * bytes..], "{name}: the block after the range is intact");
+    covers(base..base + sectors, "the block before the hole");
+    covers(base + 5 * sectors..base + 6 * sectors, "the block after the hole");
+    block_on(device.deallocate(0, 0)).unwrap_or_else(|error| panic!("{name}: empty deallocate: {error}"));
 }
 
 /// A flush after a write succeeds and the data stays readable.

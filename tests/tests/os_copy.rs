@@ -9,7 +9,9 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
-use kcopyd_core::{BlockDevice, Client, ClientConfig, Flags, Job, Outcome, Region, SubmitError, WriteBuf};
+use kcopyd_core::{
+    BlockDevice, Client, ClientConfig, Flags, Job, Outcome, Region, Sparse, SubmitError, TargetZeroes, WriteBuf,
+};
 use kcopyd_os::{OpenError, OpenOptions, OsDevice, Storage, StorageId};
 use kcopyd_tests::conformance::{block_on, read_ok, write_ok};
 use kcopyd_tests::fixtures::{Ext4OnLoop, LoopDevice, Mount, TempDir, is_root, pattern, skip};
@@ -528,4 +530,60 @@ mod uring {
         assert_eq!(error.kind(), std::io::ErrorKind::UnexpectedEof, "{error}");
         assert_eq!(device.stats().failed, 1);
     }
+}
+
+/// Sparse file of `LEN_BYTES`: pattern data at 1 MiB (64 KiB) and at 5 MiB (4 KiB), the rest
+/// holes. Returns its path and its bytes.
+fn sparse_source(dir: &TempDir) -> (std::path::PathBuf, Vec<u8>) {
+    use std::os::unix::fs::FileExt;
+    let path = dir.zero_file("source", LEN_BYTES as u64);
+    let file = fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.write_all_at(&pattern(1, 65536), 1 << 20).unwrap();
+    file.write_all_at(&pattern(2, 4096), 5 << 20).unwrap();
+    file.sync_all().unwrap();
+    (path.clone(), contents(&path))
+}
+
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn a_file_reports_its_data_ranges_with_seek_data() {
+    let dir = TempDir::new("seek-data");
+    let (path, _) = sparse_source(&dir);
+    let device = open(&path, &read_only());
+    let allocated = block_on(device.allocated(0, LEN_SECTORS)).unwrap();
+    if allocated.len_sectors() == LEN_SECTORS {
+        skip("a_file_reports_its_data_ranges_with_seek_data", "the filesystem reports no holes (SEEK_DATA)");
+        return;
+    }
+    for data in [2048..2176, 10240..10248] {
+        assert!(kcopyd_core::RangeSet::from_range(data.clone()).difference(&allocated).is_empty(), "{data:?}");
+    }
+    // Filesystems allocate in blocks of up to 64 KiB; nothing near the whole file.
+    assert!(allocated.len_sectors() <= 4 * 136, "{:?}", allocated.ranges());
+    // A window of the file: clipped to it.
+    let window = block_on(device.allocated(2100, 100)).unwrap();
+    assert_eq!(window.ranges().to_vec(), vec![2100..2176]);
+    let none = block_on(device.allocated(4096, 2048)).unwrap();
+    assert!(none.is_empty(), "{:?}", none.ranges());
+}
+
+#[test]
+fn a_sparse_copy_punches_holes_over_stale_data_and_leaves_the_target_as_sparse_as_the_source() {
+    let dir = TempDir::new("sparse-copy");
+    let (path, expected) = sparse_source(&dir);
+    let target_path = dir.file_with("target", &pattern(9, LEN_BYTES));
+    let (source, target) = (open(&path, &read_only()), open(&target_path, &writable()));
+    let sparse = Sparse { skip_holes: true, zero_block_bytes: 4096, target_zeroes: TargetZeroes::Deallocate };
+    let job = Job::copy(region(&source, 0, LEN_SECTORS), vec![region(&target, 0, LEN_SECTORS)], Flags::empty());
+    assert!(run(job.sparse(sparse)).is_ok());
+    block_on(target.flush()).unwrap();
+    assert_same_bytes(&contents(&target_path), &expected, "target");
+    assert!(target.stats().holes_punched > 0, "{:?}", target.stats());
+    let (source_bytes, target_bytes) = (allocated_bytes(&path), allocated_bytes(&target_path));
+    assert!(target_bytes <= source_bytes + 65536, "target {target_bytes} bytes allocated, source {source_bytes}");
+    assert!(source.stats().reads <= 4, "only the data was read: {:?}", source.stats());
 }

@@ -17,6 +17,8 @@ use crate::size;
 pub const SUB_JOB_SIZE_DEFAULT: &str = "1M";
 /// Sub-jobs kept in flight by default: the library's.
 pub const SUBJOBS_IN_FLIGHT_DEFAULT: usize = kcopyd_core::SUBJOBS_IN_FLIGHT_DEFAULT;
+/// The zero-scan block of sparse copies by default (as `qemu-img convert -S`).
+pub const SPARSE_SIZE_DEFAULT: &str = "4K";
 /// The page budget by default: the library's [`kcopyd_core::PAGE_BUDGET_DEFAULT`] (four times
 /// what the default sub-jobs in flight take, so that reads can run ahead while several
 /// targets are still being written), written for `--help`.
@@ -61,6 +63,12 @@ Examples:
       Copy what can be read; the report lists the unreadable sectors, never written over.
   kcopyd copy sim:size=64M,seed=1,bad-read=100-108 sim: --ignore-errors
       Try the error reports on simulated disks.
+  kcopyd copy disk.img backup.img --map backup.map
+      Record progress in backup.map; after a crash or Ctrl-C, the same command goes on.
+  kcopyd copy disk.img backup.img --map backup.map --retry-failed
+      Go over the ranges that failed before, narrowing unreadable ones down to blocks.
+  kcopyd copy thin.img fresh.img --target-is-zero
+      Holes and zero blocks of the source are not written at all (fresh.img reads zeroes).
 
 Targets are locked while the copy runs; overlapping ranges, read-only or busy targets and bad
 options are refused before anything is written (exit 2).";
@@ -108,7 +116,11 @@ pub enum Command {
     /// A mirror resync with injected faults on simulated disks, checked against the fault log.
     #[command(after_help = DEMO_EXAMPLES)]
     Demo(DemoArgs),
-    /// The simulator as a design tool: disk models measured on real devices, and checked.
+    /// Look at a copy map (`copy --map FILE`).
+    #[command(subcommand)]
+    Map(MapCommand),
+    /// The simulator as a design tool: scenarios run and swept in virtual time, disk models
+    /// measured on real devices, and checked against them.
     Sim {
         /// What to do.
         #[command(subcommand)]
@@ -141,6 +153,12 @@ pub enum SimCommand {
     /// configurations, to TARGET.2 and TARGET.3. Missing files are created and removed again at
     /// the end; an existing TARGET is overwritten.
     Validate(ValidateArgs),
+    /// Run a scenario file in virtual time and report duration, throughput, outcomes, queue
+    /// depth and foreground latency with and without the jobs.
+    Run(SimRunArgs),
+    /// Run a scenario for every combination of values of some of its keys, in parallel, and
+    /// rank them by a metric.
+    Sweep(SimSweepArgs),
 }
 
 /// `kcopyd sim calibrate`.
@@ -216,6 +234,17 @@ pub struct ValidateArgs {
     pub quiet: bool,
 }
 
+/// `kcopyd map ...`.
+#[derive(Debug, Subcommand)]
+pub enum MapCommand {
+    /// Print what a copy map records: its copy, then done, failed and remaining byte ranges.
+    Show {
+        /// The map file.
+        #[arg(value_name = "FILE")]
+        file: std::path::PathBuf,
+    },
+}
+
 /// Options of the engine, shared by `copy`, `zero` and `verify`.
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
@@ -266,6 +295,15 @@ pub struct ThrottleArgs {
     pub rate_bytes_per_s: Option<u64>,
 }
 
+/// Parses `on` or `off` (and their usual synonyms).
+fn parse_on_off(text: &str) -> Result<bool, String> {
+    match text {
+        "on" | "yes" | "true" | "1" => Ok(true),
+        "off" | "no" | "false" | "0" => Ok(false),
+        _ => Err(format!("{text:?}: expected on or off")),
+    }
+}
+
 /// The values of `--io-engine`. Both always parse, so that a build without io_uring can name
 /// the flag when it refuses `uring`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -308,6 +346,58 @@ pub struct CopyArgs {
     /// Read the targets back after copying and compare them with the source.
     #[arg(long)]
     pub verify: bool,
+    /// Sparse copy, `on` by default (as qemu-img): read only what the source has allocated
+    /// (files: SEEK_DATA), and where the source reads as zeroes (holes, and zero blocks of
+    /// --sparse-size) punch holes in file targets, or write-zeroes elsewhere. Never leaves old
+    /// target data where the source reads as zeroes. `--sparse=off` reads and writes every byte.
+    #[arg(
+        long,
+        value_name = "on|off",
+        default_value = "on",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "on",
+        value_parser = parse_on_off,
+    )]
+    pub sparse: bool,
+    /// The same as `--sparse=off`.
+    #[arg(long, conflicts_with = "sparse")]
+    pub no_sparse: bool,
+    /// With --sparse: blocks of this size that read as all zeroes are written as zeroes (a
+    /// hole), as `qemu-img -S`; a power of two of at least 512, or 0 to scan for none.
+    #[arg(
+        long = "sparse-size",
+        short = 'S',
+        value_name = "SIZE",
+        default_value = SPARSE_SIZE_DEFAULT,
+        value_parser = size::parse_size,
+        allow_negative_numbers = true,
+    )]
+    pub sparse_size_bytes: u64,
+    /// Record in FILE which ranges are copied, failed to read and failed to write (appended
+    /// and fsynced after every batch); run the same command with the same FILE again to copy
+    /// only what is not done. A FILE written for another copy is refused.
+    #[arg(long, value_name = "FILE")]
+    pub map: Option<std::path::PathBuf>,
+    /// With --map: bytes per batch (one flush of the targets and one fsync of the map); a
+    /// crash redoes at most one batch.
+    #[arg(
+        long = "map-batch",
+        value_name = "SIZE",
+        default_value = crate::map::BATCH_DEFAULT,
+        value_parser = size::parse_size,
+        allow_negative_numbers = true,
+    )]
+    pub map_batch_bytes: u64,
+    /// With --map: copy only the ranges the map records as failed, with --ignore-errors (so
+    /// that unreadable blocks are narrowed down again).
+    #[arg(long, requires = "map")]
+    pub retry_failed: bool,
+    /// Every target already reads as zeroes (a new file, a fresh thin volume): write nothing
+    /// where the source reads as zeroes. Needs --sparse. Wrong, and the copy is wrong, if a
+    /// target holds anything else.
+    #[arg(long)]
+    pub target_is_zero: bool,
     /// Engine options.
     #[command(flatten)]
     pub engine: EngineArgs,
@@ -385,6 +475,53 @@ pub struct DemoArgs {
     /// No progress bars.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+/// `kcopyd sim run`.
+#[derive(Debug, Clone, Args)]
+pub struct SimRunArgs {
+    /// The scenario (TOML; see docs/EXPLORATION.md).
+    #[arg(value_name = "SCENARIO")]
+    pub scenario: std::path::PathBuf,
+    /// Change a key of the scenario before running, by dotted path (e.g.
+    /// `disks.primary.len_sectors=1G`); may be repeated.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Print one JSON object instead of the summary.
+    #[arg(long)]
+    pub json: bool,
+    /// Draw throughput and foreground latency over virtual time into this SVG file.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<std::path::PathBuf>,
+}
+
+/// `kcopyd sim sweep`.
+#[derive(Debug, Clone, Args)]
+pub struct SimSweepArgs {
+    /// The scenario (TOML; see docs/EXPLORATION.md).
+    #[arg(value_name = "SCENARIO")]
+    pub scenario: std::path::PathBuf,
+    /// A key by dotted path and its values, e.g. `client.sub_job_size_bytes=64K,256K,1M`;
+    /// repeat for a cross product.
+    #[arg(long = "vary", value_name = "KEY=V1,V2,...", required = true)]
+    pub vary: Vec<String>,
+    /// Change a key of the scenario for every point, as `run --set`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// The metric the table is sorted by, best first: throughput_mb_per_s, copy_seconds,
+    /// fg_p50_ms, fg_p99_ms, fg_p999_ms, job_p50_ms, job_p99_ms, pages_in_use_max or
+    /// not_copied_sectors (see docs/EXPLORATION.md).
+    #[arg(long, value_name = "NAME", default_value = "throughput_mb_per_s")]
+    pub metric: String,
+    /// Simulations run at once [default: the number of cores].
+    #[arg(long, value_name = "COUNT")]
+    pub threads: Option<usize>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Plot the metric into this SVG file: a line for one varied key, a heat map for two.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<std::path::PathBuf>,
 }
 
 #[cfg(test)]

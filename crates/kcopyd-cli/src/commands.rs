@@ -3,13 +3,14 @@
 use std::cell::Cell;
 
 use futures_util::future::join_all;
-use kcopyd_core::{Client, Flags, Job, Outcome, PagePool, RangeSet, Region, SECTOR_SIZE};
+use kcopyd_core::{Client, Device, Flags, Job, Outcome, PagePool, RangeSet, Region, SECTOR_SIZE, Sparse, TargetZeroes};
 
 use crate::cli::{CopyArgs, EngineArgs, OutputArgs, VerifyArgs, ZeroArgs};
 use crate::clock::Instant;
 use crate::compare::{self, CompareShape, Comparison, Side};
 use crate::devices::{self, Opened, Settings};
 use crate::error::{CliError, Status};
+use crate::map::{self, CopyMap, MapHeader};
 use crate::progress::{self, Interrupts};
 use crate::report::{self, Report, SourceReport, TargetReport, TargetVerify};
 use crate::tail::Tail;
@@ -112,6 +113,101 @@ async fn run_job(
         flush_errors: flushes.into_iter().map(|r| r.err().map(|e| e.to_string())).collect(),
         stats,
     })
+}
+
+/// A copy run in batches recorded in a map.
+struct Mapped<'a> {
+    map: &'a mut CopyMap,
+    len_sectors: u64,
+    batch_sectors: u64,
+    flags: Flags,
+    sparse: Sparse,
+    retry_failed: bool,
+}
+
+/// A progress bar that starts at `base` bytes (the batches before this one, and what the map
+/// already had done).
+struct OffsetBar<'a> {
+    bar: &'a indicatif::ProgressBar,
+    base: u64,
+}
+
+impl progress::WatchUi for OffsetBar<'_> {
+    fn tick(&self, done_bytes: u64) {
+        self.bar.set_position(self.base + done_bytes);
+    }
+
+    fn note(&self, line: &str) {
+        self.bar.suspend(|| eprintln!("{line}"));
+    }
+}
+
+/// `copy --map`: copies what the map says is not done (or, with --retry-failed, what failed)
+/// in batches, one job each; after each batch flushes the targets, then records the batch in
+/// the map. Stops at the first batch with errors unless errors are ignored, and at Ctrl-C.
+async fn run_mapped(
+    context: Context<'_>,
+    mapped: Mapped<'_>,
+    source: &Opened,
+    targets: &[Opened],
+    len_bytes: u64,
+    interrupts: &mut Interrupts,
+    created: &mut devices::CreatedFiles,
+) -> Result<JobRun, CliError> {
+    let Mapped { map, len_sectors, batch_sectors, flags, sparse, retry_failed } = mapped;
+    let work = if retry_failed { map.state.failed() } else { map.state.remaining(len_sectors) };
+    let client = start_client(context.settings)?;
+    let started = Instant::now();
+    let bar = progress::byte_bar(progress::bars_wanted(context.output.quiet), len_bytes, "copy");
+    let already_bytes = RangeSet::from_range(0..len_sectors).difference(&work).len_sectors() * SECTOR_SIZE as u64;
+    bar.set_position(already_bytes);
+    let target_starts: Vec<u64> = targets.iter().map(Opened::start_sector).collect();
+    let devices: Vec<(Device, u64)> = targets.iter().map(|t| (t.device.clone(), t.start_sector())).collect();
+    let mut outcome = Outcome::default();
+    outcome.targets = vec![Default::default(); targets.len()];
+    let (mut interrupted, mut done_bytes, mut flush_errors) = (None, 0, vec![None; targets.len()]);
+    for batch in map::batches(&work, batch_sectors) {
+        let job = map::batch_job(&batch, (&source.device, source.start_sector()), &devices, flags, sparse);
+        let handle = client.submit(job).await.map_err(|source| CliError::Submit { source })?;
+        created.keep();
+        let ui = OffsetBar { bar: &bar, base: bar.position() };
+        let watched = progress::watch(&handle, &ui, interrupts).await;
+        done_bytes += handle.progress().done_sectors * SECTOR_SIZE as u64;
+        let batch_outcome = watched.outcome;
+        // Durable on every target before the map says so.
+        let flushes = map::finish_batch(map, batch, &batch_outcome, source.start_sector(), &devices).await?;
+        let flushed = flushes.iter().all(Option::is_none);
+        for (slot, error) in flush_errors.iter_mut().zip(flushes) {
+            if let Some(error) = error {
+                *slot = Some(error.to_string());
+            }
+        }
+        outcome.read_err |= batch_outcome.read_err;
+        for index in batch_outcome.write_err.iter() {
+            outcome.write_err.set(index);
+        }
+        outcome.read_failed.extend(&batch_outcome.read_failed);
+        for (merged, report) in outcome.targets.iter_mut().zip(&batch_outcome.targets) {
+            merged.write_failed.extend(&report.write_failed);
+        }
+        outcome.cancelled |= batch_outcome.cancelled;
+        outcome.panicked = outcome.panicked.or(batch_outcome.panicked.clone());
+        interrupted = watched.interrupted;
+        let stop = !batch_outcome.is_ok() && !flags.contains(Flags::IGNORE_ERROR);
+        if interrupted.is_some() || stop || !flushed || batch_outcome.cancelled {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    // Whatever the map does not hold as done is not copied, on every target.
+    let not_done = RangeSet::from_range(0..len_sectors).difference(&map.state.done);
+    for (report, start) in outcome.targets.iter_mut().zip(&target_starts) {
+        report.not_copied = not_done.shifted(0, *start).expect("the copy lies inside every target");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let stats = client.stats();
+    client.shutdown().await;
+    Ok(JobRun { outcome, interrupted, done_bytes, seconds, flush_errors, stats })
 }
 
 /// What a comparison needs, made before anything is written so that it cannot refuse
@@ -313,11 +409,36 @@ fn job_status(run: &JobRun, targets: &[TargetReport], verify_identical: Option<b
     ("ok", Status::Success)
 }
 
+/// The sparse-copy options of `copy`, checked.
+///
+/// # Errors
+/// A bad --sparse-size, or --target-is-zero without --sparse.
+fn sparse_of(args: &CopyArgs) -> Result<Sparse, CliError> {
+    let on = args.sparse && !args.no_sparse;
+    let size = args.sparse_size_bytes;
+    if size != 0 && (!size.is_power_of_two() || size < SECTOR_SIZE as u64 || size > u64::from(u32::MAX / 2 + 1)) {
+        return Err(CliError::argument(
+            "--sparse-size",
+            size.to_string(),
+            "must be 0 (no zero scan) or a power of two from 512 to 2G",
+        ));
+    }
+    if args.target_is_zero && !on {
+        return Err(CliError::argument("--target-is-zero", "", "needs a sparse copy (not --sparse=off / --no-sparse)"));
+    }
+    if !on {
+        return Ok(Sparse::OFF);
+    }
+    let target_zeroes = if args.target_is_zero { TargetZeroes::Skip } else { TargetZeroes::Deallocate };
+    Ok(Sparse { skip_holes: true, zero_block_bytes: size as u32, target_zeroes })
+}
+
 /// `kcopyd copy`.
 ///
 /// # Errors
 /// Bad options or devices (nothing written).
 pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, CliError> {
+    let sparse = sparse_of(args)?;
     let settings = Settings::from_args(&args.engine)?.with_throttle(&args.throttle)?;
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
     let mut plan = devices::plan_with_source(&args.source, &args.targets, args.length_bytes, true, &settings)?;
@@ -328,10 +449,40 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
         region(&plan.source, len_sectors),
         plan.targets.iter().map(|t| region(t, len_sectors)).collect(),
         flags(args.ignore_errors, args.write_seq),
-    );
+    )
+    .sparse(sparse);
     // Checked before anything is written: a comparison that cannot run must refuse the command.
     let compare_setup = if args.verify { Some(prepare_compare(context, &plan.source, &plan.targets)?) } else { None };
-    let mut run = run_job(context, job, &plan.targets, plan.len_bytes, "copy", interrupts, &mut plan.created).await?;
+    let mut run = match &args.map {
+        None => run_job(context, job, &plan.targets, plan.len_bytes, "copy", interrupts, &mut plan.created).await?,
+        Some(path) => {
+            let header = MapHeader {
+                source: (plan.source.arg.offset_bytes, plan.source.arg.text.clone()),
+                targets: plan.targets.iter().map(|t| (t.arg.offset_bytes, t.arg.text.clone())).collect(),
+                len_bytes: plan.len_bytes,
+            };
+            let mut map = CopyMap::open(path, &header)?;
+            let block_bytes = std::iter::once(&plan.source).chain(&plan.targets).map(Opened::block_bytes).max();
+            let batch_bytes = args.map_batch_bytes / block_bytes.unwrap_or(512) * block_bytes.unwrap_or(512);
+            if batch_bytes == 0 {
+                return Err(CliError::argument(
+                    "--map-batch",
+                    args.map_batch_bytes.to_string(),
+                    "smaller than one logical block",
+                ));
+            }
+            let mapped = Mapped {
+                map: &mut map,
+                len_sectors,
+                batch_sectors: batch_bytes / SECTOR_SIZE as u64,
+                flags: flags(args.ignore_errors || args.retry_failed, args.write_seq),
+                sparse,
+                retry_failed: args.retry_failed,
+            };
+            run_mapped(context, mapped, &plan.source, &plan.targets, plan.len_bytes, interrupts, &mut plan.created)
+                .await?
+        }
+    };
     finish_tail(plan.tail, Some(&plan.source), &plan.targets, args.ignore_errors, &mut run);
     let mut targets = job_targets(&plan.targets, &run, plan.len_bytes);
     let not_copied = not_copied_bytes(&plan.targets, &run, plan.len_bytes);

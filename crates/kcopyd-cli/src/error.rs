@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use kcopyd_core::{ConfigError, SubmitError};
 use kcopyd_os::OpenError;
+use kcopyd_sim::explore::ScenarioError;
 use thiserror::Error;
 
 /// The command's exit statuses.
@@ -88,7 +89,8 @@ pub enum CliError {
         #[source]
         source: SubmitError,
     },
-    /// Reading or writing a device or file failed while measuring (`kcopyd sim`).
+    /// Reading or writing a device or file failed while measuring (`kcopyd sim`), or
+    /// appending to a copy map (`copy --map`).
     #[error("{operation} '{path}': {source}")]
     Io {
         /// What was being done.
@@ -100,6 +102,34 @@ pub enum CliError {
         source: io::Error,
     },
     /// The async runtime or the signal handler could not start.
+    /// A scenario file that cannot be read, does not hold together, or whose run failed.
+    #[error("scenario '{path}': {source}")]
+    Scenario {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        #[source]
+        source: ScenarioError,
+    },
+    /// A scenario file that cannot be read.
+    #[error("{what} '{path}': {source}")]
+    File {
+        /// What the file is for.
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// The system's reason.
+        #[source]
+        source: io::Error,
+    },
+    /// A plot that cannot be drawn.
+    #[error("plot '{path}': {problem}")]
+    Plot {
+        /// The SVG file.
+        path: String,
+        /// What went wrong.
+        problem: String,
+    },
     #[error("starting {what}: {source}")]
     Start {
         /// What could not start.
@@ -118,8 +148,10 @@ impl CliError {
             | CliError::Arguments { .. }
             | CliError::Open { .. }
             | CliError::Config { .. }
-            | CliError::Submit { .. } => Status::Usage,
-            CliError::Start { .. } | CliError::Io { .. } => Status::Failed,
+            | CliError::Submit { .. }
+            | CliError::Scenario { .. }
+            | CliError::File { .. } => Status::Usage,
+            CliError::Start { .. } | CliError::Io { .. } | CliError::Plot { .. } => Status::Failed,
         }
     }
 

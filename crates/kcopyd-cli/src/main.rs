@@ -5,6 +5,7 @@
 //!  kcopyd zero TARGET...           │  (exit 2, nothing written) ─► engine job with progress and
 //!  kcopyd verify SOURCE TARGET...  │  Ctrl-C ─► flush ─► [read back] ─► summary or --json
 //!  kcopyd demo                    ─┘ simulated disks, injected faults, checked against the log
+//!  kcopyd sim run|sweep SCENARIO     scenarios in virtual time (kcopyd-sim's explore module)
 //! ```
 //!
 //! Devices are files and block devices (through `kcopyd-os`, O_DIRECT unless `--buffered`)
@@ -23,7 +24,10 @@ mod demo;
 mod device_arg;
 mod devices;
 mod error;
+mod explore;
 mod locks;
+mod map;
+mod plot;
 mod progress;
 mod report;
 mod sim;
@@ -36,7 +40,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use clap::error::ErrorKind;
 
-use crate::cli::{Cli, Command, OutputArgs, SimCommand};
+use crate::cli::{Cli, Command, MapCommand, OutputArgs, SimCommand};
 use crate::commands::Done;
 use crate::error::{CliError, Status};
 use crate::progress::Interrupts;
@@ -68,7 +72,7 @@ fn all_simulated(command: &Command) -> bool {
         Command::Copy(args) => sim(&args.source) && args.targets.iter().all(sim),
         Command::Zero(args) => args.targets.iter().all(sim),
         Command::Verify(args) => sim(&args.source) && args.targets.iter().all(sim),
-        Command::Demo(_) | Command::Sim { .. } => false,
+        Command::Demo(_) | Command::Sim { .. } | Command::Map(_) => false,
     }
 }
 
@@ -85,8 +89,14 @@ async fn run(cli: Cli) -> Status {
         Command::Zero(args) => commands::zero(args, &mut interrupts).await.map(|done| emit(done, &args.output)),
         Command::Verify(args) => commands::verify(args, &mut interrupts).await.map(|done| emit(done, &args.output)),
         Command::Demo(args) => demo::run(args, &mut interrupts).await,
+        Command::Map(MapCommand::Show { file }) => map::show(file).map(|text| {
+            print!("{text}");
+            Status::Success
+        }),
         Command::Sim { command: SimCommand::Calibrate(args) } => calibrate::run(args).await,
         Command::Sim { command: SimCommand::Validate(args) } => validate::run(args, &mut interrupts).await,
+        Command::Sim { command: SimCommand::Run(args) } => explore::run(args),
+        Command::Sim { command: SimCommand::Sweep(args) } => explore::sweep(args),
     };
     result.unwrap_or_else(|error| fail_status(&error))
 }

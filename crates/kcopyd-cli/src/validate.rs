@@ -179,6 +179,14 @@ async fn real_copy(
         ignore_errors: false,
         write_seq: false,
         verify: false,
+        // A full copy, as the simulated one: the disk model times every sector read.
+        sparse: false,
+        no_sparse: false,
+        sparse_size_bytes: 0,
+        target_is_zero: false,
+        map: None,
+        map_batch_bytes: 256 * 1024 * 1024,
+        retry_failed: false,
         engine: EngineArgs {
             sub_job_size_bytes: config.sub_job_size_bytes,
             subjobs_in_flight: config.subjobs_in_flight,

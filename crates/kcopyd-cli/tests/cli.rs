@@ -1425,3 +1425,200 @@ fn a_source_mounted_read_write_gets_a_warning() {
     let ran = kcopyd(&["copy", s(&plain), s(&dir.join("plain-copy.img"))]);
     assert!(ran.stderr.is_empty(), "{ran:?}");
 }
+
+// ---- sparse copies ------------------------------------------------------------------------
+
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// A 16 MiB file with 192 KiB of data in three places; holes elsewhere.
+fn sparse_file(dir: &TempDir) -> PathBuf {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join("sparse.img");
+    let file = fs::File::create(&path).unwrap();
+    file.set_len(16 * MIB as u64).unwrap();
+    for (i, at) in [0, 5 * MIB, 16 * MIB - 64 * KIB].into_iter().enumerate() {
+        file.write_all_at(&pattern(i as u64 + 1, 64 * KIB), at as u64).unwrap();
+    }
+    file.sync_all().unwrap();
+    path
+}
+
+#[test]
+fn copy_is_sparse_by_default_and_replaces_stale_data_with_holes() {
+    let dir = TempDir::new("cli-sparse");
+    let source = sparse_file(&dir);
+    if allocated_bytes(&source) >= 16 * MIB as u64 {
+        return skip("copy_is_sparse_by_default_and_replaces_stale_data_with_holes", "the filesystem keeps no holes");
+    }
+    let stale = dir.join("stale.img");
+    fs::write(&stale, pattern(9, 16 * MIB)).unwrap();
+    let fresh = dir.join("fresh.img");
+    let ran = kcopyd(&["copy", s(&source), s(&stale), s(&fresh), "--verify", "--json"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert_eq!(json(&ran)["verify"]["identical"], true);
+    let expected = fs::read(&source).unwrap();
+    for target in [&stale, &fresh] {
+        assert!(fs::read(target).unwrap() == expected, "{} holds the source", target.display());
+        let (source_bytes, target_bytes) = (allocated_bytes(&source), allocated_bytes(target));
+        assert!(target_bytes <= source_bytes + 64 * KIB as u64, "{}: {target_bytes} allocated", target.display());
+    }
+    // --sparse=off and --no-sparse write every byte: the new target is fully allocated.
+    for off in ["--sparse=off", "--no-sparse"] {
+        let full = dir.join(&format!("full{off}.img"));
+        let ran = kcopyd(&["copy", s(&source), s(&full), off, "-q"]);
+        assert_eq!(ran.code, 0, "{ran:?}");
+        assert!(fs::read(&full).unwrap() == expected);
+        assert!(allocated_bytes(&full) >= 16 * MIB as u64, "{off}: {} allocated", allocated_bytes(&full));
+    }
+    // --target-is-zero writes nothing for zeroes: right on a new file.
+    let zero = dir.join("zero.img");
+    let ran = kcopyd(&["copy", s(&source), s(&zero), "--target-is-zero", "-q"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert!(fs::read(&zero).unwrap() == expected);
+}
+
+#[test]
+fn sparse_options_are_checked_before_anything_is_written() {
+    let dir = TempDir::new("cli-sparse-options");
+    let source = dir.file_with("source.img", &pattern(1, 64 * KIB));
+    let target = dir.file_with("target.img", &pattern(2, 64 * KIB));
+    let before = contents(&[&target]);
+    let ran = kcopyd(&["copy", s(&source), s(&target), "--sparse-size", "3000"]);
+    assert_usage_error(&ran, &["--sparse-size", "3000", "power of two"]);
+    let ran = kcopyd(&["copy", s(&source), s(&target), "--sparse=off", "--target-is-zero"]);
+    assert_usage_error(&ran, &["--target-is-zero", "--sparse=off"]);
+    let ran = kcopyd(&["copy", s(&source), s(&target), "--sparse=maybe"]);
+    assert_eq!(ran.code, 2, "{ran:?}");
+    let ran = kcopyd(&["copy", s(&source), s(&target), "--sparse=on", "--no-sparse"]);
+    assert_eq!(ran.code, 2, "{ran:?}");
+    assert_eq!(contents(&[&target]), before);
+}
+
+// ---- copy maps ----------------------------------------------------------------------------
+
+/// The line of `map show` output starting with `label`, its spaces collapsed.
+fn show_line(stdout: &str, label: &str) -> String {
+    let line =
+        stdout.lines().map(str::trim).find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("{label}: {stdout}"));
+    line.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The map's `done` lines as sector ranges, replayed (later lines win, as the format says).
+fn map_done_bytes(map: &Path) -> Vec<[u64; 2]> {
+    let text = fs::read_to_string(map).unwrap();
+    let mut done: Vec<[u64; 2]> = Vec::new();
+    for line in text.lines().filter(|l| l.starts_with("done ")) {
+        let v: Vec<u64> = line.split(' ').skip(1).map(|n| n.parse().unwrap()).collect();
+        done.push([v[0] * 512, v[1] * 512]);
+    }
+    done
+}
+
+#[test]
+fn a_copy_killed_at_random_points_resumes_from_its_map_and_redoes_at_most_one_batch() {
+    let dir = TempDir::new("cli-map-kill");
+    let len = 96 * MIB;
+    let batch = 4 * MIB;
+    let source_bytes = pattern(77, len);
+    let source = dir.file_with("source.img", &source_bytes);
+    let marker = pattern(78, len);
+    // Random kill points from a fixed seed, between 0 and 400 ms into the copy.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for round in 0..4 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let delay = Duration::from_millis(seed % 400);
+        let target = dir.file_with(&format!("target{round}.img"), &marker);
+        let map = dir.join(&format!("copy{round}.map"));
+        let args = ["copy", s(&source), s(&target), "--map", s(&map), "--map-batch", "4M", "-q", "--sparse=off"];
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kcopyd")).args(args).spawn().unwrap();
+        std::thread::sleep(delay);
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let after_kill = fs::read(&target).unwrap();
+        let done = map_done_bytes(&map);
+        // What the map says is done is on the target.
+        for [start, end] in &done {
+            let (start, end) = (*start as usize, *end as usize);
+            assert!(after_kill[start..end] == source_bytes[start..end], "round {round}: done {start}..{end} differs");
+        }
+        // Batches run in order, one at a time: nothing past the end of the done prefix plus one
+        // batch was written, so resuming redoes at most one batch.
+        let done_end = done.iter().map(|[_, end]| *end as usize).max().unwrap_or(0);
+        let untouched = (done_end + batch).min(len);
+        assert!(after_kill[untouched..] == marker[untouched..], "round {round}: written past one batch");
+        let done_bytes: u64 = done.iter().map(|[a, b]| b - a).sum();
+        let ran = kcopyd(&["copy", s(&source), s(&target), "--map", s(&map), "--map-batch", "4M", "--json"]);
+        assert_eq!(ran.code, 0, "round {round} after {delay:?}: {ran:?}");
+        let report = json(&ran);
+        assert_eq!(report["bytes"].as_u64().unwrap(), len as u64 - done_bytes, "only what was not done is copied");
+        assert!(fs::read(&target).unwrap() == source_bytes, "round {round}: the target ends identical");
+        let shown = kcopyd(&["map", "show", s(&map)]);
+        assert_eq!(shown.code, 0);
+        assert_eq!(show_line(&shown.stdout, "done"), format!("done {len} bytes in 1 ranges 0..{len}"));
+        assert_eq!(show_line(&shown.stdout, "remaining"), "remaining 0 bytes in 0 ranges");
+    }
+}
+
+#[test]
+fn a_map_for_another_copy_is_refused_and_nothing_is_written() {
+    let dir = TempDir::new("cli-map-other");
+    let source = dir.file_with("source.img", &pattern(1, 4 * MIB));
+    let target = dir.file_with("target.img", &pattern(2, 4 * MIB));
+    let other = dir.file_with("other.img", &pattern(3, 4 * MIB));
+    let map = dir.join("copy.map");
+    let ran = kcopyd(&["copy", s(&source), s(&target), "--map", s(&map), "--length", "2M", "-q"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    let before = contents(&[&target, &other]);
+    for args in [
+        vec!["copy", s(&source), s(&other), "--map", s(&map), "--length", "2M"],
+        vec!["copy", s(&source), s(&target), "--map", s(&map), "--length", "1M"],
+        vec!["copy", &format!("{}@1M", s(&source)), s(&target), "--map", s(&map), "--length", "2M"],
+    ] {
+        let ran = kcopyd(&args);
+        assert_usage_error(&ran, &["--map", "another copy"]);
+    }
+    assert_eq!(contents(&[&target, &other]), before);
+    let ran = kcopyd(&["copy", s(&source), s(&target), "--map", s(&dir.join("missing/x.map"))]);
+    assert_eq!(ran.code, 2, "{ran:?}");
+    let ran = kcopyd(&["copy", s(&source), s(&target), "--retry-failed"]);
+    assert_eq!(ran.code, 2, "--retry-failed needs --map: {ran:?}");
+    let ran = kcopyd(&["map", "show", s(&source)]);
+    assert_usage_error(&ran, &["not a kcopyd map"]);
+}
+
+#[test]
+fn retry_failed_copies_only_the_failed_ranges_and_a_torn_last_line_is_ignored() {
+    let dir = TempDir::new("cli-map-retry");
+    let source_bytes = pattern(5, 4 * MIB);
+    let source = dir.file_with("source.img", &source_bytes);
+    let marker = pattern(6, 4 * MIB);
+    let target = dir.file_with("target.img", &marker);
+    // A map as a failed run leaves it: most done, a read failure and a write failure, and a
+    // last line torn by a crash.
+    let map = dir.join("copy.map");
+    let header = format!("kcopyd-map 1\nsource 0 {}\ntarget 0 {}\nlength {}\n", s(&source), s(&target), 4 * MIB);
+    let records = "done 0 8192\nread-failed 2048 2056\nwrite-failed 0 4000 4008\ndone 81";
+    fs::write(&map, header + records).unwrap();
+    let shown = kcopyd(&["map", "show", s(&map)]);
+    assert_eq!(show_line(&shown.stdout, "read failed"), "read failed 4096 bytes in 1 ranges 1048576..1052672");
+    assert_eq!(show_line(&shown.stdout, "write failed"), "write failed 4096 bytes in 1 ranges 2048000..2052096");
+    assert_eq!(show_line(&shown.stdout, "remaining"), "remaining 0 bytes in 0 ranges", "the torn line is ignored");
+    let ran = kcopyd(&["copy", s(&source), s(&target), "--map", s(&map), "--retry-failed", "--json"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert_eq!(json(&ran)["bytes"], 8192);
+    let after = fs::read(&target).unwrap();
+    for (range, from) in [(2048 * 512..2056 * 512, &source_bytes), (4000 * 512..4008 * 512, &source_bytes)] {
+        assert!(after[range.clone()] == from[range.clone()], "{range:?} retried");
+    }
+    // Everything else was done before: not written again.
+    assert!(after[..2048 * 512] == marker[..2048 * 512]);
+    assert!(after[2056 * 512..4000 * 512] == marker[2056 * 512..4000 * 512]);
+    let shown = kcopyd(&["map", "show", s(&map)]);
+    assert_eq!(show_line(&shown.stdout, "read failed"), "read failed 0 bytes in 0 ranges");
+    assert_eq!(show_line(&shown.stdout, "done"), format!("done {} bytes in 1 ranges 0..{}", 4 * MIB, 4 * MIB));
+}

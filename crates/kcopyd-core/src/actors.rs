@@ -242,6 +242,19 @@ impl Actor for JobActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        match self.run.query_allocation() {
+            // A sparse copy asks the source for its allocation first; the sub-jobs follow it.
+            Some(query) => {
+                ctx.spawn(query.into_actor(self).map(|(), actor, ctx| actor.start_run(ctx)));
+            }
+            None => self.start_run(ctx),
+        }
+    }
+}
+
+impl JobActor {
+    /// Starts the job's sub-jobs; when the last is done, tells the client actor and stops.
+    fn start_run(&mut self, ctx: &mut Context<Self>) {
         let work = self.run.clone().run();
         ctx.spawn(work.into_actor(self).map(|(), actor, ctx| {
             // The run stored its outcome; the client actor takes it.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::{ReadBuf, SECTOR_SIZE, WriteBuf};
+use crate::{RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf};
 
 /// The future a [`BlockDevice`] operation returns.
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -133,4 +133,28 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
 
     /// Makes every completed write durable.
     fn flush(&self) -> IoFuture<'_, io::Result<()>>;
+
+    /// The sectors of `offset_sectors..offset_sectors + len_sectors` that hold data; the rest
+    /// are holes that read as zeroes. Used by sparse copies
+    /// ([`Sparse::skip_holes`](crate::Sparse::skip_holes)) to read only what is allocated.
+    ///
+    /// May over-report (say a hole is data) but never under-report. The default reports
+    /// everything allocated: a device that cannot tell loses nothing but speed.
+    fn allocated(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<RangeSet>> {
+        let end = offset_sectors.saturating_add(len_sectors);
+        Box::pin(std::future::ready(Ok(RangeSet::from_range(offset_sectors..end))))
+    }
+
+    /// Whether [`deallocate`](BlockDevice::deallocate) releases storage (punches a hole)
+    /// rather than writing zeroes. Default `false`.
+    fn deallocates(&self) -> bool {
+        false
+    }
+
+    /// Makes `len_sectors` at `offset_sectors` read as zeroes and releases their storage where
+    /// the device can (a file punches a hole). The default is
+    /// [`write_zeroes`](BlockDevice::write_zeroes): the range reads as zeroes either way.
+    fn deallocate(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
+        self.write_zeroes(offset_sectors, len_sectors)
+    }
 }

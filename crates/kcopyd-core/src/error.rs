@@ -123,6 +123,12 @@ pub enum SubmitError {
         /// The device's logical block size in bytes.
         block_size: u32,
     },
+    /// A sparse copy's zero-scan block is not 0 or a power of two of at least 512 bytes.
+    #[error("zero-scan block of {bytes} bytes: must be 0 (off) or a power of two of at least 512")]
+    ZeroBlockSize {
+        /// The size given.
+        bytes: u32,
+    },
     /// A target overlaps the source on the same device.
     #[error("target {target} overlaps the source on {device}: {target_sectors:?} and {source_sectors:?}")]
     TargetOverlapsSource {

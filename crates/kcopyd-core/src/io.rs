@@ -92,6 +92,15 @@ impl SubJobIo {
         self.run(device, Op::WriteZeroes, len_bytes, request, io::Result::is_ok).await.and_then(|result| result)
     }
 
+    /// Makes `len_sectors` of `device` at `offset_sectors` read as zeroes, releasing their
+    /// storage (recorded as a write-zeroes).
+    pub(crate) async fn deallocate(&self, device: &Device, offset_sectors: u64, len_sectors: u64) -> io::Result<()> {
+        let owned = device.clone();
+        let request = async move { owned.deallocate(offset_sectors, len_sectors).await };
+        let len_bytes = len_sectors * SECTOR_SIZE as u64;
+        self.run(device, Op::WriteZeroes, len_bytes, request, io::Result::is_ok).await.and_then(|result| result)
+    }
+
     /// Runs one request: busy while in flight, bounded by the timeout, recorded. `Err` only
     /// when it timed out.
     async fn run<T: 'static>(

@@ -12,7 +12,8 @@
 use std::fmt;
 
 use crate::error::SubmitError;
-use crate::{ClientConfig, Flags, Outcome, PAGE_SIZE, Region, SECTOR_SIZE, TARGETS_MAX};
+use crate::sparse::HOLE_SUB_JOB_SECTORS_MAX;
+use crate::{ClientConfig, Flags, Outcome, PAGE_SIZE, Region, SECTOR_SIZE, Sparse, TARGETS_MAX};
 
 /// A job's completion callback: called once with its outcome, on the client's worker.
 pub(crate) type Callback = Box<dyn FnOnce(Outcome) + Send + 'static>;
@@ -28,7 +29,16 @@ pub struct Job {
 impl Job {
     /// Copy `source` to every target; every target's count must equal the source's.
     pub fn copy(source: Region, targets: Vec<Region>, flags: Flags) -> Job {
-        Job { kind: JobKind::Copy { source }, targets, flags, callback: None }
+        Job { kind: JobKind::Copy { source, sparse: Sparse::OFF }, targets, flags, callback: None }
+    }
+
+    /// Makes a copy sparse-aware: holes of the source are not read, zero blocks not written
+    /// as data (see [`Sparse`]). A zero job ignores it.
+    pub fn sparse(mut self, sparse: Sparse) -> Job {
+        if let JobKind::Copy { sparse: ours, .. } = &mut self.kind {
+            *ours = sparse;
+        }
+        self
     }
 
     /// Zero every target (all of the same count).
@@ -67,7 +77,7 @@ impl fmt::Debug for Job {
 /// What a job does.
 #[derive(Debug)]
 pub(crate) enum JobKind {
-    Copy { source: Region },
+    Copy { source: Region, sparse: Sparse },
     Zero,
 }
 
@@ -102,7 +112,12 @@ impl JobSpec {
             return Err(SubmitError::TooManyTargets { count: targets.len(), max: TARGETS_MAX });
         }
         let source = match &kind {
-            JobKind::Copy { source } => Some(source),
+            JobKind::Copy { source, sparse } => {
+                if !sparse.zero_block_is_valid() {
+                    return Err(SubmitError::ZeroBlockSize { bytes: sparse.zero_block_bytes });
+                }
+                Some(source)
+            }
             JobKind::Zero => None,
         };
         let len_sectors = source.unwrap_or(&targets[0]).len_sectors;
@@ -146,6 +161,30 @@ impl JobSpec {
 
     pub(crate) fn write_seq(&self) -> bool {
         self.flags.contains(Flags::WRITE_SEQ)
+    }
+
+    /// How the copy treats zeroes ([`Sparse::OFF`] for a zero job).
+    pub(crate) fn sparse(&self) -> Sparse {
+        match &self.kind {
+            JobKind::Copy { sparse, .. } => *sparse,
+            JobKind::Zero => Sparse::OFF,
+        }
+    }
+
+    /// Whether every target takes a hole without data moving through the engine.
+    pub(crate) fn holes_are_cheap(&self) -> bool {
+        let sparse = self.sparse();
+        self.targets.iter().all(|t| sparse.zeroes_are_cheap(&t.device.geometry(), t.device.deallocates()))
+    }
+
+    /// Most sectors of one hole sub-job: a hole is written as a zero buffer (and so within a
+    /// sub-job's size) to a target whose zeroes are not cheap.
+    pub(crate) fn hole_sectors_max(&self) -> u64 {
+        if self.holes_are_cheap() {
+            HOLE_SUB_JOB_SECTORS_MAX / self.block_sectors * self.block_sectors
+        } else {
+            self.subjob_sectors
+        }
     }
 }
 

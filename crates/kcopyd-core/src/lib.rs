@@ -19,7 +19,8 @@
 //! One file per concern, each using only those before it: `job.rs` (what a job is),
 //! `handle.rs` (its handle and outcome slot), `run.rs` (the algorithm), `shared.rs` (what a
 //! client's threads share), `actors.rs` (all actix code), `client.rs` (admission and
-//! shutdown). Device I/O for sub-jobs goes through `io.rs`, pages through `pool.rs`.
+//! shutdown). Device I/O for sub-jobs goes through `io.rs`, pages through `pool.rs`; sparse
+//! copies' allocation walk and zero scan live in `sparse.rs`, called from `run.rs`.
 //!
 //! The crate touches no files and no devices: its one OS resource is the page arena, an
 //! anonymous mapping reserved when the client starts. Everything device-specific lives
@@ -64,6 +65,7 @@ mod pool;
 mod region;
 mod run;
 mod shared;
+mod sparse;
 mod stats;
 mod throttle;
 mod time_scale;
@@ -83,6 +85,7 @@ pub use pool::{HUGE_PAGE_SIZE, PagePool, Pages, PoolStats};
 pub use region::{Flags, RangeSet, Region};
 pub use run::read_narrowed;
 pub use shared::{RunningJob, ShutdownReport};
+pub use sparse::{HOLE_SUB_JOB_SECTORS_MAX, Sparse, TargetZeroes};
 pub use stats::{ClientStats, DeviceStats, LATENCY_BUCKETS, LatencyHistogram, OpStats};
 pub use throttle::{BUSY_WINDOW, Throttle};
 pub use time_scale::{set_time_scale, time_scale, to_model, to_tokio};

@@ -124,8 +124,8 @@ pub struct RangeSet {
 
 impl RangeSet {
     /// The empty set.
-    pub fn new() -> RangeSet {
-        RangeSet::default()
+    pub const fn new() -> RangeSet {
+        RangeSet { ranges: Vec::new() }
     }
 
     /// The set holding one range.

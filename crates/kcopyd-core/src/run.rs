@@ -20,7 +20,7 @@
 //! turns strictly increase, and every page is back in the pool when a job's work is done
 //! (checked once per sub-job or per job, never per byte).
 
-use std::cell::RefCell;
+use std::cell::{OnceCell, RefCell};
 use std::future::Future;
 use std::io;
 use std::ops::Range;
@@ -39,9 +39,10 @@ use tokio::time::Instant;
 use crate::handle::JobShared;
 use crate::io::SubJobIo;
 use crate::job::{JobKind, JobSpec};
+use crate::sparse::{Allocation, SparseSubJob, zero_blocks};
 use crate::{
     Device, Outcome, PAGE_SIZE, PagePool, Pages, RangeSet, ReadBuf, Region, SECTOR_SIZE, TargetMask, TargetReport,
-    WriteBuf,
+    TargetZeroes, WriteBuf,
 };
 
 /// Polls `future` once: `Ready` if it needed no wait (for counting only real waits).
@@ -202,15 +203,32 @@ pub(crate) struct JobRun {
     turn_changed: Notify,
     /// The outcome, stored when the last sub-job is done.
     finished: RefCell<Option<Outcome>>,
+    /// A sparse copy skipping holes: the source's allocation, known before any sub-job starts.
+    allocation: OnceCell<Allocation>,
 }
 
 impl JobRun {
     pub(crate) fn new(spec: Arc<JobSpec>, pool: PagePool, io: Arc<SubJobIo>, shared: Arc<JobShared>) -> Rc<JobRun> {
         let state = RefCell::new(JobState::new(spec.targets.len()));
-        Rc::new(JobRun { spec, pool, io, shared, state, turn_changed: Notify::new(), finished: RefCell::new(None) })
+        let (turn_changed, finished, allocation) = (Notify::new(), RefCell::new(None), OnceCell::new());
+        Rc::new(JobRun { spec, pool, io, shared, state, turn_changed, finished, allocation })
     }
 
-    /// The whole job: resolves once every sub-job is done, with the outcome stored for
+    /// A sparse copy that skips holes first asks the source for its allocation: the future
+    /// that does, to run to its end before [`run`](JobRun::run); `None` for any other job.
+    pub(crate) fn query_allocation(self: &Rc<Self>) -> Option<impl Future<Output = ()> + 'static> {
+        let JobKind::Copy { source, sparse } = &self.spec.kind else { return None };
+        if !sparse.skip_holes || self.spec.len_sectors == 0 {
+            return None;
+        }
+        let (run, source) = (self.clone(), source.clone());
+        Some(async move {
+            let allocation = Allocation::query(&source, run.spec.len_sectors, run.spec.block_sectors).await;
+            run.allocation.set(allocation).expect("queried once");
+        })
+    }
+
+    /// The whole job (after [`query_allocation`](JobRun::query_allocation)): resolves once every sub-job is done, with the outcome stored for
     /// [`take_outcome`](JobRun::take_outcome). The plan (offloaded zeroing, nothing to do, or
     /// `subjobs_in_flight` sub-job loops) is chosen now, when the job starts.
     pub(crate) fn run(self: Rc<Self>) -> impl Future<Output = ()> {
@@ -271,8 +289,9 @@ impl JobRun {
     }
 
     /// The next sub-job (job-relative sectors), or `None` when the job is done, stopped or
-    /// cancelled.
-    fn take_subjob(&self) -> Option<Range<u64>> {
+    /// cancelled. A sparse copy's sub-jobs follow the source's allocation: data, or a hole
+    /// (nothing to read, and up to [`JobSpec::hole_sectors_max`] long).
+    fn take_subjob(&self) -> Option<SparseSubJob> {
         let mut state = self.state.borrow_mut();
         if state.cursor >= self.spec.len_sectors || state.stopped {
             return None;
@@ -281,16 +300,19 @@ impl JobRun {
             return None;
         }
         let start = state.cursor;
-        let end = (start + self.spec.subjob_sectors).min(self.spec.len_sectors);
-        state.cursor = end;
+        let (len, subjob_sectors) = (self.spec.len_sectors, self.spec.subjob_sectors);
+        let subjob = match self.allocation.get() {
+            Some(allocation) => allocation.next(start, len, subjob_sectors, self.spec.hole_sectors_max()),
+            None => SparseSubJob { sectors: start..(start + subjob_sectors).min(len), hole: false },
+        };
+        let (end, block) = (subjob.sectors.end, self.spec.block_sectors);
+        assert!(subjob.sectors.start == start && end > start);
+        assert!(end - start <= subjob_sectors || subjob.hole, "a sub-job that reads fits its pages");
         // Every read and write of a sub-job, and every narrowed piece, is then whole blocks
         // of every device of the job.
-        let block = self.spec.block_sectors;
-        assert!(
-            start < end && start % block == 0 && end % block == 0,
-            "sub-job {start}..{end} not in {block}-sector blocks"
-        );
-        Some(start..end)
+        assert!(start % block == 0 && end % block == 0, "sub-job {start}..{end} not in {block}-sector blocks");
+        state.cursor = end;
+        Some(subjob)
     }
 
     fn finished(&self) -> bool {
@@ -317,9 +339,17 @@ impl JobRun {
     async fn run_subjobs(self: Rc<Self>) {
         while !self.finished() {
             match &self.spec.kind {
-                JobKind::Copy { source } => {
+                JobKind::Copy { source, .. } => {
                     let Some(mut pages) = self.alloc_pages().await else { break };
-                    let Some(subjob) = self.take_subjob() else { break };
+                    let Some(SparseSubJob { sectors: subjob, hole }) = self.take_subjob() else { break };
+                    if hole {
+                        // A hole reads nothing: its pages go back at once.
+                        drop(pages);
+                        if !self.copy_hole(subjob).await {
+                            break;
+                        }
+                        continue;
+                    }
                     if !self.throttle_subjob(&subjob).await {
                         drop(pages);
                         self.give_up_subjob(subjob).await;
@@ -331,16 +361,29 @@ impl JobRun {
                     self.copy_subjob(source, subjob, ReadBuf::new(pages, len_bytes)).await;
                 }
                 JobKind::Zero => {
-                    let Some(subjob) = self.take_subjob() else { break };
+                    let Some(SparseSubJob { sectors: subjob, .. }) = self.take_subjob() else { break };
                     if !self.throttle_subjob(&subjob).await {
                         self.give_up_subjob(subjob).await;
                         break;
                     }
                     let data = WriteBuf::zeroes((subjob.end - subjob.start) as usize * SECTOR_SIZE);
-                    self.write_subjob(subjob.clone(), data, RangeSet::from_range(subjob)).await;
+                    self.write_subjob(subjob.clone(), data, RangeSet::from_range(subjob), RangeSet::new()).await;
                 }
             }
         }
+    }
+
+    /// A hole sub-job of a sparse copy: waits for the throttle, then writes the hole. `false`
+    /// if the job was cancelled meanwhile (the sub-job is given up).
+    async fn copy_hole(&self, hole: Range<u64>) -> bool {
+        // Paced by the bytes it moves: none where every target's zeroes are cheap.
+        let paced = if self.spec.holes_are_cheap() { hole.start..hole.start } else { hole.clone() };
+        if !self.throttle_subjob(&paced).await {
+            self.give_up_subjob(hole).await;
+            return false;
+        }
+        self.write_hole(hole).await;
+        true
     }
 
     /// Waits for the pages of one sub-job; `None` if the job was cancelled meanwhile (so that
@@ -386,7 +429,27 @@ impl JobRun {
                 state.stop_at(subjob.start);
             }
         }
-        self.write_subjob(subjob, WriteBuf::default(), RangeSet::new()).await;
+        self.write_subjob(subjob, WriteBuf::default(), RangeSet::new(), RangeSet::new()).await;
+    }
+
+    /// Writes a hole of the source (job-relative `hole`) to every target as zeroes.
+    async fn write_hole(&self, hole: Range<u64>) {
+        let whole = RangeSet::from_range(hole.clone());
+        // A zero buffer only for targets that must be written with data (within a sub-job).
+        let data = if self.spec.holes_are_cheap() {
+            WriteBuf::default()
+        } else {
+            WriteBuf::zeroes((hole.end - hole.start) as usize * SECTOR_SIZE)
+        };
+        self.write_subjob(hole, data, whole.clone(), whole).await;
+    }
+
+    /// The zero blocks of a sub-job just read (job-relative), if the copy scans for them.
+    fn zero_blocks(&self, subjob: &Range<u64>, data: &WriteBuf) -> RangeSet {
+        match self.spec.sparse().zero_block_sectors(self.spec.block_sectors) {
+            Some(zero_block_sectors) => zero_blocks(data, subjob.start, zero_block_sectors),
+            None => RangeSet::new(),
+        }
     }
 
     /// Reads one sub-job of the source and writes it to every target.
@@ -394,7 +457,11 @@ impl JobRun {
         let (buf, result) = self.io.read(&source.device, source.start_sector + subjob.start, buf).await;
         let whole = RangeSet::from_range(subjob.clone());
         let buf = match (buf, result) {
-            (Some(buf), Ok(())) => return self.write_subjob(subjob, buf.freeze(), whole).await,
+            (Some(buf), Ok(())) => {
+                let data = buf.freeze();
+                let zeroes = self.zero_blocks(&subjob, &data);
+                return self.write_subjob(subjob, data, whole, zeroes).await;
+            }
             (buf, Err(_)) => buf,
             (None, Ok(())) => unreachable!("a read that kept its buffer timed out"),
         };
@@ -410,13 +477,17 @@ impl JobRun {
                 state.read_failed.insert(subjob.clone());
             }
             // Nothing to write, but under WRITE_SEQ later sub-jobs wait for this one's turn.
-            return self.write_subjob(subjob, WriteBuf::default(), RangeSet::new()).await;
+            return self.write_subjob(subjob, WriteBuf::default(), RangeSet::new(), RangeSet::new()).await;
         };
         let (buf, unreadable) = self.narrow_source(source, subjob.clone(), buf).await;
         self.state.borrow_mut().read_failed.extend(&unreadable);
         match buf {
-            Some(buf) => self.write_subjob(subjob, buf.freeze(), whole.difference(&unreadable)).await,
-            None => self.write_subjob(subjob, WriteBuf::default(), RangeSet::new()).await,
+            Some(buf) => {
+                let data = buf.freeze();
+                let zeroes = self.zero_blocks(&subjob, &data).difference(&unreadable);
+                self.write_subjob(subjob, data, whole.difference(&unreadable), zeroes).await
+            }
+            None => self.write_subjob(subjob, WriteBuf::default(), RangeSet::new(), RangeSet::new()).await,
         }
     }
 
@@ -431,8 +502,11 @@ impl JobRun {
         narrow(subjob, self.spec.block_sectors, buf, true, read).await
     }
 
-    /// Writes the `readable` parts of `subjob` (job-relative) from `data` to every target.
-    async fn write_subjob(&self, subjob: Range<u64>, data: WriteBuf, readable: RangeSet) {
+    /// Writes the `readable` parts of `subjob` (job-relative) from `data` to every target; the
+    /// `zeroes` among them (holes, zero blocks) as the copy's [`TargetZeroes`] says where that
+    /// is cheap for the target, and as data (from `data`) where it is not.
+    async fn write_subjob(&self, subjob: Range<u64>, data: WriteBuf, readable: RangeSet, zeroes: RangeSet) {
+        debug_assert!(zeroes.difference(&readable).is_empty());
         let ranges = readable.ranges();
         assert!(
             ranges.first().is_none_or(|r| r.start >= subjob.start) && ranges.last().is_none_or(|r| r.end <= subjob.end),
@@ -445,7 +519,7 @@ impl JobRun {
         // later one would leave a hole. The ones before it were read and still land.
         let skip = self.spec.write_seq() && subjob.start >= self.state.borrow().stopped_at;
         if !skip && !readable.is_empty() {
-            self.write_targets(&subjob, &data, &readable).await;
+            self.write_targets(&subjob, &data, &readable, &zeroes).await;
         }
         drop(data);
         self.shared.add_done(subjob.end - subjob.start);
@@ -483,18 +557,34 @@ impl JobRun {
     }
 
     /// Writes `readable` (job-relative, inside `subjob`) from `data` to every target at once,
-    /// each target piece by piece, and records what landed and what failed.
-    async fn write_targets(&self, subjob: &Range<u64>, data: &WriteBuf, readable: &RangeSet) {
-        let writes = self.spec.targets.iter().map(|target| async move {
-            for piece in readable.ranges() {
-                let bytes = (piece.start - subjob.start) as usize * SECTOR_SIZE
-                    ..(piece.end - subjob.start) as usize * SECTOR_SIZE;
-                let result = self.io.write(&target.device, target.start_sector + piece.start, data.slice(bytes)).await;
-                if result.is_err() {
-                    return Err(piece.clone());
+    /// each target piece by piece in sector order (the `zeroes` among them as zeroes where
+    /// that is cheap for the target), and records what landed and what failed.
+    async fn write_targets(&self, subjob: &Range<u64>, data: &WriteBuf, readable: &RangeSet, zeroes: &RangeSet) {
+        let sparse = self.spec.sparse();
+        let writes = self.spec.targets.iter().map(|target| {
+            let cheap = sparse.zeroes_are_cheap(&target.device.geometry(), target.device.deallocates());
+            let pieces = pieces_in_order(readable, if cheap { zeroes } else { &EMPTY });
+            async move {
+                for (piece, zero) in pieces {
+                    let at = target.start_sector + piece.start;
+                    let result = match (zero, sparse.target_zeroes) {
+                        (true, TargetZeroes::Skip) => Ok(()),
+                        (true, TargetZeroes::Deallocate) if target.device.deallocates() => {
+                            self.io.deallocate(&target.device, at, piece.end - piece.start).await
+                        }
+                        (true, _) => self.io.write_zeroes(&target.device, at, piece.end - piece.start).await,
+                        (false, _) => {
+                            let bytes = (piece.start - subjob.start) as usize * SECTOR_SIZE
+                                ..(piece.end - subjob.start) as usize * SECTOR_SIZE;
+                            self.io.write(&target.device, at, data.slice(bytes)).await
+                        }
+                    };
+                    if result.is_err() {
+                        return Err(piece);
+                    }
                 }
+                Ok(())
             }
-            Ok(())
         });
         let results = join_all(writes).await;
         let mut state = self.state.borrow_mut();
@@ -545,7 +635,7 @@ impl JobRun {
         let state = self.state.borrow();
         let whole = RangeSet::from_range(0..self.spec.len_sectors);
         let read_failed = match &self.spec.kind {
-            JobKind::Copy { source } => on_device(&state.read_failed, source),
+            JobKind::Copy { source, .. } => on_device(&state.read_failed, source),
             JobKind::Zero => RangeSet::new(),
         };
         let targets = self
@@ -570,6 +660,22 @@ impl JobRun {
             callback_panicked: None,
         }
     }
+}
+
+/// An empty set, for targets that take every zero as data.
+static EMPTY: RangeSet = RangeSet::new();
+
+/// The pieces of `readable` in sector order, each marked whether it is in `zeroes` (a subset).
+fn pieces_in_order(readable: &RangeSet, zeroes: &RangeSet) -> Vec<(Range<u64>, bool)> {
+    let data = readable.difference(zeroes);
+    let mut pieces: Vec<(Range<u64>, bool)> = data
+        .ranges()
+        .iter()
+        .map(|r| (r.clone(), false))
+        .chain(zeroes.ranges().iter().map(|r| (r.clone(), true)))
+        .collect();
+    pieces.sort_by_key(|(range, _)| range.start);
+    pieces
 }
 
 /// Job-relative sectors in `region`'s device coordinates. Validation checked that the region

@@ -132,7 +132,7 @@ impl ClientShared {
             .map(|(&id, job)| RunningJob {
                 id,
                 source: match &job.spec.kind {
-                    JobKind::Copy { source } => Some(source.device.name().to_owned()),
+                    JobKind::Copy { source, .. } => Some(source.device.name().to_owned()),
                     JobKind::Zero => None,
                 },
                 targets: job.spec.targets.iter().map(|t| t.device.name().to_owned()).collect(),

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use kcopyd_core::{BlockDevice, DeviceId, Geometry, IoFuture, ReadBuf, SECTOR_SIZE, WriteBuf};
+use kcopyd_core::{BlockDevice, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf};
 use rustix::fs::OFlags;
 
 use crate::aligned::{MemoryRules, Transfer};
@@ -138,6 +138,8 @@ pub struct OsIoStats {
     pub write_zeroes_offloaded: u64,
     /// Write-zeroes requests served by writing zeroes.
     pub write_zeroes_written: u64,
+    /// Holes punched in a file (`FALLOC_FL_PUNCH_HOLE`) by deallocate requests.
+    pub holes_punched: u64,
     /// Flushes that completed.
     pub flushes: u64,
     /// Reads and writes that went through a bounce buffer (misaligned user memory).
@@ -154,6 +156,7 @@ struct Counters {
     writes: AtomicU64,
     write_zeroes_offloaded: AtomicU64,
     write_zeroes_written: AtomicU64,
+    holes_punched: AtomicU64,
     flushes: AtomicU64,
     bounced: AtomicU64,
     refused: AtomicU64,
@@ -221,6 +224,8 @@ pub struct OsDevice {
     rules: Option<MemoryRules>,
     /// Files: whether `FALLOC_FL_ZERO_RANGE` is still believed to work.
     zero_range: AtomicBool,
+    /// Files: whether `FALLOC_FL_PUNCH_HOLE` is still believed to work.
+    punch_hole: AtomicBool,
     /// Serves reads, writes and flushes ([`OpenOptions::engine`], chosen at open), and runs
     /// the blocking work (write-zeroes) on its thread pool.
     engine: Box<dyn Engine>,
@@ -284,6 +289,7 @@ impl OsDevice {
             options: options.clone(),
             file: Arc::new(file),
             zero_range: AtomicBool::new(kind == DeviceKind::File && geometry.write_zeroes),
+            punch_hole: AtomicBool::new(kind == DeviceKind::File),
             geometry,
             id,
             storage,
@@ -334,6 +340,7 @@ impl OsDevice {
             writes: load(&c.writes),
             write_zeroes_offloaded: load(&c.write_zeroes_offloaded),
             write_zeroes_written: load(&c.write_zeroes_written),
+            holes_punched: load(&c.holes_punched),
             flushes: load(&c.flushes),
             bounced: load(&c.bounced),
             refused: load(&c.refused),
@@ -635,6 +642,74 @@ impl BlockDevice for OsDevice {
                 }
             }
             Ok(())
+        })
+    }
+
+    fn allocated(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<RangeSet>> {
+        let sector_bytes = SECTOR_SIZE as u64;
+        let end_sectors = offset_sectors.saturating_add(len_sectors).min(self.geometry.len_sectors);
+        if self.kind == DeviceKind::BlockDevice || offset_sectors >= end_sectors {
+            // A block device says nothing about allocation: all of it holds data.
+            return Box::pin(ready(Ok(RangeSet::from_range(
+                offset_sectors..offset_sectors.saturating_add(len_sectors),
+            ))));
+        }
+        let file = self.file.clone();
+        let reply = self.engine.submit(move || {
+            let ranges = sys::file_data_ranges(&file, offset_sectors * sector_bytes, end_sectors * sector_bytes);
+            drop(file);
+            ranges
+        });
+        Box::pin(async move {
+            let ranges = reply.await.expect(WORKER_REPLIES)?;
+            let mut set = RangeSet::new();
+            for range in ranges {
+                // Rounded out to whole sectors: data is never reported as a hole.
+                set.insert(range.start / sector_bytes..range.end.div_ceil(sector_bytes));
+            }
+            Ok(set)
+        })
+    }
+
+    fn deallocates(&self) -> bool {
+        self.kind == DeviceKind::File
+    }
+
+    fn deallocate(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
+        if self.kind != DeviceKind::File || !self.punch_hole.load(Ordering::Relaxed) {
+            return self.write_zeroes(offset_sectors, len_sectors);
+        }
+        let len_bytes = len_sectors.checked_mul(SECTOR_SIZE as u64);
+        let offset_bytes = match self.check(Op::WriteZeroes, offset_sectors, len_bytes) {
+            Ok(offset_bytes) => offset_bytes,
+            Err(error) => return Box::pin(ready(Err(error))),
+        };
+        let len_bytes = len_bytes.expect("checked");
+        if len_bytes == 0 {
+            return Box::pin(ready(Ok(())));
+        }
+        let file = self.file.clone();
+        let reply = self.engine.submit(move || {
+            let result = sys::file_punch_hole(&file, offset_bytes, len_bytes);
+            drop(file);
+            result
+        });
+        Box::pin(async move {
+            match reply.await.expect(WORKER_REPLIES) {
+                Ok(()) => {
+                    bump(&self.counters.holes_punched);
+                    Ok(())
+                }
+                Err(error) if sys::is_unsupported(&error) => {
+                    // The filesystem cannot punch holes: zero the range instead, from now on.
+                    self.punch_hole.store(false, Ordering::Relaxed);
+                    self.write_zeroes(offset_sectors, len_sectors).await
+                }
+                Err(error) => {
+                    bump(&self.counters.failed);
+                    Err(error)
+                }
+            }
         })
     }
 

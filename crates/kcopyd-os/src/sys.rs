@@ -6,9 +6,10 @@
 
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::path::Path;
 
-use rustix::fs::{AtFlags, FallocateFlags, StatxFlags};
+use rustix::fs::{AtFlags, FallocateFlags, SeekFrom, StatxFlags};
 use rustix::io::Errno;
 use rustix::ioctl::{Getter, Opcode, Setter, ioctl, opcode};
 
@@ -63,6 +64,37 @@ pub(crate) fn block_device_zero_out(file: &File, offset_bytes: u64, len_bytes: u
 /// grows. EOPNOTSUPP when the filesystem (or this file's layout) cannot do it.
 pub(crate) fn file_zero_range(file: &File, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
     Ok(rustix::fs::fallocate(file, FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE, offset_bytes, len_bytes)?)
+}
+
+/// Punches a hole of `len_bytes` from `offset_bytes` in a regular file with
+/// `fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)`: the range reads as zeroes and its
+/// blocks are freed. EOPNOTSUPP when the filesystem cannot.
+pub(crate) fn file_punch_hole(file: &File, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
+    Ok(rustix::fs::fallocate(file, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset_bytes, len_bytes)?)
+}
+
+/// The byte ranges of `start_bytes..end_bytes` in a regular file that hold data, by
+/// `lseek(SEEK_DATA)` and `lseek(SEEK_HOLE)`. A filesystem without holes reports everything
+/// as data. Only the returned offsets matter: the file position is never used for I/O here.
+pub(crate) fn file_data_ranges(file: &File, start_bytes: u64, end_bytes: u64) -> io::Result<Vec<Range<u64>>> {
+    let mut ranges = Vec::new();
+    let mut at = start_bytes;
+    while at < end_bytes {
+        let data = match rustix::fs::seek(file, SeekFrom::Data(at)) {
+            Ok(data) => data,
+            // ENXIO: no data from `at` to the end of the file.
+            Err(Errno::NXIO) => break,
+            Err(error) => return Err(error.into()),
+        };
+        if data >= end_bytes {
+            break;
+        }
+        let hole = rustix::fs::seek(file, SeekFrom::Hole(data))?;
+        assert!(hole > data, "SEEK_HOLE from data at {data} gave {hole}");
+        ranges.push(data..hole.min(end_bytes));
+        at = hole;
+    }
+    Ok(ranges)
 }
 
 /// Whether `error` says that an operation is not supported here.

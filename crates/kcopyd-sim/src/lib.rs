@@ -17,16 +17,21 @@
 //! a test can compare what a job reported with what fired ([`MemDisk::fault_log`]). Run under
 //! [`Simulation`], every actor and every simulated I/O shares one thread and paused tokio
 //! time, so a seed replays the same [`Trace`] bit for bit.
+//!
+//! [`explore`] runs scenario files (disks, client, jobs, a foreground workload) and sweeps over
+//! their keys, for design exploration.
 #![warn(missing_docs)]
 
 mod disk_model;
 mod error;
+pub mod explore;
 mod faults;
 mod mem_disk;
 mod simulation;
 mod storage;
 mod timing;
 mod trace;
+pub mod units;
 
 pub use disk_model::{DiskModel, Measurement};
 pub use error::{DiskError, DiskFailure};

@@ -275,6 +275,12 @@ impl MemDisk {
         self.lock().storage.provenance(sectors)
     }
 
+    /// Sectors of `sectors` holding anything but zero extents (see [`BlockDevice::allocated`]):
+    /// what a thin volume would have mapped.
+    pub fn allocated_sectors(&self, sectors: Range<u64>) -> u64 {
+        self.lock().storage.allocated(sectors).len_sectors()
+    }
+
     /// Runs of content a sparse disk holds (0 for a dense disk): its memory in units.
     pub fn extents(&self) -> usize {
         self.lock().storage.extents()
@@ -759,6 +765,20 @@ impl BlockDevice for MemDisk {
             wait_until(issued.done).await;
             self.serve_write(&issued, Operation::WriteZeroes, sectors, None).await
         })
+    }
+
+    /// A sparse disk's allocation is its non-zero extents (a thin volume's mapped blocks);
+    /// a dense disk is all allocated. Answering costs no virtual time (metadata).
+    fn allocated(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<RangeSet>> {
+        let end = offset_sectors.saturating_add(len_sectors).min(self.options.len_sectors);
+        let set =
+            if offset_sectors < end { self.lock().storage.allocated(offset_sectors..end) } else { RangeSet::new() };
+        Box::pin(std::future::ready(Ok(set)))
+    }
+
+    /// A sparse disk frees what it zeroes (its write-zeroes drops the extents).
+    fn deallocates(&self) -> bool {
+        self.options.sparse
     }
 
     fn flush(&self) -> IoFuture<'_, io::Result<()>> {

@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use bytes::Bytes;
-use kcopyd_core::SECTOR_SIZE;
+use kcopyd_core::{RangeSet, SECTOR_SIZE};
 use serde::{Deserialize, Serialize};
 
 use crate::mix64;
@@ -389,6 +389,23 @@ impl Storage {
             }
         }
         map.insert(start, (len, content));
+    }
+
+    /// The sectors of `sectors` that hold anything but zero extents: everything on dense
+    /// storage, the non-zero runs on sparse storage (a thin volume's allocation).
+    pub(crate) fn allocated(&self, sectors: Range<u64>) -> RangeSet {
+        let mut set = RangeSet::new();
+        match &self.layout {
+            Layout::Dense(_) => set.insert(sectors),
+            Layout::Extents(map) => {
+                for (run_start, (run_len, content)) in overlapping(map, sectors.clone()) {
+                    if !matches!(content, Content::Zero) {
+                        set.insert(run_start.max(sectors.start)..(run_start + run_len).min(sectors.end));
+                    }
+                }
+            }
+        }
+        set
     }
 
     /// The provenance of every run overlapping `sectors`, clipped to it.

@@ -1,0 +1,124 @@
+//! `kcopyd sim run` and `kcopyd sim sweep` end to end: the binary on a shipped scenario,
+//! scaled down with `--set`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+fn scenario(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../../scenarios/{name}.toml")).display().to_string()
+}
+
+/// Runs kcopyd; returns (exit code, stdout, stderr).
+fn kcopyd(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_kcopyd")).args(args).output().expect("kcopyd runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+const SMALL_NVME: [&str; 4] = ["--set", "disks.primary.len_sectors=64M", "--set", "disks.mirror.len_sectors=64M"];
+
+#[test]
+fn run_prints_a_summary_json_and_a_picture() {
+    let nvme = scenario("nvme-resync");
+    let (code, out, err) = kcopyd(&[&["sim", "run", nvme.as_str()][..], &SMALL_NVME[..]].concat());
+    assert_eq!(code, 0, "{err}");
+    for needle in
+        ["64 MiB in", "MB/s", "pages:", "I/O sizes", "512 KiB", "queue depth over time", "with the jobs: p50", "alone:"]
+    {
+        assert!(out.contains(needle), "summary has '{needle}':\n{out}");
+    }
+
+    let dir = std::env::temp_dir().join(format!("kcopyd-sim-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("run.svg");
+    let svg_arg = svg.display().to_string();
+    let (code, out, err) =
+        kcopyd(&[&["sim", "run", nvme.as_str(), "--json", "--svg", svg_arg.as_str()][..], &SMALL_NVME[..]].concat());
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).expect("one JSON object");
+    assert_eq!(report["job_bytes"], 64 << 20);
+    assert!(report["copy_seconds"].as_f64().unwrap() > 0.0 && report["wall_seconds"].as_f64().is_some());
+    assert!(report["foreground"]["alone"]["p99_ms"].as_f64().is_some());
+    assert!(report["timeline"].as_array().unwrap().len() > 10);
+    let picture = std::fs::read_to_string(&svg).expect("the SVG is written");
+    assert!(
+        picture.starts_with("<svg") && picture.contains("Engine throughput") && picture.contains("Foreground latency")
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn sweep_ranks_points_by_the_metric_and_draws_a_heat_map() {
+    let study = scenario("subjob-study");
+    let dir = std::env::temp_dir().join(format!("kcopyd-sim-sweep-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("sweep.svg");
+    let svg_arg = svg.display().to_string();
+    let args = [
+        "sim",
+        "sweep",
+        study.as_str(),
+        "--set",
+        "jobs.0.count=4",
+        "--vary",
+        "client.sub_job_size_bytes=64K,512K",
+        "--vary",
+        "client.subjobs_in_flight=1,8",
+        "--json",
+        "--svg",
+        svg_arg.as_str(),
+    ];
+    let (code, out, err) = kcopyd(&args);
+    assert_eq!(code, 0, "{err}");
+    let result: Value = serde_json::from_str(&out).expect("one JSON object");
+    assert_eq!(result["metric"], "throughput_mb_per_s");
+    let points = result["points"].as_array().unwrap();
+    assert_eq!(points.len(), 4);
+    let metrics: Vec<f64> = points.iter().map(|p| p["metric"].as_f64().unwrap()).collect();
+    assert!(metrics.windows(2).all(|w| w[0] >= w[1]), "best first: {metrics:?}");
+    assert_eq!(points[0]["values"]["client.sub_job_size_bytes"], "512K");
+    assert_eq!(points[0]["values"]["client.subjobs_in_flight"], "8");
+    let picture = std::fs::read_to_string(&svg).expect("the SVG is written");
+    assert!(picture.contains("throughput_mb_per_s") && picture.contains("512K") && picture.contains("<rect"));
+
+    // The table, sorted the other way for a lower-is-better metric.
+    let (code, out, err) = kcopyd(&[
+        "sim",
+        "sweep",
+        study.as_str(),
+        "--set",
+        "jobs.0.count=2",
+        "--vary",
+        "client.sub_job_size_bytes=64K,512K",
+        "--metric",
+        "copy_seconds",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<&str> = out.lines().collect();
+    assert!(rows[0].contains("copy_seconds (sorted)"), "{out}");
+    assert!(rows[1].trim_start().starts_with("512K") && rows[2].trim_start().starts_with("64K"), "{out}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_scenarios_keys_and_metrics_are_usage_errors() {
+    let study = scenario("subjob-study");
+    let (code, _, err) = kcopyd(&["sim", "run", "/nonexistent/x.toml"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("/nonexistent/x.toml"), "{err}");
+    let (code, _, err) = kcopyd(&["sim", "run", study.as_str(), "--set", "client.sub_job_sise_bytes=64K"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("sub_job_sise_bytes"), "names the unknown key: {err}");
+    let (code, _, err) = kcopyd(&["sim", "sweep", study.as_str(), "--vary", "client.sub_job_size_bytes=64Q"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("client.sub_job_size_bytes") && err.contains("64Q"), "{err}");
+    let (code, _, err) =
+        kcopyd(&["sim", "sweep", study.as_str(), "--vary", "client.subjobs_in_flight=1", "--metric", "speed"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("speed") && err.contains("throughput_mb_per_s"), "lists the metrics: {err}");
+}

@@ -1,0 +1,138 @@
+//! Design exploration: scenario files, runs in virtual time and sweeps over their keys.
+//!
+//! ```text
+//!  scenario.toml ─► toml value tree ─► [set_path: --vary / --set] ─► units ─► Scenario
+//!                                                                            │ validate
+//!     Report ◄── assemble ◄── Simulation (jobs + foreground) ◄── run ◄───────┘
+//!        ▲                    Simulation (foreground alone: the baseline)
+//!  sweep: the cross product of the varied values, one Simulation per thread
+//! ```
+//!
+//! A scenario names disks (the simulator's [`MemDiskOptions`](crate::MemDiskOptions), sparse by
+//! default so terabytes cost little memory), the client ([`ClientConfig`](kcopyd_core::ClientConfig)),
+//! jobs and an optional foreground workload. [`run`] reports the virtual duration, throughput,
+//! per-job and per-target outcomes, the page high-water mark, request sizes, queue depth and
+//! throughput over time, and the foreground's latency with and without the jobs. The same seed
+//! gives the same report (but for `wall_seconds`).
+
+mod keys;
+mod probe;
+mod report;
+mod runner;
+mod scenario;
+mod series;
+mod sweep;
+mod verify;
+
+use kcopyd_core::{ConfigError, SubmitError};
+use thiserror::Error;
+
+use crate::units::SizeError;
+
+pub use keys::{parse_value, set_path};
+pub use report::{
+    DiskReport, ForegroundReport, IoSizeCount, JobReport, Latencies, METRICS, Metric, Report, Sample, TargetOutcome,
+    metric,
+};
+pub use runner::run;
+pub use scenario::{
+    Access, Content, DENSE_LEN_BYTES_MAX, DISKS_MAX, DiskSpec, FOREGROUND_IO_BYTES_MAX, FOREGROUND_QUEUE_DEPTH_MAX,
+    ForegroundSpec, JOB_COUNT_MAX, JobKind, JobSpec, Scenario, parse_tree,
+};
+pub use series::BUCKETS_MAX;
+pub use sweep::{POINTS_MAX, SweepPoint, Vary, sweep};
+pub use verify::Verification;
+
+/// Why a scenario could not be read or run. Each names the key, disk or job at fault.
+#[derive(Debug, Error)]
+pub enum ScenarioError {
+    /// The TOML does not parse, or does not fit the scenario's types (an unknown key, a
+    /// wrong type, a missing field).
+    #[error("scenario: {source}")]
+    Toml {
+        /// What the TOML reader said (with the key and line).
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A string under a unit-suffixed key that does not read as that unit.
+    #[error("scenario key '{key}': {source}")]
+    Unit {
+        /// The dotted key.
+        key: String,
+        /// What is wrong with the value.
+        #[source]
+        source: SizeError,
+    },
+    /// A dotted key that cannot be set, or a value that does not fit it.
+    #[error("scenario key '{key}': {problem}")]
+    Key {
+        /// The dotted key.
+        key: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The client configuration is out of bounds.
+    #[error("scenario [client]: {source}")]
+    Client {
+        /// The engine's complaint.
+        #[source]
+        source: ConfigError,
+    },
+    /// A disk, job or the foreground that does not hold together.
+    #[error("scenario {what}: {problem}")]
+    Invalid {
+        /// Which part.
+        what: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A job or the foreground names a disk that is not in `[disks]`.
+    #[error("scenario {user}: no disk named '{disk}' in [disks]")]
+    UnknownDisk {
+        /// The job or foreground.
+        user: String,
+        /// The name given.
+        disk: String,
+    },
+    /// A region past the end of its disk.
+    #[error(
+        "scenario {user}: sectors {start_sector}..+{len_sectors} do not fit disk '{disk}' of {disk_len_sectors} sectors"
+    )]
+    OutOfRange {
+        /// The job or foreground.
+        user: String,
+        /// The disk.
+        disk: String,
+        /// Start of the region (of all the entry's repetitions).
+        start_sector: u64,
+        /// Length of the region.
+        len_sectors: u64,
+        /// The disk's length.
+        disk_len_sectors: u64,
+    },
+    /// The engine refused a job at submission (nothing of it was read or written).
+    #[error("scenario {job}: the engine refused the job: {source}")]
+    Submit {
+        /// The job entry.
+        job: String,
+        /// The engine's reason.
+        #[source]
+        source: SubmitError,
+    },
+    /// A disk's model file cannot be read or is not a disk model.
+    #[error("scenario disk '{disk}': model '{path}': {problem}")]
+    Model {
+        /// The disk.
+        disk: String,
+        /// The file, as given.
+        path: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A sweep that does not hold together (no values, too many points, an unknown metric).
+    #[error("sweep: {problem}")]
+    Sweep {
+        /// What is wrong.
+        problem: String,
+    },
+}
