@@ -13,13 +13,12 @@
 //! The budget bounds everything at once: `in_flight × devices × chunk pages ≤ pool pages`,
 //! so that no allocation ever waits behind another chunk's.
 
-use std::io;
 use std::ops::Range;
 
 use futures_util::StreamExt;
 use futures_util::future::join_all;
 use futures_util::stream;
-use kcopyd_core::{Device, PAGE_SIZE, PagePool, RangeSet, ReadBuf, SECTOR_SIZE};
+use kcopyd_core::{Device, PAGE_SIZE, PagePool, RangeSet, ReadBuf, SECTOR_SIZE, read_narrowed};
 
 /// How a comparison reads: bytes per read, devices read at once, chunks in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,8 +194,9 @@ impl ChunkReader<'_> {
         };
         let mut source_bytes = Vec::new();
         for (group_index, group) in self.sides.chunks(self.devices_at_once).enumerate() {
-            let reads =
-                join_all(group.iter().map(|side| read_narrowed(side, chunk.clone(), self.block_sectors, self.pool)));
+            let reads = join_all(
+                group.iter().map(|side| read_narrowed_side(side, chunk.clone(), self.block_sectors, self.pool)),
+            );
             let mut buffers = reads.await.into_iter();
             // Target `first_target + i` is the group's `i`th target.
             let first_target = if group_index == 0 {
@@ -260,36 +260,23 @@ fn compare_chunk(
 }
 
 /// Reads `chunk` (relative sectors) of one side into fresh pages. A failed read is retried in
-/// halves down to single blocks; returns the buffer and the relative sectors that stayed
-/// unreadable.
-async fn read_narrowed(side: &Side, chunk: Range<u64>, block_sectors: u64, pool: &PagePool) -> (ReadBuf, RangeSet) {
+/// halves down to single blocks, by the engine's own narrowing re-read
+/// ([`read_narrowed`]); returns the buffer and the relative sectors that stayed unreadable.
+async fn read_narrowed_side(
+    side: &Side,
+    chunk: Range<u64>,
+    block_sectors: u64,
+    pool: &PagePool,
+) -> (ReadBuf, RangeSet) {
     let len_bytes = (chunk.end - chunk.start) as usize * SECTOR_SIZE;
     let pages = pool.alloc(len_bytes.div_ceil(PAGE_SIZE)).await;
     let mut buf = ReadBuf::new(pages, len_bytes);
     if side.zero_before_read {
         buf.fill(0);
     }
-    let mut unreadable = RangeSet::new();
-    let mut pending = vec![chunk.clone()];
-    while let Some(piece) = pending.pop() {
-        let window =
-            (piece.start - chunk.start) as usize * SECTOR_SIZE..(piece.end - chunk.start) as usize * SECTOR_SIZE;
-        buf.set_window(window);
-        let result: io::Result<()>;
-        (buf, result) = side.device.read(side.start_sector + piece.start, buf).await;
-        if result.is_ok() {
-            continue;
-        }
-        let blocks = (piece.end - piece.start) / block_sectors;
-        if blocks <= 1 {
-            unreadable.insert(piece);
-            continue;
-        }
-        let middle = piece.start + blocks / 2 * block_sectors;
-        pending.push(middle..piece.end);
-        pending.push(piece.start..middle);
-    }
-    buf.reset_window();
+    let on_device = side.start_sector + chunk.start..side.start_sector + chunk.end;
+    let (buf, unreadable) = read_narrowed(&side.device, on_device, block_sectors, buf).await;
+    let unreadable = unreadable.shifted(side.start_sector, 0).expect("unreadable sectors lie inside the range read");
     (buf, unreadable)
 }
 

@@ -24,7 +24,7 @@ use crate::pool::{PagePool, Pages};
 /// A writable buffer made of pool pages, filled by [`BlockDevice::read`](crate::BlockDevice::read).
 ///
 /// Its `window` is the part a read fills; it starts as the whole buffer. The engine narrows
-/// it to re-read pieces of a chunk in place.
+/// it to re-read pieces of a sub-job in place ([`read_narrowed`](crate::read_narrowed)).
 pub struct ReadBuf {
     pages: Pages,
     len_bytes: usize,

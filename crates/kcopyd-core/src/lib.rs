@@ -4,12 +4,23 @@
 //! with asynchronous completion, a bounded page budget and exact per-target error reports.
 //!
 //! ```text
-//!  submit(copy/zero) ──► ClientActor ──► JobActor ──► slots (≤ subjobs_in_flight)
-//!      │ validation          │ admission     │        take pages (FIFO) → take next chunk
-//!      │ (before any I/O)    │ callbacks     │        read the source once into the pages
-//!      ▼                     ▼               │        freeze → write every target at once
-//!  JobHandle (await / wait)  one completion ◄┘        merge errors into the job's Outcome
+//!  Job::copy / Job::zero ─► Client::submit ─► JobSpec::validate (job.rs; before any I/O)
+//!                              │ admission permit (queued_jobs_max)
+//!                              ▼
+//!  JobHandle ◄─ outcome slot ─ ClientActor ─start─► JobActor ─► JobRun::run (run.rs, no actix)
+//!  (handle.rs: await, wait,    (actors.rs: one       │           min(subjobs_in_flight, sub-jobs)
+//!   progress, cancel)           arbiter; callbacks   │           loops, each sub-job after sub-job:
+//!                               one at a time) ◄─────┘           pages (FIFO) → next sub-job →
+//!                                   JobDone                      throttle → read the source once
+//!                                                                (narrow on error) → [WRITE_SEQ
+//!                                                                turn] → write every target
 //! ```
+//!
+//! One file per concern, each using only those before it: `job.rs` (what a job is),
+//! `handle.rs` (its handle and outcome slot), `run.rs` (the algorithm), `shared.rs` (what a
+//! client's threads share), `actors.rs` (all actix code), `client.rs` (admission and
+//! shutdown). Device I/O for sub-jobs goes through `io.rs`, pages through `pool.rs`; sparse
+//! copies' allocation walk and zero scan live in `sparse.rs`, called from `run.rs`.
 //!
 //! The crate touches no files and no devices: its one OS resource is the page arena, an
 //! anonymous mapping reserved when the client starts. Everything device-specific lives
@@ -39,33 +50,41 @@
 // A library does not print: diagnostics go through `tracing`, results through outcomes.
 #![cfg_attr(not(test), deny(clippy::print_stderr, clippy::print_stdout))]
 
+mod actors;
 mod block_on;
 mod buffer;
 mod client;
 mod config;
 mod device;
 mod error;
+mod handle;
 mod io;
 mod job;
 mod outcome;
 mod pool;
 mod region;
+mod run;
+mod shared;
 mod sparse;
 mod stats;
 mod throttle;
 mod time_scale;
 
 pub use buffer::{ReadBuf, WriteBuf};
-pub use client::{Client, Job, JobHandle, PreparedCallback, Progress, RunningJob, ShutdownReport};
+pub use client::{Client, PreparedCallback};
 pub use config::{
     ClientConfig, PAGE_BUDGET_DEFAULT, SUB_JOB_SIZE_DEFAULT_BYTES, SUB_JOB_SIZE_MAX, SUBJOBS_IN_FLIGHT_DEFAULT,
     SUBJOBS_IN_FLIGHT_MAX,
 };
 pub use device::{BlockDevice, Device, DeviceId, Geometry, IntoDevice, IoFuture};
 pub use error::{ConfigError, ShiftError, ShutdownError, SubmitError};
+pub use handle::{JobHandle, Progress};
+pub use job::Job;
 pub use outcome::{Outcome, TargetMask, TargetReport};
 pub use pool::{HUGE_PAGE_SIZE, PagePool, Pages, PoolStats};
 pub use region::{Flags, RangeSet, Region};
+pub use run::read_narrowed;
+pub use shared::{RunningJob, ShutdownReport};
 pub use sparse::{HOLE_SUB_JOB_SECTORS_MAX, Sparse, TargetZeroes};
 pub use stats::{ClientStats, DeviceStats, LATENCY_BUCKETS, LatencyHistogram, OpStats};
 pub use throttle::{BUSY_WINDOW, Throttle};

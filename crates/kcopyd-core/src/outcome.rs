@@ -100,7 +100,7 @@ pub struct Outcome {
     /// The targets where a write failed.
     pub write_err: TargetMask,
     /// Source-device sectors that could not be read (narrowed down to logical blocks with
-    /// `IGNORE_ERROR`, whole chunks without it). To find them on a target, shift by the
+    /// `IGNORE_ERROR`, whole sub-jobs without it). To find them on a target, shift by the
     /// difference of the regions' starts.
     pub read_failed: RangeSet,
     /// One report per target, in the order the targets were given.
@@ -108,7 +108,7 @@ pub struct Outcome {
     /// The job was cancelled before it finished.
     pub cancelled: bool,
     /// A device or the engine panicked while running the job, with the panic's message. The
-    /// job stopped there: the chunk being worked on counts as not copied on every target, and
+    /// job stopped there: the sub-job being worked on counts as not copied on every target, and
     /// writes that other targets had in flight for it were abandoned (they may still land).
     /// The client goes on serving other jobs.
     #[serde(default)]

@@ -148,13 +148,13 @@ impl Allocation {
         Allocation { allocated: set }
     }
 
-    /// The sub-job starting at `cursor` (< `len_sectors`): data up to `chunk_sectors` within an
+    /// The sub-job starting at `cursor` (< `len_sectors`): data up to `subjob_sectors` within an
     /// allocated range, or a hole up to `hole_sectors_max`.
     pub(crate) fn next(
         &self,
         cursor: u64,
         len_sectors: u64,
-        chunk_sectors: u64,
+        subjob_sectors: u64,
         hole_sectors_max: u64,
     ) -> SparseSubJob {
         assert!(cursor < len_sectors);
@@ -162,7 +162,7 @@ impl Allocation {
         let index = ranges.partition_point(|range| range.end <= cursor);
         match ranges.get(index) {
             Some(range) if range.start <= cursor => {
-                SparseSubJob { sectors: cursor..range.end.min(cursor + chunk_sectors), hole: false }
+                SparseSubJob { sectors: cursor..range.end.min(cursor + subjob_sectors), hole: false }
             }
             next => {
                 let hole_end = next.map_or(len_sectors, |range| range.start);
@@ -178,15 +178,15 @@ fn all_zero(bytes: &[u8]) -> bool {
     strides.all(|stride| stride.iter().fold(0u8, |acc, &b| acc | b) == 0) && strides.remainder().iter().all(|&b| b == 0)
 }
 
-/// The job-relative sectors of `data` (the sub-job at job-relative `chunk_start`) that are
-/// whole blocks of `zero_block_sectors` of zeroes, blocks counted from `chunk_start` (the
+/// The job-relative sectors of `data` (the sub-job at job-relative `subjob_start`) that are
+/// whole blocks of `zero_block_sectors` of zeroes, blocks counted from `subjob_start` (the
 /// last one may be shorter).
 ///
 /// ```text
 ///  data:  [ 0000 | ab00 | 0000 | 0000 ]   4 blocks from sector 100, 8 sectors each
 ///  zero:  100..108, 116..132
 /// ```
-pub(crate) fn zero_blocks(data: &WriteBuf, chunk_start: u64, zero_block_sectors: u64) -> RangeSet {
+pub(crate) fn zero_blocks(data: &WriteBuf, subjob_start: u64, zero_block_sectors: u64) -> RangeSet {
     let block_bytes = zero_block_sectors as usize * SECTOR_SIZE;
     let mut zero = RangeSet::new();
     // Walk blocks across the buffer's segments, a block zero while all its pieces are.
@@ -195,7 +195,7 @@ pub(crate) fn zero_blocks(data: &WriteBuf, chunk_start: u64, zero_block_sectors:
     let mut at = 0usize;
     let mut close = |block_start: usize, end: usize, block_zero: bool| {
         if block_zero && end > block_start {
-            let sector = |bytes: usize| chunk_start + (bytes / SECTOR_SIZE) as u64;
+            let sector = |bytes: usize| subjob_start + (bytes / SECTOR_SIZE) as u64;
             zero.insert(sector(block_start)..sector(end));
         }
     };
