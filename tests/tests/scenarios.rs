@@ -126,14 +126,33 @@ fn hdd_mirror_resync_reports_what_latent_errors_left_uncopied() {
     assert!(alone.count.abs_diff(foreground.with_jobs.count) <= 1, "{foreground:?}");
     // The narrowing re-reads show in the request sizes: halves of 512 KiB down to 512 bytes.
     assert!(report.io_sizes.iter().any(|s| s.size_bytes == 512 && s.reads > 0), "{:?}", report.io_sizes);
-    // 180 MB/s at best while the resync's reads follow each other; every random read of the
-    // application costs a seek there and one back (about 25 ms), and 20 a second take about
-    // half the head's time.
-    assert!(report.throughput_mb_per_s > 60.0 && report.throughput_mb_per_s < 120.0, "{}", report.throughput_mb_per_s);
+    // Under 180 MB/s: the narrowing re-reads of 2 % failing requests cost time as well.
+    assert!(report.throughput_mb_per_s > 20.0 && report.throughput_mb_per_s < 180.0, "{}", report.throughput_mb_per_s);
     let primary = disk(&report, "primary");
     assert!(primary.busy_percent > 95.0, "the primary bounds the resync: {primary:?}");
     // Alone, a random read pays a seek by distance and half a revolution: 5 to 21 ms.
     assert!((5.0..21.0).contains(&alone.p99_ms), "{alone:?}");
+}
+
+#[test]
+fn hdd_mirror_resync_loses_half_the_head_to_the_readers_seeks() {
+    // With the scenario's own error rate: 180 MB/s at best while the resync's reads follow each
+    // other; every random read of the application costs a seek there and one back (about
+    // 25 ms), so 20 a second take about half the head's time, and 2 a second hardly any.
+    let at = |rate: &str| {
+        run(
+            "hdd-mirror-resync",
+            &[
+                ("disks.primary.len_sectors", "256M"),
+                ("disks.mirror.len_sectors", "256M"),
+                ("foreground.rate_per_s", rate),
+            ],
+        )
+        .throughput_mb_per_s
+    };
+    let (twenty, two) = (at("20"), at("2"));
+    assert!((60.0..120.0).contains(&twenty), "20 reads per second: {twenty}");
+    assert!(two > 150.0 && two < 180.0, "2 reads per second: near the platter's 180 MB/s: {two}");
 }
 
 #[test]
