@@ -10,5 +10,6 @@
 
 pub mod conformance;
 pub mod fixtures;
+pub mod nbd_servers;
 pub mod scenario;
 pub mod util;

@@ -27,7 +27,8 @@ pub const MEMORY_DEFAULT: &str = "16M";
 /// kcopyd: copy, zero and compare block ranges on files, block devices and simulated disks,
 /// with the kcopyd engine.
 ///
-/// Devices are `PATH`, `PATH@OFFSET` or `sim:KEY=VALUE,...` (also with `@OFFSET`). Sizes and
+/// Devices are `PATH`, `PATH@OFFSET`, `sim:KEY=VALUE,...` or an NBD URI (`nbd://HOST[:PORT]/EXPORT`,
+/// `nbd+unix:///EXPORT?socket=PATH`), all also with `@OFFSET`. Sizes and
 /// offsets are bytes, or take binary units: K, M, G, T (or KiB, MiB, ...), s for 512-byte
 /// sectors. Exit status: 0 success, 1 read or write errors or differences, 2 bad usage (nothing
 /// written), 130 interrupted.

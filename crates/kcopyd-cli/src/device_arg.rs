@@ -1,10 +1,12 @@
-//! Device arguments: `PATH`, `PATH@OFFSET`, `sim:KEY=VALUE,...[@OFFSET]`.
+//! Device arguments: `PATH`, `PATH@OFFSET`, `sim:KEY=VALUE,...[@OFFSET]`, NBD URIs.
 //!
 //! ```text
 //!  "disk.img"              path disk.img, offset 0
 //!  "mirror.img@1G"         path mirror.img, offset 1 GiB (the text after the last '@' is a size)
 //!  "a@b.img@0"             path a@b.img: a path holding '@' needs an explicit offset
 //!  "sim:size=1G,seed=7@4K" simulated disk, offset 4 KiB
+//!  "nbd://host/disk@1M"    NBD export 'disk' on host:10809, offset 1 MiB
+//!  "nbd+unix:///?socket=/run/nbd.sock"  the default export on a unix socket
 //! ```
 
 use std::path::PathBuf;
@@ -21,6 +23,8 @@ pub enum Backend {
     Path(PathBuf),
     /// A simulated disk.
     Sim(Box<SimSpec>),
+    /// An NBD export, by its URI (checked by [`kcopyd_nbd::NbdUri::parse`]).
+    Nbd(String),
 }
 
 /// A parsed device argument.
@@ -52,6 +56,9 @@ pub enum DeviceArgError {
     /// A malformed `sim:` device.
     #[error(transparent)]
     Sim(#[from] SimError),
+    /// A malformed or unsupported NBD URI.
+    #[error(transparent)]
+    Nbd(#[from] kcopyd_nbd::UriError),
 }
 
 impl DeviceArg {
@@ -70,6 +77,10 @@ impl DeviceArg {
         };
         let backend = match device.strip_prefix(sim::PREFIX) {
             Some(options) => Backend::Sim(Box::new(SimSpec::parse(options)?)),
+            None if kcopyd_nbd::NbdUri::is_nbd_uri(device) => {
+                kcopyd_nbd::NbdUri::parse(device)?;
+                Backend::Nbd(device.to_owned())
+            }
             None if device.is_empty() => return Err(DeviceArgError::Empty),
             None => Backend::Path(PathBuf::from(device)),
         };
@@ -93,6 +104,10 @@ mod tests {
         assert_eq!(simulated.offset_bytes, 4096);
         let Backend::Sim(spec) = simulated.backend else { panic!("not a sim device: {simulated:?}") };
         assert_eq!((spec.len_bytes, spec.seed), (Some(1048576), Some(3)));
+        let nbd = DeviceArg::parse("nbd://host:10900/disk@1M").unwrap();
+        assert_eq!((nbd.backend, nbd.offset_bytes), (Backend::Nbd("nbd://host:10900/disk".into()), 1 << 20));
+        let unix = DeviceArg::parse("nbd+unix:///?socket=/run/s.sock").unwrap();
+        assert_eq!((unix.backend, unix.offset_bytes), (Backend::Nbd("nbd+unix:///?socket=/run/s.sock".into()), 0));
     }
 
     #[test]
@@ -103,5 +118,9 @@ mod tests {
         assert!(offset.contains("offset '1Q'") && offset.contains("NAME@0"), "{offset}");
         let sim = DeviceArg::parse("sim:size=1M,colour=red").unwrap_err().to_string();
         assert!(sim.contains("'colour'"), "{sim}");
+        let tls = DeviceArg::parse("nbds://host/disk").unwrap_err().to_string();
+        assert!(tls.contains("TLS"), "{tls}");
+        let socket = DeviceArg::parse("nbd+unix:///disk").unwrap_err().to_string();
+        assert!(socket.contains("?socket=PATH"), "{socket}");
     }
 }

@@ -390,6 +390,12 @@ pub fn open(
             let disk = spec.build(len_bytes);
             Ok(Opened { arg: arg.clone(), role, device: disk, os: None })
         }
+        Backend::Nbd(uri) => {
+            let options = kcopyd_nbd::ConnectOptions { write, ..kcopyd_nbd::ConnectOptions::default() };
+            let device = kcopyd_nbd::NbdDevice::connect(uri, &options)
+                .map_err(|error| CliError::argument(role.name(), &arg.text, error.to_string()))?;
+            Ok(Opened { arg: arg.clone(), role, device: Arc::new(device), os: None })
+        }
         Backend::Path(path) => {
             let options = OpenOptions {
                 write,
@@ -487,7 +493,11 @@ fn check_tail(source: Option<&Opened>, targets: &[Opened], len_bytes: u64) -> Re
         ));
     }
     if let Some(whole_blocks_only) = devices.iter().find(|d| !d.is_file()) {
-        let what = if whole_blocks_only.os.is_some() { "a block device" } else { "a simulated disk" };
+        let what = match (&whole_blocks_only.os, &whole_blocks_only.arg.backend) {
+            (Some(_), _) => "a block device",
+            (None, Backend::Nbd(_)) => "an NBD export",
+            (None, _) => "a simulated disk",
+        };
         return Err(whole_blocks_only.error(format!(
             "is {what}, which takes whole {}-byte blocks, but the range of {len_bytes} bytes ends {} bytes into a \
              {block_bytes}-byte block: give --length {} to leave the last {} bytes out",
@@ -687,7 +697,7 @@ pub fn plan_zero(targets: &[DeviceArg], length: Option<u64>, settings: &Settings
         // Only a `sim:` device without `size` is sized here: files are neither made nor grown.
         let create_len = match arg.backend {
             Backend::Sim(_) => length.map(|len_bytes| arg.offset_bytes.saturating_add(len_bytes)),
-            Backend::Path(_) => None,
+            Backend::Path(_) | Backend::Nbd(_) => None,
         };
         opened.push(open(arg, Role::Target, true, create_len, settings, &mut locks)?);
     }

@@ -1,0 +1,71 @@
+//! The `kcopyd` command with NBD URIs as source and targets, against qemu-nbd and nbdkit
+//! started here: copy, verify and zero, a read-only export refused as a target, TLS refused.
+//! A missing server prints `SKIPPED:`.
+
+use std::fs;
+use std::process::Command;
+
+use kcopyd_tests::fixtures::{TempDir, pattern};
+use kcopyd_tests::nbd_servers::{Listen, NbdServer};
+
+/// Exit code, stdout and stderr of one run.
+fn kcopyd(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_kcopyd")).args(args).output().expect("the kcopyd binary runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn copy_verify_and_zero_through_nbd_uris() {
+    let test = "copy_verify_and_zero_through_nbd_uris";
+    let dir = TempDir::new(test);
+    let data = pattern(21, 4 << 20);
+    let source = dir.file_with("source.img", &data);
+    let qemu_file = dir.zero_file("qemu.img", data.len() as u64);
+    let Some(qemu) = NbdServer::qemu_nbd(test, &qemu_file, Listen::Unix, &["-x", "backup"]) else { return };
+    let size = data.len().to_string();
+    let Some(kit) = NbdServer::nbdkit(test, Listen::Tcp, &["memory", &size]) else { return };
+    let (qemu_uri, kit_uri) = (qemu.uri("backup"), kit.uri(""));
+    let source = source.to_str().unwrap();
+
+    let (code, _, stderr) = kcopyd(&["copy", source, &qemu_uri, &kit_uri]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(fs::read(&qemu_file).unwrap() == data, "qemu-nbd's export holds the source");
+    let (code, _, stderr) = kcopyd(&["verify", source, &qemu_uri, &kit_uri]);
+    assert_eq!(code, 0, "the nbdkit export holds the source too: {stderr}");
+
+    // NBD → file, from an offset: 1 MiB from 2 MiB of the nbdkit export.
+    let back = dir.join("back.img");
+    let back = back.to_str().unwrap();
+    let (code, _, stderr) = kcopyd(&["copy", &format!("{kit_uri}@2M"), back, "--length", "1M"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(fs::read(back).unwrap() == data[2 << 20..3 << 20]);
+
+    let (code, _, stderr) = kcopyd(&["zero", &qemu_uri]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(fs::read(&qemu_file).unwrap().iter().all(|&b| b == 0), "zero through NBD_CMD_WRITE_ZEROES");
+    let (code, _, _) = kcopyd(&["verify", source, &qemu_uri]);
+    assert_eq!(code, 1, "verify finds the zeroed export different");
+}
+
+#[test]
+fn read_only_exports_and_tls_are_refused_before_any_io() {
+    let test = "read_only_exports_and_tls_are_refused_before_any_io";
+    let dir = TempDir::new(test);
+    let data = pattern(22, 1 << 20);
+    let source = dir.file_with("source.img", &data);
+    let target_file = dir.file_with("target.img", &pattern(23, 1 << 20));
+    let Some(server) = NbdServer::qemu_nbd(test, &target_file, Listen::Unix, &["-r"]) else { return };
+    let size = data.len().to_string();
+    let Some(writable) = NbdServer::nbdkit(test, Listen::Unix, &["memory", &size]) else { return };
+    let (code, stdout, stderr) = kcopyd(&["copy", source.to_str().unwrap(), &writable.uri(""), &server.uri("")]);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(stderr.contains("TARGET") && stderr.contains("read-only"), "{stderr}");
+    assert!(fs::read(&target_file).unwrap() == pattern(23, 1 << 20), "the read-only export is untouched");
+    let (code, _, stderr) = kcopyd(&["copy", source.to_str().unwrap(), "nbds://localhost/disk"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("TLS"), "{stderr}");
+}

@@ -1,0 +1,193 @@
+//! Errors: [`ConnectError`] for opening an export, [`RequestError`] inside the `io::Error` of
+//! every failed request.
+
+use std::io;
+
+use kcopyd_core::SECTOR_SIZE;
+use thiserror::Error;
+
+use crate::uri::UriError;
+
+/// Why [`connect`](crate::connect) could not open an export. Every variant names the server.
+#[derive(Debug, Error)]
+pub enum ConnectError {
+    /// The URI is malformed or asks for something unsupported (TLS).
+    #[error(transparent)]
+    Uri(#[from] UriError),
+    /// The options are out of bounds.
+    #[error("{server}: invalid connect options: {reason}")]
+    InvalidOptions {
+        /// The URI.
+        server: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The socket could not be connected (no server, refused, unreachable, timed out).
+    #[error("{server}: cannot connect: {source}")]
+    Connect {
+        /// The URI.
+        server: String,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// The socket failed or closed during the handshake.
+    #[error("{server}: connection lost during the handshake: {source}")]
+    HandshakeIo {
+        /// The URI.
+        server: String,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// The server does not speak the protocol as this client needs (not fixed newstyle, no
+    /// `NBD_OPT_GO`, a malformed reply).
+    #[error("{server}: {problem}")]
+    Protocol {
+        /// The URI.
+        server: String,
+        /// What was wrong.
+        problem: String,
+    },
+    /// The server refused an option: an unknown export (`NBD_REP_ERR_UNKNOWN`), TLS required
+    /// (`NBD_REP_ERR_TLS_REQD`), ….
+    #[error("{server}: the server refused {option}: {reply}{}", if .message.is_empty() { String::new() } else { format!(" ({})", .message) })]
+    OptionRefused {
+        /// The URI.
+        server: String,
+        /// The option, by its protocol name.
+        option: &'static str,
+        /// The error reply, by its protocol name.
+        reply: &'static str,
+        /// The server's message.
+        message: String,
+    },
+    /// The export is read-only and was to be written: refused before any I/O.
+    #[error("{server}: the export is read-only (NBD_FLAG_READ_ONLY), refusing it as a target")]
+    ReadOnly {
+        /// The URI.
+        server: String,
+    },
+    /// The export's size or block sizes cannot be used.
+    #[error("{server}: unusable export geometry: {problem}")]
+    Geometry {
+        /// The URI.
+        server: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A further connection (multi-conn) saw another export than the first.
+    #[error("{server}: connection {index} sees another export than the first: {problem}")]
+    Inconsistent {
+        /// The URI.
+        server: String,
+        /// Which connection (from 0).
+        index: usize,
+        /// What differs.
+        problem: String,
+    },
+    /// The connection's thread could not be started.
+    #[error("{server}: cannot start the connection's thread: {source}")]
+    Thread {
+        /// The URI.
+        server: String,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Why one request failed, inside the `io::Error` a [`NbdDevice`](crate::NbdDevice) operation
+/// returns (`error.get_ref()` downcasts to it). Every variant names the server, the command
+/// and the byte range of the request.
+#[derive(Debug, Error)]
+pub enum RequestError {
+    /// The server answered with an error: `errno` is the value it sent (the protocol's values
+    /// are Linux's: EPERM 1, EIO 5, ENOMEM 12, EINVAL 22, ENOSPC 28, EOVERFLOW 75, ENOTSUP 95,
+    /// ESHUTDOWN 108), and the `io::Error`'s kind is that errno's.
+    #[error(
+        "{server}: {command} of bytes {offset_bytes}..{} (sectors {}) failed on the server: {} (errno {errno}){}",
+        .offset_bytes + .len_bytes, sectors(*.offset_bytes, *.len_bytes), io::Error::from_raw_os_error(*.errno),
+        if .message.is_empty() { String::new() } else { format!(": {}", .message) }
+    )]
+    Server {
+        /// The URI.
+        server: String,
+        /// The command, by its protocol name.
+        command: &'static str,
+        /// First byte of the request.
+        offset_bytes: u64,
+        /// Bytes in the request.
+        len_bytes: u64,
+        /// The error the server sent.
+        errno: i32,
+        /// The server's message (structured replies only).
+        message: String,
+    },
+    /// The connection was lost (or broke the protocol) before the reply came: the request
+    /// may or may not have been carried out.
+    #[error(
+        "{server}: {command} of bytes {offset_bytes}..{} (sectors {}) failed: connection lost: {reason}",
+        .offset_bytes + .len_bytes, sectors(*.offset_bytes, *.len_bytes)
+    )]
+    ConnectionLost {
+        /// The URI.
+        server: String,
+        /// The command, by its protocol name.
+        command: &'static str,
+        /// First byte of the request.
+        offset_bytes: u64,
+        /// Bytes in the request.
+        len_bytes: u64,
+        /// Why the connection ended.
+        reason: String,
+    },
+    /// Refused here, before anything was sent: misaligned, out of range, a write to an export
+    /// opened read-only, a command the server does not offer.
+    #[error(
+        "{server}: {command} of bytes {offset_bytes}..{} (sectors {}) refused: {problem}",
+        .offset_bytes.saturating_add(*.len_bytes), sectors(*.offset_bytes, *.len_bytes)
+    )]
+    Refused {
+        /// The URI.
+        server: String,
+        /// The command, by its protocol name.
+        command: &'static str,
+        /// First byte of the request.
+        offset_bytes: u64,
+        /// Bytes in the request.
+        len_bytes: u64,
+        /// Why.
+        problem: String,
+    },
+}
+
+impl RequestError {
+    /// The errno the server sent, for [`RequestError::Server`].
+    pub fn server_errno(&self) -> Option<i32> {
+        match self {
+            RequestError::Server { errno, .. } => Some(*errno),
+            _ => None,
+        }
+    }
+
+    /// Into an `io::Error` of the right kind, with `self` inside.
+    pub(crate) fn into_io(self, kind: io::ErrorKind) -> io::Error {
+        io::Error::new(kind, self)
+    }
+
+    /// A server error as an `io::Error` of its errno's kind.
+    pub(crate) fn server_io(self) -> io::Error {
+        let kind = match &self {
+            RequestError::Server { errno, .. } => io::Error::from_raw_os_error(*errno).kind(),
+            _ => io::ErrorKind::Other,
+        };
+        self.into_io(kind)
+    }
+}
+
+/// `first..end` in sectors, for messages.
+fn sectors(offset_bytes: u64, len_bytes: u64) -> String {
+    let sector = SECTOR_SIZE as u64;
+    format!("{}..{}", offset_bytes / sector, offset_bytes.saturating_add(len_bytes).div_ceil(sector))
+}

@@ -1,0 +1,205 @@
+//! The fixed newstyle handshake: structured replies, the `base:allocation` metadata context,
+//! then `NBD_OPT_GO` with `NBD_INFO_BLOCK_SIZE`.
+//!
+//! ```text
+//!  server ── NBDMAGIC IHAVEOPT flags(FIXED_NEWSTYLE [| NO_ZEROES]) ──► client
+//!  client ── flags(C_FIXED_NEWSTYLE [| C_NO_ZEROES]) ──────────────────► server
+//!  client ── NBD_OPT_STRUCTURED_REPLY ──► ACK (or ERR_UNSUP: simple replies only)
+//!  client ── NBD_OPT_SET_META_CONTEXT(export, "base:allocation") ──► META_CONTEXT id … ACK
+//!  client ── NBD_OPT_GO(export, [NBD_INFO_BLOCK_SIZE]) ──► INFO(EXPORT: size, flags)
+//!                                                          INFO(BLOCK_SIZE: min, preferred, max)
+//!                                                          ACK ─► transmission phase
+//! ```
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::error::ConnectError;
+use crate::proto::*;
+
+/// What the handshake learned about the export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ExportInfo {
+    /// The export's size.
+    pub size_bytes: u64,
+    /// `NBD_FLAG_*` transmission flags.
+    pub transmission_flags: u16,
+    /// Minimum block size (1 when the server states none).
+    pub block_min_bytes: u32,
+    /// Preferred block size (4096 when the server states none).
+    pub block_preferred_bytes: u32,
+    /// Maximum payload of one request ([`PAYLOAD_BYTES_DEFAULT_MAX`] when the server states none).
+    pub block_max_bytes: u32,
+    /// Whether the server sends structured replies.
+    pub structured: bool,
+    /// The id of the `base:allocation` context, when the server offers it.
+    pub base_allocation: Option<u32>,
+}
+
+impl ExportInfo {
+    /// Whether a transmission flag is set.
+    pub fn has(&self, flag: u16) -> bool {
+        self.transmission_flags & flag != 0
+    }
+}
+
+/// Runs the handshake for `export`; `server` names the URI in errors.
+pub(crate) async fn handshake<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    export: &str,
+    server: &str,
+) -> Result<ExportInfo, ConnectError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let io = |source| ConnectError::HandshakeIo { server: server.to_owned(), source };
+    let protocol = |problem: String| ConnectError::Protocol { server: server.to_owned(), problem };
+    let magic = reader.read_u64().await.map_err(io)?;
+    if magic != NBDMAGIC {
+        return Err(protocol(format!("not an NBD server (greeting {magic:#018x})")));
+    }
+    let style = reader.read_u64().await.map_err(io)?;
+    if style != IHAVEOPT {
+        return Err(protocol("an oldstyle NBD server: only the fixed newstyle handshake is supported".into()));
+    }
+    let handshake_flags = reader.read_u16().await.map_err(io)?;
+    if handshake_flags & NBD_FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(protocol("the server does not offer the fixed newstyle handshake".into()));
+    }
+    let mut client_flags = NBD_FLAG_C_FIXED_NEWSTYLE;
+    if handshake_flags & NBD_FLAG_NO_ZEROES != 0 {
+        client_flags |= NBD_FLAG_C_NO_ZEROES;
+    }
+    writer.write_u32(client_flags).await.map_err(io)?;
+
+    let mut options = Options { reader, writer, server };
+    options.send(NBD_OPT_STRUCTURED_REPLY, &[]).await?;
+    let (reply, _) = options.reply(NBD_OPT_STRUCTURED_REPLY).await?;
+    let structured = reply == NBD_REP_ACK;
+
+    let mut base_allocation = None;
+    if structured {
+        let mut data = Vec::new();
+        put_string32(&mut data, export);
+        data.extend_from_slice(&1u32.to_be_bytes());
+        put_string32(&mut data, BASE_ALLOCATION);
+        options.send(NBD_OPT_SET_META_CONTEXT, &data).await?;
+        loop {
+            let (reply, data) = options.reply(NBD_OPT_SET_META_CONTEXT).await?;
+            match reply {
+                NBD_REP_META_CONTEXT if data.len() >= 4 => {
+                    if &data[4..] == BASE_ALLOCATION.as_bytes() {
+                        base_allocation = Some(u32::from_be_bytes(data[..4].try_into().expect("4 bytes")));
+                    }
+                }
+                NBD_REP_ACK => break,
+                // Refused or unknown: the export simply has no block status.
+                _ if is_rep_error(reply) => break,
+                _ => return Err(protocol(format!("reply {reply:#x} to NBD_OPT_SET_META_CONTEXT"))),
+            }
+        }
+    }
+
+    let mut data = Vec::new();
+    put_string32(&mut data, export);
+    data.extend_from_slice(&1u16.to_be_bytes());
+    data.extend_from_slice(&NBD_INFO_BLOCK_SIZE.to_be_bytes());
+    options.send(NBD_OPT_GO, &data).await?;
+    let mut export_info = None;
+    let (mut block_min_bytes, mut block_preferred_bytes, mut block_max_bytes) = (1, 4096, PAYLOAD_BYTES_DEFAULT_MAX);
+    loop {
+        let (reply, data) = options.reply(NBD_OPT_GO).await?;
+        match reply {
+            NBD_REP_INFO if data.len() >= 2 => match u16::from_be_bytes([data[0], data[1]]) {
+                NBD_INFO_EXPORT if data.len() == 12 => {
+                    let size_bytes = u64::from_be_bytes(data[2..10].try_into().expect("8 bytes"));
+                    export_info = Some((size_bytes, u16::from_be_bytes([data[10], data[11]])));
+                }
+                NBD_INFO_BLOCK_SIZE if data.len() == 14 => {
+                    let word = |at: usize| u32::from_be_bytes(data[at..at + 4].try_into().expect("4 bytes"));
+                    (block_min_bytes, block_preferred_bytes, block_max_bytes) = (word(2), word(6), word(10));
+                }
+                _ => {} // Information this client did not ask for, or does not use.
+            },
+            NBD_REP_ACK => break,
+            _ if is_rep_error(reply) => {
+                let message = String::from_utf8_lossy(&data).into_owned();
+                return Err(ConnectError::OptionRefused {
+                    server: server.to_owned(),
+                    option: "NBD_OPT_GO",
+                    reply: rep_error_name(reply),
+                    message,
+                });
+            }
+            _ => return Err(protocol(format!("reply {reply:#x} to NBD_OPT_GO"))),
+        }
+    }
+    let (size_bytes, transmission_flags) =
+        export_info.ok_or_else(|| protocol("NBD_OPT_GO ended without NBD_INFO_EXPORT".into()))?;
+    if transmission_flags & NBD_FLAG_HAS_FLAGS == 0 {
+        return Err(protocol("transmission flags without NBD_FLAG_HAS_FLAGS".into()));
+    }
+    Ok(ExportInfo {
+        size_bytes,
+        transmission_flags,
+        block_min_bytes,
+        block_preferred_bytes,
+        block_max_bytes,
+        structured,
+        base_allocation: base_allocation.filter(|_| structured),
+    })
+}
+
+/// Option requests and their replies.
+struct Options<'a, R, W> {
+    reader: &'a mut R,
+    writer: &'a mut W,
+    server: &'a str,
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Options<'_, R, W> {
+    fn io(&self, source: std::io::Error) -> ConnectError {
+        ConnectError::HandshakeIo { server: self.server.to_owned(), source }
+    }
+
+    async fn send(&mut self, option: u32, data: &[u8]) -> Result<(), ConnectError> {
+        let mut message = Vec::with_capacity(16 + data.len());
+        message.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        message.extend_from_slice(&option.to_be_bytes());
+        message.extend_from_slice(&u32::try_from(data.len()).expect("option data fits 32 bits").to_be_bytes());
+        message.extend_from_slice(data);
+        let result = self.writer.write_all(&message).await;
+        result.map_err(|e| self.io(e))?;
+        let result = self.writer.flush().await;
+        result.map_err(|e| self.io(e))
+    }
+
+    /// One reply to `option`: its type and data.
+    async fn reply(&mut self, option: u32) -> Result<(u32, Vec<u8>), ConnectError> {
+        let mut header = [0u8; 20];
+        let result = self.reader.read_exact(&mut header).await;
+        result.map_err(|e| self.io(e))?;
+        let protocol = |problem: String| ConnectError::Protocol { server: self.server.to_owned(), problem };
+        let magic = u64::from_be_bytes(header[0..8].try_into().expect("8 bytes"));
+        let replied_to = u32::from_be_bytes(header[8..12].try_into().expect("4 bytes"));
+        let reply = u32::from_be_bytes(header[12..16].try_into().expect("4 bytes"));
+        let len_bytes = u32::from_be_bytes(header[16..20].try_into().expect("4 bytes"));
+        if magic != NBD_REP_MAGIC || replied_to != option {
+            return Err(protocol(format!("malformed option reply (magic {magic:#x}, option {replied_to})")));
+        }
+        if len_bytes > OPTION_REPLY_BYTES_MAX {
+            return Err(protocol(format!("an option reply of {len_bytes} bytes")));
+        }
+        let mut data = vec![0u8; len_bytes as usize];
+        let result = self.reader.read_exact(&mut data).await;
+        result.map_err(|e| self.io(e))?;
+        Ok((reply, data))
+    }
+}
+
+/// Appends a string with its 32-bit length in front.
+fn put_string32(out: &mut Vec<u8>, text: &str) {
+    out.extend_from_slice(&u32::try_from(text.len()).expect("names fit 32 bits").to_be_bytes());
+    out.extend_from_slice(text.as_bytes());
+}

@@ -1,0 +1,40 @@
+//! `kcopyd-nbd`: an asynchronous Network Block Device client, so that a copy's source or
+//! targets can be exports on any machine that serves them (qemu-nbd, nbdkit, nbd-server).
+//!
+//! ```text
+//!  connect("nbd://host/export") ─► NbdUri ─► Connection::open ×1..N (N when CAN_MULTI_CONN)
+//!     each: own thread + current-thread runtime ─► socket ─► handshake (fixed newstyle,
+//!           STRUCTURED_REPLY, SET_META_CONTEXT base:allocation, GO + INFO_BLOCK_SIZE)
+//!
+//!  NbdDevice (BlockDevice)  read / write / write_zeroes / flush  + block_status, trim
+//!     check: aligned? inside? writable? ── no: RequestError::Refused, nothing sent
+//!     └► split at the server's maximum block size ─► round robin over the connections
+//!          ─► request (cookie) ─► reply (simple or structured, any order) ─► oneshot
+//! ```
+//!
+//! Errors the server sends come back as `io::Error`s of the errno's kind, holding a
+//! [`RequestError::Server`] with the errno, the command and the byte range; a lost connection
+//! fails every request in flight and every later one with [`RequestError::ConnectionLost`].
+//! TLS (`nbds://`) is not supported.
+//!
+//! ```no_run
+//! use kcopyd_core::BlockDevice;
+//! let source = kcopyd_nbd::connect("nbd+unix:///disk?socket=/run/nbd.sock").unwrap();
+//! println!("{} sectors", source.geometry().len_sectors);
+//! ```
+#![warn(missing_docs)]
+
+mod connection;
+mod device;
+mod error;
+mod handshake;
+mod proto;
+mod uri;
+
+pub use device::{
+    CONNECT_TIMEOUT_MS_DEFAULT, CONNECTIONS_DEFAULT, CONNECTIONS_MAX, ConnectOptions, Extent, LOGICAL_BLOCK_BYTES_MAX,
+    NbdDevice, connect,
+};
+pub use error::{ConnectError, RequestError};
+pub use proto::{NBD_DEFAULT_PORT, NO_PAYLOAD_BYTES_MAX, PAYLOAD_BYTES_DEFAULT_MAX};
+pub use uri::{Address, NbdUri, UriError};
