@@ -21,7 +21,7 @@ fn scenario(name: &str, edits: &[(&str, &str)]) -> Scenario {
     for (key, value) in edits {
         set_path(&mut tree, key, parse_value(value)).expect("a settable key");
     }
-    Scenario::from_value(tree).unwrap_or_else(|e| panic!("{name}: {e}"))
+    Scenario::from_value_in(tree, &scenarios_dir()).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 fn run(name: &str, edits: &[(&str, &str)]) -> Report {
@@ -39,15 +39,24 @@ fn every_shipped_scenario_parses() {
         let path = entry.expect("a directory entry").path();
         if path.extension().is_some_and(|e| e == "toml") {
             let text = std::fs::read_to_string(&path).expect("readable");
-            let scenario = Scenario::from_toml(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let tree = parse_tree(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let scenario =
+                Scenario::from_value_in(tree, &scenarios_dir()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             assert!(!scenario.description.is_empty(), "{} says what it models", path.display());
             names.push(path.file_stem().expect("a name").to_string_lossy().into_owned());
         }
     }
     names.sort();
-    for wanted in
-        ["hdd-mirror-resync", "nvme-resync", "snapshot-cow", "three-target-mixed", "subjob-study", "subjob-study-hdd"]
-    {
+    for wanted in [
+        "hdd-mirror-resync",
+        "nvme-resync",
+        "snapshot-cow",
+        "three-target-mixed",
+        "subjob-study",
+        "subjob-study-hdd",
+        "remote-copy",
+        "file-copy-measured",
+    ] {
         assert!(names.iter().any(|n| n == wanted), "scenarios/{wanted}.toml is shipped (found {names:?})");
     }
 }
@@ -112,13 +121,38 @@ fn hdd_mirror_resync_reports_what_latent_errors_left_uncopied() {
     let foreground = report.foreground.as_ref().expect("a foreground");
     let alone = foreground.alone.expect("a baseline");
     assert!(foreground.with_jobs.p99_ms > 2.0 * alone.p99_ms, "the resync hurts the reader: {foreground:?}");
-    // The open loop keeps its rate (50 per second) and the baseline runs as long.
-    assert!((foreground.iops - 50.0).abs() < 2.5, "{foreground:?}");
+    // The open loop keeps its rate (20 per second) and the baseline runs as long.
+    assert!((foreground.iops - 20.0).abs() < 1.0, "{foreground:?}");
     assert!(alone.count.abs_diff(foreground.with_jobs.count) <= 1, "{foreground:?}");
     // The narrowing re-reads show in the request sizes: halves of 512 KiB down to 512 bytes.
     assert!(report.io_sizes.iter().any(|s| s.size_bytes == 512 && s.reads > 0), "{:?}", report.io_sizes);
-    // 180 MB/s at best; a 4 ms cost per 512 KiB request keeps it well under.
+    // Under 180 MB/s: the narrowing re-reads of 2 % failing requests cost time as well.
     assert!(report.throughput_mb_per_s > 30.0 && report.throughput_mb_per_s < 180.0, "{}", report.throughput_mb_per_s);
+    let primary = disk(&report, "primary");
+    assert!(primary.busy_percent > 95.0, "the primary bounds the resync: {primary:?}");
+    // Alone, a random read pays a seek by distance and half a revolution: 5 to 21 ms.
+    assert!((5.0..21.0).contains(&alone.p99_ms), "{alone:?}");
+}
+
+#[test]
+fn hdd_mirror_resync_loses_half_the_head_to_the_readers_seeks() {
+    // With the scenario's own error rate: 180 MB/s at best while the resync's reads follow each
+    // other; every random read of the application costs a seek there and one back (about
+    // 25 ms), so 20 a second take about half the head's time, and 2 a second hardly any.
+    let at = |rate: &str| {
+        run(
+            "hdd-mirror-resync",
+            &[
+                ("disks.primary.len_sectors", "256M"),
+                ("disks.mirror.len_sectors", "256M"),
+                ("foreground.rate_per_s", rate),
+            ],
+        )
+        .throughput_mb_per_s
+    };
+    let (twenty, two) = (at("20"), at("2"));
+    assert!((60.0..120.0).contains(&twenty), "20 reads per second: {twenty}");
+    assert!(two > 150.0 && two < 180.0, "2 reads per second: near the platter's 180 MB/s: {two}");
 }
 
 #[test]
@@ -169,7 +203,13 @@ fn three_targets_the_slowest_bounds_the_copy() {
     let (hdd, ssd, nvme) = (disk(&report, "hdd"), disk(&report, "ssd"), disk(&report, "nvme"));
     assert!(hdd.busy_percent > 95.0 && ssd.busy_percent < 50.0 && nvme.busy_percent < 50.0, "{:?}", report.disks);
     assert!(hdd.write_latency_ms_mean > 10.0 * ssd.write_latency_ms_mean);
-    assert!(report.throughput_mb_per_s < 180.0, "no faster than the HDD: {}", report.throughput_mb_per_s);
+    // The HDD receives one sequential stream: with the seek model it streams (no seek per
+    // request), so the copy runs close to, and no faster than, its 180 MB/s.
+    assert!(
+        report.throughput_mb_per_s > 150.0 && report.throughput_mb_per_s < 180.0,
+        "the HDD's streaming rate: {}",
+        report.throughput_mb_per_s
+    );
     assert_eq!(report.jobs[0].verification.sectors, 3 * 128 * 2048, "every target checked");
     // More sub-jobs in flight wait in the HDD's queue: the copy is no faster.
     let mut deeper = edits.to_vec();
@@ -177,6 +217,55 @@ fn three_targets_the_slowest_bounds_the_copy() {
     let deep = run("three-target-mixed", &deeper);
     assert!((deep.throughput_mb_per_s / report.throughput_mb_per_s - 1.0).abs() < 0.05);
     assert!(disk(&deep, "hdd").queue_depth_mean > 3.0 * hdd.queue_depth_mean, "only the HDD's queue grows");
+}
+
+#[test]
+fn a_remote_target_needs_the_links_bandwidth_delay_product_in_flight() {
+    let size = [("disks.local.len_sectors", "256M"), ("disks.remote.len_sectors", "256M")];
+    let at = |depth: &str, extra: &[(&str, &str)]| {
+        let mut edits = size.to_vec();
+        edits.push(("client.subjobs_in_flight", depth));
+        edits.extend_from_slice(extra);
+        run("remote-copy", &edits)
+    };
+    let link_mb_per_s = 1250.0;
+    let throughput: Vec<f64> =
+        ["1", "2", "4", "8", "16"].iter().map(|depth| at(depth, &[]).throughput_mb_per_s).collect();
+    // One 512 KiB sub-job pays a round trip (0.5 ms), its bytes on the link (0.42 ms), the
+    // local read and the remote write: about 1.4 ms, so one in flight fills under a third of
+    // the link, and each more adds as much until the link is full.
+    assert!(throughput[0] < 0.35 * link_mb_per_s, "one in flight: {throughput:?}");
+    assert!((throughput[1] / throughput[0] - 2.0).abs() < 0.1, "two in flight, twice: {throughput:?}");
+    // 4 × 512 KiB covers the link's bandwidth × the sub-job's cycle: the link's rate, and no
+    // more however deep.
+    for (depth, mb_per_s) in [4, 8, 16].iter().zip(&throughput[2..]) {
+        assert!((mb_per_s / link_mb_per_s - 1.0).abs() < 0.02, "{depth} in flight at the link's rate: {throughput:?}");
+    }
+    assert!((throughput[4] / throughput[2] - 1.0).abs() < 0.01, "flat past 4: {throughput:?}");
+    // The link is what bounds it: without it the same disks copy at the drive's 2 GB/s, and
+    // one sub-job in flight goes faster without the round trip.
+    let no_round_trip = [("disks.remote.latency.link.round_trip_us", "0")];
+    assert!(at("1", &no_round_trip).throughput_mb_per_s > 1.3 * throughput[0]);
+    let local =
+        [("disks.remote.latency.link.round_trip_us", "0"), ("disks.remote.latency.link.bandwidth_bytes_per_s", "0")];
+    let local = at("8", &local);
+    assert!(local.throughput_mb_per_s > 1.5 * link_mb_per_s, "{}", local.throughput_mb_per_s);
+    assert!(local.all_ok);
+}
+
+#[test]
+fn the_measured_model_copies_over_one_shared_path() {
+    // scenarios/models/vm-ext4.toml: reads 2349 MB/s, writes 6124 MB/s, measured as one
+    // device, so a file-to-file copy reads and writes over one path: at most
+    // 1 / (1/2349 + 1/6124) = 1698 MB/s, where two separate devices would reach the reads' 2349.
+    let report = run("file-copy-measured", &[]);
+    assert!(report.all_ok);
+    assert_eq!(report.jobs[0].verification.sectors, 2 * 1024 * 1024);
+    assert!(
+        report.throughput_mb_per_s > 1200.0 && report.throughput_mb_per_s < 1698.0,
+        "{}",
+        report.throughput_mb_per_s
+    );
 }
 
 #[test]
