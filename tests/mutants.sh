@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Mutation testing of the engine's job code (crates/kcopyd-core/src/job.rs): cargo-mutants
+# Mutation testing of the engine's job code (crates/kcopyd-core/src/job.rs and run.rs): cargo-mutants
 # plants one bug at a time and runs the swarm test and the property tests against it; every
 # mutant they miss is a gap in the oracle or the generator, or an equivalent mutant to explain
 # in .cargo/mutants.toml. On demand, not in CI: it rebuilds the engine once per mutant.
 #
-#   tests/mutants.sh                         # every mutant of job.rs
+#   tests/mutants.sh                         # every mutant of job.rs and run.rs
 #   tests/mutants.sh --re 'JobRun::narrow'   # one function; any cargo-mutants option goes on
 #   KCOPYD_SWARM_SEEDS=100 tests/mutants.sh  # more seeds per mutant (default 30)
 #   MUTANT_TIMEOUT_S=120 tests/mutants.sh    # a mutant's tests are stopped after this (default 300)
