@@ -805,3 +805,24 @@ fn a_panicking_device_stops_its_job_with_a_report_and_the_client_goes_on() {
     assert_eq!(report.jobs_completed, 6);
     assert_eq!(report.pool.pages_in_use, 0);
 }
+
+#[test]
+fn a_job_shorter_than_a_sub_job_takes_only_its_own_pages() {
+    // Default shape: 1 MiB sub-jobs (256 pages). Four 64 KiB copies at once need 4 x 16 pages.
+    let client = client(ClientConfig::default());
+    let source = patterned("source", 1024, 512, 9);
+    let target = zeroed("target", 1024, 512);
+    let handles: Vec<_> = (0..4u64)
+        .map(|i| {
+            let job = Job::copy(region(&source, i * 128, 128), vec![region(&target, i * 128, 128)], Flags::empty());
+            client.try_submit(job).unwrap()
+        })
+        .collect();
+    for handle in handles {
+        assert!(handle.wait().is_ok());
+    }
+    assert_same(&source, 0, &target, 0, 512);
+    let pool = client.pool_stats();
+    assert!(pool.pages_in_use_max <= 4 * 16, "{} pages at most in use", pool.pages_in_use_max);
+    client.shutdown_blocking();
+}

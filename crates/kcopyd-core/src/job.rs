@@ -135,9 +135,12 @@ impl JobSpec {
             });
         }
         // Worked example: 1 MiB sub-jobs (2048 sectors) in a 64 KiB budget (128 sectors) with
-        // 4 KiB blocks (8 sectors): min(2048, 128) / 8 * 8 = 128 sectors a sub-job.
+        // 4 KiB blocks (8 sectors): min(2048, 128) / 8 * 8 = 128 sectors a sub-job. A job
+        // shorter than that is one sub-job of its own length, so that it takes only the pages
+        // it needs (a 64 KiB copy-on-write takes 16 pages, not a whole 1 MiB sub-job's 256).
         let wanted_sectors = (config.sub_job_size_bytes / SECTOR_SIZE) as u64;
-        let subjob_sectors = (wanted_sectors.min(budget_sectors) / block_sectors * block_sectors).max(block_sectors);
+        let subjob_sectors =
+            (wanted_sectors.min(budget_sectors).min(len_sectors) / block_sectors * block_sectors).max(block_sectors);
         if targets.iter().any(|t| t.device.geometry().zoned) {
             flags |= Flags::WRITE_SEQ;
         }
