@@ -46,8 +46,8 @@ pub const IO_SIZE_MAX_BYTES: u64 = 64 << 20;
 pub const QUEUE_DEPTH_MAX: usize = 32;
 /// The smallest scratch range: room for the largest requests of a point to move on.
 pub const SCRATCH_BYTES_MIN: u64 = 16 << 20;
-/// Sub-job size of the engine's copies.
-const ENGINE_SUB_JOB_BYTES: u64 = 256 << 10;
+/// Sub-job sizes of the engine's copies: the time around each request is fitted over them.
+const ENGINE_SUB_JOB_BYTES: [u64; 4] = [64 << 10, 256 << 10, 1 << 20, 4 << 20];
 /// Bytes each engine copy moves (at most half the scratch range).
 const ENGINE_COPY_BYTES_MAX: u64 = 32 << 20;
 /// Engine copies; the median counts.
@@ -352,11 +352,16 @@ fn window_rate(completed_at: &[Duration], time: Duration) -> f64 {
     counts[WINDOWS / 2] as f64 / window.as_secs_f64()
 }
 
-/// Copies the first part of the scratch range to the next with the engine, one
-/// [`ENGINE_SUB_JOB_BYTES`] sub-job at a time, [`ENGINE_COPIES`] times; the median time per
-/// sub-job is the measurement's `latency_us_p50`.
-async fn engine_copies(scratch: &Scratch) -> Result<Measurement, CliError> {
-    let size = ENGINE_SUB_JOB_BYTES;
+/// The sub-job sizes of the engine's copies that fit the scratch range (two sub-jobs at least).
+fn engine_sizes(scratch: &Scratch) -> Vec<u64> {
+    let room = (scratch.len_bytes / 2).min(ENGINE_COPY_BYTES_MAX);
+    ENGINE_SUB_JOB_BYTES.into_iter().filter(|&size| room >= 2 * size).collect()
+}
+
+/// Copies the first part of the scratch range to the next with the engine, one `size`
+/// sub-job at a time, [`ENGINE_COPIES`] times; the median time per sub-job is the
+/// measurement's `latency_us_p50`.
+async fn engine_copies(scratch: &Scratch, size: u64) -> Result<Measurement, CliError> {
     let len_bytes = (scratch.len_bytes / 2).min(ENGINE_COPY_BYTES_MAX) / size * size;
     let config = ClientConfig {
         sub_job_size_bytes: size as usize,
@@ -500,7 +505,8 @@ pub async fn calibrate(scratch: &Scratch, plan: &Plan) -> Result<Calibrated, Cli
     let pages = (largest.max(FILL_IO_BYTES) as usize).div_ceil(PAGE_SIZE) * (2 * deepest + 2);
     let pool = PagePool::new(pages).map_err(|source| CliError::Start { what: "the buffer arena", source })?;
     let rounds = plan.rounds.max(1);
-    let bar = progress::byte_bar(plan.bars, (rounds * (specs.len() + 1) + 1) as u64, "calibrate");
+    let engine = engine_sizes(scratch);
+    let bar = progress::byte_bar(plan.bars, (rounds * (specs.len() + engine.len()) + 1) as u64, "calibrate");
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg:<28} [{wide_bar}] {pos}/{len} points ETA {eta}")
             .expect("a valid template")
@@ -511,7 +517,7 @@ pub async fn calibrate(scratch: &Scratch, plan: &Plan) -> Result<Calibrated, Cli
     bar.inc(1);
     // Rounds over all points, so that a busy spell of the machine falls on one round of a
     // point rather than on all of it; each point's median round counts.
-    let mut rounds_of: Vec<Vec<Measurement>> = vec![Vec::new(); specs.len() + 1];
+    let mut rounds_of: Vec<Vec<Measurement>> = vec![Vec::new(); specs.len() + engine.len()];
     for round in 0..rounds {
         for (i, &spec) in specs.iter().enumerate() {
             bar.set_message(format!(
@@ -524,9 +530,11 @@ pub async fn calibrate(scratch: &Scratch, plan: &Plan) -> Result<Calibrated, Cli
             rounds_of[i].push(measure(scratch, &pool, spec, plan.point_time).await?);
             bar.inc(1);
         }
-        bar.set_message(format!("{}/{rounds} engine copies", round + 1));
-        rounds_of[specs.len()].push(engine_copies(scratch).await?);
-        bar.inc(1);
+        for (i, &size) in engine.iter().enumerate() {
+            bar.set_message(format!("{}/{rounds} engine copies {}", round + 1, Bytes(size)));
+            rounds_of[specs.len() + i].push(engine_copies(scratch, size).await?);
+            bar.inc(1);
+        }
     }
     bar.finish_and_clear();
     let spread = median(rounds_of.iter().map(|rounds| spread(rounds)).collect());
@@ -676,35 +684,65 @@ pub fn fit(measurements: &[Measurement]) -> DiskModel {
         }
         _ => SeekModel::default(),
     };
-    // The engine's time between requests: what a copy with one sub-job in flight takes
-    // beyond one read and one write alone.
+    // The engine's time around requests: what a copy with one sub-job in flight takes beyond
+    // one read and one write alone, per sub-job size, as a line over the size (fitted to
+    // relative errors: a few µs matter at 64 KiB, not at 4 MiB), half of it on each request.
     let (mut read, mut write) = (read, write);
-    if let Some(copy) = of("copy").next() {
-        let alone_us = |model: &IoModel, overhead_us: u64| {
-            let transfer_us = if model.bandwidth_bytes_per_s > 0 {
-                copy.io_size_bytes as f64 * 1e6 / model.bandwidth_bytes_per_s as f64
-            } else {
-                0.0
-            };
-            model.cost_us as f64 + overhead_us as f64 + transfer_us
+    let alone_us = |model: &IoModel, overhead_us: u64, size: u64| {
+        let transfer_us = if model.bandwidth_bytes_per_s > 0 {
+            size as f64 * 1e6 / model.bandwidth_bytes_per_s as f64
+        } else {
+            0.0
         };
-        let gap_us = copy.latency_us_p50 - alone_us(&read, read_overhead_us) - alone_us(&write, write_overhead_us);
-        if gap_us > 0.0 {
-            read.cost_us += (gap_us / 2.0).round() as u64;
-            write.cost_us += (gap_us / 2.0).round() as u64;
-        }
-    }
+        model.cost_us as f64 + overhead_us as f64 + transfer_us
+    };
+    let gaps: Vec<(f64, f64, f64)> = of("copy")
+        .filter(|copy| copy.latency_us_p50 > 0.0)
+        .map(|copy| {
+            let size = copy.io_size_bytes;
+            let gap_us = copy.latency_us_p50
+                - alone_us(&read, read_overhead_us, size)
+                - alone_us(&write, write_overhead_us, size);
+            (size as f64 / MIB, gap_us, 1.0 / (copy.latency_us_p50 * copy.latency_us_p50))
+        })
+        .collect();
+    let (gap_us, gap_us_per_mib) = line(&gaps);
+    // One size alone (a model of an older calibration): a constant, and only a positive one.
+    let gap_us = if gaps.len() < 2 { gap_us.max(0.0) } else { gap_us };
+    let half = |cost_us: u64| (cost_us as f64 + gap_us / 2.0).round().max(0.0) as u64;
+    (read.cost_us, write.cost_us) = (half(read.cost_us), half(write.cost_us));
+    let cost_us_per_mib = (gap_us_per_mib / 2.0).round() as i64;
     DiskModel {
         description: String::new(),
         latency: Latency {
             read,
             write,
-            path: PathModel { shared, read_overhead_us, write_overhead_us, seek },
+            path: PathModel { shared, read_overhead_us, write_overhead_us, cost_us_per_mib, seek },
             ..Latency::default()
         },
         one_device: false,
         measurements: measurements.to_vec(),
     }
+}
+
+/// Bytes in a MiB, as a float.
+const MIB: f64 = (1 << 20) as f64;
+
+/// The weighted least-squares line `y = a + b·x` through `(x, y, weight)` points: `(a, b)`.
+/// One point (or all at one `x`): `b` = 0 and `a` the weighted mean; none: `(0, 0)`.
+///
+/// Worked example: (0, 1), (1, 3) and (2, 5), equal weights: `y = 1 + 2x`.
+fn line(points: &[(f64, f64, f64)]) -> (f64, f64) {
+    let total: f64 = points.iter().map(|p| p.2).sum();
+    if total <= 0.0 {
+        return (0.0, 0.0);
+    }
+    let mean_x = points.iter().map(|p| p.0 * p.2).sum::<f64>() / total;
+    let mean_y = points.iter().map(|p| p.1 * p.2).sum::<f64>() / total;
+    let sxx: f64 = points.iter().map(|p| p.2 * (p.0 - mean_x).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| p.2 * (p.0 - mean_x) * (p.1 - mean_y)).sum();
+    let slope = if sxx > 0.0 { sxy / sxx } else { 0.0 };
+    (mean_y - slope * mean_x, slope)
 }
 
 /// The model as TOML, with a header saying what it is.
@@ -747,13 +785,14 @@ pub fn human(model: &DiskModel) -> String {
     let _ = writeln!(
         out,
         "model: reads {:.0} MB/s, cost {} µs, path overhead {} µs; writes {:.0} MB/s, cost {} µs, path overhead {} µs; \
-         reads and writes {}; seek {}",
+         cost {:+} µs per MiB; reads and writes {}; seek {}",
         l.read.bandwidth_bytes_per_s as f64 / 1e6,
         l.read.cost_us,
         l.path.read_overhead_us,
         l.write.bandwidth_bytes_per_s as f64 / 1e6,
         l.write.cost_us,
         l.path.write_overhead_us,
+        l.path.cost_us_per_mib,
         if l.path.shared { "share one data path" } else { "have a path each" },
         if l.path.seek.is_zero() {
             "none".to_owned()
