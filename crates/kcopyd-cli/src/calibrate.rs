@@ -841,6 +841,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_line_worked_example_holds() {
+        let (a, b) = line(&[(0.0, 1.0, 1.0), (1.0, 3.0, 1.0), (2.0, 5.0, 1.0)]);
+        assert!((a - 1.0).abs() < 1e-9 && (b - 2.0).abs() < 1e-9);
+        // Weights pull the line towards the heavier points.
+        let (a, b) = line(&[(0.0, 0.0, 1.0), (1.0, 0.0, 1.0), (2.0, 3.0, 100.0)]);
+        assert!(a + 2.0 * b > 2.9 && b > 0.0);
+        assert_eq!(line(&[(1.0, 7.0, 2.0)]), (7.0, 0.0));
+        assert_eq!(line(&[]), (0.0, 0.0));
+    }
+
+    #[test]
     fn the_spread_worked_example_holds() {
         let rounds = [900.0, 1000.0, 1200.0].map(|iops| point("read", 4096, 2, iops, 10.0)).to_vec();
         assert!((spread(&rounds) - 0.3).abs() < 1e-9);
@@ -914,7 +925,19 @@ mod tests {
         points.push(point("copy", 256 << 10, 1, 2000.0, 500.0));
         let with_engine = fit(&points);
         assert_eq!((with_engine.latency.read.cost_us, with_engine.latency.write.cost_us), (170, 170));
+        assert_eq!(with_engine.latency.path.cost_us_per_mib, 0, "one size: a constant");
         points.pop();
+        // Copies at 64 KiB … 4 MiB that take 100 − 40 µs per MiB beyond a read and a write
+        // alone: 50 µs more cost on each request, less 20 µs per MiB.
+        let engine = points.len();
+        for size in [64u64 << 10, 256 << 10, 1 << 20, 4 << 20] {
+            let alone_us = 2.0 * (62.0 + 7.0 + size as f64 * 1e6 / bandwidth);
+            let copy_us = alone_us + 100.0 - 40.0 * size as f64 / MIB;
+            points.push(point("copy", size, 1, 1e6 / copy_us, copy_us));
+        }
+        let sized = fit(&points).latency;
+        assert_eq!((sized.read.cost_us, sized.write.cost_us, sized.path.cost_us_per_mib), (112, 112, -20));
+        points.truncate(engine);
         // Random 4 KiB reads one at a time in 5 ms instead of 70 µs: a seek.
         points.push(point("random-read", 4 << 10, 1, 200.0, 5070.0));
         let seek = fit(&points).latency.path.seek;

@@ -1042,11 +1042,14 @@ fn calibrate_measures_a_file_it_creates_and_removes_it() {
     assert_eq!(ran.code, 0, "{ran:?}");
     assert!(!device.exists(), "the scratch file is removed");
     let model: kcopyd_sim::DiskModel = toml::from_str(&fs::read_to_string(&out).unwrap()).unwrap();
-    // read and write × 2 sizes × 2 depths, mixed at 2 depths, random reads, engine copies.
-    assert_eq!(model.measurements.len(), 12, "{model:?}");
+    // read and write × 2 sizes × 2 depths, mixed at 2 depths, random reads, engine copies at
+    // 64 KiB, 256 KiB, 1 MiB and 4 MiB (two 4 MiB sub-jobs fit half the 16 MiB scratch range).
+    assert_eq!(model.measurements.len(), 15, "{model:?}");
     let kinds: Vec<&str> = model.measurements.iter().map(|m| m.kind.as_str()).collect();
     assert_eq!(kinds.iter().filter(|&&k| k == "mixed").count(), 2);
-    assert_eq!(kinds.iter().filter(|&&k| k == "random-read" || k == "copy").count(), 2);
+    assert_eq!(kinds.iter().filter(|&&k| k == "random-read").count(), 1);
+    let copies: Vec<u64> = model.measurements.iter().filter(|m| m.kind == "copy").map(|m| m.io_size_bytes).collect();
+    assert_eq!(copies, [64 << 10, 256 << 10, 1 << 20, 4 << 20]);
     assert!(
         model.measurements.iter().all(|m| m.iops > 0.0 && m.bandwidth_bytes_per_s > 0.0 && m.latency_us_p50 > 0.0),
         "{:?}",
