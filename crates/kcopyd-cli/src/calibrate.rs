@@ -7,7 +7,7 @@
 //!    ─► points: read, write × io size × requests in flight, sequential, each for --point-time
 //!    ─► mixed: reads and writes at once (do they share one data path?)
 //!    ─► random 4 KiB reads, one at a time (does distance cost? a seek)
-//!    ─► the engine: copies of 256 KiB sub-jobs, one at a time, inside the range
+//!    ─► the engine: copies of 64 KiB … 4 MiB sub-jobs, one at a time, inside the range
 //!    ─► fit: bandwidth, path overhead, cost, shared path, seek ─► DiskModel (TOML)
 //! ```
 //!
@@ -16,8 +16,11 @@
 //! there gives the overhead once the bandwidth is known from the largest requests; alone, one
 //! request takes `cost + overhead + size / bandwidth`, which gives the cost. The simulated
 //! engine spends no time between a completion and the request it leads to; the real one
-//! does (actor messages, waking threads), and a copy with one sub-job in flight shows how
-//! much: that time is added to the cost of reads and writes, half each.
+//! does (actor messages, waking threads), and copies with one sub-job in flight show how
+//! much. That time is not constant: on a virtio disk it shrinks with the sub-job's size and
+//! turns negative at 1 MiB and more (a copy's large requests go faster than the same requests
+//! measured alone). It is fitted as a line over the sub-job sizes and added to the requests'
+//! cost, half each: a constant, and `path.cost_us_per_mib` per MiB of the request.
 
 use std::fs;
 use std::io;
@@ -689,11 +692,8 @@ pub fn fit(measurements: &[Measurement]) -> DiskModel {
     // relative errors: a few µs matter at 64 KiB, not at 4 MiB), half of it on each request.
     let (mut read, mut write) = (read, write);
     let alone_us = |model: &IoModel, overhead_us: u64, size: u64| {
-        let transfer_us = if model.bandwidth_bytes_per_s > 0 {
-            size as f64 * 1e6 / model.bandwidth_bytes_per_s as f64
-        } else {
-            0.0
-        };
+        let transfer_us =
+            if model.bandwidth_bytes_per_s > 0 { size as f64 * 1e6 / model.bandwidth_bytes_per_s as f64 } else { 0.0 };
         model.cost_us as f64 + overhead_us as f64 + transfer_us
     };
     let gaps: Vec<(f64, f64, f64)> = of("copy")

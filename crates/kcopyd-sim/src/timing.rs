@@ -463,7 +463,10 @@ mod tests {
         assert_eq!((cost_us(256 << 10), cost_us(1 << 20), cost_us(4 << 20)), (130, 100, 0));
         assert_eq!(PathModel::default().cost(140, 4 << 20).as_micros(), 140, "the default: the same at every size");
         // One 1 MiB read alone, 1 GB/s: 100 µs of cost, then 1048.576 µs of transfer.
-        let latency = Latency { path, ..read_only(IoModel { cost_us: 140, bandwidth_bytes_per_s: 1_000_000_000, ..IoModel::default() }) };
+        let latency = Latency {
+            path,
+            ..read_only(IoModel { cost_us: 140, bandwidth_bytes_per_s: 1_000_000_000, ..IoModel::default() })
+        };
         let now = Instant::now();
         let done = schedule(&latency, &mut Slots::default(), &mut own(), request(now, false, 1 << 20, 0));
         assert_eq!(done - now, Duration::from_nanos(100_000 + 1_048_576));
