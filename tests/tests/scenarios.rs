@@ -255,14 +255,14 @@ fn a_remote_target_needs_the_links_bandwidth_delay_product_in_flight() {
 
 #[test]
 fn the_measured_model_copies_over_one_shared_path() {
-    // scenarios/models/vm-ext4.toml: reads 2349 MB/s, writes 6124 MB/s, measured as one
+    // scenarios/models/vm-ext4.toml: reads 4027 MB/s, writes 9395 MB/s, measured as one
     // device, so a file-to-file copy reads and writes over one path: at most
-    // 1 / (1/2349 + 1/6124) = 1698 MB/s, where two separate devices would reach the reads' 2349.
+    // 1 / (1/4027 + 1/9395) = 2819 MB/s, where two separate devices would reach the reads' 4027.
     let report = run("file-copy-measured", &[]);
     assert!(report.all_ok);
     assert_eq!(report.jobs[0].verification.sectors, 2 * 1024 * 1024);
     assert!(
-        report.throughput_mb_per_s > 1200.0 && report.throughput_mb_per_s < 1698.0,
+        report.throughput_mb_per_s > 2000.0 && report.throughput_mb_per_s < 2819.0,
         "{}",
         report.throughput_mb_per_s
     );
