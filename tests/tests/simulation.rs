@@ -308,11 +308,15 @@ fn mem_disk_errors_name_the_device_the_operation_and_the_sectors() {
     check(error, "sim-z: write of sectors 8..9 failed: not at the zone's write pointer (sector 0)", 5);
 }
 
-/// Copies 64 MiB from a source to a target in 1 MiB sub-jobs, one in flight, with both disks
-/// built by `make`; returns the model time.
-fn timed_copy_with(make: impl Fn(MemDiskOptions) -> MemDisk + 'static, latency: Latency) -> Duration {
+/// Copies 64 MiB from a source to a target in 1 MiB sub-jobs, `subjobs_in_flight` at a time,
+/// with both disks built by `make`; returns the model time.
+fn timed_copy_with(
+    make: impl Fn(MemDiskOptions) -> MemDisk + 'static,
+    latency: Latency,
+    subjobs_in_flight: usize,
+) -> Duration {
     let len_sectors = 64 * 2048;
-    let config = ClientConfig { sub_job_size_bytes: 1 << 20, subjobs_in_flight: 1, ..ClientConfig::default() };
+    let config = ClientConfig { sub_job_size_bytes: 1 << 20, subjobs_in_flight, ..ClientConfig::default() };
     Simulation::run(config, |client, _trace| async move {
         let options = |name: &str| MemDiskOptions {
             name: name.into(),
@@ -341,41 +345,19 @@ fn two_disks_on_one_medium_take_turns_on_its_data_paths() {
     let mib = 1_048_576.0;
     let serial_us = 64.0 * (mib / 200.0 + mib / 100.0);
     // One sub-job at a time reads then writes: nothing to overlap, every layout agrees.
-    assert_within_5_percent(timed_copy_with(MemDisk::new, latency.clone()), serial_us);
+    assert_within_5_percent(timed_copy_with(MemDisk::new, latency.clone(), 1), serial_us);
     let medium = kcopyd_sim::Medium::new();
-    assert_within_5_percent(timed_copy_with(move |o| MemDisk::on_medium(o, &medium), shared.clone()), serial_us);
+    assert_within_5_percent(timed_copy_with(move |o| MemDisk::on_medium(o, &medium), shared.clone(), 1), serial_us);
     // Four in flight: the reads of the source overlap the writes of the target unless the
     // two disks are on one medium whose model shares one path for reads and writes. Apart,
     // or on a medium with a path per direction, the writes bound the copy (64 w + one r).
-    let overlapped = |make: Box<dyn Fn(MemDiskOptions) -> MemDisk>, latency: Latency| {
-        let config = ClientConfig { sub_job_size_bytes: 1 << 20, subjobs_in_flight: 4, ..ClientConfig::default() };
-        Simulation::run(config, |client, _trace| async move {
-            let len_sectors = 64 * 2048;
-            let options = |name: &str| MemDiskOptions {
-                name: name.into(),
-                len_sectors,
-                latency: latency.clone(),
-                ..MemDiskOptions::default()
-            };
-            let (source, target) = (Arc::new(make(options("source"))), Arc::new(make(options("target"))));
-            let began = tokio::time::Instant::now();
-            let job = Job::copy(
-                Region::new(source, 0, len_sectors),
-                vec![Region::new(target, 0, len_sectors)],
-                Flags::empty(),
-            );
-            assert!(client.submit(job).await.unwrap().await.is_ok());
-            to_model(began.elapsed())
-        })
-        .unwrap()
-    };
     let writes_bound_us = 64.0 * mib / 100.0 + mib / 200.0;
-    assert_within_5_percent(overlapped(Box::new(MemDisk::new), latency.clone()), writes_bound_us);
-    assert_within_5_percent(overlapped(Box::new(MemDisk::new), shared.clone()), writes_bound_us);
+    assert_within_5_percent(timed_copy_with(MemDisk::new, latency.clone(), 4), writes_bound_us);
+    assert_within_5_percent(timed_copy_with(MemDisk::new, shared.clone(), 4), writes_bound_us);
     let medium = kcopyd_sim::Medium::new();
-    assert_within_5_percent(overlapped(Box::new(move |o| MemDisk::on_medium(o, &medium)), latency), writes_bound_us);
+    assert_within_5_percent(timed_copy_with(move |o| MemDisk::on_medium(o, &medium), latency, 4), writes_bound_us);
     let medium = kcopyd_sim::Medium::new();
-    assert_within_5_percent(overlapped(Box::new(move |o| MemDisk::on_medium(o, &medium)), shared), serial_us);
+    assert_within_5_percent(timed_copy_with(move |o| MemDisk::on_medium(o, &medium), shared, 4), serial_us);
 }
 
 #[test]
