@@ -66,6 +66,14 @@ pub enum Mark {
     Cancel(usize),
     /// Job `j`'s completion callback ran.
     Completed(usize),
+    /// Job `j` is about to be submitted.
+    Submitting(usize),
+    /// Job `j`'s submission was refused.
+    Refused(usize),
+    /// The client was asked to shut down.
+    ShutdownBegun,
+    /// The client's shutdown returned.
+    ShutdownReturned,
 }
 
 #[derive(Debug, Default)]

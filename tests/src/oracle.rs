@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use kcopyd_core::{Flags, Outcome, PAGE_SIZE, RangeSet, SECTOR_SIZE};
+use kcopyd_core::{Flags, Outcome, PAGE_SIZE, RangeSet, SECTOR_SIZE, SubmitError};
 use kcopyd_sim::{FaultKind, Provenance};
 
 use crate::io_log::{DiskRef, IoKind, IoRecord, Mark};
@@ -108,6 +108,7 @@ pub fn check(scenario: &Scenario, report: &Report) -> Vec<String> {
     for phase in [1, 2] {
         check_concurrency(scenario, &views, phase, &mut violations);
     }
+    check_shutdown(scenario, report, &views, &mut violations);
     for (t, disk) in report.targets.iter().enumerate() {
         for fault in disk.fault_log() {
             if let FaultKind::ZoneViolation { write_pointer } = fault.kind {
@@ -120,6 +121,76 @@ pub fn check(scenario: &Scenario, report: &Report) -> Vec<String> {
     }
     check_contents(scenario, report, &mut violations);
     violations
+}
+
+/// Shutdown: a job is refused exactly when its submission began after the shutdown did (or
+/// was still waiting for admission when it did), with `ShutDown`, and then does nothing at
+/// all; a shutdown returns only once every job accepted has completed and all its requests
+/// have ended; every shutdown report finds every page back, no request outstanding and the
+/// jobs completed counted.
+fn check_shutdown(scenario: &Scenario, report: &Report, views: &[JobView], violations: &mut Vec<String>) {
+    let seq_of = |mark: Mark| report.marks.iter().find(|(_, m)| *m == mark).map(|&(seq, _)| seq);
+    let begun = seq_of(Mark::ShutdownBegun);
+    let returned = seq_of(Mark::ShutdownReturned);
+    if scenario.shutdown_at_us.is_some() != begun.is_some() || begun.is_some() != returned.is_some() {
+        violations.push(format!(
+            "shutdown asked at {:?} µs: begun {begun:?}, returned {returned:?}",
+            scenario.shutdown_at_us
+        ));
+    }
+    let mut accepted = 0;
+    for (j, (result, view)) in report.jobs.iter().zip(views).enumerate() {
+        let submitting = seq_of(Mark::Submitting(j));
+        if let Some(error) = &result.refused {
+            if *error != SubmitError::ShutDown {
+                violations.push(format!("job {j}: refused with {error:?}, expected ShutDown"));
+            }
+            let refused_at = seq_of(Mark::Refused(j));
+            if !begun.is_some_and(|begun| refused_at.is_some_and(|at| begun < at)) {
+                violations.push(format!("job {j}: refused ({error}) before any shutdown began"));
+            }
+            if !view.all.is_empty() || result.callbacks != 0 || result.outcome.is_some() {
+                violations.push(format!(
+                    "job {j}: refused, yet {} requests, {} completions, outcome {:?}",
+                    view.all.len(),
+                    result.callbacks,
+                    result.outcome
+                ));
+            }
+            continue;
+        }
+        accepted += 1;
+        if let (Some(begun), Some(submitting)) = (begun, submitting) {
+            if begun < submitting {
+                violations.push(format!("job {j}: submitted after the shutdown began, yet accepted"));
+            }
+        }
+        if let Some(returned) = returned {
+            if !seq_of(Mark::Completed(j)).is_some_and(|done| done < returned) {
+                violations.push(format!("job {j}: the shutdown returned before the job completed"));
+            }
+            if let Some((record, ..)) = view.all.iter().find(|(r, ..)| r.done > returned) {
+                violations.push(format!(
+                    "job {j}: request {:?} {:?} still in flight when the shutdown returned",
+                    record.kind, record.sectors
+                ));
+            }
+        }
+    }
+    let retried = report.jobs.iter().filter(|r| r.retry.is_some()).count();
+    let mid_run = usize::from(begun.is_some());
+    for (n, shutdown) in report.shutdown_reports.iter().enumerate() {
+        let expected = if n < mid_run { accepted } else { accepted + retried };
+        if shutdown.jobs_completed != expected as u64
+            || shutdown.pool.pages_in_use != 0
+            || shutdown.requests_outstanding != 0
+        {
+            violations.push(format!(
+                "shutdown {n}: {} jobs completed (expected {expected}), {} pages in use, {} requests outstanding",
+                shutdown.jobs_completed, shutdown.pool.pages_in_use, shutdown.requests_outstanding
+            ));
+        }
+    }
 }
 
 /// Works out every job's shape and attributes every request to the job whose region holds
@@ -222,6 +293,9 @@ fn relative(set: &RangeSet, start: u64, len: u64, what: &str, violations: &mut V
 fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<String>) {
     let layout = view.layout;
     let result = &report.jobs[j];
+    if result.refused.is_some() {
+        return; // check_shutdown's
+    }
     // The callback is on the first submission only; the retry is awaited.
     if result.callbacks != 1 {
         violations.push(format!("job {j}: {} completions, expected exactly 1", result.callbacks));

@@ -21,7 +21,9 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kcopyd_core::{Client, ClientConfig, Device, Flags, Job, Outcome, Region, SECTOR_SIZE};
+use kcopyd_core::{
+    Client, ClientConfig, Device, Flags, Job, Outcome, Region, SECTOR_SIZE, ShutdownReport, SubmitError,
+};
 use kcopyd_sim::{
     FaultOdds, FaultPlan, FaultRecord, IoModel, Latency, MemDisk, MemDiskOptions, Misdirect, Simulation, SlowSpike,
     Trace, WriteFault, mix64, to_model, to_tokio,
@@ -138,6 +140,10 @@ pub struct Inputs {
     /// whole-sector ones: the oracle's provenance checks must hold the same in both.
     #[serde(default)]
     pub headers_only: bool,
+    /// Shut the client down at this virtual time (µs), with jobs perhaps still queued, running
+    /// or not yet submitted. Not with a crash (its liveness phase resubmits jobs).
+    #[serde(default)]
+    pub shutdown_at_us: Option<u64>,
 }
 
 impl Inputs {
@@ -218,6 +224,7 @@ impl Inputs {
             crash_at_us: crash.then(|| rng.below(20_000)),
             // Drawn last, so that every earlier draw of a seed stays what it was.
             headers_only: rng.below(3) == 0,
+            shutdown_at_us: (rng.below(5) == 0).then(|| rng.below(4) * rng.below(5000)),
         }
     }
 
@@ -358,6 +365,7 @@ impl Inputs {
                 .collect(),
             jobs,
             crash_at_us: self.crash_at_us,
+            shutdown_at_us: self.shutdown_at_us.filter(|_| self.crash_at_us.is_none()),
         }
     }
 }
@@ -468,6 +476,9 @@ pub struct Scenario {
     pub jobs: Vec<JobLayout>,
     /// Crash every disk at this virtual time (µs).
     pub crash_at_us: Option<u64>,
+    /// Shut the client down at this virtual time (µs): jobs submitted later are refused.
+    #[serde(default)]
+    pub shutdown_at_us: Option<u64>,
 }
 
 /// Seed of the pattern of source disk `i` (old content of its sectors).
@@ -489,6 +500,8 @@ pub struct JobResult {
     pub outcome: Option<Outcome>,
     /// The outcome of the resubmission in the liveness phase, if any.
     pub retry: Option<Outcome>,
+    /// Why its submission was refused (only after the client began to shut down).
+    pub refused: Option<SubmitError>,
 }
 
 /// What a run produced.
@@ -518,6 +531,9 @@ pub struct Report {
     pub io: Vec<IoRecord>,
     /// The harness's marks (cancels, completions) on the requests' sequence.
     pub marks: Vec<(u64, Mark)>,
+    /// What each shutdown call returned: the one in the middle of the run, if any, then the
+    /// final one.
+    pub shutdown_reports: Vec<ShutdownReport>,
 }
 
 fn job_of(layout: &JobLayout, sources: &[Device], targets: &[Device]) -> Job {
@@ -569,6 +585,19 @@ pub fn run(scenario: &Scenario) -> Report {
             });
         }
 
+        // A shutdown in the middle of the run: its report, once it returned.
+        let early_shutdown = scenario.shutdown_at_us.map(|at| {
+            let (client, log, trace) = (client.clone(), log.clone(), trace.clone());
+            actix_rt::spawn(async move {
+                tokio::time::sleep_until(began + to_tokio(Duration::from_micros(at))).await;
+                trace.record("shutdown");
+                log.mark(Mark::ShutdownBegun);
+                let report = client.shutdown().await;
+                log.mark(Mark::ShutdownReturned);
+                report
+            })
+        });
+
         let mut order: Vec<usize> = (0..scenario.jobs.len()).collect();
         order.sort_by_key(|&j| (scenario.jobs[j].submit_at_us, j));
         let phase_one = async {
@@ -590,7 +619,16 @@ pub fn run(scenario: &Scenario) -> Report {
                     ));
                 });
                 trace.record(format!("job {j} submit"));
-                let handle = client.submit(job).await.expect("generated jobs are valid");
+                log.mark(Mark::Submitting(j));
+                let handle = match client.submit(job).await {
+                    Ok(handle) => handle,
+                    Err(error) => {
+                        trace.record(format!("job {j} refused: {error}"));
+                        log.mark(Mark::Refused(j));
+                        results.borrow_mut()[j].refused = Some(error);
+                        continue;
+                    }
+                };
                 if let Some(at) = layout.cancel_at_us {
                     let (handle, log, trace) = (handle.clone(), log.clone(), trace.clone());
                     actix_rt::spawn(async move {
@@ -607,7 +645,15 @@ pub fn run(scenario: &Scenario) -> Report {
                 results.borrow_mut()[j].outcome = Some(outcome);
             }
         };
-        let deadlocked = tokio::time::timeout(to_tokio(DEADLOCK_AFTER), phase_one).await.is_err();
+        let mut deadlocked = tokio::time::timeout(to_tokio(DEADLOCK_AFTER), phase_one).await.is_err();
+        let mut shutdown_reports = Vec::new();
+        if let (false, Some(task)) = (deadlocked, early_shutdown) {
+            match tokio::time::timeout(to_tokio(DEADLOCK_AFTER), task).await {
+                Ok(Ok(report)) => shutdown_reports.push(report),
+                Ok(Err(panic)) => panic!("the shutdown task panicked: {panic}"),
+                Err(_) => deadlocked = true,
+            }
+        }
         let target_logs_before_retry = targets.iter().map(|t| t.fault_log()).collect();
 
         let mut deadlocked_retry = false;
@@ -633,11 +679,13 @@ pub fn run(scenario: &Scenario) -> Report {
             };
             deadlocked_retry = tokio::time::timeout(to_tokio(DEADLOCK_AFTER), retry).await.is_err();
         }
-        let deadlocked = deadlocked || deadlocked_retry;
+        let mut deadlocked = deadlocked || deadlocked_retry;
         let pages_in_use_max = client.pool_stats().pages_in_use_max;
         if !deadlocked {
-            // Asserts that every page is back.
-            client.shutdown().await;
+            match tokio::time::timeout(to_tokio(DEADLOCK_AFTER), client.shutdown()).await {
+                Ok(report) => shutdown_reports.push(report),
+                Err(_) => deadlocked = true,
+            }
         }
         let mut jobs = results.borrow().clone();
         for (j, job) in jobs.iter_mut().enumerate() {
@@ -656,6 +704,7 @@ pub fn run(scenario: &Scenario) -> Report {
             target_logs_before_retry,
             io: log.records(),
             marks: log.marks(),
+            shutdown_reports,
         }
     })
 }
@@ -745,6 +794,7 @@ pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
                 crash_at_us: None,
                 // From the seed, so that the strategy and its saved regressions keep their shape.
                 headers_only: seed % 3 == 0,
+                shutdown_at_us: (seed % 5 == 1).then(|| (seed >> 8) % 12_000),
             }
         })
 }
