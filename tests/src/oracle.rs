@@ -146,7 +146,7 @@ fn check_shutdown(scenario: &Scenario, report: &Report, views: &[JobView], viola
                 violations.push(format!("job {j}: refused with {error:?}, expected ShutDown"));
             }
             let refused_at = seq_of(Mark::Refused(j));
-            if !begun.is_some_and(|begun| refused_at.is_some_and(|at| begun < at)) {
+            if begun.is_none_or(|begun| refused_at.is_none_or(|at| at <= begun)) {
                 violations.push(format!("job {j}: refused ({error}) before any shutdown began"));
             }
             if !view.all.is_empty() || result.callbacks != 0 || result.outcome.is_some() {
@@ -166,7 +166,7 @@ fn check_shutdown(scenario: &Scenario, report: &Report, views: &[JobView], viola
             }
         }
         if let Some(returned) = returned {
-            if !seq_of(Mark::Completed(j)).is_some_and(|done| done < returned) {
+            if seq_of(Mark::Completed(j)).is_none_or(|done| done >= returned) {
                 violations.push(format!("job {j}: the shutdown returned before the job completed"));
             }
             if let Some((record, ..)) = view.all.iter().find(|(r, ..)| r.done > returned) {

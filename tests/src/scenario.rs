@@ -794,7 +794,7 @@ pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
                 crash_at_us: None,
                 // From the seed, so that the strategy and its saved regressions keep their shape.
                 headers_only: seed % 3 == 0,
-                shutdown_at_us: (seed % 5 == 1).then(|| (seed >> 8) % 12_000),
+                shutdown_at_us: (seed % 5 == 1).then_some((seed >> 8) % 12_000),
             }
         })
 }
