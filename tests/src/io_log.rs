@@ -70,10 +70,18 @@ pub enum Mark {
     Submitting(usize),
     /// Job `j`'s submission was refused.
     Refused(usize),
-    /// The client was asked to shut down.
+    /// The client was asked to shut down (in the middle of the run, or at its end).
     ShutdownBegun,
     /// The client's shutdown returned.
     ShutdownReturned,
+    /// Prepared callback `p` is about to be prepared.
+    Preparing(usize),
+    /// Prepared callback `p` was refused.
+    PrepareRefused(usize),
+    /// Prepared callback `p` is about to be queued (completed or dropped).
+    PreparedQueued(usize),
+    /// Prepared callback `p` ran.
+    PreparedRan(usize),
 }
 
 #[derive(Debug, Default)]

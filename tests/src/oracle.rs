@@ -109,6 +109,7 @@ pub fn check(scenario: &Scenario, report: &Report) -> Vec<String> {
         check_concurrency(scenario, &views, phase, &mut violations);
     }
     check_shutdown(scenario, report, &views, &mut violations);
+    check_prepared(scenario, report, &mut violations);
     for (t, disk) in report.targets.iter().enumerate() {
         for fault in disk.fault_log() {
             if let FaultKind::ZoneViolation { write_pointer } = fault.kind {
@@ -130,11 +131,15 @@ pub fn check(scenario: &Scenario, report: &Report) -> Vec<String> {
 /// jobs completed counted.
 fn check_shutdown(scenario: &Scenario, report: &Report, views: &[JobView], violations: &mut Vec<String>) {
     let seq_of = |mark: Mark| report.marks.iter().find(|(_, m)| *m == mark).map(|&(seq, _)| seq);
+    // The first shutdown: the one in the middle of the run, or else the final one.
     let begun = seq_of(Mark::ShutdownBegun);
     let returned = seq_of(Mark::ShutdownReturned);
-    if scenario.shutdown_at_us.is_some() != begun.is_some() || begun.is_some() != returned.is_some() {
+    let count = |mark: Mark| report.marks.iter().filter(|(_, m)| *m == mark).count();
+    let mid_run = usize::from(scenario.shutdown_at_us.is_some());
+    let (begun_count, returned_count) = (count(Mark::ShutdownBegun), count(Mark::ShutdownReturned));
+    if begun_count != 1 + mid_run || returned_count != begun_count {
         violations.push(format!(
-            "shutdown asked at {:?} µs: begun {begun:?}, returned {returned:?}",
+            "shutdown in the middle of the run asked at {:?} µs: {begun_count} shutdowns begun, {returned_count} returned",
             scenario.shutdown_at_us
         ));
     }
@@ -178,7 +183,6 @@ fn check_shutdown(scenario: &Scenario, report: &Report, views: &[JobView], viola
         }
     }
     let retried = report.jobs.iter().filter(|r| r.retry.is_some()).count();
-    let mid_run = usize::from(begun.is_some());
     for (n, shutdown) in report.shutdown_reports.iter().enumerate() {
         let expected = if n < mid_run { accepted } else { accepted + retried };
         if shutdown.jobs_completed != expected as u64
@@ -189,6 +193,66 @@ fn check_shutdown(scenario: &Scenario, report: &Report, views: &[JobView], viola
                 "shutdown {n}: {} jobs completed (expected {expected}), {} pages in use, {} requests outstanding",
                 shutdown.jobs_completed, shutdown.pool.pages_in_use, shutdown.requests_outstanding
             ));
+        }
+    }
+}
+
+/// Prepared callbacks: one prepared after a shutdown began is refused with `ShutDown` and never
+/// runs; one prepared before runs exactly once, after it was queued, with what it was completed
+/// with (or cancelled, when dropped), and before every shutdown that began after it was
+/// prepared returns.
+fn check_prepared(scenario: &Scenario, report: &Report, violations: &mut Vec<String>) {
+    let seqs = |mark: Mark| report.marks.iter().filter(|(_, m)| *m == mark).map(|&(seq, _)| seq).collect::<Vec<_>>();
+    let shutdowns: Vec<(u64, u64)> = seqs(Mark::ShutdownBegun).into_iter().zip(seqs(Mark::ShutdownReturned)).collect();
+    for (p, (layout, result)) in scenario.prepared.iter().zip(&report.prepared).enumerate() {
+        let Some(&preparing) = seqs(Mark::Preparing(p)).first() else {
+            continue; // its time came after the run ended
+        };
+        if let Some(error) = &result.refused {
+            let refused_at = seqs(Mark::PrepareRefused(p)).first().copied().unwrap_or(u64::MAX);
+            if *error != SubmitError::ShutDown
+                || !shutdowns.iter().any(|&(begun, _)| begun < refused_at)
+                || !result.outcomes.is_empty()
+            {
+                violations.push(format!(
+                    "prepared {p}: refused with {error:?} at {refused_at} (shutdowns {shutdowns:?}), ran {} times",
+                    result.outcomes.len()
+                ));
+            }
+            continue;
+        }
+        if let Some(&(begun, _)) = shutdowns.iter().find(|&&(begun, _)| begun < preparing) {
+            violations.push(format!(
+                "prepared {p}: prepared at {preparing}, after a shutdown began at {begun}, yet accepted"
+            ));
+        }
+        let ran = seqs(Mark::PreparedRan(p));
+        let queued = seqs(Mark::PreparedQueued(p)).first().copied();
+        if ran.len() != 1 || result.outcomes.len() != 1 {
+            violations.push(format!("prepared {p}: ran {} times", ran.len()));
+            continue;
+        }
+        if queued.is_none_or(|queued| ran[0] < queued) {
+            violations.push(format!("prepared {p}: ran at {} before it was queued ({queued:?})", ran[0]));
+        }
+        let outcome = &result.outcomes[0];
+        let (read_err, write_err, cancelled) = if layout.complete {
+            (layout.read_err, layout.write_err(), false)
+        } else {
+            (false, kcopyd_core::TargetMask::new(), true)
+        };
+        if outcome.read_err != read_err || outcome.write_err != write_err || outcome.cancelled != cancelled {
+            violations.push(format!(
+                "prepared {p}: ran with {outcome:?}, expected read_err {read_err}, write_err {write_err:?}, cancelled {cancelled}"
+            ));
+        }
+        for &(begun, returned) in &shutdowns {
+            if preparing < begun && returned < ran[0] {
+                violations.push(format!(
+                    "prepared {p}: the shutdown begun at {begun} returned at {returned}, before the callback ran at {}",
+                    ran[0]
+                ));
+            }
         }
     }
 }

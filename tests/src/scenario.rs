@@ -18,11 +18,11 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kcopyd_core::{
-    Client, ClientConfig, Device, Flags, Job, Outcome, Region, SECTOR_SIZE, ShutdownReport, SubmitError,
+    Client, ClientConfig, Device, Flags, Job, Outcome, Region, SECTOR_SIZE, ShutdownReport, SubmitError, TargetMask,
 };
 use kcopyd_sim::{
     FaultOdds, FaultPlan, FaultRecord, IoModel, Latency, MemDisk, MemDiskOptions, Misdirect, Simulation, SlowSpike,
@@ -91,6 +91,41 @@ pub struct DiskInputs {
     pub faults: FaultInputs,
 }
 
+/// A callback prepared with `Client::prepare_callback` (dm-kcopyd's prepare/do callback): a
+/// completion the caller raises itself, queued with the jobs'.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparedInputs {
+    /// Virtual time of the preparation, µs after the start.
+    pub at_us: u64,
+    /// Queued this many µs later.
+    pub after_us: u64,
+    /// Queued with `complete(read_err, write_err)`; otherwise dropped (then it runs cancelled).
+    pub complete: bool,
+    /// The `read_err` it is completed with.
+    pub read_err: bool,
+    /// The `write_err` it is completed with: targets 0–7.
+    pub write_err_bits: u8,
+}
+
+impl PreparedInputs {
+    fn from_bits(bits: u64) -> PreparedInputs {
+        PreparedInputs {
+            at_us: bits % 8000,
+            after_us: (bits >> 16) % 3000,
+            complete: (bits >> 32) % 4 != 0,
+            read_err: (bits >> 40) & 1 == 1,
+            write_err_bits: (bits >> 48) as u8,
+        }
+    }
+
+    /// The write_err it is completed with.
+    pub fn write_err(&self) -> TargetMask {
+        let mut mask = TargetMask::new();
+        (0..8).filter(|i| self.write_err_bits >> i & 1 == 1).for_each(|i| mask.set(i));
+        mask
+    }
+}
+
 /// One job.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobInputs {
@@ -144,6 +179,9 @@ pub struct Inputs {
     /// or not yet submitted. Not with a crash (its liveness phase resubmits jobs).
     #[serde(default)]
     pub shutdown_at_us: Option<u64>,
+    /// Prepared callbacks.
+    #[serde(default)]
+    pub prepared: Vec<PreparedInputs>,
 }
 
 impl Inputs {
@@ -225,6 +263,9 @@ impl Inputs {
             // Drawn last, so that every earlier draw of a seed stays what it was.
             headers_only: rng.below(3) == 0,
             shutdown_at_us: (rng.below(5) == 0).then(|| rng.below(4) * rng.below(5000)),
+            prepared: (0..[0, 0, 1, 2, 3][rng.below(5) as usize])
+                .map(|_| PreparedInputs::from_bits(rng.below(u64::MAX)))
+                .collect(),
         }
     }
 
@@ -366,6 +407,7 @@ impl Inputs {
             jobs,
             crash_at_us: self.crash_at_us,
             shutdown_at_us: self.shutdown_at_us.filter(|_| self.crash_at_us.is_none()),
+            prepared: self.prepared.clone(),
         }
     }
 }
@@ -479,6 +521,9 @@ pub struct Scenario {
     /// Shut the client down at this virtual time (µs): jobs submitted later are refused.
     #[serde(default)]
     pub shutdown_at_us: Option<u64>,
+    /// Prepared callbacks.
+    #[serde(default)]
+    pub prepared: Vec<PreparedInputs>,
 }
 
 /// Seed of the pattern of source disk `i` (old content of its sectors).
@@ -502,6 +547,15 @@ pub struct JobResult {
     pub retry: Option<Outcome>,
     /// Why its submission was refused (only after the client began to shut down).
     pub refused: Option<SubmitError>,
+}
+
+/// What a prepared callback did.
+#[derive(Debug, Clone, Default)]
+pub struct PreparedResult {
+    /// Why `prepare_callback` refused it (only after the client began to shut down).
+    pub refused: Option<SubmitError>,
+    /// The outcomes it ran with: exactly one if prepared.
+    pub outcomes: Vec<Outcome>,
 }
 
 /// What a run produced.
@@ -534,6 +588,8 @@ pub struct Report {
     /// What each shutdown call returned: the one in the middle of the run, if any, then the
     /// final one.
     pub shutdown_reports: Vec<ShutdownReport>,
+    /// Per prepared callback (left default when its time came after the run ended).
+    pub prepared: Vec<PreparedResult>,
 }
 
 fn job_of(layout: &JobLayout, sources: &[Device], targets: &[Device]) -> Job {
@@ -597,6 +653,38 @@ pub fn run(scenario: &Scenario) -> Report {
                 report
             })
         });
+
+        let prepared: Arc<Mutex<Vec<PreparedResult>>> =
+            Arc::new(Mutex::new(vec![PreparedResult::default(); scenario.prepared.len()]));
+        for (p, layout) in scenario.prepared.iter().enumerate() {
+            let (client, log, trace, prepared, layout) =
+                (client.clone(), log.clone(), trace.clone(), prepared.clone(), layout.clone());
+            actix_rt::spawn(async move {
+                tokio::time::sleep_until(began + to_tokio(Duration::from_micros(layout.at_us))).await;
+                log.mark(Mark::Preparing(p));
+                let (ran_log, ran_trace, ran) = (log.clone(), trace.clone(), prepared.clone());
+                let callback = client.prepare_callback(move |outcome| {
+                    ran_log.mark(Mark::PreparedRan(p));
+                    ran_trace.record(format!("prepared {p} ran: {outcome:?}"));
+                    ran.lock().expect("not poisoned")[p].outcomes.push(outcome);
+                });
+                let callback = match callback {
+                    Ok(callback) => callback,
+                    Err(error) => {
+                        log.mark(Mark::PrepareRefused(p));
+                        prepared.lock().expect("not poisoned")[p].refused = Some(error);
+                        return;
+                    }
+                };
+                tokio::time::sleep(to_tokio(Duration::from_micros(layout.after_us))).await;
+                log.mark(Mark::PreparedQueued(p));
+                if layout.complete {
+                    callback.complete(layout.read_err, layout.write_err());
+                } else {
+                    drop(callback);
+                }
+            });
+        }
 
         let mut order: Vec<usize> = (0..scenario.jobs.len()).collect();
         order.sort_by_key(|&j| (scenario.jobs[j].submit_at_us, j));
@@ -682,10 +770,12 @@ pub fn run(scenario: &Scenario) -> Report {
         let mut deadlocked = deadlocked || deadlocked_retry;
         let pages_in_use_max = client.pool_stats().pages_in_use_max;
         if !deadlocked {
+            log.mark(Mark::ShutdownBegun);
             match tokio::time::timeout(to_tokio(DEADLOCK_AFTER), client.shutdown()).await {
                 Ok(report) => shutdown_reports.push(report),
                 Err(_) => deadlocked = true,
             }
+            log.mark(Mark::ShutdownReturned);
         }
         let mut jobs = results.borrow().clone();
         for (j, job) in jobs.iter_mut().enumerate() {
@@ -705,6 +795,7 @@ pub fn run(scenario: &Scenario) -> Report {
             io: log.records(),
             marks: log.marks(),
             shutdown_reports,
+            prepared: prepared.lock().expect("not poisoned").clone(),
         }
     })
 }
@@ -795,6 +886,7 @@ pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
                 // From the seed, so that the strategy and its saved regressions keep their shape.
                 headers_only: seed % 3 == 0,
                 shutdown_at_us: (seed % 5 == 1).then_some((seed >> 8) % 12_000),
+                prepared: if seed % 3 == 2 { vec![PreparedInputs::from_bits(mix64(seed))] } else { Vec::new() },
             }
         })
 }
