@@ -21,5 +21,5 @@ export PROPTEST_CASES="${PROPTEST_CASES:-16}"
 # The baseline, run here: cargo-mutants would run its baseline on the mutated package
 # (kcopyd-core), which has no swarm test. This also warms the build the mutants reuse.
 echo "mutants.sh: baseline: the swarm test ($KCOPYD_SWARM_SEEDS seeds) and the property tests ($PROPTEST_CASES cases)"
-cargo test -p kcopyd-tests --test swarm --test properties
-exec cargo mutants --baseline=skip --timeout "${MUTANT_TIMEOUT_S:-300}" "$@"
+cargo test --profile mutants -p kcopyd-tests --test swarm --test properties
+exec cargo mutants --profile mutants --baseline=skip --timeout "${MUTANT_TIMEOUT_S:-300}" "$@"
