@@ -15,7 +15,8 @@
 //! What must hold, with no fault injected: the job succeeds; every target reads as the
 //! source; the source is read exactly where it is allocated (`skip_holes`, the source tells
 //! its allocation) or everywhere (otherwise); on every target each sector is written once at
-//! most, every sector of source data as data, no data write longer than a sub-job; where
+//! most, every sector of source data as data, no data write longer than a sub-job and no
+//! write-zeroes longer than a hole sub-job; where
 //! zeroes are cheap for every target a hole is never written as data, and the requests stay
 //! few (holes go in large pieces, not sub-job by sub-job); with `TargetZeroes::Skip` no hole
 //! is written at all.
@@ -23,7 +24,9 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use kcopyd_core::{Client, ClientConfig, Device, Flags, Job, Region, SECTOR_SIZE, Sparse, TargetZeroes};
+use kcopyd_core::{
+    Client, ClientConfig, Device, Flags, HOLE_SUB_JOB_SECTORS_MAX, Job, Region, SECTOR_SIZE, Sparse, TargetZeroes,
+};
 use kcopyd_sim::{MemDisk, MemDiskOptions, Simulation, mix64, to_tokio};
 use serde::{Deserialize, Serialize};
 
@@ -271,6 +274,9 @@ impl Case {
             }
             if let Some(long) = writes.iter().find(|r| r.end - r.start > sub_job_sectors) {
                 problems.push(format!("target{i}: a data write {long:?} longer than a sub-job"));
+            }
+            if let Some(long) = zero_writes.iter().find(|r| r.end - r.start > HOLE_SUB_JOB_SECTORS_MAX) {
+                problems.push(format!("target{i}: a write-zeroes {long:?} longer than a hole sub-job"));
             }
             let as_data = Sectors::from_ranges(writes.iter().cloned());
             if !data.is_subset(&as_data) {
