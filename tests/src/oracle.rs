@@ -434,19 +434,26 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
         .filter(|&seq| completed_at.is_none_or(|done| seq < done));
 
     // Stop: without IGNORE_ERROR, no sub-job is taken once an error is known (a failed read
-    // at its completion, a failed write once its sub-job's writes have all completed).
+    // at its completion, a failed write once its sub-job's writes have all completed) — but
+    // under WRITE_SEQ a sub-job before the one that failed first may still start (taken
+    // before the error, it waited for the throttle): every sub-job before a failure is written.
     if !view.ignore {
         let known = view
             .ios
             .iter()
             .filter(|(r, ..)| !r.ok)
-            .map(|(r, role, rel)| match role {
-                Role::Source => r.done,
-                Role::Target(_) => view.chunks_of(rel).map(|k| ended_at[&k]).max().unwrap_or(r.done),
+            .map(|(r, role, rel)| {
+                let failing = view.chunks_of(rel);
+                let at = match role {
+                    Role::Source => r.done,
+                    Role::Target(_) => failing.clone().map(|k| ended_at[&k]).max().unwrap_or(r.done),
+                };
+                (at, failing.start)
             })
             .min();
-        if let Some(known) = known {
-            if let Some((k, _)) = taken_at.iter().find(|&(_, &seq)| seq > known) {
+        if let Some((known, failing)) = known {
+            let may_start = |k: u64| view.seq && k < failing;
+            if let Some((k, _)) = taken_at.iter().find(|&(&k, &seq)| seq > known && !may_start(k)) {
                 violations.push(format!("job {j}: sub-job {k} started after an error had stopped the job"));
             }
         }

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use kcopyd_core::{
     Client, ClientConfig, Device, Flags, Job, Outcome, Region, SECTOR_SIZE, ShutdownReport, SubmitError, TargetMask,
+    Throttle,
 };
 use kcopyd_sim::{
     FaultOdds, FaultPlan, FaultRecord, IoModel, Latency, MemDisk, MemDiskOptions, Misdirect, Simulation, SlowSpike,
@@ -182,6 +183,9 @@ pub struct Inputs {
     /// Prepared callbacks.
     #[serde(default)]
     pub prepared: Vec<PreparedInputs>,
+    /// The client's throttle (a rate or a busy share, now and then).
+    #[serde(default)]
+    pub throttle: Throttle,
 }
 
 impl Inputs {
@@ -266,6 +270,11 @@ impl Inputs {
             prepared: (0..[0, 0, 1, 2, 3][rng.below(5) as usize])
                 .map(|_| PreparedInputs::from_bits(rng.below(u64::MAX)))
                 .collect(),
+            throttle: match rng.below(8) {
+                0 => Throttle { rate_bytes_per_s: Some((1 + rng.below(64)) << 20), ..Throttle::OFF },
+                1 => Throttle { busy_percent: Some(10 + rng.below(81) as u32), ..Throttle::OFF },
+                _ => Throttle::OFF,
+            },
         }
     }
 
@@ -389,7 +398,7 @@ impl Inputs {
                 subjobs_in_flight: self.subjobs_in_flight.clamp(1, 64),
                 queued_jobs_max: 1024,
                 huge_pages: true,
-                throttle: kcopyd_core::Throttle::OFF,
+                throttle: self.throttle,
                 io_timeout_ms: None,
             },
             sources: self
@@ -887,6 +896,11 @@ pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
                 headers_only: seed % 3 == 0,
                 shutdown_at_us: (seed % 5 == 1).then_some((seed >> 8) % 12_000),
                 prepared: if seed % 3 == 2 { vec![PreparedInputs::from_bits(mix64(seed))] } else { Vec::new() },
+                throttle: match seed % 7 {
+                    3 => Throttle { rate_bytes_per_s: Some(((seed >> 24) % 64 + 1) << 20), ..Throttle::OFF },
+                    5 => Throttle { busy_percent: Some(10 + (seed >> 24) as u32 % 81), ..Throttle::OFF },
+                    _ => Throttle::OFF,
+                },
             }
         })
 }
