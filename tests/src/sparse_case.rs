@@ -18,8 +18,9 @@
 //! most, every sector of source data as data, no data write longer than a sub-job and no
 //! write-zeroes longer than a hole sub-job; where
 //! zeroes are cheap for every target a hole is never written as data, and the requests stay
-//! few (holes go in large pieces, not sub-job by sub-job); with `TargetZeroes::Skip` no hole
-//! is written at all.
+//! few (holes go in large pieces, not sub-job by sub-job); the zero blocks a scan must find
+//! (from each sub-job's start) are not written as data to a target where zeroes are cheap;
+//! with `TargetZeroes::Skip` no hole and no zero block is written at all.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -248,6 +249,18 @@ impl Case {
         let read_sectors = expected_reads.len_sectors();
         let requests_max = 2 * (self.runs.len() as u64 + 2 + read_sectors.div_ceil(sub_job_sectors));
         let not_data = whole.difference(&data);
+        // The zero blocks the scan must find: blocks of the zero-block size (at least the
+        // logical block) from the start of each sub-job read, the last one perhaps short,
+        // wholly where the source reads as zeroes.
+        let block = u64::from(self.block_bytes) / SECTOR_SIZE as u64;
+        let zero_block_sectors = (self.sparse.zero_block_bytes != 0)
+            .then(|| (u64::from(self.sparse.zero_block_bytes) / SECTOR_SIZE as u64).max(block));
+        let zero_blocks = Sectors::from_ranges(zero_block_sectors.into_iter().flat_map(|z| {
+            of(DiskRef::Source(0), IoKind::Read)
+                .into_iter()
+                .flat_map(move |read| (read.start..read.end).step_by(z as usize).map(move |b| b..(b + z).min(read.end)))
+                .filter(|b| Sectors::from_ranges(std::iter::once(b.clone())).is_subset(&not_data))
+        }));
         for (i, target) in targets.iter().enumerate() {
             let which = DiskRef::Target(i);
             // Data as the source's; zeroes elsewhere (unallocated on a thin target, which is how
@@ -287,6 +300,19 @@ impl Case {
                     "target{i} ({:?}): holes written as data although zeroes are cheap: {:?}",
                     self.targets[i],
                     unallocated.intersection(&as_data)
+                ));
+            }
+            if cheap(self.targets[i]) && !zero_blocks.intersection(&as_data).is_empty() {
+                problems.push(format!(
+                    "target{i} ({:?}): zero blocks written as data although zeroes are cheap: {:?}",
+                    self.targets[i],
+                    zero_blocks.intersection(&as_data)
+                ));
+            }
+            if skip && !zero_blocks.intersection(&touched).is_empty() {
+                problems.push(format!(
+                    "target{i}: zero blocks written although the target is zero: {:?}",
+                    zero_blocks.intersection(&touched)
                 ));
             }
             if self.sparse.skip_holes && skip && !unallocated.intersection(&touched).is_empty() {
