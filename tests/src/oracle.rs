@@ -459,6 +459,22 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
         }
     }
 
+    // Offload: a zero job whose targets all offload write-zeroes zeroes each with one request
+    // over its whole region (none if it was cancelled before it started).
+    let offloads = layout.targets.iter().all(|&(t, _)| report.targets[t].options().write_zeroes);
+    if layout.source.is_none() && len > 0 && offloads {
+        for (i, &(t, _)) in layout.targets.iter().enumerate() {
+            let requests: Vec<_> = view.ios.iter().filter(|(_, role, _)| *role == Role::Target(i)).collect();
+            let whole = requests.iter().all(|(r, _, rel)| r.kind == IoKind::WriteZeroes && *rel == (0..len));
+            if !whole || requests.len() > 1 || (requests.is_empty() && cancel_at.is_none()) {
+                violations.push(format!(
+                    "job {j}: target {i} (target{t}) offloads write-zeroes, yet the zero job sent {:?}",
+                    requests.iter().map(|(r, ..)| (r.kind, r.sectors.clone())).collect::<Vec<_>>()
+                ));
+            }
+        }
+    }
+
     // Cancel: no sub-job is taken after the cancel; `cancelled` is set exactly when the cancel
     // came before the last sub-job was taken.
     let zero_seq = layout.source.is_none() && view.seq; // a zero sub-job's first write waits for its turn
