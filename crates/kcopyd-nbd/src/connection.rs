@@ -35,9 +35,12 @@ use crate::proto::*;
 use crate::reactor::Reactor;
 use crate::uri::Address;
 
-/// Bytes of the socket write buffer: request headers (and small payloads) are coalesced into
-/// one write; a payload at least this large goes straight to the socket.
-const WRITE_BUFFER_BYTES: usize = 256 * 1024;
+/// Bytes of request headers gathered before they are written: headers without data (reads,
+/// flushes, …) queued together go out in one write, or in front of the next write's data in
+/// the same vectored write. A write's data never passes through a buffer of this client.
+const HEADER_BUFFER_BYTES: usize = 64 * 1024;
+/// Bytes of the handshake's write buffer (options are small).
+const HANDSHAKE_BUFFER_BYTES: usize = 4096;
 /// Bytes of the socket read buffer: several reply headers come in one read, while a read
 /// reply's data mostly goes straight from the socket into the page buffer (what the buffer
 /// has taken in past a header is copied once more; a buffer as large as the write buffer
@@ -45,7 +48,7 @@ const WRITE_BUFFER_BYTES: usize = 256 * 1024;
 const READ_BUFFER_BYTES: usize = 16 * 1024;
 
 type Reader = BufReader<Box<dyn AsyncRead + Unpin + Send>>;
-type Writer = BufWriter<Box<dyn AsyncWrite + Unpin + Send>>;
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 
 /// One request, as the device hands it to the connection.
 #[derive(Debug)]
@@ -270,9 +273,11 @@ async fn open_stream(
         }
     };
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, read_half);
-    let mut writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, write_half);
+    let mut writer = BufWriter::with_capacity(HANDSHAKE_BUFFER_BYTES, write_half);
     let info = handshake(&mut reader, &mut writer, export, server).await?;
-    Ok((reader, writer, info))
+    // The handshake waits for the server's answer to everything it sends: nothing is left.
+    assert!(writer.buffer().is_empty(), "the handshake flushes what it writes");
+    Ok((reader, writer.into_inner(), info))
 }
 
 /// Runs the transmission phase until the device is dropped.
@@ -292,36 +297,44 @@ async fn serve(reader: Reader, writer: Writer, requests: mpsc::UnboundedReceiver
     tokio::join!(reading, writing);
 }
 
-/// Sends requests as they come, flushing the socket buffer whenever no more are queued; ends
-/// (with `NBD_CMD_DISC`) when the device is dropped.
+/// Sends requests as they come, writing the gathered headers whenever no more are queued;
+/// ends (with `NBD_CMD_DISC`) when the device is dropped.
 async fn write_requests(mut writer: Writer, mut requests: mpsc::UnboundedReceiver<Request>, shared: &Shared) {
     let mut cookie = 0u64;
+    let mut headers = Vec::with_capacity(HEADER_BUFFER_BYTES);
     while let Some(first) = requests.recv().await {
         let mut next = Some(first);
         while let Some(request) = next {
             cookie += 1;
-            if let Err(error) = write_request(&mut writer, request, cookie, shared).await {
+            if let Err(error) = write_request(&mut writer, &mut headers, request, cookie, shared).await {
                 shared.lose(format!("sending a request: {error}"));
             }
             next = requests.try_recv().ok();
         }
-        if shared.lock().lost.is_none() {
-            if let Err(error) = writer.flush().await {
+        if shared.lock().lost.is_none() && !headers.is_empty() {
+            if let Err(error) = writer.write_all(&headers).await {
                 shared.lose(format!("sending requests: {error}"));
             }
         }
+        headers.clear();
     }
     if shared.lock().lost.is_none() {
         let header = request_header(0, NBD_CMD_DISC, 0, 0, 0);
         // The server closes the connection on NBD_CMD_DISC; a failure here changes nothing.
         let _ = writer.write_all(&header).await;
-        let _ = writer.flush().await;
         let _ = writer.shutdown().await;
     }
 }
 
-/// Records `request` as in flight and writes it; a lost connection fails it instead.
-async fn write_request(writer: &mut Writer, request: Request, cookie: u64, shared: &Shared) -> io::Result<()> {
+/// Records `request` as in flight and adds its header to `headers`; a write's data goes out
+/// at once, behind the headers gathered so far. A lost connection fails the request instead.
+async fn write_request(
+    writer: &mut Writer,
+    headers: &mut Vec<u8>,
+    request: Request,
+    cookie: u64,
+    shared: &Shared,
+) -> io::Result<()> {
     let Request { command, offset_bytes, len_bytes, payload, buf, reply } = request;
     let window = buf.as_ref().map(ReadBuf::window).unwrap_or(0..0);
     let pending = Pending {
@@ -347,17 +360,24 @@ async fn write_request(writer: &mut Writer, request: Request, cookie: u64, share
         }
         state.inflight.insert(cookie, pending);
     }
-    let header = request_header(0, command, cookie, offset_bytes, len_bytes);
+    headers.extend_from_slice(&request_header(0, command, cookie, offset_bytes, len_bytes));
     match payload {
-        // Header and data in one vectored write: a payload as large as the socket buffer goes
-        // straight to the socket, in as few system calls as it takes.
+        // Headers and data in one vectored write, straight from the page buffer to the
+        // socket, in as few system calls as it takes.
         Some(payload) => {
             let mut parts: Vec<IoSlice<'_>> = Vec::with_capacity(1 + payload.segments().len());
-            parts.push(IoSlice::new(&header));
+            parts.push(IoSlice::new(headers));
             parts.extend(payload.segments().iter().map(|segment| IoSlice::new(segment)));
-            write_all_vectored(writer, &mut parts).await
+            let written = write_all_vectored(writer, &mut parts).await;
+            headers.clear();
+            written
         }
-        None => writer.write_all(&header).await,
+        None if headers.len() >= HEADER_BUFFER_BYTES => {
+            let written = writer.write_all(headers).await;
+            headers.clear();
+            written
+        }
+        None => Ok(()),
     }
 }
 
