@@ -39,6 +39,6 @@ pub use device::{
     NbdDevice, connect,
 };
 pub use error::{ConnectError, RequestError};
-pub use reactor::Reactor;
 pub use proto::{NBD_DEFAULT_PORT, NO_PAYLOAD_BYTES_MAX, PAYLOAD_BYTES_DEFAULT_MAX};
+pub use reactor::Reactor;
 pub use uri::{Address, NbdUri, UriError};

@@ -19,6 +19,7 @@
 
 use std::fmt;
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread;
 
@@ -50,6 +51,8 @@ pub struct Reactor {
 struct Inner {
     handle: Handle,
     thread: thread::ThreadId,
+    /// Connection tasks spawned and not yet ended.
+    tasks: AtomicUsize,
     /// Dropped with the last handle: ends the thread's `block_on`.
     _stop: oneshot::Sender<()>,
 }
@@ -70,7 +73,8 @@ impl Reactor {
                 let _ = stopped.await;
             });
         })?;
-        Ok(Reactor { inner: Arc::new(Inner { handle, thread: thread.thread().id(), _stop: stop }) })
+        let inner = Inner { handle, thread: thread.thread().id(), tasks: AtomicUsize::new(0), _stop: stop };
+        Ok(Reactor { inner: Arc::new(inner) })
     }
 
     /// The reactor every device uses unless its [`ConnectOptions`](crate::ConnectOptions)
@@ -93,13 +97,37 @@ impl Reactor {
         self.inner.thread
     }
 
+    /// Connections running on this reactor: opened or being opened, and not yet closed (a
+    /// device's connections close when it is dropped, after `NBD_CMD_DISC`, or when lost and
+    /// the device is dropped).
+    pub fn connections_running(&self) -> usize {
+        self.inner.tasks.load(Ordering::Acquire)
+    }
+
     /// Runs `task` on the reactor; the reactor's thread lives at least until it ends.
     pub(crate) fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
-        let keep = self.clone();
+        let running = Running::new(self.clone());
         self.inner.handle.spawn(async move {
             task.await;
-            drop(keep);
+            drop(running);
         });
+    }
+}
+
+/// One task counted in [`Reactor::connections_running`], keeping the reactor alive; dropped
+/// when the task ends or is cancelled.
+struct Running(Reactor);
+
+impl Running {
+    fn new(reactor: Reactor) -> Running {
+        reactor.inner.tasks.fetch_add(1, Ordering::AcqRel);
+        Running(reactor)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.inner.tasks.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -113,6 +141,64 @@ impl Eq for Reactor {}
 
 impl fmt::Debug for Reactor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Reactor").field("thread", &self.inner.thread).finish()
+        f.debug_struct("Reactor")
+            .field("thread", &self.inner.thread)
+            .field("connections_running", &self.connections_running())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn the_shared_reactor_is_one_while_used_and_a_new_one_after() {
+        let first = Reactor::shared().unwrap();
+        let again = Reactor::shared().unwrap();
+        assert_eq!(first, again);
+        let thread = first.thread_id();
+        assert_ne!(thread, thread::current().id());
+        drop((first, again));
+        let later = Reactor::shared().unwrap();
+        assert_ne!(later.thread_id(), thread, "the first shared reactor was released");
+    }
+
+    #[test]
+    fn a_running_task_keeps_the_reactor_after_its_last_handle() {
+        let reactor = Reactor::new().unwrap();
+        let (go, wait) = oneshot::channel::<()>();
+        let (done, finished) = mpsc::channel();
+        reactor.spawn(async move {
+            let _ = wait.await;
+            let _ = done.send(thread::current().id());
+        });
+        assert_eq!(reactor.connections_running(), 1);
+        let thread = reactor.thread_id();
+        drop(reactor);
+        go.send(()).unwrap();
+        assert_eq!(finished.recv_timeout(Duration::from_secs(10)).unwrap(), thread, "the task ran on the reactor");
+    }
+
+    #[test]
+    fn tasks_are_counted_until_they_end() {
+        let reactor = Reactor::new().unwrap();
+        let (go, wait) = oneshot::channel::<()>();
+        let (done, finished) = mpsc::channel();
+        reactor.spawn(async move {
+            let _ = wait.await;
+            let _ = done.send(());
+        });
+        reactor.spawn(async {});
+        go.send(()).unwrap();
+        finished.recv_timeout(Duration::from_secs(10)).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while reactor.connections_running() != 0 {
+            assert!(std::time::Instant::now() < deadline, "{} tasks still counted", reactor.connections_running());
+            thread::sleep(Duration::from_millis(5));
+        }
     }
 }
