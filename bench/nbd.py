@@ -7,15 +7,16 @@ Usage: bench/nbd.py [--size-mib N] [--runs N] [--dir DIR] [--kcopyd PATH] [--kco
 
 Four qemu-nbd servers (--cache=none --aio=native, unix sockets) serve a source file of random
 bytes and three target files written with zeroes. Each round runs every command once, in turn, so
-that the machine's drift hits them alike; medians are reported.
+that the machine's drift hits them alike, each round starting one command later than the one
+before (so that no command always follows the same one); medians are reported.
 
   ceiling:       fio reading SRC and writing T1 at once | fio reading SRC, writing T1 T2 T3 at once
   one target:    kcopyd copy SRC T1 | nbdcopy SRC T1 | qemu-img convert -m 16 -W -n SRC T1
   three targets: kcopyd copy SRC T1 T2 T3 | nbdcopy SRC T1; nbdcopy SRC T2; nbdcopy SRC T3
 
 The ceiling is what the disk does when nothing but the data moves: fio (libaio, O_DIRECT, 1 MiB
-blocks, 8 deep per file) reads the source file and writes the target file(s) directly, all at
-the same time; its time is the slowest file's I/O time. No copy through any server can be
+blocks, 8 deep per file) reads the source file and writes target file(s) directly (files of
+its own, next to the targets and written beforehand as they are), all at the same time; its time is the slowest file's I/O time. No copy through any server can be
 faster. Each copy is reported as a ratio to nbdcopy and to that ceiling. `cpu` is the command's
 user + system time (the servers' time is not in it).
 
@@ -124,22 +125,24 @@ def main():
         source = os.path.join(work, "source.img")
         subprocess.run(["dd", "if=/dev/urandom", f"of={source}", "bs=1M", f"count={args.size_mib}",
                         "status=none"], check=True)
-        targets = []
+        targets, scratch = [], []
         for i in range(3):
-            target = os.path.join(work, f"target{i}.img")
-            # Written, not fallocated: the first write to an unwritten extent costs more.
-            subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=4M", f"count={args.size_mib // 4}",
-                            "oflag=direct", "status=none"], check=True)
-            targets.append(target)
+            for files, name in [(targets, f"target{i}.img"), (scratch, f"ceiling{i}.img")] if ceiling else \
+                    [(targets, f"target{i}.img")]:
+                path = os.path.join(work, name)
+                # Written, not fallocated: the first write to an unwritten extent costs more.
+                subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=4M", f"count={args.size_mib // 4}",
+                                "oflag=direct", "status=none"], check=True)
+                files.append(path)
         servers = [serve(source, os.path.join(work, "source.sock"), True)]
         servers += [serve(t, os.path.join(work, f"target{i}.sock"), False) for i, t in enumerate(targets)]
         uri = lambda name: f"nbd+unix:///?socket={os.path.join(work, name + '.sock')}"
         src, t = uri("source"), [uri(f"target{i}") for i in range(3)]
-        # The ceilings run first in a round: fio writes its own bytes into the targets, which the
-        # copies after it overwrite (the final check compares every target with the source).
+        # fio writes files of its own, next to the targets and written the same way, so that
+        # the commands can run in any order and the targets hold only what the copies wrote.
         ceilings = {}
         if ceiling:
-            ceilings = {"fio ceiling 1": [source, targets[:1]], "fio ceiling 3": [source, targets]}
+            ceilings = {"fio ceiling 1": [source, scratch[:1]], "fio ceiling 3": [source, scratch]}
         one = {
             "kcopyd": [[args.kcopyd, "copy", *extra, src, t[0]]],
             "kcopyd B": [[args.kcopyd_b, "copy", *extra_b, src, t[0]]] if args.kcopyd_b else None,
@@ -158,7 +161,11 @@ def main():
         cpus = {name: [] for name in names}
         try:
             for round_ in range(args.runs):
-                for name in names:
+                # Each round starts one command later: a command that follows a heavy writer
+                # (fio writing 3 GiB) pays for the disk's write-back, and every command should
+                # pay that alike.
+                shift = round_ % len(names)
+                for name in names[shift:] + names[:shift]:
                     if name in ceilings:
                         seconds, cpu = fio_ceiling(*ceilings[name], args.size_mib)
                     else:
