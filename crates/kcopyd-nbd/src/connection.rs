@@ -43,8 +43,8 @@ const HEADER_BUFFER_BYTES: usize = 64 * 1024;
 const HANDSHAKE_BUFFER_BYTES: usize = 4096;
 /// Bytes of the socket read buffer: several reply headers come in one read, while a read
 /// reply's data mostly goes straight from the socket into the page buffer (what the buffer
-/// has taken in past a header is copied once more; a buffer as large as the write buffer
-/// took a quarter of each 1 MiB reply through that extra copy).
+/// has taken in past a header is copied once more: a 256 KiB buffer would take up to a
+/// quarter of each 1 MiB reply through that extra copy).
 const READ_BUFFER_BYTES: usize = 16 * 1024;
 
 type Reader = BufReader<Box<dyn AsyncRead + Unpin + Send>>;
