@@ -252,6 +252,52 @@ fn crashed() -> Accepted {
     accepted
 }
 
+/// WRITE_SEQ, 2 sub-jobs in flight, 16 sub-jobs, cancelled 1 ms after submission.
+fn cancelled_in_sequence() -> Accepted {
+    let job = JobInputs { cancel_after_us: Some(1000), write_seq: true, ..copy(128, &[0]) };
+    let accepted = Accepted::run("cancel, WRITE_SEQ", inputs(vec![job], 1, 2));
+    assert!(accepted.outcome().cancelled, "{:?}", accepted.outcome());
+    accepted
+}
+
+/// A zero job of 16 sub-jobs, 1 in flight, cancelled 1 ms after submission.
+fn zero_cancelled() -> Accepted {
+    let job = JobInputs { zero: true, cancel_after_us: Some(1000), ..copy(128, &[0]) };
+    let accepted = Accepted::run("zero job, cancel", inputs(vec![job], 1, 1));
+    assert!(accepted.outcome().cancelled, "{:?}", accepted.outcome());
+    accepted
+}
+
+/// Harder true runs, each of which the oracle must accept: a misdirected write (its sectors
+/// excused), a zero job offloaded to write-zeroes (one request for its whole region), zero and
+/// copy jobs side by side on 4 KiB disks, WRITE_SEQ with write errors on several targets.
+fn hard_but_true() -> Vec<Accepted> {
+    let mut misdirected = inputs(vec![copy(48, &[0, 1])], 2, 2);
+    misdirected.targets[0].faults.misdirects = vec![(1, 3)];
+    let misdirected = Accepted::run("misdirected write", misdirected);
+    let excused = misdirected.report.targets[0].fault_log();
+    assert!(!excused.is_empty(), "a misdirected write happened");
+
+    let mut offloaded = inputs(vec![JobInputs { zero: true, ..copy(48, &[0, 1]) }], 2, 2);
+    offloaded.targets.iter_mut().for_each(|t| t.write_zeroes = true);
+    let offloaded = Accepted::run("write-zeroes offload", offloaded);
+    assert!(offloaded.report.io.iter().any(|r| r.kind == IoKind::WriteZeroes && r.sectors == (0..48)));
+
+    let mut blocks = inputs(vec![copy(5, &[0, 1]), JobInputs { zero: true, ..copy(3, &[1]) }], 2, 3);
+    blocks.big_units = true;
+    blocks.targets[1].block_4k = true;
+    blocks.sub_job_units = 1;
+    let blocks = Accepted::run("4 KiB blocks", blocks);
+
+    let mut seq = inputs(vec![JobInputs { write_seq: true, ignore_error: true, ..copy(48, &[0, 1, 2]) }], 3, 3);
+    seq.targets[1].faults = bad_writes(20..22);
+    seq.targets[2].faults = bad_writes(36..37);
+    let seq = Accepted::run("WRITE_SEQ, write errors", seq);
+    assert_eq!(seq.outcome().targets[0].not_copied.ranges(), &[24..48], "sub-jobs after the first failing one");
+
+    vec![misdirected, offloaded, blocks, seq]
+}
+
 #[test]
 fn true_runs_of_every_scenario_are_accepted() {
     // Each builder asserts that the oracle accepts its run, and that the run has the shape the
@@ -264,10 +310,13 @@ fn true_runs_of_every_scenario_are_accepted() {
         sequential,
         sequential_with_a_read_error,
         cancelled,
+        cancelled_in_sequence,
+        zero_cancelled,
         crashed,
     ] {
         build();
     }
+    assert_eq!(hard_but_true().len(), 4);
 }
 
 #[test]
@@ -617,6 +666,66 @@ fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error() {
         &violations,
         "job 0: sub-job 3 started after an error had stopped the job",
     );
+    // ... but not before: the failed write alone does not stop the job while another write of
+    // its sub-job is still in flight.
+    let violations = run.tampered(|r| {
+        let failed = request(r, DiskRef::Target(1), IoKind::Write, 16);
+        let other = request(r, DiskRef::Target(0), IoKind::Write, 16);
+        let end = end_of_trace(r);
+        r.io[other].done = end + 10;
+        let issued = r.io[failed].done + 1;
+        r.io.push(IoRecord {
+            disk: DiskRef::Source(0),
+            kind: IoKind::Read,
+            sectors: 24..32,
+            phase: 1,
+            issued,
+            done: end + 11,
+            ok: true,
+        });
+    });
+    assert!(
+        !violations.iter().any(|v| v.contains("after an error had stopped")),
+        "rule 8: a read issued while the failing sub-job's other write was in flight is no violation: {violations:#?}"
+    );
+    // The first error known stops the job, not the last.
+    let run = stopping_on_a_read_error();
+    let violations = run.tampered(|r| {
+        let failed = request(r, DiskRef::Source(0), IoKind::Read, 16);
+        let issued = r.io[failed].done + 1;
+        let end = end_of_trace(r);
+        r.io.push(IoRecord {
+            disk: DiskRef::Source(0),
+            kind: IoKind::Read,
+            sectors: 32..40,
+            phase: 1,
+            issued,
+            done: end + 2,
+            ok: true,
+        });
+        r.io.push(IoRecord {
+            disk: DiskRef::Source(0),
+            kind: IoKind::Read,
+            sectors: 40..48,
+            phase: 1,
+            issued: end,
+            done: end + 1,
+            ok: false,
+        });
+    });
+    fires("8", "a read between two errors", &violations, "job 0: sub-job 4 started after an error had stopped the job");
+    // With IGNORE_ERROR, nothing stops.
+    let run = ignoring_errors();
+    let violations = run.tampered(|r| {
+        let failed = request(r, DiskRef::Source(0), IoKind::Read, 16);
+        let issued = r.io[failed].done + 1;
+        let read = request(r, DiskRef::Source(0), IoKind::Read, 40);
+        r.io[read].issued = r.io[read].issued.max(issued);
+    });
+    assert!(
+        !violations.iter().any(|v| v.contains("after an error had stopped")),
+        "rule 8 does not apply under IGNORE_ERROR: {violations:#?}"
+    );
 }
 
 #[test]
@@ -679,6 +788,22 @@ fn rule_9_no_sub_job_starts_after_a_cancel_and_cancelled_is_exact() {
         outcome(r).cancelled = true;
     });
     fires("9", "a cancel after completion", &violations, "job 0: cancelled true but the cancel came never");
+
+    // The same of a WRITE_SEQ copy job and of a zero job.
+    for (what, run) in [("WRITE_SEQ", cancelled_in_sequence()), ("zero job", zero_cancelled())] {
+        let first_untaken = run.outcome().targets[0].not_copied.ranges().last().unwrap().start.next_multiple_of(CHUNK);
+        let (disk, kind) =
+            if what == "zero job" { (DiskRef::Target(0), IoKind::Write) } else { (DiskRef::Source(0), IoKind::Read) };
+        let violations = run.tampered(|r| append(r, disk, kind, first_untaken..first_untaken + CHUNK));
+        fires(
+            "9",
+            what,
+            &violations,
+            &format!("sub-job {} started after the job was cancelled", first_untaken / CHUNK),
+        );
+        let violations = run.tampered(|r| outcome(r).cancelled = false);
+        fires("9", what, &violations, "job 0: cancelled false but the cancel came before its last sub-job was taken");
+    }
 
     let run = Accepted::run("zero-length", inputs(vec![copy(0, &[0]), copy(16, &[0])], 1, 1));
     let violations = run.tampered(|r| outcome(r).cancelled = true);
