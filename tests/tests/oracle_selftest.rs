@@ -20,7 +20,7 @@
 use std::ops::Range;
 
 use kcopyd_core::{Outcome, RangeSet};
-use kcopyd_sim::Simulation;
+use kcopyd_sim::{FaultKind, Simulation};
 use kcopyd_tests::io_log::{DiskRef, IoKind, IoRecord, Mark};
 use kcopyd_tests::scenario::{
     DiskInputs, FaultInputs, Inputs, JobInputs, Report, Scenario, TimingInputs, check, run, source_seed, target_seed,
@@ -381,6 +381,40 @@ fn rule_2_targets_hold_what_the_outcome_says_and_nothing_else_changed() {
     run.report.targets[1].fill_pattern_range(100..101, target_seed(1), 0);
     let violations = check(&run.scenario, &run.report);
     fires("2", "old data after the resubmission", &violations, "job 0 target 1 (target1) sector 100: holds Old");
+}
+
+#[test]
+fn rule_2_spares_only_the_sectors_a_logged_fault_may_have_left_anything_in() {
+    // A sector a torn, lost or misdirected write touched may hold anything; the sector next to
+    // it, if no fault touched it, may not.
+    let run = crashed();
+    let misdirected = hard_but_true().swap_remove(0);
+    for (what, run) in [("crash", &run), ("misdirected write", &misdirected)] {
+        for (t, disk) in run.report.targets.iter().enumerate() {
+            for fault in disk.fault_log() {
+                let (kind, spared) = match &fault.kind {
+                    FaultKind::Torn { .. } => ("torn", vec![fault.sectors.clone()]),
+                    FaultKind::Lost => ("lost", vec![fault.sectors.clone()]),
+                    FaultKind::Misdirected { landed } => ("misdirected", vec![fault.sectors.clone(), landed.clone()]),
+                    _ => continue,
+                };
+                for sectors in spared {
+                    let sector = sectors.start;
+                    disk.fill_pattern_range(sector..sector + 1, target_seed(t), 9);
+                    let named =
+                        [format!("(target{t}) sector {sector}: "), format!("target{t} sector {sector} outside")];
+                    let violations = check(&run.scenario, &run.report);
+                    assert!(
+                        !violations.iter().any(|v| named.iter().any(|n| v.contains(n))),
+                        "rule 2, {what}: sector {sector} of a {kind} write is excused: {violations:#?}"
+                    );
+                    disk.fill_pattern_range(sector..sector + 1, target_seed(t), 0);
+                }
+            }
+        }
+    }
+    let kinds: Vec<String> = run.report.targets[0].fault_log().iter().map(|f| format!("{:?}", f.kind)).collect();
+    assert!(kinds.iter().any(|k| k.starts_with("Torn")) && kinds.iter().any(|k| k == "Lost"), "{kinds:?}");
 }
 
 #[test]
