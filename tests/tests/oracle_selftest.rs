@@ -186,9 +186,9 @@ fn ignoring_errors() -> Accepted {
     inputs.targets[1].faults = bad_writes(40..42);
     let accepted = Accepted::run("IGNORE_ERROR", inputs);
     let outcome = accepted.outcome();
-    assert_eq!(outcome.read_failed.ranges(), &[20..21], "narrowed down to the bad sector");
+    assert_eq!(outcome.read_failed, RangeSet::from_range(20..21), "narrowed down to the bad sector");
     assert_eq!(outcome.write_err.iter().collect::<Vec<_>>(), vec![1]);
-    assert_eq!(outcome.targets[1].write_failed.ranges(), &[40..48], "the whole sub-job's write");
+    assert_eq!(outcome.targets[1].write_failed, RangeSet::from_range(40..48), "the whole sub-job's write");
     accepted
 }
 
@@ -199,8 +199,8 @@ fn stopping_on_a_read_error() -> Accepted {
     inputs.sources[0].faults = latent(20);
     let accepted = Accepted::run("read error", inputs);
     let outcome = accepted.outcome();
-    assert_eq!(outcome.read_failed.ranges(), &[16..24], "the whole sub-job");
-    assert_eq!(outcome.targets[0].not_copied.ranges(), &[16..48], "stopped");
+    assert_eq!(outcome.read_failed, RangeSet::from_range(16..24), "the whole sub-job");
+    assert_eq!(outcome.targets[0].not_copied, RangeSet::from_range(16..48), "stopped");
     accepted
 }
 
@@ -211,8 +211,8 @@ fn stopping_on_a_write_error() -> Accepted {
     inputs.targets[1].faults = bad_writes(20..22);
     let accepted = Accepted::run("write error", inputs);
     let outcome = accepted.outcome();
-    assert_eq!(outcome.targets[0].not_copied.ranges(), &[24..48], "stopped; target 0 has sub-job 2");
-    assert_eq!(outcome.targets[1].not_copied.ranges(), &[16..48]);
+    assert_eq!(outcome.targets[0].not_copied, RangeSet::from_range(24..48), "stopped; target 0 has sub-job 2");
+    assert_eq!(outcome.targets[1].not_copied, RangeSet::from_range(16..48));
     accepted
 }
 
@@ -227,7 +227,7 @@ fn sequential_with_a_read_error() -> Accepted {
     let mut inputs = inputs(vec![JobInputs { write_seq: true, ..copy(48, &[0]) }], 1, 4);
     inputs.sources[0].faults = latent(12);
     let accepted = Accepted::run("WRITE_SEQ, read error", inputs);
-    assert_eq!(accepted.outcome().targets[0].not_copied.ranges(), &[8..48]);
+    assert_eq!(accepted.outcome().targets[0].not_copied, RangeSet::from_range(8..48));
     accepted
 }
 
@@ -293,7 +293,11 @@ fn hard_but_true() -> Vec<Accepted> {
     seq.targets[1].faults = bad_writes(20..22);
     seq.targets[2].faults = bad_writes(36..37);
     let seq = Accepted::run("WRITE_SEQ, write errors", seq);
-    assert_eq!(seq.outcome().targets[0].not_copied.ranges(), &[24..48], "sub-jobs after the first failing one");
+    assert_eq!(
+        seq.outcome().targets[0].not_copied,
+        RangeSet::from_range(24..48),
+        "sub-jobs after the first failing one"
+    );
 
     vec![misdirected, offloaded, blocks, seq]
 }
