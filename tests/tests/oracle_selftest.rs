@@ -927,6 +927,19 @@ fn rule_11_sub_jobs_in_flight_and_pages_stay_within_their_limits() {
         "the pool reports 3 pages in use at once over a budget of 2",
     );
 
+    // Pages are counted per sub-job from its sectors: two sub-jobs of 32 sectors (4 pages each)
+    // hold 8 pages, over a budget of 7 (which still allows sub-jobs of 32 sectors).
+    let mut big_sub_jobs = inputs(vec![copy(128, &[0])], 1, 2);
+    big_sub_jobs.sub_job_units = 32;
+    big_sub_jobs.page_budget = 8;
+    let run = Accepted::run("sub-jobs of 4 pages", big_sub_jobs);
+    let violations = run.with_scenario(|s| s.config.page_budget = 7);
+    fires("11", "8 pages over a budget of 7", &violations, "phase 1: copy sub-jobs in flight hold at least 8 pages");
+    // A zero job holds no pages.
+    let mut zero = inputs(vec![JobInputs { zero: true, ..copy(48, &[0]) }], 1, 2);
+    zero.page_budget = 1;
+    Accepted::run("a zero job with one page", zero);
+
     // Phase 2 (after a crash) is measured too.
     let run = crashed();
     let violations = run.tampered(|r| {
