@@ -19,12 +19,13 @@
 
 use std::ops::Range;
 
-use kcopyd_core::{Outcome, RangeSet};
+use kcopyd_core::{Outcome, RangeSet, TARGETS_MAX};
 use kcopyd_sim::{FaultKind, Simulation};
 use kcopyd_tests::io_log::{DiskRef, IoKind, IoRecord, Mark};
 use kcopyd_tests::scenario::{
     DiskInputs, FaultInputs, Inputs, JobInputs, Report, Scenario, TimingInputs, check, run, source_seed, target_seed,
 };
+use kcopyd_tests::validation::{Broken, Case, RegionInputs};
 
 /// Sectors per sub-job in every scenario here (`sub_job_units` of 1-sector units).
 const CHUNK: u64 = 8;
@@ -1020,4 +1021,55 @@ fn rule_13_a_run_that_does_not_finish_is_a_deadlock() {
     let run = clean();
     let violations = run.tampered(|r| r.deadlocked = true);
     fires("13", "deadlocked", &violations, "deadlock: jobs still running after");
+}
+
+/// A region of a validation case.
+fn region(device: usize, start_sector: u64, len_sectors: u64) -> RegionInputs {
+    RegionInputs { device, start_sector, len_sectors }
+}
+
+#[test]
+fn validation_reports_an_engine_that_disagrees_with_the_reference() {
+    // Devices: 64 sectors of 512-byte blocks, 64 sectors of 4 KiB blocks.
+    let case = |source: Option<RegionInputs>, targets: Vec<RegionInputs>| Case {
+        devices: vec![(64, 512), (64, 4096)],
+        source,
+        targets,
+    };
+    // One case per rule: the engine's refusal must be named as that rule, with its indices,
+    // device and sectors; checked against an empty list, it is a disagreement naming the rule.
+    let cases: Vec<(Case, Broken)> = vec![
+        (case(Some(region(0, 0, 8)), vec![]), Broken::NoTargets),
+        (case(None, (0..=TARGETS_MAX as u64).map(|i| region(0, i % 8, 0)).collect()), Broken::TooManyTargets),
+        (case(Some(region(0, 0, 8)), vec![region(0, 16, 8), region(0, 32, 4)]), Broken::CountMismatch(1)),
+        (case(Some(region(0, 60, 8)), vec![region(0, 0, 8)]), Broken::OutOfRange(0, 60..68)),
+        (case(Some(region(0, 0, 8)), vec![region(1, 4, 8)]), Broken::Misaligned(1, 4..12)),
+        (case(Some(region(0, 8, 8)), vec![region(0, 12, 8)]), Broken::TargetOverlapsSource(0)),
+        (
+            case(None, vec![region(1, 8, 8), region(0, 0, 8), region(1, 0, 8), region(1, 0, 8)]),
+            Broken::TargetsOverlap(2, 3),
+        ),
+    ];
+    for (case, rule) in cases {
+        let reference = case.reference();
+        assert!(reference.contains(&rule), "{rule:?} not in the reference's {reference:?} for {case:?}");
+        let agreed = case.check_against(&[rule.clone()]);
+        assert!(agreed.is_empty(), "{rule:?}: the engine names it, yet {agreed:?}");
+        let problems = case.check_against(&[]);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("refused with") && p.contains(&format!("({rule:?}), expected one of []"))),
+            "validation, {rule:?}: a refusal the reference does not expect is reported: {problems:?}"
+        );
+    }
+    // A valid case that the reference (wrongly, here) says must be refused.
+    let valid = case(Some(region(0, 0, 8)), vec![region(0, 8, 8), region(1, 0, 8)]);
+    assert!(valid.reference().is_empty());
+    assert!(valid.check().is_empty());
+    let problems = valid.check_against(&[Broken::TargetsOverlap(0, 1)]);
+    assert!(
+        problems.iter().any(|p| p.starts_with("accepted, but it breaks [TargetsOverlap(0, 1)]")),
+        "validation: an acceptance the reference does not expect is reported: {problems:?}"
+    );
 }
