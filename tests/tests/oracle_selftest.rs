@@ -486,6 +486,13 @@ fn rule_4_read_err_and_read_failed_are_exactly_the_failed_reads() {
     let violations = run.tampered(|r| outcome(r).read_failed = RangeSet::from_range(16..25));
     fires("4", "more than the failed read", &violations, "but the failed reads are [16..24]");
 
+    // Messages give device coordinates: a region that starts at sector 4.
+    let mut shifted = inputs(vec![JobInputs { gap_units: 4, ignore_error: true, ..copy(16, &[0]) }], 1, 2);
+    shifted.sources[0].faults = latent(9);
+    let run = Accepted::run("a region at sector 4", shifted);
+    let violations = run.tampered(|r| outcome(r).read_failed = RangeSet::new());
+    fires("4", "at sector 4", &violations, "job 0: read_failed {}, but the failed single-block reads are [9..10]");
+
     // After a crash, up to the crash: the requests the crash failed are read errors too.
     let run = crashed();
     let violations = run.tampered(|r| {
@@ -813,6 +820,54 @@ fn rule_9_no_sub_job_starts_after_a_cancel_and_cancelled_is_exact() {
     fires(
         "9",
         "a cancel after the last sub-job",
+        &violations,
+        "job 0: cancelled true but the cancel came after its last sub-job was taken",
+    );
+
+    // The last sub-job taken after the cancel: `cancelled` must be set.
+    let violations = run.tampered(|r| {
+        let mut sector = first_untaken;
+        while sector < 128 {
+            append(r, DiskRef::Source(0), IoKind::Read, sector..sector + CHUNK);
+            sector += CHUNK;
+        }
+        outcome(r).cancelled = false;
+    });
+    fires(
+        "9",
+        "the last sub-job taken after the cancel",
+        &violations,
+        "job 0: cancelled false but the cancel came before its last sub-job was taken",
+    );
+
+    // A job that stopped on an error and had issued its last request before the cancel came
+    // (but completed after it) may say either.
+    let run = stopping_on_a_read_error();
+    for cancelled in [false, true] {
+        let violations = run.tampered(|r| {
+            let completed = r.marks.iter().find(|(_, m)| *m == Mark::Completed(0)).expect("completed").0;
+            r.marks.push((completed - 1, Mark::Cancel(0)));
+            outcome(r).cancelled = cancelled;
+        });
+        assert!(
+            !violations.iter().any(|v| v.contains("cancel")),
+            "rule 9: a cancel after the last request of a stopped job, cancelled {cancelled}: {violations:#?}"
+        );
+    }
+
+    // A zero job under WRITE_SEQ, cancelled after its last sub-job was taken: not cancelled.
+    let run = Accepted::run(
+        "zero, WRITE_SEQ",
+        inputs(vec![JobInputs { zero: true, write_seq: true, ..copy(48, &[0]) }], 1, 2),
+    );
+    let violations = run.tampered(|r| {
+        let last = r.io.iter().map(|record| record.issued).max().unwrap();
+        r.marks.push((last + 1, Mark::Cancel(0)));
+        outcome(r).cancelled = true;
+    });
+    fires(
+        "9",
+        "zero WRITE_SEQ, cancelled after the last sub-job",
         &violations,
         "job 0: cancelled true but the cancel came after its last sub-job was taken",
     );
