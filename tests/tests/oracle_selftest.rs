@@ -1118,6 +1118,11 @@ fn validation_reports_an_engine_that_disagrees_with_the_reference() {
             "validation, {rule:?}: a refusal the reference does not expect is reported: {problems:?}"
         );
     }
+    // Exactly TARGETS_MAX targets are allowed.
+    let most = case(None, (0..TARGETS_MAX as u64).map(|i| region(0, i % 8, 0)).collect());
+    assert_eq!(most.reference(), vec![], "{TARGETS_MAX} zero-length targets");
+    assert_eq!(most.check(), Vec::<String>::new());
+
     // A valid case that the reference (wrongly, here) says must be refused.
     let valid = case(Some(region(0, 0, 8)), vec![region(0, 8, 8), region(1, 0, 8)]);
     assert!(valid.reference().is_empty());
