@@ -1,37 +1,94 @@
 #!/usr/bin/env python3
-"""NBD copies: kcopyd against nbdcopy and qemu-img convert, between qemu-nbd exports.
+"""NBD copies: kcopyd against nbdcopy and qemu-img convert, between qemu-nbd exports, and the
+disk's own ceiling.
 
 Usage: bench/nbd.py [--size-mib N] [--runs N] [--dir DIR] [--kcopyd PATH] [--kcopyd-args ARGS]
+                    [--kcopyd-b PATH] [--kcopyd-b-args ARGS] [--skip NAME,...]
 
 Four qemu-nbd servers (--cache=none --aio=native, unix sockets) serve a source file of random
 bytes and three target files written with zeroes. Each round runs every command once, in turn, so
-that the machine's drift hits them alike; medians are reported.
+that the machine's drift hits them alike, each round starting one command later than the one
+before (so that no command always follows the same one); medians are reported.
 
+  ceiling:       fio reading SRC and writing T1 at once | fio reading SRC, writing T1 T2 T3 at once
   one target:    kcopyd copy SRC T1 | nbdcopy SRC T1 | qemu-img convert -m 16 -W -n SRC T1
   three targets: kcopyd copy SRC T1 T2 T3 | nbdcopy SRC T1; nbdcopy SRC T2; nbdcopy SRC T3
 
-Needs qemu-utils (qemu-nbd, qemu-img) and libnbd-bin (nbdcopy); kcopyd from
+The ceiling is what the disk does when nothing but the data moves: fio (libaio, O_DIRECT, 1 MiB
+blocks, 8 deep per file) reads the source file and writes target file(s) directly (files of
+its own, next to the targets and written beforehand as they are), all at the same time; its time is the slowest file's I/O time. No copy through any server can be
+faster. Each copy is reported as a ratio to nbdcopy and to that ceiling. `cpu` is the command's
+user + system time (the servers' time is not in it).
+
+--kcopyd-b adds a second kcopyd (another build or other options) to every round, for A/B runs.
+
+Needs qemu-utils (qemu-nbd, qemu-img) and libnbd-bin (nbdcopy); fio (installed with apt-get when
+missing, else the ceiling is skipped with the reason); kcopyd from
 `cargo build --release -p kcopyd-cli`.
 """
 
 import argparse
+import json
 import os
+import resource
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+FIO_BLOCK = "1M"
+FIO_DEPTH = 8
+
+
+def children_cpu():
+    """User + system seconds of the children waited for so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
 
 def timed(commands):
-    """Runs `commands` (argv lists) one after the other; returns the seconds they took."""
+    """Runs `commands` (argv lists) one after the other; returns (wall seconds, CPU seconds)."""
+    cpu = children_cpu()
     start = time.monotonic()
     for command in commands:
         process = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if process.returncode != 0:
             sys.exit(f"nbd bench: {shlex.join(command)} failed: {process.stderr.decode(errors='replace').strip()}")
-    return time.monotonic() - start
+    return time.monotonic() - start, children_cpu() - cpu
+
+
+def fio_available():
+    """Whether fio is here, installing it with apt-get when it is not; prints why not."""
+    if shutil.which("fio"):
+        return True
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        print("nbd bench: installing fio for the ceiling", file=sys.stderr)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "fio"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        if shutil.which("fio"):
+            return True
+    print("nbd bench: no ceiling rows: fio is not installed and could not be installed with apt-get",
+          file=sys.stderr)
+    return False
+
+
+def fio_ceiling(source, targets, size_mib):
+    """Seconds fio takes to read `source` and write every file of `targets` at the same time,
+    O_DIRECT: the slowest job's I/O time (fio's start-up and exit are left out)."""
+    command = ["fio", "--output-format=json", "--ioengine=libaio", "--direct=1", f"--bs={FIO_BLOCK}",
+               f"--iodepth={FIO_DEPTH}", f"--size={size_mib}M", "--name=read", f"--filename={source}",
+               "--rw=read"]
+    for i, target in enumerate(targets):
+        command += [f"--name=write{i}", f"--filename={target}", "--rw=write"]
+    cpu = children_cpu()
+    process = subprocess.run(command, capture_output=True)
+    if process.returncode != 0:
+        sys.exit(f"nbd bench: {shlex.join(command)} failed: {process.stderr.decode(errors='replace').strip()}")
+    jobs = json.loads(process.stdout)["jobs"]
+    return max(job["read"]["runtime"] + job["write"]["runtime"] for job in jobs) / 1000, children_cpu() - cpu
 
 
 def serve(path, socket, read_only):
@@ -55,40 +112,67 @@ def main():
     parser.add_argument("--dir", default="/var/tmp")
     parser.add_argument("--kcopyd", default="target/release/kcopyd")
     parser.add_argument("--kcopyd-args", default="", help="extra options for kcopyd copy")
+    parser.add_argument("--kcopyd-b", help="a second kcopyd to run in every round (A/B)")
+    parser.add_argument("--kcopyd-b-args", default=None, help="its options (default: --kcopyd-args)")
+    parser.add_argument("--skip", default="", help="commands to leave out, comma-separated (e.g. qemu-img)")
     args = parser.parse_args()
     extra = shlex.split(args.kcopyd_args)
+    extra_b = extra if args.kcopyd_b_args is None else shlex.split(args.kcopyd_b_args)
+    skip = {name.strip() for name in args.skip.split(",") if name.strip()}
+    ceiling = fio_available()
 
     with tempfile.TemporaryDirectory(prefix="kcopyd-nbd-bench-", dir=args.dir) as work:
         source = os.path.join(work, "source.img")
         subprocess.run(["dd", "if=/dev/urandom", f"of={source}", "bs=1M", f"count={args.size_mib}",
                         "status=none"], check=True)
-        targets = []
+        targets, scratch = [], []
         for i in range(3):
-            target = os.path.join(work, f"target{i}.img")
-            # Written, not fallocated: the first write to an unwritten extent costs more.
-            subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=4M", f"count={args.size_mib // 4}",
-                            "oflag=direct", "status=none"], check=True)
-            targets.append(target)
+            for files, name in [(targets, f"target{i}.img"), (scratch, f"ceiling{i}.img")] if ceiling else \
+                    [(targets, f"target{i}.img")]:
+                path = os.path.join(work, name)
+                # Written, not fallocated: the first write to an unwritten extent costs more.
+                subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=4M", f"count={args.size_mib // 4}",
+                                "oflag=direct", "status=none"], check=True)
+                files.append(path)
         servers = [serve(source, os.path.join(work, "source.sock"), True)]
         servers += [serve(t, os.path.join(work, f"target{i}.sock"), False) for i, t in enumerate(targets)]
         uri = lambda name: f"nbd+unix:///?socket={os.path.join(work, name + '.sock')}"
         src, t = uri("source"), [uri(f"target{i}") for i in range(3)]
+        # fio writes files of its own, next to the targets and written the same way, so that
+        # the commands can run in any order and the targets hold only what the copies wrote.
+        ceilings = {}
+        if ceiling:
+            ceilings = {"fio ceiling 1": [source, scratch[:1]], "fio ceiling 3": [source, scratch]}
         one = {
             "kcopyd": [[args.kcopyd, "copy", *extra, src, t[0]]],
+            "kcopyd B": [[args.kcopyd_b, "copy", *extra_b, src, t[0]]] if args.kcopyd_b else None,
             "nbdcopy": [["nbdcopy", src, t[0]]],
             "qemu-img": [["qemu-img", "convert", "-m", "16", "-W", "-n", "-f", "raw", "-O", "raw", src, t[0]]],
         }
         three = {
             "kcopyd 3 targets": [[args.kcopyd, "copy", *extra, src, *t]],
+            "kcopyd B 3 targets": [[args.kcopyd_b, "copy", *extra_b, src, *t]] if args.kcopyd_b else None,
             "nbdcopy x3": [["nbdcopy", src, target] for target in t],
         }
-        times = {name: [] for name in [*one, *three]}
+        copies = {name: commands for name, commands in [*one.items(), *three.items()]
+                  if commands is not None and name not in skip}
+        names = [*ceilings, *copies]
+        times = {name: [] for name in names}
+        cpus = {name: [] for name in names}
         try:
             for round_ in range(args.runs):
-                for name, commands in [*one.items(), *three.items()]:
-                    seconds = timed(commands)
+                # Each round starts one command later: a command that follows a heavy writer
+                # (fio writing 3 GiB) pays for the disk's write-back, and every command should
+                # pay that alike.
+                shift = round_ % len(names)
+                for name in names[shift:] + names[:shift]:
+                    if name in ceilings:
+                        seconds, cpu = fio_ceiling(*ceilings[name], args.size_mib)
+                    else:
+                        seconds, cpu = timed(copies[name])
                     times[name].append(seconds)
-                    print(f"round {round_ + 1}: {name}: {seconds:.2f} s", flush=True)
+                    cpus[name].append(cpu)
+                    print(f"round {round_ + 1}: {name}: {seconds:.2f} s, cpu {cpu:.2f} s", flush=True)
             # The copies are checked: every target holds the source.
             for target in targets:
                 subprocess.run(["cmp", source, target], check=True)
@@ -97,13 +181,32 @@ def main():
                 server.terminate()
                 server.wait()
         median = {name: statistics.median(values) for name, values in times.items()}
-        print(f"\n{args.size_mib} MiB, medians of {args.runs} runs (kcopyd {shlex.join(extra) or 'defaults'}):")
-        print(f"  {'command':18} {'median':>8}  {'MiB/s':>7}  {'fastest':>8}  {'slowest':>8}")
+        cpu = {name: statistics.median(values) for name, values in cpus.items()}
+        load = os.getloadavg()
+        print(f"\n{args.size_mib} MiB, medians of {args.runs} runs (kcopyd {shlex.join(extra) or 'defaults'}"
+              + (f"; kcopyd B {args.kcopyd_b} {shlex.join(extra_b) or 'defaults'}" if args.kcopyd_b else "")
+              + f"), load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}:")
+        print(f"  {'command':18} {'median':>8}  {'MiB/s':>7}  {'fastest':>8}  {'slowest':>8}  {'cpu':>7}"
+              f"  {'/nbdcopy':>8}  {'/ceiling':>8}")
         for name, seconds in median.items():
+            three_targets = "3" in name
+            nbdcopy = median.get("nbdcopy x3" if three_targets else "nbdcopy")
+            floor = median.get("fio ceiling 3" if three_targets else "fio ceiling 1")
+            versus_nbdcopy = f"{seconds / nbdcopy:8.2f}" if nbdcopy and not name.startswith("fio") else f"{'':8}"
+            versus_ceiling = f"{seconds / floor:8.2f}" if floor else f"{'':8}"
             print(f"  {name:18} {seconds:6.2f} s  {args.size_mib / seconds:7.0f}  {min(times[name]):6.2f} s"
-                  f"  {max(times[name]):6.2f} s")
-        print(f"  kcopyd / nbdcopy            {median['kcopyd'] / median['nbdcopy']:.2f}")
-        print(f"  kcopyd 3 targets / 3 nbdcopy {median['kcopyd 3 targets'] / median['nbdcopy x3']:.2f}")
+                  f"  {max(times[name]):6.2f} s  {cpu[name]:5.2f} s  {versus_nbdcopy}  {versus_ceiling}")
+        if "kcopyd" in median and "nbdcopy" in median:
+            print(f"  kcopyd / nbdcopy             {median['kcopyd'] / median['nbdcopy']:.2f}  (goal 0.8)")
+        if "kcopyd 3 targets" in median and "nbdcopy x3" in median:
+            print(f"  kcopyd 3 targets / 3 nbdcopy {median['kcopyd 3 targets'] / median['nbdcopy x3']:.2f}  (goal 0.4)")
+        # The best ratio the disk allows: a copy no faster than its ceiling, against nbdcopy as measured.
+        if "fio ceiling 1" in median and "nbdcopy" in median:
+            print(f"  best possible / nbdcopy      {median['fio ceiling 1'] / median['nbdcopy']:.2f}"
+                  "  (the 1-target ceiling against nbdcopy)")
+        if "fio ceiling 3" in median and "nbdcopy x3" in median:
+            print(f"  best possible / 3 nbdcopy    {median['fio ceiling 3'] / median['nbdcopy x3']:.2f}"
+                  "  (the 3-target ceiling against three nbdcopy runs)")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 //! the engine (its own worker thread, and a multi-thread tokio runtime), the handshake's
 //! facts (export names, read-only exports, multi-conn, block sizes, block status, trim), and
 //! faults injected by the server (nbdkit's error filter, a sh-script plugin failing chosen
-//! offsets, the delay filter, a server killed mid-copy). A missing server prints `SKIPPED:`.
+//! offsets, the delay filter, a server killed mid-copy), and the reactor the connections of
+//! many devices share. A missing server prints `SKIPPED:`.
 
 use std::fs;
 use std::io;
@@ -13,7 +14,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use kcopyd_core::{BlockDevice, Client, ClientConfig, Device, Flags, Job, Outcome, RangeSet, Region};
-use kcopyd_nbd::{ConnectError, ConnectOptions, NbdDevice, RequestError};
+use kcopyd_nbd::{ConnectError, ConnectOptions, NbdDevice, Reactor, RequestError};
 use kcopyd_os::{OpenOptions, OsDevice};
 use kcopyd_tests::conformance::{self, DEVICE_SECTORS_MIN, block_on, read_ok, write_ok};
 use kcopyd_tests::fixtures::{TempDir, pattern};
@@ -528,4 +529,144 @@ fn a_server_that_never_answers_is_cut_off_by_the_engines_io_timeout() {
     }
     let report = client.shutdown_blocking();
     assert_eq!(report.requests_outstanding, 0, "{report:?}");
+}
+
+// ---- the reactor ----------------------------------------------------------------------
+
+/// Waits until `reactor` runs `count` connections, failing the test after 10 s.
+fn wait_for_connections(reactor: &Reactor, count: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while reactor.connections_running() != count {
+        assert!(std::time::Instant::now() < deadline, "{} connections, not {count}", reactor.connections_running());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Every connection of several devices on two servers runs on one reactor; a copy between
+/// them under the engine is byte-exact; the connections end with their devices. Devices
+/// opened with the default options share the process's reactor instead.
+#[test]
+fn many_devices_share_one_reactor_and_their_connections_end_with_them() {
+    let test = "many_devices_share_one_reactor_and_their_connections_end_with_them";
+    let size = (4 << 20).to_string();
+    let Some(first) = NbdServer::nbdkit(test, Listen::Unix, &["memory", &size]) else { return };
+    let Some(second) = NbdServer::nbdkit(test, Listen::Tcp, &["memory", &size]) else { return };
+    let reactor = Reactor::new().unwrap();
+    let options = ConnectOptions { reactor: Some(reactor.clone()), ..writable() };
+    let source: Arc<NbdDevice> = Arc::new(open(&first.uri(""), &options));
+    let targets: Vec<Arc<NbdDevice>> = vec![
+        Arc::new(open(&second.uri(""), &options)),
+        Arc::new(open(&first.uri(""), &ConnectOptions { connections_max: 2, ..options.clone() })),
+    ];
+    let devices = || std::iter::once(&source).chain(&targets);
+    assert!(devices().all(|device| device.reactor() == &reactor));
+    let connections: usize = devices().map(|device| device.connections()).sum();
+    assert_eq!(connections, 4 + 4 + 2, "nbdkit's memory plugin allows multi-conn");
+    assert_eq!(reactor.connections_running(), connections);
+
+    // The second target shares the source's server: it gets the upper half.
+    let data = pattern(21, 2 << 20);
+    write_ok(source.as_ref(), 0, &data);
+    let half_sectors = (2 << 20) / 512;
+    let client =
+        Client::new(ClientConfig { sub_job_size_bytes: 64 * 1024, subjobs_in_flight: 16, ..ClientConfig::default() })
+            .unwrap();
+    let job = client
+        .submit_blocking(Job::copy(
+            Region::new(source.clone(), 0, half_sectors),
+            vec![
+                Region::new(targets[0].clone(), 0, half_sectors),
+                Region::new(targets[1].clone(), half_sectors, half_sectors),
+            ],
+            Flags::empty(),
+        ))
+        .unwrap();
+    let outcome = wait_within(job, Duration::from_secs(60));
+    client.shutdown_blocking();
+    assert!(outcome.is_ok(), "{outcome:?}");
+    assert!(read_ok(targets[0].as_ref(), 0, 2 << 20) == data[..2 << 20]);
+    assert!(read_ok(targets[1].as_ref(), half_sectors, 2 << 20) == data[..2 << 20]);
+
+    let shared = (open(&first.uri(""), &writable()), open(&second.uri(""), &ConnectOptions::default()));
+    assert!(shared.0.reactor() == shared.1.reactor() && shared.0.reactor() != &reactor);
+    assert_eq!(shared.0.reactor(), &Reactor::shared().unwrap());
+    assert_eq!(shared.0.reactor().thread_id(), shared.1.reactor().thread_id());
+    assert_ne!(shared.0.reactor().thread_id(), reactor.thread_id());
+
+    drop((source, targets));
+    wait_for_connections(&reactor, 0);
+    // At least these two devices' (other tests of this process may share it too).
+    assert!(shared.0.reactor().connections_running() >= shared.0.connections() + shared.1.connections());
+}
+
+/// Two devices on one reactor, both with reads in flight; one server dies: that device's
+/// reads fail at once with the loss, the other's complete with their data, and the other
+/// device keeps working.
+#[test]
+fn a_connection_lost_on_a_shared_reactor_fails_only_its_own_requests() {
+    let test = "a_connection_lost_on_a_shared_reactor_fails_only_its_own_requests";
+    let size = (1 << 20).to_string();
+    // Reads held for a minute on the server that dies, for half a second on the one that lives.
+    let dying_args = ["--filter=delay", "memory", &size, "rdelay=60"];
+    let Some(mut dying_server) = NbdServer::nbdkit(test, Listen::Tcp, &dying_args) else { return };
+    let living_args = ["--filter=delay", "memory", &size, "rdelay=500ms"];
+    let Some(living_server) = NbdServer::nbdkit(test, Listen::Unix, &living_args) else { return };
+    let reactor = Reactor::new().unwrap();
+    let options = ConnectOptions { reactor: Some(reactor.clone()), ..writable() };
+    let dying = Arc::new(open(&dying_server.uri(""), &options));
+    let living = Arc::new(open(&living_server.uri(""), &options));
+    let data = pattern(22, 64 * 1024);
+    write_ok(living.as_ref(), 0, &data);
+
+    let read_later = |device: &Arc<NbdDevice>, offset_sectors: u64| {
+        let device = device.clone();
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            (block_on(conformance::read_at(device.as_ref(), offset_sectors, 64 * 1024)), started.elapsed())
+        })
+    };
+    let dying_reads: Vec<_> = (0..4).map(|i| read_later(&dying, i * 128)).collect();
+    let living_reads: Vec<_> = (0..4).map(|_| read_later(&living, 0)).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    dying_server.kill();
+    for read in dying_reads {
+        let (result, elapsed) = read.join().unwrap();
+        let error = result.unwrap_err();
+        assert!(matches!(request_error(&error), RequestError::ConnectionLost { .. }), "{error}");
+        assert!(elapsed < Duration::from_secs(30), "the lost read took {elapsed:?}");
+    }
+    for read in living_reads {
+        let (result, elapsed) = read.join().unwrap();
+        assert!(result.unwrap() == data);
+        assert!(elapsed >= Duration::from_millis(500), "the read was in flight across the loss");
+    }
+    assert!(read_ok(living.as_ref(), 0, data.len()) == data);
+    // The lost device's connections end when it is dropped; the living ones stay.
+    drop(dying);
+    wait_for_connections(&reactor, living.connections());
+}
+
+/// More requests at once on one connection than the client gathers headers for in one write
+/// (4096 reads of 512 bytes: 112 KiB of headers), between writes whose headers go out in
+/// front of their data: every read returns its own block.
+#[test]
+fn thousands_of_requests_at_once_on_one_connection_each_get_their_reply() {
+    let test = "thousands_of_requests_at_once_on_one_connection_each_get_their_reply";
+    // Reads of the first 2 MiB, writes to the next.
+    let size = (4 << 20).to_string();
+    let Some(server) = NbdServer::nbdkit(test, Listen::Unix, &["memory", &size]) else { return };
+    let device = open(&server.uri(""), &ConnectOptions { connections_max: 1, ..writable() });
+    let data = pattern(23, 2 << 20);
+    write_ok(&device, 0, &data);
+    let reads = (0..4096u64).map(|i| conformance::read_at(&device, i, 512));
+    let writes = (0..8u64).map(|i| conformance::write_at(&device, 4096 + i * 128, &data[..64 * 1024]));
+    let (read, written) = block_on(futures_util::future::join(
+        futures_util::future::join_all(reads),
+        futures_util::future::join_all(writes),
+    ));
+    for (i, block) in read.into_iter().enumerate() {
+        assert!(block.unwrap() == data[i * 512..(i + 1) * 512], "block {i}");
+    }
+    written.into_iter().for_each(|result| result.unwrap());
+    assert!(read_ok(&device, 4096 + 7 * 128, 64 * 1024) == data[..64 * 1024]);
 }

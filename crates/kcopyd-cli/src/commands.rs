@@ -439,7 +439,8 @@ fn sparse_of(args: &CopyArgs) -> Result<Sparse, CliError> {
 /// Bad options or devices (nothing written).
 pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, CliError> {
     let sparse = sparse_of(args)?;
-    let settings = Settings::from_args(&args.engine)?.with_throttle(&args.throttle)?;
+    let devices = std::iter::once(&args.source).chain(&args.targets);
+    let settings = Settings::from_args(&args.engine, devices)?.with_throttle(&args.throttle)?;
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
     let mut plan = devices::plan_with_source(&args.source, &args.targets, args.length_bytes, true, &settings)?;
     warn_mounted(&plan.source, plan.len_bytes, &args.output);
@@ -563,7 +564,7 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
 /// # Errors
 /// Bad options or devices (nothing written).
 pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, CliError> {
-    let settings = Settings::from_args(&args.engine)?.with_throttle(&args.throttle)?;
+    let settings = Settings::from_args(&args.engine, &args.targets)?.with_throttle(&args.throttle)?;
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
     let plan = devices::plan_zero(&args.targets, args.length_bytes, &settings)?;
     let (opened, len_bytes) = (&plan.targets, plan.len_bytes);
@@ -605,7 +606,8 @@ pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, 
 /// # Errors
 /// Bad options or devices.
 pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Done, CliError> {
-    let settings = Settings::from_args(&args.engine)?;
+    let devices = std::iter::once(&args.source).chain(&args.targets);
+    let settings = Settings::from_args(&args.engine, devices)?;
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
     let plan = devices::plan_with_source(&args.source, &args.targets, args.length_bytes, false, &settings)?;
     warn_mounted(&plan.source, plan.len_bytes, &args.output);

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use kcopyd_core::{BlockDevice, ClientConfig, Device, PAGE_SIZE, SECTOR_SIZE, TARGETS_MAX};
 use kcopyd_os::{DeviceKind, IoEngine, OpenOptions, OsDevice, QUEUE_DEPTH_MAX, Storage};
 
-use crate::cli::{EngineArgs, IoEngineArg, ThrottleArgs};
+use crate::cli::{EngineArgs, IoEngineArg, NBD_SUBJOBS_IN_FLIGHT_DEFAULT, SUBJOBS_IN_FLIGHT_DEFAULT, ThrottleArgs};
 use crate::device_arg::{Backend, DeviceArg};
 use crate::error::{CliError, open_reason};
 use crate::locks::{FileLocks, LockError, LockKind};
@@ -57,11 +57,19 @@ impl Settings {
         Ok(self)
     }
 
-    /// Checks the engine options.
+    /// Checks the engine options for a command on `devices` (whose kinds choose defaults:
+    /// NBD exports get [`NBD_SUBJOBS_IN_FLIGHT_DEFAULT`] sub-jobs in flight).
     ///
     /// # Errors
     /// An option out of bounds, named.
-    pub fn from_args(args: &EngineArgs) -> Result<Settings, CliError> {
+    pub fn from_args<'a>(
+        args: &EngineArgs,
+        devices: impl IntoIterator<Item = &'a DeviceArg>,
+    ) -> Result<Settings, CliError> {
+        let subjobs_in_flight = args.subjobs_in_flight.unwrap_or_else(|| {
+            let nbd = devices.into_iter().any(|device| matches!(device.backend, Backend::Nbd(_)));
+            if nbd { NBD_SUBJOBS_IN_FLIGHT_DEFAULT } else { SUBJOBS_IN_FLIGHT_DEFAULT }
+        });
         if args.memory_bytes < PAGE_SIZE as u64 {
             return Err(CliError::argument(
                 "--memory",
@@ -85,7 +93,7 @@ impl Settings {
         let config = ClientConfig {
             page_budget: usize::try_from(args.memory_bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX),
             sub_job_size_bytes,
-            subjobs_in_flight: args.subjobs_in_flight,
+            subjobs_in_flight,
             huge_pages: !args.no_huge_pages,
             ..ClientConfig::default()
         };
@@ -97,7 +105,7 @@ impl Settings {
             };
             CliError::Config { option, source }
         })?;
-        let queue_depth = args.subjobs_in_flight.clamp(1, QUEUE_DEPTH_MAX);
+        let queue_depth = subjobs_in_flight.clamp(1, QUEUE_DEPTH_MAX);
         let io_engine = match args.io_engine {
             IoEngineArg::Sync => IoEngine::Sync,
             IoEngineArg::Uring if cfg!(feature = "io-uring") => IoEngine::Uring,
@@ -726,4 +734,30 @@ pub fn plan_zero(targets: &[DeviceArg], length: Option<u64>, settings: &Settings
     }
     let tail = check_tail(None, &opened, len_bytes)?;
     Ok(ZeroPlan { targets: opened, len_bytes, tail, locks })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    /// The engine settings of `kcopyd copy ARGS…`.
+    fn copy_settings(args: &[&str]) -> Settings {
+        let cli = Cli::try_parse_from(["kcopyd", "copy"].iter().chain(args)).unwrap();
+        let Command::Copy(copy) = cli.command else { panic!("not a copy: {args:?}") };
+        Settings::from_args(&copy.engine, std::iter::once(&copy.source).chain(&copy.targets)).unwrap()
+    }
+
+    #[test]
+    fn nbd_devices_default_to_more_subjobs_in_flight_unless_asked() {
+        let nbd = "nbd+unix:///?socket=/run/s.sock";
+        assert_eq!(copy_settings(&["a.img", "b.img"]).config.subjobs_in_flight, SUBJOBS_IN_FLIGHT_DEFAULT);
+        assert_eq!(copy_settings(&[nbd, "b.img"]).config.subjobs_in_flight, NBD_SUBJOBS_IN_FLIGHT_DEFAULT);
+        assert_eq!(copy_settings(&["a.img", "b.img", nbd]).config.subjobs_in_flight, NBD_SUBJOBS_IN_FLIGHT_DEFAULT);
+        let asked = copy_settings(&["--subjobs-in-flight", "2", nbd, "b.img"]);
+        assert_eq!((asked.config.subjobs_in_flight, asked.queue_depth), (2, 2));
+        assert_ne!(SUBJOBS_IN_FLIGHT_DEFAULT, NBD_SUBJOBS_IN_FLIGHT_DEFAULT);
+    }
 }

@@ -189,7 +189,7 @@ async fn real_copy(
         retry_failed: false,
         engine: EngineArgs {
             sub_job_size_bytes: config.sub_job_size_bytes,
-            subjobs_in_flight: config.subjobs_in_flight,
+            subjobs_in_flight: Some(config.subjobs_in_flight),
             memory_bytes: args.memory_bytes,
             buffered: false,
             io_engine: IoEngineArg::Sync,

@@ -1,9 +1,9 @@
-//! One connection to the server: its own thread and current-thread runtime, a writer that
+//! One connection to the server: a task on a [`Reactor`] thread, with a writer that
 //! sends requests as they come and a reader that matches replies to them by cookie, so that
 //! any number of requests are in flight at once and replies may come in any order.
 //!
 //! ```text
-//!  NbdDevice (any thread, any runtime)          connection thread ("kcopyd-nbd")
+//!  NbdDevice (any thread, any runtime)          connection task on the reactor ("kcopyd-nbd")
 //!    request ── unbounded channel ──────────►  writer: cookie, into `inflight`, header [+ data]
 //!       ▲                                      reader: reply header ─► cookie ─► Pending
 //!       └──────── oneshot: Completion ◄──────────── (read data lands in the caller's ReadBuf)
@@ -15,7 +15,7 @@
 //! A [`Pending`] completes exactly once: by its reply, or, if it is dropped first (the
 //! connection lost, the reader cancelled while filling it), by `Drop` with the loss.
 //!
-//! The thread exists because the engine polls devices' futures only while it has work of
+//! The reactor exists because the engine polls devices' futures only while it has work of
 //! its own: a connection's reader must run whether or not anybody is polling, or the
 //! server's replies would stall behind an idle caller.
 
@@ -23,7 +23,6 @@ use std::collections::HashMap;
 use std::io::{self, IoSlice};
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread;
 use std::time::Duration;
 
 use kcopyd_core::{ReadBuf, WriteBuf};
@@ -33,16 +32,23 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::error::{ConnectError, RequestError};
 use crate::handshake::{ExportInfo, handshake};
 use crate::proto::*;
+use crate::reactor::Reactor;
 use crate::uri::Address;
 
-/// The name of connection threads (at most 15 bytes, the kernel's limit).
-const THREAD_NAME: &str = "kcopyd-nbd";
-/// Bytes of the socket read and write buffers (headers and small payloads are coalesced;
-/// larger payloads go straight through).
-const SOCKET_BUFFER_BYTES: usize = 256 * 1024;
+/// Bytes of request headers gathered before they are written: headers without data (reads,
+/// flushes, …) queued together go out in one write, or in front of the next write's data in
+/// the same vectored write. A write's data never passes through a buffer of this client.
+const HEADER_BUFFER_BYTES: usize = 64 * 1024;
+/// Bytes of the handshake's write buffer (options are small).
+const HANDSHAKE_BUFFER_BYTES: usize = 4096;
+/// Bytes of the socket read buffer: several reply headers come in one read, while a read
+/// reply's data mostly goes straight from the socket into the page buffer (what the buffer
+/// has taken in past a header is copied once more: a 256 KiB buffer would take up to a
+/// quarter of each 1 MiB reply through that extra copy).
+const READ_BUFFER_BYTES: usize = 16 * 1024;
 
 type Reader = BufReader<Box<dyn AsyncRead + Unpin + Send>>;
-type Writer = BufWriter<Box<dyn AsyncWrite + Unpin + Send>>;
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 
 /// One request, as the device hands it to the connection.
 #[derive(Debug)]
@@ -187,56 +193,48 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    /// Connects to `address`, runs the handshake for `export` and starts serving requests on a
-    /// thread of its own. `server` names the URI in errors.
+    /// Connects to `address`, runs the handshake for `export` and starts serving requests, all
+    /// in a task on `reactor`. `server` names the URI in errors.
     pub(crate) fn open(
+        reactor: &Reactor,
         address: &Address,
         export: &str,
         server: Arc<str>,
         timeout: Duration,
     ) -> Result<(Connection, ExportInfo), ConnectError> {
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-        let (address, export, thread_server) = (address.clone(), export.to_owned(), server.clone());
-        let thread = move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build() {
-                Ok(runtime) => runtime,
-                Err(source) => {
-                    let _ = ready_tx.send(Err(ConnectError::Thread { server: thread_server.to_string(), source }));
-                    return;
-                }
+        let (address, export, task_server) = (address.clone(), export.to_owned(), server.clone());
+        reactor.spawn(async move {
+            let server = task_server;
+            let opened = match tokio::time::timeout(timeout, open_stream(&address, &export, &server)).await {
+                Ok(opened) => opened,
+                Err(_) => Err(ConnectError::Connect {
+                    server: server.to_string(),
+                    source: io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no answer within {} ms", timeout.as_millis()),
+                    ),
+                }),
             };
-            runtime.block_on(async move {
-                let server = thread_server;
-                let opened = match tokio::time::timeout(timeout, open_stream(&address, &export, &server)).await {
-                    Ok(opened) => opened,
-                    Err(_) => Err(ConnectError::Connect {
-                        server: server.to_string(),
-                        source: io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            format!("no answer within {} ms", timeout.as_millis()),
-                        ),
-                    }),
-                };
-                match opened {
-                    Err(error) => {
-                        let _ = ready_tx.send(Err(error));
-                    }
-                    Ok((reader, writer, info)) => {
-                        let (requests, receiver) = mpsc::unbounded_channel();
-                        let connection = Connection { requests, server: server.clone() };
-                        if ready_tx.send(Ok((connection, info))).is_ok() {
-                            serve(reader, writer, receiver, server).await;
-                        }
+            match opened {
+                Err(error) => {
+                    let _ = ready_tx.send(Err(error));
+                }
+                Ok((reader, writer, info)) => {
+                    let (requests, receiver) = mpsc::unbounded_channel();
+                    let connection = Connection { requests, server: server.clone() };
+                    if ready_tx.send(Ok((connection, info))).is_ok() {
+                        serve(reader, writer, receiver, server).await;
                     }
                 }
-            });
-        };
-        thread::Builder::new()
-            .name(THREAD_NAME.into())
-            .spawn(thread)
-            .map_err(|source| ConnectError::Thread { server: server.to_string(), source })?;
+            }
+        });
+        // The reactor's thread is never this one: it runs nothing but connections.
         ready_rx.recv().unwrap_or_else(|_| {
-            Err(ConnectError::Thread { server: server.to_string(), source: io::Error::other("the thread ended early") })
+            Err(ConnectError::Thread {
+                server: server.to_string(),
+                source: io::Error::other("the reactor's thread ended early"),
+            })
         })
     }
 
@@ -244,9 +242,9 @@ impl Connection {
     /// thread is gone fails it at once.
     pub(crate) fn send(&self, request: Request) {
         if let Err(mpsc::error::SendError(request)) = self.requests.send(request) {
-            // The thread ended (only a panic ends it while the device lives).
+            // The connection's task ended (only a panic ends it while the device lives).
             let Request { command, offset_bytes, len_bytes, buf, reply, .. } = request;
-            let reason = "the connection's thread ended".to_owned();
+            let reason = "the connection's task ended".to_owned();
             let error = lost_error(&self.server, command, offset_bytes, u64::from(len_bytes), reason);
             let _ = reply.send(Completion { buf, result: Err(error), extents: Vec::new() });
         }
@@ -274,10 +272,12 @@ async fn open_stream(
             (Box::new(read_half), Box::new(write_half))
         }
     };
-    let mut reader = BufReader::with_capacity(SOCKET_BUFFER_BYTES, read_half);
-    let mut writer = BufWriter::with_capacity(SOCKET_BUFFER_BYTES, write_half);
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, read_half);
+    let mut writer = BufWriter::with_capacity(HANDSHAKE_BUFFER_BYTES, write_half);
     let info = handshake(&mut reader, &mut writer, export, server).await?;
-    Ok((reader, writer, info))
+    // The handshake waits for the server's answer to everything it sends: nothing is left.
+    assert!(writer.buffer().is_empty(), "the handshake flushes what it writes");
+    Ok((reader, writer.into_inner(), info))
 }
 
 /// Runs the transmission phase until the device is dropped.
@@ -297,36 +297,44 @@ async fn serve(reader: Reader, writer: Writer, requests: mpsc::UnboundedReceiver
     tokio::join!(reading, writing);
 }
 
-/// Sends requests as they come, flushing the socket buffer whenever no more are queued; ends
-/// (with `NBD_CMD_DISC`) when the device is dropped.
+/// Sends requests as they come, writing the gathered headers whenever no more are queued;
+/// ends (with `NBD_CMD_DISC`) when the device is dropped.
 async fn write_requests(mut writer: Writer, mut requests: mpsc::UnboundedReceiver<Request>, shared: &Shared) {
     let mut cookie = 0u64;
+    let mut headers = Vec::with_capacity(HEADER_BUFFER_BYTES);
     while let Some(first) = requests.recv().await {
         let mut next = Some(first);
         while let Some(request) = next {
             cookie += 1;
-            if let Err(error) = write_request(&mut writer, request, cookie, shared).await {
+            if let Err(error) = write_request(&mut writer, &mut headers, request, cookie, shared).await {
                 shared.lose(format!("sending a request: {error}"));
             }
             next = requests.try_recv().ok();
         }
-        if shared.lock().lost.is_none() {
-            if let Err(error) = writer.flush().await {
+        if shared.lock().lost.is_none() && !headers.is_empty() {
+            if let Err(error) = writer.write_all(&headers).await {
                 shared.lose(format!("sending requests: {error}"));
             }
         }
+        headers.clear();
     }
     if shared.lock().lost.is_none() {
         let header = request_header(0, NBD_CMD_DISC, 0, 0, 0);
         // The server closes the connection on NBD_CMD_DISC; a failure here changes nothing.
         let _ = writer.write_all(&header).await;
-        let _ = writer.flush().await;
         let _ = writer.shutdown().await;
     }
 }
 
-/// Records `request` as in flight and writes it; a lost connection fails it instead.
-async fn write_request(writer: &mut Writer, request: Request, cookie: u64, shared: &Shared) -> io::Result<()> {
+/// Records `request` as in flight and adds its header to `headers`; a write's data goes out
+/// at once, behind the headers gathered so far. A lost connection fails the request instead.
+async fn write_request(
+    writer: &mut Writer,
+    headers: &mut Vec<u8>,
+    request: Request,
+    cookie: u64,
+    shared: &Shared,
+) -> io::Result<()> {
     let Request { command, offset_bytes, len_bytes, payload, buf, reply } = request;
     let window = buf.as_ref().map(ReadBuf::window).unwrap_or(0..0);
     let pending = Pending {
@@ -352,17 +360,24 @@ async fn write_request(writer: &mut Writer, request: Request, cookie: u64, share
         }
         state.inflight.insert(cookie, pending);
     }
-    let header = request_header(0, command, cookie, offset_bytes, len_bytes);
+    headers.extend_from_slice(&request_header(0, command, cookie, offset_bytes, len_bytes));
     match payload {
-        // Header and data in one vectored write: a payload as large as the socket buffer goes
-        // straight to the socket, in as few system calls as it takes.
+        // Headers and data in one vectored write, straight from the page buffer to the
+        // socket, in as few system calls as it takes.
         Some(payload) => {
             let mut parts: Vec<IoSlice<'_>> = Vec::with_capacity(1 + payload.segments().len());
-            parts.push(IoSlice::new(&header));
+            parts.push(IoSlice::new(headers));
             parts.extend(payload.segments().iter().map(|segment| IoSlice::new(segment)));
-            write_all_vectored(writer, &mut parts).await
+            let written = write_all_vectored(writer, &mut parts).await;
+            headers.clear();
+            written
         }
-        None => writer.write_all(&header).await,
+        None if headers.len() >= HEADER_BUFFER_BYTES => {
+            let written = writer.write_all(headers).await;
+            headers.clear();
+            written
+        }
+        None => Ok(()),
     }
 }
 
@@ -551,7 +566,10 @@ async fn read_into(reader: &mut Reader, buf: &mut ReadBuf, window: Range<usize>)
     let saved = buf.window();
     buf.set_window(window);
     let mut result = Ok(());
-    for segment in buf.segments_mut() {
+    // Collected first: the segment iterator is not `Send`, and a task spawned on a runtime's
+    // handle must be.
+    let segments: Vec<&mut [u8]> = buf.segments_mut().collect();
+    for segment in segments {
         if let Err(error) = reader.read_exact(segment).await {
             result = Err(error);
             break;

@@ -16,6 +16,7 @@ use crate::connection::{Completion, Connection, Request};
 use crate::error::{ConnectError, RequestError};
 use crate::handshake::ExportInfo;
 use crate::proto::*;
+use crate::reactor::Reactor;
 use crate::uri::NbdUri;
 
 /// Connections opened to a server that allows several (`NBD_FLAG_CAN_MULTI_CONN`) when none
@@ -54,6 +55,9 @@ pub struct ConnectOptions {
     pub connections_max: usize,
     /// How long connecting and the handshake of each connection may take.
     pub connect_timeout_ms: u64,
+    /// The thread the connections run on: `None` for the process's shared one
+    /// ([`Reactor::shared`]).
+    pub reactor: Option<Reactor>,
 }
 
 impl Default for ConnectOptions {
@@ -62,6 +66,7 @@ impl Default for ConnectOptions {
             write: false,
             connections_max: CONNECTIONS_DEFAULT,
             connect_timeout_ms: CONNECT_TIMEOUT_MS_DEFAULT,
+            reactor: None,
         }
     }
 }
@@ -95,6 +100,7 @@ pub struct NbdDevice {
     payload_bytes_max: u32,
     connections: Vec<Connection>,
     next_connection: AtomicUsize,
+    reactor: Reactor,
 }
 
 impl fmt::Debug for NbdDevice {
@@ -132,7 +138,11 @@ impl NbdDevice {
             });
         }
         let timeout = Duration::from_millis(options.connect_timeout_ms);
-        let (first, info) = Connection::open(&parsed.address, &parsed.export, server.clone(), timeout)?;
+        let reactor = match &options.reactor {
+            Some(reactor) => reactor.clone(),
+            None => Reactor::shared().map_err(|source| ConnectError::Thread { server: uri.to_owned(), source })?,
+        };
+        let (first, info) = Connection::open(&reactor, &parsed.address, &parsed.export, server.clone(), timeout)?;
         if options.write && info.has(NBD_FLAG_READ_ONLY) {
             return Err(ConnectError::ReadOnly { server: uri.to_owned() });
         }
@@ -156,7 +166,8 @@ impl NbdDevice {
         let mut connections = vec![first];
         if info.has(NBD_FLAG_CAN_MULTI_CONN) {
             for index in 1..options.connections_max {
-                let (connection, other) = Connection::open(&parsed.address, &parsed.export, server.clone(), timeout)?;
+                let (connection, other) =
+                    Connection::open(&reactor, &parsed.address, &parsed.export, server.clone(), timeout)?;
                 if (other.size_bytes, other.transmission_flags) != (info.size_bytes, info.transmission_flags) {
                     return Err(ConnectError::Inconsistent {
                         server: uri.to_owned(),
@@ -181,6 +192,7 @@ impl NbdDevice {
             payload_bytes_max,
             connections,
             next_connection: AtomicUsize::new(0),
+            reactor,
         })
     }
 
@@ -192,6 +204,11 @@ impl NbdDevice {
     /// Connections open to the server.
     pub fn connections(&self) -> usize {
         self.connections.len()
+    }
+
+    /// The reactor the connections run on.
+    pub fn reactor(&self) -> &Reactor {
+        &self.reactor
     }
 
     /// Whether the server allows several connections (`NBD_FLAG_CAN_MULTI_CONN`).

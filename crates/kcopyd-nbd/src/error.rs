@@ -86,8 +86,9 @@ pub enum ConnectError {
         /// What differs.
         problem: String,
     },
-    /// The connection's thread could not be started.
-    #[error("{server}: cannot start the connection's thread: {source}")]
+    /// The reactor's thread (see [`Reactor`](crate::Reactor)) could not be started, or it
+    /// ended before the connection was open.
+    #[error("{server}: no reactor thread for the connection: {source}")]
     Thread {
         /// The URI.
         server: String,

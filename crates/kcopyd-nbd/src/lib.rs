@@ -3,7 +3,9 @@
 //!
 //! ```text
 //!  connect("nbd://host/export") ─► NbdUri ─► Connection::open ×1..N (N when CAN_MULTI_CONN)
-//!     each: own thread + current-thread runtime ─► socket ─► handshake (fixed newstyle,
+//!     each: a task on the Reactor (one thread + current-thread runtime, shared by all
+//!           connections of all devices unless asked otherwise)
+//!           ─► socket ─► handshake (fixed newstyle,
 //!           STRUCTURED_REPLY, SET_META_CONTEXT base:allocation, GO + INFO_BLOCK_SIZE)
 //!
 //!  NbdDevice (BlockDevice)  read / write / write_zeroes / flush  + block_status, trim
@@ -29,6 +31,7 @@ mod device;
 mod error;
 mod handshake;
 mod proto;
+mod reactor;
 mod uri;
 
 pub use device::{
@@ -37,4 +40,5 @@ pub use device::{
 };
 pub use error::{ConnectError, RequestError};
 pub use proto::{NBD_DEFAULT_PORT, NO_PAYLOAD_BYTES_MAX, PAYLOAD_BYTES_DEFAULT_MAX};
+pub use reactor::Reactor;
 pub use uri::{Address, NbdUri, UriError};

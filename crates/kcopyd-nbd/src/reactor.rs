@@ -1,0 +1,204 @@
+//! [`Reactor`]: the thread that runs connections. By default every connection of every NBD
+//! device in the process shares one ([`Reactor::shared`]); a device may be given its own.
+//!
+//! ```text
+//!  NbdDevice A ─┬─ Connection 1 ─┐                      thread "kcopyd-nbd"
+//!               └─ Connection 2 ─┼─ tasks on ─►  current-thread tokio runtime (one epoll)
+//!  NbdDevice B ─── Connection 3 ─┘                 block_on(until the last Reactor is gone)
+//! ```
+//!
+//! One thread for all connections, not one per connection: a busy reactor serves every
+//! socket that is ready from one `epoll_wait`, and a request handed to it while it runs costs
+//! no extra thread wake-up. Copying between two exports over four connections each used to
+//! keep eight connection threads waking one another; see docs/NBD.md for what that cost.
+//!
+//! Lifetime: each [`Reactor`] handle and each connection task holds the runtime's stop
+//! sender; when the last one is gone (every device dropped and every connection closed,
+//! `NBD_CMD_DISC` sent), the thread's `block_on` returns and the thread ends. The shared
+//! reactor is kept behind a weak reference, so a process with no NBD devices has no thread.
+
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::thread;
+
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+
+/// The name of reactor threads (at most 15 bytes, the kernel's limit).
+pub(crate) const THREAD_NAME: &str = "kcopyd-nbd";
+
+/// The process-wide reactor, while anything uses it.
+static SHARED: Mutex<Weak<Inner>> = Mutex::new(Weak::new());
+
+/// A thread with a current-thread tokio runtime on which connections run. Cloning shares it.
+///
+/// ```no_run
+/// use kcopyd_nbd::{ConnectOptions, NbdDevice, Reactor};
+/// // Two devices on a reactor of their own, apart from every other device's connections.
+/// let reactor = Reactor::new().unwrap();
+/// let options = ConnectOptions { reactor: Some(reactor.clone()), ..ConnectOptions::default() };
+/// let a = NbdDevice::connect("nbd+unix:///?socket=/run/a.sock", &options).unwrap();
+/// let b = NbdDevice::connect("nbd+unix:///?socket=/run/b.sock", &options).unwrap();
+/// assert!(a.reactor() == b.reactor() && a.reactor() != &Reactor::shared().unwrap());
+/// ```
+#[derive(Clone)]
+pub struct Reactor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    handle: Handle,
+    thread: thread::ThreadId,
+    /// Connection tasks spawned and not yet ended.
+    tasks: AtomicUsize,
+    /// Dropped with the last handle: ends the thread's `block_on`.
+    _stop: oneshot::Sender<()>,
+}
+
+impl Reactor {
+    /// Starts a reactor thread of its own.
+    ///
+    /// # Errors
+    /// The runtime or the thread cannot be created.
+    pub fn new() -> io::Result<Reactor> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = thread::Builder::new().name(THREAD_NAME.into()).spawn(move || {
+            // Returns when every Reactor handle and connection task is gone; the runtime,
+            // dropped here, has no tasks left by then.
+            runtime.block_on(async move {
+                let _ = stopped.await;
+            });
+        })?;
+        let inner = Inner { handle, thread: thread.thread().id(), tasks: AtomicUsize::new(0), _stop: stop };
+        Ok(Reactor { inner: Arc::new(inner) })
+    }
+
+    /// The reactor every device uses unless its [`ConnectOptions`](crate::ConnectOptions)
+    /// name another: started by the first call, ended when nothing uses it any more.
+    ///
+    /// # Errors
+    /// Starting it failed (see [`Reactor::new`]).
+    pub fn shared() -> io::Result<Reactor> {
+        let mut shared = SHARED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(inner) = shared.upgrade() {
+            return Ok(Reactor { inner });
+        }
+        let reactor = Reactor::new()?;
+        *shared = Arc::downgrade(&reactor.inner);
+        Ok(reactor)
+    }
+
+    /// The id of the reactor's thread.
+    pub fn thread_id(&self) -> thread::ThreadId {
+        self.inner.thread
+    }
+
+    /// Connections running on this reactor: opened or being opened, and not yet closed (a
+    /// device's connections close when it is dropped, after `NBD_CMD_DISC`, or when lost and
+    /// the device is dropped).
+    pub fn connections_running(&self) -> usize {
+        self.inner.tasks.load(Ordering::Acquire)
+    }
+
+    /// Runs `task` on the reactor; the reactor's thread lives at least until it ends.
+    pub(crate) fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let running = Running::new(self.clone());
+        self.inner.handle.spawn(async move {
+            task.await;
+            drop(running);
+        });
+    }
+}
+
+/// One task counted in [`Reactor::connections_running`], keeping the reactor alive; dropped
+/// when the task ends or is cancelled.
+struct Running(Reactor);
+
+impl Running {
+    fn new(reactor: Reactor) -> Running {
+        reactor.inner.tasks.fetch_add(1, Ordering::AcqRel);
+        Running(reactor)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.inner.tasks.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl PartialEq for Reactor {
+    fn eq(&self, other: &Reactor) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+
+impl Eq for Reactor {}
+
+impl fmt::Debug for Reactor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reactor")
+            .field("thread", &self.inner.thread)
+            .field("connections_running", &self.connections_running())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn the_shared_reactor_is_one_while_used_and_a_new_one_after() {
+        let first = Reactor::shared().unwrap();
+        let again = Reactor::shared().unwrap();
+        assert_eq!(first, again);
+        let thread = first.thread_id();
+        assert_ne!(thread, thread::current().id());
+        drop((first, again));
+        let later = Reactor::shared().unwrap();
+        assert_ne!(later.thread_id(), thread, "the first shared reactor was released");
+    }
+
+    #[test]
+    fn a_running_task_keeps_the_reactor_after_its_last_handle() {
+        let reactor = Reactor::new().unwrap();
+        let (go, wait) = oneshot::channel::<()>();
+        let (done, finished) = mpsc::channel();
+        reactor.spawn(async move {
+            let _ = wait.await;
+            let _ = done.send(thread::current().id());
+        });
+        assert_eq!(reactor.connections_running(), 1);
+        let thread = reactor.thread_id();
+        drop(reactor);
+        go.send(()).unwrap();
+        assert_eq!(finished.recv_timeout(Duration::from_secs(10)).unwrap(), thread, "the task ran on the reactor");
+    }
+
+    #[test]
+    fn tasks_are_counted_until_they_end() {
+        let reactor = Reactor::new().unwrap();
+        let (go, wait) = oneshot::channel::<()>();
+        let (done, finished) = mpsc::channel();
+        reactor.spawn(async move {
+            let _ = wait.await;
+            let _ = done.send(());
+        });
+        reactor.spawn(async {});
+        go.send(()).unwrap();
+        finished.recv_timeout(Duration::from_secs(10)).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while reactor.connections_running() != 0 {
+            assert!(std::time::Instant::now() < deadline, "{} tasks still counted", reactor.connections_running());
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
