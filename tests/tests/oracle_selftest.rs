@@ -1108,7 +1108,7 @@ fn validation_reports_an_engine_that_disagrees_with_the_reference() {
     for (case, rule) in cases {
         let reference = case.reference();
         assert!(reference.contains(&rule), "{rule:?} not in the reference's {reference:?} for {case:?}");
-        let agreed = case.check_against(&[rule.clone()]);
+        let agreed = case.check_against(std::slice::from_ref(&rule));
         assert!(agreed.is_empty(), "{rule:?}: the engine names it, yet {agreed:?}");
         let problems = case.check_against(&[]);
         assert!(
