@@ -536,12 +536,12 @@ pub struct Scenario {
 }
 
 /// Seed of the pattern of source disk `i` (old content of its sectors).
-pub(crate) fn source_seed(i: usize) -> u64 {
+pub fn source_seed(i: usize) -> u64 {
     1000 + i as u64
 }
 
 /// Seed of the pattern of target disk `i` (old content of its sectors).
-pub(crate) fn target_seed(i: usize) -> u64 {
+pub fn target_seed(i: usize) -> u64 {
     2000 + i as u64
 }
 

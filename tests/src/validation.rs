@@ -224,7 +224,13 @@ impl Case {
     /// Submits the case to a client on fresh devices; returns every disagreement with the
     /// reference.
     pub fn check(&self) -> Vec<String> {
-        let expected = self.reference();
+        self.check_against(&self.reference())
+    }
+
+    /// Submits the case to a client on fresh devices; returns every disagreement with
+    /// `expected` (the rules the case breaks: [`Case::reference`], or, to show that a
+    /// disagreement is reported, a wrong list).
+    pub fn check_against(&self, expected: &[Broken]) -> Vec<String> {
         Simulation::block_on(async {
             let config = ClientConfig { page_budget: self.page_budget, ..ClientConfig::default() };
             let client = Client::start_in_current_system(config).expect("a valid configuration");
