@@ -54,6 +54,9 @@ fn inputs(jobs: Vec<JobInputs>, targets: usize, subjobs_in_flight: usize) -> Inp
         jobs,
         crash_at_us: None,
         headers_only: false,
+        shutdown_at_us: None,
+        prepared: Vec::new(),
+        throttle: kcopyd_core::Throttle::OFF,
     }
 }
 
@@ -118,6 +121,8 @@ fn clone_report(report: &Report) -> Report {
         target_logs_before_retry: report.target_logs_before_retry.clone(),
         io: report.io.clone(),
         marks: report.marks.clone(),
+        shutdown_reports: report.shutdown_reports.clone(),
+        prepared: report.prepared.clone(),
     }
 }
 
@@ -1090,6 +1095,7 @@ fn validation_reports_an_engine_that_disagrees_with_the_reference() {
         devices: vec![(64, 512), (64, 4096)],
         source,
         targets,
+        page_budget: 8,
     };
     // One case per rule: the engine's refusal must be named as that rule, with its indices,
     // device and sectors; checked against an empty list, it is a disagreement naming the rule.
