@@ -255,7 +255,7 @@ impl Case {
                         return vec![format!("accepted, and still running after {DEADLOCK_AFTER:?} of virtual time")];
                     };
                     if !expected.is_empty() {
-                        problems.push(format!("accepted, but it breaks {} (outcome {outcome:?})", listed(&expected)));
+                        problems.push(format!("accepted, but it breaks {} (outcome {outcome:?})", listed(expected)));
                     } else if !outcome.is_ok() {
                         problems.push(format!("a valid job failed on healthy disks: {outcome:?}"));
                     }
@@ -264,8 +264,8 @@ impl Case {
                     match self.named(&error) {
                         Some(rule) if expected.contains(&rule) => {}
                         Some(rule) => problems
-                            .push(format!("refused with {error} ({rule:?}), expected one of {}", listed(&expected))),
-                        None => problems.push(format!("refused with {error}, expected one of {}", listed(&expected))),
+                            .push(format!("refused with {error} ({rule:?}), expected one of {}", listed(expected))),
+                        None => problems.push(format!("refused with {error}, expected one of {}", listed(expected))),
                     }
                     for (i, disk) in disks.iter().enumerate() {
                         let stats = disk.stats();
