@@ -9,6 +9,14 @@
 #   KCOPYD_SWARM_SEEDS=100 tests/mutants.sh  # more seeds per mutant (default 30)
 #   MUTANT_TIMEOUT_S=120 tests/mutants.sh    # a mutant's tests are stopped after this (default 300)
 #
+# With --oracle (first argument), the oracle's own helpers instead (tests/src/oracle.rs,
+# sectors.rs, validation.rs; settings in .cargo/mutants-oracle.toml): a mutant that weakens a
+# rule must be caught by the oracle's self-tests (tests/tests/oracle_selftest.rs, the library's
+# unit tests), one that makes it refuse correct runs by the swarm and the property tests.
+#
+#   tests/mutants.sh --oracle --in-place                        # every mutant of the oracle
+#   tests/mutants.sh --oracle --in-place --file tests/src/sectors.rs
+#
 # Results land in mutants.out/ (caught.txt, missed.txt, timeout.txt, unviable.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +26,13 @@ if ! command -v cargo-mutants >/dev/null; then
 fi
 export KCOPYD_SWARM_SEEDS="${KCOPYD_SWARM_SEEDS:-30}"
 export PROPTEST_CASES="${PROPTEST_CASES:-16}"
+if [[ "${1:-}" == "--oracle" ]]; then
+    shift
+    # The mutated package is the one with the tests, so cargo-mutants' own baseline is right.
+    exec cargo mutants --config .cargo/mutants-oracle.toml --timeout "${MUTANT_TIMEOUT_S:-60}" "$@"
+fi
 # The baseline, run here: cargo-mutants would run its baseline on the mutated package
 # (kcopyd-core), which has no swarm test. This also warms the build the mutants reuse.
 echo "mutants.sh: baseline: the swarm test ($KCOPYD_SWARM_SEEDS seeds) and the property tests ($PROPTEST_CASES cases)"
-cargo test -p kcopyd-tests --test swarm --test properties
-exec cargo mutants --baseline=skip --timeout "${MUTANT_TIMEOUT_S:-300}" "$@"
+cargo test --profile mutants -p kcopyd-tests --test swarm --test properties
+exec cargo mutants --profile mutants --baseline=skip --timeout "${MUTANT_TIMEOUT_S:-300}" "$@"

@@ -66,6 +66,22 @@ pub enum Mark {
     Cancel(usize),
     /// Job `j`'s completion callback ran.
     Completed(usize),
+    /// Job `j` is about to be submitted.
+    Submitting(usize),
+    /// Job `j`'s submission was refused.
+    Refused(usize),
+    /// The client was asked to shut down (in the middle of the run, or at its end).
+    ShutdownBegun,
+    /// The client's shutdown returned.
+    ShutdownReturned,
+    /// Prepared callback `p` is about to be prepared.
+    Preparing(usize),
+    /// Prepared callback `p` was refused.
+    PrepareRefused(usize),
+    /// Prepared callback `p` is about to be queued (completed or dropped).
+    PreparedQueued(usize),
+    /// Prepared callback `p` ran.
+    PreparedRan(usize),
 }
 
 #[derive(Debug, Default)]

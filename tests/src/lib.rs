@@ -15,5 +15,6 @@ pub mod nbd_servers;
 pub mod oracle;
 pub mod scenario;
 pub mod sectors;
+pub mod sparse_case;
 pub mod util;
 pub mod validation;

@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use kcopyd_core::{Flags, Outcome, PAGE_SIZE, RangeSet, SECTOR_SIZE};
+use kcopyd_core::{Flags, Outcome, PAGE_SIZE, RangeSet, SECTOR_SIZE, SubmitError};
 use kcopyd_sim::{FaultKind, Provenance};
 
 use crate::io_log::{DiskRef, IoKind, IoRecord, Mark};
@@ -108,6 +108,8 @@ pub fn check(scenario: &Scenario, report: &Report) -> Vec<String> {
     for phase in [1, 2] {
         check_concurrency(scenario, &views, phase, &mut violations);
     }
+    check_shutdown(scenario, report, &views, &mut violations);
+    check_prepared(scenario, report, &mut violations);
     for (t, disk) in report.targets.iter().enumerate() {
         for fault in disk.fault_log() {
             if let FaultKind::ZoneViolation { write_pointer } = fault.kind {
@@ -120,6 +122,139 @@ pub fn check(scenario: &Scenario, report: &Report) -> Vec<String> {
     }
     check_contents(scenario, report, &mut violations);
     violations
+}
+
+/// Shutdown: a job is refused exactly when its submission began after the shutdown did (or
+/// was still waiting for admission when it did), with `ShutDown`, and then does nothing at
+/// all; a shutdown returns only once every job accepted has completed and all its requests
+/// have ended; every shutdown report finds every page back, no request outstanding and the
+/// jobs completed counted.
+fn check_shutdown(scenario: &Scenario, report: &Report, views: &[JobView], violations: &mut Vec<String>) {
+    let seq_of = |mark: Mark| report.marks.iter().find(|(_, m)| *m == mark).map(|&(seq, _)| seq);
+    // The first shutdown: the one in the middle of the run, or else the final one.
+    let begun = seq_of(Mark::ShutdownBegun);
+    let returned = seq_of(Mark::ShutdownReturned);
+    let count = |mark: Mark| report.marks.iter().filter(|(_, m)| *m == mark).count();
+    let mid_run = usize::from(scenario.shutdown_at_us.is_some());
+    let (begun_count, returned_count) = (count(Mark::ShutdownBegun), count(Mark::ShutdownReturned));
+    if begun_count != 1 + mid_run || returned_count != begun_count {
+        violations.push(format!(
+            "shutdown in the middle of the run asked at {:?} µs: {begun_count} shutdowns begun, {returned_count} returned",
+            scenario.shutdown_at_us
+        ));
+    }
+    let mut accepted = 0;
+    for (j, (result, view)) in report.jobs.iter().zip(views).enumerate() {
+        let submitting = seq_of(Mark::Submitting(j));
+        if let Some(error) = &result.refused {
+            if *error != SubmitError::ShutDown {
+                violations.push(format!("job {j}: refused with {error:?}, expected ShutDown"));
+            }
+            let refused_at = seq_of(Mark::Refused(j));
+            if begun.is_none_or(|begun| refused_at.is_none_or(|at| at <= begun)) {
+                violations.push(format!("job {j}: refused ({error}) before any shutdown began"));
+            }
+            if !view.all.is_empty() || result.callbacks != 0 || result.outcome.is_some() {
+                violations.push(format!(
+                    "job {j}: refused, yet {} requests, {} completions, outcome {:?}",
+                    view.all.len(),
+                    result.callbacks,
+                    result.outcome
+                ));
+            }
+            continue;
+        }
+        accepted += 1;
+        if let (Some(begun), Some(submitting)) = (begun, submitting) {
+            if begun < submitting {
+                violations.push(format!("job {j}: submitted after the shutdown began, yet accepted"));
+            }
+        }
+        if let Some(returned) = returned {
+            if seq_of(Mark::Completed(j)).is_none_or(|done| done >= returned) {
+                violations.push(format!("job {j}: the shutdown returned before the job completed"));
+            }
+            if let Some((record, ..)) = view.all.iter().find(|(r, ..)| r.done > returned) {
+                violations.push(format!(
+                    "job {j}: request {:?} {:?} still in flight when the shutdown returned",
+                    record.kind, record.sectors
+                ));
+            }
+        }
+    }
+    let retried = report.jobs.iter().filter(|r| r.retry.is_some()).count();
+    for (n, shutdown) in report.shutdown_reports.iter().enumerate() {
+        let expected = if n < mid_run { accepted } else { accepted + retried };
+        if shutdown.jobs_completed != expected as u64
+            || shutdown.pool.pages_in_use != 0
+            || shutdown.requests_outstanding != 0
+        {
+            violations.push(format!(
+                "shutdown {n}: {} jobs completed (expected {expected}), {} pages in use, {} requests outstanding",
+                shutdown.jobs_completed, shutdown.pool.pages_in_use, shutdown.requests_outstanding
+            ));
+        }
+    }
+}
+
+/// Prepared callbacks: one prepared after a shutdown began is refused with `ShutDown` and never
+/// runs; one prepared before runs exactly once, after it was queued, with what it was completed
+/// with (or cancelled, when dropped), and before every shutdown that began after it was
+/// prepared returns.
+fn check_prepared(scenario: &Scenario, report: &Report, violations: &mut Vec<String>) {
+    let seqs = |mark: Mark| report.marks.iter().filter(|(_, m)| *m == mark).map(|&(seq, _)| seq).collect::<Vec<_>>();
+    let shutdowns: Vec<(u64, u64)> = seqs(Mark::ShutdownBegun).into_iter().zip(seqs(Mark::ShutdownReturned)).collect();
+    for (p, (layout, result)) in scenario.prepared.iter().zip(&report.prepared).enumerate() {
+        let Some(&preparing) = seqs(Mark::Preparing(p)).first() else {
+            continue; // its time came after the run ended
+        };
+        if let Some(error) = &result.refused {
+            let refused_at = seqs(Mark::PrepareRefused(p)).first().copied().unwrap_or(u64::MAX);
+            if *error != SubmitError::ShutDown
+                || !shutdowns.iter().any(|&(begun, _)| begun < refused_at)
+                || !result.outcomes.is_empty()
+            {
+                violations.push(format!(
+                    "prepared {p}: refused with {error:?} at {refused_at} (shutdowns {shutdowns:?}), ran {} times",
+                    result.outcomes.len()
+                ));
+            }
+            continue;
+        }
+        if let Some(&(begun, _)) = shutdowns.iter().find(|&&(begun, _)| begun < preparing) {
+            violations.push(format!(
+                "prepared {p}: prepared at {preparing}, after a shutdown began at {begun}, yet accepted"
+            ));
+        }
+        let ran = seqs(Mark::PreparedRan(p));
+        let queued = seqs(Mark::PreparedQueued(p)).first().copied();
+        if ran.len() != 1 || result.outcomes.len() != 1 {
+            violations.push(format!("prepared {p}: ran {} times", ran.len()));
+            continue;
+        }
+        if queued.is_none_or(|queued| ran[0] < queued) {
+            violations.push(format!("prepared {p}: ran at {} before it was queued ({queued:?})", ran[0]));
+        }
+        let outcome = &result.outcomes[0];
+        let (read_err, write_err, cancelled) = if layout.complete {
+            (layout.read_err, layout.write_err(), false)
+        } else {
+            (false, kcopyd_core::TargetMask::new(), true)
+        };
+        if outcome.read_err != read_err || outcome.write_err != write_err || outcome.cancelled != cancelled {
+            violations.push(format!(
+                "prepared {p}: ran with {outcome:?}, expected read_err {read_err}, write_err {write_err:?}, cancelled {cancelled}"
+            ));
+        }
+        for &(begun, returned) in &shutdowns {
+            if preparing < begun && returned < ran[0] {
+                violations.push(format!(
+                    "prepared {p}: the shutdown begun at {begun} returned at {returned}, before the callback ran at {}",
+                    ran[0]
+                ));
+            }
+        }
+    }
 }
 
 /// Works out every job's shape and attributes every request to the job whose region holds
@@ -222,6 +357,9 @@ fn relative(set: &RangeSet, start: u64, len: u64, what: &str, violations: &mut V
 fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<String>) {
     let layout = view.layout;
     let result = &report.jobs[j];
+    if result.refused.is_some() {
+        return; // check_shutdown's
+    }
     // The callback is on the first submission only; the retry is awaited.
     if result.callbacks != 1 {
         violations.push(format!("job {j}: {} completions, expected exactly 1", result.callbacks));
@@ -296,20 +434,43 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
         .filter(|&seq| completed_at.is_none_or(|done| seq < done));
 
     // Stop: without IGNORE_ERROR, no sub-job is taken once an error is known (a failed read
-    // at its completion, a failed write once its sub-job's writes have all completed).
+    // at its completion, a failed write once its sub-job's writes have all completed) — but
+    // under WRITE_SEQ a sub-job before the one that failed first may still start (taken
+    // before the error, it waited for the throttle): every sub-job before a failure is written.
     if !view.ignore {
         let known = view
             .ios
             .iter()
             .filter(|(r, ..)| !r.ok)
-            .map(|(r, role, rel)| match role {
-                Role::Source => r.done,
-                Role::Target(_) => view.chunks_of(rel).map(|k| ended_at[&k]).max().unwrap_or(r.done),
+            .map(|(r, role, rel)| {
+                let failing = view.chunks_of(rel);
+                let at = match role {
+                    Role::Source => r.done,
+                    Role::Target(_) => failing.clone().map(|k| ended_at[&k]).max().unwrap_or(r.done),
+                };
+                (at, failing.start)
             })
             .min();
-        if let Some(known) = known {
-            if let Some((k, _)) = taken_at.iter().find(|&(_, &seq)| seq > known) {
+        if let Some((known, failing)) = known {
+            let may_start = |k: u64| view.seq && k < failing;
+            if let Some((k, _)) = taken_at.iter().find(|&(&k, &seq)| seq > known && !may_start(k)) {
                 violations.push(format!("job {j}: sub-job {k} started after an error had stopped the job"));
+            }
+        }
+    }
+
+    // Offload: a zero job whose targets all offload write-zeroes zeroes each with one request
+    // over its whole region (none if it was cancelled before it started).
+    let offloads = layout.targets.iter().all(|&(t, _)| report.targets[t].options().write_zeroes);
+    if layout.source.is_none() && len > 0 && offloads {
+        for (i, &(t, _)) in layout.targets.iter().enumerate() {
+            let requests: Vec<_> = view.ios.iter().filter(|(_, role, _)| *role == Role::Target(i)).collect();
+            let whole = requests.iter().all(|(r, _, rel)| r.kind == IoKind::WriteZeroes && *rel == (0..len));
+            if !whole || requests.len() > 1 || (requests.is_empty() && cancel_at.is_none()) {
+                violations.push(format!(
+                    "job {j}: target {i} (target{t}) offloads write-zeroes, yet the zero job sent {:?}",
+                    requests.iter().map(|(r, ..)| (r.kind, r.sectors.clone())).collect::<Vec<_>>()
+                ));
             }
         }
     }

@@ -18,10 +18,13 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kcopyd_core::{Client, ClientConfig, Device, Flags, Job, Outcome, Region, SECTOR_SIZE};
+use kcopyd_core::{
+    Client, ClientConfig, Device, Flags, Job, Outcome, Region, SECTOR_SIZE, ShutdownReport, SubmitError, TargetMask,
+    Throttle,
+};
 use kcopyd_sim::{
     FaultOdds, FaultPlan, FaultRecord, IoModel, Latency, MemDisk, MemDiskOptions, Misdirect, Simulation, SlowSpike,
     Trace, WriteFault, mix64, to_model, to_tokio,
@@ -89,6 +92,41 @@ pub struct DiskInputs {
     pub faults: FaultInputs,
 }
 
+/// A callback prepared with `Client::prepare_callback` (dm-kcopyd's prepare/do callback): a
+/// completion the caller raises itself, queued with the jobs'.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparedInputs {
+    /// Virtual time of the preparation, µs after the start.
+    pub at_us: u64,
+    /// Queued this many µs later.
+    pub after_us: u64,
+    /// Queued with `complete(read_err, write_err)`; otherwise dropped (then it runs cancelled).
+    pub complete: bool,
+    /// The `read_err` it is completed with.
+    pub read_err: bool,
+    /// The `write_err` it is completed with: targets 0–7.
+    pub write_err_bits: u8,
+}
+
+impl PreparedInputs {
+    fn from_bits(bits: u64) -> PreparedInputs {
+        PreparedInputs {
+            at_us: bits % 8000,
+            after_us: (bits >> 16) % 3000,
+            complete: (bits >> 32) % 4 != 0,
+            read_err: (bits >> 40) & 1 == 1,
+            write_err_bits: (bits >> 48) as u8,
+        }
+    }
+
+    /// The write_err it is completed with.
+    pub fn write_err(&self) -> TargetMask {
+        let mut mask = TargetMask::new();
+        (0..8).filter(|i| self.write_err_bits >> i & 1 == 1).for_each(|i| mask.set(i));
+        mask
+    }
+}
+
 /// One job.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobInputs {
@@ -138,6 +176,16 @@ pub struct Inputs {
     /// whole-sector ones: the oracle's provenance checks must hold the same in both.
     #[serde(default)]
     pub headers_only: bool,
+    /// Shut the client down at this virtual time (µs), with jobs perhaps still queued, running
+    /// or not yet submitted. Not with a crash (its liveness phase resubmits jobs).
+    #[serde(default)]
+    pub shutdown_at_us: Option<u64>,
+    /// Prepared callbacks.
+    #[serde(default)]
+    pub prepared: Vec<PreparedInputs>,
+    /// The client's throttle (a rate or a busy share, now and then).
+    #[serde(default)]
+    pub throttle: Throttle,
 }
 
 impl Inputs {
@@ -218,6 +266,15 @@ impl Inputs {
             crash_at_us: crash.then(|| rng.below(20_000)),
             // Drawn last, so that every earlier draw of a seed stays what it was.
             headers_only: rng.below(3) == 0,
+            shutdown_at_us: (rng.below(5) == 0).then(|| rng.below(4) * rng.below(5000)),
+            prepared: (0..[0, 0, 1, 2, 3][rng.below(5) as usize])
+                .map(|_| PreparedInputs::from_bits(rng.below(u64::MAX)))
+                .collect(),
+            throttle: match rng.below(8) {
+                0 => Throttle { rate_bytes_per_s: Some((1 + rng.below(64)) << 20), ..Throttle::OFF },
+                1 => Throttle { busy_percent: Some(10 + rng.below(81) as u32), ..Throttle::OFF },
+                _ => Throttle::OFF,
+            },
         }
     }
 
@@ -341,7 +398,7 @@ impl Inputs {
                 subjobs_in_flight: self.subjobs_in_flight.clamp(1, 64),
                 queued_jobs_max: 1024,
                 huge_pages: true,
-                throttle: kcopyd_core::Throttle::OFF,
+                throttle: self.throttle,
                 io_timeout_ms: None,
             },
             sources: self
@@ -358,6 +415,8 @@ impl Inputs {
                 .collect(),
             jobs,
             crash_at_us: self.crash_at_us,
+            shutdown_at_us: self.shutdown_at_us.filter(|_| self.crash_at_us.is_none()),
+            prepared: self.prepared.clone(),
         }
     }
 }
@@ -468,15 +527,21 @@ pub struct Scenario {
     pub jobs: Vec<JobLayout>,
     /// Crash every disk at this virtual time (µs).
     pub crash_at_us: Option<u64>,
+    /// Shut the client down at this virtual time (µs): jobs submitted later are refused.
+    #[serde(default)]
+    pub shutdown_at_us: Option<u64>,
+    /// Prepared callbacks.
+    #[serde(default)]
+    pub prepared: Vec<PreparedInputs>,
 }
 
 /// Seed of the pattern of source disk `i` (old content of its sectors).
-pub(crate) fn source_seed(i: usize) -> u64 {
+pub fn source_seed(i: usize) -> u64 {
     1000 + i as u64
 }
 
 /// Seed of the pattern of target disk `i` (old content of its sectors).
-pub(crate) fn target_seed(i: usize) -> u64 {
+pub fn target_seed(i: usize) -> u64 {
     2000 + i as u64
 }
 
@@ -489,6 +554,17 @@ pub struct JobResult {
     pub outcome: Option<Outcome>,
     /// The outcome of the resubmission in the liveness phase, if any.
     pub retry: Option<Outcome>,
+    /// Why its submission was refused (only after the client began to shut down).
+    pub refused: Option<SubmitError>,
+}
+
+/// What a prepared callback did.
+#[derive(Debug, Clone, Default)]
+pub struct PreparedResult {
+    /// Why `prepare_callback` refused it (only after the client began to shut down).
+    pub refused: Option<SubmitError>,
+    /// The outcomes it ran with: exactly one if prepared.
+    pub outcomes: Vec<Outcome>,
 }
 
 /// What a run produced.
@@ -518,6 +594,11 @@ pub struct Report {
     pub io: Vec<IoRecord>,
     /// The harness's marks (cancels, completions) on the requests' sequence.
     pub marks: Vec<(u64, Mark)>,
+    /// What each shutdown call returned: the one in the middle of the run, if any, then the
+    /// final one.
+    pub shutdown_reports: Vec<ShutdownReport>,
+    /// Per prepared callback (left default when its time came after the run ended).
+    pub prepared: Vec<PreparedResult>,
 }
 
 fn job_of(layout: &JobLayout, sources: &[Device], targets: &[Device]) -> Job {
@@ -569,6 +650,51 @@ pub fn run(scenario: &Scenario) -> Report {
             });
         }
 
+        // A shutdown in the middle of the run: its report, once it returned.
+        let early_shutdown = scenario.shutdown_at_us.map(|at| {
+            let (client, log, trace) = (client.clone(), log.clone(), trace.clone());
+            actix_rt::spawn(async move {
+                tokio::time::sleep_until(began + to_tokio(Duration::from_micros(at))).await;
+                trace.record("shutdown");
+                log.mark(Mark::ShutdownBegun);
+                let report = client.shutdown().await;
+                log.mark(Mark::ShutdownReturned);
+                report
+            })
+        });
+
+        let prepared: Arc<Mutex<Vec<PreparedResult>>> =
+            Arc::new(Mutex::new(vec![PreparedResult::default(); scenario.prepared.len()]));
+        for (p, layout) in scenario.prepared.iter().enumerate() {
+            let (client, log, trace, prepared, layout) =
+                (client.clone(), log.clone(), trace.clone(), prepared.clone(), layout.clone());
+            actix_rt::spawn(async move {
+                tokio::time::sleep_until(began + to_tokio(Duration::from_micros(layout.at_us))).await;
+                log.mark(Mark::Preparing(p));
+                let (ran_log, ran_trace, ran) = (log.clone(), trace.clone(), prepared.clone());
+                let callback = client.prepare_callback(move |outcome| {
+                    ran_log.mark(Mark::PreparedRan(p));
+                    ran_trace.record(format!("prepared {p} ran: {outcome:?}"));
+                    ran.lock().expect("not poisoned")[p].outcomes.push(outcome);
+                });
+                let callback = match callback {
+                    Ok(callback) => callback,
+                    Err(error) => {
+                        log.mark(Mark::PrepareRefused(p));
+                        prepared.lock().expect("not poisoned")[p].refused = Some(error);
+                        return;
+                    }
+                };
+                tokio::time::sleep(to_tokio(Duration::from_micros(layout.after_us))).await;
+                log.mark(Mark::PreparedQueued(p));
+                if layout.complete {
+                    callback.complete(layout.read_err, layout.write_err());
+                } else {
+                    drop(callback);
+                }
+            });
+        }
+
         let mut order: Vec<usize> = (0..scenario.jobs.len()).collect();
         order.sort_by_key(|&j| (scenario.jobs[j].submit_at_us, j));
         let phase_one = async {
@@ -590,7 +716,16 @@ pub fn run(scenario: &Scenario) -> Report {
                     ));
                 });
                 trace.record(format!("job {j} submit"));
-                let handle = client.submit(job).await.expect("generated jobs are valid");
+                log.mark(Mark::Submitting(j));
+                let handle = match client.submit(job).await {
+                    Ok(handle) => handle,
+                    Err(error) => {
+                        trace.record(format!("job {j} refused: {error}"));
+                        log.mark(Mark::Refused(j));
+                        results.borrow_mut()[j].refused = Some(error);
+                        continue;
+                    }
+                };
                 if let Some(at) = layout.cancel_at_us {
                     let (handle, log, trace) = (handle.clone(), log.clone(), trace.clone());
                     actix_rt::spawn(async move {
@@ -607,7 +742,15 @@ pub fn run(scenario: &Scenario) -> Report {
                 results.borrow_mut()[j].outcome = Some(outcome);
             }
         };
-        let deadlocked = tokio::time::timeout(to_tokio(DEADLOCK_AFTER), phase_one).await.is_err();
+        let mut deadlocked = tokio::time::timeout(to_tokio(DEADLOCK_AFTER), phase_one).await.is_err();
+        let mut shutdown_reports = Vec::new();
+        if let (false, Some(task)) = (deadlocked, early_shutdown) {
+            match tokio::time::timeout(to_tokio(DEADLOCK_AFTER), task).await {
+                Ok(Ok(report)) => shutdown_reports.push(report),
+                Ok(Err(panic)) => panic!("the shutdown task panicked: {panic}"),
+                Err(_) => deadlocked = true,
+            }
+        }
         let target_logs_before_retry = targets.iter().map(|t| t.fault_log()).collect();
 
         let mut deadlocked_retry = false;
@@ -633,11 +776,15 @@ pub fn run(scenario: &Scenario) -> Report {
             };
             deadlocked_retry = tokio::time::timeout(to_tokio(DEADLOCK_AFTER), retry).await.is_err();
         }
-        let deadlocked = deadlocked || deadlocked_retry;
+        let mut deadlocked = deadlocked || deadlocked_retry;
         let pages_in_use_max = client.pool_stats().pages_in_use_max;
         if !deadlocked {
-            // Asserts that every page is back.
-            client.shutdown().await;
+            log.mark(Mark::ShutdownBegun);
+            match tokio::time::timeout(to_tokio(DEADLOCK_AFTER), client.shutdown()).await {
+                Ok(report) => shutdown_reports.push(report),
+                Err(_) => deadlocked = true,
+            }
+            log.mark(Mark::ShutdownReturned);
         }
         let mut jobs = results.borrow().clone();
         for (j, job) in jobs.iter_mut().enumerate() {
@@ -656,6 +803,8 @@ pub fn run(scenario: &Scenario) -> Report {
             target_logs_before_retry,
             io: log.records(),
             marks: log.marks(),
+            shutdown_reports,
+            prepared: prepared.lock().expect("not poisoned").clone(),
         }
     })
 }
@@ -745,6 +894,13 @@ pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
                 crash_at_us: None,
                 // From the seed, so that the strategy and its saved regressions keep their shape.
                 headers_only: seed % 3 == 0,
+                shutdown_at_us: (seed % 5 == 1).then_some((seed >> 8) % 12_000),
+                prepared: if seed % 3 == 2 { vec![PreparedInputs::from_bits(mix64(seed))] } else { Vec::new() },
+                throttle: match seed % 7 {
+                    3 => Throttle { rate_bytes_per_s: Some(((seed >> 24) % 64 + 1) << 20), ..Throttle::OFF },
+                    5 => Throttle { busy_percent: Some(10 + (seed >> 24) as u32 % 81), ..Throttle::OFF },
+                    _ => Throttle::OFF,
+                },
             }
         })
 }

@@ -135,7 +135,92 @@ impl fmt::Debug for Sectors {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+
     use super::*;
+
+    /// Sectors the brute-force model covers.
+    const DOMAIN: u64 = 160;
+
+    /// The brute-force model: the sectors themselves.
+    fn model(ranges: &[Range<u64>]) -> BTreeSet<u64> {
+        ranges.iter().flat_map(|r| r.clone()).collect()
+    }
+
+    fn sectors_of(set: &Sectors) -> BTreeSet<u64> {
+        model(set.ranges())
+    }
+
+    /// Up to 8 ranges anywhere in the domain, in any order, empty, overlapping or touching.
+    fn arb_ranges() -> impl Strategy<Value = Vec<Range<u64>>> {
+        proptest::collection::vec((0..DOMAIN, 0u64..24).prop_map(|(start, len)| start..(start + len).min(DOMAIN)), 0..8)
+    }
+
+    /// A `RangeSet` holding exactly `ranges`, as given (serde does not normalise).
+    fn raw(ranges: &[Range<u64>]) -> RangeSet {
+        serde_json::from_value(serde_json::json!({
+            "ranges": ranges.iter().map(|r| serde_json::json!({"start": r.start, "end": r.end})).collect::<Vec<_>>()
+        }))
+        .expect("a RangeSet deserializes from its ranges")
+    }
+
+    proptest! {
+        // Cheap cases: as many as it takes whatever PROPTEST_CASES says (mutation testing
+        // lowers it for the expensive properties).
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// Every operation agrees with a `BTreeSet` of sectors, and every result is normalised.
+        #[test]
+        fn operations_agree_with_a_set_of_sectors(a in arb_ranges(), b in arb_ranges()) {
+            let (sa, sb) = (Sectors::from_ranges(a.clone()), Sectors::from_ranges(b.clone()));
+            let (ma, mb) = (model(&a), model(&b));
+            for set in [&sa, &sb, &sa.union(&sb), &sa.difference(&sb), &sa.intersection(&sb)] {
+                prop_assert!(set.ranges().iter().all(|r| r.start < r.end), "an empty range in {:?}", set);
+                prop_assert!(set.ranges().windows(2).all(|w| w[0].end < w[1].start), "not normalised: {:?}", set);
+            }
+            prop_assert_eq!(sectors_of(&sa), ma.clone());
+            prop_assert_eq!(sectors_of(&sa.union(&sb)), ma.union(&mb).copied().collect::<BTreeSet<u64>>());
+            prop_assert_eq!(sectors_of(&sa.difference(&sb)), ma.difference(&mb).copied().collect::<BTreeSet<u64>>());
+            prop_assert_eq!(sectors_of(&sa.intersection(&sb)), ma.intersection(&mb).copied().collect::<BTreeSet<u64>>());
+            prop_assert_eq!(sa.is_subset(&sb), ma.is_subset(&mb));
+            prop_assert_eq!(sa.is_empty(), ma.is_empty());
+            prop_assert_eq!(sa.len_sectors(), ma.len() as u64);
+            for sector in 0..DOMAIN + 2 {
+                prop_assert_eq!(sa.contains(sector), ma.contains(&sector), "sector {} of {:?}", sector, sa);
+            }
+            // Equal sets are equal values, however they were built.
+            prop_assert!(sa.union(&sb) == sb.union(&sa));
+            prop_assert_eq!(sa == sb, ma == mb);
+        }
+
+        /// `of` accepts exactly the normalised lists (non-empty, sorted, disjoint, non-adjacent
+        /// ranges) and keeps their sectors; it refuses every other list, naming touching ranges.
+        #[test]
+        fn of_accepts_exactly_normalised_range_sets(ranges in arb_ranges()) {
+            let set = raw(&ranges);
+            let normalised = ranges.iter().all(|r| r.start < r.end) && ranges.windows(2).all(|w| w[0].end < w[1].start);
+            match Sectors::of(&set) {
+                Ok(sectors) => {
+                    prop_assert!(normalised, "{:?} accepted", ranges);
+                    prop_assert_eq!(sectors.ranges(), &ranges[..]);
+                }
+                Err(problem) => {
+                    prop_assert!(!normalised, "{:?} refused: {}", ranges, problem);
+                    let empty = ranges.iter().any(|r| r.start >= r.end);
+                    let first_bad = ranges.windows(2).find(|w| w[0].end >= w[1].start);
+                    if !empty && first_bad.is_some_and(|w| w[0].end == w[1].start) {
+                        prop_assert!(problem.contains("touching"), "{}", problem);
+                    } else if !empty {
+                        prop_assert!(problem.contains("unsorted or overlapping"), "{}", problem);
+                    } else {
+                        prop_assert!(problem.contains("empty range"), "{}", problem);
+                    }
+                }
+            }
+        }
+    }
 
     /// A bitmap of 64 sectors, the model of the model.
     fn bits(set: &Sectors) -> u64 {

@@ -17,7 +17,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use kcopyd_core::{Client, ClientConfig, Device, Flags, Job, Region, SECTOR_SIZE, SubmitError, TARGETS_MAX};
+use kcopyd_core::{Client, ClientConfig, Device, Flags, Job, PAGE_SIZE, Region, SECTOR_SIZE, SubmitError, TARGETS_MAX};
 use kcopyd_sim::{MemDisk, Simulation, mix64, to_tokio};
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +50,13 @@ pub struct Case {
     pub source: Option<RegionInputs>,
     /// The targets.
     pub targets: Vec<RegionInputs>,
+    /// The client's page budget, in pages.
+    #[serde(default = "default_page_budget")]
+    pub page_budget: usize,
+}
+
+fn default_page_budget() -> usize {
+    8
 }
 
 /// A rule a case breaks, as the reference sees it.
@@ -69,6 +76,8 @@ pub enum Broken {
     TargetOverlapsSource(usize),
     /// Targets `first` and `second` share a sector.
     TargetsOverlap(usize, usize),
+    /// The job's logical block (bytes) is larger than the page budget (bytes).
+    BlockLargerThanBudget(u32, usize),
 }
 
 fn device_name(index: usize) -> String {
@@ -134,7 +143,8 @@ impl Case {
         placed.extend(source.clone());
         let count = match rng.below(25) {
             0 => 0,
-            1 => TARGETS_MAX as u64 + 1 + rng.below(3),
+            // One past the limit, and the limit itself (then broken by overlaps, if at all).
+            1 => TARGETS_MAX as u64 + rng.below(3),
             _ => 1 + rng.below(4),
         };
         let mut targets = Vec::new();
@@ -143,7 +153,22 @@ impl Case {
             placed.push(target.clone());
             targets.push(target);
         }
-        Case { devices, source, targets }
+        // Now and then a one-page budget, and a device whose block is larger (8 KiB) or as
+        // large (4 KiB) as it. The regions are then made whole 8 KiB blocks, so that many of
+        // these cases break that rule alone.
+        let (mut devices, mut source) = (devices, source);
+        let page_budget = if rng.below(6) == 0 { 1 } else { default_page_budget() };
+        if page_budget == 1 && rng.below(2) == 0 {
+            let which = rng.below(devices.len() as u64) as usize;
+            devices[which] = (devices[which].0.next_multiple_of(16), 8192);
+            for region in source.iter_mut().chain(&mut targets) {
+                region.len_sectors = region.len_sectors.next_multiple_of(16);
+                if region.device == which {
+                    region.start_sector -= region.start_sector % 16;
+                }
+            }
+        }
+        Case { devices, source, targets, page_budget }
     }
 
     /// Every rule the case breaks, worked out from the regions alone.
@@ -172,6 +197,11 @@ impl Case {
                 broken.push(Broken::Misaligned(region.device, sectors));
             }
         }
+        let block_bytes = self.source.iter().chain(&self.targets).map(|r| self.devices[r.device].1).max();
+        let budget_bytes = self.page_budget * PAGE_SIZE;
+        if let Some(block_bytes) = block_bytes.filter(|&b| b as usize > budget_bytes) {
+            broken.push(Broken::BlockLargerThanBudget(block_bytes, budget_bytes));
+        }
         let share = |a: &RegionInputs, b: &RegionInputs| {
             let (a, b) = (a.span(), b.span());
             a.start.max(b.start) < a.end.min(b.end)
@@ -194,9 +224,15 @@ impl Case {
     /// Submits the case to a client on fresh devices; returns every disagreement with the
     /// reference.
     pub fn check(&self) -> Vec<String> {
-        let expected = self.reference();
+        self.check_against(&self.reference())
+    }
+
+    /// Submits the case to a client on fresh devices; returns every disagreement with
+    /// `expected` (the rules the case breaks: [`Case::reference`], or, to show that a
+    /// disagreement is reported, a wrong list).
+    pub fn check_against(&self, expected: &[Broken]) -> Vec<String> {
         Simulation::block_on(async {
-            let config = ClientConfig { page_budget: 8, ..ClientConfig::default() };
+            let config = ClientConfig { page_budget: self.page_budget, ..ClientConfig::default() };
             let client = Client::start_in_current_system(config).expect("a valid configuration");
             let disks: Vec<Arc<MemDisk>> = self
                 .devices
@@ -219,7 +255,7 @@ impl Case {
                         return vec![format!("accepted, and still running after {DEADLOCK_AFTER:?} of virtual time")];
                     };
                     if !expected.is_empty() {
-                        problems.push(format!("accepted, but it breaks {expected:?} (outcome {outcome:?})"));
+                        problems.push(format!("accepted, but it breaks {} (outcome {outcome:?})", listed(expected)));
                     } else if !outcome.is_ok() {
                         problems.push(format!("a valid job failed on healthy disks: {outcome:?}"));
                     }
@@ -227,10 +263,9 @@ impl Case {
                 Err(error) => {
                     match self.named(&error) {
                         Some(rule) if expected.contains(&rule) => {}
-                        Some(rule) => {
-                            problems.push(format!("refused with {error} ({rule:?}), expected one of {expected:?}"))
-                        }
-                        None => problems.push(format!("refused with {error}, expected one of {expected:?}")),
+                        Some(rule) => problems
+                            .push(format!("refused with {error} ({rule:?}), expected one of {}", listed(expected))),
+                        None => problems.push(format!("refused with {error}, expected one of {}", listed(expected))),
                     }
                     for (i, disk) in disks.iter().enumerate() {
                         let stats = disk.stats();
@@ -250,7 +285,12 @@ impl Case {
         let device = |name: &str| (0..self.devices.len()).find(|&i| device_name(i) == name);
         Some(match error {
             SubmitError::NoTargets => Broken::NoTargets,
-            SubmitError::TooManyTargets { .. } => Broken::TooManyTargets,
+            SubmitError::TooManyTargets { count, max } if *count == self.targets.len() && *max == TARGETS_MAX => {
+                Broken::TooManyTargets
+            }
+            SubmitError::BlockLargerThanBudget { block_size, budget_bytes } => {
+                Broken::BlockLargerThanBudget(*block_size, *budget_bytes)
+            }
             SubmitError::CountMismatch { target, .. } => Broken::CountMismatch(*target),
             SubmitError::OutOfRange { device: name, sectors, .. } => Broken::OutOfRange(device(name)?, sectors.clone()),
             SubmitError::Misaligned { device: name, sectors, .. } => Broken::Misaligned(device(name)?, sectors.clone()),
@@ -258,6 +298,15 @@ impl Case {
             SubmitError::TargetsOverlap { first, second, .. } => Broken::TargetsOverlap(*first, *second),
             _ => return None,
         })
+    }
+}
+
+/// The rules, the first few of a long list (a case with 128 targets breaks thousands).
+fn listed(rules: &[Broken]) -> String {
+    const SHOWN: usize = 8;
+    match rules.len() {
+        0..=SHOWN => format!("{rules:?}"),
+        n => format!("{:?} and {} more", &rules[..SHOWN], n - SHOWN),
     }
 }
 
@@ -293,6 +342,7 @@ mod tests {
                 .iter()
                 .map(|&(device, start_sector, len_sectors)| RegionInputs { device, start_sector, len_sectors })
                 .collect(),
+            page_budget: 1,
         };
         assert_eq!(case(Some((0, 0, 8)), &[(0, 8, 8)]).reference(), vec![], "adjacent regions are fine");
         assert_eq!(case(Some((0, 0, 8)), &[(0, 7, 8)]).reference(), vec![Broken::TargetOverlapsSource(0)]);
@@ -314,15 +364,19 @@ mod tests {
             vec![Broken::OutOfRange(0, u64::MAX - 1..u64::MAX)]
         );
         assert_eq!(case(Some((0, 0, 8)), &[]).reference(), vec![Broken::NoTargets]);
+        let mut larger = case(Some((0, 0, 16)), &[(2, 16, 16)]);
+        larger.devices.push((64, 8192));
+        assert_eq!(larger.reference(), vec![Broken::BlockLargerThanBudget(8192, 4096)]);
+        assert_eq!(case(Some((1, 0, 8)), &[(1, 8, 8)]).reference(), vec![], "a block as large as the budget fits");
     }
 
     #[test]
     fn the_generator_breaks_every_rule_and_also_makes_valid_cases() {
-        let mut seen = [0usize; 8];
+        let mut seen = [0usize; 9];
         for seed in 0..3000 {
             let broken = Case::from_seed(seed).reference();
             if broken.is_empty() {
-                seen[7] += 1;
+                seen[8] += 1;
             }
             for rule in broken {
                 seen[match rule {
@@ -333,6 +387,7 @@ mod tests {
                     Broken::Misaligned(..) => 4,
                     Broken::TargetOverlapsSource(_) => 5,
                     Broken::TargetsOverlap(..) => 6,
+                    Broken::BlockLargerThanBudget(..) => 7,
                 }] += 1;
             }
         }

@@ -7,7 +7,7 @@
 //! package's directory, where cargo runs tests) and replayed first on every run.
 
 use kcopyd_tests::scenario::{Inputs, arb_inputs, check, run};
-use kcopyd_tests::validation;
+use kcopyd_tests::{sparse_case, validation};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 
@@ -69,6 +69,24 @@ proptest! {
     #[test]
     fn submit_refuses_exactly_what_the_reference_refuses(seed in any::<u64>()) {
         let case = validation::Case::from_seed(seed);
+        let problems = case.check();
+        prop_assert!(problems.is_empty(), "{problems:?}\ncase: {}", serde_json::to_string(&case).unwrap());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(REGRESSIONS))),
+        ..ProptestConfig::default()
+    })]
+
+    /// Sparse copies (data runs, zero runs and holes on a sparse or dense source; thin,
+    /// offloading and plain targets; every `Sparse` setting): the source is read exactly where
+    /// it is allocated, every target reads as the source, holes go cheaply and in few requests
+    /// where zeroes are cheap, and not at all onto a target said to be zero.
+    #[test]
+    fn sparse_copies_read_what_is_allocated_and_leave_targets_equal_to_the_source(seed in any::<u64>()) {
+        let case = sparse_case::Case::from_seed(seed);
         let problems = case.check();
         prop_assert!(problems.is_empty(), "{problems:?}\ncase: {}", serde_json::to_string(&case).unwrap());
     }

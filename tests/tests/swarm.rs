@@ -4,10 +4,13 @@
 //! tool for long runs and replays.
 
 use kcopyd_tests::scenario::{Inputs, check, run};
-use kcopyd_tests::validation;
+use kcopyd_tests::{sparse_case, validation};
 
 /// Validation cases per seed, as in the binary.
 const VALIDATION_CASES: u64 = 8;
+
+/// Sparse copies per seed (`kcopyd_tests::sparse_case`), as in the binary.
+const SPARSE_CASES: u64 = 1;
 
 #[test]
 fn random_scenarios_pass_the_oracle() {
@@ -17,6 +20,7 @@ fn random_scenarios_pass_the_oracle() {
         let scenario = Inputs::from_seed(seed).layout();
         let mut violations = check(&scenario, &run(&scenario));
         violations.extend(validation::check_seed(seed, VALIDATION_CASES));
+        violations.extend(sparse_case::check_seed(seed, SPARSE_CASES));
         if let Some(first) = violations.first() {
             failures.push(format!("seed {seed}: {} violations, first: {first}", violations.len()));
         }

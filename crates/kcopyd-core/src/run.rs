@@ -162,8 +162,8 @@ struct JobState {
     copied: Vec<RangeSet>,
     /// The message of the first panic in a sub-job (a device's or the engine's).
     panicked: Option<String>,
-    /// A sub-job already taken was given up because the job was cancelled while it waited
-    /// for the throttle.
+    /// A sub-job already taken was given up because the job was cancelled (or stopped) while
+    /// it waited for the throttle.
     subjob_given_up: bool,
 }
 
@@ -350,7 +350,7 @@ impl JobRun {
                         }
                         continue;
                     }
-                    if !self.throttle_subjob(&subjob).await {
+                    if !self.throttle_subjob(&subjob).await || self.stopped_before(&subjob) {
                         drop(pages);
                         self.give_up_subjob(subjob).await;
                         break;
@@ -362,7 +362,7 @@ impl JobRun {
                 }
                 JobKind::Zero => {
                     let Some(SparseSubJob { sectors: subjob, .. }) = self.take_subjob() else { break };
-                    if !self.throttle_subjob(&subjob).await {
+                    if !self.throttle_subjob(&subjob).await || self.stopped_before(&subjob) {
                         self.give_up_subjob(subjob).await;
                         break;
                     }
@@ -378,7 +378,7 @@ impl JobRun {
     async fn copy_hole(&self, hole: Range<u64>) -> bool {
         // Paced by the bytes it moves: none where every target's zeroes are cheap.
         let paced = if self.spec.holes_are_cheap() { hole.start..hole.start } else { hole.clone() };
-        if !self.throttle_subjob(&paced).await {
+        if !self.throttle_subjob(&paced).await || self.stopped_before(&hole) {
             self.give_up_subjob(hole).await;
             return false;
         }
@@ -419,8 +419,17 @@ impl JobRun {
         admitted
     }
 
-    /// Gives up a sub-job that was taken but never issued (the job was cancelled): nothing is
-    /// written, and under WRITE_SEQ later sub-jobs get their turn.
+    /// Whether an error stopped the job while `subjob`, already taken, waited for the throttle:
+    /// then it is given up, not issued — unless it lies before the stop under WRITE_SEQ, which
+    /// writes every sub-job before the one that failed.
+    fn stopped_before(&self, subjob: &Range<u64>) -> bool {
+        let state = self.state.borrow();
+        state.stopped && !(self.spec.write_seq() && subjob.start < state.stopped_at)
+    }
+
+    /// Gives up a sub-job that was taken but never issued (the job was cancelled, or stopped,
+    /// while it waited for the throttle): nothing is written, and under WRITE_SEQ later
+    /// sub-jobs get their turn.
     async fn give_up_subjob(&self, subjob: Range<u64>) {
         {
             let mut state = self.state.borrow_mut();

@@ -15,10 +15,13 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use kcopyd_tests::scenario::{Inputs, check, run};
-use kcopyd_tests::validation;
+use kcopyd_tests::{sparse_case, validation};
 
 /// Validation cases per seed (random regions on shared devices, checked against a reference).
 const VALIDATION_CASES: u64 = 8;
+
+/// Sparse copies per seed (`kcopyd_tests::sparse_case`).
+const SPARSE_CASES: u64 = 1;
 
 struct Args {
     seeds: u64,
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
             let report = run(&scenario);
             let mut violations = check(&scenario, &report);
             violations.extend(validation::check_seed(seed, VALIDATION_CASES));
+            violations.extend(sparse_case::check_seed(seed, SPARSE_CASES));
             if args.check_determinism {
                 let again = run(&scenario);
                 if again.trace_hash != report.trace_hash || again.trace_events != report.trace_events {

@@ -1,0 +1,1141 @@
+//! The oracle's self-tests: can each of its rules fail?
+//!
+//! ```text
+//!  fixed scenario ──run()──► true outcome + I/O trace + disks ──check()──► no violation
+//!                                   │
+//!                                   └─ one perturbation (a sector dropped from read_failed, a
+//!                                      write moved before its predecessor completed, a sector
+//!                                      of old data called copied, …) ──check()──► the rule
+//!                                      that must refuse it, by its message
+//! ```
+//!
+//! Running the swarm against a correct engine shows only that the oracle accepts correct runs;
+//! a rule weakened to "always passes" would go unnoticed. Here every rule of the oracle (numbered
+//! as in docs/SIMULATION.md, "The invariants and how they are checked") is fed known-wrong
+//! outcomes and traces, derived from real runs of small hand-made scenarios (read errors, write
+//! errors, IGNORE_ERROR, WRITE_SEQ, a cancel, a crash, a zoned target, several targets), and
+//! must name the wrong one. These tests are also the test command of the oracle's mutation
+//! testing (`tests/mutants.sh --oracle`).
+
+use std::ops::Range;
+
+use kcopyd_core::{Outcome, RangeSet, TARGETS_MAX};
+use kcopyd_sim::{FaultKind, Simulation};
+use kcopyd_tests::io_log::{DiskRef, IoKind, IoRecord, Mark};
+use kcopyd_tests::scenario::{
+    DiskInputs, FaultInputs, Inputs, JobInputs, Report, Scenario, TimingInputs, check, run, source_seed, target_seed,
+};
+use kcopyd_tests::validation::{Broken, Case, RegionInputs};
+
+/// Sectors per sub-job in every scenario here (`sub_job_units` of 1-sector units).
+const CHUNK: u64 = 8;
+
+/// A disk with some latency, so that requests overlap and order is visible in the trace.
+fn disk(faults: FaultInputs) -> DiskInputs {
+    let timing = |cost_us| TimingInputs { cost_us, ..TimingInputs::default() };
+    DiskInputs { read: timing(100), write: timing(150), faults, ..DiskInputs::default() }
+}
+
+/// A copy job of `len_units` sectors from source 0 to `targets`, submitted at time 0.
+fn copy(len_units: u64, targets: &[usize]) -> JobInputs {
+    JobInputs { targets: targets.to_vec(), len_units, ..JobInputs::default() }
+}
+
+/// One source, `targets` fault-free targets, sub-jobs of [`CHUNK`] sectors, 64 pages.
+fn inputs(jobs: Vec<JobInputs>, targets: usize, subjobs_in_flight: usize) -> Inputs {
+    Inputs {
+        seed: 11,
+        page_budget: 64,
+        sub_job_units: CHUNK,
+        subjobs_in_flight,
+        big_units: false,
+        sources: vec![disk(FaultInputs::default())],
+        targets: vec![disk(FaultInputs::default()); targets],
+        jobs,
+        crash_at_us: None,
+        headers_only: false,
+        shutdown_at_us: None,
+        prepared: Vec::new(),
+        throttle: kcopyd_core::Throttle::OFF,
+    }
+}
+
+/// A latent sector error at `sector` of a disk.
+fn latent(sector: u64) -> FaultInputs {
+    FaultInputs { latent: vec![(sector, 1)], ..FaultInputs::default() }
+}
+
+/// A persistent write error on `sectors` of a disk.
+fn bad_writes(sectors: Range<u64>) -> FaultInputs {
+    FaultInputs { write_faults: vec![(sectors.start, sectors.end - sectors.start, 0)], ..FaultInputs::default() }
+}
+
+/// A run the oracle accepts.
+struct Accepted {
+    scenario: Scenario,
+    report: Report,
+}
+
+impl Accepted {
+    /// Runs `inputs` and checks that the oracle accepts the true run.
+    fn run(what: &str, inputs: Inputs) -> Accepted {
+        let scenario = inputs.layout();
+        let report = run(&scenario);
+        let violations = check(&scenario, &report);
+        assert!(violations.is_empty(), "{what}: the oracle refuses a true run: {violations:#?}");
+        Accepted { scenario, report }
+    }
+
+    /// The violations once `change` has been made to a copy of the report (the disks are
+    /// shared, the rest is copied).
+    fn tampered(&self, change: impl FnOnce(&mut Report)) -> Vec<String> {
+        let mut report = clone_report(&self.report);
+        change(&mut report);
+        check(&self.scenario, &report)
+    }
+
+    /// The violations once `change` has been made to a copy of the scenario.
+    fn with_scenario(&self, change: impl FnOnce(&mut Scenario)) -> Vec<String> {
+        let mut scenario = self.scenario.clone();
+        change(&mut scenario);
+        check(&scenario, &self.report)
+    }
+
+    /// Job 0's outcome.
+    fn outcome(&self) -> &Outcome {
+        self.report.jobs[0].outcome.as_ref().expect("an outcome")
+    }
+}
+
+fn clone_report(report: &Report) -> Report {
+    Report {
+        jobs: report.jobs.clone(),
+        trace_hash: report.trace_hash,
+        trace_events: report.trace_events,
+        trace: report.trace.clone(),
+        deadlocked: report.deadlocked,
+        pages_in_use_max: report.pages_in_use_max,
+        virtual_time: report.virtual_time,
+        sources: report.sources.clone(),
+        targets: report.targets.clone(),
+        target_logs_before_retry: report.target_logs_before_retry.clone(),
+        io: report.io.clone(),
+        marks: report.marks.clone(),
+        shutdown_reports: report.shutdown_reports.clone(),
+        prepared: report.prepared.clone(),
+    }
+}
+
+/// Job 0's outcome in `report`, to change.
+fn outcome(report: &mut Report) -> &mut Outcome {
+    report.jobs[0].outcome.as_mut().expect("an outcome")
+}
+
+/// The index of the request of `kind` on `disk` that starts at `sector`.
+fn request(report: &Report, disk: DiskRef, kind: IoKind, sector: u64) -> usize {
+    report
+        .io
+        .iter()
+        .position(|r| r.disk == disk && r.kind == kind && r.sectors.start == sector)
+        .unwrap_or_else(|| panic!("no {kind:?} of {disk:?} at sector {sector} in {:#?}", report.io))
+}
+
+/// The next free position on the trace's sequence.
+fn end_of_trace(report: &Report) -> u64 {
+    let requests = report.io.iter().flat_map(|r| [r.issued, r.done]);
+    requests.chain(report.marks.iter().map(|&(seq, _)| seq)).max().unwrap_or(0) + 1
+}
+
+/// A request appended at the end of the trace, succeeded.
+fn append(report: &mut Report, disk: DiskRef, kind: IoKind, sectors: Range<u64>) {
+    let issued = end_of_trace(report);
+    report.io.push(IoRecord { disk, kind, sectors, phase: 1, issued, done: issued + 1, ok: true });
+}
+
+/// `set` with `sectors` added.
+fn with(set: &RangeSet, sectors: Range<u64>) -> RangeSet {
+    let mut set = set.clone();
+    set.insert(sectors);
+    set
+}
+
+/// `set` without `sectors`.
+fn without(set: &RangeSet, sectors: Range<u64>) -> RangeSet {
+    set.difference(&RangeSet::from_range(sectors))
+}
+
+/// A `RangeSet` holding exactly `ranges`, as given (only serde can make a malformed one).
+fn raw(ranges: &[Range<u64>]) -> RangeSet {
+    let ranges: Vec<String> = ranges.iter().map(|r| format!(r#"{{"start":{},"end":{}}}"#, r.start, r.end)).collect();
+    serde_json::from_str(&format!(r#"{{"ranges":[{}]}}"#, ranges.join(","))).expect("a RangeSet from its ranges")
+}
+
+/// Asserts that some violation contains `message` (the rule's own wording).
+#[track_caller]
+fn fires(rule: &str, case: &str, violations: &[String], message: &str) {
+    assert!(
+        violations.iter().any(|v| v.contains(message)),
+        "rule {rule}, {case}: no violation says {message:?}; the oracle said {violations:#?}"
+    );
+}
+
+/// A clean copy of 48 sectors (6 sub-jobs) to 3 targets, 2 sub-jobs in flight.
+fn clean() -> Accepted {
+    Accepted::run("clean", inputs(vec![copy(48, &[0, 1, 2])], 3, 2))
+}
+
+/// IGNORE_ERROR, 6 sub-jobs to 3 targets: sector 20 of the source unreadable, sectors 40..42
+/// of target 1 unwritable.
+fn ignoring_errors() -> Accepted {
+    let mut inputs = inputs(vec![JobInputs { ignore_error: true, ..copy(48, &[0, 1, 2]) }], 3, 2);
+    inputs.sources[0].faults = latent(20);
+    inputs.targets[1].faults = bad_writes(40..42);
+    let accepted = Accepted::run("IGNORE_ERROR", inputs);
+    let outcome = accepted.outcome();
+    assert_eq!(outcome.read_failed, RangeSet::from_range(20..21), "narrowed down to the bad sector");
+    assert_eq!(outcome.write_err.iter().collect::<Vec<_>>(), vec![1]);
+    assert_eq!(outcome.targets[1].write_failed, RangeSet::from_range(40..48), "the whole sub-job's write");
+    accepted
+}
+
+/// No flags, 1 sub-job in flight: sector 20 (sub-job 2) of the source unreadable, so the job
+/// stops there.
+fn stopping_on_a_read_error() -> Accepted {
+    let mut inputs = inputs(vec![copy(48, &[0, 1])], 2, 1);
+    inputs.sources[0].faults = latent(20);
+    let accepted = Accepted::run("read error", inputs);
+    let outcome = accepted.outcome();
+    assert_eq!(outcome.read_failed, RangeSet::from_range(16..24), "the whole sub-job");
+    assert_eq!(outcome.targets[0].not_copied, RangeSet::from_range(16..48), "stopped");
+    accepted
+}
+
+/// No flags, 1 sub-job in flight: sectors 20..22 of target 1 unwritable, so the job stops after
+/// sub-job 2.
+fn stopping_on_a_write_error() -> Accepted {
+    let mut inputs = inputs(vec![copy(48, &[0, 1])], 2, 1);
+    inputs.targets[1].faults = bad_writes(20..22);
+    let accepted = Accepted::run("write error", inputs);
+    let outcome = accepted.outcome();
+    assert_eq!(outcome.targets[0].not_copied, RangeSet::from_range(24..48), "stopped; target 0 has sub-job 2");
+    assert_eq!(outcome.targets[1].not_copied, RangeSet::from_range(16..48));
+    accepted
+}
+
+/// WRITE_SEQ, 4 sub-jobs in flight, 2 targets, no fault.
+fn sequential() -> Accepted {
+    Accepted::run("WRITE_SEQ", inputs(vec![JobInputs { write_seq: true, ..copy(48, &[0, 1]) }], 2, 4))
+}
+
+/// WRITE_SEQ, 4 sub-jobs in flight: sector 12 (sub-job 1) unreadable; sub-job 0 is written,
+/// the later sub-jobs already read are not.
+fn sequential_with_a_read_error() -> Accepted {
+    let mut inputs = inputs(vec![JobInputs { write_seq: true, ..copy(48, &[0]) }], 1, 4);
+    inputs.sources[0].faults = latent(12);
+    let accepted = Accepted::run("WRITE_SEQ, read error", inputs);
+    assert_eq!(accepted.outcome().targets[0].not_copied, RangeSet::from_range(8..48));
+    accepted
+}
+
+/// 1 sub-job in flight, 16 sub-jobs of 8 sectors, cancelled 1 ms after submission.
+fn cancelled() -> Accepted {
+    let job = JobInputs { cancel_after_us: Some(1000), ..copy(128, &[0]) };
+    let accepted = Accepted::run("cancel", inputs(vec![job], 1, 1));
+    let outcome = accepted.outcome();
+    assert!(outcome.cancelled, "{outcome:?}");
+    assert!(outcome.targets[0].not_copied.len_sectors() >= CHUNK, "cancelled early: {outcome:?}");
+    accepted
+}
+
+/// Every disk crashes 700 µs in, while a copy of 16 sub-jobs runs; then the liveness phase.
+fn crashed() -> Accepted {
+    let mut inputs = inputs(vec![copy(128, &[0, 1])], 2, 2);
+    inputs.crash_at_us = Some(700);
+    let accepted = Accepted::run("crash", inputs);
+    assert!(!accepted.outcome().is_ok(), "the crash came before the end");
+    assert!(accepted.report.jobs[0].retry.is_some());
+    assert!(accepted.report.io.iter().any(|r| r.phase == 2));
+    accepted
+}
+
+/// WRITE_SEQ, 2 sub-jobs in flight, 16 sub-jobs, cancelled 1 ms after submission.
+fn cancelled_in_sequence() -> Accepted {
+    let job = JobInputs { cancel_after_us: Some(1000), write_seq: true, ..copy(128, &[0]) };
+    let accepted = Accepted::run("cancel, WRITE_SEQ", inputs(vec![job], 1, 2));
+    assert!(accepted.outcome().cancelled, "{:?}", accepted.outcome());
+    accepted
+}
+
+/// A zero job of 16 sub-jobs, 1 in flight, cancelled 1 ms after submission.
+fn zero_cancelled() -> Accepted {
+    let job = JobInputs { zero: true, cancel_after_us: Some(1000), ..copy(128, &[0]) };
+    let accepted = Accepted::run("zero job, cancel", inputs(vec![job], 1, 1));
+    assert!(accepted.outcome().cancelled, "{:?}", accepted.outcome());
+    accepted
+}
+
+/// Harder true runs, each of which the oracle must accept: a misdirected write (its sectors
+/// excused), a zero job offloaded to write-zeroes (one request for its whole region), zero and
+/// copy jobs side by side on 4 KiB disks, WRITE_SEQ with write errors on several targets.
+fn hard_but_true() -> Vec<Accepted> {
+    let mut misdirected = inputs(vec![copy(48, &[0, 1])], 2, 2);
+    misdirected.targets[0].faults.misdirects = vec![(1, 3)];
+    let misdirected = Accepted::run("misdirected write", misdirected);
+    let excused = misdirected.report.targets[0].fault_log();
+    assert!(!excused.is_empty(), "a misdirected write happened");
+
+    let mut offloaded = inputs(vec![JobInputs { zero: true, ..copy(48, &[0, 1]) }], 2, 2);
+    offloaded.targets.iter_mut().for_each(|t| t.write_zeroes = true);
+    let offloaded = Accepted::run("write-zeroes offload", offloaded);
+    assert!(offloaded.report.io.iter().any(|r| r.kind == IoKind::WriteZeroes && r.sectors == (0..48)));
+
+    let mut blocks = inputs(vec![copy(5, &[0, 1]), JobInputs { zero: true, ..copy(3, &[1]) }], 2, 3);
+    blocks.big_units = true;
+    blocks.targets[1].block_4k = true;
+    blocks.sub_job_units = 1;
+    let blocks = Accepted::run("4 KiB blocks", blocks);
+
+    let mut seq = inputs(vec![JobInputs { write_seq: true, ignore_error: true, ..copy(48, &[0, 1, 2]) }], 3, 3);
+    seq.targets[1].faults = bad_writes(20..22);
+    seq.targets[2].faults = bad_writes(36..37);
+    let seq = Accepted::run("WRITE_SEQ, write errors", seq);
+    assert_eq!(
+        seq.outcome().targets[0].not_copied,
+        RangeSet::from_range(24..48),
+        "sub-jobs after the first failing one"
+    );
+
+    vec![misdirected, offloaded, blocks, seq]
+}
+
+#[test]
+fn true_runs_of_every_scenario_are_accepted() {
+    // Each builder asserts that the oracle accepts its run, and that the run has the shape the
+    // perturbations below rely on.
+    for build in [
+        clean,
+        ignoring_errors,
+        stopping_on_a_read_error,
+        stopping_on_a_write_error,
+        sequential,
+        sequential_with_a_read_error,
+        cancelled,
+        cancelled_in_sequence,
+        zero_cancelled,
+        crashed,
+    ] {
+        build();
+    }
+    assert_eq!(hard_but_true().len(), 4);
+}
+
+#[test]
+fn rule_1_every_job_completes_exactly_once_without_a_panic() {
+    let run = clean();
+    let violations = run.tampered(|r| r.jobs[0].callbacks = 2);
+    fires("1", "a second completion", &violations, "job 0: 2 completions, expected exactly 1");
+    let violations = run.tampered(|r| r.jobs[0].callbacks = 0);
+    fires("1", "no completion", &violations, "job 0: 0 completions, expected exactly 1");
+    let violations = run.tampered(|r| r.jobs[0].outcome = None);
+    fires("1", "no outcome", &violations, "job 0: no outcome");
+    let violations = run.tampered(|r| outcome(r).panicked = Some("boom".to_owned()));
+    fires("1", "a panic", &violations, "job 0: the engine panicked: boom");
+    let violations = run.tampered(|r| {
+        outcome(r).targets.pop();
+    });
+    fires("1", "a target report missing", &violations, "job 0: 2 target reports for 3 targets");
+    let crash = crashed();
+    let violations = crash.tampered(|r| {
+        let retry = r.jobs[0].retry.as_mut().expect("resubmitted");
+        retry.write_err.set(1);
+    });
+    fires("1", "the resubmission failed", &violations, "job 0: resubmitted with faults off, still failed");
+}
+
+#[test]
+fn rule_2_targets_hold_what_the_outcome_says_and_nothing_else_changed() {
+    // A sector called copied holding its old data.
+    let run = clean();
+    let target = &run.report.targets[0];
+    target.fill_pattern_range(3..4, target_seed(0), 0);
+    let violations = check(&run.scenario, &run.report);
+    fires("2", "old data called copied", &violations, "job 0 target 0 (target0) sector 3: holds Old");
+
+    // A sector not copied holding neither old nor new data.
+    let run = stopping_on_a_read_error();
+    let target = &run.report.targets[1];
+    target.fill_pattern_range(30..31, target_seed(1), 1);
+    let violations = check(&run.scenario, &run.report);
+    fires("2", "other data, not copied", &violations, "job 0 target 1 (target1) sector 30: holds Other");
+    // And one called copied.
+    target.fill_pattern_range(2..3, source_seed(0), 1);
+    let violations = check(&run.scenario, &run.report);
+    fires("2", "another sector's data, copied", &violations, "job 0 target 1 (target1) sector 2: holds Other");
+
+    // A sector outside every job changed.
+    let run = clean();
+    let target = &run.report.targets[2];
+    let last = target.options().len_sectors - 1;
+    target.fill_pattern_range(last..last + 1, source_seed(0), 0);
+    let violations = check(&run.scenario, &run.report);
+    fires("2", "outside every job", &violations, &format!("target2 sector {last} outside every job changed"));
+
+    // A source changed.
+    let run = clean();
+    run.report.sources[0].fill_pattern_range(5..6, target_seed(0), 0);
+    let violations = check(&run.scenario, &run.report);
+    fires("2", "a source written", &violations, "source0 changed");
+
+    // After a crash, the final outcome (the resubmission's) is what the contents must match.
+    let run = crashed();
+    run.report.targets[1].fill_pattern_range(100..101, target_seed(1), 0);
+    let violations = check(&run.scenario, &run.report);
+    fires("2", "old data after the resubmission", &violations, "job 0 target 1 (target1) sector 100: holds Old");
+}
+
+#[test]
+fn rule_2_spares_only_the_sectors_a_logged_fault_may_have_left_anything_in() {
+    // A sector a torn, lost or misdirected write touched may hold anything; the sector next to
+    // it, if no fault touched it, may not.
+    let run = crashed();
+    let misdirected = hard_but_true().swap_remove(0);
+    for (what, run) in [("crash", &run), ("misdirected write", &misdirected)] {
+        for (t, disk) in run.report.targets.iter().enumerate() {
+            for fault in disk.fault_log() {
+                let (kind, spared) = match &fault.kind {
+                    FaultKind::Torn { .. } => ("torn", vec![fault.sectors.clone()]),
+                    FaultKind::Lost => ("lost", vec![fault.sectors.clone()]),
+                    FaultKind::Misdirected { landed } => ("misdirected", vec![fault.sectors.clone(), landed.clone()]),
+                    _ => continue,
+                };
+                for sectors in spared {
+                    let sector = sectors.start;
+                    disk.fill_pattern_range(sector..sector + 1, target_seed(t), 9);
+                    let named =
+                        [format!("(target{t}) sector {sector}: "), format!("target{t} sector {sector} outside")];
+                    let violations = check(&run.scenario, &run.report);
+                    assert!(
+                        !violations.iter().any(|v| named.iter().any(|n| v.contains(n))),
+                        "rule 2, {what}: sector {sector} of a {kind} write is excused: {violations:#?}"
+                    );
+                    disk.fill_pattern_range(sector..sector + 1, target_seed(t), 0);
+                }
+            }
+        }
+    }
+    let kinds: Vec<String> = run.report.targets[0].fault_log().iter().map(|f| format!("{:?}", f.kind)).collect();
+    assert!(kinds.iter().any(|k| k.starts_with("Torn")) && kinds.iter().any(|k| k == "Lost"), "{kinds:?}");
+}
+
+#[test]
+fn rule_3_every_range_set_is_sorted_disjoint_and_non_adjacent() {
+    let run = ignoring_errors();
+    let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        (
+            "touching ranges in read_failed",
+            run.tampered(|r| outcome(r).read_failed = raw(&[19..20, 20..21])),
+            "job 0: read_failed: malformed",
+        ),
+        (
+            "overlapping ranges in not_copied",
+            run.tampered(|r| outcome(r).targets[1].not_copied = raw(&[20..21, 40..46, 44..48])),
+            "job 0 target 1 (target1): not_copied: malformed",
+        ),
+        (
+            "unsorted ranges in write_failed",
+            run.tampered(|r| outcome(r).targets[1].write_failed = raw(&[44..48, 40..44])),
+            "job 0 target 1 (target1): write_failed: malformed",
+        ),
+        (
+            "an empty range in not_copied",
+            run.tampered(|r| outcome(r).targets[0].not_copied = raw(&[20..21, 30..30])),
+            "job 0 target 0 (target0): not_copied: malformed",
+        ),
+        (
+            "sectors outside the region",
+            run.tampered(|r| outcome(r).targets[2].not_copied = raw(&[20..21, 48..49])),
+            "job 0 target 2 (target2): not_copied: {48..49} lie outside the region 0..48",
+        ),
+    ];
+    for (case, violations, message) in cases {
+        fires("3", case, &violations, message);
+    }
+}
+
+#[test]
+fn rule_4_read_err_and_read_failed_are_exactly_the_failed_reads() {
+    let run = ignoring_errors();
+    let violations = run.tampered(|r| outcome(r).read_err = false);
+    fires("4", "read_err cleared", &violations, "job 0: read_err false but 4 reads failed");
+    let violations = run.tampered(|r| outcome(r).read_failed = RangeSet::new());
+    fires(
+        "4",
+        "read_failed emptied",
+        &violations,
+        "job 0: read_failed {}, but the failed single-block reads are [20..21]",
+    );
+    let violations =
+        run.tampered(|r| outcome(r).read_failed = with(&r.jobs[0].outcome.as_ref().unwrap().read_failed, 21..22));
+    fires("4", "a sector added to read_failed", &violations, "but the failed single-block reads are [20..21]");
+    let violations = run.tampered(|r| outcome(r).read_failed = RangeSet::from_range(16..24));
+    fires("4", "the whole sub-job under IGNORE_ERROR", &violations, "but the failed single-block reads are [20..21]");
+
+    let run = clean();
+    let violations = run.tampered(|r| outcome(r).read_err = true);
+    fires("4", "read_err set", &violations, "job 0: read_err true but 0 reads failed");
+
+    // Without IGNORE_ERROR: the whole failed read.
+    let run = stopping_on_a_read_error();
+    let violations = run.tampered(|r| outcome(r).read_failed = RangeSet::from_range(20..21));
+    fires("4", "one block instead of the failed read", &violations, "but the failed reads are [16..24]");
+    let violations = run.tampered(|r| outcome(r).read_failed = RangeSet::from_range(16..25));
+    fires("4", "more than the failed read", &violations, "but the failed reads are [16..24]");
+
+    // Messages give device coordinates: a region that starts at sector 4.
+    let mut shifted = inputs(vec![JobInputs { gap_units: 4, ignore_error: true, ..copy(16, &[0]) }], 1, 2);
+    shifted.sources[0].faults = latent(9);
+    let run = Accepted::run("a region at sector 4", shifted);
+    let violations = run.tampered(|r| outcome(r).read_failed = RangeSet::new());
+    fires("4", "at sector 4", &violations, "job 0: read_failed {}, but the failed single-block reads are [9..10]");
+
+    // After a crash, up to the crash: the requests the crash failed are read errors too.
+    let run = crashed();
+    let violations = run.tampered(|r| {
+        let o = outcome(r);
+        o.read_err = !o.read_err;
+    });
+    fires("4", "read_err flipped in a crash", &violations, "job 0: read_err");
+}
+
+#[test]
+fn rule_5_write_err_and_write_failed_are_exactly_the_failed_writes() {
+    let run = ignoring_errors();
+    let violations = run.tampered(|r| outcome(r).write_err = std::iter::empty::<usize>().collect());
+    fires("5", "write_err bit cleared", &violations, "job 0 target 1 (target1): write_err false but 1 writes failed");
+    let violations = run.tampered(|r| outcome(r).write_err.set(0));
+    fires("5", "write_err bit set", &violations, "job 0 target 0 (target0): write_err true but 0 writes failed");
+    let violations = run.tampered(|r| outcome(r).targets[1].write_failed = RangeSet::from_range(40..44));
+    fires(
+        "5",
+        "a sector dropped from write_failed",
+        &violations,
+        "job 0 target 1 (target1): write_failed {40..44}, the failed writes are [40..48]",
+    );
+    let violations = run.tampered(|r| outcome(r).targets[0].write_failed = RangeSet::from_range(0..1));
+    fires(
+        "5",
+        "a sector added to write_failed",
+        &violations,
+        "job 0 target 0 (target0): write_failed {0..1}, the failed writes are []",
+    );
+}
+
+#[test]
+fn rule_6_not_copied_is_what_the_successful_writes_leave() {
+    let run = ignoring_errors();
+    let not_copied = |r: &Report, i: usize| r.jobs[0].outcome.as_ref().unwrap().targets[i].not_copied.clone();
+    let violations = run.tampered(|r| outcome(r).targets[1].not_copied = without(&not_copied(r, 1), 41..42));
+    fires(
+        "6",
+        "a sector dropped",
+        &violations,
+        "job 0 target 1 (target1): not_copied {20..21, 40..41, 42..48}, but the writes that did not succeed leave [20..21, 40..48]",
+    );
+    let violations = run.tampered(|r| outcome(r).targets[2].not_copied = with(&not_copied(r, 2), 0..1));
+    fires(
+        "6",
+        "a sector added",
+        &violations,
+        "job 0 target 2 (target2): not_copied {0..1, 20..21}, but the writes that did not succeed leave [20..21]",
+    );
+    // A write that the trace says failed, though the disk took it: still not copied.
+    let run = clean();
+    let violations = run.tampered(|r| {
+        let i = request(r, DiskRef::Target(1), IoKind::Write, 8);
+        r.io[i].ok = false;
+    });
+    fires(
+        "6",
+        "a failed write",
+        &violations,
+        "job 0 target 1 (target1): not_copied {}, but the writes that did not succeed leave [8..16]",
+    );
+}
+
+#[test]
+fn rule_7_sectors_are_not_copied_only_for_a_reason() {
+    // No error, no cancel, yet a sub-job not written (the trace agrees, so rule 6 holds).
+    let run = clean();
+    let violations = run.tampered(|r| {
+        let i = request(r, DiskRef::Target(0), IoKind::Write, 8);
+        r.io.remove(i);
+        outcome(r).targets[0].not_copied = RangeSet::from_range(8..16);
+    });
+    fires("7", "a sub-job left out", &violations, "job 0: no request failed and no cancel came, yet the outcome is");
+    fires(
+        "7",
+        "a sub-job left out",
+        &violations,
+        "job 0 target 0 (target0): not_copied {8..16}, expected [] (sub-jobs never taken, unreadable, failed on this target)",
+    );
+
+    // A sub-job never started, with no cancel.
+    let violations = run.tampered(|r| {
+        r.io.retain(|record| !(32..40).contains(&record.sectors.start));
+        for target in &mut outcome(r).targets {
+            target.not_copied = RangeSet::from_range(32..40);
+        }
+    });
+    fires(
+        "7",
+        "a sub-job never started",
+        &violations,
+        "job 0: sectors [32..40] of the source never read, with no cancel",
+    );
+
+    // IGNORE_ERROR: not copied beyond the failures and their sub-jobs.
+    let run = ignoring_errors();
+    let violations = run.tampered(|r| {
+        let i = request(r, DiskRef::Target(0), IoKind::Write, 0);
+        r.io.remove(i);
+        let report = &mut outcome(r).targets[0];
+        report.not_copied = with(&report.not_copied, 0..8);
+    });
+    fires(
+        "7",
+        "IGNORE_ERROR, an extra sub-job",
+        &violations,
+        "job 0 target 0 (target0) (IGNORE_ERROR): not_copied {0..8, 20..21} must hold",
+    );
+    // IGNORE_ERROR: an unreadable sector called copied.
+    let violations = run.tampered(|r| {
+        append(r, DiskRef::Target(0), IoKind::Write, 20..21);
+        let report = &mut outcome(r).targets[0];
+        report.not_copied = RangeSet::new();
+    });
+    fires(
+        "7",
+        "IGNORE_ERROR, read_failed copied",
+        &violations,
+        "job 0 target 0 (target0) (IGNORE_ERROR): not_copied {} must hold",
+    );
+    // IGNORE_ERROR: a failed write to one target kept out of another's writes.
+    let violations = run.tampered(|r| {
+        let i = request(r, DiskRef::Target(2), IoKind::Write, 40);
+        r.io.remove(i);
+        let report = &mut outcome(r).targets[2];
+        report.not_copied = with(&report.not_copied, 40..48);
+    });
+    fires("7", "IGNORE_ERROR, another target's failure", &violations, "job 0 target 2 (target2) (IGNORE_ERROR)");
+
+    // Without IGNORE_ERROR: a sub-job never started after the stop called copied.
+    let run = stopping_on_a_read_error();
+    let violations = run.tampered(|r| {
+        let report = &mut outcome(r).targets[0];
+        report.not_copied = without(&report.not_copied, 32..40);
+    });
+    fires(
+        "7",
+        "a sub-job after the stop",
+        &violations,
+        "job 0 target 0 (target0): not_copied {16..32, 40..48}, expected [16..48]",
+    );
+    // An unreadable sub-job called copied, though a write of it landed.
+    let violations = run.tampered(|r| {
+        append(r, DiskRef::Target(1), IoKind::Write, 16..24);
+        let report = &mut outcome(r).targets[1];
+        report.not_copied = without(&report.not_copied, 16..24);
+    });
+    fires(
+        "7",
+        "an unreadable sub-job",
+        &violations,
+        "job 0 target 1 (target1): not_copied {24..48}, expected [16..48]",
+    );
+    // A write error on target 1 keeps the sub-job from target 0 (and only from target 1).
+    let run = stopping_on_a_write_error();
+    let violations = run.tampered(|r| {
+        let i = request(r, DiskRef::Target(0), IoKind::Write, 16);
+        r.io.remove(i);
+        let report = &mut outcome(r).targets[0];
+        report.not_copied = with(&report.not_copied, 16..24);
+    });
+    fires(
+        "7",
+        "another target's failed write",
+        &violations,
+        "job 0 target 0 (target0): not_copied {16..48}, expected [24..48]",
+    );
+
+    // WRITE_SEQ: a sub-job after the first failing one written.
+    let run = sequential_with_a_read_error();
+    let violations = run.tampered(|r| {
+        append(r, DiskRef::Target(0), IoKind::Write, 16..24);
+        let report = &mut outcome(r).targets[0];
+        report.not_copied = without(&report.not_copied, 16..24);
+    });
+    fires("7", "WRITE_SEQ, past the failure", &violations, "or after the first failure under WRITE_SEQ");
+}
+
+#[test]
+fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error() {
+    let run = stopping_on_a_read_error();
+    let violations = run.tampered(|r| append(r, DiskRef::Source(0), IoKind::Read, 32..40));
+    fires(
+        "8",
+        "a read after a failed read",
+        &violations,
+        "job 0: sub-job 4 started after an error had stopped the job",
+    );
+    let run = stopping_on_a_write_error();
+    let violations = run.tampered(|r| append(r, DiskRef::Source(0), IoKind::Read, 40..48));
+    fires(
+        "8",
+        "a read after a failed write",
+        &violations,
+        "job 0: sub-job 5 started after an error had stopped the job",
+    );
+    // The error is known once the failing sub-job's writes have all completed: a read started
+    // before that is fine, one started after is not.
+    let violations = run.tampered(|r| {
+        let failed = request(r, DiskRef::Target(1), IoKind::Write, 16);
+        let other = request(r, DiskRef::Target(0), IoKind::Write, 16);
+        let known = r.io[failed].done.max(r.io[other].done);
+        r.io.push(IoRecord {
+            disk: DiskRef::Source(0),
+            kind: IoKind::Read,
+            sectors: 24..32,
+            phase: 1,
+            issued: known + 1,
+            done: end_of_trace(r),
+            ok: true,
+        });
+    });
+    fires(
+        "8",
+        "a read just after the error is known",
+        &violations,
+        "job 0: sub-job 3 started after an error had stopped the job",
+    );
+    // ... but not before: the failed write alone does not stop the job while another write of
+    // its sub-job is still in flight.
+    let violations = run.tampered(|r| {
+        let failed = request(r, DiskRef::Target(1), IoKind::Write, 16);
+        let other = request(r, DiskRef::Target(0), IoKind::Write, 16);
+        let end = end_of_trace(r);
+        r.io[other].done = end + 10;
+        let issued = r.io[failed].done + 1;
+        r.io.push(IoRecord {
+            disk: DiskRef::Source(0),
+            kind: IoKind::Read,
+            sectors: 24..32,
+            phase: 1,
+            issued,
+            done: end + 11,
+            ok: true,
+        });
+    });
+    assert!(
+        !violations.iter().any(|v| v.contains("after an error had stopped")),
+        "rule 8: a read issued while the failing sub-job's other write was in flight is no violation: {violations:#?}"
+    );
+    // The first error known stops the job, not the last.
+    let run = stopping_on_a_read_error();
+    let violations = run.tampered(|r| {
+        let failed = request(r, DiskRef::Source(0), IoKind::Read, 16);
+        let issued = r.io[failed].done + 1;
+        let end = end_of_trace(r);
+        r.io.push(IoRecord {
+            disk: DiskRef::Source(0),
+            kind: IoKind::Read,
+            sectors: 32..40,
+            phase: 1,
+            issued,
+            done: end + 2,
+            ok: true,
+        });
+        r.io.push(IoRecord {
+            disk: DiskRef::Source(0),
+            kind: IoKind::Read,
+            sectors: 40..48,
+            phase: 1,
+            issued: end,
+            done: end + 1,
+            ok: false,
+        });
+    });
+    fires("8", "a read between two errors", &violations, "job 0: sub-job 4 started after an error had stopped the job");
+    // With IGNORE_ERROR, nothing stops.
+    let run = ignoring_errors();
+    let violations = run.tampered(|r| {
+        let failed = request(r, DiskRef::Source(0), IoKind::Read, 16);
+        let issued = r.io[failed].done + 1;
+        let read = request(r, DiskRef::Source(0), IoKind::Read, 40);
+        r.io[read].issued = r.io[read].issued.max(issued);
+    });
+    assert!(
+        !violations.iter().any(|v| v.contains("after an error had stopped")),
+        "rule 8 does not apply under IGNORE_ERROR: {violations:#?}"
+    );
+}
+
+#[test]
+fn rule_9_no_sub_job_starts_after_a_cancel_and_cancelled_is_exact() {
+    let run = cancelled();
+    let first_untaken = run.outcome().targets[0].not_copied.ranges()[0].start;
+    let violations =
+        run.tampered(|r| append(r, DiskRef::Source(0), IoKind::Read, first_untaken..first_untaken + CHUNK));
+    fires(
+        "9",
+        "a read after the cancel",
+        &violations,
+        &format!("sub-job {} started after the job was cancelled", first_untaken / CHUNK),
+    );
+    let violations = run.tampered(|r| outcome(r).cancelled = false);
+    fires(
+        "9",
+        "cancelled cleared",
+        &violations,
+        "job 0: cancelled false but the cancel came before its last sub-job was taken",
+    );
+    // The cancel moved after the last sub-job was taken (and before completion).
+    let violations = run.tampered(|r| {
+        let last = r.io.iter().map(|record| record.issued).max().unwrap();
+        for (seq, mark) in &mut r.marks {
+            if *mark == Mark::Cancel(0) {
+                *seq = last + 1;
+            }
+        }
+        // Every sub-job taken: append the untaken ones before the cancel.
+        let taken_end = first_untaken;
+        let mut sector = taken_end;
+        while sector < 128 {
+            r.io.push(IoRecord {
+                disk: DiskRef::Source(0),
+                kind: IoKind::Read,
+                sectors: sector..sector + CHUNK,
+                phase: 1,
+                issued: last,
+                done: last + 2,
+                ok: true,
+            });
+            sector += CHUNK;
+        }
+    });
+    fires(
+        "9",
+        "a cancel after the last sub-job",
+        &violations,
+        "job 0: cancelled true but the cancel came after its last sub-job was taken",
+    );
+
+    // The last sub-job taken after the cancel: `cancelled` must be set.
+    let violations = run.tampered(|r| {
+        let mut sector = first_untaken;
+        while sector < 128 {
+            append(r, DiskRef::Source(0), IoKind::Read, sector..sector + CHUNK);
+            sector += CHUNK;
+        }
+        outcome(r).cancelled = false;
+    });
+    fires(
+        "9",
+        "the last sub-job taken after the cancel",
+        &violations,
+        "job 0: cancelled false but the cancel came before its last sub-job was taken",
+    );
+
+    // A job that stopped on an error and had issued its last request before the cancel came
+    // (but completed after it) may say either.
+    let run = stopping_on_a_read_error();
+    for cancelled in [false, true] {
+        let violations = run.tampered(|r| {
+            let completed = r.marks.iter().find(|(_, m)| *m == Mark::Completed(0)).expect("completed").0;
+            r.marks.push((completed - 1, Mark::Cancel(0)));
+            outcome(r).cancelled = cancelled;
+        });
+        assert!(
+            !violations.iter().any(|v| v.contains("cancel")),
+            "rule 9: a cancel after the last request of a stopped job, cancelled {cancelled}: {violations:#?}"
+        );
+    }
+
+    // A zero job under WRITE_SEQ, cancelled after its last sub-job was taken: not cancelled.
+    let run = Accepted::run(
+        "zero, WRITE_SEQ",
+        inputs(vec![JobInputs { zero: true, write_seq: true, ..copy(48, &[0]) }], 1, 2),
+    );
+    let violations = run.tampered(|r| {
+        let last = r.io.iter().map(|record| record.issued).max().unwrap();
+        r.marks.push((last + 1, Mark::Cancel(0)));
+        outcome(r).cancelled = true;
+    });
+    fires(
+        "9",
+        "zero WRITE_SEQ, cancelled after the last sub-job",
+        &violations,
+        "job 0: cancelled true but the cancel came after its last sub-job was taken",
+    );
+
+    let run = clean();
+    let violations = run.tampered(|r| outcome(r).cancelled = true);
+    fires("9", "cancelled set, no cancel", &violations, "job 0: cancelled true but the cancel came never");
+    // A cancel mark after the completion does not count.
+    let violations = run.tampered(|r| {
+        let end = end_of_trace(r);
+        r.marks.push((end, Mark::Cancel(0)));
+        outcome(r).cancelled = true;
+    });
+    fires("9", "a cancel after completion", &violations, "job 0: cancelled true but the cancel came never");
+
+    // The same of a WRITE_SEQ copy job and of a zero job.
+    for (what, run) in [("WRITE_SEQ", cancelled_in_sequence()), ("zero job", zero_cancelled())] {
+        let first_untaken = run.outcome().targets[0].not_copied.ranges().last().unwrap().start.next_multiple_of(CHUNK);
+        let (disk, kind) =
+            if what == "zero job" { (DiskRef::Target(0), IoKind::Write) } else { (DiskRef::Source(0), IoKind::Read) };
+        let violations = run.tampered(|r| append(r, disk, kind, first_untaken..first_untaken + CHUNK));
+        fires(
+            "9",
+            what,
+            &violations,
+            &format!("sub-job {} started after the job was cancelled", first_untaken / CHUNK),
+        );
+        let violations = run.tampered(|r| outcome(r).cancelled = false);
+        fires("9", what, &violations, "job 0: cancelled false but the cancel came before its last sub-job was taken");
+    }
+
+    let run = Accepted::run("zero-length", inputs(vec![copy(0, &[0]), copy(16, &[0])], 1, 1));
+    let violations = run.tampered(|r| outcome(r).cancelled = true);
+    fires("9", "a zero-length job cancelled", &violations, "job 0: a zero-length job reported cancelled");
+}
+
+#[test]
+fn rule_10_write_seq_writes_one_after_another_upwards() {
+    let run = sequential();
+    let violations = run.tampered(|r| {
+        let first = request(r, DiskRef::Target(1), IoKind::Write, 0);
+        let second = request(r, DiskRef::Target(1), IoKind::Write, 8);
+        r.io[second].issued = r.io[first].done - 1;
+    });
+    fires(
+        "10",
+        "overlapping in time",
+        &violations,
+        "job 0 target 1 (target1) (WRITE_SEQ): write 8..16 issued before write 0..8 completed",
+    );
+    let violations = run.tampered(|r| {
+        let first = request(r, DiskRef::Target(0), IoKind::Write, 8);
+        let second = request(r, DiskRef::Target(0), IoKind::Write, 16);
+        r.io[first].sectors = 16..24;
+        r.io[second].sectors = 8..16;
+    });
+    fires(
+        "10",
+        "downwards",
+        &violations,
+        "job 0 target 0 (target0) (WRITE_SEQ): write 8..16 issued before write 16..24 completed or below it",
+    );
+
+    // A zoned target logs a refused write, which the oracle reports.
+    let mut zoned = inputs(vec![copy(64, &[0])], 1, 2);
+    zoned.targets[0].zoned = true;
+    let run = Accepted::run("zoned", zoned);
+    let target = run.report.targets[0].clone();
+    let refused = Simulation::block_on(async move {
+        use kcopyd_core::BlockDevice as _;
+        target.write(70, kcopyd_core::WriteBuf::zeroes(512)).await
+    });
+    assert!(refused.is_err(), "a write above the write pointer");
+    let violations = check(&run.scenario, &run.report);
+    fires("10", "refused by the zone", &violations, "target0: write 70..71 refused by the zone");
+}
+
+#[test]
+fn rule_11_sub_jobs_in_flight_and_pages_stay_within_their_limits() {
+    let run = stopping_on_a_write_error(); // one sub-job in flight
+    let violations = run.tampered(|r| {
+        let first = request(r, DiskRef::Source(0), IoKind::Read, 0);
+        let second = request(r, DiskRef::Source(0), IoKind::Read, 8);
+        r.io[second].issued = r.io[first].issued;
+    });
+    fires("11", "two sub-jobs in flight", &violations, "job 0 (phase 1): 2 sub-jobs in flight at trace position");
+
+    // Two sub-jobs of one page each in flight, over a budget of one page (the same chunking:
+    // budget 1 page = 8 sectors).
+    let mut two_pages = inputs(vec![copy(48, &[0])], 1, 2);
+    two_pages.page_budget = 2;
+    let run = Accepted::run("two pages", two_pages);
+    let violations = run.tampered(|r| {
+        let first = request(r, DiskRef::Source(0), IoKind::Read, 0);
+        let second = request(r, DiskRef::Source(0), IoKind::Read, 8);
+        let third = request(r, DiskRef::Source(0), IoKind::Read, 16);
+        r.io[second].issued = r.io[first].issued;
+        r.io[third].issued = r.io[first].issued;
+    });
+    fires("11", "three sub-jobs in flight", &violations, "over subjobs_in_flight 2");
+    let violations = run.with_scenario(|s| s.config.page_budget = 1);
+    fires(
+        "11",
+        "two pages over a budget of one",
+        &violations,
+        "phase 1: copy sub-jobs in flight hold at least 2 pages",
+    );
+    let violations = run.tampered(|r| r.pages_in_use_max = 3);
+    fires(
+        "11",
+        "the pool's own high-water mark",
+        &violations,
+        "the pool reports 3 pages in use at once over a budget of 2",
+    );
+
+    // Pages are counted per sub-job from its sectors: two sub-jobs of 32 sectors (4 pages each)
+    // hold 8 pages, over a budget of 7 (which still allows sub-jobs of 32 sectors).
+    let mut big_sub_jobs = inputs(vec![copy(128, &[0])], 1, 2);
+    big_sub_jobs.sub_job_units = 32;
+    big_sub_jobs.page_budget = 8;
+    let run = Accepted::run("sub-jobs of 4 pages", big_sub_jobs);
+    let violations = run.with_scenario(|s| s.config.page_budget = 7);
+    fires("11", "8 pages over a budget of 7", &violations, "phase 1: copy sub-jobs in flight hold at least 8 pages");
+    // A zero job holds no pages.
+    let mut zero = inputs(vec![JobInputs { zero: true, ..copy(48, &[0]) }], 1, 2);
+    zero.page_budget = 1;
+    Accepted::run("a zero job with one page", zero);
+
+    // Phase 2 (after a crash) is measured too.
+    let run = crashed();
+    let violations = run.tampered(|r| {
+        let retried: Vec<usize> =
+            (0..r.io.len()).filter(|&i| r.io[i].phase == 2 && r.io[i].kind == IoKind::Read).collect();
+        let (first, rest) = retried.split_first().expect("reads in phase 2");
+        let issued = r.io[*first].issued;
+        for &i in rest {
+            r.io[i].issued = issued;
+        }
+    });
+    fires("11", "phase 2", &violations, "(phase 2):");
+}
+
+#[test]
+fn rule_12_every_request_is_whole_blocks_of_one_sub_job_of_one_region() {
+    let run = clean();
+    let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        (
+            "outside every region",
+            run.tampered(|r| append(r, DiskRef::Target(0), IoKind::Write, 48..50)),
+            "Target(0) Write 48..50 (phase 1): outside every job's region",
+        ),
+        (
+            "an empty request",
+            run.tampered(|r| append(r, DiskRef::Source(0), IoKind::Read, 3..3)),
+            "Source(0) Read 3..3: not whole logical blocks",
+        ),
+        (
+            "across two sub-jobs",
+            run.tampered(|r| append(r, DiskRef::Source(0), IoKind::Read, 4..12)),
+            "job 0: Source(0) Read 4..12 spans sub-jobs of 8 sectors",
+        ),
+        (
+            "a read of a target",
+            run.tampered(|r| {
+                let i = request(r, DiskRef::Target(2), IoKind::Write, 0);
+                r.io[i].kind = IoKind::Read;
+            }),
+            "job 0: Target(2) Read 0..8 on its Target(2)",
+        ),
+        (
+            "a write to the source",
+            run.tampered(|r| append(r, DiskRef::Source(0), IoKind::Write, 0..8)),
+            "job 0: Source(0) Write 0..8 on its Source",
+        ),
+        (
+            "a write of the whole region",
+            run.tampered(|r| append(r, DiskRef::Target(0), IoKind::Write, 0..48)),
+            "job 0: Target(0) Write 0..48 spans sub-jobs of 8 sectors",
+        ),
+    ];
+    for (case, violations, message) in cases {
+        fires("12", case, &violations, message);
+    }
+
+    // Misaligned on a 4 KiB disk.
+    let mut big = inputs(vec![copy(6, &[0])], 1, 2);
+    big.big_units = true;
+    big.sources[0].block_4k = true;
+    let run = Accepted::run("4 KiB source", big);
+    let violations = run.tampered(|r| append(r, DiskRef::Source(0), IoKind::Read, 8..12));
+    fires("12", "half a block", &violations, "Source(0) Read 8..12: not whole logical blocks");
+    let violations = run.tampered(|r| append(r, DiskRef::Source(0), IoKind::Read, 4..8));
+    fires("12", "half a block, aligned end", &violations, "Source(0) Read 4..8: not whole logical blocks");
+
+    // Phase 2 too.
+    let run = crashed();
+    let violations = run.tampered(|r| {
+        let i = r.io.iter().position(|record| record.phase == 2).expect("phase 2");
+        r.io[i].sectors = 1000..1008;
+    });
+    fires("12", "phase 2, outside every region", &violations, "1000..1008 (phase 2): outside every job's region");
+}
+
+#[test]
+fn rule_13_a_run_that_does_not_finish_is_a_deadlock() {
+    let run = clean();
+    let violations = run.tampered(|r| r.deadlocked = true);
+    fires("13", "deadlocked", &violations, "deadlock: jobs still running after");
+}
+
+/// A region of a validation case.
+fn region(device: usize, start_sector: u64, len_sectors: u64) -> RegionInputs {
+    RegionInputs { device, start_sector, len_sectors }
+}
+
+#[test]
+fn validation_reports_an_engine_that_disagrees_with_the_reference() {
+    // Devices: 64 sectors of 512-byte blocks, 64 sectors of 4 KiB blocks.
+    let case = |source: Option<RegionInputs>, targets: Vec<RegionInputs>| Case {
+        devices: vec![(64, 512), (64, 4096)],
+        source,
+        targets,
+        page_budget: 8,
+    };
+    // One case per rule: the engine's refusal must be named as that rule, with its indices,
+    // device and sectors; checked against an empty list, it is a disagreement naming the rule.
+    let cases: Vec<(Case, Broken)> = vec![
+        (case(Some(region(0, 0, 8)), vec![]), Broken::NoTargets),
+        (case(None, (0..=TARGETS_MAX as u64).map(|i| region(0, i % 8, 0)).collect()), Broken::TooManyTargets),
+        (case(Some(region(0, 0, 8)), vec![region(0, 16, 8), region(0, 32, 4)]), Broken::CountMismatch(1)),
+        (case(Some(region(0, 60, 8)), vec![region(0, 0, 8)]), Broken::OutOfRange(0, 60..68)),
+        (case(Some(region(0, 0, 8)), vec![region(1, 4, 8)]), Broken::Misaligned(1, 4..12)),
+        (case(Some(region(0, 8, 8)), vec![region(0, 12, 8)]), Broken::TargetOverlapsSource(0)),
+        (
+            case(None, vec![region(1, 8, 8), region(0, 0, 8), region(1, 0, 8), region(1, 0, 8)]),
+            Broken::TargetsOverlap(2, 3),
+        ),
+    ];
+    for (case, rule) in cases {
+        let reference = case.reference();
+        assert!(reference.contains(&rule), "{rule:?} not in the reference's {reference:?} for {case:?}");
+        let agreed = case.check_against(std::slice::from_ref(&rule));
+        assert!(agreed.is_empty(), "{rule:?}: the engine names it, yet {agreed:?}");
+        let problems = case.check_against(&[]);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("refused with") && p.contains(&format!("({rule:?}), expected one of []"))),
+            "validation, {rule:?}: a refusal the reference does not expect is reported: {problems:?}"
+        );
+    }
+    // Exactly TARGETS_MAX targets are allowed.
+    let most = case(None, (0..TARGETS_MAX as u64).map(|i| region(0, i % 8, 0)).collect());
+    assert_eq!(most.reference(), vec![], "{TARGETS_MAX} zero-length targets");
+    assert_eq!(most.check(), Vec::<String>::new());
+
+    // A valid case that the reference (wrongly, here) says must be refused.
+    let valid = case(Some(region(0, 0, 8)), vec![region(0, 8, 8), region(1, 0, 8)]);
+    assert!(valid.reference().is_empty());
+    assert!(valid.check().is_empty());
+    let problems = valid.check_against(&[Broken::TargetsOverlap(0, 1)]);
+    assert!(
+        problems.iter().any(|p| p.starts_with("accepted, but it breaks [TargetsOverlap(0, 1)]")),
+        "validation: an acceptance the reference does not expect is reported: {problems:?}"
+    );
+}
