@@ -12,8 +12,8 @@ const VALIDATION_CASES: u64 = 8;
 /// Sparse copies per seed (`kcopyd_tests::sparse_case`), as in the binary.
 const SPARSE_CASES: u64 = 1;
 
-/// Seeds that once failed, run every time: 102204, 102667 and 103739, a sub-job admitted by the throttle at the
-/// moment its job was cancelled, issued all the same.
+/// Seeds that once failed, run every time: 102204, 102667 and 103739, a sub-job admitted by
+/// the throttle at the moment its job was cancelled, issued all the same.
 const REGRESSION_SEEDS: &[u64] = &[102_204, 102_667, 103_739];
 
 #[test]
