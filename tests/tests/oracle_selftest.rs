@@ -120,6 +120,7 @@ fn clone_report(report: &Report) -> Report {
         targets: report.targets.clone(),
         target_logs_before_retry: report.target_logs_before_retry.clone(),
         io: report.io.clone(),
+        io_issued_us: report.io_issued_us.clone(),
         marks: report.marks.clone(),
         shutdown_reports: report.shutdown_reports.clone(),
         prepared: report.prepared.clone(),
