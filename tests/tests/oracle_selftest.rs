@@ -19,11 +19,12 @@
 
 use std::ops::Range;
 
-use kcopyd_core::{Outcome, RangeSet, TARGETS_MAX};
+use kcopyd_core::{Outcome, RangeSet, SubmitError, TARGETS_MAX};
 use kcopyd_sim::{FaultKind, Simulation};
 use kcopyd_tests::io_log::{DiskRef, IoKind, IoRecord, Mark};
 use kcopyd_tests::scenario::{
-    DiskInputs, FaultInputs, Inputs, JobInputs, Report, Scenario, TimingInputs, check, run, source_seed, target_seed,
+    DiskInputs, FaultInputs, Inputs, JobInputs, PreparedInputs, Report, Scenario, TimingInputs, check, run,
+    source_seed, target_seed,
 };
 use kcopyd_tests::validation::{Broken, Case, RegionInputs};
 
@@ -323,6 +324,7 @@ fn true_runs_of_every_scenario_are_accepted() {
         cancelled_in_sequence,
         zero_cancelled,
         crashed,
+        shut_down_mid_run,
     ] {
         build();
     }
@@ -1081,6 +1083,205 @@ fn rule_13_a_run_that_does_not_finish_is_a_deadlock() {
     let run = clean();
     let violations = run.tampered(|r| r.deadlocked = true);
     fires("13", "deadlocked", &violations, "deadlock: jobs still running after");
+}
+
+/// The sequence number of the first `mark` in `report`.
+fn mark_at(report: &Report, mark: Mark) -> u64 {
+    report.marks.iter().find(|(_, m)| *m == mark).unwrap_or_else(|| panic!("no {mark:?} in {:?}", report.marks)).0
+}
+
+/// Moves the first `mark` in `report` to sequence number `seq`.
+fn move_mark(report: &mut Report, mark: Mark, seq: u64) {
+    let entry = report.marks.iter_mut().find(|(_, m)| *m == mark).unwrap_or_else(|| panic!("no {mark:?}"));
+    entry.0 = seq;
+}
+
+/// Removes every `mark` from `report`.
+fn drop_marks(report: &mut Report, mark: Mark) {
+    report.marks.retain(|(_, m)| *m != mark);
+}
+
+/// A shutdown 200 µs in, while job 0 (48 sectors, 2 sub-jobs in flight) runs; job 1 submitted at
+/// 3 ms, after it, is refused. Prepared callbacks: 0 prepared at once and completed 300 µs later
+/// with read_err and write_err {0, 2}, 1 prepared at 50 µs and dropped 100 µs later, 2
+/// prepared at 2 ms, after the shutdown began, refused.
+fn shut_down_mid_run() -> Accepted {
+    let late = JobInputs { submit_at_us: 3000, gap_units: 8, ..copy(16, &[0]) };
+    let mut inputs = inputs(vec![copy(48, &[0]), late], 1, 2);
+    inputs.shutdown_at_us = Some(200);
+    inputs.prepared = vec![
+        PreparedInputs { at_us: 0, after_us: 300, complete: true, read_err: true, write_err_bits: 0b101 },
+        PreparedInputs { at_us: 50, after_us: 100, complete: false, ..PreparedInputs::default() },
+        PreparedInputs { at_us: 2000, after_us: 100, complete: true, ..PreparedInputs::default() },
+    ];
+    let accepted = Accepted::run("shutdown in the middle of the run", inputs);
+    let report = &accepted.report;
+    assert_eq!(report.jobs[1].refused, Some(SubmitError::ShutDown), "job 1 came after the shutdown");
+    assert!(report.jobs[0].refused.is_none() && accepted.outcome().is_ok());
+    assert_eq!(report.shutdown_reports.len(), 2, "the one in the middle of the run, and the final one");
+    assert!(mark_at(report, Mark::ShutdownBegun) < mark_at(report, Mark::Completed(0)), "job 0 ran on");
+    assert_eq!(report.prepared[0].outcomes.len(), 1);
+    assert!(report.prepared[1].outcomes[0].cancelled, "dropped");
+    assert_eq!(report.prepared[2].refused, Some(SubmitError::ShutDown));
+    accepted
+}
+
+#[test]
+fn rule_15_a_shutdown_refuses_later_jobs_and_waits_for_the_accepted_ones() {
+    let run = shut_down_mid_run();
+    let begun = mark_at(&run.report, Mark::ShutdownBegun);
+    let returned = mark_at(&run.report, Mark::ShutdownReturned);
+
+    // Refused with another error, or before any shutdown began, or with a trace of work.
+    let violations = run.tampered(|r| r.jobs[1].refused = Some(SubmitError::NoTargets));
+    fires("15", "another error", &violations, "job 1: refused with NoTargets, expected ShutDown");
+    let violations = run.tampered(|r| move_mark(r, Mark::Refused(1), begun - 1));
+    fires(
+        "15",
+        "refused before the shutdown",
+        &violations,
+        "job 1: refused (the client is shut down) before any shutdown began",
+    );
+    let violations = run.tampered(|r| drop_marks(r, Mark::Refused(1)));
+    fires("15", "no refusal marked", &violations, "job 1: refused (the client is shut down) before any shutdown began");
+    let violations = run.tampered(|r| drop_marks(r, Mark::ShutdownBegun));
+    fires("15", "no shutdown begun", &violations, "job 1: refused (the client is shut down) before any shutdown began");
+    let violations = run.tampered(|r| append(r, DiskRef::Source(0), IoKind::Read, 64..72));
+    fires("15", "a refused job's read", &violations, "job 1: refused, yet 1 requests, 0 completions, outcome None");
+    let violations = run.tampered(|r| r.jobs[1].callbacks = 1);
+    fires("15", "a refused job's completion", &violations, "job 1: refused, yet 0 requests, 1 completions");
+    let violations = run.tampered(|r| r.jobs[1].outcome = r.jobs[0].outcome.clone());
+    fires("15", "a refused job's outcome", &violations, "job 1: refused, yet 0 requests, 0 completions, outcome Some");
+
+    // Accepted though submitted after the shutdown began.
+    let violations = run.tampered(|r| move_mark(r, Mark::Submitting(0), begun + 1));
+    fires("15", "accepted after the shutdown", &violations, "job 0: submitted after the shutdown began, yet accepted");
+
+    // The shutdown returned before job 0 completed, or while one of its requests was in flight.
+    let violations = run.tampered(|r| move_mark(r, Mark::Completed(0), returned + 1));
+    fires("15", "returned before completion", &violations, "job 0: the shutdown returned before the job completed");
+    let violations = run.tampered(|r| drop_marks(r, Mark::Completed(0)));
+    fires("15", "never completed", &violations, "job 0: the shutdown returned before the job completed");
+    let violations = run.tampered(|r| {
+        let i = request(r, DiskRef::Target(0), IoKind::Write, 40);
+        r.io[i].done = returned + 1;
+    });
+    fires(
+        "15",
+        "a write in flight",
+        &violations,
+        "job 0: request Write 40..48 still in flight when the shutdown returned",
+    );
+
+    // The shutdown reports' counts: the mid-run one counts the accepted job, so does the final.
+    let violations = run.tampered(|r| r.shutdown_reports[0].jobs_completed = 0);
+    fires("15", "jobs_completed", &violations, "shutdown 0: 0 jobs completed (expected 1), 0 pages in use");
+    let violations = run.tampered(|r| r.shutdown_reports[1].jobs_completed = 2);
+    fires("15", "jobs_completed, final", &violations, "shutdown 1: 2 jobs completed (expected 1)");
+    let violations = run.tampered(|r| r.shutdown_reports[0].pool.pages_in_use = 1);
+    fires("15", "pages_in_use", &violations, "shutdown 0: 1 jobs completed (expected 1), 1 pages in use");
+    let violations = run.tampered(|r| r.shutdown_reports[1].requests_outstanding = 1);
+    fires("15", "requests_outstanding", &violations, "0 pages in use, 1 requests outstanding");
+    // After a crash, the final shutdown counts the resubmissions too.
+    let crash = crashed();
+    let violations = crash.tampered(|r| r.shutdown_reports[0].jobs_completed = 1);
+    fires("15", "resubmissions uncounted", &violations, "shutdown 0: 1 jobs completed (expected 2)");
+
+    // Every shutdown is marked begun and returned: two with one in the middle of the run, one
+    // without.
+    let violations = run.tampered(|r| {
+        let last = r.marks.iter().rposition(|(_, m)| *m == Mark::ShutdownBegun).expect("the final shutdown");
+        r.marks.remove(last);
+    });
+    fires("15", "the final shutdown unmarked", &violations, "asked at Some(200) µs: 1 shutdowns begun, 2 returned");
+    let violations = run.with_scenario(|s| s.shutdown_at_us = None);
+    fires("15", "an unasked shutdown", &violations, "asked at None µs: 2 shutdowns begun, 2 returned");
+    let violations = clean().tampered(|r| {
+        let last = r.marks.iter().rposition(|(_, m)| *m == Mark::ShutdownReturned).expect("the final shutdown");
+        r.marks.remove(last);
+    });
+    fires("15", "a shutdown that never returned", &violations, "asked at None µs: 1 shutdowns begun, 0 returned");
+}
+
+#[test]
+fn rule_16_a_prepared_callback_runs_once_as_completed_before_the_shutdown_returns() {
+    let run = shut_down_mid_run();
+    let begun = mark_at(&run.report, Mark::ShutdownBegun);
+    let returned = mark_at(&run.report, Mark::ShutdownReturned);
+
+    // Ran 0 or 2 times.
+    let violations = run.tampered(|r| drop_marks(r, Mark::PreparedRan(0)));
+    fires("16", "never ran", &violations, "prepared 0: ran 0 times");
+    let violations = run.tampered(|r| r.prepared[0].outcomes.clear());
+    fires("16", "no outcome", &violations, "prepared 0: ran 1 times");
+    let violations = run.tampered(|r| {
+        let again = end_of_trace(r);
+        r.marks.push((again, Mark::PreparedRan(1)));
+        let outcome = r.prepared[1].outcomes[0].clone();
+        r.prepared[1].outcomes.push(outcome);
+    });
+    fires("16", "ran twice", &violations, "prepared 1: ran 2 times");
+
+    // Before it was queued.
+    let violations = run.tampered(|r| {
+        let queued = mark_at(r, Mark::PreparedQueued(0));
+        move_mark(r, Mark::PreparedRan(0), queued - 1);
+    });
+    fires("16", "ran before it was queued", &violations, "before it was queued (Some(");
+    let violations = run.tampered(|r| drop_marks(r, Mark::PreparedQueued(0)));
+    fires("16", "never queued", &violations, "before it was queued (None)");
+
+    // With another read_err, write_err, or cancelled.
+    let violations = run.tampered(|r| r.prepared[0].outcomes[0].read_err = false);
+    fires("16", "read_err", &violations, "prepared 0: ran with");
+    fires("16", "read_err", &violations, "expected read_err true, write_err {0, 2}, cancelled false");
+    let violations = run.tampered(|r| r.prepared[0].outcomes[0].write_err.set(1));
+    fires("16", "write_err", &violations, "prepared 0: ran with");
+    let violations = run.tampered(|r| r.prepared[0].outcomes[0].cancelled = true);
+    fires("16", "cancelled, completed", &violations, "prepared 0: ran with");
+    let violations = run.tampered(|r| r.prepared[1].outcomes[0].cancelled = false);
+    fires("16", "not cancelled, dropped", &violations, "expected read_err false, write_err {}, cancelled true");
+    let violations = run.tampered(|r| r.prepared[1].outcomes[0].read_err = true);
+    fires("16", "read_err, dropped", &violations, "prepared 1: ran with");
+
+    // After the shutdown (begun after its preparation) returned.
+    let violations = run.tampered(|r| move_mark(r, Mark::PreparedRan(0), returned + 1));
+    fires(
+        "16",
+        "after the shutdown returned",
+        &violations,
+        &format!(
+            "prepared 0: the shutdown begun at {begun} returned at {returned}, before the callback ran at {}",
+            returned + 1
+        ),
+    );
+
+    // Accepted after a shutdown began; refused wrongly.
+    let violations = run.tampered(|r| move_mark(r, Mark::Preparing(1), begun + 1));
+    fires(
+        "16",
+        "accepted after the shutdown",
+        &violations,
+        &format!("prepared 1: prepared at {}, after a shutdown began at {begun}, yet accepted", begun + 1),
+    );
+    let violations = run.tampered(|r| r.prepared[2].refused = Some(SubmitError::NoTargets));
+    fires("16", "another error", &violations, "prepared 2: refused with NoTargets at");
+    let violations = run.tampered(|r| move_mark(r, Mark::PrepareRefused(2), begun - 1));
+    fires(
+        "16",
+        "refused before the shutdown",
+        &violations,
+        &format!("prepared 2: refused with ShutDown at {}", begun - 1),
+    );
+    let violations = run.tampered(|r| r.prepared[2].outcomes.push(Outcome::default()));
+    fires("16", "refused, yet ran", &violations, "prepared 2: refused with ShutDown at");
+    fires("16", "refused, yet ran", &violations, "ran 1 times");
+    // A refused one that was never prepared (its time came after the run) is not judged.
+    let violations = run.tampered(|r| {
+        drop_marks(r, Mark::Preparing(2));
+        r.prepared[2].refused = Some(SubmitError::NoTargets);
+    });
+    assert!(!violations.iter().any(|v| v.contains("prepared 2")), "rule 16: never prepared: {violations:#?}");
 }
 
 /// A region of a validation case.
