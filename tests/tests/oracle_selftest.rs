@@ -306,7 +306,24 @@ fn hard_but_true() -> Vec<Accepted> {
         "sub-jobs after the first failing one"
     );
 
-    vec![misdirected, offloaded, blocks, seq]
+    // Write-zeroes offloaded by one target of two: the zero job is not held to one request per
+    // target, nor is a copy job to an offloading target, nor a zero-length zero job.
+    let mut mixed = inputs(
+        vec![JobInputs { zero: true, ..copy(16, &[0, 1]) }, copy(16, &[0]), JobInputs { zero: true, ..copy(0, &[0]) }],
+        2,
+        2,
+    );
+    mixed.targets[0].write_zeroes = true;
+    let mixed = Accepted::run("write-zeroes on one target of two", mixed);
+
+    // A throttle, WRITE_SEQ and a read error.
+    let mut throttled = inputs(vec![JobInputs { write_seq: true, ..copy(64, &[0]) }], 1, 4);
+    throttled.sources[0].faults = latent(28);
+    throttled.throttle = kcopyd_core::Throttle { busy_percent: Some(30), rate_bytes_per_s: Some(4 << 20) };
+    let throttled = Accepted::run("throttled, WRITE_SEQ, read error", throttled);
+    assert_eq!(throttled.outcome().targets[0].not_copied, RangeSet::from_range(24..64));
+
+    vec![misdirected, offloaded, blocks, seq, mixed, throttled]
 }
 
 #[test]
@@ -328,7 +345,7 @@ fn true_runs_of_every_scenario_are_accepted() {
     ] {
         build();
     }
-    assert_eq!(hard_but_true().len(), 4);
+    assert_eq!(hard_but_true().len(), 6);
 }
 
 #[test]
@@ -779,6 +796,34 @@ fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error() {
         !violations.iter().any(|v| v.contains("after an error had stopped")),
         "rule 8 does not apply under IGNORE_ERROR: {violations:#?}"
     );
+
+    // Under WRITE_SEQ, a sub-job before the first failing one may start late (it was taken
+    // before the error and waited for the throttle); one after it may not. Without WRITE_SEQ,
+    // neither may.
+    let late = |r: &mut Report, sector: u64| {
+        let end = end_of_trace(r);
+        let mut seq = end;
+        for record in r.io.iter_mut().filter(|record| record.sectors.start == sector) {
+            (record.issued, record.done) = (seq, seq + 1);
+            seq += 2;
+        }
+    };
+    let run = sequential_with_a_read_error(); // sub-job 1 fails
+    let violations = run.tampered(|r| late(r, 0));
+    assert!(
+        !violations.iter().any(|v| v.contains("after an error had stopped")),
+        "rule 8: under WRITE_SEQ, sub-job 0 before the failing sub-job 1 may start late: {violations:#?}"
+    );
+    let violations = run.tampered(|r| late(r, 16));
+    fires("8", "WRITE_SEQ, a sub-job after the failing one", &violations, "job 0: sub-job 2 started after an error");
+    let run = stopping_on_a_read_error(); // sub-job 2 fails
+    let violations = run.tampered(|r| late(r, 8));
+    fires(
+        "8",
+        "no WRITE_SEQ, a sub-job before the failing one",
+        &violations,
+        "job 0: sub-job 1 started after an error",
+    );
 }
 
 #[test]
@@ -1076,6 +1121,44 @@ fn rule_12_every_request_is_whole_blocks_of_one_sub_job_of_one_region() {
         r.io[i].sectors = 1000..1008;
     });
     fires("12", "phase 2, outside every region", &violations, "1000..1008 (phase 2): outside every job's region");
+
+    // A zero job whose targets all offload write-zeroes sends each exactly one write-zeroes of
+    // its whole region: not two, not part of it, not plain writes, not none (unless cancelled
+    // before it started).
+    let run = hard_but_true().swap_remove(1);
+    let message = "job 0: target 0 (target0) offloads write-zeroes, yet the zero job sent";
+    let violations = run.tampered(|r| append(r, DiskRef::Target(0), IoKind::WriteZeroes, 0..48));
+    fires("12", "two write-zeroes", &violations, &format!("{message} [(WriteZeroes, 0..48), (WriteZeroes, 0..48)]"));
+    let violations = run.tampered(|r| {
+        let i = request(r, DiskRef::Target(0), IoKind::WriteZeroes, 0);
+        r.io[i].sectors = 0..8;
+    });
+    fires("12", "part of the region", &violations, &format!("{message} [(WriteZeroes, 0..8)]"));
+    let violations = run.tampered(|r| {
+        let i = request(r, DiskRef::Target(0), IoKind::WriteZeroes, 0);
+        r.io[i].kind = IoKind::Write;
+        r.io[i].sectors = 0..8;
+        for sector in (8..48).step_by(CHUNK as usize) {
+            append(r, DiskRef::Target(0), IoKind::Write, sector..sector + CHUNK);
+        }
+    });
+    fires("12", "plain writes", &violations, &format!("{message} [(Write, 0..8), (Write, 8..16)"));
+    let removed = |r: &mut Report| {
+        let i = request(r, DiskRef::Target(0), IoKind::WriteZeroes, 0);
+        r.io.remove(i).issued
+    };
+    let violations = run.tampered(|r| {
+        removed(r);
+    });
+    fires("12", "no request", &violations, &format!("{message} []"));
+    let violations = run.tampered(|r| {
+        let issued = removed(r);
+        r.marks.push((issued, Mark::Cancel(0)));
+    });
+    assert!(
+        !violations.iter().any(|v| v.contains("offloads write-zeroes")),
+        "rule 12: a zero job cancelled before it started sends nothing: {violations:#?}"
+    );
 }
 
 #[test]
