@@ -1424,3 +1424,30 @@ fn validation_reports_an_engine_that_disagrees_with_the_reference() {
         "validation: an acceptance the reference does not expect is reported: {problems:?}"
     );
 }
+
+/// A copy of 256 sectors (32 sub-jobs of 8 sectors) throttled to 1 MiB/s: 128 KiB, about an
+/// eighth of a second of model time.
+fn rate_limited() -> Accepted {
+    let mut throttled = inputs(vec![copy(256, &[0])], 1, 4);
+    throttled.throttle = kcopyd_core::Throttle { busy_percent: None, rate_bytes_per_s: Some(1 << 20) };
+    Accepted::run("rate-limited", throttled)
+}
+
+#[test]
+fn rule_17_a_rate_limited_client_stays_within_its_rate() {
+    let run = rate_limited();
+    let last = *run.report.io_issued_us.iter().max().expect("requests");
+    assert!(last > 100_000, "the throttle spread the copy over {last} µs of model time");
+    // Every request issued at once: 128 KiB at time 0, over a bucket of two sub-jobs.
+    let violations = run.tampered(|r| r.io_issued_us.iter_mut().for_each(|at| *at = 0));
+    fires("17", "all at once", &violations, "throttle of 1048576 B/s: ");
+    // Twice as fast as allowed.
+    let violations = run.tampered(|r| r.io_issued_us.iter_mut().for_each(|at| *at /= 2));
+    fires("17", "twice the rate", &violations, "throttle of 1048576 B/s: ");
+    // The same run under a rate it did not have.
+    let violations = run.with_scenario(|s| s.config.throttle.rate_bytes_per_s = Some(1 << 19));
+    fires("17", "half the rate", &violations, "more than the");
+    // Without a rate, nothing to check.
+    let violations = run.with_scenario(|s| s.config.throttle.rate_bytes_per_s = None);
+    assert!(violations.is_empty(), "{violations:#?}");
+}
