@@ -89,7 +89,10 @@ struct LogInner {
     next: u64,
     phase: u8,
     records: Vec<IoRecord>,
+    /// Per record, its issue's model time (µs since the log began).
+    issued_us: Vec<u64>,
     marks: Vec<(u64, Mark)>,
+    began: Option<tokio::time::Instant>,
 }
 
 /// The shared log. Cloning shares it.
@@ -102,7 +105,10 @@ impl IoLog {
     /// An empty log in phase 1.
     pub fn new() -> IoLog {
         let log = IoLog::default();
-        log.lock().phase = 1;
+        let mut inner = log.lock();
+        inner.phase = 1;
+        inner.began = Some(tokio::time::Instant::now());
+        drop(inner);
         log
     }
 
@@ -129,6 +135,9 @@ impl IoLog {
         let issued = inner.next;
         inner.next += 1;
         let phase = inner.phase;
+        let now = tokio::time::Instant::now();
+        let since = inner.began.map_or(std::time::Duration::ZERO, |began| now.saturating_duration_since(began));
+        inner.issued_us.push(kcopyd_sim::to_model(since).as_micros() as u64);
         inner.records.push(IoRecord { disk, kind, sectors, phase, issued, done: u64::MAX, ok: false });
         inner.records.len() - 1
     }
@@ -145,6 +154,12 @@ impl IoLog {
     /// Every request so far, in the order issued.
     pub fn records(&self) -> Vec<IoRecord> {
         self.lock().records.clone()
+    }
+
+    /// Per request of [`records`](IoLog::records), the model time of its issue, µs after the
+    /// log began.
+    pub fn issued_us(&self) -> Vec<u64> {
+        self.lock().issued_us.clone()
     }
 
     /// Every harness mark so far, with its sequence number.

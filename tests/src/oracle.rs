@@ -109,6 +109,7 @@ pub fn check(scenario: &Scenario, report: &Report) -> Vec<String> {
         check_concurrency(scenario, &views, phase, &mut violations);
     }
     check_shutdown(scenario, report, &views, &mut violations);
+    check_throttle(scenario, report, &views, &mut violations);
     check_prepared(scenario, report, &mut violations);
     for (t, disk) in report.targets.iter().enumerate() {
         for fault in disk.fault_log() {
@@ -757,6 +758,48 @@ fn check_contents(scenario: &Scenario, report: &Report, violations: &mut Vec<Str
         let expected = vec![(0..len, Provenance::Pattern { seed: source_seed(s), generation: 0, sector: 0 })];
         if disk.provenance(0..len) != expected {
             violations.push(format!("source{s} changed"));
+        }
+    }
+}
+
+/// Throttle: with a rate limit of R bytes/s, the sub-jobs issued by time t (each counted once,
+/// by its length, at its first request; an offloaded zero job moves no bytes) never exceed
+/// R·t plus the bucket, which holds one sub-job (the largest, if one is larger); twice that is
+/// allowed for rounding.
+fn check_throttle(scenario: &Scenario, report: &Report, views: &[JobView], violations: &mut Vec<String>) {
+    let Some(rate) = scenario.config.throttle.rate_bytes_per_s else { return };
+    let position: BTreeMap<u64, usize> = report.io.iter().enumerate().map(|(i, r)| (r.issued, i)).collect();
+    let mut issues: Vec<(u64, u64)> = Vec::new(); // (µs, bytes)
+    for view in views {
+        let mut first: BTreeMap<u64, (u64, bool)> = BTreeMap::new(); // sub-job: (µs, offloaded)
+        for (record, _, rel) in &view.all {
+            let Some(&at) = report.io_issued_us.get(position[&record.issued]) else { continue };
+            let offloaded = record.kind == IoKind::WriteZeroes && *rel == (0..view.layout.len_sectors);
+            for k in view.chunks_of(rel) {
+                let entry = first.entry(k).or_insert((at, offloaded));
+                if at < entry.0 {
+                    *entry = (at, offloaded);
+                }
+            }
+        }
+        for (k, (at, offloaded)) in first {
+            let range = view.chunk_range(k);
+            let bytes = if offloaded { 0 } else { (range.end - range.start) * SECTOR_SIZE as u64 };
+            issues.push((at, bytes));
+        }
+    }
+    issues.sort_unstable();
+    let largest = issues.iter().map(|&(_, bytes)| bytes).max().unwrap_or(0);
+    let bucket = 2 * largest.max(scenario.config.sub_job_size_bytes as u64);
+    let mut sum: u128 = 0;
+    for &(at, bytes) in &issues {
+        sum += u128::from(bytes);
+        let allowed = u128::from(bucket) + u128::from(rate) * u128::from(at) / 1_000_000;
+        if sum > allowed {
+            violations.push(format!(
+                "throttle of {rate} B/s: {sum} bytes of sub-jobs issued by {at} µs, more than the {allowed} allowed"
+            ));
+            return;
         }
     }
 }

@@ -19,11 +19,12 @@
 
 use std::ops::Range;
 
-use kcopyd_core::{Outcome, RangeSet, TARGETS_MAX};
+use kcopyd_core::{Outcome, RangeSet, SubmitError, TARGETS_MAX};
 use kcopyd_sim::{FaultKind, Simulation};
 use kcopyd_tests::io_log::{DiskRef, IoKind, IoRecord, Mark};
 use kcopyd_tests::scenario::{
-    DiskInputs, FaultInputs, Inputs, JobInputs, Report, Scenario, TimingInputs, check, run, source_seed, target_seed,
+    DiskInputs, FaultInputs, Inputs, JobInputs, PreparedInputs, Report, Scenario, TimingInputs, check, run,
+    source_seed, target_seed,
 };
 use kcopyd_tests::validation::{Broken, Case, RegionInputs};
 
@@ -120,6 +121,7 @@ fn clone_report(report: &Report) -> Report {
         targets: report.targets.clone(),
         target_logs_before_retry: report.target_logs_before_retry.clone(),
         io: report.io.clone(),
+        io_issued_us: report.io_issued_us.clone(),
         marks: report.marks.clone(),
         shutdown_reports: report.shutdown_reports.clone(),
         prepared: report.prepared.clone(),
@@ -305,7 +307,24 @@ fn hard_but_true() -> Vec<Accepted> {
         "sub-jobs after the first failing one"
     );
 
-    vec![misdirected, offloaded, blocks, seq]
+    // Write-zeroes offloaded by one target of two: the zero job is not held to one request per
+    // target, nor is a copy job to an offloading target, nor a zero-length zero job.
+    let mut mixed = inputs(
+        vec![JobInputs { zero: true, ..copy(16, &[0, 1]) }, copy(16, &[0]), JobInputs { zero: true, ..copy(0, &[0]) }],
+        2,
+        2,
+    );
+    mixed.targets[0].write_zeroes = true;
+    let mixed = Accepted::run("write-zeroes on one target of two", mixed);
+
+    // A throttle, WRITE_SEQ and a read error.
+    let mut throttled = inputs(vec![JobInputs { write_seq: true, ..copy(64, &[0]) }], 1, 4);
+    throttled.sources[0].faults = latent(28);
+    throttled.throttle = kcopyd_core::Throttle { busy_percent: Some(30), rate_bytes_per_s: Some(4 << 20) };
+    let throttled = Accepted::run("throttled, WRITE_SEQ, read error", throttled);
+    assert_eq!(throttled.outcome().targets[0].not_copied, RangeSet::from_range(24..64));
+
+    vec![misdirected, offloaded, blocks, seq, mixed, throttled]
 }
 
 #[test]
@@ -323,10 +342,11 @@ fn true_runs_of_every_scenario_are_accepted() {
         cancelled_in_sequence,
         zero_cancelled,
         crashed,
+        shut_down_mid_run,
     ] {
         build();
     }
-    assert_eq!(hard_but_true().len(), 4);
+    assert_eq!(hard_but_true().len(), 6);
 }
 
 #[test]
@@ -777,6 +797,34 @@ fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error() {
         !violations.iter().any(|v| v.contains("after an error had stopped")),
         "rule 8 does not apply under IGNORE_ERROR: {violations:#?}"
     );
+
+    // Under WRITE_SEQ, a sub-job before the first failing one may start late (it was taken
+    // before the error and waited for the throttle); one after it may not. Without WRITE_SEQ,
+    // neither may.
+    let late = |r: &mut Report, sector: u64| {
+        let end = end_of_trace(r);
+        let mut seq = end;
+        for record in r.io.iter_mut().filter(|record| record.sectors.start == sector) {
+            (record.issued, record.done) = (seq, seq + 1);
+            seq += 2;
+        }
+    };
+    let run = sequential_with_a_read_error(); // sub-job 1 fails
+    let violations = run.tampered(|r| late(r, 0));
+    assert!(
+        !violations.iter().any(|v| v.contains("after an error had stopped")),
+        "rule 8: under WRITE_SEQ, sub-job 0 before the failing sub-job 1 may start late: {violations:#?}"
+    );
+    let violations = run.tampered(|r| late(r, 16));
+    fires("8", "WRITE_SEQ, a sub-job after the failing one", &violations, "job 0: sub-job 2 started after an error");
+    let run = stopping_on_a_read_error(); // sub-job 2 fails
+    let violations = run.tampered(|r| late(r, 8));
+    fires(
+        "8",
+        "no WRITE_SEQ, a sub-job before the failing one",
+        &violations,
+        "job 0: sub-job 1 started after an error",
+    );
 }
 
 #[test]
@@ -1074,6 +1122,44 @@ fn rule_12_every_request_is_whole_blocks_of_one_sub_job_of_one_region() {
         r.io[i].sectors = 1000..1008;
     });
     fires("12", "phase 2, outside every region", &violations, "1000..1008 (phase 2): outside every job's region");
+
+    // A zero job whose targets all offload write-zeroes sends each exactly one write-zeroes of
+    // its whole region: not two, not part of it, not plain writes, not none (unless cancelled
+    // before it started).
+    let run = hard_but_true().swap_remove(1);
+    let message = "job 0: target 0 (target0) offloads write-zeroes, yet the zero job sent";
+    let violations = run.tampered(|r| append(r, DiskRef::Target(0), IoKind::WriteZeroes, 0..48));
+    fires("12", "two write-zeroes", &violations, &format!("{message} [(WriteZeroes, 0..48), (WriteZeroes, 0..48)]"));
+    let violations = run.tampered(|r| {
+        let i = request(r, DiskRef::Target(0), IoKind::WriteZeroes, 0);
+        r.io[i].sectors = 0..8;
+    });
+    fires("12", "part of the region", &violations, &format!("{message} [(WriteZeroes, 0..8)]"));
+    let violations = run.tampered(|r| {
+        let i = request(r, DiskRef::Target(0), IoKind::WriteZeroes, 0);
+        r.io[i].kind = IoKind::Write;
+        r.io[i].sectors = 0..8;
+        for sector in (8..48).step_by(CHUNK as usize) {
+            append(r, DiskRef::Target(0), IoKind::Write, sector..sector + CHUNK);
+        }
+    });
+    fires("12", "plain writes", &violations, &format!("{message} [(Write, 0..8), (Write, 8..16)"));
+    let removed = |r: &mut Report| {
+        let i = request(r, DiskRef::Target(0), IoKind::WriteZeroes, 0);
+        r.io.remove(i).issued
+    };
+    let violations = run.tampered(|r| {
+        removed(r);
+    });
+    fires("12", "no request", &violations, &format!("{message} []"));
+    let violations = run.tampered(|r| {
+        let issued = removed(r);
+        r.marks.push((issued, Mark::Cancel(0)));
+    });
+    assert!(
+        !violations.iter().any(|v| v.contains("offloads write-zeroes")),
+        "rule 12: a zero job cancelled before it started sends nothing: {violations:#?}"
+    );
 }
 
 #[test]
@@ -1081,6 +1167,205 @@ fn rule_13_a_run_that_does_not_finish_is_a_deadlock() {
     let run = clean();
     let violations = run.tampered(|r| r.deadlocked = true);
     fires("13", "deadlocked", &violations, "deadlock: jobs still running after");
+}
+
+/// The sequence number of the first `mark` in `report`.
+fn mark_at(report: &Report, mark: Mark) -> u64 {
+    report.marks.iter().find(|(_, m)| *m == mark).unwrap_or_else(|| panic!("no {mark:?} in {:?}", report.marks)).0
+}
+
+/// Moves the first `mark` in `report` to sequence number `seq`.
+fn move_mark(report: &mut Report, mark: Mark, seq: u64) {
+    let entry = report.marks.iter_mut().find(|(_, m)| *m == mark).unwrap_or_else(|| panic!("no {mark:?}"));
+    entry.0 = seq;
+}
+
+/// Removes every `mark` from `report`.
+fn drop_marks(report: &mut Report, mark: Mark) {
+    report.marks.retain(|(_, m)| *m != mark);
+}
+
+/// A shutdown 200 µs in, while job 0 (48 sectors, 2 sub-jobs in flight) runs; job 1 submitted at
+/// 3 ms, after it, is refused. Prepared callbacks: 0 prepared at once and completed 300 µs later
+/// with read_err and write_err {0, 2}, 1 prepared at 50 µs and dropped 100 µs later, 2
+/// prepared at 2 ms, after the shutdown began, refused.
+fn shut_down_mid_run() -> Accepted {
+    let late = JobInputs { submit_at_us: 3000, gap_units: 8, ..copy(16, &[0]) };
+    let mut inputs = inputs(vec![copy(48, &[0]), late], 1, 2);
+    inputs.shutdown_at_us = Some(200);
+    inputs.prepared = vec![
+        PreparedInputs { at_us: 0, after_us: 300, complete: true, read_err: true, write_err_bits: 0b101 },
+        PreparedInputs { at_us: 50, after_us: 100, complete: false, ..PreparedInputs::default() },
+        PreparedInputs { at_us: 2000, after_us: 100, complete: true, ..PreparedInputs::default() },
+    ];
+    let accepted = Accepted::run("shutdown in the middle of the run", inputs);
+    let report = &accepted.report;
+    assert_eq!(report.jobs[1].refused, Some(SubmitError::ShutDown), "job 1 came after the shutdown");
+    assert!(report.jobs[0].refused.is_none() && accepted.outcome().is_ok());
+    assert_eq!(report.shutdown_reports.len(), 2, "the one in the middle of the run, and the final one");
+    assert!(mark_at(report, Mark::ShutdownBegun) < mark_at(report, Mark::Completed(0)), "job 0 ran on");
+    assert_eq!(report.prepared[0].outcomes.len(), 1);
+    assert!(report.prepared[1].outcomes[0].cancelled, "dropped");
+    assert_eq!(report.prepared[2].refused, Some(SubmitError::ShutDown));
+    accepted
+}
+
+#[test]
+fn rule_15_a_shutdown_refuses_later_jobs_and_waits_for_the_accepted_ones() {
+    let run = shut_down_mid_run();
+    let begun = mark_at(&run.report, Mark::ShutdownBegun);
+    let returned = mark_at(&run.report, Mark::ShutdownReturned);
+
+    // Refused with another error, or before any shutdown began, or with a trace of work.
+    let violations = run.tampered(|r| r.jobs[1].refused = Some(SubmitError::NoTargets));
+    fires("15", "another error", &violations, "job 1: refused with NoTargets, expected ShutDown");
+    let violations = run.tampered(|r| move_mark(r, Mark::Refused(1), begun - 1));
+    fires(
+        "15",
+        "refused before the shutdown",
+        &violations,
+        "job 1: refused (the client is shut down) before any shutdown began",
+    );
+    let violations = run.tampered(|r| drop_marks(r, Mark::Refused(1)));
+    fires("15", "no refusal marked", &violations, "job 1: refused (the client is shut down) before any shutdown began");
+    let violations = run.tampered(|r| drop_marks(r, Mark::ShutdownBegun));
+    fires("15", "no shutdown begun", &violations, "job 1: refused (the client is shut down) before any shutdown began");
+    let violations = run.tampered(|r| append(r, DiskRef::Source(0), IoKind::Read, 64..72));
+    fires("15", "a refused job's read", &violations, "job 1: refused, yet 1 requests, 0 completions, outcome None");
+    let violations = run.tampered(|r| r.jobs[1].callbacks = 1);
+    fires("15", "a refused job's completion", &violations, "job 1: refused, yet 0 requests, 1 completions");
+    let violations = run.tampered(|r| r.jobs[1].outcome = r.jobs[0].outcome.clone());
+    fires("15", "a refused job's outcome", &violations, "job 1: refused, yet 0 requests, 0 completions, outcome Some");
+
+    // Accepted though submitted after the shutdown began.
+    let violations = run.tampered(|r| move_mark(r, Mark::Submitting(0), begun + 1));
+    fires("15", "accepted after the shutdown", &violations, "job 0: submitted after the shutdown began, yet accepted");
+
+    // The shutdown returned before job 0 completed, or while one of its requests was in flight.
+    let violations = run.tampered(|r| move_mark(r, Mark::Completed(0), returned + 1));
+    fires("15", "returned before completion", &violations, "job 0: the shutdown returned before the job completed");
+    let violations = run.tampered(|r| drop_marks(r, Mark::Completed(0)));
+    fires("15", "never completed", &violations, "job 0: the shutdown returned before the job completed");
+    let violations = run.tampered(|r| {
+        let i = request(r, DiskRef::Target(0), IoKind::Write, 40);
+        r.io[i].done = returned + 1;
+    });
+    fires(
+        "15",
+        "a write in flight",
+        &violations,
+        "job 0: request Write 40..48 still in flight when the shutdown returned",
+    );
+
+    // The shutdown reports' counts: the mid-run one counts the accepted job, so does the final.
+    let violations = run.tampered(|r| r.shutdown_reports[0].jobs_completed = 0);
+    fires("15", "jobs_completed", &violations, "shutdown 0: 0 jobs completed (expected 1), 0 pages in use");
+    let violations = run.tampered(|r| r.shutdown_reports[1].jobs_completed = 2);
+    fires("15", "jobs_completed, final", &violations, "shutdown 1: 2 jobs completed (expected 1)");
+    let violations = run.tampered(|r| r.shutdown_reports[0].pool.pages_in_use = 1);
+    fires("15", "pages_in_use", &violations, "shutdown 0: 1 jobs completed (expected 1), 1 pages in use");
+    let violations = run.tampered(|r| r.shutdown_reports[1].requests_outstanding = 1);
+    fires("15", "requests_outstanding", &violations, "0 pages in use, 1 requests outstanding");
+    // After a crash, the final shutdown counts the resubmissions too.
+    let crash = crashed();
+    let violations = crash.tampered(|r| r.shutdown_reports[0].jobs_completed = 1);
+    fires("15", "resubmissions uncounted", &violations, "shutdown 0: 1 jobs completed (expected 2)");
+
+    // Every shutdown is marked begun and returned: two with one in the middle of the run, one
+    // without.
+    let violations = run.tampered(|r| {
+        let last = r.marks.iter().rposition(|(_, m)| *m == Mark::ShutdownBegun).expect("the final shutdown");
+        r.marks.remove(last);
+    });
+    fires("15", "the final shutdown unmarked", &violations, "asked at Some(200) µs: 1 shutdowns begun, 2 returned");
+    let violations = run.with_scenario(|s| s.shutdown_at_us = None);
+    fires("15", "an unasked shutdown", &violations, "asked at None µs: 2 shutdowns begun, 2 returned");
+    let violations = clean().tampered(|r| {
+        let last = r.marks.iter().rposition(|(_, m)| *m == Mark::ShutdownReturned).expect("the final shutdown");
+        r.marks.remove(last);
+    });
+    fires("15", "a shutdown that never returned", &violations, "asked at None µs: 1 shutdowns begun, 0 returned");
+}
+
+#[test]
+fn rule_16_a_prepared_callback_runs_once_as_completed_before_the_shutdown_returns() {
+    let run = shut_down_mid_run();
+    let begun = mark_at(&run.report, Mark::ShutdownBegun);
+    let returned = mark_at(&run.report, Mark::ShutdownReturned);
+
+    // Ran 0 or 2 times.
+    let violations = run.tampered(|r| drop_marks(r, Mark::PreparedRan(0)));
+    fires("16", "never ran", &violations, "prepared 0: ran 0 times");
+    let violations = run.tampered(|r| r.prepared[0].outcomes.clear());
+    fires("16", "no outcome", &violations, "prepared 0: ran 1 times");
+    let violations = run.tampered(|r| {
+        let again = end_of_trace(r);
+        r.marks.push((again, Mark::PreparedRan(1)));
+        let outcome = r.prepared[1].outcomes[0].clone();
+        r.prepared[1].outcomes.push(outcome);
+    });
+    fires("16", "ran twice", &violations, "prepared 1: ran 2 times");
+
+    // Before it was queued.
+    let violations = run.tampered(|r| {
+        let queued = mark_at(r, Mark::PreparedQueued(0));
+        move_mark(r, Mark::PreparedRan(0), queued - 1);
+    });
+    fires("16", "ran before it was queued", &violations, "before it was queued (Some(");
+    let violations = run.tampered(|r| drop_marks(r, Mark::PreparedQueued(0)));
+    fires("16", "never queued", &violations, "before it was queued (None)");
+
+    // With another read_err, write_err, or cancelled.
+    let violations = run.tampered(|r| r.prepared[0].outcomes[0].read_err = false);
+    fires("16", "read_err", &violations, "prepared 0: ran with");
+    fires("16", "read_err", &violations, "expected read_err true, write_err {0, 2}, cancelled false");
+    let violations = run.tampered(|r| r.prepared[0].outcomes[0].write_err.set(1));
+    fires("16", "write_err", &violations, "prepared 0: ran with");
+    let violations = run.tampered(|r| r.prepared[0].outcomes[0].cancelled = true);
+    fires("16", "cancelled, completed", &violations, "prepared 0: ran with");
+    let violations = run.tampered(|r| r.prepared[1].outcomes[0].cancelled = false);
+    fires("16", "not cancelled, dropped", &violations, "expected read_err false, write_err {}, cancelled true");
+    let violations = run.tampered(|r| r.prepared[1].outcomes[0].read_err = true);
+    fires("16", "read_err, dropped", &violations, "prepared 1: ran with");
+
+    // After the shutdown (begun after its preparation) returned.
+    let violations = run.tampered(|r| move_mark(r, Mark::PreparedRan(0), returned + 1));
+    fires(
+        "16",
+        "after the shutdown returned",
+        &violations,
+        &format!(
+            "prepared 0: the shutdown begun at {begun} returned at {returned}, before the callback ran at {}",
+            returned + 1
+        ),
+    );
+
+    // Accepted after a shutdown began; refused wrongly.
+    let violations = run.tampered(|r| move_mark(r, Mark::Preparing(1), begun + 1));
+    fires(
+        "16",
+        "accepted after the shutdown",
+        &violations,
+        &format!("prepared 1: prepared at {}, after a shutdown began at {begun}, yet accepted", begun + 1),
+    );
+    let violations = run.tampered(|r| r.prepared[2].refused = Some(SubmitError::NoTargets));
+    fires("16", "another error", &violations, "prepared 2: refused with NoTargets at");
+    let violations = run.tampered(|r| move_mark(r, Mark::PrepareRefused(2), begun - 1));
+    fires(
+        "16",
+        "refused before the shutdown",
+        &violations,
+        &format!("prepared 2: refused with ShutDown at {}", begun - 1),
+    );
+    let violations = run.tampered(|r| r.prepared[2].outcomes.push(Outcome::default()));
+    fires("16", "refused, yet ran", &violations, "prepared 2: refused with ShutDown at");
+    fires("16", "refused, yet ran", &violations, "ran 1 times");
+    // A refused one that was never prepared (its time came after the run) is not judged.
+    let violations = run.tampered(|r| {
+        drop_marks(r, Mark::Preparing(2));
+        r.prepared[2].refused = Some(SubmitError::NoTargets);
+    });
+    assert!(!violations.iter().any(|v| v.contains("prepared 2")), "rule 16: never prepared: {violations:#?}");
 }
 
 /// A region of a validation case.
@@ -1138,4 +1423,31 @@ fn validation_reports_an_engine_that_disagrees_with_the_reference() {
         problems.iter().any(|p| p.starts_with("accepted, but it breaks [TargetsOverlap(0, 1)]")),
         "validation: an acceptance the reference does not expect is reported: {problems:?}"
     );
+}
+
+/// A copy of 256 sectors (32 sub-jobs of 8 sectors) throttled to 1 MiB/s: 128 KiB, about an
+/// eighth of a second of model time.
+fn rate_limited() -> Accepted {
+    let mut throttled = inputs(vec![copy(256, &[0])], 1, 4);
+    throttled.throttle = kcopyd_core::Throttle { busy_percent: None, rate_bytes_per_s: Some(1 << 20) };
+    Accepted::run("rate-limited", throttled)
+}
+
+#[test]
+fn rule_17_a_rate_limited_client_stays_within_its_rate() {
+    let run = rate_limited();
+    let last = *run.report.io_issued_us.iter().max().expect("requests");
+    assert!(last > 100_000, "the throttle spread the copy over {last} µs of model time");
+    // Every request issued at once: 128 KiB at time 0, over a bucket of two sub-jobs.
+    let violations = run.tampered(|r| r.io_issued_us.iter_mut().for_each(|at| *at = 0));
+    fires("17", "all at once", &violations, "throttle of 1048576 B/s: ");
+    // Twice as fast as allowed.
+    let violations = run.tampered(|r| r.io_issued_us.iter_mut().for_each(|at| *at /= 2));
+    fires("17", "twice the rate", &violations, "throttle of 1048576 B/s: ");
+    // The same run under a rate it did not have.
+    let violations = run.with_scenario(|s| s.config.throttle.rate_bytes_per_s = Some(1 << 19));
+    fires("17", "half the rate", &violations, "more than the");
+    // Without a rate, nothing to check.
+    let violations = run.with_scenario(|s| s.config.throttle.rate_bytes_per_s = None);
+    assert!(violations.is_empty(), "{violations:#?}");
 }

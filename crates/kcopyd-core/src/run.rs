@@ -416,7 +416,9 @@ impl JobRun {
         let cancelled = std::pin::pin!(self.shared.cancelled());
         let admitted = matches!(select(admitted, cancelled).await, Either::Left(_));
         self.io.stats.waited_for_throttle(self.io.clock.to_model(began.elapsed()));
-        admitted
+        // Admitted at the very moment of a cancel (both ready at one wake-up, and `select`
+        // looks at the admission first): the cancel still wins, the sub-job was not issued.
+        admitted && !self.shared.cancel_requested()
     }
 
     /// Whether an error stopped the job while `subjob`, already taken, waited for the throttle:
