@@ -445,11 +445,13 @@ enum Shape {
     Long,
 }
 
-/// A small seeded generator for [`Inputs::from_seed`].
-struct Draw(u64);
+/// A small seeded generator: for [`Inputs::from_seed`], and for the validation and sparse
+/// cases.
+pub(crate) struct Draw(pub(crate) u64);
 
 impl Draw {
-    fn below(&mut self, n: u64) -> u64 {
+    /// A number below `n` (0 when `n` is 0).
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.0 = mix64(self.0);
         self.0 % n.max(1)
     }

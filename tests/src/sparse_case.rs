@@ -32,7 +32,7 @@ use kcopyd_sim::{MemDisk, MemDiskOptions, Simulation, mix64, to_tokio};
 use serde::{Deserialize, Serialize};
 
 use crate::io_log::{DiskRef, IoKind, IoLog, Watched};
-use crate::scenario::DEADLOCK_AFTER;
+use crate::scenario::{DEADLOCK_AFTER, Draw};
 use crate::sectors::Sectors;
 
 /// A run of the source, in sectors.
@@ -78,16 +78,6 @@ pub struct Case {
     pub sub_job_bytes: usize,
     /// Sub-jobs in flight.
     pub subjobs_in_flight: usize,
-}
-
-/// A small seeded generator.
-struct Draw(u64);
-
-impl Draw {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = mix64(self.0);
-        self.0 % n.max(1)
-    }
 }
 
 impl Case {

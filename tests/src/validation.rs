@@ -21,7 +21,7 @@ use kcopyd_core::{Client, ClientConfig, Device, Flags, Job, PAGE_SIZE, Region, S
 use kcopyd_sim::{MemDisk, Simulation, mix64, to_tokio};
 use serde::{Deserialize, Serialize};
 
-use crate::scenario::DEADLOCK_AFTER;
+use crate::scenario::{DEADLOCK_AFTER, Draw};
 
 /// A region of a case.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,16 +82,6 @@ pub enum Broken {
 
 fn device_name(index: usize) -> String {
     format!("dev{index}")
-}
-
-/// A small seeded generator.
-struct Draw(u64);
-
-impl Draw {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = mix64(self.0);
-        self.0 % n.max(1)
-    }
 }
 
 impl Case {
