@@ -53,6 +53,8 @@ pub struct IoRecord {
     pub phase: u8,
     /// Sequence number of the issue.
     pub issued: u64,
+    /// Model time of the issue, µs after the log began.
+    pub issued_us: u64,
     /// Sequence number of the completion (`u64::MAX` while in flight).
     pub done: u64,
     /// Whether it succeeded.
@@ -89,8 +91,6 @@ struct LogInner {
     next: u64,
     phase: u8,
     records: Vec<IoRecord>,
-    /// Per record, its issue's model time (µs since the log began).
-    issued_us: Vec<u64>,
     marks: Vec<(u64, Mark)>,
     began: Option<tokio::time::Instant>,
 }
@@ -137,8 +137,8 @@ impl IoLog {
         let phase = inner.phase;
         let now = tokio::time::Instant::now();
         let since = inner.began.map_or(std::time::Duration::ZERO, |began| now.saturating_duration_since(began));
-        inner.issued_us.push(kcopyd_sim::to_model(since).as_micros() as u64);
-        inner.records.push(IoRecord { disk, kind, sectors, phase, issued, done: u64::MAX, ok: false });
+        let issued_us = kcopyd_sim::to_model(since).as_micros() as u64;
+        inner.records.push(IoRecord { disk, kind, sectors, phase, issued, issued_us, done: u64::MAX, ok: false });
         inner.records.len() - 1
     }
 
@@ -154,12 +154,6 @@ impl IoLog {
     /// Every request so far, in the order issued.
     pub fn records(&self) -> Vec<IoRecord> {
         self.lock().records.clone()
-    }
-
-    /// Per request of [`records`](IoLog::records), the model time of its issue, µs after the
-    /// log began.
-    pub fn issued_us(&self) -> Vec<u64> {
-        self.lock().issued_us.clone()
     }
 
     /// Every harness mark so far, with its sequence number.

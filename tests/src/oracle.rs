@@ -109,7 +109,7 @@ pub fn check(scenario: &Scenario, report: &Report) -> Vec<String> {
         check_concurrency(scenario, &views, phase, &mut violations);
     }
     check_shutdown(scenario, report, &views, &mut violations);
-    check_throttle(scenario, report, &views, &mut violations);
+    check_throttle(scenario, &views, &mut violations);
     check_prepared(scenario, report, &mut violations);
     for (t, disk) in report.targets.iter().enumerate() {
         for fault in disk.fault_log() {
@@ -766,14 +766,13 @@ fn check_contents(scenario: &Scenario, report: &Report, violations: &mut Vec<Str
 /// by its length, at its first request; an offloaded zero job moves no bytes) never exceed
 /// R·t plus the bucket, which holds one sub-job (the largest, if one is larger); twice that is
 /// allowed for rounding.
-fn check_throttle(scenario: &Scenario, report: &Report, views: &[JobView], violations: &mut Vec<String>) {
+fn check_throttle(scenario: &Scenario, views: &[JobView], violations: &mut Vec<String>) {
     let Some(rate) = scenario.config.throttle.rate_bytes_per_s else { return };
-    let position: BTreeMap<u64, usize> = report.io.iter().enumerate().map(|(i, r)| (r.issued, i)).collect();
     let mut issues: Vec<(u64, u64)> = Vec::new(); // (µs, bytes)
     for view in views {
         let mut first: BTreeMap<u64, (u64, bool)> = BTreeMap::new(); // sub-job: (µs, offloaded)
         for (record, _, rel) in &view.all {
-            let Some(&at) = report.io_issued_us.get(position[&record.issued]) else { continue };
+            let at = record.issued_us;
             let offloaded = record.kind == IoKind::WriteZeroes && *rel == (0..view.layout.len_sectors);
             for k in view.chunks_of(rel) {
                 let entry = first.entry(k).or_insert((at, offloaded));

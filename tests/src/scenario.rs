@@ -594,8 +594,6 @@ pub struct Report {
     pub target_logs_before_retry: Vec<Vec<FaultRecord>>,
     /// Every request the engine issued, in the order issued.
     pub io: Vec<IoRecord>,
-    /// Per request of `io`, the model time of its issue, µs after the start.
-    pub io_issued_us: Vec<u64>,
     /// The harness's marks (cancels, completions) on the requests' sequence.
     pub marks: Vec<(u64, Mark)>,
     /// What each shutdown call returned: the one in the middle of the run, if any, then the
@@ -806,7 +804,6 @@ pub fn run(scenario: &Scenario) -> Report {
             targets,
             target_logs_before_retry,
             io: log.records(),
-            io_issued_us: log.issued_us(),
             marks: log.marks(),
             shutdown_reports,
             prepared: prepared.lock().expect("not poisoned").clone(),

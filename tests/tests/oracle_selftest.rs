@@ -121,7 +121,6 @@ fn clone_report(report: &Report) -> Report {
         targets: report.targets.clone(),
         target_logs_before_retry: report.target_logs_before_retry.clone(),
         io: report.io.clone(),
-        io_issued_us: report.io_issued_us.clone(),
         marks: report.marks.clone(),
         shutdown_reports: report.shutdown_reports.clone(),
         prepared: report.prepared.clone(),
@@ -148,10 +147,11 @@ fn end_of_trace(report: &Report) -> u64 {
     requests.chain(report.marks.iter().map(|&(seq, _)| seq)).max().unwrap_or(0) + 1
 }
 
-/// A request appended at the end of the trace, succeeded.
+/// A request appended at the end of the trace, succeeded (its model time, 0, matters only to
+/// rule 17, whose test changes the times of true requests).
 fn append(report: &mut Report, disk: DiskRef, kind: IoKind, sectors: Range<u64>) {
     let issued = end_of_trace(report);
-    report.io.push(IoRecord { disk, kind, sectors, phase: 1, issued, done: issued + 1, ok: true });
+    report.io.push(IoRecord { disk, kind, sectors, phase: 1, issued, issued_us: 0, done: issued + 1, ok: true });
 }
 
 /// `set` with `sectors` added.
@@ -722,6 +722,7 @@ fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error() {
         let other = request(r, DiskRef::Target(0), IoKind::Write, 16);
         let known = r.io[failed].done.max(r.io[other].done);
         r.io.push(IoRecord {
+            issued_us: 0,
             disk: DiskRef::Source(0),
             kind: IoKind::Read,
             sectors: 24..32,
@@ -746,6 +747,7 @@ fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error() {
         r.io[other].done = end + 10;
         let issued = r.io[failed].done + 1;
         r.io.push(IoRecord {
+            issued_us: 0,
             disk: DiskRef::Source(0),
             kind: IoKind::Read,
             sectors: 24..32,
@@ -766,6 +768,7 @@ fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error() {
         let issued = r.io[failed].done + 1;
         let end = end_of_trace(r);
         r.io.push(IoRecord {
+            issued_us: 0,
             disk: DiskRef::Source(0),
             kind: IoKind::Read,
             sectors: 32..40,
@@ -775,6 +778,7 @@ fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error() {
             ok: true,
         });
         r.io.push(IoRecord {
+            issued_us: 0,
             disk: DiskRef::Source(0),
             kind: IoKind::Read,
             sectors: 40..48,
@@ -859,6 +863,7 @@ fn rule_9_no_sub_job_starts_after_a_cancel_and_cancelled_is_exact() {
         let mut sector = taken_end;
         while sector < 128 {
             r.io.push(IoRecord {
+                issued_us: 0,
                 disk: DiskRef::Source(0),
                 kind: IoKind::Read,
                 sectors: sector..sector + CHUNK,
@@ -1436,13 +1441,13 @@ fn rate_limited() -> Accepted {
 #[test]
 fn rule_17_a_rate_limited_client_stays_within_its_rate() {
     let run = rate_limited();
-    let last = *run.report.io_issued_us.iter().max().expect("requests");
+    let last = run.report.io.iter().map(|r| r.issued_us).max().expect("requests");
     assert!(last > 100_000, "the throttle spread the copy over {last} µs of model time");
     // Every request issued at once: 128 KiB at time 0, over a bucket of two sub-jobs.
-    let violations = run.tampered(|r| r.io_issued_us.iter_mut().for_each(|at| *at = 0));
+    let violations = run.tampered(|r| r.io.iter_mut().for_each(|record| record.issued_us = 0));
     fires("17", "all at once", &violations, "throttle of 1048576 B/s: ");
     // Twice as fast as allowed.
-    let violations = run.tampered(|r| r.io_issued_us.iter_mut().for_each(|at| *at /= 2));
+    let violations = run.tampered(|r| r.io.iter_mut().for_each(|record| record.issued_us /= 2));
     fires("17", "twice the rate", &violations, "throttle of 1048576 B/s: ");
     // The same run under a rate it did not have.
     let violations = run.with_scenario(|s| s.config.throttle.rate_bytes_per_s = Some(1 << 19));
