@@ -438,7 +438,9 @@ pub fn header_of(
     let mut device = |opened: &Opened| -> Result<(MapDevice, bool), CliError> {
         let refuse = |problem: String| CliError::argument(opened.role.name(), &opened.arg.text, problem);
         if opened.arg.text.contains('\n') {
-            return Err(refuse("the name holds a newline, which a --map line cannot record".into()));
+            // Named escaped, so that the message stays one line.
+            let problem = "the name holds a newline, which a --map line cannot record";
+            return Err(CliError::argument(opened.role.name(), opened.arg.text.escape_debug().to_string(), problem));
         }
         let (id, lasting) = identity::of(opened).map_err(refuse)?;
         if opened.is_file() {
