@@ -73,13 +73,6 @@ impl Interrupts {
             _ = self.sigterm.recv() => EXIT_SIGTERM,
         }
     }
-
-    /// The exit code of a signal that came since the last look, if one did (without
-    /// waiting). A command that works without awaiting (`map show`) yields to the runtime
-    /// now and then and looks here.
-    pub fn try_recv(&mut self) -> Option<u8> {
-        futures_util::FutureExt::now_or_never(self.recv())
-    }
 }
 
 /// How a watched job ended.

@@ -1779,3 +1779,74 @@ fn retry_failed_with_nothing_failed_or_no_map_says_so_and_exits_0() {
     assert!(ran.stderr.contains("records nothing failed"), "{ran:?}");
     assert_eq!(json(&ran)["bytes"], 0);
 }
+
+/// A FIFO at `path`, fed `bytes` by a thread that then keeps it open for `hold` (a map
+/// show reading to the end would wait that long).
+fn fifo_feeding(path: &Path, bytes: Vec<u8>, hold: Duration) -> std::thread::JoinHandle<()> {
+    assert!(Command::new("mkfifo").arg(path).status().unwrap().success());
+    let path = path.to_path_buf();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let mut fifo = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let _ = fifo.write_all(&bytes);
+        std::thread::sleep(hold);
+    })
+}
+
+#[test]
+fn map_show_refuses_a_file_that_is_not_a_map_after_its_first_line() {
+    let dir = TempDir::new("cli-map-show-big");
+    // 64 MiB of no newline, and more to come: only the first line's bound is read.
+    let fifo = dir.join("endless");
+    let feeder = fifo_feeding(&fifo, vec![b'x'; 64 * MIB], Duration::from_secs(8));
+    let started = Instant::now();
+    let ran = kcopyd(&["map", "show", s(&fifo)]);
+    assert_usage_error(&ran, &["FILE", "not a kcopyd map"]);
+    assert!(started.elapsed() < Duration::from_secs(4), "refused after the first line: {:?}", started.elapsed());
+    drop(feeder);
+}
+
+#[test]
+fn map_show_ends_at_once_on_sigint_and_sigterm_while_it_reads() {
+    let dir = TempDir::new("cli-map-show-signal");
+    for (signal, code) in [("-INT", 130), ("-TERM", 143)] {
+        let fifo = dir.join(&format!("map{code}"));
+        let feeder = fifo_feeding(&fifo, b"kcopyd-map 2\nsource 0 a\n".to_vec(), Duration::from_secs(8));
+        let child = Command::new(env!("CARGO_BIN_EXE_kcopyd"))
+            .args(["map", "show", s(&fifo)])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for_sigint_handler(child.id());
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap().success());
+        let signalled = Instant::now();
+        let ran = ran(child.wait_with_output().unwrap());
+        assert_eq!(ran.code, code, "{signal}: {ran:?}");
+        assert!(signalled.elapsed() < Duration::from_secs(2), "{signal}: at once, not {:?}", signalled.elapsed());
+        drop(feeder);
+    }
+}
+
+#[test]
+fn map_show_to_a_closed_stdout_exits_141_quietly() {
+    let dir = TempDir::new("cli-map-show-pipe");
+    let source = dir.file_with("source.img", &pattern(18, MIB));
+    let map = dir.join("copy.map");
+    assert_eq!(copy_mapped(&source, &dir.join("target.img"), &map, &["-q"]).code, 0);
+    // The map comes through a FIFO only once stdout's reader has gone.
+    let fifo = dir.join("map.fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kcopyd"))
+        .args(["map", "show", s(&fifo)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    fs::write(&fifo, fs::read(&map).unwrap()).unwrap();
+    let ran = ran(child.wait_with_output().unwrap());
+    assert_eq!(ran.code, 141, "{ran:?}");
+    assert!(ran.stderr.is_empty(), "quiet: {ran:?}");
+}

@@ -1,8 +1,9 @@
 //! `kcopyd map show FILE`: the map's copy, then done / failed / remaining by byte ranges.
 //!
 //! ```text
-//!  FILE ─► line by line (each at most LINE_BYTES_MAX) ─► B-tree sets ─► five lines on stdout
-//!           every SIGNAL_CHECK_LINES lines: yield, look for SIGINT/SIGTERM (exit 130/143)
+//!  reader thread: FILE ─► line by line (each at most LINE_BYTES_MAX) ─► B-tree sets ─┐
+//!  command: waits for the sets, or for SIGINT/SIGTERM (exit 130/143 at once) ◄───────┘
+//!           ─► five lines on stdout
 //!  stdout closed by its reader ─► stop quietly, exit 141
 //! ```
 
@@ -13,12 +14,10 @@ use std::path::Path;
 
 use kcopyd_core::SECTOR_SIZE;
 
-use super::{Intervals, MapError, MapLines, MapParser, complement, describe};
+use super::{Intervals, MapHeader, MapLines, MapParser, MapState, complement, describe};
 use crate::error::{CliError, Status};
 use crate::progress::Interrupts;
 
-/// Lines read between two looks for a signal.
-pub const SIGNAL_CHECK_LINES: u64 = 64 * 1024;
 /// The exit code when standard output was closed by its reader (128 + SIGPIPE), as a shell
 /// reports a program killed by SIGPIPE.
 pub const EXIT_STDOUT_CLOSED: u8 = 141;
@@ -31,22 +30,20 @@ pub const RANGES_SHOWN: usize = 8;
 /// The file cannot be read or is not a map.
 pub async fn show(path: &Path, interrupts: &mut Interrupts) -> Result<Status, CliError> {
     let error = |problem: String| CliError::argument("FILE", path.display().to_string(), problem);
-    let file = File::open(path).map_err(|e| error(format!("cannot read it ({e})")))?;
-    let mut lines = MapLines::new(BufReader::new(file));
-    let mut parser = MapParser::default();
-    loop {
-        let next = lines.next_line().map_err(|e| error(e.to_string()))?;
-        let Some((number, line)) = next else { break };
-        parser.feed(number, line).map_err(|e| error(e.to_string()))?;
-        if number % SIGNAL_CHECK_LINES == 0 {
-            // Let the runtime take in a signal, then look for one.
-            tokio::task::yield_now().await;
-            if let Some(code) = interrupts.try_recv() {
-                return Ok(Status::Interrupted(code));
-            }
-        }
-    }
-    let (header, state) = parser.finish().map_err(|e: MapError| error(e.to_string()))?;
+    // Read on a thread of its own, so that a signal ends the command at once even while a
+    // read waits (a FIFO, a hung network filesystem): the process exits without it.
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    let owned = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("map-show".into())
+        .spawn(move || {
+            let _ = sender.send(read_map(&owned));
+        })
+        .map_err(|source| CliError::Start { what: "the map reader", source })?;
+    let (header, state) = tokio::select! {
+        read = receiver => read.expect("the reader sends before it ends").map_err(error)?,
+        code = interrupts.recv() => return Ok(Status::Interrupted(code)),
+    };
     let mut stdout = io::stdout().lock();
     let written = (|| -> io::Result<()> {
         writeln!(stdout, "map {}: {}", path.display(), describe(&header))?;
@@ -69,6 +66,17 @@ pub async fn show(path: &Path, interrupts: &mut Interrupts) -> Result<Status, Cl
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(Status::Interrupted(EXIT_STDOUT_CLOSED)),
         Err(e) => Err(CliError::Io { operation: "writing the map's summary to", path: "stdout".into(), source: e }),
     }
+}
+
+/// Reads the map at `path`, line by line.
+fn read_map(path: &Path) -> Result<(MapHeader, MapState), String> {
+    let file = File::open(path).map_err(|e| format!("cannot read it ({e})"))?;
+    let mut lines = MapLines::new(BufReader::new(file));
+    let mut parser = MapParser::default();
+    while let Some((number, line)) = lines.next_line().map_err(|e| e.to_string())? {
+        parser.feed(number, line).map_err(|e| e.to_string())?;
+    }
+    parser.finish().map_err(|e| e.to_string())
 }
 
 /// One line: bytes, ranges and the first [`RANGES_SHOWN`] ranges of `set` (in bytes).
