@@ -219,7 +219,7 @@ async fn run_mapped(
     created: &mut devices::CreatedFiles,
 ) -> Result<JobRun, CliError> {
     let failed = mapped.map.state.failed();
-    let work = if mapped.retry_failed { failed.to_range_set() } else { mapped.map.state.remaining(mapped.len_sectors) };
+    let work = if mapped.retry_failed { failed.clone() } else { mapped.map.state.remaining(mapped.len_sectors) };
     let client = start_client(context.settings)?;
     let started = Instant::now();
     let bar = progress::byte_bar(progress::bars_wanted(context.output.quiet), len_bytes, "copy");
@@ -240,7 +240,7 @@ async fn run_mapped(
     }
     bar.finish_and_clear();
     // Whatever the map does not hold as done is not copied, on every target.
-    let not_done: RangeSet = map::complement(&mapped.map.state.done, mapped.len_sectors).collect();
+    let not_done: RangeSet = map::complement(&mapped.map.state.done.to_range_set(), mapped.len_sectors).collect();
     for (report, target) in run.outcome.targets.iter_mut().zip(targets) {
         report.not_copied = not_done.shifted(0, target.start_sector()).expect("the copy lies inside every target");
     }

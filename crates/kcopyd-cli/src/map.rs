@@ -188,27 +188,18 @@ impl MapState {
     }
 
     /// Every failed sector (read or write).
-    pub fn failed(&self) -> Intervals {
-        let mut failed = self.read_failed.clone();
-        for set in &self.write_failed {
-            failed.extend(set);
-        }
-        failed
+    pub fn failed(&self) -> RangeSet {
+        union(std::iter::once(&self.read_failed).chain(&self.write_failed))
     }
 
     /// Every write-failed sector, whichever target.
-    pub fn write_failed_any(&self) -> Intervals {
-        let mut failed = Intervals::default();
-        for set in &self.write_failed {
-            failed.extend(set);
-        }
-        failed
+    pub fn write_failed_any(&self) -> RangeSet {
+        union(self.write_failed.iter())
     }
 
     /// Sectors of `0..len_sectors` neither done nor failed, in order.
     pub fn remaining(&self, len_sectors: u64) -> RangeSet {
-        let mut covered = self.failed();
-        covered.extend(&self.done);
+        let covered = union([&self.done, &self.read_failed].into_iter().chain(&self.write_failed));
         complement(&covered, len_sectors).collect()
     }
 
@@ -231,10 +222,29 @@ impl MapState {
     }
 }
 
+/// The union of `sets`: their ranges gathered, sorted (runs already in order sort in linear
+/// time) and merged, without a B-tree insert per range.
+pub fn union<'a>(sets: impl Iterator<Item = &'a Intervals>) -> RangeSet {
+    let mut all: Vec<Range<u64>> = Vec::new();
+    for set in sets {
+        all.extend(set.iter());
+    }
+    all.sort_by_key(|range| range.start);
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(all.len());
+    for range in all {
+        match merged.last_mut() {
+            Some(last) if range.start <= last.end => last.end = last.end.max(range.end),
+            _ => merged.push(range),
+        }
+    }
+    merged.into_iter().collect()
+}
+
 /// The ranges of `0..len_sectors` not in `set`, in order.
-pub fn complement(set: &Intervals, len_sectors: u64) -> impl Iterator<Item = Range<u64>> + '_ {
+pub fn complement(set: &RangeSet, len_sectors: u64) -> impl Iterator<Item = Range<u64>> + '_ {
     let mut at = 0;
-    set.iter()
+    set.ranges()
+        .iter()
         .map(Some)
         .chain(std::iter::once(None))
         .filter_map(move |next| {
@@ -681,18 +691,14 @@ fn check_header(found: &MapHeader, expected: &MapHeader, guard: &MapGuard) -> Re
 /// Worked example, 4-sector batches, gaps of up to 128 sectors merged: work {0..2, 10..12,
 /// 400..409}, nothing failed: 0..12 (one job over the done gap 2..10) is cut into 0..4, 4..8,
 /// 8..12; 400..409 into 400..404, 404..408, 408..409: six batches of one job each.
-pub fn batches(work: &RangeSet, failed: &Intervals, batch_sectors: u64) -> Vec<Vec<Range<u64>>> {
+pub fn batches(work: &RangeSet, failed: &RangeSet, batch_sectors: u64) -> Vec<Vec<Range<u64>>> {
     assert!(batch_sectors > 0);
     let gap_sectors = GAP_MERGE_BYTES / SECTOR_SIZE as u64;
-    // The failed sectors, to look gaps up in (one walk in step with the work).
-    let failed: Vec<Range<u64>> = failed.iter().collect();
     let mut spans: Vec<Range<u64>> = Vec::new();
     for range in work.ranges() {
         if let Some(last) = spans.last_mut() {
             let gap = last.end..range.start;
-            let at = failed.partition_point(|f| f.end <= gap.start);
-            let gap_failed = failed.get(at).is_some_and(|f| f.start < gap.end);
-            if gap.end - gap.start <= gap_sectors && !gap_failed {
+            if gap.end - gap.start <= gap_sectors && !failed.intersects(&gap) {
                 last.end = range.end;
                 continue;
             }
@@ -859,23 +865,22 @@ mod tests {
         let work: RangeSet = [0..2, 10..12, 400..409].into_iter().collect();
         let gap = GAP_MERGE_BYTES / SECTOR_SIZE as u64;
         assert!(gap >= 128 && gap < 398);
-        let found = batches(&work, &Intervals::default(), 4);
+        let found = batches(&work, &RangeSet::new(), 4);
         let expected: Vec<Vec<Range<u64>>> =
             vec![vec![0..4], vec![4..8], vec![8..12], vec![400..404], vec![404..408], vec![408..409]];
         assert_eq!(found, expected);
         // A failed sector in the gap keeps the ranges apart (it is not read again).
-        let mut failed = Intervals::default();
-        failed.insert(5..6);
+        let failed = RangeSet::from_range(5..6);
         assert_eq!(batches(&work, &failed, 1 << 20), vec![vec![0..2, 10..12, 400..409]]);
         // A million one-sector ranges far apart: batches of at most JOBS_PER_BATCH_MAX jobs.
         let scattered: RangeSet = (0..1_000_000u64).map(|i| i * 1000..i * 1000 + 1).collect();
-        let found = batches(&scattered, &Intervals::default(), 1 << 30);
+        let found = batches(&scattered, &RangeSet::new(), 1 << 30);
         assert!(found.iter().all(|b| b.len() <= JOBS_PER_BATCH_MAX));
         assert_eq!(found.iter().map(Vec::len).sum::<usize>(), 1_000_000);
         assert_eq!(found.len(), 1_000_000usize.div_ceil(JOBS_PER_BATCH_MAX));
         // The same ranges close together: one job per batch's worth of sectors.
         let close: RangeSet = (0..1_000_000u64).map(|i| i * 4..i * 4 + 1).collect();
-        let found = batches(&close, &Intervals::default(), 1 << 20);
+        let found = batches(&close, &RangeSet::new(), 1 << 20);
         assert_eq!(found.len(), 4, "{} batches", found.len());
         assert!(found.iter().all(|b| b.len() == 1));
     }
@@ -948,11 +953,11 @@ mod tests {
         }
         // At most the batch in flight was written beyond what the map holds.
         let written = target.stats().written_bytes;
-        assert!(written <= (crashed.done.len_sectors() + BATCH_SECTORS) * 512, "{crash_ms} ms: {written} written");
+        assert!(written <= (crashed.done.to_range_set().len_sectors() + BATCH_SECTORS) * 512, "{crash_ms} ms: {written} written");
         let resumed = copy(None);
         assert_eq!(resumed.done.to_range_set(), RangeSet::from_range(0..LEN_SECTORS), "{crash_ms} ms");
         let resumed_bytes = target.stats().written_bytes - written;
-        assert_eq!(resumed_bytes, (LEN_SECTORS - crashed.done.len_sectors()) * 512, "only what was not done");
+        assert_eq!(resumed_bytes, (LEN_SECTORS - crashed.done.to_range_set().len_sectors()) * 512, "only what was not done");
         assert!(target.snapshot(0, LEN_SECTORS) == source.snapshot(0, LEN_SECTORS), "{crash_ms} ms: identical");
         assert!(target.geometry().len_sectors == LEN_SECTORS);
         let _ = std::fs::remove_file(&path);

@@ -34,9 +34,8 @@ impl Intervals {
                 end = end.max(before_end);
             }
         }
-        // Every range starting inside start..=end is swallowed.
-        let swallowed: Vec<(u64, u64)> = self.by_start.range(start..=end).map(|(&s, &e)| (s, e)).collect();
-        for (at, at_end) in swallowed {
+        // Every range starting inside start..=end is swallowed (one at a time: no allocation).
+        while let Some((&at, &at_end)) = self.by_start.range(start..=end).next() {
             end = end.max(at_end);
             self.by_start.remove(&at);
         }
@@ -57,8 +56,7 @@ impl Intervals {
                 }
             }
         }
-        let inside: Vec<(u64, u64)> = self.by_start.range(range.clone()).map(|(&s, &e)| (s, e)).collect();
-        for (at, at_end) in inside {
+        while let Some((&at, &at_end)) = self.by_start.range(range.clone()).next() {
             self.by_start.remove(&at);
             if at_end > range.end {
                 self.by_start.insert(range.end, at_end);
@@ -66,31 +64,9 @@ impl Intervals {
         }
     }
 
-    /// Adds every range of `other`.
-    pub fn extend(&mut self, other: &Intervals) {
-        for range in other.iter() {
-            self.insert(range);
-        }
-    }
-
     /// The ranges in order.
     pub fn iter(&self) -> impl Iterator<Item = Range<u64>> + '_ {
         self.by_start.iter().map(|(&start, &end)| start..end)
-    }
-
-    /// Number of ranges.
-    pub fn count(&self) -> usize {
-        self.by_start.len()
-    }
-
-    /// Number of sectors.
-    pub fn len_sectors(&self) -> u64 {
-        self.iter().map(|r| r.end - r.start).sum()
-    }
-
-    /// Whether no sector is in the set.
-    pub fn is_empty(&self) -> bool {
-        self.by_start.is_empty()
     }
 
     /// The same ranges as a [`RangeSet`] (built in order: each push is O(log n)).

@@ -9,12 +9,11 @@
 
 use std::fs::File;
 use std::io::{self, BufReader, Write};
-use std::ops::Range;
 use std::path::Path;
 
-use kcopyd_core::SECTOR_SIZE;
+use kcopyd_core::{RangeSet, SECTOR_SIZE};
 
-use super::{Intervals, MapHeader, MapLines, MapParser, MapState, complement, describe};
+use super::{MapHeader, MapLines, MapParser, MapState, describe};
 use crate::error::{CliError, Status};
 use crate::progress::Interrupts;
 
@@ -47,17 +46,10 @@ pub async fn show(path: &Path, interrupts: &mut Interrupts) -> Result<Status, Cl
     let mut stdout = io::stdout().lock();
     let written = (|| -> io::Result<()> {
         writeln!(stdout, "map {}: {}", path.display(), describe(&header))?;
-        line(&mut stdout, "done", &state.done)?;
-        line(&mut stdout, "read failed", &state.read_failed)?;
+        line(&mut stdout, "done", &state.done.to_range_set())?;
+        line(&mut stdout, "read failed", &state.read_failed.to_range_set())?;
         line(&mut stdout, "write failed", &state.write_failed_any())?;
-        let mut covered = state.failed();
-        covered.extend(&state.done);
-        let remaining: Intervals = {
-            let mut set = Intervals::default();
-            complement(&covered, header.len_sectors()).for_each(|r| set.insert(r));
-            set
-        };
-        line(&mut stdout, "remaining", &remaining)?;
+        line(&mut stdout, "remaining", &state.remaining(header.len_sectors()))?;
         stdout.flush()
     })();
     match written {
@@ -80,16 +72,16 @@ fn read_map(path: &Path) -> Result<(MapHeader, MapState), String> {
 }
 
 /// One line: bytes, ranges and the first [`RANGES_SHOWN`] ranges of `set` (in bytes).
-fn line(out: &mut impl Write, label: &str, set: &Intervals) -> io::Result<()> {
+fn line(out: &mut impl Write, label: &str, set: &RangeSet) -> io::Result<()> {
     let sector = SECTOR_SIZE as u64;
     let bytes = set.len_sectors() * sector;
-    let mut text = format!("  {label:<13} {bytes:>15} bytes in {:>6} ranges ", set.count());
-    let shown: Vec<Range<u64>> = set.iter().take(RANGES_SHOWN).collect();
-    for range in &shown {
+    let count = set.ranges().len();
+    let mut text = format!("  {label:<13} {bytes:>15} bytes in {count:>6} ranges ");
+    for range in set.ranges().iter().take(RANGES_SHOWN) {
         text += &format!(" {}..{}", range.start * sector, range.end * sector);
     }
-    if set.count() > RANGES_SHOWN {
-        text += &format!(" and {} more", set.count() - RANGES_SHOWN);
+    if count > RANGES_SHOWN {
+        text += &format!(" and {} more", count - RANGES_SHOWN);
     }
     writeln!(out, "{}", text.trim_end())
 }
