@@ -1850,3 +1850,27 @@ fn map_show_to_a_closed_stdout_exits_141_quietly() {
     assert_eq!(ran.code, 141, "{ran:?}");
     assert!(ran.stderr.is_empty(), "quiet: {ran:?}");
 }
+
+#[test]
+fn a_map_refuses_a_block_device_that_now_holds_another_file() {
+    let test = "a_map_refuses_a_block_device_that_now_holds_another_file";
+    let dir = TempDir::new("cli-map-loop");
+    let source = dir.file_with("source.img", &pattern(19, 2 * MIB));
+    let (first, second) = (dir.file_with("first.img", &[0u8; 2 * MIB]), dir.file_with("second.img", &[0u8; 2 * MIB]));
+    let map = dir.join("copy.map");
+    let path = {
+        let Some(device) = LoopDevice::attach_or_skip(test, &first, 512) else { return };
+        let path = device.path().to_path_buf();
+        assert_eq!(copy_mapped(&source, &path, &map, &["-q"]).code, 0);
+        path
+    };
+    // The same loop device, the same size, another file behind it.
+    let Some(device) = LoopDevice::attach_or_skip(test, &second, 512) else { return };
+    if device.path() != path {
+        skip(test, "the loop device came back under another name");
+        return;
+    }
+    let ran = copy_mapped(&source, device.path(), &map, &[]);
+    assert_usage_error(&ran, &["TARGET", "not the device the map was written for", "delete the map"]);
+    assert!(fs::read(&second).unwrap().iter().all(|&b| b == 0), "nothing written");
+}
