@@ -257,7 +257,12 @@ async fn run_mapped(
 /// # Errors
 /// A batch smaller than one logical block, or a map that cannot be used (see
 /// [`CopyMap::open`]); a map created here is removed again.
-fn open_map(path: &std::path::Path, args: &CopyArgs, plan: &devices::Plan, created: &[bool]) -> Result<(CopyMap, u64), CliError> {
+fn open_map(
+    path: &std::path::Path,
+    args: &CopyArgs,
+    plan: &devices::Plan,
+    created: &[bool],
+) -> Result<(CopyMap, u64), CliError> {
     let block_bytes = std::iter::once(&plan.source).chain(&plan.targets).map(Opened::block_bytes).max().unwrap_or(512);
     let batch_bytes = args.map_batch_bytes / block_bytes * block_bytes;
     if batch_bytes == 0 {

@@ -150,7 +150,8 @@ pub struct MapHeader {
 impl MapHeader {
     fn render(&self) -> String {
         let mut text = format!("{MAGIC}\n");
-        for (word, device) in std::iter::once(("source", &self.source)).chain(self.targets.iter().map(|t| ("target", t)))
+        for (word, device) in
+            std::iter::once(("source", &self.source)).chain(self.targets.iter().map(|t| ("target", t)))
         {
             text += &format!("{word} {} {}\nid {}\n", device.offset_bytes, device.name, device.id);
         }
@@ -243,19 +244,15 @@ pub fn union<'a>(sets: impl Iterator<Item = &'a Intervals>) -> RangeSet {
 /// The ranges of `0..len_sectors` not in `set`, in order.
 pub fn complement(set: &RangeSet, len_sectors: u64) -> impl Iterator<Item = Range<u64>> + '_ {
     let mut at = 0;
-    set.ranges()
-        .iter()
-        .map(Some)
-        .chain(std::iter::once(None))
-        .filter_map(move |next| {
-            let (start, end) = match next {
-                Some(range) => (range.start.min(len_sectors), range.end.min(len_sectors)),
-                None => (len_sectors, len_sectors),
-            };
-            let gap = (at < start).then(|| at..start);
-            at = at.max(end);
-            gap
-        })
+    set.ranges().iter().map(Some).chain(std::iter::once(None)).filter_map(move |next| {
+        let (start, end) = match next {
+            Some(range) => (range.start.min(len_sectors), range.end.min(len_sectors)),
+            None => (len_sectors, len_sectors),
+        };
+        let gap = (at < start).then_some(at..start);
+        at = at.max(end);
+        gap
+    })
 }
 
 /// A map read line by line, each line at most [`LINE_BYTES_MAX`] bytes: a file that is not a
@@ -288,7 +285,11 @@ impl<R: BufRead> MapLines<R> {
         self.number += 1;
         if self.buf.last() != Some(&b'\n') {
             if read as u64 == limit {
-                return Err(if self.number == 1 { MapError::NotAMap } else { MapError::LineTooLong { line: self.number } });
+                return Err(if self.number == 1 {
+                    MapError::NotAMap
+                } else {
+                    MapError::LineTooLong { line: self.number }
+                });
             }
             self.torn = read > 0;
             return Ok(None);
@@ -517,8 +518,7 @@ impl CopyMap {
                 .map_err(|e| error(format!("cannot write it ({e})")))?;
             return Ok(map);
         }
-        let (found, state, complete_bytes) =
-            parse(BufReader::new(&map.file)).map_err(|e| error(e.to_string()))?;
+        let (found, state, complete_bytes) = parse(BufReader::new(&map.file)).map_err(|e| error(e.to_string()))?;
         check_header(&found, header, guard).map_err(error)?;
         if complete_bytes < len_bytes {
             // A torn last line (a crash during an append): cut it off, so that the next
@@ -864,7 +864,7 @@ mod tests {
     fn batches_merge_small_done_gaps_but_never_a_failed_one_and_bound_jobs_and_sectors() {
         let work: RangeSet = [0..2, 10..12, 400..409].into_iter().collect();
         let gap = GAP_MERGE_BYTES / SECTOR_SIZE as u64;
-        assert!(gap >= 128 && gap < 398);
+        assert!((128..398).contains(&gap));
         let found = batches(&work, &RangeSet::new(), 4);
         let expected: Vec<Vec<Range<u64>>> =
             vec![vec![0..4], vec![4..8], vec![8..12], vec![400..404], vec![404..408], vec![408..409]];
@@ -953,11 +953,18 @@ mod tests {
         }
         // At most the batch in flight was written beyond what the map holds.
         let written = target.stats().written_bytes;
-        assert!(written <= (crashed.done.to_range_set().len_sectors() + BATCH_SECTORS) * 512, "{crash_ms} ms: {written} written");
+        assert!(
+            written <= (crashed.done.to_range_set().len_sectors() + BATCH_SECTORS) * 512,
+            "{crash_ms} ms: {written} written"
+        );
         let resumed = copy(None);
         assert_eq!(resumed.done.to_range_set(), RangeSet::from_range(0..LEN_SECTORS), "{crash_ms} ms");
         let resumed_bytes = target.stats().written_bytes - written;
-        assert_eq!(resumed_bytes, (LEN_SECTORS - crashed.done.to_range_set().len_sectors()) * 512, "only what was not done");
+        assert_eq!(
+            resumed_bytes,
+            (LEN_SECTORS - crashed.done.to_range_set().len_sectors()) * 512,
+            "only what was not done"
+        );
         assert!(target.snapshot(0, LEN_SECTORS) == source.snapshot(0, LEN_SECTORS), "{crash_ms} ms: identical");
         assert!(target.geometry().len_sectors == LEN_SECTORS);
         let _ = std::fs::remove_file(&path);
@@ -970,5 +977,4 @@ mod tests {
             crash_and_resume(crash_ms);
         }
     }
-
 }

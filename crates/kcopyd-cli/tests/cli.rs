@@ -1677,7 +1677,8 @@ fn a_map_refuses_devices_that_are_not_the_ones_it_was_written_for() {
     assert_eq!(fs::read(&map).unwrap(), map_before, "a refused run leaves the map as it was");
     // A map from before maps recorded identities cannot vouch for anything.
     let old = dir.join("old.map");
-    let header = format!("kcopyd-map 1\nsource 0 {}\ntarget 0 {}\nlength {}\ndone 0 4096\n", s(&source), s(&target), 2 * MIB);
+    let header =
+        format!("kcopyd-map 1\nsource 0 {}\ntarget 0 {}\nlength {}\ndone 0 4096\n", s(&source), s(&target), 2 * MIB);
     fs::write(&old, header).unwrap();
     assert_usage_error(&copy_mapped(&source, &target, &old, &[]), &["--map", "no identity", "delete it"]);
     assert!(fs::read(&target).unwrap().iter().all(|&b| b == 0), "nothing written");

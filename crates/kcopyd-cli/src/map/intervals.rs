@@ -97,7 +97,11 @@ mod tests {
             let (a, b) = (seed % LEN, (seed >> 8) % (LEN + 1));
             let range = a.min(b)..a.max(b);
             let add = (seed >> 20) % 3 != 0;
-            if add { set.insert(range.clone()) } else { set.remove(range.clone()) }
+            if add {
+                set.insert(range.clone())
+            } else {
+                set.remove(range.clone())
+            }
             for sector in range {
                 flat[sector as usize] = add;
             }
