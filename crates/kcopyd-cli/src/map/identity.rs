@@ -4,7 +4,7 @@
 //! ```text
 //!  regular file  file dev=2049 ino=131 size=8589934592 born=1765080000.123456789
 //!  block device  block rdev=8:16 size=1000204886016 wwid=naa.5000c500a1b2c3d4
-//!  NBD export    nbd size=1073741824 block=512 flags=writable
+//!  NBD export    nbd size=1073741824 flags=read-only:0,multi-conn:1,trim:1 block=512
 //!  sim: disk     sim size=1073741824                (lives for one run: never resumed)
 //! ```
 //!
@@ -32,7 +32,10 @@ pub fn of(opened: &Opened) -> Result<(String, bool), String> {
         let geometry = opened.device.geometry();
         let len_bytes = geometry.len_sectors * SECTOR_SIZE as u64;
         return Ok(match &opened.arg.backend {
-            Backend::Nbd(_) => (format!("nbd size={len_bytes} block={}", geometry.logical_block_size), true),
+            Backend::Nbd(_) => {
+                let export = opened.export.as_deref().unwrap_or("size=unknown");
+                (format!("nbd {export} block={}", geometry.logical_block_size), true)
+            }
             _ => (format!("sim size={len_bytes}"), false),
         });
     };
