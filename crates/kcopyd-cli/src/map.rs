@@ -604,17 +604,22 @@ fn open_locked(path: &Path, guard: &MapGuard) -> Result<(File, bool), String> {
     options.read(true).append(true);
     let (file, created) = match existing {
         Some(_) => (options.open(path), false),
-        None => (options.create_new(true).open(path), true),
+        // Another run may create it first: then it is that run's, and its lock says so.
+        None => match OpenOptions::new().read(true).append(true).create_new(true).open(path) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => (options.open(path), false),
+            created => (created, true),
+        },
     };
     let file = file.map_err(|e| format!("cannot open it for appending ({e})"))?;
-    // Removed again if anything below refuses.
+    // Removed again if anything below refuses, unless another run locked it first (it is
+    // using it now).
+    lock(&file)?;
     let unlink = |problem: String| {
         if created {
             let _ = std::fs::remove_file(path);
         }
         problem
     };
-    lock(&file).map_err(unlink)?;
     let opened = file.metadata().map_err(|e| unlink(format!("cannot read it ({e})")))?;
     match std::fs::metadata(path) {
         Ok(now) if (now.dev(), now.ino()) == (opened.dev(), opened.ino()) => Ok((file, created)),
@@ -884,6 +889,34 @@ mod tests {
         assert_eq!(found.len(), 4, "{} batches", found.len());
         assert!(found.iter().all(|b| b.len() == 1));
     }
+    /// Copies what `map` says remains, in batches, as the command does: returns at the first
+    /// job with errors or failed flush.
+    async fn copy_remaining(
+        client: &kcopyd_core::Client,
+        map: &mut CopyMap,
+        len_sectors: u64,
+        batch_sectors: u64,
+        (source, targets): (&Device, &[(Device, u64)]),
+    ) {
+        let work = map.state.remaining(len_sectors);
+        for batch in batches(&work, &map.state.failed(), batch_sectors) {
+            let mut jobs = Vec::new();
+            for range in batch {
+                let job = batch_job(&range, (source, 0), targets, Flags::empty(), Sparse::OFF);
+                let outcome = client.submit(job).await.unwrap().await;
+                let ok = outcome.is_ok();
+                jobs.push((range, outcome));
+                if !ok {
+                    break;
+                }
+            }
+            let flushes = finish_batch(map, &jobs, 0, targets).await.unwrap();
+            if jobs.iter().any(|(_, outcome)| !outcome.is_ok()) || flushes.iter().any(Option::is_some) {
+                return;
+            }
+        }
+    }
+
     /// A copy in batches whose target crashes (its volatile cache lost) at `crash_ms` of
     /// virtual time, then resumed from the map as a new run would: returns nothing, asserts.
     fn crash_and_resume(crash_ms: u64) {
@@ -930,16 +963,7 @@ mod tests {
                         target.crash();
                     });
                 }
-                let work = map.state.remaining(LEN_SECTORS);
-                for batch in batches(&work, &map.state.failed(), BATCH_SECTORS) {
-                    let job = batch_job(&batch[0], (&source_device, 0), &targets, Flags::empty(), Sparse::OFF);
-                    let outcome = client.submit(job).await.unwrap().await;
-                    let jobs = [(batch[0].clone(), outcome.clone())];
-                    let flushes = finish_batch(&mut map, &jobs, 0, &targets).await.unwrap();
-                    if !outcome.is_ok() || flushes.iter().any(Option::is_some) {
-                        break;
-                    }
-                }
+                copy_remaining(&client, &mut map, LEN_SECTORS, BATCH_SECTORS, (&source_device, &targets)).await;
                 map.state.clone()
             })
             .unwrap()
