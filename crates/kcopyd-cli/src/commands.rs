@@ -238,6 +238,9 @@ async fn run_mapped(
             break;
         }
     }
+    // The run went through, also with nothing to copy: what it created stays.
+    created.keep();
+    mapped.map.keep();
     bar.finish_and_clear();
     // Whatever the map does not hold as done is not copied, on every target.
     let not_done: RangeSet = map::complement(&mapped.map.state.done.to_range_set(), mapped.len_sectors).collect();

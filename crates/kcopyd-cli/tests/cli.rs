@@ -1875,3 +1875,17 @@ fn a_map_refuses_a_block_device_that_now_holds_another_file() {
     assert_usage_error(&ran, &["TARGET", "not the device the map was written for", "delete the map"]);
     assert!(fs::read(&second).unwrap().iter().all(|&b| b == 0), "nothing written");
 }
+
+#[test]
+fn a_mapped_copy_with_no_whole_block_keeps_the_target_and_the_map_it_created() {
+    let dir = TempDir::new("cli-map-tail");
+    // 100 bytes: no whole block for the engine, only the tail.
+    let data = pattern(25, 100);
+    let source = dir.file_with("source.img", &data);
+    let (target, map) = (dir.join("target.img"), dir.join("copy.map"));
+    let ran = copy_mapped(&source, &target, &map, &["-q"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert_eq!(fs::read(&target).ok(), Some(data), "the created target stays");
+    assert!(map.exists(), "the map stays");
+    assert_eq!(copy_mapped(&source, &target, &map, &["-q"]).code, 0, "and the same command runs again");
+}
