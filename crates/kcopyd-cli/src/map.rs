@@ -825,6 +825,49 @@ mod tests {
     }
 
     #[test]
+    fn random_records_replay_as_a_flat_model_of_the_later_line_winning() {
+        // Per sector: done, read-failed, write-failed on target 0 / 1, as the format says.
+        const LEN: u64 = 96;
+        let mut header = header();
+        header.len_bytes = LEN * 512;
+        header.targets.push(device(0, "u.img", "file dev=1 ino=4 size=49152 born=7.000000000"));
+        let mut flat = vec![[false; 4]; LEN as usize];
+        let mut text = header.render();
+        let mut seed = 0x1234_5678_9abc_def1u64;
+        for _ in 0..3000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let (a, b) = (seed % LEN, (seed >> 8) % LEN);
+            let range = a.min(b)..a.max(b) + 1;
+            let kind = (seed >> 16) % 4;
+            text += &match kind {
+                0 => format!("done {} {}\n", range.start, range.end),
+                1 => format!("read-failed {} {}\n", range.start, range.end),
+                _ => format!("write-failed {} {} {}\n", kind - 2, range.start, range.end),
+            };
+            for sector in range {
+                let state = &mut flat[sector as usize];
+                if kind == 0 {
+                    *state = [true, false, false, false];
+                } else {
+                    state[0] = false;
+                    state[kind as usize] = true;
+                }
+            }
+        }
+        let (_, state, _) = parse_text(&text).unwrap();
+        let sets = [&state.done, &state.read_failed, &state.write_failed[0], &state.write_failed[1]];
+        for (sector, expected) in flat.iter().enumerate() {
+            let found = sets.map(|set| set.iter().any(|r| r.contains(&(sector as u64))));
+            assert_eq!(&found, expected, "sector {sector}");
+        }
+        let remaining: Vec<u64> = (0..LEN).filter(|&s| flat[s as usize].iter().all(|&b| !b)).collect();
+        let found: Vec<u64> = state.remaining(LEN).ranges().iter().flat_map(|r| r.clone()).collect();
+        assert_eq!(found, remaining);
+    }
+
+    #[test]
     fn bad_maps_are_refused_with_the_line() {
         let refused = |text: &str| parse_text(text).unwrap_err().to_string();
         assert!(refused("something else\n").contains("not a kcopyd map"));
