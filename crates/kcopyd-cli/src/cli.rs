@@ -385,7 +385,10 @@ pub struct CopyArgs {
     pub sparse_size_bytes: u64,
     /// Record in FILE which ranges are copied, failed to read and failed to write (appended
     /// and fsynced after every batch); run the same command with the same FILE again to copy
-    /// only what is not done. A FILE written for another copy is refused.
+    /// only what is not done. FILE records which devices it is for (a file's inode, size and
+    /// birth time; a block device's number, size and ids) and is locked for the run: a FILE
+    /// written for another copy, or for a device that changed since (deleted, replaced,
+    /// resized), is refused, naming it; delete FILE to start over.
     #[arg(long, value_name = "FILE")]
     pub map: Option<std::path::PathBuf>,
     /// With --map: bytes per batch (one flush of the targets and one fsync of the map); a
@@ -399,7 +402,8 @@ pub struct CopyArgs {
     )]
     pub map_batch_bytes: u64,
     /// With --map: copy only the ranges the map records as failed, with --ignore-errors (so
-    /// that unreadable blocks are narrowed down again).
+    /// that unreadable blocks are narrowed down again). With no map yet, or nothing failed, it
+    /// says so and exits 0.
     #[arg(long, requires = "map")]
     pub retry_failed: bool,
     /// Every target already reads as zeroes (a new file, a fresh thin volume): write nothing

@@ -10,7 +10,7 @@ use crate::clock::Instant;
 use crate::compare::{self, CompareShape, Comparison, Side};
 use crate::devices::{self, Opened, Settings};
 use crate::error::{CliError, Status};
-use crate::map::{self, CopyMap, MapHeader};
+use crate::map::{self, CopyMap};
 use crate::progress::{self, Interrupts};
 use crate::report::{self, Report, SourceReport, TargetReport, TargetVerify};
 use crate::tail::Tail;
@@ -125,7 +125,7 @@ struct Mapped<'a> {
     retry_failed: bool,
 }
 
-/// A progress bar that starts at `base` bytes (the batches before this one, and what the map
+/// A progress bar that starts at `base` bytes (the jobs before this one, and what the map
 /// already had done).
 struct OffsetBar<'a> {
     bar: &'a indicatif::ProgressBar,
@@ -142,72 +142,192 @@ impl progress::WatchUi for OffsetBar<'_> {
     }
 }
 
+/// What the jobs of a mapped copy came to so far.
+struct MappedRun {
+    outcome: Outcome,
+    interrupted: Option<u8>,
+    done_bytes: u64,
+    flush_errors: Vec<Option<String>>,
+}
+
+impl MappedRun {
+    /// Adds a job's outcome; returns whether the copy stops after it.
+    fn add(&mut self, job: &Outcome, flags: Flags) -> bool {
+        let outcome = &mut self.outcome;
+        outcome.read_err |= job.read_err;
+        for index in job.write_err.iter() {
+            outcome.write_err.set(index);
+        }
+        outcome.read_failed.extend(&job.read_failed);
+        for (merged, report) in outcome.targets.iter_mut().zip(&job.targets) {
+            merged.write_failed.extend(&report.write_failed);
+        }
+        outcome.cancelled |= job.cancelled;
+        outcome.panicked = outcome.panicked.take().or(job.panicked.clone());
+        let stop = !job.is_ok() && !flags.contains(Flags::IGNORE_ERROR);
+        self.interrupted.is_some() || stop || job.cancelled || job.panicked.is_some()
+    }
+}
+
+/// Runs one batch of a mapped copy: its jobs one after another, then one flush and one map
+/// append. Returns whether the copy stops after it.
+async fn run_batch(
+    client: &Client,
+    (mapped, batch): (&mut Mapped<'_>, &[std::ops::Range<u64>]),
+    (source, devices): (&Opened, &[(Device, u64)]),
+    (bar, interrupts, created): (&indicatif::ProgressBar, &mut Interrupts, &mut devices::CreatedFiles),
+    run: &mut MappedRun,
+) -> Result<bool, CliError> {
+    let mut jobs = Vec::with_capacity(batch.len());
+    let mut stop = false;
+    for range in batch {
+        let job = map::batch_job(range, (&source.device, source.start_sector()), devices, mapped.flags, mapped.sparse);
+        let handle = client.submit(job).await.map_err(|source| CliError::Submit { source })?;
+        created.keep();
+        mapped.map.keep();
+        let ui = OffsetBar { bar, base: bar.position() };
+        let watched = progress::watch(&handle, &ui, interrupts).await;
+        run.done_bytes += handle.progress().done_sectors * SECTOR_SIZE as u64;
+        run.interrupted = run.interrupted.or(watched.interrupted);
+        stop = run.add(&watched.outcome, mapped.flags);
+        jobs.push((range.clone(), watched.outcome));
+        if stop {
+            break;
+        }
+    }
+    // Durable on every target before the map says so.
+    let flushes = map::finish_batch(mapped.map, &jobs, source.start_sector(), devices).await?;
+    let flushed = flushes.iter().all(Option::is_none);
+    for (slot, error) in run.flush_errors.iter_mut().zip(flushes) {
+        if let Some(error) = error {
+            *slot = Some(error.to_string());
+        }
+    }
+    Ok(stop || !flushed)
+}
+
 /// `copy --map`: copies what the map says is not done (or, with --retry-failed, what failed)
-/// in batches, one job each; after each batch flushes the targets, then records the batch in
-/// the map. Stops at the first batch with errors unless errors are ignored, and at Ctrl-C.
+/// in batches of jobs; after each batch flushes the targets, then records the batch in the
+/// map. Stops at the first job with errors unless errors are ignored, and at Ctrl-C.
 async fn run_mapped(
     context: Context<'_>,
-    mapped: Mapped<'_>,
+    mut mapped: Mapped<'_>,
     source: &Opened,
     targets: &[Opened],
     len_bytes: u64,
     interrupts: &mut Interrupts,
     created: &mut devices::CreatedFiles,
 ) -> Result<JobRun, CliError> {
-    let Mapped { map, len_sectors, batch_sectors, flags, sparse, retry_failed } = mapped;
-    let work = if retry_failed { map.state.failed() } else { map.state.remaining(len_sectors) };
+    let failed = mapped.map.state.failed();
+    let work = if mapped.retry_failed { failed.clone() } else { mapped.map.state.remaining(mapped.len_sectors) };
     let client = start_client(context.settings)?;
     let started = Instant::now();
     let bar = progress::byte_bar(progress::bars_wanted(context.output.quiet), len_bytes, "copy");
-    let already_bytes = RangeSet::from_range(0..len_sectors).difference(&work).len_sectors() * SECTOR_SIZE as u64;
-    bar.set_position(already_bytes);
-    let target_starts: Vec<u64> = targets.iter().map(Opened::start_sector).collect();
+    bar.set_position(len_bytes.saturating_sub(work.len_sectors() * SECTOR_SIZE as u64));
     let devices: Vec<(Device, u64)> = targets.iter().map(|t| (t.device.clone(), t.start_sector())).collect();
-    let mut outcome = Outcome::default();
-    outcome.targets = vec![Default::default(); targets.len()];
-    let (mut interrupted, mut done_bytes, mut flush_errors) = (None, 0, vec![None; targets.len()]);
-    for batch in map::batches(&work, batch_sectors) {
-        let job = map::batch_job(&batch, (&source.device, source.start_sector()), &devices, flags, sparse);
-        let handle = client.submit(job).await.map_err(|source| CliError::Submit { source })?;
-        created.keep();
-        let ui = OffsetBar { bar: &bar, base: bar.position() };
-        let watched = progress::watch(&handle, &ui, interrupts).await;
-        done_bytes += handle.progress().done_sectors * SECTOR_SIZE as u64;
-        let batch_outcome = watched.outcome;
-        // Durable on every target before the map says so.
-        let flushes = map::finish_batch(map, batch, &batch_outcome, source.start_sector(), &devices).await?;
-        let flushed = flushes.iter().all(Option::is_none);
-        for (slot, error) in flush_errors.iter_mut().zip(flushes) {
-            if let Some(error) = error {
-                *slot = Some(error.to_string());
-            }
-        }
-        outcome.read_err |= batch_outcome.read_err;
-        for index in batch_outcome.write_err.iter() {
-            outcome.write_err.set(index);
-        }
-        outcome.read_failed.extend(&batch_outcome.read_failed);
-        for (merged, report) in outcome.targets.iter_mut().zip(&batch_outcome.targets) {
-            merged.write_failed.extend(&report.write_failed);
-        }
-        outcome.cancelled |= batch_outcome.cancelled;
-        outcome.panicked = outcome.panicked.or(batch_outcome.panicked.clone());
-        interrupted = watched.interrupted;
-        let stop = !batch_outcome.is_ok() && !flags.contains(Flags::IGNORE_ERROR);
-        if interrupted.is_some() || stop || !flushed || batch_outcome.cancelled {
+    let mut run = MappedRun {
+        outcome: Outcome::default(),
+        interrupted: None,
+        done_bytes: 0,
+        flush_errors: vec![None; targets.len()],
+    };
+    run.outcome.targets = vec![Default::default(); targets.len()];
+    for batch in map::batches(&work, &failed, mapped.batch_sectors) {
+        let ui = (&bar, &mut *interrupts, &mut *created);
+        if run_batch(&client, (&mut mapped, &batch), (source, &devices), ui, &mut run).await? {
             break;
         }
     }
+    // The run went through, also with nothing to copy: what it created stays.
+    created.keep();
+    mapped.map.keep();
     bar.finish_and_clear();
     // Whatever the map does not hold as done is not copied, on every target.
-    let not_done = RangeSet::from_range(0..len_sectors).difference(&map.state.done);
-    for (report, start) in outcome.targets.iter_mut().zip(&target_starts) {
-        report.not_copied = not_done.shifted(0, *start).expect("the copy lies inside every target");
+    let not_done: RangeSet = map::complement(&mapped.map.state.done.to_range_set(), mapped.len_sectors).collect();
+    for (report, target) in run.outcome.targets.iter_mut().zip(targets) {
+        report.not_copied = not_done.shifted(0, target.start_sector()).expect("the copy lies inside every target");
     }
     let seconds = started.elapsed().as_secs_f64();
     let stats = client.stats();
     client.shutdown().await;
+    let MappedRun { outcome, interrupted, done_bytes, flush_errors } = run;
     Ok(JobRun { outcome, interrupted, done_bytes, seconds, flush_errors, stats })
+}
+
+/// Opens the map of `copy --map`, checked against the devices opened now, with the batch
+/// size in sectors. `created[i]`: target `i` was created by this run.
+///
+/// # Errors
+/// A batch smaller than one logical block, or a map that cannot be used (see
+/// [`CopyMap::open`]); a map created here is removed again.
+fn open_map(
+    path: &std::path::Path,
+    args: &CopyArgs,
+    plan: &devices::Plan,
+    created: &[bool],
+) -> Result<(CopyMap, u64), CliError> {
+    let block_bytes = std::iter::once(&plan.source).chain(&plan.targets).map(Opened::block_bytes).max().unwrap_or(512);
+    let batch_bytes = args.map_batch_bytes / block_bytes * block_bytes;
+    if batch_bytes == 0 {
+        return Err(CliError::argument(
+            "--map-batch",
+            args.map_batch_bytes.to_string(),
+            format!("smaller than one {block_bytes}-byte logical block"),
+        ));
+    }
+    let (header, guard) = map::header_of(&plan.source, &plan.targets, plan.len_bytes, created)?;
+    let map = CopyMap::open(path, &header, &guard)?;
+    if args.retry_failed && map.state.failed().is_empty() && !args.output.quiet {
+        eprintln!("kcopyd: --retry-failed: the map '{}' records nothing failed: nothing to retry", path.display());
+    }
+    Ok((map, batch_bytes / SECTOR_SIZE as u64))
+}
+
+/// `copy --map FILE --retry-failed` before there is a map (no FILE, or an empty one): nothing
+/// failed, so nothing is opened, created or written. Returns the report of that, if so.
+fn nothing_to_retry(args: &CopyArgs) -> Option<Done> {
+    let path = args.map.as_ref().filter(|_| args.retry_failed)?;
+    match std::fs::metadata(path) {
+        Ok(metadata) if metadata.len() > 0 => return None,
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return None,
+        _ => {}
+    }
+    if !args.output.quiet {
+        eprintln!("kcopyd: --retry-failed: no map '{}' yet, so nothing failed: nothing to retry", path.display());
+    }
+    let report = Report {
+        command: "copy",
+        status: "ok",
+        exit_code: Status::Success.code(),
+        bytes: 0,
+        bytes_total: 0,
+        bytes_copied: Some(0),
+        bytes_not_copied: Some(0),
+        seconds: 0.0,
+        throughput_bytes_per_s: 0.0,
+        cancelled: false,
+        panicked: None,
+        source: None,
+        targets: Vec::new(),
+        verify: None,
+        stats: None,
+        wall_seconds: None,
+    };
+    Some(Done { report, status: Status::Success })
+}
+
+/// Per target argument: whether it names a file that does not exist (and that a copy would
+/// create).
+fn missing_targets(targets: &[crate::device_arg::DeviceArg]) -> Vec<bool> {
+    targets
+        .iter()
+        .map(|arg| match &arg.backend {
+            crate::device_arg::Backend::Path(path) => {
+                matches!(std::fs::symlink_metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+            }
+            _ => false,
+        })
+        .collect()
 }
 
 /// What a comparison needs, made before anything is written so that it cannot refuse
@@ -439,6 +559,10 @@ fn sparse_of(args: &CopyArgs) -> Result<Sparse, CliError> {
 /// Bad options or devices (nothing written).
 pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, CliError> {
     let sparse = sparse_of(args)?;
+    if let Some(done) = nothing_to_retry(args) {
+        return Ok(done);
+    }
+    let missing = missing_targets(&args.targets);
     let devices = std::iter::once(&args.source).chain(&args.targets);
     let settings = Settings::from_args(&args.engine, devices)?.with_throttle(&args.throttle)?;
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
@@ -457,25 +581,11 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
     let mut run = match &args.map {
         None => run_job(context, job, &plan.targets, plan.len_bytes, "copy", interrupts, &mut plan.created).await?,
         Some(path) => {
-            let header = MapHeader {
-                source: (plan.source.arg.offset_bytes, plan.source.arg.text.clone()),
-                targets: plan.targets.iter().map(|t| (t.arg.offset_bytes, t.arg.text.clone())).collect(),
-                len_bytes: plan.len_bytes,
-            };
-            let mut map = CopyMap::open(path, &header)?;
-            let block_bytes = std::iter::once(&plan.source).chain(&plan.targets).map(Opened::block_bytes).max();
-            let batch_bytes = args.map_batch_bytes / block_bytes.unwrap_or(512) * block_bytes.unwrap_or(512);
-            if batch_bytes == 0 {
-                return Err(CliError::argument(
-                    "--map-batch",
-                    args.map_batch_bytes.to_string(),
-                    "smaller than one logical block",
-                ));
-            }
+            let (mut map, batch_sectors) = open_map(path, args, &plan, &missing)?;
             let mapped = Mapped {
                 map: &mut map,
                 len_sectors,
-                batch_sectors: batch_bytes / SECTOR_SIZE as u64,
+                batch_sectors,
                 flags: flags(args.ignore_errors || args.retry_failed, args.write_seq),
                 sparse,
                 retry_failed: args.retry_failed,

@@ -151,6 +151,9 @@ pub struct Opened {
     pub device: Device,
     /// Files and block devices: what was opened.
     pub os: Option<OsFacts>,
+    /// NBD exports: what the server said of the export (its exact size and flags), for a
+    /// copy map to recognise it by.
+    pub export: Option<String>,
 }
 
 /// What a file or block device argument opened.
@@ -396,13 +399,20 @@ pub fn open(
             };
             spec.check_len(len_bytes).map_err(|error| CliError::argument(role.name(), &arg.text, error.to_string()))?;
             let disk = spec.build(len_bytes);
-            Ok(Opened { arg: arg.clone(), role, device: disk, os: None })
+            Ok(Opened { arg: arg.clone(), role, device: disk, os: None, export: None })
         }
         Backend::Nbd(uri) => {
             let options = kcopyd_nbd::ConnectOptions { write, ..kcopyd_nbd::ConnectOptions::default() };
             let device = kcopyd_nbd::NbdDevice::connect(uri, &options)
                 .map_err(|error| CliError::argument(role.name(), &arg.text, error.to_string()))?;
-            Ok(Opened { arg: arg.clone(), role, device: Arc::new(device), os: None })
+            let export = format!(
+                "size={} flags=read-only:{},multi-conn:{},trim:{}",
+                device.size_bytes(),
+                u8::from(device.is_read_only_export()),
+                u8::from(device.can_multi_conn()),
+                u8::from(device.has_trim())
+            );
+            Ok(Opened { arg: arg.clone(), role, device: Arc::new(device), os: None, export: Some(export) })
         }
         Backend::Path(path) => {
             let options = OpenOptions {
@@ -461,7 +471,7 @@ pub fn open(
             }
             let storage = device.storage().clone();
             let os = Some(OsFacts { path: path.clone(), kind: device.kind(), storage, len_bytes });
-            Ok(Opened { arg: arg.clone(), role, device: Arc::new(device), os })
+            Ok(Opened { arg: arg.clone(), role, device: Arc::new(device), os, export: None })
         }
     }
 }

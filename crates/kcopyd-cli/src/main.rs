@@ -89,10 +89,7 @@ async fn run(cli: Cli) -> Status {
         Command::Zero(args) => commands::zero(args, &mut interrupts).await.map(|done| emit(done, &args.output)),
         Command::Verify(args) => commands::verify(args, &mut interrupts).await.map(|done| emit(done, &args.output)),
         Command::Demo(args) => demo::run(args, &mut interrupts).await,
-        Command::Map(MapCommand::Show { file }) => map::show(file).map(|text| {
-            print!("{text}");
-            Status::Success
-        }),
+        Command::Map(MapCommand::Show { file }) => map::show(file, &mut interrupts).await,
         Command::Sim { command: SimCommand::Calibrate(args) } => calibrate::run(args).await,
         Command::Sim { command: SimCommand::Validate(args) } => validate::run(args, &mut interrupts).await,
         Command::Sim { command: SimCommand::Run(args) } => explore::run(args),

@@ -1520,6 +1520,16 @@ fn map_done_bytes(map: &Path) -> Vec<[u64; 2]> {
     done
 }
 
+/// The header a `copy SOURCE TARGET --map MAP` run writes (the run copies everything).
+fn map_header_of(source: &Path, target: &Path, map: &Path) -> String {
+    let ran = kcopyd(&["copy", s(source), s(target), "--map", s(map), "-q"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    let text = fs::read_to_string(map).unwrap();
+    let end = text.find("\nlength ").unwrap();
+    let end = end + 1 + text[end + 1..].find('\n').unwrap() + 1;
+    text[..end].to_owned()
+}
+
 #[test]
 fn a_copy_killed_at_random_points_resumes_from_its_map_and_redoes_at_most_one_batch() {
     let dir = TempDir::new("cli-map-kill");
@@ -1602,9 +1612,11 @@ fn retry_failed_copies_only_the_failed_ranges_and_a_torn_last_line_is_ignored() 
     let marker = pattern(6, 4 * MIB);
     let target = dir.file_with("target.img", &marker);
     // A map as a failed run leaves it: most done, a read failure and a write failure, and a
-    // last line torn by a crash.
+    // last line torn by a crash. Its header (with the devices' ids) from a real run; the
+    // target then gets its old bytes back, in place (the same file).
     let map = dir.join("copy.map");
-    let header = format!("kcopyd-map 1\nsource 0 {}\ntarget 0 {}\nlength {}\n", s(&source), s(&target), 4 * MIB);
+    let header = map_header_of(&source, &target, &map);
+    fs::write(&target, &marker).unwrap();
     let records = "done 0 8192\nread-failed 2048 2056\nwrite-failed 0 4000 4008\ndone 81";
     fs::write(&map, header + records).unwrap();
     let shown = kcopyd(&["map", "show", s(&map)]);
@@ -1624,4 +1636,256 @@ fn retry_failed_copies_only_the_failed_ranges_and_a_torn_last_line_is_ignored() 
     let shown = kcopyd(&["map", "show", s(&map)]);
     assert_eq!(show_line(&shown.stdout, "read failed"), "read failed 0 bytes in 0 ranges");
     assert_eq!(show_line(&shown.stdout, "done"), format!("done {} bytes in 1 ranges 0..{}", 4 * MIB, 4 * MIB));
+}
+
+/// Runs `copy SOURCE TARGET --map MAP` plus `extra`.
+fn copy_mapped(source: &Path, target: &Path, map: &Path, extra: &[&str]) -> Ran {
+    let mut args = vec!["copy", s(source), s(target), "--map", s(map)];
+    args.extend(extra);
+    kcopyd(&args)
+}
+
+#[test]
+fn a_map_refuses_devices_that_are_not_the_ones_it_was_written_for() {
+    let dir = TempDir::new("cli-map-identity");
+    let data = pattern(11, 2 * MIB);
+    let source = dir.file_with("source.img", &data);
+    let target = dir.join("target.img");
+    let map = dir.join("copy.map");
+    assert_eq!(copy_mapped(&source, &target, &map, &["-q"]).code, 0);
+    let map_before = fs::read(&map).unwrap();
+    // The target deleted: the same command would create it afresh and trust the map.
+    fs::remove_file(&target).unwrap();
+    let ran = copy_mapped(&source, &target, &map, &[]);
+    assert_usage_error(&ran, &["--map", "TARGET", "delete the map"]);
+    assert!(!target.exists(), "the target created for the refused run is removed again");
+    // Recreated by hand, same size (its inode number may well be the old one's).
+    fs::write(&target, vec![0u8; 2 * MIB]).unwrap();
+    let ran = copy_mapped(&source, &target, &map, &[]);
+    assert_usage_error(&ran, &["--map", "TARGET", "target.img", "not the device the map was written for"]);
+    assert!(fs::read(&target).unwrap().iter().all(|&b| b == 0), "nothing written");
+    // A target of another size; a source replaced by another file of the same size.
+    let other = dir.join("other.img");
+    let map2 = dir.join("second.map");
+    fs::write(&other, pattern(12, 2 * MIB)).unwrap();
+    assert_eq!(copy_mapped(&source, &other, &map2, &["-q", "--length", "1M"]).code, 0);
+    fs::OpenOptions::new().write(true).open(&other).unwrap().set_len(3 * MIB as u64).unwrap();
+    assert_usage_error(&copy_mapped(&source, &other, &map2, &["--length", "1M"]), &["TARGET", "delete the map"]);
+    fs::write(dir.join("new-source.img"), &data).unwrap();
+    fs::rename(dir.join("new-source.img"), &source).unwrap();
+    assert_usage_error(&copy_mapped(&source, &target, &map, &[]), &["SOURCE", "source.img", "delete the map"]);
+    assert_eq!(fs::read(&map).unwrap(), map_before, "a refused run leaves the map as it was");
+    // A map from before maps recorded identities cannot vouch for anything.
+    let old = dir.join("old.map");
+    let header =
+        format!("kcopyd-map 1\nsource 0 {}\ntarget 0 {}\nlength {}\ndone 0 4096\n", s(&source), s(&target), 2 * MIB);
+    fs::write(&old, header).unwrap();
+    assert_usage_error(&copy_mapped(&source, &target, &old, &[]), &["--map", "no identity", "delete it"]);
+    assert!(fs::read(&target).unwrap().iter().all(|&b| b == 0), "nothing written");
+}
+
+#[test]
+fn two_targets_swapped_between_runs_are_refused() {
+    let dir = TempDir::new("cli-map-swap");
+    let source = dir.file_with("source.img", &pattern(13, MIB));
+    let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+    let map = dir.join("copy.map");
+    let ran = kcopyd(&["copy", s(&source), s(&a), s(&b), "--map", s(&map), "-q"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    let swapped = dir.join("swap.img");
+    fs::rename(&a, &swapped).unwrap();
+    fs::rename(&b, &a).unwrap();
+    fs::rename(&swapped, &b).unwrap();
+    let ran = kcopyd(&["copy", s(&source), s(&a), s(&b), "--map", s(&map)]);
+    assert_usage_error(&ran, &["TARGET", "a.img", "not the device"]);
+}
+
+#[test]
+fn two_runs_sharing_one_map_the_second_is_refused_as_busy() {
+    let dir = TempDir::new("cli-map-busy");
+    let source = dir.file_with("source.img", &pattern(14, 4 * MIB));
+    let map = dir.join("copy.map");
+    // Simulated targets take no file lock: only the map's lock keeps the runs apart. About
+    // 4 s at 1 MiB/s.
+    let args = ["copy", s(&source), "sim:", "--map", s(&map), "--map-batch", "512K", "--throttle-rate", "1M", "-q"];
+    let mut first = Command::new(env!("CARGO_BIN_EXE_kcopyd")).args(args).stdout(Stdio::piped()).spawn().unwrap();
+    let started = Instant::now();
+    while !(map.exists() && write_locked(&map)) {
+        assert!(started.elapsed() < Duration::from_secs(10), "the first run locks its map");
+        assert!(first.try_wait().unwrap().is_none(), "the first run is still running");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let before = fs::read(&map).unwrap();
+    let second = kcopyd(&args);
+    assert_usage_error(&second, &["--map", "map busy"]);
+    let now = fs::read(&map).unwrap();
+    assert!(now.starts_with(&before) && first.try_wait().unwrap().is_none(), "only the first run appends");
+    assert_eq!(first.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn a_map_that_cannot_hold_the_copy_is_refused_before_any_write_and_leaves_nothing() {
+    let dir = TempDir::new("cli-map-refuse");
+    let data = pattern(15, 2 * MIB);
+    let source = dir.file_with("source.img", &data);
+    let marker = pattern(16, 2 * MIB);
+    let target = dir.file_with("target.img", &marker);
+    let map = dir.join("copy.map");
+    let header = map_header_of(&source, &target, &map);
+    fs::write(&target, &marker).unwrap();
+    // Records past the copy's 4096 sectors, reversed, or past 64 bits.
+    for record in ["done 0 999999999\n", "done 8 4\n", "read-failed 0 99999999999999999999\n"] {
+        fs::write(&map, header.clone() + record).unwrap();
+        assert_usage_error(&copy_mapped(&source, &target, &map, &[]), &["--map", "line 7"]);
+        assert_eq!(fs::read(&target).unwrap(), marker, "{record}: nothing written");
+    }
+    // The map is the target or the source, by another name.
+    fs::hard_link(&target, dir.join("link.map")).unwrap();
+    assert_usage_error(&copy_mapped(&source, &target, &dir.join("link.map"), &[]), &["TARGET", "itself"]);
+    assert_usage_error(&copy_mapped(&source, &target, &source, &[]), &["SOURCE", "itself"]);
+    let created = dir.join("created.img");
+    assert_usage_error(&copy_mapped(&source, &created, &created, &[]), &["TARGET", "itself"]);
+    assert!(!created.exists(), "the target created for the refused run is removed again");
+    // A target whose name a map line cannot hold.
+    let newline = dir.join("new\nline.img");
+    assert_usage_error(&copy_mapped(&source, &newline, &dir.join("n.map"), &[]), &["TARGET", "newline"]);
+    assert!(!newline.exists() && !dir.join("n.map").exists());
+    // A map nobody may write.
+    use std::os::unix::fs::PermissionsExt;
+    fs::write(&map, &header).unwrap();
+    fs::set_permissions(&map, fs::Permissions::from_mode(0o444)).unwrap();
+    assert_usage_error(&copy_mapped(&source, &target, &map, &[]), &["--map", "read-only", "also as root"]);
+    assert_eq!(fs::read(&target).unwrap(), marker);
+    // A refused run leaves no map behind, and the next run is not refused.
+    let fresh = dir.join("fresh.map");
+    assert_usage_error(&copy_mapped(&source, &target, &fresh, &["--map-batch", "100"]), &["--map-batch"]);
+    assert!(!fresh.exists(), "no map left behind");
+    assert_eq!(copy_mapped(&source, &target, &fresh, &["-q"]).code, 0);
+    assert_eq!(fs::read(&target).unwrap(), data);
+}
+
+#[test]
+fn retry_failed_with_nothing_failed_or_no_map_says_so_and_exits_0() {
+    let dir = TempDir::new("cli-map-nothing");
+    let source = dir.file_with("source.img", &pattern(17, MIB));
+    let target = dir.join("target.img");
+    let map = dir.join("copy.map");
+    let ran = copy_mapped(&source, &target, &map, &["--retry-failed"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert!(ran.stderr.contains("no map") && ran.stderr.contains("nothing to retry"), "{ran:?}");
+    assert!(!map.exists() && !target.exists(), "nothing created");
+    assert_eq!(copy_mapped(&source, &target, &map, &["-q"]).code, 0);
+    let ran = copy_mapped(&source, &target, &map, &["--retry-failed", "--json"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert!(ran.stderr.contains("records nothing failed"), "{ran:?}");
+    assert_eq!(json(&ran)["bytes"], 0);
+}
+
+/// A FIFO at `path`, fed `bytes` by a thread that then keeps it open for `hold` (a map
+/// show reading to the end would wait that long).
+fn fifo_feeding(path: &Path, bytes: Vec<u8>, hold: Duration) -> std::thread::JoinHandle<()> {
+    assert!(Command::new("mkfifo").arg(path).status().unwrap().success());
+    let path = path.to_path_buf();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let mut fifo = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let _ = fifo.write_all(&bytes);
+        std::thread::sleep(hold);
+    })
+}
+
+#[test]
+fn map_show_refuses_a_file_that_is_not_a_map_after_its_first_line() {
+    let dir = TempDir::new("cli-map-show-big");
+    // 64 MiB of no newline, and more to come: only the first line's bound is read.
+    let fifo = dir.join("endless");
+    let feeder = fifo_feeding(&fifo, vec![b'x'; 64 * MIB], Duration::from_secs(8));
+    let started = Instant::now();
+    let ran = kcopyd(&["map", "show", s(&fifo)]);
+    assert_usage_error(&ran, &["FILE", "not a kcopyd map"]);
+    assert!(started.elapsed() < Duration::from_secs(4), "refused after the first line: {:?}", started.elapsed());
+    drop(feeder);
+}
+
+#[test]
+fn map_show_ends_at_once_on_sigint_and_sigterm_while_it_reads() {
+    let dir = TempDir::new("cli-map-show-signal");
+    for (signal, code) in [("-INT", 130), ("-TERM", 143)] {
+        let fifo = dir.join(&format!("map{code}"));
+        let feeder = fifo_feeding(&fifo, b"kcopyd-map 2\nsource 0 a\n".to_vec(), Duration::from_secs(8));
+        let child = Command::new(env!("CARGO_BIN_EXE_kcopyd"))
+            .args(["map", "show", s(&fifo)])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for_sigint_handler(child.id());
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap().success());
+        let signalled = Instant::now();
+        let ran = ran(child.wait_with_output().unwrap());
+        assert_eq!(ran.code, code, "{signal}: {ran:?}");
+        assert!(signalled.elapsed() < Duration::from_secs(2), "{signal}: at once, not {:?}", signalled.elapsed());
+        drop(feeder);
+    }
+}
+
+#[test]
+fn map_show_to_a_closed_stdout_exits_141_quietly() {
+    let dir = TempDir::new("cli-map-show-pipe");
+    let source = dir.file_with("source.img", &pattern(18, MIB));
+    let map = dir.join("copy.map");
+    assert_eq!(copy_mapped(&source, &dir.join("target.img"), &map, &["-q"]).code, 0);
+    // The map comes through a FIFO only once stdout's reader has gone.
+    let fifo = dir.join("map.fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kcopyd"))
+        .args(["map", "show", s(&fifo)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    fs::write(&fifo, fs::read(&map).unwrap()).unwrap();
+    let ran = ran(child.wait_with_output().unwrap());
+    assert_eq!(ran.code, 141, "{ran:?}");
+    assert!(ran.stderr.is_empty(), "quiet: {ran:?}");
+}
+
+#[test]
+fn a_map_refuses_a_block_device_that_now_holds_another_file() {
+    let test = "a_map_refuses_a_block_device_that_now_holds_another_file";
+    let dir = TempDir::new("cli-map-loop");
+    let source = dir.file_with("source.img", &pattern(19, 2 * MIB));
+    let (first, second) = (dir.file_with("first.img", &[0u8; 2 * MIB]), dir.file_with("second.img", &[0u8; 2 * MIB]));
+    let map = dir.join("copy.map");
+    let path = {
+        let Some(device) = LoopDevice::attach_or_skip(test, &first, 512) else { return };
+        let path = device.path().to_path_buf();
+        assert_eq!(copy_mapped(&source, &path, &map, &["-q"]).code, 0);
+        path
+    };
+    // The same loop device, the same size, another file behind it.
+    let Some(device) = LoopDevice::attach_or_skip(test, &second, 512) else { return };
+    if device.path() != path {
+        skip(test, "the loop device came back under another name");
+        return;
+    }
+    let ran = copy_mapped(&source, device.path(), &map, &[]);
+    assert_usage_error(&ran, &["TARGET", "not the device the map was written for", "delete the map"]);
+    assert!(fs::read(&second).unwrap().iter().all(|&b| b == 0), "nothing written");
+}
+
+#[test]
+fn a_mapped_copy_with_no_whole_block_keeps_the_target_and_the_map_it_created() {
+    let dir = TempDir::new("cli-map-tail");
+    // 100 bytes: no whole block for the engine, only the tail.
+    let data = pattern(25, 100);
+    let source = dir.file_with("source.img", &data);
+    let (target, map) = (dir.join("target.img"), dir.join("copy.map"));
+    let ran = copy_mapped(&source, &target, &map, &["-q"]);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert_eq!(fs::read(&target).ok(), Some(data), "the created target stays");
+    assert!(map.exists(), "the map stays");
+    assert_eq!(copy_mapped(&source, &target, &map, &["-q"]).code, 0, "and the same command runs again");
 }

@@ -69,3 +69,60 @@ fn read_only_exports_and_tls_are_refused_before_any_io() {
     assert_eq!(code, 2);
     assert!(stderr.contains("TLS"), "{stderr}");
 }
+
+/// `qemu-nbd` serving `file` on the unix socket `socket` (one URI for several servers in
+/// turn), killed when dropped. `None` after printing `SKIPPED:` without qemu-nbd.
+struct QemuOnSocket(std::process::Child);
+
+impl QemuOnSocket {
+    fn start(test: &str, file: &std::path::Path, socket: &std::path::Path) -> Option<QemuOnSocket> {
+        if !kcopyd_tests::nbd_servers::installed("qemu-nbd") {
+            kcopyd_tests::fixtures::skip(test, "qemu-nbd is not installed (Debian: apt-get install qemu-utils)");
+            return None;
+        }
+        let _ = fs::remove_file(socket);
+        let child = Command::new("qemu-nbd")
+            .args(["-f", "raw", "-t", "-k", socket.to_str().unwrap(), file.to_str().unwrap()])
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(10), "qemu-nbd listens");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Some(QemuOnSocket(child))
+    }
+}
+
+impl Drop for QemuOnSocket {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_map_refuses_an_nbd_export_of_another_size_behind_the_same_uri() {
+    let test = "a_map_refuses_an_nbd_export_of_another_size_behind_the_same_uri";
+    let dir = TempDir::new(test);
+    let source = dir.file_with("source.img", &pattern(24, 1 << 20));
+    let socket = dir.join("nbd.sock");
+    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    let map = dir.join("copy.map");
+    let map = map.to_str().unwrap();
+    let copy = ["copy", source.to_str().unwrap(), &uri, "--map", map, "--length", "1M"];
+    {
+        let first = dir.zero_file("first.img", 2 << 20);
+        let Some(_server) = QemuOnSocket::start(test, &first, &socket) else { return };
+        let (code, _, stderr) = kcopyd(&copy);
+        assert_eq!(code, 0, "{stderr}");
+        let text = fs::read_to_string(map).unwrap();
+        assert!(text.contains("id nbd size=2097152 flags="), "{text}");
+    }
+    let second = dir.zero_file("second.img", 3 << 20);
+    let Some(_server) = QemuOnSocket::start(test, &second, &socket) else { return };
+    let (code, _, stderr) = kcopyd(&copy);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("TARGET") && stderr.contains("not the device the map was written for"), "{stderr}");
+    assert!(fs::read(&second).unwrap().iter().all(|&b| b == 0), "nothing written");
+}
