@@ -3,7 +3,7 @@
 use std::cell::Cell;
 
 use futures_util::future::join_all;
-use kcopyd_core::{Client, Device, Flags, Job, Outcome, PagePool, RangeSet, Region, SECTOR_SIZE, Sparse, TargetZeroes};
+use kcopyd_core::{Client, Device, Flags, Job, JobHandle, Outcome, PagePool, RangeSet, Region, SECTOR_SIZE, Sparse, TargetZeroes};
 
 use crate::cli::{CopyArgs, EngineArgs, OutputArgs, VerifyArgs, ZeroArgs};
 use crate::clock::Instant;
@@ -11,7 +11,9 @@ use crate::compare::{self, CompareShape, Comparison, Side};
 use crate::devices::{self, Opened, Settings};
 use crate::error::{CliError, Status};
 use crate::map::{self, CopyMap, MapHeader};
-use crate::progress::{self, Interrupts};
+use crate::out;
+use crate::progress::{self, Interrupts, Phase};
+use crate::size::Bytes;
 use crate::report::{self, Report, SourceReport, TargetReport, TargetVerify};
 use crate::tail::Tail;
 
@@ -51,7 +53,7 @@ fn side(opened: &Opened) -> Side {
 fn warn_mounted(source: &Opened, len_bytes: u64, output: &OutputArgs) {
     if let Some(warning) = source.mounted_warning(len_bytes) {
         if !output.quiet {
-            eprintln!("kcopyd: warning: {warning}");
+            out::note(&format!("kcopyd: warning: {warning}"));
         }
     }
 }
@@ -83,20 +85,32 @@ struct JobRun {
     stats: kcopyd_core::ClientStats,
 }
 
+/// A job as the command shows it.
+#[derive(Debug, Clone, Copy)]
+struct Shown {
+    /// `copy` or `zero`.
+    label: &'static str,
+    /// Bytes in the range.
+    len_bytes: u64,
+    /// Where the source's range starts (0 without a source).
+    source_start: u64,
+}
+
 /// Submits `job`, shows progress, waits (cancelling on Ctrl-C), then flushes every target.
 async fn run_job(
     context: Context<'_>,
     job: Job,
     targets: &[Opened],
-    len_bytes: u64,
-    label: &str,
+    shown: Shown,
     interrupts: &mut Interrupts,
     created: &mut devices::CreatedFiles,
 ) -> Result<JobRun, CliError> {
+    let Shown { label, len_bytes, source_start } = shown;
     let client = start_client(context.settings)?;
     let started = Instant::now();
     let handle = client.submit(job).await.map_err(|source| CliError::Submit { source })?;
     created.keep();
+    job_started(interrupts, &handle, 0, len_bytes, label);
     let bar = progress::byte_bar(progress::bars_wanted(context.output.quiet), len_bytes, label);
     let watched = progress::watch(&handle, &bar, interrupts).await;
     bar.finish_and_clear();
@@ -105,14 +119,53 @@ async fn run_job(
     let seconds = started.elapsed().as_secs_f64();
     let stats = client.stats();
     client.shutdown().await;
+    // A signal during the flush: the job is done, the command still ends as asked.
+    let interrupted = watched.interrupted.or_else(|| interrupts.take_pending());
+    let done_bytes = moved_bytes(&handle, &watched.outcome, source_start, targets.first());
     Ok(JobRun {
         outcome: watched.outcome,
-        interrupted: watched.interrupted,
-        done_bytes: handle.progress().done_sectors * SECTOR_SIZE as u64,
+        interrupted,
+        done_bytes,
         seconds,
         flush_errors: flushes.into_iter().map(|r| r.err().map(|e| e.to_string())).collect(),
         stats,
     })
+}
+
+/// A job has started: a signal now cancels it, and a second one quits at once saying how far
+/// it got (`base_bytes` done before this job).
+fn job_started(interrupts: &Interrupts, handle: &JobHandle, base_bytes: u64, len_bytes: u64, label: &'static str) {
+    interrupts.set_phase(Phase::Graceful);
+    let handle = handle.clone();
+    interrupts.set_summary(Some(Box::new(move || {
+        let done = base_bytes + handle.progress().done_sectors * SECTOR_SIZE as u64;
+        format!(
+            "kcopyd: interrupted again: quit at once: {label} reached {} of {}; the I/O in flight was not \
+             waited for and the targets were not flushed",
+            Bytes(done.min(len_bytes)),
+            Bytes(len_bytes)
+        )
+    })));
+}
+
+/// Bytes the job moved: its sectors less those it gave up on without trying (a cancel, or an
+/// error without --ignore-errors, skips the sub-jobs not started; the engine's progress counts
+/// some of those as finished). Failed blocks count: they were tried.
+///
+/// Worked example: 64 MiB cancelled after 5 MiB, with 4 MiB of sub-jobs waiting for the
+/// throttle when it came: the progress says 9 MiB finished; the first target's not_copied
+/// holds the other 59 MiB, none of it failed: 5 MiB.
+fn moved_bytes(handle: &JobHandle, outcome: &Outcome, source_start: u64, first_target: Option<&Opened>) -> u64 {
+    let progress = handle.progress();
+    let given_up = match (first_target, outcome.targets.first()) {
+        (Some(target), Some(report)) => {
+            // In the first target's sectors: read_failed is in the source's.
+            let read_failed = outcome.read_failed.shifted(source_start, target.start_sector()).unwrap_or_default();
+            report.not_copied.difference(&report.write_failed).difference(&read_failed).len_sectors()
+        }
+        _ => 0,
+    };
+    progress.total_sectors.saturating_sub(given_up).min(progress.done_sectors) * SECTOR_SIZE as u64
 }
 
 /// A copy run in batches recorded in a map.
@@ -138,7 +191,7 @@ impl progress::WatchUi for OffsetBar<'_> {
     }
 
     fn note(&self, line: &str) {
-        self.bar.suspend(|| eprintln!("{line}"));
+        self.bar.suspend(|| out::note(line));
     }
 }
 
@@ -264,11 +317,16 @@ async fn run_compare(
     let started = Instant::now();
     let len_sectors = tail.offset_in_range_bytes / SECTOR_SIZE as u64;
     let source_side = side(source);
-    let comparing = compare::compare(&source_side, &sides, len_sectors, skip, setup.shape, &setup.pool, &on_chunk);
-    let (mut comparison, interrupted) = tokio::select! {
-        comparison = comparing => (comparison, None),
-        code = interrupts.recv() => (Comparison::default(), Some(code)),
-    };
+    // A signal (now, or one that came during the copy's flush) stops it between chunks; what
+    // the chunks compared so far found is kept.
+    interrupts.set_phase(Phase::Graceful);
+    interrupts.set_summary(Some(Box::new(|| {
+        "kcopyd: interrupted again: quit at once during the comparison (nothing is written by it)".to_owned()
+    })));
+    let stop = interrupts.stop_flag();
+    let mut comparison =
+        compare::compare(&source_side, &sides, len_sectors, skip, setup.shape, &setup.pool, &on_chunk, stop).await;
+    let interrupted = interrupts.take_pending();
     if interrupted.is_none() && !tail.is_empty() {
         compare_tail(source, targets, tail, skip, &mut comparison);
         on_chunk(tail.len_bytes);
@@ -409,6 +467,15 @@ fn job_status(run: &JobRun, targets: &[TargetReport], verify_identical: Option<b
     ("ok", Status::Success)
 }
 
+/// A target's comparison, marked `incomplete` where a signal stopped it before it found
+/// anything: what it found is reported, whatever it did not reach is not called identical.
+fn partial_verify(mut verify: TargetVerify, interrupted: Option<u8>) -> TargetVerify {
+    if interrupted.is_some() && verify.status == "identical" {
+        verify.status = "incomplete";
+    }
+    verify
+}
+
 /// The sparse-copy options of `copy`, checked.
 ///
 /// # Errors
@@ -424,7 +491,10 @@ fn sparse_of(args: &CopyArgs) -> Result<Sparse, CliError> {
         ));
     }
     if args.target_is_zero && !on {
-        return Err(CliError::argument("--target-is-zero", "", "needs a sparse copy (not --sparse=off / --no-sparse)"));
+        return Err(CliError::Arguments {
+            what: "--target-is-zero",
+            problem: "needs a sparse copy, and --sparse=off / --no-sparse turns it off".into(),
+        });
     }
     if !on {
         return Ok(Sparse::OFF);
@@ -455,7 +525,10 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
     // Checked before anything is written: a comparison that cannot run must refuse the command.
     let compare_setup = if args.verify { Some(prepare_compare(context, &plan.source, &plan.targets)?) } else { None };
     let mut run = match &args.map {
-        None => run_job(context, job, &plan.targets, plan.len_bytes, "copy", interrupts, &mut plan.created).await?,
+        None => {
+            let shown = Shown { label: "copy", len_bytes: plan.len_bytes, source_start: plan.source.start_sector() };
+            run_job(context, job, &plan.targets, shown, interrupts, &mut plan.created).await?
+        }
         Some(path) => {
             let header = MapHeader {
                 source: (plan.source.arg.offset_bytes, plan.source.arg.text.clone()),
@@ -508,24 +581,24 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
         )
         .await;
         interrupted = signal;
-        if signal.is_none() {
-            // The source's unreadable blocks were reported by the copy already.
-            let read_failed = run
-                .outcome
-                .read_failed
-                .shifted(plan.source.start_sector(), 0)
-                .expect("read_failed lies inside the source region");
-            comparison.source_unreadable = comparison.source_unreadable.difference(&read_failed);
-            for ((target, opened), diff) in targets.iter_mut().zip(&plan.targets).zip(&comparison.targets) {
-                target.verify = Some(report::target_verify(diff, opened.start_sector()));
-            }
-            let mut skipped = RangeSet::new();
-            for set in &skip {
-                skipped.extend(set);
-            }
-            verify =
-                Some(report::verify_report(&comparison, bytes, report::range_bytes(&skipped, plan.len_bytes), seconds));
+        // The source's unreadable blocks were reported by the copy already.
+        let read_failed = run
+            .outcome
+            .read_failed
+            .shifted(plan.source.start_sector(), 0)
+            .expect("read_failed lies inside the source region");
+        comparison.source_unreadable = comparison.source_unreadable.difference(&read_failed);
+        for ((target, opened), diff) in targets.iter_mut().zip(&plan.targets).zip(&comparison.targets) {
+            target.verify = Some(partial_verify(report::target_verify(diff, opened.start_sector()), signal));
         }
+        let mut skipped = RangeSet::new();
+        for set in &skip {
+            skipped.extend(set);
+        }
+        let mut summary =
+            report::verify_report(&comparison, bytes, report::range_bytes(&skipped, plan.len_bytes), seconds);
+        summary.identical &= signal.is_none();
+        verify = Some(summary);
     }
     for target in &mut targets {
         target.status = target_status(target);
@@ -572,7 +645,8 @@ pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, 
     let job =
         Job::zero(opened.iter().map(|t| region(t, len_sectors)).collect(), flags(args.ignore_errors, args.write_seq));
     let mut nothing_created = devices::CreatedFiles::default();
-    let mut run = run_job(context, job, opened, len_bytes, "zero", interrupts, &mut nothing_created).await?;
+    let mut run = run_job(context, job, opened, Shown { label: "zero", len_bytes, source_start: 0 }, interrupts, &mut nothing_created)
+            .await?;
     finish_tail(plan.tail, None, opened, args.ignore_errors, &mut run);
     let mut targets = job_targets(opened, &run, len_bytes);
     let not_copied = not_copied_bytes(opened, &run, len_bytes);
@@ -629,11 +703,14 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
         .iter()
         .enumerate()
         .map(|(index, target)| {
-            let verify = comparison.targets.get(index).map(|diff| report::target_verify(diff, target.start_sector()));
+            let verify = comparison
+                .targets
+                .get(index)
+                .map(|diff| partial_verify(report::target_verify(diff, target.start_sector()), interrupted));
             TargetReport {
                 device: target.arg.text.clone(),
                 offset_bytes: target.arg.offset_bytes,
-                status: verify.as_ref().map_or("not_compared", |v| v.status),
+                status: verify.as_ref().map_or("incomplete", |v| v.status),
                 write_failed_sectors: None,
                 not_copied_sectors: None,
                 bytes_not_copied: None,
@@ -665,7 +742,11 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
             ),
         }),
         targets,
-        verify: interrupted.is_none().then(|| report::verify_report(&comparison, bytes, 0, seconds)),
+        verify: Some({
+            let mut summary = report::verify_report(&comparison, bytes, 0, seconds);
+            summary.identical &= interrupted.is_none();
+            summary
+        }),
         stats: None,
         wall_seconds: None,
     };

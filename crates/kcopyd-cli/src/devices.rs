@@ -18,6 +18,7 @@ use crate::cli::{EngineArgs, IoEngineArg, NBD_SUBJOBS_IN_FLIGHT_DEFAULT, SUBJOBS
 use crate::device_arg::{Backend, DeviceArg};
 use crate::error::{CliError, open_reason};
 use crate::locks::{FileLocks, LockError, LockKind};
+use crate::progress;
 use crate::size::Bytes;
 use crate::tail::Tail;
 
@@ -344,17 +345,26 @@ pub struct CreatedFiles {
 }
 
 impl CreatedFiles {
+    /// Records `path`, about to be created: removed when the command fails before writing or
+    /// quits at once on a signal. The file is created while the returned guard lives.
+    pub fn creating(&mut self, path: &Path) -> progress::CreatedGuard {
+        self.paths.push(path.to_path_buf());
+        progress::CreatedGuard::creating(path)
+    }
+
     /// Keeps the files: the job has started.
     pub fn keep(&mut self) {
+        progress::forget_created(&self.paths);
         self.paths.clear();
     }
 }
 
 impl Drop for CreatedFiles {
     fn drop(&mut self) {
-        for path in self.paths.drain(..) {
+        for path in &self.paths {
             let _ = fs::remove_file(path);
         }
+        progress::forget_created(&self.paths);
     }
 }
 
@@ -627,11 +637,13 @@ pub fn plan_with_source(
             })?;
             let is_sim = matches!(arg.backend, Backend::Sim(_));
             let create_len = Some(create_len).filter(|_| missing || is_sim);
-            if let (true, Backend::Path(path)) = (missing, &arg.backend) {
-                // Before the open: a file created by an open that then fails is removed too.
-                created.paths.push(path.clone());
-            }
+            // Before the open: a file created by an open that then fails is removed too.
+            let creating = match (missing, &arg.backend) {
+                (true, Backend::Path(path)) => Some(created.creating(path)),
+                _ => None,
+            };
             let target = open(arg, Role::Target, write, create_len, settings, &mut locks)?;
+            drop(creating);
             target.check_range(len_bytes)?;
             // Reading the same bytes twice is harmless: only a copy checks for overlaps.
             if write {

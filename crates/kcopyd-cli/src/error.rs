@@ -19,7 +19,13 @@ pub enum Status {
     Usage,
     /// Stopped by a signal (130 for SIGINT, as shells report it).
     Interrupted(u8),
+    /// Standard output was closed by its reader (`| head -1`): 141, as a shell reports a
+    /// command killed by SIGPIPE.
+    StdoutClosed,
 }
+
+/// The exit code when standard output was closed by its reader (128 + SIGPIPE).
+pub const EXIT_STDOUT_CLOSED: u8 = 141;
 
 impl Status {
     /// The process exit code.
@@ -29,6 +35,7 @@ impl Status {
             Status::Failed => 1,
             Status::Usage => 2,
             Status::Interrupted(code) => code,
+            Status::StdoutClosed => EXIT_STDOUT_CLOSED,
         }
     }
 }
@@ -101,7 +108,6 @@ pub enum CliError {
         #[source]
         source: io::Error,
     },
-    /// The async runtime or the signal handler could not start.
     /// A scenario file that cannot be read, does not hold together, or whose run failed.
     #[error("scenario '{path}': {source}")]
     Scenario {
@@ -130,6 +136,7 @@ pub enum CliError {
         /// What went wrong.
         problem: String,
     },
+    /// The async runtime or the signal handler could not start.
     #[error("starting {what}: {source}")]
     Start {
         /// What could not start.
@@ -138,6 +145,25 @@ pub enum CliError {
         #[source]
         source: io::Error,
     },
+    /// Standard output was closed by its reader: the command stops quietly.
+    #[error("standard output was closed")]
+    StdoutClosed,
+    /// Standard output could not be written for another reason.
+    #[error("writing to standard output: {source}")]
+    Stdout {
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl From<crate::out::StdoutError> for CliError {
+    fn from(error: crate::out::StdoutError) -> CliError {
+        match error {
+            crate::out::StdoutError::Closed => CliError::StdoutClosed,
+            crate::out::StdoutError::Failed(source) => CliError::Stdout { source },
+        }
+    }
 }
 
 impl CliError {
@@ -151,7 +177,10 @@ impl CliError {
             | CliError::Submit { .. }
             | CliError::Scenario { .. }
             | CliError::File { .. } => Status::Usage,
-            CliError::Start { .. } | CliError::Io { .. } | CliError::Plot { .. } => Status::Failed,
+            CliError::Start { .. } | CliError::Io { .. } | CliError::Plot { .. } | CliError::Stdout { .. } => {
+                Status::Failed
+            }
+            CliError::StdoutClosed => Status::StdoutClosed,
         }
     }
 

@@ -9,6 +9,8 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kcopyd_sim::explore::{self, METRICS, Report, Scenario, ScenarioError, SweepPoint, Vary};
@@ -18,7 +20,8 @@ use toml::Value;
 use crate::cli::{SimRunArgs, SimSweepArgs};
 use crate::error::{CliError, Status};
 use crate::plot;
-use crate::progress::bars_wanted;
+use crate::out;
+use crate::progress::{self, Interrupts, Phase, bars_wanted};
 use crate::size::Bytes;
 
 /// Rows of the queue-depth table in the summary.
@@ -26,14 +29,17 @@ const QUEUE_ROWS: usize = 10;
 /// Request sizes listed in the summary (narrowed-down reads make many).
 const IO_SIZES_SHOWN: usize = 6;
 
-/// Runs `kcopyd sim run`.
-pub fn run(args: &SimRunArgs) -> Result<Status, CliError> {
+/// Runs `kcopyd sim run`. A signal quits at once (the run cannot stop half-way with a report
+/// that means anything; the `--svg` file is not left behind).
+pub fn run(args: &SimRunArgs, interrupts: &Interrupts) -> Result<Status, CliError> {
+    interrupts.set_summary(Some(Box::new(|| "kcopyd: interrupted: the scenario stopped before its report".to_owned())));
     off_runtime(|| run_scenario(args))
 }
 
-/// Runs `kcopyd sim sweep`.
-pub fn sweep(args: &SimSweepArgs) -> Result<Status, CliError> {
-    off_runtime(|| run_sweep(args))
+/// Runs `kcopyd sim sweep`. The first signal lets the points running finish and prints the
+/// table of the points done (exit 130 or 143); a second one quits at once.
+pub fn sweep(args: &SimSweepArgs, interrupts: &Interrupts) -> Result<Status, CliError> {
+    off_runtime(|| run_sweep(args, interrupts))
 }
 
 /// Runs `work` on a thread of its own: the simulations build their own runtimes, which cannot
@@ -72,14 +78,17 @@ fn run_scenario(args: &SimRunArgs) -> Result<Status, CliError> {
     let tree = load(&args.scenario, &args.set)?;
     let scenario_error = |source: ScenarioError| CliError::Scenario { path: shown.clone(), source };
     let scenario = Scenario::from_value_in(tree, &folder_of(&args.scenario)).map_err(scenario_error)?;
+    if let Some(svg) = &args.svg {
+        out::check_output_file(svg, "--svg")?;
+    }
     let report = explore::run(&scenario).map_err(scenario_error)?;
     if let Some(svg) = &args.svg {
         plot::run_svg(svg, &report)?;
     }
     if args.json {
-        println!("{}", serde_json::to_string(&report).expect("a report serializes"));
+        out::print(&format!("{}\n", serde_json::to_string(&report).expect("a report serializes")))?;
     } else {
-        print!("{}", summary(&report));
+        out::print(&summary(&report))?;
     }
     Ok(Status::Success)
 }
@@ -244,7 +253,7 @@ fn queue_table(report: &Report) -> String {
     out
 }
 
-fn run_sweep(args: &SimSweepArgs) -> Result<Status, CliError> {
+fn run_sweep(args: &SimSweepArgs, interrupts: &Interrupts) -> Result<Status, CliError> {
     let shown = args.scenario.display().to_string();
     let tree = load(&args.scenario, &args.set)?;
     let metric = explore::metric(&args.metric).ok_or_else(|| {
@@ -256,6 +265,13 @@ fn run_sweep(args: &SimSweepArgs) -> Result<Status, CliError> {
         .iter()
         .map(|text| Vary::parse(text).map_err(|error| CliError::argument("--vary", text, error.to_string())))
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some(repeated) = varies.iter().enumerate().find(|(i, v)| varies[..*i].iter().any(|w| w.key == v.key)) {
+        return Err(CliError::argument(
+            "--vary",
+            &args.vary[repeated.0],
+            format!("key '{}' is varied twice: give all its values in one --vary", repeated.1.key),
+        ));
+    }
     if args.svg.is_some() && varies.len() > 2 {
         return Err(CliError::Arguments { what: "--svg", problem: "plots one or two varied keys".into() });
     }
@@ -272,9 +288,27 @@ fn run_sweep(args: &SimSweepArgs) -> Result<Status, CliError> {
             .expect("a valid template")
             .progress_chars("=> "),
     );
-    let points = explore::sweep(&tree, &folder_of(&args.scenario), &varies, threads, &|_: &SweepPoint| bar.inc(1))
+    if let Some(svg) = &args.svg {
+        out::check_output_file(svg, "--svg")?;
+    }
+    let done = Arc::new(AtomicUsize::new(0));
+    let counted = done.clone();
+    interrupts.set_summary(Some(Box::new(move || {
+        format!(
+            "kcopyd: interrupted again: quit at once after {} of {total} points, without their table",
+            counted.load(Ordering::Relaxed)
+        )
+    })));
+    interrupts.set_phase(Phase::Graceful);
+    let on_done = |_: &SweepPoint| {
+        done.fetch_add(1, Ordering::Relaxed);
+        bar.inc(1);
+    };
+    let stop = interrupts.stop_flag();
+    let points = explore::sweep_until(&tree, &folder_of(&args.scenario), &varies, threads, &on_done, stop)
         .map_err(|source| CliError::Scenario { path: shown.clone(), source })?;
     bar.finish_and_clear();
+    let interrupted = stop.load(Ordering::Acquire).then(|| interrupted_code(points.len(), total));
     let value_of = |point: &SweepPoint| point.report.metric(metric.name);
     let mut order: Vec<usize> = (0..points.len()).collect();
     order.sort_by(|&a, &b| {
@@ -282,7 +316,7 @@ fn run_sweep(args: &SimSweepArgs) -> Result<Status, CliError> {
         let ordering = a.total_cmp(&b);
         if metric.higher_is_better { ordering.reverse() } else { ordering }
     });
-    if let Some(svg) = &args.svg {
+    if let (Some(svg), None) = (&args.svg, interrupted) {
         plot::sweep_svg(svg, &varies, &points, metric)?;
     }
     if args.json {
@@ -295,11 +329,22 @@ fn run_sweep(args: &SimSweepArgs) -> Result<Status, CliError> {
                 json!({ "values": values, "metric": value_of(point), "report": point.report })
             })
             .collect();
-        println!("{}", json!({ "metric": metric.name, "points": rows }));
+        let mut object = json!({ "metric": metric.name, "points": rows });
+        if interrupted.is_some() {
+            object["interrupted"] = json!(true);
+            object["points_total"] = json!(total);
+        }
+        out::print(&format!("{object}\n"))?;
     } else {
-        print!("{}", sweep_table(&varies, &points, &order, metric.name));
+        out::print(&sweep_table(&varies, &points, &order, metric.name))?;
     }
-    Ok(Status::Success)
+    Ok(interrupted.map_or(Status::Success, Status::Interrupted))
+}
+
+/// After a signal stopped a sweep: says so on stderr and returns the signal's exit code.
+fn interrupted_code(done: usize, total: usize) -> u8 {
+    out::note(&format!("kcopyd: interrupted: {done} of {total} points ran; their table follows (the --svg file is not drawn)"));
+    progress::first_signal().unwrap_or(progress::EXIT_SIGINT)
 }
 
 /// The sweep's table, best first.

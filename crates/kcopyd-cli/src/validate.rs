@@ -200,7 +200,7 @@ async fn real_copy(
     };
     let done = commands::copy(&copy, interrupts).await?;
     if done.status != Status::Success {
-        eprint!("{}", crate::report::human(&done.report));
+        crate::out::note_text(&crate::report::human(&done.report));
         return Ok(Err(done.status));
     }
     Ok(Ok(done.report.seconds))
@@ -364,9 +364,9 @@ pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Sta
         configs: rows,
     };
     if args.json {
-        println!("{}", serde_json::to_string(&validation).expect("a validation serializes"));
+        crate::out::print(&format!("{}\n", serde_json::to_string(&validation).expect("a validation serializes")))?;
     } else {
-        print!("{}", human(&validation));
+        crate::out::print(&human(&validation))?;
     }
     Ok(Status::Success)
 }
