@@ -130,7 +130,7 @@ impl Scratch {
         let text = path.display().to_string();
         let exists = fs::symlink_metadata(path).is_ok();
         let open_error =
-            |source| CliError::Open { what: "DEVICE", text: text.clone(), reason: open_reason(&source), source };
+            |source| CliError::Open { what: "DEVICE", text: text.clone(), reason: open_reason(&source, None), source };
         let options = OpenOptions { write: true, queue_depth: QUEUE_DEPTH_MAX * 2, ..OpenOptions::default() };
         let (device, offset_bytes, len_bytes, created) = if exists {
             let Some(len_bytes) = scratch_length_bytes else {

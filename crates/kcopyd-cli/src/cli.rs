@@ -24,8 +24,8 @@ pub const SUBJOBS_IN_FLIGHT_DEFAULT: usize = kcopyd_core::SUBJOBS_IN_FLIGHT_DEFA
 /// 4 in flight left the disk idle part of the time; 8 × 1 MiB copied one export to one
 /// target about 20 % faster and to three targets about 22 % faster, 16 no faster than 8.
 pub const NBD_SUBJOBS_IN_FLIGHT_DEFAULT: usize = 8;
-/// The zero-scan block of sparse copies by default (as `qemu-img convert -S`).
-pub const SPARSE_SIZE_DEFAULT: &str = "4K";
+/// The zero-scan block of sparse copies by default (as `qemu-img convert -S`), in bytes.
+pub const SPARSE_SIZE_DEFAULT_BYTES: u64 = 4096;
 /// The page budget by default: the library's [`kcopyd_core::PAGE_BUDGET_DEFAULT`] (four times
 /// what the default sub-jobs in flight take, so that reads can run ahead while several
 /// targets are still being written), written for `--help`.
@@ -373,16 +373,16 @@ pub struct CopyArgs {
     #[arg(long, conflicts_with = "sparse")]
     pub no_sparse: bool,
     /// With --sparse: blocks of this size that read as all zeroes are written as zeroes (a
-    /// hole), as `qemu-img -S`; a power of two of at least 512, or 0 to scan for none.
+    /// hole), as `qemu-img -S`; a power of two of at least 512, or 0 to scan for none
+    /// [default: 4K]. Refused with --sparse=off, which scans for nothing.
     #[arg(
         long = "sparse-size",
         short = 'S',
         value_name = "SIZE",
-        default_value = SPARSE_SIZE_DEFAULT,
         value_parser = size::parse_size,
         allow_negative_numbers = true,
     )]
-    pub sparse_size_bytes: u64,
+    pub sparse_size_bytes: Option<u64>,
     /// Record in FILE which ranges are copied, failed to read and failed to write (appended
     /// and fsynced after every batch); run the same command with the same FILE again to copy
     /// only what is not done. A FILE written for another copy is refused.

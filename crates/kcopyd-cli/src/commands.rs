@@ -373,7 +373,7 @@ fn finish_tail(tail: Tail, source: Option<&Opened>, targets: &[Opened], keep_goi
     let went_on = run.interrupted.is_none()
         && !outcome.cancelled
         && outcome.panicked.is_none()
-        && (keep_going || outcome.is_ok());
+        && (keep_going || job_ok(outcome));
     let bytes = match (went_on, source) {
         (false, _) => None,
         (true, None) => Some(vec![0; tail.len_bytes as usize]),
@@ -426,13 +426,32 @@ fn not_copied_in_region(target: &Opened, outcome: &kcopyd_core::TargetReport) ->
     outcome.not_copied.shifted(target.start_sector(), 0).expect("not_copied lies inside the target region")
 }
 
-/// Bytes of the range that at least one target does not hold.
+/// Bytes of the range that at least one target does not hold. A target whose final flush
+/// failed holds nothing for sure: all of its range counts.
 fn not_copied_bytes(opened: &[Opened], run: &JobRun, len_bytes: u64) -> u64 {
     let mut union = RangeSet::new();
-    for (target, outcome) in opened.iter().zip(&run.outcome.targets) {
+    for ((target, outcome), flush_error) in opened.iter().zip(&run.outcome.targets).zip(&run.flush_errors) {
+        if flush_error.is_some() {
+            return len_bytes;
+        }
         union.extend(&not_copied_in_region(target, outcome));
     }
     report::range_bytes(&union, len_bytes)
+}
+
+/// Whether the job copied everything: as [`Outcome::is_ok`], except that a read error that
+/// narrowing recovered from (every block read on retry, nothing unreadable) is no error.
+fn job_ok(outcome: &Outcome) -> bool {
+    outcome.read_failed.is_empty()
+        && outcome.write_err.is_empty()
+        && !outcome.cancelled
+        && outcome.panicked.is_none()
+        && outcome.targets.iter().all(|t| t.not_copied.is_empty())
+}
+
+/// A read failed and was retried in smaller reads that all succeeded: nothing is missing.
+fn read_errors_recovered(outcome: &Outcome) -> bool {
+    outcome.read_err && outcome.read_failed.is_empty()
 }
 
 fn job_targets(opened: &[Opened], run: &JobRun, len_bytes: u64) -> Vec<TargetReport> {
@@ -458,7 +477,7 @@ fn job_status(run: &JobRun, targets: &[TargetReport], verify_identical: Option<b
     if let Some(code) = run.interrupted {
         return ("cancelled", Status::Interrupted(code));
     }
-    if !run.outcome.is_ok() || targets.iter().any(|t| t.flush_error.is_some()) {
+    if !job_ok(&run.outcome) || targets.iter().any(|t| t.flush_error.is_some()) {
         return ("errors", Status::Failed);
     }
     if verify_identical == Some(false) {
@@ -482,7 +501,14 @@ fn partial_verify(mut verify: TargetVerify, interrupted: Option<u8>) -> TargetVe
 /// A bad --sparse-size, or --target-is-zero without --sparse.
 fn sparse_of(args: &CopyArgs) -> Result<Sparse, CliError> {
     let on = args.sparse && !args.no_sparse;
-    let size = args.sparse_size_bytes;
+    if let (false, Some(size)) = (on, args.sparse_size_bytes) {
+        return Err(CliError::argument(
+            "--sparse-size",
+            size.to_string(),
+            "sets the zero scan of a sparse copy, and --sparse=off / --no-sparse turns sparse copies off",
+        ));
+    }
+    let size = args.sparse_size_bytes.unwrap_or(crate::cli::SPARSE_SIZE_DEFAULT_BYTES);
     if size != 0 && (!size.is_power_of_two() || size < SECTOR_SIZE as u64 || size > u64::from(u32::MAX / 2 + 1)) {
         return Err(CliError::argument(
             "--sparse-size",
@@ -619,6 +645,7 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
         throughput_bytes_per_s: report::throughput(run.done_bytes, run.seconds),
         cancelled: run.outcome.cancelled || interrupted.is_some(),
         panicked: run.outcome.panicked.clone(),
+        read_errors_recovered: read_errors_recovered(&run.outcome),
         source: Some(SourceReport {
             device: plan.source.arg.text.clone(),
             offset_bytes: plan.source.arg.offset_bytes,
@@ -666,6 +693,7 @@ pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, 
         throughput_bytes_per_s: report::throughput(run.done_bytes, run.seconds),
         cancelled: run.outcome.cancelled || run.interrupted.is_some(),
         panicked: run.outcome.panicked.clone(),
+        read_errors_recovered: false,
         source: None,
         targets,
         verify: None,
@@ -731,6 +759,7 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
         throughput_bytes_per_s: report::throughput(bytes, seconds),
         cancelled: interrupted.is_some(),
         panicked: None,
+        read_errors_recovered: false,
         source: Some(SourceReport {
             device: plan.source.arg.text.clone(),
             offset_bytes: plan.source.arg.offset_bytes,

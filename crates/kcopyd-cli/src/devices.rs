@@ -219,14 +219,21 @@ impl Opened {
             return Err(CliError::argument(
                 "--length",
                 len_bytes.to_string(),
-                format!(
-                    "{len_bytes} bytes is not a multiple of the {block}-byte logical block of {} '{}', \
-                     which takes whole blocks (--length {} leaves the last {} bytes out)",
-                    self.role.name(),
-                    self.arg.text,
-                    len_bytes / block * block,
-                    len_bytes % block
-                ),
+                match len_bytes / block * block {
+                    0 => format!(
+                        "{len_bytes} bytes is less than one {block}-byte logical block of {} '{}', which \
+                         takes whole blocks: there is no whole block to move",
+                        self.role.name(),
+                        self.arg.text,
+                    ),
+                    whole => format!(
+                        "{len_bytes} bytes is not a multiple of the {block}-byte logical block of {} '{}', \
+                         which takes whole blocks (--length {whole} leaves the last {} bytes out)",
+                        self.role.name(),
+                        self.arg.text,
+                        len_bytes % block
+                    ),
+                },
             ));
         }
         let device_bytes = self.len_bytes();
@@ -430,7 +437,7 @@ pub fn open(
             let device = OsDevice::open(path, &options).map_err(|source| CliError::Open {
                 what: role.name(),
                 text: arg.text.clone(),
-                reason: open_reason(&source),
+                reason: open_reason(&source, Some("--buffered")),
                 source,
             })?;
             if let (true, Some(len_bytes), DeviceKind::File) = (write, create_len_bytes, device.kind()) {

@@ -191,8 +191,9 @@ impl CliError {
 }
 
 /// What an open error means, in a few words, without the path (the message names the
-/// argument already) and with the command's own way out where there is one.
-pub fn open_reason(error: &OpenError) -> String {
+/// argument already) and with the command's own way out where there is one: `buffered` names
+/// the option that goes through the page cache, where the command has one.
+pub fn open_reason(error: &OpenError, buffered: Option<&str>) -> String {
     let with_cause = |what: &str, cause: &io::Error| format!("{what} ({cause})");
     match error {
         OpenError::NotFound { .. } => "no such file or device".into(),
@@ -201,9 +202,13 @@ pub fn open_reason(error: &OpenError) -> String {
         OpenError::Busy { .. } => {
             "device is busy (mounted or opened exclusively elsewhere): refusing to write to it".into()
         }
-        OpenError::DirectIoUnsupported { filesystem, .. } => {
-            format!("the {filesystem} filesystem does not support direct I/O (O_DIRECT); use --buffered")
-        }
+        OpenError::DirectIoUnsupported { filesystem, .. } => match buffered {
+            Some(option) => format!("the {filesystem} filesystem does not support direct I/O (O_DIRECT); use {option}"),
+            None => format!(
+                "the {filesystem} filesystem does not support direct I/O (O_DIRECT), which this command measures: \
+                 use a file on another filesystem"
+            ),
+        },
         OpenError::NotABlockDeviceOrFile { kind, .. } => format!("is a {kind}, not a regular file or block device"),
         other => {
             // The device layer's message starts with the path: keep what follows it.

@@ -45,6 +45,10 @@ pub struct Report {
     /// The engine or a device panicked and the job stopped there (a bug; the message).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub panicked: Option<String>,
+    /// `copy`: a read failed and was retried in smaller reads until every block was read:
+    /// nothing is missing, and the status is not `errors` for it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub read_errors_recovered: bool,
     /// The source (`copy`, `verify`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<SourceReport>,
@@ -282,6 +286,9 @@ pub fn human(report: &Report) -> String {
     if let Some(wall_seconds) = report.wall_seconds {
         let _ = writeln!(out, "(simulated: {:.3} s of model time, {wall_seconds:.2} s wall)", report.seconds);
     }
+    if report.read_errors_recovered {
+        let _ = writeln!(out, "read errors recovered: failed reads were retried in smaller reads and every block was read");
+    }
     if let Some(message) = &report.panicked {
         let _ = writeln!(out, "internal error: the job stopped after a panic: {message}");
     }
@@ -312,6 +319,10 @@ pub fn human(report: &Report) -> String {
             continue;
         }
         out.push_str(&target.status.replace('_', " "));
+        if let Some(error) = &target.flush_error {
+            // The status says "flush failed" (it comes first): the reason, once.
+            let _ = write!(out, ": {error}");
+        }
         if let Some(write_failed) = target.write_failed_sectors.as_ref().filter(|r| !r.is_empty()) {
             let _ = write!(out, "; write failed at {}", describe_ranges(write_failed));
         }
@@ -319,9 +330,7 @@ pub fn human(report: &Report) -> String {
             let what = if report.command == "zero" { "not zeroed" } else { "not copied" };
             let _ = write!(out, "; {what}: {}", describe_ranges(not_copied));
         }
-        if let Some(error) = &target.flush_error {
-            let _ = write!(out, "; flush failed: {error}");
-        }
+
         if let Some(verify) = &target.verify {
             let _ = write!(out, "; verify: {}", verify_details(verify, block_bytes));
         }

@@ -182,7 +182,7 @@ async fn real_copy(
         // A full copy, as the simulated one: the disk model times every sector read.
         sparse: false,
         no_sparse: false,
-        sparse_size_bytes: 0,
+        sparse_size_bytes: Some(0),
         target_is_zero: false,
         map: None,
         map_batch_bytes: 256 * 1024 * 1024,
@@ -274,7 +274,7 @@ pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Sta
     let source = OsDevice::open(&args.source, &OpenOptions::default()).map_err(|source| CliError::Open {
         what: "SOURCE",
         text: source_text.clone(),
-        reason: open_reason(&source),
+        reason: open_reason(&source, None),
         source,
     })?;
     let geometry = source.geometry();

@@ -86,6 +86,14 @@ pub enum ScenarioError {
         /// What is wrong.
         problem: String,
     },
+    /// A disk whose length in bytes does not fit in 64 bits: no byte offset could address it.
+    #[error("scenario disk '{disk}': len_sectors {len_sectors} is {len_sectors} × 512 bytes, more than 64 bits hold")]
+    DiskTooLarge {
+        /// The disk.
+        disk: String,
+        /// Its length, as given.
+        len_sectors: u64,
+    },
     /// A job or the foreground names a disk that is not in `[disks]`.
     #[error("scenario {user}: no disk named '{disk}' in [disks]")]
     UnknownDisk {
