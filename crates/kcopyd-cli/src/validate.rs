@@ -182,7 +182,7 @@ async fn real_copy(
         // A full copy, as the simulated one: the disk model times every sector read.
         sparse: false,
         no_sparse: false,
-        sparse_size_bytes: Some(0),
+        sparse_size_bytes: None,
         target_is_zero: false,
         map: None,
         map_batch_bytes: 256 * 1024 * 1024,
