@@ -80,6 +80,9 @@ struct JobRun {
     outcome: Outcome,
     interrupted: Option<u8>,
     done_bytes: u64,
+    /// `copy --map`: bytes the map held as done (or, with --retry-failed, not to retry) when
+    /// this run started.
+    before_bytes: u64,
     seconds: f64,
     flush_errors: Vec<Option<String>>,
     stats: kcopyd_core::ClientStats,
@@ -126,6 +129,7 @@ async fn run_job(
         outcome: watched.outcome,
         interrupted,
         done_bytes,
+        before_bytes: 0,
         seconds,
         flush_errors: flushes.into_iter().map(|r| r.err().map(|e| e.to_string())).collect(),
         stats,
@@ -223,10 +227,11 @@ async fn run_mapped(
         let job = map::batch_job(&batch, (&source.device, source.start_sector()), &devices, flags, sparse);
         let handle = client.submit(job).await.map_err(|source| CliError::Submit { source })?;
         created.keep();
+        job_started(interrupts, &handle, bar.position(), len_bytes, "copy");
         let ui = OffsetBar { bar: &bar, base: bar.position() };
         let watched = progress::watch(&handle, &ui, interrupts).await;
-        done_bytes += handle.progress().done_sectors * SECTOR_SIZE as u64;
         let batch_outcome = watched.outcome;
+        done_bytes += moved_bytes(&handle, &batch_outcome, source.start_sector(), targets.first());
         // Durable on every target before the map says so.
         let flushes = map::finish_batch(map, batch, &batch_outcome, source.start_sector(), &devices).await?;
         let flushed = flushes.iter().all(Option::is_none);
@@ -260,7 +265,7 @@ async fn run_mapped(
     let seconds = started.elapsed().as_secs_f64();
     let stats = client.stats();
     client.shutdown().await;
-    Ok(JobRun { outcome, interrupted, done_bytes, seconds, flush_errors, stats })
+    Ok(JobRun { outcome, interrupted, done_bytes, before_bytes: already_bytes, seconds, flush_errors, stats })
 }
 
 /// What a comparison needs, made before anything is written so that it cannot refuse
@@ -646,6 +651,7 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
         cancelled: run.outcome.cancelled || interrupted.is_some(),
         panicked: run.outcome.panicked.clone(),
         read_errors_recovered: read_errors_recovered(&run.outcome),
+        bytes_done_before: args.map.is_some().then_some(run.before_bytes),
         source: Some(SourceReport {
             device: plan.source.arg.text.clone(),
             offset_bytes: plan.source.arg.offset_bytes,
@@ -694,6 +700,7 @@ pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, 
         cancelled: run.outcome.cancelled || run.interrupted.is_some(),
         panicked: run.outcome.panicked.clone(),
         read_errors_recovered: false,
+        bytes_done_before: None,
         source: None,
         targets,
         verify: None,
@@ -760,6 +767,7 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
         cancelled: interrupted.is_some(),
         panicked: None,
         read_errors_recovered: false,
+        bytes_done_before: None,
         source: Some(SourceReport {
             device: plan.source.arg.text.clone(),
             offset_bytes: plan.source.arg.offset_bytes,

@@ -49,6 +49,11 @@ pub struct Report {
     /// nothing is missing, and the status is not `errors` for it.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub read_errors_recovered: bool,
+    /// `copy --map`: bytes the map held as done when this run started (with --retry-failed:
+    /// all but the failed ranges). `bytes` and the rate count this run only; `bytes_copied`
+    /// counts what every target holds now, this run's and the earlier runs' work.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_done_before: Option<u64>,
     /// The source (`copy`, `verify`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<SourceReport>,
@@ -248,11 +253,16 @@ pub fn human(report: &Report) -> String {
     let mut out = String::new();
     let rate = Bytes(report.throughput_bytes_per_s as u64);
     let done = report.bytes_copied.unwrap_or(report.bytes);
+    // After a map resume, the totals hold earlier runs' work: the rate is this run's, and says so.
+    let rate = match report.bytes_done_before {
+        Some(_) => format!("{} by this run, {rate}/s", Bytes(report.bytes)),
+        None => format!("{rate}/s"),
+    };
     if report.cancelled {
         let percent = if report.bytes_total == 0 { 100.0 } else { done as f64 * 100.0 / report.bytes_total as f64 };
         let _ = writeln!(
             out,
-            "cancelled: {} {} of {} ({percent:.1}%) in {:.2} s ({rate}/s)",
+            "cancelled: {} {} of {} ({percent:.1}%) in {:.2} s ({rate})",
             verb(report.command),
             Bytes(done),
             Bytes(report.bytes_total),
@@ -261,7 +271,7 @@ pub fn human(report: &Report) -> String {
     } else if let Some(not_copied) = report.bytes_not_copied.filter(|&bytes| bytes > 0) {
         let _ = writeln!(
             out,
-            "{} {} of {} in {:.2} s, with errors: {} {}",
+            "{} {} of {} in {:.2} s ({rate}), with errors: {} {}",
             verb(report.command),
             Bytes(done),
             Bytes(report.bytes_total),
@@ -272,7 +282,7 @@ pub fn human(report: &Report) -> String {
     } else {
         let _ = writeln!(
             out,
-            "{} {} in {:.2} s ({rate}/s){}",
+            "{} {} in {:.2} s ({rate}){}",
             verb(report.command),
             Bytes(report.bytes_total),
             report.seconds,
@@ -282,6 +292,9 @@ pub fn human(report: &Report) -> String {
                 _ => ", with errors",
             }
         );
+    }
+    if let Some(before) = report.bytes_done_before.filter(|&before| before > 0) {
+        let _ = writeln!(out, "(the map held {} as done before this run)", Bytes(before));
     }
     if let Some(wall_seconds) = report.wall_seconds {
         let _ = writeln!(out, "(simulated: {:.3} s of model time, {wall_seconds:.2} s wall)", report.seconds);

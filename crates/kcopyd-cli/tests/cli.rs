@@ -1945,3 +1945,32 @@ fn a_recovered_read_error_and_a_failed_flush_are_reported_as_they_happened() {
     assert_eq!(report["targets"][0]["status"], "flush_failed");
     assert_eq!((report["bytes_copied"].as_u64(), report["bytes_not_copied"].as_u64()), (Some(0), Some(4 << 20)));
 }
+
+#[test]
+fn a_resumed_map_copy_reports_this_runs_bytes_beside_the_total() {
+    let dir = TempDir::new("cli-map-headline");
+    let (target, map) = (dir.join("target.img"), dir.join("copy.map"));
+    let args = ["copy", "sim:size=16M,seed=1,sparse=on,bandwidth=4M", s(&target), "--map", s(&map), "--map-batch", "1M"];
+    let running = start(&args, Stdio::piped(), Stdio::piped());
+    wait_for_file(&target);
+    std::thread::sleep(Duration::from_millis(1500));
+    send_signal(running.pid, "INT");
+    let first = running.ends_within(Duration::from_secs(3), "the first run");
+    assert_eq!(first.code, 130, "{first:?}");
+    let resumed = kcopyd(&[&args[..], &["--json"]].concat());
+    assert_eq!(resumed.code, 0, "{resumed:?}");
+    let report = json(&resumed);
+    let (bytes, before, copied) = (
+        report["bytes"].as_u64().unwrap(),
+        report["bytes_done_before"].as_u64().unwrap(),
+        report["bytes_copied"].as_u64().unwrap(),
+    );
+    assert!(before > 0 && bytes > 0, "{report}");
+    assert_eq!(bytes + before, copied, "this run's bytes and the earlier runs' add up: {report}");
+    assert_eq!(copied, 16 << 20);
+    let rate = report["throughput_bytes_per_s"].as_f64().unwrap();
+    let seconds = report["seconds"].as_f64().unwrap();
+    assert!((rate * seconds - bytes as f64).abs() < 1.0, "the rate is this run's");
+    let again = kcopyd(&args);
+    assert!(again.stdout.starts_with("copied 16 MiB in") && again.stdout.contains("(0 B by this run"), "{again:?}");
+}
