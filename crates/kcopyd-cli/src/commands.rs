@@ -420,7 +420,8 @@ fn target_status(target: &TargetReport) -> &'static str {
         "incomplete"
     } else {
         match &target.verify {
-            Some(TargetVerify { status, .. }) if *status != "identical" => status,
+            // A comparison stopped by a signal says so in its own status; the copy is whole.
+            Some(TargetVerify { status, .. }) if *status != "identical" && *status != "incomplete" => status,
             _ => "ok",
         }
     }

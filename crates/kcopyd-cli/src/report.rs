@@ -362,7 +362,17 @@ pub fn human(report: &Report) -> String {
                 Bytes(verify.bytes_verified),
                 verify.seconds,
                 Bytes(verify.throughput_bytes_per_s as u64),
-                if verify.identical { "identical" } else { "differences found" }
+                if verify.identical {
+                    "identical"
+                } else if report
+                    .targets
+                    .iter()
+                    .any(|t| t.verify.as_ref().is_some_and(|v| v.status != "incomplete" && v.status != "identical"))
+                {
+                    "differences found"
+                } else {
+                    "stopped before the end, no differences found so far"
+                }
             );
         }
     }
