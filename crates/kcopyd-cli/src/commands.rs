@@ -3,7 +3,9 @@
 use std::cell::Cell;
 
 use futures_util::future::join_all;
-use kcopyd_core::{Client, Device, Flags, Job, JobHandle, Outcome, PagePool, RangeSet, Region, SECTOR_SIZE, Sparse, TargetZeroes};
+use kcopyd_core::{
+    Client, Device, Flags, Job, JobHandle, Outcome, PagePool, RangeSet, Region, SECTOR_SIZE, Sparse, TargetZeroes,
+};
 
 use crate::cli::{CopyArgs, EngineArgs, OutputArgs, VerifyArgs, ZeroArgs};
 use crate::clock::Instant;
@@ -13,8 +15,8 @@ use crate::error::{CliError, Status};
 use crate::map::{self, CopyMap, MapHeader};
 use crate::out;
 use crate::progress::{self, Interrupts, Phase};
-use crate::size::Bytes;
 use crate::report::{self, Report, SourceReport, TargetReport, TargetVerify};
+use crate::size::Bytes;
 use crate::tail::Tail;
 
 /// What a command hands back to `main`: its report and exit status.
@@ -679,8 +681,15 @@ pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, 
     let job =
         Job::zero(opened.iter().map(|t| region(t, len_sectors)).collect(), flags(args.ignore_errors, args.write_seq));
     let mut nothing_created = devices::CreatedFiles::default();
-    let mut run = run_job(context, job, opened, Shown { label: "zero", len_bytes, source_start: 0 }, interrupts, &mut nothing_created)
-            .await?;
+    let mut run = run_job(
+        context,
+        job,
+        opened,
+        Shown { label: "zero", len_bytes, source_start: 0 },
+        interrupts,
+        &mut nothing_created,
+    )
+    .await?;
     finish_tail(plan.tail, None, opened, args.ignore_errors, &mut run);
     let mut targets = job_targets(opened, &run, len_bytes);
     let not_copied = not_copied_bytes(opened, &run, len_bytes);

@@ -287,7 +287,8 @@ macro_rules! say {
 /// # Errors
 /// A `--size` out of bounds, or the engine cannot start.
 pub async fn run(args: &DemoArgs, interrupts: &mut Interrupts) -> Result<Status, CliError> {
-    interrupts.set_summary(Some(Box::new(|| "kcopyd: interrupted: the demo stopped (its disks were in memory)".into())));
+    interrupts
+        .set_summary(Some(Box::new(|| "kcopyd: interrupted: the demo stopped (its disks were in memory)".into())));
     let len_bytes = args.size_bytes;
     if !(DEMO_LEN_BYTES_MIN..=DEMO_LEN_BYTES_MAX).contains(&len_bytes) || len_bytes % (1 << 20) != 0 {
         return Err(CliError::argument(

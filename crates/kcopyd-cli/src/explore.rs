@@ -19,8 +19,8 @@ use toml::Value;
 
 use crate::cli::{SimRunArgs, SimSweepArgs};
 use crate::error::{CliError, Status};
-use crate::plot;
 use crate::out;
+use crate::plot;
 use crate::progress::{self, Interrupts, Phase, bars_wanted};
 use crate::size::Bytes;
 
@@ -343,7 +343,9 @@ fn run_sweep(args: &SimSweepArgs, interrupts: &Interrupts) -> Result<Status, Cli
 
 /// After a signal stopped a sweep: says so on stderr and returns the signal's exit code.
 fn interrupted_code(done: usize, total: usize) -> u8 {
-    out::note(&format!("kcopyd: interrupted: {done} of {total} points ran; their table follows (the --svg file is not drawn)"));
+    out::note(&format!(
+        "kcopyd: interrupted: {done} of {total} points ran; their table follows (the --svg file is not drawn)"
+    ));
     progress::first_signal().unwrap_or(progress::EXIT_SIGINT)
 }
 

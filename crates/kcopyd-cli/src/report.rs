@@ -300,7 +300,8 @@ pub fn human(report: &Report) -> String {
         let _ = writeln!(out, "(simulated: {:.3} s of model time, {wall_seconds:.2} s wall)", report.seconds);
     }
     if report.read_errors_recovered {
-        let _ = writeln!(out, "read errors recovered: failed reads were retried in smaller reads and every block was read");
+        let _ =
+            writeln!(out, "read errors recovered: failed reads were retried in smaller reads and every block was read");
     }
     if let Some(message) = &report.panicked {
         let _ = writeln!(out, "internal error: the job stopped after a panic: {message}");
@@ -364,10 +365,11 @@ pub fn human(report: &Report) -> String {
                 Bytes(verify.throughput_bytes_per_s as u64),
                 if verify.identical {
                     "identical"
-                } else if report
-                    .targets
-                    .iter()
-                    .any(|t| t.verify.as_ref().is_some_and(|v| v.status != "incomplete" && v.status != "identical"))
+                } else if !report.cancelled
+                    || report
+                        .targets
+                        .iter()
+                        .any(|t| t.verify.as_ref().is_some_and(|v| v.status != "incomplete" && v.status != "identical"))
                 {
                     "differences found"
                 } else {

@@ -1702,8 +1702,11 @@ fn a_closed_stdout_or_stderr_never_panics_and_the_report_is_not_lost() {
     let copy = output_with(&["copy", "sim:size=1M,seed=1", "sim:", "--json"], closed_pipe(), Stdio::piped());
     assert_eq!(copy.code, 0, "{copy:?}");
     assert!(copy.stderr.contains("\"command\":\"copy\""), "the report on stderr: {copy:?}");
-    let failed =
-        output_with(&["copy", "sim:size=1M,seed=1,bad-read=8-9", "sim:", "--ignore-errors"], closed_pipe(), Stdio::piped());
+    let failed = output_with(
+        &["copy", "sim:size=1M,seed=1,bad-read=8-9", "sim:", "--ignore-errors"],
+        closed_pipe(),
+        Stdio::piped(),
+    );
     assert_eq!(failed.code, 1, "{failed:?}");
     assert!(failed.stderr.contains("read errors at 8-9"), "{failed:?}");
     // A command whose job is printing stops quietly at the first failed write: 141.
@@ -1790,7 +1793,16 @@ fn a_cancelled_throttled_copy_reports_the_bytes_it_moved() {
     let dir = TempDir::new("cli-throttle-cancel");
     let target = dir.join("target.img");
     let running = start(
-        &["copy", "sim:size=64M,seed=1,sparse=on", s(&target), "--throttle-rate", "2M", "--sub-job-size", "256K", "--json"],
+        &[
+            "copy",
+            "sim:size=64M,seed=1,sparse=on",
+            s(&target),
+            "--throttle-rate",
+            "2M",
+            "--sub-job-size",
+            "256K",
+            "--json",
+        ],
         Stdio::piped(),
         Stdio::piped(),
     );
@@ -1877,13 +1889,25 @@ fn output_files_are_checked_before_the_work_starts() {
 #[test]
 fn small_messages_name_the_real_problem() {
     let cases: [(&[&str], &[&str]); 8] = [
-        (&["copy", "sim:size=1M,seed=1", "sim:", "--target-is-zero", "--no-sparse"], &["--target-is-zero: needs a sparse copy"]),
-        (&["copy", "sim:size=1M,seed=1", "sim:", "--no-sparse", "-S", "64K"], &["--sparse-size '65536'", "turns sparse copies off"]),
+        (
+            &["copy", "sim:size=1M,seed=1", "sim:", "--target-is-zero", "--no-sparse"],
+            &["--target-is-zero: needs a sparse copy"],
+        ),
+        (
+            &["copy", "sim:size=1M,seed=1", "sim:", "--no-sparse", "-S", "64K"],
+            &["--sparse-size '65536'", "turns sparse copies off"],
+        ),
         (&["copy", "sim:size=1M,latency=99999999999999999999", "sim:"], &["is too large"]),
         (&["copy", "NBD://host/", "sim:"], &["'NBD'", "lower case", "'nbd://'"]),
         (&["copy", "nbd://host:0/x", "sim:"], &["port 0"]),
-        (&["copy", "sim:size=1M,seed=1,block=4096", "sim:", "--length", "1000"], &["less than one 4096-byte logical block"]),
-        (&["copy", "sim:size=1M,seed=1,block=4096", "sim:", "--length", "5000"], &["--length 4096 leaves the last 904 bytes out"]),
+        (
+            &["copy", "sim:size=1M,seed=1,block=4096", "sim:", "--length", "1000"],
+            &["less than one 4096-byte logical block"],
+        ),
+        (
+            &["copy", "sim:size=1M,seed=1,block=4096", "sim:", "--length", "5000"],
+            &["--length 4096 leaves the last 904 bytes out"],
+        ),
         (&["sim", "calibrate", "/nonexistent-dir/x.img", "--point-time", "0s"], &["--point-time", "must be from"]),
     ];
     for (args, needles) in cases {
@@ -1893,7 +1917,15 @@ fn small_messages_name_the_real_problem() {
     }
     let dir = TempDir::new("cli-small-messages");
     let scenario = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/nvme-resync.toml");
-    let vary = ["sim", "sweep", s(&scenario), "--vary", "client.subjobs_in_flight=1,2", "--vary", "client.subjobs_in_flight=4"];
+    let vary = [
+        "sim",
+        "sweep",
+        s(&scenario),
+        "--vary",
+        "client.subjobs_in_flight=1,2",
+        "--vary",
+        "client.subjobs_in_flight=4",
+    ];
     assert_usage_error(&kcopyd(&vary), &["--vary", "varied twice"]);
     drop(dir);
 }
@@ -1950,7 +1982,8 @@ fn a_recovered_read_error_and_a_failed_flush_are_reported_as_they_happened() {
 fn a_resumed_map_copy_reports_this_runs_bytes_beside_the_total() {
     let dir = TempDir::new("cli-map-headline");
     let (target, map) = (dir.join("target.img"), dir.join("copy.map"));
-    let args = ["copy", "sim:size=16M,seed=1,sparse=on,bandwidth=4M", s(&target), "--map", s(&map), "--map-batch", "1M"];
+    let args =
+        ["copy", "sim:size=16M,seed=1,sparse=on,bandwidth=4M", s(&target), "--map", s(&map), "--map-batch", "1M"];
     let running = start(&args, Stdio::piped(), Stdio::piped());
     wait_for_file(&target);
     std::thread::sleep(Duration::from_millis(1500));

@@ -191,7 +191,15 @@ fn run_ends_at_a_signal_and_leaves_no_picture() {
 fn sweep_stops_between_points_at_a_signal_and_prints_the_points_done() {
     let nvme = scenario("nvme-resync");
     let args = [
-        &["sim", "sweep", nvme.as_str(), "--threads", "1", "--vary", "client.subjobs_in_flight=1,2,3,4,5,6,7,8,9,10,11,12"][..],
+        &[
+            "sim",
+            "sweep",
+            nvme.as_str(),
+            "--threads",
+            "1",
+            "--vary",
+            "client.subjobs_in_flight=1,2,3,4,5,6,7,8,9,10,11,12",
+        ][..],
         &SMALL_NVME[..],
     ]
     .concat();

@@ -135,10 +135,5 @@ pub fn sweep_until(
             });
         }
     });
-    results
-        .into_inner()
-        .expect("no panic while holding the results")
-        .into_iter()
-        .flatten()
-        .collect()
+    results.into_inner().expect("no panic while holding the results").into_iter().flatten().collect()
 }
