@@ -38,7 +38,7 @@ pub const MEMORY_DEFAULT: &str = "16M";
 /// `nbd+unix:///EXPORT?socket=PATH`), all also with `@OFFSET`. Sizes and
 /// offsets are bytes, or take binary units: K, M, G, T (or KiB, MiB, ...), s for 512-byte
 /// sectors. Exit status: 0 success, 1 read or write errors or differences, 2 bad usage (nothing
-/// written), 130 interrupted.
+/// written), 130 interrupted (143 by SIGTERM), 141 standard output closed by its reader.
 #[derive(Debug, Parser)]
 #[command(name = "kcopyd", version, propagate_version = true, after_help = EXAMPLES)]
 pub struct Cli {
@@ -175,7 +175,8 @@ pub struct CalibrateArgs {
     /// The file or block device to measure (see above for what is written).
     #[arg(value_name = "DEVICE")]
     pub device: PathBuf,
-    /// Write the model here (TOML) instead of to stdout.
+    /// Write the model here (TOML) instead of to stdout; checked before measuring, and never
+    /// DEVICE itself or a block device.
     #[arg(long, value_name = "MODEL.toml")]
     pub out: Option<PathBuf>,
     /// Length of the file created when DEVICE does not exist.
@@ -196,7 +197,7 @@ pub struct CalibrateArgs {
     /// Requests in flight to measure, comma-separated (1 to 32).
     #[arg(long = "queue-depths", value_name = "DEPTHS", value_delimiter = ',', default_value = "1,4,16,32")]
     pub queue_depths: Vec<usize>,
-    /// How long each point runs.
+    /// How long each point runs: 5ms to 60s.
     #[arg(long = "point-time", value_name = "DURATION", default_value = "250ms", value_parser = size::parse_duration_us)]
     pub point_time_us: u64,
     /// Rounds over every point (1 to 20); each point's median round counts.
