@@ -1679,10 +1679,12 @@ fn wait_for_file(path: &Path) {
     }
 }
 
-/// A pipe whose reader is already closed: every write to it fails with EPIPE.
+/// A pipe whose reader is already gone: every write to it fails with EPIPE. The reader is
+/// `true`, which exits at once; this process never held the read end.
 fn closed_pipe() -> Stdio {
-    let (reader, writer) = std::io::pipe().expect("a pipe");
-    drop(reader);
+    let mut reader = Command::new("true").stdin(Stdio::piped()).spawn().expect("true runs");
+    let writer = reader.stdin.take().expect("a pipe to true");
+    reader.wait().expect("true exits");
     Stdio::from(writer)
 }
 

@@ -124,50 +124,54 @@ fn bad_scenarios_keys_and_metrics_are_usage_errors() {
     assert!(err.contains("speed") && err.contains("throughput_mb_per_s"), "lists the metrics: {err}");
 }
 
-/// Starts kcopyd with its output piped; returns the child once it catches SIGINT.
-fn start(args: &[&str]) -> std::process::Child {
+/// A running kcopyd: its pid, and its output once it ends (waited for by a thread).
+struct Running {
+    pid: String,
+    done: std::sync::mpsc::Receiver<std::process::Output>,
+}
+
+/// Starts kcopyd with its output piped, and waits until it catches SIGINT.
+fn start(args: &[&str]) -> Running {
     let child = Command::new(env!("CARGO_BIN_EXE_kcopyd"))
         .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("kcopyd starts");
+    let pid = child.id().to_string();
+    let (send, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = send.send(child.wait_with_output().unwrap());
+    });
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let caught = status
             .lines()
             .find_map(|line| line.strip_prefix("SigCgt:"))
             .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
             .unwrap_or(0);
         if caught & 2 != 0 {
-            return child;
+            return Running { pid, done };
         }
         assert!(Instant::now() < deadline, "the SIGINT handler never appeared");
         std::thread::sleep(Duration::from_millis(10));
     }
 }
 
-/// Sends SIGINT to `child` after `after`, then waits at most `limit` for it to end: (exit
-/// code, stdout, stderr, how long it took after the signal).
-fn interrupt(child: std::process::Child, after: Duration, limit: Duration) -> (i32, String, String, Duration) {
+/// Sends SIGINT after `after`, then waits at most `limit` for the command to end: (exit
+/// code, stdout, stderr).
+fn interrupt(running: Running, after: Duration, limit: Duration) -> (i32, String, String) {
     std::thread::sleep(after);
-    let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
-    let sent = Instant::now();
-    let (send, done) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = send.send(child.wait_with_output().unwrap());
-    });
-    let output = done.recv_timeout(limit).unwrap_or_else(|_| {
-        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+    assert!(Command::new("kill").args(["-INT", &running.pid]).status().unwrap().success());
+    let output = running.done.recv_timeout(limit).unwrap_or_else(|_| {
+        let _ = Command::new("kill").args(["-KILL", &running.pid]).status();
         panic!("still running {limit:?} after SIGINT");
     });
     (
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
-        sent.elapsed(),
     )
 }
 
@@ -180,7 +184,7 @@ fn run_ends_at_a_signal_and_leaves_no_picture() {
     let svg_arg = svg.display().to_string();
     // The whole scenario takes minutes in a debug build.
     let child = start(&["sim", "run", nvme.as_str(), "--svg", svg_arg.as_str()]);
-    let (code, out, err, _) = interrupt(child, Duration::from_millis(500), Duration::from_secs(3));
+    let (code, out, err) = interrupt(child, Duration::from_millis(500), Duration::from_secs(3));
     assert_eq!(code, 130, "{err}");
     assert!(out.is_empty() && err.contains("interrupted"), "{out}{err}");
     assert!(!svg.exists(), "no picture left behind");
@@ -204,7 +208,7 @@ fn sweep_stops_between_points_at_a_signal_and_prints_the_points_done() {
     ]
     .concat();
     let child = start(&args);
-    let (code, out, err, _) = interrupt(child, Duration::from_millis(1500), Duration::from_secs(60));
+    let (code, out, err) = interrupt(child, Duration::from_millis(1500), Duration::from_secs(60));
     assert_eq!(code, 130, "{err}");
     assert!(err.contains("points ran; their table follows"), "{err}");
     let rows: Vec<&str> = out.lines().collect();
@@ -215,8 +219,10 @@ fn sweep_stops_between_points_at_a_signal_and_prints_the_points_done() {
 #[test]
 fn a_closed_stdout_ends_run_quietly_with_141() {
     let nvme = scenario("nvme-resync");
-    let (reader, writer) = std::io::pipe().unwrap();
-    drop(reader);
+    // A pipe whose reader, `true`, is gone before kcopyd writes.
+    let mut reader = Command::new("true").stdin(std::process::Stdio::piped()).spawn().unwrap();
+    let writer = reader.stdin.take().unwrap();
+    reader.wait().unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_kcopyd"))
         .args([&["sim", "run", nvme.as_str()][..], &SMALL_NVME[..]].concat())
         .stdout(writer)
