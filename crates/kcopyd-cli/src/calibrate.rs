@@ -866,7 +866,7 @@ fn check_point_time(point_time_us: u64) -> Result<(), CliError> {
     }
     Err(CliError::argument(
         "--point-time",
-        format!("{point_time_us}us"),
+        format!("{time:?}"),
         format!(
             "must be from {} ms to {} s: each point is timed in {WINDOWS} windows",
             POINT_TIME_MIN.as_millis(),

@@ -215,27 +215,6 @@ impl Opened {
                 "offset of {offset} bytes is not a multiple of the device's {block}-byte logical block"
             )));
         }
-        if len_bytes % block != 0 && !self.is_file() {
-            return Err(CliError::argument(
-                "--length",
-                len_bytes.to_string(),
-                match len_bytes / block * block {
-                    0 => format!(
-                        "{len_bytes} bytes is less than one {block}-byte logical block of {} '{}', which \
-                         takes whole blocks: there is no whole block to move",
-                        self.role.name(),
-                        self.arg.text,
-                    ),
-                    whole => format!(
-                        "{len_bytes} bytes is not a multiple of the {block}-byte logical block of {} '{}', \
-                         which takes whole blocks (--length {whole} leaves the last {} bytes out)",
-                        self.role.name(),
-                        self.arg.text,
-                        len_bytes % block
-                    ),
-                },
-            ));
-        }
         let device_bytes = self.len_bytes();
         if offset.checked_add(len_bytes).is_none_or(|end| end > device_bytes) {
             let problem = match self.role {
@@ -252,7 +231,34 @@ impl Opened {
             };
             return Err(self.error(problem));
         }
+        // After the bounds: a length past the end is refused as such, not as misaligned.
+        if len_bytes % block != 0 && !self.is_file() {
+            return Err(self.misaligned_length(len_bytes, block));
+        }
         Ok(())
+    }
+
+    /// The error for a length that is not whole blocks of this device, with the length that is.
+    fn misaligned_length(&self, len_bytes: u64, block: u64) -> CliError {
+        CliError::argument(
+            "--length",
+            len_bytes.to_string(),
+            match len_bytes / block * block {
+                0 => format!(
+                    "{len_bytes} bytes is less than one {block}-byte logical block of {} '{}', which \
+                     takes whole blocks: there is no whole block to move",
+                    self.role.name(),
+                    self.arg.text,
+                ),
+                whole => format!(
+                    "{len_bytes} bytes is not a multiple of the {block}-byte logical block of {} '{}', \
+                     which takes whole blocks (--length {whole} leaves the last {} bytes out)",
+                    self.role.name(),
+                    self.arg.text,
+                    len_bytes % block
+                ),
+            },
+        )
     }
 
     /// Whether the range of `len_bytes` ends at the end of this regular file.

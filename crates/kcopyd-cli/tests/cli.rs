@@ -1890,7 +1890,7 @@ fn output_files_are_checked_before_the_work_starts() {
 
 #[test]
 fn small_messages_name_the_real_problem() {
-    let cases: [(&[&str], &[&str]); 8] = [
+    let cases: [(&[&str], &[&str]); 9] = [
         (
             &["copy", "sim:size=1M,seed=1", "sim:", "--target-is-zero", "--no-sparse"],
             &["--target-is-zero: needs a sparse copy"],
@@ -1911,6 +1911,8 @@ fn small_messages_name_the_real_problem() {
             &["--length 4096 leaves the last 904 bytes out"],
         ),
         (&["sim", "calibrate", "/nonexistent-dir/x.img", "--point-time", "0s"], &["--point-time", "must be from"]),
+        // Past the end is the problem, not the alignment of a length no device holds.
+        (&["zero", "sim:size=1M", "--length", "18446744073709551615"], &["too small", "holds 1048576 bytes"]),
     ];
     for (args, needles) in cases {
         let ran = kcopyd(args);
