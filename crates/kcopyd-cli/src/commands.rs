@@ -113,6 +113,8 @@ async fn run_job(
     let Shown { label, len_bytes, source_start } = shown;
     let client = start_client(context.settings)?;
     let started = Instant::now();
+    // From here a signal cancels the job (at once if it came before the job started).
+    interrupts.set_phase(Phase::Graceful);
     let handle = client.submit(job).await.map_err(|source| CliError::Submit { source })?;
     created.keep();
     job_started(interrupts, &handle, 0, len_bytes, label);
@@ -138,10 +140,9 @@ async fn run_job(
     })
 }
 
-/// A job has started: a signal now cancels it, and a second one quits at once saying how far
-/// it got (`base_bytes` done before this job).
+/// A job has started (a signal now cancels it: [`Phase::Graceful`]): a second signal quits at
+/// once saying how far it got (`base_bytes` done before this job).
 fn job_started(interrupts: &Interrupts, handle: &JobHandle, base_bytes: u64, len_bytes: u64, label: &'static str) {
-    interrupts.set_phase(Phase::Graceful);
     let handle = handle.clone();
     interrupts.set_summary(Some(Box::new(move || {
         let done = base_bytes + handle.progress().done_sectors * SECTOR_SIZE as u64;
@@ -224,6 +225,7 @@ async fn run_mapped(
     let devices: Vec<(Device, u64)> = targets.iter().map(|t| (t.device.clone(), t.start_sector())).collect();
     let mut outcome = Outcome::default();
     outcome.targets = vec![Default::default(); targets.len()];
+    interrupts.set_phase(Phase::Graceful);
     let (mut interrupted, mut done_bytes, mut flush_errors) = (None, 0, vec![None; targets.len()]);
     for batch in map::batches(&work, batch_sectors) {
         let job = map::batch_job(&batch, (&source.device, source.start_sector()), &devices, flags, sparse);

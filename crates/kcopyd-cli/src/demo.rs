@@ -345,8 +345,9 @@ pub async fn run(args: &DemoArgs, interrupts: &mut Interrupts) -> Result<Status,
     );
     let bars = Bars::new(progress::bars_wanted(args.quiet), len_bytes, &source, &targets);
     let started = Instant::now();
-    let handle = client.submit(job).await.map_err(|source| CliError::Submit { source })?;
+    // From here a signal cancels the resync (at once if it came before it started).
     interrupts.set_phase(progress::Phase::Graceful);
+    let handle = client.submit(job).await.map_err(|source| CliError::Submit { source })?;
     let watched = progress::watch(&handle, &bars, interrupts).await;
     let flushes = join_all(targets.iter().map(|t| t.flush())).await;
     let seconds = started.elapsed().as_secs_f64();
