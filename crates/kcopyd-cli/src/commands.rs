@@ -15,7 +15,7 @@ use crate::error::{CliError, Status};
 use crate::map::{self, CopyMap, MapHeader};
 use crate::out;
 use crate::progress::{self, Interrupts, Phase};
-use crate::report::{self, Report, SourceReport, TargetReport, TargetVerify};
+use crate::report::{self, Report, SourceReport, TargetReport, TargetVerify, VerifyReport};
 use crate::size::Bytes;
 use crate::tail::Tail;
 
@@ -505,6 +505,71 @@ fn partial_verify(mut verify: TargetVerify, interrupted: Option<u8>) -> TargetVe
     verify
 }
 
+/// `verify`'s per-target reports, from what the comparison found (so far, if a signal stopped
+/// it).
+fn verify_targets(targets: &[Opened], comparison: &Comparison, interrupted: Option<u8>) -> Vec<TargetReport> {
+    targets
+        .iter()
+        .enumerate()
+        .map(|(index, target)| {
+            let verify = comparison
+                .targets
+                .get(index)
+                .map(|diff| partial_verify(report::target_verify(diff, target.start_sector()), interrupted));
+            TargetReport {
+                device: target.arg.text.clone(),
+                offset_bytes: target.arg.offset_bytes,
+                status: verify.as_ref().map_or("incomplete", |v| v.status),
+                write_failed_sectors: None,
+                not_copied_sectors: None,
+                bytes_not_copied: None,
+                flush_error: None,
+                verify,
+            }
+        })
+        .collect()
+}
+
+/// `copy --verify`: reads the targets back and compares them with the source, leaving out
+/// what the copy reported as not copied; fills each target's `verify`. Returns the summary and
+/// the signal that stopped the comparison, if one did.
+async fn verify_copy(
+    context: Context<'_>,
+    setup: &CompareSetup,
+    plan: &devices::Plan,
+    run: &JobRun,
+    targets: &mut [TargetReport],
+    interrupts: &mut Interrupts,
+) -> (VerifyReport, Option<u8>) {
+    // Leave out what the copy itself reported as not copied: those differences are known.
+    let skip: Vec<RangeSet> = plan
+        .targets
+        .iter()
+        .zip(&run.outcome.targets)
+        .map(|(target, outcome)| not_copied_in_region(target, outcome))
+        .collect();
+    let range = (plan.len_bytes, plan.tail);
+    let (mut comparison, bytes, seconds, signal) =
+        run_compare(context, setup, &plan.source, &plan.targets, range, Some(&skip), interrupts).await;
+    // The source's unreadable blocks were reported by the copy already.
+    let read_failed = run
+        .outcome
+        .read_failed
+        .shifted(plan.source.start_sector(), 0)
+        .expect("read_failed lies inside the source region");
+    comparison.source_unreadable = comparison.source_unreadable.difference(&read_failed);
+    for ((target, opened), diff) in targets.iter_mut().zip(&plan.targets).zip(&comparison.targets) {
+        target.verify = Some(partial_verify(report::target_verify(diff, opened.start_sector()), signal));
+    }
+    let mut skipped = RangeSet::new();
+    for set in &skip {
+        skipped.extend(set);
+    }
+    let mut summary = report::verify_report(&comparison, bytes, report::range_bytes(&skipped, plan.len_bytes), seconds);
+    summary.identical &= signal.is_none();
+    (summary, signal)
+}
+
 /// The sparse-copy options of `copy`, checked.
 ///
 /// # Errors
@@ -599,42 +664,8 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
     let mut verify = None;
     let mut interrupted = run.interrupted;
     if let (Some(setup), None) = (&compare_setup, interrupted) {
-        // Leave out what the copy itself reported as not copied: those differences are known.
-        let skip: Vec<RangeSet> = plan
-            .targets
-            .iter()
-            .zip(&run.outcome.targets)
-            .map(|(target, outcome)| not_copied_in_region(target, outcome))
-            .collect();
-        let (mut comparison, bytes, seconds, signal) = run_compare(
-            context,
-            setup,
-            &plan.source,
-            &plan.targets,
-            (plan.len_bytes, plan.tail),
-            Some(&skip),
-            interrupts,
-        )
-        .await;
-        interrupted = signal;
-        // The source's unreadable blocks were reported by the copy already.
-        let read_failed = run
-            .outcome
-            .read_failed
-            .shifted(plan.source.start_sector(), 0)
-            .expect("read_failed lies inside the source region");
-        comparison.source_unreadable = comparison.source_unreadable.difference(&read_failed);
-        for ((target, opened), diff) in targets.iter_mut().zip(&plan.targets).zip(&comparison.targets) {
-            target.verify = Some(partial_verify(report::target_verify(diff, opened.start_sector()), signal));
-        }
-        let mut skipped = RangeSet::new();
-        for set in &skip {
-            skipped.extend(set);
-        }
-        let mut summary =
-            report::verify_report(&comparison, bytes, report::range_bytes(&skipped, plan.len_bytes), seconds);
-        summary.identical &= signal.is_none();
-        verify = Some(summary);
+        let (summary, signal) = verify_copy(context, setup, &plan, &run, &mut targets, interrupts).await;
+        (verify, interrupted) = (Some(summary), signal);
     }
     for target in &mut targets {
         target.status = target_status(target);
@@ -745,27 +776,7 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
         }
         None => ("errors", Status::Failed),
     };
-    let targets = plan
-        .targets
-        .iter()
-        .enumerate()
-        .map(|(index, target)| {
-            let verify = comparison
-                .targets
-                .get(index)
-                .map(|diff| partial_verify(report::target_verify(diff, target.start_sector()), interrupted));
-            TargetReport {
-                device: target.arg.text.clone(),
-                offset_bytes: target.arg.offset_bytes,
-                status: verify.as_ref().map_or("incomplete", |v| v.status),
-                write_failed_sectors: None,
-                not_copied_sectors: None,
-                bytes_not_copied: None,
-                flush_error: None,
-                verify,
-            }
-        })
-        .collect();
+    let targets = verify_targets(&plan.targets, &comparison, interrupted);
     let report = Report {
         command: "verify",
         status: status_name,

@@ -10,7 +10,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kcopyd_sim::explore::{self, METRICS, Report, Scenario, ScenarioError, SweepPoint, Vary};
@@ -260,18 +260,7 @@ fn run_sweep(args: &SimSweepArgs, interrupts: &Interrupts) -> Result<Status, Cli
         let names: Vec<&str> = METRICS.iter().map(|m| m.name).collect();
         CliError::argument("--metric", &args.metric, format!("unknown metric (known: {})", names.join(", ")))
     })?;
-    let varies = args
-        .vary
-        .iter()
-        .map(|text| Vary::parse(text).map_err(|error| CliError::argument("--vary", text, error.to_string())))
-        .collect::<Result<Vec<_>, _>>()?;
-    if let Some(repeated) = varies.iter().enumerate().find(|(i, v)| varies[..*i].iter().any(|w| w.key == v.key)) {
-        return Err(CliError::argument(
-            "--vary",
-            &args.vary[repeated.0],
-            format!("key '{}' is varied twice: give all its values in one --vary", repeated.1.key),
-        ));
-    }
+    let varies = parse_varies(&args.vary)?;
     if args.svg.is_some() && varies.len() > 2 {
         return Err(CliError::Arguments { what: "--svg", problem: "plots one or two varied keys".into() });
     }
@@ -291,6 +280,83 @@ fn run_sweep(args: &SimSweepArgs, interrupts: &Interrupts) -> Result<Status, Cli
     if let Some(svg) = &args.svg {
         out::check_output_file(svg, "--svg")?;
     }
+    let folder = folder_of(&args.scenario);
+    let points = sweep_until_signal(interrupts, total, &bar, |on_done, stop| {
+        explore::sweep_until(&tree, &folder, &varies, threads, on_done, stop)
+            .map_err(|source| CliError::Scenario { path: shown.clone(), source })
+    })?;
+    bar.finish_and_clear();
+    let stop = interrupts.stop_flag();
+    let interrupted = stop.load(Ordering::Acquire).then(|| interrupted_code(points.len(), total));
+    let value_of = |point: &SweepPoint| point.report.metric(metric.name);
+    let mut order: Vec<usize> = (0..points.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (a, b) = (value_of(&points[a]).unwrap_or(f64::NAN), value_of(&points[b]).unwrap_or(f64::NAN));
+        let ordering = a.total_cmp(&b);
+        if metric.higher_is_better { ordering.reverse() } else { ordering }
+    });
+    if let (Some(svg), None) = (&args.svg, interrupted) {
+        plot::sweep_svg(svg, &varies, &points, metric)?;
+    }
+    print_sweep(args.json, (&varies, &points, &order), metric.name, interrupted.map(|_| total))?;
+    Ok(interrupted.map_or(Status::Success, Status::Interrupted))
+}
+
+/// Prints the sweep's points best first (`order`): JSON or the table. `interrupted_of` is the
+/// number of points there would have been, when a signal stopped the sweep.
+fn print_sweep(
+    json: bool,
+    (varies, points, order): (&[Vary], &[SweepPoint], &[usize]),
+    metric: &str,
+    interrupted_of: Option<usize>,
+) -> Result<(), CliError> {
+    if json {
+        let rows: Vec<_> = order
+            .iter()
+            .map(|&i| {
+                let point = &points[i];
+                let values: serde_json::Map<String, serde_json::Value> =
+                    point.values.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+                json!({ "values": values, "metric": point.report.metric(metric), "report": point.report })
+            })
+            .collect();
+        let mut object = json!({ "metric": metric, "points": rows });
+        if let Some(total) = interrupted_of {
+            object["interrupted"] = json!(true);
+            object["points_total"] = json!(total);
+        }
+        out::print(&format!("{object}\n"))?;
+    } else {
+        out::print(&sweep_table(varies, points, order, metric))?;
+    }
+    Ok(())
+}
+
+/// The `--vary` options, each key once.
+fn parse_varies(texts: &[String]) -> Result<Vec<Vary>, CliError> {
+    let varies = texts
+        .iter()
+        .map(|text| Vary::parse(text).map_err(|error| CliError::argument("--vary", text, error.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(repeated) = varies.iter().enumerate().find(|(i, v)| varies[..*i].iter().any(|w| w.key == v.key)) {
+        return Err(CliError::argument(
+            "--vary",
+            &texts[repeated.0],
+            format!("key '{}' is varied twice: give all its values in one --vary", repeated.1.key),
+        ));
+    }
+    Ok(varies)
+}
+
+/// Runs `sweep` (given the callback after each point and the stop flag) so that a signal lets
+/// the points running finish and starts no new one; a second signal quits at once, saying how
+/// many of `total` points ran.
+fn sweep_until_signal(
+    interrupts: &Interrupts,
+    total: usize,
+    bar: &ProgressBar,
+    sweep: impl FnOnce(&(dyn Fn(&SweepPoint) + Sync), &AtomicBool) -> Result<Vec<SweepPoint>, CliError>,
+) -> Result<Vec<SweepPoint>, CliError> {
     let done = Arc::new(AtomicUsize::new(0));
     let counted = done.clone();
     interrupts.set_summary(Some(Box::new(move || {
@@ -304,41 +370,7 @@ fn run_sweep(args: &SimSweepArgs, interrupts: &Interrupts) -> Result<Status, Cli
         done.fetch_add(1, Ordering::Relaxed);
         bar.inc(1);
     };
-    let stop = interrupts.stop_flag();
-    let points = explore::sweep_until(&tree, &folder_of(&args.scenario), &varies, threads, &on_done, stop)
-        .map_err(|source| CliError::Scenario { path: shown.clone(), source })?;
-    bar.finish_and_clear();
-    let interrupted = stop.load(Ordering::Acquire).then(|| interrupted_code(points.len(), total));
-    let value_of = |point: &SweepPoint| point.report.metric(metric.name);
-    let mut order: Vec<usize> = (0..points.len()).collect();
-    order.sort_by(|&a, &b| {
-        let (a, b) = (value_of(&points[a]).unwrap_or(f64::NAN), value_of(&points[b]).unwrap_or(f64::NAN));
-        let ordering = a.total_cmp(&b);
-        if metric.higher_is_better { ordering.reverse() } else { ordering }
-    });
-    if let (Some(svg), None) = (&args.svg, interrupted) {
-        plot::sweep_svg(svg, &varies, &points, metric)?;
-    }
-    if args.json {
-        let rows: Vec<_> = order
-            .iter()
-            .map(|&i| {
-                let point = &points[i];
-                let values: serde_json::Map<String, serde_json::Value> =
-                    point.values.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
-                json!({ "values": values, "metric": value_of(point), "report": point.report })
-            })
-            .collect();
-        let mut object = json!({ "metric": metric.name, "points": rows });
-        if interrupted.is_some() {
-            object["interrupted"] = json!(true);
-            object["points_total"] = json!(total);
-        }
-        out::print(&format!("{object}\n"))?;
-    } else {
-        out::print(&sweep_table(&varies, &points, &order, metric.name))?;
-    }
-    Ok(interrupted.map_or(Status::Success, Status::Interrupted))
+    sweep(&on_done, interrupts.stop_flag())
 }
 
 /// After a signal stopped a sweep: says so on stderr and returns the signal's exit code.

@@ -248,9 +248,8 @@ fn verb(command: &str) -> &'static str {
     }
 }
 
-/// The summary for people: a headline, the source's failures, one line per target.
-pub fn human(report: &Report) -> String {
-    let mut out = String::new();
+/// The headline: how much was done, in how long, and how it ended.
+fn headline(out: &mut String, report: &Report) {
     let rate = Bytes(report.throughput_bytes_per_s as u64);
     let done = report.bytes_copied.unwrap_or(report.bytes);
     // After a map resume, the totals hold earlier runs' work: the rate is this run's, and says so.
@@ -296,6 +295,12 @@ pub fn human(report: &Report) -> String {
     if let Some(before) = report.bytes_done_before.filter(|&before| before > 0) {
         let _ = writeln!(out, "(the map held {} as done before this run)", Bytes(before));
     }
+}
+
+/// The summary for people: a headline, the source's failures, one line per target.
+pub fn human(report: &Report) -> String {
+    let mut out = String::new();
+    headline(&mut out, report);
     if let Some(wall_seconds) = report.wall_seconds {
         let _ = writeln!(out, "(simulated: {:.3} s of model time, {wall_seconds:.2} s wall)", report.seconds);
     }
