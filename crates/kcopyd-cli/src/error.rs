@@ -234,5 +234,18 @@ mod tests {
         let error = CliError::argument("--length", "1Q", "bad");
         assert_eq!(error.to_string(), "--length '1Q': bad");
         assert_eq!(error.status(), Status::Usage);
+        assert_eq!((Status::StdoutClosed.code(), CliError::StdoutClosed.status()), (141, Status::StdoutClosed));
+    }
+
+    #[test]
+    fn buffered_is_suggested_only_where_the_command_has_it() {
+        let unsupported = || OpenError::DirectIoUnsupported {
+            path: "/dev/shm/x.img".into(),
+            filesystem: "tmpfs".into(),
+            source: io::Error::new(io::ErrorKind::Unsupported, "no direct I/O"),
+        };
+        assert!(open_reason(&unsupported(), Some("--buffered")).ends_with("use --buffered"));
+        let calibrate = open_reason(&unsupported(), None);
+        assert!(!calibrate.contains("--buffered") && calibrate.contains("another filesystem"), "{calibrate}");
     }
 }
