@@ -269,6 +269,19 @@ impl CreatedGuard {
     }
 }
 
+/// Registers files that exist already, created by this command, for removal if it quits at
+/// once (until [`forget_created`]).
+pub fn remove_on_quit(paths: &[PathBuf]) {
+    if let Some(shared) = shared() {
+        let mut cleanup = lock(&shared.cleanup);
+        for path in paths {
+            if !cleanup.contains(path) {
+                cleanup.push(path.clone());
+            }
+        }
+    }
+}
+
 /// Forgets `paths` for removal at a quit: they are kept, or removed already.
 pub fn forget_created(paths: &[PathBuf]) {
     if let Some(shared) = shared() {

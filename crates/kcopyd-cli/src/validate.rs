@@ -140,7 +140,8 @@ impl Targets {
         let paths: Vec<PathBuf> = (1..=count)
             .map(|i| if i == 1 { target.to_path_buf() } else { PathBuf::from(format!("{}.{i}", target.display())) })
             .collect();
-        let created = paths.iter().filter(|p| fs::symlink_metadata(p).is_err()).cloned().collect();
+        let created: Vec<PathBuf> = paths.iter().filter(|p| fs::symlink_metadata(p).is_err()).cloned().collect();
+        progress::remove_on_quit(&created);
         Targets { paths, created }
     }
 }
@@ -150,6 +151,7 @@ impl Drop for Targets {
         for path in &self.created {
             let _ = fs::remove_file(path);
         }
+        progress::forget_created(&self.created);
     }
 }
 
@@ -198,7 +200,15 @@ async fn real_copy(
         throttle: ThrottleArgs { busy_percent: None, rate_bytes_per_s: None },
         output: OutputArgs { json: false, quiet: true },
     };
-    let done = commands::copy(&copy, interrupts).await?;
+    let done = commands::copy(&copy, interrupts).await;
+    // Between copies (the simulation, the table) a signal quits at once; the files made for
+    // the targets go with it (the copy forgot the ones it created when its job started).
+    progress::remove_on_quit(&targets.created);
+    interrupts.set_summary(Some(Box::new(|| {
+        "kcopyd: interrupted: validation stopped, no table (the target files it created are removed)".to_owned()
+    })));
+    interrupts.set_phase(progress::Phase::QuitAtOnce);
+    let done = done?;
     if done.status != Status::Success {
         crate::out::note_text(&crate::report::human(&done.report));
         return Ok(Err(done.status));
