@@ -298,7 +298,7 @@ pub struct Watched {
     pub interrupted: Option<u8>,
 }
 
-/// What [`watch`] drives: bars moved on each tick, and a way to print a line past them.
+/// What [`watch()`] drives: bars moved on each tick, and a way to print a line past them.
 pub trait WatchUi {
     /// The job has done `done_bytes`.
     fn tick(&self, done_bytes: u64);
