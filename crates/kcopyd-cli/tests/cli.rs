@@ -1752,7 +1752,7 @@ fn a_second_signal_quits_at_once_with_a_one_line_summary() {
         Stdio::piped(),
     );
     wait_for_file(&target);
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(1000));
     send_signal(running.pid, "INT");
     std::thread::sleep(Duration::from_millis(300));
     send_signal(running.pid, "INT");
@@ -1765,17 +1765,17 @@ fn a_second_signal_quits_at_once_with_a_one_line_summary() {
 fn an_interrupted_verify_reports_the_differences_it_found() {
     let dir = TempDir::new("cli-verify-interrupted");
     let target = dir.join("target.img");
-    assert_eq!(kcopyd(&["copy", "sim:size=16M,seed=1", s(&target), "-q"]).code, 0);
+    assert_eq!(kcopyd(&["copy", "sim:size=16M,seed=1,sparse=on", s(&target), "-q"]).code, 0);
     let mut bytes = fs::read(&target).unwrap();
     bytes[100 * 512] ^= 0xff;
     fs::write(&target, &bytes).unwrap();
-    // 16 MiB at 2 MiB/s: 8 s; interrupted after about one, long after sector 100.
+    // 16 MiB at 2 MiB/s: 8 s; interrupted after about two, long after sector 100.
     let running = start(
-        &["verify", "sim:size=16M,seed=1,bandwidth=2M", s(&target), "--sub-job-size", "64K", "--json"],
+        &["verify", "sim:size=16M,seed=1,sparse=on,bandwidth=2M", s(&target), "--sub-job-size", "64K", "--json"],
         Stdio::piped(),
         Stdio::piped(),
     );
-    std::thread::sleep(Duration::from_millis(1200));
+    std::thread::sleep(Duration::from_millis(2000));
     send_signal(running.pid, "INT");
     let ran = running.ends_within(Duration::from_secs(3), "verify");
     assert_eq!(ran.code, 130, "{ran:?}");
