@@ -409,6 +409,40 @@ fn a_sweep_runs_the_cross_product_in_order() {
 }
 
 #[test]
+fn a_sweep_asked_to_stop_runs_no_new_point_and_returns_those_done() {
+    let tree = parse_tree(SMALL).unwrap();
+    let varies = [Vary::parse("client.subjobs_in_flight=1,2,3,4").unwrap()];
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    // One thread: the first point done asks to stop, so the other three never start.
+    let points = explore::sweep_until(
+        &tree,
+        std::path::Path::new("."),
+        &varies,
+        1,
+        &|_| stop.store(true, std::sync::atomic::Ordering::Release),
+        &stop,
+    )
+    .unwrap();
+    let chosen: Vec<&str> = points.iter().map(|p| p.values[0].1.as_str()).collect();
+    assert_eq!(chosen, ["1"]);
+}
+
+#[test]
+fn a_disk_longer_than_64_bits_of_bytes_is_refused() {
+    // 2^55 sectors are 2^64 bytes: one past the largest byte offset.
+    let huge = SMALL.replace("[disks.a]\nlen_sectors = \"4M\"", "[disks.a]\nlen_sectors = 36028797018963968");
+    assert_ne!(huge, SMALL);
+    let error = Scenario::from_toml(&huge).unwrap_err();
+    assert!(
+        matches!(&error, ScenarioError::DiskTooLarge { disk, len_sectors: 36028797018963968 } if disk == "a"),
+        "{error}"
+    );
+    // One block less fits (a sparse disk), and is no error of its own.
+    let largest = SMALL.replace("[disks.a]\nlen_sectors = \"4M\"", "[disks.a]\nlen_sectors = 36028797018963960");
+    assert!(!matches!(Scenario::from_toml(&largest), Err(ScenarioError::DiskTooLarge { .. })));
+}
+
+#[test]
 fn a_throttled_resync_hurts_the_reader_less() {
     let edits = [("disks.primary.len_sectors", "256M"), ("disks.mirror.len_sectors", "256M")];
     let mut tree = parse_tree(&text("hdd-mirror-resync")).unwrap();

@@ -40,7 +40,7 @@ use std::future::Future;
 
 use crate::cli::CalibrateArgs;
 use crate::error::{CliError, Status, open_reason};
-use crate::progress;
+use crate::progress::{self, Interrupts};
 use crate::size::Bytes;
 
 /// The largest I/O size measured.
@@ -108,6 +108,7 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         if let (Some(path), false) = (&self.created, self.keep) {
             let _ = fs::remove_file(path);
+            progress::forget_created(std::slice::from_ref(path));
         }
     }
 }
@@ -129,7 +130,7 @@ impl Scratch {
         let text = path.display().to_string();
         let exists = fs::symlink_metadata(path).is_ok();
         let open_error =
-            |source| CliError::Open { what: "DEVICE", text: text.clone(), reason: open_reason(&source), source };
+            |source| CliError::Open { what: "DEVICE", text: text.clone(), reason: open_reason(&source, None), source };
         let options = OpenOptions { write: true, queue_depth: QUEUE_DEPTH_MAX * 2, ..OpenOptions::default() };
         let (device, offset_bytes, len_bytes, created) = if exists {
             let Some(len_bytes) = scratch_length_bytes else {
@@ -154,7 +155,10 @@ impl Scratch {
                 return Err(CliError::argument("--size", size_bytes.to_string(), "not a multiple of 512 bytes"));
             }
             let options = OpenOptions { create_len: Some(size_bytes), ..options };
+            // Removed also if a signal quits the command at once (unless kept).
+            let creating = (!keep).then(|| progress::CreatedGuard::creating(path));
             let opened = OsDevice::open(path, &options);
+            drop(creating);
             // Created (or half-created) here: removed on every way out unless kept.
             let created = Some(path.to_path_buf());
             let device = match opened {
@@ -583,11 +587,11 @@ fn spread(rounds: &[Measurement]) -> f64 {
 /// Warns on stderr when the rounds of a calibration disagree.
 pub fn warn_if_busy(calibrated: &Calibrated) {
     if calibrated.spread > SPREAD_WARNING {
-        eprintln!(
+        crate::out::note(&format!(
             "kcopyd: warning: the rounds of a point differ by {:.0} % (the median over points): other work was using \
              the machine or the device, and the model describes it so; calibrate again when it is idle",
             calibrated.spread * 100.0
-        );
+        ));
     }
 }
 
@@ -807,7 +811,16 @@ pub fn human(model: &DiskModel) -> String {
 ///
 /// # Errors
 /// Bad arguments (nothing written), or an I/O error while measuring.
-pub async fn run(args: &CalibrateArgs) -> Result<Status, CliError> {
+pub async fn run(args: &CalibrateArgs, interrupts: &mut Interrupts) -> Result<Status, CliError> {
+    // Nothing of a calibration is worth waiting for: a signal quits at once, the scratch file
+    // it created removed.
+    interrupts.set_summary(Some(Box::new(|| {
+        "kcopyd: interrupted: calibration stopped, no model written (a scratch file it created is removed)".to_owned()
+    })));
+    check_point_time(args.point_time_us)?;
+    if let Some(out) = &args.out {
+        crate::out::check_output_file(out, "--out")?;
+    }
     let plan = Plan {
         io_sizes_bytes: args.io_sizes_bytes.clone(),
         queue_depths: args.queue_depths.clone(),
@@ -817,6 +830,9 @@ pub async fn run(args: &CalibrateArgs) -> Result<Status, CliError> {
     };
     let scratch =
         Scratch::open(&args.device, args.size_bytes, args.scratch_offset_bytes, args.scratch_length_bytes, args.keep)?;
+    if let Some(out) = &args.out {
+        refuse_out_on_device(out, &args.device)?;
+    }
     let calibrated = calibrate(&scratch, &plan).await?;
     drop(scratch);
     warn_if_busy(&calibrated);
@@ -828,12 +844,50 @@ pub async fn run(args: &CalibrateArgs) -> Result<Status, CliError> {
             path: path.display().to_string(),
             source,
         })?,
-        None => print!("{text}"),
+        None => crate::out::print(&text)?,
     }
     if !args.quiet {
-        eprint!("{}", human(&model));
+        crate::out::note_text(&human(&model));
     }
     Ok(Status::Success)
+}
+
+/// The shortest `--point-time`: [`WINDOWS`] windows of a millisecond each.
+pub const POINT_TIME_MIN: Duration = Duration::from_millis(WINDOWS as u64);
+/// The longest `--point-time`: a calibration of hours measures nothing more.
+pub const POINT_TIME_MAX: Duration = Duration::from_secs(60);
+
+/// Refuses a `--point-time` that measures nothing (0, or shorter than one millisecond per
+/// window) or that would run for hours.
+fn check_point_time(point_time_us: u64) -> Result<(), CliError> {
+    let time = Duration::from_micros(point_time_us);
+    if (POINT_TIME_MIN..=POINT_TIME_MAX).contains(&time) {
+        return Ok(());
+    }
+    Err(CliError::argument(
+        "--point-time",
+        format!("{time:?}"),
+        format!(
+            "must be from {} ms to {} s: each point is timed in {WINDOWS} windows",
+            POINT_TIME_MIN.as_millis(),
+            POINT_TIME_MAX.as_secs()
+        ),
+    ))
+}
+
+/// Refuses an `--out` that is the measured DEVICE under any name (the model would overwrite
+/// what is measured, or the device hold a 2 KB model).
+fn refuse_out_on_device(out: &Path, device: &Path) -> Result<(), CliError> {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(out_meta), Ok(device_meta)) = (fs::metadata(out), fs::metadata(device)) else { return Ok(()) };
+    if (out_meta.dev(), out_meta.ino()) == (device_meta.dev(), device_meta.ino()) {
+        return Err(CliError::argument(
+            "--out",
+            out.display().to_string(),
+            format!("is DEVICE '{}' itself: the model would be written over what is measured", device.display()),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -24,8 +24,8 @@ pub const SUBJOBS_IN_FLIGHT_DEFAULT: usize = kcopyd_core::SUBJOBS_IN_FLIGHT_DEFA
 /// 4 in flight left the disk idle part of the time; 8 × 1 MiB copied one export to one
 /// target about 20 % faster and to three targets about 22 % faster, 16 no faster than 8.
 pub const NBD_SUBJOBS_IN_FLIGHT_DEFAULT: usize = 8;
-/// The zero-scan block of sparse copies by default (as `qemu-img convert -S`).
-pub const SPARSE_SIZE_DEFAULT: &str = "4K";
+/// The zero-scan block of sparse copies by default (as `qemu-img convert -S`), in bytes.
+pub const SPARSE_SIZE_DEFAULT_BYTES: u64 = 4096;
 /// The page budget by default: the library's [`kcopyd_core::PAGE_BUDGET_DEFAULT`] (four times
 /// what the default sub-jobs in flight take, so that reads can run ahead while several
 /// targets are still being written), written for `--help`.
@@ -38,7 +38,7 @@ pub const MEMORY_DEFAULT: &str = "16M";
 /// `nbd+unix:///EXPORT?socket=PATH`), all also with `@OFFSET`. Sizes and
 /// offsets are bytes, or take binary units: K, M, G, T (or KiB, MiB, ...), s for 512-byte
 /// sectors. Exit status: 0 success, 1 read or write errors or differences, 2 bad usage (nothing
-/// written), 130 interrupted.
+/// written), 130 interrupted (143 by SIGTERM), 141 standard output closed by its reader.
 #[derive(Debug, Parser)]
 #[command(name = "kcopyd", version, propagate_version = true, after_help = EXAMPLES)]
 pub struct Cli {
@@ -175,7 +175,8 @@ pub struct CalibrateArgs {
     /// The file or block device to measure (see above for what is written).
     #[arg(value_name = "DEVICE")]
     pub device: PathBuf,
-    /// Write the model here (TOML) instead of to stdout.
+    /// Write the model here (TOML) instead of to stdout; checked before measuring, and never
+    /// DEVICE itself or a block device.
     #[arg(long, value_name = "MODEL.toml")]
     pub out: Option<PathBuf>,
     /// Length of the file created when DEVICE does not exist.
@@ -196,7 +197,7 @@ pub struct CalibrateArgs {
     /// Requests in flight to measure, comma-separated (1 to 32).
     #[arg(long = "queue-depths", value_name = "DEPTHS", value_delimiter = ',', default_value = "1,4,16,32")]
     pub queue_depths: Vec<usize>,
-    /// How long each point runs.
+    /// How long each point runs: 5ms to 60s.
     #[arg(long = "point-time", value_name = "DURATION", default_value = "250ms", value_parser = size::parse_duration_us)]
     pub point_time_us: u64,
     /// Rounds over every point (1 to 20); each point's median round counts.
@@ -373,16 +374,16 @@ pub struct CopyArgs {
     #[arg(long, conflicts_with = "sparse")]
     pub no_sparse: bool,
     /// With --sparse: blocks of this size that read as all zeroes are written as zeroes (a
-    /// hole), as `qemu-img -S`; a power of two of at least 512, or 0 to scan for none.
+    /// hole), as `qemu-img -S`; a power of two of at least 512, or 0 to scan for none
+    /// [default: 4K]. Refused with --sparse=off, which scans for nothing.
     #[arg(
         long = "sparse-size",
         short = 'S',
         value_name = "SIZE",
-        default_value = SPARSE_SIZE_DEFAULT,
         value_parser = size::parse_size,
         allow_negative_numbers = true,
     )]
-    pub sparse_size_bytes: u64,
+    pub sparse_size_bytes: Option<u64>,
     /// Record in FILE which ranges are copied, failed to read and failed to write (appended
     /// and fsynced after every batch); run the same command with the same FILE again to copy
     /// only what is not done. FILE records which devices it is for (a file's inode, size and

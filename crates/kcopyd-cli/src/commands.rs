@@ -3,7 +3,9 @@
 use std::cell::Cell;
 
 use futures_util::future::join_all;
-use kcopyd_core::{Client, Device, Flags, Job, Outcome, PagePool, RangeSet, Region, SECTOR_SIZE, Sparse, TargetZeroes};
+use kcopyd_core::{
+    Client, Device, Flags, Job, JobHandle, Outcome, PagePool, RangeSet, Region, SECTOR_SIZE, Sparse, TargetZeroes,
+};
 
 use crate::cli::{CopyArgs, EngineArgs, OutputArgs, VerifyArgs, ZeroArgs};
 use crate::clock::Instant;
@@ -11,8 +13,10 @@ use crate::compare::{self, CompareShape, Comparison, Side};
 use crate::devices::{self, Opened, Settings};
 use crate::error::{CliError, Status};
 use crate::map::{self, CopyMap};
-use crate::progress::{self, Interrupts};
-use crate::report::{self, Report, SourceReport, TargetReport, TargetVerify};
+use crate::out;
+use crate::progress::{self, Interrupts, Phase};
+use crate::report::{self, Report, SourceReport, TargetReport, TargetVerify, VerifyReport};
+use crate::size::Bytes;
 use crate::tail::Tail;
 
 /// What a command hands back to `main`: its report and exit status.
@@ -51,7 +55,7 @@ fn side(opened: &Opened) -> Side {
 fn warn_mounted(source: &Opened, len_bytes: u64, output: &OutputArgs) {
     if let Some(warning) = source.mounted_warning(len_bytes) {
         if !output.quiet {
-            eprintln!("kcopyd: warning: {warning}");
+            out::note(&format!("kcopyd: warning: {warning}"));
         }
     }
 }
@@ -78,9 +82,23 @@ struct JobRun {
     outcome: Outcome,
     interrupted: Option<u8>,
     done_bytes: u64,
+    /// `copy --map`: bytes the map held as done (or, with --retry-failed, not to retry) when
+    /// this run started.
+    before_bytes: u64,
     seconds: f64,
     flush_errors: Vec<Option<String>>,
     stats: kcopyd_core::ClientStats,
+}
+
+/// A job as the command shows it.
+#[derive(Debug, Clone, Copy)]
+struct Shown {
+    /// `copy` or `zero`.
+    label: &'static str,
+    /// Bytes in the range.
+    len_bytes: u64,
+    /// Where the source's range starts (0 without a source).
+    source_start: u64,
 }
 
 /// Submits `job`, shows progress, waits (cancelling on Ctrl-C), then flushes every target.
@@ -88,15 +106,18 @@ async fn run_job(
     context: Context<'_>,
     job: Job,
     targets: &[Opened],
-    len_bytes: u64,
-    label: &str,
+    shown: Shown,
     interrupts: &mut Interrupts,
     created: &mut devices::CreatedFiles,
 ) -> Result<JobRun, CliError> {
+    let Shown { label, len_bytes, source_start } = shown;
     let client = start_client(context.settings)?;
     let started = Instant::now();
+    // From here a signal cancels the job (at once if it came before the job started).
+    interrupts.set_phase(Phase::Graceful);
     let handle = client.submit(job).await.map_err(|source| CliError::Submit { source })?;
     created.keep();
+    job_started(interrupts, &handle, 0, len_bytes, label);
     let bar = progress::byte_bar(progress::bars_wanted(context.output.quiet), len_bytes, label);
     let watched = progress::watch(&handle, &bar, interrupts).await;
     bar.finish_and_clear();
@@ -105,14 +126,53 @@ async fn run_job(
     let seconds = started.elapsed().as_secs_f64();
     let stats = client.stats();
     client.shutdown().await;
+    // A signal during the flush: the job is done, the command still ends as asked.
+    let interrupted = watched.interrupted.or_else(|| interrupts.take_pending());
+    let done_bytes = moved_bytes(&handle, &watched.outcome, source_start, targets.first().map(Opened::start_sector));
     Ok(JobRun {
         outcome: watched.outcome,
-        interrupted: watched.interrupted,
-        done_bytes: handle.progress().done_sectors * SECTOR_SIZE as u64,
+        interrupted,
+        done_bytes,
+        before_bytes: 0,
         seconds,
         flush_errors: flushes.into_iter().map(|r| r.err().map(|e| e.to_string())).collect(),
         stats,
     })
+}
+
+/// A job has started (a signal now cancels it: [`Phase::Graceful`]): a second signal quits at
+/// once saying how far it got (`base_bytes` done before this job).
+fn job_started(interrupts: &Interrupts, handle: &JobHandle, base_bytes: u64, len_bytes: u64, label: &'static str) {
+    let handle = handle.clone();
+    interrupts.set_summary(Some(Box::new(move || {
+        let done = base_bytes + handle.progress().done_sectors * SECTOR_SIZE as u64;
+        format!(
+            "kcopyd: interrupted again: quit at once: {label} reached {} of {}; the I/O in flight was not \
+             waited for and the targets were not flushed",
+            Bytes(done.min(len_bytes)),
+            Bytes(len_bytes)
+        )
+    })));
+}
+
+/// Bytes the job moved: its sectors less those it gave up on without trying (a cancel, or an
+/// error without --ignore-errors, skips the sub-jobs not started; the engine's progress counts
+/// some of those as finished). Failed blocks count: they were tried.
+///
+/// Worked example: 64 MiB cancelled after 5 MiB, with 4 MiB of sub-jobs waiting for the
+/// throttle when it came: the progress says 9 MiB finished; the first target's not_copied
+/// holds the other 59 MiB, none of it failed: 5 MiB.
+fn moved_bytes(handle: &JobHandle, outcome: &Outcome, source_start: u64, first_target_start: Option<u64>) -> u64 {
+    let progress = handle.progress();
+    let given_up = match (first_target_start, outcome.targets.first()) {
+        (Some(target_start), Some(report)) => {
+            // In the first target's sectors: read_failed is in the source's.
+            let read_failed = outcome.read_failed.shifted(source_start, target_start).unwrap_or_default();
+            report.not_copied.difference(&report.write_failed).difference(&read_failed).len_sectors()
+        }
+        _ => 0,
+    };
+    progress.total_sectors.saturating_sub(given_up).min(progress.done_sectors) * SECTOR_SIZE as u64
 }
 
 /// A copy run in batches recorded in a map.
@@ -138,7 +198,7 @@ impl progress::WatchUi for OffsetBar<'_> {
     }
 
     fn note(&self, line: &str) {
-        self.bar.suspend(|| eprintln!("{line}"));
+        self.bar.suspend(|| out::note(line));
     }
 }
 
@@ -185,9 +245,11 @@ async fn run_batch(
         let handle = client.submit(job).await.map_err(|source| CliError::Submit { source })?;
         created.keep();
         mapped.map.keep();
+        job_started(interrupts, &handle, bar.position(), bar.length().unwrap_or(0), "copy");
         let ui = OffsetBar { bar, base: bar.position() };
         let watched = progress::watch(&handle, &ui, interrupts).await;
-        run.done_bytes += handle.progress().done_sectors * SECTOR_SIZE as u64;
+        let first_target_start = devices.first().map(|(_, start)| *start);
+        run.done_bytes += moved_bytes(&handle, &watched.outcome, source.start_sector(), first_target_start);
         run.interrupted = run.interrupted.or(watched.interrupted);
         stop = run.add(&watched.outcome, mapped.flags);
         jobs.push((range.clone(), watched.outcome));
@@ -223,8 +285,10 @@ async fn run_mapped(
     let client = start_client(context.settings)?;
     let started = Instant::now();
     let bar = progress::byte_bar(progress::bars_wanted(context.output.quiet), len_bytes, "copy");
-    bar.set_position(len_bytes.saturating_sub(work.len_sectors() * SECTOR_SIZE as u64));
+    let before_bytes = len_bytes.saturating_sub(work.len_sectors() * SECTOR_SIZE as u64);
+    bar.set_position(before_bytes);
     let devices: Vec<(Device, u64)> = targets.iter().map(|t| (t.device.clone(), t.start_sector())).collect();
+    interrupts.set_phase(Phase::Graceful);
     let mut run = MappedRun {
         outcome: Outcome::default(),
         interrupted: None,
@@ -251,7 +315,7 @@ async fn run_mapped(
     let stats = client.stats();
     client.shutdown().await;
     let MappedRun { outcome, interrupted, done_bytes, flush_errors } = run;
-    Ok(JobRun { outcome, interrupted, done_bytes, seconds, flush_errors, stats })
+    Ok(JobRun { outcome, interrupted, done_bytes, before_bytes, seconds, flush_errors, stats })
 }
 
 /// Opens the map of `copy --map`, checked against the devices opened now, with the batch
@@ -278,7 +342,10 @@ fn open_map(
     let (header, guard) = map::header_of(&plan.source, &plan.targets, plan.len_bytes, created)?;
     let map = CopyMap::open(path, &header, &guard)?;
     if args.retry_failed && map.state.failed().is_empty() && !args.output.quiet {
-        eprintln!("kcopyd: --retry-failed: the map '{}' records nothing failed: nothing to retry", path.display());
+        out::note(&format!(
+            "kcopyd: --retry-failed: the map '{}' records nothing failed: nothing to retry",
+            path.display()
+        ));
     }
     Ok((map, batch_bytes / SECTOR_SIZE as u64))
 }
@@ -293,7 +360,10 @@ fn nothing_to_retry(args: &CopyArgs) -> Option<Done> {
         _ => {}
     }
     if !args.output.quiet {
-        eprintln!("kcopyd: --retry-failed: no map '{}' yet, so nothing failed: nothing to retry", path.display());
+        out::note(&format!(
+            "kcopyd: --retry-failed: no map '{}' yet, so nothing failed: nothing to retry",
+            path.display()
+        ));
     }
     let report = Report {
         command: "copy",
@@ -305,7 +375,9 @@ fn nothing_to_retry(args: &CopyArgs) -> Option<Done> {
         bytes_not_copied: Some(0),
         seconds: 0.0,
         throughput_bytes_per_s: 0.0,
+        bytes_done_before: None,
         cancelled: false,
+        read_errors_recovered: false,
         panicked: None,
         source: None,
         targets: Vec::new(),
@@ -384,11 +456,16 @@ async fn run_compare(
     let started = Instant::now();
     let len_sectors = tail.offset_in_range_bytes / SECTOR_SIZE as u64;
     let source_side = side(source);
-    let comparing = compare::compare(&source_side, &sides, len_sectors, skip, setup.shape, &setup.pool, &on_chunk);
-    let (mut comparison, interrupted) = tokio::select! {
-        comparison = comparing => (comparison, None),
-        code = interrupts.recv() => (Comparison::default(), Some(code)),
-    };
+    // A signal (now, or one that came during the copy's flush) stops it between chunks; what
+    // the chunks compared so far found is kept.
+    interrupts.set_phase(Phase::Graceful);
+    interrupts.set_summary(Some(Box::new(|| {
+        "kcopyd: interrupted again: quit at once during the comparison (nothing is written by it)".to_owned()
+    })));
+    let stop = interrupts.stop_flag();
+    let mut comparison =
+        compare::compare(&source_side, &sides, len_sectors, skip, setup.shape, &setup.pool, &on_chunk, stop).await;
+    let interrupted = interrupts.take_pending();
     if interrupted.is_none() && !tail.is_empty() {
         compare_tail(source, targets, tail, skip, &mut comparison);
         on_chunk(tail.len_bytes);
@@ -435,7 +512,7 @@ fn finish_tail(tail: Tail, source: Option<&Opened>, targets: &[Opened], keep_goi
     let went_on = run.interrupted.is_none()
         && !outcome.cancelled
         && outcome.panicked.is_none()
-        && (keep_going || outcome.is_ok());
+        && (keep_going || job_ok(outcome));
     let bytes = match (went_on, source) {
         (false, _) => None,
         (true, None) => Some(vec![0; tail.len_bytes as usize]),
@@ -477,7 +554,8 @@ fn target_status(target: &TargetReport) -> &'static str {
         "incomplete"
     } else {
         match &target.verify {
-            Some(TargetVerify { status, .. }) if *status != "identical" => status,
+            // A comparison stopped by a signal says so in its own status; the copy is whole.
+            Some(TargetVerify { status, .. }) if *status != "identical" && *status != "incomplete" => status,
             _ => "ok",
         }
     }
@@ -488,13 +566,32 @@ fn not_copied_in_region(target: &Opened, outcome: &kcopyd_core::TargetReport) ->
     outcome.not_copied.shifted(target.start_sector(), 0).expect("not_copied lies inside the target region")
 }
 
-/// Bytes of the range that at least one target does not hold.
+/// Bytes of the range that at least one target does not hold. A target whose final flush
+/// failed holds nothing for sure: all of its range counts.
 fn not_copied_bytes(opened: &[Opened], run: &JobRun, len_bytes: u64) -> u64 {
     let mut union = RangeSet::new();
-    for (target, outcome) in opened.iter().zip(&run.outcome.targets) {
+    for ((target, outcome), flush_error) in opened.iter().zip(&run.outcome.targets).zip(&run.flush_errors) {
+        if flush_error.is_some() {
+            return len_bytes;
+        }
         union.extend(&not_copied_in_region(target, outcome));
     }
     report::range_bytes(&union, len_bytes)
+}
+
+/// Whether the job copied everything: as [`Outcome::is_ok`], except that a read error that
+/// narrowing recovered from (every block read on retry, nothing unreadable) is no error.
+fn job_ok(outcome: &Outcome) -> bool {
+    outcome.read_failed.is_empty()
+        && outcome.write_err.is_empty()
+        && !outcome.cancelled
+        && outcome.panicked.is_none()
+        && outcome.targets.iter().all(|t| t.not_copied.is_empty())
+}
+
+/// A read failed and was retried in smaller reads that all succeeded: nothing is missing.
+fn read_errors_recovered(outcome: &Outcome) -> bool {
+    outcome.read_err && outcome.read_failed.is_empty()
 }
 
 fn job_targets(opened: &[Opened], run: &JobRun, len_bytes: u64) -> Vec<TargetReport> {
@@ -520,7 +617,7 @@ fn job_status(run: &JobRun, targets: &[TargetReport], verify_identical: Option<b
     if let Some(code) = run.interrupted {
         return ("cancelled", Status::Interrupted(code));
     }
-    if !run.outcome.is_ok() || targets.iter().any(|t| t.flush_error.is_some()) {
+    if !job_ok(&run.outcome) || targets.iter().any(|t| t.flush_error.is_some()) {
         return ("errors", Status::Failed);
     }
     if verify_identical == Some(false) {
@@ -529,13 +626,94 @@ fn job_status(run: &JobRun, targets: &[TargetReport], verify_identical: Option<b
     ("ok", Status::Success)
 }
 
+/// A target's comparison, marked `incomplete` where a signal stopped it before it found
+/// anything: what it found is reported, whatever it did not reach is not called identical.
+fn partial_verify(mut verify: TargetVerify, interrupted: Option<u8>) -> TargetVerify {
+    if interrupted.is_some() && verify.status == "identical" {
+        verify.status = "incomplete";
+    }
+    verify
+}
+
+/// `verify`'s per-target reports, from what the comparison found (so far, if a signal stopped
+/// it).
+fn verify_targets(targets: &[Opened], comparison: &Comparison, interrupted: Option<u8>) -> Vec<TargetReport> {
+    targets
+        .iter()
+        .enumerate()
+        .map(|(index, target)| {
+            let verify = comparison
+                .targets
+                .get(index)
+                .map(|diff| partial_verify(report::target_verify(diff, target.start_sector()), interrupted));
+            TargetReport {
+                device: target.arg.text.clone(),
+                offset_bytes: target.arg.offset_bytes,
+                status: verify.as_ref().map_or("incomplete", |v| v.status),
+                write_failed_sectors: None,
+                not_copied_sectors: None,
+                bytes_not_copied: None,
+                flush_error: None,
+                verify,
+            }
+        })
+        .collect()
+}
+
+/// `copy --verify`: reads the targets back and compares them with the source, leaving out
+/// what the copy reported as not copied; fills each target's `verify`. Returns the summary and
+/// the signal that stopped the comparison, if one did.
+async fn verify_copy(
+    context: Context<'_>,
+    setup: &CompareSetup,
+    plan: &devices::Plan,
+    run: &JobRun,
+    targets: &mut [TargetReport],
+    interrupts: &mut Interrupts,
+) -> (VerifyReport, Option<u8>) {
+    // Leave out what the copy itself reported as not copied: those differences are known.
+    let skip: Vec<RangeSet> = plan
+        .targets
+        .iter()
+        .zip(&run.outcome.targets)
+        .map(|(target, outcome)| not_copied_in_region(target, outcome))
+        .collect();
+    let range = (plan.len_bytes, plan.tail);
+    let (mut comparison, bytes, seconds, signal) =
+        run_compare(context, setup, &plan.source, &plan.targets, range, Some(&skip), interrupts).await;
+    // The source's unreadable blocks were reported by the copy already.
+    let read_failed = run
+        .outcome
+        .read_failed
+        .shifted(plan.source.start_sector(), 0)
+        .expect("read_failed lies inside the source region");
+    comparison.source_unreadable = comparison.source_unreadable.difference(&read_failed);
+    for ((target, opened), diff) in targets.iter_mut().zip(&plan.targets).zip(&comparison.targets) {
+        target.verify = Some(partial_verify(report::target_verify(diff, opened.start_sector()), signal));
+    }
+    let mut skipped = RangeSet::new();
+    for set in &skip {
+        skipped.extend(set);
+    }
+    let mut summary = report::verify_report(&comparison, bytes, report::range_bytes(&skipped, plan.len_bytes), seconds);
+    summary.identical &= signal.is_none();
+    (summary, signal)
+}
+
 /// The sparse-copy options of `copy`, checked.
 ///
 /// # Errors
 /// A bad --sparse-size, or --target-is-zero without --sparse.
 fn sparse_of(args: &CopyArgs) -> Result<Sparse, CliError> {
     let on = args.sparse && !args.no_sparse;
-    let size = args.sparse_size_bytes;
+    if let (false, Some(size)) = (on, args.sparse_size_bytes) {
+        return Err(CliError::argument(
+            "--sparse-size",
+            size.to_string(),
+            "sets the zero scan of a sparse copy, and --sparse=off / --no-sparse turns sparse copies off",
+        ));
+    }
+    let size = args.sparse_size_bytes.unwrap_or(crate::cli::SPARSE_SIZE_DEFAULT_BYTES);
     if size != 0 && (!size.is_power_of_two() || size < SECTOR_SIZE as u64 || size > u64::from(u32::MAX / 2 + 1)) {
         return Err(CliError::argument(
             "--sparse-size",
@@ -544,7 +722,10 @@ fn sparse_of(args: &CopyArgs) -> Result<Sparse, CliError> {
         ));
     }
     if args.target_is_zero && !on {
-        return Err(CliError::argument("--target-is-zero", "", "needs a sparse copy (not --sparse=off / --no-sparse)"));
+        return Err(CliError::Arguments {
+            what: "--target-is-zero",
+            problem: "needs a sparse copy, and --sparse=off / --no-sparse turns it off".into(),
+        });
     }
     if !on {
         return Ok(Sparse::OFF);
@@ -579,7 +760,10 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
     // Checked before anything is written: a comparison that cannot run must refuse the command.
     let compare_setup = if args.verify { Some(prepare_compare(context, &plan.source, &plan.targets)?) } else { None };
     let mut run = match &args.map {
-        None => run_job(context, job, &plan.targets, plan.len_bytes, "copy", interrupts, &mut plan.created).await?,
+        None => {
+            let shown = Shown { label: "copy", len_bytes: plan.len_bytes, source_start: plan.source.start_sector() };
+            run_job(context, job, &plan.targets, shown, interrupts, &mut plan.created).await?
+        }
         Some(path) => {
             let (mut map, batch_sectors) = open_map(path, args, &plan, &missing)?;
             let mapped = Mapped {
@@ -600,42 +784,8 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
     let mut verify = None;
     let mut interrupted = run.interrupted;
     if let (Some(setup), None) = (&compare_setup, interrupted) {
-        // Leave out what the copy itself reported as not copied: those differences are known.
-        let skip: Vec<RangeSet> = plan
-            .targets
-            .iter()
-            .zip(&run.outcome.targets)
-            .map(|(target, outcome)| not_copied_in_region(target, outcome))
-            .collect();
-        let (mut comparison, bytes, seconds, signal) = run_compare(
-            context,
-            setup,
-            &plan.source,
-            &plan.targets,
-            (plan.len_bytes, plan.tail),
-            Some(&skip),
-            interrupts,
-        )
-        .await;
-        interrupted = signal;
-        if signal.is_none() {
-            // The source's unreadable blocks were reported by the copy already.
-            let read_failed = run
-                .outcome
-                .read_failed
-                .shifted(plan.source.start_sector(), 0)
-                .expect("read_failed lies inside the source region");
-            comparison.source_unreadable = comparison.source_unreadable.difference(&read_failed);
-            for ((target, opened), diff) in targets.iter_mut().zip(&plan.targets).zip(&comparison.targets) {
-                target.verify = Some(report::target_verify(diff, opened.start_sector()));
-            }
-            let mut skipped = RangeSet::new();
-            for set in &skip {
-                skipped.extend(set);
-            }
-            verify =
-                Some(report::verify_report(&comparison, bytes, report::range_bytes(&skipped, plan.len_bytes), seconds));
-        }
+        let (summary, signal) = verify_copy(context, setup, &plan, &run, &mut targets, interrupts).await;
+        (verify, interrupted) = (Some(summary), signal);
     }
     for target in &mut targets {
         target.status = target_status(target);
@@ -656,6 +806,8 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
         throughput_bytes_per_s: report::throughput(run.done_bytes, run.seconds),
         cancelled: run.outcome.cancelled || interrupted.is_some(),
         panicked: run.outcome.panicked.clone(),
+        read_errors_recovered: read_errors_recovered(&run.outcome),
+        bytes_done_before: args.map.is_some().then_some(run.before_bytes),
         source: Some(SourceReport {
             device: plan.source.arg.text.clone(),
             offset_bytes: plan.source.arg.offset_bytes,
@@ -682,7 +834,15 @@ pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, 
     let job =
         Job::zero(opened.iter().map(|t| region(t, len_sectors)).collect(), flags(args.ignore_errors, args.write_seq));
     let mut nothing_created = devices::CreatedFiles::default();
-    let mut run = run_job(context, job, opened, len_bytes, "zero", interrupts, &mut nothing_created).await?;
+    let mut run = run_job(
+        context,
+        job,
+        opened,
+        Shown { label: "zero", len_bytes, source_start: 0 },
+        interrupts,
+        &mut nothing_created,
+    )
+    .await?;
     finish_tail(plan.tail, None, opened, args.ignore_errors, &mut run);
     let mut targets = job_targets(opened, &run, len_bytes);
     let not_copied = not_copied_bytes(opened, &run, len_bytes);
@@ -702,6 +862,8 @@ pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, 
         throughput_bytes_per_s: report::throughput(run.done_bytes, run.seconds),
         cancelled: run.outcome.cancelled || run.interrupted.is_some(),
         panicked: run.outcome.panicked.clone(),
+        read_errors_recovered: false,
+        bytes_done_before: None,
         source: None,
         targets,
         verify: None,
@@ -734,24 +896,7 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
         }
         None => ("errors", Status::Failed),
     };
-    let targets = plan
-        .targets
-        .iter()
-        .enumerate()
-        .map(|(index, target)| {
-            let verify = comparison.targets.get(index).map(|diff| report::target_verify(diff, target.start_sector()));
-            TargetReport {
-                device: target.arg.text.clone(),
-                offset_bytes: target.arg.offset_bytes,
-                status: verify.as_ref().map_or("not_compared", |v| v.status),
-                write_failed_sectors: None,
-                not_copied_sectors: None,
-                bytes_not_copied: None,
-                flush_error: None,
-                verify,
-            }
-        })
-        .collect();
+    let targets = verify_targets(&plan.targets, &comparison, interrupted);
     let report = Report {
         command: "verify",
         status: status_name,
@@ -764,6 +909,8 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
         throughput_bytes_per_s: report::throughput(bytes, seconds),
         cancelled: interrupted.is_some(),
         panicked: None,
+        read_errors_recovered: false,
+        bytes_done_before: None,
         source: Some(SourceReport {
             device: plan.source.arg.text.clone(),
             offset_bytes: plan.source.arg.offset_bytes,
@@ -775,7 +922,11 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
             ),
         }),
         targets,
-        verify: interrupted.is_none().then(|| report::verify_report(&comparison, bytes, 0, seconds)),
+        verify: Some({
+            let mut summary = report::verify_report(&comparison, bytes, 0, seconds);
+            summary.identical &= interrupted.is_none();
+            summary
+        }),
         stats: None,
         wall_seconds: None,
     };

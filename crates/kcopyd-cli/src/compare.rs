@@ -14,6 +14,7 @@
 //! so that no allocation ever waits behind another chunk's.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures_util::StreamExt;
 use futures_util::future::join_all;
@@ -126,7 +127,10 @@ impl Comparison {
 }
 
 /// Compares `len_sectors` of `source` with each target. `skip[i]` (relative sectors) are
-/// left out for target `i`; `progress` is told the bytes of each chunk compared.
+/// left out for target `i`; `progress` is told the bytes of each chunk compared. Once `stop`
+/// is set no chunk is added, and what the chunks compared so far found is returned: the
+/// bytes `progress` was told are those compared.
+#[allow(clippy::too_many_arguments)]
 pub async fn compare(
     source: &Side,
     targets: &[Side],
@@ -135,6 +139,7 @@ pub async fn compare(
     shape: CompareShape,
     pool: &PagePool,
     progress: &dyn Fn(u64),
+    stop: &AtomicBool,
 ) -> Comparison {
     let sides: Vec<&Side> = std::iter::once(source).chain(targets).collect();
     let block_sectors =
@@ -153,6 +158,9 @@ pub async fn compare(
     let reader = &reader;
     let mut compared = stream::iter(chunks).map(|chunk| reader.compare(chunk)).buffered(shape.in_flight);
     while let Some(chunk) = compared.next().await {
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
         found.source_unreadable.extend(&chunk.source_unreadable);
         for (total, part) in found.targets.iter_mut().zip(chunk.targets) {
             total.differing_blocks += part.differing_blocks;
@@ -344,7 +352,8 @@ mod tests {
         let pool = PagePool::new(2).unwrap();
         let shape = CompareShape::fit(2, 6, 512, 1 << 20, 4).unwrap();
         assert_eq!((shape.devices_at_once, shape.chunk_bytes), (2, 4096));
-        let found = run(compare(&side(&source), &target_sides, 1024, None, shape, &pool, &|_| {}));
+        let found =
+            run(compare(&side(&source), &target_sides, 1024, None, shape, &pool, &|_| {}, &AtomicBool::new(false)));
         assert_eq!(found.source_unreadable, RangeSet::from_range(20..21));
         for (index, diff) in found.targets.iter().enumerate() {
             match index {
@@ -369,9 +378,16 @@ mod tests {
         let pool = PagePool::new(256).unwrap();
         let shape = CompareShape { chunk_bytes: 64 * 1024, devices_at_once: 3, in_flight: 2 };
         let total = std::cell::Cell::new(0);
-        let found = run(compare(&side(&source), &[side(&same), side(&changed)], 4096, None, shape, &pool, &|bytes| {
-            total.set(total.get() + bytes)
-        }));
+        let found = run(compare(
+            &side(&source),
+            &[side(&same), side(&changed)],
+            4096,
+            None,
+            shape,
+            &pool,
+            &|bytes| total.set(total.get() + bytes),
+            &AtomicBool::new(false),
+        ));
         assert_eq!(total.get(), 4096 * 512);
         assert_eq!(found.source_unreadable, RangeSet::from_range(2000..2001));
         assert!(found.targets[0].identical());
@@ -383,8 +399,16 @@ mod tests {
 
         // Left out by a copy's report: no difference counted there.
         let skip = [RangeSet::new(), RangeSet::from_range(0..2048)];
-        let found =
-            run(compare(&side(&source), &[side(&same), side(&changed)], 4096, Some(&skip), shape, &pool, &|_| {}));
+        let found = run(compare(
+            &side(&source),
+            &[side(&same), side(&changed)],
+            4096,
+            Some(&skip),
+            shape,
+            &pool,
+            &|_| {},
+            &AtomicBool::new(false),
+        ));
         assert_eq!(found.targets[1].differing, RangeSet::from_range(4095..4096));
     }
 
@@ -397,7 +421,8 @@ mod tests {
         let side = |disk: &Arc<MemDisk>| Side { device: disk.clone(), start_sector: 0, zero_before_read: false };
         let pool = PagePool::new(64).unwrap();
         let shape = CompareShape { chunk_bytes: 32 * 1024, devices_at_once: 2, in_flight: 1 };
-        let found = run(compare(&side(&source), &[side(&target)], 256, None, shape, &pool, &|_| {}));
+        let found =
+            run(compare(&side(&source), &[side(&target)], 256, None, shape, &pool, &|_| {}, &AtomicBool::new(false)));
         assert_eq!(found.block_bytes, 4096);
         assert_eq!(found.targets[0].differing_blocks, 2);
         assert_eq!(found.targets[0].differing, RangeSet::from_range(8..24));
@@ -425,7 +450,16 @@ mod tests {
         let shape = CompareShape { chunk_bytes: 4096, devices_at_once: 2, in_flight: 1 };
         for zero_before_read in [false, true] {
             let side = |disk: &Arc<MemDisk>| Side { device: disk.clone(), start_sector: 0, zero_before_read };
-            let found = run(compare(&side(&source), &[side(&target)], 16, None, shape, &pool, &|_| {}));
+            let found = run(compare(
+                &side(&source),
+                &[side(&target)],
+                16,
+                None,
+                shape,
+                &pool,
+                &|_| {},
+                &AtomicBool::new(false),
+            ));
             let only_the_data_differs = found.targets[0].differing == RangeSet::from_range(0..8);
             assert_eq!(only_the_data_differs, zero_before_read, "{found:?}");
         }

@@ -27,6 +27,7 @@ use kcopyd_sim::{FaultKind, IoModel, Latency, MemDisk, MemDiskOptions, Operation
 
 use crate::cli::{DemoArgs, MEMORY_DEFAULT, SUB_JOB_SIZE_DEFAULT, SUBJOBS_IN_FLIGHT_DEFAULT};
 use crate::error::{CliError, Status};
+use crate::out;
 use crate::progress::{self, Interrupts, WatchUi};
 use crate::report::describe_ranges;
 use crate::size::{self, Bytes};
@@ -97,7 +98,7 @@ impl WatchUi for Bars {
     }
 
     fn note(&self, line: &str) {
-        self.job.suspend(|| eprintln!("{line}"));
+        self.job.suspend(|| out::note(line));
     }
 }
 
@@ -271,11 +272,23 @@ fn pairs(set: &RangeSet) -> Vec<[u64; 2]> {
     set.ranges().iter().map(|r| [r.start, r.end]).collect()
 }
 
+/// Prints a line on stdout; a closed stdout ends the demo quietly (exit 141).
+macro_rules! say {
+    () => {
+        out::print("\n")?
+    };
+    ($($arg:tt)*) => {
+        out::print(&format!("{}\n", format_args!($($arg)*)))?
+    };
+}
+
 /// Runs the demo.
 ///
 /// # Errors
 /// A `--size` out of bounds, or the engine cannot start.
 pub async fn run(args: &DemoArgs, interrupts: &mut Interrupts) -> Result<Status, CliError> {
+    interrupts
+        .set_summary(Some(Box::new(|| "kcopyd: interrupted: the demo stopped (its disks were in memory)".into())));
     let len_bytes = args.size_bytes;
     if !(DEMO_LEN_BYTES_MIN..=DEMO_LEN_BYTES_MAX).contains(&len_bytes) || len_bytes % (1 << 20) != 0 {
         return Err(CliError::argument(
@@ -293,15 +306,15 @@ pub async fn run(args: &DemoArgs, interrupts: &mut Interrupts) -> Result<Status,
     let rate = |model: &IoModel| {
         format!("{} µs + {} MB/s, queue {}", model.cost_us, model.bandwidth_bytes_per_s / 1_000_000, model.queue_depth)
     };
-    println!(
+    say!(
         "kcopyd demo: resync {} from source to {} mirrors holding stale data, on simulated disks",
         Bytes(len_bytes),
         TARGET_NAMES.len()
     );
-    println!("  disks: reads {}; writes {}", rate(&READ_MODEL), rate(&WRITE_MODEL));
+    say!("  disks: reads {}; writes {}", rate(&READ_MODEL), rate(&WRITE_MODEL));
     let injected: RangeSet = faults.bad_reads.iter().cloned().collect();
-    println!("  injected: latent read errors on the source at sectors {}", describe_ranges(&pairs(&injected)));
-    println!(
+    say!("  injected: latent read errors on the source at sectors {}", describe_ranges(&pairs(&injected)));
+    say!(
         "            a bad write region on {} at sectors {}",
         TARGET_NAMES[BAD_WRITE_TARGET],
         describe_ranges(&[[faults.bad_write.start, faults.bad_write.end]])
@@ -312,7 +325,7 @@ pub async fn run(args: &DemoArgs, interrupts: &mut Interrupts) -> Result<Status,
         TARGET_NAMES.iter().enumerate().map(|(i, name)| disk(name, len_sectors, STALE_SEED + i as u64)).collect();
     faults.bad_reads.iter().for_each(|r| source.fail_reads(r.clone()));
     targets[BAD_WRITE_TARGET].fail_writes(faults.bad_write.clone());
-    println!(
+    say!(
         "  job: IGNORE_ERROR, {SUB_JOB_SIZE_DEFAULT} sub-jobs, {SUBJOBS_IN_FLIGHT_DEFAULT} in flight, \
          {MEMORY_DEFAULT} of buffers (disks filled in {:.2} s)",
         setup_started.elapsed().as_secs_f64()
@@ -332,6 +345,8 @@ pub async fn run(args: &DemoArgs, interrupts: &mut Interrupts) -> Result<Status,
     );
     let bars = Bars::new(progress::bars_wanted(args.quiet), len_bytes, &source, &targets);
     let started = Instant::now();
+    // From here a signal cancels the resync (at once if it came before it started).
+    interrupts.set_phase(progress::Phase::Graceful);
     let handle = client.submit(job).await.map_err(|source| CliError::Submit { source })?;
     let watched = progress::watch(&handle, &bars, interrupts).await;
     let flushes = join_all(targets.iter().map(|t| t.flush())).await;
@@ -340,32 +355,32 @@ pub async fn run(args: &DemoArgs, interrupts: &mut Interrupts) -> Result<Status,
     client.shutdown().await;
     let outcome = watched.outcome;
 
-    println!();
-    println!(
+    say!();
+    say!(
         "resync {}: {} in {seconds:.2} s ({}/s){}",
         if outcome.cancelled { "cancelled" } else { "done" },
         Bytes(len_bytes),
         Bytes((len_bytes as f64 / seconds.max(1e-9)) as u64),
         if outcome.is_ok() { "" } else { ", with errors (as injected)" }
     );
-    println!();
-    print!("{}", table(&outcome, &targets, len_sectors));
-    println!();
-    println!("failed ranges (512-byte sectors, START-END with END excluded):");
+    say!();
+    out::print(&table(&outcome, &targets, len_sectors))?;
+    say!();
+    say!("failed ranges (512-byte sectors, START-END with END excluded):");
     if outcome.read_failed.is_empty() {
-        println!("  source read_failed: none");
+        say!("  source read_failed: none");
     } else {
-        println!("  source read_failed: {}", describe_ranges(&pairs(&outcome.read_failed)));
+        say!("  source read_failed: {}", describe_ranges(&pairs(&outcome.read_failed)));
     }
     for (target, report) in targets.iter().zip(&outcome.targets) {
         if !report.write_failed.is_empty() {
-            println!("  {} write_failed: {}", target.name(), describe_ranges(&pairs(&report.write_failed)));
+            say!("  {} write_failed: {}", target.name(), describe_ranges(&pairs(&report.write_failed)));
         }
     }
     let logged_reads = source.fault_log().len();
     let logged_writes: usize = targets.iter().map(|t| t.fault_log().len()).sum();
     let plural = |count: usize| if count == 1 { "" } else { "s" };
-    println!(
+    say!(
         "  fault log: {logged_reads} failed read{} on the source (the engine narrows a failed chunk in halves), \
          {logged_writes} failed write{} on the mirrors",
         plural(logged_reads),
@@ -373,13 +388,13 @@ pub async fn run(args: &DemoArgs, interrupts: &mut Interrupts) -> Result<Status,
     );
     for (target, result) in targets.iter().zip(&flushes) {
         if let Err(error) = result {
-            println!("  {}: flush failed: {error}", target.name());
+            say!("  {}: flush failed: {error}", target.name());
         }
     }
 
     if let Some(code) = watched.interrupted {
-        println!();
-        println!("interrupted: the check against the fault log needs a finished resync");
+        say!();
+        say!("interrupted: the check against the fault log needs a finished resync");
         return Ok(Status::Interrupted(code));
     }
     if args.tamper {
@@ -387,22 +402,22 @@ pub async fn run(args: &DemoArgs, interrupts: &mut Interrupts) -> Result<Status,
         let sector = 8;
         let flipped: Vec<u8> = source.snapshot(sector, 1).iter().map(|b| !b).collect();
         targets[0].poke(sector, &flipped);
-        println!();
-        println!("--tamper: changed sector {sector} of {} after the resync", targets[0].name());
+        say!();
+        say!("--tamper: changed sector {sector} of {} after the resync", targets[0].name());
     }
-    println!();
-    println!("check against the simulator's fault log:");
+    say!();
+    say!("check against the simulator's fault log:");
     let checks = check(&outcome, &source, &targets, &faults, len_sectors);
     for finding in &checks {
-        println!("  [{}] {}", if finding.passed { " ok " } else { "FAIL" }, finding.what);
+        say!("  [{}] {}", if finding.passed { " ok " } else { "FAIL" }, finding.what);
     }
     let passed = checks.iter().all(|c| c.passed) && flushes.iter().all(Result::is_ok);
-    println!();
+    say!();
     if passed {
-        println!("PASS: the outcome matches the fault log ({:.2} s in all)", setup_started.elapsed().as_secs_f64());
+        say!("PASS: the outcome matches the fault log ({:.2} s in all)", setup_started.elapsed().as_secs_f64());
         Ok(Status::Success)
     } else {
-        println!("FAIL: the outcome does not match the fault log");
+        say!("FAIL: the outcome does not match the fault log");
         Ok(Status::Failed)
     }
 }

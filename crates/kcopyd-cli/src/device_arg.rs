@@ -59,6 +59,31 @@ pub enum DeviceArgError {
     /// A malformed or unsupported NBD URI.
     #[error(transparent)]
     Nbd(#[from] kcopyd_nbd::UriError),
+    /// An NBD URI whose scheme is not written in lower case (`NBD://`).
+    #[error("URI scheme '{scheme}' is written in lower case: '{lower}://'")]
+    UriSchemeCase {
+        /// The scheme as given.
+        scheme: String,
+        /// The same in lower case.
+        lower: String,
+    },
+    /// An NBD URI naming TCP port 0, where no server listens.
+    #[error("port 0 in '{uri}': give the server's port (10809 by default)")]
+    PortZero {
+        /// The URI.
+        uri: String,
+    },
+}
+
+/// Refuses an NBD URI with its scheme in capitals (`NBD://host/x`), which would otherwise be
+/// taken for a path.
+fn check_scheme_case(device: &str) -> Result<(), DeviceArgError> {
+    let Some((scheme, _)) = device.split_once("://") else { return Ok(()) };
+    let lower = scheme.to_ascii_lowercase();
+    if lower != scheme && kcopyd_nbd::NbdUri::is_nbd_uri(&format!("{lower}://")) {
+        return Err(DeviceArgError::UriSchemeCase { scheme: scheme.to_owned(), lower });
+    }
+    Ok(())
 }
 
 impl DeviceArg {
@@ -75,10 +100,14 @@ impl DeviceArg {
             }
             None => (text, 0),
         };
+        check_scheme_case(device)?;
         let backend = match device.strip_prefix(sim::PREFIX) {
             Some(options) => Backend::Sim(Box::new(SimSpec::parse(options)?)),
             None if kcopyd_nbd::NbdUri::is_nbd_uri(device) => {
-                kcopyd_nbd::NbdUri::parse(device)?;
+                let uri = kcopyd_nbd::NbdUri::parse(device)?;
+                if matches!(uri.address, kcopyd_nbd::Address::Tcp { port: 0, .. }) {
+                    return Err(DeviceArgError::PortZero { uri: device.to_owned() });
+                }
                 Backend::Nbd(device.to_owned())
             }
             None if device.is_empty() => return Err(DeviceArgError::Empty),

@@ -18,6 +18,7 @@ use crate::cli::{EngineArgs, IoEngineArg, NBD_SUBJOBS_IN_FLIGHT_DEFAULT, SUBJOBS
 use crate::device_arg::{Backend, DeviceArg};
 use crate::error::{CliError, open_reason};
 use crate::locks::{FileLocks, LockError, LockKind};
+use crate::progress;
 use crate::size::Bytes;
 use crate::tail::Tail;
 
@@ -217,20 +218,6 @@ impl Opened {
                 "offset of {offset} bytes is not a multiple of the device's {block}-byte logical block"
             )));
         }
-        if len_bytes % block != 0 && !self.is_file() {
-            return Err(CliError::argument(
-                "--length",
-                len_bytes.to_string(),
-                format!(
-                    "{len_bytes} bytes is not a multiple of the {block}-byte logical block of {} '{}', \
-                     which takes whole blocks (--length {} leaves the last {} bytes out)",
-                    self.role.name(),
-                    self.arg.text,
-                    len_bytes / block * block,
-                    len_bytes % block
-                ),
-            ));
-        }
         let device_bytes = self.len_bytes();
         if offset.checked_add(len_bytes).is_none_or(|end| end > device_bytes) {
             let problem = match self.role {
@@ -247,7 +234,34 @@ impl Opened {
             };
             return Err(self.error(problem));
         }
+        // After the bounds: a length past the end is refused as such, not as misaligned.
+        if len_bytes % block != 0 && !self.is_file() {
+            return Err(self.misaligned_length(len_bytes, block));
+        }
         Ok(())
+    }
+
+    /// The error for a length that is not whole blocks of this device, with the length that is.
+    fn misaligned_length(&self, len_bytes: u64, block: u64) -> CliError {
+        CliError::argument(
+            "--length",
+            len_bytes.to_string(),
+            match len_bytes / block * block {
+                0 => format!(
+                    "{len_bytes} bytes is less than one {block}-byte logical block of {} '{}', which \
+                     takes whole blocks: there is no whole block to move",
+                    self.role.name(),
+                    self.arg.text,
+                ),
+                whole => format!(
+                    "{len_bytes} bytes is not a multiple of the {block}-byte logical block of {} '{}', \
+                     which takes whole blocks (--length {whole} leaves the last {} bytes out)",
+                    self.role.name(),
+                    self.arg.text,
+                    len_bytes % block
+                ),
+            },
+        )
     }
 
     /// Whether the range of `len_bytes` ends at the end of this regular file.
@@ -347,17 +361,26 @@ pub struct CreatedFiles {
 }
 
 impl CreatedFiles {
+    /// Records `path`, about to be created: removed when the command fails before writing or
+    /// quits at once on a signal. The file is created while the returned guard lives.
+    pub fn creating(&mut self, path: &Path) -> progress::CreatedGuard {
+        self.paths.push(path.to_path_buf());
+        progress::CreatedGuard::creating(path)
+    }
+
     /// Keeps the files: the job has started.
     pub fn keep(&mut self) {
+        progress::forget_created(&self.paths);
         self.paths.clear();
     }
 }
 
 impl Drop for CreatedFiles {
     fn drop(&mut self) {
-        for path in self.paths.drain(..) {
+        for path in &self.paths {
             let _ = fs::remove_file(path);
         }
+        progress::forget_created(&self.paths);
     }
 }
 
@@ -430,7 +453,7 @@ pub fn open(
             let device = OsDevice::open(path, &options).map_err(|source| CliError::Open {
                 what: role.name(),
                 text: arg.text.clone(),
-                reason: open_reason(&source),
+                reason: open_reason(&source, Some("--buffered")),
                 source,
             })?;
             if let (true, Some(len_bytes), DeviceKind::File) = (write, create_len_bytes, device.kind()) {
@@ -637,11 +660,13 @@ pub fn plan_with_source(
             })?;
             let is_sim = matches!(arg.backend, Backend::Sim(_));
             let create_len = Some(create_len).filter(|_| missing || is_sim);
-            if let (true, Backend::Path(path)) = (missing, &arg.backend) {
-                // Before the open: a file created by an open that then fails is removed too.
-                created.paths.push(path.clone());
-            }
+            // Before the open: a file created by an open that then fails is removed too.
+            let creating = match (missing, &arg.backend) {
+                (true, Backend::Path(path)) => Some(created.creating(path)),
+                _ => None,
+            };
             let target = open(arg, Role::Target, write, create_len, settings, &mut locks)?;
+            drop(creating);
             target.check_range(len_bytes)?;
             // Reading the same bytes twice is harmless: only a copy checks for overlaps.
             if write {

@@ -19,7 +19,13 @@ pub enum Status {
     Usage,
     /// Stopped by a signal (130 for SIGINT, as shells report it).
     Interrupted(u8),
+    /// Standard output was closed by its reader (`| head -1`): 141, as a shell reports a
+    /// command killed by SIGPIPE.
+    StdoutClosed,
 }
+
+/// The exit code when standard output was closed by its reader (128 + SIGPIPE).
+pub const EXIT_STDOUT_CLOSED: u8 = 141;
 
 impl Status {
     /// The process exit code.
@@ -29,6 +35,7 @@ impl Status {
             Status::Failed => 1,
             Status::Usage => 2,
             Status::Interrupted(code) => code,
+            Status::StdoutClosed => EXIT_STDOUT_CLOSED,
         }
     }
 }
@@ -101,7 +108,6 @@ pub enum CliError {
         #[source]
         source: io::Error,
     },
-    /// The async runtime or the signal handler could not start.
     /// A scenario file that cannot be read, does not hold together, or whose run failed.
     #[error("scenario '{path}': {source}")]
     Scenario {
@@ -130,6 +136,7 @@ pub enum CliError {
         /// What went wrong.
         problem: String,
     },
+    /// The async runtime or the signal handler could not start.
     #[error("starting {what}: {source}")]
     Start {
         /// What could not start.
@@ -138,6 +145,25 @@ pub enum CliError {
         #[source]
         source: io::Error,
     },
+    /// Standard output was closed by its reader: the command stops quietly.
+    #[error("standard output was closed")]
+    StdoutClosed,
+    /// Standard output could not be written for another reason.
+    #[error("writing to standard output: {source}")]
+    Stdout {
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl From<crate::out::StdoutError> for CliError {
+    fn from(error: crate::out::StdoutError) -> CliError {
+        match error {
+            crate::out::StdoutError::Closed => CliError::StdoutClosed,
+            crate::out::StdoutError::Failed(source) => CliError::Stdout { source },
+        }
+    }
 }
 
 impl CliError {
@@ -151,7 +177,10 @@ impl CliError {
             | CliError::Submit { .. }
             | CliError::Scenario { .. }
             | CliError::File { .. } => Status::Usage,
-            CliError::Start { .. } | CliError::Io { .. } | CliError::Plot { .. } => Status::Failed,
+            CliError::Start { .. } | CliError::Io { .. } | CliError::Plot { .. } | CliError::Stdout { .. } => {
+                Status::Failed
+            }
+            CliError::StdoutClosed => Status::StdoutClosed,
         }
     }
 
@@ -162,8 +191,9 @@ impl CliError {
 }
 
 /// What an open error means, in a few words, without the path (the message names the
-/// argument already) and with the command's own way out where there is one.
-pub fn open_reason(error: &OpenError) -> String {
+/// argument already) and with the command's own way out where there is one: `buffered` names
+/// the option that goes through the page cache, where the command has one.
+pub fn open_reason(error: &OpenError, buffered: Option<&str>) -> String {
     let with_cause = |what: &str, cause: &io::Error| format!("{what} ({cause})");
     match error {
         OpenError::NotFound { .. } => "no such file or device".into(),
@@ -172,9 +202,13 @@ pub fn open_reason(error: &OpenError) -> String {
         OpenError::Busy { .. } => {
             "device is busy (mounted or opened exclusively elsewhere): refusing to write to it".into()
         }
-        OpenError::DirectIoUnsupported { filesystem, .. } => {
-            format!("the {filesystem} filesystem does not support direct I/O (O_DIRECT); use --buffered")
-        }
+        OpenError::DirectIoUnsupported { filesystem, .. } => match buffered {
+            Some(option) => format!("the {filesystem} filesystem does not support direct I/O (O_DIRECT); use {option}"),
+            None => format!(
+                "the {filesystem} filesystem does not support direct I/O (O_DIRECT), which this command measures: \
+                 use a file on another filesystem"
+            ),
+        },
         OpenError::NotABlockDeviceOrFile { kind, .. } => format!("is a {kind}, not a regular file or block device"),
         other => {
             // The device layer's message starts with the path: keep what follows it.
@@ -200,5 +234,18 @@ mod tests {
         let error = CliError::argument("--length", "1Q", "bad");
         assert_eq!(error.to_string(), "--length '1Q': bad");
         assert_eq!(error.status(), Status::Usage);
+        assert_eq!((Status::StdoutClosed.code(), CliError::StdoutClosed.status()), (141, Status::StdoutClosed));
+    }
+
+    #[test]
+    fn buffered_is_suggested_only_where_the_command_has_it() {
+        let unsupported = || OpenError::DirectIoUnsupported {
+            path: "/dev/shm/x.img".into(),
+            filesystem: "tmpfs".into(),
+            source: io::Error::new(io::ErrorKind::Unsupported, "no direct I/O"),
+        };
+        assert!(open_reason(&unsupported(), Some("--buffered")).ends_with("use --buffered"));
+        let calibrate = open_reason(&unsupported(), None);
+        assert!(!calibrate.contains("--buffered") && calibrate.contains("another filesystem"), "{calibrate}");
     }
 }

@@ -9,6 +9,8 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kcopyd_sim::explore::{self, METRICS, Report, Scenario, ScenarioError, SweepPoint, Vary};
@@ -17,8 +19,9 @@ use toml::Value;
 
 use crate::cli::{SimRunArgs, SimSweepArgs};
 use crate::error::{CliError, Status};
+use crate::out;
 use crate::plot;
-use crate::progress::bars_wanted;
+use crate::progress::{self, Interrupts, Phase, bars_wanted};
 use crate::size::Bytes;
 
 /// Rows of the queue-depth table in the summary.
@@ -26,14 +29,17 @@ const QUEUE_ROWS: usize = 10;
 /// Request sizes listed in the summary (narrowed-down reads make many).
 const IO_SIZES_SHOWN: usize = 6;
 
-/// Runs `kcopyd sim run`.
-pub fn run(args: &SimRunArgs) -> Result<Status, CliError> {
+/// Runs `kcopyd sim run`. A signal quits at once (the run cannot stop half-way with a report
+/// that means anything; the `--svg` file is not left behind).
+pub fn run(args: &SimRunArgs, interrupts: &Interrupts) -> Result<Status, CliError> {
+    interrupts.set_summary(Some(Box::new(|| "kcopyd: interrupted: the scenario stopped before its report".to_owned())));
     off_runtime(|| run_scenario(args))
 }
 
-/// Runs `kcopyd sim sweep`.
-pub fn sweep(args: &SimSweepArgs) -> Result<Status, CliError> {
-    off_runtime(|| run_sweep(args))
+/// Runs `kcopyd sim sweep`. The first signal lets the points running finish and prints the
+/// table of the points done (exit 130 or 143); a second one quits at once.
+pub fn sweep(args: &SimSweepArgs, interrupts: &Interrupts) -> Result<Status, CliError> {
+    off_runtime(|| run_sweep(args, interrupts))
 }
 
 /// Runs `work` on a thread of its own: the simulations build their own runtimes, which cannot
@@ -72,14 +78,17 @@ fn run_scenario(args: &SimRunArgs) -> Result<Status, CliError> {
     let tree = load(&args.scenario, &args.set)?;
     let scenario_error = |source: ScenarioError| CliError::Scenario { path: shown.clone(), source };
     let scenario = Scenario::from_value_in(tree, &folder_of(&args.scenario)).map_err(scenario_error)?;
+    if let Some(svg) = &args.svg {
+        out::check_output_file(svg, "--svg")?;
+    }
     let report = explore::run(&scenario).map_err(scenario_error)?;
     if let Some(svg) = &args.svg {
         plot::run_svg(svg, &report)?;
     }
     if args.json {
-        println!("{}", serde_json::to_string(&report).expect("a report serializes"));
+        out::print(&format!("{}\n", serde_json::to_string(&report).expect("a report serializes")))?;
     } else {
-        print!("{}", summary(&report));
+        out::print(&summary(&report))?;
     }
     Ok(Status::Success)
 }
@@ -244,18 +253,14 @@ fn queue_table(report: &Report) -> String {
     out
 }
 
-fn run_sweep(args: &SimSweepArgs) -> Result<Status, CliError> {
+fn run_sweep(args: &SimSweepArgs, interrupts: &Interrupts) -> Result<Status, CliError> {
     let shown = args.scenario.display().to_string();
     let tree = load(&args.scenario, &args.set)?;
     let metric = explore::metric(&args.metric).ok_or_else(|| {
         let names: Vec<&str> = METRICS.iter().map(|m| m.name).collect();
         CliError::argument("--metric", &args.metric, format!("unknown metric (known: {})", names.join(", ")))
     })?;
-    let varies = args
-        .vary
-        .iter()
-        .map(|text| Vary::parse(text).map_err(|error| CliError::argument("--vary", text, error.to_string())))
-        .collect::<Result<Vec<_>, _>>()?;
+    let varies = parse_varies(&args.vary)?;
     if args.svg.is_some() && varies.len() > 2 {
         return Err(CliError::Arguments { what: "--svg", problem: "plots one or two varied keys".into() });
     }
@@ -272,9 +277,17 @@ fn run_sweep(args: &SimSweepArgs) -> Result<Status, CliError> {
             .expect("a valid template")
             .progress_chars("=> "),
     );
-    let points = explore::sweep(&tree, &folder_of(&args.scenario), &varies, threads, &|_: &SweepPoint| bar.inc(1))
-        .map_err(|source| CliError::Scenario { path: shown.clone(), source })?;
+    if let Some(svg) = &args.svg {
+        out::check_output_file(svg, "--svg")?;
+    }
+    let folder = folder_of(&args.scenario);
+    let points = sweep_until_signal(interrupts, total, &bar, |on_done, stop| {
+        explore::sweep_until(&tree, &folder, &varies, threads, on_done, stop)
+            .map_err(|source| CliError::Scenario { path: shown.clone(), source })
+    })?;
     bar.finish_and_clear();
+    let stop = interrupts.stop_flag();
+    let interrupted = stop.load(Ordering::Acquire).then(|| interrupted_code(points.len(), total));
     let value_of = |point: &SweepPoint| point.report.metric(metric.name);
     let mut order: Vec<usize> = (0..points.len()).collect();
     order.sort_by(|&a, &b| {
@@ -282,24 +295,90 @@ fn run_sweep(args: &SimSweepArgs) -> Result<Status, CliError> {
         let ordering = a.total_cmp(&b);
         if metric.higher_is_better { ordering.reverse() } else { ordering }
     });
-    if let Some(svg) = &args.svg {
+    if let (Some(svg), None) = (&args.svg, interrupted) {
         plot::sweep_svg(svg, &varies, &points, metric)?;
     }
-    if args.json {
+    print_sweep(args.json, (&varies, &points, &order), metric.name, interrupted.map(|_| total))?;
+    Ok(interrupted.map_or(Status::Success, Status::Interrupted))
+}
+
+/// Prints the sweep's points best first (`order`): JSON or the table. `interrupted_of` is the
+/// number of points there would have been, when a signal stopped the sweep.
+fn print_sweep(
+    json: bool,
+    (varies, points, order): (&[Vary], &[SweepPoint], &[usize]),
+    metric: &str,
+    interrupted_of: Option<usize>,
+) -> Result<(), CliError> {
+    if json {
         let rows: Vec<_> = order
             .iter()
             .map(|&i| {
                 let point = &points[i];
                 let values: serde_json::Map<String, serde_json::Value> =
                     point.values.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
-                json!({ "values": values, "metric": value_of(point), "report": point.report })
+                json!({ "values": values, "metric": point.report.metric(metric), "report": point.report })
             })
             .collect();
-        println!("{}", json!({ "metric": metric.name, "points": rows }));
+        let mut object = json!({ "metric": metric, "points": rows });
+        if let Some(total) = interrupted_of {
+            object["interrupted"] = json!(true);
+            object["points_total"] = json!(total);
+        }
+        out::print(&format!("{object}\n"))?;
     } else {
-        print!("{}", sweep_table(&varies, &points, &order, metric.name));
+        out::print(&sweep_table(varies, points, order, metric))?;
     }
-    Ok(Status::Success)
+    Ok(())
+}
+
+/// The `--vary` options, each key once.
+fn parse_varies(texts: &[String]) -> Result<Vec<Vary>, CliError> {
+    let varies = texts
+        .iter()
+        .map(|text| Vary::parse(text).map_err(|error| CliError::argument("--vary", text, error.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(repeated) = varies.iter().enumerate().find(|(i, v)| varies[..*i].iter().any(|w| w.key == v.key)) {
+        return Err(CliError::argument(
+            "--vary",
+            &texts[repeated.0],
+            format!("key '{}' is varied twice: give all its values in one --vary", repeated.1.key),
+        ));
+    }
+    Ok(varies)
+}
+
+/// Runs `sweep` (given the callback after each point and the stop flag) so that a signal lets
+/// the points running finish and starts no new one; a second signal quits at once, saying how
+/// many of `total` points ran.
+fn sweep_until_signal(
+    interrupts: &Interrupts,
+    total: usize,
+    bar: &ProgressBar,
+    sweep: impl FnOnce(&(dyn Fn(&SweepPoint) + Sync), &AtomicBool) -> Result<Vec<SweepPoint>, CliError>,
+) -> Result<Vec<SweepPoint>, CliError> {
+    let done = Arc::new(AtomicUsize::new(0));
+    let counted = done.clone();
+    interrupts.set_summary(Some(Box::new(move || {
+        format!(
+            "kcopyd: interrupted again: quit at once after {} of {total} points, without their table",
+            counted.load(Ordering::Relaxed)
+        )
+    })));
+    interrupts.set_phase(Phase::Graceful);
+    let on_done = |_: &SweepPoint| {
+        done.fetch_add(1, Ordering::Relaxed);
+        bar.inc(1);
+    };
+    sweep(&on_done, interrupts.stop_flag())
+}
+
+/// After a signal stopped a sweep: says so on stderr and returns the signal's exit code.
+fn interrupted_code(done: usize, total: usize) -> u8 {
+    out::note(&format!(
+        "kcopyd: interrupted: {done} of {total} points ran; their table follows (the --svg file is not drawn)"
+    ));
+    progress::first_signal().unwrap_or(progress::EXIT_SIGINT)
 }
 
 /// The sweep's table, best first.

@@ -11,8 +11,8 @@
 //! Devices are files and block devices (through `kcopyd-os`, O_DIRECT unless `--buffered`)
 //! or `sim:KEY=VALUE,...` disks from `kcopyd-sim`. A command whose devices are all simulated
 //! runs in the simulator's virtual time and reports model seconds, with wall seconds beside
-//! them. Exit status: 0 success, 1 read or write
-//! errors or differences, 2 bad usage, 130 interrupted. See `docs/CLI.md`.
+//! them. Exit status: 0 success, 1 read or write errors or differences, 2 bad usage, 130
+//! interrupted (143 by SIGTERM), 141 standard output closed by its reader. See `docs/CLI.md`.
 #![warn(missing_docs)]
 
 mod calibrate;
@@ -27,6 +27,7 @@ mod error;
 mod explore;
 mod locks;
 mod map;
+mod out;
 mod plot;
 mod progress;
 mod report;
@@ -77,11 +78,15 @@ fn all_simulated(command: &Command) -> bool {
 }
 
 async fn run(cli: Cli) -> Status {
-    // Installed first, so that a Ctrl-C during the checks cancels the job as soon as it starts.
+    // Installed first: a signal during the checks quits at once (nothing is written yet), one
+    // during a job cancels it (progress::Phase).
     let mut interrupts = match Interrupts::install() {
         Ok(interrupts) => interrupts,
         Err(source) => return fail_status(&CliError::Start { what: "the Ctrl-C handler", source }),
     };
+    interrupts.set_summary(Some(Box::new(|| {
+        "kcopyd: interrupted before anything was written (files it created are removed)".to_owned()
+    })));
     let started = std::time::Instant::now();
     let emit = |done, output| emit(done, output, started);
     let result = match &cli.command {
@@ -90,10 +95,10 @@ async fn run(cli: Cli) -> Status {
         Command::Verify(args) => commands::verify(args, &mut interrupts).await.map(|done| emit(done, &args.output)),
         Command::Demo(args) => demo::run(args, &mut interrupts).await,
         Command::Map(MapCommand::Show { file }) => map::show(file, &mut interrupts).await,
-        Command::Sim { command: SimCommand::Calibrate(args) } => calibrate::run(args).await,
+        Command::Sim { command: SimCommand::Calibrate(args) } => calibrate::run(args, &mut interrupts).await,
         Command::Sim { command: SimCommand::Validate(args) } => validate::run(args, &mut interrupts).await,
-        Command::Sim { command: SimCommand::Run(args) } => explore::run(args),
-        Command::Sim { command: SimCommand::Sweep(args) } => explore::sweep(args),
+        Command::Sim { command: SimCommand::Run(args) } => explore::run(args, &interrupts),
+        Command::Sim { command: SimCommand::Sweep(args) } => explore::sweep(args, &interrupts),
     };
     result.unwrap_or_else(|error| fail_status(&error))
 }
@@ -104,16 +109,20 @@ fn emit(mut done: Done, output: &OutputArgs, started: std::time::Instant) -> Sta
     if kcopyd_sim::in_virtual_time() {
         done.report.wall_seconds = Some(started.elapsed().as_secs_f64());
     }
+    // Written to stderr if stdout is gone: the data work is done, its report is not lost.
     if output.json {
-        println!("{}", serde_json::to_string(&done.report).expect("a report serializes"));
+        out::report(&format!("{}\n", serde_json::to_string(&done.report).expect("a report serializes")));
     } else if !output.quiet || done.status != Status::Success {
-        print!("{}", report::human(&done.report));
+        out::report(&report::human(&done.report));
     }
     done.status
 }
 
 fn fail_status(error: &CliError) -> Status {
-    eprintln!("kcopyd: {error}");
+    // A closed stdout ends a printing command quietly, as coreutils do.
+    if !matches!(error, CliError::StdoutClosed) {
+        out::error(&format!("kcopyd: {error}"));
+    }
     error.status()
 }
 
@@ -126,11 +135,17 @@ fn fail(error: &CliError) -> ExitCode {
 fn usage_error(error: &clap::Error) -> ExitCode {
     match error.kind() {
         ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            let _ = error.print();
+            // Help on a closed stdout is no failure worth a panic.
+            let text = error.render().to_string();
+            if error.use_stderr() {
+                out::note_text(&text);
+            } else if out::print(&text).is_err() {
+                return ExitCode::from(error::EXIT_STDOUT_CLOSED);
+            }
             ExitCode::from(error.exit_code() as u8)
         }
         _ => {
-            eprintln!("kcopyd: {}", one_line(&error.render().to_string()));
+            out::error(&format!("kcopyd: {}", one_line(&error.render().to_string())));
             Status::Usage.into()
         }
     }

@@ -1,17 +1,26 @@
-//! Progress bars on a terminal, and Ctrl-C.
+//! Progress bars on a terminal, and Ctrl-C (SIGINT) and SIGTERM in every phase.
 //!
 //! ```text
-//!  SIGINT ──► Interrupts::recv ──► JobHandle::cancel() ──► no new sub-job; in-flight I/O ends
-//!  SIGINT again ──────────────────► exit 130 at once
+//!  SIGINT/SIGTERM ──► watcher thread ─┬─ Phase::QuitAtOnce: remove created files, one line, exit
+//!                                     └─ Phase::Graceful: stop flag + Interrupts::recv
+//!                                          ──► JobHandle::cancel() ──► no new sub-job; I/O ends
+//!  a second signal ──► quit_at_once: remove created files, the one-line summary, exit 130/143
 //!  every 100 ms: JobHandle::progress() ──► bar (bytes, throughput, ETA) on stderr, if a terminal
 //! ```
 
 use std::io::{self, IsTerminal};
 use std::time::Duration;
 
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kcopyd_core::{JobHandle, Outcome, SECTOR_SIZE};
-use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+use crate::out;
 
 /// How often the bars are redrawn.
 pub const REFRESH_INTERVAL: Duration = Duration::from_millis(100);
@@ -49,29 +58,234 @@ pub fn multi(visible: bool) -> MultiProgress {
     MultiProgress::with_draw_target(target)
 }
 
-/// SIGINT and SIGTERM, caught from the start of the command so that an early Ctrl-C is not
-/// lost (it cancels the job as soon as one runs).
+/// What a signal does in the phase the command is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Nothing is written yet, or nothing is worth waiting for (opening and checking devices,
+    /// filling simulated disks, a scenario's run, a calibration): the first signal removes
+    /// the files registered with [`CreatedGuard`] and quits at once.
+    QuitAtOnce,
+    /// Work that stops cleanly when asked (a job, a comparison, a sweep): the first signal
+    /// asks ([`Interrupts::recv`], [`Interrupts::stop_flag`]); a second one quits at once.
+    Graceful,
+}
+
+/// What a quit at once says: a closure giving the one-line summary.
+type SummaryFn = Box<dyn Fn() -> String + Send>;
+
+/// The state the signal watcher thread shares with the command.
+struct Shared {
+    /// The exit code of every signal received, in order.
+    codes: Mutex<Vec<u8>>,
+    /// How many signals have been received, for [`Interrupts::recv`].
+    count: watch::Sender<usize>,
+    /// Set by the first signal: for loops that are not async (a sweep's workers).
+    stop: AtomicBool,
+    /// A [`Phase`], as `u8`.
+    phase: AtomicU8,
+    /// Files to remove when quitting at once (created by this command, not kept yet).
+    cleanup: Mutex<Vec<PathBuf>>,
+    /// The one-line summary printed when quitting at once.
+    summary: Mutex<Option<SummaryFn>>,
+}
+
+static SHARED: OnceLock<Shared> = OnceLock::new();
+
+fn shared() -> Option<&'static Shared> {
+    SHARED.get()
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// SIGINT and SIGTERM, caught from the start of the command by a thread of their own, so that
+/// a signal is acted on in every phase, also while the command's thread is busy (opening
+/// devices, a scenario running): see [`Phase`].
 #[derive(Debug)]
 pub struct Interrupts {
-    sigint: Signal,
-    sigterm: Signal,
+    received: watch::Receiver<usize>,
+    /// Signals already returned by [`Interrupts::recv`].
+    consumed: usize,
 }
 
 impl Interrupts {
-    /// Installs the handlers. Call inside the runtime.
+    /// Installs the handlers on a watcher thread and waits until they are in place; the
+    /// command starts in [`Phase::QuitAtOnce`]. Call once.
     ///
     /// # Errors
     /// The handlers cannot be installed.
     pub fn install() -> io::Result<Interrupts> {
-        Ok(Interrupts { sigint: signal(SignalKind::interrupt())?, sigterm: signal(SignalKind::terminate())? })
+        let (count, received) = watch::channel(0);
+        let fresh = Shared {
+            codes: Mutex::new(Vec::new()),
+            count,
+            stop: AtomicBool::new(false),
+            phase: AtomicU8::new(Phase::QuitAtOnce as u8),
+            cleanup: Mutex::new(Vec::new()),
+            summary: Mutex::new(None),
+        };
+        if SHARED.set(fresh).is_err() {
+            return Err(io::Error::other("the signal handlers are installed already"));
+        }
+        let (ready, installed) = std::sync::mpsc::channel();
+        std::thread::Builder::new().name("kcopyd-signals".into()).spawn(move || watch_signals(&ready))?;
+        installed.recv().map_err(|_| io::Error::other("the signal thread stopped"))??;
+        Ok(Interrupts { received, consumed: 0 })
     }
 
-    /// Waits for the next signal and returns the exit code it calls for.
+    /// Waits for the next signal and returns the exit code it calls for (a signal received
+    /// before the call is returned at once).
     pub async fn recv(&mut self) -> u8 {
-        tokio::select! {
-            _ = self.sigint.recv() => EXIT_SIGINT,
-            _ = self.sigterm.recv() => EXIT_SIGTERM,
+        let wanted = self.consumed + 1;
+        if self.received.wait_for(|&count| count >= wanted).await.is_err() {
+            // The watcher thread is gone: no signal will come.
+            std::future::pending::<()>().await;
         }
+        self.consumed = wanted;
+        shared().map_or(EXIT_SIGINT, |shared| lock(&shared.codes)[wanted - 1])
+    }
+
+    /// The exit code of a signal received and not yet returned by [`Interrupts::recv`]
+    /// (marking it returned), if any.
+    pub fn take_pending(&mut self) -> Option<u8> {
+        let count = *self.received.borrow();
+        if count <= self.consumed {
+            return None;
+        }
+        self.consumed += 1;
+        shared().map(|shared| lock(&shared.codes)[self.consumed - 1])
+    }
+
+    /// Set by the first signal: for work that is not async and cannot wait on
+    /// [`Interrupts::recv`] (a sweep's workers between points, a connection's retries).
+    pub fn stop_flag(&self) -> &'static AtomicBool {
+        static NEVER: AtomicBool = AtomicBool::new(false);
+        shared().map_or(&NEVER, |shared| &shared.stop)
+    }
+
+    /// Enters `phase`. Entering [`Phase::QuitAtOnce`] after a signal quits at once.
+    pub fn set_phase(&self, phase: Phase) {
+        if let Some(shared) = shared() {
+            shared.phase.store(phase as u8, Ordering::Release);
+            let first = lock(&shared.codes).first().copied();
+            if let (Phase::QuitAtOnce, Some(code)) = (phase, first) {
+                quit_at_once(code);
+            }
+        }
+    }
+
+    /// Sets the one-line summary printed if the command quits at once (`None`: a plain
+    /// "interrupted" line).
+    pub fn set_summary(&self, summary: Option<SummaryFn>) {
+        if let Some(shared) = shared() {
+            *lock(&shared.summary) = summary;
+        }
+    }
+}
+
+/// The exit code of the first signal received, if any.
+pub fn first_signal() -> Option<u8> {
+    shared().and_then(|shared| lock(&shared.codes).first().copied())
+}
+
+/// The watcher thread: a runtime of its own, so that signals are seen whatever the
+/// command's thread is doing.
+fn watch_signals(ready: &std::sync::mpsc::Sender<io::Result<()>>) {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            let _ = ready.send(Err(error));
+            return;
+        }
+    };
+    runtime.block_on(async {
+        let handlers = signal(SignalKind::interrupt()).and_then(|i| Ok((i, signal(SignalKind::terminate())?)));
+        let (mut sigint, mut sigterm) = match handlers {
+            Ok(handlers) => handlers,
+            Err(error) => {
+                let _ = ready.send(Err(error));
+                return;
+            }
+        };
+        let _ = ready.send(Ok(()));
+        loop {
+            let code = tokio::select! {
+                _ = sigint.recv() => EXIT_SIGINT,
+                _ = sigterm.recv() => EXIT_SIGTERM,
+            };
+            on_signal(code);
+        }
+    });
+}
+
+fn on_signal(code: u8) {
+    let Some(shared) = shared() else { return };
+    let count = {
+        let mut codes = lock(&shared.codes);
+        codes.push(code);
+        codes.len()
+    };
+    shared.stop.store(true, Ordering::Release);
+    shared.count.send_replace(count);
+    if count >= 2 || shared.phase.load(Ordering::Acquire) == Phase::QuitAtOnce as u8 {
+        quit_at_once(code);
+    }
+}
+
+/// Removes the files this command created and has not kept, prints the one-line summary and
+/// exits with `code`, without waiting for anything in flight.
+pub fn quit_at_once(code: u8) -> ! {
+    static QUITTING: Mutex<()> = Mutex::new(());
+    // One thread quits; another that gets here waits for the exit.
+    let _quitting = QUITTING.lock().unwrap_or_else(PoisonError::into_inner);
+    let line = shared().and_then(|shared| lock(&shared.summary).as_ref().map(|summary| summary()));
+    if let Some(shared) = shared() {
+        // Held until the exit: a file being created waits, and is never left behind.
+        let cleanup = lock(&shared.cleanup);
+        for path in cleanup.iter() {
+            let _ = std::fs::remove_file(path);
+        }
+        out::error(&line.unwrap_or_else(|| "kcopyd: interrupted".to_owned()));
+        std::process::exit(i32::from(code));
+    }
+    std::process::exit(i32::from(code));
+}
+
+/// A file the command is creating: registered for removal if the command quits at once, and
+/// held so that a quit waits until the file is there to remove. Drop it once the file exists.
+pub struct CreatedGuard {
+    _held: Option<MutexGuard<'static, Vec<PathBuf>>>,
+}
+
+impl CreatedGuard {
+    /// Registers `path` (to be created next).
+    pub fn creating(path: &Path) -> CreatedGuard {
+        let mut guard = shared().map(|shared| lock(&shared.cleanup));
+        if let Some(paths) = guard.as_mut() {
+            paths.push(path.to_path_buf());
+        }
+        CreatedGuard { _held: guard }
+    }
+}
+
+/// Registers files that exist already, created by this command, for removal if it quits at
+/// once (until [`forget_created`]).
+pub fn remove_on_quit(paths: &[PathBuf]) {
+    if let Some(shared) = shared() {
+        let mut cleanup = lock(&shared.cleanup);
+        for path in paths {
+            if !cleanup.contains(path) {
+                cleanup.push(path.clone());
+            }
+        }
+    }
+}
+
+/// Forgets `paths` for removal at a quit: they are kept, or removed already.
+pub fn forget_created(paths: &[PathBuf]) {
+    if let Some(shared) = shared() {
+        lock(&shared.cleanup).retain(|p| !paths.contains(p));
     }
 }
 
@@ -84,7 +298,7 @@ pub struct Watched {
     pub interrupted: Option<u8>,
 }
 
-/// What [`watch`] drives: bars moved on each tick, and a way to print a line past them.
+/// What [`watch()`] drives: bars moved on each tick, and a way to print a line past them.
 pub trait WatchUi {
     /// The job has done `done_bytes`.
     fn tick(&self, done_bytes: u64);
@@ -98,7 +312,7 @@ impl WatchUi for ProgressBar {
     }
 
     fn note(&self, line: &str) {
-        self.suspend(|| eprintln!("{line}"));
+        self.suspend(|| out::note(line));
     }
 }
 
@@ -119,8 +333,7 @@ pub async fn watch(handle: &JobHandle, ui: &dyn WatchUi, interrupts: &mut Interr
             }
             code = interrupts.recv() => {
                 if interrupted.is_some() {
-                    ui.note("kcopyd: interrupted again: quitting without waiting for the I/O in flight");
-                    std::process::exit(i32::from(code));
+                    quit_at_once(code);
                 }
                 interrupted = Some(code);
                 handle.cancel();

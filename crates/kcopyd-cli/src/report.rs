@@ -45,6 +45,15 @@ pub struct Report {
     /// The engine or a device panicked and the job stopped there (a bug; the message).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub panicked: Option<String>,
+    /// `copy`: a read failed and was retried in smaller reads until every block was read:
+    /// nothing is missing, and the status is not `errors` for it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub read_errors_recovered: bool,
+    /// `copy --map`: bytes the map held as done when this run started (with --retry-failed:
+    /// all but the failed ranges). `bytes` and the rate count this run only; `bytes_copied`
+    /// counts what every target holds now, this run's and the earlier runs' work.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_done_before: Option<u64>,
     /// The source (`copy`, `verify`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<SourceReport>,
@@ -239,16 +248,20 @@ fn verb(command: &str) -> &'static str {
     }
 }
 
-/// The summary for people: a headline, the source's failures, one line per target.
-pub fn human(report: &Report) -> String {
-    let mut out = String::new();
+/// The headline: how much was done, in how long, and how it ended.
+fn headline(out: &mut String, report: &Report) {
     let rate = Bytes(report.throughput_bytes_per_s as u64);
     let done = report.bytes_copied.unwrap_or(report.bytes);
+    // After a map resume, the totals hold earlier runs' work: the rate is this run's, and says so.
+    let rate = match report.bytes_done_before {
+        Some(_) => format!("{} by this run, {rate}/s", Bytes(report.bytes)),
+        None => format!("{rate}/s"),
+    };
     if report.cancelled {
         let percent = if report.bytes_total == 0 { 100.0 } else { done as f64 * 100.0 / report.bytes_total as f64 };
         let _ = writeln!(
             out,
-            "cancelled: {} {} of {} ({percent:.1}%) in {:.2} s ({rate}/s)",
+            "cancelled: {} {} of {} ({percent:.1}%) in {:.2} s ({rate})",
             verb(report.command),
             Bytes(done),
             Bytes(report.bytes_total),
@@ -257,7 +270,7 @@ pub fn human(report: &Report) -> String {
     } else if let Some(not_copied) = report.bytes_not_copied.filter(|&bytes| bytes > 0) {
         let _ = writeln!(
             out,
-            "{} {} of {} in {:.2} s, with errors: {} {}",
+            "{} {} of {} in {:.2} s ({rate}), with errors: {} {}",
             verb(report.command),
             Bytes(done),
             Bytes(report.bytes_total),
@@ -268,7 +281,7 @@ pub fn human(report: &Report) -> String {
     } else {
         let _ = writeln!(
             out,
-            "{} {} in {:.2} s ({rate}/s){}",
+            "{} {} in {:.2} s ({rate}){}",
             verb(report.command),
             Bytes(report.bytes_total),
             report.seconds,
@@ -279,8 +292,21 @@ pub fn human(report: &Report) -> String {
             }
         );
     }
+    if let Some(before) = report.bytes_done_before.filter(|&before| before > 0) {
+        let _ = writeln!(out, "(the map held {} as done before this run)", Bytes(before));
+    }
+}
+
+/// The summary for people: a headline, the source's failures, one line per target.
+pub fn human(report: &Report) -> String {
+    let mut out = String::new();
+    headline(&mut out, report);
     if let Some(wall_seconds) = report.wall_seconds {
         let _ = writeln!(out, "(simulated: {:.3} s of model time, {wall_seconds:.2} s wall)", report.seconds);
+    }
+    if report.read_errors_recovered {
+        let _ =
+            writeln!(out, "read errors recovered: failed reads were retried in smaller reads and every block was read");
     }
     if let Some(message) = &report.panicked {
         let _ = writeln!(out, "internal error: the job stopped after a panic: {message}");
@@ -312,6 +338,10 @@ pub fn human(report: &Report) -> String {
             continue;
         }
         out.push_str(&target.status.replace('_', " "));
+        if let Some(error) = &target.flush_error {
+            // The status says "flush failed" (it comes first): the reason, once.
+            let _ = write!(out, ": {error}");
+        }
         if let Some(write_failed) = target.write_failed_sectors.as_ref().filter(|r| !r.is_empty()) {
             let _ = write!(out, "; write failed at {}", describe_ranges(write_failed));
         }
@@ -319,9 +349,7 @@ pub fn human(report: &Report) -> String {
             let what = if report.command == "zero" { "not zeroed" } else { "not copied" };
             let _ = write!(out, "; {what}: {}", describe_ranges(not_copied));
         }
-        if let Some(error) = &target.flush_error {
-            let _ = write!(out, "; flush failed: {error}");
-        }
+
         if let Some(verify) = &target.verify {
             let _ = write!(out, "; verify: {}", verify_details(verify, block_bytes));
         }
@@ -340,7 +368,18 @@ pub fn human(report: &Report) -> String {
                 Bytes(verify.bytes_verified),
                 verify.seconds,
                 Bytes(verify.throughput_bytes_per_s as u64),
-                if verify.identical { "identical" } else { "differences found" }
+                if verify.identical {
+                    "identical"
+                } else if !report.cancelled
+                    || report
+                        .targets
+                        .iter()
+                        .any(|t| t.verify.as_ref().is_some_and(|v| v.status != "incomplete" && v.status != "identical"))
+                {
+                    "differences found"
+                } else {
+                    "stopped before the end, no differences found so far"
+                }
             );
         }
     }

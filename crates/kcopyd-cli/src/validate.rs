@@ -140,7 +140,8 @@ impl Targets {
         let paths: Vec<PathBuf> = (1..=count)
             .map(|i| if i == 1 { target.to_path_buf() } else { PathBuf::from(format!("{}.{i}", target.display())) })
             .collect();
-        let created = paths.iter().filter(|p| fs::symlink_metadata(p).is_err()).cloned().collect();
+        let created: Vec<PathBuf> = paths.iter().filter(|p| fs::symlink_metadata(p).is_err()).cloned().collect();
+        progress::remove_on_quit(&created);
         Targets { paths, created }
     }
 }
@@ -150,6 +151,7 @@ impl Drop for Targets {
         for path in &self.created {
             let _ = fs::remove_file(path);
         }
+        progress::forget_created(&self.created);
     }
 }
 
@@ -182,7 +184,7 @@ async fn real_copy(
         // A full copy, as the simulated one: the disk model times every sector read.
         sparse: false,
         no_sparse: false,
-        sparse_size_bytes: 0,
+        sparse_size_bytes: None,
         target_is_zero: false,
         map: None,
         map_batch_bytes: 256 * 1024 * 1024,
@@ -198,9 +200,17 @@ async fn real_copy(
         throttle: ThrottleArgs { busy_percent: None, rate_bytes_per_s: None },
         output: OutputArgs { json: false, quiet: true },
     };
-    let done = commands::copy(&copy, interrupts).await?;
+    let done = commands::copy(&copy, interrupts).await;
+    // Between copies (the simulation, the table) a signal quits at once; the files made for
+    // the targets go with it (the copy forgot the ones it created when its job started).
+    progress::remove_on_quit(&targets.created);
+    interrupts.set_summary(Some(Box::new(|| {
+        "kcopyd: interrupted: validation stopped, no table (the target files it created are removed)".to_owned()
+    })));
+    interrupts.set_phase(progress::Phase::QuitAtOnce);
+    let done = done?;
     if done.status != Status::Success {
-        eprint!("{}", crate::report::human(&done.report));
+        crate::out::note_text(&crate::report::human(&done.report));
         return Ok(Err(done.status));
     }
     Ok(Ok(done.report.seconds))
@@ -274,7 +284,7 @@ pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Sta
     let source = OsDevice::open(&args.source, &OpenOptions::default()).map_err(|source| CliError::Open {
         what: "SOURCE",
         text: source_text.clone(),
-        reason: open_reason(&source),
+        reason: open_reason(&source, None),
         source,
     })?;
     let geometry = source.geometry();
@@ -364,9 +374,9 @@ pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Sta
         configs: rows,
     };
     if args.json {
-        println!("{}", serde_json::to_string(&validation).expect("a validation serializes"));
+        crate::out::print(&format!("{}\n", serde_json::to_string(&validation).expect("a validation serializes")))?;
     } else {
-        print!("{}", human(&validation));
+        crate::out::print(&human(&validation))?;
     }
     Ok(Status::Success)
 }

@@ -1889,3 +1889,389 @@ fn a_mapped_copy_with_no_whole_block_keeps_the_target_and_the_map_it_created() {
     assert!(map.exists(), "the map stays");
     assert_eq!(copy_mapped(&source, &target, &map, &["-q"]).code, 0, "and the same command runs again");
 }
+
+// ---- signals in every phase, closed pipes, output files, exact reports ----------------------
+
+/// A running kcopyd whose output is collected by a thread of its own.
+struct Running {
+    pid: u32,
+    done: std::sync::mpsc::Receiver<Output>,
+    started: Instant,
+}
+
+/// Starts kcopyd with `stdout` and `stderr` as given, and waits until it catches SIGINT.
+fn start(args: &[&str], stdout: Stdio, stderr: Stdio) -> Running {
+    let child = Command::new(env!("CARGO_BIN_EXE_kcopyd"))
+        .args(args)
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .expect("kcopyd starts");
+    let pid = child.id();
+    let (send, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = send.send(child.wait_with_output().expect("kcopyd is waited for"));
+    });
+    wait_for_sigint_handler(pid);
+    Running { pid, done, started: Instant::now() }
+}
+
+fn send_signal(pid: u32, signal: &str) {
+    let sent = Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().unwrap();
+    assert!(sent.success(), "kill -{signal} {pid}");
+}
+
+impl Running {
+    /// Its output, if it ends within `limit`; otherwise it is killed and the test fails.
+    fn ends_within(self, limit: Duration, what: &str) -> Ran {
+        match self.done.recv_timeout(limit) {
+            Ok(output) => ran(output),
+            Err(_) => {
+                send_signal(self.pid, "KILL");
+                panic!("{what}: still running {:?} after it was asked to stop", self.started.elapsed());
+            }
+        }
+    }
+}
+
+/// Waits until `path` exists (a command has created its target).
+fn wait_for_file(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{} appears", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A pipe whose reader is already gone: every write to it fails with EPIPE. The reader is
+/// `true`, which exits at once; this process never held the read end.
+fn closed_pipe() -> Stdio {
+    let mut reader = Command::new("true").stdin(Stdio::piped()).spawn().expect("true runs");
+    let writer = reader.stdin.take().expect("a pipe to true");
+    reader.wait().expect("true exits");
+    Stdio::from(writer)
+}
+
+fn output_with(args: &[&str], stdout: Stdio, stderr: Stdio) -> Ran {
+    let output = Command::new(env!("CARGO_BIN_EXE_kcopyd"))
+        .args(args)
+        .stdout(stdout)
+        .stderr(stderr)
+        .output()
+        .expect("kcopyd runs");
+    ran(output)
+}
+
+#[test]
+fn a_closed_stdout_or_stderr_never_panics_and_the_report_is_not_lost() {
+    // copy's report goes to stderr when stdout is gone; its exit status stays its own.
+    let copy = output_with(&["copy", "sim:size=1M,seed=1", "sim:", "--json"], closed_pipe(), Stdio::piped());
+    assert_eq!(copy.code, 0, "{copy:?}");
+    assert!(copy.stderr.contains("\"command\":\"copy\""), "the report on stderr: {copy:?}");
+    let failed = output_with(
+        &["copy", "sim:size=1M,seed=1,bad-read=8-9", "sim:", "--ignore-errors"],
+        closed_pipe(),
+        Stdio::piped(),
+    );
+    assert_eq!(failed.code, 1, "{failed:?}");
+    assert!(failed.stderr.contains("read errors at 8-9"), "{failed:?}");
+    // A command whose job is printing stops quietly at the first failed write: 141.
+    let demo = output_with(&["demo", "--size", "16M", "--quiet"], closed_pipe(), Stdio::piped());
+    assert_eq!(demo.code, 141, "{demo:?}");
+    assert!(demo.stderr.is_empty(), "quietly: {demo:?}");
+    // An error line goes to stdout when stderr is gone.
+    let dir = TempDir::new("cli-closed-pipes");
+    let missing = dir.join("missing.img");
+    let usage = output_with(&["copy", s(&missing), s(&dir.join("t.img"))], Stdio::piped(), closed_pipe());
+    assert_eq!(usage.code, 2, "{usage:?}");
+    assert!(usage.stdout.contains("no such file or device"), "{usage:?}");
+    // Both gone: still no panic, still the command's own status.
+    let both = output_with(&["copy", "sim:size=1M,seed=1", "sim:", "--json"], closed_pipe(), closed_pipe());
+    assert_eq!(both.code, 0, "{both:?}");
+}
+
+#[test]
+fn a_signal_while_devices_are_opened_ends_the_command_at_once_and_removes_what_it_created() {
+    // Filling a dense 1 GiB simulated source takes seconds in a debug build: the signal comes
+    // while the command is opening its devices, before anything is written.
+    let dir = TempDir::new("cli-signal-opening");
+    let target = dir.join("target.img");
+    let running = start(&["copy", "sim:size=1G,seed=1", s(&target), "--json"], Stdio::piped(), Stdio::piped());
+    send_signal(running.pid, "TERM");
+    let ran = running.ends_within(Duration::from_secs(3), "copy while opening");
+    assert_eq!(ran.code, 143, "{ran:?}");
+    assert_eq!(ran.stderr.lines().count(), 1, "one line: {ran:?}");
+    assert!(ran.stderr.contains("interrupted before anything was written"), "{ran:?}");
+    assert!(!target.exists(), "nothing is left behind");
+}
+
+#[test]
+fn a_second_signal_quits_at_once_with_a_one_line_summary() {
+    // Each read takes 4 s: the first signal waits for the reads in flight, the second does not.
+    let dir = TempDir::new("cli-signal-twice");
+    let target = dir.join("target.img");
+    let running = start(
+        &["copy", "sim:size=8M,seed=1,sparse=on,latency=4s", s(&target), "--sub-job-size", "1M", "--json"],
+        Stdio::piped(),
+        Stdio::piped(),
+    );
+    wait_for_file(&target);
+    std::thread::sleep(Duration::from_millis(1000));
+    send_signal(running.pid, "INT");
+    std::thread::sleep(Duration::from_millis(300));
+    send_signal(running.pid, "INT");
+    let ran = running.ends_within(Duration::from_secs(2), "copy after two signals");
+    assert_eq!(ran.code, 130, "{ran:?}");
+    assert!(ran.stderr.contains("quit at once: copy reached 0 B of 8 MiB"), "{ran:?}");
+}
+
+#[test]
+fn an_interrupted_verify_reports_the_differences_it_found() {
+    let dir = TempDir::new("cli-verify-interrupted");
+    let target = dir.join("target.img");
+    assert_eq!(kcopyd(&["copy", "sim:size=16M,seed=1,sparse=on", s(&target), "-q"]).code, 0);
+    let mut bytes = fs::read(&target).unwrap();
+    bytes[100 * 512] ^= 0xff;
+    fs::write(&target, &bytes).unwrap();
+    // 16 MiB at 2 MiB/s: 8 s; interrupted after about two, long after sector 100.
+    let running = start(
+        &["verify", "sim:size=16M,seed=1,sparse=on,bandwidth=2M", s(&target), "--sub-job-size", "64K", "--json"],
+        Stdio::piped(),
+        Stdio::piped(),
+    );
+    std::thread::sleep(Duration::from_millis(2000));
+    send_signal(running.pid, "INT");
+    let ran = running.ends_within(Duration::from_secs(3), "verify");
+    assert_eq!(ran.code, 130, "{ran:?}");
+    let report = json(&ran);
+    assert_eq!(report["status"], "cancelled");
+    let compared = report["bytes"].as_u64().unwrap();
+    assert!(compared > 51200 && compared < 16 << 20, "compared {compared}");
+    let verify = &report["targets"][0]["verify"];
+    assert_eq!(report["targets"][0]["status"], "differs", "{report}");
+    assert_eq!(ranges(&verify["differing_sectors"]), [[100, 101]]);
+    assert_eq!(report["verify"]["identical"], false);
+}
+
+#[test]
+fn a_cancelled_throttled_copy_reports_the_bytes_it_moved() {
+    // At 2 MiB/s, sub-jobs wait for the throttle; a cancel gives them up. They were not moved.
+    let dir = TempDir::new("cli-throttle-cancel");
+    let target = dir.join("target.img");
+    let running = start(
+        &[
+            "copy",
+            "sim:size=64M,seed=1,sparse=on",
+            s(&target),
+            "--throttle-rate",
+            "2M",
+            "--sub-job-size",
+            "256K",
+            "--json",
+        ],
+        Stdio::piped(),
+        Stdio::piped(),
+    );
+    wait_for_file(&target);
+    std::thread::sleep(Duration::from_millis(1500));
+    send_signal(running.pid, "INT");
+    let ran = running.ends_within(Duration::from_secs(3), "throttled copy");
+    assert_eq!(ran.code, 130, "{ran:?}");
+    let report = json(&ran);
+    let (bytes, copied) = (report["bytes"].as_u64().unwrap(), report["bytes_copied"].as_u64().unwrap());
+    assert!(copied > 0, "{report}");
+    assert_eq!(bytes, copied, "one target, no errors: every byte moved is copied");
+    let rate = report["throughput_bytes_per_s"].as_f64().unwrap();
+    assert!(rate < 3.0 * 1024.0 * 1024.0, "the rate is the throttle's, not more: {rate}");
+}
+
+#[test]
+fn calibrate_stops_at_a_signal_and_removes_its_scratch_file() {
+    let dir = TempDir::new("cli-calibrate-signal");
+    let scratch = dir.join("scratch.img");
+    let model = dir.join("model.toml");
+    let running = start(
+        &["sim", "calibrate", s(&scratch), "--size", "64M", "--point-time", "200ms", "--out", s(&model), "-q"],
+        Stdio::piped(),
+        Stdio::piped(),
+    );
+    wait_for_file(&scratch);
+    std::thread::sleep(Duration::from_millis(500));
+    send_signal(running.pid, "INT");
+    let ran = running.ends_within(Duration::from_secs(3), "calibrate");
+    assert_eq!(ran.code, 130, "{ran:?}");
+    assert!(ran.stderr.contains("no model written"), "{ran:?}");
+    assert!(!scratch.exists(), "the scratch file is removed");
+    assert!(!model.exists(), "no model");
+}
+
+#[test]
+fn output_files_are_checked_before_the_work_starts() {
+    let dir = TempDir::new("cli-output-files");
+    let device = dir.file_with("device.img", &pattern(5, 16 * MIB));
+    let before = fs::read(&device).unwrap();
+    let link = dir.join("link.img");
+    fs::hard_link(&device, &link).unwrap();
+    let calibrate = |out: &Path| {
+        let started = Instant::now();
+        let ran = kcopyd(&[
+            "sim",
+            "calibrate",
+            s(&device),
+            "--scratch-length",
+            "16M",
+            "--io-sizes",
+            "64K",
+            "--queue-depths",
+            "1",
+            "--point-time",
+            "10ms",
+            "--rounds",
+            "1",
+            "--out",
+            s(out),
+            "-q",
+        ]);
+        (ran, started.elapsed())
+    };
+    for out in [&device, &link] {
+        let (ran, _) = calibrate(out);
+        assert_usage_error(&ran, &["--out", "is DEVICE"]);
+    }
+    assert!(fs::read(&device).unwrap() == before, "nothing was written");
+    let (ran, _) = calibrate(&dir.join("no-such-folder/model.toml"));
+    assert_usage_error(&ran, &["--out", "does not exist"]);
+    let (ran, _) = calibrate(dir.path());
+    assert_usage_error(&ran, &["--out", "is a directory"]);
+    // A scenario is not run for a picture that cannot be drawn.
+    let scenario = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/nvme-resync.toml");
+    let started = Instant::now();
+    let svg = dir.join("missing/run.svg");
+    let ran = kcopyd(&["sim", "run", s(&scenario), "--svg", s(&svg)]);
+    assert_usage_error(&ran, &["--svg", "does not exist"]);
+    assert!(started.elapsed() < Duration::from_secs(5), "refused before running: {:?}", started.elapsed());
+}
+
+#[test]
+fn small_messages_name_the_real_problem() {
+    let cases: [(&[&str], &[&str]); 9] = [
+        (
+            &["copy", "sim:size=1M,seed=1", "sim:", "--target-is-zero", "--no-sparse"],
+            &["--target-is-zero: needs a sparse copy"],
+        ),
+        (
+            &["copy", "sim:size=1M,seed=1", "sim:", "--no-sparse", "-S", "64K"],
+            &["--sparse-size '65536'", "turns sparse copies off"],
+        ),
+        (&["copy", "sim:size=1M,latency=99999999999999999999", "sim:"], &["is too large"]),
+        (&["copy", "NBD://host/", "sim:"], &["'NBD'", "lower case", "'nbd://'"]),
+        (&["copy", "nbd://host:0/x", "sim:"], &["port 0"]),
+        (
+            &["copy", "sim:size=1M,seed=1,block=4096", "sim:", "--length", "1000"],
+            &["less than one 4096-byte logical block"],
+        ),
+        (
+            &["copy", "sim:size=1M,seed=1,block=4096", "sim:", "--length", "5000"],
+            &["--length 4096 leaves the last 904 bytes out"],
+        ),
+        (&["sim", "calibrate", "/nonexistent-dir/x.img", "--point-time", "0s"], &["--point-time", "must be from"]),
+        // Past the end is the problem, not the alignment of a length no device holds.
+        (&["zero", "sim:size=1M", "--length", "18446744073709551615"], &["too small", "holds 1048576 bytes"]),
+    ];
+    for (args, needles) in cases {
+        let ran = kcopyd(args);
+        assert_usage_error(&ran, needles);
+        assert!(!ran.stderr.contains("''"), "no empty quotes: {ran:?}");
+    }
+    let dir = TempDir::new("cli-small-messages");
+    let scenario = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/nvme-resync.toml");
+    let vary = [
+        "sim",
+        "sweep",
+        s(&scenario),
+        "--vary",
+        "client.subjobs_in_flight=1,2",
+        "--vary",
+        "client.subjobs_in_flight=4",
+    ];
+    assert_usage_error(&kcopyd(&vary), &["--vary", "varied twice"]);
+    drop(dir);
+}
+
+#[test]
+fn a_recovered_read_error_and_a_failed_flush_are_reported_as_they_happened() {
+    let test = "a_recovered_read_error_and_a_failed_flush_are_reported_as_they_happened";
+    if run("strace", &["-V"]).is_err() {
+        skip(test, "strace is missing");
+        return;
+    }
+    let dir = TempDir::new("cli-exact-reports");
+    let source = dir.file_with("source.img", &pattern(31, 4 * MIB));
+    let strace = |inject: &[&str], target: &Path, extra: &[&str]| {
+        let output = Command::new("strace")
+            .args(["-f", "-qq", "-o", "/dev/null"])
+            .args(inject)
+            .args([env!("CARGO_BIN_EXE_kcopyd"), "copy", s(&source), s(target), "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        ran(output)
+    };
+    // The second preadv of the one I/O thread (strace counts per thread) fails once;
+    // narrowing reads every block again: nothing is missing.
+    let recovered = dir.join("recovered.img");
+    let ran = strace(
+        &["-e", "trace=preadv", "-e", "inject=preadv:error=EIO:when=2"],
+        &recovered,
+        &["--ignore-errors", "--subjobs-in-flight", "1"],
+    );
+    if ran.stderr.contains("ptrace") {
+        skip(test, format!("strace cannot trace here: {}", ran.stderr.trim()));
+        return;
+    }
+    assert_eq!(ran.code, 0, "{ran:?}");
+    let report = json(&ran);
+    assert_eq!((report["status"].as_str(), report["read_errors_recovered"].as_bool()), (Some("ok"), Some(true)));
+    assert_eq!(fs::read(&recovered).unwrap(), fs::read(&source).unwrap());
+    // Every flush fails: the target holds nothing for sure, and bytes_copied says so.
+    let unflushed = dir.join("unflushed.img");
+    let ran = strace(
+        &["-e", "trace=fdatasync,fsync", "-e", "inject=fdatasync:error=EIO", "-e", "inject=fsync:error=EIO"],
+        &unflushed,
+        &[],
+    );
+    assert_eq!(ran.code, 1, "{ran:?}");
+    let report = json(&ran);
+    assert_eq!(report["targets"][0]["status"], "flush_failed");
+    assert_eq!((report["bytes_copied"].as_u64(), report["bytes_not_copied"].as_u64()), (Some(0), Some(4 << 20)));
+}
+
+#[test]
+fn a_resumed_map_copy_reports_this_runs_bytes_beside_the_total() {
+    let dir = TempDir::new("cli-map-headline");
+    let (target, map) = (dir.join("target.img"), dir.join("copy.map"));
+    let args =
+        ["copy", "sim:size=16M,seed=1,sparse=on,bandwidth=4M", s(&target), "--map", s(&map), "--map-batch", "1M"];
+    let running = start(&args, Stdio::piped(), Stdio::piped());
+    wait_for_file(&target);
+    std::thread::sleep(Duration::from_millis(1500));
+    send_signal(running.pid, "INT");
+    let first = running.ends_within(Duration::from_secs(3), "the first run");
+    assert_eq!(first.code, 130, "{first:?}");
+    let resumed = kcopyd(&[&args[..], &["--json"]].concat());
+    assert_eq!(resumed.code, 0, "{resumed:?}");
+    let report = json(&resumed);
+    let (bytes, before, copied) = (
+        report["bytes"].as_u64().unwrap(),
+        report["bytes_done_before"].as_u64().unwrap(),
+        report["bytes_copied"].as_u64().unwrap(),
+    );
+    assert!(before > 0 && bytes > 0, "{report}");
+    assert_eq!(bytes + before, copied, "this run's bytes and the earlier runs' add up: {report}");
+    assert_eq!(copied, 16 << 20);
+    let rate = report["throughput_bytes_per_s"].as_f64().unwrap();
+    let seconds = report["seconds"].as_f64().unwrap();
+    assert!((rate * seconds - bytes as f64).abs() < 1.0, "the rate is this run's");
+    let again = kcopyd(&args);
+    assert!(again.stdout.starts_with("copied 16 MiB in") && again.stdout.contains("(0 B by this run"), "{again:?}");
+}

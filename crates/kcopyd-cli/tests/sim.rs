@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -121,4 +122,112 @@ fn bad_scenarios_keys_and_metrics_are_usage_errors() {
         kcopyd(&["sim", "sweep", study.as_str(), "--vary", "client.subjobs_in_flight=1", "--metric", "speed"]);
     assert_eq!(code, 2);
     assert!(err.contains("speed") && err.contains("throughput_mb_per_s"), "lists the metrics: {err}");
+}
+
+/// A running kcopyd: its pid, and its output once it ends (waited for by a thread).
+struct Running {
+    pid: String,
+    done: std::sync::mpsc::Receiver<std::process::Output>,
+}
+
+/// Starts kcopyd with its output piped, and waits until it catches SIGINT.
+fn start(args: &[&str]) -> Running {
+    let child = Command::new(env!("CARGO_BIN_EXE_kcopyd"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kcopyd starts");
+    let pid = child.id().to_string();
+    let (send, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = send.send(child.wait_with_output().unwrap());
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let caught = status
+            .lines()
+            .find_map(|line| line.strip_prefix("SigCgt:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .unwrap_or(0);
+        if caught & 2 != 0 {
+            return Running { pid, done };
+        }
+        assert!(Instant::now() < deadline, "the SIGINT handler never appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Sends SIGINT after `after`, then waits at most `limit` for the command to end: (exit
+/// code, stdout, stderr).
+fn interrupt(running: Running, after: Duration, limit: Duration) -> (i32, String, String) {
+    std::thread::sleep(after);
+    assert!(Command::new("kill").args(["-INT", &running.pid]).status().unwrap().success());
+    let output = running.done.recv_timeout(limit).unwrap_or_else(|_| {
+        let _ = Command::new("kill").args(["-KILL", &running.pid]).status();
+        panic!("still running {limit:?} after SIGINT");
+    });
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn run_ends_at_a_signal_and_leaves_no_picture() {
+    let nvme = scenario("nvme-resync");
+    let dir = std::env::temp_dir().join(format!("kcopyd-sim-run-signal-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("run.svg");
+    let svg_arg = svg.display().to_string();
+    // The whole scenario takes minutes in a debug build.
+    let child = start(&["sim", "run", nvme.as_str(), "--svg", svg_arg.as_str()]);
+    let (code, out, err) = interrupt(child, Duration::from_millis(500), Duration::from_secs(3));
+    assert_eq!(code, 130, "{err}");
+    assert!(out.is_empty() && err.contains("interrupted"), "{out}{err}");
+    assert!(!svg.exists(), "no picture left behind");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn sweep_stops_between_points_at_a_signal_and_prints_the_points_done() {
+    let nvme = scenario("nvme-resync");
+    let args = [
+        &[
+            "sim",
+            "sweep",
+            nvme.as_str(),
+            "--threads",
+            "1",
+            "--vary",
+            "client.subjobs_in_flight=1,2,3,4,5,6,7,8,9,10,11,12",
+        ][..],
+        &SMALL_NVME[..],
+    ]
+    .concat();
+    let child = start(&args);
+    let (code, out, err) = interrupt(child, Duration::from_millis(1500), Duration::from_secs(60));
+    assert_eq!(code, 130, "{err}");
+    assert!(err.contains("points ran; their table follows"), "{err}");
+    let rows: Vec<&str> = out.lines().collect();
+    assert!(rows[0].contains("(sorted)"), "{out}");
+    assert!(rows.len() >= 2 && rows.len() < 13, "the points done, not all 12: {out}");
+}
+
+#[test]
+fn a_closed_stdout_ends_run_quietly_with_141() {
+    let nvme = scenario("nvme-resync");
+    // A pipe whose reader, `true`, is gone before kcopyd writes.
+    let mut reader = Command::new("true").stdin(std::process::Stdio::piped()).spawn().unwrap();
+    let writer = reader.stdin.take().unwrap();
+    reader.wait().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_kcopyd"))
+        .args([&["sim", "run", nvme.as_str()][..], &SMALL_NVME[..]].concat())
+        .stdout(writer)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(141), "{output:?}");
+    assert!(output.stderr.is_empty(), "quietly: {output:?}");
 }

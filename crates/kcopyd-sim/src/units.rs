@@ -131,7 +131,11 @@ pub fn parse_duration_us(text: &str) -> Result<u64, SizeError> {
         "us" | "µs" => 1,
         "ms" => 1_000,
         "s" => 1_000_000,
-        "" => return Err(SizeError::DurationUnit { text: text.trim().to_owned() }),
+        // A number too large for any unit is too large, whatever unit it lacks.
+        "" => {
+            scale(text.trim(), number, 1)?;
+            return Err(SizeError::DurationUnit { text: text.trim().to_owned() });
+        }
         _ => return Err(SizeError::UnknownDurationUnit { text: text.trim().to_owned(), unit: unit.to_owned() }),
     };
     scale(text.trim(), number, multiplier)

@@ -40,7 +40,7 @@ pub use scenario::{
     ForegroundSpec, JOB_COUNT_MAX, JobKind, JobSpec, Scenario, parse_tree,
 };
 pub use series::BUCKETS_MAX;
-pub use sweep::{POINTS_MAX, SweepPoint, Vary, sweep};
+pub use sweep::{POINTS_MAX, SweepPoint, Vary, sweep, sweep_until};
 pub use verify::Verification;
 
 /// Why a scenario could not be read or run. Each names the key, disk or job at fault.
@@ -85,6 +85,14 @@ pub enum ScenarioError {
         what: String,
         /// What is wrong.
         problem: String,
+    },
+    /// A disk whose length in bytes does not fit in 64 bits: no byte offset could address it.
+    #[error("scenario disk '{disk}': len_sectors {len_sectors} is {len_sectors} × 512 bytes, more than 64 bits hold")]
+    DiskTooLarge {
+        /// The disk.
+        disk: String,
+        /// Its length, as given.
+        len_sectors: u64,
     },
     /// A job or the foreground names a disk that is not in `[disks]`.
     #[error("scenario {user}: no disk named '{disk}' in [disks]")]

@@ -316,7 +316,9 @@ impl Scenario {
                     disk.options.len_sectors
                 )));
             }
-            let len_bytes = disk.options.len_sectors.saturating_mul(SECTOR_SIZE as u64);
+            let Some(len_bytes) = disk.options.len_sectors.checked_mul(SECTOR_SIZE as u64) else {
+                return Err(ScenarioError::DiskTooLarge { disk: name.clone(), len_sectors: disk.options.len_sectors });
+            };
             if !disk.options.sparse && len_bytes > DENSE_LEN_BYTES_MAX {
                 return Err(invalid(format!("{len_bytes} bytes is too large for a dense disk: leave sparse = true")));
             }

@@ -9,7 +9,7 @@
 
 use std::path::Path;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use toml::Value;
 
@@ -99,6 +99,23 @@ pub fn sweep(
     threads: usize,
     on_done: &(dyn Fn(&SweepPoint) + Sync),
 ) -> Result<Vec<SweepPoint>, ScenarioError> {
+    sweep_until(tree, base, varies, threads, on_done, &AtomicBool::new(false))
+}
+
+/// [`sweep`], stopping early when `stop` is set: the workers check it between points, so
+/// the points running finish and no new one starts. Returns the points that ran, in the
+/// cross product's order.
+///
+/// # Errors
+/// As [`sweep`].
+pub fn sweep_until(
+    tree: &Value,
+    base: &Path,
+    varies: &[Vary],
+    threads: usize,
+    on_done: &(dyn Fn(&SweepPoint) + Sync),
+    stop: &AtomicBool,
+) -> Result<Vec<SweepPoint>, ScenarioError> {
     let points = points(tree, base, varies)?;
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Result<SweepPoint, ScenarioError>>>> =
@@ -106,7 +123,7 @@ pub fn sweep(
     std::thread::scope(|scope| {
         for _ in 0..threads.clamp(1, points.len().max(1)) {
             scope.spawn(|| {
-                loop {
+                while !stop.load(Ordering::Acquire) {
                     let index = next.fetch_add(1, Ordering::Relaxed);
                     let Some((values, scenario)) = points.get(index) else { break };
                     let result = run(scenario).map(|report| SweepPoint { values: values.clone(), report });
@@ -118,10 +135,5 @@ pub fn sweep(
             });
         }
     });
-    results
-        .into_inner()
-        .expect("no panic while holding the results")
-        .into_iter()
-        .map(|r| r.expect("every point ran"))
-        .collect()
+    results.into_inner().expect("no panic while holding the results").into_iter().flatten().collect()
 }
