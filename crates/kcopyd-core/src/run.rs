@@ -201,6 +201,9 @@ pub(crate) struct JobRun {
     shared: Arc<JobShared>,
     state: RefCell<JobState>,
     turn_changed: Notify,
+    /// Woken when an error stops the job, for sub-jobs waiting on the throttle: they give up
+    /// at once rather than wait for their turn (and be charged to the rate) only to give up.
+    stop_changed: Notify,
     /// The outcome, stored when the last sub-job is done.
     finished: RefCell<Option<Outcome>>,
     /// A sparse copy skipping holes: the source's allocation, known before any sub-job starts.
@@ -210,8 +213,9 @@ pub(crate) struct JobRun {
 impl JobRun {
     pub(crate) fn new(spec: Arc<JobSpec>, pool: PagePool, io: Arc<SubJobIo>, shared: Arc<JobShared>) -> Rc<JobRun> {
         let state = RefCell::new(JobState::new(spec.targets.len()));
-        let (turn_changed, finished, allocation) = (Notify::new(), RefCell::new(None), OnceCell::new());
-        Rc::new(JobRun { spec, pool, io, shared, state, turn_changed, finished, allocation })
+        let (turn_changed, stop_changed) = (Notify::new(), Notify::new());
+        let (finished, allocation) = (RefCell::new(None), OnceCell::new());
+        Rc::new(JobRun { spec, pool, io, shared, state, turn_changed, stop_changed, finished, allocation })
     }
 
     /// A sparse copy that skips holes first asks the source for its allocation: the future
@@ -332,6 +336,7 @@ impl JobRun {
             drop(state);
             // WRITE_SEQ: the panicking sub-job never takes its turn; release those waiting.
             self.turn_changed.notify_waiters();
+            self.stop_changed.notify_waiters();
         }
     }
 
@@ -414,11 +419,31 @@ impl JobRun {
         }
         let began = Instant::now();
         let cancelled = std::pin::pin!(self.shared.cancelled());
-        let admitted = matches!(select(admitted, cancelled).await, Either::Left(_));
+        let stopped = std::pin::pin!(self.stopped_for(subjob));
+        // Waiting ends as soon as the sub-job would be given up anyway: its place in the
+        // throttle's queue is then given up too (nothing charged to the rate), and the job,
+        // and the sub-jobs queued behind it, do not wait for its turn.
+        let admitted = matches!(select(admitted, select(cancelled, stopped)).await, Either::Left(_));
         self.io.stats.waited_for_throttle(self.io.clock.to_model(began.elapsed()));
         // Admitted at the very moment of a cancel (both ready at one wake-up, and `select`
         // looks at the admission first): the cancel still wins, the sub-job was not issued.
+        // The caller checks `stopped_before` likewise.
         admitted && !self.shared.cancel_requested()
+    }
+
+    /// Resolves once an error has stopped the job so that `subjob` is to be given up
+    /// ([`stopped_before`](JobRun::stopped_before)).
+    async fn stopped_for(&self, subjob: &Range<u64>) {
+        loop {
+            let notified = self.stop_changed.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the check, so a stop between the two still wakes it.
+            notified.as_mut().enable();
+            if self.stopped_before(subjob) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Whether an error stopped the job while `subjob`, already taken, waited for the throttle:
@@ -440,6 +465,7 @@ impl JobRun {
                 state.stop_at(subjob.start);
             }
         }
+        self.stop_changed.notify_waiters();
         self.write_subjob(subjob, WriteBuf::default(), RangeSet::new(), RangeSet::new()).await;
     }
 
@@ -487,6 +513,7 @@ impl JobRun {
                 }
                 state.read_failed.insert(subjob.clone());
             }
+            self.stop_changed.notify_waiters();
             // Nothing to write, but under WRITE_SEQ later sub-jobs wait for this one's turn.
             return self.write_subjob(subjob, WriteBuf::default(), RangeSet::new(), RangeSet::new()).await;
         };
@@ -614,6 +641,8 @@ impl JobRun {
                 }
             }
         }
+        drop(state);
+        self.stop_changed.notify_waiters();
     }
 
     /// Zeroes every target with one offloaded request each.
