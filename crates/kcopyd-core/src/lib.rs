@@ -99,6 +99,19 @@ pub const SECTORS_PER_PAGE: u64 = (PAGE_SIZE / SECTOR_SIZE) as u64;
 /// Most targets one job may have (the width of [`TargetMask`]).
 pub const TARGETS_MAX: usize = 128;
 
+/// The bytes in `len_sectors` sectors, as a `u128`: a device may have up to `u64::MAX` sectors,
+/// whose bytes (2⁷³) no `u64` holds. Every sector-to-byte count that a region can reach goes
+/// through this (or through a checked conversion to `usize` for a buffer's length).
+///
+/// ```
+/// # use kcopyd_core::sectors_to_bytes;
+/// assert_eq!(sectors_to_bytes(8), 4096);
+/// assert_eq!(sectors_to_bytes(u64::MAX), u128::from(u64::MAX) * 512);
+/// ```
+pub const fn sectors_to_bytes(len_sectors: u64) -> u128 {
+    len_sectors as u128 * SECTOR_SIZE as u128
+}
+
 const _: () = assert!(PAGE_SIZE % SECTOR_SIZE == 0);
 const _: () = assert!(PAGE_SIZE.is_power_of_two() && SECTOR_SIZE.is_power_of_two());
 const _: () = assert!(TARGETS_MAX <= u128::BITS as usize);

@@ -42,7 +42,7 @@ use crate::job::{JobKind, JobSpec};
 use crate::sparse::{Allocation, SparseSubJob, zero_blocks};
 use crate::{
     Device, Outcome, PAGE_SIZE, PagePool, Pages, RangeSet, ReadBuf, Region, SECTOR_SIZE, TargetMask, TargetReport,
-    TargetZeroes, WriteBuf,
+    TargetZeroes, WriteBuf, sectors_to_bytes,
 };
 
 /// Polls `future` once: `Ready` if it needed no wait (for counting only real waits).
@@ -107,7 +107,8 @@ where
     R: Future<Output = (Option<ReadBuf>, io::Result<()>)>,
 {
     assert!(block_sectors > 0 && sectors.start <= sectors.end);
-    let len_bytes = (sectors.end - sectors.start) as usize * SECTOR_SIZE;
+    let len_bytes =
+        usize::try_from(sectors_to_bytes(sectors.end - sectors.start)).expect("a buffer's length fits a usize");
     assert_eq!(buf.len(), len_bytes, "the buffer holds the range being read");
     let mut unreadable = RangeSet::new();
     let mut pending = vec![sectors.clone()];
@@ -307,7 +308,8 @@ impl JobRun {
         let (len, subjob_sectors) = (self.spec.len_sectors, self.spec.subjob_sectors);
         let subjob = match self.allocation.get() {
             Some(allocation) => allocation.next(start, len, subjob_sectors, self.spec.hole_sectors_max()),
-            None => SparseSubJob { sectors: start..(start + subjob_sectors).min(len), hole: false },
+            // Saturating: a job may end at sector u64::MAX.
+            None => SparseSubJob { sectors: start..start.saturating_add(subjob_sectors).min(len), hole: false },
         };
         let (end, block) = (subjob.sectors.end, self.spec.block_sectors);
         assert!(subjob.sectors.start == start && end > start);
@@ -412,7 +414,9 @@ impl JobRun {
     /// (job-relative) sectors be issued. Only this sub-job's task waits; `false` if the job
     /// was cancelled meanwhile.
     async fn throttle_subjob(&self, subjob: &Range<u64>) -> bool {
-        let len_bytes = (subjob.end - subjob.start) * SECTOR_SIZE as u64;
+        // A sub-job is at most a hole's 1 GiB: its bytes fit a u64.
+        let len_bytes =
+            u64::try_from(sectors_to_bytes(subjob.end - subjob.start)).expect("a sub-job's bytes fit a u64");
         let mut admitted = std::pin::pin!(self.io.throttler.admit_sub_job(len_bytes));
         if poll_once(admitted.as_mut()).await.is_ready() {
             return true;

@@ -162,7 +162,7 @@ impl Allocation {
         let index = ranges.partition_point(|range| range.end <= cursor);
         match ranges.get(index) {
             Some(range) if range.start <= cursor => {
-                SparseSubJob { sectors: cursor..range.end.min(cursor + subjob_sectors), hole: false }
+                SparseSubJob { sectors: cursor..range.end.min(cursor.saturating_add(subjob_sectors)), hole: false }
             }
             next => {
                 let hole_end = next.map_or(len_sectors, |range| range.start);
@@ -270,6 +270,23 @@ mod tests {
         assert_eq!(walk(176), SparseSubJob { sectors: 176..200, hole: false });
         let empty = Allocation::from_device_ranges(&RangeSet::new(), 0, 100, 1);
         assert_eq!(empty.next(0, 100, 8, 1000), SparseSubJob { sectors: 0..100, hole: true });
+    }
+
+    #[test]
+    fn sub_jobs_at_the_end_of_the_address_space_do_not_overflow() {
+        let len = u64::MAX;
+        let mut device = RangeSet::new();
+        device.insert(len - 10..len);
+        let allocation = Allocation::from_device_ranges(&device, 0, len, 1);
+        assert_eq!(
+            allocation.next(len - 30, len, 64, 1 << 21),
+            SparseSubJob { sectors: len - 30..len - 10, hole: true }
+        );
+        assert_eq!(allocation.next(len - 10, len, 64, 1 << 21), SparseSubJob { sectors: len - 10..len, hole: false });
+        assert_eq!(
+            allocation.next(len - 3, len, u64::MAX, 1 << 21),
+            SparseSubJob { sectors: len - 3..len, hole: false }
+        );
     }
 
     #[test]

@@ -75,7 +75,7 @@ impl Probe {
         self.in_flight -= 1;
         let direction = if write { &mut self.writes } else { &mut self.reads };
         direction.requests += 1;
-        direction.bytes += len_bytes;
+        direction.bytes = direction.bytes.saturating_add(len_bytes);
         direction.latency_us_total += now_us - issued_us;
         direction.bytes_series.add(now_us, len_bytes as f64);
     }

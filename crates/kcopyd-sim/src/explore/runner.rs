@@ -20,6 +20,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use kcopyd_core::{
     BlockDevice, Client, Device, Flags, Job, Outcome, PagePool, RangeSet, ReadBuf, Region, SECTOR_SIZE, WriteBuf,
+    sectors_to_bytes,
 };
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -189,7 +190,9 @@ async fn drive_entry(
                 JobKind::Copy => "copy".into(),
                 JobKind::Zero => "zero".into(),
             },
-            bytes: len_sectors * SECTOR_SIZE as u64 * spec.count,
+            // Saturating: a job may cover a disk of up to u64::MAX sectors, many times.
+            bytes: u64::try_from(sectors_to_bytes(len_sectors).saturating_mul(u128::from(spec.count)))
+                .unwrap_or(u64::MAX),
             targets: spec
                 .targets
                 .iter()
@@ -392,7 +395,7 @@ fn assemble(scenario: &Scenario, main: RunData, baseline: Option<RunData>, wall:
             entry.report.clone()
         })
         .collect();
-    let job_bytes: u64 = jobs.iter().map(|j| j.bytes).sum();
+    let job_bytes: u64 = jobs.iter().fold(0, |sum, j| sum.saturating_add(j.bytes));
     let first_submit_s = jobs.iter().map(|j| j.first_submit_s).reduce(f64::min).unwrap_or(0.0);
     let copy_seconds = main.jobs_end_us as f64 / 1e6;
     let span_s = copy_seconds - first_submit_s;
