@@ -311,6 +311,8 @@ impl JobRun {
             // Saturating: a job may end at sector u64::MAX.
             None => SparseSubJob { sectors: start..start.saturating_add(subjob_sectors).min(len), hole: false },
         };
+        // No write of a sub-job may cross a zoned target's zone end.
+        let subjob = SparseSubJob { sectors: start..subjob.sectors.end.min(self.spec.zone_end(start)), ..subjob };
         let (end, block) = (subjob.sectors.end, self.spec.block_sectors);
         assert!(subjob.sectors.start == start && end > start);
         assert!(end - start <= subjob_sectors || subjob.hole, "a sub-job that reads fits its pages");
@@ -658,20 +660,38 @@ impl JobRun {
             self.state.borrow_mut().subjob_given_up = true;
             return;
         }
-        let requests = self.spec.targets.iter().map(|t| self.io.write_zeroes(&t.device, t.start_sector, len));
+        let requests = self.spec.targets.iter().map(|target| self.zero_target_offloaded(target));
         let results = join_all(requests).await;
         let mut state = self.state.borrow_mut();
         state.cursor = len;
         for (index, result) in results.into_iter().enumerate() {
             match result {
                 Ok(()) => state.copied[index].insert(0..len),
-                Err(_) => {
+                Err(failed) => {
                     state.write_err.set(index);
-                    state.write_failed[index].insert(0..len);
+                    // The zones before the failed request were zeroed.
+                    state.copied[index].insert(0..failed.start);
+                    state.write_failed[index].insert(failed);
                 }
             }
         }
         self.shared.add_done(len);
+    }
+
+    /// Zeroes the whole of `target` (offloaded): one request, or one per zone of a zoned
+    /// target, in order (a write may not cross a zone's end). `Err` with the job-relative
+    /// sectors of the request that failed; nothing after it is tried.
+    async fn zero_target_offloaded(&self, target: &Region) -> Result<(), Range<u64>> {
+        let (len, geometry) = (self.spec.len_sectors, target.device.geometry());
+        let mut at = 0;
+        while at < len {
+            let end = geometry.zone_end(target.start_sector + at).map_or(len, |e| (e - target.start_sector).min(len));
+            if self.io.write_zeroes(&target.device, target.start_sector + at, end - at).await.is_err() {
+                return Err(at..end);
+            }
+            at = end;
+        }
+        Ok(())
     }
 
     /// The job's outcome, in device coordinates.

@@ -720,6 +720,7 @@ impl BlockDevice for MemDisk {
         Geometry::new(self.options.len_sectors, self.options.logical_block_size)
             .with_write_zeroes(self.options.write_zeroes)
             .with_zoned(self.options.zoned)
+            .with_zone_sectors(if self.options.zoned { self.options.zone_sectors } else { 0 })
     }
 
     fn read(&self, offset_sectors: u64, mut buf: ReadBuf) -> IoFuture<'_, (ReadBuf, io::Result<()>)> {
