@@ -165,23 +165,30 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// are holes that read as zeroes. Used by sparse copies
     /// ([`Sparse::skip_holes`](crate::Sparse::skip_holes)) to read only what is allocated.
     ///
-    /// May over-report (say a hole is data) but never under-report. The default reports
-    /// everything allocated: a device that cannot tell loses nothing but speed.
-    fn allocated(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<RangeSet>> {
-        let end = offset_sectors.saturating_add(len_sectors);
-        Box::pin(std::future::ready(Ok(RangeSet::from_range(offset_sectors..end))))
-    }
+    /// May over-report (say a hole is data) but never under-report. A device that cannot tell
+    /// returns [`all_allocated`]: it loses nothing but speed.
+    fn allocated(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<RangeSet>>;
 
     /// Whether [`deallocate`](BlockDevice::deallocate) releases storage (punches a hole)
-    /// rather than writing zeroes. Default `false`.
-    fn deallocates(&self) -> bool {
-        false
-    }
+    /// rather than writing zeroes. A device that cannot returns `false`.
+    fn deallocates(&self) -> bool;
 
     /// Makes `len_sectors` at `offset_sectors` read as zeroes and releases their storage where
-    /// the device can (a file punches a hole). The default is
-    /// [`write_zeroes`](BlockDevice::write_zeroes): the range reads as zeroes either way.
-    fn deallocate(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
-        self.write_zeroes(offset_sectors, len_sectors)
-    }
+    /// the device can (a file punches a hole). A device that cannot release storage calls its
+    /// own [`write_zeroes`](BlockDevice::write_zeroes): the range reads as zeroes either way.
+    fn deallocate(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>>;
+}
+
+/// What a device that cannot tell its allocation answers to
+/// [`BlockDevice::allocated`]: every sector of the range holds data (saturating at `u64::MAX`).
+///
+/// ```
+/// # use std::task::{Context, Poll, Waker};
+/// let mut answer = kcopyd_core::all_allocated(u64::MAX - 2, 10);
+/// let Poll::Ready(Ok(set)) = answer.as_mut().poll(&mut Context::from_waker(Waker::noop())) else { panic!() };
+/// assert_eq!(set.ranges(), &[u64::MAX - 2..u64::MAX]);
+/// ```
+pub fn all_allocated(offset_sectors: u64, len_sectors: u64) -> IoFuture<'static, io::Result<RangeSet>> {
+    let end = offset_sectors.saturating_add(len_sectors);
+    Box::pin(std::future::ready(Ok(RangeSet::from_range(offset_sectors..end))))
 }

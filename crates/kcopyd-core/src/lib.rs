@@ -57,6 +57,7 @@ mod client;
 mod config;
 mod device;
 mod error;
+mod forward;
 mod handle;
 mod io;
 mod job;
@@ -76,8 +77,9 @@ pub use config::{
     ClientConfig, PAGE_BUDGET_DEFAULT, SUB_JOB_SIZE_DEFAULT_BYTES, SUB_JOB_SIZE_MAX, SUBJOBS_IN_FLIGHT_DEFAULT,
     SUBJOBS_IN_FLIGHT_MAX,
 };
-pub use device::{BlockDevice, Device, DeviceId, Geometry, IntoDevice, IoFuture};
+pub use device::{BlockDevice, Device, DeviceId, Geometry, IntoDevice, IoFuture, all_allocated};
 pub use error::{ConfigError, ShiftError, ShutdownError, SubmitError};
+pub use forward::{Forward, Hooks};
 pub use handle::{JobHandle, Progress};
 pub use job::Job;
 pub use outcome::{Outcome, TargetMask, TargetReport};

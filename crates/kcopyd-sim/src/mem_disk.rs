@@ -792,6 +792,11 @@ impl BlockDevice for MemDisk {
         self.options.sparse
     }
 
+    /// A write-zeroes: on a sparse disk it drops the extents, which is the deallocation.
+    fn deallocate(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
+        self.write_zeroes(offset_sectors, len_sectors)
+    }
+
     fn flush(&self) -> IoFuture<'_, io::Result<()>> {
         Box::pin(async move {
             let mut state = self.lock();

@@ -26,7 +26,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::ScenarioError;
-use super::probe::{Observed, model_us_since};
+use super::probe::{Observed, model_us_since, observed};
 use super::report::{DiskReport, ForegroundReport, IoSizeCount, JobReport, Latencies, Report, Sample, TargetOutcome};
 use super::scenario::{Access, Content, JobKind, Scenario};
 use super::series::Series;
@@ -119,7 +119,7 @@ fn simulate(scenario: &Scenario, with_jobs: bool, foreground_us: Option<u64>) ->
                 if spec.content == Content::Pattern {
                     disk.fill_pattern(disk.options().seed);
                 }
-                (name.clone(), Arc::new(Observed::new(disk.clone(), origin)), disk)
+                (name.clone(), Arc::new(observed(disk.clone(), origin)), disk)
             })
             .collect();
         let by_name: BTreeMap<&str, (Arc<Observed>, Arc<MemDisk>)> =
@@ -159,7 +159,7 @@ fn simulate(scenario: &Scenario, with_jobs: bool, foreground_us: Option<u64>) ->
             entry.report.verification = verify_entry(scenario, index, &by_disk, &entry.holes);
         }
         for (_, observed, _) in &disks {
-            observed.probe().finish(jobs_end_us.max(1));
+            observed.hooks().probe().finish(jobs_end_us.max(1));
         }
         let pages_in_use_max = client.pool_stats().pages_in_use_max;
         RunData { entries, jobs_end_us, end_us, disks, foreground, pages_in_use_max }
@@ -403,7 +403,7 @@ fn assemble(scenario: &Scenario, main: RunData, baseline: Option<RunData>, wall:
     let all_ok = jobs.iter().all(|j| j.ok == j.jobs && j.verification.mismatched_sectors == 0);
 
     // One bucket width for every series: the widest any of them reached.
-    let mut probes: Vec<_> = main.disks.iter().map(|(_, observed, _)| observed.probe().clone()).collect();
+    let mut probes: Vec<_> = main.disks.iter().map(|(_, observed, _)| observed.hooks().probe().clone()).collect();
     let mut foreground = main.foreground;
     let mut alone = baseline.and_then(|b| b.foreground);
     let mut width_us = 1;
