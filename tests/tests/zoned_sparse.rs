@@ -167,3 +167,22 @@ fn a_zone_that_is_not_whole_blocks_of_the_job_is_refused_before_any_io() {
     assert_eq!(target.stats().writes, 0);
     client.shutdown_blocking();
 }
+
+#[test]
+fn an_offloaded_zero_of_several_zones_sends_one_request_per_zone() {
+    for write_zeroes in [true, false] {
+        let target = zoned("target", 512, 64, 512, write_zeroes);
+        let client = Client::new(ClientConfig::default()).unwrap();
+        // Zones 1 to 3 and half of zone 4.
+        let outcome = client
+            .submit_blocking(Job::zero(vec![Region::new(target.clone(), 64, 224)], Flags::empty()))
+            .unwrap()
+            .wait();
+        client.shutdown_blocking();
+        assert!(outcome.is_ok(), "offload {write_zeroes}: {outcome:?}; faults {:?}", target.fault_log());
+        assert_eq!(target.write_pointer(64 * 4), Some(64 * 4 + 32), "offload {write_zeroes}");
+        if write_zeroes {
+            assert_eq!(target.stats().write_zeroes, 4, "one request per zone");
+        }
+    }
+}
