@@ -32,7 +32,7 @@ struct ZonedCase {
     allocated: Vec<(u64, u64)>,
     skip_holes: bool,
     zero_block: bool,
-    deallocate: bool,
+    target_zeroes: TargetZeroes,
     write_zeroes: bool,
     /// Where the job starts on the source, and in which zone of the target (in blocks).
     source_start_blocks: u64,
@@ -44,14 +44,19 @@ fn arb_case() -> impl Strategy<Value = ZonedCase> {
     (
         (1u64..40, prop_oneof![Just(512u32), Just(4096u32)], 1u64..48),
         proptest::collection::vec((0u64..300, 1u64..60), 0..6),
-        (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
+        (
+            any::<bool>(),
+            any::<bool>(),
+            prop_oneof![Just(TargetZeroes::Write), Just(TargetZeroes::Deallocate), Just(TargetZeroes::Skip)],
+            any::<bool>(),
+        ),
         (0u64..50, 0u64..3, 1u64..300),
     )
         .prop_map(
             |(
                 (zone_blocks, block, sub_job_blocks),
                 allocated,
-                (skip_holes, zero_block, deallocate, write_zeroes),
+                (skip_holes, zero_block, target_zeroes, write_zeroes),
                 (source_start_blocks, target_zone, len_blocks),
             )| ZonedCase {
                 zone_blocks,
@@ -60,7 +65,7 @@ fn arb_case() -> impl Strategy<Value = ZonedCase> {
                 allocated,
                 skip_holes,
                 zero_block,
-                deallocate,
+                target_zeroes,
                 write_zeroes,
                 source_start_blocks,
                 target_zone,
@@ -91,7 +96,7 @@ fn check(case: &ZonedCase) -> Result<(), TestCaseError> {
     let sparse = Sparse {
         skip_holes: case.skip_holes,
         zero_block_bytes: if case.zero_block { case.block } else { 0 },
-        target_zeroes: if case.deallocate { TargetZeroes::Deallocate } else { TargetZeroes::Write },
+        target_zeroes: case.target_zeroes,
     };
     let config = ClientConfig {
         page_budget: 64,
@@ -133,7 +138,7 @@ fn a_hole_from_an_allocation_boundary_stops_at_the_zone_end() {
         allocated: vec![(0, 40)],
         skip_holes: true,
         zero_block: false,
-        deallocate: false,
+        target_zeroes: TargetZeroes::Write,
         write_zeroes: true,
         source_start_blocks: 0,
         target_zone: 1,
@@ -185,4 +190,22 @@ fn an_offloaded_zero_of_several_zones_sends_one_request_per_zone() {
             assert_eq!(target.stats().write_zeroes, 4, "one request per zone");
         }
     }
+}
+
+#[test]
+fn skipping_zeroes_on_a_zoned_target_writes_them_all_the_same() {
+    let case = ZonedCase {
+        zone_blocks: 64,
+        block: 512,
+        sub_job_blocks: 16,
+        allocated: vec![(0, 40), (100, 8)],
+        skip_holes: true,
+        zero_block: true,
+        target_zeroes: TargetZeroes::Skip,
+        write_zeroes: false,
+        source_start_blocks: 0,
+        target_zone: 0,
+        len_blocks: 256,
+    };
+    check(&case).unwrap();
 }

@@ -606,13 +606,15 @@ impl JobRun {
     async fn write_targets(&self, subjob: &Range<u64>, data: &WriteBuf, readable: &RangeSet, zeroes: &RangeSet) {
         let sparse = self.spec.sparse();
         let writes = self.spec.targets.iter().map(|target| {
-            let cheap = sparse.zeroes_are_cheap(&target.device.geometry(), target.device.deallocates());
+            let geometry = target.device.geometry();
+            let cheap = sparse.zeroes_are_cheap(&geometry, target.device.deallocates());
             let pieces = pieces_in_order(readable, if cheap { zeroes } else { &EMPTY });
             async move {
                 for (piece, zero) in pieces {
                     let at = target.start_sector + piece.start;
                     let result = match (zero, sparse.target_zeroes) {
-                        (true, TargetZeroes::Skip) => Ok(()),
+                        // A zoned target cannot skip: its write pointer must move on.
+                        (true, TargetZeroes::Skip) if !geometry.zoned => Ok(()),
                         (true, TargetZeroes::Deallocate) if target.device.deallocates() => {
                             self.io.deallocate(&target.device, at, piece.end - piece.start).await
                         }

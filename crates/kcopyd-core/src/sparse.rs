@@ -38,7 +38,9 @@ pub enum TargetZeroes {
     /// [`BlockDevice::deallocate`]: crate::BlockDevice::deallocate
     Deallocate,
     /// Write nothing: the caller knows every target already reads as zeroes (a new file, a
-    /// fresh thin volume). Wrong if it does not.
+    /// fresh thin volume). Wrong if it does not. A zoned target is written as with `Write`
+    /// all the same: a skipped range would leave its write pointer behind, and every later
+    /// write of the zone would fail.
     Skip,
 }
 
@@ -91,7 +93,8 @@ impl Sparse {
     /// blocks found in read data are written as zeroes instead of as the data.
     pub(crate) fn zeroes_are_cheap(&self, geometry: &Geometry, deallocates: bool) -> bool {
         match self.target_zeroes {
-            TargetZeroes::Skip => true,
+            // A zoned target is written all the same (see `TargetZeroes::Skip`).
+            TargetZeroes::Skip => !geometry.zoned || geometry.write_zeroes,
             TargetZeroes::Deallocate => deallocates || geometry.write_zeroes,
             TargetZeroes::Write => geometry.write_zeroes,
         }
