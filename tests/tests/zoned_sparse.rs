@@ -209,3 +209,23 @@ fn skipping_zeroes_on_a_zoned_target_writes_them_all_the_same() {
     };
     check(&case).unwrap();
 }
+
+#[test]
+fn a_plain_copy_with_sub_jobs_larger_than_a_zone_is_cut_per_zone() {
+    // The smallest case the property found before sub-jobs were cut: one-block zones,
+    // two-block sub-jobs, no sparseness at all.
+    let case = ZonedCase {
+        zone_blocks: 1,
+        block: 512,
+        sub_job_blocks: 2,
+        allocated: vec![],
+        skip_holes: false,
+        zero_block: false,
+        target_zeroes: TargetZeroes::Write,
+        write_zeroes: false,
+        source_start_blocks: 0,
+        target_zone: 0,
+        len_blocks: 2,
+    };
+    check(&case).unwrap();
+}
