@@ -2,7 +2,7 @@
 //! and when it completed, on one sequence shared with the harness's own marks (cancels).
 //!
 //! ```text
-//!  engine ──read/write──► Watched(disk) ──► MemDisk
+//!  engine ──read/write──► Forward<Watched>(disk) ──► MemDisk
 //!                            │  issue: push an IoRecord { issued: seq }
 //!                            │  done:  set done: seq, ok
 //!                            ▼
@@ -17,7 +17,7 @@ use std::io;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use kcopyd_core::{BlockDevice, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf};
+use kcopyd_core::{BlockDevice, Forward, Hooks, IoFuture, ReadBuf, SECTOR_SIZE, WriteBuf};
 use kcopyd_sim::MemDisk;
 
 /// Which disk of a scenario.
@@ -162,90 +162,81 @@ impl IoLog {
     }
 }
 
-/// A simulated disk whose every request is logged in an [`IoLog`]; the rest is the disk's.
+/// The hooks of a simulated disk whose every request is logged in an [`IoLog`]: reads, writes,
+/// write-zeroes and deallocations (logged as write-zeroes: the range reads as zeroes afterwards
+/// either way). Everything else — allocation queries, flushes — is the disk's own, through
+/// [`Forward`].
 #[derive(Debug)]
 pub struct Watched {
-    disk: Arc<MemDisk>,
     which: DiskRef,
     log: IoLog,
 }
 
 impl Watched {
     /// `disk`, known as `which`, logging into `log`.
-    pub fn new(disk: Arc<MemDisk>, which: DiskRef, log: IoLog) -> Watched {
-        Watched { disk, which, log }
+    pub fn new(disk: Arc<MemDisk>, which: DiskRef, log: IoLog) -> Forward<Watched> {
+        Forward::new(disk, Watched { which, log })
     }
 
     fn sectors(offset_sectors: u64, len_bytes: usize) -> Range<u64> {
         offset_sectors..offset_sectors.saturating_add(len_bytes.div_ceil(SECTOR_SIZE) as u64)
     }
+
+    /// Logs `request` of `kind` on `sectors` from its issue (now) to its completion.
+    fn logged<'a, T: Send + 'a>(
+        &'a self,
+        kind: IoKind,
+        sectors: Range<u64>,
+        request: IoFuture<'a, T>,
+        ok: fn(&T) -> bool,
+    ) -> IoFuture<'a, T> {
+        let index = self.log.issue(self.which, kind, sectors);
+        Box::pin(async move {
+            let done = request.await;
+            self.log.done(index, ok(&done));
+            done
+        })
+    }
 }
 
-impl BlockDevice for Watched {
-    fn name(&self) -> &str {
-        self.disk.name()
+impl Hooks for Watched {
+    fn read<'a>(
+        &'a self,
+        inner: &'a dyn BlockDevice,
+        offset_sectors: u64,
+        buf: ReadBuf,
+    ) -> IoFuture<'a, (ReadBuf, io::Result<()>)> {
+        let sectors = Watched::sectors(offset_sectors, buf.len());
+        self.logged(IoKind::Read, sectors, inner.read(offset_sectors, buf), |(_, result)| result.is_ok())
     }
 
-    fn id(&self) -> DeviceId {
-        self.disk.id()
+    fn write<'a>(
+        &'a self,
+        inner: &'a dyn BlockDevice,
+        offset_sectors: u64,
+        buf: WriteBuf,
+    ) -> IoFuture<'a, io::Result<()>> {
+        let sectors = Watched::sectors(offset_sectors, buf.len());
+        self.logged(IoKind::Write, sectors, inner.write(offset_sectors, buf), io::Result::is_ok)
     }
 
-    fn geometry(&self) -> Geometry {
-        self.disk.geometry()
-    }
-
-    fn read(&self, offset_sectors: u64, buf: ReadBuf) -> IoFuture<'_, (ReadBuf, io::Result<()>)> {
-        let index = self.log.issue(self.which, IoKind::Read, Watched::sectors(offset_sectors, buf.len()));
-        let inner = self.disk.read(offset_sectors, buf);
-        Box::pin(async move {
-            let (buf, result) = inner.await;
-            self.log.done(index, result.is_ok());
-            (buf, result)
-        })
-    }
-
-    fn write(&self, offset_sectors: u64, buf: WriteBuf) -> IoFuture<'_, io::Result<()>> {
-        let index = self.log.issue(self.which, IoKind::Write, Watched::sectors(offset_sectors, buf.len()));
-        let inner = self.disk.write(offset_sectors, buf);
-        Box::pin(async move {
-            let result = inner.await;
-            self.log.done(index, result.is_ok());
-            result
-        })
-    }
-
-    fn write_zeroes(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
+    fn write_zeroes<'a>(
+        &'a self,
+        inner: &'a dyn BlockDevice,
+        offset_sectors: u64,
+        len_sectors: u64,
+    ) -> IoFuture<'a, io::Result<()>> {
         let sectors = offset_sectors..offset_sectors.saturating_add(len_sectors);
-        let index = self.log.issue(self.which, IoKind::WriteZeroes, sectors);
-        let inner = self.disk.write_zeroes(offset_sectors, len_sectors);
-        Box::pin(async move {
-            let result = inner.await;
-            self.log.done(index, result.is_ok());
-            result
-        })
+        self.logged(IoKind::WriteZeroes, sectors, inner.write_zeroes(offset_sectors, len_sectors), io::Result::is_ok)
     }
 
-    fn allocated(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<RangeSet>> {
-        self.disk.allocated(offset_sectors, len_sectors)
-    }
-
-    fn deallocates(&self) -> bool {
-        self.disk.deallocates()
-    }
-
-    /// Logged as a write-zeroes: the range reads as zeroes afterwards either way.
-    fn deallocate(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
+    fn deallocate<'a>(
+        &'a self,
+        inner: &'a dyn BlockDevice,
+        offset_sectors: u64,
+        len_sectors: u64,
+    ) -> IoFuture<'a, io::Result<()>> {
         let sectors = offset_sectors..offset_sectors.saturating_add(len_sectors);
-        let index = self.log.issue(self.which, IoKind::WriteZeroes, sectors);
-        let inner = self.disk.deallocate(offset_sectors, len_sectors);
-        Box::pin(async move {
-            let result = inner.await;
-            self.log.done(index, result.is_ok());
-            result
-        })
-    }
-
-    fn flush(&self) -> IoFuture<'_, io::Result<()>> {
-        self.disk.flush()
+        self.logged(IoKind::WriteZeroes, sectors, inner.deallocate(offset_sectors, len_sectors), io::Result::is_ok)
     }
 }

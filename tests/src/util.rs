@@ -3,7 +3,7 @@
 use std::io;
 use std::sync::Arc;
 
-use kcopyd_core::{BlockDevice, DeviceId, Geometry, IoFuture, ReadBuf, Region, SECTOR_SIZE, WriteBuf};
+use kcopyd_core::{BlockDevice, Forward, Hooks, IoFuture, ReadBuf, Region, SECTOR_SIZE, WriteBuf};
 use kcopyd_sim::MemDisk;
 
 /// A zero-filled in-memory disk.
@@ -80,9 +80,17 @@ impl Default for Gate {
 /// An in-memory disk that runs `on_read` when a read is called and `on_write` when a write is
 /// called, before passing the I/O on: for recording the order of I/Os, or for a device that
 /// panics as a buggy implementation would. Its reads or writes can also be held at a
-/// [`Gate`], as a stuck device's.
+/// [`Gate`], as a stuck device's. A builder: [`device`](HookedDisk::device) or
+/// [`region`](HookedDisk::region) makes the device, a [`Forward`] whose other methods are the
+/// disk's own.
+#[derive(Debug)]
 pub struct HookedDisk {
     inner: Arc<MemDisk>,
+    hooks: DiskHooks,
+}
+
+/// The hooks of a [`HookedDisk`].
+pub struct DiskHooks {
     on_read: Hook,
     on_write: Hook,
     read_gate: Option<Arc<Gate>>,
@@ -92,87 +100,95 @@ pub struct HookedDisk {
 impl HookedDisk {
     /// `inner` with no hooks yet.
     pub fn new(inner: Arc<MemDisk>) -> HookedDisk {
-        HookedDisk {
-            inner,
+        let hooks = DiskHooks {
             on_read: Box::new(|_, _| {}),
             on_write: Box::new(|_, _| {}),
             read_gate: None,
             write_gate: None,
-        }
+        };
+        HookedDisk { inner, hooks }
     }
 
     /// Holds every read at `gate` (the buffer stays with the disk) until it opens.
-    pub fn hold_reads(self, gate: Arc<Gate>) -> HookedDisk {
-        HookedDisk { read_gate: Some(gate), ..self }
+    pub fn hold_reads(mut self, gate: Arc<Gate>) -> HookedDisk {
+        self.hooks.read_gate = Some(gate);
+        self
     }
 
     /// Holds every write at `gate` until it opens.
-    pub fn hold_writes(self, gate: Arc<Gate>) -> HookedDisk {
-        HookedDisk { write_gate: Some(gate), ..self }
+    pub fn hold_writes(mut self, gate: Arc<Gate>) -> HookedDisk {
+        self.hooks.write_gate = Some(gate);
+        self
     }
 
     /// Runs `hook` on every read.
-    pub fn on_read(self, hook: impl Fn(u64, usize) + Send + Sync + 'static) -> HookedDisk {
-        HookedDisk { on_read: Box::new(hook), ..self }
+    pub fn on_read(mut self, hook: impl Fn(u64, usize) + Send + Sync + 'static) -> HookedDisk {
+        self.hooks.on_read = Box::new(hook);
+        self
     }
 
     /// Runs `hook` on every write.
-    pub fn on_write(self, hook: impl Fn(u64, usize) + Send + Sync + 'static) -> HookedDisk {
-        HookedDisk { on_write: Box::new(hook), ..self }
+    pub fn on_write(mut self, hook: impl Fn(u64, usize) + Send + Sync + 'static) -> HookedDisk {
+        self.hooks.on_write = Box::new(hook);
+        self
     }
 
-    /// A region of this disk.
+    /// The device.
+    pub fn device(self) -> Arc<Forward<DiskHooks>> {
+        Arc::new(Forward::new(self.inner, self.hooks))
+    }
+
+    /// A region of the device.
     pub fn region(self, start_sector: u64, len_sectors: u64) -> Region {
-        Region::new(Arc::new(self), start_sector, len_sectors)
+        Region::new(self.device(), start_sector, len_sectors)
     }
 }
 
-impl std::fmt::Debug for HookedDisk {
+impl std::fmt::Debug for DiskHooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HookedDisk").field("inner", &self.inner).finish_non_exhaustive()
+        f.debug_struct("DiskHooks")
+            .field("read_gate", &self.read_gate)
+            .field("write_gate", &self.write_gate)
+            .finish_non_exhaustive()
     }
 }
 
-impl BlockDevice for HookedDisk {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-    fn id(&self) -> DeviceId {
-        self.inner.id()
-    }
-    fn geometry(&self) -> Geometry {
-        self.inner.geometry()
-    }
-    fn read(&self, offset_sectors: u64, buf: ReadBuf) -> IoFuture<'_, (ReadBuf, io::Result<()>)> {
+impl Hooks for DiskHooks {
+    fn read<'a>(
+        &'a self,
+        inner: &'a dyn BlockDevice,
+        offset_sectors: u64,
+        buf: ReadBuf,
+    ) -> IoFuture<'a, (ReadBuf, io::Result<()>)> {
         (self.on_read)(offset_sectors, buf.len());
         match &self.read_gate {
-            None => self.inner.read(offset_sectors, buf),
+            None => inner.read(offset_sectors, buf),
             Some(gate) => {
                 let pass = gate.pass();
                 Box::pin(async move {
                     pass.await;
-                    self.inner.read(offset_sectors, buf).await
+                    inner.read(offset_sectors, buf).await
                 })
             }
         }
     }
-    fn write(&self, offset_sectors: u64, buf: WriteBuf) -> IoFuture<'_, io::Result<()>> {
+
+    fn write<'a>(
+        &'a self,
+        inner: &'a dyn BlockDevice,
+        offset_sectors: u64,
+        buf: WriteBuf,
+    ) -> IoFuture<'a, io::Result<()>> {
         (self.on_write)(offset_sectors, buf.len());
         match &self.write_gate {
-            None => self.inner.write(offset_sectors, buf),
+            None => inner.write(offset_sectors, buf),
             Some(gate) => {
                 let pass = gate.pass();
                 Box::pin(async move {
                     pass.await;
-                    self.inner.write(offset_sectors, buf).await
+                    inner.write(offset_sectors, buf).await
                 })
             }
         }
-    }
-    fn write_zeroes(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
-        self.inner.write_zeroes(offset_sectors, len_sectors)
-    }
-    fn flush(&self) -> IoFuture<'_, io::Result<()>> {
-        self.inner.flush()
     }
 }

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kcopyd_core::{
-    BlockDevice, Client, ClientConfig, ConfigError, DeviceId, Flags, Geometry, IoFuture, Job, Outcome, ReadBuf, Region,
-    SECTOR_SIZE, SubmitError, TargetMask, WriteBuf,
+    BlockDevice, Client, ClientConfig, ConfigError, DeviceId, Flags, Geometry, IoFuture, Job, Outcome, RangeSet,
+    ReadBuf, Region, SECTOR_SIZE, SubmitError, TargetMask, WriteBuf,
 };
 
 /// The embedder's own device: bytes in a vector behind a mutex, 4 KiB logical blocks, every
@@ -119,6 +119,16 @@ impl BlockDevice for VecDisk {
     }
     fn flush(&self) -> IoFuture<'_, io::Result<()>> {
         Box::pin(async { Ok(()) })
+    }
+    // Every sector holds data, and nothing is released: the dense device's answers.
+    fn allocated(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<RangeSet>> {
+        kcopyd_core::all_allocated(offset_sectors, len_sectors)
+    }
+    fn deallocates(&self) -> bool {
+        false
+    }
+    fn deallocate(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
+        self.write_zeroes(offset_sectors, len_sectors)
     }
 }
 

@@ -8,9 +8,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use kcopyd_core::{
-    BlockDevice, ClientConfig, Device, DeviceId, Flags, Geometry, IoFuture, Job, ReadBuf, Region, WriteBuf,
-};
+use kcopyd_core::{BlockDevice, ClientConfig, Device, Flags, Forward, Hooks, IoFuture, Job, Region, WriteBuf};
 use kcopyd_sim::{FaultKind, FaultPlan, IoModel, Latency, MemDisk, MemDiskOptions, Misdirect, Provenance, Simulation};
 
 /// The source's pattern seed.
@@ -106,48 +104,28 @@ fn a_misdirected_write_is_caught_as_in_whole_sector_mode() {
     assert_eq!(found[0], found[1], "both modes find the same wrong sectors");
 }
 
-/// A device that reports success for its `skip`-th write without passing it on: a lost
-/// write that no fault log records.
+/// The hooks of a device that reports success for its `skip`-th write without passing it on:
+/// a lost write that no fault log records.
 #[derive(Debug)]
 struct SkipOneWrite {
-    inner: Arc<MemDisk>,
     skip: u64,
     writes: AtomicU64,
     skipped: Mutex<Option<Range<u64>>>,
 }
 
-impl BlockDevice for SkipOneWrite {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-
-    fn id(&self) -> DeviceId {
-        self.inner.id()
-    }
-
-    fn geometry(&self) -> Geometry {
-        self.inner.geometry()
-    }
-
-    fn read(&self, offset_sectors: u64, buf: ReadBuf) -> IoFuture<'_, (ReadBuf, io::Result<()>)> {
-        self.inner.read(offset_sectors, buf)
-    }
-
-    fn write(&self, offset_sectors: u64, buf: WriteBuf) -> IoFuture<'_, io::Result<()>> {
+impl Hooks for SkipOneWrite {
+    fn write<'a>(
+        &'a self,
+        inner: &'a dyn BlockDevice,
+        offset_sectors: u64,
+        buf: WriteBuf,
+    ) -> IoFuture<'a, io::Result<()>> {
         if self.writes.fetch_add(1, Ordering::Relaxed) == self.skip {
             let len_sectors = buf.len() as u64 / 512;
             *self.skipped.lock().unwrap() = Some(offset_sectors..offset_sectors + len_sectors);
             return Box::pin(async { Ok(()) });
         }
-        self.inner.write(offset_sectors, buf)
-    }
-
-    fn write_zeroes(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
-        self.inner.write_zeroes(offset_sectors, len_sectors)
-    }
-
-    fn flush(&self) -> IoFuture<'_, io::Result<()>> {
-        self.inner.flush()
+        inner.write(offset_sectors, buf)
     }
 }
 
@@ -160,14 +138,10 @@ fn a_skipped_write_is_caught_as_in_whole_sector_mode() {
         let target = disk("target", headers_only, FaultPlan::default());
         // The target holds generation 1 of its own pattern: a skipped write leaves it stale.
         target.fill_pattern_range(0..LEN_SECTORS, 99, 1);
-        let skipping = Arc::new(SkipOneWrite {
-            inner: target.clone(),
-            skip: 100,
-            writes: AtomicU64::new(0),
-            skipped: Mutex::new(None),
-        });
+        let hooks = SkipOneWrite { skip: 100, writes: AtomicU64::new(0), skipped: Mutex::new(None) };
+        let skipping = Arc::new(Forward::new(target.clone(), hooks));
         assert!(copy(source, skipping.clone()));
-        let skipped = skipping.skipped.lock().unwrap().clone().expect("the write was skipped");
+        let skipped = skipping.hooks().skipped.lock().unwrap().clone().expect("the write was skipped");
         assert_eq!(wrong_sectors(&target), vec![skipped.clone()], "headers_only {headers_only}");
         assert_eq!(
             target.provenance(skipped.clone()),

@@ -9,8 +9,8 @@ use std::thread;
 use std::time::Duration;
 
 use kcopyd_core::{
-    BlockDevice, Client, ClientConfig, ConfigError, DeviceId, Flags, Geometry, IoFuture, Job, Outcome, RangeSet,
-    ReadBuf, Region, ShutdownError, SubmitError, TargetMask, WriteBuf,
+    BlockDevice, Client, ClientConfig, ConfigError, Flags, Forward, Hooks, IoFuture, Job, Outcome, RangeSet, ReadBuf,
+    Region, ShutdownError, SubmitError, TargetMask, WriteBuf,
 };
 use kcopyd_sim::MemDisk;
 use kcopyd_tests::util::{assert_same, patterned, region, zeroed};
@@ -24,85 +24,67 @@ fn small_chunks() -> ClientConfig {
     ClientConfig { sub_job_size_bytes: 8192, subjobs_in_flight: 1, ..ClientConfig::default() }
 }
 
-/// An in-memory disk whose reads at or after `gate_sector` wait until the gate opens.
+/// The hooks of an in-memory disk whose reads at or after `gate_sector` wait until the gate
+/// opens; the disk is called "gated".
 #[derive(Debug)]
-struct GatedDisk {
-    inner: Arc<MemDisk>,
+struct Gated {
     gate_sector: u64,
     gate: Arc<Semaphore>,
 }
 
-impl GatedDisk {
-    /// `inner` with a closed gate at `gate_sector`, and the gate.
-    fn new(inner: &Arc<MemDisk>, gate_sector: u64) -> (Arc<GatedDisk>, Arc<Semaphore>) {
-        let gate = Arc::new(Semaphore::new(0));
-        (Arc::new(GatedDisk { inner: inner.clone(), gate_sector, gate: gate.clone() }), gate)
-    }
+type GatedDisk = Forward<Gated>;
+
+/// `inner` with a closed gate at `gate_sector`, and the gate.
+fn gated(inner: &Arc<MemDisk>, gate_sector: u64) -> (Arc<GatedDisk>, Arc<Semaphore>) {
+    let gate = Arc::new(Semaphore::new(0));
+    (Arc::new(Forward::new(inner.clone(), Gated { gate_sector, gate: gate.clone() })), gate)
 }
 
 fn open(gate: &Semaphore) {
     gate.add_permits(Semaphore::MAX_PERMITS / 2);
 }
 
-impl BlockDevice for GatedDisk {
-    fn name(&self) -> &str {
+impl Hooks for Gated {
+    fn name<'a>(&'a self, _inner: &'a dyn BlockDevice) -> &'a str {
         "gated"
     }
-    fn id(&self) -> DeviceId {
-        self.inner.id()
-    }
-    fn geometry(&self) -> Geometry {
-        self.inner.geometry()
-    }
-    fn read(&self, offset_sectors: u64, buf: ReadBuf) -> IoFuture<'_, (ReadBuf, io::Result<()>)> {
+
+    fn read<'a>(
+        &'a self,
+        inner: &'a dyn BlockDevice,
+        offset_sectors: u64,
+        buf: ReadBuf,
+    ) -> IoFuture<'a, (ReadBuf, io::Result<()>)> {
         Box::pin(async move {
             if offset_sectors >= self.gate_sector {
                 let _ = self.gate.acquire().await.unwrap();
             }
-            self.inner.read(offset_sectors, buf).await
+            inner.read(offset_sectors, buf).await
         })
-    }
-    fn write(&self, offset_sectors: u64, buf: WriteBuf) -> IoFuture<'_, io::Result<()>> {
-        self.inner.write(offset_sectors, buf)
-    }
-    fn write_zeroes(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
-        self.inner.write_zeroes(offset_sectors, len_sectors)
-    }
-    fn flush(&self) -> IoFuture<'_, io::Result<()>> {
-        self.inner.flush()
     }
 }
 
-/// A device that keeps every buffer it is asked to write (a zero-copy cache, breaking the
-/// contract that a device drops its buffers by the time its future completes).
-#[derive(Debug)]
-struct KeepingDisk {
-    inner: Arc<MemDisk>,
+/// The hooks of a device that keeps every buffer it is asked to write (a zero-copy cache,
+/// breaking the contract that a device drops its buffers by the time its future completes);
+/// the disk is called "keeping".
+#[derive(Debug, Default)]
+struct Keeping {
     kept: Mutex<Vec<WriteBuf>>,
 }
 
-impl BlockDevice for KeepingDisk {
-    fn name(&self) -> &str {
+impl Hooks for Keeping {
+    fn name<'a>(&'a self, _inner: &'a dyn BlockDevice) -> &'a str {
         "keeping"
     }
-    fn id(&self) -> DeviceId {
-        self.inner.id()
-    }
-    fn geometry(&self) -> Geometry {
-        self.inner.geometry()
-    }
-    fn read(&self, offset_sectors: u64, buf: ReadBuf) -> IoFuture<'_, (ReadBuf, io::Result<()>)> {
-        self.inner.read(offset_sectors, buf)
-    }
-    fn write(&self, offset_sectors: u64, buf: WriteBuf) -> IoFuture<'_, io::Result<()>> {
+
+    fn write<'a>(
+        &'a self,
+        inner: &'a dyn BlockDevice,
+        offset_sectors: u64,
+        buf: WriteBuf,
+    ) -> IoFuture<'a, io::Result<()>> {
         self.kept.lock().unwrap().push(buf.clone());
-        self.inner.write(offset_sectors, buf)
-    }
-    fn write_zeroes(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
-        self.inner.write_zeroes(offset_sectors, len_sectors)
-    }
-    fn flush(&self) -> IoFuture<'_, io::Result<()>> {
-        self.inner.flush()
+        inner.write(offset_sectors, buf)
     }
 }
 
@@ -121,7 +103,7 @@ fn concurrent_shutdowns_from_many_threads_all_get_the_report() {
     let client = Client::new(small_chunks()).unwrap();
     let source = patterned("source", 64, 512, 1);
     let target = zeroed("target", 64, 512);
-    let (gated, gate) = GatedDisk::new(&source, 32);
+    let (gated, gate) = gated(&source, 32);
     let handle = client
         .submit_blocking(Job::copy(Region::new(gated, 0, 64), vec![region(&target, 0, 64)], Flags::empty()))
         .unwrap();
@@ -185,7 +167,7 @@ fn shutdowns_racing_the_actors_stop_all_get_the_report() {
 fn a_device_that_keeps_its_buffers_is_reported_at_shutdown_instead_of_hanging() {
     let client = Client::new(small_chunks()).unwrap();
     let source = patterned("source", 64, 512, 2);
-    let keeping = Arc::new(KeepingDisk { inner: zeroed("kept", 64, 512), kept: Mutex::new(Vec::new()) });
+    let keeping = Arc::new(Forward::new(zeroed("kept", 64, 512), Keeping::default()));
     let outcome = client
         .submit_blocking(Job::copy(region(&source, 0, 64), vec![Region::new(keeping.clone(), 0, 64)], Flags::empty()))
         .unwrap()
@@ -196,7 +178,7 @@ fn a_device_that_keeps_its_buffers_is_reported_at_shutdown_instead_of_hanging() 
     // Four 16-sector sub-jobs of two pages each, all kept.
     assert_eq!(report.pool.pages_in_use, 8, "{report:?}");
     assert_eq!(report.jobs_completed, 1);
-    keeping.kept.lock().unwrap().clear();
+    keeping.hooks().kept.lock().unwrap().clear();
     assert_eq!(client.pool_stats().pages_in_use, 0, "the pages come back when the device lets go");
 }
 
@@ -205,7 +187,7 @@ fn shutdown_timeout_names_the_jobs_still_running_and_can_wait_again() {
     let client = Client::new(small_chunks()).unwrap();
     let source = patterned("source", 64, 512, 3);
     let target = zeroed("target", 64, 512);
-    let (gated, gate) = GatedDisk::new(&source, 32);
+    let (gated, gate) = gated(&source, 32);
     let handle = client
         .submit_blocking(Job::copy(Region::new(gated, 0, 64), vec![region(&target, 0, 64)], Flags::empty()))
         .unwrap();
@@ -314,7 +296,7 @@ fn dropping_the_system_completes_every_pending_handle_as_cancelled() {
     let source = patterned("source", 64, 512, 4);
     let target = zeroed("target", 64, 512);
     let queued_target = zeroed("queued", 64, 512);
-    let (gated, _gate) = GatedDisk::new(&source, 32);
+    let (gated, _gate) = gated(&source, 32);
     let callbacks = Arc::new(AtomicUsize::new(0));
     let counted = |callbacks: &Arc<AtomicUsize>| {
         let callbacks = callbacks.clone();
@@ -361,7 +343,7 @@ fn a_client_dropped_without_shutdown_finishes_its_jobs() {
     let client = Client::new(small_chunks()).unwrap();
     let source = patterned("source", 64, 512, 5);
     let target = zeroed("target", 64, 512);
-    let (gated, gate) = GatedDisk::new(&source, 32);
+    let (gated, gate) = gated(&source, 32);
     let (sender, receiver) = mpsc::channel();
     let job = Job::copy(Region::new(gated, 0, 64), vec![region(&target, 0, 64)], Flags::empty())
         .on_complete(move |outcome| sender.send(outcome).unwrap());

@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use kcopyd_core::{
-    BlockDevice, ClientConfig, Device, DeviceId, Flags, Geometry, IoFuture, Job, ReadBuf, Region, WriteBuf,
-};
+use kcopyd_core::{BlockDevice, ClientConfig, Device, Flags, Forward, Hooks, IoFuture, Job, ReadBuf, Region, WriteBuf};
 use kcopyd_sim::{IoModel, Latency, MemDisk, MemDiskOptions, Simulation};
 
 /// A future that counts its polls.
@@ -28,19 +26,21 @@ impl<F: Future + Unpin> Future for Counted<'_, F> {
     }
 }
 
-/// A disk whose request futures count their polls.
-#[derive(Debug)]
-struct CountingDisk {
-    inner: Arc<MemDisk>,
+/// The hooks of a disk whose request futures count their polls.
+#[derive(Debug, Default)]
+struct Counting {
     requests: AtomicU64,
     polls: AtomicU64,
 }
 
-impl CountingDisk {
-    fn new(inner: MemDisk) -> Arc<CountingDisk> {
-        Arc::new(CountingDisk { inner: Arc::new(inner), requests: AtomicU64::new(0), polls: AtomicU64::new(0) })
-    }
+/// A disk whose request futures count their polls; the rest is the disk's own.
+type CountingDisk = Forward<Counting>;
 
+fn counting(inner: MemDisk) -> Arc<CountingDisk> {
+    Arc::new(Forward::new(Arc::new(inner), Counting::default()))
+}
+
+impl Counting {
     fn count<'a, T: 'a>(&'a self, future: IoFuture<'a, T>) -> IoFuture<'a, T> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         Box::pin(Counted { inner: future, polls: &self.polls })
@@ -51,33 +51,41 @@ impl CountingDisk {
     }
 }
 
-impl BlockDevice for CountingDisk {
-    fn name(&self) -> &str {
-        self.inner.name()
+impl Hooks for Counting {
+    fn read<'a>(
+        &'a self,
+        inner: &'a dyn BlockDevice,
+        offset_sectors: u64,
+        buf: ReadBuf,
+    ) -> IoFuture<'a, (ReadBuf, io::Result<()>)> {
+        self.count(inner.read(offset_sectors, buf))
     }
 
-    fn id(&self) -> DeviceId {
-        self.inner.id()
+    fn write<'a>(
+        &'a self,
+        inner: &'a dyn BlockDevice,
+        offset_sectors: u64,
+        buf: WriteBuf,
+    ) -> IoFuture<'a, io::Result<()>> {
+        self.count(inner.write(offset_sectors, buf))
     }
 
-    fn geometry(&self) -> Geometry {
-        self.inner.geometry()
+    fn write_zeroes<'a>(
+        &'a self,
+        inner: &'a dyn BlockDevice,
+        offset_sectors: u64,
+        len_sectors: u64,
+    ) -> IoFuture<'a, io::Result<()>> {
+        self.count(inner.write_zeroes(offset_sectors, len_sectors))
     }
 
-    fn read(&self, offset_sectors: u64, buf: ReadBuf) -> IoFuture<'_, (ReadBuf, io::Result<()>)> {
-        self.count(self.inner.read(offset_sectors, buf))
-    }
-
-    fn write(&self, offset_sectors: u64, buf: WriteBuf) -> IoFuture<'_, io::Result<()>> {
-        self.count(self.inner.write(offset_sectors, buf))
-    }
-
-    fn write_zeroes(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
-        self.count(self.inner.write_zeroes(offset_sectors, len_sectors))
-    }
-
-    fn flush(&self) -> IoFuture<'_, io::Result<()>> {
-        self.inner.flush()
+    fn deallocate<'a>(
+        &'a self,
+        inner: &'a dyn BlockDevice,
+        offset_sectors: u64,
+        len_sectors: u64,
+    ) -> IoFuture<'a, io::Result<()>> {
+        self.count(inner.deallocate(offset_sectors, len_sectors))
     }
 }
 
@@ -95,9 +103,10 @@ fn a_request_is_polled_a_few_times_however_many_sub_jobs_are_in_flight() {
         })
     };
     for subjobs_in_flight in [1, 8, 64] {
-        let source = CountingDisk::new(disk("source"));
-        source.inner.fill_pattern(4);
-        let target = CountingDisk::new(disk("target"));
+        let source_disk = disk("source");
+        source_disk.fill_pattern(4);
+        let source = counting(source_disk);
+        let target = counting(disk("target"));
         let config = ClientConfig {
             page_budget: 16 * subjobs_in_flight,
             sub_job_size_bytes: 64 << 10,
@@ -117,9 +126,9 @@ fn a_request_is_polled_a_few_times_however_many_sub_jobs_are_in_flight() {
         })
         .unwrap();
         assert!(ok);
-        assert_eq!(source.requests.load(Ordering::Relaxed), 512);
+        assert_eq!(source.hooks().requests.load(Ordering::Relaxed), 512);
         for (side, disk) in [("reads", &source), ("writes", &target)] {
-            let polls = disk.polls_per_request();
+            let polls = disk.hooks().polls_per_request();
             assert!(polls <= 3.0, "{subjobs_in_flight} in flight: {polls:.1} polls per request ({side})");
         }
     }

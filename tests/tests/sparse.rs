@@ -3,14 +3,15 @@
 //! when the caller says the target is zero), never leaving stale target data behind; and the
 //! time a thin-volume resync takes in virtual time.
 
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
 use kcopyd_core::{
-    BlockDevice, Client, ClientConfig, Device, Flags, Job, Outcome, RangeSet, Region, Sparse, SubmitError, TargetZeroes,
+    BlockDevice, Client, ClientConfig, Device, Flags, Forward, Hooks, IoFuture, Job, Outcome, RangeSet, Region, Sparse,
+    SubmitError, TargetZeroes,
 };
 use kcopyd_sim::{FaultPlan, IoModel, Latency, MemDisk, MemDiskOptions, Simulation, to_model};
-use kcopyd_tests::util::HookedDisk;
 
 const LEN_SECTORS: u64 = 64 * 2048; // 64 MiB
 
@@ -52,6 +53,21 @@ fn same(a: &MemDisk, b: &MemDisk) -> bool {
     a.snapshot(0, LEN_SECTORS) == b.snapshot(0, LEN_SECTORS)
 }
 
+/// Hooks of a device that cannot tell its allocation (it answers with `all_allocated`).
+#[derive(Debug)]
+struct CannotTell;
+
+impl Hooks for CannotTell {
+    fn allocated<'a>(
+        &'a self,
+        _inner: &'a dyn BlockDevice,
+        offset: u64,
+        len: u64,
+    ) -> IoFuture<'a, io::Result<RangeSet>> {
+        kcopyd_core::all_allocated(offset, len)
+    }
+}
+
 const PUNCH: Sparse = Sparse { skip_holes: true, zero_block_bytes: 4096, target_zeroes: TargetZeroes::Deallocate };
 
 #[test]
@@ -88,9 +104,9 @@ fn without_sparse_everything_is_read() {
 
 #[test]
 fn a_device_that_cannot_tell_its_allocation_is_read_whole() {
-    // HookedDisk keeps BlockDevice's default `allocated`: everything holds data.
+    // A device in front of the thin source that cannot tell: everything holds data.
     let inner = thin_source();
-    let source: Device = Arc::new(HookedDisk::new(inner.clone()));
+    let source: Device = Arc::new(Forward::new(inner.clone(), CannotTell));
     let target = disk("target", true, false);
     target.fill_pattern(5);
     assert!(copy(source, std::slice::from_ref(&target), PUNCH).is_ok());

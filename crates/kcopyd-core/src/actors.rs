@@ -76,6 +76,7 @@ pub(crate) struct Submit(pub(crate) Option<Pending>);
 impl Drop for Submit {
     fn drop(&mut self) {
         if let Some(pending) = self.0.take() {
+            pending.client.submissions_in_transit.fetch_sub(1, Ordering::SeqCst);
             let outcome = not_started_outcome(&pending.spec);
             pending.finish(outcome);
         }
@@ -146,9 +147,13 @@ impl Actor for ClientActor {
 }
 
 impl ClientActor {
+    /// Stops once shutting down with no job running, none accepted and still on its way here,
+    /// and no prepared callback outstanding.
     fn maybe_stop(&mut self, ctx: &mut Context<Self>) {
-        if !self.shutting_down || !self.running.is_empty() || self.shared.prepared_callbacks.load(Ordering::SeqCst) > 0
-        {
+        let waiting = !self.running.is_empty()
+            || self.shared.submissions_in_transit.load(Ordering::SeqCst) > 0
+            || self.shared.prepared_callbacks.load(Ordering::SeqCst) > 0;
+        if !self.shutting_down || waiting {
             return;
         }
         // Pages still in use are reported, not asserted: a device that keeps its buffers
@@ -186,9 +191,14 @@ impl Handler<Submit> for ClientActor {
 
     fn handle(&mut self, mut message: Submit, ctx: &mut Context<Self>) {
         let pending = message.0.take().expect("a submission is handled once");
+        // Running (or done) from here on: no longer in transit. The actor is one thread, so
+        // `maybe_stop` sees the job either in transit or running.
+        self.shared.submissions_in_transit.fetch_sub(1, Ordering::SeqCst);
         if pending.spec.len_sectors == 0 {
             let outcome = not_started_outcome(&pending.spec);
             pending.finish(outcome);
+            // A shutdown handled before this submission arrived waited for it.
+            self.maybe_stop(ctx);
             return;
         }
         let id = pending.shared.job_id;

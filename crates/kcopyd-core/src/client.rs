@@ -179,7 +179,7 @@ impl Client {
     pub async fn submit(&self, job: Job) -> Result<JobHandle, SubmitError> {
         let prepared = self.prepare(job)?;
         let permit = self.inner.shared.admission.clone().acquire_owned().await.map_err(|_| SubmitError::ShutDown)?;
-        Ok(self.send(prepared, permit))
+        self.send(prepared, permit)
     }
 
     /// As [`submit`](Client::submit), blocking this thread while the limit is reached.
@@ -193,7 +193,7 @@ impl Client {
         let prepared = self.prepare(job)?;
         let permit =
             block_on(self.inner.shared.admission.clone().acquire_owned()).map_err(|_| SubmitError::ShutDown)?;
-        Ok(self.send(prepared, permit))
+        self.send(prepared, permit)
     }
 
     /// As [`submit`](Client::submit), but fails with [`SubmitError::QueueFull`] instead of
@@ -209,7 +209,7 @@ impl Client {
                 SubmitError::QueueFull { max: self.inner.config.queued_jobs_max }
             }
         })?;
-        Ok(self.send(prepared, permit))
+        self.send(prepared, permit)
     }
 
     fn prepare(&self, job: Job) -> Result<(Arc<JobSpec>, Option<Callback>), SubmitError> {
@@ -220,17 +220,33 @@ impl Client {
         Ok((Arc::new(spec), callback))
     }
 
-    fn send(&self, (spec, callback): (Arc<JobSpec>, Option<Callback>), permit: OwnedSemaphorePermit) -> JobHandle {
+    /// Hands an admitted job to the client actor. A shutdown may have begun since `prepare`
+    /// looked (the permit can be had until the admission semaphore closes): the job is counted
+    /// in transit first and the client checked closed after, so that either the submission
+    /// fails with `ShutDown` or the actor, which handles the shutdown only after `close`, sees
+    /// the count and waits for the job. A submit that returned `Ok` is never cancelled by a
+    /// concurrent shutdown.
+    fn send(
+        &self,
+        (spec, callback): (Arc<JobSpec>, Option<Callback>),
+        permit: OwnedSemaphorePermit,
+    ) -> Result<JobHandle, SubmitError> {
         let client = &self.inner.shared;
+        client.submissions_in_transit.fetch_add(1, Ordering::SeqCst);
+        if client.closed.load(Ordering::SeqCst) {
+            client.submissions_in_transit.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::ShutDown);
+        }
         let id = client.next_job_id.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(JobShared::new(id, spec.len_sectors));
         let handle = JobHandle::new(shared.clone());
         client.io.stats.job_submitted();
         client.running().insert(id, Registered { spec: spec.clone(), shared: shared.clone() });
         let pending = Pending { spec, shared, callback, client: client.clone(), permit };
-        // A closed mailbox drops the message, and dropping it completes the job.
+        // A closed mailbox (the actor is gone) drops the message, and dropping it completes
+        // the job.
         self.inner.addr.do_send(Submit(Some(pending)));
-        handle
+        Ok(handle)
     }
 
     /// Prepares a callback that runs on the client's completion context, like device-mapper's

@@ -49,6 +49,10 @@ pub struct Geometry {
     pub write_zeroes: bool,
     /// Whether writes must be sequential (a zoned or append-only device).
     pub zoned: bool,
+    /// A zoned device's zone length in sectors: no write may cross a multiple of it (a zone's
+    /// end), so the engine cuts every sub-job there. 0 when not zoned, or when the whole device
+    /// is one zone.
+    pub zone_sectors: u64,
 }
 
 impl Geometry {
@@ -62,7 +66,7 @@ impl Geometry {
     /// assert!(g.write_zeroes && !g.zoned);
     /// ```
     pub const fn new(len_sectors: u64, logical_block_size: u32) -> Geometry {
-        Geometry { len_sectors, logical_block_size, write_zeroes: false, zoned: false }
+        Geometry { len_sectors, logical_block_size, write_zeroes: false, zoned: false, zone_sectors: 0 }
     }
 
     /// The same geometry, with write-zeroes offload on or off.
@@ -73,6 +77,29 @@ impl Geometry {
     /// The same geometry, zoned (sequential writes only) or not.
     pub const fn with_zoned(self, zoned: bool) -> Geometry {
         Geometry { zoned, ..self }
+    }
+
+    /// The same geometry with zones of `zone_sectors` (0: one zone, the whole device). Only
+    /// meaningful on a zoned device.
+    ///
+    /// ```
+    /// # use kcopyd_core::Geometry;
+    /// let g = Geometry::new(1 << 20, 4096).with_zoned(true).with_zone_sectors(1 << 19);
+    /// assert_eq!(g.zone_end(1000), Some(1 << 19));
+    /// assert_eq!(Geometry::new(64, 512).zone_end(10), None, "not zoned: no zone ends");
+    /// ```
+    pub const fn with_zone_sectors(self, zone_sectors: u64) -> Geometry {
+        Geometry { zone_sectors, ..self }
+    }
+
+    /// The end of the zone holding `sector` (the first sector a write from `sector` may not
+    /// reach), or `None` if no zone ends before the device's end. Saturates at `u64::MAX`.
+    pub const fn zone_end(&self, sector: u64) -> Option<u64> {
+        if !self.zoned || self.zone_sectors == 0 {
+            return None;
+        }
+        let end = (sector / self.zone_sectors).saturating_add(1).saturating_mul(self.zone_sectors);
+        if end >= self.len_sectors { None } else { Some(end) }
     }
 
     /// The logical block size in sectors.
@@ -138,23 +165,30 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// are holes that read as zeroes. Used by sparse copies
     /// ([`Sparse::skip_holes`](crate::Sparse::skip_holes)) to read only what is allocated.
     ///
-    /// May over-report (say a hole is data) but never under-report. The default reports
-    /// everything allocated: a device that cannot tell loses nothing but speed.
-    fn allocated(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<RangeSet>> {
-        let end = offset_sectors.saturating_add(len_sectors);
-        Box::pin(std::future::ready(Ok(RangeSet::from_range(offset_sectors..end))))
-    }
+    /// May over-report (say a hole is data) but never under-report. A device that cannot tell
+    /// returns [`all_allocated`]: it loses nothing but speed.
+    fn allocated(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<RangeSet>>;
 
     /// Whether [`deallocate`](BlockDevice::deallocate) releases storage (punches a hole)
-    /// rather than writing zeroes. Default `false`.
-    fn deallocates(&self) -> bool {
-        false
-    }
+    /// rather than writing zeroes. A device that cannot returns `false`.
+    fn deallocates(&self) -> bool;
 
     /// Makes `len_sectors` at `offset_sectors` read as zeroes and releases their storage where
-    /// the device can (a file punches a hole). The default is
-    /// [`write_zeroes`](BlockDevice::write_zeroes): the range reads as zeroes either way.
-    fn deallocate(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
-        self.write_zeroes(offset_sectors, len_sectors)
-    }
+    /// the device can (a file punches a hole). A device that cannot release storage calls its
+    /// own [`write_zeroes`](BlockDevice::write_zeroes): the range reads as zeroes either way.
+    fn deallocate(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>>;
+}
+
+/// What a device that cannot tell its allocation answers to
+/// [`BlockDevice::allocated`]: every sector of the range holds data (saturating at `u64::MAX`).
+///
+/// ```
+/// # use std::task::{Context, Poll, Waker};
+/// let mut answer = kcopyd_core::all_allocated(u64::MAX - 2, 10);
+/// let Poll::Ready(Ok(set)) = answer.as_mut().poll(&mut Context::from_waker(Waker::noop())) else { panic!() };
+/// assert_eq!(set.ranges(), &[u64::MAX - 2..u64::MAX]);
+/// ```
+pub fn all_allocated(offset_sectors: u64, len_sectors: u64) -> IoFuture<'static, io::Result<RangeSet>> {
+    let end = offset_sectors.saturating_add(len_sectors);
+    Box::pin(std::future::ready(Ok(RangeSet::from_range(offset_sectors..end))))
 }

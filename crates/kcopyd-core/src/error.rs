@@ -123,6 +123,21 @@ pub enum SubmitError {
         /// The device's logical block size in bytes.
         block_size: u32,
     },
+    /// A zoned target's zone ends fall inside the region but not on the job's logical blocks
+    /// (the largest of its devices'): a sub-job cut at a zone's end would split a block.
+    #[error(
+        "target {target} ({device}): its zones of {zone_sectors} sectors do not end on the job's {block_sectors}-sector blocks"
+    )]
+    ZoneMisaligned {
+        /// Index of the target.
+        target: usize,
+        /// Its device.
+        device: String,
+        /// The device's zone length in sectors.
+        zone_sectors: u64,
+        /// The job's logical block in sectors.
+        block_sectors: u64,
+    },
     /// A sparse copy's zero-scan block is not 0 or a power of two of at least 512 bytes.
     #[error("zero-scan block of {bytes} bytes: must be 0 (off) or a power of two of at least 512")]
     ZeroBlockSize {

@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use crate::stats::{Ended, Op, StatsRecorder};
 use crate::throttle::Throttler;
 use crate::time_scale::Clock;
-use crate::{Device, ReadBuf, SECTOR_SIZE, WriteBuf};
+use crate::{Device, ReadBuf, WriteBuf, sectors_to_bytes};
 
 /// What every sub-job of a client shares for its device I/O.
 #[derive(Debug)]
@@ -67,7 +67,7 @@ impl SubJobIo {
         offset_sectors: u64,
         buf: ReadBuf,
     ) -> (Option<ReadBuf>, io::Result<()>) {
-        let len_bytes = buf.len() as u64;
+        let len_bytes = buf.len() as u128;
         let owned = device.clone();
         let request = async move { owned.read(offset_sectors, buf).await };
         match self.run(device, Op::Read, len_bytes, request, |(_, result)| result.is_ok()).await {
@@ -78,7 +78,7 @@ impl SubJobIo {
 
     /// Writes `data` to `device` at `offset_sectors`.
     pub(crate) async fn write(&self, device: &Device, offset_sectors: u64, data: WriteBuf) -> io::Result<()> {
-        let len_bytes = data.len() as u64;
+        let len_bytes = data.len() as u128;
         let owned = device.clone();
         let request = async move { owned.write(offset_sectors, data).await };
         self.run(device, Op::Write, len_bytes, request, io::Result::is_ok).await.and_then(|result| result)
@@ -88,7 +88,7 @@ impl SubJobIo {
     pub(crate) async fn write_zeroes(&self, device: &Device, offset_sectors: u64, len_sectors: u64) -> io::Result<()> {
         let owned = device.clone();
         let request = async move { owned.write_zeroes(offset_sectors, len_sectors).await };
-        let len_bytes = len_sectors * SECTOR_SIZE as u64;
+        let len_bytes = sectors_to_bytes(len_sectors);
         self.run(device, Op::WriteZeroes, len_bytes, request, io::Result::is_ok).await.and_then(|result| result)
     }
 
@@ -97,7 +97,7 @@ impl SubJobIo {
     pub(crate) async fn deallocate(&self, device: &Device, offset_sectors: u64, len_sectors: u64) -> io::Result<()> {
         let owned = device.clone();
         let request = async move { owned.deallocate(offset_sectors, len_sectors).await };
-        let len_bytes = len_sectors * SECTOR_SIZE as u64;
+        let len_bytes = sectors_to_bytes(len_sectors);
         self.run(device, Op::WriteZeroes, len_bytes, request, io::Result::is_ok).await.and_then(|result| result)
     }
 
@@ -107,7 +107,7 @@ impl SubJobIo {
         &self,
         device: &Device,
         op: Op,
-        len_bytes: u64,
+        len_bytes: u128,
         request: impl Future<Output = T> + 'static,
         succeeded: impl Fn(&T) -> bool,
     ) -> io::Result<T> {

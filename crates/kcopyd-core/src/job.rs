@@ -13,7 +13,7 @@ use std::fmt;
 
 use crate::error::SubmitError;
 use crate::sparse::HOLE_SUB_JOB_SECTORS_MAX;
-use crate::{ClientConfig, Flags, Outcome, PAGE_SIZE, Region, SECTOR_SIZE, Sparse, TARGETS_MAX};
+use crate::{ClientConfig, Flags, Geometry, Outcome, PAGE_SIZE, Region, SECTOR_SIZE, Sparse, TARGETS_MAX};
 
 /// A job's completion callback: called once with its outcome, on the client's worker.
 pub(crate) type Callback = Box<dyn FnOnce(Outcome) + Send + 'static>;
@@ -95,6 +95,9 @@ pub(crate) struct JobSpec {
     pub(crate) block_sectors: u64,
     /// Sub-jobs in flight at once: the client's limit, and no more than there are sub-jobs.
     pub(crate) subjobs_in_flight: usize,
+    /// The zoned targets whose zones end inside the region: their start sector and geometry.
+    /// Sub-jobs are cut at their zone ends.
+    pub(crate) zoned_targets: Vec<(u64, Geometry)>,
 }
 
 impl JobSpec {
@@ -147,10 +150,34 @@ impl JobSpec {
         if flags.contains(Flags::WRITE_SEQ) {
             flags = Flags::WRITE_SEQ;
         }
+        let zoned_targets = check_zones(&targets, block_sectors)?;
         let subjobs = len_sectors.div_ceil(subjob_sectors);
         let subjobs_in_flight = subjobs.min(config.subjobs_in_flight as u64) as usize;
         assert!(subjob_sectors % block_sectors == 0 && len_sectors % block_sectors == 0, "sub-jobs are whole blocks");
-        Ok(JobSpec { kind, targets, flags, len_sectors, subjob_sectors, block_sectors, subjobs_in_flight })
+        Ok(JobSpec {
+            kind,
+            targets,
+            flags,
+            len_sectors,
+            subjob_sectors,
+            block_sectors,
+            subjobs_in_flight,
+            zoned_targets,
+        })
+    }
+
+    /// The first job-relative sector after `start` at which a zoned target's zone ends (a
+    /// sub-job from `start` stops there), or `len_sectors`.
+    ///
+    /// Example: a target at device sector 100 with zones of 64 sectors: from job sector 0
+    /// (device 100) the zone ends at device 128, job sector 28; from 28, at 92.
+    pub(crate) fn zone_end(&self, start: u64) -> u64 {
+        self.zoned_targets
+            .iter()
+            .filter_map(|&(target_start, geometry)| {
+                geometry.zone_end(target_start + start).map(|device_end| device_end - target_start)
+            })
+            .fold(self.len_sectors, u64::min)
     }
 
     /// Pages one sub-job reads into.
@@ -204,6 +231,29 @@ fn check_counts(targets: &[Region], len_sectors: u64) -> Result<(), SubmitError>
         }
     }
     Ok(())
+}
+
+/// The zoned targets whose zones end inside their regions, after checking that those ends fall
+/// on the job's blocks (`block_sectors`), so that sub-jobs cut there stay whole blocks.
+fn check_zones(targets: &[Region], block_sectors: u64) -> Result<Vec<(u64, Geometry)>, SubmitError> {
+    let mut zoned = Vec::new();
+    for (index, target) in targets.iter().enumerate() {
+        let geometry = target.device.geometry();
+        let Some(first_end) = geometry.zone_end(target.start_sector) else { continue };
+        if first_end >= target.start_sector + target.len_sectors {
+            continue;
+        }
+        if geometry.zone_sectors % block_sectors != 0 || (first_end - target.start_sector) % block_sectors != 0 {
+            return Err(SubmitError::ZoneMisaligned {
+                target: index,
+                device: target.device.name().to_owned(),
+                zone_sectors: geometry.zone_sectors,
+                block_sectors,
+            });
+        }
+        zoned.push((target.start_sector, geometry));
+    }
+    Ok(zoned)
 }
 
 /// Checks that no target overlaps the source or an earlier target.

@@ -57,6 +57,7 @@ mod client;
 mod config;
 mod device;
 mod error;
+mod forward;
 mod handle;
 mod io;
 mod job;
@@ -76,8 +77,9 @@ pub use config::{
     ClientConfig, PAGE_BUDGET_DEFAULT, SUB_JOB_SIZE_DEFAULT_BYTES, SUB_JOB_SIZE_MAX, SUBJOBS_IN_FLIGHT_DEFAULT,
     SUBJOBS_IN_FLIGHT_MAX,
 };
-pub use device::{BlockDevice, Device, DeviceId, Geometry, IntoDevice, IoFuture};
+pub use device::{BlockDevice, Device, DeviceId, Geometry, IntoDevice, IoFuture, all_allocated};
 pub use error::{ConfigError, ShiftError, ShutdownError, SubmitError};
+pub use forward::{Forward, Hooks};
 pub use handle::{JobHandle, Progress};
 pub use job::Job;
 pub use outcome::{Outcome, TargetMask, TargetReport};
@@ -98,6 +100,19 @@ pub const PAGE_SIZE: usize = 4096;
 pub const SECTORS_PER_PAGE: u64 = (PAGE_SIZE / SECTOR_SIZE) as u64;
 /// Most targets one job may have (the width of [`TargetMask`]).
 pub const TARGETS_MAX: usize = 128;
+
+/// The bytes in `len_sectors` sectors, as a `u128`: a device may have up to `u64::MAX` sectors,
+/// whose bytes (2⁷³) no `u64` holds. Every sector-to-byte count that a region can reach goes
+/// through this (or through a checked conversion to `usize` for a buffer's length).
+///
+/// ```
+/// # use kcopyd_core::sectors_to_bytes;
+/// assert_eq!(sectors_to_bytes(8), 4096);
+/// assert_eq!(sectors_to_bytes(u64::MAX), u128::from(u64::MAX) * 512);
+/// ```
+pub const fn sectors_to_bytes(len_sectors: u64) -> u128 {
+    len_sectors as u128 * SECTOR_SIZE as u128
+}
 
 const _: () = assert!(PAGE_SIZE % SECTOR_SIZE == 0);
 const _: () = assert!(PAGE_SIZE.is_power_of_two() && SECTOR_SIZE.is_power_of_two());

@@ -42,7 +42,7 @@ use crate::job::{JobKind, JobSpec};
 use crate::sparse::{Allocation, SparseSubJob, zero_blocks};
 use crate::{
     Device, Outcome, PAGE_SIZE, PagePool, Pages, RangeSet, ReadBuf, Region, SECTOR_SIZE, TargetMask, TargetReport,
-    TargetZeroes, WriteBuf,
+    TargetZeroes, WriteBuf, sectors_to_bytes,
 };
 
 /// Polls `future` once: `Ready` if it needed no wait (for counting only real waits).
@@ -107,7 +107,8 @@ where
     R: Future<Output = (Option<ReadBuf>, io::Result<()>)>,
 {
     assert!(block_sectors > 0 && sectors.start <= sectors.end);
-    let len_bytes = (sectors.end - sectors.start) as usize * SECTOR_SIZE;
+    let len_bytes =
+        usize::try_from(sectors_to_bytes(sectors.end - sectors.start)).expect("a buffer's length fits a usize");
     assert_eq!(buf.len(), len_bytes, "the buffer holds the range being read");
     let mut unreadable = RangeSet::new();
     let mut pending = vec![sectors.clone()];
@@ -201,6 +202,9 @@ pub(crate) struct JobRun {
     shared: Arc<JobShared>,
     state: RefCell<JobState>,
     turn_changed: Notify,
+    /// Woken when an error stops the job, for sub-jobs waiting on the throttle: they give up
+    /// at once rather than wait for their turn (and be charged to the rate) only to give up.
+    stop_changed: Notify,
     /// The outcome, stored when the last sub-job is done.
     finished: RefCell<Option<Outcome>>,
     /// A sparse copy skipping holes: the source's allocation, known before any sub-job starts.
@@ -210,8 +214,9 @@ pub(crate) struct JobRun {
 impl JobRun {
     pub(crate) fn new(spec: Arc<JobSpec>, pool: PagePool, io: Arc<SubJobIo>, shared: Arc<JobShared>) -> Rc<JobRun> {
         let state = RefCell::new(JobState::new(spec.targets.len()));
-        let (turn_changed, finished, allocation) = (Notify::new(), RefCell::new(None), OnceCell::new());
-        Rc::new(JobRun { spec, pool, io, shared, state, turn_changed, finished, allocation })
+        let (turn_changed, stop_changed) = (Notify::new(), Notify::new());
+        let (finished, allocation) = (RefCell::new(None), OnceCell::new());
+        Rc::new(JobRun { spec, pool, io, shared, state, turn_changed, stop_changed, finished, allocation })
     }
 
     /// A sparse copy that skips holes first asks the source for its allocation: the future
@@ -303,8 +308,11 @@ impl JobRun {
         let (len, subjob_sectors) = (self.spec.len_sectors, self.spec.subjob_sectors);
         let subjob = match self.allocation.get() {
             Some(allocation) => allocation.next(start, len, subjob_sectors, self.spec.hole_sectors_max()),
-            None => SparseSubJob { sectors: start..(start + subjob_sectors).min(len), hole: false },
+            // Saturating: a job may end at sector u64::MAX.
+            None => SparseSubJob { sectors: start..start.saturating_add(subjob_sectors).min(len), hole: false },
         };
+        // No write of a sub-job may cross a zoned target's zone end.
+        let subjob = SparseSubJob { sectors: start..subjob.sectors.end.min(self.spec.zone_end(start)), ..subjob };
         let (end, block) = (subjob.sectors.end, self.spec.block_sectors);
         assert!(subjob.sectors.start == start && end > start);
         assert!(end - start <= subjob_sectors || subjob.hole, "a sub-job that reads fits its pages");
@@ -332,6 +340,7 @@ impl JobRun {
             drop(state);
             // WRITE_SEQ: the panicking sub-job never takes its turn; release those waiting.
             self.turn_changed.notify_waiters();
+            self.stop_changed.notify_waiters();
         }
     }
 
@@ -407,18 +416,40 @@ impl JobRun {
     /// (job-relative) sectors be issued. Only this sub-job's task waits; `false` if the job
     /// was cancelled meanwhile.
     async fn throttle_subjob(&self, subjob: &Range<u64>) -> bool {
-        let len_bytes = (subjob.end - subjob.start) * SECTOR_SIZE as u64;
+        // A sub-job is at most a hole's 1 GiB: its bytes fit a u64.
+        let len_bytes =
+            u64::try_from(sectors_to_bytes(subjob.end - subjob.start)).expect("a sub-job's bytes fit a u64");
         let mut admitted = std::pin::pin!(self.io.throttler.admit_sub_job(len_bytes));
         if poll_once(admitted.as_mut()).await.is_ready() {
             return true;
         }
         let began = Instant::now();
         let cancelled = std::pin::pin!(self.shared.cancelled());
-        let admitted = matches!(select(admitted, cancelled).await, Either::Left(_));
+        let stopped = std::pin::pin!(self.stopped_for(subjob));
+        // Waiting ends as soon as the sub-job would be given up anyway: its place in the
+        // throttle's queue is then given up too (nothing charged to the rate), and the job,
+        // and the sub-jobs queued behind it, do not wait for its turn.
+        let admitted = matches!(select(admitted, select(cancelled, stopped)).await, Either::Left(_));
         self.io.stats.waited_for_throttle(self.io.clock.to_model(began.elapsed()));
         // Admitted at the very moment of a cancel (both ready at one wake-up, and `select`
         // looks at the admission first): the cancel still wins, the sub-job was not issued.
+        // The caller checks `stopped_before` likewise.
         admitted && !self.shared.cancel_requested()
+    }
+
+    /// Resolves once an error has stopped the job so that `subjob` is to be given up
+    /// ([`stopped_before`](JobRun::stopped_before)).
+    async fn stopped_for(&self, subjob: &Range<u64>) {
+        loop {
+            let notified = self.stop_changed.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the check, so a stop between the two still wakes it.
+            notified.as_mut().enable();
+            if self.stopped_before(subjob) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Whether an error stopped the job while `subjob`, already taken, waited for the throttle:
@@ -440,6 +471,7 @@ impl JobRun {
                 state.stop_at(subjob.start);
             }
         }
+        self.stop_changed.notify_waiters();
         self.write_subjob(subjob, WriteBuf::default(), RangeSet::new(), RangeSet::new()).await;
     }
 
@@ -487,6 +519,7 @@ impl JobRun {
                 }
                 state.read_failed.insert(subjob.clone());
             }
+            self.stop_changed.notify_waiters();
             // Nothing to write, but under WRITE_SEQ later sub-jobs wait for this one's turn.
             return self.write_subjob(subjob, WriteBuf::default(), RangeSet::new(), RangeSet::new()).await;
         };
@@ -573,13 +606,15 @@ impl JobRun {
     async fn write_targets(&self, subjob: &Range<u64>, data: &WriteBuf, readable: &RangeSet, zeroes: &RangeSet) {
         let sparse = self.spec.sparse();
         let writes = self.spec.targets.iter().map(|target| {
-            let cheap = sparse.zeroes_are_cheap(&target.device.geometry(), target.device.deallocates());
+            let geometry = target.device.geometry();
+            let cheap = sparse.zeroes_are_cheap(&geometry, target.device.deallocates());
             let pieces = pieces_in_order(readable, if cheap { zeroes } else { &EMPTY });
             async move {
                 for (piece, zero) in pieces {
                     let at = target.start_sector + piece.start;
                     let result = match (zero, sparse.target_zeroes) {
-                        (true, TargetZeroes::Skip) => Ok(()),
+                        // A zoned target cannot skip: its write pointer must move on.
+                        (true, TargetZeroes::Skip) if !geometry.zoned => Ok(()),
                         (true, TargetZeroes::Deallocate) if target.device.deallocates() => {
                             self.io.deallocate(&target.device, at, piece.end - piece.start).await
                         }
@@ -614,6 +649,8 @@ impl JobRun {
                 }
             }
         }
+        drop(state);
+        self.stop_changed.notify_waiters();
     }
 
     /// Zeroes every target with one offloaded request each.
@@ -625,20 +662,38 @@ impl JobRun {
             self.state.borrow_mut().subjob_given_up = true;
             return;
         }
-        let requests = self.spec.targets.iter().map(|t| self.io.write_zeroes(&t.device, t.start_sector, len));
+        let requests = self.spec.targets.iter().map(|target| self.zero_target_offloaded(target));
         let results = join_all(requests).await;
         let mut state = self.state.borrow_mut();
         state.cursor = len;
         for (index, result) in results.into_iter().enumerate() {
             match result {
                 Ok(()) => state.copied[index].insert(0..len),
-                Err(_) => {
+                Err(failed) => {
                     state.write_err.set(index);
-                    state.write_failed[index].insert(0..len);
+                    // The zones before the failed request were zeroed.
+                    state.copied[index].insert(0..failed.start);
+                    state.write_failed[index].insert(failed);
                 }
             }
         }
         self.shared.add_done(len);
+    }
+
+    /// Zeroes the whole of `target` (offloaded): one request, or one per zone of a zoned
+    /// target, in order (a write may not cross a zone's end). `Err` with the job-relative
+    /// sectors of the request that failed; nothing after it is tried.
+    async fn zero_target_offloaded(&self, target: &Region) -> Result<(), Range<u64>> {
+        let (len, geometry) = (self.spec.len_sectors, target.device.geometry());
+        let mut at = 0;
+        while at < len {
+            let end = geometry.zone_end(target.start_sector + at).map_or(len, |e| (e - target.start_sector).min(len));
+            if self.io.write_zeroes(&target.device, target.start_sector + at, end - at).await.is_err() {
+                return Err(at..end);
+            }
+            at = end;
+        }
+        Ok(())
     }
 
     /// The job's outcome, in device coordinates.

@@ -73,6 +73,11 @@ pub(crate) struct ClientShared {
     pub(crate) jobs_completed: AtomicU64,
     /// Prepared callbacks whose message the actor has not handled yet: shutdown waits for them.
     pub(crate) prepared_callbacks: AtomicUsize,
+    /// Jobs accepted (their submit returns `Ok`) whose `Submit` message the actor has not
+    /// handled yet: shutdown waits for them as for running jobs. Counted before the check of
+    /// `closed` (both `SeqCst`), as prepared callbacks are: a submission either sees the
+    /// client closed and fails, or is counted before the actor can see the shutdown.
+    pub(crate) submissions_in_transit: AtomicUsize,
     /// The report, published once when the client has stopped (or its actor is gone).
     pub(crate) report: watch::Sender<Option<ShutdownReport>>,
 }
@@ -88,6 +93,7 @@ impl ClientShared {
             running: Mutex::new(BTreeMap::new()),
             jobs_completed: AtomicU64::new(0),
             prepared_callbacks: AtomicUsize::new(0),
+            submissions_in_transit: AtomicUsize::new(0),
             report: watch::Sender::new(None),
         })
     }

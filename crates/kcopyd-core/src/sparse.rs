@@ -38,7 +38,9 @@ pub enum TargetZeroes {
     /// [`BlockDevice::deallocate`]: crate::BlockDevice::deallocate
     Deallocate,
     /// Write nothing: the caller knows every target already reads as zeroes (a new file, a
-    /// fresh thin volume). Wrong if it does not.
+    /// fresh thin volume). Wrong if it does not. A zoned target is written as with `Write`
+    /// all the same: a skipped range would leave its write pointer behind, and every later
+    /// write of the zone would fail.
     Skip,
 }
 
@@ -91,7 +93,8 @@ impl Sparse {
     /// blocks found in read data are written as zeroes instead of as the data.
     pub(crate) fn zeroes_are_cheap(&self, geometry: &Geometry, deallocates: bool) -> bool {
         match self.target_zeroes {
-            TargetZeroes::Skip => true,
+            // A zoned target is written all the same (see `TargetZeroes::Skip`).
+            TargetZeroes::Skip => !geometry.zoned || geometry.write_zeroes,
             TargetZeroes::Deallocate => deallocates || geometry.write_zeroes,
             TargetZeroes::Write => geometry.write_zeroes,
         }
@@ -162,7 +165,7 @@ impl Allocation {
         let index = ranges.partition_point(|range| range.end <= cursor);
         match ranges.get(index) {
             Some(range) if range.start <= cursor => {
-                SparseSubJob { sectors: cursor..range.end.min(cursor + subjob_sectors), hole: false }
+                SparseSubJob { sectors: cursor..range.end.min(cursor.saturating_add(subjob_sectors)), hole: false }
             }
             next => {
                 let hole_end = next.map_or(len_sectors, |range| range.start);
@@ -270,6 +273,23 @@ mod tests {
         assert_eq!(walk(176), SparseSubJob { sectors: 176..200, hole: false });
         let empty = Allocation::from_device_ranges(&RangeSet::new(), 0, 100, 1);
         assert_eq!(empty.next(0, 100, 8, 1000), SparseSubJob { sectors: 0..100, hole: true });
+    }
+
+    #[test]
+    fn sub_jobs_at_the_end_of_the_address_space_do_not_overflow() {
+        let len = u64::MAX;
+        let mut device = RangeSet::new();
+        device.insert(len - 10..len);
+        let allocation = Allocation::from_device_ranges(&device, 0, len, 1);
+        assert_eq!(
+            allocation.next(len - 30, len, 64, 1 << 21),
+            SparseSubJob { sectors: len - 30..len - 10, hole: true }
+        );
+        assert_eq!(allocation.next(len - 10, len, 64, 1 << 21), SparseSubJob { sectors: len - 10..len, hole: false });
+        assert_eq!(
+            allocation.next(len - 3, len, u64::MAX, 1 << 21),
+            SparseSubJob { sectors: len - 3..len, hole: false }
+        );
     }
 
     #[test]

@@ -110,8 +110,9 @@ pub struct OpStats {
     pub errors: u64,
     /// Requests that timed out ([`ClientConfig::io_timeout_ms`](crate::ClientConfig::io_timeout_ms)).
     pub timeouts: u64,
-    /// Bytes of the requests that succeeded.
-    pub bytes: u64,
+    /// Bytes of the requests that succeeded. A `u128`: one offloaded write-zeroes of a whole
+    /// device of up to `u64::MAX` sectors is up to 2⁷³ bytes.
+    pub bytes: u128,
     /// Time from the call to the device to its completion (or to the timeout).
     pub latency: LatencyHistogram,
 }
@@ -223,7 +224,7 @@ impl StatsRecorder {
     }
 
     /// Counts one device request of `len_bytes` that took `latency` (model time).
-    pub(crate) fn io(&self, device: DeviceId, name: &str, op: Op, len_bytes: u64, latency: Duration, ended: Ended) {
+    pub(crate) fn io(&self, device: DeviceId, name: &str, op: Op, len_bytes: u128, latency: Duration, ended: Ended) {
         let mut counters = self.lock();
         let stats = counters.devices.entry(device).or_insert_with(|| DeviceStats {
             name: name.to_owned(),
@@ -239,7 +240,7 @@ impl StatsRecorder {
         };
         op.count += 1;
         match ended {
-            Ended::Ok => op.bytes += len_bytes,
+            Ended::Ok => op.bytes = op.bytes.saturating_add(len_bytes),
             Ended::Failed => op.errors += 1,
             Ended::TimedOut => {
                 op.errors += 1;

@@ -558,6 +558,15 @@ impl BlockDevice for NbdDevice {
     fn allocated(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<RangeSet>> {
         Box::pin(self.allocated_sectors(offset_sectors, len_sectors))
     }
+
+    /// No trim is sent: deallocation is a write-zeroes.
+    fn deallocates(&self) -> bool {
+        false
+    }
+
+    fn deallocate(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
+        self.write_zeroes(offset_sectors, len_sectors)
+    }
 }
 
 /// A stable hash of `value` (fixed keys: the same in every process).

@@ -519,6 +519,8 @@ fn block_device_geometry(
     let geometry = Geometry::new(whole_blocks_sectors(size_bytes, block_bytes), block_bytes as u32)
         .with_write_zeroes(true)
         .with_zoned(sys::block_device_is_zoned(rdev));
+    let geometry =
+        if geometry.zoned { geometry.with_zone_sectors(sys::block_device_zone_sectors(rdev)) } else { geometry };
     Ok((geometry, rules))
 }
 

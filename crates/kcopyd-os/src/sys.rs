@@ -222,6 +222,14 @@ pub(crate) fn block_device_is_zoned(rdev: u64) -> bool {
     std::fs::read_to_string(sysfs).is_ok_and(|model| !matches!(model.trim(), "" | "none"))
 }
 
+/// The zone length in sectors of the zoned block device `rdev`, from
+/// `/sys/dev/block/MAJOR:MINOR/queue/chunk_sectors` (the kernel's zone size for zoned
+/// devices); 0 when absent or unreadable (the engine then cuts no sub-job at zone ends).
+pub(crate) fn block_device_zone_sectors(rdev: u64) -> u64 {
+    let sysfs = format!("/sys/dev/block/{}:{}/queue/chunk_sectors", rustix::fs::major(rdev), rustix::fs::minor(rdev));
+    std::fs::read_to_string(sysfs).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use kcopyd_core::{BlockDevice, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf};
+use kcopyd_core::{
+    BlockDevice, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf, sectors_to_bytes,
+};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -91,7 +93,8 @@ pub struct IoStats {
     pub errors: u64,
     /// Bytes read.
     pub read_bytes: u64,
-    /// Bytes written (write-zeroes included).
+    /// Bytes written (write-zeroes included), saturating at `u64::MAX`: a write-zeroes of a
+    /// whole disk of up to `u64::MAX` sectors is up to 2⁷³ bytes.
     pub written_bytes: u64,
 }
 
@@ -193,7 +196,7 @@ impl MemDisk {
                 plan: options.faults.clone(),
                 latent,
                 faults_fired: Vec::new(),
-                write_pointers: (0..zones).map(|zone| zone * zone_sectors).collect(),
+                write_pointers: (0..zones).map(|zone| zone.saturating_mul(zone_sectors)).collect(),
                 stats: IoStats::default(),
                 draws: 0,
                 ios_issued: 0,
@@ -390,12 +393,16 @@ impl MemDisk {
     }
 
     /// Refuses misaligned (EINVAL) and out-of-range (EIO) requests before any transfer.
-    fn check(&self, operation: Operation, offset_sectors: u64, len_bytes: u64) -> io::Result<Range<u64>> {
-        let block = u64::from(self.options.logical_block_size);
-        let offset_bytes = offset_sectors.checked_mul(SECTOR_SIZE as u64);
-        let len_sectors = len_bytes / SECTOR_SIZE as u64;
-        let asked = offset_sectors..offset_sectors.saturating_add(len_bytes.div_ceil(SECTOR_SIZE as u64));
-        if offset_bytes.is_none_or(|o| o % block != 0) || len_bytes % block != 0 {
+    /// Bytes are counted in `u128`: a write-zeroes may cover up to `u64::MAX` sectors.
+    fn check(&self, operation: Operation, offset_sectors: u64, len_bytes: u128) -> io::Result<Range<u64>> {
+        let block = u128::from(self.options.logical_block_size);
+        let sector = SECTOR_SIZE as u128;
+        // Whole sectors (the length in sectors of a whole-block request fits a u64: it is
+        // either a buffer's length or a sector count).
+        let len_sectors = u64::try_from(len_bytes / sector).unwrap_or(u64::MAX);
+        let asked_sectors = u64::try_from(len_bytes.div_ceil(sector)).unwrap_or(u64::MAX);
+        let asked = offset_sectors..offset_sectors.saturating_add(asked_sectors);
+        if sectors_to_bytes(offset_sectors) % block != 0 || len_bytes % block != 0 {
             let block_size = self.options.logical_block_size;
             return Err(self.error(operation, asked, DiskFailure::Misaligned { block_size }));
         }
@@ -601,7 +608,8 @@ impl MemDisk {
         }
         if self.options.zoned {
             let zone = (sectors.start / self.options.zone_sectors) as usize;
-            let zone_end = (zone as u64 + 1) * self.options.zone_sectors;
+            // The last zone may be short: its end saturates at the end of the address space.
+            let zone_end = (zone as u64 + 1).saturating_mul(self.options.zone_sectors);
             let write_pointer = state.write_pointers[zone];
             if write_pointer != sectors.start || sectors.end > zone_end {
                 // An unaligned write to a sequential zone, as the kernel reports it; logged, so
@@ -649,7 +657,8 @@ impl MemDisk {
         }
         // A successful write repairs latent errors under it.
         state.latent = state.latent.difference(&RangeSet::from_range(landed));
-        state.stats.written_bytes += (sectors.end - sectors.start) * SECTOR_SIZE as u64;
+        let written = u64::try_from(sectors_to_bytes(sectors.end - sectors.start)).unwrap_or(u64::MAX);
+        state.stats.written_bytes = state.stats.written_bytes.saturating_add(written);
         Ok(())
     }
 
@@ -711,10 +720,11 @@ impl BlockDevice for MemDisk {
         Geometry::new(self.options.len_sectors, self.options.logical_block_size)
             .with_write_zeroes(self.options.write_zeroes)
             .with_zoned(self.options.zoned)
+            .with_zone_sectors(if self.options.zoned { self.options.zone_sectors } else { 0 })
     }
 
     fn read(&self, offset_sectors: u64, mut buf: ReadBuf) -> IoFuture<'_, (ReadBuf, io::Result<()>)> {
-        let sectors = match self.check(Operation::Read, offset_sectors, buf.len() as u64) {
+        let sectors = match self.check(Operation::Read, offset_sectors, buf.len() as u128) {
             Ok(sectors) => sectors,
             Err(error) => {
                 return Box::pin(async move { (buf, Err(self.refuse(Operation::Read, offset_sectors, error))) });
@@ -742,7 +752,7 @@ impl BlockDevice for MemDisk {
     }
 
     fn write(&self, offset_sectors: u64, buf: WriteBuf) -> IoFuture<'_, io::Result<()>> {
-        let sectors = match self.check(Operation::Write, offset_sectors, buf.len() as u64) {
+        let sectors = match self.check(Operation::Write, offset_sectors, buf.len() as u128) {
             Ok(sectors) => sectors,
             Err(error) => return Box::pin(async move { Err(self.refuse(Operation::Write, offset_sectors, error)) }),
         };
@@ -754,13 +764,12 @@ impl BlockDevice for MemDisk {
     }
 
     fn write_zeroes(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
-        let sectors =
-            match self.check(Operation::WriteZeroes, offset_sectors, len_sectors.saturating_mul(SECTOR_SIZE as u64)) {
-                Ok(sectors) => sectors,
-                Err(error) => {
-                    return Box::pin(async move { Err(self.refuse(Operation::WriteZeroes, offset_sectors, error)) });
-                }
-            };
+        let sectors = match self.check(Operation::WriteZeroes, offset_sectors, sectors_to_bytes(len_sectors)) {
+            Ok(sectors) => sectors,
+            Err(error) => {
+                return Box::pin(async move { Err(self.refuse(Operation::WriteZeroes, offset_sectors, error)) });
+            }
+        };
         // Offloaded zeroing moves no data: it costs one request, not bandwidth.
         let issued = self.issue(Operation::WriteZeroes, &sectors, 0, None);
         Box::pin(async move {
@@ -781,6 +790,11 @@ impl BlockDevice for MemDisk {
     /// A sparse disk frees what it zeroes (its write-zeroes drops the extents).
     fn deallocates(&self) -> bool {
         self.options.sparse
+    }
+
+    /// A write-zeroes: on a sparse disk it drops the extents, which is the deallocation.
+    fn deallocate(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
+        self.write_zeroes(offset_sectors, len_sectors)
     }
 
     fn flush(&self) -> IoFuture<'_, io::Result<()>> {

@@ -2,16 +2,17 @@
 //! requests in flight over time, bytes moved over time and request latency.
 //!
 //! ```text
-//!  engine ──► Observed ──► MemDisk ◄── foreground (not observed: its latency is kept apart)
-//!               │ issue: size histogram, in-flight +1
+//!  engine ──► Observed = Forward<Probing> ──► MemDisk ◄── foreground (not observed: its
+//!               │ issue: size histogram, in-flight +1         latency is kept apart)
 //!               └ done:  in-flight −1, bytes and latency into the series
+//!               allocation queries, flush: the disk's own (a sparse disk stays sparse)
 //! ```
 
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use kcopyd_core::{BlockDevice, DeviceId, Geometry, IoFuture, ReadBuf, SECTOR_SIZE, WriteBuf};
+use kcopyd_core::{BlockDevice, Forward, Hooks, IoFuture, ReadBuf, WriteBuf, sectors_to_bytes};
 use tokio::time::Instant;
 
 use super::series::Series;
@@ -75,7 +76,7 @@ impl Probe {
         self.in_flight -= 1;
         let direction = if write { &mut self.writes } else { &mut self.reads };
         direction.requests += 1;
-        direction.bytes += len_bytes;
+        direction.bytes = direction.bytes.saturating_add(len_bytes);
         direction.latency_us_total += now_us - issued_us;
         direction.bytes_series.add(now_us, len_bytes as f64);
     }
@@ -86,19 +87,24 @@ impl Probe {
     }
 }
 
-/// The observed device: forwards everything to the disk and records the engine's requests.
+/// The observed device: a [`Forward`] to the disk whose hooks record the engine's reads,
+/// writes and write-zeroes (deallocations counted as write-zeroes); everything else,
+/// allocation queries included, is the disk's own.
+pub(crate) type Observed = Forward<Probing>;
+
+/// An observed view of `disk`, its times counted from `origin`.
+pub(crate) fn observed(disk: Arc<MemDisk>, origin: Instant) -> Observed {
+    Forward::new(disk, Probing { probe: Arc::default(), origin })
+}
+
+/// The hooks of an [`Observed`] disk: the probe, and the time origin.
 #[derive(Debug)]
-pub(crate) struct Observed {
-    disk: Arc<MemDisk>,
+pub(crate) struct Probing {
     probe: Arc<Mutex<Probe>>,
     origin: Instant,
 }
 
-impl Observed {
-    pub(crate) fn new(disk: Arc<MemDisk>, origin: Instant) -> Observed {
-        Observed { disk, probe: Arc::default(), origin }
-    }
-
+impl Probing {
     pub(crate) fn probe(&self) -> MutexGuard<'_, Probe> {
         self.probe.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -114,56 +120,88 @@ impl Observed {
         let now = model_us_since(self.origin);
         self.probe().complete(now, issued_us, write, len_bytes);
     }
+
+    /// Records `request` (a write if `write`) of `len_bytes` from issue to completion.
+    fn watched<'a, T: Send + 'a>(&'a self, write: bool, len_bytes: u64, request: IoFuture<'a, T>) -> IoFuture<'a, T> {
+        let issued = self.issue(write, len_bytes);
+        Box::pin(async move {
+            let done = request.await;
+            self.complete(issued, write, len_bytes);
+            done
+        })
+    }
 }
 
-impl BlockDevice for Observed {
-    fn name(&self) -> &str {
-        self.disk.name()
-    }
+/// Bytes of `len_sectors`, saturating (a write-zeroes may cover a whole huge disk).
+fn zeroes_bytes(len_sectors: u64) -> u64 {
+    u64::try_from(sectors_to_bytes(len_sectors)).unwrap_or(u64::MAX)
+}
 
-    fn id(&self) -> DeviceId {
-        // The disk's own identity, so the engine's overlap checks see one device.
-        self.disk.id()
-    }
-
-    fn geometry(&self) -> Geometry {
-        self.disk.geometry()
-    }
-
-    fn read(&self, offset_sectors: u64, buf: ReadBuf) -> IoFuture<'_, (ReadBuf, io::Result<()>)> {
+impl Hooks for Probing {
+    fn read<'a>(
+        &'a self,
+        inner: &'a dyn BlockDevice,
+        offset_sectors: u64,
+        buf: ReadBuf,
+    ) -> IoFuture<'a, (ReadBuf, io::Result<()>)> {
         let len_bytes = buf.len() as u64;
-        let issued = self.issue(false, len_bytes);
-        let request = self.disk.read(offset_sectors, buf);
-        Box::pin(async move {
-            let done = request.await;
-            self.complete(issued, false, len_bytes);
-            done
-        })
+        self.watched(false, len_bytes, inner.read(offset_sectors, buf))
     }
 
-    fn write(&self, offset_sectors: u64, buf: WriteBuf) -> IoFuture<'_, io::Result<()>> {
+    fn write<'a>(
+        &'a self,
+        inner: &'a dyn BlockDevice,
+        offset_sectors: u64,
+        buf: WriteBuf,
+    ) -> IoFuture<'a, io::Result<()>> {
         let len_bytes = buf.len() as u64;
-        let issued = self.issue(true, len_bytes);
-        let request = self.disk.write(offset_sectors, buf);
-        Box::pin(async move {
-            let done = request.await;
-            self.complete(issued, true, len_bytes);
-            done
-        })
+        self.watched(true, len_bytes, inner.write(offset_sectors, buf))
     }
 
-    fn write_zeroes(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
-        let len_bytes = len_sectors.saturating_mul(SECTOR_SIZE as u64);
-        let issued = self.issue(true, len_bytes);
-        let request = self.disk.write_zeroes(offset_sectors, len_sectors);
-        Box::pin(async move {
-            let done = request.await;
-            self.complete(issued, true, len_bytes);
-            done
-        })
+    fn write_zeroes<'a>(
+        &'a self,
+        inner: &'a dyn BlockDevice,
+        offset_sectors: u64,
+        len_sectors: u64,
+    ) -> IoFuture<'a, io::Result<()>> {
+        self.watched(true, zeroes_bytes(len_sectors), inner.write_zeroes(offset_sectors, len_sectors))
     }
 
-    fn flush(&self) -> IoFuture<'_, io::Result<()>> {
-        self.disk.flush()
+    fn deallocate<'a>(
+        &'a self,
+        inner: &'a dyn BlockDevice,
+        offset_sectors: u64,
+        len_sectors: u64,
+    ) -> IoFuture<'a, io::Result<()>> {
+        self.watched(true, zeroes_bytes(len_sectors), inner.deallocate(offset_sectors, len_sectors))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kcopyd_core::RangeSet;
+
+    use super::*;
+    use crate::MemDiskOptions;
+
+    #[test]
+    fn an_observed_sparse_disk_stays_sparse() {
+        crate::Simulation::block_on(async {
+            let disk = Arc::new(MemDisk::new(MemDiskOptions {
+                name: "thin".into(),
+                len_sectors: 1024,
+                sparse: true,
+                ..MemDiskOptions::default()
+            }));
+            disk.fill_pattern_range(100..108, 3, 0);
+            let observed = observed(disk.clone(), Instant::now());
+            // Before, the scenario's view of every disk said all allocated and no deallocation.
+            assert_eq!(observed.allocated(0, 1024).await.unwrap(), RangeSet::from_range(100..108));
+            assert!(observed.deallocates());
+            observed.deallocate(100, 8).await.unwrap();
+            assert_eq!(disk.allocated_sectors(0..1024), 0);
+            let probe = observed.hooks().probe().clone();
+            assert_eq!((probe.writes.requests, probe.writes.bytes), (1, 8 * 512), "the deallocation is observed");
+        });
     }
 }

@@ -20,12 +20,13 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use kcopyd_core::{
     BlockDevice, Client, Device, Flags, Job, Outcome, PagePool, RangeSet, ReadBuf, Region, SECTOR_SIZE, WriteBuf,
+    sectors_to_bytes,
 };
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::ScenarioError;
-use super::probe::{Observed, model_us_since};
+use super::probe::{Observed, model_us_since, observed};
 use super::report::{DiskReport, ForegroundReport, IoSizeCount, JobReport, Latencies, Report, Sample, TargetOutcome};
 use super::scenario::{Access, Content, JobKind, Scenario};
 use super::series::Series;
@@ -118,7 +119,7 @@ fn simulate(scenario: &Scenario, with_jobs: bool, foreground_us: Option<u64>) ->
                 if spec.content == Content::Pattern {
                     disk.fill_pattern(disk.options().seed);
                 }
-                (name.clone(), Arc::new(Observed::new(disk.clone(), origin)), disk)
+                (name.clone(), Arc::new(observed(disk.clone(), origin)), disk)
             })
             .collect();
         let by_name: BTreeMap<&str, (Arc<Observed>, Arc<MemDisk>)> =
@@ -158,7 +159,7 @@ fn simulate(scenario: &Scenario, with_jobs: bool, foreground_us: Option<u64>) ->
             entry.report.verification = verify_entry(scenario, index, &by_disk, &entry.holes);
         }
         for (_, observed, _) in &disks {
-            observed.probe().finish(jobs_end_us.max(1));
+            observed.hooks().probe().finish(jobs_end_us.max(1));
         }
         let pages_in_use_max = client.pool_stats().pages_in_use_max;
         RunData { entries, jobs_end_us, end_us, disks, foreground, pages_in_use_max }
@@ -189,7 +190,9 @@ async fn drive_entry(
                 JobKind::Copy => "copy".into(),
                 JobKind::Zero => "zero".into(),
             },
-            bytes: len_sectors * SECTOR_SIZE as u64 * spec.count,
+            // Saturating: a job may cover a disk of up to u64::MAX sectors, many times.
+            bytes: u64::try_from(sectors_to_bytes(len_sectors).saturating_mul(u128::from(spec.count)))
+                .unwrap_or(u64::MAX),
             targets: spec
                 .targets
                 .iter()
@@ -392,7 +395,7 @@ fn assemble(scenario: &Scenario, main: RunData, baseline: Option<RunData>, wall:
             entry.report.clone()
         })
         .collect();
-    let job_bytes: u64 = jobs.iter().map(|j| j.bytes).sum();
+    let job_bytes: u64 = jobs.iter().fold(0, |sum, j| sum.saturating_add(j.bytes));
     let first_submit_s = jobs.iter().map(|j| j.first_submit_s).reduce(f64::min).unwrap_or(0.0);
     let copy_seconds = main.jobs_end_us as f64 / 1e6;
     let span_s = copy_seconds - first_submit_s;
@@ -400,7 +403,7 @@ fn assemble(scenario: &Scenario, main: RunData, baseline: Option<RunData>, wall:
     let all_ok = jobs.iter().all(|j| j.ok == j.jobs && j.verification.mismatched_sectors == 0);
 
     // One bucket width for every series: the widest any of them reached.
-    let mut probes: Vec<_> = main.disks.iter().map(|(_, observed, _)| observed.probe().clone()).collect();
+    let mut probes: Vec<_> = main.disks.iter().map(|(_, observed, _)| observed.hooks().probe().clone()).collect();
     let mut foreground = main.foreground;
     let mut alone = baseline.and_then(|b| b.foreground);
     let mut width_us = 1;
