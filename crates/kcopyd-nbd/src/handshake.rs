@@ -75,8 +75,18 @@ where
 
     let mut options = Options { reader, writer, server };
     options.send(NBD_OPT_STRUCTURED_REPLY, &[]).await?;
-    let (reply, _) = options.reply(NBD_OPT_STRUCTURED_REPLY).await?;
-    let structured = reply == NBD_REP_ACK;
+    let (reply, data) = options.reply(NBD_OPT_STRUCTURED_REPLY).await?;
+    let structured = match reply {
+        NBD_REP_ACK if data.is_empty() => true,
+        // An older server: simple replies only.
+        _ if is_rep_error(reply) => false,
+        _ => {
+            return Err(protocol(format!(
+                "reply {reply:#x} with {} bytes to NBD_OPT_STRUCTURED_REPLY (NBD_REP_ACK or an error expected)",
+                data.len()
+            )));
+        }
+    };
 
     let mut base_allocation = None;
     if structured {
@@ -89,11 +99,17 @@ where
             let (reply, data) = options.reply(NBD_OPT_SET_META_CONTEXT).await?;
             match reply {
                 NBD_REP_META_CONTEXT if data.len() >= 4 => {
+                    let id = u32::from_be_bytes(data[..4].try_into().expect("4 bytes"));
                     if &data[4..] == BASE_ALLOCATION.as_bytes() {
-                        base_allocation = Some(u32::from_be_bytes(data[..4].try_into().expect("4 bytes")));
+                        if base_allocation.is_some_and(|agreed| agreed != id) {
+                            return Err(protocol(format!("{BASE_ALLOCATION} given two context ids")));
+                        }
+                        base_allocation = Some(id);
                     }
+                    // Any other context (not asked for) is never used: block status for it is
+                    // refused in transmission.
                 }
-                NBD_REP_ACK => break,
+                NBD_REP_ACK if data.is_empty() => break,
                 // Refused or unknown: the export simply has no block status.
                 _ if is_rep_error(reply) => break,
                 _ => return Err(protocol(format!("reply {reply:#x} to NBD_OPT_SET_META_CONTEXT"))),
@@ -107,22 +123,33 @@ where
     data.extend_from_slice(&NBD_INFO_BLOCK_SIZE.to_be_bytes());
     options.send(NBD_OPT_GO, &data).await?;
     let mut export_info = None;
-    let (mut block_min_bytes, mut block_preferred_bytes, mut block_max_bytes) = (1, 4096, PAYLOAD_BYTES_DEFAULT_MAX);
+    let mut block_sizes = None;
     loop {
         let (reply, data) = options.reply(NBD_OPT_GO).await?;
         match reply {
             NBD_REP_INFO if data.len() >= 2 => match u16::from_be_bytes([data[0], data[1]]) {
                 NBD_INFO_EXPORT if data.len() == 12 => {
                     let size_bytes = u64::from_be_bytes(data[2..10].try_into().expect("8 bytes"));
-                    export_info = Some((size_bytes, u16::from_be_bytes([data[10], data[11]])));
+                    let stated = (size_bytes, u16::from_be_bytes([data[10], data[11]]));
+                    if export_info.is_some_and(|before| before != stated) {
+                        return Err(protocol("NBD_INFO_EXPORT sent twice, with different sizes or flags".into()));
+                    }
+                    export_info = Some(stated);
                 }
                 NBD_INFO_BLOCK_SIZE if data.len() == 14 => {
                     let word = |at: usize| u32::from_be_bytes(data[at..at + 4].try_into().expect("4 bytes"));
-                    (block_min_bytes, block_preferred_bytes, block_max_bytes) = (word(2), word(6), word(10));
+                    let stated = (word(2), word(6), word(10));
+                    if block_sizes.is_some_and(|before| before != stated) {
+                        return Err(protocol("NBD_INFO_BLOCK_SIZE sent twice, with different sizes".into()));
+                    }
+                    block_sizes = Some(stated);
+                }
+                info @ (NBD_INFO_EXPORT | NBD_INFO_BLOCK_SIZE) => {
+                    return Err(protocol(format!("information item {info} of {} bytes", data.len())));
                 }
                 _ => {} // Information this client did not ask for, or does not use.
             },
-            NBD_REP_ACK => break,
+            NBD_REP_ACK if data.is_empty() => break,
             _ if is_rep_error(reply) => {
                 let message = String::from_utf8_lossy(&data).into_owned();
                 return Err(ConnectError::OptionRefused {
@@ -140,6 +167,10 @@ where
     if transmission_flags & NBD_FLAG_HAS_FLAGS == 0 {
         return Err(protocol("transmission flags without NBD_FLAG_HAS_FLAGS".into()));
     }
+    // Without NBD_INFO_BLOCK_SIZE: the protocol's defaults.
+    let (block_min_bytes, block_preferred_bytes, block_max_bytes) =
+        block_sizes.unwrap_or((1, 4096, PAYLOAD_BYTES_DEFAULT_MAX));
+    check_block_sizes(block_min_bytes, block_preferred_bytes, block_max_bytes).map_err(protocol)?;
     Ok(ExportInfo {
         size_bytes,
         transmission_flags,
@@ -149,6 +180,27 @@ where
         structured,
         base_allocation: base_allocation.filter(|_| structured),
     })
+}
+
+/// The rules of `NBD_INFO_BLOCK_SIZE`: the minimum a power of two up to 64 KiB, the preferred
+/// a power of two at least the minimum, the maximum at least the minimum and a multiple of it
+/// (or `0xffffffff`).
+///
+/// Worked example: (1, 4096, 33554432) and (512, 4096, 0xffffffff) pass; (4096, 512, …) and
+/// (512, 4096, 1000) do not.
+pub(crate) fn check_block_sizes(min_bytes: u32, preferred_bytes: u32, max_bytes: u32) -> Result<(), String> {
+    let problem = if !min_bytes.is_power_of_two() || min_bytes > 65536 {
+        "the minimum is not a power of two up to 64 KiB"
+    } else if !preferred_bytes.is_power_of_two() || preferred_bytes < min_bytes {
+        "the preferred size is not a power of two at least the minimum"
+    } else if max_bytes < min_bytes || (max_bytes % min_bytes != 0 && max_bytes != u32::MAX) {
+        "the maximum is not a multiple of the minimum"
+    } else {
+        return Ok(());
+    };
+    Err(format!(
+        "block sizes minimum {min_bytes}, preferred {preferred_bytes}, maximum {max_bytes} break the protocol: {problem}"
+    ))
 }
 
 /// Option requests and their replies.

@@ -32,6 +32,7 @@ mod error;
 mod handshake;
 mod proto;
 mod reactor;
+mod reply;
 mod uri;
 
 pub use device::{
