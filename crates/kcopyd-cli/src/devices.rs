@@ -36,6 +36,36 @@ pub struct Settings {
     pub queue_depth: usize,
     /// The I/O engine of opened files and block devices.
     pub io_engine: IoEngine,
+    /// How NBD exports are opened: connect timeout, per-request timeout.
+    pub nbd: NbdSettings,
+}
+
+/// `--connect-timeout` and `--io-timeout` for NBD exports, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NbdSettings {
+    /// How long connecting and the handshake of each connection may take.
+    pub connect_timeout_ms: u64,
+    /// Most time a request may wait for its reply (`None`: for ever).
+    pub io_timeout_ms: Option<u64>,
+}
+
+impl NbdSettings {
+    /// The timeouts of `args`, checked: at least a millisecond each.
+    ///
+    /// # Errors
+    /// A timeout under 1 ms, named by its option.
+    fn from_args(args: &EngineArgs) -> Result<NbdSettings, CliError> {
+        let millis = |option: &'static str, us: u64| {
+            if us < 1000 {
+                return Err(CliError::argument(option, format!("{us}us"), "must be at least 1ms"));
+            }
+            Ok(us / 1000)
+        };
+        Ok(NbdSettings {
+            connect_timeout_ms: millis("--connect-timeout", args.connect_timeout_us)?,
+            io_timeout_ms: args.io_timeout_us.map(|us| millis("--io-timeout", us)).transpose()?,
+        })
+    }
 }
 
 impl Settings {
@@ -90,11 +120,13 @@ impl Settings {
             ));
         }
         let sub_job_size_bytes = usize::try_from(args.sub_job_size_bytes).unwrap_or(usize::MAX);
+        let nbd = NbdSettings::from_args(args)?;
         let config = ClientConfig {
             page_budget: usize::try_from(args.memory_bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX),
             sub_job_size_bytes,
             subjobs_in_flight,
             huge_pages: !args.no_huge_pages,
+            io_timeout_ms: nbd.io_timeout_ms,
             ..ClientConfig::default()
         };
         config.validate().map_err(|source| {
@@ -117,7 +149,7 @@ impl Settings {
                 ));
             }
         };
-        Ok(Settings { config, buffered: args.buffered, queue_depth, io_engine })
+        Ok(Settings { config, buffered: args.buffered, queue_depth, io_engine, nbd })
     }
 }
 
@@ -399,7 +431,12 @@ pub fn open(
             Ok(Opened { arg: arg.clone(), role, device: disk, os: None })
         }
         Backend::Nbd(uri) => {
-            let options = kcopyd_nbd::ConnectOptions { write, ..kcopyd_nbd::ConnectOptions::default() };
+            let options = kcopyd_nbd::ConnectOptions {
+                write,
+                connect_timeout_ms: settings.nbd.connect_timeout_ms,
+                io_timeout_ms: settings.nbd.io_timeout_ms,
+                ..kcopyd_nbd::ConnectOptions::default()
+            };
             let device = kcopyd_nbd::NbdDevice::connect(uri, &options)
                 .map_err(|error| CliError::argument(role.name(), &arg.text, error.to_string()))?;
             Ok(Opened { arg: arg.clone(), role, device: Arc::new(device), os: None })
@@ -559,6 +596,36 @@ fn check_before_open(arg: &DeviceArg, role: Role) -> Result<(), CliError> {
         ));
     }
     Ok(())
+}
+
+/// Runs `open` (opening devices, which for NBD exports means connecting and a handshake that
+/// may take up to `--connect-timeout` per connection) on a thread of its own when `args` name
+/// an NBD export, so that this thread goes on reading signals: Ctrl-C or SIGTERM ends the
+/// wait at once with [`CliError::Interrupted`] (exit 130 or 143); the connecting thread is
+/// left to the process's exit. Nothing is written before the devices are open, and files
+/// are created only after every NBD export is open, so nothing is left behind.
+///
+/// # Errors
+/// What `open` returns, or the interruption.
+pub async fn open_interruptibly<'a, T: Send + 'static>(
+    args: impl IntoIterator<Item = &'a DeviceArg>,
+    interrupts: &mut crate::progress::Interrupts,
+    open: impl FnOnce() -> Result<T, CliError> + Send + 'static,
+) -> Result<T, CliError> {
+    if !args.into_iter().any(|arg| matches!(arg.backend, Backend::Nbd(_))) {
+        return open();
+    }
+    let (opened_tx, opened_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("kcopyd-open".into())
+        .spawn(move || {
+            let _ = opened_tx.send(open());
+        })
+        .map_err(|source| CliError::Start { what: "the thread opening the devices", source })?;
+    tokio::select! {
+        opened = opened_rx => opened.expect("the opening thread sends its result"),
+        code = interrupts.recv() => Err(CliError::Interrupted { what: "connecting to the NBD server", code }),
+    }
 }
 
 /// Whether `path` names nothing (a missing file that a copy may create).

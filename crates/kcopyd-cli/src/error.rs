@@ -130,6 +130,15 @@ pub enum CliError {
         /// What went wrong.
         problem: String,
     },
+    /// A signal came while devices were being opened (an NBD server still connecting):
+    /// nothing was written.
+    #[error("interrupted while {what}: nothing was written")]
+    Interrupted {
+        /// What was going on.
+        what: &'static str,
+        /// The signal's exit code (130 SIGINT, 143 SIGTERM).
+        code: u8,
+    },
     #[error("starting {what}: {source}")]
     Start {
         /// What could not start.
@@ -152,6 +161,7 @@ impl CliError {
             | CliError::Scenario { .. }
             | CliError::File { .. } => Status::Usage,
             CliError::Start { .. } | CliError::Io { .. } | CliError::Plot { .. } => Status::Failed,
+            CliError::Interrupted { code, .. } => Status::Interrupted(*code),
         }
     }
 
