@@ -183,6 +183,8 @@ pub struct Opened {
     pub device: Device,
     /// Files and block devices: what was opened.
     pub os: Option<OsFacts>,
+    /// NBD exports: the export, for the bytes past its whole blocks (see [`crate::tail`]).
+    pub nbd: Option<Arc<kcopyd_nbd::NbdDevice>>,
 }
 
 /// What a file or block device argument opened.
@@ -201,11 +203,13 @@ pub struct OsFacts {
 
 impl Opened {
     /// The bytes a range may use: a regular file's whole length, partial last block
-    /// included; a block device's or simulated disk's length.
+    /// included; an NBD export's size, whole blocks or not; a block device's or simulated
+    /// disk's length.
     pub fn len_bytes(&self) -> u64 {
-        match &self.os {
-            Some(facts) => facts.len_bytes,
-            None => self.device.geometry().len_sectors * SECTOR_SIZE as u64,
+        match (&self.os, &self.nbd) {
+            (Some(facts), _) => facts.len_bytes,
+            (None, Some(nbd)) => nbd.size_bytes(),
+            (None, None) => self.device.geometry().len_sectors * SECTOR_SIZE as u64,
         }
     }
 
@@ -213,6 +217,12 @@ impl Opened {
     /// cache, see [`crate::tail`]).
     pub fn is_file(&self) -> bool {
         self.os.as_ref().is_some_and(|facts| facts.kind == DeviceKind::File)
+    }
+
+    /// Whether a range may end in a partial block here: regular files, and NBD exports (byte
+    /// requests, where the server's minimum block size allows them: see [`check_tail`]).
+    pub fn takes_partial_block(&self) -> bool {
+        self.is_file() || self.nbd.is_some()
     }
 
     /// The device's logical block size in bytes.
@@ -246,7 +256,7 @@ impl Opened {
                 "offset of {offset} bytes is not a multiple of the device's {block}-byte logical block"
             )));
         }
-        if len_bytes % block != 0 && !self.is_file() {
+        if len_bytes % block != 0 && !self.takes_partial_block() {
             return Err(CliError::argument(
                 "--length",
                 len_bytes.to_string(),
@@ -279,9 +289,9 @@ impl Opened {
         Ok(())
     }
 
-    /// Whether the range of `len_bytes` ends at the end of this regular file.
+    /// Whether the range of `len_bytes` ends at the end of this regular file or NBD export.
     fn ends_at_end_of_file(&self, len_bytes: u64) -> bool {
-        self.is_file() && self.arg.offset_bytes.checked_add(len_bytes) == Some(self.len_bytes())
+        self.takes_partial_block() && self.arg.offset_bytes.checked_add(len_bytes) == Some(self.len_bytes())
     }
 
     /// The largest length the source offers from its offset.
@@ -428,7 +438,7 @@ pub fn open(
             };
             spec.check_len(len_bytes).map_err(|error| CliError::argument(role.name(), &arg.text, error.to_string()))?;
             let disk = spec.build(len_bytes);
-            Ok(Opened { arg: arg.clone(), role, device: disk, os: None })
+            Ok(Opened { arg: arg.clone(), role, device: disk, os: None, nbd: None })
         }
         Backend::Nbd(uri) => {
             let options = kcopyd_nbd::ConnectOptions {
@@ -439,7 +449,8 @@ pub fn open(
             };
             let device = kcopyd_nbd::NbdDevice::connect(uri, &options)
                 .map_err(|error| CliError::argument(role.name(), &arg.text, error.to_string()))?;
-            Ok(Opened { arg: arg.clone(), role, device: Arc::new(device), os: None })
+            let device = Arc::new(device);
+            Ok(Opened { arg: arg.clone(), role, device: device.clone(), os: None, nbd: Some(device) })
         }
         Backend::Path(path) => {
             let options = OpenOptions {
@@ -498,7 +509,7 @@ pub fn open(
             }
             let storage = device.storage().clone();
             let os = Some(OsFacts { path: path.clone(), kind: device.kind(), storage, len_bytes });
-            Ok(Opened { arg: arg.clone(), role, device: Arc::new(device), os })
+            Ok(Opened { arg: arg.clone(), role, device: Arc::new(device), os, nbd: None })
         }
     }
 }
@@ -537,7 +548,10 @@ fn check_tail(source: Option<&Opened>, targets: &[Opened], len_bytes: u64) -> Re
             ),
         ));
     }
-    if let Some(whole_blocks_only) = devices.iter().find(|d| !d.is_file()) {
+    for device in &devices {
+        check_nbd_tail(device, tail)?;
+    }
+    if let Some(whole_blocks_only) = devices.iter().find(|d| !d.takes_partial_block()) {
         let what = match (&whole_blocks_only.os, &whole_blocks_only.arg.backend) {
             (Some(_), _) => "a block device",
             (None, Backend::Nbd(_)) => "an NBD export",
@@ -553,6 +567,29 @@ fn check_tail(source: Option<&Opened>, targets: &[Opened], len_bytes: u64) -> Re
         )));
     }
     Ok(tail)
+}
+
+/// Refuses the tail of a range on an NBD export whose server's minimum block size does not
+/// allow it: a 1,000-byte export with 512-byte minimum blocks cannot give its last 488 bytes.
+///
+/// # Errors
+/// The tail's offset or length is not a multiple of the server's minimum block size.
+fn check_nbd_tail(device: &Opened, tail: Tail) -> Result<(), CliError> {
+    let Some(nbd) = &device.nbd else { return Ok(()) };
+    let min = u64::from(nbd.min_block_bytes());
+    let at = device.arg.offset_bytes + tail.offset_in_range_bytes;
+    if at % min == 0 && tail.len_bytes % min == 0 {
+        return Ok(());
+    }
+    Err(device.error(format!(
+        "the range ends {} bytes into a block, at byte {}, but the server's minimum block size is {min} bytes, \
+         so those bytes cannot be {}: give --length {} to leave the last {} bytes out",
+        tail.len_bytes,
+        at + tail.len_bytes,
+        if device.role == Role::Source { "read" } else { "written" },
+        tail.offset_in_range_bytes,
+        tail.len_bytes
+    )))
 }
 
 /// Extends the file at `path` to `len_bytes` if it is shorter (never truncates).

@@ -1,0 +1,175 @@
+//! The `kcopyd` command against a misbehaving NBD server (`kcopyd_tests::bad_nbd`): for every
+//! misbehaviour, `kcopyd copy` from it into the middle of a file, bounded in time, then:
+//!
+//! ```text
+//!  no panic · finished before CASE_TIMEOUT (else killed, and the case fails) · the exit code
+//!  its Expect documents · the bytes around the range untouched · every sector of the range
+//!  either holds what the server really holds, or is reported failed / not copied
+//! ```
+//!
+//! and `verify` and `zero` for the cases that need them. Cases run a few at a time.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kcopyd_tests::bad_nbd::{BadServer, Expect, Misbehaviour};
+use kcopyd_tests::fixtures::{TempDir, pattern};
+
+/// Bytes the server holds.
+const DATA_BYTES: usize = 64 << 10;
+/// Bytes of the target file before and after the range, which must not change.
+const GUARD_BYTES: usize = 4096;
+/// The byte the target file is filled with before the copy.
+const GUARD_FILL: u8 = 0x5a;
+/// How long one run of the command may take before it is killed and the case fails: the
+/// timeouts given to the command are 2 s.
+const CASE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Cases run at a time.
+const CASES_IN_PARALLEL: usize = 6;
+
+/// How one run ended.
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `kcopyd ARGS`, killing it after [`CASE_TIMEOUT`].
+fn kcopyd_bounded(args: &[&str]) -> Result<Run, String> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kcopyd"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawning kcopyd: {e}"))?;
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let out = thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        text
+    });
+    let err = thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        if started.elapsed() > CASE_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("hung: killed after {CASE_TIMEOUT:?} ({args:?})"));
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let (stdout, stderr) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
+    if stderr.contains("panicked") {
+        return Err(format!("panicked: {stderr}"));
+    }
+    Ok(Run { code: status.code().unwrap_or(-1), stdout, stderr })
+}
+
+fn expected_code(expect: Expect) -> i32 {
+    match expect {
+        Expect::Copied => 0,
+        Expect::Failed => 1,
+        Expect::Refused => 2,
+    }
+}
+
+/// Target sectors the report calls failed or not copied (source sectors mapped to the target).
+fn reported_sectors(report: &serde_json::Value, target_start_sector: u64) -> BTreeSet<u64> {
+    let mut sectors = BTreeSet::new();
+    let mut add = |pairs: &serde_json::Value, shift: u64| {
+        for pair in pairs.as_array().into_iter().flatten() {
+            let (start, end) = (pair[0].as_u64().unwrap_or(0), pair[1].as_u64().unwrap_or(0));
+            sectors.extend(start + shift..end + shift);
+        }
+    };
+    add(&report["source"]["read_failed_sectors"], target_start_sector);
+    add(&report["targets"][0]["not_copied_sectors"], 0);
+    add(&report["targets"][0]["write_failed_sectors"], 0);
+    sectors
+}
+
+/// One misbehaviour, end to end. `Err` says what went wrong.
+fn copy_case(misbehaviour: Misbehaviour) -> Result<(), String> {
+    let dir = TempDir::new(&format!("bad-nbd-cli-{misbehaviour:?}"));
+    let data = pattern(0xbad0 + misbehaviour as u64, DATA_BYTES);
+    let server = BadServer::start("cli", misbehaviour, data.clone());
+    let range = (misbehaviour.size_bytes(DATA_BYTES as u64) as usize).min(DATA_BYTES);
+    let before = vec![GUARD_FILL; GUARD_BYTES + range + GUARD_BYTES];
+    let target = dir.file_with("target.img", &before);
+    let target_arg = format!("{}@{GUARD_BYTES}", target.display());
+    let uri = server.uri();
+    let args = ["copy", "--json", "--connect-timeout", "2s", "--io-timeout", "2s", &uri, &target_arg];
+    let run = kcopyd_bounded(&args)?;
+    let expected = expected_code(misbehaviour.expect());
+    if run.code != expected {
+        return Err(format!("exit {} (expected {expected}): {}{}", run.code, run.stderr, run.stdout));
+    }
+    let after = fs::read(&target).map_err(|e| e.to_string())?;
+    if after.len() != before.len() {
+        return Err(format!("the target's length changed: {} -> {}", before.len(), after.len()));
+    }
+    if after[..GUARD_BYTES] != before[..GUARD_BYTES] || after[GUARD_BYTES + range..] != before[GUARD_BYTES + range..] {
+        return Err("bytes outside the range changed".into());
+    }
+    let written = &after[GUARD_BYTES..GUARD_BYTES + range];
+    let truth = &server.data()[..range];
+    match misbehaviour.expect() {
+        Expect::Refused if written != &before[GUARD_BYTES..GUARD_BYTES + range] => {
+            Err("refused, yet the range was written".into())
+        }
+        Expect::Copied if written != truth => Err("exit 0, but the target does not hold the export".into()),
+        Expect::Failed => {
+            let report: serde_json::Value =
+                serde_json::from_str(&run.stdout).map_err(|e| format!("no JSON report ({e}): {}", run.stdout))?;
+            let failed = reported_sectors(&report, (GUARD_BYTES / 512) as u64);
+            for (index, (got, want)) in written.chunks(512).zip(truth.chunks(512)).enumerate() {
+                let sector = (GUARD_BYTES / 512 + index) as u64;
+                if got != want && !failed.contains(&sector) {
+                    return Err(format!("sector {sector} is neither the server's data nor reported: {}", run.stdout));
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+#[test]
+fn every_misbehaviour_is_copied_exactly_or_reported() {
+    let failures: Vec<String> = Misbehaviour::ALL
+        .chunks(CASES_IN_PARALLEL)
+        .flat_map(|cases| {
+            thread::scope(|scope| {
+                let runs: Vec<_> = cases.iter().map(|&m| (m, scope.spawn(move || copy_case(m)))).collect();
+                runs.into_iter()
+                    .filter_map(|(m, run)| match run.join() {
+                        Ok(Ok(())) => None,
+                        Ok(Err(problem)) => Some(format!("{m:?} ({}): {problem}", m.describe())),
+                        Err(_) => Some(format!("{m:?}: the test's thread panicked")),
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), Misbehaviour::ALL.len(), failures.join("\n"));
+}
+
+#[test]
+fn there_are_at_least_forty_named_misbehaviours() {
+    assert!(Misbehaviour::ALL.len() >= 40, "{}", Misbehaviour::ALL.len());
+    for m in Misbehaviour::ALL {
+        assert!(!m.describe().is_empty(), "{m:?} has a doc line");
+    }
+}
