@@ -528,7 +528,8 @@ impl Connection {
         if self.misbehaviour == SizeChangesBetweenConnections && self.index > 0 {
             size += 4096;
         }
-        let export = |size: u64, flags: u16| [&0u16.to_be_bytes()[..], &size.to_be_bytes(), &flags.to_be_bytes()].concat();
+        let export =
+            |size: u64, flags: u16| [&0u16.to_be_bytes()[..], &size.to_be_bytes(), &flags.to_be_bytes()].concat();
         let flags = self.transmission_flags();
         if self.misbehaviour != GoWithoutInfoExport {
             self.option_reply(OPT_GO, REP_INFO, &export(size, flags))?;
@@ -537,7 +538,8 @@ impl Connection {
             self.option_reply(OPT_GO, REP_INFO, &export(size * 2, flags))?;
         }
         let (min, preferred, max) = self.block_sizes();
-        let mut block = [&3u16.to_be_bytes()[..], &min.to_be_bytes(), &preferred.to_be_bytes(), &max.to_be_bytes()].concat();
+        let mut block =
+            [&3u16.to_be_bytes()[..], &min.to_be_bytes(), &preferred.to_be_bytes(), &max.to_be_bytes()].concat();
         if self.misbehaviour == InfoBlockSizeMalformed {
             block.truncate(10);
         }
@@ -761,7 +763,9 @@ impl Connection {
         };
         let id = BASE_ALLOCATION_ID;
         match self.misbehaviour {
-            BlockStatusWrongContext => self.chunk(DONE, TYPE_BLOCK_STATUS, cookie, &chunk(OTHER_CONTEXT_ID, &[(len, 2)])),
+            BlockStatusWrongContext => {
+                self.chunk(DONE, TYPE_BLOCK_STATUS, cookie, &chunk(OTHER_CONTEXT_ID, &[(len, 2)]))
+            }
             BlockStatusTwoChunks => {
                 self.chunk(0, TYPE_BLOCK_STATUS, cookie, &chunk(id, &[(half, STATE_ZERO)]))?;
                 self.chunk(DONE, TYPE_BLOCK_STATUS, cookie, &chunk(id, &[(len - half, 0)]))

@@ -84,7 +84,9 @@ fn library_case(misbehaviour: Misbehaviour) -> Result<(), String> {
     let read = read_all(&device);
     match (misbehaviour.expect(), &allocated, &read) {
         (Expect::Copied, Ok(_), Ok(read)) if read[..] == data[..size] => Ok(()),
-        (Expect::Failed, _, Ok(read)) if read[..] != data[..size] => Err("returned data the server did not send".into()),
+        (Expect::Failed, _, Ok(read)) if read[..] != data[..size] => {
+            Err("returned data the server did not send".into())
+        }
         (Expect::Failed, Err(error), _) if misbehaviour.is_block_status() && is_violation(error) => Ok(()),
         (Expect::Failed, _, Err(error)) => check_failure(misbehaviour, error),
         _ => Err(format!("allocated {allocated:?}, read {:?}", read.as_ref().map(|r| r.len()))),

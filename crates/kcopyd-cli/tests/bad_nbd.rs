@@ -163,7 +163,13 @@ fn every_misbehaviour_is_copied_exactly_or_reported() {
             })
         })
         .collect();
-    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), Misbehaviour::ALL.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        Misbehaviour::ALL.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -172,4 +178,117 @@ fn there_are_at_least_forty_named_misbehaviours() {
     for m in Misbehaviour::ALL {
         assert!(!m.describe().is_empty(), "{m:?} has a doc line");
     }
+}
+
+#[test]
+fn an_export_of_1000_bytes_is_copied_verified_and_zeroed_to_its_last_byte() {
+    let dir = TempDir::new("bad-nbd-odd-size");
+    let data = pattern(0x0dd, DATA_BYTES);
+    let server = BadServer::start("odd", Misbehaviour::OddSizeMinOne, data.clone());
+    let uri = server.uri();
+    let copy = dir.join("copy.img");
+    let copy_arg = copy.to_str().unwrap();
+    let run = kcopyd_bounded(&["copy", "--json", &uri, copy_arg]).unwrap();
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(fs::read(&copy).unwrap(), data[..1000], "every byte, none more");
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!((report["bytes_total"].as_u64(), report["bytes_copied"].as_u64()), (Some(1000), Some(1000)));
+
+    let run = kcopyd_bounded(&["verify", &uri, copy_arg]).unwrap();
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let mut changed = data[..1000].to_vec();
+    changed[999] ^= 1;
+    fs::write(&copy, &changed).unwrap();
+    let run = kcopyd_bounded(&["verify", &uri, copy_arg]).unwrap();
+    assert_eq!(run.code, 1, "the last byte differs: {}{}", run.stdout, run.stderr);
+
+    // The other way: into the export, then zero it, to its last byte.
+    let run = kcopyd_bounded(&["copy", copy_arg, &uri]).unwrap();
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(server.data()[..1000], changed[..], "the export holds the file");
+    let run = kcopyd_bounded(&["zero", &uri]).unwrap();
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(server.data()[..1000].iter().all(|&b| b == 0), "zeroed to byte 999");
+    assert_eq!(server.data()[1000..], data[1000..], "nothing past the export's size");
+}
+
+#[test]
+fn an_export_whose_minimum_block_hides_its_tail_is_refused_not_cut() {
+    let dir = TempDir::new("bad-nbd-odd-512");
+    let server = BadServer::start("odd512", Misbehaviour::OddSizeMin512, pattern(0x512, DATA_BYTES));
+    let copy = dir.join("copy.img");
+    let run = kcopyd_bounded(&["copy", &server.uri(), copy.to_str().unwrap()]).unwrap();
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("minimum block size is 512 bytes") && run.stderr.contains("--length 512"),
+        "{}",
+        run.stderr
+    );
+    assert!(!copy.exists(), "nothing created");
+    let run = kcopyd_bounded(&["copy", "--length", "512", &server.uri(), copy.to_str().unwrap()]).unwrap();
+    assert_eq!(run.code, 0, "the whole blocks, when asked: {}", run.stderr);
+}
+
+/// Waits until process `pid` catches SIGINT and SIGTERM (its handlers are installed).
+fn wait_for_signal_handlers(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let caught = status
+            .lines()
+            .find_map(|line| line.strip_prefix("SigCgt:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .unwrap_or(0);
+        let wanted = (1 << (2 - 1)) | (1 << (15 - 1));
+        if caught & wanted == wanted {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the signal handlers never appeared: {status}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_signal_while_connecting_ends_the_command_at_once() {
+    let dir = TempDir::new("bad-nbd-connect-signal");
+    let source = dir.file_with("source.img", &pattern(0x5167, 4096));
+    let server = BadServer::start("signal", Misbehaviour::StallInHandshake, Vec::new());
+    for (signal, code) in [("-INT", 130), ("-TERM", 143)] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kcopyd"))
+            .args(["copy", source.to_str().unwrap(), &server.uri()])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for_signal_handlers(child.id());
+        // Well inside the handshake, which by default may take 30 s.
+        thread::sleep(Duration::from_millis(300));
+        let killed = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
+        assert!(killed.success());
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(5) {
+                let _ = child.kill();
+                panic!("{signal:?} did not end the connect within 5 s");
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(status.code(), Some(code), "{signal:?}");
+    }
+}
+
+#[test]
+fn the_connect_timeout_bounds_a_silent_server() {
+    let dir = TempDir::new("bad-nbd-connect-timeout");
+    let source = dir.file_with("source.img", &pattern(0x7173, 4096));
+    let server = BadServer::start("timeout", Misbehaviour::StallInHandshake, Vec::new());
+    let started = Instant::now();
+    let run = kcopyd_bounded(&["copy", "--connect-timeout", "300ms", source.to_str().unwrap(), &server.uri()]).unwrap();
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains("within 300 ms (--connect-timeout)"), "{}", run.stderr);
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    let run = kcopyd_bounded(&["copy", "--connect-timeout", "0s", source.to_str().unwrap(), &server.uri()]).unwrap();
+    assert_eq!(run.code, 2, "{}", run.stderr);
 }

@@ -147,10 +147,7 @@ impl NbdDevice {
             });
         }
         if options.connect_timeout_ms == 0 || options.io_timeout_ms == Some(0) {
-            return Err(ConnectError::InvalidOptions {
-                server: uri.to_owned(),
-                reason: "a timeout of 0 ms".into(),
-            });
+            return Err(ConnectError::InvalidOptions { server: uri.to_owned(), reason: "a timeout of 0 ms".into() });
         }
         let timeouts =
             (Duration::from_millis(options.connect_timeout_ms), options.io_timeout_ms.map(Duration::from_millis));
@@ -162,10 +159,8 @@ impl NbdDevice {
         if options.write && info.has(NBD_FLAG_READ_ONLY) {
             return Err(ConnectError::ReadOnly { server: uri.to_owned() });
         }
-        let (geometry, payload_bytes_max) = geometry_of(&info).map_err(|problem| ConnectError::Geometry {
-            server: uri.to_owned(),
-            problem,
-        })?;
+        let (geometry, payload_bytes_max) =
+            geometry_of(&info).map_err(|problem| ConnectError::Geometry { server: uri.to_owned(), problem })?;
         let mut connections = vec![first];
         if info.has(NBD_FLAG_CAN_MULTI_CONN) {
             for index in 1..options.connections_max {
@@ -351,7 +346,12 @@ impl NbdDevice {
     pub async fn write_bytes(&self, offset_bytes: u64, data: &[u8]) -> io::Result<()> {
         self.check_bytes(NBD_CMD_WRITE, offset_bytes, data.len() as u64)?;
         if !self.write {
-            return Err(self.refused_bytes(NBD_CMD_WRITE, offset_bytes, data.len() as u64, "the export was opened read-only"));
+            return Err(self.refused_bytes(
+                NBD_CMD_WRITE,
+                offset_bytes,
+                data.len() as u64,
+                "the export was opened read-only",
+            ));
         }
         if data.is_empty() {
             return Ok(());

@@ -78,7 +78,9 @@ fn violation(problem: String) -> Broken {
 
 fn io_broken(error: io::Error) -> Broken {
     match error.kind() {
-        io::ErrorKind::UnexpectedEof => Broken::Lost("the server closed the connection in the middle of a reply".into()),
+        io::ErrorKind::UnexpectedEof => {
+            Broken::Lost("the server closed the connection in the middle of a reply".into())
+        }
         _ => Broken::Lost(format!("reading a reply: {error}")),
     }
 }
@@ -483,7 +485,12 @@ async fn block_status_chunk(
 }
 
 /// An error chunk: a nonzero errno, a message that fits, an offset inside the request.
-async fn error_chunk(reader: &mut Reader, pending: &mut Pending, chunk_type: u16, len_bytes: u32) -> Result<(), Broken> {
+async fn error_chunk(
+    reader: &mut Reader,
+    pending: &mut Pending,
+    chunk_type: u16,
+    len_bytes: u32,
+) -> Result<(), Broken> {
     if !(6..=CHUNK_BYTES_MAX).contains(&len_bytes) {
         return Err(violation(format!("an error chunk of {len_bytes} bytes to {}", pending.describe())));
     }
