@@ -440,18 +440,7 @@ pub fn open(
             let disk = spec.build(len_bytes);
             Ok(Opened { arg: arg.clone(), role, device: disk, os: None, nbd: None })
         }
-        Backend::Nbd(uri) => {
-            let options = kcopyd_nbd::ConnectOptions {
-                write,
-                connect_timeout_ms: settings.nbd.connect_timeout_ms,
-                io_timeout_ms: settings.nbd.io_timeout_ms,
-                ..kcopyd_nbd::ConnectOptions::default()
-            };
-            let device = kcopyd_nbd::NbdDevice::connect(uri, &options)
-                .map_err(|error| CliError::argument(role.name(), &arg.text, error.to_string()))?;
-            let device = Arc::new(device);
-            Ok(Opened { arg: arg.clone(), role, device: device.clone(), os: None, nbd: Some(device) })
-        }
+        Backend::Nbd(uri) => open_nbd(arg, uri, role, write, settings.nbd),
         Backend::Path(path) => {
             let options = OpenOptions {
                 write,
@@ -512,6 +501,23 @@ pub fn open(
             Ok(Opened { arg: arg.clone(), role, device: Arc::new(device), os, nbd: None })
         }
     }
+}
+
+/// Opens the NBD export `uri` of `arg` with the command's timeouts.
+///
+/// # Errors
+/// The export cannot be opened (named by the library's [`kcopyd_nbd::ConnectError`]).
+fn open_nbd(arg: &DeviceArg, uri: &str, role: Role, write: bool, nbd: NbdSettings) -> Result<Opened, CliError> {
+    let options = kcopyd_nbd::ConnectOptions {
+        write,
+        connect_timeout_ms: nbd.connect_timeout_ms,
+        io_timeout_ms: nbd.io_timeout_ms,
+        ..kcopyd_nbd::ConnectOptions::default()
+    };
+    let device = kcopyd_nbd::NbdDevice::connect(uri, &options)
+        .map_err(|error| CliError::argument(role.name(), &arg.text, error.to_string()))?;
+    let device = Arc::new(device);
+    Ok(Opened { arg: arg.clone(), role, device: device.clone(), os: None, nbd: Some(device) })
 }
 
 /// The tail of a range of `len_bytes` on `source` (copy, verify; `None` for zero) and
@@ -633,6 +639,38 @@ fn check_before_open(arg: &DeviceArg, role: Role) -> Result<(), CliError> {
         ));
     }
     Ok(())
+}
+
+/// [`plan_with_source`], interruptible while it connects (see [`open_interruptibly`]).
+///
+/// # Errors
+/// As [`plan_with_source`], or the interruption.
+pub async fn open_plan(
+    source: &DeviceArg,
+    targets: &[DeviceArg],
+    length: Option<u64>,
+    write: bool,
+    settings: &Settings,
+    interrupts: &mut crate::progress::Interrupts,
+) -> Result<Plan, CliError> {
+    let args = std::iter::once(source).chain(targets);
+    let (source, targets, settings) = (source.clone(), targets.to_vec(), settings.clone());
+    let open = move || plan_with_source(&source, &targets, length, write, &settings);
+    open_interruptibly(args, interrupts, open).await
+}
+
+/// [`plan_zero`], interruptible while it connects (see [`open_interruptibly`]).
+///
+/// # Errors
+/// As [`plan_zero`], or the interruption.
+pub async fn open_zero_plan(
+    targets: &[DeviceArg],
+    length: Option<u64>,
+    settings: &Settings,
+    interrupts: &mut crate::progress::Interrupts,
+) -> Result<ZeroPlan, CliError> {
+    let (owned, settings) = (targets.to_vec(), settings.clone());
+    open_interruptibly(targets, interrupts, move || plan_zero(&owned, length, &settings)).await
 }
 
 /// Runs `open` (opening devices, which for NBD exports means connecting and a handshake that
