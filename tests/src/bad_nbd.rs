@@ -205,8 +205,11 @@ misbehaviours! {
     BlockStatusWrongContext => Failed,
     /// Two block-status chunks for base:allocation in one reply (zero first, then data).
     BlockStatusTwoChunks => Failed,
-    /// A block-status extent twice as long as the request, flagged zero.
+    /// A block-status extent that runs past the request, flagged zero, with another after it.
     BlockStatusBeyondRequest => Failed,
+    /// The last block-status extent runs past the request (legal, as nbdkit does): cut at
+    /// the request's end.
+    BlockStatusLastExtentPastRequest => Copied,
     /// A block-status extent of 0 bytes.
     BlockStatusZeroLengthExtent => Failed,
     /// A block-status chunk with no extents.
@@ -250,6 +253,7 @@ impl Misbehaviour {
             Misbehaviour::BlockStatusWrongContext
                 | Misbehaviour::BlockStatusTwoChunks
                 | Misbehaviour::BlockStatusBeyondRequest
+                | Misbehaviour::BlockStatusLastExtentPastRequest
                 | Misbehaviour::BlockStatusZeroLengthExtent
                 | Misbehaviour::BlockStatusEmpty
                 | Misbehaviour::BlockStatusUnknownFlags
@@ -771,7 +775,11 @@ impl Connection {
                 self.chunk(DONE, TYPE_BLOCK_STATUS, cookie, &chunk(id, &[(len - half, 0)]))
             }
             BlockStatusBeyondRequest => {
-                self.chunk(DONE, TYPE_BLOCK_STATUS, cookie, &chunk(id, &[(len.saturating_mul(2), STATE_ZERO)]))
+                let extents = [(len.saturating_mul(2), STATE_ZERO), (512, 0)];
+                self.chunk(DONE, TYPE_BLOCK_STATUS, cookie, &chunk(id, &extents))
+            }
+            BlockStatusLastExtentPastRequest => {
+                self.chunk(DONE, TYPE_BLOCK_STATUS, cookie, &chunk(id, &[(half, 0), (len, 0)]))
             }
             BlockStatusZeroLengthExtent => {
                 self.chunk(DONE, TYPE_BLOCK_STATUS, cookie, &chunk(id, &[(0, 0), (len, STATE_ZERO)]))

@@ -232,3 +232,13 @@ fn a_stalled_server_fails_the_request_within_the_io_timeout_and_returns_the_buff
     assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     assert_eq!(buf.len(), 4096, "the buffer came back");
 }
+
+#[test]
+fn a_last_extent_past_the_request_is_cut_at_its_end() {
+    let server =
+        BadServer::start("last-extent", Misbehaviour::BlockStatusLastExtentPastRequest, pattern(8, DATA_BYTES));
+    let device = NbdDevice::connect(&server.uri(), &ConnectOptions::default()).unwrap();
+    let extents = block_on(device.block_status(8, 16)).unwrap();
+    let described: u64 = extents.iter().map(|e| e.len_bytes).sum();
+    assert_eq!((extents[0].offset_bytes, described), (4096, 8192), "{extents:?}");
+}

@@ -8,7 +8,8 @@
 //!               OFFSET_DATA / OFFSET_HOLE ─► Coverage: inside the request, no overlap;
 //!                                            DONE without an error needs every byte covered
 //!               BLOCK_STATUS ─► the agreed context id, one chunk, extents non-empty,
-//!                               a prefix of the request, known flags only
+//!                               a prefix of the request (the last one cut at its end),
+//!                               known flags only
 //!               ERROR*       ─► errno ≠ 0, its offset inside the request
 //!               every reply  ─► at most REPLY_CHUNKS_MAX chunks, REPLY_OVERHEAD_BYTES_MAX bytes
 //!                               besides read data
@@ -471,15 +472,20 @@ async fn block_status_chunk(
     for _ in 0..(len_bytes - 4) / 8 {
         let extent_bytes = reader.read_u32().await.map_err(io_broken)?;
         let flags = reader.read_u32().await.map_err(io_broken)?;
-        described_bytes += u64::from(extent_bytes);
-        if extent_bytes == 0 || described_bytes > request_bytes || flags & !(NBD_STATE_HOLE | NBD_STATE_ZERO) != 0 {
+        // The protocol lets the last extent run past the request (nbdkit's do): it is cut at
+        // the request's end, and nothing past it is believed. An extent that starts there is
+        // not the last, or describes what was not asked.
+        if extent_bytes == 0 || described_bytes >= request_bytes || flags & !(NBD_STATE_HOLE | NBD_STATE_ZERO) != 0 {
             return Err(violation(format!(
-                "an extent of {extent_bytes} bytes with flags {flags:#x} ending {described_bytes} bytes into {} \
-                 (extents are non-empty, end inside the request and use the flags of {BASE_ALLOCATION} only)",
+                "an extent of {extent_bytes} bytes with flags {flags:#x} starting {described_bytes} bytes into {} \
+                 (extents are non-empty, start inside the request, only the last may end past it, and use the \
+                 flags of {BASE_ALLOCATION} only)",
                 pending.describe()
             )));
         }
-        pending.extents.push((extent_bytes, flags));
+        let inside_bytes = u64::from(extent_bytes).min(request_bytes - described_bytes);
+        described_bytes += inside_bytes;
+        pending.extents.push((inside_bytes as u32, flags));
     }
     Ok(())
 }
