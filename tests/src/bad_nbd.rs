@@ -63,6 +63,10 @@ const EIO: u32 = 5;
 const BASE_ALLOCATION_ID: u32 = 1;
 /// The context id of the other context it announces unasked (as qemu's allocation depth).
 const OTHER_CONTEXT_ID: u32 = 2;
+/// Chunks of [`Misbehaviour::BlockStatusFlood`], and extents in each (16 MiB less 8 bytes:
+/// the largest block-status chunk a client takes).
+const FLOOD_CHUNKS: usize = 48;
+const FLOOD_CHUNK_EXTENTS: usize = (1 << 21) - 1;
 /// The bytes that fail with EIO under [`Misbehaviour::EioOnRange`].
 pub const EIO_RANGE: std::ops::Range<u64> = 16384..20480;
 
@@ -212,6 +216,9 @@ misbehaviours! {
     BlockStatusLastExtentPastRequest => Copied,
     /// A block-status extent of 0 bytes.
     BlockStatusZeroLengthExtent => Failed,
+    /// A flood of block status: 48 chunks of 16 MiB (two million 512-byte extents each) in
+    /// one reply, 768 MiB for a client that keeps them.
+    BlockStatusFlood => Failed,
     /// A block-status chunk with no extents.
     BlockStatusEmpty => Failed,
     /// A block-status extent with flags base:allocation does not define.
@@ -255,6 +262,7 @@ impl Misbehaviour {
                 | Misbehaviour::BlockStatusBeyondRequest
                 | Misbehaviour::BlockStatusLastExtentPastRequest
                 | Misbehaviour::BlockStatusZeroLengthExtent
+                | Misbehaviour::BlockStatusFlood
                 | Misbehaviour::BlockStatusEmpty
                 | Misbehaviour::BlockStatusUnknownFlags
         )
@@ -785,6 +793,15 @@ impl Connection {
                 self.chunk(DONE, TYPE_BLOCK_STATUS, cookie, &chunk(id, &[(0, 0), (len, STATE_ZERO)]))
             }
             BlockStatusEmpty => self.chunk(DONE, TYPE_BLOCK_STATUS, cookie, &chunk(id, &[])),
+            BlockStatusFlood => {
+                let extents = vec![(512, 0); FLOOD_CHUNK_EXTENTS];
+                let payload = chunk(id, &extents);
+                for index in 0..FLOOD_CHUNKS {
+                    let flags = if index + 1 == FLOOD_CHUNKS { DONE } else { 0 };
+                    self.chunk(flags, TYPE_BLOCK_STATUS, cookie, &payload)?;
+                }
+                Ok(())
+            }
             BlockStatusUnknownFlags => {
                 self.chunk(DONE, TYPE_BLOCK_STATUS, cookie, &chunk(id, &[(len, 0x80 | STATE_ZERO)]))
             }

@@ -39,8 +39,9 @@ use crate::proto::*;
 /// and holes takes 65,536; a server sending more is broken (or endless).
 pub(crate) const REPLY_CHUNKS_MAX: u32 = 1 << 17;
 /// Most bytes of one structured reply besides read data (chunk headers, offsets, block status,
-/// error messages): with read data bounded by the request, this bounds every reply.
-pub(crate) const REPLY_OVERHEAD_BYTES_MAX: u64 = 16 << 20;
+/// error messages): one chunk of the largest size and room for the headers of many more.
+/// With read data bounded by the request, this bounds every reply.
+pub(crate) const REPLY_OVERHEAD_BYTES_MAX: u64 = 2 * CHUNK_BYTES_MAX as u64;
 /// Bytes of a structured reply chunk's header.
 const CHUNK_HEADER_BYTES: u64 = 20;
 
