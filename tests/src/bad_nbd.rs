@@ -240,6 +240,12 @@ misbehaviours! {
     CloseMidReply => Failed,
     /// A correct read reply, one byte every 20 ms (I/O timeout).
     SlowDrip => Failed,
+    /// Writes touching bytes 16384..20480 fail with EIO (legal: that range is reported).
+    WriteEioOnRange => Failed,
+    /// Write requests are read and never answered (I/O timeout).
+    StallOnWrite => Failed,
+    /// A write's reply to a cookie no request has.
+    WriteReplyUnknownCookie => Failed,
 }
 
 impl Misbehaviour {
@@ -265,6 +271,14 @@ impl Misbehaviour {
                 | Misbehaviour::BlockStatusFlood
                 | Misbehaviour::BlockStatusEmpty
                 | Misbehaviour::BlockStatusUnknownFlags
+        )
+    }
+
+    /// Whether it only shows when the export is written (a copy's target).
+    pub fn is_write(self) -> bool {
+        matches!(
+            self,
+            Misbehaviour::WriteEioOnRange | Misbehaviour::StallOnWrite | Misbehaviour::WriteReplyUnknownCookie
         )
     }
 
@@ -575,17 +589,33 @@ impl Connection {
                 CMD_DISC => return Ok(()),
                 CMD_READ => self.read_reply(&request)?,
                 CMD_BLOCK_STATUS => self.block_status_reply(&request)?,
-                CMD_WRITE => {
-                    let mut payload = vec![0u8; request.len as usize];
-                    self.stream.read_exact(&mut payload)?;
-                    self.apply(request.offset, &payload);
-                    self.simple_reply(request.cookie, 0, &[])?;
-                }
+                CMD_WRITE => self.write_reply(&request)?,
                 CMD_WRITE_ZEROES => {
                     self.apply(request.offset, &vec![0; request.len as usize]);
                     self.simple_reply(request.cookie, 0, &[])?;
                 }
                 _ => self.simple_reply(request.cookie, 0, &[])?,
+            }
+        }
+    }
+
+    fn write_reply(&mut self, request: &Request) -> io::Result<()> {
+        use Misbehaviour::*;
+        let mut payload = vec![0u8; request.len as usize];
+        self.stream.read_exact(&mut payload)?;
+        let (offset, end) = (request.offset, request.offset + u64::from(request.len));
+        match self.misbehaviour {
+            WriteEioOnRange if offset < EIO_RANGE.end && end > EIO_RANGE.start => {
+                self.simple_reply(request.cookie, EIO, &[])
+            }
+            StallOnWrite => self.stall(),
+            WriteReplyUnknownCookie => {
+                self.apply(offset, &payload);
+                self.simple_reply(request.cookie ^ (1 << 40), 0, &[])
+            }
+            _ => {
+                self.apply(offset, &payload);
+                self.simple_reply(request.cookie, 0, &[])
             }
         }
     }

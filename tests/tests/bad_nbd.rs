@@ -18,7 +18,7 @@ const DATA_BYTES: usize = 64 << 10;
 const CASE_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn options() -> ConnectOptions {
-    ConnectOptions { connect_timeout_ms: 2000, io_timeout_ms: Some(2000), ..ConnectOptions::default() }
+    ConnectOptions { write: true, connect_timeout_ms: 2000, io_timeout_ms: Some(2000), ..ConnectOptions::default() }
 }
 
 fn block_on<F: Future>(future: F) -> F::Output {
@@ -79,6 +79,14 @@ fn library_case(misbehaviour: Misbehaviour) -> Result<(), String> {
         }
         (Ok(device), _) => device,
     };
+    if misbehaviour.is_write() {
+        let written = pattern(0x3417, DATA_BYTES);
+        let result = block_on(device.write(0, kcopyd_core::WriteBuf::from_bytes(written.into())));
+        return match result {
+            Ok(()) => Err("a write the server failed or never answered succeeded".into()),
+            Err(error) => check_failure(misbehaviour, &error),
+        };
+    }
     let size = misbehaviour.size_bytes(DATA_BYTES as u64) as usize;
     let allocated = block_on(device.allocated(0, device.geometry().len_sectors));
     let read = read_all(&device);
@@ -97,8 +105,10 @@ fn library_case(misbehaviour: Misbehaviour) -> Result<(), String> {
 fn check_failure(misbehaviour: Misbehaviour, error: &io::Error) -> Result<(), String> {
     use Misbehaviour::*;
     let right = match misbehaviour {
-        MissingDone | StallBeforeReply | StallMidPayload | SlowDrip => error.kind() == io::ErrorKind::TimedOut,
-        ErrorWithoutDone => request_error(error).and_then(RequestError::server_errno) == Some(5),
+        MissingDone | StallBeforeReply | StallMidPayload | SlowDrip | StallOnWrite => {
+            error.kind() == io::ErrorKind::TimedOut
+        }
+        ErrorWithoutDone | WriteEioOnRange => request_error(error).and_then(RequestError::server_errno) == Some(5),
         EioOnRange => {
             request_error(error).and_then(RequestError::server_errno) == Some(5)
                 && error.to_string().contains(&format!("at byte {}", EIO_RANGE.start))
