@@ -98,9 +98,9 @@ pub(crate) struct Shared {
 #[derive(Debug, Default)]
 struct State {
     inflight: HashMap<u64, Pending>,
-    /// The request whose reply is being read (out of `inflight` meanwhile): what it is and
-    /// when it was sent, for the watchdog.
-    reading: Option<(Instant, String)>,
+    /// The request whose reply is being read (out of `inflight` meanwhile): when it was sent
+    /// and what it is (command, offset, length), for the watchdog.
+    reading: Option<(Instant, (u16, u64, u32))>,
 }
 
 impl Shared {
@@ -145,16 +145,22 @@ impl Shared {
 
     /// Notes the request whose reply is being read, or that none is.
     pub(crate) fn reading(&self, pending: Option<&Pending>) {
-        self.lock().reading = pending.map(|p| (p.sent_at, p.describe()));
+        self.lock().reading = pending.map(|p| (p.sent_at, (p.command, p.offset_bytes, p.len_bytes)));
     }
 
     /// The oldest request without a reply after `timeout`, described.
     fn overdue(&self, timeout: Duration) -> Option<String> {
         let state = self.lock();
-        let waiting = state.inflight.values().map(|p| (p.sent_at, p.describe()));
-        let oldest = waiting.chain(state.reading.clone()).min_by_key(|(sent_at, _)| *sent_at)?;
-        (oldest.0.elapsed() >= timeout).then(|| {
-            format!("no reply to {} within {} ms (--io-timeout): the server stalled", oldest.1, timeout.as_millis())
+        let waiting = state.inflight.values().map(|p| (p.sent_at, (p.command, p.offset_bytes, p.len_bytes)));
+        let (sent_at, (command, offset_bytes, len_bytes)) =
+            waiting.chain(state.reading).min_by_key(|(sent_at, _)| *sent_at)?;
+        (sent_at.elapsed() >= timeout).then(|| {
+            format!(
+                "no reply to {} of bytes {offset_bytes}..{} within {} ms (--io-timeout): the server stalled",
+                command_name(command),
+                offset_bytes + u64::from(len_bytes),
+                timeout.as_millis()
+            )
         })
     }
 }

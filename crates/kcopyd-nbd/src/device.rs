@@ -96,9 +96,11 @@ pub struct Extent {
 /// An NBD export: one or more connections to one server, many requests in flight on each.
 ///
 /// The geometry comes from the handshake: the logical block is the server's minimum block
-/// size (at least 512 bytes), the length is the export's size rounded down to whole blocks,
-/// write-zeroes is offloaded when the server offers `NBD_CMD_WRITE_ZEROES`. Reads and writes
-/// larger than the server's maximum block size are split.
+/// size (at least 512 bytes), the length is the export's size rounded down to whole blocks
+/// (the bytes after them are reached with [`NbdDevice::read_bytes`] and
+/// [`NbdDevice::write_bytes`]), write-zeroes is offloaded when the server offers
+/// `NBD_CMD_WRITE_ZEROES`. Reads and writes larger than the server's maximum block size are
+/// split.
 pub struct NbdDevice {
     name: String,
     uri: NbdUri,
