@@ -176,6 +176,9 @@ misbehaviours! {
     SimpleRepliesOnly => Copied,
     /// A read reply in chunks out of order, the second half first (legal).
     ChunksOutOfOrder => Copied,
+    /// Read replies describe each 512-byte run of zeroes as a hole chunk, the rest as data
+    /// chunks, last first (legal: the holes read as zeroes, exactly their bytes).
+    HolesForZeroes => Copied,
     /// A read reply that sends the first half twice and the second half never.
     ReadOverlap => Failed,
     /// A read reply that sends the first half only, then NBD_REPLY_FLAG_DONE.
@@ -683,6 +686,7 @@ impl Connection {
                 self.data_chunk(0, cookie, offset + half, len - half)?;
                 self.data_chunk(DONE, cookie, offset, half)
             }
+            HolesForZeroes => self.holes_for_zeroes(request),
             ReadOverlap => {
                 self.data_chunk(0, cookie, offset, half)?;
                 self.data_chunk(DONE, cookie, offset, half)
@@ -733,6 +737,23 @@ impl Connection {
             }
             _ => self.read_reply_more(request),
         }
+    }
+
+    /// A read reply of data and hole chunks, 512 bytes each, in reverse order.
+    fn holes_for_zeroes(&mut self, request: &Request) -> io::Result<()> {
+        let (cookie, offset, len) = (request.cookie, request.offset, u64::from(request.len));
+        let pieces: Vec<u64> = (0..len.div_ceil(512)).map(|i| offset + i * 512).rev().collect();
+        for (index, &at) in pieces.iter().enumerate() {
+            let piece = (offset + len - at).min(512);
+            let flags = if index + 1 == pieces.len() { DONE } else { 0 };
+            if self.bytes(at, piece).iter().all(|&b| b == 0) {
+                let hole = [&at.to_be_bytes()[..], &(piece as u32).to_be_bytes()].concat();
+                self.chunk(flags, TYPE_OFFSET_HOLE, cookie, &hole)?;
+            } else {
+                self.data_chunk(flags, cookie, at, piece)?;
+            }
+        }
+        Ok(())
     }
 
     fn read_reply_more(&mut self, request: &Request) -> io::Result<()> {

@@ -252,3 +252,17 @@ fn a_last_extent_past_the_request_is_cut_at_its_end() {
     let described: u64 = extents.iter().map(|e| e.len_bytes).sum();
     assert_eq!((extents[0].offset_bytes, described), (4096, 8192), "{extents:?}");
 }
+
+#[test]
+fn hole_chunks_zero_exactly_their_bytes() {
+    let mut data = pattern(9, DATA_BYTES);
+    data[1024..3072].fill(0);
+    data[8192..8704].fill(0);
+    let server = BadServer::start("holes", Misbehaviour::HolesForZeroes, data.clone());
+    let device = NbdDevice::connect(&server.uri(), &ConnectOptions::default()).unwrap();
+    let mut buf = ReadBuf::with_capacity(16384);
+    buf.fill(0xee);
+    let (buf, result) = block_on(device.read(0, buf));
+    result.unwrap();
+    assert!(buf.to_vec() == data[..16384], "holes zeroed, data placed, nothing of the old buffer left");
+}
