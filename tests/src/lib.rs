@@ -8,6 +8,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod bad_nbd;
 pub mod conformance;
 pub mod fixtures;
 pub mod io_log;

@@ -24,6 +24,10 @@ pub const SUBJOBS_IN_FLIGHT_DEFAULT: usize = kcopyd_core::SUBJOBS_IN_FLIGHT_DEFA
 /// 4 in flight left the disk idle part of the time; 8 × 1 MiB copied one export to one
 /// target about 20 % faster and to three targets about 22 % faster, 16 no faster than 8.
 pub const NBD_SUBJOBS_IN_FLIGHT_DEFAULT: usize = 8;
+/// How long connecting to an NBD server and its handshake may take by default: the library's
+/// [`kcopyd_nbd::CONNECT_TIMEOUT_MS_DEFAULT`], written for `--help`.
+pub const CONNECT_TIMEOUT_DEFAULT: &str = "30s";
+const _: () = assert!(kcopyd_nbd::CONNECT_TIMEOUT_MS_DEFAULT == 30_000);
 /// The zero-scan block of sparse copies by default (as `qemu-img convert -S`), in bytes.
 pub const SPARSE_SIZE_DEFAULT_BYTES: u64 = 4096;
 /// The page budget by default: the library's [`kcopyd_core::PAGE_BUDGET_DEFAULT`] (four times
@@ -291,6 +295,15 @@ pub struct EngineArgs {
     /// carries one scatter-gather segment per 4 KiB; for comparisons).
     #[arg(long)]
     pub no_huge_pages: bool,
+    /// NBD exports: how long connecting and the handshake of each connection may take
+    /// (e.g. 500ms, 10s). A server that does not answer in time is refused (exit 2).
+    #[arg(long = "connect-timeout", value_name = "DURATION", default_value = CONNECT_TIMEOUT_DEFAULT, value_parser = size::parse_duration_us)]
+    pub connect_timeout_us: u64,
+    /// Most time one I/O request may take (e.g. 30s); past it the request fails with ETIMEDOUT
+    /// and its range is reported like any error (exit 1). An NBD server that stalls that long
+    /// is disconnected. Off by default: requests wait for ever, as the kernel's do.
+    #[arg(long = "io-timeout", value_name = "DURATION", value_parser = size::parse_duration_us)]
+    pub io_timeout_us: Option<u64>,
 }
 
 /// The engine's throttle, for `copy` and `zero`: both limits off unless given.

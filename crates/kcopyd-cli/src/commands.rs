@@ -747,7 +747,8 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
     let devices = std::iter::once(&args.source).chain(&args.targets);
     let settings = Settings::from_args(&args.engine, devices)?.with_throttle(&args.throttle)?;
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
-    let mut plan = devices::plan_with_source(&args.source, &args.targets, args.length_bytes, true, &settings)?;
+    let mut plan =
+        devices::open_plan(&args.source, &args.targets, args.length_bytes, true, &settings, interrupts).await?;
     warn_mounted(&plan.source, plan.len_bytes, &args.output);
     // The whole blocks go through the engine, a partial last block of files after it.
     let len_sectors = plan.tail.offset_in_range_bytes / SECTOR_SIZE as u64;
@@ -828,7 +829,7 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
 pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, CliError> {
     let settings = Settings::from_args(&args.engine, &args.targets)?.with_throttle(&args.throttle)?;
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
-    let plan = devices::plan_zero(&args.targets, args.length_bytes, &settings)?;
+    let plan = devices::open_zero_plan(&args.targets, args.length_bytes, &settings, interrupts).await?;
     let (opened, len_bytes) = (&plan.targets, plan.len_bytes);
     let len_sectors = plan.tail.offset_in_range_bytes / SECTOR_SIZE as u64;
     let job =
@@ -881,7 +882,7 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
     let devices = std::iter::once(&args.source).chain(&args.targets);
     let settings = Settings::from_args(&args.engine, devices)?;
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
-    let plan = devices::plan_with_source(&args.source, &args.targets, args.length_bytes, false, &settings)?;
+    let plan = devices::open_plan(&args.source, &args.targets, args.length_bytes, false, &settings, interrupts).await?;
     warn_mounted(&plan.source, plan.len_bytes, &args.output);
     let setup = prepare_compare(context, &plan.source, &plan.targets)?;
     let (comparison, bytes, seconds, interrupted) =

@@ -37,6 +37,36 @@ pub struct Settings {
     pub queue_depth: usize,
     /// The I/O engine of opened files and block devices.
     pub io_engine: IoEngine,
+    /// How NBD exports are opened: connect timeout, per-request timeout.
+    pub nbd: NbdSettings,
+}
+
+/// `--connect-timeout` and `--io-timeout` for NBD exports, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NbdSettings {
+    /// How long connecting and the handshake of each connection may take.
+    pub connect_timeout_ms: u64,
+    /// Most time a request may wait for its reply (`None`: for ever).
+    pub io_timeout_ms: Option<u64>,
+}
+
+impl NbdSettings {
+    /// The timeouts of `args`, checked: at least a millisecond each.
+    ///
+    /// # Errors
+    /// A timeout under 1 ms, named by its option.
+    fn from_args(args: &EngineArgs) -> Result<NbdSettings, CliError> {
+        let millis = |option: &'static str, us: u64| {
+            if us < 1000 {
+                return Err(CliError::argument(option, format!("{us}us"), "must be at least 1ms"));
+            }
+            Ok(us / 1000)
+        };
+        Ok(NbdSettings {
+            connect_timeout_ms: millis("--connect-timeout", args.connect_timeout_us)?,
+            io_timeout_ms: args.io_timeout_us.map(|us| millis("--io-timeout", us)).transpose()?,
+        })
+    }
 }
 
 impl Settings {
@@ -91,11 +121,13 @@ impl Settings {
             ));
         }
         let sub_job_size_bytes = usize::try_from(args.sub_job_size_bytes).unwrap_or(usize::MAX);
+        let nbd = NbdSettings::from_args(args)?;
         let config = ClientConfig {
             page_budget: usize::try_from(args.memory_bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX),
             sub_job_size_bytes,
             subjobs_in_flight,
             huge_pages: !args.no_huge_pages,
+            io_timeout_ms: nbd.io_timeout_ms,
             ..ClientConfig::default()
         };
         config.validate().map_err(|source| {
@@ -118,7 +150,7 @@ impl Settings {
                 ));
             }
         };
-        Ok(Settings { config, buffered: args.buffered, queue_depth, io_engine })
+        Ok(Settings { config, buffered: args.buffered, queue_depth, io_engine, nbd })
     }
 }
 
@@ -155,6 +187,8 @@ pub struct Opened {
     /// NBD exports: what the server said of the export (its exact size and flags), for a
     /// copy map to recognise it by.
     pub export: Option<String>,
+    /// NBD exports: the export, for the bytes past its whole blocks (see [`crate::tail`]).
+    pub nbd: Option<Arc<kcopyd_nbd::NbdDevice>>,
 }
 
 /// What a file or block device argument opened.
@@ -173,11 +207,13 @@ pub struct OsFacts {
 
 impl Opened {
     /// The bytes a range may use: a regular file's whole length, partial last block
-    /// included; a block device's or simulated disk's length.
+    /// included; an NBD export's size, whole blocks or not; a block device's or simulated
+    /// disk's length.
     pub fn len_bytes(&self) -> u64 {
-        match &self.os {
-            Some(facts) => facts.len_bytes,
-            None => self.device.geometry().len_sectors * SECTOR_SIZE as u64,
+        match (&self.os, &self.nbd) {
+            (Some(facts), _) => facts.len_bytes,
+            (None, Some(nbd)) => nbd.size_bytes(),
+            (None, None) => self.device.geometry().len_sectors * SECTOR_SIZE as u64,
         }
     }
 
@@ -185,6 +221,12 @@ impl Opened {
     /// cache, see [`crate::tail`]).
     pub fn is_file(&self) -> bool {
         self.os.as_ref().is_some_and(|facts| facts.kind == DeviceKind::File)
+    }
+
+    /// Whether a range may end in a partial block here: regular files, and NBD exports (byte
+    /// requests, where the server's minimum block size allows them: see [`check_tail`]).
+    pub fn takes_partial_block(&self) -> bool {
+        self.is_file() || self.nbd.is_some()
     }
 
     /// The device's logical block size in bytes.
@@ -235,7 +277,7 @@ impl Opened {
             return Err(self.error(problem));
         }
         // After the bounds: a length past the end is refused as such, not as misaligned.
-        if len_bytes % block != 0 && !self.is_file() {
+        if len_bytes % block != 0 && !self.takes_partial_block() {
             return Err(self.misaligned_length(len_bytes, block));
         }
         Ok(())
@@ -264,9 +306,9 @@ impl Opened {
         )
     }
 
-    /// Whether the range of `len_bytes` ends at the end of this regular file.
+    /// Whether the range of `len_bytes` ends at the end of this regular file or NBD export.
     fn ends_at_end_of_file(&self, len_bytes: u64) -> bool {
-        self.is_file() && self.arg.offset_bytes.checked_add(len_bytes) == Some(self.len_bytes())
+        self.takes_partial_block() && self.arg.offset_bytes.checked_add(len_bytes) == Some(self.len_bytes())
     }
 
     /// The largest length the source offers from its offset.
@@ -422,21 +464,9 @@ pub fn open(
             };
             spec.check_len(len_bytes).map_err(|error| CliError::argument(role.name(), &arg.text, error.to_string()))?;
             let disk = spec.build(len_bytes);
-            Ok(Opened { arg: arg.clone(), role, device: disk, os: None, export: None })
+            Ok(Opened { arg: arg.clone(), role, device: disk, os: None, export: None, nbd: None })
         }
-        Backend::Nbd(uri) => {
-            let options = kcopyd_nbd::ConnectOptions { write, ..kcopyd_nbd::ConnectOptions::default() };
-            let device = kcopyd_nbd::NbdDevice::connect(uri, &options)
-                .map_err(|error| CliError::argument(role.name(), &arg.text, error.to_string()))?;
-            let export = format!(
-                "size={} flags=read-only:{},multi-conn:{},trim:{}",
-                device.size_bytes(),
-                u8::from(device.is_read_only_export()),
-                u8::from(device.can_multi_conn()),
-                u8::from(device.has_trim())
-            );
-            Ok(Opened { arg: arg.clone(), role, device: Arc::new(device), os: None, export: Some(export) })
-        }
+        Backend::Nbd(uri) => open_nbd(arg, uri, role, write, settings.nbd),
         Backend::Path(path) => {
             let options = OpenOptions {
                 write,
@@ -494,9 +524,35 @@ pub fn open(
             }
             let storage = device.storage().clone();
             let os = Some(OsFacts { path: path.clone(), kind: device.kind(), storage, len_bytes });
-            Ok(Opened { arg: arg.clone(), role, device: Arc::new(device), os, export: None })
+            Ok(Opened { arg: arg.clone(), role, device: Arc::new(device), os, export: None, nbd: None })
         }
     }
+}
+
+/// Opens the NBD export `uri` of `arg` with the command's timeouts.
+///
+/// # Errors
+/// The export cannot be opened (named by the library's [`kcopyd_nbd::ConnectError`]).
+fn open_nbd(arg: &DeviceArg, uri: &str, role: Role, write: bool, nbd: NbdSettings) -> Result<Opened, CliError> {
+    let options = kcopyd_nbd::ConnectOptions {
+        write,
+        connect_timeout_ms: nbd.connect_timeout_ms,
+        io_timeout_ms: nbd.io_timeout_ms,
+        ..kcopyd_nbd::ConnectOptions::default()
+    };
+    let device = kcopyd_nbd::NbdDevice::connect(uri, &options)
+        .map_err(|error| CliError::argument(role.name(), &arg.text, error.to_string()))?;
+    // What the server said of the export (its exact size and flags), for a copy map to
+    // recognise it by.
+    let export = format!(
+        "size={} flags=read-only:{},multi-conn:{},trim:{}",
+        device.size_bytes(),
+        u8::from(device.is_read_only_export()),
+        u8::from(device.can_multi_conn()),
+        u8::from(device.has_trim())
+    );
+    let device = Arc::new(device);
+    Ok(Opened { arg: arg.clone(), role, device: device.clone(), os: None, export: Some(export), nbd: Some(device) })
 }
 
 /// The tail of a range of `len_bytes` on `source` (copy, verify; `None` for zero) and
@@ -533,7 +589,10 @@ fn check_tail(source: Option<&Opened>, targets: &[Opened], len_bytes: u64) -> Re
             ),
         ));
     }
-    if let Some(whole_blocks_only) = devices.iter().find(|d| !d.is_file()) {
+    for device in &devices {
+        check_nbd_tail(device, tail)?;
+    }
+    if let Some(whole_blocks_only) = devices.iter().find(|d| !d.takes_partial_block()) {
         let what = match (&whole_blocks_only.os, &whole_blocks_only.arg.backend) {
             (Some(_), _) => "a block device",
             (None, Backend::Nbd(_)) => "an NBD export",
@@ -549,6 +608,29 @@ fn check_tail(source: Option<&Opened>, targets: &[Opened], len_bytes: u64) -> Re
         )));
     }
     Ok(tail)
+}
+
+/// Refuses the tail of a range on an NBD export whose server's minimum block size does not
+/// allow it: a 1,000-byte export with 512-byte minimum blocks cannot give its last 488 bytes.
+///
+/// # Errors
+/// The tail's offset or length is not a multiple of the server's minimum block size.
+fn check_nbd_tail(device: &Opened, tail: Tail) -> Result<(), CliError> {
+    let Some(nbd) = &device.nbd else { return Ok(()) };
+    let min = u64::from(nbd.min_block_bytes());
+    let at = device.arg.offset_bytes + tail.offset_in_range_bytes;
+    if at % min == 0 && tail.len_bytes % min == 0 {
+        return Ok(());
+    }
+    Err(device.error(format!(
+        "the range ends {} bytes into a block, at byte {}, but the server's minimum block size is {min} bytes, \
+         so those bytes cannot be {}: give --length {} to leave the last {} bytes out",
+        tail.len_bytes,
+        at + tail.len_bytes,
+        if device.role == Role::Source { "read" } else { "written" },
+        tail.offset_in_range_bytes,
+        tail.len_bytes
+    )))
 }
 
 /// Extends the file at `path` to `len_bytes` if it is shorter (never truncates).
@@ -592,6 +674,68 @@ fn check_before_open(arg: &DeviceArg, role: Role) -> Result<(), CliError> {
         ));
     }
     Ok(())
+}
+
+/// [`plan_with_source`], interruptible while it connects (see [`open_interruptibly`]).
+///
+/// # Errors
+/// As [`plan_with_source`], or the interruption.
+pub async fn open_plan(
+    source: &DeviceArg,
+    targets: &[DeviceArg],
+    length: Option<u64>,
+    write: bool,
+    settings: &Settings,
+    interrupts: &mut crate::progress::Interrupts,
+) -> Result<Plan, CliError> {
+    let args = std::iter::once(source).chain(targets);
+    let (source, targets, settings) = (source.clone(), targets.to_vec(), settings.clone());
+    let open = move || plan_with_source(&source, &targets, length, write, &settings);
+    open_interruptibly(args, interrupts, open).await
+}
+
+/// [`plan_zero`], interruptible while it connects (see [`open_interruptibly`]).
+///
+/// # Errors
+/// As [`plan_zero`], or the interruption.
+pub async fn open_zero_plan(
+    targets: &[DeviceArg],
+    length: Option<u64>,
+    settings: &Settings,
+    interrupts: &mut crate::progress::Interrupts,
+) -> Result<ZeroPlan, CliError> {
+    let (owned, settings) = (targets.to_vec(), settings.clone());
+    open_interruptibly(targets, interrupts, move || plan_zero(&owned, length, &settings)).await
+}
+
+/// Runs `open` (opening devices, which for NBD exports means connecting and a handshake that
+/// may take up to `--connect-timeout` per connection) on a thread of its own when `args` name
+/// an NBD export, so that this thread goes on reading signals: Ctrl-C or SIGTERM ends the
+/// wait at once with [`CliError::Interrupted`] (exit 130 or 143); the connecting thread is
+/// left to the process's exit. Nothing is written before the devices are open, and files
+/// are created only after every NBD export is open, so nothing is left behind.
+///
+/// # Errors
+/// What `open` returns, or the interruption.
+pub async fn open_interruptibly<'a, T: Send + 'static>(
+    args: impl IntoIterator<Item = &'a DeviceArg>,
+    interrupts: &mut crate::progress::Interrupts,
+    open: impl FnOnce() -> Result<T, CliError> + Send + 'static,
+) -> Result<T, CliError> {
+    if !args.into_iter().any(|arg| matches!(arg.backend, Backend::Nbd(_))) {
+        return open();
+    }
+    let (opened_tx, opened_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("kcopyd-open".into())
+        .spawn(move || {
+            let _ = opened_tx.send(open());
+        })
+        .map_err(|source| CliError::Start { what: "the thread opening the devices", source })?;
+    tokio::select! {
+        opened = opened_rx => opened.expect("the opening thread sends its result"),
+        code = interrupts.recv() => Err(CliError::Interrupted { what: "connecting to the NBD server", code }),
+    }
 }
 
 /// Whether `path` names nothing (a missing file that a copy may create).

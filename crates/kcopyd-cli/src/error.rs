@@ -136,6 +136,15 @@ pub enum CliError {
         /// What went wrong.
         problem: String,
     },
+    /// A signal came while devices were being opened (an NBD server still connecting):
+    /// nothing was written.
+    #[error("interrupted while {what}: nothing was written")]
+    Interrupted {
+        /// What was going on.
+        what: &'static str,
+        /// The signal's exit code (130 SIGINT, 143 SIGTERM).
+        code: u8,
+    },
     /// The async runtime or the signal handler could not start.
     #[error("starting {what}: {source}")]
     Start {
@@ -177,6 +186,7 @@ impl CliError {
             | CliError::Submit { .. }
             | CliError::Scenario { .. }
             | CliError::File { .. } => Status::Usage,
+            CliError::Interrupted { code, .. } => Status::Interrupted(*code),
             CliError::Start { .. } | CliError::Io { .. } | CliError::Plot { .. } | CliError::Stdout { .. } => {
                 Status::Failed
             }

@@ -1,4 +1,5 @@
-//! The partial last block of a range on regular files, moved through the page cache.
+//! The partial last block of a range on regular files (moved through the page cache) and on
+//! NBD exports (byte requests, where the server's minimum block size allows them).
 //!
 //! ```text
 //!  source file of 1,000,001 bytes, 4096-byte blocks:
@@ -11,13 +12,20 @@
 //! `pwrite` (and `fdatasync`) on a second descriptor of the same file, checked to be the same
 //! inode. The engine's writes end before the tail starts, so the two never touch the same
 //! bytes; the kernel writes dirty cached pages back before a later O_DIRECT read of them.
+//!
+//! An NBD export of 1,000 bytes is one 512-byte block for the engine; its last 488 bytes are
+//! one `NBD_CMD_READ` (or `NBD_CMD_WRITE` and a flush) here, awaited on this thread (bounded
+//! by `--io-timeout` when given).
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
-use kcopyd_core::SECTOR_SIZE;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+
+use kcopyd_core::{BlockDevice, SECTOR_SIZE};
 
 use crate::devices::Opened;
 
@@ -65,8 +73,12 @@ impl Tail {
     /// # Errors
     /// The file cannot be opened again as the same inode, or the read fails or ends early.
     pub fn read(&self, opened: &Opened) -> io::Result<Vec<u8>> {
+        let len_bytes = usize::try_from(self.len_bytes).expect("a tail is less than a block");
+        if let Some(nbd) = &opened.nbd {
+            return block_on(nbd.read_bytes(opened.arg.offset_bytes + self.offset_in_range_bytes, len_bytes));
+        }
         let file = reopen(opened, false)?;
-        let mut bytes = vec![0; usize::try_from(self.len_bytes).expect("a tail is less than a block")];
+        let mut bytes = vec![0; len_bytes];
         file.read_exact_at(&mut bytes, opened.arg.offset_bytes + self.offset_in_range_bytes)?;
         Ok(bytes)
     }
@@ -78,9 +90,33 @@ impl Tail {
     /// The file cannot be opened again as the same inode, or the write or the flush fails.
     pub fn write(&self, opened: &Opened, bytes: &[u8]) -> io::Result<()> {
         assert_eq!(bytes.len() as u64, self.len_bytes, "a tail's bytes fill the tail");
+        if let Some(nbd) = &opened.nbd {
+            block_on(nbd.write_bytes(opened.arg.offset_bytes + self.offset_in_range_bytes, bytes))?;
+            return block_on(nbd.flush());
+        }
         let file = reopen(opened, true)?;
         file.write_all_at(bytes, opened.arg.offset_bytes + self.offset_in_range_bytes)?;
         file.sync_data()
+    }
+}
+
+/// Runs `future` to its end on this thread. NBD requests complete on the connection's own
+/// thread, so nothing here needs a runtime.
+fn block_on<F: Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut context = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
+            return output;
+        }
+        std::thread::park();
     }
 }
 

@@ -196,6 +196,8 @@ async fn real_copy(
             buffered: false,
             io_engine: IoEngineArg::Sync,
             no_huge_pages: false,
+            connect_timeout_us: kcopyd_nbd::CONNECT_TIMEOUT_MS_DEFAULT * 1000,
+            io_timeout_us: None,
         },
         throttle: ThrottleArgs { busy_percent: None, rate_bytes_per_s: None },
         output: OutputArgs { json: false, quiet: true },

@@ -126,3 +126,34 @@ fn a_map_refuses_an_nbd_export_of_another_size_behind_the_same_uri() {
     assert!(stderr.contains("TARGET") && stderr.contains("not the device the map was written for"), "{stderr}");
     assert!(fs::read(&second).unwrap().iter().all(|&b| b == 0), "nothing written");
 }
+
+/// The nbdkit `sh` example of docs/NBD.md, run as written: the script, then the nbdkit
+/// command, with `kcopyd` on the PATH, in a directory holding `disk.img`.
+#[test]
+fn the_nbdkit_sh_example_of_the_docs_works_as_written() {
+    let test = "the_nbdkit_sh_example_of_the_docs_works_as_written";
+    if Command::new("nbdkit").arg("--version").output().is_err() {
+        kcopyd_tests::fixtures::skip(test, "nbdkit is not installed (Debian: apt-get install nbdkit)");
+        return;
+    }
+    let docs = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/NBD.md")).unwrap();
+    let start = docs.find("cat > bad-sectors.sh").expect("the example's script");
+    let end = start + docs[start..].find("nbdkit -U - sh").expect("the example's nbdkit command");
+    let end = end + docs[end..].find('\n').unwrap();
+    let example = &docs[start..end];
+    let dir = TempDir::new(test);
+    let data = pattern(24, 1 << 20);
+    fs::write(dir.join("disk.img"), &data).unwrap();
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_kcopyd")).parent().unwrap().to_str().unwrap().to_owned();
+    let output = Command::new("sh")
+        .args(["-c", example])
+        .current_dir(dir.path())
+        .env("PATH", format!("{bin}:{}", std::env::var("PATH").unwrap_or_default()))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("read errors at 100-108"), "{stdout}");
+    let copy = fs::read(dir.join("copy.img")).unwrap();
+    assert!(copy[..100 * 512] == data[..100 * 512] && copy[108 * 512..] == data[108 * 512..]);
+}

@@ -8,9 +8,13 @@
 //!       ▲                                      reader: reply header ─► cookie ─► Pending
 //!       └──────── oneshot: Completion ◄──────────── (read data lands in the caller's ReadBuf)
 //!
-//!  connection lost (EOF, socket error, protocol violation): `lose` drains `inflight`; every
-//!  Pending completes with RequestError::ConnectionLost, and so does every later request.
+//!  connection lost (EOF, socket error, protocol violation, a request past --io-timeout):
+//!  `lose` drains `inflight`; every Pending completes with RequestError::ConnectionLost (the
+//!  one whose reply broke the protocol with RequestError::ProtocolViolation), and so does
+//!  every later request.
 //! ```
+//!
+//! Replies are read and checked in [`reply`](crate::reply).
 //!
 //! A [`Pending`] completes exactly once: by its reply, or, if it is dropped first (the
 //! connection lost, the reader cancelled while filling it), by `Drop` with the loss.
@@ -21,18 +25,18 @@
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice};
-use std::ops::Range;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 use kcopyd_core::{ReadBuf, WriteBuf};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::error::{ConnectError, RequestError};
+use crate::error::ConnectError;
 use crate::handshake::{ExportInfo, handshake};
 use crate::proto::*;
 use crate::reactor::Reactor;
+use crate::reply::{Loss, Pending, lost_error, read_replies};
 use crate::uri::Address;
 
 /// Bytes of request headers gathered before they are written: headers without data (reads,
@@ -47,7 +51,7 @@ const HANDSHAKE_BUFFER_BYTES: usize = 4096;
 /// quarter of each 1 MiB reply through that extra copy).
 const READ_BUFFER_BYTES: usize = 16 * 1024;
 
-type Reader = BufReader<Box<dyn AsyncRead + Unpin + Send>>;
+pub(crate) type Reader = BufReader<Box<dyn AsyncRead + Unpin + Send>>;
 type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 
 /// One request, as the device hands it to the connection.
@@ -78,110 +82,86 @@ pub(crate) struct Completion {
     pub extents: Vec<(u32, u32)>,
 }
 
-/// A request on the wire, waiting for its reply.
+/// What the writer, the reader and the watchdog share.
 #[derive(Debug)]
-struct Pending {
-    command: u16,
-    offset_bytes: u64,
-    len_bytes: u32,
-    /// A read's buffer and the window the request fills.
-    buf: Option<ReadBuf>,
-    window: Range<usize>,
-    reply: Option<oneshot::Sender<Completion>>,
-    /// The first error chunk of a structured reply.
-    error: Option<io::Error>,
-    /// Bytes of a structured read reply's data and hole chunks so far.
-    covered_bytes: u64,
-    extents: Vec<(u32, u32)>,
+pub(crate) struct Shared {
     server: Arc<str>,
-    /// Why the connection ended, when it did with this request unanswered.
-    lost: Option<String>,
-}
-
-impl Pending {
-    fn complete(mut self, result: io::Result<()>) {
-        let reply = self.reply.take().expect("a pending request completes once");
-        let extents = std::mem::take(&mut self.extents);
-        // The caller may have stopped waiting (its future dropped): nothing to tell then.
-        let _ = reply.send(Completion { buf: self.buf.take(), result, extents });
-    }
-
-    /// Completes with the connection's loss, for `reason`.
-    fn fail_lost(mut self, reason: String) {
-        self.lost = Some(reason);
-        // `Drop` reports it.
-    }
-
-    fn server_error(&self, errno: u32, message: String) -> io::Error {
-        RequestError::Server {
-            server: self.server.to_string(),
-            command: command_name(self.command),
-            offset_bytes: self.offset_bytes,
-            len_bytes: u64::from(self.len_bytes),
-            errno: i32::try_from(errno).unwrap_or(i32::MAX),
-            message,
-        }
-        .server_io()
-    }
-}
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        if let Some(reply) = self.reply.take() {
-            let reason = self.lost.take().unwrap_or_else(|| "the connection closed".to_owned());
-            let error = lost_error(&self.server, self.command, self.offset_bytes, u64::from(self.len_bytes), reason);
-            let _ = reply.send(Completion { buf: self.buf.take(), result: Err(error), extents: Vec::new() });
-        }
-    }
-}
-
-fn lost_error(server: &str, command: u16, offset_bytes: u64, len_bytes: u64, reason: String) -> io::Error {
-    RequestError::ConnectionLost {
-        server: server.to_owned(),
-        command: command_name(command),
-        offset_bytes,
-        len_bytes,
-        reason,
-    }
-    .into_io(io::ErrorKind::ConnectionAborted)
-}
-
-/// What the writer and the reader share.
-#[derive(Debug)]
-struct Shared {
-    server: Arc<str>,
+    /// What the handshake agreed: replies are checked against it.
+    pub info: ExportInfo,
     state: Mutex<State>,
-    /// Turns true when the connection is lost: cancels the reader.
+    /// Why the connection ended (the first reason sticks); every request reads it.
+    loss: Arc<OnceLock<Loss>>,
+    /// Turns true when the connection is lost: cancels the reader, the writer, the watchdog.
     lost_tx: watch::Sender<bool>,
 }
 
 #[derive(Debug, Default)]
 struct State {
     inflight: HashMap<u64, Pending>,
-    lost: Option<String>,
+    /// The request whose reply is being read (out of `inflight` meanwhile): when it was sent
+    /// and what it is (command, offset, length), for the watchdog.
+    reading: Option<(Instant, (u16, u64, u32))>,
 }
 
 impl Shared {
+    fn new(server: Arc<str>, info: ExportInfo) -> Shared {
+        let (lost_tx, _) = watch::channel(false);
+        Shared { server, info, state: Mutex::new(State::default()), loss: Arc::new(OnceLock::new()), lost_tx }
+    }
+
+    /// `request` as a request in flight (its data, if any, stays with the writer).
+    fn pending(&self, request: Request) -> Pending {
+        let Request { command, offset_bytes, len_bytes, buf, reply, .. } = request;
+        Pending::new((command, offset_bytes, len_bytes), buf, reply, self.server.clone(), self.loss.clone())
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves a consistent map: take it over.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Marks the connection lost (the first reason sticks) and fails every request in flight.
-    fn lose(&self, reason: String) {
-        let (reason, drained) = {
-            let mut state = self.lock();
-            let reason = state.lost.get_or_insert(reason).clone();
-            (reason, std::mem::take(&mut state.inflight))
-        };
-        self.lost_tx.send_replace(true);
-        for pending in drained.into_values() {
-            pending.fail_lost(reason.clone());
-        }
+    fn is_lost(&self) -> bool {
+        self.loss.get().is_some()
     }
 
-    fn take(&self, cookie: u64) -> Option<Pending> {
+    /// Marks the connection lost (the first reason sticks) and fails every request in flight.
+    fn lose(&self, loss: Loss) {
+        let _ = self.loss.set(loss);
+        let drained = std::mem::take(&mut self.lock().inflight);
+        self.lost_tx.send_replace(true);
+        // Each reports the loss from its `Drop`, outside the lock.
+        drop(drained);
+    }
+
+    /// The request `cookie` answers, out of the requests in flight.
+    pub(crate) fn take(&self, cookie: u64) -> Option<Pending> {
         self.lock().inflight.remove(&cookie)
+    }
+
+    /// Puts back a request whose reply goes on.
+    pub(crate) fn put_back(&self, cookie: u64, pending: Pending) {
+        self.lock().inflight.insert(cookie, pending);
+    }
+
+    /// Notes the request whose reply is being read, or that none is.
+    pub(crate) fn reading(&self, pending: Option<&Pending>) {
+        self.lock().reading = pending.map(|p| (p.sent_at, (p.command, p.offset_bytes, p.len_bytes)));
+    }
+
+    /// The oldest request without a reply after `timeout`, described.
+    fn overdue(&self, timeout: Duration) -> Option<String> {
+        let state = self.lock();
+        let waiting = state.inflight.values().map(|p| (p.sent_at, (p.command, p.offset_bytes, p.len_bytes)));
+        let (sent_at, (command, offset_bytes, len_bytes)) =
+            waiting.chain(state.reading).min_by_key(|(sent_at, _)| *sent_at)?;
+        (sent_at.elapsed() >= timeout).then(|| {
+            format!(
+                "no reply to {} of bytes {offset_bytes}..{} within {} ms (--io-timeout): the server stalled",
+                command_name(command),
+                offset_bytes + u64::from(len_bytes),
+                timeout.as_millis()
+            )
+        })
     }
 }
 
@@ -194,13 +174,15 @@ pub(crate) struct Connection {
 
 impl Connection {
     /// Connects to `address`, runs the handshake for `export` and starts serving requests, all
-    /// in a task on `reactor`. `server` names the URI in errors.
+    /// in a task on `reactor`. `server` names the URI in errors. Connecting and the handshake
+    /// may take `timeout`; with `io_timeout`, a request without its whole reply after that
+    /// long ends the connection (see [`watch_replies`]).
     pub(crate) fn open(
         reactor: &Reactor,
         address: &Address,
         export: &str,
         server: Arc<str>,
-        timeout: Duration,
+        (timeout, io_timeout): (Duration, Option<Duration>),
     ) -> Result<(Connection, ExportInfo), ConnectError> {
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let (address, export, task_server) = (address.clone(), export.to_owned(), server.clone());
@@ -212,7 +194,7 @@ impl Connection {
                     server: server.to_string(),
                     source: io::Error::new(
                         io::ErrorKind::TimedOut,
-                        format!("no answer within {} ms", timeout.as_millis()),
+                        format!("no connection and handshake within {} ms (--connect-timeout)", timeout.as_millis()),
                     ),
                 }),
             };
@@ -224,7 +206,7 @@ impl Connection {
                     let (requests, receiver) = mpsc::unbounded_channel();
                     let connection = Connection { requests, server: server.clone() };
                     if ready_tx.send(Ok((connection, info))).is_ok() {
-                        serve(reader, writer, receiver, server).await;
+                        serve((reader, writer), receiver, Shared::new(server, info), io_timeout).await;
                     }
                 }
             }
@@ -245,7 +227,8 @@ impl Connection {
             // The connection's task ended (only a panic ends it while the device lives).
             let Request { command, offset_bytes, len_bytes, buf, reply, .. } = request;
             let reason = "the connection's task ended".to_owned();
-            let error = lost_error(&self.server, command, offset_bytes, u64::from(len_bytes), reason);
+            let range = (offset_bytes, u64::from(len_bytes));
+            let error = lost_error(self.server.to_string(), command_name(command), range, reason, false);
             let _ = reply.send(Completion { buf, result: Err(error), extents: Vec::new() });
         }
     }
@@ -281,25 +264,61 @@ async fn open_stream(
 }
 
 /// Runs the transmission phase until the device is dropped.
-async fn serve(reader: Reader, writer: Writer, requests: mpsc::UnboundedReceiver<Request>, server: Arc<str>) {
-    let (lost_tx, mut lost_rx) = watch::channel(false);
-    let shared = Shared { server, state: Mutex::new(State::default()), lost_tx };
+async fn serve(
+    (reader, writer): (Reader, Writer),
+    mut requests: mpsc::UnboundedReceiver<Request>,
+    shared: Shared,
+    io_timeout: Option<Duration>,
+) {
+    let (mut lost_reading, mut lost_writing, mut lost_watching) =
+        (shared.lost_tx.subscribe(), shared.lost_tx.subscribe(), shared.lost_tx.subscribe());
     let reading = async {
         tokio::select! {
-            reason = read_replies(reader, &shared) => shared.lose(reason),
-            _ = lost_rx.wait_for(|lost| *lost) => {}
+            broken = read_replies(reader, &shared) => shared.lose(broken.loss()),
+            _ = lost_reading.wait_for(|lost| *lost) => {}
         }
     };
     let writing = async {
-        write_requests(writer, requests, &shared).await;
-        shared.lose("the device was closed".into());
+        // A lost connection stops the writer even in the middle of a write to a server that
+        // no longer reads.
+        tokio::select! {
+            _ = write_requests(writer, &mut requests, &shared) => {}
+            _ = lost_writing.wait_for(|lost| *lost) => {}
+        }
+        shared.lose(Loss { reason: "the device was closed".into(), timed_out: false });
+        // Requests sent after the loss fail at once, until the device is dropped.
+        while let Some(request) = requests.recv().await {
+            let pending = shared.pending(request);
+            drop(pending);
+        }
     };
-    tokio::join!(reading, writing);
+    let watching = async {
+        let Some(timeout) = io_timeout else { return };
+        tokio::select! {
+            _ = watch_replies(&shared, timeout) => {}
+            _ = lost_watching.wait_for(|lost| *lost) => {}
+        }
+    };
+    tokio::join!(reading, writing, watching);
+}
+
+/// Ends the connection when a request has waited `timeout` for its whole reply: a server that
+/// stays connected but stops answering (or answers a byte at a time) fails its requests with
+/// `TimedOut` instead of holding them, and their buffers, for ever.
+async fn watch_replies(shared: &Shared, timeout: Duration) {
+    let tick = (timeout / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(tick).await;
+        if let Some(reason) = shared.overdue(timeout) {
+            shared.lose(Loss { reason, timed_out: true });
+            return;
+        }
+    }
 }
 
 /// Sends requests as they come, writing the gathered headers whenever no more are queued;
 /// ends (with `NBD_CMD_DISC`) when the device is dropped.
-async fn write_requests(mut writer: Writer, mut requests: mpsc::UnboundedReceiver<Request>, shared: &Shared) {
+async fn write_requests(mut writer: Writer, requests: &mut mpsc::UnboundedReceiver<Request>, shared: &Shared) {
     let mut cookie = 0u64;
     let mut headers = Vec::with_capacity(HEADER_BUFFER_BYTES);
     while let Some(first) = requests.recv().await {
@@ -307,18 +326,18 @@ async fn write_requests(mut writer: Writer, mut requests: mpsc::UnboundedReceive
         while let Some(request) = next {
             cookie += 1;
             if let Err(error) = write_request(&mut writer, &mut headers, request, cookie, shared).await {
-                shared.lose(format!("sending a request: {error}"));
+                shared.lose(Loss { reason: format!("sending a request: {error}"), timed_out: false });
             }
             next = requests.try_recv().ok();
         }
-        if shared.lock().lost.is_none() && !headers.is_empty() {
+        if !shared.is_lost() && !headers.is_empty() {
             if let Err(error) = writer.write_all(&headers).await {
-                shared.lose(format!("sending requests: {error}"));
+                shared.lose(Loss { reason: format!("sending requests: {error}"), timed_out: false });
             }
         }
         headers.clear();
     }
-    if shared.lock().lost.is_none() {
+    if !shared.is_lost() {
         let header = request_header(0, NBD_CMD_DISC, 0, 0, 0);
         // The server closes the connection on NBD_CMD_DISC; a failure here changes nothing.
         let _ = writer.write_all(&header).await;
@@ -335,27 +354,16 @@ async fn write_request(
     cookie: u64,
     shared: &Shared,
 ) -> io::Result<()> {
-    let Request { command, offset_bytes, len_bytes, payload, buf, reply } = request;
-    let window = buf.as_ref().map(ReadBuf::window).unwrap_or(0..0);
-    let pending = Pending {
-        command,
-        offset_bytes,
-        len_bytes,
-        buf,
-        window,
-        reply: Some(reply),
-        error: None,
-        covered_bytes: 0,
-        extents: Vec::new(),
-        server: shared.server.clone(),
-        lost: None,
-    };
+    let mut request = request;
+    let (command, offset_bytes, len_bytes) = (request.command, request.offset_bytes, request.len_bytes);
+    let payload = request.payload.take();
+    let pending = shared.pending(request);
     {
         let mut state = shared.lock();
-        if let Some(reason) = &state.lost {
-            let reason = reason.clone();
+        if shared.is_lost() {
             drop(state);
-            pending.fail_lost(reason);
+            // Its `Drop` reports the loss.
+            drop(pending);
             return Ok(());
         }
         state.inflight.insert(cookie, pending);
@@ -391,190 +399,4 @@ async fn write_all_vectored(writer: &mut Writer, mut parts: &mut [IoSlice<'_>]) 
         IoSlice::advance_slices(&mut parts, written);
     }
     Ok(())
-}
-
-/// Reads replies until the connection fails; returns why.
-async fn read_replies(mut reader: Reader, shared: &Shared) -> String {
-    loop {
-        let magic = match reader.read_u32().await {
-            Ok(magic) => magic,
-            Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => {
-                return "the server closed the connection".into();
-            }
-            Err(error) => return format!("reading a reply: {error}"),
-        };
-        let result = match magic {
-            NBD_SIMPLE_REPLY_MAGIC => simple_reply(&mut reader, shared).await,
-            NBD_STRUCTURED_REPLY_MAGIC => structured_chunk(&mut reader, shared).await,
-            _ => Err(format!("a reply with magic {magic:#010x}: protocol violation")),
-        };
-        if let Err(reason) = result {
-            return reason;
-        }
-    }
-}
-
-fn io_reason(error: io::Error) -> String {
-    match error.kind() {
-        io::ErrorKind::UnexpectedEof => "the server closed the connection in the middle of a reply".into(),
-        _ => format!("reading a reply: {error}"),
-    }
-}
-
-/// A simple reply: error, cookie, and a successful read's data.
-async fn simple_reply(reader: &mut Reader, shared: &Shared) -> Result<(), String> {
-    let errno = reader.read_u32().await.map_err(io_reason)?;
-    let cookie = reader.read_u64().await.map_err(io_reason)?;
-    let mut pending = shared.take(cookie).ok_or_else(|| format!("a reply to unknown cookie {cookie}"))?;
-    if errno != 0 {
-        let error = pending.server_error(errno, String::new());
-        pending.complete(Err(error));
-        return Ok(());
-    }
-    if pending.command == NBD_CMD_READ {
-        let window = pending.window.clone();
-        let buf = pending.buf.as_mut().expect("a read carries its buffer");
-        if let Err(error) = read_into(reader, buf, window).await {
-            let reason = io_reason(error);
-            pending.lost = Some(reason.clone());
-            return Err(reason);
-        }
-    }
-    pending.complete(Ok(()));
-    Ok(())
-}
-
-/// One chunk of a structured reply; the last (`NBD_REPLY_FLAG_DONE`) completes the request.
-async fn structured_chunk(reader: &mut Reader, shared: &Shared) -> Result<(), String> {
-    let flags = reader.read_u16().await.map_err(io_reason)?;
-    let chunk_type = reader.read_u16().await.map_err(io_reason)?;
-    let cookie = reader.read_u64().await.map_err(io_reason)?;
-    let len_bytes = reader.read_u32().await.map_err(io_reason)?;
-    let mut pending = shared.take(cookie).ok_or_else(|| format!("a reply chunk to unknown cookie {cookie}"))?;
-    if let Err(reason) = chunk_payload(reader, &mut pending, chunk_type, len_bytes).await {
-        pending.lost = Some(reason.clone());
-        return Err(reason);
-    }
-    if flags & NBD_REPLY_FLAG_DONE != 0 {
-        let result = match pending.error.take() {
-            Some(error) => Err(error),
-            // A successful read covers its whole range (chunks never overlap).
-            None if pending.command == NBD_CMD_READ && pending.covered_bytes != u64::from(pending.len_bytes) => {
-                let reason = format!(
-                    "a successful structured read reply covered {} of {} bytes: protocol violation",
-                    pending.covered_bytes, pending.len_bytes
-                );
-                pending.lost = Some(reason.clone());
-                return Err(reason);
-            }
-            None => Ok(()),
-        };
-        pending.complete(result);
-    } else {
-        shared.lock().inflight.insert(cookie, pending);
-    }
-    Ok(())
-}
-
-async fn chunk_payload(
-    reader: &mut Reader,
-    pending: &mut Pending,
-    chunk_type: u16,
-    len_bytes: u32,
-) -> Result<(), String> {
-    let request = pending.offset_bytes..pending.offset_bytes + u64::from(pending.len_bytes);
-    match chunk_type {
-        NBD_REPLY_TYPE_NONE if len_bytes == 0 => Ok(()),
-        NBD_REPLY_TYPE_OFFSET_DATA if pending.command == NBD_CMD_READ && len_bytes >= 8 => {
-            let offset = reader.read_u64().await.map_err(io_reason)?;
-            let data = window_of(&request, offset, u64::from(len_bytes - 8), pending)?;
-            pending.covered_bytes += data.len() as u64;
-            let buf = pending.buf.as_mut().expect("a read carries its buffer");
-            read_into(reader, buf, data).await.map_err(io_reason)
-        }
-        NBD_REPLY_TYPE_OFFSET_HOLE if pending.command == NBD_CMD_READ && len_bytes == 12 => {
-            let offset = reader.read_u64().await.map_err(io_reason)?;
-            let hole_bytes = reader.read_u32().await.map_err(io_reason)?;
-            let hole = window_of(&request, offset, u64::from(hole_bytes), pending)?;
-            pending.covered_bytes += hole.len() as u64;
-            let buf = pending.buf.as_mut().expect("a read carries its buffer");
-            let saved = buf.window();
-            buf.set_window(hole);
-            buf.fill(0);
-            buf.set_window(saved);
-            Ok(())
-        }
-        NBD_REPLY_TYPE_BLOCK_STATUS
-            if pending.command == NBD_CMD_BLOCK_STATUS && len_bytes >= 4 && (len_bytes - 4) % 8 == 0 =>
-        {
-            if len_bytes > CHUNK_BYTES_MAX {
-                return Err(format!("a block-status chunk of {len_bytes} bytes"));
-            }
-            let _context_id = reader.read_u32().await.map_err(io_reason)?;
-            for _ in 0..(len_bytes - 4) / 8 {
-                let extent_bytes = reader.read_u32().await.map_err(io_reason)?;
-                let flags = reader.read_u32().await.map_err(io_reason)?;
-                pending.extents.push((extent_bytes, flags));
-            }
-            Ok(())
-        }
-        _ if is_reply_error(chunk_type) && len_bytes >= 6 => {
-            if len_bytes > CHUNK_BYTES_MAX {
-                return Err(format!("an error chunk of {len_bytes} bytes"));
-            }
-            let mut payload = vec![0u8; len_bytes as usize];
-            reader.read_exact(&mut payload).await.map_err(io_reason)?;
-            let errno = u32::from_be_bytes(payload[0..4].try_into().expect("4 bytes"));
-            let message_len = usize::from(u16::from_be_bytes([payload[4], payload[5]]));
-            let message = payload.get(6..6 + message_len).ok_or("an error chunk's message runs past it")?;
-            let mut message = String::from_utf8_lossy(message).into_owned();
-            if chunk_type == NBD_REPLY_TYPE_ERROR_OFFSET {
-                if let Some(offset) = payload.get(6 + message_len..14 + message_len) {
-                    let offset = u64::from_be_bytes(offset.try_into().expect("8 bytes"));
-                    message = format!("{message} (at byte {offset})");
-                }
-            }
-            if pending.error.is_none() {
-                pending.error = Some(pending.server_error(errno, message));
-            }
-            Ok(())
-        }
-        _ => Err(format!(
-            "a reply chunk of type {chunk_type} and {len_bytes} bytes to {}: protocol violation",
-            command_name(pending.command)
-        )),
-    }
-}
-
-/// The part of a read's buffer that `len_bytes` at `offset_bytes` of the export fill.
-fn window_of(
-    request: &Range<u64>,
-    offset_bytes: u64,
-    len_bytes: u64,
-    pending: &Pending,
-) -> Result<Range<usize>, String> {
-    let end = offset_bytes.checked_add(len_bytes).ok_or("a reply chunk past 2^64")?;
-    if offset_bytes < request.start || end > request.end {
-        return Err(format!("a reply chunk for bytes {offset_bytes}..{end}, outside the request {request:?}"));
-    }
-    let start = pending.window.start + (offset_bytes - request.start) as usize;
-    Ok(start..start + len_bytes as usize)
-}
-
-/// Reads `window.len()` bytes of the socket into `window` of `buf`, leaving its window as it was.
-async fn read_into(reader: &mut Reader, buf: &mut ReadBuf, window: Range<usize>) -> io::Result<()> {
-    let saved = buf.window();
-    buf.set_window(window);
-    let mut result = Ok(());
-    // Collected first: the segment iterator is not `Send`, and a task spawned on a runtime's
-    // handle must be.
-    let segments: Vec<&mut [u8]> = buf.segments_mut().collect();
-    for segment in segments {
-        if let Err(error) = reader.read_exact(segment).await {
-            result = Err(error);
-            break;
-        }
-    }
-    buf.set_window(saved);
-    result.map(drop)
 }

@@ -26,6 +26,9 @@ pub const CONNECTIONS_DEFAULT: usize = 4;
 pub const CONNECTIONS_MAX: usize = 16;
 /// How long connecting and the handshake may take when nothing else is asked for.
 pub const CONNECT_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+/// Largest export size accepted: the protocol's sizes are signed 64-bit in practice (qemu,
+/// libnbd); a larger one is taken as a broken server.
+pub const EXPORT_BYTES_MAX: u64 = i64::MAX as u64;
 /// Largest logical block size accepted (the engine's limit), in bytes.
 pub const LOGICAL_BLOCK_BYTES_MAX: u32 = 65536;
 /// Write-zeroes without offload writes zeroes in pieces of at most this many bytes, this many
@@ -53,8 +56,13 @@ pub struct ConnectOptions {
     /// Connections to open when the server allows several (`NBD_FLAG_CAN_MULTI_CONN`):
     /// 1 to [`CONNECTIONS_MAX`]; one connection otherwise.
     pub connections_max: usize,
-    /// How long connecting and the handshake of each connection may take.
+    /// How long connecting and the handshake of each connection may take
+    /// ([`CONNECT_TIMEOUT_MS_DEFAULT`] by default).
     pub connect_timeout_ms: u64,
+    /// Most milliseconds a request may wait for its whole reply; past it the connection is
+    /// taken as stalled and dropped, failing its requests with `TimedOut` (their buffers come
+    /// back at once). `None` (the default) waits for ever, as a local disk would.
+    pub io_timeout_ms: Option<u64>,
     /// The thread the connections run on: `None` for the process's shared one
     /// ([`Reactor::shared`]).
     pub reactor: Option<Reactor>,
@@ -66,6 +74,7 @@ impl Default for ConnectOptions {
             write: false,
             connections_max: CONNECTIONS_DEFAULT,
             connect_timeout_ms: CONNECT_TIMEOUT_MS_DEFAULT,
+            io_timeout_ms: None,
             reactor: None,
         }
     }
@@ -87,9 +96,11 @@ pub struct Extent {
 /// An NBD export: one or more connections to one server, many requests in flight on each.
 ///
 /// The geometry comes from the handshake: the logical block is the server's minimum block
-/// size (at least 512 bytes), the length is the export's size rounded down to whole blocks,
-/// write-zeroes is offloaded when the server offers `NBD_CMD_WRITE_ZEROES`. Reads and writes
-/// larger than the server's maximum block size are split.
+/// size (at least 512 bytes), the length is the export's size rounded down to whole blocks
+/// (the bytes after them are reached with [`NbdDevice::read_bytes`] and
+/// [`NbdDevice::write_bytes`]), write-zeroes is offloaded when the server offers
+/// `NBD_CMD_WRITE_ZEROES`. Reads and writes larger than the server's maximum block size are
+/// split.
 pub struct NbdDevice {
     name: String,
     uri: NbdUri,
@@ -137,46 +148,32 @@ impl NbdDevice {
                 reason: format!("{} connections (must be 1 to {CONNECTIONS_MAX})", options.connections_max),
             });
         }
-        let timeout = Duration::from_millis(options.connect_timeout_ms);
+        if options.connect_timeout_ms == 0 || options.io_timeout_ms == Some(0) {
+            return Err(ConnectError::InvalidOptions { server: uri.to_owned(), reason: "a timeout of 0 ms".into() });
+        }
+        let timeouts =
+            (Duration::from_millis(options.connect_timeout_ms), options.io_timeout_ms.map(Duration::from_millis));
         let reactor = match &options.reactor {
             Some(reactor) => reactor.clone(),
             None => Reactor::shared().map_err(|source| ConnectError::Thread { server: uri.to_owned(), source })?,
         };
-        let (first, info) = Connection::open(&reactor, &parsed.address, &parsed.export, server.clone(), timeout)?;
+        let (first, info) = Connection::open(&reactor, &parsed.address, &parsed.export, server.clone(), timeouts)?;
         if options.write && info.has(NBD_FLAG_READ_ONLY) {
             return Err(ConnectError::ReadOnly { server: uri.to_owned() });
         }
-        let geometry_error = |problem: String| ConnectError::Geometry { server: uri.to_owned(), problem };
-        let block_bytes = info.block_min_bytes.max(SECTOR_SIZE as u32);
-        if !block_bytes.is_power_of_two() || block_bytes > LOGICAL_BLOCK_BYTES_MAX {
-            return Err(geometry_error(format!(
-                "minimum block size {} (must be a power of two up to {LOGICAL_BLOCK_BYTES_MAX})",
-                info.block_min_bytes
-            )));
-        }
-        let payload_bytes_max = info.block_max_bytes.min(PAYLOAD_BYTES_DEFAULT_MAX) / block_bytes * block_bytes;
-        if payload_bytes_max == 0 {
-            return Err(geometry_error(format!(
-                "maximum block size {} is less than the {block_bytes}-byte block",
-                info.block_max_bytes
-            )));
-        }
-        let len_sectors = info.size_bytes / u64::from(block_bytes) * u64::from(block_bytes) / SECTOR_SIZE as u64;
-        let geometry = Geometry::new(len_sectors, block_bytes).with_write_zeroes(info.has(NBD_FLAG_SEND_WRITE_ZEROES));
+        let (geometry, payload_bytes_max) =
+            geometry_of(&info).map_err(|problem| ConnectError::Geometry { server: uri.to_owned(), problem })?;
         let mut connections = vec![first];
         if info.has(NBD_FLAG_CAN_MULTI_CONN) {
             for index in 1..options.connections_max {
-                let (connection, other) =
-                    Connection::open(&reactor, &parsed.address, &parsed.export, server.clone(), timeout)?;
-                if (other.size_bytes, other.transmission_flags) != (info.size_bytes, info.transmission_flags) {
-                    return Err(ConnectError::Inconsistent {
-                        server: uri.to_owned(),
-                        index,
-                        problem: format!(
-                            "{} bytes and flags {:#x}, the first saw {} bytes and flags {:#x}",
-                            other.size_bytes, other.transmission_flags, info.size_bytes, info.transmission_flags
-                        ),
-                    });
+                let opened = Connection::open(&reactor, &parsed.address, &parsed.export, server.clone(), timeouts);
+                let (connection, other) = match opened {
+                    // A server that offers several connections but takes fewer: use those it took.
+                    Err(ConnectError::Connect { .. } | ConnectError::HandshakeIo { .. }) => break,
+                    opened => opened?,
+                };
+                if let Some(problem) = differences(&info, &other) {
+                    return Err(ConnectError::Inconsistent { server: uri.to_owned(), index, problem });
                 }
                 connections.push(connection);
             }
@@ -317,6 +314,91 @@ impl NbdDevice {
             ));
         }
         self.no_payload_requests(NBD_CMD_TRIM, offset_sectors * SECTOR_SIZE as u64, len_bytes).await
+    }
+
+    /// The server's minimum block size as it stated it (1 when it stated none): the unit of
+    /// [`NbdDevice::read_bytes`] and [`NbdDevice::write_bytes`], below the 512-byte sectors
+    /// of the geometry.
+    pub fn min_block_bytes(&self) -> u32 {
+        self.info.block_min_bytes
+    }
+
+    /// Reads `len_bytes` from byte `offset_bytes`: any bytes of the export, its partial last
+    /// sector included, in multiples of [`NbdDevice::min_block_bytes`], at most
+    /// [`NbdDevice::payload_bytes_max`].
+    ///
+    /// # Errors
+    /// Misaligned to the server's minimum block size, past the export's size or too long
+    /// (refused, nothing sent), or the request failed.
+    pub async fn read_bytes(&self, offset_bytes: u64, len_bytes: usize) -> io::Result<Vec<u8>> {
+        self.check_bytes(NBD_CMD_READ, offset_bytes, len_bytes as u64)?;
+        if len_bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let buf = ReadBuf::with_capacity(len_bytes);
+        let completion = self.submit(self.pick(), NBD_CMD_READ, offset_bytes, len_bytes as u32, None, Some(buf)).await;
+        completion.result?;
+        Ok(completion.buf.expect("a read's buffer comes back").to_vec())
+    }
+
+    /// Writes `data` at byte `offset_bytes`, as [`NbdDevice::read_bytes`] reads.
+    ///
+    /// # Errors
+    /// As [`NbdDevice::read_bytes`], and an export opened read-only.
+    pub async fn write_bytes(&self, offset_bytes: u64, data: &[u8]) -> io::Result<()> {
+        self.check_bytes(NBD_CMD_WRITE, offset_bytes, data.len() as u64)?;
+        if !self.write {
+            return Err(self.refused_bytes(
+                NBD_CMD_WRITE,
+                offset_bytes,
+                data.len() as u64,
+                "the export was opened read-only",
+            ));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        let mut buf = ReadBuf::with_capacity(data.len());
+        let mut rest = data;
+        for segment in buf.segments_mut() {
+            let (part, after) = rest.split_at(segment.len());
+            segment.copy_from_slice(part);
+            rest = after;
+        }
+        let payload = buf.freeze();
+        self.submit(self.pick(), NBD_CMD_WRITE, offset_bytes, data.len() as u32, Some(payload), None).await.result
+    }
+
+    fn refused_bytes(&self, command: u16, offset_bytes: u64, len_bytes: u64, problem: impl Into<String>) -> io::Error {
+        let kind = if command == NBD_CMD_WRITE && !self.write {
+            io::ErrorKind::PermissionDenied
+        } else {
+            io::ErrorKind::InvalidInput
+        };
+        RequestError::Refused {
+            server: self.name.clone(),
+            command: command_name(command),
+            offset_bytes,
+            len_bytes,
+            problem: problem.into(),
+        }
+        .into_io(kind)
+    }
+
+    /// Checks a byte-granular request: aligned to the server's minimum block size, inside the
+    /// export's size, one request long at most.
+    fn check_bytes(&self, command: u16, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
+        let min = u64::from(self.info.block_min_bytes);
+        let problem = if offset_bytes % min != 0 || len_bytes % min != 0 {
+            format!("not aligned to the server's {min}-byte minimum block size")
+        } else if offset_bytes.checked_add(len_bytes).is_none_or(|end| end > self.info.size_bytes) {
+            format!("runs past the end of the export at byte {}", self.info.size_bytes)
+        } else if len_bytes > u64::from(self.payload_bytes_max) {
+            format!("longer than the {}-byte largest request", self.payload_bytes_max)
+        } else {
+            return Ok(());
+        };
+        Err(self.refused_bytes(command, offset_bytes, len_bytes, problem))
     }
 
     /// The connection for the next request: round robin.
@@ -567,6 +649,51 @@ impl BlockDevice for NbdDevice {
     fn deallocate(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
         self.write_zeroes(offset_sectors, len_sectors)
     }
+}
+
+/// The geometry an export's handshake gives, and the largest payload of one request: blocks
+/// of the server's minimum block size (at least 512 bytes), the size in whole blocks.
+///
+/// Worked example: 1,000 bytes, minimum block 1: 512-byte blocks, one of them (the 488 bytes
+/// after it are reached with [`NbdDevice::read_bytes`] and [`NbdDevice::write_bytes`]).
+fn geometry_of(info: &ExportInfo) -> Result<(Geometry, u32), String> {
+    let block_bytes = info.block_min_bytes.max(SECTOR_SIZE as u32);
+    if !block_bytes.is_power_of_two() || block_bytes > LOGICAL_BLOCK_BYTES_MAX {
+        return Err(format!(
+            "minimum block size {} (must be a power of two up to {LOGICAL_BLOCK_BYTES_MAX})",
+            info.block_min_bytes
+        ));
+    }
+    if info.size_bytes > EXPORT_BYTES_MAX {
+        return Err(format!("an export of {} bytes (more than {EXPORT_BYTES_MAX})", info.size_bytes));
+    }
+    let payload_bytes_max = info.block_max_bytes.min(PAYLOAD_BYTES_DEFAULT_MAX) / block_bytes * block_bytes;
+    if payload_bytes_max == 0 {
+        return Err(format!("maximum block size {} is less than the {block_bytes}-byte block", info.block_max_bytes));
+    }
+    let len_sectors = info.size_bytes / u64::from(block_bytes) * u64::from(block_bytes) / SECTOR_SIZE as u64;
+    let geometry = Geometry::new(len_sectors, block_bytes).with_write_zeroes(info.has(NBD_FLAG_SEND_WRITE_ZEROES));
+    Ok((geometry, payload_bytes_max))
+}
+
+/// How a further connection's export differs from the first's: size, flags, block sizes,
+/// structured replies or block status (the context's id may differ: each connection checks
+/// its own).
+fn differences(first: &ExportInfo, other: &ExportInfo) -> Option<String> {
+    let facts = |info: &ExportInfo| {
+        format!(
+            "{} bytes, flags {:#x}, block sizes {}/{}/{}, structured replies {}, block status {}",
+            info.size_bytes,
+            info.transmission_flags,
+            info.block_min_bytes,
+            info.block_preferred_bytes,
+            info.block_max_bytes,
+            info.structured,
+            info.base_allocation.is_some()
+        )
+    };
+    let (mine, theirs) = (facts(other), facts(first));
+    (mine != theirs).then(|| format!("{mine}; the first saw {theirs}"))
 }
 
 /// A stable hash of `value` (fixed keys: the same in every process).

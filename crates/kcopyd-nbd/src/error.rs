@@ -143,6 +143,25 @@ pub enum RequestError {
         /// Why the connection ended.
         reason: String,
     },
+    /// The server's reply to this request broke the protocol (a read not covered exactly once,
+    /// block status for a context not agreed, an error chunk with errno 0, …): nothing of it
+    /// is believed, and the connection is dropped (its other requests fail as lost).
+    #[error(
+        "{server}: {command} of bytes {offset_bytes}..{} (sectors {}) failed: the server broke the NBD protocol: {problem}",
+        .offset_bytes + .len_bytes, sectors(*.offset_bytes, *.len_bytes)
+    )]
+    ProtocolViolation {
+        /// The URI.
+        server: String,
+        /// The command, by its protocol name.
+        command: &'static str,
+        /// First byte of the request.
+        offset_bytes: u64,
+        /// Bytes in the request.
+        len_bytes: u64,
+        /// What the server did wrong.
+        problem: String,
+    },
     /// Refused here, before anything was sent: misaligned, out of range, a write to an export
     /// opened read-only, a command the server does not offer.
     #[error(

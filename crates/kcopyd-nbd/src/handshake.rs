@@ -10,6 +10,10 @@
 //!                                                          INFO(BLOCK_SIZE: min, preferred, max)
 //!                                                          ACK ─► transmission phase
 //! ```
+//!
+//! Every reply is checked: the option it names, its type, its length; `base:allocation`
+//! agreed with one id; `NBD_INFO_EXPORT` present and each item stated once (or identically
+//! again); block sizes that keep the protocol's rules ([`check_block_sizes`]).
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -53,93 +57,18 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let io = |source| ConnectError::HandshakeIo { server: server.to_owned(), source };
-    let protocol = |problem: String| ConnectError::Protocol { server: server.to_owned(), problem };
-    let magic = reader.read_u64().await.map_err(io)?;
-    if magic != NBDMAGIC {
-        return Err(protocol(format!("not an NBD server (greeting {magic:#018x})")));
-    }
-    let style = reader.read_u64().await.map_err(io)?;
-    if style != IHAVEOPT {
-        return Err(protocol("an oldstyle NBD server: only the fixed newstyle handshake is supported".into()));
-    }
-    let handshake_flags = reader.read_u16().await.map_err(io)?;
-    if handshake_flags & NBD_FLAG_FIXED_NEWSTYLE == 0 {
-        return Err(protocol("the server does not offer the fixed newstyle handshake".into()));
-    }
-    let mut client_flags = NBD_FLAG_C_FIXED_NEWSTYLE;
-    if handshake_flags & NBD_FLAG_NO_ZEROES != 0 {
-        client_flags |= NBD_FLAG_C_NO_ZEROES;
-    }
-    writer.write_u32(client_flags).await.map_err(io)?;
-
     let mut options = Options { reader, writer, server };
-    options.send(NBD_OPT_STRUCTURED_REPLY, &[]).await?;
-    let (reply, _) = options.reply(NBD_OPT_STRUCTURED_REPLY).await?;
-    let structured = reply == NBD_REP_ACK;
-
-    let mut base_allocation = None;
-    if structured {
-        let mut data = Vec::new();
-        put_string32(&mut data, export);
-        data.extend_from_slice(&1u32.to_be_bytes());
-        put_string32(&mut data, BASE_ALLOCATION);
-        options.send(NBD_OPT_SET_META_CONTEXT, &data).await?;
-        loop {
-            let (reply, data) = options.reply(NBD_OPT_SET_META_CONTEXT).await?;
-            match reply {
-                NBD_REP_META_CONTEXT if data.len() >= 4 => {
-                    if &data[4..] == BASE_ALLOCATION.as_bytes() {
-                        base_allocation = Some(u32::from_be_bytes(data[..4].try_into().expect("4 bytes")));
-                    }
-                }
-                NBD_REP_ACK => break,
-                // Refused or unknown: the export simply has no block status.
-                _ if is_rep_error(reply) => break,
-                _ => return Err(protocol(format!("reply {reply:#x} to NBD_OPT_SET_META_CONTEXT"))),
-            }
-        }
-    }
-
-    let mut data = Vec::new();
-    put_string32(&mut data, export);
-    data.extend_from_slice(&1u16.to_be_bytes());
-    data.extend_from_slice(&NBD_INFO_BLOCK_SIZE.to_be_bytes());
-    options.send(NBD_OPT_GO, &data).await?;
-    let mut export_info = None;
-    let (mut block_min_bytes, mut block_preferred_bytes, mut block_max_bytes) = (1, 4096, PAYLOAD_BYTES_DEFAULT_MAX);
-    loop {
-        let (reply, data) = options.reply(NBD_OPT_GO).await?;
-        match reply {
-            NBD_REP_INFO if data.len() >= 2 => match u16::from_be_bytes([data[0], data[1]]) {
-                NBD_INFO_EXPORT if data.len() == 12 => {
-                    let size_bytes = u64::from_be_bytes(data[2..10].try_into().expect("8 bytes"));
-                    export_info = Some((size_bytes, u16::from_be_bytes([data[10], data[11]])));
-                }
-                NBD_INFO_BLOCK_SIZE if data.len() == 14 => {
-                    let word = |at: usize| u32::from_be_bytes(data[at..at + 4].try_into().expect("4 bytes"));
-                    (block_min_bytes, block_preferred_bytes, block_max_bytes) = (word(2), word(6), word(10));
-                }
-                _ => {} // Information this client did not ask for, or does not use.
-            },
-            NBD_REP_ACK => break,
-            _ if is_rep_error(reply) => {
-                let message = String::from_utf8_lossy(&data).into_owned();
-                return Err(ConnectError::OptionRefused {
-                    server: server.to_owned(),
-                    option: "NBD_OPT_GO",
-                    reply: rep_error_name(reply),
-                    message,
-                });
-            }
-            _ => return Err(protocol(format!("reply {reply:#x} to NBD_OPT_GO"))),
-        }
-    }
-    let (size_bytes, transmission_flags) =
-        export_info.ok_or_else(|| protocol("NBD_OPT_GO ended without NBD_INFO_EXPORT".into()))?;
+    options.greeting().await?;
+    let structured = options.structured_replies().await?;
+    let base_allocation = if structured { options.meta_context(export).await? } else { None };
+    let (size_bytes, transmission_flags, block_sizes) = options.go(export).await?;
     if transmission_flags & NBD_FLAG_HAS_FLAGS == 0 {
-        return Err(protocol("transmission flags without NBD_FLAG_HAS_FLAGS".into()));
+        return Err(options.protocol("transmission flags without NBD_FLAG_HAS_FLAGS".into()));
     }
+    // Without NBD_INFO_BLOCK_SIZE: the protocol's defaults.
+    let (block_min_bytes, block_preferred_bytes, block_max_bytes) =
+        block_sizes.unwrap_or((1, 4096, PAYLOAD_BYTES_DEFAULT_MAX));
+    check_block_sizes(block_min_bytes, block_preferred_bytes, block_max_bytes).map_err(|p| options.protocol(p))?;
     Ok(ExportInfo {
         size_bytes,
         transmission_flags,
@@ -147,8 +76,169 @@ where
         block_preferred_bytes,
         block_max_bytes,
         structured,
-        base_allocation: base_allocation.filter(|_| structured),
+        base_allocation,
     })
+}
+
+/// What `NBD_OPT_GO` stated: size, transmission flags, block sizes if any.
+type GoInfo = (u64, u16, Option<(u32, u32, u32)>);
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Options<'_, R, W> {
+    fn protocol(&self, problem: String) -> ConnectError {
+        ConnectError::Protocol { server: self.server.to_owned(), problem }
+    }
+
+    /// The server's greeting (fixed newstyle only) and the client's flags.
+    async fn greeting(&mut self) -> Result<(), ConnectError> {
+        let result = self.reader.read_u64().await;
+        let magic = result.map_err(|e| self.io(e))?;
+        if magic != NBDMAGIC {
+            return Err(self.protocol(format!("not an NBD server (greeting {magic:#018x})")));
+        }
+        let result = self.reader.read_u64().await;
+        if result.map_err(|e| self.io(e))? != IHAVEOPT {
+            return Err(self.protocol("an oldstyle NBD server: only the fixed newstyle handshake is supported".into()));
+        }
+        let result = self.reader.read_u16().await;
+        let handshake_flags = result.map_err(|e| self.io(e))?;
+        if handshake_flags & NBD_FLAG_FIXED_NEWSTYLE == 0 {
+            return Err(self.protocol("the server does not offer the fixed newstyle handshake".into()));
+        }
+        let mut client_flags = NBD_FLAG_C_FIXED_NEWSTYLE;
+        if handshake_flags & NBD_FLAG_NO_ZEROES != 0 {
+            client_flags |= NBD_FLAG_C_NO_ZEROES;
+        }
+        let result = self.writer.write_u32(client_flags).await;
+        result.map_err(|e| self.io(e))
+    }
+
+    /// `NBD_OPT_STRUCTURED_REPLY`: whether the server agreed.
+    async fn structured_replies(&mut self) -> Result<bool, ConnectError> {
+        self.send(NBD_OPT_STRUCTURED_REPLY, &[]).await?;
+        let (reply, data) = self.reply(NBD_OPT_STRUCTURED_REPLY).await?;
+        match reply {
+            NBD_REP_ACK if data.is_empty() => Ok(true),
+            // An older server: simple replies only.
+            _ if is_rep_error(reply) => Ok(false),
+            _ => Err(self.protocol(format!(
+                "reply {reply:#x} with {} bytes to NBD_OPT_STRUCTURED_REPLY (NBD_REP_ACK or an error expected)",
+                data.len()
+            ))),
+        }
+    }
+
+    /// `NBD_OPT_SET_META_CONTEXT` for `base:allocation`: its id, if the server offers it.
+    async fn meta_context(&mut self, export: &str) -> Result<Option<u32>, ConnectError> {
+        let mut data = Vec::new();
+        put_string32(&mut data, export);
+        data.extend_from_slice(&1u32.to_be_bytes());
+        put_string32(&mut data, BASE_ALLOCATION);
+        self.send(NBD_OPT_SET_META_CONTEXT, &data).await?;
+        let mut base_allocation = None;
+        loop {
+            let (reply, data) = self.reply(NBD_OPT_SET_META_CONTEXT).await?;
+            match reply {
+                NBD_REP_META_CONTEXT if data.len() >= 4 => {
+                    let id = u32::from_be_bytes(data[..4].try_into().expect("4 bytes"));
+                    if &data[4..] == BASE_ALLOCATION.as_bytes() {
+                        if base_allocation.is_some_and(|agreed| agreed != id) {
+                            return Err(self.protocol(format!("{BASE_ALLOCATION} given two context ids")));
+                        }
+                        base_allocation = Some(id);
+                    }
+                    // Any other context (not asked for) is never used: block status for it is
+                    // refused in transmission.
+                }
+                NBD_REP_ACK if data.is_empty() => return Ok(base_allocation),
+                // Refused or unknown: the export simply has no block status.
+                _ if is_rep_error(reply) => return Ok(None),
+                _ => return Err(self.protocol(format!("reply {reply:#x} to NBD_OPT_SET_META_CONTEXT"))),
+            }
+        }
+    }
+
+    /// `NBD_OPT_GO` with `NBD_INFO_BLOCK_SIZE`: what the server states about the export.
+    async fn go(&mut self, export: &str) -> Result<GoInfo, ConnectError> {
+        let mut data = Vec::new();
+        put_string32(&mut data, export);
+        data.extend_from_slice(&1u16.to_be_bytes());
+        data.extend_from_slice(&NBD_INFO_BLOCK_SIZE.to_be_bytes());
+        self.send(NBD_OPT_GO, &data).await?;
+        let (mut export_info, mut block_sizes) = (None, None);
+        loop {
+            let (reply, data) = self.reply(NBD_OPT_GO).await?;
+            match reply {
+                NBD_REP_INFO if data.len() >= 2 => self.info(&data, &mut export_info, &mut block_sizes)?,
+                NBD_REP_ACK if data.is_empty() => break,
+                _ if is_rep_error(reply) => {
+                    return Err(ConnectError::OptionRefused {
+                        server: self.server.to_owned(),
+                        option: "NBD_OPT_GO",
+                        reply: rep_error_name(reply),
+                        message: String::from_utf8_lossy(&data).into_owned(),
+                    });
+                }
+                _ => return Err(self.protocol(format!("reply {reply:#x} to NBD_OPT_GO"))),
+            }
+        }
+        let (size_bytes, flags) =
+            export_info.ok_or_else(|| self.protocol("NBD_OPT_GO ended without NBD_INFO_EXPORT".into()))?;
+        Ok((size_bytes, flags, block_sizes))
+    }
+
+    /// One `NBD_REP_INFO`: the export's size and flags, or its block sizes, each stated once
+    /// (or again the same).
+    fn info(
+        &self,
+        data: &[u8],
+        export_info: &mut Option<(u64, u16)>,
+        block_sizes: &mut Option<(u32, u32, u32)>,
+    ) -> Result<(), ConnectError> {
+        match u16::from_be_bytes([data[0], data[1]]) {
+            NBD_INFO_EXPORT if data.len() == 12 => {
+                let size_bytes = u64::from_be_bytes(data[2..10].try_into().expect("8 bytes"));
+                let stated = (size_bytes, u16::from_be_bytes([data[10], data[11]]));
+                if export_info.is_some_and(|before| before != stated) {
+                    return Err(self.protocol("NBD_INFO_EXPORT sent twice, with different sizes or flags".into()));
+                }
+                *export_info = Some(stated);
+            }
+            NBD_INFO_BLOCK_SIZE if data.len() == 14 => {
+                let word = |at: usize| u32::from_be_bytes(data[at..at + 4].try_into().expect("4 bytes"));
+                let stated = (word(2), word(6), word(10));
+                if block_sizes.is_some_and(|before| before != stated) {
+                    return Err(self.protocol("NBD_INFO_BLOCK_SIZE sent twice, with different sizes".into()));
+                }
+                *block_sizes = Some(stated);
+            }
+            info @ (NBD_INFO_EXPORT | NBD_INFO_BLOCK_SIZE) => {
+                return Err(self.protocol(format!("information item {info} of {} bytes", data.len())));
+            }
+            _ => {} // Information this client did not ask for, or does not use.
+        }
+        Ok(())
+    }
+}
+
+/// The rules of `NBD_INFO_BLOCK_SIZE`: the minimum a power of two up to 64 KiB, the preferred
+/// a power of two at least the minimum, the maximum at least the minimum and a multiple of it
+/// (or `0xffffffff`).
+///
+/// Worked example: (1, 4096, 33554432) and (512, 4096, 0xffffffff) pass; (4096, 512, …) and
+/// (512, 4096, 1000) do not.
+pub(crate) fn check_block_sizes(min_bytes: u32, preferred_bytes: u32, max_bytes: u32) -> Result<(), String> {
+    let problem = if !min_bytes.is_power_of_two() || min_bytes > 65536 {
+        "the minimum is not a power of two up to 64 KiB"
+    } else if !preferred_bytes.is_power_of_two() || preferred_bytes < min_bytes {
+        "the preferred size is not a power of two at least the minimum"
+    } else if max_bytes < min_bytes || (max_bytes % min_bytes != 0 && max_bytes != u32::MAX) {
+        "the maximum is not a multiple of the minimum"
+    } else {
+        return Ok(());
+    };
+    Err(format!(
+        "block sizes minimum {min_bytes}, preferred {preferred_bytes}, maximum {max_bytes} break the protocol: {problem}"
+    ))
 }
 
 /// Option requests and their replies.

@@ -12,11 +12,17 @@
 //!     check: aligned? inside? writable? ── no: RequestError::Refused, nothing sent
 //!     └► split at the server's maximum block size ─► round robin over the connections
 //!          ─► request (cookie) ─► reply (simple or structured, any order) ─► oneshot
+//!                                     └ checked against the request and the handshake:
+//!                                       coverage, context id, bounds (reply.rs)
+//!     + read_bytes / write_bytes: the bytes past the whole blocks of an odd-sized export
 //! ```
 //!
 //! Errors the server sends come back as `io::Error`s of the errno's kind, holding a
 //! [`RequestError::Server`] with the errno, the command and the byte range; a lost connection
 //! fails every request in flight and every later one with [`RequestError::ConnectionLost`].
+//! A reply that breaks the protocol is not believed: its request fails with
+//! [`RequestError::ProtocolViolation`] and the connection is dropped. With
+//! [`ConnectOptions::io_timeout_ms`], a server that stops answering is dropped too.
 //! TLS (`nbds://`) is not supported.
 //!
 //! ```no_run
@@ -32,11 +38,12 @@ mod error;
 mod handshake;
 mod proto;
 mod reactor;
+mod reply;
 mod uri;
 
 pub use device::{
-    CONNECT_TIMEOUT_MS_DEFAULT, CONNECTIONS_DEFAULT, CONNECTIONS_MAX, ConnectOptions, Extent, LOGICAL_BLOCK_BYTES_MAX,
-    NbdDevice, connect,
+    CONNECT_TIMEOUT_MS_DEFAULT, CONNECTIONS_DEFAULT, CONNECTIONS_MAX, ConnectOptions, EXPORT_BYTES_MAX, Extent,
+    LOGICAL_BLOCK_BYTES_MAX, NbdDevice, connect,
 };
 pub use error::{ConnectError, RequestError};
 pub use proto::{NBD_DEFAULT_PORT, NO_PAYLOAD_BYTES_MAX, PAYLOAD_BYTES_DEFAULT_MAX};

@@ -168,8 +168,8 @@ fn a_read_reply_that_leaves_bytes_uncovered_is_a_protocol_violation() {
     let device = NbdDevice::connect(&uri, &ConnectOptions::default()).unwrap();
     let (_, result) = block_on(device.read(0, buf(4096)));
     let error = result.unwrap_err();
-    assert!(matches!(request_error(&error), RequestError::ConnectionLost { .. }), "{error}");
-    assert!(error.to_string().contains("covered 1024 of 4096 bytes"), "{error}");
+    assert!(matches!(request_error(&error), RequestError::ProtocolViolation { .. }), "{error}");
+    assert!(error.to_string().contains("byte 1024 never sent (1024 of 4096 bytes covered)"), "{error}");
 }
 
 #[test]
