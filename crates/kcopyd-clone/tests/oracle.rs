@@ -22,11 +22,12 @@ use std::cell::RefCell;
 use std::ops::Range;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use kcopyd_clone::{CloneDevice, CloneDevices, CloneOptions, HydrationEnd};
-use kcopyd_core::{BlockDevice, Client, ClientConfig, ReadBuf, WriteBuf};
+use kcopyd_core::{BlockDevice, Client, ClientConfig, Device, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, WriteBuf};
 use kcopyd_sim::{FaultPlan, IoModel, Latency, MemDisk, MemDiskOptions, Simulation, WriteFault, mix64, to_tokio};
 
 const SEEDS_DEFAULT: u64 = 200;
@@ -78,7 +79,9 @@ struct Model {
     /// Per sector: -1 a write holds it, n > 0 reads do.
     locks: Vec<i32>,
     next_tag: u64,
-    crashed: bool,
+    /// Crashes of the disks before this epoch: more mean this epoch crashed.
+    crashes_before: u64,
+    switch: Arc<CrashSwitch>,
     faults: bool,
     violations: Vec<String>,
 }
@@ -130,6 +133,10 @@ impl Model {
         seen
     }
 
+    fn crashed(&self) -> bool {
+        self.switch.crashes.load(Ordering::SeqCst) > self.crashes_before
+    }
+
     fn lock(&mut self, sectors: &Range<u64>, write: bool) -> bool {
         let range = sectors.start as usize..sectors.end as usize;
         let free = if write { self.locks[range.clone()].iter().all(|&l| l == 0) } else { self.locks[range.clone()].iter().all(|&l| l >= 0) };
@@ -153,9 +160,96 @@ impl Model {
     }
 
     fn error_allowed(&mut self, what: String) {
-        if !self.crashed && !self.faults {
+        if !self.crashed() && !self.faults {
             self.violations.push(format!("{what} failed without a fault or a crash"));
         }
+    }
+}
+
+/// Crashes every disk of a seed at once: at a virtual time, or right after the n-th request
+/// of the clone to any of its devices completes (so crashes land between any two steps of a
+/// commit, not only in the middle of a request).
+#[derive(Debug)]
+struct CrashSwitch {
+    disks: [Arc<MemDisk>; 3],
+    requests: AtomicU64,
+    /// Crash when `requests` reaches this; `u64::MAX` = never.
+    after_request: AtomicU64,
+    crashes: AtomicU64,
+}
+
+impl CrashSwitch {
+    fn crash(&self) {
+        self.after_request.store(u64::MAX, Ordering::SeqCst);
+        self.disks.iter().for_each(|d| d.crash());
+        self.crashes.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn completed(&self) {
+        let n = self.requests.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == self.after_request.load(Ordering::SeqCst) {
+            self.crash();
+        }
+    }
+}
+
+/// A disk as the clone sees it: every request counted by the crash switch when it completes.
+#[derive(Debug)]
+struct Watched {
+    disk: Arc<MemDisk>,
+    switch: Arc<CrashSwitch>,
+}
+
+impl BlockDevice for Watched {
+    fn name(&self) -> &str {
+        self.disk.name()
+    }
+    fn id(&self) -> DeviceId {
+        self.disk.id()
+    }
+    fn geometry(&self) -> Geometry {
+        self.disk.geometry()
+    }
+    fn read(&self, offset_sectors: u64, buf: ReadBuf) -> IoFuture<'_, (ReadBuf, std::io::Result<()>)> {
+        Box::pin(async move {
+            let done = self.disk.read(offset_sectors, buf).await;
+            self.switch.completed();
+            done
+        })
+    }
+    fn write(&self, offset_sectors: u64, buf: WriteBuf) -> IoFuture<'_, std::io::Result<()>> {
+        Box::pin(async move {
+            let done = self.disk.write(offset_sectors, buf).await;
+            self.switch.completed();
+            done
+        })
+    }
+    fn write_zeroes(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, std::io::Result<()>> {
+        Box::pin(async move {
+            let done = self.disk.write_zeroes(offset_sectors, len_sectors).await;
+            self.switch.completed();
+            done
+        })
+    }
+    fn flush(&self) -> IoFuture<'_, std::io::Result<()>> {
+        Box::pin(async move {
+            let done = self.disk.flush().await;
+            self.switch.completed();
+            done
+        })
+    }
+    fn allocated(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, std::io::Result<RangeSet>> {
+        self.disk.allocated(offset_sectors, len_sectors)
+    }
+    fn deallocates(&self) -> bool {
+        self.disk.deallocates()
+    }
+    fn deallocate(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, std::io::Result<()>> {
+        Box::pin(async move {
+            let done = self.disk.deallocate(offset_sectors, len_sectors).await;
+            self.switch.completed();
+            done
+        })
     }
 }
 
@@ -170,6 +264,7 @@ struct Setup {
     /// Source sectors that cannot be read.
     unreadable: Vec<Range<u64>>,
     options: CloneOptions,
+    switch: Arc<CrashSwitch>,
     workers: u64,
     ops: u64,
     epochs: u64,
@@ -223,7 +318,14 @@ fn setup(seed: u64, rng: &mut Rng) -> Setup {
         pause_on_foreground: !rng.odds(4),
         ..CloneOptions::default()
     };
+    let switch = Arc::new(CrashSwitch {
+        disks: [source.clone(), destination.clone(), metadata.clone()],
+        requests: AtomicU64::new(0),
+        after_request: AtomicU64::new(u64::MAX),
+        crashes: AtomicU64::new(0),
+    });
     Setup {
+        switch,
         len_sectors,
         region_bytes,
         block_sectors,
@@ -239,7 +341,8 @@ fn setup(seed: u64, rng: &mut Rng) -> Setup {
 }
 
 fn devices(setup: &Setup) -> CloneDevices {
-    CloneDevices { source: setup.source.clone(), destination: setup.destination.clone(), metadata: setup.metadata.clone() }
+    let watched = |disk: &Arc<MemDisk>| -> Device { Arc::new(Watched { disk: disk.clone(), switch: setup.switch.clone() }) };
+    CloneDevices { source: watched(&setup.source), destination: watched(&setup.destination), metadata: watched(&setup.metadata) }
 }
 
 /// A random range: aligned to blocks, up to about two regions, sometimes whole regions.
@@ -270,7 +373,7 @@ async fn worker(setup: Rc<Setup>, clone: CloneDevice, model: Rc<RefCell<Model>>,
     let mut rng = Rng(seed);
     for _ in 0..setup.ops {
         tokio::time::sleep(to_tokio(Duration::from_micros(rng.below(3000)))).await;
-        if model.borrow().crashed {
+        if model.borrow().crashed() {
             return;
         }
         let sectors = random_range(&setup, &mut rng);
@@ -369,8 +472,17 @@ fn client() -> Client {
     Client::start_in_current_system(config).expect("a valid configuration")
 }
 
-/// Runs one epoch of workers and hydration; crashes the disks at `crash_at_us` if given.
-async fn epoch(setup: &Rc<Setup>, clone: &CloneDevice, model: &Rc<RefCell<Model>>, rng: &mut Rng, crash_at_us: Option<u64>) {
+/// When an epoch's crash comes.
+#[derive(Debug, Clone, Copy)]
+enum Crash {
+    /// At this virtual time from the epoch's start.
+    AtUs(u64),
+    /// Right after the clone's n-th request (from the epoch's start) completes.
+    AfterRequest(u64),
+}
+
+/// Runs one epoch of workers and hydration; crashes the disks if `crash` says so.
+async fn epoch(setup: &Rc<Setup>, clone: &CloneDevice, model: &Rc<RefCell<Model>>, rng: &mut Rng, crash: Option<Crash>) {
     let hydrator = {
         let clone = clone.clone();
         actix_rt::spawn(async move { clone.run_hydration().await })
@@ -378,25 +490,39 @@ async fn epoch(setup: &Rc<Setup>, clone: &CloneDevice, model: &Rc<RefCell<Model>
     let workers: Vec<_> = (0..setup.workers)
         .map(|w| actix_rt::spawn(worker(setup.clone(), clone.clone(), model.clone(), rng.below(u64::MAX) ^ w)))
         .collect();
-    if let Some(at) = crash_at_us {
-        let (setup, model) = (setup.clone(), model.clone());
-        actix_rt::spawn(async move {
-            tokio::time::sleep(to_tokio(Duration::from_micros(at))).await;
-            model.borrow_mut().crashed = true;
-            [&setup.source, &setup.destination, &setup.metadata].iter().for_each(|d| d.crash());
-        });
+    match crash {
+        Some(Crash::AtUs(at)) => {
+            let switch = setup.switch.clone();
+            let crashes = switch.crashes.load(Ordering::SeqCst);
+            actix_rt::spawn(async move {
+                tokio::time::sleep(to_tokio(Duration::from_micros(at))).await;
+                // Unless the epoch ended (and crashed) before its time.
+                if switch.crashes.load(Ordering::SeqCst) == crashes {
+                    switch.crash();
+                }
+            });
+        }
+        Some(Crash::AfterRequest(n)) => {
+            let now = setup.switch.requests.load(Ordering::SeqCst);
+            setup.switch.after_request.store(now + n, Ordering::SeqCst);
+        }
+        None => {}
     }
     for worker in workers {
         worker.await.expect("a worker does not panic");
     }
-    if crash_at_us.is_some() {
-        while !model.borrow().crashed {
+    if crash.is_some() {
+        if !model.borrow().crashed() {
+            // The workers are done before the crash came: crash now.
+            setup.switch.crash();
+        }
+        while !model.borrow().crashed() {
             tokio::time::sleep(to_tokio(Duration::from_micros(100))).await;
         }
         clone.stop_hydration();
     }
     let end = hydrator.await.expect("hydration does not panic");
-    if crash_at_us.is_none() {
+    if crash.is_none() {
         let expected_failed = !setup.unreadable.is_empty();
         if !matches!((&end, expected_failed), (HydrationEnd::Complete, _) | (HydrationEnd::GaveUp { .. }, true)) {
             model.borrow_mut().violations.push(format!("hydration ended with {end:?}"));
@@ -419,7 +545,8 @@ fn run_seed(seed: u64) -> Vec<String> {
         durable_before: 0,
         locks: vec![0; len],
         next_tag: seed << 20,
-        crashed: false,
+        crashes_before: 0,
+        switch: setup.switch.clone(),
         faults,
         violations: Vec::new(),
     }));
@@ -440,15 +567,15 @@ fn run_seed(seed: u64) -> Vec<String> {
         let mut clone = created.expect("the faults are spent after three attempts");
         for e in 0..setup.epochs {
             let last = e + 1 == setup.epochs;
-            let crash_at = (!last).then(|| rng.below(40_000));
-            epoch(&setup, &clone, &model, &mut rng, crash_at).await;
+            let crash = (!last).then(|| if rng.odds(2) { Crash::AtUs(rng.below(40_000)) } else { Crash::AfterRequest(1 + rng.below(300)) });
+            epoch(&setup, &clone, &model, &mut rng, crash).await;
             if last {
                 break;
             }
             engine.shutdown().await;
             engine = client();
             [&setup.source, &setup.destination, &setup.metadata].iter().for_each(|d| d.restart());
-            model.borrow_mut().crashed = false;
+            model.borrow_mut().crashes_before = setup.switch.crashes.load(Ordering::SeqCst);
             clone = match CloneDevice::open(devices(&setup), engine.clone(), setup.options).await {
                 Ok(clone) => clone,
                 Err(error) => {
