@@ -452,15 +452,24 @@ async fn flush_op(clone: &CloneDevice, model: &Rc<RefCell<Model>>) {
 async fn check_all(setup: &Setup, clone: &CloneDevice, model: &Rc<RefCell<Model>>, what: &str, durable: bool) -> Vec<Tag> {
     let mut seen = Vec::new();
     let allowed = if durable { Model::durable } else { Model::readable };
-    for start in (0..setup.len_sectors).step_by(setup.block_sectors as usize) {
-        let sectors = start..start + setup.block_sectors;
-        match read_range(clone, &sectors).await {
-            Ok(data) => seen.extend(model.borrow_mut().check(what, start, &data, allowed)),
-            Err(error) => {
-                if !setup.unreadable.iter().any(|bad| bad.start < sectors.end && sectors.start < bad.end) {
-                    model.borrow_mut().violations.push(format!("{what}: read of {sectors:?} failed: {error}"));
+    let chunk = 16 * setup.block_sectors;
+    for start in (0..setup.len_sectors).step_by(chunk as usize) {
+        let sectors = start..(start + chunk).min(setup.len_sectors);
+        if let Ok(data) = read_range(clone, &sectors).await {
+            seen.extend(model.borrow_mut().check(what, start, &data, allowed));
+            continue;
+        }
+        // Block by block, to tell the unreadable ones.
+        for start in sectors.step_by(setup.block_sectors as usize) {
+            let sectors = start..start + setup.block_sectors;
+            match read_range(clone, &sectors).await {
+                Ok(data) => seen.extend(model.borrow_mut().check(what, start, &data, allowed)),
+                Err(error) => {
+                    if !setup.unreadable.iter().any(|bad| bad.start < sectors.end && sectors.start < bad.end) {
+                        model.borrow_mut().violations.push(format!("{what}: read of {sectors:?} failed: {error}"));
+                    }
+                    seen.extend(sectors.map(|s| allowed(&model.borrow(), s)[0]));
                 }
-                seen.extend(sectors.map(|s| allowed(&model.borrow(), s)[0]));
             }
         }
     }
@@ -530,10 +539,16 @@ async fn epoch(setup: &Rc<Setup>, clone: &CloneDevice, model: &Rc<RefCell<Model>
     }
 }
 
-/// Runs seed `seed`; returns the violations.
-fn run_seed(seed: u64) -> Vec<String> {
+/// Runs seed `seed`; returns the violations. With `crash_after`, the seed runs two epochs and
+/// the first crashes right after that many requests.
+fn run_seed(seed: u64, crash_after: Option<u64>) -> Vec<String> {
     let mut rng = Rng(mix64(seed));
-    let setup = Rc::new(setup(seed, &mut rng));
+    let mut setup = setup(seed, &mut rng);
+    if crash_after.is_some() {
+        setup.epochs = 2;
+        setup.ops = setup.ops.min(12);
+    }
+    let setup = Rc::new(setup);
     let faults = !setup.unreadable.is_empty();
     let len = setup.len_sectors as usize;
     let model = Rc::new(RefCell::new(Model {
@@ -567,7 +582,11 @@ fn run_seed(seed: u64) -> Vec<String> {
         let mut clone = created.expect("the faults are spent after three attempts");
         for e in 0..setup.epochs {
             let last = e + 1 == setup.epochs;
-            let crash = (!last).then(|| if rng.odds(2) { Crash::AtUs(rng.below(40_000)) } else { Crash::AfterRequest(1 + rng.below(300)) });
+            let crash = (!last).then(|| match crash_after {
+                Some(n) => Crash::AfterRequest(n),
+                None if rng.odds(2) => Crash::AtUs(rng.below(40_000)),
+                None => Crash::AfterRequest(1 + rng.below(300)),
+            });
             epoch(&setup, &clone, &model, &mut rng, crash).await;
             if last {
                 break;
@@ -630,10 +649,30 @@ fn random_workloads_crashes_and_faults_pass_the_oracle() {
     let seeds: u64 = std::env::var("KCOPYD_CLONE_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(SEEDS_DEFAULT);
     let mut failures = Vec::new();
     for seed in 0..seeds {
-        let violations = run_seed(seed);
+        let violations = run_seed(seed, None);
         if let Some(first) = violations.first() {
             failures.push(format!("seed {seed}: {} violations, first: {first}", violations.len()));
         }
     }
     assert!(failures.is_empty(), "{} of {seeds} seeds failed:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// Seeds whose first epoch crashes after each request in turn: every point between two steps
+/// of the clone (a copy's write and the flush, the flush and the metadata write, the metadata
+/// write and its flush) is a crash point of some run.
+const CRASH_POINT_SEEDS: u64 = 4;
+/// Requests of the first epoch tried as crash points, per seed.
+const CRASH_POINTS: u64 = 120;
+
+#[test]
+fn a_crash_right_after_any_request_loses_no_flushed_write() {
+    let mut failures = Vec::new();
+    for seed in 0..CRASH_POINT_SEEDS {
+        for after in 1..=CRASH_POINTS {
+            if let Some(first) = run_seed(1000 + seed, Some(after)).first() {
+                failures.push(format!("seed {} crashing after request {after}: {first}", 1000 + seed));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} crash points failed:\n{}", failures.len(), failures.join("\n"));
 }
