@@ -660,9 +660,9 @@ fn random_workloads_crashes_and_faults_pass_the_oracle() {
 /// Seeds whose first epoch crashes after each request in turn: every point between two steps
 /// of the clone (a copy's write and the flush, the flush and the metadata write, the metadata
 /// write and its flush) is a crash point of some run.
-const CRASH_POINT_SEEDS: u64 = 4;
+const CRASH_POINT_SEEDS: u64 = 3;
 /// Requests of the first epoch tried as crash points, per seed.
-const CRASH_POINTS: u64 = 120;
+const CRASH_POINTS: u64 = 80;
 
 #[test]
 fn a_crash_right_after_any_request_loses_no_flushed_write() {
