@@ -1,0 +1,209 @@
+//! The clone through its public API: typed refusals before any write, metadata slots and
+//! their fallback, overwrites and discards without copies, bounded retries, hints, status.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kcopyd_clone::{CloneDevice, CloneDevices, CloneError, CloneOptions, HydrationEnd, HydrationError};
+use kcopyd_core::{BlockDevice, Client, ClientConfig, Device, ReadBuf, WriteBuf};
+use kcopyd_sim::{IoModel, Latency, MemDisk, MemDiskOptions, Simulation, to_tokio};
+
+struct Disks {
+    source: Arc<MemDisk>,
+    destination: Arc<MemDisk>,
+    metadata: Arc<MemDisk>,
+}
+
+impl Disks {
+    fn new(len_sectors: u64) -> Disks {
+        let slow = Latency { read: IoModel { cost_us: 100, ..IoModel::default() }, ..Latency::default() };
+        let source = Arc::new(MemDisk::new(MemDiskOptions {
+            name: "source".into(),
+            len_sectors,
+            latency: slow,
+            ..MemDiskOptions::default()
+        }));
+        source.fill_pattern(1);
+        let destination = Arc::new(MemDisk::with_pattern("destination", len_sectors, 512, 2));
+        let metadata = Arc::new(MemDisk::zeroed("metadata", 128, 512));
+        Disks { source, destination, metadata }
+    }
+
+    fn devices(&self) -> CloneDevices {
+        CloneDevices { source: self.source.clone(), destination: self.destination.clone(), metadata: self.metadata.clone() }
+    }
+}
+
+fn client() -> Client {
+    Client::start_in_current_system(ClientConfig { page_budget: 64, ..ClientConfig::default() }).unwrap()
+}
+
+async fn read(clone: &CloneDevice, start: u64, sectors: u64) -> std::io::Result<Vec<u8>> {
+    let (buf, result) = clone.read(start, ReadBuf::with_capacity(sectors as usize * 512)).await;
+    result.map(|()| buf.to_vec())
+}
+
+#[test]
+fn bad_region_sizes_and_devices_are_refused_before_anything_is_written() {
+    Simulation::block_on(async {
+        let disks = Disks::new(1024);
+        let options = CloneOptions::default();
+        for bytes in [0, 2048, 12288, 1 << 31] {
+            let error = CloneDevice::create(disks.devices(), bytes, client(), options).await.unwrap_err();
+            assert!(matches!(error, CloneError::RegionSize { bytes: b } if b == bytes), "{error}");
+        }
+        let short = Arc::new(MemDisk::zeroed("short", 512, 512));
+        let devices = CloneDevices { destination: short, ..disks.devices() };
+        let error = CloneDevice::create(devices, 4096, client(), options).await.unwrap_err();
+        assert!(matches!(error, CloneError::DestinationTooSmall { destination_sectors: 512, source_sectors: 1024, .. }));
+        let devices = CloneDevices { metadata: disks.destination.clone(), ..disks.devices() };
+        let error = CloneDevice::create(devices, 4096, client(), options).await.unwrap_err();
+        assert!(matches!(error, CloneError::SameDevice { first: "destination", second: "metadata device", .. }), "{error}");
+        let tiny = Arc::new(MemDisk::zeroed("tiny", 16, 512));
+        let devices = CloneDevices { metadata: tiny, ..disks.devices() };
+        let error = CloneDevice::create(devices, 4096, client(), options).await.unwrap_err();
+        assert!(matches!(error, CloneError::MetadataTooSmall { needed_sectors: 32, .. }), "{error}");
+        let big_blocks = Arc::new(MemDisk::zeroed("big-blocks", 1024, 8192));
+        let devices = CloneDevices { destination: big_blocks, ..disks.devices() };
+        let error = CloneDevice::create(devices, 4096, client(), options).await.unwrap_err();
+        assert!(matches!(error, CloneError::RegionSmallerThanBlock { block_size: 8192, .. }), "{error}");
+        let bad = CloneOptions { hydration_batch_size: 0, ..options };
+        let error = CloneDevice::create(disks.devices(), 4096, client(), bad).await.unwrap_err();
+        assert!(matches!(error, CloneError::Option { name: "hydration_batch_size", value: 0, .. }), "{error}");
+        for disk in [&disks.source, &disks.destination, &disks.metadata] {
+            assert_eq!((disk.stats().writes, disk.stats().write_zeroes), (0, 0), "{} untouched", disk.name());
+        }
+        // The largest region dm-clone allows is taken.
+        assert!(CloneDevice::create(disks.devices(), 1 << 30, client(), options).await.is_ok());
+    });
+}
+
+#[test]
+fn open_refuses_foreign_metadata_and_other_devices() {
+    Simulation::block_on(async {
+        let disks = Disks::new(1024);
+        let error = CloneDevice::open(disks.devices(), client(), CloneOptions::default()).await.unwrap_err();
+        assert!(matches!(error, CloneError::NoValidMetadata { .. }), "{error}");
+        CloneDevice::create(disks.devices(), 4096, client(), CloneOptions::default()).await.unwrap();
+        let other = Arc::new(MemDisk::with_pattern("other", 512, 512, 3));
+        let devices = CloneDevices { source: other, ..disks.devices() };
+        let error = CloneDevice::open(devices, client(), CloneOptions::default()).await.unwrap_err();
+        assert!(
+            matches!(error, CloneError::MetadataMismatch { field: "source sectors", recorded: 1024, actual: 512, .. }),
+            "{error}"
+        );
+    });
+}
+
+#[test]
+fn a_damaged_newest_slot_falls_back_to_the_older_commit() {
+    Simulation::block_on(async {
+        let disks = Disks::new(1024);
+        let clone = CloneDevice::create(disks.devices(), 4096, client(), CloneOptions::default()).await.unwrap();
+        // Commit 2 (slot 1): region 0 hydrated by a whole-region write. Commit 3 (slot 0): region 1.
+        for region in 0..2u64 {
+            clone.write(region * 8, WriteBuf::from_bytes(Bytes::from(vec![7u8; 4096]))).await.unwrap();
+            clone.flush().await.unwrap();
+        }
+        assert_eq!(clone.status().commit_seq, 3);
+        let reopened = CloneDevice::open(disks.devices(), client(), CloneOptions::default()).await.unwrap();
+        assert_eq!((reopened.status().regions_hydrated, reopened.status().commit_seq), (2, 3));
+        // Tear slot 0's bitmap block (block 2 of the device): its checksum fails, slot 1 wins.
+        disks.metadata.poke(16, &[0xff; 512]);
+        let reopened = CloneDevice::open(disks.devices(), client(), CloneOptions::default()).await.unwrap();
+        assert_eq!((reopened.status().regions_hydrated, reopened.status().commit_seq), (1, 2));
+        assert_eq!(read(&reopened, 8, 8).await.unwrap(), disks.source.snapshot(8, 8), "region 1 reads the source again");
+    });
+}
+
+#[test]
+fn whole_region_writes_and_discards_skip_the_copy_partial_writes_wait_for_it() {
+    Simulation::block_on(async {
+        let disks = Disks::new(1024);
+        let options = CloneOptions { hydration_enabled: false, ..CloneOptions::default() };
+        let clone = CloneDevice::create(disks.devices(), 16 * 1024, client(), options).await.unwrap();
+        clone.write(0, WriteBuf::from_bytes(Bytes::from(vec![5u8; 16 * 1024]))).await.unwrap();
+        clone.write_zeroes(32, 64).await.unwrap();
+        assert_eq!(disks.source.stats().reads, 0, "neither a whole write nor a discard copies");
+        assert_eq!(clone.stats().regions_overwritten, 3);
+        clone.write(100, WriteBuf::from_bytes(Bytes::from(vec![9u8; 512]))).await.unwrap();
+        assert_eq!((clone.stats().writes_waited, clone.stats().regions_copied), (1, 1));
+        let mut expected = disks.source.snapshot(96, 32);
+        expected[4 * 512..5 * 512].fill(9);
+        assert_eq!(read(&clone, 96, 32).await.unwrap(), expected);
+        assert!(read(&clone, 32, 64).await.unwrap().iter().all(|&b| b == 0));
+        assert_eq!(clone.status().regions_hydrated, 4);
+        assert_eq!(clone.status().to_string(), "8 4/16 32 4/32 0 1 no_hydration 4 hydration_threshold 1 hydration_batch_size 1 rw");
+    });
+}
+
+#[test]
+fn a_region_that_keeps_failing_is_given_up_and_reported() {
+    Simulation::block_on(async {
+        let disks = Disks::new(256);
+        disks.source.fail_reads(40..41); // region 5 of 8-sector regions
+        let clone = CloneDevice::create(disks.devices(), 4096, client(), CloneOptions::default()).await.unwrap();
+        assert_eq!(clone.run_hydration().await, HydrationEnd::GaveUp { regions: vec![5] });
+        assert_eq!(clone.stats().copy_failures, 3, "hydration_attempts_max attempts, not for ever");
+        assert_eq!(clone.status().regions_failed, vec![5]);
+        let error = clone.write(40, WriteBuf::from_bytes(Bytes::from(vec![1u8; 512]))).await.unwrap_err();
+        assert!(matches!(HydrationError::of(&error), Some(HydrationError::GivenUp { region: 5, .. })), "{error}");
+        clone.write(40, WriteBuf::from_bytes(Bytes::from(vec![1u8; 4096]))).await.unwrap();
+        assert_eq!(clone.run_hydration().await, HydrationEnd::Complete, "a whole write hydrated it");
+        assert!(clone.status().hydration_complete);
+        let reopened = CloneDevice::open(disks.devices(), client(), CloneOptions::default()).await.unwrap();
+        assert!(reopened.status().hydration_complete, "complete on disk: no bitmap kept");
+    });
+}
+
+#[test]
+fn a_read_of_an_unhydrated_region_moves_it_to_the_front() {
+    Simulation::block_on(async {
+        let disks = Disks::new(8 * 64);
+        let options = CloneOptions { hydration_enabled: false, ..CloneOptions::default() };
+        let clone = CloneDevice::create(disks.devices(), 4096, client(), options).await.unwrap();
+        assert_eq!(read(&clone, 8 * 50, 8).await.unwrap(), disks.source.snapshot(8 * 50, 8));
+        assert_eq!(clone.stats().hints, 1);
+        clone.set_options(CloneOptions::default()).unwrap();
+        let hydrator = {
+            let clone = clone.clone();
+            actix_rt::spawn(async move { clone.run_hydration().await })
+        };
+        // One region copy later (100 µs reads), the hinted region is the one hydrated.
+        tokio::time::sleep(to_tokio(Duration::from_micros(150))).await;
+        assert_eq!(disks.destination.snapshot(8 * 50, 8), disks.source.snapshot(8 * 50, 8));
+        assert_ne!(disks.destination.snapshot(0, 8), disks.source.snapshot(0, 8), "region 0 waits its turn");
+        assert_eq!(hydrator.await.unwrap(), HydrationEnd::Complete);
+    });
+}
+
+#[test]
+fn the_background_waits_while_foreground_io_is_in_flight() {
+    Simulation::block_on(async {
+        let disks = Disks::new(8 * 16);
+        let slow = Arc::new(MemDisk::new(MemDiskOptions {
+            name: "slow-destination".into(),
+            len_sectors: 8 * 16,
+            latency: Latency { write: IoModel { cost_us: 10_000, ..IoModel::default() }, ..Latency::default() },
+            ..MemDiskOptions::default()
+        }));
+        let destination: Device = slow.clone();
+        let devices = CloneDevices { destination, ..disks.devices() };
+        let clone = CloneDevice::create(devices, 4096, client(), CloneOptions::default()).await.unwrap();
+        let writer = {
+            let clone = clone.clone();
+            actix_rt::spawn(async move { clone.write(0, WriteBuf::from_bytes(Bytes::from(vec![3u8; 4096]))).await })
+        };
+        tokio::task::yield_now().await;
+        let hydrator = {
+            let clone = clone.clone();
+            actix_rt::spawn(async move { clone.run_hydration().await })
+        };
+        tokio::time::sleep(to_tokio(Duration::from_micros(9_000))).await;
+        assert_eq!(disks.source.stats().reads, 0, "no copy starts while the write is in flight");
+        writer.await.unwrap().unwrap();
+        assert_eq!(hydrator.await.unwrap(), HydrationEnd::Complete);
+        assert_eq!(clone.stats().regions_copied, 15);
+    });
+}
