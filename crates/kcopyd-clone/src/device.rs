@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use kcopyd_core::{BlockDevice, Client, Device, DeviceId, Geometry, IoFuture, ReadBuf, SECTOR_SIZE, WriteBuf};
 use tokio::sync::Notify;
 
+use crate::CloneOptions;
 use crate::commit::Store;
 use crate::config::check_region_size;
 use crate::error::CloneError;
@@ -25,7 +26,6 @@ use crate::foreground::Modify;
 use crate::metadata::{self, Header, Layout};
 use crate::regions::Regions;
 use crate::status::{CloneStats, CloneStatus, Counters};
-use crate::CloneOptions;
 
 static NEXT_CLONE: AtomicU64 = AtomicU64::new(1);
 
@@ -157,8 +157,13 @@ impl CloneDevice {
         }
         let layout = Layout::new(metadata_device, region_count)?;
         let slot = header.slot as usize;
-        let regions =
-            Regions::new(header.region_sectors, geometry.len_sectors, &loaded.bitmap, layout.regions_per_block(), 1 - slot);
+        let regions = Regions::new(
+            header.region_sectors,
+            geometry.len_sectors,
+            &loaded.bitmap,
+            layout.regions_per_block(),
+            1 - slot,
+        );
         let store = Store { layout, current_slot: slot, seq: header.seq, committed_version: 0, template: header };
         Ok(CloneDevice::assemble(devices, geometry, client, options, regions, store))
     }
@@ -260,7 +265,8 @@ impl CloneDevice {
 
 /// Checks the three devices against each other and the region size; the clone's geometry.
 fn check_devices(devices: &CloneDevices, region_sectors: u64) -> Result<Geometry, CloneError> {
-    let roles = [("source", &devices.source), ("destination", &devices.destination), ("metadata device", &devices.metadata)];
+    let roles =
+        [("source", &devices.source), ("destination", &devices.destination), ("metadata device", &devices.metadata)];
     for (i, (first, a)) in roles.iter().enumerate() {
         for (second, b) in &roles[i + 1..] {
             if a.id() == b.id() {
@@ -307,10 +313,9 @@ async fn format(device: &Device, layout: &Layout, template: &Header) -> Result<(
     device.flush().await.map_err(failed)?;
     let bitmap = vec![0u8; layout.bitmap_bytes()];
     let header = Header { bitmap_crc: metadata::crc32c(&bitmap), ..*template };
-    let blocks = [0..layout.bitmap_blocks];
-    metadata::write_commit(device, layout, &header, &bitmap, if layout.bitmap_blocks > 0 { &blocks } else { &[] })
-        .await
-        .map_err(failed)
+    // Every bitmap block, as one run (none for a clone of no regions).
+    let blocks: Vec<_> = std::iter::once(0..layout.bitmap_blocks).filter(|run| !run.is_empty()).collect();
+    metadata::write_commit(device, layout, &header, &bitmap, &blocks).await.map_err(failed)
 }
 
 impl BlockDevice for CloneDevice {

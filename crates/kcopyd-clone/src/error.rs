@@ -90,7 +90,9 @@ pub enum CloneError {
         max: u64,
     },
     /// Neither commit slot of the metadata device holds valid metadata.
-    #[error("metadata device {device} holds no valid clone metadata (no slot with the magic, a known version and good checksums)")]
+    #[error(
+        "metadata device {device} holds no valid clone metadata (no slot with the magic, a known version and good checksums)"
+    )]
     NoValidMetadata {
         /// The metadata device.
         device: String,

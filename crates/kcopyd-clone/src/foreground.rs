@@ -117,7 +117,8 @@ impl Inner {
         }
         let window = buf.window();
         for (run, hydrated) in runs {
-            let counter = if hydrated { &self.counters.read_destination_sectors } else { &self.counters.read_source_sectors };
+            let counter =
+                if hydrated { &self.counters.read_destination_sectors } else { &self.counters.read_source_sectors };
             Counters::add(counter, run.end - run.start);
             let device = if hydrated { &self.destination } else { &self.source };
             let from = window.start + (run.start - offset_sectors) as usize * SECTOR_SIZE;

@@ -69,7 +69,12 @@ impl CopyDone {
 impl Drop for CopyDone {
     fn drop(&mut self) {
         if !self.done {
-            let this = CopyDone { inner: self.inner.clone(), regions: self.regions.clone(), sectors: self.sectors.clone(), done: false };
+            let this = CopyDone {
+                inner: self.inner.clone(),
+                regions: self.regions.clone(),
+                sectors: self.sectors.clone(),
+                done: false,
+            };
             self.done = true;
             this.complete(None);
         }

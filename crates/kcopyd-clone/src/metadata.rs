@@ -231,7 +231,11 @@ pub(crate) struct Loaded {
 }
 
 /// Reads `len_sectors` at `offset_sectors` of `device`.
-pub(crate) async fn read_sectors(device: &Device, offset_sectors: u64, len_sectors: u64) -> Result<Vec<u8>, CloneError> {
+pub(crate) async fn read_sectors(
+    device: &Device,
+    offset_sectors: u64,
+    len_sectors: u64,
+) -> Result<Vec<u8>, CloneError> {
     let len_bytes = usize::try_from(len_sectors).expect("metadata fits in memory") * SECTOR_SIZE;
     let (buf, result) = device.read(offset_sectors, ReadBuf::with_capacity(len_bytes)).await;
     result.map_err(|source| CloneError::ReadMetadata {

@@ -436,7 +436,10 @@ mod tests {
         let mut r = Regions::new(8, 8 * 100_000, &vec![0; 12_500], 32768, 1);
         assert_eq!(r.snapshot(1).unwrap().blocks, vec![0..4], "a stale slot lacks every block");
         r.finish_overwrite(&[], true);
-        assert_eq!(r.claim_for_write(&(8 * 70_000..8 * 70_001)), Claim::Ready { overwrite: vec![70_000], copy: vec![] });
+        assert_eq!(
+            r.claim_for_write(&(8 * 70_000..8 * 70_001)),
+            Claim::Ready { overwrite: vec![70_000], copy: vec![] }
+        );
         r.finish_overwrite(&[70_000], true);
         let snapshot = r.snapshot(0).unwrap();
         assert_eq!(snapshot.blocks, vec![2..3]);

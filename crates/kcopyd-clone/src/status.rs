@@ -52,7 +52,11 @@ impl fmt::Display for CloneStatus {
             self.regions_total,
             self.regions_hydrating
         )?;
-        if self.options.hydration_enabled { f.write_str("0 ")? } else { f.write_str("1 no_hydration ")? }
+        if self.options.hydration_enabled {
+            f.write_str("0 ")?
+        } else {
+            f.write_str("1 no_hydration ")?
+        }
         write!(
             f,
             "4 hydration_threshold {} hydration_batch_size {} rw",

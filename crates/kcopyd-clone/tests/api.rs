@@ -31,7 +31,11 @@ impl Disks {
     }
 
     fn devices(&self) -> CloneDevices {
-        CloneDevices { source: self.source.clone(), destination: self.destination.clone(), metadata: self.metadata.clone() }
+        CloneDevices {
+            source: self.source.clone(),
+            destination: self.destination.clone(),
+            metadata: self.metadata.clone(),
+        }
     }
 }
 
@@ -56,10 +60,16 @@ fn bad_region_sizes_and_devices_are_refused_before_anything_is_written() {
         let short = Arc::new(MemDisk::zeroed("short", 512, 512));
         let devices = CloneDevices { destination: short, ..disks.devices() };
         let error = CloneDevice::create(devices, 4096, client(), options).await.unwrap_err();
-        assert!(matches!(error, CloneError::DestinationTooSmall { destination_sectors: 512, source_sectors: 1024, .. }));
+        assert!(matches!(
+            error,
+            CloneError::DestinationTooSmall { destination_sectors: 512, source_sectors: 1024, .. }
+        ));
         let devices = CloneDevices { metadata: disks.destination.clone(), ..disks.devices() };
         let error = CloneDevice::create(devices, 4096, client(), options).await.unwrap_err();
-        assert!(matches!(error, CloneError::SameDevice { first: "destination", second: "metadata device", .. }), "{error}");
+        assert!(
+            matches!(error, CloneError::SameDevice { first: "destination", second: "metadata device", .. }),
+            "{error}"
+        );
         let tiny = Arc::new(MemDisk::zeroed("tiny", 16, 512));
         let devices = CloneDevices { metadata: tiny, ..disks.devices() };
         let error = CloneDevice::create(devices, 4096, client(), options).await.unwrap_err();
@@ -113,7 +123,11 @@ fn a_damaged_newest_slot_falls_back_to_the_older_commit() {
         disks.metadata.poke(16, &[0xff; 512]);
         let reopened = CloneDevice::open(disks.devices(), client(), CloneOptions::default()).await.unwrap();
         assert_eq!((reopened.status().regions_hydrated, reopened.status().commit_seq), (1, 2));
-        assert_eq!(read(&reopened, 8, 8).await.unwrap(), disks.source.snapshot(8, 8), "region 1 reads the source again");
+        assert_eq!(
+            read(&reopened, 8, 8).await.unwrap(),
+            disks.source.snapshot(8, 8),
+            "region 1 reads the source again"
+        );
     });
 }
 
@@ -134,7 +148,10 @@ fn whole_region_writes_and_discards_skip_the_copy_partial_writes_wait_for_it() {
         assert_eq!(read(&clone, 96, 32).await.unwrap(), expected);
         assert!(read(&clone, 32, 64).await.unwrap().iter().all(|&b| b == 0));
         assert_eq!(clone.status().regions_hydrated, 4);
-        assert_eq!(clone.status().to_string(), "8 4/16 32 4/32 0 1 no_hydration 4 hydration_threshold 1 hydration_batch_size 1 rw");
+        assert_eq!(
+            clone.status().to_string(),
+            "8 4/16 32 4/32 0 1 no_hydration 4 hydration_threshold 1 hydration_batch_size 1 rw"
+        );
     });
 }
 

@@ -27,7 +27,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kcopyd_clone::{CloneDevice, CloneDevices, CloneOptions, HydrationEnd};
-use kcopyd_core::{BlockDevice, Client, ClientConfig, Device, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, WriteBuf};
+use kcopyd_core::{
+    BlockDevice, Client, ClientConfig, Device, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, WriteBuf,
+};
 use kcopyd_sim::{FaultPlan, IoModel, Latency, MemDisk, MemDiskOptions, Simulation, WriteFault, mix64, to_tokio};
 
 const SEEDS_DEFAULT: u64 = 200;
@@ -139,7 +141,11 @@ impl Model {
 
     fn lock(&mut self, sectors: &Range<u64>, write: bool) -> bool {
         let range = sectors.start as usize..sectors.end as usize;
-        let free = if write { self.locks[range.clone()].iter().all(|&l| l == 0) } else { self.locks[range.clone()].iter().all(|&l| l >= 0) };
+        let free = if write {
+            self.locks[range.clone()].iter().all(|&l| l == 0)
+        } else {
+            self.locks[range.clone()].iter().all(|&l| l >= 0)
+        };
         if free {
             self.locks[range].iter_mut().for_each(|l| *l = if write { -1 } else { *l + 1 });
         }
@@ -279,8 +285,18 @@ fn setup(seed: u64, rng: &mut Rng) -> Setup {
     let len_sectors = len_sectors / block_sectors * block_sectors;
     let faults = rng.odds(3);
     let latency = |rng: &mut Rng| Latency {
-        read: IoModel { cost_us: 20 + rng.below(200), bandwidth_bytes_per_s: 500_000_000, queue_depth: 4, jitter_us: 30 },
-        write: IoModel { cost_us: 20 + rng.below(200), bandwidth_bytes_per_s: 300_000_000, queue_depth: 4, jitter_us: 30 },
+        read: IoModel {
+            cost_us: 20 + rng.below(200),
+            bandwidth_bytes_per_s: 500_000_000,
+            queue_depth: 4,
+            jitter_us: 30,
+        },
+        write: IoModel {
+            cost_us: 20 + rng.below(200),
+            bandwidth_bytes_per_s: 300_000_000,
+            queue_depth: 4,
+            jitter_us: 30,
+        },
         ..Latency::default()
     };
     let disk = |name: &str, len, block, latency, plan: FaultPlan| {
@@ -305,9 +321,16 @@ fn setup(seed: u64, rng: &mut Rng) -> Setup {
         destination_plan.write_faults.push(WriteFault { sectors: start..start + block_sectors, attempts: 2 });
         metadata_plan.write_faults.push(WriteFault { sectors: 0..1024, attempts: 1 + rng.below(2) as u32 });
     }
-    let source = disk("source", len_sectors, source_block, latency(rng), FaultPlan { latent_sectors: unreadable.clone(), ..FaultPlan::default() });
+    let source = disk(
+        "source",
+        len_sectors,
+        source_block,
+        latency(rng),
+        FaultPlan { latent_sectors: unreadable.clone(), ..FaultPlan::default() },
+    );
     source.fill_pattern(seed);
-    let destination = disk("destination", len_sectors + rng.below(2) * 64, destination_block, latency(rng), destination_plan);
+    let destination =
+        disk("destination", len_sectors + rng.below(2) * 64, destination_block, latency(rng), destination_plan);
     destination.fill_pattern(!seed);
     let metadata = disk("metadata", 256, 512 << (3 * rng.below(2)), latency(rng), metadata_plan);
     metadata.fill_pattern(seed ^ 0x55);
@@ -341,8 +364,13 @@ fn setup(seed: u64, rng: &mut Rng) -> Setup {
 }
 
 fn devices(setup: &Setup) -> CloneDevices {
-    let watched = |disk: &Arc<MemDisk>| -> Device { Arc::new(Watched { disk: disk.clone(), switch: setup.switch.clone() }) };
-    CloneDevices { source: watched(&setup.source), destination: watched(&setup.destination), metadata: watched(&setup.metadata) }
+    let watched =
+        |disk: &Arc<MemDisk>| -> Device { Arc::new(Watched { disk: disk.clone(), switch: setup.switch.clone() }) };
+    CloneDevices {
+        source: watched(&setup.source),
+        destination: watched(&setup.destination),
+        metadata: watched(&setup.metadata),
+    }
 }
 
 /// A random range: aligned to blocks, up to about two regions, sometimes whole regions.
@@ -449,7 +477,13 @@ async fn flush_op(clone: &CloneDevice, model: &Rc<RefCell<Model>>) {
 
 /// Reads every sector through `clone` and checks it with `allowed`; blocks that cannot be
 /// read must be unreadable on the source. Returns the tags seen.
-async fn check_all(setup: &Setup, clone: &CloneDevice, model: &Rc<RefCell<Model>>, what: &str, durable: bool) -> Vec<Tag> {
+async fn check_all(
+    setup: &Setup,
+    clone: &CloneDevice,
+    model: &Rc<RefCell<Model>>,
+    what: &str,
+    durable: bool,
+) -> Vec<Tag> {
     let mut seen = Vec::new();
     let allowed = if durable { Model::durable } else { Model::readable };
     let chunk = 16 * setup.block_sectors;
@@ -491,7 +525,13 @@ enum Crash {
 }
 
 /// Runs one epoch of workers and hydration; crashes the disks if `crash` says so.
-async fn epoch(setup: &Rc<Setup>, clone: &CloneDevice, model: &Rc<RefCell<Model>>, rng: &mut Rng, crash: Option<Crash>) {
+async fn epoch(
+    setup: &Rc<Setup>,
+    clone: &CloneDevice,
+    model: &Rc<RefCell<Model>>,
+    rng: &mut Rng,
+    crash: Option<Crash>,
+) {
     let hydrator = {
         let clone = clone.clone();
         actix_rt::spawn(async move { clone.run_hydration().await })
@@ -608,8 +648,7 @@ fn run_seed(seed: u64, crash_after: Option<u64>) -> Vec<String> {
         final_checks(&setup, &clone, &model).await;
         engine.shutdown().await;
     });
-    let violations = std::mem::take(&mut model.borrow_mut().violations);
-    violations
+    std::mem::take(&mut model.borrow_mut().violations)
 }
 
 async fn final_checks(setup: &Setup, clone: &CloneDevice, model: &Rc<RefCell<Model>>) {
