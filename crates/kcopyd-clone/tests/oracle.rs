@@ -276,63 +276,60 @@ struct Setup {
     epochs: u64,
 }
 
-fn setup(seed: u64, rng: &mut Rng) -> Setup {
-    let region_bytes = 4096u64 << rng.below(5);
-    let regions = 8 + rng.below(40);
-    let len_sectors = regions * region_bytes / 512 - if rng.odds(3) { region_bytes / 1024 } else { 0 };
-    let (source_block, destination_block) = if rng.odds(2) { (512, 4096) } else { (4096, 512) };
-    let block_sectors = 8;
-    let len_sectors = len_sectors / block_sectors * block_sectors;
-    let faults = rng.odds(3);
-    let latency = |rng: &mut Rng| Latency {
-        read: IoModel {
-            cost_us: 20 + rng.below(200),
-            bandwidth_bytes_per_s: 500_000_000,
-            queue_depth: 4,
-            jitter_us: 30,
-        },
-        write: IoModel {
-            cost_us: 20 + rng.below(200),
-            bandwidth_bytes_per_s: 300_000_000,
-            queue_depth: 4,
-            jitter_us: 30,
-        },
-        ..Latency::default()
+/// Disk timings: a fixed cost per request, jitter, a queue of four.
+fn latency(rng: &mut Rng) -> Latency {
+    let model = |rng: &mut Rng, bandwidth_bytes_per_s| IoModel {
+        cost_us: 20 + rng.below(200),
+        bandwidth_bytes_per_s,
+        queue_depth: 4,
+        jitter_us: 30,
     };
-    let disk = |name: &str, len, block, latency, plan: FaultPlan| {
-        Arc::new(MemDisk::new(MemDiskOptions {
-            name: name.into(),
-            seed: mix64(seed ^ name.len() as u64),
-            len_sectors: len,
-            logical_block_size: block,
-            write_zeroes: true,
-            latency,
-            faults: FaultPlan { volatile_cache: true, ..plan },
-            ..MemDiskOptions::default()
-        }))
-    };
-    let mut unreadable = Vec::new();
-    let mut destination_plan = FaultPlan::default();
-    let mut metadata_plan = FaultPlan::default();
-    if faults {
+    Latency { read: model(rng, 500_000_000), write: model(rng, 300_000_000), ..Latency::default() }
+}
+
+/// A disk with a volatile write cache (so crashes lose and tear what was not flushed).
+fn disk(seed: u64, name: &str, len_sectors: u64, block: u32, latency: Latency, plan: FaultPlan) -> Arc<MemDisk> {
+    Arc::new(MemDisk::new(MemDiskOptions {
+        name: name.into(),
+        seed: mix64(seed ^ name.len() as u64),
+        len_sectors,
+        logical_block_size: block,
+        write_zeroes: true,
+        latency,
+        faults: FaultPlan { volatile_cache: true, ..plan },
+        ..MemDiskOptions::default()
+    }))
+}
+
+/// A third of the seeds have faults: one unreadable source block (its region is given up on
+/// unless overwritten), a destination block whose writes fail twice, metadata writes that fail
+/// once or twice. Returns the unreadable sectors and the destination's and metadata's plans.
+fn faults(rng: &mut Rng, len_sectors: u64, block_sectors: u64) -> (Vec<Range<u64>>, FaultPlan, FaultPlan) {
+    let (mut unreadable, mut destination, mut metadata) = (Vec::new(), FaultPlan::default(), FaultPlan::default());
+    if rng.odds(3) {
         let block = rng.below(len_sectors / block_sectors) * block_sectors;
         unreadable.push(block..block + block_sectors);
         let start = rng.below(len_sectors / block_sectors) * block_sectors;
-        destination_plan.write_faults.push(WriteFault { sectors: start..start + block_sectors, attempts: 2 });
-        metadata_plan.write_faults.push(WriteFault { sectors: 0..1024, attempts: 1 + rng.below(2) as u32 });
+        destination.write_faults.push(WriteFault { sectors: start..start + block_sectors, attempts: 2 });
+        metadata.write_faults.push(WriteFault { sectors: 0..1024, attempts: 1 + rng.below(2) as u32 });
     }
-    let source = disk(
-        "source",
-        len_sectors,
-        source_block,
-        latency(rng),
-        FaultPlan { latent_sectors: unreadable.clone(), ..FaultPlan::default() },
-    );
+    (unreadable, destination, metadata)
+}
+
+fn setup(seed: u64, rng: &mut Rng) -> Setup {
+    let region_bytes = 4096u64 << rng.below(5);
+    let block_sectors = 8;
+    let len_sectors = (8 + rng.below(40)) * region_bytes / 512 - if rng.odds(3) { region_bytes / 1024 } else { 0 };
+    let len_sectors = len_sectors / block_sectors * block_sectors;
+    let (source_block, destination_block) = if rng.odds(2) { (512, 4096) } else { (4096, 512) };
+    let (unreadable, destination_plan, metadata_plan) = faults(rng, len_sectors, block_sectors);
+    let source_plan = FaultPlan { latent_sectors: unreadable.clone(), ..FaultPlan::default() };
+    let source = disk(seed, "source", len_sectors, source_block, latency(rng), source_plan);
     source.fill_pattern(seed);
-    let destination =
-        disk("destination", len_sectors + rng.below(2) * 64, destination_block, latency(rng), destination_plan);
+    let destination_len = len_sectors + rng.below(2) * 64;
+    let destination = disk(seed, "destination", destination_len, destination_block, latency(rng), destination_plan);
     destination.fill_pattern(!seed);
-    let metadata = disk("metadata", 256, 512 << (3 * rng.below(2)), latency(rng), metadata_plan);
+    let metadata = disk(seed, "metadata", 256, 512 << (3 * rng.below(2)), latency(rng), metadata_plan);
     metadata.fill_pattern(seed ^ 0x55);
     let options = CloneOptions {
         hydration_threshold: 1 + rng.below(4) as u32,
@@ -347,8 +344,8 @@ fn setup(seed: u64, rng: &mut Rng) -> Setup {
         after_request: AtomicU64::new(u64::MAX),
         crashes: AtomicU64::new(0),
     });
+    let (workers, ops, epochs) = (1 + rng.below(4), 10 + rng.below(40), 1 + rng.below(3));
     Setup {
-        switch,
         len_sectors,
         region_bytes,
         block_sectors,
@@ -357,9 +354,10 @@ fn setup(seed: u64, rng: &mut Rng) -> Setup {
         metadata,
         unreadable,
         options,
-        workers: 1 + rng.below(4),
-        ops: 10 + rng.below(40),
-        epochs: 1 + rng.below(3),
+        switch,
+        workers,
+        ops,
+        epochs,
     }
 }
 
