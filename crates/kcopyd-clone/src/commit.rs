@@ -72,6 +72,7 @@ impl Inner {
         if let Some(snapshot) = snapshot {
             store.current_slot = slot;
             store.seq += 1;
+            self.commit_seq.store(store.seq, Ordering::Release);
             store.committed_version = snapshot.version;
             Counters::add(&self.counters.commits, 1);
         }

@@ -57,6 +57,10 @@ pub(crate) struct Inner {
     pub(crate) commits_begun: AtomicU64,
     /// The index of the latest commit that succeeded.
     pub(crate) commits_done: AtomicU64,
+    /// The sequence number of the latest good commit (the store's, readable without its lock).
+    pub(crate) commit_seq: AtomicU64,
+    /// Where the slots are on the metadata device.
+    layout: Layout,
     pub(crate) foreground: AtomicU64,
     options: Mutex<CloneOptions>,
     pub(crate) stop: AtomicBool,
@@ -178,6 +182,7 @@ impl CloneDevice {
     ) -> CloneDevice {
         let name = format!("clone:{}", devices.destination.name());
         let id = DeviceId { namespace: "clone", major: NEXT_CLONE.fetch_add(1, Ordering::Relaxed), minor: 0 };
+        let (commit_seq, layout) = (AtomicU64::new(store.seq), store.layout);
         CloneDevice {
             inner: Arc::new(Inner {
                 name,
@@ -192,6 +197,8 @@ impl CloneDevice {
                 store: tokio::sync::Mutex::new(store),
                 commits_begun: AtomicU64::new(0),
                 commits_done: AtomicU64::new(0),
+                commit_seq,
+                layout,
                 foreground: AtomicU64::new(0),
                 options: Mutex::new(options),
                 stop: AtomicBool::new(false),
@@ -224,10 +231,7 @@ impl CloneDevice {
             let sectors = regions.region_sectors;
             (regions.hydrated(), regions.region_count, regions.hydrating(), regions.failed(), complete, sectors)
         };
-        let (layout, seq) = match self.inner.store.try_lock() {
-            Ok(store) => (store.layout, store.seq),
-            Err(_) => (Layout::of(4096, total), 0), // a commit is running; its seq is not known yet
-        };
+        let (layout, seq) = (self.inner.layout, self.inner.commit_seq.load(Ordering::Acquire));
         let metadata_block_sectors = layout.block_sectors();
         CloneStatus {
             metadata_block_sectors,

@@ -224,3 +224,60 @@ fn the_background_waits_while_foreground_io_is_in_flight() {
         assert_eq!(clone.stats().regions_copied, 15);
     });
 }
+
+/// Hydrates a 16 MiB clone of 64 KiB regions from a source behind a 0.5 ms, 10 Gbit/s link;
+/// returns the model time it took.
+fn hydration_time(options: CloneOptions, throttle: kcopyd_core::Throttle) -> Duration {
+    Simulation::block_on(async move {
+        let len_sectors = 16 * 2048;
+        let link = kcopyd_sim::LinkModel { round_trip_us: 500, bandwidth_bytes_per_s: 1_250_000_000 };
+        let source = Arc::new(MemDisk::new(MemDiskOptions {
+            name: "remote".into(),
+            len_sectors,
+            latency: Latency { link, ..Latency::default() },
+            ..MemDiskOptions::default()
+        }));
+        source.fill_pattern(9);
+        let destination = Arc::new(MemDisk::zeroed("destination", len_sectors, 512));
+        let metadata = Arc::new(MemDisk::zeroed("metadata", 64, 512));
+        let config = ClientConfig { throttle, ..ClientConfig::default() };
+        let client = Client::start_in_current_system(config).unwrap();
+        let devices = CloneDevices { source: source.clone(), destination: destination.clone(), metadata };
+        let clone = CloneDevice::create(devices, 64 * 1024, client.clone(), options).await.unwrap();
+        let began = tokio::time::Instant::now();
+        assert_eq!(clone.run_hydration().await, HydrationEnd::Complete);
+        let elapsed = kcopyd_sim::to_model(began.elapsed());
+        assert_eq!(destination.snapshot(0, len_sectors), source.snapshot(0, len_sectors));
+        client.shutdown().await;
+        elapsed
+    })
+}
+
+#[test]
+fn the_threshold_fills_a_remote_link_and_the_client_throttle_paces_hydration() {
+    let knobs = |threshold, batch| CloneOptions {
+        hydration_threshold: threshold,
+        hydration_batch_size: batch,
+        ..CloneOptions::default()
+    };
+    let off = kcopyd_core::Throttle::default();
+    let one = hydration_time(knobs(1, 1), off);
+    let eight = hydration_time(knobs(8, 1), off);
+    // The threshold counts regions: one batch of eight takes it all (one request on the link),
+    // so batches want a threshold of several batches.
+    let one_batch = hydration_time(knobs(8, 8), off);
+    let batched = hydration_time(knobs(64, 8), off);
+    // 256 regions one at a time pay the round trip each: 256 × (0.5 ms + 52 µs) ≈ 141 ms.
+    assert!(one > Duration::from_millis(130), "{one:?}");
+    assert!(eight * 4 < one, "eight in flight: {eight:?} against {one:?}");
+    assert!(one_batch > eight, "one batch of eight in flight: {one_batch:?} against {eight:?}");
+    assert!(batched < eight, "eight batches of eight: {batched:?} against {eight:?}");
+    let rate = kcopyd_core::Throttle { rate_bytes_per_s: Some(50_000_000), ..off };
+    let throttled = hydration_time(knobs(64, 8), rate);
+    // 16 MiB at 50 MB/s: 335 ms.
+    assert!(throttled > Duration::from_millis(300), "{throttled:?}");
+    eprintln!(
+        "hydration of 16 MiB over a 0.5 ms link: threshold 1: {one:?}, 8: {eight:?}, 8 with batches of 8: \
+         {one_batch:?}, 64 with batches of 8: {batched:?}, the same throttled to 50 MB/s: {throttled:?}"
+    );
+}
