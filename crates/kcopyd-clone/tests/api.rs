@@ -281,3 +281,24 @@ fn the_threshold_fills_a_remote_link_and_the_client_throttle_paces_hydration() {
          {one_batch:?}, 64 with batches of 8: {batched:?}, the same throttled to 50 MB/s: {throttled:?}"
     );
 }
+
+#[test]
+fn an_empty_source_makes_a_complete_clone_and_requests_past_the_end_are_refused() {
+    Simulation::block_on(async {
+        let disks = Disks::new(0);
+        let clone = CloneDevice::create(disks.devices(), 4096, client(), CloneOptions::default()).await.unwrap();
+        assert_eq!(clone.run_hydration().await, HydrationEnd::Complete);
+        assert!(clone.status().hydration_complete);
+        let error = read(&clone, 0, 1).await.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput);
+        let reopened = CloneDevice::open(disks.devices(), client(), CloneOptions::default()).await.unwrap();
+        assert_eq!(reopened.status().regions_total, 0);
+        let disks = Disks::new(64);
+        let clone = CloneDevice::create(disks.devices(), 4096, client(), CloneOptions::default()).await.unwrap();
+        let error = clone.write(60, WriteBuf::from_bytes(Bytes::from(vec![1u8; 8 * 512]))).await.unwrap_err();
+        assert!(error.to_string().contains("past the end"), "{error}");
+        let error = clone.write_zeroes(0, u64::MAX).await.unwrap_err();
+        assert!(error.to_string().contains("past the end"), "{error}");
+        assert_eq!(disks.destination.stats().writes + disks.destination.stats().write_zeroes, 0);
+    });
+}
