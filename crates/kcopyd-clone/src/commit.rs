@@ -74,6 +74,7 @@ impl Inner {
             store.seq += 1;
             self.commit_seq.store(store.seq, Ordering::Release);
             store.committed_version = snapshot.version;
+            self.committed_version.store(snapshot.version, Ordering::Release);
             Counters::add(&self.counters.commits, 1);
         }
         self.commits_done.fetch_max(index, Ordering::AcqRel);

@@ -59,6 +59,8 @@ pub(crate) struct Inner {
     pub(crate) commits_done: AtomicU64,
     /// The sequence number of the latest good commit (the store's, readable without its lock).
     pub(crate) commit_seq: AtomicU64,
+    /// The bitmap version of the latest good commit (the store's, readable without its lock).
+    pub(crate) committed_version: AtomicU64,
     /// Where the slots are on the metadata device.
     layout: Layout,
     pub(crate) foreground: AtomicU64,
@@ -198,6 +200,7 @@ impl CloneDevice {
                 commits_begun: AtomicU64::new(0),
                 commits_done: AtomicU64::new(0),
                 commit_seq,
+                committed_version: AtomicU64::new(0),
                 layout,
                 foreground: AtomicU64::new(0),
                 options: Mutex::new(options),

@@ -170,8 +170,11 @@ impl CloneDevice {
             } else {
                 inner.start_batches().await;
                 if Instant::now() >= next_commit {
-                    // A failed commit is counted and tried again at the next interval.
-                    let _ = inner.commit().await;
+                    // Only when a region was hydrated since; a failed commit is counted and
+                    // tried again at the next interval.
+                    if inner.regions().version() != inner.committed_version.load(Ordering::Acquire) {
+                        let _ = inner.commit().await;
+                    }
                     next_commit = Instant::now() + interval(inner);
                 }
             }

@@ -302,3 +302,13 @@ fn an_empty_source_makes_a_complete_clone_and_requests_past_the_end_are_refused(
         assert_eq!(disks.destination.stats().writes + disks.destination.stats().write_zeroes, 0);
     });
 }
+
+#[test]
+fn the_background_future_can_be_spawned_on_a_multi_threaded_runtime() {
+    fn assert_send<T: Send + 'static>(_: T) {}
+    Simulation::block_on(async {
+        let disks = Disks::new(64);
+        let clone = CloneDevice::create(disks.devices(), 4096, client(), CloneOptions::default()).await.unwrap();
+        assert_send(async move { clone.run_hydration().await });
+    });
+}
