@@ -86,6 +86,28 @@ struct Model {
     switch: Arc<CrashSwitch>,
     faults: bool,
     violations: Vec<String>,
+    /// What was exercised, so that a run that checks nothing shows.
+    counts: Counts,
+}
+
+/// What a run exercised.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    reads_checked: u64,
+    writes_acked: u64,
+    flushes_ok: u64,
+    reopens: u64,
+    regions_given_up: u64,
+}
+
+impl std::ops::AddAssign for Counts {
+    fn add_assign(&mut self, other: Counts) {
+        self.reads_checked += other.reads_checked;
+        self.writes_acked += other.writes_acked;
+        self.flushes_ok += other.flushes_ok;
+        self.reopens += other.reopens;
+        self.regions_given_up += other.regions_given_up;
+    }
 }
 
 impl Model {
@@ -420,7 +442,10 @@ async fn read_op(clone: &CloneDevice, model: &Rc<RefCell<Model>>, sectors: &Rang
     let mut model = model.borrow_mut();
     model.unlock(sectors, false);
     match result {
-        Ok(data) => _ = model.check("read", sectors.start, &data, Model::readable),
+        Ok(data) => {
+            model.counts.reads_checked += 1;
+            model.check("read", sectors.start, &data, Model::readable);
+        }
         Err(error) => model.error_allowed(format!("read of {sectors:?}: {error}")),
     }
 }
@@ -454,6 +479,7 @@ async fn write_op(clone: &CloneDevice, model: &Rc<RefCell<Model>>, sectors: &Ran
         Ok(()) => {
             model.clock += 1;
             model.writes[index].acked_at = Some(model.clock);
+            model.counts.writes_acked += 1;
         }
         Err(error) => model.error_allowed(format!("write of {sectors:?}: {error}")),
     }
@@ -468,7 +494,10 @@ async fn flush_op(clone: &CloneDevice, model: &Rc<RefCell<Model>>) {
     let result = clone.flush().await;
     let mut model = model.borrow_mut();
     match result {
-        Ok(()) => model.durable_before = model.durable_before.max(started),
+        Ok(()) => {
+            model.durable_before = model.durable_before.max(started);
+            model.counts.flushes_ok += 1;
+        }
         Err(error) => model.error_allowed(format!("flush: {error}")),
     }
 }
@@ -579,7 +608,7 @@ async fn epoch(
 
 /// Runs seed `seed`; returns the violations. With `crash_after`, the seed runs two epochs and
 /// the first crashes right after that many requests.
-fn run_seed(seed: u64, crash_after: Option<u64>) -> Vec<String> {
+fn run_seed(seed: u64, crash_after: Option<u64>) -> (Vec<String>, Counts) {
     let mut rng = Rng(mix64(seed));
     let mut setup = setup(seed, &mut rng);
     if crash_after.is_some() {
@@ -602,6 +631,7 @@ fn run_seed(seed: u64, crash_after: Option<u64>) -> Vec<String> {
         switch: setup.switch.clone(),
         faults,
         violations: Vec::new(),
+        counts: Counts::default(),
     }));
     Simulation::block_on(async {
         let mut engine = client();
@@ -640,13 +670,15 @@ fn run_seed(seed: u64, crash_after: Option<u64>) -> Vec<String> {
                     return;
                 }
             };
+            model.borrow_mut().counts.reopens += 1;
             let seen = check_all(&setup, &clone, &model, &format!("after crash {e}"), true).await;
             model.borrow_mut().settle(seen);
         }
         final_checks(&setup, &clone, &model).await;
         engine.shutdown().await;
     });
-    std::mem::take(&mut model.borrow_mut().violations)
+    let mut model = model.borrow_mut();
+    (std::mem::take(&mut model.violations), model.counts)
 }
 
 async fn final_checks(setup: &Setup, clone: &CloneDevice, model: &Rc<RefCell<Model>>) {
@@ -657,6 +689,7 @@ async fn final_checks(setup: &Setup, clone: &CloneDevice, model: &Rc<RefCell<Mod
     let seen = check_all(setup, clone, model, "at the end", false).await;
     let status = clone.status();
     let failed = status.regions_failed.clone();
+    model.borrow_mut().counts.regions_given_up += failed.len() as u64;
     if status.regions_hydrated + failed.len() as u64 != status.regions_total {
         model.borrow_mut().violations.push(format!("not every region hydrated at the end: {status:?}"));
     }
@@ -685,13 +718,20 @@ async fn final_checks(setup: &Setup, clone: &CloneDevice, model: &Rc<RefCell<Mod
 fn random_workloads_crashes_and_faults_pass_the_oracle() {
     let seeds: u64 = std::env::var("KCOPYD_CLONE_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(SEEDS_DEFAULT);
     let mut failures = Vec::new();
+    let mut total = Counts::default();
     for seed in 0..seeds {
-        let violations = run_seed(seed, None);
+        let (violations, counts) = run_seed(seed, None);
+        total += counts;
         if let Some(first) = violations.first() {
             failures.push(format!("seed {seed}: {} violations, first: {first}", violations.len()));
         }
     }
     assert!(failures.is_empty(), "{} of {seeds} seeds failed:\n{}", failures.len(), failures.join("\n"));
+    eprintln!("{seeds} seeds: {total:?}");
+    assert!(
+        total.reads_checked > 0 && total.writes_acked > 0 && total.flushes_ok > 0 && total.reopens > 0,
+        "{total:?}"
+    );
 }
 
 /// Seeds whose first epoch crashes after each request in turn: every point between two steps
@@ -706,7 +746,7 @@ fn a_crash_right_after_any_request_loses_no_flushed_write() {
     let mut failures = Vec::new();
     for seed in 0..CRASH_POINT_SEEDS {
         for after in 1..=CRASH_POINTS {
-            if let Some(first) = run_seed(1000 + seed, Some(after)).first() {
+            if let Some(first) = run_seed(1000 + seed, Some(after)).0.first() {
                 failures.push(format!("seed {} crashing after request {after}: {first}", 1000 + seed));
             }
         }
