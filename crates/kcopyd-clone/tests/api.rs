@@ -1,0 +1,314 @@
+//! The clone through its public API: typed refusals before any write, metadata slots and
+//! their fallback, overwrites and discards without copies, bounded retries, hints, status.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kcopyd_clone::{CloneDevice, CloneDevices, CloneError, CloneOptions, HydrationEnd, HydrationError};
+use kcopyd_core::{BlockDevice, Client, ClientConfig, Device, ReadBuf, WriteBuf};
+use kcopyd_sim::{IoModel, Latency, MemDisk, MemDiskOptions, Simulation, to_tokio};
+
+struct Disks {
+    source: Arc<MemDisk>,
+    destination: Arc<MemDisk>,
+    metadata: Arc<MemDisk>,
+}
+
+impl Disks {
+    fn new(len_sectors: u64) -> Disks {
+        let slow = Latency { read: IoModel { cost_us: 100, ..IoModel::default() }, ..Latency::default() };
+        let source = Arc::new(MemDisk::new(MemDiskOptions {
+            name: "source".into(),
+            len_sectors,
+            latency: slow,
+            ..MemDiskOptions::default()
+        }));
+        source.fill_pattern(1);
+        let destination = Arc::new(MemDisk::with_pattern("destination", len_sectors, 512, 2));
+        let metadata = Arc::new(MemDisk::zeroed("metadata", 128, 512));
+        Disks { source, destination, metadata }
+    }
+
+    fn devices(&self) -> CloneDevices {
+        CloneDevices {
+            source: self.source.clone(),
+            destination: self.destination.clone(),
+            metadata: self.metadata.clone(),
+        }
+    }
+}
+
+fn client() -> Client {
+    Client::start_in_current_system(ClientConfig { page_budget: 64, ..ClientConfig::default() }).unwrap()
+}
+
+async fn read(clone: &CloneDevice, start: u64, sectors: u64) -> std::io::Result<Vec<u8>> {
+    let (buf, result) = clone.read(start, ReadBuf::with_capacity(sectors as usize * 512)).await;
+    result.map(|()| buf.to_vec())
+}
+
+#[test]
+fn bad_region_sizes_and_devices_are_refused_before_anything_is_written() {
+    Simulation::block_on(async {
+        let disks = Disks::new(1024);
+        let options = CloneOptions::default();
+        for bytes in [0, 2048, 12288, 1 << 31] {
+            let error = CloneDevice::create(disks.devices(), bytes, client(), options).await.unwrap_err();
+            assert!(matches!(error, CloneError::RegionSize { bytes: b } if b == bytes), "{error}");
+        }
+        let short = Arc::new(MemDisk::zeroed("short", 512, 512));
+        let devices = CloneDevices { destination: short, ..disks.devices() };
+        let error = CloneDevice::create(devices, 4096, client(), options).await.unwrap_err();
+        assert!(matches!(
+            error,
+            CloneError::DestinationTooSmall { destination_sectors: 512, source_sectors: 1024, .. }
+        ));
+        let devices = CloneDevices { metadata: disks.destination.clone(), ..disks.devices() };
+        let error = CloneDevice::create(devices, 4096, client(), options).await.unwrap_err();
+        assert!(
+            matches!(error, CloneError::SameDevice { first: "destination", second: "metadata device", .. }),
+            "{error}"
+        );
+        let tiny = Arc::new(MemDisk::zeroed("tiny", 16, 512));
+        let devices = CloneDevices { metadata: tiny, ..disks.devices() };
+        let error = CloneDevice::create(devices, 4096, client(), options).await.unwrap_err();
+        assert!(matches!(error, CloneError::MetadataTooSmall { needed_sectors: 32, .. }), "{error}");
+        let big_blocks = Arc::new(MemDisk::zeroed("big-blocks", 1024, 8192));
+        let devices = CloneDevices { destination: big_blocks, ..disks.devices() };
+        let error = CloneDevice::create(devices, 4096, client(), options).await.unwrap_err();
+        assert!(matches!(error, CloneError::RegionSmallerThanBlock { block_size: 8192, .. }), "{error}");
+        let bad = CloneOptions { hydration_batch_size: 0, ..options };
+        let error = CloneDevice::create(disks.devices(), 4096, client(), bad).await.unwrap_err();
+        assert!(matches!(error, CloneError::Option { name: "hydration_batch_size", value: 0, .. }), "{error}");
+        for disk in [&disks.source, &disks.destination, &disks.metadata] {
+            assert_eq!((disk.stats().writes, disk.stats().write_zeroes), (0, 0), "{} untouched", disk.name());
+        }
+        // The largest region dm-clone allows is taken.
+        assert!(CloneDevice::create(disks.devices(), 1 << 30, client(), options).await.is_ok());
+    });
+}
+
+#[test]
+fn open_refuses_foreign_metadata_and_other_devices() {
+    Simulation::block_on(async {
+        let disks = Disks::new(1024);
+        let error = CloneDevice::open(disks.devices(), client(), CloneOptions::default()).await.unwrap_err();
+        assert!(matches!(error, CloneError::NoValidMetadata { .. }), "{error}");
+        CloneDevice::create(disks.devices(), 4096, client(), CloneOptions::default()).await.unwrap();
+        let other = Arc::new(MemDisk::with_pattern("other", 512, 512, 3));
+        let devices = CloneDevices { source: other, ..disks.devices() };
+        let error = CloneDevice::open(devices, client(), CloneOptions::default()).await.unwrap_err();
+        assert!(
+            matches!(error, CloneError::MetadataMismatch { field: "source sectors", recorded: 1024, actual: 512, .. }),
+            "{error}"
+        );
+    });
+}
+
+#[test]
+fn a_damaged_newest_slot_falls_back_to_the_older_commit() {
+    Simulation::block_on(async {
+        let disks = Disks::new(1024);
+        let clone = CloneDevice::create(disks.devices(), 4096, client(), CloneOptions::default()).await.unwrap();
+        // Commit 2 (slot 1): region 0 hydrated by a whole-region write. Commit 3 (slot 0): region 1.
+        for region in 0..2u64 {
+            clone.write(region * 8, WriteBuf::from_bytes(Bytes::from(vec![7u8; 4096]))).await.unwrap();
+            clone.flush().await.unwrap();
+        }
+        assert_eq!(clone.status().commit_seq, 3);
+        let reopened = CloneDevice::open(disks.devices(), client(), CloneOptions::default()).await.unwrap();
+        assert_eq!((reopened.status().regions_hydrated, reopened.status().commit_seq), (2, 3));
+        // Tear slot 0's bitmap block (block 2 of the device): its checksum fails, slot 1 wins.
+        disks.metadata.poke(16, &[0xff; 512]);
+        let reopened = CloneDevice::open(disks.devices(), client(), CloneOptions::default()).await.unwrap();
+        assert_eq!((reopened.status().regions_hydrated, reopened.status().commit_seq), (1, 2));
+        assert_eq!(
+            read(&reopened, 8, 8).await.unwrap(),
+            disks.source.snapshot(8, 8),
+            "region 1 reads the source again"
+        );
+    });
+}
+
+#[test]
+fn whole_region_writes_and_discards_skip_the_copy_partial_writes_wait_for_it() {
+    Simulation::block_on(async {
+        let disks = Disks::new(1024);
+        let options = CloneOptions { hydration_enabled: false, ..CloneOptions::default() };
+        let clone = CloneDevice::create(disks.devices(), 16 * 1024, client(), options).await.unwrap();
+        clone.write(0, WriteBuf::from_bytes(Bytes::from(vec![5u8; 16 * 1024]))).await.unwrap();
+        clone.write_zeroes(32, 64).await.unwrap();
+        assert_eq!(disks.source.stats().reads, 0, "neither a whole write nor a discard copies");
+        assert_eq!(clone.stats().regions_overwritten, 3);
+        clone.write(100, WriteBuf::from_bytes(Bytes::from(vec![9u8; 512]))).await.unwrap();
+        assert_eq!((clone.stats().writes_waited, clone.stats().regions_copied), (1, 1));
+        let mut expected = disks.source.snapshot(96, 32);
+        expected[4 * 512..5 * 512].fill(9);
+        assert_eq!(read(&clone, 96, 32).await.unwrap(), expected);
+        assert!(read(&clone, 32, 64).await.unwrap().iter().all(|&b| b == 0));
+        assert_eq!(clone.status().regions_hydrated, 4);
+        assert_eq!(
+            clone.status().to_string(),
+            "8 4/16 32 4/32 0 1 no_hydration 4 hydration_threshold 1 hydration_batch_size 1 rw"
+        );
+    });
+}
+
+#[test]
+fn a_region_that_keeps_failing_is_given_up_and_reported() {
+    Simulation::block_on(async {
+        let disks = Disks::new(256);
+        disks.source.fail_reads(40..41); // region 5 of 8-sector regions
+        let clone = CloneDevice::create(disks.devices(), 4096, client(), CloneOptions::default()).await.unwrap();
+        assert_eq!(clone.run_hydration().await, HydrationEnd::GaveUp { regions: vec![5] });
+        assert_eq!(clone.stats().copy_failures, 3, "hydration_attempts_max attempts, not for ever");
+        assert_eq!(clone.status().regions_failed, vec![5]);
+        let error = clone.write(40, WriteBuf::from_bytes(Bytes::from(vec![1u8; 512]))).await.unwrap_err();
+        assert!(matches!(HydrationError::of(&error), Some(HydrationError::GivenUp { region: 5, .. })), "{error}");
+        clone.write(40, WriteBuf::from_bytes(Bytes::from(vec![1u8; 4096]))).await.unwrap();
+        assert_eq!(clone.run_hydration().await, HydrationEnd::Complete, "a whole write hydrated it");
+        assert!(clone.status().hydration_complete);
+        let reopened = CloneDevice::open(disks.devices(), client(), CloneOptions::default()).await.unwrap();
+        assert!(reopened.status().hydration_complete, "complete on disk: no bitmap kept");
+    });
+}
+
+#[test]
+fn a_read_of_an_unhydrated_region_moves_it_to_the_front() {
+    Simulation::block_on(async {
+        let disks = Disks::new(8 * 64);
+        let options = CloneOptions { hydration_enabled: false, ..CloneOptions::default() };
+        let clone = CloneDevice::create(disks.devices(), 4096, client(), options).await.unwrap();
+        assert_eq!(read(&clone, 8 * 50, 8).await.unwrap(), disks.source.snapshot(8 * 50, 8));
+        assert_eq!(clone.stats().hints, 1);
+        clone.set_options(CloneOptions::default()).unwrap();
+        let hydrator = {
+            let clone = clone.clone();
+            actix_rt::spawn(async move { clone.run_hydration().await })
+        };
+        // One region copy later (100 µs reads), the hinted region is the one hydrated.
+        tokio::time::sleep(to_tokio(Duration::from_micros(150))).await;
+        assert_eq!(disks.destination.snapshot(8 * 50, 8), disks.source.snapshot(8 * 50, 8));
+        assert_ne!(disks.destination.snapshot(0, 8), disks.source.snapshot(0, 8), "region 0 waits its turn");
+        assert_eq!(hydrator.await.unwrap(), HydrationEnd::Complete);
+    });
+}
+
+#[test]
+fn the_background_waits_while_foreground_io_is_in_flight() {
+    Simulation::block_on(async {
+        let disks = Disks::new(8 * 16);
+        let slow = Arc::new(MemDisk::new(MemDiskOptions {
+            name: "slow-destination".into(),
+            len_sectors: 8 * 16,
+            latency: Latency { write: IoModel { cost_us: 10_000, ..IoModel::default() }, ..Latency::default() },
+            ..MemDiskOptions::default()
+        }));
+        let destination: Device = slow.clone();
+        let devices = CloneDevices { destination, ..disks.devices() };
+        let clone = CloneDevice::create(devices, 4096, client(), CloneOptions::default()).await.unwrap();
+        let writer = {
+            let clone = clone.clone();
+            actix_rt::spawn(async move { clone.write(0, WriteBuf::from_bytes(Bytes::from(vec![3u8; 4096]))).await })
+        };
+        tokio::task::yield_now().await;
+        let hydrator = {
+            let clone = clone.clone();
+            actix_rt::spawn(async move { clone.run_hydration().await })
+        };
+        tokio::time::sleep(to_tokio(Duration::from_micros(9_000))).await;
+        assert_eq!(disks.source.stats().reads, 0, "no copy starts while the write is in flight");
+        writer.await.unwrap().unwrap();
+        assert_eq!(hydrator.await.unwrap(), HydrationEnd::Complete);
+        assert_eq!(clone.stats().regions_copied, 15);
+    });
+}
+
+/// Hydrates a 16 MiB clone of 64 KiB regions from a source behind a 0.5 ms, 10 Gbit/s link;
+/// returns the model time it took.
+fn hydration_time(options: CloneOptions, throttle: kcopyd_core::Throttle) -> Duration {
+    Simulation::block_on(async move {
+        let len_sectors = 16 * 2048;
+        let link = kcopyd_sim::LinkModel { round_trip_us: 500, bandwidth_bytes_per_s: 1_250_000_000 };
+        let source = Arc::new(MemDisk::new(MemDiskOptions {
+            name: "remote".into(),
+            len_sectors,
+            latency: Latency { link, ..Latency::default() },
+            ..MemDiskOptions::default()
+        }));
+        source.fill_pattern(9);
+        let destination = Arc::new(MemDisk::zeroed("destination", len_sectors, 512));
+        let metadata = Arc::new(MemDisk::zeroed("metadata", 64, 512));
+        let config = ClientConfig { throttle, ..ClientConfig::default() };
+        let client = Client::start_in_current_system(config).unwrap();
+        let devices = CloneDevices { source: source.clone(), destination: destination.clone(), metadata };
+        let clone = CloneDevice::create(devices, 64 * 1024, client.clone(), options).await.unwrap();
+        let began = tokio::time::Instant::now();
+        assert_eq!(clone.run_hydration().await, HydrationEnd::Complete);
+        let elapsed = kcopyd_sim::to_model(began.elapsed());
+        assert_eq!(destination.snapshot(0, len_sectors), source.snapshot(0, len_sectors));
+        client.shutdown().await;
+        elapsed
+    })
+}
+
+#[test]
+fn the_threshold_fills_a_remote_link_and_the_client_throttle_paces_hydration() {
+    let knobs = |threshold, batch| CloneOptions {
+        hydration_threshold: threshold,
+        hydration_batch_size: batch,
+        ..CloneOptions::default()
+    };
+    let off = kcopyd_core::Throttle::default();
+    let one = hydration_time(knobs(1, 1), off);
+    let eight = hydration_time(knobs(8, 1), off);
+    // The threshold counts regions: one batch of eight takes it all (one request on the link),
+    // so batches want a threshold of several batches.
+    let one_batch = hydration_time(knobs(8, 8), off);
+    let batched = hydration_time(knobs(64, 8), off);
+    // 256 regions one at a time pay the round trip each: 256 × (0.5 ms + 52 µs) ≈ 141 ms.
+    assert!(one > Duration::from_millis(130), "{one:?}");
+    assert!(eight * 4 < one, "eight in flight: {eight:?} against {one:?}");
+    assert!(one_batch > eight, "one batch of eight in flight: {one_batch:?} against {eight:?}");
+    assert!(batched < eight, "eight batches of eight: {batched:?} against {eight:?}");
+    let rate = kcopyd_core::Throttle { rate_bytes_per_s: Some(50_000_000), ..off };
+    let throttled = hydration_time(knobs(64, 8), rate);
+    // 16 MiB at 50 MB/s: 335 ms.
+    assert!(throttled > Duration::from_millis(300), "{throttled:?}");
+    eprintln!(
+        "hydration of 16 MiB over a 0.5 ms link: threshold 1: {one:?}, 8: {eight:?}, 8 with batches of 8: \
+         {one_batch:?}, 64 with batches of 8: {batched:?}, the same throttled to 50 MB/s: {throttled:?}"
+    );
+}
+
+#[test]
+fn an_empty_source_makes_a_complete_clone_and_requests_past_the_end_are_refused() {
+    Simulation::block_on(async {
+        let disks = Disks::new(0);
+        let clone = CloneDevice::create(disks.devices(), 4096, client(), CloneOptions::default()).await.unwrap();
+        assert_eq!(clone.run_hydration().await, HydrationEnd::Complete);
+        assert!(clone.status().hydration_complete);
+        let error = read(&clone, 0, 1).await.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput);
+        let reopened = CloneDevice::open(disks.devices(), client(), CloneOptions::default()).await.unwrap();
+        assert_eq!(reopened.status().regions_total, 0);
+        let disks = Disks::new(64);
+        let clone = CloneDevice::create(disks.devices(), 4096, client(), CloneOptions::default()).await.unwrap();
+        let error = clone.write(60, WriteBuf::from_bytes(Bytes::from(vec![1u8; 8 * 512]))).await.unwrap_err();
+        assert!(error.to_string().contains("past the end"), "{error}");
+        let error = clone.write_zeroes(0, u64::MAX).await.unwrap_err();
+        assert!(error.to_string().contains("past the end"), "{error}");
+        assert_eq!(disks.destination.stats().writes + disks.destination.stats().write_zeroes, 0);
+    });
+}
+
+#[test]
+fn the_background_future_can_be_spawned_on_a_multi_threaded_runtime() {
+    fn assert_send<T: Send + 'static>(_: T) {}
+    Simulation::block_on(async {
+        let disks = Disks::new(64);
+        let clone = CloneDevice::create(disks.devices(), 4096, client(), CloneOptions::default()).await.unwrap();
+        assert_send(async move { clone.run_hydration().await });
+    });
+}
