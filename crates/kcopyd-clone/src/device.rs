@@ -15,7 +15,9 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use kcopyd_core::{BlockDevice, Client, Device, DeviceId, Geometry, IoFuture, ReadBuf, SECTOR_SIZE, WriteBuf};
+use kcopyd_core::{
+    BlockDevice, Client, Device, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf,
+};
 use tokio::sync::Notify;
 
 use crate::CloneOptions;
@@ -354,6 +356,13 @@ impl BlockDevice for CloneDevice {
 
     fn flush(&self) -> IoFuture<'_, io::Result<()>> {
         Box::pin(self.inner.clone().flush())
+    }
+
+    /// Everything counts as allocated: a region's data may sit on the source or the
+    /// destination, and neither alone can say where the clone reads as a hole. A sparse copy
+    /// from a clone still finds its zero blocks by reading them.
+    fn allocated(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<RangeSet>> {
+        kcopyd_core::all_allocated(offset_sectors, len_sectors)
     }
 
     fn deallocates(&self) -> bool {
