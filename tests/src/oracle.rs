@@ -136,7 +136,9 @@ fn check_shutdown(scenario: &Scenario, report: &Report, views: &[JobView], viola
     let begun = seq_of(Mark::ShutdownBegun);
     let returned = seq_of(Mark::ShutdownReturned);
     let count = |mark: Mark| report.marks.iter().filter(|(_, m)| *m == mark).count();
-    let mid_run = usize::from(scenario.shutdown_at_us.is_some());
+    // A shutdown from a job's callback happens only if that job's callback ran.
+    let in_callback = scenario.shutdown_in_callback_of.is_some_and(|j| report.jobs.get(j).is_some_and(|r| r.callbacks > 0));
+    let mid_run = usize::from(scenario.shutdown_at_us.is_some() || in_callback);
     let (begun_count, returned_count) = (count(Mark::ShutdownBegun), count(Mark::ShutdownReturned));
     if begun_count != 1 + mid_run || returned_count != begun_count {
         violations.push(format!(

@@ -58,6 +58,8 @@ fn inputs(jobs: Vec<JobInputs>, targets: usize, subjobs_in_flight: usize) -> Inp
         shutdown_at_us: None,
         prepared: Vec::new(),
         throttle: kcopyd_core::Throttle::OFF,
+        queued_jobs_max: 0,
+        shutdown_in_callback_of: None,
     }
 }
 
@@ -122,6 +124,8 @@ fn clone_report(report: &Report) -> Report {
         target_logs_before_retry: report.target_logs_before_retry.clone(),
         io: report.io.clone(),
         marks: report.marks.clone(),
+        mark_us: report.mark_us.clone(),
+        stats: report.stats.clone(),
         shutdown_reports: report.shutdown_reports.clone(),
         prepared: report.prepared.clone(),
     }
@@ -151,7 +155,7 @@ fn end_of_trace(report: &Report) -> u64 {
 /// rule 17, whose test changes the times of true requests).
 fn append(report: &mut Report, disk: DiskRef, kind: IoKind, sectors: Range<u64>) {
     let issued = end_of_trace(report);
-    report.io.push(IoRecord { disk, kind, sectors, phase: 1, issued, issued_us: 0, done: issued + 1, ok: true });
+    report.io.push(IoRecord { disk, kind, sectors, phase: 1, issued, issued_us: 0, done: issued + 1, done_us: 0, ok: true });
 }
 
 /// `set` with `sectors` added.
@@ -723,6 +727,7 @@ fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error() {
         let known = r.io[failed].done.max(r.io[other].done);
         r.io.push(IoRecord {
             issued_us: 0,
+            done_us: 0,
             disk: DiskRef::Source(0),
             kind: IoKind::Read,
             sectors: 24..32,
@@ -748,6 +753,7 @@ fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error() {
         let issued = r.io[failed].done + 1;
         r.io.push(IoRecord {
             issued_us: 0,
+            done_us: 0,
             disk: DiskRef::Source(0),
             kind: IoKind::Read,
             sectors: 24..32,
@@ -769,6 +775,7 @@ fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error() {
         let end = end_of_trace(r);
         r.io.push(IoRecord {
             issued_us: 0,
+            done_us: 0,
             disk: DiskRef::Source(0),
             kind: IoKind::Read,
             sectors: 32..40,
@@ -779,6 +786,7 @@ fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error() {
         });
         r.io.push(IoRecord {
             issued_us: 0,
+            done_us: 0,
             disk: DiskRef::Source(0),
             kind: IoKind::Read,
             sectors: 40..48,
@@ -864,6 +872,8 @@ fn rule_9_no_sub_job_starts_after_a_cancel_and_cancelled_is_exact() {
         while sector < 128 {
             r.io.push(IoRecord {
                 issued_us: 0,
+                done_us: 0,
+            done_us: 0,
                 disk: DiskRef::Source(0),
                 kind: IoKind::Read,
                 sectors: sector..sector + CHUNK,
@@ -1199,7 +1209,7 @@ fn shut_down_mid_run() -> Accepted {
     let mut inputs = inputs(vec![copy(48, &[0]), late], 1, 2);
     inputs.shutdown_at_us = Some(200);
     inputs.prepared = vec![
-        PreparedInputs { at_us: 0, after_us: 300, complete: true, read_err: true, write_err_bits: 0b101 },
+        PreparedInputs { at_us: 0, after_us: 300, complete: true, read_err: true, write_err_bits: 0b101, in_callback_of: None },
         PreparedInputs { at_us: 50, after_us: 100, complete: false, ..PreparedInputs::default() },
         PreparedInputs { at_us: 2000, after_us: 100, complete: true, ..PreparedInputs::default() },
     ];

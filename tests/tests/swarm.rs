@@ -21,7 +21,7 @@ fn random_scenarios_pass_the_oracle() {
     let seeds: u64 = std::env::var("KCOPYD_SWARM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
     let mut failures = Vec::new();
     for seed in (0..seeds).chain(REGRESSION_SEEDS.iter().copied()) {
-        let scenario = Inputs::from_seed(seed).layout();
+        let scenario = Inputs::aimed(seed).layout();
         let mut violations = check(&scenario, &run(&scenario));
         violations.extend(validation::check_seed(seed, VALIDATION_CASES));
         violations.extend(sparse_case::check_seed(seed, SPARSE_CASES));
