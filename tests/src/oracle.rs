@@ -111,6 +111,7 @@ pub fn check(scenario: &Scenario, report: &Report) -> Vec<String> {
     check_shutdown(scenario, report, &views, &mut violations);
     check_throttle(scenario, &views, &mut violations);
     check_prepared(scenario, report, &mut violations);
+    check_stats(scenario, report, &mut violations);
     for (t, disk) in report.targets.iter().enumerate() {
         for fault in disk.fault_log() {
             if let FaultKind::ZoneViolation { write_pointer } = fault.kind {
@@ -801,6 +802,81 @@ fn check_throttle(scenario: &Scenario, views: &[JobView], violations: &mut Vec<S
                 "throttle of {rate} B/s: {sum} bytes of sub-jobs issued by {at} µs, more than the {allowed} allowed"
             ));
             return;
+        }
+    }
+}
+
+/// How the engine saw a request: whether it timed out (it outlived the client's I/O timeout,
+/// or never completed), and its latency as the engine counts it, in µs (up to the timeout).
+fn engine_view(record: &IoRecord, timeout_us: Option<u64>) -> (bool, u64) {
+    let life = record.done_us.saturating_sub(record.issued_us);
+    match timeout_us {
+        Some(timeout) if record.done_us == u64::MAX || life > timeout => (true, timeout),
+        _ => (false, life),
+    }
+}
+
+/// The client's I/O timeout in model µs.
+fn timeout_us(scenario: &Scenario) -> Option<u64> {
+    scenario.config.io_timeout_ms.map(|ms| ms.saturating_mul(1000))
+}
+
+/// Statistics: `Client::stats()` once the client shut down agrees with the run — jobs
+/// submitted (accepted, resubmissions included; refused ones not counted), completed, failed
+/// (a read or write error, or a panic) and cancelled from the outcomes; per device and
+/// operation, the requests, errors, timeouts, bytes of the successful ones, and their
+/// latencies (count, sum and longest) from the I/O log.
+fn check_stats(scenario: &Scenario, report: &Report, violations: &mut Vec<String>) {
+    let Some(stats) = &report.stats else { return };
+    let outcomes: Vec<&Outcome> =
+        report.jobs.iter().flat_map(|r| r.outcome.iter().chain(r.retry.iter())).collect();
+    let failed = outcomes.iter().filter(|o| o.read_err || !o.write_err.is_empty() || o.panicked.is_some()).count();
+    let cancelled = outcomes.iter().filter(|o| o.cancelled).count();
+    let counted = (stats.jobs_submitted, stats.jobs_completed, stats.jobs_failed, stats.jobs_cancelled);
+    let expected = (outcomes.len() as u64, outcomes.len() as u64, failed as u64, cancelled as u64);
+    if counted != expected {
+        violations.push(format!(
+            "statistics: jobs submitted, completed, failed, cancelled {counted:?}, the outcomes say {expected:?}"
+        ));
+    }
+    let timeout = timeout_us(scenario);
+    // (disk, kind) -> (count, errors, timeouts, bytes, latency count, sum, max)
+    let mut from_log: BTreeMap<(String, &'static str), [u64; 7]> = BTreeMap::new();
+    for record in &report.io {
+        let name = match record.disk {
+            DiskRef::Source(s) => &scenario.sources[s].name,
+            DiskRef::Target(t) => &scenario.targets[t].name,
+        };
+        let op = match record.kind {
+            IoKind::Read => "read",
+            IoKind::Write => "write",
+            IoKind::WriteZeroes => "write_zeroes",
+        };
+        let (timed_out, latency) = engine_view(record, timeout);
+        let ok = record.ok && !timed_out;
+        let entry = from_log.entry((name.clone(), op)).or_default();
+        let bytes = (record.sectors.end - record.sectors.start) * SECTOR_SIZE as u64;
+        let row = [1, u64::from(!ok), u64::from(timed_out), if ok { bytes } else { 0 }, 1, latency, latency];
+        for (k, value) in row.into_iter().enumerate() {
+            entry[k] = if k == 6 { entry[k].max(value) } else { entry[k] + value };
+        }
+    }
+    let mut from_stats: BTreeMap<(String, &'static str), [u64; 7]> = BTreeMap::new();
+    for device in &stats.devices {
+        for (op, o) in [("read", &device.read), ("write", &device.write), ("write_zeroes", &device.write_zeroes)] {
+            if o.count > 0 || o.latency.count() > 0 {
+                let row = [o.count, o.errors, o.timeouts, o.bytes, o.latency.count(), o.latency.sum_us, o.latency.max_us];
+                from_stats.insert((device.name.clone(), op), row);
+            }
+        }
+    }
+    for key in from_log.keys().chain(from_stats.keys()).collect::<std::collections::BTreeSet<_>>() {
+        let (log, counted) = (from_log.get(key), from_stats.get(key));
+        if log != counted {
+            violations.push(format!(
+                "statistics: {} {}: [count, errors, timeouts, bytes, latencies, sum µs, max µs] {counted:?}, the I/O log says {log:?}",
+                key.0, key.1
+            ));
         }
     }
 }

@@ -873,7 +873,6 @@ fn rule_9_no_sub_job_starts_after_a_cancel_and_cancelled_is_exact() {
             r.io.push(IoRecord {
                 issued_us: 0,
                 done_us: 0,
-            done_us: 0,
                 disk: DiskRef::Source(0),
                 kind: IoKind::Read,
                 sectors: sector..sector + CHUNK,
@@ -916,6 +915,8 @@ fn rule_9_no_sub_job_starts_after_a_cancel_and_cancelled_is_exact() {
             let completed = r.marks.iter().find(|(_, m)| *m == Mark::Completed(0)).expect("completed").0;
             r.marks.push((completed - 1, Mark::Cancel(0)));
             outcome(r).cancelled = cancelled;
+            // The statistics count what the outcome says (rule 19).
+            stats(r).jobs_cancelled = u64::from(cancelled);
         });
         assert!(
             !violations.iter().any(|v| v.contains("cancel")),
@@ -1465,4 +1466,62 @@ fn rule_17_a_rate_limited_client_stays_within_its_rate() {
     // Without a rate, nothing to check.
     let violations = run.with_scenario(|s| s.config.throttle.rate_bytes_per_s = None);
     assert!(violations.is_empty(), "{violations:#?}");
+}
+
+/// The statistics of `report`, to change.
+fn stats(report: &mut Report) -> &mut kcopyd_core::ClientStats {
+    report.stats.as_mut().expect("statistics after the shutdown")
+}
+
+#[test]
+fn rule_19_statistics_agree_with_the_outcomes_and_the_io_log() {
+    let run = ignoring_errors();
+    let stats_of = |r: &Report| r.stats.clone().expect("statistics");
+    assert_eq!(stats_of(&run.report).jobs_failed, 1);
+    // Jobs: one more submitted, completed, failed or cancelled than the outcomes say.
+    let violations = run.tampered(|r| stats(r).jobs_submitted += 1);
+    fires("19", "submitted", &violations, "statistics: jobs submitted, completed, failed, cancelled (2, 1, 1, 0)");
+    let violations = run.tampered(|r| stats(r).jobs_completed = 0);
+    fires("19", "completed", &violations, "statistics: jobs submitted, completed, failed, cancelled (1, 0, 1, 0)");
+    let violations = run.tampered(|r| stats(r).jobs_failed = 0);
+    fires("19", "failed", &violations, "the outcomes say (1, 1, 1, 0)");
+    let violations = cancelled().tampered(|r| stats(r).jobs_cancelled = 0);
+    fires("19", "cancelled", &violations, "statistics: jobs submitted, completed, failed, cancelled (1, 1, 0, 0)");
+    // Requests per device and operation.
+    let device = |r: &mut Report, name: &str| -> usize {
+        stats(r).devices.iter().position(|d| d.name == name).expect("the device")
+    };
+    let violations = run.tampered(|r| {
+        let d = device(r, "source0");
+        stats(r).devices[d].read.count += 1;
+    });
+    fires("19", "a read more", &violations, "statistics: source0 read: [count, errors, timeouts, bytes");
+    let violations = run.tampered(|r| {
+        let d = device(r, "source0");
+        stats(r).devices[d].read.errors = 0;
+    });
+    fires("19", "a read error less", &violations, "statistics: source0 read:");
+    let violations = run.tampered(|r| {
+        let d = device(r, "target1");
+        stats(r).devices[d].write.bytes += 512;
+    });
+    fires("19", "bytes", &violations, "statistics: target1 write:");
+    let violations = run.tampered(|r| {
+        let d = device(r, "target1");
+        stats(r).devices[d].write.timeouts = 1;
+    });
+    fires("19", "a timeout that did not happen", &violations, "statistics: target1 write:");
+    let violations = run.tampered(|r| {
+        let d = device(r, "target0");
+        stats(r).devices[d].write.latency.record(std::time::Duration::from_micros(150));
+    });
+    fires("19", "a latency more", &violations, "statistics: target0 write:");
+    let violations = run.tampered(|r| {
+        let d = device(r, "target2");
+        stats(r).devices.remove(d);
+    });
+    fires("19", "a device left out", &violations, "statistics: target2 write: [count, errors, timeouts, bytes, latencies, sum µs, max µs] None");
+    // And the other way: a request in the log the statistics do not count.
+    let violations = run.tampered(|r| append(r, DiskRef::Target(2), IoKind::WriteZeroes, 0..8));
+    fires("19", "a request uncounted", &violations, "statistics: target2 write_zeroes:");
 }
