@@ -112,6 +112,7 @@ pub fn check(scenario: &Scenario, report: &Report) -> Vec<String> {
     check_throttle(scenario, &views, &mut violations);
     check_prepared(scenario, report, &mut violations);
     check_stats(scenario, report, &mut violations);
+    check_callback_order(report, &mut violations);
     for (t, disk) in report.targets.iter().enumerate() {
         for fault in disk.fault_log() {
             if let FaultKind::ZoneViolation { write_pointer } = fault.kind {
@@ -802,6 +803,47 @@ fn check_throttle(scenario: &Scenario, views: &[JobView], violations: &mut Vec<S
                 "throttle of {rate} B/s: {sum} bytes of sub-jobs issued by {at} µs, more than the {allowed} allowed"
             ));
             return;
+        }
+    }
+}
+
+/// Callbacks (jobs' and prepared ones) run one at a time, each returning before the next
+/// begins; and a prepared callback queued after a job's callback began runs after that
+/// callback returned (dm-kcopyd's promise: it is queued behind the completions before it).
+fn check_callback_order(report: &Report, violations: &mut Vec<String>) {
+    let seq_of = |mark: Mark| report.marks.iter().find(|(_, m)| *m == mark).map(|&(seq, _)| seq);
+    // (began, returned, what)
+    let mut runs: Vec<(u64, u64, String)> = Vec::new();
+    for (seq, mark) in &report.marks {
+        let (returned, what) = match *mark {
+            Mark::Completed(j) => (seq_of(Mark::CallbackReturned(j)), format!("job {j}'s callback")),
+            Mark::PreparedRan(p) => (seq_of(Mark::PreparedReturned(p)), format!("prepared {p}")),
+            _ => continue,
+        };
+        match returned {
+            Some(returned) if returned > *seq => runs.push((*seq, returned, what)),
+            _ => violations.push(format!("callbacks: {what} began at {seq} and never returned")),
+        }
+    }
+    runs.sort();
+    for pair in runs.windows(2) {
+        if pair[1].0 < pair[0].1 {
+            violations.push(format!(
+                "callbacks: {} began at {} while {} ran ({}..{})",
+                pair[1].2, pair[1].0, pair[0].2, pair[0].0, pair[0].1
+            ));
+        }
+    }
+    for (p, ran) in report.marks.iter().filter_map(|&(seq, m)| if let Mark::PreparedRan(p) = m { Some((p, seq)) } else { None }) {
+        let Some(queued) = seq_of(Mark::PreparedQueued(p)) else { continue }; // rule 16's
+        for (began, mark) in &report.marks {
+            let Mark::Completed(j) = *mark else { continue };
+            let returned = seq_of(Mark::CallbackReturned(j)).unwrap_or(u64::MAX);
+            if *began < queued && ran < returned {
+                violations.push(format!(
+                    "callbacks: prepared {p}, queued at {queued} after job {j}'s callback began ({began}), ran at {ran}, before it returned"
+                ));
+            }
         }
     }
 }

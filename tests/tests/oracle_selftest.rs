@@ -1525,3 +1525,55 @@ fn rule_19_statistics_agree_with_the_outcomes_and_the_io_log() {
     let violations = run.tampered(|r| append(r, DiskRef::Target(2), IoKind::WriteZeroes, 0..8));
     fires("19", "a request uncounted", &violations, "statistics: target2 write_zeroes:");
 }
+
+/// Two copies of 16 sectors, one after the other (job 1 submitted at 5 ms); prepared callback 0
+/// prepared at once and queued from inside job 0's callback; prepared callback 1 prepared at
+/// 100 µs and queued 20 ms later, after both jobs.
+fn callbacks_in_order() -> Accepted {
+    let later = JobInputs { submit_at_us: 5000, gap_units: 8, ..copy(16, &[0]) };
+    let mut inputs = inputs(vec![copy(16, &[0]), later], 1, 2);
+    inputs.prepared = vec![
+        PreparedInputs { after_us: 1_000_000, complete: true, in_callback_of: Some(0), ..PreparedInputs::default() },
+        PreparedInputs { at_us: 100, after_us: 20_000, complete: true, ..PreparedInputs::default() },
+    ];
+    let accepted = Accepted::run("callbacks in order", inputs);
+    let report = &accepted.report;
+    let queued = mark_at(report, Mark::PreparedQueued(0));
+    assert!(mark_at(report, Mark::Completed(0)) < queued && queued < mark_at(report, Mark::CallbackReturned(0)));
+    assert!(mark_at(report, Mark::CallbackReturned(1)) < mark_at(report, Mark::PreparedRan(1)));
+    accepted
+}
+
+#[test]
+fn rule_20_callbacks_run_one_at_a_time_and_prepared_ones_after_the_completions_before_them() {
+    let run = callbacks_in_order();
+    // Prepared 0 run inside job 0's callback (as if `complete` ran it at once): the callback
+    // returns only after it.
+    let violations = run.tampered(|r| {
+        let returned = mark_at(r, Mark::PreparedReturned(0));
+        move_mark(r, Mark::CallbackReturned(0), returned + 1);
+    });
+    fires("20", "run inside the callback", &violations, "callbacks: prepared 0 began at");
+    fires("20", "run inside the callback", &violations, "while job 0's callback ran");
+    fires("20", "run inside the callback", &violations, "callbacks: prepared 0, queued at");
+    fires("20", "run inside the callback", &violations, "after job 0's callback began");
+    // Prepared 1, queued after both jobs' callbacks, run before job 1's (moved before it).
+    let violations = run.tampered(|r| {
+        let queued = mark_at(r, Mark::PreparedQueued(1));
+        let returned = mark_at(r, Mark::PreparedReturned(1));
+        // Job 1's callback begins just before prepared 1 is queued and returns after it ran.
+        move_mark(r, Mark::Completed(1), queued - 1);
+        move_mark(r, Mark::CallbackReturned(1), returned + 1);
+    });
+    fires("20", "a prepared callback before a completion queued before it", &violations, "callbacks: prepared 1, queued at");
+    // Two callbacks at once: job 1's begins while job 0's runs.
+    let violations = run.tampered(|r| {
+        let inside = mark_at(r, Mark::Completed(0)) + 1;
+        move_mark(r, Mark::Completed(1), inside);
+    });
+    fires("20", "two at once", &violations, "callbacks: job 1's callback began at");
+    // A callback that never returned.
+    let violations = run.tampered(|r| drop_marks(r, Mark::CallbackReturned(1)));
+    fires("20", "never returned", &violations, "callbacks: job 1's callback began at");
+    fires("20", "never returned", &violations, "and never returned");
+}
