@@ -110,6 +110,7 @@ pub fn check(scenario: &Scenario, report: &Report) -> Vec<String> {
     }
     check_shutdown(scenario, report, &views, &mut violations);
     check_throttle(scenario, &views, &mut violations);
+    check_busy(scenario, report, &views, &mut violations);
     check_prepared(scenario, report, &mut violations);
     check_stats(scenario, report, &mut violations);
     check_callback_order(report, &mut violations);
@@ -918,6 +919,86 @@ fn check_stats(scenario: &Scenario, report: &Report, violations: &mut Vec<String
             violations.push(format!(
                 "statistics: {} {}: [count, errors, timeouts, bytes, latencies, sum µs, max µs] {counted:?}, the I/O log says {log:?}",
                 key.0, key.1
+            ));
+        }
+    }
+}
+
+/// The client's busy time from the I/O log: the union of every request's life as the engine
+/// counts it (from its issue to its completion, or to the timeout), as sorted, disjoint
+/// intervals of model µs.
+fn busy_intervals(scenario: &Scenario, report: &Report) -> Vec<Range<u64>> {
+    let timeout = timeout_us(scenario);
+    let mut lives: Vec<Range<u64>> = report
+        .io
+        .iter()
+        .map(|r| r.issued_us..r.issued_us.saturating_add(engine_view(r, timeout).1))
+        .filter(|life| life.start < life.end)
+        .collect();
+    lives.sort_by_key(|life| life.start);
+    let mut union: Vec<Range<u64>> = Vec::new();
+    for life in lives {
+        match union.last_mut() {
+            Some(last) if life.start <= last.end => last.end = last.end.max(life.end),
+            _ => union.push(life),
+        }
+    }
+    union
+}
+
+/// Busy time of `busy` within `window`.
+fn busy_within(busy: &[Range<u64>], window: Range<u64>) -> u64 {
+    busy.iter().map(|b| b.end.min(window.end).saturating_sub(b.start.max(window.start))).sum()
+}
+
+/// Throttle busy share: with a limit of P %, over any window of the throttle's length
+/// (`BUSY_WINDOW`), the client's busy time (from the I/O log) stays within P % of it plus a
+/// tolerance: half as much again (what an idle history, halved once, still credits) and twice
+/// the longest sub-job's life (the I/O of sub-jobs admitted just under the limit). And the copy
+/// progresses: while a job is waiting to complete, the client is never idle longer than it takes
+/// the busy share of a window to fall back under the limit (100 / P windows) plus the rate's
+/// wait for the largest sub-job.
+fn check_busy(scenario: &Scenario, report: &Report, views: &[JobView], violations: &mut Vec<String>) {
+    let Some(percent) = scenario.config.throttle.busy_percent.filter(|&p| p < 100) else { return };
+    let window = kcopyd_core::BUSY_WINDOW.as_micros() as u64;
+    let timeout = timeout_us(scenario);
+    let mut longest_life = 0;
+    let mut largest_bytes = 0;
+    for view in views {
+        let mut lives: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+        for (record, _, rel) in &view.all {
+            let end = record.issued_us.saturating_add(engine_view(record, timeout).1);
+            for k in view.chunks_of(rel) {
+                let life = lives.entry(k).or_insert((record.issued_us, end));
+                *life = (life.0.min(record.issued_us), life.1.max(end));
+            }
+        }
+        longest_life = lives.values().map(|&(from, to)| to - from).fold(longest_life, u64::max);
+        largest_bytes = largest_bytes.max(view.chunk * SECTOR_SIZE as u64);
+    }
+    let busy = busy_intervals(scenario, report);
+    let allowed = window * u64::from(percent) * 3 / 200 + 2 * longest_life;
+    for start in busy.iter().map(|b| b.start) {
+        let within = busy_within(&busy, start..start + window);
+        if within > allowed {
+            violations.push(format!(
+                "busy limit of {percent} %: busy {within} µs of the {window} µs from {start} µs, more than the {allowed} allowed (longest sub-job {longest_life} µs)"
+            ));
+            break;
+        }
+    }
+    let rate_wait = scenario.config.throttle.rate_bytes_per_s.map_or(0, |rate| largest_bytes * 1_000_000 / rate);
+    let idle_max = window * 100 / u64::from(percent) + rate_wait + 2 * longest_life;
+    let mark_at = |mark: Mark| report.marks.iter().position(|(_, m)| *m == mark).map(|i| report.mark_us[i]);
+    let pending: Vec<(u64, u64)> = (0..report.jobs.len())
+        .filter_map(|j| Some((mark_at(Mark::Submitting(j))?, mark_at(Mark::Completed(j))?)))
+        .collect();
+    for gap in busy.windows(2).map(|pair| pair[0].end..pair[1].start) {
+        let waiting = pending.iter().any(|&(from, to)| from <= gap.start && gap.end <= to);
+        if waiting && gap.end - gap.start > idle_max {
+            violations.push(format!(
+                "busy limit of {percent} %: idle from {} µs to {} µs while a job waited, longer than {idle_max} µs",
+                gap.start, gap.end
             ));
         }
     }

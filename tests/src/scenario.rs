@@ -292,6 +292,35 @@ impl Inputs {
             queued_jobs_max: [0, 0, 0, 1, 2, 4][rng.below(6) as usize],
             shutdown_in_callback_of: None,
         }
+        .busy_for_long(seed)
+    }
+
+    /// A scenario under a busy limit made long enough for the limit to matter over several of
+    /// its windows (`BUSY_WINDOW`): disks whose every request costs 2–10 ms (no bandwidth
+    /// limit, no queue: a sub-job's life stays short beside a window) and at least 30 jobs,
+    /// some submitted over the first 3 s (idle stretches, then work). Other scenarios are
+    /// returned as they are.
+    fn busy_for_long(mut self, seed: u64) -> Inputs {
+        if self.throttle.busy_percent.is_none() {
+            return self;
+        }
+        let mut rng = Draw(mix64(seed ^ 0xb05e));
+        let slow = |rng: &mut Draw| TimingInputs {
+            cost_us: [2000, 5000, 10_000][rng.below(3) as usize],
+            bandwidth_mb_per_s: 0,
+            queue_depth: 0,
+            jitter_us: rng.below(2) * 1000,
+        };
+        for disk in self.sources.iter_mut().chain(&mut self.targets) {
+            (disk.read, disk.write) = (slow(&mut rng), slow(&mut rng));
+        }
+        let drawn = self.jobs.len() as u64;
+        while self.jobs.len() < 30 {
+            let mut job = self.jobs[rng.below(drawn) as usize].clone();
+            job.submit_at_us = rng.below(2) * rng.below(3_000_000);
+            self.jobs.push(job);
+        }
+        self
     }
 
     /// The scenario of `seed` as [`Inputs::from_seed`] draws it, and for two seeds in three

@@ -1577,3 +1577,63 @@ fn rule_20_callbacks_run_one_at_a_time_and_prepared_ones_after_the_completions_b
     fires("20", "never returned", &violations, "callbacks: job 1's callback began at");
     fires("20", "never returned", &violations, "and never returned");
 }
+
+/// A copy of 512 sectors (64 sub-jobs of 8, one in flight) on disks whose every request costs
+/// 5 ms, under a busy limit of 20 %: 640 ms of I/O spread over about 3 s of model time.
+fn busy_limited() -> Accepted {
+    let slow = TimingInputs { cost_us: 5000, ..TimingInputs::default() };
+    let mut throttled = inputs(vec![copy(512, &[0])], 1, 1);
+    for disk in throttled.sources.iter_mut().chain(&mut throttled.targets) {
+        (disk.read, disk.write) = (slow.clone(), slow.clone());
+    }
+    throttled.throttle = kcopyd_core::Throttle { busy_percent: Some(20), rate_bytes_per_s: None };
+    Accepted::run("busy-limited", throttled)
+}
+
+#[test]
+fn rule_18_a_busy_limited_client_stays_within_its_share_of_every_window_and_progresses() {
+    let run = busy_limited();
+    let last = run.report.io.iter().map(|r| r.done_us).max().expect("requests");
+    assert!(last > 2_500_000, "the throttle spread the copy over {last} µs of model time");
+    // Idle stretches cut to a quarter (each request moved earlier by three quarters of the idle
+    // time before it): busy half of the time, not a fifth.
+    let violations = run.tampered(|r| {
+        let mut lives: Vec<(u64, u64)> = r.io.iter().map(|record| (record.issued_us, record.done_us)).collect();
+        lives.sort_unstable();
+        let (mut busy_end, mut idle) = (0, Vec::new()); // idle: (from, idle time before it ends)
+        let mut idle_total = 0;
+        for (from, to) in lives {
+            if from > busy_end {
+                idle_total += from - busy_end;
+                idle.push((from, idle_total));
+            }
+            busy_end = busy_end.max(to);
+        }
+        let earlier = |us: u64| us - idle.iter().rev().find(|&&(from, _)| from <= us).map_or(0, |&(_, i)| i * 3 / 4);
+        r.io.iter_mut().for_each(|record| (record.issued_us, record.done_us) = (earlier(record.issued_us), earlier(record.done_us)));
+    });
+    fires("18", "idle cut to a quarter", &violations, "busy limit of 20 %: busy ");
+    // The same run judged under half its limit.
+    let violations = run.with_scenario(|s| s.config.throttle.busy_percent = Some(10));
+    fires("18", "half the limit", &violations, "busy limit of 10 %: busy ");
+    // Idle for 6 s (longer than 100 / 20 windows and a sub-job) in the middle, the job waiting.
+    let violations = run.tampered(|r| {
+        let middle = last / 2;
+        let later = |us: &mut u64| {
+            if *us > middle && *us != u64::MAX {
+                *us += 6_000_000;
+            }
+        };
+        r.io.iter_mut().for_each(|record| {
+            later(&mut record.issued_us);
+            later(&mut record.done_us);
+        });
+        r.mark_us.iter_mut().for_each(later);
+    });
+    fires("18", "idle while a job waits", &violations, "busy limit of 20 %: idle from");
+    // Without a busy limit (or at 100 %), nothing to check.
+    for percent in [None, Some(100)] {
+        let violations = run.with_scenario(|s| s.config.throttle.busy_percent = percent);
+        assert!(violations.is_empty(), "{percent:?}: {violations:#?}");
+    }
+}
