@@ -50,6 +50,8 @@ struct JobView<'a> {
     ios: Vec<(&'a IoRecord, Role, Range<u64>)>,
     /// Its requests of every phase (the resubmission after a crash is phase 2).
     all: Vec<(&'a IoRecord, Role, Range<u64>)>,
+    /// The client's I/O timeout, and which requests the engine saw time out.
+    timeouts: &'a Timeouts,
 }
 
 impl JobView<'_> {
@@ -68,6 +70,13 @@ impl JobView<'_> {
     /// The whole sub-jobs holding any sector of `set`.
     fn whole_chunks(&self, set: &Sectors) -> Sectors {
         Sectors::from_ranges(set.ranges().iter().flat_map(|r| self.chunks_of(r)).map(|k| self.chunk_range(k)))
+    }
+
+    /// The whole sub-jobs of phase 1 where a read timed out: a timed-out read keeps the buffer,
+    /// so nothing is narrowed and the whole sub-job is unreadable.
+    fn timed_out_reads(&self) -> Sectors {
+        let timed_out = self.failed(|r| r == Role::Source).filter(|(r, _)| self.timeouts.view(r).0);
+        self.whole_chunks(&Sectors::from_ranges(timed_out.map(|(_, rel)| rel.clone())))
     }
 
     fn failed(&self, role: impl Fn(Role) -> bool) -> impl Iterator<Item = (&IoRecord, &Range<u64>)> {
@@ -101,7 +110,9 @@ pub fn check(scenario: &Scenario, report: &Report) -> Vec<String> {
             report.pages_in_use_max, scenario.config.page_budget
         ));
     }
-    let views = attribute(scenario, report, &mut violations);
+    let timeouts = Timeouts::of(scenario, report);
+    let io = engine_io(report, &timeouts);
+    let views = attribute(scenario, &io, &timeouts, &mut violations);
     for (j, view) in views.iter().enumerate() {
         check_job(j, view, report, &mut violations);
     }
@@ -112,8 +123,9 @@ pub fn check(scenario: &Scenario, report: &Report) -> Vec<String> {
     check_throttle(scenario, &views, &mut violations);
     check_busy(scenario, report, &views, &mut violations);
     check_prepared(scenario, report, &mut violations);
-    check_stats(scenario, report, &mut violations);
+    check_stats(scenario, report, &timeouts, &mut violations);
     check_callback_order(report, &mut violations);
+    check_held(report, &views, &mut violations);
     for (t, disk) in report.targets.iter().enumerate() {
         for fault in disk.fault_log() {
             if let FaultKind::ZoneViolation { write_pointer } = fault.kind {
@@ -191,10 +203,7 @@ fn check_shutdown(scenario: &Scenario, report: &Report, views: &[JobView], viola
     let retried = report.jobs.iter().filter(|r| r.retry.is_some()).count();
     for (n, shutdown) in report.shutdown_reports.iter().enumerate() {
         let expected = if n < mid_run { accepted } else { accepted + retried };
-        if shutdown.jobs_completed != expected as u64
-            || shutdown.pool.pages_in_use != 0
-            || shutdown.requests_outstanding != 0
-        {
+        if shutdown.jobs_completed != expected as u64 {
             violations.push(format!(
                 "shutdown {n}: {} jobs completed (expected {expected}), {} pages in use, {} requests outstanding",
                 shutdown.jobs_completed, shutdown.pool.pages_in_use, shutdown.requests_outstanding
@@ -265,7 +274,12 @@ fn check_prepared(scenario: &Scenario, report: &Report, violations: &mut Vec<Str
 
 /// Works out every job's shape and attributes every request to the job whose region holds
 /// it. A request outside every region, misaligned, or across two sub-jobs is a violation.
-fn attribute<'a>(scenario: &'a Scenario, report: &'a Report, violations: &mut Vec<String>) -> Vec<JobView<'a>> {
+fn attribute<'a>(
+    scenario: &'a Scenario,
+    io: &'a [IoRecord],
+    timeouts: &'a Timeouts,
+    violations: &mut Vec<String>,
+) -> Vec<JobView<'a>> {
     let mut views: Vec<JobView<'a>> = scenario
         .jobs
         .iter()
@@ -284,7 +298,7 @@ fn attribute<'a>(scenario: &'a Scenario, report: &'a Report, violations: &mut Ve
             let budget = (scenario.config.page_budget * PAGE_SIZE / SECTOR_SIZE) as u64;
             let chunk = (wanted.min(budget) / block * block).max(block);
             let chunks = layout.len_sectors.div_ceil(chunk);
-            JobView { layout, ignore, seq, block, chunk, chunks, ios: Vec::new(), all: Vec::new() }
+            JobView { layout, ignore, seq, block, chunk, chunks, ios: Vec::new(), all: Vec::new(), timeouts }
         })
         .collect();
     // Every region: (disk, sectors) -> (job, role, region start).
@@ -298,7 +312,7 @@ fn attribute<'a>(scenario: &'a Scenario, report: &'a Report, violations: &mut Ve
             owners.entry(DiskRef::Target(t)).or_default().push((start..start + len, j, Role::Target(i), start));
         }
     }
-    for record in &report.io {
+    for record in io {
         let options = match record.disk {
             DiskRef::Source(s) => &scenario.sources[s],
             DiskRef::Target(t) => &scenario.targets[t],
@@ -407,7 +421,8 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
             .iter()
             .filter(|(_, rel)| !view.ignore || rel.end - rel.start == view.block)
             .map(|(_, rel)| (*rel).clone()),
-    );
+    )
+    .union(&view.timed_out_reads());
     if read_failed != expected_read_failed {
         violations.push(format!(
             "job {j}: read_failed {:?}, but the failed {} are {:?}",
@@ -849,19 +864,134 @@ fn check_callback_order(report: &Report, violations: &mut Vec<String>) {
     }
 }
 
-/// How the engine saw a request: whether it timed out (it outlived the client's I/O timeout,
-/// or never completed), and its latency as the engine counts it, in µs (up to the timeout).
-fn engine_view(record: &IoRecord, timeout_us: Option<u64>) -> (bool, u64) {
-    let life = record.done_us.saturating_sub(record.issued_us);
-    match timeout_us {
-        Some(timeout) if record.done_us == u64::MAX || life > timeout => (true, timeout),
-        _ => (false, life),
+/// The I/O log as the engine saw it: a request that outlived the client's I/O timeout (or
+/// never completed) failed when the timeout fired, which is placed on the log's sequence at
+/// the first event at or after that moment. Its `done_us` stays the device's completion.
+fn engine_io(report: &Report, timeouts: &Timeouts) -> Vec<IoRecord> {
+    let Some(timeout) = timeouts.limit_us else { return report.io.clone() };
+    let marks = report.marks.iter().zip(&report.mark_us).map(|(&(seq, _), &us)| (us, seq));
+    let mut times: Vec<(u64, u64)> = report
+        .io
+        .iter()
+        .flat_map(|r| [(r.issued_us, r.issued), (r.done_us, r.done)])
+        .chain(marks)
+        .filter(|&(us, _)| us != u64::MAX)
+        .collect();
+    times.sort_unstable();
+    let end = times.iter().map(|&(_, seq)| seq + 1).max().unwrap_or(0);
+    let seen = |r: &IoRecord| {
+        if !timeouts.view(r).0 {
+            return r.clone();
+        }
+        let at = r.issued_us + timeout;
+        let done = times.get(times.partition_point(|&(us, _)| us < at)).map_or(end, |&(_, seq)| seq);
+        IoRecord { ok: false, done, ..r.clone() }
+    };
+    report.io.iter().map(seen).collect()
+}
+
+/// Requests that had timed out by `timed_out_by` (µs) and that their devices still held after
+/// `held_after` (or at it, with `at_too`), and the pages of the sub-jobs their buffers belong
+/// to (each sub-job once; a zero job's buffer and a write-zeroes hold none).
+fn held(views: &[JobView], timed_out_by: u64, held_after: u64, at_too: bool) -> (u64, u64) {
+    let (mut requests, mut sub_jobs) = (0, std::collections::BTreeSet::new());
+    for (j, view) in views.iter().enumerate() {
+        for (record, _, rel) in &view.all {
+            let (timed_out, latency) = view.timeouts.view(record);
+            let still = record.done_us > held_after || (at_too && record.done_us == held_after);
+            if timed_out && record.issued_us + latency <= timed_out_by && still {
+                requests += 1;
+                if view.layout.source.is_some() && record.kind != IoKind::WriteZeroes {
+                    sub_jobs.insert((j, view.chunks_of(rel).start));
+                }
+            }
+        }
+    }
+    let pages = sub_jobs.iter().map(|&(j, k)| {
+        let range = views[j].chunk_range(k);
+        ((range.end - range.start) * SECTOR_SIZE as u64).div_ceil(PAGE_SIZE as u64)
+    });
+    (requests, pages.sum())
+}
+
+/// Held resources: the shutdown report (published once, when the first shutdown's wait ended:
+/// every later call returns it) and the statistics after the last shutdown count as
+/// outstanding exactly the timed-out requests the devices still held, and as pages in use
+/// exactly their sub-jobs' pages: at least what had timed out when the shutdown began and was
+/// still held when it returned, at most what had timed out by its return and was held when it
+/// began.
+fn check_held(report: &Report, views: &[JobView], violations: &mut Vec<String>) {
+    let times = |mark: Mark| -> Vec<u64> {
+        report.marks.iter().zip(&report.mark_us).filter(|((_, m), _)| *m == mark).map(|(_, &us)| us).collect()
+    };
+    let spans: Vec<(u64, u64)> = times(Mark::ShutdownBegun).into_iter().zip(times(Mark::ShutdownReturned)).collect();
+    let Some(&first) = spans.first() else { return };
+    let mut counted: Vec<(String, u64, u64, (u64, u64))> = report
+        .shutdown_reports
+        .iter()
+        .enumerate()
+        .map(|(n, r)| (format!("shutdown {n}"), r.pool.pages_in_use as u64, r.requests_outstanding, first))
+        .collect();
+    if let (Some(stats), Some(&(_, returned))) = (&report.stats, spans.last()) {
+        let pages = stats.pool.pages_in_use as u64;
+        counted.push(("the statistics after it".into(), pages, stats.requests_outstanding, (returned, returned)));
+    }
+    for (what, pages, requests, (begun, returned)) in counted {
+        let (least, most) = (held(views, begun, returned, false), held(views, returned, begun, true));
+        if !(least.0..=most.0).contains(&requests) || !(least.1..=most.1).contains(&pages) {
+            violations.push(format!(
+                "{what}: {pages} pages in use, {requests} requests outstanding; devices held {}..={} timed-out requests and {}..={} of their pages",
+                least.0, most.0, least.1, most.1
+            ));
+        }
     }
 }
 
-/// The client's I/O timeout in model µs.
-fn timeout_us(scenario: &Scenario) -> Option<u64> {
-    scenario.config.io_timeout_ms.map(|ms| ms.saturating_mul(1000))
+/// The client's I/O timeout, and how the engine saw each request against it.
+#[derive(Debug, Default)]
+struct Timeouts {
+    /// The timeout in model µs; `None`: requests wait for ever.
+    limit_us: Option<u64>,
+    /// Requests (by the sequence number of their issue) that completed at the very moment
+    /// their timeout fired and that the engine counted as timed out: both timers fire at one
+    /// instant, and the outcome tells which the engine saw first.
+    ties: std::collections::BTreeSet<u64>,
+}
+
+impl Timeouts {
+    /// The timeout of `scenario`, with the ties of `report` settled by the outcomes.
+    fn of(scenario: &Scenario, report: &Report) -> Timeouts {
+        let limit_us = scenario.config.io_timeout_ms.map(|ms| ms.saturating_mul(1000));
+        let Some(limit) = limit_us else { return Timeouts::default() };
+        let tied = report.io.iter().filter(|r| r.done_us != u64::MAX && r.done_us - r.issued_us == limit);
+        let ties = tied.filter(|r| Timeouts::reported_failed(scenario, report, r)).map(|r| r.issued).collect();
+        Timeouts { limit_us, ties }
+    }
+
+    /// Whether the outcome of `record`'s job reports its sectors as failed.
+    fn reported_failed(scenario: &Scenario, report: &Report, record: &IoRecord) -> bool {
+        let Some(j) = scenario.job_of_request(record) else { return false };
+        let result = &report.jobs[j];
+        let outcome = if record.phase == 1 { result.outcome.as_ref() } else { result.retry.as_ref() };
+        let Some(outcome) = outcome else { return false };
+        match record.disk {
+            DiskRef::Source(_) => outcome.read_failed.intersects(&record.sectors),
+            DiskRef::Target(t) => scenario.jobs[j].targets.iter().zip(&outcome.targets).any(|(&(target, _), report)| {
+                target == t && report.write_failed.intersects(&record.sectors)
+            }),
+        }
+    }
+
+    /// Whether the engine saw `record` time out (it outlived the timeout, or never
+    /// completed), and its latency as the engine counts it, in µs (up to the timeout).
+    fn view(&self, record: &IoRecord) -> (bool, u64) {
+        let life = record.done_us.saturating_sub(record.issued_us);
+        match self.limit_us {
+            Some(limit) if record.done_us == u64::MAX || life > limit => (true, limit),
+            Some(limit) if life == limit && self.ties.contains(&record.issued) => (true, limit),
+            _ => (false, life),
+        }
+    }
 }
 
 /// Statistics: `Client::stats()` once the client shut down agrees with the run — jobs
@@ -869,7 +999,7 @@ fn timeout_us(scenario: &Scenario) -> Option<u64> {
 /// (a read or write error, or a panic) and cancelled from the outcomes; per device and
 /// operation, the requests, errors, timeouts, bytes of the successful ones, and their
 /// latencies (count, sum and longest) from the I/O log.
-fn check_stats(scenario: &Scenario, report: &Report, violations: &mut Vec<String>) {
+fn check_stats(scenario: &Scenario, report: &Report, timeouts: &Timeouts, violations: &mut Vec<String>) {
     let Some(stats) = &report.stats else { return };
     let outcomes: Vec<&Outcome> =
         report.jobs.iter().flat_map(|r| r.outcome.iter().chain(r.retry.iter())).collect();
@@ -882,7 +1012,6 @@ fn check_stats(scenario: &Scenario, report: &Report, violations: &mut Vec<String
             "statistics: jobs submitted, completed, failed, cancelled {counted:?}, the outcomes say {expected:?}"
         ));
     }
-    let timeout = timeout_us(scenario);
     // (disk, kind) -> (count, errors, timeouts, bytes, latency count, sum, max)
     let mut from_log: BTreeMap<(String, &'static str), [u64; 7]> = BTreeMap::new();
     for record in &report.io {
@@ -895,7 +1024,7 @@ fn check_stats(scenario: &Scenario, report: &Report, violations: &mut Vec<String
             IoKind::Write => "write",
             IoKind::WriteZeroes => "write_zeroes",
         };
-        let (timed_out, latency) = engine_view(record, timeout);
+        let (timed_out, latency) = timeouts.view(record);
         let ok = record.ok && !timed_out;
         let entry = from_log.entry((name.clone(), op)).or_default();
         let bytes = (record.sectors.end - record.sectors.start) * SECTOR_SIZE as u64;
@@ -927,12 +1056,11 @@ fn check_stats(scenario: &Scenario, report: &Report, violations: &mut Vec<String
 /// The client's busy time from the I/O log: the union of every request's life as the engine
 /// counts it (from its issue to its completion, or to the timeout), as sorted, disjoint
 /// intervals of model µs.
-fn busy_intervals(scenario: &Scenario, report: &Report) -> Vec<Range<u64>> {
-    let timeout = timeout_us(scenario);
+fn busy_intervals(report: &Report, timeouts: &Timeouts) -> Vec<Range<u64>> {
     let mut lives: Vec<Range<u64>> = report
         .io
         .iter()
-        .map(|r| r.issued_us..r.issued_us.saturating_add(engine_view(r, timeout).1))
+        .map(|r| r.issued_us..r.issued_us.saturating_add(timeouts.view(r).1))
         .filter(|life| life.start < life.end)
         .collect();
     lives.sort_by_key(|life| life.start);
@@ -961,13 +1089,12 @@ fn busy_within(busy: &[Range<u64>], window: Range<u64>) -> u64 {
 fn check_busy(scenario: &Scenario, report: &Report, views: &[JobView], violations: &mut Vec<String>) {
     let Some(percent) = scenario.config.throttle.busy_percent.filter(|&p| p < 100) else { return };
     let window = kcopyd_core::BUSY_WINDOW.as_micros() as u64;
-    let timeout = timeout_us(scenario);
     let mut longest_life = 0;
     let mut largest_bytes = 0;
     for view in views {
         let mut lives: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
         for (record, _, rel) in &view.all {
-            let end = record.issued_us.saturating_add(engine_view(record, timeout).1);
+            let end = record.issued_us.saturating_add(view.timeouts.view(record).1);
             for k in view.chunks_of(rel) {
                 let life = lives.entry(k).or_insert((record.issued_us, end));
                 *life = (life.0.min(record.issued_us), life.1.max(end));
@@ -976,7 +1103,8 @@ fn check_busy(scenario: &Scenario, report: &Report, views: &[JobView], violation
         longest_life = lives.values().map(|&(from, to)| to - from).fold(longest_life, u64::max);
         largest_bytes = largest_bytes.max(view.chunk * SECTOR_SIZE as u64);
     }
-    let busy = busy_intervals(scenario, report);
+    let Some(timeouts) = views.first().map(|view| view.timeouts) else { return };
+    let busy = busy_intervals(report, timeouts);
     let allowed = window * u64::from(percent) * 3 / 200 + 2 * longest_life;
     for start in busy.iter().map(|b| b.start) {
         let within = busy_within(&busy, start..start + window);

@@ -26,7 +26,7 @@ use kcopyd_core::{
     Throttle,
 };
 use kcopyd_sim::{
-    FaultOdds, FaultPlan, FaultRecord, IoModel, Latency, MemDisk, MemDiskOptions, Misdirect, Simulation, SlowSpike,
+    FaultOdds, FaultPlan, FaultRecord, IoModel, Latency, MemDisk, MemDiskOptions, Misdirect, Simulation, SlowSpike, Stall,
     Trace, WriteFault, mix64, to_model, to_tokio,
 };
 use proptest::prelude::*;
@@ -73,6 +73,9 @@ pub struct FaultInputs {
     pub short_io: bool,
     /// Odds per request in ppm: read error, write error, misdirect, slow.
     pub odds: (u32, u32, u32, u32),
+    /// Stalls: (request index, µs the device holds it; `None` for ever).
+    #[serde(default)]
+    pub stalls: Vec<(u64, Option<u64>)>,
 }
 
 /// One disk.
@@ -200,6 +203,9 @@ pub struct Inputs {
     /// stops once its last job is done), instead of at `shutdown_at_us`. Not with a crash.
     #[serde(default)]
     pub shutdown_in_callback_of: Option<usize>,
+    /// The client's per-request timeout, ms of model time.
+    #[serde(default)]
+    pub io_timeout_ms: Option<u64>,
 }
 
 impl Inputs {
@@ -291,8 +297,54 @@ impl Inputs {
             },
             queued_jobs_max: [0, 0, 0, 1, 2, 4][rng.below(6) as usize],
             shutdown_in_callback_of: None,
+            io_timeout_ms: None,
         }
         .busy_for_long(seed)
+        .stalls_and_timeouts(seed)
+    }
+
+    /// Stalling requests and per-request timeouts, in three scenarios in five: a timeout of 3–29
+    /// ms with requests held for a while (shorter or longer than it) or for ever; requests held
+    /// for a while without a timeout; or a timeout alone (slow requests may outlive it). No
+    /// timeout with a crash (its resubmissions must succeed on healed disks, slow or not). A
+    /// request held for ever keeps its buffer's pages for ever: it is drawn only where the
+    /// page budget leaves every other sub-job its pages, so that the copy can go on.
+    fn stalls_and_timeouts(mut self, seed: u64) -> Inputs {
+        let mut rng = Draw(mix64(seed ^ 0x57a11));
+        let (timeout, stalls) = match rng.below(5) {
+            0 => (true, true),
+            1 => (false, true),
+            2 => (true, false),
+            _ => return self,
+        };
+        // After a crash, jobs are resubmitted on healed disks and must succeed: no timeout.
+        let timeout = timeout && self.crash_at_us.is_none();
+        if timeout {
+            self.io_timeout_ms = Some([3, 7, 13, 29][rng.below(4) as usize]);
+        }
+        if !stalls {
+            return self;
+        }
+        let unit_bytes = self.unit_sectors() * SECTOR_SIZE as u64;
+        let subjob_pages = (self.sub_job_units.max(1) * unit_bytes).div_ceil(kcopyd_core::PAGE_SIZE as u64).max(1);
+        let mut for_ever_left = (self.page_budget as u64 / subjob_pages).saturating_sub(1);
+        let disks = self.sources.len() + self.targets.len();
+        for d in 0..disks {
+            if rng.below(2) == 0 {
+                continue;
+            }
+            let disk = if d < self.sources.len() { &mut self.sources[d] } else { &mut self.targets[d - self.sources.len()] };
+            for _ in 0..1 + rng.below(2) {
+                // Odd microseconds: never a whole number of milliseconds, as the timeout is.
+                let mut hold = Some([300, 2_000, 10_000, 60_000][rng.below(4) as usize] + 2 * rng.below(500) + 1);
+                if timeout && for_ever_left > 0 && rng.below(3) == 0 {
+                    for_ever_left -= 1;
+                    hold = None;
+                }
+                disk.faults.stalls.push((rng.below(60), hold));
+            }
+        }
+        self
     }
 
     /// A scenario under a busy limit made long enough for the limit to matter over several of
@@ -479,6 +531,7 @@ impl Inputs {
                         .map(|&(write_index, shift)| Misdirect { write_index, shift_sectors: shift * unit as i64 })
                         .collect(),
                     short_io: faults.short_io,
+                    stalls: faults.stalls.iter().map(|&(io_index, hold_us)| Stall { io_index, hold_us }).collect(),
                     volatile_cache: self.crash_at_us.is_some(),
                     odds: FaultOdds {
                         read_error_ppm: faults.odds.0,
@@ -486,6 +539,7 @@ impl Inputs {
                         misdirect_ppm: faults.odds.2,
                         slow_ppm: faults.odds.3,
                         slow_us: 5000,
+                        ..FaultOdds::default()
                     },
                 },
             }
@@ -498,7 +552,7 @@ impl Inputs {
                 queued_jobs_max: if self.queued_jobs_max == 0 { 1024 } else { self.queued_jobs_max },
                 huge_pages: true,
                 throttle: self.throttle,
-                io_timeout_ms: None,
+                io_timeout_ms: self.io_timeout_ms,
             },
             sources: self
                 .sources
@@ -592,6 +646,7 @@ impl Draw {
                 if target { ppm(self, 1000) } else { 0 },
                 ppm(self, 20_000),
             ),
+            stalls: Vec::new(),
         }
     }
 }
@@ -1032,6 +1087,7 @@ pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
             misdirects,
             short_io,
             odds,
+            stalls: Vec::new(),
         });
     let disk = (any::<bool>(), any::<bool>(), proptest::bool::weighted(0.15), timing.clone(), timing, faults).prop_map(
         |(block_4k, write_zeroes, zoned, read, write, faults)| DiskInputs {
@@ -1101,6 +1157,7 @@ pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
                 },
                 queued_jobs_max: 0,
                 shutdown_in_callback_of: None,
+                io_timeout_ms: None,
             }
         })
 }

@@ -60,6 +60,7 @@ fn inputs(jobs: Vec<JobInputs>, targets: usize, subjobs_in_flight: usize) -> Inp
         throttle: kcopyd_core::Throttle::OFF,
         queued_jobs_max: 0,
         shutdown_in_callback_of: None,
+        io_timeout_ms: None,
     }
 }
 
