@@ -474,7 +474,8 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
             .min();
         if let Some((known, failing)) = known {
             let may_start = |k: u64| view.seq && k < failing;
-            if let Some((k, _)) = taken_at.iter().find(|&(&k, &seq)| seq > known && !may_start(k)) {
+            let after = |seq: u64| seq > known && view.timeouts.later_instant(seq, known);
+            if let Some((k, _)) = taken_at.iter().find(|&(&k, &seq)| after(seq) && !may_start(k)) {
                 violations.push(format!("job {j}: sub-job {k} started after an error had stopped the job"));
             }
         }
@@ -501,7 +502,8 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
     let zero_seq = layout.source.is_none() && view.seq; // a zero sub-job's first write waits for its turn
     if let Some(cancel) = cancel_at {
         if !zero_seq {
-            if let Some((k, _)) = taken_at.iter().find(|&(_, &seq)| seq > cancel) {
+            let after = |seq: u64| seq > cancel && view.timeouts.later_instant(seq, cancel);
+            if let Some((k, _)) = taken_at.iter().find(|&(_, &seq)| after(seq)) {
                 violations.push(format!("job {j}: sub-job {k} started after the job was cancelled"));
             }
         }
@@ -514,7 +516,9 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
         let last_taken = taken_at.get(&(view.chunks - 1)).copied();
         let expected = match (cancel_at, last_taken) {
             (None, _) => Some(false),
-            (Some(cancel), Some(taken)) => (!zero_seq || cancel > taken).then_some(cancel < taken),
+            (Some(cancel), Some(taken)) => (!zero_seq || cancel > taken)
+                .then_some(cancel < taken)
+                .filter(|_| view.timeouts.later_instant(cancel.max(taken), cancel.min(taken))),
             // The job may have finished (stopped) just before the cancel came; and a zero
             // sub-job taken under WRITE_SEQ shows no request until its turn, which a stopped
             // job never gives it.
@@ -956,6 +960,8 @@ struct Timeouts {
     /// their timeout fired and that the engine counted as timed out: both timers fire at one
     /// instant, and the outcome tells which the engine saw first.
     ties: std::collections::BTreeSet<u64>,
+    /// The model time (µs) of every position of the log's sequence (requests and marks).
+    times: BTreeMap<u64, u64>,
 }
 
 impl Timeouts {
@@ -965,7 +971,21 @@ impl Timeouts {
         let Some(limit) = limit_us else { return Timeouts::default() };
         let tied = report.io.iter().filter(|r| r.done_us != u64::MAX && r.done_us - r.issued_us == limit);
         let ties = tied.filter(|r| Timeouts::reported_failed(scenario, report, r)).map(|r| r.issued).collect();
-        Timeouts { limit_us, ties }
+        let requests = report.io.iter().flat_map(|r| [(r.issued, r.issued_us), (r.done, r.done_us)]);
+        let marks = report.marks.iter().zip(&report.mark_us).map(|(&(seq, _), &us)| (seq, us));
+        let times = requests.chain(marks).filter(|&(_, us)| us != u64::MAX).collect();
+        Timeouts { limit_us, ties, times }
+    }
+
+    /// Whether position `later` of the log came at a later model time than `earlier`, as far
+    /// as the order of requests tells what the engine did. Without a timeout, every request
+    /// is issued where the engine calls its device, and the sequence alone tells. With one,
+    /// each request runs as a task of its own and reaches the device (and the log) later in
+    /// the same instant: a sub-job taken before an error or a cancel may show its first
+    /// request after them, so only a later instant counts.
+    fn later_instant(&self, later: u64, earlier: u64) -> bool {
+        let us = |seq: u64| self.times.get(&seq).copied().unwrap_or(u64::MAX);
+        self.limit_us.is_none() || us(later) > us(earlier)
     }
 
     /// Whether the outcome of `record`'s job reports its sectors as failed.
@@ -1080,17 +1100,24 @@ fn busy_within(busy: &[Range<u64>], window: Range<u64>) -> u64 {
 }
 
 /// Throttle busy share: with a limit of P %, over any window of the throttle's length
-/// (`BUSY_WINDOW`), the client's busy time (from the I/O log) stays within P % of it plus a
-/// tolerance: half as much again (what an idle history, halved once, still credits) and twice
-/// the longest sub-job's life (the I/O of sub-jobs admitted just under the limit). And the copy
+/// (`BUSY_WINDOW`) from the start of a busy stretch, the client's busy time (from the I/O log)
+/// stays within P % of it plus the credit the throttle may hold when the window starts and
+/// twice the longest sub-job's life (the I/O of sub-jobs admitted just under the limit) — and,
+/// under `WRITE_SEQ`, `subjobs_in_flight` sub-jobs' lives (taken and admitted together, they
+/// write one after another when their turns come: the throttle admits before the turn). The
+/// throttle admits a sub-job only while busy ≤ P % × total over its decaying history (both
+/// halved when the total reaches a window), so in a window it can spend P % of the window plus
+/// that credit: P % of the time accounted (at most a window) less the busy time accounted, of
+/// which the last half window counts at least half (at most one halving falls in it). A
+/// throttle that forgets its busy history when it halves it gets a whole credit back each
+/// half window and spends twice the share. And the copy
 /// progresses: while a job is waiting to complete, the client is never idle longer than it takes
 /// the busy share of a window to fall back under the limit (100 / P windows) plus the rate's
 /// wait for the largest sub-job.
 fn check_busy(scenario: &Scenario, report: &Report, views: &[JobView], violations: &mut Vec<String>) {
     let Some(percent) = scenario.config.throttle.busy_percent.filter(|&p| p < 100) else { return };
     let window = kcopyd_core::BUSY_WINDOW.as_micros() as u64;
-    let mut longest_life = 0;
-    let mut largest_bytes = 0;
+    let (mut longest_life, mut largest_bytes, mut ahead) = (0, 0, 0);
     for view in views {
         let mut lives: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
         for (record, _, rel) in &view.all {
@@ -1100,17 +1127,31 @@ fn check_busy(scenario: &Scenario, report: &Report, views: &[JobView], violation
                 *life = (life.0.min(record.issued_us), life.1.max(end));
             }
         }
-        longest_life = lives.values().map(|&(from, to)| to - from).fold(longest_life, u64::max);
+        let longest = lives.values().map(|&(from, to)| to - from).max().unwrap_or(0);
+        longest_life = longest_life.max(longest);
+        if view.seq {
+            // WRITE_SEQ: sub-jobs are admitted when taken and write when their turn comes, so
+            // up to `subjobs_in_flight` of them admitted together write one after another.
+            let together = (scenario.config.subjobs_in_flight as u64).min(view.chunks);
+            ahead = ahead.max(together * longest);
+        }
         largest_bytes = largest_bytes.max(view.chunk * SECTOR_SIZE as u64);
     }
     let Some(timeouts) = views.first().map(|view| view.timeouts) else { return };
     let busy = busy_intervals(report, timeouts);
-    let allowed = window * u64::from(percent) * 3 / 200 + 2 * longest_life;
+    let first = busy.first().map_or(0, |b| b.start);
+    let share = |us: u64| us * u64::from(percent) / 100;
     for start in busy.iter().map(|b| b.start) {
+        // The credit the throttle may hold when the window starts: P % of its time accounted
+        // (at most a window) less its busy time accounted, of which the last half window
+        // counts at least half (one halving at most).
+        let credit = share((start - first).min(window))
+            .saturating_sub(busy_within(&busy, start.saturating_sub(window / 2).max(first)..start) / 2);
+        let allowed = share(window) + credit + 2 * longest_life + ahead;
         let within = busy_within(&busy, start..start + window);
         if within > allowed {
             violations.push(format!(
-                "busy limit of {percent} %: busy {within} µs of the {window} µs from {start} µs, more than the {allowed} allowed (longest sub-job {longest_life} µs)"
+                "busy limit of {percent} %: busy {within} µs of the {window} µs from {start} µs, more than the {allowed} allowed (longest sub-job {longest_life} µs, WRITE_SEQ sub-jobs admitted ahead {ahead} µs)"
             ));
             break;
         }
