@@ -152,7 +152,8 @@ fn check_shutdown(scenario: &Scenario, report: &Report, views: &[JobView], viola
     let returned = seq_of(Mark::ShutdownReturned);
     let count = |mark: Mark| report.marks.iter().filter(|(_, m)| *m == mark).count();
     // A shutdown from a job's callback happens only if that job's callback ran.
-    let in_callback = scenario.shutdown_in_callback_of.is_some_and(|j| report.jobs.get(j).is_some_and(|r| r.callbacks > 0));
+    let in_callback =
+        scenario.shutdown_in_callback_of.is_some_and(|j| report.jobs.get(j).is_some_and(|r| r.callbacks > 0));
     let mid_run = usize::from(scenario.shutdown_at_us.is_some() || in_callback);
     let (begun_count, returned_count) = (count(Mark::ShutdownBegun), count(Mark::ShutdownReturned));
     if begun_count != 1 + mid_run || returned_count != begun_count {
@@ -854,7 +855,9 @@ fn check_callback_order(report: &Report, violations: &mut Vec<String>) {
             ));
         }
     }
-    for (p, ran) in report.marks.iter().filter_map(|&(seq, m)| if let Mark::PreparedRan(p) = m { Some((p, seq)) } else { None }) {
+    for (p, ran) in
+        report.marks.iter().filter_map(|&(seq, m)| if let Mark::PreparedRan(p) = m { Some((p, seq)) } else { None })
+    {
         let Some(queued) = seq_of(Mark::PreparedQueued(p)) else { continue }; // rule 16's
         for (began, mark) in &report.marks {
             let Mark::Completed(j) = *mark else { continue };
@@ -996,9 +999,11 @@ impl Timeouts {
         let Some(outcome) = outcome else { return false };
         match record.disk {
             DiskRef::Source(_) => outcome.read_failed.intersects(&record.sectors),
-            DiskRef::Target(t) => scenario.jobs[j].targets.iter().zip(&outcome.targets).any(|(&(target, _), report)| {
-                target == t && report.write_failed.intersects(&record.sectors)
-            }),
+            DiskRef::Target(t) => scenario.jobs[j]
+                .targets
+                .iter()
+                .zip(&outcome.targets)
+                .any(|(&(target, _), report)| target == t && report.write_failed.intersects(&record.sectors)),
         }
     }
 
@@ -1021,8 +1026,7 @@ impl Timeouts {
 /// latencies (count, sum and longest) from the I/O log.
 fn check_stats(scenario: &Scenario, report: &Report, timeouts: &Timeouts, violations: &mut Vec<String>) {
     let Some(stats) = &report.stats else { return };
-    let outcomes: Vec<&Outcome> =
-        report.jobs.iter().flat_map(|r| r.outcome.iter().chain(r.retry.iter())).collect();
+    let outcomes: Vec<&Outcome> = report.jobs.iter().flat_map(|r| r.outcome.iter().chain(r.retry.iter())).collect();
     let failed = outcomes.iter().filter(|o| o.read_err || !o.write_err.is_empty() || o.panicked.is_some()).count();
     let cancelled = outcomes.iter().filter(|o| o.cancelled).count();
     let counted = (stats.jobs_submitted, stats.jobs_completed, stats.jobs_failed, stats.jobs_cancelled);
@@ -1057,7 +1061,8 @@ fn check_stats(scenario: &Scenario, report: &Report, timeouts: &Timeouts, violat
     for device in &stats.devices {
         for (op, o) in [("read", &device.read), ("write", &device.write), ("write_zeroes", &device.write_zeroes)] {
             if o.count > 0 || o.latency.count() > 0 {
-                let row = [o.count, o.errors, o.timeouts, o.bytes, o.latency.count(), o.latency.sum_us, o.latency.max_us];
+                let row =
+                    [o.count, o.errors, o.timeouts, o.bytes, o.latency.count(), o.latency.sum_us, o.latency.max_us];
                 from_stats.insert((device.name.clone(), op), row);
             }
         }

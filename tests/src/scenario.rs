@@ -22,12 +22,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kcopyd_core::{
-    Client, ClientConfig, ClientStats, Device, Flags, Job, Outcome, Region, SECTOR_SIZE, ShutdownReport, SubmitError, TargetMask,
-    Throttle,
+    Client, ClientConfig, ClientStats, Device, Flags, Job, Outcome, Region, SECTOR_SIZE, ShutdownReport, SubmitError,
+    TargetMask, Throttle,
 };
 use kcopyd_sim::{
-    FaultOdds, FaultPlan, FaultRecord, IoModel, Latency, MemDisk, MemDiskOptions, Misdirect, Simulation, SlowSpike, Stall,
-    Trace, WriteFault, mix64, to_model, to_tokio,
+    FaultOdds, FaultPlan, FaultRecord, IoModel, Latency, MemDisk, MemDiskOptions, Misdirect, Simulation, SlowSpike,
+    Stall, Trace, WriteFault, mix64, to_model, to_tokio,
 };
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -333,7 +333,8 @@ impl Inputs {
             if rng.below(2) == 0 {
                 continue;
             }
-            let disk = if d < self.sources.len() { &mut self.sources[d] } else { &mut self.targets[d - self.sources.len()] };
+            let disk =
+                if d < self.sources.len() { &mut self.sources[d] } else { &mut self.targets[d - self.sources.len()] };
             for _ in 0..1 + rng.below(2) {
                 // Odd microseconds: never a whole number of milliseconds, as the timeout is.
                 let mut hold = Some([300, 2_000, 10_000, 60_000][rng.below(4) as usize] + 2 * rng.below(500) + 1);
@@ -419,8 +420,11 @@ impl Inputs {
                 inputs.shutdown_at_us = Some(at);
             }
             // Or from inside the callback of a job: right after it frees its admission.
-            let completed: Vec<usize> =
-                probe.marks.iter().filter_map(|(_, m)| if let Mark::Completed(j) = m { Some(*j) } else { None }).collect();
+            let completed: Vec<usize> = probe
+                .marks
+                .iter()
+                .filter_map(|(_, m)| if let Mark::Completed(j) = m { Some(*j) } else { None })
+                .collect();
             if rng.below(2) == 0 && !completed.is_empty() {
                 inputs.shutdown_at_us = None;
                 inputs.shutdown_in_callback_of = Some(completed[rng.below(completed.len() as u64) as usize]);
@@ -700,8 +704,12 @@ impl Scenario {
     pub fn job_of_request(&self, record: &IoRecord) -> Option<usize> {
         let inside = |start: u64, len: u64| start <= record.sectors.start && record.sectors.end <= start + len;
         self.jobs.iter().position(|job| match record.disk {
-            DiskRef::Source(s) => job.source.is_some_and(|(source, start)| source == s && inside(start, job.len_sectors)),
-            DiskRef::Target(t) => job.targets.iter().any(|&(target, start)| target == t && inside(start, job.len_sectors)),
+            DiskRef::Source(s) => {
+                job.source.is_some_and(|(source, start)| source == s && inside(start, job.len_sectors))
+            }
+            DiskRef::Target(t) => {
+                job.targets.iter().any(|&(target, start)| target == t && inside(start, job.len_sectors))
+            }
         })
     }
 }

@@ -156,7 +156,17 @@ fn end_of_trace(report: &Report) -> u64 {
 /// rule 17, whose test changes the times of true requests).
 fn append(report: &mut Report, disk: DiskRef, kind: IoKind, sectors: Range<u64>) {
     let issued = end_of_trace(report);
-    report.io.push(IoRecord { disk, kind, sectors, phase: 1, issued, issued_us: 0, done: issued + 1, done_us: 0, ok: true });
+    report.io.push(IoRecord {
+        disk,
+        kind,
+        sectors,
+        phase: 1,
+        issued,
+        issued_us: 0,
+        done: issued + 1,
+        done_us: 0,
+        ok: true,
+    });
 }
 
 /// `set` with `sectors` added.
@@ -1214,7 +1224,14 @@ fn shut_down_mid_run() -> Accepted {
     let mut inputs = inputs(vec![copy(48, &[0]), late], 1, 2);
     inputs.shutdown_at_us = Some(200);
     inputs.prepared = vec![
-        PreparedInputs { at_us: 0, after_us: 300, complete: true, read_err: true, write_err_bits: 0b101, in_callback_of: None },
+        PreparedInputs {
+            at_us: 0,
+            after_us: 300,
+            complete: true,
+            read_err: true,
+            write_err_bits: 0b101,
+            in_callback_of: None,
+        },
         PreparedInputs { at_us: 50, after_us: 100, complete: false, ..PreparedInputs::default() },
         PreparedInputs { at_us: 2000, after_us: 100, complete: true, ..PreparedInputs::default() },
     ];
@@ -1520,7 +1537,12 @@ fn rule_19_statistics_agree_with_the_outcomes_and_the_io_log() {
         let d = device(r, "target2");
         stats(r).devices.remove(d);
     });
-    fires("19", "a device left out", &violations, "statistics: target2 write: [count, errors, timeouts, bytes, latencies, sum µs, max µs] None");
+    fires(
+        "19",
+        "a device left out",
+        &violations,
+        "statistics: target2 write: [count, errors, timeouts, bytes, latencies, sum µs, max µs] None",
+    );
     // And the other way: a request in the log the statistics do not count.
     let violations = run.tampered(|r| append(r, DiskRef::Target(2), IoKind::WriteZeroes, 0..8));
     fires("19", "a request uncounted", &violations, "statistics: target2 write_zeroes:");
@@ -1565,7 +1587,12 @@ fn rule_20_callbacks_run_one_at_a_time_and_prepared_ones_after_the_completions_b
         move_mark(r, Mark::Completed(1), queued - 1);
         move_mark(r, Mark::CallbackReturned(1), returned + 1);
     });
-    fires("20", "a prepared callback before a completion queued before it", &violations, "callbacks: prepared 1, queued at");
+    fires(
+        "20",
+        "a prepared callback before a completion queued before it",
+        &violations,
+        "callbacks: prepared 1, queued at",
+    );
     // Two callbacks at once: job 1's begins while job 0's runs.
     let violations = run.tampered(|r| {
         let inside = mark_at(r, Mark::Completed(0)) + 1;
@@ -1610,7 +1637,9 @@ fn rule_18_a_busy_limited_client_stays_within_its_share_of_every_window_and_prog
             busy_end = busy_end.max(to);
         }
         let earlier = |us: u64| us - idle.iter().rev().find(|&&(from, _)| from <= us).map_or(0, |&(_, i)| i * 3 / 4);
-        r.io.iter_mut().for_each(|record| (record.issued_us, record.done_us) = (earlier(record.issued_us), earlier(record.done_us)));
+        r.io.iter_mut().for_each(|record| {
+            (record.issued_us, record.done_us) = (earlier(record.issued_us), earlier(record.done_us))
+        });
     });
     fires("18", "idle cut to a quarter", &violations, "busy limit of 20 %: busy ");
     // The same run judged under half its limit.
@@ -1658,7 +1687,12 @@ fn rule_21_timed_out_requests_fail_whole_and_hold_their_pages_until_the_device_r
     let run = timing_out();
     // The shutdown report and the statistics after it: what the device still holds.
     let violations = run.tampered(|r| r.shutdown_reports[0].requests_outstanding = 0);
-    fires("21", "nothing outstanding", &violations, "shutdown 0: 1 pages in use, 0 requests outstanding; devices held 1..=1");
+    fires(
+        "21",
+        "nothing outstanding",
+        &violations,
+        "shutdown 0: 1 pages in use, 0 requests outstanding; devices held 1..=1",
+    );
     let violations = run.tampered(|r| r.shutdown_reports[0].pool.pages_in_use = 0);
     fires("21", "its page back", &violations, "shutdown 0: 0 pages in use, 1 requests outstanding");
     let violations = run.tampered(|r| stats(r).requests_outstanding = 2);
@@ -1669,10 +1703,20 @@ fn rule_21_timed_out_requests_fail_whole_and_hold_their_pages_until_the_device_r
         let begun = mark_at(r, Mark::ShutdownBegun);
         (r.io[stuck].done, r.io[stuck].done_us) = (begun - 1, 6000);
     });
-    fires("21", "returned before the shutdown", &violations, "shutdown 0: 1 pages in use, 1 requests outstanding; devices held 0..=0");
+    fires(
+        "21",
+        "returned before the shutdown",
+        &violations,
+        "shutdown 0: 1 pages in use, 1 requests outstanding; devices held 0..=0",
+    );
     // Rule 4 judges what the engine saw: the timed-out read failed whole, no narrowing.
     let violations = run.tampered(|r| outcome(r).read_failed = RangeSet::from_range(8..9));
-    fires("4", "a timed-out read narrowed", &violations, "job 0: read_failed {8..9}, but the failed single-block reads are [8..16]");
+    fires(
+        "4",
+        "a timed-out read narrowed",
+        &violations,
+        "job 0: read_failed {8..9}, but the failed single-block reads are [8..16]",
+    );
     // The 2 ms stall, within the timeout, did not fail.
     let violations = run.tampered(|r| outcome(r).read_failed = RangeSet::from_range(8..24));
     fires("4", "a read within the timeout called failed", &violations, "job 0: read_failed {8..24}");
