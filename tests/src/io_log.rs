@@ -57,6 +57,8 @@ pub struct IoRecord {
     pub issued_us: u64,
     /// Sequence number of the completion (`u64::MAX` while in flight).
     pub done: u64,
+    /// Model time of the completion, µs after the log began (`u64::MAX` while in flight).
+    pub done_us: u64,
     /// Whether it succeeded.
     pub ok: bool,
 }
@@ -84,6 +86,10 @@ pub enum Mark {
     PreparedQueued(usize),
     /// Prepared callback `p` ran.
     PreparedRan(usize),
+    /// Job `j`'s completion callback is about to return.
+    CallbackReturned(usize),
+    /// Prepared callback `p` is about to return.
+    PreparedReturned(usize),
 }
 
 #[derive(Debug, Default)]
@@ -92,7 +98,18 @@ struct LogInner {
     phase: u8,
     records: Vec<IoRecord>,
     marks: Vec<(u64, Mark)>,
+    /// Model time of each mark, µs after the log began (parallel to `marks`).
+    mark_us: Vec<u64>,
     began: Option<tokio::time::Instant>,
+}
+
+impl LogInner {
+    /// Model time now, µs after the log began.
+    fn now_us(&self) -> u64 {
+        let now = tokio::time::Instant::now();
+        let since = self.began.map_or(std::time::Duration::ZERO, |began| now.saturating_duration_since(began));
+        kcopyd_sim::to_model(since).as_micros() as u64
+    }
 }
 
 /// The shared log. Cloning shares it.
@@ -127,6 +144,8 @@ impl IoLog {
         let seq = inner.next;
         inner.next += 1;
         inner.marks.push((seq, mark));
+        let at = inner.now_us();
+        inner.mark_us.push(at);
         seq
     }
 
@@ -135,10 +154,10 @@ impl IoLog {
         let issued = inner.next;
         inner.next += 1;
         let phase = inner.phase;
-        let now = tokio::time::Instant::now();
-        let since = inner.began.map_or(std::time::Duration::ZERO, |began| now.saturating_duration_since(began));
-        let issued_us = kcopyd_sim::to_model(since).as_micros() as u64;
-        inner.records.push(IoRecord { disk, kind, sectors, phase, issued, issued_us, done: u64::MAX, ok: false });
+        let issued_us = inner.now_us();
+        let record =
+            IoRecord { disk, kind, sectors, phase, issued, issued_us, done: u64::MAX, done_us: u64::MAX, ok: false };
+        inner.records.push(record);
         inner.records.len() - 1
     }
 
@@ -146,8 +165,10 @@ impl IoLog {
         let mut inner = self.lock();
         let done = inner.next;
         inner.next += 1;
+        let done_us = inner.now_us();
         let record = &mut inner.records[index];
         record.done = done;
+        record.done_us = done_us;
         record.ok = ok;
     }
 
@@ -159,6 +180,12 @@ impl IoLog {
     /// Every harness mark so far, with its sequence number.
     pub fn marks(&self) -> Vec<(u64, Mark)> {
         self.lock().marks.clone()
+    }
+
+    /// The model time of every harness mark (µs after the log began), in the order of
+    /// [`marks`](IoLog::marks).
+    pub fn mark_times(&self) -> Vec<u64> {
+        self.lock().mark_us.clone()
     }
 }
 

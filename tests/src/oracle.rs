@@ -50,6 +50,8 @@ struct JobView<'a> {
     ios: Vec<(&'a IoRecord, Role, Range<u64>)>,
     /// Its requests of every phase (the resubmission after a crash is phase 2).
     all: Vec<(&'a IoRecord, Role, Range<u64>)>,
+    /// The client's I/O timeout, and which requests the engine saw time out.
+    timeouts: &'a Timeouts,
 }
 
 impl JobView<'_> {
@@ -68,6 +70,13 @@ impl JobView<'_> {
     /// The whole sub-jobs holding any sector of `set`.
     fn whole_chunks(&self, set: &Sectors) -> Sectors {
         Sectors::from_ranges(set.ranges().iter().flat_map(|r| self.chunks_of(r)).map(|k| self.chunk_range(k)))
+    }
+
+    /// The whole sub-jobs of phase 1 where a read timed out: a timed-out read keeps the buffer,
+    /// so nothing is narrowed and the whole sub-job is unreadable.
+    fn timed_out_reads(&self) -> Sectors {
+        let timed_out = self.failed(|r| r == Role::Source).filter(|(r, _)| self.timeouts.view(r).0);
+        self.whole_chunks(&Sectors::from_ranges(timed_out.map(|(_, rel)| rel.clone())))
     }
 
     fn failed(&self, role: impl Fn(Role) -> bool) -> impl Iterator<Item = (&IoRecord, &Range<u64>)> {
@@ -101,7 +110,9 @@ pub fn check(scenario: &Scenario, report: &Report) -> Vec<String> {
             report.pages_in_use_max, scenario.config.page_budget
         ));
     }
-    let views = attribute(scenario, report, &mut violations);
+    let timeouts = Timeouts::of(scenario, report);
+    let io = engine_io(report, &timeouts);
+    let views = attribute(scenario, &io, &timeouts, &mut violations);
     for (j, view) in views.iter().enumerate() {
         check_job(j, view, report, &mut violations);
     }
@@ -110,7 +121,11 @@ pub fn check(scenario: &Scenario, report: &Report) -> Vec<String> {
     }
     check_shutdown(scenario, report, &views, &mut violations);
     check_throttle(scenario, &views, &mut violations);
+    check_busy(scenario, report, &views, &mut violations);
     check_prepared(scenario, report, &mut violations);
+    check_stats(scenario, report, &timeouts, &mut violations);
+    check_callback_order(report, &mut violations);
+    check_held(report, &views, &mut violations);
     for (t, disk) in report.targets.iter().enumerate() {
         for fault in disk.fault_log() {
             if let FaultKind::ZoneViolation { write_pointer } = fault.kind {
@@ -136,7 +151,10 @@ fn check_shutdown(scenario: &Scenario, report: &Report, views: &[JobView], viola
     let begun = seq_of(Mark::ShutdownBegun);
     let returned = seq_of(Mark::ShutdownReturned);
     let count = |mark: Mark| report.marks.iter().filter(|(_, m)| *m == mark).count();
-    let mid_run = usize::from(scenario.shutdown_at_us.is_some());
+    // A shutdown from a job's callback happens only if that job's callback ran.
+    let in_callback =
+        scenario.shutdown_in_callback_of.is_some_and(|j| report.jobs.get(j).is_some_and(|r| r.callbacks > 0));
+    let mid_run = usize::from(scenario.shutdown_at_us.is_some() || in_callback);
     let (begun_count, returned_count) = (count(Mark::ShutdownBegun), count(Mark::ShutdownReturned));
     if begun_count != 1 + mid_run || returned_count != begun_count {
         violations.push(format!(
@@ -186,10 +204,7 @@ fn check_shutdown(scenario: &Scenario, report: &Report, views: &[JobView], viola
     let retried = report.jobs.iter().filter(|r| r.retry.is_some()).count();
     for (n, shutdown) in report.shutdown_reports.iter().enumerate() {
         let expected = if n < mid_run { accepted } else { accepted + retried };
-        if shutdown.jobs_completed != expected as u64
-            || shutdown.pool.pages_in_use != 0
-            || shutdown.requests_outstanding != 0
-        {
+        if shutdown.jobs_completed != expected as u64 {
             violations.push(format!(
                 "shutdown {n}: {} jobs completed (expected {expected}), {} pages in use, {} requests outstanding",
                 shutdown.jobs_completed, shutdown.pool.pages_in_use, shutdown.requests_outstanding
@@ -260,7 +275,12 @@ fn check_prepared(scenario: &Scenario, report: &Report, violations: &mut Vec<Str
 
 /// Works out every job's shape and attributes every request to the job whose region holds
 /// it. A request outside every region, misaligned, or across two sub-jobs is a violation.
-fn attribute<'a>(scenario: &'a Scenario, report: &'a Report, violations: &mut Vec<String>) -> Vec<JobView<'a>> {
+fn attribute<'a>(
+    scenario: &'a Scenario,
+    io: &'a [IoRecord],
+    timeouts: &'a Timeouts,
+    violations: &mut Vec<String>,
+) -> Vec<JobView<'a>> {
     let mut views: Vec<JobView<'a>> = scenario
         .jobs
         .iter()
@@ -279,7 +299,7 @@ fn attribute<'a>(scenario: &'a Scenario, report: &'a Report, violations: &mut Ve
             let budget = (scenario.config.page_budget * PAGE_SIZE / SECTOR_SIZE) as u64;
             let chunk = (wanted.min(budget) / block * block).max(block);
             let chunks = layout.len_sectors.div_ceil(chunk);
-            JobView { layout, ignore, seq, block, chunk, chunks, ios: Vec::new(), all: Vec::new() }
+            JobView { layout, ignore, seq, block, chunk, chunks, ios: Vec::new(), all: Vec::new(), timeouts }
         })
         .collect();
     // Every region: (disk, sectors) -> (job, role, region start).
@@ -293,7 +313,7 @@ fn attribute<'a>(scenario: &'a Scenario, report: &'a Report, violations: &mut Ve
             owners.entry(DiskRef::Target(t)).or_default().push((start..start + len, j, Role::Target(i), start));
         }
     }
-    for record in &report.io {
+    for record in io {
         let options = match record.disk {
             DiskRef::Source(s) => &scenario.sources[s],
             DiskRef::Target(t) => &scenario.targets[t],
@@ -402,7 +422,8 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
             .iter()
             .filter(|(_, rel)| !view.ignore || rel.end - rel.start == view.block)
             .map(|(_, rel)| (*rel).clone()),
-    );
+    )
+    .union(&view.timed_out_reads());
     if read_failed != expected_read_failed {
         violations.push(format!(
             "job {j}: read_failed {:?}, but the failed {} are {:?}",
@@ -454,7 +475,8 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
             .min();
         if let Some((known, failing)) = known {
             let may_start = |k: u64| view.seq && k < failing;
-            if let Some((k, _)) = taken_at.iter().find(|&(&k, &seq)| seq > known && !may_start(k)) {
+            let after = |seq: u64| seq > known && view.timeouts.later_instant(seq, known);
+            if let Some((k, _)) = taken_at.iter().find(|&(&k, &seq)| after(seq) && !may_start(k)) {
                 violations.push(format!("job {j}: sub-job {k} started after an error had stopped the job"));
             }
         }
@@ -481,7 +503,8 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
     let zero_seq = layout.source.is_none() && view.seq; // a zero sub-job's first write waits for its turn
     if let Some(cancel) = cancel_at {
         if !zero_seq {
-            if let Some((k, _)) = taken_at.iter().find(|&(_, &seq)| seq > cancel) {
+            let after = |seq: u64| seq > cancel && view.timeouts.later_instant(seq, cancel);
+            if let Some((k, _)) = taken_at.iter().find(|&(_, &seq)| after(seq)) {
                 violations.push(format!("job {j}: sub-job {k} started after the job was cancelled"));
             }
         }
@@ -494,7 +517,9 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
         let last_taken = taken_at.get(&(view.chunks - 1)).copied();
         let expected = match (cancel_at, last_taken) {
             (None, _) => Some(false),
-            (Some(cancel), Some(taken)) => (!zero_seq || cancel > taken).then_some(cancel < taken),
+            (Some(cancel), Some(taken)) => (!zero_seq || cancel > taken)
+                .then_some(cancel < taken)
+                .filter(|_| view.timeouts.later_instant(cancel.max(taken), cancel.min(taken))),
             // The job may have finished (stopped) just before the cancel came; and a zero
             // sub-job taken under WRITE_SEQ shows no request until its turn, which a stopped
             // job never gives it.
@@ -799,6 +824,356 @@ fn check_throttle(scenario: &Scenario, views: &[JobView], violations: &mut Vec<S
                 "throttle of {rate} B/s: {sum} bytes of sub-jobs issued by {at} µs, more than the {allowed} allowed"
             ));
             return;
+        }
+    }
+}
+
+/// Callbacks (jobs' and prepared ones) run one at a time, each returning before the next
+/// begins; and a prepared callback queued after a job's callback began runs after that
+/// callback returned (dm-kcopyd's promise: it is queued behind the completions before it).
+fn check_callback_order(report: &Report, violations: &mut Vec<String>) {
+    let seq_of = |mark: Mark| report.marks.iter().find(|(_, m)| *m == mark).map(|&(seq, _)| seq);
+    // (began, returned, what)
+    let mut runs: Vec<(u64, u64, String)> = Vec::new();
+    for (seq, mark) in &report.marks {
+        let (returned, what) = match *mark {
+            Mark::Completed(j) => (seq_of(Mark::CallbackReturned(j)), format!("job {j}'s callback")),
+            Mark::PreparedRan(p) => (seq_of(Mark::PreparedReturned(p)), format!("prepared {p}")),
+            _ => continue,
+        };
+        match returned {
+            Some(returned) if returned > *seq => runs.push((*seq, returned, what)),
+            _ => violations.push(format!("callbacks: {what} began at {seq} and never returned")),
+        }
+    }
+    runs.sort();
+    for pair in runs.windows(2) {
+        if pair[1].0 < pair[0].1 {
+            violations.push(format!(
+                "callbacks: {} began at {} while {} ran ({}..{})",
+                pair[1].2, pair[1].0, pair[0].2, pair[0].0, pair[0].1
+            ));
+        }
+    }
+    for (p, ran) in
+        report.marks.iter().filter_map(|&(seq, m)| if let Mark::PreparedRan(p) = m { Some((p, seq)) } else { None })
+    {
+        let Some(queued) = seq_of(Mark::PreparedQueued(p)) else { continue }; // rule 16's
+        for (began, mark) in &report.marks {
+            let Mark::Completed(j) = *mark else { continue };
+            let returned = seq_of(Mark::CallbackReturned(j)).unwrap_or(u64::MAX);
+            if *began < queued && ran < returned {
+                violations.push(format!(
+                    "callbacks: prepared {p}, queued at {queued} after job {j}'s callback began ({began}), ran at {ran}, before it returned"
+                ));
+            }
+        }
+    }
+}
+
+/// The I/O log as the engine saw it: a request that outlived the client's I/O timeout (or
+/// never completed) failed when the timeout fired, which is placed on the log's sequence at
+/// the first event at or after that moment. Its `done_us` stays the device's completion.
+fn engine_io(report: &Report, timeouts: &Timeouts) -> Vec<IoRecord> {
+    let Some(timeout) = timeouts.limit_us else { return report.io.clone() };
+    let marks = report.marks.iter().zip(&report.mark_us).map(|(&(seq, _), &us)| (us, seq));
+    let mut times: Vec<(u64, u64)> = report
+        .io
+        .iter()
+        .flat_map(|r| [(r.issued_us, r.issued), (r.done_us, r.done)])
+        .chain(marks)
+        .filter(|&(us, _)| us != u64::MAX)
+        .collect();
+    times.sort_unstable();
+    let end = times.iter().map(|&(_, seq)| seq + 1).max().unwrap_or(0);
+    let seen = |r: &IoRecord| {
+        if !timeouts.view(r).0 {
+            return r.clone();
+        }
+        let at = r.issued_us + timeout;
+        let done = times.get(times.partition_point(|&(us, _)| us < at)).map_or(end, |&(_, seq)| seq);
+        IoRecord { ok: false, done, ..r.clone() }
+    };
+    report.io.iter().map(seen).collect()
+}
+
+/// Requests that had timed out by `timed_out_by` (µs) and that their devices still held after
+/// `held_after` (or at it, with `at_too`), and the pages of the sub-jobs their buffers belong
+/// to (each sub-job once; a zero job's buffer and a write-zeroes hold none).
+fn held(views: &[JobView], timed_out_by: u64, held_after: u64, at_too: bool) -> (u64, u64) {
+    let (mut requests, mut sub_jobs) = (0, std::collections::BTreeSet::new());
+    for (j, view) in views.iter().enumerate() {
+        for (record, _, rel) in &view.all {
+            let (timed_out, latency) = view.timeouts.view(record);
+            let still = record.done_us > held_after || (at_too && record.done_us == held_after);
+            if timed_out && record.issued_us + latency <= timed_out_by && still {
+                requests += 1;
+                if view.layout.source.is_some() && record.kind != IoKind::WriteZeroes {
+                    sub_jobs.insert((j, view.chunks_of(rel).start));
+                }
+            }
+        }
+    }
+    let pages = sub_jobs.iter().map(|&(j, k)| {
+        let range = views[j].chunk_range(k);
+        ((range.end - range.start) * SECTOR_SIZE as u64).div_ceil(PAGE_SIZE as u64)
+    });
+    (requests, pages.sum())
+}
+
+/// Held resources: the shutdown report (published once, when the first shutdown's wait ended:
+/// every later call returns it) and the statistics after the last shutdown count as
+/// outstanding exactly the timed-out requests the devices still held, and as pages in use
+/// exactly their sub-jobs' pages: at least what had timed out when the shutdown began and was
+/// still held when it returned, at most what had timed out by its return and was held when it
+/// began.
+fn check_held(report: &Report, views: &[JobView], violations: &mut Vec<String>) {
+    let times = |mark: Mark| -> Vec<u64> {
+        report.marks.iter().zip(&report.mark_us).filter(|((_, m), _)| *m == mark).map(|(_, &us)| us).collect()
+    };
+    let spans: Vec<(u64, u64)> = times(Mark::ShutdownBegun).into_iter().zip(times(Mark::ShutdownReturned)).collect();
+    let Some(&first) = spans.first() else { return };
+    let mut counted: Vec<(String, u64, u64, (u64, u64))> = report
+        .shutdown_reports
+        .iter()
+        .enumerate()
+        .map(|(n, r)| (format!("shutdown {n}"), r.pool.pages_in_use as u64, r.requests_outstanding, first))
+        .collect();
+    if let (Some(stats), Some(&(_, returned))) = (&report.stats, spans.last()) {
+        let pages = stats.pool.pages_in_use as u64;
+        counted.push(("the statistics after it".into(), pages, stats.requests_outstanding, (returned, returned)));
+    }
+    for (what, pages, requests, (begun, returned)) in counted {
+        let (least, most) = (held(views, begun, returned, false), held(views, returned, begun, true));
+        if !(least.0..=most.0).contains(&requests) || !(least.1..=most.1).contains(&pages) {
+            violations.push(format!(
+                "{what}: {pages} pages in use, {requests} requests outstanding; devices held {}..={} timed-out requests and {}..={} of their pages",
+                least.0, most.0, least.1, most.1
+            ));
+        }
+    }
+}
+
+/// The client's I/O timeout, and how the engine saw each request against it.
+#[derive(Debug, Default)]
+struct Timeouts {
+    /// The timeout in model µs; `None`: requests wait for ever.
+    limit_us: Option<u64>,
+    /// Requests (by the sequence number of their issue) that completed at the very moment
+    /// their timeout fired and that the engine counted as timed out: both timers fire at one
+    /// instant, and the outcome tells which the engine saw first.
+    ties: std::collections::BTreeSet<u64>,
+    /// The model time (µs) of every position of the log's sequence (requests and marks).
+    times: BTreeMap<u64, u64>,
+}
+
+impl Timeouts {
+    /// The timeout of `scenario`, with the ties of `report` settled by the outcomes.
+    fn of(scenario: &Scenario, report: &Report) -> Timeouts {
+        let limit_us = scenario.config.io_timeout_ms.map(|ms| ms.saturating_mul(1000));
+        let Some(limit) = limit_us else { return Timeouts::default() };
+        let tied = report.io.iter().filter(|r| r.done_us != u64::MAX && r.done_us - r.issued_us == limit);
+        let ties = tied.filter(|r| Timeouts::reported_failed(scenario, report, r)).map(|r| r.issued).collect();
+        let requests = report.io.iter().flat_map(|r| [(r.issued, r.issued_us), (r.done, r.done_us)]);
+        let marks = report.marks.iter().zip(&report.mark_us).map(|(&(seq, _), &us)| (seq, us));
+        let times = requests.chain(marks).filter(|&(_, us)| us != u64::MAX).collect();
+        Timeouts { limit_us, ties, times }
+    }
+
+    /// Whether position `later` of the log came at a later model time than `earlier`, as far
+    /// as the order of requests tells what the engine did. Without a timeout, every request
+    /// is issued where the engine calls its device, and the sequence alone tells. With one,
+    /// each request runs as a task of its own and reaches the device (and the log) later in
+    /// the same instant: a sub-job taken before an error or a cancel may show its first
+    /// request after them, so only a later instant counts.
+    fn later_instant(&self, later: u64, earlier: u64) -> bool {
+        let us = |seq: u64| self.times.get(&seq).copied().unwrap_or(u64::MAX);
+        self.limit_us.is_none() || us(later) > us(earlier)
+    }
+
+    /// Whether the outcome of `record`'s job reports its sectors as failed.
+    fn reported_failed(scenario: &Scenario, report: &Report, record: &IoRecord) -> bool {
+        let Some(j) = scenario.job_of_request(record) else { return false };
+        let result = &report.jobs[j];
+        let outcome = if record.phase == 1 { result.outcome.as_ref() } else { result.retry.as_ref() };
+        let Some(outcome) = outcome else { return false };
+        match record.disk {
+            DiskRef::Source(_) => outcome.read_failed.intersects(&record.sectors),
+            DiskRef::Target(t) => scenario.jobs[j]
+                .targets
+                .iter()
+                .zip(&outcome.targets)
+                .any(|(&(target, _), report)| target == t && report.write_failed.intersects(&record.sectors)),
+        }
+    }
+
+    /// Whether the engine saw `record` time out (it outlived the timeout, or never
+    /// completed), and its latency as the engine counts it, in µs (up to the timeout).
+    fn view(&self, record: &IoRecord) -> (bool, u64) {
+        let life = record.done_us.saturating_sub(record.issued_us);
+        match self.limit_us {
+            Some(limit) if record.done_us == u64::MAX || life > limit => (true, limit),
+            Some(limit) if life == limit && self.ties.contains(&record.issued) => (true, limit),
+            _ => (false, life),
+        }
+    }
+}
+
+/// Statistics: `Client::stats()` once the client shut down agrees with the run — jobs
+/// submitted (accepted, resubmissions included; refused ones not counted), completed, failed
+/// (a read or write error, or a panic) and cancelled from the outcomes; per device and
+/// operation, the requests, errors, timeouts, bytes of the successful ones, and their
+/// latencies (count, sum and longest) from the I/O log.
+fn check_stats(scenario: &Scenario, report: &Report, timeouts: &Timeouts, violations: &mut Vec<String>) {
+    let Some(stats) = &report.stats else { return };
+    let outcomes: Vec<&Outcome> = report.jobs.iter().flat_map(|r| r.outcome.iter().chain(r.retry.iter())).collect();
+    let failed = outcomes.iter().filter(|o| o.read_err || !o.write_err.is_empty() || o.panicked.is_some()).count();
+    let cancelled = outcomes.iter().filter(|o| o.cancelled).count();
+    let counted = (stats.jobs_submitted, stats.jobs_completed, stats.jobs_failed, stats.jobs_cancelled);
+    let expected = (outcomes.len() as u64, outcomes.len() as u64, failed as u64, cancelled as u64);
+    if counted != expected {
+        violations.push(format!(
+            "statistics: jobs submitted, completed, failed, cancelled {counted:?}, the outcomes say {expected:?}"
+        ));
+    }
+    // (disk, kind) -> (count, errors, timeouts, bytes, latency count, sum, max)
+    let mut from_log: BTreeMap<(String, &'static str), [u64; 7]> = BTreeMap::new();
+    for record in &report.io {
+        let name = match record.disk {
+            DiskRef::Source(s) => &scenario.sources[s].name,
+            DiskRef::Target(t) => &scenario.targets[t].name,
+        };
+        let op = match record.kind {
+            IoKind::Read => "read",
+            IoKind::Write => "write",
+            IoKind::WriteZeroes => "write_zeroes",
+        };
+        let (timed_out, latency) = timeouts.view(record);
+        let ok = record.ok && !timed_out;
+        let entry = from_log.entry((name.clone(), op)).or_default();
+        let bytes = (record.sectors.end - record.sectors.start) * SECTOR_SIZE as u64;
+        let row = [1, u64::from(!ok), u64::from(timed_out), if ok { bytes } else { 0 }, 1, latency, latency];
+        for (k, value) in row.into_iter().enumerate() {
+            entry[k] = if k == 6 { entry[k].max(value) } else { entry[k] + value };
+        }
+    }
+    let mut from_stats: BTreeMap<(String, &'static str), [u64; 7]> = BTreeMap::new();
+    for device in &stats.devices {
+        for (op, o) in [("read", &device.read), ("write", &device.write), ("write_zeroes", &device.write_zeroes)] {
+            if o.count > 0 || o.latency.count() > 0 {
+                let row =
+                    [o.count, o.errors, o.timeouts, o.bytes, o.latency.count(), o.latency.sum_us, o.latency.max_us];
+                from_stats.insert((device.name.clone(), op), row);
+            }
+        }
+    }
+    for key in from_log.keys().chain(from_stats.keys()).collect::<std::collections::BTreeSet<_>>() {
+        let (log, counted) = (from_log.get(key), from_stats.get(key));
+        if log != counted {
+            violations.push(format!(
+                "statistics: {} {}: [count, errors, timeouts, bytes, latencies, sum µs, max µs] {counted:?}, the I/O log says {log:?}",
+                key.0, key.1
+            ));
+        }
+    }
+}
+
+/// The client's busy time from the I/O log: the union of every request's life as the engine
+/// counts it (from its issue to its completion, or to the timeout), as sorted, disjoint
+/// intervals of model µs.
+fn busy_intervals(report: &Report, timeouts: &Timeouts) -> Vec<Range<u64>> {
+    let mut lives: Vec<Range<u64>> = report
+        .io
+        .iter()
+        .map(|r| r.issued_us..r.issued_us.saturating_add(timeouts.view(r).1))
+        .filter(|life| life.start < life.end)
+        .collect();
+    lives.sort_by_key(|life| life.start);
+    let mut union: Vec<Range<u64>> = Vec::new();
+    for life in lives {
+        match union.last_mut() {
+            Some(last) if life.start <= last.end => last.end = last.end.max(life.end),
+            _ => union.push(life),
+        }
+    }
+    union
+}
+
+/// Busy time of `busy` within `window`.
+fn busy_within(busy: &[Range<u64>], window: Range<u64>) -> u64 {
+    busy.iter().map(|b| b.end.min(window.end).saturating_sub(b.start.max(window.start))).sum()
+}
+
+/// Throttle busy share: with a limit of P %, over any window of the throttle's length
+/// (`BUSY_WINDOW`) from the start of a busy stretch, the client's busy time (from the I/O log)
+/// stays within P % of it plus the credit the throttle may hold when the window starts and
+/// twice the longest sub-job's life (the I/O of sub-jobs admitted just under the limit) — and,
+/// under `WRITE_SEQ`, `subjobs_in_flight` sub-jobs' lives (taken and admitted together, they
+/// write one after another when their turns come: the throttle admits before the turn). The
+/// throttle admits a sub-job only while busy ≤ P % × total over its decaying history (both
+/// halved when the total reaches a window), so in a window it can spend P % of the window plus
+/// that credit: P % of the time accounted (at most a window) less the busy time accounted, of
+/// which the last half window counts at least half (at most one halving falls in it). A
+/// throttle that forgets its busy history when it halves it gets a whole credit back each
+/// half window and spends twice the share. And the copy
+/// progresses: while a job is waiting to complete, the client is never idle longer than it takes
+/// the busy share of a window to fall back under the limit (100 / P windows) plus the rate's
+/// wait for the largest sub-job.
+fn check_busy(scenario: &Scenario, report: &Report, views: &[JobView], violations: &mut Vec<String>) {
+    let Some(percent) = scenario.config.throttle.busy_percent.filter(|&p| p < 100) else { return };
+    let window = kcopyd_core::BUSY_WINDOW.as_micros() as u64;
+    let (mut longest_life, mut largest_bytes, mut ahead) = (0, 0, 0);
+    for view in views {
+        let mut lives: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+        for (record, _, rel) in &view.all {
+            let end = record.issued_us.saturating_add(view.timeouts.view(record).1);
+            for k in view.chunks_of(rel) {
+                let life = lives.entry(k).or_insert((record.issued_us, end));
+                *life = (life.0.min(record.issued_us), life.1.max(end));
+            }
+        }
+        let longest = lives.values().map(|&(from, to)| to - from).max().unwrap_or(0);
+        longest_life = longest_life.max(longest);
+        if view.seq {
+            // WRITE_SEQ: sub-jobs are admitted when taken and write when their turn comes, so
+            // up to `subjobs_in_flight` of them admitted together write one after another.
+            let together = (scenario.config.subjobs_in_flight as u64).min(view.chunks);
+            ahead = ahead.max(together * longest);
+        }
+        largest_bytes = largest_bytes.max(view.chunk * SECTOR_SIZE as u64);
+    }
+    let Some(timeouts) = views.first().map(|view| view.timeouts) else { return };
+    let busy = busy_intervals(report, timeouts);
+    let first = busy.first().map_or(0, |b| b.start);
+    let share = |us: u64| us * u64::from(percent) / 100;
+    for start in busy.iter().map(|b| b.start) {
+        // The credit the throttle may hold when the window starts: P % of its time accounted
+        // (at most a window) less its busy time accounted, of which the last half window
+        // counts at least half (one halving at most).
+        let credit = share((start - first).min(window))
+            .saturating_sub(busy_within(&busy, start.saturating_sub(window / 2).max(first)..start) / 2);
+        let allowed = share(window) + credit + 2 * longest_life + ahead;
+        let within = busy_within(&busy, start..start + window);
+        if within > allowed {
+            violations.push(format!(
+                "busy limit of {percent} %: busy {within} µs of the {window} µs from {start} µs, more than the {allowed} allowed (longest sub-job {longest_life} µs, WRITE_SEQ sub-jobs admitted ahead {ahead} µs)"
+            ));
+            break;
+        }
+    }
+    let rate_wait = scenario.config.throttle.rate_bytes_per_s.map_or(0, |rate| largest_bytes * 1_000_000 / rate);
+    let idle_max = window * 100 / u64::from(percent) + rate_wait + 2 * longest_life;
+    let mark_at = |mark: Mark| report.marks.iter().position(|(_, m)| *m == mark).map(|i| report.mark_us[i]);
+    let pending: Vec<(u64, u64)> = (0..report.jobs.len())
+        .filter_map(|j| Some((mark_at(Mark::Submitting(j))?, mark_at(Mark::Completed(j))?)))
+        .collect();
+    for gap in busy.windows(2).map(|pair| pair[0].end..pair[1].start) {
+        let waiting = pending.iter().any(|&(from, to)| from <= gap.start && gap.end <= to);
+        if waiting && gap.end - gap.start > idle_max {
+            violations.push(format!(
+                "busy limit of {percent} %: idle from {} µs to {} µs while a job waited, longer than {idle_max} µs",
+                gap.start, gap.end
+            ));
         }
     }
 }

@@ -22,12 +22,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kcopyd_core::{
-    Client, ClientConfig, Device, Flags, Job, Outcome, Region, SECTOR_SIZE, ShutdownReport, SubmitError, TargetMask,
-    Throttle,
+    Client, ClientConfig, ClientStats, Device, Flags, Job, Outcome, Region, SECTOR_SIZE, ShutdownReport, SubmitError,
+    TargetMask, Throttle,
 };
 use kcopyd_sim::{
     FaultOdds, FaultPlan, FaultRecord, IoModel, Latency, MemDisk, MemDiskOptions, Misdirect, Simulation, SlowSpike,
-    Trace, WriteFault, mix64, to_model, to_tokio,
+    Stall, Trace, WriteFault, mix64, to_model, to_tokio,
 };
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -73,6 +73,9 @@ pub struct FaultInputs {
     pub short_io: bool,
     /// Odds per request in ppm: read error, write error, misdirect, slow.
     pub odds: (u32, u32, u32, u32),
+    /// Stalls: (request index, µs the device holds it; `None` for ever).
+    #[serde(default)]
+    pub stalls: Vec<(u64, Option<u64>)>,
 }
 
 /// One disk.
@@ -106,6 +109,11 @@ pub struct PreparedInputs {
     pub read_err: bool,
     /// The `write_err` it is completed with: targets 0–7.
     pub write_err_bits: u8,
+    /// Queued from inside the completion callback of this job (modulo the number of jobs)
+    /// instead of `after_us` after its preparation — if it was prepared by then (otherwise at
+    /// `after_us` as usual).
+    #[serde(default)]
+    pub in_callback_of: Option<usize>,
 }
 
 impl PreparedInputs {
@@ -116,6 +124,7 @@ impl PreparedInputs {
             complete: (bits >> 32) % 4 != 0,
             read_err: (bits >> 40) & 1 == 1,
             write_err_bits: (bits >> 48) as u8,
+            in_callback_of: ((bits >> 56) % 3 == 0).then_some((bits >> 58) as usize),
         }
     }
 
@@ -186,6 +195,17 @@ pub struct Inputs {
     /// The client's throttle (a rate or a busy share, now and then).
     #[serde(default)]
     pub throttle: Throttle,
+    /// The client's queued-jobs limit (0: 1024); a small one makes submissions wait for
+    /// admission.
+    #[serde(default)]
+    pub queued_jobs_max: usize,
+    /// Shut the client down from inside this job's completion callback (as an embedder that
+    /// stops once its last job is done), instead of at `shutdown_at_us`. Not with a crash.
+    #[serde(default)]
+    pub shutdown_in_callback_of: Option<usize>,
+    /// The client's per-request timeout, ms of model time.
+    #[serde(default)]
+    pub io_timeout_ms: Option<u64>,
 }
 
 impl Inputs {
@@ -275,7 +295,142 @@ impl Inputs {
                 1 => Throttle { busy_percent: Some(10 + rng.below(81) as u32), ..Throttle::OFF },
                 _ => Throttle::OFF,
             },
+            queued_jobs_max: [0, 0, 0, 1, 2, 4][rng.below(6) as usize],
+            shutdown_in_callback_of: None,
+            io_timeout_ms: None,
         }
+        .busy_for_long(seed)
+        .stalls_and_timeouts(seed)
+    }
+
+    /// Stalling requests and per-request timeouts, in three scenarios in five: a timeout of 3–29
+    /// ms with requests held for a while (shorter or longer than it) or for ever; requests held
+    /// for a while without a timeout; or a timeout alone (slow requests may outlive it). No
+    /// timeout with a crash (its resubmissions must succeed on healed disks, slow or not). A
+    /// request held for ever keeps its buffer's pages for ever: it is drawn only where the
+    /// page budget leaves every other sub-job its pages, so that the copy can go on.
+    fn stalls_and_timeouts(mut self, seed: u64) -> Inputs {
+        let mut rng = Draw(mix64(seed ^ 0x57a11));
+        let (timeout, stalls) = match rng.below(5) {
+            0 => (true, true),
+            1 => (false, true),
+            2 => (true, false),
+            _ => return self,
+        };
+        // After a crash, jobs are resubmitted on healed disks and must succeed: no timeout.
+        let timeout = timeout && self.crash_at_us.is_none();
+        if timeout {
+            self.io_timeout_ms = Some([3, 7, 13, 29][rng.below(4) as usize]);
+        }
+        if !stalls {
+            return self;
+        }
+        let unit_bytes = self.unit_sectors() * SECTOR_SIZE as u64;
+        let subjob_pages = (self.sub_job_units.max(1) * unit_bytes).div_ceil(kcopyd_core::PAGE_SIZE as u64).max(1);
+        let mut for_ever_left = (self.page_budget as u64 / subjob_pages).saturating_sub(1);
+        let disks = self.sources.len() + self.targets.len();
+        for d in 0..disks {
+            if rng.below(2) == 0 {
+                continue;
+            }
+            let disk =
+                if d < self.sources.len() { &mut self.sources[d] } else { &mut self.targets[d - self.sources.len()] };
+            for _ in 0..1 + rng.below(2) {
+                // Odd microseconds: never a whole number of milliseconds, as the timeout is.
+                let mut hold = Some([300, 2_000, 10_000, 60_000][rng.below(4) as usize] + 2 * rng.below(500) + 1);
+                if timeout && for_ever_left > 0 && rng.below(3) == 0 {
+                    for_ever_left -= 1;
+                    hold = None;
+                }
+                disk.faults.stalls.push((rng.below(60), hold));
+            }
+        }
+        self
+    }
+
+    /// A scenario under a busy limit made long enough for the limit to matter over several of
+    /// its windows (`BUSY_WINDOW`): disks whose every request costs 2–10 ms (no bandwidth
+    /// limit, no queue: a sub-job's life stays short beside a window) and at least 30 jobs,
+    /// some submitted over the first 3 s (idle stretches, then work). Other scenarios are
+    /// returned as they are.
+    fn busy_for_long(mut self, seed: u64) -> Inputs {
+        if self.throttle.busy_percent.is_none() {
+            return self;
+        }
+        let mut rng = Draw(mix64(seed ^ 0xb05e));
+        let slow = |rng: &mut Draw| TimingInputs {
+            cost_us: [2000, 5000, 10_000][rng.below(3) as usize],
+            bandwidth_mb_per_s: 0,
+            queue_depth: 0,
+            jitter_us: rng.below(2) * 1000,
+        };
+        for disk in self.sources.iter_mut().chain(&mut self.targets) {
+            (disk.read, disk.write) = (slow(&mut rng), slow(&mut rng));
+        }
+        let drawn = self.jobs.len() as u64;
+        while self.jobs.len() < 30 {
+            let mut job = self.jobs[rng.below(drawn) as usize].clone();
+            job.submit_at_us = rng.below(2) * rng.below(3_000_000);
+            self.jobs.push(job);
+        }
+        self
+    }
+
+    /// The scenario of `seed` as [`Inputs::from_seed`] draws it, and for two seeds in three
+    /// *aimed*: a probe run of it finds the instants where something happens (a request issued
+    /// or completed, a job submitted or completed), and a cancel or a shutdown is moved to
+    /// exactly one of them. Races live where two things meet — a cancel at the moment a
+    /// sub-job is admitted, a shutdown at the moment a submission is admitted — and times
+    /// drawn at random almost never meet anything. The run is deterministic, so the aimed run
+    /// is the probe run up to that instant.
+    pub fn aimed(seed: u64) -> Inputs {
+        let mut inputs = Inputs::from_seed(seed);
+        let mut rng = Draw(mix64(seed ^ 0xa1_3ed));
+        let aim = rng.below(3);
+        if aim == 0 || inputs.jobs.is_empty() {
+            return inputs;
+        }
+        let scenario = inputs.layout();
+        let probe = run(&scenario);
+        if probe.deadlocked {
+            return inputs;
+        }
+        if aim == 1 || inputs.crash_at_us.is_some() {
+            // A cancel of a job at one of its own requests' issue or completion.
+            let instants: Vec<(usize, u64)> = probe
+                .io
+                .iter()
+                .filter(|r| r.phase == 1)
+                .filter_map(|r| scenario.job_of_request(r).map(|j| (j, r)))
+                .flat_map(|(j, r)| [(j, r.issued_us), (j, r.done_us)])
+                .filter(|&(j, at)| at != u64::MAX && at >= scenario.jobs[j].submit_at_us)
+                .collect();
+            if let Some(&(j, at)) = instants.get(rng.below(instants.len() as u64) as usize) {
+                inputs.jobs[j].cancel_after_us = Some(at - scenario.jobs[j].submit_at_us);
+            }
+        } else {
+            // A shutdown at a job's completion (it frees an admission), submission or request.
+            let marks = probe.marks.iter().zip(&probe.mark_us);
+            let instants: Vec<u64> = match rng.below(4) {
+                0 | 1 => marks.filter(|((_, m), _)| matches!(m, Mark::Completed(_))).map(|(_, &at)| at).collect(),
+                2 => marks.filter(|((_, m), _)| matches!(m, Mark::Submitting(_))).map(|(_, &at)| at).collect(),
+                _ => probe.io.iter().map(|r| r.done_us).filter(|&at| at != u64::MAX).collect(),
+            };
+            if let Some(&at) = instants.get(rng.below(instants.len() as u64) as usize) {
+                inputs.shutdown_at_us = Some(at);
+            }
+            // Or from inside the callback of a job: right after it frees its admission.
+            let completed: Vec<usize> = probe
+                .marks
+                .iter()
+                .filter_map(|(_, m)| if let Mark::Completed(j) = m { Some(*j) } else { None })
+                .collect();
+            if rng.below(2) == 0 && !completed.is_empty() {
+                inputs.shutdown_at_us = None;
+                inputs.shutdown_in_callback_of = Some(completed[rng.below(completed.len() as u64) as usize]);
+            }
+        }
+        inputs
     }
 
     /// The concrete scenario: disk options, regions and flags.
@@ -380,6 +535,7 @@ impl Inputs {
                         .map(|&(write_index, shift)| Misdirect { write_index, shift_sectors: shift * unit as i64 })
                         .collect(),
                     short_io: faults.short_io,
+                    stalls: faults.stalls.iter().map(|&(io_index, hold_us)| Stall { io_index, hold_us }).collect(),
                     volatile_cache: self.crash_at_us.is_some(),
                     odds: FaultOdds {
                         read_error_ppm: faults.odds.0,
@@ -387,6 +543,7 @@ impl Inputs {
                         misdirect_ppm: faults.odds.2,
                         slow_ppm: faults.odds.3,
                         slow_us: 5000,
+                        ..FaultOdds::default()
                     },
                 },
             }
@@ -396,10 +553,10 @@ impl Inputs {
                 page_budget: self.page_budget.max(1),
                 sub_job_size_bytes: (self.sub_job_units.max(1) * unit) as usize * SECTOR_SIZE,
                 subjobs_in_flight: self.subjobs_in_flight.clamp(1, 64),
-                queued_jobs_max: 1024,
+                queued_jobs_max: if self.queued_jobs_max == 0 { 1024 } else { self.queued_jobs_max },
                 huge_pages: true,
                 throttle: self.throttle,
-                io_timeout_ms: None,
+                io_timeout_ms: self.io_timeout_ms,
             },
             sources: self
                 .sources
@@ -416,6 +573,7 @@ impl Inputs {
             jobs,
             crash_at_us: self.crash_at_us,
             shutdown_at_us: self.shutdown_at_us.filter(|_| self.crash_at_us.is_none()),
+            shutdown_in_callback_of: self.shutdown_in_callback_of.filter(|_| self.crash_at_us.is_none()),
             prepared: self.prepared.clone(),
         }
     }
@@ -492,6 +650,7 @@ impl Draw {
                 if target { ppm(self, 1000) } else { 0 },
                 ppm(self, 20_000),
             ),
+            stalls: Vec::new(),
         }
     }
 }
@@ -532,9 +691,27 @@ pub struct Scenario {
     /// Shut the client down at this virtual time (µs): jobs submitted later are refused.
     #[serde(default)]
     pub shutdown_at_us: Option<u64>,
+    /// Shut the client down from inside this job's completion callback.
+    #[serde(default)]
+    pub shutdown_in_callback_of: Option<usize>,
     /// Prepared callbacks.
     #[serde(default)]
     pub prepared: Vec<PreparedInputs>,
+}
+
+impl Scenario {
+    /// The job whose region holds `record`'s sectors, if any.
+    pub fn job_of_request(&self, record: &IoRecord) -> Option<usize> {
+        let inside = |start: u64, len: u64| start <= record.sectors.start && record.sectors.end <= start + len;
+        self.jobs.iter().position(|job| match record.disk {
+            DiskRef::Source(s) => {
+                job.source.is_some_and(|(source, start)| source == s && inside(start, job.len_sectors))
+            }
+            DiskRef::Target(t) => {
+                job.targets.iter().any(|&(target, start)| target == t && inside(start, job.len_sectors))
+            }
+        })
+    }
 }
 
 /// Seed of the pattern of source disk `i` (old content of its sectors).
@@ -596,11 +773,90 @@ pub struct Report {
     pub io: Vec<IoRecord>,
     /// The harness's marks (cancels, completions) on the requests' sequence.
     pub marks: Vec<(u64, Mark)>,
+    /// The model time of each mark, µs after the start (in the order of `marks`).
+    pub mark_us: Vec<u64>,
+    /// The client's statistics once its final shutdown returned (`None` after a deadlock).
+    pub stats: Option<ClientStats>,
     /// What each shutdown call returned: the one in the middle of the run, if any, then the
     /// final one.
     pub shutdown_reports: Vec<ShutdownReport>,
     /// Per prepared callback (left default when its time came after the run ended).
     pub prepared: Vec<PreparedResult>,
+}
+
+/// A prepared callback waiting to be queued from inside a job's callback: (that job, the
+/// callback, how to queue it).
+type Ready = (usize, kcopyd_core::PreparedCallback, PreparedInputs);
+
+/// Per prepared callback, the one waiting for a job's callback to queue it, if any.
+type Waiting = Arc<Mutex<Vec<Option<Ready>>>>;
+
+/// The task of a shutdown in the middle of the run, once it began.
+type EarlyShutdown = Arc<Mutex<Option<tokio::task::JoinHandle<ShutdownReport>>>>;
+
+/// Shuts `client` down, marked begun and returned.
+async fn shut_down(client: Client, log: IoLog, trace: Trace) -> ShutdownReport {
+    trace.record("shutdown");
+    log.mark(Mark::ShutdownBegun);
+    let report = client.shutdown().await;
+    log.mark(Mark::ShutdownReturned);
+    report
+}
+
+/// Queues prepared callback `p` as `layout` says (completed or dropped), marked.
+fn queue_prepared(log: &IoLog, p: usize, callback: kcopyd_core::PreparedCallback, layout: &PreparedInputs) {
+    log.mark(Mark::PreparedQueued(p));
+    if layout.complete {
+        callback.complete(layout.read_err, layout.write_err());
+    } else {
+        drop(callback);
+    }
+}
+
+/// What the task of a prepared callback needs.
+struct PreparedContext {
+    client: Client,
+    log: IoLog,
+    trace: Trace,
+    results: Arc<Mutex<Vec<PreparedResult>>>,
+    waiting: Waiting,
+}
+
+impl PreparedContext {
+    /// Prepares callback `p` at its time and queues it `after_us` later — or from inside the
+    /// callback of the job it waits for, if that job completes first.
+    async fn run(self, p: usize, layout: PreparedInputs, began: tokio::time::Instant, jobs: usize) {
+        let PreparedContext { client, log, trace, results, waiting } = self;
+        tokio::time::sleep_until(began + to_tokio(Duration::from_micros(layout.at_us))).await;
+        log.mark(Mark::Preparing(p));
+        let (ran_log, ran_trace, ran) = (log.clone(), trace.clone(), results.clone());
+        let callback = client.prepare_callback(move |outcome| {
+            ran_log.mark(Mark::PreparedRan(p));
+            ran_trace.record(format!("prepared {p} ran: {outcome:?}"));
+            ran.lock().expect("not poisoned")[p].outcomes.push(outcome);
+            ran_log.mark(Mark::PreparedReturned(p));
+        });
+        let callback = match callback {
+            Ok(callback) => callback,
+            Err(error) => {
+                log.mark(Mark::PrepareRefused(p));
+                results.lock().expect("not poisoned")[p].refused = Some(error);
+                return;
+            }
+        };
+        let callback = match layout.in_callback_of.filter(|_| jobs > 0) {
+            Some(job) => {
+                waiting.lock().expect("not poisoned")[p] = Some((job % jobs, callback, layout.clone()));
+                None
+            }
+            None => Some(callback),
+        };
+        tokio::time::sleep(to_tokio(Duration::from_micros(layout.after_us))).await;
+        let callback = callback.or_else(|| waiting.lock().expect("not poisoned")[p].take().map(|(_, c, _)| c));
+        if let Some(callback) = callback {
+            queue_prepared(&log, p, callback, &layout);
+        }
+    }
 }
 
 fn job_of(layout: &JobLayout, sources: &[Device], targets: &[Device]) -> Job {
@@ -652,49 +908,29 @@ pub fn run(scenario: &Scenario) -> Report {
             });
         }
 
-        // A shutdown in the middle of the run: its report, once it returned.
-        let early_shutdown = scenario.shutdown_at_us.map(|at| {
+        // A shutdown in the middle of the run (at its time, or from a job's callback): its
+        // report, once it returned.
+        let early_shutdown: EarlyShutdown = Arc::new(Mutex::new(None));
+        if let Some(at) = scenario.shutdown_at_us {
             let (client, log, trace) = (client.clone(), log.clone(), trace.clone());
-            actix_rt::spawn(async move {
+            *early_shutdown.lock().expect("not poisoned") = Some(actix_rt::spawn(async move {
                 tokio::time::sleep_until(began + to_tokio(Duration::from_micros(at))).await;
-                trace.record("shutdown");
-                log.mark(Mark::ShutdownBegun);
-                let report = client.shutdown().await;
-                log.mark(Mark::ShutdownReturned);
-                report
-            })
-        });
+                shut_down(client, log, trace).await
+            }));
+        }
 
         let prepared: Arc<Mutex<Vec<PreparedResult>>> =
             Arc::new(Mutex::new(vec![PreparedResult::default(); scenario.prepared.len()]));
+        let waiting: Waiting = Arc::new(Mutex::new((0..scenario.prepared.len()).map(|_| None).collect()));
         for (p, layout) in scenario.prepared.iter().enumerate() {
-            let (client, log, trace, prepared, layout) =
-                (client.clone(), log.clone(), trace.clone(), prepared.clone(), layout.clone());
-            actix_rt::spawn(async move {
-                tokio::time::sleep_until(began + to_tokio(Duration::from_micros(layout.at_us))).await;
-                log.mark(Mark::Preparing(p));
-                let (ran_log, ran_trace, ran) = (log.clone(), trace.clone(), prepared.clone());
-                let callback = client.prepare_callback(move |outcome| {
-                    ran_log.mark(Mark::PreparedRan(p));
-                    ran_trace.record(format!("prepared {p} ran: {outcome:?}"));
-                    ran.lock().expect("not poisoned")[p].outcomes.push(outcome);
-                });
-                let callback = match callback {
-                    Ok(callback) => callback,
-                    Err(error) => {
-                        log.mark(Mark::PrepareRefused(p));
-                        prepared.lock().expect("not poisoned")[p].refused = Some(error);
-                        return;
-                    }
-                };
-                tokio::time::sleep(to_tokio(Duration::from_micros(layout.after_us))).await;
-                log.mark(Mark::PreparedQueued(p));
-                if layout.complete {
-                    callback.complete(layout.read_err, layout.write_err());
-                } else {
-                    drop(callback);
-                }
-            });
+            let context = PreparedContext {
+                client: client.clone(),
+                log: log.clone(),
+                trace: trace.clone(),
+                results: prepared.clone(),
+                waiting: waiting.clone(),
+            };
+            actix_rt::spawn(context.run(p, layout.clone(), began, scenario.jobs.len()));
         }
 
         let mut order: Vec<usize> = (0..scenario.jobs.len()).collect();
@@ -707,6 +943,9 @@ pub fn run(scenario: &Scenario) -> Report {
                 let counter = callbacks.clone();
                 let trace_done = trace.clone();
                 let log_done = log.clone();
+                let waiting = waiting.clone();
+                let shutdown_here = scenario.shutdown_in_callback_of == Some(j);
+                let (client_here, early_here) = (client.clone(), early_shutdown.clone());
                 let job = job_of(layout, &source_devices, &target_devices).on_complete(move |outcome| {
                     counter[j].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     log_done.mark(Mark::Completed(j));
@@ -716,6 +955,22 @@ pub fn run(scenario: &Scenario) -> Report {
                         outcome.read_err,
                         outcome.write_err
                     ));
+                    // Prepared callbacks waiting for this job's completion are queued from here.
+                    let ready: Vec<(usize, Ready)> = waiting
+                        .lock()
+                        .expect("not poisoned")
+                        .iter_mut()
+                        .enumerate()
+                        .filter_map(|(p, slot)| slot.take_if(|(job, ..)| *job == j).map(|ready| (p, ready)))
+                        .collect();
+                    for (p, (_, callback, layout)) in ready {
+                        queue_prepared(&log_done, p, callback, &layout);
+                    }
+                    if shutdown_here {
+                        let task = shut_down(client_here.clone(), log_done.clone(), trace_done.clone());
+                        *early_here.lock().expect("not poisoned") = Some(actix_rt::spawn(task));
+                    }
+                    log_done.mark(Mark::CallbackReturned(j));
                 });
                 trace.record(format!("job {j} submit"));
                 log.mark(Mark::Submitting(j));
@@ -746,6 +1001,7 @@ pub fn run(scenario: &Scenario) -> Report {
         };
         let mut deadlocked = tokio::time::timeout(to_tokio(DEADLOCK_AFTER), phase_one).await.is_err();
         let mut shutdown_reports = Vec::new();
+        let early_shutdown = early_shutdown.lock().expect("not poisoned").take();
         if let (false, Some(task)) = (deadlocked, early_shutdown) {
             match tokio::time::timeout(to_tokio(DEADLOCK_AFTER), task).await {
                 Ok(Ok(report)) => shutdown_reports.push(report),
@@ -788,6 +1044,7 @@ pub fn run(scenario: &Scenario) -> Report {
             }
             log.mark(Mark::ShutdownReturned);
         }
+        let stats = (!deadlocked).then(|| client.stats());
         let mut jobs = results.borrow().clone();
         for (j, job) in jobs.iter_mut().enumerate() {
             job.callbacks = callbacks[j].load(std::sync::atomic::Ordering::SeqCst);
@@ -805,6 +1062,8 @@ pub fn run(scenario: &Scenario) -> Report {
             target_logs_before_retry,
             io: log.records(),
             marks: log.marks(),
+            mark_us: log.mark_times(),
+            stats,
             shutdown_reports,
             prepared: prepared.lock().expect("not poisoned").clone(),
         }
@@ -836,6 +1095,7 @@ pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
             misdirects,
             short_io,
             odds,
+            stalls: Vec::new(),
         });
     let disk = (any::<bool>(), any::<bool>(), proptest::bool::weighted(0.15), timing.clone(), timing, faults).prop_map(
         |(block_4k, write_zeroes, zoned, read, write, faults)| DiskInputs {
@@ -903,6 +1163,9 @@ pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
                     5 => Throttle { busy_percent: Some(10 + (seed >> 24) as u32 % 81), ..Throttle::OFF },
                     _ => Throttle::OFF,
                 },
+                queued_jobs_max: 0,
+                shutdown_in_callback_of: None,
+                io_timeout_ms: None,
             }
         })
 }

@@ -58,6 +58,9 @@ fn inputs(jobs: Vec<JobInputs>, targets: usize, subjobs_in_flight: usize) -> Inp
         shutdown_at_us: None,
         prepared: Vec::new(),
         throttle: kcopyd_core::Throttle::OFF,
+        queued_jobs_max: 0,
+        shutdown_in_callback_of: None,
+        io_timeout_ms: None,
     }
 }
 
@@ -122,6 +125,8 @@ fn clone_report(report: &Report) -> Report {
         target_logs_before_retry: report.target_logs_before_retry.clone(),
         io: report.io.clone(),
         marks: report.marks.clone(),
+        mark_us: report.mark_us.clone(),
+        stats: report.stats.clone(),
         shutdown_reports: report.shutdown_reports.clone(),
         prepared: report.prepared.clone(),
     }
@@ -151,7 +156,17 @@ fn end_of_trace(report: &Report) -> u64 {
 /// rule 17, whose test changes the times of true requests).
 fn append(report: &mut Report, disk: DiskRef, kind: IoKind, sectors: Range<u64>) {
     let issued = end_of_trace(report);
-    report.io.push(IoRecord { disk, kind, sectors, phase: 1, issued, issued_us: 0, done: issued + 1, ok: true });
+    report.io.push(IoRecord {
+        disk,
+        kind,
+        sectors,
+        phase: 1,
+        issued,
+        issued_us: 0,
+        done: issued + 1,
+        done_us: 0,
+        ok: true,
+    });
 }
 
 /// `set` with `sectors` added.
@@ -343,6 +358,9 @@ fn true_runs_of_every_scenario_are_accepted() {
         zero_cancelled,
         crashed,
         shut_down_mid_run,
+        callbacks_in_order,
+        busy_limited,
+        timing_out,
     ] {
         build();
     }
@@ -723,6 +741,7 @@ fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error() {
         let known = r.io[failed].done.max(r.io[other].done);
         r.io.push(IoRecord {
             issued_us: 0,
+            done_us: 0,
             disk: DiskRef::Source(0),
             kind: IoKind::Read,
             sectors: 24..32,
@@ -748,6 +767,7 @@ fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error() {
         let issued = r.io[failed].done + 1;
         r.io.push(IoRecord {
             issued_us: 0,
+            done_us: 0,
             disk: DiskRef::Source(0),
             kind: IoKind::Read,
             sectors: 24..32,
@@ -769,6 +789,7 @@ fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error() {
         let end = end_of_trace(r);
         r.io.push(IoRecord {
             issued_us: 0,
+            done_us: 0,
             disk: DiskRef::Source(0),
             kind: IoKind::Read,
             sectors: 32..40,
@@ -779,6 +800,7 @@ fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error() {
         });
         r.io.push(IoRecord {
             issued_us: 0,
+            done_us: 0,
             disk: DiskRef::Source(0),
             kind: IoKind::Read,
             sectors: 40..48,
@@ -864,6 +886,7 @@ fn rule_9_no_sub_job_starts_after_a_cancel_and_cancelled_is_exact() {
         while sector < 128 {
             r.io.push(IoRecord {
                 issued_us: 0,
+                done_us: 0,
                 disk: DiskRef::Source(0),
                 kind: IoKind::Read,
                 sectors: sector..sector + CHUNK,
@@ -906,6 +929,8 @@ fn rule_9_no_sub_job_starts_after_a_cancel_and_cancelled_is_exact() {
             let completed = r.marks.iter().find(|(_, m)| *m == Mark::Completed(0)).expect("completed").0;
             r.marks.push((completed - 1, Mark::Cancel(0)));
             outcome(r).cancelled = cancelled;
+            // The statistics count what the outcome says (rule 19).
+            stats(r).jobs_cancelled = u64::from(cancelled);
         });
         assert!(
             !violations.iter().any(|v| v.contains("cancel")),
@@ -1199,7 +1224,14 @@ fn shut_down_mid_run() -> Accepted {
     let mut inputs = inputs(vec![copy(48, &[0]), late], 1, 2);
     inputs.shutdown_at_us = Some(200);
     inputs.prepared = vec![
-        PreparedInputs { at_us: 0, after_us: 300, complete: true, read_err: true, write_err_bits: 0b101 },
+        PreparedInputs {
+            at_us: 0,
+            after_us: 300,
+            complete: true,
+            read_err: true,
+            write_err_bits: 0b101,
+            in_callback_of: None,
+        },
         PreparedInputs { at_us: 50, after_us: 100, complete: false, ..PreparedInputs::default() },
         PreparedInputs { at_us: 2000, after_us: 100, complete: true, ..PreparedInputs::default() },
     ];
@@ -1267,10 +1299,6 @@ fn rule_15_a_shutdown_refuses_later_jobs_and_waits_for_the_accepted_ones() {
     fires("15", "jobs_completed", &violations, "shutdown 0: 0 jobs completed (expected 1), 0 pages in use");
     let violations = run.tampered(|r| r.shutdown_reports[1].jobs_completed = 2);
     fires("15", "jobs_completed, final", &violations, "shutdown 1: 2 jobs completed (expected 1)");
-    let violations = run.tampered(|r| r.shutdown_reports[0].pool.pages_in_use = 1);
-    fires("15", "pages_in_use", &violations, "shutdown 0: 1 jobs completed (expected 1), 1 pages in use");
-    let violations = run.tampered(|r| r.shutdown_reports[1].requests_outstanding = 1);
-    fires("15", "requests_outstanding", &violations, "0 pages in use, 1 requests outstanding");
     // After a crash, the final shutdown counts the resubmissions too.
     let crash = crashed();
     let violations = crash.tampered(|r| r.shutdown_reports[0].jobs_completed = 1);
@@ -1455,4 +1483,254 @@ fn rule_17_a_rate_limited_client_stays_within_its_rate() {
     // Without a rate, nothing to check.
     let violations = run.with_scenario(|s| s.config.throttle.rate_bytes_per_s = None);
     assert!(violations.is_empty(), "{violations:#?}");
+}
+
+/// The statistics of `report`, to change.
+fn stats(report: &mut Report) -> &mut kcopyd_core::ClientStats {
+    report.stats.as_mut().expect("statistics after the shutdown")
+}
+
+#[test]
+fn rule_19_statistics_agree_with_the_outcomes_and_the_io_log() {
+    let run = ignoring_errors();
+    let stats_of = |r: &Report| r.stats.clone().expect("statistics");
+    assert_eq!(stats_of(&run.report).jobs_failed, 1);
+    // Jobs: one more submitted, completed, failed or cancelled than the outcomes say.
+    let violations = run.tampered(|r| stats(r).jobs_submitted += 1);
+    fires("19", "submitted", &violations, "statistics: jobs submitted, completed, failed, cancelled (2, 1, 1, 0)");
+    let violations = run.tampered(|r| stats(r).jobs_completed = 0);
+    fires("19", "completed", &violations, "statistics: jobs submitted, completed, failed, cancelled (1, 0, 1, 0)");
+    let violations = run.tampered(|r| stats(r).jobs_failed = 0);
+    fires("19", "failed", &violations, "the outcomes say (1, 1, 1, 0)");
+    let violations = cancelled().tampered(|r| stats(r).jobs_cancelled = 0);
+    fires("19", "cancelled", &violations, "statistics: jobs submitted, completed, failed, cancelled (1, 1, 0, 0)");
+    // Requests per device and operation.
+    let device = |r: &mut Report, name: &str| -> usize {
+        stats(r).devices.iter().position(|d| d.name == name).expect("the device")
+    };
+    let violations = run.tampered(|r| {
+        let d = device(r, "source0");
+        stats(r).devices[d].read.count += 1;
+    });
+    fires("19", "a read more", &violations, "statistics: source0 read: [count, errors, timeouts, bytes");
+    let violations = run.tampered(|r| {
+        let d = device(r, "source0");
+        stats(r).devices[d].read.errors = 0;
+    });
+    fires("19", "a read error less", &violations, "statistics: source0 read:");
+    let violations = run.tampered(|r| {
+        let d = device(r, "target1");
+        stats(r).devices[d].write.bytes += 512;
+    });
+    fires("19", "bytes", &violations, "statistics: target1 write:");
+    let violations = run.tampered(|r| {
+        let d = device(r, "target1");
+        stats(r).devices[d].write.timeouts = 1;
+    });
+    fires("19", "a timeout that did not happen", &violations, "statistics: target1 write:");
+    let violations = run.tampered(|r| {
+        let d = device(r, "target0");
+        stats(r).devices[d].write.latency.record(std::time::Duration::from_micros(150));
+    });
+    fires("19", "a latency more", &violations, "statistics: target0 write:");
+    let violations = run.tampered(|r| {
+        let d = device(r, "target2");
+        stats(r).devices.remove(d);
+    });
+    fires(
+        "19",
+        "a device left out",
+        &violations,
+        "statistics: target2 write: [count, errors, timeouts, bytes, latencies, sum µs, max µs] None",
+    );
+    // And the other way: a request in the log the statistics do not count.
+    let violations = run.tampered(|r| append(r, DiskRef::Target(2), IoKind::WriteZeroes, 0..8));
+    fires("19", "a request uncounted", &violations, "statistics: target2 write_zeroes:");
+}
+
+/// Two copies of 16 sectors, one after the other (job 1 submitted at 5 ms); prepared callback 0
+/// prepared at once and queued from inside job 0's callback; prepared callback 1 prepared at
+/// 100 µs and queued 20 ms later, after both jobs.
+fn callbacks_in_order() -> Accepted {
+    let later = JobInputs { submit_at_us: 5000, gap_units: 8, ..copy(16, &[0]) };
+    let mut inputs = inputs(vec![copy(16, &[0]), later], 1, 2);
+    inputs.prepared = vec![
+        PreparedInputs { after_us: 1_000_000, complete: true, in_callback_of: Some(0), ..PreparedInputs::default() },
+        PreparedInputs { at_us: 100, after_us: 20_000, complete: true, ..PreparedInputs::default() },
+    ];
+    let accepted = Accepted::run("callbacks in order", inputs);
+    let report = &accepted.report;
+    let queued = mark_at(report, Mark::PreparedQueued(0));
+    assert!(mark_at(report, Mark::Completed(0)) < queued && queued < mark_at(report, Mark::CallbackReturned(0)));
+    assert!(mark_at(report, Mark::CallbackReturned(1)) < mark_at(report, Mark::PreparedRan(1)));
+    accepted
+}
+
+#[test]
+fn rule_20_callbacks_run_one_at_a_time_and_prepared_ones_after_the_completions_before_them() {
+    let run = callbacks_in_order();
+    // Prepared 0 run inside job 0's callback (as if `complete` ran it at once): the callback
+    // returns only after it.
+    let violations = run.tampered(|r| {
+        let returned = mark_at(r, Mark::PreparedReturned(0));
+        move_mark(r, Mark::CallbackReturned(0), returned + 1);
+    });
+    fires("20", "run inside the callback", &violations, "callbacks: prepared 0 began at");
+    fires("20", "run inside the callback", &violations, "while job 0's callback ran");
+    fires("20", "run inside the callback", &violations, "callbacks: prepared 0, queued at");
+    fires("20", "run inside the callback", &violations, "after job 0's callback began");
+    // Prepared 1, queued after both jobs' callbacks, run before job 1's (moved before it).
+    let violations = run.tampered(|r| {
+        let queued = mark_at(r, Mark::PreparedQueued(1));
+        let returned = mark_at(r, Mark::PreparedReturned(1));
+        // Job 1's callback begins just before prepared 1 is queued and returns after it ran.
+        move_mark(r, Mark::Completed(1), queued - 1);
+        move_mark(r, Mark::CallbackReturned(1), returned + 1);
+    });
+    fires(
+        "20",
+        "a prepared callback before a completion queued before it",
+        &violations,
+        "callbacks: prepared 1, queued at",
+    );
+    // Two callbacks at once: job 1's begins while job 0's runs.
+    let violations = run.tampered(|r| {
+        let inside = mark_at(r, Mark::Completed(0)) + 1;
+        move_mark(r, Mark::Completed(1), inside);
+    });
+    fires("20", "two at once", &violations, "callbacks: job 1's callback began at");
+    // A callback that never returned.
+    let violations = run.tampered(|r| drop_marks(r, Mark::CallbackReturned(1)));
+    fires("20", "never returned", &violations, "callbacks: job 1's callback began at");
+    fires("20", "never returned", &violations, "and never returned");
+}
+
+/// A copy of 512 sectors (64 sub-jobs of 8, one in flight) on disks whose every request costs
+/// 5 ms, under a busy limit of 20 %: 640 ms of I/O spread over about 3 s of model time.
+fn busy_limited() -> Accepted {
+    let slow = TimingInputs { cost_us: 5000, ..TimingInputs::default() };
+    let mut throttled = inputs(vec![copy(512, &[0])], 1, 1);
+    for disk in throttled.sources.iter_mut().chain(&mut throttled.targets) {
+        (disk.read, disk.write) = (slow.clone(), slow.clone());
+    }
+    throttled.throttle = kcopyd_core::Throttle { busy_percent: Some(20), rate_bytes_per_s: None };
+    Accepted::run("busy-limited", throttled)
+}
+
+#[test]
+fn rule_18_a_busy_limited_client_stays_within_its_share_of_every_window_and_progresses() {
+    let run = busy_limited();
+    let last = run.report.io.iter().map(|r| r.done_us).max().expect("requests");
+    assert!(last > 2_500_000, "the throttle spread the copy over {last} µs of model time");
+    // Idle stretches cut to a quarter (each request moved earlier by three quarters of the idle
+    // time before it): busy half of the time, not a fifth.
+    let violations = run.tampered(|r| {
+        let mut lives: Vec<(u64, u64)> = r.io.iter().map(|record| (record.issued_us, record.done_us)).collect();
+        lives.sort_unstable();
+        let (mut busy_end, mut idle) = (0, Vec::new()); // idle: (from, idle time before it ends)
+        let mut idle_total = 0;
+        for (from, to) in lives {
+            if from > busy_end {
+                idle_total += from - busy_end;
+                idle.push((from, idle_total));
+            }
+            busy_end = busy_end.max(to);
+        }
+        let earlier = |us: u64| us - idle.iter().rev().find(|&&(from, _)| from <= us).map_or(0, |&(_, i)| i * 3 / 4);
+        r.io.iter_mut().for_each(|record| {
+            (record.issued_us, record.done_us) = (earlier(record.issued_us), earlier(record.done_us))
+        });
+    });
+    fires("18", "idle cut to a quarter", &violations, "busy limit of 20 %: busy ");
+    // The same run judged under half its limit.
+    let violations = run.with_scenario(|s| s.config.throttle.busy_percent = Some(10));
+    fires("18", "half the limit", &violations, "busy limit of 10 %: busy ");
+    // Idle for 6 s (longer than 100 / 20 windows and a sub-job) in the middle, the job waiting.
+    let violations = run.tampered(|r| {
+        let middle = last / 2;
+        let later = |us: &mut u64| {
+            if *us > middle && *us != u64::MAX {
+                *us += 6_000_000;
+            }
+        };
+        r.io.iter_mut().for_each(|record| {
+            later(&mut record.issued_us);
+            later(&mut record.done_us);
+        });
+        r.mark_us.iter_mut().for_each(later);
+    });
+    fires("18", "idle while a job waits", &violations, "busy limit of 20 %: idle from");
+    // Without a busy limit (or at 100 %), nothing to check.
+    for percent in [None, Some(100)] {
+        let violations = run.with_scenario(|s| s.config.throttle.busy_percent = percent);
+        assert!(violations.is_empty(), "{percent:?}: {violations:#?}");
+    }
+}
+
+/// IGNORE_ERROR, a 5 ms timeout, 3 sub-jobs of 8 sectors (one page each): the source holds its
+/// second request (sub-job 1's read) for ever and its third 2 ms (within the timeout).
+fn timing_out() -> Accepted {
+    let mut inputs = inputs(vec![JobInputs { ignore_error: true, ..copy(24, &[0]) }], 1, 1);
+    inputs.io_timeout_ms = Some(5);
+    inputs.sources[0].faults.stalls = vec![(1, None), (2, Some(2000))];
+    let accepted = Accepted::run("a read timing out", inputs);
+    let outcome = accepted.outcome();
+    assert_eq!(outcome.read_failed, RangeSet::from_range(8..16), "the whole sub-job, not narrowed");
+    assert_eq!(outcome.targets[0].not_copied, RangeSet::from_range(8..16));
+    let report = &accepted.report.shutdown_reports[0];
+    assert_eq!((report.requests_outstanding, report.pool.pages_in_use), (1, 1), "the stuck read and its page");
+    accepted
+}
+
+#[test]
+fn rule_21_timed_out_requests_fail_whole_and_hold_their_pages_until_the_device_returns_them() {
+    let run = timing_out();
+    // The shutdown report and the statistics after it: what the device still holds.
+    let violations = run.tampered(|r| r.shutdown_reports[0].requests_outstanding = 0);
+    fires(
+        "21",
+        "nothing outstanding",
+        &violations,
+        "shutdown 0: 1 pages in use, 0 requests outstanding; devices held 1..=1",
+    );
+    let violations = run.tampered(|r| r.shutdown_reports[0].pool.pages_in_use = 0);
+    fires("21", "its page back", &violations, "shutdown 0: 0 pages in use, 1 requests outstanding");
+    let violations = run.tampered(|r| stats(r).requests_outstanding = 2);
+    fires("21", "two outstanding", &violations, "the statistics after it: 1 pages in use, 2 requests outstanding");
+    // The device returned the buffer before the shutdown: nothing may be held then.
+    let violations = run.tampered(|r| {
+        let stuck = request(r, DiskRef::Source(0), IoKind::Read, 8);
+        let begun = mark_at(r, Mark::ShutdownBegun);
+        (r.io[stuck].done, r.io[stuck].done_us) = (begun - 1, 6000);
+    });
+    fires(
+        "21",
+        "returned before the shutdown",
+        &violations,
+        "shutdown 0: 1 pages in use, 1 requests outstanding; devices held 0..=0",
+    );
+    // Rule 4 judges what the engine saw: the timed-out read failed whole, no narrowing.
+    let violations = run.tampered(|r| outcome(r).read_failed = RangeSet::from_range(8..9));
+    fires(
+        "4",
+        "a timed-out read narrowed",
+        &violations,
+        "job 0: read_failed {8..9}, but the failed single-block reads are [8..16]",
+    );
+    // The 2 ms stall, within the timeout, did not fail.
+    let violations = run.tampered(|r| outcome(r).read_failed = RangeSet::from_range(8..24));
+    fires("4", "a read within the timeout called failed", &violations, "job 0: read_failed {8..24}");
+    // Rule 19 counts the timeout.
+    let violations = run.tampered(|r| {
+        let d = stats(r).devices.iter().position(|d| d.name == "source0").expect("the source");
+        stats(r).devices[d].read.timeouts = 0;
+    });
+    fires("19", "the timeout uncounted", &violations, "statistics: source0 read:");
+    // A tie: a request that completed at the very moment of its timeout failed only if the
+    // outcome says so.
+    let violations = run.tampered(|r| {
+        let late = request(r, DiskRef::Source(0), IoKind::Read, 16);
+        r.io[late].done_us = r.io[late].issued_us + 5000;
+    });
+    assert!(!violations.iter().any(|v| v.contains("read_failed")), "a tie the outcome calls done: {violations:#?}");
 }

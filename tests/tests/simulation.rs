@@ -195,6 +195,48 @@ fn a_device_fails_after_n_requests_and_at_a_virtual_time() {
 }
 
 #[test]
+fn a_stalled_request_is_held_for_its_time_or_for_ever_and_logged() {
+    Simulation::block_on(async {
+        let disk = MemDisk::new(MemDiskOptions {
+            name: "stuck".into(),
+            len_sectors: 64,
+            faults: FaultPlan {
+                stalls: vec![
+                    kcopyd_sim::Stall { io_index: 1, hold_us: Some(7_000) },
+                    kcopyd_sim::Stall { io_index: 2, hold_us: None },
+                ],
+                ..FaultPlan::default()
+            },
+            ..MemDiskOptions::default()
+        });
+        let began = tokio::time::Instant::now();
+        let took = || kcopyd_sim::to_model(began.elapsed());
+        assert!(disk.write(0, WriteBuf::zeroes(512)).await.is_ok());
+        assert_eq!(took(), Duration::ZERO, "request 0 is not held");
+        assert!(disk.write(0, WriteBuf::zeroes(512)).await.is_ok(), "held, then done");
+        assert_eq!(took(), Duration::from_millis(7));
+        let held =
+            tokio::time::timeout(kcopyd_sim::to_tokio(Duration::from_secs(3600)), disk.write(0, WriteBuf::zeroes(512)));
+        assert!(held.await.is_err(), "request 2 never completes");
+        let kinds: Vec<FaultKind> = disk.fault_log().into_iter().map(|r| r.kind).collect();
+        assert_eq!(kinds, vec![FaultKind::Stalled { hold_us: Some(7_000) }, FaultKind::Stalled { hold_us: None }]);
+    });
+    // Drawn from the odds: every request, for ever.
+    let odds = FaultPlan {
+        odds: kcopyd_sim::FaultOdds { stall_ppm: 1_000_000, stall_us: Some(500), ..Default::default() },
+        ..FaultPlan::default()
+    };
+    let disk =
+        MemDisk::new(MemDiskOptions { name: "odd".into(), len_sectors: 64, faults: odds, ..MemDiskOptions::default() });
+    Simulation::block_on(async {
+        let began = tokio::time::Instant::now();
+        assert!(disk.write(0, WriteBuf::zeroes(512)).await.is_ok());
+        assert_eq!(kcopyd_sim::to_model(began.elapsed()), Duration::from_micros(500));
+    });
+    assert_eq!(disk.fault_log()[0].kind, FaultKind::Stalled { hold_us: Some(500) });
+}
+
+#[test]
 fn a_misdirected_write_lands_elsewhere_and_is_logged() {
     let disk = MemDisk::new(MemDiskOptions {
         name: "astray".into(),

@@ -39,6 +39,19 @@ pub struct SlowSpike {
     pub extra_us: u64,
 }
 
+/// A request the device holds: it completes only after `hold_us` more, or never (`None`), as a
+/// device whose command is lost or stuck in its firmware; the buffer stays with the device
+/// meanwhile. What a per-request timeout is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stall {
+    /// Which request (0 = the disk's first, reads and writes counted together).
+    pub io_index: u64,
+    /// How much longer the request takes, µs; `None` for ever.
+    #[serde(default)]
+    pub hold_us: Option<u64>,
+}
+
 /// Per-request probabilities, in parts per million, drawn from the disk's seed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -54,6 +67,10 @@ pub struct FaultOdds {
     pub slow_ppm: u32,
     /// The delay of a slow request.
     pub slow_us: u64,
+    /// A request stalls (see [`Stall`]) for `stall_us`.
+    pub stall_ppm: u32,
+    /// How long a stall drawn by `stall_ppm` holds its request, µs; `None` for ever.
+    pub stall_us: Option<u64>,
 }
 
 /// Everything that may go wrong on one disk.
@@ -70,6 +87,8 @@ pub struct FaultPlan {
     pub fail_at_us: Option<u64>,
     /// Requests slowed on purpose.
     pub slow_spikes: Vec<SlowSpike>,
+    /// Requests held on purpose, for a while or for ever.
+    pub stalls: Vec<Stall>,
     /// Writes sent astray on purpose.
     pub misdirects: Vec<Misdirect>,
     /// Serve each request one logical block at a time, yielding between blocks, so a fault in
@@ -124,6 +143,12 @@ pub enum FaultKind {
     Slow {
         /// The extra delay.
         extra_us: u64,
+    },
+    /// The device held the request: `hold_us` more, or for ever (`None`). Recorded when it
+    /// was issued; it did not fail (unless something else failed it when it completed).
+    Stalled {
+        /// How much longer it took, µs; `None` for ever.
+        hold_us: Option<u64>,
     },
     /// The write landed at `landed` instead and reported success.
     Misdirected {

@@ -35,7 +35,7 @@ pub mod units;
 
 pub use disk_model::{DiskModel, Measurement};
 pub use error::{DiskError, DiskFailure};
-pub use faults::{FaultKind, FaultOdds, FaultPlan, FaultRecord, Misdirect, Operation, SlowSpike, WriteFault};
+pub use faults::{FaultKind, FaultOdds, FaultPlan, FaultRecord, Misdirect, Operation, SlowSpike, Stall, WriteFault};
 pub use mem_disk::{IoStats, MemDisk, MemDiskOptions};
 pub use simulation::{Simulation, in_virtual_time, time_scale, to_model, to_tokio};
 pub use storage::{Provenance, pattern_sector, provenance_of};

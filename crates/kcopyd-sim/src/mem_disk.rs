@@ -146,6 +146,8 @@ impl State {
 /// What was decided about a request when it was issued.
 struct Issued {
     done: Option<Instant>,
+    /// A stall holds the request for ever: it never completes.
+    for_ever: bool,
     io_index: u64,
     in_flight: Option<u64>,
     misdirect_to: Option<u64>,
@@ -428,6 +430,7 @@ impl MemDisk {
         if state.hits(seed, slow_ppm) {
             extra_us += slow_us;
         }
+        let stall = self.stall(&mut state, io_index);
         let mut misdirect_to = None;
         let mut in_flight = None;
         if write {
@@ -449,7 +452,8 @@ impl MemDisk {
             in_flight = Some(id);
         }
         let latency = &self.options.latency;
-        let done = if latency.is_instant(write) && extra_us == 0 {
+        let hold_us = stall.flatten().unwrap_or(0);
+        let done = if latency.is_instant(write) && extra_us == 0 && hold_us == 0 {
             None
         } else {
             let model = if write { latency.write } else { latency.read };
@@ -468,12 +472,24 @@ impl MemDisk {
             };
             let state = &mut *state;
             let slots = if write { &mut state.write_slots } else { &mut state.read_slots };
-            Some(timing::schedule(latency, slots, &mut state.paths, request) + Duration::from_micros(extra_us) * scale)
+            let extra = Duration::from_micros(extra_us.saturating_add(hold_us)) * scale;
+            Some(timing::schedule(latency, slots, &mut state.paths, request) + extra)
         };
         if extra_us > 0 {
             self.record_fault(&mut state, operation, sectors.clone(), FaultKind::Slow { extra_us });
         }
-        Issued { done, io_index, in_flight, misdirect_to }
+        if let Some(hold_us) = stall {
+            self.record_fault(&mut state, operation, sectors.clone(), FaultKind::Stalled { hold_us });
+        }
+        Issued { done, for_ever: stall == Some(None), io_index, in_flight, misdirect_to }
+    }
+
+    /// Whether request `io_index` stalls (from the plan's schedule, else drawn from its odds),
+    /// and for how long (`Some(None)`: for ever).
+    fn stall(&self, state: &mut State, io_index: u64) -> Option<Option<u64>> {
+        let scheduled = state.plan.stalls.iter().find(|s| s.io_index == io_index).map(|s| s.hold_us);
+        let (stall_ppm, stall_us) = (state.plan.odds.stall_ppm, state.plan.odds.stall_us);
+        scheduled.or_else(|| state.hits(self.options.seed, stall_ppm).then_some(stall_us))
     }
 
     /// Counts and traces a request refused before any transfer (misaligned or out of range),
@@ -701,9 +717,14 @@ fn down_failure(kind: &FaultKind) -> DiskFailure {
     }
 }
 
-async fn wait_until(done: Option<Instant>) {
-    if let Some(done) = done {
+/// Waits until a request issued as `issued` is due: its completion time, or for ever if a
+/// stall holds it for ever.
+async fn wait_until(issued: &Issued) {
+    if let Some(done) = issued.done {
         tokio::time::sleep_until(done).await;
+    }
+    if issued.for_ever {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -732,7 +753,7 @@ impl BlockDevice for MemDisk {
         };
         let issued = self.issue(Operation::Read, &sectors, buf.len(), None);
         Box::pin(async move {
-            wait_until(issued.done).await;
+            wait_until(&issued).await;
             let mut result = Ok(());
             let pieces = self.pieces(&sectors);
             let short = pieces.len() > 1;
@@ -758,7 +779,7 @@ impl BlockDevice for MemDisk {
         };
         let issued = self.issue(Operation::Write, &sectors, buf.len(), Some(&buf));
         Box::pin(async move {
-            wait_until(issued.done).await;
+            wait_until(&issued).await;
             self.serve_write(&issued, Operation::Write, sectors, Some(&buf)).await
         })
     }
@@ -773,7 +794,7 @@ impl BlockDevice for MemDisk {
         // Offloaded zeroing moves no data: it costs one request, not bandwidth.
         let issued = self.issue(Operation::WriteZeroes, &sectors, 0, None);
         Box::pin(async move {
-            wait_until(issued.done).await;
+            wait_until(&issued).await;
             self.serve_write(&issued, Operation::WriteZeroes, sectors, None).await
         })
     }

@@ -62,7 +62,7 @@ fn main() -> ExitCode {
     let (mut passed, mut failed) = (0u64, 0u64);
     let (mut jobs, mut jobs_with_errors, mut faults_fired, mut crashes) = (0usize, 0usize, 0usize, 0usize);
     for seed in args.first..args.first + args.seeds {
-        let scenario = Inputs::from_seed(seed).layout();
+        let scenario = Inputs::aimed(seed).layout();
         let verdict = catch_unwind(AssertUnwindSafe(|| {
             let report = run(&scenario);
             let mut violations = check(&scenario, &report);
