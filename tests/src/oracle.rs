@@ -1037,7 +1037,7 @@ fn check_stats(scenario: &Scenario, report: &Report, timeouts: &Timeouts, violat
         ));
     }
     // (disk, kind) -> (count, errors, timeouts, bytes, latency count, sum, max)
-    let mut from_log: BTreeMap<(String, &'static str), [u64; 7]> = BTreeMap::new();
+    let mut from_log: BTreeMap<(String, &'static str), [u128; 7]> = BTreeMap::new();
     for record in &report.io {
         let name = match record.disk {
             DiskRef::Source(s) => &scenario.sources[s].name,
@@ -1051,18 +1051,21 @@ fn check_stats(scenario: &Scenario, report: &Report, timeouts: &Timeouts, violat
         let (timed_out, latency) = timeouts.view(record);
         let ok = record.ok && !timed_out;
         let entry = from_log.entry((name.clone(), op)).or_default();
-        let bytes = (record.sectors.end - record.sectors.start) * SECTOR_SIZE as u64;
-        let row = [1, u64::from(!ok), u64::from(timed_out), if ok { bytes } else { 0 }, 1, latency, latency];
+        let bytes = u128::from(record.sectors.end - record.sectors.start) * SECTOR_SIZE as u128;
+        let latency = u128::from(latency);
+        let row = [1, u128::from(!ok), u128::from(timed_out), if ok { bytes } else { 0 }, 1, latency, latency];
         for (k, value) in row.into_iter().enumerate() {
             entry[k] = if k == 6 { entry[k].max(value) } else { entry[k] + value };
         }
     }
-    let mut from_stats: BTreeMap<(String, &'static str), [u64; 7]> = BTreeMap::new();
+    let mut from_stats: BTreeMap<(String, &'static str), [u128; 7]> = BTreeMap::new();
     for device in &stats.devices {
         for (op, o) in [("read", &device.read), ("write", &device.write), ("write_zeroes", &device.write_zeroes)] {
             if o.count > 0 || o.latency.count() > 0 {
-                let row =
-                    [o.count, o.errors, o.timeouts, o.bytes, o.latency.count(), o.latency.sum_us, o.latency.max_us];
+                let [count, errors, timeouts, latencies, sum_us, max_us] =
+                    [o.count, o.errors, o.timeouts, o.latency.count(), o.latency.sum_us, o.latency.max_us]
+                        .map(u128::from);
+                let row = [count, errors, timeouts, o.bytes, latencies, sum_us, max_us];
                 from_stats.insert((device.name.clone(), op), row);
             }
         }
