@@ -27,9 +27,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kcopyd_clone::{CloneDevice, CloneDevices, CloneOptions, HydrationEnd};
-use kcopyd_core::{
-    BlockDevice, Client, ClientConfig, Device, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, WriteBuf,
-};
+use kcopyd_core::{BlockDevice, Client, ClientConfig, Device, Forward, Hooks, IoFuture, ReadBuf, WriteBuf};
 use kcopyd_sim::{FaultPlan, IoModel, Latency, MemDisk, MemDiskOptions, Simulation, WriteFault, mix64, to_tokio};
 
 const SEEDS_DEFAULT: u64 = 200;
@@ -224,60 +222,60 @@ impl CrashSwitch {
 /// A disk as the clone sees it: every request counted by the crash switch when it completes.
 #[derive(Debug)]
 struct Watched {
-    disk: Arc<MemDisk>,
     switch: Arc<CrashSwitch>,
 }
 
-impl BlockDevice for Watched {
-    fn name(&self) -> &str {
-        self.disk.name()
+impl Watched {
+    /// `disk` through the crash switch's count.
+    fn device(disk: &Arc<MemDisk>, switch: &Arc<CrashSwitch>) -> Device {
+        Arc::new(Forward::new(disk.clone(), Watched { switch: switch.clone() }))
     }
-    fn id(&self) -> DeviceId {
-        self.disk.id()
-    }
-    fn geometry(&self) -> Geometry {
-        self.disk.geometry()
-    }
-    fn read(&self, offset_sectors: u64, buf: ReadBuf) -> IoFuture<'_, (ReadBuf, std::io::Result<()>)> {
+
+    /// `request`, counted when it completes.
+    fn counted<'a, T: Send + 'a>(&'a self, request: IoFuture<'a, T>) -> IoFuture<'a, T> {
         Box::pin(async move {
-            let done = self.disk.read(offset_sectors, buf).await;
+            let done = request.await;
             self.switch.completed();
             done
         })
     }
-    fn write(&self, offset_sectors: u64, buf: WriteBuf) -> IoFuture<'_, std::io::Result<()>> {
-        Box::pin(async move {
-            let done = self.disk.write(offset_sectors, buf).await;
-            self.switch.completed();
-            done
-        })
+}
+
+impl Hooks for Watched {
+    fn read<'a>(
+        &'a self,
+        inner: &'a dyn BlockDevice,
+        offset_sectors: u64,
+        buf: ReadBuf,
+    ) -> IoFuture<'a, (ReadBuf, std::io::Result<()>)> {
+        self.counted(inner.read(offset_sectors, buf))
     }
-    fn write_zeroes(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, std::io::Result<()>> {
-        Box::pin(async move {
-            let done = self.disk.write_zeroes(offset_sectors, len_sectors).await;
-            self.switch.completed();
-            done
-        })
+    fn write<'a>(
+        &'a self,
+        inner: &'a dyn BlockDevice,
+        offset_sectors: u64,
+        buf: WriteBuf,
+    ) -> IoFuture<'a, std::io::Result<()>> {
+        self.counted(inner.write(offset_sectors, buf))
     }
-    fn flush(&self) -> IoFuture<'_, std::io::Result<()>> {
-        Box::pin(async move {
-            let done = self.disk.flush().await;
-            self.switch.completed();
-            done
-        })
+    fn write_zeroes<'a>(
+        &'a self,
+        inner: &'a dyn BlockDevice,
+        offset_sectors: u64,
+        len_sectors: u64,
+    ) -> IoFuture<'a, std::io::Result<()>> {
+        self.counted(inner.write_zeroes(offset_sectors, len_sectors))
     }
-    fn allocated(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, std::io::Result<RangeSet>> {
-        self.disk.allocated(offset_sectors, len_sectors)
+    fn flush<'a>(&'a self, inner: &'a dyn BlockDevice) -> IoFuture<'a, std::io::Result<()>> {
+        self.counted(inner.flush())
     }
-    fn deallocates(&self) -> bool {
-        self.disk.deallocates()
-    }
-    fn deallocate(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, std::io::Result<()>> {
-        Box::pin(async move {
-            let done = self.disk.deallocate(offset_sectors, len_sectors).await;
-            self.switch.completed();
-            done
-        })
+    fn deallocate<'a>(
+        &'a self,
+        inner: &'a dyn BlockDevice,
+        offset_sectors: u64,
+        len_sectors: u64,
+    ) -> IoFuture<'a, std::io::Result<()>> {
+        self.counted(inner.deallocate(offset_sectors, len_sectors))
     }
 }
 
@@ -384,8 +382,7 @@ fn setup(seed: u64, rng: &mut Rng) -> Setup {
 }
 
 fn devices(setup: &Setup) -> CloneDevices {
-    let watched =
-        |disk: &Arc<MemDisk>| -> Device { Arc::new(Watched { disk: disk.clone(), switch: setup.switch.clone() }) };
+    let watched = |disk: &Arc<MemDisk>| -> Device { Watched::device(disk, &setup.switch) };
     CloneDevices {
         source: watched(&setup.source),
         destination: watched(&setup.destination),
