@@ -166,6 +166,8 @@ misbehaviours! {
     OddSizeStallTail => Failed,
     /// NBD_CMD_FLUSH answered after a second (legal, if slow).
     SlowFlush => Copied,
+    /// Every read answered correctly after 300 ms (legal, if slow).
+    SlowReads => Copied,
     /// An export of 0 bytes (legal): nothing to copy.
     SizeZero => Copied,
     /// An export of 2^64 - 1 bytes.
@@ -703,6 +705,11 @@ impl Connection {
         let half = len / 2;
         match self.misbehaviour {
             OddSizeStallTail if len % 512 != 0 => self.stall(),
+            SlowReads => {
+                self.held.fetch_add(1, Ordering::AcqRel);
+                thread::sleep(Duration::from_millis(300));
+                self.data_chunk(DONE, cookie, offset, len)
+            }
             SimpleRepliesOnly | SimpleReplyWhenStructured => {
                 let data = self.bytes(offset, len);
                 self.simple_reply(cookie, 0, &data)

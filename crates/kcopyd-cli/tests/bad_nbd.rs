@@ -465,3 +465,22 @@ fn a_signal_during_the_final_flush_lets_it_finish_then_ends_cancelled() {
     assert_eq!(report["targets"][0]["flush_error"], serde_json::Value::Null, "the flush finished: {stdout}");
     assert_eq!(server.data()[..4096], data[..], "the data reached the export");
 }
+
+#[test]
+fn a_signal_during_copy_verify_comparison_says_no_differences_were_found_so_far() {
+    // The copy writes the export (reads are not slow there); the comparison then reads it back,
+    // one 4 KiB chunk at a time, each answered after 300 ms: the signal comes while the first
+    // is held, and the comparison stops after it.
+    let dir = TempDir::new("bad-nbd-copy-verify-signal");
+    let data = pattern(0x5e1f, 64 << 10);
+    let server = BadServer::start("copy-verify", Misbehaviour::SlowReads, vec![0; DATA_BYTES]);
+    let source = dir.file_with("source.img", &data);
+    let (uri, source_arg) = (server.uri(), source.to_str().unwrap().to_owned());
+    let args = ["copy", "--verify", "--sub-job-size", "4K", "--subjobs-in-flight", "1", &source_arg, &uri];
+    let (code, stdout) = signal_while_held(&args, &server, "-INT", Duration::from_secs(5));
+    assert_eq!(code, Some(130), "{stdout}");
+    assert!(stdout.starts_with("cancelled: copied 64 KiB of 64 KiB"), "the copy was whole: {stdout}");
+    assert!(stdout.contains(": stopped before the end, no differences found so far"), "{stdout}");
+    assert!(!stdout.contains("identical") && !stdout.contains("differences found\n"), "{stdout}");
+    assert_eq!(server.data()[..64 << 10], data[..], "the copy was whole");
+}
