@@ -7,7 +7,9 @@
 //!  either holds what the server really holds, or is reported failed / not copied
 //! ```
 //!
-//! and `verify` and `zero` for the cases that need them. Cases run a few at a time.
+//! and `verify` and `zero` for the cases that need them. Cases run a few at a time. Then
+//! signals aimed at a request the server holds (a stalled partial last block, a slow final
+//! flush, a slow read of `copy --verify`'s comparison): the command ends as docs/CLI.md says.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -427,6 +429,15 @@ fn a_signal_while_the_partial_last_block_waits_ends_the_command_with_the_tail_no
     let report: serde_json::Value = serde_json::from_str(&stdout).expect("a report");
     assert_eq!(report["status"], "cancelled", "{stdout}");
     assert_eq!(report["targets"][0]["not_copied_sectors"], serde_json::json!([[1, 2]]), "{stdout}");
+    assert_eq!(server.data()[..512], data[..512], "the whole block was copied");
+
+    let server = BadServer::start("tail-zero", Misbehaviour::OddSizeStallTail, data.clone());
+    let uri = server.uri();
+    let (code, stdout) = signal_while_held(&["zero", "--json", &uri], &server, "-INT", Duration::from_secs(5));
+    assert_eq!(code, Some(130), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("a report");
+    assert_eq!((report["status"].as_str(), report["bytes_not_copied"].as_u64()), (Some("cancelled"), Some(488)));
+    assert!(server.data()[..512].iter().all(|&b| b == 0), "the whole block was zeroed");
 }
 
 #[test]
