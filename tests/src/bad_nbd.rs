@@ -48,6 +48,7 @@ const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 const CMD_READ: u16 = 0;
 const CMD_WRITE: u16 = 1;
 const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
 const CMD_WRITE_ZEROES: u16 = 6;
 const CMD_BLOCK_STATUS: u16 = 7;
 const DONE: u16 = 1;
@@ -160,6 +161,13 @@ misbehaviours! {
     OddSizeMinOne => Copied,
     /// A 1,000-byte export with minimum block size 512: its last 488 bytes cannot be read.
     OddSizeMin512 => Refused,
+    /// A 1,000-byte export (minimum block size 1) that never answers a read or write of its
+    /// last, partial block (I/O timeout): those 488 bytes are reported.
+    OddSizeStallTail => Failed,
+    /// NBD_CMD_FLUSH answered after a second (legal, if slow).
+    SlowFlush => Copied,
+    /// Every read answered correctly after 300 ms (legal, if slow).
+    SlowReads => Copied,
     /// An export of 0 bytes (legal): nothing to copy.
     SizeZero => Copied,
     /// An export of 2^64 - 1 bytes.
@@ -255,7 +263,7 @@ impl Misbehaviour {
     /// The export's size as the server states it, for data of `data_bytes`.
     pub fn size_bytes(self, data_bytes: u64) -> u64 {
         match self {
-            Misbehaviour::OddSizeMinOne | Misbehaviour::OddSizeMin512 => 1000,
+            Misbehaviour::OddSizeMinOne | Misbehaviour::OddSizeMin512 | Misbehaviour::OddSizeStallTail => 1000,
             Misbehaviour::SizeZero => 0,
             Misbehaviour::SizeHuge => u64::MAX,
             _ => data_bytes,
@@ -302,6 +310,8 @@ pub struct BadServer {
     socket: PathBuf,
     stop: Arc<AtomicBool>,
     data: Arc<Mutex<Vec<u8>>>,
+    /// Requests held so far (stalled, or a slow flush waiting): a test aims a signal at one.
+    held: Arc<AtomicUsize>,
     accept: Option<thread::JoinHandle<()>>,
     _dir: TempDir,
 }
@@ -315,7 +325,8 @@ impl BadServer {
         let listener = UnixListener::bind(&socket).expect("binding the server's socket");
         let stop = Arc::new(AtomicBool::new(false));
         let data = Arc::new(Mutex::new(data));
-        let (accept_stop, accept_data) = (stop.clone(), data.clone());
+        let held = Arc::new(AtomicUsize::new(0));
+        let (accept_stop, accept_data, accept_held) = (stop.clone(), data.clone(), held.clone());
         let accept = thread::spawn(move || {
             let connections = AtomicUsize::new(0);
             for stream in listener.incoming() {
@@ -330,17 +341,24 @@ impl BadServer {
                     index,
                     data: accept_data.clone(),
                     stop: accept_stop.clone(),
+                    held: accept_held.clone(),
                     structured: false,
                 };
                 thread::spawn(move || connection.serve());
             }
         });
-        BadServer { socket, stop, data, accept: Some(accept), _dir: dir }
+        BadServer { socket, stop, data, held, accept: Some(accept), _dir: dir }
     }
 
     /// The export's URI.
     pub fn uri(&self) -> String {
         format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+
+    /// How many times the server has held a request so far (a stall, a slow flush): it is
+    /// holding one from the moment this counts it.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
     }
 
     /// The export's bytes now (writes applied).
@@ -367,6 +385,7 @@ struct Connection {
     index: usize,
     data: Arc<Mutex<Vec<u8>>>,
     stop: Arc<AtomicBool>,
+    held: Arc<AtomicUsize>,
     structured: bool,
 }
 
@@ -399,6 +418,7 @@ impl Connection {
 
     /// Sleeps until the server is dropped (at most a minute): a stalled server.
     fn stall(&self) -> io::Result<()> {
+        self.held.fetch_add(1, Ordering::AcqRel);
         for _ in 0..600 {
             if self.stop.load(Ordering::Acquire) {
                 break;
@@ -593,6 +613,11 @@ impl Connection {
                 CMD_READ => self.read_reply(&request)?,
                 CMD_BLOCK_STATUS => self.block_status_reply(&request)?,
                 CMD_WRITE => self.write_reply(&request)?,
+                CMD_FLUSH if self.misbehaviour == Misbehaviour::SlowFlush => {
+                    self.held.fetch_add(1, Ordering::AcqRel);
+                    thread::sleep(Duration::from_secs(1));
+                    self.simple_reply(request.cookie, 0, &[])?;
+                }
                 CMD_WRITE_ZEROES => {
                     self.apply(request.offset, &vec![0; request.len as usize]);
                     self.simple_reply(request.cookie, 0, &[])?;
@@ -612,6 +637,7 @@ impl Connection {
                 self.simple_reply(request.cookie, EIO, &[])
             }
             StallOnWrite => self.stall(),
+            OddSizeStallTail if request.len % 512 != 0 => self.stall(),
             WriteReplyUnknownCookie => {
                 self.apply(offset, &payload);
                 self.simple_reply(request.cookie ^ (1 << 40), 0, &[])
@@ -678,6 +704,12 @@ impl Connection {
         let (cookie, offset, len) = (request.cookie, request.offset, u64::from(request.len));
         let half = len / 2;
         match self.misbehaviour {
+            OddSizeStallTail if len % 512 != 0 => self.stall(),
+            SlowReads => {
+                self.held.fetch_add(1, Ordering::AcqRel);
+                thread::sleep(Duration::from_millis(300));
+                self.data_chunk(DONE, cookie, offset, len)
+            }
             SimpleRepliesOnly | SimpleReplyWhenStructured => {
                 let data = self.bytes(offset, len);
                 self.simple_reply(cookie, 0, &data)

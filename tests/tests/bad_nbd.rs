@@ -105,7 +105,7 @@ fn library_case(misbehaviour: Misbehaviour) -> Result<(), String> {
 fn check_failure(misbehaviour: Misbehaviour, error: &io::Error) -> Result<(), String> {
     use Misbehaviour::*;
     let right = match misbehaviour {
-        MissingDone | StallBeforeReply | StallMidPayload | SlowDrip | StallOnWrite => {
+        MissingDone | StallBeforeReply | StallMidPayload | SlowDrip | StallOnWrite | OddSizeStallTail => {
             error.kind() == io::ErrorKind::TimedOut
         }
         ErrorWithoutDone | WriteEioOnRange => request_error(error).and_then(RequestError::server_errno) == Some(5),

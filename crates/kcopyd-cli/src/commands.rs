@@ -17,7 +17,7 @@ use crate::out;
 use crate::progress::{self, Interrupts, Phase};
 use crate::report::{self, Report, SourceReport, TargetReport, TargetVerify, VerifyReport};
 use crate::size::Bytes;
-use crate::tail::Tail;
+use crate::tail::{Tail, TailError};
 
 /// What a command hands back to `main`: its report and exit status.
 #[derive(Debug)]
@@ -465,46 +465,68 @@ async fn run_compare(
     let stop = interrupts.stop_flag();
     let mut comparison =
         compare::compare(&source_side, &sides, len_sectors, skip, setup.shape, &setup.pool, &on_chunk, stop).await;
-    let interrupted = interrupts.take_pending();
+    let mut interrupted = interrupts.take_pending();
     if interrupted.is_none() && !tail.is_empty() {
-        compare_tail(source, targets, tail, skip, &mut comparison);
-        on_chunk(tail.len_bytes);
+        interrupted = compare_tail(source, targets, tail, skip, &mut comparison, interrupts).await;
+        if interrupted.is_none() {
+            on_chunk(tail.len_bytes);
+        }
     }
     bar.finish_and_clear();
     (comparison, compared.get(), started.elapsed().as_secs_f64(), interrupted)
 }
 
-/// Compares the tail of the range (regular files, through the page cache): a differing tail
-/// counts as one differing block, its sectors those the tail touches.
-fn compare_tail(source: &Opened, targets: &[Opened], tail: Tail, skip: Option<&[RangeSet]>, found: &mut Comparison) {
+/// Compares the tail of the range (files, NBD exports): a differing tail counts as one
+/// differing block, its sectors those the tail touches. A signal stops it (returned): the
+/// targets not compared yet are left as they are.
+async fn compare_tail(
+    source: &Opened,
+    targets: &[Opened],
+    tail: Tail,
+    skip: Option<&[RangeSet]>,
+    found: &mut Comparison,
+    interrupts: &mut Interrupts,
+) -> Option<u8> {
     let sectors = tail.range_sectors();
-    let expected = match tail.read(source) {
+    let expected = match tail.read(source, interrupts).await {
         Ok(bytes) => bytes,
-        Err(_) => {
+        Err(TailError::Interrupted(code)) => return Some(code),
+        Err(TailError::Io(_)) => {
             found.source_unreadable.insert(sectors);
-            return;
+            return None;
         }
     };
     for (index, (target, diff)) in targets.iter().zip(&mut found.targets).enumerate() {
         if skip.is_some_and(|skip| skip[index].intersects(&sectors)) {
             continue;
         }
-        match tail.read(target) {
+        match tail.read(target, interrupts).await {
             Ok(bytes) if bytes == expected => {}
             Ok(_) => {
                 diff.differing_blocks += 1;
                 diff.differing.insert(sectors.clone());
             }
-            Err(_) => diff.unreadable.insert(sectors.clone()),
+            Err(TailError::Interrupted(code)) => return Some(code),
+            Err(TailError::Io(_)) => diff.unreadable.insert(sectors.clone()),
         }
     }
+    None
 }
 
 /// After a copy or zero job, writes the tail of the range (regular files) with `bytes` read
 /// from the source (`None`: zeroes), if the job went on to its end: finished, or failed with
 /// `--ignore-errors`. Otherwise, or where it fails, the tail is reported as the job reports
-/// blocks: read failed, write failed, not copied.
-fn finish_tail(tail: Tail, source: Option<&Opened>, targets: &[Opened], keep_going: bool, run: &mut JobRun) {
+/// blocks: read failed, write failed, not copied. A signal during it (an NBD export's request
+/// abandoned) stops it: the tail is not copied where it was not written, and the run is
+/// interrupted.
+async fn finish_tail(
+    tail: Tail,
+    source: Option<&Opened>,
+    targets: &[Opened],
+    keep_going: bool,
+    run: &mut JobRun,
+    interrupts: &mut Interrupts,
+) {
     if tail.is_empty() {
         return;
     }
@@ -513,12 +535,16 @@ fn finish_tail(tail: Tail, source: Option<&Opened>, targets: &[Opened], keep_goi
         && !outcome.cancelled
         && outcome.panicked.is_none()
         && (keep_going || job_ok(outcome));
-    let bytes = match (went_on, source) {
+    let mut bytes = match (went_on, source) {
         (false, _) => None,
         (true, None) => Some(vec![0; tail.len_bytes as usize]),
-        (true, Some(source)) => match tail.read(source) {
+        (true, Some(source)) => match tail.read(source, interrupts).await {
             Ok(bytes) => Some(bytes),
-            Err(_) => {
+            Err(TailError::Interrupted(code)) => {
+                run.interrupted = Some(code);
+                None
+            }
+            Err(TailError::Io(_)) => {
                 outcome.read_err = true;
                 outcome.read_failed.insert(tail.sectors(source));
                 None
@@ -529,9 +555,15 @@ fn finish_tail(tail: Tail, source: Option<&Opened>, targets: &[Opened], keep_goi
     for (target, report) in targets.iter().zip(&mut outcome.targets) {
         let sectors = tail.sectors(target);
         match &bytes {
-            Some(bytes) => match tail.write(target, bytes) {
+            Some(data) => match tail.write(target, data, interrupts).await {
                 Ok(()) => written += 1,
-                Err(_) => {
+                Err(TailError::Interrupted(code)) => {
+                    // Written or not, it was not made sure of: the rest is not started.
+                    run.interrupted = Some(code);
+                    report.not_copied.insert(sectors);
+                    bytes = None;
+                }
+                Err(TailError::Io(_)) => {
                     report.write_failed.insert(sectors.clone());
                     report.not_copied.insert(sectors);
                 }
@@ -779,7 +811,7 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
                 .await?
         }
     };
-    finish_tail(plan.tail, Some(&plan.source), &plan.targets, args.ignore_errors, &mut run);
+    finish_tail(plan.tail, Some(&plan.source), &plan.targets, args.ignore_errors, &mut run, interrupts).await;
     let mut targets = job_targets(&plan.targets, &run, plan.len_bytes);
     let not_copied = not_copied_bytes(&plan.targets, &run, plan.len_bytes);
     let mut verify = None;
@@ -844,7 +876,7 @@ pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, 
         &mut nothing_created,
     )
     .await?;
-    finish_tail(plan.tail, None, opened, args.ignore_errors, &mut run);
+    finish_tail(plan.tail, None, opened, args.ignore_errors, &mut run, interrupts).await;
     let mut targets = job_targets(opened, &run, len_bytes);
     let not_copied = not_copied_bytes(opened, &run, len_bytes);
     for target in &mut targets {

@@ -14,20 +14,32 @@
 //! bytes; the kernel writes dirty cached pages back before a later O_DIRECT read of them.
 //!
 //! An NBD export of 1,000 bytes is one 512-byte block for the engine; its last 488 bytes are
-//! one `NBD_CMD_READ` (or `NBD_CMD_WRITE` and a flush) here, awaited on this thread (bounded
-//! by `--io-timeout` when given).
+//! one `NBD_CMD_READ` (or `NBD_CMD_WRITE` and a flush) here, awaited on the command's runtime
+//! against the signals: the first SIGINT or SIGTERM abandons the request
+//! ([`TailError::Interrupted`]), so a stalled server holds the command up no longer than a
+//! signal (`--io-timeout` bounds it otherwise). A file's tail is a buffered read or write of
+//! less than a block; a signal that came before it is taken first.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
-use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
-
 use kcopyd_core::{BlockDevice, SECTOR_SIZE};
 
 use crate::devices::Opened;
+use crate::progress::Interrupts;
+
+/// Why a tail was not read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum TailError {
+    /// The read, the write or the flush failed.
+    #[error("the partial last block: {0}")]
+    Io(#[from] io::Error),
+    /// A signal came first: the request (if one was sent) was abandoned. Its exit code.
+    #[error("the partial last block was not finished: interrupted (exit {0})")]
+    Interrupted(u8),
+}
 
 /// Where the tail of a range lies: `offset_in_range_bytes` bytes into the range (a whole
 /// number of blocks), `len_bytes` long (less than a block).
@@ -71,11 +83,16 @@ impl Tail {
     /// Reads the tail of `opened`'s range.
     ///
     /// # Errors
-    /// The file cannot be opened again as the same inode, or the read fails or ends early.
-    pub fn read(&self, opened: &Opened) -> io::Result<Vec<u8>> {
+    /// The file cannot be opened again as the same inode, or the read fails or ends early
+    /// ([`TailError::Io`]); a signal came before or during it ([`TailError::Interrupted`]).
+    pub async fn read(&self, opened: &Opened, interrupts: &mut Interrupts) -> Result<Vec<u8>, TailError> {
         let len_bytes = usize::try_from(self.len_bytes).expect("a tail is less than a block");
+        if let Some(code) = interrupts.take_pending() {
+            return Err(TailError::Interrupted(code));
+        }
         if let Some(nbd) = &opened.nbd {
-            return block_on(nbd.read_bytes(opened.arg.offset_bytes + self.offset_in_range_bytes, len_bytes));
+            let at = opened.arg.offset_bytes + self.offset_in_range_bytes;
+            return Ok(until_signal(nbd.read_bytes(at, len_bytes), interrupts).await??);
         }
         let file = reopen(opened, false)?;
         let mut bytes = vec![0; len_bytes];
@@ -87,36 +104,31 @@ impl Tail {
     /// durable.
     ///
     /// # Errors
-    /// The file cannot be opened again as the same inode, or the write or the flush fails.
-    pub fn write(&self, opened: &Opened, bytes: &[u8]) -> io::Result<()> {
+    /// The file cannot be opened again as the same inode, or the write or the flush fails
+    /// ([`TailError::Io`]); a signal came before or during it ([`TailError::Interrupted`]: the
+    /// tail may or may not have reached the target).
+    pub async fn write(&self, opened: &Opened, bytes: &[u8], interrupts: &mut Interrupts) -> Result<(), TailError> {
         assert_eq!(bytes.len() as u64, self.len_bytes, "a tail's bytes fill the tail");
+        if let Some(code) = interrupts.take_pending() {
+            return Err(TailError::Interrupted(code));
+        }
         if let Some(nbd) = &opened.nbd {
-            block_on(nbd.write_bytes(opened.arg.offset_bytes + self.offset_in_range_bytes, bytes))?;
-            return block_on(nbd.flush());
+            let at = opened.arg.offset_bytes + self.offset_in_range_bytes;
+            until_signal(nbd.write_bytes(at, bytes), interrupts).await??;
+            return Ok(until_signal(nbd.flush(), interrupts).await??);
         }
         let file = reopen(opened, true)?;
         file.write_all_at(bytes, opened.arg.offset_bytes + self.offset_in_range_bytes)?;
-        file.sync_data()
+        Ok(file.sync_data()?)
     }
 }
 
-/// Runs `future` to its end on this thread. NBD requests complete on the connection's own
-/// thread, so nothing here needs a runtime.
-fn block_on<F: Future>(future: F) -> F::Output {
-    struct Unpark(std::thread::Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut context = Context::from_waker(&waker);
-    let mut future = std::pin::pin!(future);
-    loop {
-        if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
-            return output;
-        }
-        std::thread::park();
+/// Awaits `future` (an NBD request: it completes on the connection's own thread) unless a
+/// signal comes first: then the request is abandoned and the signal's exit code returned.
+async fn until_signal<F: Future>(future: F, interrupts: &mut Interrupts) -> Result<F::Output, TailError> {
+    tokio::select! {
+        output = future => Ok(output),
+        code = interrupts.recv() => Err(TailError::Interrupted(code)),
     }
 }
 

@@ -7,7 +7,9 @@
 //!  either holds what the server really holds, or is reported failed / not copied
 //! ```
 //!
-//! and `verify` and `zero` for the cases that need them. Cases run a few at a time.
+//! and `verify` and `zero` for the cases that need them. Cases run a few at a time. Then
+//! signals aimed at a request the server holds (a stalled partial last block, a slow final
+//! flush, a slow read of `copy --verify`'s comparison): the command ends as docs/CLI.md says.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -356,4 +358,140 @@ fn the_connect_timeout_bounds_a_silent_server() {
     assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     let run = kcopyd_bounded(&["copy", "--connect-timeout", "0s", source.to_str().unwrap(), &server.uri()]).unwrap();
     assert_eq!(run.code, 2, "{}", run.stderr);
+}
+
+/// Waits until `server` holds a request (a stall, a slow flush).
+fn wait_until_held(server: &BadServer) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.held() == 0 {
+        assert!(Instant::now() < deadline, "the server never held a request");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Runs `kcopyd ARGS`, sends `signal` once `server` holds a request, and returns the exit code
+/// and standard output, failing if the command is still running `limit` after the signal.
+fn signal_while_held(args: &[&str], server: &BadServer, signal: &str, limit: Duration) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kcopyd"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_signal_handlers(child.id());
+    wait_until_held(server);
+    let killed = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let mut stdout = child.stdout.take().expect("piped");
+    let out = thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        text
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{signal} did not end {args:?} within {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    (status.code(), out.join().unwrap_or_default())
+}
+
+#[test]
+fn a_signal_while_the_partial_last_block_waits_ends_the_command_with_the_tail_not_copied() {
+    let dir = TempDir::new("bad-nbd-tail-signal");
+    let data = pattern(0x7a11, DATA_BYTES);
+    // From the export (its tail read stalls), then into it (its tail write stalls).
+    let server = BadServer::start("tail-read", Misbehaviour::OddSizeStallTail, data.clone());
+    let copy = dir.join("copy.img");
+    let (uri, copy_arg) = (server.uri(), copy.to_str().unwrap().to_owned());
+    let (code, stdout) =
+        signal_while_held(&["copy", "--json", &uri, &copy_arg], &server, "-INT", Duration::from_secs(5));
+    assert_eq!(code, Some(130), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("a report");
+    assert_eq!(report["status"], "cancelled", "{stdout}");
+    assert_eq!(report["targets"][0]["not_copied_sectors"], serde_json::json!([[1, 2]]), "{stdout}");
+    assert_eq!(report["bytes_not_copied"], 488, "{stdout}");
+    assert_eq!(fs::read(&copy).unwrap()[..512], data[..512], "the whole block was copied");
+
+    let server = BadServer::start("tail-write", Misbehaviour::OddSizeStallTail, vec![0; DATA_BYTES]);
+    let source = dir.file_with("source.img", &data[..1000]);
+    let (uri, source_arg) = (server.uri(), source.to_str().unwrap().to_owned());
+    let (code, stdout) =
+        signal_while_held(&["copy", "--json", &source_arg, &uri], &server, "-TERM", Duration::from_secs(5));
+    assert_eq!(code, Some(143), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("a report");
+    assert_eq!(report["status"], "cancelled", "{stdout}");
+    assert_eq!(report["targets"][0]["not_copied_sectors"], serde_json::json!([[1, 2]]), "{stdout}");
+    assert_eq!(server.data()[..512], data[..512], "the whole block was copied");
+
+    let server = BadServer::start("tail-zero", Misbehaviour::OddSizeStallTail, data.clone());
+    let uri = server.uri();
+    let (code, stdout) = signal_while_held(&["zero", "--json", &uri], &server, "-INT", Duration::from_secs(5));
+    assert_eq!(code, Some(130), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("a report");
+    assert_eq!((report["status"].as_str(), report["bytes_not_copied"].as_u64()), (Some("cancelled"), Some(488)));
+    assert!(server.data()[..512].iter().all(|&b| b == 0), "the whole block was zeroed");
+}
+
+#[test]
+fn a_signal_while_verify_waits_for_the_partial_last_block_ends_it_incomplete() {
+    let dir = TempDir::new("bad-nbd-tail-verify-signal");
+    let data = pattern(0x7a12, DATA_BYTES);
+    let server = BadServer::start("tail-verify", Misbehaviour::OddSizeStallTail, data.clone());
+    let copy = dir.file_with("copy.img", &data[..1000]);
+    let (uri, copy_arg) = (server.uri(), copy.to_str().unwrap().to_owned());
+    let (code, stdout) =
+        signal_while_held(&["verify", "--json", &uri, &copy_arg], &server, "-INT", Duration::from_secs(5));
+    assert_eq!(code, Some(130), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("a report");
+    assert_eq!(report["status"], "cancelled", "{stdout}");
+    assert_eq!(report["targets"][0]["status"], "incomplete", "{stdout}");
+    assert_eq!(report["bytes"], 512, "the tail was not compared: {stdout}");
+}
+
+#[test]
+fn a_signal_during_the_final_flush_lets_it_finish_then_ends_cancelled() {
+    let dir = TempDir::new("bad-nbd-flush-signal");
+    let data = pattern(0xf1a5, 4096);
+    let server = BadServer::start("flush", Misbehaviour::SlowFlush, vec![0; DATA_BYTES]);
+    let source = dir.file_with("source.img", &data);
+    let (uri, source_arg) = (server.uri(), source.to_str().unwrap().to_owned());
+    let (code, stdout) = signal_while_held(
+        &["copy", "--json", "--length", "4096", &source_arg, &uri],
+        &server,
+        "-INT",
+        Duration::from_secs(5),
+    );
+    assert_eq!(code, Some(130), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("a report");
+    assert_eq!(report["status"], "cancelled", "{stdout}");
+    assert_eq!(report["bytes_copied"], 4096, "the job had finished: {stdout}");
+    assert_eq!(report["targets"][0]["flush_error"], serde_json::Value::Null, "the flush finished: {stdout}");
+    assert_eq!(server.data()[..4096], data[..], "the data reached the export");
+}
+
+#[test]
+fn a_signal_during_copy_verify_comparison_says_no_differences_were_found_so_far() {
+    // The copy writes the export (reads are not slow there); the comparison then reads it back,
+    // one 4 KiB chunk at a time, each answered after 300 ms: the signal comes while the first
+    // is held, and the comparison stops after it.
+    let dir = TempDir::new("bad-nbd-copy-verify-signal");
+    let data = pattern(0x5e1f, 64 << 10);
+    let server = BadServer::start("copy-verify", Misbehaviour::SlowReads, vec![0; DATA_BYTES]);
+    let source = dir.file_with("source.img", &data);
+    let (uri, source_arg) = (server.uri(), source.to_str().unwrap().to_owned());
+    let args = ["copy", "--verify", "--sub-job-size", "4K", "--subjobs-in-flight", "1", &source_arg, &uri];
+    let (code, stdout) = signal_while_held(&args, &server, "-INT", Duration::from_secs(5));
+    assert_eq!(code, Some(130), "{stdout}");
+    assert!(stdout.starts_with("cancelled: copied 64 KiB of 64 KiB"), "the copy was whole: {stdout}");
+    assert!(stdout.contains(": stopped before the end, no differences found so far"), "{stdout}");
+    assert!(!stdout.contains("identical") && !stdout.contains("differences found\n"), "{stdout}");
+    assert_eq!(server.data()[..64 << 10], data[..], "the copy was whole");
 }

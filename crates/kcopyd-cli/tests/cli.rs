@@ -2275,3 +2275,33 @@ fn a_resumed_map_copy_reports_this_runs_bytes_beside_the_total() {
     let again = kcopyd(&args);
     assert!(again.stdout.starts_with("copied 16 MiB in") && again.stdout.contains("(0 B by this run"), "{again:?}");
 }
+
+#[test]
+fn a_signal_during_validation_removes_the_target_files_it_created() {
+    // Nothing announces "between two copies" outside a terminal, so the signal is aimed at the
+    // copies as a whole: once the last target file exists, many rounds of copies are left.
+    // Whether it lands in a copy (cancelled, then the run ends) or between two (quit at
+    // once), the command ends with 130, no table, and none of the files it made.
+    let dir = TempDir::new("cli-validate-signal");
+    let source = dir.file_with("source.img", &pattern(47, 4 * MIB));
+    let target = dir.join("target.img");
+    let model = dir.file_with(
+        "model.toml",
+        b"description = \"by hand\"\n[latency.read]\nbandwidth_bytes_per_s = 1000000000\n\
+          [latency.write]\nbandwidth_bytes_per_s = 1000000000\n",
+    );
+    let args =
+        ["sim", "validate", s(&source), s(&target), "--model", s(&model), "--configs", "64Kx1x3", "--runs", "50"];
+    for signal in ["INT", "TERM"] {
+        let running = start(&args, Stdio::piped(), Stdio::piped());
+        let last = PathBuf::from(format!("{}.3", target.display()));
+        wait_for_file(&last);
+        send_signal(running.pid, signal);
+        let ran = running.ends_within(Duration::from_secs(5), "sim validate");
+        assert_eq!(ran.code, if signal == "INT" { 130 } else { 143 }, "{ran:?}");
+        assert_eq!(ran.stdout, "", "no table: {ran:?}");
+        for path in [target.clone(), PathBuf::from(format!("{}.2", target.display())), last] {
+            assert!(!path.exists(), "{} was left behind", path.display());
+        }
+    }
+}
