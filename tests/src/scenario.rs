@@ -319,7 +319,7 @@ impl Inputs {
     /// hole would leave behind (Skip is only right for targets known to read as zeroes). Drawn
     /// from a generator of its own, so that every other draw of a seed stays what it was.
     fn sparse_jobs(mut self, seed: u64) -> Inputs {
-        let mut rng = Draw(mix64(seed ^ 0x5ba25e_0b));
+        let mut rng = Draw(mix64(seed ^ 0x5ba2_5e0b));
         if rng.below(3) != 0 {
             return self;
         }
