@@ -12,7 +12,8 @@
 //!
 //! The oracle works out each job's sub-jobs as the engine's documented contract defines them
 //! (`chunk = max(min(sub_job_size, page_budget) rounded down to the job's logical block, one
-//! block)`), attributes every request to the job and sub-job whose region it falls in, and
+//! block)`; for a sparse copy that skips holes, rebuilt from its source's allocation, see
+//! `sub_jobs`), attributes every request to the job and sub-job whose region it falls in, and
 //! derives what the outcome must say. Every rule is listed, with its reason, in
 //! docs/SIMULATION.md.
 
