@@ -12,14 +12,17 @@
 //!
 //! The oracle works out each job's sub-jobs as the engine's documented contract defines them
 //! (`chunk = max(min(sub_job_size, page_budget) rounded down to the job's logical block, one
-//! block)`), attributes every request to the job and sub-job whose region it falls in, and
+//! block)`; for a sparse copy that skips holes, rebuilt from its source's allocation, see
+//! `sub_jobs`), attributes every request to the job and sub-job whose region it falls in, and
 //! derives what the outcome must say. Every rule is listed, with its reason, in
 //! docs/SIMULATION.md.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use kcopyd_core::{Flags, Outcome, PAGE_SIZE, RangeSet, SECTOR_SIZE, SubmitError};
+use kcopyd_core::{
+    Flags, HOLE_SUB_JOB_SECTORS_MAX, Outcome, PAGE_SIZE, RangeSet, SECTOR_SIZE, SubmitError, TargetZeroes,
+};
 use kcopyd_sim::{FaultKind, Provenance};
 
 use crate::io_log::{DiskRef, IoKind, IoRecord, Mark};
@@ -42,10 +45,19 @@ struct JobView<'a> {
     seq: bool,
     /// The job's logical block in sectors (the largest of its devices').
     block: u64,
-    /// Sectors per sub-job.
+    /// Sectors per sub-job that reads (the contract's chunk).
     chunk: u64,
     /// Number of sub-jobs.
     chunks: u64,
+    /// Where each sub-job starts, job-relative, then the job's length: every `chunk` sectors
+    /// for a plain copy or a zero job; for a sparse copy that skips holes, rebuilt from the
+    /// source's allocation as the engine walks it (data cut every `chunk` sectors from the
+    /// start of each allocated run, holes cut every `hole_max`).
+    bounds: Vec<u64>,
+    /// Per sub-job: a hole of a sparse copy (nothing read, no pages held).
+    holes: Vec<bool>,
+    /// A sparse copy whose every target takes zeroes cheaply: a hole moves no bytes.
+    cheap_holes: bool,
     /// Its requests of phase 1, with their role and job-relative sectors.
     ios: Vec<(&'a IoRecord, Role, Range<u64>)>,
     /// Its requests of every phase (the resubmission after a crash is phase 2).
@@ -56,15 +68,32 @@ struct JobView<'a> {
 
 impl JobView<'_> {
     fn chunk_range(&self, k: u64) -> Range<u64> {
-        k * self.chunk..((k + 1) * self.chunk).min(self.layout.len_sectors)
+        self.bounds[k as usize]..self.bounds[k as usize + 1]
+    }
+
+    /// The sub-job holding job-relative sector `sector` (the last one past the end).
+    fn chunk_of(&self, sector: u64) -> u64 {
+        (self.bounds.partition_point(|&b| b <= sector).max(1) - 1) as u64
     }
 
     /// The sub-jobs a job-relative range touches.
     fn chunks_of(&self, range: &Range<u64>) -> Range<u64> {
         if range.start >= range.end {
-            return range.start / self.chunk..range.start / self.chunk;
+            return self.chunk_of(range.start)..self.chunk_of(range.start);
         }
-        range.start / self.chunk..(range.end - 1) / self.chunk + 1
+        self.chunk_of(range.start)..self.chunk_of(range.end - 1) + 1
+    }
+
+    /// Whether sub-job `k` is a hole of a sparse copy: it reads nothing and holds no pages.
+    fn is_hole(&self, k: u64) -> bool {
+        self.holes.get(k as usize).copied().unwrap_or(false)
+    }
+
+    /// The bytes sub-job `k` moves through the engine (what the throttle's rate charges):
+    /// none for a hole whose every target takes zeroes cheaply.
+    fn moved_bytes(&self, k: u64) -> u64 {
+        let range = self.chunk_range(k);
+        if self.is_hole(k) && self.cheap_holes { 0 } else { (range.end - range.start) * SECTOR_SIZE as u64 }
     }
 
     /// The whole sub-jobs holding any sector of `set`.
@@ -298,8 +327,23 @@ fn attribute<'a>(
             let wanted = (scenario.config.sub_job_size_bytes / SECTOR_SIZE) as u64;
             let budget = (scenario.config.page_budget * PAGE_SIZE / SECTOR_SIZE) as u64;
             let chunk = (wanted.min(budget) / block * block).max(block);
-            let chunks = layout.len_sectors.div_ceil(chunk);
-            JobView { layout, ignore, seq, block, chunk, chunks, ios: Vec::new(), all: Vec::new(), timeouts }
+            let cheap_holes = layout.targets.iter().all(|&(t, _)| zeroes_are_cheap(layout, &scenario.targets[t]));
+            let (bounds, holes) = sub_jobs(layout, chunk, block, cheap_holes);
+            let chunks = holes.len() as u64;
+            JobView {
+                layout,
+                ignore,
+                seq,
+                block,
+                chunk,
+                chunks,
+                bounds,
+                holes,
+                cheap_holes,
+                ios: Vec::new(),
+                all: Vec::new(),
+                timeouts,
+            }
         })
         .collect();
     // Every region: (disk, sectors) -> (job, role, region start).
@@ -351,6 +395,46 @@ fn attribute<'a>(
         view.all.push((record, role, relative));
     }
     views
+}
+
+/// Whether zeroes cost a sparse copy no data transfer on `target` (`Sparse`'s contract):
+/// `Write` needs write-zeroes offload, `Deallocate` offload or a disk that deallocates (a
+/// sparse one); a zoned target that does not offload takes zeroes as data.
+fn zeroes_are_cheap(layout: &JobLayout, target: &kcopyd_sim::MemDiskOptions) -> bool {
+    match layout.sparse.target_zeroes {
+        TargetZeroes::Write => target.write_zeroes,
+        TargetZeroes::Deallocate => target.write_zeroes || target.sparse,
+        TargetZeroes::Skip => !target.zoned || target.write_zeroes,
+    }
+}
+
+/// A job's sub-jobs: their bounds (starts, then the length) and which are holes. A sparse copy
+/// that skips holes walks its source's allocation (the complement of its holes, rounded out to
+/// the job's block): data up to `chunk` sectors within an allocated run, holes up to
+/// `HOLE_SUB_JOB_SECTORS_MAX` (in whole blocks) where every target takes zeroes cheaply and up
+/// to `chunk` otherwise. Any other job is cut every `chunk` sectors.
+fn sub_jobs(layout: &JobLayout, chunk: u64, block: u64, cheap_holes: bool) -> (Vec<u64>, Vec<bool>) {
+    let len = layout.len_sectors;
+    let skips = layout.source.is_some() && layout.sparse.skip_holes;
+    let allocated = span(0..len).difference(&Sectors::from_ranges(layout.holes.iter().cloned()));
+    let allocated = Sectors::from_ranges(
+        allocated.ranges().iter().map(|r| r.start / block * block..(r.end.div_ceil(block) * block).min(len)),
+    );
+    let hole_max = if cheap_holes { HOLE_SUB_JOB_SECTORS_MAX / block * block } else { chunk };
+    let (mut bounds, mut holes, mut cursor) = (Vec::new(), Vec::new(), 0);
+    while cursor < len {
+        bounds.push(cursor);
+        let run = allocated.ranges().iter().find(|r| r.end > cursor);
+        let (end, hole) = match run {
+            _ if !skips => ((cursor + chunk).min(len), false),
+            Some(r) if r.start <= cursor => (r.end.min(cursor + chunk), false),
+            next => (next.map_or(len, |r| r.start).min(cursor + hole_max), true),
+        };
+        holes.push(hole);
+        cursor = end;
+    }
+    bounds.push(len);
+    (bounds, holes)
 }
 
 /// Formats a job-relative set in a region's device coordinates.
@@ -500,11 +584,15 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
 
     // Cancel: no sub-job is taken after the cancel; `cancelled` is set exactly when the cancel
     // came before the last sub-job was taken.
-    let zero_seq = layout.source.is_none() && view.seq; // a zero sub-job's first write waits for its turn
+    // A sub-job that reads nothing — a zero job's, or a hole of a sparse copy — shows no
+    // request under WRITE_SEQ until its turn comes, which may be after a cancel that came
+    // once it was taken: when it was taken is not seen.
+    let turn_waits = |k: u64| view.seq && (layout.source.is_none() || view.is_hole(k));
+    let zero_seq = view.chunks > 0 && turn_waits(view.chunks - 1);
     if let Some(cancel) = cancel_at {
-        if !zero_seq {
+        {
             let after = |seq: u64| seq > cancel && view.timeouts.later_instant(seq, cancel);
-            if let Some((k, _)) = taken_at.iter().find(|&(_, &seq)| after(seq)) {
+            if let Some((k, _)) = taken_at.iter().find(|&(&k, &seq)| after(seq) && !turn_waits(k)) {
                 violations.push(format!("job {j}: sub-job {k} started after the job was cancelled"));
             }
         }
@@ -603,8 +691,16 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
                 ));
             }
         } else {
-            let expected =
-                untaken.union(&read_failed_chunks).union(&failed_write_chunks[i]).union(&after_first_failure);
+            // A sparse copy that scans for zero blocks writes a sub-job to a target in several
+            // requests (data, and zeroes where it found zero blocks): of a sub-job with a failed
+            // write, the pieces that landed are copied. Every other job writes a sub-job to a
+            // target in one request, and a failed write leaves the whole sub-job.
+            let failed_here = if layout.sparse.zero_block_bytes != 0 {
+                failed_write_chunks[i].difference(&landed)
+            } else {
+                failed_write_chunks[i].clone()
+            };
+            let expected = untaken.union(&read_failed_chunks).union(&failed_here).union(&after_first_failure);
             if not_copied != expected {
                 violations.push(format!(
                     "{name}: not_copied {:?}, expected {:?} (sub-jobs never taken, unreadable, failed on this target{})",
@@ -648,8 +744,9 @@ fn check_concurrency(scenario: &Scenario, views: &[JobView], phase: u8, violatio
     let mut lives: BTreeMap<(usize, u64), (u64, u64, usize)> = BTreeMap::new();
     for (j, view) in views.iter().enumerate() {
         for (record, _, rel) in view.all.iter().filter(|(r, ..)| r.phase == phase) {
-            let k = rel.start / view.chunk;
-            let pages = if view.layout.source.is_some() {
+            let k = view.chunk_of(rel.start);
+            // A hole sub-job gives its pages back before it writes.
+            let pages = if view.layout.source.is_some() && !view.is_hole(k) {
                 let chunk = view.chunk_range(k);
                 ((chunk.end - chunk.start) as usize * SECTOR_SIZE).div_ceil(PAGE_SIZE)
             } else {
@@ -752,9 +849,13 @@ fn check_contents(scenario: &Scenario, report: &Report, violations: &mut Vec<Str
                     continue;
                 };
                 let layout = &scenario.jobs[j];
+                // A hole of the source reads as zeroes, and so must the target there.
+                let in_hole = layout.holes.iter().any(|hole| hole.contains(&k));
                 let new = match layout.source {
-                    Some((s, start)) => Provenance::Pattern { seed: source_seed(s), generation: 0, sector: start + k },
-                    None => Provenance::Zero,
+                    Some((s, start)) if !in_hole => {
+                        Provenance::Pattern { seed: source_seed(s), generation: 0, sector: start + k }
+                    }
+                    _ => Provenance::Zero,
                 };
                 let verdict = if provenance == new {
                     Verdict::New
@@ -778,9 +879,26 @@ fn check_contents(scenario: &Scenario, report: &Report, violations: &mut Vec<Str
             }
         }
     }
+    // Sources are never written: their pattern, and zeroes in their holes.
     for (s, disk) in report.sources.iter().enumerate() {
         let len = disk.options().len_sectors;
-        let expected = vec![(0..len, Provenance::Pattern { seed: source_seed(s), generation: 0, sector: 0 })];
+        let holes = Sectors::from_ranges(scenario.source_holes().filter(|&(h, _)| h == s).map(|(_, hole)| hole));
+        let pattern = span(0..len).difference(&holes);
+        let expected =
+            pattern.ranges().iter().map(|r| (r.clone(), false)).chain(holes.ranges().iter().map(|r| (r.clone(), true)));
+        let mut expected: Vec<(Range<u64>, bool)> = expected.collect();
+        expected.sort_by_key(|(r, _)| r.start);
+        let expected: Vec<(Range<u64>, Provenance)> = expected
+            .into_iter()
+            .map(|(r, hole)| {
+                let provenance = if hole {
+                    Provenance::Zero
+                } else {
+                    Provenance::Pattern { seed: source_seed(s), generation: 0, sector: r.start }
+                };
+                (r, provenance)
+            })
+            .collect();
         if disk.provenance(0..len) != expected {
             violations.push(format!("source{s} changed"));
         }
@@ -807,8 +925,7 @@ fn check_throttle(scenario: &Scenario, views: &[JobView], violations: &mut Vec<S
             }
         }
         for (k, (at, offloaded)) in first {
-            let range = view.chunk_range(k);
-            let bytes = if offloaded { 0 } else { (range.end - range.start) * SECTOR_SIZE as u64 };
+            let bytes = if offloaded { 0 } else { view.moved_bytes(k) };
             issues.push((at, bytes));
         }
     }
@@ -908,8 +1025,10 @@ fn held(views: &[JobView], timed_out_by: u64, held_after: u64, at_too: bool) -> 
             let still = record.done_us > held_after || (at_too && record.done_us == held_after);
             if timed_out && record.issued_us + latency <= timed_out_by && still {
                 requests += 1;
-                if view.layout.source.is_some() && record.kind != IoKind::WriteZeroes {
-                    sub_jobs.insert((j, view.chunks_of(rel).start));
+                let k = view.chunks_of(rel).start;
+                // A hole's zero buffer is no pool page.
+                if view.layout.source.is_some() && record.kind != IoKind::WriteZeroes && !view.is_hole(k) {
+                    sub_jobs.insert((j, k));
                 }
             }
         }

@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kcopyd_core::{
-    Client, ClientConfig, ClientStats, Device, Flags, Job, Outcome, Region, SECTOR_SIZE, ShutdownReport, SubmitError,
-    TargetMask, Throttle,
+    Client, ClientConfig, ClientStats, Device, Flags, Job, Outcome, Region, SECTOR_SIZE, ShutdownReport, Sparse,
+    SubmitError, TargetMask, TargetZeroes, Throttle,
 };
 use kcopyd_sim::{
     FaultOdds, FaultPlan, FaultRecord, IoModel, Latency, MemDisk, MemDiskOptions, Misdirect, Simulation, SlowSpike,
@@ -158,6 +158,13 @@ pub struct JobInputs {
     /// Cancel the job this many µs after its submission.
     #[serde(default)]
     pub cancel_after_us: Option<u64>,
+    /// A sparse copy (`Job::sparse`; a zero job ignores it).
+    #[serde(default)]
+    pub sparse: Sparse,
+    /// Holes of its source region: (offset, length) in units from the region's start, clipped
+    /// to the region; copies only. A source with a hole is a sparse disk.
+    #[serde(default)]
+    pub holes: Vec<(u64, u64)>,
 }
 
 /// Everything a scenario is made of: plain numbers, so that proptest can shrink them.
@@ -265,6 +272,8 @@ impl Inputs {
                 write_seq: rng.below(4) == 0,
                 submit_at_us: rng.below(4) * rng.below(5000),
                 cancel_after_us: (rng.below(6) == 0).then(|| rng.below(3) * rng.below(3000)),
+                sparse: Sparse::OFF,
+                holes: Vec::new(),
             })
             .collect();
         let (page_budget, sub_job_units) = match shape {
@@ -301,6 +310,32 @@ impl Inputs {
         }
         .busy_for_long(seed)
         .stalls_and_timeouts(seed)
+        .sparse_jobs(seed)
+    }
+
+    /// Sparse copies, in one scenario in three: copy jobs made sparse (`Job::sparse`) with
+    /// holes in their source regions, under every flag, fault, cancel, crash and target the
+    /// scenario has. Never `TargetZeroes::Skip`: every target holds old data, which a skipped
+    /// hole would leave behind (Skip is only right for targets known to read as zeroes). Drawn
+    /// from a generator of its own, so that every other draw of a seed stays what it was.
+    fn sparse_jobs(mut self, seed: u64) -> Inputs {
+        let mut rng = Draw(mix64(seed ^ 0x5ba2_5e0b));
+        if rng.below(3) != 0 {
+            return self;
+        }
+        for job in self.jobs.iter_mut().filter(|job| !job.zero) {
+            if rng.below(4) == 0 {
+                continue;
+            }
+            job.sparse = Sparse {
+                skip_holes: rng.below(4) != 0,
+                zero_block_bytes: [0, 512, 4096, 65536][rng.below(4) as usize],
+                target_zeroes: [TargetZeroes::Write, TargetZeroes::Deallocate][rng.below(2) as usize],
+            };
+            let len = job.len_units.max(1);
+            job.holes = (0..rng.below(5)).map(|_| (rng.below(len), 1 + rng.below(len.div_ceil(2)))).collect();
+        }
+        self
     }
 
     /// Stalling requests and per-request timeouts, in three scenarios in five: a timeout of 3–29
@@ -469,6 +504,12 @@ impl Inputs {
                     (t, start)
                 })
                 .collect();
+            let holes = if job.zero {
+                Vec::new()
+            } else {
+                let clipped = job.holes.iter().map(|&(o, n)| o.min(len / unit) * unit..(o + n).min(len / unit) * unit);
+                crate::sectors::Sectors::from_ranges(clipped).ranges().to_vec()
+            };
             let mut flags = Flags::empty();
             if job.ignore_error {
                 flags |= Flags::IGNORE_ERROR;
@@ -484,10 +525,15 @@ impl Inputs {
                 flags,
                 submit_at_us: job.submit_at_us,
                 cancel_at_us: job.cancel_after_us.map(|after| job.submit_at_us + after),
+                sparse: if job.zero { Sparse::OFF } else { job.sparse },
+                holes,
             });
         }
         let slack = 4 * unit;
         let zone = ZONE_UNITS * unit;
+        let holed: Vec<bool> = (0..self.sources.len())
+            .map(|s| jobs.iter().any(|job| job.source.is_some_and(|(source, _)| source == s) && !job.holes.is_empty()))
+            .collect();
         let disk_options = |inputs: &DiskInputs, cursor: u64, name: String, index: u64| {
             let block: u32 = if inputs.block_4k && self.big_units { 4096 } else { 512 };
             let mut len = cursor + slack;
@@ -562,7 +608,11 @@ impl Inputs {
                 .sources
                 .iter()
                 .enumerate()
-                .map(|(i, d)| disk_options(d, source_cursor[i], format!("source{i}"), i as u64))
+                .map(|(i, d)| {
+                    // A source with holes is sparse: it reports them unallocated.
+                    let options = disk_options(d, source_cursor[i], format!("source{i}"), i as u64);
+                    MemDiskOptions { sparse: options.sparse || holed[i], ..options }
+                })
                 .collect(),
             targets: self
                 .targets
@@ -673,6 +723,13 @@ pub struct JobLayout {
     /// Virtual time at which the job is asked to cancel, µs.
     #[serde(default)]
     pub cancel_at_us: Option<u64>,
+    /// How the copy treats zeroes (`Sparse::OFF` for a zero job).
+    #[serde(default)]
+    pub sparse: Sparse,
+    /// Holes punched in its source region (job-relative sectors, sorted, disjoint): they read
+    /// as zeroes and the (sparse) source reports them unallocated.
+    #[serde(default)]
+    pub holes: Vec<std::ops::Range<u64>>,
 }
 
 /// A concrete scenario: a serde value that can be saved and replayed.
@@ -700,6 +757,14 @@ pub struct Scenario {
 }
 
 impl Scenario {
+    /// The holes of every source region, in device sectors: (source, sectors).
+    pub fn source_holes(&self) -> impl Iterator<Item = (usize, std::ops::Range<u64>)> + '_ {
+        self.jobs
+            .iter()
+            .filter_map(|job| job.source.map(|source| (job, source)))
+            .flat_map(|(job, (s, start))| job.holes.iter().map(move |hole| (s, start + hole.start..start + hole.end)))
+    }
+
     /// The job whose region holds `record`'s sectors, if any.
     pub fn job_of_request(&self, record: &IoRecord) -> Option<usize> {
         let inside = |start: u64, len: u64| start <= record.sectors.start && record.sectors.end <= start + len;
@@ -865,6 +930,7 @@ fn job_of(layout: &JobLayout, sources: &[Device], targets: &[Device]) -> Job {
     match layout.source {
         Some((s, start)) => {
             Job::copy(Region::new(sources[s].clone(), start, layout.len_sectors), regions, layout.flags)
+                .sparse(layout.sparse)
         }
         None => Job::zero(regions, layout.flags),
     }
@@ -883,6 +949,9 @@ pub fn run(scenario: &Scenario) -> Report {
             disk
         };
         let sources: Vec<_> = scenario.sources.iter().enumerate().map(|(i, o)| make(o, source_seed(i))).collect();
+        for (s, hole) in scenario.source_holes() {
+            sources[s].poke(hole.start, &vec![0; (hole.end - hole.start) as usize * SECTOR_SIZE]);
+        }
         let targets: Vec<_> = scenario.targets.iter().enumerate().map(|(i, o)| make(o, target_seed(i))).collect();
         let watched = |disks: &[Arc<MemDisk>], which: fn(usize) -> DiskRef| -> Vec<Device> {
             disks
@@ -1130,6 +1199,8 @@ pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
                     write_seq,
                     submit_at_us,
                     cancel_after_us,
+                    sparse: Sparse::OFF,
+                    holes: Vec::new(),
                 }
             },
         );

@@ -1734,3 +1734,65 @@ fn rule_21_timed_out_requests_fail_whole_and_hold_their_pages_until_the_device_r
     });
     assert!(!violations.iter().any(|v| v.contains("read_failed")), "a tie the outcome calls done: {violations:#?}");
 }
+
+/// A sparse copy under WRITE_SEQ of 48 sectors whose source has a hole at 8..28, onto two
+/// targets that offload write-zeroes: the hole is one sub-job (one write-zeroes per target
+/// across three of the plain grid's sub-jobs), the data around it sub-jobs of 8 sectors.
+fn sparse_copy() -> Accepted {
+    let sparse = kcopyd_core::Sparse {
+        skip_holes: true,
+        zero_block_bytes: 512,
+        target_zeroes: kcopyd_core::TargetZeroes::Write,
+    };
+    let job = JobInputs { sparse, holes: vec![(8, 20)], write_seq: true, ..copy(48, &[0, 1]) };
+    let mut inputs = inputs(vec![job], 2, 2);
+    inputs.targets.iter_mut().for_each(|t| t.write_zeroes = true);
+    let run = Accepted::run("sparse copy", inputs);
+    let zeroes: Vec<Range<u64>> =
+        run.report.io.iter().filter(|r| r.kind == IoKind::WriteZeroes).map(|r| r.sectors.clone()).collect();
+    assert_eq!(zeroes, [8..28, 8..28], "the hole is one write-zeroes per target");
+    run
+}
+
+#[test]
+fn sparse_copies_are_held_to_every_rule() {
+    // A hole left with the target's stale data, called copied.
+    let run = sparse_copy();
+    run.report.targets[0].fill_pattern_range(10..11, target_seed(0), 0);
+    let violations = check(&run.scenario, &run.report);
+    fires("2", "a hole left stale", &violations, "job 0 target 0 (target0) sector 10: holds Old");
+
+    // A hole written as data (what the source held before its hole).
+    let run = sparse_copy();
+    run.report.targets[1].fill_pattern_range(12..13, source_seed(0), 0);
+    let violations = check(&run.scenario, &run.report);
+    fires("2", "a hole written as data", &violations, "job 0 target 1 (target1) sector 12: holds Other");
+
+    // A hole of the source filled: the source changed.
+    let run = sparse_copy();
+    run.report.sources[0].fill_pattern_range(9..10, source_seed(0), 0);
+    let violations = check(&run.scenario, &run.report);
+    fires("2", "a source hole written", &violations, "source0 changed");
+
+    // The sub-jobs are the allocation's: on the plain grid, the hole's write-zeroes would
+    // span three sub-jobs, and the zeroes would not be the source's pattern.
+    let run = sparse_copy();
+    let violations = run.with_scenario(|s| s.jobs[0].sparse.skip_holes = false);
+    fires("12", "the hole on the plain grid", &violations, "WriteZeroes 8..28 spans sub-jobs of 8 sectors");
+    let violations = run.with_scenario(|s| s.jobs[0].holes.clear());
+    fires("2", "no hole in the source", &violations, "job 0 target 0 (target0) sector 8: holds Other");
+    // A data write across the end of the hole into the data after it.
+    let violations = run.tampered(|r| {
+        let hole = request(r, DiskRef::Target(0), IoKind::WriteZeroes, 8);
+        r.io[hole].sectors = 8..30;
+    });
+    fires("12", "across the hole's end", &violations, "WriteZeroes 8..30 spans sub-jobs");
+
+    // A hole sub-job holds no pages: the sub-job lives it overlaps stay within a budget that
+    // only the data sub-jobs fill (two in flight of 8 sectors = 2 pages)...
+    let violations = run.with_scenario(|s| s.config.page_budget = 2);
+    assert!(
+        !violations.iter().any(|v| v.contains("pages at trace position")),
+        "a hole counted as holding pages: {violations:#?}"
+    );
+}

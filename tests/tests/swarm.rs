@@ -38,3 +38,22 @@ fn random_scenarios_pass_the_oracle() {
         failures.join("\n")
     );
 }
+
+/// The generator draws sparse copies with holes inside the swarm's scenarios, with every
+/// setting and with the flags, crashes and targets that make their rules differ.
+#[test]
+fn the_swarm_draws_sparse_copies_in_every_setting() {
+    use kcopyd_core::{Flags, TargetZeroes};
+    let scenarios: Vec<_> = (0..300).map(|seed| Inputs::from_seed(seed).layout()).collect();
+    let sparse = || scenarios.iter().flat_map(|s| s.jobs.iter().map(move |j| (s, j))).filter(|(_, j)| j.sparse.is_on());
+    let count = |what: &str, n: usize| assert!(n >= 3, "{what}: {n} sparse jobs in 300 seeds");
+    count("holes skipped", sparse().filter(|(_, j)| j.sparse.skip_holes && !j.holes.is_empty()).count());
+    count("holes read and scanned", sparse().filter(|(_, j)| !j.sparse.skip_holes && !j.holes.is_empty()).count());
+    count("Deallocate", sparse().filter(|(_, j)| j.sparse.target_zeroes == TargetZeroes::Deallocate).count());
+    count("WRITE_SEQ", sparse().filter(|(_, j)| j.flags.contains(Flags::WRITE_SEQ)).count());
+    count("IGNORE_ERROR", sparse().filter(|(_, j)| j.flags.contains(Flags::IGNORE_ERROR)).count());
+    count("a cancel", sparse().filter(|(_, j)| j.cancel_at_us.is_some()).count());
+    count("a crash", sparse().filter(|(s, _)| s.crash_at_us.is_some()).count());
+    count("a zoned target", sparse().filter(|(s, j)| j.targets.iter().any(|&(t, _)| s.targets[t].zoned)).count());
+    assert!(sparse().all(|(_, j)| j.sparse.target_zeroes != TargetZeroes::Skip), "Skip on targets of old data");
+}
