@@ -738,29 +738,37 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
 /// Sub-jobs in flight per job never exceed `subjobs_in_flight`, and pages held by copy
 /// sub-jobs never exceed the budget: measured from the lives of the requests, where a
 /// sub-job lives from its first request's issue to its last request's completion (a lower
-/// bound of how long it holds its slot and its pages).
+/// bound of how long it holds its slot), and holds its pages from its first read's issue to
+/// its last read's or data write's completion (a write-zeroes holds no pages: a sparse copy's
+/// sub-job may give its pages back once its blocks were found all zero, then write zeroes).
 fn check_concurrency(scenario: &Scenario, views: &[JobView], phase: u8, violations: &mut Vec<String>) {
-    // (job, sub-job) -> (first issue, last completion, pages).
-    let mut lives: BTreeMap<(usize, u64), (u64, u64, usize)> = BTreeMap::new();
+    // (job, sub-job) -> (first issue, last completion); the same over requests holding pages.
+    let mut lives: BTreeMap<(usize, u64), (u64, u64)> = BTreeMap::new();
+    let mut page_lives: BTreeMap<(usize, u64), (u64, u64, usize)> = BTreeMap::new();
     for (j, view) in views.iter().enumerate() {
         for (record, _, rel) in view.all.iter().filter(|(r, ..)| r.phase == phase) {
             let k = view.chunk_of(rel.start);
-            // A hole sub-job gives its pages back before it writes.
-            let pages = if view.layout.source.is_some() && !view.is_hole(k) {
-                let chunk = view.chunk_range(k);
-                ((chunk.end - chunk.start) as usize * SECTOR_SIZE).div_ceil(PAGE_SIZE)
-            } else {
-                0
-            };
-            let life = lives.entry((j, k)).or_insert((record.issued, record.done, pages));
+            let life = lives.entry((j, k)).or_insert((record.issued, record.done));
             life.0 = life.0.min(record.issued);
             life.1 = life.1.max(record.done);
+            // A hole sub-job gives its pages back before it writes.
+            if view.layout.source.is_some() && !view.is_hole(k) && record.kind != IoKind::WriteZeroes {
+                let chunk = view.chunk_range(k);
+                let pages = ((chunk.end - chunk.start) as usize * SECTOR_SIZE).div_ceil(PAGE_SIZE);
+                let life = page_lives.entry((j, k)).or_insert((record.issued, record.done, pages));
+                life.0 = life.0.min(record.issued);
+                life.1 = life.1.max(record.done);
+            }
         }
     }
     let mut events: Vec<(u64, usize, i64, i64)> = Vec::new(); // (seq, job, sub-jobs, pages)
-    for (&(j, _), &(from, to, pages)) in &lives {
-        events.push((from, j, 1, pages as i64));
-        events.push((to, j, -1, -(pages as i64)));
+    for (&(j, _), &(from, to)) in &lives {
+        events.push((from, j, 1, 0));
+        events.push((to, j, -1, 0));
+    }
+    for (&(j, _), &(from, to, pages)) in &page_lives {
+        events.push((from, j, 0, pages as i64));
+        events.push((to, j, 0, -(pages as i64)));
     }
     events.sort_by_key(|&(seq, ..)| seq);
     let mut in_flight = vec![0i64; views.len()];
