@@ -280,3 +280,28 @@ impl Ext4OnLoop {
         self.mount.target.join(name)
     }
 }
+
+/// Waits (up to 20 s) until process `pid` catches SIGINT and SIGTERM, read from
+/// `/proc/PID/status`, so that a test's signal reaches an installed handler rather than
+/// killing the process.
+///
+/// # Panics
+/// The handlers do not appear within 20 s.
+pub fn wait_for_signal_handlers(pid: u32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    // SIGINT is signal 2, SIGTERM 15; bit n-1 of the mask stands for signal n.
+    let wanted: u64 = (1 << (2 - 1)) | (1 << (15 - 1));
+    loop {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let caught = status
+            .lines()
+            .find_map(|line| line.strip_prefix("SigCgt:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .unwrap_or(0);
+        if caught & wanted == wanted {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "the signal handlers never appeared: {status}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}

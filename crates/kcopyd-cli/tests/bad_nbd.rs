@@ -296,25 +296,6 @@ fn an_export_whose_minimum_block_hides_its_tail_is_refused_not_cut() {
     assert_eq!(run.code, 0, "the whole blocks, when asked: {}", run.stderr);
 }
 
-/// Waits until process `pid` catches SIGINT and SIGTERM (its handlers are installed).
-fn wait_for_signal_handlers(pid: u32) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let caught = status
-            .lines()
-            .find_map(|line| line.strip_prefix("SigCgt:"))
-            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
-            .unwrap_or(0);
-        let wanted = (1 << (2 - 1)) | (1 << (15 - 1));
-        if caught & wanted == wanted {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the signal handlers never appeared: {status}");
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn a_signal_while_connecting_ends_the_command_at_once() {
     let dir = TempDir::new("bad-nbd-connect-signal");
@@ -326,7 +307,7 @@ fn a_signal_while_connecting_ends_the_command_at_once() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        wait_for_signal_handlers(child.id());
+        kcopyd_tests::fixtures::wait_for_signal_handlers(child.id());
         // Well inside the handshake, which by default may take 30 s.
         thread::sleep(Duration::from_millis(300));
         let killed = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
@@ -378,7 +359,7 @@ fn signal_while_held(args: &[&str], server: &BadServer, signal: &str, limit: Dur
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for_signal_handlers(child.id());
+    kcopyd_tests::fixtures::wait_for_signal_handlers(child.id());
     wait_until_held(server);
     let killed = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
     assert!(killed.success());

@@ -888,24 +888,6 @@ fn progress_shows_on_a_terminal_only() {
     assert!(piped.stderr.is_empty(), "no progress when stderr is not a terminal: {piped:?}");
 }
 
-/// Waits until process `pid` catches SIGINT (its handler is installed).
-fn wait_for_sigint_handler(pid: u32) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let caught = status
-            .lines()
-            .find_map(|line| line.strip_prefix("SigCgt:"))
-            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
-            .unwrap_or(0);
-        if caught & (1 << (2 - 1)) != 0 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the SIGINT handler never appeared: {status}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn ctrl_c_cancels_the_job_reports_how_far_it_got_and_exits_130() {
     // 16 MiB at 2 MiB/s would take 8 s; interrupted after about one. The target is a file,
@@ -929,7 +911,7 @@ fn ctrl_c_cancels_the_job_reports_how_far_it_got_and_exits_130() {
         .spawn()
         .expect("kcopyd starts");
     let started = Instant::now();
-    wait_for_sigint_handler(child.id());
+    kcopyd_tests::fixtures::wait_for_signal_handlers(child.id());
     std::thread::sleep(Duration::from_millis(1500));
     let killed = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(killed.success());
@@ -1819,7 +1801,7 @@ fn map_show_ends_at_once_on_sigint_and_sigterm_while_it_reads() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        wait_for_sigint_handler(child.id());
+        kcopyd_tests::fixtures::wait_for_signal_handlers(child.id());
         std::thread::sleep(Duration::from_millis(200));
         assert!(Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap().success());
         let signalled = Instant::now();
@@ -1912,7 +1894,7 @@ fn start(args: &[&str], stdout: Stdio, stderr: Stdio) -> Running {
     std::thread::spawn(move || {
         let _ = send.send(child.wait_with_output().expect("kcopyd is waited for"));
     });
-    wait_for_sigint_handler(pid);
+    kcopyd_tests::fixtures::wait_for_signal_handlers(pid);
     Running { pid, done, started: Instant::now() }
 }
 
