@@ -39,6 +39,7 @@ mod handshake;
 mod proto;
 mod reactor;
 mod reply;
+mod server;
 mod uri;
 
 pub use device::{
@@ -48,4 +49,8 @@ pub use device::{
 pub use error::{ConnectError, RequestError};
 pub use proto::{NBD_DEFAULT_PORT, NO_PAYLOAD_BYTES_MAX, PAYLOAD_BYTES_DEFAULT_MAX};
 pub use reactor::Reactor;
+pub use server::{
+    EXTENTS_MAX, HANDSHAKE_TIMEOUT, NbdServer, OPTION_BYTES_MAX, OPTIONS_MAX, PAYLOAD_BYTES_IN_FLIGHT_DEFAULT,
+    REQUESTS_IN_FLIGHT_DEFAULT, SERVER_CONNECTIONS_DEFAULT, ServeError, ServerOptions, ServerStats,
+};
 pub use uri::{Address, NbdUri, UriError};
