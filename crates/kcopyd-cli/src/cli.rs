@@ -128,6 +128,9 @@ pub enum Command {
     /// A mirror resync with injected faults on simulated disks, checked against the fault log.
     #[command(after_help = DEMO_EXAMPLES)]
     Demo(DemoArgs),
+    /// Serve DEST over NBD as a clone of SOURCE, usable at once, while it hydrates.
+    #[command(after_help = crate::clone::CLONE_EXAMPLES)]
+    Clone(crate::clone::CloneArgs),
     /// Look at a copy map (`copy --map FILE`).
     #[command(subcommand)]
     Map(MapCommand),

@@ -18,6 +18,7 @@
 mod calibrate;
 mod cli;
 mod clock;
+mod clone;
 mod commands;
 mod compare;
 mod demo;
@@ -73,7 +74,7 @@ fn all_simulated(command: &Command) -> bool {
         Command::Copy(args) => sim(&args.source) && args.targets.iter().all(sim),
         Command::Zero(args) => args.targets.iter().all(sim),
         Command::Verify(args) => sim(&args.source) && args.targets.iter().all(sim),
-        Command::Demo(_) | Command::Sim { .. } | Command::Map(_) => false,
+        Command::Demo(_) | Command::Sim { .. } | Command::Map(_) | Command::Clone(_) => false,
     }
 }
 
@@ -94,6 +95,7 @@ async fn run(cli: Cli) -> Status {
         Command::Zero(args) => commands::zero(args, &mut interrupts).await.map(|done| emit(done, &args.output)),
         Command::Verify(args) => commands::verify(args, &mut interrupts).await.map(|done| emit(done, &args.output)),
         Command::Demo(args) => demo::run(args, &mut interrupts).await,
+        Command::Clone(args) => clone::run(args, &mut interrupts).await,
         Command::Map(MapCommand::Show { file }) => map::show(file, &mut interrupts).await,
         Command::Sim { command: SimCommand::Calibrate(args) } => calibrate::run(args, &mut interrupts).await,
         Command::Sim { command: SimCommand::Validate(args) } => validate::run(args, &mut interrupts).await,

@@ -66,7 +66,7 @@ pub use config::{
 pub use device::{CloneDevice, CloneDevices};
 pub use error::{CloneError, HydrationError};
 pub use hydration::HydrationEnd;
-pub use metadata::{BLOCK_MIN_BYTES, HEADER_BYTES, MAGIC, VERSION, crc32c};
+pub use metadata::{BLOCK_MIN_BYTES, HEADER_BYTES, MAGIC, VERSION, crc32c, metadata_bytes_needed};
 pub use status::{CloneStats, CloneStatus};
 
 const _: () = assert!(REGION_SIZE_MIN.is_power_of_two() && REGION_SIZE_MAX.is_power_of_two());

@@ -96,6 +96,21 @@ impl Layout {
     }
 }
 
+/// Bytes a metadata device of `logical_block_size`-byte blocks needs for a clone of
+/// `source_sectors` in regions of `region_size_bytes` (both slots: headers and bitmaps), so
+/// that an embedder can size a metadata file before [`CloneDevice::create`](crate::CloneDevice::create).
+///
+/// ```
+/// # use kcopyd_clone::metadata_bytes_needed;
+/// // 1 GiB in 64 KiB regions: 16384 regions, a 2 KiB bitmap: one 4 KiB block per slot.
+/// assert_eq!(metadata_bytes_needed(2 << 20, 64 * 1024, 512), 4 * 4096);
+/// ```
+pub fn metadata_bytes_needed(source_sectors: u64, region_size_bytes: u64, logical_block_size: u32) -> u64 {
+    let region_sectors = (region_size_bytes / SECTOR_SIZE as u64).max(1);
+    let layout = Layout::of(logical_block_size.max(BLOCK_MIN_BYTES), source_sectors.div_ceil(region_sectors));
+    layout.total_sectors() * SECTOR_SIZE as u64
+}
+
 /// What a slot's header says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Header {

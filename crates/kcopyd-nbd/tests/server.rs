@@ -275,6 +275,13 @@ fn truncated_handshakes_and_garbage_magic_end_only_their_own_connection() {
     assert_eq!(option_reply(&mut stream).0, 0x8000_0006, "NBD_REP_ERR_UNKNOWN");
     send_option(&mut stream, 10, &[0, 0, 0, 0, 0, 0, 0, 0]);
     assert_eq!(option_reply(&mut stream).0, 0x8000_0003, "SET_META_CONTEXT before structured replies");
+    // NBD_OPT_INFO: the export's facts, and the handshake goes on.
+    send_option(&mut stream, 6, &[0, 0, 0, 0, 0, 1, 0, 3]);
+    let (reply, info) = option_reply(&mut stream);
+    assert_eq!((reply, &info[..2], info.len()), (3, &[0u8, 0][..], 12), "NBD_INFO_EXPORT");
+    assert_eq!(u64::from_be_bytes(info[2..10].try_into().unwrap()), DISK_SECTORS * 512);
+    assert_eq!(option_reply(&mut stream).0, 3, "NBD_INFO_BLOCK_SIZE");
+    assert_eq!(option_reply(&mut stream).0, 1, "NBD_REP_ACK");
     send_option(&mut stream, 2, &[]);
     assert_eq!(option_reply(&mut stream).0, 1, "NBD_OPT_ABORT is acknowledged");
     assert!(is_closed(&mut stream));

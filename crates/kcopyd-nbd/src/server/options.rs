@@ -88,8 +88,11 @@ where
                 let _ = send(writer, option, NBD_REP_ACK, &[]).await;
                 return Ok(None);
             }
-            NBD_OPT_GO if go(writer, export, option, &data).await? => return Ok(Some(state)),
-            NBD_OPT_INFO | NBD_OPT_GO => {}
+            NBD_OPT_INFO | NBD_OPT_GO => {
+                if go(writer, export, option, &data).await? {
+                    return Ok(Some(state));
+                }
+            }
             NBD_OPT_LIST => list(writer, export, &data).await?,
             NBD_OPT_STRUCTURED_REPLY if data.is_empty() => {
                 state.structured = true;

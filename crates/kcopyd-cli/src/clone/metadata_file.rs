@@ -1,0 +1,276 @@
+//! The metadata FILE of `kcopyd clone`: kcopyd-clone's metadata (two commit slots and their
+//! bitmaps) from its start, and one last block recording what the metadata is for.
+//!
+//! ```text
+//!  [ headers | bitmaps (kcopyd-clone, docs/CLONE.md) | identity block (4096 bytes) ]
+//!  identity:  kcopyd-clone-file 1
+//!             state ready                       ← `new` until the clone's metadata is written
+//!             region-size 65536
+//!             source disk.img                   ← the argument as given
+//!             id file dev=2049 ino=131 size=… born=…   ← as a copy map records it
+//!             destination clone.img
+//!             id file dev=2049 ino=140 size=… born=…
+//!             crc 1a2b3c4d                      ← CRC-32C of the lines above
+//! ```
+//!
+//! The file is locked (`flock`, exclusive) for the whole run: two servers never share it. A
+//! file that is not empty and holds no valid identity block is not this command's, and is
+//! refused, never overwritten. The identity is written `new` before the clone's metadata and
+//! `ready` after it: a run stopped in between (nothing was served yet) starts afresh.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::FlockOperation;
+use rustix::io::Errno;
+
+use crate::error::CliError;
+
+/// The first line of the identity block.
+pub const IDENTITY_MAGIC: &str = "kcopyd-clone-file 1";
+/// Bytes of the identity block at the end of the file.
+pub const IDENTITY_BYTES: u64 = 4096;
+
+/// Whether the clone's own metadata is complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Being created: the clone's metadata may be incomplete; nothing was served.
+    New,
+    /// The clone's metadata was written: open it.
+    Ready,
+}
+
+/// What a metadata file is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Whether the clone's metadata is complete.
+    pub state: State,
+    /// The clone's region size.
+    pub region_size_bytes: u64,
+    /// The source's argument as given.
+    pub source_name: String,
+    /// The source's identity (see the copy map's `id` lines).
+    pub source_id: String,
+    /// The destination's argument as given.
+    pub destination_name: String,
+    /// The destination's identity.
+    pub destination_id: String,
+}
+
+impl Identity {
+    /// The block: the lines, their CRC-32C, zeroes to [`IDENTITY_BYTES`].
+    ///
+    /// # Errors
+    /// The text does not fit one block, or a name holds a newline.
+    pub fn encode(&self) -> Result<Vec<u8>, String> {
+        let names = [&self.source_name, &self.source_id, &self.destination_name, &self.destination_id];
+        if names.iter().any(|name| name.contains('\n')) {
+            return Err("a device name or identity holds a newline, which the metadata file cannot record".into());
+        }
+        let state = match self.state {
+            State::New => "new",
+            State::Ready => "ready",
+        };
+        let text = format!(
+            "{IDENTITY_MAGIC}\nstate {state}\nregion-size {}\nsource {}\nid {}\ndestination {}\nid {}\n",
+            self.region_size_bytes, self.source_name, self.source_id, self.destination_name, self.destination_id
+        );
+        let text = format!("{text}crc {:08x}\n", kcopyd_clone::crc32c(text.as_bytes()));
+        if text.len() as u64 > IDENTITY_BYTES {
+            return Err(format!("the identity of the devices takes {} bytes, more than {IDENTITY_BYTES}", text.len()));
+        }
+        let mut block = text.into_bytes();
+        block.resize(IDENTITY_BYTES as usize, 0);
+        Ok(block)
+    }
+
+    /// Reads a block written by [`Identity::encode`].
+    ///
+    /// # Errors
+    /// No magic, a bad checksum, a missing or malformed line.
+    pub fn decode(block: &[u8]) -> Result<Identity, String> {
+        let end = block.iter().position(|&b| b == 0).unwrap_or(block.len());
+        let text = std::str::from_utf8(&block[..end]).map_err(|_| "its identity block is not text".to_owned())?;
+        if !text.starts_with(&format!("{IDENTITY_MAGIC}\n")) {
+            return Err("it holds no kcopyd clone identity block at its end".into());
+        }
+        let crc_at = text.rfind("crc ").ok_or("its identity block has no checksum")?;
+        let stated = text[crc_at + 4..].trim_end();
+        if u32::from_str_radix(stated, 16).ok() != Some(kcopyd_clone::crc32c(&text.as_bytes()[..crc_at])) {
+            return Err("its identity block fails its checksum".into());
+        }
+        let lines: Vec<&str> = text[..crc_at].lines().collect();
+        let field = |index: usize, key: &str| {
+            lines
+                .get(index)
+                .and_then(|line| line.strip_prefix(key))
+                .map(str::to_owned)
+                .ok_or_else(|| format!("its identity block's line {} is not '{}…'", index + 1, key))
+        };
+        let state = match field(1, "state ")?.as_str() {
+            "new" => State::New,
+            "ready" => State::Ready,
+            other => return Err(format!("its identity block has an unknown state {other:?}")),
+        };
+        let region_size_bytes =
+            field(2, "region-size ")?.parse().map_err(|_| "its identity block's region size is not a number")?;
+        Ok(Identity {
+            state,
+            region_size_bytes,
+            source_name: field(3, "source ")?,
+            source_id: field(4, "id ")?,
+            destination_name: field(5, "destination ")?,
+            destination_id: field(6, "id ")?,
+        })
+    }
+}
+
+/// The metadata file, open and locked for the run.
+#[derive(Debug)]
+pub struct MetadataFile {
+    /// Where it is.
+    pub path: PathBuf,
+    file: File,
+    /// Created by this run: removed again if the run fails before serving.
+    created: bool,
+    /// What the file says it is for (`None`: empty, new).
+    pub existing: Option<Identity>,
+}
+
+impl Drop for MetadataFile {
+    fn drop(&mut self) {
+        if self.created {
+            // Still locked: no other run has it.
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl MetadataFile {
+    /// Opens (creating if missing) and locks the file at `path`; refuses it if it is one of
+    /// `devices` (argument name and (device, inode)), busy, not a regular file, or not empty
+    /// and not a metadata file.
+    ///
+    /// # Errors
+    /// A [`CliError::Argument`] naming `--metadata` and what is wrong; nothing is written.
+    pub fn open(path: &Path, devices: &[(&str, (u64, u64))]) -> Result<MetadataFile, CliError> {
+        let error = |problem: String| CliError::argument("--metadata", path.display().to_string(), problem);
+        let missing = matches!(std::fs::symlink_metadata(path), Err(e) if e.kind() == io::ErrorKind::NotFound);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(path)
+            .map_err(|e| error(format!("cannot open it ({e})")))?;
+        // From here a file this run made is removed on every refusal below.
+        let mut opened = MetadataFile { path: path.to_path_buf(), file, created: missing, existing: None };
+        let metadata = opened.file.metadata().map_err(|e| error(format!("cannot look at it ({e})")))?;
+        if !metadata.is_file() {
+            opened.created = false;
+            return Err(error("not a regular file".into()));
+        }
+        let key = (metadata.dev(), metadata.ino());
+        if let Some((name, _)) = devices.iter().find(|(_, device)| *device == key) {
+            opened.created = false;
+            return Err(error(format!("is {name} itself: the metadata needs a file of its own")));
+        }
+        match rustix::fs::flock(&opened.file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(Errno::WOULDBLOCK) => {
+                opened.created = false;
+                return Err(error("busy: another kcopyd clone is using it".into()));
+            }
+            Err(errno) => return Err(error(format!("cannot lock it ({errno})"))),
+        }
+        let now = std::fs::metadata(path).map_err(|e| error(format!("cannot look at it ({e})")))?;
+        if (now.dev(), now.ino()) != key {
+            opened.created = false;
+            return Err(error("the file was replaced while it was being opened".into()));
+        }
+        if metadata.len() > 0 {
+            opened.existing = Some(opened.read_identity(metadata.len()).map_err(|problem| {
+                error(format!("{problem}: not a kcopyd clone metadata file, or damaged; it is left as it is"))
+            })?);
+        }
+        Ok(opened)
+    }
+
+    fn read_identity(&self, len_bytes: u64) -> Result<Identity, String> {
+        if len_bytes < IDENTITY_BYTES {
+            return Err(format!("it is {len_bytes} bytes long, shorter than an identity block"));
+        }
+        let mut block = vec![0u8; IDENTITY_BYTES as usize];
+        self.file.read_exact_at(&mut block, len_bytes - IDENTITY_BYTES).map_err(|e| format!("cannot read it ({e})"))?;
+        Identity::decode(&block)
+    }
+
+    /// Sizes the file to `clone_bytes` of clone metadata and the identity block after it, and
+    /// writes `identity` there, durably.
+    ///
+    /// # Errors
+    /// The write or the sync failed.
+    pub fn write_identity(&self, clone_bytes: u64, identity: &Identity) -> Result<(), CliError> {
+        let failed = |source| CliError::Io { operation: "writing", path: self.path.display().to_string(), source };
+        let block = identity
+            .encode()
+            .map_err(|problem| CliError::argument("--metadata", self.path.display().to_string(), problem))?;
+        self.file.set_len(clone_bytes + IDENTITY_BYTES).map_err(failed)?;
+        self.file.write_all_at(&block, clone_bytes).map_err(failed)?;
+        self.file.sync_all().map_err(failed)?;
+        if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            File::open(parent).and_then(|dir| dir.sync_all()).map_err(failed)?;
+        }
+        Ok(())
+    }
+
+    /// The path, for messages.
+    pub fn path_text(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    /// The file's length now.
+    pub fn len_bytes(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    /// Keeps the file whatever happens next (the clone is being served).
+    pub fn keep(&mut self) {
+        self.created = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity() -> Identity {
+        Identity {
+            state: State::Ready,
+            region_size_bytes: 65536,
+            source_name: "nbd://127.0.0.1:10809/disk".into(),
+            source_id: "nbd size=1048576 flags=read-only:1,multi-conn:0,trim:0 block=512".into(),
+            destination_name: "clone.img".into(),
+            destination_id: "file dev=1 ino=2 size=1048576 born=1.000000002".into(),
+        }
+    }
+
+    #[test]
+    fn an_identity_block_reads_back_and_any_flipped_byte_is_refused() {
+        let block = identity().encode().unwrap();
+        assert_eq!(block.len() as u64, IDENTITY_BYTES);
+        assert_eq!(Identity::decode(&block).unwrap(), identity());
+        let text_len = block.iter().position(|&b| b == 0).unwrap();
+        for at in [0, 25, 40, text_len - 12] {
+            let mut bad = block.clone();
+            bad[at] ^= 0x04;
+            assert!(Identity::decode(&bad).is_err(), "byte {at} flipped was accepted");
+        }
+        assert!(Identity::decode(&[0u8; 4096]).unwrap_err().contains("no kcopyd clone identity"));
+        let newline = Identity { source_name: "a\nb".into(), ..identity() };
+        assert!(newline.encode().is_err());
+    }
+}
