@@ -80,6 +80,10 @@ pub struct CloneArgs {
     /// Contiguous regions copied by one job.
     #[arg(long, value_name = "COUNT", default_value_t = HYDRATION_BATCH_SIZE_DEFAULT)]
     pub hydration_batch_size: u32,
+    /// Background commits of the metadata at least this often while regions hydrate (a crash
+    /// copies again what hydrated since the last commit); a flush from a client commits too.
+    #[arg(long = "commit-interval", value_name = "DURATION", default_value = "1s", value_parser = size::parse_duration_us)]
+    pub commit_interval_us: u64,
     /// Exit (status 0) once hydration is complete, instead of serving until a signal.
     #[arg(long)]
     pub exit_when_hydrated: bool,
@@ -112,11 +116,20 @@ pub async fn run(args: &CloneArgs, interrupts: &mut Interrupts) -> Result<Status
     let options = CloneOptions {
         hydration_threshold: args.hydration_threshold,
         hydration_batch_size: args.hydration_batch_size,
+        commit_interval_ms: args.commit_interval_us / 1000,
         ..CloneOptions::default()
     };
-    options
-        .validate()
-        .map_err(|e| CliError::argument("--hydration-threshold/--hydration-batch-size", "", e.to_string()))?;
+    options.validate().map_err(|error| {
+        let (option, value) = match &error {
+            kcopyd_clone::CloneError::Option { name: "hydration_batch_size", value, .. } => {
+                ("--hydration-batch-size", value)
+            }
+            kcopyd_clone::CloneError::Option { name: "commit_interval_ms", value, .. } => ("--commit-interval", value),
+            kcopyd_clone::CloneError::Option { value, .. } => ("--hydration-threshold", value),
+            _ => ("--hydration-threshold", &0),
+        };
+        CliError::argument(option, value.to_string(), error.to_string())
+    })?;
     let settings =
         Settings::from_args(&args.engine, [&args.source, &args.destination])?.with_throttle(&args.throttle)?;
     let mut opening = open(args, &settings, interrupts).await?;
