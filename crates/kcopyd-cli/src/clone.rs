@@ -130,8 +130,11 @@ pub async fn run(args: &CloneArgs, interrupts: &mut Interrupts) -> Result<Status
         };
         CliError::argument(option, value.to_string(), error.to_string())
     })?;
-    let settings =
+    let mut settings =
         Settings::from_args(&args.engine, [&args.source, &args.destination])?.with_throttle(&args.throttle)?;
+    // A copy's write that timed out could land after a newer write from a client
+    // (docs/CLONE.md): --io-timeout bounds only an NBD SOURCE's requests.
+    settings.config.io_timeout_ms = None;
     let mut opening = open(args, &settings, interrupts).await?;
     let identity = identity_of(args, &opening)?;
     let server_options = ServerOptions { export_name: address.1.clone(), ..ServerOptions::default() };
