@@ -304,3 +304,38 @@ fn metadata_of_other_devices_a_busy_one_and_a_foreign_file_are_refused_untouched
     identity.push_str(&String::from_utf8_lossy(&after[after.len() - 4096..]));
     assert!(identity.starts_with("kcopyd-clone-file 1\nstate ready\n"), "{identity}");
 }
+
+#[test]
+fn exit_when_hydrated_ends_0_with_dest_equal_to_source_and_a_busy_socket_is_refused_leaving_nothing() {
+    let test = "exit_when_hydrated_ends_0_with_dest_equal_to_source_and_a_busy_socket_is_refused_leaving_nothing";
+    let dir = TempDir::new(test);
+    let data = pattern(35, 8 << 20);
+    let source = dir.file_with("source.img", &data);
+    let uri = unix_uri(test);
+    let socket = uri.split("socket=").nth(1).unwrap().to_owned();
+    let server = Clone::start(&dir, "held", &uri, &["-q", "--throttle-rate", "1M"]);
+    // Another clone on the same socket: refused, and its new DEST and FILE are removed.
+    let (dest, meta) = (dir.join("second.img"), dir.join("second.meta"));
+    let args = ["clone", path(&source), path(&dest), "--metadata", path(&meta), "--serve", &uri];
+    let output = Command::new(env!("CARGO_BIN_EXE_kcopyd")).args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("a server is listening there"), "{stderr}");
+    assert!(!dest.exists() && !meta.exists(), "nothing left behind");
+    assert_eq!(server.signal("TERM"), 143);
+    assert!(!Path::new(&socket).exists(), "the socket is removed at the end");
+    // Resumed, unthrottled, until hydrated.
+    let output = Command::new(env!("CARGO_BIN_EXE_kcopyd"))
+        .args(["clone", path(&source), path(&dir.join("dest.img")), "--metadata", path(&dir.join("clone.meta"))])
+        .args(["--serve", &uri, "--exit-when-hydrated", "-q"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("hydration complete: DEST") && stderr.contains("(complete); metadata committed"),
+        "{stderr}"
+    );
+    assert!(fs::read(dir.join("dest.img")).unwrap() == data);
+    assert!(!Path::new(&socket).exists());
+}

@@ -384,3 +384,31 @@ fn connections_past_the_limit_are_closed_and_the_server_stops_with_clients_conne
     assert_eq!((stats.connections, stats.connections_refused), (1, 1));
     assert!(is_closed(&mut first));
 }
+
+#[test]
+fn a_stop_is_not_held_by_clients_stalled_in_the_handshake_mid_payload_or_reading_no_replies() {
+    let disk = pattern_disk();
+    let server = Running::start("server-stalled-clients", disk.clone(), ServerOptions::default());
+    // Greeting read, nothing sent.
+    let mut handshaking = server.raw();
+    read_n(&mut handshaking, 18);
+    // Half a write's payload, then nothing.
+    let mut writing = server.raw();
+    handshake(&mut writing, false);
+    send_request(&mut writing, 0, 1, 1, 0, 1 << 20);
+    writing.write_all(&[0xee; 4096]).unwrap();
+    // 256 MiB of reads asked for, no reply read: its tasks block on a full socket.
+    let mut deaf = server.raw();
+    handshake(&mut deaf, false);
+    for cookie in 0..64u64 {
+        send_request(&mut deaf, 0, 0, cookie, 0, 4 << 20);
+    }
+    thread::sleep(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let stats = server.stop();
+    let took = started.elapsed();
+    assert!(took < kcopyd_nbd::DRAIN_TIMEOUT + Duration::from_secs(5), "the stop took {took:?}");
+    assert_eq!(stats.connections, 3);
+    assert_eq!(disk.snapshot(0, 8), pattern_disk().snapshot(0, 8), "the half-sent write was not written");
+    drop((handshaking, writing, deaf));
+}

@@ -34,7 +34,7 @@ use tokio::task::JoinSet;
 use crate::proto::*;
 use crate::uri::Address;
 pub use options::{OPTION_BYTES_MAX, OPTIONS_MAX};
-pub use transmission::EXTENTS_MAX;
+pub use transmission::{DRAIN_TIMEOUT, EXTENTS_MAX};
 use wire::NBD_FLAG_SEND_FUA;
 
 /// Connections served at once by default; more are closed as soon as they are accepted.
@@ -417,8 +417,13 @@ async fn connection(
 ) -> io::Result<()> {
     let mut reader: Reader = BufReader::with_capacity(64 * 1024, reader);
     let mut writer: Writer = BufWriter::with_capacity(64 * 1024, writer);
-    let handshake = options::negotiate(&mut reader, &mut writer, &export);
-    let negotiated = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, options::negotiate(&mut reader, &mut writer, &export));
+    let mut stopping = stop.clone();
+    let handshake = tokio::select! {
+        handshake = handshake => handshake,
+        _ = stopping.wait_for(|stop| *stop) => return Ok(()),
+    };
+    let negotiated = match handshake {
         Ok(Ok(Some(negotiated))) => negotiated,
         Ok(Ok(None)) => return Ok(()),
         Ok(Err(error)) => return Err(error),

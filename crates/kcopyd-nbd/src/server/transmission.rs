@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 
 use kcopyd_core::{ReadBuf, SECTOR_SIZE, WriteBuf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{Mutex, Semaphore, watch};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 
 use super::options::{BASE_ALLOCATION_ID, Negotiated};
@@ -32,6 +32,9 @@ use crate::proto::*;
 
 /// Most extents one block-status reply carries.
 pub const EXTENTS_MAX: usize = 64 * 1024;
+/// How long the requests in flight of a connection may take to be answered once the server
+/// stops; then they are dropped (devices' futures may be dropped at any point).
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Payload bytes are counted against [`Limits::payload_bytes_in_flight_max`] in units of this.
 const PERMIT_BYTES: u64 = 1024;
 
@@ -56,7 +59,23 @@ struct Session {
 /// A refusal: the errno and a message for the error chunk.
 type Refusal = (u32, String);
 
+/// One request taken off the socket, ready for its task.
+struct Taken {
+    request: Request,
+    refusal: Option<Refusal>,
+    payload: Option<WriteBuf>,
+    permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
+/// The per-connection limits as semaphores: requests, and payload in [`PERMIT_BYTES`] units.
+struct Budget {
+    requests: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+}
+
 /// Serves requests until the client disconnects, breaks the protocol or `stop` turns true.
+/// After a stop the tasks in flight get [`DRAIN_TIMEOUT`] to answer (a client that reads no
+/// replies cannot hold the server), then are dropped.
 pub(crate) async fn serve_requests(
     mut reader: Reader,
     writer: Writer,
@@ -67,59 +86,70 @@ pub(crate) async fn serve_requests(
     mut stop: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let session = Arc::new(Session { export, negotiated, writer: Mutex::new(writer), stats });
-    let requests = Arc::new(Semaphore::new(limits.requests_in_flight_max));
-    let bytes = Arc::new(Semaphore::new((limits.payload_bytes_in_flight_max / PERMIT_BYTES) as usize));
+    let budget = Budget {
+        requests: Arc::new(Semaphore::new(limits.requests_in_flight_max)),
+        bytes: Arc::new(Semaphore::new((limits.payload_bytes_in_flight_max / PERMIT_BYTES) as usize)),
+    };
     let mut tasks = JoinSet::new();
-    let ended = loop {
-        let request = tokio::select! {
-            request = read_request(&mut reader) => request,
-            _ = stop.wait_for(|stop| *stop) => break Ok(()),
-        };
-        let request = match request {
-            Ok(request) => request,
-            Err(error) => break Err(error),
-        };
-        session.stats.requests.fetch_add(1, Ordering::Relaxed);
-        if request.command == NBD_CMD_DISC {
-            break Ok(());
-        }
+    let (ended, stopped) = loop {
         // Reaps the tasks done, so that the set does not grow with the connection's age.
         while tasks.try_join_next().is_some() {}
-        let in_flight = requests.clone().acquire_owned().await.expect("never closed");
-        let refusal = session.check(&request);
-        let payload_bytes = match request.command {
-            NBD_CMD_READ | NBD_CMD_WRITE if refusal.is_none() => u64::from(request.len_bytes),
-            _ => 0,
+        // A stop also ends a wait for a stalled client's header or payload.
+        let taken = tokio::select! {
+            taken = take_request(&mut reader, &session, &budget) => taken,
+            _ = stop.wait_for(|stop| *stop) => break (Ok(()), true),
         };
-        let permits = u32::try_from(payload_bytes.div_ceil(PERMIT_BYTES)).expect("payloads are at most 32 bits");
-        let memory = bytes.clone().acquire_many_owned(permits).await.expect("never closed");
-        let payload = match (request.command, &refusal) {
-            (NBD_CMD_WRITE, None) => match read_payload(&mut reader, request.len_bytes).await {
-                Ok(payload) => Some(payload),
-                Err(error) => break Err(error),
-            },
-            (NBD_CMD_WRITE, Some(_)) => {
-                // Read and dropped a piece at a time: the socket stays in step, nothing is kept.
-                let discard = &mut (&mut reader).take(u64::from(request.len_bytes));
-                if let Err(error) = tokio::io::copy(discard, &mut tokio::io::sink()).await {
-                    break Err(error);
-                }
-                None
-            }
-            _ => None,
+        let Taken { request, refusal, payload, permits } = match taken {
+            Ok(Some(taken)) => taken,
+            Ok(None) => break (Ok(()), false),
+            Err(error) => break (Err(error), false),
         };
         let session = session.clone();
         tasks.spawn(async move {
-            let _held = (in_flight, memory);
+            let _held = permits;
             session.handle(request, refusal, payload).await;
         });
     };
     // The protocol asks for every request in flight to be answered before the close.
-    while tasks.join_next().await.is_some() {}
+    let drained = async { while tasks.join_next().await.is_some() {} };
+    if stopped {
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, drained).await;
+        tasks.shutdown().await;
+    } else {
+        drained.await;
+    }
     let mut writer = session.writer.lock().await;
     let _ = writer.flush().await;
     let _ = writer.shutdown().await;
     ended
+}
+
+/// Reads the next request and its payload, under the budget; `None` at `NBD_CMD_DISC`.
+async fn take_request(reader: &mut Reader, session: &Session, budget: &Budget) -> io::Result<Option<Taken>> {
+    let request = read_request(reader).await?;
+    session.stats.requests.fetch_add(1, Ordering::Relaxed);
+    if request.command == NBD_CMD_DISC {
+        return Ok(None);
+    }
+    let in_flight = budget.requests.clone().acquire_owned().await.expect("never closed");
+    let refusal = session.check(&request);
+    let payload_bytes = match request.command {
+        NBD_CMD_READ | NBD_CMD_WRITE if refusal.is_none() => u64::from(request.len_bytes),
+        _ => 0,
+    };
+    let permits = u32::try_from(payload_bytes.div_ceil(PERMIT_BYTES)).expect("payloads are at most 32 bits");
+    let memory = budget.bytes.clone().acquire_many_owned(permits).await.expect("never closed");
+    let payload = match (request.command, &refusal) {
+        (NBD_CMD_WRITE, None) => Some(read_payload(reader, request.len_bytes).await?),
+        (NBD_CMD_WRITE, Some(_)) => {
+            // Read and dropped a piece at a time: the socket stays in step, nothing is kept.
+            let discard = &mut reader.take(u64::from(request.len_bytes));
+            tokio::io::copy(discard, &mut tokio::io::sink()).await?;
+            None
+        }
+        _ => None,
+    };
+    Ok(Some(Taken { request, refusal, payload, permits: (in_flight, memory) }))
 }
 
 /// Reads one request header; a wrong magic is an error (the stream cannot be resynchronised).
