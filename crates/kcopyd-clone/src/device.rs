@@ -358,11 +358,11 @@ impl BlockDevice for CloneDevice {
         Box::pin(self.inner.clone().flush())
     }
 
-    /// Everything counts as allocated: a region's data may sit on the source or the
-    /// destination, and neither alone can say where the clone reads as a hole. A sparse copy
-    /// from a clone still finds its zero blocks by reading them.
+    /// Hydrated regions as the destination tells, the others as the source (and the
+    /// destination, for a region hydrating or written meanwhile) tells: a sparse source's holes
+    /// show through the clone until their regions hydrate.
     fn allocated(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<RangeSet>> {
-        kcopyd_core::all_allocated(offset_sectors, len_sectors)
+        Box::pin(self.inner.clone().allocated(offset_sectors, len_sectors))
     }
 
     fn deallocates(&self) -> bool {

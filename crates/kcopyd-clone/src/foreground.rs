@@ -7,6 +7,7 @@
 //!        busy region? wait ─┘  partial unhydrated: copy it now, wait   whole: claim, no copy
 //!        ──► destination write ──► claimed regions hydrated (or freed on error)
 //!  flush ──► commit (commit.rs)
+//!  allocated ──► hydrated runs: the destination's answer; others: source's ∪ destination's
 //! ```
 //!
 //! Every request counts as foreground I/O while it runs, which pauses the background.
@@ -17,7 +18,7 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use kcopyd_core::{ReadBuf, SECTOR_SIZE, WriteBuf};
+use kcopyd_core::{RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf};
 
 use crate::device::Inner;
 use crate::error::HydrationError;
@@ -224,6 +225,30 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// The sectors that hold data: of hydrated regions, what the destination says; of the
+    /// others, what the source or the destination says (a region may hydrate, or be written,
+    /// while the two are asked: the union over-reports, never under-reports).
+    pub(crate) async fn allocated(self: Arc<Self>, offset_sectors: u64, len_sectors: u64) -> io::Result<RangeSet> {
+        self.check("allocation query", offset_sectors, len_sectors, false)?;
+        let sectors = offset_sectors..offset_sectors + len_sectors;
+        if len_sectors == 0 {
+            return Ok(RangeSet::new());
+        }
+        let runs = {
+            let regions = self.regions();
+            if regions.released() { vec![(sectors, true)] } else { regions.sides(sectors) }
+        };
+        let mut data = RangeSet::new();
+        for (run, hydrated) in runs {
+            let len = run.end - run.start;
+            if !hydrated {
+                data.extend(&self.source.allocated(run.start, len).await?);
+            }
+            data.extend(&self.destination.allocated(run.start, len).await?);
+        }
+        Ok(data)
     }
 
     /// A flush: every write completed before it becomes durable, with the metadata.

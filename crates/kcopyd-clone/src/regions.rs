@@ -177,6 +177,22 @@ impl Regions {
         runs
     }
 
+    /// Splits `sectors` into runs on the destination (`true`, hydrated) or the source, as
+    /// [`Regions::read_plan`] does, without leaving hints (an allocation query is no read).
+    pub(crate) fn sides(&self, sectors: Range<u64>) -> Vec<(Range<u64>, bool)> {
+        let mut runs: Vec<(Range<u64>, bool)> = Vec::new();
+        for region in self.touched(&sectors) {
+            let hydrated = self.is_hydrated(region);
+            let part = self.sectors(region);
+            let part = part.start.max(sectors.start)..part.end.min(sectors.end);
+            match runs.last_mut() {
+                Some((run, side)) if *side == hydrated => run.end = part.end,
+                _ => runs.push((part, hydrated)),
+            }
+        }
+        runs
+    }
+
     /// Hints queued so far (ever), to count them.
     pub(crate) fn hints_queued(&self) -> u64 {
         self.hints_total

@@ -312,3 +312,40 @@ fn the_background_future_can_be_spawned_on_a_multi_threaded_runtime() {
         assert_send(async move { clone.run_hydration().await });
     });
 }
+
+#[test]
+fn allocation_shows_the_sources_holes_until_their_regions_hydrate_and_asks_no_hints() {
+    Simulation::block_on(async {
+        let sparse = |name: &str| {
+            let options =
+                MemDiskOptions { name: name.into(), len_sectors: 1024, sparse: true, ..MemDiskOptions::default() };
+            Arc::new(MemDisk::new(options))
+        };
+        let source = sparse("source");
+        source.poke(64, &[7u8; 8 * 512]);
+        source.poke(900, &[9u8; 8 * 512]);
+        let destination = sparse("destination");
+        let metadata = Arc::new(MemDisk::zeroed("metadata", 128, 512));
+        let devices = CloneDevices { source: source.clone(), destination: destination.clone(), metadata };
+        let clone = CloneDevice::create(devices, 4096, client(), CloneOptions::default()).await.unwrap();
+        let data = clone.allocated(0, 1024).await.unwrap();
+        assert_eq!(data.ranges(), &[64..72, 900..908], "the source's data, nothing else");
+        assert_eq!(clone.stats().hints, 0, "an allocation query is no read");
+        // A region written through the clone holds data now, on the destination.
+        clone.write(500, WriteBuf::from_bytes(Bytes::from(vec![1u8; 4096]))).await.unwrap();
+        let data = clone.allocated(0, 1024).await.unwrap();
+        assert_eq!(data.ranges(), &[64..72, 500..508, 900..908]);
+        assert_eq!(
+            clone.allocated(60, 8).await.unwrap(),
+            kcopyd_core::RangeSet::from_range(64..68),
+            "clipped to the query"
+        );
+        assert!(clone.allocated(1020, 8).await.is_err(), "past the end");
+        assert_eq!(clone.run_hydration().await, HydrationEnd::Complete);
+        let data = clone.allocated(0, 1024).await.unwrap();
+        assert_eq!(data, destination.allocated(0, 1024).await.unwrap(), "hydrated: the destination tells");
+        for range in [64..72, 500..508, 900..908] {
+            assert!(data.intersects(&range) && range.clone().all(|s| data.contains(s)), "{range:?} kept");
+        }
+    });
+}

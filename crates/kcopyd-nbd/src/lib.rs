@@ -1,5 +1,6 @@
 //! `kcopyd-nbd`: an asynchronous Network Block Device client, so that a copy's source or
-//! targets can be exports on any machine that serves them (qemu-nbd, nbdkit, nbd-server).
+//! targets can be exports on any machine that serves them (qemu-nbd, nbdkit, nbd-server);
+//! and a server ([`NbdServer`], `server/`) that serves any `BlockDevice` to any NBD client.
 //!
 //! ```text
 //!  connect("nbd://host/export") ─► NbdUri ─► Connection::open ×1..N (N when CAN_MULTI_CONN)

@@ -412,3 +412,42 @@ fn a_stop_is_not_held_by_clients_stalled_in_the_handshake_mid_payload_or_reading
     assert_eq!(disk.snapshot(0, 8), pattern_disk().snapshot(0, 8), "the half-sent write was not written");
     drop((handshaking, writing, deaf));
 }
+
+#[test]
+fn block_status_tells_holes_from_data_clipped_to_the_request_and_one_extent_with_req_one() {
+    let options = kcopyd_sim::MemDiskOptions {
+        name: "sparse".into(),
+        len_sectors: DISK_SECTORS,
+        sparse: true,
+        ..kcopyd_sim::MemDiskOptions::default()
+    };
+    let disk = Arc::new(MemDisk::new(options));
+    disk.poke(16, &[5u8; 16 * 512]);
+    let server = Running::start("server-block-status", disk, ServerOptions::default());
+    let client = NbdDevice::connect(&server.uri, &ConnectOptions::default()).unwrap();
+    let extents = block_on(client.block_status(8, 64)).unwrap();
+    let seen: Vec<(u64, u64, bool, bool)> =
+        extents.iter().map(|e| (e.offset_bytes / 512, e.len_bytes / 512, e.hole, e.zero)).collect();
+    assert_eq!(seen, [(8, 8, true, true), (16, 16, false, false), (32, 40, true, true)]);
+    drop(client);
+    // REQ_ONE, byte-granular offsets, by hand.
+    let mut stream = server.raw();
+    let greeting = read_n(&mut stream, 18);
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    stream.write_all(&3u32.to_be_bytes()).unwrap();
+    send_option(&mut stream, 8, &[]);
+    assert_eq!(option_reply(&mut stream).0, 1);
+    let mut query = vec![0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 15];
+    query.extend_from_slice(b"base:allocation");
+    send_option(&mut stream, 10, &query);
+    assert_eq!(option_reply(&mut stream).0, 4, "NBD_REP_META_CONTEXT");
+    assert_eq!(option_reply(&mut stream).0, 1);
+    send_option(&mut stream, 7, &[0, 0, 0, 0, 0, 0]);
+    while option_reply(&mut stream).0 != 1 {}
+    send_request(&mut stream, 8, 7, 3, 16 * 512 + 100, 64 * 512);
+    let (flags, kind, cookie, payload) = chunk(&mut stream);
+    assert_eq!((flags, kind, cookie, payload.len()), (1, 5, 3, 12), "one extent with REQ_ONE");
+    assert_eq!((be32(&payload[4..8]), be32(&payload[8..12])), (16 * 512 - 100, 0), "data to the run's end");
+    drop(stream);
+    server.stop();
+}
