@@ -144,6 +144,7 @@ impl Drop for MetadataFile {
         if self.created {
             // Still locked: no other run has it.
             let _ = std::fs::remove_file(&self.path);
+            crate::progress::forget_created(std::slice::from_ref(&self.path));
         }
     }
 }
@@ -190,6 +191,10 @@ impl MetadataFile {
         if (now.dev(), now.ino()) != key {
             opened.created = false;
             return Err(error("the file was replaced while it was being opened".into()));
+        }
+        if opened.created {
+            // Ours and locked: removed too by a signal that quits before the clone is served.
+            crate::progress::remove_on_quit(std::slice::from_ref(&opened.path));
         }
         if metadata.len() > 0 {
             opened.existing = Some(opened.read_identity(metadata.len()).map_err(|problem| {
@@ -239,6 +244,9 @@ impl MetadataFile {
 
     /// Keeps the file whatever happens next (the clone is being served).
     pub fn keep(&mut self) {
+        if self.created {
+            crate::progress::forget_created(std::slice::from_ref(&self.path));
+        }
         self.created = false;
     }
 }
