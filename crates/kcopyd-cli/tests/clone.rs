@@ -131,10 +131,21 @@ fn qemu_img_nbdcopy_nbdinfo_and_qemu_io_read_and_write_the_served_clone() {
         return;
     }
     let dir = TempDir::new(test);
-    let data = pattern(31, 16 << 20);
+    // 16 MiB of data, then a 4 MiB hole (where the filesystem keeps holes).
+    let mut data = pattern(31, 16 << 20);
     fs::write(dir.join("source.img"), &data).unwrap();
+    fs::OpenOptions::new().write(true).open(dir.join("source.img")).unwrap().set_len(20 << 20).unwrap();
+    data.resize(20 << 20, 0);
+    let holes = tool("qemu-img", &["map", "--output=json", "-f", "raw", path(&dir.join("source.img"))]);
     // Slow hydration: the clients read a clone that is still mostly on the source.
     let server = Clone::start(&dir, "unix", &unix_uri(test), &["--throttle-rate", "1M", "-q"]);
+    // Asked first: nothing has hydrated the tail yet (reads would move it to the front).
+    let map = tool("nbdinfo", &["--map", &server.uri]);
+    if holes.contains("\"data\": false") {
+        assert!(map.contains(&format!("{}     4194304    3  hole,zero", 16 << 20)), "the source's hole shows: {map}");
+    } else {
+        skip(test, "the scratch filesystem keeps no holes: the hole through the clone is not checked");
+    }
     let info = tool("nbdinfo", &[&server.uri]);
     assert!(info.contains(&format!("export-size: {}", data.len())), "{info}");
     assert!(info.contains("base:allocation") && info.contains("can_multi_conn: true"), "{info}");
