@@ -193,6 +193,8 @@ fn fio_write(uri: &str) -> String {
             "--iodepth=16",
             "--verify=crc32c",
             "--verify_fatal=1",
+            // No state file left in the working directory.
+            "--verify_state_save=0",
             "--end_fsync=1",
             "--name=reader",
             "--ioengine=nbd",
@@ -212,7 +214,7 @@ fn fio_write(uri: &str) -> String {
 /// or `psync` on a file).
 fn fio_verify(target: &[&str]) -> String {
     let mut args = vec!["--name=verify", "--rw=randwrite", "--bs=4k", "--offset=4M", "--size=8M"];
-    args.extend(["--verify=crc32c", "--verify_fatal=1", "--verify_only"]);
+    args.extend(["--verify=crc32c", "--verify_fatal=1", "--verify_only", "--verify_state_save=0"]);
     args.extend(target);
     tool("fio", &args)
 }
