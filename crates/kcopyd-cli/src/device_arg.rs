@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-use crate::sim::{self, SimError, SimSpec};
+use kcopyd_sim::spec::{self as sim, SimSpec, SpecError as SimError};
 use crate::size::{self, SizeError};
 
 /// What backs a device argument.

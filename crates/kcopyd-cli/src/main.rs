@@ -31,7 +31,6 @@ mod out;
 mod plot;
 mod progress;
 mod report;
-mod sim;
 mod size;
 mod tail;
 mod validate;
