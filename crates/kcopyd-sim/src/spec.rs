@@ -590,10 +590,9 @@ fn parse_block(key: &'static str, text: &str) -> Result<Value, SpecError> {
 }
 
 fn parse_queue(key: &'static str, text: &str) -> Result<Value, SpecError> {
-    let depth: u32 = text.parse().map_err(|_| SpecError::Invalid {
-        key,
-        problem: format!("'{text}' is not a whole number (0 = unlimited)"),
-    })?;
+    let depth: u32 = text
+        .parse()
+        .map_err(|_| SpecError::Invalid { key, problem: format!("'{text}' is not a whole number (0 = unlimited)") })?;
     Ok(Value::Whole(u64::from(depth)))
 }
 
@@ -678,7 +677,10 @@ fn parse_flag(key: &'static str, text: &str) -> Result<Value, SpecError> {
 fn slow_delay(key: &'static str, text: &str) -> Result<u64, SpecError> {
     let us = unit(key, units::parse_duration_us(text))?;
     if us > SLOW_MAX_US {
-        return Err(SpecError::Invalid { key, problem: format!("'{text}' is longer than the 1 hour a delay may last") });
+        return Err(SpecError::Invalid {
+            key,
+            problem: format!("'{text}' is longer than the 1 hour a delay may last"),
+        });
     }
     Ok(us)
 }

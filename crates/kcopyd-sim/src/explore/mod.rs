@@ -14,7 +14,11 @@
 //! per-job and per-target outcomes, the page high-water mark, request sizes, queue depth and
 //! throughput over time, and the foreground's latency with and without the jobs. The same seed
 //! gives the same report (but for `wall_seconds`).
+//!
+//! [`calibrate`] measures a device (any [`BlockDevice`](kcopyd_core::BlockDevice): a real one,
+//! or a simulated one in virtual time) and fits a [`DiskModel`](crate::DiskModel) to it.
 
+pub mod calibrate;
 mod keys;
 mod probe;
 mod report;
