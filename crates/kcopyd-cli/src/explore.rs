@@ -44,7 +44,7 @@ pub fn sweep(args: &SimSweepArgs, interrupts: &Interrupts) -> Result<Status, Cli
 
 /// Runs `work` on a thread of its own: the simulations build their own runtimes, which cannot
 /// start on the command's runtime thread.
-fn off_runtime(work: impl FnOnce() -> Result<Status, CliError> + Send) -> Result<Status, CliError> {
+pub(crate) fn off_runtime<T: Send>(work: impl FnOnce() -> Result<T, CliError> + Send) -> Result<T, CliError> {
     std::thread::scope(|scope| scope.spawn(work).join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
 }
 

@@ -27,10 +27,12 @@ use tokio::time::Instant;
 
 use super::ScenarioError;
 use super::probe::{Observed, model_us_since, observed};
-use super::report::{DiskReport, ForegroundReport, IoSizeCount, JobReport, Latencies, Report, Sample, TargetOutcome};
+use super::report::{
+    DiskReport, ForegroundReport, IoSizeCount, JobReport, Latencies, RANGES_LISTED, Report, Sample, TargetOutcome,
+};
 use super::scenario::{Access, Content, JobKind, JobSpec, Scenario};
 use super::series::Series;
-use super::verify::verify_entry;
+use super::verify::{JobFailures, verify_entry};
 use crate::{Medium, MemDisk, Simulation, mix64, to_tokio};
 
 /// Failures listed per job entry in the report.
@@ -56,8 +58,8 @@ struct EntryResult {
     report: JobReport,
     latencies: Histogram<u64>,
     submit_error: Option<kcopyd_core::SubmitError>,
-    /// Per job that left sectors not copied: each target's not-copied sectors.
-    holes: BTreeMap<u64, Vec<RangeSet>>,
+    /// Per job that was not ok: what it reported failed.
+    failures: BTreeMap<u64, JobFailures>,
 }
 
 /// What the foreground recorded.
@@ -96,13 +98,26 @@ struct RunData {
 /// # Errors
 /// The scenario does not hold together, or the engine refused a job.
 pub fn run(scenario: &Scenario) -> Result<Report, ScenarioError> {
+    run_with(scenario, &|_| {})
+}
+
+/// The disks of a run by name, as [`run_with`]'s hook sees them.
+pub type Disks<'a> = BTreeMap<&'a str, &'a MemDisk>;
+
+/// As [`run`], calling `after_jobs` with the disks once the jobs and the foreground are done
+/// and before the check of what the targets hold: what it changes behind the engine's back,
+/// the check must find (the demo's `--tamper`).
+///
+/// # Errors
+/// As [`run`].
+pub fn run_with(scenario: &Scenario, after_jobs: &dyn Fn(&Disks<'_>)) -> Result<Report, ScenarioError> {
     scenario.validate()?;
     let wall = std::time::Instant::now();
-    let main = simulate(scenario, true, None)?;
+    let main = simulate(scenario, true, None, after_jobs)?;
     let baseline = match &scenario.foreground {
         Some(foreground) if !scenario.jobs.is_empty() => {
             let duration_us = foreground.duration_us.unwrap_or(main.jobs_end_us).max(1);
-            Some(simulate(scenario, false, Some(duration_us))?)
+            Some(simulate(scenario, false, Some(duration_us), &|_| {})?)
         }
         _ => None,
     };
@@ -111,7 +126,12 @@ pub fn run(scenario: &Scenario) -> Result<Report, ScenarioError> {
 
 /// One simulation: with the jobs, or (`with_jobs` false) the foreground alone for
 /// `foreground_us`.
-fn simulate(scenario: &Scenario, with_jobs: bool, foreground_us: Option<u64>) -> Result<RunData, ScenarioError> {
+fn simulate(
+    scenario: &Scenario,
+    with_jobs: bool,
+    foreground_us: Option<u64>,
+    after_jobs: &dyn Fn(&Disks<'_>),
+) -> Result<RunData, ScenarioError> {
     let outcome = Simulation::run(scenario.client.clone(), |client, _trace| async move {
         let origin = Instant::now();
         let media: BTreeMap<&str, Medium> =
@@ -165,9 +185,10 @@ fn simulate(scenario: &Scenario, with_jobs: bool, foreground_us: Option<u64>) ->
             None => None,
         };
         let end_us = model_us_since(origin);
-        let by_disk: BTreeMap<&str, &MemDisk> = disks.iter().map(|(name, _, disk)| (name.as_str(), &**disk)).collect();
+        let by_disk: Disks<'_> = disks.iter().map(|(name, _, disk)| (name.as_str(), &**disk)).collect();
+        after_jobs(&by_disk);
         for (index, entry) in entries.iter_mut().enumerate() {
-            entry.report.verification = verify_entry(scenario, index, &by_disk, &entry.holes);
+            entry.report.verification = verify_entry(scenario, index, &by_disk, &entry.failures);
         }
         for (_, observed, _) in &disks {
             observed.hooks().probe().finish(jobs_end_us.max(1));
@@ -254,7 +275,7 @@ fn empty_entry_result(scenario: &Scenario, index: usize, len_sectors: u64) -> En
         },
         latencies: histogram(),
         submit_error: None,
-        holes: BTreeMap::new(),
+        failures: BTreeMap::new(),
     }
 }
 
@@ -302,9 +323,15 @@ fn record_outcome(result: &mut EntryResult, index: u64, outcome: &Outcome, laten
         report.ok += 1;
         return;
     }
-    if outcome.targets.iter().any(|t| !t.not_copied.is_empty()) {
-        result.holes.insert(index, outcome.targets.iter().map(|t| t.not_copied.clone()).collect());
-    }
+    result.failures.insert(
+        index,
+        JobFailures {
+            read_failed: outcome.read_failed.clone(),
+            write_failed: outcome.targets.iter().map(|t| t.write_failed.clone()).collect(),
+            not_copied: outcome.targets.iter().map(|t| t.not_copied.clone()).collect(),
+            ran_to_end: !outcome.cancelled && outcome.panicked.is_none(),
+        },
+    );
     if outcome.read_err {
         report.jobs_with_read_errors += 1;
     }
@@ -419,6 +446,7 @@ fn assemble(scenario: &Scenario, main: RunData, baseline: Option<RunData>, wall:
         .iter_mut()
         .map(|entry| {
             entry.report.latency = Latencies::of(&entry.latencies);
+            list_failed_ranges(entry);
             entry.report.clone()
         })
         .collect();
@@ -427,7 +455,7 @@ fn assemble(scenario: &Scenario, main: RunData, baseline: Option<RunData>, wall:
     let copy_seconds = main.jobs_end_us as f64 / 1e6;
     let span_s = copy_seconds - first_submit_s;
     let throughput_mb_per_s = if span_s > 0.0 { job_bytes as f64 / span_s / 1e6 } else { 0.0 };
-    let all_ok = jobs.iter().all(|j| j.ok == j.jobs && j.verification.mismatched_sectors == 0);
+    let all_ok = jobs.iter().all(|j| j.ok == j.jobs && j.verification.agrees());
 
     let mut probes: Vec<_> = main.disks.iter().map(|(_, observed, _)| observed.hooks().probe().clone()).collect();
     let mut foreground = main.foreground;
@@ -574,4 +602,23 @@ fn disk_reports(
             errors: disk.stats().errors,
         })
         .collect()
+}
+
+/// Lists the first failed ranges of an entry's jobs in its report.
+fn list_failed_ranges(entry: &mut EntryResult) {
+    let listed = |set: &RangeSet| set.ranges().iter().take(RANGES_LISTED).map(|r| [r.start, r.end]).collect();
+    let mut read_failed = RangeSet::new();
+    for failures in entry.failures.values() {
+        read_failed.extend(&failures.read_failed);
+    }
+    entry.report.read_failed_ranges = listed(&read_failed);
+    for (t, target) in entry.report.targets.iter_mut().enumerate() {
+        let mut write_failed = RangeSet::new();
+        for failures in entry.failures.values() {
+            if let Some(failed) = failures.write_failed.get(t) {
+                write_failed.extend(failed);
+            }
+        }
+        target.write_failed_ranges = listed(&write_failed);
+    }
 }
