@@ -121,3 +121,21 @@ fn the_fit_recovers_a_spinning_disk_and_its_seek() {
         "full stroke {full} µs, truth {truth_full}"
     );
 }
+
+#[test]
+fn a_jittery_disk_fits_its_mean_jitter_into_the_cost() {
+    // The model has no jitter: up to 20 µs more per request, uniformly drawn, is 10 µs more
+    // cost on the median request; bandwidths and overheads are those of the truth.
+    let mut truth = truth((80, 400_000_000, 15), (120, 250_000_000, 25), false);
+    (truth.latency.read.jitter_us, truth.latency.write.jitter_us) = (20, 20);
+    let calibrated = calibrate_simulated(&truth);
+    let (fitted, truth) = (&calibrated.model.latency, &truth.latency);
+    eprintln!("truth  {truth:?}\nfitted {fitted:?}");
+    assert_bandwidth_near("read bandwidth", fitted.read.bandwidth_bytes_per_s, truth.read.bandwidth_bytes_per_s);
+    assert_bandwidth_near("write bandwidth", fitted.write.bandwidth_bytes_per_s, truth.write.bandwidth_bytes_per_s);
+    assert_time_near("read cost", fitted.read.cost_us as f64, truth.read.cost_us as f64 + 10.0);
+    assert_time_near("write cost", fitted.write.cost_us as f64, truth.write.cost_us as f64 + 10.0);
+    assert_time_near("read overhead", fitted.path.read_overhead_us as f64, truth.path.read_overhead_us as f64);
+    assert_time_near("write overhead", fitted.path.write_overhead_us as f64, truth.path.write_overhead_us as f64);
+    assert_time_near("engine time per MiB", fitted.path.cost_us_per_mib as f64, 0.0);
+}
