@@ -56,6 +56,7 @@ fn every_shipped_scenario_parses() {
         "subjob-study-hdd",
         "remote-copy",
         "file-copy-measured",
+        "demo-mirror-resync",
     ] {
         assert!(names.iter().any(|n| n == wanted), "scenarios/{wanted}.toml is shipped (found {names:?})");
     }
@@ -266,6 +267,25 @@ fn the_measured_model_copies_over_one_shared_path() {
         "{}",
         report.throughput_mb_per_s
     );
+}
+
+#[test]
+fn the_demo_resync_agrees_with_its_fault_logs_and_a_tampered_sector_is_found() {
+    // `kcopyd demo` runs this scenario: its latent errors and bad write region are reported
+    // where they were injected, and the runner's check agrees with every disk's fault log.
+    let report = run("demo-mirror-resync", &[]);
+    let job = &report.jobs[0];
+    assert!(job.verification.checked && job.verification.agrees(), "{:?}", job.verification);
+    assert_eq!(job.read_failed_ranges, [[104857, 104858], [314585, 314593]]);
+    let write_failed: Vec<_> = job.targets.iter().map(|t| t.write_failed_ranges.clone()).collect();
+    assert_eq!(write_failed, [vec![], vec![[208896, 210944]], vec![]], "the bad region's 1 MiB sub-job");
+    assert!(!report.all_ok, "the jobs met the injected faults");
+    // A sector changed behind the engine's back after the copy: the check finds it.
+    let scenario = scenario("demo-mirror-resync", &[]);
+    let tampered = explore::run_with(&scenario, &|disks| disks["mirror-a"].poke(8, &[0xa5; 512])).unwrap();
+    let verification = &tampered.jobs[0].verification;
+    assert_eq!(verification.mismatched_sectors, 1, "{verification:?}");
+    assert_eq!(verification.first_mismatch, Some(explore::Mismatch { disk: "mirror-a".into(), sector: 8 }));
 }
 
 #[test]

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-use crate::sim::{self, SimError, SimSpec};
 use crate::size::{self, SizeError};
+use kcopyd_sim::spec::{self as sim, SimSpec, SpecError as SimError};
 
 /// What backs a device argument.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -44,7 +44,7 @@ pub fn sweep(args: &SimSweepArgs, interrupts: &Interrupts) -> Result<Status, Cli
 
 /// Runs `work` on a thread of its own: the simulations build their own runtimes, which cannot
 /// start on the command's runtime thread.
-fn off_runtime(work: impl FnOnce() -> Result<Status, CliError> + Send) -> Result<Status, CliError> {
+pub(crate) fn off_runtime<T: Send>(work: impl FnOnce() -> Result<T, CliError> + Send) -> Result<T, CliError> {
     std::thread::scope(|scope| scope.spawn(work).join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
 }
 
@@ -102,6 +102,21 @@ fn duration(ms: f64) -> String {
     if ms < 10_000.0 { format!("{ms:.3} ms") } else { format!("{:.2} s", ms / 1000.0) }
 }
 
+/// What the check of an entry's failures against the fault logs found, in a few words.
+fn fault_log_finding(check: &kcopyd_sim::explore::Verification) -> String {
+    let problems: Vec<String> = [
+        (check.unexplained_read_failed_sectors, "read_failed sectors no logged fault explains"),
+        (check.unexplained_write_failed_sectors, "write_failed sectors no logged fault explains"),
+        (check.missed_latent_sectors, "latent sectors read but not reported"),
+        (check.not_copied_disagreeing_sectors, "sectors where not_copied and the failures disagree"),
+    ]
+    .into_iter()
+    .filter(|(count, _)| *count > 0)
+    .map(|(count, what)| format!("{count} {what}"))
+    .collect();
+    if problems.is_empty() { "failures agree with the fault logs".into() } else { problems.join(", ") }
+}
+
 /// The human summary of a run.
 pub fn summary(report: &Report) -> String {
     let mut out = String::new();
@@ -146,8 +161,10 @@ pub fn summary(report: &Report) -> String {
         if check.checked {
             let _ = writeln!(
                 out,
-                "  checked: {} target sectors against the source, {} mismatched",
-                check.sectors, check.mismatched_sectors
+                "  checked: {} target sectors against the source, {} mismatched; {}",
+                check.sectors,
+                check.mismatched_sectors,
+                fault_log_finding(check)
             );
         } else {
             let _ = writeln!(out, "  not checked: {}", check.note);

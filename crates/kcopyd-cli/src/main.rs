@@ -32,7 +32,6 @@ mod out;
 mod plot;
 mod progress;
 mod report;
-mod sim;
 mod size;
 mod tail;
 mod validate;
@@ -66,8 +65,8 @@ fn main() -> ExitCode {
     runtime.block_on(run(cli)).into()
 }
 
-/// Whether every device of `command` is a `sim:` disk (the demo keeps real time: it shows
-/// progress at the speed a user watches).
+/// Whether every device of `command` is a `sim:` disk (the demo and the `sim` commands run
+/// their own simulations, off this runtime).
 fn all_simulated(command: &Command) -> bool {
     let sim = |arg: &device_arg::DeviceArg| matches!(arg.backend, device_arg::Backend::Sim(_));
     match command {
@@ -94,7 +93,7 @@ async fn run(cli: Cli) -> Status {
         Command::Copy(args) => commands::copy(args, &mut interrupts).await.map(|done| emit(done, &args.output)),
         Command::Zero(args) => commands::zero(args, &mut interrupts).await.map(|done| emit(done, &args.output)),
         Command::Verify(args) => commands::verify(args, &mut interrupts).await.map(|done| emit(done, &args.output)),
-        Command::Demo(args) => demo::run(args, &mut interrupts).await,
+        Command::Demo(args) => demo::run(args, &interrupts),
         Command::Clone(args) => clone::run(args, &mut interrupts).await,
         Command::Map(MapCommand::Show { file }) => map::show(file, &mut interrupts).await,
         Command::Sim { command: SimCommand::Calibrate(args) } => calibrate::run(args, &mut interrupts).await,

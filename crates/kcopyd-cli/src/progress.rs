@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kcopyd_core::{JobHandle, Outcome, SECTOR_SIZE};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
@@ -50,12 +50,6 @@ pub fn byte_style() -> ProgressStyle {
     )
     .expect("a valid template")
     .progress_chars("=> ")
-}
-
-/// A group of bars drawn together, or hidden.
-pub fn multi(visible: bool) -> MultiProgress {
-    let target = if visible { ProgressDrawTarget::stderr_with_hz(10) } else { ProgressDrawTarget::hidden() };
-    MultiProgress::with_draw_target(target)
 }
 
 /// What a signal does in the phase the command is in.

@@ -34,7 +34,9 @@ struct Point {
     wall_seconds: f64,
 }
 
-fn main() -> ExitCode {
+/// `--size`, `--threads` and `--whole-sectors`: `(size_bytes, threads, headers_only)`, or the
+/// exit code of a bad argument (its message printed).
+fn parse_args() -> Result<(u64, usize, bool), ExitCode> {
     let mut args = std::env::args().skip(1);
     let mut size_bytes: u64 = 64 << 30;
     let mut threads = 2usize;
@@ -47,22 +49,30 @@ fn main() -> ExitCode {
                 Some(bytes) if bytes > 0 && bytes % (2 << 20) == 0 => size_bytes = bytes,
                 _ => {
                     eprintln!("sparse_sweep: --size {v}: want a positive multiple of 2 MiB like 64GiB");
-                    return ExitCode::from(2);
+                    return Err(ExitCode::from(2));
                 }
             },
             ("--threads", Some(v)) => match v.parse() {
                 Ok(n) if n > 0 => threads = n,
                 _ => {
                     eprintln!("sparse_sweep: --threads {v}: want a positive whole number");
-                    return ExitCode::from(2);
+                    return Err(ExitCode::from(2));
                 }
             },
             _ => {
                 eprintln!("usage: sparse_sweep [--size SIZE] [--threads N] [--whole-sectors]");
-                return ExitCode::from(2);
+                return Err(ExitCode::from(2));
             }
         }
     }
+    Ok((size_bytes, threads, headers_only))
+}
+
+fn main() -> ExitCode {
+    let (size_bytes, threads, headers_only) = match parse_args() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
     let grid: Vec<(usize, usize)> =
         SUB_JOB_KIB.iter().flat_map(|&kib| IN_FLIGHT.iter().map(move |&n| (kib, n))).collect();
     let next = AtomicUsize::new(0);

@@ -2,11 +2,16 @@
 //! (or that is written by hand), which scenarios and `kcopyd sim validate` build disks from.
 //!
 //! ```text
-//!  real device ──calibrate──► DiskModel (TOML) ──options()──► MemDiskOptions ──► MemDisk
-//!                             latency + one_device ─medium()─► Medium shared by a run's disks
+//!  device ─explore::calibrate─► measurements ─DiskModel::fit (fit.rs)─► DiskModel (TOML)
+//!  DiskModel ─options()─► MemDiskOptions ──► MemDisk
+//!            latency + one_device ─medium()─► Medium shared by a run's disks
 //! ```
 
+mod fit;
+
 use serde::{Deserialize, Serialize};
+
+pub(crate) use fit::median;
 
 use crate::mem_disk::{MemDisk, MemDiskOptions};
 use crate::timing::{Latency, Medium};

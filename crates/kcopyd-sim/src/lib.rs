@@ -18,6 +18,8 @@
 //! [`Simulation`], every actor and every simulated I/O shares one thread and paused tokio
 //! time, so a seed replays the same [`Trace`] bit for bit.
 //!
+//! [`spec`] reads a disk from one line of text (`sim:size=1G,latency=100us,...`).
+//!
 //! [`explore`] runs scenario files (disks, client, jobs, a foreground workload) and sweeps over
 //! their keys, for design exploration.
 #![warn(missing_docs)]
@@ -28,6 +30,7 @@ pub mod explore;
 mod faults;
 mod mem_disk;
 mod simulation;
+pub mod spec;
 mod storage;
 mod timing;
 mod trace;

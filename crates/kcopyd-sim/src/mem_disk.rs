@@ -577,7 +577,9 @@ impl MemDisk {
         Ok(())
     }
 
-    /// The write of `sectors` (data at `data_offset` bytes of `data`, or zeroes).
+    /// The write of `sectors` (data at `data_offset` bytes of `data`, or zeroes): first which
+    /// fault fires, if any ([`MemDisk::write_fault`]), then where the bytes land
+    /// ([`MemDisk::land_write`]).
     fn complete_write(
         &self,
         issued: &Issued,
@@ -587,39 +589,43 @@ impl MemDisk {
         data: Option<(&WriteBuf, usize)>,
         last_piece: bool,
     ) -> io::Result<()> {
-        let seed = self.options.seed;
         let mut state = self.lock();
+        self.write_fault(&mut state, issued, operation, request, &sectors, last_piece)?;
+        self.land_write(&mut state, issued, operation, request, sectors, data);
+        Ok(())
+    }
+
+    /// The fault a write of `sectors` (part of `request`) meets, in this order: a crash took
+    /// it in flight, the device is down, a write fault of the plan or the odds, a zoned
+    /// disk's write pointer elsewhere. The fault is logged and returned as the error; without
+    /// one a zone's write pointer moves past the write.
+    fn write_fault(
+        &self,
+        state: &mut State,
+        issued: &Issued,
+        operation: Operation,
+        request: &Range<u64>,
+        sectors: &Range<u64>,
+        last_piece: bool,
+    ) -> io::Result<()> {
         if let Some(id) = issued.in_flight {
             let known =
                 if last_piece { state.in_flight.remove(&id).is_some() } else { state.in_flight.contains_key(&id) };
             if !known {
                 // A crash took this write while it was in flight.
-                self.record_fault(&mut state, operation, request.clone(), FaultKind::Crashed);
+                self.record_fault(state, operation, request.clone(), FaultKind::Crashed);
                 return Err(self.error(operation, request.clone(), DiskFailure::Crashed));
             }
         }
-        if let Some(kind) = self.device_down(&state, issued.io_index) {
+        if let Some(kind) = self.device_down(state, issued.io_index) {
             let reason = down_failure(&kind);
-            self.record_fault(&mut state, operation, request.clone(), kind);
+            self.record_fault(state, operation, request.clone(), kind);
             return Err(self.error(operation, request.clone(), reason));
         }
-        let mut failed = false;
-        for fault in state.plan.write_faults.iter_mut() {
-            if fault.sectors.start < sectors.end && sectors.start < fault.sectors.end {
-                if fault.attempts == 0 {
-                    failed = true;
-                } else if fault.attempts != u32::MAX {
-                    failed = true;
-                    fault.attempts -= 1;
-                    if fault.attempts == 0 {
-                        fault.attempts = u32::MAX; // spent: never fires again
-                    }
-                }
-            }
-        }
+        let planned = spend_write_faults(&mut state.plan.write_faults, sectors);
         let write_error_ppm = state.plan.odds.write_error_ppm;
-        if failed || state.hits(seed, write_error_ppm) {
-            self.record_fault(&mut state, operation, request.clone(), FaultKind::WriteError);
+        if planned || state.hits(self.options.seed, write_error_ppm) {
+            self.record_fault(state, operation, request.clone(), FaultKind::WriteError);
             return Err(self.error(operation, request.clone(), DiskFailure::WriteError));
         }
         if self.options.zoned {
@@ -630,21 +636,31 @@ impl MemDisk {
             if write_pointer != sectors.start || sectors.end > zone_end {
                 // An unaligned write to a sequential zone, as the kernel reports it; logged, so
                 // that an oracle sees an engine's out-of-order write as the fault it caused.
-                self.record_fault(&mut state, operation, request.clone(), FaultKind::ZoneViolation { write_pointer });
+                self.record_fault(state, operation, request.clone(), FaultKind::ZoneViolation { write_pointer });
                 return Err(self.error(operation, request.clone(), DiskFailure::NotAtWritePointer { write_pointer }));
             }
             state.write_pointers[zone] = sectors.end;
         }
+        Ok(())
+    }
+
+    /// Puts a write that met no fault in place: where it lands (a misdirect sends it
+    /// elsewhere, logged), the old bytes kept for a crash when the cache is volatile, the
+    /// bytes (or zeroes) stored, latent errors under it repaired, the bytes counted.
+    fn land_write(
+        &self,
+        state: &mut State,
+        issued: &Issued,
+        operation: Operation,
+        request: &Range<u64>,
+        sectors: Range<u64>,
+        data: Option<(&WriteBuf, usize)>,
+    ) {
         let landed = match issued.misdirect_to {
             Some(request_start) => {
                 let start = request_start + (sectors.start - request.start);
                 let landed = start..start + (sectors.end - sectors.start);
-                self.record_fault(
-                    &mut state,
-                    operation,
-                    sectors.clone(),
-                    FaultKind::Misdirected { landed: landed.clone() },
-                );
+                self.record_fault(state, operation, sectors.clone(), FaultKind::Misdirected { landed: landed.clone() });
                 landed
             }
             None => sectors.clone(),
@@ -675,7 +691,6 @@ impl MemDisk {
         state.latent = state.latent.difference(&RangeSet::from_range(landed));
         let written = u64::try_from(sectors_to_bytes(sectors.end - sectors.start)).unwrap_or(u64::MAX);
         state.stats.written_bytes = state.stats.written_bytes.saturating_add(written);
-        Ok(())
     }
 
     /// Counts a finished request and traces it.
@@ -707,6 +722,27 @@ impl MemDisk {
             vec![sectors.clone()]
         }
     }
+}
+
+/// Whether a write of `sectors` meets a write fault of the plan; each fault it touches that
+/// fails a number of attempts spends one (and, spent, never fires again). Every touching
+/// fault is visited, so two overlapping faults both count the attempt.
+fn spend_write_faults(faults: &mut [WriteFault], sectors: &Range<u64>) -> bool {
+    let mut failed = false;
+    for fault in faults.iter_mut() {
+        if fault.sectors.start < sectors.end && sectors.start < fault.sectors.end {
+            if fault.attempts == 0 {
+                failed = true;
+            } else if fault.attempts != u32::MAX {
+                failed = true;
+                fault.attempts -= 1;
+                if fault.attempts == 0 {
+                    fault.attempts = u32::MAX; // spent: never fires again
+                }
+            }
+        }
+    }
+    failed
 }
 
 /// The failure a whole-device fault gives a request.

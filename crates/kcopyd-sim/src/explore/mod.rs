@@ -14,7 +14,11 @@
 //! per-job and per-target outcomes, the page high-water mark, request sizes, queue depth and
 //! throughput over time, and the foreground's latency with and without the jobs. The same seed
 //! gives the same report (but for `wall_seconds`).
+//!
+//! [`calibrate`] measures a device (any [`BlockDevice`](kcopyd_core::BlockDevice): a real one,
+//! or a simulated one in virtual time) and fits a [`DiskModel`](crate::DiskModel) to it.
 
+pub mod calibrate;
 mod keys;
 mod probe;
 mod report;
@@ -31,17 +35,17 @@ use crate::units::SizeError;
 
 pub use keys::{parse_value, set_path};
 pub use report::{
-    DiskReport, ForegroundReport, IoSizeCount, JobReport, Latencies, METRICS, Metric, Report, Sample, TargetOutcome,
-    metric,
+    DiskReport, ForegroundReport, IoSizeCount, JobReport, Latencies, METRICS, Metric, RANGES_LISTED, Report, Sample,
+    TargetOutcome, metric,
 };
-pub use runner::run;
+pub use runner::{Disks, run, run_with};
 pub use scenario::{
     Access, Content, DENSE_LEN_BYTES_MAX, DISKS_MAX, DiskSpec, FOREGROUND_IO_BYTES_MAX, FOREGROUND_QUEUE_DEPTH_MAX,
     ForegroundSpec, JOB_COUNT_MAX, JobKind, JobSpec, Scenario, parse_tree,
 };
 pub use series::BUCKETS_MAX;
 pub use sweep::{POINTS_MAX, SweepPoint, Vary, sweep, sweep_until};
-pub use verify::Verification;
+pub use verify::{Mismatch, Verification};
 
 /// Why a scenario could not be read or run. Each names the key, disk or job at fault.
 #[derive(Debug, Error)]

@@ -48,7 +48,12 @@ pub struct TargetOutcome {
     pub write_failed_sectors: u64,
     /// Sectors that do not hold the source's data after the jobs.
     pub not_copied_sectors: u64,
+    /// The first [`RANGES_LISTED`] ranges of sectors whose write failed, `[start, end)`.
+    pub write_failed_ranges: Vec<[u64; 2]>,
 }
+
+/// Failed ranges listed in a report (all of them are counted).
+pub const RANGES_LISTED: usize = 16;
 
 /// The outcome of one `[[jobs]]` entry (all its repetitions).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -65,6 +70,8 @@ pub struct JobReport {
     pub jobs_with_read_errors: u64,
     /// Source sectors that could not be read.
     pub read_failed_sectors: u64,
+    /// The first [`RANGES_LISTED`] ranges of unreadable source sectors, `[start, end)`.
+    pub read_failed_ranges: Vec<[u64; 2]>,
     /// Bytes per job times jobs.
     pub bytes: u64,
     /// When the first job was submitted, in virtual seconds.

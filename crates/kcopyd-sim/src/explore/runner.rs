@@ -27,10 +27,12 @@ use tokio::time::Instant;
 
 use super::ScenarioError;
 use super::probe::{Observed, model_us_since, observed};
-use super::report::{DiskReport, ForegroundReport, IoSizeCount, JobReport, Latencies, Report, Sample, TargetOutcome};
-use super::scenario::{Access, Content, JobKind, Scenario};
+use super::report::{
+    DiskReport, ForegroundReport, IoSizeCount, JobReport, Latencies, RANGES_LISTED, Report, Sample, TargetOutcome,
+};
+use super::scenario::{Access, Content, JobKind, JobSpec, Scenario};
 use super::series::Series;
-use super::verify::verify_entry;
+use super::verify::{JobFailures, verify_entry};
 use crate::{Medium, MemDisk, Simulation, mix64, to_tokio};
 
 /// Failures listed per job entry in the report.
@@ -56,8 +58,8 @@ struct EntryResult {
     report: JobReport,
     latencies: Histogram<u64>,
     submit_error: Option<kcopyd_core::SubmitError>,
-    /// Per job that left sectors not copied: each target's not-copied sectors.
-    holes: BTreeMap<u64, Vec<RangeSet>>,
+    /// Per job that was not ok: what it reported failed.
+    failures: BTreeMap<u64, JobFailures>,
 }
 
 /// What the foreground recorded.
@@ -67,6 +69,17 @@ struct ForegroundResult {
     latency_series: Series,
     count_series: Series,
     end_us: u64,
+}
+
+impl ForegroundResult {
+    /// Counts a request due at `due_us` and done at `done_us`.
+    fn record(&mut self, due_us: u64, done_us: u64) {
+        let latency_us = done_us - due_us;
+        self.latencies.record(latency_us.clamp(1, LATENCY_US_MAX)).expect("within bounds");
+        self.latency_series.add(done_us, latency_us as f64);
+        self.count_series.add(done_us, 1.0);
+        self.end_us = self.end_us.max(done_us);
+    }
 }
 
 /// What one simulation of the scenario recorded.
@@ -85,13 +98,26 @@ struct RunData {
 /// # Errors
 /// The scenario does not hold together, or the engine refused a job.
 pub fn run(scenario: &Scenario) -> Result<Report, ScenarioError> {
+    run_with(scenario, &|_| {})
+}
+
+/// The disks of a run by name, as [`run_with`]'s hook sees them.
+pub type Disks<'a> = BTreeMap<&'a str, &'a MemDisk>;
+
+/// As [`run`], calling `after_jobs` with the disks once the jobs and the foreground are done
+/// and before the check of what the targets hold: what it changes behind the engine's back,
+/// the check must find (the demo's `--tamper`).
+///
+/// # Errors
+/// As [`run`].
+pub fn run_with(scenario: &Scenario, after_jobs: &dyn Fn(&Disks<'_>)) -> Result<Report, ScenarioError> {
     scenario.validate()?;
     let wall = std::time::Instant::now();
-    let main = simulate(scenario, true, None)?;
+    let main = simulate(scenario, true, None, after_jobs)?;
     let baseline = match &scenario.foreground {
         Some(foreground) if !scenario.jobs.is_empty() => {
             let duration_us = foreground.duration_us.unwrap_or(main.jobs_end_us).max(1);
-            Some(simulate(scenario, false, Some(duration_us))?)
+            Some(simulate(scenario, false, Some(duration_us), &|_| {})?)
         }
         _ => None,
     };
@@ -100,7 +126,12 @@ pub fn run(scenario: &Scenario) -> Result<Report, ScenarioError> {
 
 /// One simulation: with the jobs, or (`with_jobs` false) the foreground alone for
 /// `foreground_us`.
-fn simulate(scenario: &Scenario, with_jobs: bool, foreground_us: Option<u64>) -> Result<RunData, ScenarioError> {
+fn simulate(
+    scenario: &Scenario,
+    with_jobs: bool,
+    foreground_us: Option<u64>,
+    after_jobs: &dyn Fn(&Disks<'_>),
+) -> Result<RunData, ScenarioError> {
     let outcome = Simulation::run(scenario.client.clone(), |client, _trace| async move {
         let origin = Instant::now();
         let media: BTreeMap<&str, Medium> =
@@ -154,9 +185,10 @@ fn simulate(scenario: &Scenario, with_jobs: bool, foreground_us: Option<u64>) ->
             None => None,
         };
         let end_us = model_us_since(origin);
-        let by_disk: BTreeMap<&str, &MemDisk> = disks.iter().map(|(name, _, disk)| (name.as_str(), &**disk)).collect();
+        let by_disk: Disks<'_> = disks.iter().map(|(name, _, disk)| (name.as_str(), &**disk)).collect();
+        after_jobs(&by_disk);
         for (index, entry) in entries.iter_mut().enumerate() {
-            entry.report.verification = verify_entry(scenario, index, &by_disk, &entry.holes);
+            entry.report.verification = verify_entry(scenario, index, &by_disk, &entry.failures);
         }
         for (_, observed, _) in &disks {
             observed.hooks().probe().finish(jobs_end_us.max(1));
@@ -183,35 +215,9 @@ async fn drive_entry(
 ) -> EntryResult {
     let spec = &scenario.jobs[index];
     let (len_sectors, stride_sectors) = scenario.job_regions(index).expect("validated");
-    let result = Rc::new(RefCell::new(EntryResult {
-        report: JobReport {
-            name: scenario.job_name(index),
-            kind: match spec.kind {
-                JobKind::Copy => "copy".into(),
-                JobKind::Zero => "zero".into(),
-            },
-            // Saturating: a job may cover a disk of up to u64::MAX sectors, many times.
-            bytes: u64::try_from(sectors_to_bytes(len_sectors).saturating_mul(u128::from(spec.count)))
-                .unwrap_or(u64::MAX),
-            targets: spec
-                .targets
-                .iter()
-                .map(|t| TargetOutcome { disk: t.clone(), ..TargetOutcome::default() })
-                .collect(),
-            ..JobReport::default()
-        },
-        latencies: histogram(),
-        submit_error: None,
-        holes: BTreeMap::new(),
-    }));
+    let result = Rc::new(RefCell::new(empty_entry_result(&scenario, index, len_sectors)));
     let limit = (spec.concurrency > 0).then(|| Arc::new(Semaphore::new(spec.concurrency as usize)));
-    let mut flags = Flags::empty();
-    if spec.ignore_error {
-        flags |= Flags::IGNORE_ERROR;
-    }
-    if spec.write_seq {
-        flags |= Flags::WRITE_SEQ;
-    }
+    let flags = entry_flags(spec);
     let mut waiters = Vec::new();
     for i in 0..spec.count {
         let start_us = spec.start_at_us.saturating_add(spec.interval_us.saturating_mul(i));
@@ -220,20 +226,7 @@ async fn drive_entry(
             Some(limit) => Some(limit.clone().acquire_owned().await.expect("the semaphore is never closed")),
             None => None,
         };
-        let shift = stride_sectors * i;
-        let targets = spec
-            .targets
-            .iter()
-            .map(|t| Region::new(devices[t].clone(), spec.target_start_sector + shift, len_sectors))
-            .collect();
-        let job = match (&spec.kind, &spec.source) {
-            (JobKind::Copy, Some(source)) => Job::copy(
-                Region::new(devices[source].clone(), spec.source_start_sector + shift, len_sectors),
-                targets,
-                flags,
-            ),
-            _ => Job::zero(targets, flags),
-        };
+        let job = entry_job(spec, &devices, stride_sectors * i, len_sectors, flags);
         let submitted_us = model_us_since(origin);
         if i == 0 {
             result.borrow_mut().report.first_submit_s = submitted_us as f64 / 1e6;
@@ -260,6 +253,67 @@ async fn drive_entry(
     Rc::try_unwrap(result).ok().expect("every waiter is done").into_inner()
 }
 
+/// Entry `index`'s result before any of its jobs ran: its name, kind, bytes and targets.
+fn empty_entry_result(scenario: &Scenario, index: usize, len_sectors: u64) -> EntryResult {
+    let spec = &scenario.jobs[index];
+    EntryResult {
+        report: JobReport {
+            name: scenario.job_name(index),
+            kind: match spec.kind {
+                JobKind::Copy => "copy".into(),
+                JobKind::Zero => "zero".into(),
+            },
+            // Saturating: a job may cover a disk of up to u64::MAX sectors, many times.
+            bytes: u64::try_from(sectors_to_bytes(len_sectors).saturating_mul(u128::from(spec.count)))
+                .unwrap_or(u64::MAX),
+            targets: spec
+                .targets
+                .iter()
+                .map(|t| TargetOutcome { disk: t.clone(), ..TargetOutcome::default() })
+                .collect(),
+            ..JobReport::default()
+        },
+        latencies: histogram(),
+        submit_error: None,
+        failures: BTreeMap::new(),
+    }
+}
+
+/// The engine's flags of an entry's jobs.
+fn entry_flags(spec: &JobSpec) -> Flags {
+    let mut flags = Flags::empty();
+    if spec.ignore_error {
+        flags |= Flags::IGNORE_ERROR;
+    }
+    if spec.write_seq {
+        flags |= Flags::WRITE_SEQ;
+    }
+    flags
+}
+
+/// One job of an entry, its regions `shift_sectors` past the entry's first.
+fn entry_job(
+    spec: &JobSpec,
+    devices: &BTreeMap<String, Device>,
+    shift_sectors: u64,
+    len_sectors: u64,
+    flags: Flags,
+) -> Job {
+    let targets = spec
+        .targets
+        .iter()
+        .map(|t| Region::new(devices[t].clone(), spec.target_start_sector + shift_sectors, len_sectors))
+        .collect();
+    match (&spec.kind, &spec.source) {
+        (JobKind::Copy, Some(source)) => Job::copy(
+            Region::new(devices[source].clone(), spec.source_start_sector + shift_sectors, len_sectors),
+            targets,
+            flags,
+        ),
+        _ => Job::zero(targets, flags),
+    }
+}
+
 fn record_outcome(result: &mut EntryResult, index: u64, outcome: &Outcome, latency_us: u64, done_us: u64) {
     let report = &mut result.report;
     report.jobs += 1;
@@ -269,9 +323,15 @@ fn record_outcome(result: &mut EntryResult, index: u64, outcome: &Outcome, laten
         report.ok += 1;
         return;
     }
-    if outcome.targets.iter().any(|t| !t.not_copied.is_empty()) {
-        result.holes.insert(index, outcome.targets.iter().map(|t| t.not_copied.clone()).collect());
-    }
+    result.failures.insert(
+        index,
+        JobFailures {
+            read_failed: outcome.read_failed.clone(),
+            write_failed: outcome.targets.iter().map(|t| t.write_failed.clone()).collect(),
+            not_copied: outcome.targets.iter().map(|t| t.not_copied.clone()).collect(),
+            ran_to_end: !outcome.cancelled && outcome.panicked.is_none(),
+        },
+    );
     if outcome.read_err {
         report.jobs_with_read_errors += 1;
     }
@@ -366,13 +426,7 @@ async fn run_foreground(
                 let _ = disk.write(offset, WriteBuf::zeroes(len_bytes)).await;
             }
             drop(permit);
-            let done_us = model_us_since(origin);
-            let latency_us = done_us - due_us;
-            let mut state = state.borrow_mut();
-            state.latencies.record(latency_us.clamp(1, LATENCY_US_MAX)).expect("within bounds");
-            state.latency_series.add(done_us, latency_us as f64);
-            state.count_series.add(done_us, 1.0);
-            state.end_us = state.end_us.max(done_us);
+            state.borrow_mut().record(due_us, model_us_since(origin));
         }));
         // Keep the list short: drop handles of finished requests.
         if tasks.len() > 4 * spec.queue_depth as usize {
@@ -392,6 +446,7 @@ fn assemble(scenario: &Scenario, main: RunData, baseline: Option<RunData>, wall:
         .iter_mut()
         .map(|entry| {
             entry.report.latency = Latencies::of(&entry.latencies);
+            list_failed_ranges(entry);
             entry.report.clone()
         })
         .collect();
@@ -400,99 +455,17 @@ fn assemble(scenario: &Scenario, main: RunData, baseline: Option<RunData>, wall:
     let copy_seconds = main.jobs_end_us as f64 / 1e6;
     let span_s = copy_seconds - first_submit_s;
     let throughput_mb_per_s = if span_s > 0.0 { job_bytes as f64 / span_s / 1e6 } else { 0.0 };
-    let all_ok = jobs.iter().all(|j| j.ok == j.jobs && j.verification.mismatched_sectors == 0);
+    let all_ok = jobs.iter().all(|j| j.ok == j.jobs && j.verification.agrees());
 
-    // One bucket width for every series: the widest any of them reached.
     let mut probes: Vec<_> = main.disks.iter().map(|(_, observed, _)| observed.hooks().probe().clone()).collect();
     let mut foreground = main.foreground;
     let mut alone = baseline.and_then(|b| b.foreground);
-    let mut width_us = 1;
-    for probe in &probes {
-        width_us = width_us.max(probe.in_flight_series.width_us());
-        width_us = width_us.max(probe.reads.bytes_series.width_us()).max(probe.writes.bytes_series.width_us());
-    }
-    for f in foreground.iter().chain(alone.iter()) {
-        width_us = width_us.max(f.latency_series.width_us()).max(f.count_series.width_us());
-    }
     let end_us = main.end_us.max(1);
-    while end_us / width_us >= super::series::BUCKETS_MAX as u64 {
-        width_us *= 2;
-    }
-    for probe in &mut probes {
-        probe.in_flight_series.coarsen_to(width_us);
-        probe.reads.bytes_series.coarsen_to(width_us);
-        probe.writes.bytes_series.coarsen_to(width_us);
-    }
-    for f in foreground.iter_mut().chain(alone.iter_mut()) {
-        f.latency_series.coarsen_to(width_us);
-        f.count_series.coarsen_to(width_us);
-    }
+    let width_us = align_series(&mut probes, foreground.iter_mut().chain(alone.iter_mut()).collect(), end_us);
     let buckets = (end_us / width_us + 1) as usize;
     let bucket_s = width_us as f64 / 1e6;
-    let sum_over = |f: &dyn Fn(&super::probe::Probe) -> Vec<f64>| {
-        let mut total = vec![0.0; buckets];
-        for probe in &probes {
-            for (t, v) in total.iter_mut().zip(f(probe)) {
-                *t += v;
-            }
-        }
-        total
-    };
-    let read_bytes = sum_over(&|p| p.reads.bytes_series.sums(buckets));
-    let written_bytes = sum_over(&|p| p.writes.bytes_series.sums(buckets));
-    let queue_depths: Vec<Vec<f64>> = probes.iter().map(|p| p.in_flight_series.sums(buckets)).collect();
-    let mean_of = |f: &ForegroundResult, i: usize| {
-        let counts = f.count_series.sums(buckets);
-        let sums = f.latency_series.sums(buckets);
-        (counts[i] > 0.0).then(|| sums[i] / counts[i] / 1000.0)
-    };
-    let timeline = (0..buckets)
-        .map(|i| Sample {
-            at_s: i as f64 * bucket_s,
-            read_bytes_per_s: read_bytes[i] / bucket_s,
-            written_bytes_per_s: written_bytes[i] / bucket_s,
-            foreground_ms_mean: foreground.as_ref().and_then(|f| mean_of(f, i)),
-            foreground_ms_max: foreground.as_ref().and_then(|f| {
-                let counts = f.count_series.sums(buckets);
-                (counts[i] > 0.0).then(|| f.latency_series.maxes(buckets)[i] / 1000.0)
-            }),
-            foreground_alone_ms_mean: alone.as_ref().and_then(|f| mean_of(f, i)),
-            queue_depth: queue_depths.iter().map(|q| q[i] / width_us as f64).collect(),
-        })
-        .collect();
-
-    let mut sizes: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
-    for probe in &probes {
-        for (size, (reads, writes)) in &probe.sizes {
-            let entry = sizes.entry(*size).or_default();
-            entry.0 += reads;
-            entry.1 += writes;
-        }
-    }
-    let jobs_us = main.jobs_end_us.max(1) as f64;
-    let disks = main
-        .disks
-        .iter()
-        .zip(&probes)
-        .map(|((name, _, disk), probe)| {
-            let mean_ms =
-                |total_us: u64, count: u64| if count == 0 { 0.0 } else { total_us as f64 / count as f64 / 1000.0 };
-            DiskReport {
-                disk: name.clone(),
-                reads: probe.reads.requests,
-                read_bytes: probe.reads.bytes,
-                read_latency_ms_mean: mean_ms(probe.reads.latency_us_total, probe.reads.requests),
-                writes: probe.writes.requests,
-                written_bytes: probe.writes.bytes,
-                write_latency_ms_mean: mean_ms(probe.writes.latency_us_total, probe.writes.requests),
-                busy_percent: probe.busy_us as f64 / jobs_us * 100.0,
-                // `+ 0.0`: a sum of nothing is -0.0.
-                queue_depth_mean: probe.in_flight_series.sums(0).iter().sum::<f64>() / jobs_us + 0.0,
-                queue_depth_max: probe.in_flight_max,
-                errors: disk.stats().errors,
-            }
-        })
-        .collect();
+    let timeline = timeline(&probes, foreground.as_ref(), alone.as_ref(), buckets, width_us);
+    let disks = disk_reports(&main.disks, &probes, main.jobs_end_us.max(1) as f64);
     let foreground_report = scenario.foreground.as_ref().zip(foreground.as_ref()).map(|(spec, f)| {
         let seconds = f.end_us.max(1) as f64 / 1e6;
         ForegroundReport {
@@ -515,12 +488,137 @@ fn assemble(scenario: &Scenario, main: RunData, baseline: Option<RunData>, wall:
         pages_in_use_max: main.pages_in_use_max,
         jobs,
         disks,
-        io_sizes: sizes
-            .into_iter()
-            .map(|(size_bytes, (reads, writes))| IoSizeCount { size_bytes, reads, writes })
-            .collect(),
+        io_sizes: io_sizes(&probes),
         foreground: foreground_report,
         bucket_s,
         timeline,
+    }
+}
+
+/// Brings every series to one bucket width, the widest any of them reached (doubled until a
+/// run of `end_us` fits in [`BUCKETS_MAX`](super::series::BUCKETS_MAX) buckets); the width.
+fn align_series(probes: &mut [super::probe::Probe], foregrounds: Vec<&mut ForegroundResult>, end_us: u64) -> u64 {
+    let mut width_us = 1;
+    for probe in probes.iter() {
+        width_us = width_us.max(probe.in_flight_series.width_us());
+        width_us = width_us.max(probe.reads.bytes_series.width_us()).max(probe.writes.bytes_series.width_us());
+    }
+    for f in &foregrounds {
+        width_us = width_us.max(f.latency_series.width_us()).max(f.count_series.width_us());
+    }
+    while end_us / width_us >= super::series::BUCKETS_MAX as u64 {
+        width_us *= 2;
+    }
+    for probe in probes.iter_mut() {
+        probe.in_flight_series.coarsen_to(width_us);
+        probe.reads.bytes_series.coarsen_to(width_us);
+        probe.writes.bytes_series.coarsen_to(width_us);
+    }
+    for f in foregrounds {
+        f.latency_series.coarsen_to(width_us);
+        f.count_series.coarsen_to(width_us);
+    }
+    width_us
+}
+
+/// The run over time: bytes moved, foreground latency (with and without the jobs) and each
+/// disk's queue depth, per bucket of `width_us`.
+fn timeline(
+    probes: &[super::probe::Probe],
+    foreground: Option<&ForegroundResult>,
+    alone: Option<&ForegroundResult>,
+    buckets: usize,
+    width_us: u64,
+) -> Vec<Sample> {
+    let bucket_s = width_us as f64 / 1e6;
+    let sum_over = |f: &dyn Fn(&super::probe::Probe) -> Vec<f64>| {
+        let mut total = vec![0.0; buckets];
+        for probe in probes {
+            for (t, v) in total.iter_mut().zip(f(probe)) {
+                *t += v;
+            }
+        }
+        total
+    };
+    let read_bytes = sum_over(&|p| p.reads.bytes_series.sums(buckets));
+    let written_bytes = sum_over(&|p| p.writes.bytes_series.sums(buckets));
+    let queue_depths: Vec<Vec<f64>> = probes.iter().map(|p| p.in_flight_series.sums(buckets)).collect();
+    let mean_of = |f: &ForegroundResult, i: usize| {
+        let counts = f.count_series.sums(buckets);
+        let sums = f.latency_series.sums(buckets);
+        (counts[i] > 0.0).then(|| sums[i] / counts[i] / 1000.0)
+    };
+    (0..buckets)
+        .map(|i| Sample {
+            at_s: i as f64 * bucket_s,
+            read_bytes_per_s: read_bytes[i] / bucket_s,
+            written_bytes_per_s: written_bytes[i] / bucket_s,
+            foreground_ms_mean: foreground.and_then(|f| mean_of(f, i)),
+            foreground_ms_max: foreground.and_then(|f| {
+                let counts = f.count_series.sums(buckets);
+                (counts[i] > 0.0).then(|| f.latency_series.maxes(buckets)[i] / 1000.0)
+            }),
+            foreground_alone_ms_mean: alone.and_then(|f| mean_of(f, i)),
+            queue_depth: queue_depths.iter().map(|q| q[i] / width_us as f64).collect(),
+        })
+        .collect()
+}
+
+/// Requests per size over every disk.
+fn io_sizes(probes: &[super::probe::Probe]) -> Vec<IoSizeCount> {
+    let mut sizes: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+    for probe in probes {
+        for (size, (reads, writes)) in &probe.sizes {
+            let entry = sizes.entry(*size).or_default();
+            entry.0 += reads;
+            entry.1 += writes;
+        }
+    }
+    sizes.into_iter().map(|(size_bytes, (reads, writes))| IoSizeCount { size_bytes, reads, writes }).collect()
+}
+
+/// Each disk's requests, bytes, latency, busy share and queue depth over the jobs' `jobs_us`.
+fn disk_reports(
+    disks: &[(String, Arc<Observed>, Arc<MemDisk>)],
+    probes: &[super::probe::Probe],
+    jobs_us: f64,
+) -> Vec<DiskReport> {
+    let mean_ms = |total_us: u64, count: u64| if count == 0 { 0.0 } else { total_us as f64 / count as f64 / 1000.0 };
+    disks
+        .iter()
+        .zip(probes)
+        .map(|((name, _, disk), probe)| DiskReport {
+            disk: name.clone(),
+            reads: probe.reads.requests,
+            read_bytes: probe.reads.bytes,
+            read_latency_ms_mean: mean_ms(probe.reads.latency_us_total, probe.reads.requests),
+            writes: probe.writes.requests,
+            written_bytes: probe.writes.bytes,
+            write_latency_ms_mean: mean_ms(probe.writes.latency_us_total, probe.writes.requests),
+            busy_percent: probe.busy_us as f64 / jobs_us * 100.0,
+            // `+ 0.0`: a sum of nothing is -0.0.
+            queue_depth_mean: probe.in_flight_series.sums(0).iter().sum::<f64>() / jobs_us + 0.0,
+            queue_depth_max: probe.in_flight_max,
+            errors: disk.stats().errors,
+        })
+        .collect()
+}
+
+/// Lists the first failed ranges of an entry's jobs in its report.
+fn list_failed_ranges(entry: &mut EntryResult) {
+    let listed = |set: &RangeSet| set.ranges().iter().take(RANGES_LISTED).map(|r| [r.start, r.end]).collect();
+    let mut read_failed = RangeSet::new();
+    for failures in entry.failures.values() {
+        read_failed.extend(&failures.read_failed);
+    }
+    entry.report.read_failed_ranges = listed(&read_failed);
+    for (t, target) in entry.report.targets.iter_mut().enumerate() {
+        let mut write_failed = RangeSet::new();
+        for failures in entry.failures.values() {
+            if let Some(failed) = failures.write_failed.get(t) {
+                write_failed.extend(failed);
+            }
+        }
+        target.write_failed_ranges = listed(&write_failed);
     }
 }

@@ -7,6 +7,18 @@
 //!  not_copied   5600..5900 (skipped blocks)         its sectors as mismatched
 //! ```
 //!
+//! Then: do the failures the engine reported agree with the faults that fired? Every failed
+//! range lies under a fault the disk logged, every latent sector an IGNORE_ERROR copy read is
+//! reported, and such a copy leaves exactly its failed sectors not copied:
+//!
+//! ```text
+//!  read_failed           ⊆ read faults in the source's fault log
+//!  write_failed (target) ⊆ write faults in that target's fault log
+//!  latent sectors read   ⊆ read_failed                                   (IGNORE_ERROR copies)
+//!  not_copied (target)   = read_failed (moved to the target) ∪ write_failed (IGNORE_ERROR copies
+//!                                                              that ran to the end, not WRITE_SEQ)
+//! ```
+//!
 //! An entry is checked only when nothing else wrote what it reads or writes: no other entry's
 //! targets and no foreground writes on its disks, no overlap among its own repetitions.
 
@@ -17,7 +29,7 @@ use kcopyd_core::RangeSet;
 use serde::Serialize;
 
 use super::scenario::{JobKind, Scenario};
-use crate::{MemDisk, Provenance};
+use crate::{FaultKind, MemDisk, Operation, Provenance};
 
 /// What the check of one `[[jobs]]` entry found.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -30,6 +42,50 @@ pub struct Verification {
     pub mismatched_sectors: u64,
     /// Why the entry was not checked, if it was not.
     pub note: String,
+    /// The first sector found not holding what the engine said it holds.
+    pub first_mismatch: Option<Mismatch>,
+    /// Sectors reported unreadable on the source that no read fault it logged covers.
+    pub unexplained_read_failed_sectors: u64,
+    /// Sectors reported failed on a target that no write fault it logged covers.
+    pub unexplained_write_failed_sectors: u64,
+    /// Latent sectors of the source that an IGNORE_ERROR copy read without reporting them.
+    pub missed_latent_sectors: u64,
+    /// Sectors of an IGNORE_ERROR copy's targets where `not_copied` and the failed sectors
+    /// (`read_failed` moved to the target, and `write_failed`) disagree.
+    pub not_copied_disagreeing_sectors: u64,
+}
+
+impl Verification {
+    /// Whether nothing checked disagreed: the data, and the failures with the fault logs.
+    pub fn agrees(&self) -> bool {
+        self.mismatched_sectors == 0
+            && self.unexplained_read_failed_sectors == 0
+            && self.unexplained_write_failed_sectors == 0
+            && self.missed_latent_sectors == 0
+            && self.not_copied_disagreeing_sectors == 0
+    }
+}
+
+/// Where a target first differed from what it should hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Mismatch {
+    /// The target disk.
+    pub disk: String,
+    /// The sector.
+    pub sector: u64,
+}
+
+/// What one job that was not ok reported (sectors of the device each names).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct JobFailures {
+    /// The source's unreadable sectors.
+    pub read_failed: RangeSet,
+    /// Per target, the sectors whose write failed.
+    pub write_failed: Vec<RangeSet>,
+    /// Per target, the sectors that do not hold the source's data.
+    pub not_copied: Vec<RangeSet>,
+    /// The job ran to its end: not cancelled, no panic.
+    pub ran_to_end: bool,
 }
 
 /// What one run of sectors holds, independent of where the run sits: patterns by the origin
@@ -64,16 +120,28 @@ fn canonical(runs: &[(Range<u64>, Provenance)], base: u64, holes: &RangeSet) -> 
 }
 
 /// Sectors where two canonical lists disagree (a sector in only one of them counts too).
+#[cfg(test)]
 fn mismatched(expected: &[(Range<u64>, Key)], found: &[(Range<u64>, Key)]) -> u64 {
+    mismatch(expected, found).0
+}
+
+/// Sectors where two canonical lists disagree, and the first of them (relative) that is in
+/// both lists.
+fn mismatch(expected: &[(Range<u64>, Key)], found: &[(Range<u64>, Key)]) -> (u64, Option<u64>) {
     let total = |runs: &[(Range<u64>, Key)]| runs.iter().map(|(r, _)| r.end - r.start).sum::<u64>();
     let mut agreeing = 0;
+    let mut first = None;
     let (mut i, mut j) = (0, 0);
     while i < expected.len() && j < found.len() {
         let (a, ka) = &expected[i];
         let (b, kb) = &found[j];
         let overlap = a.start.max(b.start)..a.end.min(b.end);
-        if overlap.start < overlap.end && ka == kb {
-            agreeing += overlap.end - overlap.start;
+        if overlap.start < overlap.end {
+            if ka == kb {
+                agreeing += overlap.end - overlap.start;
+            } else {
+                first = first.or(Some(overlap.start));
+            }
         }
         if a.end <= b.end {
             i += 1;
@@ -81,7 +149,7 @@ fn mismatched(expected: &[(Range<u64>, Key)], found: &[(Range<u64>, Key)]) -> u6
             j += 1;
         }
     }
-    total(expected).max(total(found)) - agreeing
+    (total(expected).max(total(found)) - agreeing, first)
 }
 
 /// Sectors of one disk, by name.
@@ -129,13 +197,13 @@ fn unverifiable(scenario: &Scenario, index: usize) -> Option<String> {
     None
 }
 
-/// Checks entry `index` on `disks`, given the not-copied sectors of each job that reported
-/// some (job number → per target).
+/// Checks entry `index` on `disks`, given what each job that was not ok reported (job number
+/// → its failures).
 pub(crate) fn verify_entry(
     scenario: &Scenario,
     index: usize,
     disks: &BTreeMap<&str, &MemDisk>,
-    holes: &BTreeMap<u64, Vec<RangeSet>>,
+    failures: &BTreeMap<u64, JobFailures>,
 ) -> Verification {
     if let Some(note) = unverifiable(scenario, index) {
         return Verification { checked: false, note, ..Verification::default() };
@@ -143,11 +211,13 @@ pub(crate) fn verify_entry(
     let job = &scenario.jobs[index];
     let (len, stride) = scenario.job_regions(index).expect("validated");
     let mut verification = Verification { checked: true, ..Verification::default() };
-    let no_holes = RangeSet::new();
+    let none = JobFailures::default();
     for i in 0..job.count {
         let shift = stride * i;
+        let failed = failures.get(&i).unwrap_or(&none);
         for (t, target) in job.targets.iter().enumerate() {
-            let job_holes = holes.get(&i).and_then(|per_target| per_target.get(t)).unwrap_or(&no_holes);
+            let no_holes = RangeSet::new();
+            let job_holes = failed.not_copied.get(t).unwrap_or(&no_holes);
             let target_start = job.target_start_sector + shift;
             let holes_relative =
                 job_holes.shifted(target_start, 0).expect("not-copied sectors lie in the target range");
@@ -164,10 +234,76 @@ pub(crate) fn verify_entry(
                 &holes_relative,
             );
             verification.sectors += expected.iter().map(|(r, _)| r.end - r.start).sum::<u64>();
-            verification.mismatched_sectors += mismatched(&expected, &found);
+            let (count, first) = mismatch(&expected, &found);
+            verification.mismatched_sectors += count;
+            if let (None, Some(sector)) = (&verification.first_mismatch, first) {
+                verification.first_mismatch = Some(Mismatch { disk: target.clone(), sector: target_start + sector });
+            }
         }
+        check_failures(scenario, index, i, disks, failed, &mut verification);
     }
     verification
+}
+
+/// Checks job `i` of entry `index`'s reported failures against the disks' fault logs (see
+/// the module's overview).
+fn check_failures(
+    scenario: &Scenario,
+    index: usize,
+    i: u64,
+    disks: &BTreeMap<&str, &MemDisk>,
+    failed: &JobFailures,
+    verification: &mut Verification,
+) {
+    let job = &scenario.jobs[index];
+    let (len, stride) = scenario.job_regions(index).expect("validated");
+    let shift = stride * i;
+    let no_failures = RangeSet::new();
+    if let Some(source) = &job.source {
+        let logged = logged_faults(disks[source.as_str()], &[Operation::Read]);
+        verification.unexplained_read_failed_sectors += failed.read_failed.difference(&logged).len_sectors();
+    }
+    for (t, target) in job.targets.iter().enumerate() {
+        let logged = logged_faults(disks[target.as_str()], &[Operation::Write, Operation::WriteZeroes]);
+        let write_failed = failed.write_failed.get(t).unwrap_or(&no_failures);
+        verification.unexplained_write_failed_sectors += write_failed.difference(&logged).len_sectors();
+    }
+    let (JobKind::Copy, Some(source), true) = (job.kind, &job.source, job.ignore_error) else { return };
+    let source_start = job.source_start_sector + shift;
+    let read = RangeSet::from_range(source_start..source_start + len);
+    let latent: RangeSet = scenario.disks[source].options.faults.latent_sectors.iter().cloned().collect();
+    verification.missed_latent_sectors +=
+        latent.difference(&latent.difference(&read)).difference(&failed.read_failed).len_sectors();
+    if job.write_seq || !failed.ran_to_end {
+        return;
+    }
+    let target_start = job.target_start_sector + shift;
+    let unreadable =
+        failed.read_failed.shifted(source_start, target_start).expect("read_failed lies in the source range");
+    for t in 0..job.targets.len() {
+        let mut expected = unreadable.clone();
+        expected.extend(failed.write_failed.get(t).unwrap_or(&no_failures));
+        let not_copied = failed.not_copied.get(t).unwrap_or(&no_failures);
+        let disagreeing =
+            not_copied.difference(&expected).len_sectors() + expected.difference(not_copied).len_sectors();
+        verification.not_copied_disagreeing_sectors += disagreeing;
+    }
+}
+
+/// The sectors of every request of `operations` that a fault failed on `disk`: every logged
+/// fault but those that report success (a misdirected, torn or lost write, a slow request).
+fn logged_faults(disk: &MemDisk, operations: &[Operation]) -> RangeSet {
+    disk.fault_log()
+        .into_iter()
+        .filter(|f| f.device == disk.options().name && operations.contains(&f.operation))
+        .filter(|f| {
+            !matches!(
+                f.kind,
+                FaultKind::Misdirected { .. } | FaultKind::Torn { .. } | FaultKind::Lost | FaultKind::Slow { .. }
+            )
+        })
+        .map(|f| f.sectors)
+        .collect()
 }
 
 #[cfg(test)]
@@ -192,5 +328,64 @@ mod tests {
         // A pattern from the wrong place is a mismatch, though it is a pattern.
         let shifted = [(5000..5800, Provenance::Pattern { seed: 7, generation: 0, sector: 101 })];
         assert_eq!(mismatched(&expected, &canonical(&shifted, 5000, &RangeSet::new())), 800);
+    }
+
+    /// A scenario of one IGNORE_ERROR copy from `source` (latent sector 100) to `target`.
+    fn one_copy() -> Scenario {
+        let text = r#"
+            [disks.source]
+            len_sectors = 1024
+            [disks.source.faults]
+            latent_sectors = [{ start = 100, end = 101 }]
+            [disks.target]
+            len_sectors = 1024
+            [[jobs]]
+            kind = "copy"
+            source = "source"
+            targets = ["target"]
+            ignore_error = true
+        "#;
+        Scenario::from_value_in(super::super::parse_tree(text).unwrap(), std::path::Path::new(".")).unwrap()
+    }
+
+    #[test]
+    fn failures_the_fault_logs_do_not_explain_are_counted() {
+        let scenario = one_copy();
+        let source = MemDisk::new(scenario.disks["source"].options.clone());
+        let target = MemDisk::new(scenario.disks["target"].options.clone());
+        let disks: BTreeMap<&str, &MemDisk> = [("source", &source), ("target", &target)].into();
+        let check = |failed: &JobFailures| {
+            let mut verification = Verification::default();
+            check_failures(&scenario, 0, 0, &disks, failed, &mut verification);
+            verification
+        };
+        // The truth: sector 100 unreadable, not copied; the source logged the failed read.
+        crate::Simulation::block_on(async {
+            use kcopyd_core::BlockDevice;
+            let pages = kcopyd_core::PagePool::new(1).unwrap().alloc(1).await;
+            let (_, result) = source.read(96, kcopyd_core::ReadBuf::new(pages, 4096)).await;
+            assert!(result.is_err(), "sector 100 is latent");
+        });
+        let honest = JobFailures {
+            read_failed: RangeSet::from_range(100..101),
+            write_failed: vec![RangeSet::new()],
+            not_copied: vec![RangeSet::from_range(100..101)],
+            ran_to_end: true,
+        };
+        assert!(check(&honest).agrees(), "{:?}", check(&honest));
+        // A read failure where no fault fired, a write failure likewise, a not-copied sector
+        // that did not fail.
+        let mut lying = honest.clone();
+        lying.read_failed.extend(&RangeSet::from_range(500..502));
+        lying.write_failed[0] = RangeSet::from_range(600..608);
+        lying.not_copied[0] = RangeSet::from_range(100..101);
+        lying.not_copied[0].extend(&RangeSet::from_range(700..701));
+        let found = check(&lying);
+        assert_eq!((found.unexplained_read_failed_sectors, found.unexplained_write_failed_sectors), (2, 8));
+        // not_copied lacks 500..502 and 600..608, and holds 700 that did not fail.
+        assert_eq!(found.not_copied_disagreeing_sectors, 11);
+        // The latent sector read without being reported.
+        let silent = JobFailures { read_failed: RangeSet::new(), not_copied: vec![RangeSet::new()], ..honest };
+        assert_eq!(check(&silent).missed_latent_sectors, 1);
     }
 }
