@@ -10,14 +10,15 @@ use kcopyd_core::{
 use crate::cli::{CopyArgs, EngineArgs, OutputArgs, VerifyArgs, ZeroArgs};
 use crate::clock::Instant;
 use crate::compare::{self, CompareShape, Comparison, Side};
-use crate::devices::{self, Opened, Settings};
+use crate::devices;
 use crate::error::{CliError, Status};
 use crate::map::{self, CopyMap};
 use crate::out;
 use crate::progress::{self, Interrupts, Phase};
 use crate::report::{self, Report, SourceReport, TargetReport, TargetVerify, VerifyReport};
 use crate::size::Bytes;
-use crate::tail::{Tail, TailError};
+use kcopyd_tool::{Opened, Settings, Tail, TailError};
+use std::future::Future;
 
 /// What a command hands back to `main`: its report and exit status.
 #[derive(Debug)]
@@ -47,7 +48,7 @@ fn side(opened: &Opened) -> Side {
     Side {
         device: opened.device.clone(),
         start_sector: opened.start_sector(),
-        zero_before_read: devices::is_headers_only(&opened.arg),
+        zero_before_read: kcopyd_tool::plan::is_headers_only(&opened.arg),
     }
 }
 
@@ -108,7 +109,7 @@ async fn run_job(
     targets: &[Opened],
     shown: Shown,
     interrupts: &mut Interrupts,
-    created: &mut devices::CreatedFiles,
+    created: &mut kcopyd_tool::CreatedFiles,
 ) -> Result<JobRun, CliError> {
     let Shown { label, len_bytes, source_start } = shown;
     let client = start_client(context.settings)?;
@@ -235,7 +236,7 @@ async fn run_batch(
     client: &Client,
     (mapped, batch): (&mut Mapped<'_>, &[std::ops::Range<u64>]),
     (source, devices): (&Opened, &[(Device, u64)]),
-    (bar, interrupts, created): (&indicatif::ProgressBar, &mut Interrupts, &mut devices::CreatedFiles),
+    (bar, interrupts, created): (&indicatif::ProgressBar, &mut Interrupts, &mut kcopyd_tool::CreatedFiles),
     run: &mut MappedRun,
 ) -> Result<bool, CliError> {
     let mut jobs = Vec::with_capacity(batch.len());
@@ -278,7 +279,7 @@ async fn run_mapped(
     targets: &[Opened],
     len_bytes: u64,
     interrupts: &mut Interrupts,
-    created: &mut devices::CreatedFiles,
+    created: &mut kcopyd_tool::CreatedFiles,
 ) -> Result<JobRun, CliError> {
     let failed = mapped.map.state.failed();
     let work = if mapped.retry_failed { failed.clone() } else { mapped.map.state.remaining(mapped.len_sectors) };
@@ -327,7 +328,7 @@ async fn run_mapped(
 fn open_map(
     path: &std::path::Path,
     args: &CopyArgs,
-    plan: &devices::Plan,
+    plan: &kcopyd_tool::Plan,
     created: &[bool],
 ) -> Result<(CopyMap, u64), CliError> {
     let block_bytes = std::iter::once(&plan.source).chain(&plan.targets).map(Opened::block_bytes).max().unwrap_or(512);
@@ -390,11 +391,11 @@ fn nothing_to_retry(args: &CopyArgs) -> Option<Done> {
 
 /// Per target argument: whether it names a file that does not exist (and that a copy would
 /// create).
-fn missing_targets(targets: &[crate::device_arg::DeviceArg]) -> Vec<bool> {
+fn missing_targets(targets: &[kcopyd_tool::DeviceAddress]) -> Vec<bool> {
     targets
         .iter()
         .map(|arg| match &arg.backend {
-            crate::device_arg::Backend::Path(path) => {
+            kcopyd_tool::Backend::Path(path) => {
                 matches!(std::fs::symlink_metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
             }
             _ => false,
@@ -476,6 +477,42 @@ async fn run_compare(
     (comparison, compared.get(), started.elapsed().as_secs_f64(), interrupted)
 }
 
+/// How a tail's read or write ended when it did not: a signal's exit code, or an I/O error.
+enum TailStop {
+    Interrupted(u8),
+    Io,
+}
+
+/// Awaits a tail's `work`, whose token `cancel` the first signal cancels (at once if one is
+/// pending).
+async fn signalled<T>(
+    interrupts: &mut Interrupts,
+    cancel: &kcopyd_tool::Cancel,
+    work: impl Future<Output = Result<T, TailError>>,
+) -> Result<T, TailStop> {
+    if let Some(code) = interrupts.take_pending() {
+        return Err(TailStop::Interrupted(code));
+    }
+    tokio::pin!(work);
+    let code = tokio::select! {
+        done = &mut work => return done.map_err(|_| TailStop::Io),
+        code = interrupts.recv() => code,
+    };
+    cancel.cancel();
+    let _ = work.await;
+    Err(TailStop::Interrupted(code))
+}
+
+async fn read_tail(interrupts: &mut Interrupts, tail: Tail, opened: &Opened) -> Result<Vec<u8>, TailStop> {
+    let cancel = kcopyd_tool::Cancel::new();
+    signalled(interrupts, &cancel, tail.read(opened, &cancel)).await
+}
+
+async fn write_tail(interrupts: &mut Interrupts, tail: Tail, opened: &Opened, bytes: &[u8]) -> Result<(), TailStop> {
+    let cancel = kcopyd_tool::Cancel::new();
+    signalled(interrupts, &cancel, tail.write(opened, bytes, &cancel)).await
+}
+
 /// Compares the tail of the range (files, NBD exports): a differing tail counts as one
 /// differing block, its sectors those the tail touches. A signal stops it (returned): the
 /// targets not compared yet are left as they are.
@@ -488,10 +525,10 @@ async fn compare_tail(
     interrupts: &mut Interrupts,
 ) -> Option<u8> {
     let sectors = tail.range_sectors();
-    let expected = match tail.read(source, interrupts).await {
+    let expected = match read_tail(interrupts, tail, source).await {
         Ok(bytes) => bytes,
-        Err(TailError::Interrupted(code)) => return Some(code),
-        Err(TailError::Io(_)) => {
+        Err(TailStop::Interrupted(code)) => return Some(code),
+        Err(TailStop::Io) => {
             found.source_unreadable.insert(sectors);
             return None;
         }
@@ -500,14 +537,14 @@ async fn compare_tail(
         if skip.is_some_and(|skip| skip[index].intersects(&sectors)) {
             continue;
         }
-        match tail.read(target, interrupts).await {
+        match read_tail(interrupts, tail, target).await {
             Ok(bytes) if bytes == expected => {}
             Ok(_) => {
                 diff.differing_blocks += 1;
                 diff.differing.insert(sectors.clone());
             }
-            Err(TailError::Interrupted(code)) => return Some(code),
-            Err(TailError::Io(_)) => diff.unreadable.insert(sectors.clone()),
+            Err(TailStop::Interrupted(code)) => return Some(code),
+            Err(TailStop::Io) => diff.unreadable.insert(sectors.clone()),
         }
     }
     None
@@ -538,13 +575,13 @@ async fn finish_tail(
     let mut bytes = match (went_on, source) {
         (false, _) => None,
         (true, None) => Some(vec![0; tail.len_bytes as usize]),
-        (true, Some(source)) => match tail.read(source, interrupts).await {
+        (true, Some(source)) => match read_tail(interrupts, tail, source).await {
             Ok(bytes) => Some(bytes),
-            Err(TailError::Interrupted(code)) => {
+            Err(TailStop::Interrupted(code)) => {
                 run.interrupted = Some(code);
                 None
             }
-            Err(TailError::Io(_)) => {
+            Err(TailStop::Io) => {
                 outcome.read_err = true;
                 outcome.read_failed.insert(tail.sectors(source));
                 None
@@ -555,15 +592,15 @@ async fn finish_tail(
     for (target, report) in targets.iter().zip(&mut outcome.targets) {
         let sectors = tail.sectors(target);
         match &bytes {
-            Some(data) => match tail.write(target, data, interrupts).await {
+            Some(data) => match write_tail(interrupts, tail, target, data).await {
                 Ok(()) => written += 1,
-                Err(TailError::Interrupted(code)) => {
+                Err(TailStop::Interrupted(code)) => {
                     // Written or not, it was not made sure of: the rest is not started.
                     run.interrupted = Some(code);
                     report.not_copied.insert(sectors);
                     bytes = None;
                 }
-                Err(TailError::Io(_)) => {
+                Err(TailStop::Io) => {
                     report.write_failed.insert(sectors.clone());
                     report.not_copied.insert(sectors);
                 }
@@ -698,7 +735,7 @@ fn verify_targets(targets: &[Opened], comparison: &Comparison, interrupted: Opti
 async fn verify_copy(
     context: Context<'_>,
     setup: &CompareSetup,
-    plan: &devices::Plan,
+    plan: &kcopyd_tool::Plan,
     run: &JobRun,
     targets: &mut [TargetReport],
     interrupts: &mut Interrupts,
@@ -777,7 +814,7 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
     }
     let missing = missing_targets(&args.targets);
     let devices = std::iter::once(&args.source).chain(&args.targets);
-    let settings = Settings::from_args(&args.engine, devices)?.with_throttle(&args.throttle)?;
+    let settings = devices::with_throttle(devices::settings(&args.engine, devices)?, &args.throttle)?;
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
     let mut plan =
         devices::open_plan(&args.source, &args.targets, args.length_bytes, true, &settings, interrupts).await?;
@@ -859,14 +896,14 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
 /// # Errors
 /// Bad options or devices (nothing written).
 pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, CliError> {
-    let settings = Settings::from_args(&args.engine, &args.targets)?.with_throttle(&args.throttle)?;
+    let settings = devices::with_throttle(devices::settings(&args.engine, &args.targets)?, &args.throttle)?;
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
     let plan = devices::open_zero_plan(&args.targets, args.length_bytes, &settings, interrupts).await?;
     let (opened, len_bytes) = (&plan.targets, plan.len_bytes);
     let len_sectors = plan.tail.offset_in_range_bytes / SECTOR_SIZE as u64;
     let job =
         Job::zero(opened.iter().map(|t| region(t, len_sectors)).collect(), flags(args.ignore_errors, args.write_seq));
-    let mut nothing_created = devices::CreatedFiles::default();
+    let mut nothing_created = kcopyd_tool::CreatedFiles::default();
     let mut run = run_job(
         context,
         job,
@@ -912,7 +949,7 @@ pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, 
 /// Bad options or devices.
 pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Done, CliError> {
     let devices = std::iter::once(&args.source).chain(&args.targets);
-    let settings = Settings::from_args(&args.engine, devices)?;
+    let settings = devices::settings(&args.engine, devices)?;
     let context = Context { settings: &settings, engine: &args.engine, output: &args.output };
     let plan = devices::open_plan(&args.source, &args.targets, args.length_bytes, false, &settings, interrupts).await?;
     warn_mounted(&plan.source, plan.len_bytes, &args.output);

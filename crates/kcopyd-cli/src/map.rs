@@ -40,9 +40,9 @@ use rustix::fs::FlockOperation;
 use rustix::io::Errno;
 use thiserror::Error;
 
-use crate::devices::Opened;
 use crate::error::CliError;
 pub use intervals::Intervals;
+use kcopyd_tool::Opened;
 pub use show::show;
 
 /// The first line of every map this version writes.

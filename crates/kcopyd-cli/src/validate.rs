@@ -25,10 +25,10 @@ use serde::Serialize;
 use crate::calibrate::{self, Plan, Scratch};
 use crate::cli::{CopyArgs, EngineArgs, IoEngineArg, OutputArgs, ThrottleArgs, ValidateArgs};
 use crate::commands;
-use crate::device_arg::{Backend, DeviceArg};
 use crate::error::{CliError, Status, open_reason};
 use crate::progress::{self, Interrupts};
 use crate::size::{self, Bytes};
+use kcopyd_tool::{Backend, DeviceAddress};
 
 /// The most targets a configuration may name.
 pub const TARGETS_MAX: usize = 8;
@@ -169,7 +169,7 @@ async fn real_copy(
     targets: &Targets,
     interrupts: &mut Interrupts,
 ) -> Result<Result<f64, Status>, CliError> {
-    let arg = |path: &Path| DeviceArg {
+    let arg = |path: &Path| DeviceAddress {
         text: path.display().to_string(),
         backend: Backend::Path(path.to_path_buf()),
         offset_bytes: 0,
