@@ -410,7 +410,7 @@ pub struct CopyArgs {
     #[arg(
         long = "map-batch",
         value_name = "SIZE",
-        default_value = crate::map::BATCH_DEFAULT,
+        default_value = kcopyd_tool::map::BATCH_DEFAULT,
         value_parser = size::parse_size,
         allow_negative_numbers = true,
     )]

@@ -12,11 +12,11 @@ use crate::clock::Instant;
 use crate::compare::{self, CompareShape, Comparison, Side};
 use crate::devices;
 use crate::error::{CliError, Status};
-use crate::map::{self, CopyMap};
 use crate::out;
 use crate::progress::{self, Interrupts, Phase};
 use crate::report::{self, Report, SourceReport, TargetReport, TargetVerify, VerifyReport};
 use crate::size::Bytes;
+use kcopyd_tool::map::{self, CopyMap};
 use kcopyd_tool::{Opened, Settings, Tail, TailError};
 use std::future::Future;
 

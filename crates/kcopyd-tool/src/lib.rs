@@ -24,6 +24,7 @@
 pub mod address;
 pub mod cancel;
 pub mod error;
+pub mod map;
 pub mod open;
 pub mod plan;
 pub mod tail;
