@@ -115,7 +115,10 @@ pub fn with_throttle(mut settings: Settings, args: &ThrottleArgs) -> Result<Sett
 }
 
 /// Refuses a `--memory` of less than a page or more than the engine counts.
-fn check_memory(memory_bytes: u64) -> Result<(), CliError> {
+///
+/// # Errors
+/// `--memory` out of bounds.
+pub fn check_memory(memory_bytes: u64) -> Result<(), CliError> {
     let refuse = |problem: String| Err(CliError::argument("--memory", memory_bytes.to_string(), problem));
     if memory_bytes < PAGE_SIZE as u64 {
         return refuse(format!("{} is less than one {PAGE_SIZE}-byte page", Bytes(memory_bytes)));

@@ -17,9 +17,7 @@
 
 mod calibrate;
 mod cli;
-mod clock;
 mod commands;
-mod compare;
 mod demo;
 mod devices;
 mod error;

@@ -91,6 +91,11 @@ impl From<MapFileError> for CliError {
         match error {
             MapFileError::Device { role, text, problem } => CliError::argument(role.name(), text, problem),
             MapFileError::Refused { path, problem } => CliError::argument("--map", path.display().to_string(), problem),
+            MapFileError::BatchTooSmall { batch_bytes, block_bytes } => CliError::argument(
+                "--map-batch",
+                batch_bytes.to_string(),
+                format!("smaller than one {block_bytes}-byte logical block"),
+            ),
             MapFileError::Append { path, source } => {
                 CliError::Io { operation: "appending to the map", path: path.display().to_string(), source }
             }

@@ -146,17 +146,6 @@ impl Interrupts {
         shared().map_or(EXIT_SIGINT, |shared| lock(&shared.codes)[wanted - 1])
     }
 
-    /// The exit code of a signal received and not yet returned by [`Interrupts::recv`]
-    /// (marking it returned), if any.
-    pub fn take_pending(&mut self) -> Option<u8> {
-        let count = *self.received.borrow();
-        if count <= self.consumed {
-            return None;
-        }
-        self.consumed += 1;
-        shared().map(|shared| lock(&shared.codes)[self.consumed - 1])
-    }
-
     /// Set by the first signal: for work that is not async and cannot wait on
     /// [`Interrupts::recv`] (a sweep's workers between points, a connection's retries).
     pub fn stop_flag(&self) -> &'static AtomicBool {
@@ -166,21 +155,32 @@ impl Interrupts {
 
     /// Enters `phase`. Entering [`Phase::QuitAtOnce`] after a signal quits at once.
     pub fn set_phase(&self, phase: Phase) {
-        if let Some(shared) = shared() {
-            shared.phase.store(phase as u8, Ordering::Release);
-            let first = lock(&shared.codes).first().copied();
-            if let (Phase::QuitAtOnce, Some(code)) = (phase, first) {
-                quit_at_once(code);
-            }
-        }
+        enter(phase);
     }
 
     /// Sets the one-line summary printed if the command quits at once (`None`: a plain
     /// "interrupted" line).
     pub fn set_summary(&self, summary: Option<SummaryFn>) {
-        if let Some(shared) = shared() {
-            *lock(&shared.summary) = summary;
+        set_summary(summary);
+    }
+}
+
+/// [`Interrupts::set_phase`], for code that does not hold the [`Interrupts`] (a runner's
+/// event callback, while the command waits on them).
+pub fn enter(phase: Phase) {
+    if let Some(shared) = shared() {
+        shared.phase.store(phase as u8, Ordering::Release);
+        let first = lock(&shared.codes).first().copied();
+        if let (Phase::QuitAtOnce, Some(code)) = (phase, first) {
+            quit_at_once(code);
         }
+    }
+}
+
+/// [`Interrupts::set_summary`], for code that does not hold the [`Interrupts`].
+pub fn set_summary(summary: Option<SummaryFn>) {
+    if let Some(shared) = shared() {
+        *lock(&shared.summary) = summary;
     }
 }
 

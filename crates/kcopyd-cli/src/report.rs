@@ -8,8 +8,8 @@ use std::fmt::Write as _;
 use kcopyd_core::{RangeSet, SECTOR_SIZE};
 use serde::Serialize;
 
-use crate::compare::{Comparison, TargetDiff};
 use crate::size::Bytes;
+use kcopyd_tool::compare::{Comparison, TargetDiff};
 
 /// Ranges listed per line in the summary; `--json` lists all.
 pub const RANGES_SHOWN_MAX: usize = 16;

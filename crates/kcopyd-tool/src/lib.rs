@@ -23,10 +23,13 @@
 
 pub mod address;
 pub mod cancel;
+pub mod clock;
+pub mod compare;
 pub mod error;
 pub mod map;
 pub mod open;
 pub mod plan;
+pub mod run;
 pub mod tail;
 
 pub use address::{AddressError, Backend, DeviceAddress, SimDisk};

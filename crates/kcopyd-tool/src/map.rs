@@ -146,6 +146,14 @@ pub enum MapFileError {
         /// What is wrong.
         problem: String,
     },
+    /// A batch smaller than one logical block of the copy's devices.
+    #[error("a batch of {batch_bytes} bytes is smaller than one {block_bytes}-byte logical block")]
+    BatchTooSmall {
+        /// The batch asked for.
+        batch_bytes: u64,
+        /// The largest logical block of the devices.
+        block_bytes: u64,
+    },
     /// Appending a batch's records failed.
     #[error("appending to the map '{}': {source}", path.display())]
     Append {
@@ -511,6 +519,24 @@ pub fn header_of(
         });
     }
     Ok((MapHeader { source, targets: mapped, len_bytes }, guard))
+}
+
+/// Opens the map at `path` for the copy of `plan` (checked against the devices it opened),
+/// with the batch size in sectors: `batch_bytes` rounded down to whole logical blocks.
+///
+/// # Errors
+/// A batch smaller than one logical block, or a map that cannot be used (see
+/// [`CopyMap::open`]); a map created here is removed again.
+pub fn open_for(path: &Path, plan: &crate::plan::Plan, batch_bytes: u64) -> Result<(CopyMap, u64), MapFileError> {
+    let devices = std::iter::once(&plan.source).chain(&plan.targets);
+    let block_bytes = devices.map(Opened::block_bytes).max().unwrap_or(512);
+    let whole_bytes = batch_bytes / block_bytes * block_bytes;
+    if whole_bytes == 0 {
+        return Err(MapFileError::BatchTooSmall { batch_bytes, block_bytes });
+    }
+    let (header, guard) = header_of(&plan.source, &plan.targets, plan.len_bytes, &plan.created_targets)?;
+    let map = CopyMap::open(path, &header, &guard)?;
+    Ok((map, whole_bytes / SECTOR_SIZE as u64))
 }
 
 /// An open map, locked for the run, appended to after every batch.

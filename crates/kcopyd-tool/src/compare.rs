@@ -14,12 +14,13 @@
 //! so that no allocation ever waits behind another chunk's.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures_util::StreamExt;
 use futures_util::future::join_all;
 use futures_util::stream;
 use kcopyd_core::{Device, PAGE_SIZE, PagePool, RangeSet, ReadBuf, SECTOR_SIZE, read_narrowed};
+
+use crate::cancel::Cancel;
 
 /// How a comparison reads: bytes per read, devices read at once, chunks in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,7 +129,7 @@ impl Comparison {
 
 /// Compares `len_sectors` of `source` with each target. `skip[i]` (relative sectors) are
 /// left out for target `i`; `progress` is told the bytes of each chunk compared. Once `stop`
-/// is set no chunk is added, and what the chunks compared so far found is returned: the
+/// is cancelled no chunk is added, and what the chunks compared so far found is returned: the
 /// bytes `progress` was told are those compared.
 #[allow(clippy::too_many_arguments)]
 pub async fn compare(
@@ -139,7 +140,7 @@ pub async fn compare(
     shape: CompareShape,
     pool: &PagePool,
     progress: &dyn Fn(u64),
-    stop: &AtomicBool,
+    stop: &Cancel,
 ) -> Comparison {
     let sides: Vec<&Side> = std::iter::once(source).chain(targets).collect();
     let block_sectors =
@@ -158,7 +159,7 @@ pub async fn compare(
     let reader = &reader;
     let mut compared = stream::iter(chunks).map(|chunk| reader.compare(chunk)).buffered(shape.in_flight);
     while let Some(chunk) = compared.next().await {
-        if stop.load(Ordering::Acquire) {
+        if stop.is_cancelled() {
             break;
         }
         found.source_unreadable.extend(&chunk.source_unreadable);
@@ -352,8 +353,7 @@ mod tests {
         let pool = PagePool::new(2).unwrap();
         let shape = CompareShape::fit(2, 6, 512, 1 << 20, 4).unwrap();
         assert_eq!((shape.devices_at_once, shape.chunk_bytes), (2, 4096));
-        let found =
-            run(compare(&side(&source), &target_sides, 1024, None, shape, &pool, &|_| {}, &AtomicBool::new(false)));
+        let found = run(compare(&side(&source), &target_sides, 1024, None, shape, &pool, &|_| {}, &Cancel::new()));
         assert_eq!(found.source_unreadable, RangeSet::from_range(20..21));
         for (index, diff) in found.targets.iter().enumerate() {
             match index {
@@ -386,7 +386,7 @@ mod tests {
             shape,
             &pool,
             &|bytes| total.set(total.get() + bytes),
-            &AtomicBool::new(false),
+            &Cancel::new(),
         ));
         assert_eq!(total.get(), 4096 * 512);
         assert_eq!(found.source_unreadable, RangeSet::from_range(2000..2001));
@@ -407,7 +407,7 @@ mod tests {
             shape,
             &pool,
             &|_| {},
-            &AtomicBool::new(false),
+            &Cancel::new(),
         ));
         assert_eq!(found.targets[1].differing, RangeSet::from_range(4095..4096));
     }
@@ -421,8 +421,7 @@ mod tests {
         let side = |disk: &Arc<MemDisk>| Side { device: disk.clone(), start_sector: 0, zero_before_read: false };
         let pool = PagePool::new(64).unwrap();
         let shape = CompareShape { chunk_bytes: 32 * 1024, devices_at_once: 2, in_flight: 1 };
-        let found =
-            run(compare(&side(&source), &[side(&target)], 256, None, shape, &pool, &|_| {}, &AtomicBool::new(false)));
+        let found = run(compare(&side(&source), &[side(&target)], 256, None, shape, &pool, &|_| {}, &Cancel::new()));
         assert_eq!(found.block_bytes, 4096);
         assert_eq!(found.targets[0].differing_blocks, 2);
         assert_eq!(found.targets[0].differing, RangeSet::from_range(8..24));
@@ -450,16 +449,7 @@ mod tests {
         let shape = CompareShape { chunk_bytes: 4096, devices_at_once: 2, in_flight: 1 };
         for zero_before_read in [false, true] {
             let side = |disk: &Arc<MemDisk>| Side { device: disk.clone(), start_sector: 0, zero_before_read };
-            let found = run(compare(
-                &side(&source),
-                &[side(&target)],
-                16,
-                None,
-                shape,
-                &pool,
-                &|_| {},
-                &AtomicBool::new(false),
-            ));
+            let found = run(compare(&side(&source), &[side(&target)], 16, None, shape, &pool, &|_| {}, &Cancel::new()));
             let only_the_data_differs = found.targets[0].differing == RangeSet::from_range(0..8);
             assert_eq!(only_the_data_differs, zero_before_read, "{found:?}");
         }
