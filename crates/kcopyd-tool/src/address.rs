@@ -127,6 +127,13 @@ fn check_scheme_case(device: &str) -> Result<(), AddressError> {
 }
 
 impl DeviceAddress {
+    /// The file or block device at `path`, from its start (no `@OFFSET` parsing: a path may
+    /// hold `@`).
+    pub fn path(path: impl Into<PathBuf>) -> DeviceAddress {
+        let path = path.into();
+        DeviceAddress { text: path.display().to_string(), backend: Backend::Path(path), offset_bytes: 0 }
+    }
+
     /// Reads a device address; `sim` reads the options of a `sim:` one.
     ///
     /// # Errors
