@@ -1,9 +1,7 @@
 //! Copies a file to two targets resumably (a map records what is durable; run it again after a
 //! crash and it copies only the rest) and verified (the targets are read back and compared).
 //!
-//! ```text
-//!  cargo run -p kcopyd-tool --example resumable_verified -- SOURCE TARGET1 TARGET2 MAP
-//! ```
+//! Usage: `cargo run -p kcopyd-tool --example resumable_verified -- SOURCE TARGET1 TARGET2 MAP`
 use std::path::Path;
 
 use kcopyd_core::ClientConfig;
@@ -35,8 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let [source, first, second, map_path] = args.as_slice() else {
         return Err("usage: resumable_verified SOURCE TARGET1 TARGET2 MAP".into());
     };
-    let (first, second) = (Path::new(first), Path::new(second));
-    let identical = copy_resumable_verified(Path::new(source), [first, second], Path::new(map_path))?;
-    println!("{}", if identical { "copied and verified" } else { "differences or errors: run again to resume" });
+    let identical = copy_resumable_verified(source.as_ref(), [first.as_ref(), second.as_ref()], map_path.as_ref())?;
+    println!("{}", if identical { "copied and verified" } else { "errors or differences: run again" });
     Ok(())
 }
