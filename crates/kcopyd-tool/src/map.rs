@@ -1022,32 +1022,40 @@ mod tests {
         }
     }
 
-    /// A copy in batches whose target crashes (its volatile cache lost) at `crash_ms` of
-    /// virtual time, then resumed from the map as a new run would: returns nothing, asserts.
-    fn crash_and_resume(crash_ms: u64) {
-        use std::sync::Arc;
-        use std::time::Duration;
+    const LEN_SECTORS: u64 = 32 * 1024; // 16 MiB
+    const BATCH_SECTORS: u64 = 4096; // 2 MiB
 
-        use kcopyd_core::{BlockDevice, ClientConfig};
-        use kcopyd_sim::{FaultPlan, IoModel, Latency, MemDisk, MemDiskOptions, Simulation, to_tokio};
-
-        const LEN_SECTORS: u64 = 32 * 1024; // 16 MiB
-        const BATCH_SECTORS: u64 = 4096; // 2 MiB
+    /// A patterned source and a target with a volatile write cache (which a crash loses),
+    /// each timed as a disk of 200 MB/s.
+    fn crash_disks(len_sectors: u64) -> (std::sync::Arc<kcopyd_sim::MemDisk>, std::sync::Arc<kcopyd_sim::MemDisk>) {
+        use kcopyd_sim::{FaultPlan, IoModel, Latency, MemDisk, MemDiskOptions};
         let model = IoModel { cost_us: 100, bandwidth_bytes_per_s: 200_000_000, queue_depth: 4, jitter_us: 0 };
-        let source = Arc::new(MemDisk::new(MemDiskOptions {
+        let source = std::sync::Arc::new(MemDisk::new(MemDiskOptions {
             name: "source".into(),
-            len_sectors: LEN_SECTORS,
+            len_sectors,
             latency: Latency { read: model, ..Latency::default() },
             ..MemDiskOptions::default()
         }));
         source.fill_pattern(5);
-        let target = Arc::new(MemDisk::new(MemDiskOptions {
+        let target = std::sync::Arc::new(MemDisk::new(MemDiskOptions {
             name: "target".into(),
-            len_sectors: LEN_SECTORS,
+            len_sectors,
             latency: Latency { write: model, ..Latency::default() },
             faults: FaultPlan { volatile_cache: true, ..FaultPlan::default() },
             ..MemDiskOptions::default()
         }));
+        (source, target)
+    }
+
+    /// A copy in batches whose target crashes (its volatile cache lost) at `crash_ms` of
+    /// virtual time, then resumed from the map as a new run would: returns nothing, asserts.
+    fn crash_and_resume(crash_ms: u64) {
+        use std::time::Duration;
+
+        use kcopyd_core::{BlockDevice, ClientConfig};
+        use kcopyd_sim::{Simulation, to_tokio};
+
+        let (source, target) = crash_disks(LEN_SECTORS);
         let path = std::env::temp_dir().join(format!("kcopyd-map-crash-{}-{crash_ms}.map", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let header = MapHeader {
