@@ -139,7 +139,7 @@ impl Opened {
     }
 
     /// Whether a range may end in a partial block here: regular files, and NBD exports (byte
-    /// requests, where the server's minimum block size allows them: see [`check_tail`]).
+    /// requests, where the server's minimum block size allows them: see [`crate::plan`]).
     pub fn takes_partial_block(&self) -> bool {
         self.is_file() || self.nbd.is_some()
     }
@@ -161,7 +161,7 @@ impl Opened {
 
     /// Checks that `len_bytes` from the argument's offset lie on the device, the offset
     /// aligned to its logical block, and the length too unless this is a regular file (whose
-    /// partial last block [`check_tail`] checks).
+    /// partial last block the plan checks).
     ///
     /// Worked example, 4096-byte blocks: offset 8K, length 1M: aligned; offset 512: refused,
     /// although 512 is a whole sector.
