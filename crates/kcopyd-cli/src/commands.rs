@@ -11,8 +11,8 @@
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 
+use kcopyd_core::Comparison;
 use kcopyd_core::{Flags, JobHandle, Outcome, RangeSet, SECTOR_SIZE, Sparse, TargetZeroes};
-use kcopyd_tool::compare::Comparison;
 use kcopyd_tool::run::{CopyOptions, Event, JobRun, MappedCopy, Phase as RunPhase, RunError, Runner, VerifyRun};
 use kcopyd_tool::run::{job_ok, not_copied_in_region};
 use kcopyd_tool::{Cancel, Opened, map};
@@ -61,6 +61,7 @@ fn run_error(error: RunError, memory_bytes: u64) -> CliError {
         RunError::Submit { source } => CliError::Submit { source },
         RunError::CompareBudget { problem } => CliError::argument("--memory", memory_bytes.to_string(), problem),
         RunError::Map(error) => error.into(),
+        RunError::Verify { source } => CliError::Arguments { what: "TARGET", problem: source.to_string() },
     }
 }
 

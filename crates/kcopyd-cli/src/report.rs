@@ -9,7 +9,7 @@ use kcopyd_core::{RangeSet, SECTOR_SIZE};
 use serde::Serialize;
 
 use crate::size::Bytes;
-use kcopyd_tool::compare::{Comparison, TargetDiff};
+use kcopyd_core::{Comparison, TargetDiff};
 
 /// Ranges listed per line in the summary; `--json` lists all.
 pub const RANGES_SHOWN_MAX: usize = 16;

@@ -143,6 +143,21 @@ impl Verify {
         self
     }
 
+    /// The sectors left out per target, if any ([`Verify::skip`]).
+    pub fn skipped(&self) -> Option<&[RangeSet]> {
+        self.skip.as_deref()
+    }
+
+    /// Checks the request against `config` as [`Client::verify`](crate::Client::verify) does,
+    /// without starting it: so that a copy that is to be verified can be refused before it
+    /// writes.
+    ///
+    /// # Errors
+    /// As `Client::verify`, but for a shut-down client.
+    pub fn check(&self, config: &ClientConfig) -> Result<(), VerifyError> {
+        shape_of(self, config).map(|_| ())
+    }
+
     /// Zeroes each buffer before reading into it: for devices that fill only part of each
     /// sector (headers-only simulated disks), so that what a read leaves untouched is the
     /// same on both sides instead of whatever the pages held before.
@@ -239,8 +254,8 @@ pub(crate) struct Started {
     result: oneshot::Sender<Comparison>,
 }
 
-/// Checks `verify` against `config` and makes its handle and what the arbiter runs.
-pub(crate) fn start(verify: Verify, config: &ClientConfig) -> Result<(VerifyHandle, Started), VerifyError> {
+/// Checks `verify` against `config`: how it will read.
+fn shape_of(verify: &Verify, config: &ClientConfig) -> Result<VerifyShape, VerifyError> {
     let count = verify.targets.len();
     if count == 0 || count > TARGETS_MAX {
         return Err(VerifyError::TargetCount { count });
@@ -256,7 +271,7 @@ pub(crate) fn start(verify: Verify, config: &ClientConfig) -> Result<(VerifyHand
     }
     let devices = std::iter::once(&verify.source).chain(&verify.targets);
     let block_bytes = devices.map(|r| u64::from(r.device.geometry().logical_block_size)).max().unwrap_or(512);
-    let shape = VerifyShape::fit(
+    VerifyShape::fit(
         config.page_budget,
         count + 1,
         block_bytes,
@@ -266,7 +281,12 @@ pub(crate) fn start(verify: Verify, config: &ClientConfig) -> Result<(VerifyHand
     .map_err(|()| VerifyError::BlockLargerThanBudget {
         block_bytes,
         budget_bytes: config.page_budget as u64 * PAGE_SIZE as u64,
-    })?;
+    })
+}
+
+/// Checks `verify` against `config` and makes its handle and what the arbiter runs.
+pub(crate) fn start(verify: Verify, config: &ClientConfig) -> Result<(VerifyHandle, Started), VerifyError> {
+    let shape = shape_of(&verify, config)?;
     let shared = Arc::new(Shared::default());
     let (sender, result) = oneshot::channel();
     let handle = VerifyHandle { shared: shared.clone(), result };

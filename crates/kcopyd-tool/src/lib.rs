@@ -11,7 +11,7 @@
 //!        │                              PlanError (nothing written) or a Plan
 //!        ▼
 //!  run::copy / run::zero / run::verify  engine jobs (optionally in batches recorded in a
-//!        │                              map::CopyMap), flush, tails, read back and compare;
+//!        │                              map::CopyMap), flush, tails, Client::verify;
 //!        │                              progress as a callback, cancellation as a token
 //!        ▼
 //!  run::CopyRun / ZeroRun / VerifyRun   outcomes per device, for the caller to report
@@ -24,7 +24,6 @@
 pub mod address;
 pub mod cancel;
 pub mod clock;
-pub mod compare;
 pub mod error;
 pub mod map;
 pub mod open;

@@ -118,6 +118,13 @@ pub enum RunError {
     /// The map could not be written.
     #[error(transparent)]
     Map(#[from] MapFileError),
+    /// The engine refused the comparison.
+    #[error("the comparison was refused: {source}")]
+    Verify {
+        /// The engine's error.
+        #[source]
+        source: kcopyd_core::VerifyError,
+    },
 }
 
 /// How a copy runs.
@@ -191,29 +198,39 @@ impl Runner<'_> {
         map: Option<MappedCopy<'_>>,
     ) -> Result<CopyRun, RunError> {
         let len_sectors = plan.tail.offset_in_range_bytes / SECTOR_SIZE as u64;
-        // Before anything is written: a comparison that cannot run refuses the copy.
-        let setup = match options.verify {
-            true => Some(verify::CompareSetup::prepare(self.settings, &plan.source, &plan.targets)?),
-            false => None,
-        };
+        if options.verify {
+            // Before anything is written: a comparison that cannot run refuses the copy.
+            verify::request(&plan.source, &plan.targets, len_sectors)
+                .check(&self.settings.config)
+                .map_err(verify_error)?;
+        }
+        let client = self.start_client()?;
         self.started(Phase::Copy, plan.len_bytes, 0);
-        let mut job = match map {
+        let job = match map {
             None => {
                 let regions = plan.targets.iter().map(|t| region(t, len_sectors)).collect();
                 let job = Job::copy(region(&plan.source, len_sectors), regions, options.flags).sparse(options.sparse);
                 let source_start = plan.source.start_sector();
-                self.run_job(job, &plan.targets, source_start, &mut plan.created).await?
+                self.run_job(&client, job, &plan.targets, source_start, &mut plan.created).await
             }
-            Some(map) => self.run_mapped(map, plan, options, len_sectors).await?,
+            Some(map) => self.run_mapped(&client, map, plan, options, len_sectors).await,
+        };
+        let mut job = match job {
+            Ok(job) => job,
+            Err(error) => {
+                client.shutdown().await;
+                return Err(error);
+            }
         };
         let keep_going = options.flags.contains(Flags::IGNORE_ERROR);
         self.finish_tail(plan.tail, Some(&plan.source), &plan.targets, keep_going, &mut job).await;
         self.finished(Phase::Copy);
-        let verify = match setup {
-            Some(setup) if !job.cancelled => Some(self.verify_copy(&setup, plan, &job).await),
-            _ => None,
+        let verify = match options.verify && !job.cancelled {
+            true => Some(self.verify_copy(&client, plan, &job).await),
+            false => None,
         };
-        Ok(CopyRun { job, verify })
+        client.shutdown().await;
+        Ok(CopyRun { job, verify: verify.transpose()? })
     }
 
     /// Zeroes `plan`'s targets, flushes and zeroes the tail.
@@ -225,7 +242,10 @@ impl Runner<'_> {
         let job = Job::zero(plan.targets.iter().map(|t| region(t, len_sectors)).collect(), flags);
         self.started(Phase::Zero, plan.len_bytes, 0);
         let mut nothing_created = CreatedFiles::default();
-        let mut run = self.run_job(job, &plan.targets, 0, &mut nothing_created).await?;
+        let client = self.start_client()?;
+        let run = self.run_job(&client, job, &plan.targets, 0, &mut nothing_created).await;
+        client.shutdown().await;
+        let mut run = run?;
         let keep_going = flags.contains(Flags::IGNORE_ERROR);
         self.finish_tail(plan.tail, None, &plan.targets, keep_going, &mut run).await;
         self.finished(Phase::Zero);
@@ -235,10 +255,16 @@ impl Runner<'_> {
     /// Compares `plan`'s targets with its source.
     ///
     /// # Errors
-    /// The comparison does not fit in the page budget, or its pages cannot be reserved.
+    /// The comparison does not fit in the page budget, or the engine could not start.
     pub async fn verify(&self, plan: &Plan) -> Result<VerifyRun, RunError> {
-        let setup = verify::CompareSetup::prepare(self.settings, &plan.source, &plan.targets)?;
-        Ok(self.run_compare(&setup, &plan.source, &plan.targets, (plan.len_bytes, plan.tail), None).await)
+        let len_sectors = plan.tail.offset_in_range_bytes / SECTOR_SIZE as u64;
+        let request = verify::request(&plan.source, &plan.targets, len_sectors);
+        request.check(&self.settings.config).map_err(verify_error)?;
+        let client = self.start_client()?;
+        let range = (plan.len_bytes, plan.tail);
+        let run = self.run_compare(&client, request, &plan.source, &plan.targets, range).await;
+        client.shutdown().await;
+        run
     }
 
     fn started(&self, phase: Phase, len_bytes: u64, done_bytes: u64) {
@@ -297,20 +323,19 @@ impl Runner<'_> {
     /// Submits `job`, waits (cancelling when asked), then flushes every target.
     async fn run_job(
         &self,
+        client: &Client,
         job: Job,
         targets: &[Opened],
         source_start: u64,
         created: &mut CreatedFiles,
     ) -> Result<JobRun, RunError> {
-        let client = self.start_client()?;
         let started = Instant::now();
-        let handle = self.submit(&client, job, created, 0).await?;
+        let handle = self.submit(client, job, created, 0).await?;
         let outcome = self.wait(&handle, 0).await;
         // Whatever was written is made durable, also after errors or a cancellation.
         let flushes = join_all(targets.iter().map(|t| t.device.flush())).await;
         let seconds = started.elapsed().as_secs_f64();
         let stats = client.stats();
-        client.shutdown().await;
         let done_bytes = moved_bytes(&handle, &outcome, source_start, targets.first().map(Opened::start_sector));
         Ok(JobRun {
             outcome,
@@ -379,6 +404,16 @@ impl Runner<'_> {
         if written == targets.len() {
             run.done_bytes += tail.len_bytes;
         }
+    }
+}
+
+/// The engine's refusal of a comparison; one that does not fit in the budget by name.
+fn verify_error(source: kcopyd_core::VerifyError) -> RunError {
+    match source {
+        kcopyd_core::VerifyError::BlockLargerThanBudget { .. } => {
+            RunError::CompareBudget { problem: source.to_string() }
+        }
+        source => RunError::Verify { source },
     }
 }
 

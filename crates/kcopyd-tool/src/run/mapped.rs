@@ -107,6 +107,7 @@ impl Runner<'_> {
     /// job with errors unless errors are ignored, and when cancelled.
     pub(super) async fn run_mapped(
         &self,
+        client: &Client,
         mut mapped: MappedCopy<'_>,
         plan: &mut Plan,
         options: CopyOptions,
@@ -114,7 +115,6 @@ impl Runner<'_> {
     ) -> Result<JobRun, RunError> {
         let failed = mapped.map.state.failed();
         let work = if mapped.retry_failed { failed.clone() } else { mapped.map.state.remaining(len_sectors) };
-        let client = self.start_client()?;
         let started = crate::clock::Instant::now();
         let before_bytes = plan.len_bytes.saturating_sub(work.len_sectors() * SECTOR_SIZE as u64);
         self.started(super::Phase::Copy, plan.len_bytes, before_bytes);
@@ -133,7 +133,7 @@ impl Runner<'_> {
         (self.on_event)(Event::Progress { done_bytes: before_bytes });
         for batch in map::batches(&work, &failed, mapped.batch_sectors) {
             let how = (&mut mapped, flags, options.sparse);
-            if self.run_batch(&client, how, (&batch, &ends), &mut plan.created, &mut run).await? {
+            if self.run_batch(client, how, (&batch, &ends), &mut plan.created, &mut run).await? {
                 break;
             }
         }
@@ -147,7 +147,6 @@ impl Runner<'_> {
         }
         let seconds = started.elapsed().as_secs_f64();
         let stats = client.stats();
-        client.shutdown().await;
         let MappedRun { outcome, done_bytes, flush_errors, .. } = run;
         let cancelled = self.cancel.is_cancelled();
         Ok(JobRun { outcome, cancelled, done_bytes, before_bytes, seconds, flush_errors, stats })

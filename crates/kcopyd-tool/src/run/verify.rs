@@ -1,21 +1,19 @@
-//! Reading back and comparing: the whole blocks through [`crate::compare`], the partial last
-//! block through [`crate::tail`], after a copy (leaving out what it reported as not copied)
-//! or on its own.
+//! Reading back and comparing: the whole blocks through the engine's verify
+//! ([`Client::verify`], in the client's page budget and throttle), the partial last block
+//! through [`crate::tail`], after a copy (leaving out what it reported as not copied) or on
+//! its own.
 //!
 //! ```text
-//!  CompareSetup::prepare (before any write): shape within the page budget + its page pool
-//!  run_compare: whole blocks, chunk by chunk, until cancelled ─► tail ─► VerifyRun
+//!  request (checked before any write) ─► Client::verify ─► progress every PROGRESS_INTERVAL,
+//!    cancel token ─► VerifyControl::cancel ─► tail ─► VerifyRun
 //!  verify_copy: skip = each target's not_copied; the source's read failures left out
 //! ```
 
-use std::cell::Cell;
+use kcopyd_core::{Client, Comparison, RangeSet, SECTOR_SIZE, Verify};
 
-use kcopyd_core::{ConfigError, PagePool, RangeSet, SECTOR_SIZE};
-
-use super::{Event, JobRun, Phase, RunError, Runner, not_copied_in_region};
+use super::{Event, JobRun, PROGRESS_INTERVAL, Phase, RunError, Runner, not_copied_in_region, region, verify_error};
 use crate::clock::Instant;
-use crate::compare::{self, CompareShape, Comparison, Side};
-use crate::open::{Opened, Settings};
+use crate::open::Opened;
 use crate::plan::{Plan, is_headers_only};
 use crate::tail::{Tail, TailError};
 
@@ -35,85 +33,60 @@ pub struct VerifyRun {
     pub skipped: Vec<RangeSet>,
 }
 
-/// What a comparison needs, made before anything is written so that it cannot refuse
-/// afterwards: its shape within the budget and its pages.
-pub(super) struct CompareSetup {
-    shape: CompareShape,
-    pool: PagePool,
-}
-
-impl CompareSetup {
-    /// Fits the comparison of `source` with `targets` into the budget and reserves its pages.
-    ///
-    /// # Errors
-    /// One block does not fit in the budget, or the pages cannot be reserved.
-    pub(super) fn prepare(settings: &Settings, source: &Opened, targets: &[Opened]) -> Result<CompareSetup, RunError> {
-        let config = &settings.config;
-        let devices = targets.len() + 1;
-        let block_bytes = std::iter::once(source).chain(targets).map(Opened::block_bytes).max().unwrap_or(512);
-        let shape = CompareShape::fit(
-            config.page_budget,
-            devices,
-            block_bytes,
-            config.sub_job_size_bytes as u64,
-            config.subjobs_in_flight,
-        )
-        .map_err(|problem| RunError::CompareBudget { problem })?;
-        let pool = PagePool::with_huge_pages(config.page_budget, config.huge_pages)
-            .map_err(|source| RunError::Start { source: ConfigError::Arena { pages: config.page_budget, source } })?;
-        Ok(CompareSetup { shape, pool })
-    }
-}
-
-fn side(opened: &Opened) -> Side {
-    Side {
-        device: opened.device.clone(),
-        start_sector: opened.start_sector(),
-        zero_before_read: is_headers_only(&opened.arg),
-    }
+/// The engine's request comparing the whole blocks (`len_sectors`) of `source` with `targets`.
+pub(super) fn request(source: &Opened, targets: &[Opened], len_sectors: u64) -> Verify {
+    let regions = targets.iter().map(|target| region(target, len_sectors)).collect();
+    // Headers-only disks are all or none of a plan's devices.
+    Verify::new(region(source, len_sectors), regions).zero_before_read(is_headers_only(&source.arg))
 }
 
 impl Runner<'_> {
     /// Compares until done or cancelled; the tail after the whole blocks.
     pub(super) async fn run_compare(
         &self,
-        setup: &CompareSetup,
+        client: &Client,
+        request: Verify,
         source: &Opened,
         targets: &[Opened],
         (len_bytes, tail): (u64, Tail),
-        skip: Option<&[RangeSet]>,
-    ) -> VerifyRun {
+    ) -> Result<VerifyRun, RunError> {
+        let skip = request.skipped().map(<[RangeSet]>::to_vec);
         self.started(Phase::Verify, len_bytes, 0);
-        let compared = Cell::new(0u64);
-        let on_chunk = |bytes: u64| {
-            compared.set(compared.get() + bytes);
-            (self.on_event)(Event::Progress { done_bytes: compared.get() });
-        };
-        let sides: Vec<Side> = targets.iter().map(side).collect();
         let started = Instant::now();
-        let len_sectors = tail.offset_in_range_bytes / SECTOR_SIZE as u64;
-        let (shape, pool) = (setup.shape, &setup.pool);
-        let mut comparison =
-            compare::compare(&side(source), &sides, len_sectors, skip, shape, pool, &on_chunk, self.cancel).await;
+        let handle = client.verify(request).map_err(verify_error)?;
+        let control = handle.control();
+        let waiting = handle.wait();
+        tokio::pin!(waiting);
+        let mut ticker = tokio::time::interval(kcopyd_sim::to_tokio(PROGRESS_INTERVAL));
+        let mut cancelled = false;
+        let found = loop {
+            tokio::select! {
+                found = &mut waiting => break found,
+                () = self.cancel.cancelled(), if !cancelled => {
+                    cancelled = true;
+                    control.cancel();
+                }
+                _ = ticker.tick() => (self.on_event)(Event::Progress { done_bytes: control.compared_bytes() }),
+            }
+        };
+        let mut comparison = found.map_err(verify_error)?;
+        let mut bytes = control.compared_bytes();
         if !self.cancel.is_cancelled() && !tail.is_empty() {
-            compare_tail(source, targets, tail, skip, &mut comparison, self.cancel).await;
+            compare_tail(source, targets, tail, skip.as_deref(), &mut comparison, self.cancel).await;
             if !self.cancel.is_cancelled() {
-                on_chunk(tail.len_bytes);
+                bytes += tail.len_bytes;
             }
         }
+        (self.on_event)(Event::Progress { done_bytes: bytes });
         self.finished(Phase::Verify);
-        VerifyRun {
-            comparison,
-            bytes: compared.get(),
-            seconds: started.elapsed().as_secs_f64(),
-            cancelled: self.cancel.is_cancelled(),
-            skipped: skip.map(<[RangeSet]>::to_vec).unwrap_or_default(),
-        }
+        let seconds = started.elapsed().as_secs_f64();
+        let cancelled = self.cancel.is_cancelled();
+        Ok(VerifyRun { comparison, bytes, seconds, cancelled, skipped: skip.unwrap_or_default() })
     }
 
     /// After a copy: reads the targets back and compares them with the source, leaving out
     /// what the copy reported as not copied, and the source's blocks it could not read.
-    pub(super) async fn verify_copy(&self, setup: &CompareSetup, plan: &Plan, run: &JobRun) -> VerifyRun {
+    pub(super) async fn verify_copy(&self, client: &Client, plan: &Plan, run: &JobRun) -> Result<VerifyRun, RunError> {
         // Leave out what the copy itself reported as not copied: those differences are known.
         let skip: Vec<RangeSet> = plan
             .targets
@@ -121,8 +94,10 @@ impl Runner<'_> {
             .zip(&run.outcome.targets)
             .map(|(target, outcome)| not_copied_in_region(target, outcome))
             .collect();
+        let len_sectors = plan.tail.offset_in_range_bytes / SECTOR_SIZE as u64;
+        let request = request(&plan.source, &plan.targets, len_sectors).skip(skip);
         let range = (plan.len_bytes, plan.tail);
-        let mut verify = self.run_compare(setup, &plan.source, &plan.targets, range, Some(&skip)).await;
+        let mut verify = self.run_compare(client, request, &plan.source, &plan.targets, range).await?;
         // The source's unreadable blocks were reported by the copy already.
         let read_failed = run
             .outcome
@@ -131,7 +106,7 @@ impl Runner<'_> {
             .expect("read_failed lies inside the source region");
         let comparison = &mut verify.comparison;
         comparison.source_unreadable = comparison.source_unreadable.difference(&read_failed);
-        verify
+        Ok(verify)
     }
 }
 
