@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::device_arg::DeviceArg;
 use crate::size;
+use kcopyd_tool::DeviceAddress;
 
 /// Bytes per sub-job by default: one read of the source and one write per target. The
 /// library's [`kcopyd_core::SUB_JOB_SIZE_DEFAULT_BYTES`], written for `--help`.
@@ -355,11 +355,11 @@ pub struct OutputArgs {
 #[derive(Debug, Clone, Args)]
 pub struct CopyArgs {
     /// The device to copy from (opened read-only).
-    #[arg(value_name = "SOURCE", value_parser = DeviceArg::parse)]
-    pub source: DeviceArg,
+    #[arg(value_name = "SOURCE", value_parser = crate::devices::parse_device)]
+    pub source: DeviceAddress,
     /// The devices to copy to, 1 to 128. A missing file is created with the length it needs.
-    #[arg(value_name = "TARGET", required = true, value_parser = DeviceArg::parse)]
-    pub targets: Vec<DeviceArg>,
+    #[arg(value_name = "TARGET", required = true, value_parser = crate::devices::parse_device)]
+    pub targets: Vec<DeviceAddress>,
     /// Bytes to copy [default: from the source offset to the end of the source].
     #[arg(long = "length", short, value_name = "LEN", value_parser = size::parse_size, allow_negative_numbers = true)]
     pub length_bytes: Option<u64>,
@@ -413,7 +413,7 @@ pub struct CopyArgs {
     #[arg(
         long = "map-batch",
         value_name = "SIZE",
-        default_value = crate::map::BATCH_DEFAULT,
+        default_value = kcopyd_tool::map::BATCH_DEFAULT,
         value_parser = size::parse_size,
         allow_negative_numbers = true,
     )]
@@ -443,8 +443,8 @@ pub struct CopyArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ZeroArgs {
     /// The devices to zero, 1 to 128 (they must exist).
-    #[arg(value_name = "TARGET", required = true, value_parser = DeviceArg::parse)]
-    pub targets: Vec<DeviceArg>,
+    #[arg(value_name = "TARGET", required = true, value_parser = crate::devices::parse_device)]
+    pub targets: Vec<DeviceAddress>,
     /// Bytes to zero [default: from the offset to the end; then every target must have the
     /// same length from its offset].
     #[arg(long = "length", short, value_name = "LEN", value_parser = size::parse_size, allow_negative_numbers = true)]
@@ -470,11 +470,11 @@ pub struct ZeroArgs {
 #[derive(Debug, Clone, Args)]
 pub struct VerifyArgs {
     /// The reference device.
-    #[arg(value_name = "SOURCE", value_parser = DeviceArg::parse)]
-    pub source: DeviceArg,
+    #[arg(value_name = "SOURCE", value_parser = crate::devices::parse_device)]
+    pub source: DeviceAddress,
     /// The devices to compare with it, 1 to 128.
-    #[arg(value_name = "TARGET", required = true, value_parser = DeviceArg::parse)]
-    pub targets: Vec<DeviceArg>,
+    #[arg(value_name = "TARGET", required = true, value_parser = crate::devices::parse_device)]
+    pub targets: Vec<DeviceAddress>,
     /// Bytes to compare [default: from the source offset to the end of the source].
     #[arg(long = "length", short, value_name = "LEN", value_parser = size::parse_size, allow_negative_numbers = true)]
     pub length_bytes: Option<u64>,

@@ -29,11 +29,11 @@ use kcopyd_core::{BlockDevice, Client, Device, SECTOR_SIZE};
 use kcopyd_nbd::{Address, NbdServer, NbdUri, ServerOptions};
 
 use crate::cli::{EngineArgs, ThrottleArgs};
-use crate::device_arg::{Backend, DeviceArg};
-use crate::devices::{self, Opened, Settings};
+use crate::devices;
 use crate::error::{CliError, Status};
 use crate::progress::{self, Interrupts, Phase};
-use crate::{map, out, size};
+use crate::{out, size};
+use kcopyd_tool::{Backend, DeviceAddress, Opened, Plan, Settings};
 use metadata_file::{Identity, MetadataFile, State};
 
 /// The region size by default: 64 KiB (16 384 regions, a 2 KiB bitmap, per GiB).
@@ -57,11 +57,11 @@ Run the same command again after a stop or a crash: it resumes from FILE.";
 #[derive(Debug, Clone, Args)]
 pub struct CloneArgs {
     /// The device to clone (only ever read).
-    #[arg(value_name = "SOURCE", value_parser = DeviceArg::parse)]
-    pub source: DeviceArg,
+    #[arg(value_name = "SOURCE", value_parser = devices::parse_device)]
+    pub source: DeviceAddress,
     /// The destination: a missing file is created with SOURCE's length.
-    #[arg(value_name = "DEST", value_parser = DeviceArg::parse)]
-    pub destination: DeviceArg,
+    #[arg(value_name = "DEST", value_parser = devices::parse_device)]
+    pub destination: DeviceAddress,
     /// The metadata file: created if missing; after a stop or a crash the same FILE resumes
     /// the clone. It records which SOURCE and DEST it is for and is refused for others.
     #[arg(long, value_name = "FILE")]
@@ -104,7 +104,7 @@ struct Opening {
     destination: Opened,
     metadata: MetadataFile,
     /// Held until the end: DEST's and SOURCE's locks, DEST removed if created and refused.
-    plan: devices::Plan,
+    plan: Plan,
 }
 
 /// Runs `kcopyd clone`.
@@ -131,7 +131,7 @@ pub async fn run(args: &CloneArgs, interrupts: &mut Interrupts) -> Result<Status
         CliError::argument(option, value.to_string(), error.to_string())
     })?;
     let mut settings =
-        Settings::from_args(&args.engine, [&args.source, &args.destination])?.with_throttle(&args.throttle)?;
+        devices::with_throttle(devices::settings(&args.engine, [&args.source, &args.destination])?, &args.throttle)?;
     // A copy's write that timed out could land after a newer write from a client
     // (docs/CLONE.md): --io-timeout bounds only an NBD SOURCE's requests.
     settings.config.io_timeout_ms = None;
@@ -217,7 +217,7 @@ async fn open(args: &CloneArgs, settings: &Settings, interrupts: &mut Interrupts
 fn identity_of(args: &CloneArgs, opening: &Opening) -> Result<Identity, CliError> {
     let targets = std::slice::from_ref(&opening.destination);
     let len_bytes = opening.source.device.geometry().len_sectors * SECTOR_SIZE as u64;
-    let (header, guard) = map::header_of(&opening.source, targets, len_bytes, &[false])?;
+    let (header, guard) = kcopyd_tool::map::header_of(&opening.source, targets, len_bytes, &[false])?;
     let refuse = |problem: String| CliError::argument("--metadata", args.metadata.display().to_string(), problem);
     if let Some(reason) = guard.untrusted.first().copied().flatten() {
         if opening.metadata.existing.as_ref().is_some_and(|found| found.state == State::Ready) {

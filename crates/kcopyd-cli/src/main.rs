@@ -17,23 +17,18 @@
 
 mod calibrate;
 mod cli;
-mod clock;
 mod clone;
 mod commands;
-mod compare;
 mod demo;
-mod device_arg;
 mod devices;
 mod error;
 mod explore;
-mod locks;
 mod map;
 mod out;
 mod plot;
 mod progress;
 mod report;
 mod size;
-mod tail;
 mod validate;
 
 use std::process::ExitCode;
@@ -68,7 +63,7 @@ fn main() -> ExitCode {
 /// Whether every device of `command` is a `sim:` disk (the demo and the `sim` commands run
 /// their own simulations, off this runtime).
 fn all_simulated(command: &Command) -> bool {
-    let sim = |arg: &device_arg::DeviceArg| matches!(arg.backend, device_arg::Backend::Sim(_));
+    let sim = |arg: &kcopyd_tool::DeviceAddress| matches!(arg.backend, kcopyd_tool::Backend::Sim(_));
     match command {
         Command::Copy(args) => sim(&args.source) && args.targets.iter().all(sim),
         Command::Zero(args) => args.targets.iter().all(sim),

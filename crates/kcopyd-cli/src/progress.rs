@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use kcopyd_core::{JobHandle, Outcome, SECTOR_SIZE};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
@@ -140,17 +139,6 @@ impl Interrupts {
         shared().map_or(EXIT_SIGINT, |shared| lock(&shared.codes)[wanted - 1])
     }
 
-    /// The exit code of a signal received and not yet returned by [`Interrupts::recv`]
-    /// (marking it returned), if any.
-    pub fn take_pending(&mut self) -> Option<u8> {
-        let count = *self.received.borrow();
-        if count <= self.consumed {
-            return None;
-        }
-        self.consumed += 1;
-        shared().map(|shared| lock(&shared.codes)[self.consumed - 1])
-    }
-
     /// Set by the first signal: for work that is not async and cannot wait on
     /// [`Interrupts::recv`] (a sweep's workers between points, a connection's retries).
     pub fn stop_flag(&self) -> &'static AtomicBool {
@@ -160,21 +148,32 @@ impl Interrupts {
 
     /// Enters `phase`. Entering [`Phase::QuitAtOnce`] after a signal quits at once.
     pub fn set_phase(&self, phase: Phase) {
-        if let Some(shared) = shared() {
-            shared.phase.store(phase as u8, Ordering::Release);
-            let first = lock(&shared.codes).first().copied();
-            if let (Phase::QuitAtOnce, Some(code)) = (phase, first) {
-                quit_at_once(code);
-            }
-        }
+        enter(phase);
     }
 
     /// Sets the one-line summary printed if the command quits at once (`None`: a plain
     /// "interrupted" line).
     pub fn set_summary(&self, summary: Option<SummaryFn>) {
-        if let Some(shared) = shared() {
-            *lock(&shared.summary) = summary;
+        set_summary(summary);
+    }
+}
+
+/// [`Interrupts::set_phase`], for code that does not hold the [`Interrupts`] (a runner's
+/// event callback, while the command waits on them).
+pub fn enter(phase: Phase) {
+    if let Some(shared) = shared() {
+        shared.phase.store(phase as u8, Ordering::Release);
+        let first = lock(&shared.codes).first().copied();
+        if let (Phase::QuitAtOnce, Some(code)) = (phase, first) {
+            quit_at_once(code);
         }
+    }
+}
+
+/// [`Interrupts::set_summary`], for code that does not hold the [`Interrupts`].
+pub fn set_summary(summary: Option<SummaryFn>) {
+    if let Some(shared) = shared() {
+        *lock(&shared.summary) = summary;
     }
 }
 
@@ -280,63 +279,5 @@ pub fn remove_on_quit(paths: &[PathBuf]) {
 pub fn forget_created(paths: &[PathBuf]) {
     if let Some(shared) = shared() {
         lock(&shared.cleanup).retain(|p| !paths.contains(p));
-    }
-}
-
-/// How a watched job ended.
-#[derive(Debug)]
-pub struct Watched {
-    /// The job's outcome.
-    pub outcome: Outcome,
-    /// The exit code of the signal that cancelled it, if one did.
-    pub interrupted: Option<u8>,
-}
-
-/// What [`watch()`] drives: bars moved on each tick, and a way to print a line past them.
-pub trait WatchUi {
-    /// The job has done `done_bytes`.
-    fn tick(&self, done_bytes: u64);
-    /// Prints `line` on stderr without tearing the bars.
-    fn note(&self, line: &str);
-}
-
-impl WatchUi for ProgressBar {
-    fn tick(&self, done_bytes: u64) {
-        self.set_position(done_bytes);
-    }
-
-    fn note(&self, line: &str) {
-        self.suspend(|| out::note(line));
-    }
-}
-
-/// Waits for `handle`, ticking `ui` every [`REFRESH_INTERVAL`] and cancelling the job on the
-/// first signal; a second signal exits at once.
-pub async fn watch(handle: &JobHandle, ui: &dyn WatchUi, interrupts: &mut Interrupts) -> Watched {
-    // Every REFRESH_INTERVAL of the job's time: in virtual time, of model time (a tokio
-    // interval of 100 ms there would tick every 100 model µs, thousands of times a second).
-    let mut ticker = tokio::time::interval(kcopyd_sim::to_tokio(REFRESH_INTERVAL));
-    let mut waiting = handle.clone();
-    let mut interrupted = None;
-    let done_bytes = |handle: &JobHandle| handle.progress().done_sectors * SECTOR_SIZE as u64;
-    loop {
-        tokio::select! {
-            outcome = &mut waiting => {
-                ui.tick(done_bytes(handle));
-                return Watched { outcome, interrupted };
-            }
-            code = interrupts.recv() => {
-                if interrupted.is_some() {
-                    quit_at_once(code);
-                }
-                interrupted = Some(code);
-                handle.cancel();
-                ui.note(
-                    "kcopyd: interrupted: finishing the I/O in flight, then stopping \
-                     (interrupt again to quit at once)",
-                );
-            }
-            _ = ticker.tick() => ui.tick(done_bytes(handle)),
-        }
     }
 }

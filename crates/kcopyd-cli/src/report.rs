@@ -8,8 +8,8 @@ use std::fmt::Write as _;
 use kcopyd_core::{RangeSet, SECTOR_SIZE};
 use serde::Serialize;
 
-use crate::compare::{Comparison, TargetDiff};
 use crate::size::Bytes;
+use kcopyd_core::{Comparison, TargetDiff};
 
 /// Ranges listed per line in the summary; `--json` lists all.
 pub const RANGES_SHOWN_MAX: usize = 16;
@@ -316,72 +316,16 @@ pub fn human(report: &Report) -> String {
     if any_ranges {
         let _ = writeln!(out, "(ranges are 512-byte sectors of each device, START-END with END excluded)");
     }
-    if let Some(source) = &report.source {
-        if !source.read_failed_sectors.is_empty() {
-            let _ = writeln!(
-                out,
-                "source {}: read errors at {}",
-                source.device,
-                describe_ranges(&source.read_failed_sectors)
-            );
-        }
+    if let Some(source) = report.source.as_ref().filter(|source| !source.read_failed_sectors.is_empty()) {
+        let _ =
+            writeln!(out, "source {}: read errors at {}", source.device, describe_ranges(&source.read_failed_sectors));
     }
     let block_bytes = report.verify.as_ref().map_or(SECTOR_SIZE as u64, |v| v.block_bytes);
     for target in &report.targets {
-        let _ = write!(out, "target {}: ", target.device);
-        if report.command == "verify" {
-            match &target.verify {
-                Some(verify) => out.push_str(&verify_details(verify, block_bytes)),
-                None => out.push_str(&target.status.replace('_', " ")),
-            }
-            out.push('\n');
-            continue;
-        }
-        out.push_str(&target.status.replace('_', " "));
-        if let Some(error) = &target.flush_error {
-            // The status says "flush failed" (it comes first): the reason, once.
-            let _ = write!(out, ": {error}");
-        }
-        if let Some(write_failed) = target.write_failed_sectors.as_ref().filter(|r| !r.is_empty()) {
-            let _ = write!(out, "; write failed at {}", describe_ranges(write_failed));
-        }
-        if let Some(not_copied) = target.not_copied_sectors.as_ref().filter(|r| !r.is_empty()) {
-            let what = if report.command == "zero" { "not zeroed" } else { "not copied" };
-            let _ = write!(out, "; {what}: {}", describe_ranges(not_copied));
-        }
-
-        if let Some(verify) = &target.verify {
-            let _ = write!(out, "; verify: {}", verify_details(verify, block_bytes));
-        }
-        out.push('\n');
+        let _ = writeln!(out, "target {}: {}", target.device, target_line(report, target, block_bytes));
     }
-    if let Some(verify) = &report.verify {
-        if report.command != "verify" {
-            let skipped = if verify.bytes_skipped > 0 {
-                format!(" ({} skipped: not copied)", Bytes(verify.bytes_skipped))
-            } else {
-                String::new()
-            };
-            let _ = writeln!(
-                out,
-                "verified {}{skipped} in {:.2} s ({}/s): {}",
-                Bytes(verify.bytes_verified),
-                verify.seconds,
-                Bytes(verify.throughput_bytes_per_s as u64),
-                if verify.identical {
-                    "identical"
-                } else if !report.cancelled
-                    || report
-                        .targets
-                        .iter()
-                        .any(|t| t.verify.as_ref().is_some_and(|v| v.status != "incomplete" && v.status != "identical"))
-                {
-                    "differences found"
-                } else {
-                    "stopped before the end, no differences found so far"
-                }
-            );
-        }
+    if let Some(verify) = report.verify.as_ref().filter(|_| report.command != "verify") {
+        verified_line(&mut out, report, verify);
     }
     if report.cancelled {
         for target in &report.targets {
@@ -391,6 +335,61 @@ pub fn human(report: &Report) -> String {
         }
     }
     out
+}
+
+/// What the summary says of `target`, after its name.
+fn target_line(report: &Report, target: &TargetReport, block_bytes: u64) -> String {
+    if report.command == "verify" {
+        return match &target.verify {
+            Some(verify) => verify_details(verify, block_bytes),
+            None => target.status.replace('_', " "),
+        };
+    }
+    let mut out = target.status.replace('_', " ");
+    if let Some(error) = &target.flush_error {
+        // The status says "flush failed" (it comes first): the reason, once.
+        let _ = write!(out, ": {error}");
+    }
+    if let Some(write_failed) = target.write_failed_sectors.as_ref().filter(|r| !r.is_empty()) {
+        let _ = write!(out, "; write failed at {}", describe_ranges(write_failed));
+    }
+    if let Some(not_copied) = target.not_copied_sectors.as_ref().filter(|r| !r.is_empty()) {
+        let what = if report.command == "zero" { "not zeroed" } else { "not copied" };
+        let _ = write!(out, "; {what}: {}", describe_ranges(not_copied));
+    }
+    if let Some(verify) = &target.verify {
+        let _ = write!(out, "; verify: {}", verify_details(verify, block_bytes));
+    }
+    out
+}
+
+/// `copy --verify`'s line: what was read back, and what it found.
+fn verified_line(out: &mut String, report: &Report, verify: &VerifyReport) {
+    let skipped = if verify.bytes_skipped > 0 {
+        format!(" ({} skipped: not copied)", Bytes(verify.bytes_skipped))
+    } else {
+        String::new()
+    };
+    let found_differences = || {
+        report
+            .targets
+            .iter()
+            .any(|t| t.verify.as_ref().is_some_and(|v| v.status != "incomplete" && v.status != "identical"))
+    };
+    let _ = writeln!(
+        out,
+        "verified {}{skipped} in {:.2} s ({}/s): {}",
+        Bytes(verify.bytes_verified),
+        verify.seconds,
+        Bytes(verify.throughput_bytes_per_s as u64),
+        if verify.identical {
+            "identical"
+        } else if !report.cancelled || found_differences() {
+            "differences found"
+        } else {
+            "stopped before the end, no differences found so far"
+        }
+    );
 }
 
 #[cfg(test)]

@@ -23,12 +23,12 @@ use kcopyd_sim::{DiskModel, Simulation};
 use serde::Serialize;
 
 use crate::calibrate::{self, Plan, Scratch};
-use crate::cli::{CopyArgs, EngineArgs, IoEngineArg, OutputArgs, ThrottleArgs, ValidateArgs};
-use crate::commands;
-use crate::device_arg::{Backend, DeviceArg};
+use crate::cli::ValidateArgs;
 use crate::error::{CliError, Status, open_reason};
 use crate::progress::{self, Interrupts};
 use crate::size::{self, Bytes};
+use crate::{commands, devices};
+use kcopyd_tool::{Backend, DeviceAddress};
 
 /// The most targets a configuration may name.
 pub const TARGETS_MAX: usize = 8;
@@ -169,40 +169,26 @@ async fn real_copy(
     targets: &Targets,
     interrupts: &mut Interrupts,
 ) -> Result<Result<f64, Status>, CliError> {
-    let arg = |path: &Path| DeviceArg {
+    let arg = |path: &Path| DeviceAddress {
         text: path.display().to_string(),
         backend: Backend::Path(path.to_path_buf()),
         offset_bytes: 0,
     };
-    let copy = CopyArgs {
-        source: arg(&args.source),
-        targets: targets.paths[..config.targets].iter().map(|p| arg(p)).collect(),
-        length_bytes: None,
-        ignore_errors: false,
-        write_seq: false,
-        verify: false,
-        // A full copy, as the simulated one: the disk model times every sector read.
-        sparse: false,
-        no_sparse: false,
-        sparse_size_bytes: None,
-        target_is_zero: false,
-        map: None,
-        map_batch_bytes: 256 * 1024 * 1024,
-        retry_failed: false,
-        engine: EngineArgs {
-            sub_job_size_bytes: config.sub_job_size_bytes,
-            subjobs_in_flight: Some(config.subjobs_in_flight),
-            memory_bytes: args.memory_bytes,
-            buffered: false,
-            io_engine: IoEngineArg::Sync,
-            no_huge_pages: false,
-            connect_timeout_us: kcopyd_nbd::CONNECT_TIMEOUT_MS_DEFAULT * 1000,
-            io_timeout_us: None,
-        },
-        throttle: ThrottleArgs { busy_percent: None, rate_bytes_per_s: None },
-        output: OutputArgs { json: false, quiet: true },
+    let source = arg(&args.source);
+    let target_args: Vec<DeviceAddress> = targets.paths[..config.targets].iter().map(|p| arg(p)).collect();
+    let client_config = kcopyd_core::ClientConfig {
+        page_budget: usize::try_from(args.memory_bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX),
+        sub_job_size_bytes: usize::try_from(config.sub_job_size_bytes).unwrap_or(usize::MAX),
+        subjobs_in_flight: config.subjobs_in_flight,
+        ..kcopyd_core::ClientConfig::default()
     };
-    let done = commands::copy(&copy, interrupts).await;
+    devices::check_memory(args.memory_bytes)?;
+    client_config.validate().map_err(|source| CliError::Config { option: "--memory", source })?;
+    let settings = kcopyd_tool::Settings::new(client_config);
+    // A full copy, as the simulated one: the disk model times every sector read.
+    let options = kcopyd_tool::run::CopyOptions::default();
+    let mut plan = devices::open_plan(&source, &target_args, None, true, &settings, interrupts).await?;
+    let done = commands::copy_planned(&mut plan, &settings, options, true, interrupts).await;
     // Between copies (the simulation, the table) a signal quits at once; the files made for
     // the targets go with it (the copy forgot the ones it created when its job started).
     progress::remove_on_quit(&targets.created);

@@ -241,6 +241,21 @@ impl Handler<RunCallback> for ClientActor {
     }
 }
 
+/// A checked verify, to run on the client's arbiter (where its reads' timeouts and the
+/// throttle's clock live).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct StartVerify(pub(crate) Option<crate::verify::Started>);
+
+impl Handler<StartVerify> for ClientActor {
+    type Result = ();
+
+    fn handle(&mut self, mut message: StartVerify, _: &mut Context<Self>) {
+        let started = message.0.take().expect("a verify is started once");
+        actix_rt::spawn(crate::verify::run(self.shared.clone(), started));
+    }
+}
+
 /// The actor that drives one job's [`JobRun`] on the client's arbiter.
 pub(crate) struct JobActor {
     id: u64,

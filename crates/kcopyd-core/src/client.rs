@@ -172,6 +172,22 @@ impl Client {
         self.inner.shared.pool.stats()
     }
 
+    /// Starts comparing `verify`'s source region with its targets, on the client's arbiter,
+    /// in its page budget and under its throttle. Not a job: the queued-jobs limit does not
+    /// count it, and a shutdown does not wait for it (its handle then says so).
+    ///
+    /// # Errors
+    /// No target or too many, a target region not as long as the source's, one block larger
+    /// than the page budget, or the client is shut down.
+    pub fn verify(&self, verify: crate::Verify) -> Result<crate::VerifyHandle, crate::VerifyError> {
+        if self.inner.shared.closed.load(Ordering::SeqCst) {
+            return Err(crate::VerifyError::ShutDown);
+        }
+        let (handle, started) = crate::verify::start(verify, &self.inner.config)?;
+        self.inner.addr.do_send(crate::actors::StartVerify(Some(started)));
+        Ok(handle)
+    }
+
     /// Validates `job` and submits it, waiting while the queued-jobs limit is reached.
     ///
     /// # Errors

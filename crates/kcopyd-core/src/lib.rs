@@ -70,6 +70,7 @@ mod sparse;
 mod stats;
 mod throttle;
 mod time_scale;
+mod verify;
 
 pub use buffer::{ReadBuf, WriteBuf};
 pub use client::{Client, PreparedCallback};
@@ -91,6 +92,7 @@ pub use sparse::{HOLE_SUB_JOB_SECTORS_MAX, Sparse, TargetZeroes};
 pub use stats::{ClientStats, DeviceStats, LATENCY_BUCKETS, LatencyHistogram, OpStats};
 pub use throttle::{BUSY_WINDOW, Throttle};
 pub use time_scale::{set_time_scale, time_scale, to_model, to_tokio};
+pub use verify::{Comparison, TargetDiff, Verify, VerifyControl, VerifyError, VerifyHandle};
 
 /// Bytes in a sector, the unit of every offset and length in this crate.
 pub const SECTOR_SIZE: usize = 512;

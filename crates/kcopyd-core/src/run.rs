@@ -95,7 +95,7 @@ pub async fn read_narrowed(
 /// `known_bad`, the whole of `sectors` already failed once and is split at once. Returns the
 /// buffer (`None` if a read kept it: then all of `sectors` counts as unreadable) and the
 /// sectors that stayed unreadable.
-async fn narrow<F, R>(
+pub(crate) async fn narrow<F, R>(
     sectors: Range<u64>,
     block_sectors: u64,
     mut buf: ReadBuf,

@@ -34,8 +34,10 @@ mod engine_sync;
 #[cfg(feature = "io-uring")]
 mod engine_uring;
 mod error;
+mod lock;
 mod storage;
 mod sys;
+mod tail;
 
 pub use aligned::{BOUNCE_BYTES_MAX, IOVECS_PER_CALL_MAX};
 pub use device::{
@@ -43,4 +45,6 @@ pub use device::{
 };
 pub use engine_sync::ZEROES_BYTES_PER_WRITE_MAX;
 pub use error::OpenError;
+pub use lock::{FileKey, FileLocks, LockError, LockKind};
 pub use storage::{Mounted, Storage, StorageId, mounted_read_write};
+pub use tail::{read_tail, write_tail};

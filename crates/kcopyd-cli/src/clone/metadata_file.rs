@@ -23,8 +23,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use rustix::fs::FlockOperation;
-use rustix::io::Errno;
+use kcopyd_os::{FileLocks, LockError, LockKind};
 
 use crate::error::CliError;
 
@@ -133,6 +132,8 @@ pub struct MetadataFile {
     /// Where it is.
     pub path: PathBuf,
     file: File,
+    /// The exclusive lock on it, held while this value lives.
+    _lock: FileLocks,
     /// Created by this run: removed again if the run fails before serving.
     created: bool,
     /// What the file says it is for (`None`: empty, new).
@@ -168,7 +169,13 @@ impl MetadataFile {
             .open(path)
             .map_err(|e| error(format!("cannot open it ({e})")))?;
         // From here a file this run made is removed on every refusal below.
-        let mut opened = MetadataFile { path: path.to_path_buf(), file, created: missing, existing: None };
+        let mut opened = MetadataFile {
+            path: path.to_path_buf(),
+            file,
+            _lock: FileLocks::default(),
+            created: missing,
+            existing: None,
+        };
         let metadata = opened.file.metadata().map_err(|e| error(format!("cannot look at it ({e})")))?;
         if !metadata.is_file() {
             opened.created = false;
@@ -179,18 +186,17 @@ impl MetadataFile {
             opened.created = false;
             return Err(error(format!("is {name} itself: the metadata needs a file of its own")));
         }
-        match rustix::fs::flock(&opened.file, FlockOperation::NonBlockingLockExclusive) {
+        match opened._lock.lock(path, key, LockKind::Exclusive) {
             Ok(()) => {}
-            Err(Errno::WOULDBLOCK) => {
+            Err(LockError::Busy) => {
                 opened.created = false;
                 return Err(error("busy: another kcopyd clone is using it".into()));
             }
-            Err(errno) => return Err(error(format!("cannot lock it ({errno})"))),
-        }
-        let now = std::fs::metadata(path).map_err(|e| error(format!("cannot look at it ({e})")))?;
-        if (now.dev(), now.ino()) != key {
-            opened.created = false;
-            return Err(error("the file was replaced while it was being opened".into()));
+            Err(LockError::Replaced) => {
+                opened.created = false;
+                return Err(error("the file was replaced while it was being opened".into()));
+            }
+            Err(other) => return Err(error(format!("cannot lock it ({other})"))),
         }
         if opened.created {
             // Ours and locked: removed too by a signal that quits before the clone is served.

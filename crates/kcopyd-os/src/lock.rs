@@ -1,4 +1,4 @@
-//! Advisory locks on the files a command uses, held until it ends.
+//! Advisory locks on the files a copy uses, held until it ends.
 //!
 //! ```text
 //!  TARGET file of copy or zero ─► flock(LOCK_EX | LOCK_NB) ─► held: another kcopyd is refused
@@ -32,14 +32,17 @@ pub enum LockKind {
 }
 
 /// Why a lock could not be taken.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum LockError {
     /// Another process holds a conflicting lock.
+    #[error("another process holds a conflicting lock")]
     Busy,
     /// The file changed between opening it and locking it (renamed or replaced).
+    #[error("the file was replaced while it was being opened")]
     Replaced,
     /// Opening or locking failed otherwise.
-    Io(std::io::Error),
+    #[error("cannot lock the file: {0}")]
+    Io(#[source] std::io::Error),
 }
 
 /// The locks held, one per file.

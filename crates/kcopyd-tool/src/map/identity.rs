@@ -19,8 +19,8 @@ use kcopyd_core::SECTOR_SIZE;
 use kcopyd_os::DeviceKind;
 use rustix::fs::{AtFlags, CWD, StatxFlags};
 
-use crate::device_arg::Backend;
-use crate::devices::Opened;
+use crate::address::Backend;
+use crate::open::Opened;
 
 /// The identity of `opened` as the map records it (one line's text, no newline), and whether
 /// the device outlives this run (a `sim:` disk does not).

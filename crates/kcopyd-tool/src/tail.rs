@@ -1,5 +1,6 @@
-//! The partial last block of a range on regular files (moved through the page cache) and on
-//! NBD exports (byte requests, where the server's minimum block size allows them).
+//! The partial last block of a range on regular files (moved through the page cache, see
+//! [`kcopyd_os::read_tail`]) and on NBD exports (byte requests, where the server's minimum
+//! block size allows them).
 //!
 //! ```text
 //!  source file of 1,000,001 bytes, 4096-byte blocks:
@@ -14,21 +15,19 @@
 //! bytes; the kernel writes dirty cached pages back before a later O_DIRECT read of them.
 //!
 //! An NBD export of 1,000 bytes is one 512-byte block for the engine; its last 488 bytes are
-//! one `NBD_CMD_READ` (or `NBD_CMD_WRITE` and a flush) here, awaited on the command's runtime
-//! against the signals: the first SIGINT or SIGTERM abandons the request
-//! ([`TailError::Interrupted`]), so a stalled server holds the command up no longer than a
-//! signal (`--io-timeout` bounds it otherwise). A file's tail is a buffered read or write of
-//! less than a block; a signal that came before it is taken first.
+//! one `NBD_CMD_READ` (or `NBD_CMD_WRITE` and a flush) here, awaited against a [`Cancel`]
+//! token: cancelling abandons the request ([`TailError::Cancelled`]), so a stalled server holds
+//! the run up no longer than a cancellation (the NBD I/O timeout bounds it otherwise). A
+//! file's tail is a buffered read or write of less than a block; a token cancelled before it
+//! is taken first.
 
-use std::fs::{File, OpenOptions};
 use std::io;
 use std::ops::Range;
-use std::os::unix::fs::{FileExt, MetadataExt};
 
 use kcopyd_core::{BlockDevice, SECTOR_SIZE};
 
-use crate::devices::Opened;
-use crate::progress::Interrupts;
+use crate::cancel::Cancel;
+use crate::open::Opened;
 
 /// Why a tail was not read or written.
 #[derive(Debug, thiserror::Error)]
@@ -36,9 +35,9 @@ pub enum TailError {
     /// The read, the write or the flush failed.
     #[error("the partial last block: {0}")]
     Io(#[from] io::Error),
-    /// A signal came first: the request (if one was sent) was abandoned. Its exit code.
-    #[error("the partial last block was not finished: interrupted (exit {0})")]
-    Interrupted(u8),
+    /// The run was cancelled first: the request (if one was sent) was abandoned.
+    #[error("the partial last block was not finished: cancelled")]
+    Cancelled,
 }
 
 /// Where the tail of a range lies: `offset_in_range_bytes` bytes into the range (a whole
@@ -84,20 +83,18 @@ impl Tail {
     ///
     /// # Errors
     /// The file cannot be opened again as the same inode, or the read fails or ends early
-    /// ([`TailError::Io`]); a signal came before or during it ([`TailError::Interrupted`]).
-    pub async fn read(&self, opened: &Opened, interrupts: &mut Interrupts) -> Result<Vec<u8>, TailError> {
+    /// ([`TailError::Io`]); `cancel` fired before or during it ([`TailError::Cancelled`]).
+    pub async fn read(&self, opened: &Opened, cancel: &Cancel) -> Result<Vec<u8>, TailError> {
         let len_bytes = usize::try_from(self.len_bytes).expect("a tail is less than a block");
-        if let Some(code) = interrupts.take_pending() {
-            return Err(TailError::Interrupted(code));
+        if cancel.is_cancelled() {
+            return Err(TailError::Cancelled);
         }
         if let Some(nbd) = &opened.nbd {
             let at = opened.arg.offset_bytes + self.offset_in_range_bytes;
-            return Ok(until_signal(nbd.read_bytes(at, len_bytes), interrupts).await??);
+            return Ok(until_cancelled(nbd.read_bytes(at, len_bytes), cancel).await??);
         }
-        let file = reopen(opened, false)?;
-        let mut bytes = vec![0; len_bytes];
-        file.read_exact_at(&mut bytes, opened.arg.offset_bytes + self.offset_in_range_bytes)?;
-        Ok(bytes)
+        let (path, key) = file_of(opened);
+        Ok(kcopyd_os::read_tail(path, key, opened.arg.offset_bytes + self.offset_in_range_bytes, len_bytes)?)
     }
 
     /// Writes `bytes` (the tail's length) at the tail of `opened`'s range, and makes them
@@ -105,43 +102,37 @@ impl Tail {
     ///
     /// # Errors
     /// The file cannot be opened again as the same inode, or the write or the flush fails
-    /// ([`TailError::Io`]); a signal came before or during it ([`TailError::Interrupted`]: the
+    /// ([`TailError::Io`]); `cancel` fired before or during it ([`TailError::Cancelled`]: the
     /// tail may or may not have reached the target).
-    pub async fn write(&self, opened: &Opened, bytes: &[u8], interrupts: &mut Interrupts) -> Result<(), TailError> {
+    pub async fn write(&self, opened: &Opened, bytes: &[u8], cancel: &Cancel) -> Result<(), TailError> {
         assert_eq!(bytes.len() as u64, self.len_bytes, "a tail's bytes fill the tail");
-        if let Some(code) = interrupts.take_pending() {
-            return Err(TailError::Interrupted(code));
+        if cancel.is_cancelled() {
+            return Err(TailError::Cancelled);
         }
         if let Some(nbd) = &opened.nbd {
             let at = opened.arg.offset_bytes + self.offset_in_range_bytes;
-            until_signal(nbd.write_bytes(at, bytes), interrupts).await??;
-            return Ok(until_signal(nbd.flush(), interrupts).await??);
+            until_cancelled(nbd.write_bytes(at, bytes), cancel).await??;
+            return Ok(until_cancelled(nbd.flush(), cancel).await??);
         }
-        let file = reopen(opened, true)?;
-        file.write_all_at(bytes, opened.arg.offset_bytes + self.offset_in_range_bytes)?;
-        Ok(file.sync_data()?)
+        let (path, key) = file_of(opened);
+        Ok(kcopyd_os::write_tail(path, key, opened.arg.offset_bytes + self.offset_in_range_bytes, bytes)?)
     }
 }
 
-/// Awaits `future` (an NBD request: it completes on the connection's own thread) unless a
-/// signal comes first: then the request is abandoned and the signal's exit code returned.
-async fn until_signal<F: Future>(future: F, interrupts: &mut Interrupts) -> Result<F::Output, TailError> {
+/// Awaits `future` (an NBD request: it completes on the connection's own thread) unless
+/// `cancel` fires first: then the request is abandoned.
+async fn until_cancelled<F: Future>(future: F, cancel: &Cancel) -> Result<F::Output, TailError> {
     tokio::select! {
         output = future => Ok(output),
-        code = interrupts.recv() => Err(TailError::Interrupted(code)),
+        () = cancel.cancelled() => Err(TailError::Cancelled),
     }
 }
 
-/// Opens the file of `opened` again, buffered, and checks that it is still the same inode.
-fn reopen(opened: &Opened, write: bool) -> io::Result<File> {
+/// The path of `opened` (a regular file) and the file it was opened as.
+fn file_of(opened: &Opened) -> (&std::path::Path, kcopyd_os::FileKey) {
     let facts = opened.os.as_ref().expect("tails are on regular files only");
-    let file = OpenOptions::new().read(true).write(write).open(&facts.path)?;
-    let metadata = file.metadata()?;
     let id = opened.device.id();
-    if !metadata.is_file() || (metadata.dev(), metadata.ino()) != (id.major, id.minor) {
-        return Err(io::Error::other("the file was replaced during the run"));
-    }
-    Ok(file)
+    (&facts.path, (id.major, id.minor))
 }
 
 #[cfg(test)]

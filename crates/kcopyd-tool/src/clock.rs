@@ -1,5 +1,5 @@
-//! The command's clock: wall time for real devices, the simulator's model time when every
-//! device is simulated (the command then runs in virtual time, see `main`).
+//! The runner's clock: wall time for real devices, the simulator's model time when every
+//! device is simulated and the run is in virtual time.
 //!
 //! ```text
 //!  real devices:  Instant::now() … elapsed()  = wall seconds
@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-/// A point in the command's time.
+/// A point in the runner's time.
 #[derive(Debug, Clone, Copy)]
 pub struct Instant(tokio::time::Instant);
 

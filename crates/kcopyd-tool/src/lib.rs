@@ -1,0 +1,39 @@
+//! Copy, zero and verify whole devices with the kcopyd engine, as the `kcopyd` command does,
+//! from any program: device addresses, the checks made before the first write, resumable
+//! copy maps, partial last blocks, and a runner with progress and cancellation.
+//!
+//! ```text
+//!  "disk.img@1M", "sim:size=1G", "nbd://host/x"      address::DeviceAddress::parse
+//!        │
+//!        ▼
+//!  plan::plan_with_source / plan_zero   open every device, check ranges, alignment, overlap
+//!        │                              through every name of the same storage, tails;
+//!        │                              PlanError (nothing written) or a Plan
+//!        ▼
+//!  run::copy / run::zero / run::verify  engine jobs (optionally in batches recorded in a
+//!        │                              map::CopyMap), flush, tails, Client::verify;
+//!        │                              progress as a callback, cancellation as a token
+//!        ▼
+//!  run::CopyRun / ZeroRun / VerifyRun   outcomes per device, for the caller to report
+//! ```
+//!
+//! Nothing here prints: the caller reports.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod address;
+pub mod cancel;
+pub mod clock;
+pub mod error;
+pub mod map;
+pub mod open;
+pub mod plan;
+pub mod run;
+pub mod tail;
+
+pub use address::{AddressError, Backend, DeviceAddress, SimDisk};
+pub use cancel::Cancel;
+pub use error::PlanError;
+pub use open::{NbdSettings, Opened, OsFacts, Role, Settings};
+pub use plan::{CreatedFiles, CreatedHook, Plan, ZeroPlan, plan_with_source, plan_zero};
+pub use tail::{Tail, TailError};

@@ -1,0 +1,110 @@
+//! The plan's typed errors and the runner, on simulated disks: copy with read-back, zero,
+//! verify finding a difference, progress events, and a cancelled token.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use kcopyd_core::{ClientConfig, Device, Flags, RangeSet};
+use kcopyd_sim::MemDisk;
+use kcopyd_tool::run::{CopyOptions, Event, Runner};
+use kcopyd_tool::{Backend, Cancel, DeviceAddress, PlanError, Role, Settings, SimDisk, plan_with_source, plan_zero};
+
+/// A simulated disk made already: every open of its address gives the same disk.
+#[derive(Debug)]
+struct Made(Arc<MemDisk>);
+
+impl SimDisk for Made {
+    fn len_bytes(&self) -> Option<u64> {
+        Some(kcopyd_core::BlockDevice::geometry(&*self.0).len_sectors * 512)
+    }
+    fn headers_only(&self) -> bool {
+        false
+    }
+    fn check_len(&self, _: u64) -> Result<(), String> {
+        Ok(())
+    }
+    fn build(&self, _: u64) -> Device {
+        self.0.clone()
+    }
+}
+
+fn address(name: &str, disk: &Arc<MemDisk>, offset_bytes: u64) -> DeviceAddress {
+    DeviceAddress { text: name.into(), backend: Backend::Sim(Arc::new(Made(disk.clone()))), offset_bytes }
+}
+
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(future)
+}
+
+#[test]
+fn the_plan_refuses_with_errors_naming_the_device_or_the_length() {
+    let settings = Settings::new(ClientConfig::default());
+    let disk = Arc::new(MemDisk::with_pattern("a", 64, 512, 1));
+    let overlap = plan_with_source(&address("s", &disk, 0), &[address("t", &disk, 4096)], Some(8192), true, &settings);
+    let Err(PlanError::Device { role: Role::Target, text, problem }) = overlap else { panic!("{overlap:?}") };
+    assert!(text == "t" && problem.contains("overlaps SOURCE 's'"), "{problem}");
+    let small = Arc::new(MemDisk::zeroed("small", 8, 512));
+    let too_small = plan_with_source(&address("s", &disk, 0), &[address("small", &small, 0)], None, true, &settings);
+    assert!(
+        matches!(too_small, Err(PlanError::Device { role: Role::Target, ref problem, .. }) if problem.contains("too small"))
+    );
+    let large_blocks = Arc::new(MemDisk::zeroed("4k", 64, 4096));
+    let misaligned = plan_zero(&[address("4k", &large_blocks, 0)], Some(1000), &settings);
+    assert!(matches!(misaligned, Err(PlanError::Length { len_bytes: 1000, .. })), "{misaligned:?}");
+    let many: Vec<DeviceAddress> = (0..129).map(|i| address(&format!("t{i}"), &small, 0)).collect();
+    let count = plan_zero(&many, None, &settings);
+    assert!(matches!(count, Err(PlanError::TargetCount { count: 129 })), "{count:?}");
+}
+
+#[test]
+fn the_runner_copies_and_reads_back_zeroes_and_verify_finds_the_difference() {
+    let settings = Settings::new(ClientConfig { page_budget: 64, ..ClientConfig::default() });
+    let source = Arc::new(MemDisk::with_pattern("source", 2048, 512, 7));
+    let targets = [Arc::new(MemDisk::zeroed("a", 2048, 512)), Arc::new(MemDisk::zeroed("b", 4096, 512))];
+    let addresses = [address("a", &targets[0], 0), address("b", &targets[1], 1 << 20)];
+    let mut plan = plan_with_source(&address("source", &source, 0), &addresses, None, true, &settings).unwrap();
+    let events = RefCell::new(Vec::new());
+    let on_event = |event: Event<'_>| match event {
+        Event::Started { phase, .. } => events.borrow_mut().push(format!("start {}", phase.name())),
+        Event::Progress { done_bytes } => events.borrow_mut().push(format!("{done_bytes}")),
+        Event::Job { .. } => events.borrow_mut().push("job".into()),
+        Event::Finished { phase } => events.borrow_mut().push(format!("end {}", phase.name())),
+    };
+    let cancel = Cancel::new();
+    let runner = Runner { settings: &settings, on_event: &on_event, cancel: &cancel };
+    let options = CopyOptions { verify: true, ..CopyOptions::default() };
+    let run = block_on(runner.copy(&mut plan, options, None)).unwrap();
+    assert!(kcopyd_tool::run::job_ok(&run.job.outcome) && !run.job.cancelled);
+    assert_eq!(run.job.done_bytes, 1 << 20);
+    let verify = run.verify.expect("asked for");
+    assert!(verify.comparison.identical() && verify.bytes == 1 << 20, "{verify:?}");
+    assert!(targets[1].snapshot(2048, 2048) == source.snapshot(0, 2048));
+    let events = events.borrow().clone();
+    let at = |what: &str| events.iter().position(|e| e == what).unwrap_or_else(|| panic!("{what}: {events:?}"));
+    assert!(at("start copy") < at("job") && at("job") < at("end copy") && at("end copy") < at("start verify"));
+    assert_eq!(events[at("end verify") - 1], (1u64 << 20).to_string(), "the last progress is the whole range");
+    // Zero 8 sectors of the second target, then verify finds exactly them there.
+    let zero = plan_zero(&[address("b", &targets[1], (1 << 20) + 4096)], Some(4096), &settings).unwrap();
+    let zeroed = block_on(runner.zero(&zero, Flags::empty())).unwrap();
+    assert!(kcopyd_tool::run::job_ok(&zeroed.outcome) && zeroed.done_bytes == 4096);
+    let plan = plan_with_source(&address("source", &source, 0), &addresses, None, false, &settings).unwrap();
+    let found = block_on(runner.verify(&plan)).unwrap().comparison;
+    assert!(found.targets[0].identical() && found.source_unreadable.is_empty());
+    assert_eq!((found.targets[1].differing_blocks, &found.targets[1].differing), (8, &RangeSet::from_range(8..16)));
+}
+
+#[test]
+fn a_cancelled_token_cancels_the_copy_and_skips_the_read_back() {
+    let settings = Settings::new(ClientConfig::default());
+    let source = Arc::new(MemDisk::with_pattern("source", 4096, 512, 3));
+    let target = Arc::new(MemDisk::zeroed("t", 4096, 512));
+    let addresses = [address("t", &target, 0)];
+    let mut plan = plan_with_source(&address("source", &source, 0), &addresses, None, true, &settings).unwrap();
+    let cancel = Cancel::new();
+    cancel.cancel();
+    let runner = Runner { settings: &settings, on_event: &|_| {}, cancel: &cancel };
+    let options = CopyOptions { verify: true, ..CopyOptions::default() };
+    let run = block_on(runner.copy(&mut plan, options, None)).unwrap();
+    assert!(run.job.cancelled && run.job.outcome.cancelled && run.verify.is_none());
+    assert!(!run.job.outcome.targets[0].not_copied.is_empty(), "what was not copied is reported");
+}
