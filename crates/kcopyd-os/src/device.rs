@@ -12,50 +12,21 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use kcopyd_core::{BlockDevice, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf};
 use rustix::fs::OFlags;
 
-use crate::aligned::{MemoryRules, Transfer};
-use crate::engine::{self, Engine};
-use crate::engine_sync;
+use crate::aligned::{ALIGNMENT_BYTES_MAX, MemoryRules, Transfer};
+use crate::engine::{Engine, IoEngine};
+use crate::engine_sync::SyncEngine;
+#[cfg(feature = "io-uring")]
+use crate::engine_uring::{Ring, UringEngine};
 use crate::error::{OpenError, classify};
+use crate::pool::Pool;
 use crate::storage::Storage;
 use crate::sys;
+use crate::zeroes::{self, Offload, Zeroed};
 
 /// Queue depth (I/O threads per device) when none is given.
 pub const QUEUE_DEPTH_DEFAULT: usize = 16;
 /// Largest queue depth accepted.
 pub const QUEUE_DEPTH_MAX: usize = 256;
-/// Largest logical block size or direct-I/O alignment accepted, in bytes.
-pub const ALIGNMENT_BYTES_MAX: u64 = 65536;
-
-/// Which engine serves a device's reads, writes and flushes.
-///
-/// ```
-/// # use kcopyd_os::{IoEngine, OpenOptions};
-/// assert_eq!(OpenOptions::default().engine, IoEngine::Sync);
-/// // Without the `io-uring` feature, `Uring` exists but opening with it is refused.
-/// assert_eq!(IoEngine::Uring.is_available(), cfg!(feature = "io-uring"));
-/// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum IoEngine {
-    /// Blocking `preadv`/`pwritev`/`fdatasync` on a pool of up to `queue_depth` threads.
-    #[default]
-    Sync,
-    /// One io_uring per device, driven by one thread: READV/WRITEV/FSYNC submissions, at most
-    /// `queue_depth` in flight. Write-zeroes (BLKZEROOUT, fallocate, or plain writes of zeroes)
-    /// stays on the thread pool: io_uring has no BLKZEROOUT. Needs the `io-uring` cargo
-    /// feature: without it opening is refused ([`OpenError::InvalidOptions`]); where the kernel
-    /// refuses io_uring, opening fails with [`OpenError::IoUringSetup`].
-    Uring,
-}
-
-impl IoEngine {
-    /// Whether this build can open devices with the engine.
-    pub const fn is_available(self) -> bool {
-        match self {
-            IoEngine::Sync => true,
-            IoEngine::Uring => cfg!(feature = "io-uring"),
-        }
-    }
-}
 
 /// How to open a path. The default opens read-only, with O_DIRECT, at the default queue depth.
 ///
@@ -185,15 +156,6 @@ impl fmt::Display for Op {
     }
 }
 
-/// How a write-zeroes request was served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Zeroed {
-    Offloaded,
-    Written,
-    /// Written after the filesystem refused the offload: do not ask it again.
-    WrittenAfterRefusal,
-}
-
 /// A regular file or block device, read and written with O_DIRECT (or through the page cache
 /// when asked) by a pool of I/O threads.
 ///
@@ -281,7 +243,7 @@ impl OsDevice {
                 (geometry, rules, id, Storage::of_block_device(metadata.rdev()))
             }
         };
-        let engine = engine::open(path, options.engine, options.queue_depth)?;
+        let engine = open_engine(path, options.engine, options.queue_depth)?;
         Ok(OsDevice {
             path: path.to_path_buf(),
             name: path.display().to_string(),
@@ -555,6 +517,37 @@ fn whole_blocks_sectors(size_bytes: u64, block_bytes: u64) -> u64 {
     size_bytes / block_bytes * block_bytes / SECTOR_SIZE as u64
 }
 
+/// The name of a device's I/O threads (at most 15 bytes, the kernel's limit).
+const THREAD_NAME: &str = "kcopyd-io";
+/// The name of a device's io_uring thread.
+#[cfg(feature = "io-uring")]
+const URING_THREAD_NAME: &str = "kcopyd-uring";
+
+/// The engine factory: starts the engine `kind` for `queue_depth` requests in flight. The options were validated:
+/// an engine that is not built in never gets here.
+///
+/// # Errors
+/// [`OpenError::IoUringSetup`] where the kernel refuses io_uring; [`OpenError::Engine`] when
+/// no I/O thread can be started.
+fn open_engine(path: &Path, kind: IoEngine, queue_depth: usize) -> Result<Box<dyn Engine>, OpenError> {
+    assert!(kind.is_available(), "{kind:?} was validated");
+    let pool =
+        || Pool::new(THREAD_NAME, queue_depth).map_err(|source| OpenError::Engine { path: path.to_path_buf(), source });
+    let engine: Box<dyn Engine> = match kind {
+        IoEngine::Sync => Box::new(SyncEngine::new(pool()?)),
+        #[cfg(feature = "io-uring")]
+        IoEngine::Uring => {
+            let ring = Ring::start(URING_THREAD_NAME, queue_depth)
+                .map_err(|source| OpenError::IoUringSetup { path: path.to_path_buf(), source })?;
+            Box::new(UringEngine::new(ring, pool()?))
+        }
+        #[cfg(not(feature = "io-uring"))]
+        IoEngine::Uring => unreachable!("refused by OpenOptions::validate"),
+    };
+    assert_eq!(engine.kind(), kind);
+    Ok(engine)
+}
+
 /// The message of a reply that never came: only a panicking I/O or ring thread drops one.
 const WORKER_REPLIES: &str = "an I/O thread replies to every request";
 
@@ -612,21 +605,13 @@ impl BlockDevice for OsDevice {
             return Box::pin(ready(Ok(())));
         }
         let offload = match self.kind {
-            DeviceKind::BlockDevice => Some(sys::block_device_zero_out as fn(&File, u64, u64) -> io::Result<()>),
-            DeviceKind::File if self.zero_range.load(Ordering::Relaxed) => Some(sys::file_zero_range as _),
+            DeviceKind::BlockDevice => Some(Offload::BlockDeviceZeroOut),
+            DeviceKind::File if self.zero_range.load(Ordering::Relaxed) => Some(Offload::FileZeroRange),
             DeviceKind::File => None,
         };
         let (file, rules) = (self.file.clone(), self.rules);
         let reply = self.engine.submit(move || {
-            let result = match offload.map(|offload| offload(&file, offset_bytes, len_bytes)) {
-                Some(Ok(())) => Ok(Zeroed::Offloaded),
-                Some(Err(error)) if sys::is_unsupported(&error) => {
-                    engine_sync::write_zeroes_at(&file, offset_bytes, len_bytes, rules)
-                        .map(|()| Zeroed::WrittenAfterRefusal)
-                }
-                Some(Err(error)) => Err(error),
-                None => engine_sync::write_zeroes_at(&file, offset_bytes, len_bytes, rules).map(|()| Zeroed::Written),
-            };
+            let result = zeroes::zero(&file, offset_bytes, len_bytes, offload, rules);
             drop(file);
             result
         });
@@ -771,5 +756,89 @@ mod tests {
         assert_eq!(whole_blocks_sectors(10000, 4096), 16);
         assert_eq!(whole_blocks_sectors(4095, 4096), 0);
         assert_eq!(whole_blocks_sectors(1024 + 511, 512), 2);
+    }
+
+    #[test]
+    fn the_engine_asked_for_is_the_engine_started() {
+        let path = Path::new("/nonexistent/kcopyd");
+        let engine = open_engine(path, IoEngine::Sync, 2).unwrap();
+        assert_eq!(engine.kind(), IoEngine::Sync);
+        assert!(std::ptr::eq(engine.pool(), engine.pool()), "one pool for the device's lifetime");
+        if !IoEngine::Uring.is_available() {
+            println!("SKIPPED: the io_uring half (built without the io-uring feature)");
+            return;
+        }
+        match open_engine(path, IoEngine::Uring, 2) {
+            Ok(engine) => assert_eq!(engine.kind(), IoEngine::Uring),
+            Err(OpenError::IoUringSetup { source, .. }) => println!("SKIPPED: io_uring is not available: {source}"),
+            Err(error) => panic!("{error}"),
+        }
+    }
+
+    #[test]
+    fn blocking_work_runs_on_the_pool_of_either_engine() {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        for kind in [IoEngine::Sync, IoEngine::Uring].into_iter().filter(|kind| kind.is_available()) {
+            let engine = match open_engine(Path::new("/nonexistent/kcopyd"), kind, 1) {
+                Ok(engine) => engine,
+                Err(OpenError::IoUringSetup { source, .. }) => {
+                    println!("SKIPPED: {kind:?}: io_uring is not available: {source}");
+                    continue;
+                }
+                Err(error) => panic!("{kind:?}: {error}"),
+            };
+            let receiver = engine.submit(|| std::thread::current().name().map(str::to_owned));
+            let thread_name = runtime.block_on(receiver).unwrap();
+            assert_eq!(thread_name.as_deref(), Some(THREAD_NAME), "{kind:?}");
+        }
+    }
+
+    /// Both engines bounce memory that breaks the rules, over several pieces, through the
+    /// same shared rules: a write from memory at odd addresses and a read into a window that
+    /// starts inside a page move the same bytes as plain I/O would. The file is
+    /// buffered so that any filesystem takes it; the rules alone decide the bounce.
+    #[test]
+    fn both_engines_bounce_misaligned_memory_over_several_pieces() {
+        use bytes::Bytes;
+        use kcopyd_core::PagePool;
+
+        use crate::aligned::BOUNCE_BYTES_MAX;
+
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let len_bytes = 2 * BOUNCE_BYTES_MAX + 64 * 1024;
+        let data: Vec<u8> = (0..len_bytes).map(|i| (i * 7 % 251) as u8).collect();
+        for kind in [IoEngine::Sync, IoEngine::Uring].into_iter().filter(|kind| kind.is_available()) {
+            let path = std::env::temp_dir().join(format!("kcopyd-os-bounce-{kind:?}-{}", std::process::id()));
+            let file = Arc::new(
+                std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap(),
+            );
+            std::fs::remove_file(&path).unwrap();
+            let engine = match open_engine(&path, kind, 2) {
+                Ok(engine) => engine,
+                Err(OpenError::IoUringSetup { source, .. }) => {
+                    println!("SKIPPED: {kind:?}: io_uring is not available: {source}");
+                    continue;
+                }
+                Err(error) => panic!("{kind:?}: {error}"),
+            };
+            // One byte of slack in front: the second segment starts at an odd address.
+            let mut backing = vec![0u8; 1];
+            backing.extend_from_slice(&data[4096..]);
+            let buf =
+                WriteBuf::from_segments(vec![Bytes::copy_from_slice(&data[..4096]), Bytes::from(backing).slice(1..)]);
+            let rules = MemoryRules { memory_bytes: 4096, length_bytes: 4096 };
+            let written = runtime.block_on(engine.write(file.clone(), 8192, buf, Some(rules))).unwrap();
+            assert_eq!(written.unwrap(), Transfer::Bounced, "{kind:?}");
+            // A window 512 bytes into the pages breaks 4096-byte memory alignment: the read
+            // is bounced too.
+            let pages = len_bytes / 4096 + 1;
+            let pool = PagePool::new(pages).unwrap();
+            let mut buf = ReadBuf::new(pool.try_alloc(pages).unwrap(), pages * 4096);
+            buf.set_window(512..512 + len_bytes);
+            let (buf, result) = runtime.block_on(engine.read(file.clone(), 8192, buf, Some(rules))).unwrap();
+            assert_eq!(result.unwrap(), Transfer::Bounced, "{kind:?}");
+            let read: Vec<u8> = buf.segments().flatten().copied().collect();
+            assert!(read == data, "{kind:?}: the bytes read back differ from those written");
+        }
     }
 }
