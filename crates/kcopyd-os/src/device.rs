@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use kcopyd_core::{BlockDevice, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf};
+use kcopyd_core::{
+    BlockDevice, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf, sectors_to_bytes,
+};
 use rustix::fs::OFlags;
 
 use crate::aligned::{ALIGNMENT_BYTES_MAX, MemoryRules, Transfer};
@@ -17,7 +19,7 @@ use crate::engine::{Engine, IoEngine};
 use crate::engine_sync::SyncEngine;
 #[cfg(feature = "io-uring")]
 use crate::engine_uring::{Ring, UringEngine};
-use crate::error::{OpenError, classify};
+use crate::error::{OpenError, RequestError, classify};
 use crate::pool::Pool;
 use crate::storage::Storage;
 use crate::sys;
@@ -146,13 +148,13 @@ enum Op {
     WriteZeroes,
 }
 
-impl fmt::Display for Op {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Op {
+    const fn name(self) -> &'static str {
+        match self {
             Op::Read => "read",
             Op::Write => "write",
             Op::WriteZeroes => "write-zeroes",
-        })
+        }
     }
 }
 
@@ -317,7 +319,7 @@ impl OsDevice {
     /// Worked example, 4096-byte blocks: sector 8 → byte 4096, aligned; sector 4 → byte
     /// 2048, refused; 4096 bytes at sector 8 on a 16-sector device end at byte 8192, the end:
     /// accepted; at sector 16, refused.
-    fn check(&self, op: Op, offset_sectors: u64, len_bytes: Option<u64>) -> io::Result<u64> {
+    fn check(&self, op: Op, offset_sectors: u64, len_bytes: u128) -> io::Result<u64> {
         let result = self.check_inner(op, offset_sectors, len_bytes);
         if result.is_err() {
             bump(&self.counters.refused);
@@ -325,45 +327,18 @@ impl OsDevice {
         result
     }
 
-    fn check_inner(&self, op: Op, offset_sectors: u64, len_bytes: Option<u64>) -> io::Result<u64> {
-        let name = &self.name;
+    fn check_inner(&self, op: Op, offset_sectors: u64, len_bytes: u128) -> io::Result<u64> {
+        let device = self.name.clone();
+        let operation = op.name();
         if op != Op::Read && !self.options.write {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                format!("{name}: {op} refused: the device was opened read-only"),
-            ));
+            return Err(RequestError::ReadOnly { device, operation }.into_io());
         }
-        let block_bytes = u64::from(self.geometry.logical_block_size);
-        let offset_bytes = offset_sectors.checked_mul(SECTOR_SIZE as u64);
-        let (offset_bytes, len_bytes) = match (offset_bytes, len_bytes) {
-            (Some(offset_bytes), Some(len_bytes))
-                if offset_bytes % block_bytes == 0 && len_bytes % block_bytes == 0 =>
-            {
-                (offset_bytes, len_bytes)
-            }
-            _ => {
-                let len = len_bytes.map_or_else(|| "too many".to_string(), |len_bytes| len_bytes.to_string());
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!(
-                        "{name}: {op} of {len} bytes at sector {offset_sectors} refused: \
-                         not aligned to the {block_bytes}-byte logical block"
-                    ),
-                ));
-            }
-        };
-        let device_bytes = self.geometry.len_sectors * SECTOR_SIZE as u64;
-        if offset_bytes.checked_add(len_bytes).is_none_or(|end_bytes| end_bytes > device_bytes) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "{name}: {op} of {len_bytes} bytes at sector {offset_sectors} refused: past the end of the \
-                     device ({} sectors)",
-                    self.geometry.len_sectors
-                ),
-            ));
-        }
-        Ok(offset_bytes)
+        let sectors = self
+            .geometry
+            .check_request(offset_sectors, len_bytes)
+            .map_err(|refused| RequestError::Geometry { device, operation, refused }.into_io())?;
+        // Inside the device, whose bytes a file's or block device's u64 size holds.
+        Ok(sectors.start * SECTOR_SIZE as u64)
     }
 
     /// Counts a finished read or write.
@@ -565,7 +540,7 @@ impl BlockDevice for OsDevice {
     }
 
     fn read(&self, offset_sectors: u64, buf: ReadBuf) -> IoFuture<'_, (ReadBuf, io::Result<()>)> {
-        let offset_bytes = match self.check(Op::Read, offset_sectors, Some(buf.len() as u64)) {
+        let offset_bytes = match self.check(Op::Read, offset_sectors, buf.len() as u128) {
             Ok(offset_bytes) => offset_bytes,
             Err(error) => return Box::pin(ready((buf, Err(error)))),
         };
@@ -580,7 +555,7 @@ impl BlockDevice for OsDevice {
     }
 
     fn write(&self, offset_sectors: u64, buf: WriteBuf) -> IoFuture<'_, io::Result<()>> {
-        let offset_bytes = match self.check(Op::Write, offset_sectors, Some(buf.len() as u64)) {
+        let offset_bytes = match self.check(Op::Write, offset_sectors, buf.len() as u128) {
             Ok(offset_bytes) => offset_bytes,
             Err(error) => return Box::pin(ready(Err(error))),
         };
@@ -595,12 +570,12 @@ impl BlockDevice for OsDevice {
     }
 
     fn write_zeroes(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
-        let len_bytes = len_sectors.checked_mul(SECTOR_SIZE as u64);
-        let offset_bytes = match self.check(Op::WriteZeroes, offset_sectors, len_bytes) {
+        let offset_bytes = match self.check(Op::WriteZeroes, offset_sectors, sectors_to_bytes(len_sectors)) {
             Ok(offset_bytes) => offset_bytes,
             Err(error) => return Box::pin(ready(Err(error))),
         };
-        let len_bytes = len_bytes.expect("checked");
+        // Inside the device: the product fits.
+        let len_bytes = len_sectors * SECTOR_SIZE as u64;
         if len_bytes == 0 {
             return Box::pin(ready(Ok(())));
         }
@@ -666,12 +641,12 @@ impl BlockDevice for OsDevice {
         if self.kind != DeviceKind::File || !self.punch_hole.load(Ordering::Relaxed) {
             return self.write_zeroes(offset_sectors, len_sectors);
         }
-        let len_bytes = len_sectors.checked_mul(SECTOR_SIZE as u64);
-        let offset_bytes = match self.check(Op::WriteZeroes, offset_sectors, len_bytes) {
+        let offset_bytes = match self.check(Op::WriteZeroes, offset_sectors, sectors_to_bytes(len_sectors)) {
             Ok(offset_bytes) => offset_bytes,
             Err(error) => return Box::pin(ready(Err(error))),
         };
-        let len_bytes = len_bytes.expect("checked");
+        // Inside the device: the product fits.
+        let len_bytes = len_sectors * SECTOR_SIZE as u64;
         if len_bytes == 0 {
             return Box::pin(ready(Ok(())));
         }
@@ -840,5 +815,61 @@ mod tests {
             let read: Vec<u8> = buf.segments().flatten().copied().collect();
             assert!(read == data, "{kind:?}: the bytes read back differ from those written");
         }
+    }
+
+    /// Refusals are typed: read-only, misaligned and out-of-range requests carry a
+    /// [`RequestError`] naming the device, the operation and the geometry's rule, with the
+    /// errno kind of the shared mapping; nothing is written.
+    #[test]
+    fn refused_requests_carry_a_typed_error_and_write_nothing() {
+        use kcopyd_core::RequestRefused;
+
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let path = std::env::temp_dir().join(format!("kcopyd-os-refusals-{}", std::process::id()));
+        let writable = OpenOptions { write: true, buffered: true, create_len: Some(8192), ..OpenOptions::default() };
+        let target = OsDevice::open(&path, &writable).unwrap();
+        let source = OsDevice::open(&path, &OpenOptions { buffered: true, ..OpenOptions::default() }).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let name = path.display().to_string();
+
+        let error = runtime.block_on(source.write(0, WriteBuf::zeroes(512))).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::PermissionDenied, "{error}");
+        let expected = RequestError::ReadOnly { device: name.clone(), operation: "write" };
+        assert_eq!(RequestError::of(&error), Some(&expected));
+
+        let error = runtime.block_on(target.write(16, WriteBuf::zeroes(512))).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidInput, "{error}");
+        let refused = RequestRefused::OutOfRange { offset_sectors: 16, len_bytes: 512, device_sectors: 16 };
+        let expected = RequestError::Geometry { device: name.clone(), operation: "write", refused };
+        assert_eq!(RequestError::of(&error), Some(&expected));
+        assert_eq!(
+            error.to_string(),
+            format!("{name}: write of sectors 16..17 refused: past the end of the device (16 sectors)")
+        );
+
+        let error = runtime.block_on(target.write_zeroes(15, u64::MAX)).unwrap_err();
+        assert!(
+            matches!(
+                RequestError::of(&error),
+                Some(RequestError::Geometry {
+                    refused: RequestRefused::OutOfRange { .. },
+                    operation: "write-zeroes",
+                    ..
+                })
+            ),
+            "{error}"
+        );
+        let (_, result) = runtime.block_on(target.read(0, ReadBuf::with_capacity(100)));
+        let error = result.unwrap_err();
+        assert!(
+            matches!(
+                RequestError::of(&error),
+                Some(RequestError::Geometry { refused: RequestRefused::Misaligned { block_bytes: 512, .. }, .. })
+            ),
+            "{error}"
+        );
+        assert_eq!(target.stats().refused, 3);
+        assert_eq!(source.stats().refused, 1);
+        assert_eq!(target.stats().writes, 0, "nothing was written");
     }
 }

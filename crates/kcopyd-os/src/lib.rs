@@ -43,6 +43,6 @@ mod zeroes;
 pub use aligned::{ALIGNMENT_BYTES_MAX, BOUNCE_BYTES_MAX, IOVECS_PER_CALL_MAX};
 pub use device::{DeviceKind, OpenOptions, OsDevice, OsIoStats, QUEUE_DEPTH_DEFAULT, QUEUE_DEPTH_MAX};
 pub use engine::IoEngine;
-pub use error::OpenError;
+pub use error::{OpenError, RequestError};
 pub use storage::{Mounted, Storage, StorageId, mounted_read_write};
 pub use zeroes::ZEROES_BYTES_PER_WRITE_MAX;
