@@ -118,14 +118,41 @@ impl fmt::Debug for Flags {
 /// assert_eq!(RangeSet::from_range(0..32).difference(&set).ranges(), &[16..20, 24..32]);
 /// ```
 #[derive(Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "RangeList")]
 pub struct RangeSet {
+    /// Sorted, disjoint, non-touching and non-empty ([`RangeSet::is_well_formed`]), after
+    /// every mutation.
     ranges: Vec<Range<u64>>,
+}
+
+/// A [`RangeSet`] as stored, before its ranges are checked: a saved set is read back through
+/// [`RangeSet::insert`], so that an edited or foreign file cannot make an unsorted set.
+#[derive(Deserialize)]
+struct RangeList {
+    ranges: Vec<Range<u64>>,
+}
+
+impl From<RangeList> for RangeSet {
+    fn from(list: RangeList) -> RangeSet {
+        list.ranges.into_iter().collect()
+    }
 }
 
 impl RangeSet {
     /// The empty set.
     pub const fn new() -> RangeSet {
         RangeSet { ranges: Vec::new() }
+    }
+
+    /// Whether `ranges` keeps the set's invariant: each range non-empty, each ending before
+    /// the next one starts (sorted, disjoint, and not touching: touching ranges are merged).
+    fn is_well_formed(ranges: &[Range<u64>]) -> bool {
+        ranges.iter().all(|r| r.start < r.end) && ranges.windows(2).all(|w| w[0].end < w[1].start)
+    }
+
+    /// Checks the invariant after a mutation (debug builds: every insert would pay a scan).
+    fn debug_assert_well_formed(&self) {
+        debug_assert!(RangeSet::is_well_formed(&self.ranges), "a RangeSet lost its order: {self:?}");
     }
 
     /// The set holding one range.
@@ -173,11 +200,12 @@ impl RangeSet {
         let hi = self.ranges.partition_point(|r| r.start <= range.end);
         if lo == hi {
             self.ranges.insert(lo, range);
-            return;
+        } else {
+            let start = range.start.min(self.ranges[lo].start);
+            let end = range.end.max(self.ranges[hi - 1].end);
+            self.ranges.splice(lo..hi, std::iter::once(start..end));
         }
-        let start = range.start.min(self.ranges[lo].start);
-        let end = range.end.max(self.ranges[hi - 1].end);
-        self.ranges.splice(lo..hi, std::iter::once(start..end));
+        self.debug_assert_well_formed();
     }
 
     /// Adds every range of `other`.
@@ -204,6 +232,8 @@ impl RangeSet {
                 out.ranges.push(start..range.end);
             }
         }
+        out.debug_assert_well_formed();
+        debug_assert!(out.len_sectors() <= self.len_sectors(), "{self:?} minus {other:?} grew: {out:?}");
         out
     }
 
@@ -232,7 +262,9 @@ impl RangeSet {
             .iter()
             .map(|r| shift(r).ok_or(ShiftError { range: r.clone(), from, to }))
             .collect::<Result<_, _>>()?;
-        Ok(RangeSet { ranges })
+        let shifted = RangeSet { ranges };
+        shifted.debug_assert_well_formed();
+        Ok(shifted)
     }
 }
 
@@ -298,5 +330,66 @@ mod tests {
             }
             assert!(set.ranges().windows(2).all(|w| w[0].end < w[1].start), "{set:?}");
         }
+    }
+
+    /// The check itself: a set whose ranges touch, overlap, are out of order or empty is
+    /// refused, and the debug assertion after a mutation trips on it.
+    #[test]
+    fn a_broken_set_is_caught_by_the_invariant_check() {
+        assert!(RangeSet::is_well_formed(&[0..2, 3..5]));
+        // Touching, overlapping, out of order, then an empty and a reversed range after a good one.
+        let broken: [&[Range<u64>]; 5] =
+            [&[0..2, 2..5], &[0..4, 3..5], &[3..5, 0..2], &[0..1, 4..4], &[0..1, Range { start: 5, end: 3 }]];
+        for ranges in broken {
+            assert!(!RangeSet::is_well_formed(ranges), "{ranges:?}");
+        }
+        if cfg!(debug_assertions) {
+            let broken = RangeSet { ranges: vec![0..2, 2..5] };
+            let tripped = std::panic::catch_unwind(|| broken.debug_assert_well_formed());
+            assert!(tripped.is_err(), "the debug assertion trips on a broken set");
+        } else {
+            println!("SKIPPED: the assertion half (a release build has no debug assertions)");
+        }
+    }
+
+    /// Inserts and differences of random sets keep the invariant (asserted inside each) and
+    /// agree with a bitmap.
+    #[test]
+    fn difference_agrees_with_a_flat_model_and_stays_well_formed() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut draw = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..300 {
+            let mut sets = [RangeSet::new(), RangeSet::new()];
+            let mut models = [[false; 128]; 2];
+            for (set, model) in sets.iter_mut().zip(&mut models) {
+                for _ in 0..draw() % 8 {
+                    let start = draw() % 120;
+                    let len = draw() % 9;
+                    set.insert(start..start + len);
+                    model[start as usize..(start + len) as usize].fill(true);
+                }
+            }
+            let difference = sets[0].difference(&sets[1]);
+            assert!(RangeSet::is_well_formed(difference.ranges()), "{difference:?}");
+            for (sector, (&in_first, &in_second)) in models[0].iter().zip(&models[1]).enumerate() {
+                let expected = in_first && !in_second;
+                assert_eq!(difference.contains(sector as u64), expected, "{sets:?}: sector {sector}");
+            }
+        }
+    }
+
+    /// A saved set read back is normalised through `insert`: a file listing ranges out of
+    /// order, overlapping or touching still gives a well-formed set; a saved set round-trips.
+    #[test]
+    fn a_deserialized_set_is_well_formed() {
+        let set: RangeSet = serde_json::from_str(r#"{"ranges":[{"start":20,"end":30},{"start":0,"end":10},{"start":10,"end":12},{"start":25,"end":40},{"start":50,"end":50}]}"#).unwrap();
+        assert_eq!(set.ranges(), &[0..12, 20..40]);
+        let again: RangeSet = serde_json::from_str(&serde_json::to_string(&set).unwrap()).unwrap();
+        assert_eq!(again, set);
     }
 }
