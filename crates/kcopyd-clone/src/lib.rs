@@ -45,6 +45,7 @@
 //! .unwrap();
 //! ```
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 // A library does not print.
 #![cfg_attr(not(test), deny(clippy::print_stderr, clippy::print_stdout))]
 

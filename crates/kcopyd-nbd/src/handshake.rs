@@ -41,7 +41,7 @@ pub(crate) struct ExportInfo {
 
 impl ExportInfo {
     /// Whether a transmission flag is set.
-    pub fn has(&self, flag: u16) -> bool {
+    pub(crate) fn has(&self, flag: u16) -> bool {
         self.transmission_flags & flag != 0
     }
 }

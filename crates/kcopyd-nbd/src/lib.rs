@@ -31,6 +31,9 @@
 //! println!("{} sectors", source.geometry().len_sectors);
 //! ```
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
+// Library code reports through its return values, never by printing.
+#![cfg_attr(not(test), deny(clippy::print_stderr, clippy::print_stdout))]
 
 mod connection;
 mod device;

@@ -27,6 +27,8 @@
 //! A filesystem that refuses O_DIRECT gets [`OpenError::DirectIoUnsupported`], which points to
 //! the buffered mode ([`OpenOptions::buffered`]).
 #![warn(missing_docs)]
+// Library code reports through its return values, never by printing.
+#![cfg_attr(not(test), deny(clippy::print_stderr, clippy::print_stdout))]
 
 mod aligned;
 mod device;
