@@ -65,7 +65,7 @@ pub use config::{
     REGION_SIZE_MIN, check_region_size,
 };
 pub use device::{CloneDevice, CloneDevices};
-pub use error::{CloneError, HydrationError};
+pub use error::{CloneError, HydrationError, RequestError};
 pub use hydration::HydrationEnd;
 pub use metadata::{BLOCK_MIN_BYTES, HEADER_BYTES, MAGIC, VERSION, crc32c};
 pub use status::{CloneStats, CloneStatus};
