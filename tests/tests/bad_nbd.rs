@@ -266,3 +266,37 @@ fn hole_chunks_zero_exactly_their_bytes() {
     result.unwrap();
     assert!(buf.to_vec() == data[..16384], "holes zeroed, data placed, nothing of the old buffer left");
 }
+
+/// Requests refused before anything is sent name the rule they break, typed: the geometry's
+/// (misaligned, past the end: `InvalidInput`, EINVAL, as on every backend), a read-only export
+/// (`PermissionDenied`), a byte request past the export.
+#[test]
+fn refusals_name_the_rule_broken_and_send_nothing() {
+    use kcopyd_core::{RequestRefused, WriteBuf};
+    use kcopyd_nbd::Refusal;
+
+    let server = BadServer::start("refusals", Misbehaviour::WellBehaved, pattern(7, DATA_BYTES));
+    let device = NbdDevice::connect(&server.uri(), &options()).unwrap();
+    let sectors = (DATA_BYTES / 512) as u64;
+    let problem = |error: &io::Error| match request_error(error) {
+        Some(RequestError::Refused { problem, .. }) => problem.clone(),
+        _ => panic!("not a refusal: {error}"),
+    };
+    let past = block_on(device.write(sectors, WriteBuf::zeroes(512))).unwrap_err();
+    assert_eq!(past.kind(), io::ErrorKind::InvalidInput, "{past}");
+    let out = RequestRefused::OutOfRange { offset_sectors: sectors, len_bytes: 512, device_sectors: sectors };
+    assert_eq!(problem(&past), Refusal::Geometry(out));
+    let everything = block_on(device.write_zeroes(1, u64::MAX)).unwrap_err();
+    assert!(matches!(problem(&everything), Refusal::Geometry(RequestRefused::OutOfRange { .. })), "{everything}");
+    let (_, odd) = block_on(device.read(0, ReadBuf::with_capacity(100)));
+    let odd = odd.unwrap_err();
+    assert!(matches!(problem(&odd), Refusal::Geometry(RequestRefused::Misaligned { .. })), "{odd}");
+    let bytes_past = block_on(device.read_bytes(DATA_BYTES as u64, 1)).unwrap_err();
+    assert!(matches!(problem(&bytes_past), Refusal::PastTheExport { .. }), "{bytes_past}");
+
+    let reader = NbdDevice::connect(&server.uri(), &ConnectOptions { write: false, ..options() }).unwrap();
+    let read_only = block_on(reader.write(0, WriteBuf::zeroes(512))).unwrap_err();
+    assert_eq!(read_only.kind(), io::ErrorKind::PermissionDenied, "{read_only}");
+    assert_eq!(problem(&read_only), Refusal::ReadOnly);
+    assert_eq!(server.data(), pattern(7, DATA_BYTES), "nothing was written");
+}

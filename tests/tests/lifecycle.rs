@@ -452,3 +452,36 @@ fn prepared_callbacks_run_on_the_callers_system_and_survive_its_drop() {
     drop(ran);
     assert_eq!(within_hang("shutdown", move || client.shutdown_blocking()).jobs_completed, 0);
 }
+
+/// Job ids are unique and dense however many threads submit at once (the client asserts it
+/// where it registers each job, and where its actor starts it).
+#[test]
+fn job_ids_are_unique_when_many_threads_submit_at_once() {
+    const THREADS: u64 = 4;
+    const JOBS_PER_THREAD: u64 = 25;
+    let client = Client::new(ClientConfig::default()).unwrap();
+    let target = zeroed("target", THREADS * JOBS_PER_THREAD * 8, 512);
+    let barrier = Arc::new(Barrier::new(THREADS as usize));
+    let threads: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (client, target, barrier) = (client.clone(), target.clone(), barrier.clone());
+            thread::spawn(move || {
+                barrier.wait();
+                (0..JOBS_PER_THREAD)
+                    .map(|j| {
+                        let at = (t * JOBS_PER_THREAD + j) * 8;
+                        client.submit_blocking(Job::zero(vec![region(&target, at, 8)], Flags::empty())).unwrap()
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let handles: Vec<_> = threads.into_iter().flat_map(|thread| thread.join().unwrap()).collect();
+    let mut ids: Vec<u64> = handles.iter().map(|handle| handle.id()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..THREADS * JOBS_PER_THREAD).collect::<Vec<_>>(), "every id once, none skipped");
+    for handle in handles {
+        assert!(handle.wait().is_ok());
+    }
+    client.shutdown_blocking();
+}

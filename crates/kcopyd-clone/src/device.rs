@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use kcopyd_core::{
     BlockDevice, Client, Device, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf,
+    sectors_to_bytes,
 };
 use tokio::sync::Notify;
 
@@ -345,13 +346,11 @@ impl BlockDevice for CloneDevice {
     }
 
     fn write(&self, offset_sectors: u64, buf: WriteBuf) -> IoFuture<'_, io::Result<()>> {
-        let len_sectors = (buf.len() / SECTOR_SIZE) as u64;
-        let misaligned = buf.len() % SECTOR_SIZE != 0;
-        Box::pin(self.inner.clone().modify(offset_sectors, len_sectors, misaligned, Modify::Data(buf)))
+        Box::pin(self.inner.clone().modify(offset_sectors, buf.len() as u128, Modify::Data(buf)))
     }
 
     fn write_zeroes(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
-        Box::pin(self.inner.clone().modify(offset_sectors, len_sectors, false, Modify::Zeroes))
+        Box::pin(self.inner.clone().modify(offset_sectors, sectors_to_bytes(len_sectors), Modify::Zeroes))
     }
 
     fn flush(&self) -> IoFuture<'_, io::Result<()>> {
@@ -370,7 +369,7 @@ impl BlockDevice for CloneDevice {
     }
 
     fn deallocate(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
-        Box::pin(self.inner.clone().modify(offset_sectors, len_sectors, false, Modify::Deallocate))
+        Box::pin(self.inner.clone().modify(offset_sectors, sectors_to_bytes(len_sectors), Modify::Deallocate))
     }
 }
 

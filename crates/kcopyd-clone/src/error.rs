@@ -4,6 +4,7 @@
 
 use std::io;
 
+use kcopyd_core::RequestRefused;
 use thiserror::Error;
 
 /// Why a clone could not be created or opened, or an option was refused. Nothing was written
@@ -178,4 +179,22 @@ impl HydrationError {
     pub fn of(error: &io::Error) -> Option<&HydrationError> {
         error.get_ref().and_then(|inner| inner.downcast_ref())
     }
+}
+
+/// Why a [`CloneDevice`](crate::CloneDevice) refused a request before any I/O, inside the
+/// `io::Error` it returns (`error.get_ref()` downcasts to it); the error's kind is the
+/// refusal's (`InvalidInput`, EINVAL).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// The request breaks the clone's geometry: misaligned or past the end.
+    #[error("{device}: {operation} of sectors {:?} refused: {refused}", .refused.sectors())]
+    Geometry {
+        /// The clone's name.
+        device: String,
+        /// The operation refused.
+        operation: &'static str,
+        /// The rule broken, with the request and the clone's block size or length.
+        refused: RequestRefused,
+    },
 }

@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 use kcopyd_core::{RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf};
 
 use crate::device::Inner;
-use crate::error::HydrationError;
+use crate::error::{HydrationError, RequestError};
 use crate::regions::Claim;
 use crate::status::Counters;
 
@@ -69,35 +69,24 @@ impl Drop for Overwrite<'_> {
 }
 
 impl Inner {
-    /// Refuses a request that is misaligned or leaves the device, as a disk would.
-    fn check(&self, operation: &str, offset_sectors: u64, len_sectors: u64, misaligned: bool) -> io::Result<()> {
-        let block_sectors = self.geometry.block_sectors();
-        let end = offset_sectors.checked_add(len_sectors);
-        if misaligned || offset_sectors % block_sectors != 0 || len_sectors % block_sectors != 0 {
-            let message = format!(
-                "{}: {operation} at sector {offset_sectors} of {len_sectors} sectors refused: not aligned to the {}-byte logical block",
-                self.name, self.geometry.logical_block_size
-            );
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, message));
-        }
-        if end.is_none_or(|end| end > self.geometry.len_sectors) {
-            let message = format!(
-                "{}: {operation} of sectors {offset_sectors}..+{len_sectors} refused: past the end of the device ({} sectors)",
-                self.name, self.geometry.len_sectors
-            );
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, message));
-        }
-        Ok(())
+    /// Refuses a request that is misaligned or leaves the device, by the rules every device
+    /// shares ([`Geometry::check_request`](kcopyd_core::Geometry::check_request)); returns its
+    /// sectors.
+    fn check(&self, operation: &'static str, offset_sectors: u64, len_bytes: u128) -> io::Result<Range<u64>> {
+        self.geometry.check_request(offset_sectors, len_bytes).map_err(|refused| {
+            let error = RequestError::Geometry { device: self.name.clone(), operation, refused };
+            io::Error::new(refused.io_kind(), error)
+        })
     }
 
     /// A read: hydrated runs from the destination, the others from the source.
     pub(crate) async fn read(self: Arc<Self>, offset_sectors: u64, mut buf: ReadBuf) -> (ReadBuf, io::Result<()>) {
         let _foreground = Foreground::new(&self);
         Counters::add(&self.counters.reads, 1);
-        let len_sectors = (buf.len() / SECTOR_SIZE) as u64;
-        if let Err(error) = self.check("read", offset_sectors, len_sectors, buf.len() % SECTOR_SIZE != 0) {
-            return (buf, Err(error));
-        }
+        let len_sectors = match self.check("read", offset_sectors, buf.len() as u128) {
+            Ok(sectors) => sectors.end - sectors.start,
+            Err(error) => return (buf, Err(error)),
+        };
         if len_sectors == 0 {
             return (buf, Ok(()));
         }
@@ -136,13 +125,7 @@ impl Inner {
     }
 
     /// A write, write-zeroes or deallocate of `len_sectors` at `offset_sectors`.
-    pub(crate) async fn modify(
-        self: Arc<Self>,
-        offset_sectors: u64,
-        len_sectors: u64,
-        misaligned: bool,
-        what: Modify,
-    ) -> io::Result<()> {
+    pub(crate) async fn modify(self: Arc<Self>, offset_sectors: u64, len_bytes: u128, what: Modify) -> io::Result<()> {
         let _foreground = Foreground::new(&self);
         Counters::add(&self.counters.writes, 1);
         let operation = match what {
@@ -150,11 +133,11 @@ impl Inner {
             Modify::Zeroes => "write-zeroes",
             Modify::Deallocate => "deallocate",
         };
-        self.check(operation, offset_sectors, len_sectors, misaligned)?;
+        let sectors = self.check(operation, offset_sectors, len_bytes)?;
+        let len_sectors = sectors.end - sectors.start;
         if len_sectors == 0 {
             return Ok(());
         }
-        let sectors = offset_sectors..offset_sectors + len_sectors;
         let mut overwrite = self.prepare(&sectors).await?;
         let destination = &self.destination;
         let result = match what {
@@ -231,7 +214,7 @@ impl Inner {
     /// others, what the source or the destination says (a region may hydrate, or be written,
     /// while the two are asked: the union over-reports, never under-reports).
     pub(crate) async fn allocated(self: Arc<Self>, offset_sectors: u64, len_sectors: u64) -> io::Result<RangeSet> {
-        self.check("allocation query", offset_sectors, len_sectors, false)?;
+        self.check("allocation query", offset_sectors, kcopyd_core::sectors_to_bytes(len_sectors))?;
         let sectors = offset_sectors..offset_sectors + len_sectors;
         if len_sectors == 0 {
             return Ok(RangeSet::new());

@@ -45,6 +45,7 @@
 //! .unwrap();
 //! ```
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 // A library does not print.
 #![cfg_attr(not(test), deny(clippy::print_stderr, clippy::print_stdout))]
 
@@ -64,7 +65,7 @@ pub use config::{
     REGION_SIZE_MIN, check_region_size,
 };
 pub use device::{CloneDevice, CloneDevices};
-pub use error::{CloneError, HydrationError};
+pub use error::{CloneError, HydrationError, RequestError};
 pub use hydration::HydrationEnd;
 pub use metadata::{BLOCK_MIN_BYTES, HEADER_BYTES, MAGIC, VERSION, crc32c, metadata_bytes_needed};
 pub use status::{CloneStats, CloneStatus};

@@ -127,19 +127,19 @@ pub(crate) struct Header {
 
 /// Field offsets in the header (little endian).
 mod at {
-    pub const MAGIC: usize = 0;
-    pub const VERSION: usize = 8;
-    pub const BLOCK_BYTES: usize = 12;
-    pub const SEQ: usize = 16;
-    pub const REGION_SECTORS: usize = 24;
-    pub const REGION_COUNT: usize = 32;
-    pub const SOURCE_SECTORS: usize = 40;
-    pub const DESTINATION_SECTORS: usize = 48;
-    pub const HYDRATED_REGIONS: usize = 56;
-    pub const SLOT: usize = 64;
-    pub const BITMAP_CRC: usize = 68;
-    pub const RESERVED: usize = 72; // 12 bytes of zeroes
-    pub const HEADER_CRC: usize = 84;
+    pub(super) const MAGIC: usize = 0;
+    pub(super) const VERSION: usize = 8;
+    pub(super) const BLOCK_BYTES: usize = 12;
+    pub(super) const SEQ: usize = 16;
+    pub(super) const REGION_SECTORS: usize = 24;
+    pub(super) const REGION_COUNT: usize = 32;
+    pub(super) const SOURCE_SECTORS: usize = 40;
+    pub(super) const DESTINATION_SECTORS: usize = 48;
+    pub(super) const HYDRATED_REGIONS: usize = 56;
+    pub(super) const SLOT: usize = 64;
+    pub(super) const BITMAP_CRC: usize = 68;
+    pub(super) const RESERVED: usize = 72; // 12 bytes of zeroes
+    pub(super) const HEADER_CRC: usize = 84;
 }
 const _: () = assert!(at::HEADER_CRC + 4 == HEADER_BYTES && at::RESERVED + 12 == at::HEADER_CRC);
 

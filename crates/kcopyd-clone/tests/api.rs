@@ -303,6 +303,37 @@ fn an_empty_source_makes_a_complete_clone_and_requests_past_the_end_are_refused(
     });
 }
 
+/// A refused request carries the typed refusal every device shares: the operation, the rule,
+/// the request and the clone's size or block, as `InvalidInput`; nothing reaches the disks.
+#[test]
+fn refused_requests_carry_the_shared_typed_refusal() {
+    use kcopyd_clone::RequestError;
+    use kcopyd_core::RequestRefused;
+
+    Simulation::block_on(async {
+        let disks = Disks::new(64);
+        let clone = CloneDevice::create(disks.devices(), 4096, client(), CloneOptions::default()).await.unwrap();
+        let device_sectors = clone.geometry().len_sectors;
+        let refusal = |error: &std::io::Error| {
+            assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput, "{error}");
+            match error.get_ref().and_then(|inner| inner.downcast_ref::<RequestError>()) {
+                Some(RequestError::Geometry { operation, refused, .. }) => (*operation, *refused),
+                _ => panic!("not a typed refusal: {error}"),
+            }
+        };
+        let past = clone.write(device_sectors, WriteBuf::zeroes(4096)).await.unwrap_err();
+        let out = RequestRefused::OutOfRange { offset_sectors: device_sectors, len_bytes: 4096, device_sectors };
+        assert_eq!(refusal(&past), ("write", out));
+        let everything = clone.write_zeroes(8, u64::MAX).await.unwrap_err();
+        assert!(matches!(refusal(&everything), ("write-zeroes", RequestRefused::OutOfRange { .. })), "{everything}");
+        let odd = clone.write(0, WriteBuf::from_bytes(Bytes::from(vec![1u8; 100]))).await.unwrap_err();
+        assert!(matches!(refusal(&odd), ("write", RequestRefused::Misaligned { block_bytes: 512, .. })), "{odd}");
+        let (_, short) = clone.read(0, ReadBuf::with_capacity(100)).await;
+        assert!(matches!(refusal(&short.unwrap_err()), ("read", RequestRefused::Misaligned { len_bytes: 100, .. })));
+        assert_eq!(disks.destination.stats().writes + disks.destination.stats().write_zeroes, 0);
+    });
+}
+
 #[test]
 fn the_background_future_can_be_spawned_on_a_multi_threaded_runtime() {
     fn assert_send<T: Send + 'static>(_: T) {}

@@ -205,7 +205,8 @@ impl Handler<Submit> for ClientActor {
         let run =
             JobRun::new(pending.spec.clone(), self.shared.pool.clone(), self.shared.io.clone(), pending.shared.clone());
         JobActor { id, run: run.clone(), client: ctx.address() }.start();
-        self.running.insert(id, (pending, run));
+        let previous = self.running.insert(id, (pending, run));
+        assert!(previous.is_none(), "job id {id} started twice");
     }
 }
 

@@ -257,7 +257,8 @@ impl Client {
         let shared = Arc::new(JobShared::new(id, spec.len_sectors));
         let handle = JobHandle::new(shared.clone());
         client.io.stats.job_submitted();
-        client.running().insert(id, Registered { spec: spec.clone(), shared: shared.clone() });
+        let previous = client.running().insert(id, Registered { spec: spec.clone(), shared: shared.clone() });
+        assert!(previous.is_none(), "job id {id} was given twice");
         let pending = Pending { spec, shared, callback, client: client.clone(), permit };
         // A closed mailbox (the actor is gone) drops the message, and dropping it completes
         // the job.

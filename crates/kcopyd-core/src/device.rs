@@ -3,12 +3,13 @@
 use std::fmt;
 use std::future::Future;
 use std::io;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::{RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf};
+use crate::{RangeSet, ReadBuf, RequestRefused, SECTOR_SIZE, WriteBuf, sectors_to_bytes};
 
 /// The future a [`BlockDevice`] operation returns.
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -106,6 +107,52 @@ impl Geometry {
     pub fn block_sectors(&self) -> u64 {
         u64::from(self.logical_block_size) / SECTOR_SIZE as u64
     }
+
+    /// Checks a request of `len_bytes` from `offset_sectors` against the device's rules, the
+    /// same for every backend: whole logical blocks (checked first), and inside the device.
+    /// Returns the sectors it covers. Bytes are counted in `u128`: a write-zeroes may cover
+    /// up to `u64::MAX` sectors, and no sum overflows.
+    ///
+    /// Worked example, 4096-byte blocks on a 16-sector device: 4096 bytes at sector 8 end at
+    /// sector 16, the end: accepted (`8..16`); at sector 4 (byte 2048): misaligned; at
+    /// sector 16: out of range.
+    ///
+    /// ```
+    /// # use kcopyd_core::{Geometry, RequestRefused};
+    /// let geometry = Geometry::new(16, 4096);
+    /// assert_eq!(geometry.check_request(8, 4096), Ok(8..16));
+    /// assert!(matches!(geometry.check_request(4, 4096), Err(RequestRefused::Misaligned { .. })));
+    /// assert!(matches!(geometry.check_request(16, 4096), Err(RequestRefused::OutOfRange { .. })));
+    /// // The edge of the address space: aligned, but past the end, and no overflow.
+    /// assert!(matches!(geometry.check_request(u64::MAX - 7, 4096), Err(RequestRefused::OutOfRange { .. })));
+    /// assert_eq!(geometry.check_request(16, 0), Ok(16..16), "an empty request at the end is inside");
+    /// ```
+    ///
+    /// # Errors
+    /// [`RequestRefused::Misaligned`] or [`RequestRefused::OutOfRange`], naming the request
+    /// and the device's block size or length.
+    pub fn check_request(&self, offset_sectors: u64, len_bytes: u128) -> Result<Range<u64>, RequestRefused> {
+        let block_bytes = u128::from(self.logical_block_size);
+        if sectors_to_bytes(offset_sectors) % block_bytes != 0 || len_bytes % block_bytes != 0 {
+            return Err(RequestRefused::Misaligned { offset_sectors, len_bytes, block_bytes: self.logical_block_size });
+        }
+        let end_sectors = u128::from(offset_sectors) + len_bytes / SECTOR_SIZE as u128;
+        if end_sectors > u128::from(self.len_sectors) {
+            return Err(RequestRefused::OutOfRange { offset_sectors, len_bytes, device_sectors: self.len_sectors });
+        }
+        let end_sectors = u64::try_from(end_sectors).expect("inside the device");
+        debug_assert!(offset_sectors <= end_sectors && end_sectors <= self.len_sectors);
+        Ok(offset_sectors..end_sectors)
+    }
+
+    /// [`Geometry::check_request`] for a request counted in sectors (write-zeroes,
+    /// deallocate).
+    ///
+    /// # Errors
+    /// As [`Geometry::check_request`].
+    pub fn check_request_sectors(&self, offset_sectors: u64, len_sectors: u64) -> Result<Range<u64>, RequestRefused> {
+        self.check_request(offset_sectors, sectors_to_bytes(len_sectors))
+    }
 }
 
 /// Identity of the storage behind a device, to tell whether two regions can overlap.
@@ -191,4 +238,49 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
 pub fn all_allocated(offset_sectors: u64, len_sectors: u64) -> IoFuture<'static, io::Result<RangeSet>> {
     let end = offset_sectors.saturating_add(len_sectors);
     Box::pin(std::future::ready(Ok(RangeSet::from_range(offset_sectors..end))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_inside_whole_blocks_are_accepted_up_to_the_last_sector() {
+        let geometry = Geometry::new(64, 4096);
+        assert_eq!(geometry.check_request(0, 64 * 512), Ok(0..64), "the whole device");
+        assert_eq!(geometry.check_request(56, 4096), Ok(56..64), "the last block");
+        assert_eq!(geometry.check_request(64, 0), Ok(64..64), "empty, at the end");
+        assert_eq!(geometry.check_request_sectors(8, 16), Ok(8..24));
+    }
+
+    #[test]
+    fn misalignment_is_found_before_the_range_and_names_the_block() {
+        let geometry = Geometry::new(64, 4096);
+        let misaligned =
+            |offset_sectors, len_bytes| RequestRefused::Misaligned { offset_sectors, len_bytes, block_bytes: 4096 };
+        assert_eq!(geometry.check_request(4, 4096), Err(misaligned(4, 4096)));
+        assert_eq!(geometry.check_request(0, 512), Err(misaligned(0, 512)));
+        // Misaligned and past the end: misaligned (the kernel checks alignment first).
+        assert_eq!(geometry.check_request(100, 100), Err(misaligned(100, 100)));
+        assert_eq!(misaligned(100, 100).sectors(), 100..101, "a partial sector rounds up");
+    }
+
+    #[test]
+    fn past_the_end_straddling_it_or_overflowing_is_out_of_range() {
+        let geometry = Geometry::new(64, 512);
+        let out =
+            |offset_sectors, len_bytes| RequestRefused::OutOfRange { offset_sectors, len_bytes, device_sectors: 64 };
+        assert_eq!(geometry.check_request(64, 512), Err(out(64, 512)), "one past the end");
+        assert_eq!(geometry.check_request(63, 1024), Err(out(63, 1024)), "straddling the end");
+        assert_eq!(geometry.check_request(u64::MAX, 512), Err(out(u64::MAX, 512)), "the sum overflows u64");
+        let everything = sectors_to_bytes(u64::MAX);
+        assert_eq!(geometry.check_request_sectors(0, u64::MAX), Err(out(0, everything)));
+        assert_eq!(out(u64::MAX, 512).sectors(), u64::MAX..u64::MAX, "saturates");
+        assert_eq!(out(1, 512).errno(), RequestRefused::ERRNO);
+        assert_eq!(out(1, 512).io_kind(), io::ErrorKind::InvalidInput);
+        // A device of u64::MAX sectors: its last sector is reachable, one more is not.
+        let huge = Geometry::new(u64::MAX, 512);
+        assert_eq!(huge.check_request(u64::MAX - 1, 512), Ok(u64::MAX - 1..u64::MAX));
+        assert!(huge.check_request(u64::MAX, 512).is_err());
+    }
 }

@@ -224,3 +224,69 @@ pub struct ShiftError {
     /// Where it was to land.
     pub to: u64,
 }
+
+/// Why a device refuses a request by its [`Geometry`](crate::Geometry) alone, before any I/O
+/// ([`Geometry::check_request`](crate::Geometry::check_request)). The same rules for every
+/// backend; each wraps it with its own name and the operation.
+///
+/// The message names the rule broken, not the request: the backend's error around it names the
+/// device, the operation and the sectors. [`RequestRefused::errno`] is EINVAL for both
+/// variants: what `pread`/`pwrite` give for a misaligned O_DIRECT request and what an NBD
+/// server gives for a request past the export's end. (The simulator's disks keep EIO for a
+/// request past the end, as the kernel's block layer fails such a bio.)
+///
+/// ```
+/// # use kcopyd_core::{Geometry, RequestRefused};
+/// let geometry = Geometry::new(64, 512);
+/// let refused = geometry.check_request(60, 4096).unwrap_err();
+/// assert_eq!(refused, RequestRefused::OutOfRange { offset_sectors: 60, len_bytes: 4096, device_sectors: 64 });
+/// assert_eq!(refused.to_string(), "past the end of the device (64 sectors)");
+/// assert_eq!(refused.sectors(), 60..68);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum RequestRefused {
+    /// The offset or the length is not a whole number of logical blocks.
+    #[error("not aligned to the {block_bytes}-byte logical block")]
+    Misaligned {
+        /// First sector asked for.
+        offset_sectors: u64,
+        /// Bytes asked for.
+        len_bytes: u128,
+        /// The device's logical block size.
+        block_bytes: u32,
+    },
+    /// The request ends past the device's last sector (or past sector 2⁶⁴).
+    #[error("past the end of the device ({device_sectors} sectors)")]
+    OutOfRange {
+        /// First sector asked for.
+        offset_sectors: u64,
+        /// Bytes asked for.
+        len_bytes: u128,
+        /// The device's length in sectors.
+        device_sectors: u64,
+    },
+}
+
+impl RequestRefused {
+    /// EINVAL, the errno of every refusal (see the type's documentation).
+    pub const ERRNO: i32 = 22;
+
+    /// The sectors asked for, a partial last sector rounded up, saturating at `u64::MAX`.
+    pub fn sectors(&self) -> Range<u64> {
+        let (RequestRefused::Misaligned { offset_sectors, len_bytes, .. }
+        | RequestRefused::OutOfRange { offset_sectors, len_bytes, .. }) = *self;
+        let len_sectors = u64::try_from(len_bytes.div_ceil(crate::SECTOR_SIZE as u128)).unwrap_or(u64::MAX);
+        offset_sectors..offset_sectors.saturating_add(len_sectors)
+    }
+
+    /// The errno of the refusal: [`RequestRefused::ERRNO`].
+    pub fn errno(&self) -> i32 {
+        Self::ERRNO
+    }
+
+    /// The `io::ErrorKind` of [`RequestRefused::errno`]: `InvalidInput`.
+    pub fn io_kind(&self) -> io::ErrorKind {
+        io::ErrorKind::InvalidInput
+    }
+}

@@ -79,7 +79,7 @@ pub use config::{
     SUBJOBS_IN_FLIGHT_MAX,
 };
 pub use device::{BlockDevice, Device, DeviceId, Geometry, IntoDevice, IoFuture, all_allocated};
-pub use error::{ConfigError, ShiftError, ShutdownError, SubmitError};
+pub use error::{ConfigError, RequestRefused, ShiftError, ShutdownError, SubmitError};
 pub use forward::{Forward, Hooks};
 pub use handle::{JobHandle, Progress};
 pub use job::Job;

@@ -119,6 +119,9 @@ impl fmt::Debug for Flags {
 /// ```
 #[derive(Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RangeSet {
+    /// Sorted, disjoint, non-touching and non-empty ([`RangeSet::is_well_formed`]) after every
+    /// mutation. (A set read through serde is taken as written: readers of saved sets check
+    /// it, as the tests' `Sectors::of` does.)
     ranges: Vec<Range<u64>>,
 }
 
@@ -126,6 +129,25 @@ impl RangeSet {
     /// The empty set.
     pub const fn new() -> RangeSet {
         RangeSet { ranges: Vec::new() }
+    }
+
+    /// Whether `ranges` keeps the set's invariant: each range non-empty, each ending before
+    /// the next one starts (sorted, disjoint, and not touching: touching ranges are merged).
+    fn is_well_formed(ranges: &[Range<u64>]) -> bool {
+        ranges.iter().all(|r| r.start < r.end) && ranges.windows(2).all(|w| w[0].end < w[1].start)
+    }
+
+    /// Checks the invariant of a whole set, after an operation that rebuilt it (debug builds).
+    fn debug_assert_well_formed(&self) {
+        debug_assert!(RangeSet::is_well_formed(&self.ranges), "a RangeSet lost its order: {self:?}");
+    }
+
+    /// Checks the invariant around `at`, the one range an insert added or grew, and its two
+    /// neighbours: the rest did not change, so a full scan (quadratic over many inserts) is
+    /// not needed (debug builds).
+    fn debug_assert_well_formed_at(&self, at: usize) {
+        let around = &self.ranges[at.saturating_sub(1)..(at + 2).min(self.ranges.len())];
+        debug_assert!(RangeSet::is_well_formed(around), "a RangeSet lost its order at {around:?}");
     }
 
     /// The set holding one range.
@@ -173,11 +195,12 @@ impl RangeSet {
         let hi = self.ranges.partition_point(|r| r.start <= range.end);
         if lo == hi {
             self.ranges.insert(lo, range);
-            return;
+        } else {
+            let start = range.start.min(self.ranges[lo].start);
+            let end = range.end.max(self.ranges[hi - 1].end);
+            self.ranges.splice(lo..hi, std::iter::once(start..end));
         }
-        let start = range.start.min(self.ranges[lo].start);
-        let end = range.end.max(self.ranges[hi - 1].end);
-        self.ranges.splice(lo..hi, std::iter::once(start..end));
+        self.debug_assert_well_formed_at(lo);
     }
 
     /// Adds every range of `other`.
@@ -204,6 +227,8 @@ impl RangeSet {
                 out.ranges.push(start..range.end);
             }
         }
+        out.debug_assert_well_formed();
+        debug_assert!(out.len_sectors() <= self.len_sectors(), "{self:?} minus {other:?} grew: {out:?}");
         out
     }
 
@@ -232,7 +257,9 @@ impl RangeSet {
             .iter()
             .map(|r| shift(r).ok_or(ShiftError { range: r.clone(), from, to }))
             .collect::<Result<_, _>>()?;
-        Ok(RangeSet { ranges })
+        let shifted = RangeSet { ranges };
+        shifted.debug_assert_well_formed();
+        Ok(shifted)
     }
 }
 
@@ -297,6 +324,60 @@ mod tests {
                 assert_eq!(set.contains(sector as u64), bit, "sector {sector} in {set:?}");
             }
             assert!(set.ranges().windows(2).all(|w| w[0].end < w[1].start), "{set:?}");
+        }
+    }
+
+    /// The check itself: a set whose ranges touch, overlap, are out of order or empty is
+    /// refused, and the debug assertion after a mutation trips on it.
+    #[test]
+    fn a_broken_set_is_caught_by_the_invariant_check() {
+        assert!(RangeSet::is_well_formed(&[0..2, 3..5]));
+        // Touching, overlapping, out of order, then an empty and a reversed range after a good one.
+        let broken: [&[Range<u64>]; 5] =
+            [&[0..2, 2..5], &[0..4, 3..5], &[3..5, 0..2], &[0..1, 4..4], &[0..1, Range { start: 5, end: 3 }]];
+        for ranges in broken {
+            assert!(!RangeSet::is_well_formed(ranges), "{ranges:?}");
+        }
+        if cfg!(debug_assertions) {
+            let broken = RangeSet { ranges: vec![0..2, 2..5, 9..10] };
+            let tripped = std::panic::catch_unwind(|| broken.debug_assert_well_formed());
+            assert!(tripped.is_err(), "the debug assertion trips on a broken set");
+            let tripped = std::panic::catch_unwind(|| broken.debug_assert_well_formed_at(0));
+            assert!(tripped.is_err(), "the local check sees the range after the one inserted");
+            assert!(std::panic::catch_unwind(|| broken.debug_assert_well_formed_at(2)).is_ok(), "9..10 is fine");
+        } else {
+            println!("SKIPPED: the assertion half (a release build has no debug assertions)");
+        }
+    }
+
+    /// Inserts and differences of random sets keep the invariant (asserted inside each) and
+    /// agree with a bitmap.
+    #[test]
+    fn difference_agrees_with_a_flat_model_and_stays_well_formed() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut draw = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..300 {
+            let mut sets = [RangeSet::new(), RangeSet::new()];
+            let mut models = [[false; 128]; 2];
+            for (set, model) in sets.iter_mut().zip(&mut models) {
+                for _ in 0..draw() % 8 {
+                    let start = draw() % 120;
+                    let len = draw() % 9;
+                    set.insert(start..start + len);
+                    model[start as usize..(start + len) as usize].fill(true);
+                }
+            }
+            let difference = sets[0].difference(&sets[1]);
+            assert!(RangeSet::is_well_formed(difference.ranges()), "{difference:?}");
+            for (sector, (&in_first, &in_second)) in models[0].iter().zip(&models[1]).enumerate() {
+                let expected = in_first && !in_second;
+                assert_eq!(difference.contains(sector as u64), expected, "{sets:?}: sector {sector}");
+            }
         }
     }
 }

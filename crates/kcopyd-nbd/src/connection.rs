@@ -140,7 +140,8 @@ impl Shared {
 
     /// Puts back a request whose reply goes on.
     pub(crate) fn put_back(&self, cookie: u64, pending: Pending) {
-        self.lock().inflight.insert(cookie, pending);
+        let previous = self.lock().inflight.insert(cookie, pending);
+        assert!(previous.is_none(), "cookie {cookie} was put back while in flight");
     }
 
     /// Notes the request whose reply is being read, or that none is.
@@ -324,7 +325,8 @@ async fn write_requests(mut writer: Writer, requests: &mut mpsc::UnboundedReceiv
     while let Some(first) = requests.recv().await {
         let mut next = Some(first);
         while let Some(request) = next {
-            cookie += 1;
+            // Cookie 0 is NBD_CMD_DISC's; a u64 never wraps at any request rate.
+            cookie = cookie.checked_add(1).expect("cookies never run out");
             if let Err(error) = write_request(&mut writer, &mut headers, request, cookie, shared).await {
                 shared.lose(Loss { reason: format!("sending a request: {error}"), timed_out: false });
             }
@@ -366,7 +368,8 @@ async fn write_request(
             drop(pending);
             return Ok(());
         }
-        state.inflight.insert(cookie, pending);
+        let previous = state.inflight.insert(cookie, pending);
+        assert!(previous.is_none(), "cookie {cookie} is already in flight");
     }
     headers.extend_from_slice(&request_header(0, command, cookie, offset_bytes, len_bytes));
     match payload {

@@ -9,11 +9,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use kcopyd_core::{BlockDevice, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf};
+use kcopyd_core::{
+    BlockDevice, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf, sectors_to_bytes,
+};
 use tokio::sync::oneshot;
 
 use crate::connection::{Completion, Connection, Request};
-use crate::error::{ConnectError, RequestError};
+use crate::error::{ConnectError, Refusal, RequestError};
 use crate::handshake::ExportInfo;
 use crate::proto::*;
 use crate::reactor::Reactor;
@@ -161,8 +163,7 @@ impl NbdDevice {
         if options.write && info.has(NBD_FLAG_READ_ONLY) {
             return Err(ConnectError::ReadOnly { server: uri.to_owned() });
         }
-        let (geometry, payload_bytes_max) =
-            geometry_of(&info).map_err(|problem| ConnectError::Geometry { server: uri.to_owned(), problem })?;
+        let (geometry, payload_bytes_max) = geometry_of(uri, &info)?;
         let mut connections = vec![first];
         if info.has(NBD_FLAG_CAN_MULTI_CONN) {
             for index in 1..options.connections_max {
@@ -261,12 +262,12 @@ impl NbdDevice {
     pub async fn block_status(&self, offset_sectors: u64, len_sectors: u64) -> io::Result<Vec<Extent>> {
         let len_bytes = self.check_sectors(NBD_CMD_BLOCK_STATUS, offset_sectors, len_sectors)?;
         if !self.has_block_status() {
+            let what = "base:allocation metadata context";
             return Err(self.refused(
                 NBD_CMD_BLOCK_STATUS,
                 offset_sectors,
-                len_bytes,
-                io::ErrorKind::Unsupported,
-                "the server offers no base:allocation metadata context",
+                len_bytes.into(),
+                Refusal::NotOffered { what },
             ));
         }
         if len_bytes == 0 {
@@ -305,13 +306,8 @@ impl NbdDevice {
         let len_bytes = self.check_sectors(NBD_CMD_TRIM, offset_sectors, len_sectors)?;
         self.check_writable(NBD_CMD_TRIM, offset_sectors, len_bytes)?;
         if !self.has_trim() {
-            return Err(self.refused(
-                NBD_CMD_TRIM,
-                offset_sectors,
-                len_bytes,
-                io::ErrorKind::Unsupported,
-                "the server offers no NBD_CMD_TRIM",
-            ));
+            let what = "NBD_CMD_TRIM";
+            return Err(self.refused(NBD_CMD_TRIM, offset_sectors, len_bytes.into(), Refusal::NotOffered { what }));
         }
         self.no_payload_requests(NBD_CMD_TRIM, offset_sectors * SECTOR_SIZE as u64, len_bytes).await
     }
@@ -348,12 +344,7 @@ impl NbdDevice {
     pub async fn write_bytes(&self, offset_bytes: u64, data: &[u8]) -> io::Result<()> {
         self.check_bytes(NBD_CMD_WRITE, offset_bytes, data.len() as u64)?;
         if !self.write {
-            return Err(self.refused_bytes(
-                NBD_CMD_WRITE,
-                offset_bytes,
-                data.len() as u64,
-                "the export was opened read-only",
-            ));
+            return Err(self.refused_bytes(NBD_CMD_WRITE, offset_bytes, data.len() as u64, Refusal::ReadOnly));
         }
         if data.is_empty() {
             return Ok(());
@@ -369,18 +360,14 @@ impl NbdDevice {
         self.submit(self.pick(), NBD_CMD_WRITE, offset_bytes, data.len() as u32, Some(payload), None).await.result
     }
 
-    fn refused_bytes(&self, command: u16, offset_bytes: u64, len_bytes: u64, problem: impl Into<String>) -> io::Error {
-        let kind = if command == NBD_CMD_WRITE && !self.write {
-            io::ErrorKind::PermissionDenied
-        } else {
-            io::ErrorKind::InvalidInput
-        };
+    fn refused_bytes(&self, command: u16, offset_bytes: u64, len_bytes: u64, problem: Refusal) -> io::Error {
+        let kind = problem.kind();
         RequestError::Refused {
             server: self.name.clone(),
             command: command_name(command),
             offset_bytes,
             len_bytes,
-            problem: problem.into(),
+            problem,
         }
         .into_io(kind)
     }
@@ -388,13 +375,14 @@ impl NbdDevice {
     /// Checks a byte-granular request: aligned to the server's minimum block size, inside the
     /// export's size, one request long at most.
     fn check_bytes(&self, command: u16, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
-        let min = u64::from(self.info.block_min_bytes);
+        let min_bytes = self.info.block_min_bytes;
+        let min = u64::from(min_bytes);
         let problem = if offset_bytes % min != 0 || len_bytes % min != 0 {
-            format!("not aligned to the server's {min}-byte minimum block size")
+            Refusal::MinimumBlock { min_bytes }
         } else if offset_bytes.checked_add(len_bytes).is_none_or(|end| end > self.info.size_bytes) {
-            format!("runs past the end of the export at byte {}", self.info.size_bytes)
+            Refusal::PastTheExport { size_bytes: self.info.size_bytes }
         } else if len_bytes > u64::from(self.payload_bytes_max) {
-            format!("longer than the {}-byte largest request", self.payload_bytes_max)
+            Refusal::TooLong { bytes_max: self.payload_bytes_max }
         } else {
             return Ok(());
         };
@@ -436,73 +424,39 @@ impl NbdDevice {
         join_all(pieces).await.into_iter().try_for_each(|c| c.result)
     }
 
-    fn refused(
-        &self,
-        command: u16,
-        offset_sectors: u64,
-        len_bytes: u64,
-        kind: io::ErrorKind,
-        problem: impl Into<String>,
-    ) -> io::Error {
-        RequestError::Refused {
-            server: self.name.clone(),
-            command: command_name(command),
-            offset_bytes: offset_sectors.saturating_mul(SECTOR_SIZE as u64),
-            len_bytes,
-            problem: problem.into(),
-        }
-        .into_io(kind)
+    fn refused(&self, command: u16, offset_sectors: u64, len_bytes: u128, problem: Refusal) -> io::Error {
+        let offset_bytes = u64::try_from(sectors_to_bytes(offset_sectors)).unwrap_or(u64::MAX);
+        let len_bytes = u64::try_from(len_bytes).unwrap_or(u64::MAX);
+        self.refused_bytes(command, offset_bytes, len_bytes, problem)
     }
 
-    /// Checks `len_bytes` at `offset_sectors`: whole logical blocks, inside the export.
-    fn check(&self, command: u16, offset_sectors: u64, len_bytes: u64) -> io::Result<()> {
-        let block = u64::from(self.geometry.logical_block_size);
-        let invalid = |problem: String| {
-            Err(self.refused(command, offset_sectors, len_bytes, io::ErrorKind::InvalidInput, problem))
-        };
-        let Some(offset_bytes) = offset_sectors.checked_mul(SECTOR_SIZE as u64) else {
-            return invalid(format!("sector {offset_sectors} lies past 2^64 bytes"));
-        };
-        if offset_bytes % block != 0 || len_bytes % block != 0 {
-            return invalid(format!("not aligned to the export's {block}-byte logical block"));
+    /// Checks `len_bytes` at `offset_sectors` by the rules every device shares
+    /// ([`Geometry::check_request`]): whole logical blocks, inside the export.
+    fn check(&self, command: u16, offset_sectors: u64, len_bytes: u128) -> io::Result<()> {
+        match self.geometry.check_request(offset_sectors, len_bytes) {
+            Ok(_) => Ok(()),
+            Err(refused) => Err(self.refused(command, offset_sectors, len_bytes, Refusal::Geometry(refused))),
         }
-        let size_bytes = self.geometry.len_sectors * SECTOR_SIZE as u64;
-        if offset_bytes.checked_add(len_bytes).is_none_or(|end| end > size_bytes) {
-            return invalid(format!("runs past the end of the export at byte {size_bytes}"));
-        }
-        Ok(())
     }
 
+    /// [`NbdDevice::check`] for a request counted in sectors; returns its length in bytes.
     fn check_sectors(&self, command: u16, offset_sectors: u64, len_sectors: u64) -> io::Result<u64> {
-        let Some(len_bytes) = len_sectors.checked_mul(SECTOR_SIZE as u64) else {
-            return Err(self.refused(
-                command,
-                offset_sectors,
-                u64::MAX,
-                io::ErrorKind::InvalidInput,
-                format!("{len_sectors} sectors overflow 64 bits"),
-            ));
-        };
+        let len_bytes = sectors_to_bytes(len_sectors);
         self.check(command, offset_sectors, len_bytes)?;
-        Ok(len_bytes)
+        // Inside the export, whose size is a u64 of bytes.
+        Ok(u64::try_from(len_bytes).expect("inside the export"))
     }
 
     fn check_writable(&self, command: u16, offset_sectors: u64, len_bytes: u64) -> io::Result<()> {
         if self.write {
             return Ok(());
         }
-        Err(self.refused(
-            command,
-            offset_sectors,
-            len_bytes,
-            io::ErrorKind::PermissionDenied,
-            "the export was opened read-only",
-        ))
+        Err(self.refused(command, offset_sectors, u128::from(len_bytes), Refusal::ReadOnly))
     }
 
     async fn read_whole(&self, offset_sectors: u64, mut buf: ReadBuf) -> (ReadBuf, io::Result<()>) {
         let whole = buf.window();
-        if let Err(error) = self.check(NBD_CMD_READ, offset_sectors, whole.len() as u64) {
+        if let Err(error) = self.check(NBD_CMD_READ, offset_sectors, whole.len() as u128) {
             return (buf, Err(error));
         }
         let offset_bytes = offset_sectors * SECTOR_SIZE as u64;
@@ -526,7 +480,7 @@ impl NbdDevice {
 
     async fn write_whole(&self, offset_sectors: u64, data: WriteBuf) -> io::Result<()> {
         let len_bytes = data.len() as u64;
-        self.check(NBD_CMD_WRITE, offset_sectors, len_bytes)?;
+        self.check(NBD_CMD_WRITE, offset_sectors, len_bytes.into())?;
         self.check_writable(NBD_CMD_WRITE, offset_sectors, len_bytes)?;
         let offset_bytes = offset_sectors * SECTOR_SIZE as u64;
         let piece_bytes = self.payload_bytes_max as usize;
@@ -656,20 +610,24 @@ impl BlockDevice for NbdDevice {
 ///
 /// Worked example: 1,000 bytes, minimum block 1: 512-byte blocks, one of them (the 488 bytes
 /// after it are reached with [`NbdDevice::read_bytes`] and [`NbdDevice::write_bytes`]).
-fn geometry_of(info: &ExportInfo) -> Result<(Geometry, u32), String> {
+fn geometry_of(uri: &str, info: &ExportInfo) -> Result<(Geometry, u32), ConnectError> {
+    let unusable = |problem: String| Err(ConnectError::Geometry { server: uri.to_owned(), problem });
     let block_bytes = info.block_min_bytes.max(SECTOR_SIZE as u32);
     if !block_bytes.is_power_of_two() || block_bytes > LOGICAL_BLOCK_BYTES_MAX {
-        return Err(format!(
+        return unusable(format!(
             "minimum block size {} (must be a power of two up to {LOGICAL_BLOCK_BYTES_MAX})",
             info.block_min_bytes
         ));
     }
     if info.size_bytes > EXPORT_BYTES_MAX {
-        return Err(format!("an export of {} bytes (more than {EXPORT_BYTES_MAX})", info.size_bytes));
+        return unusable(format!("an export of {} bytes (more than {EXPORT_BYTES_MAX})", info.size_bytes));
     }
     let payload_bytes_max = info.block_max_bytes.min(PAYLOAD_BYTES_DEFAULT_MAX) / block_bytes * block_bytes;
     if payload_bytes_max == 0 {
-        return Err(format!("maximum block size {} is less than the {block_bytes}-byte block", info.block_max_bytes));
+        return unusable(format!(
+            "maximum block size {} is less than the {block_bytes}-byte block",
+            info.block_max_bytes
+        ));
     }
     let len_sectors = info.size_bytes / u64::from(block_bytes) * u64::from(block_bytes) / SECTOR_SIZE as u64;
     let geometry = Geometry::new(len_sectors, block_bytes).with_write_zeroes(info.has(NBD_FLAG_SEND_WRITE_ZEROES));

@@ -3,13 +3,14 @@
 
 use std::io;
 
-use kcopyd_core::SECTOR_SIZE;
+use kcopyd_core::{RequestRefused, SECTOR_SIZE};
 use thiserror::Error;
 
 use crate::uri::UriError;
 
 /// Why [`connect`](crate::connect) could not open an export. Every variant names the server.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum ConnectError {
     /// The URI is malformed or asks for something unsupported (TLS).
     #[error(transparent)]
@@ -102,6 +103,7 @@ pub enum ConnectError {
 /// returns (`error.get_ref()` downcasts to it). Every variant names the server, the command
 /// and the byte range of the request.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum RequestError {
     /// The server answered with an error: `errno` is the value it sent (the protocol's values
     /// are Linux's: EPERM 1, EIO 5, ENOMEM 12, EINVAL 22, ENOSPC 28, EOVERFLOW 75, ENOTSUP 95,
@@ -175,10 +177,10 @@ pub enum RequestError {
         command: &'static str,
         /// First byte of the request.
         offset_bytes: u64,
-        /// Bytes in the request.
+        /// Bytes in the request (saturating at `u64::MAX`).
         len_bytes: u64,
         /// Why.
-        problem: String,
+        problem: Refusal,
     },
 }
 
@@ -203,6 +205,59 @@ impl RequestError {
             _ => io::ErrorKind::Other,
         };
         self.into_io(kind)
+    }
+}
+
+/// Why a request was refused before anything was sent ([`RequestError::Refused`]).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The request breaks the export's geometry: not whole logical blocks, or past the end of
+    /// its whole blocks (the rules every device shares).
+    #[error(transparent)]
+    Geometry(RequestRefused),
+    /// A byte-granular request not aligned to the server's minimum block size.
+    #[error("not aligned to the server's {min_bytes}-byte minimum block size")]
+    MinimumBlock {
+        /// The server's minimum block size.
+        min_bytes: u32,
+    },
+    /// A byte-granular request past the export's size.
+    #[error("runs past the end of the export at byte {size_bytes}")]
+    PastTheExport {
+        /// The export's size in bytes.
+        size_bytes: u64,
+    },
+    /// A byte-granular request longer than one request may be.
+    #[error("longer than the {bytes_max}-byte largest request")]
+    TooLong {
+        /// The largest payload of one request.
+        bytes_max: u32,
+    },
+    /// A write to an export opened read-only.
+    #[error("the export was opened read-only")]
+    ReadOnly,
+    /// The server does not offer the command.
+    #[error("the server offers no {what}")]
+    NotOffered {
+        /// What is missing.
+        what: &'static str,
+    },
+}
+
+impl Refusal {
+    /// The `io::ErrorKind` of the refusal: `InvalidInput` for the request's own faults (EINVAL,
+    /// as [`RequestRefused::errno`]), `PermissionDenied` for a read-only export, `Unsupported`
+    /// for a command the server lacks.
+    pub fn kind(&self) -> io::ErrorKind {
+        match self {
+            Refusal::Geometry(refused) => refused.io_kind(),
+            Refusal::MinimumBlock { .. } | Refusal::PastTheExport { .. } | Refusal::TooLong { .. } => {
+                io::ErrorKind::InvalidInput
+            }
+            Refusal::ReadOnly => io::ErrorKind::PermissionDenied,
+            Refusal::NotOffered { .. } => io::ErrorKind::Unsupported,
+        }
     }
 }
 

@@ -41,7 +41,7 @@ pub(crate) struct ExportInfo {
 
 impl ExportInfo {
     /// Whether a transmission flag is set.
-    pub fn has(&self, flag: u16) -> bool {
+    pub(crate) fn has(&self, flag: u16) -> bool {
         self.transmission_flags & flag != 0
     }
 }
@@ -68,7 +68,8 @@ where
     // Without NBD_INFO_BLOCK_SIZE: the protocol's defaults.
     let (block_min_bytes, block_preferred_bytes, block_max_bytes) =
         block_sizes.unwrap_or((1, 4096, PAYLOAD_BYTES_DEFAULT_MAX));
-    check_block_sizes(block_min_bytes, block_preferred_bytes, block_max_bytes).map_err(|p| options.protocol(p))?;
+    check_block_sizes(block_min_bytes, block_preferred_bytes, block_max_bytes)
+        .map_err(|broken| options.protocol(broken.to_string()))?;
     Ok(ExportInfo {
         size_bytes,
         transmission_flags,
@@ -226,19 +227,38 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Options<'_, R, W> {
 ///
 /// Worked example: (1, 4096, 33554432) and (512, 4096, 0xffffffff) pass; (4096, 512, …) and
 /// (512, 4096, 1000) do not.
-pub(crate) fn check_block_sizes(min_bytes: u32, preferred_bytes: u32, max_bytes: u32) -> Result<(), String> {
-    let problem = if !min_bytes.is_power_of_two() || min_bytes > 65536 {
-        "the minimum is not a power of two up to 64 KiB"
+pub(crate) fn check_block_sizes(min_bytes: u32, preferred_bytes: u32, max_bytes: u32) -> Result<(), BlockSizesBroken> {
+    let rule = if !min_bytes.is_power_of_two() || min_bytes > 65536 {
+        BlockSizeRule::Minimum
     } else if !preferred_bytes.is_power_of_two() || preferred_bytes < min_bytes {
-        "the preferred size is not a power of two at least the minimum"
+        BlockSizeRule::Preferred
     } else if max_bytes < min_bytes || (max_bytes % min_bytes != 0 && max_bytes != u32::MAX) {
-        "the maximum is not a multiple of the minimum"
+        BlockSizeRule::Maximum
     } else {
         return Ok(());
     };
-    Err(format!(
-        "block sizes minimum {min_bytes}, preferred {preferred_bytes}, maximum {max_bytes} break the protocol: {problem}"
-    ))
+    Err(BlockSizesBroken { min_bytes, preferred_bytes, max_bytes, rule })
+}
+
+/// Block sizes that break a rule of `NBD_INFO_BLOCK_SIZE` ([`check_block_sizes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("block sizes minimum {min_bytes}, preferred {preferred_bytes}, maximum {max_bytes} break the protocol: {rule}")]
+pub(crate) struct BlockSizesBroken {
+    min_bytes: u32,
+    preferred_bytes: u32,
+    max_bytes: u32,
+    rule: BlockSizeRule,
+}
+
+/// Which rule of [`check_block_sizes`] a server broke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum BlockSizeRule {
+    #[error("the minimum is not a power of two up to 64 KiB")]
+    Minimum,
+    #[error("the preferred size is not a power of two at least the minimum")]
+    Preferred,
+    #[error("the maximum is not a multiple of the minimum")]
+    Maximum,
 }
 
 /// Option requests and their replies.

@@ -32,6 +32,9 @@
 //! println!("{} sectors", source.geometry().len_sectors);
 //! ```
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
+// Library code reports through its return values, never by printing.
+#![cfg_attr(not(test), deny(clippy::print_stderr, clippy::print_stdout))]
 
 mod connection;
 mod device;
@@ -47,7 +50,7 @@ pub use device::{
     CONNECT_TIMEOUT_MS_DEFAULT, CONNECTIONS_DEFAULT, CONNECTIONS_MAX, ConnectOptions, EXPORT_BYTES_MAX, Extent,
     LOGICAL_BLOCK_BYTES_MAX, NbdDevice, connect,
 };
-pub use error::{ConnectError, RequestError};
+pub use error::{ConnectError, Refusal, RequestError};
 pub use proto::{NBD_DEFAULT_PORT, NO_PAYLOAD_BYTES_MAX, PAYLOAD_BYTES_DEFAULT_MAX};
 pub use reactor::Reactor;
 pub use server::{

@@ -65,7 +65,7 @@ pub(crate) enum Broken {
 
 impl Broken {
     /// The connection's loss this causes.
-    pub fn loss(&self) -> Loss {
+    pub(crate) fn loss(&self) -> Loss {
         let reason = match self {
             Broken::Lost(reason) => reason.clone(),
             Broken::Violation(problem) => format!("protocol violation: {problem}"),
@@ -165,7 +165,7 @@ pub(crate) struct Pending {
 
 impl Pending {
     /// A request about to be sent.
-    pub fn new(
+    pub(crate) fn new(
         (command, offset_bytes, len_bytes): (u16, u64, u32),
         buf: Option<ReadBuf>,
         reply: oneshot::Sender<Completion>,
@@ -194,12 +194,12 @@ impl Pending {
     }
 
     /// The request's bytes in the export.
-    pub fn request(&self) -> Range<u64> {
+    pub(crate) fn request(&self) -> Range<u64> {
         self.offset_bytes..self.offset_bytes + u64::from(self.len_bytes)
     }
 
     /// The request, for messages: "NBD_CMD_READ of bytes 0..4096".
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         format!("{} of bytes {:?}", command_name(self.command), self.request())
     }
 

@@ -52,6 +52,7 @@ pub struct NbdUri {
 
 /// Why a text is not an NBD URI this client can use.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum UriError {
     /// The scheme is not one of `nbd`, `nbd+unix`.
     #[error("'{uri}': not an NBD URI (expected nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)")]
@@ -117,12 +118,12 @@ impl NbdUri {
             Some(slash) => (&rest[..slash], &rest[slash + 1..]),
             None => (rest, ""),
         };
-        let export = percent_decode(path).map_err(malformed)?;
+        let export = percent_decode(path, malformed)?;
         let mut socket = None;
         for pair in query.into_iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             match key {
-                "socket" if unix => socket = Some(percent_decode(value).map_err(malformed)?),
+                "socket" if unix => socket = Some(percent_decode(value, malformed)?),
                 "socket" => return Err(malformed("'socket' belongs to nbd+unix:// URIs".into())),
                 _ => return Err(malformed(format!("unknown query parameter '{key}'"))),
             }
@@ -138,7 +139,7 @@ impl NbdUri {
                 _ => return Err(malformed("nbd+unix:// needs ?socket=PATH".into())),
             }
         } else {
-            let (host, port) = split_host_port(authority).map_err(malformed)?;
+            let (host, port) = split_host_port(authority, malformed)?;
             if host.is_empty() {
                 return Err(malformed("no host: nbd://HOST[:PORT]/EXPORT".into()));
             }
@@ -158,12 +159,16 @@ impl fmt::Display for NbdUri {
 }
 
 /// `host`, `host:port`, `[v6]`, `[v6]:port`.
-fn split_host_port(authority: &str) -> Result<(String, u16), String> {
+fn split_host_port(authority: &str, malformed: impl Fn(String) -> UriError) -> Result<(String, u16), UriError> {
     let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
-        let (host, after) = bracketed.split_once(']').ok_or("an IPv6 host without its closing ']'")?;
+        let (host, after) =
+            bracketed.split_once(']').ok_or_else(|| malformed("an IPv6 host without its closing ']'".into()))?;
         match after {
             "" => (host, None),
-            _ => (host, Some(after.strip_prefix(':').ok_or(format!("'{after}' after the IPv6 host"))?)),
+            _ => (
+                host,
+                Some(after.strip_prefix(':').ok_or_else(|| malformed(format!("'{after}' after the IPv6 host")))?),
+            ),
         }
     } else {
         match authority.rsplit_once(':') {
@@ -173,27 +178,28 @@ fn split_host_port(authority: &str) -> Result<(String, u16), String> {
     };
     let port = match port {
         None => NBD_DEFAULT_PORT,
-        Some(port) => port.parse().map_err(|_| format!("port '{port}' is not a number from 0 to 65535"))?,
+        Some(port) => port.parse().map_err(|_| malformed(format!("port '{port}' is not a number from 0 to 65535")))?,
     };
     Ok((host.to_owned(), port))
 }
 
 /// Decodes `%XX` escapes.
-fn percent_decode(text: &str) -> Result<String, String> {
+fn percent_decode(text: &str, malformed: impl Fn(String) -> UriError) -> Result<String, UriError> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut at = 0;
     while at < bytes.len() {
         if bytes[at] == b'%' {
-            let hex = text.get(at + 1..at + 3).ok_or(format!("'%' without two hex digits in '{text}'"))?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("'%{hex}' is not a percent escape"))?);
+            let hex =
+                text.get(at + 1..at + 3).ok_or_else(|| malformed(format!("'%' without two hex digits in '{text}'")))?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| malformed(format!("'%{hex}' is not a percent escape")))?);
             at += 3;
         } else {
             out.push(bytes[at]);
             at += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| format!("'{text}' does not decode to UTF-8"))
+    String::from_utf8(out).map_err(|_| malformed(format!("'{text}' does not decode to UTF-8")))
 }
 
 #[cfg(test)]

@@ -18,6 +18,8 @@ use std::ops::Range;
 
 use kcopyd_core::WriteBuf;
 
+/// Largest logical block size or direct-I/O alignment accepted, in bytes.
+pub const ALIGNMENT_BYTES_MAX: u64 = 65536;
 /// Most iovecs one `preadv`/`pwritev` call or READV/WRITEV submission takes (the kernel's
 /// UIO_MAXIOV); longer lists are sent in several calls.
 pub const IOVECS_PER_CALL_MAX: usize = 1024;
@@ -25,7 +27,7 @@ pub const IOVECS_PER_CALL_MAX: usize = 1024;
 /// in pieces. A multiple of every supported block size (up to 65536).
 pub const BOUNCE_BYTES_MAX: usize = 1024 * 1024;
 
-const _: () = assert!(BOUNCE_BYTES_MAX % crate::device::ALIGNMENT_BYTES_MAX as usize == 0);
+const _: () = assert!(BOUNCE_BYTES_MAX % ALIGNMENT_BYTES_MAX as usize == 0);
 
 /// A zero-filled buffer of `len` bytes starting at an address that is a multiple of `align`,
 /// made without `unsafe`: over-allocate by the alignment and start at the first aligned byte.

@@ -9,53 +9,26 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use kcopyd_core::{BlockDevice, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf};
+use kcopyd_core::{
+    BlockDevice, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf, sectors_to_bytes,
+};
 use rustix::fs::OFlags;
 
-use crate::aligned::{MemoryRules, Transfer};
-use crate::engine::{self, Engine};
-use crate::engine_sync;
-use crate::error::{OpenError, classify};
+use crate::aligned::{ALIGNMENT_BYTES_MAX, MemoryRules, Transfer};
+use crate::engine::{Engine, IoEngine};
+use crate::engine_sync::SyncEngine;
+#[cfg(feature = "io-uring")]
+use crate::engine_uring::{Ring, UringEngine};
+use crate::error::{OpenError, RequestError, classify};
+use crate::pool::Pool;
 use crate::storage::Storage;
 use crate::sys;
+use crate::zeroes::{self, Offload, Zeroed};
 
 /// Queue depth (I/O threads per device) when none is given.
 pub const QUEUE_DEPTH_DEFAULT: usize = 16;
 /// Largest queue depth accepted.
 pub const QUEUE_DEPTH_MAX: usize = 256;
-/// Largest logical block size or direct-I/O alignment accepted, in bytes.
-pub const ALIGNMENT_BYTES_MAX: u64 = 65536;
-
-/// Which engine serves a device's reads, writes and flushes.
-///
-/// ```
-/// # use kcopyd_os::{IoEngine, OpenOptions};
-/// assert_eq!(OpenOptions::default().engine, IoEngine::Sync);
-/// // Without the `io-uring` feature, `Uring` exists but opening with it is refused.
-/// assert_eq!(IoEngine::Uring.is_available(), cfg!(feature = "io-uring"));
-/// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum IoEngine {
-    /// Blocking `preadv`/`pwritev`/`fdatasync` on a pool of up to `queue_depth` threads.
-    #[default]
-    Sync,
-    /// One io_uring per device, driven by one thread: READV/WRITEV/FSYNC submissions, at most
-    /// `queue_depth` in flight. Write-zeroes (BLKZEROOUT, fallocate, or plain writes of zeroes)
-    /// stays on the thread pool: io_uring has no BLKZEROOUT. Needs the `io-uring` cargo
-    /// feature: without it opening is refused ([`OpenError::InvalidOptions`]); where the kernel
-    /// refuses io_uring, opening fails with [`OpenError::IoUringSetup`].
-    Uring,
-}
-
-impl IoEngine {
-    /// Whether this build can open devices with the engine.
-    pub const fn is_available(self) -> bool {
-        match self {
-            IoEngine::Sync => true,
-            IoEngine::Uring => cfg!(feature = "io-uring"),
-        }
-    }
-}
 
 /// How to open a path. The default opens read-only, with O_DIRECT, at the default queue depth.
 ///
@@ -175,23 +148,14 @@ enum Op {
     WriteZeroes,
 }
 
-impl fmt::Display for Op {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Op {
+    const fn name(self) -> &'static str {
+        match self {
             Op::Read => "read",
             Op::Write => "write",
             Op::WriteZeroes => "write-zeroes",
-        })
+        }
     }
-}
-
-/// How a write-zeroes request was served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Zeroed {
-    Offloaded,
-    Written,
-    /// Written after the filesystem refused the offload: do not ask it again.
-    WrittenAfterRefusal,
 }
 
 /// A regular file or block device, read and written with O_DIRECT (or through the page cache
@@ -281,7 +245,7 @@ impl OsDevice {
                 (geometry, rules, id, Storage::of_block_device(metadata.rdev()))
             }
         };
-        let engine = engine::open(path, options.engine, options.queue_depth)?;
+        let engine = open_engine(path, options.engine, options.queue_depth)?;
         Ok(OsDevice {
             path: path.to_path_buf(),
             name: path.display().to_string(),
@@ -355,7 +319,7 @@ impl OsDevice {
     /// Worked example, 4096-byte blocks: sector 8 → byte 4096, aligned; sector 4 → byte
     /// 2048, refused; 4096 bytes at sector 8 on a 16-sector device end at byte 8192, the end:
     /// accepted; at sector 16, refused.
-    fn check(&self, op: Op, offset_sectors: u64, len_bytes: Option<u64>) -> io::Result<u64> {
+    fn check(&self, op: Op, offset_sectors: u64, len_bytes: u128) -> io::Result<u64> {
         let result = self.check_inner(op, offset_sectors, len_bytes);
         if result.is_err() {
             bump(&self.counters.refused);
@@ -363,45 +327,18 @@ impl OsDevice {
         result
     }
 
-    fn check_inner(&self, op: Op, offset_sectors: u64, len_bytes: Option<u64>) -> io::Result<u64> {
-        let name = &self.name;
+    fn check_inner(&self, op: Op, offset_sectors: u64, len_bytes: u128) -> io::Result<u64> {
+        let device = self.name.clone();
+        let operation = op.name();
         if op != Op::Read && !self.options.write {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                format!("{name}: {op} refused: the device was opened read-only"),
-            ));
+            return Err(RequestError::ReadOnly { device, operation }.into_io());
         }
-        let block_bytes = u64::from(self.geometry.logical_block_size);
-        let offset_bytes = offset_sectors.checked_mul(SECTOR_SIZE as u64);
-        let (offset_bytes, len_bytes) = match (offset_bytes, len_bytes) {
-            (Some(offset_bytes), Some(len_bytes))
-                if offset_bytes % block_bytes == 0 && len_bytes % block_bytes == 0 =>
-            {
-                (offset_bytes, len_bytes)
-            }
-            _ => {
-                let len = len_bytes.map_or_else(|| "too many".to_string(), |len_bytes| len_bytes.to_string());
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!(
-                        "{name}: {op} of {len} bytes at sector {offset_sectors} refused: \
-                         not aligned to the {block_bytes}-byte logical block"
-                    ),
-                ));
-            }
-        };
-        let device_bytes = self.geometry.len_sectors * SECTOR_SIZE as u64;
-        if offset_bytes.checked_add(len_bytes).is_none_or(|end_bytes| end_bytes > device_bytes) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "{name}: {op} of {len_bytes} bytes at sector {offset_sectors} refused: past the end of the \
-                     device ({} sectors)",
-                    self.geometry.len_sectors
-                ),
-            ));
-        }
-        Ok(offset_bytes)
+        let sectors = self
+            .geometry
+            .check_request(offset_sectors, len_bytes)
+            .map_err(|refused| RequestError::Geometry { device, operation, refused }.into_io())?;
+        // Inside the device, whose bytes a file's or block device's u64 size holds.
+        Ok(sectors.start * SECTOR_SIZE as u64)
     }
 
     /// Counts a finished read or write.
@@ -555,6 +492,37 @@ fn whole_blocks_sectors(size_bytes: u64, block_bytes: u64) -> u64 {
     size_bytes / block_bytes * block_bytes / SECTOR_SIZE as u64
 }
 
+/// The name of a device's I/O threads (at most 15 bytes, the kernel's limit).
+const THREAD_NAME: &str = "kcopyd-io";
+/// The name of a device's io_uring thread.
+#[cfg(feature = "io-uring")]
+const URING_THREAD_NAME: &str = "kcopyd-uring";
+
+/// The engine factory: starts the engine `kind` for `queue_depth` requests in flight. The options were validated:
+/// an engine that is not built in never gets here.
+///
+/// # Errors
+/// [`OpenError::IoUringSetup`] where the kernel refuses io_uring; [`OpenError::Engine`] when
+/// no I/O thread can be started.
+fn open_engine(path: &Path, kind: IoEngine, queue_depth: usize) -> Result<Box<dyn Engine>, OpenError> {
+    assert!(kind.is_available(), "{kind:?} was validated");
+    let pool =
+        || Pool::new(THREAD_NAME, queue_depth).map_err(|source| OpenError::Engine { path: path.to_path_buf(), source });
+    let engine: Box<dyn Engine> = match kind {
+        IoEngine::Sync => Box::new(SyncEngine::new(pool()?)),
+        #[cfg(feature = "io-uring")]
+        IoEngine::Uring => {
+            let ring = Ring::start(URING_THREAD_NAME, queue_depth)
+                .map_err(|source| OpenError::IoUringSetup { path: path.to_path_buf(), source })?;
+            Box::new(UringEngine::new(ring, pool()?))
+        }
+        #[cfg(not(feature = "io-uring"))]
+        IoEngine::Uring => unreachable!("refused by OpenOptions::validate"),
+    };
+    assert_eq!(engine.kind(), kind);
+    Ok(engine)
+}
+
 /// The message of a reply that never came: only a panicking I/O or ring thread drops one.
 const WORKER_REPLIES: &str = "an I/O thread replies to every request";
 
@@ -572,7 +540,7 @@ impl BlockDevice for OsDevice {
     }
 
     fn read(&self, offset_sectors: u64, buf: ReadBuf) -> IoFuture<'_, (ReadBuf, io::Result<()>)> {
-        let offset_bytes = match self.check(Op::Read, offset_sectors, Some(buf.len() as u64)) {
+        let offset_bytes = match self.check(Op::Read, offset_sectors, buf.len() as u128) {
             Ok(offset_bytes) => offset_bytes,
             Err(error) => return Box::pin(ready((buf, Err(error)))),
         };
@@ -587,7 +555,7 @@ impl BlockDevice for OsDevice {
     }
 
     fn write(&self, offset_sectors: u64, buf: WriteBuf) -> IoFuture<'_, io::Result<()>> {
-        let offset_bytes = match self.check(Op::Write, offset_sectors, Some(buf.len() as u64)) {
+        let offset_bytes = match self.check(Op::Write, offset_sectors, buf.len() as u128) {
             Ok(offset_bytes) => offset_bytes,
             Err(error) => return Box::pin(ready(Err(error))),
         };
@@ -602,31 +570,23 @@ impl BlockDevice for OsDevice {
     }
 
     fn write_zeroes(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
-        let len_bytes = len_sectors.checked_mul(SECTOR_SIZE as u64);
-        let offset_bytes = match self.check(Op::WriteZeroes, offset_sectors, len_bytes) {
+        let offset_bytes = match self.check(Op::WriteZeroes, offset_sectors, sectors_to_bytes(len_sectors)) {
             Ok(offset_bytes) => offset_bytes,
             Err(error) => return Box::pin(ready(Err(error))),
         };
-        let len_bytes = len_bytes.expect("checked");
+        // Inside the device: the product fits.
+        let len_bytes = len_sectors * SECTOR_SIZE as u64;
         if len_bytes == 0 {
             return Box::pin(ready(Ok(())));
         }
         let offload = match self.kind {
-            DeviceKind::BlockDevice => Some(sys::block_device_zero_out as fn(&File, u64, u64) -> io::Result<()>),
-            DeviceKind::File if self.zero_range.load(Ordering::Relaxed) => Some(sys::file_zero_range as _),
+            DeviceKind::BlockDevice => Some(Offload::BlockDeviceZeroOut),
+            DeviceKind::File if self.zero_range.load(Ordering::Relaxed) => Some(Offload::FileZeroRange),
             DeviceKind::File => None,
         };
         let (file, rules) = (self.file.clone(), self.rules);
         let reply = self.engine.submit(move || {
-            let result = match offload.map(|offload| offload(&file, offset_bytes, len_bytes)) {
-                Some(Ok(())) => Ok(Zeroed::Offloaded),
-                Some(Err(error)) if sys::is_unsupported(&error) => {
-                    engine_sync::write_zeroes_at(&file, offset_bytes, len_bytes, rules)
-                        .map(|()| Zeroed::WrittenAfterRefusal)
-                }
-                Some(Err(error)) => Err(error),
-                None => engine_sync::write_zeroes_at(&file, offset_bytes, len_bytes, rules).map(|()| Zeroed::Written),
-            };
+            let result = zeroes::zero(&file, offset_bytes, len_bytes, offload, rules);
             drop(file);
             result
         });
@@ -681,12 +641,12 @@ impl BlockDevice for OsDevice {
         if self.kind != DeviceKind::File || !self.punch_hole.load(Ordering::Relaxed) {
             return self.write_zeroes(offset_sectors, len_sectors);
         }
-        let len_bytes = len_sectors.checked_mul(SECTOR_SIZE as u64);
-        let offset_bytes = match self.check(Op::WriteZeroes, offset_sectors, len_bytes) {
+        let offset_bytes = match self.check(Op::WriteZeroes, offset_sectors, sectors_to_bytes(len_sectors)) {
             Ok(offset_bytes) => offset_bytes,
             Err(error) => return Box::pin(ready(Err(error))),
         };
-        let len_bytes = len_bytes.expect("checked");
+        // Inside the device: the product fits.
+        let len_bytes = len_sectors * SECTOR_SIZE as u64;
         if len_bytes == 0 {
             return Box::pin(ready(Ok(())));
         }
@@ -771,5 +731,145 @@ mod tests {
         assert_eq!(whole_blocks_sectors(10000, 4096), 16);
         assert_eq!(whole_blocks_sectors(4095, 4096), 0);
         assert_eq!(whole_blocks_sectors(1024 + 511, 512), 2);
+    }
+
+    #[test]
+    fn the_engine_asked_for_is_the_engine_started() {
+        let path = Path::new("/nonexistent/kcopyd");
+        let engine = open_engine(path, IoEngine::Sync, 2).unwrap();
+        assert_eq!(engine.kind(), IoEngine::Sync);
+        assert!(std::ptr::eq(engine.pool(), engine.pool()), "one pool for the device's lifetime");
+        if !IoEngine::Uring.is_available() {
+            println!("SKIPPED: the io_uring half (built without the io-uring feature)");
+            return;
+        }
+        match open_engine(path, IoEngine::Uring, 2) {
+            Ok(engine) => assert_eq!(engine.kind(), IoEngine::Uring),
+            Err(OpenError::IoUringSetup { source, .. }) => println!("SKIPPED: io_uring is not available: {source}"),
+            Err(error) => panic!("{error}"),
+        }
+    }
+
+    #[test]
+    fn blocking_work_runs_on_the_pool_of_either_engine() {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        for kind in [IoEngine::Sync, IoEngine::Uring].into_iter().filter(|kind| kind.is_available()) {
+            let engine = match open_engine(Path::new("/nonexistent/kcopyd"), kind, 1) {
+                Ok(engine) => engine,
+                Err(OpenError::IoUringSetup { source, .. }) => {
+                    println!("SKIPPED: {kind:?}: io_uring is not available: {source}");
+                    continue;
+                }
+                Err(error) => panic!("{kind:?}: {error}"),
+            };
+            let receiver = engine.submit(|| std::thread::current().name().map(str::to_owned));
+            let thread_name = runtime.block_on(receiver).unwrap();
+            assert_eq!(thread_name.as_deref(), Some(THREAD_NAME), "{kind:?}");
+        }
+    }
+
+    /// Both engines bounce memory that breaks the rules, over several pieces, through the
+    /// same shared rules: a write from memory at odd addresses and a read into a window that
+    /// starts inside a page move the same bytes as plain I/O would. The file is
+    /// buffered so that any filesystem takes it; the rules alone decide the bounce.
+    #[test]
+    fn both_engines_bounce_misaligned_memory_over_several_pieces() {
+        use bytes::Bytes;
+        use kcopyd_core::PagePool;
+
+        use crate::aligned::BOUNCE_BYTES_MAX;
+
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let len_bytes = 2 * BOUNCE_BYTES_MAX + 64 * 1024;
+        let data: Vec<u8> = (0..len_bytes).map(|i| (i * 7 % 251) as u8).collect();
+        for kind in [IoEngine::Sync, IoEngine::Uring].into_iter().filter(|kind| kind.is_available()) {
+            let path = std::env::temp_dir().join(format!("kcopyd-os-bounce-{kind:?}-{}", std::process::id()));
+            let file = Arc::new(
+                std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap(),
+            );
+            std::fs::remove_file(&path).unwrap();
+            let engine = match open_engine(&path, kind, 2) {
+                Ok(engine) => engine,
+                Err(OpenError::IoUringSetup { source, .. }) => {
+                    println!("SKIPPED: {kind:?}: io_uring is not available: {source}");
+                    continue;
+                }
+                Err(error) => panic!("{kind:?}: {error}"),
+            };
+            // One byte of slack in front: the second segment starts at an odd address.
+            let mut backing = vec![0u8; 1];
+            backing.extend_from_slice(&data[4096..]);
+            let buf =
+                WriteBuf::from_segments(vec![Bytes::copy_from_slice(&data[..4096]), Bytes::from(backing).slice(1..)]);
+            let rules = MemoryRules { memory_bytes: 4096, length_bytes: 4096 };
+            let written = runtime.block_on(engine.write(file.clone(), 8192, buf, Some(rules))).unwrap();
+            assert_eq!(written.unwrap(), Transfer::Bounced, "{kind:?}");
+            // A window 512 bytes into the pages breaks 4096-byte memory alignment: the read
+            // is bounced too.
+            let pages = len_bytes / 4096 + 1;
+            let pool = PagePool::new(pages).unwrap();
+            let mut buf = ReadBuf::new(pool.try_alloc(pages).unwrap(), pages * 4096);
+            buf.set_window(512..512 + len_bytes);
+            let (buf, result) = runtime.block_on(engine.read(file.clone(), 8192, buf, Some(rules))).unwrap();
+            assert_eq!(result.unwrap(), Transfer::Bounced, "{kind:?}");
+            let read: Vec<u8> = buf.segments().flatten().copied().collect();
+            assert!(read == data, "{kind:?}: the bytes read back differ from those written");
+        }
+    }
+
+    /// Refusals are typed: read-only, misaligned and out-of-range requests carry a
+    /// [`RequestError`] naming the device, the operation and the geometry's rule, with the
+    /// errno kind of the shared mapping; nothing is written.
+    #[test]
+    fn refused_requests_carry_a_typed_error_and_write_nothing() {
+        use kcopyd_core::RequestRefused;
+
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let path = std::env::temp_dir().join(format!("kcopyd-os-refusals-{}", std::process::id()));
+        let writable = OpenOptions { write: true, buffered: true, create_len: Some(8192), ..OpenOptions::default() };
+        let target = OsDevice::open(&path, &writable).unwrap();
+        let source = OsDevice::open(&path, &OpenOptions { buffered: true, ..OpenOptions::default() }).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let name = path.display().to_string();
+
+        let error = runtime.block_on(source.write(0, WriteBuf::zeroes(512))).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::PermissionDenied, "{error}");
+        let expected = RequestError::ReadOnly { device: name.clone(), operation: "write" };
+        assert_eq!(RequestError::of(&error), Some(&expected));
+
+        let error = runtime.block_on(target.write(16, WriteBuf::zeroes(512))).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidInput, "{error}");
+        let refused = RequestRefused::OutOfRange { offset_sectors: 16, len_bytes: 512, device_sectors: 16 };
+        let expected = RequestError::Geometry { device: name.clone(), operation: "write", refused };
+        assert_eq!(RequestError::of(&error), Some(&expected));
+        assert_eq!(
+            error.to_string(),
+            format!("{name}: write of sectors 16..17 refused: past the end of the device (16 sectors)")
+        );
+
+        let error = runtime.block_on(target.write_zeroes(15, u64::MAX)).unwrap_err();
+        assert!(
+            matches!(
+                RequestError::of(&error),
+                Some(RequestError::Geometry {
+                    refused: RequestRefused::OutOfRange { .. },
+                    operation: "write-zeroes",
+                    ..
+                })
+            ),
+            "{error}"
+        );
+        let (_, result) = runtime.block_on(target.read(0, ReadBuf::with_capacity(100)));
+        let error = result.unwrap_err();
+        assert!(
+            matches!(
+                RequestError::of(&error),
+                Some(RequestError::Geometry { refused: RequestRefused::Misaligned { block_bytes: 512, .. }, .. })
+            ),
+            "{error}"
+        );
+        assert_eq!(target.stats().refused, 3);
+        assert_eq!(source.stats().refused, 1);
+        assert_eq!(target.stats().writes, 0, "nothing was written");
     }
 }

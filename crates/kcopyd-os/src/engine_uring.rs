@@ -35,9 +35,8 @@ use rustix::event::{EventfdFlags, eventfd};
 use tokio::sync::oneshot;
 
 use crate::aligned::{Bounce, Direction, IOVECS_PER_CALL_MAX, MemoryRules, Transfer, bounce_rules, ended_early};
-use crate::device::IoEngine;
-use crate::engine::{Engine, ReadReply};
-use crate::engine_sync::SyncEngine;
+use crate::engine::{Engine, IoEngine, ReadReply};
+use crate::pool::Pool;
 
 /// Resubmissions of one request after EINTR or EAGAIN before it fails with that error: the
 /// kernel retries EAGAIN itself almost always, so a request that keeps getting it is stuck.
@@ -65,12 +64,12 @@ enum Op {
 /// on a thread pool beside it, since io_uring has no BLKZEROOUT.
 pub(crate) struct UringEngine {
     ring: Ring,
-    pool: SyncEngine,
+    pool: Pool,
 }
 
 impl UringEngine {
     /// The engine over a started ring and the pool for blocking work.
-    pub(crate) fn new(ring: Ring, pool: SyncEngine) -> UringEngine {
+    pub(crate) fn new(ring: Ring, pool: Pool) -> UringEngine {
         UringEngine { ring, pool }
     }
 }
@@ -111,7 +110,7 @@ impl Engine for UringEngine {
         receiver
     }
 
-    fn pool(&self) -> &SyncEngine {
+    fn pool(&self) -> &Pool {
         &self.pool
     }
 }

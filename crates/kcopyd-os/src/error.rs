@@ -1,14 +1,17 @@
-//! Why a file or block device could not be opened.
+//! Why a file or block device could not be opened ([`OpenError`]), and why a request was
+//! refused before any I/O ([`RequestError`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
 
+use kcopyd_core::RequestRefused;
 use rustix::io::Errno;
 use thiserror::Error;
 
 /// Why [`OsDevice::open`](crate::OsDevice::open) refused a path. Every variant names the path;
 /// those caused by a system call carry its error as the `source`.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum OpenError {
     /// The options contradict each other or are out of bounds; nothing was opened.
     #[error("{}: invalid open options: {reason}", .path.display())]
@@ -210,6 +213,53 @@ impl OpenError {
             | OpenError::IoUringSetup { path, .. }
             | OpenError::Engine { path, .. } => path,
         }
+    }
+}
+
+/// Why an [`OsDevice`](crate::OsDevice) refused a request before any I/O. It travels inside
+/// the `io::Error` the device trait returns (`error.get_ref()` downcasts to it); the error's
+/// kind is [`RequestError::kind`]. Every variant names the device and the operation.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// A write, write-zeroes or deallocate to a device opened read-only (`PermissionDenied`).
+    #[error("{device}: {operation} refused: the device was opened read-only")]
+    ReadOnly {
+        /// The device's name (its path).
+        device: String,
+        /// The operation refused.
+        operation: &'static str,
+    },
+    /// The request breaks the device's geometry: misaligned or past the end (`InvalidInput`,
+    /// EINVAL, as the kernel refuses a misaligned O_DIRECT request).
+    #[error("{device}: {operation} of sectors {:?} refused: {refused}", .refused.sectors())]
+    Geometry {
+        /// The device's name (its path).
+        device: String,
+        /// The operation refused.
+        operation: &'static str,
+        /// The rule broken, with the request and the device's block size or length.
+        refused: RequestRefused,
+    },
+}
+
+impl RequestError {
+    /// The `io::ErrorKind` the refusal is returned as.
+    pub fn kind(&self) -> io::ErrorKind {
+        match self {
+            RequestError::ReadOnly { .. } => io::ErrorKind::PermissionDenied,
+            RequestError::Geometry { refused, .. } => refused.io_kind(),
+        }
+    }
+
+    /// The `RequestError` inside an `io::Error` an `OsDevice` returned, if it is one.
+    pub fn of(error: &io::Error) -> Option<&RequestError> {
+        error.get_ref().and_then(|inner| inner.downcast_ref::<RequestError>())
+    }
+
+    /// As the device trait returns it: an `io::Error` of [`RequestError::kind`].
+    pub(crate) fn into_io(self) -> io::Error {
+        io::Error::new(self.kind(), self)
     }
 }
 

@@ -8,12 +8,13 @@
 //!
 //!  read / write / write_zeroes / flush   (caller's thread: checks only, never blocks)
 //!    check: writable? aligned to the logical block? inside the device?  ── no: refused, no I/O
-//!    └► Box<dyn Engine>, chosen once at open (engine.rs)
-//!       ├► engine_sync: queue ─► ≤ queue_depth threads ─► preadv / pwritev (EINTR, short I/O)
+//!    └► Box<dyn Engine> (engine.rs), chosen once at open by the factory (device.rs)
+//!       ├► engine_sync: pool.rs queue ─► ≤ queue_depth threads ─► preadv / pwritev (EINTR, short I/O)
 //!       └► engine_uring (IoEngine::Uring, feature `io-uring`): channel ─► one ring thread
 //!            ─► READV / WRITEV / FSYNC, ≤ queue_depth in flight (short I/O, EINTR, EAGAIN)
 //!       both: misaligned user memory ─► bounce buffer in pieces (aligned.rs, shared rules)
-//!       the engine's thread pool: BLKZEROOUT / fallocate(ZERO_RANGE) / writes of zeroes
+//!       the engine's thread pool (pool.rs): zeroes.rs: BLKZEROOUT / fallocate(ZERO_RANGE),
+//!       falling back to writes of zeroes
 //!       ◄── oneshot: the buffer comes back with the result
 //! ```
 //!
@@ -26,6 +27,8 @@
 //! A filesystem that refuses O_DIRECT gets [`OpenError::DirectIoUnsupported`], which points to
 //! the buffered mode ([`OpenOptions::buffered`]).
 #![warn(missing_docs)]
+// Library code reports through its return values, never by printing.
+#![cfg_attr(not(test), deny(clippy::print_stderr, clippy::print_stdout))]
 
 mod aligned;
 mod device;
@@ -35,16 +38,17 @@ mod engine_sync;
 mod engine_uring;
 mod error;
 mod lock;
+mod pool;
 mod storage;
 mod sys;
 mod tail;
+mod zeroes;
 
-pub use aligned::{BOUNCE_BYTES_MAX, IOVECS_PER_CALL_MAX};
-pub use device::{
-    ALIGNMENT_BYTES_MAX, DeviceKind, IoEngine, OpenOptions, OsDevice, OsIoStats, QUEUE_DEPTH_DEFAULT, QUEUE_DEPTH_MAX,
-};
-pub use engine_sync::ZEROES_BYTES_PER_WRITE_MAX;
-pub use error::OpenError;
+pub use aligned::{ALIGNMENT_BYTES_MAX, BOUNCE_BYTES_MAX, IOVECS_PER_CALL_MAX};
+pub use device::{DeviceKind, OpenOptions, OsDevice, OsIoStats, QUEUE_DEPTH_DEFAULT, QUEUE_DEPTH_MAX};
+pub use engine::IoEngine;
+pub use error::{OpenError, RequestError};
 pub use lock::{FileKey, FileLocks, LockError, LockKind};
 pub use storage::{Mounted, Storage, StorageId, mounted_read_write};
 pub use tail::{read_tail, write_tail};
+pub use zeroes::ZEROES_BYTES_PER_WRITE_MAX;

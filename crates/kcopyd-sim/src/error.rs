@@ -5,6 +5,8 @@ use std::fmt;
 use std::io;
 use std::ops::Range;
 
+use kcopyd_core::RequestRefused;
+
 use crate::Operation;
 
 /// The errno the kernel gives for misaligned direct I/O.
@@ -49,11 +51,16 @@ pub enum DiskFailure {
         /// The logical block size in bytes.
         block_size: u32,
     },
-    /// Refused before any transfer: past the end of the device (EIO).
+    /// Refused before any transfer: past the end of the device (EIO, as the kernel's block
+    /// layer fails a bio past the end; the other backends give EINVAL, see
+    /// [`RequestRefused`]).
     OutOfRange {
         /// The device's length in sectors.
         device_sectors: u64,
     },
+    /// Refused before any transfer by a rule of the geometry added after the two above
+    /// (EINVAL, [`RequestRefused::ERRNO`]).
+    Refused(RequestRefused),
     /// A latent sector error of the fault plan (EIO).
     LatentSectorError,
     /// A write error of the fault plan (EIO).
@@ -81,6 +88,7 @@ impl DiskError {
     pub fn errno(&self) -> i32 {
         match self.reason {
             DiskFailure::Misaligned { .. } => EINVAL,
+            DiskFailure::Refused(refused) => refused.errno(),
             _ => EIO,
         }
     }
@@ -102,6 +110,7 @@ impl fmt::Display for DiskError {
             DiskFailure::OutOfRange { device_sectors } => {
                 write!(f, "refused: past the end of the device ({device_sectors} sectors)")
             }
+            DiskFailure::Refused(refused) => write!(f, "refused: {refused}"),
             DiskFailure::LatentSectorError => write!(f, "failed: latent sector error"),
             DiskFailure::WriteError => write!(f, "failed: write error"),
             DiskFailure::DeviceFailed => write!(f, "failed: the device has failed"),
@@ -114,3 +123,15 @@ impl fmt::Display for DiskError {
 }
 
 impl std::error::Error for DiskError {}
+
+impl From<RequestRefused> for DiskFailure {
+    /// The simulator's reason for a request its geometry refuses
+    /// ([`Geometry::check_request`](kcopyd_core::Geometry::check_request)).
+    fn from(refused: RequestRefused) -> DiskFailure {
+        match refused {
+            RequestRefused::Misaligned { block_bytes, .. } => DiskFailure::Misaligned { block_size: block_bytes },
+            RequestRefused::OutOfRange { device_sectors, .. } => DiskFailure::OutOfRange { device_sectors },
+            _ => DiskFailure::Refused(refused),
+        }
+    }
+}

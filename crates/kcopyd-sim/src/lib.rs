@@ -23,6 +23,9 @@
 //! [`explore`] runs scenario files (disks, client, jobs, a foreground workload) and sweeps over
 //! their keys, for design exploration.
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
+// Library code reports through its return values, never by printing.
+#![cfg_attr(not(test), deny(clippy::print_stderr, clippy::print_stdout))]
 
 mod disk_model;
 mod error;

@@ -394,26 +394,13 @@ impl MemDisk {
         DiskError { device: self.options.name.clone(), operation, sectors, reason }.into_io()
     }
 
-    /// Refuses misaligned (EINVAL) and out-of-range (EIO) requests before any transfer.
-    /// Bytes are counted in `u128`: a write-zeroes may cover up to `u64::MAX` sectors.
+    /// Refuses misaligned (EINVAL) and out-of-range (EIO) requests before any transfer, by
+    /// the rules every backend shares ([`Geometry::check_request`]); only the errno of a
+    /// request past the end is the simulator's own ([`DiskFailure::OutOfRange`]).
     fn check(&self, operation: Operation, offset_sectors: u64, len_bytes: u128) -> io::Result<Range<u64>> {
-        let block = u128::from(self.options.logical_block_size);
-        let sector = SECTOR_SIZE as u128;
-        // Whole sectors (the length in sectors of a whole-block request fits a u64: it is
-        // either a buffer's length or a sector count).
-        let len_sectors = u64::try_from(len_bytes / sector).unwrap_or(u64::MAX);
-        let asked_sectors = u64::try_from(len_bytes.div_ceil(sector)).unwrap_or(u64::MAX);
-        let asked = offset_sectors..offset_sectors.saturating_add(asked_sectors);
-        if sectors_to_bytes(offset_sectors) % block != 0 || len_bytes % block != 0 {
-            let block_size = self.options.logical_block_size;
-            return Err(self.error(operation, asked, DiskFailure::Misaligned { block_size }));
-        }
-        match offset_sectors.checked_add(len_sectors) {
-            Some(end) if end <= self.options.len_sectors => Ok(offset_sectors..end),
-            _ => {
-                Err(self.error(operation, asked, DiskFailure::OutOfRange { device_sectors: self.options.len_sectors }))
-            }
-        }
+        self.geometry()
+            .check_request(offset_sectors, len_bytes)
+            .map_err(|refused| self.error(operation, refused.sectors(), refused.into()))
     }
 
     /// Decides, at issue time, when a request completes and what the plan does to it.

@@ -321,6 +321,7 @@ pub(crate) fn schedule(latency: &Latency, slots: &mut Slots, paths: &mut Paths, 
     let arrived = if request.write && link.bandwidth_bytes_per_s > 0 {
         let begin = device_paths.link_write_free.map_or(start, |free| free.max(start));
         let end = begin + link.transfer(request.len_bytes) * scale;
+        debug_assert!(device_paths.link_write_free.is_none_or(|free| free <= end), "a path frees earlier than before");
         device_paths.link_write_free = Some(end);
         end + half_trip
     } else {
@@ -340,6 +341,7 @@ pub(crate) fn schedule(latency: &Latency, slots: &mut Slots, paths: &mut Paths, 
         };
         let hold = Duration::from_micros(overhead_us + seek_us) + model.transfer(request.len_bytes);
         let end = begin + hold * scale;
+        debug_assert!(path.free_at.is_none_or(|free| free <= end), "a path frees earlier than before");
         path.free_at = Some(end);
         path.head = Some((request.disk, request.end_sector));
         end
@@ -350,13 +352,25 @@ pub(crate) fn schedule(latency: &Latency, slots: &mut Slots, paths: &mut Paths, 
     let returned = if !request.write && link.bandwidth_bytes_per_s > 0 {
         let begin = device_paths.link_read_free.map_or(released, |free| free.max(released));
         let end = begin + link.transfer(request.len_bytes) * scale;
+        debug_assert!(device_paths.link_read_free.is_none_or(|free| free <= end), "a path frees earlier than before");
         device_paths.link_read_free = Some(end);
         end + half_trip
     } else {
         released + half_trip
     };
     let done = returned + Duration::from_micros(request.jitter_us) * scale;
+    // Each step starts where the one before it ended: time only moves forward.
+    debug_assert!(
+        request.now <= start
+            && start <= arrived
+            && arrived <= ready
+            && ready <= released
+            && released <= returned
+            && returned <= done,
+        "a request's schedule went back in time"
+    );
     if let Some(i) = slot {
+        debug_assert!(slots.free_at[i] <= done, "a queue slot frees earlier than before");
         slots.free_at[i] = done;
     }
     done
@@ -592,5 +606,42 @@ mod tests {
         let parsed: Latency = serde_json::from_str(r#"{"path":{"shared":true}}"#).unwrap();
         assert!(parsed.path.shared);
         assert!(serde_json::from_str::<Latency>(r#"{"path":{"share":true}}"#).is_err());
+    }
+
+    /// A long mixed walk over every part of the model (queue slots, a shared path with seeks,
+    /// a link both ways, jitter) with the clock moving on: every completion lies at or after
+    /// its issue, and completions on one queue slot never move back (the schedule's debug
+    /// assertions check each step of each request as it goes).
+    #[test]
+    fn schedules_never_go_back_in_time() {
+        let model = IoModel { cost_us: 50, bandwidth_bytes_per_s: 200_000_000, queue_depth: 3, jitter_us: 0 };
+        let path = PathModel {
+            shared: true,
+            read_overhead_us: 5,
+            write_overhead_us: 7,
+            seek: SeekModel { track_us: 100, full_stroke_us: 8000, rotation_us: 4000 },
+            ..PathModel::default()
+        };
+        let link = LinkModel { round_trip_us: 30, bandwidth_bytes_per_s: 1_000_000_000 };
+        let latency = Latency { read: model, write: model, path, link, ..Latency::default() };
+        let (mut read_slots, mut write_slots, mut paths) = (Slots::default(), Slots::default(), own());
+        let mut now = Instant::now();
+        let mut state = 0x853c_49e6_748f_ea9bu64;
+        for _ in 0..2000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let write = state % 3 == 0;
+            let len_bytes = 512 * (1 + (state >> 8) as usize % 256);
+            let mut asked = request(now, write, len_bytes, (state >> 20) % (1 << 29));
+            asked.jitter_us = (state >> 40) % 20;
+            let slots = if write { &mut write_slots } else { &mut read_slots };
+            let before = slots.free_at.clone();
+            let done = schedule(&latency, slots, &mut paths, asked);
+            assert!(done >= now, "completed before it was issued");
+            let moved_back = before.iter().zip(&slots.free_at).any(|(old, new)| new < old);
+            assert!(!moved_back, "a slot frees earlier than before");
+            now += Duration::from_micros((state >> 50) % 400);
+        }
     }
 }

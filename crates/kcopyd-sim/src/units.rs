@@ -18,6 +18,7 @@ pub const SECTOR_BYTES: u64 = 512;
 
 /// Why a size or duration could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum SizeError {
     /// Nothing was given.
     #[error("empty value")]

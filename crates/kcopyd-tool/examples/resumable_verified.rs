@@ -10,7 +10,7 @@ use kcopyd_tool::{Cancel, DeviceAddress, Settings, map, plan_with_source};
 
 /// Copies `source` to `targets` through the map at `map_path`: whether all is copied and
 /// identical.
-pub fn copy_resumable_verified(
+pub(crate) fn copy_resumable_verified(
     source: &Path,
     targets: [&Path; 2],
     map_path: &Path,

@@ -9,7 +9,7 @@ use kcopyd_sim::{IoModel, Latency, MemDisk, MemDiskOptions, Provenance, Simulati
 const SOURCE_SEED: u64 = 9;
 
 /// Reads a size like `64GiB`, `1T` or `512K` in bytes.
-pub fn parse_size(text: &str) -> Option<u64> {
+pub(crate) fn parse_size(text: &str) -> Option<u64> {
     let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
     let unit: u64 = match &text[digits.len()..] {
         "" => 1,
@@ -23,7 +23,7 @@ pub fn parse_size(text: &str) -> Option<u64> {
 }
 
 /// The process's peak resident memory in KiB (0 where `/proc` does not tell).
-pub fn peak_rss_kib() -> u64 {
+pub(crate) fn peak_rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
@@ -47,7 +47,7 @@ fn nvme_disk(name: &str, len_sectors: u64, headers_only: bool) -> MemDisk {
 }
 
 /// What one simulated copy gave.
-pub struct CopyRun {
+pub(crate) struct CopyRun {
     /// The job completed without error.
     pub ok: bool,
     /// Every target sector holds the source sector of the same number (by provenance).
@@ -60,7 +60,7 @@ pub struct CopyRun {
 
 /// Copies `len_sectors` from a pattern-filled source to a zeroed target in virtual time
 /// with `config`, and verifies the target by provenance.
-pub fn copy_and_verify(len_sectors: u64, config: ClientConfig, headers_only: bool) -> CopyRun {
+pub(crate) fn copy_and_verify(len_sectors: u64, config: ClientConfig, headers_only: bool) -> CopyRun {
     let source = Arc::new(nvme_disk("source", len_sectors, headers_only));
     source.fill_pattern(SOURCE_SEED);
     let target = Arc::new(nvme_disk("target", len_sectors, headers_only));
@@ -84,6 +84,6 @@ pub fn copy_and_verify(len_sectors: u64, config: ClientConfig, headers_only: boo
 }
 
 /// Sectors in `bytes`.
-pub fn sectors(bytes: u64) -> u64 {
+pub(crate) fn sectors(bytes: u64) -> u64 {
     bytes / SECTOR_SIZE as u64
 }

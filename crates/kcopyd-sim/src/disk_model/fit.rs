@@ -36,7 +36,7 @@ const SHARED_SHARE_MAX: f64 = 1.5;
 const SEEK_FACTOR_MIN: f64 = 1.5;
 /// The mean of `√|u - v|` for `u`, `v` uniform on [0, 1]: the mean arm travel of random
 /// requests as a share of a full stroke, in the seek model's square-root law.
-pub const MEAN_SQRT_DISTANCE: f64 = 8.0 / 15.0;
+pub(super) const MEAN_SQRT_DISTANCE: f64 = 8.0 / 15.0;
 /// Rounds of taking the path overhead out of the saturating points' bandwidth (each round
 /// shrinks the error by the overhead's share of a small request's time, a few per cent).
 const BANDWIDTH_ROUNDS: usize = 3;

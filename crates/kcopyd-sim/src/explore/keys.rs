@@ -184,7 +184,7 @@ pub fn set_path(root: &mut Value, path: &str, new: Value) -> Result<(), Scenario
             table.insert(last.to_string(), new);
         }
         Value::Array(items) => {
-            let index = array_index(last, items.len()).map_err(key_error)?;
+            let index = array_index(last, items.len()).map_err(|bad| key_error(bad.to_string()))?;
             items[index] = new;
         }
         other => return Err(key_error(format!("its parent is a {}, not a table", other.type_str()))),
@@ -192,12 +192,21 @@ pub fn set_path(root: &mut Value, path: &str, new: Value) -> Result<(), Scenario
     Ok(())
 }
 
-fn array_index(segment: &str, len: usize) -> Result<usize, String> {
+fn array_index(segment: &str, len: usize) -> Result<usize, BadIndex> {
     match segment.parse::<usize>() {
         Ok(index) if index < len => Ok(index),
-        Ok(index) => Err(format!("index {index} past the end of a list of {len}")),
-        Err(_) => Err(format!("'{segment}' is not an index into a list")),
+        Ok(index) => Err(BadIndex::PastTheEnd { index, len }),
+        Err(_) => Err(BadIndex::NotAnIndex(segment.to_owned())),
     }
+}
+
+/// Why a key segment does not pick an item of a list.
+#[derive(Debug, thiserror::Error)]
+enum BadIndex {
+    #[error("index {index} past the end of a list of {len}")]
+    PastTheEnd { index: usize, len: usize },
+    #[error("'{0}' is not an index into a list")]
+    NotAnIndex(String),
 }
 
 #[cfg(test)]

@@ -49,6 +49,7 @@ pub use verify::{Mismatch, Verification};
 
 /// Why a scenario could not be read or run. Each names the key, disk or job at fault.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum ScenarioError {
     /// The TOML does not parse, or does not fit the scenario's types (an unknown key, a
     /// wrong type, a missing field).
