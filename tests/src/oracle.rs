@@ -857,10 +857,9 @@ fn check_contents(scenario: &Scenario, report: &Report, violations: &mut Vec<Str
                     continue;
                 };
                 let layout = &scenario.jobs[j];
-                // A hole of the source reads as zeroes, and so must the target there.
-                let in_hole = layout.holes.iter().any(|hole| hole.contains(&k));
+                // A hole or a zero run of the source reads as zeroes, and so must the target.
                 let new = match layout.source {
-                    Some((s, start)) if !in_hole => {
+                    Some((s, start)) if !layout.source_reads_zero(k) => {
                         Provenance::Pattern { seed: source_seed(s), generation: 0, sector: start + k }
                     }
                     _ => Provenance::Zero,
@@ -887,10 +886,11 @@ fn check_contents(scenario: &Scenario, report: &Report, violations: &mut Vec<Str
             }
         }
     }
-    // Sources are never written: their pattern, and zeroes in their holes.
+    // Sources are never written: their pattern, and zeroes in their holes and zero runs.
     for (s, disk) in report.sources.iter().enumerate() {
         let len = disk.options().len_sectors;
-        let holes = Sectors::from_ranges(scenario.source_holes().filter(|&(h, _)| h == s).map(|(_, hole)| hole));
+        let zeroes = scenario.source_holes().chain(scenario.source_zero_runs());
+        let holes = Sectors::from_ranges(zeroes.filter(|&(h, _)| h == s).map(|(_, hole)| hole));
         let pattern = span(0..len).difference(&holes);
         let expected =
             pattern.ranges().iter().map(|r| (r.clone(), false)).chain(holes.ranges().iter().map(|r| (r.clone(), true)));

@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kcopyd_core::{
-    Client, ClientConfig, ClientStats, Device, Flags, Job, Outcome, Region, SECTOR_SIZE, ShutdownReport, Sparse,
-    SubmitError, TargetMask, TargetZeroes, Throttle,
+    Client, ClientConfig, ClientStats, Device, Flags, Job, Outcome, RangeSet, Region, SECTOR_SIZE, ShutdownReport,
+    Sparse, SubmitError, TargetMask, TargetZeroes, Throttle,
 };
 use kcopyd_sim::{
     FaultOdds, FaultPlan, FaultRecord, IoModel, Latency, MemDisk, MemDiskOptions, Misdirect, Simulation, SlowSpike,
@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::io_log::{DiskRef, IoLog, IoRecord, Mark, Watched};
 pub use crate::oracle::check;
+use crate::sectors::Sectors;
 
 /// How long a run may take in virtual time before it counts as a deadlock.
 pub const DEADLOCK_AFTER: Duration = Duration::from_secs(3600);
@@ -165,6 +166,11 @@ pub struct JobInputs {
     /// to the region; copies only. A source with a hole is a sparse disk.
     #[serde(default)]
     pub holes: Vec<(u64, u64)>,
+    /// Allocated runs of zeroes in its source region: (offset, length) in sectors from the
+    /// region's start, clipped to it; copies only. The source reports them allocated (a thin
+    /// volume's mapped blocks that hold zeroes), also where they lie in a hole.
+    #[serde(default)]
+    pub zero_runs: Vec<(u64, u64)>,
 }
 
 /// Everything a scenario is made of: plain numbers, so that proptest can shrink them.
@@ -274,6 +280,7 @@ impl Inputs {
                 cancel_after_us: (rng.below(6) == 0).then(|| rng.below(3) * rng.below(3000)),
                 sparse: Sparse::OFF,
                 holes: Vec::new(),
+                zero_runs: Vec::new(),
             })
             .collect();
         let (page_budget, sub_job_units) = match shape {
@@ -311,6 +318,29 @@ impl Inputs {
         .busy_for_long(seed)
         .stalls_and_timeouts(seed)
         .sparse_jobs(seed)
+        .zero_runs(seed)
+    }
+
+    /// Allocated runs of zeroes in the sources of sparse copies (three in four), of every
+    /// length — a sector, less than a page, whole pages, a page and a sector, a sub-job, up to
+    /// the job — placed at any sector, on a page, at a sub-job's start, or against one of the
+    /// job's holes (before, after, or over it): where the zero-block scan must find exactly
+    /// the blocks that are zero, across the pages of a sub-job's buffer, and where the
+    /// allocation is no longer whole blocks. Drawn from a generator of their own, so that
+    /// every other draw of a seed stays what it was.
+    fn zero_runs(mut self, seed: u64) -> Inputs {
+        let mut rng = Draw(mix64(seed ^ 0x2e50_5e70));
+        let unit = self.unit_sectors();
+        let chunk = self.sub_job_units.max(1) * unit;
+        for job in self.jobs.iter_mut().filter(|job| !job.zero && job.sparse.is_on()) {
+            let len = job.len_units * unit;
+            if len == 0 || rng.below(4) == 0 {
+                continue;
+            }
+            let holes: Vec<(u64, u64)> = job.holes.iter().map(|&(o, n)| (o * unit, n * unit)).collect();
+            job.zero_runs = (0..1 + rng.below(4)).map(|_| rng.zero_run(len, chunk, &holes)).collect();
+        }
+        self
     }
 
     /// Sparse copies, in one scenario in three: copy jobs made sparse (`Job::sparse`) with
@@ -504,11 +534,15 @@ impl Inputs {
                     (t, start)
                 })
                 .collect();
-            let holes = if job.zero {
-                Vec::new()
+            let (holes, zero_runs) = if job.zero {
+                (Vec::new(), Vec::new())
             } else {
                 let clipped = job.holes.iter().map(|&(o, n)| o.min(len / unit) * unit..(o + n).min(len / unit) * unit);
-                crate::sectors::Sectors::from_ranges(clipped).ranges().to_vec()
+                let zero_runs =
+                    Sectors::from_ranges(job.zero_runs.iter().map(|&(o, n)| o.min(len)..o.saturating_add(n).min(len)));
+                // A zero run over a hole is allocated there: the hole is what is left around it.
+                let holes = Sectors::from_ranges(clipped).difference(&zero_runs);
+                (holes.ranges().to_vec(), zero_runs.ranges().to_vec())
             };
             let mut flags = Flags::empty();
             if job.ignore_error {
@@ -527,6 +561,7 @@ impl Inputs {
                 cancel_at_us: job.cancel_after_us.map(|after| job.submit_at_us + after),
                 sparse: if job.zero { Sparse::OFF } else { job.sparse },
                 holes,
+                zero_runs,
             });
         }
         let slack = 4 * unit;
@@ -664,6 +699,30 @@ impl Draw {
         self.0 % n.max(1)
     }
 
+    /// One allocated run of zeroes in a source region of `len` sectors (sub-jobs of `chunk`
+    /// sectors, `holes` as (offset, length) in sectors): (offset, length) in sectors.
+    fn zero_run(&mut self, len: u64, chunk: u64, holes: &[(u64, u64)]) -> (u64, u64) {
+        const PAGE: u64 = 8;
+        let length = match self.below(6) {
+            0 => 1,
+            1 => 2 + self.below(PAGE - 2),
+            2 => PAGE * (1 + self.below(4)),
+            3 => PAGE * (1 + self.below(4)) + [1, PAGE - 1][self.below(2) as usize],
+            4 => chunk + [0, 1, PAGE][self.below(3) as usize],
+            _ => 1 + self.below(len),
+        };
+        let hole = (!holes.is_empty()).then(|| holes[self.below(holes.len() as u64) as usize]);
+        let offset = match (self.below(5), hole) {
+            (0, _) | (_, None) => self.below(len),
+            (1, _) => self.below(len) / PAGE * PAGE + [0, 1][self.below(2) as usize],
+            (2, _) => self.below(len.div_ceil(chunk)) * chunk,
+            // Against a hole: ending where it begins, beginning where it ends, or over part of it.
+            (3, Some((start, n))) => [start.saturating_sub(length), start + n][self.below(2) as usize],
+            (_, Some((start, n))) => start + self.below(n),
+        };
+        (offset, length)
+    }
+
     fn timing(&mut self) -> TimingInputs {
         TimingInputs {
             cost_us: [0, 10, 100, 1000][self.below(4) as usize],
@@ -730,6 +789,17 @@ pub struct JobLayout {
     /// as zeroes and the (sparse) source reports them unallocated.
     #[serde(default)]
     pub holes: Vec<std::ops::Range<u64>>,
+    /// Allocated runs of zeroes in its source region (job-relative sectors, sorted, disjoint,
+    /// apart from the holes): they read as zeroes, and the source reports them allocated.
+    #[serde(default)]
+    pub zero_runs: Vec<std::ops::Range<u64>>,
+}
+
+impl JobLayout {
+    /// Whether job-relative sector `k` of its source reads as zeroes: in a hole or a zero run.
+    pub fn source_reads_zero(&self, k: u64) -> bool {
+        self.holes.iter().chain(&self.zero_runs).any(|run| run.contains(&k))
+    }
 }
 
 /// A concrete scenario: a serde value that can be saved and replayed.
@@ -763,6 +833,14 @@ impl Scenario {
             .iter()
             .filter_map(|job| job.source.map(|source| (job, source)))
             .flat_map(|(job, (s, start))| job.holes.iter().map(move |hole| (s, start + hole.start..start + hole.end)))
+    }
+
+    /// The allocated runs of zeroes of every source region, in device sectors: (source, sectors).
+    pub fn source_zero_runs(&self) -> impl Iterator<Item = (usize, std::ops::Range<u64>)> + '_ {
+        self.jobs
+            .iter()
+            .filter_map(|job| job.source.map(|source| (job, source)))
+            .flat_map(|(job, (s, start))| job.zero_runs.iter().map(move |run| (s, start + run.start..start + run.end)))
     }
 
     /// The job whose region holds `record`'s sectors, if any.
@@ -949,15 +1027,25 @@ pub fn run(scenario: &Scenario) -> Report {
             disk
         };
         let sources: Vec<_> = scenario.sources.iter().enumerate().map(|(i, o)| make(o, source_seed(i))).collect();
-        for (s, hole) in scenario.source_holes() {
-            sources[s].poke(hole.start, &vec![0; (hole.end - hole.start) as usize * SECTOR_SIZE]);
+        let mut mapped_zeroes = vec![RangeSet::new(); sources.len()];
+        for (s, zeroes) in scenario.source_holes().chain(scenario.source_zero_runs()) {
+            sources[s].poke(zeroes.start, &vec![0; (zeroes.end - zeroes.start) as usize * SECTOR_SIZE]);
+        }
+        for (s, run) in scenario.source_zero_runs() {
+            mapped_zeroes[s].insert(run);
         }
         let targets: Vec<_> = scenario.targets.iter().enumerate().map(|(i, o)| make(o, target_seed(i))).collect();
         let watched = |disks: &[Arc<MemDisk>], which: fn(usize) -> DiskRef| -> Vec<Device> {
             disks
                 .iter()
                 .enumerate()
-                .map(|(i, d)| Arc::new(Watched::new(d.clone(), which(i), log.clone())) as Device)
+                .map(|(i, d)| {
+                    let mapped = match which(i) {
+                        DiskRef::Source(s) => mapped_zeroes[s].clone(),
+                        DiskRef::Target(_) => RangeSet::new(),
+                    };
+                    Arc::new(Watched::with_mapped_zeroes(d.clone(), which(i), log.clone(), mapped)) as Device
+                })
                 .collect()
         };
         let (source_devices, target_devices) = (watched(&sources, DiskRef::Source), watched(&targets, DiskRef::Target));
@@ -1139,6 +1227,23 @@ pub fn run(scenario: &Scenario) -> Report {
     })
 }
 
+/// A sparse copy's settings (never `TargetZeroes::Skip`: every target holds old data), up to
+/// four holes (units) and up to four allocated zero runs (sectors, of any length and
+/// alignment) in its source; a zero job ignores them.
+fn arb_sparse() -> impl Strategy<Value = (Sparse, Vec<(u64, u64)>, Vec<(u64, u64)>)> {
+    (
+        proptest::bool::weighted(0.75),
+        prop_oneof![Just(0u32), Just(512), Just(4096), Just(65536)],
+        any::<bool>(),
+        proptest::collection::vec((0u64..48, 1u64..24), 0..4),
+        proptest::collection::vec((0u64..400, prop_oneof![1u64..9, 8u64..80, 1u64..400]), 0..4),
+    )
+        .prop_map(|(skip_holes, zero_block_bytes, deallocate, holes, zero_runs)| {
+            let target_zeroes = if deallocate { TargetZeroes::Deallocate } else { TargetZeroes::Write };
+            (Sparse { skip_holes, zero_block_bytes, target_zeroes }, holes, zero_runs)
+        })
+}
+
 /// A proptest strategy for [`Inputs`]: small, shrinkable scenarios.
 pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
     let timing = (0u64..3, 0u64..3, 0u32..3, 0u64..3).prop_map(|(c, b, q, j)| TimingInputs {
@@ -1186,9 +1291,22 @@ pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
         proptest::bool::weighted(0.25),
         0u64..5000,
         proptest::option::weighted(0.15, 0u64..3000),
+        proptest::option::weighted(0.4, arb_sparse()),
     )
         .prop_map(
-            |(zero, source, targets, len_units, gap_units, ignore_error, write_seq, submit_at_us, cancel_after_us)| {
+            |(
+                zero,
+                source,
+                targets,
+                len_units,
+                gap_units,
+                ignore_error,
+                write_seq,
+                submit_at_us,
+                cancel_after_us,
+                sparse,
+            )| {
+                let (sparse, holes, zero_runs) = sparse.unwrap_or_default();
                 JobInputs {
                     zero,
                     source,
@@ -1199,8 +1317,9 @@ pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
                     write_seq,
                     submit_at_us,
                     cancel_after_us,
-                    sparse: Sparse::OFF,
-                    holes: Vec::new(),
+                    sparse,
+                    holes,
+                    zero_runs,
                 }
             },
         );
