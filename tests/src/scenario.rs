@@ -330,6 +330,16 @@ impl Inputs {
     /// every other draw of a seed stays what it was.
     fn zero_runs(mut self, seed: u64) -> Inputs {
         let mut rng = Draw(mix64(seed ^ 0x2e50_5e70));
+        // A sub-job's buffer is one run of pages only while pages come back in the order they
+        // were taken; sub-jobs of different lengths (cut by holes and zero runs) in flight
+        // together fragment the pool, and a buffer becomes several runs, which the zero-block
+        // scan must walk across. In one sparse scenario in two: several sub-jobs in flight,
+        // and a budget for them.
+        if self.jobs.iter().any(|job| job.sparse.is_on()) && rng.below(2) == 0 {
+            self.subjobs_in_flight = self.subjobs_in_flight.max(4 + rng.below(13) as usize);
+            let pages = (self.sub_job_units * self.unit_sectors()).div_ceil(8) as usize;
+            self.page_budget = self.page_budget.max(pages * (2 + rng.below(7) as usize));
+        }
         let unit = self.unit_sectors();
         let chunk = self.sub_job_units.max(1) * unit;
         for job in self.jobs.iter_mut().filter(|job| !job.zero && job.sparse.is_on()) {
