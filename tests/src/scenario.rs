@@ -242,14 +242,7 @@ impl Inputs {
             _ => Shape::Small,
         };
         let unit_bytes = if big_units { 8 * SECTOR_SIZE as u64 } else { SECTOR_SIZE as u64 };
-        let disk = |rng: &mut Draw, target: bool| DiskInputs {
-            block_4k: big_units && rng.below(2) == 0,
-            write_zeroes: rng.below(2) == 0,
-            zoned: target && !crash && rng.below(6) == 0,
-            read: rng.timing(),
-            write: rng.timing(),
-            faults: rng.faults(storm, target),
-        };
+        let disk = |rng: &mut Draw, target: bool| rng.disk(big_units, storm, crash, target);
         let sources = (0..1 + rng.below(3)).map(|_| disk(&mut rng, false)).collect();
         let target_disks = match shape {
             Shape::Wide => 64 + rng.below(33),
@@ -260,29 +253,7 @@ impl Inputs {
             Shape::Long => 40 + rng.below(81),
             _ => 1 + rng.below(10),
         };
-        let jobs = (0..job_count)
-            .map(|_| JobInputs {
-                zero: rng.below(5) == 0,
-                source: rng.below(3) as usize,
-                targets: match shape {
-                    Shape::Wide => (0..1 + rng.below(96)).map(|_| rng.below(target_disks) as usize).collect(),
-                    _ => (0..1 + rng.below(8)).map(|_| rng.below(8) as usize).collect(),
-                },
-                len_units: match (rng.below(20), shape) {
-                    (0, _) => 0,
-                    (_, Shape::Big) => 1 + rng.below(JOB_BYTES_MAX / unit_bytes),
-                    _ => 1 + rng.below(64),
-                },
-                gap_units: rng.below(8),
-                ignore_error: rng.below(2) == 0,
-                write_seq: rng.below(4) == 0,
-                submit_at_us: rng.below(4) * rng.below(5000),
-                cancel_after_us: (rng.below(6) == 0).then(|| rng.below(3) * rng.below(3000)),
-                sparse: Sparse::OFF,
-                holes: Vec::new(),
-                zero_runs: Vec::new(),
-            })
-            .collect();
+        let jobs = (0..job_count).map(|_| rng.job(shape, target_disks, unit_bytes)).collect();
         let (page_budget, sub_job_units) = match shape {
             Shape::Big => (
                 [16, 256, 1024, 2048][rng.below(4) as usize],
@@ -508,137 +479,146 @@ impl Inputs {
         inputs
     }
 
+    /// Places `job` after the regions placed before it (`source_cursor` and `target_cursor`:
+    /// where each disk's next region may start, in sectors): its regions, flags, holes and
+    /// zero runs in sectors.
+    fn place(&self, job: &JobInputs, source_cursor: &mut [u64], target_cursor: &mut [u64]) -> JobLayout {
+        let unit = self.unit_sectors();
+        let source = job.source % self.sources.len();
+        let mut targets: Vec<usize> = Vec::new();
+        for &t in &job.targets {
+            let t = t % self.targets.len();
+            if !targets.contains(&t) {
+                targets.push(t);
+            }
+        }
+        let len_units_max = if targets.iter().any(|&t| self.targets[t].zoned) {
+            ZONE_UNITS
+        } else {
+            JOB_BYTES_MAX / SECTOR_SIZE as u64 / unit
+        };
+        let len = job.len_units.min(len_units_max) * unit;
+        let source_start = source_cursor[source] + job.gap_units * unit;
+        if !job.zero {
+            source_cursor[source] = source_start + len;
+        }
+        let regions = targets
+            .iter()
+            .map(|&t| {
+                let mut start = target_cursor[t] + job.gap_units * unit;
+                if self.targets[t].zoned {
+                    start = start.div_ceil(ZONE_UNITS * unit) * ZONE_UNITS * unit;
+                }
+                target_cursor[t] = start + len;
+                (t, start)
+            })
+            .collect();
+        let (holes, zero_runs) = if job.zero {
+            (Vec::new(), Vec::new())
+        } else {
+            let clipped = job.holes.iter().map(|&(o, n)| o.min(len / unit) * unit..(o + n).min(len / unit) * unit);
+            let zero_runs =
+                Sectors::from_ranges(job.zero_runs.iter().map(|&(o, n)| o.min(len)..o.saturating_add(n).min(len)));
+            // A zero run over a hole is allocated there: the hole is what is left around it.
+            let holes = Sectors::from_ranges(clipped).difference(&zero_runs);
+            (holes.ranges().to_vec(), zero_runs.ranges().to_vec())
+        };
+        let mut flags = Flags::empty();
+        if job.ignore_error {
+            flags |= Flags::IGNORE_ERROR;
+        }
+        if job.write_seq {
+            flags |= Flags::WRITE_SEQ;
+        }
+        JobLayout {
+            zero: job.zero,
+            source: (!job.zero).then_some((source, source_start)),
+            targets: regions,
+            len_sectors: len,
+            flags,
+            submit_at_us: job.submit_at_us,
+            cancel_at_us: job.cancel_after_us.map(|after| job.submit_at_us + after),
+            sparse: if job.zero { Sparse::OFF } else { job.sparse },
+            holes,
+            zero_runs,
+        }
+    }
+
+    /// The options of a disk of the scenario (`inputs`, its regions ending at `cursor`): its
+    /// length with some slack (whole zones if zoned), block size, timing and faults, which
+    /// wrap around the disk.
+    fn disk_options(&self, inputs: &DiskInputs, cursor: u64, name: String, index: u64) -> MemDiskOptions {
+        let unit = self.unit_sectors();
+        let slack = 4 * unit;
+        let zone = ZONE_UNITS * unit;
+        let block: u32 = if inputs.block_4k && self.big_units { 4096 } else { 512 };
+        let mut len = cursor + slack;
+        if inputs.zoned {
+            len = len.div_ceil(zone) * zone;
+        }
+        let wrap = |offset: u64, count: u64| {
+            let start = offset * unit % len;
+            start..(start + count.max(1) * unit).min(len)
+        };
+        let faults = &inputs.faults;
+        MemDiskOptions {
+            name,
+            seed: mix64(self.seed ^ index),
+            len_sectors: len,
+            logical_block_size: block,
+            sparse: self.headers_only,
+            headers_only: self.headers_only,
+            write_zeroes: inputs.write_zeroes,
+            zoned: inputs.zoned,
+            zone_sectors: if inputs.zoned { zone } else { 0 },
+            latency: Latency {
+                read: inputs.read.model(),
+                write: inputs.write.model(),
+                seed: mix64(self.seed ^ index ^ 7),
+                ..Latency::default()
+            },
+            faults: FaultPlan {
+                latent_sectors: faults.latent.iter().map(|&(o, n)| wrap(o, n)).collect(),
+                write_faults: faults
+                    .write_faults
+                    .iter()
+                    .map(|&(o, n, attempts)| WriteFault { sectors: wrap(o, n), attempts })
+                    .collect(),
+                fail_after_ios: faults.fail_after_ios,
+                fail_at_us: None,
+                slow_spikes: faults.slow.iter().map(|&(io_index, extra_us)| SlowSpike { io_index, extra_us }).collect(),
+                misdirects: faults
+                    .misdirects
+                    .iter()
+                    .map(|&(write_index, shift)| Misdirect { write_index, shift_sectors: shift * unit as i64 })
+                    .collect(),
+                short_io: faults.short_io,
+                stalls: faults.stalls.iter().map(|&(io_index, hold_us)| Stall { io_index, hold_us }).collect(),
+                volatile_cache: self.crash_at_us.is_some(),
+                odds: FaultOdds {
+                    read_error_ppm: faults.odds.0,
+                    write_error_ppm: faults.odds.1,
+                    misdirect_ppm: faults.odds.2,
+                    slow_ppm: faults.odds.3,
+                    slow_us: 5000,
+                    ..FaultOdds::default()
+                },
+            },
+        }
+    }
+
     /// The concrete scenario: disk options, regions and flags.
     pub fn layout(&self) -> Scenario {
         let unit = self.unit_sectors();
         let mut source_cursor = vec![0u64; self.sources.len()];
         let mut target_cursor = vec![0u64; self.targets.len()];
-        let mut jobs = Vec::new();
-        for job in &self.jobs {
-            let source = job.source % self.sources.len();
-            let mut targets: Vec<usize> = Vec::new();
-            for &t in &job.targets {
-                let t = t % self.targets.len();
-                if !targets.contains(&t) {
-                    targets.push(t);
-                }
-            }
-            let len_units_max = if targets.iter().any(|&t| self.targets[t].zoned) {
-                ZONE_UNITS
-            } else {
-                JOB_BYTES_MAX / SECTOR_SIZE as u64 / unit
-            };
-            let len = job.len_units.min(len_units_max) * unit;
-            let source_start = source_cursor[source] + job.gap_units * unit;
-            if !job.zero {
-                source_cursor[source] = source_start + len;
-            }
-            let regions = targets
-                .iter()
-                .map(|&t| {
-                    let mut start = target_cursor[t] + job.gap_units * unit;
-                    if self.targets[t].zoned {
-                        start = start.div_ceil(ZONE_UNITS * unit) * ZONE_UNITS * unit;
-                    }
-                    target_cursor[t] = start + len;
-                    (t, start)
-                })
-                .collect();
-            let (holes, zero_runs) = if job.zero {
-                (Vec::new(), Vec::new())
-            } else {
-                let clipped = job.holes.iter().map(|&(o, n)| o.min(len / unit) * unit..(o + n).min(len / unit) * unit);
-                let zero_runs =
-                    Sectors::from_ranges(job.zero_runs.iter().map(|&(o, n)| o.min(len)..o.saturating_add(n).min(len)));
-                // A zero run over a hole is allocated there: the hole is what is left around it.
-                let holes = Sectors::from_ranges(clipped).difference(&zero_runs);
-                (holes.ranges().to_vec(), zero_runs.ranges().to_vec())
-            };
-            let mut flags = Flags::empty();
-            if job.ignore_error {
-                flags |= Flags::IGNORE_ERROR;
-            }
-            if job.write_seq {
-                flags |= Flags::WRITE_SEQ;
-            }
-            jobs.push(JobLayout {
-                zero: job.zero,
-                source: (!job.zero).then_some((source, source_start)),
-                targets: regions,
-                len_sectors: len,
-                flags,
-                submit_at_us: job.submit_at_us,
-                cancel_at_us: job.cancel_after_us.map(|after| job.submit_at_us + after),
-                sparse: if job.zero { Sparse::OFF } else { job.sparse },
-                holes,
-                zero_runs,
-            });
-        }
-        let slack = 4 * unit;
-        let zone = ZONE_UNITS * unit;
+        let jobs: Vec<JobLayout> =
+            self.jobs.iter().map(|job| self.place(job, &mut source_cursor, &mut target_cursor)).collect();
         let holed: Vec<bool> = (0..self.sources.len())
             .map(|s| jobs.iter().any(|job| job.source.is_some_and(|(source, _)| source == s) && !job.holes.is_empty()))
             .collect();
-        let disk_options = |inputs: &DiskInputs, cursor: u64, name: String, index: u64| {
-            let block: u32 = if inputs.block_4k && self.big_units { 4096 } else { 512 };
-            let mut len = cursor + slack;
-            if inputs.zoned {
-                len = len.div_ceil(zone) * zone;
-            }
-            let wrap = |offset: u64, count: u64| {
-                let start = offset * unit % len;
-                start..(start + count.max(1) * unit).min(len)
-            };
-            let faults = &inputs.faults;
-            MemDiskOptions {
-                name,
-                seed: mix64(self.seed ^ index),
-                len_sectors: len,
-                logical_block_size: block,
-                sparse: self.headers_only,
-                headers_only: self.headers_only,
-                write_zeroes: inputs.write_zeroes,
-                zoned: inputs.zoned,
-                zone_sectors: if inputs.zoned { zone } else { 0 },
-                latency: Latency {
-                    read: inputs.read.model(),
-                    write: inputs.write.model(),
-                    seed: mix64(self.seed ^ index ^ 7),
-                    ..Latency::default()
-                },
-                faults: FaultPlan {
-                    latent_sectors: faults.latent.iter().map(|&(o, n)| wrap(o, n)).collect(),
-                    write_faults: faults
-                        .write_faults
-                        .iter()
-                        .map(|&(o, n, attempts)| WriteFault { sectors: wrap(o, n), attempts })
-                        .collect(),
-                    fail_after_ios: faults.fail_after_ios,
-                    fail_at_us: None,
-                    slow_spikes: faults
-                        .slow
-                        .iter()
-                        .map(|&(io_index, extra_us)| SlowSpike { io_index, extra_us })
-                        .collect(),
-                    misdirects: faults
-                        .misdirects
-                        .iter()
-                        .map(|&(write_index, shift)| Misdirect { write_index, shift_sectors: shift * unit as i64 })
-                        .collect(),
-                    short_io: faults.short_io,
-                    stalls: faults.stalls.iter().map(|&(io_index, hold_us)| Stall { io_index, hold_us }).collect(),
-                    volatile_cache: self.crash_at_us.is_some(),
-                    odds: FaultOdds {
-                        read_error_ppm: faults.odds.0,
-                        write_error_ppm: faults.odds.1,
-                        misdirect_ppm: faults.odds.2,
-                        slow_ppm: faults.odds.3,
-                        slow_us: 5000,
-                        ..FaultOdds::default()
-                    },
-                },
-            }
-        };
+        let disk_options =
+            |inputs: &DiskInputs, cursor: u64, name: String, index: u64| self.disk_options(inputs, cursor, name, index);
         Scenario {
             config: ClientConfig {
                 page_budget: self.page_budget.max(1),
@@ -731,6 +711,45 @@ impl Draw {
             (_, Some((start, n))) => start + self.below(n),
         };
         (offset, length)
+    }
+
+    /// A disk of [`Inputs::from_seed`]: 4 KiB blocks in one case in two with big units, write-zeroes
+    /// offload in one in two, zoned in one target in six (never with a crash), its timing
+    /// and its faults.
+    fn disk(&mut self, big_units: bool, storm: u64, crash: bool, target: bool) -> DiskInputs {
+        DiskInputs {
+            block_4k: big_units && self.below(2) == 0,
+            write_zeroes: self.below(2) == 0,
+            zoned: target && !crash && self.below(6) == 0,
+            read: self.timing(),
+            write: self.timing(),
+            faults: self.faults(storm, target),
+        }
+    }
+
+    /// A job of [`Inputs::from_seed`] for a scenario of `shape` with `target_disks` targets.
+    fn job(&mut self, shape: Shape, target_disks: u64, unit_bytes: u64) -> JobInputs {
+        JobInputs {
+            zero: self.below(5) == 0,
+            source: self.below(3) as usize,
+            targets: match shape {
+                Shape::Wide => (0..1 + self.below(96)).map(|_| self.below(target_disks) as usize).collect(),
+                _ => (0..1 + self.below(8)).map(|_| self.below(8) as usize).collect(),
+            },
+            len_units: match (self.below(20), shape) {
+                (0, _) => 0,
+                (_, Shape::Big) => 1 + self.below(JOB_BYTES_MAX / unit_bytes),
+                _ => 1 + self.below(64),
+            },
+            gap_units: self.below(8),
+            ignore_error: self.below(2) == 0,
+            write_seq: self.below(4) == 0,
+            submit_at_us: self.below(4) * self.below(5000),
+            cancel_after_us: (self.below(6) == 0).then(|| self.below(3) * self.below(3000)),
+            sparse: Sparse::OFF,
+            holes: Vec::new(),
+            zero_runs: Vec::new(),
+        }
     }
 
     fn timing(&mut self) -> TimingInputs {
@@ -1254,8 +1273,8 @@ fn arb_sparse() -> impl Strategy<Value = (Sparse, Vec<(u64, u64)>, Vec<(u64, u64
         })
 }
 
-/// A proptest strategy for [`Inputs`]: small, shrinkable scenarios.
-pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
+/// A disk's timing and faults, for [`arb_inputs`].
+fn arb_disk() -> impl Strategy<Value = DiskInputs> {
     let timing = (0u64..3, 0u64..3, 0u32..3, 0u64..3).prop_map(|(c, b, q, j)| TimingInputs {
         cost_us: [0, 20, 500][c as usize],
         bandwidth_mb_per_s: [0, 100, 2000][b as usize],
@@ -1281,7 +1300,7 @@ pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
             odds,
             stalls: Vec::new(),
         });
-    let disk = (any::<bool>(), any::<bool>(), proptest::bool::weighted(0.15), timing.clone(), timing, faults).prop_map(
+    (any::<bool>(), any::<bool>(), proptest::bool::weighted(0.15), timing.clone(), timing, faults).prop_map(
         |(block_4k, write_zeroes, zoned, read, write, faults)| DiskInputs {
             block_4k,
             write_zeroes,
@@ -1290,8 +1309,12 @@ pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
             write,
             faults,
         },
-    );
-    let job = (
+    )
+}
+
+/// A job, for [`arb_inputs`]: copies (some sparse, with holes and zero runs) and zero jobs.
+fn arb_job() -> impl Strategy<Value = JobInputs> {
+    (
         proptest::bool::weighted(0.2),
         0usize..3,
         proptest::collection::vec(0usize..8, 1..=8),
@@ -1332,14 +1355,19 @@ pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
                     zero_runs,
                 }
             },
-        );
+        )
+}
+
+/// A proptest strategy for [`Inputs`]: small, shrinkable scenarios.
+pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
+    let (disk, job) = (arb_disk(), arb_job());
     (
         any::<u64>(),
         prop_oneof![Just(1usize), 1usize..8, 8usize..300],
         1u64..40,
         1usize..9,
         any::<bool>(),
-        proptest::collection::vec(disk.clone(), 1..3),
+        proptest::collection::vec(arb_disk(), 1..3),
         proptest::collection::vec(disk, 1..8),
         proptest::collection::vec(job, 1..8),
     )
