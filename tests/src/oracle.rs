@@ -20,9 +20,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use kcopyd_core::{
-    Flags, HOLE_SUB_JOB_SECTORS_MAX, Outcome, PAGE_SIZE, RangeSet, SECTOR_SIZE, SubmitError, TargetZeroes,
-};
+use kcopyd_core::{Flags, Outcome, PAGE_SIZE, RangeSet, SECTOR_SIZE, SubmitError, TargetZeroes};
 use kcopyd_sim::{FaultKind, MemDisk, Provenance};
 
 use crate::io_log::{DiskRef, IoKind, IoRecord, Mark};
@@ -302,6 +300,11 @@ fn check_prepared(scenario: &Scenario, report: &Report, violations: &mut Vec<Str
     }
 }
 
+/// Most sectors one hole sub-job of a sparse copy covers: 1 GiB, as the engine documents
+/// (`kcopyd_core::HOLE_SUB_JOB_SECTORS_MAX`). Written out here rather than taken from the
+/// engine: a wrong constant there would otherwise sit on both sides of every comparison.
+pub(crate) const HOLE_SUB_JOB_SECTORS: u64 = (1 << 30) / 512;
+
 /// Works out every job's shape and attributes every request to the job whose region holds
 /// it. A request outside every region, misaligned, or across two sub-jobs is a violation.
 fn attribute<'a>(
@@ -419,7 +422,7 @@ fn zeroes_are_cheap(layout: &JobLayout, target: &kcopyd_sim::MemDiskOptions) -> 
 /// A job's sub-jobs: their bounds (starts, then the length) and which are holes. A sparse copy
 /// that skips holes walks its source's allocation (the complement of its holes, rounded out to
 /// the job's block): data up to `chunk` sectors within an allocated run, holes up to
-/// `HOLE_SUB_JOB_SECTORS_MAX` (in whole blocks) where every target takes zeroes cheaply and up
+/// [`HOLE_SUB_JOB_SECTORS`] (in whole blocks) where every target takes zeroes cheaply and up
 /// to `chunk` otherwise. Any other job is cut every `chunk` sectors.
 fn sub_jobs(layout: &JobLayout, chunk: u64, block: u64, cheap_holes: bool) -> (Vec<u64>, Vec<bool>) {
     let len = layout.len_sectors;
@@ -428,7 +431,7 @@ fn sub_jobs(layout: &JobLayout, chunk: u64, block: u64, cheap_holes: bool) -> (V
     let allocated = Sectors::from_ranges(
         allocated.ranges().iter().map(|r| r.start / block * block..(r.end.div_ceil(block) * block).min(len)),
     );
-    let hole_max = if cheap_holes { HOLE_SUB_JOB_SECTORS_MAX / block * block } else { chunk };
+    let hole_max = if cheap_holes { HOLE_SUB_JOB_SECTORS / block * block } else { chunk };
     let (mut bounds, mut holes, mut cursor) = (Vec::new(), Vec::new(), 0);
     while cursor < len {
         bounds.push(cursor);

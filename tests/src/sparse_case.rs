@@ -25,14 +25,12 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use kcopyd_core::{
-    Client, ClientConfig, Device, Flags, HOLE_SUB_JOB_SECTORS_MAX, Job, Outcome, Region, SECTOR_SIZE, Sparse,
-    TargetZeroes,
-};
+use kcopyd_core::{Client, ClientConfig, Device, Flags, Job, Outcome, Region, SECTOR_SIZE, Sparse, TargetZeroes};
 use kcopyd_sim::{MemDisk, MemDiskOptions, Simulation, mix64, to_tokio};
 use serde::{Deserialize, Serialize};
 
 use crate::io_log::{DiskRef, IoKind, IoLog, IoRecord, Watched};
+use crate::oracle::HOLE_SUB_JOB_SECTORS;
 use crate::scenario::{DEADLOCK_AFTER, Draw};
 use crate::sectors::Sectors;
 
@@ -247,8 +245,7 @@ impl Case {
 
     /// Target `i`'s content and requests against what the source holds and what was seen.
     fn check_target(&self, i: usize, target: &MemDisk, source: &MemDisk, seen: &Seen, problems: &mut Vec<String>) {
-        let (data, not_data, unallocated, zero_blocks) =
-            (&seen.data, &seen.not_data, &seen.unallocated, &seen.zero_blocks);
+        let (data, unallocated, zero_blocks) = (&seen.data, &seen.unallocated, &seen.zero_blocks);
         let skip = self.sparse.target_zeroes == TargetZeroes::Skip;
         let cheap_everywhere = self.targets.iter().all(|&kind| self.cheap(kind));
         let which = DiskRef::Target(i);
@@ -265,7 +262,7 @@ impl Case {
         if let Some(long) = writes.iter().find(|r| r.end - r.start > seen.sub_job_sectors) {
             problems.push(format!("target{i}: a data write {long:?} longer than a sub-job"));
         }
-        if let Some(long) = zero_writes.iter().find(|r| r.end - r.start > HOLE_SUB_JOB_SECTORS_MAX) {
+        if let Some(long) = zero_writes.iter().find(|r| r.end - r.start > HOLE_SUB_JOB_SECTORS) {
             problems.push(format!("target{i}: a write-zeroes {long:?} longer than a hole sub-job"));
         }
         let as_data = Sectors::from_ranges(writes.iter().cloned());
