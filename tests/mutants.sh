@@ -6,7 +6,8 @@
 # in .cargo/mutants.toml. On demand, not in CI: it rebuilds the engine once per mutant.
 #
 #   tests/mutants.sh                         # every mutant of the seven files (hours)
-#   tests/mutants.sh --re 'sparse\.rs:'      # one file; any cargo-mutants option goes on
+#   tests/mutants.sh --only sparse.rs        # one file of crates/kcopyd-core/src (first argument);
+#                                            # any cargo-mutants option goes on after it
 #   tests/mutants.sh --re 'JobRun::narrow'   # one function
 #   KCOPYD_SWARM_SEEDS=100 tests/mutants.sh  # more seeds per mutant (default 30)
 #   MUTANT_TIMEOUT_S=120 tests/mutants.sh    # a mutant's tests are stopped after this (default 300)
@@ -38,6 +39,18 @@ fi
 # The baseline, run here: cargo-mutants would run its baseline on the mutated package
 # (kcopyd-core), which has no swarm test. This also warms the build the mutants reuse.
 echo "mutants.sh: baseline: the swarm test ($KCOPYD_SWARM_SEEDS seeds) and the property tests ($PROPTEST_CASES cases)"
+config=()
+if [[ "${1:-}" == "--only" ]]; then
+    # The settings with examine_globs naming that file alone: `--re` would let the field
+    # deletions of every other file through (cargo-mutants filters them by no regex).
+    only="crates/kcopyd-core/src/${2:?--only needs a file name, e.g. sparse.rs}"
+    [[ -f "$only" ]] || { echo "mutants.sh: no such file: $only" >&2; exit 2; }
+    shift 2
+    settings="$(mktemp --suffix=.toml)"
+    trap 'rm -f "$settings"' EXIT
+    sed -e '/^examine_globs = \[/,/^\]/c\examine_globs = ["'"$only"'"]' .cargo/mutants.toml >"$settings"
+    config=(--config "$settings")
+fi
 profile="${MUTANTS_PROFILE:-mutants}"
 cargo test --profile "$profile" -p kcopyd-tests --test swarm --test properties
-exec cargo mutants --profile "$profile" --baseline=skip --timeout "${MUTANT_TIMEOUT_S:-300}" "$@"
+cargo mutants "${config[@]}" --profile "$profile" --baseline=skip --timeout "${MUTANT_TIMEOUT_S:-300}" "$@"
