@@ -1256,10 +1256,13 @@ pub fn run(scenario: &Scenario) -> Report {
     })
 }
 
+/// A sparse copy's settings, its holes (units) and its zero runs (sectors), as (offset, length).
+type SparseDraw = (Sparse, Vec<(u64, u64)>, Vec<(u64, u64)>);
+
 /// A sparse copy's settings (never `TargetZeroes::Skip`: every target holds old data), up to
 /// four holes (units) and up to four allocated zero runs (sectors, of any length and
 /// alignment) in its source; a zero job ignores them.
-fn arb_sparse() -> impl Strategy<Value = (Sparse, Vec<(u64, u64)>, Vec<(u64, u64)>)> {
+fn arb_sparse() -> impl Strategy<Value = SparseDraw> {
     (
         proptest::bool::weighted(0.75),
         prop_oneof![Just(0u32), Just(512), Just(4096), Just(65536)],
