@@ -17,7 +17,7 @@ use std::io;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use kcopyd_core::{BlockDevice, Forward, Hooks, IoFuture, ReadBuf, SECTOR_SIZE, WriteBuf};
+use kcopyd_core::{BlockDevice, Forward, Hooks, IoFuture, RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf};
 use kcopyd_sim::MemDisk;
 
 /// Which disk of a scenario.
@@ -191,18 +191,41 @@ impl IoLog {
 
 /// The hooks of a simulated disk whose every request is logged in an [`IoLog`]: reads, writes,
 /// write-zeroes and deallocations (logged as write-zeroes: the range reads as zeroes afterwards
-/// either way). Everything else — allocation queries, flushes — is the disk's own, through
-/// [`Forward`].
+/// either way). Everything else — flushes, and allocation queries but for the mapped zeroes
+/// below — is the disk's own, through [`Forward`].
+///
+/// A sparse [`MemDisk`] calls every run of zero sectors unallocated. A thin volume does not:
+/// a block it mapped stays mapped when it holds zeroes. `mapped_zeroes` are such runs (device
+/// sectors): allocation queries report them allocated, so that a sparse copy reads them and
+/// finds them zero by scanning, as on a real thin volume.
+///
+/// ```text
+///  disk:     [ pattern ][ zero 10..30 .............. ][ pattern ]
+///  mapped zeroes:              [ 16..24 ]
+///  allocated(): 0..10, 16..24, 30..   (the rest of 10..30 is a hole)
+/// ```
 #[derive(Debug)]
 pub struct Watched {
     which: DiskRef,
     log: IoLog,
+    mapped_zeroes: RangeSet,
 }
 
 impl Watched {
     /// `disk`, known as `which`, logging into `log`.
     pub fn new(disk: Arc<MemDisk>, which: DiskRef, log: IoLog) -> Forward<Watched> {
-        Forward::new(disk, Watched { which, log })
+        Watched::with_mapped_zeroes(disk, which, log, RangeSet::new())
+    }
+
+    /// As [`new`](Watched::new), reporting `mapped_zeroes` (device sectors) allocated
+    /// whatever the disk holds there.
+    pub fn with_mapped_zeroes(
+        disk: Arc<MemDisk>,
+        which: DiskRef,
+        log: IoLog,
+        mapped_zeroes: RangeSet,
+    ) -> Forward<Watched> {
+        Forward::new(disk, Watched { which, log, mapped_zeroes })
     }
 
     fn sectors(offset_sectors: u64, len_bytes: usize) -> Range<u64> {
@@ -265,5 +288,25 @@ impl Hooks for Watched {
     ) -> IoFuture<'a, io::Result<()>> {
         let sectors = offset_sectors..offset_sectors.saturating_add(len_sectors);
         self.logged(IoKind::WriteZeroes, sectors, inner.deallocate(offset_sectors, len_sectors), io::Result::is_ok)
+    }
+
+    /// The disk's allocation, plus the mapped zeroes within the query.
+    fn allocated<'a>(
+        &'a self,
+        inner: &'a dyn BlockDevice,
+        offset_sectors: u64,
+        len_sectors: u64,
+    ) -> IoFuture<'a, io::Result<RangeSet>> {
+        Box::pin(async move {
+            let mut set = inner.allocated(offset_sectors, len_sectors).await?;
+            let end = offset_sectors.saturating_add(len_sectors);
+            for range in self.mapped_zeroes.ranges() {
+                let (start, stop) = (range.start.max(offset_sectors), range.end.min(end));
+                if start < stop {
+                    set.insert(start..stop);
+                }
+            }
+            Ok(set)
+        })
     }
 }

@@ -20,10 +20,8 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use kcopyd_core::{
-    Flags, HOLE_SUB_JOB_SECTORS_MAX, Outcome, PAGE_SIZE, RangeSet, SECTOR_SIZE, SubmitError, TargetZeroes,
-};
-use kcopyd_sim::{FaultKind, Provenance};
+use kcopyd_core::{Flags, Outcome, PAGE_SIZE, RangeSet, SECTOR_SIZE, SubmitError, TargetZeroes};
+use kcopyd_sim::{FaultKind, MemDisk, Provenance};
 
 use crate::io_log::{DiskRef, IoKind, IoRecord, Mark};
 use crate::scenario::{DEADLOCK_AFTER, JobLayout, Report, Scenario, source_seed, target_seed};
@@ -302,6 +300,11 @@ fn check_prepared(scenario: &Scenario, report: &Report, violations: &mut Vec<Str
     }
 }
 
+/// Most sectors one hole sub-job of a sparse copy covers: 1 GiB, as the engine documents
+/// (`kcopyd_core::HOLE_SUB_JOB_SECTORS_MAX`). Written out here rather than taken from the
+/// engine: a wrong constant there would otherwise sit on both sides of every comparison.
+pub(crate) const HOLE_SUB_JOB_SECTORS: u64 = (1 << 30) / 512;
+
 /// Works out every job's shape and attributes every request to the job whose region holds
 /// it. A request outside every region, misaligned, or across two sub-jobs is a violation.
 fn attribute<'a>(
@@ -310,53 +313,9 @@ fn attribute<'a>(
     timeouts: &'a Timeouts,
     violations: &mut Vec<String>,
 ) -> Vec<JobView<'a>> {
-    let mut views: Vec<JobView<'a>> = scenario
-        .jobs
-        .iter()
-        .map(|layout| {
-            let zoned = layout.targets.iter().any(|&(t, _)| scenario.targets[t].zoned);
-            let seq = layout.flags.contains(Flags::WRITE_SEQ) || zoned;
-            let ignore = layout.flags.contains(Flags::IGNORE_ERROR) && !seq;
-            let block = layout
-                .source
-                .iter()
-                .map(|&(s, _)| block_sectors(&scenario.sources[s]))
-                .chain(layout.targets.iter().map(|&(t, _)| block_sectors(&scenario.targets[t])))
-                .max()
-                .unwrap_or(1);
-            let wanted = (scenario.config.sub_job_size_bytes / SECTOR_SIZE) as u64;
-            let budget = (scenario.config.page_budget * PAGE_SIZE / SECTOR_SIZE) as u64;
-            let chunk = (wanted.min(budget) / block * block).max(block);
-            let cheap_holes = layout.targets.iter().all(|&(t, _)| zeroes_are_cheap(layout, &scenario.targets[t]));
-            let (bounds, holes) = sub_jobs(layout, chunk, block, cheap_holes);
-            let chunks = holes.len() as u64;
-            JobView {
-                layout,
-                ignore,
-                seq,
-                block,
-                chunk,
-                chunks,
-                bounds,
-                holes,
-                cheap_holes,
-                ios: Vec::new(),
-                all: Vec::new(),
-                timeouts,
-            }
-        })
-        .collect();
-    // Every region: (disk, sectors) -> (job, role, region start).
-    let mut owners: BTreeMap<DiskRef, Vec<Owner>> = BTreeMap::new();
-    for (j, layout) in scenario.jobs.iter().enumerate() {
-        let len = layout.len_sectors;
-        if let Some((s, start)) = layout.source {
-            owners.entry(DiskRef::Source(s)).or_default().push((start..start + len, j, Role::Source, start));
-        }
-        for (i, &(t, start)) in layout.targets.iter().enumerate() {
-            owners.entry(DiskRef::Target(t)).or_default().push((start..start + len, j, Role::Target(i), start));
-        }
-    }
+    let mut views: Vec<JobView<'a>> =
+        scenario.jobs.iter().map(|layout| JobView::of(scenario, layout, timeouts)).collect();
+    let owners = region_owners(scenario);
     for record in io {
         let options = match record.disk {
             DiskRef::Source(s) => &scenario.sources[s],
@@ -397,6 +356,58 @@ fn attribute<'a>(
     views
 }
 
+impl<'a> JobView<'a> {
+    /// The shape of job `layout` of `scenario` (flags in effect, block, sub-jobs), with no
+    /// request attributed yet.
+    fn of(scenario: &Scenario, layout: &'a JobLayout, timeouts: &'a Timeouts) -> JobView<'a> {
+        let zoned = layout.targets.iter().any(|&(t, _)| scenario.targets[t].zoned);
+        let seq = layout.flags.contains(Flags::WRITE_SEQ) || zoned;
+        let ignore = layout.flags.contains(Flags::IGNORE_ERROR) && !seq;
+        let block = layout
+            .source
+            .iter()
+            .map(|&(s, _)| block_sectors(&scenario.sources[s]))
+            .chain(layout.targets.iter().map(|&(t, _)| block_sectors(&scenario.targets[t])))
+            .max()
+            .unwrap_or(1);
+        let wanted = (scenario.config.sub_job_size_bytes / SECTOR_SIZE) as u64;
+        let budget = (scenario.config.page_budget * PAGE_SIZE / SECTOR_SIZE) as u64;
+        let chunk = (wanted.min(budget) / block * block).max(block);
+        let cheap_holes = layout.targets.iter().all(|&(t, _)| zeroes_are_cheap(layout, &scenario.targets[t]));
+        let (bounds, holes) = sub_jobs(layout, chunk, block, cheap_holes);
+        let chunks = holes.len() as u64;
+        JobView {
+            layout,
+            ignore,
+            seq,
+            block,
+            chunk,
+            chunks,
+            bounds,
+            holes,
+            cheap_holes,
+            ios: Vec::new(),
+            all: Vec::new(),
+            timeouts,
+        }
+    }
+}
+
+/// Every region of the scenario: per disk, (sectors, job, role, region start).
+fn region_owners(scenario: &Scenario) -> BTreeMap<DiskRef, Vec<Owner>> {
+    let mut owners: BTreeMap<DiskRef, Vec<Owner>> = BTreeMap::new();
+    for (j, layout) in scenario.jobs.iter().enumerate() {
+        let len = layout.len_sectors;
+        if let Some((s, start)) = layout.source {
+            owners.entry(DiskRef::Source(s)).or_default().push((start..start + len, j, Role::Source, start));
+        }
+        for (i, &(t, start)) in layout.targets.iter().enumerate() {
+            owners.entry(DiskRef::Target(t)).or_default().push((start..start + len, j, Role::Target(i), start));
+        }
+    }
+    owners
+}
+
 /// Whether zeroes cost a sparse copy no data transfer on `target` (`Sparse`'s contract):
 /// `Write` needs write-zeroes offload, `Deallocate` offload or a disk that deallocates (a
 /// sparse one); a zoned target that does not offload takes zeroes as data.
@@ -411,7 +422,7 @@ fn zeroes_are_cheap(layout: &JobLayout, target: &kcopyd_sim::MemDiskOptions) -> 
 /// A job's sub-jobs: their bounds (starts, then the length) and which are holes. A sparse copy
 /// that skips holes walks its source's allocation (the complement of its holes, rounded out to
 /// the job's block): data up to `chunk` sectors within an allocated run, holes up to
-/// `HOLE_SUB_JOB_SECTORS_MAX` (in whole blocks) where every target takes zeroes cheaply and up
+/// [`HOLE_SUB_JOB_SECTORS`] (in whole blocks) where every target takes zeroes cheaply and up
 /// to `chunk` otherwise. Any other job is cut every `chunk` sectors.
 fn sub_jobs(layout: &JobLayout, chunk: u64, block: u64, cheap_holes: bool) -> (Vec<u64>, Vec<bool>) {
     let len = layout.len_sectors;
@@ -420,7 +431,7 @@ fn sub_jobs(layout: &JobLayout, chunk: u64, block: u64, cheap_holes: bool) -> (V
     let allocated = Sectors::from_ranges(
         allocated.ranges().iter().map(|r| r.start / block * block..(r.end.div_ceil(block) * block).min(len)),
     );
-    let hole_max = if cheap_holes { HOLE_SUB_JOB_SECTORS_MAX / block * block } else { chunk };
+    let hole_max = if cheap_holes { HOLE_SUB_JOB_SECTORS / block * block } else { chunk };
     let (mut bounds, mut holes, mut cursor) = (Vec::new(), Vec::new(), 0);
     while cursor < len {
         bounds.push(cursor);
@@ -458,12 +469,165 @@ fn relative(set: &RangeSet, start: u64, len: u64, what: &str, violations: &mut V
     Sectors::from_ranges(inside.ranges().iter().map(|r| r.start - start..r.end - start))
 }
 
-/// The rules for one job's first outcome.
+/// What one job's rules share: its first outcome, and what its requests show — which
+/// sub-jobs were taken and when, how they ended, the cancel and the failures.
+struct JobFacts<'a> {
+    j: usize,
+    view: &'a JobView<'a>,
+    outcome: &'a Outcome,
+    len: u64,
+    whole: Sectors,
+    source_start: u64,
+    /// The failed reads of phase 1, with their job-relative sectors.
+    failed_reads: Vec<(&'a IoRecord, &'a Range<u64>)>,
+    /// `read_failed`, job-relative.
+    read_failed: Sectors,
+    /// Per sub-job with a request: its first request's issue and its last one's completion.
+    taken_at: BTreeMap<u64, u64>,
+    ended_at: BTreeMap<u64, u64>,
+    /// The sectors of the sub-jobs never taken.
+    untaken: Sectors,
+    last_done: Option<u64>,
+    any_failure: bool,
+    /// The cancel, if it came before the completion.
+    cancel_at: Option<u64>,
+}
+
+impl<'a> JobFacts<'a> {
+    /// The facts of job `j`, whose outcome is `outcome`; a malformed `read_failed` is a
+    /// violation (rule 3).
+    fn of(
+        j: usize,
+        view: &'a JobView<'a>,
+        outcome: &'a Outcome,
+        report: &Report,
+        violations: &mut Vec<String>,
+    ) -> Self {
+        let len = view.layout.len_sectors;
+        let source_start = view.layout.source.map_or(0, |(_, start)| start);
+        let failed_reads: Vec<(&IoRecord, &Range<u64>)> = view.failed(|r| r == Role::Source).collect();
+        let read_failed =
+            relative(&outcome.read_failed, source_start, len, &format!("job {j}: read_failed"), violations);
+        let mut taken_at: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut ended_at: BTreeMap<u64, u64> = BTreeMap::new();
+        for (record, _, rel) in &view.ios {
+            for k in view.chunks_of(rel) {
+                let first = taken_at.entry(k).or_insert(record.issued);
+                *first = (*first).min(record.issued);
+                let last = ended_at.entry(k).or_insert(record.done);
+                *last = (*last).max(record.done);
+            }
+        }
+        let whole = span(0..len);
+        let untaken = whole.difference(&Sectors::from_ranges(taken_at.keys().map(|&k| view.chunk_range(k))));
+        let completed_at = report.marks.iter().find(|(_, m)| *m == Mark::Completed(j)).map(|&(seq, _)| seq);
+        let cancel_at = report
+            .marks
+            .iter()
+            .find(|(_, m)| *m == Mark::Cancel(j))
+            .map(|&(seq, _)| seq)
+            .filter(|&seq| completed_at.is_none_or(|done| seq < done));
+        JobFacts {
+            j,
+            view,
+            outcome,
+            len,
+            whole,
+            source_start,
+            failed_reads,
+            read_failed,
+            taken_at,
+            ended_at,
+            untaken,
+            last_done: view.ios.iter().map(|(r, ..)| r.done).max(),
+            any_failure: view.ios.iter().any(|(r, ..)| !r.ok),
+            cancel_at,
+        }
+    }
+
+    /// Whether sub-job `k` reads nothing — a zero job's, or a hole of a sparse copy — and so
+    /// shows no request under WRITE_SEQ until its turn comes (when it was taken is not seen).
+    fn turn_waits(&self, k: u64) -> bool {
+        self.view.seq && (self.view.layout.source.is_none() || self.view.is_hole(k))
+    }
+
+    /// The whole sub-jobs where a read failed.
+    fn read_failed_chunks(&self) -> Sectors {
+        self.view.whole_chunks(&Sectors::from_ranges(self.failed_reads.iter().map(|(_, rel)| (*rel).clone())))
+    }
+}
+
+/// What one target of a job shows: its report, job-relative, and its requests.
+struct TargetFacts {
+    i: usize,
+    start: u64,
+    /// `job J target I (targetT)`, for messages.
+    name: String,
+    write_failed: Sectors,
+    not_copied: Sectors,
+    /// Its failed writes, job-relative.
+    failed: Vec<Range<u64>>,
+    expected_write_failed: Sectors,
+    /// What its successful writes cover.
+    landed: Sectors,
+    /// The whole sub-jobs where a write to it failed.
+    failed_chunks: Sectors,
+}
+
+impl TargetFacts {
+    /// Target `i` of the job; its malformed sets are violations (rule 3).
+    fn of(facts: &JobFacts, i: usize, violations: &mut Vec<String>) -> TargetFacts {
+        let (j, view) = (facts.j, facts.view);
+        let (t, start) = view.layout.targets[i];
+        let name = format!("job {j} target {i} (target{t})");
+        let report_i = &facts.outcome.targets[i];
+        let len = facts.len;
+        let write_failed = relative(&report_i.write_failed, start, len, &format!("{name}: write_failed"), violations);
+        let not_copied = relative(&report_i.not_copied, start, len, &format!("{name}: not_copied"), violations);
+        let failed: Vec<Range<u64>> = view.failed(|r| r == Role::Target(i)).map(|(_, rel)| rel.clone()).collect();
+        let expected_write_failed = Sectors::from_ranges(failed.iter().cloned());
+        let landed = Sectors::from_ranges(
+            view.ios.iter().filter(|(r, role, _)| r.ok && *role == Role::Target(i)).map(|(_, _, rel)| rel.clone()),
+        );
+        let failed_chunks = view.whole_chunks(&expected_write_failed);
+        TargetFacts { i, start, name, write_failed, not_copied, failed, expected_write_failed, landed, failed_chunks }
+    }
+}
+
+/// The rules for one job's first outcome, each in a function named as its self-test.
 fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<String>) {
-    let layout = view.layout;
+    let Some(outcome) = rule_1_every_job_completes_exactly_once_without_a_panic(j, view, report, violations) else {
+        return;
+    };
+    let facts = JobFacts::of(j, view, outcome, report, violations);
+    rule_4_read_err_and_read_failed_are_exactly_the_failed_reads(&facts, violations);
+    rule_8_without_ignore_error_no_sub_job_starts_after_an_error(&facts, violations);
+    rule_12_a_zero_job_offloading_every_target_sends_each_one_write_zeroes(&facts, report, violations);
+    rule_9_no_sub_job_starts_after_a_cancel_and_cancelled_is_exact(&facts, violations);
+    rule_7_a_job_without_failures_or_cancel_copies_everything(&facts, violations);
+    let targets: Vec<TargetFacts> =
+        (0..view.layout.targets.len()).map(|i| TargetFacts::of(&facts, i, violations)).collect();
+    let all_failed_chunks = targets.iter().fold(facts.read_failed_chunks(), |acc, t| acc.union(&t.failed_chunks));
+    for target in &targets {
+        rule_5_write_err_and_write_failed_are_exactly_the_failed_writes(&facts, target, violations);
+        rule_6_not_copied_is_what_the_successful_writes_leave(&facts, target, violations);
+        rule_7_sectors_are_not_copied_only_for_a_reason(&facts, target, &all_failed_chunks, violations);
+        rule_10_write_seq_writes_one_after_another_upwards(&facts, target, violations);
+    }
+}
+
+/// Rule 1: the job completed exactly once (its callback; the resubmission after a crash, if
+/// any, succeeded), with an outcome, no panic and a report per target. Returns the outcome
+/// when the other rules can judge it.
+fn rule_1_every_job_completes_exactly_once_without_a_panic<'a>(
+    j: usize,
+    view: &JobView,
+    report: &'a Report,
+    violations: &mut Vec<String>,
+) -> Option<&'a Outcome> {
     let result = &report.jobs[j];
     if result.refused.is_some() {
-        return; // check_shutdown's
+        return None; // check_shutdown's
     }
     // The callback is on the first submission only; the retry is awaited.
     if result.callbacks != 1 {
@@ -476,261 +640,279 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
     }
     let Some(outcome) = &result.outcome else {
         violations.push(format!("job {j}: no outcome"));
-        return;
+        return None;
     };
     if let Some(message) = &outcome.panicked {
         violations.push(format!("job {j}: the engine panicked: {message}"));
-        return;
+        return None;
     }
-    if outcome.targets.len() != layout.targets.len() {
+    if outcome.targets.len() != view.layout.targets.len() {
         violations.push(format!(
             "job {j}: {} target reports for {} targets",
             outcome.targets.len(),
-            layout.targets.len()
+            view.layout.targets.len()
         ));
-        return;
+        return None;
     }
-    let len = layout.len_sectors;
-    let whole = span(0..len);
-    let source_start = layout.source.map_or(0, |(_, start)| start);
+    Some(outcome)
+}
 
-    // Reads: exactly the failed requests (without IGNORE_ERROR: whole sub-jobs), or exactly
-    // the logical blocks that stayed unreadable once narrowed down (with it).
-    let failed_reads: Vec<(&IoRecord, &Range<u64>)> = view.failed(|r| r == Role::Source).collect();
-    let read_failed = relative(&outcome.read_failed, source_start, len, &format!("job {j}: read_failed"), violations);
-    if outcome.read_err == failed_reads.is_empty() {
-        violations.push(format!("job {j}: read_err {} but {} reads failed", outcome.read_err, failed_reads.len()));
+/// Rule 4: `read_err` is set exactly when a read failed; `read_failed` is exactly the failed
+/// requests (without IGNORE_ERROR: whole sub-jobs), or exactly the logical blocks that stayed
+/// unreadable once narrowed down (with it), and every sub-job whose read timed out.
+fn rule_4_read_err_and_read_failed_are_exactly_the_failed_reads(facts: &JobFacts, violations: &mut Vec<String>) {
+    let (j, view, outcome) = (facts.j, facts.view, facts.outcome);
+    if outcome.read_err == facts.failed_reads.is_empty() {
+        violations.push(format!(
+            "job {j}: read_err {} but {} reads failed",
+            outcome.read_err,
+            facts.failed_reads.len()
+        ));
     }
     let expected_read_failed = Sectors::from_ranges(
-        failed_reads
+        facts
+            .failed_reads
             .iter()
             .filter(|(_, rel)| !view.ignore || rel.end - rel.start == view.block)
             .map(|(_, rel)| (*rel).clone()),
     )
     .union(&view.timed_out_reads());
-    if read_failed != expected_read_failed {
+    if facts.read_failed != expected_read_failed {
         violations.push(format!(
             "job {j}: read_failed {:?}, but the failed {} are {:?}",
             outcome.read_failed,
             if view.ignore { "single-block reads" } else { "reads" },
-            at(&expected_read_failed, source_start)
+            at(&expected_read_failed, facts.source_start)
         ));
     }
+}
 
-    // Sub-jobs: which were taken (any request), when, and how they ended.
-    let mut taken_at: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut ended_at: BTreeMap<u64, u64> = BTreeMap::new();
-    for (record, _, rel) in &view.ios {
-        for k in view.chunks_of(rel) {
-            let first = taken_at.entry(k).or_insert(record.issued);
-            *first = (*first).min(record.issued);
-            let last = ended_at.entry(k).or_insert(record.done);
-            *last = (*last).max(record.done);
-        }
+/// Rule 8: without IGNORE_ERROR, no sub-job is taken once an error is known (a failed read at
+/// its completion, a failed write once its sub-job's writes have all completed) — but under
+/// WRITE_SEQ a sub-job before the one that failed first may still start (taken before the
+/// error, it waited for the throttle): every sub-job before a failure is written.
+fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error(facts: &JobFacts, violations: &mut Vec<String>) {
+    let view = facts.view;
+    if view.ignore {
+        return;
     }
-    let untaken = whole.difference(&Sectors::from_ranges(taken_at.keys().map(|&k| view.chunk_range(k))));
-    let last_done = view.ios.iter().map(|(r, ..)| r.done).max();
-    let any_failure = view.ios.iter().any(|(r, ..)| !r.ok);
-    let completed_at = report.marks.iter().find(|(_, m)| *m == Mark::Completed(j)).map(|&(seq, _)| seq);
-    let cancel_at = report
-        .marks
+    let known = view
+        .ios
         .iter()
-        .find(|(_, m)| *m == Mark::Cancel(j))
-        .map(|&(seq, _)| seq)
-        .filter(|&seq| completed_at.is_none_or(|done| seq < done));
-
-    // Stop: without IGNORE_ERROR, no sub-job is taken once an error is known (a failed read
-    // at its completion, a failed write once its sub-job's writes have all completed) — but
-    // under WRITE_SEQ a sub-job before the one that failed first may still start (taken
-    // before the error, it waited for the throttle): every sub-job before a failure is written.
-    if !view.ignore {
-        let known = view
-            .ios
-            .iter()
-            .filter(|(r, ..)| !r.ok)
-            .map(|(r, role, rel)| {
-                let failing = view.chunks_of(rel);
-                let at = match role {
-                    Role::Source => r.done,
-                    Role::Target(_) => failing.clone().map(|k| ended_at[&k]).max().unwrap_or(r.done),
-                };
-                (at, failing.start)
-            })
-            .min();
-        if let Some((known, failing)) = known {
-            let may_start = |k: u64| view.seq && k < failing;
-            let after = |seq: u64| seq > known && view.timeouts.later_instant(seq, known);
-            if let Some((k, _)) = taken_at.iter().find(|&(&k, &seq)| after(seq) && !may_start(k)) {
-                violations.push(format!("job {j}: sub-job {k} started after an error had stopped the job"));
-            }
+        .filter(|(r, ..)| !r.ok)
+        .map(|(r, role, rel)| {
+            let failing = view.chunks_of(rel);
+            let at = match role {
+                Role::Source => r.done,
+                Role::Target(_) => failing.clone().map(|k| facts.ended_at[&k]).max().unwrap_or(r.done),
+            };
+            (at, failing.start)
+        })
+        .min();
+    if let Some((known, failing)) = known {
+        let may_start = |k: u64| view.seq && k < failing;
+        let after = |seq: u64| seq > known && view.timeouts.later_instant(seq, known);
+        if let Some((k, _)) = facts.taken_at.iter().find(|&(&k, &seq)| after(seq) && !may_start(k)) {
+            violations.push(format!("job {}: sub-job {k} started after an error had stopped the job", facts.j));
         }
     }
+}
 
-    // Offload: a zero job whose targets all offload write-zeroes zeroes each with one request
-    // over its whole region (none if it was cancelled before it started).
+/// Rule 12, offload: a zero job whose targets all offload write-zeroes zeroes each with one
+/// request over its whole region (none if it was cancelled before it started).
+fn rule_12_a_zero_job_offloading_every_target_sends_each_one_write_zeroes(
+    facts: &JobFacts,
+    report: &Report,
+    violations: &mut Vec<String>,
+) {
+    let (layout, len) = (facts.view.layout, facts.len);
     let offloads = layout.targets.iter().all(|&(t, _)| report.targets[t].options().write_zeroes);
-    if layout.source.is_none() && len > 0 && offloads {
-        for (i, &(t, _)) in layout.targets.iter().enumerate() {
-            let requests: Vec<_> = view.ios.iter().filter(|(_, role, _)| *role == Role::Target(i)).collect();
-            let whole = requests.iter().all(|(r, _, rel)| r.kind == IoKind::WriteZeroes && *rel == (0..len));
-            if !whole || requests.len() > 1 || (requests.is_empty() && cancel_at.is_none()) {
-                violations.push(format!(
-                    "job {j}: target {i} (target{t}) offloads write-zeroes, yet the zero job sent {:?}",
-                    requests.iter().map(|(r, ..)| (r.kind, r.sectors.clone())).collect::<Vec<_>>()
-                ));
-            }
+    if layout.source.is_some() || len == 0 || !offloads {
+        return;
+    }
+    for (i, &(t, _)) in layout.targets.iter().enumerate() {
+        let requests: Vec<_> = facts.view.ios.iter().filter(|(_, role, _)| *role == Role::Target(i)).collect();
+        let whole = requests.iter().all(|(r, _, rel)| r.kind == IoKind::WriteZeroes && *rel == (0..len));
+        if !whole || requests.len() > 1 || (requests.is_empty() && facts.cancel_at.is_none()) {
+            violations.push(format!(
+                "job {}: target {i} (target{t}) offloads write-zeroes, yet the zero job sent {:?}",
+                facts.j,
+                requests.iter().map(|(r, ..)| (r.kind, r.sectors.clone())).collect::<Vec<_>>()
+            ));
         }
     }
+}
 
-    // Cancel: no sub-job is taken after the cancel; `cancelled` is set exactly when the cancel
-    // came before the last sub-job was taken.
-    // A sub-job that reads nothing — a zero job's, or a hole of a sparse copy — shows no
-    // request under WRITE_SEQ until its turn comes, which may be after a cancel that came
-    // once it was taken: when it was taken is not seen.
-    let turn_waits = |k: u64| view.seq && (layout.source.is_none() || view.is_hole(k));
-    let zero_seq = view.chunks > 0 && turn_waits(view.chunks - 1);
-    if let Some(cancel) = cancel_at {
-        {
-            let after = |seq: u64| seq > cancel && view.timeouts.later_instant(seq, cancel);
-            if let Some((k, _)) = taken_at.iter().find(|&(&k, &seq)| after(seq) && !turn_waits(k)) {
-                violations.push(format!("job {j}: sub-job {k} started after the job was cancelled"));
-            }
+/// Rule 9: no sub-job is taken after the cancel; `cancelled` is set exactly when the cancel
+/// came before the last sub-job was taken. A sub-job that reads nothing shows no request under
+/// WRITE_SEQ until its turn ([`JobFacts::turn_waits`]), so it is not held to either.
+fn rule_9_no_sub_job_starts_after_a_cancel_and_cancelled_is_exact(facts: &JobFacts, violations: &mut Vec<String>) {
+    let (j, view, outcome) = (facts.j, facts.view, facts.outcome);
+    let zero_seq = view.chunks > 0 && facts.turn_waits(view.chunks - 1);
+    if let Some(cancel) = facts.cancel_at {
+        let after = |seq: u64| seq > cancel && view.timeouts.later_instant(seq, cancel);
+        if let Some((k, _)) = facts.taken_at.iter().find(|&(&k, &seq)| after(seq) && !facts.turn_waits(k)) {
+            violations.push(format!("job {j}: sub-job {k} started after the job was cancelled"));
         }
     }
     if view.chunks == 0 {
         if outcome.cancelled {
             violations.push(format!("job {j}: a zero-length job reported cancelled"));
         }
-    } else {
-        let last_taken = taken_at.get(&(view.chunks - 1)).copied();
-        let expected = match (cancel_at, last_taken) {
-            (None, _) => Some(false),
-            (Some(cancel), Some(taken)) => (!zero_seq || cancel > taken)
-                .then_some(cancel < taken)
-                .filter(|_| view.timeouts.later_instant(cancel.max(taken), cancel.min(taken))),
-            // The job may have finished (stopped) just before the cancel came; and a zero
-            // sub-job taken under WRITE_SEQ shows no request until its turn, which a stopped
-            // job never gives it.
-            (Some(cancel), None) => (!zero_seq && last_done.is_none_or(|done| cancel < done)).then_some(true),
-        };
-        if expected.is_some_and(|expected| expected != outcome.cancelled) {
-            violations.push(format!(
-                "job {j}: cancelled {} but the cancel came {}",
-                outcome.cancelled,
-                match (cancel_at, last_taken) {
-                    (None, _) => "never (or after completion)".to_owned(),
-                    (Some(c), Some(t)) if c > t => "after its last sub-job was taken".to_owned(),
-                    _ => "before its last sub-job was taken".to_owned(),
-                }
-            ));
-        }
+        return;
     }
-
-    // A job that met no error and no cancel copied everything.
-    if !any_failure && cancel_at.is_none() && (outcome.read_err || !outcome.write_err.is_empty() || !outcome.is_ok()) {
-        violations.push(format!("job {j}: no request failed and no cancel came, yet the outcome is {outcome:?}"));
-    }
-
-    // Writes, per target.
-    let read_failed_chunks =
-        view.whole_chunks(&Sectors::from_ranges(failed_reads.iter().map(|(_, rel)| (*rel).clone())));
-    let failed_write_chunks: Vec<Sectors> = (0..layout.targets.len())
-        .map(|i| {
-            view.whole_chunks(&Sectors::from_ranges(view.failed(|r| r == Role::Target(i)).map(|(_, rel)| rel.clone())))
-        })
-        .collect();
-    // WRITE_SEQ: the first failing sub-job; later ones are not written (earlier ones are).
-    let all_failed_chunks = failed_write_chunks.iter().fold(read_failed_chunks.clone(), |acc, s| acc.union(s));
-    let after_first_failure = match all_failed_chunks.ranges().first() {
-        Some(first) if view.seq => span(first.end..len).difference(&untaken),
-        _ => Sectors::new(),
+    let last_taken = facts.taken_at.get(&(view.chunks - 1)).copied();
+    let expected = match (facts.cancel_at, last_taken) {
+        (None, _) => Some(false),
+        (Some(cancel), Some(taken)) => (!zero_seq || cancel > taken)
+            .then_some(cancel < taken)
+            .filter(|_| view.timeouts.later_instant(cancel.max(taken), cancel.min(taken))),
+        // The job may have finished (stopped) just before the cancel came; and a zero
+        // sub-job taken under WRITE_SEQ shows no request until its turn, which a stopped
+        // job never gives it.
+        (Some(cancel), None) => (!zero_seq && facts.last_done.is_none_or(|done| cancel < done)).then_some(true),
     };
-    for (i, &(t, start)) in layout.targets.iter().enumerate() {
-        let name = format!("job {j} target {i} (target{t})");
-        let report_i = &outcome.targets[i];
-        let write_failed = relative(&report_i.write_failed, start, len, &format!("{name}: write_failed"), violations);
-        let not_copied = relative(&report_i.not_copied, start, len, &format!("{name}: not_copied"), violations);
-        let failed: Vec<Range<u64>> = view.failed(|r| r == Role::Target(i)).map(|(_, rel)| rel.clone()).collect();
-        let expected_write_failed = Sectors::from_ranges(failed.iter().cloned());
-        if outcome.write_err.contains(i) == failed.is_empty() {
+    if expected.is_some_and(|expected| expected != outcome.cancelled) {
+        violations.push(format!(
+            "job {j}: cancelled {} but the cancel came {}",
+            outcome.cancelled,
+            match (facts.cancel_at, last_taken) {
+                (None, _) => "never (or after completion)".to_owned(),
+                (Some(c), Some(t)) if c > t => "after its last sub-job was taken".to_owned(),
+                _ => "before its last sub-job was taken".to_owned(),
+            }
+        ));
+    }
+}
+
+/// Rule 7, the whole job: a job that met no error and no cancel copied everything.
+fn rule_7_a_job_without_failures_or_cancel_copies_everything(facts: &JobFacts, violations: &mut Vec<String>) {
+    let outcome = facts.outcome;
+    let failed = outcome.read_err || !outcome.write_err.is_empty() || !outcome.is_ok();
+    if !facts.any_failure && facts.cancel_at.is_none() && failed {
+        violations
+            .push(format!("job {}: no request failed and no cancel came, yet the outcome is {outcome:?}", facts.j));
+    }
+}
+
+/// Rule 5: `write_err` bit i and `write_failed[i]` are exactly the failed writes to target i.
+fn rule_5_write_err_and_write_failed_are_exactly_the_failed_writes(
+    facts: &JobFacts,
+    target: &TargetFacts,
+    violations: &mut Vec<String>,
+) {
+    let (outcome, name, i) = (facts.outcome, &target.name, target.i);
+    if outcome.write_err.contains(i) == target.failed.is_empty() {
+        violations.push(format!(
+            "{name}: write_err {} but {} writes failed",
+            outcome.write_err.contains(i),
+            target.failed.len()
+        ));
+    }
+    if target.write_failed != target.expected_write_failed {
+        violations.push(format!(
+            "{name}: write_failed {:?}, the failed writes are {:?}",
+            outcome.targets[i].write_failed,
+            at(&target.expected_write_failed, target.start)
+        ));
+    }
+}
+
+/// Rule 6: what the trace says landed on target i is what the outcome calls copied.
+fn rule_6_not_copied_is_what_the_successful_writes_leave(
+    facts: &JobFacts,
+    target: &TargetFacts,
+    violations: &mut Vec<String>,
+) {
+    let not_landed = facts.whole.difference(&target.landed);
+    if target.not_copied != not_landed {
+        violations.push(format!(
+            "{}: not_copied {:?}, but the writes that did not succeed leave {:?}",
+            target.name,
+            facts.outcome.targets[target.i].not_copied,
+            at(&not_landed, target.start)
+        ));
+    }
+}
+
+/// Rule 7, per target: sectors are not copied only for a reason. With IGNORE_ERROR,
+/// `not_copied` holds `read_failed` and the failed writes and lies within them, their
+/// sub-jobs and the sub-jobs never taken; without it, it is exactly the sub-jobs never taken,
+/// unreadable, failed on this target and, under WRITE_SEQ, after the first failing one. And
+/// a sub-job is never left untaken without a cancel.
+fn rule_7_sectors_are_not_copied_only_for_a_reason(
+    facts: &JobFacts,
+    target: &TargetFacts,
+    all_failed_chunks: &Sectors,
+    violations: &mut Vec<String>,
+) {
+    let (view, name, untaken) = (facts.view, &target.name, &facts.untaken);
+    let report_i = &facts.outcome.targets[target.i];
+    if view.ignore {
+        let lower = facts.read_failed.union(&target.expected_write_failed).union(untaken);
+        let upper = facts.read_failed.union(&target.failed_chunks).union(untaken);
+        if !lower.is_subset(&target.not_copied) || !target.not_copied.is_subset(&upper) {
             violations.push(format!(
-                "{name}: write_err {} but {} writes failed",
-                outcome.write_err.contains(i),
-                failed.len()
-            ));
-        }
-        if write_failed != expected_write_failed {
-            violations.push(format!(
-                "{name}: write_failed {:?}, the failed writes are {:?}",
-                report_i.write_failed,
-                at(&expected_write_failed, start)
-            ));
-        }
-        // What the trace says landed is what the outcome calls copied.
-        let landed = Sectors::from_ranges(
-            view.ios.iter().filter(|(r, role, _)| r.ok && *role == Role::Target(i)).map(|(_, _, rel)| rel.clone()),
-        );
-        let not_landed = whole.difference(&landed);
-        if not_copied != not_landed {
-            violations.push(format!(
-                "{name}: not_copied {:?}, but the writes that did not succeed leave {:?}",
+                "{name} (IGNORE_ERROR): not_copied {:?} must hold read_failed and the failed writes {:?} and lie within them and their sub-jobs {:?}",
                 report_i.not_copied,
-                at(&not_landed, start)
+                at(&lower, target.start),
+                at(&upper, target.start)
             ));
         }
-        // Completeness: not copied only for a reason.
-        if view.ignore {
-            let lower = read_failed.union(&expected_write_failed).union(&untaken);
-            let upper = read_failed.union(&failed_write_chunks[i]).union(&untaken);
-            if !lower.is_subset(&not_copied) || !not_copied.is_subset(&upper) {
-                violations.push(format!(
-                    "{name} (IGNORE_ERROR): not_copied {:?} must hold read_failed and the failed writes {:?} and lie within them and their sub-jobs {:?}",
-                    report_i.not_copied,
-                    at(&lower, start),
-                    at(&upper, start)
-                ));
-            }
+    } else {
+        // WRITE_SEQ: the first failing sub-job; later ones are not written (earlier ones are).
+        let after_first_failure = match all_failed_chunks.ranges().first() {
+            Some(first) if view.seq => span(first.end..facts.len).difference(untaken),
+            _ => Sectors::new(),
+        };
+        // A sparse copy that scans for zero blocks writes a sub-job to a target in several
+        // requests (data, and zeroes where it found zero blocks): of a sub-job with a failed
+        // write, the pieces that landed are copied. Every other job writes a sub-job to a
+        // target in one request, and a failed write leaves the whole sub-job.
+        let failed_here = if view.layout.sparse.zero_block_bytes != 0 {
+            target.failed_chunks.difference(&target.landed)
         } else {
-            // A sparse copy that scans for zero blocks writes a sub-job to a target in several
-            // requests (data, and zeroes where it found zero blocks): of a sub-job with a failed
-            // write, the pieces that landed are copied. Every other job writes a sub-job to a
-            // target in one request, and a failed write leaves the whole sub-job.
-            let failed_here = if layout.sparse.zero_block_bytes != 0 {
-                failed_write_chunks[i].difference(&landed)
-            } else {
-                failed_write_chunks[i].clone()
-            };
-            let expected = untaken.union(&read_failed_chunks).union(&failed_here).union(&after_first_failure);
-            if not_copied != expected {
-                violations.push(format!(
-                    "{name}: not_copied {:?}, expected {:?} (sub-jobs never taken, unreadable, failed on this target{})",
-                    report_i.not_copied,
-                    at(&expected, start),
-                    if view.seq { ", or after the first failure under WRITE_SEQ" } else { "" }
-                ));
-            }
-        }
-        if !untaken.is_empty() && cancel_at.is_none() && (view.ignore || !any_failure) {
+            target.failed_chunks.clone()
+        };
+        let expected = untaken.union(&facts.read_failed_chunks()).union(&failed_here).union(&after_first_failure);
+        if target.not_copied != expected {
             violations.push(format!(
-                "job {j}: sectors {:?} of the source never read, with no cancel",
-                at(&untaken, source_start)
+                "{name}: not_copied {:?}, expected {:?} (sub-jobs never taken, unreadable, failed on this target{})",
+                report_i.not_copied,
+                at(&expected, target.start),
+                if view.seq { ", or after the first failure under WRITE_SEQ" } else { "" }
             ));
         }
-        // WRITE_SEQ: a write is issued only once the job's previous write to this target has
-        // completed, and at a higher sector.
-        if view.seq {
-            let mut writes: Vec<&(&IoRecord, Role, Range<u64>)> =
-                view.ios.iter().filter(|(_, role, _)| *role == Role::Target(i)).collect();
-            writes.sort_by_key(|(r, ..)| r.issued);
-            for pair in writes.windows(2) {
-                let ((before, _, before_rel), (after, _, after_rel)) = (pair[0], pair[1]);
-                if before.done > after.issued || before_rel.end > after_rel.start {
-                    violations.push(format!(
-                        "{name} (WRITE_SEQ): write {:?} issued before write {:?} completed or below it",
-                        after.sectors, before.sectors
-                    ));
-                }
-            }
+    }
+    if !untaken.is_empty() && facts.cancel_at.is_none() && (view.ignore || !facts.any_failure) {
+        violations.push(format!(
+            "job {}: sectors {:?} of the source never read, with no cancel",
+            facts.j,
+            at(untaken, facts.source_start)
+        ));
+    }
+}
+
+/// Rule 10: under WRITE_SEQ, a write to target i is issued only once the job's previous write
+/// to it has completed, and at a higher sector.
+fn rule_10_write_seq_writes_one_after_another_upwards(
+    facts: &JobFacts,
+    target: &TargetFacts,
+    violations: &mut Vec<String>,
+) {
+    if !facts.view.seq {
+        return;
+    }
+    let mut writes: Vec<&(&IoRecord, Role, Range<u64>)> =
+        facts.view.ios.iter().filter(|(_, role, _)| *role == Role::Target(target.i)).collect();
+    writes.sort_by_key(|(r, ..)| r.issued);
+    for pair in writes.windows(2) {
+        let ((before, _, before_rel), (after, _, after_rel)) = (pair[0], pair[1]);
+        if before.done > after.issued || before_rel.end > after_rel.start {
+            violations.push(format!(
+                "{} (WRITE_SEQ): write {:?} issued before write {:?} completed or below it",
+                target.name, after.sectors, before.sectors
+            ));
         }
     }
 }
@@ -820,77 +1002,98 @@ fn check_contents(scenario: &Scenario, report: &Report, violations: &mut Vec<Str
         })
         .collect();
     for (t, disk) in report.targets.iter().enumerate() {
-        let log = disk.fault_log();
-        // Sectors where a fault may leave anything: misdirected writes (both ends), torn and
-        // lost writes.
-        let excused = Sectors::from_ranges(log.iter().flat_map(|r| match &r.kind {
-            FaultKind::Misdirected { landed } => vec![r.sectors.clone(), landed.clone()],
-            FaultKind::Torn { .. } | FaultKind::Lost => vec![r.sectors.clone()],
-            _ => vec![],
-        }));
-        let len = disk.options().len_sectors;
-        let mut owner: Vec<Option<(usize, usize, u64)>> = vec![None; len as usize];
-        for (j, layout) in scenario.jobs.iter().enumerate() {
-            for (i, &(tt, start)) in layout.targets.iter().enumerate() {
-                if tt == t {
-                    for k in 0..layout.len_sectors {
-                        owner[(start + k) as usize] = Some((j, i, k));
-                    }
-                }
-            }
-        }
-        for (range, run) in disk.provenance(0..len) {
-            for sector in range.clone() {
-                // A pattern run names its first sector; the others follow on.
-                let provenance = match run {
-                    Provenance::Pattern { seed, generation, sector: first } => {
-                        Provenance::Pattern { seed, generation, sector: first + (sector - range.start) }
-                    }
-                    other => other,
-                };
-                let old = Provenance::Pattern { seed: target_seed(t), generation: 0, sector };
-                let Some((j, i, k)) = owner[sector as usize] else {
-                    if provenance != old && !excused.contains(sector) {
-                        violations
-                            .push(format!("target{t} sector {sector} outside every job changed to {provenance:?}"));
-                    }
-                    continue;
-                };
-                let layout = &scenario.jobs[j];
-                // A hole of the source reads as zeroes, and so must the target there.
-                let in_hole = layout.holes.iter().any(|hole| hole.contains(&k));
-                let new = match layout.source {
-                    Some((s, start)) if !in_hole => {
-                        Provenance::Pattern { seed: source_seed(s), generation: 0, sector: start + k }
-                    }
-                    _ => Provenance::Zero,
-                };
-                let verdict = if provenance == new {
-                    Verdict::New
-                } else if provenance == old {
-                    Verdict::Old
-                } else {
-                    Verdict::Other
-                };
-                let copied = not_copied[j].get(i).is_some_and(|set| !set.contains(sector));
-                let legal = match verdict {
-                    Verdict::New => true,
-                    Verdict::Old => !copied,
-                    Verdict::Other => false,
-                };
-                if !legal && !excused.contains(sector) {
-                    violations.push(format!(
-                        "job {j} target {i} (target{t}) sector {sector}: holds {verdict:?} ({provenance:?}) but the outcome says {}",
-                        if copied { "copied" } else { "not copied" }
-                    ));
+        check_target_contents(scenario, t, disk, &not_copied, violations);
+    }
+    check_source_contents(scenario, report, violations);
+}
+
+/// Target `t`'s every sector: outside every job its old content; inside a job's region old or
+/// new, and new where the final outcome calls it copied — unless a logged fault (a torn, lost
+/// or misdirected write) may have left anything there.
+fn check_target_contents(
+    scenario: &Scenario,
+    t: usize,
+    disk: &MemDisk,
+    not_copied: &[Vec<Sectors>],
+    violations: &mut Vec<String>,
+) {
+    let log = disk.fault_log();
+    // Sectors where a fault may leave anything: misdirected writes (both ends), torn and
+    // lost writes.
+    let excused = Sectors::from_ranges(log.iter().flat_map(|r| match &r.kind {
+        FaultKind::Misdirected { landed } => vec![r.sectors.clone(), landed.clone()],
+        FaultKind::Torn { .. } | FaultKind::Lost => vec![r.sectors.clone()],
+        _ => vec![],
+    }));
+    let len = disk.options().len_sectors;
+    let mut owner: Vec<Option<(usize, usize, u64)>> = vec![None; len as usize];
+    for (j, layout) in scenario.jobs.iter().enumerate() {
+        for (i, &(tt, start)) in layout.targets.iter().enumerate() {
+            if tt == t {
+                for k in 0..layout.len_sectors {
+                    owner[(start + k) as usize] = Some((j, i, k));
                 }
             }
         }
     }
-    // Sources are never written: their pattern, and zeroes in their holes.
+    for (range, run) in disk.provenance(0..len) {
+        for sector in range.clone() {
+            // A pattern run names its first sector; the others follow on.
+            let provenance = match run {
+                Provenance::Pattern { seed, generation, sector: first } => {
+                    Provenance::Pattern { seed, generation, sector: first + (sector - range.start) }
+                }
+                other => other,
+            };
+            let old = Provenance::Pattern { seed: target_seed(t), generation: 0, sector };
+            let Some((j, i, k)) = owner[sector as usize] else {
+                if provenance != old && !excused.contains(sector) {
+                    violations.push(format!("target{t} sector {sector} outside every job changed to {provenance:?}"));
+                }
+                continue;
+            };
+            let verdict = sector_verdict(&scenario.jobs[j], k, provenance, old);
+            let copied = not_copied[j].get(i).is_some_and(|set| !set.contains(sector));
+            let legal = match verdict {
+                Verdict::New => true,
+                Verdict::Old => !copied,
+                Verdict::Other => false,
+            };
+            if !legal && !excused.contains(sector) {
+                violations.push(format!(
+                    "job {j} target {i} (target{t}) sector {sector}: holds {verdict:?} ({provenance:?}) but the outcome says {}",
+                    if copied { "copied" } else { "not copied" }
+                ));
+            }
+        }
+    }
+}
+
+/// What a target sector holding `provenance` holds for job-relative sector `k` of `layout`,
+/// whose old content is `old`: the new content is the source's pattern, or zeroes for a zero
+/// job and where the source reads as zeroes (a hole or a zero run).
+fn sector_verdict(layout: &JobLayout, k: u64, provenance: Provenance, old: Provenance) -> Verdict {
+    let new = match layout.source {
+        Some((s, start)) if !layout.source_reads_zero(k) => {
+            Provenance::Pattern { seed: source_seed(s), generation: 0, sector: start + k }
+        }
+        _ => Provenance::Zero,
+    };
+    if provenance == new {
+        Verdict::New
+    } else if provenance == old {
+        Verdict::Old
+    } else {
+        Verdict::Other
+    }
+}
+
+/// Sources are never written: their pattern, and zeroes in their holes and zero runs.
+fn check_source_contents(scenario: &Scenario, report: &Report, violations: &mut Vec<String>) {
     for (s, disk) in report.sources.iter().enumerate() {
         let len = disk.options().len_sectors;
-        let holes = Sectors::from_ranges(scenario.source_holes().filter(|&(h, _)| h == s).map(|(_, hole)| hole));
+        let zeroes = scenario.source_holes().chain(scenario.source_zero_runs());
+        let holes = Sectors::from_ranges(zeroes.filter(|&(h, _)| h == s).map(|(_, hole)| hole));
         let pattern = span(0..len).difference(&holes);
         let expected =
             pattern.ranges().iter().map(|r| (r.clone(), false)).chain(holes.ranges().iter().map(|r| (r.clone(), true)));

@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kcopyd_core::{
-    Client, ClientConfig, ClientStats, Device, Flags, Job, Outcome, Region, SECTOR_SIZE, ShutdownReport, Sparse,
-    SubmitError, TargetMask, TargetZeroes, Throttle,
+    Client, ClientConfig, ClientStats, Device, Flags, Job, Outcome, RangeSet, Region, SECTOR_SIZE, ShutdownReport,
+    Sparse, SubmitError, TargetMask, TargetZeroes, Throttle,
 };
 use kcopyd_sim::{
     FaultOdds, FaultPlan, FaultRecord, IoModel, Latency, MemDisk, MemDiskOptions, Misdirect, Simulation, SlowSpike,
@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::io_log::{DiskRef, IoLog, IoRecord, Mark, Watched};
 pub use crate::oracle::check;
+use crate::sectors::Sectors;
 
 /// How long a run may take in virtual time before it counts as a deadlock.
 pub const DEADLOCK_AFTER: Duration = Duration::from_secs(3600);
@@ -165,6 +166,11 @@ pub struct JobInputs {
     /// to the region; copies only. A source with a hole is a sparse disk.
     #[serde(default)]
     pub holes: Vec<(u64, u64)>,
+    /// Allocated runs of zeroes in its source region: (offset, length) in sectors from the
+    /// region's start, clipped to it; copies only. The source reports them allocated (a thin
+    /// volume's mapped blocks that hold zeroes), also where they lie in a hole.
+    #[serde(default)]
+    pub zero_runs: Vec<(u64, u64)>,
 }
 
 /// Everything a scenario is made of: plain numbers, so that proptest can shrink them.
@@ -236,14 +242,7 @@ impl Inputs {
             _ => Shape::Small,
         };
         let unit_bytes = if big_units { 8 * SECTOR_SIZE as u64 } else { SECTOR_SIZE as u64 };
-        let disk = |rng: &mut Draw, target: bool| DiskInputs {
-            block_4k: big_units && rng.below(2) == 0,
-            write_zeroes: rng.below(2) == 0,
-            zoned: target && !crash && rng.below(6) == 0,
-            read: rng.timing(),
-            write: rng.timing(),
-            faults: rng.faults(storm, target),
-        };
+        let disk = |rng: &mut Draw, target: bool| rng.disk(big_units, storm, crash, target);
         let sources = (0..1 + rng.below(3)).map(|_| disk(&mut rng, false)).collect();
         let target_disks = match shape {
             Shape::Wide => 64 + rng.below(33),
@@ -254,28 +253,7 @@ impl Inputs {
             Shape::Long => 40 + rng.below(81),
             _ => 1 + rng.below(10),
         };
-        let jobs = (0..job_count)
-            .map(|_| JobInputs {
-                zero: rng.below(5) == 0,
-                source: rng.below(3) as usize,
-                targets: match shape {
-                    Shape::Wide => (0..1 + rng.below(96)).map(|_| rng.below(target_disks) as usize).collect(),
-                    _ => (0..1 + rng.below(8)).map(|_| rng.below(8) as usize).collect(),
-                },
-                len_units: match (rng.below(20), shape) {
-                    (0, _) => 0,
-                    (_, Shape::Big) => 1 + rng.below(JOB_BYTES_MAX / unit_bytes),
-                    _ => 1 + rng.below(64),
-                },
-                gap_units: rng.below(8),
-                ignore_error: rng.below(2) == 0,
-                write_seq: rng.below(4) == 0,
-                submit_at_us: rng.below(4) * rng.below(5000),
-                cancel_after_us: (rng.below(6) == 0).then(|| rng.below(3) * rng.below(3000)),
-                sparse: Sparse::OFF,
-                holes: Vec::new(),
-            })
-            .collect();
+        let jobs = (0..job_count).map(|_| rng.job(shape, target_disks, unit_bytes)).collect();
         let (page_budget, sub_job_units) = match shape {
             Shape::Big => (
                 [16, 256, 1024, 2048][rng.below(4) as usize],
@@ -311,6 +289,39 @@ impl Inputs {
         .busy_for_long(seed)
         .stalls_and_timeouts(seed)
         .sparse_jobs(seed)
+        .zero_runs(seed)
+    }
+
+    /// Allocated runs of zeroes in the sources of sparse copies (three in four), of every
+    /// length — a sector, less than a page, whole pages, a page and a sector, a sub-job, up to
+    /// the job — placed at any sector, on a page, at a sub-job's start, or against one of the
+    /// job's holes (before, after, or over it): where the zero-block scan must find exactly
+    /// the blocks that are zero, across the pages of a sub-job's buffer, and where the
+    /// allocation is no longer whole blocks. Drawn from a generator of their own, so that
+    /// every other draw of a seed stays what it was.
+    fn zero_runs(mut self, seed: u64) -> Inputs {
+        let mut rng = Draw(mix64(seed ^ 0x2e50_5e70));
+        // A sub-job's buffer is one run of pages only while pages come back in the order they
+        // were taken; sub-jobs of different lengths (cut by holes and zero runs) in flight
+        // together fragment the pool, and a buffer becomes several runs, which the zero-block
+        // scan must walk across. In one sparse scenario in two: several sub-jobs in flight,
+        // and a budget for them.
+        if self.jobs.iter().any(|job| job.sparse.is_on()) && rng.below(2) == 0 {
+            self.subjobs_in_flight = self.subjobs_in_flight.max(4 + rng.below(13) as usize);
+            let pages = (self.sub_job_units * self.unit_sectors()).div_ceil(8) as usize;
+            self.page_budget = self.page_budget.max(pages * (2 + rng.below(7) as usize));
+        }
+        let unit = self.unit_sectors();
+        let chunk = self.sub_job_units.max(1) * unit;
+        for job in self.jobs.iter_mut().filter(|job| !job.zero && job.sparse.is_on()) {
+            let len = job.len_units * unit;
+            if len == 0 || rng.below(4) == 0 {
+                continue;
+            }
+            let holes: Vec<(u64, u64)> = job.holes.iter().map(|&(o, n)| (o * unit, n * unit)).collect();
+            job.zero_runs = (0..1 + rng.below(4)).map(|_| rng.zero_run(len, chunk, &holes)).collect();
+        }
+        self
     }
 
     /// Sparse copies, in one scenario in three: copy jobs made sparse (`Job::sparse`) with
@@ -468,132 +479,146 @@ impl Inputs {
         inputs
     }
 
+    /// Places `job` after the regions placed before it (`source_cursor` and `target_cursor`:
+    /// where each disk's next region may start, in sectors): its regions, flags, holes and
+    /// zero runs in sectors.
+    fn place(&self, job: &JobInputs, source_cursor: &mut [u64], target_cursor: &mut [u64]) -> JobLayout {
+        let unit = self.unit_sectors();
+        let source = job.source % self.sources.len();
+        let mut targets: Vec<usize> = Vec::new();
+        for &t in &job.targets {
+            let t = t % self.targets.len();
+            if !targets.contains(&t) {
+                targets.push(t);
+            }
+        }
+        let len_units_max = if targets.iter().any(|&t| self.targets[t].zoned) {
+            ZONE_UNITS
+        } else {
+            JOB_BYTES_MAX / SECTOR_SIZE as u64 / unit
+        };
+        let len = job.len_units.min(len_units_max) * unit;
+        let source_start = source_cursor[source] + job.gap_units * unit;
+        if !job.zero {
+            source_cursor[source] = source_start + len;
+        }
+        let regions = targets
+            .iter()
+            .map(|&t| {
+                let mut start = target_cursor[t] + job.gap_units * unit;
+                if self.targets[t].zoned {
+                    start = start.div_ceil(ZONE_UNITS * unit) * ZONE_UNITS * unit;
+                }
+                target_cursor[t] = start + len;
+                (t, start)
+            })
+            .collect();
+        let (holes, zero_runs) = if job.zero {
+            (Vec::new(), Vec::new())
+        } else {
+            let clipped = job.holes.iter().map(|&(o, n)| o.min(len / unit) * unit..(o + n).min(len / unit) * unit);
+            let zero_runs =
+                Sectors::from_ranges(job.zero_runs.iter().map(|&(o, n)| o.min(len)..o.saturating_add(n).min(len)));
+            // A zero run over a hole is allocated there: the hole is what is left around it.
+            let holes = Sectors::from_ranges(clipped).difference(&zero_runs);
+            (holes.ranges().to_vec(), zero_runs.ranges().to_vec())
+        };
+        let mut flags = Flags::empty();
+        if job.ignore_error {
+            flags |= Flags::IGNORE_ERROR;
+        }
+        if job.write_seq {
+            flags |= Flags::WRITE_SEQ;
+        }
+        JobLayout {
+            zero: job.zero,
+            source: (!job.zero).then_some((source, source_start)),
+            targets: regions,
+            len_sectors: len,
+            flags,
+            submit_at_us: job.submit_at_us,
+            cancel_at_us: job.cancel_after_us.map(|after| job.submit_at_us + after),
+            sparse: if job.zero { Sparse::OFF } else { job.sparse },
+            holes,
+            zero_runs,
+        }
+    }
+
+    /// The options of a disk of the scenario (`inputs`, its regions ending at `cursor`): its
+    /// length with some slack (whole zones if zoned), block size, timing and faults, which
+    /// wrap around the disk.
+    fn disk_options(&self, inputs: &DiskInputs, cursor: u64, name: String, index: u64) -> MemDiskOptions {
+        let unit = self.unit_sectors();
+        let slack = 4 * unit;
+        let zone = ZONE_UNITS * unit;
+        let block: u32 = if inputs.block_4k && self.big_units { 4096 } else { 512 };
+        let mut len = cursor + slack;
+        if inputs.zoned {
+            len = len.div_ceil(zone) * zone;
+        }
+        let wrap = |offset: u64, count: u64| {
+            let start = offset * unit % len;
+            start..(start + count.max(1) * unit).min(len)
+        };
+        let faults = &inputs.faults;
+        MemDiskOptions {
+            name,
+            seed: mix64(self.seed ^ index),
+            len_sectors: len,
+            logical_block_size: block,
+            sparse: self.headers_only,
+            headers_only: self.headers_only,
+            write_zeroes: inputs.write_zeroes,
+            zoned: inputs.zoned,
+            zone_sectors: if inputs.zoned { zone } else { 0 },
+            latency: Latency {
+                read: inputs.read.model(),
+                write: inputs.write.model(),
+                seed: mix64(self.seed ^ index ^ 7),
+                ..Latency::default()
+            },
+            faults: FaultPlan {
+                latent_sectors: faults.latent.iter().map(|&(o, n)| wrap(o, n)).collect(),
+                write_faults: faults
+                    .write_faults
+                    .iter()
+                    .map(|&(o, n, attempts)| WriteFault { sectors: wrap(o, n), attempts })
+                    .collect(),
+                fail_after_ios: faults.fail_after_ios,
+                fail_at_us: None,
+                slow_spikes: faults.slow.iter().map(|&(io_index, extra_us)| SlowSpike { io_index, extra_us }).collect(),
+                misdirects: faults
+                    .misdirects
+                    .iter()
+                    .map(|&(write_index, shift)| Misdirect { write_index, shift_sectors: shift * unit as i64 })
+                    .collect(),
+                short_io: faults.short_io,
+                stalls: faults.stalls.iter().map(|&(io_index, hold_us)| Stall { io_index, hold_us }).collect(),
+                volatile_cache: self.crash_at_us.is_some(),
+                odds: FaultOdds {
+                    read_error_ppm: faults.odds.0,
+                    write_error_ppm: faults.odds.1,
+                    misdirect_ppm: faults.odds.2,
+                    slow_ppm: faults.odds.3,
+                    slow_us: 5000,
+                    ..FaultOdds::default()
+                },
+            },
+        }
+    }
+
     /// The concrete scenario: disk options, regions and flags.
     pub fn layout(&self) -> Scenario {
         let unit = self.unit_sectors();
         let mut source_cursor = vec![0u64; self.sources.len()];
         let mut target_cursor = vec![0u64; self.targets.len()];
-        let mut jobs = Vec::new();
-        for job in &self.jobs {
-            let source = job.source % self.sources.len();
-            let mut targets: Vec<usize> = Vec::new();
-            for &t in &job.targets {
-                let t = t % self.targets.len();
-                if !targets.contains(&t) {
-                    targets.push(t);
-                }
-            }
-            let len_units_max = if targets.iter().any(|&t| self.targets[t].zoned) {
-                ZONE_UNITS
-            } else {
-                JOB_BYTES_MAX / SECTOR_SIZE as u64 / unit
-            };
-            let len = job.len_units.min(len_units_max) * unit;
-            let source_start = source_cursor[source] + job.gap_units * unit;
-            if !job.zero {
-                source_cursor[source] = source_start + len;
-            }
-            let regions = targets
-                .iter()
-                .map(|&t| {
-                    let mut start = target_cursor[t] + job.gap_units * unit;
-                    if self.targets[t].zoned {
-                        start = start.div_ceil(ZONE_UNITS * unit) * ZONE_UNITS * unit;
-                    }
-                    target_cursor[t] = start + len;
-                    (t, start)
-                })
-                .collect();
-            let holes = if job.zero {
-                Vec::new()
-            } else {
-                let clipped = job.holes.iter().map(|&(o, n)| o.min(len / unit) * unit..(o + n).min(len / unit) * unit);
-                crate::sectors::Sectors::from_ranges(clipped).ranges().to_vec()
-            };
-            let mut flags = Flags::empty();
-            if job.ignore_error {
-                flags |= Flags::IGNORE_ERROR;
-            }
-            if job.write_seq {
-                flags |= Flags::WRITE_SEQ;
-            }
-            jobs.push(JobLayout {
-                zero: job.zero,
-                source: (!job.zero).then_some((source, source_start)),
-                targets: regions,
-                len_sectors: len,
-                flags,
-                submit_at_us: job.submit_at_us,
-                cancel_at_us: job.cancel_after_us.map(|after| job.submit_at_us + after),
-                sparse: if job.zero { Sparse::OFF } else { job.sparse },
-                holes,
-            });
-        }
-        let slack = 4 * unit;
-        let zone = ZONE_UNITS * unit;
+        let jobs: Vec<JobLayout> =
+            self.jobs.iter().map(|job| self.place(job, &mut source_cursor, &mut target_cursor)).collect();
         let holed: Vec<bool> = (0..self.sources.len())
             .map(|s| jobs.iter().any(|job| job.source.is_some_and(|(source, _)| source == s) && !job.holes.is_empty()))
             .collect();
-        let disk_options = |inputs: &DiskInputs, cursor: u64, name: String, index: u64| {
-            let block: u32 = if inputs.block_4k && self.big_units { 4096 } else { 512 };
-            let mut len = cursor + slack;
-            if inputs.zoned {
-                len = len.div_ceil(zone) * zone;
-            }
-            let wrap = |offset: u64, count: u64| {
-                let start = offset * unit % len;
-                start..(start + count.max(1) * unit).min(len)
-            };
-            let faults = &inputs.faults;
-            MemDiskOptions {
-                name,
-                seed: mix64(self.seed ^ index),
-                len_sectors: len,
-                logical_block_size: block,
-                sparse: self.headers_only,
-                headers_only: self.headers_only,
-                write_zeroes: inputs.write_zeroes,
-                zoned: inputs.zoned,
-                zone_sectors: if inputs.zoned { zone } else { 0 },
-                latency: Latency {
-                    read: inputs.read.model(),
-                    write: inputs.write.model(),
-                    seed: mix64(self.seed ^ index ^ 7),
-                    ..Latency::default()
-                },
-                faults: FaultPlan {
-                    latent_sectors: faults.latent.iter().map(|&(o, n)| wrap(o, n)).collect(),
-                    write_faults: faults
-                        .write_faults
-                        .iter()
-                        .map(|&(o, n, attempts)| WriteFault { sectors: wrap(o, n), attempts })
-                        .collect(),
-                    fail_after_ios: faults.fail_after_ios,
-                    fail_at_us: None,
-                    slow_spikes: faults
-                        .slow
-                        .iter()
-                        .map(|&(io_index, extra_us)| SlowSpike { io_index, extra_us })
-                        .collect(),
-                    misdirects: faults
-                        .misdirects
-                        .iter()
-                        .map(|&(write_index, shift)| Misdirect { write_index, shift_sectors: shift * unit as i64 })
-                        .collect(),
-                    short_io: faults.short_io,
-                    stalls: faults.stalls.iter().map(|&(io_index, hold_us)| Stall { io_index, hold_us }).collect(),
-                    volatile_cache: self.crash_at_us.is_some(),
-                    odds: FaultOdds {
-                        read_error_ppm: faults.odds.0,
-                        write_error_ppm: faults.odds.1,
-                        misdirect_ppm: faults.odds.2,
-                        slow_ppm: faults.odds.3,
-                        slow_us: 5000,
-                        ..FaultOdds::default()
-                    },
-                },
-            }
-        };
+        let disk_options =
+            |inputs: &DiskInputs, cursor: u64, name: String, index: u64| self.disk_options(inputs, cursor, name, index);
         Scenario {
             config: ClientConfig {
                 page_budget: self.page_budget.max(1),
@@ -664,6 +689,69 @@ impl Draw {
         self.0 % n.max(1)
     }
 
+    /// One allocated run of zeroes in a source region of `len` sectors (sub-jobs of `chunk`
+    /// sectors, `holes` as (offset, length) in sectors): (offset, length) in sectors.
+    fn zero_run(&mut self, len: u64, chunk: u64, holes: &[(u64, u64)]) -> (u64, u64) {
+        const PAGE: u64 = 8;
+        let length = match self.below(6) {
+            0 => 1,
+            1 => 2 + self.below(PAGE - 2),
+            2 => PAGE * (1 + self.below(4)),
+            3 => PAGE * (1 + self.below(4)) + [1, PAGE - 1][self.below(2) as usize],
+            4 => chunk + [0, 1, PAGE][self.below(3) as usize],
+            _ => 1 + self.below(len),
+        };
+        let hole = (!holes.is_empty()).then(|| holes[self.below(holes.len() as u64) as usize]);
+        let offset = match (self.below(5), hole) {
+            (0, _) | (_, None) => self.below(len),
+            (1, _) => self.below(len) / PAGE * PAGE + [0, 1][self.below(2) as usize],
+            (2, _) => self.below(len.div_ceil(chunk)) * chunk,
+            // Against a hole: ending where it begins, beginning where it ends, or over part of it.
+            (3, Some((start, n))) => [start.saturating_sub(length), start + n][self.below(2) as usize],
+            (_, Some((start, n))) => start + self.below(n),
+        };
+        (offset, length)
+    }
+
+    /// A disk of [`Inputs::from_seed`]: 4 KiB blocks in one case in two with big units, write-zeroes
+    /// offload in one in two, zoned in one target in six (never with a crash), its timing
+    /// and its faults.
+    fn disk(&mut self, big_units: bool, storm: u64, crash: bool, target: bool) -> DiskInputs {
+        DiskInputs {
+            block_4k: big_units && self.below(2) == 0,
+            write_zeroes: self.below(2) == 0,
+            zoned: target && !crash && self.below(6) == 0,
+            read: self.timing(),
+            write: self.timing(),
+            faults: self.faults(storm, target),
+        }
+    }
+
+    /// A job of [`Inputs::from_seed`] for a scenario of `shape` with `target_disks` targets.
+    fn job(&mut self, shape: Shape, target_disks: u64, unit_bytes: u64) -> JobInputs {
+        JobInputs {
+            zero: self.below(5) == 0,
+            source: self.below(3) as usize,
+            targets: match shape {
+                Shape::Wide => (0..1 + self.below(96)).map(|_| self.below(target_disks) as usize).collect(),
+                _ => (0..1 + self.below(8)).map(|_| self.below(8) as usize).collect(),
+            },
+            len_units: match (self.below(20), shape) {
+                (0, _) => 0,
+                (_, Shape::Big) => 1 + self.below(JOB_BYTES_MAX / unit_bytes),
+                _ => 1 + self.below(64),
+            },
+            gap_units: self.below(8),
+            ignore_error: self.below(2) == 0,
+            write_seq: self.below(4) == 0,
+            submit_at_us: self.below(4) * self.below(5000),
+            cancel_after_us: (self.below(6) == 0).then(|| self.below(3) * self.below(3000)),
+            sparse: Sparse::OFF,
+            holes: Vec::new(),
+            zero_runs: Vec::new(),
+        }
+    }
+
     fn timing(&mut self) -> TimingInputs {
         TimingInputs {
             cost_us: [0, 10, 100, 1000][self.below(4) as usize],
@@ -730,6 +818,17 @@ pub struct JobLayout {
     /// as zeroes and the (sparse) source reports them unallocated.
     #[serde(default)]
     pub holes: Vec<std::ops::Range<u64>>,
+    /// Allocated runs of zeroes in its source region (job-relative sectors, sorted, disjoint,
+    /// apart from the holes): they read as zeroes, and the source reports them allocated.
+    #[serde(default)]
+    pub zero_runs: Vec<std::ops::Range<u64>>,
+}
+
+impl JobLayout {
+    /// Whether job-relative sector `k` of its source reads as zeroes: in a hole or a zero run.
+    pub fn source_reads_zero(&self, k: u64) -> bool {
+        self.holes.iter().chain(&self.zero_runs).any(|run| run.contains(&k))
+    }
 }
 
 /// A concrete scenario: a serde value that can be saved and replayed.
@@ -763,6 +862,14 @@ impl Scenario {
             .iter()
             .filter_map(|job| job.source.map(|source| (job, source)))
             .flat_map(|(job, (s, start))| job.holes.iter().map(move |hole| (s, start + hole.start..start + hole.end)))
+    }
+
+    /// The allocated runs of zeroes of every source region, in device sectors: (source, sectors).
+    pub fn source_zero_runs(&self) -> impl Iterator<Item = (usize, std::ops::Range<u64>)> + '_ {
+        self.jobs
+            .iter()
+            .filter_map(|job| job.source.map(|source| (job, source)))
+            .flat_map(|(job, (s, start))| job.zero_runs.iter().map(move |run| (s, start + run.start..start + run.end)))
     }
 
     /// The job whose region holds `record`'s sectors, if any.
@@ -949,15 +1056,25 @@ pub fn run(scenario: &Scenario) -> Report {
             disk
         };
         let sources: Vec<_> = scenario.sources.iter().enumerate().map(|(i, o)| make(o, source_seed(i))).collect();
-        for (s, hole) in scenario.source_holes() {
-            sources[s].poke(hole.start, &vec![0; (hole.end - hole.start) as usize * SECTOR_SIZE]);
+        let mut mapped_zeroes = vec![RangeSet::new(); sources.len()];
+        for (s, zeroes) in scenario.source_holes().chain(scenario.source_zero_runs()) {
+            sources[s].poke(zeroes.start, &vec![0; (zeroes.end - zeroes.start) as usize * SECTOR_SIZE]);
+        }
+        for (s, run) in scenario.source_zero_runs() {
+            mapped_zeroes[s].insert(run);
         }
         let targets: Vec<_> = scenario.targets.iter().enumerate().map(|(i, o)| make(o, target_seed(i))).collect();
         let watched = |disks: &[Arc<MemDisk>], which: fn(usize) -> DiskRef| -> Vec<Device> {
             disks
                 .iter()
                 .enumerate()
-                .map(|(i, d)| Arc::new(Watched::new(d.clone(), which(i), log.clone())) as Device)
+                .map(|(i, d)| {
+                    let mapped = match which(i) {
+                        DiskRef::Source(s) => mapped_zeroes[s].clone(),
+                        DiskRef::Target(_) => RangeSet::new(),
+                    };
+                    Arc::new(Watched::with_mapped_zeroes(d.clone(), which(i), log.clone(), mapped)) as Device
+                })
                 .collect()
         };
         let (source_devices, target_devices) = (watched(&sources, DiskRef::Source), watched(&targets, DiskRef::Target));
@@ -1139,8 +1256,28 @@ pub fn run(scenario: &Scenario) -> Report {
     })
 }
 
-/// A proptest strategy for [`Inputs`]: small, shrinkable scenarios.
-pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
+/// A sparse copy's settings, its holes (units) and its zero runs (sectors), as (offset, length).
+type SparseDraw = (Sparse, Vec<(u64, u64)>, Vec<(u64, u64)>);
+
+/// A sparse copy's settings (never `TargetZeroes::Skip`: every target holds old data), up to
+/// four holes (units) and up to four allocated zero runs (sectors, of any length and
+/// alignment) in its source; a zero job ignores them.
+fn arb_sparse() -> impl Strategy<Value = SparseDraw> {
+    (
+        proptest::bool::weighted(0.75),
+        prop_oneof![Just(0u32), Just(512), Just(4096), Just(65536)],
+        any::<bool>(),
+        proptest::collection::vec((0u64..48, 1u64..24), 0..4),
+        proptest::collection::vec((0u64..400, prop_oneof![1u64..9, 8u64..80, 1u64..400]), 0..4),
+    )
+        .prop_map(|(skip_holes, zero_block_bytes, deallocate, holes, zero_runs)| {
+            let target_zeroes = if deallocate { TargetZeroes::Deallocate } else { TargetZeroes::Write };
+            (Sparse { skip_holes, zero_block_bytes, target_zeroes }, holes, zero_runs)
+        })
+}
+
+/// A disk's timing and faults, for [`arb_inputs`].
+fn arb_disk() -> impl Strategy<Value = DiskInputs> {
     let timing = (0u64..3, 0u64..3, 0u32..3, 0u64..3).prop_map(|(c, b, q, j)| TimingInputs {
         cost_us: [0, 20, 500][c as usize],
         bandwidth_mb_per_s: [0, 100, 2000][b as usize],
@@ -1166,7 +1303,7 @@ pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
             odds,
             stalls: Vec::new(),
         });
-    let disk = (any::<bool>(), any::<bool>(), proptest::bool::weighted(0.15), timing.clone(), timing, faults).prop_map(
+    (any::<bool>(), any::<bool>(), proptest::bool::weighted(0.15), timing.clone(), timing, faults).prop_map(
         |(block_4k, write_zeroes, zoned, read, write, faults)| DiskInputs {
             block_4k,
             write_zeroes,
@@ -1175,8 +1312,12 @@ pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
             write,
             faults,
         },
-    );
-    let job = (
+    )
+}
+
+/// A job, for [`arb_inputs`]: copies (some sparse, with holes and zero runs) and zero jobs.
+fn arb_job() -> impl Strategy<Value = JobInputs> {
+    (
         proptest::bool::weighted(0.2),
         0usize..3,
         proptest::collection::vec(0usize..8, 1..=8),
@@ -1186,9 +1327,22 @@ pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
         proptest::bool::weighted(0.25),
         0u64..5000,
         proptest::option::weighted(0.15, 0u64..3000),
+        proptest::option::weighted(0.4, arb_sparse()),
     )
         .prop_map(
-            |(zero, source, targets, len_units, gap_units, ignore_error, write_seq, submit_at_us, cancel_after_us)| {
+            |(
+                zero,
+                source,
+                targets,
+                len_units,
+                gap_units,
+                ignore_error,
+                write_seq,
+                submit_at_us,
+                cancel_after_us,
+                sparse,
+            )| {
+                let (sparse, holes, zero_runs) = sparse.unwrap_or_default();
                 JobInputs {
                     zero,
                     source,
@@ -1199,18 +1353,24 @@ pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
                     write_seq,
                     submit_at_us,
                     cancel_after_us,
-                    sparse: Sparse::OFF,
-                    holes: Vec::new(),
+                    sparse,
+                    holes,
+                    zero_runs,
                 }
             },
-        );
+        )
+}
+
+/// A proptest strategy for [`Inputs`]: small, shrinkable scenarios.
+pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
+    let (disk, job) = (arb_disk(), arb_job());
     (
         any::<u64>(),
         prop_oneof![Just(1usize), 1usize..8, 8usize..300],
         1u64..40,
         1usize..9,
         any::<bool>(),
-        proptest::collection::vec(disk.clone(), 1..3),
+        proptest::collection::vec(arb_disk(), 1..3),
         proptest::collection::vec(disk, 1..8),
         proptest::collection::vec(job, 1..8),
     )

@@ -25,13 +25,12 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use kcopyd_core::{
-    Client, ClientConfig, Device, Flags, HOLE_SUB_JOB_SECTORS_MAX, Job, Region, SECTOR_SIZE, Sparse, TargetZeroes,
-};
+use kcopyd_core::{Client, ClientConfig, Device, Flags, Job, Outcome, Region, SECTOR_SIZE, Sparse, TargetZeroes};
 use kcopyd_sim::{MemDisk, MemDiskOptions, Simulation, mix64, to_tokio};
 use serde::{Deserialize, Serialize};
 
-use crate::io_log::{DiskRef, IoKind, IoLog, Watched};
+use crate::io_log::{DiskRef, IoKind, IoLog, IoRecord, Watched};
+use crate::oracle::HOLE_SUB_JOB_SECTORS;
 use crate::scenario::{DEADLOCK_AFTER, Draw};
 use crate::sectors::Sectors;
 
@@ -153,8 +152,27 @@ impl Case {
 
     /// Runs the copy in virtual time and returns every rule it breaks.
     pub fn check(&self) -> Vec<String> {
-        let len = self.len_sectors();
         let (data, zeroes, holes) = self.layout();
+        let (source, targets) = self.disks(&data, &zeroes);
+        let log = IoLog::new();
+        let Some(outcome) = self.run_copy(&source, &targets, &log) else {
+            return vec![format!("still running after {DEADLOCK_AFTER:?} of virtual time")];
+        };
+        let mut problems = Vec::new();
+        if !outcome.is_ok() {
+            problems.push(format!("failed on healthy disks: {outcome:?}"));
+        }
+        let seen = Seen::of(self, &log, &data, &zeroes, &holes, &mut problems);
+        for (i, target) in targets.iter().enumerate() {
+            self.check_target(i, target, &source, &seen, &mut problems);
+        }
+        problems
+    }
+
+    /// The source (its data runs of pattern, its zero runs written, its holes left alone) and
+    /// the targets (full of stale data, unless they are said to read as zeroes).
+    fn disks(&self, data: &Sectors, zeroes: &Sectors) -> (Arc<MemDisk>, Vec<Arc<MemDisk>>) {
+        let len = self.len_sectors();
         let disk = |name: String, sparse: bool, write_zeroes: bool| {
             Arc::new(MemDisk::new(MemDiskOptions {
                 name,
@@ -173,7 +191,7 @@ impl Case {
             source.poke(range.start, &vec![0; ((range.end - range.start) as usize) * SECTOR_SIZE]);
         }
         let skip = self.sparse.target_zeroes == TargetZeroes::Skip;
-        let targets: Vec<Arc<MemDisk>> = self
+        let targets = self
             .targets
             .iter()
             .enumerate()
@@ -185,7 +203,13 @@ impl Case {
                 target
             })
             .collect();
-        let log = IoLog::new();
+        (source, targets)
+    }
+
+    /// Runs the copy on a client of the case's configuration, every request logged in `log`:
+    /// its outcome, `None` if it did not finish.
+    fn run_copy(&self, source: &Arc<MemDisk>, targets: &[Arc<MemDisk>], log: &IoLog) -> Option<Outcome> {
+        let len = self.len_sectors();
         let config = ClientConfig {
             page_budget: self.page_budget,
             sub_job_size_bytes: self.sub_job_bytes,
@@ -198,7 +222,7 @@ impl Case {
                 |disk: &Arc<MemDisk>, which| Arc::new(Watched::new(disk.clone(), which, log.clone())) as Device;
             let regions =
                 targets.iter().enumerate().map(|(i, t)| Region::new(watched(t, DiskRef::Target(i)), 0, len)).collect();
-            let job = Job::copy(Region::new(watched(&source, DiskRef::Source(0)), 0, len), regions, Flags::empty())
+            let job = Job::copy(Region::new(watched(source, DiskRef::Source(0)), 0, len), regions, Flags::empty())
                 .sparse(self.sparse);
             let handle = client.submit(job).await.expect("a valid job");
             let outcome = tokio::time::timeout(to_tokio(DEADLOCK_AFTER), handle).await;
@@ -207,119 +231,158 @@ impl Case {
             }
             outcome
         });
-        let Ok(outcome) = outcome else {
-            return vec![format!("still running after {DEADLOCK_AFTER:?} of virtual time")];
-        };
-        let mut problems = Vec::new();
-        if !outcome.is_ok() {
-            problems.push(format!("failed on healthy disks: {outcome:?}"));
-        }
+        outcome.ok()
+    }
 
+    /// Whether zeroes are cheap on a target of `kind` (`Sparse`'s contract).
+    fn cheap(&self, kind: TargetKind) -> bool {
+        match self.sparse.target_zeroes {
+            TargetZeroes::Skip => true,
+            TargetZeroes::Deallocate => kind != TargetKind::Plain,
+            TargetZeroes::Write => kind == TargetKind::Offload,
+        }
+    }
+
+    /// Target `i`'s content and requests against what the source holds and what was seen.
+    fn check_target(&self, i: usize, target: &MemDisk, source: &MemDisk, seen: &Seen, problems: &mut Vec<String>) {
+        let (data, unallocated, zero_blocks) = (&seen.data, &seen.unallocated, &seen.zero_blocks);
+        let skip = self.sparse.target_zeroes == TargetZeroes::Skip;
+        let cheap_everywhere = self.targets.iter().all(|&kind| self.cheap(kind));
+        let which = DiskRef::Target(i);
+        if let Some(range) = seen.first_difference(target, source) {
+            problems.push(format!("target{i} ({:?}) does not read as the source in {range:?}", self.targets[i]));
+        }
+        let writes = seen.requests(which, IoKind::Write);
+        let zero_writes = seen.requests(which, IoKind::WriteZeroes);
+        let written: u64 = writes.iter().chain(&zero_writes).map(|r| r.end - r.start).sum();
+        let touched = Sectors::from_ranges(writes.iter().chain(&zero_writes).cloned());
+        if written != touched.len_sectors() {
+            problems.push(format!("target{i}: a sector written twice ({written} sectors in requests)"));
+        }
+        if let Some(long) = writes.iter().find(|r| r.end - r.start > seen.sub_job_sectors) {
+            problems.push(format!("target{i}: a data write {long:?} longer than a sub-job"));
+        }
+        if let Some(long) = zero_writes.iter().find(|r| r.end - r.start > HOLE_SUB_JOB_SECTORS) {
+            problems.push(format!("target{i}: a write-zeroes {long:?} longer than a hole sub-job"));
+        }
+        let as_data = Sectors::from_ranges(writes.iter().cloned());
+        if !data.is_subset(&as_data) {
+            problems.push(format!("target{i}: source data not written as data: {:?}", data.difference(&as_data)));
+        }
+        if self.sparse.skip_holes && cheap_everywhere && !unallocated.intersection(&as_data).is_empty() {
+            problems.push(format!(
+                "target{i} ({:?}): holes written as data although zeroes are cheap: {:?}",
+                self.targets[i],
+                unallocated.intersection(&as_data)
+            ));
+        }
+        if self.cheap(self.targets[i]) && !zero_blocks.intersection(&as_data).is_empty() {
+            problems.push(format!(
+                "target{i} ({:?}): zero blocks written as data although zeroes are cheap: {:?}",
+                self.targets[i],
+                zero_blocks.intersection(&as_data)
+            ));
+        }
+        if skip && !zero_blocks.intersection(&touched).is_empty() {
+            problems.push(format!(
+                "target{i}: zero blocks written although the target is zero: {:?}",
+                zero_blocks.intersection(&touched)
+            ));
+        }
+        if self.sparse.skip_holes && skip && !unallocated.intersection(&touched).is_empty() {
+            problems.push(format!(
+                "target{i}: holes written although the target is zero: {:?}",
+                unallocated.intersection(&touched)
+            ));
+        }
+        let requests = (writes.len() + zero_writes.len()) as u64;
+        if self.sparse.is_on() && cheap_everywhere && requests > seen.requests_max {
+            problems.push(format!(
+                "target{i}: {requests} requests for {} runs and {} sectors read in sub-jobs of {} (at most {})",
+                self.runs.len(),
+                seen.read_sectors,
+                seen.sub_job_sectors,
+                seen.requests_max
+            ));
+        }
+    }
+}
+
+/// What a sparse case's run showed, for the checks of each target: the requests, the
+/// source's data and what reads as zeroes, and the zero blocks the scan had to find.
+struct Seen {
+    records: Vec<IoRecord>,
+    data: Sectors,
+    not_data: Sectors,
+    /// What the source reports unallocated: its holes and zeroes if sparse, nothing if dense.
+    unallocated: Sectors,
+    zero_blocks: Sectors,
+    sub_job_sectors: u64,
+    read_sectors: u64,
+    /// The requests a target may need: sub-jobs that read data, and runs of every kind.
+    requests_max: u64,
+}
+
+impl Seen {
+    /// What the run logged in `log` showed; a source read other than expected is a problem.
+    fn of(
+        case: &Case,
+        log: &IoLog,
+        data: &Sectors,
+        zeroes: &Sectors,
+        holes: &Sectors,
+        problems: &mut Vec<String>,
+    ) -> Seen {
+        let len = case.len_sectors();
         let records = log.records();
         let of = |disk: DiskRef, kind: IoKind| -> Vec<Range<u64>> {
             records.iter().filter(|r| r.disk == disk && r.kind == kind).map(|r| r.sectors.clone()).collect()
         };
         let reads = Sectors::from_ranges(of(DiskRef::Source(0), IoKind::Read));
         let whole = Sectors::from_ranges(std::iter::once(0..len));
-        // What the source reports unallocated: its holes and zeroes if sparse, nothing if dense.
-        let unallocated = if self.dense_source { Sectors::new() } else { zeroes.union(&holes) };
+        let unallocated = if case.dense_source { Sectors::new() } else { zeroes.union(holes) };
         let allocated = whole.difference(&unallocated);
-        let expected_reads = if self.sparse.skip_holes { &allocated } else { &whole };
+        let expected_reads = if case.sparse.skip_holes { &allocated } else { &whole };
         if reads != *expected_reads {
             problems.push(format!("source read {:?}, expected {:?}", reads.ranges(), expected_reads.ranges()));
         }
-        let sub_job_sectors = (self.sub_job_bytes / SECTOR_SIZE) as u64;
-        let cheap = |kind: TargetKind| match self.sparse.target_zeroes {
-            TargetZeroes::Skip => true,
-            TargetZeroes::Deallocate => kind != TargetKind::Plain,
-            TargetZeroes::Write => kind == TargetKind::Offload,
-        };
-        let cheap_everywhere = self.targets.iter().all(|&kind| cheap(kind));
-        // Sub-jobs that read data, and runs of every kind: the requests a target may need.
+        let sub_job_sectors = (case.sub_job_bytes / SECTOR_SIZE) as u64;
         let read_sectors = expected_reads.len_sectors();
-        let requests_max = 2 * (self.runs.len() as u64 + 2 + read_sectors.div_ceil(sub_job_sectors));
-        let not_data = whole.difference(&data);
+        let requests_max = 2 * (case.runs.len() as u64 + 2 + read_sectors.div_ceil(sub_job_sectors));
+        let not_data = whole.difference(data);
         // The zero blocks the scan must find: blocks of the zero-block size (at least the
         // logical block) from the start of each sub-job read, the last one perhaps short,
         // wholly where the source reads as zeroes.
-        let block = u64::from(self.block_bytes) / SECTOR_SIZE as u64;
-        let zero_block_sectors = (self.sparse.zero_block_bytes != 0)
-            .then(|| (u64::from(self.sparse.zero_block_bytes) / SECTOR_SIZE as u64).max(block));
+        let block = u64::from(case.block_bytes) / SECTOR_SIZE as u64;
+        let zero_block_sectors = (case.sparse.zero_block_bytes != 0)
+            .then(|| (u64::from(case.sparse.zero_block_bytes) / SECTOR_SIZE as u64).max(block));
         let zero_blocks = Sectors::from_ranges(zero_block_sectors.into_iter().flat_map(|z| {
             of(DiskRef::Source(0), IoKind::Read)
                 .into_iter()
                 .flat_map(move |read| (read.start..read.end).step_by(z as usize).map(move |b| b..(b + z).min(read.end)))
                 .filter(|b| Sectors::from_ranges(std::iter::once(b.clone())).is_subset(&not_data))
         }));
-        for (i, target) in targets.iter().enumerate() {
-            let which = DiskRef::Target(i);
-            // Data as the source's; zeroes elsewhere (unallocated on a thin target, which is how
-            // a hole of gigabytes is checked without reading it).
-            let wrong = data
-                .ranges()
-                .iter()
-                .find(|r| target.snapshot(r.start, r.end - r.start) != source.snapshot(r.start, r.end - r.start))
-                .or_else(|| {
-                    not_data.ranges().iter().find(|r| {
-                        target.allocated_sectors((*r).clone()) > 0
-                            && target.snapshot(r.start, r.end - r.start).iter().any(|&byte| byte != 0)
-                    })
-                });
-            if let Some(range) = wrong {
-                problems.push(format!("target{i} ({:?}) does not read as the source in {range:?}", self.targets[i]));
-            }
-            let writes = of(which, IoKind::Write);
-            let zero_writes = of(which, IoKind::WriteZeroes);
-            let written: u64 = writes.iter().chain(&zero_writes).map(|r| r.end - r.start).sum();
-            let touched = Sectors::from_ranges(writes.iter().chain(&zero_writes).cloned());
-            if written != touched.len_sectors() {
-                problems.push(format!("target{i}: a sector written twice ({written} sectors in requests)"));
-            }
-            if let Some(long) = writes.iter().find(|r| r.end - r.start > sub_job_sectors) {
-                problems.push(format!("target{i}: a data write {long:?} longer than a sub-job"));
-            }
-            if let Some(long) = zero_writes.iter().find(|r| r.end - r.start > HOLE_SUB_JOB_SECTORS_MAX) {
-                problems.push(format!("target{i}: a write-zeroes {long:?} longer than a hole sub-job"));
-            }
-            let as_data = Sectors::from_ranges(writes.iter().cloned());
-            if !data.is_subset(&as_data) {
-                problems.push(format!("target{i}: source data not written as data: {:?}", data.difference(&as_data)));
-            }
-            if self.sparse.skip_holes && cheap_everywhere && !unallocated.intersection(&as_data).is_empty() {
-                problems.push(format!(
-                    "target{i} ({:?}): holes written as data although zeroes are cheap: {:?}",
-                    self.targets[i],
-                    unallocated.intersection(&as_data)
-                ));
-            }
-            if cheap(self.targets[i]) && !zero_blocks.intersection(&as_data).is_empty() {
-                problems.push(format!(
-                    "target{i} ({:?}): zero blocks written as data although zeroes are cheap: {:?}",
-                    self.targets[i],
-                    zero_blocks.intersection(&as_data)
-                ));
-            }
-            if skip && !zero_blocks.intersection(&touched).is_empty() {
-                problems.push(format!(
-                    "target{i}: zero blocks written although the target is zero: {:?}",
-                    zero_blocks.intersection(&touched)
-                ));
-            }
-            if self.sparse.skip_holes && skip && !unallocated.intersection(&touched).is_empty() {
-                problems.push(format!(
-                    "target{i}: holes written although the target is zero: {:?}",
-                    unallocated.intersection(&touched)
-                ));
-            }
-            let requests = (writes.len() + zero_writes.len()) as u64;
-            if self.sparse.is_on() && cheap_everywhere && requests > requests_max {
-                problems.push(format!(
-                    "target{i}: {requests} requests for {} runs and {read_sectors} sectors read in sub-jobs of {sub_job_sectors} (at most {requests_max})",
-                    self.runs.len()
-                ));
-            }
-        }
-        problems
+        let data = data.clone();
+        Seen { records, data, not_data, unallocated, zero_blocks, sub_job_sectors, read_sectors, requests_max }
+    }
+
+    /// The first run where `target` does not read as `source`: data as the source's, zeroes
+    /// elsewhere (unallocated on a thin target, which is how a hole of gigabytes is checked
+    /// without reading it).
+    fn first_difference(&self, target: &MemDisk, source: &MemDisk) -> Option<Range<u64>> {
+        let same =
+            |r: &Range<u64>| target.snapshot(r.start, r.end - r.start) == source.snapshot(r.start, r.end - r.start);
+        let zero = |r: &Range<u64>| {
+            target.allocated_sectors(r.clone()) == 0
+                || target.snapshot(r.start, r.end - r.start).iter().all(|&byte| byte == 0)
+        };
+        let data = self.data.ranges().iter().find(|r| !same(r));
+        data.or_else(|| self.not_data.ranges().iter().find(|r| !zero(r))).cloned()
+    }
+
+    /// The sectors of every request of `kind` to `disk`.
+    fn requests(&self, disk: DiskRef, kind: IoKind) -> Vec<Range<u64>> {
+        self.records.iter().filter(|r| r.disk == disk && r.kind == kind).map(|r| r.sectors.clone()).collect()
     }
 }
 

@@ -601,6 +601,10 @@ fn rule_6_not_copied_is_what_the_successful_writes_leave() {
 }
 
 #[test]
+#[allow(
+    clippy::too_many_lines,
+    reason = "a list of perturbations of the same true runs, each refused by this rule: split, each piece would rebuild the runs it perturbs"
+)]
 fn rule_7_sectors_are_not_copied_only_for_a_reason() {
     // No error, no cancel, yet a sub-job not written (the trace agrees, so rule 6 holds).
     let run = clean();
@@ -716,6 +720,10 @@ fn rule_7_sectors_are_not_copied_only_for_a_reason() {
 }
 
 #[test]
+#[allow(
+    clippy::too_many_lines,
+    reason = "a list of perturbations of the same true runs, each refused by this rule: split, each piece would rebuild the runs it perturbs"
+)]
 fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error() {
     let run = stopping_on_a_read_error();
     let violations = run.tampered(|r| append(r, DiskRef::Source(0), IoKind::Read, 32..40));
@@ -854,6 +862,10 @@ fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error() {
 }
 
 #[test]
+#[allow(
+    clippy::too_many_lines,
+    reason = "a list of perturbations of the same true runs, each refused by this rule: split, each piece would rebuild the runs it perturbs"
+)]
 fn rule_9_no_sub_job_starts_after_a_cancel_and_cancelled_is_exact() {
     let run = cancelled();
     let first_untaken = run.outcome().targets[0].not_copied.ranges()[0].start;
@@ -1094,6 +1106,10 @@ fn rule_11_sub_jobs_in_flight_and_pages_stay_within_their_limits() {
 }
 
 #[test]
+#[allow(
+    clippy::too_many_lines,
+    reason = "a list of perturbations of the same true runs, each refused by this rule: split, each piece would rebuild the runs it perturbs"
+)]
 fn rule_12_every_request_is_whole_blocks_of_one_sub_job_of_one_region() {
     let run = clean();
     let cases: Vec<(&str, Vec<String>, &str)> = vec![

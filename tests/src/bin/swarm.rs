@@ -14,7 +14,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use kcopyd_tests::scenario::{Inputs, check, run};
+use kcopyd_tests::scenario::{Inputs, Report, Scenario, check, run};
 use kcopyd_tests::{sparse_case, validation};
 
 /// Validation cases per seed (random regions on shared devices, checked against a reference).
@@ -49,6 +49,42 @@ fn parse() -> Result<Args, String> {
     Ok(args)
 }
 
+/// Runs one seed's scenario, its validation cases and its sparse copy: the report and every
+/// broken rule (and, if asked, a second run that must give the same trace).
+fn run_seed(seed: u64, scenario: &Scenario, check_determinism: bool) -> (Report, Vec<String>) {
+    let report = run(scenario);
+    let mut violations = check(scenario, &report);
+    violations.extend(validation::check_seed(seed, VALIDATION_CASES));
+    violations.extend(sparse_case::check_seed(seed, SPARSE_CASES));
+    if check_determinism {
+        let again = run(scenario);
+        if again.trace_hash != report.trace_hash || again.trace_events != report.trace_events {
+            violations.push(format!(
+                "determinism: trace {:016x} ({} events) then {:016x} ({} events)",
+                report.trace_hash, report.trace_events, again.trace_hash, again.trace_events
+            ));
+        }
+    }
+    (report, violations)
+}
+
+/// Prints a failed seed: its broken rules, the scenario and how to replay it (with
+/// `--verbose`, the trace of a second run first).
+fn print_failure(seed: u64, scenario: &Scenario, problems: &[String], verbose: bool) {
+    println!("seed {seed}: FAILED");
+    if verbose {
+        let report = run(scenario);
+        for event in report.trace.events() {
+            println!("  trace {:>6} {:>12} ns  {}", event.sequence, event.at_ns, event.what);
+        }
+    }
+    for problem in problems.iter().take(20) {
+        println!("  broken invariant: {problem}");
+    }
+    println!("  scenario: {}", serde_json::to_string(scenario).expect("scenarios serialize"));
+    println!("  replay: cargo run --release -p kcopyd-tests --bin swarm -- --seeds 1 --seed {seed} --verbose");
+}
+
 fn main() -> ExitCode {
     let args = match parse() {
         Ok(args) => args,
@@ -63,22 +99,7 @@ fn main() -> ExitCode {
     let (mut jobs, mut jobs_with_errors, mut faults_fired, mut crashes) = (0usize, 0usize, 0usize, 0usize);
     for seed in args.first..args.first + args.seeds {
         let scenario = Inputs::aimed(seed).layout();
-        let verdict = catch_unwind(AssertUnwindSafe(|| {
-            let report = run(&scenario);
-            let mut violations = check(&scenario, &report);
-            violations.extend(validation::check_seed(seed, VALIDATION_CASES));
-            violations.extend(sparse_case::check_seed(seed, SPARSE_CASES));
-            if args.check_determinism {
-                let again = run(&scenario);
-                if again.trace_hash != report.trace_hash || again.trace_events != report.trace_events {
-                    violations.push(format!(
-                        "determinism: trace {:016x} ({} events) then {:016x} ({} events)",
-                        report.trace_hash, report.trace_events, again.trace_hash, again.trace_events
-                    ));
-                }
-            }
-            (report, violations)
-        }));
+        let verdict = catch_unwind(AssertUnwindSafe(|| run_seed(seed, &scenario, args.check_determinism)));
         match verdict {
             Ok((report, violations)) if violations.is_empty() => {
                 passed += 1;
@@ -114,20 +135,7 @@ fn main() -> ExitCode {
                             .unwrap_or_default()
                     )],
                 };
-                println!("seed {seed}: FAILED");
-                if args.verbose {
-                    let report = run(&scenario);
-                    for event in report.trace.events() {
-                        println!("  trace {:>6} {:>12} ns  {}", event.sequence, event.at_ns, event.what);
-                    }
-                }
-                for problem in problems.iter().take(20) {
-                    println!("  broken invariant: {problem}");
-                }
-                println!("  scenario: {}", serde_json::to_string(&scenario).expect("scenarios serialize"));
-                println!(
-                    "  replay: cargo run --release -p kcopyd-tests --bin swarm -- --seeds 1 --seed {seed} --verbose"
-                );
+                print_failure(seed, &scenario, &problems, args.verbose);
             }
         }
     }
