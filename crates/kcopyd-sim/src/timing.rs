@@ -288,24 +288,12 @@ pub(crate) struct Request {
 }
 
 /// When `request` completes under `latency`, given the direction's queue `slots` and the
-/// disk's `paths`.
+/// disk's `paths`: a queue slot, out over the link, the device's cost, a data path, back over
+/// the link, jitter.
 pub(crate) fn schedule(latency: &Latency, slots: &mut Slots, paths: &mut Paths, request: Request) -> Instant {
-    let (model, overhead_us) = if request.write {
-        (&latency.write, latency.path.write_overhead_us)
-    } else {
-        (&latency.read, latency.path.read_overhead_us)
-    };
+    let model = if request.write { &latency.write } else { &latency.read };
     let scale = request.scale;
-    let slot = if model.queue_depth == 0 {
-        None
-    } else {
-        if slots.free_at.is_empty() {
-            slots.free_at = vec![request.now; model.queue_depth as usize];
-        }
-        // The slot that frees first; ties go to the lowest index, for determinism.
-        let (index, _) = slots.free_at.iter().enumerate().min_by_key(|&(i, t)| (*t, i)).expect("depth >= 1");
-        Some(index)
-    };
+    let slot = queue_slot(model, slots, request.now);
     let start = slot.map_or(request.now, |i| slots.free_at[i].max(request.now));
     let link = &latency.link;
     let half_trip = Duration::from_micros(link.round_trip_us) * scale / 2;
@@ -319,42 +307,15 @@ pub(crate) fn schedule(latency: &Latency, slots: &mut Slots, paths: &mut Paths, 
     };
     // Out over the link: a write's bytes cross first, behind earlier writes.
     let arrived = if request.write && link.bandwidth_bytes_per_s > 0 {
-        let begin = device_paths.link_write_free.map_or(start, |free| free.max(start));
-        let end = begin + link.transfer(request.len_bytes) * scale;
-        debug_assert!(device_paths.link_write_free.is_none_or(|free| free <= end), "a path frees earlier than before");
-        device_paths.link_write_free = Some(end);
-        end + half_trip
+        cross_link(&mut device_paths.link_write_free, start, link, &request) + half_trip
     } else {
         start + half_trip
     };
     let ready = arrived + latency.path.cost(model.cost_us, request.len_bytes) * scale;
-    let uses_path = model.bandwidth_bytes_per_s > 0 || overhead_us > 0 || !latency.path.seek.is_zero();
-    let released = if uses_path {
-        let path = device_paths.select(request.write, latency.path.shared);
-        let begin = path.free_at.map_or(ready, |free| free.max(ready));
-        let seek_us = match path.head {
-            None => 0,
-            Some((disk, sector)) if disk == request.disk => {
-                latency.path.seek.seek_us(sector.abs_diff(request.start_sector), request.disk_len_sectors)
-            }
-            Some(_) => latency.path.seek.seek_us(request.disk_len_sectors / 3, request.disk_len_sectors),
-        };
-        let hold = Duration::from_micros(overhead_us + seek_us) + model.transfer(request.len_bytes);
-        let end = begin + hold * scale;
-        debug_assert!(path.free_at.is_none_or(|free| free <= end), "a path frees earlier than before");
-        path.free_at = Some(end);
-        path.head = Some((request.disk, request.end_sector));
-        end
-    } else {
-        ready
-    };
+    let released = occupy_path(latency, device_paths, ready, &request);
     // Back over the link: a read's bytes cross first, behind earlier reads.
     let returned = if !request.write && link.bandwidth_bytes_per_s > 0 {
-        let begin = device_paths.link_read_free.map_or(released, |free| free.max(released));
-        let end = begin + link.transfer(request.len_bytes) * scale;
-        debug_assert!(device_paths.link_read_free.is_none_or(|free| free <= end), "a path frees earlier than before");
-        device_paths.link_read_free = Some(end);
-        end + half_trip
+        cross_link(&mut device_paths.link_read_free, released, link, &request) + half_trip
     } else {
         released + half_trip
     };
@@ -374,6 +335,58 @@ pub(crate) fn schedule(latency: &Latency, slots: &mut Slots, paths: &mut Paths, 
         slots.free_at[i] = done;
     }
     done
+}
+
+/// The queue slot that frees first (ties to the lowest index, for determinism), or `None`
+/// when the model has no queue limit.
+fn queue_slot(model: &IoModel, slots: &mut Slots, now: Instant) -> Option<usize> {
+    if model.queue_depth == 0 {
+        return None;
+    }
+    if slots.free_at.is_empty() {
+        slots.free_at = vec![now; model.queue_depth as usize];
+    }
+    let (index, _) = slots.free_at.iter().enumerate().min_by_key(|&(i, t)| (*t, i)).expect("depth >= 1");
+    Some(index)
+}
+
+/// Moves the request's bytes over one direction of the link, behind what crosses it already
+/// (`free`: when that direction frees up); returns when the last byte has crossed.
+fn cross_link(free: &mut Option<Instant>, from: Instant, link: &LinkModel, request: &Request) -> Instant {
+    let begin = free.map_or(from, |at| at.max(from));
+    let end = begin + link.transfer(request.len_bytes) * request.scale;
+    debug_assert!(free.is_none_or(|at| at <= end), "a path frees earlier than before");
+    *free = Some(end);
+    end
+}
+
+/// Holds the device's data path for the request's overhead, seek and transfer, from when
+/// it is `ready` and the path is free; returns when the path lets go of it.
+fn occupy_path(latency: &Latency, device_paths: &mut DevicePaths, ready: Instant, request: &Request) -> Instant {
+    let (model, overhead_us) = if request.write {
+        (&latency.write, latency.path.write_overhead_us)
+    } else {
+        (&latency.read, latency.path.read_overhead_us)
+    };
+    let uses_path = model.bandwidth_bytes_per_s > 0 || overhead_us > 0 || !latency.path.seek.is_zero();
+    if !uses_path {
+        return ready;
+    }
+    let path = device_paths.select(request.write, latency.path.shared);
+    let begin = path.free_at.map_or(ready, |free| free.max(ready));
+    let seek_us = match path.head {
+        None => 0,
+        Some((disk, sector)) if disk == request.disk => {
+            latency.path.seek.seek_us(sector.abs_diff(request.start_sector), request.disk_len_sectors)
+        }
+        Some(_) => latency.path.seek.seek_us(request.disk_len_sectors / 3, request.disk_len_sectors),
+    };
+    let hold = Duration::from_micros(overhead_us + seek_us) + model.transfer(request.len_bytes);
+    let end = begin + hold * request.scale;
+    debug_assert!(path.free_at.is_none_or(|free| free <= end), "a path frees earlier than before");
+    path.free_at = Some(end);
+    path.head = Some((request.disk, request.end_sector));
+    end
 }
 
 #[cfg(test)]
