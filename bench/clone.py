@@ -23,6 +23,7 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -54,11 +55,17 @@ def skip(reason):
 
 
 def wait_for(path, timeout=30.0):
+    """Until a unix socket at `path` accepts a connection (the file appears before the listen)."""
     deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{path} did not appear in {timeout} s")
-        time.sleep(0.005)
+    while True:
+        try:
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.connect(path)
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens at {path} after {timeout} s")
+            time.sleep(0.005)
 
 
 def percentile(values, q):
@@ -98,31 +105,42 @@ def read_latencies_ms(log_prefix):
 
 
 def one_run(args, work):
-    for name in ("dest.img", "clone.meta", "clone.sock"):
+    for name in ("dest.img", "clone.meta", "clone.sock", "source.sock"):
         if os.path.exists(os.path.join(work, name)):
             os.remove(os.path.join(work, name))
     nbdkit, source_sock = start_source(args, work)
     clone_sock = os.path.join(work, "clone.sock")
+    fio = None
     kcopyd = subprocess.Popen(
         [args.kcopyd, "clone", f"nbd+unix:///?socket={source_sock}", os.path.join(work, "dest.img"),
          "--metadata", os.path.join(work, "clone.meta"), "--serve", f"nbd+unix:///?socket={clone_sock}",
          "--region-size", args.region_size, "--hydration-threshold", str(args.threshold),
-         "--hydration-batch-size", str(args.batch), "--exit-when-hydrated", "--quiet"],
+         "--hydration-batch-size", str(args.batch), "--quiet"],
         stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(clone_sock)
+        try:
+            wait_for(clone_sock, timeout=120.0)
+        except RuntimeError:
+            kcopyd.terminate()
+            raise RuntimeError(f"kcopyd clone did not serve: {kcopyd.communicate()[1].strip()}")
         start = time.monotonic()
         log_prefix = os.path.join(work, "app")
-        fio = subprocess.Popen(fio_command(args, clone_sock, log_prefix), stderr=subprocess.DEVNULL)
+        fio = subprocess.Popen(fio_command(args, clone_sock, log_prefix),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for line in kcopyd.stderr:
             if "hydration complete" in line:
                 break
         hydration_s = time.monotonic() - start
+        # fio first (it writes its log on SIGINT), then the clone (it serves until a signal).
         fio.send_signal(signal.SIGINT)
         fio.wait(timeout=60)
+        kcopyd.send_signal(signal.SIGTERM)
         kcopyd.wait(timeout=60)
         latencies = read_latencies_ms(log_prefix)
     finally:
+        if fio is not None and fio.poll() is None:
+            fio.kill()
+            fio.wait()
         for process in (kcopyd, nbdkit):
             if process.poll() is None:
                 process.terminate()
