@@ -115,8 +115,10 @@ impl CloneScenario {
             _ => return Err(table_error("missing: give region_size_bytes and [clone.options]".into())),
         };
         if let Some(Value::String(text)) = clone.get("region_size_bytes") {
-            let bytes = kcopyd_sim::units::parse_size(text).map_err(|e| table_error(format!("region_size_bytes: {e}")))?;
-            let bytes = i64::try_from(bytes).map_err(|_| table_error(format!("region_size_bytes {bytes}: too large")))?;
+            let bytes =
+                kcopyd_sim::units::parse_size(text).map_err(|e| table_error(format!("region_size_bytes: {e}")))?;
+            let bytes =
+                i64::try_from(bytes).map_err(|_| table_error(format!("region_size_bytes {bytes}: too large")))?;
             clone.insert("region_size_bytes".into(), Value::Integer(bytes));
         }
         let clone: CloneSpec = Value::Table(clone).try_into().map_err(|e| table_error(format!("{e}")))?;
@@ -229,7 +231,8 @@ fn model_us_since(origin: Instant) -> u64 {
 fn build_disk(scenario: &Scenario, name: &str) -> Arc<MemDisk> {
     let spec = &scenario.disks[name];
     let mut options = spec.options.clone();
-    let name_seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let name_seed =
+        name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
     options.seed = mix64(scenario.seed ^ mix64(name_seed) ^ mix64(options.seed));
     options.latency.seed = mix64(options.seed ^ options.latency.seed ^ 0x006c_6174_656e_6379);
     let disk = Arc::new(MemDisk::new(options));
@@ -247,52 +250,53 @@ fn build_disk(scenario: &Scenario, name: &str) -> Arc<MemDisk> {
 pub fn run(scenario: &CloneScenario) -> Result<CloneReport, CloneScenarioError> {
     let wall = std::time::Instant::now();
     let spec = scenario.clone.clone();
-    let (end, hydration_us, stats, foreground, fraction) = Simulation::run(scenario.scenario.client.clone(), |client, _| {
-        let scenario = scenario.scenario.clone();
-        async move {
-            let source = build_disk(&scenario, "source");
-            let destination = build_disk(&scenario, "destination");
-            let len_sectors = source.options().len_sectors;
-            let block = destination.options().logical_block_size;
-            let metadata_sectors =
-                metadata_bytes_needed(len_sectors, spec.region_size_bytes, block).div_ceil(SECTOR_SIZE as u64);
-            let metadata = Arc::new(MemDisk::zeroed("metadata", metadata_sectors, block));
-            let devices = CloneDevices { source, destination, metadata };
-            let origin = Instant::now();
-            let clone = CloneDevice::create(devices, spec.region_size_bytes, client, spec.options)
-                .await
-                .map_err(|source| CloneScenarioError::Clone { source })?;
-            let done = Rc::new(Cell::new(false));
-            let foreground = scenario.foreground.clone().map(|fg| {
-                let device: Device = Arc::new(clone.clone());
-                actix_rt::spawn(run_foreground(fg, scenario.seed, device, origin, None, done.clone()))
-            });
-            let end = match spec.time_limit_s {
-                Some(limit_s) => {
-                    let deadline = origin + to_tokio(Duration::from_secs(limit_s));
-                    let stopper = clone.clone();
-                    let stop = actix_rt::spawn(async move {
-                        tokio::time::sleep_until(deadline).await;
-                        stopper.stop_hydration();
-                    });
-                    let end = clone.run_hydration().await;
-                    stop.abort();
-                    end
-                }
-                None => clone.run_hydration().await,
-            };
-            let hydration_us = model_us_since(origin);
-            done.set(true);
-            let foreground = match foreground {
-                Some(task) => Some(task.await.expect("the foreground task does not panic")),
-                None => None,
-            };
-            let status = clone.status();
-            let fraction = status.regions_hydrated as f64 / status.regions_total.max(1) as f64;
-            Ok::<_, CloneScenarioError>((end, hydration_us, clone.stats(), foreground, fraction))
-        }
-    })
-    .map_err(|source| ScenarioError::Client { source })??;
+    let (end, hydration_us, stats, foreground, fraction) =
+        Simulation::run(scenario.scenario.client.clone(), |client, _| {
+            let scenario = scenario.scenario.clone();
+            async move {
+                let source = build_disk(&scenario, "source");
+                let destination = build_disk(&scenario, "destination");
+                let len_sectors = source.options().len_sectors;
+                let block = destination.options().logical_block_size;
+                let metadata_sectors =
+                    metadata_bytes_needed(len_sectors, spec.region_size_bytes, block).div_ceil(SECTOR_SIZE as u64);
+                let metadata = Arc::new(MemDisk::zeroed("metadata", metadata_sectors, block));
+                let devices = CloneDevices { source, destination, metadata };
+                let origin = Instant::now();
+                let clone = CloneDevice::create(devices, spec.region_size_bytes, client, spec.options)
+                    .await
+                    .map_err(|source| CloneScenarioError::Clone { source })?;
+                let done = Rc::new(Cell::new(false));
+                let foreground = scenario.foreground.clone().map(|fg| {
+                    let device: Device = Arc::new(clone.clone());
+                    actix_rt::spawn(run_foreground(fg, scenario.seed, device, origin, None, done.clone()))
+                });
+                let end = match spec.time_limit_s {
+                    Some(limit_s) => {
+                        let deadline = origin + to_tokio(Duration::from_secs(limit_s));
+                        let stopper = clone.clone();
+                        let stop = actix_rt::spawn(async move {
+                            tokio::time::sleep_until(deadline).await;
+                            stopper.stop_hydration();
+                        });
+                        let end = clone.run_hydration().await;
+                        stop.abort();
+                        end
+                    }
+                    None => clone.run_hydration().await,
+                };
+                let hydration_us = model_us_since(origin);
+                done.set(true);
+                let foreground = match foreground {
+                    Some(task) => Some(task.await.expect("the foreground task does not panic")),
+                    None => None,
+                };
+                let status = clone.status();
+                let fraction = status.regions_hydrated as f64 / status.regions_total.max(1) as f64;
+                Ok::<_, CloneScenarioError>((end, hydration_us, clone.stats(), foreground, fraction))
+            }
+        })
+        .map_err(|source| ScenarioError::Client { source })??;
     let baseline = match &scenario.scenario.foreground {
         Some(fg) => Some(run_baseline(&scenario.scenario, fg, hydration_us.clamp(1, BASELINE_US_MAX))?),
         None => None,
@@ -386,7 +390,7 @@ async fn run_foreground(
     for task in tasks {
         task.await.expect("a foreground request does not panic");
     }
-    Rc::try_unwrap(latencies).ok().expect("every request is done").into_inner()
+    Rc::try_unwrap(latencies).expect("every request is done").into_inner()
 }
 
 /// One point of a sweep: the value of each varied key and the run's report.

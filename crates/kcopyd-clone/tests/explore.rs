@@ -90,7 +90,10 @@ fn the_throttle_slows_the_hydration() {
 #[test]
 fn malformed_clone_scenarios_are_refused_by_name() {
     let no_clone = SCENARIO.replace("[clone]\nregion_size_bytes = \"64K\"\n[clone.options]", "[unused]");
-    assert!(matches!(CloneScenario::from_toml(&no_clone), Err(CloneScenarioError::Scenario(_) | CloneScenarioError::CloneTable { .. })));
+    assert!(matches!(
+        CloneScenario::from_toml(&no_clone),
+        Err(CloneScenarioError::Scenario(_) | CloneScenarioError::CloneTable { .. })
+    ));
     let on_disk = SCENARIO.replace("disk = \"clone\"", "disk = \"destination\"");
     let error = CloneScenario::from_toml(&on_disk).unwrap_err();
     assert!(error.to_string().contains("'destination'"), "{error}");

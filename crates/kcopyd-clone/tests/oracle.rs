@@ -732,7 +732,8 @@ fn random_workloads_crashes_and_faults_pass_the_oracle() {
                 }
             }
             Err(panic) => {
-                let message = panic.downcast_ref::<String>().map(String::as_str).or(panic.downcast_ref::<&str>().copied());
+                let message =
+                    panic.downcast_ref::<String>().map(String::as_str).or(panic.downcast_ref::<&str>().copied());
                 failures.push(format!("seed {seed}: panicked: {}", message.unwrap_or("(no message)")));
             }
         }
