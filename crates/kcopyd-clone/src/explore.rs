@@ -271,20 +271,7 @@ pub fn run(scenario: &CloneScenario) -> Result<CloneReport, CloneScenarioError> 
                     let device: Device = Arc::new(clone.clone());
                     actix_rt::spawn(run_foreground(fg, scenario.seed, device, origin, None, done.clone()))
                 });
-                let end = match spec.time_limit_s {
-                    Some(limit_s) => {
-                        let deadline = origin + to_tokio(Duration::from_secs(limit_s));
-                        let stopper = clone.clone();
-                        let stop = actix_rt::spawn(async move {
-                            tokio::time::sleep_until(deadline).await;
-                            stopper.stop_hydration();
-                        });
-                        let end = clone.run_hydration().await;
-                        stop.abort();
-                        end
-                    }
-                    None => clone.run_hydration().await,
-                };
+                let end = hydrate(&clone, origin, spec.time_limit_s).await;
                 let hydration_us = model_us_since(origin);
                 done.set(true);
                 let foreground = match foreground {
@@ -318,6 +305,22 @@ pub fn run(scenario: &CloneScenario) -> Result<CloneReport, CloneScenarioError> 
         baseline: baseline.map(|h| LatencySummary::of(&h)),
         wall_seconds: wall.elapsed().as_secs_f64(),
     })
+}
+
+/// Runs the hydration to its end, or stops it `time_limit_s` after `origin`.
+async fn hydrate(clone: &CloneDevice, origin: Instant, time_limit_s: Option<u64>) -> HydrationEnd {
+    let Some(limit_s) = time_limit_s else {
+        return clone.run_hydration().await;
+    };
+    let deadline = origin + to_tokio(Duration::from_secs(limit_s));
+    let stopper = clone.clone();
+    let stop = actix_rt::spawn(async move {
+        tokio::time::sleep_until(deadline).await;
+        stopper.stop_hydration();
+    });
+    let end = clone.run_hydration().await;
+    stop.abort();
+    end
 }
 
 /// The foreground alone on the destination for `duration_us`.
