@@ -4,9 +4,9 @@
 # it; every mutant they miss is a gap in the oracle or an equivalent mutant to explain in
 # mutants.toml or docs/CLONE.md ("Mutation testing"). On demand, not in CI.
 #
-#   crates/kcopyd-clone/mutants.sh --in-place --jobs 1              # every mutant
-#   crates/kcopyd-clone/mutants.sh --in-place --file crates/kcopyd-clone/src/hydration.rs
-#   KCOPYD_CLONE_SEEDS=50 crates/kcopyd-clone/mutants.sh …          # seeds per mutant (default 30)
+#   crates/kcopyd-clone/mutants.sh --in-place                       # every mutant (one at a time)
+#   crates/kcopyd-clone/mutants.sh --in-place --re 'hydration\.rs'   # one file
+#   KCOPYD_CLONE_SEEDS=50 crates/kcopyd-clone/mutants.sh …          # seeds per mutant (default 30; 10 used for docs/CLONE.md)
 #   MUTANT_TIMEOUT_S=120 crates/kcopyd-clone/mutants.sh …           # per mutant's tests (default 90)
 #
 # Results land in mutants.out/ (caught.txt, missed.txt, timeout.txt, unviable.txt).
