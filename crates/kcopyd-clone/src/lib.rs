@@ -53,6 +53,8 @@ mod commit;
 mod config;
 mod device;
 mod error;
+#[cfg(feature = "explore")]
+pub mod explore;
 mod foreground;
 mod hydration;
 mod metadata;
