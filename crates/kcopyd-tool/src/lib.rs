@@ -17,6 +17,9 @@
 //!  run::CopyRun / ZeroRun / VerifyRun   outcomes per device, for the caller to report
 //! ```
 //!
+//! `clone` starts a clone served while it hydrates (kcopyd-clone's device) from the same
+//! addresses and plan, with its metadata file checked against the devices.
+//!
 //! Nothing here prints: the caller reports.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -24,6 +27,7 @@
 pub mod address;
 pub mod cancel;
 pub mod clock;
+pub mod clone;
 pub mod error;
 pub mod map;
 pub mod open;
