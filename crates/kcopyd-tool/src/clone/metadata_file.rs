@@ -353,4 +353,38 @@ mod tests {
         let newline = Identity { source_name: "a\nb".into(), ..identity() };
         assert!(newline.encode().is_err());
     }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("kcopyd-tool-metadata-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("clone.meta")
+    }
+
+    #[test]
+    fn a_foreign_file_and_a_locked_one_are_refused_untouched_and_a_new_one_goes_unless_kept() {
+        let path = scratch("refusals");
+        std::fs::write(&path, b"someone else's data").unwrap();
+        let refused = MetadataFile::open(&path, &[], None).unwrap_err();
+        assert!(matches!(refused, MetadataError::NotMetadata(IdentityError::Short { len_bytes: 19 })), "{refused}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"someone else's data");
+        std::fs::remove_file(&path).unwrap();
+
+        let first = MetadataFile::open(&path, &[], None).unwrap();
+        assert!(first.existing.is_none());
+        let busy = MetadataFile::open(&path, &[], None).unwrap_err();
+        assert!(matches!(busy, MetadataError::Busy), "{busy}");
+        assert!(path.exists(), "a refused second opener removed the first one's file");
+        drop(first);
+        assert!(!path.exists(), "a file created and not kept stays behind");
+
+        let mut kept = MetadataFile::open(&path, &[], None).unwrap();
+        kept.write_identity(8192, &identity()).unwrap();
+        kept.keep();
+        drop(kept);
+        let again = MetadataFile::open(&path, &[], None).unwrap();
+        assert_eq!(again.existing, Some(identity()));
+        assert_eq!(again.len_bytes().unwrap(), 8192 + IDENTITY_BYTES);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
 }
