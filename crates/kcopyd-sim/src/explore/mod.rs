@@ -16,7 +16,8 @@
 //! gives the same report (but for `wall_seconds`).
 //!
 //! [`calibrate`] measures a device (any [`BlockDevice`](kcopyd_core::BlockDevice): a real one,
-//! or a simulated one in virtual time) and fits a [`DiskModel`](crate::DiskModel) to it.
+//! or a simulated one in virtual time) and fits a [`DiskModel`](crate::DiskModel) to it;
+//! [`validate`] compares its predictions with copies measured by the caller.
 
 pub mod calibrate;
 mod keys;
@@ -26,6 +27,7 @@ mod runner;
 mod scenario;
 mod series;
 mod sweep;
+pub mod validate;
 mod verify;
 
 use kcopyd_core::{ConfigError, SubmitError};
