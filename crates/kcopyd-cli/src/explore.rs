@@ -13,14 +13,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use kcopyd_sim::explore::{self, METRICS, Report, Scenario, ScenarioError, SweepPoint, Vary};
+use kcopyd_sim::explore::{self, METRICS, Report, Scenario, ScenarioError, SweepPoint, Vary, plot};
 use serde_json::json;
 use toml::Value;
 
 use crate::cli::{SimRunArgs, SimSweepArgs};
 use crate::error::{CliError, Status};
 use crate::out;
-use crate::plot;
+
 use crate::progress::{self, Interrupts, Phase, bars_wanted};
 use crate::size::Bytes;
 
@@ -49,6 +49,11 @@ pub(crate) fn off_runtime<T: Send>(work: impl FnOnce() -> Result<T, CliError> + 
 }
 
 /// The folder a scenario's disk model files are relative to: the scenario file's own.
+/// A picture that could not be drawn (exit 1).
+fn plot_error(error: plot::PlotError) -> CliError {
+    CliError::Plot { path: error.path.display().to_string(), problem: error.problem }
+}
+
 fn folder_of(scenario: &Path) -> std::path::PathBuf {
     match scenario.parent() {
         Some(folder) if !folder.as_os_str().is_empty() => folder.to_path_buf(),
@@ -83,7 +88,7 @@ fn run_scenario(args: &SimRunArgs) -> Result<Status, CliError> {
     }
     let report = explore::run(&scenario).map_err(scenario_error)?;
     if let Some(svg) = &args.svg {
-        plot::run_svg(svg, &report)?;
+        plot::run_svg(svg, &report).map_err(plot_error)?;
     }
     if args.json {
         out::print(&format!("{}\n", serde_json::to_string(&report).expect("a report serializes")))?;
@@ -313,7 +318,7 @@ fn run_sweep(args: &SimSweepArgs, interrupts: &Interrupts) -> Result<Status, Cli
         if metric.higher_is_better { ordering.reverse() } else { ordering }
     });
     if let (Some(svg), None) = (&args.svg, interrupted) {
-        plot::sweep_svg(svg, &varies, &points, metric)?;
+        plot::sweep_svg(svg, &varies, &points, metric).map_err(plot_error)?;
     }
     print_sweep(args.json, (&varies, &points, &order), metric.name, interrupted.map(|_| total))?;
     Ok(interrupted.map_or(Status::Success, Status::Interrupted))

@@ -21,6 +21,8 @@
 
 pub mod calibrate;
 mod keys;
+#[cfg(feature = "plot")]
+pub mod plot;
 mod probe;
 mod report;
 mod runner;
