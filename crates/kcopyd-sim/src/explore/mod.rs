@@ -20,6 +20,7 @@
 //! [`validate`] compares its predictions with copies measured by the caller.
 
 pub mod calibrate;
+pub mod demo;
 mod keys;
 #[cfg(feature = "plot")]
 pub mod plot;
