@@ -15,6 +15,9 @@
 //!        │                              progress as a callback, cancellation as a token
 //!        ▼
 //!  run::CopyRun / ZeroRun / VerifyRun   outcomes per device, for the caller to report
+//!        │
+//!        ▼
+//!  report::Report                       the outcome as data (serializes to the JSON report)
 //! ```
 //!
 //! `clone` starts a clone served while it hydrates (kcopyd-clone's device) from the same
@@ -32,6 +35,7 @@ pub mod error;
 pub mod map;
 pub mod open;
 pub mod plan;
+pub mod report;
 pub mod run;
 pub mod tail;
 
