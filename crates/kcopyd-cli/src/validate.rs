@@ -21,7 +21,7 @@ use kcopyd_core::{BlockDevice, PAGE_SIZE, SECTOR_SIZE};
 use kcopyd_os::{OpenOptions, OsDevice};
 use kcopyd_sim::explore::validate::{self, Config, RUNS_MAX, Row, Validation};
 
-use crate::calibrate::{self, Plan, Scratch};
+use crate::calibrate::{self, Plan};
 use crate::cli::ValidateArgs;
 use crate::error::{CliError, Status, open_reason};
 use crate::progress::{self, Interrupts};
@@ -137,7 +137,7 @@ pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Sta
         Some(path) => calibrate::load(path)?,
         None => {
             let scratch_path = PathBuf::from(format!("{}.calibrate", args.target.display()));
-            let scratch = Scratch::open(&scratch_path, 1 << 30, 0, None, false)?;
+            let scratch = calibrate::open_scratch(&scratch_path, 1 << 30, 0, None, false)?;
             let plan = Plan {
                 io_sizes_bytes: vec![4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20],
                 queue_depths: vec![1, 4, 16, 32],

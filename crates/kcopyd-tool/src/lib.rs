@@ -37,6 +37,7 @@ pub mod open;
 pub mod plan;
 pub mod report;
 pub mod run;
+pub mod scratch;
 pub mod tail;
 
 pub use address::{AddressError, Backend, DeviceAddress, SimDisk};
