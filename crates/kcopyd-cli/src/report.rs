@@ -9,10 +9,7 @@ use std::fmt::Write as _;
 use kcopyd_core::SECTOR_SIZE;
 
 use crate::size::Bytes;
-pub use kcopyd_tool::report::{
-    Report, SourceReport, TargetReport, TargetVerify, VerifyReport, pairs, range_bytes, target_verify, throughput,
-    verify_report,
-};
+pub use kcopyd_tool::report::{Report, TargetReport, TargetVerify, VerifyReport};
 
 /// Ranges listed per line in the summary; `--json` lists all.
 pub const RANGES_SHOWN_MAX: usize = 16;
