@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use kcopyd_sim::explore::file::{self, ScenarioFileError, folder_of};
 use kcopyd_sim::explore::{self, METRICS, Report, Scenario, ScenarioError, SweepPoint, Vary, plot};
 use serde_json::json;
 use toml::Value;
@@ -54,28 +55,15 @@ fn plot_error(error: plot::PlotError) -> CliError {
     CliError::Plot { path: error.path.display().to_string(), problem: error.problem }
 }
 
-fn folder_of(scenario: &Path) -> std::path::PathBuf {
-    match scenario.parent() {
-        Some(folder) if !folder.as_os_str().is_empty() => folder.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    }
-}
-
 /// The scenario file as a value tree, with the `--set` edits applied.
 fn load(path: &Path, set: &[String]) -> Result<Value, CliError> {
-    let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| CliError::File {
-        what: "scenario",
-        path: shown.clone(),
-        source,
-    })?;
-    let scenario_error = |source: ScenarioError| CliError::Scenario { path: shown.clone(), source };
-    let mut tree = explore::parse_tree(&text).map_err(scenario_error)?;
-    for edit in set {
-        let (key, value) = edit.split_once('=').ok_or_else(|| CliError::argument("--set", edit, "not KEY=VALUE"))?;
-        explore::set_path(&mut tree, key.trim(), explore::parse_value(value)).map_err(scenario_error)?;
-    }
-    Ok(tree)
+    file::read_tree(path, set).map_err(|error| match error {
+        ScenarioFileError::Read { path, source } => {
+            CliError::File { what: "scenario", path: path.display().to_string(), source }
+        }
+        ScenarioFileError::Edit { edit } => CliError::argument("--set", edit, "not KEY=VALUE"),
+        ScenarioFileError::Scenario { path, source } => CliError::Scenario { path: path.display().to_string(), source },
+    })
 }
 
 fn run_scenario(args: &SimRunArgs) -> Result<Status, CliError> {

@@ -21,6 +21,7 @@
 
 pub mod calibrate;
 pub mod demo;
+pub mod file;
 mod keys;
 #[cfg(feature = "plot")]
 pub mod plot;
