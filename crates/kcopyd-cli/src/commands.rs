@@ -180,10 +180,8 @@ fn job_started(handle: &JobHandle, base_bytes: u64, len_bytes: u64, label: &'sta
 /// failed, so nothing is opened, created or written. Returns the report of that, if so.
 fn nothing_to_retry(args: &CopyArgs) -> Option<Done> {
     let path = args.map.as_ref().filter(|_| args.retry_failed)?;
-    match std::fs::metadata(path) {
-        Ok(metadata) if metadata.len() > 0 => return None,
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return None,
-        _ => {}
+    if !map::holds_nothing(path) {
+        return None;
     }
     if !args.output.quiet {
         out::note(&format!(
@@ -191,27 +189,7 @@ fn nothing_to_retry(args: &CopyArgs) -> Option<Done> {
             path.display()
         ));
     }
-    let report = Report {
-        command: "copy",
-        status: "ok",
-        exit_code: Status::Success.code(),
-        bytes: 0,
-        bytes_total: 0,
-        bytes_copied: Some(0),
-        bytes_not_copied: Some(0),
-        seconds: 0.0,
-        throughput_bytes_per_s: 0.0,
-        bytes_done_before: None,
-        cancelled: false,
-        read_errors_recovered: false,
-        panicked: None,
-        source: None,
-        targets: Vec::new(),
-        verify: None,
-        stats: None,
-        wall_seconds: None,
-    };
-    Some(Done { report, status: Status::Success })
+    Some(done(report::nothing_copied()))
 }
 
 /// The sparse-copy options of `copy`, checked.

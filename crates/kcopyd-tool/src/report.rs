@@ -419,6 +419,31 @@ fn verify_status(verify: &VerifyRun, cancel_code: u8) -> (&'static str, u8) {
     }
 }
 
+/// The report of a copy that had nothing to do (a retry of failed ranges before any map
+/// recorded one): `ok`, exit code 0, no bytes.
+pub fn nothing_copied() -> Report {
+    Report {
+        command: "copy",
+        status: "ok",
+        exit_code: EXIT_OK,
+        bytes: 0,
+        bytes_total: 0,
+        bytes_copied: Some(0),
+        bytes_not_copied: Some(0),
+        seconds: 0.0,
+        throughput_bytes_per_s: 0.0,
+        bytes_done_before: None,
+        cancelled: false,
+        read_errors_recovered: false,
+        panicked: None,
+        source: None,
+        targets: Vec::new(),
+        verify: None,
+        stats: None,
+        wall_seconds: None,
+    }
+}
+
 /// The report of a zero job, with its status and exit code (`cancel_code` if cancelled).
 pub fn zero_report(plan: &ZeroPlan, run: &JobRun, cancel_code: u8) -> Report {
     let mut targets = job_targets(&plan.targets, run, plan.len_bytes);

@@ -144,3 +144,17 @@ fn the_reports_of_runs_carry_their_status_exit_code_and_per_device_ranges() {
     let cancelled = kcopyd_tool::report::copy_report(&plan, &run, false, 143);
     assert_eq!((cancelled.status, cancelled.exit_code, cancelled.cancelled), ("cancelled", 143, true));
 }
+
+#[test]
+fn a_missing_or_empty_map_holds_nothing_to_retry_and_the_report_says_so() {
+    let path = std::env::temp_dir().join(format!("kcopyd-tool-holds-nothing-{}.map", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    assert!(kcopyd_tool::map::holds_nothing(&path));
+    std::fs::write(&path, b"").unwrap();
+    assert!(kcopyd_tool::map::holds_nothing(&path));
+    std::fs::write(&path, b"x").unwrap();
+    assert!(!kcopyd_tool::map::holds_nothing(&path));
+    std::fs::remove_file(&path).unwrap();
+    let report = kcopyd_tool::report::nothing_copied();
+    assert_eq!((report.status, report.exit_code, report.bytes_not_copied), ("ok", 0, Some(0)));
+}
