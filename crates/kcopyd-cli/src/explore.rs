@@ -298,13 +298,7 @@ fn run_sweep(args: &SimSweepArgs, interrupts: &Interrupts) -> Result<Status, Cli
     bar.finish_and_clear();
     let stop = interrupts.stop_flag();
     let interrupted = stop.load(Ordering::Acquire).then(|| interrupted_code(points.len(), total));
-    let value_of = |point: &SweepPoint| point.report.metric(metric.name);
-    let mut order: Vec<usize> = (0..points.len()).collect();
-    order.sort_by(|&a, &b| {
-        let (a, b) = (value_of(&points[a]).unwrap_or(f64::NAN), value_of(&points[b]).unwrap_or(f64::NAN));
-        let ordering = a.total_cmp(&b);
-        if metric.higher_is_better { ordering.reverse() } else { ordering }
-    });
+    let order = explore::best_first(&points, metric);
     if let (Some(svg), None) = (&args.svg, interrupted) {
         plot::sweep_svg(svg, &varies, &points, metric).map_err(plot_error)?;
     }
@@ -348,11 +342,11 @@ fn parse_varies(texts: &[String]) -> Result<Vec<Vary>, CliError> {
         .iter()
         .map(|text| Vary::parse(text).map_err(|error| CliError::argument("--vary", text, error.to_string())))
         .collect::<Result<Vec<_>, _>>()?;
-    if let Some(repeated) = varies.iter().enumerate().find(|(i, v)| varies[..*i].iter().any(|w| w.key == v.key)) {
+    if let Some(repeated) = explore::repeated_key(&varies) {
         return Err(CliError::argument(
             "--vary",
-            &texts[repeated.0],
-            format!("key '{}' is varied twice: give all its values in one --vary", repeated.1.key),
+            &texts[repeated],
+            format!("key '{}' is varied twice: give all its values in one --vary", varies[repeated].key),
         ));
     }
     Ok(varies)

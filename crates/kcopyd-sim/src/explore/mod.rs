@@ -50,7 +50,7 @@ pub use scenario::{
     ForegroundSpec, JOB_COUNT_MAX, JobKind, JobSpec, Scenario, parse_tree,
 };
 pub use series::BUCKETS_MAX;
-pub use sweep::{POINTS_MAX, SweepPoint, Vary, sweep, sweep_until};
+pub use sweep::{POINTS_MAX, SweepPoint, Vary, best_first, repeated_key, sweep, sweep_until};
 pub use verify::{Mismatch, Verification};
 
 /// Why a scenario could not be read or run. Each names the key, disk or job at fault.
