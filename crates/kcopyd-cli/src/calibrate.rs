@@ -184,22 +184,13 @@ pub fn warn_if_busy(calibrated: &Calibrated) {
     }
 }
 
-/// The model as TOML, with a header saying what it is.
-pub fn to_toml(model: &DiskModel) -> String {
-    let body = toml::to_string(model).expect("a disk model serializes");
-    format!("# kcopyd disk model: load it with `kcopyd sim validate --model` or in a scenario.\n{body}")
-}
-
 /// Reads a model file.
 ///
 /// # Errors
-/// The file cannot be read or is not a disk model.
+/// The file cannot be read or is not a disk model, named by `--model`.
 pub fn load(path: &Path) -> Result<DiskModel, CliError> {
-    let text = path.display().to_string();
-    let body = fs::read_to_string(path)
-        .map_err(|error| CliError::argument("--model", text.clone(), format!("cannot be read: {error}")))?;
-    toml::from_str(&body)
-        .map_err(|error| CliError::argument("--model", text, error.to_string().trim_end().replace('\n', " ")))
+    explore::calibrate::read_model(path)
+        .map_err(|error| CliError::argument("--model", path.display().to_string(), error.to_string()))
 }
 
 /// A table of the measurements and the fitted model, for people.
@@ -272,7 +263,7 @@ pub async fn run(args: &CalibrateArgs, interrupts: &mut Interrupts) -> Result<St
     drop(scratch);
     warn_if_busy(&calibrated);
     let model = calibrated.model;
-    let text = to_toml(&model);
+    let text = explore::calibrate::model_toml(&model);
     match &args.out {
         Some(path) => fs::write(path, &text).map_err(|source| CliError::Io {
             operation: "write the model",
