@@ -66,28 +66,31 @@ fn draw_run(path: &Path, report: &Report) -> Result<(), Box<dyn Error>> {
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
     chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
 
-    let with_jobs: Vec<(f64, f64)> = report
-        .timeline
-        .iter()
-        .filter_map(|s| s.foreground_ms_mean.map(|v| (s.at_s + report.bucket_s / 2.0, v)))
-        .collect();
-    let maxes: Vec<(f64, f64)> = report
-        .timeline
-        .iter()
-        .filter_map(|s| s.foreground_ms_max.map(|v| (s.at_s + report.bucket_s / 2.0, v)))
-        .collect();
-    let alone: Vec<(f64, f64)> = report
-        .timeline
-        .iter()
-        .filter_map(|s| s.foreground_alone_ms_mean.map(|v| (s.at_s + report.bucket_s / 2.0, v)))
-        .collect();
+    draw_latency(&bottom, report, x_max)?;
+    root.present()?;
+    Ok(())
+}
+
+/// The lower half of a run's picture: the foreground's latency over virtual time, with the
+/// jobs (mean and largest) and alone.
+fn draw_latency(
+    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    report: &Report,
+    x_max: f64,
+) -> Result<(), Box<dyn Error>> {
+    let series = |f: fn(&Sample) -> Option<f64>| -> Vec<(f64, f64)> {
+        report.timeline.iter().filter_map(|s| f(s).map(|v| (s.at_s + report.bucket_s / 2.0, v))).collect()
+    };
+    let with_jobs = series(|s| s.foreground_ms_mean);
+    let maxes = series(|s| s.foreground_ms_max);
+    let alone = series(|s| s.foreground_alone_ms_mean);
     let caption = if report.foreground.is_some() {
         "Foreground latency over virtual time"
     } else {
         "Foreground latency (no foreground in this scenario)"
     };
     let y_max = maxes.iter().chain(&with_jobs).chain(&alone).map(|p| p.1).fold(0.01, f64::max);
-    let mut chart = ChartBuilder::on(&bottom)
+    let mut chart = ChartBuilder::on(area)
         .caption(caption, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(36)
@@ -109,7 +112,6 @@ fn draw_run(path: &Path, report: &Report) -> Result<(), Box<dyn Error>> {
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN));
         chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
     }
-    root.present()?;
     Ok(())
 }
 
