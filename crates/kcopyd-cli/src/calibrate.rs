@@ -1,6 +1,7 @@
 //! `kcopyd sim calibrate`: measure a real device through O_DIRECT and fit the simulator's
-//! timing model to it. The measuring is `kcopyd_sim::explore::calibrate` and the fit
-//! `DiskModel::fit`; this file opens the scratch range, reads the arguments and prints.
+//! timing model to it. The measuring is `kcopyd_sim::explore::calibrate`, the fit
+//! `DiskModel::fit` and the scratch range `kcopyd_tool::scratch`; this file reads the
+//! arguments, names refusals by their options and prints.
 //!
 //! ```text
 //!  DEVICE (a file created here, or --scratch-* of an existing device) ─► Scratch
@@ -9,17 +10,15 @@
 //! ```
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::Duration;
 
-use kcopyd_core::{BlockDevice, SECTOR_SIZE};
-use kcopyd_os::{OpenOptions, OsDevice};
 use kcopyd_sim::DiskModel;
 use kcopyd_sim::explore::{
     self,
     calibrate::{CalibrateError, QUEUE_DEPTH_MAX, SCRATCH_BYTES_MIN, SPREAD_WARNING, Step},
 };
+use kcopyd_tool::scratch::{Scratch, ScratchError};
 
 pub use kcopyd_sim::explore::calibrate::Calibrated;
 
@@ -44,119 +43,62 @@ pub struct Plan {
     pub bars: bool,
 }
 
-/// The range calibration may overwrite, and the file it created, removed when dropped
-/// unless kept.
-#[derive(Debug)]
-pub struct Scratch {
-    /// The device.
-    pub device: Arc<OsDevice>,
-    /// Where the range starts.
-    pub offset_bytes: u64,
-    /// Its length.
-    pub len_bytes: u64,
-    /// The file created for it, if any.
-    created: Option<PathBuf>,
+/// Opens the scratch range (see [`Scratch::open`]); a file created here is removed also if
+/// a signal quits the command at once (unless kept).
+///
+/// # Errors
+/// The refusal, named by the argument or option at fault (exit 2).
+pub fn open_scratch(
+    path: &Path,
+    size_bytes: u64,
+    scratch_offset_bytes: u64,
+    scratch_length_bytes: Option<u64>,
     keep: bool,
+) -> Result<Scratch, CliError> {
+    let hook = Some(crate::devices::quit_cleanup());
+    Scratch::open(path, size_bytes, scratch_offset_bytes, scratch_length_bytes, keep, hook).map_err(scratch_error)
 }
 
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if let (Some(path), false) = (&self.created, self.keep) {
-            let _ = fs::remove_file(path);
-            progress::forget_created(std::slice::from_ref(path));
+/// The command's error for a refused scratch range.
+fn scratch_error(error: ScratchError) -> CliError {
+    let what = |created: bool| if created { "--size" } else { "--scratch-length" };
+    match error {
+        ScratchError::Exists { path } => CliError::argument(
+            "DEVICE",
+            path.display().to_string(),
+            "exists: calibration writes over what it measures; name the bytes it may overwrite with \
+             --scratch-length (and --scratch-offset), or give a path that does not exist",
+        ),
+        ScratchError::RangeOfNew { path } => CliError::argument(
+            "--scratch-length",
+            path.display().to_string(),
+            "applies to an existing device; a new file is created with --size",
+        ),
+        ScratchError::SizeNotSectors { size_bytes } => {
+            CliError::argument("--size", size_bytes.to_string(), "not a multiple of 512 bytes")
         }
-    }
-}
-
-impl Scratch {
-    /// Opens the scratch range: a new file of `size_bytes` at `path` if nothing is there,
-    /// else `scratch_length_bytes` of the existing device from `scratch_offset_bytes`.
-    ///
-    /// # Errors
-    /// An existing device without a scratch length, a range off the device or misaligned, a
-    /// size too small, or a failed open.
-    pub fn open(
-        path: &Path,
-        size_bytes: u64,
-        scratch_offset_bytes: u64,
-        scratch_length_bytes: Option<u64>,
-        keep: bool,
-    ) -> Result<Scratch, CliError> {
-        let text = path.display().to_string();
-        let exists = fs::symlink_metadata(path).is_ok();
-        let open_error =
-            |source| CliError::Open { what: "DEVICE", text: text.clone(), reason: open_reason(&source, None), source };
-        let options = OpenOptions { write: true, queue_depth: QUEUE_DEPTH_MAX * 2, ..OpenOptions::default() };
-        let (device, offset_bytes, len_bytes, created) = if exists {
-            let Some(len_bytes) = scratch_length_bytes else {
-                return Err(CliError::argument(
-                    "DEVICE",
-                    &text,
-                    "exists: calibration writes over what it measures; name the bytes it may overwrite with \
-                     --scratch-length (and --scratch-offset), or give a path that does not exist",
-                ));
-            };
-            let device = OsDevice::open(path, &options).map_err(open_error)?;
-            (device, scratch_offset_bytes, len_bytes, None)
-        } else {
-            if scratch_length_bytes.is_some() || scratch_offset_bytes != 0 {
-                return Err(CliError::argument(
-                    "--scratch-length",
-                    &text,
-                    "applies to an existing device; a new file is created with --size",
-                ));
-            }
-            if size_bytes % SECTOR_SIZE as u64 != 0 {
-                return Err(CliError::argument("--size", size_bytes.to_string(), "not a multiple of 512 bytes"));
-            }
-            let options = OpenOptions { create_len: Some(size_bytes), ..options };
-            // Removed also if a signal quits the command at once (unless kept).
-            let creating = (!keep).then(|| progress::CreatedGuard::creating(path));
-            let opened = OsDevice::open(path, &options);
-            drop(creating);
-            // Created (or half-created) here: removed on every way out unless kept.
-            let created = Some(path.to_path_buf());
-            let device = match opened {
-                Ok(device) => device,
-                Err(source) => {
-                    let _ = fs::remove_file(path);
-                    return Err(open_error(source));
-                }
-            };
-            (device, 0, size_bytes, created)
-        };
-        let scratch = Scratch { device: Arc::new(device), offset_bytes, len_bytes, created, keep };
-        scratch.check(&text)?;
-        Ok(scratch)
-    }
-
-    fn check(&self, text: &str) -> Result<(), CliError> {
-        let geometry = self.device.geometry();
-        let block = u64::from(geometry.logical_block_size);
-        let device_bytes = geometry.len_sectors * SECTOR_SIZE as u64;
-        let what = if self.created.is_some() { "--size" } else { "--scratch-length" };
-        if self.len_bytes < SCRATCH_BYTES_MIN {
-            return Err(CliError::argument(
-                what,
-                self.len_bytes.to_string(),
-                format!("less than {}", Bytes(SCRATCH_BYTES_MIN)),
-            ));
+        ScratchError::Open { path, source } => CliError::Open {
+            what: "DEVICE",
+            text: path.display().to_string(),
+            reason: open_reason(&source, None),
+            source,
+        },
+        ScratchError::TooSmall { created, len_bytes } => {
+            CliError::argument(what(created), len_bytes.to_string(), format!("less than {}", Bytes(SCRATCH_BYTES_MIN)))
         }
-        if self.offset_bytes % block != 0 || self.len_bytes % block != 0 {
-            return Err(CliError::argument(
-                "--scratch-offset",
-                self.offset_bytes.to_string(),
-                format!("the scratch range must be aligned to the {block}-byte logical block of '{text}'"),
-            ));
-        }
-        if self.offset_bytes.checked_add(self.len_bytes).is_none_or(|end| end > device_bytes) {
-            return Err(CliError::argument(
-                what,
-                self.len_bytes.to_string(),
-                format!("the scratch range runs past the end of '{text}' at {device_bytes} bytes"),
-            ));
-        }
-        Ok(())
+        ScratchError::Misaligned { path, offset_bytes, block_bytes } => CliError::argument(
+            "--scratch-offset",
+            offset_bytes.to_string(),
+            format!(
+                "the scratch range must be aligned to the {block_bytes}-byte logical block of '{}'",
+                path.display()
+            ),
+        ),
+        ScratchError::PastEnd { path, created, len_bytes, device_bytes } => CliError::argument(
+            what(created),
+            len_bytes.to_string(),
+            format!("the scratch range runs past the end of '{}' at {device_bytes} bytes", path.display()),
+        ),
     }
 }
 
@@ -242,22 +184,13 @@ pub fn warn_if_busy(calibrated: &Calibrated) {
     }
 }
 
-/// The model as TOML, with a header saying what it is.
-pub fn to_toml(model: &DiskModel) -> String {
-    let body = toml::to_string(model).expect("a disk model serializes");
-    format!("# kcopyd disk model: load it with `kcopyd sim validate --model` or in a scenario.\n{body}")
-}
-
 /// Reads a model file.
 ///
 /// # Errors
-/// The file cannot be read or is not a disk model.
+/// The file cannot be read or is not a disk model, named by `--model`.
 pub fn load(path: &Path) -> Result<DiskModel, CliError> {
-    let text = path.display().to_string();
-    let body = fs::read_to_string(path)
-        .map_err(|error| CliError::argument("--model", text.clone(), format!("cannot be read: {error}")))?;
-    toml::from_str(&body)
-        .map_err(|error| CliError::argument("--model", text, error.to_string().trim_end().replace('\n', " ")))
+    explore::calibrate::read_model(path)
+        .map_err(|error| CliError::argument("--model", path.display().to_string(), error.to_string()))
 }
 
 /// A table of the measurements and the fitted model, for people.
@@ -322,7 +255,7 @@ pub async fn run(args: &CalibrateArgs, interrupts: &mut Interrupts) -> Result<St
         bars: progress::bars_wanted(args.quiet),
     };
     let scratch =
-        Scratch::open(&args.device, args.size_bytes, args.scratch_offset_bytes, args.scratch_length_bytes, args.keep)?;
+        open_scratch(&args.device, args.size_bytes, args.scratch_offset_bytes, args.scratch_length_bytes, args.keep)?;
     if let Some(out) = &args.out {
         refuse_out_on_device(out, &args.device)?;
     }
@@ -330,7 +263,7 @@ pub async fn run(args: &CalibrateArgs, interrupts: &mut Interrupts) -> Result<St
     drop(scratch);
     warn_if_busy(&calibrated);
     let model = calibrated.model;
-    let text = to_toml(&model);
+    let text = explore::calibrate::model_toml(&model);
     match &args.out {
         Some(path) => fs::write(path, &text).map_err(|source| CliError::Io {
             operation: "write the model",

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!  arguments ─► open SOURCE (read-only) and DEST (created with SOURCE's length if missing)
-//!     ─► FILE: open, flock, identity checked (clone/metadata_file.rs) ─► bind --serve
+//!     ─► FILE: open, flock, identity checked (kcopyd_tool::clone) ─► bind --serve
 //!     ─► CloneDevice::create (new FILE) or ::open (resume from FILE's last commit)
 //!     ─► serve over NBD ┬ hydrate in the background (progress: hydrated/total regions)
 //!                       └ "hydration complete: DEST can be used directly" when done
@@ -16,28 +16,24 @@
 //! 143 (SIGTERM) after a clean stop; 1 if the final flush failed, or with
 //! `--exit-when-hydrated` if regions were given up on; 2 for bad usage (nothing written).
 
-mod metadata_file;
-
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use kcopyd_clone::{CloneDevice, CloneDevices, CloneOptions, HydrationEnd};
-use kcopyd_core::{BlockDevice, Client, Device, SECTOR_SIZE};
-use kcopyd_nbd::{Address, NbdServer, NbdUri, ServerOptions};
+use kcopyd_clone::{CloneDevice, CloneOptions, HydrationEnd};
+use kcopyd_core::{BlockDevice, Client, Device};
+use kcopyd_nbd::{NbdServer, ServerOptions};
 
 use crate::cli::{EngineArgs, ThrottleArgs};
 use crate::devices;
 use crate::error::{CliError, Status};
 use crate::progress::{self, Interrupts, Phase};
 use crate::{out, size};
-use kcopyd_tool::{Backend, DeviceAddress, Opened, Plan, Settings};
-use metadata_file::{Identity, MetadataFile, State};
+use kcopyd_tool::DeviceAddress;
+use kcopyd_tool::clone::{self, CloneRequest, CloneSetupError, MetadataError};
 
-/// The region size by default: 64 KiB (16 384 regions, a 2 KiB bitmap, per GiB).
-pub const REGION_SIZE_DEFAULT: &str = "64K";
 /// Regions hydrated at once by default (4 MiB in flight at the default region size).
 pub const HYDRATION_THRESHOLD_DEFAULT: u32 = 64;
 /// Contiguous regions per copy job by default (1 MiB jobs at the default region size).
@@ -98,55 +94,46 @@ pub struct CloneArgs {
     pub throttle: ThrottleArgs,
 }
 
-/// What a checked clone has open.
-struct Opening {
-    source: Opened,
-    destination: Opened,
-    metadata: MetadataFile,
-    /// Held until the end: DEST's and SOURCE's locks, DEST removed if created and refused.
-    plan: Plan,
-}
-
 /// Runs `kcopyd clone`.
 ///
 /// # Errors
 /// Bad usage (exit 2, nothing written) or a failure to start.
 pub async fn run(args: &CloneArgs, interrupts: &mut Interrupts) -> Result<Status, CliError> {
-    let address = serve_address(&args.serve)?;
+    let address =
+        clone::serve_address(&args.serve).map_err(|e| CliError::argument("--serve", &args.serve, e.to_string()))?;
     let options = CloneOptions {
         hydration_threshold: args.hydration_threshold,
         hydration_batch_size: args.hydration_batch_size,
         commit_interval_ms: args.commit_interval_us / 1000,
         ..CloneOptions::default()
     };
-    options.validate().map_err(|error| {
-        let (option, value) = match &error {
-            kcopyd_clone::CloneError::Option { name: "hydration_batch_size", value, .. } => {
-                ("--hydration-batch-size", value)
-            }
-            kcopyd_clone::CloneError::Option { name: "commit_interval_ms", value, .. } => ("--commit-interval", value),
-            kcopyd_clone::CloneError::Option { value, .. } => ("--hydration-threshold", value),
-            _ => ("--hydration-threshold", &0),
-        };
-        CliError::argument(option, value.to_string(), error.to_string())
-    })?;
+    options.validate().map_err(option_error)?;
     let mut settings =
         devices::with_throttle(devices::settings(&args.engine, [&args.source, &args.destination])?, &args.throttle)?;
     // A copy's write that timed out could land after a newer write from a client
     // (docs/CLONE.md): --io-timeout bounds only an NBD SOURCE's requests.
     settings.config.io_timeout_ms = None;
-    let mut opening = open(args, &settings, interrupts).await?;
-    let identity = identity_of(args, &opening)?;
+    let request = CloneRequest {
+        source: args.source.clone(),
+        destination: args.destination.clone(),
+        metadata: args.metadata.clone(),
+        region_size_bytes: args.region_size_bytes,
+    };
+    request.check().map_err(setup_error)?;
+    let created = request.destination_missing();
+    let destination = std::slice::from_ref(&args.destination);
+    let plan = devices::open_plan(&args.source, destination, None, true, &settings, interrupts).await?;
+    let mut opening = clone::open(&request, plan, created, settings.created_hook.clone()).map_err(setup_error)?;
+    let identity = clone::identity_of(&request, &opening).map_err(setup_error)?;
     let server_options = ServerOptions { export_name: address.1.clone(), ..ServerOptions::default() };
     let client =
         Client::new(settings.config.clone()).map_err(|source| CliError::Config { option: "--memory", source })?;
-    let clone = start_clone(&opening, &identity, client.clone(), options).await?;
+    let clone = clone::start(&opening, &identity, client.clone(), options).await.map_err(setup_error)?;
     let device: Device = Arc::new(clone.clone());
     let server = NbdServer::bind(&address.0, device, server_options)
         .map_err(|e| CliError::argument("--serve", &args.serve, e.to_string()))?;
     // Serving: clients may write from now on; DEST and FILE stay whatever happens.
-    opening.plan.created.keep();
-    opening.metadata.keep();
+    opening.keep();
     interrupts.set_phase(Phase::Graceful);
     out::note(&format!("kcopyd: serving the clone of '{}' at {}", args.destination.text, server.uri()));
     let status = serve(args, &clone, server, interrupts).await;
@@ -156,157 +143,39 @@ pub async fn run(args: &CloneArgs, interrupts: &mut Interrupts) -> Result<Status
     Ok(status)
 }
 
-/// The listening address of `--serve` and the export name; TCP only on loopback.
-fn serve_address(text: &str) -> Result<(Address, String), CliError> {
-    let uri = NbdUri::parse(text).map_err(|e| CliError::argument("--serve", text, e.to_string()))?;
-    if let Address::Tcp { host, .. } = &uri.address {
-        let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-        if !loopback {
-            return Err(CliError::argument(
-                "--serve",
-                text,
-                "only a loopback address (127.0.0.1, ::1, localhost) is served: NBD carries no authentication",
-            ));
+/// A refused clone option, named by its command-line option.
+fn option_error(error: kcopyd_clone::CloneError) -> CliError {
+    let (option, value) = match &error {
+        kcopyd_clone::CloneError::Option { name: "hydration_batch_size", value, .. } => {
+            ("--hydration-batch-size", value)
         }
-    }
-    Ok((uri.address, uri.export))
-}
-
-/// Opens SOURCE, DEST and FILE, and checks them together.
-async fn open(args: &CloneArgs, settings: &Settings, interrupts: &mut Interrupts) -> Result<Opening, CliError> {
-    for (what, arg) in [("SOURCE", &args.source), ("DEST", &args.destination)] {
-        if arg.offset_bytes != 0 {
-            return Err(CliError::argument(what, &arg.text, "a clone is of whole devices: no @OFFSET"));
-        }
-    }
-    let created = matches!(&args.destination.backend,
-        Backend::Path(path) if matches!(std::fs::symlink_metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound));
-    let destination = std::slice::from_ref(&args.destination);
-    let mut plan = devices::open_plan(&args.source, destination, None, true, settings, interrupts).await?;
-    if !plan.tail.is_empty() {
-        return Err(CliError::argument(
-            "SOURCE",
-            &args.source.text,
-            format!("its length, {} bytes, is not whole logical blocks: a clone serves whole blocks", plan.len_bytes),
-        ));
-    }
-    let source = plan.source.clone();
-    let destination = plan.targets.remove(0);
-    let files: Vec<(&str, (u64, u64))> = [(&source, "SOURCE"), (&destination, "DEST")]
-        .into_iter()
-        .filter(|(opened, _)| opened.is_file())
-        .map(|(opened, name)| (name, (opened.device.id().major, opened.device.id().minor)))
-        .collect();
-    let metadata = MetadataFile::open(&args.metadata, &files)?;
-    if created && metadata.existing.as_ref().is_some_and(|identity| identity.state == State::Ready) {
-        return Err(CliError::argument(
-            "--metadata",
-            args.metadata.display().to_string(),
-            format!(
-                "records a clone, but DEST '{}' did not exist before this run: delete FILE to start over",
-                args.destination.text
-            ),
-        ));
-    }
-    plan.targets.push(destination.clone());
-    Ok(Opening { source, destination, metadata, plan })
-}
-
-/// The identity FILE must record (from the copy map's identity code), checked against what
-/// FILE records if it exists.
-fn identity_of(args: &CloneArgs, opening: &Opening) -> Result<Identity, CliError> {
-    let targets = std::slice::from_ref(&opening.destination);
-    let len_bytes = opening.source.device.geometry().len_sectors * SECTOR_SIZE as u64;
-    let (header, guard) = kcopyd_tool::map::header_of(&opening.source, targets, len_bytes, &[false])?;
-    let refuse = |problem: String| CliError::argument("--metadata", args.metadata.display().to_string(), problem);
-    if let Some(reason) = guard.untrusted.first().copied().flatten() {
-        if opening.metadata.existing.as_ref().is_some_and(|found| found.state == State::Ready) {
-            return Err(refuse(format!("records a clone, but DEST {reason}: delete FILE to start over")));
-        }
-    }
-    let region_size_bytes = match (&opening.metadata.existing, args.region_size_bytes) {
-        (Some(found), Some(asked)) if found.state == State::Ready && found.region_size_bytes != asked => {
-            return Err(refuse(format!(
-                "records a clone in regions of {} bytes; --region-size {asked} cannot change it",
-                found.region_size_bytes
-            )));
-        }
-        (Some(found), None) if found.state == State::Ready => found.region_size_bytes,
-        (_, asked) => asked.unwrap_or_else(|| size::parse_size(REGION_SIZE_DEFAULT).expect("a valid default")),
+        kcopyd_clone::CloneError::Option { name: "commit_interval_ms", value, .. } => ("--commit-interval", value),
+        kcopyd_clone::CloneError::Option { value, .. } => ("--hydration-threshold", value),
+        _ => ("--hydration-threshold", &0),
     };
-    kcopyd_clone::check_region_size(region_size_bytes)
-        .map_err(|e| CliError::argument("--region-size", region_size_bytes.to_string(), e.to_string()))?;
-    let identity = Identity {
-        state: State::Ready,
-        region_size_bytes,
-        source_name: header.source.name,
-        source_id: header.source.id,
-        destination_name: header.targets[0].name.clone(),
-        destination_id: header.targets[0].id.clone(),
-    };
-    if let Some(found) = &opening.metadata.existing {
-        check_same_devices(found, &identity).map_err(refuse)?;
-    }
-    Ok(identity)
+    CliError::argument(option, value.to_string(), error.to_string())
 }
 
-/// Refuses a FILE recorded for other devices: their identities differ, or, for an NBD export
-/// (whose identity is only its size and flags), its URI.
-fn check_same_devices(found: &Identity, now: &Identity) -> Result<(), String> {
-    let pairs = [
-        ("SOURCE", &found.source_name, &found.source_id, &now.source_name, &now.source_id),
-        ("DEST", &found.destination_name, &found.destination_id, &now.destination_name, &now.destination_id),
-    ];
-    for (what, found_name, found_id, name, id) in pairs {
-        let nbd = id.starts_with("nbd ");
-        if found_id != id || (nbd && found_name != name) {
-            return Err(format!(
-                "is the metadata of a clone of other devices: {what} was '{found_name}' ({found_id}), \
-                 now '{name}' ({id}); delete FILE to start a new clone"
-            ));
+/// A refused clone, named by the argument at fault (exit 2), or a failed write (exit 1).
+fn setup_error(error: CloneSetupError) -> CliError {
+    match error {
+        CloneSetupError::Offset { what, text } => {
+            CliError::argument(what, text, "a clone is of whole devices: no @OFFSET")
         }
+        CloneSetupError::PartialBlock { text, len_bytes } => {
+            let problem =
+                format!("its length, {len_bytes} bytes, is not whole logical blocks: a clone serves whole blocks");
+            CliError::argument("SOURCE", text, problem)
+        }
+        CloneSetupError::Metadata { path, problem } => match *problem {
+            MetadataError::Write(source) => CliError::Io { operation: "writing", path, source },
+            problem => CliError::argument("--metadata", path, problem.to_string()),
+        },
+        CloneSetupError::RegionSize { region_size_bytes, source } => {
+            CliError::argument("--region-size", region_size_bytes.to_string(), source.to_string())
+        }
+        CloneSetupError::Identify(error) => error.into(),
     }
-    Ok(())
-}
-
-/// Creates the clone (a new FILE, or one whose creation was cut short before anything was
-/// served) or opens it from FILE's last commit.
-async fn start_clone(
-    opening: &Opening,
-    identity: &Identity,
-    client: Client,
-    options: CloneOptions,
-) -> Result<CloneDevice, CliError> {
-    let path = opening.metadata.path_text();
-    let refuse = |problem: String| CliError::argument("--metadata", &path, problem);
-    let source = &opening.source.device;
-    // Small, and every write is followed by a flush: through the page cache on any filesystem.
-    let clone_bytes = kcopyd_clone::metadata_bytes_needed(
-        source.geometry().len_sectors,
-        identity.region_size_bytes,
-        SECTOR_SIZE as u32,
-    );
-    let resume = opening.metadata.existing.as_ref().is_some_and(|found| found.state == State::Ready);
-    if !resume {
-        opening.metadata.write_identity(clone_bytes, &Identity { state: State::New, ..identity.clone() })?;
-    }
-    let metadata_options = kcopyd_os::OpenOptions { write: true, buffered: true, ..kcopyd_os::OpenOptions::default() };
-    let metadata = kcopyd_os::OsDevice::open(&opening.metadata.path, &metadata_options)
-        .map_err(|e| refuse(format!("cannot open it as a device ({e})")))?;
-    let devices = CloneDevices {
-        source: source.clone(),
-        destination: opening.destination.device.clone(),
-        metadata: Arc::new(metadata),
-    };
-    if resume {
-        return CloneDevice::open(devices, client, options).await.map_err(|e| refuse(e.to_string()));
-    }
-    let clone = CloneDevice::create(devices, identity.region_size_bytes, client, options)
-        .await
-        .map_err(|e| refuse(e.to_string()))?;
-    let len_bytes = opening.metadata.len_bytes().map_err(|e| refuse(format!("cannot look at it ({e})")))?;
-    opening.metadata.write_identity(len_bytes - metadata_file::IDENTITY_BYTES, identity)?;
-    Ok(clone)
 }
 
 /// Serves until a signal, or until hydration is complete with `--exit-when-hydrated`; shows

@@ -11,10 +11,9 @@
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 
-use kcopyd_core::Comparison;
-use kcopyd_core::{Flags, JobHandle, Outcome, RangeSet, SECTOR_SIZE, Sparse, TargetZeroes};
-use kcopyd_tool::run::{CopyOptions, Event, JobRun, MappedCopy, Phase as RunPhase, RunError, Runner, VerifyRun};
-use kcopyd_tool::run::{job_ok, not_copied_in_region};
+use kcopyd_core::{Flags, JobHandle, SECTOR_SIZE, Sparse, TargetZeroes};
+use kcopyd_tool::report;
+use kcopyd_tool::run::{CopyOptions, Event, MappedCopy, Phase as RunPhase, RunError, Runner};
 use kcopyd_tool::{Cancel, Opened, map};
 
 use crate::cli::{CopyArgs, OutputArgs, VerifyArgs, ZeroArgs};
@@ -22,7 +21,7 @@ use crate::devices;
 use crate::error::{CliError, Status};
 use crate::out;
 use crate::progress::{self, Interrupts, Phase};
-use crate::report::{self, Report, SourceReport, TargetReport, TargetVerify, VerifyReport};
+use crate::report::Report;
 use crate::size::Bytes;
 
 /// What a command hands back to `main`: its report and exit status.
@@ -65,9 +64,24 @@ fn run_error(error: RunError, memory_bytes: u64) -> CliError {
     }
 }
 
-/// The signal that cancelled a run, if one did.
-fn signal_of(cancelled: bool) -> Option<u8> {
-    cancelled.then(|| progress::first_signal().unwrap_or(130))
+/// The exit code of a cancelled run: the signal that cancelled it.
+fn cancel_code() -> u8 {
+    progress::first_signal().unwrap_or(130)
+}
+
+/// A report and its exit status.
+fn done(report: Report) -> Done {
+    let status = status_of(&report);
+    Done { report, status }
+}
+
+/// The exit status of a report, from its exit code.
+fn status_of(report: &Report) -> Status {
+    match report.exit_code {
+        0 => Status::Success,
+        1 => Status::Failed,
+        code => Status::Interrupted(code),
+    }
 }
 
 /// The command's side of a run: a progress bar per phase, and what a quit at once says.
@@ -166,10 +180,8 @@ fn job_started(handle: &JobHandle, base_bytes: u64, len_bytes: u64, label: &'sta
 /// failed, so nothing is opened, created or written. Returns the report of that, if so.
 fn nothing_to_retry(args: &CopyArgs) -> Option<Done> {
     let path = args.map.as_ref().filter(|_| args.retry_failed)?;
-    match std::fs::metadata(path) {
-        Ok(metadata) if metadata.len() > 0 => return None,
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return None,
-        _ => {}
+    if !map::holds_nothing(path) {
+        return None;
     }
     if !args.output.quiet {
         out::note(&format!(
@@ -177,27 +189,7 @@ fn nothing_to_retry(args: &CopyArgs) -> Option<Done> {
             path.display()
         ));
     }
-    let report = Report {
-        command: "copy",
-        status: "ok",
-        exit_code: Status::Success.code(),
-        bytes: 0,
-        bytes_total: 0,
-        bytes_copied: Some(0),
-        bytes_not_copied: Some(0),
-        seconds: 0.0,
-        throughput_bytes_per_s: 0.0,
-        bytes_done_before: None,
-        cancelled: false,
-        read_errors_recovered: false,
-        panicked: None,
-        source: None,
-        targets: Vec::new(),
-        verify: None,
-        stats: None,
-        wall_seconds: None,
-    };
-    Some(Done { report, status: Status::Success })
+    Some(done(report::nothing_copied()))
 }
 
 /// The sparse-copy options of `copy`, checked.
@@ -232,123 +224,6 @@ fn sparse_of(args: &CopyArgs) -> Result<Sparse, CliError> {
     }
     let target_zeroes = if args.target_is_zero { TargetZeroes::Skip } else { TargetZeroes::Deallocate };
     Ok(Sparse { skip_holes: true, zero_block_bytes: size as u32, target_zeroes })
-}
-
-/// A read failed and was retried in smaller reads that all succeeded: nothing is missing.
-fn read_errors_recovered(outcome: &Outcome) -> bool {
-    outcome.read_err && outcome.read_failed.is_empty()
-}
-
-fn job_targets(opened: &[Opened], run: &JobRun, len_bytes: u64) -> Vec<TargetReport> {
-    opened
-        .iter()
-        .zip(&run.outcome.targets)
-        .zip(&run.flush_errors)
-        .map(|((target, outcome), flush_error)| TargetReport {
-            device: target.arg.text.clone(),
-            offset_bytes: target.arg.offset_bytes,
-            status: "ok",
-            write_failed_sectors: Some(report::pairs(&outcome.write_failed)),
-            not_copied_sectors: Some(report::pairs(&outcome.not_copied)),
-            bytes_not_copied: Some(report::range_bytes(&not_copied_in_region(target, outcome), len_bytes)),
-            flush_error: flush_error.clone(),
-            verify: None,
-        })
-        .collect()
-}
-
-/// The headline status of a finished job and its exit status.
-fn job_status(run: &JobRun, targets: &[TargetReport], verify_identical: Option<bool>) -> (&'static str, Status) {
-    if let Some(code) = signal_of(run.cancelled) {
-        return ("cancelled", Status::Interrupted(code));
-    }
-    if !job_ok(&run.outcome) || targets.iter().any(|t| t.flush_error.is_some()) {
-        return ("errors", Status::Failed);
-    }
-    if verify_identical == Some(false) {
-        return ("differences", Status::Failed);
-    }
-    ("ok", Status::Success)
-}
-
-/// A target's comparison, marked `incomplete` where a signal stopped it before it found
-/// anything: what it found is reported, whatever it did not reach is not called identical.
-fn partial_verify(mut verify: TargetVerify, interrupted: Option<u8>) -> TargetVerify {
-    if interrupted.is_some() && verify.status == "identical" {
-        verify.status = "incomplete";
-    }
-    verify
-}
-
-/// `verify`'s per-target reports, from what the comparison found (so far, if a signal stopped
-/// it).
-fn verify_targets(targets: &[Opened], comparison: &Comparison, interrupted: Option<u8>) -> Vec<TargetReport> {
-    targets
-        .iter()
-        .enumerate()
-        .map(|(index, target)| {
-            let verify = comparison
-                .targets
-                .get(index)
-                .map(|diff| partial_verify(report::target_verify(diff, target.start_sector()), interrupted));
-            TargetReport {
-                device: target.arg.text.clone(),
-                offset_bytes: target.arg.offset_bytes,
-                status: verify.as_ref().map_or("incomplete", |v| v.status),
-                write_failed_sectors: None,
-                not_copied_sectors: None,
-                bytes_not_copied: None,
-                flush_error: None,
-                verify,
-            }
-        })
-        .collect()
-}
-
-fn target_status(target: &TargetReport) -> &'static str {
-    let nonempty = |ranges: &Option<Vec<[u64; 2]>>| ranges.as_ref().is_some_and(|r| !r.is_empty());
-    if target.flush_error.is_some() {
-        "flush_failed"
-    } else if nonempty(&target.write_failed_sectors) {
-        "write_errors"
-    } else if nonempty(&target.not_copied_sectors) {
-        "incomplete"
-    } else {
-        match &target.verify {
-            // A comparison stopped by a signal says so in its own status; the copy is whole.
-            Some(TargetVerify { status, .. }) if *status != "identical" && *status != "incomplete" => status,
-            _ => "ok",
-        }
-    }
-}
-
-/// Bytes of the range that at least one target does not hold. A target whose final flush
-/// failed holds nothing for sure: all of its range counts.
-fn not_copied_bytes(opened: &[Opened], run: &JobRun, len_bytes: u64) -> u64 {
-    let mut union = RangeSet::new();
-    for ((target, outcome), flush_error) in opened.iter().zip(&run.outcome.targets).zip(&run.flush_errors) {
-        if flush_error.is_some() {
-            return len_bytes;
-        }
-        union.extend(&not_copied_in_region(target, outcome));
-    }
-    report::range_bytes(&union, len_bytes)
-}
-
-/// `copy --verify`'s summary, and each target's `verify`.
-fn verify_summary(verify: &VerifyRun, targets: &mut [TargetReport], opened: &[Opened], len_bytes: u64) -> VerifyReport {
-    let signal = signal_of(verify.cancelled);
-    for ((target, opened), diff) in targets.iter_mut().zip(opened).zip(&verify.comparison.targets) {
-        target.verify = Some(partial_verify(report::target_verify(diff, opened.start_sector()), signal));
-    }
-    let mut skipped = RangeSet::new();
-    for set in &verify.skipped {
-        skipped.extend(set);
-    }
-    let skipped_bytes = report::range_bytes(&skipped, len_bytes);
-    let mut summary = report::verify_report(&verify.comparison, verify.bytes, skipped_bytes, verify.seconds);
-    summary.identical &= signal.is_none();
-    summary
 }
 
 /// The copy as the runner runs it: through the map of `--map`, if given.
@@ -392,7 +267,7 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
     let on_event = |event: Event<'_>| ui.on_event(event);
     let runner = Runner { settings: &settings, on_event: &on_event, cancel: &cancel };
     let run = drive(run_copy(runner, args, &mut plan, options), &cancel, &ui, interrupts).await?;
-    Ok(copy_done(&plan, &run, args.map.is_some()))
+    Ok(done(report::copy_report(&plan, &run, args.map.is_some(), cancel_code())))
 }
 
 /// Copies `plan` as `kcopyd copy` does without a map (bars unless `quiet`, Ctrl-C cancels),
@@ -413,67 +288,7 @@ pub async fn copy_planned(
     let memory_bytes = (settings.config.page_budget * kcopyd_core::PAGE_SIZE) as u64;
     let copied = runner.copy(plan, options, None);
     let run = drive(copied, &cancel, &ui, interrupts).await.map_err(|e| run_error(e, memory_bytes))?;
-    Ok(copy_done(plan, &run, false))
-}
-
-/// The report of a copy (`mapped`: through a map) and its exit status.
-fn copy_done(plan: &kcopyd_tool::Plan, run: &kcopyd_tool::run::CopyRun, mapped: bool) -> Done {
-    let mut targets = job_targets(&plan.targets, &run.job, plan.len_bytes);
-    let verify = run.verify.as_ref().map(|verify| verify_summary(verify, &mut targets, &plan.targets, plan.len_bytes));
-    for target in &mut targets {
-        target.status = target_status(target);
-    }
-    let (mut status_name, mut status) = job_status(&run.job, &targets, verify.as_ref().map(|v| v.identical));
-    let interrupted = signal_of(run.job.cancelled || run.verify.as_ref().is_some_and(|v| v.cancelled));
-    if let Some(code) = interrupted {
-        (status_name, status) = ("cancelled", Status::Interrupted(code));
-    }
-    let job = &run.job;
-    let mut report = job_report("copy", &plan.targets, job, plan.len_bytes, targets);
-    report.status = status_name;
-    report.exit_code = status.code();
-    report.cancelled |= interrupted.is_some();
-    report.read_errors_recovered = read_errors_recovered(&job.outcome);
-    report.bytes_done_before = mapped.then_some(job.before_bytes);
-    report.source = Some(SourceReport {
-        device: plan.source.arg.text.clone(),
-        offset_bytes: plan.source.arg.offset_bytes,
-        read_failed_sectors: report::pairs(&job.outcome.read_failed),
-    });
-    report.verify = verify;
-    Done { report, status }
-}
-
-/// The report of a copy or zero job, with the job's own status (copy adds the rest).
-fn job_report(
-    command: &'static str,
-    opened: &[Opened],
-    run: &JobRun,
-    len_bytes: u64,
-    targets: Vec<TargetReport>,
-) -> Report {
-    let not_copied = not_copied_bytes(opened, run, len_bytes);
-    let (status_name, status) = job_status(run, &targets, None);
-    Report {
-        command,
-        status: status_name,
-        exit_code: status.code(),
-        bytes: run.done_bytes,
-        bytes_total: len_bytes,
-        bytes_copied: Some(len_bytes - not_copied),
-        bytes_not_copied: Some(not_copied),
-        seconds: run.seconds,
-        throughput_bytes_per_s: report::throughput(run.done_bytes, run.seconds),
-        cancelled: run.outcome.cancelled || run.cancelled,
-        panicked: run.outcome.panicked.clone(),
-        read_errors_recovered: false,
-        bytes_done_before: None,
-        source: None,
-        targets,
-        verify: None,
-        stats: Some(run.stats.clone()),
-        wall_seconds: None,
-    }
+    Ok(done(report::copy_report(plan, &run, false, cancel_code())))
 }
 
 /// `kcopyd zero`.
@@ -488,32 +303,9 @@ pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, 
     let runner = Runner { settings: &settings, on_event: &on_event, cancel: &cancel };
     let zeroed = runner.zero(&plan, flags(args.ignore_errors, args.write_seq));
     let run = drive(zeroed, &cancel, &ui, interrupts).await.map_err(|e| run_error(e, args.engine.memory_bytes))?;
-    let mut targets = job_targets(&plan.targets, &run, plan.len_bytes);
-    for target in &mut targets {
-        target.status = target_status(target);
-    }
-    let report = job_report("zero", &plan.targets, &run, plan.len_bytes, targets);
-    let status = match report.exit_code {
-        0 => Status::Success,
-        1 => Status::Failed,
-        code => Status::Interrupted(code),
-    };
+    let report = report::zero_report(&plan, &run, cancel_code());
+    let status = status_of(&report);
     Ok(Done { report, status })
-}
-
-/// `verify`'s headline status and exit status.
-fn verify_status(verify: &VerifyRun) -> (&'static str, Status) {
-    let comparison = &verify.comparison;
-    match signal_of(verify.cancelled) {
-        Some(code) => ("cancelled", Status::Interrupted(code)),
-        None if comparison.identical() => ("ok", Status::Success),
-        None if comparison.targets.iter().all(|t| t.unreadable.is_empty())
-            && comparison.source_unreadable.is_empty() =>
-        {
-            ("differences", Status::Failed)
-        }
-        None => ("errors", Status::Failed),
-    }
 }
 
 /// `kcopyd verify`.
@@ -530,38 +322,7 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
     let runner = Runner { settings: &settings, on_event: &on_event, cancel: &cancel };
     let compared = runner.verify(&plan);
     let run = drive(compared, &cancel, &ui, interrupts).await.map_err(|e| run_error(e, args.engine.memory_bytes))?;
-    let (status_name, status) = verify_status(&run);
-    let interrupted = signal_of(run.cancelled);
-    let source_unreadable = run
-        .comparison
-        .source_unreadable
-        .shifted(0, plan.source.start_sector())
-        .expect("the source region lies inside its device");
-    let mut summary = report::verify_report(&run.comparison, run.bytes, 0, run.seconds);
-    summary.identical &= interrupted.is_none();
-    let report = Report {
-        command: "verify",
-        status: status_name,
-        exit_code: status.code(),
-        bytes: run.bytes,
-        bytes_total: plan.len_bytes,
-        bytes_copied: None,
-        bytes_not_copied: None,
-        seconds: run.seconds,
-        throughput_bytes_per_s: report::throughput(run.bytes, run.seconds),
-        cancelled: interrupted.is_some(),
-        panicked: None,
-        read_errors_recovered: false,
-        bytes_done_before: None,
-        source: Some(SourceReport {
-            device: plan.source.arg.text.clone(),
-            offset_bytes: plan.source.arg.offset_bytes,
-            read_failed_sectors: report::pairs(&source_unreadable),
-        }),
-        targets: verify_targets(&plan.targets, &run.comparison, interrupted),
-        verify: Some(summary),
-        stats: None,
-        wall_seconds: None,
-    };
+    let report = report::verify_command_report(&plan, &run, cancel_code());
+    let status = status_of(&report);
     Ok(Done { report, status })
 }

@@ -1,6 +1,6 @@
 //! `kcopyd demo`: a mirror resync on simulated disks with injected faults, the shipped
-//! scenario `scenarios/demo-mirror-resync.toml` (built in), run and checked by the scenario
-//! runner (`kcopyd_sim::explore`), and its check printed.
+//! scenario `scenarios/demo-mirror-resync.toml` (built in), sized and run by
+//! `kcopyd_sim::explore::demo`, checked by the scenario runner, and its check printed.
 //!
 //! ```text
 //!               latent read errors (2)
@@ -19,11 +19,11 @@
 //! and as much of the machine's.
 
 use std::fmt::Write as _;
-use std::path::Path;
 
 use kcopyd_core::SECTOR_SIZE;
 use kcopyd_sim::IoModel;
-use kcopyd_sim::explore::{self, Disks, JobReport, Report, Scenario, ScenarioError, Verification};
+use kcopyd_sim::explore::demo::{self, DEMO_LEN_BYTES_MAX, DEMO_LEN_BYTES_MIN, TAMPERED_SECTOR, TAMPERED_TARGET};
+use kcopyd_sim::explore::{JobReport, Report, Scenario, Verification};
 
 use crate::cli::DemoArgs;
 use crate::error::{CliError, Status};
@@ -32,48 +32,8 @@ use crate::progress::Interrupts;
 use crate::report::describe_ranges;
 use crate::size::Bytes;
 
-/// The scenario the demo runs, as shipped in `scenarios/`.
-pub const SCENARIO: &str = include_str!("../../../scenarios/demo-mirror-resync.toml");
 /// How the demo names the scenario in messages.
 const SCENARIO_NAME: &str = "scenarios/demo-mirror-resync.toml (built in)";
-/// The smallest and largest disk the demo takes.
-const DEMO_LEN_BYTES_MIN: u64 = 16 << 20;
-const DEMO_LEN_BYTES_MAX: u64 = 1 << 30;
-/// The target whose copy `--tamper` changes, and the sector.
-const TAMPERED_TARGET: &str = "mirror-a";
-const TAMPERED_SECTOR: u64 = 8;
-
-/// The built-in scenario with its disks `len_bytes` long and the faults at the same
-/// fractions of them as in the file (two, four and six tenths in).
-fn scenario(len_bytes: u64) -> Result<Scenario, ScenarioError> {
-    let len_sectors = len_bytes / SECTOR_SIZE as u64;
-    let at = |tenths: u64| len_sectors / 10 * tenths;
-    let mut tree = explore::parse_tree(SCENARIO)?;
-    let edits = [
-        ("disks.source.len_sectors".to_owned(), len_sectors.to_string()),
-        ("disks.mirror-a.len_sectors".to_owned(), len_sectors.to_string()),
-        ("disks.mirror-b.len_sectors".to_owned(), len_sectors.to_string()),
-        ("disks.mirror-c.len_sectors".to_owned(), len_sectors.to_string()),
-        (
-            "disks.source.faults.latent_sectors".to_owned(),
-            format!(
-                "[{{ start = {}, end = {} }}, {{ start = {}, end = {} }}]",
-                at(2) + 1,
-                at(2) + 2,
-                at(6) + 17,
-                at(6) + 25
-            ),
-        ),
-        (
-            "disks.mirror-b.faults.write_faults".to_owned(),
-            format!("[{{ sectors = {{ start = {}, end = {} }}, attempts = 0 }}]", at(4) + 100, at(4) + 164),
-        ),
-    ];
-    for (key, value) in edits {
-        explore::set_path(&mut tree, &key, explore::parse_value(&value))?;
-    }
-    Scenario::from_value_in(tree, Path::new("."))
-}
 
 /// Prints a line on stdout; a closed stdout ends the demo quietly (exit 141).
 macro_rules! say {
@@ -93,7 +53,7 @@ pub fn run(args: &DemoArgs, interrupts: &Interrupts) -> Result<Status, CliError>
     interrupts
         .set_summary(Some(Box::new(|| "kcopyd: interrupted: the demo stopped (its disks were in memory)".into())));
     let len_bytes = args.size_bytes;
-    if !(DEMO_LEN_BYTES_MIN..=DEMO_LEN_BYTES_MAX).contains(&len_bytes) || len_bytes % (1 << 20) != 0 {
+    if !demo::len_fits(len_bytes) {
         return Err(CliError::argument(
             "--size",
             len_bytes.to_string(),
@@ -105,18 +65,12 @@ pub fn run(args: &DemoArgs, interrupts: &Interrupts) -> Result<Status, CliError>
         ));
     }
     let scenario_error = |source| CliError::Scenario { path: SCENARIO_NAME.into(), source };
-    let scenario = scenario(len_bytes).map_err(scenario_error)?;
+    let scenario = demo::scenario(len_bytes).map_err(scenario_error)?;
     introduce(&scenario, len_bytes)?;
     let tamper = args.tamper;
-    let report = crate::explore::off_runtime(|| {
-        explore::run_with(&scenario, &|disks: &Disks<'_>| {
-            if tamper {
-                // A sector the engine copied, changed behind its back: only the data check sees it.
-                disks[TAMPERED_TARGET].poke(TAMPERED_SECTOR, &[0xa5; SECTOR_SIZE]);
-            }
-        })
-        .map_err(scenario_error)
-    })?;
+    // With --tamper, a sector the engine copied is changed behind its back: only the data
+    // check sees it.
+    let report = crate::explore::off_runtime(|| demo::run(&scenario, tamper).map_err(scenario_error))?;
     let job = report.jobs.first().expect("the demo scenario has one job entry");
     results(&report, job, len_bytes)?;
     if tamper {

@@ -39,6 +39,11 @@ pub fn parse_device(text: &str) -> Result<DeviceAddress, AddressError> {
 #[derive(Debug)]
 struct QuitCleanup;
 
+/// The Ctrl-C handler's file cleanup, for a library type that creates files.
+pub fn quit_cleanup() -> Arc<dyn CreatedHook> {
+    Arc::new(QuitCleanup)
+}
+
 impl CreatedHook for QuitCleanup {
     fn creating(&self, path: &Path) -> Box<dyn std::any::Any> {
         Box::new(progress::CreatedGuard::creating(path))

@@ -13,14 +13,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use kcopyd_sim::explore::{self, METRICS, Report, Scenario, ScenarioError, SweepPoint, Vary};
+use kcopyd_sim::explore::file::{self, ScenarioFileError, folder_of};
+use kcopyd_sim::explore::{self, METRICS, Report, Scenario, ScenarioError, SweepPoint, Vary, plot};
 use serde_json::json;
 use toml::Value;
 
 use crate::cli::{SimRunArgs, SimSweepArgs};
 use crate::error::{CliError, Status};
 use crate::out;
-use crate::plot;
+
 use crate::progress::{self, Interrupts, Phase, bars_wanted};
 use crate::size::Bytes;
 
@@ -49,28 +50,20 @@ pub(crate) fn off_runtime<T: Send>(work: impl FnOnce() -> Result<T, CliError> + 
 }
 
 /// The folder a scenario's disk model files are relative to: the scenario file's own.
-fn folder_of(scenario: &Path) -> std::path::PathBuf {
-    match scenario.parent() {
-        Some(folder) if !folder.as_os_str().is_empty() => folder.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    }
+/// A picture that could not be drawn (exit 1).
+fn plot_error(error: plot::PlotError) -> CliError {
+    CliError::Plot { path: error.path.display().to_string(), problem: error.problem }
 }
 
 /// The scenario file as a value tree, with the `--set` edits applied.
 fn load(path: &Path, set: &[String]) -> Result<Value, CliError> {
-    let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| CliError::File {
-        what: "scenario",
-        path: shown.clone(),
-        source,
-    })?;
-    let scenario_error = |source: ScenarioError| CliError::Scenario { path: shown.clone(), source };
-    let mut tree = explore::parse_tree(&text).map_err(scenario_error)?;
-    for edit in set {
-        let (key, value) = edit.split_once('=').ok_or_else(|| CliError::argument("--set", edit, "not KEY=VALUE"))?;
-        explore::set_path(&mut tree, key.trim(), explore::parse_value(value)).map_err(scenario_error)?;
-    }
-    Ok(tree)
+    file::read_tree(path, set).map_err(|error| match error {
+        ScenarioFileError::Read { path, source } => {
+            CliError::File { what: "scenario", path: path.display().to_string(), source }
+        }
+        ScenarioFileError::Edit { edit } => CliError::argument("--set", edit, "not KEY=VALUE"),
+        ScenarioFileError::Scenario { path, source } => CliError::Scenario { path: path.display().to_string(), source },
+    })
 }
 
 fn run_scenario(args: &SimRunArgs) -> Result<Status, CliError> {
@@ -83,7 +76,7 @@ fn run_scenario(args: &SimRunArgs) -> Result<Status, CliError> {
     }
     let report = explore::run(&scenario).map_err(scenario_error)?;
     if let Some(svg) = &args.svg {
-        plot::run_svg(svg, &report)?;
+        plot::run_svg(svg, &report).map_err(plot_error)?;
     }
     if args.json {
         out::print(&format!("{}\n", serde_json::to_string(&report).expect("a report serializes")))?;
@@ -305,15 +298,9 @@ fn run_sweep(args: &SimSweepArgs, interrupts: &Interrupts) -> Result<Status, Cli
     bar.finish_and_clear();
     let stop = interrupts.stop_flag();
     let interrupted = stop.load(Ordering::Acquire).then(|| interrupted_code(points.len(), total));
-    let value_of = |point: &SweepPoint| point.report.metric(metric.name);
-    let mut order: Vec<usize> = (0..points.len()).collect();
-    order.sort_by(|&a, &b| {
-        let (a, b) = (value_of(&points[a]).unwrap_or(f64::NAN), value_of(&points[b]).unwrap_or(f64::NAN));
-        let ordering = a.total_cmp(&b);
-        if metric.higher_is_better { ordering.reverse() } else { ordering }
-    });
+    let order = explore::best_first(&points, metric);
     if let (Some(svg), None) = (&args.svg, interrupted) {
-        plot::sweep_svg(svg, &varies, &points, metric)?;
+        plot::sweep_svg(svg, &varies, &points, metric).map_err(plot_error)?;
     }
     print_sweep(args.json, (&varies, &points, &order), metric.name, interrupted.map(|_| total))?;
     Ok(interrupted.map_or(Status::Success, Status::Interrupted))
@@ -355,11 +342,11 @@ fn parse_varies(texts: &[String]) -> Result<Vec<Vary>, CliError> {
         .iter()
         .map(|text| Vary::parse(text).map_err(|error| CliError::argument("--vary", text, error.to_string())))
         .collect::<Result<Vec<_>, _>>()?;
-    if let Some(repeated) = varies.iter().enumerate().find(|(i, v)| varies[..*i].iter().any(|w| w.key == v.key)) {
+    if let Some(repeated) = explore::repeated_key(&varies) {
         return Err(CliError::argument(
             "--vary",
-            &texts[repeated.0],
-            format!("key '{}' is varied twice: give all its values in one --vary", repeated.1.key),
+            &texts[repeated],
+            format!("key '{}' is varied twice: give all its values in one --vary", varies[repeated].key),
         ));
     }
     Ok(varies)

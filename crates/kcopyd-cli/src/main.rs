@@ -29,7 +29,6 @@ mod error;
 mod explore;
 mod map;
 mod out;
-mod plot;
 mod progress;
 mod report;
 mod size;

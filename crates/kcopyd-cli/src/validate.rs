@@ -10,121 +10,36 @@
 //! ```
 //!
 //! The real copies go through `kcopyd copy` itself (the same checks, engine, flush and
-//! timing), so a prediction is compared with exactly what a user sees.
+//! timing), so a prediction is compared with exactly what a user sees. The configurations,
+//! the prediction and the rows are kcopyd-sim's `explore::validate`; this file runs the real
+//! copies and prints.
 
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use kcopyd_core::{BlockDevice, ClientConfig, Device, Flags, Job, PAGE_SIZE, Region, SECTOR_SIZE};
+use kcopyd_core::{BlockDevice, PAGE_SIZE, SECTOR_SIZE};
 use kcopyd_os::{OpenOptions, OsDevice};
-use kcopyd_sim::{DiskModel, Simulation};
-use serde::Serialize;
+use kcopyd_sim::explore::validate::{self, Config, RUNS_MAX, Row, Validation};
 
-use crate::calibrate::{self, Plan, Scratch};
+use crate::calibrate::{self, Plan};
 use crate::cli::ValidateArgs;
 use crate::error::{CliError, Status, open_reason};
 use crate::progress::{self, Interrupts};
-use crate::size::{self, Bytes};
+use crate::size::Bytes;
 use crate::{commands, devices};
 use kcopyd_tool::{Backend, DeviceAddress};
 
-/// The most targets a configuration may name.
-pub const TARGETS_MAX: usize = 8;
-/// The most rounds of real copies.
-pub const RUNS_MAX: usize = 100;
-
-/// One configuration: how the copy is cut and how many targets it writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Config {
-    /// Bytes per sub-job.
-    pub sub_job_size_bytes: u64,
-    /// Sub-jobs in flight.
-    pub subjobs_in_flight: usize,
-    /// Targets written.
-    pub targets: usize,
-}
-
-impl Config {
-    /// Reads `SIZExIN_FLIGHTxTARGETS`, e.g. `1Mx4x1`.
-    ///
-    /// # Errors
-    /// Not three parts, a size that does not parse, or counts out of bounds.
-    pub fn parse(text: &str) -> Result<Config, CliError> {
-        let bad = |problem: String| CliError::argument("--configs", text, problem);
-        let parts: Vec<&str> = text.split('x').collect();
-        let [size, in_flight, targets] = parts[..] else {
-            return Err(bad("not SUB_JOB_SIZExIN_FLIGHTxTARGETS, e.g. 1Mx4x1".into()));
-        };
-        let sub_job_size_bytes = size::parse_size(size).map_err(|error| bad(error.to_string()))?;
-        let count = |text: &str, max: usize, what: &str| {
-            text.parse::<usize>()
-                .ok()
-                .filter(|n| (1..=max).contains(n))
-                .ok_or_else(|| bad(format!("{what} '{text}' is not a whole number from 1 to {max}")))
-        };
-        Ok(Config {
-            sub_job_size_bytes,
-            subjobs_in_flight: count(in_flight, 1024, "sub-jobs in flight")?,
-            targets: count(targets, TARGETS_MAX, "targets")?,
-        })
-    }
-
-    fn label(&self) -> String {
-        format!("{} × {} → {}", Bytes(self.sub_job_size_bytes), self.subjobs_in_flight, self.targets)
-    }
-}
-
-/// One configuration's result.
-#[derive(Debug, Clone, Serialize)]
-pub struct Row {
-    /// The configuration.
-    #[serde(flatten)]
-    pub config: Config,
-    /// Seconds of each real copy, in the order run.
-    pub measured_seconds: Vec<f64>,
-    /// Their median.
-    pub measured_median_seconds: f64,
-    /// The fastest of them: on a busy machine, the one least slowed by other work.
-    pub measured_min_seconds: f64,
-    /// What the simulator predicts (model seconds).
-    pub predicted_seconds: f64,
-    /// `(predicted − measured median) / measured median × 100`.
-    pub error_percent: f64,
-}
-
-/// The whole result.
-#[derive(Debug, Clone, Serialize)]
-pub struct Validation {
-    /// The model's description.
-    pub model: String,
-    /// The source.
-    pub source: String,
-    /// Bytes copied by each copy.
-    pub len_bytes: u64,
-    /// Whether the simulated disks shared one data path (SOURCE and TARGET on one device).
-    pub one_device: bool,
-    /// Rounds of real copies.
-    pub runs: usize,
-    /// One row per configuration, in the order given.
-    pub configs: Vec<Row>,
-    /// The largest error, in absolute value.
-    pub max_abs_error_percent: f64,
-}
-
-/// The error of a prediction, in percent of the measurement.
+/// Reads `--configs`' `SIZExIN_FLIGHTxTARGETS`, e.g. `1Mx4x1`.
 ///
-/// Worked example: predicted 0.69 s, measured 0.60 s: +15 %; predicted 0.51 s: −15 %.
-pub fn error_percent(predicted_seconds: f64, measured_seconds: f64) -> f64 {
-    if measured_seconds > 0.0 { (predicted_seconds - measured_seconds) / measured_seconds * 100.0 } else { 0.0 }
+/// # Errors
+/// As [`Config::parse`], named by `--configs`.
+pub fn parse_config(text: &str) -> Result<Config, CliError> {
+    Config::parse(text).map_err(|error| CliError::argument("--configs", text, error.to_string()))
 }
 
-/// The median (upper median for an even count).
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
+/// A configuration, for the progress bar.
+fn label(config: &Config) -> String {
+    format!("{} × {} → {}", Bytes(config.sub_job_size_bytes), config.subjobs_in_flight, config.targets)
 }
 
 /// Target files of the configurations: TARGET, TARGET.2, TARGET.3, …; those created here are
@@ -137,9 +52,7 @@ struct Targets {
 
 impl Targets {
     fn new(target: &Path, count: usize) -> Targets {
-        let paths: Vec<PathBuf> = (1..=count)
-            .map(|i| if i == 1 { target.to_path_buf() } else { PathBuf::from(format!("{}.{i}", target.display())) })
-            .collect();
+        let paths = validate::target_paths(target, count);
         let created: Vec<PathBuf> = paths.iter().filter(|p| fs::symlink_metadata(p).is_err()).cloned().collect();
         progress::remove_on_quit(&created);
         Targets { paths, created }
@@ -153,13 +66,6 @@ impl Drop for Targets {
         }
         progress::forget_created(&self.created);
     }
-}
-
-/// The device a path lives on: a block device's own number, else its filesystem's.
-fn device_number(path: &Path) -> Option<u64> {
-    use std::os::unix::fs::FileTypeExt;
-    let metadata = fs::metadata(path).ok()?;
-    Some(if metadata.file_type().is_block_device() { metadata.rdev() } else { metadata.dev() })
 }
 
 /// Runs the copy of `config` through `kcopyd copy` and returns its seconds.
@@ -204,64 +110,12 @@ async fn real_copy(
     Ok(Ok(done.report.seconds))
 }
 
-/// The model seconds of `config` in the simulator: sparse pattern disks of the source's
-/// length and block, on one medium when `one_device`.
-fn simulated_copy(
-    model: &DiskModel,
-    config: Config,
-    len_bytes: u64,
-    block_bytes: u32,
-    one_device: bool,
-    memory_bytes: u64,
-) -> f64 {
-    let len_sectors = len_bytes / SECTOR_SIZE as u64;
-    let client_config = ClientConfig {
-        page_budget: usize::try_from(memory_bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX),
-        sub_job_size_bytes: config.sub_job_size_bytes as usize,
-        subjobs_in_flight: config.subjobs_in_flight,
-        ..ClientConfig::default()
-    };
-    let model = model.clone();
-    // Simulation runs its own runtime: on a thread of its own, not inside this one.
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                Simulation::run(client_config, |client, _trace| async move {
-                    let medium = if one_device { Some(kcopyd_sim::Medium::new()) } else { None };
-                    let disk = |name: &str, seed: u64| {
-                        let mut options = model.options(name, len_sectors, seed);
-                        options.sparse = true;
-                        options.logical_block_size = block_bytes;
-                        Arc::new(DiskModel::disk(options, medium.as_ref()))
-                    };
-                    let source = disk("source", 1);
-                    source.fill_pattern(1);
-                    let targets: Vec<Region> = (0..config.targets)
-                        .map(|i| {
-                            let target: Device = disk(&format!("target{i}"), 2 + i as u64);
-                            Region::new(target, 0, len_sectors)
-                        })
-                        .collect();
-                    let began = tokio::time::Instant::now();
-                    let source: Device = source;
-                    let job = Job::copy(Region::new(source, 0, len_sectors), targets, Flags::empty());
-                    let outcome = client.submit(job).await.expect("a checked job is accepted").await;
-                    assert!(outcome.is_ok(), "a simulated copy without faults succeeds: {outcome:?}");
-                    kcopyd_sim::to_model(began.elapsed()).as_secs_f64()
-                })
-            })
-            .join()
-            .expect("the simulation does not panic")
-    })
-    .unwrap_or(f64::NAN)
-}
-
 /// `kcopyd sim validate`.
 ///
 /// # Errors
 /// Bad arguments or model (nothing written), or a failed copy.
 pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Status, CliError> {
-    let configs: Vec<Config> = args.configs.iter().map(|c| Config::parse(c)).collect::<Result<_, _>>()?;
+    let configs: Vec<Config> = args.configs.iter().map(|c| parse_config(c)).collect::<Result<_, _>>()?;
     if configs.is_empty() {
         return Err(CliError::Arguments { what: "--configs", problem: "no configuration given".into() });
     }
@@ -283,7 +137,7 @@ pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Sta
         Some(path) => calibrate::load(path)?,
         None => {
             let scratch_path = PathBuf::from(format!("{}.calibrate", args.target.display()));
-            let scratch = Scratch::open(&scratch_path, 1 << 30, 0, None, false)?;
+            let scratch = calibrate::open_scratch(&scratch_path, 1 << 30, 0, None, false)?;
             let plan = Plan {
                 io_sizes_bytes: vec![4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20],
                 queue_depths: vec![1, 4, 16, 32],
@@ -308,8 +162,7 @@ pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Sta
         ));
     }
     let targets = Targets::new(&args.target, target_count);
-    let target_dir = args.target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let one_device = device_number(&args.source).is_some() && device_number(&args.source) == device_number(target_dir);
+    let one_device = validate::on_one_device(&args.source, &args.target);
     let bar = progress::byte_bar(bars, (1 + args.runs * configs.len() + configs.len()) as u64, "validate");
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg:<28} [{wide_bar}] {pos}/{len} copies ETA {eta}")
@@ -318,7 +171,7 @@ pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Sta
     );
     // A warm-up copy to every target (creating the files), not counted.
     let widest = *configs.iter().max_by_key(|c| c.targets).expect("at least one");
-    bar.set_message(format!("warm-up {}", widest.label()));
+    bar.set_message(format!("warm-up {}", label(&widest)));
     if let Err(status) = real_copy(args, widest, &targets, interrupts).await? {
         return Ok(status);
     }
@@ -326,7 +179,7 @@ pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Sta
     let mut measured: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     for round in 0..args.runs {
         for (i, &config) in configs.iter().enumerate() {
-            bar.set_message(format!("run {}/{} {}", round + 1, args.runs, config.label()));
+            bar.set_message(format!("run {}/{} {}", round + 1, args.runs, label(&config)));
             match real_copy(args, config, &targets, interrupts).await? {
                 Ok(seconds) => measured[i].push(seconds),
                 Err(status) => return Ok(status),
@@ -336,31 +189,16 @@ pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Sta
     }
     let mut rows = Vec::new();
     for (config, measured) in configs.iter().zip(measured) {
-        bar.set_message(format!("simulate {}", config.label()));
+        bar.set_message(format!("simulate {}", label(config)));
+        let block_bytes = geometry.logical_block_size;
         let predicted =
-            simulated_copy(&model, *config, len_bytes, geometry.logical_block_size, one_device, args.memory_bytes);
+            validate::predict_seconds(&model, *config, len_bytes, block_bytes, one_device, args.memory_bytes);
         bar.inc(1);
-        let measured_median = median(&measured);
-        rows.push(Row {
-            config: *config,
-            measured_min_seconds: measured.iter().copied().fold(f64::INFINITY, f64::min),
-            measured_seconds: measured,
-            measured_median_seconds: measured_median,
-            predicted_seconds: predicted,
-            error_percent: error_percent(predicted, measured_median),
-        });
+        rows.push(Row::new(*config, measured, predicted));
     }
     bar.finish_and_clear();
     drop(targets);
-    let validation = Validation {
-        model: model.description.clone(),
-        source: source_text,
-        len_bytes,
-        one_device,
-        runs: args.runs,
-        max_abs_error_percent: rows.iter().map(|r| r.error_percent.abs()).fold(0.0, f64::max),
-        configs: rows,
-    };
+    let validation = Validation::new(model.description.clone(), source_text, len_bytes, one_device, args.runs, rows);
     if args.json {
         crate::out::print(&format!("{}\n", serde_json::to_string(&validation).expect("a validation serializes")))?;
     } else {
@@ -409,21 +247,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_error_worked_example_holds() {
-        assert!((error_percent(0.69, 0.60) - 15.0).abs() < 1e-9);
-        assert!((error_percent(0.51, 0.60) + 15.0).abs() < 1e-9);
-        assert_eq!(error_percent(1.0, 0.0), 0.0);
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-    }
-
-    #[test]
-    fn configurations_parse_and_refuse_what_is_out_of_bounds() {
-        assert_eq!(
-            Config::parse("256Kx8x3").unwrap(),
-            Config { sub_job_size_bytes: 256 << 10, subjobs_in_flight: 8, targets: 3 }
-        );
+    fn a_bad_configuration_is_named_by_its_option() {
         for bad in ["1Mx4", "1Mx0x1", "1Mx4x9", "1Qx4x1", "1Mx4x1x1"] {
-            let error = Config::parse(bad).unwrap_err().to_string();
+            let error = parse_config(bad).unwrap_err().to_string();
             assert!(error.contains("--configs") && error.contains(bad), "{error}");
         }
     }

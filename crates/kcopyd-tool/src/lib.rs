@@ -15,7 +15,13 @@
 //!        │                              progress as a callback, cancellation as a token
 //!        ▼
 //!  run::CopyRun / ZeroRun / VerifyRun   outcomes per device, for the caller to report
+//!        │
+//!        ▼
+//!  report::Report                       the outcome as data (serializes to the JSON report)
 //! ```
+//!
+//! `clone` starts a clone served while it hydrates (kcopyd-clone's device) from the same
+//! addresses and plan, with its metadata file checked against the devices.
 //!
 //! Nothing here prints: the caller reports.
 #![forbid(unsafe_code)]
@@ -24,11 +30,14 @@
 pub mod address;
 pub mod cancel;
 pub mod clock;
+pub mod clone;
 pub mod error;
 pub mod map;
 pub mod open;
 pub mod plan;
+pub mod report;
 pub mod run;
+pub mod scratch;
 pub mod tail;
 
 pub use address::{AddressError, Backend, DeviceAddress, SimDisk};

@@ -521,6 +521,15 @@ pub fn header_of(
     Ok((MapHeader { source, targets: mapped, len_bytes }, guard))
 }
 
+/// Whether there is no map at `path` yet (no file, or an empty one), so that nothing of a
+/// copy through it can have failed. A file that cannot be looked at is not called empty.
+pub fn holds_nothing(path: &Path) -> bool {
+    match std::fs::metadata(path) {
+        Ok(metadata) => metadata.len() == 0,
+        Err(error) => error.kind() == std::io::ErrorKind::NotFound,
+    }
+}
+
 /// Opens the map at `path` for the copy of `plan` (checked against the devices it opened),
 /// with the batch size in sectors: `batch_bytes` rounded down to whole logical blocks.
 ///

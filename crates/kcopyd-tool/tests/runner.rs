@@ -108,3 +108,53 @@ fn a_cancelled_token_cancels_the_copy_and_skips_the_read_back() {
     assert!(run.job.cancelled && run.job.outcome.cancelled && run.verify.is_none());
     assert!(!run.job.outcome.targets[0].not_copied.is_empty(), "what was not copied is reported");
 }
+
+#[test]
+fn the_reports_of_runs_carry_their_status_exit_code_and_per_device_ranges() {
+    let settings = Settings::new(ClientConfig { page_budget: 64, ..ClientConfig::default() });
+    let source = Arc::new(MemDisk::with_pattern("source", 2048, 512, 7));
+    let target = Arc::new(MemDisk::zeroed("t", 4096, 512));
+    let addresses = [address("t", &target, 1 << 20)];
+    let mut plan = plan_with_source(&address("source", &source, 0), &addresses, None, true, &settings).unwrap();
+    let cancel = Cancel::new();
+    let runner = Runner { settings: &settings, on_event: &|_| {}, cancel: &cancel };
+    let options = CopyOptions { verify: true, ..CopyOptions::default() };
+    let run = block_on(runner.copy(&mut plan, options, None)).unwrap();
+    let copied = kcopyd_tool::report::copy_report(&plan, &run, false, 143);
+    assert_eq!((copied.command, copied.status, copied.exit_code), ("copy", "ok", 0));
+    assert_eq!((copied.bytes_copied, copied.bytes_not_copied), (Some(1 << 20), Some(0)));
+    assert_eq!(copied.targets[0].status, "ok");
+    assert!(copied.verify.as_ref().is_some_and(|v| v.identical && v.bytes_verified == 1 << 20));
+    // Zero 8 sectors of the target: verify reports them in the target's own sectors.
+    let zero = plan_zero(&[address("t", &target, (1 << 20) + 4096)], Some(4096), &settings).unwrap();
+    let zeroed = block_on(runner.zero(&zero, Flags::empty())).unwrap();
+    let zero_report = kcopyd_tool::report::zero_report(&zero, &zeroed, 143);
+    assert_eq!((zero_report.status, zero_report.exit_code, zero_report.bytes), ("ok", 0, 4096));
+    let plan = plan_with_source(&address("source", &source, 0), &addresses, None, false, &settings).unwrap();
+    let compared = block_on(runner.verify(&plan)).unwrap();
+    let verified = kcopyd_tool::report::verify_command_report(&plan, &compared, 143);
+    assert_eq!((verified.status, verified.exit_code), ("differences", 1));
+    let verify = verified.targets[0].verify.as_ref().unwrap();
+    assert_eq!((verify.status, verify.first_differing_sector), ("differs", Some(2048 + 8)));
+    assert_eq!(verify.differing_sectors, [[2056, 2064]]);
+    // A cancelled copy reports the caller's code for it.
+    cancel.cancel();
+    let mut plan = plan_with_source(&address("source", &source, 0), &addresses, None, true, &settings).unwrap();
+    let run = block_on(runner.copy(&mut plan, CopyOptions::default(), None)).unwrap();
+    let cancelled = kcopyd_tool::report::copy_report(&plan, &run, false, 143);
+    assert_eq!((cancelled.status, cancelled.exit_code, cancelled.cancelled), ("cancelled", 143, true));
+}
+
+#[test]
+fn a_missing_or_empty_map_holds_nothing_to_retry_and_the_report_says_so() {
+    let path = std::env::temp_dir().join(format!("kcopyd-tool-holds-nothing-{}.map", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    assert!(kcopyd_tool::map::holds_nothing(&path));
+    std::fs::write(&path, b"").unwrap();
+    assert!(kcopyd_tool::map::holds_nothing(&path));
+    std::fs::write(&path, b"x").unwrap();
+    assert!(!kcopyd_tool::map::holds_nothing(&path));
+    std::fs::remove_file(&path).unwrap();
+    let report = kcopyd_tool::report::nothing_copied();
+    assert_eq!((report.status, report.exit_code, report.bytes_not_copied), ("ok", 0, Some(0)));
+}

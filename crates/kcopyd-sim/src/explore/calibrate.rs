@@ -615,9 +615,56 @@ fn median_round(rounds: Vec<Measurement>) -> Measurement {
     }
 }
 
+/// Why a model file could not be read.
+#[derive(Debug, Error)]
+pub enum ModelFileError {
+    /// The file could not be read.
+    #[error("cannot be read: {source}")]
+    Read {
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// The file is not a disk model (unknown keys, wrong types, not TOML).
+    #[error("{problem}")]
+    Parse {
+        /// What the TOML reader said, on one line.
+        problem: String,
+    },
+}
+
+/// The model as TOML, with a header saying what it is.
+pub fn model_toml(model: &DiskModel) -> String {
+    let body = toml::to_string(model).expect("a disk model serializes");
+    format!("# kcopyd disk model: load it with `kcopyd sim validate --model` or in a scenario.\n{body}")
+}
+
+/// Reads a model file written by [`model_toml`].
+///
+/// # Errors
+/// The file cannot be read or is not a disk model.
+pub fn read_model(path: &std::path::Path) -> Result<DiskModel, ModelFileError> {
+    let body = std::fs::read_to_string(path).map_err(|source| ModelFileError::Read { source })?;
+    toml::from_str(&body)
+        .map_err(|error| ModelFileError::Parse { problem: error.to_string().trim_end().replace('\n', " ") })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_model_file_reads_back_and_a_foreign_one_is_refused_on_one_line() {
+        let path = std::env::temp_dir().join(format!("kcopyd-sim-model-{}.toml", std::process::id()));
+        let model = DiskModel::default();
+        std::fs::write(&path, model_toml(&model)).unwrap();
+        assert_eq!(read_model(&path).unwrap().description, model.description);
+        std::fs::write(&path, "unknown = 1\n[latency]\n").unwrap();
+        let refused = read_model(&path).unwrap_err();
+        assert!(matches!(&refused, ModelFileError::Parse { problem } if !problem.contains('\n')), "{refused}");
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(read_model(&path), Err(ModelFileError::Read { .. })));
+    }
 
     fn point(kind: &str, io_size_bytes: u64, queue_depth: u32, iops: f64, latency_us_p50: f64) -> Measurement {
         Measurement {

@@ -16,16 +16,22 @@
 //! gives the same report (but for `wall_seconds`).
 //!
 //! [`calibrate`] measures a device (any [`BlockDevice`](kcopyd_core::BlockDevice): a real one,
-//! or a simulated one in virtual time) and fits a [`DiskModel`](crate::DiskModel) to it.
+//! or a simulated one in virtual time) and fits a [`DiskModel`](crate::DiskModel) to it;
+//! [`validate`] compares its predictions with copies measured by the caller.
 
 pub mod calibrate;
+pub mod demo;
+pub mod file;
 mod keys;
+#[cfg(feature = "plot")]
+pub mod plot;
 mod probe;
 mod report;
 mod runner;
 mod scenario;
 mod series;
 mod sweep;
+pub mod validate;
 mod verify;
 
 use kcopyd_core::{ConfigError, SubmitError};
@@ -44,7 +50,7 @@ pub use scenario::{
     ForegroundSpec, JOB_COUNT_MAX, JobKind, JobSpec, Scenario, parse_tree,
 };
 pub use series::BUCKETS_MAX;
-pub use sweep::{POINTS_MAX, SweepPoint, Vary, sweep, sweep_until};
+pub use sweep::{POINTS_MAX, SweepPoint, Vary, best_first, repeated_key, sweep, sweep_until};
 pub use verify::{Mismatch, Verification};
 
 /// Why a scenario could not be read or run. Each names the key, disk or job at fault.

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use toml::Value;
 
 use super::keys::{parse_value, set_path};
-use super::{Report, Scenario, ScenarioError, run};
+use super::{Metric, Report, Scenario, ScenarioError, run};
 
 /// Most points in one sweep.
 pub const POINTS_MAX: usize = 10_000;
@@ -136,4 +136,33 @@ pub fn sweep_until(
         }
     });
     results.into_inner().expect("no panic while holding the results").into_iter().flatten().collect()
+}
+/// The index of the first varied key that an earlier one already varies, if any: each key
+/// is varied once, with all its values.
+pub fn repeated_key(varies: &[Vary]) -> Option<usize> {
+    (0..varies.len()).find(|&i| varies[..i].iter().any(|earlier| earlier.key == varies[i].key))
+}
+
+/// The order of `points` best first by `metric` (points without it last).
+pub fn best_first(points: &[SweepPoint], metric: Metric) -> Vec<usize> {
+    let value_of = |point: &SweepPoint| point.report.metric(metric.name).unwrap_or(f64::NAN);
+    let mut order: Vec<usize> = (0..points.len()).collect();
+    order.sort_by(|&a, &b| {
+        let ordering = value_of(&points[a]).total_cmp(&value_of(&points[b]));
+        if metric.higher_is_better { ordering.reverse() } else { ordering }
+    });
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_varied_twice_is_found_at_its_second_place() {
+        let varies: Vec<Vary> = ["a=1,2", "b=3", "a=4"].iter().map(|t| Vary::parse(t).unwrap()).collect();
+        assert_eq!(repeated_key(&varies), Some(2));
+        assert_eq!(repeated_key(&varies[..2]), None);
+        assert!(best_first(&[], crate::explore::METRICS[0]).is_empty());
+    }
 }

@@ -1,4 +1,5 @@
-//! SVG pictures of runs and sweeps, drawn with plotters' SVG backend.
+//! SVG pictures of runs and sweeps, drawn with plotters' SVG backend (feature `plot`): pure
+//! functions of a report, written to the file the caller names.
 //!
 //! ```text
 //!  run:    ┌ engine MB/s over virtual time (read, written) ┐   sweep, one key:  metric ─●─●─●
@@ -6,23 +7,35 @@
 //! ```
 
 use std::error::Error;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use kcopyd_sim::explore::{Metric, Report, SweepPoint, Vary};
 use plotters::coord::ranged1d::SegmentValue;
 use plotters::prelude::*;
 
-use crate::error::CliError;
+use crate::explore::{Metric, Report, Sample, SweepPoint, Vary};
+
+/// Why a picture could not be drawn.
+#[derive(Debug, thiserror::Error)]
+#[error("plot '{}': {problem}", path.display())]
+pub struct PlotError {
+    /// The SVG file.
+    pub path: PathBuf,
+    /// What went wrong (plotters' message).
+    pub problem: String,
+}
 
 /// Pixels of a picture.
 const SIZE: (u32, u32) = (960, 640);
 
-fn plot_error(path: &Path) -> impl Fn(Box<dyn Error>) -> CliError + '_ {
-    move |error| CliError::Plot { path: path.display().to_string(), problem: error.to_string() }
+fn plot_error(path: &Path) -> impl Fn(Box<dyn Error>) -> PlotError + '_ {
+    move |error| PlotError { path: path.to_path_buf(), problem: error.to_string() }
 }
 
-/// Throughput and foreground latency over virtual time.
-pub fn run_svg(path: &Path, report: &Report) -> Result<(), CliError> {
+/// Throughput and foreground latency over virtual time, to the SVG file at `path`.
+///
+/// # Errors
+/// The file cannot be written, or plotters refuses the data.
+pub fn run_svg(path: &Path, report: &Report) -> Result<(), PlotError> {
     draw_run(path, report).map_err(plot_error(path))
 }
 
@@ -40,7 +53,7 @@ fn draw_run(path: &Path, report: &Report) -> Result<(), Box<dyn Error>> {
         .y_label_area_size(64)
         .build_cartesian_2d(0.0..x_max, 0.0..y_max * 1.1)?;
     chart.configure_mesh().x_desc("virtual time (s)").y_desc("MB/s").draw()?;
-    let series = |f: fn(&kcopyd_sim::explore::Sample) -> f64| {
+    let series = |f: fn(&Sample) -> f64| {
         report.timeline.iter().map(move |s| (s.at_s + report.bucket_s / 2.0, mb(f(s)))).collect::<Vec<_>>()
     };
     chart
@@ -53,28 +66,31 @@ fn draw_run(path: &Path, report: &Report) -> Result<(), Box<dyn Error>> {
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
     chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
 
-    let with_jobs: Vec<(f64, f64)> = report
-        .timeline
-        .iter()
-        .filter_map(|s| s.foreground_ms_mean.map(|v| (s.at_s + report.bucket_s / 2.0, v)))
-        .collect();
-    let maxes: Vec<(f64, f64)> = report
-        .timeline
-        .iter()
-        .filter_map(|s| s.foreground_ms_max.map(|v| (s.at_s + report.bucket_s / 2.0, v)))
-        .collect();
-    let alone: Vec<(f64, f64)> = report
-        .timeline
-        .iter()
-        .filter_map(|s| s.foreground_alone_ms_mean.map(|v| (s.at_s + report.bucket_s / 2.0, v)))
-        .collect();
+    draw_latency(&bottom, report, x_max)?;
+    root.present()?;
+    Ok(())
+}
+
+/// The lower half of a run's picture: the foreground's latency over virtual time, with the
+/// jobs (mean and largest) and alone.
+fn draw_latency(
+    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    report: &Report,
+    x_max: f64,
+) -> Result<(), Box<dyn Error>> {
+    let series = |f: fn(&Sample) -> Option<f64>| -> Vec<(f64, f64)> {
+        report.timeline.iter().filter_map(|s| f(s).map(|v| (s.at_s + report.bucket_s / 2.0, v))).collect()
+    };
+    let with_jobs = series(|s| s.foreground_ms_mean);
+    let maxes = series(|s| s.foreground_ms_max);
+    let alone = series(|s| s.foreground_alone_ms_mean);
     let caption = if report.foreground.is_some() {
         "Foreground latency over virtual time"
     } else {
         "Foreground latency (no foreground in this scenario)"
     };
     let y_max = maxes.iter().chain(&with_jobs).chain(&alone).map(|p| p.1).fold(0.01, f64::max);
-    let mut chart = ChartBuilder::on(&bottom)
+    let mut chart = ChartBuilder::on(area)
         .caption(caption, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(36)
@@ -96,12 +112,15 @@ fn draw_run(path: &Path, report: &Report) -> Result<(), Box<dyn Error>> {
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN));
         chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
     }
-    root.present()?;
     Ok(())
 }
 
-/// The metric of a sweep: a line over one key's values, or a heat map over two keys' values.
-pub fn sweep_svg(path: &Path, varies: &[Vary], points: &[SweepPoint], metric: Metric) -> Result<(), CliError> {
+/// The metric of a sweep, to the SVG file at `path`: a line over one key's values, or a heat
+/// map over two keys' values.
+///
+/// # Errors
+/// Not one or two varied keys, the file cannot be written, or plotters refuses the data.
+pub fn sweep_svg(path: &Path, varies: &[Vary], points: &[SweepPoint], metric: Metric) -> Result<(), PlotError> {
     let drawn = match varies {
         [key] => draw_line(path, key, points, metric),
         [x, y] => draw_heat_map(path, x, y, points, metric),
@@ -208,4 +227,17 @@ fn draw_heat_map(path: &Path, x: &Vary, y: &Vary, points: &[SweepPoint], metric:
     }))?;
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sweep_plot_takes_one_or_two_keys_and_names_its_file() {
+        let path = Path::new("/nonexistent-dir/sweep.svg");
+        let error = sweep_svg(path, &[], &[], crate::explore::METRICS[0]).unwrap_err();
+        assert_eq!(error.path, path);
+        assert_eq!(error.to_string(), "plot '/nonexistent-dir/sweep.svg': a plot takes one or two varied keys");
+    }
 }

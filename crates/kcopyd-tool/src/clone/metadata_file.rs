@@ -1,4 +1,4 @@
-//! The metadata FILE of `kcopyd clone`: kcopyd-clone's metadata (two commit slots and their
+//! The metadata file of a clone (`kcopyd clone --metadata FILE`): kcopyd-clone's metadata (two commit slots and their
 //! bitmaps) from its start, and one last block recording what the metadata is for.
 //!
 //! ```text
@@ -22,15 +22,67 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use kcopyd_os::{FileLocks, LockError, LockKind};
+use thiserror::Error;
 
-use crate::error::CliError;
+use crate::clone::MetadataError;
+use crate::plan::CreatedHook;
 
 /// The first line of the identity block.
 pub const IDENTITY_MAGIC: &str = "kcopyd-clone-file 1";
 /// Bytes of the identity block at the end of the file.
 pub const IDENTITY_BYTES: u64 = 4096;
+
+/// Why an identity block cannot be written or read.
+#[derive(Debug, Error)]
+pub enum IdentityError {
+    /// A name or identity holds a newline: the block's lines cannot record it.
+    #[error("a device name or identity holds a newline, which the metadata file cannot record")]
+    Newline,
+    /// The identity does not fit one block.
+    #[error("the identity of the devices takes {len_bytes} bytes, more than {IDENTITY_BYTES}")]
+    TooLong {
+        /// The identity's length.
+        len_bytes: usize,
+    },
+    /// The block is not UTF-8 text.
+    #[error("its identity block is not text")]
+    NotText,
+    /// The block does not start with [`IDENTITY_MAGIC`].
+    #[error("it holds no kcopyd clone identity block at its end")]
+    NoMagic,
+    /// No `crc` line.
+    #[error("its identity block has no checksum")]
+    NoChecksum,
+    /// The `crc` line does not match the lines above it.
+    #[error("its identity block fails its checksum")]
+    BadChecksum,
+    /// A line is missing or does not start with its key.
+    #[error("its identity block's line {line} is not '{key}…'")]
+    Line {
+        /// The line's number, from 1.
+        line: usize,
+        /// The key it should start with.
+        key: &'static str,
+    },
+    /// The `state` line names no known state.
+    #[error("its identity block has an unknown state {0:?}")]
+    UnknownState(String),
+    /// The `region-size` line holds no number.
+    #[error("its identity block's region size is not a number")]
+    RegionSize,
+    /// The file is shorter than one block.
+    #[error("it is {len_bytes} bytes long, shorter than an identity block")]
+    Short {
+        /// The file's length.
+        len_bytes: u64,
+    },
+    /// The block could not be read.
+    #[error("cannot read it ({0})")]
+    Read(#[source] io::Error),
+}
 
 /// Whether the clone's own metadata is complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,10 +115,10 @@ impl Identity {
     ///
     /// # Errors
     /// The text does not fit one block, or a name holds a newline.
-    pub fn encode(&self) -> Result<Vec<u8>, String> {
+    pub fn encode(&self) -> Result<Vec<u8>, IdentityError> {
         let names = [&self.source_name, &self.source_id, &self.destination_name, &self.destination_id];
         if names.iter().any(|name| name.contains('\n')) {
-            return Err("a device name or identity holds a newline, which the metadata file cannot record".into());
+            return Err(IdentityError::Newline);
         }
         let state = match self.state {
             State::New => "new",
@@ -78,7 +130,7 @@ impl Identity {
         );
         let text = format!("{text}crc {:08x}\n", kcopyd_clone::crc32c(text.as_bytes()));
         if text.len() as u64 > IDENTITY_BYTES {
-            return Err(format!("the identity of the devices takes {} bytes, more than {IDENTITY_BYTES}", text.len()));
+            return Err(IdentityError::TooLong { len_bytes: text.len() });
         }
         let mut block = text.into_bytes();
         block.resize(IDENTITY_BYTES as usize, 0);
@@ -89,32 +141,31 @@ impl Identity {
     ///
     /// # Errors
     /// No magic, a bad checksum, a missing or malformed line.
-    pub fn decode(block: &[u8]) -> Result<Identity, String> {
+    pub fn decode(block: &[u8]) -> Result<Identity, IdentityError> {
         let end = block.iter().position(|&b| b == 0).unwrap_or(block.len());
-        let text = std::str::from_utf8(&block[..end]).map_err(|_| "its identity block is not text".to_owned())?;
+        let text = std::str::from_utf8(&block[..end]).map_err(|_| IdentityError::NotText)?;
         if !text.starts_with(&format!("{IDENTITY_MAGIC}\n")) {
-            return Err("it holds no kcopyd clone identity block at its end".into());
+            return Err(IdentityError::NoMagic);
         }
-        let crc_at = text.rfind("crc ").ok_or("its identity block has no checksum")?;
+        let crc_at = text.rfind("crc ").ok_or(IdentityError::NoChecksum)?;
         let stated = text[crc_at + 4..].trim_end();
         if u32::from_str_radix(stated, 16).ok() != Some(kcopyd_clone::crc32c(&text.as_bytes()[..crc_at])) {
-            return Err("its identity block fails its checksum".into());
+            return Err(IdentityError::BadChecksum);
         }
         let lines: Vec<&str> = text[..crc_at].lines().collect();
-        let field = |index: usize, key: &str| {
+        let field = |index: usize, key: &'static str| {
             lines
                 .get(index)
                 .and_then(|line| line.strip_prefix(key))
                 .map(str::to_owned)
-                .ok_or_else(|| format!("its identity block's line {} is not '{}…'", index + 1, key))
+                .ok_or(IdentityError::Line { line: index + 1, key })
         };
         let state = match field(1, "state ")?.as_str() {
             "new" => State::New,
             "ready" => State::Ready,
-            other => return Err(format!("its identity block has an unknown state {other:?}")),
+            other => return Err(IdentityError::UnknownState(other.to_owned())),
         };
-        let region_size_bytes =
-            field(2, "region-size ")?.parse().map_err(|_| "its identity block's region size is not a number")?;
+        let region_size_bytes = field(2, "region-size ")?.parse().map_err(|_| IdentityError::RegionSize)?;
         Ok(Identity {
             state,
             region_size_bytes,
@@ -136,6 +187,8 @@ pub struct MetadataFile {
     _lock: FileLocks,
     /// Created by this run: removed again if the run fails before serving.
     created: bool,
+    /// Told of the file while this run may still remove it.
+    hook: Option<Arc<dyn CreatedHook>>,
     /// What the file says it is for (`None`: empty, new).
     pub existing: Option<Identity>,
 }
@@ -145,7 +198,9 @@ impl Drop for MetadataFile {
         if self.created {
             // Still locked: no other run has it.
             let _ = std::fs::remove_file(&self.path);
-            crate::progress::forget_created(std::slice::from_ref(&self.path));
+            if let Some(hook) = &self.hook {
+                hook.forget(std::slice::from_ref(&self.path));
+            }
         }
     }
 }
@@ -153,12 +208,15 @@ impl Drop for MetadataFile {
 impl MetadataFile {
     /// Opens (creating if missing) and locks the file at `path`; refuses it if it is one of
     /// `devices` (argument name and (device, inode)), busy, not a regular file, or not empty
-    /// and not a metadata file.
+    /// and not a metadata file. `hook` is told of a file created here until it is kept.
     ///
     /// # Errors
-    /// A [`CliError::Argument`] naming `--metadata` and what is wrong; nothing is written.
-    pub fn open(path: &Path, devices: &[(&str, (u64, u64))]) -> Result<MetadataFile, CliError> {
-        let error = |problem: String| CliError::argument("--metadata", path.display().to_string(), problem);
+    /// What is wrong with the file; nothing is written, and a file created here is removed.
+    pub fn open(
+        path: &Path,
+        devices: &[(&str, (u64, u64))],
+        hook: Option<Arc<dyn CreatedHook>>,
+    ) -> Result<MetadataFile, MetadataError> {
         let missing = matches!(std::fs::symlink_metadata(path), Err(e) if e.kind() == io::ErrorKind::NotFound);
         let file = OpenOptions::new()
             .read(true)
@@ -167,55 +225,61 @@ impl MetadataFile {
             .truncate(false)
             .mode(0o644)
             .open(path)
-            .map_err(|e| error(format!("cannot open it ({e})")))?;
+            .map_err(MetadataError::Open)?;
         // From here a file this run made is removed on every refusal below.
         let mut opened = MetadataFile {
             path: path.to_path_buf(),
             file,
             _lock: FileLocks::default(),
             created: missing,
+            hook,
             existing: None,
         };
-        let metadata = opened.file.metadata().map_err(|e| error(format!("cannot look at it ({e})")))?;
+        let metadata = opened.file.metadata().map_err(MetadataError::Stat)?;
         if !metadata.is_file() {
             opened.created = false;
-            return Err(error("not a regular file".into()));
+            return Err(MetadataError::NotRegular);
         }
         let key = (metadata.dev(), metadata.ino());
         if let Some((name, _)) = devices.iter().find(|(_, device)| *device == key) {
             opened.created = false;
-            return Err(error(format!("is {name} itself: the metadata needs a file of its own")));
+            return Err(MetadataError::IsDevice { name: (*name).to_owned() });
         }
-        match opened._lock.lock(path, key, LockKind::Exclusive) {
-            Ok(()) => {}
-            Err(LockError::Busy) => {
-                opened.created = false;
-                return Err(error("busy: another kcopyd clone is using it".into()));
-            }
-            Err(LockError::Replaced) => {
-                opened.created = false;
-                return Err(error("the file was replaced while it was being opened".into()));
-            }
-            Err(other) => return Err(error(format!("cannot lock it ({other})"))),
-        }
+        opened.lock(key)?;
         if opened.created {
-            // Ours and locked: removed too by a signal that quits before the clone is served.
-            crate::progress::remove_on_quit(std::slice::from_ref(&opened.path));
+            // Ours and locked: removed too by a quit before the clone is served.
+            if let Some(hook) = &opened.hook {
+                drop(hook.creating(&opened.path));
+            }
         }
         if metadata.len() > 0 {
-            opened.existing = Some(opened.read_identity(metadata.len()).map_err(|problem| {
-                error(format!("{problem}: not a kcopyd clone metadata file, or damaged; it is left as it is"))
-            })?);
+            opened.existing = Some(opened.read_identity(metadata.len()).map_err(MetadataError::NotMetadata)?);
         }
         Ok(opened)
     }
 
-    fn read_identity(&self, len_bytes: u64) -> Result<Identity, String> {
+    /// Takes the exclusive lock on the file, (device, inode) `key`.
+    fn lock(&mut self, key: (u64, u64)) -> Result<(), MetadataError> {
+        match self._lock.lock(&self.path, key, LockKind::Exclusive) {
+            Ok(()) => Ok(()),
+            Err(LockError::Busy) => {
+                self.created = false;
+                Err(MetadataError::Busy)
+            }
+            Err(LockError::Replaced) => {
+                self.created = false;
+                Err(MetadataError::Replaced)
+            }
+            Err(other) => Err(MetadataError::Lock(other)),
+        }
+    }
+
+    fn read_identity(&self, len_bytes: u64) -> Result<Identity, IdentityError> {
         if len_bytes < IDENTITY_BYTES {
-            return Err(format!("it is {len_bytes} bytes long, shorter than an identity block"));
+            return Err(IdentityError::Short { len_bytes });
         }
         let mut block = vec![0u8; IDENTITY_BYTES as usize];
-        self.file.read_exact_at(&mut block, len_bytes - IDENTITY_BYTES).map_err(|e| format!("cannot read it ({e})"))?;
+        self.file.read_exact_at(&mut block, len_bytes - IDENTITY_BYTES).map_err(IdentityError::Read)?;
         Identity::decode(&block)
     }
 
@@ -223,17 +287,14 @@ impl MetadataFile {
     /// writes `identity` there, durably.
     ///
     /// # Errors
-    /// The write or the sync failed.
-    pub fn write_identity(&self, clone_bytes: u64, identity: &Identity) -> Result<(), CliError> {
-        let failed = |source| CliError::Io { operation: "writing", path: self.path.display().to_string(), source };
-        let block = identity
-            .encode()
-            .map_err(|problem| CliError::argument("--metadata", self.path.display().to_string(), problem))?;
-        self.file.set_len(clone_bytes + IDENTITY_BYTES).map_err(failed)?;
-        self.file.write_all_at(&block, clone_bytes).map_err(failed)?;
-        self.file.sync_all().map_err(failed)?;
+    /// The identity cannot be recorded, or the write or the sync failed.
+    pub fn write_identity(&self, clone_bytes: u64, identity: &Identity) -> Result<(), MetadataError> {
+        let block = identity.encode().map_err(MetadataError::Identity)?;
+        self.file.set_len(clone_bytes + IDENTITY_BYTES).map_err(MetadataError::Write)?;
+        self.file.write_all_at(&block, clone_bytes).map_err(MetadataError::Write)?;
+        self.file.sync_all().map_err(MetadataError::Write)?;
         if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            File::open(parent).and_then(|dir| dir.sync_all()).map_err(failed)?;
+            File::open(parent).and_then(|dir| dir.sync_all()).map_err(MetadataError::Write)?;
         }
         Ok(())
     }
@@ -244,6 +305,9 @@ impl MetadataFile {
     }
 
     /// The file's length now.
+    ///
+    /// # Errors
+    /// The file cannot be looked at.
     pub fn len_bytes(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
     }
@@ -251,7 +315,9 @@ impl MetadataFile {
     /// Keeps the file whatever happens next (the clone is being served).
     pub fn keep(&mut self) {
         if self.created {
-            crate::progress::forget_created(std::slice::from_ref(&self.path));
+            if let Some(hook) = &self.hook {
+                hook.forget(std::slice::from_ref(&self.path));
+            }
         }
         self.created = false;
     }
@@ -283,8 +349,42 @@ mod tests {
             bad[at] ^= 0x04;
             assert!(Identity::decode(&bad).is_err(), "byte {at} flipped was accepted");
         }
-        assert!(Identity::decode(&[0u8; 4096]).unwrap_err().contains("no kcopyd clone identity"));
+        assert!(matches!(Identity::decode(&[0u8; 4096]), Err(IdentityError::NoMagic)));
         let newline = Identity { source_name: "a\nb".into(), ..identity() };
         assert!(newline.encode().is_err());
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("kcopyd-tool-metadata-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("clone.meta")
+    }
+
+    #[test]
+    fn a_foreign_file_and_a_locked_one_are_refused_untouched_and_a_new_one_goes_unless_kept() {
+        let path = scratch("refusals");
+        std::fs::write(&path, b"someone else's data").unwrap();
+        let refused = MetadataFile::open(&path, &[], None).unwrap_err();
+        assert!(matches!(refused, MetadataError::NotMetadata(IdentityError::Short { len_bytes: 19 })), "{refused}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"someone else's data");
+        std::fs::remove_file(&path).unwrap();
+
+        let first = MetadataFile::open(&path, &[], None).unwrap();
+        assert!(first.existing.is_none());
+        let busy = MetadataFile::open(&path, &[], None).unwrap_err();
+        assert!(matches!(busy, MetadataError::Busy), "{busy}");
+        assert!(path.exists(), "a refused second opener removed the first one's file");
+        drop(first);
+        assert!(!path.exists(), "a file created and not kept stays behind");
+
+        let mut kept = MetadataFile::open(&path, &[], None).unwrap();
+        kept.write_identity(8192, &identity()).unwrap();
+        kept.keep();
+        drop(kept);
+        let again = MetadataFile::open(&path, &[], None).unwrap();
+        assert_eq!(again.existing, Some(identity()));
+        assert_eq!(again.len_bytes().unwrap(), 8192 + IDENTITY_BYTES);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }

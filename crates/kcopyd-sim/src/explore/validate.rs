@@ -1,0 +1,276 @@
+//! A disk model checked against the real device (`kcopyd sim validate`): the configurations
+//! copied, the simulated copy's prediction, and the rows comparing it with the measurements.
+//!
+//! ```text
+//!  "1Mx4x1" ─► Config::parse ─► real copies (the caller's, timed) ─► measured seconds
+//!                         └─► predict_seconds: the same copy in virtual time, sparse pattern
+//!                             disks, one Medium when SOURCE and TARGET share a device
+//!  Row::new (median, fastest, error) ─► Validation::new (largest error)
+//! ```
+//!
+//! The real copies are the caller's: this module neither opens nor writes a real device.
+
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kcopyd_core::{ClientConfig, Device, Flags, Job, PAGE_SIZE, Region, SECTOR_SIZE};
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::units::{SizeError, parse_size};
+use crate::{DiskModel, Simulation};
+
+/// The most targets a configuration may name.
+pub const TARGETS_MAX: usize = 8;
+/// The most rounds of real copies.
+pub const RUNS_MAX: usize = 100;
+/// The most sub-jobs in flight a configuration may name.
+pub const IN_FLIGHT_MAX: usize = 1024;
+
+/// Why a configuration does not read.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ConfigError {
+    /// Not three parts separated by `x`.
+    #[error("not SUB_JOB_SIZExIN_FLIGHTxTARGETS, e.g. 1Mx4x1")]
+    Shape,
+    /// The sub-job size does not read.
+    #[error("{0}")]
+    Size(#[source] SizeError),
+    /// A count is not a whole number in its bounds.
+    #[error("{what} '{text}' is not a whole number from 1 to {max}")]
+    Count {
+        /// `sub-jobs in flight` or `targets`.
+        what: &'static str,
+        /// The count as given.
+        text: String,
+        /// Its largest value.
+        max: usize,
+    },
+}
+
+/// One configuration: how the copy is cut and how many targets it writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Config {
+    /// Bytes per sub-job.
+    pub sub_job_size_bytes: u64,
+    /// Sub-jobs in flight.
+    pub subjobs_in_flight: usize,
+    /// Targets written.
+    pub targets: usize,
+}
+
+impl Config {
+    /// Reads `SIZExIN_FLIGHTxTARGETS`, e.g. `1Mx4x1`.
+    ///
+    /// # Errors
+    /// Not three parts, a size that does not parse, or counts out of bounds (`1Mx0x1`).
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let parts: Vec<&str> = text.split('x').collect();
+        let [size, in_flight, targets] = parts[..] else {
+            return Err(ConfigError::Shape);
+        };
+        let sub_job_size_bytes = parse_size(size).map_err(ConfigError::Size)?;
+        let count = |text: &str, max: usize, what: &'static str| {
+            text.parse::<usize>().ok().filter(|n| (1..=max).contains(n)).ok_or_else(|| ConfigError::Count {
+                what,
+                text: text.to_owned(),
+                max,
+            })
+        };
+        Ok(Config {
+            sub_job_size_bytes,
+            subjobs_in_flight: count(in_flight, IN_FLIGHT_MAX, "sub-jobs in flight")?,
+            targets: count(targets, TARGETS_MAX, "targets")?,
+        })
+    }
+}
+
+/// One configuration's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// The configuration.
+    #[serde(flatten)]
+    pub config: Config,
+    /// Seconds of each real copy, in the order run.
+    pub measured_seconds: Vec<f64>,
+    /// Their median.
+    pub measured_median_seconds: f64,
+    /// The fastest of them: on a busy machine, the one least slowed by other work.
+    pub measured_min_seconds: f64,
+    /// What the simulator predicts (model seconds).
+    pub predicted_seconds: f64,
+    /// `(predicted − measured median) / measured median × 100`.
+    pub error_percent: f64,
+}
+
+impl Row {
+    /// The row of `config` from its measured seconds and its prediction.
+    pub fn new(config: Config, measured_seconds: Vec<f64>, predicted_seconds: f64) -> Row {
+        let measured_median_seconds = median(&measured_seconds);
+        Row {
+            config,
+            measured_min_seconds: measured_seconds.iter().copied().fold(f64::INFINITY, f64::min),
+            measured_seconds,
+            measured_median_seconds,
+            predicted_seconds,
+            error_percent: error_percent(predicted_seconds, measured_median_seconds),
+        }
+    }
+}
+
+/// The whole result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Validation {
+    /// The model's description.
+    pub model: String,
+    /// The source.
+    pub source: String,
+    /// Bytes copied by each copy.
+    pub len_bytes: u64,
+    /// Whether the simulated disks shared one data path (SOURCE and TARGET on one device).
+    pub one_device: bool,
+    /// Rounds of real copies.
+    pub runs: usize,
+    /// One row per configuration, in the order given.
+    pub configs: Vec<Row>,
+    /// The largest error, in absolute value.
+    pub max_abs_error_percent: f64,
+}
+
+impl Validation {
+    /// The result of `rows`, with its largest error.
+    pub fn new(model: String, source: String, len_bytes: u64, one_device: bool, runs: usize, rows: Vec<Row>) -> Self {
+        Validation {
+            model,
+            source,
+            len_bytes,
+            one_device,
+            runs,
+            max_abs_error_percent: rows.iter().map(|r| r.error_percent.abs()).fold(0.0, f64::max),
+            configs: rows,
+        }
+    }
+}
+
+/// The error of a prediction, in percent of the measurement.
+///
+/// Worked example: predicted 0.69 s, measured 0.60 s: +15 %; predicted 0.51 s: −15 %.
+pub fn error_percent(predicted_seconds: f64, measured_seconds: f64) -> f64 {
+    if measured_seconds > 0.0 { (predicted_seconds - measured_seconds) / measured_seconds * 100.0 } else { 0.0 }
+}
+
+/// The median (upper median for an even count); 0 for none.
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// The target files of `count` targets: `target`, `target.2`, `target.3`, …
+pub fn target_paths(target: &Path, count: usize) -> Vec<PathBuf> {
+    (1..=count)
+        .map(|i| if i == 1 { target.to_path_buf() } else { PathBuf::from(format!("{}.{i}", target.display())) })
+        .collect()
+}
+
+/// Whether `source` and the directory of `target` are on one device (a block device's own
+/// number, else its filesystem's): their simulated disks then share one data path.
+pub fn on_one_device(source: &Path, target: &Path) -> bool {
+    let device_number = |path: &Path| {
+        let metadata = fs::metadata(path).ok()?;
+        Some(if metadata.file_type().is_block_device() { metadata.rdev() } else { metadata.dev() })
+    };
+    let target_dir = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    device_number(source).is_some() && device_number(source) == device_number(target_dir)
+}
+
+/// The model seconds of `config` in the simulator: sparse pattern disks of `len_bytes` and
+/// `block_bytes` blocks, on one medium when `one_device`, a page budget of `memory_bytes`.
+/// NaN if the simulation could not run.
+pub fn predict_seconds(
+    model: &DiskModel,
+    config: Config,
+    len_bytes: u64,
+    block_bytes: u32,
+    one_device: bool,
+    memory_bytes: u64,
+) -> f64 {
+    let len_sectors = len_bytes / SECTOR_SIZE as u64;
+    let client_config = ClientConfig {
+        page_budget: usize::try_from(memory_bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX),
+        sub_job_size_bytes: config.sub_job_size_bytes as usize,
+        subjobs_in_flight: config.subjobs_in_flight,
+        ..ClientConfig::default()
+    };
+    let model = model.clone();
+    // Simulation runs its own runtime: on a thread of its own, not inside the caller's.
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                Simulation::run(client_config, |client, _trace| async move {
+                    let medium = if one_device { Some(crate::Medium::new()) } else { None };
+                    let disk = |name: &str, seed: u64| {
+                        let mut options = model.options(name, len_sectors, seed);
+                        options.sparse = true;
+                        options.logical_block_size = block_bytes;
+                        Arc::new(DiskModel::disk(options, medium.as_ref()))
+                    };
+                    let source = disk("source", 1);
+                    source.fill_pattern(1);
+                    let targets: Vec<Region> = (0..config.targets)
+                        .map(|i| {
+                            let target: Device = disk(&format!("target{i}"), 2 + i as u64);
+                            Region::new(target, 0, len_sectors)
+                        })
+                        .collect();
+                    let began = tokio::time::Instant::now();
+                    let source: Device = source;
+                    let job = Job::copy(Region::new(source, 0, len_sectors), targets, Flags::empty());
+                    let outcome = client.submit(job).await.expect("a checked job is accepted").await;
+                    assert!(outcome.is_ok(), "a simulated copy without faults succeeds: {outcome:?}");
+                    crate::to_model(began.elapsed()).as_secs_f64()
+                })
+            })
+            .join()
+            .expect("the simulation does not panic")
+    })
+    .unwrap_or(f64::NAN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_error_worked_example_holds() {
+        assert!((error_percent(0.69, 0.60) - 15.0).abs() < 1e-9);
+        assert!((error_percent(0.51, 0.60) + 15.0).abs() < 1e-9);
+        assert_eq!(error_percent(1.0, 0.0), 0.0);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        let row = Row::new(Config::parse("1Mx4x1").unwrap(), vec![0.7, 0.6, 0.5], 0.69);
+        assert_eq!((row.measured_median_seconds, row.measured_min_seconds), (0.6, 0.5));
+        let validation = Validation::new("m".into(), "s".into(), 1, false, 3, vec![row]);
+        assert!((validation.max_abs_error_percent - 15.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn configurations_parse_and_refuse_what_is_out_of_bounds() {
+        assert_eq!(
+            Config::parse("256Kx8x3").unwrap(),
+            Config { sub_job_size_bytes: 256 << 10, subjobs_in_flight: 8, targets: 3 }
+        );
+        assert_eq!(Config::parse("1Mx4"), Err(ConfigError::Shape));
+        assert_eq!(Config::parse("1Mx4x1x1"), Err(ConfigError::Shape));
+        assert!(matches!(Config::parse("1Qx4x1"), Err(ConfigError::Size(_))));
+        assert!(matches!(Config::parse("1Mx0x1"), Err(ConfigError::Count { what: "sub-jobs in flight", .. })));
+        assert!(matches!(Config::parse("1Mx4x9"), Err(ConfigError::Count { what: "targets", max: 8, .. })));
+    }
+
+    #[test]
+    fn the_targets_are_named_after_the_first() {
+        let paths = target_paths(Path::new("/t/x.img"), 3);
+        assert_eq!(paths, [PathBuf::from("/t/x.img"), "/t/x.img.2".into(), "/t/x.img.3".into()]);
+    }
+}
