@@ -126,6 +126,17 @@ pub fn summary(report: &Report) -> String {
         if report.all_ok { "every job ok" } else { "NOT every job ok" },
     );
     let _ = writeln!(out, "pages:    {} in use at most, of {}", report.pages_in_use_max, report.page_budget);
+    out += &jobs_lines(report);
+    out += &disks_table(report);
+    out += &io_sizes_lines(report);
+    out += &queue_table(report);
+    out += &foreground_lines(report);
+    out
+}
+
+/// Per job: counts, latencies, per-target failures, the runner's check.
+fn jobs_lines(report: &Report) -> String {
+    let mut out = String::new();
     for job in &report.jobs {
         let _ = writeln!(
             out,
@@ -163,6 +174,12 @@ pub fn summary(report: &Report) -> String {
             let _ = writeln!(out, "  not checked: {}", check.note);
         }
     }
+    out
+}
+
+/// The engine's requests per disk, as a table.
+fn disks_table(report: &Report) -> String {
+    let mut out = String::new();
     let _ = writeln!(out, "disks (the engine's requests):");
     let _ = writeln!(
         out,
@@ -196,6 +213,12 @@ pub fn summary(report: &Report) -> String {
             disk.errors
         );
     }
+    out
+}
+
+/// The engine's request sizes, most common first.
+fn io_sizes_lines(report: &Report) -> String {
+    let mut out = String::new();
     let _ = writeln!(out, "I/O sizes (the engine's requests, most common first):");
     let mut sizes = report.io_sizes.clone();
     sizes.sort_by_key(|s| std::cmp::Reverse(s.reads + s.writes));
@@ -218,7 +241,12 @@ pub fn summary(report: &Report) -> String {
             rest.iter().map(|s| s.writes).sum::<u64>()
         );
     }
-    out += &queue_table(report);
+    out
+}
+
+/// The foreground's latencies with the jobs (and alone), if the run had a foreground.
+fn foreground_lines(report: &Report) -> String {
+    let mut out = String::new();
     if let Some(foreground) = &report.foreground {
         let line = |l: &explore::Latencies| {
             format!(

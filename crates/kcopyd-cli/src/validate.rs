@@ -133,34 +133,9 @@ pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Sta
     let len_bytes = geometry.len_sectors * SECTOR_SIZE as u64;
     drop(source);
     let bars = progress::bars_wanted(args.quiet);
-    let model = match &args.model {
-        Some(path) => calibrate::load(path)?,
-        None => {
-            let scratch_path = PathBuf::from(format!("{}.calibrate", args.target.display()));
-            let scratch = calibrate::open_scratch(&scratch_path, 1 << 30, 0, None, false)?;
-            let plan = Plan {
-                io_sizes_bytes: vec![4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20],
-                queue_depths: vec![1, 4, 16, 32],
-                point_time: std::time::Duration::from_millis(250),
-                rounds: 3,
-                bars,
-            };
-            let calibrated = calibrate::calibrate(&scratch, &plan).await?;
-            calibrate::warn_if_busy(&calibrated);
-            calibrated.model
-        }
-    };
+    let model = model_of(args, bars).await?;
     let target_count = configs.iter().map(|c| c.targets).max().unwrap_or(1);
-    // TARGET.2, TARGET.3, … are files next to TARGET: only next to a file.
-    let target_is_other = fs::metadata(&args.target).is_ok_and(|m| !m.is_file());
-    if target_is_other && target_count > 1 {
-        return Err(CliError::argument(
-            "TARGET",
-            args.target.display().to_string(),
-            "is not a regular file: configurations with more than one target write TARGET.2, TARGET.3, … \
-             next to TARGET, which needs TARGET to be a file",
-        ));
-    }
+    check_target(args, target_count)?;
     let targets = Targets::new(&args.target, target_count);
     let one_device = validate::on_one_device(&args.source, &args.target);
     let bar = progress::byte_bar(bars, (1 + args.runs * configs.len() + configs.len()) as u64, "validate");
@@ -205,6 +180,43 @@ pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Sta
         crate::out::print(&human(&validation))?;
     }
     Ok(Status::Success)
+}
+
+/// The model to predict with: `--model`'s file, or one calibrated now on a scratch file
+/// next to TARGET.
+async fn model_of(args: &ValidateArgs, bars: bool) -> Result<kcopyd_sim::DiskModel, CliError> {
+    Ok(match &args.model {
+        Some(path) => calibrate::load(path)?,
+        None => {
+            let scratch_path = PathBuf::from(format!("{}.calibrate", args.target.display()));
+            let scratch = calibrate::open_scratch(&scratch_path, 1 << 30, 0, None, false)?;
+            let plan = Plan {
+                io_sizes_bytes: vec![4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20],
+                queue_depths: vec![1, 4, 16, 32],
+                point_time: std::time::Duration::from_millis(250),
+                rounds: 3,
+                bars,
+            };
+            let calibrated = calibrate::calibrate(&scratch, &plan).await?;
+            calibrate::warn_if_busy(&calibrated);
+            calibrated.model
+        }
+    })
+}
+
+/// TARGET.2, TARGET.3, … are files next to TARGET: configurations of several targets need
+/// TARGET to be a file.
+fn check_target(args: &ValidateArgs, target_count: usize) -> Result<(), CliError> {
+    let target_is_other = fs::metadata(&args.target).is_ok_and(|m| !m.is_file());
+    if target_is_other && target_count > 1 {
+        return Err(CliError::argument(
+            "TARGET",
+            args.target.display().to_string(),
+            "is not a regular file: configurations with more than one target write TARGET.2, TARGET.3, … \
+         next to TARGET, which needs TARGET to be a file",
+        ));
+    }
+    Ok(())
 }
 
 /// The table for people.

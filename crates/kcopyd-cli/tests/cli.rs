@@ -1078,6 +1078,10 @@ fn calibrate_writes_an_existing_device_only_inside_the_scratch_range_it_is_given
 }
 
 #[test]
+#[allow(
+    clippy::too_many_lines,
+    reason = "one end-to-end story: a real copy, its prediction and every refusal of the command, in order"
+)]
 fn validate_runs_real_and_simulated_copies_and_computes_each_error() {
     let dir = TempDir::new("cli-validate");
     let source = dir.file_with("source.img", &pattern(43, 16 * MIB));
