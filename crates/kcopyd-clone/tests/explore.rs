@@ -107,3 +107,23 @@ fn malformed_clone_scenarios_are_refused_by_name() {
     let no_foreground = SCENARIO.split("[foreground]").next().unwrap().to_owned();
     assert!(matches!(CloneScenario::from_toml(&no_foreground), Err(CloneScenarioError::Shape { .. })));
 }
+
+#[test]
+fn every_shipped_clone_scenario_parses() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios");
+    let mut parsed = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("the scenarios folder") {
+        let path = entry.expect("a directory entry").path();
+        let Ok(text) = std::fs::read_to_string(&path) else { continue };
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let tree = kcopyd_sim::explore::parse_tree(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        if tree.get("clone").is_some() {
+            CloneScenario::from_value_in(tree, &dir).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            parsed.push(path.file_stem().expect("a name").to_string_lossy().into_owned());
+        }
+    }
+    parsed.sort();
+    assert_eq!(parsed, ["clone-hydration", "clone-hydration-measured"], "the shipped clone scenarios");
+}
