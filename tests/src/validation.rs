@@ -17,7 +17,10 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use kcopyd_core::{Client, ClientConfig, Device, Flags, Job, PAGE_SIZE, Region, SECTOR_SIZE, SubmitError, TARGETS_MAX};
+use kcopyd_core::{
+    Client, ClientConfig, Device, Flags, Job, PAGE_SIZE, Region, SECTOR_SIZE, Sparse, SubmitError, TARGETS_MAX,
+    TargetZeroes,
+};
 use kcopyd_sim::{MemDisk, Simulation, mix64, to_tokio};
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +56,19 @@ pub struct Case {
     /// The client's page budget, in pages.
     #[serde(default = "default_page_budget")]
     pub page_budget: usize,
+    /// A copy's zero-scan block size (`Sparse::zero_block_bytes`), when the copy is sparse.
+    #[serde(default)]
+    pub zero_block_bytes: Option<u32>,
+}
+
+/// Zero-scan block sizes drawn for sparse copies: off, the valid powers of two from a sector
+/// up, and the sizes the engine must refuse (under a sector, not a power of two).
+const ZERO_BLOCK_SIZES: [u32; 11] = [0, 512, 4096, 8192, 1 << 20, 1 << 31, 1, 256, 511, 768, 3000];
+
+/// Whether the engine takes `bytes` as a zero-scan block size: off, or a power of two of at
+/// least a sector.
+fn zero_block_valid(bytes: u32) -> bool {
+    bytes == 0 || (bytes.is_power_of_two() && bytes as usize >= SECTOR_SIZE)
 }
 
 fn default_page_budget() -> usize {
@@ -78,6 +94,9 @@ pub enum Broken {
     TargetsOverlap(usize, usize),
     /// The job's logical block (bytes) is larger than the page budget (bytes).
     BlockLargerThanBudget(u32, usize),
+    /// A sparse copy's zero-scan block size (bytes) is not 0 or a power of two of at least
+    /// a sector.
+    ZeroBlockSize(u32),
 }
 
 fn device_name(index: usize) -> String {
@@ -158,7 +177,11 @@ impl Case {
                 }
             }
         }
-        Case { devices, source, targets, page_budget }
+        // From a stream of its own, so that the regions of every seed stay as they were.
+        let mut sparse_draw = Draw(mix64(seed ^ 0x5ba2_5e0b));
+        let zero_block_bytes = (source.is_some() && sparse_draw.below(5) == 0)
+            .then(|| ZERO_BLOCK_SIZES[sparse_draw.below(ZERO_BLOCK_SIZES.len() as u64) as usize]);
+        Case { devices, source, targets, page_budget, zero_block_bytes }
     }
 
     /// Every rule the case breaks, worked out from the regions alone.
@@ -169,6 +192,9 @@ impl Case {
         }
         if self.targets.len() > TARGETS_MAX {
             broken.push(Broken::TooManyTargets);
+        }
+        if let Some(bytes) = self.zero_block_bytes.filter(|&bytes| self.source.is_some() && !zero_block_valid(bytes)) {
+            broken.push(Broken::ZeroBlockSize(bytes));
         }
         let len = self.source.as_ref().or(self.targets.first()).map_or(0, |r| r.len_sectors);
         for (i, target) in self.targets.iter().enumerate() {
@@ -237,6 +263,12 @@ impl Case {
                 Some(source) => Job::copy(region(source), targets, Flags::empty()),
                 None => Job::zero(targets, Flags::empty()),
             };
+            let job = match self.zero_block_bytes {
+                Some(zero_block_bytes) => {
+                    job.sparse(Sparse { skip_holes: false, zero_block_bytes, target_zeroes: TargetZeroes::Write })
+                }
+                None => job,
+            };
             let mut problems = Vec::new();
             match client.submit(job).await {
                 Ok(handle) => {
@@ -286,6 +318,7 @@ impl Case {
             SubmitError::Misaligned { device: name, sectors, .. } => Broken::Misaligned(device(name)?, sectors.clone()),
             SubmitError::TargetOverlapsSource { target, .. } => Broken::TargetOverlapsSource(*target),
             SubmitError::TargetsOverlap { first, second, .. } => Broken::TargetsOverlap(*first, *second),
+            SubmitError::ZeroBlockSize { bytes } => Broken::ZeroBlockSize(*bytes),
             _ => return None,
         })
     }
@@ -333,6 +366,7 @@ mod tests {
                 .map(|&(device, start_sector, len_sectors)| RegionInputs { device, start_sector, len_sectors })
                 .collect(),
             page_budget: 1,
+            zero_block_bytes: None,
         };
         assert_eq!(case(Some((0, 0, 8)), &[(0, 8, 8)]).reference(), vec![], "adjacent regions are fine");
         assert_eq!(case(Some((0, 0, 8)), &[(0, 7, 8)]).reference(), vec![Broken::TargetOverlapsSource(0)]);
@@ -362,11 +396,11 @@ mod tests {
 
     #[test]
     fn the_generator_breaks_every_rule_and_also_makes_valid_cases() {
-        let mut seen = [0usize; 9];
+        let mut seen = [0usize; 10];
         for seed in 0..3000 {
             let broken = Case::from_seed(seed).reference();
             if broken.is_empty() {
-                seen[8] += 1;
+                seen[9] += 1;
             }
             for rule in broken {
                 seen[match rule {
@@ -378,6 +412,7 @@ mod tests {
                     Broken::TargetOverlapsSource(_) => 5,
                     Broken::TargetsOverlap(..) => 6,
                     Broken::BlockLargerThanBudget(..) => 7,
+                    Broken::ZeroBlockSize(_) => 8,
                 }] += 1;
             }
         }

@@ -1430,6 +1430,11 @@ fn validation_reports_an_engine_that_disagrees_with_the_reference() {
         source,
         targets,
         page_budget: 8,
+        zero_block_bytes: None,
+    };
+    let sparse = |zero_block_bytes: u32| Case {
+        zero_block_bytes: Some(zero_block_bytes),
+        ..case(Some(region(0, 0, 8)), vec![region(0, 8, 8)])
     };
     // One case per rule: the engine's refusal must be named as that rule, with its indices,
     // device and sectors; checked against an empty list, it is a disagreement naming the rule.
@@ -1444,6 +1449,8 @@ fn validation_reports_an_engine_that_disagrees_with_the_reference() {
             case(None, vec![region(1, 8, 8), region(0, 0, 8), region(1, 0, 8), region(1, 0, 8)]),
             Broken::TargetsOverlap(2, 3),
         ),
+        (sparse(768), Broken::ZeroBlockSize(768)),
+        (sparse(256), Broken::ZeroBlockSize(256)),
     ];
     for (case, rule) in cases {
         let reference = case.reference();
