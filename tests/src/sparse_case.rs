@@ -283,6 +283,16 @@ impl Case {
                 zero_blocks.intersection(&as_data)
             ));
         }
+        // The scan writes zeroes for whole zero blocks only: inside what was read, a
+        // write-zeroes covers nothing but blocks the reference found (a scan in smaller
+        // blocks than asked would write zeroes for shorter runs).
+        let zeroed_in_reads = Sectors::from_ranges(zero_writes.iter().cloned()).intersection(&seen.reads);
+        if !zeroed_in_reads.is_subset(zero_blocks) {
+            problems.push(format!(
+                "target{i}: write-zeroes inside read data that are not whole zero blocks: {:?}",
+                zeroed_in_reads.difference(zero_blocks)
+            ));
+        }
         if skip && !zero_blocks.intersection(&touched).is_empty() {
             problems.push(format!(
                 "target{i}: zero blocks written although the target is zero: {:?}",
@@ -317,6 +327,8 @@ struct Seen {
     /// What the source reports unallocated: its holes and zeroes if sparse, nothing if dense.
     unallocated: Sectors,
     zero_blocks: Sectors,
+    /// What the source was read in.
+    reads: Sectors,
     sub_job_sectors: u64,
     read_sectors: u64,
     /// The requests a target may need: sub-jobs that read data, and runs of every kind.
@@ -363,7 +375,7 @@ impl Seen {
                 .filter(|b| Sectors::from_ranges(std::iter::once(b.clone())).is_subset(&not_data))
         }));
         let data = data.clone();
-        Seen { records, data, not_data, unallocated, zero_blocks, sub_job_sectors, read_sectors, requests_max }
+        Seen { records, data, not_data, unallocated, zero_blocks, reads, sub_job_sectors, read_sectors, requests_max }
     }
 
     /// The first run where `target` does not read as `source`: data as the source's, zeroes
