@@ -380,3 +380,55 @@ fn allocation_shows_the_sources_holes_until_their_regions_hydrate_and_asks_no_hi
         }
     });
 }
+
+/// Copies a shut-down client refuses (their jobs dropped without running) are recorded as
+/// failed copies: their regions come back not hydrated, so neither the background nor a
+/// foreground write waiting on one hangs, and a fresh client hydrates them later.
+#[test]
+fn copies_a_shut_down_client_refuses_come_back_not_hydrated_and_hydrate_later() {
+    Simulation::block_on(async {
+        let regions = 16u64;
+        let disks = Disks::new(8 * regions);
+        let engine = client();
+        let options = CloneOptions { hydration_threshold: 4, ..CloneOptions::default() };
+        let clone = CloneDevice::create(disks.devices(), 4096, engine.clone(), options).await.unwrap();
+        let hydrator = {
+            let clone = clone.clone();
+            actix_rt::spawn(async move { clone.run_hydration().await })
+        };
+        // A few copies in flight (100 µs reads), the rest still to be queued, when the client stops.
+        tokio::time::sleep(to_tokio(Duration::from_micros(150))).await;
+        engine.shutdown().await;
+        let bound = to_tokio(Duration::from_secs(10));
+        let end = tokio::time::timeout(bound, hydrator).await.expect("refused copies hang the hydration").unwrap();
+        let HydrationEnd::GaveUp { regions: given_up } = end else { panic!("{end:?}") };
+        let copied = clone.stats().regions_copied;
+        assert!(!given_up.is_empty() && copied > 0, "copied {copied}, given up {given_up:?}");
+        assert_eq!(copied + given_up.len() as u64, regions);
+        assert_eq!(clone.stats().copy_failures, 3 * given_up.len() as u64, "each refused copy counted");
+        assert_eq!(clone.status().regions_hydrated, copied, "a refused copy hydrates nothing");
+        for &region in &given_up {
+            let untouched = disks.destination.snapshot(region * 8, 8)
+                == Disks::new(8 * regions).destination.snapshot(region * 8, 8);
+            assert!(untouched, "region {region} was not written");
+        }
+        // A foreground write over part of a region whose copy the client refuses fails; it does not wait for ever.
+        let stopped = client();
+        stopped.shutdown().await;
+        let waiting = CloneOptions { hydration_enabled: false, ..options };
+        let reopened = CloneDevice::open(disks.devices(), stopped, waiting).await.unwrap();
+        let region = given_up[0];
+        let write = reopened.write(region * 8 + 1, WriteBuf::from_bytes(Bytes::from(vec![4u8; 512])));
+        let error = tokio::time::timeout(bound, write).await.expect("a write waits for ever").unwrap_err();
+        assert!(matches!(HydrationError::of(&error), Some(HydrationError::CopyFailed { .. })), "{error}");
+        assert_eq!(reopened.stats().copy_failures, 1);
+        assert_eq!(reopened.status().regions_hydrated, copied);
+        // A fresh client hydrates every region the refused copies left.
+        let resumed = CloneDevice::open(disks.devices(), client(), options).await.unwrap();
+        assert_eq!(resumed.status().regions_hydrated, copied);
+        let end = tokio::time::timeout(bound, resumed.run_hydration()).await.expect("hydration resumes");
+        assert_eq!(end, HydrationEnd::Complete);
+        let hydrated = disks.destination.snapshot(0, 8 * regions) == disks.source.snapshot(0, 8 * regions);
+        assert!(hydrated, "the destination holds the source");
+    });
+}
