@@ -396,9 +396,15 @@ fn devices(setup: &Setup) -> CloneDevices {
     }
 }
 
-/// A random range: aligned to blocks, up to about two regions, sometimes whole regions.
+/// A random range: aligned to blocks, up to about two regions, sometimes whole regions, and
+/// sometimes aimed at a region's edge (one block short of it, or one past it, at either end).
 fn random_range(setup: &Setup, rng: &mut Rng) -> Range<u64> {
     let region_sectors = setup.region_bytes / 512;
+    if rng.odds(5) {
+        if let Some(range) = edge_range(setup, rng, region_sectors) {
+            return range;
+        }
+    }
     if rng.odds(4) {
         let regions = setup.len_sectors / region_sectors;
         if regions > 0 {
@@ -411,6 +417,26 @@ fn random_range(setup: &Setup, rng: &mut Rng) -> Range<u64> {
     let start = rng.below(blocks);
     let len = 1 + rng.below((2 * region_sectors / setup.block_sectors).min(blocks - start));
     start * setup.block_sectors..(start + len) * setup.block_sectors
+}
+
+/// A whole region (or two) with one end moved by one block, in or out: the ranges where
+/// "covers the region whole" is decided by a single block.
+fn edge_range(setup: &Setup, rng: &mut Rng, region_sectors: u64) -> Option<Range<u64>> {
+    let regions = setup.len_sectors / region_sectors;
+    if regions == 0 || region_sectors <= setup.block_sectors {
+        return None;
+    }
+    let first = rng.below(regions);
+    let count = 1 + rng.below(2.min(regions - first));
+    let (start, end) = (first * region_sectors, (first + count) * region_sectors);
+    let block = setup.block_sectors;
+    let (start, end) = match rng.below(4) {
+        0 => (start, end - block),
+        1 => (start + block, end),
+        2 => (start.saturating_sub(block), end),
+        _ => (start, (end + block).min(setup.len_sectors)),
+    };
+    (start < end).then_some(start..end)
 }
 
 async fn read_range(clone: &CloneDevice, sectors: &Range<u64>) -> std::io::Result<Vec<u8>> {
