@@ -191,55 +191,48 @@ fn table(job: &JobReport, len_bytes: u64) -> String {
 
 /// The runner's findings as lines for people: whether each passed, and what it says.
 fn checks(verification: &Verification) -> Vec<(bool, String)> {
-    let or_else = |count: u64, problem: String| if count == 0 { String::new() } else { problem };
     let mut checks = Vec::new();
     if !verification.checked {
         checks.push((false, format!("the entry was checked: {}", verification.note)));
     }
+    // A claim holds when nothing contradicts it; otherwise the problem follows it.
+    let mut check = |count: u64, claim: String, problem: String| {
+        checks.push((count == 0, if count == 0 { claim } else { format!("{claim}{problem}") }));
+    };
     let read = verification.unexplained_read_failed_sectors;
-    checks.push((
-        read == 0,
-        format!(
-            "every read_failed range is covered by read faults logged on the source{}",
-            or_else(read, format!(": {read} sectors not covered"))
-        ),
-    ));
+    check(
+        read,
+        "every read_failed range is covered by read faults logged on the source".into(),
+        format!(": {read} sectors not covered"),
+    );
     let write = verification.unexplained_write_failed_sectors;
-    checks.push((
-        write == 0,
-        format!(
-            "every write_failed range is covered by write faults logged on its target{}",
-            or_else(write, format!(": {write} sectors not covered"))
-        ),
-    ));
+    check(
+        write,
+        "every write_failed range is covered by write faults logged on its target".into(),
+        format!(": {write} sectors not covered"),
+    );
     let mismatched = verification.mismatched_sectors;
     let differs = match &verification.first_mismatch {
         Some(first) => format!(": {} differs at sector {} ({mismatched} sectors in all)", first.disk, first.sector),
         None => format!(": {mismatched} sectors differ"),
     };
-    checks.push((
-        mismatched == 0,
-        format!(
-            "every sector outside the failed ranges equals the source ({} compared){}",
-            Bytes(verification.sectors * SECTOR_SIZE as u64),
-            or_else(mismatched, differs)
-        ),
-    ));
+    let compared = Bytes(verification.sectors * SECTOR_SIZE as u64);
+    check(
+        mismatched,
+        format!("every sector outside the failed ranges equals the source ({compared} compared)"),
+        differs,
+    );
     let missed = verification.missed_latent_sectors;
-    checks.push((
-        missed == 0,
-        format!(
-            "every injected latent error was found and narrowed to its sectors{}",
-            or_else(missed, format!(": {missed} latent sectors not reported"))
-        ),
-    ));
+    check(
+        missed,
+        "every injected latent error was found and narrowed to its sectors".into(),
+        format!(": {missed} latent sectors not reported"),
+    );
     let disagreeing = verification.not_copied_disagreeing_sectors;
-    checks.push((
-        disagreeing == 0,
-        format!(
-            "on every target, not_copied = read_failed ∪ write_failed{}",
-            or_else(disagreeing, format!(": {disagreeing} sectors disagree"))
-        ),
-    ));
+    check(
+        disagreeing,
+        "on every target, not_copied = read_failed ∪ write_failed".into(),
+        format!(": {disagreeing} sectors disagree"),
+    );
     checks
 }

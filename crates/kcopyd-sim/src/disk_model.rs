@@ -67,6 +67,20 @@ pub struct Measurement {
     pub latency_us_p50: f64,
 }
 
+/// A measured point with its bandwidth worked out from `iops` (for the fit's and the
+/// calibration's tests).
+#[cfg(test)]
+pub(crate) fn point(kind: &str, io_size_bytes: u64, queue_depth: u32, iops: f64, latency_us_p50: f64) -> Measurement {
+    Measurement {
+        kind: kind.into(),
+        io_size_bytes,
+        queue_depth,
+        iops,
+        bandwidth_bytes_per_s: iops * io_size_bytes as f64,
+        latency_us_p50,
+    }
+}
+
 impl DiskModel {
     /// Options of a plain disk with this model's timing.
     pub fn options(&self, name: &str, len_sectors: u64, seed: u64) -> MemDiskOptions {

@@ -232,6 +232,7 @@ pub(crate) fn median(mut values: Vec<f64>) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::disk_model::point;
 
     #[test]
     fn the_line_worked_example_holds() {
@@ -242,17 +243,6 @@ mod tests {
         assert!(a + 2.0 * b > 2.9 && b > 0.0);
         assert_eq!(line(&[(1.0, 7.0, 2.0)]), (7.0, 0.0));
         assert_eq!(line(&[]), (0.0, 0.0));
-    }
-
-    fn point(kind: &str, io_size_bytes: u64, queue_depth: u32, iops: f64, latency_us_p50: f64) -> Measurement {
-        Measurement {
-            kind: kind.into(),
-            io_size_bytes,
-            queue_depth,
-            iops,
-            bandwidth_bytes_per_s: iops * io_size_bytes as f64,
-            latency_us_p50,
-        }
     }
 
     #[test]

@@ -652,6 +652,7 @@ pub fn read_model(path: &std::path::Path) -> Result<DiskModel, ModelFileError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::disk_model::point;
 
     #[test]
     fn a_model_file_reads_back_and_a_foreign_one_is_refused_on_one_line() {
@@ -664,17 +665,6 @@ mod tests {
         assert!(matches!(&refused, ModelFileError::Parse { problem } if !problem.contains('\n')), "{refused}");
         std::fs::remove_file(&path).unwrap();
         assert!(matches!(read_model(&path), Err(ModelFileError::Read { .. })));
-    }
-
-    fn point(kind: &str, io_size_bytes: u64, queue_depth: u32, iops: f64, latency_us_p50: f64) -> Measurement {
-        Measurement {
-            kind: kind.into(),
-            io_size_bytes,
-            queue_depth,
-            iops,
-            bandwidth_bytes_per_s: iops * io_size_bytes as f64,
-            latency_us_p50,
-        }
     }
 
     #[test]
