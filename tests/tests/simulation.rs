@@ -472,7 +472,7 @@ fn a_remote_source_needs_requests_in_flight_to_fill_its_link() {
     // trip every time: 64 × (500 + 838.9) µs. Eight in flight keep the link busy: its bytes
     // bound the copy, 64 × 838.9 µs plus one round trip.
     let remote = Latency {
-        link: kcopyd_sim::LinkModel { round_trip_us: 500, bandwidth_bytes_per_s: 1_250_000_000 },
+        link: kcopyd_sim::LinkModel { round_trip_us: 500, bandwidth_bytes_per_s: 1_250_000_000, burst_bytes: 0 },
         ..Latency::default()
     };
     let copy_with = |in_flight: usize| {

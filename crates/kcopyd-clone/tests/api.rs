@@ -230,7 +230,7 @@ fn the_background_waits_while_foreground_io_is_in_flight() {
 fn hydration_time(options: CloneOptions, throttle: kcopyd_core::Throttle) -> Duration {
     Simulation::block_on(async move {
         let len_sectors = 16 * 2048;
-        let link = kcopyd_sim::LinkModel { round_trip_us: 500, bandwidth_bytes_per_s: 1_250_000_000 };
+        let link = kcopyd_sim::LinkModel { round_trip_us: 500, bandwidth_bytes_per_s: 1_250_000_000, burst_bytes: 0 };
         let source = Arc::new(MemDisk::new(MemDiskOptions {
             name: "remote".into(),
             len_sectors,

@@ -35,7 +35,8 @@
 //! `FULL` across the disk, then waits half a revolution), `medium=NAME` (every disk of the
 //! process with that name moves its bytes over one data path: files on one device). A remote
 //! disk: `link-rtt=DURATION` (round trip of a network link in front of it) and
-//! `link-bandwidth=RATE` (the link's payload rate each way). Fault ranges are in 512-byte
+//! `link-bandwidth=RATE` (the link's payload rate each way), `link-burst=SIZE` (bytes that
+//! cross at once after the link was idle: a token bucket's capacity). Fault ranges are in 512-byte
 //! sectors, half-open (`START-END`, or one sector `N`), joined with `+`; a fault key may also
 //! be repeated.
 //!
@@ -284,6 +285,10 @@ pub const KEYS: &[Key] = &[
     }),
     key("link-bandwidth", "payload rate of that link, each way", parse_rate, |d, v| {
         d.spec.latency.link.bandwidth_bytes_per_s = v.rate();
+        Ok(())
+    }),
+    key("link-burst", "bytes that cross that link at once after it was idle (a token bucket)", parse_bytes, |d, v| {
+        d.spec.latency.link.burst_bytes = v.bytes();
         Ok(())
     }),
     list("bad-read", "latent sectors: reads fail until a write clears them", parse_ranges, |d, v| {
@@ -746,7 +751,7 @@ mod tests {
             key_names(),
             "size, seed, block, sparse, headers-only, latency, write-latency, bandwidth, write-bandwidth, queue, \
              jitter, shared-path, path-overhead, write-path-overhead, seek, rpm, medium, link-rtt, link-bandwidth, \
-             bad-read, bad-write, flaky-write, fail-after, fail-at, misdirect, slow, short-io, read-error-ppm, \
+             link-burst, bad-read, bad-write, flaky-write, fail-after, fail-at, misdirect, slow, short-io, read-error-ppm, \
              write-error-ppm, misdirect-ppm, slow-ppm, slow-by"
         );
         for (i, key) in KEYS.iter().enumerate() {
@@ -794,8 +799,9 @@ mod tests {
         assert_eq!((path.read_overhead_us, path.write_overhead_us), (20, 30));
         assert_eq!(path.seek, crate::SeekModel { track_us: 1000, full_stroke_us: 9000, rotation_us: 8333 });
         assert_eq!(spec.medium.as_deref(), Some("a"));
-        let remote = SimSpec::parse("link-rtt=200us,link-bandwidth=100M").unwrap();
-        assert_eq!(remote.latency.link, crate::LinkModel { round_trip_us: 200, bandwidth_bytes_per_s: 100 << 20 });
+        let remote = SimSpec::parse("link-rtt=200us,link-bandwidth=100M,link-burst=1M").unwrap();
+        let link = crate::LinkModel { round_trip_us: 200, bandwidth_bytes_per_s: 100 << 20, burst_bytes: 1 << 20 };
+        assert_eq!(remote.latency.link, link);
         assert_eq!(SimSpec::parse("").unwrap().latency.path, crate::PathModel::default());
     }
 
@@ -847,6 +853,7 @@ mod tests {
             ("medium=", "'medium'"),
             ("link-rtt=5", "'link-rtt'"),
             ("link-bandwidth=fast", "'link-bandwidth'"),
+            ("link-burst=lots", "'link-burst'"),
             ("headers-only=maybe", "'headers-only'"),
             ("flaky-write=5-5", "'flaky-write'"),
             ("size=1M,flaky-write=2040-2050", "'flaky-write'"),

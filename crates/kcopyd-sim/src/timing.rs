@@ -149,6 +149,13 @@ impl PathModel {
 /// Worked example: round trip 200 µs, 125 MB/s (1 Gbit/s), a disk that takes no time: a 1 MB
 /// read completes after 100 + 8000 + 100 = 8200 µs, and a second one issued with it at
 /// 16 200 µs, its bytes behind the first's; a 4 KiB read after 232.8 µs.
+///
+/// With `burst_bytes` the bandwidth is a token bucket (a rate limiter, such as nbdkit's rate
+/// filter, or a cloud volume's burst credit): each direction holds up to `burst_bytes` of
+/// credit, starts full and refills at the bandwidth; bytes cross at once while credit lasts
+/// and the rest at the bandwidth. Worked example: 100 MB/s, a burst of 1 MB, no round trip:
+/// two 1 MB reads issued together cross at 0 and 10 ms; a third issued 30 ms later (the
+/// bucket full again) at once; a 3 MB read on a full bucket takes 20 ms.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LinkModel {
@@ -156,6 +163,9 @@ pub struct LinkModel {
     pub round_trip_us: u64,
     /// Payload bytes per second in each direction; 0 means no transfer time.
     pub bandwidth_bytes_per_s: u64,
+    /// Bytes that may cross at once after the link was idle (a token bucket's capacity, per
+    /// direction); 0, the default, makes the link a plain pipe.
+    pub burst_bytes: u64,
 }
 
 impl LinkModel {
@@ -350,13 +360,22 @@ fn queue_slot(model: &IoModel, slots: &mut Slots, now: Instant) -> Option<usize>
     Some(index)
 }
 
-/// Moves the request's bytes over one direction of the link, behind what crosses it already
-/// (`free`: when that direction frees up); returns when the last byte has crossed.
+/// Moves the request's bytes over one direction of the link, behind what crosses it already;
+/// returns when the last byte has crossed.
+///
+/// `free` is when that direction would have moved everything asked of it at the bandwidth
+/// (a token bucket's "theoretical arrival time"): the bucket is full from `burst_bytes` worth
+/// of bandwidth after it. A request moves the mark on by its own transfer and has crossed once
+/// the mark is no more than a burst ahead of it. Worked example: 100 MB/s, a 1 MB burst, a
+/// 3 MB request on a full bucket (mark in the past): the mark moves to now + 30 ms, and the
+/// bytes have crossed at now + 30 − 10 = 20 ms. Without a burst this is a pipe: the bytes
+/// cross behind the earlier ones.
 fn cross_link(free: &mut Option<Instant>, from: Instant, link: &LinkModel, request: &Request) -> Instant {
-    let begin = free.map_or(from, |at| at.max(from));
-    let end = begin + link.transfer(request.len_bytes) * request.scale;
-    debug_assert!(free.is_none_or(|at| at <= end), "a path frees earlier than before");
-    *free = Some(end);
+    let mark = free.map_or(from, |at| at.max(from)) + link.transfer(request.len_bytes) * request.scale;
+    let burst = link.transfer(usize::try_from(link.burst_bytes).unwrap_or(usize::MAX)) * request.scale;
+    let end = mark.checked_sub(burst).map_or(from, |at| at.max(from));
+    debug_assert!(free.is_none_or(|at| at <= mark), "a link's mark moves back");
+    *free = Some(mark);
     end
 }
 
@@ -583,7 +602,7 @@ mod tests {
     #[test]
     fn the_link_worked_example_holds() {
         let latency = Latency {
-            link: LinkModel { round_trip_us: 200, bandwidth_bytes_per_s: 125_000_000 },
+            link: LinkModel { round_trip_us: 200, bandwidth_bytes_per_s: 125_000_000, burst_bytes: 0 },
             ..Latency::default()
         };
         assert!(!latency.is_instant(false));
@@ -600,11 +619,48 @@ mod tests {
         assert_eq!(small.as_nanos(), 232_768);
         // A round trip alone delays, but does not serialise.
         let latency =
-            Latency { link: LinkModel { round_trip_us: 200, bandwidth_bytes_per_s: 0 }, ..Latency::default() };
+            Latency { link: LinkModel { round_trip_us: 200, ..LinkModel::default() }, ..Latency::default() };
         let (mut slots, mut paths) = (Slots::default(), own());
         for _ in 0..3 {
             let done = schedule(&latency, &mut slots, &mut paths, request(now, true, 1 << 20, 0));
             assert_eq!(done - now, Duration::from_micros(200));
+        }
+    }
+
+    #[test]
+    fn the_link_burst_worked_example_holds() {
+        let link = LinkModel { bandwidth_bytes_per_s: 100_000_000, burst_bytes: 1_000_000, ..LinkModel::default() };
+        let latency = Latency { link, ..Latency::default() };
+        let (mut slots, mut paths) = (Slots::default(), own());
+        let now = Instant::now();
+        let mut at = |issued: Instant, len_bytes: usize| {
+            (schedule(&latency, &mut slots, &mut paths, request(issued, false, len_bytes, 0)) - now).as_millis()
+        };
+        assert_eq!(at(now, 1_000_000), 0, "the full bucket lets the first megabyte through");
+        assert_eq!(at(now, 1_000_000), 10, "the second waits for the bucket to refill");
+        assert_eq!(at(now + Duration::from_millis(30), 1_000_000), 30, "idle 20 ms: full again");
+        assert_eq!(at(now + Duration::from_millis(30), 1_000_000), 40);
+        assert_eq!(at(now + Duration::from_millis(100), 3_000_000), 120, "the burst, then 2 MB at 100 MB/s");
+        // Without a burst the same requests queue as on a pipe.
+        let latency = Latency { link: LinkModel { burst_bytes: 0, ..link }, ..Latency::default() };
+        let (mut slots, mut paths) = (Slots::default(), own());
+        let mut at = |issued: Instant, len_bytes: usize| {
+            (schedule(&latency, &mut slots, &mut paths, request(issued, false, len_bytes, 0)) - now).as_millis()
+        };
+        assert_eq!([at(now, 1_000_000), at(now, 1_000_000)], [10, 20]);
+        assert_eq!(at(now + Duration::from_millis(100), 3_000_000), 130);
+    }
+
+    #[test]
+    fn a_burst_larger_than_a_copy_leaves_only_the_round_trips() {
+        // A bucket holding more than everything asked: the bandwidth never counts.
+        let link = LinkModel { round_trip_us: 1000, bandwidth_bytes_per_s: 1_000_000, burst_bytes: 1 << 30 };
+        let latency = Latency { link, ..Latency::default() };
+        let (mut slots, mut paths) = (Slots::default(), own());
+        let now = Instant::now();
+        for write in [false, true, false, true] {
+            let done = schedule(&latency, &mut slots, &mut paths, request(now, write, 1 << 20, 0));
+            assert_eq!(done - now, Duration::from_millis(1), "write: {write}");
         }
     }
 
@@ -635,7 +691,7 @@ mod tests {
             seek: SeekModel { track_us: 100, full_stroke_us: 8000, rotation_us: 4000 },
             ..PathModel::default()
         };
-        let link = LinkModel { round_trip_us: 30, bandwidth_bytes_per_s: 1_000_000_000 };
+        let link = LinkModel { round_trip_us: 30, bandwidth_bytes_per_s: 1_000_000_000, burst_bytes: 64 << 10 };
         let latency = Latency { read: model, write: model, path, link, ..Latency::default() };
         let (mut read_slots, mut write_slots, mut paths) = (Slots::default(), Slots::default(), own());
         let mut now = Instant::now();
