@@ -618,8 +618,7 @@ mod tests {
         let small = schedule(&latency, &mut slots, &mut paths, request(now, false, 4096, 0)) - now;
         assert_eq!(small.as_nanos(), 232_768);
         // A round trip alone delays, but does not serialise.
-        let latency =
-            Latency { link: LinkModel { round_trip_us: 200, ..LinkModel::default() }, ..Latency::default() };
+        let latency = Latency { link: LinkModel { round_trip_us: 200, ..LinkModel::default() }, ..Latency::default() };
         let (mut slots, mut paths) = (Slots::default(), own());
         for _ in 0..3 {
             let done = schedule(&latency, &mut slots, &mut paths, request(now, true, 1 << 20, 0));
