@@ -168,6 +168,20 @@ pub enum SimCommand {
     /// configurations, to TARGET.2 and TARGET.3. Missing files are created and removed again at
     /// the end; an existing TARGET is overwritten.
     Validate(ValidateArgs),
+    /// Copy SOURCE to TARGET over a network link for real and in the simulator, and compare the
+    /// times: checks the simulator's link model (round trip, bandwidth, burst) in front of a
+    /// disk model.
+    ///
+    /// The link is the user's: NBD exports behind nbdkit's `rate` and `delay` filters (see
+    /// bench/netmodel.py, which starts them), or a real network. --link-rtt, --link-bandwidth
+    /// and --link-burst describe it to the simulator, whose remote disk (--remote) puts that
+    /// link in front of --model. Runs the configurations, alternating them over --runs rounds,
+    /// and prints each one's measured median, the prediction and its error.
+    ///
+    /// What it writes: the whole length of SOURCE to the first TARGETs of each configuration
+    /// (every TARGET must exist: an NBD export, a file or a block device; nothing is created or
+    /// removed).
+    ValidateLink(ValidateLinkArgs),
     /// Run a scenario file in virtual time and report duration, throughput, outcomes, queue
     /// depth and foreground latency with and without the jobs.
     Run(SimRunArgs),
@@ -235,6 +249,62 @@ pub struct ValidateArgs {
         value_delimiter = ',',
         default_value = "1Mx4x1,256Kx4x1,64Kx8x1,1Mx1x1,2Mx8x1,1Mx4x3"
     )]
+    pub configs: Vec<String>,
+    /// Rounds of real copies; each configuration's median counts.
+    #[arg(long, value_name = "COUNT", default_value_t = 3)]
+    pub runs: usize,
+    /// Memory for copy buffers (the page budget) of every copy, real and simulated.
+    #[arg(long = "memory", value_name = "SIZE", default_value = MEMORY_DEFAULT, value_parser = size::parse_size)]
+    pub memory_bytes: u64,
+    /// Print one JSON object with the results instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Which end of a copy is behind the link (`kcopyd sim validate-link --remote`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RemoteArg {
+    /// The source is read over the link.
+    Source,
+    /// The targets are written over the link.
+    Target,
+    /// Both ends, each behind a link of its own.
+    Both,
+}
+
+/// `kcopyd sim validate-link`.
+#[derive(Debug, Clone, Args)]
+pub struct ValidateLinkArgs {
+    /// The device to copy from (read only), e.g. nbd+unix:///?socket=/tmp/source.sock.
+    #[arg(value_name = "SOURCE", value_parser = crate::devices::parse_device)]
+    pub source: DeviceAddress,
+    /// The devices to copy to, as many as the configurations' targets (see above).
+    #[arg(value_name = "TARGET", required = true, value_parser = crate::devices::parse_device)]
+    pub targets: Vec<DeviceAddress>,
+    /// The link's round trip: the time every request waits besides its bytes (nbdkit's
+    /// delay-read / delay-write), e.g. 5ms.
+    #[arg(long = "link-rtt", value_name = "DURATION", value_parser = size::parse_duration_us)]
+    pub link_rtt_us: u64,
+    /// The link's payload rate in each direction, bytes per second (nbdkit's rate= is in
+    /// bits: rate=400000000 is 50000000 here); 0: no limit.
+    #[arg(long = "link-bandwidth", value_name = "RATE", value_parser = size::parse_rate)]
+    pub link_bandwidth_bytes_per_s: u64,
+    /// Bytes that cross at once after the link was idle (a token bucket's capacity: nbdkit's
+    /// rate × burstiness, in bytes).
+    #[arg(long = "link-burst", value_name = "SIZE", default_value = "0", value_parser = size::parse_size)]
+    pub link_burst_bytes: u64,
+    /// Which end is behind the link.
+    #[arg(long, value_name = "END", value_enum, default_value_t = RemoteArg::Target)]
+    pub remote: RemoteArg,
+    /// The disk model behind the link and of the local end (from `kcopyd sim calibrate`, or
+    /// written by hand); without it the disks take no time and the link is all there is.
+    #[arg(long, value_name = "MODEL.toml")]
+    pub model: Option<PathBuf>,
+    /// Configurations to run, comma-separated, each SUB_JOB_SIZExIN_FLIGHTxTARGETS.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "1Mx1x1,1Mx4x1,1Mx16x1")]
     pub configs: Vec<String>,
     /// Rounds of real copies; each configuration's median counts.
     #[arg(long, value_name = "COUNT", default_value_t = 3)]

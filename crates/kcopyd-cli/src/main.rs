@@ -33,6 +33,7 @@ mod progress;
 mod report;
 mod size;
 mod validate;
+mod validate_link;
 
 use std::process::ExitCode;
 
@@ -96,6 +97,7 @@ async fn run(cli: Cli) -> Status {
         Command::Map(MapCommand::Show { file }) => map::show(file, &mut interrupts).await,
         Command::Sim { command: SimCommand::Calibrate(args) } => calibrate::run(args, &mut interrupts).await,
         Command::Sim { command: SimCommand::Validate(args) } => validate::run(args, &mut interrupts).await,
+        Command::Sim { command: SimCommand::ValidateLink(args) } => validate_link::run(args, &mut interrupts).await,
         Command::Sim { command: SimCommand::Run(args) } => explore::run(args, &interrupts),
         Command::Sim { command: SimCommand::Sweep(args) } => explore::sweep(args, &interrupts),
     };

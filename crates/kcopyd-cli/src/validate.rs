@@ -27,7 +27,7 @@ use crate::error::{CliError, Status, open_reason};
 use crate::progress::{self, Interrupts};
 use crate::size::Bytes;
 use crate::{commands, devices};
-use kcopyd_tool::{Backend, DeviceAddress};
+use kcopyd_tool::DeviceAddress;
 
 /// Reads `--configs`' `SIZExIN_FLIGHTxTARGETS`, e.g. `1Mx4x1`.
 ///
@@ -68,36 +68,45 @@ impl Drop for Targets {
     }
 }
 
-/// Runs the copy of `config` through `kcopyd copy` and returns its seconds.
-async fn real_copy(
-    args: &ValidateArgs,
+/// What one real copy came to: its seconds, and the source's length and block size (for the
+/// simulated copy).
+#[derive(Debug, Clone, Copy)]
+pub struct Copied {
+    /// Seconds of the job and its flush, as `kcopyd copy` reports them.
+    pub seconds: f64,
+    /// Bytes copied.
+    pub len_bytes: u64,
+    /// The source's logical block size.
+    pub block_bytes: u32,
+}
+
+/// Runs the copy of `config` from `source` to the first `config.targets` of `targets` through
+/// `kcopyd copy` with `memory_bytes` of buffers. `created` are the files made for the targets,
+/// removed if a signal quits between copies. The copy's status when it did not succeed.
+pub async fn copy_once(
+    (source, targets): (&DeviceAddress, &[DeviceAddress]),
     config: Config,
-    targets: &Targets,
+    memory_bytes: u64,
+    created: &[PathBuf],
     interrupts: &mut Interrupts,
-) -> Result<Result<f64, Status>, CliError> {
-    let arg = |path: &Path| DeviceAddress {
-        text: path.display().to_string(),
-        backend: Backend::Path(path.to_path_buf()),
-        offset_bytes: 0,
-    };
-    let source = arg(&args.source);
-    let target_args: Vec<DeviceAddress> = targets.paths[..config.targets].iter().map(|p| arg(p)).collect();
+) -> Result<Result<Copied, Status>, CliError> {
     let client_config = kcopyd_core::ClientConfig {
-        page_budget: usize::try_from(args.memory_bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX),
+        page_budget: usize::try_from(memory_bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX),
         sub_job_size_bytes: usize::try_from(config.sub_job_size_bytes).unwrap_or(usize::MAX),
         subjobs_in_flight: config.subjobs_in_flight,
         ..kcopyd_core::ClientConfig::default()
     };
-    devices::check_memory(args.memory_bytes)?;
+    devices::check_memory(memory_bytes)?;
     client_config.validate().map_err(|source| CliError::Config { option: "--memory", source })?;
     let settings = kcopyd_tool::Settings::new(client_config);
     // A full copy, as the simulated one: the disk model times every sector read.
     let options = kcopyd_tool::run::CopyOptions::default();
-    let mut plan = devices::open_plan(&source, &target_args, None, true, &settings, interrupts).await?;
+    let mut plan = devices::open_plan(source, &targets[..config.targets], None, true, &settings, interrupts).await?;
+    let (len_bytes, block_bytes) = (plan.len_bytes, plan.source.device.geometry().logical_block_size);
     let done = commands::copy_planned(&mut plan, &settings, options, true, interrupts).await;
     // Between copies (the simulation, the table) a signal quits at once; the files made for
     // the targets go with it (the copy forgot the ones it created when its job started).
-    progress::remove_on_quit(&targets.created);
+    progress::remove_on_quit(created);
     interrupts.set_summary(Some(Box::new(|| {
         "kcopyd: interrupted: validation stopped, no table (the target files it created are removed)".to_owned()
     })));
@@ -107,7 +116,20 @@ async fn real_copy(
         crate::out::note_text(&crate::report::human(&done.report));
         return Ok(Err(done.status));
     }
-    Ok(Ok(done.report.seconds))
+    Ok(Ok(Copied { seconds: done.report.seconds, len_bytes, block_bytes }))
+}
+
+/// Runs the copy of `config` through `kcopyd copy` and returns its seconds.
+async fn real_copy(
+    args: &ValidateArgs,
+    config: Config,
+    targets: &Targets,
+    interrupts: &mut Interrupts,
+) -> Result<Result<f64, Status>, CliError> {
+    let source = DeviceAddress::path(&args.source);
+    let target_args: Vec<DeviceAddress> = targets.paths.iter().map(DeviceAddress::path).collect();
+    let copied = copy_once((&source, &target_args), config, args.memory_bytes, &targets.created, interrupts).await?;
+    Ok(copied.map(|copied| copied.seconds))
 }
 
 /// `kcopyd sim validate`.

@@ -154,6 +154,20 @@ impl Validation {
     }
 }
 
+/// The result of a link validation: the link, which end it is in front of, the targets and
+/// the rows (as for a disk, with `one_device` false).
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkValidation {
+    /// The link and which end is behind it.
+    #[serde(flatten)]
+    pub setup: LinkSetup,
+    /// The targets, as given.
+    pub targets: Vec<String>,
+    /// The copies: measured, predicted, error.
+    #[serde(flatten)]
+    pub validation: Validation,
+}
+
 /// The error of a prediction, in percent of the measurement.
 ///
 /// Worked example: predicted 0.69 s, measured 0.60 s: +15 %; predicted 0.51 s: −15 %.
