@@ -110,7 +110,7 @@ pub async fn run(args: &ValidateLinkArgs, interrupts: &mut Interrupts) -> Result
             model.description.clone(),
             args.source.text.clone(),
             first.len_bytes,
-            false,
+            model.one_device,
             args.runs,
             rows,
         ),

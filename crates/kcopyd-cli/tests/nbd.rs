@@ -157,3 +157,49 @@ fn the_nbdkit_sh_example_of_the_docs_works_as_written() {
     let copy = fs::read(dir.join("copy.img")).unwrap();
     assert!(copy[..100 * 512] == data[..100 * 512] && copy[108 * 512..] == data[108 * 512..]);
 }
+
+/// `kcopyd sim validate-link` over nbdkit's rate and delay filters, on a tiny export: one row
+/// with a finite prediction, measurement and error, and the target holds the source. Timing
+/// is not asserted here (bench/netmodel.py measures it); skipped with a printed reason
+/// without nbdkit or its filters.
+#[test]
+fn validate_link_over_nbdkit_filters_reports_a_row_and_copies_the_data() {
+    let test = "validate_link_over_nbdkit_filters_reports_a_row_and_copies_the_data";
+    let size = (4 << 20).to_string();
+    let probe = ["--filter=rate", "--filter=delay", "memory", "1M", "--dump-plugin"];
+    if !kcopyd_tests::nbd_servers::installed("nbdkit")
+        || !Command::new("nbdkit").args(probe).output().is_ok_and(|o| o.status.success())
+    {
+        kcopyd_tests::fixtures::skip(test, "nbdkit with its rate and delay filters is not installed");
+        return;
+    }
+    let Some(source) = NbdServer::nbdkit(test, Listen::Unix, &["pattern", &size]) else { return };
+    // 10 MB/s (rate= counts bits), a bucket of 10 ms, 1 ms per write.
+    let filtered = ["--filter=rate", "--filter=delay", "memory", &size, "rate=80000000", "burstiness=0.01"];
+    let Some(target) = NbdServer::nbdkit(test, Listen::Unix, &[&filtered[..], &["delay-write=1ms"]].concat())
+    else {
+        return;
+    };
+    let (source_uri, target_uri) = (source.uri(""), target.uri(""));
+    let link = ["--link-rtt", "1ms", "--link-bandwidth", "10000000", "--link-burst", "100000"];
+    let run = [&["sim", "validate-link", &source_uri, &target_uri][..], &link, &["--configs", "256Kx2x1"]].concat();
+    let (code, stdout, stderr) = kcopyd(&[&run[..], &["--runs", "1", "--json"]].concat());
+    assert_eq!(code, 0, "{stderr}");
+    let result: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
+    assert_eq!(result["remote"], "target");
+    assert_eq!(result["link"]["bandwidth_bytes_per_s"], 10_000_000);
+    let rows = result["configs"].as_array().expect("rows");
+    assert_eq!(rows.len(), 1, "{stdout}");
+    let number = |key: &str| rows[0][key].as_f64().unwrap_or(f64::NAN);
+    for key in ["predicted_seconds", "measured_median_seconds"] {
+        assert!(number(key).is_finite() && number(key) > 0.0, "{key}: {stdout}");
+    }
+    assert!(number("error_percent").is_finite(), "{stdout}");
+    assert_eq!(result["max_abs_error_percent"].as_f64(), Some(number("error_percent").abs()));
+    let (code, _, stderr) = kcopyd(&["verify", &source_uri, &target_uri]);
+    assert_eq!(code, 0, "the target export holds the source's pattern: {stderr}");
+    // The table for people names the link and the row.
+    let (code, stdout, stderr) = kcopyd(&[&run[..], &["--runs", "1"]].concat());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("round trip 1000 µs, 10.0 MB/s") && stdout.contains("largest error"), "{stdout}");
+}

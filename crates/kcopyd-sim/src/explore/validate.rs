@@ -254,9 +254,10 @@ impl LinkSetup {
     }
 
     /// The model seconds of `config` copying `len_bytes` (blocks of `block_bytes`) with the
-    /// link in front of `model`'s remote end, a page budget of `memory_bytes`. The ends are
-    /// separate devices (a remote disk is on another machine). NaN if the simulation could not
-    /// run.
+    /// link in front of `model`'s remote end, a page budget of `memory_bytes`. The ends' disks
+    /// share one medium when the model says `one_device` (their costs are paid on one
+    /// machine: two exports served on this host), each behind its own link. NaN if the
+    /// simulation could not run.
     ///
     /// Worked example: 16 MiB to a target behind a 50 MB/s link with a 1 ms round trip, an
     /// instant disk, 1 MiB sub-jobs one at a time: 16 × (20.97 + 1) ms = 0.3515 s; four at a
@@ -271,8 +272,8 @@ impl LinkSetup {
         memory_bytes: u64,
     ) -> f64 {
         let (source, target) = self.models(model);
-        let copy =
-            SimulatedCopy { source: &source, target: &target, len_bytes, block_bytes, one_device: false, memory_bytes };
+        let one_device = model.one_device;
+        let copy = SimulatedCopy { source: &source, target: &target, len_bytes, block_bytes, one_device, memory_bytes };
         copy.predict_seconds(config)
     }
 }
