@@ -107,9 +107,9 @@ pub async fn copy_once(
     // Between copies (the simulation, the table) a signal quits at once; the files made for
     // the targets go with it (the copy forgot the ones it created when its job started).
     progress::remove_on_quit(created);
-    interrupts.set_summary(Some(Box::new(|| {
-        "kcopyd: interrupted: validation stopped, no table (the target files it created are removed)".to_owned()
-    })));
+    let removed = if created.is_empty() { "" } else { " (the target files it created are removed)" };
+    interrupts
+        .set_summary(Some(Box::new(move || format!("kcopyd: interrupted: validation stopped, no table{removed}"))));
     interrupts.set_phase(progress::Phase::QuitAtOnce);
     let done = done?;
     if done.status != Status::Success {

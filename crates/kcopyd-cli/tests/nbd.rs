@@ -176,8 +176,7 @@ fn validate_link_over_nbdkit_filters_reports_a_row_and_copies_the_data() {
     let Some(source) = NbdServer::nbdkit(test, Listen::Unix, &["pattern", &size]) else { return };
     // 10 MB/s (rate= counts bits), a bucket of 10 ms, 1 ms per write.
     let filtered = ["--filter=rate", "--filter=delay", "memory", &size, "rate=80000000", "burstiness=0.01"];
-    let Some(target) = NbdServer::nbdkit(test, Listen::Unix, &[&filtered[..], &["delay-write=1ms"]].concat())
-    else {
+    let Some(target) = NbdServer::nbdkit(test, Listen::Unix, &[&filtered[..], &["delay-write=1ms"]].concat()) else {
         return;
     };
     let (source_uri, target_uri) = (source.uri(""), target.uri(""));
