@@ -126,9 +126,9 @@ def local_model(args, work, size_bytes):
     configs = "64Kx1x1,256Kx1x1,1Mx1x1"
     with Export(work, "calibrate-source", ["pattern", str(size_bytes)]) as source, \
             Export(work, "calibrate-target", ["memory", str(size_bytes)]) as target:
-        result, command = validate_link(args, source.uri, target.uri,
-                                        ["--link-rtt", "0us", "--link-bandwidth", "0", "--configs", configs,
-                                         "--runs", str(args.runs)])
+        result, _ = validate_link(args, source.uri, target.uri,
+                                  ["--link-rtt", "0us", "--link-bandwidth", "0", "--configs", configs,
+                                   "--runs", str(args.runs)])
     points = []
     for row in result["configs"]:
         sub_jobs = result["len_bytes"] / row["sub_job_size_bytes"]

@@ -1,11 +1,14 @@
-//! A disk model checked against the real device (`kcopyd sim validate`): the configurations
+//! A disk model checked against the real device (`kcopyd sim validate`), or a link in front of
+//! one against a real link (`kcopyd sim validate-link`): the configurations
 //! copied, the simulated copy's prediction, and the rows comparing it with the measurements.
 //!
 //! ```text
 //!  "1Mx4x1" ─► Config::parse ─► real copies (the caller's, timed) ─► measured seconds
 //!                         └─► predict_seconds: the same copy in virtual time, sparse pattern
 //!                             disks, one Medium when SOURCE and TARGET share a device
-//!  Row::new (median, fastest, error) ─► Validation::new (largest error)
+//!                         └─► LinkSetup::predict_seconds: the same, with a LinkModel in front
+//!                             of the remote end(s) (`kcopyd sim validate-link`)
+//!  Row::new (median, fastest, error) ─► Validation::new (largest error) ─► LinkValidation
 //! ```
 //!
 //! The real copies are the caller's: this module neither opens nor writes a real device.
