@@ -381,6 +381,11 @@ fn throttle_rule(error: &ConfigError) -> Option<Broken> {
     }
 }
 
+/// A rule as the messages name it.
+fn named_rule(rule: Option<Broken>) -> String {
+    rule.map_or_else(|| "no rule".to_owned(), |rule| format!("{rule:?}"))
+}
+
 /// A client started with `throttle` in its configuration: refused naming one of `expected`,
 /// or, if none, started with it in force.
 async fn check_throttle(config: &ClientConfig, throttle: Throttle, expected: &[Broken]) -> Vec<String> {
@@ -398,7 +403,7 @@ async fn check_throttle(config: &ClientConfig, throttle: Throttle, expected: &[B
         }
         Err(error) => match throttle_rule(&error) {
             Some(rule) if expected.contains(&rule) => Vec::new(),
-            rule => vec![format!("refused with {error} ({rule:?}), expected one of {}", listed(expected))],
+            rule => vec![format!("refused with {error} ({}), expected one of {}", named_rule(rule), listed(expected))],
         },
     }
 }
@@ -419,7 +424,13 @@ fn set_throttle(client: &Client, throttle: Throttle, expected: &[Broken]) -> Vec
         Err(error) => {
             match throttle_rule(&error) {
                 Some(rule) if expected.contains(&rule) => {}
-                rule => problems.push(format!("refused with {error} ({rule:?}), expected one of {}", listed(expected))),
+                rule => {
+                    problems.push(format!(
+                        "refused with {error} ({}), expected one of {}",
+                        named_rule(rule),
+                        listed(expected)
+                    ));
+                }
             }
             if client.throttle() != before {
                 problems.push(format!(
