@@ -219,6 +219,11 @@ pub struct Inputs {
     /// The client's per-request timeout, ms of model time.
     #[serde(default)]
     pub io_timeout_ms: Option<u64>,
+    /// Start the client without a throttle and give it `throttle` with
+    /// `Client::set_throttle` before the first job: a throttle set on a running client must
+    /// hold as one configured does.
+    #[serde(default)]
+    pub throttle_set_after_start: bool,
 }
 
 impl Inputs {
@@ -285,11 +290,41 @@ impl Inputs {
             queued_jobs_max: [0, 0, 0, 1, 2, 4][rng.below(6) as usize],
             shutdown_in_callback_of: None,
             io_timeout_ms: None,
+            throttle_set_after_start: false,
         }
         .busy_for_long(seed)
         .stalls_and_timeouts(seed)
         .sparse_jobs(seed)
         .zero_runs(seed)
+        .throttle_turns(seed)
+    }
+
+    /// For one throttled scenario in two, the throttle given after the start; and for one
+    /// rate-limited scenario of two jobs or more in two, a queue at the throttle: the second
+    /// job submitted with the first and cancelled while its sub-jobs wait their turns behind
+    /// the first's, so that the turn must skip the places they gave up (a turn that lands on
+    /// one leaves every later sub-job waiting for ever). From a generator of its own, so that
+    /// every earlier draw of a seed stays what it was.
+    fn throttle_turns(mut self, seed: u64) -> Inputs {
+        if self.throttle == Throttle::OFF {
+            return self;
+        }
+        let mut rng = Draw(mix64(seed ^ 0x7e_70ca));
+        self.throttle_set_after_start = rng.below(2) == 0;
+        if self.throttle.rate_bytes_per_s.is_some() && self.jobs.len() >= 2 && rng.below(2) == 0 {
+            // Sub-jobs of one unit, a page each, a thousand a second, and pages enough for
+            // both jobs' sub-jobs to wait at the throttle; a first job of more sub-jobs than
+            // go at once, so that its later ones ask for turns after the second job's places
+            // were given up (the cancel comes while they wait, within a few turns).
+            self.sub_job_units = 1;
+            self.subjobs_in_flight = 1 + rng.below(3) as usize;
+            self.page_budget = self.page_budget.max(16);
+            self.throttle.rate_bytes_per_s = Some(1000 * self.unit_sectors() * SECTOR_SIZE as u64);
+            self.jobs[0].len_units = self.jobs[0].len_units.max(8 + rng.below(8));
+            self.jobs[1].submit_at_us = self.jobs[0].submit_at_us;
+            self.jobs[1].cancel_after_us = Some(1 + rng.below(4000));
+        }
+        self
     }
 
     /// Allocated runs of zeroes in the sources of sparse copies (three in four), of every
@@ -650,6 +685,7 @@ impl Inputs {
             shutdown_at_us: self.shutdown_at_us.filter(|_| self.crash_at_us.is_none()),
             shutdown_in_callback_of: self.shutdown_in_callback_of.filter(|_| self.crash_at_us.is_none()),
             prepared: self.prepared.clone(),
+            throttle_set_after_start: self.throttle_set_after_start,
         }
     }
 }
@@ -853,6 +889,10 @@ pub struct Scenario {
     /// Prepared callbacks.
     #[serde(default)]
     pub prepared: Vec<PreparedInputs>,
+    /// The throttle is given with `Client::set_throttle` after the start (the client starts
+    /// without one).
+    #[serde(default)]
+    pub throttle_set_after_start: bool,
 }
 
 impl Scenario {
@@ -1082,8 +1122,14 @@ pub fn run(scenario: &Scenario) -> Report {
                 .collect()
         };
         let (source_devices, target_devices) = (watched(&sources, DiskRef::Source), watched(&targets, DiskRef::Target));
-        let client =
-            Client::start_in_current_system(scenario.config.clone()).expect("generated configurations are valid");
+        let client = if scenario.throttle_set_after_start {
+            let config = ClientConfig { throttle: Throttle::OFF, ..scenario.config.clone() };
+            let client = Client::start_in_current_system(config).expect("generated configurations are valid");
+            client.set_throttle(scenario.config.throttle).expect("generated throttles are valid");
+            client
+        } else {
+            Client::start_in_current_system(scenario.config.clone()).expect("generated configurations are valid")
+        };
         let results: Rc<RefCell<Vec<JobResult>>> =
             Rc::new(RefCell::new(vec![JobResult::default(); scenario.jobs.len()]));
         let callbacks: Arc<Vec<std::sync::atomic::AtomicUsize>> =
@@ -1401,6 +1447,7 @@ pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
                 queued_jobs_max: 0,
                 shutdown_in_callback_of: None,
                 io_timeout_ms: None,
+                throttle_set_after_start: seed % 11 == 4,
             }
         })
 }

@@ -18,8 +18,8 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use kcopyd_core::{
-    Client, ClientConfig, Device, Flags, Job, PAGE_SIZE, Region, SECTOR_SIZE, Sparse, SubmitError, TARGETS_MAX,
-    TargetZeroes,
+    Client, ClientConfig, ConfigError, Device, Flags, Job, PAGE_SIZE, Region, SECTOR_SIZE, Sparse, SubmitError,
+    TARGETS_MAX, TargetZeroes, Throttle,
 };
 use kcopyd_sim::{MemDisk, Simulation, mix64, to_tokio};
 use serde::{Deserialize, Serialize};
@@ -59,6 +59,9 @@ pub struct Case {
     /// A copy's zero-scan block size (`Sparse::zero_block_bytes`), when the copy is sparse.
     #[serde(default)]
     pub zero_block_bytes: Option<u32>,
+    /// A throttle given to the client before the job (`Client::set_throttle`), valid or not.
+    #[serde(default)]
+    pub throttle: Option<Throttle>,
 }
 
 /// Zero-scan block sizes drawn for sparse copies: off, the valid powers of two from a sector
@@ -69,6 +72,23 @@ const ZERO_BLOCK_SIZES: [u32; 11] = [0, 512, 4096, 8192, 1 << 20, 1 << 31, 1, 25
 /// least a sector.
 fn zero_block_valid(bytes: u32) -> bool {
     bytes == 0 || (bytes.is_power_of_two() && bytes as usize >= SECTOR_SIZE)
+}
+
+/// Busy percentages drawn for throttles: none, the valid ones at and near their bounds, and
+/// those the client must refuse (0, over 100).
+const BUSY_PERCENTS: [Option<u32>; 8] =
+    [None, Some(1), Some(50), Some(99), Some(100), Some(0), Some(101), Some(u32::MAX)];
+
+/// Rates drawn for throttles: none, valid ones from a MiB/s to the largest, and 0 (refused).
+const RATES: [Option<u64>; 5] = [None, Some(1 << 20), Some(64 << 20), Some(u64::MAX), Some(0)];
+
+/// For one case in four, a throttle for its client (valid or not), from a stream of its own.
+fn throttle_of(seed: u64) -> Option<Throttle> {
+    let mut rng = Draw(mix64(seed ^ 0x7407_71e5));
+    (rng.below(4) == 0).then(|| Throttle {
+        busy_percent: BUSY_PERCENTS[rng.below(BUSY_PERCENTS.len() as u64) as usize],
+        rate_bytes_per_s: RATES[rng.below(RATES.len() as u64) as usize],
+    })
 }
 
 fn default_page_budget() -> usize {
@@ -97,6 +117,17 @@ pub enum Broken {
     /// A sparse copy's zero-scan block size (bytes) is not 0 or a power of two of at least
     /// a sector.
     ZeroBlockSize(u32),
+    /// The throttle's busy percentage is outside 1..=100.
+    ThrottleBusy(u32),
+    /// The throttle's rate is 0 bytes per second.
+    ThrottleRate,
+}
+
+impl Broken {
+    /// Whether the rule is the client's (its throttle), not the job's.
+    fn is_throttle(&self) -> bool {
+        matches!(self, Broken::ThrottleBusy(_) | Broken::ThrottleRate)
+    }
 }
 
 fn device_name(index: usize) -> String {
@@ -181,12 +212,20 @@ impl Case {
         let mut sparse_draw = Draw(mix64(seed ^ 0x5ba2_5e0b));
         let zero_block_bytes = (source.is_some() && sparse_draw.below(5) == 0)
             .then(|| ZERO_BLOCK_SIZES[sparse_draw.below(ZERO_BLOCK_SIZES.len() as u64) as usize]);
-        Case { devices, source, targets, page_budget, zero_block_bytes }
+        Case { devices, source, targets, page_budget, zero_block_bytes, throttle: throttle_of(seed) }
     }
 
     /// Every rule the case breaks, worked out from the regions alone.
     pub fn reference(&self) -> Vec<Broken> {
         let mut broken = Vec::new();
+        if let Some(throttle) = self.throttle {
+            if let Some(percent) = throttle.busy_percent.filter(|p| !(1..=100).contains(p)) {
+                broken.push(Broken::ThrottleBusy(percent));
+            }
+            if throttle.rate_bytes_per_s == Some(0) {
+                broken.push(Broken::ThrottleRate);
+            }
+        }
         if self.targets.is_empty() {
             broken.push(Broken::NoTargets);
         }
@@ -247,9 +286,19 @@ impl Case {
     /// `expected` (the rules the case breaks: [`Case::reference`], or, to show that a
     /// disagreement is reported, a wrong list).
     pub fn check_against(&self, expected: &[Broken]) -> Vec<String> {
+        let (throttle_rules, job_rules): (Vec<Broken>, Vec<Broken>) =
+            expected.iter().cloned().partition(Broken::is_throttle);
+        let expected = &job_rules[..];
         Simulation::block_on(async {
             let config = ClientConfig { page_budget: self.page_budget, ..ClientConfig::default() };
+            let mut problems = Vec::new();
+            if let Some(throttle) = self.throttle {
+                problems.extend(check_throttle(&config, throttle, &throttle_rules).await);
+            }
             let client = Client::start_in_current_system(config).expect("a valid configuration");
+            if let Some(throttle) = self.throttle {
+                problems.extend(set_throttle(&client, throttle, &throttle_rules));
+            }
             let disks: Vec<Arc<MemDisk>> = self
                 .devices
                 .iter()
@@ -269,7 +318,6 @@ impl Case {
                 }
                 None => job,
             };
-            let mut problems = Vec::new();
             match client.submit(job).await {
                 Ok(handle) => {
                     let Ok(outcome) = tokio::time::timeout(to_tokio(DEADLOCK_AFTER), handle).await else {
@@ -324,6 +372,77 @@ impl Case {
     }
 }
 
+/// The rule a configuration error names, if it is a throttle's.
+fn throttle_rule(error: &ConfigError) -> Option<Broken> {
+    match error {
+        ConfigError::ThrottleBusy { percent } => Some(Broken::ThrottleBusy(*percent)),
+        ConfigError::ThrottleRate { bytes_per_s: 0 } => Some(Broken::ThrottleRate),
+        _ => None,
+    }
+}
+
+/// A rule as the messages name it.
+fn named_rule(rule: Option<Broken>) -> String {
+    rule.map_or_else(|| "no rule".to_owned(), |rule| format!("{rule:?}"))
+}
+
+/// A client started with `throttle` in its configuration: refused naming one of `expected`,
+/// or, if none, started with it in force.
+async fn check_throttle(config: &ClientConfig, throttle: Throttle, expected: &[Broken]) -> Vec<String> {
+    let config = ClientConfig { throttle, ..config.clone() };
+    match Client::start_in_current_system(config) {
+        Ok(client) => {
+            let mut problems = Vec::new();
+            if !expected.is_empty() {
+                problems.push(format!("a client with {throttle:?} started, but it breaks {}", listed(expected)));
+            } else if client.throttle() != throttle {
+                problems.push(format!("a client started with {throttle:?} reports {:?}", client.throttle()));
+            }
+            client.shutdown().await;
+            problems
+        }
+        Err(error) => match throttle_rule(&error) {
+            Some(rule) if expected.contains(&rule) => Vec::new(),
+            rule => vec![format!("refused with {error} ({}), expected one of {}", named_rule(rule), listed(expected))],
+        },
+    }
+}
+
+/// `throttle` set on a running client: refused naming one of `expected` (the throttle in
+/// force unchanged), or, if none, in force from then on.
+fn set_throttle(client: &Client, throttle: Throttle, expected: &[Broken]) -> Vec<String> {
+    let before = client.throttle();
+    let mut problems = Vec::new();
+    match client.set_throttle(throttle) {
+        Ok(()) if !expected.is_empty() => {
+            problems.push(format!("throttle {throttle:?} set, but it breaks {}", listed(expected)));
+        }
+        Ok(()) if client.throttle() != throttle => {
+            problems.push(format!("throttle {throttle:?} set, yet the client reports {:?}", client.throttle()));
+        }
+        Ok(()) => {}
+        Err(error) => {
+            match throttle_rule(&error) {
+                Some(rule) if expected.contains(&rule) => {}
+                rule => {
+                    problems.push(format!(
+                        "refused with {error} ({}), expected one of {}",
+                        named_rule(rule),
+                        listed(expected)
+                    ));
+                }
+            }
+            if client.throttle() != before {
+                problems.push(format!(
+                    "throttle {throttle:?} refused, yet the client's changed to {:?}",
+                    client.throttle()
+                ));
+            }
+        }
+    }
+    problems
+}
+
 /// The rules, the first few of a long list (a case with 128 targets breaks thousands).
 fn listed(rules: &[Broken]) -> String {
     const SHOWN: usize = 8;
@@ -367,6 +486,7 @@ mod tests {
                 .collect(),
             page_budget: 1,
             zero_block_bytes: None,
+            throttle: None,
         };
         assert_eq!(case(Some((0, 0, 8)), &[(0, 8, 8)]).reference(), vec![], "adjacent regions are fine");
         assert_eq!(case(Some((0, 0, 8)), &[(0, 7, 8)]).reference(), vec![Broken::TargetOverlapsSource(0)]);
@@ -396,11 +516,11 @@ mod tests {
 
     #[test]
     fn the_generator_breaks_every_rule_and_also_makes_valid_cases() {
-        let mut seen = [0usize; 10];
+        let mut seen = [0usize; 12];
         for seed in 0..3000 {
             let broken = Case::from_seed(seed).reference();
             if broken.is_empty() {
-                seen[9] += 1;
+                seen[11] += 1;
             }
             for rule in broken {
                 seen[match rule {
@@ -413,6 +533,8 @@ mod tests {
                     Broken::TargetsOverlap(..) => 6,
                     Broken::BlockLargerThanBudget(..) => 7,
                     Broken::ZeroBlockSize(_) => 8,
+                    Broken::ThrottleBusy(_) => 9,
+                    Broken::ThrottleRate => 10,
                 }] += 1;
             }
         }

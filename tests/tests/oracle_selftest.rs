@@ -61,6 +61,7 @@ fn inputs(jobs: Vec<JobInputs>, targets: usize, subjobs_in_flight: usize) -> Inp
         queued_jobs_max: 0,
         shutdown_in_callback_of: None,
         io_timeout_ms: None,
+        throttle_set_after_start: false,
     }
 }
 
@@ -1431,6 +1432,11 @@ fn validation_reports_an_engine_that_disagrees_with_the_reference() {
         targets,
         page_budget: 8,
         zero_block_bytes: None,
+        throttle: None,
+    };
+    let throttled = |busy_percent: Option<u32>, rate_bytes_per_s: Option<u64>| Case {
+        throttle: Some(kcopyd_core::Throttle { busy_percent, rate_bytes_per_s }),
+        ..case(Some(region(0, 0, 8)), vec![region(0, 8, 8)])
     };
     let sparse = |zero_block_bytes: u32| Case {
         zero_block_bytes: Some(zero_block_bytes),
@@ -1451,6 +1457,9 @@ fn validation_reports_an_engine_that_disagrees_with_the_reference() {
         ),
         (sparse(768), Broken::ZeroBlockSize(768)),
         (sparse(256), Broken::ZeroBlockSize(256)),
+        (throttled(Some(0), None), Broken::ThrottleBusy(0)),
+        (throttled(Some(101), Some(1 << 20)), Broken::ThrottleBusy(101)),
+        (throttled(None, Some(0)), Broken::ThrottleRate),
     ];
     for (case, rule) in cases {
         let reference = case.reference();
@@ -1478,6 +1487,16 @@ fn validation_reports_an_engine_that_disagrees_with_the_reference() {
     assert!(
         problems.iter().any(|p| p.starts_with("accepted, but it breaks [TargetsOverlap(0, 1)]")),
         "validation: an acceptance the reference does not expect is reported: {problems:?}"
+    );
+    // A valid throttle the reference (wrongly) says must be refused: both the client started
+    // with it and the one it is set on are reported.
+    let limited = throttled(Some(100), Some(u64::MAX));
+    assert_eq!(limited.check(), Vec::<String>::new());
+    let problems = limited.check_against(&[Broken::ThrottleRate]);
+    assert!(
+        problems.iter().any(|p| p.contains("started, but it breaks [ThrottleRate]"))
+            && problems.iter().any(|p| p.contains("set, but it breaks [ThrottleRate]")),
+        "validation: a throttle accepted that the reference refuses is reported: {problems:?}"
     );
 }
 

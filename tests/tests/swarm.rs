@@ -59,3 +59,17 @@ fn the_swarm_draws_sparse_copies_in_every_setting() {
     count("a zoned target", sparse().filter(|(s, j)| j.targets.iter().any(|&(t, _)| s.targets[t].zoned)).count());
     assert!(sparse().all(|(_, j)| j.sparse.target_zeroes != TargetZeroes::Skip), "Skip on targets of old data");
 }
+
+/// The seeds every run of the swarm test draws (those `tests/mutants.sh` runs as well) include
+/// a throttle given to a running client and a queue at the throttle with a cancelled job.
+#[test]
+fn the_swarm_draws_throttles_set_while_running_and_queues_at_the_throttle() {
+    let inputs: Vec<Inputs> = (0..30).map(Inputs::from_seed).collect();
+    let set = inputs.iter().filter(|i| i.throttle_set_after_start).count();
+    let queued = inputs
+        .iter()
+        .filter(|i| i.throttle.rate_bytes_per_s.is_some() && i.jobs.len() >= 2)
+        .filter(|i| i.jobs[1].submit_at_us == i.jobs[0].submit_at_us && i.jobs[1].cancel_after_us.is_some())
+        .count();
+    assert!(set >= 2 && queued >= 1, "in 30 seeds: {set} throttles set after the start, {queued} queues");
+}
