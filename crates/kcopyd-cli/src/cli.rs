@@ -298,6 +298,16 @@ pub struct EngineArgs {
     /// carries one scatter-gather segment per 4 KiB; for comparisons).
     #[arg(long)]
     pub no_huge_pages: bool,
+    /// NBD exports: connections opened to each export whose server allows several
+    /// (NBD_FLAG_CAN_MULTI_CONN), 1 to 16; requests are spread over them. A server without
+    /// multi-conn gets one.
+    #[arg(
+        long = "connections",
+        value_name = "COUNT",
+        default_value_t = kcopyd_nbd::CONNECTIONS_DEFAULT as u64,
+        allow_negative_numbers = true
+    )]
+    pub connections: u64,
     /// NBD exports: how long connecting and the handshake of each connection may take
     /// (e.g. 500ms, 10s). A server that does not answer in time is refused (exit 2).
     #[arg(long = "connect-timeout", value_name = "DURATION", default_value = CONNECT_TIMEOUT_DEFAULT, value_parser = size::parse_duration_us)]

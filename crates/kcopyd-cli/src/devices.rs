@@ -67,10 +67,11 @@ impl From<PlanError> for CliError {
     }
 }
 
-/// `--connect-timeout` and `--io-timeout`, checked: at least a millisecond each.
+/// `--connections`, `--connect-timeout` and `--io-timeout`, checked: 1 to
+/// [`kcopyd_nbd::CONNECTIONS_MAX`] connections, at least a millisecond each timeout.
 ///
 /// # Errors
-/// A timeout under 1 ms, named by its option.
+/// A count or a timeout out of bounds, named by its option.
 fn nbd_settings(args: &EngineArgs) -> Result<NbdSettings, CliError> {
     let millis = |option: &'static str, us: u64| {
         if us < 1000 {
@@ -78,7 +79,18 @@ fn nbd_settings(args: &EngineArgs) -> Result<NbdSettings, CliError> {
         }
         Ok(us / 1000)
     };
+    let connections_max = match usize::try_from(args.connections) {
+        Ok(count @ 1..=kcopyd_nbd::CONNECTIONS_MAX) => count,
+        _ => {
+            return Err(CliError::argument(
+                "--connections",
+                args.connections.to_string(),
+                format!("must be 1 to {}", kcopyd_nbd::CONNECTIONS_MAX),
+            ));
+        }
+    };
     Ok(NbdSettings {
+        connections_max,
         connect_timeout_ms: millis("--connect-timeout", args.connect_timeout_us)?,
         io_timeout_ms: args.io_timeout_us.map(|us| millis("--io-timeout", us)).transpose()?,
     })
