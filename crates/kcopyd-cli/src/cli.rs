@@ -384,7 +384,7 @@ pub struct CopyArgs {
     pub verify: bool,
     /// Sparse copy, `on` by default (as qemu-img): read only what the source has allocated
     /// (files: SEEK_DATA), and where the source reads as zeroes (holes, and zero blocks of
-    /// --sparse-size) punch holes in file targets, or write-zeroes elsewhere. Never leaves old
+    /// --sparse-size) punch holes in file targets and NBD exports that can, or write-zeroes elsewhere. Never leaves old
     /// target data where the source reads as zeroes. `--sparse=off` reads and writes every byte.
     #[arg(
         long,

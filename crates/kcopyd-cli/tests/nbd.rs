@@ -330,3 +330,22 @@ fn connections_sets_how_many_connections_open() {
     }
     assert_eq!(opened(), at + kcopyd_nbd::CONNECTIONS_DEFAULT, "refused before connecting");
 }
+
+/// More connections asked for than the server takes: qemu-nbd past its `-e 2` leaves the
+/// third unanswered in its listen queue. The copy goes on with two after about a second
+/// (ten first handshakes, at least 1 s), not after the 30 s connect timeout.
+#[test]
+fn more_connections_than_the_server_takes_cost_about_a_second() {
+    let test = "more_connections_than_the_server_takes_cost_about_a_second";
+    let dir = TempDir::new(test);
+    let data = pattern(38, 1 << 20);
+    let source = dir.file_with("source.img", &data);
+    let file = dir.zero_file("target.img", data.len() as u64);
+    let Some(qemu) = NbdServer::qemu_nbd(test, &file, Listen::Unix, &["-e", "2"]) else { return };
+    let started = std::time::Instant::now();
+    let (code, _, stderr) = kcopyd(&["copy", "--connections", "8", source.to_str().unwrap(), &qemu.uri("")]);
+    let took = started.elapsed();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(fs::read(&file).unwrap() == data);
+    assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
+}

@@ -6,7 +6,7 @@ use std::hash::{Hash, Hasher};
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use kcopyd_core::{
@@ -28,6 +28,10 @@ pub const CONNECTIONS_DEFAULT: usize = 4;
 pub const CONNECTIONS_MAX: usize = 16;
 /// How long connecting and the handshake may take when nothing else is asked for.
 pub const CONNECT_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+/// The least time a further connection (after the first) may take to connect and finish its
+/// handshake before the device goes on with the connections it has: see
+/// [`further_connect_timeout`].
+const FURTHER_CONNECT_TIMEOUT_MS_MIN: u64 = 1000;
 /// Largest export size accepted: the protocol's sizes are signed 64-bit in practice (qemu,
 /// libnbd); a larger one is taken as a broken server.
 pub const EXPORT_BYTES_MAX: u64 = i64::MAX as u64;
@@ -185,7 +189,9 @@ impl NbdDevice {
             Some(reactor) => reactor.clone(),
             None => Reactor::shared().map_err(|source| ConnectError::Thread { server: uri.to_owned(), source })?,
         };
+        let started = Instant::now();
         let (first, info) = Connection::open(&reactor, &parsed.address, &parsed.export, server.clone(), timeouts)?;
+        let further_timeouts = (further_connect_timeout(timeouts.0, started.elapsed()), timeouts.1);
         if options.write && info.has(NBD_FLAG_READ_ONLY) {
             return Err(ConnectError::ReadOnly { server: uri.to_owned() });
         }
@@ -193,9 +199,11 @@ impl NbdDevice {
         let mut connections = vec![first];
         if info.has(NBD_FLAG_CAN_MULTI_CONN) {
             for index in 1..options.connections_max {
-                let opened = Connection::open(&reactor, &parsed.address, &parsed.export, server.clone(), timeouts);
+                let opened =
+                    Connection::open(&reactor, &parsed.address, &parsed.export, server.clone(), further_timeouts);
                 let (connection, other) = match opened {
-                    // A server that offers several connections but takes fewer: use those it took.
+                    // A server that offers several connections but takes fewer (closes the
+                    // further ones, or leaves them unanswered): use those it took.
                     Err(ConnectError::Connect { .. } | ConnectError::HandshakeIo { .. }) => break,
                     opened => opened?,
                 };
@@ -736,6 +744,16 @@ impl BlockDevice for NbdDevice {
     }
 }
 
+/// How long a further connection's connect and handshake may take: the server answered the
+/// first in `first`, so one that has not answered in ten times that (at least
+/// [`FURTHER_CONNECT_TIMEOUT_MS_MIN`], at most `connect_timeout`) is taken as refused, as
+/// qemu-nbd leaves a connection past its `-e` limit waiting, unanswered, in its listen queue.
+///
+/// Worked example: a 3 ms first handshake, a 30 s connect timeout: 1 s (the floor).
+fn further_connect_timeout(connect_timeout: Duration, first: Duration) -> Duration {
+    first.saturating_mul(10).max(Duration::from_millis(FURTHER_CONNECT_TIMEOUT_MS_MIN)).min(connect_timeout)
+}
+
 /// The geometry an export's handshake gives, and the largest payload of one request: blocks
 /// of the server's minimum block size (at least 512 bytes), the size in whole blocks.
 ///
@@ -790,4 +808,19 @@ fn hash(value: &impl Hash) -> u64 {
     let mut hasher = DefaultHasher::new();
     value.hash(&mut hasher);
     hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn further_connections_wait_ten_first_handshakes_at_least_a_second_at_most_the_timeout() {
+        let (ms, timeout) = (Duration::from_millis, Duration::from_secs(30));
+        assert_eq!(further_connect_timeout(timeout, ms(3)), ms(FURTHER_CONNECT_TIMEOUT_MS_MIN));
+        assert_eq!(further_connect_timeout(timeout, ms(250)), ms(2500));
+        assert_eq!(further_connect_timeout(timeout, ms(20_000)), timeout);
+        assert_eq!(further_connect_timeout(ms(500), ms(3)), ms(500), "never past --connect-timeout");
+        assert_eq!(further_connect_timeout(timeout, Duration::MAX), timeout);
+    }
 }
