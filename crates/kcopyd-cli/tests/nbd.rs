@@ -301,7 +301,8 @@ fn zero_through_nbd_keeps_the_storage_allocated() {
 }
 
 /// `--connections N` opens N connections to a multi-conn server (nbdkit's log filter counts
-/// them); out of 1 to 16 it is refused before anything is opened.
+/// them); by default 4, or 1 when the command names three NBD exports or more; out of 1 to 16
+/// it is refused before anything is opened.
 #[test]
 fn connections_sets_how_many_connections_open() {
     let test = "connections_sets_how_many_connections_open";
@@ -322,13 +323,26 @@ fn connections_sets_how_many_connections_open() {
     let at = opened();
     let (code, _, stderr) = kcopyd(&["copy", source.to_str().unwrap(), &kit.uri("")]);
     assert_eq!(code, 0, "{stderr}");
-    assert_eq!(opened() - at, kcopyd_nbd::CONNECTIONS_DEFAULT, "the default");
+    assert_eq!(opened() - at, 4, "the default: 4 per export");
+    // Three NBD exports in one command: one connection each by default.
+    let targets: Vec<NbdServer> =
+        (0..2).filter_map(|_| NbdServer::nbdkit(test, Listen::Unix, &["memory", "1M"])).collect();
+    let at = opened();
+    let (code, _, stderr) = kcopyd(&["copy", &kit.uri(""), &targets[0].uri(""), &targets[1].uri("")]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(opened() - at, 1, "three exports: 1 each");
+    let at = opened();
+    let (code, _, stderr) =
+        kcopyd(&["copy", "--connections", "2", &kit.uri(""), &targets[0].uri(""), &targets[1].uri("")]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(opened() - at, 2, "--connections overrides it");
+    let at = opened();
     for bad in ["0", "17", "18446744073709551616", "-1"] {
         let (code, _, stderr) = kcopyd(&["copy", "--connections", bad, source.to_str().unwrap(), &kit.uri("")]);
         assert_eq!(code, 2, "--connections {bad}: {stderr}");
         assert!(stderr.contains("--connections"), "{stderr}");
     }
-    assert_eq!(opened(), at + kcopyd_nbd::CONNECTIONS_DEFAULT, "refused before connecting");
+    assert_eq!(opened(), at, "refused before connecting");
 }
 
 /// More connections asked for than the server takes: qemu-nbd past its `-e 2` leaves the
