@@ -249,14 +249,16 @@ fn a_sparse_copy_onto_a_qcow2_export_releases_its_clusters() {
 /// Servers that cannot promise zeroes by releasing storage still get the right bytes: one
 /// without NBD_CMD_TRIM or write-zeroes, one whose trim does nothing (legal: trim is
 /// advisory) and which has no write-zeroes, so that only block status shows the old bytes are
-/// still there. Both served by nbdkit's `eval` plugin over a file of other bytes.
+/// still there (both nbdkit's `eval` plugin), and one without write-zeroes whose every trim
+/// fails with EIO (nbdkit's error filter). Each over a file of other bytes.
 #[test]
-fn servers_without_trim_or_with_an_idle_trim_get_zeroes_written() {
-    let test = "servers_without_trim_or_with_an_idle_trim_get_zeroes_written";
+fn servers_whose_trim_is_missing_idle_or_failing_get_zeroes_written() {
+    let test = "servers_whose_trim_is_missing_idle_or_failing_get_zeroes_written";
     let dir = TempDir::new(test);
     let (source, data, _) = sparse_source(&dir);
     let old = pattern(35, data.len());
-    let files = [dir.file_with("no-trim.img", &old), dir.file_with("idle-trim.img", &old)];
+    let files =
+        [dir.file_with("no-trim.img", &old), dir.file_with("idle-trim.img", &old), dir.file_with("eio-trim.img", &old)];
     let eval = |file: &std::path::Path, trim: bool| {
         let file = file.display();
         let mut args = vec![
@@ -278,7 +280,11 @@ fn servers_without_trim_or_with_an_idle_trim_get_zeroes_written() {
     let idle_trim = eval(&files[1], true);
     let idle_trim: Vec<&str> = idle_trim.iter().map(String::as_str).collect();
     let Some(second) = NbdServer::nbdkit(test, Listen::Unix, &idle_trim) else { return };
-    let (code, _, stderr) = kcopyd(&["copy", source.to_str().unwrap(), &first.uri(""), &second.uri("")]);
+    let failing = format!("file={}", files[2].display());
+    let failing = ["--filter=nozero", "--filter=error", "file", &failing, "error-trim=EIO", "error-trim-rate=100%"];
+    let Some(third) = NbdServer::nbdkit(test, Listen::Unix, &failing) else { return };
+    let targets = [first.uri(""), second.uri(""), third.uri("")];
+    let (code, _, stderr) = kcopyd(&["copy", source.to_str().unwrap(), &targets[0], &targets[1], &targets[2]]);
     assert_eq!(code, 0, "{stderr}");
     for file in &files {
         assert!(fs::read(file).unwrap() == data, "{} holds the source, zeroes included", file.display());
