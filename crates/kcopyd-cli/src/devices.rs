@@ -163,9 +163,8 @@ pub fn settings<'a>(
     devices: impl IntoIterator<Item = &'a DeviceAddress>,
 ) -> Result<Settings, CliError> {
     let nbd_exports = devices.into_iter().filter(|device| matches!(device.backend, Backend::Nbd(_))).count();
-    let subjobs_in_flight = args
-        .subjobs_in_flight
-        .unwrap_or_else(|| if nbd_exports > 0 { NBD_SUBJOBS_IN_FLIGHT_DEFAULT } else { SUBJOBS_IN_FLIGHT_DEFAULT });
+    let subjobs_default = if nbd_exports > 0 { NBD_SUBJOBS_IN_FLIGHT_DEFAULT } else { SUBJOBS_IN_FLIGHT_DEFAULT };
+    let subjobs_in_flight = args.subjobs_in_flight.unwrap_or(subjobs_default);
     check_memory(args.memory_bytes)?;
     let nbd = nbd_settings(args, nbd_exports)?;
     let config = ClientConfig {
