@@ -136,6 +136,28 @@ fn conformance_nbdkit_without_write_zeroes() {
     conformance::run_all(&device);
 }
 
+/// Trim and block status without write-zeroes on 4096-byte blocks: a deallocation's trim,
+/// block status and zero writes keep to whole blocks.
+#[test]
+fn conformance_nbdkit_trim_on_4096_byte_blocks() {
+    let test = "conformance_nbdkit_trim_on_4096_byte_blocks";
+    let size = DEVICE_BYTES.to_string();
+    let args = [
+        "--filter=nozero",
+        "--filter=blocksize-policy",
+        "memory",
+        &size,
+        "blocksize-minimum=4096",
+        "blocksize-preferred=4096",
+        "blocksize-maximum=65536",
+    ];
+    let Some(server) = NbdServer::nbdkit(test, Listen::Unix, &args) else { return };
+    let device = open(&server.uri(""), &writable());
+    assert_eq!(device.geometry().logical_block_size, 4096);
+    assert!(device.deallocates() && !device.geometry().write_zeroes);
+    conformance::run_all(&device);
+}
+
 /// Trim and block status, but block status that calls everything data (the noextents
 /// filter): a deallocation trims, sees data still there, and writes zeroes.
 #[test]
