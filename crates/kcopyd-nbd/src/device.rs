@@ -734,7 +734,7 @@ impl BlockDevice for NbdDevice {
 
     /// Whether the server can release storage with a promise of zeroes: it takes
     /// `NBD_CMD_TRIM`, and either `NBD_CMD_WRITE_ZEROES` or block status to check a trim by
-    /// (see [`Deallocation`]).
+    /// (docs/NBD.md, "Sparse targets").
     fn deallocates(&self) -> bool {
         self.deallocation() != Deallocation::WriteZeroes
     }
