@@ -4,6 +4,7 @@ disk's own ceiling.
 
 Usage: bench/nbd.py [--size-mib N] [--runs N] [--dir DIR] [--kcopyd PATH] [--kcopyd-args ARGS]
                     [--kcopyd-b PATH] [--kcopyd-b-args ARGS] [--skip NAME,...]
+                    [--cache none|writeback] [--connections 1,2,4,8]
 
 Four qemu-nbd servers (--cache=none --aio=native, unix sockets) serve a source file of random
 bytes and three target files written with zeroes. Each round runs every command once, in turn, so
@@ -21,6 +22,13 @@ faster. Each copy is reported as a ratio to nbdcopy and to that ceiling. `cpu` i
 user + system time (the servers' time is not in it).
 
 --kcopyd-b adds a second kcopyd (another build or other options) to every round, for A/B runs.
+
+--connections 1,2,4,8 runs kcopyd once per count (`kcopyd --connections N`, one and three
+targets) in every round instead of once with its defaults: the sweep that chose the default.
+--cache writeback serves the files through the page cache (qemu-nbd --cache=writeback
+--aio=threads), as on a RAM-backed export: with --dir /dev/shm (tmpfs, which has no O_DIRECT)
+the disk is out of the way and only the client, the sockets and the servers are measured; the
+fio ceiling (O_DIRECT) is then left out, with the reason printed.
 
 Needs qemu-utils (qemu-nbd, qemu-img) and libnbd-bin (nbdcopy); fio (installed with apt-get when
 missing, else the ceiling is skipped with the reason); kcopyd from
@@ -91,9 +99,11 @@ def fio_ceiling(source, targets, size_mib):
     return max(job["read"]["runtime"] + job["write"]["runtime"] for job in jobs) / 1000, children_cpu() - cpu
 
 
-def serve(path, socket, read_only):
-    """qemu-nbd serving `path` on `socket`; waits until it listens."""
-    command = ["qemu-nbd", "-f", "raw", "--cache=none", "--aio=native", "-t", "-e", "8", "-k", socket, path]
+def serve(path, socket, read_only, cache):
+    """qemu-nbd serving `path` on `socket` with `cache` (none: O_DIRECT; writeback: the page
+    cache); waits until it listens."""
+    aio = "native" if cache == "none" else "threads"
+    command = ["qemu-nbd", "-f", "raw", f"--cache={cache}", f"--aio={aio}", "-t", "-e", "16", "-k", socket, path]
     if read_only:
         command.insert(1, "-r")
     server = subprocess.Popen(command)
@@ -115,11 +125,22 @@ def main():
     parser.add_argument("--kcopyd-b", help="a second kcopyd to run in every round (A/B)")
     parser.add_argument("--kcopyd-b-args", default=None, help="its options (default: --kcopyd-args)")
     parser.add_argument("--skip", default="", help="commands to leave out, comma-separated (e.g. qemu-img)")
+    parser.add_argument("--cache", choices=["none", "writeback"], default="none",
+                        help="qemu-nbd's cache mode (writeback for exports on tmpfs)")
+    parser.add_argument("--connections", default="",
+                        help="kcopyd once per connection count, comma-separated (e.g. 1,2,4,8)")
     args = parser.parse_args()
     extra = shlex.split(args.kcopyd_args)
     extra_b = extra if args.kcopyd_b_args is None else shlex.split(args.kcopyd_b_args)
     skip = {name.strip() for name in args.skip.split(",") if name.strip()}
-    ceiling = fio_available()
+    counts = [int(count) for count in args.connections.split(",") if count.strip()]
+    if args.cache != "none":
+        print("nbd bench: no ceiling rows: fio's ceiling is O_DIRECT, the exports go through the page cache",
+              file=sys.stderr)
+        ceiling = False
+    else:
+        ceiling = fio_available()
+    direct = ["oflag=direct"] if args.cache == "none" else []
 
     with tempfile.TemporaryDirectory(prefix="kcopyd-nbd-bench-", dir=args.dir) as work:
         source = os.path.join(work, "source.img")
@@ -132,10 +153,11 @@ def main():
                 path = os.path.join(work, name)
                 # Written, not fallocated: the first write to an unwritten extent costs more.
                 subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=4M", f"count={args.size_mib // 4}",
-                                "oflag=direct", "status=none"], check=True)
+                                *direct, "status=none"], check=True)
                 files.append(path)
-        servers = [serve(source, os.path.join(work, "source.sock"), True)]
-        servers += [serve(t, os.path.join(work, f"target{i}.sock"), False) for i, t in enumerate(targets)]
+        servers = [serve(source, os.path.join(work, "source.sock"), True, args.cache)]
+        servers += [serve(t, os.path.join(work, f"target{i}.sock"), False, args.cache)
+                    for i, t in enumerate(targets)]
         uri = lambda name: f"nbd+unix:///?socket={os.path.join(work, name + '.sock')}"
         src, t = uri("source"), [uri(f"target{i}") for i in range(3)]
         # fio writes files of its own, next to the targets and written the same way, so that
@@ -154,6 +176,12 @@ def main():
             "kcopyd B 3 targets": [[args.kcopyd_b, "copy", *extra_b, src, *t]] if args.kcopyd_b else None,
             "nbdcopy x3": [["nbdcopy", src, target] for target in t],
         }
+        for count in counts:
+            with_count = [args.kcopyd, "copy", *extra, "--connections", str(count), src]
+            one[f"kcopyd c{count}"] = [[*with_count, t[0]]]
+            three[f"kcopyd c{count} 3 targets"] = [[*with_count, *t]]
+        if counts:
+            one["kcopyd"] = three["kcopyd 3 targets"] = None
         copies = {name: commands for name, commands in [*one.items(), *three.items()]
                   if commands is not None and name not in skip}
         names = [*ceilings, *copies]
@@ -183,13 +211,14 @@ def main():
         median = {name: statistics.median(values) for name, values in times.items()}
         cpu = {name: statistics.median(values) for name, values in cpus.items()}
         load = os.getloadavg()
-        print(f"\n{args.size_mib} MiB, medians of {args.runs} runs (kcopyd {shlex.join(extra) or 'defaults'}"
+        print(f"\n{args.size_mib} MiB, qemu-nbd --cache={args.cache} on {args.dir}, medians of {args.runs} runs"
+              f" (kcopyd {shlex.join(extra) or 'defaults'}"
               + (f"; kcopyd B {args.kcopyd_b} {shlex.join(extra_b) or 'defaults'}" if args.kcopyd_b else "")
               + f"), load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}:")
         print(f"  {'command':18} {'median':>8}  {'MiB/s':>7}  {'fastest':>8}  {'slowest':>8}  {'cpu':>7}"
               f"  {'/nbdcopy':>8}  {'/ceiling':>8}")
         for name, seconds in median.items():
-            three_targets = "3" in name
+            three_targets = name.endswith(("3 targets", "x3", "ceiling 3"))
             nbdcopy = median.get("nbdcopy x3" if three_targets else "nbdcopy")
             floor = median.get("fio ceiling 3" if three_targets else "fio ceiling 1")
             versus_nbdcopy = f"{seconds / nbdcopy:8.2f}" if nbdcopy and not name.startswith("fio") else f"{'':8}"

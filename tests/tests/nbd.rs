@@ -70,6 +70,7 @@ fn qemu_conformance(test: &str, listen: Listen) {
     let device = open(&server.uri(""), &writable());
     assert_eq!(device.geometry().len_sectors, DEVICE_SECTORS_MIN);
     assert!(device.structured_replies(), "qemu-nbd negotiates structured replies");
+    assert!(device.deallocates(), "NBD_CMD_WRITE_ZEROES without NBD_CMD_FLAG_NO_HOLE");
     conformance::run_all(&device);
 }
 
@@ -131,6 +132,42 @@ fn conformance_nbdkit_without_write_zeroes() {
     };
     let device = open(&server.uri(""), &writable());
     assert!(!device.geometry().write_zeroes);
+    assert!(device.deallocates(), "NBD_CMD_TRIM checked by block status");
+    conformance::run_all(&device);
+}
+
+/// Trim and block status without write-zeroes on 4096-byte blocks: a deallocation's trim,
+/// block status and zero writes keep to whole blocks.
+#[test]
+fn conformance_nbdkit_trim_on_4096_byte_blocks() {
+    let test = "conformance_nbdkit_trim_on_4096_byte_blocks";
+    let size = DEVICE_BYTES.to_string();
+    let args = [
+        "--filter=nozero",
+        "--filter=blocksize-policy",
+        "memory",
+        &size,
+        "blocksize-minimum=4096",
+        "blocksize-preferred=4096",
+        "blocksize-maximum=65536",
+    ];
+    let Some(server) = NbdServer::nbdkit(test, Listen::Unix, &args) else { return };
+    let device = open(&server.uri(""), &writable());
+    assert_eq!(device.geometry().logical_block_size, 4096);
+    assert!(device.deallocates() && !device.geometry().write_zeroes);
+    conformance::run_all(&device);
+}
+
+/// Trim and block status, but block status that calls everything data (the noextents
+/// filter): a deallocation trims, sees data still there, and writes zeroes.
+#[test]
+fn conformance_nbdkit_trim_with_block_status_saying_data() {
+    let test = "conformance_nbdkit_trim_with_block_status_saying_data";
+    let size = DEVICE_BYTES.to_string();
+    let args = ["--filter=nozero", "--filter=noextents", "memory", &size];
+    let Some(server) = NbdServer::nbdkit(test, Listen::Unix, &args) else { return };
+    let device = open(&server.uri(""), &writable());
+    assert!(device.has_trim() && device.has_block_status() && !device.geometry().write_zeroes);
     conformance::run_all(&device);
 }
 

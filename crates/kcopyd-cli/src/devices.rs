@@ -18,7 +18,10 @@ use kcopyd_tool::{
 };
 use kcopyd_tool::{plan_with_source, plan_zero};
 
-use crate::cli::{EngineArgs, IoEngineArg, NBD_SUBJOBS_IN_FLIGHT_DEFAULT, SUBJOBS_IN_FLIGHT_DEFAULT, ThrottleArgs};
+use crate::cli::{
+    EngineArgs, IoEngineArg, NBD_CONNECTIONS_DEFAULT, NBD_CONNECTIONS_MANY_EXPORTS, NBD_MANY_EXPORTS,
+    NBD_SUBJOBS_IN_FLIGHT_DEFAULT, SUBJOBS_IN_FLIGHT_DEFAULT, ThrottleArgs,
+};
 use crate::error::{CliError, open_reason};
 use crate::progress;
 use crate::size::Bytes;
@@ -67,18 +70,34 @@ impl From<PlanError> for CliError {
     }
 }
 
-/// `--connect-timeout` and `--io-timeout`, checked: at least a millisecond each.
+/// `--connections`, `--connect-timeout` and `--io-timeout`, checked: 1 to
+/// [`kcopyd_nbd::CONNECTIONS_MAX`] connections, at least a millisecond each timeout. Without
+/// `--connections`, a command naming `nbd_exports` exports gets [`NBD_CONNECTIONS_DEFAULT`]
+/// per export, or [`NBD_CONNECTIONS_MANY_EXPORTS`] from [`NBD_MANY_EXPORTS`] exports on.
 ///
 /// # Errors
-/// A timeout under 1 ms, named by its option.
-fn nbd_settings(args: &EngineArgs) -> Result<NbdSettings, CliError> {
+/// A count or a timeout out of bounds, named by its option.
+fn nbd_settings(args: &EngineArgs, nbd_exports: usize) -> Result<NbdSettings, CliError> {
     let millis = |option: &'static str, us: u64| {
         if us < 1000 {
             return Err(CliError::argument(option, format!("{us}us"), "must be at least 1ms"));
         }
         Ok(us / 1000)
     };
+    let connections_max = match args.connections.map(usize::try_from) {
+        None if nbd_exports >= NBD_MANY_EXPORTS => NBD_CONNECTIONS_MANY_EXPORTS,
+        None => NBD_CONNECTIONS_DEFAULT,
+        Some(Ok(count @ 1..=kcopyd_nbd::CONNECTIONS_MAX)) => count,
+        Some(_) => {
+            return Err(CliError::argument(
+                "--connections",
+                args.connections.unwrap_or_default().to_string(),
+                format!("must be 1 to {}", kcopyd_nbd::CONNECTIONS_MAX),
+            ));
+        }
+    };
     Ok(NbdSettings {
+        connections_max,
         connect_timeout_ms: millis("--connect-timeout", args.connect_timeout_us)?,
         io_timeout_ms: args.io_timeout_us.map(|us| millis("--io-timeout", us)).transpose()?,
     })
@@ -143,12 +162,11 @@ pub fn settings<'a>(
     args: &EngineArgs,
     devices: impl IntoIterator<Item = &'a DeviceAddress>,
 ) -> Result<Settings, CliError> {
-    let subjobs_in_flight = args.subjobs_in_flight.unwrap_or_else(|| {
-        let nbd = devices.into_iter().any(|device| matches!(device.backend, Backend::Nbd(_)));
-        if nbd { NBD_SUBJOBS_IN_FLIGHT_DEFAULT } else { SUBJOBS_IN_FLIGHT_DEFAULT }
-    });
+    let nbd_exports = devices.into_iter().filter(|device| matches!(device.backend, Backend::Nbd(_))).count();
+    let subjobs_default = if nbd_exports > 0 { NBD_SUBJOBS_IN_FLIGHT_DEFAULT } else { SUBJOBS_IN_FLIGHT_DEFAULT };
+    let subjobs_in_flight = args.subjobs_in_flight.unwrap_or(subjobs_default);
     check_memory(args.memory_bytes)?;
-    let nbd = nbd_settings(args)?;
+    let nbd = nbd_settings(args, nbd_exports)?;
     let config = ClientConfig {
         page_budget: usize::try_from(args.memory_bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX),
         sub_job_size_bytes: usize::try_from(args.sub_job_size_bytes).unwrap_or(usize::MAX),

@@ -202,3 +202,215 @@ fn validate_link_over_nbdkit_filters_reports_a_row_and_copies_the_data() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("round trip 1000 µs, 10.0 MB/s") && stdout.contains("largest error"), "{stdout}");
 }
+
+/// A sparse source of 8 MiB: data at 0..1M and 5M..6M (with a 64 KiB zero block at 5M+64K),
+/// holes elsewhere; and how many bytes of it are data (what a sparse target keeps allocated).
+fn sparse_source(dir: &TempDir) -> (std::path::PathBuf, Vec<u8>, u64) {
+    let mut data = vec![0u8; 8 << 20];
+    data[..1 << 20].copy_from_slice(&pattern(31, 1 << 20));
+    data[5 << 20..6 << 20].copy_from_slice(&pattern(32, 1 << 20));
+    data[(5 << 20) + (64 << 10)..(5 << 20) + (128 << 10)].fill(0);
+    let path = dir.join("sparse.img");
+    let file = fs::File::create(&path).unwrap();
+    file.set_len(data.len() as u64).unwrap();
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(&data[..1 << 20], 0).unwrap();
+    file.write_all_at(&data[5 << 20..6 << 20], 5 << 20).unwrap();
+    (path, data, (2 << 20) - (64 << 10))
+}
+
+/// Bytes of storage `path` holds (its allocated blocks).
+fn allocated_bytes(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// A sparse copy onto NBD exports leaves holes as it does on files, whichever way the server
+/// releases storage: qemu-nbd (`--discard=unmap`) and nbdkit's file plugin through
+/// NBD_CMD_WRITE_ZEROES without NBD_CMD_FLAG_NO_HOLE, nbdkit without write-zeroes
+/// (`--filter=nozero`) through NBD_CMD_TRIM checked by block status. Each target held other
+/// bytes before: every byte ends up the source's.
+#[test]
+fn a_sparse_copy_onto_nbd_exports_leaves_holes() {
+    let test = "a_sparse_copy_onto_nbd_exports_leaves_holes";
+    let dir = TempDir::new(test);
+    let (source, data, data_bytes) = sparse_source(&dir);
+    let old = pattern(33, data.len());
+    let files = [dir.file_with("qemu.img", &old), dir.file_with("kit.img", &old), dir.file_with("trim.img", &old)];
+    let unmap = ["--discard=unmap"];
+    let Some(qemu) = NbdServer::qemu_nbd(test, &files[0], Listen::Unix, &unmap) else { return };
+    let kit_file = format!("file={}", files[1].display());
+    let Some(kit) = NbdServer::nbdkit(test, Listen::Tcp, &["file", &kit_file]) else { return };
+    let trim_file = format!("file={}", files[2].display());
+    let Some(trim) = NbdServer::nbdkit(test, Listen::Unix, &["--filter=nozero", "file", &trim_file]) else { return };
+    let (code, _, stderr) = kcopyd(&["copy", source.to_str().unwrap(), &qemu.uri(""), &kit.uri(""), &trim.uri("")]);
+    assert_eq!(code, 0, "{stderr}");
+    for file in &files {
+        assert!(fs::read(file).unwrap() == data, "{} holds the source", file.display());
+        let allocated = allocated_bytes(file);
+        assert!(
+            allocated <= data_bytes,
+            "{}: {allocated} bytes allocated, the source has {data_bytes}",
+            file.display()
+        );
+    }
+}
+
+/// The same onto a qcow2 image behind qemu-nbd: its clusters are released (`qemu-img map`
+/// shows data only where the source has it) and the image reads as the source.
+#[test]
+fn a_sparse_copy_onto_a_qcow2_export_releases_its_clusters() {
+    let test = "a_sparse_copy_onto_a_qcow2_export_releases_its_clusters";
+    let dir = TempDir::new(test);
+    let (source, data, data_bytes) = sparse_source(&dir);
+    let image = dir.join("target.qcow2");
+    let image_text = image.to_str().unwrap();
+    if let Err(error) = kcopyd_tests::fixtures::run("qemu-img", &["create", "-q", "-f", "qcow2", image_text, "8M"]) {
+        kcopyd_tests::fixtures::skip(test, format!("qemu-img create: {error}"));
+        return;
+    }
+    let options = ["-f", "qcow2", "--discard=unmap"];
+    let Some(qemu) = NbdServer::qemu_nbd(test, &image, Listen::Unix, &options) else { return };
+    let old = dir.file_with("old.img", &pattern(34, data.len()));
+    let (code, _, stderr) = kcopyd(&["copy", "--no-sparse", old.to_str().unwrap(), &qemu.uri("")]);
+    assert_eq!(code, 0, "{stderr}");
+    let (code, _, stderr) = kcopyd(&["copy", source.to_str().unwrap(), &qemu.uri("")]);
+    assert_eq!(code, 0, "{stderr}");
+    drop(qemu);
+    let map = kcopyd_tests::fixtures::run("qemu-img", &["map", "--output=json", "-f", "qcow2", image_text]).unwrap();
+    let data_in_map: u64 = map
+        .lines()
+        .filter(|line| line.contains("\"data\": true"))
+        .map(|line| {
+            let length = line.split("\"length\": ").nth(1).unwrap();
+            length[..length.find(|c: char| !c.is_ascii_digit()).unwrap()].parse::<u64>().unwrap()
+        })
+        .sum();
+    assert_eq!(data_in_map, data_bytes, "data clusters: {map}");
+    let compare = ["compare", "-q", "-f", "raw", "-F", "qcow2", source.to_str().unwrap(), image_text];
+    kcopyd_tests::fixtures::run("qemu-img", &compare).expect("the image reads as the source");
+}
+
+/// Servers that cannot promise zeroes by releasing storage still get the right bytes: one
+/// without NBD_CMD_TRIM or write-zeroes, one whose trim does nothing (legal: trim is
+/// advisory) and which has no write-zeroes, so that only block status shows the old bytes are
+/// still there (both nbdkit's `eval` plugin), and one without write-zeroes whose every trim
+/// fails with EIO (nbdkit's error filter). Each over a file of other bytes.
+#[test]
+fn servers_whose_trim_is_missing_idle_or_failing_get_zeroes_written() {
+    let test = "servers_whose_trim_is_missing_idle_or_failing_get_zeroes_written";
+    let dir = TempDir::new(test);
+    let (source, data, _) = sparse_source(&dir);
+    let old = pattern(35, data.len());
+    let files =
+        [dir.file_with("no-trim.img", &old), dir.file_with("idle-trim.img", &old), dir.file_with("eio-trim.img", &old)];
+    let eval = |file: &std::path::Path, trim: bool| {
+        let file = file.display();
+        let mut args = vec![
+            "--filter=nozero".to_owned(),
+            "eval".to_owned(),
+            format!("get_size=stat -c %s {file}"),
+            "can_write=exit 0".to_owned(),
+            format!("pread=dd if={file} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none"),
+            format!("pwrite=dd of={file} seek=$4 oflag=seek_bytes conv=notrunc status=none"),
+        ];
+        if trim {
+            args.extend(["can_trim=exit 0".to_owned(), "trim=exit 0".to_owned()]);
+        }
+        args
+    };
+    let no_trim = eval(&files[0], false);
+    let no_trim: Vec<&str> = no_trim.iter().map(String::as_str).collect();
+    let Some(first) = NbdServer::nbdkit(test, Listen::Unix, &no_trim) else { return };
+    let idle_trim = eval(&files[1], true);
+    let idle_trim: Vec<&str> = idle_trim.iter().map(String::as_str).collect();
+    let Some(second) = NbdServer::nbdkit(test, Listen::Unix, &idle_trim) else { return };
+    let failing = format!("file={}", files[2].display());
+    let failing = ["--filter=nozero", "--filter=error", "file", &failing, "error-trim=EIO", "error-trim-rate=100%"];
+    let Some(third) = NbdServer::nbdkit(test, Listen::Unix, &failing) else { return };
+    let targets = [first.uri(""), second.uri(""), third.uri("")];
+    let (code, _, stderr) = kcopyd(&["copy", source.to_str().unwrap(), &targets[0], &targets[1], &targets[2]]);
+    assert_eq!(code, 0, "{stderr}");
+    for file in &files {
+        assert!(fs::read(file).unwrap() == data, "{} holds the source, zeroes included", file.display());
+    }
+}
+
+/// Write-zeroes where no sparse target was asked for (`kcopyd zero`) keeps the export's
+/// storage (NBD_CMD_FLAG_NO_HOLE), as `FALLOC_FL_ZERO_RANGE` keeps a file's, also on a server
+/// that would release it.
+#[test]
+fn zero_through_nbd_keeps_the_storage_allocated() {
+    let test = "zero_through_nbd_keeps_the_storage_allocated";
+    let dir = TempDir::new(test);
+    let file = dir.file_with("target.img", &pattern(36, 4 << 20));
+    let Some(qemu) = NbdServer::qemu_nbd(test, &file, Listen::Unix, &["--discard=unmap"]) else { return };
+    let (code, _, stderr) = kcopyd(&["zero", &qemu.uri("")]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(fs::read(&file).unwrap().iter().all(|&b| b == 0));
+    assert_eq!(allocated_bytes(&file), 4 << 20, "zeroed in place, not released");
+}
+
+/// `--connections N` opens N connections to a multi-conn server (nbdkit's log filter counts
+/// them); by default 4, or 1 when the command names three NBD exports or more; out of 1 to 16
+/// it is refused before anything is opened.
+#[test]
+fn connections_sets_how_many_connections_open() {
+    let test = "connections_sets_how_many_connections_open";
+    let dir = TempDir::new(test);
+    let source = dir.file_with("source.img", &pattern(37, 1 << 20));
+    let log = dir.join("nbdkit.log");
+    let log_arg = format!("logfile={}", log.display());
+    let Some(kit) = NbdServer::nbdkit(test, Listen::Unix, &["--filter=log", "memory", "1M", &log_arg]) else { return };
+    let opened = || fs::read_to_string(&log).unwrap_or_default().matches(" Connect ").count();
+    // The server's readiness probe opened one connection before the copies.
+    let before = opened();
+    for (count, expected) in [("1", 1), ("3", 3), ("16", 16)] {
+        let at = opened();
+        let (code, _, stderr) = kcopyd(&["copy", "--connections", count, source.to_str().unwrap(), &kit.uri("")]);
+        assert_eq!(code, 0, "{stderr}");
+        assert_eq!(opened() - at, expected, "--connections {count} (probe: {before})");
+    }
+    let at = opened();
+    let (code, _, stderr) = kcopyd(&["copy", source.to_str().unwrap(), &kit.uri("")]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(opened() - at, 4, "the default: 4 per export");
+    // Three NBD exports in one command: one connection each by default.
+    let targets: Vec<NbdServer> =
+        (0..2).filter_map(|_| NbdServer::nbdkit(test, Listen::Unix, &["memory", "1M"])).collect();
+    let at = opened();
+    let (code, _, stderr) = kcopyd(&["copy", &kit.uri(""), &targets[0].uri(""), &targets[1].uri("")]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(opened() - at, 1, "three exports: 1 each");
+    let at = opened();
+    let (code, _, stderr) =
+        kcopyd(&["copy", "--connections", "2", &kit.uri(""), &targets[0].uri(""), &targets[1].uri("")]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(opened() - at, 2, "--connections overrides it");
+    let at = opened();
+    for bad in ["0", "17", "18446744073709551616", "-1"] {
+        let (code, _, stderr) = kcopyd(&["copy", "--connections", bad, source.to_str().unwrap(), &kit.uri("")]);
+        assert_eq!(code, 2, "--connections {bad}: {stderr}");
+        assert!(stderr.contains("--connections"), "{stderr}");
+    }
+    assert_eq!(opened(), at, "refused before connecting");
+}
+
+/// More connections asked for than the server takes: qemu-nbd past its `-e 2` leaves the
+/// third unanswered in its listen queue. The copy goes on with two after about a second
+/// (ten first handshakes, at least 1 s), not after the 30 s connect timeout.
+#[test]
+fn more_connections_than_the_server_takes_cost_about_a_second() {
+    let test = "more_connections_than_the_server_takes_cost_about_a_second";
+    let dir = TempDir::new(test);
+    let data = pattern(38, 1 << 20);
+    let source = dir.file_with("source.img", &data);
+    let file = dir.zero_file("target.img", data.len() as u64);
+    let Some(qemu) = NbdServer::qemu_nbd(test, &file, Listen::Unix, &["-e", "2"]) else { return };
+    let started = std::time::Instant::now();
+    let (code, _, stderr) = kcopyd(&["copy", "--connections", "8", source.to_str().unwrap(), &qemu.uri("")]);
+    let took = started.elapsed();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(fs::read(&file).unwrap() == data);
+    assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
+}

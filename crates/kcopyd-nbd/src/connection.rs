@@ -59,6 +59,8 @@ type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 pub(crate) struct Request {
     /// `NBD_CMD_*`.
     pub command: u16,
+    /// `NBD_CMD_FLAG_*`.
+    pub flags: u16,
     /// First byte.
     pub offset_bytes: u64,
     /// Bytes (the payload's length for writes).
@@ -357,7 +359,8 @@ async fn write_request(
     shared: &Shared,
 ) -> io::Result<()> {
     let mut request = request;
-    let (command, offset_bytes, len_bytes) = (request.command, request.offset_bytes, request.len_bytes);
+    let (flags, command, offset_bytes, len_bytes) =
+        (request.flags, request.command, request.offset_bytes, request.len_bytes);
     let payload = request.payload.take();
     let pending = shared.pending(request);
     {
@@ -371,7 +374,7 @@ async fn write_request(
         let previous = state.inflight.insert(cookie, pending);
         assert!(previous.is_none(), "cookie {cookie} is already in flight");
     }
-    headers.extend_from_slice(&request_header(0, command, cookie, offset_bytes, len_bytes));
+    headers.extend_from_slice(&request_header(flags, command, cookie, offset_bytes, len_bytes));
     match payload {
         // Headers and data in one vectored write, straight from the page buffer to the
         // socket, in as few system calls as it takes.

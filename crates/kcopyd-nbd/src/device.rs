@@ -6,7 +6,7 @@ use std::hash::{Hash, Hasher};
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use kcopyd_core::{
@@ -28,6 +28,10 @@ pub const CONNECTIONS_DEFAULT: usize = 4;
 pub const CONNECTIONS_MAX: usize = 16;
 /// How long connecting and the handshake may take when nothing else is asked for.
 pub const CONNECT_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+/// The least time a further connection (after the first) may take to connect and finish its
+/// handshake before the device goes on with the connections it has: see
+/// [`further_connect_timeout`].
+const FURTHER_CONNECT_TIMEOUT_MS_MIN: u64 = 1000;
 /// Largest export size accepted: the protocol's sizes are signed 64-bit in practice (qemu,
 /// libnbd); a larger one is taken as a broken server.
 pub const EXPORT_BYTES_MAX: u64 = i64::MAX as u64;
@@ -80,6 +84,32 @@ impl Default for ConnectOptions {
             reactor: None,
         }
     }
+}
+
+/// How an [`NbdDevice`] makes a range read as zeroes while releasing its storage
+/// ([`BlockDevice::deallocate`], for sparse targets), from what the server offers:
+///
+/// ```text
+///  NBD_FLAG_SEND_TRIM?  ── no ──────────────────────────────► WriteZeroes
+///        │ yes
+///  NBD_FLAG_SEND_WRITE_ZEROES? ── yes ──────────────────────► WriteZeroesMayPunch
+///        │ no
+///  base:allocation? ── yes ─► TrimThenCheck, no ───────────► WriteZeroes
+/// ```
+///
+/// `NBD_CMD_TRIM` alone promises nothing: a server may ignore it, and what reads back
+/// afterwards is unspecified. It is used only where block status can tell what it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Deallocation {
+    /// `NBD_CMD_WRITE_ZEROES` without `NBD_CMD_FLAG_NO_HOLE`: the server must read back
+    /// zeroes and may release the storage.
+    WriteZeroesMayPunch,
+    /// `NBD_CMD_TRIM`, then `NBD_CMD_BLOCK_STATUS` on the same connection; zeroes are written
+    /// wherever the server does not report `NBD_STATE_ZERO`.
+    TrimThenCheck,
+    /// No deallocation: [`BlockDevice::write_zeroes`] (a server without trim, or with trim but
+    /// neither write-zeroes nor block status to make its result certain).
+    WriteZeroes,
 }
 
 /// One run of the export with the same allocation state (`base:allocation`).
@@ -159,7 +189,9 @@ impl NbdDevice {
             Some(reactor) => reactor.clone(),
             None => Reactor::shared().map_err(|source| ConnectError::Thread { server: uri.to_owned(), source })?,
         };
+        let started = Instant::now();
         let (first, info) = Connection::open(&reactor, &parsed.address, &parsed.export, server.clone(), timeouts)?;
+        let further_timeouts = (further_connect_timeout(timeouts.0, started.elapsed()), timeouts.1);
         if options.write && info.has(NBD_FLAG_READ_ONLY) {
             return Err(ConnectError::ReadOnly { server: uri.to_owned() });
         }
@@ -167,9 +199,11 @@ impl NbdDevice {
         let mut connections = vec![first];
         if info.has(NBD_FLAG_CAN_MULTI_CONN) {
             for index in 1..options.connections_max {
-                let opened = Connection::open(&reactor, &parsed.address, &parsed.export, server.clone(), timeouts);
+                let opened =
+                    Connection::open(&reactor, &parsed.address, &parsed.export, server.clone(), further_timeouts);
                 let (connection, other) = match opened {
-                    // A server that offers several connections but takes fewer: use those it took.
+                    // A server that offers several connections but takes fewer (closes the
+                    // further ones, or leaves them unanswered): use those it took.
                     Err(ConnectError::Connect { .. } | ConnectError::HandshakeIo { .. }) => break,
                     opened => opened?,
                 };
@@ -260,6 +294,16 @@ impl NbdDevice {
     /// The server offers no `base:allocation`, the range is misaligned or out of range, or the
     /// server's error.
     pub async fn block_status(&self, offset_sectors: u64, len_sectors: u64) -> io::Result<Vec<Extent>> {
+        self.block_status_on(self.pick(), offset_sectors, len_sectors).await
+    }
+
+    /// [`NbdDevice::block_status`] asked on `connection`.
+    async fn block_status_on(
+        &self,
+        connection: &Connection,
+        offset_sectors: u64,
+        len_sectors: u64,
+    ) -> io::Result<Vec<Extent>> {
         let len_bytes = self.check_sectors(NBD_CMD_BLOCK_STATUS, offset_sectors, len_sectors)?;
         if !self.has_block_status() {
             let what = "base:allocation metadata context";
@@ -275,7 +319,7 @@ impl NbdDevice {
         }
         let offset_bytes = offset_sectors * SECTOR_SIZE as u64;
         let ask = len_bytes.min(u64::from(self.no_payload_bytes_max())) as u32;
-        let completion = self.submit(self.pick(), NBD_CMD_BLOCK_STATUS, offset_bytes, ask, None, None).await;
+        let completion = self.submit(connection, NBD_CMD_BLOCK_STATUS, offset_bytes, ask, None, None).await;
         completion.result?;
         let mut extents = Vec::with_capacity(completion.extents.len());
         let mut at = offset_bytes;
@@ -309,7 +353,7 @@ impl NbdDevice {
             let what = "NBD_CMD_TRIM";
             return Err(self.refused(NBD_CMD_TRIM, offset_sectors, len_bytes.into(), Refusal::NotOffered { what }));
         }
-        self.no_payload_requests(NBD_CMD_TRIM, offset_sectors * SECTOR_SIZE as u64, len_bytes).await
+        self.no_payload_requests(NBD_CMD_TRIM, 0, offset_sectors * SECTOR_SIZE as u64, len_bytes).await
     }
 
     /// The server's minimum block size as it stated it (1 when it stated none): the unit of
@@ -409,19 +453,41 @@ impl NbdDevice {
         buf: Option<ReadBuf>,
     ) -> Completion {
         let (reply, completion) = oneshot::channel();
-        connection.send(Request { command, offset_bytes, len_bytes, payload, buf, reply });
+        connection.send(Request { command, flags: 0, offset_bytes, len_bytes, payload, buf, reply });
         completion.await.expect(CONNECTION_REPLIES)
     }
 
-    /// Requests without payload (write-zeroes, trim) over a range, in pieces, all in flight.
-    async fn no_payload_requests(&self, command: u16, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
+    /// One request without payload (write-zeroes, trim) with `flags` (`NBD_CMD_FLAG_*`).
+    async fn submit_no_payload(
+        &self,
+        connection: &Connection,
+        command: u16,
+        flags: u16,
+        offset_bytes: u64,
+        len_bytes: u32,
+    ) -> io::Result<()> {
+        let (reply, completion) = oneshot::channel();
+        connection.send(Request { command, flags, offset_bytes, len_bytes, payload: None, buf: None, reply });
+        completion.await.expect(CONNECTION_REPLIES).result
+    }
+
+    /// Requests without payload (write-zeroes, trim) with `flags` over a range, in pieces, all
+    /// in flight.
+    async fn no_payload_requests(&self, command: u16, flags: u16, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
+        let pieces = self
+            .no_payload_pieces(offset_bytes, len_bytes)
+            .map(|(at, len)| self.submit_no_payload(self.pick(), command, flags, at, len));
+        join_all(pieces).await.into_iter().collect()
+    }
+
+    /// `(offset_bytes, len_bytes)` of the pieces a request without payload over `len_bytes`
+    /// from `offset_bytes` is sent in: at most [`NO_PAYLOAD_BYTES_MAX`] each, whole blocks.
+    fn no_payload_pieces(&self, offset_bytes: u64, len_bytes: u64) -> impl Iterator<Item = (u64, u32)> + use<> {
         let piece_bytes = u64::from(self.no_payload_bytes_max());
-        let pieces = (0..len_bytes.div_ceil(piece_bytes)).map(|i| {
+        (0..len_bytes.div_ceil(piece_bytes)).map(move |i| {
             let at = i * piece_bytes;
-            let len = (len_bytes - at).min(piece_bytes) as u32;
-            self.submit(self.pick(), command, offset_bytes + at, len, None, None)
-        });
-        join_all(pieces).await.into_iter().try_for_each(|c| c.result)
+            (offset_bytes + at, (len_bytes - at).min(piece_bytes) as u32)
+        })
     }
 
     fn refused(&self, command: u16, offset_sectors: u64, len_bytes: u128, problem: Refusal) -> io::Error {
@@ -498,7 +564,10 @@ impl NbdDevice {
         self.check_writable(NBD_CMD_WRITE_ZEROES, offset_sectors, len_bytes)?;
         let offset_bytes = offset_sectors * SECTOR_SIZE as u64;
         if self.geometry.write_zeroes {
-            return self.no_payload_requests(NBD_CMD_WRITE_ZEROES, offset_bytes, len_bytes).await;
+            // NO_HOLE: the range stays allocated, as a file's FALLOC_FL_ZERO_RANGE leaves it;
+            // releasing storage is `deallocate`'s business.
+            let flags = NBD_CMD_FLAG_NO_HOLE;
+            return self.no_payload_requests(NBD_CMD_WRITE_ZEROES, flags, offset_bytes, len_bytes).await;
         }
         // No offload: plain writes from the shared zero block.
         let piece_bytes = u64::from(self.payload_bytes_max.min(ZEROES_PIECE_BYTES_MAX));
@@ -520,10 +589,16 @@ impl NbdDevice {
         Ok(())
     }
 
-    /// The sectors that do not read as zeroes, from `base:allocation` (`NBD_STATE_ZERO` runs
-    /// are left out, holes or not); everything when the server offers no block status.
-    /// Unaligned extent edges are rounded outwards: over-reporting data is allowed.
-    async fn allocated_sectors(&self, offset_sectors: u64, len_sectors: u64) -> io::Result<RangeSet> {
+    /// The sectors that do not read as zeroes, from `base:allocation` asked on `connection`
+    /// (`NBD_STATE_ZERO` runs are left out, holes or not); everything when the server offers
+    /// no block status. Unaligned extent edges are rounded outwards: over-reporting data is
+    /// allowed.
+    async fn allocated_on(
+        &self,
+        connection: &Connection,
+        offset_sectors: u64,
+        len_sectors: u64,
+    ) -> io::Result<RangeSet> {
         let end = offset_sectors.saturating_add(len_sectors);
         if !self.has_block_status() || len_sectors == 0 {
             return Ok(RangeSet::from_range(offset_sectors..end));
@@ -533,7 +608,7 @@ impl NbdDevice {
         let mut data = RangeSet::new();
         let mut at = offset_sectors;
         while at < end {
-            let extents = self.block_status(at, end - at).await?;
+            let extents = self.block_status_on(connection, at, end - at).await?;
             for extent in &extents {
                 if !extent.zero {
                     let extent_end = (extent.offset_bytes + extent.len_bytes).div_ceil(sector);
@@ -550,6 +625,68 @@ impl NbdDevice {
             at = next;
         }
         Ok(data)
+    }
+
+    /// How [`BlockDevice::deallocate`] is done on this server.
+    fn deallocation(&self) -> Deallocation {
+        if !self.has_trim() {
+            Deallocation::WriteZeroes
+        } else if self.geometry.write_zeroes {
+            Deallocation::WriteZeroesMayPunch
+        } else if self.has_block_status() {
+            Deallocation::TrimThenCheck
+        } else {
+            Deallocation::WriteZeroes
+        }
+    }
+
+    /// Makes the range read as zeroes, releasing its storage where the server can
+    /// ([`NbdDevice::deallocation`]).
+    async fn deallocate_whole(&self, offset_sectors: u64, len_sectors: u64) -> io::Result<()> {
+        let command = match self.deallocation() {
+            Deallocation::WriteZeroes => return self.write_zeroes_whole(offset_sectors, len_sectors).await,
+            Deallocation::WriteZeroesMayPunch => NBD_CMD_WRITE_ZEROES,
+            Deallocation::TrimThenCheck => NBD_CMD_TRIM,
+        };
+        let len_bytes = self.check_sectors(command, offset_sectors, len_sectors)?;
+        self.check_writable(command, offset_sectors, len_bytes)?;
+        let offset_bytes = offset_sectors * SECTOR_SIZE as u64;
+        if command == NBD_CMD_WRITE_ZEROES {
+            // Without NBD_CMD_FLAG_NO_HOLE: the server may punch a hole, and must read zeroes.
+            return self.no_payload_requests(NBD_CMD_WRITE_ZEROES, 0, offset_bytes, len_bytes).await;
+        }
+        let pieces = self.no_payload_pieces(offset_bytes, len_bytes).map(|(at, len)| self.trim_then_zero(at, len));
+        join_all(pieces).await.into_iter().collect()
+    }
+
+    /// Trims `len_bytes` from `offset_bytes`, asks on the same connection (which has answered
+    /// the trim, so its block status sees it) what does not read as zeroes now, and writes
+    /// zeroes there: a trim the server ignored, in part or whole, leaves no old bytes behind.
+    /// A trim or a block status that fails zeroes the whole piece.
+    async fn trim_then_zero(&self, offset_bytes: u64, len_bytes: u32) -> io::Result<()> {
+        let connection = self.pick();
+        let sector = SECTOR_SIZE as u64;
+        let sectors = offset_bytes / sector..(offset_bytes + u64::from(len_bytes)) / sector;
+        let whole = || RangeSet::from_range(sectors.clone());
+        let not_zero = match self.submit_no_payload(connection, NBD_CMD_TRIM, 0, offset_bytes, len_bytes).await {
+            Ok(()) => self
+                .allocated_on(connection, sectors.start, sectors.end - sectors.start)
+                .await
+                .unwrap_or_else(|_| whole()),
+            Err(_) => whole(),
+        };
+        // Extents may end inside a logical block: zero whole blocks, inside the piece.
+        let block_sectors = self.geometry.block_sectors();
+        let mut blocks = RangeSet::new();
+        for range in not_zero.ranges() {
+            let start = (range.start / block_sectors * block_sectors).max(sectors.start);
+            let end = range.end.div_ceil(block_sectors).saturating_mul(block_sectors).min(sectors.end);
+            blocks.insert(start..end);
+        }
+        for range in blocks.ranges() {
+            self.write_zeroes_whole(range.start, range.end - range.start).await?;
+        }
+        Ok(())
     }
 
     async fn flush_all(&self) -> io::Result<()> {
@@ -592,17 +729,29 @@ impl BlockDevice for NbdDevice {
     }
 
     fn allocated(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<RangeSet>> {
-        Box::pin(self.allocated_sectors(offset_sectors, len_sectors))
+        Box::pin(self.allocated_on(self.pick(), offset_sectors, len_sectors))
     }
 
-    /// No trim is sent: deallocation is a write-zeroes.
+    /// Whether the server can release storage with a promise of zeroes: it takes
+    /// `NBD_CMD_TRIM`, and either `NBD_CMD_WRITE_ZEROES` or block status to check a trim by
+    /// (docs/NBD.md, "Sparse targets").
     fn deallocates(&self) -> bool {
-        false
+        self.deallocation() != Deallocation::WriteZeroes
     }
 
     fn deallocate(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<()>> {
-        self.write_zeroes(offset_sectors, len_sectors)
+        Box::pin(self.deallocate_whole(offset_sectors, len_sectors))
     }
+}
+
+/// How long a further connection's connect and handshake may take: the server answered the
+/// first in `first`, so one that has not answered in ten times that (at least
+/// [`FURTHER_CONNECT_TIMEOUT_MS_MIN`], at most `connect_timeout`) is taken as refused, as
+/// qemu-nbd leaves a connection past its `-e` limit waiting, unanswered, in its listen queue.
+///
+/// Worked example: a 3 ms first handshake, a 30 s connect timeout: 1 s (the floor).
+fn further_connect_timeout(connect_timeout: Duration, first: Duration) -> Duration {
+    first.saturating_mul(10).max(Duration::from_millis(FURTHER_CONNECT_TIMEOUT_MS_MIN)).min(connect_timeout)
 }
 
 /// The geometry an export's handshake gives, and the largest payload of one request: blocks
@@ -659,4 +808,19 @@ fn hash(value: &impl Hash) -> u64 {
     let mut hasher = DefaultHasher::new();
     value.hash(&mut hasher);
     hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn further_connections_wait_ten_first_handshakes_at_least_a_second_at_most_the_timeout() {
+        let (ms, timeout) = (Duration::from_millis, Duration::from_secs(30));
+        assert_eq!(further_connect_timeout(timeout, ms(3)), ms(FURTHER_CONNECT_TIMEOUT_MS_MIN));
+        assert_eq!(further_connect_timeout(timeout, ms(250)), ms(2500));
+        assert_eq!(further_connect_timeout(timeout, ms(20_000)), timeout);
+        assert_eq!(further_connect_timeout(ms(500), ms(3)), ms(500), "never past --connect-timeout");
+        assert_eq!(further_connect_timeout(timeout, Duration::MAX), timeout);
+    }
 }

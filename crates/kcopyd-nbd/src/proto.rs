@@ -73,6 +73,9 @@ pub(crate) const NBD_CMD_FLUSH: u16 = 3;
 pub(crate) const NBD_CMD_TRIM: u16 = 4;
 pub(crate) const NBD_CMD_WRITE_ZEROES: u16 = 6;
 pub(crate) const NBD_CMD_BLOCK_STATUS: u16 = 7;
+/// `NBD_CMD_WRITE_ZEROES` must leave the range allocated: without it the server may release
+/// the range's storage (punch a hole), as long as it reads back as zeroes.
+pub(crate) const NBD_CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 
 /// The protocol's name of a command, for messages.
 pub(crate) fn command_name(command: u16) -> &'static str {

@@ -41,9 +41,12 @@ pub struct Settings {
     pub created_hook: Option<Arc<dyn CreatedHook>>,
 }
 
-/// How NBD exports are opened: timeouts in milliseconds.
+/// How NBD exports are opened: connections, timeouts in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NbdSettings {
+    /// Connections opened to each export whose server allows several
+    /// ([`kcopyd_nbd::ConnectOptions::connections_max`]: 1 to [`kcopyd_nbd::CONNECTIONS_MAX`]).
+    pub connections_max: usize,
     /// How long connecting and the handshake of each connection may take.
     pub connect_timeout_ms: u64,
     /// Most time a request may wait for its reply (`None`: for ever).
@@ -56,6 +59,7 @@ impl Settings {
     pub fn new(config: ClientConfig) -> Settings {
         let queue_depth = config.subjobs_in_flight.clamp(1, kcopyd_os::QUEUE_DEPTH_MAX);
         let nbd = NbdSettings {
+            connections_max: kcopyd_nbd::CONNECTIONS_DEFAULT,
             connect_timeout_ms: kcopyd_nbd::CONNECT_TIMEOUT_MS_DEFAULT,
             io_timeout_ms: config.io_timeout_ms,
         };
@@ -408,13 +412,14 @@ fn lock_file(device: &OsDevice, path: &Path, role: Role, write: bool, locks: &mu
     })
 }
 
-/// Opens the NBD export `uri` of `arg` with the command's timeouts.
+/// Opens the NBD export `uri` of `arg` with the command's connections and timeouts.
 ///
 /// # Errors
 /// The export cannot be opened (named by the library's [`kcopyd_nbd::ConnectError`]).
 fn open_nbd(arg: &DeviceAddress, uri: &str, role: Role, write: bool, nbd: NbdSettings) -> Result<Opened, PlanError> {
     let options = kcopyd_nbd::ConnectOptions {
         write,
+        connections_max: nbd.connections_max,
         connect_timeout_ms: nbd.connect_timeout_ms,
         io_timeout_ms: nbd.io_timeout_ms,
         ..kcopyd_nbd::ConnectOptions::default()

@@ -28,9 +28,8 @@ pub(crate) const NBD_REP_ERR_TOO_BIG: u32 = NBD_REP_FLAG_ERROR | 9;
 // Transmission flags the client does not look at.
 pub(crate) const NBD_FLAG_SEND_FUA: u16 = 1 << 3;
 
-// Command flags.
+// Command flags (NBD_CMD_FLAG_NO_HOLE, which the client sends too, is in `proto.rs`).
 pub(crate) const NBD_CMD_FLAG_FUA: u16 = 1 << 0;
-pub(crate) const NBD_CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub(crate) const NBD_CMD_FLAG_DF: u16 = 1 << 2;
 pub(crate) const NBD_CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 

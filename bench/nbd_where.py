@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Where an NBD copy spends its time: one `kcopyd copy` between the qemu-nbd exports of
+bench/nbd.py, with the CPU time of every thread of kcopyd and of every server, the machine's
+idle time and the disk's busy time measured while it runs.
+
+Usage: bench/nbd_where.py [--size-mib N] [--runs N] [--dir DIR] [--kcopyd PATH]
+                          [--kcopyd-args ARGS] [--targets 1|3] [--cache none|writeback]
+
+Each run samples /proc every 20 ms: /proc/PID/task/*/stat of kcopyd (per thread, by name:
+`kcopyd-nbd` is the reactor that runs every NBD connection, `kcopyd-client` the engine),
+/proc/PID/stat of each qemu-nbd, /proc/stat (all CPUs: busy and idle) and /proc/diskstats
+(the disk holding --dir: its busy milliseconds, as iostat's %util). Medians over the runs:
+
+  wall            the copy's time
+  kcopyd <thread> CPU seconds of that thread, and its share of the wall time
+  qemu-nbd <name> CPU seconds of that server
+  machine busy    CPU seconds of all processes on the machine (others' builds included)
+  machine idle    idle CPU seconds: 2 cores x wall - busy
+  disk busy       share of the wall time the disk had I/O in flight
+
+A thread near 100 % of the wall time is a bottleneck; idle CPU and a disk not always busy
+mean the copy waits on something else (round trips, ordering).
+"""
+
+import argparse
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location("nbd_bench", os.path.join(os.path.dirname(__file__), "nbd.py"))
+nbd_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(nbd_bench)
+
+TICKS = os.sysconf("SC_CLK_TCK")
+SAMPLE_S = 0.02
+
+
+def stat_cpu(path):
+    """(name, CPU seconds) of a /proc/.../stat file; None if gone."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    name = text[text.index("(") + 1:text.rindex(")")]
+    fields = text[text.rindex(")") + 2:].split()
+    return name, (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def machine_cpu():
+    """(busy, idle) CPU seconds of all CPUs since boot."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]
+    return (sum(values[:8]) - idle) / TICKS, idle / TICKS
+
+
+def disk_of(path):
+    """The /proc/diskstats name of the whole disk holding `path`."""
+    dev = os.stat(path).st_dev
+    major, minor = os.major(dev), os.minor(dev)
+    base = os.path.realpath(f"/sys/dev/block/{major}:{minor}")
+    if os.path.exists(os.path.join(base, "partition")):
+        base = os.path.dirname(base)
+    return os.path.basename(base)
+
+
+def disk_busy_ms(disk):
+    with open("/proc/diskstats") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == disk:
+                return int(fields[12])
+    return 0
+
+
+def measure(command, servers, disk):
+    """Runs `command`, sampling; returns a dict of figures."""
+    threads = {}
+    server_start = {name: stat_cpu(f"/proc/{pid}/stat")[1] for name, pid in servers.items()}
+    busy0, idle0 = machine_cpu()
+    disk0 = disk_busy_ms(disk) if disk else 0
+    start = time.monotonic()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while process.poll() is None:
+        for tid in os.listdir(f"/proc/{process.pid}/task") if os.path.exists(f"/proc/{process.pid}/task") else []:
+            sample = stat_cpu(f"/proc/{process.pid}/task/{tid}/stat")
+            if sample:
+                threads[tid] = sample
+        time.sleep(SAMPLE_S)
+    wall = time.monotonic() - start
+    if process.returncode != 0:
+        sys.exit(f"nbd_where: {shlex.join(command)} failed: {process.stderr.read().decode(errors='replace')}")
+    busy1, idle1 = machine_cpu()
+    figures = {"wall": wall}
+    for name, seconds in threads.values():
+        figures[f"kcopyd {name}"] = figures.get(f"kcopyd {name}", 0) + seconds
+    figures["kcopyd (sampled threads)"] = sum(seconds for _, seconds in threads.values())
+    for name, pid in servers.items():
+        figures[f"qemu-nbd {name}"] = stat_cpu(f"/proc/{pid}/stat")[1] - server_start[name]
+    figures["machine busy"] = busy1 - busy0
+    figures["machine idle"] = idle1 - idle0
+    if disk:
+        figures["disk busy"] = (disk_busy_ms(disk) - disk0) / 1000
+    return figures
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--dir", default="/var/tmp")
+    parser.add_argument("--kcopyd", default="target/release/kcopyd")
+    parser.add_argument("--kcopyd-args", default="")
+    parser.add_argument("--targets", type=int, choices=[1, 3], default=3)
+    parser.add_argument("--cache", choices=["none", "writeback"], default="none")
+    args = parser.parse_args()
+    direct = ["oflag=direct"] if args.cache == "none" else []
+    with tempfile.TemporaryDirectory(prefix="kcopyd-nbd-where-", dir=args.dir) as work:
+        source = os.path.join(work, "source.img")
+        subprocess.run(["dd", "if=/dev/urandom", f"of={source}", "bs=1M", f"count={args.size_mib}",
+                        "status=none"], check=True)
+        targets = []
+        for i in range(args.targets):
+            path = os.path.join(work, f"target{i}.img")
+            subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=4M", f"count={args.size_mib // 4}",
+                            *direct, "status=none"], check=True)
+            targets.append(path)
+        servers = {"source": nbd_bench.serve(source, os.path.join(work, "source.sock"), True, args.cache)}
+        for i, target in enumerate(targets):
+            servers[f"target{i}"] = nbd_bench.serve(target, os.path.join(work, f"target{i}.sock"), False, args.cache)
+        uri = lambda name: f"nbd+unix:///?socket={os.path.join(work, name + '.sock')}"
+        command = [args.kcopyd, "copy", *shlex.split(args.kcopyd_args), uri("source"),
+                   *[uri(f"target{i}") for i in range(args.targets)]]
+        disk = disk_of(work) if args.cache == "none" else None
+        runs = []
+        try:
+            for run in range(args.runs):
+                figures = measure(command, {name: s.pid for name, s in servers.items()}, disk)
+                runs.append(figures)
+                print(f"run {run + 1}: {figures['wall']:.2f} s", flush=True)
+            for target in targets:
+                subprocess.run(["cmp", source, target], check=True)
+        finally:
+            for server in servers.values():
+                server.terminate()
+                server.wait()
+    load = os.getloadavg()
+    print(f"\n{shlex.join(command[:2] + shlex.split(args.kcopyd_args))} SRC {args.targets} target(s), "
+          f"{args.size_mib} MiB, --cache={args.cache}, medians of {args.runs} runs, "
+          f"load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}:")
+    wall = statistics.median(r["wall"] for r in runs)
+    names = sorted({name for r in runs for name in r if name != "wall"}, key=lambda n: (n.split()[0], n))
+    print(f"  {'wall':28} {wall:6.2f} s")
+    for name in names:
+        value = statistics.median(r.get(name, 0) for r in runs)
+        print(f"  {name:28} {value:6.2f} s  {100 * value / wall:5.0f} % of wall")
+
+
+if __name__ == "__main__":
+    main()
