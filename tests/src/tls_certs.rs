@@ -7,8 +7,9 @@
 //!  client(Trust::OurCa | Trust::OtherCa, identity)    ─► DIR: ca-cert.pem [client-cert.pem client-key.pem]
 //! ```
 //!
-//! ECDSA P-256 keys: made in milliseconds, and every party (gnutls, rustls with ring) takes
-//! them. A missing certtool prints `SKIPPED:` ([`TestPki::new`] gives `None`).
+//! The CAs have ECDSA P-256 keys; servers and clients RSA 2048 keys, because qemu-nbd wants
+//! key encipherment in their key usage, which certtool gives RSA keys only. A missing
+//! certtool prints `SKIPPED:` ([`TestPki::new`] gives `None`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -61,7 +62,7 @@ impl TestPki {
         for ca in ["ca", "other-ca"] {
             let dir = pki.dir.join(ca);
             fs::create_dir(&dir).unwrap();
-            private_key(&dir.join("ca-key.pem"));
+            private_key(&dir.join("ca-key.pem"), "--key-type=ecdsa");
             let template = write_template(&dir, "ca.info", &format!("cn = kcopyd test {ca}\nca\ncert_signing_key\n{VALID}"));
             certtool(&[
                 "--generate-self-signed",
@@ -84,7 +85,8 @@ impl TestPki {
             let kind = if host.parse::<std::net::IpAddr>().is_ok() { "ip_address" } else { "dns_name" };
             template.push_str(&format!("{kind} = {host}\n"));
         }
-        template.push_str("tls_www_server\nsigning_key\n");
+        // qemu-nbd checks for key encipherment as well as signing (as its docs make them).
+        template.push_str("tls_www_server\nsigning_key\nencryption_key\n");
         template.push_str(if cert.expired { EXPIRED } else { VALID });
         let issuer = if cert.by_other_ca { "other-ca" } else { "ca" };
         self.issue(&dir, "server", issuer, &template);
@@ -102,7 +104,7 @@ impl TestPki {
         };
         fs::copy(self.dir.join(trusted).join("ca-cert.pem"), dir.join("ca-cert.pem")).unwrap();
         if identity {
-            let template = format!("organization = kcopyd test\ncn = kcopyd test client\ntls_www_client\nsigning_key\n{VALID}");
+            let template = format!("organization = kcopyd test\ncn = kcopyd test client\ntls_www_client\nsigning_key\nencryption_key\n{VALID}");
             self.issue(&dir, "client", "ca", &template);
         }
         dir
@@ -117,7 +119,7 @@ impl TestPki {
     /// `dir/{role}-key.pem` and `dir/{role}-cert.pem`, signed by `issuer`.
     fn issue(&self, dir: &Path, role: &str, issuer: &str, template: &str) {
         let (key, cert) = (dir.join(format!("{role}-key.pem")), dir.join(format!("{role}-cert.pem")));
-        private_key(&key);
+        private_key(&key, "--key-type=rsa");
         let template = write_template(dir, &format!("{role}.info"), template);
         let ca = self.dir.join(issuer);
         certtool(&[
@@ -147,8 +149,8 @@ fn write_template(dir: &Path, name: &str, text: &str) -> PathBuf {
     template
 }
 
-fn private_key(key: &Path) {
-    certtool(&["--generate-privkey", "--key-type=ecdsa", "--outfile", &path(key)]);
+fn private_key(key: &Path, key_type: &str) {
+    certtool(&["--generate-privkey", key_type, "--bits=2048", "--outfile", &path(key)]);
 }
 
 fn path(path: &Path) -> String {
