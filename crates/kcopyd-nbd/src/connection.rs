@@ -37,7 +37,7 @@ use crate::handshake::{ExportInfo, greet, handshake, start_tls};
 use crate::proto::*;
 use crate::reactor::Reactor;
 use crate::reply::{Loss, Pending, lost_error, read_replies};
-use crate::tls::TlsClient;
+use crate::tls::{CLOSED_AFTER_TLS_HANDSHAKE, TlsClient};
 use crate::tls_stream::TlsStream;
 use crate::uri::Address;
 
@@ -312,7 +312,14 @@ where
     let (read_half, write_half) = tokio::io::split(stream);
     let mut reader: Reader = BufReader::with_capacity(READ_BUFFER_BYTES, Box::new(read_half));
     let mut writer = BufWriter::with_capacity(HANDSHAKE_BUFFER_BYTES, Box::new(write_half) as Writer);
-    let info = handshake(&mut reader, &mut writer, export, (server, true)).await?;
+    let info = handshake(&mut reader, &mut writer, export, (server, true)).await.map_err(|error| match error {
+        // With TLS 1.3 a server that refuses the client's certificate (or the lack of one)
+        // learns it after the client's side of the TLS handshake is done, and hangs up.
+        ConnectError::HandshakeIo { server, source } if source.kind() == io::ErrorKind::UnexpectedEof => {
+            ConnectError::TlsHandshake { server, hint: Some(CLOSED_AFTER_TLS_HANDSHAKE), source }
+        }
+        other => other,
+    })?;
     assert!(writer.buffer().is_empty(), "the handshake flushes what it writes");
     Ok((reader, writer.into_inner(), info))
 }

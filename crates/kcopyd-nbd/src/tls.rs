@@ -296,6 +296,10 @@ impl ServerCertVerifier for AnyServerCertificate {
     }
 }
 
+/// What a server that hangs up right after the TLS handshake most likely means.
+pub(crate) const CLOSED_AFTER_TLS_HANDSHAKE: &str = "the server closed the connection after the TLS handshake: \
+     it may require a client certificate it trusts (client-cert.pem and client-key.pem in tls-certificates=DIR)";
+
 /// A hint for a failed TLS handshake, from rustls's error inside `error` (if any).
 pub(crate) fn handshake_hint(error: &io::Error) -> Option<&'static str> {
     let rustls_error = error.get_ref()?.downcast_ref::<rustls::Error>()?;
@@ -314,8 +318,8 @@ pub(crate) fn handshake_hint(error: &io::Error) -> Option<&'static str> {
             "the server's certificate is for another name (tls-hostname=NAME names the one to expect)"
         }
         rustls::Error::AlertReceived(_) => {
-            "the server ended the handshake: it may want a client certificate (client-cert.pem and \
-             client-key.pem in tls-certificates=DIR) that it trusts"
+            "the server ended the handshake: it may require a client certificate it trusts \
+             (client-cert.pem and client-key.pem in tls-certificates=DIR)"
         }
         rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
             "the server did not answer in TLS after agreeing to NBD_OPT_STARTTLS"
