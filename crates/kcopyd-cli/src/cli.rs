@@ -307,6 +307,21 @@ pub struct EngineArgs {
     /// is disconnected. Off by default: requests wait for ever, as the kernel's do.
     #[arg(long = "io-timeout", value_name = "DURATION", value_parser = size::parse_duration_us)]
     pub io_timeout_us: Option<u64>,
+    /// NBD over TLS (nbds://, nbds+unix://): the directory holding ca-cert.pem (the CA the
+    /// server's certificate must chain to), and client-cert.pem with client-key.pem for
+    /// servers that verify their clients. A URI's own tls-certificates wins. Without either,
+    /// the system's CA bundle.
+    #[arg(long = "tls-certificates", value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+    /// NBD over TLS: whether the server's certificate is verified (on by default). Off, the
+    /// data is still encrypted but the server may be anyone: kcopyd warns on standard error.
+    /// A URI's own tls-verify-peer wins.
+    #[arg(long = "tls-verify-peer", value_name = "on|off", value_parser = parse_on_off)]
+    pub tls_verify_peer: Option<bool>,
+    /// NBD over TLS: the name the server's certificate must hold (by default the URI's host;
+    /// "localhost" for a unix socket). A URI's own tls-hostname wins.
+    #[arg(long = "tls-hostname", value_name = "NAME")]
+    pub tls_hostname: Option<String>,
 }
 
 /// The engine's throttle, for `copy` and `zero`: both limits off unless given.
