@@ -63,7 +63,8 @@ impl TestPki {
             let dir = pki.dir.join(ca);
             fs::create_dir(&dir).unwrap();
             private_key(&dir.join("ca-key.pem"), "--key-type=ecdsa");
-            let template = write_template(&dir, "ca.info", &format!("cn = kcopyd test {ca}\nca\ncert_signing_key\n{VALID}"));
+            let template =
+                write_template(&dir, "ca.info", &format!("cn = kcopyd test {ca}\nca\ncert_signing_key\n{VALID}"));
             certtool(&[
                 "--generate-self-signed",
                 "--load-privkey",
@@ -104,7 +105,9 @@ impl TestPki {
         };
         fs::copy(self.dir.join(trusted).join("ca-cert.pem"), dir.join("ca-cert.pem")).unwrap();
         if identity {
-            let template = format!("organization = kcopyd test\ncn = kcopyd test client\ntls_www_client\nsigning_key\nencryption_key\n{VALID}");
+            let template = format!(
+                "organization = kcopyd test\ncn = kcopyd test client\ntls_www_client\nsigning_key\nencryption_key\n{VALID}"
+            );
             self.issue(&dir, "client", "ca", &template);
         }
         dir

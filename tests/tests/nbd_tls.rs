@@ -295,16 +295,19 @@ fn unreadable_certificates_are_refused_before_connecting() {
     let no_socket = "nbds+unix:///?socket=/nonexistent/kcopyd-tls.sock";
     let empty = TempDir::new(test);
     let error = refused(&format!("{no_socket}&{}", certificates(empty.path())), &ConnectOptions::default());
-    let ConnectError::TlsSetup { source: TlsError::Read { path, .. }, .. } = &error else { panic!("{error}") };
+    let ConnectError::TlsSetup { source, .. } = &error else { panic!("{error}") };
+    let TlsError::Read { path, .. } = source.as_ref() else { panic!("{error}") };
     assert!(path.ends_with("ca-cert.pem"), "{error}");
 
     let half = pki.client("half", Trust::OurCa, true);
     fs::remove_file(half.join("client-key.pem")).unwrap();
     let error = refused(&format!("{no_socket}&{}", certificates(&half)), &ConnectOptions::default());
-    assert!(matches!(error, ConnectError::TlsSetup { source: TlsError::HalfClientIdentity { .. }, .. }), "{error}");
+    let ConnectError::TlsSetup { source, .. } = &error else { panic!("{error}") };
+    assert!(matches!(source.as_ref(), TlsError::HalfClientIdentity { .. }), "{error}");
 
     let garbage = pki.client("garbage", Trust::OurCa, false);
     fs::write(garbage.join("ca-cert.pem"), "not a certificate\n").unwrap();
     let error = refused(&format!("{no_socket}&{}", certificates(&garbage)), &ConnectOptions::default());
-    assert!(matches!(error, ConnectError::TlsSetup { source: TlsError::Pem { .. }, .. }), "{error}");
+    let ConnectError::TlsSetup { source, .. } = &error else { panic!("{error}") };
+    assert!(matches!(source.as_ref(), TlsError::Pem { .. }), "{error}");
 }

@@ -21,8 +21,8 @@ use kcopyd_tool::{plan_with_source, plan_zero};
 
 use crate::cli::{EngineArgs, IoEngineArg, NBD_SUBJOBS_IN_FLIGHT_DEFAULT, SUBJOBS_IN_FLIGHT_DEFAULT, ThrottleArgs};
 use crate::error::{CliError, open_reason};
-use crate::{out, progress};
 use crate::size::Bytes;
+use crate::{out, progress};
 
 /// The largest page budget the engine takes (`ClientConfig::validate` counts pages in 32 bits):
 /// 16 TiB less one page.

@@ -66,7 +66,11 @@ fn read_only_exports_and_unreadable_tls_certificates_are_refused_before_any_io()
     assert_eq!(code, 2, "{stdout}{stderr}");
     assert!(stderr.contains("TARGET") && stderr.contains("read-only"), "{stderr}");
     assert!(fs::read(&target_file).unwrap() == pattern(23, 1 << 20), "the read-only export is untouched");
-    let tls = format!("nbds+unix:///?socket={}&tls-certificates={}", dir.join("none.sock").display(), dir.join("none").display());
+    let tls = format!(
+        "nbds+unix:///?socket={}&tls-certificates={}",
+        dir.join("none.sock").display(),
+        dir.join("none").display()
+    );
     let (code, _, stderr) = kcopyd(&["copy", source.to_str().unwrap(), &tls]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("TLS: cannot read") && stderr.contains("ca-cert.pem"), "{stderr}");

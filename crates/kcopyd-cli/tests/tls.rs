@@ -80,7 +80,8 @@ fn refusals_exit_2_say_why_and_write_nothing() {
 
     let right_ca = pki.client("right-ca", Trust::OurCa, false);
     let back = dir.join("back.img");
-    let (code, _, stderr) = kcopyd(&["copy", "--tls-certificates", right_ca.to_str().unwrap(), &tls, back.to_str().unwrap()]);
+    let (code, _, stderr) =
+        kcopyd(&["copy", "--tls-certificates", right_ca.to_str().unwrap(), &tls, back.to_str().unwrap()]);
     assert_eq!(code, 0, "{stderr}");
     assert!(fs::read(&back).unwrap().iter().all(|&byte| byte == 0), "no refused run wrote the export");
 

@@ -167,7 +167,7 @@ impl NbdDevice {
         let tls = match &parsed.tls {
             Some(uri_tls) => Some(
                 TlsClient::new(&uri_tls.clone().or(&options.tls), &parsed.address)
-                    .map_err(|source| ConnectError::TlsSetup { server: uri.to_owned(), source })?,
+                    .map_err(|source| ConnectError::TlsSetup { server: uri.to_owned(), source: Box::new(source) })?,
             ),
             None => None,
         };

@@ -65,7 +65,9 @@ pub enum ConnectError {
         message: String,
     },
     /// The server requires TLS (`NBD_REP_ERR_TLS_REQD`) and the URI is plain text.
-    #[error("{server}: the server requires TLS (NBD_REP_ERR_TLS_REQD): use {tls_uri} (with tls-certificates=DIR naming its CA)")]
+    #[error(
+        "{server}: the server requires TLS (NBD_REP_ERR_TLS_REQD): use {tls_uri} (with tls-certificates=DIR naming its CA)"
+    )]
     TlsRequired {
         /// The URI.
         server: String,
@@ -92,9 +94,10 @@ pub enum ConnectError {
     TlsSetup {
         /// The URI.
         server: String,
-        /// What is wrong.
+        /// What is wrong (boxed: rustls's errors are large, and every `ConnectError` would
+        /// carry their size).
         #[source]
-        source: TlsError,
+        source: Box<TlsError>,
     },
     /// The TLS handshake failed: the server's certificate is not trusted, has expired, is for
     /// another name, or the server refused this client.

@@ -345,7 +345,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Options<'_, R, W> {
         if reply == NBD_REP_ERR_TLS_REQD {
             // Inside TLS the server has no reason to ask for it: a server that does is broken.
             return Err(match self.tls {
-                false => ConnectError::TlsRequired { server: self.server.to_owned(), tls_uri: with_tls_scheme(self.server) },
+                false => {
+                    ConnectError::TlsRequired { server: self.server.to_owned(), tls_uri: with_tls_scheme(self.server) }
+                }
                 true => protocol("NBD_REP_ERR_TLS_REQD although TLS was asked for".into()),
             });
         }

@@ -327,4 +327,3 @@ pub(crate) fn handshake_hint(error: &io::Error) -> Option<&'static str> {
         _ => return None,
     })
 }
-

@@ -142,7 +142,11 @@ impl NbdUri {
                 "socket" => return Err(malformed("'socket' belongs to nbd+unix:// URIs".into())),
                 "tls-certificates" | "tls-verify-peer" | "tls-hostname" if !tls => {
                     let tls_scheme = if unix { "nbds+unix" } else { "nbds" };
-                    return Err(UriError::TlsParameterWithoutTls { uri: uri.to_owned(), key: key.to_owned(), tls_scheme });
+                    return Err(UriError::TlsParameterWithoutTls {
+                        uri: uri.to_owned(),
+                        key: key.to_owned(),
+                        tls_scheme,
+                    });
                 }
                 "tls-certificates" => tls_options.certificates = Some(PathBuf::from(percent_decode(value, malformed)?)),
                 "tls-verify-peer" => tls_options.verify_peer = Some(parse_bool(key, value, malformed)?),
