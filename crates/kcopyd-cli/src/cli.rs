@@ -39,7 +39,7 @@ pub const MEMORY_DEFAULT: &str = "16M";
 /// with the kcopyd engine.
 ///
 /// Devices are `PATH`, `PATH@OFFSET`, `sim:KEY=VALUE,...` or an NBD URI (`nbd://HOST[:PORT]/EXPORT`,
-/// `nbd+unix:///EXPORT?socket=PATH`), all also with `@OFFSET`. Sizes and
+/// `nbd+unix:///EXPORT?socket=PATH`; `nbds://`, `nbds+unix://` through TLS), all also with `@OFFSET`. Sizes and
 /// offsets are bytes, or take binary units: K, M, G, T (or KiB, MiB, ...), s for 512-byte
 /// sectors. Exit status: 0 success, 1 read or write errors or differences, 2 bad usage (nothing
 /// written), 130 interrupted (143 by SIGTERM), 141 standard output closed by its reader.
@@ -81,6 +81,8 @@ Examples:
       Go over the ranges that failed before, narrowing unreadable ones down to blocks.
   kcopyd copy thin.img fresh.img --target-is-zero
       Holes and zero blocks of the source are not written at all (fresh.img reads zeroes).
+  kcopyd copy /dev/sdb nbds://backup-host/disk --tls-certificates /etc/pki/nbd
+      Copy to an NBD export through TLS; its certificate must chain to /etc/pki/nbd/ca-cert.pem.
 
 Targets are locked while the copy runs; overlapping ranges, read-only or busy targets and bad
 options are refused before anything is written (exit 2).";
