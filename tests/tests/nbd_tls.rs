@@ -160,6 +160,45 @@ fn verify_peer_false_takes_an_unknown_certificate() {
     assert!(matches!(error, ConnectError::TlsHandshake { .. }), "{error}");
 }
 
+/// Many large reads and writes at once on one TLS connection: the server blocks writing read
+/// replies until the client reads them, while the client's socket is full of writes. The
+/// client must read whatever its write side is waiting for (a read side that first waits to
+/// send its pending records would deadlock with the server).
+#[test]
+fn reads_and_writes_at_once_on_one_tls_connection_do_not_deadlock() {
+    let test = "reads_and_writes_at_once_on_one_tls_connection_do_not_deadlock";
+    let Some(pki) = TestPki::new(test) else { return };
+    let server_dir = pki.server("server", ServerCert::default());
+    // One server thread: while it writes a read reply it reads nothing.
+    let certificates_arg = format!("--tls-certificates={}", server_dir.display());
+    let args = ["--threads=1", "--tls=require", &certificates_arg, "memory", "64M"];
+    let Some(server) = NbdServer::nbdkit(test, Listen::Unix, &args) else { return };
+    let client_dir = pki.client("client", Trust::OurCa, false);
+    let options = ConnectOptions { connections_max: 1, ..writable() };
+    let device = connect(&tls_uri(&server, "", &[certificates(&client_dir)]), &options);
+    const PIECE_BYTES: usize = 4 << 20;
+    let data = pattern(9, PIECE_BYTES);
+    write_ok(&device, 0, &data);
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let piece_sectors = (PIECE_BYTES / 512) as u64;
+        let work = (0..16u64).map(|index| {
+            let (device, data) = (&device, &data);
+            async move {
+                if index % 2 == 0 {
+                    let read = conformance::read_at(device, 0, PIECE_BYTES).await.unwrap();
+                    assert!(read == *data, "read {index} came back wrong");
+                } else {
+                    conformance::write_at(device, index * piece_sectors, data).await.unwrap();
+                }
+            }
+        });
+        conformance::block_on(futures_util::future::join_all(work));
+        let _ = done.send(());
+    });
+    finished.recv_timeout(Duration::from_secs(120)).expect("64 MiB of reads and writes at once finish");
+}
+
 // ---- refusals ------------------------------------------------------------------------------
 
 #[test]
