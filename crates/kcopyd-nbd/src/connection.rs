@@ -398,6 +398,14 @@ async fn write_requests(mut writer: Writer, requests: &mut mpsc::UnboundedReceiv
             }
         }
         headers.clear();
+        // Nothing queued: what was written must reach the server before the writer waits. A
+        // socket's flush does nothing; a TLS session's sends the records a full socket held
+        // back (its write took the data before they could all go).
+        if !shared.is_lost() {
+            if let Err(error) = writer.flush().await {
+                shared.lose(Loss { reason: format!("sending requests: {error}"), timed_out: false });
+            }
+        }
     }
     if !shared.is_lost() {
         let header = request_header(0, NBD_CMD_DISC, 0, 0, 0);
