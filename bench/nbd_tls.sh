@@ -4,6 +4,7 @@
 # with certtool), over loopback TCP. Each round runs the four copies in turn, the order
 # rotated every round; medians of wall time and of kcopyd's CPU time (user + system; nbdkit's
 # own encryption is not in it) are printed, and every copy back is compared with the source.
+# nbdcopy copies through the same TLS server too, when it is installed.
 #
 # Usage: bench/nbd_tls.sh [SIZE_MIB [RUNS]]        (defaults: 1024 MiB, 5 rounds)
 # Environment: KCOPYD (default target/release/kcopyd: cargo build --release -p kcopyd-cli),
@@ -65,27 +66,35 @@ tls="nbds://127.0.0.1:$tls_port/?tls-certificates=$dir/client"
 head -c "$((size_mib << 20))" /dev/urandom >"$dir/source.img"
 names=(plain-write tls-write plain-read tls-read)
 declare -A commands=(
-    [plain-write]="copy $dir/source.img $plain"
-    [tls-write]="copy $dir/source.img $tls"
-    [plain-read]="copy $plain $dir/back-plain.img"
-    [tls-read]="copy $tls $dir/back-tls.img"
+    [plain-write]="$kcopyd copy $dir/source.img $plain"
+    [tls-write]="$kcopyd copy $dir/source.img $tls"
+    [plain-read]="$kcopyd copy $plain $dir/back-plain.img"
+    [tls-read]="$kcopyd copy $tls $dir/back-tls.img"
 )
+# nbdcopy (libnbd-bin) through the same TLS server, for comparison, when installed.
+if command -v nbdcopy >/dev/null; then
+    names+=(nbdcopy-tls-write nbdcopy-tls-read)
+    commands[nbdcopy-tls-write]="nbdcopy $dir/source.img $tls"
+    commands[nbdcopy-tls-read]="nbdcopy $tls $dir/back-nbdcopy.img"
+fi
 declare -A walls cpus
-echo "== $size_mib MiB, $runs rounds: kcopyd copy file -> nbdkit memory (write) and back (read), loopback TCP"
+echo "== $size_mib MiB, $runs rounds: file -> nbdkit memory (write) and back (read), loopback TCP"
 for ((round = 0; round < runs; round++)); do
     for ((i = 0; i < ${#names[@]}; i++)); do
         name="${names[(i + round) % ${#names[@]}]}"
         # A read needs the export written first: the writes of round 0 run before its reads.
         if [ "$round" = 0 ]; then name="${names[i]}"; fi
         rm -f "$dir/back-plain.img" "$dir/back-tls.img"
+        : >"$dir/back-nbdcopy.img"
         # shellcheck disable=SC2086 # the command is split on purpose
-        /usr/bin/time -f "%e %U %S" -o "$dir/time" "$kcopyd" ${commands[$name]} >/dev/null
+        /usr/bin/time -f "%e %U %S" -o "$dir/time" ${commands[$name]} >/dev/null
         read -r wall user system <"$dir/time"
         walls[$name]+="$wall "
         cpus[$name]+="$(echo "$user + $system" | bc) "
         case "$name" in
             plain-read) cmp -s "$dir/source.img" "$dir/back-plain.img" || { echo "plain copy back differs" >&2; exit 1; } ;;
             tls-read) cmp -s "$dir/source.img" "$dir/back-tls.img" || { echo "TLS copy back differs" >&2; exit 1; } ;;
+            nbdcopy-tls-read) cmp -s "$dir/source.img" "$dir/back-nbdcopy.img" || { echo "nbdcopy's copy back differs" >&2; exit 1; } ;;
         esac
     done
 done

@@ -108,3 +108,44 @@ fn tls_verify_peer_off_works_and_warns() {
     let (code, _, stderr) = kcopyd(&["verify", source.to_str().unwrap(), &format!("{tls}&tls-verify-peer=false")]);
     assert_eq!(code, 0, "{stderr}");
 }
+
+/// The command ends its TLS sessions before it exits (NBD_CMD_DISC, close_notify): nbdkit,
+/// which logs a TLS connection cut without close_notify as an error, logs nothing.
+#[test]
+fn the_command_closes_its_tls_sessions_before_it_exits() {
+    let test = "the_command_closes_its_tls_sessions_before_it_exits";
+    let Some(pki) = TestPki::new(test) else { return };
+    if !kcopyd_tests::nbd_servers::installed("nbdkit") {
+        kcopyd_tests::fixtures::skip(test, "nbdkit is not installed (Debian: apt-get install nbdkit)");
+        return;
+    }
+    let server_dir = pki.server("server", ServerCert::default());
+    let client_dir = pki.client("client", Trust::OurCa, false);
+    let dir = TempDir::new(test);
+    let socket = dir.join("nbd.sock");
+    let log = dir.join("nbdkit.log");
+    let mut nbdkit = Command::new("nbdkit")
+        .args(["-f", "--exit-with-parent", "--tls=require"])
+        .arg(format!("--tls-certificates={}", server_dir.display()))
+        .arg("-U")
+        .arg(&socket)
+        .args(["memory", "4M"])
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !socket.exists() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "nbdkit listens");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let source = dir.file_with("source.img", &pattern(34, 4 << 20));
+    let uri = format!("nbds+unix:///?socket={}&tls-certificates={}", socket.display(), client_dir.display());
+    let (code, _, stderr) = kcopyd(&["copy", source.to_str().unwrap(), &uri]);
+    assert_eq!(code, 0, "{stderr}");
+    // nbdkit logs a cut connection when it reads from it: give it a moment.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let _ = nbdkit.kill();
+    let _ = nbdkit.wait();
+    let logged = fs::read_to_string(&log).unwrap();
+    assert!(!logged.contains("error"), "nbdkit saw the sessions end uncleanly:\n{logged}");
+}
