@@ -287,17 +287,12 @@ fn a_plain_uri_to_a_server_that_requires_tls_says_to_use_nbds() {
     assert!(tls_uri.starts_with("nbds+unix:///"), "{error}");
 }
 
-/// A server that agrees to NBD_OPT_STARTTLS and then goes on in plain text: the TLS handshake
-/// fails, and the client never sends an option in plain text after asking for TLS.
-#[test]
-fn a_server_that_agrees_to_tls_then_speaks_plain_text_is_refused() {
-    let test = "a_server_that_agrees_to_tls_then_speaks_plain_text_is_refused";
-    let Some(pki) = TestPki::new(test) else { return };
-    let client_dir = pki.client("client", Trust::OurCa, false);
-    let dir = TempDir::new(test);
-    let socket = dir.join("liar.sock");
-    let listener = UnixListener::bind(&socket).unwrap();
-    let liar = std::thread::spawn(move || {
+/// A scripted server on `socket`: the greeting, then `reply` (type, data) to the first option,
+/// followed by `after` (bytes where the TLS handshake should be). It returns the option and
+/// the first byte the client sent after the reply (`None`: it hung up).
+fn starttls_liar(socket: &Path, reply: (u32, Vec<u8>), after: Vec<u8>) -> std::thread::JoinHandle<(u32, Option<u8>)> {
+    let listener = UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
         let (mut stream, _) = listener.accept().unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut greeting = 0x4e42_444d_4147_4943u64.to_be_bytes().to_vec();
@@ -307,23 +302,53 @@ fn a_server_that_agrees_to_tls_then_speaks_plain_text_is_refused() {
         let mut client_flags_and_option = [0u8; 4 + 16];
         stream.read_exact(&mut client_flags_and_option).unwrap();
         let option = u32::from_be_bytes(client_flags_and_option[12..16].try_into().unwrap());
-        // ACK to STARTTLS, then a plain NBD option reply where the TLS ServerHello should be.
-        let mut reply = 0x0003_e889_0455_65a9u64.to_be_bytes().to_vec();
-        reply.extend_from_slice(&option.to_be_bytes());
-        reply.extend_from_slice(&1u32.to_be_bytes());
-        reply.extend_from_slice(&0u32.to_be_bytes());
-        stream.write_all(&reply.repeat(2)).unwrap();
-        // What the client sent after the ACK: its TLS ClientHello (a handshake record, 0x16).
+        let mut message = 0x0003_e889_0455_65a9u64.to_be_bytes().to_vec();
+        message.extend_from_slice(&option.to_be_bytes());
+        message.extend_from_slice(&reply.0.to_be_bytes());
+        message.extend_from_slice(&(reply.1.len() as u32).to_be_bytes());
+        message.extend_from_slice(&reply.1);
+        message.extend_from_slice(&after);
+        stream.write_all(&message).unwrap();
         let mut next = [0u8; 1];
-        stream.read_exact(&mut next).unwrap();
-        (option, next[0])
-    });
-    let uri = format!("nbds+unix:///?socket={}&{}", socket.display(), certificates(&client_dir));
+        let sent = stream.read(&mut next).ok().filter(|&read| read == 1).map(|_| next[0]);
+        (option, sent)
+    })
+}
+
+/// A server that agrees to NBD_OPT_STARTTLS and then goes on in plain text: the TLS handshake
+/// fails, and the client never sends an option in plain text after asking for TLS.
+#[test]
+fn a_server_that_agrees_to_tls_then_speaks_plain_text_is_refused() {
+    let test = "a_server_that_agrees_to_tls_then_speaks_plain_text_is_refused";
+    let dir = TempDir::new(test);
+    let socket = dir.join("liar.sock");
+    // ACK to STARTTLS, then a plain NBD option reply where the TLS ServerHello should be.
+    let mut plain_reply = 0x0003_e889_0455_65a9u64.to_be_bytes().to_vec();
+    plain_reply.extend_from_slice(&[0, 0, 0, 5, 0, 0, 0, 1, 0, 0, 0, 0]);
+    let liar = starttls_liar(&socket, (1, Vec::new()), plain_reply);
+    let uri = format!("nbds+unix:///?socket={}&tls-verify-peer=false", socket.display());
     let error = refused(&uri, &writable());
     assert!(matches!(error, ConnectError::TlsHandshake { .. }), "{error}");
     let (option, after_ack) = liar.join().unwrap();
     assert_eq!(option, 5, "the first option is NBD_OPT_STARTTLS");
-    assert_eq!(after_ack, 0x16, "after the ACK the client speaks TLS, nothing else");
+    assert_eq!(after_ack, Some(0x16), "after the ACK the client speaks TLS (a handshake record), nothing else");
+}
+
+/// Replies to NBD_OPT_STARTTLS that are neither an ACK nor an error (an ACK with data, an
+/// information reply): a protocol error, and the client hangs up without a plain-text option.
+#[test]
+fn a_malformed_answer_to_starttls_is_a_protocol_error() {
+    let test = "a_malformed_answer_to_starttls_is_a_protocol_error";
+    let dir = TempDir::new(test);
+    for (index, reply) in [(1u32, vec![0u8; 4]), (3, vec![0u8; 12])].into_iter().enumerate() {
+        let socket = dir.join(&format!("liar-{index}.sock"));
+        let liar = starttls_liar(&socket, reply, Vec::new());
+        let uri = format!("nbds+unix:///?socket={}&tls-verify-peer=false", socket.display());
+        let error = refused(&uri, &writable());
+        let ConnectError::Protocol { problem, .. } = &error else { panic!("{error}") };
+        assert!(problem.contains("NBD_OPT_STARTTLS"), "{error}");
+        assert_eq!(liar.join().unwrap(), (5, None), "nothing is sent after a malformed answer");
+    }
 }
 
 /// Certificates missing or half there: a typed error before anything is sent.
