@@ -51,7 +51,7 @@ pub const MEMORY_DEFAULT: &str = "16M";
 /// with the kcopyd engine.
 ///
 /// Devices are `PATH`, `PATH@OFFSET`, `sim:KEY=VALUE,...` or an NBD URI (`nbd://HOST[:PORT]/EXPORT`,
-/// `nbd+unix:///EXPORT?socket=PATH`), all also with `@OFFSET`. Sizes and
+/// `nbd+unix:///EXPORT?socket=PATH`; `nbds://`, `nbds+unix://` through TLS), all also with `@OFFSET`. Sizes and
 /// offsets are bytes, or take binary units: K, M, G, T (or KiB, MiB, ...), s for 512-byte
 /// sectors. Exit status: 0 success, 1 read or write errors or differences, 2 bad usage (nothing
 /// written), 130 interrupted (143 by SIGTERM), 141 standard output closed by its reader.
@@ -93,6 +93,8 @@ Examples:
       Go over the ranges that failed before, narrowing unreadable ones down to blocks.
   kcopyd copy thin.img fresh.img --target-is-zero
       Holes and zero blocks of the source are not written at all (fresh.img reads zeroes).
+  kcopyd copy /dev/sdb nbds://backup-host/disk --tls-certificates /etc/pki/nbd
+      Copy to an NBD export through TLS; its certificate must chain to /etc/pki/nbd/ca-cert.pem.
 
 Targets are locked while the copy runs; overlapping ranges, read-only or busy targets and bad
 options are refused before anything is written (exit 2).";
@@ -394,6 +396,21 @@ pub struct EngineArgs {
     /// is disconnected. Off by default: requests wait for ever, as the kernel's do.
     #[arg(long = "io-timeout", value_name = "DURATION", value_parser = size::parse_duration_us)]
     pub io_timeout_us: Option<u64>,
+    /// NBD over TLS (nbds://, nbds+unix://): the directory holding ca-cert.pem (the CA the
+    /// server's certificate must chain to), and client-cert.pem with client-key.pem for
+    /// servers that verify their clients. A URI's own tls-certificates wins. Without either,
+    /// the system's CA bundle.
+    #[arg(long = "tls-certificates", value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+    /// NBD over TLS: whether the server's certificate is verified (on by default). Off, the
+    /// data is still encrypted but the server may be anyone: kcopyd warns on standard error.
+    /// A URI's own tls-verify-peer wins.
+    #[arg(long = "tls-verify-peer", value_name = "on|off", value_parser = parse_on_off)]
+    pub tls_verify_peer: Option<bool>,
+    /// NBD over TLS: the name the server's certificate must hold (by default the URI's host;
+    /// "localhost" for a unix socket). A URI's own tls-hostname wins.
+    #[arg(long = "tls-hostname", value_name = "NAME")]
+    pub tls_hostname: Option<String>,
 }
 
 /// The engine's throttle, for `copy` and `zero`: both limits off unless given.

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kcopyd_core::{ClientConfig, PAGE_SIZE};
+use kcopyd_nbd::{NbdUri, TlsOptions};
 use kcopyd_os::{IoEngine, QUEUE_DEPTH_MAX};
 use kcopyd_tool::{
     AddressError, Backend, CreatedHook, DeviceAddress, NbdSettings, Plan, PlanError, Settings, ZeroPlan,
@@ -23,8 +24,8 @@ use crate::cli::{
     NBD_SUBJOBS_IN_FLIGHT_DEFAULT, SUBJOBS_IN_FLIGHT_DEFAULT, ThrottleArgs,
 };
 use crate::error::{CliError, open_reason};
-use crate::progress;
 use crate::size::Bytes;
+use crate::{out, progress};
 
 /// The largest page budget the engine takes (`ClientConfig::validate` counts pages in 32 bits):
 /// 16 TiB less one page.
@@ -100,7 +101,49 @@ fn nbd_settings(args: &EngineArgs, nbd_exports: usize) -> Result<NbdSettings, Cl
         connections_max,
         connect_timeout_ms: millis("--connect-timeout", args.connect_timeout_us)?,
         io_timeout_ms: args.io_timeout_us.map(|us| millis("--io-timeout", us)).transpose()?,
+        tls: TlsOptions {
+            certificates: args.tls_certificates.clone(),
+            verify_peer: args.tls_verify_peer,
+            hostname: args.tls_hostname.clone(),
+        },
     })
+}
+
+/// Refuses `--tls-*` options when no device is an `nbds://` or `nbds+unix://` export (a
+/// plain `nbd://` one is never encrypted, whatever the options say), and warns on standard
+/// error of each TLS export whose server's certificate will not be verified.
+///
+/// # Errors
+/// A `--tls-*` option without a TLS device, named.
+fn check_tls(args: &EngineArgs, defaults: &TlsOptions, devices: &[&DeviceAddress]) -> Result<(), CliError> {
+    let tls_devices: Vec<(&str, TlsOptions)> = devices
+        .iter()
+        .filter_map(|device| match &device.backend {
+            Backend::Nbd(uri) => NbdUri::parse(uri).ok()?.tls.map(|tls| (uri.as_str(), tls.or(defaults))),
+            _ => None,
+        })
+        .collect();
+    if tls_devices.is_empty() {
+        let given = [
+            ("--tls-certificates", args.tls_certificates.as_ref().map(|dir| dir.display().to_string())),
+            ("--tls-verify-peer", args.tls_verify_peer.map(|on| if on { "on" } else { "off" }.to_owned())),
+            ("--tls-hostname", args.tls_hostname.clone()),
+        ];
+        if let Some((option, Some(text))) = given.into_iter().find(|(_, text)| text.is_some()) {
+            return Err(CliError::argument(
+                option,
+                text,
+                "no nbds:// or nbds+unix:// device to use it with (nbd:// is never encrypted)",
+            ));
+        }
+    }
+    for (uri, _) in tls_devices.iter().filter(|(_, tls)| !tls.verifies_peer()) {
+        out::note(&format!(
+            "kcopyd: warning: {uri}: the server's certificate is not verified (tls-verify-peer off): \
+             the data is encrypted, but the server may be anyone"
+        ));
+    }
+    Ok(())
 }
 
 /// `settings` with the throttle of `args`.
@@ -162,11 +205,13 @@ pub fn settings<'a>(
     args: &EngineArgs,
     devices: impl IntoIterator<Item = &'a DeviceAddress>,
 ) -> Result<Settings, CliError> {
-    let nbd_exports = devices.into_iter().filter(|device| matches!(device.backend, Backend::Nbd(_))).count();
+    let devices: Vec<&DeviceAddress> = devices.into_iter().collect();
+    let nbd_exports = devices.iter().filter(|device| matches!(device.backend, Backend::Nbd(_))).count();
     let subjobs_default = if nbd_exports > 0 { NBD_SUBJOBS_IN_FLIGHT_DEFAULT } else { SUBJOBS_IN_FLIGHT_DEFAULT };
     let subjobs_in_flight = args.subjobs_in_flight.unwrap_or(subjobs_default);
     check_memory(args.memory_bytes)?;
     let nbd = nbd_settings(args, nbd_exports)?;
+    check_tls(args, &nbd.tls, &devices)?;
     let config = ClientConfig {
         page_budget: usize::try_from(args.memory_bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX),
         sub_job_size_bytes: usize::try_from(args.sub_job_size_bytes).unwrap_or(usize::MAX),

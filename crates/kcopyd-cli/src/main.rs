@@ -61,8 +61,15 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(source) => return fail(&CliError::Start { what: "the async runtime", source }),
     };
-    runtime.block_on(run(cli)).into()
+    let status = runtime.block_on(run(cli));
+    // Every device is dropped by now; their NBD connections say goodbye on the reactor's
+    // thread (NBD_CMD_DISC, TLS's close_notify): let them, briefly, before the process ends.
+    kcopyd_nbd::Reactor::wait_shared_closed(NBD_CLOSE_TIMEOUT);
+    status.into()
 }
+
+/// Most time the command waits at its end for its NBD connections to close cleanly.
+const NBD_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Whether every device of `command` is a `sim:` disk (the demo and the `sim` commands run
 /// their own simulations, off this runtime).

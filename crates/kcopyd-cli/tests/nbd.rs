@@ -1,5 +1,6 @@
 //! The `kcopyd` command with NBD URIs as source and targets, against qemu-nbd and nbdkit
-//! started here: copy, verify and zero, a read-only export refused as a target, TLS refused.
+//! started here: copy, verify and zero, a read-only export refused as a target, unreadable
+//! TLS certificates refused (TLS itself: `tls.rs`).
 //! A missing server prints `SKIPPED:`.
 
 use std::fs;
@@ -52,8 +53,8 @@ fn copy_verify_and_zero_through_nbd_uris() {
 }
 
 #[test]
-fn read_only_exports_and_tls_are_refused_before_any_io() {
-    let test = "read_only_exports_and_tls_are_refused_before_any_io";
+fn read_only_exports_and_unreadable_tls_certificates_are_refused_before_any_io() {
+    let test = "read_only_exports_and_unreadable_tls_certificates_are_refused_before_any_io";
     let dir = TempDir::new(test);
     let data = pattern(22, 1 << 20);
     let source = dir.file_with("source.img", &data);
@@ -65,9 +66,14 @@ fn read_only_exports_and_tls_are_refused_before_any_io() {
     assert_eq!(code, 2, "{stdout}{stderr}");
     assert!(stderr.contains("TARGET") && stderr.contains("read-only"), "{stderr}");
     assert!(fs::read(&target_file).unwrap() == pattern(23, 1 << 20), "the read-only export is untouched");
-    let (code, _, stderr) = kcopyd(&["copy", source.to_str().unwrap(), "nbds://localhost/disk"]);
-    assert_eq!(code, 2);
-    assert!(stderr.contains("TLS"), "{stderr}");
+    let tls = format!(
+        "nbds+unix:///?socket={}&tls-certificates={}",
+        dir.join("none.sock").display(),
+        dir.join("none").display()
+    );
+    let (code, _, stderr) = kcopyd(&["copy", source.to_str().unwrap(), &tls]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("TLS: cannot read") && stderr.contains("ca-cert.pem"), "{stderr}");
 }
 
 /// `qemu-nbd` serving `file` on the unix socket `socket` (one URI for several servers in

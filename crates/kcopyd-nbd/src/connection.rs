@@ -33,10 +33,12 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::ConnectError;
-use crate::handshake::{ExportInfo, handshake};
+use crate::handshake::{ExportInfo, greet, handshake, start_tls};
 use crate::proto::*;
 use crate::reactor::Reactor;
 use crate::reply::{Loss, Pending, lost_error, read_replies};
+use crate::tls::{CLOSED_AFTER_TLS_HANDSHAKE, TlsClient};
+use crate::tls_stream::TlsStream;
 use crate::uri::Address;
 
 /// Bytes of request headers gathered before they are written: headers without data (reads,
@@ -177,21 +179,22 @@ pub(crate) struct Connection {
 
 impl Connection {
     /// Connects to `address`, runs the handshake for `export` and starts serving requests, all
-    /// in a task on `reactor`. `server` names the URI in errors. Connecting and the handshake
-    /// may take `timeout`; with `io_timeout`, a request without its whole reply after that
-    /// long ends the connection (see [`watch_replies`]).
+    /// in a task on `reactor`, inside a TLS session of its own if `tls` is given. `server`
+    /// names the URI in errors. Connecting and the handshake (TLS's too) may take `timeout`;
+    /// with `io_timeout`, a request without its whole reply after that long ends the
+    /// connection (see [`watch_replies`]).
     pub(crate) fn open(
         reactor: &Reactor,
-        address: &Address,
-        export: &str,
+        (address, export, tls): (&Address, &str, Option<&TlsClient>),
         server: Arc<str>,
         (timeout, io_timeout): (Duration, Option<Duration>),
     ) -> Result<(Connection, ExportInfo), ConnectError> {
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-        let (address, export, task_server) = (address.clone(), export.to_owned(), server.clone());
+        let (address, export, task_server, tls) = (address.clone(), export.to_owned(), server.clone(), tls.cloned());
         reactor.spawn(async move {
             let server = task_server;
-            let opened = match tokio::time::timeout(timeout, open_stream(&address, &export, &server)).await {
+            let opening = open_stream(&address, &export, &server, tls.as_ref());
+            let opened = match tokio::time::timeout(timeout, opening).await {
                 Ok(opened) => opened,
                 Err(_) => Err(ConnectError::Connect {
                     server: server.to_string(),
@@ -237,31 +240,88 @@ impl Connection {
     }
 }
 
-/// Connects and runs the handshake.
+/// Connects, secures the connection with TLS if `tls` asks, and runs the handshake.
 async fn open_stream(
     address: &Address,
     export: &str,
     server: &str,
+    tls: Option<&TlsClient>,
 ) -> Result<(Reader, Writer, ExportInfo), ConnectError> {
     let connect = |source| ConnectError::Connect { server: server.to_owned(), source };
-    let (read_half, write_half): (Box<dyn AsyncRead + Unpin + Send>, Box<dyn AsyncWrite + Unpin + Send>) = match address
-    {
+    match address {
         Address::Tcp { host, port } => {
             let stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await.map_err(connect)?;
             stream.set_nodelay(true).map_err(connect)?;
-            let (read_half, write_half) = stream.into_split();
-            (Box::new(read_half), Box::new(write_half))
+            match tls {
+                Some(tls) => open_tls(stream, export, server, tls).await,
+                None => {
+                    let (read_half, write_half) = stream.into_split();
+                    open_plain(Box::new(read_half), Box::new(write_half), export, server).await
+                }
+            }
         }
         Address::Unix(path) => {
             let stream = tokio::net::UnixStream::connect(path).await.map_err(connect)?;
-            let (read_half, write_half) = stream.into_split();
-            (Box::new(read_half), Box::new(write_half))
+            match tls {
+                Some(tls) => open_tls(stream, export, server, tls).await,
+                None => {
+                    let (read_half, write_half) = stream.into_split();
+                    open_plain(Box::new(read_half), Box::new(write_half), export, server).await
+                }
+            }
         }
-    };
+    }
+}
+
+/// The handshake in plain text, on the socket's own halves: the transmission phase then reads
+/// and writes the socket directly.
+async fn open_plain(
+    read_half: Box<dyn AsyncRead + Unpin + Send>,
+    write_half: Box<dyn AsyncWrite + Unpin + Send>,
+    export: &str,
+    server: &str,
+) -> Result<(Reader, Writer, ExportInfo), ConnectError> {
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, read_half);
     let mut writer = BufWriter::with_capacity(HANDSHAKE_BUFFER_BYTES, write_half);
-    let info = handshake(&mut reader, &mut writer, export, server).await?;
+    greet(&mut reader, &mut writer, server).await?;
+    let info = handshake(&mut reader, &mut writer, export, (server, false)).await?;
     // The handshake waits for the server's answer to everything it sends: nothing is left.
+    assert!(writer.buffer().is_empty(), "the handshake flushes what it writes");
+    Ok((reader, writer.into_inner(), info))
+}
+
+/// The greeting and `NBD_OPT_STARTTLS` in plain text, straight on the socket (nothing
+/// buffered: the bytes after the server's ACK are TLS's), then the TLS handshake, then the
+/// rest of the handshake and the whole transmission phase inside the TLS session.
+async fn open_tls<S>(
+    mut socket: S,
+    export: &str,
+    server: &str,
+    tls: &TlsClient,
+) -> Result<(Reader, Writer, ExportInfo), ConnectError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    {
+        let (mut read_half, mut write_half) = tokio::io::split(&mut socket);
+        greet(&mut read_half, &mut write_half, server).await?;
+        start_tls(&mut read_half, &mut write_half, server).await?;
+    }
+    let session = rustls::ClientConnection::new(tls.config.clone(), tls.name.clone())
+        .map_err(|error| ConnectError::handshake_io(server, io::Error::new(io::ErrorKind::InvalidData, error)))?;
+    let mut stream = TlsStream::new(socket, session);
+    stream.handshake().await.map_err(|error| ConnectError::handshake_io(server, error))?;
+    let (read_half, write_half) = tokio::io::split(stream);
+    let mut reader: Reader = BufReader::with_capacity(READ_BUFFER_BYTES, Box::new(read_half));
+    let mut writer = BufWriter::with_capacity(HANDSHAKE_BUFFER_BYTES, Box::new(write_half) as Writer);
+    let info = handshake(&mut reader, &mut writer, export, (server, true)).await.map_err(|error| match error {
+        // With TLS 1.3 a server that refuses the client's certificate (or the lack of one)
+        // learns it after the client's side of the TLS handshake is done, and hangs up.
+        ConnectError::HandshakeIo { server, source } if source.kind() == io::ErrorKind::UnexpectedEof => {
+            ConnectError::TlsHandshake { server, hint: Some(CLOSED_AFTER_TLS_HANDSHAKE), source }
+        }
+        other => other,
+    })?;
     assert!(writer.buffer().is_empty(), "the handshake flushes what it writes");
     Ok((reader, writer.into_inner(), info))
 }
@@ -340,6 +400,14 @@ async fn write_requests(mut writer: Writer, requests: &mut mpsc::UnboundedReceiv
             }
         }
         headers.clear();
+        // Nothing queued: what was written must reach the server before the writer waits. A
+        // socket's flush does nothing; a TLS session's sends the records a full socket held
+        // back (its write took the data before they could all go).
+        if !shared.is_lost() {
+            if let Err(error) = writer.flush().await {
+                shared.lose(Loss { reason: format!("sending requests: {error}"), timed_out: false });
+            }
+        }
     }
     if !shared.is_lost() {
         let header = request_header(0, NBD_CMD_DISC, 0, 0, 0);

@@ -19,6 +19,7 @@ use crate::error::{ConnectError, Refusal, RequestError};
 use crate::handshake::ExportInfo;
 use crate::proto::*;
 use crate::reactor::Reactor;
+use crate::tls::{TlsClient, TlsOptions};
 use crate::uri::NbdUri;
 
 /// Connections opened to a server that allows several (`NBD_FLAG_CAN_MULTI_CONN`) when none
@@ -72,6 +73,9 @@ pub struct ConnectOptions {
     /// The thread the connections run on: `None` for the process's shared one
     /// ([`Reactor::shared`]).
     pub reactor: Option<Reactor>,
+    /// TLS parameters for `nbds://` and `nbds+unix://` URIs whose query does not give them
+    /// (the URI's own win). Unused for plain-text URIs: they never turn TLS on.
+    pub tls: TlsOptions,
 }
 
 impl Default for ConnectOptions {
@@ -82,6 +86,7 @@ impl Default for ConnectOptions {
             connect_timeout_ms: CONNECT_TIMEOUT_MS_DEFAULT,
             io_timeout_ms: None,
             reactor: None,
+            tls: TlsOptions::default(),
         }
     }
 }
@@ -189,8 +194,16 @@ impl NbdDevice {
             Some(reactor) => reactor.clone(),
             None => Reactor::shared().map_err(|source| ConnectError::Thread { server: uri.to_owned(), source })?,
         };
+        let tls = match &parsed.tls {
+            Some(uri_tls) => Some(
+                TlsClient::new(&uri_tls.clone().or(&options.tls), &parsed.address)
+                    .map_err(|source| ConnectError::TlsSetup { server: uri.to_owned(), source: Box::new(source) })?,
+            ),
+            None => None,
+        };
+        let target = (&parsed.address, parsed.export.as_str(), tls.as_ref());
         let started = Instant::now();
-        let (first, info) = Connection::open(&reactor, &parsed.address, &parsed.export, server.clone(), timeouts)?;
+        let (first, info) = Connection::open(&reactor, target, server.clone(), timeouts)?;
         let further_timeouts = (further_connect_timeout(timeouts.0, started.elapsed()), timeouts.1);
         if options.write && info.has(NBD_FLAG_READ_ONLY) {
             return Err(ConnectError::ReadOnly { server: uri.to_owned() });
@@ -199,8 +212,7 @@ impl NbdDevice {
         let mut connections = vec![first];
         if info.has(NBD_FLAG_CAN_MULTI_CONN) {
             for index in 1..options.connections_max {
-                let opened =
-                    Connection::open(&reactor, &parsed.address, &parsed.export, server.clone(), further_timeouts);
+                let opened = Connection::open(&reactor, target, server.clone(), further_timeouts);
                 let (connection, other) = match opened {
                     // A server that offers several connections but takes fewer (closes the
                     // further ones, or leaves them unanswered): use those it took.

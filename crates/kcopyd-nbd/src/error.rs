@@ -6,13 +6,14 @@ use std::io;
 use kcopyd_core::{RequestRefused, SECTOR_SIZE};
 use thiserror::Error;
 
+use crate::tls::{TlsError, handshake_hint};
 use crate::uri::UriError;
 
 /// Why [`connect`](crate::connect) could not open an export. Every variant names the server.
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum ConnectError {
-    /// The URI is malformed or asks for something unsupported (TLS).
+    /// The URI is malformed or asks for something unsupported.
     #[error(transparent)]
     Uri(#[from] UriError),
     /// The options are out of bounds.
@@ -63,6 +64,53 @@ pub enum ConnectError {
         /// The server's message.
         message: String,
     },
+    /// The server requires TLS (`NBD_REP_ERR_TLS_REQD`) and the URI is plain text.
+    #[error(
+        "{server}: the server requires TLS (NBD_REP_ERR_TLS_REQD): use {tls_uri} (with tls-certificates=DIR naming its CA)"
+    )]
+    TlsRequired {
+        /// The URI.
+        server: String,
+        /// The same URI with the TLS scheme.
+        tls_uri: String,
+    },
+    /// TLS was asked for (`nbds`) and the server refused `NBD_OPT_STARTTLS` (it offers no
+    /// TLS): the connection is dropped, never continued in plain text.
+    #[error(
+        "{server}: TLS was asked for but the server refused NBD_OPT_STARTTLS with {reply}{}: not falling back to plain text",
+        if .message.is_empty() { String::new() } else { format!(" ({})", .message) }
+    )]
+    TlsRefused {
+        /// The URI.
+        server: String,
+        /// The error reply, by its protocol name.
+        reply: &'static str,
+        /// The server's message.
+        message: String,
+    },
+    /// The TLS configuration could not be built (certificates unreadable or malformed, no
+    /// trust roots): nothing was sent.
+    #[error("{server}: TLS: {source}")]
+    TlsSetup {
+        /// The URI.
+        server: String,
+        /// What is wrong (boxed: rustls's errors are large, and every `ConnectError` would
+        /// carry their size).
+        #[source]
+        source: Box<TlsError>,
+    },
+    /// The TLS handshake failed: the server's certificate is not trusted, has expired, is for
+    /// another name, or the server refused this client.
+    #[error("{server}: TLS handshake failed: {}{source}", .hint.map(|hint| format!("{hint}: ")).unwrap_or_default())]
+    TlsHandshake {
+        /// The URI.
+        server: String,
+        /// What the failure most likely means, when rustls's error tells.
+        hint: Option<&'static str>,
+        /// What rustls or the system said (rustls's [`rustls::Error`] inside, when it is its).
+        #[source]
+        source: io::Error,
+    },
     /// The export is read-only and was to be written: refused before any I/O.
     #[error("{server}: the export is read-only (NBD_FLAG_READ_ONLY), refusing it as a target")]
     ReadOnly {
@@ -97,6 +145,19 @@ pub enum ConnectError {
         #[source]
         source: io::Error,
     },
+}
+
+impl ConnectError {
+    /// A failure while talking to the server during the handshake: a TLS failure (rustls's
+    /// error inside) as [`ConnectError::TlsHandshake`], anything else as
+    /// [`ConnectError::HandshakeIo`].
+    pub(crate) fn handshake_io(server: &str, source: io::Error) -> ConnectError {
+        let from_rustls = source.get_ref().is_some_and(|inner| inner.is::<rustls::Error>());
+        match from_rustls {
+            true => ConnectError::TlsHandshake { server: server.to_owned(), hint: handshake_hint(&source), source },
+            false => ConnectError::HandshakeIo { server: server.to_owned(), source },
+        }
+    }
 }
 
 /// Why one request failed, inside the `io::Error` a [`NbdDevice`](crate::NbdDevice) operation

@@ -1,15 +1,20 @@
-//! The fixed newstyle handshake: structured replies, the `base:allocation` metadata context,
-//! then `NBD_OPT_GO` with `NBD_INFO_BLOCK_SIZE`.
+//! The fixed newstyle handshake: TLS if asked for, structured replies, the `base:allocation`
+//! metadata context, then `NBD_OPT_GO` with `NBD_INFO_BLOCK_SIZE`.
 //!
 //! ```text
-//!  server ── NBDMAGIC IHAVEOPT flags(FIXED_NEWSTYLE [| NO_ZEROES]) ──► client
+//!  server ── NBDMAGIC IHAVEOPT flags(FIXED_NEWSTYLE [| NO_ZEROES]) ──► client   (greet)
 //!  client ── flags(C_FIXED_NEWSTYLE [| C_NO_ZEROES]) ──────────────────► server
+//!  nbds:  client ── NBD_OPT_STARTTLS ──► ACK ─► TLS handshake; all that follows inside it
+//!                                        error ─► ConnectError::TlsRefused (no plain text)
 //!  client ── NBD_OPT_STRUCTURED_REPLY ──► ACK (or ERR_UNSUP: simple replies only)
 //!  client ── NBD_OPT_SET_META_CONTEXT(export, "base:allocation") ──► META_CONTEXT id … ACK
 //!  client ── NBD_OPT_GO(export, [NBD_INFO_BLOCK_SIZE]) ──► INFO(EXPORT: size, flags)
 //!                                                          INFO(BLOCK_SIZE: min, preferred, max)
 //!                                                          ACK ─► transmission phase
 //! ```
+//!
+//! A plain-text client whose server answers `NBD_REP_ERR_TLS_REQD` (to any option) gets
+//! [`ConnectError::TlsRequired`], naming the `nbds://` URI to use.
 //!
 //! Every reply is checked: the option it names, its type, its length; `base:allocation`
 //! agreed with one id; `NBD_INFO_EXPORT` present and each item stated once (or identically
@@ -19,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::error::ConnectError;
 use crate::proto::*;
+use crate::uri::with_tls_scheme;
 
 /// What the handshake learned about the export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,19 +52,52 @@ impl ExportInfo {
     }
 }
 
-/// Runs the handshake for `export`; `server` names the URI in errors.
+/// Reads the server's greeting and sends the client's flags; `server` names the URI in errors.
+pub(crate) async fn greet<R, W>(reader: &mut R, writer: &mut W, server: &str) -> Result<(), ConnectError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    Options { reader, writer, server, tls: false }.greeting().await
+}
+
+/// `NBD_OPT_STARTTLS`: returns when the server agreed, and the TLS handshake is to start on
+/// the socket. `reader` must not buffer: the server's first TLS bytes are not for it.
+pub(crate) async fn start_tls<R, W>(reader: &mut R, writer: &mut W, server: &str) -> Result<(), ConnectError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut options = Options { reader, writer, server, tls: true };
+    options.send(NBD_OPT_STARTTLS, &[]).await?;
+    let (reply, data) = options.reply(NBD_OPT_STARTTLS).await?;
+    match reply {
+        NBD_REP_ACK if data.is_empty() => Ok(()),
+        _ if is_rep_error(reply) => Err(ConnectError::TlsRefused {
+            server: server.to_owned(),
+            reply: rep_error_name(reply),
+            message: String::from_utf8_lossy(&data).into_owned(),
+        }),
+        _ => Err(options.protocol(format!(
+            "reply {reply:#x} with {} bytes to NBD_OPT_STARTTLS (NBD_REP_ACK or an error expected)",
+            data.len()
+        ))),
+    }
+}
+
+/// Runs the option haggling for `export` after the greeting (and, with `tls`, inside the
+/// TLS session); `server` names the URI in errors.
 pub(crate) async fn handshake<R, W>(
     reader: &mut R,
     writer: &mut W,
     export: &str,
-    server: &str,
+    (server, tls): (&str, bool),
 ) -> Result<ExportInfo, ConnectError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut options = Options { reader, writer, server };
-    options.greeting().await?;
+    let mut options = Options { reader, writer, server, tls };
     let structured = options.structured_replies().await?;
     let base_allocation = if structured { options.meta_context(export).await? } else { None };
     let (size_bytes, transmission_flags, block_sizes) = options.go(export).await?;
@@ -266,11 +305,13 @@ struct Options<'a, R, W> {
     reader: &'a mut R,
     writer: &'a mut W,
     server: &'a str,
+    /// Whether TLS was asked for (and, past `NBD_OPT_STARTTLS`, is in use).
+    tls: bool,
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Options<'_, R, W> {
     fn io(&self, source: std::io::Error) -> ConnectError {
-        ConnectError::HandshakeIo { server: self.server.to_owned(), source }
+        ConnectError::handshake_io(self.server, source)
     }
 
     async fn send(&mut self, option: u32, data: &[u8]) -> Result<(), ConnectError> {
@@ -300,6 +341,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Options<'_, R, W> {
         }
         if len_bytes > OPTION_REPLY_BYTES_MAX {
             return Err(protocol(format!("an option reply of {len_bytes} bytes")));
+        }
+        if reply == NBD_REP_ERR_TLS_REQD {
+            // Inside TLS the server has no reason to ask for it: a server that does is broken.
+            return Err(match self.tls {
+                false => {
+                    ConnectError::TlsRequired { server: self.server.to_owned(), tls_uri: with_tls_scheme(self.server) }
+                }
+                true => protocol("NBD_REP_ERR_TLS_REQD although TLS was asked for".into()),
+            });
         }
         let mut data = vec![0u8; len_bytes as usize];
         let result = self.reader.read_exact(&mut data).await;

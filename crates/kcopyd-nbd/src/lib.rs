@@ -6,7 +6,7 @@
 //!  connect("nbd://host/export") ─► NbdUri ─► Connection::open ×1..N (N when CAN_MULTI_CONN)
 //!     each: a task on the Reactor (one thread + current-thread runtime, shared by all
 //!           connections of all devices unless asked otherwise)
-//!           ─► socket ─► handshake (fixed newstyle,
+//!           ─► socket ─► handshake (fixed newstyle, [STARTTLS ─► TLS session (nbds)],
 //!           STRUCTURED_REPLY, SET_META_CONTEXT base:allocation, GO + INFO_BLOCK_SIZE)
 //!
 //!  NbdDevice (BlockDevice)  read / write / write_zeroes / flush  + block_status, trim
@@ -24,7 +24,12 @@
 //! A reply that breaks the protocol is not believed: its request fails with
 //! [`RequestError::ProtocolViolation`] and the connection is dropped. With
 //! [`ConnectOptions::io_timeout_ms`], a server that stops answering is dropped too.
-//! TLS (`nbds://`) is not supported.
+//!
+//! TLS: `nbds://` and `nbds+unix://` secure every connection with `NBD_OPT_STARTTLS` and
+//! rustls (`tls.rs`, `tls_stream.rs`), with libnbd's `tls-certificates`, `tls-verify-peer`
+//! and `tls-hostname` parameters ([`TlsOptions`]). A server that refuses TLS is refused
+//! ([`ConnectError::TlsRefused`]: never plain text instead); a plain-text URI to a server that
+//! requires TLS gets [`ConnectError::TlsRequired`].
 //!
 //! ```no_run
 //! use kcopyd_core::BlockDevice;
@@ -44,6 +49,8 @@ mod proto;
 mod reactor;
 mod reply;
 mod server;
+mod tls;
+mod tls_stream;
 mod uri;
 
 pub use device::{
@@ -57,5 +64,8 @@ pub use server::{
     DRAIN_TIMEOUT, EXTENTS_MAX, HANDSHAKE_TIMEOUT, NbdServer, OPTION_BYTES_MAX, OPTIONS_MAX,
     PAYLOAD_BYTES_IN_FLIGHT_DEFAULT, REQUESTS_IN_FLIGHT_DEFAULT, SERVER_CONNECTIONS_DEFAULT, ServeError, ServerOptions,
     ServerStats,
+};
+pub use tls::{
+    CA_CERT_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE, SYSTEM_CA_BUNDLES, TlsError, TlsOptions, UNIX_SOCKET_HOSTNAME,
 };
 pub use uri::{Address, NbdUri, UriError};

@@ -21,6 +21,7 @@ pub(crate) const NBD_FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
 pub(crate) const NBD_FLAG_C_NO_ZEROES: u32 = 1 << 1;
 
 // Options.
+pub(crate) const NBD_OPT_STARTTLS: u32 = 5;
 pub(crate) const NBD_OPT_GO: u32 = 7;
 pub(crate) const NBD_OPT_STRUCTURED_REPLY: u32 = 8;
 pub(crate) const NBD_OPT_SET_META_CONTEXT: u32 = 10;
@@ -30,6 +31,7 @@ pub(crate) const NBD_REP_ACK: u32 = 1;
 pub(crate) const NBD_REP_INFO: u32 = 3;
 pub(crate) const NBD_REP_META_CONTEXT: u32 = 4;
 const NBD_REP_FLAG_ERROR: u32 = 1 << 31;
+pub(crate) const NBD_REP_ERR_TLS_REQD: u32 = NBD_REP_FLAG_ERROR | 5;
 
 /// Whether an option reply type is an error.
 pub(crate) fn is_rep_error(reply: u32) -> bool {

@@ -22,12 +22,16 @@ use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
 /// The name of reactor threads (at most 15 bytes, the kernel's limit).
 pub(crate) const THREAD_NAME: &str = "kcopyd-nbd";
+
+/// How often [`Reactor::wait_shared_closed`] looks at the connections still running.
+const CLOSE_POLL_INTERVAL: Duration = Duration::from_millis(1);
 
 /// The process-wide reactor, while anything uses it.
 static SHARED: Mutex<Weak<Inner>> = Mutex::new(Weak::new());
@@ -90,6 +94,25 @@ impl Reactor {
         let reactor = Reactor::new()?;
         *shared = Arc::downgrade(&reactor.inner);
         Ok(reactor)
+    }
+
+    /// Waits up to `timeout` for the connections on the shared reactor to close: a dropped
+    /// device's connections send `NBD_CMD_DISC` (and, through TLS, the session's close_notify)
+    /// on the reactor's thread, after the drop returns. A process that exits right after
+    /// dropping its devices calls this first, so that servers see a clean end instead of a
+    /// connection cut mid-session (nbdkit logs one cut through TLS as an error). Returns the
+    /// connections still running: 0 when all closed, or when there is no shared reactor.
+    pub fn wait_shared_closed(timeout: Duration) -> usize {
+        let shared = SHARED.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).upgrade();
+        let Some(inner) = shared else { return 0 };
+        let deadline = Instant::now() + timeout;
+        loop {
+            let running = inner.tasks.load(Ordering::Acquire);
+            if running == 0 || Instant::now() >= deadline {
+                return running;
+            }
+            thread::sleep(CLOSE_POLL_INTERVAL);
+        }
     }
 
     /// The id of the reactor's thread.

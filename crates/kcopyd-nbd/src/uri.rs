@@ -4,11 +4,15 @@
 //! ```text
 //!  nbd://HOST[:PORT]/EXPORT              TCP, port 10809 by default, IPv6 hosts in [brackets]
 //!  nbd+unix:///EXPORT?socket=PATH        a unix socket
-//!  nbds://…, nbds+unix://…               TLS: refused, not supported yet
+//!  nbds://HOST[:PORT]/EXPORT             the same through TLS (NBD_OPT_STARTTLS)
+//!  nbds+unix:///EXPORT?socket=PATH       a unix socket through TLS
+//!  nbds://…?tls-certificates=DIR&tls-verify-peer=false&tls-hostname=NAME
 //! ```
 //!
 //! The export name is the path after the first `/`, percent-decoded; an empty one (`nbd://host`
-//! or `nbd://host/`) names the server's default export.
+//! or `nbd://host/`) names the server's default export. The `tls-*` query parameters are
+//! libnbd's; they belong to the TLS schemes only (on `nbd://` they would suggest an encryption
+//! that does not happen, so they are refused there).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -16,6 +20,7 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 use crate::proto::NBD_DEFAULT_PORT;
+use crate::tls::TlsOptions;
 
 /// Where the server listens.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -48,6 +53,9 @@ pub struct NbdUri {
     pub address: Address,
     /// The export's name (empty: the server's default export).
     pub export: String,
+    /// `Some` for the TLS schemes (`nbds`, `nbds+unix`): what the query's `tls-*` parameters
+    /// say (each `None` when not given). `None`: plain text.
+    pub tls: Option<TlsOptions>,
 }
 
 /// Why a text is not an NBD URI this client can use.
@@ -60,11 +68,15 @@ pub enum UriError {
         /// The text given.
         uri: String,
     },
-    /// `nbds` and `nbds+unix` ask for TLS, which this client does not speak.
-    #[error("'{uri}': TLS (nbds) is not supported; serve the export without TLS or tunnel it")]
-    Tls {
+    /// A `tls-*` query parameter on a plain-text URI (`nbd://`, `nbd+unix://`).
+    #[error("'{uri}': '{key}' asks for TLS but the scheme is plain text: use {tls_scheme}://")]
+    TlsParameterWithoutTls {
         /// The text given.
         uri: String,
+        /// The parameter.
+        key: String,
+        /// The TLS scheme to use instead.
+        tls_scheme: &'static str,
     },
     /// Something in the URI is malformed, named.
     #[error("'{uri}': {problem}")]
@@ -100,14 +112,16 @@ impl NbdUri {
     /// ```
     ///
     /// # Errors
-    /// Another scheme, TLS schemes, a missing or extra socket, a bad port, unknown query keys.
+    /// Another scheme, a missing or extra socket, a bad port, unknown query keys, `tls-*`
+    /// parameters on a plain-text scheme or with a malformed value.
     pub fn parse(uri: &str) -> Result<NbdUri, UriError> {
         let malformed = |problem: String| UriError::Malformed { uri: uri.to_owned(), problem };
         let (scheme, rest) = uri.split_once("://").ok_or_else(|| UriError::Scheme { uri: uri.to_owned() })?;
-        let unix = match scheme {
-            "nbd" => false,
-            "nbd+unix" => true,
-            "nbds" | "nbds+unix" => return Err(UriError::Tls { uri: uri.to_owned() }),
+        let (unix, tls) = match scheme {
+            "nbd" => (false, false),
+            "nbd+unix" => (true, false),
+            "nbds" => (false, true),
+            "nbds+unix" => (true, true),
             _ => return Err(UriError::Scheme { uri: uri.to_owned() }),
         };
         let (rest, query) = match rest.split_once('?') {
@@ -120,13 +134,31 @@ impl NbdUri {
         };
         let export = percent_decode(path, malformed)?;
         let mut socket = None;
+        let mut tls_options = TlsOptions::default();
         for pair in query.into_iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             match key {
                 "socket" if unix => socket = Some(percent_decode(value, malformed)?),
                 "socket" => return Err(malformed("'socket' belongs to nbd+unix:// URIs".into())),
+                "tls-certificates" | "tls-verify-peer" | "tls-hostname" if !tls => {
+                    let tls_scheme = if unix { "nbds+unix" } else { "nbds" };
+                    return Err(UriError::TlsParameterWithoutTls {
+                        uri: uri.to_owned(),
+                        key: key.to_owned(),
+                        tls_scheme,
+                    });
+                }
+                "tls-certificates" => tls_options.certificates = Some(PathBuf::from(percent_decode(value, malformed)?)),
+                "tls-verify-peer" => tls_options.verify_peer = Some(parse_bool(key, value, malformed)?),
+                "tls-hostname" => tls_options.hostname = Some(percent_decode(value, malformed)?),
                 _ => return Err(malformed(format!("unknown query parameter '{key}'"))),
             }
+        }
+        if tls_options.certificates.as_ref().is_some_and(|dir| dir.as_os_str().is_empty()) {
+            return Err(malformed("'tls-certificates' names no directory".into()));
+        }
+        if tls_options.hostname.as_ref().is_some_and(String::is_empty) {
+            return Err(malformed("'tls-hostname' names no host".into()));
         }
         let address = if unix {
             if !authority.is_empty() {
@@ -145,16 +177,52 @@ impl NbdUri {
             }
             Address::Tcp { host, port }
         };
-        Ok(NbdUri { address, export })
+        Ok(NbdUri { address, export, tls: tls.then_some(tls_options) })
+    }
+}
+
+/// `true`/`false` as libnbd reads them (also `on`/`off`, `yes`/`no`, `1`/`0`).
+fn parse_bool(key: &str, value: &str, malformed: impl Fn(String) -> UriError) -> Result<bool, UriError> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "on" | "yes" | "1" => Ok(true),
+        "false" | "off" | "no" | "0" => Ok(false),
+        _ => Err(malformed(format!("'{key}={value}': expected true or false"))),
+    }
+}
+
+/// `uri` with its scheme turned into the TLS one (`nbd://` into `nbds://`, `nbd+unix://`
+/// into `nbds+unix://`), for the message that a server requires TLS.
+pub(crate) fn with_tls_scheme(uri: &str) -> String {
+    match uri.strip_prefix("nbd") {
+        Some(rest) if rest.starts_with("://") || rest.starts_with("+unix://") => format!("nbds{rest}"),
+        _ => uri.to_owned(),
     }
 }
 
 impl fmt::Display for NbdUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = if self.tls.is_some() { "s" } else { "" };
         match &self.address {
-            Address::Tcp { .. } => write!(f, "nbd://{}/{}", self.address, self.export),
-            Address::Unix(path) => write!(f, "nbd+unix:///{}?socket={}", self.export, path.display()),
+            Address::Tcp { .. } => write!(f, "nbd{s}://{}/{}", self.address, self.export)?,
+            Address::Unix(path) => write!(f, "nbd{s}+unix:///{}?socket={}", self.export, path.display())?,
         }
+        let Some(tls) = &self.tls else { return Ok(()) };
+        let mut separator = if matches!(self.address, Address::Unix(_)) { '&' } else { '?' };
+        let mut parameter = |f: &mut fmt::Formatter<'_>, key: &str, value: &dyn fmt::Display| {
+            let written = write!(f, "{separator}{key}={value}");
+            separator = '&';
+            written
+        };
+        if let Some(dir) = &tls.certificates {
+            parameter(f, "tls-certificates", &dir.display())?;
+        }
+        if let Some(verify) = tls.verify_peer {
+            parameter(f, "tls-verify-peer", &verify)?;
+        }
+        if let Some(name) = &tls.hostname {
+            parameter(f, "tls-hostname", name)?;
+        }
+        Ok(())
     }
 }
 
@@ -218,20 +286,48 @@ mod tests {
         assert_eq!(v6.address.to_string(), "[fe80::1]:99");
         let unix = NbdUri::parse("nbd+unix:///a%2Fb?socket=/tmp/s%20.sock").unwrap();
         assert_eq!((unix.address, unix.export), (Address::Unix("/tmp/s .sock".into()), "a/b".into()));
+        assert_eq!(unix.tls, None);
+    }
+
+    #[test]
+    fn tls_uris_and_their_parameters() {
+        let plain_tls = NbdUri::parse("nbds://example.com/backup").unwrap();
+        assert_eq!(plain_tls.tls, Some(TlsOptions::default()));
+        assert_eq!(plain_tls.to_string(), "nbds://example.com:10809/backup");
+        let text = "nbds://h:99/x?tls-certificates=/etc/pki/a%20b&tls-verify-peer=off&tls-hostname=disk.example";
+        let full = NbdUri::parse(text).unwrap();
+        let expected = TlsOptions {
+            certificates: Some("/etc/pki/a b".into()),
+            verify_peer: Some(false),
+            hostname: Some("disk.example".into()),
+        };
+        assert_eq!(full.tls.as_ref(), Some(&expected));
+        assert_eq!(
+            full.to_string(),
+            "nbds://h:99/x?tls-certificates=/etc/pki/a b&tls-verify-peer=false&tls-hostname=disk.example"
+        );
+        let unix = NbdUri::parse("nbds+unix:///?socket=/run/s&tls-verify-peer=1").unwrap();
+        assert_eq!(unix.address, Address::Unix("/run/s".into()));
+        assert_eq!(unix.tls.and_then(|tls| tls.verify_peer), Some(true));
+        assert_eq!(with_tls_scheme("nbd://h/x"), "nbds://h/x");
+        assert_eq!(with_tls_scheme("nbd+unix:///x?socket=/s"), "nbds+unix:///x?socket=/s");
     }
 
     #[test]
     fn malformed_uris_say_why() {
         let problem = |uri: &str| NbdUri::parse(uri).unwrap_err().to_string();
-        assert!(problem("nbds://host/x").contains("TLS"));
-        assert!(problem("nbds+unix:///x?socket=/s").contains("TLS"));
         assert!(problem("http://host/x").contains("not an NBD URI"));
         assert!(problem("nbd+unix:///x").contains("?socket=PATH"));
         assert!(problem("nbd+unix://host/x?socket=/s").contains("takes no host"));
         assert!(problem("nbd://host/x?socket=/s").contains("nbd+unix"));
         assert!(problem("nbd://host:99999/x").contains("port '99999'"));
         assert!(problem("nbd:///x").contains("no host"));
-        assert!(problem("nbd://h/x?tls-certificates=/c").contains("unknown query parameter 'tls-certificates'"));
+        assert!(problem("nbd://h/x?tls-certificates=/c").contains("'tls-certificates' asks for TLS"));
+        assert!(problem("nbd+unix:///x?socket=/s&tls-verify-peer=false").contains("use nbds+unix://"));
+        assert!(problem("nbds://h/x?tls-verify-peer=maybe").contains("expected true or false"));
+        assert!(problem("nbds://h/x?tls-certificates=").contains("names no directory"));
+        assert!(problem("nbds://h/x?tls-hostname=").contains("names no host"));
+        assert!(problem("nbds://h/x?tls-psk-file=/k").contains("unknown query parameter 'tls-psk-file'"));
         assert!(problem("nbd://h/%zz").contains("'%zz'"));
         assert!(problem("nbd://[::1/x").contains("']'"));
     }

@@ -125,6 +125,23 @@ fn a_read_error_comes_back_as_an_error_chunk_and_the_connection_goes_on() {
     assert_eq!(server.stop().errors_replied, 1);
 }
 
+/// This server speaks no TLS: `nbds+unix://` to it is refused (`NBD_REP_ERR_UNSUP` to
+/// `NBD_OPT_STARTTLS`), never continued in plain text, and the disk is untouched.
+#[test]
+fn tls_asked_of_the_own_server_is_refused_without_plain_text() {
+    let disk = pattern_disk();
+    let server = Running::start("server-tls-refused", disk.clone(), ServerOptions::default());
+    let tls = format!("{}&tls-verify-peer=false", server.uri.replacen("nbd+unix://", "nbds+unix://", 1));
+    let options = ConnectOptions { write: true, ..ConnectOptions::default() };
+    match NbdDevice::connect(&tls, &options) {
+        Err(kcopyd_nbd::ConnectError::TlsRefused { reply, .. }) => assert_eq!(reply, "NBD_REP_ERR_UNSUP"),
+        Err(other) => panic!("{tls}: {other}"),
+        Ok(_) => panic!("{tls} was opened in plain text"),
+    }
+    server.stop();
+    assert_eq!(disk.snapshot(0, DISK_SECTORS), pattern_disk().snapshot(0, DISK_SECTORS));
+}
+
 #[test]
 fn a_read_only_export_refuses_writes_before_any_io() {
     let disk = pattern_disk();

@@ -7,6 +7,7 @@
 //!  "sim:size=1G,seed=7@4K" simulated disk, offset 4 KiB
 //!  "nbd://host/disk@1M"    NBD export 'disk' on host:10809, offset 1 MiB
 //!  "nbd+unix:///?socket=/run/nbd.sock"  the default export on a unix socket
+//!  "nbds://host/disk?tls-certificates=/etc/pki/nbd@1M"  the same through TLS
 //! ```
 //!
 //! The `sim:` options are read by a [`SimParser`] the caller gives: this crate knows a
@@ -240,6 +241,9 @@ mod tests {
         assert_eq!((nbd.backend, nbd.offset_bytes), (Backend::Nbd("nbd://host:10900/disk".into()), 1 << 20));
         let unix = DeviceAddress::parse("nbd+unix:///?socket=/run/s.sock", &parse_sim).unwrap();
         assert_eq!((unix.backend, unix.offset_bytes), (Backend::Nbd("nbd+unix:///?socket=/run/s.sock".into()), 0));
+        let tls = DeviceAddress::parse("nbds://host/disk?tls-certificates=/etc/pki/nbd@1M", &parse_sim).unwrap();
+        let expected = Backend::Nbd("nbds://host/disk?tls-certificates=/etc/pki/nbd".into());
+        assert_eq!((tls.backend, tls.offset_bytes), (expected, 1 << 20));
     }
 
     #[test]
@@ -250,8 +254,8 @@ mod tests {
         assert!(offset.contains("offset '1Q'") && offset.contains("NAME@0"), "{offset}");
         let sim = DeviceAddress::parse("sim:size=1M,colour=red", &parse_sim).unwrap_err();
         assert_eq!(sim, AddressError::Sim("unknown key 'colour'".into()));
-        let tls = DeviceAddress::parse("nbds://host/disk", &parse_sim).unwrap_err().to_string();
-        assert!(tls.contains("TLS"), "{tls}");
+        let tls = DeviceAddress::parse("nbd://host/disk?tls-verify-peer=false", &parse_sim).unwrap_err().to_string();
+        assert!(tls.contains("use nbds://"), "{tls}");
         let socket = DeviceAddress::parse("nbd+unix:///disk", &parse_sim).unwrap_err().to_string();
         assert!(socket.contains("?socket=PATH"), "{socket}");
     }

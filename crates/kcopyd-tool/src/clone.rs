@@ -181,15 +181,22 @@ pub enum ServeAddressError {
     /// TCP, but not on loopback.
     #[error("only a loopback address (127.0.0.1, ::1, localhost) is served: NBD carries no authentication")]
     NotLoopback,
+    /// A TLS scheme (`nbds://`, `nbds+unix://`): the server speaks plain text only, and would
+    /// not keep the promise the scheme makes.
+    #[error("the clone is served in plain text only: nbds:// is not served (use nbd:// on loopback or nbd+unix://)")]
+    Tls,
 }
 
 /// The listening address of an NBD URI to serve on, and the export name; TCP only on
 /// loopback (NBD has no authentication here).
 ///
 /// # Errors
-/// Not an NBD URI, or TCP elsewhere than on loopback.
+/// Not an NBD URI, a TLS one, or TCP elsewhere than on loopback.
 pub fn serve_address(text: &str) -> Result<(Address, String), ServeAddressError> {
     let uri = NbdUri::parse(text).map_err(ServeAddressError::Uri)?;
+    if uri.tls.is_some() {
+        return Err(ServeAddressError::Tls);
+    }
     if let Address::Tcp { host, .. } = &uri.address {
         let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
         if !loopback {
@@ -378,4 +385,20 @@ pub async fn start(
     let len_bytes = opening.metadata.len_bytes().map_err(|e| refuse(MetadataError::Stat(e)))?;
     opening.metadata.write_identity(len_bytes - IDENTITY_BYTES, identity).map_err(refuse)?;
     Ok(clone)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serve_addresses_are_plain_text_and_loopback_only() {
+        let (address, export) = serve_address("nbd://127.0.0.1:10900/clone").unwrap();
+        assert_eq!((address.to_string(), export.as_str()), ("127.0.0.1:10900".into(), "clone"));
+        assert!(serve_address("nbd+unix:///?socket=/run/clone.sock").is_ok());
+        assert!(matches!(serve_address("nbd://192.0.2.1/"), Err(ServeAddressError::NotLoopback)));
+        // The server speaks no TLS: a TLS scheme would promise what it does not do.
+        assert!(matches!(serve_address("nbds://127.0.0.1/"), Err(ServeAddressError::Tls)));
+        assert!(matches!(serve_address("nbds+unix:///?socket=/run/clone.sock"), Err(ServeAddressError::Tls)));
+    }
 }

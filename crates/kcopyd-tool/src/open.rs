@@ -41,8 +41,8 @@ pub struct Settings {
     pub created_hook: Option<Arc<dyn CreatedHook>>,
 }
 
-/// How NBD exports are opened: connections, timeouts in milliseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How NBD exports are opened: connections, timeouts in milliseconds, TLS parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NbdSettings {
     /// Connections opened to each export whose server allows several
     /// ([`kcopyd_nbd::ConnectOptions::connections_max`]: 1 to [`kcopyd_nbd::CONNECTIONS_MAX`]).
@@ -51,6 +51,8 @@ pub struct NbdSettings {
     pub connect_timeout_ms: u64,
     /// Most time a request may wait for its reply (`None`: for ever).
     pub io_timeout_ms: Option<u64>,
+    /// TLS parameters for `nbds://` and `nbds+unix://` exports whose URI does not give them.
+    pub tls: kcopyd_nbd::TlsOptions,
 }
 
 impl Settings {
@@ -62,6 +64,7 @@ impl Settings {
             connections_max: kcopyd_nbd::CONNECTIONS_DEFAULT,
             connect_timeout_ms: kcopyd_nbd::CONNECT_TIMEOUT_MS_DEFAULT,
             io_timeout_ms: config.io_timeout_ms,
+            tls: kcopyd_nbd::TlsOptions::default(),
         };
         Settings { config, buffered: false, queue_depth, io_engine: IoEngine::Sync, nbd, created_hook: None }
     }
@@ -331,7 +334,7 @@ pub fn open(
 ) -> Result<Opened, PlanError> {
     match &arg.backend {
         Backend::Sim(spec) => open_sim(arg, spec.as_ref(), role, create_len_bytes),
-        Backend::Nbd(uri) => open_nbd(arg, uri, role, write, settings.nbd),
+        Backend::Nbd(uri) => open_nbd(arg, uri, role, write, &settings.nbd),
         Backend::Path(path) => open_path(arg, path, role, (write, create_len_bytes), settings, locks),
     }
 }
@@ -412,16 +415,18 @@ fn lock_file(device: &OsDevice, path: &Path, role: Role, write: bool, locks: &mu
     })
 }
 
-/// Opens the NBD export `uri` of `arg` with the command's connections and timeouts.
+/// Opens the NBD export `uri` of `arg` with the command's connections, timeouts and TLS
+/// parameters.
 ///
 /// # Errors
 /// The export cannot be opened (named by the library's [`kcopyd_nbd::ConnectError`]).
-fn open_nbd(arg: &DeviceAddress, uri: &str, role: Role, write: bool, nbd: NbdSettings) -> Result<Opened, PlanError> {
+fn open_nbd(arg: &DeviceAddress, uri: &str, role: Role, write: bool, nbd: &NbdSettings) -> Result<Opened, PlanError> {
     let options = kcopyd_nbd::ConnectOptions {
         write,
         connections_max: nbd.connections_max,
         connect_timeout_ms: nbd.connect_timeout_ms,
         io_timeout_ms: nbd.io_timeout_ms,
+        tls: nbd.tls.clone(),
         ..kcopyd_nbd::ConnectOptions::default()
     };
     let device = kcopyd_nbd::NbdDevice::connect(uri, &options).map_err(|source| PlanError::Connect {
