@@ -21,12 +21,13 @@ use kcopyd_core::{BlockDevice, PAGE_SIZE, SECTOR_SIZE};
 use kcopyd_os::{OpenOptions, OsDevice};
 use kcopyd_sim::explore::validate::{self, Config, RUNS_MAX, Row, Validation};
 
-use crate::calibrate::{self, Plan};
+use crate::calibrate;
 use crate::cli::ValidateArgs;
 use crate::error::{CliError, Status, open_reason};
 use crate::progress::{self, Interrupts};
 use crate::size::Bytes;
 use crate::{commands, devices};
+use kcopyd_sim::explore::calibrate::Plan;
 use kcopyd_tool::{Backend, DeviceAddress};
 
 /// Reads `--configs`' `SIZExIN_FLIGHTxTARGETS`, e.g. `1Mx4x1`.
@@ -177,7 +178,7 @@ pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Sta
     if args.json {
         crate::out::print(&format!("{}\n", serde_json::to_string(&validation).expect("a validation serializes")))?;
     } else {
-        crate::out::print(&human(&validation))?;
+        crate::out::print(&validation.to_string())?;
     }
     Ok(Status::Success)
 }
@@ -195,9 +196,8 @@ async fn model_of(args: &ValidateArgs, bars: bool) -> Result<kcopyd_sim::DiskMod
                 queue_depths: vec![1, 4, 16, 32],
                 point_time: std::time::Duration::from_millis(250),
                 rounds: 3,
-                bars,
             };
-            let calibrated = calibrate::calibrate(&scratch, &plan).await?;
+            let calibrated = calibrate::calibrate(&scratch, &plan, bars).await?;
             calibrate::warn_if_busy(&calibrated);
             calibrated.model
         }
@@ -217,41 +217,6 @@ fn check_target(args: &ValidateArgs, target_count: usize) -> Result<(), CliError
         ));
     }
     Ok(())
-}
-
-/// The table for people.
-pub fn human(validation: &Validation) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{} of {} per copy, median of {} run(s); model: {}{}",
-        Bytes(validation.len_bytes),
-        validation.source,
-        validation.runs,
-        validation.model,
-        if validation.one_device { " (disks on one device)" } else { "" }
-    );
-    let _ = writeln!(
-        out,
-        "{:<12} {:>9} {:>8} {:>12} {:>9} {:>12} {:>9}",
-        "sub-job", "in flight", "targets", "measured s", "fastest", "predicted s", "error"
-    );
-    for row in &validation.configs {
-        let _ = writeln!(
-            out,
-            "{:<12} {:>9} {:>8} {:>12.3} {:>9.3} {:>12.3} {:>+8.1}%",
-            Bytes(row.config.sub_job_size_bytes).to_string(),
-            row.config.subjobs_in_flight,
-            row.config.targets,
-            row.measured_median_seconds,
-            row.measured_min_seconds,
-            row.predicted_seconds,
-            row.error_percent
-        );
-    }
-    let _ = writeln!(out, "largest error: {:.1}%", validation.max_abs_error_percent);
-    out
 }
 
 #[cfg(test)]

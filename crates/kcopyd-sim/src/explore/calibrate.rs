@@ -633,6 +633,47 @@ pub enum ModelFileError {
     },
 }
 
+/// A table of a model's measurements (one row per kind, I/O size and depth: MB/s, IOPS,
+/// median latency) and a line of the fitted model, for people.
+pub fn model_table(model: &DiskModel) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ =
+        writeln!(out, "{:<12} {:>8} {:>6} {:>12} {:>10} {:>10}", "kind", "io size", "depth", "MB/s", "IOPS", "p50 µs");
+    for m in &model.measurements {
+        let _ = writeln!(
+            out,
+            "{:<12} {:>8} {:>6} {:>12.1} {:>10.0} {:>10.0}",
+            m.kind,
+            crate::units::Bytes(m.io_size_bytes).to_string(),
+            m.queue_depth,
+            m.bandwidth_bytes_per_s / 1e6,
+            m.iops,
+            m.latency_us_p50
+        );
+    }
+    let l = &model.latency;
+    let _ = writeln!(
+        out,
+        "model: reads {:.0} MB/s, cost {} µs, path overhead {} µs; writes {:.0} MB/s, cost {} µs, path overhead {} µs; \
+         cost {:+} µs per MiB; reads and writes {}; seek {}",
+        l.read.bandwidth_bytes_per_s as f64 / 1e6,
+        l.read.cost_us,
+        l.path.read_overhead_us,
+        l.write.bandwidth_bytes_per_s as f64 / 1e6,
+        l.write.cost_us,
+        l.path.write_overhead_us,
+        l.path.cost_us_per_mib,
+        if l.path.shared { "share one data path" } else { "have a path each" },
+        if l.path.seek.is_zero() {
+            "none".to_owned()
+        } else {
+            format!("{} µs full stroke", l.path.seek.full_stroke_us)
+        },
+    );
+    out
+}
+
 /// The model as TOML, with a header saying what it is.
 pub fn model_toml(model: &DiskModel) -> String {
     let body = toml::to_string(model).expect("a disk model serializes");
@@ -653,6 +694,19 @@ pub fn read_model(path: &std::path::Path) -> Result<DiskModel, ModelFileError> {
 mod tests {
     use super::*;
     use crate::disk_model::point;
+
+    #[test]
+    fn the_model_table_has_a_row_per_measurement_and_the_fit() {
+        let measurements = vec![point("read", 4096, 1, 10_000.0, 95.0), point("write", 1 << 20, 4, 100.0, 4000.0)];
+        let model = DiskModel { measurements, ..DiskModel::default() };
+        let table = model_table(&model);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        assert!(lines[0].starts_with("kind") && lines[0].ends_with("p50 µs"), "{table}");
+        assert!(lines[1].starts_with("read") && lines[1].contains("4 KiB") && lines[1].contains("41.0"), "{table}");
+        assert!(lines[2].contains("1 MiB") && lines[2].contains("104.9") && lines[2].ends_with("4000"), "{table}");
+        assert!(lines[3].starts_with("model: reads ") && lines[3].contains("seek"), "{table}");
+    }
 
     #[test]
     fn a_model_file_reads_back_and_a_foreign_one_is_refused_on_one_line() {

@@ -30,6 +30,7 @@ mod report;
 mod runner;
 mod scenario;
 mod series;
+mod summary;
 mod sweep;
 pub mod validate;
 mod verify;
@@ -50,6 +51,7 @@ pub use scenario::{
     ForegroundSpec, JOB_COUNT_MAX, JobKind, JobSpec, Scenario, parse_tree,
 };
 pub use series::BUCKETS_MAX;
+pub use summary::Ranking;
 pub use sweep::{POINTS_MAX, SweepPoint, Vary, best_first, repeated_key, sweep, sweep_until};
 pub use verify::{Mismatch, Verification};
 

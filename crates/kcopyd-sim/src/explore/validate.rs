@@ -154,6 +154,43 @@ impl Validation {
     }
 }
 
+impl std::fmt::Display for Validation {
+    /// The table for people: what was copied and the model, then per configuration the
+    /// measured median and fastest times, the prediction and its error; the largest error.
+    fn fmt(&self, out: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let validation = self;
+        writeln!(
+            out,
+            "{} of {} per copy, median of {} run(s); model: {}{}",
+            crate::units::Bytes(validation.len_bytes),
+            validation.source,
+            validation.runs,
+            validation.model,
+            if validation.one_device { " (disks on one device)" } else { "" }
+        )?;
+        writeln!(
+            out,
+            "{:<12} {:>9} {:>8} {:>12} {:>9} {:>12} {:>9}",
+            "sub-job", "in flight", "targets", "measured s", "fastest", "predicted s", "error"
+        )?;
+        for row in &validation.configs {
+            writeln!(
+                out,
+                "{:<12} {:>9} {:>8} {:>12.3} {:>9.3} {:>12.3} {:>+8.1}%",
+                crate::units::Bytes(row.config.sub_job_size_bytes).to_string(),
+                row.config.subjobs_in_flight,
+                row.config.targets,
+                row.measured_median_seconds,
+                row.measured_min_seconds,
+                row.predicted_seconds,
+                row.error_percent
+            )?;
+        }
+        writeln!(out, "largest error: {:.1}%", validation.max_abs_error_percent)?;
+        Ok(())
+    }
+}
+
 /// The error of a prediction, in percent of the measurement.
 ///
 /// Worked example: predicted 0.69 s, measured 0.60 s: +15 %; predicted 0.51 s: −15 %.
@@ -253,6 +290,17 @@ mod tests {
         assert_eq!((row.measured_median_seconds, row.measured_min_seconds), (0.6, 0.5));
         let validation = Validation::new("m".into(), "s".into(), 1, false, 3, vec![row]);
         assert!((validation.max_abs_error_percent - 15.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_table_shows_each_configuration_and_the_largest_error() {
+        let row = Row::new(Config::parse("256Kx8x3").unwrap(), vec![0.7, 0.6, 0.5], 0.69);
+        let table = Validation::new("hdd".into(), "disk.img".into(), 1 << 30, true, 3, vec![row]).to_string();
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[0], "1 GiB of disk.img per copy, median of 3 run(s); model: hdd (disks on one device)");
+        assert!(lines[1].starts_with("sub-job") && lines[1].ends_with("error"), "{table}");
+        assert!(lines[2].starts_with("256 KiB") && lines[2].ends_with("+15.0%"), "{table}");
+        assert_eq!(lines[3], "largest error: 15.0%");
     }
 
     #[test]

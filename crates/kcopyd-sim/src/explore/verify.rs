@@ -64,6 +64,59 @@ impl Verification {
             && self.missed_latent_sectors == 0
             && self.not_copied_disagreeing_sectors == 0
     }
+
+    /// The check's findings as claims for people, each with whether it held: that the entry
+    /// was checked (only when it was not), that the failures are covered by the fault logs,
+    /// that every sector outside them equals the source, that every latent error was found,
+    /// and that `not_copied` is the union of the failures. A claim that does not hold says
+    /// by how much.
+    pub fn claims(&self) -> Vec<(bool, String)> {
+        let verification = self;
+        let mut checks = Vec::new();
+        if !verification.checked {
+            checks.push((false, format!("the entry was checked: {}", verification.note)));
+        }
+        // A claim holds when nothing contradicts it; otherwise the problem follows it.
+        let mut check = |count: u64, claim: String, problem: String| {
+            checks.push((count == 0, if count == 0 { claim } else { format!("{claim}{problem}") }));
+        };
+        let read = verification.unexplained_read_failed_sectors;
+        check(
+            read,
+            "every read_failed range is covered by read faults logged on the source".into(),
+            format!(": {read} sectors not covered"),
+        );
+        let write = verification.unexplained_write_failed_sectors;
+        check(
+            write,
+            "every write_failed range is covered by write faults logged on its target".into(),
+            format!(": {write} sectors not covered"),
+        );
+        let mismatched = verification.mismatched_sectors;
+        let differs = match &verification.first_mismatch {
+            Some(first) => format!(": {} differs at sector {} ({mismatched} sectors in all)", first.disk, first.sector),
+            None => format!(": {mismatched} sectors differ"),
+        };
+        let compared = crate::units::Bytes(verification.sectors * kcopyd_core::SECTOR_SIZE as u64);
+        check(
+            mismatched,
+            format!("every sector outside the failed ranges equals the source ({compared} compared)"),
+            differs,
+        );
+        let missed = verification.missed_latent_sectors;
+        check(
+            missed,
+            "every injected latent error was found and narrowed to its sectors".into(),
+            format!(": {missed} latent sectors not reported"),
+        );
+        let disagreeing = verification.not_copied_disagreeing_sectors;
+        check(
+            disagreeing,
+            "on every target, not_copied = read_failed ∪ write_failed".into(),
+            format!(": {disagreeing} sectors disagree"),
+        );
+        checks
+    }
 }
 
 /// Where a target first differed from what it should hold.
@@ -309,6 +362,23 @@ fn logged_faults(disk: &MemDisk, operations: &[Operation]) -> RangeSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn claims_hold_when_nothing_disagrees_and_say_by_how_much_when_not() {
+        let clean = Verification { checked: true, sectors: 8, ..Verification::default() };
+        let claims = clean.claims();
+        assert_eq!(claims.len(), 5);
+        assert!(claims.iter().all(|(held, _)| *held), "{claims:?}");
+        assert!(claims[2].1.ends_with("(4 KiB compared)"), "{claims:?}");
+        let first_mismatch = Some(Mismatch { disk: "mirror-a".into(), sector: 8 });
+        let damaged = Verification { mismatched_sectors: 2, first_mismatch, missed_latent_sectors: 1, ..clean };
+        let claims = damaged.claims();
+        assert_eq!(claims.iter().filter(|(held, _)| !held).count(), 2, "{claims:?}");
+        assert!(claims[2].1.ends_with(": mirror-a differs at sector 8 (2 sectors in all)"), "{claims:?}");
+        assert!(claims[3].1.ends_with(": 1 latent sectors not reported"), "{claims:?}");
+        let unchecked = Verification { note: "a zero job".into(), ..Verification::default() };
+        assert_eq!(unchecked.claims()[0], (false, "the entry was checked: a zero job".into()));
+    }
 
     #[test]
     fn a_copied_run_compares_equal_and_damage_is_counted() {
