@@ -11,9 +11,9 @@
 //! ```
 //!
 //! The oracle works out each job's sub-jobs as the engine's documented contract defines them
-//! (`chunk = max(min(sub_job_size, page_budget) rounded down to the job's logical block, one
+//! (`chunk = max(min(subjob_size, page_budget) rounded down to the job's logical block, one
 //! block)`; for a sparse copy that skips holes, rebuilt from its source's allocation, see
-//! `sub_jobs`), attributes every request to the job and sub-job whose region it falls in, and
+//! `subjobs`), attributes every request to the job and sub-job whose region it falls in, and
 //! derives what the outcome must say. Every rule is listed, with its reason, in
 //! docs/SIMULATION.md.
 
@@ -301,9 +301,9 @@ fn check_prepared(scenario: &Scenario, report: &Report, violations: &mut Vec<Str
 }
 
 /// Most sectors one hole sub-job of a sparse copy covers: 1 GiB, as the engine documents
-/// (`kcopyd_core::HOLE_SUB_JOB_SECTORS_MAX`). Written out here rather than taken from the
+/// (`kcopyd_core::HOLE_SUBJOB_SECTORS_MAX`). Written out here rather than taken from the
 /// engine: a wrong constant there would otherwise sit on both sides of every comparison.
-pub(crate) const HOLE_SUB_JOB_SECTORS: u64 = (1 << 30) / 512;
+pub(crate) const HOLE_SUBJOB_SECTORS: u64 = (1 << 30) / 512;
 
 /// Works out every job's shape and attributes every request to the job whose region holds
 /// it. A request outside every region, misaligned, or across two sub-jobs is a violation.
@@ -370,11 +370,11 @@ impl<'a> JobView<'a> {
             .chain(layout.targets.iter().map(|&(t, _)| block_sectors(&scenario.targets[t])))
             .max()
             .unwrap_or(1);
-        let wanted = (scenario.config.sub_job_size_bytes / SECTOR_SIZE) as u64;
+        let wanted = (scenario.config.subjob_size_bytes / SECTOR_SIZE) as u64;
         let budget = (scenario.config.page_budget * PAGE_SIZE / SECTOR_SIZE) as u64;
         let chunk = (wanted.min(budget) / block * block).max(block);
         let cheap_holes = layout.targets.iter().all(|&(t, _)| zeroes_are_cheap(layout, &scenario.targets[t]));
-        let (bounds, holes) = sub_jobs(layout, chunk, block, cheap_holes);
+        let (bounds, holes) = subjobs(layout, chunk, block, cheap_holes);
         let chunks = holes.len() as u64;
         JobView {
             layout,
@@ -422,16 +422,16 @@ fn zeroes_are_cheap(layout: &JobLayout, target: &kcopyd_sim::MemDiskOptions) -> 
 /// A job's sub-jobs: their bounds (starts, then the length) and which are holes. A sparse copy
 /// that skips holes walks its source's allocation (the complement of its holes, rounded out to
 /// the job's block): data up to `chunk` sectors within an allocated run, holes up to
-/// [`HOLE_SUB_JOB_SECTORS`] (in whole blocks) where every target takes zeroes cheaply and up
+/// [`HOLE_SUBJOB_SECTORS`] (in whole blocks) where every target takes zeroes cheaply and up
 /// to `chunk` otherwise. Any other job is cut every `chunk` sectors.
-fn sub_jobs(layout: &JobLayout, chunk: u64, block: u64, cheap_holes: bool) -> (Vec<u64>, Vec<bool>) {
+fn subjobs(layout: &JobLayout, chunk: u64, block: u64, cheap_holes: bool) -> (Vec<u64>, Vec<bool>) {
     let len = layout.len_sectors;
     let skips = layout.source.is_some() && layout.sparse.skip_holes;
     let allocated = span(0..len).difference(&Sectors::from_ranges(layout.holes.iter().cloned()));
     let allocated = Sectors::from_ranges(
         allocated.ranges().iter().map(|r| r.start / block * block..(r.end.div_ceil(block) * block).min(len)),
     );
-    let hole_max = if cheap_holes { HOLE_SUB_JOB_SECTORS / block * block } else { chunk };
+    let hole_max = if cheap_holes { HOLE_SUBJOB_SECTORS / block * block } else { chunk };
     let (mut bounds, mut holes, mut cursor) = (Vec::new(), Vec::new(), 0);
     while cursor < len {
         bounds.push(cursor);
@@ -601,9 +601,9 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
     };
     let facts = JobFacts::of(j, view, outcome, report, violations);
     rule_4_read_err_and_read_failed_are_exactly_the_failed_reads(&facts, violations);
-    rule_8_without_ignore_error_no_sub_job_starts_after_an_error(&facts, violations);
+    rule_8_without_ignore_error_no_subjob_starts_after_an_error(&facts, violations);
     rule_12_a_zero_job_offloading_every_target_sends_each_one_write_zeroes(&facts, report, violations);
-    rule_9_no_sub_job_starts_after_a_cancel_and_cancelled_is_exact(&facts, violations);
+    rule_9_no_subjob_starts_after_a_cancel_and_cancelled_is_exact(&facts, violations);
     rule_7_a_job_without_failures_or_cancel_copies_everything(&facts, violations);
     let targets: Vec<TargetFacts> =
         (0..view.layout.targets.len()).map(|i| TargetFacts::of(&facts, i, violations)).collect();
@@ -691,7 +691,7 @@ fn rule_4_read_err_and_read_failed_are_exactly_the_failed_reads(facts: &JobFacts
 /// its completion, a failed write once its sub-job's writes have all completed) — but under
 /// WRITE_SEQ a sub-job before the one that failed first may still start (taken before the
 /// error, it waited for the throttle): every sub-job before a failure is written.
-fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error(facts: &JobFacts, violations: &mut Vec<String>) {
+fn rule_8_without_ignore_error_no_subjob_starts_after_an_error(facts: &JobFacts, violations: &mut Vec<String>) {
     let view = facts.view;
     if view.ignore {
         return;
@@ -746,7 +746,7 @@ fn rule_12_a_zero_job_offloading_every_target_sends_each_one_write_zeroes(
 /// Rule 9: no sub-job is taken after the cancel; `cancelled` is set exactly when the cancel
 /// came before the last sub-job was taken. A sub-job that reads nothing shows no request under
 /// WRITE_SEQ until its turn ([`JobFacts::turn_waits`]), so it is not held to either.
-fn rule_9_no_sub_job_starts_after_a_cancel_and_cancelled_is_exact(facts: &JobFacts, violations: &mut Vec<String>) {
+fn rule_9_no_subjob_starts_after_a_cancel_and_cancelled_is_exact(facts: &JobFacts, violations: &mut Vec<String>) {
     let (j, view, outcome) = (facts.j, facts.view, facts.outcome);
     let zero_seq = view.chunks > 0 && facts.turn_waits(view.chunks - 1);
     if let Some(cancel) = facts.cancel_at {
@@ -1142,7 +1142,7 @@ fn check_throttle(scenario: &Scenario, views: &[JobView], violations: &mut Vec<S
     }
     issues.sort_unstable();
     let largest = issues.iter().map(|&(_, bytes)| bytes).max().unwrap_or(0);
-    let bucket = 2 * largest.max(scenario.config.sub_job_size_bytes as u64);
+    let bucket = 2 * largest.max(scenario.config.subjob_size_bytes as u64);
     let mut sum: u128 = 0;
     for &(at, bytes) in &issues {
         sum += u128::from(bytes);
@@ -1229,7 +1229,7 @@ fn engine_io(report: &Report, timeouts: &Timeouts) -> Vec<IoRecord> {
 /// `held_after` (or at it, with `at_too`), and the pages of the sub-jobs their buffers belong
 /// to (each sub-job once; a zero job's buffer and a write-zeroes hold none).
 fn held(views: &[JobView], timed_out_by: u64, held_after: u64, at_too: bool) -> (u64, u64) {
-    let (mut requests, mut sub_jobs) = (0, std::collections::BTreeSet::new());
+    let (mut requests, mut subjobs) = (0, std::collections::BTreeSet::new());
     for (j, view) in views.iter().enumerate() {
         for (record, _, rel) in &view.all {
             let (timed_out, latency) = view.timeouts.view(record);
@@ -1239,12 +1239,12 @@ fn held(views: &[JobView], timed_out_by: u64, held_after: u64, at_too: bool) -> 
                 let k = view.chunks_of(rel).start;
                 // A hole's zero buffer is no pool page.
                 if view.layout.source.is_some() && record.kind != IoKind::WriteZeroes && !view.is_hole(k) {
-                    sub_jobs.insert((j, k));
+                    subjobs.insert((j, k));
                 }
             }
         }
     }
-    let pages = sub_jobs.iter().map(|&(j, k)| {
+    let pages = subjobs.iter().map(|&(j, k)| {
         let range = views[j].chunk_range(k);
         ((range.end - range.start) * SECTOR_SIZE as u64).div_ceil(PAGE_SIZE as u64)
     });
@@ -1568,7 +1568,7 @@ mod tests {
     }
 
     #[test]
-    fn the_oracle_measures_sub_jobs_in_flight_from_the_trace() {
+    fn the_oracle_measures_subjobs_in_flight_from_the_trace() {
         let (mut scenario, report, _) = clean_run();
         // The same trace checked against a lower limit than the run had: sub-jobs that ran
         // side by side are now too many.

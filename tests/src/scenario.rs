@@ -181,7 +181,7 @@ pub struct Inputs {
     /// Page budget, at least 1.
     pub page_budget: usize,
     /// Sub-job size in units.
-    pub sub_job_units: u64,
+    pub subjob_units: u64,
     /// Sub-jobs in flight per job.
     pub subjobs_in_flight: usize,
     /// Units of 8 sectors (and some 4096-byte disks) instead of 1.
@@ -254,7 +254,7 @@ impl Inputs {
             _ => 1 + rng.below(10),
         };
         let jobs = (0..job_count).map(|_| rng.job(shape, target_disks, unit_bytes)).collect();
-        let (page_budget, sub_job_units) = match shape {
+        let (page_budget, subjob_units) = match shape {
             Shape::Big => (
                 [16, 256, 1024, 2048][rng.below(4) as usize],
                 [128 << 10, 512 << 10, 1 << 20, 4 << 20][rng.below(4) as usize] / unit_bytes,
@@ -264,7 +264,7 @@ impl Inputs {
         Inputs {
             seed,
             page_budget,
-            sub_job_units,
+            subjob_units,
             subjobs_in_flight: [1, 1 + rng.below(8), 1 + rng.below(32)][rng.below(3) as usize] as usize,
             big_units,
             sources,
@@ -308,11 +308,11 @@ impl Inputs {
         // and a budget for them.
         if self.jobs.iter().any(|job| job.sparse.is_on()) && rng.below(2) == 0 {
             self.subjobs_in_flight = self.subjobs_in_flight.max(4 + rng.below(13) as usize);
-            let pages = (self.sub_job_units * self.unit_sectors()).div_ceil(8) as usize;
+            let pages = (self.subjob_units * self.unit_sectors()).div_ceil(8) as usize;
             self.page_budget = self.page_budget.max(pages * (2 + rng.below(7) as usize));
         }
         let unit = self.unit_sectors();
-        let chunk = self.sub_job_units.max(1) * unit;
+        let chunk = self.subjob_units.max(1) * unit;
         for job in self.jobs.iter_mut().filter(|job| !job.zero && job.sparse.is_on()) {
             let len = job.len_units * unit;
             if len == 0 || rng.below(4) == 0 {
@@ -372,7 +372,7 @@ impl Inputs {
             return self;
         }
         let unit_bytes = self.unit_sectors() * SECTOR_SIZE as u64;
-        let subjob_pages = (self.sub_job_units.max(1) * unit_bytes).div_ceil(kcopyd_core::PAGE_SIZE as u64).max(1);
+        let subjob_pages = (self.subjob_units.max(1) * unit_bytes).div_ceil(kcopyd_core::PAGE_SIZE as u64).max(1);
         let mut for_ever_left = (self.page_budget as u64 / subjob_pages).saturating_sub(1);
         let disks = self.sources.len() + self.targets.len();
         for d in 0..disks {
@@ -622,7 +622,7 @@ impl Inputs {
         Scenario {
             config: ClientConfig {
                 page_budget: self.page_budget.max(1),
-                sub_job_size_bytes: (self.sub_job_units.max(1) * unit) as usize * SECTOR_SIZE,
+                subjob_size_bytes: (self.subjob_units.max(1) * unit) as usize * SECTOR_SIZE,
                 subjobs_in_flight: self.subjobs_in_flight.clamp(1, 64),
                 queued_jobs_max: if self.queued_jobs_max == 0 { 1024 } else { self.queued_jobs_max },
                 huge_pages: true,
@@ -1378,11 +1378,11 @@ pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
         proptest::collection::vec(disk, 1..8),
         proptest::collection::vec(job, 1..8),
     )
-        .prop_map(|(seed, page_budget, sub_job_units, subjobs_in_flight, big_units, sources, targets, jobs)| {
+        .prop_map(|(seed, page_budget, subjob_units, subjobs_in_flight, big_units, sources, targets, jobs)| {
             Inputs {
                 seed,
                 page_budget,
-                sub_job_units,
+                subjob_units,
                 subjobs_in_flight,
                 big_units,
                 sources,

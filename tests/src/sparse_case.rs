@@ -30,7 +30,7 @@ use kcopyd_sim::{MemDisk, MemDiskOptions, Simulation, mix64, to_tokio};
 use serde::{Deserialize, Serialize};
 
 use crate::io_log::{DiskRef, IoKind, IoLog, IoRecord, Watched};
-use crate::oracle::HOLE_SUB_JOB_SECTORS;
+use crate::oracle::HOLE_SUBJOB_SECTORS;
 use crate::scenario::{DEADLOCK_AFTER, Draw};
 use crate::sectors::Sectors;
 
@@ -74,7 +74,7 @@ pub struct Case {
     /// Page budget, pages.
     pub page_budget: usize,
     /// Sub-job size, bytes.
-    pub sub_job_bytes: usize,
+    pub subjob_bytes: usize,
     /// Sub-jobs in flight.
     pub subjobs_in_flight: usize,
 }
@@ -102,15 +102,15 @@ impl Case {
             zero_block_bytes: [0, 512, 4096, 65536][rng.below(4) as usize],
             target_zeroes: [TargetZeroes::Write, TargetZeroes::Deallocate, TargetZeroes::Skip][rng.below(3) as usize],
         };
-        let sub_job_bytes = [64 << 10, 128 << 10, 256 << 10][rng.below(3) as usize];
+        let subjob_bytes = [64 << 10, 128 << 10, 256 << 10][rng.below(3) as usize];
         let mut case = Case {
             block_bytes,
             runs,
             dense_source: rng.below(3) == 0,
             targets,
             sparse,
-            page_budget: sub_job_bytes / 4096 * (1 + rng.below(4) as usize),
-            sub_job_bytes,
+            page_budget: subjob_bytes / 4096 * (1 + rng.below(4) as usize),
+            subjob_bytes,
             subjobs_in_flight: 1 + rng.below(8) as usize,
         };
         if rng.below(8) == 0 {
@@ -212,7 +212,7 @@ impl Case {
         let len = self.len_sectors();
         let config = ClientConfig {
             page_budget: self.page_budget,
-            sub_job_size_bytes: self.sub_job_bytes,
+            subjob_size_bytes: self.subjob_bytes,
             subjobs_in_flight: self.subjobs_in_flight,
             ..ClientConfig::default()
         };
@@ -259,10 +259,10 @@ impl Case {
         if written != touched.len_sectors() {
             problems.push(format!("target{i}: a sector written twice ({written} sectors in requests)"));
         }
-        if let Some(long) = writes.iter().find(|r| r.end - r.start > seen.sub_job_sectors) {
+        if let Some(long) = writes.iter().find(|r| r.end - r.start > seen.subjob_sectors) {
             problems.push(format!("target{i}: a data write {long:?} longer than a sub-job"));
         }
-        if let Some(long) = zero_writes.iter().find(|r| r.end - r.start > HOLE_SUB_JOB_SECTORS) {
+        if let Some(long) = zero_writes.iter().find(|r| r.end - r.start > HOLE_SUBJOB_SECTORS) {
             problems.push(format!("target{i}: a write-zeroes {long:?} longer than a hole sub-job"));
         }
         let as_data = Sectors::from_ranges(writes.iter().cloned());
@@ -311,7 +311,7 @@ impl Case {
                 "target{i}: {requests} requests for {} runs and {} sectors read in sub-jobs of {} (at most {})",
                 self.runs.len(),
                 seen.read_sectors,
-                seen.sub_job_sectors,
+                seen.subjob_sectors,
                 seen.requests_max
             ));
         }
@@ -329,7 +329,7 @@ struct Seen {
     zero_blocks: Sectors,
     /// What the source was read in.
     reads: Sectors,
-    sub_job_sectors: u64,
+    subjob_sectors: u64,
     read_sectors: u64,
     /// The requests a target may need: sub-jobs that read data, and runs of every kind.
     requests_max: u64,
@@ -358,9 +358,9 @@ impl Seen {
         if reads != *expected_reads {
             problems.push(format!("source read {:?}, expected {:?}", reads.ranges(), expected_reads.ranges()));
         }
-        let sub_job_sectors = (case.sub_job_bytes / SECTOR_SIZE) as u64;
+        let subjob_sectors = (case.subjob_bytes / SECTOR_SIZE) as u64;
         let read_sectors = expected_reads.len_sectors();
-        let requests_max = 2 * (case.runs.len() as u64 + 2 + read_sectors.div_ceil(sub_job_sectors));
+        let requests_max = 2 * (case.runs.len() as u64 + 2 + read_sectors.div_ceil(subjob_sectors));
         let not_data = whole.difference(data);
         // The zero blocks the scan must find: blocks of the zero-block size (at least the
         // logical block) from the start of each sub-job read, the last one perhaps short,
@@ -375,7 +375,7 @@ impl Seen {
                 .filter(|b| Sectors::from_ranges(std::iter::once(b.clone())).is_subset(&not_data))
         }));
         let data = data.clone();
-        Seen { records, data, not_data, unallocated, zero_blocks, reads, sub_job_sectors, read_sectors, requests_max }
+        Seen { records, data, not_data, unallocated, zero_blocks, reads, subjob_sectors, read_sectors, requests_max }
     }
 
     /// The first run where `target` does not read as `source`: data as the source's, zeroes

@@ -15,7 +15,7 @@ fn client(config: ClientConfig) -> Client {
 
 fn small_chunks() -> ClientConfig {
     // 8 KiB sub-jobs, so that small disks still make many chunks.
-    ClientConfig { sub_job_size_bytes: 8192, ..ClientConfig::default() }
+    ClientConfig { subjob_size_bytes: 8192, ..ClientConfig::default() }
 }
 
 #[test]
@@ -163,12 +163,12 @@ fn a_read_error_without_ignore_error_stops_the_job_and_reports_the_chunk() {
 }
 
 #[test]
-fn write_seq_with_a_read_error_still_writes_the_sub_jobs_read_before_it() {
+fn write_seq_with_a_read_error_still_writes_the_subjobs_read_before_it() {
     // 64 KiB (128-sector) sub-jobs, 8 in flight. Reads are instant and writes take 10 ms, so
     // sub-jobs 128..256 and 256..384 are read while 0..128 is being written; 256..384 fails.
     // 128..256 was read successfully and waits for its turn: it must still land. Nothing
     // from 256 on is written, so the target stays sequential.
-    let config = ClientConfig { sub_job_size_bytes: 64 * 1024, ..ClientConfig::default() };
+    let config = ClientConfig { subjob_size_bytes: 64 * 1024, ..ClientConfig::default() };
     let len = 1024;
     let source = patterned("source", len, 512, 8);
     source.fail_reads(300..301);
@@ -554,7 +554,7 @@ fn a_resolved_handle_has_freed_its_admission_and_run_its_callback() {
 }
 
 #[test]
-fn progress_grows_to_the_total_and_cancel_stops_new_sub_jobs() {
+fn progress_grows_to_the_total_and_cancel_stops_new_subjobs() {
     let client = client(ClientConfig { subjobs_in_flight: 2, ..small_chunks() });
     let source = jittery_source(4);
     let target = zeroed("target", 1024, 512);
@@ -807,7 +807,7 @@ fn a_panicking_device_stops_its_job_with_a_report_and_the_client_goes_on() {
 }
 
 #[test]
-fn a_job_shorter_than_a_sub_job_takes_only_its_own_pages() {
+fn a_job_shorter_than_a_subjob_takes_only_its_own_pages() {
     // Default shape: 1 MiB sub-jobs (256 pages). Four 64 KiB copies at once need 4 x 16 pages.
     let client = client(ClientConfig::default());
     let source = patterned("source", 1024, 512, 9);

@@ -21,7 +21,7 @@ const HANG: Duration = Duration::from_secs(60);
 
 fn small_chunks() -> ClientConfig {
     // 16-sector sub-jobs, one at a time, so that a job's progress is easy to predict.
-    ClientConfig { sub_job_size_bytes: 8192, subjobs_in_flight: 1, ..ClientConfig::default() }
+    ClientConfig { subjob_size_bytes: 8192, subjobs_in_flight: 1, ..ClientConfig::default() }
 }
 
 /// The hooks of an in-memory disk whose reads at or after `gate_sector` wait until the gate

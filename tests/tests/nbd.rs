@@ -160,7 +160,7 @@ fn file_to_nbd_to_nbd_copies_are_byte_exact_on_the_engine_worker() {
     let back_file = dir.zero_file("back.img", data.len() as u64);
     let back: Device =
         Arc::new(OsDevice::open(&back_file, &OpenOptions { write: true, ..OpenOptions::default() }).unwrap());
-    let config = ClientConfig { sub_job_size_bytes: 64 * 1024, subjobs_in_flight: 32, ..ClientConfig::default() };
+    let config = ClientConfig { subjob_size_bytes: 64 * 1024, subjobs_in_flight: 32, ..ClientConfig::default() };
     let outcome = copy(qemu, vec![kit.clone()], len_sectors, Flags::empty(), config);
     assert!(outcome.is_ok(), "{outcome:?}");
     let outcome = copy(kit, vec![back], len_sectors, Flags::empty(), ClientConfig::default());
@@ -409,7 +409,7 @@ fn read_faults_at_chosen_offsets_are_reported_exactly() {
     let target_file = dir.zero_file("target.img", data.len() as u64);
     let target: Device =
         Arc::new(OsDevice::open(&target_file, &OpenOptions { write: true, ..OpenOptions::default() }).unwrap());
-    let config = ClientConfig { sub_job_size_bytes: 512 * 1024, ..ClientConfig::default() };
+    let config = ClientConfig { subjob_size_bytes: 512 * 1024, ..ClientConfig::default() };
     let outcome = copy(source, vec![target], 4096, Flags::IGNORE_ERROR, config);
     assert!(outcome.read_err && outcome.write_err.is_empty(), "{outcome:?}");
     let mut expected = RangeSet::new();
@@ -443,7 +443,7 @@ fn write_faults_at_chosen_offsets_are_reported_exactly() {
     let failing: Device = Arc::new(open(&server.uri(""), &writable()));
     let good_device = Arc::new(open(&good.uri(""), &writable()));
     // Sub-jobs of 1024 sectors: the failing write is the one of sectors 2048..3072.
-    let config = ClientConfig { sub_job_size_bytes: 512 * 1024, ..ClientConfig::default() };
+    let config = ClientConfig { subjob_size_bytes: 512 * 1024, ..ClientConfig::default() };
     let outcome = copy(source, vec![failing, good_device.clone()], 4096, Flags::IGNORE_ERROR, config);
     assert!(!outcome.read_err, "{outcome:?}");
     assert_eq!(outcome.write_err.iter().collect::<Vec<_>>(), vec![0], "only the failing server's target");
@@ -464,7 +464,7 @@ fn delayed_replies_still_copy_byte_exact() {
     let source = Arc::new(open(&source.uri(""), &writable()));
     let target = Arc::new(open(&target.uri(""), &writable()));
     write_ok(source.as_ref(), 0, &data);
-    let config = ClientConfig { sub_job_size_bytes: 32 * 1024, subjobs_in_flight: 16, ..ClientConfig::default() };
+    let config = ClientConfig { subjob_size_bytes: 32 * 1024, subjobs_in_flight: 16, ..ClientConfig::default() };
     let outcome = copy(source, vec![target.clone()], 4096, Flags::empty(), config);
     assert!(outcome.is_ok(), "{outcome:?}");
     assert!(read_ok(target.as_ref(), 0, data.len()) == data);
@@ -481,7 +481,7 @@ fn a_server_killed_mid_copy_fails_the_io_in_flight_and_nothing_hangs() {
     let source = Arc::new(open(&source.uri(""), &writable()));
     write_ok(source.as_ref(), 0, &pattern(14, 8 << 20));
     let target = Arc::new(open(&target_server.uri(""), &writable()));
-    let client = Client::new(ClientConfig { sub_job_size_bytes: 64 * 1024, ..ClientConfig::default() }).unwrap();
+    let client = Client::new(ClientConfig { subjob_size_bytes: 64 * 1024, ..ClientConfig::default() }).unwrap();
     let job = client
         .submit_blocking(Job::copy(
             Region::new(source, 0, 16384),
@@ -569,7 +569,7 @@ fn many_devices_share_one_reactor_and_their_connections_end_with_them() {
     write_ok(source.as_ref(), 0, &data);
     let half_sectors = (2 << 20) / 512;
     let client =
-        Client::new(ClientConfig { sub_job_size_bytes: 64 * 1024, subjobs_in_flight: 16, ..ClientConfig::default() })
+        Client::new(ClientConfig { subjob_size_bytes: 64 * 1024, subjobs_in_flight: 16, ..ClientConfig::default() })
             .unwrap();
     let job = client
         .submit_blocking(Job::copy(

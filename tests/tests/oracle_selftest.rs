@@ -28,7 +28,7 @@ use kcopyd_tests::scenario::{
 };
 use kcopyd_tests::validation::{Broken, Case, RegionInputs};
 
-/// Sectors per sub-job in every scenario here (`sub_job_units` of 1-sector units).
+/// Sectors per sub-job in every scenario here (`subjob_units` of 1-sector units).
 const CHUNK: u64 = 8;
 
 /// A disk with some latency, so that requests overlap and order is visible in the trace.
@@ -47,7 +47,7 @@ fn inputs(jobs: Vec<JobInputs>, targets: usize, subjobs_in_flight: usize) -> Inp
     Inputs {
         seed: 11,
         page_budget: 64,
-        sub_job_units: CHUNK,
+        subjob_units: CHUNK,
         subjobs_in_flight,
         big_units: false,
         sources: vec![disk(FaultInputs::default())],
@@ -309,7 +309,7 @@ fn hard_but_true() -> Vec<Accepted> {
     let mut blocks = inputs(vec![copy(5, &[0, 1]), JobInputs { zero: true, ..copy(3, &[1]) }], 2, 3);
     blocks.big_units = true;
     blocks.targets[1].block_4k = true;
-    blocks.sub_job_units = 1;
+    blocks.subjob_units = 1;
     let blocks = Accepted::run("4 KiB blocks", blocks);
 
     let mut seq = inputs(vec![JobInputs { write_seq: true, ignore_error: true, ..copy(48, &[0, 1, 2]) }], 3, 3);
@@ -724,7 +724,7 @@ fn rule_7_sectors_are_not_copied_only_for_a_reason() {
     clippy::too_many_lines,
     reason = "a list of perturbations of the same true runs, each refused by this rule: split, each piece would rebuild the runs it perturbs"
 )]
-fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error() {
+fn rule_8_without_ignore_error_no_subjob_starts_after_an_error() {
     let run = stopping_on_a_read_error();
     let violations = run.tampered(|r| append(r, DiskRef::Source(0), IoKind::Read, 32..40));
     fires(
@@ -866,7 +866,7 @@ fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error() {
     clippy::too_many_lines,
     reason = "a list of perturbations of the same true runs, each refused by this rule: split, each piece would rebuild the runs it perturbs"
 )]
-fn rule_9_no_sub_job_starts_after_a_cancel_and_cancelled_is_exact() {
+fn rule_9_no_subjob_starts_after_a_cancel_and_cancelled_is_exact() {
     let run = cancelled();
     let first_untaken = run.outcome().targets[0].not_copied.ranges()[0].start;
     let violations =
@@ -1041,7 +1041,7 @@ fn rule_10_write_seq_writes_one_after_another_upwards() {
 }
 
 #[test]
-fn rule_11_sub_jobs_in_flight_and_pages_stay_within_their_limits() {
+fn rule_11_subjobs_in_flight_and_pages_stay_within_their_limits() {
     let run = stopping_on_a_write_error(); // one sub-job in flight
     let violations = run.tampered(|r| {
         let first = request(r, DiskRef::Source(0), IoKind::Read, 0);
@@ -1080,10 +1080,10 @@ fn rule_11_sub_jobs_in_flight_and_pages_stay_within_their_limits() {
 
     // Pages are counted per sub-job from its sectors: two sub-jobs of 32 sectors (4 pages each)
     // hold 8 pages, over a budget of 7 (which still allows sub-jobs of 32 sectors).
-    let mut big_sub_jobs = inputs(vec![copy(128, &[0])], 1, 2);
-    big_sub_jobs.sub_job_units = 32;
-    big_sub_jobs.page_budget = 8;
-    let run = Accepted::run("sub-jobs of 4 pages", big_sub_jobs);
+    let mut big_subjobs = inputs(vec![copy(128, &[0])], 1, 2);
+    big_subjobs.subjob_units = 32;
+    big_subjobs.page_budget = 8;
+    let run = Accepted::run("sub-jobs of 4 pages", big_subjobs);
     let violations = run.with_scenario(|s| s.config.page_budget = 7);
     fires("11", "8 pages over a budget of 7", &violations, "phase 1: copy sub-jobs in flight hold at least 8 pages");
     // A zero job holds no pages.
@@ -1110,7 +1110,7 @@ fn rule_11_sub_jobs_in_flight_and_pages_stay_within_their_limits() {
     clippy::too_many_lines,
     reason = "a list of perturbations of the same true runs, each refused by this rule: split, each piece would rebuild the runs it perturbs"
 )]
-fn rule_12_every_request_is_whole_blocks_of_one_sub_job_of_one_region() {
+fn rule_12_every_request_is_whole_blocks_of_one_subjob_of_one_region() {
     let run = clean();
     let cases: Vec<(&str, Vec<String>, &str)> = vec![
         (

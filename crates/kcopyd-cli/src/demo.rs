@@ -115,7 +115,7 @@ fn introduce(scenario: &Scenario, len_bytes: u64) -> Result<(), CliError> {
     let client = &scenario.client;
     say!(
         "  job: IGNORE_ERROR, {} sub-jobs, {} in flight, {} of buffers; the scenario {SCENARIO_NAME}",
-        Bytes(client.sub_job_size_bytes as u64),
+        Bytes(client.subjob_size_bytes as u64),
         client.subjobs_in_flight,
         Bytes((client.page_budget * kcopyd_core::PAGE_SIZE) as u64)
     );

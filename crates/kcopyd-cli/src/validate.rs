@@ -40,7 +40,7 @@ pub fn parse_config(text: &str) -> Result<Config, CliError> {
 
 /// A configuration, for the progress bar.
 fn label(config: &Config) -> String {
-    format!("{} × {} → {}", Bytes(config.sub_job_size_bytes), config.subjobs_in_flight, config.targets)
+    format!("{} × {} → {}", Bytes(config.subjob_size_bytes), config.subjobs_in_flight, config.targets)
 }
 
 /// Target files of the configurations: TARGET, TARGET.2, TARGET.3, …; those created here are
@@ -85,7 +85,7 @@ async fn real_copy(
     let target_args: Vec<DeviceAddress> = targets.paths[..config.targets].iter().map(|p| arg(p)).collect();
     let client_config = kcopyd_core::ClientConfig {
         page_budget: usize::try_from(args.memory_bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX),
-        sub_job_size_bytes: usize::try_from(config.sub_job_size_bytes).unwrap_or(usize::MAX),
+        subjob_size_bytes: usize::try_from(config.subjob_size_bytes).unwrap_or(usize::MAX),
         subjobs_in_flight: config.subjobs_in_flight,
         ..kcopyd_core::ClientConfig::default()
     };

@@ -567,7 +567,7 @@ async fn check_all(
 }
 
 fn client() -> Client {
-    let config = ClientConfig { page_budget: 64, sub_job_size_bytes: 64 * 1024, ..ClientConfig::default() };
+    let config = ClientConfig { page_budget: 64, subjob_size_bytes: 64 * 1024, ..ClientConfig::default() };
     Client::start_in_current_system(config).expect("a valid configuration")
 }
 

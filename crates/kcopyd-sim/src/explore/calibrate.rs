@@ -48,7 +48,7 @@ pub const POINT_TIME_MAX: Duration = Duration::from_secs(60);
 /// The spread of rounds above which a calibration describes a busy machine.
 pub const SPREAD_WARNING: f64 = 0.25;
 /// Sub-job sizes of the engine's copies: the time around each request is fitted over them.
-const ENGINE_SUB_JOB_BYTES: [u64; 4] = [64 << 10, 256 << 10, 1 << 20, 4 << 20];
+const ENGINE_SUBJOB_BYTES: [u64; 4] = [64 << 10, 256 << 10, 1 << 20, 4 << 20];
 /// Bytes each engine copy moves (at most half the scratch range).
 const ENGINE_COPY_BYTES_MAX: u64 = 32 << 20;
 /// Engine copies; the median counts.
@@ -496,7 +496,7 @@ pub fn window_rate(completed_at: &[Duration], time: Duration) -> f64 {
 /// The sub-job sizes of the engine's copies that fit the scratch range (two sub-jobs at least).
 fn engine_sizes<D>(scratch: &Scratch<D>) -> Vec<u64> {
     let room = (scratch.len_bytes / 2).min(ENGINE_COPY_BYTES_MAX);
-    ENGINE_SUB_JOB_BYTES.into_iter().filter(|&size| room >= 2 * size).collect()
+    ENGINE_SUBJOB_BYTES.into_iter().filter(|&size| room >= 2 * size).collect()
 }
 
 /// Copies the first part of the scratch range to the next with the engine, one `size`
@@ -510,11 +510,11 @@ async fn engine_copies<D: BlockDevice + 'static>(
     scratch: &Scratch<D>,
     size: u64,
 ) -> Result<Measurement, CalibrateError> {
-    let sub_jobs = (scratch.len_bytes / 2).min(ENGINE_COPY_BYTES_MAX) / size;
-    let half = sub_jobs / 2;
+    let subjobs = (scratch.len_bytes / 2).min(ENGINE_COPY_BYTES_MAX) / size;
+    let half = subjobs / 2;
     assert!(half >= 1, "engine_sizes keeps sizes with two sub-jobs at least");
     let config = ClientConfig {
-        sub_job_size_bytes: size as usize,
+        subjob_size_bytes: size as usize,
         subjobs_in_flight: 1,
         page_budget: (4 * size as usize).div_ceil(PAGE_SIZE),
         ..ClientConfig::default()
@@ -525,13 +525,13 @@ async fn engine_copies<D: BlockDevice + 'static>(
     let (mut whole_us, mut half_us) = (Vec::new(), Vec::new());
     // The half copy is the middle of the whole one: each starts as far from where the other
     // ended (three quarters of the whole), so a seek back costs both the same.
-    let middle = (sub_jobs - half) / 2 * size;
+    let middle = (subjobs - half) / 2 * size;
     for _ in 0..ENGINE_COPIES {
-        whole_us.push(engine_copy(scratch, &client, 0, sub_jobs * size, sub_jobs * size).await?);
-        half_us.push(engine_copy(scratch, &client, middle, sub_jobs * size, half * size).await?);
+        whole_us.push(engine_copy(scratch, &client, 0, subjobs * size, subjobs * size).await?);
+        half_us.push(engine_copy(scratch, &client, middle, subjobs * size, half * size).await?);
     }
     client.shutdown().await;
-    let latency_us_p50 = ((median(whole_us) - median(half_us)) / (sub_jobs - half) as f64).max(1.0);
+    let latency_us_p50 = ((median(whole_us) - median(half_us)) / (subjobs - half) as f64).max(1.0);
     Ok(Measurement {
         kind: "copy".into(),
         io_size_bytes: size,

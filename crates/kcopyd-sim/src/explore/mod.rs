@@ -40,7 +40,7 @@ use thiserror::Error;
 
 use crate::units::SizeError;
 
-pub use keys::{parse_value, set_path};
+pub use keys::{RENAMED_KEYS, parse_value, set_path};
 pub use report::{
     DiskReport, ForegroundReport, IoSizeCount, JobReport, Latencies, METRICS, Metric, RANGES_LISTED, Report, Sample,
     TargetOutcome, metric,

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  seed = 7                         everything random in the run derives from it
-//!  [client]                         kcopyd_core::ClientConfig (page_budget, sub_job_size_bytes, …)
+//!  [client]                         kcopyd_core::ClientConfig (page_budget, subjob_size_bytes, …)
 //!  [disks.NAME]                     MemDiskOptions (len_sectors, latency, faults, …) + content
 //!  [[jobs]]                         copy/zero, source/targets by disk name, count × stride
 //!  [foreground]                     reads/writes on one disk whose latency is recorded
@@ -257,6 +257,7 @@ impl Scenario {
     /// # Errors
     /// As [`Scenario::from_toml`], or a model file that cannot be read or is not a disk model.
     pub fn from_value_in(mut tree: Value, base: &Path) -> Result<Scenario, ScenarioError> {
+        keys::rename_old_keys(&mut tree, "")?;
         keys::inline_models(&mut tree, base)?;
         keys::normalize_units(&mut tree)?;
         if let Some(Value::Table(disks)) = tree.get_mut("disks") {
@@ -451,10 +452,13 @@ impl Scenario {
     }
 }
 
-/// Parses TOML text into a value tree (no units applied yet).
+/// Parses TOML text into a value tree (no units applied yet), old key names
+/// ([`RENAMED_KEYS`](super::RENAMED_KEYS)) renamed to the current ones.
 ///
 /// # Errors
-/// A TOML syntax error.
+/// A TOML syntax error, or a key given under its old and its current name.
 pub fn parse_tree(text: &str) -> Result<Value, ScenarioError> {
-    text.parse::<toml::Table>().map(Value::Table).map_err(|source| ScenarioError::Toml { source })
+    let mut tree = text.parse::<toml::Table>().map(Value::Table).map_err(|source| ScenarioError::Toml { source })?;
+    keys::rename_old_keys(&mut tree, "")?;
+    Ok(tree)
 }

@@ -2,7 +2,7 @@
 //! thread (one [`Simulation`](crate::Simulation) per thread, so runs never share a clock).
 //!
 //! ```text
-//!  --vary client.sub_job_size_bytes=64K,512K --vary client.subjobs_in_flight=4,8
+//!  --vary client.subjob_size_bytes=64K,512K --vary client.subjobs_in_flight=4,8
 //!     → (64K,4) (64K,8) (512K,4) (512K,8)     every point checked before any runs
 //!     → threads take the next point from a shared counter; results keep the points' order
 //! ```

@@ -33,7 +33,7 @@ pub const IN_FLIGHT_MAX: usize = 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ConfigError {
     /// Not three parts separated by `x`.
-    #[error("not SUB_JOB_SIZExIN_FLIGHTxTARGETS, e.g. 1Mx4x1")]
+    #[error("not SUBJOB_SIZExIN_FLIGHTxTARGETS, e.g. 1Mx4x1")]
     Shape,
     /// The sub-job size does not read.
     #[error("{0}")]
@@ -54,7 +54,7 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Config {
     /// Bytes per sub-job.
-    pub sub_job_size_bytes: u64,
+    pub subjob_size_bytes: u64,
     /// Sub-jobs in flight.
     pub subjobs_in_flight: usize,
     /// Targets written.
@@ -71,7 +71,7 @@ impl Config {
         let [size, in_flight, targets] = parts[..] else {
             return Err(ConfigError::Shape);
         };
-        let sub_job_size_bytes = parse_size(size).map_err(ConfigError::Size)?;
+        let subjob_size_bytes = parse_size(size).map_err(ConfigError::Size)?;
         let count = |text: &str, max: usize, what: &'static str| {
             text.parse::<usize>().ok().filter(|n| (1..=max).contains(n)).ok_or_else(|| ConfigError::Count {
                 what,
@@ -80,7 +80,7 @@ impl Config {
             })
         };
         Ok(Config {
-            sub_job_size_bytes,
+            subjob_size_bytes,
             subjobs_in_flight: count(in_flight, IN_FLIGHT_MAX, "sub-jobs in flight")?,
             targets: count(targets, TARGETS_MAX, "targets")?,
         })
@@ -177,7 +177,7 @@ impl std::fmt::Display for Validation {
             writeln!(
                 out,
                 "{:<12} {:>9} {:>8} {:>12.3} {:>9.3} {:>12.3} {:>+8.1}%",
-                crate::units::Bytes(row.config.sub_job_size_bytes).to_string(),
+                crate::units::Bytes(row.config.subjob_size_bytes).to_string(),
                 row.config.subjobs_in_flight,
                 row.config.targets,
                 row.measured_median_seconds,
@@ -237,7 +237,7 @@ pub fn predict_seconds(
     let len_sectors = len_bytes / SECTOR_SIZE as u64;
     let client_config = ClientConfig {
         page_budget: usize::try_from(memory_bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX),
-        sub_job_size_bytes: config.sub_job_size_bytes as usize,
+        subjob_size_bytes: config.subjob_size_bytes as usize,
         subjobs_in_flight: config.subjobs_in_flight,
         ..ClientConfig::default()
     };
@@ -307,7 +307,7 @@ mod tests {
     fn configurations_parse_and_refuse_what_is_out_of_bounds() {
         assert_eq!(
             Config::parse("256Kx8x3").unwrap(),
-            Config { sub_job_size_bytes: 256 << 10, subjobs_in_flight: 8, targets: 3 }
+            Config { subjob_size_bytes: 256 << 10, subjobs_in_flight: 8, targets: 3 }
         );
         assert_eq!(Config::parse("1Mx4"), Err(ConfigError::Shape));
         assert_eq!(Config::parse("1Mx4x1x1"), Err(ConfigError::Shape));
