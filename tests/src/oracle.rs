@@ -11,7 +11,7 @@
 //! ```
 //!
 //! The oracle works out each job's sub-jobs as the engine's documented contract defines them
-//! (`chunk = max(min(subjob_size, page_budget) rounded down to the job's logical block, one
+//! (`subjob_sectors = max(min(subjob_size, page_budget) rounded down to the job's logical block, one
 //! block)`; for a sparse copy that skips holes, rebuilt from its source's allocation, see
 //! `subjobs`), attributes every request to the job and sub-job whose region it falls in, and
 //! derives what the outcome must say. Every rule is listed, with its reason, in
@@ -43,13 +43,13 @@ struct JobView<'a> {
     seq: bool,
     /// The job's logical block in sectors (the largest of its devices').
     block: u64,
-    /// Sectors per sub-job that reads (the contract's chunk).
-    chunk: u64,
+    /// Sectors per sub-job that reads (the contract's sub-job size, in sectors).
+    subjob_sectors: u64,
     /// Number of sub-jobs.
-    chunks: u64,
-    /// Where each sub-job starts, job-relative, then the job's length: every `chunk` sectors
+    subjob_count: u64,
+    /// Where each sub-job starts, job-relative, then the job's length: every `subjob_sectors` sectors
     /// for a plain copy or a zero job; for a sparse copy that skips holes, rebuilt from the
-    /// source's allocation as the engine walks it (data cut every `chunk` sectors from the
+    /// source's allocation as the engine walks it (data cut every `subjob_sectors` sectors from the
     /// start of each allocated run, holes cut every `hole_max`).
     bounds: Vec<u64>,
     /// Per sub-job: a hole of a sparse copy (nothing read, no pages held).
@@ -65,21 +65,21 @@ struct JobView<'a> {
 }
 
 impl JobView<'_> {
-    fn chunk_range(&self, k: u64) -> Range<u64> {
+    fn subjob_range(&self, k: u64) -> Range<u64> {
         self.bounds[k as usize]..self.bounds[k as usize + 1]
     }
 
     /// The sub-job holding job-relative sector `sector` (the last one past the end).
-    fn chunk_of(&self, sector: u64) -> u64 {
+    fn subjob_of(&self, sector: u64) -> u64 {
         (self.bounds.partition_point(|&b| b <= sector).max(1) - 1) as u64
     }
 
     /// The sub-jobs a job-relative range touches.
-    fn chunks_of(&self, range: &Range<u64>) -> Range<u64> {
+    fn subjobs_of(&self, range: &Range<u64>) -> Range<u64> {
         if range.start >= range.end {
-            return self.chunk_of(range.start)..self.chunk_of(range.start);
+            return self.subjob_of(range.start)..self.subjob_of(range.start);
         }
-        self.chunk_of(range.start)..self.chunk_of(range.end - 1) + 1
+        self.subjob_of(range.start)..self.subjob_of(range.end - 1) + 1
     }
 
     /// Whether sub-job `k` is a hole of a sparse copy: it reads nothing and holds no pages.
@@ -90,20 +90,20 @@ impl JobView<'_> {
     /// The bytes sub-job `k` moves through the engine (what the throttle's rate charges):
     /// none for a hole whose every target takes zeroes cheaply.
     fn moved_bytes(&self, k: u64) -> u64 {
-        let range = self.chunk_range(k);
+        let range = self.subjob_range(k);
         if self.is_hole(k) && self.cheap_holes { 0 } else { (range.end - range.start) * SECTOR_SIZE as u64 }
     }
 
     /// The whole sub-jobs holding any sector of `set`.
-    fn whole_chunks(&self, set: &Sectors) -> Sectors {
-        Sectors::from_ranges(set.ranges().iter().flat_map(|r| self.chunks_of(r)).map(|k| self.chunk_range(k)))
+    fn whole_subjobs(&self, set: &Sectors) -> Sectors {
+        Sectors::from_ranges(set.ranges().iter().flat_map(|r| self.subjobs_of(r)).map(|k| self.subjob_range(k)))
     }
 
     /// The whole sub-jobs of phase 1 where a read timed out: a timed-out read keeps the buffer,
     /// so nothing is narrowed and the whole sub-job is unreadable.
     fn timed_out_reads(&self) -> Sectors {
         let timed_out = self.failed(|r| r == Role::Source).filter(|(r, _)| self.timeouts.view(r).0);
-        self.whole_chunks(&Sectors::from_ranges(timed_out.map(|(_, rel)| rel.clone())))
+        self.whole_subjobs(&Sectors::from_ranges(timed_out.map(|(_, rel)| rel.clone())))
     }
 
     fn failed(&self, role: impl Fn(Role) -> bool) -> impl Iterator<Item = (&IoRecord, &Range<u64>)> {
@@ -339,10 +339,10 @@ fn attribute<'a>(
         let view = &mut views[j];
         let relative = sectors.start - start..sectors.end - start;
         let whole_job = record.kind == IoKind::WriteZeroes && relative == (0..view.layout.len_sectors);
-        if !whole_job && view.chunks_of(&relative).count() != 1 {
+        if !whole_job && view.subjobs_of(&relative).count() != 1 {
             violations.push(format!(
                 "job {j}: {:?} {:?} {sectors:?} spans sub-jobs of {} sectors",
-                record.disk, record.kind, view.chunk
+                record.disk, record.kind, view.subjob_sectors
             ));
         }
         if (role == Role::Source) != (record.kind == IoKind::Read) {
@@ -372,17 +372,17 @@ impl<'a> JobView<'a> {
             .unwrap_or(1);
         let wanted = (scenario.config.subjob_size_bytes / SECTOR_SIZE) as u64;
         let budget = (scenario.config.page_budget * PAGE_SIZE / SECTOR_SIZE) as u64;
-        let chunk = (wanted.min(budget) / block * block).max(block);
+        let subjob_sectors = (wanted.min(budget) / block * block).max(block);
         let cheap_holes = layout.targets.iter().all(|&(t, _)| zeroes_are_cheap(layout, &scenario.targets[t]));
-        let (bounds, holes) = subjobs(layout, chunk, block, cheap_holes);
-        let chunks = holes.len() as u64;
+        let (bounds, holes) = subjobs(layout, subjob_sectors, block, cheap_holes);
+        let subjob_count = holes.len() as u64;
         JobView {
             layout,
             ignore,
             seq,
             block,
-            chunk,
-            chunks,
+            subjob_sectors,
+            subjob_count,
             bounds,
             holes,
             cheap_holes,
@@ -421,24 +421,24 @@ fn zeroes_are_cheap(layout: &JobLayout, target: &kcopyd_sim::MemDiskOptions) -> 
 
 /// A job's sub-jobs: their bounds (starts, then the length) and which are holes. A sparse copy
 /// that skips holes walks its source's allocation (the complement of its holes, rounded out to
-/// the job's block): data up to `chunk` sectors within an allocated run, holes up to
+/// the job's block): data up to `subjob_sectors` sectors within an allocated run, holes up to
 /// [`HOLE_SUBJOB_SECTORS`] (in whole blocks) where every target takes zeroes cheaply and up
-/// to `chunk` otherwise. Any other job is cut every `chunk` sectors.
-fn subjobs(layout: &JobLayout, chunk: u64, block: u64, cheap_holes: bool) -> (Vec<u64>, Vec<bool>) {
+/// to `subjob_sectors` otherwise. Any other job is cut every `subjob_sectors` sectors.
+fn subjobs(layout: &JobLayout, subjob_sectors: u64, block: u64, cheap_holes: bool) -> (Vec<u64>, Vec<bool>) {
     let len = layout.len_sectors;
     let skips = layout.source.is_some() && layout.sparse.skip_holes;
     let allocated = span(0..len).difference(&Sectors::from_ranges(layout.holes.iter().cloned()));
     let allocated = Sectors::from_ranges(
         allocated.ranges().iter().map(|r| r.start / block * block..(r.end.div_ceil(block) * block).min(len)),
     );
-    let hole_max = if cheap_holes { HOLE_SUBJOB_SECTORS / block * block } else { chunk };
+    let hole_max = if cheap_holes { HOLE_SUBJOB_SECTORS / block * block } else { subjob_sectors };
     let (mut bounds, mut holes, mut cursor) = (Vec::new(), Vec::new(), 0);
     while cursor < len {
         bounds.push(cursor);
         let run = allocated.ranges().iter().find(|r| r.end > cursor);
         let (end, hole) = match run {
-            _ if !skips => ((cursor + chunk).min(len), false),
-            Some(r) if r.start <= cursor => (r.end.min(cursor + chunk), false),
+            _ if !skips => ((cursor + subjob_sectors).min(len), false),
+            Some(r) if r.start <= cursor => (r.end.min(cursor + subjob_sectors), false),
             next => (next.map_or(len, |r| r.start).min(cursor + hole_max), true),
         };
         holes.push(hole);
@@ -511,7 +511,7 @@ impl<'a> JobFacts<'a> {
         let mut taken_at: BTreeMap<u64, u64> = BTreeMap::new();
         let mut ended_at: BTreeMap<u64, u64> = BTreeMap::new();
         for (record, _, rel) in &view.ios {
-            for k in view.chunks_of(rel) {
+            for k in view.subjobs_of(rel) {
                 let first = taken_at.entry(k).or_insert(record.issued);
                 *first = (*first).min(record.issued);
                 let last = ended_at.entry(k).or_insert(record.done);
@@ -519,7 +519,7 @@ impl<'a> JobFacts<'a> {
             }
         }
         let whole = span(0..len);
-        let untaken = whole.difference(&Sectors::from_ranges(taken_at.keys().map(|&k| view.chunk_range(k))));
+        let untaken = whole.difference(&Sectors::from_ranges(taken_at.keys().map(|&k| view.subjob_range(k))));
         let completed_at = report.marks.iter().find(|(_, m)| *m == Mark::Completed(j)).map(|&(seq, _)| seq);
         let cancel_at = report
             .marks
@@ -552,8 +552,8 @@ impl<'a> JobFacts<'a> {
     }
 
     /// The whole sub-jobs where a read failed.
-    fn read_failed_chunks(&self) -> Sectors {
-        self.view.whole_chunks(&Sectors::from_ranges(self.failed_reads.iter().map(|(_, rel)| (*rel).clone())))
+    fn read_failed_subjobs(&self) -> Sectors {
+        self.view.whole_subjobs(&Sectors::from_ranges(self.failed_reads.iter().map(|(_, rel)| (*rel).clone())))
     }
 }
 
@@ -571,7 +571,7 @@ struct TargetFacts {
     /// What its successful writes cover.
     landed: Sectors,
     /// The whole sub-jobs where a write to it failed.
-    failed_chunks: Sectors,
+    failed_subjobs: Sectors,
 }
 
 impl TargetFacts {
@@ -589,8 +589,8 @@ impl TargetFacts {
         let landed = Sectors::from_ranges(
             view.ios.iter().filter(|(r, role, _)| r.ok && *role == Role::Target(i)).map(|(_, _, rel)| rel.clone()),
         );
-        let failed_chunks = view.whole_chunks(&expected_write_failed);
-        TargetFacts { i, start, name, write_failed, not_copied, failed, expected_write_failed, landed, failed_chunks }
+        let failed_subjobs = view.whole_subjobs(&expected_write_failed);
+        TargetFacts { i, start, name, write_failed, not_copied, failed, expected_write_failed, landed, failed_subjobs }
     }
 }
 
@@ -607,11 +607,11 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
     rule_7_a_job_without_failures_or_cancel_copies_everything(&facts, violations);
     let targets: Vec<TargetFacts> =
         (0..view.layout.targets.len()).map(|i| TargetFacts::of(&facts, i, violations)).collect();
-    let all_failed_chunks = targets.iter().fold(facts.read_failed_chunks(), |acc, t| acc.union(&t.failed_chunks));
+    let all_failed_subjobs = targets.iter().fold(facts.read_failed_subjobs(), |acc, t| acc.union(&t.failed_subjobs));
     for target in &targets {
         rule_5_write_err_and_write_failed_are_exactly_the_failed_writes(&facts, target, violations);
         rule_6_not_copied_is_what_the_successful_writes_leave(&facts, target, violations);
-        rule_7_sectors_are_not_copied_only_for_a_reason(&facts, target, &all_failed_chunks, violations);
+        rule_7_sectors_are_not_copied_only_for_a_reason(&facts, target, &all_failed_subjobs, violations);
         rule_10_write_seq_writes_one_after_another_upwards(&facts, target, violations);
     }
 }
@@ -701,7 +701,7 @@ fn rule_8_without_ignore_error_no_subjob_starts_after_an_error(facts: &JobFacts,
         .iter()
         .filter(|(r, ..)| !r.ok)
         .map(|(r, role, rel)| {
-            let failing = view.chunks_of(rel);
+            let failing = view.subjobs_of(rel);
             let at = match role {
                 Role::Source => r.done,
                 Role::Target(_) => failing.clone().map(|k| facts.ended_at[&k]).max().unwrap_or(r.done),
@@ -748,20 +748,20 @@ fn rule_12_a_zero_job_offloading_every_target_sends_each_one_write_zeroes(
 /// WRITE_SEQ until its turn ([`JobFacts::turn_waits`]), so it is not held to either.
 fn rule_9_no_subjob_starts_after_a_cancel_and_cancelled_is_exact(facts: &JobFacts, violations: &mut Vec<String>) {
     let (j, view, outcome) = (facts.j, facts.view, facts.outcome);
-    let zero_seq = view.chunks > 0 && facts.turn_waits(view.chunks - 1);
+    let zero_seq = view.subjob_count > 0 && facts.turn_waits(view.subjob_count - 1);
     if let Some(cancel) = facts.cancel_at {
         let after = |seq: u64| seq > cancel && view.timeouts.later_instant(seq, cancel);
         if let Some((k, _)) = facts.taken_at.iter().find(|&(&k, &seq)| after(seq) && !facts.turn_waits(k)) {
             violations.push(format!("job {j}: sub-job {k} started after the job was cancelled"));
         }
     }
-    if view.chunks == 0 {
+    if view.subjob_count == 0 {
         if outcome.cancelled {
             violations.push(format!("job {j}: a zero-length job reported cancelled"));
         }
         return;
     }
-    let last_taken = facts.taken_at.get(&(view.chunks - 1)).copied();
+    let last_taken = facts.taken_at.get(&(view.subjob_count - 1)).copied();
     let expected = match (facts.cancel_at, last_taken) {
         (None, _) => Some(false),
         (Some(cancel), Some(taken)) => (!zero_seq || cancel > taken)
@@ -843,14 +843,14 @@ fn rule_6_not_copied_is_what_the_successful_writes_leave(
 fn rule_7_sectors_are_not_copied_only_for_a_reason(
     facts: &JobFacts,
     target: &TargetFacts,
-    all_failed_chunks: &Sectors,
+    all_failed_subjobs: &Sectors,
     violations: &mut Vec<String>,
 ) {
     let (view, name, untaken) = (facts.view, &target.name, &facts.untaken);
     let report_i = &facts.outcome.targets[target.i];
     if view.ignore {
         let lower = facts.read_failed.union(&target.expected_write_failed).union(untaken);
-        let upper = facts.read_failed.union(&target.failed_chunks).union(untaken);
+        let upper = facts.read_failed.union(&target.failed_subjobs).union(untaken);
         if !lower.is_subset(&target.not_copied) || !target.not_copied.is_subset(&upper) {
             violations.push(format!(
                 "{name} (IGNORE_ERROR): not_copied {:?} must hold read_failed and the failed writes {:?} and lie within them and their sub-jobs {:?}",
@@ -861,7 +861,7 @@ fn rule_7_sectors_are_not_copied_only_for_a_reason(
         }
     } else {
         // WRITE_SEQ: the first failing sub-job; later ones are not written (earlier ones are).
-        let after_first_failure = match all_failed_chunks.ranges().first() {
+        let after_first_failure = match all_failed_subjobs.ranges().first() {
             Some(first) if view.seq => span(first.end..facts.len).difference(untaken),
             _ => Sectors::new(),
         };
@@ -870,11 +870,11 @@ fn rule_7_sectors_are_not_copied_only_for_a_reason(
         // write, the pieces that landed are copied. Every other job writes a sub-job to a
         // target in one request, and a failed write leaves the whole sub-job.
         let failed_here = if view.layout.sparse.zero_block_bytes != 0 {
-            target.failed_chunks.difference(&target.landed)
+            target.failed_subjobs.difference(&target.landed)
         } else {
-            target.failed_chunks.clone()
+            target.failed_subjobs.clone()
         };
-        let expected = untaken.union(&facts.read_failed_chunks()).union(&failed_here).union(&after_first_failure);
+        let expected = untaken.union(&facts.read_failed_subjobs()).union(&failed_here).union(&after_first_failure);
         if target.not_copied != expected {
             violations.push(format!(
                 "{name}: not_copied {:?}, expected {:?} (sub-jobs never taken, unreadable, failed on this target{})",
@@ -929,14 +929,14 @@ fn check_concurrency(scenario: &Scenario, views: &[JobView], phase: u8, violatio
     let mut page_lives: BTreeMap<(usize, u64), (u64, u64, usize)> = BTreeMap::new();
     for (j, view) in views.iter().enumerate() {
         for (record, _, rel) in view.all.iter().filter(|(r, ..)| r.phase == phase) {
-            let k = view.chunk_of(rel.start);
+            let k = view.subjob_of(rel.start);
             let life = lives.entry((j, k)).or_insert((record.issued, record.done));
             life.0 = life.0.min(record.issued);
             life.1 = life.1.max(record.done);
             // A hole sub-job gives its pages back before it writes.
             if view.layout.source.is_some() && !view.is_hole(k) && record.kind != IoKind::WriteZeroes {
-                let chunk = view.chunk_range(k);
-                let pages = ((chunk.end - chunk.start) as usize * SECTOR_SIZE).div_ceil(PAGE_SIZE);
+                let subjob = view.subjob_range(k);
+                let pages = ((subjob.end - subjob.start) as usize * SECTOR_SIZE).div_ceil(PAGE_SIZE);
                 let life = page_lives.entry((j, k)).or_insert((record.issued, record.done, pages));
                 life.0 = life.0.min(record.issued);
                 life.1 = life.1.max(record.done);
@@ -1128,7 +1128,7 @@ fn check_throttle(scenario: &Scenario, views: &[JobView], violations: &mut Vec<S
         for (record, _, rel) in &view.all {
             let at = record.issued_us;
             let offloaded = record.kind == IoKind::WriteZeroes && *rel == (0..view.layout.len_sectors);
-            for k in view.chunks_of(rel) {
+            for k in view.subjobs_of(rel) {
                 let entry = first.entry(k).or_insert((at, offloaded));
                 if at < entry.0 {
                     *entry = (at, offloaded);
@@ -1236,7 +1236,7 @@ fn held(views: &[JobView], timed_out_by: u64, held_after: u64, at_too: bool) -> 
             let still = record.done_us > held_after || (at_too && record.done_us == held_after);
             if timed_out && record.issued_us + latency <= timed_out_by && still {
                 requests += 1;
-                let k = view.chunks_of(rel).start;
+                let k = view.subjobs_of(rel).start;
                 // A hole's zero buffer is no pool page.
                 if view.layout.source.is_some() && record.kind != IoKind::WriteZeroes && !view.is_hole(k) {
                     subjobs.insert((j, k));
@@ -1245,7 +1245,7 @@ fn held(views: &[JobView], timed_out_by: u64, held_after: u64, at_too: bool) -> 
         }
     }
     let pages = subjobs.iter().map(|&(j, k)| {
-        let range = views[j].chunk_range(k);
+        let range = views[j].subjob_range(k);
         ((range.end - range.start) * SECTOR_SIZE as u64).div_ceil(PAGE_SIZE as u64)
     });
     (requests, pages.sum())
@@ -1460,7 +1460,7 @@ fn check_busy(scenario: &Scenario, report: &Report, views: &[JobView], violation
         let mut lives: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
         for (record, _, rel) in &view.all {
             let end = record.issued_us.saturating_add(view.timeouts.view(record).1);
-            for k in view.chunks_of(rel) {
+            for k in view.subjobs_of(rel) {
                 let life = lives.entry(k).or_insert((record.issued_us, end));
                 *life = (life.0.min(record.issued_us), life.1.max(end));
             }
@@ -1470,10 +1470,10 @@ fn check_busy(scenario: &Scenario, report: &Report, views: &[JobView], violation
         if view.seq {
             // WRITE_SEQ: sub-jobs are admitted when taken and write when their turn comes, so
             // up to `subjobs_in_flight` of them admitted together write one after another.
-            let together = (scenario.config.subjobs_in_flight as u64).min(view.chunks);
+            let together = (scenario.config.subjobs_in_flight as u64).min(view.subjob_count);
             ahead = ahead.max(together * longest);
         }
-        largest_bytes = largest_bytes.max(view.chunk * SECTOR_SIZE as u64);
+        largest_bytes = largest_bytes.max(view.subjob_sectors * SECTOR_SIZE as u64);
     }
     let Some(timeouts) = views.first().map(|view| view.timeouts) else { return };
     let busy = busy_intervals(report, timeouts);

@@ -312,14 +312,14 @@ impl Inputs {
             self.page_budget = self.page_budget.max(pages * (2 + rng.below(7) as usize));
         }
         let unit = self.unit_sectors();
-        let chunk = self.subjob_units.max(1) * unit;
+        let subjob_sectors = self.subjob_units.max(1) * unit;
         for job in self.jobs.iter_mut().filter(|job| !job.zero && job.sparse.is_on()) {
             let len = job.len_units * unit;
             if len == 0 || rng.below(4) == 0 {
                 continue;
             }
             let holes: Vec<(u64, u64)> = job.holes.iter().map(|&(o, n)| (o * unit, n * unit)).collect();
-            job.zero_runs = (0..1 + rng.below(4)).map(|_| rng.zero_run(len, chunk, &holes)).collect();
+            job.zero_runs = (0..1 + rng.below(4)).map(|_| rng.zero_run(len, subjob_sectors, &holes)).collect();
         }
         self
     }
@@ -689,23 +689,23 @@ impl Draw {
         self.0 % n.max(1)
     }
 
-    /// One allocated run of zeroes in a source region of `len` sectors (sub-jobs of `chunk`
+    /// One allocated run of zeroes in a source region of `len` sectors (sub-jobs of `subjob_sectors`
     /// sectors, `holes` as (offset, length) in sectors): (offset, length) in sectors.
-    fn zero_run(&mut self, len: u64, chunk: u64, holes: &[(u64, u64)]) -> (u64, u64) {
+    fn zero_run(&mut self, len: u64, subjob_sectors: u64, holes: &[(u64, u64)]) -> (u64, u64) {
         const PAGE: u64 = 8;
         let length = match self.below(6) {
             0 => 1,
             1 => 2 + self.below(PAGE - 2),
             2 => PAGE * (1 + self.below(4)),
             3 => PAGE * (1 + self.below(4)) + [1, PAGE - 1][self.below(2) as usize],
-            4 => chunk + [0, 1, PAGE][self.below(3) as usize],
+            4 => subjob_sectors + [0, 1, PAGE][self.below(3) as usize],
             _ => 1 + self.below(len),
         };
         let hole = (!holes.is_empty()).then(|| holes[self.below(holes.len() as u64) as usize]);
         let offset = match (self.below(5), hole) {
             (0, _) | (_, None) => self.below(len),
             (1, _) => self.below(len) / PAGE * PAGE + [0, 1][self.below(2) as usize],
-            (2, _) => self.below(len.div_ceil(chunk)) * chunk,
+            (2, _) => self.below(len.div_ceil(subjob_sectors)) * subjob_sectors,
             // Against a hole: ending where it begins, beginning where it ends, or over part of it.
             (3, Some((start, n))) => [start.saturating_sub(length), start + n][self.below(2) as usize],
             (_, Some((start, n))) => start + self.below(n),

@@ -29,7 +29,7 @@ use kcopyd_tests::scenario::{
 use kcopyd_tests::validation::{Broken, Case, RegionInputs};
 
 /// Sectors per sub-job in every scenario here (`subjob_units` of 1-sector units).
-const CHUNK: u64 = 8;
+const SUBJOB_SECTORS: u64 = 8;
 
 /// A disk with some latency, so that requests overlap and order is visible in the trace.
 fn disk(faults: FaultInputs) -> DiskInputs {
@@ -42,12 +42,12 @@ fn copy(len_units: u64, targets: &[usize]) -> JobInputs {
     JobInputs { targets: targets.to_vec(), len_units, ..JobInputs::default() }
 }
 
-/// One source, `targets` fault-free targets, sub-jobs of [`CHUNK`] sectors, 64 pages.
+/// One source, `targets` fault-free targets, sub-jobs of [`SUBJOB_SECTORS`] sectors, 64 pages.
 fn inputs(jobs: Vec<JobInputs>, targets: usize, subjobs_in_flight: usize) -> Inputs {
     Inputs {
         seed: 11,
         page_budget: 64,
-        subjob_units: CHUNK,
+        subjob_units: SUBJOB_SECTORS,
         subjobs_in_flight,
         big_units: false,
         sources: vec![disk(FaultInputs::default())],
@@ -260,7 +260,7 @@ fn cancelled() -> Accepted {
     let accepted = Accepted::run("cancel", inputs(vec![job], 1, 1));
     let outcome = accepted.outcome();
     assert!(outcome.cancelled, "{outcome:?}");
-    assert!(outcome.targets[0].not_copied.len_sectors() >= CHUNK, "cancelled early: {outcome:?}");
+    assert!(outcome.targets[0].not_copied.len_sectors() >= SUBJOB_SECTORS, "cancelled early: {outcome:?}");
     accepted
 }
 
@@ -870,12 +870,12 @@ fn rule_9_no_subjob_starts_after_a_cancel_and_cancelled_is_exact() {
     let run = cancelled();
     let first_untaken = run.outcome().targets[0].not_copied.ranges()[0].start;
     let violations =
-        run.tampered(|r| append(r, DiskRef::Source(0), IoKind::Read, first_untaken..first_untaken + CHUNK));
+        run.tampered(|r| append(r, DiskRef::Source(0), IoKind::Read, first_untaken..first_untaken + SUBJOB_SECTORS));
     fires(
         "9",
         "a read after the cancel",
         &violations,
-        &format!("sub-job {} started after the job was cancelled", first_untaken / CHUNK),
+        &format!("sub-job {} started after the job was cancelled", first_untaken / SUBJOB_SECTORS),
     );
     let violations = run.tampered(|r| outcome(r).cancelled = false);
     fires(
@@ -901,13 +901,13 @@ fn rule_9_no_subjob_starts_after_a_cancel_and_cancelled_is_exact() {
                 done_us: 0,
                 disk: DiskRef::Source(0),
                 kind: IoKind::Read,
-                sectors: sector..sector + CHUNK,
+                sectors: sector..sector + SUBJOB_SECTORS,
                 phase: 1,
                 issued: last,
                 done: last + 2,
                 ok: true,
             });
-            sector += CHUNK;
+            sector += SUBJOB_SECTORS;
         }
     });
     fires(
@@ -921,8 +921,8 @@ fn rule_9_no_subjob_starts_after_a_cancel_and_cancelled_is_exact() {
     let violations = run.tampered(|r| {
         let mut sector = first_untaken;
         while sector < 128 {
-            append(r, DiskRef::Source(0), IoKind::Read, sector..sector + CHUNK);
-            sector += CHUNK;
+            append(r, DiskRef::Source(0), IoKind::Read, sector..sector + SUBJOB_SECTORS);
+            sector += SUBJOB_SECTORS;
         }
         outcome(r).cancelled = false;
     });
@@ -980,15 +980,16 @@ fn rule_9_no_subjob_starts_after_a_cancel_and_cancelled_is_exact() {
 
     // The same of a WRITE_SEQ copy job and of a zero job.
     for (what, run) in [("WRITE_SEQ", cancelled_in_sequence()), ("zero job", zero_cancelled())] {
-        let first_untaken = run.outcome().targets[0].not_copied.ranges().last().unwrap().start.next_multiple_of(CHUNK);
+        let first_untaken =
+            run.outcome().targets[0].not_copied.ranges().last().unwrap().start.next_multiple_of(SUBJOB_SECTORS);
         let (disk, kind) =
             if what == "zero job" { (DiskRef::Target(0), IoKind::Write) } else { (DiskRef::Source(0), IoKind::Read) };
-        let violations = run.tampered(|r| append(r, disk, kind, first_untaken..first_untaken + CHUNK));
+        let violations = run.tampered(|r| append(r, disk, kind, first_untaken..first_untaken + SUBJOB_SECTORS));
         fires(
             "9",
             what,
             &violations,
-            &format!("sub-job {} started after the job was cancelled", first_untaken / CHUNK),
+            &format!("sub-job {} started after the job was cancelled", first_untaken / SUBJOB_SECTORS),
         );
         let violations = run.tampered(|r| outcome(r).cancelled = false);
         fires("9", what, &violations, "job 0: cancelled false but the cancel came before its last sub-job was taken");
@@ -1050,7 +1051,7 @@ fn rule_11_subjobs_in_flight_and_pages_stay_within_their_limits() {
     });
     fires("11", "two sub-jobs in flight", &violations, "job 0 (phase 1): 2 sub-jobs in flight at trace position");
 
-    // Two sub-jobs of one page each in flight, over a budget of one page (the same chunking:
+    // Two sub-jobs of one page each in flight, over a budget of one page (the same cut into sub-jobs:
     // budget 1 page = 8 sectors).
     let mut two_pages = inputs(vec![copy(48, &[0])], 1, 2);
     two_pages.page_budget = 2;
@@ -1185,8 +1186,8 @@ fn rule_12_every_request_is_whole_blocks_of_one_subjob_of_one_region() {
         let i = request(r, DiskRef::Target(0), IoKind::WriteZeroes, 0);
         r.io[i].kind = IoKind::Write;
         r.io[i].sectors = 0..8;
-        for sector in (8..48).step_by(CHUNK as usize) {
-            append(r, DiskRef::Target(0), IoKind::Write, sector..sector + CHUNK);
+        for sector in (8..48).step_by(SUBJOB_SECTORS as usize) {
+            append(r, DiskRef::Target(0), IoKind::Write, sector..sector + SUBJOB_SECTORS);
         }
     });
     fires("12", "plain writes", &violations, &format!("{message} [(Write, 0..8), (Write, 8..16)"));
