@@ -30,7 +30,7 @@ use super::probe::{Observed, model_us_since, observed};
 use super::report::{
     DiskReport, ForegroundReport, IoSizeCount, JobReport, Latencies, RANGES_LISTED, Report, Sample, TargetOutcome,
 };
-use super::scenario::{Access, Content, JobKind, JobSpec, Scenario};
+use super::scenario::{Access, Content, EntryKind, JobEntry, Scenario};
 use super::series::Series;
 use super::verify::{JobFailures, verify_entry};
 use crate::{Medium, MemDisk, Simulation, mix64, to_tokio};
@@ -260,8 +260,8 @@ fn empty_entry_result(scenario: &Scenario, index: usize, len_sectors: u64) -> En
         report: JobReport {
             name: scenario.job_name(index),
             kind: match spec.kind {
-                JobKind::Copy => "copy".into(),
-                JobKind::Zero => "zero".into(),
+                EntryKind::Copy => "copy".into(),
+                EntryKind::Zero => "zero".into(),
             },
             // Saturating: a job may cover a disk of up to u64::MAX sectors, many times.
             bytes: u64::try_from(sectors_to_bytes(len_sectors).saturating_mul(u128::from(spec.count)))
@@ -280,7 +280,7 @@ fn empty_entry_result(scenario: &Scenario, index: usize, len_sectors: u64) -> En
 }
 
 /// The engine's flags of an entry's jobs.
-fn entry_flags(spec: &JobSpec) -> Flags {
+fn entry_flags(spec: &JobEntry) -> Flags {
     let mut flags = Flags::empty();
     if spec.ignore_error {
         flags |= Flags::IGNORE_ERROR;
@@ -293,7 +293,7 @@ fn entry_flags(spec: &JobSpec) -> Flags {
 
 /// One job of an entry, its regions `shift_sectors` past the entry's first.
 fn entry_job(
-    spec: &JobSpec,
+    spec: &JobEntry,
     devices: &BTreeMap<String, Device>,
     shift_sectors: u64,
     len_sectors: u64,
@@ -305,7 +305,7 @@ fn entry_job(
         .map(|t| Region::new(devices[t].clone(), spec.target_start_sector + shift_sectors, len_sectors))
         .collect();
     match (&spec.kind, &spec.source) {
-        (JobKind::Copy, Some(source)) => Job::copy(
+        (EntryKind::Copy, Some(source)) => Job::copy(
             Region::new(devices[source].clone(), spec.source_start_sector + shift_sectors, len_sectors),
             targets,
             flags,

@@ -28,7 +28,7 @@ use std::ops::Range;
 use kcopyd_core::RangeSet;
 use serde::Serialize;
 
-use super::scenario::{JobKind, Scenario};
+use super::scenario::{EntryKind, Scenario};
 use crate::{FaultKind, MemDisk, Operation, Provenance};
 
 /// What the check of one `[[jobs]]` entry found.
@@ -275,7 +275,7 @@ pub(crate) fn verify_entry(
             let holes_relative =
                 job_holes.shifted(target_start, 0).expect("not-copied sectors lie in the target range");
             let expected = match (job.kind, &job.source) {
-                (JobKind::Copy, Some(source)) => {
+                (EntryKind::Copy, Some(source)) => {
                     let start = job.source_start_sector + shift;
                     canonical(&disks[source.as_str()].provenance(start..start + len), start, &holes_relative)
                 }
@@ -321,7 +321,7 @@ fn check_failures(
         let write_failed = failed.write_failed.get(t).unwrap_or(&no_failures);
         verification.unexplained_write_failed_sectors += write_failed.difference(&logged).len_sectors();
     }
-    let (JobKind::Copy, Some(source), true) = (job.kind, &job.source, job.ignore_error) else { return };
+    let (EntryKind::Copy, Some(source), true) = (job.kind, &job.source, job.ignore_error) else { return };
     let source_start = job.source_start_sector + shift;
     let read = RangeSet::from_range(source_start..source_start + len);
     let latent: RangeSet = scenario.disks[source].options.faults.latent_sectors.iter().cloned().collect();
