@@ -5,7 +5,7 @@
 //!  args ─► devices::settings, open_plan ─► Runner::copy/zero/verify ◄─ Ctrl-C: cancel token
 //!            (exit 2, nothing written)      │ events ─► progress bars, quit-at-once summary
 //!                                           ▼
-//!                                   JobRun / VerifyRun ─► Report (+ status, exit code)
+//!                                   FinishedJob / VerifyRun ─► Report (+ status, exit code)
 //! ```
 
 use std::cell::{Cell, RefCell};
