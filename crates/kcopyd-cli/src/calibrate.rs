@@ -16,7 +16,7 @@ use std::time::Duration;
 use kcopyd_sim::DiskModel;
 use kcopyd_sim::explore::{
     self,
-    calibrate::{CalibrateError, Plan, QUEUE_DEPTH_MAX, SCRATCH_BYTES_MIN, SPREAD_WARNING, Step},
+    calibrate::{CalibrateError, CalibrationPlan, QUEUE_DEPTH_MAX, SCRATCH_BYTES_MIN, SPREAD_WARNING, Step},
 };
 use kcopyd_tool::scratch::{Scratch, ScratchError};
 
@@ -92,8 +92,8 @@ fn scratch_error(error: ScratchError) -> CliError {
 ///
 /// # Errors
 /// A plan out of bounds, or an I/O error on the device.
-pub async fn calibrate(scratch: &Scratch, plan: &Plan, bars: bool) -> Result<Calibrated, CliError> {
-    let range = explore::calibrate::Scratch {
+pub async fn calibrate(scratch: &Scratch, plan: &CalibrationPlan, bars: bool) -> Result<Calibrated, CliError> {
+    let range = explore::calibrate::ScratchRange {
         device: scratch.device.clone(),
         offset_bytes: scratch.offset_bytes,
         len_bytes: scratch.len_bytes,
@@ -187,7 +187,7 @@ pub async fn run(args: &CalibrateArgs, interrupts: &mut Interrupts) -> Result<St
     if let Some(out) = &args.out {
         crate::out::check_output_file(out, "--out")?;
     }
-    let plan = Plan {
+    let plan = CalibrationPlan {
         io_sizes_bytes: args.io_sizes_bytes.clone(),
         queue_depths: args.queue_depths.clone(),
         point_time: Duration::from_micros(args.point_time_us),

@@ -27,7 +27,7 @@ use crate::error::{CliError, Status, open_reason};
 use crate::progress::{self, Interrupts};
 use crate::size::Bytes;
 use crate::{commands, devices};
-use kcopyd_sim::explore::calibrate::Plan;
+use kcopyd_sim::explore::calibrate::CalibrationPlan;
 use kcopyd_tool::{Backend, DeviceAddress};
 
 /// Reads `--configs`' `SIZExIN_FLIGHTxTARGETS`, e.g. `1Mx4x1`.
@@ -191,7 +191,7 @@ async fn model_of(args: &ValidateArgs, bars: bool) -> Result<kcopyd_sim::DiskMod
         None => {
             let scratch_path = PathBuf::from(format!("{}.calibrate", args.target.display()));
             let scratch = calibrate::open_scratch(&scratch_path, 1 << 30, 0, None, false)?;
-            let plan = Plan {
+            let plan = CalibrationPlan {
                 io_sizes_bytes: vec![4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20],
                 queue_depths: vec![1, 4, 16, 32],
                 point_time: std::time::Duration::from_millis(250),

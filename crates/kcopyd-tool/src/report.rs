@@ -325,7 +325,12 @@ fn not_copied_bytes(opened: &[Opened], run: &FinishedJob, len_bytes: u64) -> u64
 }
 
 /// `copy --verify`'s summary, and each target's `verify`.
-fn verify_summary(verify: &VerifyRun, targets: &mut [TargetSummary], opened: &[Opened], len_bytes: u64) -> VerifyReport {
+fn verify_summary(
+    verify: &VerifyRun,
+    targets: &mut [TargetSummary],
+    opened: &[Opened],
+    len_bytes: u64,
+) -> VerifyReport {
     let signal = verify.cancelled;
     for ((target, opened), diff) in targets.iter_mut().zip(opened).zip(&verify.comparison.targets) {
         target.verify = Some(partial_verify(target_verify(diff, opened.start_sector()), signal));

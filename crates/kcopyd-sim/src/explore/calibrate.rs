@@ -2,7 +2,7 @@
 //! fit the simulator's timing model to it ([`DiskModel::fit`]).
 //!
 //! ```text
-//!  scratch range (Scratch: any BlockDevice, an offset and a length it may overwrite)
+//!  scratch range (ScratchRange: any BlockDevice, an offset and a length it may overwrite)
 //!    ─► fill it (sequential 1 MiB writes: reads must not hit holes)
 //!    ─► points: read, write × io size × requests in flight, sequential, each for point_time
 //!    ─► mixed: reads and writes at once (do they share one data path?)
@@ -62,7 +62,7 @@ const FILL_DEPTH: usize = 4;
 
 /// What calibration measures.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Plan {
+pub struct CalibrationPlan {
     /// I/O sizes.
     pub io_sizes_bytes: Vec<u64>,
     /// Requests in flight.
@@ -75,7 +75,7 @@ pub struct Plan {
 
 /// The range of a device that calibration may overwrite.
 #[derive(Debug)]
-pub struct Scratch<D> {
+pub struct ScratchRange<D> {
     /// The device.
     pub device: Arc<D>,
     /// Where the range starts.
@@ -175,12 +175,12 @@ pub enum CalibrateError {
     },
 }
 
-impl Plan {
+impl CalibrationPlan {
     /// Checks the plan's sizes, depths and time against the scratch range and the limits.
     ///
     /// # Errors
     /// The first size, depth or time out of bounds.
-    pub fn check<D: BlockDevice>(&self, scratch: &Scratch<D>) -> Result<(), CalibrateError> {
+    pub fn check<D: BlockDevice>(&self, scratch: &ScratchRange<D>) -> Result<(), CalibrateError> {
         let block_bytes = u64::from(scratch.device.geometry().logical_block_size).max(PAGE_SIZE as u64);
         for &size_bytes in &self.io_sizes_bytes {
             if size_bytes == 0
@@ -242,10 +242,10 @@ struct PointSpec {
 /// left to the caller (it knows whether the device is a file).
 ///
 /// # Errors
-/// A plan out of bounds ([`Plan::check`]), or an I/O error on the device.
+/// A plan out of bounds ([`CalibrationPlan::check`]), or an I/O error on the device.
 pub async fn calibrate<D: BlockDevice + 'static>(
-    scratch: &Scratch<D>,
-    plan: &Plan,
+    scratch: &ScratchRange<D>,
+    plan: &CalibrationPlan,
     step: &mut dyn FnMut(Step),
 ) -> Result<Calibrated, CalibrateError> {
     plan.check(scratch)?;
@@ -296,7 +296,7 @@ pub async fn calibrate<D: BlockDevice + 'static>(
 }
 
 /// The points of a plan, in the order they run.
-fn points(plan: &Plan) -> Vec<PointSpec> {
+fn points(plan: &CalibrationPlan) -> Vec<PointSpec> {
     let mut specs = Vec::new();
     for &io_size_bytes in &plan.io_sizes_bytes {
         for &queue_depth in &plan.queue_depths {
@@ -330,7 +330,7 @@ type Pending<'a> = Pin<Box<dyn Future<Output = (Kind, Instant, io::Result<()>)> 
 
 /// One point as it runs: where each kind's next request goes, and what to write.
 struct Point<'a, D> {
-    scratch: &'a Scratch<D>,
+    scratch: &'a ScratchRange<D>,
     pool: &'a PagePool,
     spec: PointSpec,
     /// Slots of `io_size_bytes` in each kind's part of the range.
@@ -341,7 +341,7 @@ struct Point<'a, D> {
 }
 
 impl<'a, D: BlockDevice> Point<'a, D> {
-    async fn new(scratch: &'a Scratch<D>, pool: &'a PagePool, spec: PointSpec) -> Point<'a, D> {
+    async fn new(scratch: &'a ScratchRange<D>, pool: &'a PagePool, spec: PointSpec) -> Point<'a, D> {
         let size = spec.io_size_bytes;
         let halves = spec.kinds.len() as u64;
         let template = {
@@ -375,7 +375,7 @@ impl<'a, D: BlockDevice> Point<'a, D> {
     /// Issues the next request of `kind`.
     async fn issue(&mut self, kind: Kind) -> Pending<'a> {
         let at = self.next_offset(kind) / SECTOR_SIZE as u64;
-        let scratch: &'a Scratch<D> = self.scratch;
+        let scratch: &'a ScratchRange<D> = self.scratch;
         let device: &'a D = &scratch.device;
         let size = self.spec.io_size_bytes;
         let started = Instant::now();
@@ -400,7 +400,7 @@ fn pages_of(size: u64) -> usize {
 /// Runs one point on the scratch range: `queue_depth` requests of each kind in flight for
 /// `time`.
 async fn measure<D: BlockDevice>(
-    scratch: &Scratch<D>,
+    scratch: &ScratchRange<D>,
     pool: &PagePool,
     spec: PointSpec,
     time: Duration,
@@ -494,7 +494,7 @@ pub fn window_rate(completed_at: &[Duration], time: Duration) -> f64 {
 }
 
 /// The sub-job sizes of the engine's copies that fit the scratch range (two sub-jobs at least).
-fn engine_sizes<D>(scratch: &Scratch<D>) -> Vec<u64> {
+fn engine_sizes<D>(scratch: &ScratchRange<D>) -> Vec<u64> {
     let room = (scratch.len_bytes / 2).min(ENGINE_COPY_BYTES_MAX);
     ENGINE_SUBJOB_BYTES.into_iter().filter(|&size| room >= 2 * size).collect()
 }
@@ -507,7 +507,7 @@ fn engine_sizes<D>(scratch: &Scratch<D>) -> Vec<u64> {
 /// out. Timed over the whole copy alone, a disk of 8 ms full stroke adds 5.7 ms twice to each
 /// copy of eight 4 MiB sub-jobs, 1.4 ms a sub-job that the fit took for the engine's time.
 async fn engine_copies<D: BlockDevice + 'static>(
-    scratch: &Scratch<D>,
+    scratch: &ScratchRange<D>,
     size: u64,
 ) -> Result<Measurement, CalibrateError> {
     let subjobs = (scratch.len_bytes / 2).min(ENGINE_COPY_BYTES_MAX) / size;
@@ -545,7 +545,7 @@ async fn engine_copies<D: BlockDevice + 'static>(
 /// Copies `len_bytes` from `offset_bytes` into the scratch range to `distance_bytes` further
 /// on; the time it took, in microseconds.
 async fn engine_copy<D: BlockDevice + 'static>(
-    scratch: &Scratch<D>,
+    scratch: &ScratchRange<D>,
     client: &Client,
     offset_bytes: u64,
     distance_bytes: u64,
@@ -571,7 +571,7 @@ async fn engine_copy<D: BlockDevice + 'static>(
 }
 
 /// Fills the scratch range with sequential 1 MiB writes, [`FILL_DEPTH`] in flight.
-async fn fill<D: BlockDevice>(scratch: &Scratch<D>, pool: &PagePool) -> Result<(), CalibrateError> {
+async fn fill<D: BlockDevice>(scratch: &ScratchRange<D>, pool: &PagePool) -> Result<(), CalibrateError> {
     let size = FILL_IO_BYTES.min(scratch.len_bytes);
     let template = ReadBuf::new(pool.alloc(pages_of(size)).await, size as usize).freeze();
     let device = &*scratch.device;

@@ -47,8 +47,8 @@ pub use report::{
 };
 pub use runner::{Disks, run, run_with};
 pub use scenario::{
-    Access, Content, DENSE_LEN_BYTES_MAX, DISKS_MAX, DiskSpec, FOREGROUND_IO_BYTES_MAX, FOREGROUND_QUEUE_DEPTH_MAX,
-    ForegroundSpec, JOB_COUNT_MAX, EntryKind, JobEntry, Scenario, parse_tree,
+    Access, Content, DENSE_LEN_BYTES_MAX, DISKS_MAX, DiskSpec, EntryKind, FOREGROUND_IO_BYTES_MAX,
+    FOREGROUND_QUEUE_DEPTH_MAX, ForegroundSpec, JOB_COUNT_MAX, JobEntry, Scenario, parse_tree,
 };
 pub use series::BUCKETS_MAX;
 pub use summary::Ranking;
