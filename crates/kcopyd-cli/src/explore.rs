@@ -20,7 +20,7 @@ use crate::cli::{SimRunArgs, SimSweepArgs};
 use crate::error::{CliError, Status};
 use crate::out;
 
-use crate::progress::{self, Interrupts, Phase, bars_wanted};
+use crate::progress::{self, Interrupts, SignalPhase, bars_wanted};
 
 /// Runs `kcopyd sim run`. A signal quits at once (the run cannot stop half-way with a report
 /// that means anything; the `--svg` file is not left behind).
@@ -153,7 +153,7 @@ fn sweep_until_signal(
             counted.load(Ordering::Relaxed)
         )
     })));
-    interrupts.set_phase(Phase::Graceful);
+    interrupts.set_phase(SignalPhase::Graceful);
     let on_done = |_: &SweepPoint| {
         done.fetch_add(1, Ordering::Relaxed);
         bar.inc(1);

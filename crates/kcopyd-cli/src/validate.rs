@@ -102,7 +102,7 @@ async fn real_copy(
     interrupts.set_summary(Some(Box::new(|| {
         "kcopyd: interrupted: validation stopped, no table (the target files it created are removed)".to_owned()
     })));
-    interrupts.set_phase(progress::Phase::QuitAtOnce);
+    interrupts.set_phase(progress::SignalPhase::QuitAtOnce);
     let done = done?;
     if done.status != Status::Success {
         crate::out::note_text(&crate::report::human(&done.report));
