@@ -31,7 +31,7 @@ pub const IN_FLIGHT_MAX: usize = 1024;
 
 /// Why a configuration does not read.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-pub enum ConfigError {
+pub enum ConfigParseError {
     /// Not three parts separated by `x`.
     #[error("not SUBJOB_SIZExIN_FLIGHTxTARGETS, e.g. 1Mx4x1")]
     Shape,
@@ -66,14 +66,14 @@ impl Config {
     ///
     /// # Errors
     /// Not three parts, a size that does not parse, or counts out of bounds (`1Mx0x1`).
-    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+    pub fn parse(text: &str) -> Result<Config, ConfigParseError> {
         let parts: Vec<&str> = text.split('x').collect();
         let [size, in_flight, targets] = parts[..] else {
-            return Err(ConfigError::Shape);
+            return Err(ConfigParseError::Shape);
         };
-        let subjob_size_bytes = parse_size(size).map_err(ConfigError::Size)?;
+        let subjob_size_bytes = parse_size(size).map_err(ConfigParseError::Size)?;
         let count = |text: &str, max: usize, what: &'static str| {
-            text.parse::<usize>().ok().filter(|n| (1..=max).contains(n)).ok_or_else(|| ConfigError::Count {
+            text.parse::<usize>().ok().filter(|n| (1..=max).contains(n)).ok_or_else(|| ConfigParseError::Count {
                 what,
                 text: text.to_owned(),
                 max,
@@ -309,11 +309,11 @@ mod tests {
             Config::parse("256Kx8x3").unwrap(),
             Config { subjob_size_bytes: 256 << 10, subjobs_in_flight: 8, targets: 3 }
         );
-        assert_eq!(Config::parse("1Mx4"), Err(ConfigError::Shape));
-        assert_eq!(Config::parse("1Mx4x1x1"), Err(ConfigError::Shape));
-        assert!(matches!(Config::parse("1Qx4x1"), Err(ConfigError::Size(_))));
-        assert!(matches!(Config::parse("1Mx0x1"), Err(ConfigError::Count { what: "sub-jobs in flight", .. })));
-        assert!(matches!(Config::parse("1Mx4x9"), Err(ConfigError::Count { what: "targets", max: 8, .. })));
+        assert_eq!(Config::parse("1Mx4"), Err(ConfigParseError::Shape));
+        assert_eq!(Config::parse("1Mx4x1x1"), Err(ConfigParseError::Shape));
+        assert!(matches!(Config::parse("1Qx4x1"), Err(ConfigParseError::Size(_))));
+        assert!(matches!(Config::parse("1Mx0x1"), Err(ConfigParseError::Count { what: "sub-jobs in flight", .. })));
+        assert!(matches!(Config::parse("1Mx4x9"), Err(ConfigParseError::Count { what: "targets", max: 8, .. })));
     }
 
     #[test]
