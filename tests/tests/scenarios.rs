@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use kcopyd_sim::explore::{self, Report, Scenario, ScenarioError, Vary, parse_tree, parse_value, set_path};
+use kcopyd_sim::explore::{self, Scenario, ScenarioError, ScenarioReport, Vary, parse_tree, parse_value, set_path};
 
 fn scenarios_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios")
@@ -24,11 +24,11 @@ fn scenario(name: &str, edits: &[(&str, &str)]) -> Scenario {
     Scenario::from_value_in(tree, &scenarios_dir()).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
-fn run(name: &str, edits: &[(&str, &str)]) -> Report {
+fn run(name: &str, edits: &[(&str, &str)]) -> ScenarioReport {
     explore::run(&scenario(name, edits)).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
-fn disk<'a>(report: &'a Report, name: &str) -> &'a explore::DiskReport {
+fn disk<'a>(report: &'a ScenarioReport, name: &str) -> &'a explore::DiskReport {
     report.disks.iter().find(|d| d.disk == name).expect("the disk is reported")
 }
 

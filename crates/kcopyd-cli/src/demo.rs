@@ -23,7 +23,7 @@ use std::fmt::Write as _;
 use kcopyd_core::SECTOR_SIZE;
 use kcopyd_sim::IoModel;
 use kcopyd_sim::explore::demo::{self, DEMO_LEN_BYTES_MAX, DEMO_LEN_BYTES_MIN, TAMPERED_SECTOR, TAMPERED_TARGET};
-use kcopyd_sim::explore::{JobReport, Report, Scenario};
+use kcopyd_sim::explore::{JobReport, Scenario, ScenarioReport};
 
 use crate::cli::DemoArgs;
 use crate::error::{CliError, Status};
@@ -123,7 +123,7 @@ fn introduce(scenario: &Scenario, len_bytes: u64) -> Result<(), CliError> {
 }
 
 /// The resync's time, the per-target table and the failed ranges.
-fn results(report: &Report, job: &JobReport, len_bytes: u64) -> Result<(), CliError> {
+fn results(report: &ScenarioReport, job: &JobReport, len_bytes: u64) -> Result<(), CliError> {
     say!();
     say!(
         "resync done: {} in {:.2} s of model time ({}/s){}",

@@ -3,8 +3,8 @@
 //! ```text
 //!  scenario.toml ─► toml value tree ─► [set_path: --vary / --set] ─► units ─► Scenario
 //!                                                                            │ validate
-//!     Report ◄── assemble ◄── Simulation (jobs + foreground) ◄── run ◄───────┘
-//!        ▲                    Simulation (foreground alone: the baseline)
+//!  ScenarioReport ◄─ assemble ◄─ Simulation (jobs + foreground) ◄─ run ◄───────┘
+//!        ▲                     Simulation (foreground alone: the baseline)
 //!  sweep: the cross product of the varied values, one Simulation per thread
 //! ```
 //!
@@ -42,8 +42,8 @@ use crate::units::SizeError;
 
 pub use keys::{RENAMED_KEYS, parse_value, set_path};
 pub use report::{
-    DiskReport, ForegroundReport, IoSizeCount, JobReport, Latencies, METRICS, Metric, RANGES_LISTED, Report, Sample,
-    TargetOutcome, metric,
+    DiskReport, ForegroundReport, IoSizeCount, JobReport, Latencies, METRICS, Metric, RANGES_LISTED, Sample,
+    ScenarioReport, TargetOutcome, metric,
 };
 pub use runner::{Disks, run, run_with};
 pub use scenario::{

@@ -1,4 +1,4 @@
-//! Runs a [`Scenario`] in virtual time and builds its [`Report`].
+//! Runs a [`Scenario`] in virtual time and builds its [`ScenarioReport`].
 //!
 //! ```text
 //!  run(scenario)
@@ -28,7 +28,8 @@ use tokio::time::Instant;
 use super::ScenarioError;
 use super::probe::{Observed, model_us_since, observed};
 use super::report::{
-    DiskReport, ForegroundReport, IoSizeCount, JobReport, Latencies, RANGES_LISTED, Report, Sample, TargetOutcome,
+    DiskReport, ForegroundReport, IoSizeCount, JobReport, Latencies, RANGES_LISTED, Sample, ScenarioReport,
+    TargetOutcome,
 };
 use super::scenario::{Access, Content, EntryKind, JobEntry, Scenario};
 use super::series::Series;
@@ -97,7 +98,7 @@ struct RunData {
 ///
 /// # Errors
 /// The scenario does not hold together, or the engine refused a job.
-pub fn run(scenario: &Scenario) -> Result<Report, ScenarioError> {
+pub fn run(scenario: &Scenario) -> Result<ScenarioReport, ScenarioError> {
     run_with(scenario, &|_| {})
 }
 
@@ -110,7 +111,7 @@ pub type Disks<'a> = BTreeMap<&'a str, &'a MemDisk>;
 ///
 /// # Errors
 /// As [`run`].
-pub fn run_with(scenario: &Scenario, after_jobs: &dyn Fn(&Disks<'_>)) -> Result<Report, ScenarioError> {
+pub fn run_with(scenario: &Scenario, after_jobs: &dyn Fn(&Disks<'_>)) -> Result<ScenarioReport, ScenarioError> {
     scenario.validate()?;
     let wall = std::time::Instant::now();
     let main = simulate(scenario, true, None, after_jobs)?;
@@ -440,7 +441,7 @@ async fn run_foreground(
 }
 
 /// Builds the report from the run with jobs and the optional baseline.
-fn assemble(scenario: &Scenario, main: RunData, baseline: Option<RunData>, wall: Duration) -> Report {
+fn assemble(scenario: &Scenario, main: RunData, baseline: Option<RunData>, wall: Duration) -> ScenarioReport {
     let mut entries = main.entries;
     let jobs: Vec<JobReport> = entries
         .iter_mut()
@@ -475,7 +476,7 @@ fn assemble(scenario: &Scenario, main: RunData, baseline: Option<RunData>, wall:
             iops: f.latencies.len() as f64 / seconds,
         }
     });
-    Report {
+    ScenarioReport {
         description: scenario.description.clone(),
         seed: scenario.seed,
         copy_seconds,

@@ -1,8 +1,8 @@
-//! What a run and a sweep look like to people: the summary of a [`Report`] (its `Display`),
+//! What a run and a sweep look like to people: the summary of a [`ScenarioReport`] (its `Display`),
 //! and the points of a sweep ranked by a metric ([`Ranking`]: a table, or one JSON object).
 //!
 //! ```text
-//!  Report ──► Display: headline, pages, jobs and targets, disks, I/O sizes, queue depth over
+//!  ScenarioReport ──► Display: headline, pages, jobs and targets, disks, I/O sizes, queue depth over
 //!             time, foreground
 //!  [SweepPoint] + Metric ──► best_first ──► Ranking ──► Display (table) | to_json()
 //! ```
@@ -11,7 +11,7 @@ use std::fmt::{self, Write as _};
 
 use serde_json::json;
 
-use super::{Latencies, Metric, Report, SweepPoint, Vary, Verification, best_first};
+use super::{Latencies, Metric, ScenarioReport, SweepPoint, Vary, Verification, best_first};
 use crate::units::Bytes;
 
 /// Rows of the queue-depth table in the summary.
@@ -21,7 +21,7 @@ const IO_SIZES_SHOWN: usize = 6;
 /// The columns of a sweep's table besides the varied keys and the sorting metric.
 const SWEEP_COLUMNS: [&str; 5] = ["throughput_mb_per_s", "copy_seconds", "fg_p99_ms", "job_p99_ms", "pages_in_use_max"];
 
-impl fmt::Display for Report {
+impl fmt::Display for ScenarioReport {
     /// The summary for people: the jobs' bytes, time and outcome; pages; per job its
     /// latencies, failures and the runner's check; the disks' requests; request sizes; queue
     /// depth over time; the foreground's latency.
@@ -110,8 +110,8 @@ fn fault_log_finding(check: &Verification) -> String {
     if problems.is_empty() { "failures agree with the fault logs".into() } else { problems.join(", ") }
 }
 
-/// The summary of a run for people (what `Report`'s `Display` writes).
-fn summary(report: &Report) -> String {
+/// The summary of a run for people (what `ScenarioReport`'s `Display` writes).
+fn summary(report: &ScenarioReport) -> String {
     let mut out = String::new();
     if !report.description.is_empty() {
         let _ = writeln!(out, "scenario: {}", report.description);
@@ -135,7 +135,7 @@ fn summary(report: &Report) -> String {
 }
 
 /// Per job: counts, latencies, per-target failures, the runner's check.
-fn jobs_lines(report: &Report) -> String {
+fn jobs_lines(report: &ScenarioReport) -> String {
     let mut out = String::new();
     for job in &report.jobs {
         let _ = writeln!(
@@ -178,7 +178,7 @@ fn jobs_lines(report: &Report) -> String {
 }
 
 /// The engine's requests per disk, as a table.
-fn disks_table(report: &Report) -> String {
+fn disks_table(report: &ScenarioReport) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "disks (the engine's requests):");
     let _ = writeln!(
@@ -217,7 +217,7 @@ fn disks_table(report: &Report) -> String {
 }
 
 /// The engine's request sizes, most common first.
-fn io_sizes_lines(report: &Report) -> String {
+fn io_sizes_lines(report: &ScenarioReport) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "I/O sizes (the engine's requests, most common first):");
     let mut sizes = report.io_sizes.clone();
@@ -245,7 +245,7 @@ fn io_sizes_lines(report: &Report) -> String {
 }
 
 /// The foreground's latencies with the jobs (and alone), if the run had a foreground.
-fn foreground_lines(report: &Report) -> String {
+fn foreground_lines(report: &ScenarioReport) -> String {
     let mut out = String::new();
     if let Some(foreground) = &report.foreground {
         let line = |l: &Latencies| {
@@ -268,7 +268,7 @@ fn foreground_lines(report: &Report) -> String {
 }
 
 /// Mean requests in flight per disk, over `QUEUE_ROWS` slices of the run.
-fn queue_table(report: &Report) -> String {
+fn queue_table(report: &ScenarioReport) -> String {
     let mut out = String::new();
     if report.timeline.is_empty() || report.disks.is_empty() {
         return out;
@@ -339,11 +339,17 @@ mod tests {
     }
 
     /// A report of one job entry with the given throughput and job p99.
-    fn report(throughput_mb_per_s: f64, p99_ms: f64) -> Report {
+    fn report(throughput_mb_per_s: f64, p99_ms: f64) -> ScenarioReport {
         let mut job = JobReport { name: "copy".into(), kind: "copy".into(), jobs: 2, ok: 2, ..JobReport::default() };
         job.latency.p99_ms = p99_ms;
         job.verification.note = "not asked".into();
-        Report { throughput_mb_per_s, page_budget: 64, pages_in_use_max: 8, jobs: vec![job], ..Report::default() }
+        ScenarioReport {
+            throughput_mb_per_s,
+            page_budget: 64,
+            pages_in_use_max: 8,
+            jobs: vec![job],
+            ..ScenarioReport::default()
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use toml::Value;
 
 use super::keys::{parse_value, set_path};
-use super::{Metric, Report, Scenario, ScenarioError, run};
+use super::{Metric, Scenario, ScenarioError, ScenarioReport, run};
 
 /// Most points in one sweep.
 pub const POINTS_MAX: usize = 10_000;
@@ -51,7 +51,7 @@ pub struct SweepPoint {
     /// The value of each varied key, in the order of the `Vary` list.
     pub values: Vec<(String, String)>,
     /// What the run reported.
-    pub report: Report,
+    pub report: ScenarioReport,
 }
 
 /// The scenario of every point, in order (the last key varies fastest).
