@@ -3,7 +3,7 @@
 //! ```text
 //!  scenario.toml ─► toml value tree ─► [set_path: --vary / --set] ─► units ─► Scenario
 //!                                                                            │ validate
-//!  ScenarioReport ◄─ assemble ◄─ Simulation (jobs + foreground) ◄─ run ◄───────┘
+//!  ScenarioReport ◄─ assemble ◄─ Simulation (jobs + foreground) ◄─ run ◄─────┘
 //!        ▲                     Simulation (foreground alone: the baseline)
 //!  sweep: the cross product of the varied values, one Simulation per thread
 //! ```
