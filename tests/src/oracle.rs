@@ -2,12 +2,12 @@
 //! trace, never from the engine's own bookkeeping.
 //!
 //! ```text
-//!  Report ─┬─ I/O trace (IoLog) ──► per job: its requests, by sub-job ─┬─► reads, writes, stop,
-//!          │                                                           │   cancel, WRITE_SEQ,
-//!          │                                                           │   completeness
-//!          │                         per run: lives of sub-jobs ───────┴─► in flight, pages
-//!          ├─ outcomes ──► well-formed RangeSets ──► Sectors (own model) ──► compared
-//!          └─ disks ──► provenance of every target sector ──► old / new / other
+//!  SwarmReport ─┬─ I/O trace (IoLog) ──► per job: its requests, by sub-job ─┬─► reads, writes, stop,
+//!               │                                                           │   cancel, WRITE_SEQ,
+//!               │                                                           │   completeness
+//!               │                         per run: lives of sub-jobs ───────┴─► in flight, pages
+//!               ├─ outcomes ──► well-formed RangeSets ──► Sectors (own model) ──► compared
+//!               └─ disks ──► provenance of every target sector ──► old / new / other
 //! ```
 //!
 //! The oracle works out each job's sub-jobs as the engine's documented contract defines them
@@ -24,7 +24,7 @@ use kcopyd_core::{Flags, Outcome, PAGE_SIZE, RangeSet, SECTOR_SIZE, SubmitError,
 use kcopyd_sim::{FaultKind, MemDisk, Provenance};
 
 use crate::io_log::{DiskRef, IoKind, IoRecord, Mark};
-use crate::scenario::{DEADLOCK_AFTER, JobLayout, Report, Scenario, source_seed, target_seed};
+use crate::scenario::{DEADLOCK_AFTER, JobLayout, SwarmReport, SwarmScenario, source_seed, target_seed};
 use crate::sectors::Sectors;
 
 /// Which region of its job a request falls in.
@@ -125,7 +125,7 @@ fn block_sectors(options: &kcopyd_sim::MemDiskOptions) -> u64 {
 }
 
 /// Checks the invariants; returns every violation, named.
-pub fn check(scenario: &Scenario, report: &Report) -> Vec<String> {
+pub fn check(scenario: &SwarmScenario, report: &SwarmReport) -> Vec<String> {
     let mut violations = Vec::new();
     if report.deadlocked {
         violations.push(format!("deadlock: jobs still running after {DEADLOCK_AFTER:?} of virtual time"));
@@ -172,7 +172,7 @@ pub fn check(scenario: &Scenario, report: &Report) -> Vec<String> {
 /// all; a shutdown returns only once every job accepted has completed and all its requests
 /// have ended; every shutdown report finds every page back, no request outstanding and the
 /// jobs completed counted.
-fn check_shutdown(scenario: &Scenario, report: &Report, views: &[JobView], violations: &mut Vec<String>) {
+fn check_shutdown(scenario: &SwarmScenario, report: &SwarmReport, views: &[JobView], violations: &mut Vec<String>) {
     let seq_of = |mark: Mark| report.marks.iter().find(|(_, m)| *m == mark).map(|&(seq, _)| seq);
     // The first shutdown: the one in the middle of the run, or else the final one.
     let begun = seq_of(Mark::ShutdownBegun);
@@ -244,7 +244,7 @@ fn check_shutdown(scenario: &Scenario, report: &Report, views: &[JobView], viola
 /// runs; one prepared before runs exactly once, after it was queued, with what it was completed
 /// with (or cancelled, when dropped), and before every shutdown that began after it was
 /// prepared returns.
-fn check_prepared(scenario: &Scenario, report: &Report, violations: &mut Vec<String>) {
+fn check_prepared(scenario: &SwarmScenario, report: &SwarmReport, violations: &mut Vec<String>) {
     let seqs = |mark: Mark| report.marks.iter().filter(|(_, m)| *m == mark).map(|&(seq, _)| seq).collect::<Vec<_>>();
     let shutdowns: Vec<(u64, u64)> = seqs(Mark::ShutdownBegun).into_iter().zip(seqs(Mark::ShutdownReturned)).collect();
     for (p, (layout, result)) in scenario.prepared.iter().zip(&report.prepared).enumerate() {
@@ -308,7 +308,7 @@ pub(crate) const HOLE_SUBJOB_SECTORS: u64 = (1 << 30) / 512;
 /// Works out every job's shape and attributes every request to the job whose region holds
 /// it. A request outside every region, misaligned, or across two sub-jobs is a violation.
 fn attribute<'a>(
-    scenario: &'a Scenario,
+    scenario: &'a SwarmScenario,
     io: &'a [IoRecord],
     timeouts: &'a Timeouts,
     violations: &mut Vec<String>,
@@ -359,7 +359,7 @@ fn attribute<'a>(
 impl<'a> JobView<'a> {
     /// The shape of job `layout` of `scenario` (flags in effect, block, sub-jobs), with no
     /// request attributed yet.
-    fn of(scenario: &Scenario, layout: &'a JobLayout, timeouts: &'a Timeouts) -> JobView<'a> {
+    fn of(scenario: &SwarmScenario, layout: &'a JobLayout, timeouts: &'a Timeouts) -> JobView<'a> {
         let zoned = layout.targets.iter().any(|&(t, _)| scenario.targets[t].zoned);
         let seq = layout.flags.contains(Flags::WRITE_SEQ) || zoned;
         let ignore = layout.flags.contains(Flags::IGNORE_ERROR) && !seq;
@@ -394,7 +394,7 @@ impl<'a> JobView<'a> {
 }
 
 /// Every region of the scenario: per disk, (sectors, job, role, region start).
-fn region_owners(scenario: &Scenario) -> BTreeMap<DiskRef, Vec<Owner>> {
+fn region_owners(scenario: &SwarmScenario) -> BTreeMap<DiskRef, Vec<Owner>> {
     let mut owners: BTreeMap<DiskRef, Vec<Owner>> = BTreeMap::new();
     for (j, layout) in scenario.jobs.iter().enumerate() {
         let len = layout.len_sectors;
@@ -500,7 +500,7 @@ impl<'a> JobFacts<'a> {
         j: usize,
         view: &'a JobView<'a>,
         outcome: &'a Outcome,
-        report: &Report,
+        report: &SwarmReport,
         violations: &mut Vec<String>,
     ) -> Self {
         let len = view.layout.len_sectors;
@@ -595,7 +595,7 @@ impl TargetFacts {
 }
 
 /// The rules for one job's first outcome, each in a function named as its self-test.
-fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<String>) {
+fn check_job(j: usize, view: &JobView, report: &SwarmReport, violations: &mut Vec<String>) {
     let Some(outcome) = rule_1_every_job_completes_exactly_once_without_a_panic(j, view, report, violations) else {
         return;
     };
@@ -622,7 +622,7 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
 fn rule_1_every_job_completes_exactly_once_without_a_panic<'a>(
     j: usize,
     view: &JobView,
-    report: &'a Report,
+    report: &'a SwarmReport,
     violations: &mut Vec<String>,
 ) -> Option<&'a Outcome> {
     let result = &report.jobs[j];
@@ -722,7 +722,7 @@ fn rule_8_without_ignore_error_no_subjob_starts_after_an_error(facts: &JobFacts,
 /// request over its whole region (none if it was cancelled before it started).
 fn rule_12_a_zero_job_offloading_every_target_sends_each_one_write_zeroes(
     facts: &JobFacts,
-    report: &Report,
+    report: &SwarmReport,
     violations: &mut Vec<String>,
 ) {
     let (layout, len) = (facts.view.layout, facts.len);
@@ -923,7 +923,7 @@ fn rule_10_write_seq_writes_one_after_another_upwards(
 /// bound of how long it holds its slot), and holds its pages from its first read's issue to
 /// its last read's or data write's completion (a write-zeroes holds no pages: a sparse copy's
 /// sub-job may give its pages back once its blocks were found all zero, then write zeroes).
-fn check_concurrency(scenario: &Scenario, views: &[JobView], phase: u8, violations: &mut Vec<String>) {
+fn check_concurrency(scenario: &SwarmScenario, views: &[JobView], phase: u8, violations: &mut Vec<String>) {
     // (job, sub-job) -> (first issue, last completion); the same over requests holding pages.
     let mut lives: BTreeMap<(usize, u64), (u64, u64)> = BTreeMap::new();
     let mut page_lives: BTreeMap<(usize, u64), (u64, u64, usize)> = BTreeMap::new();
@@ -987,7 +987,7 @@ enum Verdict {
 }
 
 /// Targets hold old or new content as the outcome says; nothing else changed.
-fn check_contents(scenario: &Scenario, report: &Report, violations: &mut Vec<String>) {
+fn check_contents(scenario: &SwarmScenario, report: &SwarmReport, violations: &mut Vec<String>) {
     // Per job and target, the final outcome's not_copied, in the oracle's own model.
     let not_copied: Vec<Vec<Sectors>> = report
         .jobs
@@ -1011,7 +1011,7 @@ fn check_contents(scenario: &Scenario, report: &Report, violations: &mut Vec<Str
 /// new, and new where the final outcome calls it copied — unless a logged fault (a torn, lost
 /// or misdirected write) may have left anything there.
 fn check_target_contents(
-    scenario: &Scenario,
+    scenario: &SwarmScenario,
     t: usize,
     disk: &MemDisk,
     not_copied: &[Vec<Sectors>],
@@ -1089,7 +1089,7 @@ fn sector_verdict(layout: &JobLayout, k: u64, provenance: Provenance, old: Prove
 }
 
 /// Sources are never written: their pattern, and zeroes in their holes and zero runs.
-fn check_source_contents(scenario: &Scenario, report: &Report, violations: &mut Vec<String>) {
+fn check_source_contents(scenario: &SwarmScenario, report: &SwarmReport, violations: &mut Vec<String>) {
     for (s, disk) in report.sources.iter().enumerate() {
         let len = disk.options().len_sectors;
         let zeroes = scenario.source_holes().chain(scenario.source_zero_runs());
@@ -1120,7 +1120,7 @@ fn check_source_contents(scenario: &Scenario, report: &Report, violations: &mut 
 /// by its length, at its first request; an offloaded zero job moves no bytes) never exceed
 /// R·t plus the bucket, which holds one sub-job (the largest, if one is larger); twice that is
 /// allowed for rounding.
-fn check_throttle(scenario: &Scenario, views: &[JobView], violations: &mut Vec<String>) {
+fn check_throttle(scenario: &SwarmScenario, views: &[JobView], violations: &mut Vec<String>) {
     let Some(rate) = scenario.config.throttle.rate_bytes_per_s else { return };
     let mut issues: Vec<(u64, u64)> = Vec::new(); // (µs, bytes)
     for view in views {
@@ -1159,7 +1159,7 @@ fn check_throttle(scenario: &Scenario, views: &[JobView], violations: &mut Vec<S
 /// Callbacks (jobs' and prepared ones) run one at a time, each returning before the next
 /// begins; and a prepared callback queued after a job's callback began runs after that
 /// callback returned (dm-kcopyd's promise: it is queued behind the completions before it).
-fn check_callback_order(report: &Report, violations: &mut Vec<String>) {
+fn check_callback_order(report: &SwarmReport, violations: &mut Vec<String>) {
     let seq_of = |mark: Mark| report.marks.iter().find(|(_, m)| *m == mark).map(|&(seq, _)| seq);
     // (began, returned, what)
     let mut runs: Vec<(u64, u64, String)> = Vec::new();
@@ -1202,7 +1202,7 @@ fn check_callback_order(report: &Report, violations: &mut Vec<String>) {
 /// The I/O log as the engine saw it: a request that outlived the client's I/O timeout (or
 /// never completed) failed when the timeout fired, which is placed on the log's sequence at
 /// the first event at or after that moment. Its `done_us` stays the device's completion.
-fn engine_io(report: &Report, timeouts: &Timeouts) -> Vec<IoRecord> {
+fn engine_io(report: &SwarmReport, timeouts: &Timeouts) -> Vec<IoRecord> {
     let Some(timeout) = timeouts.limit_us else { return report.io.clone() };
     let marks = report.marks.iter().zip(&report.mark_us).map(|(&(seq, _), &us)| (us, seq));
     let mut times: Vec<(u64, u64)> = report
@@ -1257,7 +1257,7 @@ fn held(views: &[JobView], timed_out_by: u64, held_after: u64, at_too: bool) -> 
 /// exactly their sub-jobs' pages: at least what had timed out when the shutdown began and was
 /// still held when it returned, at most what had timed out by its return and was held when it
 /// began.
-fn check_held(report: &Report, views: &[JobView], violations: &mut Vec<String>) {
+fn check_held(report: &SwarmReport, views: &[JobView], violations: &mut Vec<String>) {
     let times = |mark: Mark| -> Vec<u64> {
         report.marks.iter().zip(&report.mark_us).filter(|((_, m), _)| *m == mark).map(|(_, &us)| us).collect()
     };
@@ -1299,7 +1299,7 @@ struct Timeouts {
 
 impl Timeouts {
     /// The timeout of `scenario`, with the ties of `report` settled by the outcomes.
-    fn of(scenario: &Scenario, report: &Report) -> Timeouts {
+    fn of(scenario: &SwarmScenario, report: &SwarmReport) -> Timeouts {
         let limit_us = scenario.config.io_timeout_ms.map(|ms| ms.saturating_mul(1000));
         let Some(limit) = limit_us else { return Timeouts::default() };
         let tied = report.io.iter().filter(|r| r.done_us != u64::MAX && r.done_us - r.issued_us == limit);
@@ -1322,7 +1322,7 @@ impl Timeouts {
     }
 
     /// Whether the outcome of `record`'s job reports its sectors as failed.
-    fn reported_failed(scenario: &Scenario, report: &Report, record: &IoRecord) -> bool {
+    fn reported_failed(scenario: &SwarmScenario, report: &SwarmReport, record: &IoRecord) -> bool {
         let Some(j) = scenario.job_of_request(record) else { return false };
         let result = &report.jobs[j];
         let outcome = if record.phase == 1 { result.outcome.as_ref() } else { result.retry.as_ref() };
@@ -1354,7 +1354,7 @@ impl Timeouts {
 /// (a read or write error, or a panic) and cancelled from the outcomes; per device and
 /// operation, the requests, errors, timeouts, bytes of the successful ones, and their
 /// latencies (count, sum and longest) from the I/O log.
-fn check_stats(scenario: &Scenario, report: &Report, timeouts: &Timeouts, violations: &mut Vec<String>) {
+fn check_stats(scenario: &SwarmScenario, report: &SwarmReport, timeouts: &Timeouts, violations: &mut Vec<String>) {
     let Some(stats) = &report.stats else { return };
     let outcomes: Vec<&Outcome> = report.jobs.iter().flat_map(|r| r.outcome.iter().chain(r.retry.iter())).collect();
     let failed = outcomes.iter().filter(|o| o.read_err || !o.write_err.is_empty() || o.panicked.is_some()).count();
@@ -1414,7 +1414,7 @@ fn check_stats(scenario: &Scenario, report: &Report, timeouts: &Timeouts, violat
 /// The client's busy time from the I/O log: the union of every request's life as the engine
 /// counts it (from its issue to its completion, or to the timeout), as sorted, disjoint
 /// intervals of model µs.
-fn busy_intervals(report: &Report, timeouts: &Timeouts) -> Vec<Range<u64>> {
+fn busy_intervals(report: &SwarmReport, timeouts: &Timeouts) -> Vec<Range<u64>> {
     let mut lives: Vec<Range<u64>> = report
         .io
         .iter()
@@ -1452,7 +1452,7 @@ fn busy_within(busy: &[Range<u64>], window: Range<u64>) -> u64 {
 /// progresses: while a job is waiting to complete, the client is never idle longer than it takes
 /// the busy share of a window to fall back under the limit (100 / P windows) plus the rate's
 /// wait for the largest sub-job.
-fn check_busy(scenario: &Scenario, report: &Report, views: &[JobView], violations: &mut Vec<String>) {
+fn check_busy(scenario: &SwarmScenario, report: &SwarmReport, views: &[JobView], violations: &mut Vec<String>) {
     let Some(percent) = scenario.config.throttle.busy_percent.filter(|&p| p < 100) else { return };
     let window = kcopyd_core::BUSY_WINDOW.as_micros() as u64;
     let (mut longest_life, mut largest_bytes, mut ahead) = (0, 0, 0);
@@ -1517,7 +1517,7 @@ mod tests {
     use crate::scenario::{Inputs, run};
 
     /// A clean run of a seed with a copy job of several sub-jobs, and that job's index.
-    fn clean_run() -> (Scenario, Report, usize) {
+    fn clean_run() -> (SwarmScenario, SwarmReport, usize) {
         for seed in 0.. {
             let mut inputs = Inputs::from_seed(seed);
             inputs.crash_at_us = None;

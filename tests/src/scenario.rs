@@ -4,10 +4,10 @@
 //!  Inputs (numbers only: from proptest, so they shrink; or from one seed, as the swarm does)
 //!     │ layout(): disjoint source and target regions, disk sizes, fault plans
 //!     ▼
-//!  Scenario ──run()──► one thread, paused time: disks + client, jobs submitted at virtual
-//!     │                times, an optional crash, then a liveness phase (faults off, resubmit)
+//!  SwarmScenario ──run()──► one thread, paused time: disks + client, jobs submitted at virtual
+//!     │                     times, an optional crash, then a liveness phase (faults off, resubmit)
 //!     ▼
-//!  Report ──check()──► the brief's invariants, each violation named (see `oracle`)
+//!  SwarmReport ──check()──► the brief's invariants, each violation named (see `oracle`)
 //! ```
 //!
 //! Every source region and every target region belongs to one job only, so each request and
@@ -608,7 +608,7 @@ impl Inputs {
     }
 
     /// The concrete scenario: disk options, regions and flags.
-    pub fn layout(&self) -> Scenario {
+    pub fn layout(&self) -> SwarmScenario {
         let unit = self.unit_sectors();
         let mut source_cursor = vec![0u64; self.sources.len()];
         let mut target_cursor = vec![0u64; self.targets.len()];
@@ -619,7 +619,7 @@ impl Inputs {
             .collect();
         let disk_options =
             |inputs: &DiskInputs, cursor: u64, name: String, index: u64| self.disk_options(inputs, cursor, name, index);
-        Scenario {
+        SwarmScenario {
             config: ClientConfig {
                 page_budget: self.page_budget.max(1),
                 subjob_size_bytes: (self.subjob_units.max(1) * unit) as usize * SECTOR_SIZE,
@@ -833,7 +833,7 @@ impl JobLayout {
 
 /// A concrete scenario: a serde value that can be saved and replayed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Scenario {
+pub struct SwarmScenario {
     /// The client's configuration.
     pub config: ClientConfig,
     /// Source disks (pattern-filled with their own seeds, never written).
@@ -855,7 +855,7 @@ pub struct Scenario {
     pub prepared: Vec<PreparedInputs>,
 }
 
-impl Scenario {
+impl SwarmScenario {
     /// The holes of every source region, in device sectors: (source, sectors).
     pub fn source_holes(&self) -> impl Iterator<Item = (usize, std::ops::Range<u64>)> + '_ {
         self.jobs
@@ -920,7 +920,7 @@ pub struct PreparedResult {
 
 /// What a run produced.
 #[derive(Debug)]
-pub struct Report {
+pub struct SwarmReport {
     /// Per job.
     pub jobs: Vec<JobResult>,
     /// The trace's hash.
@@ -1048,7 +1048,7 @@ fn job_of(layout: &JobLayout, sources: &[Device], targets: &[Device]) -> Job {
     clippy::too_many_lines,
     reason = "one async block whose order of spawns, awaits and shutdown is the trace; split, the order would hide across functions"
 )]
-pub fn run(scenario: &Scenario) -> Report {
+pub fn run(scenario: &SwarmScenario) -> SwarmReport {
     Simulation::block_on(async {
         let began = tokio::time::Instant::now();
         let trace = Trace::new();
@@ -1239,7 +1239,7 @@ pub fn run(scenario: &Scenario) -> Report {
         for (j, job) in jobs.iter_mut().enumerate() {
             job.callbacks = callbacks[j].load(std::sync::atomic::Ordering::SeqCst);
         }
-        Report {
+        SwarmReport {
             jobs,
             trace_hash: trace.hash(),
             trace_events: trace.len(),

@@ -23,7 +23,7 @@ use kcopyd_core::{Outcome, RangeSet, SubmitError, TARGETS_MAX};
 use kcopyd_sim::{FaultKind, Simulation};
 use kcopyd_tests::io_log::{DiskRef, IoKind, IoRecord, Mark};
 use kcopyd_tests::scenario::{
-    DiskInputs, FaultInputs, Inputs, JobInputs, PreparedInputs, Report, Scenario, TimingInputs, check, run,
+    DiskInputs, FaultInputs, Inputs, JobInputs, PreparedInputs, SwarmReport, SwarmScenario, TimingInputs, check, run,
     source_seed, target_seed,
 };
 use kcopyd_tests::validation::{Broken, Case, RegionInputs};
@@ -76,8 +76,8 @@ fn bad_writes(sectors: Range<u64>) -> FaultInputs {
 
 /// A run the oracle accepts.
 struct Accepted {
-    scenario: Scenario,
-    report: Report,
+    scenario: SwarmScenario,
+    report: SwarmReport,
 }
 
 impl Accepted {
@@ -92,14 +92,14 @@ impl Accepted {
 
     /// The violations once `change` has been made to a copy of the report (the disks are
     /// shared, the rest is copied).
-    fn tampered(&self, change: impl FnOnce(&mut Report)) -> Vec<String> {
+    fn tampered(&self, change: impl FnOnce(&mut SwarmReport)) -> Vec<String> {
         let mut report = clone_report(&self.report);
         change(&mut report);
         check(&self.scenario, &report)
     }
 
     /// The violations once `change` has been made to a copy of the scenario.
-    fn with_scenario(&self, change: impl FnOnce(&mut Scenario)) -> Vec<String> {
+    fn with_scenario(&self, change: impl FnOnce(&mut SwarmScenario)) -> Vec<String> {
         let mut scenario = self.scenario.clone();
         change(&mut scenario);
         check(&scenario, &self.report)
@@ -111,8 +111,8 @@ impl Accepted {
     }
 }
 
-fn clone_report(report: &Report) -> Report {
-    Report {
+fn clone_report(report: &SwarmReport) -> SwarmReport {
+    SwarmReport {
         jobs: report.jobs.clone(),
         trace_hash: report.trace_hash,
         trace_events: report.trace_events,
@@ -133,12 +133,12 @@ fn clone_report(report: &Report) -> Report {
 }
 
 /// Job 0's outcome in `report`, to change.
-fn outcome(report: &mut Report) -> &mut Outcome {
+fn outcome(report: &mut SwarmReport) -> &mut Outcome {
     report.jobs[0].outcome.as_mut().expect("an outcome")
 }
 
 /// The index of the request of `kind` on `disk` that starts at `sector`.
-fn request(report: &Report, disk: DiskRef, kind: IoKind, sector: u64) -> usize {
+fn request(report: &SwarmReport, disk: DiskRef, kind: IoKind, sector: u64) -> usize {
     report
         .io
         .iter()
@@ -147,14 +147,14 @@ fn request(report: &Report, disk: DiskRef, kind: IoKind, sector: u64) -> usize {
 }
 
 /// The next free position on the trace's sequence.
-fn end_of_trace(report: &Report) -> u64 {
+fn end_of_trace(report: &SwarmReport) -> u64 {
     let requests = report.io.iter().flat_map(|r| [r.issued, r.done]);
     requests.chain(report.marks.iter().map(|&(seq, _)| seq)).max().unwrap_or(0) + 1
 }
 
 /// A request appended at the end of the trace, succeeded (its model time, 0, matters only to
 /// rule 17, whose test changes the times of true requests).
-fn append(report: &mut Report, disk: DiskRef, kind: IoKind, sectors: Range<u64>) {
+fn append(report: &mut SwarmReport, disk: DiskRef, kind: IoKind, sectors: Range<u64>) {
     let issued = end_of_trace(report);
     report.io.push(IoRecord {
         disk,
@@ -571,7 +571,7 @@ fn rule_5_write_err_and_write_failed_are_exactly_the_failed_writes() {
 #[test]
 fn rule_6_not_copied_is_what_the_successful_writes_leave() {
     let run = ignoring_errors();
-    let not_copied = |r: &Report, i: usize| r.jobs[0].outcome.as_ref().unwrap().targets[i].not_copied.clone();
+    let not_copied = |r: &SwarmReport, i: usize| r.jobs[0].outcome.as_ref().unwrap().targets[i].not_copied.clone();
     let violations = run.tampered(|r| outcome(r).targets[1].not_copied = without(&not_copied(r, 1), 41..42));
     fires(
         "6",
@@ -835,7 +835,7 @@ fn rule_8_without_ignore_error_no_subjob_starts_after_an_error() {
     // Under WRITE_SEQ, a sub-job before the first failing one may start late (it was taken
     // before the error and waited for the throttle); one after it may not. Without WRITE_SEQ,
     // neither may.
-    let late = |r: &mut Report, sector: u64| {
+    let late = |r: &mut SwarmReport, sector: u64| {
         let end = end_of_trace(r);
         let mut seq = end;
         for record in r.io.iter_mut().filter(|record| record.sectors.start == sector) {
@@ -1191,7 +1191,7 @@ fn rule_12_every_request_is_whole_blocks_of_one_subjob_of_one_region() {
         }
     });
     fires("12", "plain writes", &violations, &format!("{message} [(Write, 0..8), (Write, 8..16)"));
-    let removed = |r: &mut Report| {
+    let removed = |r: &mut SwarmReport| {
         let i = request(r, DiskRef::Target(0), IoKind::WriteZeroes, 0);
         r.io.remove(i).issued
     };
@@ -1217,18 +1217,18 @@ fn rule_13_a_run_that_does_not_finish_is_a_deadlock() {
 }
 
 /// The sequence number of the first `mark` in `report`.
-fn mark_at(report: &Report, mark: Mark) -> u64 {
+fn mark_at(report: &SwarmReport, mark: Mark) -> u64 {
     report.marks.iter().find(|(_, m)| *m == mark).unwrap_or_else(|| panic!("no {mark:?} in {:?}", report.marks)).0
 }
 
 /// Moves the first `mark` in `report` to sequence number `seq`.
-fn move_mark(report: &mut Report, mark: Mark, seq: u64) {
+fn move_mark(report: &mut SwarmReport, mark: Mark, seq: u64) {
     let entry = report.marks.iter_mut().find(|(_, m)| *m == mark).unwrap_or_else(|| panic!("no {mark:?}"));
     entry.0 = seq;
 }
 
 /// Removes every `mark` from `report`.
-fn drop_marks(report: &mut Report, mark: Mark) {
+fn drop_marks(report: &mut SwarmReport, mark: Mark) {
     report.marks.retain(|(_, m)| *m != mark);
 }
 
@@ -1510,14 +1510,14 @@ fn rule_17_a_rate_limited_client_stays_within_its_rate() {
 }
 
 /// The statistics of `report`, to change.
-fn stats(report: &mut Report) -> &mut kcopyd_core::ClientStats {
+fn stats(report: &mut SwarmReport) -> &mut kcopyd_core::ClientStats {
     report.stats.as_mut().expect("statistics after the shutdown")
 }
 
 #[test]
 fn rule_19_statistics_agree_with_the_outcomes_and_the_io_log() {
     let run = ignoring_errors();
-    let stats_of = |r: &Report| r.stats.clone().expect("statistics");
+    let stats_of = |r: &SwarmReport| r.stats.clone().expect("statistics");
     assert_eq!(stats_of(&run.report).jobs_failed, 1);
     // Jobs: one more submitted, completed, failed or cancelled than the outcomes say.
     let violations = run.tampered(|r| stats(r).jobs_submitted += 1);
@@ -1529,7 +1529,7 @@ fn rule_19_statistics_agree_with_the_outcomes_and_the_io_log() {
     let violations = cancelled().tampered(|r| stats(r).jobs_cancelled = 0);
     fires("19", "cancelled", &violations, "statistics: jobs submitted, completed, failed, cancelled (1, 1, 0, 0)");
     // Requests per device and operation.
-    let device = |r: &mut Report, name: &str| -> usize {
+    let device = |r: &mut SwarmReport, name: &str| -> usize {
         stats(r).devices.iter().position(|d| d.name == name).expect("the device")
     };
     let violations = run.tampered(|r| {
