@@ -56,7 +56,7 @@ impl CreatedHook for QuitCleanup {
 impl From<PlanError> for CliError {
     fn from(error: PlanError) -> CliError {
         match error {
-            PlanError::Device { role, text, problem } => CliError::argument(role.name(), text, problem),
+            PlanError::Device { role, text, problem } => CliError::argument(role.name(), text, problem.to_string()),
             PlanError::Length { len_bytes, problem } => CliError::argument("--length", len_bytes.to_string(), problem),
             error @ PlanError::TargetCount { .. } => CliError::Arguments { what: "TARGET", problem: error.to_string() },
             PlanError::Open { role, text, source } => {
