@@ -59,7 +59,7 @@ pub enum TargetKind {
 
 /// One sparse copy to check.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Case {
+pub struct SparseCase {
     /// Logical block size of every disk, bytes.
     pub block_bytes: u32,
     /// The source, run after run, from sector 0.
@@ -79,9 +79,9 @@ pub struct Case {
     pub subjobs_in_flight: usize,
 }
 
-impl Case {
+impl SparseCase {
     /// A case drawn from `seed`.
-    pub fn from_seed(seed: u64) -> Case {
+    pub fn from_seed(seed: u64) -> SparseCase {
         let mut rng = Draw(mix64(seed ^ 0x5a_a25e));
         let block_bytes: u32 = if rng.below(3) == 0 { 4096 } else { 512 };
         let block = u64::from(block_bytes) / SECTOR_SIZE as u64;
@@ -103,7 +103,7 @@ impl Case {
             target_zeroes: [TargetZeroes::Write, TargetZeroes::Deallocate, TargetZeroes::Skip][rng.below(3) as usize],
         };
         let subjob_bytes = [64 << 10, 128 << 10, 256 << 10][rng.below(3) as usize];
-        let mut case = Case {
+        let mut case = SparseCase {
             block_bytes,
             runs,
             dense_source: rng.below(3) == 0,
@@ -338,7 +338,7 @@ struct Seen {
 impl Seen {
     /// What the run logged in `log` showed; a source read other than expected is a problem.
     fn of(
-        case: &Case,
+        case: &SparseCase,
         log: &IoLog,
         data: &Sectors,
         zeroes: &Sectors,
@@ -408,7 +408,7 @@ fn run_len(run: Run) -> u64 {
 pub fn check_seed(seed: u64, cases: u64) -> Vec<String> {
     (0..cases)
         .flat_map(|n| {
-            let case = Case::from_seed(mix64(seed ^ 0x5ba25e) ^ n);
+            let case = SparseCase::from_seed(mix64(seed ^ 0x5ba25e) ^ n);
             case.check().into_iter().map(move |problem| {
                 format!("sparse case {n}: {problem}; case {}", serde_json::to_string(&case).expect("cases serialize"))
             })
@@ -422,7 +422,7 @@ mod tests {
 
     #[test]
     fn the_generator_makes_every_kind_of_run_target_and_setting() {
-        let cases: Vec<Case> = (0..300).map(Case::from_seed).collect();
+        let cases: Vec<SparseCase> = (0..300).map(SparseCase::from_seed).collect();
         let runs: Vec<Run> = cases.iter().flat_map(|c| c.runs.clone()).collect();
         assert!(runs.iter().any(|r| matches!(r, Run::Data(_))));
         assert!(runs.iter().any(|r| matches!(r, Run::Zeroes(_))));

@@ -26,7 +26,7 @@ use kcopyd_tests::scenario::{
     DiskInputs, FaultInputs, Inputs, JobInputs, PreparedInputs, SwarmReport, SwarmScenario, TimingInputs, check, run,
     source_seed, target_seed,
 };
-use kcopyd_tests::validation::{Broken, Case, RegionInputs};
+use kcopyd_tests::validation::{BrokenRule, RegionInputs, ValidationCase};
 
 /// Sectors per sub-job in every scenario here (`subjob_units` of 1-sector units).
 const SUBJOB_SECTORS: u64 = 8;
@@ -1426,32 +1426,32 @@ fn region(device: usize, start_sector: u64, len_sectors: u64) -> RegionInputs {
 #[test]
 fn validation_reports_an_engine_that_disagrees_with_the_reference() {
     // Devices: 64 sectors of 512-byte blocks, 64 sectors of 4 KiB blocks.
-    let case = |source: Option<RegionInputs>, targets: Vec<RegionInputs>| Case {
+    let case = |source: Option<RegionInputs>, targets: Vec<RegionInputs>| ValidationCase {
         devices: vec![(64, 512), (64, 4096)],
         source,
         targets,
         page_budget: 8,
         zero_block_bytes: None,
     };
-    let sparse = |zero_block_bytes: u32| Case {
+    let sparse = |zero_block_bytes: u32| ValidationCase {
         zero_block_bytes: Some(zero_block_bytes),
         ..case(Some(region(0, 0, 8)), vec![region(0, 8, 8)])
     };
     // One case per rule: the engine's refusal must be named as that rule, with its indices,
     // device and sectors; checked against an empty list, it is a disagreement naming the rule.
-    let cases: Vec<(Case, Broken)> = vec![
-        (case(Some(region(0, 0, 8)), vec![]), Broken::NoTargets),
-        (case(None, (0..=TARGETS_MAX as u64).map(|i| region(0, i % 8, 0)).collect()), Broken::TooManyTargets),
-        (case(Some(region(0, 0, 8)), vec![region(0, 16, 8), region(0, 32, 4)]), Broken::CountMismatch(1)),
-        (case(Some(region(0, 60, 8)), vec![region(0, 0, 8)]), Broken::OutOfRange(0, 60..68)),
-        (case(Some(region(0, 0, 8)), vec![region(1, 4, 8)]), Broken::Misaligned(1, 4..12)),
-        (case(Some(region(0, 8, 8)), vec![region(0, 12, 8)]), Broken::TargetOverlapsSource(0)),
+    let cases: Vec<(ValidationCase, BrokenRule)> = vec![
+        (case(Some(region(0, 0, 8)), vec![]), BrokenRule::NoTargets),
+        (case(None, (0..=TARGETS_MAX as u64).map(|i| region(0, i % 8, 0)).collect()), BrokenRule::TooManyTargets),
+        (case(Some(region(0, 0, 8)), vec![region(0, 16, 8), region(0, 32, 4)]), BrokenRule::CountMismatch(1)),
+        (case(Some(region(0, 60, 8)), vec![region(0, 0, 8)]), BrokenRule::OutOfRange(0, 60..68)),
+        (case(Some(region(0, 0, 8)), vec![region(1, 4, 8)]), BrokenRule::Misaligned(1, 4..12)),
+        (case(Some(region(0, 8, 8)), vec![region(0, 12, 8)]), BrokenRule::TargetOverlapsSource(0)),
         (
             case(None, vec![region(1, 8, 8), region(0, 0, 8), region(1, 0, 8), region(1, 0, 8)]),
-            Broken::TargetsOverlap(2, 3),
+            BrokenRule::TargetsOverlap(2, 3),
         ),
-        (sparse(768), Broken::ZeroBlockSize(768)),
-        (sparse(256), Broken::ZeroBlockSize(256)),
+        (sparse(768), BrokenRule::ZeroBlockSize(768)),
+        (sparse(256), BrokenRule::ZeroBlockSize(256)),
     ];
     for (case, rule) in cases {
         let reference = case.reference();
@@ -1475,7 +1475,7 @@ fn validation_reports_an_engine_that_disagrees_with_the_reference() {
     let valid = case(Some(region(0, 0, 8)), vec![region(0, 8, 8), region(1, 0, 8)]);
     assert!(valid.reference().is_empty());
     assert!(valid.check().is_empty());
-    let problems = valid.check_against(&[Broken::TargetsOverlap(0, 1)]);
+    let problems = valid.check_against(&[BrokenRule::TargetsOverlap(0, 1)]);
     assert!(
         problems.iter().any(|p| p.starts_with("accepted, but it breaks [TargetsOverlap(0, 1)]")),
         "validation: an acceptance the reference does not expect is reported: {problems:?}"

@@ -6,7 +6,7 @@ use std::fs;
 use std::process::Command;
 
 use kcopyd_tests::fixtures::{TempDir, pattern};
-use kcopyd_tests::nbd_servers::{Listen, NbdServer};
+use kcopyd_tests::nbd_servers::{ExternalNbdServer, Listen};
 
 /// Exit code, stdout and stderr of one run.
 fn kcopyd(args: &[&str]) -> (i32, String, String) {
@@ -25,9 +25,9 @@ fn copy_verify_and_zero_through_nbd_uris() {
     let data = pattern(21, 4 << 20);
     let source = dir.file_with("source.img", &data);
     let qemu_file = dir.zero_file("qemu.img", data.len() as u64);
-    let Some(qemu) = NbdServer::qemu_nbd(test, &qemu_file, Listen::Unix, &["-x", "backup"]) else { return };
+    let Some(qemu) = ExternalNbdServer::qemu_nbd(test, &qemu_file, Listen::Unix, &["-x", "backup"]) else { return };
     let size = data.len().to_string();
-    let Some(kit) = NbdServer::nbdkit(test, Listen::Tcp, &["memory", &size]) else { return };
+    let Some(kit) = ExternalNbdServer::nbdkit(test, Listen::Tcp, &["memory", &size]) else { return };
     let (qemu_uri, kit_uri) = (qemu.uri("backup"), kit.uri(""));
     let source = source.to_str().unwrap();
 
@@ -58,9 +58,9 @@ fn read_only_exports_and_tls_are_refused_before_any_io() {
     let data = pattern(22, 1 << 20);
     let source = dir.file_with("source.img", &data);
     let target_file = dir.file_with("target.img", &pattern(23, 1 << 20));
-    let Some(server) = NbdServer::qemu_nbd(test, &target_file, Listen::Unix, &["-r"]) else { return };
+    let Some(server) = ExternalNbdServer::qemu_nbd(test, &target_file, Listen::Unix, &["-r"]) else { return };
     let size = data.len().to_string();
-    let Some(writable) = NbdServer::nbdkit(test, Listen::Unix, &["memory", &size]) else { return };
+    let Some(writable) = ExternalNbdServer::nbdkit(test, Listen::Unix, &["memory", &size]) else { return };
     let (code, stdout, stderr) = kcopyd(&["copy", source.to_str().unwrap(), &writable.uri(""), &server.uri("")]);
     assert_eq!(code, 2, "{stdout}{stderr}");
     assert!(stderr.contains("TARGET") && stderr.contains("read-only"), "{stderr}");
