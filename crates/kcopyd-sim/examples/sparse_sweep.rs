@@ -30,7 +30,7 @@ const IN_FLIGHT: [usize; 4] = [2, 4, 8, 16];
 struct Point {
     subjob_kib: usize,
     subjobs_in_flight: usize,
-    run: common::CopyRun,
+    run: common::SimulatedCopy,
     wall_seconds: f64,
 }
 
