@@ -106,7 +106,7 @@ def main():
     commands = {
         "kcopyd 1 target": kcopyd + [source, targets[0]],
         "kcopyd 1 target, 4K pages": kcopyd + ["--no-huge-pages", source, targets[0]],
-        "kcopyd 2M x 8 (whole budget)": kcopyd + ["--sub-job-size", "2M", "--subjobs-in-flight", "8", source, targets[0]],
+        "kcopyd 2M x 8 (whole budget)": kcopyd + ["--subjob-size", "2M", "--subjobs-in-flight", "8", source, targets[0]],
         "dd": dd,
         "qemu-img": qemu(targets[0]),
         "kcopyd 3 targets": kcopyd + [source] + targets,

@@ -131,8 +131,8 @@ def local_model(args, work, size_bytes):
                                    "--runs", str(args.runs)])
     points = []
     for row in result["configs"]:
-        sub_jobs = result["len_bytes"] / row["sub_job_size_bytes"]
-        points.append((row["sub_job_size_bytes"], row["measured_median_seconds"] / sub_jobs))
+        sub_jobs = result["len_bytes"] / row["subjob_size_bytes"]
+        points.append((row["subjob_size_bytes"], row["measured_median_seconds"] / sub_jobs))
     cost_s, per_byte_s = fit_line(points)
     cost_us = max(0, round(cost_s * 1e6))
     # One sub-job reads once and writes once: each pays half of the fixed cost, and the bytes
@@ -214,7 +214,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for mb_per_s, rtt_ms, remote, size_bytes, row in rows:
         print(f"| {mb_per_s:g} | {rtt_ms} ms | {remote} | {size_bytes >> 20} MiB | "
-              f"{row['sub_job_size_bytes'] >> 10} KiB × {row['subjobs_in_flight']} | {row['predicted_seconds']:.3f} | "
+              f"{row['subjob_size_bytes'] >> 10} KiB × {row['subjobs_in_flight']} | {row['predicted_seconds']:.3f} | "
               f"{row['measured_median_seconds']:.3f} ({row['measured_min_seconds']:.3f}) | "
               f"{row['error_percent']:+.1f} % |")
     worst = max(abs(r[4]["error_percent"]) for r in rows)
@@ -228,7 +228,7 @@ def main():
 
 def table_line(mb_per_s, rtt_ms, remote, size_bytes, row):
     return (f"  {mb_per_s:>5g} MB/s {rtt_ms:>2} ms {remote:<6} {size_bytes >> 20:>4} MiB "
-            f"{row['sub_job_size_bytes'] >> 10:>5} KiB × {row['subjobs_in_flight']:<3} "
+            f"{row['subjob_size_bytes'] >> 10:>5} KiB × {row['subjobs_in_flight']:<3} "
             f"predicted {row['predicted_seconds']:7.3f} s  measured {row['measured_median_seconds']:7.3f} s "
             f"(fastest {row['measured_min_seconds']:.3f})  error {row['error_percent']:+6.1f} %")
 

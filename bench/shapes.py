@@ -26,7 +26,7 @@ def main():
     commands = {}
     for shape in args.shapes.split(","):
         size, count = shape.split("x")
-        commands[f"kcopyd {shape}"] = [[args.kcopyd, "copy", "--quiet", "--memory", args.memory, "--sub-job-size", size,
+        commands[f"kcopyd {shape}"] = [[args.kcopyd, "copy", "--quiet", "--memory", args.memory, "--subjob-size", size,
                                         "--subjobs-in-flight", count, "source.img"] + targets]
     qemu = "qemu-img convert -n -f raw -O raw -t none -T none -m 16 -W source.img".split()
     commands["qemu-img" + (" x3" if args.targets == 3 else "")] = [qemu + [t] for t in targets]

@@ -114,19 +114,60 @@ impl Drop for TempDir {
     }
 }
 
-/// Runs a command, returning its standard output or a message with its standard error.
+/// Why a command of a fixture did not do its work ([`run`]).
+#[derive(Debug)]
+pub enum CommandError {
+    /// The program could not be started (missing, not executable).
+    Spawn {
+        /// The program.
+        program: String,
+        /// The system's error.
+        source: io::Error,
+    },
+    /// The program ran and failed.
+    Failed {
+        /// The program and its arguments, as one line.
+        command: String,
+        /// How it ended.
+        status: std::process::ExitStatus,
+        /// What it wrote on standard error, trimmed.
+        stderr: String,
+    },
+}
+
+impl fmt::Display for CommandError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CommandError::Spawn { program, source } => write!(f, "running {program}: {source}"),
+            CommandError::Failed { command, status, stderr } => write!(f, "{command}: {status}: {stderr}"),
+        }
+    }
+}
+
+impl std::error::Error for CommandError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CommandError::Spawn { source, .. } => Some(source),
+            CommandError::Failed { .. } => None,
+        }
+    }
+}
+
+/// Runs a command, returning its standard output.
 ///
 /// # Errors
-/// The command is missing or fails.
-pub fn run(program: &str, args: &[&str]) -> Result<String, String> {
-    let output = Command::new(program).args(args).output().map_err(|error| format!("running {program}: {error}"))?;
+/// The command is missing or fails (with its standard error).
+pub fn run(program: &str, args: &[&str]) -> Result<String, CommandError> {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|source| CommandError::Spawn { program: program.to_owned(), source })?;
     if !output.status.success() {
-        return Err(format!(
-            "{program} {}: {}: {}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
+        return Err(CommandError::Failed {
+            command: format!("{program} {}", args.join(" ")),
+            status: output.status,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
     }
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
 }
@@ -208,7 +249,7 @@ impl Mount {
     ///
     /// # Errors
     /// `mount`'s message.
-    pub fn new(args: &[&str], target: &Path) -> Result<Mount, String> {
+    pub fn new(args: &[&str], target: &Path) -> Result<Mount, CommandError> {
         let target_str = target.to_str().expect("a UTF-8 path");
         let mut all = args.to_vec();
         all.push(target_str);
@@ -220,7 +261,7 @@ impl Mount {
     ///
     /// # Errors
     /// `mount`'s message.
-    pub fn remount_read_only(&self) -> Result<(), String> {
+    pub fn remount_read_only(&self) -> Result<(), CommandError> {
         let target = self.target.to_str().expect("a UTF-8 path");
         run("mount", &["-o", "remount,bind,ro", target]).map(drop)
     }

@@ -2,8 +2,8 @@
 //! tests on a unix socket or a free loopback TCP port, killed when dropped.
 //!
 //! ```text
-//!  NbdServer::qemu_nbd(test, file, Listen::Unix, &["-r"])  ─► qemu-nbd -f raw -t … -k DIR/nbd.sock FILE
-//!  NbdServer::nbdkit(test, Listen::Tcp, &["memory", "8M"]) ─► nbdkit -f -i 127.0.0.1 -p PORT memory 8M
+//!  ExternalNbdServer::qemu_nbd(test, file, Listen::Unix, &["-r"])  ─► qemu-nbd -f raw -t … -k DIR/nbd.sock FILE
+//!  ExternalNbdServer::nbdkit(test, Listen::Tcp, &["memory", "8M"]) ─► nbdkit -f -i 127.0.0.1 -p PORT memory 8M
 //!    wait until a connection is accepted (≤ 10 s) ─► uri(): nbd+unix:///?socket=… or nbd://127.0.0.1:PORT/
 //! ```
 //!
@@ -32,7 +32,7 @@ pub enum Listen {
 
 /// A running NBD server, killed (and reaped) when dropped.
 #[derive(Debug)]
-pub struct NbdServer {
+pub struct ExternalNbdServer {
     child: Option<Child>,
     /// Where it listens, as an URI without the export name.
     address: String,
@@ -40,13 +40,13 @@ pub struct NbdServer {
     _dir: TempDir,
 }
 
-impl NbdServer {
+impl ExternalNbdServer {
     /// `qemu-nbd` serving the raw `file` (persistent, up to 16 clients) with `extra` options.
     /// `None` after printing `SKIPPED:` when qemu-nbd is not installed.
-    pub fn qemu_nbd(test: &str, file: &Path, listen: Listen, extra: &[&str]) -> Option<NbdServer> {
+    pub fn qemu_nbd(test: &str, file: &Path, listen: Listen, extra: &[&str]) -> Option<ExternalNbdServer> {
         let mut args: Vec<String> = ["-f", "raw", "-t", "-e", "16"].iter().map(|s| s.to_string()).collect();
         args.extend(extra.iter().map(|s| s.to_string()));
-        NbdServer::start(
+        ExternalNbdServer::start(
             test,
             "qemu-nbd",
             listen,
@@ -61,9 +61,9 @@ impl NbdServer {
 
     /// `nbdkit` in the foreground with `args` (filters, plugin and its parameters).
     /// `None` after printing `SKIPPED:` when nbdkit is not installed.
-    pub fn nbdkit(test: &str, listen: Listen, args: &[&str]) -> Option<NbdServer> {
+    pub fn nbdkit(test: &str, listen: Listen, args: &[&str]) -> Option<ExternalNbdServer> {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        NbdServer::start(
+        ExternalNbdServer::start(
             test,
             "nbdkit",
             listen,
@@ -88,7 +88,7 @@ impl NbdServer {
         mut args: Vec<String>,
         listen_args: impl Fn(&Listen, &Path, u16) -> Vec<String>,
         last: Option<String>,
-    ) -> Option<NbdServer> {
+    ) -> Option<ExternalNbdServer> {
         if !installed(program) {
             skip(test, format!("{program} is not installed (Debian: apt-get install qemu-utils nbdkit)"));
             return None;
@@ -113,7 +113,7 @@ impl NbdServer {
             }
             Listen::Tcp => (format!("nbd://127.0.0.1:{port}/{{}}"), None),
         };
-        let mut server = NbdServer { child: Some(child), address, socket, _dir: dir };
+        let mut server = ExternalNbdServer { child: Some(child), address, socket, _dir: dir };
         server.wait_ready(program, &args, port);
         Some(server)
     }
@@ -150,7 +150,7 @@ impl NbdServer {
     }
 }
 
-impl Drop for NbdServer {
+impl Drop for ExternalNbdServer {
     fn drop(&mut self) {
         self.kill();
     }

@@ -2,18 +2,18 @@
 //! trace, never from the engine's own bookkeeping.
 //!
 //! ```text
-//!  Report ─┬─ I/O trace (IoLog) ──► per job: its requests, by sub-job ─┬─► reads, writes, stop,
-//!          │                                                           │   cancel, WRITE_SEQ,
-//!          │                                                           │   completeness
-//!          │                         per run: lives of sub-jobs ───────┴─► in flight, pages
-//!          ├─ outcomes ──► well-formed RangeSets ──► Sectors (own model) ──► compared
-//!          └─ disks ──► provenance of every target sector ──► old / new / other
+//!  SwarmReport ─┬─ I/O trace (IoLog) ──► per job: its requests, by sub-job ─┬─► reads, writes, stop,
+//!               │                                                           │   cancel, WRITE_SEQ,
+//!               │                                                           │   completeness
+//!               │                         per run: lives of sub-jobs ───────┴─► in flight, pages
+//!               ├─ outcomes ──► well-formed RangeSets ──► Sectors (own model) ──► compared
+//!               └─ disks ──► provenance of every target sector ──► old / new / other
 //! ```
 //!
 //! The oracle works out each job's sub-jobs as the engine's documented contract defines them
-//! (`chunk = max(min(sub_job_size, page_budget) rounded down to the job's logical block, one
+//! (`subjob_sectors = max(min(subjob_size, page_budget) rounded down to the job's logical block, one
 //! block)`; for a sparse copy that skips holes, rebuilt from its source's allocation, see
-//! `sub_jobs`), attributes every request to the job and sub-job whose region it falls in, and
+//! `subjobs`), attributes every request to the job and sub-job whose region it falls in, and
 //! derives what the outcome must say. Every rule is listed, with its reason, in
 //! docs/SIMULATION.md.
 
@@ -24,7 +24,7 @@ use kcopyd_core::{Flags, Outcome, PAGE_SIZE, RangeSet, SECTOR_SIZE, SubmitError,
 use kcopyd_sim::{FaultKind, MemDisk, Provenance};
 
 use crate::io_log::{DiskRef, IoKind, IoRecord, Mark};
-use crate::scenario::{DEADLOCK_AFTER, JobLayout, Report, Scenario, source_seed, target_seed};
+use crate::scenario::{DEADLOCK_AFTER, JobLayout, SwarmReport, SwarmScenario, source_seed, target_seed};
 use crate::sectors::Sectors;
 
 /// Which region of its job a request falls in.
@@ -43,13 +43,13 @@ struct JobView<'a> {
     seq: bool,
     /// The job's logical block in sectors (the largest of its devices').
     block: u64,
-    /// Sectors per sub-job that reads (the contract's chunk).
-    chunk: u64,
+    /// Sectors per sub-job that reads (the contract's sub-job size, in sectors).
+    subjob_sectors: u64,
     /// Number of sub-jobs.
-    chunks: u64,
-    /// Where each sub-job starts, job-relative, then the job's length: every `chunk` sectors
+    subjob_count: u64,
+    /// Where each sub-job starts, job-relative, then the job's length: every `subjob_sectors` sectors
     /// for a plain copy or a zero job; for a sparse copy that skips holes, rebuilt from the
-    /// source's allocation as the engine walks it (data cut every `chunk` sectors from the
+    /// source's allocation as the engine walks it (data cut every `subjob_sectors` sectors from the
     /// start of each allocated run, holes cut every `hole_max`).
     bounds: Vec<u64>,
     /// Per sub-job: a hole of a sparse copy (nothing read, no pages held).
@@ -65,21 +65,21 @@ struct JobView<'a> {
 }
 
 impl JobView<'_> {
-    fn chunk_range(&self, k: u64) -> Range<u64> {
+    fn subjob_range(&self, k: u64) -> Range<u64> {
         self.bounds[k as usize]..self.bounds[k as usize + 1]
     }
 
     /// The sub-job holding job-relative sector `sector` (the last one past the end).
-    fn chunk_of(&self, sector: u64) -> u64 {
+    fn subjob_of(&self, sector: u64) -> u64 {
         (self.bounds.partition_point(|&b| b <= sector).max(1) - 1) as u64
     }
 
     /// The sub-jobs a job-relative range touches.
-    fn chunks_of(&self, range: &Range<u64>) -> Range<u64> {
+    fn subjobs_of(&self, range: &Range<u64>) -> Range<u64> {
         if range.start >= range.end {
-            return self.chunk_of(range.start)..self.chunk_of(range.start);
+            return self.subjob_of(range.start)..self.subjob_of(range.start);
         }
-        self.chunk_of(range.start)..self.chunk_of(range.end - 1) + 1
+        self.subjob_of(range.start)..self.subjob_of(range.end - 1) + 1
     }
 
     /// Whether sub-job `k` is a hole of a sparse copy: it reads nothing and holds no pages.
@@ -90,20 +90,20 @@ impl JobView<'_> {
     /// The bytes sub-job `k` moves through the engine (what the throttle's rate charges):
     /// none for a hole whose every target takes zeroes cheaply.
     fn moved_bytes(&self, k: u64) -> u64 {
-        let range = self.chunk_range(k);
+        let range = self.subjob_range(k);
         if self.is_hole(k) && self.cheap_holes { 0 } else { (range.end - range.start) * SECTOR_SIZE as u64 }
     }
 
     /// The whole sub-jobs holding any sector of `set`.
-    fn whole_chunks(&self, set: &Sectors) -> Sectors {
-        Sectors::from_ranges(set.ranges().iter().flat_map(|r| self.chunks_of(r)).map(|k| self.chunk_range(k)))
+    fn whole_subjobs(&self, set: &Sectors) -> Sectors {
+        Sectors::from_ranges(set.ranges().iter().flat_map(|r| self.subjobs_of(r)).map(|k| self.subjob_range(k)))
     }
 
     /// The whole sub-jobs of phase 1 where a read timed out: a timed-out read keeps the buffer,
     /// so nothing is narrowed and the whole sub-job is unreadable.
     fn timed_out_reads(&self) -> Sectors {
         let timed_out = self.failed(|r| r == Role::Source).filter(|(r, _)| self.timeouts.view(r).0);
-        self.whole_chunks(&Sectors::from_ranges(timed_out.map(|(_, rel)| rel.clone())))
+        self.whole_subjobs(&Sectors::from_ranges(timed_out.map(|(_, rel)| rel.clone())))
     }
 
     fn failed(&self, role: impl Fn(Role) -> bool) -> impl Iterator<Item = (&IoRecord, &Range<u64>)> {
@@ -125,7 +125,7 @@ fn block_sectors(options: &kcopyd_sim::MemDiskOptions) -> u64 {
 }
 
 /// Checks the invariants; returns every violation, named.
-pub fn check(scenario: &Scenario, report: &Report) -> Vec<String> {
+pub fn check(scenario: &SwarmScenario, report: &SwarmReport) -> Vec<String> {
     let mut violations = Vec::new();
     if report.deadlocked {
         violations.push(format!("deadlock: jobs still running after {DEADLOCK_AFTER:?} of virtual time"));
@@ -172,7 +172,7 @@ pub fn check(scenario: &Scenario, report: &Report) -> Vec<String> {
 /// all; a shutdown returns only once every job accepted has completed and all its requests
 /// have ended; every shutdown report finds every page back, no request outstanding and the
 /// jobs completed counted.
-fn check_shutdown(scenario: &Scenario, report: &Report, views: &[JobView], violations: &mut Vec<String>) {
+fn check_shutdown(scenario: &SwarmScenario, report: &SwarmReport, views: &[JobView], violations: &mut Vec<String>) {
     let seq_of = |mark: Mark| report.marks.iter().find(|(_, m)| *m == mark).map(|&(seq, _)| seq);
     // The first shutdown: the one in the middle of the run, or else the final one.
     let begun = seq_of(Mark::ShutdownBegun);
@@ -244,7 +244,7 @@ fn check_shutdown(scenario: &Scenario, report: &Report, views: &[JobView], viola
 /// runs; one prepared before runs exactly once, after it was queued, with what it was completed
 /// with (or cancelled, when dropped), and before every shutdown that began after it was
 /// prepared returns.
-fn check_prepared(scenario: &Scenario, report: &Report, violations: &mut Vec<String>) {
+fn check_prepared(scenario: &SwarmScenario, report: &SwarmReport, violations: &mut Vec<String>) {
     let seqs = |mark: Mark| report.marks.iter().filter(|(_, m)| *m == mark).map(|&(seq, _)| seq).collect::<Vec<_>>();
     let shutdowns: Vec<(u64, u64)> = seqs(Mark::ShutdownBegun).into_iter().zip(seqs(Mark::ShutdownReturned)).collect();
     for (p, (layout, result)) in scenario.prepared.iter().zip(&report.prepared).enumerate() {
@@ -301,14 +301,14 @@ fn check_prepared(scenario: &Scenario, report: &Report, violations: &mut Vec<Str
 }
 
 /// Most sectors one hole sub-job of a sparse copy covers: 1 GiB, as the engine documents
-/// (`kcopyd_core::HOLE_SUB_JOB_SECTORS_MAX`). Written out here rather than taken from the
+/// (`kcopyd_core::HOLE_SUBJOB_SECTORS_MAX`). Written out here rather than taken from the
 /// engine: a wrong constant there would otherwise sit on both sides of every comparison.
-pub(crate) const HOLE_SUB_JOB_SECTORS: u64 = (1 << 30) / 512;
+pub(crate) const HOLE_SUBJOB_SECTORS: u64 = (1 << 30) / 512;
 
 /// Works out every job's shape and attributes every request to the job whose region holds
 /// it. A request outside every region, misaligned, or across two sub-jobs is a violation.
 fn attribute<'a>(
-    scenario: &'a Scenario,
+    scenario: &'a SwarmScenario,
     io: &'a [IoRecord],
     timeouts: &'a Timeouts,
     violations: &mut Vec<String>,
@@ -339,10 +339,10 @@ fn attribute<'a>(
         let view = &mut views[j];
         let relative = sectors.start - start..sectors.end - start;
         let whole_job = record.kind == IoKind::WriteZeroes && relative == (0..view.layout.len_sectors);
-        if !whole_job && view.chunks_of(&relative).count() != 1 {
+        if !whole_job && view.subjobs_of(&relative).count() != 1 {
             violations.push(format!(
                 "job {j}: {:?} {:?} {sectors:?} spans sub-jobs of {} sectors",
-                record.disk, record.kind, view.chunk
+                record.disk, record.kind, view.subjob_sectors
             ));
         }
         if (role == Role::Source) != (record.kind == IoKind::Read) {
@@ -359,7 +359,7 @@ fn attribute<'a>(
 impl<'a> JobView<'a> {
     /// The shape of job `layout` of `scenario` (flags in effect, block, sub-jobs), with no
     /// request attributed yet.
-    fn of(scenario: &Scenario, layout: &'a JobLayout, timeouts: &'a Timeouts) -> JobView<'a> {
+    fn of(scenario: &SwarmScenario, layout: &'a JobLayout, timeouts: &'a Timeouts) -> JobView<'a> {
         let zoned = layout.targets.iter().any(|&(t, _)| scenario.targets[t].zoned);
         let seq = layout.flags.contains(Flags::WRITE_SEQ) || zoned;
         let ignore = layout.flags.contains(Flags::IGNORE_ERROR) && !seq;
@@ -370,19 +370,19 @@ impl<'a> JobView<'a> {
             .chain(layout.targets.iter().map(|&(t, _)| block_sectors(&scenario.targets[t])))
             .max()
             .unwrap_or(1);
-        let wanted = (scenario.config.sub_job_size_bytes / SECTOR_SIZE) as u64;
+        let wanted = (scenario.config.subjob_size_bytes / SECTOR_SIZE) as u64;
         let budget = (scenario.config.page_budget * PAGE_SIZE / SECTOR_SIZE) as u64;
-        let chunk = (wanted.min(budget) / block * block).max(block);
+        let subjob_sectors = (wanted.min(budget) / block * block).max(block);
         let cheap_holes = layout.targets.iter().all(|&(t, _)| zeroes_are_cheap(layout, &scenario.targets[t]));
-        let (bounds, holes) = sub_jobs(layout, chunk, block, cheap_holes);
-        let chunks = holes.len() as u64;
+        let (bounds, holes) = subjobs(layout, subjob_sectors, block, cheap_holes);
+        let subjob_count = holes.len() as u64;
         JobView {
             layout,
             ignore,
             seq,
             block,
-            chunk,
-            chunks,
+            subjob_sectors,
+            subjob_count,
             bounds,
             holes,
             cheap_holes,
@@ -394,7 +394,7 @@ impl<'a> JobView<'a> {
 }
 
 /// Every region of the scenario: per disk, (sectors, job, role, region start).
-fn region_owners(scenario: &Scenario) -> BTreeMap<DiskRef, Vec<Owner>> {
+fn region_owners(scenario: &SwarmScenario) -> BTreeMap<DiskRef, Vec<Owner>> {
     let mut owners: BTreeMap<DiskRef, Vec<Owner>> = BTreeMap::new();
     for (j, layout) in scenario.jobs.iter().enumerate() {
         let len = layout.len_sectors;
@@ -421,24 +421,24 @@ fn zeroes_are_cheap(layout: &JobLayout, target: &kcopyd_sim::MemDiskOptions) -> 
 
 /// A job's sub-jobs: their bounds (starts, then the length) and which are holes. A sparse copy
 /// that skips holes walks its source's allocation (the complement of its holes, rounded out to
-/// the job's block): data up to `chunk` sectors within an allocated run, holes up to
-/// [`HOLE_SUB_JOB_SECTORS`] (in whole blocks) where every target takes zeroes cheaply and up
-/// to `chunk` otherwise. Any other job is cut every `chunk` sectors.
-fn sub_jobs(layout: &JobLayout, chunk: u64, block: u64, cheap_holes: bool) -> (Vec<u64>, Vec<bool>) {
+/// the job's block): data up to `subjob_sectors` sectors within an allocated run, holes up to
+/// [`HOLE_SUBJOB_SECTORS`] (in whole blocks) where every target takes zeroes cheaply and up
+/// to `subjob_sectors` otherwise. Any other job is cut every `subjob_sectors` sectors.
+fn subjobs(layout: &JobLayout, subjob_sectors: u64, block: u64, cheap_holes: bool) -> (Vec<u64>, Vec<bool>) {
     let len = layout.len_sectors;
     let skips = layout.source.is_some() && layout.sparse.skip_holes;
     let allocated = span(0..len).difference(&Sectors::from_ranges(layout.holes.iter().cloned()));
     let allocated = Sectors::from_ranges(
         allocated.ranges().iter().map(|r| r.start / block * block..(r.end.div_ceil(block) * block).min(len)),
     );
-    let hole_max = if cheap_holes { HOLE_SUB_JOB_SECTORS / block * block } else { chunk };
+    let hole_max = if cheap_holes { HOLE_SUBJOB_SECTORS / block * block } else { subjob_sectors };
     let (mut bounds, mut holes, mut cursor) = (Vec::new(), Vec::new(), 0);
     while cursor < len {
         bounds.push(cursor);
         let run = allocated.ranges().iter().find(|r| r.end > cursor);
         let (end, hole) = match run {
-            _ if !skips => ((cursor + chunk).min(len), false),
-            Some(r) if r.start <= cursor => (r.end.min(cursor + chunk), false),
+            _ if !skips => ((cursor + subjob_sectors).min(len), false),
+            Some(r) if r.start <= cursor => (r.end.min(cursor + subjob_sectors), false),
             next => (next.map_or(len, |r| r.start).min(cursor + hole_max), true),
         };
         holes.push(hole);
@@ -500,7 +500,7 @@ impl<'a> JobFacts<'a> {
         j: usize,
         view: &'a JobView<'a>,
         outcome: &'a Outcome,
-        report: &Report,
+        report: &SwarmReport,
         violations: &mut Vec<String>,
     ) -> Self {
         let len = view.layout.len_sectors;
@@ -511,7 +511,7 @@ impl<'a> JobFacts<'a> {
         let mut taken_at: BTreeMap<u64, u64> = BTreeMap::new();
         let mut ended_at: BTreeMap<u64, u64> = BTreeMap::new();
         for (record, _, rel) in &view.ios {
-            for k in view.chunks_of(rel) {
+            for k in view.subjobs_of(rel) {
                 let first = taken_at.entry(k).or_insert(record.issued);
                 *first = (*first).min(record.issued);
                 let last = ended_at.entry(k).or_insert(record.done);
@@ -519,7 +519,7 @@ impl<'a> JobFacts<'a> {
             }
         }
         let whole = span(0..len);
-        let untaken = whole.difference(&Sectors::from_ranges(taken_at.keys().map(|&k| view.chunk_range(k))));
+        let untaken = whole.difference(&Sectors::from_ranges(taken_at.keys().map(|&k| view.subjob_range(k))));
         let completed_at = report.marks.iter().find(|(_, m)| *m == Mark::Completed(j)).map(|&(seq, _)| seq);
         let cancel_at = report
             .marks
@@ -552,8 +552,8 @@ impl<'a> JobFacts<'a> {
     }
 
     /// The whole sub-jobs where a read failed.
-    fn read_failed_chunks(&self) -> Sectors {
-        self.view.whole_chunks(&Sectors::from_ranges(self.failed_reads.iter().map(|(_, rel)| (*rel).clone())))
+    fn read_failed_subjobs(&self) -> Sectors {
+        self.view.whole_subjobs(&Sectors::from_ranges(self.failed_reads.iter().map(|(_, rel)| (*rel).clone())))
     }
 }
 
@@ -571,7 +571,7 @@ struct TargetFacts {
     /// What its successful writes cover.
     landed: Sectors,
     /// The whole sub-jobs where a write to it failed.
-    failed_chunks: Sectors,
+    failed_subjobs: Sectors,
 }
 
 impl TargetFacts {
@@ -589,29 +589,29 @@ impl TargetFacts {
         let landed = Sectors::from_ranges(
             view.ios.iter().filter(|(r, role, _)| r.ok && *role == Role::Target(i)).map(|(_, _, rel)| rel.clone()),
         );
-        let failed_chunks = view.whole_chunks(&expected_write_failed);
-        TargetFacts { i, start, name, write_failed, not_copied, failed, expected_write_failed, landed, failed_chunks }
+        let failed_subjobs = view.whole_subjobs(&expected_write_failed);
+        TargetFacts { i, start, name, write_failed, not_copied, failed, expected_write_failed, landed, failed_subjobs }
     }
 }
 
 /// The rules for one job's first outcome, each in a function named as its self-test.
-fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<String>) {
+fn check_job(j: usize, view: &JobView, report: &SwarmReport, violations: &mut Vec<String>) {
     let Some(outcome) = rule_1_every_job_completes_exactly_once_without_a_panic(j, view, report, violations) else {
         return;
     };
     let facts = JobFacts::of(j, view, outcome, report, violations);
     rule_4_read_err_and_read_failed_are_exactly_the_failed_reads(&facts, violations);
-    rule_8_without_ignore_error_no_sub_job_starts_after_an_error(&facts, violations);
+    rule_8_without_ignore_error_no_subjob_starts_after_an_error(&facts, violations);
     rule_12_a_zero_job_offloading_every_target_sends_each_one_write_zeroes(&facts, report, violations);
-    rule_9_no_sub_job_starts_after_a_cancel_and_cancelled_is_exact(&facts, violations);
+    rule_9_no_subjob_starts_after_a_cancel_and_cancelled_is_exact(&facts, violations);
     rule_7_a_job_without_failures_or_cancel_copies_everything(&facts, violations);
     let targets: Vec<TargetFacts> =
         (0..view.layout.targets.len()).map(|i| TargetFacts::of(&facts, i, violations)).collect();
-    let all_failed_chunks = targets.iter().fold(facts.read_failed_chunks(), |acc, t| acc.union(&t.failed_chunks));
+    let all_failed_subjobs = targets.iter().fold(facts.read_failed_subjobs(), |acc, t| acc.union(&t.failed_subjobs));
     for target in &targets {
         rule_5_write_err_and_write_failed_are_exactly_the_failed_writes(&facts, target, violations);
         rule_6_not_copied_is_what_the_successful_writes_leave(&facts, target, violations);
-        rule_7_sectors_are_not_copied_only_for_a_reason(&facts, target, &all_failed_chunks, violations);
+        rule_7_sectors_are_not_copied_only_for_a_reason(&facts, target, &all_failed_subjobs, violations);
         rule_10_write_seq_writes_one_after_another_upwards(&facts, target, violations);
     }
 }
@@ -622,7 +622,7 @@ fn check_job(j: usize, view: &JobView, report: &Report, violations: &mut Vec<Str
 fn rule_1_every_job_completes_exactly_once_without_a_panic<'a>(
     j: usize,
     view: &JobView,
-    report: &'a Report,
+    report: &'a SwarmReport,
     violations: &mut Vec<String>,
 ) -> Option<&'a Outcome> {
     let result = &report.jobs[j];
@@ -691,7 +691,7 @@ fn rule_4_read_err_and_read_failed_are_exactly_the_failed_reads(facts: &JobFacts
 /// its completion, a failed write once its sub-job's writes have all completed) — but under
 /// WRITE_SEQ a sub-job before the one that failed first may still start (taken before the
 /// error, it waited for the throttle): every sub-job before a failure is written.
-fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error(facts: &JobFacts, violations: &mut Vec<String>) {
+fn rule_8_without_ignore_error_no_subjob_starts_after_an_error(facts: &JobFacts, violations: &mut Vec<String>) {
     let view = facts.view;
     if view.ignore {
         return;
@@ -701,7 +701,7 @@ fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error(facts: &JobFacts
         .iter()
         .filter(|(r, ..)| !r.ok)
         .map(|(r, role, rel)| {
-            let failing = view.chunks_of(rel);
+            let failing = view.subjobs_of(rel);
             let at = match role {
                 Role::Source => r.done,
                 Role::Target(_) => failing.clone().map(|k| facts.ended_at[&k]).max().unwrap_or(r.done),
@@ -722,7 +722,7 @@ fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error(facts: &JobFacts
 /// request over its whole region (none if it was cancelled before it started).
 fn rule_12_a_zero_job_offloading_every_target_sends_each_one_write_zeroes(
     facts: &JobFacts,
-    report: &Report,
+    report: &SwarmReport,
     violations: &mut Vec<String>,
 ) {
     let (layout, len) = (facts.view.layout, facts.len);
@@ -746,22 +746,22 @@ fn rule_12_a_zero_job_offloading_every_target_sends_each_one_write_zeroes(
 /// Rule 9: no sub-job is taken after the cancel; `cancelled` is set exactly when the cancel
 /// came before the last sub-job was taken. A sub-job that reads nothing shows no request under
 /// WRITE_SEQ until its turn ([`JobFacts::turn_waits`]), so it is not held to either.
-fn rule_9_no_sub_job_starts_after_a_cancel_and_cancelled_is_exact(facts: &JobFacts, violations: &mut Vec<String>) {
+fn rule_9_no_subjob_starts_after_a_cancel_and_cancelled_is_exact(facts: &JobFacts, violations: &mut Vec<String>) {
     let (j, view, outcome) = (facts.j, facts.view, facts.outcome);
-    let zero_seq = view.chunks > 0 && facts.turn_waits(view.chunks - 1);
+    let zero_seq = view.subjob_count > 0 && facts.turn_waits(view.subjob_count - 1);
     if let Some(cancel) = facts.cancel_at {
         let after = |seq: u64| seq > cancel && view.timeouts.later_instant(seq, cancel);
         if let Some((k, _)) = facts.taken_at.iter().find(|&(&k, &seq)| after(seq) && !facts.turn_waits(k)) {
             violations.push(format!("job {j}: sub-job {k} started after the job was cancelled"));
         }
     }
-    if view.chunks == 0 {
+    if view.subjob_count == 0 {
         if outcome.cancelled {
             violations.push(format!("job {j}: a zero-length job reported cancelled"));
         }
         return;
     }
-    let last_taken = facts.taken_at.get(&(view.chunks - 1)).copied();
+    let last_taken = facts.taken_at.get(&(view.subjob_count - 1)).copied();
     let expected = match (facts.cancel_at, last_taken) {
         (None, _) => Some(false),
         (Some(cancel), Some(taken)) => (!zero_seq || cancel > taken)
@@ -843,14 +843,14 @@ fn rule_6_not_copied_is_what_the_successful_writes_leave(
 fn rule_7_sectors_are_not_copied_only_for_a_reason(
     facts: &JobFacts,
     target: &TargetFacts,
-    all_failed_chunks: &Sectors,
+    all_failed_subjobs: &Sectors,
     violations: &mut Vec<String>,
 ) {
     let (view, name, untaken) = (facts.view, &target.name, &facts.untaken);
     let report_i = &facts.outcome.targets[target.i];
     if view.ignore {
         let lower = facts.read_failed.union(&target.expected_write_failed).union(untaken);
-        let upper = facts.read_failed.union(&target.failed_chunks).union(untaken);
+        let upper = facts.read_failed.union(&target.failed_subjobs).union(untaken);
         if !lower.is_subset(&target.not_copied) || !target.not_copied.is_subset(&upper) {
             violations.push(format!(
                 "{name} (IGNORE_ERROR): not_copied {:?} must hold read_failed and the failed writes {:?} and lie within them and their sub-jobs {:?}",
@@ -861,7 +861,7 @@ fn rule_7_sectors_are_not_copied_only_for_a_reason(
         }
     } else {
         // WRITE_SEQ: the first failing sub-job; later ones are not written (earlier ones are).
-        let after_first_failure = match all_failed_chunks.ranges().first() {
+        let after_first_failure = match all_failed_subjobs.ranges().first() {
             Some(first) if view.seq => span(first.end..facts.len).difference(untaken),
             _ => Sectors::new(),
         };
@@ -870,11 +870,11 @@ fn rule_7_sectors_are_not_copied_only_for_a_reason(
         // write, the pieces that landed are copied. Every other job writes a sub-job to a
         // target in one request, and a failed write leaves the whole sub-job.
         let failed_here = if view.layout.sparse.zero_block_bytes != 0 {
-            target.failed_chunks.difference(&target.landed)
+            target.failed_subjobs.difference(&target.landed)
         } else {
-            target.failed_chunks.clone()
+            target.failed_subjobs.clone()
         };
-        let expected = untaken.union(&facts.read_failed_chunks()).union(&failed_here).union(&after_first_failure);
+        let expected = untaken.union(&facts.read_failed_subjobs()).union(&failed_here).union(&after_first_failure);
         if target.not_copied != expected {
             violations.push(format!(
                 "{name}: not_copied {:?}, expected {:?} (sub-jobs never taken, unreadable, failed on this target{})",
@@ -923,20 +923,20 @@ fn rule_10_write_seq_writes_one_after_another_upwards(
 /// bound of how long it holds its slot), and holds its pages from its first read's issue to
 /// its last read's or data write's completion (a write-zeroes holds no pages: a sparse copy's
 /// sub-job may give its pages back once its blocks were found all zero, then write zeroes).
-fn check_concurrency(scenario: &Scenario, views: &[JobView], phase: u8, violations: &mut Vec<String>) {
+fn check_concurrency(scenario: &SwarmScenario, views: &[JobView], phase: u8, violations: &mut Vec<String>) {
     // (job, sub-job) -> (first issue, last completion); the same over requests holding pages.
     let mut lives: BTreeMap<(usize, u64), (u64, u64)> = BTreeMap::new();
     let mut page_lives: BTreeMap<(usize, u64), (u64, u64, usize)> = BTreeMap::new();
     for (j, view) in views.iter().enumerate() {
         for (record, _, rel) in view.all.iter().filter(|(r, ..)| r.phase == phase) {
-            let k = view.chunk_of(rel.start);
+            let k = view.subjob_of(rel.start);
             let life = lives.entry((j, k)).or_insert((record.issued, record.done));
             life.0 = life.0.min(record.issued);
             life.1 = life.1.max(record.done);
             // A hole sub-job gives its pages back before it writes.
             if view.layout.source.is_some() && !view.is_hole(k) && record.kind != IoKind::WriteZeroes {
-                let chunk = view.chunk_range(k);
-                let pages = ((chunk.end - chunk.start) as usize * SECTOR_SIZE).div_ceil(PAGE_SIZE);
+                let subjob = view.subjob_range(k);
+                let pages = ((subjob.end - subjob.start) as usize * SECTOR_SIZE).div_ceil(PAGE_SIZE);
                 let life = page_lives.entry((j, k)).or_insert((record.issued, record.done, pages));
                 life.0 = life.0.min(record.issued);
                 life.1 = life.1.max(record.done);
@@ -987,7 +987,7 @@ enum Verdict {
 }
 
 /// Targets hold old or new content as the outcome says; nothing else changed.
-fn check_contents(scenario: &Scenario, report: &Report, violations: &mut Vec<String>) {
+fn check_contents(scenario: &SwarmScenario, report: &SwarmReport, violations: &mut Vec<String>) {
     // Per job and target, the final outcome's not_copied, in the oracle's own model.
     let not_copied: Vec<Vec<Sectors>> = report
         .jobs
@@ -1011,7 +1011,7 @@ fn check_contents(scenario: &Scenario, report: &Report, violations: &mut Vec<Str
 /// new, and new where the final outcome calls it copied — unless a logged fault (a torn, lost
 /// or misdirected write) may have left anything there.
 fn check_target_contents(
-    scenario: &Scenario,
+    scenario: &SwarmScenario,
     t: usize,
     disk: &MemDisk,
     not_copied: &[Vec<Sectors>],
@@ -1089,7 +1089,7 @@ fn sector_verdict(layout: &JobLayout, k: u64, provenance: Provenance, old: Prove
 }
 
 /// Sources are never written: their pattern, and zeroes in their holes and zero runs.
-fn check_source_contents(scenario: &Scenario, report: &Report, violations: &mut Vec<String>) {
+fn check_source_contents(scenario: &SwarmScenario, report: &SwarmReport, violations: &mut Vec<String>) {
     for (s, disk) in report.sources.iter().enumerate() {
         let len = disk.options().len_sectors;
         let zeroes = scenario.source_holes().chain(scenario.source_zero_runs());
@@ -1120,7 +1120,7 @@ fn check_source_contents(scenario: &Scenario, report: &Report, violations: &mut 
 /// by its length, at its first request; an offloaded zero job moves no bytes) never exceed
 /// R·t plus the bucket, which holds one sub-job (the largest, if one is larger); twice that is
 /// allowed for rounding.
-fn check_throttle(scenario: &Scenario, views: &[JobView], violations: &mut Vec<String>) {
+fn check_throttle(scenario: &SwarmScenario, views: &[JobView], violations: &mut Vec<String>) {
     let Some(rate) = scenario.config.throttle.rate_bytes_per_s else { return };
     let mut issues: Vec<(u64, u64)> = Vec::new(); // (µs, bytes)
     for view in views {
@@ -1128,7 +1128,7 @@ fn check_throttle(scenario: &Scenario, views: &[JobView], violations: &mut Vec<S
         for (record, _, rel) in &view.all {
             let at = record.issued_us;
             let offloaded = record.kind == IoKind::WriteZeroes && *rel == (0..view.layout.len_sectors);
-            for k in view.chunks_of(rel) {
+            for k in view.subjobs_of(rel) {
                 let entry = first.entry(k).or_insert((at, offloaded));
                 if at < entry.0 {
                     *entry = (at, offloaded);
@@ -1142,7 +1142,7 @@ fn check_throttle(scenario: &Scenario, views: &[JobView], violations: &mut Vec<S
     }
     issues.sort_unstable();
     let largest = issues.iter().map(|&(_, bytes)| bytes).max().unwrap_or(0);
-    let bucket = 2 * largest.max(scenario.config.sub_job_size_bytes as u64);
+    let bucket = 2 * largest.max(scenario.config.subjob_size_bytes as u64);
     let mut sum: u128 = 0;
     for &(at, bytes) in &issues {
         sum += u128::from(bytes);
@@ -1159,7 +1159,7 @@ fn check_throttle(scenario: &Scenario, views: &[JobView], violations: &mut Vec<S
 /// Callbacks (jobs' and prepared ones) run one at a time, each returning before the next
 /// begins; and a prepared callback queued after a job's callback began runs after that
 /// callback returned (dm-kcopyd's promise: it is queued behind the completions before it).
-fn check_callback_order(report: &Report, violations: &mut Vec<String>) {
+fn check_callback_order(report: &SwarmReport, violations: &mut Vec<String>) {
     let seq_of = |mark: Mark| report.marks.iter().find(|(_, m)| *m == mark).map(|&(seq, _)| seq);
     // (began, returned, what)
     let mut runs: Vec<(u64, u64, String)> = Vec::new();
@@ -1202,7 +1202,7 @@ fn check_callback_order(report: &Report, violations: &mut Vec<String>) {
 /// The I/O log as the engine saw it: a request that outlived the client's I/O timeout (or
 /// never completed) failed when the timeout fired, which is placed on the log's sequence at
 /// the first event at or after that moment. Its `done_us` stays the device's completion.
-fn engine_io(report: &Report, timeouts: &Timeouts) -> Vec<IoRecord> {
+fn engine_io(report: &SwarmReport, timeouts: &Timeouts) -> Vec<IoRecord> {
     let Some(timeout) = timeouts.limit_us else { return report.io.clone() };
     let marks = report.marks.iter().zip(&report.mark_us).map(|(&(seq, _), &us)| (us, seq));
     let mut times: Vec<(u64, u64)> = report
@@ -1229,23 +1229,23 @@ fn engine_io(report: &Report, timeouts: &Timeouts) -> Vec<IoRecord> {
 /// `held_after` (or at it, with `at_too`), and the pages of the sub-jobs their buffers belong
 /// to (each sub-job once; a zero job's buffer and a write-zeroes hold none).
 fn held(views: &[JobView], timed_out_by: u64, held_after: u64, at_too: bool) -> (u64, u64) {
-    let (mut requests, mut sub_jobs) = (0, std::collections::BTreeSet::new());
+    let (mut requests, mut subjobs) = (0, std::collections::BTreeSet::new());
     for (j, view) in views.iter().enumerate() {
         for (record, _, rel) in &view.all {
             let (timed_out, latency) = view.timeouts.view(record);
             let still = record.done_us > held_after || (at_too && record.done_us == held_after);
             if timed_out && record.issued_us + latency <= timed_out_by && still {
                 requests += 1;
-                let k = view.chunks_of(rel).start;
+                let k = view.subjobs_of(rel).start;
                 // A hole's zero buffer is no pool page.
                 if view.layout.source.is_some() && record.kind != IoKind::WriteZeroes && !view.is_hole(k) {
-                    sub_jobs.insert((j, k));
+                    subjobs.insert((j, k));
                 }
             }
         }
     }
-    let pages = sub_jobs.iter().map(|&(j, k)| {
-        let range = views[j].chunk_range(k);
+    let pages = subjobs.iter().map(|&(j, k)| {
+        let range = views[j].subjob_range(k);
         ((range.end - range.start) * SECTOR_SIZE as u64).div_ceil(PAGE_SIZE as u64)
     });
     (requests, pages.sum())
@@ -1257,7 +1257,7 @@ fn held(views: &[JobView], timed_out_by: u64, held_after: u64, at_too: bool) -> 
 /// exactly their sub-jobs' pages: at least what had timed out when the shutdown began and was
 /// still held when it returned, at most what had timed out by its return and was held when it
 /// began.
-fn check_held(report: &Report, views: &[JobView], violations: &mut Vec<String>) {
+fn check_held(report: &SwarmReport, views: &[JobView], violations: &mut Vec<String>) {
     let times = |mark: Mark| -> Vec<u64> {
         report.marks.iter().zip(&report.mark_us).filter(|((_, m), _)| *m == mark).map(|(_, &us)| us).collect()
     };
@@ -1299,7 +1299,7 @@ struct Timeouts {
 
 impl Timeouts {
     /// The timeout of `scenario`, with the ties of `report` settled by the outcomes.
-    fn of(scenario: &Scenario, report: &Report) -> Timeouts {
+    fn of(scenario: &SwarmScenario, report: &SwarmReport) -> Timeouts {
         let limit_us = scenario.config.io_timeout_ms.map(|ms| ms.saturating_mul(1000));
         let Some(limit) = limit_us else { return Timeouts::default() };
         let tied = report.io.iter().filter(|r| r.done_us != u64::MAX && r.done_us - r.issued_us == limit);
@@ -1322,7 +1322,7 @@ impl Timeouts {
     }
 
     /// Whether the outcome of `record`'s job reports its sectors as failed.
-    fn reported_failed(scenario: &Scenario, report: &Report, record: &IoRecord) -> bool {
+    fn reported_failed(scenario: &SwarmScenario, report: &SwarmReport, record: &IoRecord) -> bool {
         let Some(j) = scenario.job_of_request(record) else { return false };
         let result = &report.jobs[j];
         let outcome = if record.phase == 1 { result.outcome.as_ref() } else { result.retry.as_ref() };
@@ -1354,7 +1354,7 @@ impl Timeouts {
 /// (a read or write error, or a panic) and cancelled from the outcomes; per device and
 /// operation, the requests, errors, timeouts, bytes of the successful ones, and their
 /// latencies (count, sum and longest) from the I/O log.
-fn check_stats(scenario: &Scenario, report: &Report, timeouts: &Timeouts, violations: &mut Vec<String>) {
+fn check_stats(scenario: &SwarmScenario, report: &SwarmReport, timeouts: &Timeouts, violations: &mut Vec<String>) {
     let Some(stats) = &report.stats else { return };
     let outcomes: Vec<&Outcome> = report.jobs.iter().flat_map(|r| r.outcome.iter().chain(r.retry.iter())).collect();
     let failed = outcomes.iter().filter(|o| o.read_err || !o.write_err.is_empty() || o.panicked.is_some()).count();
@@ -1414,7 +1414,7 @@ fn check_stats(scenario: &Scenario, report: &Report, timeouts: &Timeouts, violat
 /// The client's busy time from the I/O log: the union of every request's life as the engine
 /// counts it (from its issue to its completion, or to the timeout), as sorted, disjoint
 /// intervals of model µs.
-fn busy_intervals(report: &Report, timeouts: &Timeouts) -> Vec<Range<u64>> {
+fn busy_intervals(report: &SwarmReport, timeouts: &Timeouts) -> Vec<Range<u64>> {
     let mut lives: Vec<Range<u64>> = report
         .io
         .iter()
@@ -1452,7 +1452,7 @@ fn busy_within(busy: &[Range<u64>], window: Range<u64>) -> u64 {
 /// progresses: while a job is waiting to complete, the client is never idle longer than it takes
 /// the busy share of a window to fall back under the limit (100 / P windows) plus the rate's
 /// wait for the largest sub-job.
-fn check_busy(scenario: &Scenario, report: &Report, views: &[JobView], violations: &mut Vec<String>) {
+fn check_busy(scenario: &SwarmScenario, report: &SwarmReport, views: &[JobView], violations: &mut Vec<String>) {
     let Some(percent) = scenario.config.throttle.busy_percent.filter(|&p| p < 100) else { return };
     let window = kcopyd_core::BUSY_WINDOW.as_micros() as u64;
     let (mut longest_life, mut largest_bytes, mut ahead) = (0, 0, 0);
@@ -1460,7 +1460,7 @@ fn check_busy(scenario: &Scenario, report: &Report, views: &[JobView], violation
         let mut lives: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
         for (record, _, rel) in &view.all {
             let end = record.issued_us.saturating_add(view.timeouts.view(record).1);
-            for k in view.chunks_of(rel) {
+            for k in view.subjobs_of(rel) {
                 let life = lives.entry(k).or_insert((record.issued_us, end));
                 *life = (life.0.min(record.issued_us), life.1.max(end));
             }
@@ -1470,10 +1470,10 @@ fn check_busy(scenario: &Scenario, report: &Report, views: &[JobView], violation
         if view.seq {
             // WRITE_SEQ: sub-jobs are admitted when taken and write when their turn comes, so
             // up to `subjobs_in_flight` of them admitted together write one after another.
-            let together = (scenario.config.subjobs_in_flight as u64).min(view.chunks);
+            let together = (scenario.config.subjobs_in_flight as u64).min(view.subjob_count);
             ahead = ahead.max(together * longest);
         }
-        largest_bytes = largest_bytes.max(view.chunk * SECTOR_SIZE as u64);
+        largest_bytes = largest_bytes.max(view.subjob_sectors * SECTOR_SIZE as u64);
     }
     let Some(timeouts) = views.first().map(|view| view.timeouts) else { return };
     let busy = busy_intervals(report, timeouts);
@@ -1517,7 +1517,7 @@ mod tests {
     use crate::scenario::{Inputs, run};
 
     /// A clean run of a seed with a copy job of several sub-jobs, and that job's index.
-    fn clean_run() -> (Scenario, Report, usize) {
+    fn clean_run() -> (SwarmScenario, SwarmReport, usize) {
         for seed in 0.. {
             let mut inputs = Inputs::from_seed(seed);
             inputs.crash_at_us = None;
@@ -1568,7 +1568,7 @@ mod tests {
     }
 
     #[test]
-    fn the_oracle_measures_sub_jobs_in_flight_from_the_trace() {
+    fn the_oracle_measures_subjobs_in_flight_from_the_trace() {
         let (mut scenario, report, _) = clean_run();
         // The same trace checked against a lower limit than the run had: sub-jobs that ran
         // side by side are now too many.

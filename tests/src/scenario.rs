@@ -4,10 +4,10 @@
 //!  Inputs (numbers only: from proptest, so they shrink; or from one seed, as the swarm does)
 //!     │ layout(): disjoint source and target regions, disk sizes, fault plans
 //!     ▼
-//!  Scenario ──run()──► one thread, paused time: disks + client, jobs submitted at virtual
-//!     │                times, an optional crash, then a liveness phase (faults off, resubmit)
+//!  SwarmScenario ──run()──► one thread, paused time: disks + client, jobs submitted at virtual
+//!     │                     times, an optional crash, then a liveness phase (faults off, resubmit)
 //!     ▼
-//!  Report ──check()──► the brief's invariants, each violation named (see `oracle`)
+//!  SwarmReport ──check()──► the brief's invariants, each violation named (see `oracle`)
 //! ```
 //!
 //! Every source region and every target region belongs to one job only, so each request and
@@ -181,7 +181,7 @@ pub struct Inputs {
     /// Page budget, at least 1.
     pub page_budget: usize,
     /// Sub-job size in units.
-    pub sub_job_units: u64,
+    pub subjob_units: u64,
     /// Sub-jobs in flight per job.
     pub subjobs_in_flight: usize,
     /// Units of 8 sectors (and some 4096-byte disks) instead of 1.
@@ -259,7 +259,7 @@ impl Inputs {
             _ => 1 + rng.below(10),
         };
         let jobs = (0..job_count).map(|_| rng.job(shape, target_disks, unit_bytes)).collect();
-        let (page_budget, sub_job_units) = match shape {
+        let (page_budget, subjob_units) = match shape {
             Shape::Big => (
                 [16, 256, 1024, 2048][rng.below(4) as usize],
                 [128 << 10, 512 << 10, 1 << 20, 4 << 20][rng.below(4) as usize] / unit_bytes,
@@ -269,7 +269,7 @@ impl Inputs {
         Inputs {
             seed,
             page_budget,
-            sub_job_units,
+            subjob_units,
             subjobs_in_flight: [1, 1 + rng.below(8), 1 + rng.below(32)][rng.below(3) as usize] as usize,
             big_units,
             sources,
@@ -316,7 +316,7 @@ impl Inputs {
             // both jobs' sub-jobs to wait at the throttle; a first job of more sub-jobs than
             // go at once, so that its later ones ask for turns after the second job's places
             // were given up (the cancel comes while they wait, within a few turns).
-            self.sub_job_units = 1;
+            self.subjob_units = 1;
             self.subjobs_in_flight = 1 + rng.below(3) as usize;
             self.page_budget = self.page_budget.max(16);
             self.throttle.rate_bytes_per_s = Some(1000 * self.unit_sectors() * SECTOR_SIZE as u64);
@@ -343,18 +343,18 @@ impl Inputs {
         // and a budget for them.
         if self.jobs.iter().any(|job| job.sparse.is_on()) && rng.below(2) == 0 {
             self.subjobs_in_flight = self.subjobs_in_flight.max(4 + rng.below(13) as usize);
-            let pages = (self.sub_job_units * self.unit_sectors()).div_ceil(8) as usize;
+            let pages = (self.subjob_units * self.unit_sectors()).div_ceil(8) as usize;
             self.page_budget = self.page_budget.max(pages * (2 + rng.below(7) as usize));
         }
         let unit = self.unit_sectors();
-        let chunk = self.sub_job_units.max(1) * unit;
+        let subjob_sectors = self.subjob_units.max(1) * unit;
         for job in self.jobs.iter_mut().filter(|job| !job.zero && job.sparse.is_on()) {
             let len = job.len_units * unit;
             if len == 0 || rng.below(4) == 0 {
                 continue;
             }
             let holes: Vec<(u64, u64)> = job.holes.iter().map(|&(o, n)| (o * unit, n * unit)).collect();
-            job.zero_runs = (0..1 + rng.below(4)).map(|_| rng.zero_run(len, chunk, &holes)).collect();
+            job.zero_runs = (0..1 + rng.below(4)).map(|_| rng.zero_run(len, subjob_sectors, &holes)).collect();
         }
         self
     }
@@ -407,7 +407,7 @@ impl Inputs {
             return self;
         }
         let unit_bytes = self.unit_sectors() * SECTOR_SIZE as u64;
-        let subjob_pages = (self.sub_job_units.max(1) * unit_bytes).div_ceil(kcopyd_core::PAGE_SIZE as u64).max(1);
+        let subjob_pages = (self.subjob_units.max(1) * unit_bytes).div_ceil(kcopyd_core::PAGE_SIZE as u64).max(1);
         let mut for_ever_left = (self.page_budget as u64 / subjob_pages).saturating_sub(1);
         let disks = self.sources.len() + self.targets.len();
         for d in 0..disks {
@@ -643,7 +643,7 @@ impl Inputs {
     }
 
     /// The concrete scenario: disk options, regions and flags.
-    pub fn layout(&self) -> Scenario {
+    pub fn layout(&self) -> SwarmScenario {
         let unit = self.unit_sectors();
         let mut source_cursor = vec![0u64; self.sources.len()];
         let mut target_cursor = vec![0u64; self.targets.len()];
@@ -654,10 +654,10 @@ impl Inputs {
             .collect();
         let disk_options =
             |inputs: &DiskInputs, cursor: u64, name: String, index: u64| self.disk_options(inputs, cursor, name, index);
-        Scenario {
+        SwarmScenario {
             config: ClientConfig {
                 page_budget: self.page_budget.max(1),
-                sub_job_size_bytes: (self.sub_job_units.max(1) * unit) as usize * SECTOR_SIZE,
+                subjob_size_bytes: (self.subjob_units.max(1) * unit) as usize * SECTOR_SIZE,
                 subjobs_in_flight: self.subjobs_in_flight.clamp(1, 64),
                 queued_jobs_max: if self.queued_jobs_max == 0 { 1024 } else { self.queued_jobs_max },
                 huge_pages: true,
@@ -725,23 +725,23 @@ impl Draw {
         self.0 % n.max(1)
     }
 
-    /// One allocated run of zeroes in a source region of `len` sectors (sub-jobs of `chunk`
+    /// One allocated run of zeroes in a source region of `len` sectors (sub-jobs of `subjob_sectors`
     /// sectors, `holes` as (offset, length) in sectors): (offset, length) in sectors.
-    fn zero_run(&mut self, len: u64, chunk: u64, holes: &[(u64, u64)]) -> (u64, u64) {
+    fn zero_run(&mut self, len: u64, subjob_sectors: u64, holes: &[(u64, u64)]) -> (u64, u64) {
         const PAGE: u64 = 8;
         let length = match self.below(6) {
             0 => 1,
             1 => 2 + self.below(PAGE - 2),
             2 => PAGE * (1 + self.below(4)),
             3 => PAGE * (1 + self.below(4)) + [1, PAGE - 1][self.below(2) as usize],
-            4 => chunk + [0, 1, PAGE][self.below(3) as usize],
+            4 => subjob_sectors + [0, 1, PAGE][self.below(3) as usize],
             _ => 1 + self.below(len),
         };
         let hole = (!holes.is_empty()).then(|| holes[self.below(holes.len() as u64) as usize]);
         let offset = match (self.below(5), hole) {
             (0, _) | (_, None) => self.below(len),
             (1, _) => self.below(len) / PAGE * PAGE + [0, 1][self.below(2) as usize],
-            (2, _) => self.below(len.div_ceil(chunk)) * chunk,
+            (2, _) => self.below(len.div_ceil(subjob_sectors)) * subjob_sectors,
             // Against a hole: ending where it begins, beginning where it ends, or over part of it.
             (3, Some((start, n))) => [start.saturating_sub(length), start + n][self.below(2) as usize],
             (_, Some((start, n))) => start + self.below(n),
@@ -869,7 +869,7 @@ impl JobLayout {
 
 /// A concrete scenario: a serde value that can be saved and replayed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Scenario {
+pub struct SwarmScenario {
     /// The client's configuration.
     pub config: ClientConfig,
     /// Source disks (pattern-filled with their own seeds, never written).
@@ -895,7 +895,7 @@ pub struct Scenario {
     pub throttle_set_after_start: bool,
 }
 
-impl Scenario {
+impl SwarmScenario {
     /// The holes of every source region, in device sectors: (source, sectors).
     pub fn source_holes(&self) -> impl Iterator<Item = (usize, std::ops::Range<u64>)> + '_ {
         self.jobs
@@ -960,7 +960,7 @@ pub struct PreparedResult {
 
 /// What a run produced.
 #[derive(Debug)]
-pub struct Report {
+pub struct SwarmReport {
     /// Per job.
     pub jobs: Vec<JobResult>,
     /// The trace's hash.
@@ -1088,7 +1088,7 @@ fn job_of(layout: &JobLayout, sources: &[Device], targets: &[Device]) -> Job {
     clippy::too_many_lines,
     reason = "one async block whose order of spawns, awaits and shutdown is the trace; split, the order would hide across functions"
 )]
-pub fn run(scenario: &Scenario) -> Report {
+pub fn run(scenario: &SwarmScenario) -> SwarmReport {
     Simulation::block_on(async {
         let began = tokio::time::Instant::now();
         let trace = Trace::new();
@@ -1285,7 +1285,7 @@ pub fn run(scenario: &Scenario) -> Report {
         for (j, job) in jobs.iter_mut().enumerate() {
             job.callbacks = callbacks[j].load(std::sync::atomic::Ordering::SeqCst);
         }
-        Report {
+        SwarmReport {
             jobs,
             trace_hash: trace.hash(),
             trace_events: trace.len(),
@@ -1424,11 +1424,11 @@ pub fn arb_inputs() -> impl Strategy<Value = Inputs> {
         proptest::collection::vec(disk, 1..8),
         proptest::collection::vec(job, 1..8),
     )
-        .prop_map(|(seed, page_budget, sub_job_units, subjobs_in_flight, big_units, sources, targets, jobs)| {
+        .prop_map(|(seed, page_budget, subjob_units, subjobs_in_flight, big_units, sources, targets, jobs)| {
             Inputs {
                 seed,
                 page_budget,
-                sub_job_units,
+                subjob_units,
                 subjobs_in_flight,
                 big_units,
                 sources,

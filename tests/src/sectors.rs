@@ -16,6 +16,53 @@ use std::ops::Range;
 
 use kcopyd_core::RangeSet;
 
+/// Why a `RangeSet` of the engine is not a well-formed set of sectors ([`Sectors::of`]); each
+/// carries the set as the engine shows it (`Debug`) and the ranges at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MalformedSet {
+    /// A range with its start not below its end.
+    Empty {
+        /// The set.
+        set: String,
+        /// The empty range.
+        range: Range<u64>,
+    },
+    /// Two neighbouring ranges that touch (they should have been merged).
+    Touching {
+        /// The set.
+        set: String,
+        /// The first range.
+        first: Range<u64>,
+        /// The range after it.
+        second: Range<u64>,
+    },
+    /// Two neighbouring ranges out of order or overlapping.
+    Unsorted {
+        /// The set.
+        set: String,
+        /// The first range.
+        first: Range<u64>,
+        /// The range after it.
+        second: Range<u64>,
+    },
+}
+
+impl fmt::Display for MalformedSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MalformedSet::Empty { set, range } => write!(f, "{set} holds the empty range {range:?}"),
+            MalformedSet::Touching { set, first, second } => {
+                write!(f, "{set} holds touching ranges {first:?} and {second:?}")
+            }
+            MalformedSet::Unsorted { set, first, second } => {
+                write!(f, "{set} holds unsorted or overlapping ranges {first:?} and {second:?}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for MalformedSet {}
+
 /// A set of sectors, kept as sorted, disjoint, non-adjacent, non-empty ranges.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Sectors {
@@ -44,14 +91,22 @@ impl Sectors {
 
     /// The engine's `set` as a `Sectors`, or what is wrong with it: its ranges must be
     /// non-empty, sorted, disjoint and non-adjacent (touching ranges merged).
-    pub fn of(set: &RangeSet) -> Result<Sectors, String> {
+    ///
+    /// # Errors
+    /// The first range that is empty, or the first pair out of order, overlapping or touching.
+    pub fn of(set: &RangeSet) -> Result<Sectors, MalformedSet> {
         let ranges = set.ranges();
         if let Some(empty) = ranges.iter().find(|r| r.start >= r.end) {
-            return Err(format!("{set:?} holds the empty range {empty:?}"));
+            return Err(MalformedSet::Empty { set: format!("{set:?}"), range: empty.clone() });
         }
         if let Some(pair) = ranges.windows(2).find(|w| w[0].end >= w[1].start) {
-            let how = if pair[0].end == pair[1].start { "touching" } else { "unsorted or overlapping" };
-            return Err(format!("{set:?} holds {how} ranges {:?} and {:?}", pair[0], pair[1]));
+            let (first, second) = (pair[0].clone(), pair[1].clone());
+            let set = format!("{set:?}");
+            return Err(if first.end == second.start {
+                MalformedSet::Touching { set, first, second }
+            } else {
+                MalformedSet::Unsorted { set, first, second }
+            });
         }
         Ok(Sectors { ranges: ranges.to_vec() })
     }
@@ -211,11 +266,14 @@ mod tests {
                     let empty = ranges.iter().any(|r| r.start >= r.end);
                     let first_bad = ranges.windows(2).find(|w| w[0].end >= w[1].start);
                     if !empty && first_bad.is_some_and(|w| w[0].end == w[1].start) {
-                        prop_assert!(problem.contains("touching"), "{}", problem);
+                        prop_assert!(problem.to_string().contains("touching"), "{}", problem);
+                        prop_assert!(matches!(problem, MalformedSet::Touching { .. }), "{}", problem);
                     } else if !empty {
-                        prop_assert!(problem.contains("unsorted or overlapping"), "{}", problem);
+                        prop_assert!(problem.to_string().contains("unsorted or overlapping"), "{}", problem);
+                        prop_assert!(matches!(problem, MalformedSet::Unsorted { .. }), "{}", problem);
                     } else {
-                        prop_assert!(problem.contains("empty range"), "{}", problem);
+                        prop_assert!(problem.to_string().contains("empty range"), "{}", problem);
+                        prop_assert!(matches!(problem, MalformedSet::Empty { .. }), "{}", problem);
                     }
                 }
             }
@@ -262,7 +320,8 @@ mod tests {
         // A malformed set can only come from serde (the engine's type keeps its own invariant).
         let touching: RangeSet = serde_json::from_str(r#"{"ranges":[{"start":0,"end":8},{"start":8,"end":16}]}"#)
             .expect("a RangeSet deserializes from its ranges");
-        assert!(Sectors::of(&touching).unwrap_err().contains("touching"), "{touching:?}");
+        let error = Sectors::of(&touching).unwrap_err();
+        assert!(matches!(error, MalformedSet::Touching { .. }) && error.to_string().contains("touching"), "{error}");
         let unsorted: RangeSet = serde_json::from_str(r#"{"ranges":[{"start":9,"end":12},{"start":0,"end":8}]}"#)
             .expect("a RangeSet deserializes from its ranges");
         assert!(Sectors::of(&unsorted).is_err());

@@ -30,7 +30,7 @@ use kcopyd_sim::{MemDisk, MemDiskOptions, Simulation, mix64, to_tokio};
 use serde::{Deserialize, Serialize};
 
 use crate::io_log::{DiskRef, IoKind, IoLog, IoRecord, Watched};
-use crate::oracle::HOLE_SUB_JOB_SECTORS;
+use crate::oracle::HOLE_SUBJOB_SECTORS;
 use crate::scenario::{DEADLOCK_AFTER, Draw};
 use crate::sectors::Sectors;
 
@@ -59,7 +59,7 @@ pub enum TargetKind {
 
 /// One sparse copy to check.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Case {
+pub struct SparseCase {
     /// Logical block size of every disk, bytes.
     pub block_bytes: u32,
     /// The source, run after run, from sector 0.
@@ -74,14 +74,14 @@ pub struct Case {
     /// Page budget, pages.
     pub page_budget: usize,
     /// Sub-job size, bytes.
-    pub sub_job_bytes: usize,
+    pub subjob_bytes: usize,
     /// Sub-jobs in flight.
     pub subjobs_in_flight: usize,
 }
 
-impl Case {
+impl SparseCase {
     /// A case drawn from `seed`.
-    pub fn from_seed(seed: u64) -> Case {
+    pub fn from_seed(seed: u64) -> SparseCase {
         let mut rng = Draw(mix64(seed ^ 0x5a_a25e));
         let block_bytes: u32 = if rng.below(3) == 0 { 4096 } else { 512 };
         let block = u64::from(block_bytes) / SECTOR_SIZE as u64;
@@ -102,15 +102,15 @@ impl Case {
             zero_block_bytes: [0, 512, 4096, 65536][rng.below(4) as usize],
             target_zeroes: [TargetZeroes::Write, TargetZeroes::Deallocate, TargetZeroes::Skip][rng.below(3) as usize],
         };
-        let sub_job_bytes = [64 << 10, 128 << 10, 256 << 10][rng.below(3) as usize];
-        let mut case = Case {
+        let subjob_bytes = [64 << 10, 128 << 10, 256 << 10][rng.below(3) as usize];
+        let mut case = SparseCase {
             block_bytes,
             runs,
             dense_source: rng.below(3) == 0,
             targets,
             sparse,
-            page_budget: sub_job_bytes / 4096 * (1 + rng.below(4) as usize),
-            sub_job_bytes,
+            page_budget: subjob_bytes / 4096 * (1 + rng.below(4) as usize),
+            subjob_bytes,
             subjobs_in_flight: 1 + rng.below(8) as usize,
         };
         if rng.below(8) == 0 {
@@ -212,7 +212,7 @@ impl Case {
         let len = self.len_sectors();
         let config = ClientConfig {
             page_budget: self.page_budget,
-            sub_job_size_bytes: self.sub_job_bytes,
+            subjob_size_bytes: self.subjob_bytes,
             subjobs_in_flight: self.subjobs_in_flight,
             ..ClientConfig::default()
         };
@@ -259,10 +259,10 @@ impl Case {
         if written != touched.len_sectors() {
             problems.push(format!("target{i}: a sector written twice ({written} sectors in requests)"));
         }
-        if let Some(long) = writes.iter().find(|r| r.end - r.start > seen.sub_job_sectors) {
+        if let Some(long) = writes.iter().find(|r| r.end - r.start > seen.subjob_sectors) {
             problems.push(format!("target{i}: a data write {long:?} longer than a sub-job"));
         }
-        if let Some(long) = zero_writes.iter().find(|r| r.end - r.start > HOLE_SUB_JOB_SECTORS) {
+        if let Some(long) = zero_writes.iter().find(|r| r.end - r.start > HOLE_SUBJOB_SECTORS) {
             problems.push(format!("target{i}: a write-zeroes {long:?} longer than a hole sub-job"));
         }
         let as_data = Sectors::from_ranges(writes.iter().cloned());
@@ -311,7 +311,7 @@ impl Case {
                 "target{i}: {requests} requests for {} runs and {} sectors read in sub-jobs of {} (at most {})",
                 self.runs.len(),
                 seen.read_sectors,
-                seen.sub_job_sectors,
+                seen.subjob_sectors,
                 seen.requests_max
             ));
         }
@@ -329,7 +329,7 @@ struct Seen {
     zero_blocks: Sectors,
     /// What the source was read in.
     reads: Sectors,
-    sub_job_sectors: u64,
+    subjob_sectors: u64,
     read_sectors: u64,
     /// The requests a target may need: sub-jobs that read data, and runs of every kind.
     requests_max: u64,
@@ -338,7 +338,7 @@ struct Seen {
 impl Seen {
     /// What the run logged in `log` showed; a source read other than expected is a problem.
     fn of(
-        case: &Case,
+        case: &SparseCase,
         log: &IoLog,
         data: &Sectors,
         zeroes: &Sectors,
@@ -358,9 +358,9 @@ impl Seen {
         if reads != *expected_reads {
             problems.push(format!("source read {:?}, expected {:?}", reads.ranges(), expected_reads.ranges()));
         }
-        let sub_job_sectors = (case.sub_job_bytes / SECTOR_SIZE) as u64;
+        let subjob_sectors = (case.subjob_bytes / SECTOR_SIZE) as u64;
         let read_sectors = expected_reads.len_sectors();
-        let requests_max = 2 * (case.runs.len() as u64 + 2 + read_sectors.div_ceil(sub_job_sectors));
+        let requests_max = 2 * (case.runs.len() as u64 + 2 + read_sectors.div_ceil(subjob_sectors));
         let not_data = whole.difference(data);
         // The zero blocks the scan must find: blocks of the zero-block size (at least the
         // logical block) from the start of each sub-job read, the last one perhaps short,
@@ -375,7 +375,7 @@ impl Seen {
                 .filter(|b| Sectors::from_ranges(std::iter::once(b.clone())).is_subset(&not_data))
         }));
         let data = data.clone();
-        Seen { records, data, not_data, unallocated, zero_blocks, reads, sub_job_sectors, read_sectors, requests_max }
+        Seen { records, data, not_data, unallocated, zero_blocks, reads, subjob_sectors, read_sectors, requests_max }
     }
 
     /// The first run where `target` does not read as `source`: data as the source's, zeroes
@@ -408,7 +408,7 @@ fn run_len(run: Run) -> u64 {
 pub fn check_seed(seed: u64, cases: u64) -> Vec<String> {
     (0..cases)
         .flat_map(|n| {
-            let case = Case::from_seed(mix64(seed ^ 0x5ba25e) ^ n);
+            let case = SparseCase::from_seed(mix64(seed ^ 0x5ba25e) ^ n);
             case.check().into_iter().map(move |problem| {
                 format!("sparse case {n}: {problem}; case {}", serde_json::to_string(&case).expect("cases serialize"))
             })
@@ -422,7 +422,7 @@ mod tests {
 
     #[test]
     fn the_generator_makes_every_kind_of_run_target_and_setting() {
-        let cases: Vec<Case> = (0..300).map(Case::from_seed).collect();
+        let cases: Vec<SparseCase> = (0..300).map(SparseCase::from_seed).collect();
         let runs: Vec<Run> = cases.iter().flat_map(|c| c.runs.clone()).collect();
         assert!(runs.iter().any(|r| matches!(r, Run::Data(_))));
         assert!(runs.iter().any(|r| matches!(r, Run::Zeroes(_))));

@@ -2,7 +2,7 @@
 //! devices, and the engine's `SubmitError` compared with what a plain predicate says is wrong.
 //!
 //! ```text
-//!  seed ──from_seed()──► Case: 1–3 shared devices (512 B or 4 KiB blocks), a source (or a
+//!  seed ──from_seed()──► ValidationCase: 1–3 shared devices (512 B or 4 KiB blocks), a source (or a
 //!                              zero job), targets placed against earlier regions: identical,
 //!                              shifted by a block, adjacent, inside, outside, past the end
 //!        ──reference()──► every rule the case breaks (empty: it must run and succeed)
@@ -46,7 +46,7 @@ impl RegionInputs {
 
 /// One submission to validate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Case {
+pub struct ValidationCase {
     /// Devices: (length in sectors, logical block size in bytes).
     pub devices: Vec<(u64, u32)>,
     /// The source (`None`: a zero job).
@@ -97,7 +97,7 @@ fn default_page_budget() -> usize {
 
 /// A rule a case breaks, as the reference sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Broken {
+pub enum BrokenRule {
     /// No targets.
     NoTargets,
     /// More than `TARGETS_MAX` targets.
@@ -123,10 +123,10 @@ pub enum Broken {
     ThrottleRate,
 }
 
-impl Broken {
+impl BrokenRule {
     /// Whether the rule is the client's (its throttle), not the job's.
     fn is_throttle(&self) -> bool {
-        matches!(self, Broken::ThrottleBusy(_) | Broken::ThrottleRate)
+        matches!(self, BrokenRule::ThrottleBusy(_) | BrokenRule::ThrottleRate)
     }
 }
 
@@ -134,9 +134,9 @@ fn device_name(index: usize) -> String {
     format!("dev{index}")
 }
 
-impl Case {
+impl ValidationCase {
     /// A case drawn from `seed`: mostly regions placed against each other on shared devices.
-    pub fn from_seed(seed: u64) -> Case {
+    pub fn from_seed(seed: u64) -> ValidationCase {
         let mut rng = Draw(mix64(seed ^ 0x7a11_da7e));
         let devices: Vec<(u64, u32)> = (0..1 + rng.below(3))
             .map(|_| (8 * (8 + rng.below(24)), if rng.below(3) == 0 { 4096 } else { 512 }))
@@ -212,33 +212,33 @@ impl Case {
         let mut sparse_draw = Draw(mix64(seed ^ 0x5ba2_5e0b));
         let zero_block_bytes = (source.is_some() && sparse_draw.below(5) == 0)
             .then(|| ZERO_BLOCK_SIZES[sparse_draw.below(ZERO_BLOCK_SIZES.len() as u64) as usize]);
-        Case { devices, source, targets, page_budget, zero_block_bytes, throttle: throttle_of(seed) }
+        ValidationCase { devices, source, targets, page_budget, zero_block_bytes, throttle: throttle_of(seed) }
     }
 
     /// Every rule the case breaks, worked out from the regions alone.
-    pub fn reference(&self) -> Vec<Broken> {
+    pub fn reference(&self) -> Vec<BrokenRule> {
         let mut broken = Vec::new();
         if let Some(throttle) = self.throttle {
             if let Some(percent) = throttle.busy_percent.filter(|p| !(1..=100).contains(p)) {
-                broken.push(Broken::ThrottleBusy(percent));
+                broken.push(BrokenRule::ThrottleBusy(percent));
             }
             if throttle.rate_bytes_per_s == Some(0) {
-                broken.push(Broken::ThrottleRate);
+                broken.push(BrokenRule::ThrottleRate);
             }
         }
         if self.targets.is_empty() {
-            broken.push(Broken::NoTargets);
+            broken.push(BrokenRule::NoTargets);
         }
         if self.targets.len() > TARGETS_MAX {
-            broken.push(Broken::TooManyTargets);
+            broken.push(BrokenRule::TooManyTargets);
         }
         if let Some(bytes) = self.zero_block_bytes.filter(|&bytes| self.source.is_some() && !zero_block_valid(bytes)) {
-            broken.push(Broken::ZeroBlockSize(bytes));
+            broken.push(BrokenRule::ZeroBlockSize(bytes));
         }
         let len = self.source.as_ref().or(self.targets.first()).map_or(0, |r| r.len_sectors);
         for (i, target) in self.targets.iter().enumerate() {
             if target.len_sectors != len {
-                broken.push(Broken::CountMismatch(i));
+                broken.push(BrokenRule::CountMismatch(i));
             }
         }
         for region in self.source.iter().chain(&self.targets) {
@@ -246,16 +246,16 @@ impl Case {
             let block = u64::from(block_bytes) / SECTOR_SIZE as u64;
             let sectors = region.start_sector..region.start_sector.saturating_add(region.len_sectors);
             if region.span().end > u128::from(device_len) {
-                broken.push(Broken::OutOfRange(region.device, sectors.clone()));
+                broken.push(BrokenRule::OutOfRange(region.device, sectors.clone()));
             }
             if region.start_sector % block != 0 || region.len_sectors % block != 0 {
-                broken.push(Broken::Misaligned(region.device, sectors));
+                broken.push(BrokenRule::Misaligned(region.device, sectors));
             }
         }
         let block_bytes = self.source.iter().chain(&self.targets).map(|r| self.devices[r.device].1).max();
         let budget_bytes = self.page_budget * PAGE_SIZE;
         if let Some(block_bytes) = block_bytes.filter(|&b| b as usize > budget_bytes) {
-            broken.push(Broken::BlockLargerThanBudget(block_bytes, budget_bytes));
+            broken.push(BrokenRule::BlockLargerThanBudget(block_bytes, budget_bytes));
         }
         let share = |a: &RegionInputs, b: &RegionInputs| {
             let (a, b) = (a.span(), b.span());
@@ -264,12 +264,12 @@ impl Case {
         for (i, target) in self.targets.iter().enumerate() {
             if let Some(source) = &self.source {
                 if source.device == target.device && share(source, target) {
-                    broken.push(Broken::TargetOverlapsSource(i));
+                    broken.push(BrokenRule::TargetOverlapsSource(i));
                 }
             }
             for (first, earlier) in self.targets[..i].iter().enumerate() {
                 if earlier.device == target.device && share(earlier, target) {
-                    broken.push(Broken::TargetsOverlap(first, i));
+                    broken.push(BrokenRule::TargetsOverlap(first, i));
                 }
             }
         }
@@ -283,11 +283,11 @@ impl Case {
     }
 
     /// Submits the case to a client on fresh devices; returns every disagreement with
-    /// `expected` (the rules the case breaks: [`Case::reference`], or, to show that a
+    /// `expected` (the rules the case breaks: [`ValidationCase::reference`], or, to show that a
     /// disagreement is reported, a wrong list).
-    pub fn check_against(&self, expected: &[Broken]) -> Vec<String> {
-        let (throttle_rules, job_rules): (Vec<Broken>, Vec<Broken>) =
-            expected.iter().cloned().partition(Broken::is_throttle);
+    pub fn check_against(&self, expected: &[BrokenRule]) -> Vec<String> {
+        let (throttle_rules, job_rules): (Vec<BrokenRule>, Vec<BrokenRule>) =
+            expected.iter().cloned().partition(BrokenRule::is_throttle);
         let expected = &job_rules[..];
         Simulation::block_on(async {
             let config = ClientConfig { page_budget: self.page_budget, ..ClientConfig::default() };
@@ -351,44 +351,48 @@ impl Case {
     }
 
     /// The rule an engine error names, if it names one of the reference's.
-    fn named(&self, error: &SubmitError) -> Option<Broken> {
+    fn named(&self, error: &SubmitError) -> Option<BrokenRule> {
         let device = |name: &str| (0..self.devices.len()).find(|&i| device_name(i) == name);
         Some(match error {
-            SubmitError::NoTargets => Broken::NoTargets,
+            SubmitError::NoTargets => BrokenRule::NoTargets,
             SubmitError::TooManyTargets { count, max } if *count == self.targets.len() && *max == TARGETS_MAX => {
-                Broken::TooManyTargets
+                BrokenRule::TooManyTargets
             }
             SubmitError::BlockLargerThanBudget { block_size, budget_bytes } => {
-                Broken::BlockLargerThanBudget(*block_size, *budget_bytes)
+                BrokenRule::BlockLargerThanBudget(*block_size, *budget_bytes)
             }
-            SubmitError::CountMismatch { target, .. } => Broken::CountMismatch(*target),
-            SubmitError::OutOfRange { device: name, sectors, .. } => Broken::OutOfRange(device(name)?, sectors.clone()),
-            SubmitError::Misaligned { device: name, sectors, .. } => Broken::Misaligned(device(name)?, sectors.clone()),
-            SubmitError::TargetOverlapsSource { target, .. } => Broken::TargetOverlapsSource(*target),
-            SubmitError::TargetsOverlap { first, second, .. } => Broken::TargetsOverlap(*first, *second),
-            SubmitError::ZeroBlockSize { bytes } => Broken::ZeroBlockSize(*bytes),
+            SubmitError::CountMismatch { target, .. } => BrokenRule::CountMismatch(*target),
+            SubmitError::OutOfRange { device: name, sectors, .. } => {
+                BrokenRule::OutOfRange(device(name)?, sectors.clone())
+            }
+            SubmitError::Misaligned { device: name, sectors, .. } => {
+                BrokenRule::Misaligned(device(name)?, sectors.clone())
+            }
+            SubmitError::TargetOverlapsSource { target, .. } => BrokenRule::TargetOverlapsSource(*target),
+            SubmitError::TargetsOverlap { first, second, .. } => BrokenRule::TargetsOverlap(*first, *second),
+            SubmitError::ZeroBlockSize { bytes } => BrokenRule::ZeroBlockSize(*bytes),
             _ => return None,
         })
     }
 }
 
 /// The rule a configuration error names, if it is a throttle's.
-fn throttle_rule(error: &ConfigError) -> Option<Broken> {
+fn throttle_rule(error: &ConfigError) -> Option<BrokenRule> {
     match error {
-        ConfigError::ThrottleBusy { percent } => Some(Broken::ThrottleBusy(*percent)),
-        ConfigError::ThrottleRate { bytes_per_s: 0 } => Some(Broken::ThrottleRate),
+        ConfigError::ThrottleBusy { percent } => Some(BrokenRule::ThrottleBusy(*percent)),
+        ConfigError::ThrottleRate { bytes_per_s: 0 } => Some(BrokenRule::ThrottleRate),
         _ => None,
     }
 }
 
 /// A rule as the messages name it.
-fn named_rule(rule: Option<Broken>) -> String {
+fn named_rule(rule: Option<BrokenRule>) -> String {
     rule.map_or_else(|| "no rule".to_owned(), |rule| format!("{rule:?}"))
 }
 
 /// A client started with `throttle` in its configuration: refused naming one of `expected`,
 /// or, if none, started with it in force.
-async fn check_throttle(config: &ClientConfig, throttle: Throttle, expected: &[Broken]) -> Vec<String> {
+async fn check_throttle(config: &ClientConfig, throttle: Throttle, expected: &[BrokenRule]) -> Vec<String> {
     let config = ClientConfig { throttle, ..config.clone() };
     match Client::start_in_current_system(config) {
         Ok(client) => {
@@ -410,7 +414,7 @@ async fn check_throttle(config: &ClientConfig, throttle: Throttle, expected: &[B
 
 /// `throttle` set on a running client: refused naming one of `expected` (the throttle in
 /// force unchanged), or, if none, in force from then on.
-fn set_throttle(client: &Client, throttle: Throttle, expected: &[Broken]) -> Vec<String> {
+fn set_throttle(client: &Client, throttle: Throttle, expected: &[BrokenRule]) -> Vec<String> {
     let before = client.throttle();
     let mut problems = Vec::new();
     match client.set_throttle(throttle) {
@@ -444,7 +448,7 @@ fn set_throttle(client: &Client, throttle: Throttle, expected: &[Broken]) -> Vec
 }
 
 /// The rules, the first few of a long list (a case with 128 targets breaks thousands).
-fn listed(rules: &[Broken]) -> String {
+fn listed(rules: &[BrokenRule]) -> String {
     const SHOWN: usize = 8;
     match rules.len() {
         0..=SHOWN => format!("{rules:?}"),
@@ -456,7 +460,7 @@ fn listed(rules: &[Broken]) -> String {
 pub fn check_seed(seed: u64, cases: u64) -> Vec<String> {
     (0..cases)
         .flat_map(|n| {
-            let case = Case::from_seed(mix64(seed) ^ n);
+            let case = ValidationCase::from_seed(mix64(seed) ^ n);
             case.check().into_iter().map(move |problem| {
                 format!(
                     "validation case {n}: {problem}; case {}",
@@ -473,7 +477,7 @@ mod tests {
 
     #[test]
     fn the_reference_names_each_rule() {
-        let case = |source: Option<(usize, u64, u64)>, targets: &[(usize, u64, u64)]| Case {
+        let case = |source: Option<(usize, u64, u64)>, targets: &[(usize, u64, u64)]| ValidationCase {
             devices: vec![(64, 512), (64, 4096)],
             source: source.map(|(device, start_sector, len_sectors)| RegionInputs {
                 device,
@@ -489,28 +493,28 @@ mod tests {
             throttle: None,
         };
         assert_eq!(case(Some((0, 0, 8)), &[(0, 8, 8)]).reference(), vec![], "adjacent regions are fine");
-        assert_eq!(case(Some((0, 0, 8)), &[(0, 7, 8)]).reference(), vec![Broken::TargetOverlapsSource(0)]);
-        assert_eq!(case(Some((0, 4, 8)), &[(0, 0, 8)]).reference(), vec![Broken::TargetOverlapsSource(0)]);
+        assert_eq!(case(Some((0, 0, 8)), &[(0, 7, 8)]).reference(), vec![BrokenRule::TargetOverlapsSource(0)]);
+        assert_eq!(case(Some((0, 4, 8)), &[(0, 0, 8)]).reference(), vec![BrokenRule::TargetOverlapsSource(0)]);
         assert_eq!(
             case(Some((0, 0, 8)), &[(0, 2, 4)]).reference(),
-            vec![Broken::CountMismatch(0), Broken::TargetOverlapsSource(0)],
+            vec![BrokenRule::CountMismatch(0), BrokenRule::TargetOverlapsSource(0)],
             "strictly inside"
         );
         assert_eq!(
             case(None, &[(1, 8, 8), (1, 0, 16)]).reference(),
-            vec![Broken::CountMismatch(1), Broken::TargetsOverlap(0, 1)]
+            vec![BrokenRule::CountMismatch(1), BrokenRule::TargetsOverlap(0, 1)]
         );
         assert_eq!(case(Some((0, 3, 0)), &[(0, 3, 0)]).reference(), vec![], "zero-length regions share no sector");
-        assert_eq!(case(Some((0, 0, 8)), &[(1, 4, 8)]).reference(), vec![Broken::Misaligned(1, 4..12)]);
-        assert_eq!(case(Some((0, 60, 8)), &[(1, 0, 8)]).reference(), vec![Broken::OutOfRange(0, 60..68)]);
+        assert_eq!(case(Some((0, 0, 8)), &[(1, 4, 8)]).reference(), vec![BrokenRule::Misaligned(1, 4..12)]);
+        assert_eq!(case(Some((0, 60, 8)), &[(1, 0, 8)]).reference(), vec![BrokenRule::OutOfRange(0, 60..68)]);
         assert_eq!(
             case(Some((0, u64::MAX - 1, 8)), &[(1, 0, 8)]).reference(),
-            vec![Broken::OutOfRange(0, u64::MAX - 1..u64::MAX)]
+            vec![BrokenRule::OutOfRange(0, u64::MAX - 1..u64::MAX)]
         );
-        assert_eq!(case(Some((0, 0, 8)), &[]).reference(), vec![Broken::NoTargets]);
+        assert_eq!(case(Some((0, 0, 8)), &[]).reference(), vec![BrokenRule::NoTargets]);
         let mut larger = case(Some((0, 0, 16)), &[(2, 16, 16)]);
         larger.devices.push((64, 8192));
-        assert_eq!(larger.reference(), vec![Broken::BlockLargerThanBudget(8192, 4096)]);
+        assert_eq!(larger.reference(), vec![BrokenRule::BlockLargerThanBudget(8192, 4096)]);
         assert_eq!(case(Some((1, 0, 8)), &[(1, 8, 8)]).reference(), vec![], "a block as large as the budget fits");
     }
 
@@ -518,23 +522,23 @@ mod tests {
     fn the_generator_breaks_every_rule_and_also_makes_valid_cases() {
         let mut seen = [0usize; 12];
         for seed in 0..3000 {
-            let broken = Case::from_seed(seed).reference();
+            let broken = ValidationCase::from_seed(seed).reference();
             if broken.is_empty() {
                 seen[11] += 1;
             }
             for rule in broken {
                 seen[match rule {
-                    Broken::NoTargets => 0,
-                    Broken::TooManyTargets => 1,
-                    Broken::CountMismatch(_) => 2,
-                    Broken::OutOfRange(..) => 3,
-                    Broken::Misaligned(..) => 4,
-                    Broken::TargetOverlapsSource(_) => 5,
-                    Broken::TargetsOverlap(..) => 6,
-                    Broken::BlockLargerThanBudget(..) => 7,
-                    Broken::ZeroBlockSize(_) => 8,
-                    Broken::ThrottleBusy(_) => 9,
-                    Broken::ThrottleRate => 10,
+                    BrokenRule::NoTargets => 0,
+                    BrokenRule::TooManyTargets => 1,
+                    BrokenRule::CountMismatch(_) => 2,
+                    BrokenRule::OutOfRange(..) => 3,
+                    BrokenRule::Misaligned(..) => 4,
+                    BrokenRule::TargetOverlapsSource(_) => 5,
+                    BrokenRule::TargetsOverlap(..) => 6,
+                    BrokenRule::BlockLargerThanBudget(..) => 7,
+                    BrokenRule::ZeroBlockSize(_) => 8,
+                    BrokenRule::ThrottleBusy(_) => 9,
+                    BrokenRule::ThrottleRate => 10,
                 }] += 1;
             }
         }

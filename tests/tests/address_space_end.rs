@@ -32,8 +32,8 @@ fn run(config: ClientConfig, job: Job) -> (Outcome, kcopyd_core::ClientStats) {
     (outcome, stats)
 }
 
-fn config(sub_job_sectors: u64) -> ClientConfig {
-    ClientConfig { page_budget: 64, sub_job_size_bytes: sub_job_sectors as usize * 512, ..ClientConfig::default() }
+fn config(subjob_sectors: u64) -> ClientConfig {
+    ClientConfig { page_budget: 64, subjob_size_bytes: subjob_sectors as usize * 512, ..ClientConfig::default() }
 }
 
 #[test]
@@ -71,7 +71,7 @@ fn arb_case() -> impl Strategy<Value = Case> {
 }
 
 /// Runs `case` on a region of `len` sectors ending `gap` sectors before `u64::MAX`.
-fn check_case(case: &Case, len: u64, gap: u64, sub_job_sectors: u64) -> Result<(), TestCaseError> {
+fn check_case(case: &Case, len: u64, gap: u64, subjob_sectors: u64) -> Result<(), TestCaseError> {
     let start = END - gap - len;
     let source = huge("source", false);
     let offload = matches!(case, Case::Sparse { offload: true, .. } | Case::Zero { offload: true });
@@ -94,7 +94,7 @@ fn check_case(case: &Case, len: u64, gap: u64, sub_job_sectors: u64) -> Result<(
         }
         Case::Zero { .. } => Job::zero(vec![target_region], Flags::empty()),
     };
-    let (outcome, stats) = run(config(sub_job_sectors), job);
+    let (outcome, stats) = run(config(subjob_sectors), job);
     prop_assert!(outcome.is_ok(), "{outcome:?}");
     let skipped = matches!(case, Case::Sparse { target_zeroes: TargetZeroes::Skip, .. });
     if !skipped {
@@ -127,8 +127,8 @@ proptest! {
         case in arb_case(),
         len in 1u64..700,
         gap in prop_oneof![Just(0u64), 0u64..40],
-        sub_job_sectors in prop_oneof![Just(8u64), 1u64..64],
+        subjob_sectors in prop_oneof![Just(8u64), 1u64..64],
     ) {
-        check_case(&case, len, gap, sub_job_sectors)?;
+        check_case(&case, len, gap, subjob_sectors)?;
     }
 }

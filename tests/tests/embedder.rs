@@ -136,7 +136,7 @@ const LEN_SECTORS: u64 = 2048; // 1 MiB
 
 fn config() -> ClientConfig {
     // Small sub-jobs so that one job has several in flight, with the rest at its defaults.
-    ClientConfig { page_budget: 16, sub_job_size_bytes: 16 * 1024, ..ClientConfig::default() }
+    ClientConfig { page_budget: 16, subjob_size_bytes: 16 * 1024, ..ClientConfig::default() }
 }
 
 fn source() -> Arc<VecDisk> {

@@ -13,9 +13,9 @@ fn client(config: ClientConfig) -> Client {
     Client::new(config).expect("valid configuration")
 }
 
-fn small_chunks() -> ClientConfig {
-    // 8 KiB sub-jobs, so that small disks still make many chunks.
-    ClientConfig { sub_job_size_bytes: 8192, ..ClientConfig::default() }
+fn small_subjobs() -> ClientConfig {
+    // 8 KiB sub-jobs, so that small disks still make many sub-jobs.
+    ClientConfig { subjob_size_bytes: 8192, ..ClientConfig::default() }
 }
 
 #[test]
@@ -47,7 +47,7 @@ fn multi_target_copy_with_ragged_length_to_different_offsets() {
     assert_eq!(after_t1[(4001 + len as usize) * 512..], before_t1[(4001 + len as usize) * 512..]);
     assert!(t2.snapshot(0, 2).iter().all(|&b| b == 0));
     assert!(t2.snapshot(2 + len, 8000 - 2 - len).iter().all(|&b| b == 0));
-    // The source was read once per chunk, whatever the number of targets.
+    // The source was read once per sub-job, whatever the number of targets.
     assert_eq!(source.stats().reads, len.div_ceil(2048));
     client.shutdown_blocking();
 }
@@ -101,7 +101,7 @@ fn a_budget_of_one_page_copies_64_mib_to_three_targets() {
 
 #[test]
 fn a_thousand_concurrent_small_jobs_each_complete_exactly_once() {
-    let client = client(ClientConfig { page_budget: 16, queued_jobs_max: 64, ..small_chunks() });
+    let client = client(ClientConfig { page_budget: 16, queued_jobs_max: 64, ..small_subjobs() });
     let source = patterned("source", 1000 * 24, 512, 5);
     let target = zeroed("target", 1000 * 24, 512);
     let completions: Arc<Vec<AtomicUsize>> = Arc::new((0..1000).map(|_| AtomicUsize::new(0)).collect());
@@ -141,8 +141,8 @@ fn a_thousand_concurrent_small_jobs_each_complete_exactly_once() {
 }
 
 #[test]
-fn a_read_error_without_ignore_error_stops_the_job_and_reports_the_chunk() {
-    let client = client(ClientConfig { subjobs_in_flight: 1, ..small_chunks() });
+fn a_read_error_without_ignore_error_stops_the_job_and_reports_the_subjob() {
+    let client = client(ClientConfig { subjobs_in_flight: 1, ..small_subjobs() });
     let source = patterned("source", 256, 512, 6);
     let target = patterned("target", 256, 512, 7);
     let before = target.snapshot(0, 256);
@@ -153,7 +153,7 @@ fn a_read_error_without_ignore_error_stops_the_job_and_reports_the_chunk() {
         .wait();
     assert!(outcome.read_err);
     assert!(outcome.write_err.is_empty());
-    // Chunks are 16 sectors: the one holding sector 100 is 96..112.
+    // Sub-jobs are 16 sectors: the one holding sector 100 is 96..112.
     assert_eq!(outcome.read_failed, RangeSet::from_range(96..112));
     assert_eq!(outcome.targets[0].not_copied, RangeSet::from_range(96..256));
     assert_same(&source, 0, &target, 0, 96);
@@ -163,12 +163,12 @@ fn a_read_error_without_ignore_error_stops_the_job_and_reports_the_chunk() {
 }
 
 #[test]
-fn write_seq_with_a_read_error_still_writes_the_sub_jobs_read_before_it() {
+fn write_seq_with_a_read_error_still_writes_the_subjobs_read_before_it() {
     // 64 KiB (128-sector) sub-jobs, 8 in flight. Reads are instant and writes take 10 ms, so
     // sub-jobs 128..256 and 256..384 are read while 0..128 is being written; 256..384 fails.
     // 128..256 was read successfully and waits for its turn: it must still land. Nothing
     // from 256 on is written, so the target stays sequential.
-    let config = ClientConfig { sub_job_size_bytes: 64 * 1024, ..ClientConfig::default() };
+    let config = ClientConfig { subjob_size_bytes: 64 * 1024, ..ClientConfig::default() };
     let len = 1024;
     let source = patterned("source", len, 512, 8);
     source.fail_reads(300..301);
@@ -197,13 +197,13 @@ fn write_seq_with_a_read_error_still_writes_the_sub_jobs_read_before_it() {
 #[test]
 fn a_read_error_with_ignore_error_is_narrowed_to_single_blocks() {
     for block in [512u32, 4096] {
-        let client = client(small_chunks());
+        let client = client(small_subjobs());
         let bs = u64::from(block) / 512;
         let source = patterned("source", 512, block, 8);
         let target = patterned("target", 512, block, 9);
         let other = patterned("other", 512, 512, 10);
         let before = target.snapshot(0, 512);
-        // Two separate bad blocks in one chunk and one in another.
+        // Two separate bad blocks in one sub-job and one in another.
         source.fail_reads(2 * bs..2 * bs + 1);
         source.fail_reads(5 * bs..5 * bs + 1);
         source.fail_reads(40 * bs..40 * bs + 1);
@@ -237,12 +237,12 @@ fn a_read_error_with_ignore_error_is_narrowed_to_single_blocks() {
 
 #[test]
 fn write_errors_name_the_failing_target_and_range() {
-    let client = client(ClientConfig { subjobs_in_flight: 1, ..small_chunks() });
+    let client = client(ClientConfig { subjobs_in_flight: 1, ..small_subjobs() });
     let source = patterned("source", 128, 512, 11);
     let good = zeroed("good", 128, 512);
     let bad = zeroed("bad", 128, 512);
     bad.fail_writes(40..41);
-    // Without IGNORE_ERROR the job stops after the failing chunk (32..48).
+    // Without IGNORE_ERROR the job stops after the failing sub-job (32..48).
     let outcome = client
         .submit_blocking(Job::copy(
             region(&source, 0, 128),
@@ -306,7 +306,7 @@ fn zoned(name: &str) -> Arc<MemDisk> {
 
 #[test]
 fn a_zoned_target_refuses_unordered_writes_and_write_seq_orders_them() {
-    let client = client(small_chunks());
+    let client = client(small_subjobs());
     // The device itself: a write away from the write pointer fails and changes nothing.
     let target = zoned("zoned");
     let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
@@ -345,7 +345,7 @@ fn a_zoned_target_refuses_unordered_writes_and_write_seq_orders_them() {
 fn without_write_seq_a_jittery_copy_writes_out_of_order() {
     // The control for the test above: on a non-zoned target the same copy does issue writes
     // out of order, which is what WRITE_SEQ prevents.
-    let client = client(small_chunks());
+    let client = client(small_subjobs());
     let source = jittery_source(12);
     let order = Arc::new(Mutex::new(Vec::new()));
     let recorded = order.clone();
@@ -359,7 +359,7 @@ fn without_write_seq_a_jittery_copy_writes_out_of_order() {
     let order = order.lock().unwrap().clone();
     assert!(order.windows(2).any(|w| w[0] > w[1]), "expected unordered writes: {order:?}");
     let sorted_order = {
-        let client = self::client(small_chunks());
+        let client = self::client(small_subjobs());
         let order = Arc::new(Mutex::new(Vec::new()));
         let recorded = order.clone();
         let target =
@@ -377,7 +377,7 @@ fn without_write_seq_a_jittery_copy_writes_out_of_order() {
 
 #[test]
 fn zero_uses_one_offloaded_request_per_target_or_writes_zero_buffers() {
-    let client = client(small_chunks());
+    let client = client(small_subjobs());
     let offloaded: Vec<_> = (0..2)
         .map(|i| {
             let disk = MemDisk::new(MemDiskOptions {
@@ -402,7 +402,7 @@ fn zero_uses_one_offloaded_request_per_target_or_writes_zero_buffers() {
         assert!(disk.snapshot(99, 1).iter().any(|&b| b != 0), "the sector before is untouched");
         assert!(disk.snapshot(400, 1).iter().any(|&b| b != 0), "the sector after is untouched");
     }
-    // One target without offload: every target gets plain writes of zeroes, split in chunks.
+    // One target without offload: every target gets plain writes of zeroes, split in sub-jobs.
     let plain = patterned("plain", 512, 512, 3);
     let mixed = vec![region(&offloaded[0], 0, 300), region(&plain, 200, 300)];
     let outcome = client.submit_blocking(Job::zero(mixed, Flags::empty())).unwrap().wait();
@@ -465,7 +465,7 @@ fn every_validation_error_is_typed_and_touches_nothing() {
 
 #[test]
 fn callbacks_run_on_the_worker_one_at_a_time() {
-    let client = client(ClientConfig { page_budget: 8, ..small_chunks() });
+    let client = client(ClientConfig { page_budget: 8, ..small_subjobs() });
     let source = patterned("source", 64 * 100, 512, 1);
     let target = zeroed("target", 64 * 100, 512);
     let inside = Arc::new(AtomicBool::new(false));
@@ -495,7 +495,7 @@ fn callbacks_run_on_the_worker_one_at_a_time() {
 
 #[test]
 fn submitting_waits_at_the_queued_jobs_limit() {
-    let client = client(ClientConfig { queued_jobs_max: 2, ..small_chunks() });
+    let client = client(ClientConfig { queued_jobs_max: 2, ..small_subjobs() });
     let source = jittery_source(3);
     let target = zeroed("target", 1024, 512);
     let job = |i: u64| Job::copy(region(&source, i * 256, 256), vec![region(&target, i * 256, 256)], Flags::empty());
@@ -522,7 +522,7 @@ fn a_resolved_handle_has_freed_its_admission_and_run_its_callback() {
     // One job admitted at a time: as soon as a handle resolves, the next try_submit must be
     // admitted, and the job's callback must have run. Many rounds, from a thread that is not
     // the worker, in both the blocking and the async way of waiting.
-    let client = client(ClientConfig { queued_jobs_max: 1, ..small_chunks() });
+    let client = client(ClientConfig { queued_jobs_max: 1, ..small_subjobs() });
     let source = patterned("source", 64, 512, 2);
     let target = zeroed("target", 64, 512);
     let called = Arc::new(AtomicUsize::new(0));
@@ -554,8 +554,8 @@ fn a_resolved_handle_has_freed_its_admission_and_run_its_callback() {
 }
 
 #[test]
-fn progress_grows_to_the_total_and_cancel_stops_new_sub_jobs() {
-    let client = client(ClientConfig { subjobs_in_flight: 2, ..small_chunks() });
+fn progress_grows_to_the_total_and_cancel_stops_new_subjobs() {
+    let client = client(ClientConfig { subjobs_in_flight: 2, ..small_subjobs() });
     let source = jittery_source(4);
     let target = zeroed("target", 1024, 512);
     let handle = client
@@ -594,7 +594,7 @@ fn progress_grows_to_the_total_and_cancel_stops_new_sub_jobs() {
 
 #[test]
 fn shutdown_waits_for_running_jobs_and_finds_the_pool_full() {
-    let client = client(ClientConfig { page_budget: 4, ..small_chunks() });
+    let client = client(ClientConfig { page_budget: 4, ..small_subjobs() });
     let source = jittery_source(5);
     let targets: Vec<_> = (0..3).map(|i| zeroed(&format!("t{i}"), 1024, 512)).collect();
     let handles: Vec<_> = targets
@@ -619,7 +619,7 @@ fn shutdown_waits_for_running_jobs_and_finds_the_pool_full() {
 fn the_handle_is_usable_from_a_tokio_runtime() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
-        let client = Client::new(small_chunks()).unwrap();
+        let client = Client::new(small_subjobs()).unwrap();
         let source = patterned("source", 512, 512, 1);
         let targets: Vec<_> = (0..4).map(|i| zeroed(&format!("t{i}"), 512, 512)).collect();
         let mut tasks = Vec::new();
@@ -644,7 +644,7 @@ fn a_client_runs_in_the_callers_actix_system() {
     let system = actix::System::new();
     let worker = thread::current().id();
     let outcome = system.block_on(async move {
-        let client = Client::start_in_current_system(small_chunks()).unwrap();
+        let client = Client::start_in_current_system(small_subjobs()).unwrap();
         let source = patterned("source", 256, 512, 1);
         let target = zeroed("target", 256, 512);
         let ran_on = Arc::new(Mutex::new(None));
@@ -666,7 +666,7 @@ fn a_client_runs_in_the_callers_actix_system() {
 
 #[test]
 fn a_panicking_callback_does_not_stop_the_client() {
-    let client = client(small_chunks());
+    let client = client(small_subjobs());
     let source = patterned("source", 64, 512, 1);
     let target = zeroed("target", 64, 512);
     let job = Job::copy(region(&source, 0, 32), vec![region(&target, 0, 32)], Flags::empty())
@@ -718,7 +718,7 @@ fn a_panicking_callback_is_reported_through_tracing_not_printed() {
     let source = patterned("source", 64, 512, 1);
     let target = zeroed("target", 64, 512);
     let outcome = tracing::subscriber::with_default(log.clone(), || {
-        kcopyd_sim::Simulation::run(small_chunks(), |client, _trace| {
+        kcopyd_sim::Simulation::run(small_subjobs(), |client, _trace| {
             let job = Job::copy(region(&source, 0, 32), vec![region(&target, 0, 32)], Flags::empty())
                 .on_complete(|_| panic!("callback bug {}", 42));
             async move { client.submit(job).await.unwrap().await }
@@ -744,11 +744,11 @@ fn panicky(disk: &Arc<MemDisk>, panic_sector: u64, start_sector: u64, len_sector
 
 #[test]
 fn a_panicking_device_stops_its_job_with_a_report_and_the_client_goes_on() {
-    let client = client(small_chunks()); // 16-sector chunks, 8 in flight
+    let client = client(small_subjobs()); // 16-sector sub-jobs, 8 in flight
     let len = 512;
     let source = patterned("source", len, 512, 7);
     for flags in [Flags::empty(), Flags::IGNORE_ERROR, Flags::WRITE_SEQ] {
-        // Target 1 panics writing sector 200 (chunk 192..208); target 0 is healthy.
+        // Target 1 panics writing sector 200 (sub-job 192..208); target 0 is healthy.
         let (t0, t1) = (zeroed("t0", len, 512), zeroed("t1", len, 512));
         let outcome = client
             .submit_blocking(Job::copy(
@@ -762,20 +762,20 @@ fn a_panicking_device_stops_its_job_with_a_report_and_the_client_goes_on() {
         assert!(message.contains("writing sector 200"), "{flags:?}: {message}");
         assert!(!outcome.is_ok());
         for (index, (report, disk)) in outcome.targets.iter().zip([&t0, &t1]).enumerate() {
-            assert!(report.not_copied.contains(200), "{flags:?}: target {index} claims the panicking chunk");
+            assert!(report.not_copied.contains(200), "{flags:?}: target {index} claims the panicking sub-job");
             // Whatever is not reported as not copied holds the source's data.
             for range in RangeSet::from_range(0..len).difference(&report.not_copied).ranges() {
                 assert_same(&source, range.start, disk, range.start, range.end - range.start);
             }
         }
         if flags == Flags::WRITE_SEQ {
-            // In order, and nothing after the panicking chunk.
+            // In order, and nothing after the panicking sub-job.
             assert!(t1.snapshot(208, len - 208).iter().all(|&b| b == 0), "WRITE_SEQ wrote past the stop");
             assert!(outcome.targets[1].not_copied.contains(len - 1));
         }
     }
-    // WRITE_SEQ with reads finishing out of order: later chunks are already waiting for their
-    // turn when the panicking chunk's write dies, and must be released, not left hanging.
+    // WRITE_SEQ with reads finishing out of order: later sub-jobs are already waiting for their
+    // turn when the panicking sub-job's write dies, and must be released, not left hanging.
     let jittery = jittery_source(5);
     let target = zeroed("seq", 1024, 512);
     let outcome = client
@@ -785,7 +785,7 @@ fn a_panicking_device_stops_its_job_with_a_report_and_the_client_goes_on() {
     assert!(outcome.panicked.is_some(), "{outcome:?}");
     assert!(target.snapshot(208, 1024 - 208).iter().all(|&b| b == 0), "WRITE_SEQ wrote past the stop");
     assert_same(&jittery, 0, &target, 0, 192);
-    // The source panics reading sector 100: the job stops, nothing claims that chunk.
+    // The source panics reading sector 100: the job stops, nothing claims that sub-job.
     let target = zeroed("target", len, 512);
     let outcome = client
         .submit_blocking(Job::copy(panicky(&source, 100, 0, len), vec![region(&target, 0, len)], Flags::IGNORE_ERROR))
@@ -807,7 +807,7 @@ fn a_panicking_device_stops_its_job_with_a_report_and_the_client_goes_on() {
 }
 
 #[test]
-fn a_job_shorter_than_a_sub_job_takes_only_its_own_pages() {
+fn a_job_shorter_than_a_subjob_takes_only_its_own_pages() {
     // Default shape: 1 MiB sub-jobs (256 pages). Four 64 KiB copies at once need 4 x 16 pages.
     let client = client(ClientConfig::default());
     let source = patterned("source", 1024, 512, 9);

@@ -32,7 +32,7 @@ fn disk(name: &str, headers_only: bool, faults: FaultPlan) -> Arc<MemDisk> {
 
 /// 64 KiB sub-jobs, 4 in flight: 128 reads and 128 writes, several at once.
 fn config() -> ClientConfig {
-    ClientConfig { page_budget: 64, sub_job_size_bytes: 64 << 10, subjobs_in_flight: 4, ..ClientConfig::default() }
+    ClientConfig { page_budget: 64, subjob_size_bytes: 64 << 10, subjobs_in_flight: 4, ..ClientConfig::default() }
 }
 
 /// Copies the whole source onto `target` (through `target_device`, which may wrap it).

@@ -19,9 +19,9 @@ use tokio::sync::Semaphore;
 /// Long enough that only a hang reaches it.
 const HANG: Duration = Duration::from_secs(60);
 
-fn small_chunks() -> ClientConfig {
+fn small_subjobs() -> ClientConfig {
     // 16-sector sub-jobs, one at a time, so that a job's progress is easy to predict.
-    ClientConfig { sub_job_size_bytes: 8192, subjobs_in_flight: 1, ..ClientConfig::default() }
+    ClientConfig { subjob_size_bytes: 8192, subjobs_in_flight: 1, ..ClientConfig::default() }
 }
 
 /// The hooks of an in-memory disk whose reads at or after `gate_sector` wait until the gate
@@ -100,7 +100,7 @@ fn within_hang<T: Send + 'static>(what: &str, work: impl FnOnce() -> T + Send + 
 
 #[test]
 fn concurrent_shutdowns_from_many_threads_all_get_the_report() {
-    let client = Client::new(small_chunks()).unwrap();
+    let client = Client::new(small_subjobs()).unwrap();
     let source = patterned("source", 64, 512, 1);
     let target = zeroed("target", 64, 512);
     let (gated, gate) = gated(&source, 32);
@@ -165,7 +165,7 @@ fn shutdowns_racing_the_actors_stop_all_get_the_report() {
 
 #[test]
 fn a_device_that_keeps_its_buffers_is_reported_at_shutdown_instead_of_hanging() {
-    let client = Client::new(small_chunks()).unwrap();
+    let client = Client::new(small_subjobs()).unwrap();
     let source = patterned("source", 64, 512, 2);
     let keeping = Arc::new(Forward::new(zeroed("kept", 64, 512), Keeping::default()));
     let outcome = client
@@ -184,7 +184,7 @@ fn a_device_that_keeps_its_buffers_is_reported_at_shutdown_instead_of_hanging() 
 
 #[test]
 fn shutdown_timeout_names_the_jobs_still_running_and_can_wait_again() {
-    let client = Client::new(small_chunks()).unwrap();
+    let client = Client::new(small_subjobs()).unwrap();
     let source = patterned("source", 64, 512, 3);
     let target = zeroed("target", 64, 512);
     let (gated, gate) = gated(&source, 32);
@@ -218,7 +218,7 @@ fn shutdown_timeout_names_the_jobs_still_running_and_can_wait_again() {
 
 #[test]
 fn shutdown_on_the_workers_thread_is_refused_not_a_deadlock() {
-    let client = Client::new(small_chunks()).unwrap();
+    let client = Client::new(small_subjobs()).unwrap();
     let target = zeroed("target", 16, 512);
     let (sender, receiver) = mpsc::channel();
     let inside = client.clone();
@@ -232,12 +232,12 @@ fn shutdown_on_the_workers_thread_is_refused_not_a_deadlock() {
 #[test]
 fn start_in_current_system_needs_a_system_and_says_so() {
     // Test threads run no actix System.
-    let error = Client::start_in_current_system(small_chunks()).unwrap_err();
+    let error = Client::start_in_current_system(small_subjobs()).unwrap_err();
     assert!(matches!(error, ConfigError::NoActixSystem), "{error:?}");
     assert!(error.to_string().contains("actix System"), "{error}");
     // With a System made but not yet running, the client starts when it runs.
     let system = actix::System::new();
-    let client = Client::start_in_current_system(small_chunks()).expect("a System exists on this thread");
+    let client = Client::start_in_current_system(small_subjobs()).expect("a System exists on this thread");
     let target = zeroed("target", 16, 512);
     let outcome = system.block_on(async move {
         let outcome = client.submit(Job::zero(vec![region(&target, 0, 16)], Flags::empty())).await.unwrap().await;
@@ -270,7 +270,7 @@ fn async_shutdown_returns_without_waiting_for_the_worker_thread_to_exit() {
     let waited_out = Arc::new(AtomicBool::new(false));
     let teardown = SlowTeardown { release: Mutex::new(released), waited_out: waited_out.clone() };
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    let client = Client::new(small_chunks()).unwrap();
+    let client = Client::new(small_subjobs()).unwrap();
     let target = zeroed("target", 16, 512);
     rt.block_on(async {
         let job = Job::zero(vec![region(&target, 0, 16)], Flags::empty()).on_complete(move |_| {
@@ -305,7 +305,7 @@ fn dropping_the_system_completes_every_pending_handle_as_cancelled() {
         }
     };
     let (client, running, queued) = system.block_on(async {
-        let client = Client::start_in_current_system(small_chunks()).unwrap();
+        let client = Client::start_in_current_system(small_subjobs()).unwrap();
         let job = Job::copy(Region::new(gated, 0, 64), vec![region(&target, 0, 64)], Flags::empty())
             .on_complete(counted(&callbacks));
         let running = client.submit(job).await.unwrap();
@@ -340,7 +340,7 @@ fn dropping_the_system_completes_every_pending_handle_as_cancelled() {
 
 #[test]
 fn a_client_dropped_without_shutdown_finishes_its_jobs() {
-    let client = Client::new(small_chunks()).unwrap();
+    let client = Client::new(small_subjobs()).unwrap();
     let source = patterned("source", 64, 512, 5);
     let target = zeroed("target", 64, 512);
     let (gated, gate) = gated(&source, 32);
@@ -371,7 +371,7 @@ fn logging(log: &Log, busy: &Arc<AtomicBool>, name: &str, hold: Duration) -> imp
 
 #[test]
 fn prepared_callbacks_run_in_order_with_job_callbacks_on_the_worker() {
-    let client = Client::new(small_chunks()).unwrap();
+    let client = Client::new(small_subjobs()).unwrap();
     let log: Log = Arc::default();
     let busy = Arc::new(AtomicBool::new(false));
     let target = zeroed("target", 64, 512);
@@ -425,7 +425,7 @@ fn prepared_callbacks_run_on_the_callers_system_and_survive_its_drop() {
     let (client, pending) = system.block_on({
         let ran = ran.clone();
         async move {
-            let client = Client::start_in_current_system(small_chunks()).unwrap();
+            let client = Client::start_in_current_system(small_subjobs()).unwrap();
             let seen = ran.clone();
             let prepared = client
                 .prepare_callback(move |outcome: Outcome| seen.lock().unwrap().push((outcome, thread::current().id())))

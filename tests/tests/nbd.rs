@@ -18,7 +18,7 @@ use kcopyd_nbd::{ConnectError, ConnectOptions, NbdDevice, Reactor, RequestError}
 use kcopyd_os::{OpenOptions, OsDevice};
 use kcopyd_tests::conformance::{self, DEVICE_SECTORS_MIN, block_on, read_ok, write_ok};
 use kcopyd_tests::fixtures::{TempDir, pattern};
-use kcopyd_tests::nbd_servers::{Listen, NbdServer};
+use kcopyd_tests::nbd_servers::{ExternalNbdServer, Listen};
 
 const DEVICE_BYTES: u64 = DEVICE_SECTORS_MIN * 512;
 
@@ -66,7 +66,7 @@ fn copy(source: Device, targets: Vec<Device>, len_sectors: u64, flags: Flags, co
 fn qemu_conformance(test: &str, listen: Listen) {
     let dir = TempDir::new(test);
     let file = dir.zero_file("export.img", DEVICE_BYTES);
-    let Some(server) = NbdServer::qemu_nbd(test, &file, listen, &[]) else { return };
+    let Some(server) = ExternalNbdServer::qemu_nbd(test, &file, listen, &[]) else { return };
     let device = open(&server.uri(""), &writable());
     assert_eq!(device.geometry().len_sectors, DEVICE_SECTORS_MIN);
     assert!(device.structured_replies(), "qemu-nbd negotiates structured replies");
@@ -87,7 +87,8 @@ fn conformance_qemu_nbd_tcp() {
 #[test]
 fn conformance_nbdkit_memory_unix() {
     let size = DEVICE_BYTES.to_string();
-    let Some(server) = NbdServer::nbdkit("conformance_nbdkit_memory_unix", Listen::Unix, &["memory", &size]) else {
+    let Some(server) = ExternalNbdServer::nbdkit("conformance_nbdkit_memory_unix", Listen::Unix, &["memory", &size])
+    else {
         return;
     };
     conformance::run_all(&open(&server.uri(""), &writable()));
@@ -96,7 +97,8 @@ fn conformance_nbdkit_memory_unix() {
 #[test]
 fn conformance_nbdkit_memory_tcp() {
     let size = DEVICE_BYTES.to_string();
-    let Some(server) = NbdServer::nbdkit("conformance_nbdkit_memory_tcp", Listen::Tcp, &["memory", &size]) else {
+    let Some(server) = ExternalNbdServer::nbdkit("conformance_nbdkit_memory_tcp", Listen::Tcp, &["memory", &size])
+    else {
         return;
     };
     conformance::run_all(&open(&server.uri(""), &writable()));
@@ -115,7 +117,9 @@ fn conformance_nbdkit_4096_byte_blocks() {
         "blocksize-preferred=4096",
         "blocksize-maximum=65536",
     ];
-    let Some(server) = NbdServer::nbdkit("conformance_nbdkit_4096_byte_blocks", Listen::Unix, &args) else { return };
+    let Some(server) = ExternalNbdServer::nbdkit("conformance_nbdkit_4096_byte_blocks", Listen::Unix, &args) else {
+        return;
+    };
     let device = open(&server.uri(""), &writable());
     assert_eq!(device.geometry().logical_block_size, 4096);
     assert_eq!(device.payload_bytes_max(), 65536, "the server's maximum block size splits larger requests");
@@ -127,7 +131,7 @@ fn conformance_nbdkit_4096_byte_blocks() {
 fn conformance_nbdkit_without_write_zeroes() {
     let size = DEVICE_BYTES.to_string();
     let args = ["--filter=nozero", "memory", &size];
-    let Some(server) = NbdServer::nbdkit("conformance_nbdkit_without_write_zeroes", Listen::Unix, &args) else {
+    let Some(server) = ExternalNbdServer::nbdkit("conformance_nbdkit_without_write_zeroes", Listen::Unix, &args) else {
         return;
     };
     let device = open(&server.uri(""), &writable());
@@ -151,7 +155,7 @@ fn conformance_nbdkit_trim_on_4096_byte_blocks() {
         "blocksize-preferred=4096",
         "blocksize-maximum=65536",
     ];
-    let Some(server) = NbdServer::nbdkit(test, Listen::Unix, &args) else { return };
+    let Some(server) = ExternalNbdServer::nbdkit(test, Listen::Unix, &args) else { return };
     let device = open(&server.uri(""), &writable());
     assert_eq!(device.geometry().logical_block_size, 4096);
     assert!(device.deallocates() && !device.geometry().write_zeroes);
@@ -165,7 +169,7 @@ fn conformance_nbdkit_trim_with_block_status_saying_data() {
     let test = "conformance_nbdkit_trim_with_block_status_saying_data";
     let size = DEVICE_BYTES.to_string();
     let args = ["--filter=nozero", "--filter=noextents", "memory", &size];
-    let Some(server) = NbdServer::nbdkit(test, Listen::Unix, &args) else { return };
+    let Some(server) = ExternalNbdServer::nbdkit(test, Listen::Unix, &args) else { return };
     let device = open(&server.uri(""), &writable());
     assert!(device.has_trim() && device.has_block_status() && !device.geometry().write_zeroes);
     conformance::run_all(&device);
@@ -180,9 +184,9 @@ fn file_to_nbd_to_nbd_copies_are_byte_exact_on_the_engine_worker() {
     let data = pattern(42, 4 << 20);
     let source_file = dir.file_with("source.img", &data);
     let qemu_file = dir.zero_file("qemu.img", data.len() as u64);
-    let Some(qemu) = NbdServer::qemu_nbd(test, &qemu_file, Listen::Unix, &["-x", "disk"]) else { return };
+    let Some(qemu) = ExternalNbdServer::qemu_nbd(test, &qemu_file, Listen::Unix, &["-x", "disk"]) else { return };
     let size = data.len().to_string();
-    let Some(kit) = NbdServer::nbdkit(test, Listen::Tcp, &["memory", &size]) else { return };
+    let Some(kit) = ExternalNbdServer::nbdkit(test, Listen::Tcp, &["memory", &size]) else { return };
     let len_sectors = data.len() as u64 / 512;
 
     // file → qemu-nbd
@@ -197,7 +201,7 @@ fn file_to_nbd_to_nbd_copies_are_byte_exact_on_the_engine_worker() {
     let back_file = dir.zero_file("back.img", data.len() as u64);
     let back: Device =
         Arc::new(OsDevice::open(&back_file, &OpenOptions { write: true, ..OpenOptions::default() }).unwrap());
-    let config = ClientConfig { sub_job_size_bytes: 64 * 1024, subjobs_in_flight: 32, ..ClientConfig::default() };
+    let config = ClientConfig { subjob_size_bytes: 64 * 1024, subjobs_in_flight: 32, ..ClientConfig::default() };
     let outcome = copy(qemu, vec![kit.clone()], len_sectors, Flags::empty(), config);
     assert!(outcome.is_ok(), "{outcome:?}");
     let outcome = copy(kit, vec![back], len_sectors, Flags::empty(), ClientConfig::default());
@@ -211,8 +215,8 @@ fn file_to_nbd_to_nbd_copies_are_byte_exact_on_the_engine_worker() {
 fn nbd_device_works_on_a_multi_thread_runtime() {
     let test = "nbd_device_works_on_a_multi_thread_runtime";
     let size = (2 << 20).to_string();
-    let Some(source) = NbdServer::nbdkit(test, Listen::Unix, &["memory", &size]) else { return };
-    let Some(target) = NbdServer::nbdkit(test, Listen::Unix, &["memory", &size]) else { return };
+    let Some(source) = ExternalNbdServer::nbdkit(test, Listen::Unix, &["memory", &size]) else { return };
+    let Some(target) = ExternalNbdServer::nbdkit(test, Listen::Unix, &["memory", &size]) else { return };
     let data = pattern(7, 2 << 20);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async {
@@ -240,9 +244,9 @@ fn one_source_to_three_nbd_targets() {
     let test = "one_source_to_three_nbd_targets";
     let size = (4 << 20).to_string();
     let data = pattern(9, 4 << 20);
-    let Some(source) = NbdServer::nbdkit(test, Listen::Unix, &["memory", &size]) else { return };
-    let servers: Vec<NbdServer> =
-        (0..3).filter_map(|_| NbdServer::nbdkit(test, Listen::Tcp, &["memory", &size])).collect();
+    let Some(source) = ExternalNbdServer::nbdkit(test, Listen::Unix, &["memory", &size]) else { return };
+    let servers: Vec<ExternalNbdServer> =
+        (0..3).filter_map(|_| ExternalNbdServer::nbdkit(test, Listen::Tcp, &["memory", &size])).collect();
     let source = Arc::new(open(&source.uri(""), &writable()));
     write_ok(source.as_ref(), 0, &data);
     let targets: Vec<Arc<NbdDevice>> = servers.iter().map(|s| Arc::new(open(&s.uri(""), &writable()))).collect();
@@ -266,7 +270,7 @@ fn export_names_select_the_export_and_unknown_ones_are_refused() {
     let test = "export_names_select_the_export_and_unknown_ones_are_refused";
     let dir = TempDir::new(test);
     let file = dir.file_with("disk.img", &pattern(3, 1 << 20));
-    let Some(server) = NbdServer::qemu_nbd(test, &file, Listen::Unix, &["-x", "disk"]) else { return };
+    let Some(server) = ExternalNbdServer::qemu_nbd(test, &file, Listen::Unix, &["-x", "disk"]) else { return };
     let device = open(&server.uri("disk"), &ConnectOptions::default());
     assert_eq!(read_ok(&device, 0, 4096), pattern(3, 1 << 20)[..4096]);
     let error = NbdDevice::connect(&server.uri("other"), &ConnectOptions::default()).unwrap_err();
@@ -284,7 +288,7 @@ fn read_only_exports_are_refused_as_targets_before_any_io() {
     let dir = TempDir::new(test);
     let data = pattern(4, 1 << 20);
     let file = dir.file_with("disk.img", &data);
-    let Some(server) = NbdServer::qemu_nbd(test, &file, Listen::Unix, &["-r"]) else { return };
+    let Some(server) = ExternalNbdServer::qemu_nbd(test, &file, Listen::Unix, &["-r"]) else { return };
     let error = NbdDevice::connect(&server.uri(""), &writable()).unwrap_err();
     assert!(matches!(error, ConnectError::ReadOnly { .. }), "{error}");
     assert!(error.to_string().contains("read-only"), "{error}");
@@ -301,9 +305,9 @@ fn read_only_exports_are_refused_as_targets_before_any_io() {
 fn multi_conn_opens_several_connections_only_when_the_server_allows() {
     let test = "multi_conn_opens_several_connections_only_when_the_server_allows";
     let size = (1 << 20).to_string();
-    let Some(allowed) = NbdServer::nbdkit(test, Listen::Unix, &["memory", &size]) else { return };
+    let Some(allowed) = ExternalNbdServer::nbdkit(test, Listen::Unix, &["memory", &size]) else { return };
     let args = ["--filter=multi-conn", "memory", &size, "multi-conn-mode=disable"];
-    let Some(refused) = NbdServer::nbdkit(test, Listen::Unix, &args) else { return };
+    let Some(refused) = ExternalNbdServer::nbdkit(test, Listen::Unix, &args) else { return };
     let many = open(&allowed.uri(""), &ConnectOptions { connections_max: 3, ..writable() });
     assert!(many.can_multi_conn());
     assert_eq!(many.connections(), 3);
@@ -326,7 +330,7 @@ fn block_status_reports_data_and_holes() {
     let test = "block_status_reports_data_and_holes";
     let dir = TempDir::new(test);
     let file = dir.zero_file("sparse.img", 8 << 20);
-    let Some(server) = NbdServer::qemu_nbd(test, &file, Listen::Unix, &[]) else { return };
+    let Some(server) = ExternalNbdServer::qemu_nbd(test, &file, Listen::Unix, &[]) else { return };
     let device = open(&server.uri(""), &writable());
     assert!(device.has_block_status());
     // 1 MiB of data at 4 MiB.
@@ -363,7 +367,7 @@ fn block_status_reports_data_and_holes() {
 fn trim_discards_on_the_server() {
     let test = "trim_discards_on_the_server";
     let size = (1 << 20).to_string();
-    let Some(server) = NbdServer::nbdkit(test, Listen::Unix, &["memory", &size]) else { return };
+    let Some(server) = ExternalNbdServer::nbdkit(test, Listen::Unix, &["memory", &size]) else { return };
     let device = open(&server.uri(""), &writable());
     assert!(device.has_trim());
     write_ok(&device, 0, &pattern(8, 64 * 1024));
@@ -390,7 +394,7 @@ fn server_errors_carry_the_errno_and_the_range() {
         "error-pwrite=ENOSPC",
         "error-pwrite-rate=100%",
     ];
-    let Some(server) = NbdServer::nbdkit(test, Listen::Unix, &args) else { return };
+    let Some(server) = ExternalNbdServer::nbdkit(test, Listen::Unix, &args) else { return };
     let device = open(&server.uri(""), &writable());
     let read = block_on(conformance::read_at(&device, 64, 4096)).unwrap_err();
     assert_eq!(request_error(&read).server_errno(), Some(5), "{read}");
@@ -403,7 +407,13 @@ fn server_errors_carry_the_errno_and_the_range() {
 
 /// An nbdkit `sh` plugin over a file that fails reads or writes touching chosen sector
 /// ranges: exactly what the server was told to fail.
-fn failing_sh_server(test: &str, dir: &TempDir, file: &Path, bad: &[(u64, u64)], fail: &str) -> Option<NbdServer> {
+fn failing_sh_server(
+    test: &str,
+    dir: &TempDir,
+    file: &Path,
+    bad: &[(u64, u64)],
+    fail: &str,
+) -> Option<ExternalNbdServer> {
     let conditions: Vec<String> = bad
         .iter()
         .map(|(start, end)| format!("{{ [ \"$4\" -lt {} ] && [ $(($4 + $3)) -gt {} ]; }}", end * 512, start * 512))
@@ -430,7 +440,7 @@ esac
     let script_path = dir.file_with("plugin.sh", script.as_bytes());
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&script_path, fs::Permissions::from_mode(0o755)).unwrap();
-    NbdServer::nbdkit(test, Listen::Unix, &["sh", &script_path.display().to_string()])
+    ExternalNbdServer::nbdkit(test, Listen::Unix, &["sh", &script_path.display().to_string()])
 }
 
 #[test]
@@ -446,7 +456,7 @@ fn read_faults_at_chosen_offsets_are_reported_exactly() {
     let target_file = dir.zero_file("target.img", data.len() as u64);
     let target: Device =
         Arc::new(OsDevice::open(&target_file, &OpenOptions { write: true, ..OpenOptions::default() }).unwrap());
-    let config = ClientConfig { sub_job_size_bytes: 512 * 1024, ..ClientConfig::default() };
+    let config = ClientConfig { subjob_size_bytes: 512 * 1024, ..ClientConfig::default() };
     let outcome = copy(source, vec![target], 4096, Flags::IGNORE_ERROR, config);
     assert!(outcome.read_err && outcome.write_err.is_empty(), "{outcome:?}");
     let mut expected = RangeSet::new();
@@ -475,12 +485,12 @@ fn write_faults_at_chosen_offsets_are_reported_exactly() {
     let bad = [(2100, 2101)];
     let Some(server) = failing_sh_server(test, &dir, &target_file, &bad, "pwrite") else { return };
     let size = data.len().to_string();
-    let Some(good) = NbdServer::nbdkit(test, Listen::Unix, &["memory", &size]) else { return };
+    let Some(good) = ExternalNbdServer::nbdkit(test, Listen::Unix, &["memory", &size]) else { return };
     let source: Device = Arc::new(OsDevice::open(&source_file, &OpenOptions::default()).unwrap());
     let failing: Device = Arc::new(open(&server.uri(""), &writable()));
     let good_device = Arc::new(open(&good.uri(""), &writable()));
     // Sub-jobs of 1024 sectors: the failing write is the one of sectors 2048..3072.
-    let config = ClientConfig { sub_job_size_bytes: 512 * 1024, ..ClientConfig::default() };
+    let config = ClientConfig { subjob_size_bytes: 512 * 1024, ..ClientConfig::default() };
     let outcome = copy(source, vec![failing, good_device.clone()], 4096, Flags::IGNORE_ERROR, config);
     assert!(!outcome.read_err, "{outcome:?}");
     assert_eq!(outcome.write_err.iter().collect::<Vec<_>>(), vec![0], "only the failing server's target");
@@ -496,12 +506,12 @@ fn delayed_replies_still_copy_byte_exact() {
     let size = (2 << 20).to_string();
     let data = pattern(13, 2 << 20);
     let args = ["--filter=delay", "memory", &size, "rdelay=5ms", "wdelay=5ms"];
-    let Some(source) = NbdServer::nbdkit(test, Listen::Tcp, &args) else { return };
-    let Some(target) = NbdServer::nbdkit(test, Listen::Unix, &args) else { return };
+    let Some(source) = ExternalNbdServer::nbdkit(test, Listen::Tcp, &args) else { return };
+    let Some(target) = ExternalNbdServer::nbdkit(test, Listen::Unix, &args) else { return };
     let source = Arc::new(open(&source.uri(""), &writable()));
     let target = Arc::new(open(&target.uri(""), &writable()));
     write_ok(source.as_ref(), 0, &data);
-    let config = ClientConfig { sub_job_size_bytes: 32 * 1024, subjobs_in_flight: 16, ..ClientConfig::default() };
+    let config = ClientConfig { subjob_size_bytes: 32 * 1024, subjobs_in_flight: 16, ..ClientConfig::default() };
     let outcome = copy(source, vec![target.clone()], 4096, Flags::empty(), config);
     assert!(outcome.is_ok(), "{outcome:?}");
     assert!(read_ok(target.as_ref(), 0, data.len()) == data);
@@ -511,14 +521,14 @@ fn delayed_replies_still_copy_byte_exact() {
 fn a_server_killed_mid_copy_fails_the_io_in_flight_and_nothing_hangs() {
     let test = "a_server_killed_mid_copy_fails_the_io_in_flight_and_nothing_hangs";
     let size = (8 << 20).to_string();
-    let Some(source) = NbdServer::nbdkit(test, Listen::Unix, &["memory", &size]) else { return };
+    let Some(source) = ExternalNbdServer::nbdkit(test, Listen::Unix, &["memory", &size]) else { return };
     // Slow writes: the copy takes seconds, so the kill lands in the middle of it.
     let args = ["--filter=delay", "memory", &size, "wdelay=100ms"];
-    let Some(mut target_server) = NbdServer::nbdkit(test, Listen::Tcp, &args) else { return };
+    let Some(mut target_server) = ExternalNbdServer::nbdkit(test, Listen::Tcp, &args) else { return };
     let source = Arc::new(open(&source.uri(""), &writable()));
     write_ok(source.as_ref(), 0, &pattern(14, 8 << 20));
     let target = Arc::new(open(&target_server.uri(""), &writable()));
-    let client = Client::new(ClientConfig { sub_job_size_bytes: 64 * 1024, ..ClientConfig::default() }).unwrap();
+    let client = Client::new(ClientConfig { subjob_size_bytes: 64 * 1024, ..ClientConfig::default() }).unwrap();
     let job = client
         .submit_blocking(Job::copy(
             Region::new(source, 0, 16384),
@@ -547,7 +557,7 @@ fn a_server_that_never_answers_is_cut_off_by_the_engines_io_timeout() {
     let test = "a_server_that_never_answers_is_cut_off_by_the_engines_io_timeout";
     let size = (1 << 20).to_string();
     let args = ["--filter=delay", "memory", &size, "rdelay=60"];
-    let Some(mut server) = NbdServer::nbdkit(test, Listen::Unix, &args) else { return };
+    let Some(mut server) = ExternalNbdServer::nbdkit(test, Listen::Unix, &args) else { return };
     let source: Device = Arc::new(open(&server.uri(""), &ConnectOptions::default()));
     let target: Device = Arc::new(kcopyd_sim::MemDisk::zeroed("target", 2048, 512));
     let config = ClientConfig { io_timeout_ms: Some(300), ..ClientConfig::default() };
@@ -586,8 +596,8 @@ fn wait_for_connections(reactor: &Reactor, count: usize) {
 fn many_devices_share_one_reactor_and_their_connections_end_with_them() {
     let test = "many_devices_share_one_reactor_and_their_connections_end_with_them";
     let size = (4 << 20).to_string();
-    let Some(first) = NbdServer::nbdkit(test, Listen::Unix, &["memory", &size]) else { return };
-    let Some(second) = NbdServer::nbdkit(test, Listen::Tcp, &["memory", &size]) else { return };
+    let Some(first) = ExternalNbdServer::nbdkit(test, Listen::Unix, &["memory", &size]) else { return };
+    let Some(second) = ExternalNbdServer::nbdkit(test, Listen::Tcp, &["memory", &size]) else { return };
     let reactor = Reactor::new().unwrap();
     let options = ConnectOptions { reactor: Some(reactor.clone()), ..writable() };
     let source: Arc<NbdDevice> = Arc::new(open(&first.uri(""), &options));
@@ -606,7 +616,7 @@ fn many_devices_share_one_reactor_and_their_connections_end_with_them() {
     write_ok(source.as_ref(), 0, &data);
     let half_sectors = (2 << 20) / 512;
     let client =
-        Client::new(ClientConfig { sub_job_size_bytes: 64 * 1024, subjobs_in_flight: 16, ..ClientConfig::default() })
+        Client::new(ClientConfig { subjob_size_bytes: 64 * 1024, subjobs_in_flight: 16, ..ClientConfig::default() })
             .unwrap();
     let job = client
         .submit_blocking(Job::copy(
@@ -645,9 +655,9 @@ fn a_connection_lost_on_a_shared_reactor_fails_only_its_own_requests() {
     let size = (1 << 20).to_string();
     // Reads held for a minute on the server that dies, for half a second on the one that lives.
     let dying_args = ["--filter=delay", "memory", &size, "rdelay=60"];
-    let Some(mut dying_server) = NbdServer::nbdkit(test, Listen::Tcp, &dying_args) else { return };
+    let Some(mut dying_server) = ExternalNbdServer::nbdkit(test, Listen::Tcp, &dying_args) else { return };
     let living_args = ["--filter=delay", "memory", &size, "rdelay=500ms"];
-    let Some(living_server) = NbdServer::nbdkit(test, Listen::Unix, &living_args) else { return };
+    let Some(living_server) = ExternalNbdServer::nbdkit(test, Listen::Unix, &living_args) else { return };
     let reactor = Reactor::new().unwrap();
     let options = ConnectOptions { reactor: Some(reactor.clone()), ..writable() };
     let dying = Arc::new(open(&dying_server.uri(""), &options));
@@ -691,7 +701,7 @@ fn thousands_of_requests_at_once_on_one_connection_each_get_their_reply() {
     let test = "thousands_of_requests_at_once_on_one_connection_each_get_their_reply";
     // Reads of the first 2 MiB, writes to the next.
     let size = (4 << 20).to_string();
-    let Some(server) = NbdServer::nbdkit(test, Listen::Unix, &["memory", &size]) else { return };
+    let Some(server) = ExternalNbdServer::nbdkit(test, Listen::Unix, &["memory", &size]) else { return };
     let device = open(&server.uri(""), &ConnectOptions { connections_max: 1, ..writable() });
     let data = pattern(23, 2 << 20);
     write_ok(&device, 0, &data);

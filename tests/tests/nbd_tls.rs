@@ -16,7 +16,7 @@ use kcopyd_nbd::{ConnectError, ConnectOptions, NbdDevice, TlsError};
 use kcopyd_os::{OpenOptions, OsDevice};
 use kcopyd_tests::conformance::{self, DEVICE_SECTORS_MIN, read_ok, write_ok};
 use kcopyd_tests::fixtures::{TempDir, pattern};
-use kcopyd_tests::nbd_servers::{Listen, NbdServer};
+use kcopyd_tests::nbd_servers::{ExternalNbdServer, Listen};
 use kcopyd_tests::tls_certs::{ServerCert, TestPki, Trust};
 
 const DEVICE_BYTES: u64 = DEVICE_SECTORS_MIN * 512;
@@ -26,7 +26,7 @@ fn writable() -> ConnectOptions {
 }
 
 /// The server's URI for `export` with the TLS scheme and `params` in its query.
-fn tls_uri(server: &NbdServer, export: &str, params: &[String]) -> String {
+fn tls_uri(server: &ExternalNbdServer, export: &str, params: &[String]) -> String {
     let mut uri = server.uri(export).replacen("nbd", "nbds", 1);
     for param in params {
         uri.push(if uri.contains('?') { '&' } else { '?' });
@@ -40,9 +40,9 @@ fn certificates(dir: &Path) -> String {
 }
 
 /// `nbdkit --tls=require` with the certificates of `server_dir`, serving `memory SIZE`.
-fn nbdkit_tls(test: &str, listen: Listen, server_dir: &Path, size: &str) -> Option<NbdServer> {
+fn nbdkit_tls(test: &str, listen: Listen, server_dir: &Path, size: &str) -> Option<ExternalNbdServer> {
     let certificates = format!("--tls-certificates={}", server_dir.display());
-    NbdServer::nbdkit(test, listen, &["--tls=require", &certificates, "memory", size])
+    ExternalNbdServer::nbdkit(test, listen, &["--tls=require", &certificates, "memory", size])
 }
 
 fn connect(uri: &str, options: &ConnectOptions) -> NbdDevice {
@@ -127,7 +127,7 @@ fn qemu_nbd_with_tls_creds_takes_a_client_certificate() {
     let file = dir.zero_file("export.img", DEVICE_BYTES);
     let object = format!("tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=on", server_dir.display());
     let extra = ["--object", &object, "--tls-creds", "tls0"];
-    let Some(server) = NbdServer::qemu_nbd(test, &file, Listen::Tcp, &extra) else { return };
+    let Some(server) = ExternalNbdServer::qemu_nbd(test, &file, Listen::Tcp, &extra) else { return };
     let with_identity = pki.client("with-identity", Trust::OurCa, true);
     let device = connect(&tls_uri(&server, "", &[certificates(&with_identity)]), &writable());
     let data = pattern(5, 64 * 1024);
@@ -172,7 +172,7 @@ fn reads_and_writes_at_once_on_one_tls_connection_do_not_deadlock() {
     // One server thread: while it writes a read reply it reads nothing.
     let certificates_arg = format!("--tls-certificates={}", server_dir.display());
     let args = ["--threads=1", "--tls=require", &certificates_arg, "memory", "64M"];
-    let Some(server) = NbdServer::nbdkit(test, Listen::Unix, &args) else { return };
+    let Some(server) = ExternalNbdServer::nbdkit(test, Listen::Unix, &args) else { return };
     let client_dir = pki.client("client", Trust::OurCa, false);
     let options = ConnectOptions { connections_max: 1, ..writable() };
     let device = connect(&tls_uri(&server, "", &[certificates(&client_dir)]), &options);
@@ -250,7 +250,7 @@ fn tls_asked_of_a_server_without_tls_is_refused_without_falling_back() {
     let test = "tls_asked_of_a_server_without_tls_is_refused_without_falling_back";
     let Some(pki) = TestPki::new(test) else { return };
     let client_dir = pki.client("client", Trust::OurCa, false);
-    let Some(nbdkit) = NbdServer::nbdkit(test, Listen::Unix, &["memory", "1M"]) else { return };
+    let Some(nbdkit) = ExternalNbdServer::nbdkit(test, Listen::Unix, &["memory", "1M"]) else { return };
     let error = refused(&tls_uri(&nbdkit, "", &[certificates(&client_dir)]), &writable());
     let ConnectError::TlsRefused { reply, .. } = &error else { panic!("{error}") };
     assert!(reply.starts_with("NBD_REP_ERR_"), "{error}");
@@ -259,7 +259,7 @@ fn tls_asked_of_a_server_without_tls_is_refused_without_falling_back() {
 
     let dir = TempDir::new(test);
     let file = dir.zero_file("export.img", DEVICE_BYTES);
-    let Some(qemu) = NbdServer::qemu_nbd(test, &file, Listen::Tcp, &[]) else { return };
+    let Some(qemu) = ExternalNbdServer::qemu_nbd(test, &file, Listen::Tcp, &[]) else { return };
     let error = refused(&tls_uri(&qemu, "", &[certificates(&client_dir)]), &writable());
     assert!(matches!(error, ConnectError::TlsRefused { .. }), "{error}");
 }
@@ -281,7 +281,7 @@ fn a_plain_uri_to_a_server_that_requires_tls_says_to_use_nbds() {
     let file = dir.zero_file("export.img", DEVICE_BYTES);
     let object = format!("tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=off", server_dir.display());
     let extra = ["--object", &object, "--tls-creds", "tls0"];
-    let Some(qemu) = NbdServer::qemu_nbd(test, &file, Listen::Unix, &extra) else { return };
+    let Some(qemu) = ExternalNbdServer::qemu_nbd(test, &file, Listen::Unix, &extra) else { return };
     let error = refused(&qemu.uri(""), &writable());
     let ConnectError::TlsRequired { tls_uri, .. } = &error else { panic!("{error}") };
     assert!(tls_uri.starts_with("nbds+unix:///"), "{error}");

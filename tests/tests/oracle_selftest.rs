@@ -23,13 +23,13 @@ use kcopyd_core::{Outcome, RangeSet, SubmitError, TARGETS_MAX};
 use kcopyd_sim::{FaultKind, Simulation};
 use kcopyd_tests::io_log::{DiskRef, IoKind, IoRecord, Mark};
 use kcopyd_tests::scenario::{
-    DiskInputs, FaultInputs, Inputs, JobInputs, PreparedInputs, Report, Scenario, TimingInputs, check, run,
+    DiskInputs, FaultInputs, Inputs, JobInputs, PreparedInputs, SwarmReport, SwarmScenario, TimingInputs, check, run,
     source_seed, target_seed,
 };
-use kcopyd_tests::validation::{Broken, Case, RegionInputs};
+use kcopyd_tests::validation::{BrokenRule, RegionInputs, ValidationCase};
 
-/// Sectors per sub-job in every scenario here (`sub_job_units` of 1-sector units).
-const CHUNK: u64 = 8;
+/// Sectors per sub-job in every scenario here (`subjob_units` of 1-sector units).
+const SUBJOB_SECTORS: u64 = 8;
 
 /// A disk with some latency, so that requests overlap and order is visible in the trace.
 fn disk(faults: FaultInputs) -> DiskInputs {
@@ -42,12 +42,12 @@ fn copy(len_units: u64, targets: &[usize]) -> JobInputs {
     JobInputs { targets: targets.to_vec(), len_units, ..JobInputs::default() }
 }
 
-/// One source, `targets` fault-free targets, sub-jobs of [`CHUNK`] sectors, 64 pages.
+/// One source, `targets` fault-free targets, sub-jobs of [`SUBJOB_SECTORS`] sectors, 64 pages.
 fn inputs(jobs: Vec<JobInputs>, targets: usize, subjobs_in_flight: usize) -> Inputs {
     Inputs {
         seed: 11,
         page_budget: 64,
-        sub_job_units: CHUNK,
+        subjob_units: SUBJOB_SECTORS,
         subjobs_in_flight,
         big_units: false,
         sources: vec![disk(FaultInputs::default())],
@@ -77,8 +77,8 @@ fn bad_writes(sectors: Range<u64>) -> FaultInputs {
 
 /// A run the oracle accepts.
 struct Accepted {
-    scenario: Scenario,
-    report: Report,
+    scenario: SwarmScenario,
+    report: SwarmReport,
 }
 
 impl Accepted {
@@ -93,14 +93,14 @@ impl Accepted {
 
     /// The violations once `change` has been made to a copy of the report (the disks are
     /// shared, the rest is copied).
-    fn tampered(&self, change: impl FnOnce(&mut Report)) -> Vec<String> {
+    fn tampered(&self, change: impl FnOnce(&mut SwarmReport)) -> Vec<String> {
         let mut report = clone_report(&self.report);
         change(&mut report);
         check(&self.scenario, &report)
     }
 
     /// The violations once `change` has been made to a copy of the scenario.
-    fn with_scenario(&self, change: impl FnOnce(&mut Scenario)) -> Vec<String> {
+    fn with_scenario(&self, change: impl FnOnce(&mut SwarmScenario)) -> Vec<String> {
         let mut scenario = self.scenario.clone();
         change(&mut scenario);
         check(&scenario, &self.report)
@@ -112,8 +112,8 @@ impl Accepted {
     }
 }
 
-fn clone_report(report: &Report) -> Report {
-    Report {
+fn clone_report(report: &SwarmReport) -> SwarmReport {
+    SwarmReport {
         jobs: report.jobs.clone(),
         trace_hash: report.trace_hash,
         trace_events: report.trace_events,
@@ -134,12 +134,12 @@ fn clone_report(report: &Report) -> Report {
 }
 
 /// Job 0's outcome in `report`, to change.
-fn outcome(report: &mut Report) -> &mut Outcome {
+fn outcome(report: &mut SwarmReport) -> &mut Outcome {
     report.jobs[0].outcome.as_mut().expect("an outcome")
 }
 
 /// The index of the request of `kind` on `disk` that starts at `sector`.
-fn request(report: &Report, disk: DiskRef, kind: IoKind, sector: u64) -> usize {
+fn request(report: &SwarmReport, disk: DiskRef, kind: IoKind, sector: u64) -> usize {
     report
         .io
         .iter()
@@ -148,14 +148,14 @@ fn request(report: &Report, disk: DiskRef, kind: IoKind, sector: u64) -> usize {
 }
 
 /// The next free position on the trace's sequence.
-fn end_of_trace(report: &Report) -> u64 {
+fn end_of_trace(report: &SwarmReport) -> u64 {
     let requests = report.io.iter().flat_map(|r| [r.issued, r.done]);
     requests.chain(report.marks.iter().map(|&(seq, _)| seq)).max().unwrap_or(0) + 1
 }
 
 /// A request appended at the end of the trace, succeeded (its model time, 0, matters only to
 /// rule 17, whose test changes the times of true requests).
-fn append(report: &mut Report, disk: DiskRef, kind: IoKind, sectors: Range<u64>) {
+fn append(report: &mut SwarmReport, disk: DiskRef, kind: IoKind, sectors: Range<u64>) {
     let issued = end_of_trace(report);
     report.io.push(IoRecord {
         disk,
@@ -261,7 +261,7 @@ fn cancelled() -> Accepted {
     let accepted = Accepted::run("cancel", inputs(vec![job], 1, 1));
     let outcome = accepted.outcome();
     assert!(outcome.cancelled, "{outcome:?}");
-    assert!(outcome.targets[0].not_copied.len_sectors() >= CHUNK, "cancelled early: {outcome:?}");
+    assert!(outcome.targets[0].not_copied.len_sectors() >= SUBJOB_SECTORS, "cancelled early: {outcome:?}");
     accepted
 }
 
@@ -310,7 +310,7 @@ fn hard_but_true() -> Vec<Accepted> {
     let mut blocks = inputs(vec![copy(5, &[0, 1]), JobInputs { zero: true, ..copy(3, &[1]) }], 2, 3);
     blocks.big_units = true;
     blocks.targets[1].block_4k = true;
-    blocks.sub_job_units = 1;
+    blocks.subjob_units = 1;
     let blocks = Accepted::run("4 KiB blocks", blocks);
 
     let mut seq = inputs(vec![JobInputs { write_seq: true, ignore_error: true, ..copy(48, &[0, 1, 2]) }], 3, 3);
@@ -572,7 +572,7 @@ fn rule_5_write_err_and_write_failed_are_exactly_the_failed_writes() {
 #[test]
 fn rule_6_not_copied_is_what_the_successful_writes_leave() {
     let run = ignoring_errors();
-    let not_copied = |r: &Report, i: usize| r.jobs[0].outcome.as_ref().unwrap().targets[i].not_copied.clone();
+    let not_copied = |r: &SwarmReport, i: usize| r.jobs[0].outcome.as_ref().unwrap().targets[i].not_copied.clone();
     let violations = run.tampered(|r| outcome(r).targets[1].not_copied = without(&not_copied(r, 1), 41..42));
     fires(
         "6",
@@ -725,7 +725,7 @@ fn rule_7_sectors_are_not_copied_only_for_a_reason() {
     clippy::too_many_lines,
     reason = "a list of perturbations of the same true runs, each refused by this rule: split, each piece would rebuild the runs it perturbs"
 )]
-fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error() {
+fn rule_8_without_ignore_error_no_subjob_starts_after_an_error() {
     let run = stopping_on_a_read_error();
     let violations = run.tampered(|r| append(r, DiskRef::Source(0), IoKind::Read, 32..40));
     fires(
@@ -836,7 +836,7 @@ fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error() {
     // Under WRITE_SEQ, a sub-job before the first failing one may start late (it was taken
     // before the error and waited for the throttle); one after it may not. Without WRITE_SEQ,
     // neither may.
-    let late = |r: &mut Report, sector: u64| {
+    let late = |r: &mut SwarmReport, sector: u64| {
         let end = end_of_trace(r);
         let mut seq = end;
         for record in r.io.iter_mut().filter(|record| record.sectors.start == sector) {
@@ -867,16 +867,16 @@ fn rule_8_without_ignore_error_no_sub_job_starts_after_an_error() {
     clippy::too_many_lines,
     reason = "a list of perturbations of the same true runs, each refused by this rule: split, each piece would rebuild the runs it perturbs"
 )]
-fn rule_9_no_sub_job_starts_after_a_cancel_and_cancelled_is_exact() {
+fn rule_9_no_subjob_starts_after_a_cancel_and_cancelled_is_exact() {
     let run = cancelled();
     let first_untaken = run.outcome().targets[0].not_copied.ranges()[0].start;
     let violations =
-        run.tampered(|r| append(r, DiskRef::Source(0), IoKind::Read, first_untaken..first_untaken + CHUNK));
+        run.tampered(|r| append(r, DiskRef::Source(0), IoKind::Read, first_untaken..first_untaken + SUBJOB_SECTORS));
     fires(
         "9",
         "a read after the cancel",
         &violations,
-        &format!("sub-job {} started after the job was cancelled", first_untaken / CHUNK),
+        &format!("sub-job {} started after the job was cancelled", first_untaken / SUBJOB_SECTORS),
     );
     let violations = run.tampered(|r| outcome(r).cancelled = false);
     fires(
@@ -902,13 +902,13 @@ fn rule_9_no_sub_job_starts_after_a_cancel_and_cancelled_is_exact() {
                 done_us: 0,
                 disk: DiskRef::Source(0),
                 kind: IoKind::Read,
-                sectors: sector..sector + CHUNK,
+                sectors: sector..sector + SUBJOB_SECTORS,
                 phase: 1,
                 issued: last,
                 done: last + 2,
                 ok: true,
             });
-            sector += CHUNK;
+            sector += SUBJOB_SECTORS;
         }
     });
     fires(
@@ -922,8 +922,8 @@ fn rule_9_no_sub_job_starts_after_a_cancel_and_cancelled_is_exact() {
     let violations = run.tampered(|r| {
         let mut sector = first_untaken;
         while sector < 128 {
-            append(r, DiskRef::Source(0), IoKind::Read, sector..sector + CHUNK);
-            sector += CHUNK;
+            append(r, DiskRef::Source(0), IoKind::Read, sector..sector + SUBJOB_SECTORS);
+            sector += SUBJOB_SECTORS;
         }
         outcome(r).cancelled = false;
     });
@@ -981,15 +981,16 @@ fn rule_9_no_sub_job_starts_after_a_cancel_and_cancelled_is_exact() {
 
     // The same of a WRITE_SEQ copy job and of a zero job.
     for (what, run) in [("WRITE_SEQ", cancelled_in_sequence()), ("zero job", zero_cancelled())] {
-        let first_untaken = run.outcome().targets[0].not_copied.ranges().last().unwrap().start.next_multiple_of(CHUNK);
+        let first_untaken =
+            run.outcome().targets[0].not_copied.ranges().last().unwrap().start.next_multiple_of(SUBJOB_SECTORS);
         let (disk, kind) =
             if what == "zero job" { (DiskRef::Target(0), IoKind::Write) } else { (DiskRef::Source(0), IoKind::Read) };
-        let violations = run.tampered(|r| append(r, disk, kind, first_untaken..first_untaken + CHUNK));
+        let violations = run.tampered(|r| append(r, disk, kind, first_untaken..first_untaken + SUBJOB_SECTORS));
         fires(
             "9",
             what,
             &violations,
-            &format!("sub-job {} started after the job was cancelled", first_untaken / CHUNK),
+            &format!("sub-job {} started after the job was cancelled", first_untaken / SUBJOB_SECTORS),
         );
         let violations = run.tampered(|r| outcome(r).cancelled = false);
         fires("9", what, &violations, "job 0: cancelled false but the cancel came before its last sub-job was taken");
@@ -1042,7 +1043,7 @@ fn rule_10_write_seq_writes_one_after_another_upwards() {
 }
 
 #[test]
-fn rule_11_sub_jobs_in_flight_and_pages_stay_within_their_limits() {
+fn rule_11_subjobs_in_flight_and_pages_stay_within_their_limits() {
     let run = stopping_on_a_write_error(); // one sub-job in flight
     let violations = run.tampered(|r| {
         let first = request(r, DiskRef::Source(0), IoKind::Read, 0);
@@ -1051,7 +1052,7 @@ fn rule_11_sub_jobs_in_flight_and_pages_stay_within_their_limits() {
     });
     fires("11", "two sub-jobs in flight", &violations, "job 0 (phase 1): 2 sub-jobs in flight at trace position");
 
-    // Two sub-jobs of one page each in flight, over a budget of one page (the same chunking:
+    // Two sub-jobs of one page each in flight, over a budget of one page (the same cut into sub-jobs:
     // budget 1 page = 8 sectors).
     let mut two_pages = inputs(vec![copy(48, &[0])], 1, 2);
     two_pages.page_budget = 2;
@@ -1081,10 +1082,10 @@ fn rule_11_sub_jobs_in_flight_and_pages_stay_within_their_limits() {
 
     // Pages are counted per sub-job from its sectors: two sub-jobs of 32 sectors (4 pages each)
     // hold 8 pages, over a budget of 7 (which still allows sub-jobs of 32 sectors).
-    let mut big_sub_jobs = inputs(vec![copy(128, &[0])], 1, 2);
-    big_sub_jobs.sub_job_units = 32;
-    big_sub_jobs.page_budget = 8;
-    let run = Accepted::run("sub-jobs of 4 pages", big_sub_jobs);
+    let mut big_subjobs = inputs(vec![copy(128, &[0])], 1, 2);
+    big_subjobs.subjob_units = 32;
+    big_subjobs.page_budget = 8;
+    let run = Accepted::run("sub-jobs of 4 pages", big_subjobs);
     let violations = run.with_scenario(|s| s.config.page_budget = 7);
     fires("11", "8 pages over a budget of 7", &violations, "phase 1: copy sub-jobs in flight hold at least 8 pages");
     // A zero job holds no pages.
@@ -1111,7 +1112,7 @@ fn rule_11_sub_jobs_in_flight_and_pages_stay_within_their_limits() {
     clippy::too_many_lines,
     reason = "a list of perturbations of the same true runs, each refused by this rule: split, each piece would rebuild the runs it perturbs"
 )]
-fn rule_12_every_request_is_whole_blocks_of_one_sub_job_of_one_region() {
+fn rule_12_every_request_is_whole_blocks_of_one_subjob_of_one_region() {
     let run = clean();
     let cases: Vec<(&str, Vec<String>, &str)> = vec![
         (
@@ -1186,12 +1187,12 @@ fn rule_12_every_request_is_whole_blocks_of_one_sub_job_of_one_region() {
         let i = request(r, DiskRef::Target(0), IoKind::WriteZeroes, 0);
         r.io[i].kind = IoKind::Write;
         r.io[i].sectors = 0..8;
-        for sector in (8..48).step_by(CHUNK as usize) {
-            append(r, DiskRef::Target(0), IoKind::Write, sector..sector + CHUNK);
+        for sector in (8..48).step_by(SUBJOB_SECTORS as usize) {
+            append(r, DiskRef::Target(0), IoKind::Write, sector..sector + SUBJOB_SECTORS);
         }
     });
     fires("12", "plain writes", &violations, &format!("{message} [(Write, 0..8), (Write, 8..16)"));
-    let removed = |r: &mut Report| {
+    let removed = |r: &mut SwarmReport| {
         let i = request(r, DiskRef::Target(0), IoKind::WriteZeroes, 0);
         r.io.remove(i).issued
     };
@@ -1217,18 +1218,18 @@ fn rule_13_a_run_that_does_not_finish_is_a_deadlock() {
 }
 
 /// The sequence number of the first `mark` in `report`.
-fn mark_at(report: &Report, mark: Mark) -> u64 {
+fn mark_at(report: &SwarmReport, mark: Mark) -> u64 {
     report.marks.iter().find(|(_, m)| *m == mark).unwrap_or_else(|| panic!("no {mark:?} in {:?}", report.marks)).0
 }
 
 /// Moves the first `mark` in `report` to sequence number `seq`.
-fn move_mark(report: &mut Report, mark: Mark, seq: u64) {
+fn move_mark(report: &mut SwarmReport, mark: Mark, seq: u64) {
     let entry = report.marks.iter_mut().find(|(_, m)| *m == mark).unwrap_or_else(|| panic!("no {mark:?}"));
     entry.0 = seq;
 }
 
 /// Removes every `mark` from `report`.
-fn drop_marks(report: &mut Report, mark: Mark) {
+fn drop_marks(report: &mut SwarmReport, mark: Mark) {
     report.marks.retain(|(_, m)| *m != mark);
 }
 
@@ -1426,7 +1427,7 @@ fn region(device: usize, start_sector: u64, len_sectors: u64) -> RegionInputs {
 #[test]
 fn validation_reports_an_engine_that_disagrees_with_the_reference() {
     // Devices: 64 sectors of 512-byte blocks, 64 sectors of 4 KiB blocks.
-    let case = |source: Option<RegionInputs>, targets: Vec<RegionInputs>| Case {
+    let case = |source: Option<RegionInputs>, targets: Vec<RegionInputs>| ValidationCase {
         devices: vec![(64, 512), (64, 4096)],
         source,
         targets,
@@ -1434,32 +1435,32 @@ fn validation_reports_an_engine_that_disagrees_with_the_reference() {
         zero_block_bytes: None,
         throttle: None,
     };
-    let throttled = |busy_percent: Option<u32>, rate_bytes_per_s: Option<u64>| Case {
+    let throttled = |busy_percent: Option<u32>, rate_bytes_per_s: Option<u64>| ValidationCase {
         throttle: Some(kcopyd_core::Throttle { busy_percent, rate_bytes_per_s }),
         ..case(Some(region(0, 0, 8)), vec![region(0, 8, 8)])
     };
-    let sparse = |zero_block_bytes: u32| Case {
+    let sparse = |zero_block_bytes: u32| ValidationCase {
         zero_block_bytes: Some(zero_block_bytes),
         ..case(Some(region(0, 0, 8)), vec![region(0, 8, 8)])
     };
     // One case per rule: the engine's refusal must be named as that rule, with its indices,
     // device and sectors; checked against an empty list, it is a disagreement naming the rule.
-    let cases: Vec<(Case, Broken)> = vec![
-        (case(Some(region(0, 0, 8)), vec![]), Broken::NoTargets),
-        (case(None, (0..=TARGETS_MAX as u64).map(|i| region(0, i % 8, 0)).collect()), Broken::TooManyTargets),
-        (case(Some(region(0, 0, 8)), vec![region(0, 16, 8), region(0, 32, 4)]), Broken::CountMismatch(1)),
-        (case(Some(region(0, 60, 8)), vec![region(0, 0, 8)]), Broken::OutOfRange(0, 60..68)),
-        (case(Some(region(0, 0, 8)), vec![region(1, 4, 8)]), Broken::Misaligned(1, 4..12)),
-        (case(Some(region(0, 8, 8)), vec![region(0, 12, 8)]), Broken::TargetOverlapsSource(0)),
+    let cases: Vec<(ValidationCase, BrokenRule)> = vec![
+        (case(Some(region(0, 0, 8)), vec![]), BrokenRule::NoTargets),
+        (case(None, (0..=TARGETS_MAX as u64).map(|i| region(0, i % 8, 0)).collect()), BrokenRule::TooManyTargets),
+        (case(Some(region(0, 0, 8)), vec![region(0, 16, 8), region(0, 32, 4)]), BrokenRule::CountMismatch(1)),
+        (case(Some(region(0, 60, 8)), vec![region(0, 0, 8)]), BrokenRule::OutOfRange(0, 60..68)),
+        (case(Some(region(0, 0, 8)), vec![region(1, 4, 8)]), BrokenRule::Misaligned(1, 4..12)),
+        (case(Some(region(0, 8, 8)), vec![region(0, 12, 8)]), BrokenRule::TargetOverlapsSource(0)),
         (
             case(None, vec![region(1, 8, 8), region(0, 0, 8), region(1, 0, 8), region(1, 0, 8)]),
-            Broken::TargetsOverlap(2, 3),
+            BrokenRule::TargetsOverlap(2, 3),
         ),
-        (sparse(768), Broken::ZeroBlockSize(768)),
-        (sparse(256), Broken::ZeroBlockSize(256)),
-        (throttled(Some(0), None), Broken::ThrottleBusy(0)),
-        (throttled(Some(101), Some(1 << 20)), Broken::ThrottleBusy(101)),
-        (throttled(None, Some(0)), Broken::ThrottleRate),
+        (sparse(768), BrokenRule::ZeroBlockSize(768)),
+        (sparse(256), BrokenRule::ZeroBlockSize(256)),
+        (throttled(Some(0), None), BrokenRule::ThrottleBusy(0)),
+        (throttled(Some(101), Some(1 << 20)), BrokenRule::ThrottleBusy(101)),
+        (throttled(None, Some(0)), BrokenRule::ThrottleRate),
     ];
     for (case, rule) in cases {
         let reference = case.reference();
@@ -1483,7 +1484,7 @@ fn validation_reports_an_engine_that_disagrees_with_the_reference() {
     let valid = case(Some(region(0, 0, 8)), vec![region(0, 8, 8), region(1, 0, 8)]);
     assert!(valid.reference().is_empty());
     assert!(valid.check().is_empty());
-    let problems = valid.check_against(&[Broken::TargetsOverlap(0, 1)]);
+    let problems = valid.check_against(&[BrokenRule::TargetsOverlap(0, 1)]);
     assert!(
         problems.iter().any(|p| p.starts_with("accepted, but it breaks [TargetsOverlap(0, 1)]")),
         "validation: an acceptance the reference does not expect is reported: {problems:?}"
@@ -1492,7 +1493,7 @@ fn validation_reports_an_engine_that_disagrees_with_the_reference() {
     // with it and the one it is set on are reported.
     let limited = throttled(Some(100), Some(u64::MAX));
     assert_eq!(limited.check(), Vec::<String>::new());
-    let problems = limited.check_against(&[Broken::ThrottleRate]);
+    let problems = limited.check_against(&[BrokenRule::ThrottleRate]);
     assert!(
         problems.iter().any(|p| p.contains("started, but it breaks [ThrottleRate]"))
             && problems.iter().any(|p| p.contains("set, but it breaks [ThrottleRate]")),
@@ -1528,14 +1529,14 @@ fn rule_17_a_rate_limited_client_stays_within_its_rate() {
 }
 
 /// The statistics of `report`, to change.
-fn stats(report: &mut Report) -> &mut kcopyd_core::ClientStats {
+fn stats(report: &mut SwarmReport) -> &mut kcopyd_core::ClientStats {
     report.stats.as_mut().expect("statistics after the shutdown")
 }
 
 #[test]
 fn rule_19_statistics_agree_with_the_outcomes_and_the_io_log() {
     let run = ignoring_errors();
-    let stats_of = |r: &Report| r.stats.clone().expect("statistics");
+    let stats_of = |r: &SwarmReport| r.stats.clone().expect("statistics");
     assert_eq!(stats_of(&run.report).jobs_failed, 1);
     // Jobs: one more submitted, completed, failed or cancelled than the outcomes say.
     let violations = run.tampered(|r| stats(r).jobs_submitted += 1);
@@ -1547,7 +1548,7 @@ fn rule_19_statistics_agree_with_the_outcomes_and_the_io_log() {
     let violations = cancelled().tampered(|r| stats(r).jobs_cancelled = 0);
     fires("19", "cancelled", &violations, "statistics: jobs submitted, completed, failed, cancelled (1, 1, 0, 0)");
     // Requests per device and operation.
-    let device = |r: &mut Report, name: &str| -> usize {
+    let device = |r: &mut SwarmReport, name: &str| -> usize {
         stats(r).devices.iter().position(|d| d.name == name).expect("the device")
     };
     let violations = run.tampered(|r| {

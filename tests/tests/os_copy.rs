@@ -92,9 +92,8 @@ fn copy_file_to_three_files_with_a_small_page_budget() {
         targets.iter().map(|target| region(target, 0, LEN_SECTORS)).collect(),
         Flags::empty(),
     );
-    let client =
-        Client::new(ClientConfig { page_budget: 16, sub_job_size_bytes: 64 * 1024, ..ClientConfig::default() })
-            .expect("a client");
+    let client = Client::new(ClientConfig { page_budget: 16, subjob_size_bytes: 64 * 1024, ..ClientConfig::default() })
+        .expect("a client");
     let outcome = client.submit_blocking(job).unwrap().wait();
     client.shutdown_blocking();
     assert!(outcome.is_ok(), "{outcome:?}");
@@ -466,7 +465,7 @@ mod uring {
         );
         // Small sub-jobs, several in flight, and a budget that makes reads wait for writes.
         let client =
-            Client::new(ClientConfig { page_budget: 64, sub_job_size_bytes: 128 * 1024, ..ClientConfig::default() })
+            Client::new(ClientConfig { page_budget: 64, subjob_size_bytes: 128 * 1024, ..ClientConfig::default() })
                 .expect("a client");
         let outcome = client.submit_blocking(job).unwrap().wait();
         assert_eq!(client.shutdown_blocking().pool.pages_in_use, 0);

@@ -68,7 +68,7 @@ proptest! {
     /// touches no device when it does.
     #[test]
     fn submit_refuses_exactly_what_the_reference_refuses(seed in any::<u64>()) {
-        let case = validation::Case::from_seed(seed);
+        let case = validation::ValidationCase::from_seed(seed);
         let problems = case.check();
         prop_assert!(problems.is_empty(), "{problems:?}\ncase: {}", serde_json::to_string(&case).unwrap());
     }
@@ -86,7 +86,7 @@ proptest! {
     /// where zeroes are cheap, and not at all onto a target said to be zero.
     #[test]
     fn sparse_copies_read_what_is_allocated_and_leave_targets_equal_to_the_source(seed in any::<u64>()) {
-        let case = sparse_case::Case::from_seed(seed);
+        let case = sparse_case::SparseCase::from_seed(seed);
         let problems = case.check();
         prop_assert!(problems.is_empty(), "{problems:?}\ncase: {}", serde_json::to_string(&case).unwrap());
     }

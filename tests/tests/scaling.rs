@@ -90,7 +90,7 @@ impl Hooks for Counting {
 }
 
 #[test]
-fn a_request_is_polled_a_few_times_however_many_sub_jobs_are_in_flight() {
+fn a_request_is_polled_a_few_times_however_many_subjobs_are_in_flight() {
     let len_sectors = 32 * 2048; // 32 MiB in 512 sub-jobs of 64 KiB
     // Requests take time and overlap (64 deep), so that many wait at once.
     let model = IoModel { cost_us: 50, bandwidth_bytes_per_s: 2_000_000_000, queue_depth: 64, jitter_us: 20 };
@@ -109,7 +109,7 @@ fn a_request_is_polled_a_few_times_however_many_sub_jobs_are_in_flight() {
         let target = counting(disk("target"));
         let config = ClientConfig {
             page_budget: 16 * subjobs_in_flight,
-            sub_job_size_bytes: 64 << 10,
+            subjob_size_bytes: 64 << 10,
             subjobs_in_flight,
             ..ClientConfig::default()
         };

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use kcopyd_sim::explore::{self, Report, Scenario, ScenarioError, Vary, parse_tree, parse_value, set_path};
+use kcopyd_sim::explore::{self, Scenario, ScenarioError, ScenarioReport, Vary, parse_tree, parse_value, set_path};
 
 fn scenarios_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios")
@@ -24,11 +24,11 @@ fn scenario(name: &str, edits: &[(&str, &str)]) -> Scenario {
     Scenario::from_value_in(tree, &scenarios_dir()).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
-fn run(name: &str, edits: &[(&str, &str)]) -> Report {
+fn run(name: &str, edits: &[(&str, &str)]) -> ScenarioReport {
     explore::run(&scenario(name, edits)).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
-fn disk<'a>(report: &'a Report, name: &str) -> &'a explore::DiskReport {
+fn disk<'a>(report: &'a ScenarioReport, name: &str) -> &'a explore::DiskReport {
     report.disks.iter().find(|d| d.disk == name).expect("the disk is reported")
 }
 
@@ -72,7 +72,7 @@ fn subjob_study_on_the_ssd_model_shows_the_kernels_shape() {
     let throughput: Vec<f64> = ["64K", "128K", "256K", "512K"]
         .iter()
         .map(|size| {
-            run("subjob-study", &[("jobs.0.count", "24"), ("client.sub_job_size_bytes", size)]).throughput_mb_per_s
+            run("subjob-study", &[("jobs.0.count", "24"), ("client.subjob_size_bytes", size)]).throughput_mb_per_s
         })
         .collect();
     assert!(throughput.windows(2).all(|w| w[1] > w[0] * 0.97), "grows from 64K to 512K: {throughput:?}");
@@ -86,7 +86,7 @@ fn subjob_study_on_the_hdd_model_wants_bytes_in_flight() {
     let at = |size: &str, depth: &str| {
         run(
             "subjob-study-hdd",
-            &[("jobs.0.count", "2"), ("client.sub_job_size_bytes", size), ("client.subjobs_in_flight", depth)],
+            &[("jobs.0.count", "2"), ("client.subjob_size_bytes", size), ("client.subjobs_in_flight", depth)],
         )
         .throughput_mb_per_s
     };
@@ -352,8 +352,8 @@ targets = ["b"]
 #[test]
 fn bad_scenarios_name_what_is_wrong() {
     let error = |text: &str| Scenario::from_toml(text).unwrap_err();
-    let unknown_key = error(&SMALL.replace("seed = 1", "seed = 1\n[client]\nsub_job_size = 4096")).to_string();
-    assert!(unknown_key.contains("sub_job_size"), "{unknown_key}");
+    let unknown_key = error(&SMALL.replace("seed = 1", "seed = 1\n[client]\nsubjob_size = 4096")).to_string();
+    assert!(unknown_key.contains("subjob_size"), "{unknown_key}");
     let unknown_disk_key = error(&SMALL.replace("content = \"zero\"", "colour = \"zero\"")).to_string();
     assert!(unknown_disk_key.contains("colour"), "{unknown_disk_key}");
     assert!(
@@ -408,7 +408,7 @@ fn sparse_scenarios_run_headers_only_unless_told_and_the_answer_is_the_same() {
 fn a_sweep_runs_the_cross_product_in_order() {
     let tree = parse_tree(SMALL).unwrap();
     let varies = [
-        Vary::parse("client.sub_job_size_bytes=64K,256K").unwrap(),
+        Vary::parse("client.subjob_size_bytes=64K,256K").unwrap(),
         Vary::parse("client.subjobs_in_flight=1,4").unwrap(),
     ];
     let done = std::sync::atomic::AtomicUsize::new(0);
@@ -532,4 +532,25 @@ fn disks_take_their_timing_from_a_model_file_and_may_share_one_device() {
         assert!(error.to_string().contains(needle), "{error}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_scenario_with_the_old_key_names_still_reads_and_old_edits_set_the_new_key() {
+    let new = Scenario::from_toml(&format!("{SMALL}[client]\nsubjob_size_bytes = \"64K\"\n")).unwrap();
+    let old = Scenario::from_toml(&format!("{SMALL}[client]\nsub_job_size_bytes = \"64K\"\n")).unwrap();
+    assert_eq!(old.client.subjob_size_bytes, 64 << 10);
+    assert_eq!(old.client, new.client);
+    // An edit by the old name (`--vary client.sub_job_size_bytes=…`) replaces the key, in a
+    // file of either spelling.
+    for file in ["subjob_size_bytes", "sub_job_size_bytes"] {
+        let mut tree = parse_tree(&format!("{SMALL}[client]\n{file} = \"64K\"\n")).unwrap();
+        set_path(&mut tree, "client.sub_job_size_bytes", parse_value("256K")).unwrap();
+        assert_eq!(Scenario::from_value(tree).unwrap().client.subjob_size_bytes, 256 << 10, "{file}");
+    }
+    let both = format!("{SMALL}[client]\nsub_job_size_bytes = \"64K\"\nsubjob_size_bytes = \"64K\"\n");
+    let error = Scenario::from_toml(&both).unwrap_err().to_string();
+    assert!(error.contains("client.subjob_size_bytes") && error.contains("old name 'sub_job_size_bytes'"), "{error}");
+    // The engine's own configuration reads the old name too.
+    let config: kcopyd_core::ClientConfig = serde_json::from_str(r#"{ "sub_job_size_bytes": 65536 }"#).unwrap();
+    assert_eq!(config.subjob_size_bytes, 64 << 10);
 }

@@ -18,7 +18,7 @@ const JOB_SECTORS: u64 = 16;
 /// One race: submitters and a shutdown released together; checks every accepted job. Returns
 /// how many submissions were accepted, the report's job count, and how many were refused.
 fn race(iteration: usize) -> (usize, u64, usize) {
-    let config = ClientConfig { page_budget: 4, sub_job_size_bytes: 4096, ..ClientConfig::default() };
+    let config = ClientConfig { page_budget: 4, subjob_size_bytes: 4096, ..ClientConfig::default() };
     let client = Client::new(config).unwrap();
     let total = (SUBMITTERS * JOBS_EACH) as u64 * JOB_SECTORS;
     let source = patterned("source", total, 512, iteration as u64);

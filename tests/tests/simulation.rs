@@ -14,7 +14,7 @@ use kcopyd_tests::scenario::{Inputs, run};
 /// virtual time; returns the model time the job took.
 fn timed_copy(read: IoModel, write: IoModel, len_sectors: u64) -> Duration {
     // The kernel's shape, which the models below are worked out for.
-    let config = ClientConfig { sub_job_size_bytes: 512 * 1024, subjobs_in_flight: 8, ..ClientConfig::default() };
+    let config = ClientConfig { subjob_size_bytes: 512 * 1024, subjobs_in_flight: 8, ..ClientConfig::default() };
     Simulation::run(config, |client, _trace| async move {
         let source = Arc::new(MemDisk::new(MemDiskOptions {
             name: "source".into(),
@@ -358,7 +358,7 @@ fn timed_copy_with(
     subjobs_in_flight: usize,
 ) -> Duration {
     let len_sectors = 64 * 2048;
-    let config = ClientConfig { sub_job_size_bytes: 1 << 20, subjobs_in_flight, ..ClientConfig::default() };
+    let config = ClientConfig { subjob_size_bytes: 1 << 20, subjobs_in_flight, ..ClientConfig::default() };
     Simulation::run(config, |client, _trace| async move {
         let options = |name: &str| MemDiskOptions {
             name: name.into(),
@@ -414,7 +414,7 @@ fn a_shared_path_on_one_disk_serialises_its_reads_and_writes() {
             path: kcopyd_sim::PathModel { shared, ..kcopyd_sim::PathModel::default() },
             ..Latency::default()
         };
-        let config = ClientConfig { sub_job_size_bytes: 1 << 20, subjobs_in_flight: 4, ..ClientConfig::default() };
+        let config = ClientConfig { subjob_size_bytes: 1 << 20, subjobs_in_flight: 4, ..ClientConfig::default() };
         Simulation::run(config, |client, _trace| async move {
             let half = 64 * 2048;
             let disk: Device =
@@ -443,7 +443,7 @@ fn a_spinning_disk_pays_a_seek_each_time_a_copy_switches_between_two_areas() {
         path: kcopyd_sim::PathModel { shared: true, seek, ..kcopyd_sim::PathModel::default() },
         ..Latency::default()
     };
-    let config = ClientConfig { sub_job_size_bytes: 1 << 20, subjobs_in_flight: 1, ..ClientConfig::default() };
+    let config = ClientConfig { subjob_size_bytes: 1 << 20, subjobs_in_flight: 1, ..ClientConfig::default() };
     let elapsed = Simulation::run(config, |client, _trace| async move {
         let half = 16 * 2048;
         let disk: Device =
@@ -478,7 +478,7 @@ fn a_remote_source_needs_requests_in_flight_to_fill_its_link() {
     let copy_with = |in_flight: usize| {
         let latency = remote.clone();
         let config =
-            ClientConfig { sub_job_size_bytes: 1 << 20, subjobs_in_flight: in_flight, ..ClientConfig::default() };
+            ClientConfig { subjob_size_bytes: 1 << 20, subjobs_in_flight: in_flight, ..ClientConfig::default() };
         Simulation::run(config, |client, _trace| async move {
             let len_sectors = 64 * 2048;
             let source: Device =

@@ -22,7 +22,7 @@ fn disk(name: &str, len_sectors: u64, cost_us: u64, write_zeroes: bool) -> Arc<M
 
 #[test]
 fn stats_count_jobs_by_outcome_and_io_per_device_with_exact_latencies() {
-    let config = ClientConfig { sub_job_size_bytes: 512 * 1024, page_budget: 512, ..ClientConfig::default() };
+    let config = ClientConfig { subjob_size_bytes: 512 * 1024, page_budget: 512, ..ClientConfig::default() };
     let stats = Simulation::run(config, |client, _trace| async move {
         assert_eq!(client.stats().jobs_submitted, 0);
         let source = disk("source", 4096, 1000, false); // 2 MiB, 1 ms per request
@@ -96,7 +96,7 @@ fn stats_count_jobs_by_outcome_and_io_per_device_with_exact_latencies() {
 #[test]
 fn waiting_for_pages_is_counted() {
     // One sub-job's pages for two jobs: the second waits for the first, 2 ms (read + write).
-    let config = ClientConfig { sub_job_size_bytes: 64 * 1024, page_budget: 16, ..ClientConfig::default() };
+    let config = ClientConfig { subjob_size_bytes: 64 * 1024, page_budget: 16, ..ClientConfig::default() };
     let stats = Simulation::run(config, |client, _trace| async move {
         let source = disk("source", 256, 1000, false);
         let target = disk("target", 256, 1000, false);

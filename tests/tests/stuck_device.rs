@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 /// 64 KiB sub-jobs (16 pages), a 100 ms timeout.
 fn config() -> ClientConfig {
-    ClientConfig { sub_job_size_bytes: 64 * 1024, io_timeout_ms: Some(100), ..ClientConfig::default() }
+    ClientConfig { subjob_size_bytes: 64 * 1024, io_timeout_ms: Some(100), ..ClientConfig::default() }
 }
 
 /// Lets the simulation run for `ms` of model time.

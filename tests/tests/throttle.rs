@@ -62,7 +62,7 @@ fn copy_job(source: &Arc<MemDisk>, target: &Arc<MemDisk>, len_sectors: u64) -> J
 
 fn config(throttle: Throttle) -> ClientConfig {
     // The kernel's shape (512 KiB sub-jobs, 8 in flight), which the expectations below count in.
-    ClientConfig { throttle, sub_job_size_bytes: 512 * 1024, subjobs_in_flight: 8, ..ClientConfig::default() }
+    ClientConfig { throttle, subjob_size_bytes: 512 * 1024, subjobs_in_flight: 8, ..ClientConfig::default() }
 }
 
 /// Copies `len_sectors` between disks of timing `latency` with `throttle` and returns the
@@ -181,7 +181,7 @@ fn another_unthrottled_client_is_not_slowed() {
 }
 
 #[test]
-fn a_callback_runs_when_its_last_write_lands_while_other_sub_jobs_wait_for_the_throttle() {
+fn a_callback_runs_when_its_last_write_lands_while_other_subjobs_wait_for_the_throttle() {
     let throttled = Throttle { busy_percent: Some(30), rate_bytes_per_s: Some(10_000_000) };
     let (callback_at, last_write_at) = Simulation::run(config(throttled), |client, trace| async move {
         let (big_source, big_target) = (disk("big-source", LEN_SECTORS, 3), disk("big-target", LEN_SECTORS, 4));
@@ -219,7 +219,7 @@ fn event_times(trace: &Trace) -> (u64, u64) {
 }
 
 #[test]
-fn cancel_completes_a_job_whose_sub_jobs_wait_for_the_throttle() {
+fn cancel_completes_a_job_whose_subjobs_wait_for_the_throttle() {
     // 1 MB/s: each 512 KiB sub-job waits half a second for the bucket.
     let crawl = Throttle { rate_bytes_per_s: Some(1_000_000), ..Throttle::OFF };
     let (took, outcome) = Simulation::run(config(crawl), |client, _trace| async move {
@@ -296,7 +296,7 @@ fn run_mix(throttle: Throttle, changed: Throttle, change_after_us: u64, page_bud
     let config = ClientConfig {
         throttle,
         page_budget,
-        sub_job_size_bytes: 64 * 1024,
+        subjob_size_bytes: 64 * 1024,
         subjobs_in_flight: 4,
         ..ClientConfig::default()
     };

@@ -41,10 +41,10 @@ fn copy(source: &Arc<MemDisk>, target: &Arc<MemDisk>, len_sectors: u64) -> Job {
 }
 
 #[test]
-fn a_stopped_throttled_job_gives_up_its_waiting_sub_jobs_at_once() {
+fn a_stopped_throttled_job_gives_up_its_waiting_subjobs_at_once() {
     let throttle = Throttle { rate_bytes_per_s: Some(RATE_BYTES_PER_S), ..Throttle::OFF };
     let config =
-        ClientConfig { throttle, sub_job_size_bytes: 512 * 1024, subjobs_in_flight: 8, ..ClientConfig::default() };
+        ClientConfig { throttle, subjob_size_bytes: 512 * 1024, subjobs_in_flight: 8, ..ClientConfig::default() };
     let len_sectors = 16 * SUBJOB_SECTORS;
     let (failed_at, other_at, outcome, other_ok) = Simulation::run(config, |client, _trace| async move {
         let (source, target) = (disk("source", len_sectors, 1), disk("target", len_sectors, 2));

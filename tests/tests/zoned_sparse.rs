@@ -27,7 +27,7 @@ struct ZonedCase {
     zone_blocks: u64,
     /// 512 or 4096-byte blocks on every disk.
     block: u32,
-    sub_job_blocks: u64,
+    subjob_blocks: u64,
     /// Source runs holding data (in blocks: start, length); the rest is holes.
     allocated: Vec<(u64, u64)>,
     skip_holes: bool,
@@ -54,14 +54,14 @@ fn arb_case() -> impl Strategy<Value = ZonedCase> {
     )
         .prop_map(
             |(
-                (zone_blocks, block, sub_job_blocks),
+                (zone_blocks, block, subjob_blocks),
                 allocated,
                 (skip_holes, zero_block, target_zeroes, write_zeroes),
                 (source_start_blocks, target_zone, len_blocks),
             )| ZonedCase {
                 zone_blocks,
                 block,
-                sub_job_blocks,
+                subjob_blocks,
                 allocated,
                 skip_holes,
                 zero_block,
@@ -100,7 +100,7 @@ fn check(case: &ZonedCase) -> Result<(), TestCaseError> {
     };
     let config = ClientConfig {
         page_budget: 64,
-        sub_job_size_bytes: (case.sub_job_blocks * u64::from(case.block)).min(64 * 4096) as usize,
+        subjob_size_bytes: (case.subjob_blocks * u64::from(case.block)).min(64 * 4096) as usize,
         ..ClientConfig::default()
     };
     let client = Client::new(config).unwrap();
@@ -122,7 +122,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
 
     #[test]
-    fn zoned_copies_work_with_any_sub_job_size_and_allocation(case in arb_case()) {
+    fn zoned_copies_work_with_any_subjob_size_and_allocation(case in arb_case()) {
         check(&case)?;
     }
 }
@@ -134,7 +134,7 @@ fn a_hole_from_an_allocation_boundary_stops_at_the_zone_end() {
     let case = ZonedCase {
         zone_blocks: 64,
         block: 512,
-        sub_job_blocks: 16,
+        subjob_blocks: 16,
         allocated: vec![(0, 40)],
         skip_holes: true,
         zero_block: false,
@@ -197,7 +197,7 @@ fn skipping_zeroes_on_a_zoned_target_writes_them_all_the_same() {
     let case = ZonedCase {
         zone_blocks: 64,
         block: 512,
-        sub_job_blocks: 16,
+        subjob_blocks: 16,
         allocated: vec![(0, 40), (100, 8)],
         skip_holes: true,
         zero_block: true,
@@ -211,13 +211,13 @@ fn skipping_zeroes_on_a_zoned_target_writes_them_all_the_same() {
 }
 
 #[test]
-fn a_plain_copy_with_sub_jobs_larger_than_a_zone_is_cut_per_zone() {
+fn a_plain_copy_with_subjobs_larger_than_a_zone_is_cut_per_zone() {
     // The smallest case the property found before sub-jobs were cut: one-block zones,
     // two-block sub-jobs, no sparseness at all.
     let case = ZonedCase {
         zone_blocks: 1,
         block: 512,
-        sub_job_blocks: 2,
+        subjob_blocks: 2,
         allocated: vec![],
         skip_holes: false,
         zero_block: false,

@@ -16,7 +16,7 @@ use std::time::Duration;
 use kcopyd_sim::DiskModel;
 use kcopyd_sim::explore::{
     self,
-    calibrate::{CalibrateError, QUEUE_DEPTH_MAX, SCRATCH_BYTES_MIN, SPREAD_WARNING, Step},
+    calibrate::{CalibrateError, CalibrationPlan, QUEUE_DEPTH_MAX, SCRATCH_BYTES_MIN, SPREAD_WARNING, Step},
 };
 use kcopyd_tool::scratch::{Scratch, ScratchError};
 
@@ -27,21 +27,6 @@ use crate::error::{CliError, Status, open_reason};
 use crate::progress;
 use crate::progress::Interrupts;
 use crate::size::Bytes;
-
-/// What calibration measures, and whether it shows a progress bar.
-#[derive(Debug, Clone)]
-pub struct Plan {
-    /// I/O sizes.
-    pub io_sizes_bytes: Vec<u64>,
-    /// Requests in flight.
-    pub queue_depths: Vec<usize>,
-    /// How long each point runs.
-    pub point_time: Duration,
-    /// Rounds over every point; each point's median counts.
-    pub rounds: usize,
-    /// Show a progress bar.
-    pub bars: bool,
-}
 
 /// Opens the scratch range (see [`Scratch::open`]); a file created here is removed also if
 /// a signal quits the command at once (unless kept).
@@ -102,24 +87,19 @@ fn scratch_error(error: ScratchError) -> CliError {
     }
 }
 
-/// Measures every point of `plan` on `scratch` and fits a model.
+/// Measures every point of `plan` on `scratch` and fits a model, with a progress bar if
+/// `bars`.
 ///
 /// # Errors
 /// A plan out of bounds, or an I/O error on the device.
-pub async fn calibrate(scratch: &Scratch, plan: &Plan) -> Result<Calibrated, CliError> {
-    let library_plan = explore::calibrate::Plan {
-        io_sizes_bytes: plan.io_sizes_bytes.clone(),
-        queue_depths: plan.queue_depths.clone(),
-        point_time: plan.point_time,
-        rounds: plan.rounds,
-    };
-    let range = explore::calibrate::Scratch {
+pub async fn calibrate(scratch: &Scratch, plan: &CalibrationPlan, bars: bool) -> Result<Calibrated, CliError> {
+    let range = explore::calibrate::ScratchRange {
         device: scratch.device.clone(),
         offset_bytes: scratch.offset_bytes,
         len_bytes: scratch.len_bytes,
     };
-    library_plan.check(&range).map_err(plan_error)?;
-    let bar = progress::byte_bar(plan.bars, 1, "calibrate");
+    plan.check(&range).map_err(plan_error)?;
+    let bar = progress::byte_bar(bars, 1, "calibrate");
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg:<28} [{wide_bar}] {pos}/{len} points ETA {eta}")
             .expect("a valid template")
@@ -130,7 +110,7 @@ pub async fn calibrate(scratch: &Scratch, plan: &Plan) -> Result<Calibrated, Cli
         bar.set_position(step.done);
         bar.set_message(step.message);
     };
-    let calibrated = explore::calibrate::calibrate(&range, &library_plan, &mut step).await;
+    let calibrated = explore::calibrate::calibrate(&range, plan, &mut step).await;
     bar.finish_and_clear();
     let mut calibrated = calibrated.map_err(plan_error)?;
     calibrated.model.one_device = scratch.device.kind() == kcopyd_os::DeviceKind::File;
@@ -193,46 +173,6 @@ pub fn load(path: &Path) -> Result<DiskModel, CliError> {
         .map_err(|error| CliError::argument("--model", path.display().to_string(), error.to_string()))
 }
 
-/// A table of the measurements and the fitted model, for people.
-pub fn human(model: &DiskModel) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    let _ =
-        writeln!(out, "{:<12} {:>8} {:>6} {:>12} {:>10} {:>10}", "kind", "io size", "depth", "MB/s", "IOPS", "p50 µs");
-    for m in &model.measurements {
-        let _ = writeln!(
-            out,
-            "{:<12} {:>8} {:>6} {:>12.1} {:>10.0} {:>10.0}",
-            m.kind,
-            Bytes(m.io_size_bytes).to_string(),
-            m.queue_depth,
-            m.bandwidth_bytes_per_s / 1e6,
-            m.iops,
-            m.latency_us_p50
-        );
-    }
-    let l = &model.latency;
-    let _ = writeln!(
-        out,
-        "model: reads {:.0} MB/s, cost {} µs, path overhead {} µs; writes {:.0} MB/s, cost {} µs, path overhead {} µs; \
-         cost {:+} µs per MiB; reads and writes {}; seek {}",
-        l.read.bandwidth_bytes_per_s as f64 / 1e6,
-        l.read.cost_us,
-        l.path.read_overhead_us,
-        l.write.bandwidth_bytes_per_s as f64 / 1e6,
-        l.write.cost_us,
-        l.path.write_overhead_us,
-        l.path.cost_us_per_mib,
-        if l.path.shared { "share one data path" } else { "have a path each" },
-        if l.path.seek.is_zero() {
-            "none".to_owned()
-        } else {
-            format!("{} µs full stroke", l.path.seek.full_stroke_us)
-        },
-    );
-    out
-}
-
 /// `kcopyd sim calibrate`.
 ///
 /// # Errors
@@ -247,19 +187,18 @@ pub async fn run(args: &CalibrateArgs, interrupts: &mut Interrupts) -> Result<St
     if let Some(out) = &args.out {
         crate::out::check_output_file(out, "--out")?;
     }
-    let plan = Plan {
+    let plan = CalibrationPlan {
         io_sizes_bytes: args.io_sizes_bytes.clone(),
         queue_depths: args.queue_depths.clone(),
         point_time: Duration::from_micros(args.point_time_us),
         rounds: usize::from(args.rounds),
-        bars: progress::bars_wanted(args.quiet),
     };
     let scratch =
         open_scratch(&args.device, args.size_bytes, args.scratch_offset_bytes, args.scratch_length_bytes, args.keep)?;
     if let Some(out) = &args.out {
         refuse_out_on_device(out, &args.device)?;
     }
-    let calibrated = calibrate(&scratch, &plan).await?;
+    let calibrated = calibrate(&scratch, &plan, progress::bars_wanted(args.quiet)).await?;
     drop(scratch);
     warn_if_busy(&calibrated);
     let model = calibrated.model;
@@ -273,7 +212,7 @@ pub async fn run(args: &CalibrateArgs, interrupts: &mut Interrupts) -> Result<St
         None => crate::out::print(&text)?,
     }
     if !args.quiet {
-        crate::out::note_text(&human(&model));
+        crate::out::note_text(&explore::calibrate::model_table(&model));
     }
     Ok(Status::Success)
 }

@@ -8,13 +8,13 @@ use crate::size;
 use kcopyd_tool::DeviceAddress;
 
 /// Bytes per sub-job by default: one read of the source and one write per target. The
-/// library's [`kcopyd_core::SUB_JOB_SIZE_DEFAULT_BYTES`], written for `--help`.
+/// library's [`kcopyd_core::SUBJOB_SIZE_DEFAULT_BYTES`], written for `--help`.
 ///
 /// Chosen by measurement (docs/BENCHMARKS.md): on this project's machines, alternating
 /// shapes in one run, 4 × 1 MiB in flight copied fastest to 1 and to 3 targets; deeper
 /// queues (8 × 2 MiB, 32 × 2 MiB) were 5–25 % slower there, because the virtual disk shares
 /// one bandwidth between reads and writes. Faster storage may want more in flight.
-pub const SUB_JOB_SIZE_DEFAULT: &str = "1M";
+pub const SUBJOB_SIZE_DEFAULT: &str = "1M";
 /// Sub-jobs kept in flight by default: the library's.
 pub const SUBJOBS_IN_FLIGHT_DEFAULT: usize = kcopyd_core::SUBJOBS_IN_FLIGHT_DEFAULT;
 /// Sub-jobs kept in flight by default when the source or a target is an NBD export.
@@ -256,7 +256,7 @@ pub struct ValidateArgs {
     /// calibrated first, in a scratch file next to TARGET.
     #[arg(long, value_name = "MODEL.toml")]
     pub model: Option<PathBuf>,
-    /// Configurations to run, comma-separated, each SUB_JOB_SIZExIN_FLIGHTxTARGETS.
+    /// Configurations to run, comma-separated, each SUBJOB_SIZExIN_FLIGHTxTARGETS.
     #[arg(
         long,
         value_name = "LIST",
@@ -350,13 +350,14 @@ pub enum MapCommand {
 pub struct EngineArgs {
     /// Bytes per sub-job (each I/O): a multiple of 512, at most 64M.
     #[arg(
-        long = "sub-job-size",
+        long = "subjob-size",
+        alias = "sub-job-size",
         value_name = "SIZE",
-        default_value = SUB_JOB_SIZE_DEFAULT,
+        default_value = SUBJOB_SIZE_DEFAULT,
         value_parser = size::parse_size,
         allow_negative_numbers = true,
     )]
-    pub sub_job_size_bytes: u64,
+    pub subjob_size_bytes: u64,
     /// Sub-jobs kept in flight: 1 to 1024 [default: 4; 8 when the source or a target is an NBD
     /// export].
     #[arg(long, value_name = "COUNT")]
@@ -635,7 +636,7 @@ pub struct SimSweepArgs {
     /// The scenario (TOML; see docs/EXPLORATION.md).
     #[arg(value_name = "SCENARIO")]
     pub scenario: std::path::PathBuf,
-    /// A key by dotted path and its values, e.g. `client.sub_job_size_bytes=64K,256K,1M`;
+    /// A key by dotted path and its values, e.g. `client.subjob_size_bytes=64K,256K,1M`;
     /// repeat for a cross product.
     #[arg(long = "vary", value_name = "KEY=V1,V2,...", required = true)]
     pub vary: Vec<String>,
@@ -665,7 +666,7 @@ mod tests {
     #[test]
     fn the_commands_defaults_are_the_librarys() {
         let library = kcopyd_core::ClientConfig::default();
-        assert_eq!(size::parse_size(SUB_JOB_SIZE_DEFAULT).unwrap(), library.sub_job_size_bytes as u64);
+        assert_eq!(size::parse_size(SUBJOB_SIZE_DEFAULT).unwrap(), library.subjob_size_bytes as u64);
         assert_eq!(SUBJOBS_IN_FLIGHT_DEFAULT, library.subjobs_in_flight);
         assert_eq!(size::parse_size(MEMORY_DEFAULT).unwrap(), library.page_budget_bytes() as u64);
     }

@@ -29,7 +29,7 @@ use kcopyd_nbd::{NbdServer, ServerOptions};
 use crate::cli::{EngineArgs, ThrottleArgs};
 use crate::devices;
 use crate::error::{CliError, Status};
-use crate::progress::{self, Interrupts, Phase};
+use crate::progress::{self, Interrupts, SignalPhase};
 use crate::{out, size};
 use kcopyd_tool::DeviceAddress;
 use kcopyd_tool::clone::{self, CloneRequest, CloneSetupError, MetadataError};
@@ -134,7 +134,7 @@ pub async fn run(args: &CloneArgs, interrupts: &mut Interrupts) -> Result<Status
         .map_err(|e| CliError::argument("--serve", &args.serve, e.to_string()))?;
     // Serving: clients may write from now on; DEST and FILE stay whatever happens.
     opening.keep();
-    interrupts.set_phase(Phase::Graceful);
+    interrupts.set_phase(SignalPhase::Graceful);
     out::note(&format!("kcopyd: serving the clone of '{}' at {}", args.destination.text, server.uri()));
     let status = serve(args, &clone, server, interrupts).await;
     let status = finish(&clone, status).await;

@@ -5,7 +5,7 @@
 //!  args ─► devices::settings, open_plan ─► Runner::copy/zero/verify ◄─ Ctrl-C: cancel token
 //!            (exit 2, nothing written)      │ events ─► progress bars, quit-at-once summary
 //!                                           ▼
-//!                                   JobRun / VerifyRun ─► Report (+ status, exit code)
+//!                                   FinishedJob / VerifyRun ─► Report (+ status, exit code)
 //! ```
 
 use std::cell::{Cell, RefCell};
@@ -13,14 +13,14 @@ use std::future::Future;
 
 use kcopyd_core::{Flags, JobHandle, SECTOR_SIZE, Sparse, TargetZeroes};
 use kcopyd_tool::report;
-use kcopyd_tool::run::{CopyOptions, Event, MappedCopy, Phase as RunPhase, RunError, Runner};
+use kcopyd_tool::run::{CopyOptions, Event, MappedCopy, Phase, RunError, Runner};
 use kcopyd_tool::{Cancel, Opened, map};
 
 use crate::cli::{CopyArgs, OutputArgs, VerifyArgs, ZeroArgs};
 use crate::devices;
 use crate::error::{CliError, Status};
 use crate::out;
-use crate::progress::{self, Interrupts, Phase};
+use crate::progress::{self, Interrupts, SignalPhase};
 use crate::report::Report;
 use crate::size::Bytes;
 
@@ -88,7 +88,7 @@ fn status_of(report: &Report) -> Status {
 struct Ui {
     quiet: bool,
     bar: RefCell<Option<indicatif::ProgressBar>>,
-    phase: Cell<Option<RunPhase>>,
+    phase: Cell<Option<Phase>>,
     len_bytes: Cell<u64>,
 }
 
@@ -106,8 +106,8 @@ impl Ui {
                 self.phase.set(Some(phase));
                 self.len_bytes.set(len_bytes);
                 // From here a signal cancels the run (at once if it came before the job started).
-                progress::enter(Phase::Graceful);
-                if phase == RunPhase::Verify {
+                progress::enter(SignalPhase::Graceful);
+                if phase == Phase::Verify {
                     progress::set_summary(Some(Box::new(|| {
                         "kcopyd: interrupted again: quit at once during the comparison (nothing is written by it)"
                             .to_owned()
@@ -115,7 +115,7 @@ impl Ui {
                 }
             }
             Event::Job { handle, base_bytes } => {
-                let label = self.phase.get().map_or("copy", RunPhase::name);
+                let label = self.phase.get().map_or("copy", Phase::name);
                 job_started(handle, base_bytes, self.len_bytes.get(), label);
             }
             Event::Progress { done_bytes } => {
@@ -133,7 +133,7 @@ impl Ui {
 
     /// The first signal came: a job says it is stopping.
     fn interrupted(&self) {
-        if matches!(self.phase.get(), Some(RunPhase::Copy | RunPhase::Zero)) {
+        if matches!(self.phase.get(), Some(Phase::Copy | Phase::Zero)) {
             let line =
                 "kcopyd: interrupted: finishing the I/O in flight, then stopping (interrupt again to quit at once)";
             match &*self.bar.borrow() {

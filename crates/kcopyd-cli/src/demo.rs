@@ -23,7 +23,7 @@ use std::fmt::Write as _;
 use kcopyd_core::SECTOR_SIZE;
 use kcopyd_sim::IoModel;
 use kcopyd_sim::explore::demo::{self, DEMO_LEN_BYTES_MAX, DEMO_LEN_BYTES_MIN, TAMPERED_SECTOR, TAMPERED_TARGET};
-use kcopyd_sim::explore::{JobReport, Report, Scenario, Verification};
+use kcopyd_sim::explore::{JobReport, Scenario, ScenarioReport};
 
 use crate::cli::DemoArgs;
 use crate::error::{CliError, Status};
@@ -79,7 +79,7 @@ pub fn run(args: &DemoArgs, interrupts: &Interrupts) -> Result<Status, CliError>
     }
     say!();
     say!("the scenario runner's check of the report against the disks and their fault logs:");
-    let checks = checks(&job.verification);
+    let checks = job.verification.claims();
     for (passed, what) in &checks {
         say!("  [{}] {what}", if *passed { " ok " } else { "FAIL" });
     }
@@ -115,7 +115,7 @@ fn introduce(scenario: &Scenario, len_bytes: u64) -> Result<(), CliError> {
     let client = &scenario.client;
     say!(
         "  job: IGNORE_ERROR, {} sub-jobs, {} in flight, {} of buffers; the scenario {SCENARIO_NAME}",
-        Bytes(client.sub_job_size_bytes as u64),
+        Bytes(client.subjob_size_bytes as u64),
         client.subjobs_in_flight,
         Bytes((client.page_budget * kcopyd_core::PAGE_SIZE) as u64)
     );
@@ -123,7 +123,7 @@ fn introduce(scenario: &Scenario, len_bytes: u64) -> Result<(), CliError> {
 }
 
 /// The resync's time, the per-target table and the failed ranges.
-fn results(report: &Report, job: &JobReport, len_bytes: u64) -> Result<(), CliError> {
+fn results(report: &ScenarioReport, job: &JobReport, len_bytes: u64) -> Result<(), CliError> {
     say!();
     say!(
         "resync done: {} in {:.2} s of model time ({}/s){}",
@@ -187,52 +187,4 @@ fn table(job: &JobReport, len_bytes: u64) -> String {
         );
     }
     out
-}
-
-/// The runner's findings as lines for people: whether each passed, and what it says.
-fn checks(verification: &Verification) -> Vec<(bool, String)> {
-    let mut checks = Vec::new();
-    if !verification.checked {
-        checks.push((false, format!("the entry was checked: {}", verification.note)));
-    }
-    // A claim holds when nothing contradicts it; otherwise the problem follows it.
-    let mut check = |count: u64, claim: String, problem: String| {
-        checks.push((count == 0, if count == 0 { claim } else { format!("{claim}{problem}") }));
-    };
-    let read = verification.unexplained_read_failed_sectors;
-    check(
-        read,
-        "every read_failed range is covered by read faults logged on the source".into(),
-        format!(": {read} sectors not covered"),
-    );
-    let write = verification.unexplained_write_failed_sectors;
-    check(
-        write,
-        "every write_failed range is covered by write faults logged on its target".into(),
-        format!(": {write} sectors not covered"),
-    );
-    let mismatched = verification.mismatched_sectors;
-    let differs = match &verification.first_mismatch {
-        Some(first) => format!(": {} differs at sector {} ({mismatched} sectors in all)", first.disk, first.sector),
-        None => format!(": {mismatched} sectors differ"),
-    };
-    let compared = Bytes(verification.sectors * SECTOR_SIZE as u64);
-    check(
-        mismatched,
-        format!("every sector outside the failed ranges equals the source ({compared} compared)"),
-        differs,
-    );
-    let missed = verification.missed_latent_sectors;
-    check(
-        missed,
-        "every injected latent error was found and narrowed to its sectors".into(),
-        format!(": {missed} latent sectors not reported"),
-    );
-    let disagreeing = verification.not_copied_disagreeing_sectors;
-    check(
-        disagreeing,
-        "on every target, not_copied = read_failed ∪ write_failed".into(),
-        format!(": {disagreeing} sectors disagree"),
-    );
-    checks
 }

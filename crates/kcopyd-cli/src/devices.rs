@@ -60,7 +60,7 @@ impl CreatedHook for QuitCleanup {
 impl From<PlanError> for CliError {
     fn from(error: PlanError) -> CliError {
         match error {
-            PlanError::Device { role, text, problem } => CliError::argument(role.name(), text, problem),
+            PlanError::Device { role, text, problem } => CliError::argument(role.name(), text, problem.to_string()),
             PlanError::Length { len_bytes, problem } => CliError::argument("--length", len_bytes.to_string(), problem),
             error @ PlanError::TargetCount { .. } => CliError::Arguments { what: "TARGET", problem: error.to_string() },
             PlanError::Open { role, text, source } => {
@@ -214,7 +214,7 @@ pub fn settings<'a>(
     check_tls(args, &nbd.tls, &devices)?;
     let config = ClientConfig {
         page_budget: usize::try_from(args.memory_bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX),
-        sub_job_size_bytes: usize::try_from(args.sub_job_size_bytes).unwrap_or(usize::MAX),
+        subjob_size_bytes: usize::try_from(args.subjob_size_bytes).unwrap_or(usize::MAX),
         subjobs_in_flight,
         huge_pages: !args.no_huge_pages,
         io_timeout_ms: nbd.io_timeout_ms,
@@ -222,7 +222,7 @@ pub fn settings<'a>(
     };
     config.validate().map_err(|source| {
         let option = match source {
-            kcopyd_core::ConfigError::SubJobSize { .. } => "--sub-job-size",
+            kcopyd_core::ConfigError::SubjobSize { .. } => "--subjob-size",
             kcopyd_core::ConfigError::SubjobsInFlight { .. } => "--subjobs-in-flight",
             _ => "--memory",
         };
@@ -323,5 +323,15 @@ mod tests {
         let asked = copy_settings(&["--subjobs-in-flight", "2", nbd, "b.img"]);
         assert_eq!((asked.config.subjobs_in_flight, asked.queue_depth), (2, 2));
         assert_ne!(SUBJOBS_IN_FLIGHT_DEFAULT, NBD_SUBJOBS_IN_FLIGHT_DEFAULT);
+    }
+
+    #[test]
+    fn the_old_spelling_of_subjob_size_still_works_unlisted() {
+        for option in ["--subjob-size", "--sub-job-size"] {
+            assert_eq!(copy_settings(&[option, "64K", "a.img", "b.img"]).config.subjob_size_bytes, 64 << 10);
+        }
+        let mut command = <Cli as clap::CommandFactory>::command();
+        let help = command.find_subcommand_mut("copy").unwrap().render_long_help().to_string();
+        assert!(help.contains("--subjob-size") && !help.contains("sub-job-size"), "{help}");
     }
 }

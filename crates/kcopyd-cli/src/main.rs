@@ -85,7 +85,7 @@ fn all_simulated(command: &Command) -> bool {
 
 async fn run(cli: Cli) -> Status {
     // Installed first: a signal during the checks quits at once (nothing is written yet), one
-    // during a job cancels it (progress::Phase).
+    // during a job cancels it (progress::SignalPhase).
     let mut interrupts = match Interrupts::install() {
         Ok(interrupts) => interrupts,
         Err(source) => return fail_status(&CliError::Start { what: "the Ctrl-C handler", source }),

@@ -89,8 +89,10 @@ fn line(out: &mut impl Write, label: &str, set: &RangeSet) -> io::Result<()> {
 impl From<MapFileError> for CliError {
     fn from(error: MapFileError) -> CliError {
         match error {
-            MapFileError::Device { role, text, problem } => CliError::argument(role.name(), text, problem),
-            MapFileError::Refused { path, problem } => CliError::argument("--map", path.display().to_string(), problem),
+            MapFileError::Device { role, text, problem } => CliError::argument(role.name(), text, problem.to_string()),
+            MapFileError::Refused { path, problem } => {
+                CliError::argument("--map", path.display().to_string(), problem.to_string())
+            }
             MapFileError::BatchTooSmall { batch_bytes, block_bytes } => CliError::argument(
                 "--map-batch",
                 batch_bytes.to_string(),

@@ -1,8 +1,8 @@
 //! Progress bars on a terminal, and Ctrl-C (SIGINT) and SIGTERM in every phase.
 //!
 //! ```text
-//!  SIGINT/SIGTERM ──► watcher thread ─┬─ Phase::QuitAtOnce: remove created files, one line, exit
-//!                                     └─ Phase::Graceful: stop flag + Interrupts::recv
+//!  SIGINT/SIGTERM ──► watcher thread ─┬─ SignalPhase::QuitAtOnce: remove created files, one line, exit
+//!                                     └─ SignalPhase::Graceful: stop flag + Interrupts::recv
 //!                                          ──► JobHandle::cancel() ──► no new sub-job; I/O ends
 //!  a second signal ──► quit_at_once: remove created files, the one-line summary, exit 130/143
 //!  every 100 ms: JobHandle::progress() ──► bar (bytes, throughput, ETA) on stderr, if a terminal
@@ -53,7 +53,7 @@ pub fn byte_style() -> ProgressStyle {
 
 /// What a signal does in the phase the command is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
+pub enum SignalPhase {
     /// Nothing is written yet, or nothing is worth waiting for (opening and checking devices,
     /// filling simulated disks, a scenario's run, a calibration): the first signal removes
     /// the files registered with [`CreatedGuard`] and quits at once.
@@ -74,7 +74,7 @@ struct Shared {
     count: watch::Sender<usize>,
     /// Set by the first signal: for loops that are not async (a sweep's workers).
     stop: AtomicBool,
-    /// A [`Phase`], as `u8`.
+    /// A [`SignalPhase`], as `u8`.
     phase: AtomicU8,
     /// Files to remove when quitting at once (created by this command, not kept yet).
     cleanup: Mutex<Vec<PathBuf>>,
@@ -94,7 +94,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// SIGINT and SIGTERM, caught from the start of the command by a thread of their own, so that
 /// a signal is acted on in every phase, also while the command's thread is busy (opening
-/// devices, a scenario running): see [`Phase`].
+/// devices, a scenario running): see [`SignalPhase`].
 #[derive(Debug)]
 pub struct Interrupts {
     received: watch::Receiver<usize>,
@@ -104,7 +104,7 @@ pub struct Interrupts {
 
 impl Interrupts {
     /// Installs the handlers on a watcher thread and waits until they are in place; the
-    /// command starts in [`Phase::QuitAtOnce`]. Call once.
+    /// command starts in [`SignalPhase::QuitAtOnce`]. Call once.
     ///
     /// # Errors
     /// The handlers cannot be installed.
@@ -114,7 +114,7 @@ impl Interrupts {
             codes: Mutex::new(Vec::new()),
             count,
             stop: AtomicBool::new(false),
-            phase: AtomicU8::new(Phase::QuitAtOnce as u8),
+            phase: AtomicU8::new(SignalPhase::QuitAtOnce as u8),
             cleanup: Mutex::new(Vec::new()),
             summary: Mutex::new(None),
         };
@@ -146,8 +146,8 @@ impl Interrupts {
         shared().map_or(&NEVER, |shared| &shared.stop)
     }
 
-    /// Enters `phase`. Entering [`Phase::QuitAtOnce`] after a signal quits at once.
-    pub fn set_phase(&self, phase: Phase) {
+    /// Enters `phase`. Entering [`SignalPhase::QuitAtOnce`] after a signal quits at once.
+    pub fn set_phase(&self, phase: SignalPhase) {
         enter(phase);
     }
 
@@ -160,11 +160,11 @@ impl Interrupts {
 
 /// [`Interrupts::set_phase`], for code that does not hold the [`Interrupts`] (a runner's
 /// event callback, while the command waits on them).
-pub fn enter(phase: Phase) {
+pub fn enter(phase: SignalPhase) {
     if let Some(shared) = shared() {
         shared.phase.store(phase as u8, Ordering::Release);
         let first = lock(&shared.codes).first().copied();
-        if let (Phase::QuitAtOnce, Some(code)) = (phase, first) {
+        if let (SignalPhase::QuitAtOnce, Some(code)) = (phase, first) {
             quit_at_once(code);
         }
     }
@@ -221,7 +221,7 @@ fn on_signal(code: u8) {
     };
     shared.stop.store(true, Ordering::Release);
     shared.count.send_replace(count);
-    if count >= 2 || shared.phase.load(Ordering::Acquire) == Phase::QuitAtOnce as u8 {
+    if count >= 2 || shared.phase.load(Ordering::Acquire) == SignalPhase::QuitAtOnce as u8 {
         quit_at_once(code);
     }
 }

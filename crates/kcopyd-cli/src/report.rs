@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use kcopyd_core::SECTOR_SIZE;
 
 use crate::size::Bytes;
-pub use kcopyd_tool::report::{Report, TargetReport, TargetVerify, VerifyReport};
+pub use kcopyd_tool::report::{Report, TargetSummary, TargetVerify, VerifyReport};
 
 /// Ranges listed per line in the summary; `--json` lists all.
 pub const RANGES_SHOWN_MAX: usize = 16;
@@ -148,7 +148,7 @@ pub fn human(report: &Report) -> String {
 }
 
 /// What the summary says of `target`, after its name.
-fn target_line(report: &Report, target: &TargetReport, block_bytes: u64) -> String {
+fn target_line(report: &Report, target: &TargetSummary, block_bytes: u64) -> String {
     if report.command == "verify" {
         return match &target.verify {
             Some(verify) => verify_details(verify, block_bytes),

@@ -21,12 +21,13 @@ use kcopyd_core::{BlockDevice, PAGE_SIZE, SECTOR_SIZE};
 use kcopyd_os::{OpenOptions, OsDevice};
 use kcopyd_sim::explore::validate::{self, Config, RUNS_MAX, Row, Validation};
 
-use crate::calibrate::{self, Plan};
+use crate::calibrate;
 use crate::cli::ValidateArgs;
 use crate::error::{CliError, Status, open_reason};
 use crate::progress::{self, Interrupts};
 use crate::size::Bytes;
 use crate::{commands, devices};
+use kcopyd_sim::explore::calibrate::CalibrationPlan;
 use kcopyd_tool::DeviceAddress;
 
 /// Reads `--configs`' `SIZExIN_FLIGHTxTARGETS`, e.g. `1Mx4x1`.
@@ -39,7 +40,7 @@ pub fn parse_config(text: &str) -> Result<Config, CliError> {
 
 /// A configuration, for the progress bar.
 fn label(config: &Config) -> String {
-    format!("{} × {} → {}", Bytes(config.sub_job_size_bytes), config.subjobs_in_flight, config.targets)
+    format!("{} × {} → {}", Bytes(config.subjob_size_bytes), config.subjobs_in_flight, config.targets)
 }
 
 /// Target files of the configurations: TARGET, TARGET.2, TARGET.3, …; those created here are
@@ -92,7 +93,7 @@ pub async fn copy_once(
 ) -> Result<Result<Copied, Status>, CliError> {
     let client_config = kcopyd_core::ClientConfig {
         page_budget: usize::try_from(memory_bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX),
-        sub_job_size_bytes: usize::try_from(config.sub_job_size_bytes).unwrap_or(usize::MAX),
+        subjob_size_bytes: usize::try_from(config.subjob_size_bytes).unwrap_or(usize::MAX),
         subjobs_in_flight: config.subjobs_in_flight,
         ..kcopyd_core::ClientConfig::default()
     };
@@ -110,7 +111,7 @@ pub async fn copy_once(
     let removed = if created.is_empty() { "" } else { " (the target files it created are removed)" };
     interrupts
         .set_summary(Some(Box::new(move || format!("kcopyd: interrupted: validation stopped, no table{removed}"))));
-    interrupts.set_phase(progress::Phase::QuitAtOnce);
+    interrupts.set_phase(progress::SignalPhase::QuitAtOnce);
     let done = done?;
     if done.status != Status::Success {
         crate::out::note_text(&crate::report::human(&done.report));
@@ -199,7 +200,7 @@ pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Sta
     if args.json {
         crate::out::print(&format!("{}\n", serde_json::to_string(&validation).expect("a validation serializes")))?;
     } else {
-        crate::out::print(&human(&validation))?;
+        crate::out::print(&validation.to_string())?;
     }
     Ok(Status::Success)
 }
@@ -212,14 +213,13 @@ async fn model_of(args: &ValidateArgs, bars: bool) -> Result<kcopyd_sim::DiskMod
         None => {
             let scratch_path = PathBuf::from(format!("{}.calibrate", args.target.display()));
             let scratch = calibrate::open_scratch(&scratch_path, 1 << 30, 0, None, false)?;
-            let plan = Plan {
+            let plan = CalibrationPlan {
                 io_sizes_bytes: vec![4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20],
                 queue_depths: vec![1, 4, 16, 32],
                 point_time: std::time::Duration::from_millis(250),
                 rounds: 3,
-                bars,
             };
-            let calibrated = calibrate::calibrate(&scratch, &plan).await?;
+            let calibrated = calibrate::calibrate(&scratch, &plan, bars).await?;
             calibrate::warn_if_busy(&calibrated);
             calibrated.model
         }
@@ -239,41 +239,6 @@ fn check_target(args: &ValidateArgs, target_count: usize) -> Result<(), CliError
         ));
     }
     Ok(())
-}
-
-/// The table for people.
-pub fn human(validation: &Validation) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{} of {} per copy, median of {} run(s); model: {}{}",
-        Bytes(validation.len_bytes),
-        validation.source,
-        validation.runs,
-        validation.model,
-        if validation.one_device { " (disks on one device)" } else { "" }
-    );
-    let _ = writeln!(
-        out,
-        "{:<12} {:>9} {:>8} {:>12} {:>9} {:>12} {:>9}",
-        "sub-job", "in flight", "targets", "measured s", "fastest", "predicted s", "error"
-    );
-    for row in &validation.configs {
-        let _ = writeln!(
-            out,
-            "{:<12} {:>9} {:>8} {:>12.3} {:>9.3} {:>12.3} {:>+8.1}%",
-            Bytes(row.config.sub_job_size_bytes).to_string(),
-            row.config.subjobs_in_flight,
-            row.config.targets,
-            row.measured_median_seconds,
-            row.measured_min_seconds,
-            row.predicted_seconds,
-            row.error_percent
-        );
-    }
-    let _ = writeln!(out, "largest error: {:.1}%", validation.max_abs_error_percent);
-    out
 }
 
 #[cfg(test)]

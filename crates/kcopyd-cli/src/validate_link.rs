@@ -21,7 +21,7 @@ use crate::cli::{RemoteArg, ValidateLinkArgs};
 use crate::error::{CliError, Status};
 use crate::progress::{self, Interrupts};
 use crate::size::Bytes;
-use crate::validate::{self, Copied, copy_once, parse_config};
+use crate::validate::{Copied, copy_once, parse_config};
 
 /// The link the arguments describe.
 fn setup(args: &ValidateLinkArgs) -> LinkSetup {
@@ -125,7 +125,7 @@ pub async fn run(args: &ValidateLinkArgs, interrupts: &mut Interrupts) -> Result
 
 /// A configuration, for the progress bar.
 fn label(config: &Config) -> String {
-    format!("{} × {} → {}", Bytes(config.sub_job_size_bytes), config.subjobs_in_flight, config.targets)
+    format!("{} × {} → {}", Bytes(config.subjob_size_bytes), config.subjobs_in_flight, config.targets)
 }
 
 /// The table for people: the link, then the rows as `kcopyd sim validate` prints them.
@@ -142,7 +142,7 @@ pub fn human(validation: &LinkValidation) -> String {
         link.bandwidth_bytes_per_s as f64 / 1e6,
         Bytes(link.burst_bytes),
         validation.targets.join(", "),
-        validate::human(&validation.validation)
+        validation.validation
     )
 }
 

@@ -468,7 +468,7 @@ fn a_signal_during_copy_verify_comparison_says_no_differences_were_found_so_far(
     let server = BadServer::start("copy-verify", Misbehaviour::SlowReads, vec![0; DATA_BYTES]);
     let source = dir.file_with("source.img", &data);
     let (uri, source_arg) = (server.uri(), source.to_str().unwrap().to_owned());
-    let args = ["copy", "--verify", "--sub-job-size", "4K", "--subjobs-in-flight", "1", &source_arg, &uri];
+    let args = ["copy", "--verify", "--subjob-size", "4K", "--subjobs-in-flight", "1", &source_arg, &uri];
     let (code, stdout) = signal_while_held(&args, &server, "-INT", Duration::from_secs(5));
     assert_eq!(code, Some(130), "{stdout}");
     assert!(stdout.starts_with("cancelled: copied 64 KiB of 64 KiB"), "the copy was whole: {stdout}");

@@ -135,8 +135,8 @@ fn engine_options_and_buffered_mode_copy_the_same_bytes() {
     let data = pattern(5, 3 * MIB + 4 * KIB);
     let source = dir.file_with("source.img", &data);
     for (name, extra) in [
-        ("small.img", vec!["--sub-job-size", "64K", "--subjobs-in-flight", "3", "--memory", "128K"]),
-        ("one-page.img", vec!["--sub-job-size", "4K", "--subjobs-in-flight", "1", "--memory", "4K"]),
+        ("small.img", vec!["--subjob-size", "64K", "--subjobs-in-flight", "3", "--memory", "128K"]),
+        ("one-page.img", vec!["--subjob-size", "4K", "--subjobs-in-flight", "1", "--memory", "4K"]),
         ("buffered.img", vec!["--buffered", "--write-seq"]),
         ("ignore.img", vec!["--ignore-errors", "--quiet"]),
     ] {
@@ -191,7 +191,7 @@ fn io_engine_uring_copies_to_three_targets() {
     let targets: Vec<PathBuf> = (0..3).map(|i| dir.join(&format!("target-{i}.img"))).collect();
     let mut args = vec!["copy", s(&source)];
     args.extend(targets.iter().map(|target| s(target)));
-    args.extend(["--io-engine", "uring", "--sub-job-size", "256K", "--verify"]);
+    args.extend(["--io-engine", "uring", "--subjob-size", "256K", "--verify"]);
     let ran = kcopyd(&args);
     if ran.code == 2 && ran.stderr.contains("setting up io_uring") {
         return skip("io_engine_uring_copies_to_three_targets", format!("io_uring is not available: {}", ran.stderr));
@@ -332,7 +332,7 @@ fn a_failing_device_and_a_misdirected_write_are_reported_and_caught_by_verify() 
 #[test]
 fn headers_only_sim_devices_copy_verify_and_catch_a_misdirected_write() {
     // 32 MiB through 2 MiB of pages: copy and read-back reuse their pages many times over.
-    let fast = ["--memory", "2M", "--sub-job-size", "256K", "--json", "--verify"];
+    let fast = ["--memory", "2M", "--subjob-size", "256K", "--json", "--verify"];
     let ran = kcopyd(
         &[&["copy", "sim:size=32M,seed=3,sparse=on,headers-only=on", "sim:headers-only=on"][..], &fast].concat(),
     );
@@ -612,9 +612,9 @@ fn malformed_sizes_are_usage_errors_naming_the_option() {
         (&["--length", "-5"], &["--length"]),
         (&["--memory", "lots"], &["--memory", "lots", "not a number"]),
         (&["--memory", "1K"], &["--memory", "less than one 4096-byte page"]),
-        (&["--sub-job-size", "1000"], &["--sub-job-size", "multiple of 512"]),
+        (&["--subjob-size", "1000"], &["--subjob-size", "multiple of 512"]),
         (&["--subjobs-in-flight", "0"], &["--subjobs-in-flight"]),
-        (&["--sub-job-size", "0.3K"], &["--sub-job-size", "whole number of bytes"]),
+        (&["--subjob-size", "0.3K"], &["--subjob-size", "whole number of bytes"]),
     ];
     for (options, needles) in cases {
         let mut args = vec!["copy", s(&source), s(&target)];
@@ -900,7 +900,7 @@ fn ctrl_c_cancels_the_job_reports_how_far_it_got_and_exits_130() {
             "copy",
             "sim:size=16M,seed=1,bandwidth=2M",
             s(&target),
-            "--sub-job-size",
+            "--subjob-size",
             "64K",
             "--subjobs-in-flight",
             "2",
@@ -989,7 +989,7 @@ fn a_copy_between_simulated_disks_runs_in_virtual_time() {
         "copy",
         "sim:size=4M,seed=1,latency=50us,queue=1",
         "sim:",
-        "--sub-job-size",
+        "--subjob-size",
         "4K",
         "--subjobs-in-flight",
         "1",
@@ -1115,7 +1115,7 @@ fn validate_runs_real_and_simulated_copies_and_computes_each_error() {
     assert_eq!(report["one_device"], true);
     let rows = report["configs"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
-    assert_eq!((rows[0]["sub_job_size_bytes"].as_u64(), rows[0]["targets"].as_u64()), (Some(MIB as u64), Some(1)));
+    assert_eq!((rows[0]["subjob_size_bytes"].as_u64(), rows[0]["targets"].as_u64()), (Some(MIB as u64), Some(1)));
     assert_eq!((rows[1]["subjobs_in_flight"].as_u64(), rows[1]["targets"].as_u64()), (Some(2), Some(3)));
     let mib = MIB as f64;
     for (row, bytes_on_path) in rows.iter().zip([2.0 * 16.0 * mib, 4.0 * 16.0 * mib]) {
@@ -1212,7 +1212,7 @@ fn throttle_options_limit_the_rate_and_bad_values_are_usage_errors() {
 
 #[test]
 fn the_json_report_of_copy_and_zero_carries_the_engine_statistics() {
-    let ran = kcopyd(&["copy", "sim:size=2M,seed=4", "sim:", "sim:", "--json", "--sub-job-size", "512K"]);
+    let ran = kcopyd(&["copy", "sim:size=2M,seed=4", "sim:", "sim:", "--json", "--subjob-size", "512K"]);
     assert_eq!(ran.code, 0, "{ran:?}");
     let stats = &json(&ran)["stats"];
     assert_eq!(stats["jobs_submitted"], 1);
@@ -1287,7 +1287,7 @@ fn a_second_run_writing_the_same_file_is_refused_as_busy() {
     let target = dir.file_with("target.img", &old);
     // 32 reads of 64 KiB, one at a time, 100 ms each: the first run holds the file 3.2 s.
     let mut first = Command::new(env!("CARGO_BIN_EXE_kcopyd"))
-        .args(["copy", "sim:size=2M,seed=1,latency=100ms", s(&target), "--sub-job-size", "64K"])
+        .args(["copy", "sim:size=2M,seed=1,latency=100ms", s(&target), "--subjob-size", "64K"])
         .args(["--subjobs-in-flight", "1", "--quiet"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1997,7 +1997,7 @@ fn a_second_signal_quits_at_once_with_a_one_line_summary() {
     let dir = TempDir::new("cli-signal-twice");
     let target = dir.join("target.img");
     let running = start(
-        &["copy", "sim:size=8M,seed=1,sparse=on,latency=4s", s(&target), "--sub-job-size", "1M", "--json"],
+        &["copy", "sim:size=8M,seed=1,sparse=on,latency=4s", s(&target), "--subjob-size", "1M", "--json"],
         Stdio::piped(),
         Stdio::piped(),
     );
@@ -2021,7 +2021,7 @@ fn an_interrupted_verify_reports_the_differences_it_found() {
     fs::write(&target, &bytes).unwrap();
     // 16 MiB at 2 MiB/s: 8 s; interrupted after about two, long after sector 100.
     let running = start(
-        &["verify", "sim:size=16M,seed=1,sparse=on,bandwidth=2M", s(&target), "--sub-job-size", "64K", "--json"],
+        &["verify", "sim:size=16M,seed=1,sparse=on,bandwidth=2M", s(&target), "--subjob-size", "64K", "--json"],
         Stdio::piped(),
         Stdio::piped(),
     );
@@ -2051,7 +2051,7 @@ fn a_cancelled_throttled_copy_reports_the_bytes_it_moved() {
             s(&target),
             "--throttle-rate",
             "2M",
-            "--sub-job-size",
+            "--subjob-size",
             "256K",
             "--json",
         ],

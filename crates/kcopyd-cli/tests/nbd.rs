@@ -7,7 +7,7 @@ use std::fs;
 use std::process::Command;
 
 use kcopyd_tests::fixtures::{TempDir, pattern};
-use kcopyd_tests::nbd_servers::{Listen, NbdServer};
+use kcopyd_tests::nbd_servers::{ExternalNbdServer, Listen};
 
 /// Exit code, stdout and stderr of one run.
 fn kcopyd(args: &[&str]) -> (i32, String, String) {
@@ -26,9 +26,9 @@ fn copy_verify_and_zero_through_nbd_uris() {
     let data = pattern(21, 4 << 20);
     let source = dir.file_with("source.img", &data);
     let qemu_file = dir.zero_file("qemu.img", data.len() as u64);
-    let Some(qemu) = NbdServer::qemu_nbd(test, &qemu_file, Listen::Unix, &["-x", "backup"]) else { return };
+    let Some(qemu) = ExternalNbdServer::qemu_nbd(test, &qemu_file, Listen::Unix, &["-x", "backup"]) else { return };
     let size = data.len().to_string();
-    let Some(kit) = NbdServer::nbdkit(test, Listen::Tcp, &["memory", &size]) else { return };
+    let Some(kit) = ExternalNbdServer::nbdkit(test, Listen::Tcp, &["memory", &size]) else { return };
     let (qemu_uri, kit_uri) = (qemu.uri("backup"), kit.uri(""));
     let source = source.to_str().unwrap();
 
@@ -59,9 +59,9 @@ fn read_only_exports_and_unreadable_tls_certificates_are_refused_before_any_io()
     let data = pattern(22, 1 << 20);
     let source = dir.file_with("source.img", &data);
     let target_file = dir.file_with("target.img", &pattern(23, 1 << 20));
-    let Some(server) = NbdServer::qemu_nbd(test, &target_file, Listen::Unix, &["-r"]) else { return };
+    let Some(server) = ExternalNbdServer::qemu_nbd(test, &target_file, Listen::Unix, &["-r"]) else { return };
     let size = data.len().to_string();
-    let Some(writable) = NbdServer::nbdkit(test, Listen::Unix, &["memory", &size]) else { return };
+    let Some(writable) = ExternalNbdServer::nbdkit(test, Listen::Unix, &["memory", &size]) else { return };
     let (code, stdout, stderr) = kcopyd(&["copy", source.to_str().unwrap(), &writable.uri(""), &server.uri("")]);
     assert_eq!(code, 2, "{stdout}{stderr}");
     assert!(stderr.contains("TARGET") && stderr.contains("read-only"), "{stderr}");
@@ -179,10 +179,11 @@ fn validate_link_over_nbdkit_filters_reports_a_row_and_copies_the_data() {
         kcopyd_tests::fixtures::skip(test, "nbdkit with its rate and delay filters is not installed");
         return;
     }
-    let Some(source) = NbdServer::nbdkit(test, Listen::Unix, &["pattern", &size]) else { return };
+    let Some(source) = ExternalNbdServer::nbdkit(test, Listen::Unix, &["pattern", &size]) else { return };
     // 10 MB/s (rate= counts bits), a bucket of 10 ms, 1 ms per write.
     let filtered = ["--filter=rate", "--filter=delay", "memory", &size, "rate=80000000", "burstiness=0.01"];
-    let Some(target) = NbdServer::nbdkit(test, Listen::Unix, &[&filtered[..], &["delay-write=1ms"]].concat()) else {
+    let Some(target) = ExternalNbdServer::nbdkit(test, Listen::Unix, &[&filtered[..], &["delay-write=1ms"]].concat())
+    else {
         return;
     };
     let (source_uri, target_uri) = (source.uri(""), target.uri(""));
@@ -244,11 +245,13 @@ fn a_sparse_copy_onto_nbd_exports_leaves_holes() {
     let old = pattern(33, data.len());
     let files = [dir.file_with("qemu.img", &old), dir.file_with("kit.img", &old), dir.file_with("trim.img", &old)];
     let unmap = ["--discard=unmap"];
-    let Some(qemu) = NbdServer::qemu_nbd(test, &files[0], Listen::Unix, &unmap) else { return };
+    let Some(qemu) = ExternalNbdServer::qemu_nbd(test, &files[0], Listen::Unix, &unmap) else { return };
     let kit_file = format!("file={}", files[1].display());
-    let Some(kit) = NbdServer::nbdkit(test, Listen::Tcp, &["file", &kit_file]) else { return };
+    let Some(kit) = ExternalNbdServer::nbdkit(test, Listen::Tcp, &["file", &kit_file]) else { return };
     let trim_file = format!("file={}", files[2].display());
-    let Some(trim) = NbdServer::nbdkit(test, Listen::Unix, &["--filter=nozero", "file", &trim_file]) else { return };
+    let Some(trim) = ExternalNbdServer::nbdkit(test, Listen::Unix, &["--filter=nozero", "file", &trim_file]) else {
+        return;
+    };
     let (code, _, stderr) = kcopyd(&["copy", source.to_str().unwrap(), &qemu.uri(""), &kit.uri(""), &trim.uri("")]);
     assert_eq!(code, 0, "{stderr}");
     for file in &files {
@@ -276,7 +279,7 @@ fn a_sparse_copy_onto_a_qcow2_export_releases_its_clusters() {
         return;
     }
     let options = ["-f", "qcow2", "--discard=unmap"];
-    let Some(qemu) = NbdServer::qemu_nbd(test, &image, Listen::Unix, &options) else { return };
+    let Some(qemu) = ExternalNbdServer::qemu_nbd(test, &image, Listen::Unix, &options) else { return };
     let old = dir.file_with("old.img", &pattern(34, data.len()));
     let (code, _, stderr) = kcopyd(&["copy", "--no-sparse", old.to_str().unwrap(), &qemu.uri("")]);
     assert_eq!(code, 0, "{stderr}");
@@ -327,13 +330,13 @@ fn servers_whose_trim_is_missing_idle_or_failing_get_zeroes_written() {
     };
     let no_trim = eval(&files[0], false);
     let no_trim: Vec<&str> = no_trim.iter().map(String::as_str).collect();
-    let Some(first) = NbdServer::nbdkit(test, Listen::Unix, &no_trim) else { return };
+    let Some(first) = ExternalNbdServer::nbdkit(test, Listen::Unix, &no_trim) else { return };
     let idle_trim = eval(&files[1], true);
     let idle_trim: Vec<&str> = idle_trim.iter().map(String::as_str).collect();
-    let Some(second) = NbdServer::nbdkit(test, Listen::Unix, &idle_trim) else { return };
+    let Some(second) = ExternalNbdServer::nbdkit(test, Listen::Unix, &idle_trim) else { return };
     let failing = format!("file={}", files[2].display());
     let failing = ["--filter=nozero", "--filter=error", "file", &failing, "error-trim=EIO", "error-trim-rate=100%"];
-    let Some(third) = NbdServer::nbdkit(test, Listen::Unix, &failing) else { return };
+    let Some(third) = ExternalNbdServer::nbdkit(test, Listen::Unix, &failing) else { return };
     let targets = [first.uri(""), second.uri(""), third.uri("")];
     let (code, _, stderr) = kcopyd(&["copy", source.to_str().unwrap(), &targets[0], &targets[1], &targets[2]]);
     assert_eq!(code, 0, "{stderr}");
@@ -350,7 +353,7 @@ fn zero_through_nbd_keeps_the_storage_allocated() {
     let test = "zero_through_nbd_keeps_the_storage_allocated";
     let dir = TempDir::new(test);
     let file = dir.file_with("target.img", &pattern(36, 4 << 20));
-    let Some(qemu) = NbdServer::qemu_nbd(test, &file, Listen::Unix, &["--discard=unmap"]) else { return };
+    let Some(qemu) = ExternalNbdServer::qemu_nbd(test, &file, Listen::Unix, &["--discard=unmap"]) else { return };
     let (code, _, stderr) = kcopyd(&["zero", &qemu.uri("")]);
     assert_eq!(code, 0, "{stderr}");
     assert!(fs::read(&file).unwrap().iter().all(|&b| b == 0));
@@ -367,7 +370,9 @@ fn connections_sets_how_many_connections_open() {
     let source = dir.file_with("source.img", &pattern(37, 1 << 20));
     let log = dir.join("nbdkit.log");
     let log_arg = format!("logfile={}", log.display());
-    let Some(kit) = NbdServer::nbdkit(test, Listen::Unix, &["--filter=log", "memory", "1M", &log_arg]) else { return };
+    let Some(kit) = ExternalNbdServer::nbdkit(test, Listen::Unix, &["--filter=log", "memory", "1M", &log_arg]) else {
+        return;
+    };
     let opened = || fs::read_to_string(&log).unwrap_or_default().matches(" Connect ").count();
     // The server's readiness probe opened one connection before the copies.
     let before = opened();
@@ -382,8 +387,8 @@ fn connections_sets_how_many_connections_open() {
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(opened() - at, 4, "the default: 4 per export");
     // Three NBD exports in one command: one connection each by default.
-    let targets: Vec<NbdServer> =
-        (0..2).filter_map(|_| NbdServer::nbdkit(test, Listen::Unix, &["memory", "1M"])).collect();
+    let targets: Vec<ExternalNbdServer> =
+        (0..2).filter_map(|_| ExternalNbdServer::nbdkit(test, Listen::Unix, &["memory", "1M"])).collect();
     let at = opened();
     let (code, _, stderr) = kcopyd(&["copy", &kit.uri(""), &targets[0].uri(""), &targets[1].uri("")]);
     assert_eq!(code, 0, "{stderr}");
@@ -412,7 +417,7 @@ fn more_connections_than_the_server_takes_cost_about_a_second() {
     let data = pattern(38, 1 << 20);
     let source = dir.file_with("source.img", &data);
     let file = dir.zero_file("target.img", data.len() as u64);
-    let Some(qemu) = NbdServer::qemu_nbd(test, &file, Listen::Unix, &["-e", "2"]) else { return };
+    let Some(qemu) = ExternalNbdServer::qemu_nbd(test, &file, Listen::Unix, &["-e", "2"]) else { return };
     let started = std::time::Instant::now();
     let (code, _, stderr) = kcopyd(&["copy", "--connections", "8", source.to_str().unwrap(), &qemu.uri("")]);
     let took = started.elapsed();

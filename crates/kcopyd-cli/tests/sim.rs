@@ -67,7 +67,7 @@ fn sweep_ranks_points_by_the_metric_and_draws_a_heat_map() {
         "--set",
         "jobs.0.count=4",
         "--vary",
-        "client.sub_job_size_bytes=64K,512K",
+        "client.subjob_size_bytes=64K,512K",
         "--vary",
         "client.subjobs_in_flight=1,8",
         "--json",
@@ -82,7 +82,7 @@ fn sweep_ranks_points_by_the_metric_and_draws_a_heat_map() {
     assert_eq!(points.len(), 4);
     let metrics: Vec<f64> = points.iter().map(|p| p["metric"].as_f64().unwrap()).collect();
     assert!(metrics.windows(2).all(|w| w[0] >= w[1]), "best first: {metrics:?}");
-    assert_eq!(points[0]["values"]["client.sub_job_size_bytes"], "512K");
+    assert_eq!(points[0]["values"]["client.subjob_size_bytes"], "512K");
     assert_eq!(points[0]["values"]["client.subjobs_in_flight"], "8");
     let picture = std::fs::read_to_string(&svg).expect("the SVG is written");
     assert!(picture.contains("throughput_mb_per_s") && picture.contains("512K") && picture.contains("<rect"));
@@ -95,7 +95,7 @@ fn sweep_ranks_points_by_the_metric_and_draws_a_heat_map() {
         "--set",
         "jobs.0.count=2",
         "--vary",
-        "client.sub_job_size_bytes=64K,512K",
+        "client.subjob_size_bytes=64K,512K",
         "--metric",
         "copy_seconds",
     ]);
@@ -112,12 +112,12 @@ fn bad_scenarios_keys_and_metrics_are_usage_errors() {
     let (code, _, err) = kcopyd(&["sim", "run", "/nonexistent/x.toml"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("/nonexistent/x.toml"), "{err}");
-    let (code, _, err) = kcopyd(&["sim", "run", study.as_str(), "--set", "client.sub_job_sise_bytes=64K"]);
+    let (code, _, err) = kcopyd(&["sim", "run", study.as_str(), "--set", "client.subjob_sise_bytes=64K"]);
     assert_eq!(code, 2);
-    assert!(err.contains("sub_job_sise_bytes"), "names the unknown key: {err}");
-    let (code, _, err) = kcopyd(&["sim", "sweep", study.as_str(), "--vary", "client.sub_job_size_bytes=64Q"]);
+    assert!(err.contains("subjob_sise_bytes"), "names the unknown key: {err}");
+    let (code, _, err) = kcopyd(&["sim", "sweep", study.as_str(), "--vary", "client.subjob_size_bytes=64Q"]);
     assert_eq!(code, 2);
-    assert!(err.contains("client.sub_job_size_bytes") && err.contains("64Q"), "{err}");
+    assert!(err.contains("client.subjob_size_bytes") && err.contains("64Q"), "{err}");
     let (code, _, err) =
         kcopyd(&["sim", "sweep", study.as_str(), "--vary", "client.subjobs_in_flight=1", "--metric", "speed"]);
     assert_eq!(code, 2);

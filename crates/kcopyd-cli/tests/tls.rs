@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use kcopyd_tests::fixtures::{TempDir, pattern};
-use kcopyd_tests::nbd_servers::{Listen, NbdServer};
+use kcopyd_tests::nbd_servers::{ExternalNbdServer, Listen};
 use kcopyd_tests::tls_certs::{ServerCert, TestPki, Trust};
 
 /// Exit code, stdout and stderr of one run.
@@ -22,9 +22,9 @@ fn kcopyd(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-fn nbdkit_tls(test: &str, listen: Listen, server_dir: &Path, size: &str) -> Option<NbdServer> {
+fn nbdkit_tls(test: &str, listen: Listen, server_dir: &Path, size: &str) -> Option<ExternalNbdServer> {
     let certificates = format!("--tls-certificates={}", server_dir.display());
-    NbdServer::nbdkit(test, listen, &["--tls=require", &certificates, "memory", size])
+    ExternalNbdServer::nbdkit(test, listen, &["--tls=require", &certificates, "memory", size])
 }
 
 #[test]

@@ -15,7 +15,7 @@ region_size_bytes = "64K"
 hydration_threshold = 16
 hydration_batch_size = 4
 [client]
-sub_job_size_bytes = "256K"
+subjob_size_bytes = "256K"
 subjobs_in_flight = 4
 [disks.source]
 content = "pattern"

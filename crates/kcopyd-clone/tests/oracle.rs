@@ -221,14 +221,14 @@ impl CrashSwitch {
 
 /// A disk as the clone sees it: every request counted by the crash switch when it completes.
 #[derive(Debug)]
-struct Watched {
+struct CrashCounted {
     switch: Arc<CrashSwitch>,
 }
 
-impl Watched {
+impl CrashCounted {
     /// `disk` through the crash switch's count.
     fn device(disk: &Arc<MemDisk>, switch: &Arc<CrashSwitch>) -> Device {
-        Arc::new(Forward::new(disk.clone(), Watched { switch: switch.clone() }))
+        Arc::new(Forward::new(disk.clone(), CrashCounted { switch: switch.clone() }))
     }
 
     /// `request`, counted when it completes.
@@ -241,7 +241,7 @@ impl Watched {
     }
 }
 
-impl Hooks for Watched {
+impl Hooks for CrashCounted {
     fn read<'a>(
         &'a self,
         inner: &'a dyn BlockDevice,
@@ -388,7 +388,7 @@ fn setup(seed: u64, rng: &mut Rng) -> Setup {
 }
 
 fn devices(setup: &Setup) -> CloneDevices {
-    let watched = |disk: &Arc<MemDisk>| -> Device { Watched::device(disk, &setup.switch) };
+    let watched = |disk: &Arc<MemDisk>| -> Device { CrashCounted::device(disk, &setup.switch) };
     CloneDevices {
         source: watched(&setup.source),
         destination: watched(&setup.destination),
@@ -567,7 +567,7 @@ async fn check_all(
 }
 
 fn client() -> Client {
-    let config = ClientConfig { page_budget: 64, sub_job_size_bytes: 64 * 1024, ..ClientConfig::default() };
+    let config = ClientConfig { page_budget: 64, subjob_size_bytes: 64 * 1024, ..ClientConfig::default() };
     Client::start_in_current_system(config).expect("a valid configuration")
 }
 

@@ -23,7 +23,7 @@ use crate::actors::{ClientActor, Pending, RunCallback, Shutdown, Submit};
 use crate::block_on::{block_on, block_on_timeout};
 use crate::error::{ConfigError, ShutdownError, SubmitError};
 use crate::handle::{JobHandle, JobShared};
-use crate::io::SubJobIo;
+use crate::io::SubjobIo;
 use crate::job::{Callback, Job, JobSpec};
 use crate::shared::{ClientShared, Registered, ShutdownReport};
 use crate::stats::{ClientStats, StatsRecorder};
@@ -427,9 +427,9 @@ fn new_pool(config: &ClientConfig) -> Result<PagePool, ConfigError> {
         .map_err(|source| ConfigError::Arena { pages: config.page_budget, source })
 }
 
-fn new_io(config: &ClientConfig, clock: Clock) -> Arc<SubJobIo> {
-    Arc::new(SubJobIo {
-        throttler: Arc::new(Throttler::new(config.throttle, config.sub_job_size_bytes as u64, clock)),
+fn new_io(config: &ClientConfig, clock: Clock) -> Arc<SubjobIo> {
+    Arc::new(SubjobIo {
+        throttler: Arc::new(Throttler::new(config.throttle, config.subjob_size_bytes as u64, clock)),
         stats: Arc::new(StatsRecorder::default()),
         timeout: config.io_timeout_ms.map(Duration::from_millis),
         clock,

@@ -7,7 +7,7 @@ use crate::throttle::Throttle;
 use crate::{PAGE_SIZE, SECTOR_SIZE};
 
 /// Most bytes one sub-job may move (and so the largest I/O the engine issues).
-pub const SUB_JOB_SIZE_MAX: usize = 64 * 1024 * 1024;
+pub const SUBJOB_SIZE_MAX: usize = 64 * 1024 * 1024;
 /// Most sub-jobs one job may keep in flight.
 pub const SUBJOBS_IN_FLIGHT_MAX: usize = 1024;
 
@@ -15,16 +15,16 @@ pub const SUBJOBS_IN_FLIGHT_MAX: usize = 1024;
 /// on this project's measurements (docs/BENCHMARKS.md) 4 × 1 MiB copied fastest to one and to
 /// three targets, and the `kcopyd` command uses the same defaults. Storage that gains from
 /// deeper queues (NVMe, striped arrays) wants more in flight.
-pub const SUB_JOB_SIZE_DEFAULT_BYTES: usize = 1024 * 1024;
-/// Sub-jobs one job keeps in flight by default (see [`SUB_JOB_SIZE_DEFAULT_BYTES`]).
+pub const SUBJOB_SIZE_DEFAULT_BYTES: usize = 1024 * 1024;
+/// Sub-jobs one job keeps in flight by default (see [`SUBJOB_SIZE_DEFAULT_BYTES`]).
 pub const SUBJOBS_IN_FLIGHT_DEFAULT: usize = 4;
 /// Pages in the budget by default: 4096 (16 MiB), the sub-jobs in flight of four jobs, so that
 /// reads run ahead while several targets are still being written.
 pub const PAGE_BUDGET_DEFAULT: usize = 4096;
 
-const _: () = assert!(SUB_JOB_SIZE_DEFAULT_BYTES % SECTOR_SIZE == 0 && SUB_JOB_SIZE_DEFAULT_BYTES <= SUB_JOB_SIZE_MAX);
+const _: () = assert!(SUBJOB_SIZE_DEFAULT_BYTES % SECTOR_SIZE == 0 && SUBJOB_SIZE_DEFAULT_BYTES <= SUBJOB_SIZE_MAX);
 const _: () = assert!(SUBJOBS_IN_FLIGHT_DEFAULT >= 1 && SUBJOBS_IN_FLIGHT_DEFAULT <= SUBJOBS_IN_FLIGHT_MAX);
-const _: () = assert!(PAGE_BUDGET_DEFAULT * PAGE_SIZE >= SUB_JOB_SIZE_DEFAULT_BYTES * SUBJOBS_IN_FLIGHT_DEFAULT);
+const _: () = assert!(PAGE_BUDGET_DEFAULT * PAGE_SIZE >= SUBJOB_SIZE_DEFAULT_BYTES * SUBJOBS_IN_FLIGHT_DEFAULT);
 
 /// How a [`Client`](crate::Client) runs its jobs. Every field has a default.
 ///
@@ -32,7 +32,7 @@ const _: () = assert!(PAGE_BUDGET_DEFAULT * PAGE_SIZE >= SUB_JOB_SIZE_DEFAULT_BY
 /// # use kcopyd_core::ClientConfig;
 /// let config = ClientConfig { page_budget: 1, ..ClientConfig::default() };
 /// assert!(config.validate().is_ok()); // one page is enough to finish any job
-/// assert!(ClientConfig { sub_job_size_bytes: 1000, ..config }.validate().is_err());
+/// assert!(ClientConfig { subjob_size_bytes: 1000, ..config }.validate().is_err());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -41,9 +41,10 @@ pub struct ClientConfig {
     /// [`PAGE_BUDGET_DEFAULT`] (16 MiB).
     pub page_budget: usize,
     /// Bytes per sub-job: a multiple of 512, at most 64 MiB. Default
-    /// [`SUB_JOB_SIZE_DEFAULT_BYTES`] (1 MiB). A job whose budget is smaller uses the whole
-    /// budget per sub-job instead.
-    pub sub_job_size_bytes: usize,
+    /// [`SUBJOB_SIZE_DEFAULT_BYTES`] (1 MiB). A job whose budget is smaller uses the whole
+    /// budget per sub-job instead. (Read also under its old name `sub_job_size_bytes`.)
+    #[serde(alias = "sub_job_size_bytes")]
+    pub subjob_size_bytes: usize,
     /// Sub-jobs one job keeps in flight, at least 1. Default [`SUBJOBS_IN_FLIGHT_DEFAULT`] (4).
     pub subjobs_in_flight: usize,
     /// Jobs admitted (queued or running) at once; submitting waits while it is reached.
@@ -69,7 +70,7 @@ impl Default for ClientConfig {
     fn default() -> ClientConfig {
         ClientConfig {
             page_budget: PAGE_BUDGET_DEFAULT,
-            sub_job_size_bytes: SUB_JOB_SIZE_DEFAULT_BYTES,
+            subjob_size_bytes: SUBJOB_SIZE_DEFAULT_BYTES,
             subjobs_in_flight: SUBJOBS_IN_FLIGHT_DEFAULT,
             queued_jobs_max: 1024,
             huge_pages: true,
@@ -88,11 +89,11 @@ impl ClientConfig {
         if self.page_budget == 0 || self.page_budget > u32::MAX as usize {
             return Err(ConfigError::PageBudget { pages: self.page_budget });
         }
-        if self.sub_job_size_bytes == 0
-            || self.sub_job_size_bytes % SECTOR_SIZE != 0
-            || self.sub_job_size_bytes > SUB_JOB_SIZE_MAX
+        if self.subjob_size_bytes == 0
+            || self.subjob_size_bytes % SECTOR_SIZE != 0
+            || self.subjob_size_bytes > SUBJOB_SIZE_MAX
         {
-            return Err(ConfigError::SubJobSize { bytes: self.sub_job_size_bytes, max: SUB_JOB_SIZE_MAX });
+            return Err(ConfigError::SubjobSize { bytes: self.subjob_size_bytes, max: SUBJOB_SIZE_MAX });
         }
         if self.subjobs_in_flight == 0 || self.subjobs_in_flight > SUBJOBS_IN_FLIGHT_MAX {
             return Err(ConfigError::SubjobsInFlight { count: self.subjobs_in_flight, max: SUBJOBS_IN_FLIGHT_MAX });

@@ -20,7 +20,7 @@ pub enum ConfigError {
     },
     /// The sub-job size is zero, not a multiple of 512 or too large.
     #[error("sub-job size of {bytes} bytes: must be a non-zero multiple of 512 up to {max}")]
-    SubJobSize {
+    SubjobSize {
         /// The size given.
         bytes: usize,
         /// The largest size allowed.

@@ -3,7 +3,7 @@
 //! recorded in the client's statistics.
 //!
 //! ```text
-//!  sub-job ──► SubJobIo::read / write / write_zeroes
+//!  sub-job ──► SubjobIo::read / write / write_zeroes
 //!               │ busy guard (throttle) ─────────────────────────────┐
 //!               │ no timeout: await the device                       │
 //!               │ timeout: the request runs as a task of its own;    │ latency, result,
@@ -37,7 +37,7 @@ use crate::{Device, ReadBuf, WriteBuf, sectors_to_bytes};
 
 /// What every sub-job of a client shares for its device I/O.
 #[derive(Debug)]
-pub(crate) struct SubJobIo {
+pub(crate) struct SubjobIo {
     pub(crate) throttler: Arc<Throttler>,
     pub(crate) stats: Arc<StatsRecorder>,
     /// Most model time one request may take; `None` waits for ever.
@@ -53,7 +53,7 @@ fn timed_out(timeout: Duration) -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, format!("no completion within {timeout:?}"))
 }
 
-impl SubJobIo {
+impl SubjobIo {
     /// Timed-out requests that their devices still hold.
     pub(crate) fn requests_outstanding(&self) -> u64 {
         self.outstanding.load(Ordering::Acquire)

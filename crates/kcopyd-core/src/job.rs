@@ -12,7 +12,7 @@
 use std::fmt;
 
 use crate::error::SubmitError;
-use crate::sparse::HOLE_SUB_JOB_SECTORS_MAX;
+use crate::sparse::HOLE_SUBJOB_SECTORS_MAX;
 use crate::{ClientConfig, Flags, Geometry, Outcome, PAGE_SIZE, Region, SECTOR_SIZE, Sparse, TARGETS_MAX};
 
 /// A job's completion callback: called once with its outcome, on the client's worker.
@@ -141,7 +141,7 @@ impl JobSpec {
         // 4 KiB blocks (8 sectors): min(2048, 128) / 8 * 8 = 128 sectors a sub-job. A job
         // shorter than that is one sub-job of its own length, so that it takes only the pages
         // it needs (a 64 KiB copy-on-write takes 16 pages, not a whole 1 MiB sub-job's 256).
-        let wanted_sectors = (config.sub_job_size_bytes / SECTOR_SIZE) as u64;
+        let wanted_sectors = (config.subjob_size_bytes / SECTOR_SIZE) as u64;
         let subjob_sectors =
             (wanted_sectors.min(budget_sectors).min(len_sectors) / block_sectors * block_sectors).max(block_sectors);
         if targets.iter().any(|t| t.device.geometry().zoned) {
@@ -211,7 +211,7 @@ impl JobSpec {
     /// sub-job's size) to a target whose zeroes are not cheap.
     pub(crate) fn hole_sectors_max(&self) -> u64 {
         if self.holes_are_cheap() {
-            HOLE_SUB_JOB_SECTORS_MAX / self.block_sectors * self.block_sectors
+            HOLE_SUBJOB_SECTORS_MAX / self.block_sectors * self.block_sectors
         } else {
             self.subjob_sectors
         }

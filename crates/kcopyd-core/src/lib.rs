@@ -75,7 +75,7 @@ mod verify;
 pub use buffer::{ReadBuf, WriteBuf};
 pub use client::{Client, PreparedCallback};
 pub use config::{
-    ClientConfig, PAGE_BUDGET_DEFAULT, SUB_JOB_SIZE_DEFAULT_BYTES, SUB_JOB_SIZE_MAX, SUBJOBS_IN_FLIGHT_DEFAULT,
+    ClientConfig, PAGE_BUDGET_DEFAULT, SUBJOB_SIZE_DEFAULT_BYTES, SUBJOB_SIZE_MAX, SUBJOBS_IN_FLIGHT_DEFAULT,
     SUBJOBS_IN_FLIGHT_MAX,
 };
 pub use device::{BlockDevice, Device, DeviceId, Geometry, IntoDevice, IoFuture, all_allocated};
@@ -88,7 +88,7 @@ pub use pool::{HUGE_PAGE_SIZE, PagePool, Pages, PoolStats};
 pub use region::{Flags, RangeSet, Region};
 pub use run::read_narrowed;
 pub use shared::{RunningJob, ShutdownReport};
-pub use sparse::{HOLE_SUB_JOB_SECTORS_MAX, Sparse, TargetZeroes};
+pub use sparse::{HOLE_SUBJOB_SECTORS_MAX, Sparse, TargetZeroes};
 pub use stats::{ClientStats, DeviceStats, LATENCY_BUCKETS, LatencyHistogram, OpStats};
 pub use throttle::{BUSY_WINDOW, Throttle};
 pub use time_scale::{set_time_scale, time_scale, to_model, to_tokio};

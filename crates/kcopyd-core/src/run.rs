@@ -37,9 +37,9 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::handle::JobShared;
-use crate::io::SubJobIo;
+use crate::io::SubjobIo;
 use crate::job::{JobKind, JobSpec};
-use crate::sparse::{Allocation, SparseSubJob, zero_blocks};
+use crate::sparse::{Allocation, SparseSubjob, zero_blocks};
 use crate::{
     Device, Outcome, PAGE_SIZE, PagePool, Pages, RangeSet, ReadBuf, Region, SECTOR_SIZE, TargetMask, TargetReport,
     TargetZeroes, WriteBuf, sectors_to_bytes,
@@ -198,7 +198,7 @@ impl JobState {
 pub(crate) struct JobRun {
     spec: Arc<JobSpec>,
     pool: PagePool,
-    io: Arc<SubJobIo>,
+    io: Arc<SubjobIo>,
     shared: Arc<JobShared>,
     state: RefCell<JobState>,
     turn_changed: Notify,
@@ -212,7 +212,7 @@ pub(crate) struct JobRun {
 }
 
 impl JobRun {
-    pub(crate) fn new(spec: Arc<JobSpec>, pool: PagePool, io: Arc<SubJobIo>, shared: Arc<JobShared>) -> Rc<JobRun> {
+    pub(crate) fn new(spec: Arc<JobSpec>, pool: PagePool, io: Arc<SubjobIo>, shared: Arc<JobShared>) -> Rc<JobRun> {
         let state = RefCell::new(JobState::new(spec.targets.len()));
         let (turn_changed, stop_changed) = (Notify::new(), Notify::new());
         let (finished, allocation) = (RefCell::new(None), OnceCell::new());
@@ -296,7 +296,7 @@ impl JobRun {
     /// The next sub-job (job-relative sectors), or `None` when the job is done, stopped or
     /// cancelled. A sparse copy's sub-jobs follow the source's allocation: data, or a hole
     /// (nothing to read, and up to [`JobSpec::hole_sectors_max`] long).
-    fn take_subjob(&self) -> Option<SparseSubJob> {
+    fn take_subjob(&self) -> Option<SparseSubjob> {
         let mut state = self.state.borrow_mut();
         if state.cursor >= self.spec.len_sectors || state.stopped {
             return None;
@@ -309,10 +309,10 @@ impl JobRun {
         let subjob = match self.allocation.get() {
             Some(allocation) => allocation.next(start, len, subjob_sectors, self.spec.hole_sectors_max()),
             // Saturating: a job may end at sector u64::MAX.
-            None => SparseSubJob { sectors: start..start.saturating_add(subjob_sectors).min(len), hole: false },
+            None => SparseSubjob { sectors: start..start.saturating_add(subjob_sectors).min(len), hole: false },
         };
         // No write of a sub-job may cross a zoned target's zone end.
-        let subjob = SparseSubJob { sectors: start..subjob.sectors.end.min(self.spec.zone_end(start)), ..subjob };
+        let subjob = SparseSubjob { sectors: start..subjob.sectors.end.min(self.spec.zone_end(start)), ..subjob };
         let (end, block) = (subjob.sectors.end, self.spec.block_sectors);
         assert!(subjob.sectors.start == start && end > start);
         assert!(end - start <= subjob_sectors || subjob.hole, "a sub-job that reads fits its pages");
@@ -350,7 +350,7 @@ impl JobRun {
             match &self.spec.kind {
                 JobKind::Copy { source, .. } => {
                     let Some(mut pages) = self.alloc_pages().await else { break };
-                    let Some(SparseSubJob { sectors: subjob, hole }) = self.take_subjob() else { break };
+                    let Some(SparseSubjob { sectors: subjob, hole }) = self.take_subjob() else { break };
                     if hole {
                         // A hole reads nothing: its pages go back at once.
                         drop(pages);
@@ -370,7 +370,7 @@ impl JobRun {
                     self.copy_subjob(source, subjob, ReadBuf::new(pages, len_bytes)).await;
                 }
                 JobKind::Zero => {
-                    let Some(SparseSubJob { sectors: subjob, .. }) = self.take_subjob() else { break };
+                    let Some(SparseSubjob { sectors: subjob, .. }) = self.take_subjob() else { break };
                     if !self.throttle_subjob(&subjob).await || self.stopped_before(&subjob) {
                         self.give_up_subjob(subjob).await;
                         break;
@@ -419,7 +419,7 @@ impl JobRun {
         // A sub-job is at most a hole's 1 GiB: its bytes fit a u64.
         let len_bytes =
             u64::try_from(sectors_to_bytes(subjob.end - subjob.start)).expect("a sub-job's bytes fit a u64");
-        let mut admitted = std::pin::pin!(self.io.throttler.admit_sub_job(len_bytes));
+        let mut admitted = std::pin::pin!(self.io.throttler.admit_subjob(len_bytes));
         if poll_once(admitted.as_mut()).await.is_ready() {
             return true;
         }

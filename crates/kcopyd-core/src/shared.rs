@@ -16,7 +16,7 @@ use serde::Serialize;
 use tokio::sync::{Semaphore, watch};
 
 use crate::handle::{JobShared, Progress};
-use crate::io::SubJobIo;
+use crate::io::SubjobIo;
 use crate::job::{JobKind, JobSpec};
 use crate::{ClientConfig, PagePool, PoolStats};
 
@@ -62,7 +62,7 @@ pub(crate) struct Registered {
 pub(crate) struct ClientShared {
     pub(crate) pool: PagePool,
     /// What sub-jobs share for their device I/O: the throttle, statistics, the timeout.
-    pub(crate) io: Arc<SubJobIo>,
+    pub(crate) io: Arc<SubjobIo>,
     /// Set once shutdown begins, the last handle is dropped or the actor is gone: no job is
     /// taken after it.
     pub(crate) closed: AtomicBool,
@@ -83,7 +83,7 @@ pub(crate) struct ClientShared {
 }
 
 impl ClientShared {
-    pub(crate) fn new(pool: PagePool, io: Arc<SubJobIo>, config: &ClientConfig) -> Arc<ClientShared> {
+    pub(crate) fn new(pool: PagePool, io: Arc<SubjobIo>, config: &ClientConfig) -> Arc<ClientShared> {
         Arc::new(ClientShared {
             pool,
             io,

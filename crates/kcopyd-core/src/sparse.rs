@@ -23,7 +23,7 @@ use crate::{Geometry, RangeSet, Region, SECTOR_SIZE, WriteBuf};
 
 /// Most sectors one hole sub-job covers (1 GiB): holes need no pages, so they go in large
 /// pieces, but a bound keeps progress moving and each write-zeroes request reasonable.
-pub const HOLE_SUB_JOB_SECTORS_MAX: u64 = (1 << 30) / SECTOR_SIZE as u64;
+pub const HOLE_SUBJOB_SECTORS_MAX: u64 = (1 << 30) / SECTOR_SIZE as u64;
 
 /// What to do on a target where the source reads as zeroes (a hole, or a zero block).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -109,7 +109,7 @@ pub(crate) struct Allocation {
 
 /// The next sub-job of a sparse copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct SparseSubJob {
+pub(crate) struct SparseSubjob {
     /// Job-relative sectors.
     pub(crate) sectors: Range<u64>,
     /// A hole of the source: nothing to read.
@@ -159,17 +159,17 @@ impl Allocation {
         len_sectors: u64,
         subjob_sectors: u64,
         hole_sectors_max: u64,
-    ) -> SparseSubJob {
+    ) -> SparseSubjob {
         assert!(cursor < len_sectors);
         let ranges = self.allocated.ranges();
         let index = ranges.partition_point(|range| range.end <= cursor);
         match ranges.get(index) {
             Some(range) if range.start <= cursor => {
-                SparseSubJob { sectors: cursor..range.end.min(cursor.saturating_add(subjob_sectors)), hole: false }
+                SparseSubjob { sectors: cursor..range.end.min(cursor.saturating_add(subjob_sectors)), hole: false }
             }
             next => {
                 let hole_end = next.map_or(len_sectors, |range| range.start);
-                SparseSubJob { sectors: cursor..hole_end.min(cursor.saturating_add(hole_sectors_max)), hole: true }
+                SparseSubjob { sectors: cursor..hole_end.min(cursor.saturating_add(hole_sectors_max)), hole: true }
             }
         }
     }
@@ -266,29 +266,29 @@ mod tests {
         let allocation = Allocation::from_device_ranges(&device, 100, 200, 8);
         assert_eq!(allocation.allocated.ranges(), &[0..8, 48..200]);
         let walk = |cursor| allocation.next(cursor, 200, 64, 30);
-        assert_eq!(walk(0), SparseSubJob { sectors: 0..8, hole: false });
-        assert_eq!(walk(8), SparseSubJob { sectors: 8..38, hole: true }, "a hole stops at its maximum");
-        assert_eq!(walk(38), SparseSubJob { sectors: 38..48, hole: true });
-        assert_eq!(walk(48), SparseSubJob { sectors: 48..112, hole: false });
-        assert_eq!(walk(176), SparseSubJob { sectors: 176..200, hole: false });
+        assert_eq!(walk(0), SparseSubjob { sectors: 0..8, hole: false });
+        assert_eq!(walk(8), SparseSubjob { sectors: 8..38, hole: true }, "a hole stops at its maximum");
+        assert_eq!(walk(38), SparseSubjob { sectors: 38..48, hole: true });
+        assert_eq!(walk(48), SparseSubjob { sectors: 48..112, hole: false });
+        assert_eq!(walk(176), SparseSubjob { sectors: 176..200, hole: false });
         let empty = Allocation::from_device_ranges(&RangeSet::new(), 0, 100, 1);
-        assert_eq!(empty.next(0, 100, 8, 1000), SparseSubJob { sectors: 0..100, hole: true });
+        assert_eq!(empty.next(0, 100, 8, 1000), SparseSubjob { sectors: 0..100, hole: true });
     }
 
     #[test]
-    fn sub_jobs_at_the_end_of_the_address_space_do_not_overflow() {
+    fn subjobs_at_the_end_of_the_address_space_do_not_overflow() {
         let len = u64::MAX;
         let mut device = RangeSet::new();
         device.insert(len - 10..len);
         let allocation = Allocation::from_device_ranges(&device, 0, len, 1);
         assert_eq!(
             allocation.next(len - 30, len, 64, 1 << 21),
-            SparseSubJob { sectors: len - 30..len - 10, hole: true }
+            SparseSubjob { sectors: len - 30..len - 10, hole: true }
         );
-        assert_eq!(allocation.next(len - 10, len, 64, 1 << 21), SparseSubJob { sectors: len - 10..len, hole: false });
+        assert_eq!(allocation.next(len - 10, len, 64, 1 << 21), SparseSubjob { sectors: len - 10..len, hole: false });
         assert_eq!(
             allocation.next(len - 3, len, u64::MAX, 1 << 21),
-            SparseSubJob { sectors: len - 3..len, hole: false }
+            SparseSubjob { sectors: len - 3..len, hole: false }
         );
     }
 

@@ -2,7 +2,7 @@
 //! dm-kcopyd's throttle) and on the bytes it moves per second (a token bucket).
 //!
 //! ```text
-//!  sub-job taken ──► Throttler::admit_sub_job(len) ──► read / write the targets
+//!  sub-job taken ──► Throttler::admit_subjob(len) ──► read / write the targets
 //!                     │ busy share > limit? wait until idle time brings it back
 //!                     │ bucket short of len? wait until it refills
 //!                     │ (re-checked at once when the limit changes)
@@ -25,7 +25,7 @@
 //!
 //! **Rate** counts each sub-job's length once (the bytes copied or zeroed, whatever the
 //! number of targets), charged when the sub-job is issued. The bucket holds at most one
-//! sub-job's worth (`sub_job_size_bytes`, or the sub-job itself if larger) and starts full:
+//! sub-job's worth (`subjob_size_bytes`, or the sub-job itself if larger) and starts full:
 //! a burst is one sub-job, then sub-jobs go out one every `len / rate`. An offloaded
 //! write-zeroes (one request per target for the whole job, no data through the engine) cannot
 //! be paced: it waits for the busy limit only.
@@ -189,7 +189,7 @@ impl Throttler {
     /// to the bucket. Sub-jobs of all the client's jobs are admitted first come, first served,
     /// so that a large job cannot starve a small one. Returns at once when no limit applies
     /// and nobody is waiting.
-    pub(crate) async fn admit_sub_job(&self, len_bytes: u64) {
+    pub(crate) async fn admit_subjob(&self, len_bytes: u64) {
         let mut ticket = Ticket { throttler: self, number: None };
         loop {
             let changed = self.changed.notified();

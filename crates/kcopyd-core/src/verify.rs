@@ -275,7 +275,7 @@ fn shape_of(verify: &Verify, config: &ClientConfig) -> Result<VerifyShape, Verif
         config.page_budget,
         count + 1,
         block_bytes,
-        config.sub_job_size_bytes as u64,
+        config.subjob_size_bytes as u64,
         config.subjobs_in_flight,
     )
     .map_err(|()| VerifyError::BlockLargerThanBudget {
@@ -372,7 +372,7 @@ impl ChunkReader<'_> {
         let chunk_bytes = (chunk.end - chunk.start) * SECTOR_SIZE as u64;
         for (group_index, group) in self.sides.chunks(self.devices_at_once).enumerate() {
             // The throttle admits each group's reads as it admits a sub-job's.
-            self.client.io.throttler.admit_sub_job(chunk_bytes * group.len() as u64).await;
+            self.client.io.throttler.admit_subjob(chunk_bytes * group.len() as u64).await;
             let reads = join_all(group.iter().map(|side| self.read(side, chunk.clone())));
             let mut buffers = reads.await.into_iter();
             // Target `first_target + i` is the group's `i`th target.

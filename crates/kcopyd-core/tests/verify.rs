@@ -59,7 +59,7 @@ fn differing_blocks_are_exact_and_skipped_ranges_left_out() {
     changed.poke(1001, &[1; 1024]); // sectors 1000..1003: three blocks
     changed.poke(4095, &[7; 512]);
     source.fail_reads(2000..2001);
-    let config = ClientConfig { page_budget: 256, sub_job_size_bytes: 64 * 1024, subjobs_in_flight: 2, ..budget(256) };
+    let config = ClientConfig { page_budget: 256, subjob_size_bytes: 64 * 1024, subjobs_in_flight: 2, ..budget(256) };
     let targets = || vec![region(&same, 4096), region(&changed, 4096)];
     let (found, _) = verify_with(config.clone(), Verify::new(region(&source, 4096), targets()));
     assert_eq!(found.source_unreadable, RangeSet::from_range(2000..2001));
@@ -80,7 +80,7 @@ fn large_blocks_count_once() {
     let target = Arc::new(MemDisk::with_pattern("target", 256, 4096, 1));
     target.poke(8, &[0; 4096]); // one whole 4 KiB block
     target.poke(23, &[0; 512]); // the last sector of the next block
-    let config = ClientConfig { sub_job_size_bytes: 32 * 1024, subjobs_in_flight: 1, ..budget(64) };
+    let config = ClientConfig { subjob_size_bytes: 32 * 1024, subjobs_in_flight: 1, ..budget(64) };
     let (found, _) = verify_with(config, Verify::new(region(&source, 256), vec![region(&target, 256)]));
     assert_eq!(found.block_bytes, 4096);
     assert_eq!(found.targets[0].differing_blocks, 2);

@@ -23,7 +23,7 @@ fn main() -> ExitCode {
     let mut headers_only = false;
     let mut config = ClientConfig {
         page_budget: 4096,
-        sub_job_size_bytes: 1 << 20,
+        subjob_size_bytes: 1 << 20,
         subjobs_in_flight: 16,
         ..ClientConfig::default()
     };
@@ -32,7 +32,7 @@ fn main() -> ExitCode {
         match (arg.as_str(), value) {
             ("--headers-only", _) => headers_only = true,
             ("--sub-job", Some(v)) => match common::parse_size(&v) {
-                Some(bytes) if bytes > 0 && bytes % PAGE_SIZE as u64 == 0 => config.sub_job_size_bytes = bytes as usize,
+                Some(bytes) if bytes > 0 && bytes % PAGE_SIZE as u64 == 0 => config.subjob_size_bytes = bytes as usize,
                 _ => {
                     eprintln!("sparse_copy: --sub-job {v}: want a positive number of 4 KiB pages like 512KiB");
                     return ExitCode::from(2);
@@ -59,7 +59,7 @@ fn main() -> ExitCode {
         }
     }
     // A budget that holds every sub-job in flight: the pool is not what limits the copy.
-    config.page_budget = config.sub_job_size_bytes / PAGE_SIZE * config.subjobs_in_flight;
+    config.page_budget = config.subjob_size_bytes / PAGE_SIZE * config.subjobs_in_flight;
     if let Err(error) = config.validate() {
         eprintln!("sparse_copy: {error}");
         return ExitCode::from(2);

@@ -22,15 +22,15 @@ use std::time::Instant;
 use kcopyd_core::{ClientConfig, PAGE_SIZE};
 
 /// Sub-job sizes of the sweep, in KiB.
-const SUB_JOB_KIB: [usize; 5] = [128, 256, 512, 1024, 2048];
+const SUBJOB_KIB: [usize; 5] = [128, 256, 512, 1024, 2048];
 /// Sub-jobs in flight of the sweep.
 const IN_FLIGHT: [usize; 4] = [2, 4, 8, 16];
 
 /// One point of the sweep and what it gave.
 struct Point {
-    sub_job_kib: usize,
+    subjob_kib: usize,
     subjobs_in_flight: usize,
-    run: common::CopyRun,
+    run: common::SimulatedCopy,
     wall_seconds: f64,
 }
 
@@ -74,25 +74,25 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     let grid: Vec<(usize, usize)> =
-        SUB_JOB_KIB.iter().flat_map(|&kib| IN_FLIGHT.iter().map(move |&n| (kib, n))).collect();
+        SUBJOB_KIB.iter().flat_map(|&kib| IN_FLIGHT.iter().map(move |&n| (kib, n))).collect();
     let next = AtomicUsize::new(0);
     let points = Mutex::new(Vec::new());
     let started = Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| {
-                while let Some(&(sub_job_kib, subjobs_in_flight)) = grid.get(next.fetch_add(1, Ordering::Relaxed)) {
-                    let sub_job_size_bytes = sub_job_kib << 10;
+                while let Some(&(subjob_kib, subjobs_in_flight)) = grid.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    let subjob_size_bytes = subjob_kib << 10;
                     let config = ClientConfig {
-                        page_budget: sub_job_size_bytes / PAGE_SIZE * subjobs_in_flight,
-                        sub_job_size_bytes,
+                        page_budget: subjob_size_bytes / PAGE_SIZE * subjobs_in_flight,
+                        subjob_size_bytes,
                         subjobs_in_flight,
                         ..ClientConfig::default()
                     };
                     let began = Instant::now();
                     let run = common::copy_and_verify(common::sectors(size_bytes), config, headers_only);
                     let wall_seconds = began.elapsed().as_secs_f64();
-                    let point = Point { sub_job_kib, subjobs_in_flight, run, wall_seconds };
+                    let point = Point { subjob_kib, subjobs_in_flight, run, wall_seconds };
                     points.lock().expect("no thread panicked").push(point);
                 }
             });
@@ -105,7 +105,7 @@ fn main() -> ExitCode {
     for point in &points {
         println!(
             "{:>5}K  {:>9}  {:>9.3}  {:>5.2}  {:>8}  {:>7}  {:>6.1}",
-            point.sub_job_kib,
+            point.subjob_kib,
             point.subjobs_in_flight,
             point.run.virtual_seconds,
             size_bytes as f64 / point.run.virtual_seconds / 1e9,

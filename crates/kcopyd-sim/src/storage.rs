@@ -176,7 +176,7 @@ pub fn provenance_of(sector: &[u8]) -> Provenance {
 
 /// The content of a run of sectors.
 #[derive(Debug, Clone)]
-pub(crate) enum Content {
+pub(crate) enum RunContent {
     Zero,
     /// Sector `origin + i` of the pattern (seed, generation) at the run's sector `i`.
     Pattern {
@@ -191,7 +191,7 @@ pub(crate) enum Content {
 enum Layout {
     Dense(Vec<u8>),
     /// Runs keyed by start sector; they cover the disk without gaps or overlaps.
-    Extents(BTreeMap<u64, (u64, Content)>),
+    Extents(BTreeMap<u64, (u64, RunContent)>),
 }
 
 /// A disk's bytes, and how much of each pattern sector its data path moves.
@@ -206,7 +206,7 @@ impl Storage {
         let layout = if sparse {
             let mut map = BTreeMap::new();
             if len_sectors > 0 {
-                map.insert(0, (len_sectors, Content::Zero));
+                map.insert(0, (len_sectors, RunContent::Zero));
             }
             Layout::Extents(map)
         } else {
@@ -249,15 +249,15 @@ impl Storage {
                     let hi = (run_start + run_len).min(end);
                     let piece = &mut out[(lo - start) as usize * SECTOR_SIZE..(hi - start) as usize * SECTOR_SIZE];
                     match content {
-                        Content::Zero => piece.fill(0),
-                        Content::Pattern { seed, generation, origin } => {
+                        RunContent::Zero => piece.fill(0),
+                        RunContent::Pattern { seed, generation, origin } => {
                             let run = PatternRun::new(*seed, *generation);
                             let first = origin + (lo - run_start);
                             for (i, sector) in piece.chunks_exact_mut(SECTOR_SIZE).enumerate() {
                                 run.fill(first + i as u64, sector, self.headers_only);
                             }
                         }
-                        Content::Data(data) => {
+                        RunContent::Data(data) => {
                             let from = (lo - run_start) as usize * SECTOR_SIZE;
                             piece.copy_from_slice(&data[from..from + piece.len()]);
                         }
@@ -292,15 +292,15 @@ impl Storage {
         // every following sector that continues its pattern run in one sweep.
         let count = data.len() / SECTOR_SIZE;
         let sector_at = |i: usize| &data[i * SECTOR_SIZE..(i + 1) * SECTOR_SIZE];
-        let mut runs: Vec<(u64, u64, Content)> = Vec::new();
+        let mut runs: Vec<(u64, u64, RunContent)> = Vec::new();
         let mut i = 0;
         while i < count {
             let (content, len) = match self.classify(sector_at(i)) {
-                Provenance::Zero => (Content::Zero, 1),
+                Provenance::Zero => (RunContent::Zero, 1),
                 Provenance::Pattern { seed, generation, sector } => {
                     let rest = &data[(i + 1) * SECTOR_SIZE..];
                     let more = PatternRun::new(seed, generation).continued_by(rest, sector + 1, self.headers_only);
-                    (Content::Pattern { seed, generation, origin: sector }, 1 + more)
+                    (RunContent::Pattern { seed, generation, origin: sector }, 1 + more)
                 }
                 Provenance::Data(_) => {
                     // Data runs on to the next sector that is not data; copied once.
@@ -309,12 +309,12 @@ impl Storage {
                         end += 1;
                     }
                     let bytes = Bytes::copy_from_slice(&data[i * SECTOR_SIZE..end * SECTOR_SIZE]);
-                    (Content::Data(bytes), (end - i) as u64)
+                    (RunContent::Data(bytes), (end - i) as u64)
                 }
             };
             let at = start + i as u64;
             match runs.last_mut() {
-                Some((_, run_len, last)) if matches!((&*last, &content), (Content::Zero, Content::Zero)) => {
+                Some((_, run_len, last)) if matches!((&*last, &content), (RunContent::Zero, RunContent::Zero)) => {
                     *run_len += len
                 }
                 _ => runs.push((at, len, content)),
@@ -332,7 +332,7 @@ impl Storage {
             Layout::Dense(bytes) => {
                 bytes[sectors.start as usize * SECTOR_SIZE..sectors.end as usize * SECTOR_SIZE].fill(0)
             }
-            Layout::Extents(_) => self.set(sectors, Content::Zero),
+            Layout::Extents(_) => self.set(sectors, RunContent::Zero),
         }
     }
 
@@ -348,13 +348,13 @@ impl Storage {
             }
             Layout::Extents(_) => {
                 let origin = sectors.start;
-                self.set(sectors, Content::Pattern { seed, generation, origin })
+                self.set(sectors, RunContent::Pattern { seed, generation, origin })
             }
         }
     }
 
     /// Replaces the content of `sectors` with `content`, merging with neighbours.
-    fn set(&mut self, sectors: Range<u64>, content: Content) {
+    fn set(&mut self, sectors: Range<u64>, content: RunContent) {
         let Layout::Extents(map) = &mut self.layout else { unreachable!("set is for extents") };
         if sectors.is_empty() {
             return;
@@ -399,7 +399,7 @@ impl Storage {
             Layout::Dense(_) => set.insert(sectors),
             Layout::Extents(map) => {
                 for (run_start, (run_len, content)) in overlapping(map, sectors.clone()) {
-                    if !matches!(content, Content::Zero) {
+                    if !matches!(content, RunContent::Zero) {
                         set.insert(run_start.max(sectors.start)..(run_start + run_len).min(sectors.end));
                     }
                 }
@@ -436,8 +436,8 @@ impl Storage {
                     let lo = run_start.max(sectors.start);
                     let hi = (run_start + run_len).min(sectors.end);
                     match content {
-                        Content::Zero => push(lo..hi, Provenance::Zero),
-                        Content::Pattern { seed, generation, origin } => push(
+                        RunContent::Zero => push(lo..hi, Provenance::Zero),
+                        RunContent::Pattern { seed, generation, origin } => push(
                             lo..hi,
                             Provenance::Pattern {
                                 seed: *seed,
@@ -445,7 +445,7 @@ impl Storage {
                                 sector: origin + (lo - run_start),
                             },
                         ),
-                        Content::Data(data) => {
+                        RunContent::Data(data) => {
                             for sector in lo..hi {
                                 let at = (sector - run_start) as usize * SECTOR_SIZE;
                                 push(sector..sector + 1, self.classify(&data[at..at + SECTOR_SIZE]));
@@ -460,32 +460,32 @@ impl Storage {
 }
 
 /// Whether `next` continues a run of `len` sectors of `content` without a break.
-fn continues(content: &Content, len: u64, next: &Content) -> bool {
+fn continues(content: &RunContent, len: u64, next: &RunContent) -> bool {
     match (content, next) {
-        (Content::Zero, Content::Zero) | (Content::Data(_), Content::Data(_)) => true,
+        (RunContent::Zero, RunContent::Zero) | (RunContent::Data(_), RunContent::Data(_)) => true,
         (
-            Content::Pattern { seed, generation, origin },
-            Content::Pattern { seed: next_seed, generation: next_generation, origin: next_origin },
+            RunContent::Pattern { seed, generation, origin },
+            RunContent::Pattern { seed: next_seed, generation: next_generation, origin: next_origin },
         ) => seed == next_seed && generation == next_generation && origin + len == *next_origin,
         _ => false,
     }
 }
 
 /// Two adjacent runs that `continues` accepted, as one.
-fn joined(first: Content, second: Content) -> Content {
+fn joined(first: RunContent, second: RunContent) -> RunContent {
     match (first, second) {
-        (Content::Data(a), Content::Data(b)) => {
+        (RunContent::Data(a), RunContent::Data(b)) => {
             let mut bytes = Vec::with_capacity(a.len() + b.len());
             bytes.extend_from_slice(&a);
             bytes.extend_from_slice(&b);
-            Content::Data(Bytes::from(bytes))
+            RunContent::Data(Bytes::from(bytes))
         }
         (first, _) => first,
     }
 }
 
 /// Splits the run containing `at` (if any starts before it) so that a run starts at `at`.
-fn split_at(map: &mut BTreeMap<u64, (u64, Content)>, at: u64) {
+fn split_at(map: &mut BTreeMap<u64, (u64, RunContent)>, at: u64) {
     let Some((&start, &(len, _))) = map.range(..at).next_back() else { return };
     if start + len <= at {
         return;
@@ -493,14 +493,14 @@ fn split_at(map: &mut BTreeMap<u64, (u64, Content)>, at: u64) {
     let (_, content) = map.remove(&start).expect("present");
     let head = at - start;
     let (first, second) = match content {
-        Content::Zero => (Content::Zero, Content::Zero),
-        Content::Pattern { seed, generation, origin } => (
-            Content::Pattern { seed, generation, origin },
-            Content::Pattern { seed, generation, origin: origin + head },
+        RunContent::Zero => (RunContent::Zero, RunContent::Zero),
+        RunContent::Pattern { seed, generation, origin } => (
+            RunContent::Pattern { seed, generation, origin },
+            RunContent::Pattern { seed, generation, origin: origin + head },
         ),
-        Content::Data(bytes) => {
+        RunContent::Data(bytes) => {
             let cut = head as usize * SECTOR_SIZE;
-            (Content::Data(bytes.slice(..cut)), Content::Data(bytes.slice(cut..)))
+            (RunContent::Data(bytes.slice(..cut)), RunContent::Data(bytes.slice(cut..)))
         }
     };
     map.insert(start, (head, first));
@@ -509,9 +509,9 @@ fn split_at(map: &mut BTreeMap<u64, (u64, Content)>, at: u64) {
 
 /// The runs of `map` that overlap `sectors`, in order.
 fn overlapping(
-    map: &BTreeMap<u64, (u64, Content)>,
+    map: &BTreeMap<u64, (u64, RunContent)>,
     sectors: Range<u64>,
-) -> impl Iterator<Item = (u64, &(u64, Content))> {
+) -> impl Iterator<Item = (u64, &(u64, RunContent))> {
     let first = map.range(..=sectors.start).next_back().map_or(sectors.start, |(&s, _)| s);
     map.range(first..sectors.end).filter(move |(s, (len, _))| *s + len > sectors.start).map(|(&s, run)| (s, run))
 }

@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kcopyd_sim::explore::calibrate::{Calibrated, Plan, Scratch, calibrate};
+use kcopyd_sim::explore::calibrate::{Calibrated, CalibrationPlan, ScratchRange, calibrate};
 use kcopyd_sim::{DiskModel, IoModel, Latency, PathModel, SeekModel, Simulation};
 
 /// A fitted time (cost, path overhead, engine time per MiB) may differ from the truth by
@@ -48,7 +48,7 @@ fn truth(read: (u64, u64, u64), write: (u64, u64, u64), shared: bool) -> DiskMod
 /// Calibrates a fresh simulated disk of `model` in virtual time.
 fn calibrate_simulated(model: &DiskModel) -> Calibrated {
     let options = model.options("truth", DISK_BYTES / 512, 1);
-    let plan = Plan {
+    let plan = CalibrationPlan {
         io_sizes_bytes: vec![4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20],
         queue_depths: vec![1, 4, 16, 32],
         point_time: Duration::from_millis(200),
@@ -56,7 +56,7 @@ fn calibrate_simulated(model: &DiskModel) -> Calibrated {
     };
     Simulation::block_on(async move {
         let scratch =
-            Scratch { device: Arc::new(DiskModel::disk(options, None)), offset_bytes: 0, len_bytes: DISK_BYTES };
+            ScratchRange { device: Arc::new(DiskModel::disk(options, None)), offset_bytes: 0, len_bytes: DISK_BYTES };
         calibrate(&scratch, &plan, &mut |_| {}).await.expect("a simulated disk calibrates")
     })
 }

@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use kcopyd_core::Device;
+use kcopyd_sim::spec::SpecError;
 use kcopyd_sim::units::{self as size, SizeError};
 use thiserror::Error;
 
@@ -35,7 +36,7 @@ pub trait SimDisk: fmt::Debug + Send + Sync {
     ///
     /// # Errors
     /// The length is not whole sectors, or too large for this kind of disk.
-    fn check_len(&self, len_bytes: u64) -> Result<(), String>;
+    fn check_len(&self, len_bytes: u64) -> Result<(), SpecError>;
     /// Builds the disk, `len_bytes` long (checked by [`SimDisk::check_len`]).
     fn build(&self, len_bytes: u64) -> Device;
 }
@@ -59,8 +60,8 @@ impl SimDisk for kcopyd_sim::spec::SimSpec {
     fn headers_only(&self) -> bool {
         self.headers_only
     }
-    fn check_len(&self, len_bytes: u64) -> Result<(), String> {
-        kcopyd_sim::spec::SimSpec::check_len(self, len_bytes).map_err(|error| error.to_string())
+    fn check_len(&self, len_bytes: u64) -> Result<(), SpecError> {
+        kcopyd_sim::spec::SimSpec::check_len(self, len_bytes)
     }
     fn build(&self, len_bytes: u64) -> Device {
         kcopyd_sim::spec::SimSpec::build(self, len_bytes)
@@ -204,7 +205,7 @@ mod tests {
         fn headers_only(&self) -> bool {
             false
         }
-        fn check_len(&self, _: u64) -> Result<(), String> {
+        fn check_len(&self, _: u64) -> Result<(), kcopyd_sim::spec::SpecError> {
             Ok(())
         }
         fn build(&self, len_bytes: u64) -> Device {

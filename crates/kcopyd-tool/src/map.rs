@@ -26,6 +26,7 @@
 
 pub mod identity;
 mod intervals;
+mod refusal;
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -42,6 +43,7 @@ use thiserror::Error;
 pub use intervals::Intervals;
 
 use crate::open::{Opened, Role};
+pub use refusal::{DeviceRefusal, MapRefusal};
 
 /// The first line of every map this version writes.
 pub const MAGIC: &str = "kcopyd-map 2";
@@ -135,7 +137,7 @@ pub enum MapFileError {
         /// The address as given (escaped if it holds a newline).
         text: String,
         /// What is wrong.
-        problem: String,
+        problem: DeviceRefusal,
     },
     /// The map is busy, a device of the copy, read-only, not a map, for another copy or for
     /// other devices, or cannot be created.
@@ -144,7 +146,7 @@ pub enum MapFileError {
         /// The map file.
         path: PathBuf,
         /// What is wrong.
-        problem: String,
+        problem: MapRefusal,
     },
     /// A batch smaller than one logical block of the copy's devices.
     #[error("a batch of {batch_bytes} bytes is smaller than one {block_bytes}-byte logical block")]
@@ -489,14 +491,13 @@ pub fn header_of(
     let mut guard = MapGuard::default();
     let mut device = |opened: &Opened| -> Result<(MapDevice, bool), MapFileError> {
         let refuse =
-            |problem: String| MapFileError::Device { role: opened.role, text: opened.arg.text.clone(), problem };
+            |problem: DeviceRefusal| MapFileError::Device { role: opened.role, text: opened.arg.text.clone(), problem };
         if opened.arg.text.contains('\n') {
             // Named escaped, so that the message stays one line.
-            let problem = "the name holds a newline, which a --map line cannot record";
             return Err(MapFileError::Device {
                 role: opened.role,
                 text: opened.arg.text.escape_debug().to_string(),
-                problem: problem.to_owned(),
+                problem: DeviceRefusal::NewlineInName,
             });
         }
         let (id, lasting) = identity::of(opened).map_err(refuse)?;
@@ -578,20 +579,21 @@ impl CopyMap {
     /// devices that are not the ones opened now; or it cannot be created (exit 2: nothing was
     /// written to any target).
     pub fn open(path: &Path, header: &MapHeader, guard: &MapGuard) -> Result<CopyMap, MapFileError> {
-        let error = |problem: String| MapFileError::Refused { path: path.to_path_buf(), problem };
+        let error = |problem: MapRefusal| MapFileError::Refused { path: path.to_path_buf(), problem };
         let (file, created) = open_locked(path, guard).map_err(error)?;
         let mut map = CopyMap { path: path.to_path_buf(), file, created, state: MapState::new(header.targets.len()) };
-        let len_bytes = map.file.metadata().map_err(|e| error(format!("cannot read it ({e})")))?.len();
+        let len_bytes = map.file.metadata().map_err(|e| error(MapRefusal::Stat(e)))?.len();
         if len_bytes == 0 {
             let mut writer = &map.file;
             writer
                 .write_all(header.render().as_bytes())
                 .and_then(|()| map.file.sync_all())
                 .and_then(|()| sync_parent(path))
-                .map_err(|e| error(format!("cannot write it ({e})")))?;
+                .map_err(|e| error(MapRefusal::Write(e)))?;
             return Ok(map);
         }
-        let (found, state, complete_bytes) = parse(BufReader::new(&map.file)).map_err(|e| error(e.to_string()))?;
+        let (found, state, complete_bytes) =
+            parse(BufReader::new(&map.file)).map_err(|e| error(MapRefusal::Read(e)))?;
         check_header(&found, header, guard).map_err(error)?;
         if complete_bytes < len_bytes {
             // A torn last line (a crash during an append): cut it off, so that the next
@@ -599,7 +601,7 @@ impl CopyMap {
             map.file
                 .set_len(complete_bytes)
                 .and_then(|()| map.file.sync_data())
-                .map_err(|e| error(format!("cannot cut off its torn last line ({e})")))?;
+                .map_err(|e| error(MapRefusal::CutTornLine(e)))?;
         }
         map.state = state;
         Ok(map)
@@ -662,11 +664,11 @@ impl CopyMap {
 }
 
 /// Opens (or creates) the map file and locks it; returns it and whether it was created.
-fn open_locked(path: &Path, guard: &MapGuard) -> Result<(File, bool), String> {
+fn open_locked(path: &Path, guard: &MapGuard) -> Result<(File, bool), MapRefusal> {
     let existing = match std::fs::metadata(path) {
         Ok(metadata) => Some(metadata),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => return Err(format!("cannot read it ({e})")),
+        Err(e) => return Err(MapRefusal::Stat(e)),
     };
     if let Some(metadata) = &existing {
         check_map_file(metadata, guard)?;
@@ -681,79 +683,77 @@ fn open_locked(path: &Path, guard: &MapGuard) -> Result<(File, bool), String> {
             created => (created, true),
         },
     };
-    let file = file.map_err(|e| format!("cannot open it for appending ({e})"))?;
+    let file = file.map_err(MapRefusal::OpenAppend)?;
     // Removed again if anything below refuses, unless another run locked it first (it is
     // using it now).
     lock(&file)?;
-    let unlink = |problem: String| {
+    let unlink = |problem: MapRefusal| {
         if created {
             let _ = std::fs::remove_file(path);
         }
         problem
     };
-    let opened = file.metadata().map_err(|e| unlink(format!("cannot read it ({e})")))?;
+    let opened = file.metadata().map_err(|e| unlink(MapRefusal::Stat(e)))?;
     match std::fs::metadata(path) {
         Ok(now) if (now.dev(), now.ino()) == (opened.dev(), opened.ino()) => Ok((file, created)),
-        _ => Err(unlink("the map was replaced or removed while it was being opened".into())),
+        _ => Err(unlink(MapRefusal::Replaced)),
     }
 }
 
 /// Refuses a map file that is not a regular file, is one of the copy's files, or that nobody
 /// may write.
-fn check_map_file(metadata: &std::fs::Metadata, guard: &MapGuard) -> Result<(), String> {
+fn check_map_file(metadata: &std::fs::Metadata, guard: &MapGuard) -> Result<(), MapRefusal> {
     if !metadata.is_file() {
-        return Err("not a regular file: a map is a file of its own".into());
+        return Err(MapRefusal::NotAFile);
     }
     let key = (metadata.dev(), metadata.ino());
-    if let Some((what, text, _)) = guard.files.iter().find(|(_, _, file)| *file == key) {
-        return Err(format!("is {what} '{text}' itself: the map must be a file of its own"));
+    if let Some((role, text, _)) = guard.files.iter().find(|(_, _, file)| *file == key) {
+        return Err(MapRefusal::DeviceOfTheCopy { role, text: text.clone() });
     }
     let mode = metadata.permissions().mode();
     if mode & 0o222 == 0 {
-        return Err(format!(
-            "read-only file (mode {:o}): refusing to append to it, also as root; make it writable first",
-            mode & 0o7777
-        ));
+        return Err(MapRefusal::ReadOnly { mode: mode & 0o7777 });
     }
     Ok(())
 }
 
 /// Takes the run's exclusive lock on the map.
-fn lock(file: &File) -> Result<(), String> {
+fn lock(file: &File) -> Result<(), MapRefusal> {
     loop {
         match rustix::fs::flock(file, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => return Ok(()),
             Err(Errno::INTR) => continue,
             Err(Errno::WOULDBLOCK) => {
-                return Err("map busy: another kcopyd (or a program holding a flock lock on it) is using it".into());
+                return Err(MapRefusal::Busy);
             }
             // A filesystem without locks: nothing to keep other runs out with.
             Err(Errno::NOLCK | Errno::OPNOTSUPP | Errno::NOSYS) => return Ok(()),
-            Err(error) => return Err(format!("cannot lock it: {error}")),
+            Err(error) => return Err(MapRefusal::Lock(error)),
         }
     }
 }
 
 /// Refuses a map whose header is not `expected`'s copy, or whose devices are not the ones
 /// opened now.
-fn check_header(found: &MapHeader, expected: &MapHeader, guard: &MapGuard) -> Result<(), String> {
+fn check_header(found: &MapHeader, expected: &MapHeader, guard: &MapGuard) -> Result<(), MapRefusal> {
     if !found.same_copy(expected) {
-        return Err(format!("the map is for another copy ({}); this copy is {}", describe(found), describe(expected)));
+        return Err(MapRefusal::OtherCopy { found: describe(found), expected: describe(expected) });
     }
-    let start_over = "the map cannot vouch for what it holds: to start over, delete the map";
     let devices = std::iter::once(("SOURCE", &found.source, &expected.source))
         .chain(found.targets.iter().zip(&expected.targets).map(|(f, e)| ("TARGET", f, e)));
     for (what, recorded, now) in devices {
         if recorded.id != now.id {
-            return Err(format!(
-                "{what} '{}' is not the device the map was written for (the map: {}; now: {}): {start_over}",
-                now.name, recorded.id, now.id
-            ));
+            return Err(MapRefusal::OtherDevice {
+                role: what,
+                name: now.name.clone(),
+                recorded: recorded.id.clone(),
+                now: now.id.clone(),
+            });
         }
     }
     for (target, why) in expected.targets.iter().zip(&guard.untrusted) {
         if let Some(why) = why {
-            return Err(format!("TARGET '{}' {why}: {start_over}", target.name));
+            return Err(MapRefusal::Untrusted { name: target.name.clone(), why });
         }
     }
     Ok(())
@@ -879,6 +879,27 @@ mod tests {
 
     fn parse_text(text: &str) -> Result<(MapHeader, MapState, u64), MapError> {
         parse(text.as_bytes())
+    }
+
+    #[test]
+    fn refusals_are_typed_and_name_what_was_found() {
+        let dir = std::env::temp_dir();
+        let guard = MapGuard::default();
+        let directory = std::fs::metadata(&dir).unwrap();
+        assert!(matches!(check_map_file(&directory, &guard), Err(MapRefusal::NotAFile)));
+        let mut other = header();
+        other.len_bytes *= 2;
+        let refused = check_header(&other, &header(), &guard).unwrap_err();
+        assert!(matches!(&refused, MapRefusal::OtherCopy { .. }), "{refused}");
+        assert!(refused.to_string().starts_with("the map is for another copy ("), "{refused}");
+        let mut moved = header();
+        moved.targets[0].id = "file dev=1 ino=4 size=1052672 born=7.000000000".into();
+        let refused = check_header(&header(), &moved, &guard).unwrap_err();
+        let MapRefusal::OtherDevice { role: "TARGET", ref name, ref recorded, .. } = refused else {
+            panic!("{refused}")
+        };
+        assert_eq!((name.as_str(), recorded.as_str()), ("t.img", "file dev=1 ino=3 size=1052672 born=6.000000000"));
+        assert!(refused.to_string().ends_with("to start over, delete the map"), "{refused}");
     }
 
     #[test]

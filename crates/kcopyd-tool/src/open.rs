@@ -18,10 +18,9 @@ use std::sync::Arc;
 
 use kcopyd_core::{BlockDevice, ClientConfig, Device, SECTOR_SIZE};
 use kcopyd_os::{DeviceKind, FileLocks, IoEngine, LockError, LockKind, OpenOptions, OsDevice, Storage};
-use kcopyd_sim::units::Bytes;
 
 use crate::address::{Backend, DeviceAddress, SimDisk};
-use crate::error::PlanError;
+use crate::error::{DeviceProblem, PlanError};
 use crate::plan::CreatedHook;
 
 /// The engine's configuration and how to open devices.
@@ -162,7 +161,7 @@ impl Opened {
     }
 
     /// The error naming this device and `problem`.
-    pub fn error(&self, problem: impl Into<String>) -> PlanError {
+    pub fn error(&self, problem: DeviceProblem) -> PlanError {
         PlanError::device(self.role, &self.arg.text, problem)
     }
 
@@ -179,23 +178,13 @@ impl Opened {
         let block = self.block_bytes();
         let offset = self.arg.offset_bytes;
         if offset % block != 0 {
-            return Err(self.error(format!(
-                "offset of {offset} bytes is not a multiple of the device's {block}-byte logical block"
-            )));
+            return Err(self.error(DeviceProblem::OffsetNotBlocks { offset_bytes: offset, block_bytes: block }));
         }
         let device_bytes = self.len_bytes();
         if offset.checked_add(len_bytes).is_none_or(|end| end > device_bytes) {
             let problem = match self.role {
-                Role::Target => format!(
-                    "too small: the range ends at byte {} ({} from offset {offset}), \
-                     but the device holds {device_bytes} bytes ({})",
-                    offset.saturating_add(len_bytes),
-                    Bytes(len_bytes),
-                    Bytes(device_bytes)
-                ),
-                Role::Source => format!(
-                    "{len_bytes} bytes from offset {offset} run past the end of the device at {device_bytes} bytes"
-                ),
+                Role::Target => DeviceProblem::TooSmall { offset_bytes: offset, len_bytes, device_bytes },
+                Role::Source => DeviceProblem::PastEnd { offset_bytes: offset, len_bytes, device_bytes },
             };
             return Err(self.error(problem));
         }
@@ -239,12 +228,10 @@ impl Opened {
     /// The offset lies past the end.
     pub fn remaining_bytes(&self) -> Result<u64, PlanError> {
         let device_bytes = self.len_bytes();
-        device_bytes.checked_sub(self.arg.offset_bytes).ok_or_else(|| {
-            self.error(format!(
-                "offset of {} bytes lies past the end of the device at {device_bytes} bytes",
-                self.arg.offset_bytes
-            ))
-        })
+        let offset_bytes = self.arg.offset_bytes;
+        device_bytes
+            .checked_sub(offset_bytes)
+            .ok_or_else(|| self.error(DeviceProblem::OffsetPastEnd { offset_bytes, device_bytes }))
     }
 
     /// Refuses `self` if its range overlaps `other`'s on the same storage, whatever names
@@ -259,35 +246,25 @@ impl Opened {
             (Some(mine), Some(theirs)) => {
                 mine.storage.overlaps(a, len_bytes, &theirs.storage, b, len_bytes).then(|| {
                     let (a, b) = (a + mine.storage.offset_bytes, b + theirs.storage.offset_bytes);
-                    let mut problem = format!(
-                        "overlaps {} '{}' on the same storage: bytes {a}-{} and {b}-{} of it",
-                        other.role.name(),
-                        other.arg.text,
-                        a + len_bytes,
-                        b + len_bytes
-                    );
-                    for (opened, facts) in [(self, mine), (other, theirs)] {
-                        if !facts.storage.layers.is_empty() {
-                            problem.push_str(&format!(
-                                "; '{}' is a {}",
-                                opened.arg.text,
-                                facts.storage.layers.join(", a ")
-                            ));
-                        }
+                    let layers = [(self, mine), (other, theirs)]
+                        .into_iter()
+                        .filter(|(_, facts)| !facts.storage.layers.is_empty())
+                        .map(|(opened, facts)| (opened.arg.text.clone(), facts.storage.layers.clone()))
+                        .collect();
+                    DeviceProblem::OverlapsStorage {
+                        other_role: other.role,
+                        other: other.arg.text.clone(),
+                        ranges: [[a, a + len_bytes], [b, b + len_bytes]],
+                        layers,
                     }
-                    problem
                 })
             }
             (None, None) => {
                 (len_bytes > 0 && self.device.id() == other.device.id() && a < b + len_bytes && b < a + len_bytes).then(
-                    || {
-                        format!(
-                            "overlaps {} '{}' on the same device: bytes {a}-{} and {b}-{}",
-                            other.role.name(),
-                            other.arg.text,
-                            a + len_bytes,
-                            b + len_bytes
-                        )
+                    || DeviceProblem::OverlapsDevice {
+                        other_role: other.role,
+                        other: other.arg.text.clone(),
+                        ranges: [[a, a + len_bytes], [b, b + len_bytes]],
                     },
                 )
             }
@@ -349,9 +326,9 @@ fn open_sim(
     // A disk of whole sectors; a length that ends inside one is refused by the checks.
     let create_len_bytes = create_len_bytes.map(|len_bytes| len_bytes / SECTOR_SIZE as u64 * SECTOR_SIZE as u64);
     let Some(len_bytes) = spec.len_bytes().or(create_len_bytes) else {
-        return Err(PlanError::device(role, &arg.text, "sim key 'size' is needed here"));
+        return Err(PlanError::device(role, &arg.text, DeviceProblem::SimSizeNeeded));
     };
-    spec.check_len(len_bytes).map_err(|problem| PlanError::device(role, &arg.text, problem))?;
+    spec.check_len(len_bytes).map_err(|error| PlanError::device(role, &arg.text, DeviceProblem::SimLen(error)))?;
     let disk = spec.build(len_bytes);
     Ok(Opened { arg: arg.clone(), role, device: disk, os: None, export: None, nbd: None })
 }
@@ -379,15 +356,12 @@ fn open_path(
     };
     let device =
         OsDevice::open(path, &options).map_err(|source| PlanError::Open { role, text: arg.text.clone(), source })?;
-    let refuse = |problem: String| PlanError::device(role, &arg.text, problem);
+    let refuse = |problem: DeviceProblem| PlanError::device(role, &arg.text, problem);
     if let (true, Some(len_bytes), DeviceKind::File) = (write, create_len_bytes, device.kind()) {
-        extend_file(path, len_bytes)
-            .map_err(|error| refuse(format!("extending the file to {len_bytes} bytes: {error}")))?;
+        extend_file(path, len_bytes).map_err(|source| refuse(DeviceProblem::Extend { len_bytes, source }))?;
     }
     let len_bytes = match device.kind() {
-        DeviceKind::File => {
-            fs::metadata(path).map_err(|error| refuse(format!("reading the file's length: {error}")))?.len()
-        }
+        DeviceKind::File => fs::metadata(path).map_err(|source| refuse(DeviceProblem::FileLength { source }))?.len(),
         DeviceKind::BlockDevice => device.geometry().len_sectors * SECTOR_SIZE as u64,
     };
     if device.kind() == DeviceKind::File {
@@ -402,16 +376,18 @@ fn open_path(
 }
 
 /// Locks the file `device` (opened at `path`) in `locks`: exclusively when written.
-fn lock_file(device: &OsDevice, path: &Path, role: Role, write: bool, locks: &mut FileLocks) -> Result<(), String> {
+fn lock_file(
+    device: &OsDevice,
+    path: &Path,
+    role: Role,
+    write: bool,
+    locks: &mut FileLocks,
+) -> Result<(), DeviceProblem> {
     let id = device.id();
     let kind = if write { LockKind::Exclusive } else { LockKind::Shared };
     locks.lock(path, (id.major, id.minor), kind).map_err(|error| match error {
-        LockError::Busy => format!(
-            "{} busy: another kcopyd (or a program holding a flock lock on it) is {} it",
-            role.name().to_lowercase(),
-            if write { "using" } else { "writing" }
-        ),
-        other => other.to_string(),
+        LockError::Busy => DeviceProblem::Busy { role, write },
+        other => DeviceProblem::Lock(other),
     })
 }
 
@@ -462,11 +438,7 @@ fn check_writable_mode(path: &Path, role: Role, text: &str) -> Result<(), PlanEr
     use std::os::unix::fs::PermissionsExt;
     let mode = fs::metadata(path).map(|m| m.permissions().mode()).unwrap_or(0o200);
     if mode & 0o222 == 0 {
-        return Err(PlanError::device(
-            role,
-            text,
-            format!("read-only file (mode {:o}): refusing to write to it; make it writable first", mode & 0o7777),
-        ));
+        return Err(PlanError::device(role, text, DeviceProblem::ReadOnlyMode { mode: mode & 0o7777 }));
     }
     Ok(())
 }

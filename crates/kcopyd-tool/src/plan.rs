@@ -18,7 +18,7 @@ use kcopyd_core::{SECTOR_SIZE, TARGETS_MAX};
 use kcopyd_os::FileLocks;
 
 use crate::address::{Backend, DeviceAddress};
-use crate::error::PlanError;
+use crate::error::{DeviceProblem, PlanError};
 use crate::open::{Opened, Role, Settings, open};
 use crate::tail::Tail;
 
@@ -125,14 +125,14 @@ fn check_tail(source: Option<&Opened>, targets: &[Opened], len_bytes: u64) -> Re
             (None, Backend::Nbd(_)) => "an NBD export",
             (None, _) => "a simulated disk",
         };
-        return Err(whole_blocks_only.error(format!(
-            "is {what}, which takes whole {}-byte blocks, but the range of {len_bytes} bytes ends {} bytes into a \
-             {block_bytes}-byte block: give --length {} to leave the last {} bytes out",
-            whole_blocks_only.block_bytes(),
-            tail.len_bytes,
-            tail.offset_in_range_bytes,
-            tail.len_bytes
-        )));
+        return Err(whole_blocks_only.error(DeviceProblem::PartialBlock {
+            kind: what,
+            block_bytes: whole_blocks_only.block_bytes(),
+            len_bytes,
+            tail_bytes: tail.len_bytes,
+            range_block_bytes: block_bytes,
+            whole_bytes: tail.offset_in_range_bytes,
+        }));
     }
     Ok(tail)
 }
@@ -149,15 +149,13 @@ fn check_nbd_tail(device: &Opened, tail: Tail) -> Result<(), PlanError> {
     if at % min == 0 && tail.len_bytes % min == 0 {
         return Ok(());
     }
-    Err(device.error(format!(
-        "the range ends {} bytes into a block, at byte {}, but the server's minimum block size is {min} bytes, \
-         so those bytes cannot be {}: give --length {} to leave the last {} bytes out",
-        tail.len_bytes,
-        at + tail.len_bytes,
-        if device.role == Role::Source { "read" } else { "written" },
-        tail.offset_in_range_bytes,
-        tail.len_bytes
-    )))
+    Err(device.error(DeviceProblem::NbdMinBlock {
+        role: device.role,
+        tail_bytes: tail.len_bytes,
+        end_bytes: at + tail.len_bytes,
+        min_block_bytes: min,
+        whole_bytes: tail.offset_in_range_bytes,
+    }))
 }
 
 /// Refuses, before anything is opened, an offset that is not a whole number of sectors and a
@@ -166,15 +164,12 @@ fn check_nbd_tail(device: &Opened, tail: Tail) -> Result<(), PlanError> {
 fn check_before_open(arg: &DeviceAddress, role: Role) -> Result<(), PlanError> {
     if let Backend::Path(path) = &arg.backend {
         if path.as_os_str().as_encoded_bytes().ends_with(b"/") && !path.is_dir() {
-            return Err(PlanError::device(role, &arg.text, "not a directory (the name ends in '/')"));
+            return Err(PlanError::device(role, &arg.text, DeviceProblem::NotADirectory));
         }
     }
     if arg.offset_bytes % SECTOR_SIZE as u64 != 0 {
-        return Err(PlanError::device(
-            role,
-            &arg.text,
-            format!("offset of {} bytes is not a multiple of the {SECTOR_SIZE}-byte sector", arg.offset_bytes),
-        ));
+        let problem = DeviceProblem::OffsetNotSectors { offset_bytes: arg.offset_bytes };
+        return Err(PlanError::device(role, &arg.text, problem));
     }
     Ok(())
 }
@@ -241,9 +236,10 @@ pub fn plan_with_source(
             if missing != creating {
                 continue;
             }
-            let create_len = arg.offset_bytes.checked_add(len_bytes).ok_or_else(|| {
-                PlanError::device(Role::Target, &arg.text, "offset and length together overflow 64 bits")
-            })?;
+            let create_len = arg
+                .offset_bytes
+                .checked_add(len_bytes)
+                .ok_or_else(|| PlanError::device(Role::Target, &arg.text, DeviceProblem::EndOverflows))?;
             let is_sim = matches!(arg.backend, Backend::Sim(_));
             let create_len = Some(create_len).filter(|_| missing || is_sim);
             // Before the open: a file created by an open that then fails is removed too.
@@ -300,16 +296,8 @@ fn check_headers_only(source: &DeviceAddress, targets: &[DeviceAddress]) -> Resu
     else {
         return Ok(());
     };
-    Err(PlanError::device(
-        *other_role,
-        &other.text,
-        format!(
-            "{} '{}' has headers-only=on, so every device of the command must be a sim device with \
-             headers-only=on (it fills only the header of each pattern sector)",
-            role.name(),
-            fast.text
-        ),
-    ))
+    let problem = DeviceProblem::HeadersOnlyMix { headers_only_role: *role, headers_only: fast.text.clone() };
+    Err(PlanError::device(*other_role, &other.text, problem))
 }
 
 /// Opens and checks the targets of a zero job and works out the length.
@@ -337,10 +325,11 @@ pub fn plan_zero(targets: &[DeviceAddress], length: Option<u64>, settings: &Sett
             for other in &opened[1..] {
                 let other_len = other.remaining_bytes()?;
                 if other_len != len_bytes {
-                    return Err(other.error(format!(
-                        "holds {other_len} bytes from its offset but '{}' holds {len_bytes}: give --length",
-                        first.arg.text
-                    )));
+                    return Err(other.error(DeviceProblem::LengthsDiffer {
+                        len_bytes: other_len,
+                        first: first.arg.text.clone(),
+                        first_len_bytes: len_bytes,
+                    }));
                 }
             }
             len_bytes

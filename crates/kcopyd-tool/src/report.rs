@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::open::Opened;
 use crate::plan::{Plan, ZeroPlan};
-use crate::run::{CopyRun, JobRun, VerifyRun, job_ok, not_copied_in_region};
+use crate::run::{CopyRun, FinishedJob, VerifyRun, job_ok, not_copied_in_region};
 
 /// The whole result of a command.
 #[derive(Debug, Clone, Serialize)]
@@ -65,7 +65,7 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<SourceReport>,
     /// One entry per target, in the order given.
-    pub targets: Vec<TargetReport>,
+    pub targets: Vec<TargetSummary>,
     /// The read-back comparison (`copy --verify`, `verify`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verify: Option<VerifyReport>,
@@ -92,7 +92,7 @@ pub struct SourceReport {
 
 /// One target's part of a report.
 #[derive(Debug, Clone, Serialize)]
-pub struct TargetReport {
+pub struct TargetSummary {
     /// The argument as given.
     pub device: String,
     /// Where the range starts, in bytes.
@@ -222,12 +222,12 @@ fn read_errors_recovered(outcome: &Outcome) -> bool {
 }
 
 /// Each target's part of a copy or zero job's report (its status still `ok`).
-fn job_targets(opened: &[Opened], run: &JobRun, len_bytes: u64) -> Vec<TargetReport> {
+fn job_targets(opened: &[Opened], run: &FinishedJob, len_bytes: u64) -> Vec<TargetSummary> {
     opened
         .iter()
         .zip(&run.outcome.targets)
         .zip(&run.flush_errors)
-        .map(|((target, outcome), flush_error)| TargetReport {
+        .map(|((target, outcome), flush_error)| TargetSummary {
             device: target.arg.text.clone(),
             offset_bytes: target.arg.offset_bytes,
             status: "ok",
@@ -242,8 +242,8 @@ fn job_targets(opened: &[Opened], run: &JobRun, len_bytes: u64) -> Vec<TargetRep
 
 /// The headline status of a finished job and its exit status.
 fn job_status(
-    run: &JobRun,
-    targets: &[TargetReport],
+    run: &FinishedJob,
+    targets: &[TargetSummary],
     verify_identical: Option<bool>,
     cancel_code: u8,
 ) -> (&'static str, u8) {
@@ -270,7 +270,7 @@ fn partial_verify(mut verify: TargetVerify, interrupted: bool) -> TargetVerify {
 
 /// `verify`'s per-target reports, from what the comparison found (so far, if a signal stopped
 /// it).
-fn verify_targets(targets: &[Opened], comparison: &Comparison, interrupted: bool) -> Vec<TargetReport> {
+fn verify_targets(targets: &[Opened], comparison: &Comparison, interrupted: bool) -> Vec<TargetSummary> {
     targets
         .iter()
         .enumerate()
@@ -279,7 +279,7 @@ fn verify_targets(targets: &[Opened], comparison: &Comparison, interrupted: bool
                 .targets
                 .get(index)
                 .map(|diff| partial_verify(target_verify(diff, target.start_sector()), interrupted));
-            TargetReport {
+            TargetSummary {
                 device: target.arg.text.clone(),
                 offset_bytes: target.arg.offset_bytes,
                 status: verify.as_ref().map_or("incomplete", |v| v.status),
@@ -294,7 +294,7 @@ fn verify_targets(targets: &[Opened], comparison: &Comparison, interrupted: bool
 }
 
 /// A target's status from what its report holds.
-fn target_status(target: &TargetReport) -> &'static str {
+fn target_status(target: &TargetSummary) -> &'static str {
     let nonempty = |ranges: &Option<Vec<[u64; 2]>>| ranges.as_ref().is_some_and(|r| !r.is_empty());
     if target.flush_error.is_some() {
         "flush_failed"
@@ -313,7 +313,7 @@ fn target_status(target: &TargetReport) -> &'static str {
 
 /// Bytes of the range that at least one target does not hold. A target whose final flush
 /// failed holds nothing for sure: all of its range counts.
-fn not_copied_bytes(opened: &[Opened], run: &JobRun, len_bytes: u64) -> u64 {
+fn not_copied_bytes(opened: &[Opened], run: &FinishedJob, len_bytes: u64) -> u64 {
     let mut union = RangeSet::new();
     for ((target, outcome), flush_error) in opened.iter().zip(&run.outcome.targets).zip(&run.flush_errors) {
         if flush_error.is_some() {
@@ -325,7 +325,12 @@ fn not_copied_bytes(opened: &[Opened], run: &JobRun, len_bytes: u64) -> u64 {
 }
 
 /// `copy --verify`'s summary, and each target's `verify`.
-fn verify_summary(verify: &VerifyRun, targets: &mut [TargetReport], opened: &[Opened], len_bytes: u64) -> VerifyReport {
+fn verify_summary(
+    verify: &VerifyRun,
+    targets: &mut [TargetSummary],
+    opened: &[Opened],
+    len_bytes: u64,
+) -> VerifyReport {
     let signal = verify.cancelled;
     for ((target, opened), diff) in targets.iter_mut().zip(opened).zip(&verify.comparison.targets) {
         target.verify = Some(partial_verify(target_verify(diff, opened.start_sector()), signal));
@@ -374,9 +379,9 @@ pub fn copy_report(plan: &Plan, run: &CopyRun, mapped: bool, cancel_code: u8) ->
 fn job_report(
     command: &'static str,
     opened: &[Opened],
-    run: &JobRun,
+    run: &FinishedJob,
     len_bytes: u64,
-    targets: Vec<TargetReport>,
+    targets: Vec<TargetSummary>,
     cancel_code: u8,
 ) -> Report {
     let not_copied = not_copied_bytes(opened, run, len_bytes);
@@ -445,7 +450,7 @@ pub fn nothing_copied() -> Report {
 }
 
 /// The report of a zero job, with its status and exit code (`cancel_code` if cancelled).
-pub fn zero_report(plan: &ZeroPlan, run: &JobRun, cancel_code: u8) -> Report {
+pub fn zero_report(plan: &ZeroPlan, run: &FinishedJob, cancel_code: u8) -> Report {
     let mut targets = job_targets(&plan.targets, run, plan.len_bytes);
     for target in &mut targets {
         target.status = target_status(target);

@@ -5,7 +5,7 @@
 //! ```text
 //!  Runner::copy(plan) ─► [compare pages reserved] ─► client ─► job (or batches + map) ─► flush
 //!                       ─► tail (files, NBD) ─► [verify: read back, compare] ─► CopyRun
-//!  Runner::zero(plan) ─► client ─► job ─► flush ─► tail ─► JobRun
+//!  Runner::zero(plan) ─► client ─► job ─► flush ─► tail ─► FinishedJob
 //!  Runner::verify(plan) ─► compare ─► VerifyRun
 //!     on_event: Started{phase} → Job{handle} → Progress{done_bytes}… → Finished{phase}
 //!     cancel:   cancels the engine job in flight; the run stops between steps, flushes first
@@ -140,7 +140,7 @@ pub struct CopyOptions {
 
 /// What a copy or zero job came to.
 #[derive(Debug)]
-pub struct JobRun {
+pub struct FinishedJob {
     /// The engine's outcome (merged over a map's jobs), tails included.
     pub outcome: Outcome,
     /// The token was cancelled during the job, its flush or its tail.
@@ -162,7 +162,7 @@ pub struct JobRun {
 #[derive(Debug)]
 pub struct CopyRun {
     /// The copy.
-    pub job: JobRun,
+    pub job: FinishedJob,
     /// The comparison after it.
     pub verify: Option<VerifyRun>,
 }
@@ -237,7 +237,7 @@ impl Runner<'_> {
     ///
     /// # Errors
     /// The engine could not start or refused the job.
-    pub async fn zero(&self, plan: &ZeroPlan, flags: Flags) -> Result<JobRun, RunError> {
+    pub async fn zero(&self, plan: &ZeroPlan, flags: Flags) -> Result<FinishedJob, RunError> {
         let len_sectors = plan.tail.offset_in_range_bytes / SECTOR_SIZE as u64;
         let job = Job::zero(plan.targets.iter().map(|t| region(t, len_sectors)).collect(), flags);
         self.started(Phase::Zero, plan.len_bytes, 0);
@@ -328,7 +328,7 @@ impl Runner<'_> {
         targets: &[Opened],
         source_start: u64,
         created: &mut CreatedFiles,
-    ) -> Result<JobRun, RunError> {
+    ) -> Result<FinishedJob, RunError> {
         let started = Instant::now();
         let handle = self.submit(client, job, created, 0).await?;
         let outcome = self.wait(&handle, 0).await;
@@ -337,7 +337,7 @@ impl Runner<'_> {
         let seconds = started.elapsed().as_secs_f64();
         let stats = client.stats();
         let done_bytes = moved_bytes(&handle, &outcome, source_start, targets.first().map(Opened::start_sector));
-        Ok(JobRun {
+        Ok(FinishedJob {
             outcome,
             cancelled: self.cancel.is_cancelled(),
             done_bytes,
@@ -359,7 +359,7 @@ impl Runner<'_> {
         source: Option<&Opened>,
         targets: &[Opened],
         keep_going: bool,
-        run: &mut JobRun,
+        run: &mut FinishedJob,
     ) {
         if tail.is_empty() {
             return;

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use kcopyd_core::{ClientConfig, Device, Flags, RangeSet};
 use kcopyd_sim::MemDisk;
 use kcopyd_tool::run::{CopyOptions, Event, Runner};
-use kcopyd_tool::{Backend, Cancel, DeviceAddress, PlanError, Role, Settings, SimDisk, plan_with_source, plan_zero};
+use kcopyd_tool::{
+    Backend, Cancel, DeviceAddress, DeviceProblem, PlanError, Role, Settings, SimDisk, plan_with_source, plan_zero,
+};
 
 /// A simulated disk made already: every open of its address gives the same disk.
 #[derive(Debug)]
@@ -20,7 +22,7 @@ impl SimDisk for Made {
     fn headers_only(&self) -> bool {
         false
     }
-    fn check_len(&self, _: u64) -> Result<(), String> {
+    fn check_len(&self, _: u64) -> Result<(), kcopyd_sim::spec::SpecError> {
         Ok(())
     }
     fn build(&self, _: u64) -> Device {
@@ -42,11 +44,15 @@ fn the_plan_refuses_with_errors_naming_the_device_or_the_length() {
     let disk = Arc::new(MemDisk::with_pattern("a", 64, 512, 1));
     let overlap = plan_with_source(&address("s", &disk, 0), &[address("t", &disk, 4096)], Some(8192), true, &settings);
     let Err(PlanError::Device { role: Role::Target, text, problem }) = overlap else { panic!("{overlap:?}") };
-    assert!(text == "t" && problem.contains("overlaps SOURCE 's'"), "{problem}");
+    assert!(text == "t" && problem.to_string().contains("overlaps SOURCE 's'"), "{problem}");
+    let ranges = [[4096, 12288], [0, 8192]];
+    assert!(
+        matches!(problem, DeviceProblem::OverlapsDevice { other_role: Role::Source, ranges: r, .. } if r == ranges)
+    );
     let small = Arc::new(MemDisk::zeroed("small", 8, 512));
     let too_small = plan_with_source(&address("s", &disk, 0), &[address("small", &small, 0)], None, true, &settings);
     assert!(
-        matches!(too_small, Err(PlanError::Device { role: Role::Target, ref problem, .. }) if problem.contains("too small"))
+        matches!(too_small, Err(PlanError::Device { role: Role::Target, problem: ref problem @ DeviceProblem::TooSmall { device_bytes: 4096, .. }, .. }) if problem.to_string().contains("too small"))
     );
     let large_blocks = Arc::new(MemDisk::zeroed("4k", 64, 4096));
     let misaligned = plan_zero(&[address("4k", &large_blocks, 0)], Some(1000), &settings);

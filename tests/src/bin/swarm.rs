@@ -14,7 +14,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use kcopyd_tests::scenario::{Inputs, Report, Scenario, check, run};
+use kcopyd_tests::scenario::{Inputs, SwarmReport, SwarmScenario, check, run};
 use kcopyd_tests::{sparse_case, validation};
 
 /// Validation cases per seed (random regions on shared devices, checked against a reference).
@@ -51,7 +51,7 @@ fn parse() -> Result<Args, String> {
 
 /// Runs one seed's scenario, its validation cases and its sparse copy: the report and every
 /// broken rule (and, if asked, a second run that must give the same trace).
-fn run_seed(seed: u64, scenario: &Scenario, check_determinism: bool) -> (Report, Vec<String>) {
+fn run_seed(seed: u64, scenario: &SwarmScenario, check_determinism: bool) -> (SwarmReport, Vec<String>) {
     let report = run(scenario);
     let mut violations = check(scenario, &report);
     violations.extend(validation::check_seed(seed, VALIDATION_CASES));
@@ -70,7 +70,7 @@ fn run_seed(seed: u64, scenario: &Scenario, check_determinism: bool) -> (Report,
 
 /// Prints a failed seed: its broken rules, the scenario and how to replay it (with
 /// `--verbose`, the trace of a second run first).
-fn print_failure(seed: u64, scenario: &Scenario, problems: &[String], verbose: bool) {
+fn print_failure(seed: u64, scenario: &SwarmScenario, problems: &[String], verbose: bool) {
     println!("seed {seed}: FAILED");
     if verbose {
         let report = run(scenario);

@@ -47,7 +47,7 @@ fn nvme_disk(name: &str, len_sectors: u64, headers_only: bool) -> MemDisk {
 }
 
 /// What one simulated copy gave.
-pub(crate) struct CopyRun {
+pub(crate) struct SimulatedCopy {
     /// The job completed without error.
     pub ok: bool,
     /// Every target sector holds the source sector of the same number (by provenance).
@@ -60,7 +60,7 @@ pub(crate) struct CopyRun {
 
 /// Copies `len_sectors` from a pattern-filled source to a zeroed target in virtual time
 /// with `config`, and verifies the target by provenance.
-pub(crate) fn copy_and_verify(len_sectors: u64, config: ClientConfig, headers_only: bool) -> CopyRun {
+pub(crate) fn copy_and_verify(len_sectors: u64, config: ClientConfig, headers_only: bool) -> SimulatedCopy {
     let source = Arc::new(nvme_disk("source", len_sectors, headers_only));
     source.fill_pattern(SOURCE_SEED);
     let target = Arc::new(nvme_disk("target", len_sectors, headers_only));
@@ -80,7 +80,7 @@ pub(crate) fn copy_and_verify(len_sectors: u64, config: ClientConfig, headers_on
     .expect("valid configuration");
     let verified = target.provenance(0..len_sectors)
         == vec![(0..len_sectors, Provenance::Pattern { seed: SOURCE_SEED, generation: 0, sector: 0 })];
-    CopyRun { ok, verified, virtual_seconds: virtual_time.as_secs_f64(), target_extents: target.extents() }
+    SimulatedCopy { ok, verified, virtual_seconds: virtual_time.as_secs_f64(), target_extents: target.extents() }
 }
 
 /// Sectors in `bytes`.

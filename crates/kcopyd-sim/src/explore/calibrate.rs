@@ -2,7 +2,7 @@
 //! fit the simulator's timing model to it ([`DiskModel::fit`]).
 //!
 //! ```text
-//!  scratch range (Scratch: any BlockDevice, an offset and a length it may overwrite)
+//!  scratch range (ScratchRange: any BlockDevice, an offset and a length it may overwrite)
 //!    ─► fill it (sequential 1 MiB writes: reads must not hit holes)
 //!    ─► points: read, write × io size × requests in flight, sequential, each for point_time
 //!    ─► mixed: reads and writes at once (do they share one data path?)
@@ -48,7 +48,7 @@ pub const POINT_TIME_MAX: Duration = Duration::from_secs(60);
 /// The spread of rounds above which a calibration describes a busy machine.
 pub const SPREAD_WARNING: f64 = 0.25;
 /// Sub-job sizes of the engine's copies: the time around each request is fitted over them.
-const ENGINE_SUB_JOB_BYTES: [u64; 4] = [64 << 10, 256 << 10, 1 << 20, 4 << 20];
+const ENGINE_SUBJOB_BYTES: [u64; 4] = [64 << 10, 256 << 10, 1 << 20, 4 << 20];
 /// Bytes each engine copy moves (at most half the scratch range).
 const ENGINE_COPY_BYTES_MAX: u64 = 32 << 20;
 /// Engine copies; the median counts.
@@ -62,7 +62,7 @@ const FILL_DEPTH: usize = 4;
 
 /// What calibration measures.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Plan {
+pub struct CalibrationPlan {
     /// I/O sizes.
     pub io_sizes_bytes: Vec<u64>,
     /// Requests in flight.
@@ -75,7 +75,7 @@ pub struct Plan {
 
 /// The range of a device that calibration may overwrite.
 #[derive(Debug)]
-pub struct Scratch<D> {
+pub struct ScratchRange<D> {
     /// The device.
     pub device: Arc<D>,
     /// Where the range starts.
@@ -175,12 +175,12 @@ pub enum CalibrateError {
     },
 }
 
-impl Plan {
+impl CalibrationPlan {
     /// Checks the plan's sizes, depths and time against the scratch range and the limits.
     ///
     /// # Errors
     /// The first size, depth or time out of bounds.
-    pub fn check<D: BlockDevice>(&self, scratch: &Scratch<D>) -> Result<(), CalibrateError> {
+    pub fn check<D: BlockDevice>(&self, scratch: &ScratchRange<D>) -> Result<(), CalibrateError> {
         let block_bytes = u64::from(scratch.device.geometry().logical_block_size).max(PAGE_SIZE as u64);
         for &size_bytes in &self.io_sizes_bytes {
             if size_bytes == 0
@@ -242,10 +242,10 @@ struct PointSpec {
 /// left to the caller (it knows whether the device is a file).
 ///
 /// # Errors
-/// A plan out of bounds ([`Plan::check`]), or an I/O error on the device.
+/// A plan out of bounds ([`CalibrationPlan::check`]), or an I/O error on the device.
 pub async fn calibrate<D: BlockDevice + 'static>(
-    scratch: &Scratch<D>,
-    plan: &Plan,
+    scratch: &ScratchRange<D>,
+    plan: &CalibrationPlan,
     step: &mut dyn FnMut(Step),
 ) -> Result<Calibrated, CalibrateError> {
     plan.check(scratch)?;
@@ -296,7 +296,7 @@ pub async fn calibrate<D: BlockDevice + 'static>(
 }
 
 /// The points of a plan, in the order they run.
-fn points(plan: &Plan) -> Vec<PointSpec> {
+fn points(plan: &CalibrationPlan) -> Vec<PointSpec> {
     let mut specs = Vec::new();
     for &io_size_bytes in &plan.io_sizes_bytes {
         for &queue_depth in &plan.queue_depths {
@@ -330,7 +330,7 @@ type Pending<'a> = Pin<Box<dyn Future<Output = (Kind, Instant, io::Result<()>)> 
 
 /// One point as it runs: where each kind's next request goes, and what to write.
 struct Point<'a, D> {
-    scratch: &'a Scratch<D>,
+    scratch: &'a ScratchRange<D>,
     pool: &'a PagePool,
     spec: PointSpec,
     /// Slots of `io_size_bytes` in each kind's part of the range.
@@ -341,7 +341,7 @@ struct Point<'a, D> {
 }
 
 impl<'a, D: BlockDevice> Point<'a, D> {
-    async fn new(scratch: &'a Scratch<D>, pool: &'a PagePool, spec: PointSpec) -> Point<'a, D> {
+    async fn new(scratch: &'a ScratchRange<D>, pool: &'a PagePool, spec: PointSpec) -> Point<'a, D> {
         let size = spec.io_size_bytes;
         let halves = spec.kinds.len() as u64;
         let template = {
@@ -375,7 +375,7 @@ impl<'a, D: BlockDevice> Point<'a, D> {
     /// Issues the next request of `kind`.
     async fn issue(&mut self, kind: Kind) -> Pending<'a> {
         let at = self.next_offset(kind) / SECTOR_SIZE as u64;
-        let scratch: &'a Scratch<D> = self.scratch;
+        let scratch: &'a ScratchRange<D> = self.scratch;
         let device: &'a D = &scratch.device;
         let size = self.spec.io_size_bytes;
         let started = Instant::now();
@@ -400,7 +400,7 @@ fn pages_of(size: u64) -> usize {
 /// Runs one point on the scratch range: `queue_depth` requests of each kind in flight for
 /// `time`.
 async fn measure<D: BlockDevice>(
-    scratch: &Scratch<D>,
+    scratch: &ScratchRange<D>,
     pool: &PagePool,
     spec: PointSpec,
     time: Duration,
@@ -494,9 +494,9 @@ pub fn window_rate(completed_at: &[Duration], time: Duration) -> f64 {
 }
 
 /// The sub-job sizes of the engine's copies that fit the scratch range (two sub-jobs at least).
-fn engine_sizes<D>(scratch: &Scratch<D>) -> Vec<u64> {
+fn engine_sizes<D>(scratch: &ScratchRange<D>) -> Vec<u64> {
     let room = (scratch.len_bytes / 2).min(ENGINE_COPY_BYTES_MAX);
-    ENGINE_SUB_JOB_BYTES.into_iter().filter(|&size| room >= 2 * size).collect()
+    ENGINE_SUBJOB_BYTES.into_iter().filter(|&size| room >= 2 * size).collect()
 }
 
 /// Copies the first part of the scratch range to the next with the engine, one `size`
@@ -507,14 +507,14 @@ fn engine_sizes<D>(scratch: &Scratch<D>) -> Vec<u64> {
 /// out. Timed over the whole copy alone, a disk of 8 ms full stroke adds 5.7 ms twice to each
 /// copy of eight 4 MiB sub-jobs, 1.4 ms a sub-job that the fit took for the engine's time.
 async fn engine_copies<D: BlockDevice + 'static>(
-    scratch: &Scratch<D>,
+    scratch: &ScratchRange<D>,
     size: u64,
 ) -> Result<Measurement, CalibrateError> {
-    let sub_jobs = (scratch.len_bytes / 2).min(ENGINE_COPY_BYTES_MAX) / size;
-    let half = sub_jobs / 2;
+    let subjobs = (scratch.len_bytes / 2).min(ENGINE_COPY_BYTES_MAX) / size;
+    let half = subjobs / 2;
     assert!(half >= 1, "engine_sizes keeps sizes with two sub-jobs at least");
     let config = ClientConfig {
-        sub_job_size_bytes: size as usize,
+        subjob_size_bytes: size as usize,
         subjobs_in_flight: 1,
         page_budget: (4 * size as usize).div_ceil(PAGE_SIZE),
         ..ClientConfig::default()
@@ -525,13 +525,13 @@ async fn engine_copies<D: BlockDevice + 'static>(
     let (mut whole_us, mut half_us) = (Vec::new(), Vec::new());
     // The half copy is the middle of the whole one: each starts as far from where the other
     // ended (three quarters of the whole), so a seek back costs both the same.
-    let middle = (sub_jobs - half) / 2 * size;
+    let middle = (subjobs - half) / 2 * size;
     for _ in 0..ENGINE_COPIES {
-        whole_us.push(engine_copy(scratch, &client, 0, sub_jobs * size, sub_jobs * size).await?);
-        half_us.push(engine_copy(scratch, &client, middle, sub_jobs * size, half * size).await?);
+        whole_us.push(engine_copy(scratch, &client, 0, subjobs * size, subjobs * size).await?);
+        half_us.push(engine_copy(scratch, &client, middle, subjobs * size, half * size).await?);
     }
     client.shutdown().await;
-    let latency_us_p50 = ((median(whole_us) - median(half_us)) / (sub_jobs - half) as f64).max(1.0);
+    let latency_us_p50 = ((median(whole_us) - median(half_us)) / (subjobs - half) as f64).max(1.0);
     Ok(Measurement {
         kind: "copy".into(),
         io_size_bytes: size,
@@ -545,7 +545,7 @@ async fn engine_copies<D: BlockDevice + 'static>(
 /// Copies `len_bytes` from `offset_bytes` into the scratch range to `distance_bytes` further
 /// on; the time it took, in microseconds.
 async fn engine_copy<D: BlockDevice + 'static>(
-    scratch: &Scratch<D>,
+    scratch: &ScratchRange<D>,
     client: &Client,
     offset_bytes: u64,
     distance_bytes: u64,
@@ -571,7 +571,7 @@ async fn engine_copy<D: BlockDevice + 'static>(
 }
 
 /// Fills the scratch range with sequential 1 MiB writes, [`FILL_DEPTH`] in flight.
-async fn fill<D: BlockDevice>(scratch: &Scratch<D>, pool: &PagePool) -> Result<(), CalibrateError> {
+async fn fill<D: BlockDevice>(scratch: &ScratchRange<D>, pool: &PagePool) -> Result<(), CalibrateError> {
     let size = FILL_IO_BYTES.min(scratch.len_bytes);
     let template = ReadBuf::new(pool.alloc(pages_of(size)).await, size as usize).freeze();
     let device = &*scratch.device;
@@ -633,6 +633,47 @@ pub enum ModelFileError {
     },
 }
 
+/// A table of a model's measurements (one row per kind, I/O size and depth: MB/s, IOPS,
+/// median latency) and a line of the fitted model, for people.
+pub fn model_table(model: &DiskModel) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ =
+        writeln!(out, "{:<12} {:>8} {:>6} {:>12} {:>10} {:>10}", "kind", "io size", "depth", "MB/s", "IOPS", "p50 µs");
+    for m in &model.measurements {
+        let _ = writeln!(
+            out,
+            "{:<12} {:>8} {:>6} {:>12.1} {:>10.0} {:>10.0}",
+            m.kind,
+            crate::units::Bytes(m.io_size_bytes).to_string(),
+            m.queue_depth,
+            m.bandwidth_bytes_per_s / 1e6,
+            m.iops,
+            m.latency_us_p50
+        );
+    }
+    let l = &model.latency;
+    let _ = writeln!(
+        out,
+        "model: reads {:.0} MB/s, cost {} µs, path overhead {} µs; writes {:.0} MB/s, cost {} µs, path overhead {} µs; \
+         cost {:+} µs per MiB; reads and writes {}; seek {}",
+        l.read.bandwidth_bytes_per_s as f64 / 1e6,
+        l.read.cost_us,
+        l.path.read_overhead_us,
+        l.write.bandwidth_bytes_per_s as f64 / 1e6,
+        l.write.cost_us,
+        l.path.write_overhead_us,
+        l.path.cost_us_per_mib,
+        if l.path.shared { "share one data path" } else { "have a path each" },
+        if l.path.seek.is_zero() {
+            "none".to_owned()
+        } else {
+            format!("{} µs full stroke", l.path.seek.full_stroke_us)
+        },
+    );
+    out
+}
+
 /// The model as TOML, with a header saying what it is.
 pub fn model_toml(model: &DiskModel) -> String {
     let body = toml::to_string(model).expect("a disk model serializes");
@@ -653,6 +694,19 @@ pub fn read_model(path: &std::path::Path) -> Result<DiskModel, ModelFileError> {
 mod tests {
     use super::*;
     use crate::disk_model::point;
+
+    #[test]
+    fn the_model_table_has_a_row_per_measurement_and_the_fit() {
+        let measurements = vec![point("read", 4096, 1, 10_000.0, 95.0), point("write", 1 << 20, 4, 100.0, 4000.0)];
+        let model = DiskModel { measurements, ..DiskModel::default() };
+        let table = model_table(&model);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        assert!(lines[0].starts_with("kind") && lines[0].ends_with("p50 µs"), "{table}");
+        assert!(lines[1].starts_with("read") && lines[1].contains("4 KiB") && lines[1].contains("41.0"), "{table}");
+        assert!(lines[2].contains("1 MiB") && lines[2].contains("104.9") && lines[2].ends_with("4000"), "{table}");
+        assert!(lines[3].starts_with("model: reads ") && lines[3].contains("seek"), "{table}");
+    }
 
     #[test]
     fn a_model_file_reads_back_and_a_foreign_one_is_refused_on_one_line() {

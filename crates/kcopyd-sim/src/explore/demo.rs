@@ -5,14 +5,14 @@
 //! ```text
 //!  len_bytes ─► scenario: the file, every disk that long, the faults at the same fractions
 //!     ─► run (optionally one target sector changed after the copy: only the data check
-//!        sees it) ─► Report, with the runner's Verification of the job
+//!        sees it) ─► ScenarioReport, with the runner's Verification of the job
 //! ```
 
 use std::path::Path;
 
 use kcopyd_core::SECTOR_SIZE;
 
-use crate::explore::{self, Disks, Report, Scenario, ScenarioError};
+use crate::explore::{self, Disks, Scenario, ScenarioError, ScenarioReport};
 
 /// The scenario the demo runs, as shipped in `scenarios/`.
 pub const SCENARIO: &str = include_str!("../../../../scenarios/demo-mirror-resync.toml");
@@ -71,7 +71,7 @@ pub fn scenario(len_bytes: u64) -> Result<Scenario, ScenarioError> {
 ///
 /// # Errors
 /// The scenario cannot run.
-pub fn run(scenario: &Scenario, tamper: bool) -> Result<Report, ScenarioError> {
+pub fn run(scenario: &Scenario, tamper: bool) -> Result<ScenarioReport, ScenarioError> {
     explore::run_with(scenario, &|disks: &Disks<'_>| {
         if tamper {
             disks[TAMPERED_TARGET].poke(TAMPERED_SECTOR, &[0xa5; SECTOR_SIZE]);

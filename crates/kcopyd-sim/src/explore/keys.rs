@@ -2,7 +2,7 @@
 //! edits by dotted path (what `sweep --vary` and `run --set` change).
 //!
 //! ```text
-//!  "client.sub_job_size_bytes" = "64K"
+//!  "client.subjob_size_bytes" = "64K"
 //!     │      └ the key ends in _bytes: "64K" → 65536 (a size)
 //!     └ a table: created if absent
 //!  "jobs.0.len_sectors" = "1G"      an array index; _sectors: 1 GiB / 512 → 2097152
@@ -21,6 +21,45 @@ use toml::Value;
 use crate::units::{self, SECTOR_BYTES, SizeError};
 
 use super::ScenarioError;
+
+/// Keys renamed since scenario files were first written, old name first: a file or an edit
+/// may still use the old spelling, read as the new one (one concept, one name: `subjob`).
+pub const RENAMED_KEYS: [(&str, &str); 1] = [("sub_job_size_bytes", "subjob_size_bytes")];
+
+/// The current name of `key` (itself unless it is an old name in [`RENAMED_KEYS`]).
+fn current_key(key: &str) -> &str {
+    RENAMED_KEYS.iter().find(|(old, _)| *old == key).map_or(key, |(_, new)| new)
+}
+
+/// Renames every old key of [`RENAMED_KEYS`] in `value`'s tables to its current name.
+///
+/// # Errors
+/// A table with a key under both its old and its current name.
+pub(crate) fn rename_old_keys(value: &mut Value, path: &str) -> Result<(), ScenarioError> {
+    let child_path = |key: &str| if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") };
+    match value {
+        Value::Table(table) => {
+            for (old, new) in RENAMED_KEYS {
+                let Some(moved) = table.remove(old) else { continue };
+                if table.contains_key(new) {
+                    let problem = format!("given twice, also under its old name '{old}'");
+                    return Err(ScenarioError::Key { key: child_path(new), problem });
+                }
+                table.insert(new.to_owned(), moved);
+            }
+            for (key, child) in table.iter_mut() {
+                rename_old_keys(child, &child_path(key))?;
+            }
+        }
+        Value::Array(items) => {
+            for (i, child) in items.iter_mut().enumerate() {
+                rename_old_keys(child, &child_path(&i.to_string()))?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
 
 /// What a string under a key means, from the key's unit suffix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,13 +195,14 @@ pub fn parse_value(text: &str) -> Value {
 }
 
 /// Sets the value at dotted `path` (tables by key, arrays by index), creating missing tables.
+/// A key's old name ([`RENAMED_KEYS`]) sets the key under its current name.
 ///
 /// # Errors
 /// An empty path or segment, a path through a value that is not a table or array, or an array
 /// index past the end.
 pub fn set_path(root: &mut Value, path: &str, new: Value) -> Result<(), ScenarioError> {
     let key_error = |problem: String| ScenarioError::Key { key: path.to_owned(), problem };
-    let segments: Vec<&str> = path.split('.').collect();
+    let segments: Vec<&str> = path.split('.').map(current_key).collect();
     if segments.iter().any(|s| s.trim().is_empty()) {
         return Err(key_error("empty key segment".into()));
     }
@@ -220,11 +260,11 @@ mod tests {
     #[test]
     fn strings_under_unit_keys_become_numbers() {
         let mut value = tree(
-            "[client]\nsub_job_size_bytes = \"64K\"\n[d.x]\nlen_sectors = \"1M\"\ncost_us = \"8ms\"\n\
+            "[client]\nsubjob_size_bytes = \"64K\"\n[d.x]\nlen_sectors = \"1M\"\ncost_us = \"8ms\"\n\
              bandwidth_bytes_per_s = \"100M/s\"\nname = \"64K\"\nsizes_bytes = [\"4K\", 8192]\n",
         );
         normalize_units(&mut value).unwrap();
-        assert_eq!(value["client"]["sub_job_size_bytes"].as_integer(), Some(65536));
+        assert_eq!(value["client"]["subjob_size_bytes"].as_integer(), Some(65536));
         assert_eq!(value["d"]["x"]["len_sectors"].as_integer(), Some(2048));
         assert_eq!(value["d"]["x"]["cost_us"].as_integer(), Some(8000));
         assert_eq!(value["d"]["x"]["bandwidth_bytes_per_s"].as_integer(), Some(100 << 20));

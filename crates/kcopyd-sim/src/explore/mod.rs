@@ -3,8 +3,8 @@
 //! ```text
 //!  scenario.toml ─► toml value tree ─► [set_path: --vary / --set] ─► units ─► Scenario
 //!                                                                            │ validate
-//!     Report ◄── assemble ◄── Simulation (jobs + foreground) ◄── run ◄───────┘
-//!        ▲                    Simulation (foreground alone: the baseline)
+//!  ScenarioReport ◄─ assemble ◄─ Simulation (jobs + foreground) ◄─ run ◄─────┘
+//!        ▲                     Simulation (foreground alone: the baseline)
 //!  sweep: the cross product of the varied values, one Simulation per thread
 //! ```
 //!
@@ -30,6 +30,7 @@ mod report;
 mod runner;
 mod scenario;
 mod series;
+mod summary;
 mod sweep;
 pub mod validate;
 mod verify;
@@ -39,17 +40,18 @@ use thiserror::Error;
 
 use crate::units::SizeError;
 
-pub use keys::{parse_value, set_path};
+pub use keys::{RENAMED_KEYS, parse_value, set_path};
 pub use report::{
-    DiskReport, ForegroundReport, IoSizeCount, JobReport, Latencies, METRICS, Metric, RANGES_LISTED, Report, Sample,
-    TargetOutcome, metric,
+    DiskReport, ForegroundReport, IoSizeCount, JobReport, Latencies, METRICS, Metric, RANGES_LISTED, Sample,
+    ScenarioReport, TargetOutcome, metric,
 };
 pub use runner::{Disks, run, run_with};
 pub use scenario::{
-    Access, Content, DENSE_LEN_BYTES_MAX, DISKS_MAX, DiskSpec, FOREGROUND_IO_BYTES_MAX, FOREGROUND_QUEUE_DEPTH_MAX,
-    ForegroundSpec, JOB_COUNT_MAX, JobKind, JobSpec, Scenario, parse_tree,
+    Access, Content, DENSE_LEN_BYTES_MAX, DISKS_MAX, DiskSpec, EntryKind, FOREGROUND_IO_BYTES_MAX,
+    FOREGROUND_QUEUE_DEPTH_MAX, ForegroundSpec, JOB_COUNT_MAX, JobEntry, Scenario, parse_tree,
 };
 pub use series::BUCKETS_MAX;
+pub use summary::Ranking;
 pub use sweep::{POINTS_MAX, SweepPoint, Vary, best_first, repeated_key, sweep, sweep_until};
 pub use verify::{Mismatch, Verification};
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use plotters::coord::ranged1d::SegmentValue;
 use plotters::prelude::*;
 
-use crate::explore::{Metric, Report, Sample, SweepPoint, Vary};
+use crate::explore::{Metric, Sample, ScenarioReport, SweepPoint, Vary};
 
 /// Why a picture could not be drawn.
 #[derive(Debug, thiserror::Error)]
@@ -35,11 +35,11 @@ fn plot_error(path: &Path) -> impl Fn(Box<dyn Error>) -> PlotError + '_ {
 ///
 /// # Errors
 /// The file cannot be written, or plotters refuses the data.
-pub fn run_svg(path: &Path, report: &Report) -> Result<(), PlotError> {
+pub fn run_svg(path: &Path, report: &ScenarioReport) -> Result<(), PlotError> {
     draw_run(path, report).map_err(plot_error(path))
 }
 
-fn draw_run(path: &Path, report: &Report) -> Result<(), Box<dyn Error>> {
+fn draw_run(path: &Path, report: &ScenarioReport) -> Result<(), Box<dyn Error>> {
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE)?;
     let (top, bottom) = root.split_vertically(SIZE.1 / 2);
@@ -75,7 +75,7 @@ fn draw_run(path: &Path, report: &Report) -> Result<(), Box<dyn Error>> {
 /// jobs (mean and largest) and alone.
 fn draw_latency(
     area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
-    report: &Report,
+    report: &ScenarioReport,
     x_max: f64,
 ) -> Result<(), Box<dyn Error>> {
     let series = |f: fn(&Sample) -> Option<f64>| -> Vec<(f64, f64)> {

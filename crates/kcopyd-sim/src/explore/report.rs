@@ -160,7 +160,7 @@ pub struct Sample {
 
 /// Everything a scenario run reports.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Report {
+pub struct ScenarioReport {
     /// The scenario's description.
     pub description: String,
     /// The scenario's seed.
@@ -238,7 +238,7 @@ pub fn metric(name: &str) -> Option<Metric> {
     METRICS.iter().copied().find(|m| m.name == name)
 }
 
-impl Report {
+impl ScenarioReport {
     /// The value of metric `name` (see [`METRICS`]); `None` for an unknown name or a
     /// foreground metric of a scenario without a foreground.
     pub fn metric(&self, name: &str) -> Option<f64> {

@@ -1,4 +1,4 @@
-//! Runs a [`Scenario`] in virtual time and builds its [`Report`].
+//! Runs a [`Scenario`] in virtual time and builds its [`ScenarioReport`].
 //!
 //! ```text
 //!  run(scenario)
@@ -28,9 +28,10 @@ use tokio::time::Instant;
 use super::ScenarioError;
 use super::probe::{Observed, model_us_since, observed};
 use super::report::{
-    DiskReport, ForegroundReport, IoSizeCount, JobReport, Latencies, RANGES_LISTED, Report, Sample, TargetOutcome,
+    DiskReport, ForegroundReport, IoSizeCount, JobReport, Latencies, RANGES_LISTED, Sample, ScenarioReport,
+    TargetOutcome,
 };
-use super::scenario::{Access, Content, JobKind, JobSpec, Scenario};
+use super::scenario::{Access, Content, EntryKind, JobEntry, Scenario};
 use super::series::Series;
 use super::verify::{JobFailures, verify_entry};
 use crate::{Medium, MemDisk, Simulation, mix64, to_tokio};
@@ -97,7 +98,7 @@ struct RunData {
 ///
 /// # Errors
 /// The scenario does not hold together, or the engine refused a job.
-pub fn run(scenario: &Scenario) -> Result<Report, ScenarioError> {
+pub fn run(scenario: &Scenario) -> Result<ScenarioReport, ScenarioError> {
     run_with(scenario, &|_| {})
 }
 
@@ -110,7 +111,7 @@ pub type Disks<'a> = BTreeMap<&'a str, &'a MemDisk>;
 ///
 /// # Errors
 /// As [`run`].
-pub fn run_with(scenario: &Scenario, after_jobs: &dyn Fn(&Disks<'_>)) -> Result<Report, ScenarioError> {
+pub fn run_with(scenario: &Scenario, after_jobs: &dyn Fn(&Disks<'_>)) -> Result<ScenarioReport, ScenarioError> {
     scenario.validate()?;
     let wall = std::time::Instant::now();
     let main = simulate(scenario, true, None, after_jobs)?;
@@ -260,8 +261,8 @@ fn empty_entry_result(scenario: &Scenario, index: usize, len_sectors: u64) -> En
         report: JobReport {
             name: scenario.job_name(index),
             kind: match spec.kind {
-                JobKind::Copy => "copy".into(),
-                JobKind::Zero => "zero".into(),
+                EntryKind::Copy => "copy".into(),
+                EntryKind::Zero => "zero".into(),
             },
             // Saturating: a job may cover a disk of up to u64::MAX sectors, many times.
             bytes: u64::try_from(sectors_to_bytes(len_sectors).saturating_mul(u128::from(spec.count)))
@@ -280,7 +281,7 @@ fn empty_entry_result(scenario: &Scenario, index: usize, len_sectors: u64) -> En
 }
 
 /// The engine's flags of an entry's jobs.
-fn entry_flags(spec: &JobSpec) -> Flags {
+fn entry_flags(spec: &JobEntry) -> Flags {
     let mut flags = Flags::empty();
     if spec.ignore_error {
         flags |= Flags::IGNORE_ERROR;
@@ -293,7 +294,7 @@ fn entry_flags(spec: &JobSpec) -> Flags {
 
 /// One job of an entry, its regions `shift_sectors` past the entry's first.
 fn entry_job(
-    spec: &JobSpec,
+    spec: &JobEntry,
     devices: &BTreeMap<String, Device>,
     shift_sectors: u64,
     len_sectors: u64,
@@ -305,7 +306,7 @@ fn entry_job(
         .map(|t| Region::new(devices[t].clone(), spec.target_start_sector + shift_sectors, len_sectors))
         .collect();
     match (&spec.kind, &spec.source) {
-        (JobKind::Copy, Some(source)) => Job::copy(
+        (EntryKind::Copy, Some(source)) => Job::copy(
             Region::new(devices[source].clone(), spec.source_start_sector + shift_sectors, len_sectors),
             targets,
             flags,
@@ -440,7 +441,7 @@ async fn run_foreground(
 }
 
 /// Builds the report from the run with jobs and the optional baseline.
-fn assemble(scenario: &Scenario, main: RunData, baseline: Option<RunData>, wall: Duration) -> Report {
+fn assemble(scenario: &Scenario, main: RunData, baseline: Option<RunData>, wall: Duration) -> ScenarioReport {
     let mut entries = main.entries;
     let jobs: Vec<JobReport> = entries
         .iter_mut()
@@ -475,7 +476,7 @@ fn assemble(scenario: &Scenario, main: RunData, baseline: Option<RunData>, wall:
             iops: f.latencies.len() as f64 / seconds,
         }
     });
-    Report {
+    ScenarioReport {
         description: scenario.description.clone(),
         seed: scenario.seed,
         copy_seconds,

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  seed = 7                         everything random in the run derives from it
-//!  [client]                         kcopyd_core::ClientConfig (page_budget, sub_job_size_bytes, …)
+//!  [client]                         kcopyd_core::ClientConfig (page_budget, subjob_size_bytes, …)
 //!  [disks.NAME]                     MemDiskOptions (len_sectors, latency, faults, …) + content
 //!  [[jobs]]                         copy/zero, source/targets by disk name, count × stride
 //!  [foreground]                     reads/writes on one disk whose latency is recorded
@@ -48,7 +48,7 @@ pub struct Scenario {
     pub disks: BTreeMap<String, DiskSpec>,
     /// The jobs, submitted in the order given when their start times are equal.
     #[serde(default)]
-    pub jobs: Vec<JobSpec>,
+    pub jobs: Vec<JobEntry>,
     /// Requests of an application on the same disks, whose latency is recorded.
     #[serde(default)]
     pub foreground: Option<ForegroundSpec>,
@@ -113,7 +113,7 @@ impl<'de> Deserialize<'de> for DiskSpec {
 /// Copy or zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum JobKind {
+pub enum EntryKind {
     /// Copy `source` to every target.
     Copy,
     /// Zero every target.
@@ -123,12 +123,12 @@ pub enum JobKind {
 /// One job, or `count` jobs `stride_sectors` apart (e.g. the chunk copies of a snapshot).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct JobSpec {
+pub struct JobEntry {
     /// Name in reports; default `job N`.
     #[serde(default)]
     pub name: String,
     /// Copy or zero.
-    pub kind: JobKind,
+    pub kind: EntryKind,
     /// The disk copied from (copy only).
     #[serde(default)]
     pub source: Option<String>,
@@ -257,6 +257,7 @@ impl Scenario {
     /// # Errors
     /// As [`Scenario::from_toml`], or a model file that cannot be read or is not a disk model.
     pub fn from_value_in(mut tree: Value, base: &Path) -> Result<Scenario, ScenarioError> {
+        keys::rename_old_keys(&mut tree, "")?;
         keys::inline_models(&mut tree, base)?;
         keys::normalize_units(&mut tree)?;
         if let Some(Value::Table(disks)) = tree.get_mut("disks") {
@@ -362,10 +363,10 @@ impl Scenario {
             return Err(invalid("no targets".into()));
         }
         let source = match (job.kind, &job.source) {
-            (JobKind::Copy, Some(source)) => Some(self.disk(&user, source)?),
-            (JobKind::Copy, None) => return Err(invalid("a copy needs a source".into())),
-            (JobKind::Zero, Some(_)) => return Err(invalid("a zero job takes no source".into())),
-            (JobKind::Zero, None) => None,
+            (EntryKind::Copy, Some(source)) => Some(self.disk(&user, source)?),
+            (EntryKind::Copy, None) => return Err(invalid("a copy needs a source".into())),
+            (EntryKind::Zero, Some(_)) => return Err(invalid("a zero job takes no source".into())),
+            (EntryKind::Zero, None) => None,
         };
         let targets = job.targets.iter().map(|t| self.disk(&user, t)).collect::<Result<Vec<_>, _>>()?;
         let len_sectors = match job.len_sectors {
@@ -451,10 +452,13 @@ impl Scenario {
     }
 }
 
-/// Parses TOML text into a value tree (no units applied yet).
+/// Parses TOML text into a value tree (no units applied yet), old key names
+/// ([`RENAMED_KEYS`](super::RENAMED_KEYS)) renamed to the current ones.
 ///
 /// # Errors
-/// A TOML syntax error.
+/// A TOML syntax error, or a key given under its old and its current name.
 pub fn parse_tree(text: &str) -> Result<Value, ScenarioError> {
-    text.parse::<toml::Table>().map(Value::Table).map_err(|source| ScenarioError::Toml { source })
+    let mut tree = text.parse::<toml::Table>().map(Value::Table).map_err(|source| ScenarioError::Toml { source })?;
+    keys::rename_old_keys(&mut tree, "")?;
+    Ok(tree)
 }

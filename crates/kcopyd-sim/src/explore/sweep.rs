@@ -2,7 +2,7 @@
 //! thread (one [`Simulation`](crate::Simulation) per thread, so runs never share a clock).
 //!
 //! ```text
-//!  --vary client.sub_job_size_bytes=64K,512K --vary client.subjobs_in_flight=4,8
+//!  --vary client.subjob_size_bytes=64K,512K --vary client.subjobs_in_flight=4,8
 //!     → (64K,4) (64K,8) (512K,4) (512K,8)     every point checked before any runs
 //!     → threads take the next point from a shared counter; results keep the points' order
 //! ```
@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use toml::Value;
 
 use super::keys::{parse_value, set_path};
-use super::{Metric, Report, Scenario, ScenarioError, run};
+use super::{Metric, Scenario, ScenarioError, ScenarioReport, run};
 
 /// Most points in one sweep.
 pub const POINTS_MAX: usize = 10_000;
@@ -51,7 +51,7 @@ pub struct SweepPoint {
     /// The value of each varied key, in the order of the `Vary` list.
     pub values: Vec<(String, String)>,
     /// What the run reported.
-    pub report: Report,
+    pub report: ScenarioReport,
 }
 
 /// The scenario of every point, in order (the last key varies fastest).

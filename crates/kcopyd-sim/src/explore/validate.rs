@@ -34,9 +34,9 @@ pub const IN_FLIGHT_MAX: usize = 1024;
 
 /// Why a configuration does not read.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-pub enum ConfigError {
+pub enum ConfigParseError {
     /// Not three parts separated by `x`.
-    #[error("not SUB_JOB_SIZExIN_FLIGHTxTARGETS, e.g. 1Mx4x1")]
+    #[error("not SUBJOB_SIZExIN_FLIGHTxTARGETS, e.g. 1Mx4x1")]
     Shape,
     /// The sub-job size does not read.
     #[error("{0}")]
@@ -57,7 +57,7 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Config {
     /// Bytes per sub-job.
-    pub sub_job_size_bytes: u64,
+    pub subjob_size_bytes: u64,
     /// Sub-jobs in flight.
     pub subjobs_in_flight: usize,
     /// Targets written.
@@ -69,21 +69,21 @@ impl Config {
     ///
     /// # Errors
     /// Not three parts, a size that does not parse, or counts out of bounds (`1Mx0x1`).
-    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+    pub fn parse(text: &str) -> Result<Config, ConfigParseError> {
         let parts: Vec<&str> = text.split('x').collect();
         let [size, in_flight, targets] = parts[..] else {
-            return Err(ConfigError::Shape);
+            return Err(ConfigParseError::Shape);
         };
-        let sub_job_size_bytes = parse_size(size).map_err(ConfigError::Size)?;
+        let subjob_size_bytes = parse_size(size).map_err(ConfigParseError::Size)?;
         let count = |text: &str, max: usize, what: &'static str| {
-            text.parse::<usize>().ok().filter(|n| (1..=max).contains(n)).ok_or_else(|| ConfigError::Count {
+            text.parse::<usize>().ok().filter(|n| (1..=max).contains(n)).ok_or_else(|| ConfigParseError::Count {
                 what,
                 text: text.to_owned(),
                 max,
             })
         };
         Ok(Config {
-            sub_job_size_bytes,
+            subjob_size_bytes,
             subjobs_in_flight: count(in_flight, IN_FLIGHT_MAX, "sub-jobs in flight")?,
             targets: count(targets, TARGETS_MAX, "targets")?,
         })
@@ -169,6 +169,43 @@ pub struct LinkValidation {
     /// The copies: measured, predicted, error.
     #[serde(flatten)]
     pub validation: Validation,
+}
+
+impl std::fmt::Display for Validation {
+    /// The table for people: what was copied and the model, then per configuration the
+    /// measured median and fastest times, the prediction and its error; the largest error.
+    fn fmt(&self, out: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let validation = self;
+        writeln!(
+            out,
+            "{} of {} per copy, median of {} run(s); model: {}{}",
+            crate::units::Bytes(validation.len_bytes),
+            validation.source,
+            validation.runs,
+            validation.model,
+            if validation.one_device { " (disks on one device)" } else { "" }
+        )?;
+        writeln!(
+            out,
+            "{:<12} {:>9} {:>8} {:>12} {:>9} {:>12} {:>9}",
+            "sub-job", "in flight", "targets", "measured s", "fastest", "predicted s", "error"
+        )?;
+        for row in &validation.configs {
+            writeln!(
+                out,
+                "{:<12} {:>9} {:>8} {:>12.3} {:>9.3} {:>12.3} {:>+8.1}%",
+                crate::units::Bytes(row.config.subjob_size_bytes).to_string(),
+                row.config.subjobs_in_flight,
+                row.config.targets,
+                row.measured_median_seconds,
+                row.measured_min_seconds,
+                row.predicted_seconds,
+                row.error_percent
+            )?;
+        }
+        writeln!(out, "largest error: {:.1}%", validation.max_abs_error_percent)?;
+        Ok(())
+    }
 }
 
 /// The error of a prediction, in percent of the measurement.
@@ -300,7 +337,7 @@ impl SimulatedCopy<'_> {
         let len_sectors = len_bytes / SECTOR_SIZE as u64;
         let client_config = ClientConfig {
             page_budget: usize::try_from(memory_bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX),
-            sub_job_size_bytes: config.sub_job_size_bytes as usize,
+            subjob_size_bytes: config.subjob_size_bytes as usize,
             subjobs_in_flight: config.subjobs_in_flight,
             ..ClientConfig::default()
         };
@@ -358,16 +395,27 @@ mod tests {
     }
 
     #[test]
+    fn the_table_shows_each_configuration_and_the_largest_error() {
+        let row = Row::new(Config::parse("256Kx8x3").unwrap(), vec![0.7, 0.6, 0.5], 0.69);
+        let table = Validation::new("hdd".into(), "disk.img".into(), 1 << 30, true, 3, vec![row]).to_string();
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[0], "1 GiB of disk.img per copy, median of 3 run(s); model: hdd (disks on one device)");
+        assert!(lines[1].starts_with("sub-job") && lines[1].ends_with("error"), "{table}");
+        assert!(lines[2].starts_with("256 KiB") && lines[2].ends_with("+15.0%"), "{table}");
+        assert_eq!(lines[3], "largest error: 15.0%");
+    }
+
+    #[test]
     fn configurations_parse_and_refuse_what_is_out_of_bounds() {
         assert_eq!(
             Config::parse("256Kx8x3").unwrap(),
-            Config { sub_job_size_bytes: 256 << 10, subjobs_in_flight: 8, targets: 3 }
+            Config { subjob_size_bytes: 256 << 10, subjobs_in_flight: 8, targets: 3 }
         );
-        assert_eq!(Config::parse("1Mx4"), Err(ConfigError::Shape));
-        assert_eq!(Config::parse("1Mx4x1x1"), Err(ConfigError::Shape));
-        assert!(matches!(Config::parse("1Qx4x1"), Err(ConfigError::Size(_))));
-        assert!(matches!(Config::parse("1Mx0x1"), Err(ConfigError::Count { what: "sub-jobs in flight", .. })));
-        assert!(matches!(Config::parse("1Mx4x9"), Err(ConfigError::Count { what: "targets", max: 8, .. })));
+        assert_eq!(Config::parse("1Mx4"), Err(ConfigParseError::Shape));
+        assert_eq!(Config::parse("1Mx4x1x1"), Err(ConfigParseError::Shape));
+        assert!(matches!(Config::parse("1Qx4x1"), Err(ConfigParseError::Size(_))));
+        assert!(matches!(Config::parse("1Mx0x1"), Err(ConfigParseError::Count { what: "sub-jobs in flight", .. })));
+        assert!(matches!(Config::parse("1Mx4x9"), Err(ConfigParseError::Count { what: "targets", max: 8, .. })));
     }
 
     #[test]
@@ -376,7 +424,7 @@ mod tests {
         let instant = DiskModel::default();
         let predict = |remote: Remote, burst_bytes: u64, in_flight: usize| {
             let setup = LinkSetup { link: LinkModel { burst_bytes, ..link }, remote };
-            let config = Config { sub_job_size_bytes: 1 << 20, subjobs_in_flight: in_flight, targets: 1 };
+            let config = Config { subjob_size_bytes: 1 << 20, subjobs_in_flight: in_flight, targets: 1 };
             setup.predict_seconds(&instant, config, 16 << 20, 512, 16 << 20)
         };
         let near = |seconds: f64, expected: f64| (seconds - expected).abs() < 0.0005;

@@ -28,7 +28,7 @@ use std::ops::Range;
 use kcopyd_core::RangeSet;
 use serde::Serialize;
 
-use super::scenario::{JobKind, Scenario};
+use super::scenario::{EntryKind, Scenario};
 use crate::{FaultKind, MemDisk, Operation, Provenance};
 
 /// What the check of one `[[jobs]]` entry found.
@@ -63,6 +63,59 @@ impl Verification {
             && self.unexplained_write_failed_sectors == 0
             && self.missed_latent_sectors == 0
             && self.not_copied_disagreeing_sectors == 0
+    }
+
+    /// The check's findings as claims for people, each with whether it held: that the entry
+    /// was checked (only when it was not), that the failures are covered by the fault logs,
+    /// that every sector outside them equals the source, that every latent error was found,
+    /// and that `not_copied` is the union of the failures. A claim that does not hold says
+    /// by how much.
+    pub fn claims(&self) -> Vec<(bool, String)> {
+        let verification = self;
+        let mut checks = Vec::new();
+        if !verification.checked {
+            checks.push((false, format!("the entry was checked: {}", verification.note)));
+        }
+        // A claim holds when nothing contradicts it; otherwise the problem follows it.
+        let mut check = |count: u64, claim: String, problem: String| {
+            checks.push((count == 0, if count == 0 { claim } else { format!("{claim}{problem}") }));
+        };
+        let read = verification.unexplained_read_failed_sectors;
+        check(
+            read,
+            "every read_failed range is covered by read faults logged on the source".into(),
+            format!(": {read} sectors not covered"),
+        );
+        let write = verification.unexplained_write_failed_sectors;
+        check(
+            write,
+            "every write_failed range is covered by write faults logged on its target".into(),
+            format!(": {write} sectors not covered"),
+        );
+        let mismatched = verification.mismatched_sectors;
+        let differs = match &verification.first_mismatch {
+            Some(first) => format!(": {} differs at sector {} ({mismatched} sectors in all)", first.disk, first.sector),
+            None => format!(": {mismatched} sectors differ"),
+        };
+        let compared = crate::units::Bytes(verification.sectors * kcopyd_core::SECTOR_SIZE as u64);
+        check(
+            mismatched,
+            format!("every sector outside the failed ranges equals the source ({compared} compared)"),
+            differs,
+        );
+        let missed = verification.missed_latent_sectors;
+        check(
+            missed,
+            "every injected latent error was found and narrowed to its sectors".into(),
+            format!(": {missed} latent sectors not reported"),
+        );
+        let disagreeing = verification.not_copied_disagreeing_sectors;
+        check(
+            disagreeing,
+            "on every target, not_copied = read_failed ∪ write_failed".into(),
+            format!(": {disagreeing} sectors disagree"),
+        );
+        checks
     }
 }
 
@@ -222,7 +275,7 @@ pub(crate) fn verify_entry(
             let holes_relative =
                 job_holes.shifted(target_start, 0).expect("not-copied sectors lie in the target range");
             let expected = match (job.kind, &job.source) {
-                (JobKind::Copy, Some(source)) => {
+                (EntryKind::Copy, Some(source)) => {
                     let start = job.source_start_sector + shift;
                     canonical(&disks[source.as_str()].provenance(start..start + len), start, &holes_relative)
                 }
@@ -268,7 +321,7 @@ fn check_failures(
         let write_failed = failed.write_failed.get(t).unwrap_or(&no_failures);
         verification.unexplained_write_failed_sectors += write_failed.difference(&logged).len_sectors();
     }
-    let (JobKind::Copy, Some(source), true) = (job.kind, &job.source, job.ignore_error) else { return };
+    let (EntryKind::Copy, Some(source), true) = (job.kind, &job.source, job.ignore_error) else { return };
     let source_start = job.source_start_sector + shift;
     let read = RangeSet::from_range(source_start..source_start + len);
     let latent: RangeSet = scenario.disks[source].options.faults.latent_sectors.iter().cloned().collect();
@@ -309,6 +362,23 @@ fn logged_faults(disk: &MemDisk, operations: &[Operation]) -> RangeSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn claims_hold_when_nothing_disagrees_and_say_by_how_much_when_not() {
+        let clean = Verification { checked: true, sectors: 8, ..Verification::default() };
+        let claims = clean.claims();
+        assert_eq!(claims.len(), 5);
+        assert!(claims.iter().all(|(held, _)| *held), "{claims:?}");
+        assert!(claims[2].1.ends_with("(4 KiB compared)"), "{claims:?}");
+        let first_mismatch = Some(Mismatch { disk: "mirror-a".into(), sector: 8 });
+        let damaged = Verification { mismatched_sectors: 2, first_mismatch, missed_latent_sectors: 1, ..clean };
+        let claims = damaged.claims();
+        assert_eq!(claims.iter().filter(|(held, _)| !held).count(), 2, "{claims:?}");
+        assert!(claims[2].1.ends_with(": mirror-a differs at sector 8 (2 sectors in all)"), "{claims:?}");
+        assert!(claims[3].1.ends_with(": 1 latent sectors not reported"), "{claims:?}");
+        let unchecked = Verification { note: "a zero job".into(), ..Verification::default() };
+        assert_eq!(unchecked.claims()[0], (false, "the entry was checked: a zero job".into()));
+    }
 
     #[test]
     fn a_copied_run_compares_equal_and_damage_is_counted() {

@@ -19,6 +19,7 @@ use kcopyd_core::SECTOR_SIZE;
 use kcopyd_os::DeviceKind;
 use rustix::fs::{AtFlags, CWD, StatxFlags};
 
+use super::DeviceRefusal;
 use crate::address::Backend;
 use crate::open::Opened;
 
@@ -27,7 +28,7 @@ use crate::open::Opened;
 ///
 /// # Errors
 /// The file was replaced while it was being opened, or cannot be looked at.
-pub fn of(opened: &Opened) -> Result<(String, bool), String> {
+pub fn of(opened: &Opened) -> Result<(String, bool), DeviceRefusal> {
     let Some(facts) = &opened.os else {
         let geometry = opened.device.geometry();
         let len_bytes = geometry.len_sectors * SECTOR_SIZE as u64;
@@ -59,13 +60,13 @@ pub fn of(opened: &Opened) -> Result<(String, bool), String> {
 
 /// The birth time of the file at `path` (`SECONDS.NANOSECONDS`), or `unknown` where the
 /// filesystem keeps none; checks that `path` is still the file `key` (device, inode).
-fn birth(path: &Path, key: (u64, u64)) -> Result<String, String> {
+fn birth(path: &Path, key: (u64, u64)) -> Result<String, DeviceRefusal> {
     let statx = rustix::fs::statx(CWD, path, AtFlags::empty(), StatxFlags::BASIC_STATS | StatxFlags::BTIME)
-        .map_err(|error| format!("cannot look at the file: {error}"))?;
+        .map_err(DeviceRefusal::Statx)?;
     let dev = rustix::fs::makedev(statx.stx_dev_major, statx.stx_dev_minor);
-    let metadata = std::fs::metadata(path).map_err(|error| format!("cannot look at the file: {error}"))?;
+    let metadata = std::fs::metadata(path).map_err(DeviceRefusal::Stat)?;
     if (dev, statx.stx_ino) != key || (metadata.dev(), metadata.ino()) != key {
-        return Err("the file was replaced while it was being opened".into());
+        return Err(DeviceRefusal::Replaced);
     }
     if statx.stx_mask & StatxFlags::BTIME.bits() == 0 {
         return Ok("unknown".into());

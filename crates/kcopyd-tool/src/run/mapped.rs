@@ -11,7 +11,7 @@ use std::ops::Range;
 
 use kcopyd_core::{Client, Device, Flags, Outcome, RangeSet, SECTOR_SIZE};
 
-use super::{Event, JobRun, Runner};
+use super::{Event, FinishedJob, Runner};
 use crate::map::{self, CopyMap};
 use crate::open::Opened;
 use crate::plan::{CreatedFiles, Plan};
@@ -112,7 +112,7 @@ impl Runner<'_> {
         plan: &mut Plan,
         options: CopyOptions,
         len_sectors: u64,
-    ) -> Result<JobRun, RunError> {
+    ) -> Result<FinishedJob, RunError> {
         let failed = mapped.map.state.failed();
         let work = if mapped.retry_failed { failed.clone() } else { mapped.map.state.remaining(len_sectors) };
         let started = crate::clock::Instant::now();
@@ -149,6 +149,6 @@ impl Runner<'_> {
         let stats = client.stats();
         let MappedRun { outcome, done_bytes, flush_errors, .. } = run;
         let cancelled = self.cancel.is_cancelled();
-        Ok(JobRun { outcome, cancelled, done_bytes, before_bytes, seconds, flush_errors, stats })
+        Ok(FinishedJob { outcome, cancelled, done_bytes, before_bytes, seconds, flush_errors, stats })
     }
 }

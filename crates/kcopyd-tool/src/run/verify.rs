@@ -11,7 +11,9 @@
 
 use kcopyd_core::{Client, Comparison, RangeSet, SECTOR_SIZE, Verify};
 
-use super::{Event, JobRun, PROGRESS_INTERVAL, Phase, RunError, Runner, not_copied_in_region, region, verify_error};
+use super::{
+    Event, FinishedJob, PROGRESS_INTERVAL, Phase, RunError, Runner, not_copied_in_region, region, verify_error,
+};
 use crate::clock::Instant;
 use crate::open::Opened;
 use crate::plan::{Plan, is_headers_only};
@@ -86,7 +88,12 @@ impl Runner<'_> {
 
     /// After a copy: reads the targets back and compares them with the source, leaving out
     /// what the copy reported as not copied, and the source's blocks it could not read.
-    pub(super) async fn verify_copy(&self, client: &Client, plan: &Plan, run: &JobRun) -> Result<VerifyRun, RunError> {
+    pub(super) async fn verify_copy(
+        &self,
+        client: &Client,
+        plan: &Plan,
+        run: &FinishedJob,
+    ) -> Result<VerifyRun, RunError> {
         // Leave out what the copy itself reported as not copied: those differences are known.
         let skip: Vec<RangeSet> = plan
             .targets
