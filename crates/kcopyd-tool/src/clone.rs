@@ -27,8 +27,9 @@ use thiserror::Error;
 
 use crate::address::{Backend, DeviceAddress};
 use crate::map::MapFileError;
+use crate::open::CreatedHook;
 use crate::open::Opened;
-use crate::plan::{CreatedHook, Plan};
+use crate::plan::Plan;
 
 pub use metadata_file::{IDENTITY_BYTES, IDENTITY_MAGIC, Identity, IdentityError, MetadataFile, State};
 

@@ -17,7 +17,30 @@ use kcopyd_sim::spec::SpecError;
 use kcopyd_sim::units::Bytes;
 use thiserror::Error;
 
-use crate::open::Role;
+/// Which end of a job a device is: its name in messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The source.
+    Source,
+    /// A target.
+    Target,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Role {
+    /// The name in messages: `SOURCE` or `TARGET`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Source => "SOURCE",
+            Role::Target => "TARGET",
+        }
+    }
+}
 
 /// Why a job was refused before anything was written to any device.
 #[derive(Debug, Error)]

@@ -42,7 +42,7 @@ pub mod tail;
 
 pub use address::{AddressError, Backend, DeviceAddress, SimDisk};
 pub use cancel::Cancel;
-pub use error::{DeviceProblem, PlanError};
-pub use open::{NbdSettings, Opened, OsFacts, Role, Settings};
-pub use plan::{CreatedFiles, CreatedHook, Plan, ZeroPlan, plan_with_source, plan_zero};
+pub use error::{DeviceProblem, PlanError, Role};
+pub use open::{CreatedHook, NbdSettings, Opened, OsFacts, Settings};
+pub use plan::{CreatedFiles, Plan, ZeroPlan, plan_with_source, plan_zero};
 pub use tail::{Tail, TailError};

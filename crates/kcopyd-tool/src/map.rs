@@ -42,7 +42,8 @@ use thiserror::Error;
 
 pub use intervals::Intervals;
 
-use crate::open::{Opened, Role};
+use crate::error::Role;
+use crate::open::Opened;
 pub use refusal::{DeviceRefusal, MapRefusal};
 
 /// The first line of every map this version writes.

@@ -21,7 +21,6 @@ use kcopyd_os::{DeviceKind, FileLocks, IoEngine, LockError, LockKind, OpenOption
 
 use crate::address::{Backend, DeviceAddress, SimDisk};
 use crate::error::{DeviceProblem, PlanError};
-use crate::plan::CreatedHook;
 
 /// The engine's configuration and how to open devices.
 #[derive(Debug, Clone)]
@@ -69,29 +68,13 @@ impl Settings {
     }
 }
 
-/// Which end of a job a device is: its name in messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// The source.
-    Source,
-    /// A target.
-    Target,
-}
-
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl Role {
-    /// The name in messages: `SOURCE` or `TARGET`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Role::Source => "SOURCE",
-            Role::Target => "TARGET",
-        }
-    }
+/// Told of the files a plan creates, so that a process that quits at once (without
+/// unwinding, as on a second Ctrl-C) can remove them too.
+pub trait CreatedHook: fmt::Debug + Send + Sync {
+    /// `path` is about to be created; the returned guard is held until it exists.
+    fn creating(&self, path: &Path) -> Box<dyn std::any::Any>;
+    /// `paths` are kept, or removed already: forget them.
+    fn forget(&self, paths: &[PathBuf]);
 }
 
 /// An opened device address.

@@ -18,18 +18,10 @@ use kcopyd_core::{SECTOR_SIZE, TARGETS_MAX};
 use kcopyd_os::FileLocks;
 
 use crate::address::{Backend, DeviceAddress};
+use crate::error::Role;
 use crate::error::{DeviceProblem, PlanError};
-use crate::open::{Opened, Role, Settings, open};
+use crate::open::{CreatedHook, Opened, Settings, open};
 use crate::tail::Tail;
-
-/// Told of the files a plan creates, so that a process that quits at once (without
-/// unwinding, as on a second Ctrl-C) can remove them too.
-pub trait CreatedHook: fmt::Debug + Send + Sync {
-    /// `path` is about to be created; the returned guard is held until it exists.
-    fn creating(&self, path: &Path) -> Box<dyn std::any::Any>;
-    /// `paths` are kept, or removed already: forget them.
-    fn forget(&self, paths: &[PathBuf]);
-}
 
 /// Files created by a plan, removed again (when dropped) unless kept: a job that fails
 /// before writing leaves nothing behind.

@@ -17,7 +17,7 @@ use kcopyd_os::{OpenError, OpenOptions, OsDevice};
 use kcopyd_sim::explore::calibrate::{QUEUE_DEPTH_MAX, SCRATCH_BYTES_MIN};
 use thiserror::Error;
 
-use crate::plan::CreatedHook;
+use crate::open::CreatedHook;
 
 /// Why a scratch range was refused; nothing was written, and a file created here is removed.
 #[derive(Debug, Error)]

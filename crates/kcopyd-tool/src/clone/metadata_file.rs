@@ -28,7 +28,7 @@ use kcopyd_os::{FileLocks, LockError, LockKind};
 use thiserror::Error;
 
 use crate::clone::MetadataError;
-use crate::plan::CreatedHook;
+use crate::open::CreatedHook;
 
 /// The first line of the identity block.
 pub const IDENTITY_MAGIC: &str = "kcopyd-clone-file 1";
