@@ -17,7 +17,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use kcopyd_core::{BlockDevice, PAGE_SIZE, SECTOR_SIZE};
+use kcopyd_core::{BlockDevice, SECTOR_SIZE};
 use kcopyd_os::{OpenOptions, OsDevice};
 use kcopyd_sim::explore::validate::{self, Config, RUNS_MAX, Row, Validation};
 
@@ -25,7 +25,6 @@ use crate::calibrate;
 use crate::cli::ValidateArgs;
 use crate::error::{CliError, Status, open_reason};
 use crate::progress::{self, Interrupts};
-use crate::size::Bytes;
 use crate::{commands, devices};
 use kcopyd_sim::explore::calibrate::CalibrationPlan;
 use kcopyd_tool::DeviceAddress;
@@ -36,11 +35,6 @@ use kcopyd_tool::DeviceAddress;
 /// As [`Config::parse`], named by `--configs`.
 pub fn parse_config(text: &str) -> Result<Config, CliError> {
     Config::parse(text).map_err(|error| CliError::argument("--configs", text, error.to_string()))
-}
-
-/// A configuration, for the progress bar.
-fn label(config: &Config) -> String {
-    format!("{} × {} → {}", Bytes(config.subjob_size_bytes), config.subjobs_in_flight, config.targets)
 }
 
 /// Target files of the configurations: TARGET, TARGET.2, TARGET.3, …; those created here are
@@ -91,13 +85,9 @@ pub async fn copy_once(
     created: &[PathBuf],
     interrupts: &mut Interrupts,
 ) -> Result<Result<Copied, Status>, CliError> {
-    let client_config = kcopyd_core::ClientConfig {
-        page_budget: usize::try_from(memory_bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX),
-        subjob_size_bytes: usize::try_from(config.subjob_size_bytes).unwrap_or(usize::MAX),
-        subjobs_in_flight: config.subjobs_in_flight,
-        ..kcopyd_core::ClientConfig::default()
-    };
-    devices::check_memory(memory_bytes)?;
+    kcopyd_tool::options::check_memory(memory_bytes).map_err(devices::option_error)?;
+    let client_config =
+        kcopyd_tool::options::client_config(memory_bytes, config.subjob_size_bytes, config.subjobs_in_flight);
     client_config.validate().map_err(|source| CliError::Config { option: "--memory", source })?;
     let settings = kcopyd_tool::Settings::new(client_config);
     // A full copy, as the simulated one: the disk model times every sector read.
@@ -129,7 +119,8 @@ async fn real_copy(
 ) -> Result<Result<f64, Status>, CliError> {
     let source = DeviceAddress::path(&args.source);
     let target_args: Vec<DeviceAddress> = targets.paths.iter().map(DeviceAddress::path).collect();
-    let copied = copy_once((&source, &target_args), config, args.memory_bytes, &targets.created, interrupts).await?;
+    let copied =
+        copy_once((&source, &target_args), config, args.run.memory_bytes, &targets.created, interrupts).await?;
     Ok(copied.map(|copied| copied.seconds))
 }
 
@@ -142,8 +133,8 @@ pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Sta
     if configs.is_empty() {
         return Err(CliError::Arguments { what: "--configs", problem: "no configuration given".into() });
     }
-    if !(1..=RUNS_MAX).contains(&args.runs) {
-        return Err(CliError::argument("--runs", args.runs.to_string(), format!("must be 1 to {RUNS_MAX}")));
+    if !(1..=RUNS_MAX).contains(&args.run.runs) {
+        return Err(CliError::argument("--runs", args.run.runs.to_string(), format!("must be 1 to {RUNS_MAX}")));
     }
     let source_text = args.source.display().to_string();
     let source = OsDevice::open(&args.source, &OpenOptions::default()).map_err(|source| CliError::Open {
@@ -155,13 +146,13 @@ pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Sta
     let geometry = source.geometry();
     let len_bytes = geometry.len_sectors * SECTOR_SIZE as u64;
     drop(source);
-    let bars = progress::bars_wanted(args.quiet);
+    let bars = progress::bars_wanted(args.run.quiet);
     let model = model_of(args, bars).await?;
     let target_count = configs.iter().map(|c| c.targets).max().unwrap_or(1);
     check_target(args, target_count)?;
     let targets = Targets::new(&args.target, target_count);
     let one_device = validate::on_one_device(&args.source, &args.target);
-    let bar = progress::byte_bar(bars, (1 + args.runs * configs.len() + configs.len()) as u64, "validate");
+    let bar = progress::byte_bar(bars, (1 + args.run.runs * configs.len() + configs.len()) as u64, "validate");
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg:<28} [{wide_bar}] {pos}/{len} copies ETA {eta}")
             .expect("a valid template")
@@ -169,15 +160,15 @@ pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Sta
     );
     // A warm-up copy to every target (creating the files), not counted.
     let widest = *configs.iter().max_by_key(|c| c.targets).expect("at least one");
-    bar.set_message(format!("warm-up {}", label(&widest)));
+    bar.set_message(format!("warm-up {}", widest));
     if let Err(status) = real_copy(args, widest, &targets, interrupts).await? {
         return Ok(status);
     }
     bar.inc(1);
     let mut measured: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
-    for round in 0..args.runs {
+    for round in 0..args.run.runs {
         for (i, &config) in configs.iter().enumerate() {
-            bar.set_message(format!("run {}/{} {}", round + 1, args.runs, label(&config)));
+            bar.set_message(format!("run {}/{} {}", round + 1, args.run.runs, config));
             match real_copy(args, config, &targets, interrupts).await? {
                 Ok(seconds) => measured[i].push(seconds),
                 Err(status) => return Ok(status),
@@ -187,17 +178,18 @@ pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Sta
     }
     let mut rows = Vec::new();
     for (config, measured) in configs.iter().zip(measured) {
-        bar.set_message(format!("simulate {}", label(config)));
+        bar.set_message(format!("simulate {}", config));
         let block_bytes = geometry.logical_block_size;
         let predicted =
-            validate::predict_seconds(&model, *config, len_bytes, block_bytes, one_device, args.memory_bytes);
+            validate::predict_seconds(&model, *config, len_bytes, block_bytes, one_device, args.run.memory_bytes);
         bar.inc(1);
         rows.push(Row::new(*config, measured, predicted));
     }
     bar.finish_and_clear();
     drop(targets);
-    let validation = Validation::new(model.description.clone(), source_text, len_bytes, one_device, args.runs, rows);
-    if args.json {
+    let validation =
+        Validation::new(model.description.clone(), source_text, len_bytes, one_device, args.run.runs, rows);
+    if args.run.json {
         crate::out::print(&format!("{}\n", serde_json::to_string(&validation).expect("a validation serializes")))?;
     } else {
         crate::out::print(&validation.to_string())?;

@@ -23,6 +23,9 @@
 //! `clone` starts a clone served while it hydrates (kcopyd-clone's device) from the same
 //! addresses and plan, with its metadata file checked against the devices.
 //!
+//! `options` checks a command's options (page budget, NBD connections, timeouts and TLS,
+//! sparse copies) into these settings, with typed errors.
+//!
 //! Nothing here prints: the caller reports.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -34,6 +37,7 @@ pub mod clone;
 pub mod error;
 pub mod map;
 pub mod open;
+pub mod options;
 pub mod plan;
 pub mod report;
 pub mod run;
@@ -44,5 +48,6 @@ pub use address::{AddressError, Backend, DeviceAddress, SimDisk};
 pub use cancel::Cancel;
 pub use error::{DeviceProblem, PlanError};
 pub use open::{NbdSettings, Opened, OsFacts, Role, Settings};
+pub use options::{OptionError, TlsOption};
 pub use plan::{CreatedFiles, CreatedHook, Plan, ZeroPlan, plan_with_source, plan_zero};
 pub use tail::{Tail, TailError};

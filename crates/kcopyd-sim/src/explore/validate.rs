@@ -171,6 +171,36 @@ pub struct LinkValidation {
     pub validation: Validation,
 }
 
+impl std::fmt::Display for Config {
+    /// `1 MiB × 4 → 1`: sub-job size, sub-jobs in flight, targets.
+    fn fmt(&self, out: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let size = crate::units::Bytes(self.subjob_size_bytes);
+        write!(out, "{size} × {} → {}", self.subjobs_in_flight, self.targets)
+    }
+}
+
+impl std::fmt::Display for LinkValidation {
+    /// The table for people: the link and the targets, then the rows as [`Validation`] shows
+    /// them.
+    fn fmt(&self, out: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let link = self.setup.link;
+        let end = match self.setup.remote {
+            Remote::Source => "the source",
+            Remote::Target => "the target(s)",
+            Remote::Both => "both ends",
+        };
+        write!(
+            out,
+            "link in front of {end}: round trip {} µs, {:.1} MB/s each way, burst {}; to {}\n{}",
+            link.round_trip_us,
+            link.bandwidth_bytes_per_s as f64 / 1e6,
+            crate::units::Bytes(link.burst_bytes),
+            self.targets.join(", "),
+            self.validation
+        )
+    }
+}
+
 impl std::fmt::Display for Validation {
     /// The table for people: what was copied and the model, then per configuration the
     /// measured median and fastest times, the prediction and its error; the largest error.
@@ -416,6 +446,23 @@ mod tests {
         assert!(matches!(Config::parse("1Qx4x1"), Err(ConfigParseError::Size(_))));
         assert!(matches!(Config::parse("1Mx0x1"), Err(ConfigParseError::Count { what: "sub-jobs in flight", .. })));
         assert!(matches!(Config::parse("1Mx4x9"), Err(ConfigParseError::Count { what: "targets", max: 8, .. })));
+    }
+
+    #[test]
+    fn the_link_table_names_the_link_and_the_targets_above_the_rows() {
+        let row = Row::new(Config::parse("1Mx4x2").unwrap(), vec![0.5], 0.5);
+        let validation = Validation::new("ssd".into(), "nbd://a/x".into(), 1 << 20, false, 1, vec![row]);
+        let link = LinkModel { round_trip_us: 5000, bandwidth_bytes_per_s: 50_000_000, burst_bytes: 512 << 10 };
+        let setup = LinkSetup { link, remote: Remote::Both };
+        let table = LinkValidation { setup, targets: vec!["t1".into(), "t2".into()], validation }.to_string();
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines[0],
+            "link in front of both ends: round trip 5000 µs, 50.0 MB/s each way, burst 512 KiB; to t1, t2"
+        );
+        assert_eq!(lines[1], "1 MiB of nbd://a/x per copy, median of 1 run(s); model: ssd");
+        assert!(lines[3].starts_with("1 MiB"), "{table}");
+        assert_eq!(Config::parse("256Kx8x3").unwrap().to_string(), "256 KiB × 8 → 3");
     }
 
     #[test]
