@@ -78,11 +78,14 @@ pub fn option_error(error: OptionError) -> CliError {
             TlsOption::VerifyPeer => ("--tls-verify-peer", text.clone()),
             TlsOption::Hostname => ("--tls-hostname", text.clone()),
         },
-        OptionError::SparseSizeNotSparse { size_bytes } | OptionError::SparseSize { size_bytes } => {
-            ("--sparse-size", size_bytes.to_string())
+        OptionError::SparseSize { size_bytes } => ("--sparse-size", size_bytes.to_string()),
+        OptionError::SparseSizeNotSparse { size_bytes } => {
+            let problem = "sets the zero scan of a sparse copy, and --sparse=off / --no-sparse turns sparse copies off";
+            return CliError::argument("--sparse-size", size_bytes.to_string(), problem);
         }
         OptionError::TargetIsZeroNotSparse => {
-            return CliError::Arguments { what: "--target-is-zero", problem: error.to_string() };
+            let problem = "needs a sparse copy, and --sparse=off / --no-sparse turns it off".into();
+            return CliError::Arguments { what: "--target-is-zero", problem };
         }
     };
     CliError::argument(option, text, error.to_string())

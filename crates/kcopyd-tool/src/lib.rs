@@ -18,6 +18,9 @@
 //!        │
 //!        ▼
 //!  report::Report                       the outcome as data (serializes to the JSON report)
+//!        │
+//!        ▼
+//!  summary::human                       the outcome as lines for people
 //! ```
 //!
 //! `clone` starts a clone served while it hydrates (kcopyd-clone's device) from the same
@@ -42,6 +45,7 @@ pub mod plan;
 pub mod report;
 pub mod run;
 pub mod scratch;
+pub mod summary;
 pub mod tail;
 
 pub use address::{AddressError, Backend, DeviceAddress, SimDisk};

@@ -99,7 +99,7 @@ pub enum OptionError {
         text: String,
     },
     /// A zero-scan size for a copy that is not sparse.
-    #[error("sets the zero scan of a sparse copy, and --sparse=off / --no-sparse turns sparse copies off")]
+    #[error("sets the zero scan of a sparse copy, and this copy is not sparse")]
     SparseSizeNotSparse {
         /// The size asked for.
         size_bytes: u64,
@@ -111,7 +111,7 @@ pub enum OptionError {
         size_bytes: u64,
     },
     /// Targets said to read as zeroes, for a copy that is not sparse.
-    #[error("needs a sparse copy, and --sparse=off / --no-sparse turns it off")]
+    #[error("needs a sparse copy, and this copy is not sparse")]
     TargetIsZeroNotSparse,
 }
 
