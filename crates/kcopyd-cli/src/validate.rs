@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use kcopyd_core::{BlockDevice, SECTOR_SIZE};
 use kcopyd_os::{OpenOptions, OsDevice};
-use kcopyd_sim::explore::validate::{self, Config, RUNS_MAX, Row, Validation};
+use kcopyd_sim::explore::validate::{self, Config, ConfigsError, Row, Validation};
 
 use crate::calibrate;
 use crate::cli::ValidateArgs;
@@ -29,12 +29,13 @@ use crate::{commands, devices};
 use kcopyd_sim::explore::calibrate::CalibrationPlan;
 use kcopyd_tool::DeviceAddress;
 
-/// Reads `--configs`' `SIZExIN_FLIGHTxTARGETS`, e.g. `1Mx4x1`.
-///
-/// # Errors
-/// As [`Config::parse`], named by `--configs`.
-pub fn parse_config(text: &str) -> Result<Config, CliError> {
-    Config::parse(text).map_err(|error| CliError::argument("--configs", text, error.to_string()))
+/// A `--configs` or `--runs` refused by kcopyd-sim's `validate`, named by its option.
+pub fn configs_error(error: ConfigsError) -> CliError {
+    match error {
+        ConfigsError::Config { text, problem } => CliError::argument("--configs", text, problem.to_string()),
+        ConfigsError::NoConfig => CliError::Arguments { what: "--configs", problem: error.to_string() },
+        ConfigsError::Runs { runs } => CliError::argument("--runs", runs.to_string(), error.to_string()),
+    }
 }
 
 /// Target files of the configurations: TARGET, TARGET.2, TARGET.3, …; those created here are
@@ -129,13 +130,8 @@ async fn real_copy(
 /// # Errors
 /// Bad arguments or model (nothing written), or a failed copy.
 pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Status, CliError> {
-    let configs: Vec<Config> = args.configs.iter().map(|c| parse_config(c)).collect::<Result<_, _>>()?;
-    if configs.is_empty() {
-        return Err(CliError::Arguments { what: "--configs", problem: "no configuration given".into() });
-    }
-    if !(1..=RUNS_MAX).contains(&args.run.runs) {
-        return Err(CliError::argument("--runs", args.run.runs.to_string(), format!("must be 1 to {RUNS_MAX}")));
-    }
+    let configs = validate::parse_configs(&args.configs).map_err(configs_error)?;
+    validate::check_runs(args.run.runs).map_err(configs_error)?;
     let source_text = args.source.display().to_string();
     let source = OsDevice::open(&args.source, &OpenOptions::default()).map_err(|source| CliError::Open {
         what: "SOURCE",
@@ -240,7 +236,7 @@ mod tests {
     #[test]
     fn a_bad_configuration_is_named_by_its_option() {
         for bad in ["1Mx4", "1Mx0x1", "1Mx4x9", "1Qx4x1", "1Mx4x1x1"] {
-            let error = parse_config(bad).unwrap_err().to_string();
+            let error = configs_error(validate::parse_configs(&[bad.into()]).unwrap_err()).to_string();
             assert!(error.contains("--configs") && error.contains(bad), "{error}");
         }
     }

@@ -15,12 +15,12 @@
 //! kcopyd-sim's `explore::validate::LinkSetup`.
 
 use kcopyd_sim::LinkModel;
-use kcopyd_sim::explore::validate::{Config, LinkSetup, LinkValidation, RUNS_MAX, Remote, Row, Validation};
+use kcopyd_sim::explore::validate::{self, Config, LinkSetup, LinkValidation, Remote, Row, Validation};
 
 use crate::cli::{RemoteArg, ValidateLinkArgs};
 use crate::error::{CliError, Status};
 use crate::progress::{self, Interrupts};
-use crate::validate::{Copied, copy_once, parse_config};
+use crate::validate::{Copied, configs_error, copy_once};
 
 /// The link the arguments describe.
 fn setup(args: &ValidateLinkArgs) -> LinkSetup {
@@ -39,10 +39,7 @@ fn setup(args: &ValidateLinkArgs) -> LinkSetup {
 
 /// The configurations, checked against the targets given (nothing is run before they are).
 fn configs_of(args: &ValidateLinkArgs) -> Result<Vec<Config>, CliError> {
-    let configs: Vec<Config> = args.configs.iter().map(|c| parse_config(c)).collect::<Result<_, _>>()?;
-    if configs.is_empty() {
-        return Err(CliError::Arguments { what: "--configs", problem: "no configuration given".into() });
-    }
+    let configs = validate::parse_configs(&args.configs).map_err(configs_error)?;
     if let Some((text, config)) = args.configs.iter().zip(&configs).find(|(_, c)| c.targets > args.targets.len()) {
         return Err(CliError::argument(
             "--configs",
@@ -50,9 +47,7 @@ fn configs_of(args: &ValidateLinkArgs) -> Result<Vec<Config>, CliError> {
             format!("writes {} targets, but {} TARGET(s) are given", config.targets, args.targets.len()),
         ));
     }
-    if !(1..=RUNS_MAX).contains(&args.run.runs) {
-        return Err(CliError::argument("--runs", args.run.runs.to_string(), format!("must be 1 to {RUNS_MAX}")));
-    }
+    validate::check_runs(args.run.runs).map_err(configs_error)?;
     Ok(configs)
 }
 

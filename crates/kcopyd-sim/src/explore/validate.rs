@@ -53,6 +53,54 @@ pub enum ConfigParseError {
     },
 }
 
+/// Configurations or rounds refused before any copy is made.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ConfigsError {
+    /// A configuration that does not read.
+    #[error("{text}: {problem}")]
+    Config {
+        /// The configuration as given.
+        text: String,
+        /// Why it does not read.
+        problem: ConfigParseError,
+    },
+    /// An empty list of configurations.
+    #[error("no configuration given")]
+    NoConfig,
+    /// Rounds outside 1 to [`RUNS_MAX`].
+    #[error("must be 1 to {RUNS_MAX}")]
+    Runs {
+        /// The rounds asked for.
+        runs: usize,
+    },
+}
+
+/// Reads each of `texts` as [`Config::parse`] does; at least one.
+///
+/// # Errors
+/// The first configuration that does not read, or none given.
+pub fn parse_configs(texts: &[String]) -> Result<Vec<Config>, ConfigsError> {
+    let configs: Vec<Config> = texts
+        .iter()
+        .map(|text| Config::parse(text).map_err(|problem| ConfigsError::Config { text: text.clone(), problem }))
+        .collect::<Result<_, _>>()?;
+    if configs.is_empty() {
+        return Err(ConfigsError::NoConfig);
+    }
+    Ok(configs)
+}
+
+/// Refuses rounds of real copies outside 1 to [`RUNS_MAX`].
+///
+/// # Errors
+/// [`ConfigsError::Runs`].
+pub fn check_runs(runs: usize) -> Result<(), ConfigsError> {
+    if !(1..=RUNS_MAX).contains(&runs) {
+        return Err(ConfigsError::Runs { runs });
+    }
+    Ok(())
+}
+
 /// One configuration: how the copy is cut and how many targets it writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Config {
@@ -433,6 +481,20 @@ mod tests {
         assert!(lines[1].starts_with("sub-job") && lines[1].ends_with("error"), "{table}");
         assert!(lines[2].starts_with("256 KiB") && lines[2].ends_with("+15.0%"), "{table}");
         assert_eq!(lines[3], "largest error: 15.0%");
+    }
+
+    #[test]
+    fn a_list_of_configurations_names_the_first_bad_one_and_rounds_are_bounded() {
+        let texts = |list: &[&str]| list.iter().map(|text| text.to_string()).collect::<Vec<_>>();
+        assert_eq!(parse_configs(&texts(&["1Mx4x1", "64Kx8x3"])).unwrap().len(), 2);
+        assert_eq!(parse_configs(&[]), Err(ConfigsError::NoConfig));
+        let Err(ConfigsError::Config { text, problem }) = parse_configs(&texts(&["1Mx4x1", "1Mx4", "1Mx0x1"])) else {
+            panic!("the bad configuration is not named")
+        };
+        assert_eq!((text.as_str(), problem), ("1Mx4", ConfigParseError::Shape));
+        assert_eq!((check_runs(1), check_runs(RUNS_MAX)), (Ok(()), Ok(())));
+        assert_eq!(check_runs(0), Err(ConfigsError::Runs { runs: 0 }));
+        assert_eq!(check_runs(RUNS_MAX + 1), Err(ConfigsError::Runs { runs: RUNS_MAX + 1 }));
     }
 
     #[test]
