@@ -201,13 +201,7 @@ async fn model_of(args: &ValidateArgs, bars: bool) -> Result<kcopyd_sim::DiskMod
         None => {
             let scratch_path = PathBuf::from(format!("{}.calibrate", args.target.display()));
             let scratch = calibrate::open_scratch(&scratch_path, 1 << 30, 0, None, false)?;
-            let plan = CalibrationPlan {
-                io_sizes_bytes: vec![4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20],
-                queue_depths: vec![1, 4, 16, 32],
-                point_time: std::time::Duration::from_millis(250),
-                rounds: 3,
-            };
-            let calibrated = calibrate::calibrate(&scratch, &plan, bars).await?;
+            let calibrated = calibrate::calibrate(&scratch, &CalibrationPlan::for_validation(), bars).await?;
             calibrate::warn_if_busy(&calibrated);
             calibrated.model
         }
