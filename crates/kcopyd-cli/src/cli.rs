@@ -17,31 +17,10 @@ use kcopyd_tool::DeviceAddress;
 pub const SUBJOB_SIZE_DEFAULT: &str = "1M";
 /// Sub-jobs kept in flight by default: the library's.
 pub const SUBJOBS_IN_FLIGHT_DEFAULT: usize = kcopyd_core::SUBJOBS_IN_FLIGHT_DEFAULT;
-/// Sub-jobs kept in flight by default when the source or a target is an NBD export.
-///
-/// Chosen by measurement (docs/BENCHMARKS.md, "NBD copies"): between qemu-nbd exports each
-/// 1 MiB sub-job waits for a request's round trip through the server as well as the disk, so
-/// 4 in flight left the disk idle part of the time; 8 × 1 MiB copied one export to one
-/// target about 20 % faster and to three targets about 22 % faster, 16 no faster than 8.
-pub const NBD_SUBJOBS_IN_FLIGHT_DEFAULT: usize = 8;
-/// Connections per NBD export when the command names fewer than
-/// [`NBD_MANY_EXPORTS`] exports (`--connections`): as nbdcopy opens. Measured in
-/// docs/NBD.md ("How many connections"): between qemu-nbd exports on one machine 4 copied one
-/// target as fast as 1 from disk and 8 % faster from RAM.
-pub const NBD_CONNECTIONS_DEFAULT: usize = kcopyd_nbd::CONNECTIONS_DEFAULT;
-/// From this many NBD exports in one command (a source and two targets, say), each gets
-/// [`NBD_CONNECTIONS_MANY_EXPORTS`] connection: a copy to three targets was faster with one
-/// connection per export than with four in 13 of 15 alternating rounds (median 0.87 of the
-/// time), and no slower from RAM.
-pub const NBD_MANY_EXPORTS: usize = 3;
-/// Connections per NBD export when the command names [`NBD_MANY_EXPORTS`] or more.
-pub const NBD_CONNECTIONS_MANY_EXPORTS: usize = 1;
 /// How long connecting to an NBD server and its handshake may take by default: the library's
 /// [`kcopyd_nbd::CONNECT_TIMEOUT_MS_DEFAULT`], written for `--help`.
 pub const CONNECT_TIMEOUT_DEFAULT: &str = "30s";
 const _: () = assert!(kcopyd_nbd::CONNECT_TIMEOUT_MS_DEFAULT == 30_000);
-/// The zero-scan block of sparse copies by default (as `qemu-img convert -S`), in bytes.
-pub const SPARSE_SIZE_DEFAULT_BYTES: u64 = 4096;
 /// The page budget by default: the library's [`kcopyd_core::PAGE_BUDGET_DEFAULT`] (four times
 /// what the default sub-jobs in flight take, so that reads can run ahead while several
 /// targets are still being written), written for `--help`.
@@ -264,6 +243,14 @@ pub struct ValidateArgs {
         default_value = "1Mx4x1,256Kx4x1,64Kx8x1,1Mx1x1,2Mx8x1,1Mx4x3"
     )]
     pub configs: Vec<String>,
+    /// Rounds, memory and report.
+    #[command(flatten)]
+    pub run: ValidationRunArgs,
+}
+
+/// The rounds, memory and report of `kcopyd sim validate` and `validate-link`.
+#[derive(Debug, Clone, Args)]
+pub struct ValidationRunArgs {
     /// Rounds of real copies; each configuration's median counts.
     #[arg(long, value_name = "COUNT", default_value_t = 3)]
     pub runs: usize,
@@ -320,18 +307,9 @@ pub struct ValidateLinkArgs {
     /// Configurations to run, comma-separated, each SUB_JOB_SIZExIN_FLIGHTxTARGETS.
     #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "1Mx1x1,1Mx4x1,1Mx16x1")]
     pub configs: Vec<String>,
-    /// Rounds of real copies; each configuration's median counts.
-    #[arg(long, value_name = "COUNT", default_value_t = 3)]
-    pub runs: usize,
-    /// Memory for copy buffers (the page budget) of every copy, real and simulated.
-    #[arg(long = "memory", value_name = "SIZE", default_value = MEMORY_DEFAULT, value_parser = size::parse_size)]
-    pub memory_bytes: u64,
-    /// Print one JSON object with the results instead of the table.
-    #[arg(long)]
-    pub json: bool,
-    /// No progress bar.
-    #[arg(long, short)]
-    pub quiet: bool,
+    /// Rounds, memory and report.
+    #[command(flatten)]
+    pub run: ValidationRunArgs,
 }
 
 /// `kcopyd map ...`.

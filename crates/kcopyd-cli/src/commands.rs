@@ -11,7 +11,7 @@
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 
-use kcopyd_core::{Flags, JobHandle, SECTOR_SIZE, Sparse, TargetZeroes};
+use kcopyd_core::{Flags, JobHandle, SECTOR_SIZE};
 use kcopyd_tool::report;
 use kcopyd_tool::run::{CopyOptions, Event, MappedCopy, Phase, RunError, Runner};
 use kcopyd_tool::{Cancel, Opened, map};
@@ -192,40 +192,6 @@ fn nothing_to_retry(args: &CopyArgs) -> Option<Done> {
     Some(done(report::nothing_copied()))
 }
 
-/// The sparse-copy options of `copy`, checked.
-///
-/// # Errors
-/// A bad --sparse-size, or --target-is-zero without --sparse.
-fn sparse_of(args: &CopyArgs) -> Result<Sparse, CliError> {
-    let on = args.sparse && !args.no_sparse;
-    if let (false, Some(size)) = (on, args.sparse_size_bytes) {
-        return Err(CliError::argument(
-            "--sparse-size",
-            size.to_string(),
-            "sets the zero scan of a sparse copy, and --sparse=off / --no-sparse turns sparse copies off",
-        ));
-    }
-    let size = args.sparse_size_bytes.unwrap_or(crate::cli::SPARSE_SIZE_DEFAULT_BYTES);
-    if size != 0 && (!size.is_power_of_two() || size < SECTOR_SIZE as u64 || size > u64::from(u32::MAX / 2 + 1)) {
-        return Err(CliError::argument(
-            "--sparse-size",
-            size.to_string(),
-            "must be 0 (no zero scan) or a power of two from 512 to 2G",
-        ));
-    }
-    if args.target_is_zero && !on {
-        return Err(CliError::Arguments {
-            what: "--target-is-zero",
-            problem: "needs a sparse copy, and --sparse=off / --no-sparse turns it off".into(),
-        });
-    }
-    if !on {
-        return Ok(Sparse::OFF);
-    }
-    let target_zeroes = if args.target_is_zero { TargetZeroes::Skip } else { TargetZeroes::Deallocate };
-    Ok(Sparse { skip_holes: true, zero_block_bytes: size as u32, target_zeroes })
-}
-
 /// The copy as the runner runs it: through the map of `--map`, if given.
 async fn run_copy(
     runner: Runner<'_>,
@@ -253,7 +219,9 @@ async fn run_copy(
 /// # Errors
 /// Bad options or devices (nothing written).
 pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, CliError> {
-    let sparse = sparse_of(args)?;
+    let sparse =
+        kcopyd_tool::options::sparse(args.sparse && !args.no_sparse, args.sparse_size_bytes, args.target_is_zero)
+            .map_err(devices::option_error)?;
     if let Some(done) = nothing_to_retry(args) {
         return Ok(done);
     }

@@ -5,31 +5,24 @@
 //!  EngineArgs, ThrottleArgs ─► settings() ─► Settings (+ the Ctrl-C handler's file cleanup)
 //!  SOURCE TARGET... --length ─► open_plan / open_zero_plan ─► kcopyd_tool::plan_* (on a
 //!    thread of its own when an NBD export must connect, so that Ctrl-C ends the wait)
-//!  PlanError ─► CliError (exit 2, nothing written)
+//!  PlanError, OptionError ─► CliError (exit 2, nothing written)
 //! ```
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use kcopyd_core::{ClientConfig, PAGE_SIZE};
-use kcopyd_nbd::{NbdUri, TlsOptions};
+use kcopyd_core::ClientConfig;
+use kcopyd_nbd::TlsOptions;
 use kcopyd_os::{IoEngine, QUEUE_DEPTH_MAX};
+use kcopyd_tool::options::{self, NBD_SUBJOBS_IN_FLIGHT_DEFAULT};
 use kcopyd_tool::{
-    AddressError, Backend, CreatedHook, DeviceAddress, NbdSettings, Plan, PlanError, Settings, ZeroPlan,
+    AddressError, Backend, CreatedHook, DeviceAddress, OptionError, Plan, PlanError, Settings, ZeroPlan,
 };
-use kcopyd_tool::{plan_with_source, plan_zero};
+use kcopyd_tool::{TlsOption, plan_with_source, plan_zero};
 
-use crate::cli::{
-    EngineArgs, IoEngineArg, NBD_CONNECTIONS_DEFAULT, NBD_CONNECTIONS_MANY_EXPORTS, NBD_MANY_EXPORTS,
-    NBD_SUBJOBS_IN_FLIGHT_DEFAULT, SUBJOBS_IN_FLIGHT_DEFAULT, ThrottleArgs,
-};
+use crate::cli::{EngineArgs, IoEngineArg, SUBJOBS_IN_FLIGHT_DEFAULT, ThrottleArgs};
 use crate::error::{CliError, open_reason};
-use crate::size::Bytes;
 use crate::{out, progress};
-
-/// The largest page budget the engine takes (`ClientConfig::validate` counts pages in 32 bits):
-/// 16 TiB less one page.
-pub const MEMORY_PAGES_MAX: u64 = u32::MAX as u64;
 
 /// Reads a device argument (clap's value parser): `sim:` options by [`kcopyd_sim::spec::SimSpec`].
 ///
@@ -71,79 +64,31 @@ impl From<PlanError> for CliError {
     }
 }
 
-/// `--connections`, `--connect-timeout` and `--io-timeout`, checked: 1 to
-/// [`kcopyd_nbd::CONNECTIONS_MAX`] connections, at least a millisecond each timeout. Without
-/// `--connections`, a command naming `nbd_exports` exports gets [`NBD_CONNECTIONS_DEFAULT`]
-/// per export, or [`NBD_CONNECTIONS_MANY_EXPORTS`] from [`NBD_MANY_EXPORTS`] exports on.
-///
-/// # Errors
-/// A count or a timeout out of bounds, named by its option.
-fn nbd_settings(args: &EngineArgs, nbd_exports: usize) -> Result<NbdSettings, CliError> {
-    let millis = |option: &'static str, us: u64| {
-        if us < 1000 {
-            return Err(CliError::argument(option, format!("{us}us"), "must be at least 1ms"));
+/// An option of `args` refused by [`kcopyd_tool::options`], named by the option at fault.
+pub fn option_error(error: OptionError) -> CliError {
+    let (option, text) = match &error {
+        OptionError::MemoryTooSmall { memory_bytes } | OptionError::MemoryTooLarge { memory_bytes } => {
+            ("--memory", memory_bytes.to_string())
         }
-        Ok(us / 1000)
-    };
-    let connections_max = match args.connections.map(usize::try_from) {
-        None if nbd_exports >= NBD_MANY_EXPORTS => NBD_CONNECTIONS_MANY_EXPORTS,
-        None => NBD_CONNECTIONS_DEFAULT,
-        Some(Ok(count @ 1..=kcopyd_nbd::CONNECTIONS_MAX)) => count,
-        Some(_) => {
-            return Err(CliError::argument(
-                "--connections",
-                args.connections.unwrap_or_default().to_string(),
-                format!("must be 1 to {}", kcopyd_nbd::CONNECTIONS_MAX),
-            ));
-        }
-    };
-    Ok(NbdSettings {
-        connections_max,
-        connect_timeout_ms: millis("--connect-timeout", args.connect_timeout_us)?,
-        io_timeout_ms: args.io_timeout_us.map(|us| millis("--io-timeout", us)).transpose()?,
-        tls: TlsOptions {
-            certificates: args.tls_certificates.clone(),
-            verify_peer: args.tls_verify_peer,
-            hostname: args.tls_hostname.clone(),
+        OptionError::Connections { count } => ("--connections", count.to_string()),
+        OptionError::ConnectTimeout { timeout_us } => ("--connect-timeout", format!("{timeout_us}us")),
+        OptionError::IoTimeout { timeout_us } => ("--io-timeout", format!("{timeout_us}us")),
+        OptionError::TlsWithoutTlsExport { option, text } => match option {
+            TlsOption::Certificates => ("--tls-certificates", text.clone()),
+            TlsOption::VerifyPeer => ("--tls-verify-peer", text.clone()),
+            TlsOption::Hostname => ("--tls-hostname", text.clone()),
         },
-    })
-}
-
-/// Refuses `--tls-*` options when no device is an `nbds://` or `nbds+unix://` export (a
-/// plain `nbd://` one is never encrypted, whatever the options say), and warns on standard
-/// error of each TLS export whose server's certificate will not be verified.
-///
-/// # Errors
-/// A `--tls-*` option without a TLS device, named.
-fn check_tls(args: &EngineArgs, defaults: &TlsOptions, devices: &[&DeviceAddress]) -> Result<(), CliError> {
-    let tls_devices: Vec<(&str, TlsOptions)> = devices
-        .iter()
-        .filter_map(|device| match &device.backend {
-            Backend::Nbd(uri) => NbdUri::parse(uri).ok()?.tls.map(|tls| (uri.as_str(), tls.or(defaults))),
-            _ => None,
-        })
-        .collect();
-    if tls_devices.is_empty() {
-        let given = [
-            ("--tls-certificates", args.tls_certificates.as_ref().map(|dir| dir.display().to_string())),
-            ("--tls-verify-peer", args.tls_verify_peer.map(|on| if on { "on" } else { "off" }.to_owned())),
-            ("--tls-hostname", args.tls_hostname.clone()),
-        ];
-        if let Some((option, Some(text))) = given.into_iter().find(|(_, text)| text.is_some()) {
-            return Err(CliError::argument(
-                option,
-                text,
-                "no nbds:// or nbds+unix:// device to use it with (nbd:// is never encrypted)",
-            ));
+        OptionError::SparseSize { size_bytes } => ("--sparse-size", size_bytes.to_string()),
+        OptionError::SparseSizeNotSparse { size_bytes } => {
+            let problem = "sets the zero scan of a sparse copy, and --sparse=off / --no-sparse turns sparse copies off";
+            return CliError::argument("--sparse-size", size_bytes.to_string(), problem);
         }
-    }
-    for (uri, _) in tls_devices.iter().filter(|(_, tls)| !tls.verifies_peer()) {
-        out::note(&format!(
-            "kcopyd: warning: {uri}: the server's certificate is not verified (tls-verify-peer off): \
-             the data is encrypted, but the server may be anyone"
-        ));
-    }
-    Ok(())
+        OptionError::TargetIsZeroNotSparse => {
+            let problem = "needs a sparse copy, and --sparse=off / --no-sparse turns it off".into();
+            return CliError::Arguments { what: "--target-is-zero", problem };
+        }
+    };
+    CliError::argument(option, text, error.to_string())
 }
 
 /// `settings` with the throttle of `args`.
@@ -161,26 +106,6 @@ pub fn with_throttle(mut settings: Settings, args: &ThrottleArgs) -> Result<Sett
     })?;
     settings.config.throttle = throttle;
     Ok(settings)
-}
-
-/// Refuses a `--memory` of less than a page or more than the engine counts.
-///
-/// # Errors
-/// `--memory` out of bounds.
-pub fn check_memory(memory_bytes: u64) -> Result<(), CliError> {
-    let refuse = |problem: String| Err(CliError::argument("--memory", memory_bytes.to_string(), problem));
-    if memory_bytes < PAGE_SIZE as u64 {
-        return refuse(format!("{} is less than one {PAGE_SIZE}-byte page", Bytes(memory_bytes)));
-    }
-    let memory_bytes_max = MEMORY_PAGES_MAX * PAGE_SIZE as u64;
-    if memory_bytes > memory_bytes_max {
-        return refuse(format!(
-            "{} is more than the largest budget, {} ({memory_bytes_max} bytes)",
-            Bytes(memory_bytes),
-            Bytes(memory_bytes_max)
-        ));
-    }
-    Ok(())
 }
 
 /// The I/O engine of `--io-engine`, if this build has it.
@@ -209,16 +134,24 @@ pub fn settings<'a>(
     let nbd_exports = devices.iter().filter(|device| matches!(device.backend, Backend::Nbd(_))).count();
     let subjobs_default = if nbd_exports > 0 { NBD_SUBJOBS_IN_FLIGHT_DEFAULT } else { SUBJOBS_IN_FLIGHT_DEFAULT };
     let subjobs_in_flight = args.subjobs_in_flight.unwrap_or(subjobs_default);
-    check_memory(args.memory_bytes)?;
-    let nbd = nbd_settings(args, nbd_exports)?;
-    check_tls(args, &nbd.tls, &devices)?;
+    options::check_memory(args.memory_bytes).map_err(option_error)?;
+    let tls = TlsOptions {
+        certificates: args.tls_certificates.clone(),
+        verify_peer: args.tls_verify_peer,
+        hostname: args.tls_hostname.clone(),
+    };
+    let nbd = options::nbd_settings(args.connections, args.connect_timeout_us, args.io_timeout_us, tls, nbd_exports)
+        .map_err(option_error)?;
+    for uri in options::unverified_tls_exports(&devices, &nbd.tls).map_err(option_error)? {
+        out::note(&format!(
+            "kcopyd: warning: {uri}: the server's certificate is not verified (tls-verify-peer off): \
+             the data is encrypted, but the server may be anyone"
+        ));
+    }
     let config = ClientConfig {
-        page_budget: usize::try_from(args.memory_bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX),
-        subjob_size_bytes: usize::try_from(args.subjob_size_bytes).unwrap_or(usize::MAX),
-        subjobs_in_flight,
         huge_pages: !args.no_huge_pages,
         io_timeout_ms: nbd.io_timeout_ms,
-        ..ClientConfig::default()
+        ..options::client_config(args.memory_bytes, args.subjob_size_bytes, subjobs_in_flight)
     };
     config.validate().map_err(|source| {
         let option = match source {

@@ -17,30 +17,25 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use kcopyd_core::{BlockDevice, PAGE_SIZE, SECTOR_SIZE};
+use kcopyd_core::{BlockDevice, SECTOR_SIZE};
 use kcopyd_os::{OpenOptions, OsDevice};
-use kcopyd_sim::explore::validate::{self, Config, RUNS_MAX, Row, Validation};
+use kcopyd_sim::explore::validate::{self, Config, ConfigsError, Row, Validation};
 
 use crate::calibrate;
 use crate::cli::ValidateArgs;
 use crate::error::{CliError, Status, open_reason};
 use crate::progress::{self, Interrupts};
-use crate::size::Bytes;
 use crate::{commands, devices};
 use kcopyd_sim::explore::calibrate::CalibrationPlan;
 use kcopyd_tool::DeviceAddress;
 
-/// Reads `--configs`' `SIZExIN_FLIGHTxTARGETS`, e.g. `1Mx4x1`.
-///
-/// # Errors
-/// As [`Config::parse`], named by `--configs`.
-pub fn parse_config(text: &str) -> Result<Config, CliError> {
-    Config::parse(text).map_err(|error| CliError::argument("--configs", text, error.to_string()))
-}
-
-/// A configuration, for the progress bar.
-fn label(config: &Config) -> String {
-    format!("{} × {} → {}", Bytes(config.subjob_size_bytes), config.subjobs_in_flight, config.targets)
+/// A `--configs` or `--runs` refused by kcopyd-sim's `validate`, named by its option.
+pub fn configs_error(error: ConfigsError) -> CliError {
+    match error {
+        ConfigsError::Config { text, problem } => CliError::argument("--configs", text, problem.to_string()),
+        ConfigsError::NoConfig => CliError::Arguments { what: "--configs", problem: error.to_string() },
+        ConfigsError::Runs { runs } => CliError::argument("--runs", runs.to_string(), error.to_string()),
+    }
 }
 
 /// Target files of the configurations: TARGET, TARGET.2, TARGET.3, …; those created here are
@@ -91,13 +86,9 @@ pub async fn copy_once(
     created: &[PathBuf],
     interrupts: &mut Interrupts,
 ) -> Result<Result<Copied, Status>, CliError> {
-    let client_config = kcopyd_core::ClientConfig {
-        page_budget: usize::try_from(memory_bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX),
-        subjob_size_bytes: usize::try_from(config.subjob_size_bytes).unwrap_or(usize::MAX),
-        subjobs_in_flight: config.subjobs_in_flight,
-        ..kcopyd_core::ClientConfig::default()
-    };
-    devices::check_memory(memory_bytes)?;
+    kcopyd_tool::options::check_memory(memory_bytes).map_err(devices::option_error)?;
+    let client_config =
+        kcopyd_tool::options::client_config(memory_bytes, config.subjob_size_bytes, config.subjobs_in_flight);
     client_config.validate().map_err(|source| CliError::Config { option: "--memory", source })?;
     let settings = kcopyd_tool::Settings::new(client_config);
     // A full copy, as the simulated one: the disk model times every sector read.
@@ -129,7 +120,8 @@ async fn real_copy(
 ) -> Result<Result<f64, Status>, CliError> {
     let source = DeviceAddress::path(&args.source);
     let target_args: Vec<DeviceAddress> = targets.paths.iter().map(DeviceAddress::path).collect();
-    let copied = copy_once((&source, &target_args), config, args.memory_bytes, &targets.created, interrupts).await?;
+    let copied =
+        copy_once((&source, &target_args), config, args.run.memory_bytes, &targets.created, interrupts).await?;
     Ok(copied.map(|copied| copied.seconds))
 }
 
@@ -138,13 +130,8 @@ async fn real_copy(
 /// # Errors
 /// Bad arguments or model (nothing written), or a failed copy.
 pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Status, CliError> {
-    let configs: Vec<Config> = args.configs.iter().map(|c| parse_config(c)).collect::<Result<_, _>>()?;
-    if configs.is_empty() {
-        return Err(CliError::Arguments { what: "--configs", problem: "no configuration given".into() });
-    }
-    if !(1..=RUNS_MAX).contains(&args.runs) {
-        return Err(CliError::argument("--runs", args.runs.to_string(), format!("must be 1 to {RUNS_MAX}")));
-    }
+    let configs = validate::parse_configs(&args.configs).map_err(configs_error)?;
+    validate::check_runs(args.run.runs).map_err(configs_error)?;
     let source_text = args.source.display().to_string();
     let source = OsDevice::open(&args.source, &OpenOptions::default()).map_err(|source| CliError::Open {
         what: "SOURCE",
@@ -155,13 +142,13 @@ pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Sta
     let geometry = source.geometry();
     let len_bytes = geometry.len_sectors * SECTOR_SIZE as u64;
     drop(source);
-    let bars = progress::bars_wanted(args.quiet);
+    let bars = progress::bars_wanted(args.run.quiet);
     let model = model_of(args, bars).await?;
     let target_count = configs.iter().map(|c| c.targets).max().unwrap_or(1);
     check_target(args, target_count)?;
     let targets = Targets::new(&args.target, target_count);
     let one_device = validate::on_one_device(&args.source, &args.target);
-    let bar = progress::byte_bar(bars, (1 + args.runs * configs.len() + configs.len()) as u64, "validate");
+    let bar = progress::byte_bar(bars, (1 + args.run.runs * configs.len() + configs.len()) as u64, "validate");
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg:<28} [{wide_bar}] {pos}/{len} copies ETA {eta}")
             .expect("a valid template")
@@ -169,15 +156,15 @@ pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Sta
     );
     // A warm-up copy to every target (creating the files), not counted.
     let widest = *configs.iter().max_by_key(|c| c.targets).expect("at least one");
-    bar.set_message(format!("warm-up {}", label(&widest)));
+    bar.set_message(format!("warm-up {}", widest));
     if let Err(status) = real_copy(args, widest, &targets, interrupts).await? {
         return Ok(status);
     }
     bar.inc(1);
     let mut measured: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
-    for round in 0..args.runs {
+    for round in 0..args.run.runs {
         for (i, &config) in configs.iter().enumerate() {
-            bar.set_message(format!("run {}/{} {}", round + 1, args.runs, label(&config)));
+            bar.set_message(format!("run {}/{} {}", round + 1, args.run.runs, config));
             match real_copy(args, config, &targets, interrupts).await? {
                 Ok(seconds) => measured[i].push(seconds),
                 Err(status) => return Ok(status),
@@ -187,17 +174,18 @@ pub async fn run(args: &ValidateArgs, interrupts: &mut Interrupts) -> Result<Sta
     }
     let mut rows = Vec::new();
     for (config, measured) in configs.iter().zip(measured) {
-        bar.set_message(format!("simulate {}", label(config)));
+        bar.set_message(format!("simulate {}", config));
         let block_bytes = geometry.logical_block_size;
         let predicted =
-            validate::predict_seconds(&model, *config, len_bytes, block_bytes, one_device, args.memory_bytes);
+            validate::predict_seconds(&model, *config, len_bytes, block_bytes, one_device, args.run.memory_bytes);
         bar.inc(1);
         rows.push(Row::new(*config, measured, predicted));
     }
     bar.finish_and_clear();
     drop(targets);
-    let validation = Validation::new(model.description.clone(), source_text, len_bytes, one_device, args.runs, rows);
-    if args.json {
+    let validation =
+        Validation::new(model.description.clone(), source_text, len_bytes, one_device, args.run.runs, rows);
+    if args.run.json {
         crate::out::print(&format!("{}\n", serde_json::to_string(&validation).expect("a validation serializes")))?;
     } else {
         crate::out::print(&validation.to_string())?;
@@ -213,13 +201,7 @@ async fn model_of(args: &ValidateArgs, bars: bool) -> Result<kcopyd_sim::DiskMod
         None => {
             let scratch_path = PathBuf::from(format!("{}.calibrate", args.target.display()));
             let scratch = calibrate::open_scratch(&scratch_path, 1 << 30, 0, None, false)?;
-            let plan = CalibrationPlan {
-                io_sizes_bytes: vec![4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20],
-                queue_depths: vec![1, 4, 16, 32],
-                point_time: std::time::Duration::from_millis(250),
-                rounds: 3,
-            };
-            let calibrated = calibrate::calibrate(&scratch, &plan, bars).await?;
+            let calibrated = calibrate::calibrate(&scratch, &CalibrationPlan::for_validation(), bars).await?;
             calibrate::warn_if_busy(&calibrated);
             calibrated.model
         }
@@ -248,7 +230,7 @@ mod tests {
     #[test]
     fn a_bad_configuration_is_named_by_its_option() {
         for bad in ["1Mx4", "1Mx0x1", "1Mx4x9", "1Qx4x1", "1Mx4x1x1"] {
-            let error = parse_config(bad).unwrap_err().to_string();
+            let error = configs_error(validate::parse_configs(&[bad.into()]).unwrap_err()).to_string();
             assert!(error.contains("--configs") && error.contains(bad), "{error}");
         }
     }

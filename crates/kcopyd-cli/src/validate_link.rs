@@ -15,13 +15,12 @@
 //! kcopyd-sim's `explore::validate::LinkSetup`.
 
 use kcopyd_sim::LinkModel;
-use kcopyd_sim::explore::validate::{Config, LinkSetup, LinkValidation, RUNS_MAX, Remote, Row, Validation};
+use kcopyd_sim::explore::validate::{self, Config, LinkSetup, LinkValidation, Remote, Row, Validation};
 
 use crate::cli::{RemoteArg, ValidateLinkArgs};
 use crate::error::{CliError, Status};
 use crate::progress::{self, Interrupts};
-use crate::size::Bytes;
-use crate::validate::{Copied, copy_once, parse_config};
+use crate::validate::{Copied, configs_error, copy_once};
 
 /// The link the arguments describe.
 fn setup(args: &ValidateLinkArgs) -> LinkSetup {
@@ -40,10 +39,7 @@ fn setup(args: &ValidateLinkArgs) -> LinkSetup {
 
 /// The configurations, checked against the targets given (nothing is run before they are).
 fn configs_of(args: &ValidateLinkArgs) -> Result<Vec<Config>, CliError> {
-    let configs: Vec<Config> = args.configs.iter().map(|c| parse_config(c)).collect::<Result<_, _>>()?;
-    if configs.is_empty() {
-        return Err(CliError::Arguments { what: "--configs", problem: "no configuration given".into() });
-    }
+    let configs = validate::parse_configs(&args.configs).map_err(configs_error)?;
     if let Some((text, config)) = args.configs.iter().zip(&configs).find(|(_, c)| c.targets > args.targets.len()) {
         return Err(CliError::argument(
             "--configs",
@@ -51,9 +47,7 @@ fn configs_of(args: &ValidateLinkArgs) -> Result<Vec<Config>, CliError> {
             format!("writes {} targets, but {} TARGET(s) are given", config.targets, args.targets.len()),
         ));
     }
-    if !(1..=RUNS_MAX).contains(&args.runs) {
-        return Err(CliError::argument("--runs", args.runs.to_string(), format!("must be 1 to {RUNS_MAX}")));
-    }
+    validate::check_runs(args.run.runs).map_err(configs_error)?;
     Ok(configs)
 }
 
@@ -68,8 +62,8 @@ pub async fn run(args: &ValidateLinkArgs, interrupts: &mut Interrupts) -> Result
         None => kcopyd_sim::DiskModel { description: "instant disks".into(), ..kcopyd_sim::DiskModel::default() },
     };
     let setup = setup(args);
-    let bars = progress::bars_wanted(args.quiet || args.json);
-    let bar = progress::byte_bar(bars, (1 + args.runs * configs.len() + configs.len()) as u64, "validate-link");
+    let bars = progress::bars_wanted(args.run.quiet || args.run.json);
+    let bar = progress::byte_bar(bars, (1 + args.run.runs * configs.len() + configs.len()) as u64, "validate-link");
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg:<28} [{wide_bar}] {pos}/{len} copies ETA {eta}")
             .expect("a valid template")
@@ -78,17 +72,17 @@ pub async fn run(args: &ValidateLinkArgs, interrupts: &mut Interrupts) -> Result
     let ends = (&args.source, args.targets.as_slice());
     // A warm-up copy (connections, the server's memory, caches), not counted.
     let widest = *configs.iter().max_by_key(|c| c.targets).expect("at least one");
-    bar.set_message(format!("warm-up {}", label(&widest)));
-    let first = match copy_once(ends, widest, args.memory_bytes, &[], interrupts).await? {
+    bar.set_message(format!("warm-up {}", widest));
+    let first = match copy_once(ends, widest, args.run.memory_bytes, &[], interrupts).await? {
         Ok(copied) => copied,
         Err(status) => return Ok(status),
     };
     bar.inc(1);
     let mut measured: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
-    for round in 0..args.runs {
+    for round in 0..args.run.runs {
         for (i, &config) in configs.iter().enumerate() {
-            bar.set_message(format!("run {}/{} {}", round + 1, args.runs, label(&config)));
-            match copy_once(ends, config, args.memory_bytes, &[], interrupts).await? {
+            bar.set_message(format!("run {}/{} {}", round + 1, args.run.runs, config));
+            match copy_once(ends, config, args.run.memory_bytes, &[], interrupts).await? {
                 Ok(Copied { seconds, .. }) => measured[i].push(seconds),
                 Err(status) => return Ok(status),
             }
@@ -97,8 +91,9 @@ pub async fn run(args: &ValidateLinkArgs, interrupts: &mut Interrupts) -> Result
     }
     let mut rows = Vec::new();
     for (config, measured) in configs.iter().zip(measured) {
-        bar.set_message(format!("simulate {}", label(config)));
-        let predicted = setup.predict_seconds(&model, *config, first.len_bytes, first.block_bytes, args.memory_bytes);
+        bar.set_message(format!("simulate {}", config));
+        let predicted =
+            setup.predict_seconds(&model, *config, first.len_bytes, first.block_bytes, args.run.memory_bytes);
         bar.inc(1);
         rows.push(Row::new(*config, measured, predicted));
     }
@@ -111,39 +106,16 @@ pub async fn run(args: &ValidateLinkArgs, interrupts: &mut Interrupts) -> Result
             args.source.text.clone(),
             first.len_bytes,
             model.one_device,
-            args.runs,
+            args.run.runs,
             rows,
         ),
     };
-    if args.json {
+    if args.run.json {
         crate::out::print(&format!("{}\n", serde_json::to_string(&validation).expect("a validation serializes")))?;
     } else {
-        crate::out::print(&human(&validation))?;
+        crate::out::print(&validation.to_string())?;
     }
     Ok(Status::Success)
-}
-
-/// A configuration, for the progress bar.
-fn label(config: &Config) -> String {
-    format!("{} × {} → {}", Bytes(config.subjob_size_bytes), config.subjobs_in_flight, config.targets)
-}
-
-/// The table for people: the link, then the rows as `kcopyd sim validate` prints them.
-pub fn human(validation: &LinkValidation) -> String {
-    let link = validation.setup.link;
-    let end = match validation.setup.remote {
-        Remote::Source => "the source",
-        Remote::Target => "the target(s)",
-        Remote::Both => "both ends",
-    };
-    format!(
-        "link in front of {end}: round trip {} µs, {:.1} MB/s each way, burst {}; to {}\n{}",
-        link.round_trip_us,
-        link.bandwidth_bytes_per_s as f64 / 1e6,
-        Bytes(link.burst_bytes),
-        validation.targets.join(", "),
-        validation.validation
-    )
 }
 
 #[cfg(test)]

@@ -18,10 +18,16 @@
 //!        │
 //!        ▼
 //!  report::Report                       the outcome as data (serializes to the JSON report)
+//!        │
+//!        ▼
+//!  summary::human                       the outcome as lines for people
 //! ```
 //!
 //! `clone` starts a clone served while it hydrates (kcopyd-clone's device) from the same
 //! addresses and plan, with its metadata file checked against the devices.
+//!
+//! `options` checks a command's options (page budget, NBD connections, timeouts and TLS,
+//! sparse copies) into these settings, with typed errors.
 //!
 //! Nothing here prints: the caller reports.
 #![forbid(unsafe_code)]
@@ -34,15 +40,18 @@ pub mod clone;
 pub mod error;
 pub mod map;
 pub mod open;
+pub mod options;
 pub mod plan;
 pub mod report;
 pub mod run;
 pub mod scratch;
+pub mod summary;
 pub mod tail;
 
 pub use address::{AddressError, Backend, DeviceAddress, SimDisk};
 pub use cancel::Cancel;
 pub use error::{DeviceProblem, PlanError, Role};
 pub use open::{CreatedHook, NbdSettings, Opened, OsFacts, Settings};
+pub use options::{OptionError, TlsOption};
 pub use plan::{CreatedFiles, Plan, ZeroPlan, plan_with_source, plan_zero};
 pub use tail::{Tail, TailError};

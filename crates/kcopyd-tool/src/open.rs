@@ -11,6 +11,7 @@
 //! Each [`Opened`] checks its own range ([`Opened::check_range`]) and overlap with another
 //! device through every name of the same storage ([`Opened::check_overlap`]).
 
+use std::fmt;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -20,7 +21,7 @@ use kcopyd_core::{BlockDevice, ClientConfig, Device, SECTOR_SIZE};
 use kcopyd_os::{DeviceKind, FileLocks, IoEngine, LockError, LockKind, OpenOptions, OsDevice, Storage};
 
 use crate::address::{Backend, DeviceAddress, SimDisk};
-use crate::error::{DeviceProblem, PlanError};
+use crate::error::{DeviceProblem, PlanError, Role};
 
 /// The engine's configuration and how to open devices.
 #[derive(Debug, Clone)]

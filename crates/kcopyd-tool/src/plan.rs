@@ -8,7 +8,6 @@
 //!  any failure: remove the files created here; nothing else was written
 //! ```
 
-use std::fmt;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};

@@ -176,6 +176,18 @@ pub enum CalibrateError {
 }
 
 impl CalibrationPlan {
+    /// The plan of a validation given no model (`kcopyd sim validate` without `--model`):
+    /// five I/O sizes from 4 KiB to 4 MiB, 1 to 32 requests in flight, 250 ms per point,
+    /// three rounds.
+    pub fn for_validation() -> CalibrationPlan {
+        CalibrationPlan {
+            io_sizes_bytes: vec![4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20],
+            queue_depths: vec![1, 4, 16, 32],
+            point_time: Duration::from_millis(250),
+            rounds: 3,
+        }
+    }
+
     /// Checks the plan's sizes, depths and time against the scratch range and the limits.
     ///
     /// # Errors

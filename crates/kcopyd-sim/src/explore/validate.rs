@@ -53,6 +53,54 @@ pub enum ConfigParseError {
     },
 }
 
+/// Configurations or rounds refused before any copy is made.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ConfigsError {
+    /// A configuration that does not read.
+    #[error("{text}: {problem}")]
+    Config {
+        /// The configuration as given.
+        text: String,
+        /// Why it does not read.
+        problem: ConfigParseError,
+    },
+    /// An empty list of configurations.
+    #[error("no configuration given")]
+    NoConfig,
+    /// Rounds outside 1 to [`RUNS_MAX`].
+    #[error("must be 1 to {RUNS_MAX}")]
+    Runs {
+        /// The rounds asked for.
+        runs: usize,
+    },
+}
+
+/// Reads each of `texts` as [`Config::parse`] does; at least one.
+///
+/// # Errors
+/// The first configuration that does not read, or none given.
+pub fn parse_configs(texts: &[String]) -> Result<Vec<Config>, ConfigsError> {
+    let configs: Vec<Config> = texts
+        .iter()
+        .map(|text| Config::parse(text).map_err(|problem| ConfigsError::Config { text: text.clone(), problem }))
+        .collect::<Result<_, _>>()?;
+    if configs.is_empty() {
+        return Err(ConfigsError::NoConfig);
+    }
+    Ok(configs)
+}
+
+/// Refuses rounds of real copies outside 1 to [`RUNS_MAX`].
+///
+/// # Errors
+/// [`ConfigsError::Runs`].
+pub fn check_runs(runs: usize) -> Result<(), ConfigsError> {
+    if !(1..=RUNS_MAX).contains(&runs) {
+        return Err(ConfigsError::Runs { runs });
+    }
+    Ok(())
+}
+
 /// One configuration: how the copy is cut and how many targets it writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Config {
@@ -169,6 +217,36 @@ pub struct LinkValidation {
     /// The copies: measured, predicted, error.
     #[serde(flatten)]
     pub validation: Validation,
+}
+
+impl std::fmt::Display for Config {
+    /// `1 MiB × 4 → 1`: sub-job size, sub-jobs in flight, targets.
+    fn fmt(&self, out: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let size = crate::units::Bytes(self.subjob_size_bytes);
+        write!(out, "{size} × {} → {}", self.subjobs_in_flight, self.targets)
+    }
+}
+
+impl std::fmt::Display for LinkValidation {
+    /// The table for people: the link and the targets, then the rows as [`Validation`] shows
+    /// them.
+    fn fmt(&self, out: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let link = self.setup.link;
+        let end = match self.setup.remote {
+            Remote::Source => "the source",
+            Remote::Target => "the target(s)",
+            Remote::Both => "both ends",
+        };
+        write!(
+            out,
+            "link in front of {end}: round trip {} µs, {:.1} MB/s each way, burst {}; to {}\n{}",
+            link.round_trip_us,
+            link.bandwidth_bytes_per_s as f64 / 1e6,
+            crate::units::Bytes(link.burst_bytes),
+            self.targets.join(", "),
+            self.validation
+        )
+    }
 }
 
 impl std::fmt::Display for Validation {
@@ -406,6 +484,20 @@ mod tests {
     }
 
     #[test]
+    fn a_list_of_configurations_names_the_first_bad_one_and_rounds_are_bounded() {
+        let texts = |list: &[&str]| list.iter().map(|text| text.to_string()).collect::<Vec<_>>();
+        assert_eq!(parse_configs(&texts(&["1Mx4x1", "64Kx8x3"])).unwrap().len(), 2);
+        assert_eq!(parse_configs(&[]), Err(ConfigsError::NoConfig));
+        let Err(ConfigsError::Config { text, problem }) = parse_configs(&texts(&["1Mx4x1", "1Mx4", "1Mx0x1"])) else {
+            panic!("the bad configuration is not named")
+        };
+        assert_eq!((text.as_str(), problem), ("1Mx4", ConfigParseError::Shape));
+        assert_eq!((check_runs(1), check_runs(RUNS_MAX)), (Ok(()), Ok(())));
+        assert_eq!(check_runs(0), Err(ConfigsError::Runs { runs: 0 }));
+        assert_eq!(check_runs(RUNS_MAX + 1), Err(ConfigsError::Runs { runs: RUNS_MAX + 1 }));
+    }
+
+    #[test]
     fn configurations_parse_and_refuse_what_is_out_of_bounds() {
         assert_eq!(
             Config::parse("256Kx8x3").unwrap(),
@@ -416,6 +508,23 @@ mod tests {
         assert!(matches!(Config::parse("1Qx4x1"), Err(ConfigParseError::Size(_))));
         assert!(matches!(Config::parse("1Mx0x1"), Err(ConfigParseError::Count { what: "sub-jobs in flight", .. })));
         assert!(matches!(Config::parse("1Mx4x9"), Err(ConfigParseError::Count { what: "targets", max: 8, .. })));
+    }
+
+    #[test]
+    fn the_link_table_names_the_link_and_the_targets_above_the_rows() {
+        let row = Row::new(Config::parse("1Mx4x2").unwrap(), vec![0.5], 0.5);
+        let validation = Validation::new("ssd".into(), "nbd://a/x".into(), 1 << 20, false, 1, vec![row]);
+        let link = LinkModel { round_trip_us: 5000, bandwidth_bytes_per_s: 50_000_000, burst_bytes: 512 << 10 };
+        let setup = LinkSetup { link, remote: Remote::Both };
+        let table = LinkValidation { setup, targets: vec!["t1".into(), "t2".into()], validation }.to_string();
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines[0],
+            "link in front of both ends: round trip 5000 µs, 50.0 MB/s each way, burst 512 KiB; to t1, t2"
+        );
+        assert_eq!(lines[1], "1 MiB of nbd://a/x per copy, median of 1 run(s); model: ssd");
+        assert!(lines[3].starts_with("1 MiB"), "{table}");
+        assert_eq!(Config::parse("256Kx8x3").unwrap().to_string(), "256 KiB × 8 → 3");
     }
 
     #[test]
