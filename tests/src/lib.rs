@@ -12,6 +12,7 @@ pub mod bad_nbd;
 pub mod conformance;
 pub mod fixtures;
 pub mod io_log;
+pub mod layers;
 pub mod nbd_servers;
 pub mod oracle;
 pub mod scenario;

@@ -14,23 +14,9 @@
 use std::io;
 use std::sync::atomic::Ordering;
 
-use crate::device::Inner;
-use crate::metadata::{self, Header, Layout};
+use crate::inner::Inner;
+use crate::metadata::{self, Header};
 use crate::status::Counters;
-
-/// The metadata device's state between commits.
-#[derive(Debug)]
-pub(crate) struct Store {
-    pub(crate) layout: Layout,
-    /// The slot holding the latest good commit.
-    pub(crate) current_slot: usize,
-    /// That commit's sequence number.
-    pub(crate) seq: u64,
-    /// The bitmap version it holds.
-    pub(crate) committed_version: u64,
-    /// Fields every header repeats.
-    pub(crate) template: Header,
-}
 
 impl Inner {
     /// Makes every write completed before the call durable, with the bits of every region

@@ -6,14 +6,14 @@
 //!  CloneDevice::create(devices, region size, options) ── checks ── format metadata ─┐
 //!  CloneDevice::open(devices, options) ── checks ── load the newest valid slot ───────┤
 //!                                                                                     ▼
-//!  CloneDevice (Arc<Inner>: devices, client, Regions, Store, counters) ─ BlockDevice ─► foreground.rs
+//!  CloneDevice (Arc<Inner> of inner.rs: devices, client, Regions, Store, counters) ─ BlockDevice ─► foreground.rs
 //!        └─ run_hydration() (hydration.rs): the background copy, driven by the embedder
 //! ```
 
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use kcopyd_core::{
     BlockDevice, Client, Device, DeviceId, Geometry, IoFuture, RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf,
@@ -22,10 +22,10 @@ use kcopyd_core::{
 use tokio::sync::Notify;
 
 use crate::CloneOptions;
-use crate::commit::Store;
 use crate::config::check_region_size;
 use crate::error::CloneError;
 use crate::foreground::Modify;
+use crate::inner::{Inner, Store};
 use crate::metadata::{self, Header, Layout};
 use crate::regions::Regions;
 use crate::status::{CloneStats, CloneStatus, Counters};
@@ -42,45 +42,6 @@ pub struct CloneDevices {
     pub destination: Device,
     /// Where the bitmap of hydrated regions is committed (see docs/CLONE.md for its size).
     pub metadata: Device,
-}
-
-/// What every handle of a clone shares.
-pub(crate) struct Inner {
-    pub(crate) name: String,
-    pub(crate) id: DeviceId,
-    pub(crate) geometry: Geometry,
-    pub(crate) source: Device,
-    pub(crate) destination: Device,
-    pub(crate) metadata: Device,
-    pub(crate) client: Client,
-    regions: Mutex<Regions>,
-    /// Woken on every change of a region, of the foreground count, of the options, at stop.
-    pub(crate) changed: Notify,
-    pub(crate) store: tokio::sync::Mutex<Store>,
-    pub(crate) commits_begun: AtomicU64,
-    /// The index of the latest commit that succeeded.
-    pub(crate) commits_done: AtomicU64,
-    /// The sequence number of the latest good commit (the store's, readable without its lock).
-    pub(crate) commit_seq: AtomicU64,
-    /// The bitmap version of the latest good commit (the store's, readable without its lock).
-    pub(crate) committed_version: AtomicU64,
-    /// Where the slots are on the metadata device.
-    layout: Layout,
-    pub(crate) foreground: AtomicU64,
-    options: Mutex<CloneOptions>,
-    pub(crate) stop: AtomicBool,
-    pub(crate) counters: Counters,
-}
-
-impl Inner {
-    pub(crate) fn regions(&self) -> MutexGuard<'_, Regions> {
-        // Every update leaves the state consistent before it could panic.
-        self.regions.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub(crate) fn options(&self) -> CloneOptions {
-        *self.options.lock().unwrap_or_else(PoisonError::into_inner)
-    }
 }
 
 /// A block device over a read-only source that hydrates itself onto a destination, as

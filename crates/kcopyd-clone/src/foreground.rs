@@ -20,8 +20,8 @@ use std::sync::atomic::Ordering;
 
 use kcopyd_core::{RangeSet, ReadBuf, SECTOR_SIZE, WriteBuf};
 
-use crate::device::Inner;
 use crate::error::{HydrationError, RequestError};
+use crate::inner::Inner;
 use crate::regions::Claim;
 use crate::status::Counters;
 

@@ -22,7 +22,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::CloneDevice;
-use crate::device::Inner;
+use crate::inner::Inner;
 use crate::status::Counters;
 
 /// Why [`CloneDevice::run_hydration`] returned.

@@ -57,6 +57,7 @@ mod error;
 pub mod explore;
 mod foreground;
 mod hydration;
+mod inner;
 mod metadata;
 mod regions;
 mod status;

@@ -14,29 +14,28 @@
 //!  every later request.
 //! ```
 //!
-//! Replies are read and checked in [`reply`](crate::reply).
+//! Replies are read and checked, and the state the reader and the writer share (requests in
+//! flight, the loss) is kept, in [`reply`](crate::reply), below this file.
 //!
-//! A [`Pending`] completes exactly once: by its reply, or, if it is dropped first (the
+//! A [`Pending`](crate::reply::Pending) completes exactly once: by its reply, or, if it is dropped first (the
 //! connection lost, the reader cancelled while filling it), by `Drop` with the loss.
 //!
 //! The reactor exists because the engine polls devices' futures only while it has work of
 //! its own: a connection's reader must run whether or not anybody is polling, or the
 //! server's replies would stall behind an idle caller.
 
-use std::collections::HashMap;
 use std::io::{self, IoSlice};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use kcopyd_core::{ReadBuf, WriteBuf};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::mpsc;
 
 use crate::error::ConnectError;
 use crate::handshake::{ExportInfo, greet, handshake, start_tls};
 use crate::proto::*;
 use crate::reactor::Reactor;
-use crate::reply::{Loss, Pending, lost_error, read_replies};
+use crate::reply::{Completion, Loss, Reader, Request, Shared, lost_error, read_replies};
 use crate::tls::{CLOSED_AFTER_TLS_HANDSHAKE, TlsClient};
 use crate::tls_stream::TlsStream;
 use crate::uri::Address;
@@ -53,122 +52,7 @@ const HANDSHAKE_BUFFER_BYTES: usize = 4096;
 /// quarter of each 1 MiB reply through that extra copy).
 const READ_BUFFER_BYTES: usize = 16 * 1024;
 
-pub(crate) type Reader = BufReader<Box<dyn AsyncRead + Unpin + Send>>;
 type Writer = Box<dyn AsyncWrite + Unpin + Send>;
-
-/// One request, as the device hands it to the connection.
-#[derive(Debug)]
-pub(crate) struct Request {
-    /// `NBD_CMD_*`.
-    pub command: u16,
-    /// `NBD_CMD_FLAG_*`.
-    pub flags: u16,
-    /// First byte.
-    pub offset_bytes: u64,
-    /// Bytes (the payload's length for writes).
-    pub len_bytes: u32,
-    /// The data of a write.
-    pub payload: Option<WriteBuf>,
-    /// The buffer a read fills (its window).
-    pub buf: Option<ReadBuf>,
-    /// Where the completion goes.
-    pub reply: oneshot::Sender<Completion>,
-}
-
-/// How a request ended.
-#[derive(Debug)]
-pub(crate) struct Completion {
-    /// A read's buffer, back.
-    pub buf: Option<ReadBuf>,
-    /// The outcome; errors hold a [`RequestError`].
-    pub result: io::Result<()>,
-    /// `base:allocation` descriptors of a block-status request: (length in bytes, flags).
-    pub extents: Vec<(u32, u32)>,
-}
-
-/// What the writer, the reader and the watchdog share.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    server: Arc<str>,
-    /// What the handshake agreed: replies are checked against it.
-    pub info: ExportInfo,
-    state: Mutex<State>,
-    /// Why the connection ended (the first reason sticks); every request reads it.
-    loss: Arc<OnceLock<Loss>>,
-    /// Turns true when the connection is lost: cancels the reader, the writer, the watchdog.
-    lost_tx: watch::Sender<bool>,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    inflight: HashMap<u64, Pending>,
-    /// The request whose reply is being read (out of `inflight` meanwhile): when it was sent
-    /// and what it is (command, offset, length), for the watchdog.
-    reading: Option<(Instant, (u16, u64, u32))>,
-}
-
-impl Shared {
-    fn new(server: Arc<str>, info: ExportInfo) -> Shared {
-        let (lost_tx, _) = watch::channel(false);
-        Shared { server, info, state: Mutex::new(State::default()), loss: Arc::new(OnceLock::new()), lost_tx }
-    }
-
-    /// `request` as a request in flight (its data, if any, stays with the writer).
-    fn pending(&self, request: Request) -> Pending {
-        let Request { command, offset_bytes, len_bytes, buf, reply, .. } = request;
-        Pending::new((command, offset_bytes, len_bytes), buf, reply, self.server.clone(), self.loss.clone())
-    }
-
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock leaves a consistent map: take it over.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn is_lost(&self) -> bool {
-        self.loss.get().is_some()
-    }
-
-    /// Marks the connection lost (the first reason sticks) and fails every request in flight.
-    fn lose(&self, loss: Loss) {
-        let _ = self.loss.set(loss);
-        let drained = std::mem::take(&mut self.lock().inflight);
-        self.lost_tx.send_replace(true);
-        // Each reports the loss from its `Drop`, outside the lock.
-        drop(drained);
-    }
-
-    /// The request `cookie` answers, out of the requests in flight.
-    pub(crate) fn take(&self, cookie: u64) -> Option<Pending> {
-        self.lock().inflight.remove(&cookie)
-    }
-
-    /// Puts back a request whose reply goes on.
-    pub(crate) fn put_back(&self, cookie: u64, pending: Pending) {
-        let previous = self.lock().inflight.insert(cookie, pending);
-        assert!(previous.is_none(), "cookie {cookie} was put back while in flight");
-    }
-
-    /// Notes the request whose reply is being read, or that none is.
-    pub(crate) fn reading(&self, pending: Option<&Pending>) {
-        self.lock().reading = pending.map(|p| (p.sent_at, (p.command, p.offset_bytes, p.len_bytes)));
-    }
-
-    /// The oldest request without a reply after `timeout`, described.
-    fn overdue(&self, timeout: Duration) -> Option<String> {
-        let state = self.lock();
-        let waiting = state.inflight.values().map(|p| (p.sent_at, (p.command, p.offset_bytes, p.len_bytes)));
-        let (sent_at, (command, offset_bytes, len_bytes)) =
-            waiting.chain(state.reading).min_by_key(|(sent_at, _)| *sent_at)?;
-        (sent_at.elapsed() >= timeout).then(|| {
-            format!(
-                "no reply to {} of bytes {offset_bytes}..{} within {} ms (--io-timeout): the server stalled",
-                command_name(command),
-                offset_bytes + u64::from(len_bytes),
-                timeout.as_millis()
-            )
-        })
-    }
-}
 
 /// The caller's side of a connection: where requests go.
 #[derive(Debug)]

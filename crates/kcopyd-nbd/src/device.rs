@@ -14,13 +14,15 @@ use kcopyd_core::{
 };
 use tokio::sync::oneshot;
 
-use crate::connection::{Completion, Connection, Request};
+use crate::connection::Connection;
 use crate::error::{ConnectError, Refusal, RequestError};
 use crate::handshake::ExportInfo;
 use crate::proto::*;
 use crate::reactor::Reactor;
-use crate::tls::{TlsClient, TlsOptions};
+use crate::reply::{Completion, Request};
+use crate::tls::TlsClient;
 use crate::uri::NbdUri;
+use crate::uri::TlsOptions;
 
 /// Connections opened to a server that allows several (`NBD_FLAG_CAN_MULTI_CONN`) when none
 /// is asked for: 4, as nbdcopy opens.

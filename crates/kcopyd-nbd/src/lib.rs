@@ -65,7 +65,5 @@ pub use server::{
     PAYLOAD_BYTES_IN_FLIGHT_DEFAULT, REQUESTS_IN_FLIGHT_DEFAULT, SERVER_CONNECTIONS_DEFAULT, ServeError, ServerOptions,
     ServerStats,
 };
-pub use tls::{
-    CA_CERT_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE, SYSTEM_CA_BUNDLES, TlsError, TlsOptions, UNIX_SOCKET_HOSTNAME,
-};
-pub use uri::{Address, NbdUri, UriError};
+pub use tls::{CA_CERT_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE, SYSTEM_CA_BUNDLES, TlsError, UNIX_SOCKET_HOSTNAME};
+pub use uri::{Address, NbdUri, TlsOptions, UriError};

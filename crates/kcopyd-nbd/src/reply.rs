@@ -20,19 +20,27 @@
 //! A read is complete only when its chunks covered each of its bytes exactly once: chunk
 //! lengths that merely add up to the request (the first half sent twice, the second never)
 //! are refused, so a copy never takes a buffer's stale bytes for data the server sent.
+//!
+//! The state the connection's writer, reader and watchdog share lives here too, below
+//! `connection.rs`, which drives it:
+//!
+//! ```text
+//!  Request ─► Shared::pending ─► Pending in Shared's `inflight` (by cookie) ─► Completion
+//!             Shared::lose(Loss): drains `inflight`, each Pending completes with the loss
+//! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::ops::Range;
-use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
-use kcopyd_core::ReadBuf;
-use tokio::io::AsyncReadExt;
-use tokio::sync::oneshot;
+use kcopyd_core::{ReadBuf, WriteBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
+use tokio::sync::{oneshot, watch};
 
-use crate::connection::{Completion, Reader, Shared};
 use crate::error::RequestError;
+use crate::handshake::ExportInfo;
 use crate::proto::*;
 
 /// Most chunks in one structured reply: a read of 32 MiB in 512-byte pieces alternating data
@@ -44,6 +52,123 @@ pub(crate) const REPLY_CHUNKS_MAX: u32 = 1 << 17;
 pub(crate) const REPLY_OVERHEAD_BYTES_MAX: u64 = 2 * CHUNK_BYTES_MAX as u64;
 /// Bytes of a structured reply chunk's header.
 const CHUNK_HEADER_BYTES: u64 = 20;
+
+/// The socket's reading half, buffered.
+pub(crate) type Reader = BufReader<Box<dyn AsyncRead + Unpin + Send>>;
+
+/// One request, as the device hands it to the connection.
+#[derive(Debug)]
+pub(crate) struct Request {
+    /// `NBD_CMD_*`.
+    pub command: u16,
+    /// `NBD_CMD_FLAG_*`.
+    pub flags: u16,
+    /// First byte.
+    pub offset_bytes: u64,
+    /// Bytes (the payload's length for writes).
+    pub len_bytes: u32,
+    /// The data of a write.
+    pub payload: Option<WriteBuf>,
+    /// The buffer a read fills (its window).
+    pub buf: Option<ReadBuf>,
+    /// Where the completion goes.
+    pub reply: oneshot::Sender<Completion>,
+}
+
+/// How a request ended.
+#[derive(Debug)]
+pub(crate) struct Completion {
+    /// A read's buffer, back.
+    pub buf: Option<ReadBuf>,
+    /// The outcome; errors hold a [`RequestError`].
+    pub result: io::Result<()>,
+    /// `base:allocation` descriptors of a block-status request: (length in bytes, flags).
+    pub extents: Vec<(u32, u32)>,
+}
+
+/// What the writer, the reader and the watchdog share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    server: Arc<str>,
+    /// What the handshake agreed: replies are checked against it.
+    pub info: ExportInfo,
+    state: Mutex<State>,
+    /// Why the connection ended (the first reason sticks); every request reads it.
+    loss: Arc<OnceLock<Loss>>,
+    /// Turns true when the connection is lost: cancels the reader, the writer, the watchdog.
+    pub(crate) lost_tx: watch::Sender<bool>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    pub(crate) inflight: HashMap<u64, Pending>,
+    /// The request whose reply is being read (out of `inflight` meanwhile): when it was sent
+    /// and what it is (command, offset, length), for the watchdog.
+    reading: Option<(Instant, (u16, u64, u32))>,
+}
+
+impl Shared {
+    pub(crate) fn new(server: Arc<str>, info: ExportInfo) -> Shared {
+        let (lost_tx, _) = watch::channel(false);
+        Shared { server, info, state: Mutex::new(State::default()), loss: Arc::new(OnceLock::new()), lost_tx }
+    }
+
+    /// `request` as a request in flight (its data, if any, stays with the writer).
+    pub(crate) fn pending(&self, request: Request) -> Pending {
+        let Request { command, offset_bytes, len_bytes, buf, reply, .. } = request;
+        Pending::new((command, offset_bytes, len_bytes), buf, reply, self.server.clone(), self.loss.clone())
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves a consistent map: take it over.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn is_lost(&self) -> bool {
+        self.loss.get().is_some()
+    }
+
+    /// Marks the connection lost (the first reason sticks) and fails every request in flight.
+    pub(crate) fn lose(&self, loss: Loss) {
+        let _ = self.loss.set(loss);
+        let drained = std::mem::take(&mut self.lock().inflight);
+        self.lost_tx.send_replace(true);
+        // Each reports the loss from its `Drop`, outside the lock.
+        drop(drained);
+    }
+
+    /// The request `cookie` answers, out of the requests in flight.
+    pub(crate) fn take(&self, cookie: u64) -> Option<Pending> {
+        self.lock().inflight.remove(&cookie)
+    }
+
+    /// Puts back a request whose reply goes on.
+    pub(crate) fn put_back(&self, cookie: u64, pending: Pending) {
+        let previous = self.lock().inflight.insert(cookie, pending);
+        assert!(previous.is_none(), "cookie {cookie} was put back while in flight");
+    }
+
+    /// Notes the request whose reply is being read, or that none is.
+    pub(crate) fn reading(&self, pending: Option<&Pending>) {
+        self.lock().reading = pending.map(|p| (p.sent_at, (p.command, p.offset_bytes, p.len_bytes)));
+    }
+
+    /// The oldest request without a reply after `timeout`, described.
+    pub(crate) fn overdue(&self, timeout: Duration) -> Option<String> {
+        let state = self.lock();
+        let waiting = state.inflight.values().map(|p| (p.sent_at, (p.command, p.offset_bytes, p.len_bytes)));
+        let (sent_at, (command, offset_bytes, len_bytes)) =
+            waiting.chain(state.reading).min_by_key(|(sent_at, _)| *sent_at)?;
+        (sent_at.elapsed() >= timeout).then(|| {
+            format!(
+                "no reply to {} of bytes {offset_bytes}..{} within {} ms (--io-timeout): the server stalled",
+                command_name(command),
+                offset_bytes + u64::from(len_bytes),
+                timeout.as_millis()
+            )
+        })
+    }
+}
 
 /// Why a connection ended, as every request still in flight on it reports it.
 #[derive(Debug, Clone)]

@@ -29,7 +29,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use thiserror::Error;
 
-use crate::uri::Address;
+use crate::uri::{Address, TlsOptions};
 
 /// The trust roots in a `tls-certificates` directory (libnbd's and nbdkit's name).
 pub const CA_CERT_FILE: &str = "ca-cert.pem";
@@ -49,45 +49,6 @@ pub const SYSTEM_CA_BUNDLES: [&str; 4] = [
     "/etc/ssl/ca-bundle.pem",
     "/etc/ssl/cert.pem",
 ];
-
-/// How an `nbds://` connection is secured: libnbd's URI parameters, each `None` when not
-/// given. In [`ConnectOptions::tls`](crate::ConnectOptions::tls) they are the defaults for
-/// every TLS URI; the URI's own parameters win.
-///
-/// ```
-/// use kcopyd_nbd::TlsOptions;
-/// let uri = TlsOptions { verify_peer: Some(false), ..TlsOptions::default() };
-/// let defaults = TlsOptions { certificates: Some("/etc/pki/nbd".into()), verify_peer: Some(true), hostname: None };
-/// let merged = uri.or(&defaults);
-/// assert_eq!((merged.certificates.unwrap().to_str(), merged.verify_peer), (Some("/etc/pki/nbd"), Some(false)));
-/// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
-pub struct TlsOptions {
-    /// `tls-certificates=DIR`: the directory holding [`CA_CERT_FILE`] and optionally
-    /// [`CLIENT_CERT_FILE`] with [`CLIENT_KEY_FILE`]. `None`: the system's trust roots.
-    pub certificates: Option<PathBuf>,
-    /// `tls-verify-peer`: whether the server's certificate is verified (`None`: yes).
-    pub verify_peer: Option<bool>,
-    /// `tls-hostname`: the name the server's certificate must hold (`None`: the URI's host,
-    /// [`UNIX_SOCKET_HOSTNAME`] for a unix socket).
-    pub hostname: Option<String>,
-}
-
-impl TlsOptions {
-    /// Each parameter of `self`, or else of `defaults`.
-    pub fn or(self, defaults: &TlsOptions) -> TlsOptions {
-        TlsOptions {
-            certificates: self.certificates.or_else(|| defaults.certificates.clone()),
-            verify_peer: self.verify_peer.or(defaults.verify_peer),
-            hostname: self.hostname.or_else(|| defaults.hostname.clone()),
-        }
-    }
-
-    /// Whether the server's certificate is verified (the default).
-    pub fn verifies_peer(&self) -> bool {
-        self.verify_peer.unwrap_or(true)
-    }
-}
 
 /// Why the TLS configuration could not be built (nothing was sent to the server).
 #[derive(Debug, Error)]

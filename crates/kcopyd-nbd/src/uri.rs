@@ -13,6 +13,9 @@
 //! or `nbd://host/`) names the server's default export. The `tls-*` query parameters are
 //! libnbd's; they belong to the TLS schemes only (on `nbd://` they would suggest an encryption
 //! that does not happen, so they are refused there).
+//!
+//! The parameters themselves are [`TlsOptions`], plain data kept here, below `tls.rs`, which
+//! builds the rustls configuration from them.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -20,7 +23,45 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 use crate::proto::NBD_DEFAULT_PORT;
-use crate::tls::TlsOptions;
+
+/// How an `nbds://` connection is secured: libnbd's URI parameters, each `None` when not
+/// given. In [`ConnectOptions::tls`](crate::ConnectOptions::tls) they are the defaults for
+/// every TLS URI; the URI's own parameters win.
+///
+/// ```
+/// use kcopyd_nbd::TlsOptions;
+/// let uri = TlsOptions { verify_peer: Some(false), ..TlsOptions::default() };
+/// let defaults = TlsOptions { certificates: Some("/etc/pki/nbd".into()), verify_peer: Some(true), hostname: None };
+/// let merged = uri.or(&defaults);
+/// assert_eq!((merged.certificates.unwrap().to_str(), merged.verify_peer), (Some("/etc/pki/nbd"), Some(false)));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct TlsOptions {
+    /// `tls-certificates=DIR`: the directory holding [`CA_CERT_FILE`](crate::CA_CERT_FILE) and optionally
+    /// [`CLIENT_CERT_FILE`](crate::CLIENT_CERT_FILE) with [`CLIENT_KEY_FILE`](crate::CLIENT_KEY_FILE). `None`: the system's trust roots.
+    pub certificates: Option<PathBuf>,
+    /// `tls-verify-peer`: whether the server's certificate is verified (`None`: yes).
+    pub verify_peer: Option<bool>,
+    /// `tls-hostname`: the name the server's certificate must hold (`None`: the URI's host,
+    /// [`UNIX_SOCKET_HOSTNAME`](crate::UNIX_SOCKET_HOSTNAME) for a unix socket).
+    pub hostname: Option<String>,
+}
+
+impl TlsOptions {
+    /// Each parameter of `self`, or else of `defaults`.
+    pub fn or(self, defaults: &TlsOptions) -> TlsOptions {
+        TlsOptions {
+            certificates: self.certificates.or_else(|| defaults.certificates.clone()),
+            verify_peer: self.verify_peer.or(defaults.verify_peer),
+            hostname: self.hostname.or_else(|| defaults.hostname.clone()),
+        }
+    }
+
+    /// Whether the server's certificate is verified (the default).
+    pub fn verifies_peer(&self) -> bool {
+        self.verify_peer.unwrap_or(true)
+    }
+}
 
 /// Where the server listens.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
