@@ -185,7 +185,7 @@ pub async fn run(args: &CalibrateArgs, interrupts: &mut Interrupts) -> Result<St
     })));
     explore::calibrate::check_point_time(Duration::from_micros(args.point_time_us)).map_err(plan_error)?;
     if let Some(out) = &args.out {
-        crate::out::check_output_file(out, "--out")?;
+        crate::progress::check_output_file(out, "--out")?;
     }
     let plan = CalibrationPlan {
         io_sizes_bytes: args.io_sizes_bytes.clone(),

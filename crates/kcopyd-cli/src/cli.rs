@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::size;
-use kcopyd_tool::DeviceAddress;
+use kcopyd_tool::{AddressError, DeviceAddress};
 
 /// Bytes per sub-job by default: one read of the source and one write per target. The
 /// library's [`kcopyd_core::SUBJOB_SIZE_DEFAULT_BYTES`], written for `--help`.
@@ -122,8 +122,8 @@ pub enum Command {
     #[command(after_help = DEMO_EXAMPLES)]
     Demo(DemoArgs),
     /// Serve DEST over NBD as a clone of SOURCE, usable at once, while it hydrates.
-    #[command(after_help = crate::clone::CLONE_EXAMPLES)]
-    Clone(crate::clone::CloneArgs),
+    #[command(after_help = CLONE_EXAMPLES)]
+    Clone(CloneArgs),
     /// Look at a copy map (`copy --map FILE`).
     #[command(subcommand)]
     Map(MapCommand),
@@ -280,10 +280,10 @@ pub enum RemoteArg {
 #[derive(Debug, Clone, Args)]
 pub struct ValidateLinkArgs {
     /// The device to copy from (read only), e.g. nbd+unix:///?socket=/tmp/source.sock.
-    #[arg(value_name = "SOURCE", value_parser = crate::devices::parse_device)]
+    #[arg(value_name = "SOURCE", value_parser = parse_device)]
     pub source: DeviceAddress,
     /// The devices to copy to, as many as the configurations' targets (see above).
-    #[arg(value_name = "TARGET", required = true, value_parser = crate::devices::parse_device)]
+    #[arg(value_name = "TARGET", required = true, value_parser = parse_device)]
     pub targets: Vec<DeviceAddress>,
     /// The link's round trip: the time every request waits besides its bytes (nbdkit's
     /// delay-read / delay-write), e.g. 5ms.
@@ -438,10 +438,10 @@ pub struct OutputArgs {
 #[derive(Debug, Clone, Args)]
 pub struct CopyArgs {
     /// The device to copy from (opened read-only).
-    #[arg(value_name = "SOURCE", value_parser = crate::devices::parse_device)]
+    #[arg(value_name = "SOURCE", value_parser = parse_device)]
     pub source: DeviceAddress,
     /// The devices to copy to, 1 to 128. A missing file is created with the length it needs.
-    #[arg(value_name = "TARGET", required = true, value_parser = crate::devices::parse_device)]
+    #[arg(value_name = "TARGET", required = true, value_parser = parse_device)]
     pub targets: Vec<DeviceAddress>,
     /// Bytes to copy [default: from the source offset to the end of the source].
     #[arg(long = "length", short, value_name = "LEN", value_parser = size::parse_size, allow_negative_numbers = true)]
@@ -526,7 +526,7 @@ pub struct CopyArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ZeroArgs {
     /// The devices to zero, 1 to 128 (they must exist).
-    #[arg(value_name = "TARGET", required = true, value_parser = crate::devices::parse_device)]
+    #[arg(value_name = "TARGET", required = true, value_parser = parse_device)]
     pub targets: Vec<DeviceAddress>,
     /// Bytes to zero [default: from the offset to the end; then every target must have the
     /// same length from its offset].
@@ -553,10 +553,10 @@ pub struct ZeroArgs {
 #[derive(Debug, Clone, Args)]
 pub struct VerifyArgs {
     /// The reference device.
-    #[arg(value_name = "SOURCE", value_parser = crate::devices::parse_device)]
+    #[arg(value_name = "SOURCE", value_parser = parse_device)]
     pub source: DeviceAddress,
     /// The devices to compare with it, 1 to 128.
-    #[arg(value_name = "TARGET", required = true, value_parser = crate::devices::parse_device)]
+    #[arg(value_name = "TARGET", required = true, value_parser = parse_device)]
     pub targets: Vec<DeviceAddress>,
     /// Bytes to compare [default: from the source offset to the end of the source].
     #[arg(long = "length", short, value_name = "LEN", value_parser = size::parse_size, allow_negative_numbers = true)]
@@ -648,4 +648,72 @@ mod tests {
         assert_eq!(SUBJOBS_IN_FLIGHT_DEFAULT, library.subjobs_in_flight);
         assert_eq!(size::parse_size(MEMORY_DEFAULT).unwrap(), library.page_budget_bytes() as u64);
     }
+}
+
+/// Reads a device argument (clap's value parser): `sim:` options by [`kcopyd_sim::spec::SimSpec`].
+///
+/// # Errors
+/// A malformed argument, named.
+pub fn parse_device(text: &str) -> Result<DeviceAddress, AddressError> {
+    DeviceAddress::parse(text, &kcopyd_tool::address::parse_sim_spec)
+}
+
+/// Regions hydrated at once by default (4 MiB in flight at the default region size).
+pub const HYDRATION_THRESHOLD_DEFAULT: u32 = 64;
+/// Contiguous regions per copy job by default (1 MiB jobs at the default region size).
+pub const HYDRATION_BATCH_SIZE_DEFAULT: u32 = 16;
+
+/// Examples shown under `kcopyd clone --help`.
+pub const CLONE_EXAMPLES: &str = "\
+Examples:
+  kcopyd clone nbd://backup-host/disk clone.img --metadata clone.meta --serve nbd+unix:///?socket=/run/clone.sock
+      Serve clone.img at once over a unix socket while it fills from the remote export.
+  kcopyd clone disk.img clone.img --metadata clone.meta --serve nbd://127.0.0.1:10809 --throttle-rate 50M
+      The same on loopback TCP, hydrating at most 50 MB/s.
+
+Run the same command again after a stop or a crash: it resumes from FILE.";
+
+/// `kcopyd clone`.
+#[derive(Debug, Clone, Args)]
+pub struct CloneArgs {
+    /// The device to clone (only ever read).
+    #[arg(value_name = "SOURCE", value_parser = parse_device)]
+    pub source: DeviceAddress,
+    /// The destination: a missing file is created with SOURCE's length.
+    #[arg(value_name = "DEST", value_parser = parse_device)]
+    pub destination: DeviceAddress,
+    /// The metadata file: created if missing; after a stop or a crash the same FILE resumes
+    /// the clone. It records which SOURCE and DEST it is for and is refused for others.
+    #[arg(long, value_name = "FILE")]
+    pub metadata: PathBuf,
+    /// Where to serve the clone: `nbd+unix:///[EXPORT]?socket=PATH` or
+    /// `nbd://127.0.0.1:PORT[/EXPORT]` (loopback only: NBD has no authentication here).
+    #[arg(long, value_name = "URI")]
+    pub serve: String,
+    /// Region size (a power of two, 4K to 1G) of a new clone [default: 64K]; a resumed clone
+    /// keeps its own, and a different one given is refused.
+    #[arg(long = "region-size", value_name = "SIZE", value_parser = size::parse_size)]
+    pub region_size_bytes: Option<u64>,
+    /// Regions hydrated at once.
+    #[arg(long, value_name = "COUNT", default_value_t = HYDRATION_THRESHOLD_DEFAULT)]
+    pub hydration_threshold: u32,
+    /// Contiguous regions copied by one job.
+    #[arg(long, value_name = "COUNT", default_value_t = HYDRATION_BATCH_SIZE_DEFAULT)]
+    pub hydration_batch_size: u32,
+    /// Background commits of the metadata at least this often while regions hydrate (a crash
+    /// copies again what hydrated since the last commit); a flush from a client commits too.
+    #[arg(long = "commit-interval", value_name = "DURATION", default_value = "1s", value_parser = size::parse_duration_us)]
+    pub commit_interval_us: u64,
+    /// Exit (status 0) once hydration is complete, instead of serving until a signal.
+    #[arg(long)]
+    pub exit_when_hydrated: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Engine options (the hydration's copies).
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Throttle of the hydration.
+    #[command(flatten)]
+    pub throttle: ThrottleArgs,
 }

@@ -16,83 +16,20 @@
 //! 143 (SIGTERM) after a clean stop; 1 if the final flush failed, or with
 //! `--exit-when-hydrated` if regions were given up on; 2 for bad usage (nothing written).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kcopyd_clone::{CloneDevice, CloneOptions, HydrationEnd};
 use kcopyd_core::{BlockDevice, Client, Device};
 use kcopyd_nbd::{NbdServer, ServerOptions};
 
-use crate::cli::{EngineArgs, ThrottleArgs};
+use crate::cli::CloneArgs;
 use crate::devices;
 use crate::error::{CliError, Status};
+use crate::out;
 use crate::progress::{self, Interrupts, SignalPhase};
-use crate::{out, size};
-use kcopyd_tool::DeviceAddress;
 use kcopyd_tool::clone::{self, CloneRequest, CloneSetupError, MetadataError};
-
-/// Regions hydrated at once by default (4 MiB in flight at the default region size).
-pub const HYDRATION_THRESHOLD_DEFAULT: u32 = 64;
-/// Contiguous regions per copy job by default (1 MiB jobs at the default region size).
-pub const HYDRATION_BATCH_SIZE_DEFAULT: u32 = 16;
-
-/// Examples shown under `kcopyd clone --help`.
-pub const CLONE_EXAMPLES: &str = "\
-Examples:
-  kcopyd clone nbd://backup-host/disk clone.img --metadata clone.meta --serve nbd+unix:///?socket=/run/clone.sock
-      Serve clone.img at once over a unix socket while it fills from the remote export.
-  kcopyd clone disk.img clone.img --metadata clone.meta --serve nbd://127.0.0.1:10809 --throttle-rate 50M
-      The same on loopback TCP, hydrating at most 50 MB/s.
-
-Run the same command again after a stop or a crash: it resumes from FILE.";
-
-/// `kcopyd clone`.
-#[derive(Debug, Clone, Args)]
-pub struct CloneArgs {
-    /// The device to clone (only ever read).
-    #[arg(value_name = "SOURCE", value_parser = devices::parse_device)]
-    pub source: DeviceAddress,
-    /// The destination: a missing file is created with SOURCE's length.
-    #[arg(value_name = "DEST", value_parser = devices::parse_device)]
-    pub destination: DeviceAddress,
-    /// The metadata file: created if missing; after a stop or a crash the same FILE resumes
-    /// the clone. It records which SOURCE and DEST it is for and is refused for others.
-    #[arg(long, value_name = "FILE")]
-    pub metadata: PathBuf,
-    /// Where to serve the clone: `nbd+unix:///[EXPORT]?socket=PATH` or
-    /// `nbd://127.0.0.1:PORT[/EXPORT]` (loopback only: NBD has no authentication here).
-    #[arg(long, value_name = "URI")]
-    pub serve: String,
-    /// Region size (a power of two, 4K to 1G) of a new clone [default: 64K]; a resumed clone
-    /// keeps its own, and a different one given is refused.
-    #[arg(long = "region-size", value_name = "SIZE", value_parser = size::parse_size)]
-    pub region_size_bytes: Option<u64>,
-    /// Regions hydrated at once.
-    #[arg(long, value_name = "COUNT", default_value_t = HYDRATION_THRESHOLD_DEFAULT)]
-    pub hydration_threshold: u32,
-    /// Contiguous regions copied by one job.
-    #[arg(long, value_name = "COUNT", default_value_t = HYDRATION_BATCH_SIZE_DEFAULT)]
-    pub hydration_batch_size: u32,
-    /// Background commits of the metadata at least this often while regions hydrate (a crash
-    /// copies again what hydrated since the last commit); a flush from a client commits too.
-    #[arg(long = "commit-interval", value_name = "DURATION", default_value = "1s", value_parser = size::parse_duration_us)]
-    pub commit_interval_us: u64,
-    /// Exit (status 0) once hydration is complete, instead of serving until a signal.
-    #[arg(long)]
-    pub exit_when_hydrated: bool,
-    /// No progress bar.
-    #[arg(long, short)]
-    pub quiet: bool,
-    /// Engine options (the hydration's copies).
-    #[command(flatten)]
-    pub engine: EngineArgs,
-    /// Throttle of the hydration.
-    #[command(flatten)]
-    pub throttle: ThrottleArgs,
-}
 
 /// Runs `kcopyd clone`.
 ///

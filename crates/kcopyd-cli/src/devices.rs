@@ -15,22 +15,12 @@ use kcopyd_core::ClientConfig;
 use kcopyd_nbd::TlsOptions;
 use kcopyd_os::{IoEngine, QUEUE_DEPTH_MAX};
 use kcopyd_tool::options::{self, NBD_SUBJOBS_IN_FLIGHT_DEFAULT};
-use kcopyd_tool::{
-    AddressError, Backend, CreatedHook, DeviceAddress, OptionError, Plan, PlanError, Settings, ZeroPlan,
-};
+use kcopyd_tool::{Backend, CreatedHook, DeviceAddress, OptionError, Plan, PlanError, Settings, ZeroPlan};
 use kcopyd_tool::{TlsOption, plan_with_source, plan_zero};
 
 use crate::cli::{EngineArgs, IoEngineArg, SUBJOBS_IN_FLIGHT_DEFAULT, ThrottleArgs};
 use crate::error::{CliError, open_reason};
 use crate::{out, progress};
-
-/// Reads a device argument (clap's value parser): `sim:` options by [`kcopyd_sim::spec::SimSpec`].
-///
-/// # Errors
-/// A malformed argument, named.
-pub fn parse_device(text: &str) -> Result<DeviceAddress, AddressError> {
-    DeviceAddress::parse(text, &kcopyd_tool::address::parse_sim_spec)
-}
 
 /// The Ctrl-C handler's list of files to remove when the command quits at once.
 #[derive(Debug)]

@@ -166,11 +166,20 @@ pub enum CliError {
     },
 }
 
-impl From<crate::out::StdoutError> for CliError {
-    fn from(error: crate::out::StdoutError) -> CliError {
+/// Why standard output could not be written.
+#[derive(Debug)]
+pub enum StdoutError {
+    /// Its reader closed the pipe (`| head -1`): the command stops quietly, exit 141.
+    Closed,
+    /// Any other failure (a full disk behind a redirection).
+    Failed(io::Error),
+}
+
+impl From<StdoutError> for CliError {
+    fn from(error: StdoutError) -> CliError {
         match error {
-            crate::out::StdoutError::Closed => CliError::StdoutClosed,
-            crate::out::StdoutError::Failed(source) => CliError::Stdout { source },
+            StdoutError::Closed => CliError::StdoutClosed,
+            StdoutError::Failed(source) => CliError::Stdout { source },
         }
     }
 }

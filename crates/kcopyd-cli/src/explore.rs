@@ -63,7 +63,7 @@ fn run_scenario(args: &SimRunArgs) -> Result<Status, CliError> {
     let scenario_error = |source: ScenarioError| CliError::Scenario { path: shown.clone(), source };
     let scenario = Scenario::from_value_in(tree, &folder_of(&args.scenario)).map_err(scenario_error)?;
     if let Some(svg) = &args.svg {
-        out::check_output_file(svg, "--svg")?;
+        crate::progress::check_output_file(svg, "--svg")?;
     }
     let report = explore::run(&scenario).map_err(scenario_error)?;
     if let Some(svg) = &args.svg {
@@ -102,7 +102,7 @@ fn run_sweep(args: &SimSweepArgs, interrupts: &Interrupts) -> Result<Status, Cli
             .progress_chars("=> "),
     );
     if let Some(svg) = &args.svg {
-        out::check_output_file(svg, "--svg")?;
+        crate::progress::check_output_file(svg, "--svg")?;
     }
     let folder = folder_of(&args.scenario);
     let points = sweep_until_signal(interrupts, total, &bar, |on_done, stop| {

@@ -11,21 +11,9 @@
 //! (where the standard library would drop the error). The standard library ignores SIGPIPE,
 //! so a reader that went away shows up as `BrokenPipe`.
 
-use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::FileTypeExt;
-use std::path::Path;
 
-use crate::error::CliError;
-
-/// Why standard output could not be written.
-#[derive(Debug)]
-pub enum StdoutError {
-    /// Its reader closed the pipe (`| head -1`): the command stops quietly, exit 141.
-    Closed,
-    /// Any other failure (a full disk behind a redirection).
-    Failed(io::Error),
-}
+use crate::error::StdoutError;
 
 fn write_to(mut stream: impl Write, text: &str) -> io::Result<()> {
     stream.write_all(text.as_bytes())?;
@@ -67,47 +55,4 @@ pub fn report(text: &str) -> bool {
 /// stderr drops it.
 pub fn note_text(text: &str) {
     let _ = write_to(io::stderr().lock(), text);
-}
-
-/// Checks, before the work starts, that a file the command writes at its end (`--svg`,
-/// `--out`) can be written: an existing one is opened for writing (and left as it is), a
-/// missing one is created and removed again. A directory, a block device or a missing folder
-/// is refused, so that a long run is not thrown away at its end.
-///
-/// # Errors
-/// The path cannot be written, naming `what` (the option) and the reason.
-pub fn check_output_file(path: &Path, what: &str) -> Result<(), CliError> {
-    let text = path.display().to_string();
-    let refuse = |problem: String| CliError::argument(what, &text, problem);
-    match fs::metadata(path) {
-        Ok(meta) if meta.is_dir() => return Err(refuse("is a directory".into())),
-        Ok(meta) if meta.file_type().is_block_device() => {
-            return Err(refuse("is a block device: refusing to write a file over it".into()));
-        }
-        Ok(_) => {
-            return fs::OpenOptions::new()
-                .write(true)
-                .open(path)
-                .map(drop)
-                .map_err(|error| refuse(format!("cannot be written: {error}")));
-        }
-        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-        Err(error) => return Err(refuse(format!("cannot be looked at: {error}"))),
-    }
-    if text.ends_with('/') {
-        return Err(refuse("names a directory (it ends in '/'), not a file".into()));
-    }
-    let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    if !folder.is_dir() {
-        return Err(refuse(format!("its folder '{}' does not exist", folder.display())));
-    }
-    // Registered while it exists: a signal now does not leave it behind.
-    let guard = crate::progress::CreatedGuard::creating(path);
-    let created = fs::OpenOptions::new().write(true).create_new(true).open(path);
-    if created.is_ok() {
-        let _ = fs::remove_file(path);
-    }
-    drop(guard);
-    crate::progress::forget_created(&[path.to_path_buf()]);
-    created.map(drop).map_err(|error| refuse(format!("cannot be created: {error}")))
 }

@@ -8,7 +8,9 @@
 //!  every 100 ms: JobHandle::progress() ──► bar (bytes, throughput, ETA) on stderr, if a terminal
 //! ```
 
+use std::fs;
 use std::io::{self, IsTerminal};
+use std::os::unix::fs::FileTypeExt;
 use std::time::Duration;
 
 use std::path::{Path, PathBuf};
@@ -19,6 +21,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
+use crate::error::CliError;
 use crate::out;
 
 /// How often the bars are redrawn.
@@ -280,4 +283,47 @@ pub fn forget_created(paths: &[PathBuf]) {
     if let Some(shared) = shared() {
         lock(&shared.cleanup).retain(|p| !paths.contains(p));
     }
+}
+
+/// Checks, before the work starts, that a file the command writes at its end (`--svg`,
+/// `--out`) can be written: an existing one is opened for writing (and left as it is), a
+/// missing one is created and removed again. A directory, a block device or a missing folder
+/// is refused, so that a long run is not thrown away at its end.
+///
+/// # Errors
+/// The path cannot be written, naming `what` (the option) and the reason.
+pub fn check_output_file(path: &Path, what: &str) -> Result<(), CliError> {
+    let text = path.display().to_string();
+    let refuse = |problem: String| CliError::argument(what, &text, problem);
+    match fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => return Err(refuse("is a directory".into())),
+        Ok(meta) if meta.file_type().is_block_device() => {
+            return Err(refuse("is a block device: refusing to write a file over it".into()));
+        }
+        Ok(_) => {
+            return fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map(drop)
+                .map_err(|error| refuse(format!("cannot be written: {error}")));
+        }
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(error) => return Err(refuse(format!("cannot be looked at: {error}"))),
+    }
+    if text.ends_with('/') {
+        return Err(refuse("names a directory (it ends in '/'), not a file".into()));
+    }
+    let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !folder.is_dir() {
+        return Err(refuse(format!("its folder '{}' does not exist", folder.display())));
+    }
+    // Registered while it exists: a signal now does not leave it behind.
+    let guard = CreatedGuard::creating(path);
+    let created = fs::OpenOptions::new().write(true).create_new(true).open(path);
+    if created.is_ok() {
+        let _ = fs::remove_file(path);
+    }
+    drop(guard);
+    forget_created(&[path.to_path_buf()]);
+    created.map(drop).map_err(|error| refuse(format!("cannot be created: {error}")))
 }
