@@ -1,0 +1,20 @@
+//! The crate's files read bottom-up: no module imports one that imports it back, directly or
+//! through others (docs/DESIGN.md). Checked on the source itself, so that a new file or a new
+//! `use crate::` (or `super::` in a folder module) that closes a circle fails here, naming it.
+
+// The helper is the tests crate's public `layers` module, here private to this test.
+#[path = "../../../tests/src/layers.rs"]
+#[allow(unreachable_pub, dead_code)]
+mod layers;
+
+use std::path::Path;
+
+#[test]
+fn no_module_imports_one_that_imports_it_back() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let imports = layers::imports(&src);
+    assert!(imports.contains_key("devices") && imports.contains_key("progress"), "the crate's files were found");
+    let circles = layers::circles(&src);
+    assert!(circles.is_empty(), "import circles:\n{}", layers::named(&circles));
+    println!("bottom-up: {}", layers::bottom_up(&imports).unwrap().join(", "));
+}
