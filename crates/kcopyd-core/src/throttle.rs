@@ -175,7 +175,11 @@ impl Throttler {
         {
             let mut state = self.lock();
             let now = Instant::now();
-            state.account(now);
+            // The busy history starts with the first I/O, as for a configured throttle: a
+            // throttle set before any I/O must not count the time before it as idle.
+            if state.accounted_at.is_some() {
+                state.account(now);
+            }
             state.refill(now, self.burst_bytes, 0);
             state.throttle = throttle;
             if throttle.rate_bytes_per_s.is_none() {
@@ -417,5 +421,24 @@ mod tests {
         let error = Throttle { rate_bytes_per_s: Some(0), ..Throttle::OFF }.validate().unwrap_err();
         assert!(matches!(error, ConfigError::ThrottleRate { bytes_per_s: 0 }));
         assert!(Throttle { busy_percent: Some(100), rate_bytes_per_s: Some(1) }.validate().is_ok());
+    }
+
+    #[test]
+    fn a_throttle_set_before_any_io_starts_its_history_with_the_first_io_as_a_configured_one() {
+        let busy = Throttle { busy_percent: Some(50), ..Throttle::OFF };
+        let configured = Arc::new(Throttler::new(busy, 4096, Clock::REAL));
+        let set = Arc::new(Throttler::new(Throttle::OFF, 4096, Clock::REAL));
+        set.set(busy);
+        // Idle for a while, then one I/O of a few milliseconds on each.
+        std::thread::sleep(Duration::from_millis(30));
+        let guards = (configured.io_started(), set.io_started());
+        std::thread::sleep(Duration::from_millis(5));
+        drop(guards);
+        for (name, throttler) in [("configured", &configured), ("set", &set)] {
+            let state = throttler.lock();
+            // The history is the I/O alone: all busy, no idle time before it counted.
+            assert!(state.total < Duration::from_millis(20), "{name}: {:?} accounted", state.total);
+            assert_eq!(state.busy, state.total, "{name}");
+        }
     }
 }
