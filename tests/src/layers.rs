@@ -219,3 +219,18 @@ fn visit(
 pub fn named(circles: &[Vec<String>]) -> String {
     circles.iter().map(|circle| circle.join(" -> ")).collect::<Vec<_>>().join("\n")
 }
+
+/// The check each crate's `tests/layers.rs` makes on its `src`: the modules `expected` are
+/// found (so the files were read) and no module imports one that imports it back; prints the
+/// bottom-up order.
+///
+/// # Panics
+/// A module of `expected` missing, or a circle, named.
+pub fn assert_bottom_up(src: &Path, expected: &[&str]) {
+    let imports = imports(src);
+    let missing: Vec<&&str> = expected.iter().filter(|module| !imports.contains_key(**module)).collect();
+    assert!(missing.is_empty(), "the crate's files were found: {missing:?} missing");
+    let circles = circles(src);
+    assert!(circles.is_empty(), "import circles:\n{}", named(&circles));
+    println!("bottom-up: {}", bottom_up(&imports).unwrap().join(", "));
+}

@@ -12,9 +12,5 @@ use std::path::Path;
 #[test]
 fn no_module_imports_one_that_imports_it_back() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let imports = layers::imports(&src);
-    assert!(imports.contains_key("run") && imports.contains_key("throttle"), "the crate's files were found");
-    let circles = layers::circles(&src);
-    assert!(circles.is_empty(), "import circles:\n{}", layers::named(&circles));
-    println!("bottom-up: {}", layers::bottom_up(&imports).unwrap().join(", "));
+    layers::assert_bottom_up(&src, &["run", "throttle"]);
 }
