@@ -18,6 +18,7 @@ pub mod oracle;
 pub mod scenario;
 pub mod sectors;
 pub mod sparse_case;
+pub mod threaded_case;
 pub mod tls_certs;
 pub mod util;
 pub mod validation;

@@ -374,7 +374,9 @@ impl<'a> JobView<'a> {
         let budget = (scenario.config.page_budget * PAGE_SIZE / SECTOR_SIZE) as u64;
         let subjob_sectors = (wanted.min(budget) / block * block).max(block);
         let cheap_holes = layout.targets.iter().all(|&(t, _)| zeroes_are_cheap(layout, &scenario.targets[t]));
-        let (bounds, holes) = subjobs(layout, subjob_sectors, block, cheap_holes);
+        // A source that cannot tell its allocation is taken as allocated everywhere.
+        let allocation_known = layout.source.is_some_and(|(s, _)| !scenario.sources[s].faults.allocation_unknown);
+        let (bounds, holes) = subjobs(layout, subjob_sectors, block, cheap_holes, allocation_known);
         let subjob_count = holes.len() as u64;
         JobView {
             layout,
@@ -423,10 +425,17 @@ fn zeroes_are_cheap(layout: &JobLayout, target: &kcopyd_sim::MemDiskOptions) -> 
 /// that skips holes walks its source's allocation (the complement of its holes, rounded out to
 /// the job's block): data up to `subjob_sectors` sectors within an allocated run, holes up to
 /// [`HOLE_SUBJOB_SECTORS`] (in whole blocks) where every target takes zeroes cheaply and up
-/// to `subjob_sectors` otherwise. Any other job is cut every `subjob_sectors` sectors.
-fn subjobs(layout: &JobLayout, subjob_sectors: u64, block: u64, cheap_holes: bool) -> (Vec<u64>, Vec<bool>) {
+/// to `subjob_sectors` otherwise. Any other job (a zero job, a copy that does not skip holes or
+/// whose source cannot tell its allocation) is cut every `subjob_sectors` sectors.
+fn subjobs(
+    layout: &JobLayout,
+    subjob_sectors: u64,
+    block: u64,
+    cheap_holes: bool,
+    allocation_known: bool,
+) -> (Vec<u64>, Vec<bool>) {
     let len = layout.len_sectors;
-    let skips = layout.source.is_some() && layout.sparse.skip_holes;
+    let skips = allocation_known && layout.sparse.skip_holes;
     let allocated = span(0..len).difference(&Sectors::from_ranges(layout.holes.iter().cloned()));
     let allocated = Sectors::from_ranges(
         allocated.ranges().iter().map(|r| r.start / block * block..(r.end.div_ceil(block) * block).min(len)),

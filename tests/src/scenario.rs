@@ -77,6 +77,9 @@ pub struct FaultInputs {
     /// Stalls: (request index, µs the device holds it; `None` for ever).
     #[serde(default)]
     pub stalls: Vec<(u64, Option<u64>)>,
+    /// Every allocation query fails (sources): a sparse copy reads everything.
+    #[serde(default)]
+    pub allocation_unknown: bool,
 }
 
 /// One disk.
@@ -628,6 +631,7 @@ impl Inputs {
                     .map(|&(write_index, shift)| Misdirect { write_index, shift_sectors: shift * unit as i64 })
                     .collect(),
                 short_io: faults.short_io,
+                allocation_unknown: faults.allocation_unknown,
                 stalls: faults.stalls.iter().map(|&(io_index, hold_us)| Stall { io_index, hold_us }).collect(),
                 volatile_cache: self.crash_at_us.is_some(),
                 odds: FaultOdds {
@@ -825,6 +829,10 @@ impl Draw {
                 ppm(self, 20_000),
             ),
             stalls: Vec::new(),
+            // A source in six cannot tell its allocation. Hashed from the draw's state, not
+            // drawn from it, so that the draws after it (and every seed kept for a regression)
+            // stay what they were.
+            allocation_unknown: !target && mix64(self.0 ^ 0x000a_110c) % 6 == 0,
         }
     }
 }
@@ -1352,6 +1360,7 @@ fn arb_disk() -> impl Strategy<Value = DiskInputs> {
             short_io,
             odds,
             stalls: Vec::new(),
+            allocation_unknown: false,
         });
     (any::<bool>(), any::<bool>(), proptest::bool::weighted(0.15), timing.clone(), timing, faults).prop_map(
         |(block_4k, write_zeroes, zoned, read, write, faults)| DiskInputs {

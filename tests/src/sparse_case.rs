@@ -26,7 +26,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use kcopyd_core::{Client, ClientConfig, Device, Flags, Job, Outcome, Region, SECTOR_SIZE, Sparse, TargetZeroes};
-use kcopyd_sim::{MemDisk, MemDiskOptions, Simulation, mix64, to_tokio};
+use kcopyd_sim::{FaultPlan, MemDisk, MemDiskOptions, Simulation, mix64, to_tokio};
 use serde::{Deserialize, Serialize};
 
 use crate::io_log::{DiskRef, IoKind, IoLog, IoRecord, Watched};
@@ -77,6 +77,10 @@ pub struct SparseCase {
     pub subjob_bytes: usize,
     /// Sub-jobs in flight.
     pub subjobs_in_flight: usize,
+    /// The source cannot tell its allocation (its queries fail): the copy must read it all,
+    /// and still leave every target equal to it.
+    #[serde(default)]
+    pub allocation_unknown: bool,
 }
 
 impl SparseCase {
@@ -112,6 +116,7 @@ impl SparseCase {
             page_budget: subjob_bytes / 4096 * (1 + rng.below(4) as usize),
             subjob_bytes,
             subjobs_in_flight: 1 + rng.below(8) as usize,
+            allocation_unknown: false,
         };
         if rng.below(8) == 0 {
             // A thin volume's worth: a hole of 1.5–3 GiB between two data runs, onto thin
@@ -125,6 +130,9 @@ impl SparseCase {
             if case.sparse.target_zeroes == TargetZeroes::Write {
                 case.sparse.target_zeroes = TargetZeroes::Deallocate;
             }
+        } else {
+            // Drawn last, so that the cases drawn before it kept their shapes.
+            case.allocation_unknown = rng.below(6) == 0;
         }
         case
     }
@@ -173,17 +181,18 @@ impl SparseCase {
     /// the targets (full of stale data, unless they are said to read as zeroes).
     fn disks(&self, data: &Sectors, zeroes: &Sectors) -> (Arc<MemDisk>, Vec<Arc<MemDisk>>) {
         let len = self.len_sectors();
-        let disk = |name: String, sparse: bool, write_zeroes: bool| {
+        let disk = |name: String, sparse: bool, write_zeroes: bool, allocation_unknown: bool| {
             Arc::new(MemDisk::new(MemDiskOptions {
                 name,
                 len_sectors: len,
                 logical_block_size: self.block_bytes,
                 sparse,
                 write_zeroes,
+                faults: FaultPlan { allocation_unknown, ..FaultPlan::default() },
                 ..MemDiskOptions::default()
             }))
         };
-        let source = disk("source".into(), !self.dense_source, false);
+        let source = disk("source".into(), !self.dense_source, false, self.allocation_unknown);
         for range in data.ranges() {
             source.fill_pattern_range(range.clone(), 7, 0);
         }
@@ -196,7 +205,7 @@ impl SparseCase {
             .iter()
             .enumerate()
             .map(|(i, kind)| {
-                let target = disk(format!("target{i}"), *kind == TargetKind::Thin, *kind == TargetKind::Offload);
+                let target = disk(format!("target{i}"), *kind == TargetKind::Thin, *kind == TargetKind::Offload, false);
                 if !skip {
                     target.fill_pattern(100 + i as u64); // stale data every zero must replace
                 }
@@ -324,7 +333,8 @@ struct Seen {
     records: Vec<IoRecord>,
     data: Sectors,
     not_data: Sectors,
-    /// What the source reports unallocated: its holes and zeroes if sparse, nothing if dense.
+    /// What the source reports unallocated: its holes and zeroes if sparse, nothing if dense
+    /// or if it cannot tell.
     unallocated: Sectors,
     zero_blocks: Sectors,
     /// What the source was read in.
@@ -352,7 +362,8 @@ impl Seen {
         };
         let reads = Sectors::from_ranges(of(DiskRef::Source(0), IoKind::Read));
         let whole = Sectors::from_ranges(std::iter::once(0..len));
-        let unallocated = if case.dense_source { Sectors::new() } else { zeroes.union(holes) };
+        let unallocated =
+            if case.dense_source || case.allocation_unknown { Sectors::new() } else { zeroes.union(holes) };
         let allocated = whole.difference(&unallocated);
         let expected_reads = if case.sparse.skip_holes { &allocated } else { &whole };
         if reads != *expected_reads {
@@ -436,6 +447,7 @@ mod tests {
         assert!(cases.iter().any(|c| !c.sparse.skip_holes && c.sparse.zero_block_bytes > 0));
         assert!(cases.iter().any(|c| c.sparse.skip_holes && c.sparse.zero_block_bytes == 0));
         assert!(cases.iter().any(|c| !c.sparse.is_on()));
+        assert!(cases.iter().any(|c| c.allocation_unknown && c.sparse.skip_holes));
     }
 
     #[test]

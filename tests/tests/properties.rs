@@ -7,7 +7,7 @@
 //! package's directory, where cargo runs tests) and replayed first on every run.
 
 use kcopyd_tests::scenario::{Inputs, arb_inputs, check, run};
-use kcopyd_tests::{sparse_case, validation};
+use kcopyd_tests::{sparse_case, threaded_case, validation};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 
@@ -162,5 +162,26 @@ proptest! {
              request: {seconds:.6} s, more than the {ideal:.6} s the rate allows"
         );
         prop_assert!(seconds >= ideal * 0.99 - 0.001, "{seconds:.6} s, less than the {ideal:.6} s the rate allows");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(REGRESSIONS))),
+        // A case that fails may wait seconds for a worker that never exits: shrink little.
+        max_shrink_iters: 16,
+        ..ProptestConfig::default()
+    })]
+
+    /// A client on a worker thread of its own, driven from plain threads with every way to
+    /// submit and to end (see `threaded_case`): every accepted job copies its source and calls
+    /// back on the worker once, blocking calls refuse to run on the worker, the configuration
+    /// reads back, and the worker thread has exited when shutdown returns (or soon after the
+    /// last handle is dropped).
+    #[test]
+    fn a_threaded_client_serves_plain_threads_and_its_worker_exits_when_it_stops(seed in any::<u64>()) {
+        let case = threaded_case::ThreadedCase::from_seed(seed);
+        let problems = case.check();
+        prop_assert!(problems.is_empty(), "{problems:?}\ncase: {}", serde_json::to_string(&case).unwrap());
     }
 }

@@ -499,3 +499,43 @@ fn a_remote_source_needs_requests_in_flight_to_fill_its_link() {
     assert_within_5_percent(copy_with(1), 64.0 * (500.0 + transfer_us));
     assert_within_5_percent(copy_with(8), 64.0 * transfer_us + 500.0);
 }
+
+/// A disk that cannot tell its allocation fails every query, also after `heal` (it is what the
+/// disk is, not a fault); a sparse copy from it reads everything and copies it exactly.
+#[test]
+fn a_source_that_cannot_tell_its_allocation_is_read_whole() {
+    let options = MemDiskOptions {
+        name: "opaque".into(),
+        len_sectors: 256,
+        sparse: true,
+        faults: FaultPlan { allocation_unknown: true, ..FaultPlan::default() },
+        ..MemDiskOptions::default()
+    };
+    let source = Arc::new(MemDisk::new(options));
+    source.fill_pattern_range(64..72, 5, 0); // one data run; the rest are holes
+    let target =
+        Arc::new(MemDisk::new(MemDiskOptions { name: "target".into(), len_sectors: 256, ..MemDiskOptions::default() }));
+    target.fill_pattern(9);
+    let (query, outcome) = Simulation::block_on({
+        let (source, target) = (source.clone(), target.clone());
+        async move {
+            source.heal();
+            let query = source.allocated(0, 256).await;
+            let client = kcopyd_core::Client::start_in_current_system(ClientConfig::default()).unwrap();
+            let job = Job::copy(
+                Region::new(source.clone(), 0, 256),
+                vec![Region::new(target.clone(), 0, 256)],
+                Flags::empty(),
+            )
+            .sparse(kcopyd_core::Sparse { skip_holes: true, ..kcopyd_core::Sparse::OFF });
+            let outcome = client.submit(job).await.unwrap().await;
+            client.shutdown().await;
+            (query, outcome)
+        }
+    });
+    let error = query.expect_err("the query fails");
+    assert!(error.to_string().contains("opaque: allocation unknown"), "{error}");
+    assert!(outcome.is_ok(), "{outcome:?}");
+    assert_eq!(source.stats().read_bytes, 256 * 512, "every sector read: the allocation was not known");
+    assert_eq!(target.snapshot(0, 256), source.snapshot(0, 256));
+}

@@ -3,7 +3,7 @@
 //! mutation testing (`tests/mutants.sh`), which can only run tests. The binary remains the
 //! tool for long runs and replays.
 
-use kcopyd_tests::scenario::{Inputs, check, run};
+use kcopyd_tests::scenario::{Inputs, JobLayout, SwarmScenario, check, run};
 use kcopyd_tests::{sparse_case, validation};
 
 /// Validation cases per seed, as in the binary.
@@ -59,6 +59,10 @@ fn the_swarm_draws_sparse_copies_in_every_setting() {
     count("a cancel", sparse().filter(|(_, j)| j.cancel_at_us.is_some()).count());
     count("a crash", sparse().filter(|(s, _)| s.crash_at_us.is_some()).count());
     count("a zoned target", sparse().filter(|(s, j)| j.targets.iter().any(|&(t, _)| s.targets[t].zoned)).count());
+    let unknown = |(s, j): &(&SwarmScenario, &JobLayout)| {
+        j.sparse.skip_holes && j.source.is_some_and(|(source, _)| s.sources[source].faults.allocation_unknown)
+    };
+    count("a source that cannot tell its allocation", sparse().filter(unknown).count());
     assert!(sparse().all(|(_, j)| j.sparse.target_zeroes != TargetZeroes::Skip), "Skip on targets of old data");
 }
 

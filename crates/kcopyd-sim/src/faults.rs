@@ -99,6 +99,10 @@ pub struct FaultPlan {
     pub volatile_cache: bool,
     /// Faults drawn from the seed.
     pub odds: FaultOdds,
+    /// The disk cannot tell what is allocated: every allocation query fails (as a file
+    /// system without `SEEK_HOLE` or an NBD server without block status that refuses), and a
+    /// sparse copy must then read everything.
+    pub allocation_unknown: bool,
 }
 
 /// The operation a fault hit.

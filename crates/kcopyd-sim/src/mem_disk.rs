@@ -258,10 +258,12 @@ impl MemDisk {
     }
 
     /// Clears every injected fault: the plan, latent errors, a failed device and a crash.
-    /// The log of faults that fired stays.
+    /// What the disk is stays: a volatile cache, an allocation it cannot tell. The log of
+    /// faults that fired stays.
     pub fn heal(&self) {
         let mut state = self.lock();
-        state.plan = FaultPlan { volatile_cache: state.plan.volatile_cache, ..FaultPlan::default() };
+        let FaultPlan { volatile_cache, allocation_unknown, .. } = state.plan;
+        state.plan = FaultPlan { volatile_cache, allocation_unknown, ..FaultPlan::default() };
         state.latent = RangeSet::new();
         state.crashed = false;
     }
@@ -824,11 +826,18 @@ impl BlockDevice for MemDisk {
 
     /// A sparse disk's allocation is its non-zero extents (a thin volume's mapped blocks);
     /// a dense disk is all allocated. Answering costs no virtual time (metadata).
+    /// A plan with `allocation_unknown` fails the query.
     fn allocated(&self, offset_sectors: u64, len_sectors: u64) -> IoFuture<'_, io::Result<RangeSet>> {
         let end = offset_sectors.saturating_add(len_sectors).min(self.options.len_sectors);
-        let set =
-            if offset_sectors < end { self.lock().storage.allocated(offset_sectors..end) } else { RangeSet::new() };
-        Box::pin(std::future::ready(Ok(set)))
+        let state = self.lock();
+        let answer = if state.plan.allocation_unknown {
+            Err(io::Error::new(io::ErrorKind::Unsupported, format!("{}: allocation unknown", self.options.name)))
+        } else if offset_sectors < end {
+            Ok(state.storage.allocated(offset_sectors..end))
+        } else {
+            Ok(RangeSet::new())
+        };
+        Box::pin(std::future::ready(answer))
     }
 
     /// A sparse disk frees what it zeroes (its write-zeroes drops the extents).
