@@ -18,16 +18,21 @@
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Barrier, Mutex, mpsc};
 use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
-use kcopyd_core::{Client, ClientConfig, Flags, Job, JobHandle, Outcome, ShutdownError, SubmitError, TargetMask};
+use kcopyd_core::{
+    Client, ClientConfig, Flags, Job, JobHandle, Outcome, SECTOR_SIZE, ShutdownError, SubmitError, TargetMask,
+};
 use kcopyd_sim::mix64;
 use serde::{Deserialize, Serialize};
 
 use crate::scenario::Draw;
 use crate::util::{patterned, region, zeroed};
+
+/// How many times a case with a racing shutdown runs.
+pub const RACING_ROUNDS: u64 = 40;
 
 /// How long a dropped client's worker may take to exit by itself.
 const DROPPED_WORKER_EXIT: Duration = Duration::from_secs(10);
@@ -54,7 +59,15 @@ pub enum End {
     Drop,
     /// `shutdown_blocking` while the threads still submit.
     Racing,
+    /// No worker thread: the client runs on an actix System of the checking thread
+    /// (`start_in_current_system`), which is dropped after a few turns ([`SYSTEM_TURNS`], one
+    /// run each) with jobs, prepared callbacks and a shutdown still in its mailbox or running.
+    SystemDropped,
 }
+
+/// The turns a System gets before it is dropped, one run of a `SystemDropped` case each: none
+/// (the client's actor never started), a few, and enough for small jobs to finish.
+pub const SYSTEM_TURNS: [u8; 5] = [0, 1, 2, 5, 20];
 
 /// One job: a copy of `len_sectors` between two disks of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,26 +162,48 @@ impl ThreadedCase {
                 (way, jobs)
             })
             .collect();
-        let end = [End::ShutdownBlocking, End::ShutdownTimeout, End::Drop, End::Racing][draw.below(4) as usize];
+        let ends = [End::ShutdownBlocking, End::ShutdownTimeout, End::Drop, End::Racing, End::SystemDropped];
+        let end = ends[draw.below(5) as usize];
         ThreadedCase { seed, config, threads, end }
     }
 
-    /// Runs the case; every way it broke what the module promises.
+    /// Runs the case (a racing one [`RACING_ROUNDS`] times: the instant where a submission and
+    /// the shutdown meet is narrow); every way it broke what the module promises.
     pub fn check(&self) -> Vec<String> {
+        if self.end == End::SystemDropped {
+            return SYSTEM_TURNS
+                .iter()
+                .map(|&turns| self.check_dropped_system(turns))
+                .find(|p| !p.is_empty())
+                .unwrap_or_default();
+        }
+        let rounds = if self.end == End::Racing { RACING_ROUNDS } else { 1 };
+        (0..rounds).map(|round| self.check_round(round)).find(|problems| !problems.is_empty()).unwrap_or_default()
+    }
+
+    /// One run of the case.
+    fn check_round(&self, round: u64) -> Vec<String> {
         let client = Client::new(self.config.clone()).expect("a drawn configuration is valid");
         let seen = Arc::new(Seen::default());
         let mut problems = self.check_handle(&client);
         self.plant_sentinel(&client, &seen, &mut problems);
+        // The threads and this one start together, so that a racing shutdown meets submissions.
+        let start = Arc::new(Barrier::new(self.threads.len() + 1));
         let workers: Vec<_> = self
             .threads
             .iter()
             .enumerate()
             .map(|(index, (way, jobs))| {
                 let (client, seen, jobs, way) = (client.clone(), seen.clone(), jobs.clone(), *way);
-                let seed = self.seed.wrapping_add(index as u64 * 1000);
-                thread::spawn(move || run_thread(client, &seen, way, &jobs, seed))
+                let seed = self.seed.wrapping_add(index as u64 * 1000 + round * 100_000);
+                let start = start.clone();
+                thread::spawn(move || {
+                    start.wait();
+                    run_thread(client, &seen, way, &jobs, seed)
+                })
             })
             .collect();
+        start.wait();
         // A racing shutdown now; a drop now too, while the threads still submit (they drop
         // their handles once their jobs are in, before waiting for them).
         let (report, client) = match self.end {
@@ -284,6 +319,99 @@ impl ThreadedCase {
     }
 }
 
+impl ThreadedCase {
+    /// Every job submitted (`try_submit`; those the queue refuses are left out) and two
+    /// prepared callbacks (one completed, one dropped) on a System that runs `polls` turns, a
+    /// shutdown begun from another thread, then the System dropped: every handle resolves,
+    /// each callback runs once, a job is either done or cancelled with every sector it did not
+    /// copy named, and a later shutdown returns the report.
+    fn check_dropped_system(&self, polls: u8) -> Vec<String> {
+        let system = actix::System::new();
+        let seen = Arc::new(Seen::default());
+        let prepared_ran = Arc::new(AtomicUsize::new(0));
+        let (client, jobs) = system.block_on(async {
+            let client = Client::start_in_current_system(self.config.clone()).expect("a System runs here");
+            let draws = self.threads.iter().flat_map(|(_, jobs)| jobs);
+            let jobs: Vec<_> = draws
+                .enumerate()
+                .filter_map(|(index, draw)| {
+                    let source = patterned("source", draw.len_sectors, 512, self.seed + index as u64);
+                    let target = zeroed("target", draw.len_sectors, 512);
+                    let job = Job::copy(
+                        region(&source, 0, draw.len_sectors),
+                        vec![region(&target, 0, draw.len_sectors)],
+                        Flags::empty(),
+                    )
+                    .on_complete(callback(&seen, None));
+                    let handle = client.try_submit(job).ok()?;
+                    Some((source, target, draw.len_sectors, handle))
+                })
+                .collect();
+            for complete in [true, false] {
+                let ran = prepared_ran.clone();
+                let prepared = client
+                    .prepare_callback(move |_| {
+                        ran.fetch_add(1, Ordering::SeqCst);
+                    })
+                    .expect("a running client prepares callbacks");
+                if complete {
+                    prepared.complete(false, TargetMask::new());
+                }
+            }
+            for _ in 0..polls {
+                tokio::task::yield_now().await;
+            }
+            (client, jobs)
+        });
+        let mut problems = Vec::new();
+        let begun = client.clone();
+        let _ = thread::spawn(move || begun.shutdown_timeout(Duration::from_millis(1))).join();
+        drop(system);
+        for (index, (source, target, len, handle)) in jobs.iter().enumerate() {
+            match handle.try_outcome() {
+                None => problems.push(format!("job {index}: no outcome after its System was dropped")),
+                Some(outcome) => check_done_or_cancelled(index, &outcome, source, target, *len, &mut problems),
+            }
+        }
+        let (ran, run) = (seen.callbacks.load(Ordering::SeqCst), prepared_ran.load(Ordering::SeqCst));
+        if ran != jobs.len() || run != 2 {
+            problems.push(format!("{ran} job callbacks for {} jobs, {run} prepared callbacks of 2 ran", jobs.len()));
+        }
+        match thread::spawn(move || client.shutdown_timeout(DROPPED_WORKER_EXIT)).join().expect("shutdown panicked") {
+            Ok(report) if report.jobs_completed == jobs.len() as u64 => {}
+            other => problems.push(format!("shutdown after the System was dropped: {other:?}")),
+        }
+        problems
+    }
+}
+
+/// A job whose System went away: done (ok, target equal to source) or cancelled, with every
+/// sector that differs named as not copied.
+fn check_done_or_cancelled(
+    index: usize,
+    outcome: &Outcome,
+    source: &kcopyd_sim::MemDisk,
+    target: &kcopyd_sim::MemDisk,
+    len: u64,
+    problems: &mut Vec<String>,
+) {
+    let not_copied = outcome.targets.first().map(|t| t.not_copied.clone()).unwrap_or_default();
+    if !outcome.is_ok() && !outcome.cancelled {
+        problems.push(format!("job {index}: neither done nor cancelled: {outcome:?}"));
+    }
+    if outcome.is_ok() != not_copied.is_empty() {
+        problems.push(format!("job {index}: ok is {} with {not_copied:?} not copied", outcome.is_ok()));
+    }
+    let (from, to) = (source.snapshot(0, len), target.snapshot(0, len));
+    let differs = (0..len).find(|&s| {
+        let at = s as usize * SECTOR_SIZE..(s as usize + 1) * SECTOR_SIZE;
+        from[at.clone()] != to[at] && !not_copied.contains(s)
+    });
+    if let Some(sector) = differs {
+        problems.push(format!("job {index}: sector {sector} differs from the source yet is not named: {outcome:?}"));
+    }
+}
+
 /// The worker of a client whose every handle is gone exits by itself, soon.
 fn wait_for_exit(seen: &Seen, problems: &mut Vec<String>) {
     let since = Instant::now();
@@ -361,5 +489,26 @@ fn callback(seen: &Arc<Seen>, client: Option<Client>) -> impl FnOnce(Outcome) + 
                 seen.problem("shutdown_timeout on the worker did not say OnWorker".into());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first 32 seeds (half the cases CI draws) hold every end, every way to submit, and
+    /// callbacks that probe the worker.
+    #[test]
+    fn the_generator_draws_every_end_and_way_to_submit() {
+        let cases: Vec<_> = (0..32).map(ThreadedCase::from_seed).collect();
+        for end in [End::ShutdownBlocking, End::ShutdownTimeout, End::Drop, End::Racing, End::SystemDropped] {
+            assert!(cases.iter().any(|c| c.end == end), "{end:?}");
+        }
+        let threads = || cases.iter().flat_map(|c| &c.threads);
+        for way in [SubmitWay::Blocking, SubmitWay::Try, SubmitWay::Async] {
+            assert!(threads().any(|(w, _)| *w == way), "{way:?}");
+        }
+        assert!(threads().flat_map(|(_, jobs)| jobs).any(|job| job.probe));
+        assert!(cases.iter().any(|c| c.config.queued_jobs_max < c.threads.iter().map(|(_, j)| j.len()).sum()));
     }
 }
