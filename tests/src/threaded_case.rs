@@ -9,7 +9,8 @@
 //!         shutdown_timeout, a racing shutdown or drop ┘              destructor says "exited")
 //! ```
 //!
-//! What must hold: `config()` is the configuration given; every accepted job completes once,
+//! What must hold: `config()` is the configuration given; a checked verify finds a finished
+//! copy identical and a sector changed after it exactly; every accepted job completes once,
 //! copies its source exactly and runs its callback on the worker (never the submitting
 //! thread); from a callback, `submit_blocking` says `WouldBlockWorker` and `shutdown_timeout`
 //! `OnWorker`; only a racing shutdown refuses jobs, and only with `ShutDown`; the report counts
@@ -23,7 +24,8 @@ use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
 use kcopyd_core::{
-    Client, ClientConfig, Flags, Job, JobHandle, Outcome, SECTOR_SIZE, ShutdownError, SubmitError, TargetMask,
+    Client, ClientConfig, Flags, Job, JobHandle, Outcome, RangeSet, SECTOR_SIZE, ShutdownError, SubmitError,
+    TargetMask, Verify,
 };
 use kcopyd_sim::mix64;
 use serde::{Deserialize, Serialize};
@@ -217,7 +219,10 @@ impl ThreadedCase {
         let submitted: Vec<Submitted> =
             workers.into_iter().flat_map(|w| w.join().expect("a thread panicked")).collect();
         let report = match client {
-            Some(client) => self.end_after(client, &mut problems),
+            Some(client) => {
+                problems.extend(verify_copies(&client, &submitted));
+                self.end_after(client, &mut problems)
+            }
             None => report,
         };
         if self.end == End::Drop {
@@ -410,6 +415,34 @@ fn check_done_or_cancelled(
     if let Some(sector) = differs {
         problems.push(format!("job {index}: sector {sector} differs from the source yet is not named: {outcome:?}"));
     }
+}
+
+/// A checked verify of the first accepted copy finds it identical, and finds the one sector
+/// then changed on its target, exactly (the sector is put back after).
+fn verify_copies(client: &Client, submitted: &[Submitted]) -> Vec<String> {
+    let Some(job) = submitted.iter().find(|s| s.result.as_ref().is_ok_and(Outcome::is_ok)) else {
+        return Vec::new();
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().build().expect("a runtime");
+    let compare = || {
+        let verify = Verify::new(region(&job.source, 0, job.len), vec![region(&job.target, 0, job.len)]);
+        let handle = client.verify(verify).expect("a valid verify");
+        runtime.block_on(handle.wait())
+    };
+    let mut problems = Vec::new();
+    match compare() {
+        Ok(comparison) if comparison.identical() => {}
+        other => problems.push(format!("a verify of a finished copy: {other:?}")),
+    }
+    let sector = job.len / 2;
+    let before = job.target.snapshot(sector, 1);
+    job.target.poke(sector, &before.iter().map(|b| !b).collect::<Vec<u8>>());
+    match compare() {
+        Ok(comparison) if comparison.targets[0].differing == RangeSet::from_range(sector..sector + 1) => {}
+        other => problems.push(format!("a verify after sector {sector} changed: {other:?}")),
+    }
+    job.target.poke(sector, &before);
+    problems
 }
 
 /// The worker of a client whose every handle is gone exits by itself, soon.
