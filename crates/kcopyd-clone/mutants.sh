@@ -17,7 +17,8 @@ if ! command -v cargo-mutants >/dev/null; then
     exit 2
 fi
 export KCOPYD_CLONE_SEEDS="${KCOPYD_CLONE_SEEDS:-30}"
+export KCOPYD_CLONE_FAIL_FAST=1
 echo "mutants.sh: baseline: the clone's oracle ($KCOPYD_CLONE_SEEDS seeds) and API tests"
-cargo test --profile mutants -p kcopyd-clone --test oracle --test api
+cargo nextest run --cargo-profile mutants -p kcopyd-clone --test oracle --test api
 exec cargo mutants --config crates/kcopyd-clone/mutants.toml --profile mutants --baseline=skip \
     --timeout "${MUTANT_TIMEOUT_S:-90}" "$@"

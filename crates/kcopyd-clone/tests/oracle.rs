@@ -743,12 +743,21 @@ async fn final_checks(setup: &Setup, clone: &CloneDevice, model: &Rc<RefCell<Mod
     }
 }
 
+/// `KCOPYD_CLONE_FAIL_FAST` set (mutation testing, where only "did anything fail" counts): a
+/// test stops at its first failing seed instead of naming them all.
+fn fail_fast() -> bool {
+    std::env::var_os("KCOPYD_CLONE_FAIL_FAST").is_some()
+}
+
 #[test]
 fn random_workloads_crashes_and_faults_pass_the_oracle() {
     let seeds: u64 = std::env::var("KCOPYD_CLONE_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(SEEDS_DEFAULT);
     let mut failures = Vec::new();
     let mut total = Counts::default();
     for seed in 0..seeds {
+        if fail_fast() && !failures.is_empty() {
+            break;
+        }
         // A seed that panics (an assertion of the clone's) is a failing seed too, named.
         match std::panic::catch_unwind(|| run_seed(seed, None)) {
             Ok((violations, counts)) => {
@@ -784,6 +793,9 @@ fn a_crash_right_after_any_request_loses_no_flushed_write() {
     let mut failures = Vec::new();
     for seed in 0..CRASH_POINT_SEEDS {
         for after in 1..=CRASH_POINTS {
+            if fail_fast() && !failures.is_empty() {
+                break;
+            }
             if let Some(first) = run_seed(1000 + seed, Some(after)).0.first() {
                 failures.push(format!("seed {} crashing after request {after}: {first}", 1000 + seed));
             }
