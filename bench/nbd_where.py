@@ -5,6 +5,7 @@ idle time and the disk's busy time measured while it runs.
 
 Usage: bench/nbd_where.py [--size-mib N] [--runs N] [--dir DIR] [--kcopyd PATH]
                           [--kcopyd-args ARGS] [--targets 1|3] [--cache none|writeback]
+                          [--nbdcopy]
 
 Each run samples /proc every 20 ms: /proc/PID/task/*/stat of kcopyd (per thread, by name:
 `kcopyd-nbd` is the reactor that runs every NBD connection, `kcopyd-client` the engine),
@@ -14,12 +15,17 @@ Each run samples /proc every 20 ms: /proc/PID/task/*/stat of kcopyd (per thread,
   wall            the copy's time
   kcopyd <thread> CPU seconds of that thread, and its share of the wall time
   qemu-nbd <name> CPU seconds of that server
+  faults <name>   minor page faults of that server (and of the copy), thousands: a server
+                  that maps a fresh buffer for every request pays a fault per 4 KiB page
   machine busy    CPU seconds of all processes on the machine (others' builds included)
   machine idle    idle CPU seconds: 2 cores x wall - busy
   disk busy       share of the wall time the disk had I/O in flight
 
 A thread near 100 % of the wall time is a bottleneck; idle CPU and a disk not always busy
 mean the copy waits on something else (round trips, ordering).
+
+--nbdcopy measures `nbdcopy SRC T0` (one target) in every run as well, after kcopyd, with the
+same figures: what the same servers cost when another client drives them.
 """
 
 import argparse
@@ -54,6 +60,16 @@ def stat_cpu(path):
     return name, (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def minor_faults(path):
+    """Minor page faults of a /proc/.../stat file; 0 if gone."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return 0
+    return int(text[text.rindex(")") + 2:].split()[7])
+
+
 def machine_cpu():
     """(busy, idle) CPU seconds of all CPUs since boot."""
     with open("/proc/stat") as f:
@@ -85,6 +101,8 @@ def measure(command, servers, disk):
     """Runs `command`, sampling; returns a dict of figures."""
     threads = {}
     server_start = {name: stat_cpu(f"/proc/{pid}/stat")[1] for name, pid in servers.items()}
+    faults_start = {name: minor_faults(f"/proc/{pid}/stat") for name, pid in servers.items()}
+    copy_faults = 0
     busy0, idle0 = machine_cpu()
     disk0 = disk_busy_ms(disk) if disk else 0
     start = time.monotonic()
@@ -94,17 +112,21 @@ def measure(command, servers, disk):
             sample = stat_cpu(f"/proc/{process.pid}/task/{tid}/stat")
             if sample:
                 threads[tid] = sample
+        copy_faults = max(copy_faults, minor_faults(f"/proc/{process.pid}/stat"))
         time.sleep(SAMPLE_S)
     wall = time.monotonic() - start
     if process.returncode != 0:
         sys.exit(f"nbd_where: {shlex.join(command)} failed: {process.stderr.read().decode(errors='replace')}")
     busy1, idle1 = machine_cpu()
     figures = {"wall": wall}
+    client = os.path.basename(command[0])
     for name, seconds in threads.values():
-        figures[f"kcopyd {name}"] = figures.get(f"kcopyd {name}", 0) + seconds
-    figures["kcopyd (sampled threads)"] = sum(seconds for _, seconds in threads.values())
+        figures[f"{client} {name}"] = figures.get(f"{client} {name}", 0) + seconds
+    figures[f"{client} (sampled threads)"] = sum(seconds for _, seconds in threads.values())
+    figures[f"faults {client} (k)"] = copy_faults / 1000
     for name, pid in servers.items():
         figures[f"qemu-nbd {name}"] = stat_cpu(f"/proc/{pid}/stat")[1] - server_start[name]
+        figures[f"faults {name} (k)"] = (minor_faults(f"/proc/{pid}/stat") - faults_start[name]) / 1000
     figures["machine busy"] = busy1 - busy0
     figures["machine idle"] = idle1 - idle0
     if disk:
@@ -121,6 +143,7 @@ def main():
     parser.add_argument("--kcopyd-args", default="")
     parser.add_argument("--targets", type=int, choices=[1, 3], default=3)
     parser.add_argument("--cache", choices=["none", "writeback"], default="none")
+    parser.add_argument("--nbdcopy", action="store_true", help="measure nbdcopy SRC T0 in every run too")
     args = parser.parse_args()
     direct = ["oflag=direct"] if args.cache == "none" else []
     with tempfile.TemporaryDirectory(prefix="kcopyd-nbd-where-", dir=args.dir) as work:
@@ -140,12 +163,14 @@ def main():
         command = [args.kcopyd, "copy", *shlex.split(args.kcopyd_args), uri("source"),
                    *[uri(f"target{i}") for i in range(args.targets)]]
         disk = disk_of(work) if args.cache == "none" else None
-        runs = []
+        commands = [command] + ([["nbdcopy", uri("source"), uri("target0")]] if args.nbdcopy else [])
+        runs = {shlex.join(c[:2]): [] for c in commands}
         try:
             for run in range(args.runs):
-                figures = measure(command, {name: s.pid for name, s in servers.items()}, disk)
-                runs.append(figures)
-                print(f"run {run + 1}: {figures['wall']:.2f} s", flush=True)
+                for c in commands:
+                    figures = measure(c, {name: s.pid for name, s in servers.items()}, disk)
+                    runs[shlex.join(c[:2])].append(figures)
+                    print(f"run {run + 1}: {shlex.join(c[:2])} {figures['wall']:.2f} s", flush=True)
             for target in targets:
                 subprocess.run(["cmp", source, target], check=True)
         finally:
@@ -153,15 +178,24 @@ def main():
                 server.terminate()
                 server.wait()
     load = os.getloadavg()
-    print(f"\n{shlex.join(command[:2] + shlex.split(args.kcopyd_args))} SRC {args.targets} target(s), "
-          f"{args.size_mib} MiB, --cache={args.cache}, medians of {args.runs} runs, "
-          f"load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}:")
+    for label, figures in runs.items():
+        report(label, figures, args, load)
+
+
+def report(label, runs, args, load):
+    """Prints the medians of one command's runs."""
+    print(f"\n{label} {args.kcopyd_args if label.endswith('copy') and 'kcopyd' in label else ''} SRC "
+          f"{args.targets if 'kcopyd' in label else 1} target(s), {args.size_mib} MiB, --cache={args.cache}, "
+          f"medians of {args.runs} runs, load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}:")
     wall = statistics.median(r["wall"] for r in runs)
     names = sorted({name for r in runs for name in r if name != "wall"}, key=lambda n: (n.split()[0], n))
     print(f"  {'wall':28} {wall:6.2f} s")
     for name in names:
         value = statistics.median(r.get(name, 0) for r in runs)
-        print(f"  {name:28} {value:6.2f} s  {100 * value / wall:5.0f} % of wall")
+        if name.startswith("faults"):
+            print(f"  {name:28} {value:8.1f}")
+        else:
+            print(f"  {name:28} {value:6.2f} s  {100 * value / wall:5.0f} % of wall")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@
 //! thread); from a callback, `submit_blocking` says `WouldBlockWorker` and `shutdown_timeout`
 //! `OnWorker`; only a racing shutdown refuses jobs, and only with `ShutDown`; the report counts
 //! every accepted job and no page in use; `shutdown_blocking` and `shutdown_timeout` return
-//! only once the worker thread has exited, and dropping every handle makes it exit by itself.
+//! only once the worker thread has exited and a prepared callback completed meanwhile has run,
+//! and dropping every handle makes it exit by itself.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -279,7 +280,22 @@ impl ThreadedCase {
     }
 
     /// Shuts the client down once every thread has finished: the report.
+    /// A prepared callback still open when the shutdown begins (another thread completes it
+    /// 50 ms after it sees the client shut) has run when the shutdown returns.
     fn end_after(&self, client: Client, problems: &mut Vec<String>) -> Option<kcopyd_core::ShutdownReport> {
+        let ran = Arc::new(AtomicBool::new(false));
+        let flag = ran.clone();
+        let open = client
+            .prepare_callback(move |_| flag.store(true, Ordering::SeqCst))
+            .expect("a running client prepares callbacks");
+        let watcher = client.clone();
+        let completer = thread::spawn(move || {
+            while !matches!(watcher.try_submit(Job::zero(vec![], Flags::empty())), Err(SubmitError::ShutDown)) {
+                thread::sleep(Duration::from_millis(1));
+            }
+            thread::sleep(Duration::from_millis(50));
+            open.complete(false, TargetMask::new());
+        });
         let report = if self.end == End::ShutdownTimeout {
             client
                 .shutdown_timeout(Duration::from_secs(60))
@@ -288,6 +304,10 @@ impl ThreadedCase {
         } else {
             Some(client.shutdown_blocking())
         };
+        if !ran.load(Ordering::SeqCst) {
+            problems.push("shutdown returned before a prepared callback it had to wait for ran".into());
+        }
+        completer.join().expect("the completing thread panicked");
         if !matches!(client.try_submit(Job::zero(vec![], Flags::empty())), Err(SubmitError::ShutDown)) {
             problems.push("a shut client took a job".into());
         }
