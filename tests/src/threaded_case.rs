@@ -190,8 +190,17 @@ impl ThreadedCase {
         let seen = Arc::new(Seen::default());
         let mut problems = self.check_handle(&client);
         self.plant_sentinel(&client, &seen, &mut problems);
-        // The threads and this one start together, so that a racing shutdown meets submissions.
-        let start = Arc::new(Barrier::new(self.threads.len() + 1));
+        // The threads and this one start together, so that a racing shutdown meets submissions;
+        // with it, one more thread submits one-sector zero jobs without pause until refused.
+        let racing = self.end == End::Racing;
+        let start = Arc::new(Barrier::new(self.threads.len() + 1 + usize::from(racing)));
+        let storm = racing.then(|| {
+            let (client, start) = (client.clone(), start.clone());
+            thread::spawn(move || {
+                start.wait();
+                submit_until_refused(&client)
+            })
+        });
         let workers: Vec<_> = self
             .threads
             .iter()
@@ -219,6 +228,11 @@ impl ThreadedCase {
         };
         let submitted: Vec<Submitted> =
             workers.into_iter().flat_map(|w| w.join().expect("a thread panicked")).collect();
+        let stormed = storm.map_or(0, |storm| {
+            let (accepted, found) = storm.join().expect("the storm panicked");
+            problems.extend(found);
+            accepted
+        });
         let report = match client {
             Some(client) => {
                 problems.extend(verify_copies(&client, &submitted));
@@ -234,7 +248,7 @@ impl ThreadedCase {
         }
         problems.extend(self.check_jobs(&submitted, &seen));
         if let Some(report) = report {
-            let accepted = submitted.iter().filter(|s| s.result.is_ok()).count() as u64;
+            let accepted = submitted.iter().filter(|s| s.result.is_ok()).count() as u64 + stormed;
             if report.jobs_completed != accepted || report.pool.pages_in_use != 0 {
                 problems.push(format!("report {report:?} for {accepted} accepted jobs"));
             }
@@ -514,6 +528,32 @@ fn run_thread(client: Client, seen: &Arc<Seen>, way: SubmitWay, jobs: &[JobDraw]
             result: result.map(JobHandle::wait),
         })
         .collect()
+}
+
+/// One-sector zero jobs submitted without pause (`try_submit`, again while the queue is full)
+/// until the client refuses with `ShutDown`: whenever a racing shutdown begins, a submission
+/// is on its way. Every job accepted must be done, none cancelled: how many were accepted, and
+/// the first that was not done.
+fn submit_until_refused(client: &Client) -> (u64, Vec<String>) {
+    let scratch = patterned("storm", 64, 512, 1);
+    let mut handles = Vec::new();
+    for attempt in 0..1_000_000u64 {
+        match client.try_submit(Job::zero(vec![region(&scratch, attempt % 64, 1)], Flags::empty())) {
+            Ok(handle) => handles.push(handle),
+            Err(SubmitError::QueueFull { .. }) => thread::yield_now(),
+            Err(SubmitError::ShutDown) => break,
+            Err(error) => return (handles.len() as u64, vec![format!("a one-sector zero job refused: {error}")]),
+        }
+    }
+    let accepted = handles.len() as u64;
+    let problems = handles
+        .into_iter()
+        .map(JobHandle::wait)
+        .filter(|outcome| !outcome.is_ok())
+        .take(1)
+        .map(|outcome| format!("a zero job accepted while the shutdown raced: {outcome:?}"))
+        .collect();
+    (accepted, problems)
 }
 
 /// `try_submit` until the queue has room: a refused job is gone, so each try makes it anew.
