@@ -32,7 +32,7 @@ use kcopyd_sim::mix64;
 use serde::{Deserialize, Serialize};
 
 use crate::scenario::Draw;
-use crate::util::{patterned, region, zeroed};
+use crate::util::{Gate, HookedDisk, patterned, region, zeroed};
 
 /// How many times a case with a racing shutdown runs.
 pub const RACING_ROUNDS: u64 = 40;
@@ -368,6 +368,9 @@ impl ThreadedCase {
         let system = actix::System::new();
         let seen = Arc::new(Seen::default());
         let prepared_ran = Arc::new(AtomicUsize::new(0));
+        // Every other job, the first among them, reads a source that never answers: it is
+        // still running when the System goes, whatever the turns.
+        let gate = Arc::new(Gate::new());
         let (client, jobs) = system.block_on(async {
             let client = Client::start_in_current_system(self.config.clone()).expect("a System runs here");
             let draws = self.threads.iter().flat_map(|(_, jobs)| jobs);
@@ -376,12 +379,13 @@ impl ThreadedCase {
                 .filter_map(|(index, draw)| {
                     let source = patterned("source", draw.len_sectors, 512, self.seed + index as u64);
                     let target = zeroed("target", draw.len_sectors, 512);
-                    let job = Job::copy(
-                        region(&source, 0, draw.len_sectors),
-                        vec![region(&target, 0, draw.len_sectors)],
-                        Flags::empty(),
-                    )
-                    .on_complete(callback(&seen, None));
+                    let from = if index % 2 == 0 {
+                        HookedDisk::new(source.clone()).hold_reads(gate.clone()).region(0, draw.len_sectors)
+                    } else {
+                        region(&source, 0, draw.len_sectors)
+                    };
+                    let job = Job::copy(from, vec![region(&target, 0, draw.len_sectors)], Flags::empty())
+                        .on_complete(callback(&seen, None));
                     let handle = client.try_submit(job).ok()?;
                     Some((source, target, draw.len_sectors, handle))
                 })
