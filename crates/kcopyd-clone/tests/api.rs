@@ -432,3 +432,79 @@ fn copies_a_shut_down_client_refuses_come_back_not_hydrated_and_hydrate_later() 
         assert!(hydrated, "the destination holds the source");
     });
 }
+
+#[test]
+fn the_handle_tells_its_options_name_and_the_destinations_deallocation() {
+    Simulation::block_on(async {
+        let disks = Disks::new(64);
+        let options = CloneOptions { hydration_threshold: 3, hydration_batch_size: 2, ..CloneOptions::default() };
+        let clone = CloneDevice::create(disks.devices(), 4096, client(), options).await.unwrap();
+        assert_eq!(clone.options(), options);
+        assert_eq!(clone.name(), "clone:destination");
+        assert!(!clone.deallocates(), "a dense destination frees nothing");
+        let thin = Arc::new(MemDisk::new(MemDiskOptions {
+            name: "thin".into(),
+            len_sectors: 64,
+            sparse: true,
+            ..MemDiskOptions::default()
+        }));
+        let metadata = Arc::new(MemDisk::zeroed("metadata2", 128, 512));
+        let devices = CloneDevices { destination: thin, metadata, ..disks.devices() };
+        let clone = CloneDevice::create(devices, 4096, client(), options).await.unwrap();
+        assert!(clone.deallocates(), "a thin destination frees what is discarded");
+    });
+}
+
+#[test]
+fn a_region_given_up_is_tried_again_when_asked() {
+    Simulation::block_on(async {
+        let disks = Disks::new(256);
+        disks.source.fail_reads(40..41); // region 5 of 8-sector regions
+        let clone = CloneDevice::create(disks.devices(), 4096, client(), CloneOptions::default()).await.unwrap();
+        assert_eq!(clone.run_hydration().await, HydrationEnd::GaveUp { regions: vec![5] });
+        disks.source.heal();
+        clone.retry_failed();
+        assert_eq!(clone.status().regions_failed, Vec::<u64>::new());
+        assert_eq!(clone.run_hydration().await, HydrationEnd::Complete);
+        assert_eq!(disks.destination.snapshot(40, 8), disks.source.snapshot(40, 8));
+    });
+}
+
+#[test]
+fn reads_count_their_sectors_by_device_and_their_hints() {
+    Simulation::block_on(async {
+        let disks = Disks::new(8 * 16);
+        let options = CloneOptions { hydration_enabled: false, ..CloneOptions::default() };
+        let clone = CloneDevice::create(disks.devices(), 4096, client(), options).await.unwrap();
+        read(&clone, 8 * 3, 8).await.unwrap();
+        read(&clone, 8 * 9 + 2, 11).await.unwrap(); // regions 9 and 10
+        let stats = clone.stats();
+        assert_eq!((stats.reads, stats.read_source_sectors, stats.read_destination_sectors), (2, 19, 0));
+        assert_eq!(stats.hints, 3, "one hint per unhydrated region read");
+        clone.write(0, WriteBuf::from_bytes(Bytes::from(vec![5u8; 8 * 512]))).await.unwrap();
+        read(&clone, 4, 8).await.unwrap(); // 4 sectors of region 0 (written), 4 of region 1
+        let stats = clone.stats();
+        assert_eq!((stats.read_source_sectors, stats.read_destination_sectors), (23, 4));
+    });
+}
+
+#[test]
+fn the_background_resumes_when_the_last_foreground_read_ends() {
+    Simulation::block_on(async {
+        let disks = Disks::new(8 * 16); // source reads take 100 µs
+        let clone = CloneDevice::create(disks.devices(), 4096, client(), CloneOptions::default()).await.unwrap();
+        let reader = {
+            let clone = clone.clone();
+            actix_rt::spawn(async move { read(&clone, 8 * 7, 8).await })
+        };
+        tokio::task::yield_now().await;
+        let hydrator = {
+            let clone = clone.clone();
+            actix_rt::spawn(async move { clone.run_hydration().await })
+        };
+        // Paused while the read is in flight; woken when it ends, with nothing else to wake it.
+        let end = tokio::time::timeout(to_tokio(Duration::from_secs(1)), hydrator).await;
+        assert_eq!(end.expect("hydration resumed after the read").unwrap(), HydrationEnd::Complete);
+        assert_eq!(reader.await.unwrap().unwrap(), disks.source.snapshot(8 * 7, 8));
+    });
+}
