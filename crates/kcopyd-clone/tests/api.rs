@@ -508,3 +508,32 @@ fn the_background_resumes_when_the_last_foreground_read_ends() {
         assert_eq!(reader.await.unwrap().unwrap(), disks.source.snapshot(8 * 7, 8));
     });
 }
+
+#[test]
+fn the_background_keeps_at_most_the_threshold_in_flight_and_commits_as_it_goes() {
+    Simulation::block_on(async {
+        let disks = Disks::new(8 * 64); // source reads take 100 µs
+        // Batches of 3 under a threshold of 4: the second batch may take one region only.
+        let options = CloneOptions { hydration_threshold: 4, hydration_batch_size: 3, ..CloneOptions::default() };
+        let clone = CloneDevice::create(disks.devices(), 4096, client(), options).await.unwrap();
+        let hydrator = {
+            let clone = clone.clone();
+            actix_rt::spawn(async move { clone.run_hydration().await })
+        };
+        let mut most = 0;
+        while !hydrator.is_finished() {
+            most = most.max(clone.status().regions_hydrating);
+            tokio::time::sleep(to_tokio(Duration::from_micros(20))).await;
+        }
+        assert_eq!(hydrator.await.unwrap(), HydrationEnd::Complete);
+        assert_eq!(most, 4, "the threshold is reached and never passed");
+        // One region at a time with a commit every model millisecond: progress is committed
+        // while the regions hydrate, not only at the end.
+        let options =
+            CloneOptions { hydration_threshold: 1, hydration_batch_size: 1, commit_interval_ms: 1, ..options };
+        let disks = Disks::new(8 * 64);
+        let clone = CloneDevice::create(disks.devices(), 4096, client(), options).await.unwrap();
+        assert_eq!(clone.run_hydration().await, HydrationEnd::Complete);
+        assert!(clone.stats().commits >= 4, "{} commits over 64 regions of 100 µs", clone.stats().commits);
+    });
+}
