@@ -537,3 +537,89 @@ fn the_background_keeps_at_most_the_threshold_in_flight_and_commits_as_it_goes()
         assert!(clone.stats().commits >= 4, "{} commits over 64 regions of 100 µs", clone.stats().commits);
     });
 }
+
+/// A sparse in-memory disk (nothing allocated until written).
+fn sparse_disk(name: &str, len_sectors: u64) -> Arc<MemDisk> {
+    Arc::new(MemDisk::new(MemDiskOptions { name: name.into(), len_sectors, sparse: true, ..MemDiskOptions::default() }))
+}
+
+/// Whether bit `region % 8` of byte `region / 8` of `slot`'s bitmap is set, read where the
+/// documented format puts it: blocks of 4096 bytes, headers in blocks 0 and 1, then `blocks`
+/// bitmap blocks per slot.
+fn bit_on_disk(metadata: &MemDisk, slot: u64, blocks: u64, region: u64) -> bool {
+    let byte = region / 8;
+    let block = 2 + slot * blocks + byte / 4096;
+    let sector = block * 8 + (byte % 4096) / 512;
+    metadata.snapshot(sector, 1)[(byte % 512) as usize] & (1 << (region % 8)) != 0
+}
+
+#[test]
+fn a_bitmap_of_two_blocks_sits_where_the_format_says_and_sizes_its_device() {
+    Simulation::block_on(async {
+        // 40,000 regions of 4 KiB: a 5,000-byte bitmap, two 4 KiB blocks per slot.
+        let len = 40_000 * 8;
+        let needed = kcopyd_clone::metadata_bytes_needed(len, 4096, 512);
+        assert_eq!(needed, (2 + 2 * 2) * 4096);
+        let devices = |metadata: Arc<MemDisk>| CloneDevices {
+            source: sparse_disk("source", len),
+            destination: sparse_disk("destination", len),
+            metadata,
+        };
+        let options = CloneOptions { hydration_enabled: false, ..CloneOptions::default() };
+        let short = sparse_disk("short", needed / 512 - 1);
+        match CloneDevice::create(devices(short), 4096, client(), options).await {
+            Err(CloneError::MetadataTooSmall { needed_sectors, .. }) => assert_eq!(needed_sectors, needed / 512),
+            other => panic!("a metadata device a sector short: {other:?}"),
+        }
+        let metadata = sparse_disk("metadata", needed / 512);
+        let devices = devices(metadata.clone());
+        let clone = CloneDevice::create(devices.clone(), 4096, client(), options).await.unwrap();
+        // The newest commit's slot: the header (block 0 or 1) with the larger sequence number
+        // (bytes 16..24), whose own slot field (bytes 64..68) names it.
+        let header = |slot: u64| metadata.snapshot(slot * 8, 1);
+        let seq = |slot: u64| u64::from_le_bytes(header(slot)[16..24].try_into().unwrap());
+        // Three commits: both blocks change, then (each slot in turn) only the second block,
+        // which a commit then writes alone.
+        let mut written = Vec::new();
+        for regions in [vec![100u64, 35_000], vec![35_002], vec![35_004]] {
+            for &region in &regions {
+                clone.write(region * 8, WriteBuf::from_bytes(Bytes::from(vec![9u8; 4096]))).await.unwrap();
+            }
+            written.extend(regions);
+            clone.flush().await.unwrap();
+            let newest = if seq(1) > seq(0) { 1 } else { 0 };
+            assert_eq!(seq(newest), clone.status().commit_seq);
+            assert_eq!(u32::from_le_bytes(header(newest)[64..68].try_into().unwrap()), newest as u32);
+            for &region in &written {
+                assert!(bit_on_disk(&metadata, newest, 2, region), "region {region} not in slot {newest}'s bitmap");
+            }
+            assert!(!bit_on_disk(&metadata, newest, 2, 35_001));
+        }
+        let reopened = CloneDevice::open(devices, client(), options).await.unwrap();
+        assert_eq!(reopened.status().regions_hydrated, 4);
+    });
+}
+
+#[test]
+fn flushes_that_wait_behind_a_commit_share_the_next_one() {
+    Simulation::block_on(async {
+        let disks = Disks::new(8 * 16);
+        // Metadata writes take 1 ms: a commit yields while it writes.
+        let metadata = Arc::new(MemDisk::new(MemDiskOptions {
+            name: "slow-metadata".into(),
+            len_sectors: 128,
+            latency: Latency { write: IoModel { cost_us: 1000, ..IoModel::default() }, ..Latency::default() },
+            ..MemDiskOptions::default()
+        }));
+        let devices = CloneDevices { metadata, ..disks.devices() };
+        let options = CloneOptions { hydration_enabled: false, ..CloneOptions::default() };
+        let clone = CloneDevice::create(devices, 4096, client(), options).await.unwrap();
+        clone.write(0, WriteBuf::from_bytes(Bytes::from(vec![4u8; 4096]))).await.unwrap();
+        let before = disks.destination.stats().flushes;
+        // The first takes the commit; the three behind it arrive while it runs, so the one
+        // commit that begins after them covers all three.
+        let results = tokio::join!(clone.flush(), clone.flush(), clone.flush(), clone.flush());
+        assert!(results.0.is_ok() && results.1.is_ok() && results.2.is_ok() && results.3.is_ok());
+        assert_eq!(disks.destination.stats().flushes - before, 2, "two commits for four flushes");
+    });
+}
