@@ -623,3 +623,51 @@ fn flushes_that_wait_behind_a_commit_share_the_next_one() {
         assert_eq!(disks.destination.stats().flushes - before, 2, "two commits for four flushes");
     });
 }
+
+/// CRC-32C (Castagnoli, reflected), written out here as docs/CLONE.md specifies it.
+fn crc32c(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in bytes {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+#[test]
+fn a_newest_header_with_a_valid_checksum_but_impossible_fields_is_not_believed() {
+    Simulation::block_on(async {
+        let disks = Disks::new(1024);
+        let clone = CloneDevice::create(disks.devices(), 4096, client(), CloneOptions::default()).await.unwrap();
+        // Commit 2 (slot 1): region 0. Commit 3 (slot 0, the newest): region 1.
+        for region in 0..2u64 {
+            clone.write(region * 8, WriteBuf::from_bytes(Bytes::from(vec![7u8; 4096]))).await.unwrap();
+            clone.flush().await.unwrap();
+        }
+        let good = disks.metadata.snapshot(0, 1);
+        assert_eq!(crc32c(&good[..84]).to_le_bytes(), good[84..88], "the checksum as the format gives it");
+        // Each a field a header of this format cannot hold, the header's checksum made right.
+        let forged: [(&str, usize, Vec<u8>); 5] = [
+            ("another magic", 0, b"KCLONEv0".to_vec()),
+            ("more hydrated regions than regions", 56, 129u64.to_le_bytes().to_vec()),
+            ("a region size of 3 sectors", 24, 3u64.to_le_bytes().to_vec()),
+            ("a block of 3000 bytes", 12, 3000u32.to_le_bytes().to_vec()),
+            ("slot 2", 64, 2u32.to_le_bytes().to_vec()),
+        ];
+        for (what, offset, bytes) in forged {
+            let mut header = good.clone();
+            header[offset..offset + bytes.len()].copy_from_slice(&bytes);
+            let crc = crc32c(&header[..84]);
+            header[84..88].copy_from_slice(&crc.to_le_bytes());
+            disks.metadata.poke(0, &header);
+            let reopened = CloneDevice::open(disks.devices(), client(), CloneOptions::default()).await.unwrap();
+            let status = reopened.status();
+            assert_eq!((status.regions_hydrated, status.commit_seq), (1, 2), "{what}: slot 1's commit is the one used");
+        }
+        disks.metadata.poke(0, &good);
+        let reopened = CloneDevice::open(disks.devices(), client(), CloneOptions::default()).await.unwrap();
+        assert_eq!(reopened.status().commit_seq, 3, "the true header is read again");
+    });
+}
