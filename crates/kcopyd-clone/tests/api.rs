@@ -671,3 +671,18 @@ fn a_newest_header_with_a_valid_checksum_but_impossible_fields_is_not_believed()
         assert_eq!(reopened.status().commit_seq, 3, "the true header is read again");
     });
 }
+
+#[test]
+fn an_unreadable_metadata_block_is_named_by_its_sectors() {
+    Simulation::block_on(async {
+        let disks = Disks::new(1024);
+        CloneDevice::create(disks.devices(), 4096, client(), CloneOptions::default()).await.unwrap();
+        disks.metadata.fail_reads(9..10); // in slot 1's header; both headers are read at once
+        match CloneDevice::open(disks.devices(), client(), CloneOptions::default()).await {
+            Err(CloneError::ReadMetadata { device, sectors, .. }) => {
+                assert_eq!((device.as_str(), sectors), ("metadata", 0..16));
+            }
+            other => panic!("an unreadable header: {other:?}"),
+        }
+    });
+}
