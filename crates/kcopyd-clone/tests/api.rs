@@ -649,8 +649,9 @@ fn a_newest_header_with_a_valid_checksum_but_impossible_fields_is_not_believed()
         let good = disks.metadata.snapshot(0, 1);
         assert_eq!(crc32c(&good[..84]).to_le_bytes(), good[84..88], "the checksum as the format gives it");
         // Each a field a header of this format cannot hold, the header's checksum made right.
-        let forged: [(&str, usize, Vec<u8>); 5] = [
+        let forged: [(&str, usize, Vec<u8>); 6] = [
             ("another magic", 0, b"KCLONEv0".to_vec()),
+            ("a count of hydrated regions that is not its bitmap's", 56, 1u64.to_le_bytes().to_vec()),
             ("more hydrated regions than regions", 56, 129u64.to_le_bytes().to_vec()),
             ("a region size of 3 sectors", 24, 3u64.to_le_bytes().to_vec()),
             ("a block of 3000 bytes", 12, 3000u32.to_le_bytes().to_vec()),
@@ -666,6 +667,14 @@ fn a_newest_header_with_a_valid_checksum_but_impossible_fields_is_not_believed()
             let status = reopened.status();
             assert_eq!((status.regions_hydrated, status.commit_seq), (1, 2), "{what}: slot 1's commit is the one used");
         }
+        // Slot 1's own header, sequence raised, in block 0: a valid header in the wrong place.
+        let mut moved = disks.metadata.snapshot(8, 1);
+        moved[16..24].copy_from_slice(&9u64.to_le_bytes());
+        let crc = crc32c(&moved[..84]);
+        moved[84..88].copy_from_slice(&crc.to_le_bytes());
+        disks.metadata.poke(0, &moved);
+        let reopened = CloneDevice::open(disks.devices(), client(), CloneOptions::default()).await.unwrap();
+        assert_eq!(reopened.status().commit_seq, 2, "a header found in the other slot's block is not used");
         disks.metadata.poke(0, &good);
         let reopened = CloneDevice::open(disks.devices(), client(), CloneOptions::default()).await.unwrap();
         assert_eq!(reopened.status().commit_seq, 3, "the true header is read again");
