@@ -104,7 +104,7 @@ impl CloneDevice {
         options.validate()?;
         let metadata_device = &devices.metadata;
         let block_bytes = Layout::new(metadata_device, 0)?.block_bytes;
-        let (loaded, _older) = metadata::load(metadata_device, block_bytes).await?;
+        let loaded = metadata::load(metadata_device, block_bytes).await?;
         let header = loaded.header;
         check_region_size(header.region_sectors.saturating_mul(SECTOR_SIZE as u64))?;
         let geometry = check_devices(&devices, header.region_sectors)?;

@@ -261,12 +261,11 @@ pub(crate) async fn read_sectors(
     Ok(buf.to_vec())
 }
 
-/// Reads both slots and returns the valid one with the highest sequence number, and the
-/// other one's header if it is valid too.
+/// Reads both slots and returns the valid one with the highest sequence number.
 ///
 /// A slot is valid when its header's magic and checksum hold, it names its own slot and the
 /// metadata block size, and its bitmap matches the header's bitmap checksum and count.
-pub(crate) async fn load(device: &Device, block_bytes: u32) -> Result<(Loaded, Option<Header>), CloneError> {
+pub(crate) async fn load(device: &Device, block_bytes: u32) -> Result<Loaded, CloneError> {
     let block_sectors = u64::from(block_bytes) / SECTOR_SIZE as u64;
     let headers = read_sectors(device, 0, 2 * block_sectors).await?;
     let mut candidates = Vec::new();
@@ -289,16 +288,7 @@ pub(crate) async fn load(device: &Device, block_bytes: u32) -> Result<(Loaded, O
             valid.push(Loaded { header, bitmap });
         }
     }
-    let mut valid = valid.into_iter();
-    let newest = valid.next().ok_or_else(|| CloneError::NoValidMetadata { device: device.name().to_owned() })?;
-    let older = valid.next().map(|older| older.header).filter(|older| same_clone(older, &newest.header));
-    Ok((newest, older))
-}
-
-/// Whether two headers describe the same clone (all but the commit's own fields agree).
-fn same_clone(a: &Header, b: &Header) -> bool {
-    (a.region_sectors, a.region_count, a.source_sectors, a.destination_sectors)
-        == (b.region_sectors, b.region_count, b.source_sectors, b.destination_sectors)
+    valid.into_iter().next().ok_or_else(|| CloneError::NoValidMetadata { device: device.name().to_owned() })
 }
 
 fn count_ones(bitmap: &[u8]) -> u64 {
