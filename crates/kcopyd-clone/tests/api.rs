@@ -106,16 +106,22 @@ fn open_refuses_foreign_metadata_and_other_devices() {
     });
 }
 
+/// A clone of `disks` with two commits after its first: commit 2 (slot 1) holds region 0,
+/// hydrated by a whole-region write; commit 3 (slot 0, the newest) region 1 as well.
+async fn two_commits(disks: &Disks) -> CloneDevice {
+    let clone = CloneDevice::create(disks.devices(), 4096, client(), CloneOptions::default()).await.unwrap();
+    for region in 0..2u64 {
+        clone.write(region * 8, WriteBuf::from_bytes(Bytes::from(vec![7u8; 4096]))).await.unwrap();
+        clone.flush().await.unwrap();
+    }
+    clone
+}
+
 #[test]
 fn a_damaged_newest_slot_falls_back_to_the_older_commit() {
     Simulation::block_on(async {
         let disks = Disks::new(1024);
-        let clone = CloneDevice::create(disks.devices(), 4096, client(), CloneOptions::default()).await.unwrap();
-        // Commit 2 (slot 1): region 0 hydrated by a whole-region write. Commit 3 (slot 0): region 1.
-        for region in 0..2u64 {
-            clone.write(region * 8, WriteBuf::from_bytes(Bytes::from(vec![7u8; 4096]))).await.unwrap();
-            clone.flush().await.unwrap();
-        }
+        let clone = two_commits(&disks).await;
         assert_eq!(clone.status().commit_seq, 3);
         let reopened = CloneDevice::open(disks.devices(), client(), CloneOptions::default()).await.unwrap();
         assert_eq!((reopened.status().regions_hydrated, reopened.status().commit_seq), (2, 3));
@@ -640,12 +646,7 @@ fn crc32c(bytes: &[u8]) -> u32 {
 fn a_newest_header_with_a_valid_checksum_but_impossible_fields_is_not_believed() {
     Simulation::block_on(async {
         let disks = Disks::new(1024);
-        let clone = CloneDevice::create(disks.devices(), 4096, client(), CloneOptions::default()).await.unwrap();
-        // Commit 2 (slot 1): region 0. Commit 3 (slot 0, the newest): region 1.
-        for region in 0..2u64 {
-            clone.write(region * 8, WriteBuf::from_bytes(Bytes::from(vec![7u8; 4096]))).await.unwrap();
-            clone.flush().await.unwrap();
-        }
+        two_commits(&disks).await;
         let good = disks.metadata.snapshot(0, 1);
         assert_eq!(crc32c(&good[..84]).to_le_bytes(), good[84..88], "the checksum as the format gives it");
         // Each a field a header of this format cannot hold, the header's checksum made right.
