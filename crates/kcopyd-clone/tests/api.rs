@@ -483,7 +483,9 @@ fn reads_count_their_sectors_by_device_and_their_hints() {
         let options = CloneOptions { hydration_enabled: false, ..CloneOptions::default() };
         let clone = CloneDevice::create(disks.devices(), 4096, client(), options).await.unwrap();
         read(&clone, 8 * 3, 8).await.unwrap();
+        let source_reads = disks.source.stats().reads;
         read(&clone, 8 * 9 + 2, 11).await.unwrap(); // regions 9 and 10
+        assert_eq!(disks.source.stats().reads - source_reads, 1, "two unhydrated regions, one source read");
         let stats = clone.stats();
         assert_eq!((stats.reads, stats.read_source_sectors, stats.read_destination_sectors), (2, 19, 0));
         assert_eq!(stats.hints, 3, "one hint per unhydrated region read");
