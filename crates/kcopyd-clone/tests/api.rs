@@ -378,6 +378,10 @@ fn allocation_shows_the_sources_holes_until_their_regions_hydrate_and_asks_no_hi
             "clipped to the query"
         );
         assert!(clone.allocated(1020, 8).await.is_err(), "past the end");
+        // A hydrated region (7, written) then an unhydrated one (8, the source's data): each
+        // side asked for its own run.
+        clone.write(56, WriteBuf::from_bytes(Bytes::from(vec![2u8; 4096]))).await.unwrap();
+        assert_eq!(clone.allocated(56, 16).await.unwrap(), kcopyd_core::RangeSet::from_range(56..72));
         assert_eq!(clone.run_hydration().await, HydrationEnd::Complete);
         let data = clone.allocated(0, 1024).await.unwrap();
         assert_eq!(data, destination.allocated(0, 1024).await.unwrap(), "hydrated: the destination tells");
