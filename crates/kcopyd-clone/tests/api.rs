@@ -702,3 +702,19 @@ fn an_unreadable_metadata_block_is_named_by_its_sectors() {
         }
     });
 }
+
+#[test]
+fn reading_a_region_given_up_on_does_not_try_it_again() {
+    Simulation::block_on(async {
+        let disks = Disks::new(256);
+        disks.source.fail_reads(40..41); // region 5 of 8-sector regions
+        let clone = CloneDevice::create(disks.devices(), 4096, client(), CloneOptions::default()).await.unwrap();
+        assert_eq!(clone.run_hydration().await, HydrationEnd::GaveUp { regions: vec![5] });
+        let hints = clone.stats().hints;
+        assert!(read(&clone, 40, 8).await.is_err(), "the source still cannot be read there");
+        read(&clone, 32, 8).await.unwrap(); // region 4, hydrated: no hint either
+        assert_eq!(clone.stats().hints, hints, "no hint for a region given up on or hydrated");
+        assert_eq!(clone.run_hydration().await, HydrationEnd::GaveUp { regions: vec![5] });
+        assert_eq!(clone.stats().copy_failures, 3, "no attempt beyond the maximum");
+    });
+}
