@@ -161,13 +161,19 @@ fn whole_region_writes_and_discards_skip_the_copy_partial_writes_wait_for_it() {
     });
 }
 
+/// A clone of 32 regions whose source cannot read region 5: hydration gives it up.
+async fn given_up_on_region_5() -> (Disks, CloneDevice) {
+    let disks = Disks::new(256);
+    disks.source.fail_reads(40..41); // region 5 of 8-sector regions
+    let clone = CloneDevice::create(disks.devices(), 4096, client(), CloneOptions::default()).await.unwrap();
+    assert_eq!(clone.run_hydration().await, HydrationEnd::GaveUp { regions: vec![5] });
+    (disks, clone)
+}
+
 #[test]
 fn a_region_that_keeps_failing_is_given_up_and_reported() {
     Simulation::block_on(async {
-        let disks = Disks::new(256);
-        disks.source.fail_reads(40..41); // region 5 of 8-sector regions
-        let clone = CloneDevice::create(disks.devices(), 4096, client(), CloneOptions::default()).await.unwrap();
-        assert_eq!(clone.run_hydration().await, HydrationEnd::GaveUp { regions: vec![5] });
+        let (disks, clone) = given_up_on_region_5().await;
         assert_eq!(clone.stats().copy_failures, 3, "hydration_attempts_max attempts, not for ever");
         assert_eq!(clone.status().regions_failed, vec![5]);
         let error = clone.write(40, WriteBuf::from_bytes(Bytes::from(vec![1u8; 512]))).await.unwrap_err();
@@ -468,10 +474,7 @@ fn the_handle_tells_its_options_name_and_the_destinations_deallocation() {
 #[test]
 fn a_region_given_up_is_tried_again_when_asked() {
     Simulation::block_on(async {
-        let disks = Disks::new(256);
-        disks.source.fail_reads(40..41); // region 5 of 8-sector regions
-        let clone = CloneDevice::create(disks.devices(), 4096, client(), CloneOptions::default()).await.unwrap();
-        assert_eq!(clone.run_hydration().await, HydrationEnd::GaveUp { regions: vec![5] });
+        let (disks, clone) = given_up_on_region_5().await;
         disks.source.heal();
         clone.retry_failed();
         assert_eq!(clone.status().regions_failed, Vec::<u64>::new());
@@ -706,10 +709,7 @@ fn an_unreadable_metadata_block_is_named_by_its_sectors() {
 #[test]
 fn reading_a_region_given_up_on_does_not_try_it_again() {
     Simulation::block_on(async {
-        let disks = Disks::new(256);
-        disks.source.fail_reads(40..41); // region 5 of 8-sector regions
-        let clone = CloneDevice::create(disks.devices(), 4096, client(), CloneOptions::default()).await.unwrap();
-        assert_eq!(clone.run_hydration().await, HydrationEnd::GaveUp { regions: vec![5] });
+        let (_disks, clone) = given_up_on_region_5().await;
         let hints = clone.stats().hints;
         assert!(read(&clone, 40, 8).await.is_err(), "the source still cannot be read there");
         read(&clone, 32, 8).await.unwrap(); // region 4, hydrated: no hint either
