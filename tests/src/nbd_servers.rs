@@ -141,6 +141,11 @@ impl ExternalNbdServer {
         self.address.replace("{}", export)
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills the server at once (SIGKILL), as a crash or a lost link would end it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

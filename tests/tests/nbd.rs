@@ -717,3 +717,35 @@ fn thousands_of_requests_at_once_on_one_connection_each_get_their_reply() {
     written.into_iter().for_each(|result| result.unwrap());
     assert!(read_ok(&device, 4096 + 7 * 128, 64 * 1024) == data[..64 * 1024]);
 }
+
+/// The warm-up read stays inside what the server allows: whole minimum blocks of the export,
+/// one request at most; an empty export is sent nothing. The server refuses anything else
+/// (`blocksize-error-policy=error`), failing the warm-up.
+#[test]
+fn a_warm_up_reads_whole_blocks_inside_the_export_in_one_request() {
+    let test = "a_warm_up_reads_whole_blocks_inside_the_export_in_one_request";
+    let policy = |size: &str| {
+        let args = [
+            "--filter=blocksize-policy",
+            "memory",
+            size,
+            "blocksize-minimum=4096",
+            "blocksize-preferred=4096",
+            "blocksize-maximum=65536",
+            "blocksize-error-policy=error",
+        ];
+        ExternalNbdServer::nbdkit(test, Listen::Unix, &args)
+    };
+    // 10,000 bytes: 8,192 of whole 4 KiB blocks.
+    let Some(short) = policy("10000") else { return };
+    let device = open(&short.uri(""), &ConnectOptions::default());
+    block_on(device.warm_up(1 << 20)).expect("8 KiB read, not 10,000 bytes or 1 MiB");
+    block_on(device.warm_up(4096)).expect("less than asked is never more");
+    // 1 MiB: one request of the 64 KiB maximum.
+    let Some(long) = policy("1M") else { return };
+    let device = open(&long.uri(""), &ConnectOptions::default());
+    block_on(device.warm_up(u64::MAX)).expect("64 KiB read, not the export");
+    let Some(empty) = ExternalNbdServer::nbdkit(test, Listen::Unix, &["memory", "0"]) else { return };
+    let device = open(&empty.uri(""), &ConnectOptions::default());
+    block_on(device.warm_up(1 << 20)).expect("nothing to read");
+}

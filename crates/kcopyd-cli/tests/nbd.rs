@@ -425,3 +425,42 @@ fn more_connections_than_the_server_takes_cost_about_a_second() {
     assert!(fs::read(&file).unwrap() == data);
     assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
 }
+
+/// Page faults process `pid` has taken so far (`minflt` of /proc/PID/stat).
+fn minor_faults(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("the server's /proc/PID/stat");
+    let after_name = &stat[stat.rfind(')').expect("stat names the command in parentheses") + 2..];
+    after_name.split(' ').nth(7).and_then(|field| field.parse().ok()).expect("minflt is the 10th field")
+}
+
+/// The target server's page faults while kcopyd copies `len` bytes of `source` to a fresh
+/// qemu-nbd in 256 KiB writes, 4 in flight (a warm-up of 1 MiB from a 64 MiB range on).
+fn target_server_faults(test: &str, dir: &TempDir, source: &str, len: usize, name: &str) -> Option<u64> {
+    let target = dir.zero_file(name, len as u64);
+    let server = ExternalNbdServer::qemu_nbd(test, &target, Listen::Unix, &[])?;
+    let pid = server.pid().expect("the server runs");
+    let before = minor_faults(pid);
+    let (length, uri) = (len.to_string(), server.uri(""));
+    let options = ["--subjob-size", "256K", "--subjobs-in-flight", "4", "--memory", "1M", "--length", &length];
+    let (code, _, stderr) = kcopyd(&[&["copy", "-q", source, &uri][..], &options].concat());
+    assert_eq!(code, 0, "{stderr}");
+    Some(minor_faults(pid) - before)
+}
+
+#[test]
+fn a_long_copy_warms_qemu_nbd_up_so_that_its_request_buffers_stop_faulting() {
+    let test = "a_long_copy_warms_qemu_nbd_up_so_that_its_request_buffers_stop_faulting";
+    let dir = TempDir::new(test);
+    let data = pattern(24, 64 << 20);
+    let source = dir.file_with("source.img", &data);
+    let source = source.to_str().unwrap();
+    // 63 MiB is too short for a warm-up (1 MiB is more than 1/64 of it): every 256 KiB write
+    // gets a fresh mapping in qemu-nbd, a fault on each of its pages.
+    let pages = (63 << 20) / 4096;
+    let Some(cold) = target_server_faults(test, &dir, source, 63 << 20, "cold.img") else { return };
+    assert!(cold >= pages / 2, "{cold} faults for {pages} pages written: without a warm-up, qemu-nbd faults on each");
+    // 64 MiB: one 1 MiB read first, and the writes come from the server's heap.
+    let pages = (64 << 20) / 4096;
+    let Some(warm) = target_server_faults(test, &dir, source, 64 << 20, "warm.img") else { return };
+    assert!(warm < pages / 4, "{warm} faults for {pages} pages written: the warm-up did not lift qemu-nbd's threshold");
+}

@@ -418,6 +418,33 @@ impl NbdDevice {
         self.submit(self.pick(), NBD_CMD_WRITE, offset_bytes, data.len() as u32, Some(payload), None).await.result
     }
 
+    /// Reads up to `len_bytes` from the start of the export once and drops them: what to do
+    /// before a long run of requests of up to `len_bytes` in all, so that the server's
+    /// request buffers come from memory it keeps (docs/NBD.md, "Warming the server up").
+    ///
+    /// qemu-nbd allocates each request's buffer aligned (`posix_memalign`); glibc serves
+    /// an allocation past its mapping threshold (128 KiB at first) with a fresh `mmap` and
+    /// raises the threshold, when one is freed, only to the freed chunk's size, which for an
+    /// aligned allocation is less than the next one of the same size asks for. Requests of
+    /// one size (any copy's) then take a page fault on every 4 KiB of every request, for
+    /// ever; one larger request first lifts the threshold over them. Measured: the target
+    /// server's faults per GiB fall from 263,000 to 2,800, its CPU by half (1 MiB writes).
+    ///
+    /// The read is clipped to one request ([`NbdDevice::payload_bytes_max`]) and to the
+    /// export's whole minimum blocks; an empty export reads nothing.
+    ///
+    /// # Errors
+    /// The read failed (nothing depends on it: a caller may ignore it).
+    pub async fn warm_up(&self, len_bytes: u64) -> io::Result<()> {
+        let min = u64::from(self.info.block_min_bytes);
+        let len = len_bytes.min(u64::from(self.payload_bytes_max)).min(self.info.size_bytes) / min * min;
+        if len == 0 {
+            return Ok(());
+        }
+        let buf = ReadBuf::with_capacity(len as usize);
+        self.submit(&self.connections[0], NBD_CMD_READ, 0, len as u32, None, Some(buf)).await.result
+    }
+
     fn refused_bytes(&self, command: u16, offset_bytes: u64, len_bytes: u64, problem: Refusal) -> io::Error {
         let kind = problem.kind();
         RequestError::Refused {

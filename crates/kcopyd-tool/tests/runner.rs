@@ -164,3 +164,26 @@ fn a_missing_or_empty_map_holds_nothing_to_retry_and_the_report_says_so() {
     let report = kcopyd_tool::report::nothing_copied();
     assert_eq!((report.status, report.exit_code, report.bytes_not_copied), ("ok", 0, Some(0)));
 }
+
+#[test]
+fn nbd_servers_are_warmed_up_with_the_bytes_in_flight_only_before_a_range_64_times_as_long() {
+    use kcopyd_tool::run::{WARM_UP_BYTES_MAX, warm_up_bytes};
+    let mib = 1u64 << 20;
+    let config = |subjob_mib: usize, in_flight: usize, budget_mib: usize| ClientConfig {
+        subjob_size_bytes: subjob_mib << 20,
+        subjobs_in_flight: in_flight,
+        page_budget: budget_mib << 8,
+        ..ClientConfig::default()
+    };
+    // The worked example: 8 × 1 MiB in flight within 16 MiB of pages.
+    assert_eq!(warm_up_bytes(&config(1, 8, 16), 1 << 30), 8 * mib);
+    assert_eq!(warm_up_bytes(&config(1, 8, 16), 512 * mib), 8 * mib, "exactly 64 times");
+    assert_eq!(warm_up_bytes(&config(1, 8, 16), 512 * mib - 512), 0, "shorter than 64 times");
+    assert_eq!(warm_up_bytes(&config(1, 8, 16), 100 * mib), 0);
+    // At least two sub-jobs, so that the warm-up is larger than the requests after it.
+    assert_eq!(warm_up_bytes(&config(2, 1, 16), 1 << 30), 4 * mib);
+    // Within the page budget and the cap.
+    assert_eq!(warm_up_bytes(&config(1, 8, 4), 1 << 30), 4 * mib);
+    assert_eq!(warm_up_bytes(&config(8, 64, 1024), 1 << 40), WARM_UP_BYTES_MAX);
+    assert_eq!(warm_up_bytes(&config(64, usize::MAX, usize::MAX >> 8), u64::MAX), WARM_UP_BYTES_MAX);
+}
