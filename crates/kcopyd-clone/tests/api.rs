@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use kcopyd_clone::{CloneDevice, CloneDevices, CloneError, CloneOptions, HydrationEnd, HydrationError};
+use kcopyd_clone::{CloneDevice, CloneDevices, CloneError, CloneOptions, HINTS_MAX, HydrationEnd, HydrationError};
 use kcopyd_core::{BlockDevice, Client, ClientConfig, Device, ReadBuf, WriteBuf};
 use kcopyd_sim::{IoModel, Latency, MemDisk, MemDiskOptions, Simulation, to_tokio};
 
@@ -500,6 +500,24 @@ fn reads_count_their_sectors_by_device_and_their_hints() {
         read(&clone, 4, 8).await.unwrap(); // 4 sectors of region 0 (written), 4 of region 1
         let stats = clone.stats();
         assert_eq!((stats.read_source_sectors, stats.read_destination_sectors), (23, 4));
+    });
+}
+
+#[test]
+fn reads_queue_at_most_hints_max_hints_each_region_once() {
+    Simulation::block_on(async {
+        let regions = HINTS_MAX as u64 + 8;
+        let disks = Disks::new(8 * regions);
+        let options = CloneOptions { hydration_enabled: false, ..CloneOptions::default() };
+        let clone = CloneDevice::create(disks.devices(), 4096, client(), options).await.unwrap();
+        read(&clone, 0, 8 * 4).await.unwrap();
+        read(&clone, 8, 8).await.unwrap();
+        assert_eq!(clone.stats().hints, 4, "a region already queued is not queued again");
+        // One sector of every region: the queue fills at HINTS_MAX and takes no more.
+        for region in 0..regions {
+            read(&clone, 8 * region + 3, 1).await.unwrap();
+        }
+        assert_eq!(clone.stats().hints, HINTS_MAX as u64);
     });
 }
 
