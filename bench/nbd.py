@@ -15,6 +15,8 @@ inherits a server's state from the one before it (qemu-nbd's allocator remembers
 request it freed: docs/NBD.md, "Warming the server up"); --servers shared starts them once.
 
   ceiling:       fio reading SRC and writing T1 at once | fio reading SRC, writing T1 T2 T3 at once
+                 | fio reading the source export and writing a fifth export at once, through their
+                   servers (nbd engine): what the servers let any client do
   one target:    kcopyd copy SRC T1 | nbdcopy SRC T1 | qemu-img convert -m 16 -W -n SRC T1
   three targets: kcopyd copy SRC T1 T2 T3 | nbdcopy SRC T1; nbdcopy SRC T2; nbdcopy SRC T3
 
@@ -102,6 +104,24 @@ def fio_ceiling(source, targets, size_mib):
     return max(job["read"]["runtime"] + job["write"]["runtime"] for job in jobs) / 1000, children_cpu() - cpu
 
 
+def fio_through_servers(source_uri, target_uri, size_mib):
+    """Seconds fio takes to read the export `source_uri` and write the export `target_uri` at
+    the same time through their servers (fio's nbd engine, one connection each, the
+    ceiling's blocks and depth): what the servers and the disk do with no copy between the
+    reads and the writes. The slowest job's I/O time, as fio_ceiling."""
+    command = ["fio", "--output-format=json", "--ioengine=nbd", f"--bs={FIO_BLOCK}", f"--iodepth={FIO_DEPTH}",
+               f"--size={size_mib}M", "--name=read", f"--uri={source_uri}", "--rw=read",
+               "--name=write", f"--uri={target_uri}", "--rw=write"]
+    cpu = children_cpu()
+    process = subprocess.run(command, capture_output=True)
+    if process.returncode != 0:
+        sys.exit(f"nbd bench: {shlex.join(command)} failed: {process.stderr.decode(errors='replace').strip()}")
+    # fio's nbd engine prints "connected to NBD server" on stdout before the JSON.
+    output = process.stdout.decode()
+    jobs = json.loads(output[output.index("{"):])["jobs"]
+    return max(job["read"]["runtime"] + job["write"]["runtime"] for job in jobs) / 1000, children_cpu() - cpu
+
+
 def serve(path, socket, read_only, cache):
     """qemu-nbd serving `path` on `socket` with `cache` (none: O_DIRECT; writeback: the page
     cache); waits until it listens."""
@@ -162,12 +182,14 @@ def main():
                                 *direct, "status=none"], check=True)
                 files.append(path)
         def start_servers():
-            for name in ["source", *(f"target{i}" for i in range(3))]:
+            for name in ["source", "scratch0", *(f"target{i}" for i in range(3))]:
                 if os.path.exists(os.path.join(work, name + ".sock")):
                     os.unlink(os.path.join(work, name + ".sock"))
             started = [serve(source, os.path.join(work, "source.sock"), True, args.cache)]
-            return started + [serve(t, os.path.join(work, f"target{i}.sock"), False, args.cache)
-                              for i, t in enumerate(targets)]
+            # The ceiling's first scratch file too, for fio through the servers.
+            return started + [serve(t, os.path.join(work, f"{name}.sock"), False, args.cache)
+                              for name, t in [*((f"target{i}", t) for i, t in enumerate(targets)),
+                                              *[("scratch0", scratch[0])][:len(scratch)]]]
 
         def stop_servers():
             for server in servers:
@@ -181,7 +203,8 @@ def main():
         # the commands can run in any order and the targets hold only what the copies wrote.
         ceilings = {}
         if ceiling:
-            ceilings = {"fio ceiling 1": [source, scratch[:1]], "fio ceiling 3": [source, scratch]}
+            ceilings = {"fio ceiling 1": [source, scratch[:1]], "fio ceiling 3": [source, scratch],
+                        "fio via servers 1": [src, uri("scratch0")]}
         one = {
             "kcopyd": [[args.kcopyd, "copy", *extra, src, t[0]]],
             "kcopyd B": [[args.kcopyd_b, "copy", *extra_b, src, t[0]]] if args.kcopyd_b else None,
@@ -201,6 +224,7 @@ def main():
             one["kcopyd"] = three["kcopyd 3 targets"] = None
         copies = {name: commands for name, commands in [*one.items(), *three.items()]
                   if commands is not None and name not in skip}
+        ceilings = {name: files for name, files in ceilings.items() if name not in skip}
         names = [*ceilings, *copies]
         times = {name: [] for name in names}
         cpus = {name: [] for name in names}
@@ -211,7 +235,12 @@ def main():
                 # pay that alike.
                 shift = round_ % len(names)
                 for name in names[shift:] + names[:shift]:
-                    if name in ceilings:
+                    if name == "fio via servers 1":
+                        if args.servers == "fresh":
+                            stop_servers()
+                            servers = start_servers()
+                        seconds, cpu = fio_through_servers(*ceilings[name], args.size_mib)
+                    elif name in ceilings:
                         seconds, cpu = fio_ceiling(*ceilings[name], args.size_mib)
                     else:
                         if args.servers == "fresh":
@@ -222,7 +251,8 @@ def main():
                     cpus[name].append(cpu)
                     print(f"round {round_ + 1}: {name}: {seconds:.2f} s, cpu {cpu:.2f} s", flush=True)
             # The copies are checked: every target holds the source.
-            for target in targets:
+            written = targets if any(name in three for name in copies) else targets[:1]
+            for target in written:
                 subprocess.run(["cmp", source, target], check=True)
         finally:
             stop_servers()
@@ -250,6 +280,7 @@ def main():
         if ceiling:
             goals = [("kcopyd", "fio ceiling 1", "kcopyd / ceiling            ", 1.05, "wall"),
                      ("kcopyd 3 targets", "fio ceiling 3", "kcopyd 3 targets / ceiling  ", 1.10, "wall"),
+                     ("kcopyd", "fio via servers 1", "kcopyd / fio via servers    ", None, "wall"),
                      ("kcopyd", "nbdcopy", "kcopyd / nbdcopy            ", None, "wall")]
         elif args.cache == "writeback":
             goals.append(("kcopyd", "nbdcopy", "kcopyd cpu / nbdcopy cpu    ", 0.7, "cpu"))

@@ -18,6 +18,8 @@ if ! command -v cargo-mutants >/dev/null; then
 fi
 export KCOPYD_CLONE_SEEDS="${KCOPYD_CLONE_SEEDS:-30}"
 export KCOPYD_CLONE_FAIL_FAST=1
+# A test hung by a mutant fails after 60 s (.config/nextest.toml's `mutants` profile).
+export NEXTEST_PROFILE=mutants
 echo "mutants.sh: baseline: the clone's oracle ($KCOPYD_CLONE_SEEDS seeds) and API tests"
 cargo nextest run --cargo-profile mutants -p kcopyd-clone --test oracle --test api
 exec cargo mutants --config crates/kcopyd-clone/mutants.toml --profile mutants --baseline=skip \
