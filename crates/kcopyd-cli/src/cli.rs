@@ -390,6 +390,12 @@ pub struct EngineArgs {
     /// "localhost" for a unix socket). A URI's own tls-hostname wins.
     #[arg(long = "tls-hostname", value_name = "NAME")]
     pub tls_hostname: Option<String>,
+    /// NBD exports: do not read the first MiBs of each export once before a long copy or
+    /// verify. That read (at most 1/64 of the range) lets a server such as qemu-nbd serve the
+    /// copy's requests from memory it keeps instead of mapping fresh pages for each: half its
+    /// CPU (docs/NBD.md, "Warming the server up").
+    #[arg(long = "no-warm-up")]
+    pub no_warm_up: bool,
 }
 
 /// The engine's throttle, for `copy` and `zero`: both limits off unless given.

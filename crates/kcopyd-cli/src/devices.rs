@@ -132,6 +132,7 @@ pub fn settings<'a>(
     };
     let nbd = options::nbd_settings(args.connections, args.connect_timeout_us, args.io_timeout_us, tls, nbd_exports)
         .map_err(option_error)?;
+    let nbd = kcopyd_tool::NbdSettings { warm_up: !args.no_warm_up, ..nbd };
     for uri in options::unverified_tls_exports(&devices, &nbd.tls).map_err(option_error)? {
         out::note(&format!(
             "kcopyd: warning: {uri}: the server's certificate is not verified (tls-verify-peer off): \

@@ -434,15 +434,17 @@ fn minor_faults(pid: u32) -> u64 {
 }
 
 /// The target server's page faults while kcopyd copies `len` bytes of `source` to a fresh
-/// qemu-nbd in 256 KiB writes, 4 in flight (a warm-up of 1 MiB from a 64 MiB range on).
-fn target_server_faults(test: &str, dir: &TempDir, source: &str, len: usize, name: &str) -> Option<u64> {
-    let target = dir.zero_file(name, len as u64);
+/// qemu-nbd in 256 KiB writes, 4 in flight (a warm-up of 1 MiB from a 64 MiB range on), with
+/// `extra` options.
+fn target_server_faults(test: &str, dir: &TempDir, source: &str, len: usize, extra: &[&str]) -> Option<u64> {
+    let name = format!("target-{len}{}.img", extra.join(""));
+    let target = dir.zero_file(&name, len as u64);
     let server = ExternalNbdServer::qemu_nbd(test, &target, Listen::Unix, &[])?;
     let pid = server.pid().expect("the server runs");
     let before = minor_faults(pid);
     let (length, uri) = (len.to_string(), server.uri(""));
     let options = ["--subjob-size", "256K", "--subjobs-in-flight", "4", "--memory", "1M", "--length", &length];
-    let (code, _, stderr) = kcopyd(&[&["copy", "-q", source, &uri][..], &options].concat());
+    let (code, _, stderr) = kcopyd(&[&["copy", "-q", source, &uri][..], &options, extra].concat());
     assert_eq!(code, 0, "{stderr}");
     Some(minor_faults(pid) - before)
 }
@@ -457,10 +459,13 @@ fn a_long_copy_warms_qemu_nbd_up_so_that_its_request_buffers_stop_faulting() {
     // 63 MiB is too short for a warm-up (1 MiB is more than 1/64 of it): every 256 KiB write
     // gets a fresh mapping in qemu-nbd, a fault on each of its pages.
     let pages = (63 << 20) / 4096;
-    let Some(cold) = target_server_faults(test, &dir, source, 63 << 20, "cold.img") else { return };
+    let Some(cold) = target_server_faults(test, &dir, source, 63 << 20, &[]) else { return };
     assert!(cold >= pages / 2, "{cold} faults for {pages} pages written: without a warm-up, qemu-nbd faults on each");
     // 64 MiB: one 1 MiB read first, and the writes come from the server's heap.
     let pages = (64 << 20) / 4096;
-    let Some(warm) = target_server_faults(test, &dir, source, 64 << 20, "warm.img") else { return };
+    let Some(warm) = target_server_faults(test, &dir, source, 64 << 20, &[]) else { return };
     assert!(warm < pages / 4, "{warm} faults for {pages} pages written: the warm-up did not lift qemu-nbd's threshold");
+    // Unless the user says no.
+    let Some(refused) = target_server_faults(test, &dir, source, 64 << 20, &["--no-warm-up"]) else { return };
+    assert!(refused >= pages / 2, "{refused} faults for {pages} pages written with --no-warm-up");
 }

@@ -52,6 +52,9 @@ pub struct NbdSettings {
     pub io_timeout_ms: Option<u64>,
     /// TLS parameters for `nbds://` and `nbds+unix://` exports whose URI does not give them.
     pub tls: kcopyd_nbd::TlsOptions,
+    /// Warm each export's server up before a long copy or comparison
+    /// ([`crate::run::warm_up_bytes`]; on by default).
+    pub warm_up: bool,
 }
 
 impl Settings {
@@ -64,6 +67,7 @@ impl Settings {
             connect_timeout_ms: kcopyd_nbd::CONNECT_TIMEOUT_MS_DEFAULT,
             io_timeout_ms: config.io_timeout_ms,
             tls: kcopyd_nbd::TlsOptions::default(),
+            warm_up: true,
         };
         Settings { config, buffered: false, queue_depth, io_engine: IoEngine::Sync, nbd, created_hook: None }
     }

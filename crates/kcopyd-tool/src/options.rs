@@ -173,6 +173,7 @@ pub fn nbd_settings(
         connect_timeout_ms: connect_timeout_us / 1000,
         io_timeout_ms: io_timeout_us.map(|us| us / 1000),
         tls,
+        warm_up: true,
     })
 }
 

@@ -297,7 +297,7 @@ impl Runner<'_> {
     async fn warm_up(&self, plan: &Plan) {
         let bytes = warm_up_bytes(&self.settings.config, plan.len_bytes);
         let exports = std::iter::once(&plan.source).chain(&plan.targets).filter_map(|opened| opened.nbd.as_ref());
-        if bytes == 0 {
+        if bytes == 0 || !self.settings.nbd.warm_up {
             return;
         }
         let warm_ups = join_all(exports.map(|nbd| nbd.warm_up(bytes)));
