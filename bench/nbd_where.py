@@ -5,7 +5,7 @@ idle time and the disk's busy time measured while it runs.
 
 Usage: bench/nbd_where.py [--size-mib N] [--runs N] [--dir DIR] [--kcopyd PATH]
                           [--kcopyd-args ARGS] [--targets 1|3] [--cache none|writeback]
-                          [--nbdcopy]
+                          [--nbdcopy] [--kcopyd-b-args ARGS] [--servers fresh|shared]
 
 Each run samples /proc every 20 ms: /proc/PID/task/*/stat of kcopyd (per thread, by name:
 `kcopyd-nbd` is the reactor that runs every NBD connection, `kcopyd-client` the engine),
@@ -25,7 +25,10 @@ A thread near 100 % of the wall time is a bottleneck; idle CPU and a disk not al
 mean the copy waits on something else (round trips, ordering).
 
 --nbdcopy measures `nbdcopy SRC T0` (one target) in every run as well, after kcopyd, with the
-same figures: what the same servers cost when another client drives them.
+same figures: what the same servers cost when another client drives them; --kcopyd-b-args
+measures a second kcopyd command too (e.g. --no-warm-up). The servers are started again before
+every command (--servers fresh), so that none inherits a server's allocator state from the one
+before it; --servers shared starts them once.
 """
 
 import argparse
@@ -144,6 +147,9 @@ def main():
     parser.add_argument("--targets", type=int, choices=[1, 3], default=3)
     parser.add_argument("--cache", choices=["none", "writeback"], default="none")
     parser.add_argument("--nbdcopy", action="store_true", help="measure nbdcopy SRC T0 in every run too")
+    parser.add_argument("--kcopyd-b-args", default=None, help="measure kcopyd with these options too")
+    parser.add_argument("--servers", choices=["fresh", "shared"], default="fresh",
+                        help="fresh: the servers are started again before every command (default)")
     args = parser.parse_args()
     direct = ["oflag=direct"] if args.cache == "none" else []
     with tempfile.TemporaryDirectory(prefix="kcopyd-nbd-where-", dir=args.dir) as work:
@@ -156,27 +162,45 @@ def main():
             subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=4M", f"count={args.size_mib // 4}",
                             *direct, "status=none"], check=True)
             targets.append(path)
-        servers = {"source": nbd_bench.serve(source, os.path.join(work, "source.sock"), True, args.cache)}
-        for i, target in enumerate(targets):
-            servers[f"target{i}"] = nbd_bench.serve(target, os.path.join(work, f"target{i}.sock"), False, args.cache)
-        uri = lambda name: f"nbd+unix:///?socket={os.path.join(work, name + '.sock')}"
-        command = [args.kcopyd, "copy", *shlex.split(args.kcopyd_args), uri("source"),
-                   *[uri(f"target{i}") for i in range(args.targets)]]
-        disk = disk_of(work) if args.cache == "none" else None
-        commands = [command] + ([["nbdcopy", uri("source"), uri("target0")]] if args.nbdcopy else [])
-        runs = {shlex.join(c[:2]): [] for c in commands}
-        try:
-            for run in range(args.runs):
-                for c in commands:
-                    figures = measure(c, {name: s.pid for name, s in servers.items()}, disk)
-                    runs[shlex.join(c[:2])].append(figures)
-                    print(f"run {run + 1}: {shlex.join(c[:2])} {figures['wall']:.2f} s", flush=True)
-            for target in targets:
-                subprocess.run(["cmp", source, target], check=True)
-        finally:
+        def start_servers():
+            for name in ["source", *(f"target{i}" for i in range(args.targets))]:
+                if os.path.exists(os.path.join(work, name + ".sock")):
+                    os.unlink(os.path.join(work, name + ".sock"))
+            started = {"source": nbd_bench.serve(source, os.path.join(work, "source.sock"), True, args.cache)}
+            for i, target in enumerate(targets):
+                started[f"target{i}"] = nbd_bench.serve(target, os.path.join(work, f"target{i}.sock"), False,
+                                                        args.cache)
+            return started
+
+        def stop_servers():
             for server in servers.values():
                 server.terminate()
                 server.wait()
+
+        servers = start_servers()
+        uri = lambda name: f"nbd+unix:///?socket={os.path.join(work, name + '.sock')}"
+        kcopyd = lambda options: [args.kcopyd, "copy", *shlex.split(options), uri("source"),
+                                  *[uri(f"target{i}") for i in range(args.targets)]]
+        disk = disk_of(work) if args.cache == "none" else None
+        commands = {"kcopyd copy": kcopyd(args.kcopyd_args)}
+        if args.kcopyd_b_args is not None:
+            commands["kcopyd copy B"] = kcopyd(args.kcopyd_b_args)
+        if args.nbdcopy:
+            commands["nbdcopy"] = ["nbdcopy", uri("source"), uri("target0")]
+        runs = {label: [] for label in commands}
+        try:
+            for run in range(args.runs):
+                for label, c in commands.items():
+                    if args.servers == "fresh":
+                        stop_servers()
+                        servers = start_servers()
+                    figures = measure(c, {name: s.pid for name, s in servers.items()}, disk)
+                    runs[label].append(figures)
+                    print(f"run {run + 1}: {label} {figures['wall']:.2f} s", flush=True)
+            for target in targets:
+                subprocess.run(["cmp", source, target], check=True)
+        finally:
+            stop_servers()
     load = os.getloadavg()
     for label, figures in runs.items():
         report(label, figures, args, load)
@@ -184,9 +208,10 @@ def main():
 
 def report(label, runs, args, load):
     """Prints the medians of one command's runs."""
-    print(f"\n{label} {args.kcopyd_args if label.endswith('copy') and 'kcopyd' in label else ''} SRC "
+    options = {"kcopyd copy": args.kcopyd_args, "kcopyd copy B": args.kcopyd_b_args}.get(label, "")
+    print(f"\n{label} {options} SRC "
           f"{args.targets if 'kcopyd' in label else 1} target(s), {args.size_mib} MiB, --cache={args.cache}, "
-          f"medians of {args.runs} runs, load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}:")
+          f"medians of {args.runs} runs, {args.servers} servers, load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}:")
     wall = statistics.median(r["wall"] for r in runs)
     names = sorted({name for r in runs for name in r if name != "wall"}, key=lambda n: (n.split()[0], n))
     print(f"  {'wall':28} {wall:6.2f} s")
