@@ -189,7 +189,7 @@ def main():
             # The ceiling's first scratch file too, for fio through the servers.
             return started + [serve(t, os.path.join(work, f"{name}.sock"), False, args.cache)
                               for name, t in [*((f"target{i}", t) for i, t in enumerate(targets)),
-                                              *[("scratch0", scratch[0])][:len(scratch)]]]
+                                              *[("scratch0", path) for path in scratch[:1]]]]
 
         def stop_servers():
             for server in servers:
