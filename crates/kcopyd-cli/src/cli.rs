@@ -13,7 +13,8 @@ use kcopyd_tool::{AddressError, DeviceAddress};
 /// Chosen by measurement (docs/BENCHMARKS.md): on this project's machines, alternating
 /// shapes in one run, 4 × 1 MiB in flight copied fastest to 1 and to 3 targets; deeper
 /// queues (8 × 2 MiB, 32 × 2 MiB) were 5–25 % slower there, because the virtual disk shares
-/// one bandwidth between reads and writes. Faster storage may want more in flight.
+/// one bandwidth between reads and writes. Faster storage may want more in flight. With an
+/// NBD export: [`kcopyd_tool::options::NBD_SUBJOB_SIZE_DEFAULT_BYTES`].
 pub const SUBJOB_SIZE_DEFAULT: &str = "1M";
 /// Sub-jobs kept in flight by default: the library's.
 pub const SUBJOBS_IN_FLIGHT_DEFAULT: usize = kcopyd_core::SUBJOBS_IN_FLIGHT_DEFAULT;
@@ -326,16 +327,16 @@ pub enum MapCommand {
 /// Options of the engine, shared by `copy`, `zero` and `verify`.
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
-    /// Bytes per sub-job (each I/O): a multiple of 512, at most 64M.
+    /// Bytes per sub-job (each I/O): a multiple of 512, at most 64M [default: 1M; 2M when the
+    /// source or a target is an NBD export].
     #[arg(
         long = "subjob-size",
         alias = "sub-job-size",
         value_name = "SIZE",
-        default_value = SUBJOB_SIZE_DEFAULT,
         value_parser = size::parse_size,
         allow_negative_numbers = true,
     )]
-    pub subjob_size_bytes: u64,
+    pub subjob_size_bytes: Option<u64>,
     /// Sub-jobs kept in flight: 1 to 1024 [default: 4; 8 when the source or a target is an NBD
     /// export].
     #[arg(long, value_name = "COUNT")]
@@ -653,6 +654,12 @@ mod tests {
         assert_eq!(size::parse_size(SUBJOB_SIZE_DEFAULT).unwrap(), library.subjob_size_bytes as u64);
         assert_eq!(SUBJOBS_IN_FLIGHT_DEFAULT, library.subjobs_in_flight);
         assert_eq!(size::parse_size(MEMORY_DEFAULT).unwrap(), library.page_budget_bytes() as u64);
+        // `--subjob-size`'s default is written in its help, with the NBD one.
+        let mut command = <Cli as clap::CommandFactory>::command();
+        let help = command.find_subcommand_mut("copy").unwrap().render_long_help().to_string();
+        let nbd = kcopyd_tool::options::NBD_SUBJOB_SIZE_DEFAULT_BYTES >> 20;
+        let written = format!("[default: {SUBJOB_SIZE_DEFAULT}; {nbd}M when the source or a target is an NBD export]");
+        assert!(help.replace("\n ", "").split_whitespace().collect::<Vec<_>>().join(" ").contains(&written), "{help}");
     }
 }
 

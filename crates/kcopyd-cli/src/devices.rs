@@ -14,11 +14,11 @@ use std::sync::Arc;
 use kcopyd_core::ClientConfig;
 use kcopyd_nbd::TlsOptions;
 use kcopyd_os::{IoEngine, QUEUE_DEPTH_MAX};
-use kcopyd_tool::options::{self, NBD_SUBJOBS_IN_FLIGHT_DEFAULT};
+use kcopyd_tool::options::{self, NBD_SUBJOB_SIZE_DEFAULT_BYTES, NBD_SUBJOBS_IN_FLIGHT_DEFAULT};
 use kcopyd_tool::{Backend, CreatedHook, DeviceAddress, OptionError, Plan, PlanError, Settings, ZeroPlan};
 use kcopyd_tool::{TlsOption, plan_with_source, plan_zero};
 
-use crate::cli::{EngineArgs, IoEngineArg, SUBJOBS_IN_FLIGHT_DEFAULT, ThrottleArgs};
+use crate::cli::{EngineArgs, IoEngineArg, SUBJOB_SIZE_DEFAULT, SUBJOBS_IN_FLIGHT_DEFAULT, ThrottleArgs};
 use crate::error::{CliError, open_reason};
 use crate::{out, progress};
 
@@ -112,7 +112,8 @@ fn io_engine(arg: IoEngineArg) -> Result<IoEngine, CliError> {
 }
 
 /// Checks the engine options for a command on `devices` (whose kinds choose defaults:
-/// NBD exports get [`NBD_SUBJOBS_IN_FLIGHT_DEFAULT`] sub-jobs in flight).
+/// NBD exports get [`NBD_SUBJOBS_IN_FLIGHT_DEFAULT`] sub-jobs of [`NBD_SUBJOB_SIZE_DEFAULT_BYTES`]
+/// in flight).
 ///
 /// # Errors
 /// An option out of bounds, named.
@@ -124,6 +125,11 @@ pub fn settings<'a>(
     let nbd_exports = devices.iter().filter(|device| matches!(device.backend, Backend::Nbd(_))).count();
     let subjobs_default = if nbd_exports > 0 { NBD_SUBJOBS_IN_FLIGHT_DEFAULT } else { SUBJOBS_IN_FLIGHT_DEFAULT };
     let subjobs_in_flight = args.subjobs_in_flight.unwrap_or(subjobs_default);
+    let subjob_default = match nbd_exports {
+        0 => crate::size::parse_size(SUBJOB_SIZE_DEFAULT).expect("the default size parses"),
+        _ => NBD_SUBJOB_SIZE_DEFAULT_BYTES,
+    };
+    let subjob_size_bytes = args.subjob_size_bytes.unwrap_or(subjob_default);
     options::check_memory(args.memory_bytes).map_err(option_error)?;
     let tls = TlsOptions {
         certificates: args.tls_certificates.clone(),
@@ -142,7 +148,7 @@ pub fn settings<'a>(
     let config = ClientConfig {
         huge_pages: !args.no_huge_pages,
         io_timeout_ms: nbd.io_timeout_ms,
-        ..options::client_config(args.memory_bytes, args.subjob_size_bytes, subjobs_in_flight)
+        ..options::client_config(args.memory_bytes, subjob_size_bytes, subjobs_in_flight)
     };
     config.validate().map_err(|source| {
         let option = match source {
@@ -247,6 +253,14 @@ mod tests {
         let asked = copy_settings(&["--subjobs-in-flight", "2", nbd, "b.img"]);
         assert_eq!((asked.config.subjobs_in_flight, asked.queue_depth), (2, 2));
         assert_ne!(SUBJOBS_IN_FLIGHT_DEFAULT, NBD_SUBJOBS_IN_FLIGHT_DEFAULT);
+        // And larger sub-jobs, as many as the default budget holds.
+        let subjob = |args: &[&str]| copy_settings(args).config.subjob_size_bytes as u64;
+        assert_eq!(subjob(&["a.img", "b.img"]), kcopyd_core::SUBJOB_SIZE_DEFAULT_BYTES as u64);
+        assert_eq!(subjob(&[nbd, "b.img"]), NBD_SUBJOB_SIZE_DEFAULT_BYTES);
+        assert_eq!(subjob(&["a.img", nbd]), NBD_SUBJOB_SIZE_DEFAULT_BYTES);
+        assert_eq!(subjob(&["--subjob-size", "64K", nbd, "b.img"]), 64 << 10);
+        let budget = kcopyd_core::ClientConfig::default().page_budget as u64 * kcopyd_core::PAGE_SIZE as u64;
+        assert_eq!(NBD_SUBJOB_SIZE_DEFAULT_BYTES * NBD_SUBJOBS_IN_FLIGHT_DEFAULT as u64, budget);
     }
 
     #[test]

@@ -23,6 +23,12 @@ use crate::{Backend, DeviceAddress, NbdSettings};
 /// 4 in flight left the disk idle part of the time; 8 × 1 MiB copied one export to one
 /// target about 20 % faster and to three targets about 22 % faster, 16 no faster than 8.
 pub const NBD_SUBJOBS_IN_FLIGHT_DEFAULT: usize = 8;
+/// Bytes per sub-job by default when the source or a target is an NBD export: with
+/// [`NBD_SUBJOBS_IN_FLIGHT_DEFAULT`] of them, 16 MiB in flight, the whole default page budget,
+/// and as much as the disk's ceiling keeps in flight (fio, 8 × 1 MiB reads and 8 × 1 MiB
+/// writes). Measured (docs/BENCHMARKS.md, "NBD copies"): between qemu-nbd exports on disk,
+/// 0.98–0.99 × the disk's ceiling for one target against 1.05–1.11 × with 1 MiB.
+pub const NBD_SUBJOB_SIZE_DEFAULT_BYTES: u64 = 2 << 20;
 /// Connections per NBD export when the command names fewer than
 /// [`NBD_MANY_EXPORTS`] exports: as nbdcopy opens. Measured in docs/NBD.md ("How many
 /// connections"): between qemu-nbd exports on one machine 4 copied one target as fast as 1
