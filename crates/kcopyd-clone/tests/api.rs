@@ -522,6 +522,23 @@ fn reads_queue_at_most_hints_max_hints_each_region_once() {
 }
 
 #[test]
+fn the_background_copies_hydration_batch_size_contiguous_regions_per_job() {
+    Simulation::block_on(async {
+        for (batch, jobs) in [(8, 8), (5, 13), (3, 22), (1, 64)] {
+            let disks = Disks::new(8 * 64);
+            // Room for two whole batches: none is cut short by the threshold.
+            let options =
+                CloneOptions { hydration_threshold: 2 * batch, hydration_batch_size: batch, ..CloneOptions::default() };
+            let clone = CloneDevice::create(disks.devices(), 4096, client(), options).await.unwrap();
+            assert_eq!(clone.run_hydration().await, HydrationEnd::Complete);
+            let stats = clone.stats();
+            assert_eq!((stats.hydration_jobs, stats.regions_copied), (jobs, 64), "64 regions in batches of {batch}");
+            assert_eq!(disks.destination.snapshot(0, 8 * 64), disks.source.snapshot(0, 8 * 64));
+        }
+    });
+}
+
+#[test]
 fn the_background_resumes_when_the_last_foreground_read_ends() {
     Simulation::block_on(async {
         let disks = Disks::new(8 * 16); // source reads take 100 µs
