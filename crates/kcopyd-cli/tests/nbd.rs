@@ -434,8 +434,8 @@ fn minor_faults(pid: u32) -> u64 {
 }
 
 /// The target server's page faults while kcopyd copies `len` bytes of `source` to a fresh
-/// qemu-nbd in 256 KiB writes, 4 in flight (a warm-up of 1 MiB from a 64 MiB range on), with
-/// `extra` options.
+/// qemu-nbd in 256 KiB writes, 4 in flight (a warm-up of two of them or more, up to 1 MiB,
+/// from a 32 MiB range on), with `extra` options.
 fn target_server_faults(test: &str, dir: &TempDir, source: &str, len: usize, extra: &[&str]) -> Option<u64> {
     let name = format!("target-{len}{}.img", extra.join(""));
     let target = dir.zero_file(&name, len as u64);
@@ -456,10 +456,10 @@ fn a_long_copy_warms_qemu_nbd_up_so_that_its_request_buffers_stop_faulting() {
     let data = pattern(24, 64 << 20);
     let source = dir.file_with("source.img", &data);
     let source = source.to_str().unwrap();
-    // 63 MiB is too short for a warm-up (1 MiB is more than 1/64 of it): every 256 KiB write
-    // gets a fresh mapping in qemu-nbd, a fault on each of its pages.
-    let pages = (63 << 20) / 4096;
-    let Some(cold) = target_server_faults(test, &dir, source, 63 << 20, &[]) else { return };
+    // 31 MiB is too short for a warm-up (a 64th of it is less than two 256 KiB writes): every
+    // write gets a fresh mapping in qemu-nbd, a fault on each of its pages.
+    let pages = (31 << 20) / 4096;
+    let Some(cold) = target_server_faults(test, &dir, source, 31 << 20, &[]) else { return };
     assert!(cold >= pages / 2, "{cold} faults for {pages} pages written: without a warm-up, qemu-nbd faults on each");
     // 64 MiB: one 1 MiB read first, and the writes come from the server's heap.
     let pages = (64 << 20) / 4096;

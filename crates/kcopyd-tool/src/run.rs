@@ -42,23 +42,24 @@ pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 /// ([`kcopyd_nbd::NbdDevice::warm_up`]), half glibc's largest mapping threshold.
 pub const WARM_UP_BYTES_MAX: u64 = 16 << 20;
 
-/// A range shorter than this many times its warm-up goes without one: the extra read costs
-/// at most 1/64 of the range's transfer (on a slow link, where the server's allocator is
-/// not what limits the copy).
+/// A warm-up is at most this fraction of its range: the extra read costs at most 1/64 of
+/// the range's transfer (on a slow link, where the server's allocator is not what limits
+/// the copy).
 pub const WARM_UP_RANGE_RATIO: u64 = 64;
 
 /// The bytes to warm each NBD server up with before moving `len_bytes` with `config`: the
-/// bytes in flight at once, and at least twice a sub-job (a request no larger than those
-/// to come lifts nothing), within the page budget and [`WARM_UP_BYTES_MAX`]; none for a
-/// range shorter than [`WARM_UP_RANGE_RATIO`] times that.
+/// bytes in flight at once, within the page budget, [`WARM_UP_BYTES_MAX`] and
+/// 1/[`WARM_UP_RANGE_RATIO`] of the range, in whole sub-jobs; none when that is less than
+/// two sub-jobs (a read no larger than the requests after it lifts nothing).
 ///
-/// Worked example: 1 MiB sub-jobs, 8 in flight, 16 MiB of pages, 1 GiB: 8 MiB; 100 MiB: none.
+/// Worked example: 1 MiB sub-jobs, 8 in flight, 16 MiB of pages: 8 MiB before 1 GiB, 4 MiB
+/// before 256 MiB, none before 100 MiB (1.56 MiB is less than two sub-jobs).
 pub fn warm_up_bytes(config: &kcopyd_core::ClientConfig, len_bytes: u64) -> u64 {
-    let subjob = config.subjob_size_bytes as u64;
-    let in_flight = subjob.saturating_mul(config.subjobs_in_flight as u64).max(subjob.saturating_mul(2));
+    let subjob = (config.subjob_size_bytes as u64).max(1);
+    let in_flight = subjob.saturating_mul(config.subjobs_in_flight as u64);
     let budget = (config.page_budget as u64).saturating_mul(kcopyd_core::PAGE_SIZE as u64);
-    let bytes = in_flight.min(budget).min(WARM_UP_BYTES_MAX);
-    if len_bytes / WARM_UP_RANGE_RATIO < bytes { 0 } else { bytes }
+    let bytes = in_flight.min(budget).min(WARM_UP_BYTES_MAX).min(len_bytes / WARM_UP_RANGE_RATIO) / subjob * subjob;
+    if bytes < subjob.saturating_mul(2) { 0 } else { bytes }
 }
 
 /// What a run is doing.

@@ -166,7 +166,7 @@ fn a_missing_or_empty_map_holds_nothing_to_retry_and_the_report_says_so() {
 }
 
 #[test]
-fn nbd_servers_are_warmed_up_with_the_bytes_in_flight_only_before_a_range_64_times_as_long() {
+fn nbd_servers_are_warmed_up_with_the_bytes_in_flight_at_most_a_64th_of_the_range_and_two_subjobs_at_least() {
     use kcopyd_tool::run::{WARM_UP_BYTES_MAX, warm_up_bytes};
     let mib = 1u64 << 20;
     let config = |subjob_mib: usize, in_flight: usize, budget_mib: usize| ClientConfig {
@@ -178,12 +178,19 @@ fn nbd_servers_are_warmed_up_with_the_bytes_in_flight_only_before_a_range_64_tim
     // The worked example: 8 × 1 MiB in flight within 16 MiB of pages.
     assert_eq!(warm_up_bytes(&config(1, 8, 16), 1 << 30), 8 * mib);
     assert_eq!(warm_up_bytes(&config(1, 8, 16), 512 * mib), 8 * mib, "exactly 64 times");
-    assert_eq!(warm_up_bytes(&config(1, 8, 16), 512 * mib - 512), 0, "shorter than 64 times");
+    assert_eq!(warm_up_bytes(&config(1, 8, 16), 512 * mib - 512), 7 * mib, "a 64th, in whole sub-jobs");
+    assert_eq!(warm_up_bytes(&config(1, 8, 16), 256 * mib), 4 * mib);
+    assert_eq!(warm_up_bytes(&config(1, 8, 16), 128 * mib), 2 * mib, "two sub-jobs");
+    assert_eq!(warm_up_bytes(&config(1, 8, 16), 128 * mib - 512), 0, "less than two sub-jobs");
     assert_eq!(warm_up_bytes(&config(1, 8, 16), 100 * mib), 0);
-    // At least two sub-jobs, so that the warm-up is larger than the requests after it.
-    assert_eq!(warm_up_bytes(&config(2, 1, 16), 1 << 30), 4 * mib);
+    assert_eq!(warm_up_bytes(&config(1, 8, 16), 0), 0);
+    // Never a single sub-job: a read no larger than the requests after it lifts nothing.
+    assert_eq!(warm_up_bytes(&config(2, 1, 16), 1 << 30), 0);
+    assert_eq!(warm_up_bytes(&config(2, 2, 16), 1 << 30), 4 * mib);
     // Within the page budget and the cap.
     assert_eq!(warm_up_bytes(&config(1, 8, 4), 1 << 30), 4 * mib);
+    assert_eq!(warm_up_bytes(&config(1, 8, 1), 1 << 30), 0, "the budget holds one sub-job");
+    assert_eq!(warm_up_bytes(&config(2, 8, 16), 1 << 30), WARM_UP_BYTES_MAX, "the NBD defaults");
     assert_eq!(warm_up_bytes(&config(8, 64, 1024), 1 << 40), WARM_UP_BYTES_MAX);
-    assert_eq!(warm_up_bytes(&config(64, usize::MAX, usize::MAX >> 8), u64::MAX), WARM_UP_BYTES_MAX);
+    assert_eq!(warm_up_bytes(&config(64, usize::MAX, usize::MAX >> 8), u64::MAX), 0, "64 MiB sub-jobs: past the cap");
 }
