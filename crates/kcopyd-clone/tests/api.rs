@@ -538,6 +538,27 @@ fn the_background_copies_hydration_batch_size_contiguous_regions_per_job() {
     });
 }
 
+/// The cursor's scan skips whole words of hydrated regions only where a word starts: from a
+/// cursor inside a full first word it must still look at the next word's first region.
+#[test]
+fn the_background_finds_a_region_right_after_a_full_word_from_a_cursor_inside_it() {
+    Simulation::block_on(async {
+        let disks = Disks::new(8 * 128);
+        let options = CloneOptions { hydration_threshold: 1, hydration_batch_size: 1, ..CloneOptions::default() };
+        let clone = CloneDevice::create(disks.devices(), 4096, client(), options).await.unwrap();
+        // Regions 1..64 and 65..128 written whole (hydrated without a copy): 0 and 64 are left.
+        for regions in [1..64u64, 65..128] {
+            let bytes = vec![7u8; (regions.end - regions.start) as usize * 4096];
+            clone.write(8 * regions.start, WriteBuf::from_bytes(Bytes::from(bytes))).await.unwrap();
+        }
+        // Region 0 is copied first and leaves the cursor at 1, inside the then full word 0.
+        let end = tokio::time::timeout(to_tokio(Duration::from_secs(1)), clone.run_hydration()).await;
+        assert_eq!(end.expect("hydration ended"), HydrationEnd::Complete);
+        assert_eq!(clone.stats().regions_copied, 2);
+        assert_eq!(disks.destination.snapshot(8 * 64, 8), disks.source.snapshot(8 * 64, 8));
+    });
+}
+
 #[test]
 fn the_background_resumes_when_the_last_foreground_read_ends() {
     Simulation::block_on(async {
