@@ -21,6 +21,6 @@ export KCOPYD_CLONE_FAIL_FAST=1
 # A test hung by a mutant fails after 60 s (.config/nextest.toml's `mutants` profile).
 export NEXTEST_PROFILE=mutants
 echo "mutants.sh: baseline: the clone's oracle ($KCOPYD_CLONE_SEEDS seeds) and API tests"
-cargo nextest run --cargo-profile mutants -p kcopyd-clone --test oracle --test api
+cargo nextest run --cargo-profile mutants -p kcopyd-clone --lib --test oracle --test api
 exec cargo mutants --config crates/kcopyd-clone/mutants.toml --profile mutants --baseline=skip \
     --timeout "${MUTANT_TIMEOUT_S:-90}" "$@"

@@ -264,7 +264,8 @@ pub(crate) async fn read_sectors(
 /// Reads both slots and returns the valid one with the highest sequence number.
 ///
 /// A slot is valid when its header's magic and checksum hold, it names its own slot and the
-/// metadata block size, and its bitmap matches the header's bitmap checksum and count.
+/// metadata block size, and its bitmap matches the header's bitmap checksum and count and has
+/// no bit set past the last region.
 pub(crate) async fn load(device: &Device, block_bytes: u32) -> Result<Loaded, CloneError> {
     let block_sectors = u64::from(block_bytes) / SECTOR_SIZE as u64;
     let headers = read_sectors(device, 0, 2 * block_sectors).await?;
@@ -284,7 +285,8 @@ pub(crate) async fn load(device: &Device, block_bytes: u32) -> Result<Loaded, Cl
         let bitmap_sectors = layout.bitmap_blocks * layout.block_sectors();
         let mut bitmap = read_sectors(device, layout.bitmap_sector(header.slot as usize, 0), bitmap_sectors).await?;
         bitmap.truncate(layout.bitmap_bytes());
-        if crc32c(&bitmap) == header.bitmap_crc && count_ones(&bitmap) == header.hydrated_regions {
+        let agrees = crc32c(&bitmap) == header.bitmap_crc && count_ones(&bitmap) == header.hydrated_regions;
+        if agrees && !has_bits_past(&bitmap, header.region_count) {
             valid.push(Loaded { header, bitmap });
         }
     }
@@ -293,6 +295,13 @@ pub(crate) async fn load(device: &Device, block_bytes: u32) -> Result<Loaded, Cl
 
 fn count_ones(bitmap: &[u8]) -> u64 {
     bitmap.iter().map(|b| u64::from(b.count_ones())).sum()
+}
+
+/// Whether `bitmap` has a bit set past its `region_count` regions (the format keeps them zero:
+/// one set would count a region that does not exist as hydrated).
+fn has_bits_past(bitmap: &[u8], region_count: u64) -> bool {
+    let used = region_count % 8;
+    used != 0 && bitmap.last().is_some_and(|last| last >> used != 0)
 }
 
 /// Writes `data` at `offset_sectors`.

@@ -400,6 +400,55 @@ mod tests {
         Regions::new(8, count * 8, &vec![0; count.div_ceil(8) as usize], 32768, 1)
     }
 
+    /// A small deterministic generator (xorshift64*), for the scan's cases.
+    fn next(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// The cursor's scan, against the plain definition it speeds up (the first wanted region
+    /// at or after the cursor, wrapping once), over bitmaps of whole hydrated words, partial
+    /// last words, regions busy and given up on, and every kind of cursor.
+    #[test]
+    fn the_cursor_scan_finds_what_a_region_by_region_scan_finds() {
+        let mut state = 0x9e37_79b9_7f4a_7c15;
+        for case in 0..4000 {
+            let count = 1 + next(&mut state) % 300;
+            let mut bits = vec![0u8; count.div_ceil(8) as usize];
+            for word in 0..count.div_ceil(64) {
+                // Half the words whole (the scan skips them), the rest mostly hydrated.
+                let whole = next(&mut state) % 2 == 0;
+                for region in word * 64..((word + 1) * 64).min(count) {
+                    if whole || next(&mut state) % 8 != 0 {
+                        bits[(region / 8) as usize] |= 1 << (region % 8);
+                    }
+                }
+            }
+            let mut r = Regions::new(8, count * 8, &bits, 32768, 1);
+            if r.released() {
+                continue;
+            }
+            for _ in 0..next(&mut state) % 4 {
+                let region = next(&mut state) % count;
+                if !r.is_hydrated(region) {
+                    match next(&mut state) % 2 {
+                        0 => r.failed.insert(region),
+                        _ => r.busy.insert(region, Busy::Overwrite).is_none(),
+                    };
+                }
+            }
+            r.cursor = match next(&mut state) % 3 {
+                0 => next(&mut state) % count,
+                1 => (next(&mut state) % count.div_ceil(64)) * 64 % count,
+                _ => count - 1,
+            };
+            let expected = (0..count).map(|i| (r.cursor + i) % count).find(|&region| r.wanted(region));
+            assert_eq!(r.next_from_cursor(), expected, "case {case}: {count} regions, cursor {}", r.cursor);
+        }
+    }
+
     #[test]
     fn a_write_copies_the_regions_it_covers_in_part_and_claims_those_it_covers_whole() {
         let mut r = regions(4);

@@ -747,6 +747,29 @@ fn a_newest_header_with_a_valid_checksum_but_impossible_fields_is_not_believed()
     });
 }
 
+/// The format keeps the bits past the last region zero; a bitmap with one set there (its
+/// checksums and count made to agree) would count a region that does not exist as hydrated,
+/// and a real one could be taken as hydrated when it is not. It is not believed.
+#[test]
+fn a_bitmap_with_a_bit_past_the_last_region_is_not_believed() {
+    Simulation::block_on(async {
+        let disks = Disks::new(8 * 13); // 13 regions: bits 13..16 of the bitmap's 2 bytes are past them
+        two_commits(&disks).await;
+        let mut header = disks.metadata.snapshot(0, 1);
+        let mut bitmap = disks.metadata.snapshot(16, 1); // slot 0's bitmap block
+        bitmap[1] |= 1 << 5; // region 13
+        header[56..64].copy_from_slice(&3u64.to_le_bytes());
+        header[68..72].copy_from_slice(&crc32c(&bitmap[..2]).to_le_bytes());
+        let crc = crc32c(&header[..84]);
+        header[84..88].copy_from_slice(&crc.to_le_bytes());
+        disks.metadata.poke(16, &bitmap);
+        disks.metadata.poke(0, &header);
+        let reopened = CloneDevice::open(disks.devices(), client(), CloneOptions::default()).await.unwrap();
+        let status = reopened.status();
+        assert_eq!((status.regions_hydrated, status.commit_seq), (1, 2), "slot 1's commit is the one used");
+    });
+}
+
 #[test]
 fn an_unreadable_metadata_block_is_named_by_its_sectors() {
     Simulation::block_on(async {
