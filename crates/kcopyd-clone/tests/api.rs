@@ -747,6 +747,40 @@ fn a_newest_header_with_a_valid_checksum_but_impossible_fields_is_not_believed()
     });
 }
 
+/// A commit writes each bitmap block its slot lacks, runs of them merged only where they
+/// touch: blocks 0 and 2 changed, block 1 not, so both are written and block 1 is not needed.
+#[test]
+fn a_commit_writes_the_changed_bitmap_blocks_that_do_not_touch() {
+    Simulation::block_on(async {
+        // 70,000 regions of 4 KiB: an 8,750-byte bitmap, three 4 KiB blocks per slot.
+        let len = 70_000 * 8;
+        let metadata = sparse_disk("metadata", kcopyd_clone::metadata_bytes_needed(len, 4096, 512) / 512);
+        let devices = CloneDevices {
+            source: sparse_disk("source", len),
+            destination: sparse_disk("destination", len),
+            metadata: metadata.clone(),
+        };
+        let options = CloneOptions { hydration_enabled: false, ..CloneOptions::default() };
+        let clone = CloneDevice::create(devices.clone(), 4096, client(), options).await.unwrap();
+        let slot = |seq: u64| 1 - seq % 2; // create commits sequence 1 to slot 0
+        for (commit, regions) in [[100u64, 68_000], [200, 69_000], [300, 67_000]].into_iter().enumerate() {
+            for region in regions {
+                clone.write(region * 8, WriteBuf::from_bytes(Bytes::from(vec![9u8; 4096]))).await.unwrap();
+            }
+            clone.flush().await.unwrap();
+            let newest = slot(clone.status().commit_seq);
+            for region in regions {
+                assert!(
+                    bit_on_disk(&metadata, newest, 3, region),
+                    "commit {commit}: region {region} not in slot {newest}"
+                );
+            }
+        }
+        let reopened = CloneDevice::open(devices, client(), options).await.unwrap();
+        assert_eq!((reopened.status().regions_hydrated, reopened.status().commit_seq), (6, clone.status().commit_seq));
+    });
+}
+
 /// The format keeps the bits past the last region zero; a bitmap with one set there (its
 /// checksums and count made to agree) would count a region that does not exist as hydrated,
 /// and a real one could be taken as hydrated when it is not. It is not believed.
