@@ -138,6 +138,32 @@ def serve(path, socket, read_only, cache):
     return server
 
 
+class Servers:
+    """qemu-nbd serving `exports` (name: (path, read-only)) on unix sockets NAME.sock in `work`
+    with `cache`; restart() starts them afresh (a server's allocator remembers its clients)."""
+
+    def __init__(self, work, exports, cache):
+        self.work, self.exports, self.cache, self.running = work, exports, cache, {}
+        self.restart()
+
+    def restart(self):
+        self.stop()
+        for name, (path, read_only) in self.exports.items():
+            socket = os.path.join(self.work, name + ".sock")
+            if os.path.exists(socket):
+                os.unlink(socket)
+            self.running[name] = serve(path, socket, read_only, self.cache)
+
+    def stop(self):
+        for server in self.running.values():
+            server.terminate()
+            server.wait()
+        self.running = {}
+
+    def pids(self):
+        return {name: server.pid for name, server in self.running.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mib", type=int, default=1024)
@@ -181,22 +207,10 @@ def main():
                 subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=4M", f"count={args.size_mib // 4}",
                                 *direct, "status=none"], check=True)
                 files.append(path)
-        def start_servers():
-            for name in ["source", "scratch0", *(f"target{i}" for i in range(3))]:
-                if os.path.exists(os.path.join(work, name + ".sock")):
-                    os.unlink(os.path.join(work, name + ".sock"))
-            started = [serve(source, os.path.join(work, "source.sock"), True, args.cache)]
-            # The ceiling's first scratch file too, for fio through the servers.
-            return started + [serve(t, os.path.join(work, f"{name}.sock"), False, args.cache)
-                              for name, t in [*((f"target{i}", t) for i, t in enumerate(targets)),
-                                              *[("scratch0", path) for path in scratch[:1]]]]
-
-        def stop_servers():
-            for server in servers:
-                server.terminate()
-                server.wait()
-
-        servers = start_servers()
+        # The ceiling's first scratch file is served too, for fio through the servers.
+        exports = {"source": (source, True), **{f"target{i}": (t, False) for i, t in enumerate(targets)},
+                   **{"scratch0": (path, False) for path in scratch[:1]}}
+        servers = Servers(work, exports, args.cache)
         uri = lambda name: f"nbd+unix:///?socket={os.path.join(work, name + '.sock')}"
         src, t = uri("source"), [uri(f"target{i}") for i in range(3)]
         # fio writes files of its own, next to the targets and written the same way, so that
@@ -235,17 +249,14 @@ def main():
                 # pay that alike.
                 shift = round_ % len(names)
                 for name in names[shift:] + names[:shift]:
+                    through_servers = name not in ceilings or name == "fio via servers 1"
+                    if through_servers and args.servers == "fresh":
+                        servers.restart()
                     if name == "fio via servers 1":
-                        if args.servers == "fresh":
-                            stop_servers()
-                            servers = start_servers()
                         seconds, cpu = fio_through_servers(*ceilings[name], args.size_mib)
                     elif name in ceilings:
                         seconds, cpu = fio_ceiling(*ceilings[name], args.size_mib)
                     else:
-                        if args.servers == "fresh":
-                            stop_servers()
-                            servers = start_servers()
                         seconds, cpu = timed(copies[name])
                     times[name].append(seconds)
                     cpus[name].append(cpu)
@@ -255,7 +266,7 @@ def main():
             for target in written:
                 subprocess.run(["cmp", source, target], check=True)
         finally:
-            stop_servers()
+            servers.stop()
         median = {name: statistics.median(values) for name, values in times.items()}
         cpu = {name: statistics.median(values) for name, values in cpus.items()}
         load = os.getloadavg()

@@ -162,22 +162,8 @@ def main():
             subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=4M", f"count={args.size_mib // 4}",
                             *direct, "status=none"], check=True)
             targets.append(path)
-        def start_servers():
-            for name in ["source", *(f"target{i}" for i in range(args.targets))]:
-                if os.path.exists(os.path.join(work, name + ".sock")):
-                    os.unlink(os.path.join(work, name + ".sock"))
-            started = {"source": nbd_bench.serve(source, os.path.join(work, "source.sock"), True, args.cache)}
-            for i, target in enumerate(targets):
-                started[f"target{i}"] = nbd_bench.serve(target, os.path.join(work, f"target{i}.sock"), False,
-                                                        args.cache)
-            return started
-
-        def stop_servers():
-            for server in servers.values():
-                server.terminate()
-                server.wait()
-
-        servers = start_servers()
+        exports = {"source": (source, True), **{f"target{i}": (t, False) for i, t in enumerate(targets)}}
+        servers = nbd_bench.Servers(work, exports, args.cache)
         uri = lambda name: f"nbd+unix:///?socket={os.path.join(work, name + '.sock')}"
         kcopyd = lambda options: [args.kcopyd, "copy", *shlex.split(options), uri("source"),
                                   *[uri(f"target{i}") for i in range(args.targets)]]
@@ -192,15 +178,14 @@ def main():
             for run in range(args.runs):
                 for label, c in commands.items():
                     if args.servers == "fresh":
-                        stop_servers()
-                        servers = start_servers()
-                    figures = measure(c, {name: s.pid for name, s in servers.items()}, disk)
+                        servers.restart()
+                    figures = measure(c, servers.pids(), disk)
                     runs[label].append(figures)
                     print(f"run {run + 1}: {label} {figures['wall']:.2f} s", flush=True)
             for target in targets:
                 subprocess.run(["cmp", source, target], check=True)
         finally:
-            stop_servers()
+            servers.stop()
     load = os.getloadavg()
     for label, figures in runs.items():
         report(label, figures, args, load)

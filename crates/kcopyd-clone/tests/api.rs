@@ -614,6 +614,15 @@ fn sparse_disk(name: &str, len_sectors: u64) -> Arc<MemDisk> {
     Arc::new(MemDisk::new(MemDiskOptions { name: name.into(), len_sectors, sparse: true, ..MemDiskOptions::default() }))
 }
 
+/// A large clone's devices: sparse source and destination of `len_sectors`, and `metadata`.
+fn sparse_devices(len_sectors: u64, metadata: Arc<MemDisk>) -> CloneDevices {
+    CloneDevices {
+        source: sparse_disk("source", len_sectors),
+        destination: sparse_disk("destination", len_sectors),
+        metadata,
+    }
+}
+
 /// Whether bit `region % 8` of byte `region / 8` of `slot`'s bitmap is set, read where the
 /// documented format puts it: blocks of 4096 bytes, headers in blocks 0 and 1, then `blocks`
 /// bitmap blocks per slot.
@@ -631,11 +640,7 @@ fn a_bitmap_of_two_blocks_sits_where_the_format_says_and_sizes_its_device() {
         let len = 40_000 * 8;
         let needed = kcopyd_clone::metadata_bytes_needed(len, 4096, 512);
         assert_eq!(needed, (2 + 2 * 2) * 4096);
-        let devices = |metadata: Arc<MemDisk>| CloneDevices {
-            source: sparse_disk("source", len),
-            destination: sparse_disk("destination", len),
-            metadata,
-        };
+        let devices = |metadata: Arc<MemDisk>| sparse_devices(len, metadata);
         let options = CloneOptions { hydration_enabled: false, ..CloneOptions::default() };
         let short = sparse_disk("short", needed / 512 - 1);
         match CloneDevice::create(devices(short), 4096, client(), options).await {
@@ -755,11 +760,7 @@ fn a_commit_writes_the_changed_bitmap_blocks_that_do_not_touch() {
         // 70,000 regions of 4 KiB: an 8,750-byte bitmap, three 4 KiB blocks per slot.
         let len = 70_000 * 8;
         let metadata = sparse_disk("metadata", kcopyd_clone::metadata_bytes_needed(len, 4096, 512) / 512);
-        let devices = CloneDevices {
-            source: sparse_disk("source", len),
-            destination: sparse_disk("destination", len),
-            metadata: metadata.clone(),
-        };
+        let devices = sparse_devices(len, metadata.clone());
         let options = CloneOptions { hydration_enabled: false, ..CloneOptions::default() };
         let clone = CloneDevice::create(devices.clone(), 4096, client(), options).await.unwrap();
         let slot = |seq: u64| 1 - seq % 2; // create commits sequence 1 to slot 0

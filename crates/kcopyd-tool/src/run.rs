@@ -297,10 +297,10 @@ impl Runner<'_> {
     /// failed warm-up is left for the copy to meet, a cancellation ends it.
     async fn warm_up(&self, plan: &Plan) {
         let bytes = warm_up_bytes(&self.settings.config, plan.len_bytes);
-        let exports = std::iter::once(&plan.source).chain(&plan.targets).filter_map(|opened| opened.nbd.as_ref());
         if bytes == 0 || !self.settings.nbd.warm_up {
             return;
         }
+        let exports = std::iter::once(&plan.source).chain(&plan.targets).filter_map(|opened| opened.nbd.as_ref());
         let warm_ups = join_all(exports.map(|nbd| nbd.warm_up(bytes)));
         tokio::select! {
             _ = warm_ups => {}
