@@ -101,9 +101,13 @@ fn the_runner_copies_and_reads_back_zeroes_and_verify_finds_the_difference() {
 
 #[test]
 fn a_cancelled_token_cancels_the_copy_and_skips_the_read_back() {
-    let settings = Settings::new(ClientConfig::default());
-    let source = Arc::new(MemDisk::with_pattern("source", 4096, 512, 3));
-    let target = Arc::new(MemDisk::zeroed("t", 4096, 512));
+    // 64 MiB through 16 KiB of pages, one sub-job at a time: the token's cancellation reaches
+    // the job long before it could have started every sub-job, however the threads are
+    // scheduled (with 2 MiB and the default budget, a loaded machine let the worker start both
+    // sub-jobs before the cancellation arrived, and the outcome said nothing was left out).
+    let settings = Settings::new(ClientConfig { page_budget: 4, subjobs_in_flight: 1, ..ClientConfig::default() });
+    let source = Arc::new(MemDisk::with_pattern("source", 131_072, 512, 3));
+    let target = Arc::new(MemDisk::zeroed("t", 131_072, 512));
     let addresses = [address("t", &target, 0)];
     let mut plan = plan_with_source(&address("source", &source, 0), &addresses, None, true, &settings).unwrap();
     let cancel = Cancel::new();
