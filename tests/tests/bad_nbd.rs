@@ -300,3 +300,29 @@ fn refusals_name_the_rule_broken_and_send_nothing() {
     assert_eq!(problem(&read_only), Refusal::ReadOnly);
     assert_eq!(server.data(), pattern(7, DATA_BYTES), "nothing was written");
 }
+
+/// A warm-up read drops its data, but its reply is checked as any read's: legal replies
+/// (simple, out of order, holes) leave the connection in step, so that a read after it gets
+/// exactly its bytes; a reply with an overlap, a gap, a chunk past the request or a chunk sent
+/// twice fails it as a protocol violation.
+#[test]
+fn a_warm_up_drops_its_data_but_checks_its_reply_as_any_read() {
+    use Misbehaviour::*;
+    let legal = [WellBehaved, SimpleRepliesOnly, ChunksOutOfOrder, HolesForZeroes];
+    let broken = [ReadOverlap, ReadGap, ReadChunkBeyondRequest, ReadDuplicateChunk];
+    for misbehaviour in legal.into_iter().chain(broken) {
+        let outcome = bounded(&format!("{misbehaviour:?}"), move || {
+            let data = pattern(0x3a7 + misbehaviour as u64, DATA_BYTES);
+            let server = BadServer::start("warm-up", misbehaviour, data.clone());
+            let device = NbdDevice::connect(&server.uri(), &options()).unwrap();
+            let warmed = block_on(device.warm_up(DATA_BYTES as u64));
+            let after = warmed.is_ok().then(|| read_all(&device).map(|read| read == data));
+            (warmed.map_err(|error| (is_violation(&error), error.to_string())), after)
+        });
+        match (legal.contains(&misbehaviour), outcome) {
+            (true, (Ok(()), Some(Ok(true)))) => {}
+            (false, (Err((true, _)), None)) => {}
+            (_, outcome) => panic!("{misbehaviour:?} ({}): {outcome:?}", misbehaviour.describe()),
+        }
+    }
+}

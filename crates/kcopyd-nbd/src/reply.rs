@@ -52,6 +52,9 @@ pub(crate) const REPLY_CHUNKS_MAX: u32 = 1 << 17;
 pub(crate) const REPLY_OVERHEAD_BYTES_MAX: u64 = 2 * CHUNK_BYTES_MAX as u64;
 /// Bytes of a structured reply chunk's header.
 const CHUNK_HEADER_BYTES: u64 = 20;
+/// Bytes of the buffer a read without one (the warm-up) drops its data through: below
+/// glibc's mapping threshold, so it comes from the heap, and few calls for a 16 MiB read.
+const DROPPED_CHUNK_BYTES: usize = 64 * 1024;
 
 /// The socket's reading half, buffered.
 pub(crate) type Reader = BufReader<Box<dyn AsyncRead + Unpin + Send>>;
@@ -69,7 +72,7 @@ pub(crate) struct Request {
     pub len_bytes: u32,
     /// The data of a write.
     pub payload: Option<WriteBuf>,
-    /// The buffer a read fills (its window).
+    /// The buffer a read fills (its window); none for a read whose data is dropped.
     pub buf: Option<ReadBuf>,
     /// Where the completion goes.
     pub reply: oneshot::Sender<Completion>,
@@ -270,7 +273,8 @@ pub(crate) struct Pending {
     pub len_bytes: u32,
     /// When it was queued: the per-request timeout runs from here.
     pub sent_at: Instant,
-    /// A read's buffer and the window the request fills.
+    /// A read's buffer and the window the request fills; a read without one (the warm-up)
+    /// has its data read and dropped, its window then the request's length.
     buf: Option<ReadBuf>,
     window: Range<usize>,
     reply: Option<oneshot::Sender<Completion>>,
@@ -297,7 +301,7 @@ impl Pending {
         server: Arc<str>,
         loss: Arc<OnceLock<Loss>>,
     ) -> Pending {
-        let window = buf.as_ref().map(ReadBuf::window).unwrap_or(0..0);
+        let window = buf.as_ref().map_or(0..len_bytes as usize, ReadBuf::window);
         Pending {
             command,
             offset_bytes,
@@ -481,8 +485,7 @@ async fn simple_reply(reader: &mut Reader, shared: &Shared) -> Result<(), Broken
     if pending.command == NBD_CMD_READ {
         shared.reading(Some(&pending));
         let window = pending.window.clone();
-        let buf = pending.buf.as_mut().expect("a read carries its buffer");
-        let read = read_into(reader, buf, window).await;
+        let read = read_into(reader, pending.buf.as_mut(), window).await;
         shared.reading(None);
         if let Err(error) = read {
             let broken = io_broken(error);
@@ -541,18 +544,18 @@ async fn chunk_payload(
         NBD_REPLY_TYPE_OFFSET_DATA if pending.command == NBD_CMD_READ && len_bytes > 8 => {
             let offset = reader.read_u64().await.map_err(io_broken)?;
             let data = pending.claim(offset, u64::from(len_bytes - 8), "data")?;
-            let buf = pending.buf.as_mut().expect("a read carries its buffer");
-            read_into(reader, buf, data).await.map_err(io_broken)
+            read_into(reader, pending.buf.as_mut(), data).await.map_err(io_broken)
         }
         NBD_REPLY_TYPE_OFFSET_HOLE if pending.command == NBD_CMD_READ && len_bytes == 12 => {
             let offset = reader.read_u64().await.map_err(io_broken)?;
             let hole_bytes = reader.read_u32().await.map_err(io_broken)?;
             let hole = pending.claim(offset, u64::from(hole_bytes), "hole")?;
-            let buf = pending.buf.as_mut().expect("a read carries its buffer");
-            let saved = buf.window();
-            buf.set_window(hole);
-            buf.fill(0);
-            buf.set_window(saved);
+            if let Some(buf) = pending.buf.as_mut() {
+                let saved = buf.window();
+                buf.set_window(hole);
+                buf.fill(0);
+                buf.set_window(saved);
+            }
             Ok(())
         }
         NBD_REPLY_TYPE_BLOCK_STATUS if pending.command == NBD_CMD_BLOCK_STATUS => {
@@ -657,8 +660,10 @@ async fn error_chunk(
     Ok(())
 }
 
-/// Reads `window.len()` bytes of the socket into `window` of `buf`, leaving its window as it was.
-async fn read_into(reader: &mut Reader, buf: &mut ReadBuf, window: Range<usize>) -> io::Result<()> {
+/// Reads `window.len()` bytes of the socket into `window` of `buf`, leaving its window as it
+/// was; without a buffer, reads them and drops them.
+async fn read_into(reader: &mut Reader, buf: Option<&mut ReadBuf>, window: Range<usize>) -> io::Result<()> {
+    let Some(buf) = buf else { return drop_bytes(reader, window.len()).await };
     let saved = buf.window();
     buf.set_window(window);
     let mut result = Ok(());
@@ -673,6 +678,19 @@ async fn read_into(reader: &mut Reader, buf: &mut ReadBuf, window: Range<usize>)
     }
     buf.set_window(saved);
     result.map(drop)
+}
+
+/// Reads `len` bytes of the socket and drops them, through a buffer of at most
+/// [`DROPPED_CHUNK_BYTES`]: a warm-up read costs no memory of its length.
+async fn drop_bytes(reader: &mut Reader, len: usize) -> io::Result<()> {
+    let mut chunk = vec![0u8; len.min(DROPPED_CHUNK_BYTES)];
+    let mut left = len;
+    while left > 0 {
+        let part = left.min(chunk.len());
+        reader.read_exact(&mut chunk[..part]).await?;
+        left -= part;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
