@@ -73,6 +73,11 @@ impl Connection {
         server: Arc<str>,
         (timeout, io_timeout): (Duration, Option<Duration>),
     ) -> Result<(Connection, ExportInfo), ConnectError> {
+        if std::thread::current().id() == reactor.thread_id() {
+            // The handshake runs on this thread: waiting for it here would wait for ever.
+            let source = io::Error::new(io::ErrorKind::WouldBlock, "connecting from the reactor's own thread");
+            return Err(ConnectError::Thread { server: server.to_string(), source });
+        }
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let (address, export, task_server, tls) = (address.clone(), export.to_owned(), server.clone(), tls.cloned());
         reactor.spawn(async move {
@@ -101,7 +106,6 @@ impl Connection {
                 }
             }
         });
-        // The reactor's thread is never this one: it runs nothing but connections.
         ready_rx.recv().unwrap_or_else(|_| {
             Err(ConnectError::Thread {
                 server: server.to_string(),

@@ -136,7 +136,8 @@ pub enum ConnectError {
         problem: String,
     },
     /// The reactor's thread (see [`Reactor`](crate::Reactor)) could not be started, or it
-    /// ended before the connection was open.
+    /// ended before the connection was open, or the connect was called on that thread (from
+    /// an engine started there, which would wait for itself).
     #[error("{server}: no reactor thread for the connection: {source}")]
     Thread {
         /// The URI.

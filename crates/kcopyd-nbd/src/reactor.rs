@@ -12,6 +12,11 @@
 //! no extra thread wake-up. Copying between two exports over four connections each used to
 //! keep eight connection threads waking one another; see docs/NBD.md for what that cost.
 //!
+//! The thread runs an actix System around its runtime, so that the engine can run there too
+//! ([`Reactor::run`], then `kcopyd_core::Client::start_in_current_system`): the engine's
+//! requests and the replies that complete them then pass between tasks of one thread, with
+//! no wake-up of another thread for either.
+//!
 //! Lifetime: each [`Reactor`] handle and each connection task holds the runtime's stop
 //! sender; when the last one is gone (every device dropped and every connection closed,
 //! `NBD_CMD_DISC` sent), the thread's `block_on` returns and the thread ends. The shared
@@ -54,6 +59,8 @@ pub struct Reactor {
 
 struct Inner {
     handle: Handle,
+    /// The System's arbiter on the thread: runs closures there ([`Reactor::run`]).
+    arbiter: actix_rt::ArbiterHandle,
     thread: thread::ThreadId,
     /// Connection tasks spawned and not yet ended.
     tasks: AtomicUsize,
@@ -70,15 +77,39 @@ impl Reactor {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
         let handle = runtime.handle().clone();
         let (stop, stopped) = oneshot::channel::<()>();
+        let (started, arbiter) = std::sync::mpsc::sync_channel(1);
         let thread = thread::Builder::new().name(THREAD_NAME.into()).spawn(move || {
+            let system = actix_rt::System::with_tokio_rt(move || runtime);
+            let _ = started.send(actix_rt::System::current().arbiter().clone());
             // Returns when every Reactor handle and connection task is gone; the runtime,
-            // dropped here, has no tasks left by then.
-            runtime.block_on(async move {
+            // dropped here, has no tasks left by then (actors started by `run` have ended
+            // too: a client's actor holds its jobs' devices, and they a Reactor handle).
+            system.block_on(async move {
                 let _ = stopped.await;
             });
         })?;
-        let inner = Inner { handle, thread: thread.thread().id(), tasks: AtomicUsize::new(0), _stop: stop };
+        let arbiter = arbiter.recv().map_err(|_| io::Error::other("the reactor's thread ended while starting"))?;
+        let inner = Inner { handle, arbiter, thread: thread.thread().id(), tasks: AtomicUsize::new(0), _stop: stop };
         Ok(Reactor { inner: Arc::new(inner) })
+    }
+
+    /// Runs `f` on the reactor's thread, inside its actix System, and returns what it
+    /// returned: there an engine can be started (`Client::start_in_current_system`) that
+    /// shares the thread with the connections. What `f` starts must not block the thread,
+    /// which serves every connection on the reactor.
+    ///
+    /// # Errors
+    /// Called on the reactor's thread (it would wait for itself), or `f` panicked.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
+        if thread::current().id() == self.inner.thread {
+            return Err(io::Error::new(io::ErrorKind::WouldBlock, "Reactor::run on the reactor's own thread"));
+        }
+        let (done, result) = std::sync::mpsc::sync_channel(1);
+        // This handle keeps the thread running: the arbiter takes the closure.
+        self.inner.arbiter.spawn_fn(move || {
+            let _ = done.send(f());
+        });
+        result.recv().map_err(|_| io::Error::other("the closure given to Reactor::run did not return (it panicked)"))
     }
 
     /// The reactor every device uses unless its [`ConnectOptions`](crate::ConnectOptions)
@@ -204,6 +235,23 @@ mod tests {
         drop(reactor);
         go.send(()).unwrap();
         assert_eq!(finished.recv_timeout(Duration::from_secs(10)).unwrap(), thread, "the task ran on the reactor");
+    }
+
+    #[test]
+    fn run_calls_on_the_reactors_thread_inside_its_actix_system_and_never_from_it() {
+        let reactor = Reactor::new().unwrap();
+        let (thread, arbiter) =
+            reactor.run(|| (thread::current().id(), actix_rt::Arbiter::try_current().is_some())).unwrap();
+        assert_eq!((thread, arbiter), (reactor.thread_id(), true));
+        // From a task on the reactor, run would wait for its own thread: refused.
+        let (done, refused) = mpsc::channel();
+        let inner = reactor.clone();
+        reactor.spawn(async move {
+            let _ = done.send(inner.run(|| ()).map_err(|error| error.kind()));
+        });
+        assert_eq!(refused.recv_timeout(Duration::from_secs(10)).unwrap(), Err(io::ErrorKind::WouldBlock));
+        assert!(reactor.run(|| panic!("inside run")).is_err(), "a panic is an error, not a hang");
+        assert_eq!(reactor.run(|| 7).unwrap(), 7, "the reactor outlives a panic inside run");
     }
 
     #[test]

@@ -468,3 +468,47 @@ fn block_status_tells_holes_from_data_clipped_to_the_request_and_one_extent_with
     drop(stream);
     server.stop();
 }
+
+/// An engine started on the reactor's thread (`Reactor::run`) copies between two exports with
+/// its callbacks on that thread; a connect from that thread (a callback's) is refused, not a
+/// wait for ever; and once the client, the devices and the reactor's handles are gone, the
+/// connections close and the thread ends.
+#[test]
+fn an_engine_on_the_reactors_thread_copies_and_a_connect_from_there_is_refused() {
+    use kcopyd_core::{Client, ClientConfig, Flags, Job, Region};
+    let source = pattern_disk();
+    let target = Arc::new(MemDisk::zeroed("target", DISK_SECTORS, 512));
+    let servers = [
+        Running::start("engine-on-reactor-a", source.clone(), ServerOptions::default()),
+        Running::start("engine-on-reactor-b", target.clone(), ServerOptions::default()),
+    ];
+    let reactor = kcopyd_nbd::Reactor::new().unwrap();
+    let options = ConnectOptions { write: true, reactor: Some(reactor.clone()), ..ConnectOptions::default() };
+    let from: Arc<NbdDevice> = Arc::new(NbdDevice::connect(&servers[0].uri, &options).unwrap());
+    let to: Arc<NbdDevice> = Arc::new(NbdDevice::connect(&servers[1].uri, &options).unwrap());
+    let client = reactor.run(|| Client::start_in_current_system(ClientConfig::default())).unwrap().unwrap();
+    let (called, on_thread) = std::sync::mpsc::channel();
+    let (uri, again) = (servers[0].uri.clone(), options.clone());
+    let job = Job::copy(Region::new(from, 0, DISK_SECTORS), vec![Region::new(to, 0, DISK_SECTORS)], Flags::empty())
+        .on_complete(move |outcome| {
+            let refused = matches!(NbdDevice::connect(&uri, &again), Err(kcopyd_nbd::ConnectError::Thread { .. }));
+            let _ = called.send((outcome.is_ok(), thread::current().name().map(str::to_owned), refused));
+        });
+    assert!(client.submit_blocking(job).unwrap().wait().is_ok());
+    let (ok, name, refused) = on_thread.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!((ok, name.as_deref(), refused), (true, Some("kcopyd-nbd"), true));
+    assert_eq!(target.snapshot(0, DISK_SECTORS), source.snapshot(0, DISK_SECTORS));
+    client.shutdown_blocking();
+    drop((client, options));
+    // The stopped engine let go of its job and the job's devices: their connections close,
+    // each with NBD_CMD_DISC.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while reactor.connections_running() != 0 {
+        assert!(std::time::Instant::now() < deadline, "{} connections still open", reactor.connections_running());
+        thread::sleep(Duration::from_millis(5));
+    }
+    for server in servers {
+        let stats = server.stop();
+        assert_eq!(stats.connections_broken, 0, "{stats:?}");
+    }
+}

@@ -181,6 +181,18 @@ pub struct FinishedJob {
     pub stats: ClientStats,
 }
 
+/// The reactor on which the NBD exports among `devices` run, if there are any and one
+/// reactor serves them all (by default every export shares one). A client started on its
+/// thread shares it with the connections: a sub-job's read request, its reply, the write it
+/// leads to and that write's reply then pass between tasks of that thread, where with a
+/// worker thread of the client's own each of the four wakes the other thread (docs/NBD.md,
+/// "One thread for the engine and the connections").
+pub fn nbd_reactor<'d>(devices: impl IntoIterator<Item = &'d Opened>) -> Option<kcopyd_nbd::Reactor> {
+    let mut reactors = devices.into_iter().filter_map(|opened| opened.nbd.as_ref()).map(|nbd| nbd.reactor());
+    let first = reactors.next()?;
+    reactors.all(|reactor| reactor == first).then(|| first.clone())
+}
+
 /// What a copy came to: the job, and the read-back if one was asked for and the job was
 /// not cancelled.
 #[derive(Debug)]
@@ -229,7 +241,7 @@ impl Runner<'_> {
                 .map_err(verify_error)?;
         }
         self.warm_up(plan).await;
-        let client = self.start_client()?;
+        let client = self.start_client(std::iter::once(&plan.source).chain(&plan.targets))?;
         self.started(Phase::Copy, plan.len_bytes, 0);
         let job = match map {
             None => {
@@ -267,7 +279,7 @@ impl Runner<'_> {
         let job = Job::zero(plan.targets.iter().map(|t| region(t, len_sectors)).collect(), flags);
         self.started(Phase::Zero, plan.len_bytes, 0);
         let mut nothing_created = CreatedFiles::default();
-        let client = self.start_client()?;
+        let client = self.start_client(&plan.targets)?;
         let run = self.run_job(&client, job, &plan.targets, 0, &mut nothing_created).await;
         client.shutdown().await;
         let mut run = run?;
@@ -286,7 +298,7 @@ impl Runner<'_> {
         let request = verify::request(&plan.source, &plan.targets, len_sectors);
         request.check(&self.settings.config).map_err(verify_error)?;
         self.warm_up(plan).await;
-        let client = self.start_client()?;
+        let client = self.start_client(std::iter::once(&plan.source).chain(&plan.targets))?;
         let range = (plan.len_bytes, plan.tail);
         let run = self.run_compare(&client, request, &plan.source, &plan.targets, range).await;
         client.shutdown().await;
@@ -316,12 +328,18 @@ impl Runner<'_> {
         (self.on_event)(Event::Finished { phase });
     }
 
-    /// Starts a client with the settings: on its own worker thread, or on this thread's
-    /// actix System when the run is in the simulator's virtual time.
-    fn start_client(&self) -> Result<Client, RunError> {
+    /// Starts a client with the settings: on this thread's actix System when the run is in
+    /// the simulator's virtual time; on the thread of the NBD reactor that serves `devices`'
+    /// exports, if one serves them all ([`nbd_reactor`]); else on a worker thread of its own.
+    fn start_client<'d>(&self, devices: impl IntoIterator<Item = &'d Opened>) -> Result<Client, RunError> {
         let config = self.settings.config.clone();
-        let started =
-            if kcopyd_sim::in_virtual_time() { Client::start_in_current_system(config) } else { Client::new(config) };
+        let started = match nbd_reactor(devices) {
+            _ if kcopyd_sim::in_virtual_time() => Client::start_in_current_system(config),
+            Some(reactor) => reactor
+                .run(move || Client::start_in_current_system(config))
+                .unwrap_or_else(|error| Err(ConfigError::Worker(error))),
+            None => Client::new(config),
+        };
         started.map_err(|source| RunError::Start { source })
     }
 

@@ -13,11 +13,11 @@ use kcopyd_tool::{
 
 /// A simulated disk made already: every open of its address gives the same disk.
 #[derive(Debug)]
-struct Made(Arc<MemDisk>);
+struct Made(Device);
 
 impl SimDisk for Made {
     fn len_bytes(&self) -> Option<u64> {
-        Some(kcopyd_core::BlockDevice::geometry(&*self.0).len_sectors * 512)
+        Some(self.0.geometry().len_sectors * 512)
     }
     fn headers_only(&self) -> bool {
         false
@@ -197,4 +197,69 @@ fn nbd_servers_are_warmed_up_with_the_bytes_in_flight_at_most_a_64th_of_the_rang
     assert_eq!(warm_up_bytes(&config(2, 8, 16), 1 << 30), WARM_UP_BYTES_MAX, "the NBD defaults");
     assert_eq!(warm_up_bytes(&config(8, 64, 1024), 1 << 40), WARM_UP_BYTES_MAX);
     assert_eq!(warm_up_bytes(&config(64, usize::MAX, usize::MAX >> 8), u64::MAX), 0, "64 MiB sub-jobs: past the cap");
+}
+
+/// Hooks that note the thread each write is issued on.
+#[derive(Debug, Default, Clone)]
+struct WriteThreads(Arc<std::sync::Mutex<Vec<Option<String>>>>);
+
+impl kcopyd_core::Hooks for WriteThreads {
+    fn write<'a>(
+        &'a self,
+        inner: &'a dyn kcopyd_core::BlockDevice,
+        offset_sectors: u64,
+        buf: kcopyd_core::WriteBuf,
+    ) -> kcopyd_core::IoFuture<'a, std::io::Result<()>> {
+        self.0.lock().unwrap().push(std::thread::current().name().map(str::to_owned));
+        inner.write(offset_sectors, buf)
+    }
+}
+
+/// Serves `disk` with kcopyd's own NBD server on a unix socket, on a thread of its own, until
+/// the returned sender is dropped.
+fn serve(name: &str, disk: Arc<MemDisk>) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let path = std::env::temp_dir().join(format!("kcopyd-runner-{}-{name}.sock", std::process::id()));
+    let address = kcopyd_nbd::Address::Unix(path);
+    let server = kcopyd_nbd::NbdServer::bind(&address, disk, kcopyd_nbd::ServerOptions::default()).unwrap();
+    let uri = server.uri().to_owned();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        block_on(server.serve(async move {
+            let _ = stopped.await;
+        }))
+    });
+    (uri, stop)
+}
+
+/// A copy from an NBD export runs its engine on the thread of the reactor that serves the
+/// export, so that requests and replies never wake another thread; a copy without one runs it
+/// on a worker thread of its own. Both copy every byte.
+#[test]
+fn a_copy_from_an_nbd_export_runs_its_engine_on_the_reactors_thread() {
+    let settings = Settings::new(ClientConfig { page_budget: 64, ..ClientConfig::default() });
+    let source = Arc::new(MemDisk::with_pattern("source", 4096, 512, 11));
+    let (uri, _stop) = serve("source", source.clone());
+    let cancel = Cancel::new();
+    let runner = Runner { settings: &settings, on_event: &|_| {}, cancel: &cancel };
+    let copy = |from: DeviceAddress| {
+        let hooks = WriteThreads::default();
+        let target = Arc::new(MemDisk::zeroed("target", 4096, 512));
+        let watched: Device = Arc::new(kcopyd_core::Forward::new(target.clone(), hooks.clone()));
+        let target_address =
+            DeviceAddress { text: "target".into(), backend: Backend::Sim(Arc::new(Made(watched))), offset_bytes: 0 };
+        let mut plan = plan_with_source(&from, &[target_address], None, true, &settings).unwrap();
+        let reactor = kcopyd_tool::run::nbd_reactor(std::iter::once(&plan.source).chain(&plan.targets));
+        let run = block_on(runner.copy(&mut plan, CopyOptions::default(), None)).unwrap();
+        assert!(kcopyd_tool::run::job_ok(&run.job.outcome), "{:?}", run.job.outcome);
+        assert!(target.snapshot(0, 4096) == source.snapshot(0, 4096), "every byte copied");
+        let threads = std::mem::take(&mut *hooks.0.lock().unwrap());
+        (reactor.map(|reactor| reactor.thread_id()), threads)
+    };
+    let nbd = DeviceAddress { text: uri.clone(), backend: Backend::Nbd(uri), offset_bytes: 0 };
+    let (reactor, threads) = copy(nbd);
+    assert!(reactor.is_some(), "the export's reactor is found");
+    assert!(!threads.is_empty() && threads.iter().all(|t| t.as_deref() == Some("kcopyd-nbd")), "{threads:?}");
+    let (reactor, threads) = copy(address("sim", &source, 0));
+    assert!(reactor.is_none(), "no NBD export, no reactor");
+    assert!(!threads.is_empty() && threads.iter().all(|t| t.as_deref() == Some("kcopyd-client")), "{threads:?}");
 }
