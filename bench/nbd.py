@@ -73,6 +73,26 @@ def timed(commands):
     return time.monotonic() - start, children_cpu() - cpu
 
 
+def disk_of(path):
+    """The /proc/diskstats name of the whole disk holding `path`."""
+    dev = os.stat(path).st_dev
+    major, minor = os.major(dev), os.minor(dev)
+    base = os.path.realpath(f"/sys/dev/block/{major}:{minor}")
+    if os.path.exists(os.path.join(base, "partition")):
+        base = os.path.dirname(base)
+    return os.path.basename(base)
+
+
+def disk_busy_ms(disk):
+    """Milliseconds `disk` has had I/O in flight since boot (/proc/diskstats), 0 if unknown."""
+    with open("/proc/diskstats") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == disk:
+                return int(fields[12])
+    return 0
+
+
 def fio_available():
     """Whether fio is here, installing it with apt-get when it is not; prints why not."""
     if shutil.which("fio"):
@@ -155,9 +175,15 @@ class Servers:
             self.running[name] = serve(path, socket, read_only, self.cache)
 
     def stop(self):
+        # A qemu-nbd that is still setting up when SIGTERM comes may lose it (seen: one
+        # stopped right after it started waited for ever): after 5 s it is killed.
         for server in self.running.values():
             server.terminate()
-            server.wait()
+            try:
+                server.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
         self.running = {}
 
     def pids(self):
@@ -242,6 +268,12 @@ def main():
         names = [*ceilings, *copies]
         times = {name: [] for name in names}
         cpus = {name: [] for name in names}
+        # The disk's busy share of each command's whole run (start-up included, so a little
+        # low for fio, whose own time leaves its start-up out): a copy that keeps the disk
+        # busy all along is limited by the disk, whatever its ratio to a ceiling measured
+        # minutes apart on a disk whose speed drifts.
+        disk = disk_of(work) if args.cache == "none" else None
+        busy = {name: [] for name in names}
         try:
             for round_ in range(args.runs):
                 # Each round starts one command later: a command that follows a heavy writer
@@ -252,12 +284,14 @@ def main():
                     through_servers = name not in ceilings or name == "fio via servers 1"
                     if through_servers and args.servers == "fresh":
                         servers.restart()
+                    busy_before, started = disk_busy_ms(disk), time.monotonic()
                     if name == "fio via servers 1":
                         seconds, cpu = fio_through_servers(*ceilings[name], args.size_mib)
                     elif name in ceilings:
                         seconds, cpu = fio_ceiling(*ceilings[name], args.size_mib)
                     else:
                         seconds, cpu = timed(copies[name])
+                    busy[name].append((disk_busy_ms(disk) - busy_before) / 1000 / (time.monotonic() - started))
                     times[name].append(seconds)
                     cpus[name].append(cpu)
                     print(f"round {round_ + 1}: {name}: {seconds:.2f} s, cpu {cpu:.2f} s", flush=True)
@@ -275,15 +309,16 @@ def main():
               + (f"; kcopyd B {args.kcopyd_b} {shlex.join(extra_b) or 'defaults'}" if args.kcopyd_b else "")
               + f"), load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}:")
         print(f"  {'command':18} {'median':>8}  {'MiB/s':>7}  {'fastest':>8}  {'slowest':>8}  {'cpu':>7}"
-              f"  {'/nbdcopy':>8}  {'/ceiling':>8}")
+              f"  {'/nbdcopy':>8}  {'/ceiling':>8}" + (f"  {'disk busy':>9}" if disk else ""))
         for name, seconds in median.items():
             three_targets = name.endswith(("3 targets", "x3", "ceiling 3"))
             nbdcopy = median.get("nbdcopy x3" if three_targets else "nbdcopy")
             floor = median.get("fio ceiling 3" if three_targets else "fio ceiling 1")
             versus_nbdcopy = f"{seconds / nbdcopy:8.2f}" if nbdcopy and not name.startswith("fio") else f"{'':8}"
             versus_ceiling = f"{seconds / floor:8.2f}" if floor else f"{'':8}"
+            disk_busy = f"  {statistics.median(busy[name]) * 100:8.0f}%" if disk else ""
             print(f"  {name:18} {seconds:6.2f} s  {args.size_mib / seconds:7.0f}  {min(times[name]):6.2f} s"
-                  f"  {max(times[name]):6.2f} s  {cpu[name]:5.2f} s  {versus_nbdcopy}  {versus_ceiling}")
+                  f"  {max(times[name]):6.2f} s  {cpu[name]:5.2f} s  {versus_nbdcopy}  {versus_ceiling}{disk_busy}")
         # The goals: at the disk's ceiling where the disk decides (--cache none), ahead of
         # nbdcopy where the client does (RAM-backed exports).
         goals = [("kcopyd", "nbdcopy", "kcopyd / nbdcopy            ", 0.75, "wall"),
@@ -300,7 +335,12 @@ def main():
             if mine in table and theirs in table and table[theirs] > 0:
                 ratio = table[mine] / table[theirs]
                 verdict = f"(goal {goal}: {'met' if ratio <= goal else 'not met'})" if goal else ""
-                print(f"  {label} {ratio:.2f}  {verdict}")
+                # The same ratio taken in each round, where both ran minutes apart at most:
+                # the disk's speed drifts between rounds (its fastest and slowest fio runs differ
+                # by up to 2x), and a ratio within a round leaves that drift out.
+                per_round = times if what == "wall" else cpus
+                paired = statistics.median(a / b for a, b in zip(per_round[mine], per_round[theirs]) if b > 0)
+                print(f"  {label} {ratio:.2f}  {verdict}  (median of the rounds' own ratios: {paired:.2f})")
         # The best ratio the disk allows: a copy no faster than its ceiling, against nbdcopy as measured.
         if "fio ceiling 1" in median and "nbdcopy" in median:
             print(f"  best possible / nbdcopy      {median['fio ceiling 1'] / median['nbdcopy']:.2f}"

@@ -81,25 +81,6 @@ def machine_cpu():
     return (sum(values[:8]) - idle) / TICKS, idle / TICKS
 
 
-def disk_of(path):
-    """The /proc/diskstats name of the whole disk holding `path`."""
-    dev = os.stat(path).st_dev
-    major, minor = os.major(dev), os.minor(dev)
-    base = os.path.realpath(f"/sys/dev/block/{major}:{minor}")
-    if os.path.exists(os.path.join(base, "partition")):
-        base = os.path.dirname(base)
-    return os.path.basename(base)
-
-
-def disk_busy_ms(disk):
-    with open("/proc/diskstats") as f:
-        for line in f:
-            fields = line.split()
-            if fields[2] == disk:
-                return int(fields[12])
-    return 0
-
-
 def measure(command, servers, disk):
     """Runs `command`, sampling; returns a dict of figures."""
     threads = {}
@@ -107,7 +88,7 @@ def measure(command, servers, disk):
     faults_start = {name: minor_faults(f"/proc/{pid}/stat") for name, pid in servers.items()}
     copy_faults = 0
     busy0, idle0 = machine_cpu()
-    disk0 = disk_busy_ms(disk) if disk else 0
+    disk0 = nbd_bench.disk_busy_ms(disk) if disk else 0
     start = time.monotonic()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     while process.poll() is None:
@@ -133,7 +114,7 @@ def measure(command, servers, disk):
     figures["machine busy"] = busy1 - busy0
     figures["machine idle"] = idle1 - idle0
     if disk:
-        figures["disk busy"] = (disk_busy_ms(disk) - disk0) / 1000
+        figures["disk busy"] = (nbd_bench.disk_busy_ms(disk) - disk0) / 1000
     return figures
 
 
@@ -167,7 +148,7 @@ def main():
         uri = lambda name: f"nbd+unix:///?socket={os.path.join(work, name + '.sock')}"
         kcopyd = lambda options: [args.kcopyd, "copy", *shlex.split(options), uri("source"),
                                   *[uri(f"target{i}") for i in range(args.targets)]]
-        disk = disk_of(work) if args.cache == "none" else None
+        disk = nbd_bench.disk_of(work) if args.cache == "none" else None
         commands = {"kcopyd copy": kcopyd(args.kcopyd_args)}
         if args.kcopyd_b_args is not None:
             commands["kcopyd copy B"] = kcopyd(args.kcopyd_b_args)

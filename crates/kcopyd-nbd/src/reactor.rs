@@ -96,7 +96,10 @@ impl Reactor {
     /// Runs `f` on the reactor's thread, inside its actix System, and returns what it
     /// returned: there an engine can be started (`Client::start_in_current_system`) that
     /// shares the thread with the connections. What `f` starts must not block the thread,
-    /// which serves every connection on the reactor.
+    /// which serves every connection on the reactor. The thread ends with the last `Reactor`
+    /// handle and connection, whatever else runs there: an engine whose jobs are on NBD
+    /// devices of this reactor keeps it through them; one with other work only should be
+    /// given a handle to keep.
     ///
     /// # Errors
     /// Called on the reactor's thread (it would wait for itself), or `f` panicked.
