@@ -8,7 +8,8 @@ Usage: bench/nbd_where.py [--size-mib N] [--runs N] [--dir DIR] [--kcopyd PATH]
                           [--nbdcopy] [--kcopyd-b-args ARGS] [--servers fresh|shared]
 
 Each run samples /proc every 20 ms: /proc/PID/task/*/stat of kcopyd (per thread, by name:
-`kcopyd-nbd` is the reactor that runs every NBD connection, `kcopyd-client` the engine),
+`kcopyd-nbd` is the reactor that runs every NBD connection and, when it serves every export,
+the engine; `kcopyd-client` the engine otherwise),
 /proc/PID/stat of each qemu-nbd, /proc/stat (all CPUs: busy and idle) and /proc/diskstats
 (the disk holding --dir: its busy milliseconds, as iostat's %util). Medians over the runs:
 
