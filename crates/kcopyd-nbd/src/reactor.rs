@@ -101,6 +101,15 @@ impl Reactor {
     /// devices of this reactor keeps it through them; one with other work only should be
     /// given a handle to keep.
     ///
+    /// ```no_run
+    /// use kcopyd_core::{Client, ClientConfig};
+    /// use kcopyd_nbd::{ConnectOptions, NbdDevice};
+    /// let source = NbdDevice::connect("nbd+unix:///?socket=/run/a.sock", &ConnectOptions::default()).unwrap();
+    /// // The engine on the thread of the reactor its devices use: no thread hand-offs.
+    /// let client = source.reactor().run(|| Client::start_in_current_system(ClientConfig::default())).unwrap().unwrap();
+    /// # drop(client);
+    /// ```
+    ///
     /// # Errors
     /// Called on the reactor's thread (it would wait for itself), or `f` panicked.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
