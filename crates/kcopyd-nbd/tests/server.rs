@@ -471,8 +471,8 @@ fn block_status_tells_holes_from_data_clipped_to_the_request_and_one_extent_with
 
 /// An engine started on the reactor's thread (`Reactor::run`) copies between two exports with
 /// its callbacks on that thread; a connect from that thread (a callback's) is refused, not a
-/// wait for ever; and once the client, the devices and the reactor's handles are gone, the
-/// connections close and the thread ends.
+/// wait for ever; and once the client is shut down, it lets go of the devices and their
+/// connections close.
 #[test]
 fn an_engine_on_the_reactors_thread_copies_and_a_connect_from_there_is_refused() {
     use kcopyd_core::{Client, ClientConfig, Flags, Job, Region};

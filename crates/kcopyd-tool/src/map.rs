@@ -539,8 +539,7 @@ pub fn holds_nothing(path: &Path) -> bool {
 /// A batch smaller than one logical block, or a map that cannot be used (see
 /// [`CopyMap::open`]); a map created here is removed again.
 pub fn open_for(path: &Path, plan: &crate::plan::Plan, batch_bytes: u64) -> Result<(CopyMap, u64), MapFileError> {
-    let devices = std::iter::once(&plan.source).chain(&plan.targets);
-    let block_bytes = devices.map(Opened::block_bytes).max().unwrap_or(512);
+    let block_bytes = plan.devices().map(Opened::block_bytes).max().unwrap_or(512);
     let whole_bytes = batch_bytes / block_bytes * block_bytes;
     if whole_bytes == 0 {
         return Err(MapFileError::BatchTooSmall { batch_bytes, block_bytes });

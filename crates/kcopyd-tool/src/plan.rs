@@ -189,6 +189,13 @@ pub struct Plan {
     pub locks: FileLocks,
 }
 
+impl Plan {
+    /// The source, then the targets.
+    pub fn devices(&self) -> impl Iterator<Item = &Opened> {
+        std::iter::once(&self.source).chain(&self.targets)
+    }
+}
+
 /// Opens and checks a source and its targets. `write` opens the targets for writing and
 /// creates missing target files; otherwise every target must exist.
 ///

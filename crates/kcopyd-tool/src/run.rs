@@ -241,7 +241,7 @@ impl Runner<'_> {
                 .map_err(verify_error)?;
         }
         self.warm_up(plan).await;
-        let client = self.start_client(std::iter::once(&plan.source).chain(&plan.targets))?;
+        let client = self.start_client(plan.devices())?;
         self.started(Phase::Copy, plan.len_bytes, 0);
         let job = match map {
             None => {
@@ -298,7 +298,7 @@ impl Runner<'_> {
         let request = verify::request(&plan.source, &plan.targets, len_sectors);
         request.check(&self.settings.config).map_err(verify_error)?;
         self.warm_up(plan).await;
-        let client = self.start_client(std::iter::once(&plan.source).chain(&plan.targets))?;
+        let client = self.start_client(plan.devices())?;
         let range = (plan.len_bytes, plan.tail);
         let run = self.run_compare(&client, request, &plan.source, &plan.targets, range).await;
         client.shutdown().await;
@@ -312,7 +312,7 @@ impl Runner<'_> {
         if bytes == 0 || !self.settings.nbd.warm_up {
             return;
         }
-        let exports = std::iter::once(&plan.source).chain(&plan.targets).filter_map(|opened| opened.nbd.as_ref());
+        let exports = plan.devices().filter_map(|opened| opened.nbd.as_ref());
         let warm_ups = join_all(exports.map(|nbd| nbd.warm_up(bytes)));
         tokio::select! {
             _ = warm_ups => {}

@@ -215,11 +215,23 @@ impl kcopyd_core::Hooks for WriteThreads {
     }
 }
 
-/// Serves `disk` with kcopyd's own NBD server on a unix socket, on a thread of its own, until
-/// the returned sender is dropped.
-fn serve(name: &str, disk: Arc<MemDisk>) -> (String, tokio::sync::oneshot::Sender<()>) {
+/// An export of kcopyd's own NBD server on a unix socket, on a thread of its own: stopped,
+/// and its socket removed, when dropped.
+struct Served {
+    uri: String,
+    path: std::path::PathBuf,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve(name: &str, disk: Arc<MemDisk>) -> Served {
     let path = std::env::temp_dir().join(format!("kcopyd-runner-{}-{name}.sock", std::process::id()));
-    let address = kcopyd_nbd::Address::Unix(path);
+    let address = kcopyd_nbd::Address::Unix(path.clone());
     let server = kcopyd_nbd::NbdServer::bind(&address, disk, kcopyd_nbd::ServerOptions::default()).unwrap();
     let uri = server.uri().to_owned();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -228,7 +240,7 @@ fn serve(name: &str, disk: Arc<MemDisk>) -> (String, tokio::sync::oneshot::Sende
             let _ = stopped.await;
         }))
     });
-    (uri, stop)
+    Served { uri, path, _stop: stop }
 }
 
 /// A copy from an NBD export runs its engine on the thread of the reactor that serves the
@@ -238,7 +250,7 @@ fn serve(name: &str, disk: Arc<MemDisk>) -> (String, tokio::sync::oneshot::Sende
 fn a_copy_from_an_nbd_export_runs_its_engine_on_the_reactors_thread() {
     let settings = Settings::new(ClientConfig { page_budget: 64, ..ClientConfig::default() });
     let source = Arc::new(MemDisk::with_pattern("source", 4096, 512, 11));
-    let (uri, _stop) = serve("source", source.clone());
+    let served = serve("source", source.clone());
     let cancel = Cancel::new();
     let runner = Runner { settings: &settings, on_event: &|_| {}, cancel: &cancel };
     let copy = |from: DeviceAddress| {
@@ -248,14 +260,14 @@ fn a_copy_from_an_nbd_export_runs_its_engine_on_the_reactors_thread() {
         let target_address =
             DeviceAddress { text: "target".into(), backend: Backend::Sim(Arc::new(Made(watched))), offset_bytes: 0 };
         let mut plan = plan_with_source(&from, &[target_address], None, true, &settings).unwrap();
-        let reactor = kcopyd_tool::run::nbd_reactor(std::iter::once(&plan.source).chain(&plan.targets));
+        let reactor = kcopyd_tool::run::nbd_reactor(plan.devices());
         let run = block_on(runner.copy(&mut plan, CopyOptions::default(), None)).unwrap();
         assert!(kcopyd_tool::run::job_ok(&run.job.outcome), "{:?}", run.job.outcome);
         assert!(target.snapshot(0, 4096) == source.snapshot(0, 4096), "every byte copied");
         let threads = std::mem::take(&mut *hooks.0.lock().unwrap());
         (reactor.map(|reactor| reactor.thread_id()), threads)
     };
-    let nbd = DeviceAddress { text: uri.clone(), backend: Backend::Nbd(uri), offset_bytes: 0 };
+    let nbd = DeviceAddress { text: served.uri.clone(), backend: Backend::Nbd(served.uri.clone()), offset_bytes: 0 };
     let (reactor, threads) = copy(nbd);
     assert!(reactor.is_some(), "the export's reactor is found");
     assert!(!threads.is_empty() && threads.iter().all(|t| t.as_deref() == Some("kcopyd-nbd")), "{threads:?}");
