@@ -341,15 +341,11 @@ pub struct EngineArgs {
     /// export].
     #[arg(long, value_name = "COUNT")]
     pub subjobs_in_flight: Option<usize>,
-    /// Memory for copy buffers (the page budget), e.g. 64M; at least 4K.
-    #[arg(
-        long = "memory",
-        value_name = "SIZE",
-        default_value = MEMORY_DEFAULT,
-        value_parser = size::parse_size,
-        allow_negative_numbers = true,
-    )]
-    pub memory_bytes: u64,
+    /// Memory for copy buffers (the page budget), e.g. 64M; at least 4K. Each sub-job in
+    /// flight holds its size of it [default: 16M, or --subjobs-in-flight × --subjob-size when
+    /// that is more, up to 1G].
+    #[arg(long = "memory", value_name = "SIZE", value_parser = size::parse_size, allow_negative_numbers = true)]
+    pub memory_bytes: Option<u64>,
     /// Go through the page cache instead of O_DIRECT (for filesystems without direct I/O).
     #[arg(long)]
     pub buffered: bool,

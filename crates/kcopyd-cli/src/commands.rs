@@ -53,7 +53,42 @@ fn warn_mounted(source: &Opened, len_bytes: u64, output: &OutputArgs) {
     }
 }
 
-/// A run's error, named by the option at fault (`memory_bytes`: `--memory` as given).
+/// Tells (unless `quiet`) when the page budget runs fewer of a copy's sub-jobs at once than
+/// `--subjobs-in-flight` asks for: each holds its size of the budget until every target is
+/// written, and the rest would wait for pages without a word.
+fn note_budget(settings: &kcopyd_tool::Settings, output: &OutputArgs) {
+    let config = &settings.config;
+    let (budget, size) = (budget_bytes(settings), config.subjob_size_bytes as u64);
+    let held = kcopyd_tool::options::subjobs_held(budget, size, config.subjobs_in_flight);
+    // A budget smaller than one sub-job cuts the sub-jobs to its size: asked for, not noted.
+    if budget >= size && held < config.subjobs_in_flight && !output.quiet {
+        let needed = size.saturating_mul(config.subjobs_in_flight as u64);
+        out::note(&format!(
+            "kcopyd: note: --memory {} holds {held} sub-jobs of {} at once, not the {} asked for \
+             (--memory {} holds them all)",
+            option_size(budget),
+            option_size(size),
+            config.subjobs_in_flight,
+            option_size(needed),
+        ));
+    }
+}
+
+/// `bytes` as an option takes it: 32M, 1G, 4K, or bytes when no unit divides it.
+fn option_size(bytes: u64) -> String {
+    let units = [(40, "T"), (30, "G"), (20, "M"), (10, "K")];
+    match units.iter().find(|(shift, _)| bytes >= 1 << shift && bytes % (1 << shift) == 0) {
+        Some((shift, unit)) => format!("{}{unit}", bytes >> shift),
+        None => bytes.to_string(),
+    }
+}
+
+/// The page budget of `settings` in bytes: `--memory`, given or by default.
+fn budget_bytes(settings: &kcopyd_tool::Settings) -> u64 {
+    (settings.config.page_budget * kcopyd_core::PAGE_SIZE) as u64
+}
+
+/// A run's error, named by the option at fault (`memory_bytes`: the budget `--memory` gave).
 fn run_error(error: RunError, memory_bytes: u64) -> CliError {
     match error {
         RunError::Start { source } => CliError::Config { option: "--memory", source },
@@ -199,7 +234,7 @@ async fn run_copy(
     plan: &mut kcopyd_tool::Plan,
     options: CopyOptions,
 ) -> Result<kcopyd_tool::run::CopyRun, CliError> {
-    let memory_bytes = args.engine.memory_bytes;
+    let memory_bytes = budget_bytes(runner.settings);
     let Some(path) = &args.map else {
         return runner.copy(plan, options, None).await.map_err(|e| run_error(e, memory_bytes));
     };
@@ -227,6 +262,7 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
     }
     let devices = std::iter::once(&args.source).chain(&args.targets);
     let settings = devices::with_throttle(devices::settings(&args.engine, devices)?, &args.throttle)?;
+    note_budget(&settings, &args.output);
     let mut plan =
         devices::open_plan(&args.source, &args.targets, args.length_bytes, true, &settings, interrupts).await?;
     warn_mounted(&plan.source, plan.len_bytes, &args.output);
@@ -253,7 +289,7 @@ pub async fn copy_planned(
     let (ui, cancel) = (Ui::new(quiet), Cancel::new());
     let on_event = |event: Event<'_>| ui.on_event(event);
     let runner = Runner { settings, on_event: &on_event, cancel: &cancel };
-    let memory_bytes = (settings.config.page_budget * kcopyd_core::PAGE_SIZE) as u64;
+    let memory_bytes = budget_bytes(settings);
     let copied = runner.copy(plan, options, None);
     let run = drive(copied, &cancel, &ui, interrupts).await.map_err(|e| run_error(e, memory_bytes))?;
     Ok(done(report::copy_report(plan, &run, false, cancel_code())))
@@ -270,7 +306,7 @@ pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, 
     let on_event = |event: Event<'_>| ui.on_event(event);
     let runner = Runner { settings: &settings, on_event: &on_event, cancel: &cancel };
     let zeroed = runner.zero(&plan, flags(args.ignore_errors, args.write_seq));
-    let run = drive(zeroed, &cancel, &ui, interrupts).await.map_err(|e| run_error(e, args.engine.memory_bytes))?;
+    let run = drive(zeroed, &cancel, &ui, interrupts).await.map_err(|e| run_error(e, budget_bytes(&settings)))?;
     let report = report::zero_report(&plan, &run, cancel_code());
     let status = status_of(&report);
     Ok(Done { report, status })
@@ -289,7 +325,7 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
     let on_event = |event: Event<'_>| ui.on_event(event);
     let runner = Runner { settings: &settings, on_event: &on_event, cancel: &cancel };
     let compared = runner.verify(&plan);
-    let run = drive(compared, &cancel, &ui, interrupts).await.map_err(|e| run_error(e, args.engine.memory_bytes))?;
+    let run = drive(compared, &cancel, &ui, interrupts).await.map_err(|e| run_error(e, budget_bytes(&settings)))?;
     let report = report::verify_command_report(&plan, &run, cancel_code());
     let status = status_of(&report);
     Ok(Done { report, status })

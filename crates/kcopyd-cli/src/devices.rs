@@ -130,7 +130,9 @@ pub fn settings<'a>(
         _ => NBD_SUBJOB_SIZE_DEFAULT_BYTES,
     };
     let subjob_size_bytes = args.subjob_size_bytes.unwrap_or(subjob_default);
-    options::check_memory(args.memory_bytes).map_err(option_error)?;
+    let memory_bytes =
+        args.memory_bytes.unwrap_or_else(|| options::memory_default(subjob_size_bytes, subjobs_in_flight));
+    options::check_memory(memory_bytes).map_err(option_error)?;
     let tls = TlsOptions {
         certificates: args.tls_certificates.clone(),
         verify_peer: args.tls_verify_peer,
@@ -148,7 +150,7 @@ pub fn settings<'a>(
     let config = ClientConfig {
         huge_pages: !args.no_huge_pages,
         io_timeout_ms: nbd.io_timeout_ms,
-        ..options::client_config(args.memory_bytes, subjob_size_bytes, subjobs_in_flight)
+        ..options::client_config(memory_bytes, subjob_size_bytes, subjobs_in_flight)
     };
     config.validate().map_err(|source| {
         let option = match source {
@@ -261,6 +263,21 @@ mod tests {
         assert_eq!(subjob(&["--subjob-size", "64K", nbd, "b.img"]), 64 << 10);
         let budget = kcopyd_core::ClientConfig::default().page_budget as u64 * kcopyd_core::PAGE_SIZE as u64;
         assert_eq!(NBD_SUBJOB_SIZE_DEFAULT_BYTES * NBD_SUBJOBS_IN_FLIGHT_DEFAULT as u64, budget);
+    }
+
+    #[test]
+    fn the_budget_follows_the_subjobs_in_flight_unless_memory_is_given() {
+        let nbd = "nbd+unix:///?socket=/run/s.sock";
+        let budget = |args: &[&str]| copy_settings(args).config.page_budget * kcopyd_core::PAGE_SIZE;
+        let mib = 1 << 20;
+        assert_eq!(budget(&["a.img", "b.img"]), 16 * mib);
+        assert_eq!(budget(&[nbd, "b.img"]), 16 * mib, "8 sub-jobs of 2M fit the default");
+        assert_eq!(budget(&["--subjobs-in-flight", "16", nbd, "b.img"]), 32 * mib);
+        assert_eq!(budget(&["--subjobs-in-flight", "16", "--subjob-size", "4M", "a.img", "b.img"]), 64 * mib);
+        assert_eq!(budget(&["--subjobs-in-flight", "1024", "--subjob-size", "64M", "a.img", "b.img"]), 1024 * mib);
+        assert_eq!(budget(&["--subjobs-in-flight", "2", "a.img", "b.img"]), 16 * mib, "never below the default");
+        assert_eq!(budget(&["--memory", "16M", "--subjobs-in-flight", "16", nbd, "b.img"]), 16 * mib, "as given");
+        assert_eq!(budget(&["--memory", "4K", "--subjob-size", "4K", "a.img", "b.img"]), 4096);
     }
 
     #[test]

@@ -77,6 +77,34 @@ fn covers(outer: &[[u64; 2]], inner: [u64; 2]) -> bool {
 // ---- copy ---------------------------------------------------------------------------------
 
 #[test]
+fn a_copy_asking_for_more_subjobs_than_its_memory_holds_says_so_and_a_default_budget_holds_them() {
+    let dir = TempDir::new("cli-budget");
+    let (source, target) = (dir.path().join("source.img"), dir.path().join("target.img"));
+    fs::write(&source, pattern(7, 8 * MIB)).unwrap();
+    let copy = |extra: &[&str]| {
+        let mut args = vec!["copy", s(&source), s(&target), "--json", "--subjob-size", "2M"];
+        args.extend_from_slice(extra);
+        let ran = kcopyd(&args);
+        assert_eq!(ran.code, 0, "{ran:?}");
+        assert_eq!(fs::read(&target).unwrap(), fs::read(&source).unwrap());
+        let pages = json(&ran)["stats"]["pool"]["pages_total"].as_u64().unwrap();
+        (pages * 4096, ran.stderr)
+    };
+    let (budget, stderr) = copy(&["--subjobs-in-flight", "16"]);
+    assert_eq!((budget, stderr.as_str()), (32 << 20, ""), "the default budget holds 16 sub-jobs of 2M");
+    let (budget, stderr) = copy(&["--subjobs-in-flight", "16", "--memory", "16M"]);
+    assert_eq!(budget, 16 << 20, "a given budget is kept");
+    assert_eq!(
+        stderr.trim_end(),
+        "kcopyd: note: --memory 16M holds 8 sub-jobs of 2M at once, not the 16 asked for (--memory 32M holds them all)"
+    );
+    let (_, stderr) = copy(&["--subjobs-in-flight", "8", "--memory", "16M"]);
+    assert_eq!(stderr, "", "8 sub-jobs of 2M fit 16M");
+    let (_, stderr) = copy(&["--subjobs-in-flight", "16", "--memory", "16M", "--quiet"]);
+    assert_eq!(stderr, "", "--quiet says nothing");
+}
+
+#[test]
 fn copy_to_a_new_file_and_an_offset_then_verify() {
     let dir = TempDir::new("cli-copy");
     let data = pattern(1, 3 * MIB);

@@ -4,7 +4,8 @@
 //! (the `kcopyd` command names `--memory`, `--connections`, `--sparse-size`, ...).
 //!
 //! ```text
-//!  memory bytes ─────────────────────────────► check_memory, client_config ─► ClientConfig
+//!  memory bytes (or none: memory_default) ──► check_memory, client_config ─► ClientConfig
+//!  memory, sub-job size, sub-jobs in flight ─► subjobs_held (how many the budget runs at once)
 //!  connections, timeouts, TLS, NBD exports ──► nbd_settings ─► NbdSettings
 //!  TLS options, devices ─────────────────────► unverified_tls_exports (what to warn about)
 //!  sparse on/off, zero-scan size, target zero ► sparse ─► kcopyd_core::Sparse
@@ -44,6 +45,9 @@ pub const NBD_CONNECTIONS_MANY_EXPORTS: usize = 1;
 /// The largest page budget the engine takes (`ClientConfig::validate` counts pages in 32 bits):
 /// 16 TiB less one page.
 pub const MEMORY_PAGES_MAX: u64 = u32::MAX as u64;
+/// The most the page budget grows to by itself ([`memory_default`]) to hold the sub-jobs in
+/// flight that were asked for: 1 GiB. Past it fewer run at once, unless a budget is given.
+pub const MEMORY_AUTO_MAX_BYTES: u64 = 1 << 30;
 /// The zero-scan block of sparse copies by default (as `qemu-img convert -S`), in bytes.
 pub const SPARSE_SIZE_DEFAULT_BYTES: u64 = 4096;
 
@@ -133,6 +137,30 @@ pub fn check_memory(memory_bytes: u64) -> Result<(), OptionError> {
         return Err(OptionError::MemoryTooLarge { memory_bytes });
     }
     Ok(())
+}
+
+/// The page budget of a command that names none: the engine's default
+/// ([`kcopyd_core::PAGE_BUDGET_DEFAULT`] pages, 16 MiB), or what `subjobs_in_flight` sub-jobs of
+/// `subjob_size_bytes` hold at once when that is more, up to [`MEMORY_AUTO_MAX_BYTES`]. A
+/// sub-job holds its pages until every target is written, so a budget smaller than that
+/// product would quietly run fewer sub-jobs than asked for.
+///
+/// Worked example: 16 sub-jobs of 2 MiB take 32 MiB; 4 of 1 MiB keep the default 16 MiB;
+/// 1024 of 64 MiB stop at 1 GiB (16 of them at once).
+pub fn memory_default(subjob_size_bytes: u64, subjobs_in_flight: usize) -> u64 {
+    let engine_default = (kcopyd_core::PAGE_BUDGET_DEFAULT * PAGE_SIZE) as u64;
+    let in_flight = subjob_size_bytes.saturating_mul(subjobs_in_flight as u64);
+    in_flight.min(MEMORY_AUTO_MAX_BYTES).max(engine_default)
+}
+
+/// How many of `subjobs_in_flight` sub-jobs of `subjob_size_bytes` a page budget of
+/// `memory_bytes` runs at once (each holds its whole size in pages): fewer than asked for
+/// when the budget is too small for them all, and one when it is smaller than a sub-job (the
+/// engine then cuts the sub-jobs to the budget).
+pub fn subjobs_held(memory_bytes: u64, subjob_size_bytes: u64, subjobs_in_flight: usize) -> usize {
+    let pages = memory_bytes / PAGE_SIZE as u64;
+    let per_subjob = subjob_size_bytes.div_ceil(PAGE_SIZE as u64).max(1);
+    usize::try_from(pages / per_subjob).unwrap_or(usize::MAX).clamp(1, subjobs_in_flight.max(1))
 }
 
 /// The engine's defaults with a page budget of `memory_bytes` (whole pages), sub-jobs of
@@ -242,6 +270,40 @@ mod tests {
 
     fn device(text: &str) -> DeviceAddress {
         DeviceAddress::parse(text, &crate::address::parse_sim_spec).unwrap()
+    }
+
+    #[test]
+    fn the_default_budget_grows_to_hold_the_subjobs_asked_for_up_to_a_gib() {
+        let (kib, mib) = (1u64 << 10, 1u64 << 20);
+        assert_eq!(memory_default(mib, 4), 16 * mib, "the engine's default when it is enough");
+        assert_eq!(memory_default(2 * mib, 8), 16 * mib);
+        assert_eq!(memory_default(2 * mib, 9), 18 * mib);
+        assert_eq!(memory_default(2 * mib, 16), 32 * mib);
+        assert_eq!(memory_default(64 * mib, 1024), MEMORY_AUTO_MAX_BYTES);
+        assert_eq!(memory_default(u64::MAX, usize::MAX), MEMORY_AUTO_MAX_BYTES, "saturates");
+        assert_eq!(memory_default(64 * kib, 1), 16 * mib);
+        assert_eq!(
+            memory_default(mib, 1),
+            (kcopyd_core::ClientConfig::default().page_budget * PAGE_SIZE) as u64,
+            "the engine's own default"
+        );
+    }
+
+    #[test]
+    fn a_budget_holds_as_many_subjobs_as_their_pages_fit_and_never_more_than_asked() {
+        let mib = 1u64 << 20;
+        assert_eq!(subjobs_held(16 * mib, 2 * mib, 16), 8);
+        assert_eq!(subjobs_held(16 * mib, 2 * mib, 8), 8);
+        assert_eq!(subjobs_held(16 * mib, 2 * mib, 3), 3);
+        assert_eq!(subjobs_held(32 * mib, 2 * mib, 16), 16);
+        // A sub-job of part of a page still takes the whole page.
+        assert_eq!(subjobs_held(8 * PAGE_SIZE as u64, 512, 100), 8);
+        assert_eq!(subjobs_held(8 * PAGE_SIZE as u64, PAGE_SIZE as u64 + 512, 100), 4);
+        assert_eq!(subjobs_held(mib, 2 * mib, 4), 1, "a budget smaller than a sub-job cuts it: one at a time");
+        for (size, count) in [(mib, 4), (2 * mib, 16), (64 * mib, 1024), (3 * 512, 7)] {
+            let held = subjobs_held(memory_default(size, count), size, count);
+            assert!(held == count || memory_default(size, count) == MEMORY_AUTO_MAX_BYTES, "{size} x {count}: {held}");
+        }
     }
 
     #[test]
