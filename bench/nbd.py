@@ -149,6 +149,11 @@ def serve(path, socket, read_only, cache):
     command = ["qemu-nbd", "-f", "raw", f"--cache={cache}", f"--aio={aio}", "-t", "-e", "16", "-k", socket, path]
     if read_only:
         command.insert(1, "-r")
+    return start_server(command, socket)
+
+
+def start_server(command, socket):
+    """Runs the server `command` (argv) and waits until it listens on the unix `socket`."""
     server = subprocess.Popen(command)
     deadline = time.monotonic() + 10
     while not os.path.exists(socket):
@@ -156,6 +161,17 @@ def serve(path, socket, read_only, cache):
             sys.exit(f"nbd bench: {shlex.join(command)} did not start")
         time.sleep(0.02)
     return server
+
+
+def stop_server(server):
+    """Stops a server. A qemu-nbd that is still setting up when SIGTERM comes may lose it (seen:
+    one stopped right after it started waited for ever): after 5 s it is killed."""
+    server.terminate()
+    try:
+        server.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
 
 
 class Servers:
@@ -175,15 +191,8 @@ class Servers:
             self.running[name] = serve(path, socket, read_only, self.cache)
 
     def stop(self):
-        # A qemu-nbd that is still setting up when SIGTERM comes may lose it (seen: one
-        # stopped right after it started waited for ever): after 5 s it is killed.
         for server in self.running.values():
-            server.terminate()
-            try:
-                server.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop_server(server)
         self.running = {}
 
     def pids(self):
