@@ -199,12 +199,18 @@ class Servers:
         return {name: server.pid for name, server in self.running.items()}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(description, runs):
+    """A parser with the options every NBD bench takes: --size-mib, --runs, --dir, --kcopyd."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mib", type=int, default=1024)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=runs)
     parser.add_argument("--dir", default="/var/tmp")
     parser.add_argument("--kcopyd", default="target/release/kcopyd")
+    return parser
+
+
+def main():
+    parser = arguments(__doc__, runs=3)
     parser.add_argument("--kcopyd-args", default="", help="extra options for kcopyd copy")
     parser.add_argument("--kcopyd-b", help="a second kcopyd to run in every round (A/B)")
     parser.add_argument("--kcopyd-b-args", default=None, help="its options (default: --kcopyd-args)")

@@ -27,7 +27,6 @@ path through the servers") reads these rows.
 Needs qemu-utils and fio (installed with apt-get when missing and run as root).
 """
 
-import argparse
 import json
 import os
 import shlex
@@ -150,11 +149,7 @@ def report(results, args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size-mib", type=int, default=1024)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--dir", default="/var/tmp")
-    parser.add_argument("--kcopyd", default="target/release/kcopyd")
+    parser = nbd_bench.arguments(__doc__, runs=5)
     parser.add_argument("--skip", default="", help="rows to leave out, comma-separated")
     args = parser.parse_args()
     skip = {name.strip() for name in args.skip.split(",") if name.strip()}

@@ -32,7 +32,6 @@ every command (--servers fresh), so that none inherits a server's allocator stat
 before it; --servers shared starts them once.
 """
 
-import argparse
 import os
 import shlex
 import statistics
@@ -120,11 +119,7 @@ def measure(command, servers, disk):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size-mib", type=int, default=1024)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--dir", default="/var/tmp")
-    parser.add_argument("--kcopyd", default="target/release/kcopyd")
+    parser = nbd_bench.arguments(__doc__, runs=5)
     parser.add_argument("--kcopyd-args", default="")
     parser.add_argument("--targets", type=int, choices=[1, 3], default=3)
     parser.add_argument("--cache", choices=["none", "writeback"], default="none")
