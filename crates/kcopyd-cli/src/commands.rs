@@ -62,7 +62,7 @@ fn note_budget(settings: &kcopyd_tool::Settings, output: &OutputArgs) {
     let held = kcopyd_tool::options::subjobs_held(budget, size, config.subjobs_in_flight);
     // A budget smaller than one sub-job cuts the sub-jobs to its size: asked for, not noted.
     if budget >= size && held < config.subjobs_in_flight && !output.quiet {
-        let needed = size.saturating_mul(config.subjobs_in_flight as u64);
+        let needed = kcopyd_tool::options::memory_for_subjobs(size, config.subjobs_in_flight);
         out::note(&format!(
             "kcopyd: note: --memory {} holds {held} sub-jobs of {} at once, not the {} asked for \
              (--memory {} holds them all)",

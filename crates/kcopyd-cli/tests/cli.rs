@@ -82,7 +82,7 @@ fn a_copy_asking_for_more_subjobs_than_its_memory_holds_says_so_and_a_default_bu
     let (source, target) = (dir.path().join("source.img"), dir.path().join("target.img"));
     fs::write(&source, pattern(7, 8 * MIB)).unwrap();
     let copy = |extra: &[&str]| {
-        let mut args = vec!["copy", s(&source), s(&target), "--json", "--subjob-size", "2M"];
+        let mut args = vec!["copy", s(&source), s(&target), "--json"];
         args.extend_from_slice(extra);
         let ran = kcopyd(&args);
         assert_eq!(ran.code, 0, "{ran:?}");
@@ -90,18 +90,25 @@ fn a_copy_asking_for_more_subjobs_than_its_memory_holds_says_so_and_a_default_bu
         let pages = json(&ran)["stats"]["pool"]["pages_total"].as_u64().unwrap();
         (pages * 4096, ran.stderr)
     };
-    let (budget, stderr) = copy(&["--subjobs-in-flight", "16"]);
+    let (budget, stderr) = copy(&["--subjob-size", "2M", "--subjobs-in-flight", "16"]);
     assert_eq!((budget, stderr.as_str()), (32 << 20, ""), "the default budget holds 16 sub-jobs of 2M");
-    let (budget, stderr) = copy(&["--subjobs-in-flight", "16", "--memory", "16M"]);
+    let (budget, stderr) = copy(&["--subjob-size", "2M", "--subjobs-in-flight", "16", "--memory", "16M"]);
     assert_eq!(budget, 16 << 20, "a given budget is kept");
     assert_eq!(
         stderr.trim_end(),
         "kcopyd: note: --memory 16M holds 8 sub-jobs of 2M at once, not the 16 asked for (--memory 32M holds them all)"
     );
-    let (_, stderr) = copy(&["--subjobs-in-flight", "8", "--memory", "16M"]);
+    let (_, stderr) = copy(&["--subjob-size", "2M", "--subjobs-in-flight", "8", "--memory", "16M"]);
     assert_eq!(stderr, "", "8 sub-jobs of 2M fit 16M");
-    let (_, stderr) = copy(&["--subjobs-in-flight", "16", "--memory", "16M", "--quiet"]);
+    let (_, stderr) = copy(&["--subjob-size", "2M", "--subjobs-in-flight", "16", "--memory", "16M", "--quiet"]);
     assert_eq!(stderr, "", "--quiet says nothing");
+    // Sub-jobs take whole pages: 4 of 6K take 32K, not 24K.
+    let (budget, stderr) = copy(&["--subjob-size", "6K", "--subjobs-in-flight", "4", "--memory", "24K"]);
+    assert_eq!(budget, 24 << 10);
+    assert_eq!(
+        stderr.trim_end(),
+        "kcopyd: note: --memory 24K holds 3 sub-jobs of 6K at once, not the 4 asked for (--memory 32K holds them all)"
+    );
 }
 
 #[test]

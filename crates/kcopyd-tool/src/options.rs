@@ -5,7 +5,7 @@
 //!
 //! ```text
 //!  memory bytes (or none: memory_default) ──► check_memory, client_config ─► ClientConfig
-//!  memory, sub-job size, sub-jobs in flight ─► subjobs_held (how many the budget runs at once)
+//!  memory, sub-job size, sub-jobs in flight ─► subjobs_held, memory_for_subjobs
 //!  connections, timeouts, TLS, NBD exports ──► nbd_settings ─► NbdSettings
 //!  TLS options, devices ─────────────────────► unverified_tls_exports (what to warn about)
 //!  sparse on/off, zero-scan size, target zero ► sparse ─► kcopyd_core::Sparse
@@ -149,8 +149,14 @@ pub fn check_memory(memory_bytes: u64) -> Result<(), OptionError> {
 /// 1024 of 64 MiB stop at 1 GiB (16 of them at once).
 pub fn memory_default(subjob_size_bytes: u64, subjobs_in_flight: usize) -> u64 {
     let engine_default = (kcopyd_core::PAGE_BUDGET_DEFAULT * PAGE_SIZE) as u64;
-    let in_flight = subjob_size_bytes.saturating_mul(subjobs_in_flight as u64);
-    in_flight.min(MEMORY_AUTO_MAX_BYTES).max(engine_default)
+    memory_for_subjobs(subjob_size_bytes, subjobs_in_flight).min(MEMORY_AUTO_MAX_BYTES).max(engine_default)
+}
+
+/// The page budget that runs `subjobs_in_flight` sub-jobs of `subjob_size_bytes` at once: each
+/// takes whole pages (saturating).
+pub fn memory_for_subjobs(subjob_size_bytes: u64, subjobs_in_flight: usize) -> u64 {
+    let page = PAGE_SIZE as u64;
+    subjob_size_bytes.div_ceil(page).max(1).saturating_mul(page).saturating_mul(subjobs_in_flight as u64)
 }
 
 /// How many of `subjobs_in_flight` sub-jobs of `subjob_size_bytes` a page budget of
@@ -281,6 +287,11 @@ mod tests {
         assert_eq!(memory_default(2 * mib, 16), 32 * mib);
         assert_eq!(memory_default(64 * mib, 1024), MEMORY_AUTO_MAX_BYTES);
         assert_eq!(memory_default(u64::MAX, usize::MAX), MEMORY_AUTO_MAX_BYTES, "saturates");
+        // Sub-jobs take whole pages: 1024 of 33 KiB take 1024 x 36 KiB.
+        assert_eq!(memory_default(33 * kib, 1024), 36 * mib);
+        assert_eq!(memory_for_subjobs(33 * kib, 1024), 36 * mib);
+        assert_eq!(memory_for_subjobs(512, 3), 3 * PAGE_SIZE as u64);
+        assert_eq!(memory_for_subjobs(u64::MAX, 2), u64::MAX);
         assert_eq!(memory_default(64 * kib, 1), 16 * mib);
         assert_eq!(
             memory_default(mib, 1),
@@ -300,7 +311,7 @@ mod tests {
         assert_eq!(subjobs_held(8 * PAGE_SIZE as u64, 512, 100), 8);
         assert_eq!(subjobs_held(8 * PAGE_SIZE as u64, PAGE_SIZE as u64 + 512, 100), 4);
         assert_eq!(subjobs_held(mib, 2 * mib, 4), 1, "a budget smaller than a sub-job cuts it: one at a time");
-        for (size, count) in [(mib, 4), (2 * mib, 16), (64 * mib, 1024), (3 * 512, 7)] {
+        for (size, count) in [(mib, 4), (2 * mib, 16), (64 * mib, 1024), (3 * 512, 7), (33 << 10, 1024)] {
             let held = subjobs_held(memory_default(size, count), size, count);
             assert!(held == count || memory_default(size, count) == MEMORY_AUTO_MAX_BYTES, "{size} x {count}: {held}");
         }
