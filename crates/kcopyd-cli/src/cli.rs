@@ -360,7 +360,8 @@ pub struct EngineArgs {
     pub no_huge_pages: bool,
     /// NBD exports: connections opened to each export whose server allows several
     /// (NBD_FLAG_CAN_MULTI_CONN), 1 to 16; requests are spread over them. A server without
-    /// multi-conn gets one [default: 4; 1 when the command names 3 or more NBD exports].
+    /// multi-conn gets one, and a command that asked for more says so [default: 4; 1 when the
+    /// command names 3 or more NBD exports].
     #[arg(long = "connections", value_name = "COUNT", allow_negative_numbers = true)]
     pub connections: Option<u64>,
     /// NBD exports: how long connecting and the handshake of each connection may take

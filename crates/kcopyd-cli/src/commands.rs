@@ -16,7 +16,7 @@ use kcopyd_tool::report;
 use kcopyd_tool::run::{CopyOptions, Event, MappedCopy, Phase, RunError, Runner};
 use kcopyd_tool::{Cancel, Opened, map};
 
-use crate::cli::{CopyArgs, OutputArgs, VerifyArgs, ZeroArgs};
+use crate::cli::{CopyArgs, EngineArgs, OutputArgs, VerifyArgs, ZeroArgs};
 use crate::devices;
 use crate::error::{CliError, Status};
 use crate::out;
@@ -50,6 +50,16 @@ fn warn_mounted(source: &Opened, len_bytes: u64, output: &OutputArgs) {
         if !output.quiet {
             out::note(&format!("kcopyd: warning: {warning}"));
         }
+    }
+}
+
+/// Tells (unless `quiet`) of each NBD export among `devices` opened with fewer connections
+/// than `--connections` asked for: its server does not allow several.
+fn note_connections<'a>(devices: impl IntoIterator<Item = &'a Opened>, engine: &EngineArgs, output: &OutputArgs) {
+    let Some(asked) = engine.connections.filter(|_| !output.quiet) else { return };
+    let asked = usize::try_from(asked).unwrap_or(usize::MAX);
+    for note in devices.into_iter().filter_map(|device| device.connections_note(asked)) {
+        out::note(&format!("kcopyd: note: {note}"));
     }
 }
 
@@ -266,6 +276,7 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
     let mut plan =
         devices::open_plan(&args.source, &args.targets, args.length_bytes, true, &settings, interrupts).await?;
     warn_mounted(&plan.source, plan.len_bytes, &args.output);
+    note_connections(plan.devices(), &args.engine, &args.output);
     let options = CopyOptions { flags: flags(args.ignore_errors, args.write_seq), sparse, verify: args.verify };
     let (ui, cancel) = (Ui::new(args.output.quiet), Cancel::new());
     let on_event = |event: Event<'_>| ui.on_event(event);
@@ -302,6 +313,7 @@ pub async fn copy_planned(
 pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, CliError> {
     let settings = devices::with_throttle(devices::settings(&args.engine, &args.targets)?, &args.throttle)?;
     let plan = devices::open_zero_plan(&args.targets, args.length_bytes, &settings, interrupts).await?;
+    note_connections(&plan.targets, &args.engine, &args.output);
     let (ui, cancel) = (Ui::new(args.output.quiet), Cancel::new());
     let on_event = |event: Event<'_>| ui.on_event(event);
     let runner = Runner { settings: &settings, on_event: &on_event, cancel: &cancel };
@@ -321,6 +333,7 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
     let settings = devices::settings(&args.engine, devices)?;
     let plan = devices::open_plan(&args.source, &args.targets, args.length_bytes, false, &settings, interrupts).await?;
     warn_mounted(&plan.source, plan.len_bytes, &args.output);
+    note_connections(plan.devices(), &args.engine, &args.output);
     let (ui, cancel) = (Ui::new(args.output.quiet), Cancel::new());
     let on_event = |event: Event<'_>| ui.on_event(event);
     let runner = Runner { settings: &settings, on_event: &on_event, cancel: &cancel };

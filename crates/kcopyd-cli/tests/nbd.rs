@@ -424,6 +424,42 @@ fn more_connections_than_the_server_takes_cost_about_a_second() {
     assert_eq!(code, 0, "{stderr}");
     assert!(fs::read(&file).unwrap() == data);
     assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
+    let note = format!("kcopyd: note: TARGET '{}': its server took 2 connections, not the 8 asked for", qemu.uri(""));
+    assert_eq!(stderr.trim_end(), note, "says it has fewer");
+}
+
+/// A server that does not allow several connections (nbdkit's multi-conn filter with
+/// `multi-conn-mode=disable`) gets one; when `--connections` asked for more, the command says
+/// so on stderr (not with `--quiet`, nor when nothing was asked for).
+#[test]
+fn a_server_without_multi_conn_gets_one_connection_and_a_count_asked_for_is_noted() {
+    let test = "a_server_without_multi_conn_gets_one_connection_and_a_count_asked_for_is_noted";
+    let dir = TempDir::new(test);
+    let data = pattern(39, 1 << 20);
+    let source = dir.file_with("source.img", &data);
+    let log = dir.join("nbdkit.log");
+    let log_arg = format!("logfile={}", log.display());
+    let args = ["--filter=log", "--filter=multi-conn", "memory", "1M", "multi-conn-mode=disable", &log_arg];
+    let Some(kit) = ExternalNbdServer::nbdkit(test, Listen::Unix, &args) else { return };
+    let opened = || fs::read_to_string(&log).unwrap_or_default().matches(" Connect ").count();
+    let (source, uri) = (source.to_str().unwrap(), kit.uri(""));
+    let at = opened();
+    let (code, _, stderr) = kcopyd(&["copy", "--connections", "4", source, &uri]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(opened() - at, 1, "one connection");
+    let note = format!(
+        "kcopyd: note: TARGET '{uri}': its server does not allow several (no NBD_FLAG_CAN_MULTI_CONN): \
+         1 connection, not the 4 asked for"
+    );
+    assert_eq!(stderr.trim_end(), note);
+    let (code, _, stderr) = kcopyd(&["verify", "--connections", "2", source, &uri]);
+    assert_eq!((code, stderr.trim_end()), (0, note.replace("the 4", "the 2").as_str()), "verify says it too");
+    let (code, _, stderr) = kcopyd(&["zero", "--connections", "3", &uri]);
+    assert_eq!((code, stderr.trim_end()), (0, note.replace("the 4", "the 3").as_str()), "and zero");
+    for quiet in [&["copy", source, &uri][..], &["copy", "--quiet", "--connections", "4", source, &uri]] {
+        let (code, _, stderr) = kcopyd(quiet);
+        assert_eq!((code, stderr.as_str()), (0, ""), "{quiet:?}");
+    }
 }
 
 /// Page faults process `pid` has taken so far (`minflt` of /proc/PID/stat).

@@ -264,6 +264,25 @@ impl Opened {
         }
     }
 
+    /// A note when this NBD export was opened with fewer connections than `asked`: its server
+    /// does not allow several (no `NBD_FLAG_CAN_MULTI_CONN`), or took fewer than were asked
+    /// for. Its requests then share those. `None` for other devices, and when it has what was
+    /// asked for.
+    pub fn connections_note(&self, asked: usize) -> Option<String> {
+        let nbd = self.nbd.as_ref()?;
+        let opened = nbd.connections();
+        if opened >= asked {
+            return None;
+        }
+        let why = if nbd.can_multi_conn() {
+            format!("its server took {opened}")
+        } else {
+            format!("its server does not allow several (no NBD_FLAG_CAN_MULTI_CONN): {opened}")
+        };
+        let noun = if opened == 1 { "connection" } else { "connections" };
+        Some(format!("{} '{}': {why} {noun}, not the {asked} asked for", self.role.name(), self.arg.text))
+    }
+
     /// A warning when the range of this device (a source) lies on a block device mounted
     /// read-write: its content may change while it is read.
     pub fn mounted_warning(&self, len_bytes: u64) -> Option<String> {
