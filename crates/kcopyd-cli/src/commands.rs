@@ -68,7 +68,7 @@ fn note_connections<'a>(devices: impl IntoIterator<Item = &'a Opened>, engine: &
 /// written, and the rest would wait for pages without a word.
 fn note_budget(settings: &kcopyd_tool::Settings, output: &OutputArgs) {
     let config = &settings.config;
-    let (budget, size) = (budget_bytes(settings), config.subjob_size_bytes as u64);
+    let (budget, size) = (settings.config.page_budget_bytes() as u64, config.subjob_size_bytes as u64);
     let held = kcopyd_tool::options::subjobs_held(budget, size, config.subjobs_in_flight);
     // A budget smaller than one sub-job cuts the sub-jobs to its size: asked for, not noted.
     if budget >= size && held < config.subjobs_in_flight && !output.quiet {
@@ -91,11 +91,6 @@ fn option_size(bytes: u64) -> String {
         Some((shift, unit)) => format!("{}{unit}", bytes >> shift),
         None => bytes.to_string(),
     }
-}
-
-/// The page budget of `settings` in bytes: `--memory`, given or by default.
-fn budget_bytes(settings: &kcopyd_tool::Settings) -> u64 {
-    (settings.config.page_budget * kcopyd_core::PAGE_SIZE) as u64
 }
 
 /// A run's error, named by the option at fault (`memory_bytes`: the budget `--memory` gave).
@@ -244,7 +239,7 @@ async fn run_copy(
     plan: &mut kcopyd_tool::Plan,
     options: CopyOptions,
 ) -> Result<kcopyd_tool::run::CopyRun, CliError> {
-    let memory_bytes = budget_bytes(runner.settings);
+    let memory_bytes = runner.settings.config.page_budget_bytes() as u64;
     let Some(path) = &args.map else {
         return runner.copy(plan, options, None).await.map_err(|e| run_error(e, memory_bytes));
     };
@@ -300,7 +295,7 @@ pub async fn copy_planned(
     let (ui, cancel) = (Ui::new(quiet), Cancel::new());
     let on_event = |event: Event<'_>| ui.on_event(event);
     let runner = Runner { settings, on_event: &on_event, cancel: &cancel };
-    let memory_bytes = budget_bytes(settings);
+    let memory_bytes = settings.config.page_budget_bytes() as u64;
     let copied = runner.copy(plan, options, None);
     let run = drive(copied, &cancel, &ui, interrupts).await.map_err(|e| run_error(e, memory_bytes))?;
     Ok(done(report::copy_report(plan, &run, false, cancel_code())))
@@ -318,7 +313,9 @@ pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, 
     let on_event = |event: Event<'_>| ui.on_event(event);
     let runner = Runner { settings: &settings, on_event: &on_event, cancel: &cancel };
     let zeroed = runner.zero(&plan, flags(args.ignore_errors, args.write_seq));
-    let run = drive(zeroed, &cancel, &ui, interrupts).await.map_err(|e| run_error(e, budget_bytes(&settings)))?;
+    let run = drive(zeroed, &cancel, &ui, interrupts)
+        .await
+        .map_err(|e| run_error(e, settings.config.page_budget_bytes() as u64))?;
     let report = report::zero_report(&plan, &run, cancel_code());
     let status = status_of(&report);
     Ok(Done { report, status })
@@ -338,7 +335,9 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
     let on_event = |event: Event<'_>| ui.on_event(event);
     let runner = Runner { settings: &settings, on_event: &on_event, cancel: &cancel };
     let compared = runner.verify(&plan);
-    let run = drive(compared, &cancel, &ui, interrupts).await.map_err(|e| run_error(e, budget_bytes(&settings)))?;
+    let run = drive(compared, &cancel, &ui, interrupts)
+        .await
+        .map_err(|e| run_error(e, settings.config.page_budget_bytes() as u64))?;
     let report = report::verify_command_report(&plan, &run, cancel_code());
     let status = status_of(&report);
     Ok(Done { report, status })

@@ -148,15 +148,19 @@ pub fn check_memory(memory_bytes: u64) -> Result<(), OptionError> {
 /// Worked example: 16 sub-jobs of 2 MiB take 32 MiB; 4 of 1 MiB keep the default 16 MiB;
 /// 1024 of 64 MiB stop at 1 GiB (16 of them at once).
 pub fn memory_default(subjob_size_bytes: u64, subjobs_in_flight: usize) -> u64 {
-    let engine_default = (kcopyd_core::PAGE_BUDGET_DEFAULT * PAGE_SIZE) as u64;
+    let engine_default = ClientConfig::default().page_budget_bytes() as u64;
     memory_for_subjobs(subjob_size_bytes, subjobs_in_flight).min(MEMORY_AUTO_MAX_BYTES).max(engine_default)
 }
 
 /// The page budget that runs `subjobs_in_flight` sub-jobs of `subjob_size_bytes` at once: each
 /// takes whole pages (saturating).
 pub fn memory_for_subjobs(subjob_size_bytes: u64, subjobs_in_flight: usize) -> u64 {
-    let page = PAGE_SIZE as u64;
-    subjob_size_bytes.div_ceil(page).max(1).saturating_mul(page).saturating_mul(subjobs_in_flight as u64)
+    subjob_pages(subjob_size_bytes).saturating_mul(PAGE_SIZE as u64).saturating_mul(subjobs_in_flight as u64)
+}
+
+/// The whole pages one sub-job of `subjob_size_bytes` holds (at least one).
+fn subjob_pages(subjob_size_bytes: u64) -> u64 {
+    subjob_size_bytes.div_ceil(PAGE_SIZE as u64).max(1)
 }
 
 /// How many of `subjobs_in_flight` sub-jobs of `subjob_size_bytes` a page budget of
@@ -165,8 +169,7 @@ pub fn memory_for_subjobs(subjob_size_bytes: u64, subjobs_in_flight: usize) -> u
 /// engine then cuts the sub-jobs to the budget).
 pub fn subjobs_held(memory_bytes: u64, subjob_size_bytes: u64, subjobs_in_flight: usize) -> usize {
     let pages = memory_bytes / PAGE_SIZE as u64;
-    let per_subjob = subjob_size_bytes.div_ceil(PAGE_SIZE as u64).max(1);
-    usize::try_from(pages / per_subjob).unwrap_or(usize::MAX).clamp(1, subjobs_in_flight.max(1))
+    usize::try_from(pages / subjob_pages(subjob_size_bytes)).unwrap_or(usize::MAX).clamp(1, subjobs_in_flight.max(1))
 }
 
 /// The engine's defaults with a page budget of `memory_bytes` (whole pages), sub-jobs of

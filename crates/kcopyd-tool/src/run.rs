@@ -333,12 +333,14 @@ impl Runner<'_> {
     /// exports, if one serves them all ([`nbd_reactor`]); else on a worker thread of its own.
     fn start_client<'d>(&self, devices: impl IntoIterator<Item = &'d Opened>) -> Result<Client, RunError> {
         let config = self.settings.config.clone();
-        let started = match nbd_reactor(devices) {
-            _ if kcopyd_sim::in_virtual_time() => Client::start_in_current_system(config),
-            Some(reactor) => reactor
+        let started = if kcopyd_sim::in_virtual_time() {
+            Client::start_in_current_system(config)
+        } else if let Some(reactor) = nbd_reactor(devices) {
+            reactor
                 .run(move || Client::start_in_current_system(config))
-                .unwrap_or_else(|error| Err(ConfigError::Worker(error))),
-            None => Client::new(config),
+                .unwrap_or_else(|error| Err(ConfigError::Worker(error)))
+        } else {
+            Client::new(config)
         };
         started.map_err(|source| RunError::Start { source })
     }
