@@ -63,6 +63,22 @@ fn note_connections<'a>(devices: impl IntoIterator<Item = &'a Opened>, engine: &
     }
 }
 
+/// Tells (unless `quiet`) of each file or block device among `devices` that runs fewer I/Os
+/// at once than `--subjobs-in-flight` asks for (256 at most: `kcopyd_os::QUEUE_DEPTH_MAX`).
+fn note_queue_depth<'a>(
+    devices: impl IntoIterator<Item = &'a Opened>,
+    settings: &kcopyd_tool::Settings,
+    output: &OutputArgs,
+) {
+    if output.quiet {
+        return;
+    }
+    let asked = settings.config.subjobs_in_flight;
+    for note in devices.into_iter().filter_map(|device| device.queue_depth_note(settings.queue_depth, asked)) {
+        out::note(&format!("kcopyd: note: {note}"));
+    }
+}
+
 /// Tells (unless `quiet`) when the page budget runs fewer of a copy's sub-jobs at once than
 /// `--subjobs-in-flight` asks for: each holds its size of the budget until every target is
 /// written, and the rest would wait for pages without a word.
@@ -272,6 +288,7 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
         devices::open_plan(&args.source, &args.targets, args.length_bytes, true, &settings, interrupts).await?;
     warn_mounted(&plan.source, plan.len_bytes, &args.output);
     note_connections(plan.devices(), &args.engine, &args.output);
+    note_queue_depth(plan.devices(), &settings, &args.output);
     let options = CopyOptions { flags: flags(args.ignore_errors, args.write_seq), sparse, verify: args.verify };
     let (ui, cancel) = (Ui::new(args.output.quiet), Cancel::new());
     let on_event = |event: Event<'_>| ui.on_event(event);
@@ -309,6 +326,7 @@ pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, 
     let settings = devices::with_throttle(devices::settings(&args.engine, &args.targets)?, &args.throttle)?;
     let plan = devices::open_zero_plan(&args.targets, args.length_bytes, &settings, interrupts).await?;
     note_connections(&plan.targets, &args.engine, &args.output);
+    note_queue_depth(&plan.targets, &settings, &args.output);
     let (ui, cancel) = (Ui::new(args.output.quiet), Cancel::new());
     let on_event = |event: Event<'_>| ui.on_event(event);
     let runner = Runner { settings: &settings, on_event: &on_event, cancel: &cancel };
@@ -331,6 +349,7 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
     let plan = devices::open_plan(&args.source, &args.targets, args.length_bytes, false, &settings, interrupts).await?;
     warn_mounted(&plan.source, plan.len_bytes, &args.output);
     note_connections(plan.devices(), &args.engine, &args.output);
+    note_queue_depth(plan.devices(), &settings, &args.output);
     let (ui, cancel) = (Ui::new(args.output.quiet), Cancel::new());
     let on_event = |event: Event<'_>| ui.on_event(event);
     let runner = Runner { settings: &settings, on_event: &on_event, cancel: &cancel };

@@ -112,6 +112,37 @@ fn a_copy_asking_for_more_subjobs_than_its_memory_holds_says_so_and_a_default_bu
 }
 
 #[test]
+fn more_subjobs_in_flight_than_a_file_runs_at_once_are_noted_for_each_file_and_still_copied() {
+    let dir = TempDir::new("cli-queue-depth");
+    let (source, target) = (dir.path().join("source.img"), dir.path().join("target.img"));
+    fs::write(&source, pattern(8, 3 * MIB)).unwrap();
+    let run = |command: &str, count: &str, extra: &[&str]| {
+        let mut args = vec![command, s(&source), s(&target), "--subjob-size", "4K", "--subjobs-in-flight", count];
+        args.extend_from_slice(extra);
+        let ran = kcopyd(&args);
+        assert_eq!(ran.code, 0, "{ran:?}");
+        assert_eq!(fs::read(&target).unwrap(), fs::read(&source).unwrap());
+        ran.stderr
+    };
+    let note = |role: &str, path: &Path, asked: u32| {
+        format!(
+            "kcopyd: note: {role} '{}': a file or block device runs at most 256 I/Os at once, not the {asked} \
+             sub-jobs asked for (the others wait in its queue)\n",
+            path.display()
+        )
+    };
+    let both = format!("{}{}", note("SOURCE", &source, 300), note("TARGET", &target, 300));
+    assert_eq!(run("copy", "300", &[]), both);
+    assert_eq!(run("verify", "300", &[]), both, "verify runs sub-jobs on the same devices");
+    assert_eq!(run("copy", "256", &[]), "", "256 at once: every sub-job asked for");
+    assert_eq!(run("copy", "300", &["--quiet"]), "", "--quiet says nothing");
+    let zeroed = kcopyd(&["zero", s(&target), "--subjob-size", "4K", "--subjobs-in-flight", "300"]);
+    assert_eq!(zeroed.code, 0, "{zeroed:?}");
+    assert_eq!(zeroed.stderr, note("TARGET", &target, 300), "zero opens only its targets");
+    assert!(fs::read(&target).unwrap().iter().all(|&b| b == 0));
+}
+
+#[test]
 fn copy_to_a_new_file_and_an_offset_then_verify() {
     let dir = TempDir::new("cli-copy");
     let data = pattern(1, 3 * MIB);

@@ -283,6 +283,22 @@ impl Opened {
         Some(format!("{} '{}': {why} {noun}, not the {asked} asked for", self.role.name(), self.arg.text))
     }
 
+    /// A note when this file or block device runs fewer I/Os at once (`queue_depth`: its I/O
+    /// threads or ring slots, at most [`kcopyd_os::QUEUE_DEPTH_MAX`]) than the `asked`
+    /// sub-jobs in flight: the I/Os of the others wait in its queue. `None` for NBD exports
+    /// and simulated disks, and when it runs them all.
+    pub fn queue_depth_note(&self, queue_depth: usize, asked: usize) -> Option<String> {
+        if self.os.is_none() || queue_depth >= asked {
+            return None;
+        }
+        Some(format!(
+            "{} '{}': a file or block device runs at most {queue_depth} I/Os at once, \
+             not the {asked} sub-jobs asked for (the others wait in its queue)",
+            self.role.name(),
+            self.arg.text
+        ))
+    }
+
     /// A warning when the range of this device (a source) lies on a block device mounted
     /// read-write: its content may change while it is read.
     pub fn mounted_warning(&self, len_bytes: u64) -> Option<String> {
