@@ -93,6 +93,25 @@ def disk_busy_ms(disk):
     return 0
 
 
+COMPACT_MEMORY = "/proc/sys/vm/compact_memory"
+
+
+def compact_memory_available():
+    """Whether this process may compact the kernel's free memory (root); prints why not."""
+    if os.access(COMPACT_MEMORY, os.W_OK):
+        return True
+    print(f"nbd bench: --compact-memory left out: {COMPACT_MEMORY} is not writable here (needs root)",
+          file=sys.stderr)
+    return False
+
+
+def compact_memory():
+    """Has the kernel gather free memory into contiguous blocks, so that the command after
+    it (and the servers it starts) gets physically contiguous pages as the one before did."""
+    with open(COMPACT_MEMORY, "w") as f:
+        f.write("1")
+
+
 def fio_available():
     """Whether fio is here, installing it with apt-get when it is not; prints why not."""
     if shutil.which("fio"):
@@ -219,6 +238,9 @@ def main():
                         help="qemu-nbd's cache mode (writeback for exports on tmpfs)")
     parser.add_argument("--connections", default="",
                         help="kcopyd once per connection count, comma-separated (e.g. 1,2,4,8)")
+    parser.add_argument("--compact-memory", action="store_true",
+                        help="compact the kernel's free memory before every command (root): each then "
+                             "gets contiguous pages, whatever the one before it left")
     parser.add_argument("--servers", choices=["fresh", "shared"], default="fresh",
                         help="fresh: the servers are started again before every copy (default); "
                              "shared: started once for the whole run")
@@ -233,6 +255,7 @@ def main():
         ceiling = False
     else:
         ceiling = fio_available()
+    compact = args.compact_memory and compact_memory_available()
     direct = ["oflag=direct"] if args.cache == "none" else []
 
     with tempfile.TemporaryDirectory(prefix="kcopyd-nbd-bench-", dir=args.dir) as work:
@@ -299,6 +322,8 @@ def main():
                     through_servers = name not in ceilings or name == "fio via servers 1"
                     if through_servers and args.servers == "fresh":
                         servers.restart()
+                    if compact:
+                        compact_memory()
                     busy_before, started = disk_busy_ms(disk), time.monotonic()
                     if name == "fio via servers 1":
                         seconds, cpu = fio_through_servers(*ceilings[name], args.size_mib)
@@ -320,7 +345,8 @@ def main():
         cpu = {name: statistics.median(values) for name, values in cpus.items()}
         load = os.getloadavg()
         print(f"\n{args.size_mib} MiB, qemu-nbd --cache={args.cache} on {args.dir}, medians of {args.runs} runs, {args.servers} servers"
-              f" (kcopyd {shlex.join(extra) or 'defaults'}"
+              + (", memory compacted before every command" if compact else "")
+              + f" (kcopyd {shlex.join(extra) or 'defaults'}"
               + (f"; kcopyd B {args.kcopyd_b} {shlex.join(extra_b) or 'defaults'}" if args.kcopyd_b else "")
               + f"), load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}:")
         print(f"  {'command':18} {'median':>8}  {'MiB/s':>7}  {'fastest':>8}  {'slowest':>8}  {'cpu':>7}"

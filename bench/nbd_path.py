@@ -3,6 +3,7 @@
 qemu-nbd servers alone, and each half of the copy, in the same rounds as the copy itself.
 
 Usage: bench/nbd_path.py [--size-mib N] [--runs N] [--dir DIR] [--kcopyd PATH] [--skip NAME,...]
+                         [--compact-memory]
 
 Every round runs, in turn (each round starts one row later than the one before):
 
@@ -14,6 +15,9 @@ Every round runs, in turn (each round starts one row later than the one before):
   kcopyd nbd        kcopyd copy between qemu-nbd exports of SRC and T (as bench/nbd.py)
   read half         kcopyd copy from the export of SRC to a null-co export (writes cost nothing)
   write half        kcopyd copy --no-sparse from a null-co export (reads cost nothing) to T's
+  halves at once    both halves at the same time, 4 sub-jobs in flight each (the copy's 8 in
+                    all): the same reads and writes through the same kind of servers with no
+                    copy between them
   no disk           kcopyd copy between the same kind of qemu-nbd exports of loop devices over
                     files in /dev/shm: the path through the servers with the disk nearly free
                     (needs root for losetup; left out with the reason otherwise)
@@ -42,6 +46,9 @@ _spec = importlib.util.spec_from_file_location("nbd_bench", os.path.join(os.path
 nbd_bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(nbd_bench)
 
+# Sub-jobs each half of "halves at once" keeps in flight: half of an NBD copy's default 8.
+HALF_IN_FLIGHT = 4
+
 SERVER = ["qemu-nbd", "--cache=none", "--aio=native", "-t", "-e", "16"]
 
 
@@ -58,14 +65,25 @@ def uri(socket):
 
 def kcopyd_run(kcopyd, args):
     """Wall seconds of `kcopyd copy --json ARGS`, and its mean read and write request times (ms)."""
+    return kcopyd_wait(kcopyd_start(kcopyd, args))
+
+
+def kcopyd_start(kcopyd, args):
+    """`kcopyd copy --json ARGS` started: (process, command, start time)."""
     command = [kcopyd, "copy", "--json", "--quiet", *args]
     started = time.monotonic()
-    process = subprocess.run(command, capture_output=True, text=True)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), command, started
+
+
+def kcopyd_wait(running):
+    """Waits for a kcopyd_start: its wall seconds and mean read and write request times (ms)."""
+    process, command, started = running
+    stdout, stderr = process.communicate()
     wall = time.monotonic() - started
     if process.returncode != 0:
-        sys.exit(f"nbd path bench: {shlex.join(command)} failed ({process.returncode}): {process.stderr.strip()}")
+        sys.exit(f"nbd path bench: {shlex.join(command)} failed ({process.returncode}): {stderr.strip()}")
     means = {}
-    for device in json.loads(process.stdout)["stats"]["devices"]:
+    for device in json.loads(stdout)["stats"]["devices"]:
         for kind in ("read", "write"):
             counts = device[kind]
             if counts["count"]:
@@ -114,6 +132,25 @@ def rows(args, work, loops):
             for server in servers:
                 nbd_bench.stop_server(server)
 
+    def halves_at_once():
+        # Four servers: the source's and a sink's for the read half, a data source's and the
+        # target's for the write half; both copies start together, the row ends with the later.
+        images = [["-r", "-f", "raw", source], null, null_data, ["-f", "raw", target]]
+        sockets = [os.path.join(work, f"h{i}.sock") for i in range(len(images))]
+        servers = [start(socket, image) for socket, image in zip(sockets, images)]
+        try:
+            # Each half keeps half the copy's requests in flight: the same load on the servers.
+            half = ["--subjobs-in-flight", str(HALF_IN_FLIGHT)]
+            halves = [[*half, *extra, uri(sockets[i]), uri(sockets[i + 1])] for i, extra in [(0, []), (2, ["--no-sparse"])]]
+            started = time.monotonic()
+            processes = [kcopyd_start(args.kcopyd, half) for half in halves]
+            times = [kcopyd_wait(process) for process in processes]
+            wall = time.monotonic() - started
+            return wall, times[0][1], times[1][2]
+        finally:
+            for server in servers:
+                nbd_bench.stop_server(server)
+
     def fio():
         seconds, _ = nbd_bench.fio_ceiling(source, [target], args.size_mib)
         return seconds, None, None
@@ -126,6 +163,7 @@ def rows(args, work, loops):
         "kcopyd nbd": lambda: through([["-r", "-f", "raw", source], ["-f", "raw", target]]),
         "read half": lambda: through([["-r", "-f", "raw", source], null]),
         "write half": lambda: through([null_data, ["-f", "raw", target]], ["--no-sparse"]),
+        "halves at once": halves_at_once,
     }
     if loops:
         table["no disk"] = lambda: through([["-r", "-f", "raw", loops[0]], ["-f", "raw", loops[1]]])
@@ -151,7 +189,10 @@ def report(results, args):
 def main():
     parser = nbd_bench.arguments(__doc__, runs=5)
     parser.add_argument("--skip", default="", help="rows to leave out, comma-separated")
+    parser.add_argument("--compact-memory", action="store_true",
+                        help="compact the kernel's free memory before every row (root; as bench/nbd.py's)")
     args = parser.parse_args()
+    compact = args.compact_memory and nbd_bench.compact_memory_available()
     skip = {name.strip() for name in args.skip.split(",") if name.strip()}
     if not shutil.which("qemu-nbd"):
         sys.exit("nbd path bench: needs qemu-nbd (apt-get install qemu-utils)")
@@ -173,6 +214,8 @@ def main():
             for round_index in range(args.runs):
                 for k in range(len(names)):
                     name = names[(round_index + k) % len(names)]
+                    if compact:
+                        nbd_bench.compact_memory()
                     results[name].append(table[name]())
                     wall, read, write = results[name][-1]
                     print(f"round {round_index + 1}: {name}: {wall:.2f} s"
