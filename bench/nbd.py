@@ -5,6 +5,7 @@ disk's own ceiling.
 Usage: bench/nbd.py [--size-mib N] [--runs N] [--dir DIR] [--kcopyd PATH] [--kcopyd-args ARGS]
                     [--kcopyd-b PATH] [--kcopyd-b-args ARGS] [--skip NAME,...]
                     [--cache none|writeback] [--connections 1,2,4,8] [--servers fresh|shared]
+                    [--compact-memory]
 
 Four qemu-nbd servers (--cache=none --aio=native, unix sockets) serve a source file of random
 bytes and three target files written with zeroes. Each round runs every command once, in turn, so
@@ -25,6 +26,12 @@ blocks, 8 deep per file) reads the source file and writes target file(s) directl
 its own, next to the targets and written beforehand as they are), all at the same time; its time is the slowest file's I/O time. No copy through any server can be
 faster. Each copy is reported as a ratio to nbdcopy and to that ceiling. `cpu` is the command's
 user + system time (the servers' time is not in it).
+
+--compact-memory (root) has the kernel compact its free memory before every command. What a
+request costs this virtual disk depends on how many physically contiguous pieces its buffer
+is made of, and a server's buffers get whatever pages are free when it starts: without it a
+command's speed depends on how fragmented the commands before it left the free memory
+(docs/BENCHMARKS.md, "the servers' buffers and the ceiling's two speeds").
 
 --kcopyd-b adds a second kcopyd (another build or other options) to every round, for A/B runs.
 
