@@ -113,8 +113,8 @@ def compact_memory_available():
 
 
 def compact_memory():
-    """Has the kernel gather free memory into contiguous blocks, so that the command after
-    it (and the servers it starts) gets physically contiguous pages as the one before did."""
+    """Has the kernel gather its free memory into contiguous blocks, so that every command
+    (and the servers started for it) begins from the same state, whatever the one before left."""
     with open(COMPACT_MEMORY, "w") as f:
         f.write("1")
 

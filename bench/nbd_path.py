@@ -140,8 +140,9 @@ def rows(args, work, loops):
         servers = [start(socket, image) for socket, image in zip(sockets, images)]
         try:
             # Each half keeps half the copy's requests in flight: the same load on the servers.
-            half = ["--subjobs-in-flight", str(HALF_IN_FLIGHT)]
-            halves = [[*half, *extra, uri(sockets[i]), uri(sockets[i + 1])] for i, extra in [(0, []), (2, ["--no-sparse"])]]
+            in_flight = ["--subjobs-in-flight", str(HALF_IN_FLIGHT)]
+            halves = [[*in_flight, *extra, uri(sockets[i]), uri(sockets[i + 1])]
+                      for i, extra in [(0, []), (2, ["--no-sparse"])]]
             started = time.monotonic()
             processes = [kcopyd_start(args.kcopyd, half) for half in halves]
             times = [kcopyd_wait(process) for process in processes]
