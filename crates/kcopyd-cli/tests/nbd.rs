@@ -462,6 +462,24 @@ fn a_server_without_multi_conn_gets_one_connection_and_a_count_asked_for_is_note
     }
 }
 
+#[test]
+fn more_subjobs_in_flight_than_256_are_noted_for_a_file_and_not_for_an_nbd_export() {
+    let test = "more_subjobs_in_flight_than_256_are_noted_for_a_file_and_not_for_an_nbd_export";
+    let dir = TempDir::new(test);
+    let data = pattern(41, 1 << 20);
+    let source = dir.file_with("source.img", &data);
+    let Some(kit) = ExternalNbdServer::nbdkit(test, Listen::Unix, &["memory", "1M"]) else { return };
+    let (source, uri) = (source.to_str().unwrap(), kit.uri(""));
+    let (code, _, stderr) =
+        kcopyd(&["copy", "--verify", "--subjob-size", "4K", "--subjobs-in-flight", "300", source, &uri]);
+    assert_eq!(code, 0, "{stderr}");
+    let note = format!(
+        "kcopyd: note: SOURCE '{source}': a file or block device runs at most 256 I/Os at once, not the 300 \
+         sub-jobs asked for (the others wait in its queue)"
+    );
+    assert_eq!(stderr.trim_end(), note, "the export runs every request it is sent: no note for it");
+}
+
 /// Page faults process `pid` has taken so far (`minflt` of /proc/PID/stat).
 fn minor_faults(pid: u32) -> u64 {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("the server's /proc/PID/stat");
