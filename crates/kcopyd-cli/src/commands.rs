@@ -53,28 +53,25 @@ fn warn_mounted(source: &Opened, len_bytes: u64, output: &OutputArgs) {
     }
 }
 
-/// Tells (unless `quiet`) of each NBD export among `devices` opened with fewer connections
-/// than `--connections` asked for: its server does not allow several.
-fn note_connections<'a>(devices: impl IntoIterator<Item = &'a Opened>, engine: &EngineArgs, output: &OutputArgs) {
-    let Some(asked) = engine.connections.filter(|_| !output.quiet) else { return };
-    let asked = usize::try_from(asked).unwrap_or(usize::MAX);
-    for note in devices.into_iter().filter_map(|device| device.connections_note(asked)) {
-        out::note(&format!("kcopyd: note: {note}"));
-    }
-}
-
-/// Tells (unless `quiet`) of each file or block device among `devices` that runs fewer I/Os
-/// at once than `--subjobs-in-flight` asks for (256 at most: `kcopyd_os::QUEUE_DEPTH_MAX`).
-fn note_queue_depth<'a>(
+/// Tells (unless `quiet`) what `devices` run of what was asked for: each NBD export opened
+/// with fewer connections than `--connections` (its server does not allow several, or took
+/// fewer), then each file or block device that runs fewer I/Os at once than
+/// `--subjobs-in-flight` (256 at most: `kcopyd_os::QUEUE_DEPTH_MAX`).
+fn note_devices<'a>(
     devices: impl IntoIterator<Item = &'a Opened>,
     settings: &kcopyd_tool::Settings,
+    engine: &EngineArgs,
     output: &OutputArgs,
 ) {
     if output.quiet {
         return;
     }
-    let asked = settings.config.subjobs_in_flight;
-    for note in devices.into_iter().filter_map(|device| device.queue_depth_note(settings.queue_depth, asked)) {
+    let devices: Vec<&Opened> = devices.into_iter().collect();
+    let connections = engine.connections.map(|asked| usize::try_from(asked).unwrap_or(usize::MAX));
+    let in_flight = settings.config.subjobs_in_flight;
+    let connection_notes = devices.iter().filter_map(|d| connections.and_then(|asked| d.connections_note(asked)));
+    let queue_notes = devices.iter().filter_map(|d| d.queue_depth_note(settings.queue_depth, in_flight));
+    for note in connection_notes.chain(queue_notes) {
         out::note(&format!("kcopyd: note: {note}"));
     }
 }
@@ -109,8 +106,9 @@ fn option_size(bytes: u64) -> String {
     }
 }
 
-/// A run's error, named by the option at fault (`memory_bytes`: the budget `--memory` gave).
-fn run_error(error: RunError, memory_bytes: u64) -> CliError {
+/// A run's error, named by the option at fault (`--memory`: the budget in force in `settings`).
+fn run_error(error: RunError, settings: &kcopyd_tool::Settings) -> CliError {
+    let memory_bytes = settings.config.page_budget_bytes() as u64;
     match error {
         RunError::Start { source } => CliError::Config { option: "--memory", source },
         RunError::Submit { source } => CliError::Submit { source },
@@ -255,9 +253,8 @@ async fn run_copy(
     plan: &mut kcopyd_tool::Plan,
     options: CopyOptions,
 ) -> Result<kcopyd_tool::run::CopyRun, CliError> {
-    let memory_bytes = runner.settings.config.page_budget_bytes() as u64;
     let Some(path) = &args.map else {
-        return runner.copy(plan, options, None).await.map_err(|e| run_error(e, memory_bytes));
+        return runner.copy(plan, options, None).await.map_err(|e| run_error(e, runner.settings));
     };
     let (mut copy_map, batch_sectors) = map::open_for(path, plan, args.map_batch_bytes)?;
     if args.retry_failed && copy_map.state.failed().is_empty() && !args.output.quiet {
@@ -267,7 +264,7 @@ async fn run_copy(
         ));
     }
     let mapped = MappedCopy { map: &mut copy_map, batch_sectors, retry_failed: args.retry_failed };
-    runner.copy(plan, options, Some(mapped)).await.map_err(|e| run_error(e, memory_bytes))
+    runner.copy(plan, options, Some(mapped)).await.map_err(|e| run_error(e, runner.settings))
 }
 
 /// `kcopyd copy`.
@@ -287,8 +284,7 @@ pub async fn copy(args: &CopyArgs, interrupts: &mut Interrupts) -> Result<Done, 
     let mut plan =
         devices::open_plan(&args.source, &args.targets, args.length_bytes, true, &settings, interrupts).await?;
     warn_mounted(&plan.source, plan.len_bytes, &args.output);
-    note_connections(plan.devices(), &args.engine, &args.output);
-    note_queue_depth(plan.devices(), &settings, &args.output);
+    note_devices(plan.devices(), &settings, &args.engine, &args.output);
     let options = CopyOptions { flags: flags(args.ignore_errors, args.write_seq), sparse, verify: args.verify };
     let (ui, cancel) = (Ui::new(args.output.quiet), Cancel::new());
     let on_event = |event: Event<'_>| ui.on_event(event);
@@ -312,9 +308,8 @@ pub async fn copy_planned(
     let (ui, cancel) = (Ui::new(quiet), Cancel::new());
     let on_event = |event: Event<'_>| ui.on_event(event);
     let runner = Runner { settings, on_event: &on_event, cancel: &cancel };
-    let memory_bytes = settings.config.page_budget_bytes() as u64;
     let copied = runner.copy(plan, options, None);
-    let run = drive(copied, &cancel, &ui, interrupts).await.map_err(|e| run_error(e, memory_bytes))?;
+    let run = drive(copied, &cancel, &ui, interrupts).await.map_err(|e| run_error(e, runner.settings))?;
     Ok(done(report::copy_report(plan, &run, false, cancel_code())))
 }
 
@@ -325,15 +320,12 @@ pub async fn copy_planned(
 pub async fn zero(args: &ZeroArgs, interrupts: &mut Interrupts) -> Result<Done, CliError> {
     let settings = devices::with_throttle(devices::settings(&args.engine, &args.targets)?, &args.throttle)?;
     let plan = devices::open_zero_plan(&args.targets, args.length_bytes, &settings, interrupts).await?;
-    note_connections(&plan.targets, &args.engine, &args.output);
-    note_queue_depth(&plan.targets, &settings, &args.output);
+    note_devices(&plan.targets, &settings, &args.engine, &args.output);
     let (ui, cancel) = (Ui::new(args.output.quiet), Cancel::new());
     let on_event = |event: Event<'_>| ui.on_event(event);
     let runner = Runner { settings: &settings, on_event: &on_event, cancel: &cancel };
     let zeroed = runner.zero(&plan, flags(args.ignore_errors, args.write_seq));
-    let run = drive(zeroed, &cancel, &ui, interrupts)
-        .await
-        .map_err(|e| run_error(e, settings.config.page_budget_bytes() as u64))?;
+    let run = drive(zeroed, &cancel, &ui, interrupts).await.map_err(|e| run_error(e, &settings))?;
     let report = report::zero_report(&plan, &run, cancel_code());
     let status = status_of(&report);
     Ok(Done { report, status })
@@ -348,15 +340,12 @@ pub async fn verify(args: &VerifyArgs, interrupts: &mut Interrupts) -> Result<Do
     let settings = devices::settings(&args.engine, devices)?;
     let plan = devices::open_plan(&args.source, &args.targets, args.length_bytes, false, &settings, interrupts).await?;
     warn_mounted(&plan.source, plan.len_bytes, &args.output);
-    note_connections(plan.devices(), &args.engine, &args.output);
-    note_queue_depth(plan.devices(), &settings, &args.output);
+    note_devices(plan.devices(), &settings, &args.engine, &args.output);
     let (ui, cancel) = (Ui::new(args.output.quiet), Cancel::new());
     let on_event = |event: Event<'_>| ui.on_event(event);
     let runner = Runner { settings: &settings, on_event: &on_event, cancel: &cancel };
     let compared = runner.verify(&plan);
-    let run = drive(compared, &cancel, &ui, interrupts)
-        .await
-        .map_err(|e| run_error(e, settings.config.page_budget_bytes() as u64))?;
+    let run = drive(compared, &cancel, &ui, interrupts).await.map_err(|e| run_error(e, &settings))?;
     let report = report::verify_command_report(&plan, &run, cancel_code());
     let status = status_of(&report);
     Ok(Done { report, status })
