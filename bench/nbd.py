@@ -16,16 +16,21 @@ inherits a server's state from the one before it (qemu-nbd's allocator remembers
 request it freed: docs/NBD.md, "Warming the server up"); --servers shared starts them once.
 
   ceiling:       fio reading SRC and writing T1 at once | fio reading SRC, writing T1 T2 T3 at once
-                 | fio reading the source export and writing a fifth export at once, through their
+                 | fio reading the source export and writing T1's export at once, through their
                    servers (nbd engine): what the servers let any client do
   one target:    kcopyd copy SRC T1 | nbdcopy SRC T1 | qemu-img convert -m 16 -W -n SRC T1
   three targets: kcopyd copy SRC T1 T2 T3 | nbdcopy SRC T1; nbdcopy SRC T2; nbdcopy SRC T3
 
 The ceiling is what the disk does when nothing but the data moves: fio (libaio, O_DIRECT, 1 MiB
-blocks, 8 deep per file) reads the source file and writes target file(s) directly (files of
-its own, next to the targets and written beforehand as they are), all at the same time; its time is the slowest file's I/O time. No copy through any server can be
-faster. Each copy is reported as a ratio to nbdcopy and to that ceiling. `cpu` is the command's
-user + system time (the servers' time is not in it).
+blocks, 8 deep per file) reads the source file and writes the target file(s) directly, the
+very files the copies write, all at the same time; its time is the slowest file's I/O time. No
+copy through any server can be faster. (The same files, not files of fio's own: this virtual
+disk reads and writes at speeds that differ by up to 25 % between two files of one directory,
+and a ceiling taken on other files than the copies' is off by that for the whole run, docs/
+BENCHMARKS.md, "the ceiling on the copies' own files".) Every copy's targets are checked against
+the source right after it (read with O_DIRECT, outside its time), since the next command may
+overwrite them. Each copy is reported as a ratio to nbdcopy and to that ceiling. `cpu` is the
+command's user + system time (the servers' time is not in it).
 
 --compact-memory (root) has the kernel compact its free memory before every command. What a
 request costs this virtual disk depends on how many physically contiguous pieces its buffer
@@ -48,7 +53,9 @@ missing, else the ceiling is skipped with the reason); kcopyd from
 """
 
 import argparse
+import hashlib
 import json
+import mmap
 import os
 import resource
 import shlex
@@ -78,6 +85,26 @@ def timed(commands):
         if process.returncode != 0:
             sys.exit(f"nbd bench: {shlex.join(command)} failed: {process.stderr.decode(errors='replace').strip()}")
     return time.monotonic() - start, children_cpu() - cpu
+
+
+def file_digest(path):
+    """SHA-256 of the file at `path`, read with O_DIRECT where the file system has it, so that
+    checking a copy leaves nothing in the page cache for the commands after it."""
+    digest = hashlib.sha256()
+    buffer = mmap.mmap(-1, 4 << 20)  # page-aligned, as O_DIRECT needs
+    view = memoryview(buffer)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        fd = os.open(path, os.O_RDONLY)  # tmpfs: no O_DIRECT
+    try:
+        while n := os.readv(fd, [buffer]):
+            digest.update(view[:n])
+    finally:
+        os.close(fd)
+        view.release()
+        buffer.close()
+    return digest.digest()
 
 
 def disk_of(path):
@@ -269,27 +296,23 @@ def main():
         source = os.path.join(work, "source.img")
         subprocess.run(["dd", "if=/dev/urandom", f"of={source}", "bs=1M", f"count={args.size_mib}",
                         "status=none"], check=True)
-        targets, scratch = [], []
+        digest = file_digest(source)
+        targets = []
         for i in range(3):
-            for files, name in [(targets, f"target{i}.img"), (scratch, f"ceiling{i}.img")] if ceiling else \
-                    [(targets, f"target{i}.img")]:
-                path = os.path.join(work, name)
-                # Written, not fallocated: the first write to an unwritten extent costs more.
-                subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=4M", f"count={args.size_mib // 4}",
-                                *direct, "status=none"], check=True)
-                files.append(path)
-        # The ceiling's first scratch file is served too, for fio through the servers.
-        exports = {"source": (source, True), **{f"target{i}": (t, False) for i, t in enumerate(targets)},
-                   **{"scratch0": (path, False) for path in scratch[:1]}}
+            path = os.path.join(work, f"target{i}.img")
+            # Written, not fallocated: the first write to an unwritten extent costs more.
+            subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=4M", f"count={args.size_mib // 4}",
+                            *direct, "status=none"], check=True)
+            targets.append(path)
+        exports = {"source": (source, True), **{f"target{i}": (t, False) for i, t in enumerate(targets)}}
         servers = Servers(work, exports, args.cache)
         uri = lambda name: f"nbd+unix:///?socket={os.path.join(work, name + '.sock')}"
         src, t = uri("source"), [uri(f"target{i}") for i in range(3)]
-        # fio writes files of its own, next to the targets and written the same way, so that
-        # the commands can run in any order and the targets hold only what the copies wrote.
+        # fio reads and writes the copies' own files (the disk's speed differs between files).
         ceilings = {}
         if ceiling:
-            ceilings = {"fio ceiling 1": [source, scratch[:1]], "fio ceiling 3": [source, scratch],
-                        "fio via servers 1": [src, uri("scratch0")]}
+            ceilings = {"fio ceiling 1": [source, targets[:1]], "fio ceiling 3": [source, targets],
+                        "fio via servers 1": [src, t[0]]}
         one = {
             "kcopyd": [[args.kcopyd, "copy", *extra, src, t[0]]],
             "kcopyd B": [[args.kcopyd_b, "copy", *extra_b, src, t[0]]] if args.kcopyd_b else None,
@@ -342,10 +365,12 @@ def main():
                     times[name].append(seconds)
                     cpus[name].append(cpu)
                     print(f"round {round_ + 1}: {name}: {seconds:.2f} s, cpu {cpu:.2f} s", flush=True)
-            # The copies are checked: every target holds the source.
-            written = targets if any(name in three for name in copies) else targets[:1]
-            for target in written:
-                subprocess.run(["cmp", source, target], check=True)
+                    # Every copy is checked before anything else writes its targets.
+                    if name in copies:
+                        for target in targets if name in three else targets[:1]:
+                            if file_digest(target) != digest:
+                                sys.exit(f"nbd bench: after {name} in round {round_ + 1}, {target} "
+                                         "does not hold the source")
         finally:
             servers.stop()
         median = {name: statistics.median(values) for name, values in times.items()}
