@@ -2357,3 +2357,31 @@ fn a_signal_during_validation_removes_the_target_files_it_created() {
         }
     }
 }
+
+#[test]
+fn a_target_renamed_over_while_it_is_copied_is_not_reported_as_copied() {
+    // 8 MiB at 2 MiB/s takes over 3 s; the target is replaced as soon as the command has
+    // opened it (created and sized to the range). The copy's writes go to the file opened,
+    // which no longer has the name: the command must not say the name holds the copy.
+    let dir = TempDir::new("cli-target-replaced");
+    let source = dir.file_with("source.img", &pattern(41, 8 * MIB));
+    let target = dir.join("target.img");
+    let other = dir.file_with("other.img", &pattern(42, 8 * MIB));
+    let args = ["copy", s(&source), s(&target), "--json", "--throttle-rate", "2M", "--subjob-size", "1M"];
+    let child = Command::new(env!("CARGO_BIN_EXE_kcopyd")).args(args).stdout(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fs::metadata(&target).map_or(true, |m| m.len() < 8 * MIB as u64) {
+        assert!(Instant::now() < deadline, "the command did not open its target");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    fs::rename(&other, &target).unwrap();
+    let ran = ran(child.wait_with_output().unwrap());
+    assert_eq!(ran.code, 1, "{ran:?}");
+    let report = json(&ran);
+    assert_eq!(report["status"], "errors", "{report}");
+    assert_eq!((report["bytes_copied"].as_u64(), report["bytes_not_copied"].as_u64()), (Some(0), Some(8 * MIB as u64)));
+    assert_eq!(report["targets"][0]["status"], "replaced", "{report}");
+    let change = report["targets"][0]["path_change"].as_str().unwrap();
+    assert!(change.contains("another file") && change.contains("not there"), "{change}");
+    assert_eq!(fs::read(&target).unwrap(), pattern(42, 8 * MIB), "the file now at the name is untouched");
+}

@@ -14,6 +14,7 @@
 use std::fmt;
 use std::fs;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -114,7 +115,62 @@ pub struct OsFacts {
     pub len_bytes: u64,
 }
 
+/// What became of a file or block device's path while it was in use: the device written
+/// (through the descriptor opened at the start) is no longer what the path names, so the
+/// path does not hold what was written ([`Opened::path_change`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathChange {
+    /// Nothing is at the path any more (removed or renamed away), or it cannot be looked up:
+    /// the reason.
+    Removed(String),
+    /// Another file or device node took the path (renamed over it, or removed and created
+    /// again).
+    Replaced,
+}
+
+impl PathChange {
+    /// `removed` or `replaced`: the target's status in a report.
+    pub fn status(&self) -> &'static str {
+        match self {
+            PathChange::Removed(_) => "removed",
+            PathChange::Replaced => "replaced",
+        }
+    }
+}
+
+impl fmt::Display for PathChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PathChange::Removed(reason) => {
+                write!(f, "the path no longer names the file written ({reason}): what was written is not there")
+            }
+            PathChange::Replaced => {
+                f.write_str("the path names another file than the one written: what was written is not there")
+            }
+        }
+    }
+}
+
 impl Opened {
+    /// Whether the path of a file or block device still names what was opened from it: for
+    /// a file, the same filesystem and inode; for a block device, the same device number.
+    /// `None` when it does, and for NBD exports and simulated disks (no path). A copy asks
+    /// at its end: a target renamed over or removed while it was written holds nothing of
+    /// the copy at its path, however well the writes went.
+    pub fn path_change(&self) -> Option<PathChange> {
+        let facts = self.os.as_ref()?;
+        let metadata = match fs::metadata(&facts.path) {
+            Ok(metadata) => metadata,
+            Err(error) => return Some(PathChange::Removed(error.to_string())),
+        };
+        let id = self.device.id();
+        let same = match facts.kind {
+            DeviceKind::File => (metadata.dev(), metadata.ino()) == (id.major, id.minor),
+            DeviceKind::BlockDevice => metadata.rdev() == id.major,
+        };
+        (!same).then_some(PathChange::Replaced)
+    }
+
     /// The bytes a range may use: a regular file's whole length, partial last block
     /// included; an NBD export's size, whole blocks or not; a block device's or simulated
     /// disk's length.

@@ -97,8 +97,9 @@ pub struct TargetSummary {
     pub device: String,
     /// Where the range starts, in bytes.
     pub offset_bytes: u64,
-    /// `ok`, `write_errors`, `incomplete`, `flush_failed`, `differs`, `unreadable` or
-    /// `identical` (verify).
+    /// `ok`, `write_errors`, `incomplete`, `flush_failed`, `removed`, `replaced` (its path
+    /// no longer names the file or device written: see `path_change`), `differs`,
+    /// `unreadable` or `identical` (verify).
     pub status: &'static str,
     /// Target sectors whose write failed (`copy`, `zero`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -112,6 +113,11 @@ pub struct TargetSummary {
     /// The final flush failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flush_error: Option<String>,
+    /// `copy`, `zero`: the path was removed or replaced while the command ran (looked at when
+    /// it ends): the file or device written is no longer what the path names, and the path
+    /// holds nothing of what was written, so all of the range counts as not copied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_change: Option<String>,
     /// The read-back comparison of this target.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verify: Option<TargetVerify>,
@@ -223,18 +229,24 @@ fn read_errors_recovered(outcome: &Outcome) -> bool {
 
 /// Each target's part of a copy or zero job's report (its status still `ok`).
 fn job_targets(opened: &[Opened], run: &FinishedJob, len_bytes: u64) -> Vec<TargetSummary> {
+    let path_change = |i: usize| run.path_changes.get(i).cloned().flatten();
     opened
         .iter()
         .zip(&run.outcome.targets)
         .zip(&run.flush_errors)
-        .map(|((target, outcome), flush_error)| TargetSummary {
+        .enumerate()
+        .map(|(i, ((target, outcome), flush_error))| TargetSummary {
             device: target.arg.text.clone(),
             offset_bytes: target.arg.offset_bytes,
-            status: "ok",
+            status: path_change(i).map_or("ok", |change| change.status()),
             write_failed_sectors: Some(pairs(&outcome.write_failed)),
             not_copied_sectors: Some(pairs(&outcome.not_copied)),
-            bytes_not_copied: Some(range_bytes(&not_copied_in_region(target, outcome), len_bytes)),
+            bytes_not_copied: Some(match path_change(i) {
+                Some(_) => len_bytes,
+                None => range_bytes(&not_copied_in_region(target, outcome), len_bytes),
+            }),
             flush_error: flush_error.clone(),
+            path_change: path_change(i).map(|change| change.to_string()),
             verify: None,
         })
         .collect()
@@ -250,7 +262,7 @@ fn job_status(
     if run.cancelled {
         return ("cancelled", cancel_code);
     }
-    if !job_ok(&run.outcome) || targets.iter().any(|t| t.flush_error.is_some()) {
+    if !job_ok(&run.outcome) || targets.iter().any(|t| t.flush_error.is_some() || t.path_change.is_some()) {
         return ("errors", EXIT_FAILED);
     }
     if verify_identical == Some(false) {
@@ -287,6 +299,7 @@ fn verify_targets(targets: &[Opened], comparison: &Comparison, interrupted: bool
                 not_copied_sectors: None,
                 bytes_not_copied: None,
                 flush_error: None,
+                path_change: None,
                 verify,
             }
         })
@@ -296,7 +309,10 @@ fn verify_targets(targets: &[Opened], comparison: &Comparison, interrupted: bool
 /// A target's status from what its report holds.
 fn target_status(target: &TargetSummary) -> &'static str {
     let nonempty = |ranges: &Option<Vec<[u64; 2]>>| ranges.as_ref().is_some_and(|r| !r.is_empty());
-    if target.flush_error.is_some() {
+    if target.path_change.is_some() {
+        // Set with the summary (`removed` or `replaced`): nothing else about it matters.
+        target.status
+    } else if target.flush_error.is_some() {
         "flush_failed"
     } else if nonempty(&target.write_failed_sectors) {
         "write_errors"
@@ -312,8 +328,12 @@ fn target_status(target: &TargetSummary) -> &'static str {
 }
 
 /// Bytes of the range that at least one target does not hold. A target whose final flush
-/// failed holds nothing for sure: all of its range counts.
+/// failed holds nothing for sure, nor one whose path was removed or replaced: all of its
+/// range counts.
 fn not_copied_bytes(opened: &[Opened], run: &FinishedJob, len_bytes: u64) -> u64 {
+    if run.path_changes.iter().any(Option::is_some) {
+        return len_bytes;
+    }
     let mut union = RangeSet::new();
     for ((target, outcome), flush_error) in opened.iter().zip(&run.outcome.targets).zip(&run.flush_errors) {
         if flush_error.is_some() {

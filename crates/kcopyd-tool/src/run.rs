@@ -30,7 +30,7 @@ pub use verify::VerifyRun;
 use crate::cancel::Cancel;
 use crate::clock::Instant;
 use crate::map::MapFileError;
-use crate::open::{Opened, Settings};
+use crate::open::{Opened, PathChange, Settings};
 use crate::plan::{CreatedFiles, Plan, ZeroPlan};
 use crate::tail::{Tail, TailError};
 
@@ -177,6 +177,9 @@ pub struct FinishedJob {
     pub seconds: f64,
     /// Per target: the error of its last flush, if it failed.
     pub flush_errors: Vec<Option<String>>,
+    /// Per target: what became of its path while it was written, if it no longer names
+    /// the device written ([`Opened::path_change`]), looked at when the command ends.
+    pub path_changes: Vec<Option<PathChange>>,
     /// The client's statistics.
     pub stats: ClientStats,
 }
@@ -191,6 +194,11 @@ pub fn nbd_reactor<'d>(devices: impl IntoIterator<Item = &'d Opened>) -> Option<
     let mut reactors = devices.into_iter().filter_map(|opened| opened.nbd.as_ref()).map(|nbd| nbd.reactor());
     let first = reactors.next()?;
     reactors.all(|reactor| reactor == first).then(|| first.clone())
+}
+
+/// What became of each target's path while it was written ([`Opened::path_change`]).
+fn path_changes(targets: &[Opened]) -> Vec<Option<PathChange>> {
+    targets.iter().map(Opened::path_change).collect()
 }
 
 /// What a copy came to: the job, and the read-back if one was asked for and the job was
@@ -266,6 +274,8 @@ impl Runner<'_> {
             true => Some(self.verify_copy(&client, plan, &job).await),
             false => None,
         };
+        // Looked at again last: a path may change while the targets are read back too.
+        job.path_changes = path_changes(&plan.targets);
         client.shutdown().await;
         Ok(CopyRun { job, verify: verify.transpose()? })
     }
@@ -285,6 +295,7 @@ impl Runner<'_> {
         let mut run = run?;
         let keep_going = flags.contains(Flags::IGNORE_ERROR);
         self.finish_tail(plan.tail, None, &plan.targets, keep_going, &mut run).await;
+        run.path_changes = path_changes(&plan.targets);
         self.finished(Phase::Zero);
         Ok(run)
     }
@@ -405,6 +416,7 @@ impl Runner<'_> {
             before_bytes: 0,
             seconds,
             flush_errors: flushes.into_iter().map(|r| r.err().map(|e| e.to_string())).collect(),
+            path_changes: path_changes(targets),
             stats,
         })
     }

@@ -164,6 +164,10 @@ fn target_line(report: &Report, target: &TargetSummary, block_bytes: u64, hint: 
         };
     }
     let mut out = target.status.replace('_', " ");
+    if let Some(change) = &target.path_change {
+        // The status says "removed" or "replaced": what that means, once.
+        let _ = write!(out, ": {change}");
+    }
     if let Some(error) = &target.flush_error {
         // The status says "flush failed" (it comes first): the reason, once.
         let _ = write!(out, ": {error}");
@@ -239,6 +243,7 @@ mod tests {
             not_copied_sectors: None,
             bytes_not_copied: Some(1 << 20),
             flush_error: None,
+            path_change: None,
             verify: None,
         });
         let text = human(&report, "see all");

@@ -275,3 +275,82 @@ fn a_copy_from_an_nbd_export_runs_its_engine_on_the_reactors_thread() {
     assert!(reactor.is_none(), "no NBD export, no reactor");
     assert!(!threads.is_empty() && threads.iter().all(|t| t.as_deref() == Some("kcopyd-client")), "{threads:?}");
 }
+
+/// A file of `len` bytes at `path`, every byte `byte`.
+fn file_of(path: &std::path::Path, len: usize, byte: u8) {
+    std::fs::write(path, vec![byte; len]).unwrap();
+}
+
+/// What happens to a target's path (the target, another file) while a command runs.
+type PathHappening = fn(&std::path::Path, &std::path::Path);
+
+fn path_address(path: &std::path::Path) -> DeviceAddress {
+    DeviceAddress { text: path.display().to_string(), backend: Backend::Path(path.to_path_buf()), offset_bytes: 0 }
+}
+
+#[test]
+fn a_target_renamed_over_or_removed_during_the_run_is_reported_with_nothing_copied() {
+    let dir = std::env::temp_dir().join(format!("kcopyd-tool-path-change-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (source, target, other) = (dir.join("source.img"), dir.join("target.img"), dir.join("other.img"));
+    file_of(&source, 1 << 20, 0xa5);
+    let settings = Settings::new(ClientConfig::default());
+    let cancel = Cancel::new();
+    // What happens to the target's path once the command has opened it: nothing, another
+    // file renamed over it, or removed.
+    let cases: [(&str, PathHappening); 3] = [
+        ("ok", |_, _| {}),
+        ("replaced", |target, other| std::fs::rename(other, target).unwrap()),
+        ("removed", |target, _| std::fs::remove_file(target).unwrap()),
+    ];
+    for (expected, change) in cases {
+        file_of(&target, 1 << 20, 0);
+        file_of(&other, 1 << 20, 0);
+        // Once, when the first phase starts (the copy's or the zeroing's, not the read-back's).
+        let changed = std::cell::Cell::new(false);
+        let on_event = |event: Event<'_>| {
+            if let Event::Started { .. } = event
+                && !changed.replace(true)
+            {
+                change(&target, &other);
+            }
+        };
+        let runner = Runner { settings: &settings, on_event: &on_event, cancel: &cancel };
+        let mut plan =
+            plan_with_source(&path_address(&source), &[path_address(&target)], None, true, &settings).unwrap();
+        let options = CopyOptions { verify: true, ..CopyOptions::default() };
+        let run = block_on(runner.copy(&mut plan, options, None)).unwrap();
+        let report = kcopyd_tool::report::copy_report(&plan, &run, false, 143);
+        // The writes themselves went well, to the file opened at the start: read back identical.
+        assert!(run.job.outcome.targets[0].write_failed.is_empty(), "{expected}");
+        assert!(report.verify.as_ref().is_some_and(|v| v.identical), "{expected}");
+        assert_eq!(report.targets[0].status, expected);
+        if expected == "ok" {
+            assert_eq!((report.status, report.exit_code, report.bytes_not_copied), ("ok", 0, Some(0)));
+            assert!(report.targets[0].path_change.is_none());
+            assert_eq!(std::fs::read(&target).unwrap(), vec![0xa5; 1 << 20]);
+            continue;
+        }
+        // The path does not hold the copy, so the command does not say it does.
+        assert_eq!((report.status, report.exit_code), ("errors", 1), "{expected}");
+        assert_eq!((report.bytes_copied, report.bytes_not_copied), (Some(0), Some(1 << 20)), "{expected}");
+        assert_eq!(report.targets[0].bytes_not_copied, Some(1 << 20));
+        let change = report.targets[0].path_change.as_deref().unwrap();
+        assert!(change.contains("what was written is not there"), "{change}");
+        let summary = kcopyd_tool::summary::human(&report, "");
+        assert!(summary.contains(&format!("{}: {expected}: the path", target.display())), "{summary}");
+        if expected == "replaced" {
+            assert_eq!(std::fs::read(&target).unwrap(), vec![0; 1 << 20], "the file now at the path is untouched");
+        }
+        // Zeroing: the same question, the same answer.
+        file_of(&target, 1 << 20, 7);
+        file_of(&other, 1 << 20, 7);
+        changed.set(false);
+        let zero = plan_zero(&[path_address(&target)], None, &settings).unwrap();
+        let zeroed = block_on(runner.zero(&zero, Flags::empty())).unwrap();
+        let zero_report = kcopyd_tool::report::zero_report(&zero, &zeroed, 143);
+        assert_eq!((zero_report.status, zero_report.exit_code), ("errors", 1), "{expected}");
+        assert_eq!(zero_report.targets[0].status, expected);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

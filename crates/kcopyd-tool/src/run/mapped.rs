@@ -149,6 +149,7 @@ impl Runner<'_> {
         let stats = client.stats();
         let MappedRun { outcome, done_bytes, flush_errors, .. } = run;
         let cancelled = self.cancel.is_cancelled();
-        Ok(FinishedJob { outcome, cancelled, done_bytes, before_bytes, seconds, flush_errors, stats })
+        let path_changes = super::path_changes(&plan.targets);
+        Ok(FinishedJob { outcome, cancelled, done_bytes, before_bytes, seconds, flush_errors, path_changes, stats })
     }
 }
