@@ -2385,3 +2385,24 @@ fn a_target_renamed_over_while_it_is_copied_is_not_reported_as_copied() {
     assert!(change.contains("another file") && change.contains("not there"), "{change}");
     assert_eq!(fs::read(&target).unwrap(), pattern(42, 8 * MIB), "the file now at the name is untouched");
 }
+
+#[test]
+fn a_proc_or_sysfs_file_is_refused_as_source_or_target_and_nothing_is_made() {
+    // A /proc file says 0 bytes: copied by its size, it made an empty target and said "ok".
+    let dir = TempDir::new("cli-pseudo-file");
+    let target = dir.join("target.img");
+    for buffered in [&[][..], &["--buffered"][..]] {
+        let ran = kcopyd(&[&["copy", "/proc/self/status", s(&target)][..], buffered].concat());
+        assert_usage_error(&ran, &["SOURCE '/proc/self/status'", "proc filesystem", "do not hold the size they say"]);
+        assert!(!target.exists(), "no target made");
+    }
+    let source = dir.file_with("source.img", &pattern(43, 4 * KIB));
+    let sysfs = "/sys/kernel/mm/transparent_hugepage/enabled";
+    if !Path::new(sysfs).exists() {
+        return skip("a_proc_or_sysfs_file_is_refused", format!("{sysfs} is not here"));
+    }
+    let before = fs::read(sysfs).unwrap();
+    let ran = kcopyd(&["copy", "--buffered", s(&source), sysfs]);
+    assert_usage_error(&ran, &[&format!("TARGET '{sysfs}'"), "sysfs filesystem"]);
+    assert_eq!(fs::read(sysfs).unwrap(), before);
+}

@@ -222,6 +222,10 @@ impl OsDevice {
                 reason: "create_len applies to regular files, not block devices".into(),
             });
         }
+        // Asked before opening too: O_DIRECT would fail first, with a way out that is none.
+        if let Some(filesystem) = (kind == DeviceKind::File).then(|| sys::pseudo_filesystem_at(path)).flatten() {
+            return Err(OpenError::PseudoFile { path: path.to_path_buf(), filesystem });
+        }
         let file = open_descriptor(path, kind, options)?;
         if kind == DeviceKind::BlockDevice && options.write {
             refuse_read_only_block_device(path, &file)?;
@@ -232,6 +236,9 @@ impl OsDevice {
                 path: path.to_path_buf(),
                 source: io::Error::other("the path changed type while it was being opened"),
             });
+        }
+        if let Some(filesystem) = (kind == DeviceKind::File).then(|| sys::pseudo_filesystem(&file)).flatten() {
+            return Err(OpenError::PseudoFile { path: path.to_path_buf(), filesystem });
         }
         let (geometry, rules, id, storage) = match kind {
             DeviceKind::File => {
@@ -723,6 +730,24 @@ mod tests {
         for (path, kind) in [("/", "directory"), ("/dev/null", "character device")] {
             let error = OsDevice::open(Path::new(path), &OpenOptions::default()).unwrap_err();
             assert!(matches!(error, OpenError::NotABlockDeviceOrFile { kind: k, .. } if k == kind), "{path}: {error}");
+        }
+    }
+
+    #[test]
+    fn files_whose_size_is_not_their_contents_are_refused_buffered_or_not() {
+        // /proc/version says 0 bytes and holds a line; a sysfs file says 4096 and holds less.
+        let cases = [("/proc/version", "proc"), ("/sys/kernel/mm/transparent_hugepage/enabled", "sysfs")];
+        for (path, name) in cases {
+            if !Path::new(path).exists() {
+                println!("SKIPPED: {path} is not here");
+                continue;
+            }
+            for buffered in [false, true] {
+                let error = OsDevice::open(Path::new(path), &OpenOptions { buffered, ..OpenOptions::default() });
+                let error = error.unwrap_err();
+                assert!(matches!(error, OpenError::PseudoFile { filesystem, .. } if filesystem == name), "{error}");
+                assert!(error.to_string().contains("do not hold the size they say"), "{error}");
+            }
         }
     }
 

@@ -82,6 +82,20 @@ pub enum OpenError {
         /// What it is instead.
         kind: &'static str,
     },
+    /// A regular file of a filesystem whose files' sizes say nothing of their contents
+    /// (proc, sysfs, debugfs and their kind: a /proc file says 0 bytes and holds more, a
+    /// sysfs file says 4096 and holds less): a copy of the size it says would be wrong.
+    #[error(
+        "{}: a file of the {filesystem} filesystem, whose files do not hold the size they say: \
+         not a device to copy from or to",
+        .path.display()
+    )]
+    PseudoFile {
+        /// The path given.
+        path: PathBuf,
+        /// The filesystem's name (`proc`).
+        filesystem: &'static str,
+    },
     /// Reading the path's metadata (stat) failed for another reason.
     #[error("{}: reading metadata", .path.display())]
     Metadata {
@@ -202,6 +216,7 @@ impl OpenError {
             | OpenError::Busy { path, .. }
             | OpenError::DirectIoUnsupported { path, .. }
             | OpenError::NotABlockDeviceOrFile { path, .. }
+            | OpenError::PseudoFile { path, .. }
             | OpenError::Metadata { path, .. }
             | OpenError::Open { path, .. }
             | OpenError::DeviceSize { path, .. }

@@ -188,6 +188,38 @@ fn magic(f_type: i64) -> u32 {
     f_type as u32
 }
 
+/// Filesystems whose files' sizes say nothing of their contents.
+const PSEUDO_FILESYSTEMS: [(u32, &str); 11] = [
+    (PROC_MAGIC, "proc"),
+    (SYSFS_MAGIC, "sysfs"),
+    (0x6462_6720, "debugfs"),
+    (0x7472_6163, "tracefs"),
+    (0x7363_6673, "securityfs"),
+    (0x6265_6570, "configfs"),
+    (0x6367_7270, "cgroup2"),
+    (0x0027_e0eb, "cgroup"),
+    (0xde5e_81e4, "efivarfs"),
+    (0x6165_676c, "pstore"),
+    (0xcafe_4a11, "bpf"),
+];
+
+/// The name of the pseudo filesystem (proc, sysfs, …) the open file `file` lies on, if it
+/// does: its files' sizes are not their contents.
+pub(crate) fn pseudo_filesystem(file: &std::fs::File) -> Option<&'static str> {
+    pseudo_filesystem_of(&rustix::fs::fstatfs(file).ok()?)
+}
+
+/// The same for the file at `path`, before it is opened (so that a proc file is named as
+/// such, not as a filesystem without O_DIRECT).
+pub(crate) fn pseudo_filesystem_at(path: &Path) -> Option<&'static str> {
+    pseudo_filesystem_of(&rustix::fs::statfs(path).ok()?)
+}
+
+fn pseudo_filesystem_of(stat: &rustix::fs::StatFs) -> Option<&'static str> {
+    let magic = magic(f_type(stat));
+    PSEUDO_FILESYSTEMS.iter().find(|(m, _)| *m == magic).map(|(_, name)| *name)
+}
+
 /// The name of the filesystem holding `path` (or, when `path` does not exist, its directory),
 /// for messages: "tmpfs", or the magic number.
 pub(crate) fn filesystem_name(path: &Path) -> String {
