@@ -38,6 +38,9 @@ impl CreatedHook for QuitCleanup {
     fn forget(&self, paths: &[PathBuf]) {
         progress::forget_created(paths);
     }
+    fn made(&self, path: &Path, id: kcopyd_tool::FileId) {
+        progress::created_as(path, id);
+    }
 }
 
 impl From<PlanError> for CliError {

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use kcopyd_tool::FileId;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
@@ -70,6 +71,9 @@ pub enum SignalPhase {
 type SummaryFn = Box<dyn Fn() -> String + Send>;
 
 /// The state the signal watcher thread shares with the command.
+/// Files to remove when quitting at once, each with which file it is once known.
+type Cleanup = Vec<(PathBuf, Option<FileId>)>;
+
 struct Shared {
     /// The exit code of every signal received, in order.
     codes: Mutex<Vec<u8>>,
@@ -79,8 +83,9 @@ struct Shared {
     stop: AtomicBool,
     /// A [`SignalPhase`], as `u8`.
     phase: AtomicU8,
-    /// Files to remove when quitting at once (created by this command, not kept yet).
-    cleanup: Mutex<Vec<PathBuf>>,
+    /// Files to remove when quitting at once (created by this command, not kept yet), with
+    /// which file each is once known: removed only while its path still names it.
+    cleanup: Mutex<Cleanup>,
     /// The one-line summary printed when quitting at once.
     summary: Mutex<Option<SummaryFn>>,
 }
@@ -239,8 +244,8 @@ pub fn quit_at_once(code: u8) -> ! {
     if let Some(shared) = shared() {
         // Held until the exit: a file being created waits, and is never left behind.
         let cleanup = lock(&shared.cleanup);
-        for path in cleanup.iter() {
-            let _ = std::fs::remove_file(path);
+        for (path, id) in cleanup.iter() {
+            kcopyd_tool::remove_created(path, *id);
         }
         out::error(&line.unwrap_or_else(|| "kcopyd: interrupted".to_owned()));
         std::process::exit(i32::from(code));
@@ -251,7 +256,7 @@ pub fn quit_at_once(code: u8) -> ! {
 /// A file the command is creating: registered for removal if the command quits at once, and
 /// held so that a quit waits until the file is there to remove. Drop it once the file exists.
 pub struct CreatedGuard {
-    _held: Option<MutexGuard<'static, Vec<PathBuf>>>,
+    _held: Option<MutexGuard<'static, Cleanup>>,
 }
 
 impl CreatedGuard {
@@ -259,7 +264,7 @@ impl CreatedGuard {
     pub fn creating(path: &Path) -> CreatedGuard {
         let mut guard = shared().map(|shared| lock(&shared.cleanup));
         if let Some(paths) = guard.as_mut() {
-            paths.push(path.to_path_buf());
+            paths.push((path.to_path_buf(), None));
         }
         CreatedGuard { _held: guard }
     }
@@ -271,8 +276,8 @@ pub fn remove_on_quit(paths: &[PathBuf]) {
     if let Some(shared) = shared() {
         let mut cleanup = lock(&shared.cleanup);
         for path in paths {
-            if !cleanup.contains(path) {
-                cleanup.push(path.clone());
+            if !cleanup.iter().any(|(p, _)| p == path) {
+                cleanup.push((path.clone(), None));
             }
         }
     }
@@ -281,7 +286,17 @@ pub fn remove_on_quit(paths: &[PathBuf]) {
 /// Forgets `paths` for removal at a quit: they are kept, or removed already.
 pub fn forget_created(paths: &[PathBuf]) {
     if let Some(shared) = shared() {
-        lock(&shared.cleanup).retain(|p| !paths.contains(p));
+        lock(&shared.cleanup).retain(|(p, _)| !paths.contains(p));
+    }
+}
+
+/// Records that `path`, registered for removal at a quit, was created as the file `id`: a
+/// quit then removes it only while the path still names that file.
+pub fn created_as(path: &Path, id: FileId) {
+    if let Some(shared) = shared() {
+        for entry in lock(&shared.cleanup).iter_mut().filter(|(p, _)| p == path) {
+            entry.1 = Some(id);
+        }
     }
 }
 

@@ -563,8 +563,12 @@ pub struct CopyMap {
 impl Drop for CopyMap {
     fn drop(&mut self) {
         if self.created {
-            // Still locked: no other run has it open for its own.
-            let _ = std::fs::remove_file(&self.path);
+            // Still locked: no other run has it open for its own. Only while the path names
+            // it: a file renamed over it since is someone else's.
+            let id = self.file.metadata().ok().map(|m| (m.dev(), m.ino()));
+            if id.is_some() {
+                crate::open::remove_created(&self.path, id);
+            }
         }
     }
 }
@@ -687,16 +691,18 @@ fn open_locked(path: &Path, guard: &MapGuard) -> Result<(File, bool), MapRefusal
     // Removed again if anything below refuses, unless another run locked it first (it is
     // using it now).
     lock(&file)?;
-    let unlink = |problem: MapRefusal| {
-        if created {
-            let _ = std::fs::remove_file(path);
-        }
-        problem
-    };
-    let opened = file.metadata().map_err(|e| unlink(MapRefusal::Stat(e)))?;
+    // Removed only while the path still names the file created: one renamed over it is
+    // someone else's.
+    let opened = file.metadata().map_err(MapRefusal::Stat)?;
+    let id = (opened.dev(), opened.ino());
     match std::fs::metadata(path) {
-        Ok(now) if (now.dev(), now.ino()) == (opened.dev(), opened.ino()) => Ok((file, created)),
-        _ => Err(unlink(MapRefusal::Replaced)),
+        Ok(now) if (now.dev(), now.ino()) == id => Ok((file, created)),
+        _ => {
+            if created {
+                crate::open::remove_created(path, Some(id));
+            }
+            Err(MapRefusal::Replaced)
+        }
     }
 }
 

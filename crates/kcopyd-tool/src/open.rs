@@ -81,6 +81,25 @@ pub trait CreatedHook: fmt::Debug + Send + Sync {
     fn creating(&self, path: &Path) -> Box<dyn std::any::Any>;
     /// `paths` are kept, or removed already: forget them.
     fn forget(&self, paths: &[PathBuf]);
+    /// `path` was created as the file `id` (its filesystem's device number and its inode
+    /// number): remove it only while the path still names that file ([`remove_created`]).
+    fn made(&self, _path: &Path, _id: FileId) {}
+}
+
+/// A regular file's identity: its filesystem's device number and its inode number.
+pub type FileId = (u64, u64);
+
+/// Removes `path`, a file this process created, if it still is that file: with `id` known,
+/// only while the path names the file `id` (another file renamed over it in the meantime is
+/// someone else's and stays); without it (the open that created it failed), by name.
+pub fn remove_created(path: &Path, id: Option<FileId>) {
+    let ours = match id {
+        Some(id) => fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == id),
+        None => true,
+    };
+    if ours {
+        let _ = fs::remove_file(path);
+    }
 }
 
 /// An opened device address.

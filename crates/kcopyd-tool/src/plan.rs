@@ -19,14 +19,15 @@ use kcopyd_os::FileLocks;
 use crate::address::{Backend, DeviceAddress};
 use crate::error::Role;
 use crate::error::{DeviceProblem, PlanError};
-use crate::open::{CreatedHook, Opened, Settings, open};
+use crate::open::{CreatedHook, FileId, Opened, Settings, open, remove_created};
 use crate::tail::Tail;
 
 /// Files created by a plan, removed again (when dropped) unless kept: a job that fails
 /// before writing leaves nothing behind.
 #[derive(Debug, Default)]
 pub struct CreatedFiles {
-    paths: Vec<PathBuf>,
+    /// Each file created and, once it is open, which file it is.
+    paths: Vec<(PathBuf, Option<FileId>)>,
     hook: Option<Arc<dyn CreatedHook>>,
 }
 
@@ -39,27 +40,40 @@ impl CreatedFiles {
     /// Records `path`, about to be created: removed when the job fails before writing. The
     /// file is created while the returned guard lives.
     pub fn creating(&mut self, path: &Path) -> Option<Box<dyn std::any::Any>> {
-        self.paths.push(path.to_path_buf());
+        self.paths.push((path.to_path_buf(), None));
         self.hook.as_ref().map(|hook| hook.creating(path))
+    }
+
+    /// Records that `path` was created as the file `id`: it is removed only while the path
+    /// still names that file ([`remove_created`]).
+    pub fn made(&mut self, path: &Path, id: FileId) {
+        if let Some(entry) = self.paths.iter_mut().rev().find(|(p, _)| p == path) {
+            entry.1 = Some(id);
+        }
+        if let Some(hook) = &self.hook {
+            hook.made(path, id);
+        }
     }
 
     /// Keeps the files: the job has started.
     pub fn keep(&mut self) {
-        if let Some(hook) = &self.hook {
-            hook.forget(&self.paths);
-        }
+        self.forget();
         self.paths.clear();
+    }
+
+    fn forget(&self) {
+        if let Some(hook) = &self.hook {
+            hook.forget(&self.paths.iter().map(|(path, _)| path.clone()).collect::<Vec<_>>());
+        }
     }
 }
 
 impl Drop for CreatedFiles {
     fn drop(&mut self) {
-        for path in &self.paths {
-            let _ = fs::remove_file(path);
+        for (path, id) in &self.paths {
+            remove_created(path, *id);
         }
-        if let Some(hook) = &self.hook {
-            hook.forget(&self.paths);
-        }
+        self.forget();
     }
 }
 
@@ -247,6 +261,10 @@ pub fn plan_with_source(
             };
             let target = open(arg, Role::Target, write, create_len, settings, &mut locks)?;
             drop(creating);
+            if let (true, Backend::Path(path), true) = (missing, &arg.backend, target.is_file()) {
+                let id = target.device.id();
+                created.made(path, (id.major, id.minor));
+            }
             target.check_range(len_bytes)?;
             // Reading the same bytes twice is harmless: only a copy checks for overlaps.
             if write {

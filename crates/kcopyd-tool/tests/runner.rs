@@ -354,3 +354,38 @@ fn a_target_renamed_over_or_removed_during_the_run_is_reported_with_nothing_copi
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_created_target_or_map_given_up_is_removed_only_while_its_path_still_names_it() {
+    let dir = std::env::temp_dir().join(format!("kcopyd-tool-created-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (source, target, other, map) =
+        (dir.join("source.img"), dir.join("target.img"), dir.join("other.img"), dir.join("copy.map"));
+    file_of(&source, 64 << 10, 0xa5);
+    let settings = Settings::new(ClientConfig::default());
+    let plan = |settings: &Settings| {
+        plan_with_source(&path_address(&source), &[path_address(&target)], None, true, settings).unwrap()
+    };
+    // Given up before any write (dropped without being kept): the target it created goes.
+    drop(plan(&settings));
+    assert!(!target.exists(), "a created target given up is removed");
+    // Another file renamed over the created target's name meanwhile is someone else's: it stays.
+    let made = plan(&settings);
+    file_of(&other, 4096, 7);
+    std::fs::rename(&other, &target).unwrap();
+    drop(made);
+    assert_eq!(std::fs::read(&target).unwrap(), vec![7; 4096], "the file renamed over it is left alone");
+    std::fs::remove_file(&target).unwrap();
+    // The same for a copy map the run created.
+    let made = plan(&settings);
+    let (copy_map, _) = kcopyd_tool::map::open_for(&map, &made, 1 << 20).unwrap();
+    drop(copy_map);
+    assert!(!map.exists(), "a created map given up is removed");
+    let (copy_map, _) = kcopyd_tool::map::open_for(&map, &made, 1 << 20).unwrap();
+    file_of(&other, 4096, 9);
+    std::fs::rename(&other, &map).unwrap();
+    drop(copy_map);
+    assert_eq!(std::fs::read(&map).unwrap(), vec![9; 4096], "the file renamed over the map is left alone");
+    drop(made);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
