@@ -160,12 +160,8 @@ impl PathChange {
 impl fmt::Display for PathChange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            PathChange::Removed(reason) => {
-                write!(f, "the path no longer names the file written ({reason}): what was written is not there")
-            }
-            PathChange::Replaced => {
-                f.write_str("the path names another file than the one written: what was written is not there")
-            }
+            PathChange::Removed(reason) => write!(f, "the path no longer names the file opened ({reason})"),
+            PathChange::Replaced => f.write_str("the path names another file than the one opened"),
         }
     }
 }

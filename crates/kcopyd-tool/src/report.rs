@@ -113,9 +113,10 @@ pub struct TargetSummary {
     /// The final flush failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flush_error: Option<String>,
-    /// `copy`, `zero`: the path was removed or replaced while the command ran (looked at when
-    /// it ends): the file or device written is no longer what the path names, and the path
-    /// holds nothing of what was written, so all of the range counts as not copied.
+    /// The path was removed or replaced while the command ran (looked at when it ends): the
+    /// file or device opened is no longer what the path names. `copy`, `zero`: the path holds
+    /// nothing of what was written, so all of the range counts as not copied; `verify`: what
+    /// was compared is not what the path names now.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path_change: Option<String>,
     /// The read-back comparison of this target.
@@ -246,7 +247,7 @@ fn job_targets(opened: &[Opened], run: &FinishedJob, len_bytes: u64) -> Vec<Targ
                 None => range_bytes(&not_copied_in_region(target, outcome), len_bytes),
             }),
             flush_error: flush_error.clone(),
-            path_change: path_change(i).map(|change| change.to_string()),
+            path_change: path_change(i).map(|change| format!("{change}: what was written is not there")),
             verify: None,
         })
         .collect()
@@ -282,24 +283,30 @@ fn partial_verify(mut verify: TargetVerify, interrupted: bool) -> TargetVerify {
 
 /// `verify`'s per-target reports, from what the comparison found (so far, if a signal stopped
 /// it).
-fn verify_targets(targets: &[Opened], comparison: &Comparison, interrupted: bool) -> Vec<TargetSummary> {
+fn verify_targets(targets: &[Opened], run: &VerifyRun, interrupted: bool) -> Vec<TargetSummary> {
     targets
         .iter()
         .enumerate()
         .map(|(index, target)| {
-            let verify = comparison
+            let verify = run
+                .comparison
                 .targets
                 .get(index)
                 .map(|diff| partial_verify(target_verify(diff, target.start_sector()), interrupted));
+            let path_change = run.path_changes.get(index).cloned().flatten();
             TargetSummary {
                 device: target.arg.text.clone(),
                 offset_bytes: target.arg.offset_bytes,
-                status: verify.as_ref().map_or("incomplete", |v| v.status),
+                status: match &path_change {
+                    Some(change) => change.status(),
+                    None => verify.as_ref().map_or("incomplete", |v| v.status),
+                },
                 write_failed_sectors: None,
                 not_copied_sectors: None,
                 bytes_not_copied: None,
                 flush_error: None,
-                path_change: None,
+                path_change: path_change
+                    .map(|change| format!("{change}: what was compared is not what the path names now")),
                 verify,
             }
         })
@@ -435,6 +442,9 @@ fn verify_status(verify: &VerifyRun, cancel_code: u8) -> (&'static str, u8) {
         comparison.targets.iter().all(|t| t.unreadable.is_empty()) && comparison.source_unreadable.is_empty();
     if verify.cancelled {
         ("cancelled", cancel_code)
+    } else if verify.path_changes.iter().any(Option::is_some) {
+        // The comparison was of files the paths no longer name: it says nothing of them.
+        ("errors", EXIT_FAILED)
     } else if comparison.identical() {
         ("ok", EXIT_OK)
     } else if readable {
@@ -509,7 +519,7 @@ pub fn verify_command_report(plan: &Plan, run: &VerifyRun, cancel_code: u8) -> R
             offset_bytes: plan.source.arg.offset_bytes,
             read_failed_sectors: pairs(&source_unreadable),
         }),
-        targets: verify_targets(&plan.targets, &run.comparison, interrupted),
+        targets: verify_targets(&plan.targets, run, interrupted),
         verify: Some(summary),
         stats: None,
         wall_seconds: None,

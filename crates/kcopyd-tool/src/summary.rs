@@ -158,9 +158,13 @@ pub fn human(report: &Report, hint: &str) -> String {
 /// What the summary says of `target`, after its name.
 fn target_line(report: &Report, target: &TargetSummary, block_bytes: u64, hint: &str) -> String {
     if report.command == "verify" {
-        return match &target.verify {
+        let details = match &target.verify {
             Some(verify) => verify_details(verify, block_bytes, hint),
             None => target.status.replace('_', " "),
+        };
+        return match &target.path_change {
+            Some(change) => format!("{}: {change}; {details}", target.status),
+            None => details,
         };
     }
     let mut out = target.status.replace('_', " ");

@@ -342,6 +342,20 @@ fn a_target_renamed_over_or_removed_during_the_run_is_reported_with_nothing_copi
         if expected == "replaced" {
             assert_eq!(std::fs::read(&target).unwrap(), vec![0; 1 << 20], "the file now at the path is untouched");
         }
+        // Comparing: the same question; what was compared is not what the path names now.
+        file_of(&target, 1 << 20, 0xa5);
+        file_of(&other, 1 << 20, 0xa5);
+        changed.set(false);
+        let compare = plan_with_source(&path_address(&source), &[path_address(&target)], None, false, &settings);
+        let compare = compare.unwrap();
+        let compared = block_on(runner.verify(&compare)).unwrap();
+        assert!(compared.comparison.identical(), "the file opened matched: {expected}");
+        let verify_report = kcopyd_tool::report::verify_command_report(&compare, &compared, 143);
+        assert_eq!((verify_report.status, verify_report.exit_code), ("errors", 1), "{expected}");
+        assert_eq!(verify_report.targets[0].status, expected);
+        let summary = kcopyd_tool::summary::human(&verify_report, "");
+        assert!(summary.contains("what was compared is not what the path names now"), "{summary}");
+        drop(compare);
         // Zeroing: the same question, the same answer.
         file_of(&target, 1 << 20, 7);
         file_of(&other, 1 << 20, 7);

@@ -15,7 +15,7 @@ use super::{
     Event, FinishedJob, PROGRESS_INTERVAL, Phase, RunError, Runner, not_copied_in_region, region, verify_error,
 };
 use crate::clock::Instant;
-use crate::open::Opened;
+use crate::open::{Opened, PathChange};
 use crate::plan::{Plan, is_headers_only};
 use crate::tail::{Tail, TailError};
 
@@ -33,6 +33,9 @@ pub struct VerifyRun {
     /// After a copy: per target, the sectors left out (relative to the range) because the
     /// copy reported them as not copied; empty on its own.
     pub skipped: Vec<RangeSet>,
+    /// Per target: what became of its path while it was compared, if it no longer names
+    /// the file or device read ([`Opened::path_change`]), looked at when the comparison ends.
+    pub path_changes: Vec<Option<PathChange>>,
 }
 
 /// The engine's request comparing the whole blocks (`len_sectors`) of `source` with `targets`.
@@ -83,7 +86,8 @@ impl Runner<'_> {
         self.finished(Phase::Verify);
         let seconds = started.elapsed().as_secs_f64();
         let cancelled = self.cancel.is_cancelled();
-        Ok(VerifyRun { comparison, bytes, seconds, cancelled, skipped: skip.unwrap_or_default() })
+        let path_changes = super::path_changes(targets);
+        Ok(VerifyRun { comparison, bytes, seconds, cancelled, skipped: skip.unwrap_or_default(), path_changes })
     }
 
     /// After a copy: reads the targets back and compares them with the source, leaving out
