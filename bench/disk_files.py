@@ -52,23 +52,17 @@ def main():
     compact = args.compact_memory and nbd_bench.compact_memory_available()
     with tempfile.TemporaryDirectory(prefix="kcopyd-disk-files-", dir=args.dir) as work:
         source = os.path.join(work, "source.img")
-        subprocess.run(["dd", "if=/dev/urandom", f"of={source}", "bs=1M", f"count={args.size_mib}", "status=none"],
-                       check=True)
-        targets = []
-        for i in range(args.files):
-            path = os.path.join(work, f"target{i}.img")
-            subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=4M", f"count={args.size_mib // 4}",
-                            "oflag=direct", "status=none"], check=True)
-            targets.append(path)
+        nbd_bench.make_source(source, args.size_mib)
+        targets = [os.path.join(work, f"target{i}.img") for i in range(args.files)]
+        for path in targets:
+            nbd_bench.make_target(path, args.size_mib)
         times = {target: [] for target in targets}
-        for round_ in range(args.runs):
-            for k in range(len(targets)):
-                target = targets[(round_ + k) % len(targets)]
-                if compact:
-                    nbd_bench.compact_memory()
-                seconds, _ = nbd_bench.fio_ceiling(source, [target], args.size_mib)
-                times[target].append(seconds)
-                print(f"round {round_ + 1}: {os.path.basename(target)}: {seconds:.2f} s", flush=True)
+        for round_, target in nbd_bench.rotation(targets, args.runs):
+            if compact:
+                nbd_bench.compact_memory()
+            seconds, _ = nbd_bench.fio_ceiling(source, [target], args.size_mib)
+            times[target].append(seconds)
+            print(f"round {round_ + 1}: {os.path.basename(target)}: {seconds:.2f} s", flush=True)
         medians = {target: statistics.median(values) for target, values in times.items()}
         fastest = min(medians.values())
         print(f"\n{args.size_mib} MiB, fio reading {os.path.basename(source)} (first block "

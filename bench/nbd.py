@@ -70,6 +70,27 @@ FIO_BLOCK = "1M"
 FIO_DEPTH = 8
 
 
+def make_source(path, size_mib):
+    """A file of `size_mib` MiB of random bytes at `path`."""
+    subprocess.run(["dd", "if=/dev/urandom", f"of={path}", "bs=1M", f"count={size_mib}", "status=none"], check=True)
+
+
+def make_target(path, size_mib, direct=True):
+    """A file of `size_mib` MiB at `path`, written with zeroes (O_DIRECT unless `direct` is
+    false), not fallocated: the first write to an unwritten extent costs more, and only the
+    first command would pay."""
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=4M", f"count={size_mib // 4}",
+                    *(["oflag=direct"] if direct else []), "status=none"], check=True)
+
+
+def rotation(names, runs):
+    """(round, name) for `runs` rounds of every name, each round starting one name later than
+    the one before, so that no name always follows the same one."""
+    for round_ in range(runs):
+        for k in range(len(names)):
+            yield round_, names[(round_ + k) % len(names)]
+
+
 def children_cpu():
     """User + system seconds of the children waited for so far."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -290,20 +311,14 @@ def main():
     else:
         ceiling = fio_available()
     compact = args.compact_memory and compact_memory_available()
-    direct = ["oflag=direct"] if args.cache == "none" else []
 
     with tempfile.TemporaryDirectory(prefix="kcopyd-nbd-bench-", dir=args.dir) as work:
         source = os.path.join(work, "source.img")
-        subprocess.run(["dd", "if=/dev/urandom", f"of={source}", "bs=1M", f"count={args.size_mib}",
-                        "status=none"], check=True)
+        make_source(source, args.size_mib)
         digest = file_digest(source)
-        targets = []
-        for i in range(3):
-            path = os.path.join(work, f"target{i}.img")
-            # Written, not fallocated: the first write to an unwritten extent costs more.
-            subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=4M", f"count={args.size_mib // 4}",
-                            *direct, "status=none"], check=True)
-            targets.append(path)
+        targets = [os.path.join(work, f"target{i}.img") for i in range(3)]
+        for path in targets:
+            make_target(path, args.size_mib, direct=args.cache == "none")
         exports = {"source": (source, True), **{f"target{i}": (t, False) for i, t in enumerate(targets)}}
         servers = Servers(work, exports, args.cache)
         uri = lambda name: f"nbd+unix:///?socket={os.path.join(work, name + '.sock')}"
@@ -343,34 +358,32 @@ def main():
         disk = disk_of(work) if args.cache == "none" else None
         busy = {name: [] for name in names}
         try:
-            for round_ in range(args.runs):
-                # Each round starts one command later: a command that follows a heavy writer
-                # (fio writing 3 GiB) pays for the disk's write-back, and every command should
-                # pay that alike.
-                shift = round_ % len(names)
-                for name in names[shift:] + names[:shift]:
-                    through_servers = name not in ceilings or name == "fio via servers 1"
-                    if through_servers and args.servers == "fresh":
-                        servers.restart()
-                    if compact:
-                        compact_memory()
-                    busy_before, started = disk_busy_ms(disk), time.monotonic()
-                    if name == "fio via servers 1":
-                        seconds, cpu = fio_through_servers(*ceilings[name], args.size_mib)
-                    elif name in ceilings:
-                        seconds, cpu = fio_ceiling(*ceilings[name], args.size_mib)
-                    else:
-                        seconds, cpu = timed(copies[name])
-                    busy[name].append((disk_busy_ms(disk) - busy_before) / 1000 / (time.monotonic() - started))
-                    times[name].append(seconds)
-                    cpus[name].append(cpu)
-                    print(f"round {round_ + 1}: {name}: {seconds:.2f} s, cpu {cpu:.2f} s", flush=True)
-                    # Every copy is checked before anything else writes its targets.
-                    if name in copies:
-                        for target in targets if name in three else targets[:1]:
-                            if file_digest(target) != digest:
-                                sys.exit(f"nbd bench: after {name} in round {round_ + 1}, {target} "
-                                         "does not hold the source")
+            # Each round starts one command later: a command that follows a heavy writer
+            # (fio writing 3 GiB) pays for the disk's write-back, and every command should
+            # pay that alike.
+            for round_, name in rotation(names, args.runs):
+                through_servers = name not in ceilings or name == "fio via servers 1"
+                if through_servers and args.servers == "fresh":
+                    servers.restart()
+                if compact:
+                    compact_memory()
+                busy_before, started = disk_busy_ms(disk), time.monotonic()
+                if name == "fio via servers 1":
+                    seconds, cpu = fio_through_servers(*ceilings[name], args.size_mib)
+                elif name in ceilings:
+                    seconds, cpu = fio_ceiling(*ceilings[name], args.size_mib)
+                else:
+                    seconds, cpu = timed(copies[name])
+                busy[name].append((disk_busy_ms(disk) - busy_before) / 1000 / (time.monotonic() - started))
+                times[name].append(seconds)
+                cpus[name].append(cpu)
+                print(f"round {round_ + 1}: {name}: {seconds:.2f} s, cpu {cpu:.2f} s", flush=True)
+                # Every copy is checked before anything else writes its targets.
+                if name in copies:
+                    for target in targets if name in three else targets[:1]:
+                        if file_digest(target) != digest:
+                            sys.exit(f"nbd bench: after {name} in round {round_ + 1}, {target} "
+                                     "does not hold the source")
         finally:
             servers.stop()
         median = {name: statistics.median(values) for name, values in times.items()}

@@ -99,7 +99,7 @@ def loop_devices(shm, size_mib, source):
         return None
     files = [os.path.join(shm, "source.img"), os.path.join(shm, "target.img")]
     shutil.copyfile(source, files[0])
-    subprocess.run(["dd", "if=/dev/zero", f"of={files[1]}", "bs=4M", f"count={size_mib // 4}", "status=none"], check=True)
+    nbd_bench.make_target(files[1], size_mib, direct=False)  # tmpfs
     devices = []
     for path in files:
         made = subprocess.run(["losetup", "--find", "--show", path], capture_output=True, text=True)
@@ -202,25 +202,20 @@ def main():
     with tempfile.TemporaryDirectory(prefix="kcopyd-nbd-path-", dir=args.dir) as work, \
             tempfile.TemporaryDirectory(prefix="kcopyd-nbd-path-", dir="/dev/shm") as shm:
         source = os.path.join(work, "source.img")
-        subprocess.run(["dd", "if=/dev/urandom", f"of={source}", "bs=1M", f"count={args.size_mib}", "status=none"],
-                       check=True)
-        # Written, not fallocated, as bench/nbd.py's (the first write to an unwritten extent costs more).
-        subprocess.run(["dd", "if=/dev/zero", f"of={os.path.join(work, 'target.img')}", "bs=4M",
-                        f"count={args.size_mib // 4}", "oflag=direct", "status=none"], check=True)
+        nbd_bench.make_source(source, args.size_mib)
+        nbd_bench.make_target(os.path.join(work, "target.img"), args.size_mib)
         loops = None if "no disk" in skip else loop_devices(shm, args.size_mib, source)
         try:
             table = {name: run for name, run in rows(args, work, loops).items() if name not in skip}
             names = list(table)
             results = {name: [] for name in names}
-            for round_index in range(args.runs):
-                for k in range(len(names)):
-                    name = names[(round_index + k) % len(names)]
-                    if compact:
-                        nbd_bench.compact_memory()
-                    results[name].append(table[name]())
-                    wall, read, write = results[name][-1]
-                    print(f"round {round_index + 1}: {name}: {wall:.2f} s"
-                          + (f", read {read:.2f} ms, write {write:.2f} ms" if read and write else ""), flush=True)
+            for round_index, name in nbd_bench.rotation(names, args.runs):
+                if compact:
+                    nbd_bench.compact_memory()
+                results[name].append(table[name]())
+                wall, read, write = results[name][-1]
+                print(f"round {round_index + 1}: {name}: {wall:.2f} s"
+                      + (f", read {read:.2f} ms, write {write:.2f} ms" if read and write else ""), flush=True)
             report(results, args)
         finally:
             detach(loops)
