@@ -70,10 +70,10 @@ pub enum SignalPhase {
 /// What a quit at once says: a closure giving the one-line summary.
 type SummaryFn = Box<dyn Fn() -> String + Send>;
 
-/// The state the signal watcher thread shares with the command.
 /// Files to remove when quitting at once, each with which file it is once known.
 type Cleanup = Vec<(PathBuf, Option<FileId>)>;
 
+/// The state the signal watcher thread shares with the command.
 struct Shared {
     /// The exit code of every signal received, in order.
     codes: Mutex<Vec<u8>>,

@@ -2387,7 +2387,7 @@ fn a_target_renamed_over_while_it_is_copied_is_not_reported_as_copied() {
 }
 
 #[test]
-fn a_proc_or_sysfs_file_is_refused_as_source_or_target_and_nothing_is_made() {
+fn a_proc_or_sysfs_file_is_refused_as_source_target_or_map_and_nothing_is_made() {
     // A /proc file says 0 bytes: copied by its size, it made an empty target and said "ok".
     let dir = TempDir::new("cli-pseudo-file");
     let target = dir.join("target.img");
@@ -2397,9 +2397,16 @@ fn a_proc_or_sysfs_file_is_refused_as_source_or_target_and_nothing_is_made() {
         assert!(!target.exists(), "no target made");
     }
     let source = dir.file_with("source.img", &pattern(43, 4 * KIB));
+    // Nor is a map kept there: writing a /proc/sys file sets something in the kernel.
+    let sysctl = "/proc/sys/vm/swappiness";
+    let before = fs::read(sysctl).unwrap();
+    let ran = kcopyd(&["copy", s(&source), s(&target), "--map", sysctl]);
+    assert_usage_error(&ran, &[&format!("--map '{sysctl}'"), "proc filesystem", "not a file to keep a map in"]);
+    assert_eq!(fs::read(sysctl).unwrap(), before);
+    assert!(!target.exists(), "no target made");
     let sysfs = "/sys/kernel/mm/transparent_hugepage/enabled";
     if !Path::new(sysfs).exists() {
-        return skip("a_proc_or_sysfs_file_is_refused", format!("{sysfs} is not here"));
+        return skip("a_proc_or_sysfs_file_is_refused_as_source_target_or_map", format!("{sysfs} is not here"));
     }
     let before = fs::read(sysfs).unwrap();
     let ran = kcopyd(&["copy", "--buffered", s(&source), sysfs]);

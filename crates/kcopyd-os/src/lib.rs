@@ -50,5 +50,6 @@ pub use engine::IoEngine;
 pub use error::{OpenError, RequestError};
 pub use lock::{FileKey, FileLocks, LockError, LockKind};
 pub use storage::{Mounted, Storage, StorageId, mounted_read_write};
+pub use sys::pseudo_filesystem_at;
 pub use tail::{read_tail, write_tail};
 pub use zeroes::ZEROES_BYTES_PER_WRITE_MAX;

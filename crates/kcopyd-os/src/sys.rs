@@ -209,9 +209,11 @@ pub(crate) fn pseudo_filesystem(file: &std::fs::File) -> Option<&'static str> {
     pseudo_filesystem_of(&rustix::fs::fstatfs(file).ok()?)
 }
 
-/// The same for the file at `path`, before it is opened (so that a proc file is named as
-/// such, not as a filesystem without O_DIRECT).
-pub(crate) fn pseudo_filesystem_at(path: &Path) -> Option<&'static str> {
+/// The name of the pseudo filesystem (proc, sysfs, debugfs, cgroup, …) the file at `path`
+/// lies on, if it does: its files' sizes are not their contents, and writing one sets
+/// something in the kernel. Asked before opening, so that a proc file is named as such, not
+/// as a filesystem without O_DIRECT.
+pub fn pseudo_filesystem_at(path: &Path) -> Option<&'static str> {
     pseudo_filesystem_of(&rustix::fs::statfs(path).ok()?)
 }
 

@@ -675,6 +675,9 @@ fn open_locked(path: &Path, guard: &MapGuard) -> Result<(File, bool), MapRefusal
         Err(e) => return Err(MapRefusal::Stat(e)),
     };
     if let Some(metadata) = &existing {
+        if let Some(filesystem) = kcopyd_os::pseudo_filesystem_at(path) {
+            return Err(MapRefusal::PseudoFile { filesystem });
+        }
         check_map_file(metadata, guard)?;
     }
     let mut options = OpenOptions::new();

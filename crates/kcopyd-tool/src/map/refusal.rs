@@ -33,6 +33,12 @@ pub enum MapRefusal {
     /// A directory, a device or another special file.
     #[error("not a regular file: a map is a file of its own")]
     NotAFile,
+    /// A file of proc, sysfs or the like, where writing sets something in the kernel.
+    #[error("a file of the {filesystem} filesystem, not a file to keep a map in")]
+    PseudoFile {
+        /// The filesystem's name (`proc`).
+        filesystem: &'static str,
+    },
     /// It is a file of the copy itself.
     #[error("is {role} '{text}' itself: the map must be a file of its own")]
     DeviceOfTheCopy {
