@@ -10,7 +10,7 @@
 
 use std::fs;
 use std::io::{self, IsTerminal};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::time::Duration;
 
 use std::path::{Path, PathBuf};
@@ -315,6 +315,12 @@ pub fn check_output_file(path: &Path, what: &str) -> Result<(), CliError> {
         Ok(meta) if meta.file_type().is_block_device() => {
             return Err(refuse("is a block device: refusing to write a file over it".into()));
         }
+        Ok(_) if kcopyd_os::pseudo_filesystem_at(path).is_some() => {
+            let filesystem = kcopyd_os::pseudo_filesystem_at(path).unwrap_or_default();
+            return Err(refuse(format!(
+                "is a file of the {filesystem} filesystem: writing it sets something in the kernel"
+            )));
+        }
         Ok(_) => {
             return fs::OpenOptions::new()
                 .write(true)
@@ -335,8 +341,11 @@ pub fn check_output_file(path: &Path, what: &str) -> Result<(), CliError> {
     // Registered while it exists: a signal now does not leave it behind.
     let guard = CreatedGuard::creating(path);
     let created = fs::OpenOptions::new().write(true).create_new(true).open(path);
-    if created.is_ok() {
-        let _ = fs::remove_file(path);
+    if let Ok(file) = &created {
+        // Only while the path names the file just made: one renamed over it is someone else's.
+        if let Ok(made) = file.metadata() {
+            kcopyd_tool::remove_created(path, Some((made.dev(), made.ino())));
+        }
     }
     drop(guard);
     forget_created(&[path.to_path_buf()]);

@@ -231,3 +231,18 @@ fn a_closed_stdout_ends_run_quietly_with_141() {
     assert_eq!(output.status.code(), Some(141), "{output:?}");
     assert!(output.stderr.is_empty(), "quietly: {output:?}");
 }
+
+#[test]
+fn a_picture_or_model_is_not_written_into_a_proc_file() {
+    // Writing a /proc/sys file sets something in the kernel: refused before the run.
+    let sysctl = "/proc/sys/vm/swappiness";
+    let before = std::fs::read(sysctl).unwrap();
+    let nvme = scenario("nvme-resync");
+    let (code, out, err) = kcopyd(&[&["sim", "run", nvme.as_str(), "--svg", sysctl][..], &SMALL_NVME[..]].concat());
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains(&format!("--svg '{sysctl}'")) && err.contains("proc filesystem"), "{err}");
+    let (code, out, err) = kcopyd(&["sim", "calibrate", "sim:size=64M", "--out", sysctl]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains(&format!("--out '{sysctl}'")) && err.contains("proc filesystem"), "{err}");
+    assert_eq!(std::fs::read(sysctl).unwrap(), before);
+}
