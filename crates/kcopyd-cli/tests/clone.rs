@@ -309,6 +309,14 @@ fn metadata_of_other_devices_a_busy_one_and_a_foreign_file_are_refused_untouched
     assert_eq!(code, 2, "{stderr}");
     let (code, stderr) = run(&["clone", path(&source), path(&dest), "--metadata", path(&dest), "--serve", &other_uri]);
     assert_eq!(code, 2, "{stderr}");
+    // A /proc/sys file: writing it sets something in the kernel.
+    let sysctl = "/proc/sys/vm/swappiness";
+    let setting = fs::read(sysctl).unwrap();
+    let (code, stderr) = run(&["clone", path(&source), path(&other_dest), "--metadata", sysctl, "--serve", &other_uri]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("proc filesystem"), "{stderr}");
+    assert_eq!(fs::read(sysctl).unwrap(), setting);
+    assert!(!other_dest.exists(), "nothing made");
     let after = fs::read(&meta).unwrap();
     assert_eq!(before.len(), after.len(), "the metadata kept its size");
     let identity = String::from_utf8_lossy(&after[after.len() - 4096..]);

@@ -62,6 +62,12 @@ pub enum MetadataError {
     /// Not a regular file.
     #[error("not a regular file")]
     NotRegular,
+    /// A file of proc, sysfs or the like, where writing sets something in the kernel.
+    #[error("a file of the {filesystem} filesystem, not a file to keep a clone's metadata in")]
+    PseudoFile {
+        /// The filesystem's name (`proc`).
+        filesystem: &'static str,
+    },
     /// It is SOURCE or DEST itself.
     #[error("is {name} itself: the metadata needs a file of its own")]
     IsDevice {

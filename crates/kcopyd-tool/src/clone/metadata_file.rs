@@ -196,8 +196,11 @@ pub struct MetadataFile {
 impl Drop for MetadataFile {
     fn drop(&mut self) {
         if self.created {
-            // Still locked: no other run has it.
-            let _ = std::fs::remove_file(&self.path);
+            // Still locked: no other run has it. Only while the path names it: a file
+            // renamed over it since is someone else's.
+            if let Ok(made) = self.file.metadata() {
+                crate::open::remove_created(&self.path, Some((made.dev(), made.ino())));
+            }
             if let Some(hook) = &self.hook {
                 hook.forget(std::slice::from_ref(&self.path));
             }
@@ -217,6 +220,9 @@ impl MetadataFile {
         devices: &[(&str, (u64, u64))],
         hook: Option<Arc<dyn CreatedHook>>,
     ) -> Result<MetadataFile, MetadataError> {
+        if let Some(filesystem) = kcopyd_os::pseudo_filesystem_at(path) {
+            return Err(MetadataError::PseudoFile { filesystem });
+        }
         let missing = matches!(std::fs::symlink_metadata(path), Err(e) if e.kind() == io::ErrorKind::NotFound);
         let file = OpenOptions::new()
             .read(true)
