@@ -512,3 +512,20 @@ fn an_engine_on_the_reactors_thread_copies_and_a_connect_from_there_is_refused()
         assert_eq!(stats.connections_broken, 0, "{stats:?}");
     }
 }
+
+#[test]
+fn a_server_removes_its_socket_when_dropped_but_not_a_file_that_took_its_name() {
+    let dir = std::env::temp_dir().join(format!("kcopyd-socket-name-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("nbd.sock");
+    let disk: Device = pattern_disk();
+    let server = NbdServer::bind(&Address::Unix(socket.clone()), disk.clone(), ServerOptions::default()).unwrap();
+    drop(server);
+    assert!(!socket.exists(), "the server's own socket is removed");
+    let server = NbdServer::bind(&Address::Unix(socket.clone()), disk, ServerOptions::default()).unwrap();
+    std::fs::remove_file(&socket).unwrap();
+    std::fs::write(&socket, b"someone else's").unwrap();
+    drop(server);
+    assert_eq!(std::fs::read(&socket).unwrap(), b"someone else's", "removed by name");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -17,7 +17,7 @@ use kcopyd_os::{OpenError, OpenOptions, OsDevice};
 use kcopyd_sim::explore::calibrate::{QUEUE_DEPTH_MAX, SCRATCH_BYTES_MIN};
 use thiserror::Error;
 
-use crate::open::CreatedHook;
+use crate::open::{CreatedHook, FileId, remove_created};
 
 /// Why a scratch range was refused; nothing was written, and a file created here is removed.
 #[derive(Debug, Error)]
@@ -91,16 +91,17 @@ pub struct Scratch {
     pub offset_bytes: u64,
     /// Its length.
     pub len_bytes: u64,
-    /// The file created for it, if any.
-    created: Option<PathBuf>,
+    /// The file created for it, if any, and which file it is (removed only while its path
+    /// names it).
+    created: Option<(PathBuf, FileId)>,
     keep: bool,
     hook: Option<Arc<dyn CreatedHook>>,
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        if let (Some(path), false) = (&self.created, self.keep) {
-            let _ = fs::remove_file(path);
+        if let (Some((path, id)), false) = (&self.created, self.keep) {
+            remove_created(path, Some(*id));
             if let Some(hook) = &self.hook {
                 hook.forget(std::slice::from_ref(path));
             }
@@ -156,14 +157,18 @@ impl Scratch {
         let device = match opened {
             Ok(device) => device,
             Err(source) => {
-                let _ = fs::remove_file(path);
+                remove_created(path, None);
                 if let Some(hook) = &hook {
                     hook.forget(&[path.to_path_buf()]);
                 }
                 return Err(open_error(source));
             }
         };
-        let created = Some(path.to_path_buf());
+        let id = device.id();
+        if let Some(hook) = &hook {
+            hook.made(path, (id.major, id.minor));
+        }
+        let created = Some((path.to_path_buf(), (id.major, id.minor)));
         let scratch = Scratch { device: Arc::new(device), offset_bytes: 0, len_bytes: size_bytes, created, keep, hook };
         scratch.check(path)?;
         Ok(scratch)
@@ -192,7 +197,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_existing_file_needs_a_range_a_new_one_none_and_a_created_one_goes_unless_kept() {
+    fn an_existing_file_needs_a_range_a_new_one_none_and_a_created_one_goes_unless_kept_or_replaced() {
         let dir = std::env::temp_dir().join(format!("kcopyd-tool-scratch-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
@@ -207,6 +212,14 @@ mod tests {
                 assert!(matches!(Scratch::open(&path, 0, 0, None, false, None), Err(ScratchError::Exists { .. })));
                 drop(scratch);
                 assert!(!path.exists(), "a created scratch file stays behind");
+                // A file renamed over the scratch file's name meanwhile is someone else's.
+                let scratch = Scratch::open(&path, SCRATCH_BYTES_MIN, 0, None, false, None).unwrap();
+                let other = dir.join("other.img");
+                fs::write(&other, b"precious").unwrap();
+                fs::rename(&other, &path).unwrap();
+                drop(scratch);
+                assert_eq!(fs::read(&path).unwrap(), b"precious", "removed by name");
+                fs::remove_file(&path).unwrap();
             }
             // O_DIRECT is not on every filesystem (tmpfs): nothing more to check here.
             Err(ScratchError::Open { source, .. }) => eprintln!("skipped: O_DIRECT open refused here ({source})"),

@@ -19,7 +19,7 @@ mod wire;
 
 use std::fmt;
 use std::io;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -234,8 +234,9 @@ pub struct NbdServer {
     limits: Limits,
     connections_max: usize,
     uri: String,
-    /// The unix socket this server made, removed when it is dropped.
-    socket: Option<PathBuf>,
+    /// The unix socket this server made and which file it is (device and inode numbers),
+    /// removed when the server is dropped while its path still names it.
+    socket: Option<(PathBuf, (u64, u64))>,
     stats: Arc<Stats>,
 }
 
@@ -247,7 +248,10 @@ impl fmt::Debug for NbdServer {
 
 impl Drop for NbdServer {
     fn drop(&mut self) {
-        if let Some(path) = &self.socket {
+        // Only while the path names the socket made: what took its name since is someone else's.
+        if let Some((path, made)) = &self.socket
+            && std::fs::symlink_metadata(path).is_ok_and(|now| (now.dev(), now.ino()) == *made)
+        {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -287,10 +291,11 @@ impl NbdServer {
             Address::Unix(path) => {
                 replace_stale_socket(path).map_err(listen_error)?;
                 let listener = std::os::unix::net::UnixListener::bind(path).map_err(listen_error)?;
+                let made = std::fs::symlink_metadata(path).map_err(listen_error)?;
                 (
                     Listener::Unix(listener),
                     format!("nbd+unix:///{}?socket={}", options.export_name, path.display()),
-                    Some(path.clone()),
+                    Some((path.clone(), (made.dev(), made.ino()))),
                 )
             }
             Address::Tcp { host, port } => {
