@@ -315,13 +315,12 @@ pub fn check_output_file(path: &Path, what: &str) -> Result<(), CliError> {
         Ok(meta) if meta.file_type().is_block_device() => {
             return Err(refuse("is a block device: refusing to write a file over it".into()));
         }
-        Ok(_) if kcopyd_os::pseudo_filesystem_at(path).is_some() => {
-            let filesystem = kcopyd_os::pseudo_filesystem_at(path).unwrap_or_default();
-            return Err(refuse(format!(
-                "is a file of the {filesystem} filesystem: writing it sets something in the kernel"
-            )));
-        }
         Ok(_) => {
+            if let Some(filesystem) = kcopyd_os::pseudo_filesystem_at(path) {
+                let problem =
+                    format!("is a file of the {filesystem} filesystem: writing it sets something in the kernel");
+                return Err(refuse(problem));
+            }
             return fs::OpenOptions::new()
                 .write(true)
                 .open(path)
