@@ -2413,3 +2413,35 @@ fn a_proc_or_sysfs_file_is_refused_as_source_target_or_map_and_nothing_is_made()
     assert_usage_error(&ran, &[&format!("TARGET '{sysfs}'"), "sysfs filesystem"]);
     assert_eq!(fs::read(sysfs).unwrap(), before);
 }
+
+#[test]
+fn two_copies_started_together_onto_one_missing_target_leave_the_winners_copy_whole() {
+    // Both see the target missing. The one that creates it (exclusively) and locks it copies;
+    // the other is refused and removes nothing: it once removed the file the first was
+    // writing, by name, when it found it busy (the first then said the name was gone); or
+    // both were refused, one having locked the other's new, still empty file to look at it.
+    let dir = TempDir::new("cli-two-creators");
+    let source = dir.file_with("source.img", &pattern(44, 4 * MIB));
+    let target = dir.join("target.img");
+    for round in 0..20 {
+        let _ = fs::remove_file(&target);
+        let start = || {
+            Command::new(env!("CARGO_BIN_EXE_kcopyd"))
+                .args(["copy", "-q", s(&source), s(&target)])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let (first, second) = (start(), start());
+        let runs = [ran(first.wait_with_output().unwrap()), ran(second.wait_with_output().unwrap())];
+        // One copies; the other is refused (exit 2, naming the target), or copies after it
+        // when it finds the whole file already there and no longer locked.
+        assert!(runs.iter().any(|r| r.code == 0), "round {round}: one copies: {runs:?}");
+        for refused in runs.iter().filter(|r| r.code != 0) {
+            assert_eq!(refused.code, 2, "round {round}: {runs:?}");
+            assert!(refused.stderr.contains("TARGET"), "round {round}: {refused:?}");
+        }
+        assert_eq!(fs::read(&target).ok(), Some(pattern(44, 4 * MIB)), "round {round}: {runs:?}");
+    }
+}

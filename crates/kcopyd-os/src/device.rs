@@ -226,7 +226,12 @@ impl OsDevice {
         if let Some(filesystem) = (kind == DeviceKind::File).then(|| sys::pseudo_filesystem_at(path)).flatten() {
             return Err(OpenError::PseudoFile { path: path.to_path_buf(), filesystem });
         }
-        let file = open_descriptor(path, kind, options)?;
+        // A file to create is created exclusively: one that another program (another kcopyd
+        // creating the same target) made in the meantime is not taken for this one's own.
+        let creating = kind == DeviceKind::File
+            && options.create_len.is_some()
+            && matches!(std::fs::symlink_metadata(path), Err(e) if e.kind() == io::ErrorKind::NotFound);
+        let file = open_descriptor(path, kind, options, creating)?;
         if kind == DeviceKind::BlockDevice && options.write {
             refuse_read_only_block_device(path, &file)?;
         }
@@ -289,6 +294,30 @@ impl OsDevice {
     /// devices, and where byte 0 lies on it (found when the device opened).
     pub fn storage(&self) -> &Storage {
         &self.storage
+    }
+
+    /// A regular file's length in bytes now, through the descriptor opened (not the path,
+    /// which another program may have renamed something over since).
+    ///
+    /// # Errors
+    /// fstat failed.
+    pub fn file_len_bytes(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    /// Extends a regular file to at least `len_bytes` (a hole), through the descriptor opened;
+    /// a longer file is left as it is.
+    ///
+    /// # Errors
+    /// Not a regular file, or the filesystem refused the length (EFBIG past its largest file).
+    pub fn extend_to(&self, len_bytes: u64) -> io::Result<()> {
+        if self.kind != DeviceKind::File {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "only a regular file is extended"));
+        }
+        if self.file_len_bytes()? < len_bytes {
+            self.file.set_len(len_bytes)?;
+        }
+        Ok(())
     }
 
     /// Whether I/O bypasses the page cache (O_DIRECT).
@@ -403,7 +432,7 @@ fn refuse_read_only_block_device(path: &Path, file: &File) -> Result<(), OpenErr
 
 /// Opens the descriptor: read-only or read-write, O_DIRECT unless buffered, O_EXCL for a block
 /// device opened for writing, O_CREAT for a file with `create_len`. Never O_TRUNC.
-fn open_descriptor(path: &Path, kind: DeviceKind, options: &OpenOptions) -> Result<File, OpenError> {
+fn open_descriptor(path: &Path, kind: DeviceKind, options: &OpenOptions, creating: bool) -> Result<File, OpenError> {
     let direct = !options.buffered;
     let mut flags = OFlags::empty();
     if direct {
@@ -417,10 +446,14 @@ fn open_descriptor(path: &Path, kind: DeviceKind, options: &OpenOptions) -> Resu
     std::fs::OpenOptions::new()
         .read(true)
         .write(options.write)
-        .create(kind == DeviceKind::File && options.create_len.is_some())
+        .create(kind == DeviceKind::File && options.create_len.is_some() && !creating)
+        .create_new(creating)
         .custom_flags(flags.bits() as i32)
         .open(path)
         .map_err(|error| {
+            if creating && error.kind() == io::ErrorKind::AlreadyExists {
+                return OpenError::CreatedElsewhere { path: path.to_path_buf() };
+            }
             let open_error = |path, source| OpenError::Open { path, source };
             classify(path, error, direct, || sys::filesystem_name(path), open_error)
         })

@@ -96,6 +96,14 @@ pub enum OpenError {
         /// The filesystem's name (`proc`).
         filesystem: &'static str,
     },
+    /// The file was missing and was to be created here, but another program created it
+    /// first (another kcopyd making the same target, say): it is that program's, and is
+    /// neither opened nor removed.
+    #[error("{}: another program created it while this one was creating it: left to that program", .path.display())]
+    CreatedElsewhere {
+        /// The path given.
+        path: PathBuf,
+    },
     /// Reading the path's metadata (stat) failed for another reason.
     #[error("{}: reading metadata", .path.display())]
     Metadata {
@@ -217,6 +225,7 @@ impl OpenError {
             | OpenError::DirectIoUnsupported { path, .. }
             | OpenError::NotABlockDeviceOrFile { path, .. }
             | OpenError::PseudoFile { path, .. }
+            | OpenError::CreatedElsewhere { path }
             | OpenError::Metadata { path, .. }
             | OpenError::Open { path, .. }
             | OpenError::DeviceSize { path, .. }

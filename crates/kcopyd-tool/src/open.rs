@@ -13,7 +13,6 @@
 
 use std::fmt;
 use std::fs;
-use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -451,19 +450,23 @@ fn open_path(
     let device =
         OsDevice::open(path, &options).map_err(|source| PlanError::Open { role, text: arg.text.clone(), source })?;
     let refuse = |problem: DeviceProblem| PlanError::device(role, &arg.text, problem);
-    if let (true, Some(len_bytes), DeviceKind::File) = (write, create_len_bytes, device.kind()) {
-        extend_file(path, len_bytes).map_err(|source| refuse(DeviceProblem::Extend { len_bytes, source }))?;
-    }
-    let len_bytes = match device.kind() {
-        DeviceKind::File => fs::metadata(path).map_err(|source| refuse(DeviceProblem::FileLength { source }))?.len(),
-        DeviceKind::BlockDevice => device.geometry().len_sectors * SECTOR_SIZE as u64,
-    };
+    // Locked before it is sized: another kcopyd that opens a file this one has just created
+    // finds it locked (or, having locked it first to look at it, lets go of it soon).
     if device.kind() == DeviceKind::File {
         if write {
             check_writable_mode(path, role, &arg.text)?;
         }
-        lock_file(&device, path, role, write, locks).map_err(refuse)?;
+        let created_here = write && create_len_bytes.is_some();
+        lock_file(&device, path, (role, write, created_here), locks).map_err(refuse)?;
     }
+    // Through the descriptor opened, not the path: the file written is the file sized.
+    if let (true, Some(len_bytes), DeviceKind::File) = (write, create_len_bytes, device.kind()) {
+        device.extend_to(len_bytes).map_err(|source| refuse(DeviceProblem::Extend { len_bytes, source }))?;
+    }
+    let len_bytes = match device.kind() {
+        DeviceKind::File => device.file_len_bytes().map_err(|source| refuse(DeviceProblem::FileLength { source }))?,
+        DeviceKind::BlockDevice => device.geometry().len_sectors * SECTOR_SIZE as u64,
+    };
     let storage = device.storage().clone();
     let os = Some(OsFacts { path: path.to_path_buf(), kind: device.kind(), storage, len_bytes });
     Ok(Opened { arg: arg.clone(), role, device: Arc::new(device), os, export: None, nbd: None })
@@ -473,17 +476,29 @@ fn open_path(
 fn lock_file(
     device: &OsDevice,
     path: &Path,
-    role: Role,
-    write: bool,
+    (role, write, created_here): (Role, bool, bool),
     locks: &mut FileLocks,
 ) -> Result<(), DeviceProblem> {
     let id = device.id();
     let kind = if write { LockKind::Exclusive } else { LockKind::Shared };
-    locks.lock(path, (id.major, id.minor), kind).map_err(|error| match error {
-        LockError::Busy => DeviceProblem::Busy { role, write },
-        other => DeviceProblem::Lock(other),
-    })
+    // A file this run has just created (exclusively) is its own; another kcopyd that opened
+    // it in the instant before it was locked holds the lock only while it looks at it (an
+    // empty file is too small for its copy), so it is waited for, a second at most.
+    let patience = std::time::Instant::now() + CREATED_LOCK_WAIT;
+    loop {
+        match locks.lock(path, (id.major, id.minor), kind) {
+            Err(LockError::Busy) if created_here && std::time::Instant::now() < patience => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Ok(()) => return Ok(()),
+            Err(LockError::Busy) => return Err(DeviceProblem::Busy { role, write }),
+            Err(other) => return Err(DeviceProblem::Lock(other)),
+        }
+    }
 }
+
+/// How long a run waits for the lock of a file it has just created ([`lock_file`]).
+const CREATED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Opens the NBD export `uri` of `arg` with the command's connections, timeouts and TLS
 /// parameters.
@@ -518,14 +533,6 @@ fn open_nbd(arg: &DeviceAddress, uri: &str, role: Role, write: bool, nbd: &NbdSe
 }
 
 /// Extends the file at `path` to `len_bytes` if it is shorter (never truncates).
-fn extend_file(path: &Path, len_bytes: u64) -> io::Result<()> {
-    let file = fs::OpenOptions::new().write(true).open(path)?;
-    if file.metadata()?.len() < len_bytes {
-        file.set_len(len_bytes)?;
-    }
-    Ok(())
-}
-
 /// Refuses a target file whose mode gives nobody write permission (`chmod a-w`): a file
 /// marked read-only is not written, also by root, who could.
 fn check_writable_mode(path: &Path, role: Role, text: &str) -> Result<(), PlanError> {

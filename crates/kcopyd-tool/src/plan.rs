@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kcopyd_core::{SECTOR_SIZE, TARGETS_MAX};
-use kcopyd_os::FileLocks;
+use kcopyd_os::{FileLocks, OpenError};
 
 use crate::address::{Backend, DeviceAddress};
 use crate::error::Role;
@@ -52,6 +52,17 @@ impl CreatedFiles {
         }
         if let Some(hook) = &self.hook {
             hook.made(path, id);
+        }
+    }
+
+    /// Forgets `path`, recorded by [`CreatedFiles::creating`]: another program created it
+    /// first, and it is not removed with the files this plan made.
+    pub fn not_created(&mut self, path: &Path) {
+        if let Some(index) = self.paths.iter().rposition(|(p, _)| p == path) {
+            self.paths.remove(index);
+        }
+        if let Some(hook) = &self.hook {
+            hook.forget(&[path.to_path_buf()]);
         }
     }
 
@@ -259,8 +270,25 @@ pub fn plan_with_source(
                 (true, Backend::Path(path)) => Some(created.creating(path)),
                 _ => None,
             };
-            let target = open(arg, Role::Target, write, create_len, settings, &mut locks)?;
+            let opened_now = open(arg, Role::Target, write, create_len, settings, &mut locks);
             drop(creating);
+            let target = match opened_now {
+                Ok(target) => target,
+                Err(error) => {
+                    // Another program created it first, or locked the file this one created
+                    // before this one could (another kcopyd writing the same new target): it
+                    // is that program's, not to be removed with this plan's files.
+                    let theirs = matches!(
+                        &error,
+                        PlanError::Open { source: OpenError::CreatedElsewhere { .. }, .. }
+                            | PlanError::Device { problem: DeviceProblem::Busy { .. }, .. }
+                    );
+                    if let (true, Backend::Path(path)) = (theirs, &arg.backend) {
+                        created.not_created(path);
+                    }
+                    return Err(error);
+                }
+            };
             if let (true, Backend::Path(path), true) = (missing, &arg.backend, target.is_file()) {
                 let id = target.device.id();
                 created.made(path, (id.major, id.minor));

@@ -156,6 +156,13 @@ impl Scratch {
         // Created (or half-created) here: removed on every way out unless kept.
         let device = match opened {
             Ok(device) => device,
+            // Another program created it first: its file, left alone.
+            Err(source @ OpenError::CreatedElsewhere { .. }) => {
+                if let Some(hook) = &hook {
+                    hook.forget(&[path.to_path_buf()]);
+                }
+                return Err(open_error(source));
+            }
             Err(source) => {
                 remove_created(path, None);
                 if let Some(hook) = &hook {

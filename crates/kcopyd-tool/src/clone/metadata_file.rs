@@ -224,14 +224,28 @@ impl MetadataFile {
             return Err(MetadataError::PseudoFile { filesystem });
         }
         let missing = matches!(std::fs::symlink_metadata(path), Err(e) if e.kind() == io::ErrorKind::NotFound);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .open(path)
-            .map_err(MetadataError::Open)?;
+        // Created exclusively: if another run made it in the meantime, it is that run's (its
+        // lock says so below) and not removed with this one's refusal.
+        let made = match missing {
+            true => match OpenOptions::new().read(true).write(true).create_new(true).mode(0o644).open(path) {
+                Ok(file) => Some(file),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => None,
+                Err(e) => return Err(MetadataError::Open(e)),
+            },
+            false => None,
+        };
+        let missing = made.is_some();
+        let file = match made {
+            Some(file) => file,
+            None => OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o644)
+                .open(path)
+                .map_err(MetadataError::Open)?,
+        };
         // From here a file this run made is removed on every refusal below.
         let mut opened = MetadataFile {
             path: path.to_path_buf(),
