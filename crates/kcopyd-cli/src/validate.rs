@@ -16,6 +16,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use kcopyd_core::{BlockDevice, SECTOR_SIZE};
 use kcopyd_os::{OpenOptions, OsDevice};
@@ -27,7 +28,7 @@ use crate::error::{CliError, Status, open_reason};
 use crate::progress::{self, Interrupts};
 use crate::{commands, devices};
 use kcopyd_sim::explore::calibrate::CalibrationPlan;
-use kcopyd_tool::DeviceAddress;
+use kcopyd_tool::{DeviceAddress, FileId};
 
 /// A `--configs` or `--runs` refused by kcopyd-sim's `validate`, named by its option.
 pub fn configs_error(error: ConfigsError) -> CliError {
@@ -43,24 +44,62 @@ pub fn configs_error(error: ConfigsError) -> CliError {
 #[derive(Debug)]
 struct Targets {
     paths: Vec<PathBuf>,
-    created: Vec<PathBuf>,
+    created: MadeFiles,
 }
 
 impl Targets {
     fn new(target: &Path, count: usize) -> Targets {
         let paths = validate::target_paths(target, count);
-        let created: Vec<PathBuf> = paths.iter().filter(|p| fs::symlink_metadata(p).is_err()).cloned().collect();
-        progress::remove_on_quit(&created);
+        let missing = paths.iter().filter(|p| fs::symlink_metadata(p).is_err()).map(|p| (p.clone(), None));
+        let created = MadeFiles(Mutex::new(missing.collect()));
+        progress::remove_on_quit(&created.paths());
         Targets { paths, created }
     }
 }
 
 impl Drop for Targets {
     fn drop(&mut self) {
-        for path in &self.created {
-            let _ = fs::remove_file(path);
+        let made = self.created.0.lock().unwrap_or_else(PoisonError::into_inner);
+        // Only the files a copy opened, while their names still hold them: one renamed over
+        // a name meanwhile is someone else's.
+        for (path, id) in made.iter() {
+            if let Some(id) = id {
+                kcopyd_tool::remove_created(path, Some(*id));
+            }
         }
-        progress::forget_created(&self.created);
+        progress::forget_created(&made.iter().map(|(path, _)| path.clone()).collect::<Vec<_>>());
+    }
+}
+
+/// Files to be made for the targets of the copies, and which file each is once a copy has
+/// opened it (until then it is not known to be this command's, and is not removed).
+#[derive(Debug, Default)]
+pub struct MadeFiles(Mutex<Vec<(PathBuf, Option<FileId>)>>);
+
+impl MadeFiles {
+    fn paths(&self) -> Vec<PathBuf> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|(path, _)| path.clone()).collect()
+    }
+
+    /// Records which file each one is, from the targets `plan` created (exclusively: a file
+    /// another program made there first is not taken for one of these), and tells the quit
+    /// cleanup.
+    fn identify(&self, plan: &kcopyd_tool::Plan) {
+        let mut made = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let created =
+            plan.targets.iter().zip(&plan.created_targets).filter(|(target, created)| **created && target.is_file());
+        for (target, _) in created {
+            let Some(facts) = &target.os else { continue };
+            let id = (target.device.id().major, target.device.id().minor);
+            for (_, known) in made.iter_mut().filter(|(path, known)| *path == facts.path && known.is_none()) {
+                *known = Some(id);
+            }
+        }
+        for (path, id) in made.iter() {
+            if let Some(id) = id {
+                progress::created_as(path, *id);
+            }
+        }
     }
 }
 
@@ -78,12 +117,13 @@ pub struct Copied {
 
 /// Runs the copy of `config` from `source` to the first `config.targets` of `targets` through
 /// `kcopyd copy` with `memory_bytes` of buffers. `created` are the files made for the targets,
-/// removed if a signal quits between copies. The copy's status when it did not succeed.
+/// removed if a signal quits between copies (each once a copy has opened it, while its name
+/// still holds it). The copy's status when it did not succeed.
 pub async fn copy_once(
     (source, targets): (&DeviceAddress, &[DeviceAddress]),
     config: Config,
     memory_bytes: u64,
-    created: &[PathBuf],
+    created: &MadeFiles,
     interrupts: &mut Interrupts,
 ) -> Result<Result<Copied, Status>, CliError> {
     kcopyd_tool::options::check_memory(memory_bytes).map_err(devices::option_error)?;
@@ -94,12 +134,15 @@ pub async fn copy_once(
     // A full copy, as the simulated one: the disk model times every sector read.
     let options = kcopyd_tool::run::CopyOptions::default();
     let mut plan = devices::open_plan(source, &targets[..config.targets], None, true, &settings, interrupts).await?;
+    created.identify(&plan);
     let (len_bytes, block_bytes) = (plan.len_bytes, plan.source.device.geometry().logical_block_size);
     let done = commands::copy_planned(&mut plan, &settings, options, true, interrupts).await;
     // Between copies (the simulation, the table) a signal quits at once; the files made for
     // the targets go with it (the copy forgot the ones it created when its job started).
-    progress::remove_on_quit(created);
-    let removed = if created.is_empty() { "" } else { " (the target files it created are removed)" };
+    let paths = created.paths();
+    progress::remove_on_quit(&paths);
+    created.identify(&plan);
+    let removed = if paths.is_empty() { "" } else { " (the target files it created are removed)" };
     interrupts
         .set_summary(Some(Box::new(move || format!("kcopyd: interrupted: validation stopped, no table{removed}"))));
     interrupts.set_phase(progress::SignalPhase::QuitAtOnce);

@@ -20,7 +20,7 @@ use kcopyd_sim::explore::validate::{self, Config, LinkSetup, LinkValidation, Rem
 use crate::cli::{RemoteArg, ValidateLinkArgs};
 use crate::error::{CliError, Status};
 use crate::progress::{self, Interrupts};
-use crate::validate::{Copied, configs_error, copy_once};
+use crate::validate::{Copied, MadeFiles, configs_error, copy_once};
 
 /// The link the arguments describe.
 fn setup(args: &ValidateLinkArgs) -> LinkSetup {
@@ -73,7 +73,7 @@ pub async fn run(args: &ValidateLinkArgs, interrupts: &mut Interrupts) -> Result
     // A warm-up copy (connections, the server's memory, caches), not counted.
     let widest = *configs.iter().max_by_key(|c| c.targets).expect("at least one");
     bar.set_message(format!("warm-up {}", widest));
-    let first = match copy_once(ends, widest, args.run.memory_bytes, &[], interrupts).await? {
+    let first = match copy_once(ends, widest, args.run.memory_bytes, &MadeFiles::default(), interrupts).await? {
         Ok(copied) => copied,
         Err(status) => return Ok(status),
     };
@@ -82,7 +82,7 @@ pub async fn run(args: &ValidateLinkArgs, interrupts: &mut Interrupts) -> Result
     for round in 0..args.run.runs {
         for (i, &config) in configs.iter().enumerate() {
             bar.set_message(format!("run {}/{} {}", round + 1, args.run.runs, config));
-            match copy_once(ends, config, args.run.memory_bytes, &[], interrupts).await? {
+            match copy_once(ends, config, args.run.memory_bytes, &MadeFiles::default(), interrupts).await? {
                 Ok(Copied { seconds, .. }) => measured[i].push(seconds),
                 Err(status) => return Ok(status),
             }
