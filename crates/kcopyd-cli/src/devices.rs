@@ -38,7 +38,7 @@ impl CreatedHook for QuitCleanup {
     fn forget(&self, paths: &[PathBuf]) {
         progress::forget_created(paths);
     }
-    fn made(&self, path: &Path, id: kcopyd_tool::FileId) {
+    fn made(&self, path: &Path, id: kcopyd_os::FileKey) {
         progress::created_as(path, id);
     }
 }

@@ -10,7 +10,7 @@
 
 use std::fs;
 use std::io::{self, IsTerminal};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::FileTypeExt;
 use std::time::Duration;
 
 use std::path::{Path, PathBuf};
@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use kcopyd_tool::FileId;
+use kcopyd_os::FileKey;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
@@ -71,7 +71,7 @@ pub enum SignalPhase {
 type SummaryFn = Box<dyn Fn() -> String + Send>;
 
 /// Files to remove when quitting at once, each with which file it is once known.
-type Cleanup = Vec<(PathBuf, Option<FileId>)>;
+type Cleanup = Vec<(PathBuf, Option<FileKey>)>;
 
 /// The state the signal watcher thread shares with the command.
 struct Shared {
@@ -271,13 +271,15 @@ impl CreatedGuard {
 }
 
 /// Registers files that exist already, created by this command, for removal if it quits at
-/// once (until [`forget_created`]).
-pub fn remove_on_quit(paths: &[PathBuf]) {
+/// once (until [`forget_created`]), each with which file it is where known: removed only
+/// while its path still names that file.
+pub fn remove_on_quit(files: &[(PathBuf, Option<FileKey>)]) {
     if let Some(shared) = shared() {
         let mut cleanup = lock(&shared.cleanup);
-        for path in paths {
-            if !cleanup.iter().any(|(p, _)| p == path) {
-                cleanup.push((path.clone(), None));
+        for (path, id) in files {
+            match cleanup.iter_mut().find(|(p, _)| p == path) {
+                Some(entry) => entry.1 = entry.1.or(*id),
+                None => cleanup.push((path.clone(), *id)),
             }
         }
     }
@@ -292,7 +294,7 @@ pub fn forget_created(paths: &[PathBuf]) {
 
 /// Records that `path`, registered for removal at a quit, was created as the file `id`: a
 /// quit then removes it only while the path still names that file.
-pub fn created_as(path: &Path, id: FileId) {
+pub fn created_as(path: &Path, id: FileKey) {
     if let Some(shared) = shared() {
         for entry in lock(&shared.cleanup).iter_mut().filter(|(p, _)| p == path) {
             entry.1 = Some(id);
@@ -342,9 +344,7 @@ pub fn check_output_file(path: &Path, what: &str) -> Result<(), CliError> {
     let created = fs::OpenOptions::new().write(true).create_new(true).open(path);
     if let Ok(file) = &created {
         // Only while the path names the file just made: one renamed over it is someone else's.
-        if let Ok(made) = file.metadata() {
-            kcopyd_tool::remove_created(path, Some((made.dev(), made.ino())));
-        }
+        kcopyd_tool::remove_made(path, file);
     }
     drop(guard);
     forget_created(&[path.to_path_buf()]);

@@ -27,8 +27,9 @@ use crate::cli::ValidateArgs;
 use crate::error::{CliError, Status, open_reason};
 use crate::progress::{self, Interrupts};
 use crate::{commands, devices};
+use kcopyd_os::FileKey;
 use kcopyd_sim::explore::calibrate::CalibrationPlan;
-use kcopyd_tool::{DeviceAddress, FileId};
+use kcopyd_tool::DeviceAddress;
 
 /// A `--configs` or `--runs` refused by kcopyd-sim's `validate`, named by its option.
 pub fn configs_error(error: ConfigsError) -> CliError {
@@ -52,7 +53,7 @@ impl Targets {
         let paths = validate::target_paths(target, count);
         let missing = paths.iter().filter(|p| fs::symlink_metadata(p).is_err()).map(|p| (p.clone(), None));
         let created = MadeFiles(Mutex::new(missing.collect()));
-        progress::remove_on_quit(&created.paths());
+        progress::remove_on_quit(&created.files());
         Targets { paths, created }
     }
 }
@@ -74,16 +75,15 @@ impl Drop for Targets {
 /// Files to be made for the targets of the copies, and which file each is once a copy has
 /// opened it (until then it is not known to be this command's, and is not removed).
 #[derive(Debug, Default)]
-pub struct MadeFiles(Mutex<Vec<(PathBuf, Option<FileId>)>>);
+pub struct MadeFiles(Mutex<Vec<(PathBuf, Option<FileKey>)>>);
 
 impl MadeFiles {
-    fn paths(&self) -> Vec<PathBuf> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|(path, _)| path.clone()).collect()
+    fn files(&self) -> Vec<(PathBuf, Option<FileKey>)> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Records which file each one is, from the targets `plan` created (exclusively: a file
-    /// another program made there first is not taken for one of these), and tells the quit
-    /// cleanup.
+    /// another program made there first is not taken for one of these).
     fn identify(&self, plan: &kcopyd_tool::Plan) {
         let mut made = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let created =
@@ -93,11 +93,6 @@ impl MadeFiles {
             let id = (target.device.id().major, target.device.id().minor);
             for (_, known) in made.iter_mut().filter(|(path, known)| *path == facts.path && known.is_none()) {
                 *known = Some(id);
-            }
-        }
-        for (path, id) in made.iter() {
-            if let Some(id) = id {
-                progress::created_as(path, *id);
             }
         }
     }
@@ -139,10 +134,9 @@ pub async fn copy_once(
     let done = commands::copy_planned(&mut plan, &settings, options, true, interrupts).await;
     // Between copies (the simulation, the table) a signal quits at once; the files made for
     // the targets go with it (the copy forgot the ones it created when its job started).
-    let paths = created.paths();
-    progress::remove_on_quit(&paths);
-    created.identify(&plan);
-    let removed = if paths.is_empty() { "" } else { " (the target files it created are removed)" };
+    let files = created.files();
+    progress::remove_on_quit(&files);
+    let removed = if files.is_empty() { "" } else { " (the target files it created are removed)" };
     interrupts
         .set_summary(Some(Box::new(move || format!("kcopyd: interrupted: validation stopped, no table{removed}"))));
     interrupts.set_phase(progress::SignalPhase::QuitAtOnce);

@@ -51,7 +51,7 @@ pub mod tail;
 pub use address::{AddressError, Backend, DeviceAddress, SimDisk};
 pub use cancel::Cancel;
 pub use error::{DeviceProblem, PlanError, Role};
-pub use open::{CreatedHook, FileId, NbdSettings, Opened, OsFacts, PathChange, Settings, remove_created};
+pub use open::{CreatedHook, NbdSettings, Opened, OsFacts, PathChange, Settings, remove_created, remove_made};
 pub use options::{OptionError, TlsOption};
 pub use plan::{CreatedFiles, Plan, ZeroPlan, plan_with_source, plan_zero};
 pub use tail::{Tail, TailError};

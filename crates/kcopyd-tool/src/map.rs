@@ -565,10 +565,7 @@ impl Drop for CopyMap {
         if self.created {
             // Still locked: no other run has it open for its own. Only while the path names
             // it: a file renamed over it since is someone else's.
-            let id = self.file.metadata().ok().map(|m| (m.dev(), m.ino()));
-            if id.is_some() {
-                crate::open::remove_created(&self.path, id);
-            }
+            crate::open::remove_made(&self.path, &self.file);
         }
     }
 }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kcopyd_core::{BlockDevice, ClientConfig, Device, SECTOR_SIZE};
-use kcopyd_os::{DeviceKind, FileLocks, IoEngine, LockError, LockKind, OpenOptions, OsDevice, Storage};
+use kcopyd_os::{DeviceKind, FileKey, FileLocks, IoEngine, LockError, LockKind, OpenOptions, OsDevice, Storage};
 
 use crate::address::{Backend, DeviceAddress, SimDisk};
 use crate::error::{DeviceProblem, PlanError, Role};
@@ -82,22 +82,27 @@ pub trait CreatedHook: fmt::Debug + Send + Sync {
     fn forget(&self, paths: &[PathBuf]);
     /// `path` was created as the file `id` (its filesystem's device number and its inode
     /// number): remove it only while the path still names that file ([`remove_created`]).
-    fn made(&self, _path: &Path, _id: FileId) {}
+    fn made(&self, _path: &Path, _id: FileKey) {}
 }
-
-/// A regular file's identity: its filesystem's device number and its inode number.
-pub type FileId = (u64, u64);
 
 /// Removes `path`, a file this process created, if it still is that file: with `id` known,
 /// only while the path names the file `id` (another file renamed over it in the meantime is
 /// someone else's and stays); without it (the open that created it failed), by name.
-pub fn remove_created(path: &Path, id: Option<FileId>) {
+pub fn remove_created(path: &Path, id: Option<FileKey>) {
     let ours = match id {
         Some(id) => fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == id),
         None => true,
     };
     if ours {
         let _ = fs::remove_file(path);
+    }
+}
+
+/// Removes `path`, a file this process created and holds open as `file`, while the path
+/// still names that file ([`remove_created`]); left as it is when `file` cannot be looked at.
+pub fn remove_made(path: &Path, file: &fs::File) {
+    if let Ok(made) = file.metadata() {
+        remove_created(path, Some((made.dev(), made.ino())));
     }
 }
 

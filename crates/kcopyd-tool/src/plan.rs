@@ -14,12 +14,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kcopyd_core::{SECTOR_SIZE, TARGETS_MAX};
-use kcopyd_os::{FileLocks, OpenError};
+use kcopyd_os::{FileKey, FileLocks, OpenError};
 
 use crate::address::{Backend, DeviceAddress};
 use crate::error::Role;
 use crate::error::{DeviceProblem, PlanError};
-use crate::open::{CreatedHook, FileId, Opened, Settings, open, remove_created};
+use crate::open::{CreatedHook, Opened, Settings, open, remove_created};
 use crate::tail::Tail;
 
 /// Files created by a plan, removed again (when dropped) unless kept: a job that fails
@@ -27,7 +27,7 @@ use crate::tail::Tail;
 #[derive(Debug, Default)]
 pub struct CreatedFiles {
     /// Each file created and, once it is open, which file it is.
-    paths: Vec<(PathBuf, Option<FileId>)>,
+    paths: Vec<(PathBuf, Option<FileKey>)>,
     hook: Option<Arc<dyn CreatedHook>>,
 }
 
@@ -46,7 +46,7 @@ impl CreatedFiles {
 
     /// Records that `path` was created as the file `id`: it is removed only while the path
     /// still names that file ([`remove_created`]).
-    pub fn made(&mut self, path: &Path, id: FileId) {
+    pub fn made(&mut self, path: &Path, id: FileKey) {
         if let Some(entry) = self.paths.iter_mut().rev().find(|(p, _)| p == path) {
             entry.1 = Some(id);
         }

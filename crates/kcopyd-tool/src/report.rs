@@ -17,7 +17,7 @@
 use kcopyd_core::{Comparison, Outcome, RangeSet, SECTOR_SIZE, TargetDiff};
 use serde::Serialize;
 
-use crate::open::Opened;
+use crate::open::{Opened, PathChange};
 use crate::plan::{Plan, ZeroPlan};
 use crate::run::{CopyRun, FinishedJob, VerifyRun, job_ok, not_copied_in_region};
 
@@ -230,25 +230,27 @@ fn read_errors_recovered(outcome: &Outcome) -> bool {
 
 /// Each target's part of a copy or zero job's report (its status still `ok`).
 fn job_targets(opened: &[Opened], run: &FinishedJob, len_bytes: u64) -> Vec<TargetSummary> {
-    let path_change = |i: usize| run.path_changes.get(i).cloned().flatten();
     opened
         .iter()
         .zip(&run.outcome.targets)
         .zip(&run.flush_errors)
         .enumerate()
-        .map(|(i, ((target, outcome), flush_error))| TargetSummary {
-            device: target.arg.text.clone(),
-            offset_bytes: target.arg.offset_bytes,
-            status: path_change(i).map_or("ok", |change| change.status()),
-            write_failed_sectors: Some(pairs(&outcome.write_failed)),
-            not_copied_sectors: Some(pairs(&outcome.not_copied)),
-            bytes_not_copied: Some(match path_change(i) {
-                Some(_) => len_bytes,
-                None => range_bytes(&not_copied_in_region(target, outcome), len_bytes),
-            }),
-            flush_error: flush_error.clone(),
-            path_change: path_change(i).map(|change| format!("{change}: what was written is not there")),
-            verify: None,
+        .map(|(i, ((target, outcome), flush_error))| {
+            let change = run.path_changes.get(i).and_then(Option::as_ref);
+            TargetSummary {
+                device: target.arg.text.clone(),
+                offset_bytes: target.arg.offset_bytes,
+                status: change.map_or("ok", PathChange::status),
+                write_failed_sectors: Some(pairs(&outcome.write_failed)),
+                not_copied_sectors: Some(pairs(&outcome.not_copied)),
+                bytes_not_copied: Some(match change {
+                    Some(_) => len_bytes,
+                    None => range_bytes(&not_copied_in_region(target, outcome), len_bytes),
+                }),
+                flush_error: flush_error.clone(),
+                path_change: change.map(|change| format!("{change}: what was written is not there")),
+                verify: None,
+            }
         })
         .collect()
 }
@@ -293,11 +295,11 @@ fn verify_targets(targets: &[Opened], run: &VerifyRun, interrupted: bool) -> Vec
                 .targets
                 .get(index)
                 .map(|diff| partial_verify(target_verify(diff, target.start_sector()), interrupted));
-            let path_change = run.path_changes.get(index).cloned().flatten();
+            let path_change = run.path_changes.get(index).and_then(Option::as_ref);
             TargetSummary {
                 device: target.arg.text.clone(),
                 offset_bytes: target.arg.offset_bytes,
-                status: match &path_change {
+                status: match path_change {
                     Some(change) => change.status(),
                     None => verify.as_ref().map_or("incomplete", |v| v.status),
                 },

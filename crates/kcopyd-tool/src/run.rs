@@ -178,7 +178,8 @@ pub struct FinishedJob {
     /// Per target: the error of its last flush, if it failed.
     pub flush_errors: Vec<Option<String>>,
     /// Per target: what became of its path while it was written, if it no longer names
-    /// the device written ([`Opened::path_change`]), looked at when the command ends.
+    /// the device written ([`Opened::path_change`]), looked at when the command ends (empty
+    /// until then: `Runner::copy` and `Runner::zero` fill it last).
     pub path_changes: Vec<Option<PathChange>>,
     /// The client's statistics.
     pub stats: ClientStats,
@@ -274,7 +275,7 @@ impl Runner<'_> {
             true => Some(self.verify_copy(&client, plan, &job).await),
             false => None,
         };
-        // Looked at again last: a path may change while the targets are read back too.
+        // Looked at last: a path may change while the targets are read back too.
         job.path_changes = path_changes(&plan.targets);
         client.shutdown().await;
         Ok(CopyRun { job, verify: verify.transpose()? })
@@ -313,7 +314,9 @@ impl Runner<'_> {
         let range = (plan.len_bytes, plan.tail);
         let run = self.run_compare(&client, request, &plan.source, &plan.targets, range).await;
         client.shutdown().await;
-        run
+        let mut run = run?;
+        run.path_changes = path_changes(&plan.targets);
+        Ok(run)
     }
 
     /// Warms up the servers of `plan`'s NBD exports ([`warm_up_bytes`]), all at once; a
@@ -416,7 +419,7 @@ impl Runner<'_> {
             before_bytes: 0,
             seconds,
             flush_errors: flushes.into_iter().map(|r| r.err().map(|e| e.to_string())).collect(),
-            path_changes: path_changes(targets),
+            path_changes: Vec::new(),
             stats,
         })
     }

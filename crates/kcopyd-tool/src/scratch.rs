@@ -13,11 +13,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kcopyd_core::{BlockDevice, SECTOR_SIZE};
-use kcopyd_os::{OpenError, OpenOptions, OsDevice};
+use kcopyd_os::{FileKey, OpenError, OpenOptions, OsDevice};
 use kcopyd_sim::explore::calibrate::{QUEUE_DEPTH_MAX, SCRATCH_BYTES_MIN};
 use thiserror::Error;
 
-use crate::open::{CreatedHook, FileId, remove_created};
+use crate::open::{CreatedHook, remove_created};
 
 /// Why a scratch range was refused; nothing was written, and a file created here is removed.
 #[derive(Debug, Error)]
@@ -93,7 +93,7 @@ pub struct Scratch {
     pub len_bytes: u64,
     /// The file created for it, if any, and which file it is (removed only while its path
     /// names it).
-    created: Option<(PathBuf, FileId)>,
+    created: Option<(PathBuf, FileKey)>,
     keep: bool,
     hook: Option<Arc<dyn CreatedHook>>,
 }

@@ -198,9 +198,7 @@ impl Drop for MetadataFile {
         if self.created {
             // Still locked: no other run has it. Only while the path names it: a file
             // renamed over it since is someone else's.
-            if let Ok(made) = self.file.metadata() {
-                crate::open::remove_created(&self.path, Some((made.dev(), made.ino())));
-            }
+            crate::open::remove_made(&self.path, &self.file);
             if let Some(hook) = &self.hook {
                 hook.forget(std::slice::from_ref(&self.path));
             }
@@ -226,15 +224,16 @@ impl MetadataFile {
         let missing = matches!(std::fs::symlink_metadata(path), Err(e) if e.kind() == io::ErrorKind::NotFound);
         // Created exclusively: if another run made it in the meantime, it is that run's (its
         // lock says so below) and not removed with this one's refusal.
-        let made = match missing {
-            true => match OpenOptions::new().read(true).write(true).create_new(true).mode(0o644).open(path) {
+        let made = if missing {
+            match OpenOptions::new().read(true).write(true).create_new(true).mode(0o644).open(path) {
                 Ok(file) => Some(file),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => None,
                 Err(e) => return Err(MetadataError::Open(e)),
-            },
-            false => None,
+            }
+        } else {
+            None
         };
-        let missing = made.is_some();
+        let created = made.is_some();
         let file = match made {
             Some(file) => file,
             None => OpenOptions::new()
@@ -247,14 +246,8 @@ impl MetadataFile {
                 .map_err(MetadataError::Open)?,
         };
         // From here a file this run made is removed on every refusal below.
-        let mut opened = MetadataFile {
-            path: path.to_path_buf(),
-            file,
-            _lock: FileLocks::default(),
-            created: missing,
-            hook,
-            existing: None,
-        };
+        let mut opened =
+            MetadataFile { path: path.to_path_buf(), file, _lock: FileLocks::default(), created, hook, existing: None };
         let metadata = opened.file.metadata().map_err(MetadataError::Stat)?;
         if !metadata.is_file() {
             opened.created = false;

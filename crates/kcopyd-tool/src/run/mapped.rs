@@ -149,7 +149,7 @@ impl Runner<'_> {
         let stats = client.stats();
         let MappedRun { outcome, done_bytes, flush_errors, .. } = run;
         let cancelled = self.cancel.is_cancelled();
-        let path_changes = super::path_changes(&plan.targets);
+        let path_changes = Vec::new(); // filled by `Runner::copy` when the command ends
         Ok(FinishedJob { outcome, cancelled, done_bytes, before_bytes, seconds, flush_errors, path_changes, stats })
     }
 }

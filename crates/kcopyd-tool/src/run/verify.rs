@@ -33,8 +33,10 @@ pub struct VerifyRun {
     /// After a copy: per target, the sectors left out (relative to the range) because the
     /// copy reported them as not copied; empty on its own.
     pub skipped: Vec<RangeSet>,
-    /// Per target: what became of its path while it was compared, if it no longer names
-    /// the file or device read ([`Opened::path_change`]), looked at when the comparison ends.
+    /// `verify`: per target, what became of its path while it was compared, if it no longer
+    /// names the file or device read ([`Opened::path_change`]), looked at when the comparison
+    /// ends (`Runner::verify` fills it; a copy's read-back leaves it empty, the copy's job
+    /// says it).
     pub path_changes: Vec<Option<PathChange>>,
 }
 
@@ -86,8 +88,8 @@ impl Runner<'_> {
         self.finished(Phase::Verify);
         let seconds = started.elapsed().as_secs_f64();
         let cancelled = self.cancel.is_cancelled();
-        let path_changes = super::path_changes(targets);
-        Ok(VerifyRun { comparison, bytes, seconds, cancelled, skipped: skip.unwrap_or_default(), path_changes })
+        let skipped = skip.unwrap_or_default();
+        Ok(VerifyRun { comparison, bytes, seconds, cancelled, skipped, path_changes: Vec::new() })
     }
 
     /// After a copy: reads the targets back and compares them with the source, leaving out
